@@ -1,0 +1,239 @@
+# libdeliveryevents -- plain GNU make.
+#
+#   make            shared + static library and deliveryevents.pc
+#   make check      every test suite, header and export tests, install test
+#   make check-asan the suites under AddressSanitizer + UBSan
+#   make check-tsan the suites under ThreadSanitizer
+#   make demo       the delivery service demo
+#   make bench      the benchmarks (ratios against same-run baselines)
+#   make install / uninstall   honour PREFIX, DESTDIR, LIBDIR, INCLUDEDIR
+#   make deps       install the build dependencies (Debian/Ubuntu, as root)
+#
+# The project's own flags sit beside CFLAGS/LDFLAGS, never replace them.
+
+PREFIX     ?= /usr/local
+EXEC_PREFIX ?= $(PREFIX)
+LIBDIR     ?= $(EXEC_PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+BINDIR     ?= $(EXEC_PREFIX)/bin
+DESTDIR    ?=
+
+CFLAGS  ?= -O2 -g
+LDFLAGS ?=
+BUILD   ?= build
+# Extra flags for sanitizer builds (set by check-asan / check-tsan).
+SAN     ?=
+
+HEADER := include/deliveryevents.h
+version_part = $(shell sed -n 's/^\#define DE_VERSION_$(1) \([0-9][0-9]*\).*/\1/p' $(HEADER))
+MAJOR   := $(call version_part,MAJOR)
+MINOR   := $(call version_part,MINOR)
+PATCH   := $(call version_part,PATCH)
+VERSION := $(MAJOR).$(MINOR).$(PATCH)
+
+SONAME   := libdeliveryevents.so.$(MAJOR)
+SHLIB    := $(BUILD)/libdeliveryevents.so.$(VERSION)
+STLIB    := $(BUILD)/libdeliveryevents.a
+PCFILE   := $(BUILD)/deliveryevents.pc
+# A .pc pointing into the build tree: examples and benchmarks are built
+# with pkg-config exactly as a user would, only against this tree.
+PCUNINST := $(BUILD)/pc-uninstalled/deliveryevents.pc
+
+# Debian package for each pkg-config module (make deps).
+DEPS_MODULES := sqlite3 rdkafka jansson check
+DEPS_DEBS    := librdkafka-dev libjansson-dev libsqlite3-dev check pkg-config
+
+# Recursively expanded on purpose: read only when a recipe runs, which is
+# after `deps` has installed pkg-config and the libraries.
+PKG_CFLAGS   = $(shell pkg-config --cflags sqlite3 rdkafka jansson)
+PKG_LIBS     = $(shell pkg-config --libs sqlite3 rdkafka jansson)
+CHECK_CFLAGS = $(shell pkg-config --cflags check)
+CHECK_LIBS   = $(shell pkg-config --libs check)
+
+WARN := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes \
+        -Wmissing-prototypes -Wformat=2 -Wundef -Wvla -Wpointer-arith \
+        -Wcast-qual -Wno-format-nonliteral
+DE_CFLAGS = -std=c11 -D_GNU_SOURCE -Iinclude -pthread $(WARN) $(SAN) \
+            $(PKG_CFLAGS)
+LIB_CFLAGS = $(DE_CFLAGS) -Ilib -fPIC -fvisibility=hidden
+
+LIB_SRCS := $(sort $(wildcard lib/*.c))
+LIB_OBJS := $(LIB_SRCS:lib/%.c=$(BUILD)/lib/%.o)
+
+TEST_UTIL_SRCS := $(sort $(wildcard tests/util/*.c))
+TEST_SRCS  := $(sort $(wildcard tests/check_*.c))
+TEST_BINS  := $(TEST_SRCS:tests/%.c=$(BUILD)/tests/%)
+
+EXAMPLES := delivery_service
+EXAMPLE_BINS := $(EXAMPLES:%=$(BUILD)/examples/%)
+
+BENCH_SRCS := $(sort $(wildcard bench/bench_*.c))
+BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
+
+.PHONY: all deps check check-suites check-header check-exports \
+        check-install check-asan check-tsan demo bench examples install \
+        uninstall clean format format-check
+
+all: $(SHLIB) $(STLIB) $(PCFILE)
+
+# ---- dependencies ---------------------------------------------------------
+
+deps:
+	@if command -v pkg-config >/dev/null 2>&1 && \
+	    pkg-config --exists $(DEPS_MODULES); then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "make deps: installing $(DEPS_DEBS)"; \
+	  apt-get update && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y $(DEPS_DEBS); \
+	else \
+	  echo "make deps: missing build dependencies (pkg-config modules:" \
+	       "$(DEPS_MODULES))." >&2; \
+	  echo "On Debian/Ubuntu run, as root:" >&2; \
+	  echo "  apt-get update && apt-get install -y $(DEPS_DEBS)" >&2; \
+	  exit 1; \
+	fi
+
+# Targets a newcomer runs first install what is missing on their own.
+$(BUILD)/.deps: | deps
+	@mkdir -p $(BUILD) && touch $@
+
+# ---- the library ----------------------------------------------------------
+
+$(BUILD)/lib/%.o: lib/%.c lib/internal.h $(HEADER) | $(BUILD)/.deps
+	@mkdir -p $(dir $@)
+	$(CC) $(LIB_CFLAGS) $(CFLAGS) -c -o $@ $<
+
+$(SHLIB): $(LIB_OBJS)
+	$(CC) -shared -pthread $(SAN) -Wl,-soname,$(SONAME) $(LDFLAGS) \
+	    -o $@ $(LIB_OBJS) $(PKG_LIBS)
+	ln -sf $(notdir $(SHLIB)) $(BUILD)/$(SONAME)
+	ln -sf $(notdir $(SHLIB)) $(BUILD)/libdeliveryevents.so
+
+$(STLIB): $(LIB_OBJS)
+	rm -f $@
+	$(AR) rcs $@ $(LIB_OBJS)
+
+define make_pc
+	@mkdir -p $(dir $@)
+	sed -e 's|@PREFIX@|$(1)|' -e 's|@LIBDIR@|$(2)|' \
+	    -e 's|@INCLUDEDIR@|$(3)|' -e 's|@VERSION@|$(VERSION)|' $< > $@
+endef
+
+$(PCFILE): pkgconfig/deliveryevents.pc.in $(HEADER)
+	$(call make_pc,$(PREFIX),$(LIBDIR),$(INCLUDEDIR))
+
+$(PCUNINST): pkgconfig/deliveryevents.pc.in $(HEADER)
+	$(call make_pc,$(CURDIR),$(abspath $(BUILD)),$(CURDIR)/include)
+
+# ---- examples and benchmarks: built like a user's program -------------------
+
+USER_PKG = PKG_CONFIG_PATH=$(abspath $(dir $(PCUNINST)))$${PKG_CONFIG_PATH:+:$$PKG_CONFIG_PATH} \
+           pkg-config
+USER_CFLAGS = -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror $(SAN)
+
+$(BUILD)/examples/%: examples/%.c $(SHLIB) $(PCUNINST)
+	@mkdir -p $(dir $@)
+	$(CC) $(USER_CFLAGS) $(CFLAGS) $$($(USER_PKG) --cflags deliveryevents) \
+	    $(LDFLAGS) -o $@ $< $$($(USER_PKG) --libs deliveryevents)
+
+$(BUILD)/bench/%: bench/%.c bench/bench.h $(STLIB) $(PCUNINST)
+	@mkdir -p $(dir $@)
+	$(CC) $(USER_CFLAGS) -Iinclude $(CFLAGS) $(PKG_CFLAGS) $(LDFLAGS) -o $@ $< \
+	    $(STLIB) $(PKG_LIBS) -pthread -lm
+
+examples: $(EXAMPLE_BINS)
+
+# Programs built against the shared library find it in the build tree.
+RUN_ENV = LD_LIBRARY_PATH=$(abspath $(BUILD))$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}
+
+demo: $(EXAMPLE_BINS)
+	@$(RUN_ENV) sh examples/demo.sh $(abspath $(BUILD))
+
+bench: $(BENCH_BINS)
+	@for b in $(BENCH_BINS); do echo "== $$b"; $$b || exit 1; done
+
+# ---- tests ---------------------------------------------------------------
+
+$(BUILD)/tests/%: tests/%.c $(TEST_UTIL_SRCS) tests/util/testutil.h $(STLIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(DE_CFLAGS) -Ilib -Itests/util $(CHECK_CFLAGS) $(CFLAGS) \
+	    $(LDFLAGS) -o $@ $< $(TEST_UTIL_SRCS) $(STLIB) $(PKG_LIBS) \
+	    $(CHECK_LIBS) -pthread
+
+check-suites: $(TEST_BINS)
+	@fail=0; for t in $(TEST_BINS); do \
+	  echo "== $$t"; $$t || fail=1; \
+	done; exit $$fail
+
+# The public header compiles alone, as C11 and as C++, pedantically.
+check-header: $(BUILD)/.deps
+	$(CC) -std=c11 -pedantic -Wall -Wextra -Werror -fsyntax-only \
+	    $$(pkg-config --cflags sqlite3) -Iinclude tests/header_test.c
+	@if command -v c++ >/dev/null 2>&1; then \
+	  echo "c++ -std=c++11 -pedantic ... tests/header_test.c"; \
+	  c++ -std=c++11 -pedantic -Wall -Wextra -Werror -fsyntax-only \
+	    $$(pkg-config --cflags sqlite3) -Iinclude -x c++ tests/header_test.c; \
+	fi
+
+# Nothing but de_* leaves the shared library.
+check-exports: $(SHLIB)
+	@bad=$$(nm -D --defined-only $(SHLIB) | awk '{print $$NF}' | \
+	    grep -v '^de_' || true); \
+	if [ -n "$$bad" ]; then \
+	  echo "check-exports: symbols exported without the de_ prefix:"; \
+	  echo "$$bad"; exit 1; \
+	fi; \
+	echo "check-exports: $$(nm -D --defined-only $(SHLIB) | wc -l) symbols, all de_*"
+
+# install into a scratch prefix, build a program with pkg-config alone,
+# run it, uninstall, and check that nothing is left behind.
+check-install: all
+	@sh tests/install_test.sh "$(MAKE)" "$(CC)"
+
+check: check-header check-exports check-suites check-install
+
+check-asan:
+	$(MAKE) BUILD=build-asan \
+	    SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer" \
+	    check-suites
+
+check-tsan:
+	TSAN_OPTIONS="$${TSAN_OPTIONS:-halt_on_error=1 second_deadlock_stack=1}" \
+	$(MAKE) BUILD=build-tsan SAN="-fsanitize=thread" check-suites
+
+# ---- install -------------------------------------------------------------
+
+install: all
+	install -d $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR)
+	install -m 644 $(HEADER) $(DESTDIR)$(INCLUDEDIR)/deliveryevents.h
+	install -m 755 $(SHLIB) $(DESTDIR)$(LIBDIR)/
+	ln -sf $(notdir $(SHLIB)) $(DESTDIR)$(LIBDIR)/$(SONAME)
+	ln -sf $(notdir $(SHLIB)) $(DESTDIR)$(LIBDIR)/libdeliveryevents.so
+	install -m 644 $(STLIB) $(DESTDIR)$(LIBDIR)/
+	@# Written here, not copied: PREFIX may differ from the one `all` saw.
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' \
+	    -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' -e 's|@VERSION@|$(VERSION)|' \
+	    pkgconfig/deliveryevents.pc.in \
+	    > $(DESTDIR)$(LIBDIR)/pkgconfig/deliveryevents.pc
+
+uninstall:
+	rm -f $(DESTDIR)$(INCLUDEDIR)/deliveryevents.h
+	rm -f $(DESTDIR)$(LIBDIR)/$(notdir $(SHLIB))
+	rm -f $(DESTDIR)$(LIBDIR)/$(SONAME)
+	rm -f $(DESTDIR)$(LIBDIR)/libdeliveryevents.so
+	rm -f $(DESTDIR)$(LIBDIR)/libdeliveryevents.a
+	rm -f $(DESTDIR)$(LIBDIR)/pkgconfig/deliveryevents.pc
+
+# ---- housekeeping ----------------------------------------------------------
+
+FORMAT_SRCS = $(wildcard include/*.h lib/*.c lib/*.h tests/*.c tests/util/*.[ch] \
+              examples/*.c bench/*.[ch] tools/*.c)
+
+format:
+	clang-format -i $(FORMAT_SRCS)
+
+format-check:
+	clang-format --dry-run --Werror $(FORMAT_SRCS)
+
+clean:
+	rm -rf build build-asan build-tsan

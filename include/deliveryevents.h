@@ -1,0 +1,266 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * deliveryevents.h -- the one public header of libdeliveryevents.
+ *
+ * libdeliveryevents lets a service that keeps its state in SQLite publish
+ * domain events with a transactional outbox: an event is recorded in the
+ * service's own transaction (de_record), so it exists if and only if that
+ * transaction commits, and a bundled relay publishes the outbox to Kafka in
+ * commit order, per subject, without loss.
+ *
+ * Conventions that hold for every declaration below unless it says
+ * otherwise:
+ *
+ *  - Every fallible function returns a de_err; DE_OK (0) is success.  After
+ *    a failure, de_errmsg() returns one sentence that names the offending
+ *    value.  It is kept per thread and is not cleared by later successes.
+ *  - On failure nothing is written and no handle is returned (out pointers
+ *    are set to NULL where they are handles).
+ *  - Strings passed in are copied before the call returns; the caller may
+ *    free or reuse them at once.  Strings handed out are borrowed: they stay
+ *    valid for the time each function states.
+ *  - Each handle has exactly one function that frees it; those destructors
+ *    return nothing and accept NULL.
+ *  - Where a function takes `const de_conf *conf`, NULL means "all
+ *    defaults"; the function copies what it needs, so the caller may destroy
+ *    conf right after the call.
+ *
+ * Threading: the library keeps no mutable global state.  de_conf and
+ * de_outbox handles are not internally locked: use each from one thread at
+ * a time (a de_outbox belongs to the SQLite connection it was opened on and
+ * is used wherever that connection is used).  de_errmsg() is thread-local.
+ */
+#ifndef DELIVERYEVENTS_H
+#define DELIVERYEVENTS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <sqlite3.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The library's version; the Makefile reads these three lines. */
+#define DE_VERSION_MAJOR 0
+#define DE_VERSION_MINOR 1
+#define DE_VERSION_PATCH 0
+
+/* Marks the exported API; everything else is hidden. */
+#if defined(DE_BUILDING_LIBRARY) && defined(__GNUC__)
+#define DE_EXTERN __attribute__((visibility("default")))
+#else
+#define DE_EXTERN
+#endif
+
+/* --------------------------------------------------------------------- */
+/* Errors                                                                 */
+/* --------------------------------------------------------------------- */
+
+/**
+ * Result codes.  The numbers never change; new codes are only added at the
+ * end.
+ */
+typedef enum {
+    DE_OK = 0,
+    DE_ERR_ARG,      /* a required argument is missing or malformed        */
+    DE_ERR_PAYLOAD,  /* payload not a JSON object, or over event.max.bytes */
+    DE_ERR_CONTRACT, /* payload or event type breaks its declared contract */
+    DE_ERR_NO_TXN,   /* de_record called outside BEGIN ... COMMIT          */
+    DE_ERR_DB,       /* SQLite failed (the message carries sqlite3_errmsg) */
+    DE_ERR_KAFKA,    /* librdkafka failed at run time (not configuration)  */
+    DE_ERR_CONFIG,   /* unknown or invalid property, ours or librdkafka's  */
+    DE_ERR_STATE,    /* not valid now (e.g. schema newer than the library) */
+    DE_ERR_NOMEM,    /* out of memory                                      */
+    DE_ERR_TIMEOUT   /* flush/stop ran out of time; events stay in outbox  */
+} de_err;
+
+/**
+ * The symbolic name of a result code, e.g. "DE_ERR_PAYLOAD".
+ *
+ * @param e any value; unknown values give "DE_ERR_UNKNOWN".
+ * @return a static string, never NULL.
+ */
+DE_EXTERN const char *de_err_name(de_err e);
+
+/**
+ * One sentence explaining the most recent failure of a libdeliveryevents
+ * call on the calling thread, naming the offending value and what was
+ * expected, e.g. "payload for delivery.assigned is not a JSON object:
+ * '[1,2]'".
+ *
+ * @return a thread-local string, valid until the next failing call on this
+ *         thread; "" when no call has failed on this thread.  Never NULL.
+ */
+DE_EXTERN const char *de_errmsg(void);
+
+/**
+ * The library's version as "MAJOR.MINOR.PATCH".
+ *
+ * @return a static string.
+ */
+DE_EXTERN const char *de_version(void);
+
+/* --------------------------------------------------------------------- */
+/* Configuration                                                          */
+/* --------------------------------------------------------------------- */
+
+/**
+ * A set of string properties in the style of librdkafka.  Keys the library
+ * owns are listed with their defaults in docs/CONFIGURATION.md; every other
+ * key is handed to librdkafka and validated by it when it is set.
+ */
+typedef struct de_conf de_conf;
+
+/**
+ * Creates an empty configuration (every key at its default).
+ *
+ * @return a new configuration, freed with de_conf_destroy(); NULL when out
+ *         of memory.
+ */
+DE_EXTERN de_conf *de_conf_new(void);
+
+/**
+ * Sets one property.  The value is validated now: a library key against its
+ * type and range, any other key by librdkafka's own configuration.  Setting
+ * a key again replaces its value.
+ *
+ * @param conf  the configuration; required.
+ * @param key   property name, e.g. "event.source" or "bootstrap.servers".
+ * @param value its value as text; copied.
+ * @return DE_OK; DE_ERR_ARG when an argument is NULL; DE_ERR_CONFIG when the
+ *         key is unknown or the value invalid (the message names both);
+ *         DE_ERR_NOMEM.  On failure conf is unchanged.
+ */
+DE_EXTERN de_err de_conf_set(de_conf *conf, const char *key, const char *value);
+
+/**
+ * Reads back a property's effective value (the value set, or the library's
+ * default for a library key).
+ *
+ * @param conf  the configuration; NULL reads the defaults.
+ * @param key   property name.
+ * @return the value, borrowed until conf is changed or destroyed (static for
+ *         defaults); NULL when the key is a librdkafka key that was not set,
+ *         or unknown.
+ */
+DE_EXTERN const char *de_conf_get(const de_conf *conf, const char *key);
+
+/**
+ * Frees a configuration.  NULL is a no-op.
+ */
+DE_EXTERN void de_conf_destroy(de_conf *conf);
+
+/* --------------------------------------------------------------------- */
+/* Outbox                                                                 */
+/* --------------------------------------------------------------------- */
+
+/**
+ * The outbox attached to one of the host's SQLite connections.
+ */
+typedef struct de_outbox de_outbox;
+
+/**
+ * Attaches an outbox to the host's own connection.
+ *
+ * Must be called outside a transaction.  It switches the database to WAL
+ * (the relay reads beside the host's writers), gives the connection a busy
+ * timeout of outbox.busy.timeout.ms when it has none (a connection without
+ * one fails with SQLITE_BUSY the moment another connection writes), creates
+ * or migrates the library's tables (all named de_*), and prepares its
+ * statements once.
+ *
+ * @param db    the host's open connection to a database file; borrowed: it
+ *              must stay open until de_outbox_close().  In-memory and
+ *              read-only databases are refused (the relay needs a file to
+ *              read, the outbox needs to write).
+ * @param conf  configuration, or NULL for defaults; copied.
+ * @param out   receives the outbox; set to NULL on failure.
+ * @return DE_OK; DE_ERR_ARG (NULL argument, in-memory or read-only
+ *         database); DE_ERR_STATE (called inside a transaction, or the
+ *         database was written by a newer libdeliveryevents); DE_ERR_CONFIG
+ *         (an invalid outbox key in conf); DE_ERR_DB; DE_ERR_NOMEM.
+ */
+DE_EXTERN de_err de_outbox_open(sqlite3 *db, const de_conf *conf,
+                                de_outbox **out);
+
+/**
+ * Detaches an outbox and frees it.  The connection stays open and keeps its
+ * journal mode and busy timeout.  Events already recorded are unaffected.
+ * NULL is a no-op.
+ */
+DE_EXTERN void de_outbox_close(de_outbox *ob);
+
+/**
+ * An event to record; filled in by the caller.  Fields may only be added at
+ * the end: zero-initialise it (`de_event ev = {0};`) so that new fields get
+ * their defaults.
+ */
+typedef struct de_event {
+    const char *subject_type; /* required, e.g. "delivery"                 */
+    const char *subject_id;   /* required, e.g. "D-1001"; the Kafka key    */
+    const char *action;       /* required, past tense, e.g. "assigned"     */
+    const char *payload;      /* JSON object text; NULL means {}           */
+    int64_t occurred_at_ms;   /* Unix ms UTC; 0 means now                  */
+    const char *event_id;     /* optional; NULL generates a UUIDv7         */
+    const char *traceparent;  /* optional W3C trace context to carry along */
+    const char *tracestate;   /* optional, only with traceparent           */
+    int version;              /* contract version; 0 = latest or none      */
+} de_event;
+
+/**
+ * What de_record() assigned.
+ */
+typedef struct de_recorded {
+    char event_id[37]; /* the generated (or given) id, NUL-terminated */
+    int64_t position;  /* place in the outbox's commit order; increasing */
+} de_recorded;
+
+/**
+ * Records one event in the host's open transaction on ob's connection.
+ *
+ * The event becomes visible to the relay when, and only when, that
+ * transaction commits; if it rolls back, the event never existed.
+ *
+ * Rules (each broken rule has its own code and a message naming the
+ * value):
+ *  - subject_type and action: lowercase identifiers [a-z][a-z0-9_]*, at
+ *    most 64 bytes (they become topic and type names) -> DE_ERR_ARG;
+ *  - subject_id: non-empty UTF-8 without control characters, at most 256
+ *    bytes -> DE_ERR_ARG;
+ *  - payload: a JSON object (NULL means {}) -> DE_ERR_PAYLOAD; the whole
+ *    Kafka record it becomes (key, value and every header) at most
+ *    event.max.bytes -> DE_ERR_PAYLOAD;
+ *  - occurred_at_ms: 0 (now) or a time from 1970 to the end of year 9999
+ *    -> DE_ERR_ARG;
+ *  - event_id, when given: 1 to 36 printable ASCII characters without
+ *    spaces -> DE_ERR_ARG;
+ *  - traceparent, when given: a valid W3C traceparent; tracestate only with
+ *    a traceparent, at most 512 printable ASCII characters -> DE_ERR_ARG;
+ *  - version: >= 0 -> DE_ERR_ARG;
+ *  - ob's connection inside BEGIN ... COMMIT -> DE_ERR_NO_TXN.
+ *
+ * It does not read the database before writing (a deferred transaction
+ * that reads and then writes after another connection committed would fail
+ * with SQLITE_BUSY_SNAPSHOT), so calling it first in a transaction takes
+ * the write lock directly.  The per-subject sequence (ce_subjectseq) is
+ * assigned later by the relay, off the host's commit path.
+ *
+ * On any error nothing is written and the host transaction stays open and
+ * usable -- except when SQLite itself rolls the whole transaction back
+ * (disk full, I/O error), which the DE_ERR_DB message then says.
+ *
+ * @param ob   the outbox; required.
+ * @param ev   the event; required; its strings are copied.
+ * @param out  receives the event id and position; may be NULL.
+ * @return DE_OK or one of the codes above; DE_ERR_DB when SQLite fails;
+ *         DE_ERR_NOMEM.
+ */
+DE_EXTERN de_err de_record(de_outbox *ob, const de_event *ev, de_recorded *out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DELIVERYEVENTS_H */

@@ -1,0 +1,377 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * conf.c -- string properties in the style of librdkafka.
+ *
+ * Keys the library owns are declared once in the table below (name,
+ * default, type, range, extra check); docs/CONFIGURATION.md lists the same
+ * keys.  Every other key is set on a scratch librdkafka configuration at
+ * de_conf_set time, so a bad key or value fails there with librdkafka's own
+ * words, and is kept in the order set to be replayed onto the real producer
+ * or consumer configuration later.
+ *
+ * Invariant: every value stored in a de_conf has passed validation, so code
+ * reading it (de__conf_int and friends) never fails.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef enum { T_STR, T_INT, T_BOOL } keytype;
+
+typedef de_err (*check_fn)(const char *key, const char *value);
+
+static de_err check_topic_template(const char *key, const char *value);
+static de_err check_source(const char *key, const char *value);
+static de_err check_type_prefix(const char *key, const char *value);
+
+static const struct keydef {
+    const char *name;
+    const char *def;
+    keytype type;
+    int64_t min, max;
+    check_fn check;
+} keys[DE__K_COUNT] = {
+    [DE__K_TOPIC_TEMPLATE] = {"topic.template", "{subject_type}.events", T_STR,
+                              0, 0, check_topic_template},
+    [DE__K_EVENT_SOURCE] = {"event.source", "/deliveryevents", T_STR, 0, 0,
+                            check_source},
+    [DE__K_EVENT_TYPE_PREFIX] = {"event.type.prefix", "", T_STR, 0, 0,
+                                 check_type_prefix},
+    [DE__K_EVENT_MAX_BYTES] = {"event.max.bytes", "990000", T_INT, 1024,
+                               1000000000, NULL},
+    [DE__K_OUTBOX_RETENTION_MS] = {"outbox.retention.ms", "0", T_INT, 0,
+                                   INT64_C(315360000000), NULL},
+    [DE__K_OUTBOX_BUSY_TIMEOUT_MS] = {"outbox.busy.timeout.ms", "5000", T_INT,
+                                      0, INT32_MAX, NULL},
+};
+
+struct rk_prop {
+    char *key;
+    char *value;
+};
+
+struct de_conf {
+    char *val[DE__K_COUNT]; /* NULL: the default */
+    int64_t num[DE__K_COUNT];
+    struct rk_prop *rk; /* librdkafka properties in the order set */
+    size_t nrk, caprk;
+    rd_kafka_conf_t *probe; /* validates librdkafka properties */
+};
+
+static int find_key(const char *name)
+{
+    for (size_t i = 0; i < DE__K_COUNT; i++)
+        if (strcmp(keys[i].name, name) == 0)
+            return (int)i;
+    return -1;
+}
+
+static bool topic_char(char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+           (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
+}
+
+/*
+ * A template expands to a Kafka topic name: [A-Za-z0-9._-], at most 249
+ * characters.  Only {subject_type} may be substituted -- a placeholder
+ * that split one subject's events over several topics would break the
+ * per-subject order Kafka keeps only within a partition.
+ */
+static de_err check_topic_template(const char *key, const char *value)
+{
+    static const char ph[] = "{subject_type}";
+    size_t expanded = 0;
+    const char *p = value;
+    char q[DE__QUOTE_MAX];
+
+    while (*p) {
+        if (*p == '{') {
+            if (strncmp(p, ph, sizeof ph - 1) != 0)
+                return de__fail(DE_ERR_CONFIG,
+                                "%s %s has an unknown placeholder; only "
+                                "{subject_type} may be used",
+                                key, de__quote(q, sizeof q, value, -1));
+            p += sizeof ph - 1;
+            expanded += DE__IDENT_MAX;
+            continue;
+        }
+        if (!topic_char(*p))
+            return de__fail(DE_ERR_CONFIG,
+                            "%s %s is not a topic name: only letters, "
+                            "digits, '.', '_' and '-' are allowed",
+                            key, de__quote(q, sizeof q, value, -1));
+        expanded++;
+        p++;
+    }
+    if (expanded == 0)
+        return de__fail(DE_ERR_CONFIG, "%s must not be empty", key);
+    if (expanded > 249)
+        return de__fail(DE_ERR_CONFIG,
+                        "%s %s can expand to %zu characters; Kafka topic "
+                        "names are at most 249 (a subject type is up to %d)",
+                        key, de__quote(q, sizeof q, value, -1), expanded,
+                        DE__IDENT_MAX);
+    return DE_OK;
+}
+
+static de_err check_source(const char *key, const char *value)
+{
+    char q[DE__QUOTE_MAX];
+    size_t len = strlen(value);
+
+    if (len == 0 || len > DE__SOURCE_MAX || !de__is_clean_utf8(value, len))
+        return de__fail(DE_ERR_CONFIG,
+                        "%s %s must be a non-empty URI reference of at most "
+                        "%d bytes without control characters",
+                        key, de__quote(q, sizeof q, value, -1), DE__SOURCE_MAX);
+    return DE_OK;
+}
+
+static de_err check_type_prefix(const char *key, const char *value)
+{
+    char q[DE__QUOTE_MAX];
+    size_t len = strlen(value);
+    bool ok = len <= DE__TYPE_PREFIX_MAX;
+
+    for (size_t i = 0; ok && i < len; i++)
+        ok = topic_char(value[i]);
+    if (!ok)
+        return de__fail(DE_ERR_CONFIG,
+                        "%s %s must be at most %d of the characters "
+                        "[A-Za-z0-9._-], e.g. 'com.example.'",
+                        key, de__quote(q, sizeof q, value, -1),
+                        DE__TYPE_PREFIX_MAX);
+    return DE_OK;
+}
+
+/* Parses and range-checks a value of key k into *num. */
+static de_err parse_value(int k, const char *value, int64_t *num)
+{
+    const struct keydef *kd = &keys[k];
+    char q[DE__QUOTE_MAX];
+    char *end;
+    long long v;
+
+    *num = 0;
+    switch (kd->type) {
+    case T_STR: break;
+    case T_BOOL:
+        if (strcmp(value, "true") == 0 || strcmp(value, "1") == 0)
+            *num = 1;
+        else if (strcmp(value, "false") == 0 || strcmp(value, "0") == 0)
+            *num = 0;
+        else
+            return de__fail(DE_ERR_CONFIG, "%s %s must be true or false",
+                            kd->name, de__quote(q, sizeof q, value, -1));
+        break;
+    case T_INT:
+        errno = 0;
+        v = strtoll(value, &end, 10);
+        if (value[0] == '\0' || *end != '\0' || errno != 0 || v < kd->min ||
+            v > kd->max)
+            return de__fail(DE_ERR_CONFIG,
+                            "%s %s must be an integer from %lld to %lld",
+                            kd->name, de__quote(q, sizeof q, value, -1),
+                            (long long)kd->min, (long long)kd->max);
+        *num = v;
+        break;
+    }
+    return kd->check ? kd->check(kd->name, value) : DE_OK;
+}
+
+de_conf *de_conf_new(void)
+{
+    de_conf *conf = calloc(1, sizeof *conf);
+
+    if (conf == NULL)
+        return NULL;
+    for (int k = 0; k < DE__K_COUNT; k++)
+        (void)parse_value(k, keys[k].def, &conf->num[k]);
+    return conf;
+}
+
+void de_conf_destroy(de_conf *conf)
+{
+    if (conf == NULL)
+        return;
+    for (int k = 0; k < DE__K_COUNT; k++)
+        free(conf->val[k]);
+    for (size_t i = 0; i < conf->nrk; i++) {
+        free(conf->rk[i].key);
+        free(conf->rk[i].value);
+    }
+    free(conf->rk);
+    if (conf->probe)
+        rd_kafka_conf_destroy(conf->probe);
+    free(conf);
+}
+
+/* Remembers a librdkafka property, replacing an earlier value. */
+static de_err store_rdkafka(de_conf *conf, const char *key, const char *value)
+{
+    char *v = strdup(value), *k;
+
+    if (v == NULL)
+        return de__fail(DE_ERR_NOMEM, "out of memory setting %s", key);
+    for (size_t i = 0; i < conf->nrk; i++) {
+        if (strcmp(conf->rk[i].key, key) == 0) {
+            free(conf->rk[i].value);
+            conf->rk[i].value = v;
+            return DE_OK;
+        }
+    }
+    if (conf->nrk == conf->caprk) {
+        size_t cap = conf->caprk ? conf->caprk * 2 : 8;
+        struct rk_prop *n = realloc(conf->rk, cap * sizeof *n);
+        if (n == NULL)
+            goto nomem;
+        conf->rk = n;
+        conf->caprk = cap;
+    }
+    k = strdup(key);
+    if (k == NULL)
+        goto nomem;
+    conf->rk[conf->nrk].key = k;
+    conf->rk[conf->nrk].value = v;
+    conf->nrk++;
+    return DE_OK;
+nomem:
+    free(v);
+    return de__fail(DE_ERR_NOMEM, "out of memory setting %s", key);
+}
+
+de_err de_conf_set(de_conf *conf, const char *key, const char *value)
+{
+    char errstr[512], q[DE__QUOTE_MAX];
+    int64_t num;
+    de_err err;
+    int k;
+
+    if (conf == NULL || key == NULL || value == NULL)
+        return de__fail(DE_ERR_ARG,
+                        "de_conf_set needs a configuration, a "
+                        "key and a value (got NULL %s)",
+                        conf == NULL  ? "conf"
+                        : key == NULL ? "key"
+                                      : "value");
+    k = find_key(key);
+    if (k >= 0) {
+        char *copy;
+        err = parse_value(k, value, &num);
+        if (err != DE_OK)
+            return err;
+        copy = strdup(value);
+        if (copy == NULL)
+            return de__fail(DE_ERR_NOMEM, "out of memory setting %s", key);
+        free(conf->val[k]);
+        conf->val[k] = copy;
+        conf->num[k] = num;
+        return DE_OK;
+    }
+    if (conf->probe == NULL) {
+        conf->probe = rd_kafka_conf_new();
+        if (conf->probe == NULL)
+            return de__fail(DE_ERR_NOMEM, "out of memory setting %s", key);
+    }
+    switch (rd_kafka_conf_set(conf->probe, key, value, errstr, sizeof errstr)) {
+    case RD_KAFKA_CONF_OK: return store_rdkafka(conf, key, value);
+    case RD_KAFKA_CONF_UNKNOWN:
+        return de__fail(DE_ERR_CONFIG,
+                        "unknown configuration property %s: neither a "
+                        "libdeliveryevents key nor a librdkafka one",
+                        de__quote(q, sizeof q, key, -1));
+    default:
+        return de__fail(DE_ERR_CONFIG, "invalid value %s for %s: %s",
+                        de__quote(q, sizeof q, value, -1), key, errstr);
+    }
+}
+
+const char *de_conf_get(const de_conf *conf, const char *key)
+{
+    const char *v = NULL;
+    int k;
+
+    if (key == NULL)
+        return NULL;
+    k = find_key(key);
+    if (k >= 0)
+        return de__conf_str(conf, (de__key)k);
+    if (conf != NULL && de__conf_rdkafka_get(conf, key, &v))
+        return v;
+    return NULL;
+}
+
+const char *de__conf_str(const de_conf *conf, de__key k)
+{
+    if (conf != NULL && conf->val[k] != NULL)
+        return conf->val[k];
+    return keys[k].def;
+}
+
+int64_t de__conf_int(const de_conf *conf, de__key k)
+{
+    int64_t num = 0;
+
+    if (conf != NULL)
+        return conf->num[k];
+    (void)parse_value((int)k, keys[k].def, &num);
+    return num;
+}
+
+bool de__conf_bool(const de_conf *conf, de__key k)
+{
+    return de__conf_int(conf, k) != 0;
+}
+
+bool de__conf_rdkafka_get(const de_conf *conf, const char *key,
+                          const char **value)
+{
+    if (conf == NULL)
+        return false;
+    for (size_t i = 0; i < conf->nrk; i++) {
+        if (strcmp(conf->rk[i].key, key) == 0) {
+            if (value)
+                *value = conf->rk[i].value;
+            return true;
+        }
+    }
+    return false;
+}
+
+de_err de__conf_apply_rdkafka(const de_conf *conf, rd_kafka_conf_t *rkconf)
+{
+    char errstr[512], q[DE__QUOTE_MAX];
+
+    if (conf == NULL)
+        return DE_OK;
+    for (size_t i = 0; i < conf->nrk; i++) {
+        if (rd_kafka_conf_set(rkconf, conf->rk[i].key, conf->rk[i].value,
+                              errstr, sizeof errstr) != RD_KAFKA_CONF_OK)
+            return de__fail(DE_ERR_CONFIG, "invalid value %s for %s: %s",
+                            de__quote(q, sizeof q, conf->rk[i].value, -1),
+                            conf->rk[i].key, errstr);
+    }
+    return DE_OK;
+}
+
+de_conf *de__conf_dup(const de_conf *conf)
+{
+    de_conf *c = de_conf_new();
+
+    if (c == NULL || conf == NULL)
+        return c;
+    for (int k = 0; k < DE__K_COUNT; k++) {
+        if (conf->val[k] && de_conf_set(c, keys[k].name, conf->val[k]))
+            goto fail;
+    }
+    for (size_t i = 0; i < conf->nrk; i++)
+        if (de_conf_set(c, conf->rk[i].key, conf->rk[i].value) != DE_OK)
+            goto fail;
+    return c;
+fail:
+    de_conf_destroy(c);
+    return NULL;
+}

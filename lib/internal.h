@@ -1,0 +1,150 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * internal.h -- declarations shared between the library's files.
+ *
+ * Nothing here is exported (the library is built with -fvisibility=hidden);
+ * shared helpers are named de__*.  Every file includes this header first.
+ */
+#ifndef DE_INTERNAL_H
+#define DE_INTERNAL_H
+
+#define DE_BUILDING_LIBRARY 1
+#include "deliveryevents.h"
+
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <librdkafka/rdkafka.h>
+
+#define DE__PRINTF(a, b) __attribute__((format(printf, a, b)))
+#define DE__ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+
+/* ---- errors (error.c) ------------------------------------------------ */
+
+/* Sets the calling thread's message and returns code, so that a failure is
+ * one statement: `return de__fail(DE_ERR_ARG, "...", ...);`. */
+de_err de__fail(de_err code, const char *fmt, ...) DE__PRINTF(2, 3);
+de_err de__vfail(de_err code, const char *fmt, va_list ap) DE__PRINTF(2, 0);
+
+/* DE_ERR_DB with SQLite's own text appended: "<what>: <sqlite3_errmsg>". */
+de_err de__fail_db(sqlite3 *db, const char *fmt, ...) DE__PRINTF(2, 3);
+
+/* Quotes a value for a message: '...' with control characters and invalid
+ * UTF-8 escaped as \xNN and long values cut (with "...") to fit buf.
+ * len == (size_t)-1 means NUL-terminated.  Returns buf. */
+#define DE__QUOTE_MAX 96
+char *de__quote(char *buf, size_t bufsize, const char *s, size_t len);
+
+/* ---- configuration (conf.c) ----------------------------------------- */
+
+/* Library-owned keys, in the order of docs/CONFIGURATION.md. */
+typedef enum {
+    DE__K_TOPIC_TEMPLATE = 0,
+    DE__K_EVENT_SOURCE,
+    DE__K_EVENT_TYPE_PREFIX,
+    DE__K_EVENT_MAX_BYTES,
+    DE__K_OUTBOX_RETENTION_MS,
+    DE__K_OUTBOX_BUSY_TIMEOUT_MS,
+    DE__K_COUNT
+} de__key;
+
+/* Longest allowed event.source and event.type.prefix.  de_record sizes the
+ * record with these maxima, so a relay elsewhere with another source or
+ * prefix can never push a record over event.max.bytes. */
+#define DE__SOURCE_MAX 255
+#define DE__TYPE_PREFIX_MAX 128
+
+const char *de__conf_str(const de_conf *conf, de__key k);
+int64_t de__conf_int(const de_conf *conf, de__key k);
+bool de__conf_bool(const de_conf *conf, de__key k);
+
+/* Applies every librdkafka property set on conf (in the order set) to
+ * rkconf.  Returns DE_OK or DE_ERR_CONFIG with the message set. */
+de_err de__conf_apply_rdkafka(const de_conf *conf, rd_kafka_conf_t *rkconf);
+
+/* Whether the user set librdkafka property `key`; *value receives it. */
+bool de__conf_rdkafka_get(const de_conf *conf, const char *key,
+                          const char **value);
+
+/* A deep copy of conf (conf may be NULL: a new default configuration). */
+de_conf *de__conf_dup(const de_conf *conf);
+
+/* ---- time and ids (ids.c) ------------------------------------------- */
+
+int64_t de__now_ms(void);  /* wall clock, Unix ms UTC */
+int64_t de__mono_us(void); /* monotonic microseconds */
+
+/* Writes a new UUIDv7 (RFC 9562; time-ordered within this thread) as 36
+ * lowercase characters plus NUL. */
+void de__uuid7(char out[37]);
+
+/* Formats Unix ms as RFC 3339 UTC with milliseconds,
+ * "2026-11-25T11:00:00.123Z" (24 characters plus NUL).  ms must be within
+ * [0, DE__MAX_TIME_MS]. */
+/* 9999-12-31T23:59:59.999Z */
+#define DE__MAX_TIME_MS INT64_C(253402300799999)
+#define DE__RFC3339_LEN 24
+void de__rfc3339_ms(int64_t ms, char out[DE__RFC3339_LEN + 1]);
+
+/* ---- input rules (validate.c) --------------------------------------- */
+
+#define DE__IDENT_MAX 64
+#define DE__SUBJECT_ID_MAX 256
+#define DE__EVENT_ID_MAX 36
+#define DE__TRACESTATE_MAX 512
+
+/* [a-z][a-z0-9_]*, 1..DE__IDENT_MAX bytes. */
+bool de__is_ident(const char *s);
+/* Non-empty valid UTF-8 without C0, DEL or C1 controls, <= max bytes. */
+bool de__is_clean_utf8(const char *s, size_t len);
+/* The first byte offset where s stops being valid UTF-8, or len. */
+size_t de__utf8_valid_prefix(const char *s, size_t len);
+/* 1..36 printable ASCII characters without spaces. */
+bool de__is_event_id(const char *s);
+/* A W3C trace-context traceparent header value. */
+bool de__is_traceparent(const char *s);
+/* Printable ASCII, at most DE__TRACESTATE_MAX bytes. */
+bool de__is_tracestate(const char *s);
+
+/* ---- wire format (envelope.c) --------------------------------------- */
+
+/* Header names on the wire, in the order the relay writes them. */
+#define DE__H_SPECVERSION "ce_specversion"
+#define DE__H_ID "ce_id"
+#define DE__H_SOURCE "ce_source"
+#define DE__H_TYPE "ce_type"
+#define DE__H_SUBJECT "ce_subject"
+#define DE__H_TIME "ce_time"
+#define DE__H_CONTENT_TYPE "content-type"
+#define DE__H_PARTITIONKEY "ce_partitionkey"
+#define DE__H_SUBJECTSEQ "ce_subjectseq"
+#define DE__H_SUBJECTTYPE "ce_subjecttype"
+#define DE__H_ACTION "ce_action"
+#define DE__H_DATASCHEMA "ce_dataschema"
+#define DE__H_TRACEPARENT "traceparent"
+#define DE__H_TRACESTATE "tracestate"
+
+/* The most bytes a record for these parts can take on the wire (key,
+ * value, every header with its framing, the record's own framing), with
+ * the longest allowed source and type prefix and a 20-digit sequence, so
+ * that it holds whichever relay publishes it. */
+size_t de__record_max_size(size_t subject_type_len, size_t subject_id_len,
+                           size_t action_len, int version, size_t payload_len,
+                           size_t traceparent_len, size_t tracestate_len,
+                           size_t dataschema_len);
+
+/* ---- SQLite helpers (schema.c) -------------------------------------- */
+
+/* Runs SQL without results; DE_ERR_DB with the message set on failure. */
+de_err de__exec(sqlite3 *db, const char *sql);
+
+/* The outbox schema version this library writes. */
+#define DE__OUTBOX_SCHEMA_VERSION 1
+
+/* Creates or migrates the outbox tables in db's main database inside one
+ * IMMEDIATE transaction.  DE_ERR_STATE if the stored version is newer. */
+de_err de__outbox_schema_ensure(sqlite3 *db);
+
+#endif /* DE_INTERNAL_H */

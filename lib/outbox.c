@@ -1,0 +1,335 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * outbox.c -- recording events inside the host's transaction.
+ *
+ * de_record is on the host's commit path, so it does the least that keeps
+ * the guarantees: validate everything first (so a failure writes nothing),
+ * then one INSERT through a statement prepared once, bound without copies.
+ * It never reads the database before that write (a read first would turn
+ * the host's deferred transaction into a snapshot that can fail with
+ * SQLITE_BUSY_SNAPSHOT when it later writes), and the per-subject sequence
+ * is left to the relay.
+ *
+ * Invariants: an outbox is used on its connection's thread only; every
+ * statement it holds is reset and unbound when a call returns.
+ */
+#include "internal.h"
+
+#include <jansson.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct de_outbox {
+    sqlite3 *db;
+    de_conf *conf;
+    sqlite3_stmt *insert;
+    int64_t max_bytes;
+};
+
+static const char insert_sql[] =
+    "INSERT INTO main.de_outbox(event_id, subject_type, subject_id, action, "
+    "version, occurred_at_ms, recorded_at_ms, payload, traceparent, "
+    "tracestate) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+
+/* Switches the main database to WAL; it must not be in a transaction. */
+static de_err set_wal(sqlite3 *db)
+{
+    sqlite3_stmt *st = NULL;
+    de_err err = DE_OK;
+    const char *mode;
+
+    if (sqlite3_prepare_v2(db, "PRAGMA main.journal_mode=WAL", -1, &st, NULL) !=
+        SQLITE_OK)
+        return de__fail_db(db, "cannot switch the database to WAL");
+    if (sqlite3_step(st) != SQLITE_ROW) {
+        err = de__fail_db(db, "cannot switch the database to WAL");
+        goto done;
+    }
+    mode = (const char *)sqlite3_column_text(st, 0);
+    if (mode == NULL || sqlite3_stricmp(mode, "wal") != 0)
+        err = de__fail(DE_ERR_DB,
+                       "database '%s' stayed in journal mode '%s'; the "
+                       "outbox needs WAL so that the relay can read beside "
+                       "the host's writers",
+                       sqlite3_db_filename(db, "main"), mode ? mode : "?");
+done:
+    sqlite3_finalize(st);
+    return err;
+}
+
+/* A connection without a busy timeout fails with SQLITE_BUSY the moment
+ * the relay writes (deleting published rows); give it one unless the host
+ * chose its own.  PRAGMA busy_timeout reads 0 both for "none" and for a
+ * custom busy handler, which this would replace: see docs/OVERVIEW.md. */
+static de_err ensure_busy_timeout(sqlite3 *db, int64_t ms)
+{
+    sqlite3_stmt *st = NULL;
+    int64_t current = 0;
+
+    if (ms <= 0)
+        return DE_OK;
+    if (sqlite3_prepare_v2(db, "PRAGMA busy_timeout", -1, &st, NULL) !=
+        SQLITE_OK)
+        return de__fail_db(db, "cannot read the busy timeout");
+    if (sqlite3_step(st) == SQLITE_ROW)
+        current = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    if (current == 0)
+        sqlite3_busy_timeout(db, (int)ms);
+    return DE_OK;
+}
+
+de_err de_outbox_open(sqlite3 *db, const de_conf *conf, de_outbox **out)
+{
+    de_outbox *ob = NULL;
+    const char *path;
+    de_err err;
+
+    if (out != NULL)
+        *out = NULL;
+    if (db == NULL || out == NULL)
+        return de__fail(DE_ERR_ARG,
+                        "de_outbox_open needs a connection and "
+                        "an out pointer (got NULL %s)",
+                        db == NULL ? "db" : "out");
+    path = sqlite3_db_filename(db, "main");
+    if (path == NULL || path[0] == '\0')
+        return de__fail(DE_ERR_ARG,
+                        "the connection's main database is in memory or "
+                        "temporary; the outbox needs a database file that "
+                        "the relay can open too");
+    if (sqlite3_db_readonly(db, "main") == 1)
+        return de__fail(DE_ERR_ARG,
+                        "database '%s' is open read-only; the outbox needs "
+                        "to write to it",
+                        path);
+    if (!sqlite3_get_autocommit(db))
+        return de__fail(DE_ERR_STATE,
+                        "de_outbox_open was called inside a transaction on "
+                        "'%s'; call it before BEGIN (it switches the journal "
+                        "mode and may migrate tables)",
+                        path);
+
+    ob = calloc(1, sizeof *ob);
+    if (ob == NULL)
+        return de__fail(DE_ERR_NOMEM, "out of memory opening the outbox");
+    ob->db = db;
+    ob->conf = de__conf_dup(conf);
+    if (ob->conf == NULL) {
+        err = de__fail(DE_ERR_NOMEM, "out of memory copying the configuration");
+        goto fail;
+    }
+    ob->max_bytes = de__conf_int(ob->conf, DE__K_EVENT_MAX_BYTES);
+    if ((err = set_wal(db)) != DE_OK)
+        goto fail;
+    err = ensure_busy_timeout(
+        db, de__conf_int(ob->conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS));
+    if (err != DE_OK)
+        goto fail;
+    if ((err = de__outbox_schema_ensure(db)) != DE_OK)
+        goto fail;
+    if (sqlite3_prepare_v3(db, insert_sql, -1, SQLITE_PREPARE_PERSISTENT,
+                           &ob->insert, NULL) != SQLITE_OK) {
+        err = de__fail_db(db, "cannot prepare the outbox insert");
+        goto fail;
+    }
+    *out = ob;
+    return DE_OK;
+fail:
+    de_outbox_close(ob);
+    return err;
+}
+
+void de_outbox_close(de_outbox *ob)
+{
+    if (ob == NULL)
+        return;
+    sqlite3_finalize(ob->insert);
+    de_conf_destroy(ob->conf);
+    free(ob);
+}
+
+/* Checks every field of ev without touching the database.  On success the
+ * lengths the caller needs are returned through the pointers. */
+static de_err validate(const de_outbox *ob, const de_event *ev,
+                       const char **payload, size_t *payload_len)
+{
+    char q[DE__QUOTE_MAX], q2[DE__QUOTE_MAX];
+    size_t st_len, sid_len, act_len, tp_len = 0, ts_len = 0, size;
+    json_error_t jerr;
+    json_t *root;
+
+    if (!de__is_ident(ev->subject_type))
+        return de__fail(DE_ERR_ARG,
+                        "subject_type %s must be a lowercase identifier "
+                        "[a-z][a-z0-9_]* of at most %d bytes, e.g. "
+                        "'delivery'",
+                        de__quote(q, sizeof q, ev->subject_type, -1),
+                        DE__IDENT_MAX);
+    if (!de__is_ident(ev->action))
+        return de__fail(DE_ERR_ARG,
+                        "action %s for %s must be a lowercase identifier "
+                        "[a-z][a-z0-9_]* of at most %d bytes, in the past "
+                        "tense, e.g. 'assigned'",
+                        de__quote(q, sizeof q, ev->action, -1),
+                        ev->subject_type, DE__IDENT_MAX);
+    sid_len = ev->subject_id ? strlen(ev->subject_id) : 0;
+    if (sid_len > DE__SUBJECT_ID_MAX ||
+        !de__is_clean_utf8(ev->subject_id, sid_len))
+        return de__fail(DE_ERR_ARG,
+                        "subject_id %s for %s.%s must be non-empty UTF-8 "
+                        "without control characters, at most %d bytes",
+                        de__quote(q, sizeof q, ev->subject_id, -1),
+                        ev->subject_type, ev->action, DE__SUBJECT_ID_MAX);
+    if (ev->occurred_at_ms < 0 || ev->occurred_at_ms > DE__MAX_TIME_MS)
+        return de__fail(DE_ERR_ARG,
+                        "occurred_at_ms %lld for %s.%s must be 0 (now) or "
+                        "Unix milliseconds from 1970 to 9999-12-31",
+                        (long long)ev->occurred_at_ms, ev->subject_type,
+                        ev->action);
+    if (ev->event_id != NULL && !de__is_event_id(ev->event_id))
+        return de__fail(DE_ERR_ARG,
+                        "event_id %s for %s.%s must be 1 to %d printable "
+                        "ASCII characters without spaces (or NULL for a "
+                        "generated UUIDv7)",
+                        de__quote(q, sizeof q, ev->event_id, -1),
+                        ev->subject_type, ev->action, DE__EVENT_ID_MAX);
+    if (ev->traceparent != NULL) {
+        if (!de__is_traceparent(ev->traceparent))
+            return de__fail(DE_ERR_ARG,
+                            "traceparent %s for %s.%s is not a W3C "
+                            "traceparent ('00-<32 hex>-<16 hex>-<2 hex>', "
+                            "lowercase, ids not all zero)",
+                            de__quote(q, sizeof q, ev->traceparent, -1),
+                            ev->subject_type, ev->action);
+        tp_len = strlen(ev->traceparent);
+    }
+    if (ev->tracestate != NULL) {
+        if (ev->traceparent == NULL)
+            return de__fail(DE_ERR_ARG,
+                            "tracestate %s for %s.%s was given without a "
+                            "traceparent; W3C trace context needs both",
+                            de__quote(q, sizeof q, ev->tracestate, -1),
+                            ev->subject_type, ev->action);
+        if (!de__is_tracestate(ev->tracestate))
+            return de__fail(DE_ERR_ARG,
+                            "tracestate %s for %s.%s must be at most %d "
+                            "printable ASCII characters",
+                            de__quote(q, sizeof q, ev->tracestate, -1),
+                            ev->subject_type, ev->action, DE__TRACESTATE_MAX);
+        ts_len = strlen(ev->tracestate);
+    }
+    if (ev->version < 0)
+        return de__fail(DE_ERR_ARG,
+                        "version %d for %s.%s must be 0 (latest or none) or "
+                        "a positive contract version",
+                        ev->version, ev->subject_type, ev->action);
+
+    *payload = ev->payload ? ev->payload : "{}";
+    *payload_len = strlen(*payload);
+    st_len = strlen(ev->subject_type);
+    act_len = strlen(ev->action);
+    /* Size first: refusing an oversized payload must not cost a parse. */
+    size = de__record_max_size(st_len, sid_len, act_len, ev->version,
+                               *payload_len, tp_len, ts_len, 0);
+    if (size > (size_t)ob->max_bytes)
+        return de__fail(DE_ERR_PAYLOAD,
+                        "event %s.%s for %s would take up to %zu bytes on "
+                        "Kafka (payload %zu bytes plus key and headers), "
+                        "over event.max.bytes %lld",
+                        ev->subject_type, ev->action,
+                        de__quote(q, sizeof q, ev->subject_id, -1), size,
+                        *payload_len, (long long)ob->max_bytes);
+    root = json_loadb(*payload, *payload_len,
+                      JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
+    if (root == NULL)
+        return de__fail(DE_ERR_PAYLOAD,
+                        "payload for %s.%s is not valid JSON (%s at line %d, "
+                        "column %d): %s",
+                        ev->subject_type, ev->action, jerr.text, jerr.line,
+                        jerr.column,
+                        de__quote(q2, sizeof q2, *payload, *payload_len));
+    if (!json_is_object(root)) {
+        json_decref(root);
+        return de__fail(DE_ERR_PAYLOAD,
+                        "payload for %s.%s is not a JSON object: %s",
+                        ev->subject_type, ev->action,
+                        de__quote(q2, sizeof q2, *payload, *payload_len));
+    }
+    json_decref(root);
+    return DE_OK;
+}
+
+de_err de_record(de_outbox *ob, const de_event *ev, de_recorded *out)
+{
+    sqlite3_stmt *st;
+    const char *payload = NULL;
+    size_t payload_len = 0;
+    char event_id[37];
+    int64_t now, occurred;
+    de_err err;
+    int rc;
+
+    if (ob == NULL || ev == NULL)
+        return de__fail(DE_ERR_ARG,
+                        "de_record needs an outbox and an event "
+                        "(got NULL %s)",
+                        ob == NULL ? "outbox" : "event");
+    if ((err = validate(ob, ev, &payload, &payload_len)) != DE_OK)
+        return err;
+    if (sqlite3_get_autocommit(ob->db))
+        return de__fail(DE_ERR_NO_TXN,
+                        "de_record for %s.%s was called outside a "
+                        "transaction; record inside the BEGIN ... COMMIT "
+                        "that makes the change it announces",
+                        ev->subject_type, ev->action);
+
+    if (ev->event_id != NULL)
+        memcpy(event_id, ev->event_id, strlen(ev->event_id) + 1);
+    else
+        de__uuid7(event_id);
+    now = de__now_ms();
+    occurred = ev->occurred_at_ms ? ev->occurred_at_ms : now;
+
+    st = ob->insert;
+    sqlite3_bind_text(st, 1, event_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, ev->subject_type, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, ev->subject_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 4, ev->action, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 5, ev->version);
+    sqlite3_bind_int64(st, 6, occurred);
+    sqlite3_bind_int64(st, 7, now);
+    sqlite3_bind_text(st, 8, payload, (int)payload_len, SQLITE_STATIC);
+    if (ev->traceparent)
+        sqlite3_bind_text(st, 9, ev->traceparent, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(st, 9);
+    if (ev->tracestate)
+        sqlite3_bind_text(st, 10, ev->tracestate, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(st, 10);
+    rc = sqlite3_step(st);
+    if (rc != SQLITE_DONE) {
+        /* A failed statement is undone by SQLite; some errors (full disk,
+         * I/O) roll back the whole transaction, which the caller must
+         * know. */
+        err = de__fail_db(
+            ob->db,
+            sqlite3_get_autocommit(ob->db)
+                ? "recording %s.%s failed and SQLite rolled back the "
+                  "whole transaction"
+                : "recording %s.%s failed; nothing was written and the "
+                  "transaction is still open",
+            ev->subject_type, ev->action);
+        sqlite3_reset(st);
+        sqlite3_clear_bindings(st);
+        return err;
+    }
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    if (out != NULL) {
+        memcpy(out->event_id, event_id, sizeof out->event_id);
+        out->position = sqlite3_last_insert_rowid(ob->db);
+    }
+    return DE_OK;
+}

@@ -1,0 +1,145 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * schema.c -- the library's tables in the host's database, and their
+ * migrations.
+ *
+ * The schema version lives in de_meta (never in PRAGMA user_version, which
+ * belongs to the host).  migrations[i] takes a database from version i to
+ * i+1; they run in one IMMEDIATE transaction, so two processes opening the
+ * same file at once cannot both migrate, and a failure leaves the previous
+ * version intact.  A database whose version is newer than this library's
+ * is refused rather than guessed at.
+ */
+#include "internal.h"
+
+#include <stdio.h>
+
+static const char *const migrations[DE__OUTBOX_SCHEMA_VERSION] = {
+    /* 0 -> 1: the outbox.  position is the rowid: assigned max+1 under the
+     * write lock, so it follows commit order.  No AUTOINCREMENT and no
+     * secondary index -- both would tax every de_record (see
+     * docs/PERFORMANCE.md); the relay instead never deletes the row with
+     * the highest published position, so positions never go back. */
+    "CREATE TABLE de_meta ("
+    "  key TEXT PRIMARY KEY,"
+    "  value"
+    ") WITHOUT ROWID;"
+    "CREATE TABLE de_outbox ("
+    "  position INTEGER PRIMARY KEY,"
+    "  event_id TEXT NOT NULL,"
+    "  subject_type TEXT NOT NULL,"
+    "  subject_id TEXT NOT NULL,"
+    "  action TEXT NOT NULL,"
+    "  version INTEGER NOT NULL,"
+    "  occurred_at_ms INTEGER NOT NULL,"
+    "  recorded_at_ms INTEGER NOT NULL,"
+    "  payload TEXT NOT NULL,"
+    "  traceparent TEXT,"
+    "  tracestate TEXT"
+    ");",
+};
+
+de_err de__exec(sqlite3 *db, const char *sql)
+{
+    if (sqlite3_exec(db, sql, NULL, NULL, NULL) != SQLITE_OK)
+        return de__fail_db(db, "SQL failed");
+    return DE_OK;
+}
+
+/* The stored schema version; 0 when the library's tables do not exist. */
+static de_err read_version(sqlite3 *db, int64_t *version)
+{
+    sqlite3_stmt *st = NULL;
+    de_err err = DE_OK;
+    int rc;
+
+    *version = 0;
+    rc = sqlite3_prepare_v2(db,
+                            "SELECT 1 FROM main.sqlite_master "
+                            "WHERE type = 'table' AND name = 'de_meta'",
+                            -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return de__fail_db(db, "cannot read the schema");
+    rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    st = NULL;
+    if (rc == SQLITE_DONE)
+        return DE_OK;
+    if (rc != SQLITE_ROW)
+        return de__fail_db(db, "cannot read the schema");
+    rc = sqlite3_prepare_v2(db,
+                            "SELECT value FROM main.de_meta "
+                            "WHERE key = 'schema_version'",
+                            -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return de__fail_db(db, "cannot read the outbox schema version");
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW)
+        *version = sqlite3_column_int64(st, 0);
+    else if (rc != SQLITE_DONE)
+        err = de__fail_db(db, "cannot read the outbox schema version");
+    sqlite3_finalize(st);
+    return err;
+}
+
+static de_err check_not_newer(sqlite3 *db, int64_t version)
+{
+    if (version > DE__OUTBOX_SCHEMA_VERSION)
+        return de__fail(DE_ERR_STATE,
+                        "database '%s' has outbox schema version %lld, "
+                        "newer than the %d this libdeliveryevents %s "
+                        "understands; upgrade the library",
+                        sqlite3_db_filename(db, "main"), (long long)version,
+                        DE__OUTBOX_SCHEMA_VERSION, de_version());
+    return DE_OK;
+}
+
+de_err de__outbox_schema_ensure(sqlite3 *db)
+{
+    char sql[128];
+    int64_t version;
+    de_err err;
+
+    /* The common case, an up-to-date database, needs no write lock. */
+    if ((err = de__exec(db, "BEGIN")) != DE_OK)
+        return err;
+    err = read_version(db, &version);
+    sqlite3_exec(db, "COMMIT", NULL, NULL, NULL);
+    if (err != DE_OK)
+        return err;
+    if (version == DE__OUTBOX_SCHEMA_VERSION)
+        return DE_OK;
+    if ((err = check_not_newer(db, version)) != DE_OK)
+        return err;
+
+    if ((err = de__exec(db, "BEGIN IMMEDIATE")) != DE_OK)
+        return err;
+    /* Read again under the write lock: another process may have migrated
+     * in between. */
+    if ((err = read_version(db, &version)) != DE_OK)
+        goto fail;
+    if ((err = check_not_newer(db, version)) != DE_OK)
+        goto fail;
+    for (; version < DE__OUTBOX_SCHEMA_VERSION; version++) {
+        if (sqlite3_exec(db, migrations[version], NULL, NULL, NULL) !=
+            SQLITE_OK) {
+            err = de__fail_db(db,
+                              "migrating the outbox schema from version "
+                              "%lld failed",
+                              (long long)version);
+            goto fail;
+        }
+    }
+    snprintf(sql, sizeof sql,
+             "INSERT OR REPLACE INTO main.de_meta(key, value) "
+             "VALUES ('schema_version', %d)",
+             DE__OUTBOX_SCHEMA_VERSION);
+    if ((err = de__exec(db, sql)) != DE_OK)
+        goto fail;
+    if ((err = de__exec(db, "COMMIT")) != DE_OK)
+        goto fail;
+    return DE_OK;
+fail:
+    sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+    return err;
+}

@@ -1,0 +1,166 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * check_conf.c -- configuration: library keys validated against their
+ * type and range, every other key validated by librdkafka at set time,
+ * and a failed set leaving the configuration as it was.
+ */
+#include "testutil.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+START_TEST(defaults_are_documented_values)
+{
+    ck_assert_str_eq(de_conf_get(NULL, "topic.template"),
+                     "{subject_type}.events");
+    ck_assert_str_eq(de_conf_get(NULL, "event.source"), "/deliveryevents");
+    ck_assert_str_eq(de_conf_get(NULL, "event.type.prefix"), "");
+    ck_assert_str_eq(de_conf_get(NULL, "event.max.bytes"), "990000");
+    ck_assert_str_eq(de_conf_get(NULL, "outbox.retention.ms"), "0");
+    ck_assert_str_eq(de_conf_get(NULL, "outbox.busy.timeout.ms"), "5000");
+    ck_assert_ptr_null(de_conf_get(NULL, "bootstrap.servers"));
+    ck_assert_ptr_null(de_conf_get(NULL, "no.such.key"));
+}
+END_TEST
+
+START_TEST(library_keys_are_validated)
+{
+    de_conf *c = de_conf_new();
+
+    ck_assert_ptr_nonnull(c);
+    tu_ok(de_conf_set(c, "event.max.bytes", "4096"));
+    ck_assert_str_eq(de_conf_get(c, "event.max.bytes"), "4096");
+    tu_assert_err(de_conf_set(c, "event.max.bytes", "12abc"), DE_ERR_CONFIG,
+                  "event.max.bytes '12abc' must be an integer from 1024");
+    tu_assert_err(de_conf_set(c, "event.max.bytes", "10"), DE_ERR_CONFIG,
+                  "'10'");
+    tu_assert_err(de_conf_set(c, "event.max.bytes", ""), DE_ERR_CONFIG, "''");
+    tu_assert_err(de_conf_set(c, "event.max.bytes", "99999999999999999999"),
+                  DE_ERR_CONFIG, "'99999999999999999999'");
+    /* A failed set leaves the earlier value. */
+    ck_assert_str_eq(de_conf_get(c, "event.max.bytes"), "4096");
+
+    tu_ok(de_conf_set(c, "topic.template", "prod.{subject_type}.v1"));
+    tu_assert_err(de_conf_set(c, "topic.template", "{action}.events"),
+                  DE_ERR_CONFIG, "unknown placeholder");
+    tu_assert_err(de_conf_set(c, "topic.template", "bad topic"), DE_ERR_CONFIG,
+                  "'bad topic' is not a topic name");
+    tu_assert_err(de_conf_set(c, "topic.template", ""), DE_ERR_CONFIG,
+                  "must not be empty");
+    ck_assert_str_eq(de_conf_get(c, "topic.template"),
+                     "prod.{subject_type}.v1");
+
+    tu_ok(de_conf_set(c, "event.source", "/delivery-service/eu-1"));
+    tu_assert_err(de_conf_set(c, "event.source", ""), DE_ERR_CONFIG,
+                  "event.source ''");
+    tu_assert_err(de_conf_set(c, "event.source", "a\nb"), DE_ERR_CONFIG,
+                  "'a\\x0ab'");
+    tu_ok(de_conf_set(c, "event.type.prefix", "com.example."));
+    tu_assert_err(de_conf_set(c, "event.type.prefix", "com/example"),
+                  DE_ERR_CONFIG, "'com/example'");
+    tu_assert_err(de_conf_set(c, "outbox.retention.ms", "-1"), DE_ERR_CONFIG,
+                  "outbox.retention.ms '-1'");
+    de_conf_destroy(c);
+}
+END_TEST
+
+START_TEST(other_keys_are_validated_by_librdkafka)
+{
+    de_conf *c = de_conf_new();
+
+    tu_ok(de_conf_set(c, "bootstrap.servers", "localhost:9092"));
+    ck_assert_str_eq(de_conf_get(c, "bootstrap.servers"), "localhost:9092");
+    tu_ok(de_conf_set(c, "bootstrap.servers", "broker:9092"));
+    ck_assert_str_eq(de_conf_get(c, "bootstrap.servers"), "broker:9092");
+    tu_ok(de_conf_set(c, "compression.type", "lz4"));
+    tu_assert_err(de_conf_set(c, "compression.type", "zip"), DE_ERR_CONFIG,
+                  "invalid value 'zip' for compression.type");
+    ck_assert_str_eq(de_conf_get(c, "compression.type"), "lz4");
+    tu_assert_err(de_conf_set(c, "bootstrap.server", "x"), DE_ERR_CONFIG,
+                  "unknown configuration property 'bootstrap.server'");
+    tu_assert_err(de_conf_set(c, "socket.timeout.ms", "-3"), DE_ERR_CONFIG,
+                  "socket.timeout.ms");
+    de_conf_destroy(c);
+}
+END_TEST
+
+START_TEST(null_arguments)
+{
+    de_conf *c = de_conf_new();
+
+    tu_assert_err(de_conf_set(NULL, "a", "b"), DE_ERR_ARG, "NULL conf");
+    tu_assert_err(de_conf_set(c, NULL, "b"), DE_ERR_ARG, "NULL key");
+    tu_assert_err(de_conf_set(c, "event.source", NULL), DE_ERR_ARG,
+                  "NULL value");
+    ck_assert_ptr_null(de_conf_get(c, NULL));
+    de_conf_destroy(c);
+    de_conf_destroy(NULL);
+}
+END_TEST
+
+START_TEST(outbox_copies_its_configuration)
+{
+    /* The caller may destroy conf right after de_outbox_open. */
+    char *dir = tu_mkdtemp();
+    sqlite3 *db = tu_open(tu_path(dir, "s.db"));
+    de_conf *c = de_conf_new();
+    de_outbox *ob = NULL;
+    de_event ev = {0};
+    char payload[3000];
+
+    tu_ok(de_conf_set(c, "event.max.bytes", "2048"));
+    tu_ok(de_outbox_open(db, c, &ob));
+    tu_ok(de_conf_set(c, "event.max.bytes", "900000"));
+    de_conf_destroy(c);
+    memset(payload, ' ', sizeof payload - 1);
+    payload[0] = '{';
+    payload[sizeof payload - 2] = '}';
+    payload[sizeof payload - 1] = '\0';
+    ev.subject_type = "delivery";
+    ev.subject_id = "D-1";
+    ev.action = "created";
+    ev.payload = payload;
+    tu_exec(db, "BEGIN");
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_PAYLOAD,
+                  "event.max.bytes 2048");
+    tu_exec(db, "COMMIT");
+    de_outbox_close(ob);
+    sqlite3_close(db);
+    tu_rmdir(dir);
+}
+END_TEST
+
+START_TEST(error_names_and_version)
+{
+    ck_assert_str_eq(de_err_name(DE_OK), "DE_OK");
+    ck_assert_str_eq(de_err_name(DE_ERR_TIMEOUT), "DE_ERR_TIMEOUT");
+    ck_assert_str_eq(de_err_name((de_err)999), "DE_ERR_UNKNOWN");
+    ck_assert_int_eq(DE_ERR_ARG, 1);
+    ck_assert_int_eq(DE_ERR_TIMEOUT, 10);
+    char v[32];
+    snprintf(v, sizeof v, "%d.%d.%d", DE_VERSION_MAJOR, DE_VERSION_MINOR,
+             DE_VERSION_PATCH);
+    ck_assert_str_eq(de_version(), v);
+}
+END_TEST
+
+static Suite *conf_suite(void)
+{
+    Suite *s = suite_create("conf");
+    TCase *tc = tcase_create("conf");
+
+    tcase_add_test(tc, defaults_are_documented_values);
+    tcase_add_test(tc, library_keys_are_validated);
+    tcase_add_test(tc, other_keys_are_validated_by_librdkafka);
+    tcase_add_test(tc, null_arguments);
+    tcase_add_test(tc, outbox_copies_its_configuration);
+    tcase_add_test(tc, error_names_and_version);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return tu_run(conf_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
+}

@@ -1,0 +1,105 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * testutil.c -- scratch directories and SQLite helpers for the suites.
+ */
+#include "testutil.h"
+
+#include <ftw.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+char *tu_mkdtemp(void)
+{
+    const char *tmp = getenv("TMPDIR");
+    char *dir;
+
+    if (tmp == NULL || tmp[0] == '\0')
+        tmp = "/tmp";
+    if (asprintf(&dir, "%s/de-test-XXXXXX", tmp) < 0)
+        ck_abort_msg("out of memory");
+    if (mkdtemp(dir) == NULL)
+        ck_abort_msg("mkdtemp %s failed", dir);
+    return dir;
+}
+
+static int rm_entry(const char *path, const struct stat *sb, int flag,
+                    struct FTW *ftw)
+{
+    (void)sb;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+void tu_rmdir(char *dir)
+{
+    if (dir == NULL)
+        return;
+    nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+    free(dir);
+}
+
+const char *tu_path(const char *dir, const char *name)
+{
+    static char bufs[8][4096];
+    static int next;
+    char *b = bufs[next++ & 7];
+
+    snprintf(b, sizeof bufs[0], "%s/%s", dir, name);
+    return b;
+}
+
+sqlite3 *tu_open(const char *path)
+{
+    sqlite3 *db = NULL;
+    int rc = sqlite3_open(path, &db);
+
+    ck_assert_msg(rc == SQLITE_OK, "open %s: %s", path, sqlite3_errmsg(db));
+    return db;
+}
+
+void tu_exec(sqlite3 *db, const char *sql)
+{
+    char *err = NULL;
+
+    if (sqlite3_exec(db, sql, NULL, NULL, &err) != SQLITE_OK)
+        ck_abort_msg("SQL failed: %s: %s", sql, err ? err : "?");
+}
+
+int64_t tu_query_int(sqlite3 *db, const char *sql)
+{
+    sqlite3_stmt *st = NULL;
+    int64_t v;
+
+    ck_assert_msg(sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK,
+                  "prepare %s: %s", sql, sqlite3_errmsg(db));
+    ck_assert_msg(sqlite3_step(st) == SQLITE_ROW, "no row from %s: %s", sql,
+                  sqlite3_errmsg(db));
+    v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
+int tu_run(Suite *s)
+{
+    SRunner *sr = srunner_create(s);
+    int failed;
+
+    srunner_run_all(sr, CK_NORMAL);
+    failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed;
+}
+
+void tu_check_err(de_err got, de_err want, const char *substr, const char *expr,
+                  const char *file, int line)
+{
+    ck_assert_msg(got == want, "%s:%d: %s returned %s, expected %s: %s", file,
+                  line, expr, de_err_name(got), de_err_name(want), de_errmsg());
+    if (substr != NULL)
+        ck_assert_msg(strstr(de_errmsg(), substr) != NULL,
+                      "%s:%d: message of %s lacks '%s': %s", file, line, expr,
+                      substr, de_errmsg());
+}
