@@ -1,0 +1,338 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * delivery_service.c -- a small delivery service that announces what
+ * happens to its deliveries as domain events.
+ *
+ * It keeps its own tables (orders, riders, deliveries).  Every state change
+ * -- a delivery created for an order, assigned to a rider, picked up,
+ * delivered, sometimes canceled -- is one transaction that updates those
+ * tables and records the matching event with de_record, so the state and
+ * the events can never disagree.  The service knows nothing about who
+ * listens: notifications, ETA, statistics and the rest react to the events.
+ *
+ * Usage: delivery_service [--db PATH] [--deliveries N] [--seed S]
+ *
+ * Time is simulated (starting 2026-11-25T11:00:00Z, advancing a few seconds
+ * per step) so that runs are repeatable and the events carry realistic
+ * occurred-at times.
+ */
+#include <deliveryevents.h>
+#include <sqlite3.h>
+
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *const regions[] = {"gangnam", "jongno", "mapo", "songpa"};
+#define N_REGIONS 4
+#define N_RIDERS 12
+
+struct service {
+    sqlite3 *db;
+    de_outbox *ob;
+    int64_t clock_ms; /* the simulated wall clock */
+    unsigned rng;
+};
+
+enum status { CREATED, ASSIGNED, PICKED_UP, DELIVERED, CANCELED };
+
+static unsigned next_rand(struct service *s)
+{
+    s->rng = s->rng * 1103515245u + 12345u;
+    return (s->rng >> 16) & 0x7fff;
+}
+
+static int sql(sqlite3 *db, const char *q)
+{
+    char *err = NULL;
+
+    if (sqlite3_exec(db, q, NULL, NULL, &err) != SQLITE_OK) {
+        fprintf(stderr, "delivery_service: %s: %s\n", q, err ? err : "?");
+        sqlite3_free(err);
+        return -1;
+    }
+    return 0;
+}
+
+/* Runs a statement with text/integer parameters given as a format: 't'
+ * text, 'i' int64.  Returns SQLite's result of the step. */
+static int run(sqlite3 *db, const char *q, const char *fmt, ...)
+{
+    sqlite3_stmt *st = NULL;
+    va_list ap;
+    int rc;
+
+    if (sqlite3_prepare_v2(db, q, -1, &st, NULL) != SQLITE_OK) {
+        fprintf(stderr, "delivery_service: %s\n", sqlite3_errmsg(db));
+        return SQLITE_ERROR;
+    }
+    va_start(ap, fmt);
+    for (int i = 0; fmt[i]; i++) {
+        if (fmt[i] == 't')
+            sqlite3_bind_text(st, i + 1, va_arg(ap, const char *), -1,
+                              SQLITE_TRANSIENT);
+        else
+            sqlite3_bind_int64(st, i + 1, va_arg(ap, int64_t));
+    }
+    va_end(ap);
+    rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    return rc;
+}
+
+/*
+ * One state change: the domain update and its event in one transaction.
+ * BEGIN IMMEDIATE takes the write lock first, so the reads that check the
+ * current state cannot go stale before the write (no SQLITE_BUSY_SNAPSHOT).
+ */
+static int change(struct service *s, const char *delivery_id,
+                  const char *action, const char *payload,
+                  const char *update_sql, const char *update_fmt, ...)
+{
+    de_event ev = {0};
+    de_recorded rec;
+    sqlite3_stmt *st = NULL;
+    va_list ap;
+    int rc;
+
+    if (sql(s->db, "BEGIN IMMEDIATE") != 0)
+        return -1;
+    if (sqlite3_prepare_v2(s->db, update_sql, -1, &st, NULL) != SQLITE_OK)
+        goto fail;
+    va_start(ap, update_fmt);
+    for (int i = 0; update_fmt[i]; i++) {
+        if (update_fmt[i] == 't')
+            sqlite3_bind_text(st, i + 1, va_arg(ap, const char *), -1,
+                              SQLITE_TRANSIENT);
+        else
+            sqlite3_bind_int64(st, i + 1, va_arg(ap, int64_t));
+    }
+    va_end(ap);
+    rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE || sqlite3_changes(s->db) != 1)
+        goto fail;
+
+    ev.subject_type = "delivery";
+    ev.subject_id = delivery_id;
+    ev.action = action;
+    ev.payload = payload;
+    ev.occurred_at_ms = s->clock_ms;
+    if (de_record(s->ob, &ev, &rec) != DE_OK) {
+        fprintf(stderr, "delivery_service: %s\n", de_errmsg());
+        goto fail;
+    }
+    return sql(s->db, "COMMIT");
+fail:
+    fprintf(stderr, "delivery_service: %s %s failed: %s\n", delivery_id, action,
+            sqlite3_errmsg(s->db));
+    sql(s->db, "ROLLBACK");
+    return -1;
+}
+
+static int create_delivery(struct service *s, int n)
+{
+    char order[32], id[32], payload[256];
+    const char *region = regions[next_rand(s) % N_REGIONS];
+    int fee = 3000 + (int)(next_rand(s) % 5) * 500;
+
+    snprintf(order, sizeof order, "O-%05d", n);
+    snprintf(id, sizeof id, "D-%05d", n);
+    snprintf(payload, sizeof payload,
+             "{\"order_id\":\"%s\",\"region\":\"%s\",\"fee\":%d,"
+             "\"customer_id\":\"C-%03u\"}",
+             order, region, fee, next_rand(s) % 500);
+    if (run(s->db, "INSERT INTO orders(id, region, fee) VALUES (?1, ?2, ?3)",
+            "tti", order, region, (int64_t)fee) != SQLITE_DONE)
+        return -1;
+    return change(s, id, "created", payload,
+                  "INSERT INTO deliveries(id, order_id, region, status, "
+                  "updated_at) VALUES (?1, ?2, ?3, 'created', ?4)",
+                  "ttti", id, order, region, s->clock_ms);
+}
+
+static int assign(struct service *s, const char *id)
+{
+    char rider[16], payload[128];
+
+    snprintf(rider, sizeof rider, "R-%02u", next_rand(s) % N_RIDERS);
+    snprintf(payload, sizeof payload, "{\"rider_id\":\"%s\"}", rider);
+    return change(s, id, "assigned", payload,
+                  "UPDATE deliveries SET status = 'assigned', rider_id = ?2, "
+                  "updated_at = ?3 WHERE id = ?1 AND status = 'created'",
+                  "tti", id, rider, s->clock_ms);
+}
+
+static int pick_up(struct service *s, const char *id)
+{
+    return change(s, id, "picked_up", "{}",
+                  "UPDATE deliveries SET status = 'picked_up', "
+                  "updated_at = ?2 WHERE id = ?1 AND status = 'assigned'",
+                  "ti", id, s->clock_ms);
+}
+
+static int deliver(struct service *s, const char *id)
+{
+    return change(s, id, "delivered", "{}",
+                  "UPDATE deliveries SET status = 'delivered', "
+                  "updated_at = ?2 WHERE id = ?1 AND status = 'picked_up'",
+                  "ti", id, s->clock_ms);
+}
+
+static int cancel(struct service *s, const char *id, const char *reason)
+{
+    char payload[128];
+
+    snprintf(payload, sizeof payload, "{\"reason\":\"%s\"}", reason);
+    return change(s, id, "canceled", payload,
+                  "UPDATE deliveries SET status = 'canceled', "
+                  "updated_at = ?2 WHERE id = ?1 AND status IN "
+                  "('created', 'assigned')",
+                  "ti", id, s->clock_ms);
+}
+
+static int schema(sqlite3 *db)
+{
+    return sql(db, "CREATE TABLE IF NOT EXISTS orders("
+                   "  id TEXT PRIMARY KEY, region TEXT NOT NULL,"
+                   "  fee INTEGER NOT NULL);"
+                   "CREATE TABLE IF NOT EXISTS riders("
+                   "  id TEXT PRIMARY KEY, name TEXT NOT NULL);"
+                   "CREATE TABLE IF NOT EXISTS deliveries("
+                   "  id TEXT PRIMARY KEY, order_id TEXT NOT NULL"
+                   "    REFERENCES orders(id),"
+                   "  region TEXT NOT NULL, status TEXT NOT NULL,"
+                   "  rider_id TEXT REFERENCES riders(id),"
+                   "  updated_at INTEGER NOT NULL);"
+                   "INSERT OR IGNORE INTO riders "
+                   "  WITH RECURSIVE r(n) AS (SELECT 0 UNION ALL"
+                   "    SELECT n + 1 FROM r WHERE n < 11)"
+                   "  SELECT printf('R-%02d', n), printf('rider %d', n)"
+                   "  FROM r;");
+}
+
+static void usage(void)
+{
+    fprintf(stderr, "usage: delivery_service [--db PATH] [--deliveries N] "
+                    "[--seed S]\n");
+    exit(2);
+}
+
+int main(int argc, char **argv)
+{
+    const char *path = "delivery.db";
+    int n = 40, made = 0, open = 0;
+    struct service s = {0};
+    enum status *st;
+    sqlite3_stmt *q;
+
+    s.rng = 42;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--db") == 0 && i + 1 < argc)
+            path = argv[++i];
+        else if (strcmp(argv[i], "--deliveries") == 0 && i + 1 < argc)
+            n = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--seed") == 0 && i + 1 < argc)
+            s.rng = (unsigned)strtoul(argv[++i], NULL, 10);
+        else
+            usage();
+    }
+    if (n <= 0)
+        usage();
+    if (sqlite3_open(path, &s.db) != SQLITE_OK) {
+        fprintf(stderr, "delivery_service: cannot open %s: %s\n", path,
+                sqlite3_errmsg(s.db));
+        return 1;
+    }
+    if (schema(s.db) != 0)
+        return 1;
+    if (de_outbox_open(s.db, NULL, &s.ob) != DE_OK) {
+        fprintf(stderr, "delivery_service: %s\n", de_errmsg());
+        return 1;
+    }
+    st = calloc((size_t)n, sizeof *st);
+    if (st == NULL)
+        return 1;
+
+    /* Drive deliveries through their lives, interleaved as on a busy
+     * lunchtime: each step picks a delivery and moves it on. */
+    s.clock_ms = INT64_C(1795604400000); /* 2026-11-25T11:00:00Z */
+    while (made < n || open > 0) {
+        int k = (int)(next_rand(&s) % (unsigned)(made < n ? made + 1 : made));
+        char id[32];
+        int rc = 0;
+
+        s.clock_ms += 1000 + next_rand(&s) % 9000;
+        if (k == made && made < n) {
+            rc = create_delivery(&s, made);
+            st[made++] = CREATED;
+            open++;
+            if (rc != 0)
+                return 1;
+            continue;
+        }
+        snprintf(id, sizeof id, "D-%05d", k);
+        switch (st[k]) {
+        case CREATED:
+            if (next_rand(&s) % 10 == 0) {
+                rc = cancel(&s, id, "customer_request");
+                st[k] = CANCELED;
+                open--;
+            } else {
+                rc = assign(&s, id);
+                st[k] = ASSIGNED;
+            }
+            break;
+        case ASSIGNED:
+            if (next_rand(&s) % 20 == 0) {
+                rc = cancel(&s, id, "store_closed");
+                st[k] = CANCELED;
+                open--;
+            } else {
+                rc = pick_up(&s, id);
+                st[k] = PICKED_UP;
+            }
+            break;
+        case PICKED_UP:
+            rc = deliver(&s, id);
+            st[k] = DELIVERED;
+            open--;
+            break;
+        default: break;
+        }
+        if (rc != 0)
+            return 1;
+    }
+
+    printf("delivery_service: %d deliveries in %s; events recorded in the "
+           "outbox, by action:\n",
+           n, path);
+    sqlite3_prepare_v2(s.db,
+                       "SELECT action, count(*) FROM de_outbox "
+                       "GROUP BY action ORDER BY min(position)",
+                       -1, &q, NULL);
+    while (sqlite3_step(q) == SQLITE_ROW)
+        printf("  %-10s %5d\n", sqlite3_column_text(q, 0),
+               sqlite3_column_int(q, 1));
+    sqlite3_finalize(q);
+    printf("the first events, in commit order:\n");
+    sqlite3_prepare_v2(s.db,
+                       "SELECT position, subject_id, action, "
+                       "strftime('%H:%M:%S', occurred_at_ms / 1000, "
+                       "'unixepoch'), payload FROM de_outbox "
+                       "ORDER BY position LIMIT 8",
+                       -1, &q, NULL);
+    while (sqlite3_step(q) == SQLITE_ROW)
+        printf("  #%-4" PRId64 " %s %-9s %s %s\n",
+               (int64_t)sqlite3_column_int64(q, 0), sqlite3_column_text(q, 1),
+               sqlite3_column_text(q, 2), sqlite3_column_text(q, 3),
+               sqlite3_column_text(q, 4));
+    sqlite3_finalize(q);
+
+    free(st);
+    de_outbox_close(s.ob);
+    sqlite3_close(s.db);
+    return 0;
+}
