@@ -60,7 +60,10 @@ LIB_CFLAGS = $(DE_CFLAGS) -Ilib -fPIC -fvisibility=hidden
 LIB_SRCS := $(sort $(wildcard lib/*.c))
 LIB_OBJS := $(LIB_SRCS:lib/%.c=$(BUILD)/lib/%.o)
 
-TEST_UTIL_SRCS := $(sort $(wildcard tests/util/*.c))
+TEST_UTIL_SRCS := $(filter-out tests/util/tsan_c11.c,$(sort $(wildcard tests/util/*.c)))
+# ThreadSanitizer builds route librdkafka's C11 threads and locks through
+# pthreads so that TSan sees them (see tests/util/tsan_c11.c).
+SAN_EXTRA ?=
 TEST_SRCS  := $(sort $(wildcard tests/check_*.c))
 TEST_BINS  := $(TEST_SRCS:tests/%.c=$(BUILD)/tests/%)
 
@@ -74,7 +77,9 @@ BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
         check-install check-asan check-tsan demo bench examples install \
         uninstall clean format format-check
 
-all: $(SHLIB) $(STLIB) $(PCFILE)
+TOOL := $(BUILD)/deliveryevents
+
+all: $(SHLIB) $(STLIB) $(PCFILE) $(TOOL)
 
 # ---- dependencies ---------------------------------------------------------
 
@@ -99,7 +104,7 @@ $(BUILD)/.deps: | deps
 
 # ---- the library ----------------------------------------------------------
 
-$(BUILD)/lib/%.o: lib/%.c lib/internal.h $(HEADER) | $(BUILD)/.deps
+$(BUILD)/lib/%.o: lib/%.c lib/internal.h lib/relay_state.h $(HEADER) | $(BUILD)/.deps
 	@mkdir -p $(dir $@)
 	$(CC) $(LIB_CFLAGS) $(CFLAGS) -c -o $@ $<
 
@@ -141,6 +146,12 @@ $(BUILD)/bench/%: bench/%.c bench/bench.h $(STLIB) $(PCUNINST)
 	$(CC) $(USER_CFLAGS) -Iinclude $(CFLAGS) $(PKG_CFLAGS) $(LDFLAGS) -o $@ $< \
 	    $(STLIB) $(PKG_LIBS) -pthread -lm
 
+# The tool links the static library: it runs from the build tree and from
+# BINDIR alike, and sanitizer builds cover it too.
+$(TOOL): tools/deliveryevents.c $(STLIB)
+	$(CC) $(DE_CFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(SAN_EXTRA) $(STLIB) \
+	    $(PKG_LIBS) -pthread
+
 examples: $(EXAMPLE_BINS)
 
 # Programs built against the shared library find it in the build tree.
@@ -154,15 +165,15 @@ bench: $(BENCH_BINS)
 
 # ---- tests ---------------------------------------------------------------
 
-$(BUILD)/tests/%: tests/%.c $(TEST_UTIL_SRCS) tests/util/testutil.h $(STLIB)
+$(BUILD)/tests/%: tests/%.c $(TEST_UTIL_SRCS) $(wildcard tests/util/*.h) $(STLIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(DE_CFLAGS) -Ilib -Itests/util $(CHECK_CFLAGS) $(CFLAGS) \
-	    $(LDFLAGS) -o $@ $< $(TEST_UTIL_SRCS) $(STLIB) $(PKG_LIBS) \
-	    $(CHECK_LIBS) -pthread
+	    $(LDFLAGS) -o $@ $< $(TEST_UTIL_SRCS) $(SAN_EXTRA) $(STLIB) \
+	    $(PKG_LIBS) $(CHECK_LIBS) -pthread
 
-check-suites: $(TEST_BINS)
+check-suites: $(TEST_BINS) $(TOOL)
 	@fail=0; for t in $(TEST_BINS); do \
-	  echo "== $$t"; $$t || fail=1; \
+	  echo "== $$t"; DE_TOOL=$(abspath $(TOOL)) $$t || fail=1; \
 	done; exit $$fail
 
 # The public header compiles alone, as C11 and as C++, pedantically.
@@ -198,13 +209,16 @@ check-asan:
 	    check-suites
 
 check-tsan:
-	TSAN_OPTIONS="$${TSAN_OPTIONS:-halt_on_error=1 second_deadlock_stack=1}" \
-	$(MAKE) BUILD=build-tsan SAN="-fsanitize=thread" check-suites
+	TSAN_OPTIONS="$${TSAN_OPTIONS:-halt_on_error=1 second_deadlock_stack=1} suppressions=$(CURDIR)/tests/tsan.supp" \
+	$(MAKE) BUILD=build-tsan SAN="-fsanitize=thread" \
+	    SAN_EXTRA=tests/util/tsan_c11.c check-suites
 
 # ---- install -------------------------------------------------------------
 
 install: all
-	install -d $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR)
+	install -d $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR) \
+	    $(DESTDIR)$(BINDIR)
+	install -m 755 $(TOOL) $(DESTDIR)$(BINDIR)/deliveryevents
 	install -m 644 $(HEADER) $(DESTDIR)$(INCLUDEDIR)/deliveryevents.h
 	install -m 755 $(SHLIB) $(DESTDIR)$(LIBDIR)/
 	ln -sf $(notdir $(SHLIB)) $(DESTDIR)$(LIBDIR)/$(SONAME)
@@ -217,6 +231,7 @@ install: all
 	    > $(DESTDIR)$(LIBDIR)/pkgconfig/deliveryevents.pc
 
 uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/deliveryevents
 	rm -f $(DESTDIR)$(INCLUDEDIR)/deliveryevents.h
 	rm -f $(DESTDIR)$(LIBDIR)/$(notdir $(SHLIB))
 	rm -f $(DESTDIR)$(LIBDIR)/$(SONAME)

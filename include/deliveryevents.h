@@ -152,6 +152,40 @@ DE_EXTERN const char *de_conf_get(const de_conf *conf, const char *key);
  */
 DE_EXTERN void de_conf_destroy(de_conf *conf);
 
+/** Log levels, as syslog numbers them. */
+typedef enum {
+    DE_LOG_ERR = 3,     /* something failed and needs an operator      */
+    DE_LOG_WARNING = 4, /* something failed and is being retried       */
+    DE_LOG_NOTICE = 5,  /* a notable change: lease taken, restart done */
+    DE_LOG_INFO = 6     /* routine progress                            */
+} de_log_level;
+
+/**
+ * Receives the library's log lines (and librdkafka's, prefixed
+ * "librdkafka: ").
+ *
+ * @param ctx      the pointer given to de_conf_set_log_cb().
+ * @param level    a de_log_level (librdkafka's debug lines arrive as 7).
+ * @param message  one line without a trailing newline; borrowed for the
+ *                 call.
+ *
+ * Called on the thread that runs the component logging: the relay's own
+ * thread, or the thread calling de_consumer_poll().  It must not call back
+ * into the handle that logs.
+ */
+typedef void (*de_log_fn)(void *ctx, int level, const char *message);
+
+/**
+ * Sends log lines to fn instead of the default, which writes lines of
+ * level DE_LOG_WARNING and worse to stderr prefixed "deliveryevents: ".
+ * Handles copy the callback with the rest of the configuration.
+ *
+ * @param conf  the configuration; required (NULL is a no-op).
+ * @param fn    the callback; NULL restores the default.
+ * @param ctx   passed to fn as is; may be NULL.
+ */
+DE_EXTERN void de_conf_set_log_cb(de_conf *conf, de_log_fn fn, void *ctx);
+
 /* --------------------------------------------------------------------- */
 /* Outbox                                                                 */
 /* --------------------------------------------------------------------- */
@@ -258,6 +292,135 @@ typedef struct de_recorded {
  *         DE_ERR_NOMEM.
  */
 DE_EXTERN de_err de_record(de_outbox *ob, const de_event *ev, de_recorded *out);
+
+/* --------------------------------------------------------------------- */
+/* Relay                                                                  */
+/* --------------------------------------------------------------------- */
+
+/**
+ * The relay: a thread with its own SQLite connection and its own
+ * idempotent librdkafka producer that publishes the outbox to Kafka in
+ * commit order, per subject, assigning each subject's events the sequence
+ * numbers 1, 2, 3, ... (ce_subjectseq) as it goes.
+ *
+ * One relay at a time publishes a database: relays hold a lease in the
+ * relay's state file (relay.state.path); any other relay, in this process
+ * or another, waits as a standby and takes over within
+ * relay.lease.timeout.ms after the holder dies or stops.
+ *
+ * All relay functions may be called from any thread; de_relay_stop() must
+ * not run concurrently with another call on the same relay.
+ */
+typedef struct de_relay de_relay;
+
+/**
+ * Starts a relay for an outbox in this process.  The relay opens its own
+ * connection to ob's database file and is woken by the host's commits that
+ * recorded events (no polling delay), and it takes over the connection's
+ * WAL checkpoints so that the host's commits do not pay for them.
+ *
+ * Call it where ob is used (ob's connection must not be in use by another
+ * thread during the call).  ob may be closed before the relay stops; the
+ * relay then notices new commits within relay.poll.interval.ms.
+ *
+ * @param ob    the outbox; required.
+ * @param conf  the relay's configuration, or NULL.  Keys set on ob's
+ *              configuration (event.source, topic.template, ...) apply
+ *              unless conf sets them too.  bootstrap.servers is required
+ *              in one of the two.  Copied.
+ * @param out   receives the relay; set to NULL on failure.
+ * @return DE_OK; DE_ERR_ARG; DE_ERR_CONFIG (no bootstrap.servers, a
+ *         property the relay must own such as enable.idempotence, or one
+ *         librdkafka refuses); DE_ERR_STATE (the relay's state belongs to
+ *         another database, or was lost after the outbox had been
+ *         relayed); DE_ERR_DB; DE_ERR_KAFKA; DE_ERR_NOMEM.
+ */
+DE_EXTERN de_err de_relay_start(de_outbox *ob, const de_conf *conf,
+                                de_relay **out);
+
+/**
+ * Starts a relay for a database file that other processes write, e.g. as
+ * a sidecar process.  Their commits are noticed within
+ * relay.poll.interval.ms by a cheap check (PRAGMA data_version).  Creates
+ * the outbox tables if the database has none yet.
+ *
+ * @param db_path  the database file; required; must exist.
+ * @param conf     as for de_relay_start(); copied.
+ * @param out      receives the relay; set to NULL on failure.
+ * @return as de_relay_start().
+ */
+DE_EXTERN de_err de_relay_start_path(const char *db_path, const de_conf *conf,
+                                     de_relay **out);
+
+/**
+ * Waits until every event committed before the call is acknowledged by
+ * Kafka (by this relay, or by the active relay when this one is a
+ * standby).
+ *
+ * @param r           the relay; required.
+ * @param timeout_ms  how long to wait; negative waits without limit.
+ * @return DE_OK; DE_ERR_TIMEOUT when time ran out (the events stay in the
+ *         outbox and will be published); DE_ERR_STATE when the relay's
+ *         thread has stopped after a failure (see de_errmsg()).
+ */
+DE_EXTERN de_err de_relay_flush(de_relay *r, int timeout_ms);
+
+/**
+ * Flushes for up to timeout_ms, then stops the relay, releases its lease
+ * (so that a standby takes over at once) and frees it.  Whatever was not
+ * acknowledged in time stays in the outbox for the next relay: stopping
+ * never loses an event, and duplicates at most the events in flight.
+ *
+ * @param r           the relay; NULL is a no-op returning DE_OK.  Freed in
+ *                    every case.
+ * @param timeout_ms  how long to flush; 0 stops at once; negative waits
+ *                    without limit.
+ * @return DE_OK when everything committed before the call was published;
+ *         DE_ERR_TIMEOUT otherwise.
+ */
+DE_EXTERN de_err de_relay_stop(de_relay *r, int timeout_ms);
+
+/**
+ * A snapshot of a relay's counters; fields are only ever added at the end.
+ */
+typedef struct de_relay_stats {
+    uint64_t published;         /* events acknowledged by Kafka             */
+    uint64_t pending;           /* committed, not yet acknowledged          */
+    int64_t lag_ms;             /* age of the oldest pending event          */
+    uint64_t producer_restarts; /* producers replaced after a fatal error   */
+    int active;                 /* 1 while this relay holds the lease       */
+    int64_t position;           /* every event up to here is published or
+                                   held back (see blocked_subjects)         */
+    uint64_t blocked_subjects;  /* subjects waiting behind a failed event   */
+    uint64_t held_back;         /* their events, waiting in order           */
+    uint64_t deleted;           /* published rows removed from the outbox   */
+    uint64_t read;              /* rows read from the outbox (with resends) */
+    int64_t last_error_ms;      /* when last_error was set; 0 = never       */
+    char last_error[256];       /* the last publishing error, e.g.
+                                   "delivery D-7 (delivery.events): Broker:
+                                   Topic authorization failed"             */
+} de_relay_stats;
+
+/**
+ * Fills *out with the relay's counters as of now.
+ *
+ * @param r    the relay; required.
+ * @param out  receives the snapshot; required.
+ * @return DE_OK or DE_ERR_ARG.
+ */
+DE_EXTERN de_err de_relay_stats_get(de_relay *r, de_relay_stats *out);
+
+/**
+ * Retries every blocked subject now instead of at the next
+ * relay.blocked.retry.ms.  A subject is blocked when Kafka refused one of
+ * its events permanently (for instance, no authorization on its topic);
+ * its later events wait behind that one, in order, while other subjects
+ * keep flowing.  Fix the cause, then call this (or wait).
+ *
+ * @param r  the relay; required.
+ * @return DE_OK or DE_ERR_ARG.
+ */
+DE_EXTERN de_err de_relay_retry_blocked(de_relay *r);
 
 #ifdef __cplusplus
 }

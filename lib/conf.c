@@ -15,6 +15,7 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -45,6 +46,21 @@ static const struct keydef {
                                    INT64_C(315360000000), NULL},
     [DE__K_OUTBOX_BUSY_TIMEOUT_MS] = {"outbox.busy.timeout.ms", "5000", T_INT,
                                       0, INT32_MAX, NULL},
+    [DE__K_RELAY_STATE_PATH] = {"relay.state.path", "", T_STR, 0, 0, NULL},
+    [DE__K_RELAY_BATCH_SIZE] = {"relay.batch.size", "1000", T_INT, 1, 100000,
+                                NULL},
+    [DE__K_RELAY_MAX_INFLIGHT] = {"relay.max.inflight", "20000", T_INT, 1,
+                                  1000000, NULL},
+    [DE__K_RELAY_POLL_INTERVAL_MS] = {"relay.poll.interval.ms", "50", T_INT, 1,
+                                      600000, NULL},
+    [DE__K_RELAY_CHECKPOINT_INTERVAL_MS] = {"relay.checkpoint.interval.ms",
+                                            "200", T_INT, 1, 600000, NULL},
+    [DE__K_RELAY_LEASE_TIMEOUT_MS] = {"relay.lease.timeout.ms", "5000", T_INT,
+                                      300, 3600000, NULL},
+    [DE__K_RELAY_BLOCKED_RETRY_MS] = {"relay.blocked.retry.ms", "60000", T_INT,
+                                      10, 86400000, NULL},
+    [DE__K_RELAY_CLEANUP_INTERVAL_MS] = {"relay.cleanup.interval.ms", "1000",
+                                         T_INT, 10, 86400000, NULL},
 };
 
 struct rk_prop {
@@ -58,6 +74,8 @@ struct de_conf {
     struct rk_prop *rk; /* librdkafka properties in the order set */
     size_t nrk, caprk;
     rd_kafka_conf_t *probe; /* validates librdkafka properties */
+    de_log_fn log_fn;
+    void *log_ctx;
 };
 
 static int find_key(const char *name)
@@ -357,21 +375,63 @@ de_err de__conf_apply_rdkafka(const de_conf *conf, rd_kafka_conf_t *rkconf)
     return DE_OK;
 }
 
+de_err de__conf_merge(de_conf *dst, const de_conf *src)
+{
+    de_err err;
+
+    if (src == NULL)
+        return DE_OK;
+    for (int k = 0; k < DE__K_COUNT; k++)
+        if (src->val[k] &&
+            (err = de_conf_set(dst, keys[k].name, src->val[k])) != DE_OK)
+            return err;
+    for (size_t i = 0; i < src->nrk; i++)
+        if ((err = de_conf_set(dst, src->rk[i].key, src->rk[i].value)) != DE_OK)
+            return err;
+    if (src->log_fn != NULL) {
+        dst->log_fn = src->log_fn;
+        dst->log_ctx = src->log_ctx;
+    }
+    return DE_OK;
+}
+
 de_conf *de__conf_dup(const de_conf *conf)
 {
     de_conf *c = de_conf_new();
 
-    if (c == NULL || conf == NULL)
-        return c;
-    for (int k = 0; k < DE__K_COUNT; k++) {
-        if (conf->val[k] && de_conf_set(c, keys[k].name, conf->val[k]))
-            goto fail;
+    if (c != NULL && de__conf_merge(c, conf) != DE_OK) {
+        de_conf_destroy(c);
+        return NULL;
     }
-    for (size_t i = 0; i < conf->nrk; i++)
-        if (de_conf_set(c, conf->rk[i].key, conf->rk[i].value) != DE_OK)
-            goto fail;
     return c;
-fail:
-    de_conf_destroy(c);
-    return NULL;
+}
+
+void de_conf_set_log_cb(de_conf *conf, de_log_fn fn, void *ctx)
+{
+    if (conf == NULL)
+        return;
+    conf->log_fn = fn;
+    conf->log_ctx = fn ? ctx : NULL;
+}
+
+void de__vlog(const de_conf *conf, int level, const char *fmt, va_list ap)
+{
+    char line[1024];
+
+    if ((conf == NULL || conf->log_fn == NULL) && level > DE_LOG_WARNING)
+        return;
+    vsnprintf(line, sizeof line, fmt, ap);
+    if (conf != NULL && conf->log_fn != NULL)
+        conf->log_fn(conf->log_ctx, level, line);
+    else
+        fprintf(stderr, "deliveryevents: %s\n", line);
+}
+
+void de__log(const de_conf *conf, int level, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    de__vlog(conf, level, fmt, ap);
+    va_end(ap);
 }

@@ -11,6 +11,7 @@
  */
 #include "internal.h"
 
+#include <stdio.h>
 #include <string.h>
 
 /* A record batch's fixed header (Kafka message format v2). */
@@ -51,4 +52,75 @@ size_t de__record_max_size(size_t subject_type_len, size_t subject_id_len,
     if (tracestate_len)
         n += header(DE__H_TRACESTATE, tracestate_len);
     return n;
+}
+
+void de__envelope_type(char *buf, size_t size, const char *prefix,
+                       const char *subject_type, const char *action,
+                       int version)
+{
+    if (version > 0)
+        snprintf(buf, size, "%s%s.%s.v%d", prefix, subject_type, action,
+                 version);
+    else
+        snprintf(buf, size, "%s%s.%s", prefix, subject_type, action);
+}
+
+void de__topic_name(char *buf, size_t size, const char *template_,
+                    const char *subject_type)
+{
+    static const char ph[] = "{subject_type}";
+    size_t o = 0;
+
+    for (const char *p = template_; *p && o + 1 < size;) {
+        if (strncmp(p, ph, sizeof ph - 1) == 0) {
+            size_t n = strlen(subject_type);
+            if (o + n >= size)
+                break;
+            memcpy(buf + o, subject_type, n);
+            o += n;
+            p += sizeof ph - 1;
+        } else {
+            buf[o++] = *p++;
+        }
+    }
+    buf[o] = '\0';
+}
+
+static rd_kafka_resp_err_t add(rd_kafka_headers_t *h, const char *name,
+                               const char *value, ssize_t len)
+{
+    return rd_kafka_header_add(h, name, -1, value, len);
+}
+
+rd_kafka_headers_t *de__envelope_headers(const de__row *row, int64_t seq,
+                                         const char *source,
+                                         const char *type_prefix)
+{
+    rd_kafka_headers_t *h = rd_kafka_headers_new(14);
+    char type[DE__TYPE_PREFIX_MAX + 2 * DE__IDENT_MAX + 16];
+    char time[DE__RFC3339_LEN + 1], seqbuf[24];
+    ssize_t sid_len = (ssize_t)row->subject_id_len;
+
+    if (h == NULL)
+        return NULL;
+    de__envelope_type(type, sizeof type, type_prefix, row->subject_type,
+                      row->action, row->version);
+    de__rfc3339_ms(row->occurred_at_ms, time);
+    snprintf(seqbuf, sizeof seqbuf, "%lld", (long long)seq);
+    if (add(h, DE__H_SPECVERSION, "1.0", 3) ||
+        add(h, DE__H_ID, row->event_id, -1) ||
+        add(h, DE__H_SOURCE, source, -1) || add(h, DE__H_TYPE, type, -1) ||
+        add(h, DE__H_SUBJECT, row->subject_id, sid_len) ||
+        add(h, DE__H_TIME, time, DE__RFC3339_LEN) ||
+        add(h, DE__H_CONTENT_TYPE, "application/json", 16) ||
+        add(h, DE__H_PARTITIONKEY, row->subject_id, sid_len) ||
+        add(h, DE__H_SUBJECTSEQ, seqbuf, -1) ||
+        add(h, DE__H_SUBJECTTYPE, row->subject_type, -1) ||
+        add(h, DE__H_ACTION, row->action, -1) ||
+        (row->traceparent && add(h, DE__H_TRACEPARENT, row->traceparent, -1)) ||
+        (row->tracestate && add(h, DE__H_TRACESTATE, row->tracestate, -1))) {
+        rd_kafka_headers_destroy(h);
+        return NULL;
+    }
+    return h;
 }

@@ -47,6 +47,14 @@ typedef enum {
     DE__K_EVENT_MAX_BYTES,
     DE__K_OUTBOX_RETENTION_MS,
     DE__K_OUTBOX_BUSY_TIMEOUT_MS,
+    DE__K_RELAY_STATE_PATH,
+    DE__K_RELAY_BATCH_SIZE,
+    DE__K_RELAY_MAX_INFLIGHT,
+    DE__K_RELAY_POLL_INTERVAL_MS,
+    DE__K_RELAY_CHECKPOINT_INTERVAL_MS,
+    DE__K_RELAY_LEASE_TIMEOUT_MS,
+    DE__K_RELAY_BLOCKED_RETRY_MS,
+    DE__K_RELAY_CLEANUP_INTERVAL_MS,
     DE__K_COUNT
 } de__key;
 
@@ -70,6 +78,16 @@ bool de__conf_rdkafka_get(const de_conf *conf, const char *key,
 
 /* A deep copy of conf (conf may be NULL: a new default configuration). */
 de_conf *de__conf_dup(const de_conf *conf);
+
+/* Sets on dst everything set on src (library keys, librdkafka properties,
+ * the log callback).  DE_OK or the failure of de_conf_set. */
+de_err de__conf_merge(de_conf *dst, const de_conf *src);
+
+/* Logs through conf's callback, or to stderr (WARNING and worse). */
+void de__log(const de_conf *conf, int level, const char *fmt, ...)
+    DE__PRINTF(3, 4);
+void de__vlog(const de_conf *conf, int level, const char *fmt, va_list ap)
+    DE__PRINTF(3, 0);
 
 /* ---- time and ids (ids.c) ------------------------------------------- */
 
@@ -135,6 +153,40 @@ size_t de__record_max_size(size_t subject_type_len, size_t subject_id_len,
                            size_t traceparent_len, size_t tracestate_len,
                            size_t dataschema_len);
 
+/* One outbox row as the relay reads it; strings borrowed from the
+ * statement until its next step. */
+typedef struct de__row {
+    int64_t position;
+    const char *event_id;
+    const char *subject_type;
+    const char *subject_id;
+    size_t subject_id_len;
+    const char *action;
+    int version;
+    int64_t occurred_at_ms;
+    int64_t recorded_at_ms;
+    const char *payload;
+    size_t payload_len;
+    const char *traceparent; /* NULL when absent */
+    const char *tracestate;  /* NULL when absent */
+} de__row;
+
+/* The CloudEvents headers of a row's record (DESIGN.md section 4).  NULL
+ * when out of memory.  The caller owns the result until it hands it to
+ * rd_kafka_producev successfully. */
+rd_kafka_headers_t *de__envelope_headers(const de__row *row, int64_t seq,
+                                         const char *source,
+                                         const char *type_prefix);
+
+/* "<prefix><subject_type>.<action>[.v<version>]" into buf. */
+void de__envelope_type(char *buf, size_t size, const char *prefix,
+                       const char *subject_type, const char *action,
+                       int version);
+
+/* topic.template with {subject_type} substituted, into buf. */
+void de__topic_name(char *buf, size_t size, const char *template_,
+                    const char *subject_type);
+
 /* ---- SQLite helpers (schema.c) -------------------------------------- */
 
 /* Runs SQL without results; DE_ERR_DB with the message set on failure. */
@@ -146,5 +198,30 @@ de_err de__exec(sqlite3 *db, const char *sql);
 /* Creates or migrates the outbox tables in db's main database inside one
  * IMMEDIATE transaction.  DE_ERR_STATE if the stored version is newer. */
 de_err de__outbox_schema_ensure(sqlite3 *db);
+
+/* Creates the outbox_id row (a UUIDv7 naming this outbox) if missing. */
+de_err de__outbox_identity(sqlite3 *db, char out[37]);
+
+/* ---- outbox internals the relay uses (outbox.c) ---------------------- */
+
+sqlite3 *de__outbox_db(const de_outbox *ob);
+const de_conf *de__outbox_conf(const de_outbox *ob);
+
+/*
+ * The link through which an outbox wakes an in-process relay when a
+ * transaction that recorded events commits (from the connection's WAL
+ * hook, on the host's thread), and hands it the checkpointing: while a
+ * relay is linked, the WAL hook only counts pages and the relay runs the
+ * checkpoint on its own connection, off the host's commit path.  Either
+ * side may go first; the link is freed when both have let go.
+ */
+typedef struct de__link de__link;
+de__link *de__link_new(int wake_fd);
+/* The relay lets go; no wake-up is written to its fd afterwards. */
+void de__link_release(de__link *l);
+/* WAL pages reported by the last commit, and whether a checkpoint is
+ * due (the host's wal_autocheckpoint threshold, read at open). */
+bool de__link_checkpoint_due(de__link *l);
+void de__outbox_link(de_outbox *ob, de__link *l);
 
 #endif /* DE_INTERNAL_H */

@@ -16,14 +16,28 @@
 #include "internal.h"
 
 #include <jansson.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+
+struct de__link {
+    pthread_mutex_t mu;
+    int wake_fd; /* the relay's eventfd; -1 once it let go */
+    int refs;    /* the relay's, and one per outbox holding it */
+    atomic_bool ckpt_due;
+    struct de__link *next; /* in the outbox's list */
+};
 
 struct de_outbox {
     sqlite3 *db;
     de_conf *conf;
     sqlite3_stmt *insert;
     int64_t max_bytes;
+    int ckpt_threshold; /* the host's wal_autocheckpoint, in pages */
+    bool recorded;      /* de_record ran since the last commit */
+    de__link *links;    /* in-process relays to wake */
 };
 
 static const char insert_sql[] =
@@ -57,26 +71,131 @@ done:
     return err;
 }
 
+/* The first column of a one-row PRAGMA; 0 if it has none. */
+static int64_t query_int(sqlite3 *db, const char *sql)
+{
+    sqlite3_stmt *st = NULL;
+    int64_t v = 0;
+
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW)
+        v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
 /* A connection without a busy timeout fails with SQLITE_BUSY the moment
  * the relay writes (deleting published rows); give it one unless the host
  * chose its own.  PRAGMA busy_timeout reads 0 both for "none" and for a
  * custom busy handler, which this would replace: see docs/OVERVIEW.md. */
-static de_err ensure_busy_timeout(sqlite3 *db, int64_t ms)
+static void ensure_busy_timeout(sqlite3 *db, int64_t ms)
 {
-    sqlite3_stmt *st = NULL;
-    int64_t current = 0;
-
-    if (ms <= 0)
-        return DE_OK;
-    if (sqlite3_prepare_v2(db, "PRAGMA busy_timeout", -1, &st, NULL) !=
-        SQLITE_OK)
-        return de__fail_db(db, "cannot read the busy timeout");
-    if (sqlite3_step(st) == SQLITE_ROW)
-        current = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
-    if (current == 0)
+    if (ms > 0 && query_int(db, "PRAGMA busy_timeout") == 0)
         sqlite3_busy_timeout(db, (int)ms);
-    return DE_OK;
+}
+
+de__link *de__link_new(int wake_fd)
+{
+    de__link *l = calloc(1, sizeof *l);
+
+    if (l == NULL)
+        return NULL;
+    pthread_mutex_init(&l->mu, NULL);
+    l->wake_fd = wake_fd;
+    l->refs = 1;
+    return l;
+}
+
+static void link_unref(de__link *l)
+{
+    int refs;
+
+    pthread_mutex_lock(&l->mu);
+    refs = --l->refs;
+    pthread_mutex_unlock(&l->mu);
+    if (refs == 0) {
+        pthread_mutex_destroy(&l->mu);
+        free(l);
+    }
+}
+
+void de__link_release(de__link *l)
+{
+    if (l == NULL)
+        return;
+    pthread_mutex_lock(&l->mu);
+    l->wake_fd = -1;
+    pthread_mutex_unlock(&l->mu);
+    link_unref(l);
+}
+
+bool de__link_checkpoint_due(de__link *l)
+{
+    return l != NULL && atomic_exchange(&l->ckpt_due, false);
+}
+
+void de__outbox_link(de_outbox *ob, de__link *l)
+{
+    pthread_mutex_lock(&l->mu);
+    l->refs++;
+    pthread_mutex_unlock(&l->mu);
+    l->next = ob->links;
+    ob->links = l;
+}
+
+sqlite3 *de__outbox_db(const de_outbox *ob)
+{
+    return ob->db;
+}
+
+const de_conf *de__outbox_conf(const de_outbox *ob)
+{
+    return ob->conf;
+}
+
+/*
+ * Runs on the host's thread after every commit on its connection (SQLite's
+ * WAL hook).  A commit that recorded events wakes the linked relays at
+ * once: no polling delay between commit and publish.  Taking the hook
+ * replaces SQLite's auto-checkpoint, so this does its job: with a relay
+ * linked, the relay checkpoints on its own connection; without one, the
+ * hook checkpoints here exactly as SQLite's default hook would.
+ */
+static int wal_hook(void *arg, sqlite3 *db, const char *name, int pages)
+{
+    de_outbox *ob = arg;
+    bool recorded = ob->recorded, handled = false;
+    bool due = ob->ckpt_threshold > 0 && pages >= ob->ckpt_threshold;
+    de__link **pp = &ob->links;
+    static const uint64_t one = 1;
+
+    if (strcmp(name, "main") != 0) {
+        if (due)
+            sqlite3_wal_checkpoint(db, name);
+        return SQLITE_OK;
+    }
+    ob->recorded = false;
+    while (*pp != NULL) {
+        de__link *l = *pp;
+        pthread_mutex_lock(&l->mu);
+        if (l->wake_fd < 0) {
+            /* The relay stopped: drop the link. */
+            pthread_mutex_unlock(&l->mu);
+            *pp = l->next;
+            link_unref(l);
+            continue;
+        }
+        if (due)
+            atomic_store(&l->ckpt_due, true);
+        if (recorded || due)
+            (void)!write(l->wake_fd, &one, sizeof one);
+        handled = true;
+        pthread_mutex_unlock(&l->mu);
+        pp = &l->next;
+    }
+    if (!handled && due)
+        sqlite3_wal_checkpoint(db, name);
+    return SQLITE_OK;
 }
 
 de_err de_outbox_open(sqlite3 *db, const de_conf *conf, de_outbox **out)
@@ -122,17 +241,17 @@ de_err de_outbox_open(sqlite3 *db, const de_conf *conf, de_outbox **out)
     ob->max_bytes = de__conf_int(ob->conf, DE__K_EVENT_MAX_BYTES);
     if ((err = set_wal(db)) != DE_OK)
         goto fail;
-    err = ensure_busy_timeout(
-        db, de__conf_int(ob->conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS));
-    if (err != DE_OK)
-        goto fail;
+    ensure_busy_timeout(db,
+                        de__conf_int(ob->conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS));
     if ((err = de__outbox_schema_ensure(db)) != DE_OK)
         goto fail;
+    ob->ckpt_threshold = (int)query_int(db, "PRAGMA wal_autocheckpoint");
     if (sqlite3_prepare_v3(db, insert_sql, -1, SQLITE_PREPARE_PERSISTENT,
                            &ob->insert, NULL) != SQLITE_OK) {
         err = de__fail_db(db, "cannot prepare the outbox insert");
         goto fail;
     }
+    sqlite3_wal_hook(db, wal_hook, ob);
     *out = ob;
     return DE_OK;
 fail:
@@ -144,6 +263,15 @@ void de_outbox_close(de_outbox *ob)
 {
     if (ob == NULL)
         return;
+    if (ob->insert != NULL) {
+        /* Give the connection SQLite's own auto-checkpoint back. */
+        sqlite3_wal_autocheckpoint(ob->db, ob->ckpt_threshold);
+    }
+    while (ob->links != NULL) {
+        de__link *l = ob->links;
+        ob->links = l->next;
+        link_unref(l);
+    }
     sqlite3_finalize(ob->insert);
     de_conf_destroy(ob->conf);
     free(ob);
@@ -327,6 +455,7 @@ de_err de_record(de_outbox *ob, const de_event *ev, de_recorded *out)
     }
     sqlite3_reset(st);
     sqlite3_clear_bindings(st);
+    ob->recorded = true;
     if (out != NULL) {
         memcpy(out->event_id, event_id, sizeof out->event_id);
         out->position = sqlite3_last_insert_rowid(ob->db);

@@ -13,6 +13,7 @@
 #include "internal.h"
 
 #include <stdio.h>
+#include <string.h>
 
 static const char *const migrations[DE__OUTBOX_SCHEMA_VERSION] = {
     /* 0 -> 1: the outbox.  position is the rowid: assigned max+1 under the
@@ -94,6 +95,53 @@ static de_err check_not_newer(sqlite3 *db, int64_t version)
     return DE_OK;
 }
 
+/* Every outbox gets an id of its own when it is created, so that a relay
+ * can tell its bookkeeping belongs to this database and not to a copy or a
+ * predecessor. */
+static de_err ensure_identity(sqlite3 *db)
+{
+    sqlite3_stmt *st = NULL;
+    char id[37];
+    int rc;
+
+    de__uuid7(id);
+    rc = sqlite3_prepare_v2(db,
+                            "INSERT OR IGNORE INTO main.de_meta(key, value) "
+                            "VALUES ('outbox_id', ?1)",
+                            -1, &st, NULL);
+    if (rc == SQLITE_OK) {
+        sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        rc = sqlite3_step(st);
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE)
+        return de__fail_db(db, "cannot store the outbox id");
+    return DE_OK;
+}
+
+de_err de__outbox_identity(sqlite3 *db, char out[37])
+{
+    sqlite3_stmt *st = NULL;
+    de_err err = DE_OK;
+    const unsigned char *v;
+
+    if (sqlite3_prepare_v2(db,
+                           "SELECT value FROM main.de_meta "
+                           "WHERE key = 'outbox_id'",
+                           -1, &st, NULL) != SQLITE_OK)
+        return de__fail_db(db, "cannot read the outbox id");
+    if (sqlite3_step(st) == SQLITE_ROW &&
+        (v = sqlite3_column_text(st, 0)) != NULL &&
+        strlen((const char *)v) < 37) {
+        memcpy(out, v, strlen((const char *)v) + 1);
+    } else {
+        err = de__fail(DE_ERR_STATE, "database '%s' has no outbox id",
+                       sqlite3_db_filename(db, "main"));
+    }
+    sqlite3_finalize(st);
+    return err;
+}
+
 de_err de__outbox_schema_ensure(sqlite3 *db)
 {
     char sql[128];
@@ -130,6 +178,8 @@ de_err de__outbox_schema_ensure(sqlite3 *db)
             goto fail;
         }
     }
+    if ((err = ensure_identity(db)) != DE_OK)
+        goto fail;
     snprintf(sql, sizeof sql,
              "INSERT OR REPLACE INTO main.de_meta(key, value) "
              "VALUES ('schema_version', %d)",

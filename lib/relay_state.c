@@ -1,0 +1,516 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * relay_state.c -- the relay's bookkeeping, in a SQLite file of its own
+ * next to the database (relay.state.path, default "<database>-relay").
+ *
+ * It holds the relay's durable cursor (every outbox row at or below it is
+ * published or held back), the per-subject sequence counters as of that
+ * cursor, the events held back behind blocked subjects, and the lease that
+ * lets one relay at a time publish.  None of it needs atomicity with the
+ * host's transactions -- only the outbox rows do -- so keeping it in its
+ * own file means the relay's frequent small writes never queue behind the
+ * host's write lock, nor the host's behind them.
+ *
+ * Invariants:
+ *  - cursor and counters are written in one transaction, and that
+ *    transaction also checks the lease: a relay that lost the lease cannot
+ *    move the cursor;
+ *  - the counters describe exactly the rows at or below the cursor, so a
+ *    relay that restarts from the cursor assigns every later event the
+ *    same sequence number as before (replay is deterministic);
+ *  - the state names the outbox it belongs to (the outbox's id), and a
+ *    state file that is missing or older than the outbox's deletions is
+ *    refused rather than guessed at: restarting numbering from scratch
+ *    would make consumers drop real events as duplicates.
+ */
+#include "relay_state.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define STATE_SCHEMA_VERSION 1
+
+enum {
+    S_LEASE_GET,
+    S_LEASE_PUT,
+    S_LEASE_BEAT,
+    S_LEASE_RELEASE,
+    S_CURSOR_PUT,
+    S_SEQ_GET,
+    S_SEQ_PUT,
+    S_PARK,
+    S_UNPARK,
+    S_PARKED_SUBJECTS,
+    S_PARKED_ROWS,
+    S_PARKED_MIN,
+    S_BEGIN,
+    S_COMMIT,
+    S_ROLLBACK,
+    S_COUNT
+};
+
+static const char *const sql[S_COUNT] = {
+    [S_LEASE_GET] = "SELECT owner, heartbeat_ms, pid, host FROM de_relay_lease "
+                    "WHERE id = 1",
+    [S_LEASE_PUT] = "INSERT OR REPLACE INTO de_relay_lease(id, owner, pid, "
+                    "host, acquired_ms, heartbeat_ms) VALUES (1, ?1, ?2, ?3, "
+                    "?4, ?4)",
+    [S_LEASE_BEAT] = "UPDATE de_relay_lease SET heartbeat_ms = ?2 "
+                     "WHERE id = 1 AND owner = ?1",
+    [S_LEASE_RELEASE] = "UPDATE de_relay_lease SET heartbeat_ms = 0 "
+                        "WHERE id = 1 AND owner = ?1",
+    [S_CURSOR_PUT] = "INSERT OR REPLACE INTO de_relay_meta(key, value) "
+                     "VALUES ('cursor', ?1)",
+    [S_SEQ_GET] = "SELECT seq FROM de_relay_seq WHERE subject_type = ?1 AND "
+                  "subject_id = ?2",
+    [S_SEQ_PUT] = "INSERT INTO de_relay_seq(subject_type, subject_id, seq) "
+                  "VALUES (?1, ?2, ?3) ON CONFLICT(subject_type, subject_id) "
+                  "DO UPDATE SET seq = excluded.seq",
+    [S_PARK] = "INSERT OR REPLACE INTO de_relay_parked(position, "
+               "subject_type, subject_id, seq, error, since_ms) "
+               "VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    [S_UNPARK] = "DELETE FROM de_relay_parked WHERE position = ?1",
+    [S_PARKED_SUBJECTS] = "SELECT subject_type, subject_id, count(*), "
+                          "min(since_ms), (SELECT error FROM de_relay_parked "
+                          "p2 WHERE p2.subject_type = p.subject_type AND "
+                          "p2.subject_id = p.subject_id ORDER BY position "
+                          "LIMIT 1) FROM de_relay_parked p "
+                          "GROUP BY subject_type, subject_id",
+    [S_PARKED_ROWS] = "SELECT position, seq FROM de_relay_parked "
+                      "WHERE subject_type = ?1 AND subject_id = ?2 "
+                      "ORDER BY position",
+    [S_PARKED_MIN] = "SELECT min(position), count(*) FROM de_relay_parked",
+    [S_BEGIN] = "BEGIN IMMEDIATE",
+    [S_COMMIT] = "COMMIT",
+    [S_ROLLBACK] = "ROLLBACK",
+};
+
+struct de__rstate {
+    sqlite3 *db;
+    char *path;
+    sqlite3_stmt *st[S_COUNT];
+};
+
+static const char schema_sql[] =
+    "CREATE TABLE IF NOT EXISTS de_relay_meta("
+    "  key TEXT PRIMARY KEY, value) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS de_relay_seq("
+    "  subject_type TEXT NOT NULL, subject_id TEXT NOT NULL,"
+    "  seq INTEGER NOT NULL,"
+    "  PRIMARY KEY(subject_type, subject_id)) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS de_relay_lease("
+    "  id INTEGER PRIMARY KEY CHECK (id = 1), owner TEXT NOT NULL,"
+    "  pid INTEGER, host TEXT, acquired_ms INTEGER,"
+    "  heartbeat_ms INTEGER NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS de_relay_parked("
+    "  position INTEGER PRIMARY KEY, subject_type TEXT NOT NULL,"
+    "  subject_id TEXT NOT NULL, seq INTEGER NOT NULL, error TEXT,"
+    "  since_ms INTEGER NOT NULL);"
+    "CREATE INDEX IF NOT EXISTS de_relay_parked_subject"
+    "  ON de_relay_parked(subject_type, subject_id, position);";
+
+static de_err fail_st(de__rstate *st, const char *what)
+{
+    return de__fail_db(st->db, "relay state '%s': %s", st->path, what);
+}
+
+/* Reads meta key `key` as text into buf (empty if absent). */
+static de_err meta_get(de__rstate *st, const char *key, char *buf, size_t size,
+                       bool *found)
+{
+    sqlite3_stmt *q = NULL;
+    const unsigned char *v;
+    de_err err = DE_OK;
+
+    *found = false;
+    buf[0] = '\0';
+    if (sqlite3_prepare_v2(st->db,
+                           "SELECT value FROM de_relay_meta WHERE key = ?1", -1,
+                           &q, NULL) != SQLITE_OK)
+        return fail_st(st, "cannot read its metadata");
+    sqlite3_bind_text(q, 1, key, -1, SQLITE_STATIC);
+    switch (sqlite3_step(q)) {
+    case SQLITE_ROW:
+        *found = true;
+        if ((v = sqlite3_column_text(q, 0)) != NULL)
+            snprintf(buf, size, "%s", (const char *)v);
+        break;
+    case SQLITE_DONE: break;
+    default: err = fail_st(st, "cannot read its metadata");
+    }
+    sqlite3_finalize(q);
+    return err;
+}
+
+static de_err meta_put(de__rstate *st, const char *key, const char *value)
+{
+    sqlite3_stmt *q = NULL;
+    int rc;
+
+    if (sqlite3_prepare_v2(st->db,
+                           "INSERT OR REPLACE INTO de_relay_meta(key, value) "
+                           "VALUES (?1, ?2)",
+                           -1, &q, NULL) != SQLITE_OK)
+        return fail_st(st, "cannot write its metadata");
+    sqlite3_bind_text(q, 1, key, -1, SQLITE_STATIC);
+    sqlite3_bind_text(q, 2, value, -1, SQLITE_STATIC);
+    rc = sqlite3_step(q);
+    sqlite3_finalize(q);
+    return rc == SQLITE_DONE ? DE_OK : fail_st(st, "cannot write its metadata");
+}
+
+/*
+ * Checks that this state belongs to the outbox (and records that it does
+ * when it is new), inside one IMMEDIATE transaction so that two relays
+ * starting at once agree.
+ */
+static de_err adopt(de__rstate *st, const char *outbox_id,
+                    int64_t host_deleted_upto, int64_t *cursor)
+{
+    char buf[64], version[16];
+    bool found, has_cursor;
+    de_err err;
+
+    if ((err = de__exec(st->db, "BEGIN IMMEDIATE")) != DE_OK)
+        return err;
+    if ((err = de__exec(st->db, schema_sql)) != DE_OK)
+        goto fail;
+    if ((err = meta_get(st, "schema_version", version, sizeof version,
+                        &found)) != DE_OK)
+        goto fail;
+    if (found && atoi(version) > STATE_SCHEMA_VERSION) {
+        err = de__fail(DE_ERR_STATE,
+                       "relay state '%s' has schema version %s, newer than "
+                       "the %d this libdeliveryevents %s understands",
+                       st->path, version, STATE_SCHEMA_VERSION, de_version());
+        goto fail;
+    }
+    if ((err = meta_get(st, "outbox_id", buf, sizeof buf, &found)) != DE_OK)
+        goto fail;
+    if (found && strcmp(buf, outbox_id) != 0) {
+        err = de__fail(DE_ERR_STATE,
+                       "relay state '%s' belongs to the outbox %s, not to "
+                       "this database's outbox %s; point relay.state.path "
+                       "at this database's own state",
+                       st->path, buf, outbox_id);
+        goto fail;
+    }
+    if ((err = meta_get(st, "cursor", buf, sizeof buf, &has_cursor)) != DE_OK)
+        goto fail;
+    *cursor = has_cursor ? strtoll(buf, NULL, 10) : 0;
+    if (host_deleted_upto > *cursor) {
+        err = de__fail(
+            DE_ERR_STATE,
+            "relay state '%s' %s, but this outbox was already relayed and "
+            "cleaned up to position %lld; numbering again would make "
+            "consumers drop events as duplicates.  Restore the state file "
+            "that belongs with this database (see docs/OPERATIONS.md)",
+            st->path,
+            has_cursor ? "is older than the outbox (its cursor is behind)"
+                       : "is new or was lost",
+            (long long)host_deleted_upto);
+        goto fail;
+    }
+    if (!found) {
+        snprintf(version, sizeof version, "%d", STATE_SCHEMA_VERSION);
+        if ((err = meta_put(st, "outbox_id", outbox_id)) != DE_OK ||
+            (err = meta_put(st, "schema_version", version)) != DE_OK)
+            goto fail;
+    }
+    if ((err = de__exec(st->db, "COMMIT")) != DE_OK)
+        goto fail;
+    return DE_OK;
+fail:
+    sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
+    return err;
+}
+
+de_err de__rstate_open(const char *path, const char *outbox_id,
+                       int64_t host_deleted_upto, de__rstate **out,
+                       int64_t *cursor)
+{
+    de__rstate *st;
+    de_err err;
+
+    *out = NULL;
+    st = calloc(1, sizeof *st);
+    if (st == NULL || (st->path = strdup(path)) == NULL) {
+        free(st);
+        return de__fail(DE_ERR_NOMEM, "out of memory opening relay state");
+    }
+    if (sqlite3_open_v2(path, &st->db,
+                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
+                            SQLITE_OPEN_NOMUTEX,
+                        NULL) != SQLITE_OK) {
+        err = fail_st(st, "cannot open");
+        goto fail;
+    }
+    sqlite3_busy_timeout(st->db, 2000);
+    if ((err = de__exec(st->db, "PRAGMA journal_mode=WAL")) != DE_OK ||
+        (err = de__exec(st->db, "PRAGMA synchronous=NORMAL")) != DE_OK)
+        goto fail;
+    if ((err = adopt(st, outbox_id, host_deleted_upto, cursor)) != DE_OK)
+        goto fail;
+    for (int i = 0; i < S_COUNT; i++) {
+        if (sqlite3_prepare_v3(st->db, sql[i], -1, SQLITE_PREPARE_PERSISTENT,
+                               &st->st[i], NULL) != SQLITE_OK) {
+            err = fail_st(st, "cannot prepare its statements");
+            goto fail;
+        }
+    }
+    *out = st;
+    return DE_OK;
+fail:
+    de__rstate_close(st);
+    return err;
+}
+
+void de__rstate_close(de__rstate *st)
+{
+    if (st == NULL)
+        return;
+    for (int i = 0; i < S_COUNT; i++)
+        sqlite3_finalize(st->st[i]);
+    sqlite3_close(st->db);
+    free(st->path);
+    free(st);
+}
+
+/* Steps a write statement to completion and resets it. */
+static de_err run(de__rstate *st, int which, const char *what)
+{
+    sqlite3_stmt *q = st->st[which];
+    int rc = sqlite3_step(q);
+
+    sqlite3_reset(q);
+    sqlite3_clear_bindings(q);
+    if (rc != SQLITE_DONE)
+        return fail_st(st, what);
+    return DE_OK;
+}
+
+de_err de__rstate_lease_acquire(de__rstate *st, const char *owner,
+                                int64_t now_ms, int64_t timeout_ms, bool *held,
+                                char *holder, size_t holder_size)
+{
+    sqlite3_stmt *q = st->st[S_LEASE_GET];
+    char host[256] = "";
+    bool take = true;
+    de_err err;
+    int rc;
+
+    *held = false;
+    if (holder_size)
+        holder[0] = '\0';
+    if ((err = run(st, S_BEGIN, "cannot lock to take the lease")) != DE_OK)
+        return err;
+    rc = sqlite3_step(q);
+    if (rc == SQLITE_ROW) {
+        const char *o = (const char *)sqlite3_column_text(q, 0);
+        int64_t beat = sqlite3_column_int64(q, 1);
+        if (o != NULL && strcmp(o, owner) != 0 && now_ms - beat <= timeout_ms) {
+            take = false;
+            if (holder_size)
+                snprintf(holder, holder_size, "pid %lld on %s",
+                         (long long)sqlite3_column_int64(q, 2),
+                         sqlite3_column_text(q, 3)
+                             ? (const char *)sqlite3_column_text(q, 3)
+                             : "?");
+        }
+    } else if (rc != SQLITE_DONE) {
+        err = fail_st(st, "cannot read the lease");
+    }
+    sqlite3_reset(q);
+    if (err == DE_OK && take) {
+        q = st->st[S_LEASE_PUT];
+        gethostname(host, sizeof host - 1);
+        sqlite3_bind_text(q, 1, owner, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(q, 2, (int64_t)getpid());
+        sqlite3_bind_text(q, 3, host, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(q, 4, now_ms);
+        err = run(st, S_LEASE_PUT, "cannot take the lease");
+    }
+    if (err == DE_OK)
+        err = run(st, S_COMMIT, "cannot commit the lease");
+    if (err != DE_OK) {
+        run(st, S_ROLLBACK, "rollback");
+        return err;
+    }
+    *held = take;
+    return DE_OK;
+}
+
+de_err de__rstate_lease_release(de__rstate *st, const char *owner)
+{
+    sqlite3_bind_text(st->st[S_LEASE_RELEASE], 1, owner, -1, SQLITE_STATIC);
+    return run(st, S_LEASE_RELEASE, "cannot release the lease");
+}
+
+de_err de__rstate_begin(de__rstate *st, const char *owner, int64_t now_ms,
+                        bool *held)
+{
+    de_err err;
+
+    *held = false;
+    if ((err = run(st, S_BEGIN, "cannot begin a checkpoint")) != DE_OK)
+        return err;
+    sqlite3_bind_text(st->st[S_LEASE_BEAT], 1, owner, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st->st[S_LEASE_BEAT], 2, now_ms);
+    if ((err = run(st, S_LEASE_BEAT, "cannot renew the lease")) != DE_OK) {
+        run(st, S_ROLLBACK, "rollback");
+        return err;
+    }
+    if (sqlite3_changes(st->db) != 1) {
+        run(st, S_ROLLBACK, "rollback");
+        return DE_OK; /* the lease is someone else's now */
+    }
+    *held = true;
+    return DE_OK;
+}
+
+de_err de__rstate_commit(de__rstate *st, bool durable)
+{
+    de_err err;
+
+    /* In WAL mode a FULL commit syncs the log, which makes every earlier
+     * commit durable too; routine checkpoints skip the fsync. */
+    if (durable)
+        sqlite3_exec(st->db, "PRAGMA synchronous=FULL", NULL, NULL, NULL);
+    err = run(st, S_COMMIT, "cannot commit a checkpoint");
+    if (durable)
+        sqlite3_exec(st->db, "PRAGMA synchronous=NORMAL", NULL, NULL, NULL);
+    if (err != DE_OK)
+        run(st, S_ROLLBACK, "rollback");
+    return err;
+}
+
+void de__rstate_rollback(de__rstate *st)
+{
+    if (!sqlite3_get_autocommit(st->db))
+        run(st, S_ROLLBACK, "rollback");
+}
+
+de_err de__rstate_put_cursor(de__rstate *st, int64_t position)
+{
+    sqlite3_bind_int64(st->st[S_CURSOR_PUT], 1, position);
+    return run(st, S_CURSOR_PUT, "cannot write the cursor");
+}
+
+de_err de__rstate_put_seq(de__rstate *st, const char *type, const char *id,
+                          int64_t seq)
+{
+    sqlite3_stmt *q = st->st[S_SEQ_PUT];
+
+    sqlite3_bind_text(q, 1, type, -1, SQLITE_STATIC);
+    sqlite3_bind_text(q, 2, id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(q, 3, seq);
+    return run(st, S_SEQ_PUT, "cannot write a sequence counter");
+}
+
+de_err de__rstate_get_seq(de__rstate *st, const char *type, const char *id,
+                          int64_t *seq)
+{
+    sqlite3_stmt *q = st->st[S_SEQ_GET];
+    de_err err = DE_OK;
+
+    *seq = 0;
+    sqlite3_bind_text(q, 1, type, -1, SQLITE_STATIC);
+    sqlite3_bind_text(q, 2, id, -1, SQLITE_STATIC);
+    switch (sqlite3_step(q)) {
+    case SQLITE_ROW: *seq = sqlite3_column_int64(q, 0); break;
+    case SQLITE_DONE: break;
+    default: err = fail_st(st, "cannot read a sequence counter");
+    }
+    sqlite3_reset(q);
+    sqlite3_clear_bindings(q);
+    return err;
+}
+
+de_err de__rstate_park(de__rstate *st, int64_t position, const char *type,
+                       const char *id, int64_t seq, const char *error,
+                       int64_t since_ms)
+{
+    sqlite3_stmt *q = st->st[S_PARK];
+
+    sqlite3_bind_int64(q, 1, position);
+    sqlite3_bind_text(q, 2, type, -1, SQLITE_STATIC);
+    sqlite3_bind_text(q, 3, id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(q, 4, seq);
+    sqlite3_bind_text(q, 5, error, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(q, 6, since_ms);
+    return run(st, S_PARK, "cannot hold an event back");
+}
+
+de_err de__rstate_unpark(de__rstate *st, int64_t position)
+{
+    sqlite3_bind_int64(st->st[S_UNPARK], 1, position);
+    return run(st, S_UNPARK, "cannot release a held-back event");
+}
+
+de_err de__rstate_parked_subjects(de__rstate *st, de__rstate_subject_fn fn,
+                                  void *ctx)
+{
+    sqlite3_stmt *q = st->st[S_PARKED_SUBJECTS];
+    de_err err = DE_OK;
+    int rc;
+
+    while ((rc = sqlite3_step(q)) == SQLITE_ROW && err == DE_OK) {
+        const char *e = (const char *)sqlite3_column_text(q, 4);
+        err = fn(ctx, (const char *)sqlite3_column_text(q, 0),
+                 (const char *)sqlite3_column_text(q, 1),
+                 sqlite3_column_int64(q, 2), sqlite3_column_int64(q, 3),
+                 e ? e : "");
+    }
+    if (err == DE_OK && rc != SQLITE_DONE && rc != SQLITE_ROW)
+        err = fail_st(st, "cannot read the held-back events");
+    sqlite3_reset(q);
+    return err;
+}
+
+de_err de__rstate_parked_rows(de__rstate *st, const char *type, const char *id,
+                              de__rstate_row_fn fn, void *ctx)
+{
+    sqlite3_stmt *q = st->st[S_PARKED_ROWS];
+    de_err err = DE_OK;
+    int rc;
+
+    sqlite3_bind_text(q, 1, type, -1, SQLITE_TRANSIENT);
+    sqlite3_bind_text(q, 2, id, -1, SQLITE_TRANSIENT);
+    while ((rc = sqlite3_step(q)) == SQLITE_ROW && err == DE_OK)
+        err = fn(ctx, sqlite3_column_int64(q, 0), sqlite3_column_int64(q, 1));
+    if (err == DE_OK && rc != SQLITE_DONE && rc != SQLITE_ROW)
+        err = fail_st(st, "cannot read a subject's held-back events");
+    sqlite3_reset(q);
+    sqlite3_clear_bindings(q);
+    return err;
+}
+
+de_err de__rstate_parked_min(de__rstate *st, int64_t *min_position,
+                             int64_t *count)
+{
+    sqlite3_stmt *q = st->st[S_PARKED_MIN];
+    de_err err = DE_OK;
+
+    *min_position = 0;
+    *count = 0;
+    if (sqlite3_step(q) == SQLITE_ROW) {
+        *min_position = sqlite3_column_int64(q, 0);
+        *count = sqlite3_column_int64(q, 1);
+    } else {
+        err = fail_st(st, "cannot count the held-back events");
+    }
+    sqlite3_reset(q);
+    return err;
+}
+
+de_err de__rstate_cursor(de__rstate *st, int64_t *cursor)
+{
+    char buf[32];
+    bool found;
+    de_err err = meta_get(st, "cursor", buf, sizeof buf, &found);
+
+    *cursor = found ? strtoll(buf, NULL, 10) : 0;
+    return err;
+}
