@@ -160,8 +160,10 @@ RUN_ENV = LD_LIBRARY_PATH=$(abspath $(BUILD))$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_P
 demo: $(EXAMPLE_BINS)
 	@$(RUN_ENV) sh examples/demo.sh $(abspath $(BUILD))
 
-bench: $(BENCH_BINS)
-	@for b in $(BENCH_BINS); do echo "== $$b"; $$b || exit 1; done
+bench: $(BENCH_BINS) $(TOOL)
+	@for b in $(BENCH_BINS); do \
+	  echo "== $$b"; DE_TOOL=$(abspath $(TOOL)) $$b || exit 1; \
+	done
 
 # ---- tests ---------------------------------------------------------------
 

@@ -84,6 +84,10 @@ static void host_open(struct host *h, const char *path, long retained)
                  "x, x, '%s' FROM c",
                  retained, payload);
         exec(h->db, sql);
+        /* Write the fill back and flush it now, so that the kernel's
+         * writeback of a gigabyte does not land in the measured rounds. */
+        exec(h->db, "PRAGMA wal_checkpoint(TRUNCATE)");
+        sync();
         fprintf(stderr, " %.1f s\n", bench_now() - t0);
     }
     h->begin = prep(h->db, "BEGIN");
@@ -209,8 +213,8 @@ int main(void)
         mq = bench_median(ratio, (size_t)rounds);
         printf("  baseline  empty outbox                  : %7.2f us/txn\n",
                mb);
-        printf("  %ld retained rows %*s: %7.2f us/txn\n", retained,
-               (int)(22 - snprintf(NULL, 0, "%ld", retained)), "", mr);
+        printf("  with retained rows                      : %7.2f us/txn\n",
+               mr);
         printf("  ratio retained / empty                  : %7.3f  "
                "(target <= 1.10) %s\n",
                mq, mq <= 1.10 ? "OK" : "OVER TARGET");

@@ -54,7 +54,7 @@ static const struct keydef {
     [DE__K_RELAY_POLL_INTERVAL_MS] = {"relay.poll.interval.ms", "50", T_INT, 1,
                                       600000, NULL},
     [DE__K_RELAY_CHECKPOINT_INTERVAL_MS] = {"relay.checkpoint.interval.ms",
-                                            "200", T_INT, 1, 600000, NULL},
+                                            "1000", T_INT, 1, 600000, NULL},
     [DE__K_RELAY_LEASE_TIMEOUT_MS] = {"relay.lease.timeout.ms", "5000", T_INT,
                                       300, 3600000, NULL},
     [DE__K_RELAY_BLOCKED_RETRY_MS] = {"relay.blocked.retry.ms", "60000", T_INT,

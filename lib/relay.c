@@ -58,6 +58,9 @@
 #define MAX_COLLATERAL_FAILS 5
 /* Subject entries kept in memory before idle ones are dropped. */
 #define SUBJECT_CACHE 200000
+/* A read that catches up with fewer rows than this is "low load": the
+ * rows are sent at once instead of lingering for a batch. */
+#define LOW_LOAD_ROWS 64
 /* Rows deleted from the outbox per transaction. */
 #define CLEANUP_CHUNK 1000
 
@@ -171,9 +174,10 @@ struct de_relay {
     int64_t done_pos;    /* watermark: everything <= is acked or parked */
     int64_t durable_pos; /* cursor in the state file */
     int64_t deleted_upto;
-    int64_t max_pos; /* highest position seen in the outbox */
-    bool more_rows;  /* the last read filled its batch */
-    bool dirty_pos;  /* done_pos moved since the last checkpoint */
+    int64_t max_pos;   /* highest position seen in the outbox */
+    bool more_rows;    /* the last read filled its batch */
+    int64_t last_read; /* rows the last read produced */
+    bool dirty_pos;    /* done_pos moved since the last checkpoint */
     /* subjects */
     subj **buckets;
     size_t nbuckets, nsubj;
@@ -252,12 +256,13 @@ static void wake(de_relay *r)
 
 /* ---- the subject table ----------------------------------------------- */
 
-static uint64_t hash_key(const char *type, const char *id, size_t id_len)
+static uint64_t hash_key(const char *type, size_t type_len, const char *id,
+                         size_t id_len)
 {
     uint64_t h = UINT64_C(14695981039346656037);
 
-    for (const char *p = type; *p; p++)
-        h = (h ^ (unsigned char)*p) * UINT64_C(1099511628211);
+    for (size_t i = 0; i < type_len; i++)
+        h = (h ^ (unsigned char)type[i]) * UINT64_C(1099511628211);
     h = (h ^ 0xff) * UINT64_C(1099511628211);
     for (size_t i = 0; i < id_len; i++)
         h = (h ^ (unsigned char)id[i]) * UINT64_C(1099511628211);
@@ -295,8 +300,8 @@ static void subj_free(subj *s)
 static subj *subj_get(de_relay *r, const char *type, const char *id,
                       size_t id_len)
 {
-    uint64_t h = hash_key(type, id, id_len);
     size_t type_len = strlen(type);
+    uint64_t h = hash_key(type, type_len, id, id_len);
     subj *s;
     int64_t seq;
 
@@ -305,10 +310,10 @@ static subj *subj_get(de_relay *r, const char *type, const char *id,
             if (s->hash == h && s->id_len == id_len &&
                 s->type_len == type_len &&
                 memcmp(SUBJ_ID(s), id, id_len) == 0 &&
-                strcmp(SUBJ_TYPE(s), type) == 0)
+                memcmp(SUBJ_TYPE(s), type, type_len) == 0)
                 return s;
     }
-    if (r->nsubj >= r->nbuckets && !subj_grow(r)) {
+    if (r->nsubj >= r->nbuckets / 2 && !subj_grow(r)) {
         de__fail(DE_ERR_NOMEM, "out of memory in the subject table");
         return NULL;
     }
@@ -541,7 +546,9 @@ static de_err producer_new(de_relay *r)
         {"socket.nagle.disable", "true"},
         {"reconnect.backoff.ms", "10"},
         {"reconnect.backoff.max.ms", "1000"},
-        {"linger.ms", "0"},
+        /* Batches under load; at low load the relay sends at once (see
+         * LOW_LOAD_ROWS), so latency does not pay for it. */
+        {"linger.ms", "5"},
         {"queue.buffering.max.kbytes", "32768"},
         {"queue.buffering.max.messages", ""},
         {"message.max.bytes", ""},
@@ -883,6 +890,7 @@ static bool read_rows(de_relay *r)
     }
     sqlite3_reset(r->q_read);
     r->more_rows = (n == limit);
+    r->last_read = n;
     return true;
 }
 
@@ -1570,6 +1578,14 @@ static void *relay_main(void *arg)
             rlog(r, DE_LOG_WARNING, "%s (retrying)", de_errmsg());
             wait_for_work(r, 200);
             continue;
+        }
+        if (r->last_read > 0 && r->last_read < LOW_LOAD_ROWS && !r->more_rows) {
+            /* Caught up with a few rows: low load.  Send them now rather
+             * than after linger.ms -- while flush() runs, librdkafka's
+             * broker threads treat linger as elapsed -- and take their
+             * acknowledgements as they come (up to 1 ms).  Under load the
+             * reads return full batches and linger.ms batches them. */
+            rd_kafka_flush(r->rk, 1);
         }
         if (r->link && de__link_checkpoint_due(r->link))
             sqlite3_wal_checkpoint_v2(r->db, "main", SQLITE_CHECKPOINT_PASSIVE,

@@ -5,7 +5,8 @@
  *   deliveryevents relay --db PATH [-X key=value]... [--stats-ms N]
  *       Runs a relay for a database file until SIGINT or SIGTERM, then
  *       stops it gracefully (flushing for up to --stop-timeout-ms).  Other
- *       relays for the same database wait as standbys.
+ *       relays for the same database wait as standbys.  With --drain it
+ *       publishes what is committed when it starts, then exits.
  *
  *   deliveryevents mock-cluster [--brokers N] [--topic NAME:PARTITIONS]...
  *       Starts librdkafka's mock Kafka cluster on loopback and prints
@@ -75,6 +76,7 @@ static int cmd_relay(int argc, char **argv)
 {
     const char *db = NULL;
     long stats_ms = 0, stop_ms = 10000;
+    int drain = 0;
     de_conf *conf = de_conf_new();
     de_relay *r = NULL;
     de_relay_stats st;
@@ -94,6 +96,8 @@ static int cmd_relay(int argc, char **argv)
                 fprintf(stderr, "deliveryevents: %s\n", de_errmsg());
                 return 2;
             }
+        } else if (strcmp(argv[i], "--drain") == 0) {
+            drain = 1;
         } else if (strcmp(argv[i], "--stats-ms") == 0 && i + 1 < argc) {
             stats_ms = strtol(argv[++i], NULL, 10);
         } else if (strcmp(argv[i], "--stop-timeout-ms") == 0 && i + 1 < argc) {
@@ -111,6 +115,15 @@ static int cmd_relay(int argc, char **argv)
         fprintf(stderr, "deliveryevents: %s: %s\n", de_err_name(err),
                 de_errmsg());
         return 1;
+    }
+    if (drain) {
+        /* Publish what is committed now, then stop. */
+        err = de_relay_flush(r, -1);
+        if (err != DE_OK) {
+            fprintf(stderr, "deliveryevents: %s\n", de_errmsg());
+            rc = 1;
+        }
+        stop_signal = 1;
     }
     while (!stop_signal) {
         poll(NULL, 0, stats_ms > 0 ? (int)stats_ms : 200);

@@ -1,0 +1,489 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * bench_relay.c -- the relay's throughput, latency and memory.
+ *
+ * The Kafka cluster is librdkafka's mock cluster with 3 brokers, run in
+ * its own process (`deliveryevents mock-cluster`), as a broker would be.
+ *
+ * 1. Drain: a backlog of BENCH_EVENTS (1,000,000) events over 10,000
+ *    subjects, 12 partitions, acks=all (idempotence), published by a relay
+ *    started on the database -- against raw librdkafka producing the same
+ *    messages (same keys, values, headers, producer settings) from memory
+ *    to the same cluster.  Rounds alternate; the ratio is relay/raw
+ *    throughput.  Target >= 0.8.
+ * 2. Latency: one event per transaction at a steady BENCH_RATE (1,500)
+ *    events/s, commit -> Kafka acknowledgement, p50/p99/max.  Target p99
+ *    <= 2 ms.
+ * 3. Memory: peak RSS of a relay process (`deliveryevents relay --drain`)
+ *    draining 1,000,000 and BENCH_BIG (10,000,000) events.  Target flat,
+ *    <= 64 MiB.
+ *
+ * Environment: BENCH_EVENTS, BENCH_ROUNDS (5), BENCH_RATE, BENCH_LAT_EVENTS
+ * (6000), BENCH_BIG (10000000; 0 skips the 10M run), DE_TOOL (path of the
+ * deliveryevents binary).
+ */
+#include "bench.h"
+
+#include <deliveryevents.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <librdkafka/rdkafka.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <sqlite3.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+
+#define SUBJECTS 10000
+#define PARTITIONS 12
+
+static const char payload[] = "{\"rider_id\":\"R-0042\",\"eta_s\":540,"
+                              "\"lat\":37.5665,\"lng\":126.9780}";
+static char bootstrap[1400];
+static pid_t mock_pid;
+static int mock_stdin = -1;
+static const char *tool;
+
+static void quiet(void *ctx, int level, const char *msg)
+{
+    (void)ctx;
+    if (level <= DE_LOG_ERR)
+        fprintf(stderr, "  relay: %s\n", msg);
+}
+
+static void quiet_rk(const rd_kafka_t *rk, int level, const char *fac,
+                     const char *buf)
+{
+    (void)rk;
+    (void)level;
+    (void)fac;
+    (void)buf;
+}
+
+/* Starts `deliveryevents mock-cluster` with the given topics. */
+static void start_mock(const char *const *topics)
+{
+    int in[2], out[2];
+    char line[1200];
+    FILE *f;
+    ssize_t n;
+
+    BENCH_CHECK(pipe(in) == 0 && pipe(out) == 0, "pipe");
+    mock_pid = fork();
+    BENCH_CHECK(mock_pid >= 0, "fork");
+    if (mock_pid == 0) {
+        const char *argv[64];
+        int a = 0;
+        dup2(in[0], 0);
+        dup2(out[1], 1);
+        close(in[1]);
+        close(out[0]);
+        argv[a++] = tool;
+        argv[a++] = "mock-cluster";
+        argv[a++] = "--brokers";
+        argv[a++] = "3";
+        argv[a++] = "--until-stdin-eof";
+        for (int i = 0; topics[i] && a < 60; i++) {
+            argv[a++] = "--topic";
+            argv[a++] = topics[i];
+        }
+        argv[a] = NULL;
+        execv(tool, (char *const *)argv);
+        _exit(127);
+    }
+    close(in[0]);
+    close(out[1]);
+    mock_stdin = in[1];
+    f = fdopen(out[0], "r");
+    BENCH_CHECK(f && fgets(line, sizeof line, f),
+                "mock cluster did not start "
+                "(DE_TOOL=%s)",
+                tool);
+    n = (ssize_t)strlen(line);
+    if (n && line[n - 1] == '\n')
+        line[n - 1] = '\0';
+    BENCH_CHECK(strncmp(line, "bootstrap.servers=", 18) == 0, "mock said %s",
+                line);
+    snprintf(bootstrap, sizeof bootstrap, "%s", line + 18);
+}
+
+static void stop_mock(void)
+{
+    close(mock_stdin);
+    waitpid(mock_pid, NULL, 0);
+}
+
+static void exec_sql(sqlite3 *db, const char *sql)
+{
+    char *err = NULL;
+    BENCH_CHECK(sqlite3_exec(db, sql, NULL, NULL, &err) == SQLITE_OK, "%s: %s",
+                sql, err ? err : "?");
+}
+
+/* A database whose outbox holds n events over SUBJECTS subjects. */
+static void make_backlog(const char *path, long n)
+{
+    sqlite3 *db;
+    de_outbox *ob;
+    char sql[1024];
+
+    BENCH_CHECK(sqlite3_open(path, &db) == SQLITE_OK, "open %s", path);
+    BENCH_CHECK(de_outbox_open(db, NULL, &ob) == DE_OK, "%s", de_errmsg());
+    snprintf(sql, sizeof sql,
+             "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+             "LIMIT %ld) INSERT INTO de_outbox(event_id, subject_type, "
+             "subject_id, action, version, occurred_at_ms, recorded_at_ms, "
+             "payload) SELECT printf('01937a1e-%%04x-7%%03x-8%%03x-%%012x', "
+             "x / 65536 %% 65536, x %% 4096, x / 4096 %% 4096, x), "
+             "'delivery', printf('D-%%05d', x %% %d), 'assigned', 0, "
+             "1795604400000 + x, 1795604400000 + x, '%s' FROM c",
+             n, SUBJECTS, payload);
+    exec_sql(db, sql);
+    de_outbox_close(ob);
+    sqlite3_close(db);
+}
+
+/* ---- 1. drain throughput -------------------------------------------- */
+
+struct raw_msg {
+    char id[40];
+    char key[16];
+    int64_t ts;
+    int64_t seq;
+};
+
+static long raw_acked;
+
+static void raw_dr(rd_kafka_t *rk, const rd_kafka_message_t *m, void *op)
+{
+    (void)rk;
+    (void)op;
+    if (m->err == 0)
+        raw_acked++;
+}
+
+/* The relay's producer settings (see relay.c), for a fair baseline. */
+static rd_kafka_t *raw_producer(void)
+{
+    static const char *const kv[][2] = {
+        {"enable.idempotence", "true"},
+        {"enable.gapless.guarantee", "true"},
+        {"message.timeout.ms", "2147483647"},
+        {"partitioner", "murmur2_random"},
+        {"socket.nagle.disable", "true"},
+        {"reconnect.backoff.ms", "10"},
+        {"reconnect.backoff.max.ms", "1000"},
+        {"linger.ms", "5"},
+        {"queue.buffering.max.kbytes", "32768"},
+        {"queue.buffering.max.messages", "41000"},
+    };
+    rd_kafka_conf_t *c = rd_kafka_conf_new();
+    char err[512];
+    rd_kafka_t *rk;
+
+    rd_kafka_conf_set(c, "bootstrap.servers", bootstrap, err, sizeof err);
+    for (size_t i = 0; i < sizeof kv / sizeof kv[0]; i++)
+        BENCH_CHECK(rd_kafka_conf_set(c, kv[i][0], kv[i][1], err, sizeof err) ==
+                        RD_KAFKA_CONF_OK,
+                    "%s", err);
+    rd_kafka_conf_set_dr_msg_cb(c, raw_dr);
+    rd_kafka_conf_set_log_cb(c, quiet_rk);
+    rk = rd_kafka_new(RD_KAFKA_PRODUCER, c, err, sizeof err);
+    BENCH_CHECK(rk != NULL, "%s", err);
+    return rk;
+}
+
+static void add_header(rd_kafka_headers_t *h, const char *k, const char *v)
+{
+    rd_kafka_header_add(h, k, -1, v, -1);
+}
+
+/* Raw librdkafka: the same records, built from memory. */
+static double run_raw(const char *topic, const struct raw_msg *msgs, long n)
+{
+    rd_kafka_t *rk = raw_producer();
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topic, NULL);
+    double t0 = bench_now(), t;
+    char seq[24], time[32];
+
+    raw_acked = 0;
+    for (long i = 0; i < n; i++) {
+        const struct raw_msg *m = &msgs[i];
+        rd_kafka_headers_t *h = rd_kafka_headers_new(14);
+        rd_kafka_resp_err_t err;
+        snprintf(seq, sizeof seq, "%lld", (long long)m->seq);
+        snprintf(time, sizeof time, "2026-11-25T11:00:00.%03dZ",
+                 (int)(i % 1000));
+        add_header(h, "ce_specversion", "1.0");
+        add_header(h, "ce_id", m->id);
+        add_header(h, "ce_source", "/bench");
+        add_header(h, "ce_type", "delivery.assigned");
+        add_header(h, "ce_subject", m->key);
+        add_header(h, "ce_time", time);
+        add_header(h, "content-type", "application/json");
+        add_header(h, "ce_partitionkey", m->key);
+        add_header(h, "ce_subjectseq", seq);
+        add_header(h, "ce_subjecttype", "delivery");
+        add_header(h, "ce_action", "assigned");
+        for (;;) {
+            err = rd_kafka_producev(rk, RD_KAFKA_V_RKT(rkt),
+                                    RD_KAFKA_V_KEY(m->key, strlen(m->key)),
+                                    RD_KAFKA_V_VALUE((void *)(uintptr_t)payload,
+                                                     sizeof payload - 1),
+                                    RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+                                    RD_KAFKA_V_TIMESTAMP(m->ts),
+                                    RD_KAFKA_V_HEADERS(h), RD_KAFKA_V_END);
+            if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL)
+                break;
+            rd_kafka_poll(rk, 1);
+        }
+        BENCH_CHECK(err == 0, "produce: %s", rd_kafka_err2str(err));
+        rd_kafka_poll(rk, 0);
+    }
+    while (raw_acked < n)
+        rd_kafka_poll(rk, 10);
+    t = bench_now() - t0;
+    rd_kafka_topic_destroy(rkt);
+    rd_kafka_destroy(rk);
+    return (double)n / t;
+}
+
+/* The relay: start on the backlog, wait until all of it is acknowledged. */
+static double run_relay(const char *db_path, const char *state,
+                        const char *tmpl, long n)
+{
+    de_conf *conf = de_conf_new();
+    de_relay *r = NULL;
+    de_relay_stats st;
+    double t0, t;
+
+    de_conf_set(conf, "bootstrap.servers", bootstrap);
+    de_conf_set(conf, "topic.template", tmpl);
+    de_conf_set(conf, "event.source", "/bench");
+    de_conf_set(conf, "relay.state.path", state);
+    /* Keep the rows: each round relays the same backlog afresh. */
+    de_conf_set(conf, "outbox.retention.ms", "315360000000");
+
+    de_conf_set_log_cb(conf, quiet, NULL);
+    t0 = bench_now();
+    BENCH_CHECK(de_relay_start_path(db_path, conf, &r) == DE_OK, "%s",
+                de_errmsg());
+    de_conf_destroy(conf);
+    BENCH_CHECK(de_relay_flush(r, -1) == DE_OK, "%s", de_errmsg());
+    t = bench_now() - t0;
+    de_relay_stats_get(r, &st);
+    BENCH_CHECK(st.published >= (uint64_t)n, "published %llu of %ld",
+                (unsigned long long)st.published, n);
+    de_relay_stop(r, 10000);
+    return (double)n / t;
+}
+
+static double cpu_seconds(void)
+{
+    struct rusage ru;
+
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
+           (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
+}
+
+static void bench_drain(const char *dir, long n, long rounds)
+{
+    char db[4200], state[4300], tmpl[64];
+    struct raw_msg *msgs = calloc((size_t)n, sizeof *msgs);
+    int64_t *seqs = calloc(SUBJECTS, sizeof *seqs);
+    double *raw = calloc((size_t)rounds, sizeof(double));
+    double *rel = calloc((size_t)rounds, sizeof(double));
+    double *ratio = calloc((size_t)rounds, sizeof(double));
+    double t0;
+
+    BENCH_CHECK(msgs && seqs && raw && rel && ratio, "out of memory");
+    printf("drain: %ld events over %d subjects, %d partitions, 3 brokers "
+           "(mock cluster in its own process), acks=all\n",
+           n, SUBJECTS, PARTITIONS);
+    for (long i = 0; i < n; i++) {
+        long x = i + 1;
+        snprintf(msgs[i].id, sizeof msgs[i].id,
+                 "01937a1e-%04lx-7%03lx-8%03lx-%012lx", x / 65536 % 65536,
+                 x % 4096, x / 4096 % 4096, x);
+        snprintf(msgs[i].key, sizeof msgs[i].key, "D-%05ld", x % SUBJECTS);
+        msgs[i].ts = 1795604400000 + x;
+        msgs[i].seq = ++seqs[x % SUBJECTS];
+    }
+    snprintf(db, sizeof db, "%s/drain.db", dir);
+    t0 = bench_now();
+    make_backlog(db, n);
+    printf("  (backlog written in %.1f s)\n", bench_now() - t0);
+    for (long r = 0; r < rounds; r++) {
+        double c0, craw = 0, crel = 0;
+        const char *topics[2] = {"bench.delivery.events:12", NULL};
+        /* Each run gets a fresh cluster (the mock keeps up to 5 MiB per
+         * partition, and a fuller mock is a slower one); the order of the
+         * two alternates between rounds. */
+        for (int k = 0; k < 2; k++) {
+            bool do_raw = (k == 0) == (r % 2 == 0);
+            start_mock(topics);
+            c0 = cpu_seconds();
+            if (do_raw) {
+                raw[r] = run_raw("bench.delivery.events", msgs, n);
+                craw = cpu_seconds() - c0;
+            } else {
+                snprintf(state, sizeof state, "%s/drain-%ld.relay", dir, r);
+                snprintf(tmpl, sizeof tmpl, "bench.{subject_type}.events");
+                rel[r] = run_relay(db, state, tmpl, n);
+                crel = cpu_seconds() - c0;
+            }
+            stop_mock();
+        }
+        ratio[r] = rel[r] / raw[r];
+        printf("  round %ld: raw %8.0f msg/s (%.2f us CPU/msg), relay %8.0f "
+               "msg/s (%.2f us CPU/msg), ratio %.3f\n",
+               r + 1, raw[r], craw * 1e6 / (double)n, rel[r],
+               crel * 1e6 / (double)n, ratio[r]);
+    }
+    double mraw = bench_median(raw, (size_t)rounds);
+    double mrel = bench_median(rel, (size_t)rounds);
+    double mq = bench_median(ratio, (size_t)rounds);
+    printf("  baseline raw librdkafka from memory : %8.0f msg/s\n", mraw);
+    printf("  relay from the outbox               : %8.0f msg/s\n", mrel);
+    printf("  ratio relay / raw                   : %8.3f  (median of rounds; "
+           "target >= 0.80) %s\n",
+           mq, mq >= 0.8 ? "OK" : "UNDER TARGET");
+    free(msgs);
+    free(seqs);
+    free(raw);
+    free(rel);
+    free(ratio);
+}
+
+/* ---- 2. commit -> ack latency ----------------------------------------- */
+
+static void bench_latency(const char *dir, long n, long rate)
+{
+    char path[4200];
+    sqlite3 *db;
+    de_outbox *ob;
+    de_conf *conf = de_conf_new();
+    de_relay *r = NULL;
+    de_relay_stats st;
+    double *lat = calloc((size_t)n, sizeof(double));
+    double period = 1.0 / (double)rate, next, t0;
+    char sid[16];
+    long warm = n / 10;
+
+    printf("\nlatency: one event per transaction at %ld events/s, commit -> "
+           "Kafka ack, %ld events (first %ld are warm-up)\n",
+           rate, n, warm);
+    snprintf(path, sizeof path, "%s/latency.db", dir);
+    BENCH_CHECK(sqlite3_open(path, &db) == SQLITE_OK, "open");
+    exec_sql(db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
+                 "CREATE TABLE deliveries(id TEXT PRIMARY KEY, status TEXT)");
+    BENCH_CHECK(de_outbox_open(db, NULL, &ob) == DE_OK, "%s", de_errmsg());
+    de_conf_set(conf, "bootstrap.servers", bootstrap);
+    de_conf_set(conf, "topic.template", "lat.{subject_type}.events");
+    de_conf_set_log_cb(conf, quiet, NULL);
+    BENCH_CHECK(de_relay_start(ob, conf, &r) == DE_OK, "%s", de_errmsg());
+    de_conf_destroy(conf);
+    next = bench_now();
+    for (long i = 0; i < n; i++) {
+        de_event ev = {0};
+        uint64_t want;
+        while (bench_now() < next)
+            usleep(50);
+        next += period;
+        snprintf(sid, sizeof sid, "D-%05ld", (i * 7919) % SUBJECTS);
+        ev.subject_type = "delivery";
+        ev.subject_id = sid;
+        ev.action = "assigned";
+        ev.payload = payload;
+        exec_sql(db, "BEGIN");
+        BENCH_CHECK(de_record(ob, &ev, NULL) == DE_OK, "%s", de_errmsg());
+        exec_sql(db, "COMMIT");
+        t0 = bench_now();
+        want = (uint64_t)i + 1;
+        /* Poll the relay's counters (not de_relay_flush, which would wake
+         * the relay itself): the commit alone must bring the event out. */
+        for (;;) {
+            de_relay_stats_get(r, &st);
+            if (st.published >= want)
+                break;
+            usleep(20);
+        }
+        lat[i] = (bench_now() - t0) * 1e3;
+    }
+    double p50 = bench_quantile(lat + warm, (size_t)(n - warm), 0.50);
+    double p99 = bench_quantile(lat + warm, (size_t)(n - warm), 0.99);
+    double mx = bench_quantile(lat + warm, (size_t)(n - warm), 1.0);
+    printf("  p50 %.3f ms, p99 %.3f ms, max %.3f ms  (target p99 <= 2 ms) "
+           "%s\n",
+           p50, p99, mx, p99 <= 2.0 ? "OK" : "OVER TARGET");
+    de_relay_stop(r, 10000);
+    de_outbox_close(ob);
+    sqlite3_close(db);
+    free(lat);
+}
+
+/* ---- 3. relay process memory ----------------------------------------- */
+
+static void bench_memory(const char *dir, long n, const char *label)
+{
+    char db[4200], boot[1500], tmpl[128];
+    struct rusage ru;
+    int status;
+    pid_t pid;
+    double t0 = bench_now(), t;
+
+    snprintf(db, sizeof db, "%s/mem-%ld.db", dir, n);
+    make_backlog(db, n);
+    snprintf(boot, sizeof boot, "bootstrap.servers=%s", bootstrap);
+    snprintf(tmpl, sizeof tmpl, "topic.template=mem%ld.{subject_type}.events",
+             n);
+    t0 = bench_now();
+    pid = fork();
+    BENCH_CHECK(pid >= 0, "fork");
+    if (pid == 0) {
+        execl(tool, tool, "relay", "--db", db, "--drain", "-X", boot, "-X",
+              tmpl, (char *)NULL);
+        _exit(127);
+    }
+    BENCH_CHECK(wait4(pid, &status, 0, &ru) == pid, "wait4");
+    t = bench_now() - t0;
+    BENCH_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                "relay --drain failed (status %d)", status);
+    printf("  %-4s backlog (%9ld events): peak RSS %6.1f MiB, drained in "
+           "%5.1f s (%.0f msg/s)  %s\n",
+           label, n, (double)ru.ru_maxrss / 1024.0, t, (double)n / t,
+           ru.ru_maxrss <= 64 * 1024 ? "OK (<= 64 MiB)" : "OVER TARGET");
+    unlink(db);
+}
+
+int main(void)
+{
+    long n = bench_env_long("BENCH_EVENTS", 1000000);
+    long rounds = bench_env_long("BENCH_ROUNDS", 5);
+    long rate = bench_env_long("BENCH_RATE", 1500);
+    long lat_n = bench_env_long("BENCH_LAT_EVENTS", 6000);
+    long big = bench_env_long("BENCH_BIG", 10000000);
+    char *dir = bench_mkdtemp();
+    const char *topics[16];
+    char tbuf[16][64];
+    int t = 0;
+
+    tool = getenv("DE_TOOL");
+    BENCH_CHECK(tool != NULL, "DE_TOOL must name the deliveryevents binary");
+    snprintf(tbuf[t], sizeof tbuf[t], "lat.delivery.events:%d", PARTITIONS);
+    topics[t] = tbuf[t];
+    t++;
+    topics[t] = NULL;
+    bench_drain(dir, n, rounds);
+    start_mock(topics);
+    bench_latency(dir, lat_n, rate);
+    printf("\nmemory: peak RSS of a relay process (deliveryevents relay "
+           "--drain) draining a backlog\n");
+    bench_memory(dir, 1000000, "1M");
+    if (big > 0)
+        bench_memory(dir, big, "10M");
+    stop_mock();
+    bench_rmdir(dir);
+    return 0;
+}
