@@ -11,6 +11,12 @@
  * listens: notifications, ETA, statistics and the rest react to the events.
  *
  * Usage: delivery_service [--db PATH] [--deliveries N] [--seed S]
+ *                         [--bootstrap SERVERS [--latency]]
+ *
+ * With --bootstrap the service runs the bundled relay in its own process:
+ * each commit that recorded an event wakes it, and it publishes to Kafka
+ * ("delivery.events", key = delivery id).  --latency also measures, for
+ * every event, the time from COMMIT returning to Kafka acknowledging it.
  *
  * Time is simulated (starting 2026-11-25T11:00:00Z, advancing a few seconds
  * per step) so that runs are repeatable and the events carry realistic
@@ -24,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static const char *const regions[] = {"gangnam", "jongno", "mapo", "songpa"};
 #define N_REGIONS 4
@@ -32,6 +39,10 @@ static const char *const regions[] = {"gangnam", "jongno", "mapo", "songpa"};
 struct service {
     sqlite3 *db;
     de_outbox *ob;
+    de_relay *relay;    /* NULL without --bootstrap */
+    double *latency_ms; /* with --latency: one per event */
+    size_t n_latency, cap_latency;
+    uint64_t committed;
     int64_t clock_ms; /* the simulated wall clock */
     unsigned rng;
 };
@@ -82,6 +93,37 @@ static int run(sqlite3 *db, const char *q, const char *fmt, ...)
     return rc;
 }
 
+static double now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+/* Waits for the relay to report the event just committed as acknowledged
+ * by Kafka, and notes how long that took.  (A demonstration of latency;
+ * a real service would not wait.) */
+static void measure_ack(struct service *s)
+{
+    double t0 = now_ms();
+    de_relay_stats st;
+
+    do {
+        struct timespec pause = {0, 20000};
+        nanosleep(&pause, NULL);
+        de_relay_stats_get(s->relay, &st);
+    } while (st.published < s->committed && now_ms() - t0 < 10000);
+    if (s->n_latency < s->cap_latency)
+        s->latency_ms[s->n_latency++] = now_ms() - t0;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
 /*
  * One state change: the domain update and its event in one transaction.
  * BEGIN IMMEDIATE takes the write lock first, so the reads that check the
@@ -124,7 +166,12 @@ static int change(struct service *s, const char *delivery_id,
         fprintf(stderr, "delivery_service: %s\n", de_errmsg());
         goto fail;
     }
-    return sql(s->db, "COMMIT");
+    if (sql(s->db, "COMMIT") != 0)
+        return -1;
+    s->committed++;
+    if (s->latency_ms != NULL)
+        measure_ack(s);
+    return 0;
 fail:
     fprintf(stderr, "delivery_service: %s %s failed: %s\n", delivery_id, action,
             sqlite3_errmsg(s->db));
@@ -216,14 +263,14 @@ static int schema(sqlite3 *db)
 static void usage(void)
 {
     fprintf(stderr, "usage: delivery_service [--db PATH] [--deliveries N] "
-                    "[--seed S]\n");
+                    "[--seed S] [--bootstrap SERVERS [--latency]]\n");
     exit(2);
 }
 
 int main(int argc, char **argv)
 {
-    const char *path = "delivery.db";
-    int n = 40, made = 0, open = 0;
+    const char *path = "delivery.db", *bootstrap = NULL;
+    int n = 40, made = 0, open = 0, latency = 0;
     struct service s = {0};
     enum status *st;
     sqlite3_stmt *q;
@@ -236,6 +283,10 @@ int main(int argc, char **argv)
             n = atoi(argv[++i]);
         else if (strcmp(argv[i], "--seed") == 0 && i + 1 < argc)
             s.rng = (unsigned)strtoul(argv[++i], NULL, 10);
+        else if (strcmp(argv[i], "--bootstrap") == 0 && i + 1 < argc)
+            bootstrap = argv[++i];
+        else if (strcmp(argv[i], "--latency") == 0)
+            latency = 1;
         else
             usage();
     }
@@ -255,6 +306,21 @@ int main(int argc, char **argv)
     st = calloc((size_t)n, sizeof *st);
     if (st == NULL)
         return 1;
+    if (bootstrap != NULL) {
+        /* The relay: its own thread, connection and Kafka producer. */
+        de_conf *conf = de_conf_new();
+        if (de_conf_set(conf, "bootstrap.servers", bootstrap) != DE_OK ||
+            de_conf_set(conf, "event.source", "/delivery-service") != DE_OK ||
+            de_relay_start(s.ob, conf, &s.relay) != DE_OK) {
+            fprintf(stderr, "delivery_service: %s\n", de_errmsg());
+            return 1;
+        }
+        de_conf_destroy(conf);
+        if (latency) {
+            s.cap_latency = (size_t)n * 5;
+            s.latency_ms = calloc(s.cap_latency, sizeof(double));
+        }
+    }
 
     /* Drive deliveries through their lives, interleaved as on a busy
      * lunchtime: each step picks a delivery and moves it on. */
@@ -331,6 +397,26 @@ int main(int argc, char **argv)
                sqlite3_column_text(q, 4));
     sqlite3_finalize(q);
 
+    if (s.relay != NULL) {
+        de_relay_stats rs;
+        de_err e = de_relay_flush(s.relay, 30000);
+        de_relay_stats_get(s.relay, &rs);
+        printf("relay: %llu events published to Kafka, %llu pending, %llu "
+               "producer restarts%s%s\n",
+               (unsigned long long)rs.published, (unsigned long long)rs.pending,
+               (unsigned long long)rs.producer_restarts,
+               e == DE_OK ? "" : "; flush: ", e == DE_OK ? "" : de_errmsg());
+        if (s.n_latency > 0) {
+            qsort(s.latency_ms, s.n_latency, sizeof(double), cmp_double);
+            printf("relay: commit -> Kafka ack over %zu events: p50 %.2f ms, "
+                   "p99 %.2f ms, max %.2f ms\n",
+                   s.n_latency, s.latency_ms[s.n_latency / 2],
+                   s.latency_ms[(s.n_latency * 99) / 100],
+                   s.latency_ms[s.n_latency - 1]);
+        }
+        de_relay_stop(s.relay, 10000);
+        free(s.latency_ms);
+    }
     free(st);
     de_outbox_close(s.ob);
     sqlite3_close(s.db);

@@ -14,7 +14,16 @@
  *       until SIGINT, SIGTERM or (with --until-stdin-eof) end of stdin.
  *       Tools such as kcat and other processes can connect to it.
  *
- * Exit status: 0 on success, 1 on a runtime failure, 2 on bad usage.
+ *   deliveryevents tail --bootstrap SERVERS --topic NAME [--exit-at-end]
+ *                       [--print N]
+ *       Reads a topic from the beginning and prints each event (partition,
+ *       offset, subject, ce_subjectseq, type, time, payload), checking as
+ *       it goes that every subject's sequence runs 1, 2, 3, ...  With
+ *       --exit-at-end it stops at the end of the topic and prints a summary;
+ *       --print limits how many events are printed.
+ *
+ * Exit status: 0 on success, 1 on a runtime failure, 2 on bad usage, 3
+ * when tail found a subject out of order or with a gap.
  */
 #include <deliveryevents.h>
 #include <librdkafka/rdkafka.h>
@@ -143,6 +152,180 @@ static int cmd_relay(int argc, char **argv)
     return rc;
 }
 
+/* ---- tail ---------------------------------------------------------- */
+
+struct seen {
+    struct seen *next;
+    long long last;
+    char subject[];
+};
+
+#define SEEN_BUCKETS 65536
+
+static struct seen *seen_get(struct seen **tab, const char *subject)
+{
+    unsigned long h = 5381;
+    struct seen *s;
+
+    for (const char *p = subject; *p; p++)
+        h = h * 33 + (unsigned char)*p;
+    for (s = tab[h % SEEN_BUCKETS]; s; s = s->next)
+        if (strcmp(s->subject, subject) == 0)
+            return s;
+    s = calloc(1, sizeof *s + strlen(subject) + 1);
+    if (s == NULL)
+        return NULL;
+    strcpy(s->subject, subject);
+    s->next = tab[h % SEEN_BUCKETS];
+    tab[h % SEEN_BUCKETS] = s;
+    return s;
+}
+
+static const char *hdr(rd_kafka_headers_t *h, const char *name, char *buf,
+                       size_t size)
+{
+    const void *v = NULL;
+    size_t n = 0;
+
+    if (h == NULL || rd_kafka_header_get_last(h, name, &v, &n) != 0 ||
+        v == NULL)
+        return NULL;
+    if (n >= size)
+        n = size - 1;
+    memcpy(buf, v, n);
+    buf[n] = '\0';
+    return buf;
+}
+
+static int cmd_tail(int argc, char **argv)
+{
+    const char *bootstrap = NULL, *topic = NULL;
+    int exit_at_end = 0;
+    long print = -1, records = 0, events = 0, dups = 0, bad = 0, subjects = 0;
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    const struct rd_kafka_metadata *md = NULL;
+    rd_kafka_topic_partition_list_t *parts;
+    struct seen **tab;
+    int64_t *high;
+    int32_t np;
+    int remaining = 0;
+    rd_kafka_topic_t *rkt;
+    rd_kafka_t *rk;
+    char err[512];
+
+    for (int i = 0; i < argc; i++) {
+        if (strcmp(argv[i], "--bootstrap") == 0 && i + 1 < argc)
+            bootstrap = argv[++i];
+        else if (strcmp(argv[i], "--topic") == 0 && i + 1 < argc)
+            topic = argv[++i];
+        else if (strcmp(argv[i], "--exit-at-end") == 0)
+            exit_at_end = 1;
+        else if (strcmp(argv[i], "--print") == 0 && i + 1 < argc)
+            print = strtol(argv[++i], NULL, 10);
+        else
+            return bad_usage("unknown tail argument '%s'", argv[i]);
+    }
+    if (bootstrap == NULL || topic == NULL)
+        return bad_usage("tail needs --bootstrap and --topic%s", "");
+    rd_kafka_conf_set(conf, "bootstrap.servers", bootstrap, err, sizeof err);
+    rd_kafka_conf_set(conf, "group.id", "deliveryevents-tail", err, sizeof err);
+    rd_kafka_conf_set(conf, "enable.auto.commit", "false", err, sizeof err);
+    rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err, sizeof err);
+    if (rk == NULL) {
+        fprintf(stderr, "deliveryevents: %s\n", err);
+        return 1;
+    }
+    rkt = rd_kafka_topic_new(rk, topic, NULL);
+    if (rd_kafka_metadata(rk, 0, rkt, &md, 10000) != 0 || md->topic_cnt != 1 ||
+        md->topics[0].err) {
+        fprintf(stderr, "deliveryevents: topic %s: %s\n", topic,
+                md ? rd_kafka_err2str(md->topics[0].err) : "no metadata");
+        return 1;
+    }
+    np = md->topics[0].partition_cnt;
+    rd_kafka_metadata_destroy(md);
+    rd_kafka_topic_destroy(rkt);
+    high = calloc((size_t)np, sizeof *high);
+    tab = calloc(SEEN_BUCKETS, sizeof *tab);
+    parts = rd_kafka_topic_partition_list_new(np);
+    for (int32_t p = 0; p < np; p++) {
+        int64_t lo = 0;
+        rd_kafka_query_watermark_offsets(rk, topic, p, &lo, &high[p], 10000);
+        if (high[p] > lo)
+            remaining++;
+        rd_kafka_topic_partition_list_add(parts, topic, p)->offset =
+            RD_KAFKA_OFFSET_BEGINNING;
+    }
+    rd_kafka_assign(rk, parts);
+    rd_kafka_topic_partition_list_destroy(parts);
+    catch_signals();
+    while (!stop_signal && !(exit_at_end && remaining == 0)) {
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 200);
+        rd_kafka_headers_t *h = NULL;
+        char subject[300], seqs[32], type[300], time[40];
+        struct seen *sn;
+        long long seq;
+        const char *what;
+        int gap = 0;
+
+        if (m == NULL)
+            continue;
+        if (m->err) {
+            rd_kafka_message_destroy(m);
+            continue;
+        }
+        records++;
+        rd_kafka_message_headers(m, &h);
+        if (!hdr(h, "ce_subject", subject, sizeof subject) ||
+            !hdr(h, "ce_subjectseq", seqs, sizeof seqs) ||
+            !hdr(h, "ce_type", type, sizeof type) ||
+            !hdr(h, "ce_time", time, sizeof time)) {
+            printf("p%d@%lld: not a deliveryevents record\n", (int)m->partition,
+                   (long long)m->offset);
+            bad++;
+        } else {
+            seq = strtoll(seqs, NULL, 10);
+            sn = seen_get(tab, subject);
+            if (sn && sn->last == 0)
+                subjects++;
+            what = "";
+            if (sn == NULL || seq == sn->last + 1) {
+                events++;
+                if (sn)
+                    sn->last = seq;
+            } else if (seq <= sn->last) {
+                dups++;
+                what = "  (duplicate: already seen)";
+            } else {
+                bad++;
+                gap = 1;
+                what = "  (GAP: an earlier event is missing)";
+            }
+            if (print < 0 || records <= print || gap)
+                printf("p%d@%-6lld %-10s #%-3lld %-28s %s %.*s%s\n",
+                       (int)m->partition, (long long)m->offset, subject, seq,
+                       type, time, (int)m->len, (const char *)m->payload, what);
+        }
+        if (m->offset + 1 == high[m->partition])
+            remaining--;
+        rd_kafka_message_destroy(m);
+    }
+    printf("tail: %ld records on %s: %ld events of %ld subjects in order, %ld "
+           "duplicates, %ld out of order or foreign\n",
+           records, topic, events, subjects, dups, bad);
+    rd_kafka_consumer_close(rk);
+    rd_kafka_destroy(rk);
+    free(high);
+    for (int i = 0; i < SEEN_BUCKETS; i++)
+        while (tab[i]) {
+            struct seen *n = tab[i]->next;
+            free(tab[i]);
+            tab[i] = n;
+        }
+    free(tab);
+    return bad ? 3 : 0;
+}
+
 static int cmd_mock_cluster(int argc, char **argv)
 {
     int brokers = 3, until_eof = 0;
@@ -223,6 +406,8 @@ int main(int argc, char **argv)
         return cmd_relay(argc - 2, argv + 2);
     if (strcmp(argv[1], "mock-cluster") == 0)
         return cmd_mock_cluster(argc - 2, argv + 2);
+    if (strcmp(argv[1], "tail") == 0)
+        return cmd_tail(argc - 2, argv + 2);
     if (strcmp(argv[1], "--version") == 0) {
         printf("deliveryevents %s (librdkafka %s, SQLite %s)\n", de_version(),
                rd_kafka_version_str(), sqlite3_libversion());
