@@ -75,7 +75,7 @@ BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 
 .PHONY: all deps check check-suites check-header check-exports \
         check-install check-asan check-tsan demo bench examples install \
-        uninstall clean format format-check
+        uninstall clean format format-check mock-reorder-experiment
 
 TOOL := $(BUILD)/deliveryevents
 
@@ -205,6 +205,15 @@ check-install: all
 
 check: check-header check-exports check-suites check-install
 
+# Evidence for docs/TESTING.md: the mock cluster's re-ordering, with plain
+# librdkafka and none of our code.
+mock-reorder-experiment: $(BUILD)/.deps
+	@mkdir -p $(BUILD)/experiments
+	$(CC) -std=c11 -D_GNU_SOURCE -O2 -Wall -Wextra -o \
+	    $(BUILD)/experiments/mock_reorder tests/experiments/mock_reorder.c \
+	    $$(pkg-config --cflags --libs rdkafka)
+	$(BUILD)/experiments/mock_reorder 10
+
 check-asan:
 	$(MAKE) BUILD=build-asan \
 	    SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer" \
@@ -244,6 +253,7 @@ uninstall:
 # ---- housekeeping ----------------------------------------------------------
 
 FORMAT_SRCS = $(wildcard include/*.h lib/*.c lib/*.h tests/*.c tests/util/*.[ch] \
+              tests/experiments/*.c \
               examples/*.c bench/*.[ch] tools/*.c)
 
 format:
