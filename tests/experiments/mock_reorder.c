@@ -63,20 +63,18 @@ static void run(int rounds)
     p = rd_kafka_new(RD_KAFKA_PRODUCER, c, err, sizeof err);
     for (int r = 0; r < rounds; r++) {
         /* The next three produce requests drop their connection. */
-        rd_kafka_mock_push_request_errors(mc, 0, 3,
-                                          RD_KAFKA_RESP_ERR__TRANSPORT,
-                                          RD_KAFKA_RESP_ERR__TRANSPORT,
-                                          RD_KAFKA_RESP_ERR__TRANSPORT);
+        rd_kafka_mock_push_request_errors(
+            mc, 0, 3, RD_KAFKA_RESP_ERR__TRANSPORT,
+            RD_KAFKA_RESP_ERR__TRANSPORT, RD_KAFKA_RESP_ERR__TRANSPORT);
         for (int i = 0; i < 2; i++)
             for (int k = 0; k < KEYS; k++) {
                 char key[16], val[16];
                 snprintf(key, sizeof key, "K-%02d", k);
                 snprintf(val, sizeof val, "%d", ++next[k]);
-                rd_kafka_producev(p, RD_KAFKA_V_TOPIC("t"),
-                                  RD_KAFKA_V_KEY(key, strlen(key)),
-                                  RD_KAFKA_V_VALUE(val, strlen(val)),
-                                  RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
-                                  RD_KAFKA_V_END);
+                rd_kafka_producev(
+                    p, RD_KAFKA_V_TOPIC("t"), RD_KAFKA_V_KEY(key, strlen(key)),
+                    RD_KAFKA_V_VALUE(val, strlen(val)),
+                    RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END);
                 rd_kafka_poll(p, 0);
                 usleep(50);
             }
@@ -118,8 +116,8 @@ static void run(int rounds)
         }
         rd_kafka_message_destroy(m);
     }
-    printf("records %d, duplicates %d, ahead of an earlier record %d\n",
-           total, dups, ahead);
+    printf("records %d, duplicates %d, ahead of an earlier record %d\n", total,
+           dups, ahead);
     rd_kafka_consumer_close(cons);
     rd_kafka_destroy(cons);
     rd_kafka_destroy(p);
