@@ -422,6 +422,155 @@ DE_EXTERN de_err de_relay_stats_get(de_relay *r, de_relay_stats *out);
  */
 DE_EXTERN de_err de_relay_retry_blocked(de_relay *r);
 
+/* --------------------------------------------------------------------- */
+/* Consumer                                                               */
+/* --------------------------------------------------------------------- */
+
+/**
+ * One event as a handler sees it.  Every string is NUL-terminated and
+ * borrowed: valid only during the handler call.
+ */
+typedef struct de_event_view {
+    const char *event_id;     /* ce_id                                     */
+    const char *subject_type; /* ce_subjecttype, e.g. "delivery"           */
+    const char *subject_id;   /* the key, e.g. "D-1001"                    */
+    const char *action;       /* ce_action, e.g. "assigned"                */
+    const char *type;       /* ce_type, e.g. "com.example.delivery.assigned" */
+    const char *source;     /* ce_source                                 */
+    const char *payload;    /* the JSON object, NUL-terminated           */
+    size_t payload_len;     /* its length in bytes, without the NUL      */
+    int64_t occurred_at_ms; /* ce_time (also the record timestamp)       */
+    int64_t subject_seq;    /* ce_subjectseq: 1, 2, 3, ... per subject   */
+    const char *topic;      /* where it was read                         */
+    int32_t partition;
+    int64_t offset;
+    const char *traceparent; /* NULL when the event carried none          */
+    const char *tracestate;  /* NULL when the event carried none          */
+} de_event_view;
+
+/**
+ * Applies one event.  Runs on the thread calling de_consumer_poll() (or
+ * de_consumer_release()/de_consumer_skip()), inside a transaction on the
+ * consumer's connection `db` that also records the event as applied:
+ * write the event's effects with `db` and they commit together with that
+ * record -- or not at all.
+ *
+ * The handler must not BEGIN, COMMIT or ROLLBACK (a SAVEPOINT of its own
+ * is fine) and must not call back into the consumer.  Effects outside the
+ * database (sending an e-mail) are at-least-once: record them in a table
+ * and act on the table, as examples/notifier.c does.
+ *
+ * @return DE_OK to apply; any other value rolls the event's effects back,
+ *         and the event is retried with backoff, then dead-lettered after
+ *         consumer.max.attempts (see docs/CONSUMER.md).
+ */
+typedef de_err (*de_handler_fn)(sqlite3 *db, const de_event_view *ev,
+                                void *ctx);
+
+/**
+ * A consumer: a librdkafka consumer-group member that applies each event
+ * exactly once, in per-subject order, into its own SQLite database.
+ * Used from one thread at a time.
+ */
+typedef struct de_consumer de_consumer;
+
+/**
+ * Opens a consumer on `db`, creating its tables (de_inbox, the last
+ * applied ce_subjectseq per subject, and de_dead_letter).  Several
+ * consumers of one group may share the database file (one connection
+ * each); they then share the inbox, which keeps effects exactly-once
+ * across rebalances.
+ *
+ * @param db    the consumer's own connection, to a database file; borrowed
+ *              until de_consumer_close().  Switched to WAL, given a busy
+ *              timeout if it has none.
+ * @param conf  configuration; `group.id` is required, `consumer.topics` is
+ *              optional (default: the topics of the subject types given to
+ *              de_consumer_on(), by topic.template).  Copied.
+ * @param out   receives the consumer; NULL on failure.
+ * @return DE_OK; DE_ERR_ARG; DE_ERR_CONFIG (no group.id, a property the
+ *         consumer must own such as enable.auto.commit=true, or one
+ *         librdkafka refuses); DE_ERR_STATE (inside a transaction, or a
+ *         newer schema); DE_ERR_DB; DE_ERR_NOMEM.
+ */
+DE_EXTERN de_err de_consumer_open(sqlite3 *db, const de_conf *conf,
+                                  de_consumer **out);
+
+/**
+ * Registers a handler for events of `subject_type` with `action` (NULL:
+ * any action of that type).  A specific action wins over NULL; an event
+ * without a handler is recorded as applied and otherwise ignored.  Call
+ * before the first de_consumer_poll().
+ *
+ * @return DE_OK; DE_ERR_ARG (bad identifier, NULL fn, a second handler for
+ *         the same pair); DE_ERR_STATE (after the first poll); DE_ERR_NOMEM.
+ */
+DE_EXTERN de_err de_consumer_on(de_consumer *c, const char *subject_type,
+                                const char *action, de_handler_fn fn,
+                                void *ctx);
+
+/**
+ * Reads the events available within timeout_ms (the first call also joins
+ * the group) and applies them: several per SQLite transaction, each once,
+ * in per-subject order, then commits their Kafka offsets.
+ *
+ * @param c           the consumer.
+ * @param timeout_ms  how long to wait for the first event.
+ * @param handled     receives the number of events applied (duplicates
+ *                    and parked events not counted); may be NULL.
+ * @return DE_OK (also when nothing arrived); DE_ERR_DB when the database
+ *         failed (nothing of the batch was applied; it is read again);
+ *         DE_ERR_KAFKA for a fatal consumer error.
+ */
+DE_EXTERN de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled);
+
+/**
+ * Retries a parked subject now: its dead-lettered event, then the events
+ * that waited behind it, in order.  If the handler fails again the subject
+ * stays parked.
+ *
+ * @return DE_OK (also when the subject was not parked); DE_ERR_ARG;
+ *         DE_ERR_DB.  The handler's own failure is not an error here; see
+ *         de_consumer_stats_get().
+ */
+DE_EXTERN de_err de_consumer_release(de_consumer *c, const char *subject_type,
+                                     const char *subject_id);
+
+/**
+ * Drops a parked subject's dead-lettered event (kept in de_dead_letter,
+ * marked skipped) and applies the events that waited behind it, in order,
+ * as if it had been applied.
+ *
+ * @return as de_consumer_release().
+ */
+DE_EXTERN de_err de_consumer_skip(de_consumer *c, const char *subject_type,
+                                  const char *subject_id);
+
+/** A snapshot of a consumer's counters; fields are only added at the end. */
+typedef struct de_consumer_stats {
+    uint64_t applied;         /* events applied (handler ran and committed) */
+    uint64_t duplicates;      /* events already applied, skipped            */
+    uint64_t gaps;            /* events that came after a missing one       */
+    uint64_t retries;         /* handler failures retried                   */
+    uint64_t dead_lettered;   /* events parked after consumer.max.attempts  */
+    uint64_t foreign;         /* records that are not ours, parked          */
+    uint64_t parked_subjects; /* subjects waiting behind a dead letter      */
+    uint64_t batches;         /* SQLite transactions committed              */
+} de_consumer_stats;
+
+/** Fills *out.  @return DE_OK or DE_ERR_ARG. */
+DE_EXTERN de_err de_consumer_stats_get(de_consumer *c, de_consumer_stats *out);
+
+/**
+ * Commits what was applied, leaves the group (so that its partitions move
+ * at once) and frees the consumer.  The connection stays open.
+ *
+ * @param c  the consumer; NULL is a no-op.
+ * @return DE_OK, or the failure of the final commit (nothing is lost:
+ *         uncommitted offsets are read again and the inbox absorbs them).
+ */
+DE_EXTERN de_err de_consumer_close(de_consumer *c);
+
 #ifdef __cplusplus
 }
 #endif

@@ -26,6 +26,8 @@ typedef de_err (*check_fn)(const char *key, const char *value);
 static de_err check_topic_template(const char *key, const char *value);
 static de_err check_source(const char *key, const char *value);
 static de_err check_type_prefix(const char *key, const char *value);
+static de_err check_gap(const char *key, const char *value);
+static de_err check_topics(const char *key, const char *value);
 
 static const struct keydef {
     const char *name;
@@ -61,6 +63,18 @@ static const struct keydef {
                                       10, 86400000, NULL},
     [DE__K_RELAY_CLEANUP_INTERVAL_MS] = {"relay.cleanup.interval.ms", "1000",
                                          T_INT, 10, 86400000, NULL},
+    [DE__K_CONSUMER_TOPICS] = {"consumer.topics", "", T_STR, 0, 0,
+                               check_topics},
+    [DE__K_CONSUMER_ON_GAP] = {"consumer.on.gap", "park", T_STR, 0, 0,
+                               check_gap},
+    [DE__K_CONSUMER_MAX_ATTEMPTS] = {"consumer.max.attempts", "5", T_INT, 1,
+                                     1000, NULL},
+    [DE__K_CONSUMER_RETRY_BACKOFF_MS] = {"consumer.retry.backoff.ms", "100",
+                                         T_INT, 0, 3600000, NULL},
+    [DE__K_CONSUMER_RETRY_BACKOFF_MAX_MS] = {"consumer.retry.backoff.max.ms",
+                                             "5000", T_INT, 0, 3600000, NULL},
+    [DE__K_CONSUMER_BATCH_SIZE] = {"consumer.batch.size", "500", T_INT, 1,
+                                   100000, NULL},
 };
 
 struct rk_prop {
@@ -162,6 +176,46 @@ static de_err check_type_prefix(const char *key, const char *value)
                         "[A-Za-z0-9._-], e.g. 'com.example.'",
                         key, de__quote(q, sizeof q, value, -1),
                         DE__TYPE_PREFIX_MAX);
+    return DE_OK;
+}
+
+static de_err check_gap(const char *key, const char *value)
+{
+    char q[DE__QUOTE_MAX];
+
+    if (strcmp(value, "park") != 0 && strcmp(value, "apply") != 0)
+        return de__fail(DE_ERR_CONFIG, "%s %s must be park or apply", key,
+                        de__quote(q, sizeof q, value, -1));
+    return DE_OK;
+}
+
+/* A comma-separated list of topic names (empty: derive from handlers). */
+static de_err check_topics(const char *key, const char *value)
+{
+    char q[DE__QUOTE_MAX];
+    size_t run = 0;
+
+    for (const char *p = value;; p++) {
+        if (*p == ',' || *p == '\0') {
+            if (run == 0 && (*p == ',' || p != value))
+                return de__fail(DE_ERR_CONFIG, "%s %s has an empty topic name",
+                                key, de__quote(q, sizeof q, value, -1));
+            if (run > 249)
+                return de__fail(DE_ERR_CONFIG,
+                                "%s %s has a topic name over 249 characters",
+                                key, de__quote(q, sizeof q, value, -1));
+            run = 0;
+            if (*p == '\0')
+                break;
+            continue;
+        }
+        if (!topic_char(*p))
+            return de__fail(DE_ERR_CONFIG,
+                            "%s %s is not a comma-separated list of topic "
+                            "names ([A-Za-z0-9._-])",
+                            key, de__quote(q, sizeof q, value, -1));
+        run++;
+    }
     return DE_OK;
 }
 

@@ -11,7 +11,9 @@
  */
 #include "internal.h"
 
+#include <jansson.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* A record batch's fixed header (Kafka message format v2). */
@@ -160,4 +162,161 @@ rd_kafka_headers_t *de__envelope_headers(const de__row *row, int64_t seq,
         return NULL;
     }
     return h;
+}
+
+/* ---- decoding, for consumers ------------------------------------------ */
+
+void de__decoded_free(de__decoded *d)
+{
+    free(d->buf);
+    d->buf = NULL;
+    d->cap = 0;
+}
+
+/* Copies n bytes plus a NUL into d->buf at *off; returns the copy. */
+static const char *stash(de__decoded *d, size_t *off, const void *p, size_t n)
+{
+    char *dst = d->buf + *off;
+
+    memcpy(dst, p, n);
+    dst[n] = '\0';
+    *off += n + 1;
+    return dst;
+}
+
+struct hval {
+    const void *p;
+    size_t n;
+};
+
+static bool get_header(rd_kafka_headers_t *h, const char *name, struct hval *v)
+{
+    v->p = NULL;
+    v->n = 0;
+    return h != NULL &&
+           rd_kafka_header_get_last(h, name, &v->p, &v->n) ==
+               RD_KAFKA_RESP_ERR_NO_ERROR &&
+           v->p != NULL;
+}
+
+/* An identifier of [a-z][a-z0-9_]*, as de_record enforces. */
+static bool is_ident_n(const char *s, size_t n)
+{
+    if (n == 0 || n > DE__IDENT_MAX || s[0] < 'a' || s[0] > 'z')
+        return false;
+    for (size_t i = 1; i < n; i++)
+        if (!((s[i] >= 'a' && s[i] <= 'z') || (s[i] >= '0' && s[i] <= '9') ||
+              s[i] == '_'))
+            return false;
+    return true;
+}
+
+static bool parse_seq(const char *s, size_t n, int64_t *out)
+{
+    int64_t v = 0;
+
+    if (n == 0 || n > 18 || s[0] == '0')
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return false;
+        v = v * 10 + (s[i] - '0');
+    }
+    *out = v;
+    return true;
+}
+
+bool de__envelope_decode(const rd_kafka_message_t *m, de__decoded *d, char *why,
+                         size_t why_size)
+{
+    rd_kafka_headers_t *h = NULL;
+    struct hval spec, id, seq, stype, action, type, source, tp, ts;
+    rd_kafka_timestamp_type_t tst;
+    de_event_view *v = &d->view;
+    json_error_t jerr;
+    json_t *root;
+    size_t need, off = 0;
+    int64_t seqv;
+
+    rd_kafka_message_headers(m, &h);
+    if (!get_header(h, DE__H_SPECVERSION, &spec) || spec.n != 3 ||
+        memcmp(spec.p, "1.0", 3) != 0) {
+        snprintf(why, why_size,
+                 "no ce_specversion 1.0 header: not a "
+                 "CloudEvents record of ours");
+        return false;
+    }
+    if (!get_header(h, DE__H_ID, &id) || id.n == 0) {
+        snprintf(why, why_size, "no ce_id header");
+        return false;
+    }
+    if (!get_header(h, DE__H_SUBJECTSEQ, &seq) ||
+        !parse_seq(seq.p, seq.n, &seqv)) {
+        snprintf(why, why_size,
+                 "ce_subjectseq missing or not a positive "
+                 "decimal");
+        return false;
+    }
+    if (!get_header(h, DE__H_SUBJECTTYPE, &stype) ||
+        !is_ident_n(stype.p, stype.n)) {
+        snprintf(why, why_size,
+                 "ce_subjecttype missing or not an "
+                 "identifier");
+        return false;
+    }
+    if (!get_header(h, DE__H_ACTION, &action) ||
+        !is_ident_n(action.p, action.n)) {
+        snprintf(why, why_size, "ce_action missing or not an identifier");
+        return false;
+    }
+    if (m->key == NULL || m->key_len == 0 ||
+        !de__is_clean_utf8(m->key, m->key_len)) {
+        snprintf(why, why_size, "no key (the subject id)");
+        return false;
+    }
+    if (m->payload == NULL) {
+        snprintf(why, why_size, "no value (the payload)");
+        return false;
+    }
+    root = json_loadb(m->payload, m->len, JSON_ALLOW_NUL, &jerr);
+    if (root == NULL || !json_is_object(root)) {
+        json_decref(root);
+        snprintf(why, why_size, "the value is not a JSON object%s%s",
+                 root == NULL ? ": " : "", root == NULL ? jerr.text : "");
+        return false;
+    }
+    json_decref(root);
+    get_header(h, DE__H_TYPE, &type);
+    get_header(h, DE__H_SOURCE, &source);
+    get_header(h, DE__H_TRACEPARENT, &tp);
+    get_header(h, DE__H_TRACESTATE, &ts);
+
+    need = id.n + stype.n + action.n + m->key_len + type.n + source.n + m->len +
+           tp.n + ts.n + strlen(rd_kafka_topic_name(m->rkt)) + 16;
+    if (need > d->cap) {
+        char *nb = realloc(d->buf, need);
+        if (nb == NULL) {
+            snprintf(why, why_size, "out of memory");
+            return false;
+        }
+        d->buf = nb;
+        d->cap = need;
+    }
+    v->event_id = stash(d, &off, id.p, id.n);
+    v->subject_type = stash(d, &off, stype.p, stype.n);
+    v->action = stash(d, &off, action.p, action.n);
+    v->subject_id = stash(d, &off, m->key, m->key_len);
+    v->type = stash(d, &off, type.p ? type.p : "", type.n);
+    v->source = stash(d, &off, source.p ? source.p : "", source.n);
+    v->payload = stash(d, &off, m->payload, m->len);
+    v->payload_len = m->len;
+    v->traceparent = tp.p ? stash(d, &off, tp.p, tp.n) : NULL;
+    v->tracestate = ts.p ? stash(d, &off, ts.p, ts.n) : NULL;
+    v->topic = stash(d, &off, rd_kafka_topic_name(m->rkt),
+                     strlen(rd_kafka_topic_name(m->rkt)));
+    v->subject_seq = seqv;
+    v->occurred_at_ms = rd_kafka_message_timestamp(m, &tst);
+    v->partition = m->partition;
+    v->offset = m->offset;
+    return true;
 }

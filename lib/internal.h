@@ -55,6 +55,12 @@ typedef enum {
     DE__K_RELAY_LEASE_TIMEOUT_MS,
     DE__K_RELAY_BLOCKED_RETRY_MS,
     DE__K_RELAY_CLEANUP_INTERVAL_MS,
+    DE__K_CONSUMER_TOPICS,
+    DE__K_CONSUMER_ON_GAP,
+    DE__K_CONSUMER_MAX_ATTEMPTS,
+    DE__K_CONSUMER_RETRY_BACKOFF_MS,
+    DE__K_CONSUMER_RETRY_BACKOFF_MAX_MS,
+    DE__K_CONSUMER_BATCH_SIZE,
     DE__K_COUNT
 } de__key;
 
@@ -187,10 +193,33 @@ void de__envelope_type(char *buf, size_t size, const char *prefix,
 void de__topic_name(char *buf, size_t size, const char *template_,
                     const char *subject_type);
 
+/* A record decoded by de__envelope_decode: a de_event_view whose strings
+ * live in buf (NUL-terminated copies). */
+typedef struct de__decoded {
+    de_event_view view;
+    char *buf;
+    size_t cap;
+} de__decoded;
+
+/* Decodes one of our records; on failure returns false and writes why
+ * (naming the bad header) into why.  The payload must be a JSON object. */
+bool de__envelope_decode(const rd_kafka_message_t *m, de__decoded *d, char *why,
+                         size_t why_size);
+void de__decoded_free(de__decoded *d);
+
 /* ---- SQLite helpers (schema.c) -------------------------------------- */
 
 /* Runs SQL without results; DE_ERR_DB with the message set on failure. */
 de_err de__exec(sqlite3 *db, const char *sql);
+
+/* Switches db's main database to WAL (outside a transaction). */
+de_err de__set_wal(sqlite3 *db);
+
+/* Gives db a busy timeout of ms unless it has one (ms <= 0: leave it). */
+void de__ensure_busy_timeout(sqlite3 *db, int64_t ms);
+
+/* The first column of a one-row query; 0 if it has none. */
+int64_t de__query_int(sqlite3 *db, const char *sql);
 
 /* The outbox schema version this library writes. */
 #define DE__OUTBOX_SCHEMA_VERSION 1

@@ -45,55 +45,6 @@ static const char insert_sql[] =
     "version, occurred_at_ms, recorded_at_ms, payload, traceparent, "
     "tracestate) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 
-/* Switches the main database to WAL; it must not be in a transaction. */
-static de_err set_wal(sqlite3 *db)
-{
-    sqlite3_stmt *st = NULL;
-    de_err err = DE_OK;
-    const char *mode;
-
-    if (sqlite3_prepare_v2(db, "PRAGMA main.journal_mode=WAL", -1, &st, NULL) !=
-        SQLITE_OK)
-        return de__fail_db(db, "cannot switch the database to WAL");
-    if (sqlite3_step(st) != SQLITE_ROW) {
-        err = de__fail_db(db, "cannot switch the database to WAL");
-        goto done;
-    }
-    mode = (const char *)sqlite3_column_text(st, 0);
-    if (mode == NULL || sqlite3_stricmp(mode, "wal") != 0)
-        err = de__fail(DE_ERR_DB,
-                       "database '%s' stayed in journal mode '%s'; the "
-                       "outbox needs WAL so that the relay can read beside "
-                       "the host's writers",
-                       sqlite3_db_filename(db, "main"), mode ? mode : "?");
-done:
-    sqlite3_finalize(st);
-    return err;
-}
-
-/* The first column of a one-row PRAGMA; 0 if it has none. */
-static int64_t query_int(sqlite3 *db, const char *sql)
-{
-    sqlite3_stmt *st = NULL;
-    int64_t v = 0;
-
-    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK &&
-        sqlite3_step(st) == SQLITE_ROW)
-        v = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
-    return v;
-}
-
-/* A connection without a busy timeout fails with SQLITE_BUSY the moment
- * the relay writes (deleting published rows); give it one unless the host
- * chose its own.  PRAGMA busy_timeout reads 0 both for "none" and for a
- * custom busy handler, which this would replace: see docs/OVERVIEW.md. */
-static void ensure_busy_timeout(sqlite3 *db, int64_t ms)
-{
-    if (ms > 0 && query_int(db, "PRAGMA busy_timeout") == 0)
-        sqlite3_busy_timeout(db, (int)ms);
-}
-
 de__link *de__link_new(int wake_fd)
 {
     de__link *l = calloc(1, sizeof *l);
@@ -239,13 +190,13 @@ de_err de_outbox_open(sqlite3 *db, const de_conf *conf, de_outbox **out)
         goto fail;
     }
     ob->max_bytes = de__conf_int(ob->conf, DE__K_EVENT_MAX_BYTES);
-    if ((err = set_wal(db)) != DE_OK)
+    if ((err = de__set_wal(db)) != DE_OK)
         goto fail;
-    ensure_busy_timeout(db,
-                        de__conf_int(ob->conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS));
+    de__ensure_busy_timeout(
+        db, de__conf_int(ob->conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS));
     if ((err = de__outbox_schema_ensure(db)) != DE_OK)
         goto fail;
-    ob->ckpt_threshold = (int)query_int(db, "PRAGMA wal_autocheckpoint");
+    ob->ckpt_threshold = (int)de__query_int(db, "PRAGMA wal_autocheckpoint");
     if (sqlite3_prepare_v3(db, insert_sql, -1, SQLITE_PREPARE_PERSISTENT,
                            &ob->insert, NULL) != SQLITE_OK) {
         err = de__fail_db(db, "cannot prepare the outbox insert");

@@ -1363,7 +1363,8 @@ static de_err activate(de_relay *r)
     r->active = true;
     r->lease_lost = false;
     r->need_restart = false;
-    r->next_ckpt_us = r->next_cleanup_us = de__mono_us();
+    r->next_cleanup_us = de__mono_us();
+    r->next_ckpt_us = r->next_cleanup_us + r->ckpt_ms * 1000;
     rlog(r, DE_LOG_NOTICE,
          "active (lease taken); publishing from position %lld, %lld events "
          "held back behind %zu blocked subjects",

@@ -47,6 +47,53 @@ de_err de__exec(sqlite3 *db, const char *sql)
     return DE_OK;
 }
 
+de_err de__set_wal(sqlite3 *db)
+{
+    sqlite3_stmt *st = NULL;
+    de_err err = DE_OK;
+    const char *mode;
+
+    if (sqlite3_prepare_v2(db, "PRAGMA main.journal_mode=WAL", -1, &st, NULL) !=
+        SQLITE_OK)
+        return de__fail_db(db, "cannot switch the database to WAL");
+    if (sqlite3_step(st) != SQLITE_ROW) {
+        err = de__fail_db(db, "cannot switch the database to WAL");
+        goto done;
+    }
+    mode = (const char *)sqlite3_column_text(st, 0);
+    if (mode == NULL || sqlite3_stricmp(mode, "wal") != 0)
+        err = de__fail(DE_ERR_DB,
+                       "database '%s' stayed in journal mode '%s'; the "
+                       "library needs WAL so that its readers and the "
+                       "host's writers do not block each other",
+                       sqlite3_db_filename(db, "main"), mode ? mode : "?");
+done:
+    sqlite3_finalize(st);
+    return err;
+}
+
+int64_t de__query_int(sqlite3 *db, const char *sql)
+{
+    sqlite3_stmt *st = NULL;
+    int64_t v = 0;
+
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW)
+        v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
+/* A connection without a busy timeout fails with SQLITE_BUSY the moment
+ * another connection writes; give it one unless the host chose its own.
+ * PRAGMA busy_timeout reads 0 both for "none" and for a custom busy
+ * handler, which this would replace: see docs/OVERVIEW.md. */
+void de__ensure_busy_timeout(sqlite3 *db, int64_t ms)
+{
+    if (ms > 0 && de__query_int(db, "PRAGMA busy_timeout") == 0)
+        sqlite3_busy_timeout(db, (int)ms);
+}
+
 /* The stored schema version; 0 when the library's tables do not exist. */
 static de_err read_version(sqlite3 *db, int64_t *version)
 {

@@ -82,6 +82,21 @@ int64_t tu_query_int(sqlite3 *db, const char *sql)
     return v;
 }
 
+const char *tu_query_text(sqlite3 *db, const char *sql)
+{
+    static char buf[4096];
+    sqlite3_stmt *st = NULL;
+    const unsigned char *t;
+
+    ck_assert_msg(sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK,
+                  "prepare %s: %s", sql, sqlite3_errmsg(db));
+    ck_assert_msg(sqlite3_step(st) == SQLITE_ROW, "no row from %s", sql);
+    t = sqlite3_column_text(st, 0);
+    snprintf(buf, sizeof buf, "%s", t ? (const char *)t : "");
+    sqlite3_finalize(st);
+    return buf;
+}
+
 int tu_run(Suite *s)
 {
     SRunner *sr = srunner_create(s);

@@ -31,6 +31,9 @@ void tu_exec(sqlite3 *db, const char *sql);
 /* The single integer result of a query; fails the test on error. */
 int64_t tu_query_int(sqlite3 *db, const char *sql);
 
+/* The single text result of a query in a static buffer ("" for NULL). */
+const char *tu_query_text(sqlite3 *db, const char *sql);
+
 /* Asserts a de_err and, when substr is not NULL, that de_errmsg() contains
  * it. */
 void tu_check_err(de_err got, de_err want, const char *substr, const char *expr,
