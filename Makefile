@@ -67,7 +67,7 @@ SAN_EXTRA ?=
 TEST_SRCS  := $(sort $(wildcard tests/check_*.c))
 TEST_BINS  := $(TEST_SRCS:tests/%.c=$(BUILD)/tests/%)
 
-EXAMPLES := delivery_service
+EXAMPLES := delivery_service query_model notifier live_stats
 EXAMPLE_BINS := $(EXAMPLES:%=$(BUILD)/examples/%)
 
 BENCH_SRCS := $(sort $(wildcard bench/bench_*.c))
@@ -136,10 +136,11 @@ USER_PKG = PKG_CONFIG_PATH=$(abspath $(dir $(PCUNINST)))$${PKG_CONFIG_PATH:+:$$P
            pkg-config
 USER_CFLAGS = -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror $(SAN)
 
-$(BUILD)/examples/%: examples/%.c $(SHLIB) $(PCUNINST)
+$(BUILD)/examples/%: examples/%.c examples/example.h $(SHLIB) $(PCUNINST)
 	@mkdir -p $(dir $@)
 	$(CC) $(USER_CFLAGS) $(CFLAGS) $$($(USER_PKG) --cflags deliveryevents) \
-	    $(LDFLAGS) -o $@ $< $$($(USER_PKG) --libs deliveryevents)
+	    $(LDFLAGS) -o $@ $< $(SAN_EXTRA) \
+	    $$($(USER_PKG) --libs deliveryevents) $(if $(SAN_EXTRA),-lrdkafka)
 
 $(BUILD)/bench/%: bench/%.c bench/bench.h $(STLIB) $(PCUNINST)
 	@mkdir -p $(dir $@)
@@ -173,9 +174,10 @@ $(BUILD)/tests/%: tests/%.c $(TEST_UTIL_SRCS) $(wildcard tests/util/*.h) $(STLIB
 	    $(LDFLAGS) -o $@ $< $(TEST_UTIL_SRCS) $(SAN_EXTRA) $(STLIB) \
 	    $(PKG_LIBS) $(CHECK_LIBS) -pthread
 
-check-suites: $(TEST_BINS) $(TOOL)
+check-suites: $(TEST_BINS) $(TOOL) $(EXAMPLE_BINS)
 	@fail=0; for t in $(TEST_BINS); do \
-	  echo "== $$t"; DE_TOOL=$(abspath $(TOOL)) $$t || fail=1; \
+	  echo "== $$t"; $(RUN_ENV) DE_TOOL=$(abspath $(TOOL)) \
+	    DE_EXAMPLES=$(abspath $(BUILD)/examples) $$t || fail=1; \
 	done; exit $$fail
 
 # The public header compiles alone, as C11 and as C++, pedantically.

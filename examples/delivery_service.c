@@ -196,7 +196,8 @@ static int create_delivery(struct service *s, int n)
         return -1;
     return change(s, id, "created", payload,
                   "INSERT INTO deliveries(id, order_id, region, status, "
-                  "updated_at) VALUES (?1, ?2, ?3, 'created', ?4)",
+                  "created_at, updated_at) VALUES (?1, ?2, ?3, 'created', "
+                  "?4, ?4)",
                   "ttti", id, order, region, s->clock_ms);
 }
 
@@ -208,7 +209,8 @@ static int assign(struct service *s, const char *id)
     snprintf(payload, sizeof payload, "{\"rider_id\":\"%s\"}", rider);
     return change(s, id, "assigned", payload,
                   "UPDATE deliveries SET status = 'assigned', rider_id = ?2, "
-                  "updated_at = ?3 WHERE id = ?1 AND status = 'created'",
+                  "assigned_at = ?3, updated_at = ?3 WHERE id = ?1 AND status "
+                  "= 'created'",
                   "tti", id, rider, s->clock_ms);
 }
 
@@ -216,7 +218,8 @@ static int pick_up(struct service *s, const char *id)
 {
     return change(s, id, "picked_up", "{}",
                   "UPDATE deliveries SET status = 'picked_up', "
-                  "updated_at = ?2 WHERE id = ?1 AND status = 'assigned'",
+                  "picked_up_at = ?2, updated_at = ?2 WHERE id = ?1 AND status "
+                  "= 'assigned'",
                   "ti", id, s->clock_ms);
 }
 
@@ -224,7 +227,8 @@ static int deliver(struct service *s, const char *id)
 {
     return change(s, id, "delivered", "{}",
                   "UPDATE deliveries SET status = 'delivered', "
-                  "updated_at = ?2 WHERE id = ?1 AND status = 'picked_up'",
+                  "delivered_at = ?2, updated_at = ?2 WHERE id = ?1 AND status "
+                  "= 'picked_up'",
                   "ti", id, s->clock_ms);
 }
 
@@ -233,11 +237,12 @@ static int cancel(struct service *s, const char *id, const char *reason)
     char payload[128];
 
     snprintf(payload, sizeof payload, "{\"reason\":\"%s\"}", reason);
-    return change(s, id, "canceled", payload,
-                  "UPDATE deliveries SET status = 'canceled', "
-                  "updated_at = ?2 WHERE id = ?1 AND status IN "
-                  "('created', 'assigned')",
-                  "ti", id, s->clock_ms);
+    return change(
+        s, id, "canceled", payload,
+        "UPDATE deliveries SET status = 'canceled', "
+        "canceled_at = ?2, updated_at = ?2 WHERE id = ?1 AND status IN "
+        "('created', 'assigned')",
+        "ti", id, s->clock_ms);
 }
 
 static int schema(sqlite3 *db)
@@ -252,7 +257,9 @@ static int schema(sqlite3 *db)
                    "    REFERENCES orders(id),"
                    "  region TEXT NOT NULL, status TEXT NOT NULL,"
                    "  rider_id TEXT REFERENCES riders(id),"
-                   "  updated_at INTEGER NOT NULL);"
+                   "  created_at INTEGER, assigned_at INTEGER,"
+                   "  picked_up_at INTEGER, delivered_at INTEGER,"
+                   "  canceled_at INTEGER, updated_at INTEGER NOT NULL);"
                    "INSERT OR IGNORE INTO riders "
                    "  WITH RECURSIVE r(n) AS (SELECT 0 UNION ALL"
                    "    SELECT n + 1 FROM r WHERE n < 11)"

@@ -1,22 +1,30 @@
 #!/bin/sh
 # SPDX-License-Identifier: MIT
 # The demo behind `make demo`, on an embedded Kafka (librdkafka's mock
-# cluster, started by `deliveryevents mock-cluster`): the delivery service
-# records its events in its own transactions, its bundled relay publishes
-# them to Kafka as they commit, and `deliveryevents tail` reads the topic
-# back, checking every delivery's events arrived in order.
+# cluster, started by `deliveryevents mock-cluster`; no broker to install):
+#
+#   delivery_service --(its own transactions: state + event)--> SQLite
+#        relay (a thread in the service, woken by each commit) --> Kafka
+#   query_model, notifier, live_stats  <-- consume, each into its own SQLite
+#
+# and finally `deliveryevents tail` reads the topic back and checks every
+# delivery's events are there, in order.
 # Usage: demo.sh BUILD_DIR
 set -eu
 build=${1:?usage: demo.sh BUILD_DIR}
 tool="$build/deliveryevents"
+ex="$build/examples"
 work=$(mktemp -d "${TMPDIR:-/tmp}/de-demo-XXXXXX")
 mock_pid=
+pids=
 cleanup() {
+    for p in $pids; do kill "$p" 2>/dev/null || true; done
     exec 3>&- 2>/dev/null || true
     [ -n "$mock_pid" ] && wait "$mock_pid" 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
+start=$(date +%s)
 
 echo "== embedded Kafka: librdkafka's mock cluster, 3 brokers, topic delivery.events (6 partitions)"
 mkfifo "$work/mock.in"
@@ -33,11 +41,31 @@ bootstrap=$(sed -n 's/^bootstrap.servers=//p' "$work/mock.out")
 echo "   bootstrap.servers=$bootstrap"
 
 echo
-echo "== delivery service: 200 deliveries; every state change and its event in one transaction,"
-echo "   published by the relay inside the service as each transaction commits"
-"$build/examples/delivery_service" --db "$work/delivery.db" --deliveries 200 \
-    --bootstrap "$bootstrap" --latency
+echo "== consumers: query_model, notifier, live_stats join their groups (each with its own database)"
+for c in query_model notifier live_stats; do
+    "$ex/$c" --bootstrap "$bootstrap" --db "$work/$c.db" --until-idle 3000 \
+        > "$work/$c.out" 2>&1 &
+    pids="$pids $!"
+done
 
 echo
-echo "== reading delivery.events back from Kafka (first 12 records, then the order check)"
-"$tool" tail --bootstrap "$bootstrap" --topic delivery.events --exit-at-end --print 12
+echo "== delivery service: 200 deliveries; every state change and its event in one transaction,"
+echo "   published by the relay inside the service as each transaction commits"
+"$ex/delivery_service" --db "$work/delivery.db" --deliveries 200 \
+    --bootstrap "$bootstrap" --latency
+
+status=0
+for p in $pids; do wait "$p" || status=1; done
+pids=
+for c in query_model notifier live_stats; do
+    echo
+    echo "== $c"
+    cat "$work/$c.out"
+done
+[ $status -eq 0 ] || { echo "a consumer failed" >&2; exit 1; }
+
+echo
+echo "== reading delivery.events back from Kafka (first 6 records, then the order check)"
+"$tool" tail --bootstrap "$bootstrap" --topic delivery.events --exit-at-end --print 6
+echo
+echo "demo finished in $(( $(date +%s) - start )) s"

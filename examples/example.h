@@ -1,0 +1,179 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * example.h -- the command line and main loop shared by the consuming
+ * examples (query_model, notifier, live_stats), so that each of them
+ * shows only what is its own: its tables and its handlers.
+ *
+ * Usage of each: NAME --bootstrap SERVERS [--db PATH] [--group ID]
+ *                     [--until-idle MS] [-X key=value]...
+ * It consumes until SIGINT/SIGTERM, or with --until-idle until no event
+ * arrived for MS milliseconds (after it has applied at least one), then
+ * prints its report.
+ */
+#ifndef DE_EXAMPLE_H
+#define DE_EXAMPLE_H
+
+#include <deliveryevents.h>
+#include <sqlite3.h>
+
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+struct example {
+    const char *name;
+    const char *default_db;
+    const char *default_group;
+    /* Creates the example's tables; 0 on success. */
+    int (*schema)(sqlite3 *db);
+    /* Registers its handlers. */
+    de_err (*handlers)(de_consumer *c);
+    /* Prints what it built. */
+    void (*report)(sqlite3 *db);
+};
+
+static volatile sig_atomic_t example_stop;
+
+static void example_on_signal(int sig)
+{
+    (void)sig;
+    example_stop = 1;
+}
+
+static int64_t example_now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int example_exec(sqlite3 *db, const char *sql)
+{
+    char *err = NULL;
+
+    if (sqlite3_exec(db, sql, NULL, NULL, &err) != SQLITE_OK) {
+        fprintf(stderr, "%s\n", err ? err : sqlite3_errmsg(db));
+        sqlite3_free(err);
+        return -1;
+    }
+    return 0;
+}
+
+/* Prints the rows of a query as aligned columns (at most `limit`). */
+static void example_print(sqlite3 *db, const char *sql, int limit)
+{
+    sqlite3_stmt *st;
+    int n = 0, cols;
+
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK) {
+        fprintf(stderr, "%s: %s\n", sql, sqlite3_errmsg(db));
+        return;
+    }
+    cols = sqlite3_column_count(st);
+    for (int i = 0; i < cols; i++)
+        printf("%s%-14s", i ? " " : "  ", sqlite3_column_name(st, i));
+    printf("\n");
+    while (sqlite3_step(st) == SQLITE_ROW && n++ < limit) {
+        for (int i = 0; i < cols; i++) {
+            const unsigned char *t = sqlite3_column_text(st, i);
+            printf("%s%-14s", i ? " " : "  ", t ? (const char *)t : "-");
+        }
+        printf("\n");
+    }
+    sqlite3_finalize(st);
+}
+
+static void example_usage(const struct example *ex)
+{
+    fprintf(stderr,
+            "usage: %s --bootstrap SERVERS [--db PATH] [--group ID] "
+            "[--until-idle MS] [-X key=value]...\n",
+            ex->name);
+    exit(2);
+}
+
+static int example_main(const struct example *ex, int argc, char **argv)
+{
+    const char *path = ex->default_db, *group = ex->default_group;
+    int64_t idle_ms = -1, last = 0;
+    de_conf *conf = de_conf_new();
+    de_consumer *c = NULL;
+    de_consumer_stats st;
+    int handled, rc = 0;
+    sqlite3 *db = NULL;
+    int have_bootstrap = 0;
+
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--db") == 0 && i + 1 < argc) {
+            path = argv[++i];
+        } else if (strcmp(argv[i], "--group") == 0 && i + 1 < argc) {
+            group = argv[++i];
+        } else if (strcmp(argv[i], "--until-idle") == 0 && i + 1 < argc) {
+            idle_ms = strtol(argv[++i], NULL, 10);
+        } else if (strcmp(argv[i], "--bootstrap") == 0 && i + 1 < argc) {
+            have_bootstrap = 1;
+            if (de_conf_set(conf, "bootstrap.servers", argv[++i]) != DE_OK)
+                goto conf_fail;
+        } else if (strcmp(argv[i], "-X") == 0 && i + 1 < argc) {
+            char *kv = argv[++i], *eq = strchr(kv, '=');
+            if (eq == NULL)
+                example_usage(ex);
+            *eq = '\0';
+            if (de_conf_set(conf, kv, eq + 1) != DE_OK)
+                goto conf_fail;
+        } else {
+            example_usage(ex);
+        }
+    }
+    if (!have_bootstrap)
+        example_usage(ex);
+    if (de_conf_set(conf, "group.id", group) != DE_OK)
+        goto conf_fail;
+    signal(SIGINT, example_on_signal);
+    signal(SIGTERM, example_on_signal);
+    if (sqlite3_open(path, &db) != SQLITE_OK || ex->schema(db) != 0) {
+        fprintf(stderr, "%s: cannot set up %s: %s\n", ex->name, path,
+                sqlite3_errmsg(db));
+        return 1;
+    }
+    if (de_consumer_open(db, conf, &c) != DE_OK ||
+        ex->handlers(c) != DE_OK) {
+        fprintf(stderr, "%s: %s\n", ex->name, de_errmsg());
+        return 1;
+    }
+    de_conf_destroy(conf);
+    last = example_now_ms();
+    while (!example_stop) {
+        if (de_consumer_poll(c, 100, &handled) != DE_OK)
+            fprintf(stderr, "%s: %s\n", ex->name, de_errmsg());
+        de_consumer_stats_get(c, &st);
+        if (handled > 0)
+            last = example_now_ms();
+        if (idle_ms >= 0 && st.applied > 0 &&
+            example_now_ms() - last >= idle_ms)
+            break;
+    }
+    de_consumer_stats_get(c, &st);
+    printf("%s: applied %llu events in %llu transactions (%llu duplicates "
+           "skipped), %llu parked subjects, %llu foreign records\n",
+           ex->name, (unsigned long long)st.applied,
+           (unsigned long long)st.batches, (unsigned long long)st.duplicates,
+           (unsigned long long)st.parked_subjects,
+           (unsigned long long)st.foreign);
+    if (de_consumer_close(c) != DE_OK) {
+        fprintf(stderr, "%s: %s\n", ex->name, de_errmsg());
+        rc = 1;
+    }
+    ex->report(db);
+    sqlite3_close(db);
+    return rc;
+conf_fail:
+    fprintf(stderr, "%s: %s\n", ex->name, de_errmsg());
+    return 2;
+}
+
+#endif

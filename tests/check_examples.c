@@ -1,0 +1,181 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * check_examples.c -- the examples, end to end, on the mock cluster: the
+ * delivery service publishes through its relay, and the read model, the
+ * notifier and the live statistics -- each a separate program with its
+ * own database -- must agree with the service's own tables:
+ *
+ *  - query_model's delivery_status equals the service's deliveries;
+ *  - notifier queued exactly the messages the service's history implies;
+ *  - live_stats' stream windows equal a batch SQL aggregation over the
+ *    service's tables (event time, late events included as revisions).
+ */
+#include "kafka.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static char *dir;
+
+static void setup(void)
+{
+    dir = tu_mkdtemp();
+}
+
+static void teardown(void)
+{
+    tu_rmdir(dir);
+    dir = NULL;
+}
+
+static pid_t run(const char *prog, const char *a1, const char *a2,
+                 const char *a3, const char *a4, const char *a5, const char *a6)
+{
+    const char *exdir = getenv("DE_EXAMPLES");
+    char path[4200], out[4300];
+    pid_t pid;
+
+    ck_assert_msg(exdir != NULL, "DE_EXAMPLES (the examples' directory) "
+                                 "unset");
+    snprintf(path, sizeof path, "%s/%s", exdir, prog);
+    snprintf(out, sizeof out, "%s/%s.out", dir, prog);
+    pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        if (!freopen(out, "w", stdout))
+            _exit(126);
+        execl(path, prog, a1, a2, a3, a4, a5, a6, (char *)NULL);
+        _exit(127);
+    }
+    return pid;
+}
+
+static void finish(pid_t pid, const char *what)
+{
+    int status;
+
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                  "%s exited with status %d", what, status);
+}
+
+/* Rows of `a` not in `b`, both queries over the attached databases. */
+static int64_t differ(sqlite3 *db, const char *a, const char *b)
+{
+    char sql[8192];
+
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM (SELECT * FROM (%s) EXCEPT SELECT * FROM "
+             "(%s))",
+             a, b);
+    return tu_query_int(db, sql);
+}
+
+START_TEST(examples_agree_with_the_service)
+{
+    tu_cluster *c = tu_cluster_new(0, 3);
+    const char *topic = NULL;
+    pid_t svc, q, n, s;
+    sqlite3 *db;
+    char sql[1024];
+    static const char stream[] =
+        "SELECT window_start_ms, region, created, delivered, canceled, "
+        "delivery_ms_sum, delivery_ms_n FROM ls.window_stats";
+    static const char batch[] =
+        "WITH ev AS ("
+        "  SELECT region, created_at AS t, 1 AS c, 0 AS d, 0 AS x,"
+        "         0 AS ms, 0 AS n FROM svc.deliveries"
+        "  UNION ALL SELECT region, delivered_at, 0, 1, 0,"
+        "         delivered_at - assigned_at, 1 FROM svc.deliveries"
+        "         WHERE delivered_at IS NOT NULL"
+        "  UNION ALL SELECT region, canceled_at, 0, 0, 1, 0, 0"
+        "         FROM svc.deliveries WHERE canceled_at IS NOT NULL)"
+        "SELECT t - t % 60000, region, sum(c), sum(d), sum(x), sum(ms),"
+        "       sum(n) FROM ev GROUP BY 1, 2";
+
+    /* The service's topic (its default template). */
+    ck_assert_int_eq(
+        rd_kafka_mock_topic_create(c->mock, "delivery.events", 6, 1), 0);
+    (void)topic;
+    q = run("query_model", "--bootstrap", c->bootstrap, "--db",
+            tu_path(dir, "q.db"), "--until-idle", "2500");
+    n = run("notifier", "--bootstrap", c->bootstrap, "--db",
+            tu_path(dir, "n.db"), "--until-idle", "2500");
+    s = run("live_stats", "--bootstrap", c->bootstrap, "--db",
+            tu_path(dir, "s.db"), "--until-idle", "2500");
+    svc = run("delivery_service", "--db", tu_path(dir, "svc.db"),
+              "--deliveries", "150", "--bootstrap", c->bootstrap);
+    finish(svc, "delivery_service");
+    finish(q, "query_model");
+    finish(n, "notifier");
+    finish(s, "live_stats");
+
+    db = tu_open(tu_path(dir, "svc.db"));
+    snprintf(sql, sizeof sql,
+             "ATTACH '%s' AS svc; ATTACH '%s' AS qm; ATTACH '%s' AS nt; "
+             "ATTACH '%s' AS ls",
+             tu_path(dir, "svc.db"), tu_path(dir, "q.db"), tu_path(dir, "n.db"),
+             tu_path(dir, "s.db"));
+    tu_exec(db, sql);
+    ck_assert_int_eq(tu_query_int(db, "SELECT count(*) FROM svc.deliveries"),
+                     150);
+
+    /* The read model is the service's state. */
+    static const char svc_view[] =
+        "SELECT id, region, status, rider_id, "
+        "strftime('%Y-%m-%dT%H:%M:%fZ', created_at / 1000.0, 'unixepoch'), "
+        "strftime('%Y-%m-%dT%H:%M:%fZ', delivered_at / 1000.0, "
+        "'unixepoch') FROM svc.deliveries";
+    static const char qm_view[] =
+        "SELECT delivery_id, region, status, rider_id, created_at, "
+        "delivered_at FROM qm.delivery_status";
+    ck_assert_int_eq(differ(db, svc_view, qm_view), 0);
+    ck_assert_int_eq(differ(db, qm_view, svc_view), 0);
+
+    /* Notifications: two per assignment, one per pickup and delivery,
+     * and per cancellation one to the customer plus one to an assigned
+     * rider. */
+    ck_assert_int_eq(
+        tu_query_int(db, "SELECT count(*) FROM nt.notifications"),
+        tu_query_int(db, "SELECT 2 * count(assigned_at) + "
+                         "count(picked_up_at) + count(delivered_at) + "
+                         "count(canceled_at) + count(CASE WHEN canceled_at "
+                         "IS NOT NULL AND rider_id IS NOT NULL THEN 1 END) "
+                         "FROM svc.deliveries"));
+
+    /* The stream equals the batch, window by window. */
+    ck_assert_int_gt(tu_query_int(db, "SELECT count(*) FROM ls.window_stats"),
+                     10);
+    ck_assert_int_eq(differ(db, stream, batch), 0);
+    ck_assert_int_eq(differ(db, batch, stream), 0);
+    fprintf(stderr,
+            "examples_agree_with_the_service: %lld windows, %lld late "
+            "events counted as revisions\n",
+            (long long)tu_query_int(db, "SELECT count(*) FROM "
+                                        "ls.window_stats"),
+            (long long)tu_query_int(db, "SELECT count(*) FROM "
+                                        "ls.late_events"));
+    sqlite3_close(db);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+static Suite *examples_suite(void)
+{
+    Suite *s = suite_create("examples");
+    TCase *tc = tcase_create("end-to-end");
+
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, examples_agree_with_the_service);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return tu_run(examples_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
+}
