@@ -142,7 +142,7 @@ $(BUILD)/examples/%: examples/%.c examples/example.h $(SHLIB) $(PCUNINST)
 	    $(LDFLAGS) -o $@ $< $(SAN_EXTRA) \
 	    $$($(USER_PKG) --libs deliveryevents) $(if $(SAN_EXTRA),-lrdkafka)
 
-$(BUILD)/bench/%: bench/%.c bench/bench.h $(STLIB) $(PCUNINST)
+$(BUILD)/bench/%: bench/%.c $(wildcard bench/*.h) $(STLIB) $(PCUNINST)
 	@mkdir -p $(dir $@)
 	$(CC) $(USER_CFLAGS) -Iinclude $(CFLAGS) $(PKG_CFLAGS) $(LDFLAGS) -o $@ $< \
 	    $(STLIB) $(PKG_LIBS) -pthread -lm

@@ -79,6 +79,8 @@ enum {
     Q_INBOX_GET,
     Q_INBOX_PUT,
     Q_INBOX_PARK,
+    Q_INBOX_CLAIM,
+    Q_INBOX_FIRST,
     Q_DL_INSERT,
     Q_DL_HAS,
     Q_DL_PARKED,
@@ -107,6 +109,14 @@ static const char *const sql[Q_COUNT] = {
                      "ON CONFLICT(subject_type, subject_id) DO UPDATE SET "
                      "parked = excluded.parked, updated_ms = "
                      "excluded.updated_ms",
+    /* The next event of a known subject: advance in one statement. */
+    [Q_INBOX_CLAIM] = "UPDATE main.de_inbox SET last_seq = ?3, updated_ms = "
+                      "?4 WHERE subject_type = ?1 AND subject_id = ?2 AND "
+                      "last_seq = ?3 - 1 AND parked = 0",
+    /* The first event of a subject never seen. */
+    [Q_INBOX_FIRST] = "INSERT OR IGNORE INTO main.de_inbox(subject_type, "
+                      "subject_id, last_seq, parked, updated_ms) VALUES "
+                      "(?1, ?2, 1, 0, ?4)",
     [Q_DL_INSERT] =
         "INSERT INTO main.de_dead_letter(kind, state, topic, partition, "
         "offset, subject_type, subject_id, seq, event_id, action, type, "
@@ -167,6 +177,9 @@ struct de_consumer {
     VEC(rd_kafka_message_t *) batch;
     bool subscribed;
     bool fatal;
+    /* Handlers run in savepoints only in careful mode: a batch runs
+     * without them, and is redone with them if a handler fails. */
+    bool careful;
     int64_t max_attempts, backoff_ms, backoff_max_ms, batch_size;
     enum gap_policy gap;
     de__decoded dec;
@@ -686,45 +699,82 @@ static bool already_parked(de_consumer *c, const de_event_view *v)
     return has;
 }
 
-/* Runs the handler in a savepoint.  DE_OK: applied (inbox updated);
- * DE_ERR_ARG stands for "the handler failed" (why in error); anything
- * else is a database failure of the whole transaction. */
-static de_err run_handler(de_consumer *c, const de_event_view *v, char *error,
-                          size_t error_size)
+/* Takes the subject's next place in the inbox when v is exactly the next
+ * event (the common case, one statement); false when it is not, and the
+ * caller looks closer. */
+static bool claim(de_consumer *c, const de_event_view *v, bool *db_error)
+{
+    int which = Q_INBOX_CLAIM;
+
+    *db_error = false;
+    for (int pass = 0; pass < 2; pass++) {
+        sqlite3_stmt *q = c->q[which];
+        sqlite3_bind_text(q, 1, v->subject_type, -1, SQLITE_STATIC);
+        sqlite3_bind_text(q, 2, v->subject_id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(q, 3, v->subject_seq);
+        sqlite3_bind_int64(q, 4, now_ms());
+        if (step(c, which) != SQLITE_DONE) {
+            *db_error = true;
+            de__fail_db(c->db, "consumer: updating the inbox");
+            return false;
+        }
+        if (sqlite3_changes(c->db) == 1)
+            return true;
+        if (v->subject_seq != 1)
+            return false;
+        which = Q_INBOX_FIRST;
+    }
+    return false;
+}
+
+/* The handler said no, or ended the transaction it must not end. */
+static de_err handler_failed(de_consumer *c, const de_event_view *v, de_err rc,
+                             char *error, size_t error_size)
+{
+    if (sqlite3_get_autocommit(c->db))
+        return de__fail(DE_ERR_DB,
+                        "consumer: the handler for %s.%s ended the "
+                        "transaction; handlers must not COMMIT or ROLLBACK",
+                        v->subject_type, v->action);
+    snprintf(error, error_size, "handler for %s.%s returned %s%s%s",
+             v->subject_type, v->action, de_err_name(rc),
+             de_errmsg()[0] ? ": " : "", de_errmsg());
+    return DE_ERR_ARG;
+}
+
+/* Runs the handler (in a savepoint in careful mode) and, unless claimed
+ * already, records the event in the inbox.  DE_OK: applied; DE_ERR_ARG:
+ * the handler failed (why in error), its effects undone; DE_ERR_TIMEOUT:
+ * the handler failed outside careful mode -- the caller must roll the
+ * whole batch back and redo it carefully; anything else: a database
+ * failure of the whole transaction. */
+static de_err run_handler(de_consumer *c, const de_event_view *v, bool claimed,
+                          char *error, size_t error_size)
 {
     const handler *h = find_handler(c, v->subject_type, v->action);
     de_err rc = DE_OK;
 
     if (h != NULL) {
-        if (step(c, Q_SAVEPOINT) != SQLITE_DONE)
+        if (c->careful && step(c, Q_SAVEPOINT) != SQLITE_DONE)
             return de__fail_db(c->db, "consumer: savepoint");
         rc = h->fn(c->db, v, h->ctx);
         if (rc != DE_OK) {
-            snprintf(error, error_size, "handler for %s.%s returned %s%s%s",
-                     v->subject_type, v->action, de_err_name(rc),
-                     de_errmsg()[0] ? ": " : "", de_errmsg());
+            if (!c->careful)
+                return sqlite3_get_autocommit(c->db)
+                           ? handler_failed(c, v, rc, error, error_size)
+                           : DE_ERR_TIMEOUT;
             if (step(c, Q_ROLLBACK_TO) != SQLITE_DONE ||
                 step(c, Q_RELEASE) != SQLITE_DONE)
                 return de__fail_db(c->db, "consumer: rolling back an event");
-            if (sqlite3_get_autocommit(c->db))
-                return de__fail(DE_ERR_DB,
-                                "consumer: the handler for %s.%s ended the "
-                                "transaction; handlers must not COMMIT or "
-                                "ROLLBACK",
-                                v->subject_type, v->action);
-            return DE_ERR_ARG;
+            return handler_failed(c, v, rc, error, error_size);
         }
         if (sqlite3_get_autocommit(c->db))
-            return de__fail(DE_ERR_DB,
-                            "consumer: the handler for %s.%s ended the "
-                            "transaction; handlers must not COMMIT or "
-                            "ROLLBACK",
-                            v->subject_type, v->action);
-        if (step(c, Q_RELEASE) != SQLITE_DONE)
+            return handler_failed(c, v, DE_ERR_STATE, error, error_size);
+        if (c->careful && step(c, Q_RELEASE) != SQLITE_DONE)
             return de__fail_db(c->db, "consumer: releasing a savepoint");
     }
-    if ((rc = inbox_put(c, v->subject_type, v->subject_id, v->subject_seq)) !=
-        DE_OK)
+    if (!claimed && (rc = inbox_put(c, v->subject_type, v->subject_id,
+                                    v->subject_seq)) != DE_OK)
         return rc;
     c->stats.applied++;
     c->handled++;
@@ -732,7 +782,7 @@ static de_err run_handler(de_consumer *c, const de_event_view *v, char *error,
 }
 
 /* What became of a message inside the transaction. */
-enum outcome { O_DONE, O_RETRY, O_DB_ERROR };
+enum outcome { O_DONE, O_RETRY, O_DB_ERROR, O_REDO };
 
 /* Parks a subject behind a dead letter (kind failed or gap). */
 static de_err park(de_consumer *c, const rd_kafka_message_t *m,
@@ -759,10 +809,18 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
                               size_t error_size)
 {
     int64_t last;
-    bool parked;
+    bool parked, claimed, dberr;
     de_err err;
 
     error[0] = '\0';
+    /* In careful mode the claim must be undone with the handler's
+     * effects, so it is made inside the handler's savepoint: classify
+     * with a read instead. */
+    claimed = !c->careful && claim(c, v, &dberr);
+    if (!c->careful && dberr)
+        return O_DB_ERROR;
+    if (claimed)
+        goto run;
     if (inbox_get(c, v->subject_type, v->subject_id, &last, &parked) != DE_OK)
         return O_DB_ERROR;
     if (v->subject_seq <= last) {
@@ -793,9 +851,12 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
               "%s %s: %s; applying it (consumer.on.gap=apply)", v->subject_type,
               v->subject_id, error);
     }
-    err = run_handler(c, v, error, error_size);
+run:
+    err = run_handler(c, v, claimed, error, error_size);
     if (err == DE_OK)
         return O_DONE;
+    if (err == DE_ERR_TIMEOUT)
+        return O_REDO;
     if (err != DE_ERR_ARG)
         return O_DB_ERROR;
     c->stats.retries++;
@@ -874,12 +935,14 @@ static de_err apply_batch(de_consumer *c)
     de_err err = DE_OK;
     de_consumer_stats saved = c->stats;
     int saved_handled = c->handled;
+    bool any_retry = false;
 
     if (n == 0)
         return DE_OK;
     fate = calloc(n, 1);
     if (fate == NULL)
         return de__fail(DE_ERR_NOMEM, "consumer: out of memory");
+redo:
     if (step(c, Q_BEGIN) != SQLITE_DONE) {
         err = de__fail_db(c->db, "consumer: cannot begin a transaction");
         goto rewind;
@@ -899,7 +962,7 @@ static de_err apply_batch(de_consumer *c)
             continue;
         }
         /* An earlier message of this subject in this batch failed. */
-        for (size_t j = 0; j < i; j++) {
+        for (size_t j = 0; any_retry && j < i; j++) {
             if (fate[j] == O_RETRY && msgs[j]->partition == m->partition &&
                 msgs[j]->key_len == m->key_len &&
                 memcmp(msgs[j]->key, m->key, m->key_len) == 0) {
@@ -912,7 +975,19 @@ static de_err apply_batch(de_consumer *c)
         o = apply_one(c, m, &c->dec.view, 0, error, sizeof error);
         if (o == O_DB_ERROR)
             goto fail;
+        if (o == O_REDO) {
+            /* A handler failed with no savepoint around it: undo the
+             * batch and apply it again, carefully. */
+            step(c, Q_ROLLBACK);
+            c->stats = saved;
+            c->handled = saved_handled;
+            memset(fate, 0, n);
+            any_retry = false;
+            c->careful = true;
+            goto redo;
+        }
         fate[i] = (uint8_t)o;
+        any_retry |= o == O_RETRY;
         if (o == O_RETRY)
             clog_(c, DE_LOG_WARNING, "%s %s seq %lld: %s (retrying)",
                   c->dec.view.subject_type, c->dec.view.subject_id,
@@ -923,6 +998,7 @@ static de_err apply_batch(de_consumer *c)
         goto fail_rolled;
     }
     c->stats.batches++;
+    c->careful = false;
     /* Now the outcome is durable: hold the retries, account the rest. */
     for (size_t i = 0; i < n; i++) {
         rd_kafka_message_t *m = msgs[i];
@@ -945,6 +1021,7 @@ fail:
 fail_rolled:
     step(c, Q_ROLLBACK);
 rewind:
+    c->careful = false;
     /* Read the batch again from its first message in each partition. */
     c->stats = saved;
     c->handled = saved_handled;
@@ -970,6 +1047,7 @@ static de_err run_retries(de_consumer *c)
     int64_t now = mono_ms();
     char error[600];
 
+    c->careful = true; /* retries are where handlers fail */
     for (size_t k = 0; k < c->retry.n;) {
         retrying *r = c->retry.v[k];
         size_t done = 0;
@@ -980,8 +1058,10 @@ static de_err run_retries(de_consumer *c)
             k++;
             continue;
         }
-        if (step(c, Q_BEGIN) != SQLITE_DONE)
+        if (step(c, Q_BEGIN) != SQLITE_DONE) {
+            c->careful = false;
             return de__fail_db(c->db, "consumer: cannot begin a retry");
+        }
         for (; done < r->n; done++) {
             rd_kafka_message_t *m = r->msgs[done];
             enum outcome o;
@@ -993,6 +1073,7 @@ static de_err run_retries(de_consumer *c)
                           error, sizeof error);
             if (o == O_DB_ERROR) {
                 step(c, Q_ROLLBACK);
+                c->careful = false;
                 return de__fail_db(c->db, "consumer: retry failed");
             }
             if (o == O_RETRY) {
@@ -1002,6 +1083,7 @@ static de_err run_retries(de_consumer *c)
         }
         if (step(c, Q_COMMIT) != SQLITE_DONE) {
             step(c, Q_ROLLBACK);
+            c->careful = false;
             return de__fail_db(c->db, "consumer: cannot commit a retry");
         }
         c->stats.batches++;
@@ -1024,6 +1106,7 @@ static de_err run_retries(de_consumer *c)
         free_retrying(r);
         c->retry.v[k] = c->retry.v[--c->retry.n];
     }
+    c->careful = false;
     return DE_OK;
 }
 
@@ -1184,6 +1267,7 @@ static de_err unpark(de_consumer *c, const char *type, const char *id,
                                     "subject type and a subject id");
     if (step(c, Q_BEGIN) != SQLITE_DONE)
         return de__fail_db(c->db, "consumer: cannot begin");
+    c->careful = true;
     /* Lift the flag so that apply_one applies rather than parks again. */
     if (inbox_park(c, type, id, false) != DE_OK)
         goto fail;
@@ -1230,7 +1314,7 @@ static de_err unpark(de_consumer *c, const char *type, const char *id,
             goto fail;
         if (v.subject_seq > last) {
             /* Released means "go on": a gap is accepted here. */
-            err = run_handler(c, &v, error, sizeof error);
+            err = run_handler(c, &v, false, error, sizeof error);
             if (err == DE_ERR_ARG) {
                 sqlite3_bind_int64(c->q[Q_DL_FAIL], 1, dl);
                 sqlite3_bind_text(c->q[Q_DL_FAIL], 2, error, -1, SQLITE_STATIC);
@@ -1257,6 +1341,7 @@ static de_err unpark(de_consumer *c, const char *type, const char *id,
         goto fail;
     if (step(c, Q_COMMIT) != SQLITE_DONE)
         goto fail;
+    c->careful = false;
     clog_(c, DE_LOG_NOTICE, "%s %s %s", de__quote(q1, sizeof q1, type, -1),
           de__quote(q2, sizeof q2, id, -1),
           stuck ? "is still parked" : "released");

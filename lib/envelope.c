@@ -11,7 +11,6 @@
  */
 #include "internal.h"
 
-#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -189,16 +188,6 @@ struct hval {
     size_t n;
 };
 
-static bool get_header(rd_kafka_headers_t *h, const char *name, struct hval *v)
-{
-    v->p = NULL;
-    v->n = 0;
-    return h != NULL &&
-           rd_kafka_header_get_last(h, name, &v->p, &v->n) ==
-               RD_KAFKA_RESP_ERR_NO_ERROR &&
-           v->p != NULL;
-}
-
 /* An identifier of [a-z][a-z0-9_]*, as de_record enforces. */
 static bool is_ident_n(const char *s, size_t n)
 {
@@ -233,39 +222,71 @@ bool de__envelope_decode(const rd_kafka_message_t *m, de__decoded *d, char *why,
     struct hval spec, id, seq, stype, action, type, source, tp, ts;
     rd_kafka_timestamp_type_t tst;
     de_event_view *v = &d->view;
-    json_error_t jerr;
-    json_t *root;
     size_t need, off = 0;
     int64_t seqv;
 
     rd_kafka_message_headers(m, &h);
-    if (!get_header(h, DE__H_SPECVERSION, &spec) || spec.n != 3 ||
-        memcmp(spec.p, "1.0", 3) != 0) {
+    /* One pass over the headers (the last of a repeated name wins, as
+     * rd_kafka_header_get_last would have it). */
+    memset(&spec, 0, sizeof spec);
+    id = seq = stype = action = type = source = tp = ts = spec;
+    for (size_t i = 0; h != NULL; i++) {
+        const char *name;
+        const void *val;
+        size_t size;
+        struct hval *slot = NULL;
+        if (rd_kafka_header_get_all(h, i, &name, &val, &size) !=
+            RD_KAFKA_RESP_ERR_NO_ERROR)
+            break;
+        if (strncmp(name, "ce_", 3) == 0) {
+            const char *k = name + 3;
+            if (strcmp(k, "specversion") == 0)
+                slot = &spec;
+            else if (strcmp(k, "id") == 0)
+                slot = &id;
+            else if (strcmp(k, "subjectseq") == 0)
+                slot = &seq;
+            else if (strcmp(k, "subjecttype") == 0)
+                slot = &stype;
+            else if (strcmp(k, "action") == 0)
+                slot = &action;
+            else if (strcmp(k, "type") == 0)
+                slot = &type;
+            else if (strcmp(k, "source") == 0)
+                slot = &source;
+        } else if (strcmp(name, DE__H_TRACEPARENT) == 0) {
+            slot = &tp;
+        } else if (strcmp(name, DE__H_TRACESTATE) == 0) {
+            slot = &ts;
+        }
+        if (slot != NULL && val != NULL) {
+            slot->p = val;
+            slot->n = size;
+        }
+    }
+    if (spec.p == NULL || spec.n != 3 || memcmp(spec.p, "1.0", 3) != 0) {
         snprintf(why, why_size,
                  "no ce_specversion 1.0 header: not a "
                  "CloudEvents record of ours");
         return false;
     }
-    if (!get_header(h, DE__H_ID, &id) || id.n == 0) {
+    if (id.p == NULL || id.n == 0) {
         snprintf(why, why_size, "no ce_id header");
         return false;
     }
-    if (!get_header(h, DE__H_SUBJECTSEQ, &seq) ||
-        !parse_seq(seq.p, seq.n, &seqv)) {
+    if (seq.p == NULL || !parse_seq(seq.p, seq.n, &seqv)) {
         snprintf(why, why_size,
                  "ce_subjectseq missing or not a positive "
                  "decimal");
         return false;
     }
-    if (!get_header(h, DE__H_SUBJECTTYPE, &stype) ||
-        !is_ident_n(stype.p, stype.n)) {
+    if (stype.p == NULL || !is_ident_n(stype.p, stype.n)) {
         snprintf(why, why_size,
                  "ce_subjecttype missing or not an "
                  "identifier");
         return false;
     }
-    if (!get_header(h, DE__H_ACTION, &action) ||
-        !is_ident_n(action.p, action.n)) {
+    if (action.p == NULL || !is_ident_n(action.p, action.n)) {
         snprintf(why, why_size, "ce_action missing or not an identifier");
         return false;
     }
@@ -278,18 +299,10 @@ bool de__envelope_decode(const rd_kafka_message_t *m, de__decoded *d, char *why,
         snprintf(why, why_size, "no value (the payload)");
         return false;
     }
-    root = json_loadb(m->payload, m->len, JSON_ALLOW_NUL, &jerr);
-    if (root == NULL || !json_is_object(root)) {
-        json_decref(root);
-        snprintf(why, why_size, "the value is not a JSON object%s%s",
-                 root == NULL ? ": " : "", root == NULL ? jerr.text : "");
+    if (!de__json_is_object(m->payload, m->len)) {
+        snprintf(why, why_size, "the value is not a JSON object");
         return false;
     }
-    json_decref(root);
-    get_header(h, DE__H_TYPE, &type);
-    get_header(h, DE__H_SOURCE, &source);
-    get_header(h, DE__H_TRACEPARENT, &tp);
-    get_header(h, DE__H_TRACESTATE, &ts);
 
     need = id.n + stype.n + action.n + m->key_len + type.n + source.n + m->len +
            tp.n + ts.n + strlen(rd_kafka_topic_name(m->rkt)) + 16;

@@ -131,6 +131,8 @@ bool de__is_event_id(const char *s);
 bool de__is_traceparent(const char *s);
 /* Printable ASCII, at most DE__TRACESTATE_MAX bytes. */
 bool de__is_tracestate(const char *s);
+/* Whether s[0..len) is exactly one JSON object (RFC 8259, UTF-8). */
+bool de__json_is_object(const char *s, size_t len);
 
 /* ---- wire format (envelope.c) --------------------------------------- */
 

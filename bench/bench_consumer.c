@@ -1,0 +1,269 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * bench_consumer.c -- how fast de_consumer applies events, against a bare
+ * librdkafka consumer reading the same topic in the same run.
+ *
+ * A relay publishes BENCH_EVENTS (120,000) events over 10,000 subjects to
+ * a 12-partition topic on the mock cluster (in its own process; kept under
+ * the mock's 5 MiB per partition so that nothing is evicted).  Then, in
+ * alternating rounds, each with a fresh consumer group:
+ *
+ *  - bare: a librdkafka consumer reads every record (no decoding);
+ *  - de_consumer: decodes, checks and advances the inbox, and runs a
+ *    handler doing a simple projection (an upsert of the subject's latest
+ *    action into a table), several events per SQLite transaction (WAL,
+ *    synchronous=NORMAL).
+ *
+ * Both are timed from the first event to the last, so the consumer-group
+ * join (about 3 s on the mock) is left out of both.  Target: de_consumer
+ * at least 0.5x the bare consumer.
+ *
+ * Environment: BENCH_EVENTS, BENCH_ROUNDS (3), DE_TOOL.
+ */
+#include "bench_kafka.h"
+
+static double bare_round(const char *topic, long n, int round)
+{
+    rd_kafka_conf_t *c = rd_kafka_conf_new();
+    rd_kafka_topic_partition_list_t *l;
+    char err[512], group[64];
+    double t0 = 0, t1 = 0;
+    long got = 0;
+    rd_kafka_t *rk;
+
+    snprintf(group, sizeof group, "bench-bare-%d", round);
+    rd_kafka_conf_set(c, "bootstrap.servers", bootstrap, err, sizeof err);
+    rd_kafka_conf_set(c, "group.id", group, err, sizeof err);
+    rd_kafka_conf_set(c, "auto.offset.reset", "earliest", err, sizeof err);
+    rd_kafka_conf_set(c, "enable.auto.commit", "false", err, sizeof err);
+    rd_kafka_conf_set_log_cb(c, quiet_rk);
+    rk = rd_kafka_new(RD_KAFKA_CONSUMER, c, err, sizeof err);
+    BENCH_CHECK(rk != NULL, "%s", err);
+    rd_kafka_poll_set_consumer(rk);
+    l = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(l, topic, RD_KAFKA_PARTITION_UA);
+    rd_kafka_subscribe(rk, l);
+    rd_kafka_topic_partition_list_destroy(l);
+    while (got < n) {
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 1000);
+        if (m == NULL)
+            continue;
+        if (m->err == 0) {
+            if (got++ == 0)
+                t0 = bench_now();
+            t1 = bench_now();
+        }
+        rd_kafka_message_destroy(m);
+    }
+    rd_kafka_consumer_close(rk);
+    rd_kafka_destroy(rk);
+    return (double)(n - 1) / (t1 - t0);
+}
+
+static de_err project(sqlite3 *db, const de_event_view *ev, void *ctx)
+{
+    sqlite3_stmt **st = ctx;
+
+    if (*st == NULL &&
+        sqlite3_prepare_v3(db,
+                           "INSERT INTO latest(subject_id, action, seq) "
+                           "VALUES (?1, ?2, ?3) ON CONFLICT(subject_id) DO "
+                           "UPDATE SET action = excluded.action, seq = "
+                           "excluded.seq",
+                           -1, SQLITE_PREPARE_PERSISTENT, st,
+                           NULL) != SQLITE_OK)
+        return DE_ERR_DB;
+    sqlite3_bind_text(*st, 1, ev->subject_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(*st, 2, ev->action, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(*st, 3, ev->subject_seq);
+    if (sqlite3_step(*st) != SQLITE_DONE) {
+        sqlite3_reset(*st);
+        return DE_ERR_DB;
+    }
+    sqlite3_reset(*st);
+    return DE_OK;
+}
+
+/* The floor: what SQLite alone needs for the same effects -- per event an
+ * inbox update and a projection upsert, prepared, 500 events per
+ * transaction, the same file settings -- with no Kafka and no decoding. */
+static double sqlite_floor(const char *dir, long n)
+{
+    char path[4200], id[16];
+    sqlite3 *db;
+    sqlite3_stmt *inbox, *proj, *begin, *commit;
+    double t0;
+
+    snprintf(path, sizeof path, "%s/floor.db", dir);
+    BENCH_CHECK(sqlite3_open(path, &db) == SQLITE_OK, "open");
+    BENCH_CHECK(sqlite3_exec(db,
+                             "PRAGMA journal_mode=WAL; PRAGMA "
+                             "synchronous=NORMAL; CREATE TABLE inbox("
+                             "subject_type TEXT, subject_id TEXT, last_seq "
+                             "INTEGER, parked INTEGER, updated_ms INTEGER, "
+                             "PRIMARY KEY(subject_type, subject_id)) "
+                             "WITHOUT ROWID; CREATE TABLE latest(subject_id "
+                             "TEXT PRIMARY KEY, action TEXT, seq INTEGER)",
+                             NULL, NULL, NULL) == SQLITE_OK,
+                "schema");
+    sqlite3_prepare_v2(db,
+                       "INSERT INTO inbox VALUES ('delivery', ?1, ?2, 0, ?3) "
+                       "ON CONFLICT DO UPDATE SET last_seq = excluded."
+                       "last_seq, updated_ms = excluded.updated_ms",
+                       -1, &inbox, NULL);
+    sqlite3_prepare_v2(db,
+                       "INSERT INTO latest VALUES (?1, 'assigned', ?2) ON "
+                       "CONFLICT(subject_id) DO UPDATE SET action = "
+                       "excluded.action, seq = excluded.seq",
+                       -1, &proj, NULL);
+    sqlite3_prepare_v2(db, "BEGIN IMMEDIATE", -1, &begin, NULL);
+    sqlite3_prepare_v2(db, "COMMIT", -1, &commit, NULL);
+    t0 = bench_now();
+    for (long i = 0; i < n; i++) {
+        if (i % 500 == 0) {
+            if (i) {
+                sqlite3_step(commit);
+                sqlite3_reset(commit);
+            }
+            sqlite3_step(begin);
+            sqlite3_reset(begin);
+        }
+        snprintf(id, sizeof id, "D-%05ld", i % SUBJECTS);
+        sqlite3_bind_text(inbox, 1, id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(inbox, 2, i / SUBJECTS + 1);
+        sqlite3_bind_int64(inbox, 3, i);
+        sqlite3_step(inbox);
+        sqlite3_reset(inbox);
+        sqlite3_bind_text(proj, 1, id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(proj, 2, i / SUBJECTS + 1);
+        sqlite3_step(proj);
+        sqlite3_reset(proj);
+    }
+    sqlite3_step(commit);
+    sqlite3_reset(commit);
+    t0 = bench_now() - t0;
+    sqlite3_finalize(inbox);
+    sqlite3_finalize(proj);
+    sqlite3_finalize(begin);
+    sqlite3_finalize(commit);
+    sqlite3_close(db);
+    return (double)n / t0;
+}
+
+static double de_round(const char *dir, long n, int round)
+{
+    char path[4200], group[64];
+    sqlite3 *db;
+    sqlite3_stmt *st = NULL;
+    de_conf *conf = de_conf_new();
+    de_consumer *c = NULL;
+    de_consumer_stats s;
+    double t0 = 0, t1 = 0;
+    uint64_t first = 0;
+
+    snprintf(path, sizeof path, "%s/consumer-%d.db", dir, round);
+    snprintf(group, sizeof group, "bench-de-%d", round);
+    BENCH_CHECK(sqlite3_open(path, &db) == SQLITE_OK, "open");
+    BENCH_CHECK(sqlite3_exec(db,
+                             "PRAGMA journal_mode=WAL; PRAGMA "
+                             "synchronous=NORMAL; CREATE TABLE latest("
+                             "subject_id TEXT PRIMARY KEY, action TEXT, "
+                             "seq INTEGER)",
+                             NULL, NULL, NULL) == SQLITE_OK,
+                "schema");
+    de_conf_set(conf, "bootstrap.servers", bootstrap);
+    de_conf_set(conf, "group.id", group);
+    de_conf_set(conf, "topic.template", "bench.{subject_type}.events");
+    de_conf_set_log_cb(conf, quiet, NULL);
+    BENCH_CHECK(de_consumer_open(db, conf, &c) == DE_OK, "%s", de_errmsg());
+    de_conf_destroy(conf);
+    BENCH_CHECK(de_consumer_on(c, "delivery", NULL, project, &st) == DE_OK,
+                "%s", de_errmsg());
+    for (;;) {
+        int handled;
+        BENCH_CHECK(de_consumer_poll(c, 1000, &handled) == DE_OK, "%s",
+                    de_errmsg());
+        de_consumer_stats_get(c, &s);
+        if (handled > 0 && first == 0) {
+            /* The clock starts after the first batch, which waited for
+             * the group join; its events are not counted. */
+            first = s.applied;
+            t0 = bench_now();
+        }
+        if (s.applied >= (uint64_t)n) {
+            t1 = bench_now();
+            break;
+        }
+    }
+    sqlite3_finalize(st);
+    de_consumer_close(c);
+    sqlite3_close(db);
+    return (double)((uint64_t)n - first) / (t1 - t0);
+}
+
+int main(void)
+{
+    long n = bench_env_long("BENCH_EVENTS", 120000);
+    long rounds = bench_env_long("BENCH_ROUNDS", 3);
+    const char *topics[] = {"bench.delivery.events:12", NULL};
+    char *dir = bench_mkdtemp();
+    char db[4200];
+    de_conf *conf = de_conf_new();
+    de_relay *r = NULL;
+    double *bare = calloc((size_t)rounds, sizeof(double));
+    double *de = calloc((size_t)rounds, sizeof(double));
+    double *ratio = calloc((size_t)rounds, sizeof(double));
+
+    tool = getenv("DE_TOOL");
+    BENCH_CHECK(tool != NULL, "DE_TOOL must name the deliveryevents binary");
+    BENCH_CHECK(bare && de && ratio, "out of memory");
+    start_mock(topics);
+    snprintf(db, sizeof db, "%s/service.db", dir);
+    make_backlog(db, n);
+    de_conf_set(conf, "bootstrap.servers", bootstrap);
+    de_conf_set(conf, "topic.template", "bench.{subject_type}.events");
+    de_conf_set_log_cb(conf, quiet, NULL);
+    BENCH_CHECK(de_relay_start_path(db, conf, &r) == DE_OK, "%s", de_errmsg());
+    BENCH_CHECK(de_relay_flush(r, -1) == DE_OK, "%s", de_errmsg());
+    de_relay_stop(r, 10000);
+    de_conf_destroy(conf);
+
+    printf("consume: %ld events over %d subjects, 12 partitions, mock "
+           "cluster in its own process; clocks start at the first event\n",
+           n, SUBJECTS);
+    for (long i = 0; i < rounds; i++) {
+        if (i % 2 == 0) {
+            bare[i] = bare_round("bench.delivery.events", n, (int)i);
+            de[i] = de_round(dir, n, (int)i);
+        } else {
+            de[i] = de_round(dir, n, (int)i);
+            bare[i] = bare_round("bench.delivery.events", n, (int)i);
+        }
+        ratio[i] = de[i] / bare[i];
+        printf("  round %ld: bare %8.0f msg/s, de_consumer %8.0f events/s, "
+               "ratio %.3f\n",
+               i + 1, bare[i], de[i], ratio[i]);
+    }
+    double mb = bench_median(bare, (size_t)rounds);
+    double md = bench_median(de, (size_t)rounds);
+    double mq = bench_median(ratio, (size_t)rounds);
+    printf("  baseline bare librdkafka consumer    : %8.0f msg/s\n", mb);
+    printf("  de_consumer (inbox + projection)     : %8.0f events/s\n", md);
+    printf("  ratio de_consumer / bare             : %8.3f  (median of "
+           "rounds; target >= 0.50) %s\n",
+           mq, mq >= 0.5 ? "OK" : "UNDER TARGET");
+    {
+        double floor = sqlite_floor(dir, n);
+        printf("  floor: SQLite alone writing the same effects (inbox "
+               "update + projection upsert per event, 500 per "
+               "transaction): %.0f events/s; de_consumer reaches %.2f of "
+               "it\n",
+               floor, md / floor);
+    }
+    stop_mock();
+    bench_rmdir(dir);
+    free(bare);
+    free(de);
+    free(ratio);
+    return 0;
+}

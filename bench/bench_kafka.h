@@ -1,0 +1,125 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * bench_kafka.h -- what the Kafka benchmarks share: the mock cluster in
+ * its own process (`deliveryevents mock-cluster`, found through DE_TOOL),
+ * and a database whose outbox holds a backlog of events.
+ */
+#ifndef DE_BENCH_KAFKA_H
+#define DE_BENCH_KAFKA_H
+
+#include "bench.h"
+
+#include <deliveryevents.h>
+#include <librdkafka/rdkafka.h>
+#include <sqlite3.h>
+#include <sys/wait.h>
+
+#define SUBJECTS 10000
+
+static const char payload[] = "{\"rider_id\":\"R-0042\",\"eta_s\":540,"
+                              "\"lat\":37.5665,\"lng\":126.9780}";
+static char bootstrap[1400];
+static pid_t mock_pid;
+static int mock_stdin = -1;
+static const char *tool;
+
+static void quiet(void *ctx, int level, const char *msg)
+{
+    (void)ctx;
+    if (level <= DE_LOG_ERR)
+        fprintf(stderr, "  relay: %s\n", msg);
+}
+
+static void quiet_rk(const rd_kafka_t *rk, int level, const char *fac,
+                     const char *buf)
+{
+    (void)rk;
+    (void)level;
+    (void)fac;
+    (void)buf;
+}
+
+/* Starts `deliveryevents mock-cluster` with the given topics. */
+static void start_mock(const char *const *topics)
+{
+    int in[2], out[2];
+    char line[1200];
+    FILE *f;
+    ssize_t n;
+
+    BENCH_CHECK(pipe(in) == 0 && pipe(out) == 0, "pipe");
+    mock_pid = fork();
+    BENCH_CHECK(mock_pid >= 0, "fork");
+    if (mock_pid == 0) {
+        const char *argv[64];
+        int a = 0;
+        dup2(in[0], 0);
+        dup2(out[1], 1);
+        close(in[1]);
+        close(out[0]);
+        argv[a++] = tool;
+        argv[a++] = "mock-cluster";
+        argv[a++] = "--brokers";
+        argv[a++] = "3";
+        argv[a++] = "--until-stdin-eof";
+        for (int i = 0; topics[i] && a < 60; i++) {
+            argv[a++] = "--topic";
+            argv[a++] = topics[i];
+        }
+        argv[a] = NULL;
+        execv(tool, (char *const *)argv);
+        _exit(127);
+    }
+    close(in[0]);
+    close(out[1]);
+    mock_stdin = in[1];
+    f = fdopen(out[0], "r");
+    BENCH_CHECK(f && fgets(line, sizeof line, f),
+                "mock cluster did not start "
+                "(DE_TOOL=%s)",
+                tool);
+    n = (ssize_t)strlen(line);
+    if (n && line[n - 1] == '\n')
+        line[n - 1] = '\0';
+    BENCH_CHECK(strncmp(line, "bootstrap.servers=", 18) == 0, "mock said %s",
+                line);
+    snprintf(bootstrap, sizeof bootstrap, "%s", line + 18);
+}
+
+static void stop_mock(void)
+{
+    close(mock_stdin);
+    waitpid(mock_pid, NULL, 0);
+}
+
+static void exec_sql(sqlite3 *db, const char *sql)
+{
+    char *err = NULL;
+    BENCH_CHECK(sqlite3_exec(db, sql, NULL, NULL, &err) == SQLITE_OK, "%s: %s",
+                sql, err ? err : "?");
+}
+
+/* A database whose outbox holds n events over SUBJECTS subjects. */
+static void make_backlog(const char *path, long n)
+{
+    sqlite3 *db;
+    de_outbox *ob;
+    char sql[1024];
+
+    BENCH_CHECK(sqlite3_open(path, &db) == SQLITE_OK, "open %s", path);
+    BENCH_CHECK(de_outbox_open(db, NULL, &ob) == DE_OK, "%s", de_errmsg());
+    snprintf(sql, sizeof sql,
+             "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+             "LIMIT %ld) INSERT INTO de_outbox(event_id, subject_type, "
+             "subject_id, action, version, occurred_at_ms, recorded_at_ms, "
+             "payload) SELECT printf('01937a1e-%%04x-7%%03x-8%%03x-%%012x', "
+             "x / 65536 %% 65536, x %% 4096, x / 4096 %% 4096, x), "
+             "'delivery', printf('D-%%05d', x %% %d), 'assigned', 0, "
+             "1795604400000 + x, 1795604400000 + x, '%s' FROM c",
+             n, SUBJECTS, payload);
+    exec_sql(db, sql);
+    de_outbox_close(ob);
+    sqlite3_close(db);
+}
+
+#endif

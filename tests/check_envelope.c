@@ -1,0 +1,207 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * check_envelope.c -- the wire format's building blocks: RFC 3339 times,
+ * ce_type, topic names, and the consumer's JSON validator, checked
+ * differentially against jansson (the parser the outbox itself uses) on
+ * thousands of mutated documents.
+ */
+#include "testutil.h"
+
+#include "internal.h"
+
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+START_TEST(rfc3339_matches_gmtime)
+{
+    char out[DE__RFC3339_LEN + 1], want[64];
+    int64_t cases[] = {0,
+                       1,
+                       999,
+                       1000,
+                       86399999,
+                       951782400000 /* 2000-02-29 */,
+                       1795604400123,
+                       DE__MAX_TIME_MS};
+    unsigned seed = 12345;
+
+    de__rfc3339_ms(1795604400123, out);
+    ck_assert_str_eq(out, "2026-11-25T11:00:00.123Z");
+    de__rfc3339_ms(DE__MAX_TIME_MS, out);
+    ck_assert_str_eq(out, "9999-12-31T23:59:59.999Z");
+    for (int i = 0; i < 20000; i++) {
+        int64_t ms = i < 8 ? cases[i]
+                           : (int64_t)(((uint64_t)rand_r(&seed) << 31 ^
+                                        (uint64_t)rand_r(&seed)) %
+                                       (uint64_t)DE__MAX_TIME_MS);
+        time_t s = (time_t)(ms / 1000);
+        struct tm tm;
+        gmtime_r(&s, &tm);
+        snprintf(want, sizeof want, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ",
+                 tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
+                 tm.tm_min, tm.tm_sec, (int)(ms % 1000));
+        de__rfc3339_ms(ms, out);
+        ck_assert_msg(strcmp(out, want) == 0, "%lld: %s, gmtime says %s",
+                      (long long)ms, out, want);
+    }
+}
+END_TEST
+
+START_TEST(type_and_topic_names)
+{
+    char buf[300];
+
+    de__envelope_type(buf, sizeof buf, "com.example.", "delivery", "assigned",
+                      0);
+    ck_assert_str_eq(buf, "com.example.delivery.assigned");
+    de__envelope_type(buf, sizeof buf, "", "delivery", "assigned", 12);
+    ck_assert_str_eq(buf, "delivery.assigned.v12");
+    de__topic_name(buf, sizeof buf, "{subject_type}.events", "rider");
+    ck_assert_str_eq(buf, "rider.events");
+    de__topic_name(buf, sizeof buf, "prod.{subject_type}.{subject_type}", "d");
+    ck_assert_str_eq(buf, "prod.d.d");
+    de__topic_name(buf, sizeof buf, "all-events", "delivery");
+    ck_assert_str_eq(buf, "all-events");
+}
+END_TEST
+
+/* jansson's verdict on "one JSON object", where RFC 8259 and jansson
+ * agree.  jansson also refuses numbers it cannot represent (overflow):
+ * valid JSON, so those count as valid here. */
+static int jansson_says(const char *s, size_t len)
+{
+    json_error_t e;
+    json_t *j = json_loadb(s, len, JSON_ALLOW_NUL, &e);
+    int ok = j != NULL && json_is_object(j);
+
+    json_decref(j);
+    if (j == NULL && (strstr(e.text, "overflow") || strstr(e.text, "too big")))
+        return -1;
+    return ok;
+}
+
+START_TEST(json_validator_agrees_with_jansson)
+{
+    static const char *seeds[] = {
+        "{}",
+        "{\"a\":1}",
+        " { \"rider_id\" : \"R-7\", \"eta_s\": 540, \"ok\": true } ",
+        "{\"a\":[1,2.5,-3e10,0,0.0,1E+2,null,false,\"x\"]}",
+        "{\"nested\":{\"deep\":{\"deeper\":[{\"k\":\"v\"}]}}}",
+        "{\"s\":\"esc \\\" \\\\ \\/ \\b \\f \\n \\r \\t \\u00e9 "
+        "\\ud83d\\ude00\"}",
+        "{\"utf8\":\"\xea\xb0\x80\xeb\x82\x98 \xf0\x9f\x9a\x9a\"}",
+        "{\"a\":1,\"a\":2}",
+        "{\"n\":-0.000123e-5}",
+    };
+    static const char *bad[] = {
+        "",
+        "[]",
+        "1",
+        "\"s\"",
+        "null",
+        "{",
+        "}",
+        "{\"a\"}",
+        "{\"a\":}",
+        "{\"a\":1,}",
+        "{,}",
+        "{\"a\":01}",
+        "{\"a\":1.}",
+        "{\"a\":.5}",
+        "{\"a\":+1}",
+        "{\"a\":\"\\x\"}",
+        "{\"a\":\"\\ud800\"}",
+        "{\"a\":\"\\udc00\"}",
+        "{\"a\":\"\x01\"}",
+        "{\"a\":\"\xff\"}",
+        "{\"a\":tru}",
+        "{} {}",
+        "{\"a\":[1,]}",
+        "{'a':1}",
+        "{\"a\":\"\xc0\xaf\"}",
+        "{\"a\":1e}",
+        "{\"a\":-}",
+    };
+    unsigned seed = 4242;
+    char buf[512];
+    int checked = 0;
+
+    for (size_t i = 0; i < DE__ARRAY_LEN(seeds); i++)
+        ck_assert_msg(de__json_is_object(seeds[i], strlen(seeds[i])),
+                      "refused valid %s", seeds[i]);
+    for (size_t i = 0; i < DE__ARRAY_LEN(bad); i++)
+        ck_assert_msg(!de__json_is_object(bad[i], strlen(bad[i])),
+                      "accepted invalid %s", bad[i]);
+    /* Mutations: flip, drop, insert and duplicate bytes of valid
+     * documents, and require the same verdict as jansson. */
+    for (int round = 0; round < 30000; round++) {
+        const char *s = seeds[rand_r(&seed) % DE__ARRAY_LEN(seeds)];
+        size_t len = strlen(s), pos;
+        int mutations = 1 + rand_r(&seed) % 3;
+        static const char alphabet[] = "{}[],:\"\\ -+.eE0123456789tfnul"
+                                       "\x01\x7f\xc3\xa9\xff";
+        memcpy(buf, s, len);
+        for (int m = 0; m < mutations && len > 0 && len < sizeof buf - 2; m++) {
+            pos = (size_t)rand_r(&seed) % len;
+            switch (rand_r(&seed) % 3) {
+            case 0:
+                buf[pos] = alphabet[rand_r(&seed) % (sizeof alphabet - 1)];
+                break;
+            case 1:
+                memmove(buf + pos, buf + pos + 1, len - pos - 1);
+                len--;
+                break;
+            default:
+                memmove(buf + pos + 1, buf + pos, len - pos);
+                buf[pos] = alphabet[rand_r(&seed) % (sizeof alphabet - 1)];
+                len++;
+            }
+        }
+        int j = jansson_says(buf, len);
+        if (j < 0)
+            continue;
+        ck_assert_msg(de__json_is_object(buf, len) == (j == 1),
+                      "disagree with jansson (%d) on '%.*s'", j, (int)len, buf);
+        checked++;
+    }
+    ck_assert_int_gt(checked, 25000);
+    /* Depth is capped: no stack exhaustion on hostile nesting. */
+    {
+        size_t n = 200000;
+        char *deep = malloc(n * 2 + 16);
+        size_t o = 0;
+        deep[o++] = '{';
+        memcpy(deep + o, "\"a\":", 4);
+        o += 4;
+        for (size_t i = 0; i < n; i++)
+            deep[o++] = '[';
+        for (size_t i = 0; i < n; i++)
+            deep[o++] = ']';
+        deep[o++] = '}';
+        ck_assert(!de__json_is_object(deep, o));
+        free(deep);
+    }
+}
+END_TEST
+
+static Suite *envelope_suite(void)
+{
+    Suite *s = suite_create("envelope");
+    TCase *tc = tcase_create("wire");
+
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, rfc3339_matches_gmtime);
+    tcase_add_test(tc, type_and_topic_names);
+    tcase_add_test(tc, json_validator_agrees_with_jansson);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return tu_run(envelope_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
+}
