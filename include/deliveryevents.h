@@ -66,7 +66,8 @@ typedef enum {
     DE_OK = 0,
     DE_ERR_ARG,      /* a required argument is missing or malformed        */
     DE_ERR_PAYLOAD,  /* payload not a JSON object, or over event.max.bytes */
-    DE_ERR_CONTRACT, /* payload or event type breaks its declared contract */
+    DE_ERR_CONTRACT, /* payload or event type breaks its declared contract
+                        (reserved: contracts are not implemented yet) */
     DE_ERR_NO_TXN,   /* de_record called outside BEGIN ... COMMIT          */
     DE_ERR_DB,       /* SQLite failed (the message carries sqlite3_errmsg) */
     DE_ERR_KAFKA,    /* librdkafka failed at run time (not configuration)  */
@@ -240,7 +241,7 @@ typedef struct de_event {
     const char *event_id;     /* optional; NULL generates a UUIDv7         */
     const char *traceparent;  /* optional W3C trace context to carry along */
     const char *tracestate;   /* optional, only with traceparent           */
-    int version;              /* contract version; 0 = latest or none      */
+    int version;              /* > 0: appended to ce_type as ".v<version>" */
 } de_event;
 
 /**
@@ -272,7 +273,7 @@ typedef struct de_recorded {
  *    spaces -> DE_ERR_ARG;
  *  - traceparent, when given: a valid W3C traceparent; tracestate only with
  *    a traceparent, at most 512 printable ASCII characters -> DE_ERR_ARG;
- *  - version: >= 0 -> DE_ERR_ARG;
+ *  - version: >= 0 (0: no version in ce_type) -> DE_ERR_ARG;
  *  - ob's connection inside BEGIN ... COMMIT -> DE_ERR_NO_TXN.
  *
  * It does not read the database before writing (a deferred transaction

@@ -376,6 +376,11 @@ const char *de_conf_get(const de_conf *conf, const char *key)
     return NULL;
 }
 
+const char *de__conf_key_name(int k)
+{
+    return k >= 0 && k < DE__K_COUNT ? keys[k].name : NULL;
+}
+
 const char *de__conf_str(const de_conf *conf, de__key k)
 {
     if (conf != NULL && conf->val[k] != NULL)

@@ -130,7 +130,7 @@ static const char *const sql[Q_COUNT] = {
                     "traceparent, tracestate, payload, attempts "
                     "FROM main.de_dead_letter WHERE subject_type = ?1 AND "
                     "subject_id = ?2 AND state = 'parked' "
-                    "ORDER BY seq, id",
+                    "ORDER BY seq, id LIMIT 1",
     [Q_DL_DONE] = "UPDATE main.de_dead_letter SET state = ?2 WHERE id = ?1",
     [Q_DL_FAIL] = "UPDATE main.de_dead_letter SET kind = 'failed', "
                   "attempts = attempts + 1, error = ?2 WHERE id = ?1",
@@ -1257,88 +1257,107 @@ de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled)
 static de_err unpark(de_consumer *c, const char *type, const char *id,
                      bool skip_first)
 {
-    sqlite3_stmt *q = c->q[Q_DL_PARKED];
     char error[600], q1[DE__QUOTE_MAX], q2[DE__QUOTE_MAX];
     bool first = true, stuck = false;
+    sqlite3_stmt *q;
     int rc;
 
     if (c == NULL || type == NULL || id == NULL)
         return de__fail(DE_ERR_ARG, "release/skip needs a consumer, a "
                                     "subject type and a subject id");
+    q = c->q[Q_DL_PARKED];
     if (step(c, Q_BEGIN) != SQLITE_DONE)
         return de__fail_db(c->db, "consumer: cannot begin");
     c->careful = true;
     /* Lift the flag so that apply_one applies rather than parks again. */
     if (inbox_park(c, type, id, false) != DE_OK)
         goto fail;
-    sqlite3_bind_text(q, 1, type, -1, SQLITE_TRANSIENT);
-    sqlite3_bind_text(q, 2, id, -1, SQLITE_TRANSIENT);
-    while ((rc = sqlite3_step(q)) == SQLITE_ROW) {
-        int64_t dl = sqlite3_column_int64(q, 0);
+    /* One parked event at a time, the lowest first: each one handled
+     * leaves the 'parked' state, so the query moves on (and nothing is
+     * changed under a running SELECT). */
+    for (;;) {
+        char *col[13] = {0};
+        int64_t dl, last;
         de_event_view v;
-        int64_t last;
         bool parked;
         de_err err;
 
+        sqlite3_bind_text(q, 1, type, -1, SQLITE_TRANSIENT);
+        sqlite3_bind_text(q, 2, id, -1, SQLITE_TRANSIENT);
+        rc = sqlite3_step(q);
+        if (rc != SQLITE_ROW) {
+            sqlite3_reset(q);
+            sqlite3_clear_bindings(q);
+            if (rc != SQLITE_DONE)
+                goto fail;
+            break;
+        }
         memset(&v, 0, sizeof v);
-        v.subject_type = type;
-        v.subject_id = id;
-        v.topic = (const char *)sqlite3_column_text(q, 2);
+        dl = sqlite3_column_int64(q, 0);
+        for (int i = 2; i <= 13; i++)
+            if (sqlite3_column_type(q, i) != SQLITE_NULL)
+                col[i - 1] = strdup((const char *)sqlite3_column_text(q, i));
         v.partition = sqlite3_column_int(q, 3);
         v.offset = sqlite3_column_int64(q, 4);
         v.subject_seq = sqlite3_column_int64(q, 5);
-        v.event_id = (const char *)sqlite3_column_text(q, 6);
-        v.action = (const char *)sqlite3_column_text(q, 7);
-        v.type = (const char *)sqlite3_column_text(q, 8);
-        v.source = (const char *)sqlite3_column_text(q, 9);
         v.occurred_at_ms = sqlite3_column_int64(q, 10);
-        v.traceparent = (const char *)sqlite3_column_text(q, 11);
-        v.tracestate = (const char *)sqlite3_column_text(q, 12);
-        v.payload = (const char *)sqlite3_column_text(q, 13);
-        v.payload_len = (size_t)sqlite3_column_bytes(q, 13);
-        if (v.payload == NULL) {
-            v.payload = "{}";
-            v.payload_len = 2;
-        }
+        sqlite3_reset(q);
+        sqlite3_clear_bindings(q);
+        v.subject_type = type;
+        v.subject_id = id;
+        v.topic = col[1];
+        v.event_id = col[5];
+        v.action = col[6];
+        v.type = col[7] ? col[7] : "";
+        v.source = col[8] ? col[8] : "";
+        v.traceparent = col[10];
+        v.tracestate = col[11];
+        v.payload = col[12] ? col[12] : "{}";
+        v.payload_len = strlen(v.payload);
+        err = DE_OK;
         if (first && skip_first) {
             sqlite3_bind_int64(c->q[Q_DL_DONE], 1, dl);
             sqlite3_bind_text(c->q[Q_DL_DONE], 2, "skipped", -1, SQLITE_STATIC);
             if (step(c, Q_DL_DONE) != SQLITE_DONE ||
                 inbox_put(c, type, id, v.subject_seq) != DE_OK)
-                goto fail;
-            first = false;
-            continue;
+                err = DE_ERR_DB;
+        } else if ((err = inbox_get(c, type, id, &last, &parked)) == DE_OK) {
+            if (v.subject_seq > last) {
+                /* Released means "go on": a gap is accepted here. */
+                err = run_handler(c, &v, false, error, sizeof error);
+                if (err == DE_ERR_ARG) {
+                    sqlite3_bind_int64(c->q[Q_DL_FAIL], 1, dl);
+                    sqlite3_bind_text(c->q[Q_DL_FAIL], 2, error, -1,
+                                      SQLITE_STATIC);
+                    err = step(c, Q_DL_FAIL) == SQLITE_DONE &&
+                                  inbox_park(c, type, id, true) == DE_OK
+                              ? DE_OK
+                              : DE_ERR_DB;
+                    if (err == DE_OK) {
+                        clog_(c, DE_LOG_ERR, "%s %s stays parked: %s", type, id,
+                              error);
+                        stuck = true;
+                    }
+                }
+            } else {
+                c->stats.duplicates++;
+            }
+            if (err == DE_OK && !stuck) {
+                sqlite3_bind_int64(c->q[Q_DL_DONE], 1, dl);
+                sqlite3_bind_text(c->q[Q_DL_DONE], 2, "applied", -1,
+                                  SQLITE_STATIC);
+                if (step(c, Q_DL_DONE) != SQLITE_DONE)
+                    err = DE_ERR_DB;
+            }
         }
         first = false;
-        if (inbox_get(c, type, id, &last, &parked) != DE_OK)
+        for (int i = 0; i < 13; i++)
+            free(col[i]);
+        if (err != DE_OK)
             goto fail;
-        if (v.subject_seq > last) {
-            /* Released means "go on": a gap is accepted here. */
-            err = run_handler(c, &v, false, error, sizeof error);
-            if (err == DE_ERR_ARG) {
-                sqlite3_bind_int64(c->q[Q_DL_FAIL], 1, dl);
-                sqlite3_bind_text(c->q[Q_DL_FAIL], 2, error, -1, SQLITE_STATIC);
-                if (step(c, Q_DL_FAIL) != SQLITE_DONE ||
-                    inbox_park(c, type, id, true) != DE_OK)
-                    goto fail;
-                clog_(c, DE_LOG_ERR, "%s %s stays parked: %s", type, id, error);
-                stuck = true;
-                break;
-            }
-            if (err != DE_OK)
-                goto fail;
-        } else {
-            c->stats.duplicates++;
-        }
-        sqlite3_bind_int64(c->q[Q_DL_DONE], 1, dl);
-        sqlite3_bind_text(c->q[Q_DL_DONE], 2, "applied", -1, SQLITE_STATIC);
-        if (step(c, Q_DL_DONE) != SQLITE_DONE)
-            goto fail;
+        if (stuck)
+            break;
     }
-    sqlite3_reset(q);
-    sqlite3_clear_bindings(q);
-    if (rc != SQLITE_DONE && rc != SQLITE_ROW)
-        goto fail;
     if (step(c, Q_COMMIT) != SQLITE_DONE)
         goto fail;
     c->careful = false;

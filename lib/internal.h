@@ -71,6 +71,8 @@ typedef enum {
 #define DE__TYPE_PREFIX_MAX 128
 
 const char *de__conf_str(const de_conf *conf, de__key k);
+/* The name of library key k (0 <= k < DE__K_COUNT). */
+const char *de__conf_key_name(int k);
 int64_t de__conf_int(const de_conf *conf, de__key k);
 bool de__conf_bool(const de_conf *conf, de__key k);
 

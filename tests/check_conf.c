@@ -6,6 +6,8 @@
  */
 #include "testutil.h"
 
+#include "internal.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +23,55 @@ START_TEST(defaults_are_documented_values)
     ck_assert_str_eq(de_conf_get(NULL, "outbox.busy.timeout.ms"), "5000");
     ck_assert_ptr_null(de_conf_get(NULL, "bootstrap.servers"));
     ck_assert_ptr_null(de_conf_get(NULL, "no.such.key"));
+}
+END_TEST
+
+/* docs/CONFIGURATION.md lists every library key with its default, and
+ * the defaults there are the library's. */
+START_TEST(configuration_doc_matches_the_library)
+{
+    FILE *f = fopen("docs/CONFIGURATION.md", "r");
+    char line[4096];
+    int documented[DE__K_COUNT] = {0};
+
+    ck_assert_msg(f != NULL, "run from the repository root: "
+                             "docs/CONFIGURATION.md not found");
+    while (fgets(line, sizeof line, f)) {
+        char key[128], def[256];
+        const char *p = line, *q;
+        if (strncmp(p, "| `", 3) != 0)
+            continue;
+        p += 3;
+        q = strchr(p, '`');
+        if (q == NULL || (size_t)(q - p) >= sizeof key)
+            continue;
+        memcpy(key, p, (size_t)(q - p));
+        key[q - p] = '\0';
+        p = strstr(q, "| ");
+        if (p == NULL)
+            continue;
+        p += 2;
+        if (strncmp(p, "*(empty", 7) == 0) {
+            def[0] = '\0';
+        } else if (*p == '`' && (q = strchr(p + 1, '`')) != NULL) {
+            memcpy(def, p + 1, (size_t)(q - p - 1));
+            def[q - p - 1] = '\0';
+        } else {
+            continue;
+        }
+        for (int k = 0; k < DE__K_COUNT; k++) {
+            if (strcmp(de__conf_key_name(k), key) != 0)
+                continue;
+            documented[k] = 1;
+            ck_assert_msg(strcmp(de_conf_get(NULL, key), def) == 0,
+                          "%s: documented default '%s', library's '%s'", key,
+                          def, de_conf_get(NULL, key));
+        }
+    }
+    fclose(f);
+    for (int k = 0; k < DE__K_COUNT; k++)
+        ck_assert_msg(documented[k], "%s is not in docs/CONFIGURATION.md",
+                      de__conf_key_name(k));
 }
 END_TEST
 
@@ -152,6 +203,7 @@ static Suite *conf_suite(void)
 
     tcase_add_test(tc, defaults_are_documented_values);
     tcase_add_test(tc, library_keys_are_validated);
+    tcase_add_test(tc, configuration_doc_matches_the_library);
     tcase_add_test(tc, other_keys_are_validated_by_librdkafka);
     tcase_add_test(tc, null_arguments);
     tcase_add_test(tc, outbox_copies_its_configuration);
