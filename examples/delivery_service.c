@@ -69,17 +69,15 @@ static int sql(sqlite3 *db, const char *q)
 
 /* Runs a statement with text/integer parameters given as a format: 't'
  * text, 'i' int64.  Returns SQLite's result of the step. */
-static int run(sqlite3 *db, const char *q, const char *fmt, ...)
+static int vrun(sqlite3 *db, const char *q, const char *fmt, va_list ap)
 {
     sqlite3_stmt *st = NULL;
-    va_list ap;
     int rc;
 
     if (sqlite3_prepare_v2(db, q, -1, &st, NULL) != SQLITE_OK) {
         fprintf(stderr, "delivery_service: %s\n", sqlite3_errmsg(db));
         return SQLITE_ERROR;
     }
-    va_start(ap, fmt);
     for (int i = 0; fmt[i]; i++) {
         if (fmt[i] == 't')
             sqlite3_bind_text(st, i + 1, va_arg(ap, const char *), -1,
@@ -87,9 +85,19 @@ static int run(sqlite3 *db, const char *q, const char *fmt, ...)
         else
             sqlite3_bind_int64(st, i + 1, va_arg(ap, int64_t));
     }
-    va_end(ap);
     rc = sqlite3_step(st);
     sqlite3_finalize(st);
+    return rc;
+}
+
+static int run(sqlite3 *db, const char *q, const char *fmt, ...)
+{
+    va_list ap;
+    int rc;
+
+    va_start(ap, fmt);
+    rc = vrun(db, q, fmt, ap);
+    va_end(ap);
     return rc;
 }
 
@@ -135,25 +143,14 @@ static int change(struct service *s, const char *delivery_id,
 {
     de_event ev = {0};
     de_recorded rec;
-    sqlite3_stmt *st = NULL;
     va_list ap;
     int rc;
 
     if (sql(s->db, "BEGIN IMMEDIATE") != 0)
         return -1;
-    if (sqlite3_prepare_v2(s->db, update_sql, -1, &st, NULL) != SQLITE_OK)
-        goto fail;
     va_start(ap, update_fmt);
-    for (int i = 0; update_fmt[i]; i++) {
-        if (update_fmt[i] == 't')
-            sqlite3_bind_text(st, i + 1, va_arg(ap, const char *), -1,
-                              SQLITE_TRANSIENT);
-        else
-            sqlite3_bind_int64(st, i + 1, va_arg(ap, int64_t));
-    }
+    rc = vrun(s->db, update_sql, update_fmt, ap);
     va_end(ap);
-    rc = sqlite3_step(st);
-    sqlite3_finalize(st);
     if (rc != SQLITE_DONE || sqlite3_changes(s->db) != 1)
         goto fail;
 

@@ -35,6 +35,24 @@ struct example {
     void (*report)(sqlite3 *db);
 };
 
+/* One handler per action of a subject type. */
+struct example_handler {
+    const char *action;
+    de_handler_fn fn;
+};
+
+static inline de_err example_on(de_consumer *c, const char *subject_type,
+                         const struct example_handler *h, size_t n)
+{
+    de_err e;
+
+    for (size_t i = 0; i < n; i++)
+        if ((e = de_consumer_on(c, subject_type, h[i].action, h[i].fn,
+                                NULL)) != DE_OK)
+            return e;
+    return DE_OK;
+}
+
 static volatile sig_atomic_t example_stop;
 
 static void example_on_signal(int sig)

@@ -119,15 +119,12 @@ static de_err on_canceled(sqlite3 *db, const de_event_view *ev, void *ctx)
 
 static de_err handlers(de_consumer *c)
 {
-    de_err e;
-
-    if ((e = de_consumer_on(c, "delivery", "created", on_created, NULL)) ||
-        (e = de_consumer_on(c, "delivery", "assigned", on_assigned, NULL)) ||
-        (e = de_consumer_on(c, "delivery", "picked_up", on_picked_up, NULL)) ||
-        (e = de_consumer_on(c, "delivery", "delivered", on_delivered, NULL)) ||
-        (e = de_consumer_on(c, "delivery", "canceled", on_canceled, NULL)))
-        return e;
-    return DE_OK;
+    static const struct example_handler h[] = {
+        {"created", on_created},     {"assigned", on_assigned},
+        {"picked_up", on_picked_up}, {"delivered", on_delivered},
+        {"canceled", on_canceled},
+    };
+    return example_on(c, "delivery", h, sizeof h / sizeof h[0]);
 }
 
 /* The sender: here it prints; a real one calls the push service with the

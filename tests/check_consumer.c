@@ -20,27 +20,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-static char *dir;
-static sqlite3 *db; /* the service */
-static de_outbox *ob;
-
-static void setup(void)
-{
-    dir = tu_mkdtemp();
-    db = tu_open(tu_path(dir, "service.db"));
-    tu_ledger_create(db);
-    tu_ok(de_outbox_open(db, NULL, &ob));
-}
-
-static void teardown(void)
-{
-    de_outbox_close(ob);
-    ob = NULL;
-    sqlite3_close(db);
-    db = NULL;
-    tu_rmdir(dir);
-    dir = NULL;
-}
+/* The service fixture of tests/util/kafka.c, under short names. */
+#define dir tu_dir
+#define db tu_db
+#define ob tu_ob
+#define setup tu_service_setup
+#define teardown tu_service_teardown
 
 /* ---- the consumer side, shared with the helper processes -------------- */
 

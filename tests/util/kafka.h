@@ -51,6 +51,15 @@ de_conf *tu_relay_conf(tu_cluster *c, ...);
 /* Log callback for handles in tests: quiet unless DE_TEST_LOG is set. */
 void tu_log(void *ctx, int level, const char *message);
 
+/* The service side of an integration test: a scratch directory with
+ * service.db (ledger table, outbox open).  tu_service_setup and
+ * tu_service_teardown are Check fixtures. */
+extern char *tu_dir;
+extern sqlite3 *tu_db;
+extern de_outbox *tu_ob;
+void tu_service_setup(void);
+void tu_service_teardown(void);
+
 /* The ledger: a domain table the writer fills in the same transaction as
  * de_record, so it lists exactly the committed events, in commit order. */
 void tu_ledger_create(sqlite3 *db);
