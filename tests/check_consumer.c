@@ -327,7 +327,7 @@ static void expire_lease(void)
  * ce_subjectseq and are applied once. */
 START_TEST(relay_resends_are_applied_once)
 {
-    tu_cluster *c = tu_cluster_new(0, 3);
+    tu_cluster *c = tu_cluster_new(_i, 3);
     sqlite3 *cdb = tu_open(tu_path(dir, "consumer.db"));
     de_consumer *con = NULL;
     de_consumer_stats st;
@@ -376,7 +376,7 @@ END_TEST
  * mid-transaction, and restarted: every event applied exactly once. */
 START_TEST(consumer_killed_at_random_applies_exactly_once)
 {
-    tu_cluster *c = tu_cluster_new(0, 3);
+    tu_cluster *c = tu_cluster_new(_i, 3);
     sqlite3 *cdb;
     de_consumer *con = NULL;
     de_relay *r;
@@ -429,7 +429,7 @@ END_TEST
  * exactly-once effects hold throughout. */
 START_TEST(two_consumers_rebalance)
 {
-    tu_cluster *c = tu_cluster_new(0, 3);
+    tu_cluster *c = tu_cluster_new(_i, 3);
     sqlite3 *cdb;
     de_consumer *con = NULL;
     de_relay *r;
@@ -498,7 +498,7 @@ static void produce_raw(tu_cluster *c, const char *topic, const char *key,
 
 START_TEST(foreign_and_garbage_records_are_parked)
 {
-    tu_cluster *c = tu_cluster_new(0, 1);
+    tu_cluster *c = tu_cluster_new(_i, 1);
     sqlite3 *cdb = tu_open(tu_path(dir, "consumer.db"));
     de_consumer *con = NULL;
     de_consumer_stats st;
@@ -547,7 +547,7 @@ END_TEST
  * them all in order. */
 START_TEST(failing_handler_dead_letter_and_release)
 {
-    tu_cluster *c = tu_cluster_new(0, 3);
+    tu_cluster *c = tu_cluster_new(_i, 3);
     sqlite3 *cdb = tu_open(tu_path(dir, "consumer.db"));
     de_consumer *con = NULL;
     de_consumer_stats st;
@@ -609,7 +609,7 @@ END_TEST
 /* skip drops the dead-lettered event and applies the rest. */
 START_TEST(skip_drops_the_dead_letter)
 {
-    tu_cluster *c = tu_cluster_new(0, 1);
+    tu_cluster *c = tu_cluster_new(_i, 1);
     sqlite3 *cdb = tu_open(tu_path(dir, "consumer.db"));
     de_consumer *con = NULL;
     de_consumer_stats st;
@@ -652,7 +652,7 @@ END_TEST
  * a missing one; apply applies it anyway. */
 START_TEST(gaps_are_parked_or_applied)
 {
-    tu_cluster *c = tu_cluster_new(0, 1);
+    tu_cluster *c = tu_cluster_new(_i, 1);
     sqlite3 *cdb = tu_open(tu_path(dir, "consumer.db"));
     sqlite3 *cdb2 = tu_open(tu_path(dir, "consumer2.db"));
     de_consumer *con = NULL;
@@ -751,19 +751,23 @@ static Suite *consumer_suite(void)
     tcase_set_timeout(tc, 180);
     tcase_add_loop_test(tc, applies_each_event_once_in_order, 0,
                         tu_cluster_count());
-    tcase_add_test(tc, foreign_and_garbage_records_are_parked);
-    tcase_add_test(tc, failing_handler_dead_letter_and_release);
-    tcase_add_test(tc, skip_drops_the_dead_letter);
-    tcase_add_test(tc, gaps_are_parked_or_applied);
+    tcase_add_loop_test(tc, foreign_and_garbage_records_are_parked, 0,
+                        tu_cluster_count());
+    tcase_add_loop_test(tc, failing_handler_dead_letter_and_release, 0,
+                        tu_cluster_count());
+    tcase_add_loop_test(tc, skip_drops_the_dead_letter, 0, tu_cluster_count());
+    tcase_add_loop_test(tc, gaps_are_parked_or_applied, 0, tu_cluster_count());
     tcase_add_test(tc, refuses_bad_use);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("crashes");
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 240);
-    tcase_add_test(tc, relay_resends_are_applied_once);
-    tcase_add_test(tc, consumer_killed_at_random_applies_exactly_once);
-    tcase_add_test(tc, two_consumers_rebalance);
+    tcase_add_loop_test(tc, relay_resends_are_applied_once, 0,
+                        tu_cluster_count());
+    tcase_add_loop_test(tc, consumer_killed_at_random_applies_exactly_once, 0,
+                        tu_cluster_count());
+    tcase_add_loop_test(tc, two_consumers_rebalance, 0, tu_cluster_count());
     suite_add_tcase(s, tc);
     return s;
 }

@@ -445,7 +445,7 @@ END_TEST
 
 START_TEST(retention_keeps_published_rows)
 {
-    tu_cluster *c = tu_cluster_new(0, 1);
+    tu_cluster *c = tu_cluster_new(_i, 1);
     de_conf *conf = tu_relay_conf(c, "outbox.retention.ms", "3600000", NULL);
     de_relay *r = NULL;
     de_relay_stats st;
@@ -468,7 +468,7 @@ END_TEST
  * duplicates, so a lost or foreign state file is refused. */
 START_TEST(refuses_lost_or_foreign_state)
 {
-    tu_cluster *c = tu_cluster_new(0, 1);
+    tu_cluster *c = tu_cluster_new(_i, 1);
     de_conf *conf = tu_relay_conf(c, NULL);
     de_relay *r = NULL;
     de_relay_stats st;
@@ -578,7 +578,7 @@ END_TEST
  * when it holds the lease again. */
 START_TEST(lost_lease_stops_publishing)
 {
-    tu_cluster *c = tu_cluster_new(0, 1);
+    tu_cluster *c = tu_cluster_new(_i, 1);
     de_conf *conf = tu_relay_conf(c, NULL);
     de_relay *r = NULL;
     de_relay_stats st;
@@ -669,7 +669,7 @@ static void kill_relay(pid_t pid)
  * and ce_subjectseq. */
 START_TEST(relay_killed_at_random_loses_nothing)
 {
-    tu_cluster *c = tu_cluster_new(0, 3);
+    tu_cluster *c = tu_cluster_new(_i, 3);
     de_conf *conf = tu_relay_conf(c, NULL);
     de_relay *r = NULL;
     unsigned seed = (unsigned)time(NULL);
@@ -742,7 +742,7 @@ static pid_t lease_holder(void)
  * takes over within a few seconds and nothing is lost. */
 START_TEST(standby_takes_over_after_sigkill)
 {
-    tu_cluster *c = tu_cluster_new(0, 3);
+    tu_cluster *c = tu_cluster_new(_i, 3);
     pid_t a, b, active, other;
     int64_t t0;
     char id[16];
@@ -802,10 +802,12 @@ static Suite *relay_suite(void)
                         tu_cluster_count());
     tcase_add_loop_test(tc, second_relay_stands_by_and_takes_over, 0,
                         tu_cluster_count());
-    tcase_add_test(tc, retention_keeps_published_rows);
-    tcase_add_test(tc, refuses_lost_or_foreign_state);
+    tcase_add_loop_test(tc, retention_keeps_published_rows, 0,
+                        tu_cluster_count());
+    tcase_add_loop_test(tc, refuses_lost_or_foreign_state, 0,
+                        tu_cluster_count());
     tcase_add_test(tc, refuses_bad_configuration);
-    tcase_add_test(tc, lost_lease_stops_publishing);
+    tcase_add_loop_test(tc, lost_lease_stops_publishing, 0, tu_cluster_count());
     suite_add_tcase(s, tc);
 
     tc = tcase_create("faults");
@@ -823,8 +825,10 @@ static Suite *relay_suite(void)
     tc = tcase_create("processes");
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 240);
-    tcase_add_test(tc, relay_killed_at_random_loses_nothing);
-    tcase_add_test(tc, standby_takes_over_after_sigkill);
+    tcase_add_loop_test(tc, relay_killed_at_random_loses_nothing, 0,
+                        tu_cluster_count());
+    tcase_add_loop_test(tc, standby_takes_over_after_sigkill, 0,
+                        tu_cluster_count());
     suite_add_tcase(s, tc);
     return s;
 }
