@@ -174,10 +174,12 @@ struct de_relay {
     int64_t done_pos;    /* watermark: everything <= is acked or parked */
     int64_t durable_pos; /* cursor in the state file */
     int64_t deleted_upto;
-    int64_t max_pos;   /* highest position seen in the outbox */
-    bool more_rows;    /* the last read filled its batch */
-    int64_t last_read; /* rows the last read produced */
-    bool dirty_pos;    /* done_pos moved since the last checkpoint */
+    int64_t max_pos;      /* highest position seen in the outbox */
+    bool more_rows;       /* the last read filled its batch */
+    int64_t last_read;    /* rows the last read produced */
+    bool woken;           /* the eventfd fired, or state was reset: read */
+    int64_t data_version; /* PRAGMA data_version at the last read */
+    bool dirty_pos;       /* done_pos moved since the last checkpoint */
     /* subjects */
     subj **buckets;
     size_t nbuckets, nsubj;
@@ -981,6 +983,7 @@ static void reset_to_watermark(de_relay *r)
     r->head_tag += (uint64_t)r->count;
     r->count = 0;
     r->read_pos = r->done_pos;
+    r->woken = true;
     for (size_t i = 0; i < r->nbuckets; i++)
         for (subj *s = r->buckets[i]; s; s = s->hnext)
             s->assigned = s->acked;
@@ -1361,6 +1364,7 @@ static de_err activate(de_relay *r)
         return err;
     r->held_back = cnt;
     r->active = true;
+    r->woken = true;
     r->lease_lost = false;
     r->need_restart = false;
     r->next_cleanup_us = de__mono_us();
@@ -1505,10 +1509,27 @@ static void wait_for_work(de_relay *r, int timeout_ms)
     struct pollfd p = {r->wake_fd, POLLIN, 0};
     uint64_t v;
 
-    if (timeout_ms > 0 && poll(&p, 1, timeout_ms) > 0 && (p.revents & POLLIN))
+    if (timeout_ms > 0 && poll(&p, 1, timeout_ms) > 0 && (p.revents & POLLIN)) {
         (void)!read(r->wake_fd, &v, sizeof v);
-    else if (timeout_ms <= 0)
-        (void)!read(r->wake_fd, &v, sizeof v);
+        r->woken = true;
+    } else if (timeout_ms <= 0 && read(r->wake_fd, &v, sizeof v) > 0) {
+        r->woken = true;
+    }
+}
+
+/* Whether another connection committed since the last call: the cheap
+ * check (no table read) that catches writers this relay cannot hear. */
+static bool others_committed(de_relay *r)
+{
+    int64_t dv = r->data_version;
+
+    if (sqlite3_step(r->q_dv) == SQLITE_ROW)
+        dv = sqlite3_column_int64(r->q_dv, 0);
+    sqlite3_reset(r->q_dv);
+    if (dv == r->data_version)
+        return false;
+    r->data_version = dv;
+    return true;
 }
 
 static void *relay_main(void *arg)
@@ -1574,7 +1595,15 @@ static void *relay_main(void *arg)
             demote(r, "the lease was lost or could not be renewed in time");
             continue;
         }
-        ok = read_rows(r);
+        /* Read when there may be rows: woken (a commit in this process,
+         * delivery reports, the API), a backlog, or another connection
+         * committed.  Otherwise the poll interval costs one PRAGMA. */
+        if (r->woken || r->more_rows || others_committed(r)) {
+            r->woken = false;
+            ok = read_rows(r);
+        } else {
+            ok = true;
+        }
         if (!ok) {
             rlog(r, DE_LOG_WARNING, "%s (retrying)", de_errmsg());
             wait_for_work(r, 200);
