@@ -184,7 +184,7 @@ static de_relay *start_relay(tu_cluster *c)
 START_TEST(applies_each_event_once_in_order)
 {
     tu_cluster *c = tu_cluster_new(_i, 3);
-    sqlite3 *cdb = tu_open(tu_path(dir, "consumer.db"));
+    sqlite3 *cdb = tu_open_shared(tu_path(dir, "consumer.db"));
     de_consumer *con = NULL;
     de_relay *r;
     de_consumer_stats st;
@@ -316,7 +316,7 @@ static void expire_lease(void)
     sqlite3 *st;
 
     snprintf(path, sizeof path, "%s-relay", tu_path(dir, "service.db"));
-    st = tu_open(path);
+    st = tu_open_shared(path);
     sqlite3_busy_timeout(st, 2000);
     tu_exec(st, "UPDATE de_relay_lease SET heartbeat_ms = 0");
     sqlite3_close(st);
@@ -328,7 +328,7 @@ static void expire_lease(void)
 START_TEST(relay_resends_are_applied_once)
 {
     tu_cluster *c = tu_cluster_new(_i, 3);
-    sqlite3 *cdb = tu_open(tu_path(dir, "consumer.db"));
+    sqlite3 *cdb = tu_open_shared(tu_path(dir, "consumer.db"));
     de_consumer *con = NULL;
     de_consumer_stats st;
     de_relay *r;
@@ -386,7 +386,7 @@ START_TEST(consumer_killed_at_random_applies_exactly_once)
     tu_topic_create(c, "delivery", 4);
     r = start_relay(c);
     write_events(40, 10, "delivery");
-    cdb = tu_open(tu_path(dir, "consumer.db"));
+    cdb = tu_open_shared(tu_path(dir, "consumer.db"));
     tu_exec(cdb, applied_sql);
     for (int i = 0; i < 6; i++) {
         int64_t before = applied_count(cdb);
@@ -402,7 +402,7 @@ START_TEST(consumer_killed_at_random_applies_exactly_once)
     }
     sqlite3_close(cdb);
     tu_ok(de_relay_flush(r, 60000));
-    cdb = tu_open(tu_path(dir, "consumer.db"));
+    cdb = tu_open_shared(tu_path(dir, "consumer.db"));
     tu_ok(open_consumer(cdb, c->bootstrap, c->prefix, "g-kill", NULL, NULL,
                         NULL, &con));
     poll_until(con, cdb, 40 * 10 + 6 * 80, 60000);
@@ -449,7 +449,7 @@ START_TEST(two_consumers_rebalance)
     waitpid(a, NULL, 0);
     write_events(30, 5, "delivery");
     tu_ok(de_relay_flush(r, 60000));
-    cdb = tu_open(tu_path(dir, "consumer.db"));
+    cdb = tu_open_shared(tu_path(dir, "consumer.db"));
     ck_assert(tu_wait_for(applied_count(cdb) >= 600, 60000));
     kill(b, SIGTERM);
     waitpid(b, NULL, 0);
@@ -499,7 +499,7 @@ static void produce_raw(tu_cluster *c, const char *topic, const char *key,
 START_TEST(foreign_and_garbage_records_are_parked)
 {
     tu_cluster *c = tu_cluster_new(_i, 1);
-    sqlite3 *cdb = tu_open(tu_path(dir, "consumer.db"));
+    sqlite3 *cdb = tu_open_shared(tu_path(dir, "consumer.db"));
     de_consumer *con = NULL;
     de_consumer_stats st;
     const char *topic;
@@ -548,7 +548,7 @@ END_TEST
 START_TEST(failing_handler_dead_letter_and_release)
 {
     tu_cluster *c = tu_cluster_new(_i, 3);
-    sqlite3 *cdb = tu_open(tu_path(dir, "consumer.db"));
+    sqlite3 *cdb = tu_open_shared(tu_path(dir, "consumer.db"));
     de_consumer *con = NULL;
     de_consumer_stats st;
     struct failing f = {"D-BAD", 0};
@@ -610,7 +610,7 @@ END_TEST
 START_TEST(skip_drops_the_dead_letter)
 {
     tu_cluster *c = tu_cluster_new(_i, 1);
-    sqlite3 *cdb = tu_open(tu_path(dir, "consumer.db"));
+    sqlite3 *cdb = tu_open_shared(tu_path(dir, "consumer.db"));
     de_consumer *con = NULL;
     de_consumer_stats st;
     struct failing f = {"D-SKIP", 2};
@@ -653,8 +653,8 @@ END_TEST
 START_TEST(gaps_are_parked_or_applied)
 {
     tu_cluster *c = tu_cluster_new(_i, 1);
-    sqlite3 *cdb = tu_open(tu_path(dir, "consumer.db"));
-    sqlite3 *cdb2 = tu_open(tu_path(dir, "consumer2.db"));
+    sqlite3 *cdb = tu_open_shared(tu_path(dir, "consumer.db"));
+    sqlite3 *cdb2 = tu_open_shared(tu_path(dir, "consumer2.db"));
     de_consumer *con = NULL;
     de_consumer_stats st;
     const char *topic;
@@ -703,7 +703,7 @@ END_TEST
 
 START_TEST(refuses_bad_use)
 {
-    sqlite3 *cdb = tu_open(tu_path(dir, "consumer.db")), *mem;
+    sqlite3 *cdb = tu_open_shared(tu_path(dir, "consumer.db")), *mem;
     de_conf *conf = de_conf_new();
     de_consumer *con = (de_consumer *)1;
 

@@ -60,6 +60,18 @@ sqlite3 *tu_open(const char *path)
     return db;
 }
 
+sqlite3 *tu_open_shared(const char *path)
+{
+    sqlite3 *db = tu_open(path);
+
+    /* Even a WAL reader can meet SQLITE_BUSY: the first connection after a
+     * writer was SIGKILLed must recover the WAL index under an exclusive
+     * lock, and a checkpoint resetting the log briefly excludes readers.
+     * Waiting is what any observer of a shared file does. */
+    sqlite3_busy_timeout(db, 10000);
+    return db;
+}
+
 void tu_exec(sqlite3 *db, const char *sql)
 {
     char *err = NULL;

@@ -24,6 +24,8 @@ const char *tu_path(const char *dir, const char *name);
 
 /* Opens (creating) a database file, failing the test on error. */
 sqlite3 *tu_open(const char *path);
+/* tu_open with a 10 s busy timeout: for a file other processes write. */
+sqlite3 *tu_open_shared(const char *path);
 
 /* Runs SQL, failing the test on error. */
 void tu_exec(sqlite3 *db, const char *sql);
