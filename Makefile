@@ -74,7 +74,7 @@ BENCH_SRCS := $(sort $(wildcard bench/bench_*.c))
 BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 
 .PHONY: all deps check check-suites check-header check-exports \
-        check-install check-asan check-tsan demo bench examples install \
+        check-install check-remote check-asan check-tsan demo bench examples install \
         uninstall clean format format-check mock-reorder-experiment
 
 TOOL := $(BUILD)/deliveryevents
@@ -207,14 +207,22 @@ check-install: all
 
 check: check-header check-exports check-suites check-install
 
-# Evidence for docs/TESTING.md: the mock cluster's re-ordering, with plain
-# librdkafka and none of our code.
+# The real-cluster variants of the Kafka suites, against a cluster in
+# another process (the mock, started by the tool); see docs/TESTING.md.
+check-remote: $(BUILD)/tests/check_relay $(BUILD)/tests/check_consumer $(TOOL)
+	@$(RUN_ENV) DE_TOOL=$(abspath $(TOOL)) sh tests/check_remote.sh \
+	    $(abspath $(TOOL)) $(BUILD)/tests/check_relay \
+	    $(BUILD)/tests/check_consumer
+
+# Evidence for docs/TESTING.md: the mock cluster's re-ordering and lost
+# acknowledged records, with plain librdkafka and none of our code.
 mock-reorder-experiment: $(BUILD)/.deps
 	@mkdir -p $(BUILD)/experiments
 	$(CC) -std=c11 -D_GNU_SOURCE -O2 -Wall -Wextra -o \
 	    $(BUILD)/experiments/mock_reorder tests/experiments/mock_reorder.c \
 	    $$(pkg-config --cflags --libs rdkafka)
 	$(BUILD)/experiments/mock_reorder 10
+	$(BUILD)/experiments/mock_reorder 10 leader
 
 check-asan:
 	$(MAKE) BUILD=build-asan \

@@ -749,25 +749,28 @@ static Suite *consumer_suite(void)
 
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 180);
-    tcase_add_loop_test(tc, applies_each_event_once_in_order, 0,
+    tcase_add_loop_test(tc, applies_each_event_once_in_order,
+                        tu_cluster_first(), tu_cluster_count());
+    tcase_add_loop_test(tc, foreign_and_garbage_records_are_parked,
+                        tu_cluster_first(), tu_cluster_count());
+    tcase_add_loop_test(tc, failing_handler_dead_letter_and_release,
+                        tu_cluster_first(), tu_cluster_count());
+    tcase_add_loop_test(tc, skip_drops_the_dead_letter, tu_cluster_first(),
                         tu_cluster_count());
-    tcase_add_loop_test(tc, foreign_and_garbage_records_are_parked, 0,
+    tcase_add_loop_test(tc, gaps_are_parked_or_applied, tu_cluster_first(),
                         tu_cluster_count());
-    tcase_add_loop_test(tc, failing_handler_dead_letter_and_release, 0,
-                        tu_cluster_count());
-    tcase_add_loop_test(tc, skip_drops_the_dead_letter, 0, tu_cluster_count());
-    tcase_add_loop_test(tc, gaps_are_parked_or_applied, 0, tu_cluster_count());
     tcase_add_test(tc, refuses_bad_use);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("crashes");
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 240);
-    tcase_add_loop_test(tc, relay_resends_are_applied_once, 0,
+    tcase_add_loop_test(tc, relay_resends_are_applied_once, tu_cluster_first(),
                         tu_cluster_count());
-    tcase_add_loop_test(tc, consumer_killed_at_random_applies_exactly_once, 0,
+    tcase_add_loop_test(tc, consumer_killed_at_random_applies_exactly_once,
+                        tu_cluster_first(), tu_cluster_count());
+    tcase_add_loop_test(tc, two_consumers_rebalance, tu_cluster_first(),
                         tu_cluster_count());
-    tcase_add_loop_test(tc, two_consumers_rebalance, 0, tu_cluster_count());
     suite_add_tcase(s, tc);
     return s;
 }

@@ -217,7 +217,7 @@ START_TEST(survives_a_whole_cluster_outage)
 }
 END_TEST
 
-/* Leaders move while events flow. */
+/* Leaders move between rounds of events: order kept, nothing lost. */
 START_TEST(survives_leader_changes)
 {
     tu_cluster *c = tu_cluster_new(0, 3);
@@ -228,12 +228,18 @@ START_TEST(survives_leader_changes)
     tu_topic_create(c, "delivery", 6);
     tu_ok(de_relay_start(ob, conf, &r));
     de_conf_destroy(conf);
+    /* Leaders move while the relay is quiet, so that each round's
+     * events go first to a broker that no longer leads their partition
+     * and must be re-routed, in order.  Not while requests are in
+     * flight: there the 2.0.2 mock, which does not check idempotent
+     * sequences, lets plain librdkafka acknowledge a record it never
+     * stored (docs/TESTING.md, `make mock-reorder-experiment`). */
     for (int round = 0; round < 6; round++) {
         write_many(25, 1, "delivery");
+        tu_ok(de_relay_flush(r, 60000));
         for (int p = 0; p < 6; p++)
             rd_kafka_mock_partition_set_leader(c->mock, topic, p,
                                                1 + (p + round) % 3);
-        usleep(100 * 1000);
     }
     tu_ok(de_relay_flush(r, 60000));
     tu_ok(de_relay_stop(r, 5000));
@@ -793,24 +799,28 @@ static Suite *relay_suite(void)
 
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 120);
-    tcase_add_loop_test(tc, publishes_committed_events_in_order, 0,
+    tcase_add_loop_test(tc, publishes_committed_events_in_order,
+                        tu_cluster_first(), tu_cluster_count());
+    tcase_add_loop_test(tc, woken_by_the_commit, tu_cluster_first(),
                         tu_cluster_count());
-    tcase_add_loop_test(tc, woken_by_the_commit, 0, tu_cluster_count());
-    tcase_add_loop_test(tc, picks_up_writers_in_other_processes, 0,
+    tcase_add_loop_test(tc, picks_up_writers_in_other_processes,
+                        tu_cluster_first(), tu_cluster_count());
+    tcase_add_loop_test(tc, cleanup_never_lets_positions_go_back,
+                        tu_cluster_first(), tu_cluster_count());
+    tcase_add_loop_test(tc, second_relay_stands_by_and_takes_over,
+                        tu_cluster_first(), tu_cluster_count());
+    tcase_add_loop_test(tc, retention_keeps_published_rows, tu_cluster_first(),
                         tu_cluster_count());
-    tcase_add_loop_test(tc, cleanup_never_lets_positions_go_back, 0,
-                        tu_cluster_count());
-    tcase_add_loop_test(tc, second_relay_stands_by_and_takes_over, 0,
-                        tu_cluster_count());
-    tcase_add_loop_test(tc, retention_keeps_published_rows, 0,
-                        tu_cluster_count());
-    tcase_add_loop_test(tc, refuses_lost_or_foreign_state, 0,
+    tcase_add_loop_test(tc, refuses_lost_or_foreign_state, tu_cluster_first(),
                         tu_cluster_count());
     tcase_add_test(tc, refuses_bad_configuration);
-    tcase_add_loop_test(tc, lost_lease_stops_publishing, 0, tu_cluster_count());
+    tcase_add_loop_test(tc, lost_lease_stops_publishing, tu_cluster_first(),
+                        tu_cluster_count());
     suite_add_tcase(s, tc);
 
+    /* Fault injection needs the in-process mock's controls. */
     tc = tcase_create("faults");
+    tcase_set_tags(tc, "mock-only");
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 180);
     tcase_add_test(tc, survives_a_broker_outage);
@@ -825,10 +835,10 @@ static Suite *relay_suite(void)
     tc = tcase_create("processes");
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 240);
-    tcase_add_loop_test(tc, relay_killed_at_random_loses_nothing, 0,
-                        tu_cluster_count());
-    tcase_add_loop_test(tc, standby_takes_over_after_sigkill, 0,
-                        tu_cluster_count());
+    tcase_add_loop_test(tc, relay_killed_at_random_loses_nothing,
+                        tu_cluster_first(), tu_cluster_count());
+    tcase_add_loop_test(tc, standby_takes_over_after_sigkill,
+                        tu_cluster_first(), tu_cluster_count());
     suite_add_tcase(s, tc);
     return s;
 }

@@ -25,6 +25,9 @@ typedef struct tu_cluster {
 /* How many clusters the integration tests run on: 1 (the mock), or 2
  * when KAFKA_BOOTSTRAP_SERVERS names a real cluster. */
 int tu_cluster_count(void);
+/* Where those loops start: 0, or 1 (the real cluster only) when
+ * KAFKA_TEST_REAL_ONLY is set, as `make check-remote` does. */
+int tu_cluster_first(void);
 
 /* which: 0 = a new mock cluster with `brokers` brokers; 1 = the real
  * cluster.  Each gets a unique topic prefix. */
