@@ -78,19 +78,22 @@ static de_err record_applied(sqlite3 *cdb, const de_event_view *ev, void *ctx)
     return rc == SQLITE_DONE ? DE_OK : DE_ERR_DB;
 }
 
-/* Opens a consumer of group `group` on cdb for topics under prefix. */
+/* Opens a consumer of group `group` on cdb for topics under prefix.  The
+ * group id carries the prefix too, so that no two tests (or runs, on a
+ * real cluster) ever share a group. */
 static de_err open_consumer(sqlite3 *cdb, const char *bootstrap,
                             const char *prefix, const char *group,
                             const char *extra_key, const char *extra_value,
                             struct failing *f, de_consumer **out)
 {
     de_conf *conf = de_conf_new();
-    char tmpl[128];
+    char tmpl[128], gid[192];
     de_err err;
 
     snprintf(tmpl, sizeof tmpl, "%s{subject_type}.events", prefix);
+    snprintf(gid, sizeof gid, "%s%s", prefix, group);
     de_conf_set(conf, "bootstrap.servers", bootstrap);
-    de_conf_set(conf, "group.id", group);
+    de_conf_set(conf, "group.id", gid);
     de_conf_set(conf, "topic.template", tmpl);
     de_conf_set(conf, "consumer.retry.backoff.ms", "10");
     de_conf_set(conf, "consumer.max.attempts", "3");
@@ -126,6 +129,24 @@ static void poll_until(de_consumer *c, sqlite3 *cdb, int64_t want,
 
     while (applied_count(cdb) < want && tu_now_ms() < deadline)
         tu_ok(de_consumer_poll(c, 100, NULL));
+}
+
+/* One short poll, then the consumer's stats into st: for tu_wait_for
+ * conditions, so that tests wait for an outcome, never for a guessed
+ * number of polls (a partition may be fetched late). */
+static void poll_stats(de_consumer *c, de_consumer_stats *st)
+{
+    tu_ok(de_consumer_poll(c, 20, NULL));
+    tu_ok(de_consumer_stats_get(c, st));
+}
+
+static int64_t dead_letters(sqlite3 *cdb, const char *kind)
+{
+    char sql[200];
+
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM de_dead_letter WHERE kind = '%s'", kind);
+    return tu_query_int(cdb, sql);
 }
 
 /* The effects match the ledger: every committed event applied exactly
@@ -354,9 +375,8 @@ START_TEST(relay_resends_are_applied_once)
                         &con));
     poll_until(con, cdb, 1800, 60000);
     /* Let the consumer read to the end of the topic, duplicates too. */
-    for (int i = 0; i < 20; i++)
-        tu_ok(de_consumer_poll(con, 50, NULL));
-    tu_ok(de_consumer_stats_get(con, &st));
+    tu_wait_for((poll_stats(con, &st), st.duplicates >= (uint64_t)k.duplicates),
+                60000);
     fprintf(stderr,
             "relay_resends_are_applied_once: %ld records, %ld "
             "duplicates on Kafka; consumer skipped %llu\n",
@@ -564,9 +584,11 @@ START_TEST(failing_handler_dead_letter_and_release)
     tu_ok(open_consumer(cdb, c->bootstrap, c->prefix, "g1", NULL, NULL, &f,
                         &con));
     poll_until(con, cdb, 50, 60000);
-    for (int i = 0; i < 20; i++) /* let the retries run out */
-        tu_ok(de_consumer_poll(con, 20, NULL));
-    tu_ok(de_consumer_stats_get(con, &st));
+    /* D-BAD may have a partition to itself, read after the others: wait
+     * until its retries ran out and its four later events wait. */
+    tu_wait_for((poll_stats(con, &st),
+                 st.dead_lettered >= 1 && dead_letters(cdb, "waiting") >= 4),
+                30000);
     ck_assert_uint_eq(st.applied, 50);
     ck_assert_uint_eq(st.dead_lettered, 1);
     ck_assert_uint_eq(st.parked_subjects, 1);
@@ -584,11 +606,8 @@ START_TEST(failing_handler_dead_letter_and_release)
     /* More events of the parked subject wait too. */
     tu_write(db, ob, "delivery", "D-BAD", "picked_up", "{}", 0);
     tu_ok(de_relay_flush(r, 30000));
-    for (int i = 0; i < 30 && tu_query_int(cdb, "SELECT count(*) FROM "
-                                                "de_dead_letter WHERE kind = "
-                                                "'waiting'") < 5;
-         i++)
-        tu_ok(de_consumer_poll(con, 100, NULL));
+    tu_wait_for((poll_stats(con, &st), dead_letters(cdb, "waiting") >= 5),
+                30000);
     /* Fixed downstream: release applies all six in order. */
     f.subject = NULL;
     tu_ok(de_consumer_release(con, "delivery", "D-BAD"));
@@ -624,12 +643,7 @@ START_TEST(skip_drops_the_dead_letter)
     tu_ok(open_consumer(cdb, c->bootstrap, c->prefix, "g1", NULL, NULL, &f,
                         &con));
     poll_until(con, cdb, 1, 60000);
-    for (int i = 0; i < 30; i++) {
-        tu_ok(de_consumer_poll(con, 20, NULL));
-        tu_ok(de_consumer_stats_get(con, &st));
-        if (st.dead_lettered)
-            break;
-    }
+    tu_wait_for((poll_stats(con, &st), st.dead_lettered >= 1), 30000);
     ck_assert_uint_eq(st.parked_subjects, 1);
     tu_ok(de_consumer_skip(con, "delivery", "D-SKIP"));
     ck_assert_str_eq(tu_query_text(cdb, "SELECT group_concat(seq, ',') FROM "
@@ -669,12 +683,7 @@ START_TEST(gaps_are_parked_or_applied)
     produce_raw(c, topic, "G-1", "{}", h4);
     tu_ok(open_consumer(cdb, c->bootstrap, c->prefix, "g-park", NULL, NULL,
                         NULL, &con));
-    for (int i = 0; i < 100; i++) {
-        tu_ok(de_consumer_poll(con, 100, NULL));
-        tu_ok(de_consumer_stats_get(con, &st));
-        if (st.gaps)
-            break;
-    }
+    tu_wait_for((poll_stats(con, &st), st.gaps >= 1), 30000);
     ck_assert_uint_eq(st.applied, 2);
     ck_assert_uint_eq(st.gaps, 1);
     ck_assert_uint_eq(st.parked_subjects, 1);
