@@ -416,10 +416,9 @@ de_err de_consumer_open(sqlite3 *db, const de_conf *conf, de_consumer **out)
     c->batch_size = de__conf_int(c->conf, DE__K_CONSUMER_BATCH_SIZE);
     gap = de__conf_str(c->conf, DE__K_CONSUMER_ON_GAP);
     c->gap = strcmp(gap, "apply") == 0 ? GAP_APPLY : GAP_PARK;
-    if ((err = de__set_wal(db)) != DE_OK)
+    if ((err = de__prepare_connection(
+             db, de__conf_int(c->conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS))) != DE_OK)
         goto fail;
-    de__ensure_busy_timeout(
-        db, de__conf_int(c->conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS));
     if ((err = ensure_schema(c)) != DE_OK)
         goto fail;
     for (int i = 0; i < Q_COUNT; i++)

@@ -216,11 +216,11 @@ void de__decoded_free(de__decoded *d);
 /* Runs SQL without results; DE_ERR_DB with the message set on failure. */
 de_err de__exec(sqlite3 *db, const char *sql);
 
-/* Switches db's main database to WAL (outside a transaction). */
-de_err de__set_wal(sqlite3 *db);
-
-/* Gives db a busy timeout of ms unless it has one (ms <= 0: leave it). */
-void de__ensure_busy_timeout(sqlite3 *db, int64_t ms);
+/* Readies a host's connection for the library: a busy timeout of busy_ms
+ * unless the host set its own (see de__ensure_busy_timeout), then WAL.  In
+ * that order: switching to WAL needs the file to itself for a moment, and
+ * without a timeout another connection's read fails it at once. */
+de_err de__prepare_connection(sqlite3 *db, int64_t busy_ms);
 
 /* The first column of a one-row query; 0 if it has none. */
 int64_t de__query_int(sqlite3 *db, const char *sql);

@@ -190,10 +190,10 @@ de_err de_outbox_open(sqlite3 *db, const de_conf *conf, de_outbox **out)
         goto fail;
     }
     ob->max_bytes = de__conf_int(ob->conf, DE__K_EVENT_MAX_BYTES);
-    if ((err = de__set_wal(db)) != DE_OK)
+    if ((err = de__prepare_connection(
+             db, de__conf_int(ob->conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS))) !=
+        DE_OK)
         goto fail;
-    de__ensure_busy_timeout(
-        db, de__conf_int(ob->conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS));
     if ((err = de__outbox_schema_ensure(db)) != DE_OK)
         goto fail;
     ob->ckpt_threshold = (int)de__query_int(db, "PRAGMA wal_autocheckpoint");

@@ -47,7 +47,8 @@ de_err de__exec(sqlite3 *db, const char *sql)
     return DE_OK;
 }
 
-de_err de__set_wal(sqlite3 *db)
+/* Switches db's main database to WAL (outside a transaction). */
+static de_err set_wal(sqlite3 *db)
 {
     sqlite3_stmt *st = NULL;
     de_err err = DE_OK;
@@ -88,10 +89,16 @@ int64_t de__query_int(sqlite3 *db, const char *sql)
  * another connection writes; give it one unless the host chose its own.
  * PRAGMA busy_timeout reads 0 both for "none" and for a custom busy
  * handler, which this would replace: see docs/OVERVIEW.md. */
-void de__ensure_busy_timeout(sqlite3 *db, int64_t ms)
+static void ensure_busy_timeout(sqlite3 *db, int64_t ms)
 {
     if (ms > 0 && de__query_int(db, "PRAGMA busy_timeout") == 0)
         sqlite3_busy_timeout(db, (int)ms);
+}
+
+de_err de__prepare_connection(sqlite3 *db, int64_t busy_ms)
+{
+    ensure_busy_timeout(db, busy_ms);
+    return set_wal(db);
 }
 
 /* The stored schema version; 0 when the library's tables do not exist. */

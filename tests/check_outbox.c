@@ -10,6 +10,7 @@
  */
 #include "testutil.h"
 
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -513,6 +514,35 @@ START_TEST(newer_schema_is_refused)
 }
 END_TEST
 
+/* Switching a file to WAL needs it alone for a moment: a read in progress
+ * on another connection is waited for (the library gives a connection
+ * without one a busy timeout first), not an error. */
+static void *end_read_later(void *arg)
+{
+    usleep(300 * 1000);
+    tu_exec(arg, "COMMIT");
+    return NULL;
+}
+
+START_TEST(open_waits_for_a_reader)
+{
+    const char *path = tu_path(dir, "fresh.db");
+    sqlite3 *reader = tu_open(path), *host = tu_open(path);
+    de_outbox *o = NULL;
+    pthread_t t;
+
+    tu_exec(reader, "CREATE TABLE t(x); INSERT INTO t VALUES (1)");
+    tu_exec(reader, "BEGIN; SELECT x FROM t"); /* holds its read lock */
+    ck_assert_int_eq(pthread_create(&t, NULL, end_read_later, reader), 0);
+    tu_ok(de_outbox_open(host, NULL, &o));
+    pthread_join(t, NULL);
+    ck_assert_str_eq(tu_query_text(host, "PRAGMA journal_mode"), "wal");
+    de_outbox_close(o);
+    sqlite3_close(host);
+    sqlite3_close(reader);
+}
+END_TEST
+
 START_TEST(open_is_idempotent_and_leaves_host_settings)
 {
     sqlite3 *db2;
@@ -688,6 +718,7 @@ static Suite *outbox_suite(void)
     tcase_add_test(tc, refuses_unusable_connections);
     tcase_add_test(tc, newer_schema_is_refused);
     tcase_add_test(tc, open_is_idempotent_and_leaves_host_settings);
+    tcase_add_test(tc, open_waits_for_a_reader);
     tcase_add_test(tc, record_does_not_read_before_writing);
     tcase_add_test(tc, concurrent_processes_lose_nothing);
     tcase_add_test(tc, generated_ids_are_unique_and_time_ordered);
