@@ -217,7 +217,7 @@ void de__decoded_free(de__decoded *d);
 de_err de__exec(sqlite3 *db, const char *sql);
 
 /* Readies a host's connection for the library: a busy timeout of busy_ms
- * unless the host set its own (see de__ensure_busy_timeout), then WAL.  In
+ * unless the host set its own (ensure_busy_timeout in schema.c), then WAL. In
  * that order: switching to WAL needs the file to itself for a moment, and
  * without a timeout another connection's read fails it at once. */
 de_err de__prepare_connection(sqlite3 *db, int64_t busy_ms);
