@@ -104,7 +104,7 @@ $(BUILD)/.deps: | deps
 
 # ---- the library ----------------------------------------------------------
 
-$(BUILD)/lib/%.o: lib/%.c lib/internal.h lib/relay_state.h $(HEADER) | $(BUILD)/.deps
+$(BUILD)/lib/%.o: lib/%.c $(wildcard lib/*.h) $(HEADER) | $(BUILD)/.deps
 	@mkdir -p $(dir $@)
 	$(CC) $(LIB_CFLAGS) $(CFLAGS) -c -o $@ $<
 

@@ -1,0 +1,73 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * contract.h -- event contracts: a subset of JSON Schema (draft 2020-12)
+ * compiled once and checked against payloads (contract.c).
+ *
+ * The supported subset, its deviations from plain JSON Schema and the
+ * limits below are documented in docs/CONTRACTS.md; keep the two in step.
+ */
+#ifndef DE_CONTRACT_H
+#define DE_CONTRACT_H
+
+#include "internal.h"
+
+#include <jansson.h>
+
+/* Largest schema text accepted: a contract is written by hand, and this
+ * bounds the memory and time a compile can take. */
+#define DE__SCHEMA_MAX_BYTES (1024 * 1024)
+/* Deepest nesting of subschemas, counting the top level as 1 and each
+ * properties/items/$defs entry and each $ref followed as one more.  It
+ * bounds the recursion of both compile and check. */
+#define DE__SCHEMA_DEPTH_MAX 64
+/* Most values an enum may list. */
+#define DE__SCHEMA_ENUM_MAX 1024
+/* Longest $id, in bytes (it becomes the ce_dataschema header). */
+#define DE__SCHEMA_ID_MAX 1024
+/* Longest pattern, in bytes. */
+#define DE__PATTERN_MAX 256
+/* Largest bound in a pattern's {m,n} (POSIX's RE_DUP_MAX minimum). */
+#define DE__PATTERN_REPEAT_MAX 255
+/* Most positions a pattern may expand to once its {m,n} are unrolled:
+ * glibc compiles in time superlinear in this (~50 ms at 1000). */
+#define DE__PATTERN_SIZE_MAX 1024
+/* Longest string, in bytes, checked against a pattern; a longer one
+ * fails the check.  This bounds the time a pattern can take per string
+ * (docs/CONTRACTS.md, "Patterns"). */
+#define DE__PATTERN_SUBJECT_MAX 1024
+
+/* A compiled contract schema: immutable once compiled, so it may be used
+ * by several threads at once. */
+typedef struct de__schema de__schema;
+
+/*
+ * Parses schema_json[0..len) and compiles it.  DE_ERR_CONTRACT, with a
+ * message naming the keyword, its JSON path in the schema and the bad
+ * value, when the text is not JSON, uses a keyword outside the subset,
+ * gives a keyword a wrong value, could never be satisfied, or exceeds a
+ * limit above; DE_ERR_NOMEM when out of memory.  *out is NULL on failure.
+ */
+de_err de__schema_compile(const char *schema_json, size_t len,
+                          de__schema **out);
+
+/*
+ * Checks instance (normally the parsed payload) against s.  DE_OK, or
+ * DE_ERR_CONTRACT with "<label>: <path> <rule>, got <value>" for the
+ * first violation (docs/CONTRACTS.md gives the order; the result and
+ * message are deterministic).  label NULL reads as "payload".
+ * DE_ERR_NOMEM if the regex engine runs out of memory.
+ */
+de_err de__schema_validate(const de__schema *s, const json_t *instance,
+                           const char *label);
+
+/* The top-level $id, or NULL; borrowed from s. */
+const char *de__schema_id(const de__schema *s);
+
+/* The schema as compact JSON with sorted keys, for comparing two
+ * definitions by meaning rather than by bytes; borrowed from s. */
+const char *de__schema_canonical(const de__schema *s);
+
+/* Frees s; NULL is a no-op. */
+void de__schema_free(de__schema *s);
+
+#endif /* DE_CONTRACT_H */
