@@ -8,13 +8,13 @@
  * once is decided when compiling: every keyword is type-checked (anything
  * outside the subset is refused, so a typo cannot silently weaken a
  * contract), properties are sorted for binary search, enums become a
- * sorted string table plus sorted numbers, patterns are compiled, and
- * $ref becomes a pointer.  A check allocates nothing and renders no path
- * unless it fails.
+ * sorted string table plus sorted numbers, patterns become linear-time
+ * automata, and $ref becomes a pointer.  A check allocates nothing and renders
+ * no path unless it fails.
  *
- * Invariants: a compiled schema is never modified, so several threads may
- * check against one schema at once (glibc's regexec takes its own lock
- * around the automaton states it caches).  The node graph, followed
+ * Invariants: a compiled schema is never modified (a pattern check keeps
+ * its state on the stack), so several threads may check against one
+ * schema at once.  The node graph, followed
  * through $ref, is acyclic and at most DE__SCHEMA_DEPTH_MAX deep, which
  * bounds every recursion here.  Nodes borrow strings from the parsed
  * document, which lives as long as the schema.
@@ -28,6 +28,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <wctype.h>
 
 /* ---- types, numbers and values ---------------------------------------- */
 
@@ -358,11 +359,7 @@ typedef struct vset {
     bool is_const;
 } vset;
 
-typedef struct pattern {
-    regex_t re;
-    const char *src; /* as written, for messages */
-    size_t len;
-} pattern;
+typedef struct pattern pattern; /* a compiled pattern (see below) */
 
 enum { F_NONE, F_DATE_TIME, F_UUID };
 enum { B_MIN, B_XMIN, B_MAX, B_XMAX, B_COUNT };
@@ -518,22 +515,133 @@ static bool is_uuid(const char *s, size_t n)
     return true;
 }
 
+static de_err nomem(void);
+
 /* ---- patterns ------------------------------------------------------------ */
 
 /*
- * Patterns are POSIX extended regular expressions run by glibc in the
- * C.UTF-8 locale, whatever locale the host set: so "." is one code point
- * and ranges are code point ranges.  The locale is made once and never
- * freed.
+ * Patterns are POSIX extended regular expressions with glibc's meaning in
+ * the C.UTF-8 locale, whatever locale the host set: "." is one code point
+ * (any but NUL), ranges are code point ranges, [:classes:] are glibc's
+ * C.UTF-8 ones.  glibc's regcomp must accept every pattern too (it is the
+ * authority on the dialect), and the tests check matches against glibc's
+ * regexec.
+ *
+ * Matching is not left to regexec, though.  Measured on glibc 2.36: its
+ * unanchored search retries every start position ("(.*a){20}b" took 3 s
+ * on 8 KiB), and its lazily built automaton keeps every state it builds:
+ * "a.{255}c" against random 1 KiB strings of a and b took 330 ms each
+ * and grew the process by 4.6 MB each, without bound.  On the host's
+ * commit path that is a denial of service.  So a pattern is compiled into
+ * a Thompson NFA and run as a set of states (a Pike VM without captures):
+ * each subject character advances every live instruction at most once,
+ * so a check takes at most DE__PATTERN_SIZE_MAX x DE__PATTERN_SUBJECT_MAX
+ * steps, in memory proportional to the pattern, keeping nothing.
+ *
+ * Anchors: '^' may only start and '$' only end a top-level alternative.
+ * Anywhere else they could only match an empty prefix or suffix, and
+ * glibc's automaton even takes the place after a newline for a line start
+ * (so its answers would differ from POSIX's).
  */
 static pthread_once_t utf8_once = PTHREAD_ONCE_INIT;
-static locale_t utf8_locale;
+static locale_t utf8_locale; /* made once, never freed */
+
+/* The POSIX classes, in the order of the bits in rx_set.classes. */
+static const char *const class_names[] = {"alnum", "alpha", "blank", "cntrl",
+                                          "digit", "graph", "lower", "print",
+                                          "punct", "space", "upper", "xdigit"};
+static wctype_t class_types[DE__ARRAY_LEN(class_names)];
 
 static void utf8_locale_init(void)
 {
     utf8_locale =
         newlocale(LC_CTYPE_MASK | LC_COLLATE_MASK, "C.UTF-8", (locale_t)0);
+    for (size_t i = 0; utf8_locale && i < DE__ARRAY_LEN(class_names); i++)
+        class_types[i] = wctype_l(class_names[i], utf8_locale);
 }
+
+/* Above every code point: what an invalid byte in a subject decodes to. */
+#define RX_NOT_A_CHAR 0x110000u
+
+/* A bracket expression. */
+typedef struct rx_set {
+    uint32_t ascii[4]; /* the answer for U+0000..U+007F, negation applied */
+    uint32_t *ranges;  /* lo, hi pairs of code points */
+    size_t nranges;
+    uint16_t classes; /* 1 << index in class_names */
+    bool negate;
+} rx_set;
+
+/* Membership by the ranges and classes, before negation. */
+static bool set_lists(const rx_set *set, uint32_t c)
+{
+    for (size_t i = 0; i < set->nranges; i++)
+        if (c >= set->ranges[2 * i] && c <= set->ranges[2 * i + 1])
+            return true;
+    for (size_t i = 0; i < DE__ARRAY_LEN(class_names); i++)
+        if ((set->classes & (1u << i)) && c < RX_NOT_A_CHAR &&
+            iswctype_l((wint_t)c, class_types[i], utf8_locale))
+            return true;
+    return false;
+}
+
+static bool set_has(const rx_set *set, uint32_t c)
+{
+    if (c < 0x80)
+        return (set->ascii[c / 32] >> (c % 32)) & 1;
+    return set_lists(set, c) != set->negate;
+}
+
+enum { RX_CHAR, RX_ANY, RX_SET, RX_SPLIT, RX_JMP, RX_BOL, RX_EOL, RX_MATCH };
+
+typedef struct rx_inst {
+    uint8_t op;
+    uint16_t x, y; /* SPLIT: both targets; JMP: x; SET: x is the set */
+    uint32_t c;    /* CHAR */
+} rx_inst;
+
+struct pattern {
+    rx_inst *prog; /* starts at prog[0], ends with RX_MATCH */
+    size_t nprog;
+    rx_set *sets;
+    size_t nsets;
+    bool anchored;   /* every top-level alternative starts with '^' */
+    const char *src; /* as written, for messages */
+    size_t len;
+};
+
+/* The parsed pattern, before {m,n} is unrolled into instructions. */
+typedef struct rx_ast rx_ast;
+struct rx_ast {
+    enum {
+        A_EMPTY,
+        A_CHAR,
+        A_ANY,
+        A_SET,
+        A_BOL,
+        A_EOL,
+        A_CAT,
+        A_ALT,
+        A_REPEAT
+    } kind;
+    uint32_t c;    /* A_CHAR: the code point; A_SET: the set's index */
+    rx_ast *a, *b; /* A_CAT, A_ALT; A_REPEAT repeats a */
+    int min, max;  /* A_REPEAT; max -1 is unbounded */
+};
+
+typedef struct rx_parse {
+    const seg *at;
+    const char *p;
+    size_t n, i;
+    int depth;        /* open groups */
+    size_t alt_start; /* where the current top-level alternative starts */
+    size_t alts, anchored_alts;
+    rx_ast *nodes; /* an arena: at most 2 nodes per pattern byte, plus 2 */
+    size_t nnodes, node_cap;
+    rx_set *sets; /* at most one per 2 pattern bytes */
+    size_t nsets, set_cap;
+    de_err err; /* set with the first refusal */
+} rx_parse;
 
 /* "contract schema: 'pattern' at <path> <why>: '<pattern>'" */
 static de_err pattern_fail(const seg *at, const char *p, size_t n,
@@ -552,372 +660,663 @@ static de_err pattern_fail(const seg *at, const char *p, size_t n,
                     pathstr(at).s, why, de__quote(q, sizeof q, p, n));
 }
 
-/* A top-level alternative of a pattern: p[start..end), and whether it
- * starts with '^'. */
-typedef struct alt {
-    size_t start, end;
-    bool anchored;
-} alt;
+/* Records the parser's refusal; NULL, for its returns. */
+static rx_ast *rx_fail(rx_parse *ps, const char *fmt, ...) DE__PRINTF(2, 3);
 
-#define ALTS_MAX (DE__PATTERN_MAX / 2 + 1)
-
-/*
- * Refuses what glibc would accept with a meaning other than the author's
- * or at a cost we do not bound: back-references (they need backtracking),
- * escapes other than of punctuation (glibc reads "\d" as "d"), a backslash
- * in a bracket expression (literal in POSIX), "(?" groups, unbalanced
- * parentheses (the pattern is wrapped in a group), anchors other than '^'
- * first and '$' last in a top-level alternative (see pattern_compile), and
- * patterns that expand to more than DE__PATTERN_SIZE_MAX positions once
- * {m,n} is unrolled (glibc compiles {m,n} as copies, in time superlinear
- * in their number).  The syntax itself is left to regcomp.  Fills alts
- * with the top-level alternatives.
- */
-static de_err pattern_scan(const seg *at, const char *p, size_t n, alt *alts,
-                           size_t *nalts)
+static rx_ast *rx_fail(rx_parse *ps, const char *fmt, ...)
 {
-    /* One frame per open group: positions so far, and the last atom's
-     * size (what a quantifier multiplies). */
-    struct {
-        uint64_t sum, last;
-    } fr[DE__PATTERN_MAX / 2 + 2];
-    int top = 0;
-    size_t i = 0;
+    char why[256];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof why, fmt, ap);
+    va_end(ap);
+    ps->err = pattern_fail(ps->at, ps->p, ps->n, "%s", why);
+    return NULL;
+}
+
+/* The code point at s[0..n) and its length in bytes. */
+static uint32_t utf8_decode(const char *s, size_t n, size_t *len)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    uint32_t c;
+
+    *len = 1;
+    if (u[0] < 0x80)
+        return u[0];
+    if (de__utf8_valid_prefix(s, n < 4 ? n : 4) == 0)
+        return RX_NOT_A_CHAR; /* jansson's strings are valid UTF-8 */
+    *len = u[0] >= 0xf0 ? 4 : u[0] >= 0xe0 ? 3 : 2;
+    c = u[0] & (0x7fu >> *len);
+    for (size_t i = 1; i < *len; i++)
+        c = (c << 6) | (u[i] & 0x3fu);
+    return c;
+}
+
+static rx_ast *rx_node(rx_parse *ps, int kind)
+{
+    rx_ast *a;
+
+    assert(ps->nnodes < ps->node_cap);
+    a = &ps->nodes[ps->nnodes++];
+    memset(a, 0, sizeof *a);
+    a->kind = kind;
+    return a;
+}
+
+static bool set_add_range(rx_set *set, uint32_t lo, uint32_t hi)
+{
+    uint32_t *r = realloc(set->ranges, (set->nranges + 1) * 2 * sizeof *r);
+
+    if (r == NULL)
+        return false;
+    set->ranges = r;
+    r[set->nranges * 2] = lo;
+    r[set->nranges * 2 + 1] = hi;
+    set->nranges++;
+    return true;
+}
+
+static rx_ast *rx_pair(rx_parse *ps, int kind, rx_ast *a, rx_ast *b)
+{
+    rx_ast *r = rx_node(ps, kind);
+
+    r->a = a;
+    r->b = b;
+    return r;
+}
+
+/* A bracket expression, at p[i] == '['; the rules are glibc's. */
+static rx_ast *parse_bracket(rx_parse *ps)
+{
+    const char *p = ps->p;
+    size_t n = ps->n, i = ps->i + 1, len, start;
+    bool first = true;
+    rx_set *set;
+    rx_ast *a;
+
+    assert(ps->nsets < ps->set_cap);
+    set = &ps->sets[ps->nsets++];
+    if (i < n && p[i] == '^') {
+        set->negate = true;
+        i++;
+    }
+    for (;;) {
+        uint32_t lo, hi;
+        if (i >= n)
+            return rx_fail(ps, "has an unterminated bracket expression");
+        if (p[i] == ']' && !first)
+            break;
+        first = false;
+        if (p[i] == '\\')
+            return rx_fail(ps, "has a backslash inside a bracket "
+                               "expression, where POSIX ERE reads it "
+                               "literally; put ']' first and '-' last "
+                               "instead of escaping them");
+        if (p[i] == '[' && i + 1 < n && (p[i + 1] == '.' || p[i + 1] == '='))
+            return rx_fail(ps,
+                           "uses a collating element or equivalence class "
+                           "('[%c'), which is not supported",
+                           p[i + 1]);
+        if (p[i] == '[' && i + 1 < n && p[i + 1] == ':') {
+            size_t k = i + 2, c;
+            while (k + 1 < n && !(p[k] == ':' && p[k + 1] == ']'))
+                k++;
+            if (k + 1 >= n)
+                return rx_fail(ps, "has an unterminated character class "
+                                   "('[:')");
+            for (c = 0; c < DE__ARRAY_LEN(class_names); c++)
+                if (strlen(class_names[c]) == k - i - 2 &&
+                    memcmp(class_names[c], p + i + 2, k - i - 2) == 0)
+                    break;
+            if (c == DE__ARRAY_LEN(class_names))
+                return rx_fail(
+                    ps, "names an unknown character class '[:%.*s:]'",
+                    (int)(k - i - 2 > 32 ? 32 : k - i - 2), p + i + 2);
+            set->classes |= (uint16_t)(1u << c);
+            i = k + 2;
+            if (i + 1 < n && p[i] == '-' && p[i + 1] != ']')
+                return rx_fail(ps,
+                               "starts a range with a character class "
+                               "(at byte %zu)",
+                               i);
+            continue;
+        }
+        start = i;
+        lo = hi = utf8_decode(p + i, n - i, &len);
+        i += len;
+        if (i + 1 < n && p[i] == '-' && p[i + 1] != ']') {
+            if (p[i + 1] == '[')
+                return rx_fail(ps, "ends a range with '[' (at byte %zu)",
+                               i + 1);
+            hi = utf8_decode(p + i + 1, n - i - 1, &len);
+            if (lo >= 0x80 || hi >= 0x80)
+                return rx_fail(ps,
+                               "has a range with a non-ASCII end (at byte "
+                               "%zu), which glibc cannot collate in "
+                               "C.UTF-8; list the characters instead",
+                               start);
+            if (hi < lo)
+                return rx_fail(ps, "has a backwards range (at byte %zu)",
+                               start);
+            i += 1 + len;
+            if (i + 1 < n && p[i] == '-' && p[i + 1] != ']')
+                return rx_fail(ps,
+                               "has a '-' right after a range (at byte "
+                               "%zu); put a literal '-' last",
+                               i);
+        }
+        if (!set_add_range(set, lo, hi)) {
+            ps->err = nomem();
+            return NULL;
+        }
+    }
+    for (uint32_t c = 0; c < 0x80; c++)
+        if (set_lists(set, c) != set->negate)
+            set->ascii[c / 32] |= 1u << (c % 32);
+    ps->i = i + 1;
+    a = rx_node(ps, A_SET);
+    a->c = (uint32_t)(ps->nsets - 1);
+    return a;
+}
+
+static rx_ast *parse_alt(rx_parse *ps);
+
+/* One atom: a character, ".", a bracket expression, a group, an anchor. */
+static rx_ast *parse_atom(rx_parse *ps)
+{
     static const char hints[] = "dDwWsS";
     static const char *const hint_text[] = {"[0-9]",        "[^0-9]",
                                             "[A-Za-z0-9_]", "[^A-Za-z0-9_]",
                                             "[[:space:]]",  "[^[:space:]]"};
+    const char *p = ps->p;
+    size_t n = ps->n, i = ps->i, len;
+    rx_ast *a;
 
-    fr[0].sum = fr[0].last = 0;
-    *nalts = 1;
-    alts[0].start = 0;
-    alts[0].anchored = n > 0 && p[0] == '^';
-    while (i < n) {
-        unsigned char c = (unsigned char)p[i];
-        uint64_t atom = 0;
-        switch (c) {
-        case '\\': {
-            unsigned char e = i + 1 < n ? (unsigned char)p[i + 1] : 0;
-            const char *h = e ? strchr(hints, e) : NULL;
-            if (e == 0)
-                return pattern_fail(at, p, n, "ends with a lone backslash");
-            if (e >= '1' && e <= '9')
-                return pattern_fail(at, p, n,
-                                    "uses the back-reference '\\%c', which "
-                                    "is not supported (it needs a "
-                                    "backtracking matcher)",
-                                    e);
-            if (h != NULL)
-                return pattern_fail(at, p, n,
-                                    "uses '\\%c', which POSIX ERE does not "
-                                    "have; write %s",
-                                    e, hint_text[h - hints]);
-            if (strchr(".[](){}*+?^$|\\/-", e) == NULL)
-                return pattern_fail(at, p, n,
-                                    "escapes a character that is not "
-                                    "punctuation (at byte %zu); POSIX ERE "
-                                    "only escapes .[](){}*+?^$|\\ (plus / "
-                                    "and -)",
-                                    i);
-            atom = 1;
-            i += 2;
-            break;
-        }
-        case '[': {
-            size_t j = i + 1;
-            if (j < n && p[j] == '^')
-                j++;
-            if (j < n && p[j] == ']')
-                j++; /* a literal ']' first */
-            for (;;) {
-                if (j >= n)
-                    return pattern_fail(at, p, n,
-                                        "has an unterminated bracket "
-                                        "expression");
-                if (p[j] == ']')
-                    break;
-                if (p[j] == '\\')
-                    return pattern_fail(at, p, n,
-                                        "has a backslash inside a bracket "
-                                        "expression, where POSIX ERE reads "
-                                        "it literally; put ']' first and "
-                                        "'-' last instead of escaping them");
-                if (p[j] == '[' && j + 1 < n &&
-                    (p[j + 1] == '.' || p[j + 1] == '=')) {
-                    return pattern_fail(at, p, n,
-                                        "uses a collating element or "
-                                        "equivalence class ('[%c'), which "
-                                        "is not supported",
-                                        p[j + 1]);
-                }
-                if (p[j] == '[' && j + 1 < n && p[j + 1] == ':') {
-                    const char *end = NULL;
-                    for (size_t k = j + 2; k + 1 < n; k++)
-                        if (p[k] == ':' && p[k + 1] == ']') {
-                            end = p + k;
-                            break;
-                        }
-                    if (end == NULL)
-                        return pattern_fail(at, p, n,
-                                            "has an unterminated character "
-                                            "class ('[:')");
-                    j = (size_t)(end - p) + 2;
-                    continue;
-                }
-                j++;
-            }
-            atom = 1;
-            i = j + 1;
-            break;
-        }
-        case '(':
-            if (i + 1 < n && p[i + 1] == '?')
-                return pattern_fail(at, p, n,
-                                    "uses '(?', which POSIX ERE does not "
-                                    "have (no non-capturing groups, "
-                                    "lookaround or flags)");
-            assert(top + 1 < (int)DE__ARRAY_LEN(fr));
-            top++;
-            fr[top].sum = fr[top].last = 0;
-            i++;
-            break;
-        case ')':
-            if (top == 0)
-                return pattern_fail(at, p, n, "has an unmatched ')'");
-            atom = fr[top].sum ? fr[top].sum : 1;
-            top--;
-            i++;
-            break;
-        case '|':
-            fr[top].last = 0;
-            if (top == 0) {
-                assert(*nalts < ALTS_MAX);
-                alts[*nalts - 1].end = i;
-                alts[*nalts].start = i + 1;
-                alts[(*nalts)++].anchored = i + 1 < n && p[i + 1] == '^';
-            }
-            i++;
-            break;
+    switch (p[i]) {
+    case '(':
+        if (i + 1 < n && p[i + 1] == '?')
+            return rx_fail(ps, "uses '(?', which POSIX ERE does not have "
+                               "(no non-capturing groups, lookaround or "
+                               "flags)");
+        ps->i++;
+        ps->depth++;
+        a = parse_alt(ps);
+        if (a == NULL)
+            return NULL;
+        if (ps->i >= n)
+            return rx_fail(ps, "has an unmatched '('");
+        ps->i++; /* ')' */
+        ps->depth--;
+        return a;
+    case '[': return parse_bracket(ps);
+    case '.': ps->i++; return rx_node(ps, A_ANY);
+    case '^':
+        if (ps->depth != 0 || i != ps->alt_start)
+            return rx_fail(ps,
+                           "uses '^' inside (at byte %zu); an anchor may "
+                           "only start the pattern or a top-level "
+                           "alternative, e.g. '^(a|b)c'",
+                           i);
+        ps->anchored_alts++;
+        ps->i++;
+        return rx_node(ps, A_BOL);
+    case '$':
+        if (ps->depth != 0 || (i + 1 < n && p[i + 1] != '|'))
+            return rx_fail(ps,
+                           "uses '$' inside (at byte %zu); an anchor may "
+                           "only end the pattern or a top-level "
+                           "alternative, e.g. 'a(b|c)$'",
+                           i);
+        ps->i++;
+        return rx_node(ps, A_EOL);
+    case '*':
+    case '+':
+    case '?':
+    case '{':
+        return rx_fail(ps, "has '%c' with nothing to repeat (at byte %zu)",
+                       p[i], i);
+    case '\\': {
+        char e = i + 1 < n ? p[i + 1] : '\0';
+        const char *h = e ? strchr(hints, e) : NULL;
+        if (e == '\0')
+            return rx_fail(ps, "ends with a lone backslash");
+        if (e >= '1' && e <= '9')
+            return rx_fail(ps,
+                           "uses the back-reference '\\%c', which is not "
+                           "supported (it needs a backtracking matcher)",
+                           e);
+        if (h != NULL)
+            return rx_fail(ps,
+                           "uses '\\%c', which POSIX ERE does not have; "
+                           "write %s",
+                           e, hint_text[h - hints]);
+        if (strchr(".[](){}*+?^$|\\/-", e) == NULL)
+            return rx_fail(ps,
+                           "escapes a character that is not punctuation "
+                           "(at byte %zu); POSIX ERE only escapes "
+                           ".[](){}*+?^$|\\ (plus / and -)",
+                           i);
+        ps->i += 2;
+        a = rx_node(ps, A_CHAR);
+        a->c = (unsigned char)e;
+        return a;
+    }
+    default:
+        a = rx_node(ps, A_CHAR);
+        a->c = utf8_decode(p + i, n - i, &len);
+        ps->i += len;
+        return a;
+    }
+}
+
+/* "{m}", "{m,}" or "{m,n}" at p[i] == '{'. */
+static bool parse_interval(rx_parse *ps, int *min, int *max)
+{
+    const char *p = ps->p;
+    size_t n = ps->n, i = ps->i + 1;
+    long lo = -1, hi;
+
+    while (i < n && p[i] >= '0' && p[i] <= '9' && lo < 100000)
+        lo = (lo < 0 ? 0 : lo * 10) + (p[i++] - '0');
+    hi = lo;
+    if (i < n && p[i] == ',') {
+        hi = -1;
+        for (i++; i < n && p[i] >= '0' && p[i] <= '9' && hi < 100000; i++)
+            hi = (hi < 0 ? 0 : hi * 10) + (p[i] - '0');
+    }
+    if (lo < 0 && p[ps->i + 1] == ',' && i < n && p[i] == '}') {
+        rx_fail(ps, "has an interval without a lower bound ('{,'); "
+                    "write {0,n}");
+        return false;
+    }
+    if (lo < 0 || i >= n || p[i] != '}') {
+        rx_fail(ps,
+                "has a '{' that does not start an interval {m}, "
+                "{m,} or {m,n} (at byte %zu)",
+                ps->i);
+        return false;
+    }
+    if (lo > DE__PATTERN_REPEAT_MAX || hi > DE__PATTERN_REPEAT_MAX) {
+        rx_fail(ps, "repeats up to %ld times, over the limit of %d",
+                hi > lo ? hi : lo, DE__PATTERN_REPEAT_MAX);
+        return false;
+    }
+    if (hi >= 0 && hi < lo) {
+        rx_fail(ps,
+                "has an interval {%ld,%ld} whose bounds are "
+                "backwards",
+                lo, hi);
+        return false;
+    }
+    *min = (int)lo;
+    *max = (int)hi;
+    ps->i = i + 1;
+    return true;
+}
+
+/* An atom and the quantifiers after it (glibc allows several: a+?). */
+static rx_ast *parse_repeat(rx_parse *ps)
+{
+    rx_ast *a = parse_atom(ps);
+
+    while (a != NULL && ps->i < ps->n && strchr("*+?{", ps->p[ps->i])) {
+        rx_ast *r;
+        int min = 0, max = -1;
+        if (a->kind == A_BOL || a->kind == A_EOL)
+            return rx_fail(ps, "repeats an anchor (at byte %zu)", ps->i);
+        switch (ps->p[ps->i]) {
+        case '*': ps->i++; break;
         case '+':
-            /* glibc compiles x+ as x x*. */
-            fr[top].sum += fr[top].last;
-            fr[top].last *= 2;
-            i++;
+            min = 1;
+            ps->i++;
             break;
-        case '{': {
-            size_t j = i + 1;
-            uint64_t lo = 0, hi;
-            bool has_lo = false, open = false;
-            while (j < n && p[j] >= '0' && p[j] <= '9' && lo <= 100000) {
-                lo = lo * 10 + (uint64_t)(p[j++] - '0');
-                has_lo = true;
-            }
-            hi = lo;
-            if (j < n && p[j] == ',') {
-                j++;
-                open = true;
-                if (j < n && p[j] >= '0' && p[j] <= '9') {
-                    open = false;
-                    hi = 0;
-                    while (j < n && p[j] >= '0' && p[j] <= '9' && hi <= 100000)
-                        hi = hi * 10 + (uint64_t)(p[j++] - '0');
-                }
-            }
-            if (j >= n || p[j] != '}') {
-                /* Not an interval; regcomp refuses it. */
-                atom = 1;
-                i++;
-                break;
-            }
-            if (!has_lo)
-                return pattern_fail(at, p, n,
-                                    "has an interval without a lower bound "
-                                    "('{,'); write {0,n}");
-            if (lo > DE__PATTERN_REPEAT_MAX || hi > DE__PATTERN_REPEAT_MAX)
-                return pattern_fail(at, p, n,
-                                    "repeats up to %llu times, over the "
-                                    "limit of %d",
-                                    (unsigned long long)(hi > lo ? hi : lo),
-                                    DE__PATTERN_REPEAT_MAX);
-            if (open)
-                hi = lo + 1; /* x{m,} is m copies and a star */
-            if (hi == 0)
-                hi = 1;
-            fr[top].sum += fr[top].last * (hi - 1);
-            fr[top].last *= hi;
-            i = j + 1;
+        case '?':
+            max = 1;
+            ps->i++;
             break;
-        }
-        case '^':
-            if (top != 0 || i != alts[*nalts - 1].start)
-                return pattern_fail(at, p, n,
-                                    "uses '^' inside (at byte %zu); an "
-                                    "anchor may only start the pattern or "
-                                    "a top-level alternative, e.g. "
-                                    "'^(a|b)c'",
-                                    i);
-            i++;
-            break;
-        case '$':
-            if (top != 0 || (i + 1 < n && p[i + 1] != '|'))
-                return pattern_fail(at, p, n,
-                                    "uses '$' inside (at byte %zu); an "
-                                    "anchor may only end the pattern or a "
-                                    "top-level alternative, e.g. "
-                                    "'a(b|c)$'",
-                                    i);
-            i++;
-            break;
-        case '*':
-        case '?': i++; break;
         default:
-            /* One position per character, not per UTF-8 byte. */
-            if ((c & 0xc0) != 0x80)
-                atom = 1;
-            i++;
-            break;
+            if (!parse_interval(ps, &min, &max))
+                return NULL;
         }
-        if (atom) {
-            fr[top].sum += atom;
-            fr[top].last = atom;
-        }
-        /* Checked at every step, so no sum can overflow. */
-        for (int k = 0; k <= top; k++)
-            if (fr[k].sum > DE__PATTERN_SIZE_MAX)
-                return pattern_fail(at, p, n,
-                                    "expands to more than %d positions "
-                                    "once its repetitions are unrolled; "
-                                    "simplify it",
-                                    DE__PATTERN_SIZE_MAX);
+        r = rx_node(ps, A_REPEAT);
+        r->a = a;
+        r->min = min;
+        r->max = max;
+        a = r;
     }
-    if (top != 0)
-        return pattern_fail(at, p, n, "has an unmatched '('");
-    alts[*nalts - 1].end = n;
-    return DE_OK;
+    return a;
 }
 
-/*
- * JSON Schema searches: a pattern matches if it matches anywhere.  glibc's
- * regexec searches by trying each start position in turn, which is
- * quadratic in the subject ("(.*a){20}b" took 3 s on 8 KiB).  So the
- * pattern is compiled anchored, where the automaton tries every start in
- * one pass: "^(.|[^.])*(P)".  (.|[^.]) is any character, NUL included
- * ("." alone excludes NUL).
- *
- * Anchors need care: glibc's automaton takes the place after a consumed
- * newline for a line start even without REG_NEWLINE, so "^" behind that
- * prefix would match after "\n".  pattern_scan allows '^' only at the
- * start of a top-level alternative (anywhere else it could only match
- * after an empty prefix anyway), and those alternatives are compiled
- * apart, where nothing comes before them: "^(A1|A2)|^(.|[^.])*(U1|U2)".
- */
-static const char search_prefix[] = "^(.|[^.])*(";
-
-/* Appends the alternatives of p with anchored == which, '|'-separated. */
-static size_t join_alts(char *out, const char *p, const alt *alts, size_t nalts,
-                        bool which)
+static rx_ast *parse_cat(rx_parse *ps)
 {
-    size_t o = 0;
+    rx_ast *a = rx_node(ps, A_EMPTY), *b;
 
-    for (size_t i = 0; i < nalts; i++) {
-        if (alts[i].anchored != which)
-            continue;
-        if (o > 0)
-            out[o++] = '|';
-        memcpy(out + o, p + alts[i].start, alts[i].end - alts[i].start);
-        o += alts[i].end - alts[i].start;
+    while (ps->i < ps->n && ps->p[ps->i] != '|' && ps->p[ps->i] != ')') {
+        if ((b = parse_repeat(ps)) == NULL)
+            return NULL;
+        a = a->kind == A_EMPTY ? b : rx_pair(ps, A_CAT, a, b);
     }
-    return o;
+    return a;
 }
 
-static de_err pattern_compile(const seg *at, const json_t *v, pattern **out)
+static rx_ast *parse_alt(rx_parse *ps)
 {
-    const char *p = json_string_value(v);
-    size_t n = json_string_length(v), nalts, o = 0, nanch = 0;
-    alt alts[ALTS_MAX];
-    pattern *pat = NULL;
-    char *full = NULL, msg[128];
-    locale_t old;
-    de_err err;
-    int rc;
+    rx_ast *a, *b;
 
-    *out = NULL;
-    if (n > DE__PATTERN_MAX)
-        return pattern_fail(at, p, n, "is %zu bytes, over the limit of %d", n,
-                            DE__PATTERN_MAX);
-    if ((err = pattern_scan(at, p, n, alts, &nalts)) != DE_OK)
-        return err;
-    pthread_once(&utf8_once, utf8_locale_init);
-    if (utf8_locale == (locale_t)0)
-        return pattern_fail(at, p, n,
-                            "cannot be compiled: the C.UTF-8 locale is not "
-                            "available (glibc 2.35 or later has it built "
-                            "in)");
-    for (size_t i = 0; i < nalts; i++)
-        nanch += alts[i].anchored;
-    pat = calloc(1, sizeof *pat);
-    full = malloc(n + sizeof search_prefix + 8);
-    if (pat == NULL || full == NULL) {
-        err = de__fail(DE_ERR_NOMEM, "out of memory compiling a pattern");
-        goto fail;
+    if (ps->depth == 0) {
+        ps->alts++;
+        ps->alt_start = ps->i;
     }
-    if (nanch > 0) {
-        memcpy(full, "^(", 2);
-        o = 2 + join_alts(full + 2, p, alts, nalts, true);
-        full[o++] = ')';
+    if ((a = parse_cat(ps)) == NULL)
+        return NULL;
+    while (ps->i < ps->n && ps->p[ps->i] == '|') {
+        ps->i++;
+        if (ps->depth == 0) {
+            ps->alts++;
+            ps->alt_start = ps->i;
+        }
+        if ((b = parse_cat(ps)) == NULL)
+            return NULL;
+        a = rx_pair(ps, A_ALT, a, b);
     }
-    if (nanch < nalts) {
-        if (o > 0)
-            full[o++] = '|';
-        memcpy(full + o, search_prefix, sizeof search_prefix - 1);
-        o += sizeof search_prefix - 1;
-        o += join_alts(full + o, p, alts, nalts, false);
-        full[o++] = ')';
+    if (ps->i < ps->n && ps->p[ps->i] == ')' && ps->depth == 0)
+        return rx_fail(ps, "has an unmatched ')'");
+    return a;
+}
+
+/* Instructions a compiles to, or more than DE__PATTERN_SIZE_MAX. */
+static size_t rx_size(const rx_ast *a)
+{
+    const size_t over = DE__PATTERN_SIZE_MAX + 1;
+    size_t s, t;
+
+    switch (a->kind) {
+    case A_EMPTY: return 0;
+    case A_CAT:
+    case A_ALT:
+        s = rx_size(a->a);
+        t = rx_size(a->b);
+        return s + t + (a->kind == A_ALT ? 2 : 0) > over
+                   ? over
+                   : s + t + (a->kind == A_ALT ? 2 : 0);
+    case A_REPEAT:
+        s = rx_size(a->a);
+        /* a{m,n}: m copies, then n - m optional ones (a split each); a{m,}:
+         * m copies and a loop (a split and a jump). */
+        t = (size_t)a->min * s +
+            (a->max < 0 ? s + 2 : (size_t)(a->max - a->min) * (s + 1));
+        return s >= over || t > over ? over : t;
+    default: return 1;
     }
-    full[o] = '\0';
-    old = uselocale(utf8_locale);
-    rc = regcomp(&pat->re, full, REG_EXTENDED | REG_NOSUB);
-    uselocale(old);
-    if (rc != 0) {
-        regerror(rc, &pat->re, msg, sizeof msg);
-        err = rc == REG_ESPACE
-                  ? de__fail(DE_ERR_NOMEM, "out of memory compiling a pattern")
-                  : pattern_fail(at, p, n,
-                                 "is not a valid POSIX extended regular "
-                                 "expression (%s)",
-                                 msg);
-        goto fail;
+}
+
+static size_t rx_emit(pattern *pat, const rx_ast *a, size_t pc);
+
+/* a, optionally (a split around it), at pc; returns the next pc. */
+static size_t rx_emit_optional(pattern *pat, const rx_ast *a, size_t pc)
+{
+    size_t split = pc, end = rx_emit(pat, a, pc + 1);
+
+    pat->prog[split] =
+        (rx_inst){RX_SPLIT, (uint16_t)(split + 1), (uint16_t)end, 0};
+    return end;
+}
+
+static size_t rx_emit(pattern *pat, const rx_ast *a, size_t pc)
+{
+    rx_inst *in = &pat->prog[pc];
+    size_t l1, l2;
+
+    switch (a->kind) {
+    case A_EMPTY: return pc;
+    case A_CHAR: *in = (rx_inst){RX_CHAR, 0, 0, a->c}; return pc + 1;
+    case A_ANY: *in = (rx_inst){RX_ANY, 0, 0, 0}; return pc + 1;
+    case A_SET: *in = (rx_inst){RX_SET, (uint16_t)a->c, 0, 0}; return pc + 1;
+    case A_BOL: *in = (rx_inst){RX_BOL, 0, 0, 0}; return pc + 1;
+    case A_EOL: *in = (rx_inst){RX_EOL, 0, 0, 0}; return pc + 1;
+    case A_CAT: return rx_emit(pat, a->b, rx_emit(pat, a->a, pc));
+    case A_ALT:
+        /* split L1, L2; L1: a; jmp end; L2: b; end: */
+        l1 = rx_emit(pat, a->a, pc + 1);
+        l2 = rx_emit(pat, a->b, l1 + 1);
+        pat->prog[pc] =
+            (rx_inst){RX_SPLIT, (uint16_t)(pc + 1), (uint16_t)(l1 + 1), 0};
+        pat->prog[l1] = (rx_inst){RX_JMP, (uint16_t)l2, 0, 0};
+        return l2;
+    case A_REPEAT:
+        for (int k = 0; k < a->min; k++)
+            pc = rx_emit(pat, a->a, pc);
+        if (a->max < 0) {
+            /* L: split body, end; body: a; jmp L; end: */
+            l1 = rx_emit(pat, a->a, pc + 1);
+            pat->prog[pc] =
+                (rx_inst){RX_SPLIT, (uint16_t)(pc + 1), (uint16_t)(l1 + 1), 0};
+            pat->prog[l1] = (rx_inst){RX_JMP, (uint16_t)pc, 0, 0};
+            return l1 + 1;
+        }
+        for (int k = a->min; k < a->max; k++)
+            pc = rx_emit_optional(pat, a->a, pc);
+        return pc;
     }
-    free(full);
-    pat->src = p;
-    pat->len = n;
-    *out = pat;
-    return DE_OK;
-fail:
-    free(full);
-    free(pat);
-    return err;
+    return pc;
 }
 
 static void pattern_free(pattern *pat)
 {
     if (pat == NULL)
         return;
-    regfree(&pat->re);
+    for (size_t i = 0; i < pat->nsets; i++)
+        free(pat->sets[i].ranges);
+    free(pat->sets);
+    free(pat->prog);
     free(pat);
 }
 
-/* 1 on a match, 0 on none, -1 when the engine ran out of memory. */
+/* Parses, checks and compiles pattern string v. */
+static de_err pattern_compile(const seg *at, const json_t *v, pattern **out)
+{
+    const char *p = json_string_value(v);
+    size_t n = json_string_length(v), size;
+    rx_parse ps = {0};
+    pattern *pat = NULL;
+    rx_ast *ast;
+    regex_t re;
+    char msg[128];
+    locale_t old;
+    int rc;
+
+    *out = NULL;
+    if (n > DE__PATTERN_MAX)
+        return pattern_fail(at, p, n, "is %zu bytes, over the limit of %d", n,
+                            DE__PATTERN_MAX);
+    pthread_once(&utf8_once, utf8_locale_init);
+    if (utf8_locale == (locale_t)0)
+        return pattern_fail(at, p, n,
+                            "cannot be compiled: the C.UTF-8 locale is not "
+                            "available (glibc 2.35 or later has it built "
+                            "in)");
+    ps.at = at;
+    ps.p = p;
+    ps.n = n;
+    ps.node_cap = 2 * n + 2;
+    ps.set_cap = n / 2 + 1;
+    ps.nodes = calloc(ps.node_cap, sizeof *ps.nodes);
+    ps.sets = calloc(ps.set_cap, sizeof *ps.sets);
+    pat = calloc(1, sizeof *pat);
+    if (ps.nodes == NULL || ps.sets == NULL || pat == NULL) {
+        free(ps.sets);
+        ps.err = nomem();
+        goto fail;
+    }
+    /* The sets (and the ranges the parser adds) are pat's from here. */
+    pat->sets = ps.sets;
+    ast = parse_alt(&ps);
+    pat->nsets = ps.nsets;
+    if (ast == NULL)
+        goto fail;
+    assert(ps.i == n && ps.depth == 0);
+    size = rx_size(ast);
+    if (size > DE__PATTERN_SIZE_MAX) {
+        ps.err = pattern_fail(at, p, n,
+                              "expands to more than %d instructions once "
+                              "its repetitions are unrolled; simplify it",
+                              DE__PATTERN_SIZE_MAX);
+        goto fail;
+    }
+    /* glibc must read it the same way: a last check of the dialect. */
+    old = uselocale(utf8_locale);
+    rc = regcomp(&re, p, REG_EXTENDED | REG_NOSUB);
+    uselocale(old);
+    if (rc != 0) {
+        regerror(rc, &re, msg, sizeof msg);
+        ps.err = rc == REG_ESPACE
+                     ? nomem()
+                     : pattern_fail(at, p, n,
+                                    "is not a valid POSIX extended regular "
+                                    "expression (%s)",
+                                    msg);
+        goto fail;
+    }
+    regfree(&re);
+    pat->nprog = size + 1;
+    pat->prog = calloc(pat->nprog, sizeof *pat->prog);
+    if (pat->prog == NULL) {
+        ps.err = nomem();
+        goto fail;
+    }
+    size = rx_emit(pat, ast, 0);
+    assert(size == pat->nprog - 1);
+    pat->prog[size] = (rx_inst){RX_MATCH, 0, 0, 0};
+    pat->anchored = ps.anchored_alts == ps.alts;
+    pat->src = p;
+    pat->len = n;
+    free(ps.nodes);
+    *out = pat;
+    return DE_OK;
+fail:
+    pattern_free(pat);
+    free(ps.nodes);
+    return ps.err;
+}
+
+/* The state of one match: the instructions live at the current and the
+ * next subject position, deduplicated by mark[pc] == gen. */
+typedef struct rx_run {
+    const pattern *pat;
+    uint32_t *mark;
+    uint16_t *list[2];
+    size_t count[2];
+    uint16_t *stack;
+    uint32_t gen;
+} rx_run;
+
+/* Adds pc, and what it reaches without consuming, at subject position pos
+ * of n to list `to`.  True once RX_MATCH is reached. */
+static bool rx_add(rx_run *r, int to, size_t pc0, size_t pos, size_t n)
+{
+    size_t sp = 0;
+
+    r->stack[sp++] = (uint16_t)pc0;
+    while (sp > 0) {
+        uint16_t pc = r->stack[--sp];
+        const rx_inst *in = &r->pat->prog[pc];
+        if (r->mark[pc] == r->gen)
+            continue;
+        r->mark[pc] = r->gen;
+        switch (in->op) {
+        case RX_MATCH: return true;
+        case RX_JMP: r->stack[sp++] = in->x; break;
+        case RX_SPLIT:
+            r->stack[sp++] = in->y;
+            r->stack[sp++] = in->x;
+            break;
+        case RX_BOL:
+            if (pos == 0)
+                r->stack[sp++] = (uint16_t)(pc + 1);
+            break;
+        case RX_EOL:
+            if (pos == n)
+                r->stack[sp++] = (uint16_t)(pc + 1);
+            break;
+        default: r->list[to][r->count[to]++] = pc; break;
+        }
+    }
+    return false;
+}
+
+static bool rx_step_ok(const pattern *pat, const rx_inst *in, uint32_t c)
+{
+    switch (in->op) {
+    case RX_CHAR: return in->c == c;
+    case RX_ANY: return c != 0; /* glibc's "." does not match NUL */
+    default: return set_has(&pat->sets[in->x], c);
+    }
+}
+
+/* Most instructions matched with the work arrays on the stack. */
+#define RX_STACK_PROG 256
+
+/* 1 when pat matches somewhere in s[0..n), 0 when not, -1 when out of
+ * memory. */
 static int pattern_match(const pattern *pat, const char *s, size_t n)
 {
-    /* REG_STARTEND: the subject's length is given, so a NUL inside it is
-     * a character like any other. */
-    regmatch_t m[1] = {{0, (regoff_t)n}};
-    locale_t old = uselocale(utf8_locale);
-    int rc = regexec(&pat->re, s, 0, m, REG_STARTEND);
+    /* mark, two lists and the closure stack (each pc pushed at most
+     * twice per closure, so 2 * m + 1 entries). */
+    uint32_t mark_buf[RX_STACK_PROG];
+    uint16_t list_buf[RX_STACK_PROG * 4 + 2];
+    size_t m = pat->nprog, pos = 0, len;
+    void *heap = NULL;
+    rx_run r;
+    int cur = 0, found = 0;
 
-    uselocale(old);
-    return rc == 0 ? 1 : rc == REG_NOMATCH ? 0 : -1;
+    r.pat = pat;
+    if (m <= RX_STACK_PROG) {
+        r.mark = mark_buf;
+        r.list[0] = list_buf;
+    } else {
+        heap = malloc(m * sizeof *r.mark + (4 * m + 2) * sizeof(uint16_t));
+        if (heap == NULL)
+            return -1;
+        r.mark = heap;
+        r.list[0] = (uint16_t *)(r.mark + m);
+    }
+    r.list[1] = r.list[0] + m;
+    r.stack = r.list[1] + m;
+    memset(r.mark, 0, m * sizeof *r.mark);
+    r.gen = 1;
+    r.count[0] = 0;
+    if (rx_add(&r, 0, 0, 0, n)) {
+        found = 1;
+        goto done;
+    }
+    while (pos < n) {
+        uint32_t c = utf8_decode(s + pos, n - pos, &len);
+        int nxt = cur ^ 1;
+        r.gen++;
+        r.count[nxt] = 0;
+        pos += len;
+        for (size_t k = 0; k < r.count[cur]; k++) {
+            uint16_t pc = r.list[cur][k];
+            if (rx_step_ok(pat, &pat->prog[pc], c) &&
+                rx_add(&r, nxt, pc + 1u, pos, n)) {
+                found = 1;
+                goto done;
+            }
+        }
+        /* A search: a match may also start here, unless every
+         * alternative is anchored at the start. */
+        if (!pat->anchored && rx_add(&r, nxt, 0, pos, n)) {
+            found = 1;
+            goto done;
+        }
+        if (r.count[nxt] == 0 && pat->anchored)
+            break;
+        cur = nxt;
+    }
+done:
+    free(heap);
+    return found;
 }
 
 /* A bound or enum number as a message shows it. */

@@ -28,12 +28,12 @@
 #define DE__PATTERN_MAX 256
 /* Largest bound in a pattern's {m,n} (POSIX's RE_DUP_MAX minimum). */
 #define DE__PATTERN_REPEAT_MAX 255
-/* Most positions a pattern may expand to once its {m,n} are unrolled:
- * glibc compiles in time superlinear in this (~50 ms at 1000). */
+/* Most instructions a pattern may compile to once its {m,n} are unrolled.
+ * A check costs at most this many steps per subject character. */
 #define DE__PATTERN_SIZE_MAX 1024
 /* Longest string, in bytes, checked against a pattern; a longer one
- * fails the check.  This bounds the time a pattern can take per string
- * (docs/CONTRACTS.md, "Patterns"). */
+ * fails the check.  With DE__PATTERN_SIZE_MAX it bounds the time one
+ * pattern check can take (docs/CONTRACTS.md, "Patterns"). */
 #define DE__PATTERN_SUBJECT_MAX 1024
 
 /* A compiled contract schema: immutable once compiled, so it may be used
