@@ -9,15 +9,16 @@
  * outside the subset is refused, so a typo cannot silently weaken a
  * contract), properties are sorted for binary search, enums become a
  * sorted string table plus sorted numbers, patterns become linear-time
- * automata, and $ref becomes a pointer.  A check allocates nothing and renders
- * no path unless it fails.
+ * automata, and $ref becomes a pointer.  A check renders no path and
+ * allocates nothing unless it fails (or runs a pattern over 256
+ * instructions).
  *
  * Invariants: a compiled schema is never modified (a pattern check keeps
  * its state on the stack), so several threads may check against one
- * schema at once.  The node graph, followed
- * through $ref, is acyclic and at most DE__SCHEMA_DEPTH_MAX deep, which
- * bounds every recursion here.  Nodes borrow strings from the parsed
- * document, which lives as long as the schema.
+ * schema at once.  The node graph, followed through $ref, is acyclic and
+ * at most DE__SCHEMA_DEPTH_MAX deep, which bounds every recursion here.
+ * Nodes borrow strings from the parsed document, which lives as long as
+ * the schema.
  */
 #include "contract.h"
 
@@ -2523,17 +2524,19 @@ static de_err check_string(const vctx *c, const node *n, const json_t *v,
                      de__quote(q, sizeof q, s, len));
     if (n->pat != NULL) {
         char p[DE__QUOTE_MAX];
-        int m;
+        int m =
+            len > DE__PATTERN_SUBJECT_MAX ? 2 : pattern_match(n->pat, s, len);
+        if (m == 1)
+            return DE_OK;
         /* The pattern as written, without de__quote's quotes. */
         de__quote(p, sizeof p, n->pat->src, n->pat->len);
         p[strlen(p) - 1] = '\0';
-        if (len > DE__PATTERN_SUBJECT_MAX)
+        if (m == 2)
             return vfail(c, at,
                          "is too long to check against %s (pattern checks "
                          "at most %d bytes), got %zu bytes: %s",
                          p + 1, DE__PATTERN_SUBJECT_MAX, len,
                          de__quote(q, sizeof q, s, len));
-        m = pattern_match(n->pat, s, len);
         if (m < 0)
             return de__fail(DE_ERR_NOMEM,
                             "%.200s: out of memory matching %s against %s",
