@@ -8,7 +8,11 @@
  * updates the inbox: the last applied ce_subjectseq of the subject.
  *
  *  - seq <= last: a duplicate (a relay resend, a redelivery after a
- *    crash or rebalance): skipped.
+ *    crash or rebalance): skipped -- unless seq == last and the ce_id
+ *    differs from the one applied with that number: then two events
+ *    carry one number (a restored producer, a second producer on the
+ *    subject), a conflict: dead-lettered and the subject parked, never
+ *    dropped as a duplicate.
  *  - seq == last + 1: applied.
  *  - seq > last + 1: a gap, handled by consumer.on.gap (park or apply).
  *
@@ -38,7 +42,7 @@
 #include <string.h>
 #include <time.h>
 
-#define CONSUMER_SCHEMA_VERSION 1
+#define CONSUMER_SCHEMA_VERSION 2
 
 typedef struct handler {
     char *subject_type;
@@ -97,13 +101,15 @@ static const char *const sql[Q_COUNT] = {
     [Q_SAVEPOINT] = "SAVEPOINT de_event",
     [Q_RELEASE] = "RELEASE de_event",
     [Q_ROLLBACK_TO] = "ROLLBACK TO de_event",
-    [Q_INBOX_GET] = "SELECT last_seq, parked FROM main.de_inbox "
-                    "WHERE subject_type = ?1 AND subject_id = ?2",
+    [Q_INBOX_GET] = "SELECT last_seq, parked, last_event_id FROM "
+                    "main.de_inbox WHERE subject_type = ?1 AND "
+                    "subject_id = ?2",
     [Q_INBOX_PUT] = "INSERT INTO main.de_inbox(subject_type, subject_id, "
-                    "last_seq, parked, updated_ms) VALUES (?1, ?2, ?3, 0, ?4) "
-                    "ON CONFLICT(subject_type, subject_id) DO UPDATE SET "
-                    "last_seq = excluded.last_seq, parked = 0, "
-                    "updated_ms = excluded.updated_ms",
+                    "last_seq, parked, updated_ms, last_event_id) VALUES "
+                    "(?1, ?2, ?3, 0, ?4, ?5) ON CONFLICT(subject_type, "
+                    "subject_id) DO UPDATE SET last_seq = excluded.last_seq, "
+                    "parked = 0, updated_ms = excluded.updated_ms, "
+                    "last_event_id = excluded.last_event_id",
     [Q_INBOX_PARK] = "INSERT INTO main.de_inbox(subject_type, subject_id, "
                      "last_seq, parked, updated_ms) VALUES (?1, ?2, 0, ?3, ?4) "
                      "ON CONFLICT(subject_type, subject_id) DO UPDATE SET "
@@ -111,12 +117,12 @@ static const char *const sql[Q_COUNT] = {
                      "excluded.updated_ms",
     /* The next event of a known subject: advance in one statement. */
     [Q_INBOX_CLAIM] = "UPDATE main.de_inbox SET last_seq = ?3, updated_ms = "
-                      "?4 WHERE subject_type = ?1 AND subject_id = ?2 AND "
-                      "last_seq = ?3 - 1 AND parked = 0",
+                      "?4, last_event_id = ?5 WHERE subject_type = ?1 AND "
+                      "subject_id = ?2 AND last_seq = ?3 - 1 AND parked = 0",
     /* The first event of a subject never seen. */
     [Q_INBOX_FIRST] = "INSERT OR IGNORE INTO main.de_inbox(subject_type, "
-                      "subject_id, last_seq, parked, updated_ms) VALUES "
-                      "(?1, ?2, 1, 0, ?4)",
+                      "subject_id, last_seq, parked, updated_ms, "
+                      "last_event_id) VALUES (?1, ?2, 1, 0, ?4, ?5)",
     [Q_DL_INSERT] =
         "INSERT INTO main.de_dead_letter(kind, state, topic, partition, "
         "offset, subject_type, subject_id, seq, event_id, action, type, "
@@ -143,13 +149,13 @@ static const char schema_sql[] =
     "CREATE TABLE IF NOT EXISTS main.de_inbox("
     "  subject_type TEXT NOT NULL, subject_id TEXT NOT NULL,"
     "  last_seq INTEGER NOT NULL, parked INTEGER NOT NULL DEFAULT 0,"
-    "  updated_ms INTEGER NOT NULL,"
+    "  updated_ms INTEGER NOT NULL, last_event_id TEXT,"
     "  PRIMARY KEY(subject_type, subject_id)) WITHOUT ROWID;"
     "CREATE INDEX IF NOT EXISTS main.de_inbox_parked ON de_inbox(parked)"
     "  WHERE parked = 1;"
     "CREATE TABLE IF NOT EXISTS main.de_dead_letter("
     "  id INTEGER PRIMARY KEY,"
-    "  kind TEXT NOT NULL,"  /* failed, waiting, gap, foreign */
+    "  kind TEXT NOT NULL,"  /* failed, waiting, gap, conflict, foreign */
     "  state TEXT NOT NULL," /* parked, applied, skipped, foreign */
     "  topic TEXT, partition INTEGER, offset INTEGER,"
     "  subject_type TEXT, subject_id TEXT, seq INTEGER, event_id TEXT,"
@@ -353,6 +359,11 @@ static de_err ensure_schema(de_consumer *c)
     if (sqlite3_step(st) == SQLITE_ROW)
         version = sqlite3_column_int64(st, 0);
     sqlite3_finalize(st);
+    /* 1 -> 2: the inbox remembers the ce_id applied with each number. */
+    if (version == 1 &&
+        (err = de__exec(c->db, "ALTER TABLE main.de_inbox ADD COLUMN "
+                               "last_event_id TEXT")) != DE_OK)
+        goto fail;
     if (version > CONSUMER_SCHEMA_VERSION) {
         err = de__fail(DE_ERR_STATE,
                        "database '%s' has consumer schema version %lld, "
@@ -598,19 +609,24 @@ static retrying *find_retrying(de_consumer *c, const char *type, const char *id)
 
 /* Inbox state of a subject, read inside the transaction. */
 static de_err inbox_get(de_consumer *c, const char *type, const char *id,
-                        int64_t *last, bool *parked)
+                        int64_t *last, bool *parked, char *last_id,
+                        size_t last_id_size)
 {
     sqlite3_stmt *q = c->q[Q_INBOX_GET];
+    const unsigned char *lid;
     int rc;
 
     *last = 0;
     *parked = false;
+    last_id[0] = '\0';
     sqlite3_bind_text(q, 1, type, -1, SQLITE_STATIC);
     sqlite3_bind_text(q, 2, id, -1, SQLITE_STATIC);
     rc = sqlite3_step(q);
     if (rc == SQLITE_ROW) {
         *last = sqlite3_column_int64(q, 0);
         *parked = sqlite3_column_int(q, 1) != 0;
+        if ((lid = sqlite3_column_text(q, 2)) != NULL)
+            snprintf(last_id, last_id_size, "%s", (const char *)lid);
     }
     sqlite3_reset(q);
     sqlite3_clear_bindings(q);
@@ -620,7 +636,7 @@ static de_err inbox_get(de_consumer *c, const char *type, const char *id,
 }
 
 static de_err inbox_put(de_consumer *c, const char *type, const char *id,
-                        int64_t seq)
+                        int64_t seq, const char *event_id)
 {
     sqlite3_stmt *q = c->q[Q_INBOX_PUT];
 
@@ -628,6 +644,7 @@ static de_err inbox_put(de_consumer *c, const char *type, const char *id,
     sqlite3_bind_text(q, 2, id, -1, SQLITE_STATIC);
     sqlite3_bind_int64(q, 3, seq);
     sqlite3_bind_int64(q, 4, now_ms());
+    sqlite3_bind_text(q, 5, event_id, -1, SQLITE_STATIC);
     if (step(c, Q_INBOX_PUT) != SQLITE_DONE)
         return de__fail_db(c->db, "consumer: updating the inbox");
     return DE_OK;
@@ -712,6 +729,7 @@ static bool claim(de_consumer *c, const de_event_view *v, bool *db_error)
         sqlite3_bind_text(q, 2, v->subject_id, -1, SQLITE_STATIC);
         sqlite3_bind_int64(q, 3, v->subject_seq);
         sqlite3_bind_int64(q, 4, now_ms());
+        sqlite3_bind_text(q, 5, v->event_id, -1, SQLITE_STATIC);
         if (step(c, which) != SQLITE_DONE) {
             *db_error = true;
             de__fail_db(c->db, "consumer: updating the inbox");
@@ -773,7 +791,7 @@ static de_err run_handler(de_consumer *c, const de_event_view *v, bool claimed,
             return de__fail_db(c->db, "consumer: releasing a savepoint");
     }
     if (!claimed && (rc = inbox_put(c, v->subject_type, v->subject_id,
-                                    v->subject_seq)) != DE_OK)
+                                    v->subject_seq, v->event_id)) != DE_OK)
         return rc;
     c->stats.applied++;
     c->handled++;
@@ -809,6 +827,7 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
 {
     int64_t last;
     bool parked, claimed, dberr;
+    char last_id[DE__EVENT_ID_MAX + 1];
     de_err err;
 
     error[0] = '\0';
@@ -820,8 +839,25 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
         return O_DB_ERROR;
     if (claimed)
         goto run;
-    if (inbox_get(c, v->subject_type, v->subject_id, &last, &parked) != DE_OK)
+    if (inbox_get(c, v->subject_type, v->subject_id, &last, &parked, last_id,
+                  sizeof last_id) != DE_OK)
         return O_DB_ERROR;
+    if (v->subject_seq == last && last_id[0] != '\0' &&
+        strcmp(last_id, v->event_id) != 0) {
+        /* Two events with one number: never drop one as a duplicate. */
+        snprintf(error, error_size,
+                 "conflict: ce_subjectseq %lld was applied as event %s, "
+                 "and event %s carries the same number (a producer "
+                 "restored from an older state, or a second producer of "
+                 "this subject)",
+                 (long long)v->subject_seq, last_id, v->event_id);
+        if (!parked || !already_parked(c, v)) {
+            if (park(c, m, v, "conflict", error, 0) != DE_OK)
+                return O_DB_ERROR;
+            c->stats.dead_lettered++;
+        }
+        return O_DONE;
+    }
     if (v->subject_seq <= last) {
         c->stats.duplicates++;
         return O_DONE;
@@ -1257,6 +1293,7 @@ static de_err unpark(de_consumer *c, const char *type, const char *id,
                      bool skip_first)
 {
     char error[600], q1[DE__QUOTE_MAX], q2[DE__QUOTE_MAX];
+    char last_id[DE__EVENT_ID_MAX + 1];
     bool first = true, stuck = false;
     sqlite3_stmt *q;
     int rc;
@@ -1293,7 +1330,7 @@ static de_err unpark(de_consumer *c, const char *type, const char *id,
         }
         memset(&v, 0, sizeof v);
         dl = sqlite3_column_int64(q, 0);
-        for (int i = 2; i <= 13; i++)
+        for (int i = 1; i <= 13; i++)
             if (sqlite3_column_type(q, i) != SQLITE_NULL)
                 col[i - 1] = strdup((const char *)sqlite3_column_text(q, i));
         v.partition = sqlite3_column_int(q, 3);
@@ -1318,10 +1355,15 @@ static de_err unpark(de_consumer *c, const char *type, const char *id,
             sqlite3_bind_int64(c->q[Q_DL_DONE], 1, dl);
             sqlite3_bind_text(c->q[Q_DL_DONE], 2, "skipped", -1, SQLITE_STATIC);
             if (step(c, Q_DL_DONE) != SQLITE_DONE ||
-                inbox_put(c, type, id, v.subject_seq) != DE_OK)
+                inbox_put(c, type, id, v.subject_seq, v.event_id) != DE_OK)
                 err = DE_ERR_DB;
-        } else if ((err = inbox_get(c, type, id, &last, &parked)) == DE_OK) {
-            if (v.subject_seq > last) {
+        } else if ((err = inbox_get(c, type, id, &last, &parked, last_id,
+                                    sizeof last_id)) == DE_OK) {
+            /* A conflict released: the operator says it is a real event
+             * of its own, although its number was taken. */
+            if (v.subject_seq > last ||
+                (col[0] && strcmp(col[0], "conflict") == 0 &&
+                 strcmp(last_id, v.event_id ? v.event_id : "") != 0)) {
                 /* Released means "go on": a gap is accepted here. */
                 err = run_handler(c, &v, false, error, sizeof error);
                 if (err == DE_ERR_ARG) {

@@ -343,9 +343,51 @@ static void expire_lease(void)
     sqlite3_close(st);
 }
 
-/* Duplicates from relay crashes (killed after publishing, before its next
- * checkpoint, and restarted) reach the consumer with their original
- * ce_subjectseq and are applied once. */
+/* Sends a copy of every record of the topic again, into its partition:
+ * what resends look like (a relay restarted before it could read what
+ * landed, a producer's retry a broker stored twice). */
+struct copier {
+    rd_kafka_t *p;
+    long copies;
+};
+
+static void copy_record(void *arg, const rd_kafka_message_t *m, int32_t np)
+{
+    struct copier *cp = arg;
+    rd_kafka_headers_t *h = NULL, *copy;
+
+    (void)np;
+    ck_assert_int_eq(rd_kafka_message_headers(m, &h), 0);
+    copy = rd_kafka_headers_copy(h);
+    ck_assert_int_eq(
+        rd_kafka_producev(cp->p, RD_KAFKA_V_TOPIC(rd_kafka_topic_name(m->rkt)),
+                          RD_KAFKA_V_PARTITION(m->partition),
+                          RD_KAFKA_V_KEY(m->key, m->key_len),
+                          RD_KAFKA_V_VALUE(m->payload, m->len),
+                          RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+                          RD_KAFKA_V_HEADERS(copy), RD_KAFKA_V_END),
+        0);
+    cp->copies++;
+}
+
+static long resend_everything(tu_cluster *c, const char *type)
+{
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    struct copier cp = {NULL, 0};
+    char err[256];
+
+    rd_kafka_conf_set(conf, "bootstrap.servers", c->bootstrap, err, sizeof err);
+    cp.p = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof err);
+    ck_assert_ptr_nonnull(cp.p);
+    tu_read_topic(c, tu_topic(c, type), copy_record, &cp);
+    ck_assert_int_eq(rd_kafka_flush(cp.p, 30000), 0);
+    rd_kafka_destroy(cp.p);
+    return cp.copies;
+}
+
+/* Resends reach the consumer with their original ce_id and ce_subjectseq,
+ * between relay crashes (killed mid-backlog and restarted), and are
+ * applied once. */
 START_TEST(relay_resends_are_applied_once)
 {
     tu_cluster *c = tu_cluster_new(_i, 3);
@@ -369,11 +411,14 @@ START_TEST(relay_resends_are_applied_once)
     }
     r = start_relay(c);
     tu_ok(de_relay_flush(r, 60000));
+    ck_assert_int_gt(resend_everything(c, "delivery"), 0);
+    write_events(30, 1, "delivery"); /* and new events after them */
+    tu_ok(de_relay_flush(r, 60000));
     tu_check k = tu_check_topics(c, db, "/test/relay", "");
     tu_assert_check(&k);
     tu_ok(open_consumer(cdb, c->bootstrap, c->prefix, "g1", NULL, NULL, NULL,
                         &con));
-    poll_until(con, cdb, 1800, 60000);
+    poll_until(con, cdb, 1830, 60000);
     /* Let the consumer read to the end of the topic, duplicates too. */
     tu_wait_for((poll_stats(con, &st), st.duplicates >= (uint64_t)k.duplicates),
                 60000);
@@ -710,6 +755,59 @@ START_TEST(gaps_are_parked_or_applied)
 }
 END_TEST
 
+/* Two events with one number (a producer restored from an older state):
+ * the second is a conflict -- dead-lettered, its subject parked -- never
+ * dropped as a duplicate; a copy of the first is still a duplicate; a
+ * release applies it as the real event it is. */
+START_TEST(reused_numbers_are_conflicts_not_duplicates)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    sqlite3 *cdb = tu_open_shared(tu_path(dir, "consumer.db"));
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+    const char *topic;
+    const char *h1[] = {OURS("1", "c-1"), NULL};
+    const char *h2[] = {OURS("2", "c-2"), NULL};
+    const char *h2copy[] = {OURS("2", "c-2"), NULL};
+    const char *h2other[] = {OURS("2", "c-2b"), NULL};
+    const char *h3[] = {OURS("3", "c-3"), NULL};
+
+    tu_topic_create(c, "delivery", 1);
+    topic = tu_topic(c, "delivery");
+    produce_raw(c, topic, "C-1", "{}", h1);
+    produce_raw(c, topic, "C-1", "{}", h2);
+    produce_raw(c, topic, "C-1", "{}", h2copy);
+    produce_raw(c, topic, "C-1", "{}", h2other);
+    produce_raw(c, topic, "C-1", "{}", h3);
+    tu_ok(open_consumer(cdb, c->bootstrap, c->prefix, "g-conflict", NULL, NULL,
+                        NULL, &con));
+    ck_assert(
+        tu_wait_for((poll_stats(con, &st), st.parked_subjects >= 1), 30000));
+    ck_assert_uint_eq(st.applied, 2);
+    ck_assert_uint_eq(st.duplicates, 1); /* the true copy of number 2 */
+    ck_assert_int_eq(tu_query_int(cdb, "SELECT count(*) FROM de_dead_letter "
+                                       "WHERE kind = 'conflict' AND seq = 2 "
+                                       "AND event_id = 'c-2b' AND error LIKE "
+                                       "'%applied as event c-2,%'"),
+                     1);
+    /* Number 3 waits behind the conflict, in order. */
+    ck_assert(tu_wait_for(
+        (poll_stats(con, &st),
+         tu_query_int(cdb, "SELECT count(*) FROM de_dead_letter WHERE kind = "
+                           "'waiting' AND event_id = 'c-3'") == 1),
+        30000));
+    tu_ok(de_consumer_release(con, "delivery", "C-1"));
+    ck_assert_int_eq(applied_count(cdb), 4);
+    ck_assert_str_eq(tu_query_text(cdb, "SELECT group_concat(event_id) FROM "
+                                        "(SELECT event_id FROM applied ORDER "
+                                        "BY n)"),
+                     "c-1,c-2,c-2b,c-3");
+    tu_ok(de_consumer_close(con));
+    sqlite3_close(cdb);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 START_TEST(refuses_bad_use)
 {
     sqlite3 *cdb = tu_open_shared(tu_path(dir, "consumer.db")), *mem;
@@ -768,6 +866,8 @@ static Suite *consumer_suite(void)
                         tu_cluster_count());
     tcase_add_loop_test(tc, gaps_are_parked_or_applied, tu_cluster_first(),
                         tu_cluster_count());
+    tcase_add_loop_test(tc, reused_numbers_are_conflicts_not_duplicates,
+                        tu_cluster_first(), tu_cluster_count());
     tcase_add_test(tc, refuses_bad_use);
     suite_add_tcase(s, tc);
 

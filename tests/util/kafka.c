@@ -547,9 +547,8 @@ static void check_message(struct checker *k, const rd_kafka_message_t *m,
                 (int)tu_murmur2_partition(m->key, m->key_len, partitions));
 }
 
-static void consume_topic(struct checker *k, tu_cluster *c, const char *type)
+void tu_read_topic(tu_cluster *c, const char *topic, tu_record_fn fn, void *ctx)
 {
-    const char *topic = tu_topic(c, type);
     char group[128];
     rd_kafka_t *rk;
     const struct rd_kafka_metadata *md = NULL;
@@ -595,18 +594,43 @@ static void consume_topic(struct checker *k, tu_cluster *c, const char *type)
             continue;
         }
         if (m->offset < high[m->partition]) {
-            check_message(k, m, type, np);
+            fn(ctx, m, np);
             if (m->offset + 1 >= high[m->partition])
                 remaining--;
         }
         rd_kafka_message_destroy(m);
     }
-    if (remaining > 0)
-        problem(k, "%s: could not read to the end within 60 s", topic);
+    ck_assert_msg(remaining == 0, "%s: could not read to the end within 60 s",
+                  topic);
     free(high);
     free(pos);
     rd_kafka_consumer_close(rk);
     rd_kafka_destroy(rk);
+}
+
+struct check_ctx {
+    struct checker *k;
+    const char *type;
+};
+
+static void check_one(void *arg, const rd_kafka_message_t *m,
+                      int32_t partitions)
+{
+    struct check_ctx *cc = arg;
+
+    check_message(cc->k, m, cc->type, partitions);
+}
+
+static void consume_topic(struct checker *k, tu_cluster *c, const char *type)
+{
+    struct check_ctx cc = {k, type};
+
+    tu_read_topic(c, tu_topic(c, type), check_one, &cc);
+}
+
+const char *tu_header(const rd_kafka_message_t *m, const char *name)
+{
+    return header(m, name, NULL);
 }
 
 tu_check tu_check_topics(tu_cluster *c, sqlite3 *ledger_db, const char *source,

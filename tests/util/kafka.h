@@ -113,6 +113,16 @@ void tu_assert_check(const tu_check *k);
  */
 void tu_assert_check_mock_reorder(const tu_check *k);
 
+/* Calls fn for every record of topic, from the beginning of each
+ * partition to its end when the call began (fails the test if that end
+ * is not reached within 60 s). */
+typedef void (*tu_record_fn)(void *ctx, const rd_kafka_message_t *m,
+                             int32_t partitions);
+void tu_read_topic(tu_cluster *c, const char *topic, tu_record_fn fn,
+                   void *ctx);
+/* A header's value as a string (rotating static buffers), NULL if absent. */
+const char *tu_header(const rd_kafka_message_t *m, const char *name);
+
 /* Java-compatible murmur2 partition of a key. */
 int32_t tu_murmur2_partition(const char *key, size_t len, int32_t partitions);
 
