@@ -304,6 +304,17 @@ DE_EXTERN de_err de_record(de_outbox *ob, const de_event *ev, de_recorded *out);
  * commit order, per subject, assigning each subject's events the sequence
  * numbers 1, 2, 3, ... (ce_subjectseq) as it goes.
  *
+ * It publishes only what is durable: before it hands Kafka the rows of a
+ * read it fsyncs the database's write-ahead log up to them (on its own
+ * thread), so that no event reaches Kafka whose transaction a power loss
+ * could undo, whatever the host's synchronous setting (OFF is not
+ * supported).  When it becomes active it first reads Kafka forward from
+ * where its last checkpoint left each partition: events already there are
+ * not sent again, and numbering continues above the highest number found.
+ * When that cannot be verified (the records were deleted by retention) it
+ * refuses to publish: de_relay_flush() and de_relay_stop() then return
+ * DE_ERR_STATE with the reason (see docs/OPERATIONS.md).
+ *
  * One relay at a time publishes a database: relays hold a lease in the
  * relay's state file (relay.state.path); any other relay, in this process
  * or another, waits as a standby and takes over within
@@ -333,8 +344,10 @@ typedef struct de_relay de_relay;
  * @return DE_OK; DE_ERR_ARG; DE_ERR_CONFIG (no bootstrap.servers, a
  *         property the relay must own such as enable.idempotence, or one
  *         librdkafka refuses); DE_ERR_STATE (the relay's state belongs to
- *         another database, or was lost after the outbox had been
- *         relayed); DE_ERR_DB; DE_ERR_KAFKA; DE_ERR_NOMEM.
+ *         another database, was lost or restored from a copy older than
+ *         the outbox's cleanup, or the database is older than the state:
+ *         restored without its state file); DE_ERR_DB; DE_ERR_KAFKA;
+ *         DE_ERR_NOMEM.
  */
 DE_EXTERN de_err de_relay_start(de_outbox *ob, const de_conf *conf,
                                 de_relay **out);
@@ -361,8 +374,9 @@ DE_EXTERN de_err de_relay_start_path(const char *db_path, const de_conf *conf,
  * @param r           the relay; required.
  * @param timeout_ms  how long to wait; negative waits without limit.
  * @return DE_OK; DE_ERR_TIMEOUT when time ran out (the events stay in the
- *         outbox and will be published); DE_ERR_STATE when the relay's
- *         thread has stopped after a failure (see de_errmsg()).
+ *         outbox and will be published); DE_ERR_STATE when the relay
+ *         refused to publish because it could not verify what Kafka holds
+ *         (de_errmsg() says why and what to do).
  */
 DE_EXTERN de_err de_relay_flush(de_relay *r, int timeout_ms);
 
@@ -376,8 +390,13 @@ DE_EXTERN de_err de_relay_flush(de_relay *r, int timeout_ms);
  *                    every case.
  * @param timeout_ms  how long to flush; 0 stops at once; negative waits
  *                    without limit.
+ * A relay asked to stop still takes a free or expired lease to publish
+ * what was committed before the call, while its time lasts; a negative
+ * timeout never waits on a holder that is gone (its lease expires).
+ *
  * @return DE_OK when everything committed before the call was published;
- *         DE_ERR_TIMEOUT otherwise.
+ *         DE_ERR_TIMEOUT otherwise; DE_ERR_STATE when the relay refused
+ *         to publish (see de_relay_flush()).
  */
 DE_EXTERN de_err de_relay_stop(de_relay *r, int timeout_ms);
 
@@ -477,7 +496,10 @@ typedef struct de_consumer de_consumer;
 
 /**
  * Opens a consumer on `db`, creating its tables (de_inbox, the last
- * applied ce_subjectseq per subject, and de_dead_letter).  Several
+ * applied ce_subjectseq per subject with the ce_id applied under it, and
+ * de_dead_letter).  An event whose number was applied already under
+ * another ce_id is a conflict: dead-lettered, its subject parked, never
+ * dropped as a duplicate (docs/CONSUMER.md).  Several
  * consumers of one group may share the database file (one connection
  * each); they then share the inbox, which keeps effects exactly-once
  * across rebalances.

@@ -27,6 +27,7 @@ static de_err check_topic_template(const char *key, const char *value);
 static de_err check_source(const char *key, const char *value);
 static de_err check_type_prefix(const char *key, const char *value);
 static de_err check_gap(const char *key, const char *value);
+static de_err check_unverifiable(const char *key, const char *value);
 static de_err check_topics(const char *key, const char *value);
 
 static const struct keydef {
@@ -63,6 +64,9 @@ static const struct keydef {
                                       10, 86400000, NULL},
     [DE__K_RELAY_CLEANUP_INTERVAL_MS] = {"relay.cleanup.interval.ms", "1000",
                                          T_INT, 10, 86400000, NULL},
+    [DE__K_RELAY_RECOVERY_UNVERIFIABLE] = {"relay.recovery.unverifiable",
+                                           "refuse", T_STR, 0, 0,
+                                           check_unverifiable},
     [DE__K_CONSUMER_TOPICS] = {"consumer.topics", "", T_STR, 0, 0,
                                check_topics},
     [DE__K_CONSUMER_ON_GAP] = {"consumer.on.gap", "park", T_STR, 0, 0,
@@ -179,14 +183,31 @@ static de_err check_type_prefix(const char *key, const char *value)
     return DE_OK;
 }
 
-static de_err check_gap(const char *key, const char *value)
+/* value must be one of the choices (NULL-terminated). */
+static de_err check_choice(const char *key, const char *value,
+                           const char *const *choices, const char *expected)
 {
     char q[DE__QUOTE_MAX];
 
-    if (strcmp(value, "park") != 0 && strcmp(value, "apply") != 0)
-        return de__fail(DE_ERR_CONFIG, "%s %s must be park or apply", key,
-                        de__quote(q, sizeof q, value, -1));
-    return DE_OK;
+    for (size_t i = 0; choices[i] != NULL; i++)
+        if (strcmp(value, choices[i]) == 0)
+            return DE_OK;
+    return de__fail(DE_ERR_CONFIG, "%s %s must be %s", key,
+                    de__quote(q, sizeof q, value, -1), expected);
+}
+
+static de_err check_gap(const char *key, const char *value)
+{
+    static const char *const choices[] = {"park", "apply", NULL};
+
+    return check_choice(key, value, choices, "park or apply");
+}
+
+static de_err check_unverifiable(const char *key, const char *value)
+{
+    static const char *const choices[] = {"refuse", "continue", NULL};
+
+    return check_choice(key, value, choices, "refuse or continue");
 }
 
 /* A comma-separated list of topic names (empty: derive from handlers). */

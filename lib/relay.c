@@ -39,8 +39,9 @@
  * functions at the end, which talk to it through r->mu, r->cond and the
  * eventfd.
  */
-#include "relay_state.h"
+#include "relay_recover.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <limits.h>
 #include <poll.h>
@@ -63,6 +64,9 @@
 #define LOW_LOAD_ROWS 64
 /* Rows deleted from the outbox per transaction. */
 #define CLEANUP_CHUNK 1000
+/* How often an idle relay raises the marks of partitions it does not
+ * publish to (so that topic retention never overtakes them). */
+#define MARK_REFRESH_MS 60000
 
 /* ---- subjects ------------------------------------------------------------ */
 
@@ -96,6 +100,9 @@ typedef struct slot {
     int64_t recorded_at_ms;
     int64_t seq;
     subj *s;
+    int64_t offset;    /* where Kafka stored it, once acknowledged; -1 */
+    int32_t partition; /* likewise */
+    uint32_t topic;    /* index in r->topics */
     uint8_t state;
     rd_kafka_resp_err_t err;
 } slot;
@@ -113,9 +120,17 @@ typedef struct park {
     subj *s;
 } park;
 
+/* A subject type's topic.  Entries live as long as the relay; the
+ * producer's handle is replaced with the producer. */
 typedef struct topic {
     char *subject_type;
-    rd_kafka_topic_t *rkt;
+    char *name;
+    rd_kafka_topic_t *rkt; /* NULL until the current producer needs it */
+    bool registered;       /* its marks are on disk: publishing may begin */
+    int32_t nparts;        /* partitions with a known offset below */
+    int64_t *seen;   /* per partition: past the last acknowledged event at or
+                        below the watermark (0: none seen) */
+    int64_t *marked; /* per partition: as written in the state file */
 } topic;
 
 #define VEC(T)                                                                 \
@@ -137,6 +152,7 @@ struct de_relay {
     const char *source, *type_prefix, *topic_template;
     int64_t batch_size, cap, poll_ms, ckpt_ms, lease_ms, retry_ms, cleanup_ms,
         retention_ms;
+    bool continue_unverifiable; /* relay.recovery.unverifiable=continue */
 
     /* ---- shared with API threads, under mu ---- */
     pthread_mutex_t mu;
@@ -147,6 +163,7 @@ struct de_relay {
     bool retry_req;
     bool finished;
     de_err stop_result;
+    char fail_msg[600]; /* why the thread refused to publish (DE_ERR_STATE) */
     de_relay_stats stats;
 
     /* ---- relay thread only ---- */
@@ -189,8 +206,16 @@ struct de_relay {
     VEC(int64_t) unparks; /* resent and acked, to delete likewise */
     VEC(replay) replays;
     uint64_t next_replay_tag;
-    int64_t held_back;  /* events held back, as of the last checkpoint */
-    int64_t parked_min; /* lowest held-back position; 0 = none */
+    /* what Kafka already held at activation (relay_recover.c) */
+    int64_t recover_upto; /* rows up to here may have landed already */
+    int64_t landed;       /* events found there; 0: no look-ups needed */
+    uint64_t skipped;     /* rows not sent again: they were on Kafka */
+    int64_t next_mark_refresh_us;
+    int64_t register_retry_us; /* registering a topic failed: not before */
+    bool register_pending;     /* read again when register_retry_us passes */
+    bool refused;              /* cannot verify Kafka: never publishes */
+    int64_t held_back;         /* events held back, as of the last checkpoint */
+    int64_t parked_min;        /* lowest held-back position; 0 = none */
     int64_t flush_target;
     uint64_t flush_taken;
     int64_t stop_target;
@@ -429,8 +454,11 @@ static de_err prepare_all(de_relay *r)
         {&r->q_max, "SELECT max(position) FROM main.de_outbox"},
         {&r->q_delete, "DELETE FROM main.de_outbox WHERE position >= ?1 AND "
                        "position <= ?2"},
-        {&r->q_floor, "INSERT OR REPLACE INTO main.de_meta(key, value) "
-                      "VALUES ('relay_deleted_upto', ?1)"},
+        /* Only ever rises: a stale relay resumed after a pause must not
+         * lower it. */
+        {&r->q_floor, "INSERT INTO main.de_meta(key, value) VALUES "
+                      "('relay_deleted_upto', ?1) ON CONFLICT(key) DO UPDATE "
+                      "SET value = max(value, excluded.value)"},
         {&r->q_scan, "SELECT position, recorded_at_ms FROM main.de_outbox "
                      "WHERE position > ?1 AND position <= ?2 "
                      "ORDER BY position LIMIT ?3"},
@@ -597,10 +625,10 @@ conf_fail:
 static void producer_destroy(de_relay *r)
 {
     for (size_t i = 0; i < r->topics.n; i++) {
-        rd_kafka_topic_destroy(r->topics.v[i].rkt);
-        free(r->topics.v[i].subject_type);
+        if (r->topics.v[i].rkt != NULL)
+            rd_kafka_topic_destroy(r->topics.v[i].rkt);
+        r->topics.v[i].rkt = NULL;
     }
-    r->topics.n = 0;
     if (r->mainq) {
         rd_kafka_queue_io_event_enable(r->mainq, -1, NULL, 0);
         rd_kafka_queue_destroy(r->mainq);
@@ -612,24 +640,92 @@ static void producer_destroy(de_relay *r)
     }
 }
 
-static rd_kafka_topic_t *topic_for(de_relay *r, const char *subject_type)
+static void topics_free(de_relay *r)
+{
+    for (size_t i = 0; i < r->topics.n; i++) {
+        topic *t = &r->topics.v[i];
+        if (t->rkt != NULL)
+            rd_kafka_topic_destroy(t->rkt);
+        free(t->subject_type);
+        free(t->name);
+        free(t->seen);
+        free(t->marked);
+    }
+    r->topics.n = 0;
+}
+
+/* The entry of a subject type's topic (index in *idx), with the current
+ * producer's handle; NULL with the message set when out of memory. */
+static topic *topic_for(de_relay *r, const char *subject_type, uint32_t *idx)
 {
     char name[256];
-    topic t;
+    topic t, *tp = NULL;
 
-    for (size_t i = 0; i < r->topics.n; i++)
-        if (strcmp(r->topics.v[i].subject_type, subject_type) == 0)
-            return r->topics.v[i].rkt;
-    de__topic_name(name, sizeof name, r->topic_template, subject_type);
-    t.subject_type = strdup(subject_type);
-    t.rkt = rd_kafka_topic_new(r->rk, name, NULL);
-    if (t.subject_type == NULL || t.rkt == NULL || !VEC_PUSH(r->topics, t)) {
-        free(t.subject_type);
-        if (t.rkt)
-            rd_kafka_topic_destroy(t.rkt);
+    for (size_t i = 0; i < r->topics.n && tp == NULL; i++)
+        if (strcmp(r->topics.v[i].subject_type, subject_type) == 0) {
+            tp = &r->topics.v[i];
+            *idx = (uint32_t)i;
+        }
+    if (tp == NULL) {
+        memset(&t, 0, sizeof t);
+        de__topic_name(name, sizeof name, r->topic_template, subject_type);
+        t.subject_type = strdup(subject_type);
+        t.name = strdup(name);
+        if (t.subject_type == NULL || t.name == NULL ||
+            !VEC_PUSH(r->topics, t)) {
+            free(t.subject_type);
+            free(t.name);
+            de__fail(DE_ERR_NOMEM, "relay: out of memory");
+            return NULL;
+        }
+        *idx = (uint32_t)(r->topics.n - 1);
+        tp = &r->topics.v[*idx];
+    }
+    if (tp->rkt == NULL &&
+        (tp->rkt = rd_kafka_topic_new(r->rk, tp->name, NULL)) == NULL) {
+        de__fail(DE_ERR_NOMEM, "relay: cannot create topic %s: %s", tp->name,
+                 rd_kafka_err2str(rd_kafka_last_error()));
         return NULL;
     }
-    return t.rkt;
+    return tp;
+}
+
+/* Grows a topic's per-partition offsets to cover partition p. */
+static bool topic_cover(topic *t, int32_t p)
+{
+    int32_t n;
+    int64_t *seen, *marked;
+
+    if (p < t->nparts)
+        return true;
+    n = p + 1 > 2 * t->nparts ? p + 1 : 2 * t->nparts;
+    seen = realloc(t->seen, (size_t)n * sizeof *seen);
+    if (seen == NULL)
+        return false;
+    t->seen = seen;
+    marked = realloc(t->marked, (size_t)n * sizeof *marked);
+    if (marked == NULL)
+        return false;
+    t->marked = marked;
+    for (int32_t i = t->nparts; i < n; i++)
+        t->seen[i] = t->marked[i] = 0;
+    t->nparts = n;
+    return true;
+}
+
+/* An event at or below the watermark was stored at (partition, offset):
+ * the partition's mark may rise past it at the next checkpoint.  Out of
+ * memory only keeps the mark lower, which is safe. */
+static void topic_seen(de_relay *r, uint32_t idx, int32_t partition,
+                       int64_t offset)
+{
+    topic *t;
+
+    if (idx >= r->topics.n || partition < 0 || offset < 0)
+        return;
+    t = &r->topics.v[idx];
+    if (topic_cover(t, partition) && offset + 1 > t->seen[partition])
+        t->seen[partition] = offset + 1;
 }
 
 /* Errors that say nothing about the message itself: the producer's state,
@@ -719,6 +815,8 @@ static void on_dr(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
         return;
     if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR) {
         sl->state = SLOT_ACKED;
+        sl->partition = m->partition;
+        sl->offset = m->offset;
         sl->s->fails = 0;
         r->published++;
         return;
@@ -743,6 +841,9 @@ static void advance(de_relay *r)
             sl->s->acked = sl->seq;
             mark_dirty(r, sl->s);
         }
+        if (sl->state == SLOT_ACKED)
+            topic_seen(r, sl->topic, sl->partition, sl->offset);
+        assert(sl->s->ring_refs > 0);
         sl->s->ring_refs--;
         r->done_pos = sl->position;
         r->dirty_pos = true;
@@ -753,6 +854,7 @@ static void advance(de_relay *r)
         r->done_pos = r->read_pos;
         r->dirty_pos = true;
     }
+    assert(r->durable_pos <= r->done_pos && r->done_pos <= r->read_pos);
 }
 
 /* Holds a row back behind its blocked subject. */
@@ -772,15 +874,11 @@ static bool park_slot(de_relay *r, slot *sl)
  * librdkafka's answer; RD_KAFKA_RESP_ERR__FAIL when out of memory. */
 static rd_kafka_resp_err_t send_row(de_relay *r, const de__row *row,
                                     int64_t seq, uint64_t tag,
-                                    rd_kafka_topic_t **rktp)
+                                    rd_kafka_topic_t *rkt)
 {
-    rd_kafka_topic_t *rkt = topic_for(r, row->subject_type);
     rd_kafka_headers_t *hdrs;
     rd_kafka_resp_err_t err;
 
-    *rktp = rkt;
-    if (rkt == NULL)
-        return RD_KAFKA_RESP_ERR__FAIL;
     hdrs = de__envelope_headers(row, seq, r->source, r->type_prefix);
     if (hdrs == NULL)
         return RD_KAFKA_RESP_ERR__FAIL;
@@ -798,19 +896,56 @@ static rd_kafka_resp_err_t send_row(de_relay *r, const de__row *row,
 
 enum produce_result { PR_OK, PR_AGAIN, PR_ERROR };
 
+/* Looks up whether a row read after activation already landed on Kafka
+ * (relay_recover.c): then it keeps the number it has there and is not
+ * sent again.  Only rows that existed at activation can have. */
+static de_err landed(de_relay *r, const de__row *row, const topic *t, slot *sl,
+                     bool *found)
+{
+    char name[256];
+    int64_t seq, offset;
+    int32_t partition;
+    de_err err;
+
+    *found = false;
+    if (r->landed == 0 || row->position > r->recover_upto)
+        return DE_OK;
+    err = de__rstate_landed_get(r->st, row->event_id, found, &seq, name,
+                                sizeof name, &partition, &offset);
+    if (err != DE_OK || !*found)
+        return err;
+    sl->seq = seq;
+    sl->state = SLOT_ACKED;
+    if (strcmp(name, t->name) == 0) {
+        sl->partition = partition;
+        sl->offset = offset;
+    }
+    r->skipped++;
+    return DE_OK;
+}
+
+static enum produce_result register_topic(de_relay *r, topic *t);
+
 /* Produces (or holds back) one row at the tail of the ring. */
 static enum produce_result produce_row(de_relay *r, const de__row *row)
 {
     subj *s =
         subj_get(r, row->subject_type, row->subject_id, row->subject_id_len);
     uint64_t tag = r->head_tag + (uint64_t)r->count;
+    enum produce_result pr;
+    uint32_t tidx = 0;
+    topic *t;
     slot *sl;
-    rd_kafka_topic_t *rkt;
     rd_kafka_resp_err_t err;
     char why[300];
+    bool found;
 
-    if (s == NULL)
+    assert(r->count < r->cap);
+    if (s == NULL || (t = topic_for(r, row->subject_type, &tidx)) == NULL)
         return PR_ERROR;
+    /* Its marks go on disk before anything of it is published. */
+    if (!t->registered && (pr = register_topic(r, t)) != PR_OK)
+        return pr;
     sl = ring_at(r, tag);
     sl->tag = tag;
     sl->position = row->position;
@@ -818,12 +953,19 @@ static enum produce_result produce_row(de_relay *r, const de__row *row)
     sl->seq = s->assigned + 1;
     sl->s = s;
     sl->err = 0;
+    sl->topic = tidx;
+    sl->partition = -1;
+    sl->offset = -1;
+    if (landed(r, row, t, sl, &found) != DE_OK)
+        return PR_ERROR;
+    if (found)
+        goto take;
     if (s->blocked && row->position >= s->blocked_from) {
         if (!park_slot(r, sl))
             return PR_ERROR;
         goto take;
     }
-    err = send_row(r, row, sl->seq, tag, &rkt);
+    err = send_row(r, row, sl->seq, tag, t->rkt);
     if (err == RD_KAFKA_RESP_ERR_NO_ERROR) {
         sl->state = SLOT_INFLIGHT;
         goto take;
@@ -841,19 +983,50 @@ static enum produce_result produce_row(de_relay *r, const de__row *row)
     /* Refused before it was sent (too large, unknown topic, ...): the
      * subject waits behind this event. */
     snprintf(why, sizeof why, "Kafka refused event %s on %s: %s", row->event_id,
-             rd_kafka_topic_name(rkt), rd_kafka_err2str(err));
-    set_error(r, "%s %s (%s): %s", row->subject_type, row->subject_id,
-              rd_kafka_topic_name(rkt), rd_kafka_err2str(err));
+             t->name, rd_kafka_err2str(err));
+    set_error(r, "%s %s (%s): %s", row->subject_type, row->subject_id, t->name,
+              rd_kafka_err2str(err));
     block_subject(r, s, row->position, why, r->retry_ms);
     if (!park_slot(r, sl))
         return PR_ERROR;
 take:
-    s->assigned = sl->seq;
+    if (sl->seq > s->assigned)
+        s->assigned = sl->seq;
     s->ring_refs++;
     r->count++;
     r->read_pos = row->position;
     r->nread++;
     return PR_OK;
+}
+
+/*
+ * Makes the host database's write-ahead log durable up to what this
+ * connection reads: one fsync of the log file, on the relay's thread,
+ * never on the host's commit path.  Whatever the host's synchronous
+ * setting (NORMAL does not sync at commit), no event reaches Kafka whose
+ * transaction a power loss could still undo.  Rows that are in the
+ * database file itself got there through a checkpoint, which syncs the
+ * log before and the database after (synchronous NORMAL or FULL; OFF
+ * gives up durability in SQLite itself, see docs/OPERATIONS.md).
+ */
+static de_err sync_host_log(de_relay *r)
+{
+    sqlite3_file *f = NULL;
+    int rc;
+
+    rc = sqlite3_file_control(r->db, "main", SQLITE_FCNTL_JOURNAL_POINTER, &f);
+    if (rc != SQLITE_OK)
+        return de__fail(DE_ERR_DB, "relay: cannot reach the log of '%s': %s",
+                        r->db_path, sqlite3_errstr(rc));
+    if (f == NULL || f->pMethods == NULL)
+        return DE_OK; /* no log open: everything read is in the file */
+    rc = f->pMethods->xSync(f, SQLITE_SYNC_NORMAL);
+    if (rc != SQLITE_OK)
+        return de__fail(DE_ERR_DB,
+                        "relay: cannot sync the log of '%s' before "
+                        "publishing: %s",
+                        r->db_path, sqlite3_errstr(rc));
+    return DE_OK;
 }
 
 /* Reads the next rows in position order and produces them, as many as the
@@ -866,6 +1039,8 @@ static bool read_rows(de_relay *r)
     de__row row;
     int rc;
 
+    bool synced = false;
+
     r->more_rows = false;
     if (limit <= 0 || r->need_restart)
         return true;
@@ -873,6 +1048,12 @@ static bool read_rows(de_relay *r)
     sqlite3_bind_int64(r->q_read, 2, limit);
     while ((rc = sqlite3_step(r->q_read)) == SQLITE_ROW) {
         enum produce_result pr;
+        /* The read's snapshot is fixed by its first step: make the log
+         * durable up to it before anything read is handed to Kafka. */
+        if (!synced && !(synced = sync_host_log(r) == DE_OK)) {
+            sqlite3_reset(r->q_read);
+            return false;
+        }
         row_from(r->q_read, &row);
         if (row.position > r->max_pos)
             r->max_pos = row.position;
@@ -898,12 +1079,63 @@ static bool read_rows(de_relay *r)
 
 /* ---- checkpoints and the lease --------------------------------------- */
 
+/* The id of the outbox row at position into buf; NULL when there is none
+ * (or it cannot be read: the state then records no id, and the check in
+ * check_cursor_row is skipped rather than wrong). */
+static const char *event_id_at(de_relay *r, int64_t position,
+                               char buf[DE__EVENT_ID_MAX + 1])
+{
+    const unsigned char *v;
+    const char *id = NULL;
+
+    sqlite3_bind_int64(r->q_one, 1, position);
+    if (sqlite3_step(r->q_one) == SQLITE_ROW &&
+        (v = sqlite3_column_text(r->q_one, 1)) != NULL &&
+        strlen((const char *)v) <= DE__EVENT_ID_MAX) {
+        memcpy(buf, v, strlen((const char *)v) + 1);
+        id = buf;
+    }
+    sqlite3_reset(r->q_one);
+    return id;
+}
+
+/*
+ * The row at the cursor is never deleted (cleanup stops below it), so it
+ * is there, with the id the state recorded, unless the database went back
+ * in time -- restored from a backup, or copied, without its state file.
+ * New rows then reuse positions at or below the cursor, and the relay
+ * could not tell them from the ones it published: it refuses.
+ */
+static de_err check_cursor_row(de_relay *r, int64_t cursor, const char *id)
+{
+    char buf[DE__EVENT_ID_MAX + 1];
+    const char *there;
+
+    if (cursor == 0 || id[0] == '\0')
+        return DE_OK;
+    there = event_id_at(r, cursor, buf);
+    if (there != NULL && strcmp(there, id) == 0)
+        return DE_OK;
+    return de__fail(DE_ERR_STATE,
+                    "database '%s' is older than its relay state '%s': the "
+                    "event %s the relay published at position %lld is %s. "
+                    "The database was restored from a backup (or copied) "
+                    "without its state file; restore the state file of the "
+                    "same backup beside it (see docs/OPERATIONS.md, "
+                    "Restores)",
+                    r->db_path, r->state_path, id, (long long)cursor,
+                    there ? "not there any more (another event has its "
+                            "position)"
+                          : "not there any more");
+}
+
 /* Writes the watermark, the counters behind it and the held-back events,
  * renewing the lease in the same transaction.  Sets r->lease_lost when
  * another relay holds the lease. */
-static de_err checkpoint(de_relay *r, bool durable)
+static de_err checkpoint(de_relay *r)
 {
     int64_t now = de__now_ms();
+    char id[DE__EVENT_ID_MAX + 1];
     bool held;
     de_err err;
     size_t i;
@@ -915,7 +1147,8 @@ static de_err checkpoint(de_relay *r, bool durable)
         return DE_OK;
     }
     if (r->dirty_pos &&
-        (err = de__rstate_put_cursor(r->st, r->done_pos)) != DE_OK)
+        (err = de__rstate_put_cursor(r->st, r->done_pos,
+                                     event_id_at(r, r->done_pos, id))) != DE_OK)
         goto fail;
     for (i = 0; i < r->dirty.n; i++) {
         subj *s = r->dirty.v[i];
@@ -933,8 +1166,24 @@ static de_err checkpoint(de_relay *r, bool durable)
     for (i = 0; i < r->unparks.n; i++)
         if ((err = de__rstate_unpark(r->st, r->unparks.v[i])) != DE_OK)
             goto fail;
-    if ((err = de__rstate_commit(r->st, durable)) != DE_OK)
+    /* Where each partition stands: everything above the cursor is past
+     * these offsets (only events at or below the watermark moved them). */
+    for (i = 0; i < r->topics.n; i++) {
+        topic *t = &r->topics.v[i];
+        for (int32_t p = 0; p < t->nparts; p++)
+            if (t->seen[p] > t->marked[p] &&
+                (err = de__rstate_put_mark(r->st, t->name, p, t->seen[p])) !=
+                    DE_OK)
+                goto fail;
+    }
+    if ((err = de__rstate_commit(r->st)) != DE_OK)
         return err;
+    for (i = 0; i < r->topics.n; i++) {
+        topic *t = &r->topics.v[i];
+        for (int32_t p = 0; p < t->nparts; p++)
+            if (t->seen[p] > t->marked[p])
+                t->marked[p] = t->seen[p];
+    }
     for (i = 0; i < r->dirty.n; i++) {
         r->dirty.v[i]->persisted = r->dirty.v[i]->acked;
         r->dirty.v[i]->dirty = false;
@@ -947,6 +1196,7 @@ static de_err checkpoint(de_relay *r, bool durable)
         if (de__rstate_parked_min(r->st, &r->parked_min, &cnt) == DE_OK)
             r->held_back = cnt;
     }
+    assert(r->done_pos >= r->durable_pos || !r->dirty_pos);
     r->durable_pos = r->done_pos;
     r->dirty_pos = false;
     r->last_beat_ms = now;
@@ -965,10 +1215,145 @@ static void maybe_checkpoint(de_relay *r, int64_t now_us)
 
     if (!due && now_us < r->next_beat_us)
         return;
-    if (checkpoint(r, false) != DE_OK) {
+    if (checkpoint(r) != DE_OK) {
         rlog(r, DE_LOG_WARNING, "checkpoint failed: %s (will retry)",
              de_errmsg());
         r->next_ckpt_us = now_us + 100000;
+    }
+}
+
+/*
+ * Registers a topic before the relay first publishes to it: the current
+ * end of each partition becomes its mark, on disk, so that a later
+ * activation knows where to look for this outbox's events (see
+ * relay_recover.c).  A topic that does not exist gets one mark "from the
+ * beginning of every partition".  Kafka not answering is retried
+ * (PR_AGAIN, after a pause); nothing of the topic is published meanwhile.
+ */
+#define REGISTER_TIMEOUT_MS 2000
+static void publish_stats(de_relay *r);
+static enum produce_result register_topic(de_relay *r, topic *t)
+{
+    const struct rd_kafka_metadata *md = NULL;
+    rd_kafka_resp_err_t e;
+    int64_t *ends = NULL;
+    int32_t n = 0;
+    bool has, held;
+    de_err err;
+    const char *what = "";
+
+    if (de__mono_us() < r->register_retry_us)
+        return PR_AGAIN;
+    if (de__rstate_has_marks(r->st, t->name, &has) != DE_OK)
+        return PR_ERROR;
+    if (has) {
+        t->registered = true;
+        return PR_OK;
+    }
+    publish_stats(r); /* what waits is visible while Kafka is asked */
+    e = rd_kafka_metadata(r->rk, 0, t->rkt, &md, REGISTER_TIMEOUT_MS);
+    if (e != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        what = "no metadata";
+        goto again;
+    }
+    e = md->topic_cnt == 1 ? md->topics[0].err
+                           : RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART;
+    n = md->topic_cnt == 1 ? md->topics[0].partition_cnt : 0;
+    rd_kafka_metadata_destroy(md);
+    if (e == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) {
+        n = 0;
+    } else if (e != RD_KAFKA_RESP_ERR_NO_ERROR || n <= 0) {
+        what = "no partitions";
+        goto again;
+    } else if ((ends = calloc((size_t)n, sizeof *ends)) == NULL) {
+        de__fail(DE_ERR_NOMEM, "relay: out of memory");
+        return PR_ERROR;
+    } else if ((e = de__topic_offsets(r->rk, t->name, n, RD_KAFKA_OFFSET_END,
+                                      ends, REGISTER_TIMEOUT_MS)) !=
+               RD_KAFKA_RESP_ERR_NO_ERROR) {
+        what = "no end offsets";
+        goto again;
+    }
+    if ((err = de__rstate_begin(r->st, r->owner, de__now_ms(), &held)) != DE_OK)
+        goto state_fail;
+    if (!held) {
+        free(ends);
+        r->lease_lost = true;
+        return PR_AGAIN;
+    }
+    err = n == 0 ? de__rstate_put_mark(r->st, t->name, -1, 0) : DE_OK;
+    for (int32_t p = 0; p < n && err == DE_OK; p++)
+        err = de__rstate_put_mark(r->st, t->name, p, ends[p]);
+    if (err != DE_OK || (err = de__rstate_commit(r->st)) != DE_OK) {
+        de__rstate_rollback(r->st);
+        goto state_fail;
+    }
+    if (n > 0 && topic_cover(t, n - 1))
+        for (int32_t p = 0; p < n; p++)
+            t->seen[p] = t->marked[p] = ends[p];
+    free(ends);
+    t->registered = true;
+    rlog(r, DE_LOG_NOTICE, "publishing to topic %s (%d partitions%s)", t->name,
+         (int)n, n == 0 ? ": it does not exist yet" : "");
+    return PR_OK;
+state_fail:
+    free(ends);
+    rlog(r, DE_LOG_WARNING, "registering topic %s: %s (retrying)", t->name,
+         de_errmsg());
+    r->register_retry_us = de__mono_us() + 200000;
+    r->register_pending = true;
+    return PR_AGAIN;
+again:
+    free(ends);
+    set_error(r, "topic %s: %s: %s", t->name, what, rd_kafka_err2str(e));
+    rlog(r, DE_LOG_WARNING,
+         "cannot register topic %s before publishing to it: %s: %s "
+         "(retrying in 1 s)",
+         t->name, what, rd_kafka_err2str(e));
+    r->register_retry_us = de__mono_us() + 1000000;
+    r->register_pending = true;
+    return PR_AGAIN;
+}
+
+/*
+ * With nothing in flight and everything read acknowledged, every event of
+ * this outbox on Kafka is at or below the cursor, so the end of each
+ * partition now is a valid mark: anything published later lands after
+ * it.  Raises the marks to those ends (written with the next checkpoint),
+ * which keeps partitions the relay rarely publishes to from falling
+ * behind the topic's retention.  Partitions that do not answer keep their
+ * mark.
+ */
+static void refresh_marks(de_relay *r)
+{
+    assert(r->count == 0);
+    for (size_t i = 0; i < r->topics.n; i++) {
+        topic *t = &r->topics.v[i];
+        const struct rd_kafka_metadata *md = NULL;
+        int64_t *ends;
+        int32_t n;
+
+        /* Short waits: Kafka not answering only postpones this. */
+        if (!t->registered || t->rkt == NULL ||
+            rd_kafka_metadata(r->rk, 0, t->rkt, &md, 500) !=
+                RD_KAFKA_RESP_ERR_NO_ERROR)
+            return;
+        n = md->topic_cnt == 1 && md->topics[0].err == 0
+                ? md->topics[0].partition_cnt
+                : 0;
+        rd_kafka_metadata_destroy(md);
+        if (n <= 0 || !topic_cover(t, n - 1) ||
+            (ends = calloc((size_t)n, sizeof *ends)) == NULL)
+            continue;
+        if (de__topic_offsets(r->rk, t->name, n, RD_KAFKA_OFFSET_END, ends,
+                              500) == RD_KAFKA_RESP_ERR_NO_ERROR) {
+            for (int32_t p = 0; p < n; p++)
+                if (ends[p] > t->seen[p]) {
+                    t->seen[p] = ends[p];
+                    r->dirty_pos = true; /* written with the cursor */
+                }
+        }
+        free(ends);
     }
 }
 
@@ -1070,7 +1455,7 @@ static void restart_producer(de_relay *r)
         }
     }
     advance(r);
-    if (checkpoint(r, false) != DE_OK)
+    if (checkpoint(r) != DE_OK)
         rlog(r, DE_LOG_WARNING, "checkpoint before restart failed: %s",
              de_errmsg());
     producer_destroy(r);
@@ -1113,7 +1498,8 @@ static de_err replay_row(void *arg, int64_t position, int64_t seq)
 {
     struct replay_ctx *c = arg;
     de_relay *r = c->r;
-    rd_kafka_topic_t *rkt;
+    uint32_t tidx;
+    topic *t;
     rd_kafka_resp_err_t err;
     replay rp;
     de__row row;
@@ -1141,7 +1527,14 @@ static de_err replay_row(void *arg, int64_t position, int64_t seq)
     rp.position = position;
     rp.s = c->s;
     rp.done = false;
-    err = send_row(r, &row, seq, rp.tag, &rkt);
+    /* Held back after registration: its topic has marks already. */
+    t = topic_for(r, row.subject_type, &tidx);
+    if (t == NULL || (!t->registered && register_topic(r, t) != PR_OK)) {
+        sqlite3_reset(r->q_one);
+        c->ok = false;
+        return DE_OK;
+    }
+    err = send_row(r, &row, seq, rp.tag, t->rkt);
     sqlite3_reset(r->q_one);
     if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
         c->ok = false;
@@ -1180,7 +1573,7 @@ static void retry_blocked(de_relay *r, bool all)
     if (!any)
         return;
     /* Held-back events must be on disk before they are read back. */
-    if (r->parks.n && checkpoint(r, false) != DE_OK)
+    if (r->parks.n && checkpoint(r) != DE_OK)
         return;
     for (size_t i = 0; i < r->blocked.n;) {
         subj *s = r->blocked.v[i];
@@ -1210,7 +1603,7 @@ static void retry_blocked(de_relay *r, bool all)
 /*
  * Deletes published rows in small transactions that never wait for the
  * host's write lock (busy timeout 0: if the host is writing, try later).
- * Only rows below a cursor that is on disk are deleted, the row at the
+ * Only rows below the cursor on disk are deleted, the row at the
  * cursor is kept (so the next rowid stays above it), and nothing at or
  * above the first held-back event.  outbox.retention.ms keeps rows that
  * young.
@@ -1219,7 +1612,6 @@ static void cleanup(de_relay *r)
 {
     int64_t bound = r->durable_pos - 1, hi, cutoff;
     int64_t start = de__mono_us();
-    bool synced = false;
     int rc, n;
 
     if (r->parked_min > 0 && r->parked_min - 1 < bound)
@@ -1243,13 +1635,10 @@ static void cleanup(de_relay *r)
             if (hi <= r->deleted_upto)
                 return;
         }
-        if (!synced) {
-            /* The cursor these deletions rely on must survive a power
-             * loss: once the rows are gone it cannot be rebuilt. */
-            if (checkpoint(r, true) != DE_OK || r->lease_lost)
-                return;
-            synced = true;
-        }
+        /* The cursor these deletions rely on is on disk (every
+         * checkpoint is fsynced before durable_pos moves): once the rows
+         * are gone it could not be rebuilt. */
+        assert(hi < r->durable_pos && hi > r->deleted_upto);
         sqlite3_busy_timeout(r->db, 0);
         if (sqlite3_exec(r->db, "BEGIN IMMEDIATE", NULL, NULL, NULL) !=
             SQLITE_OK) {
@@ -1321,31 +1710,83 @@ static de_err first_parked(void *arg, int64_t position, int64_t seq)
     return DE_OK;
 }
 
-/* Loads the durable state after taking the lease. */
-static de_err activate(de_relay *r)
+static bool recovery_cancelled(void *arg)
+{
+    de_relay *r = arg;
+    bool stop;
+
+    pthread_mutex_lock(&r->mu);
+    stop = r->stop_req && de__mono_us() >= r->stop_deadline_us;
+    pthread_mutex_unlock(&r->mu);
+    return stop;
+}
+
+/* Reads Kafka forward from the marks (relay_recover.c) before the relay
+ * publishes anything: events already there are not sent again, and
+ * numbering continues above what is there. */
+static de_err recover(de_relay *r, bool *lost)
+{
+    de__recover_opts o;
+    de__recover_result res;
+    de_err err;
+
+    memset(&o, 0, sizeof o);
+    o.conf = r->conf;
+    o.source = r->source;
+    o.owner = r->owner;
+    o.lease_ms = r->lease_ms;
+    o.continue_unverifiable = r->continue_unverifiable;
+    o.cancelled = recovery_cancelled;
+    o.cancel_ctx = r;
+    *lost = false;
+    r->landed = 0;
+    r->recover_upto = query_max_position(r);
+    if ((err = de__relay_recover(r->st, &o, &res)) != DE_OK)
+        return err;
+    if (res.lease_lost) {
+        *lost = true;
+        return DE_OK;
+    }
+    /* Reading may take longer than the lease: it was renewed meanwhile. */
+    if (res.beat_ms > r->last_beat_ms)
+        r->last_beat_ms = res.beat_ms;
+    r->landed = res.landed;
+    if (res.partitions > 0)
+        rlog(r, DE_LOG_NOTICE,
+             "read %lld records from %d partitions in %lld ms (%.0f/s) "
+             "since the last checkpoint: %lld events of this outbox, %lld "
+             "subjects' numbering raised to Kafka's%s",
+             (long long)res.records, res.partitions, (long long)res.elapsed_ms,
+             res.elapsed_ms > 0 ? res.records * 1000.0 / res.elapsed_ms
+                                : (double)res.records,
+             (long long)res.landed, (long long)res.subjects,
+             res.unverified ? " (some partitions could not be verified)" : "");
+    return DE_OK;
+}
+
+/* Loads the durable state after taking the lease.  *lost: the lease went
+ * to another relay meanwhile. */
+static de_err activate(de_relay *r, bool *lost)
 {
     struct load_ctx lc = {r, 0};
-    int64_t cursor, max, cnt;
+    int64_t cursor, cnt;
+    char cid[DE__EVENT_ID_MAX + 1];
     de_err err;
 
     subj_sweep(r, true);
     r->dirty.n = r->blocked.n = r->parks.n = r->unparks.n = r->replays.n = 0;
-    if ((err = de__rstate_cursor(r->st, &cursor)) != DE_OK)
-        return err;
-    max = query_max_position(r);
-    if (max < cursor) {
-        rlog(r, DE_LOG_ERR,
-             "the outbox's highest position %lld is below the relay's "
-             "cursor %lld: the database lost its last commits (a power "
-             "loss with synchronous=NORMAL, or a restored backup).  Events "
-             "up to %lld were published already; continuing after %lld",
-             (long long)max, (long long)cursor, (long long)cursor,
-             (long long)max);
-        set_error(r, "outbox went back from position %lld to %lld",
-                  (long long)cursor, (long long)max);
-        cursor = max;
-        r->max_pos = max;
+    for (size_t i = 0; i < r->topics.n; i++) {
+        topic *t = &r->topics.v[i];
+        /* Another relay may have registered topics meanwhile. */
+        t->registered = false;
+        for (int32_t p = 0; p < t->nparts; p++)
+            t->seen[p] = t->marked[p] = 0;
     }
+    if ((err = recover(r, lost)) != DE_OK || *lost)
+        return err;
+    if ((err = de__rstate_cursor(r->st, &cursor, cid, sizeof cid)) != DE_OK ||
+        (err = check_cursor_row(r, cursor, cid)) != DE_OK)
+        return err;
     r->done_pos = r->read_pos = r->durable_pos = cursor;
     r->deleted_upto = meta_int(r->db, "relay_deleted_upto");
     r->head_tag += (uint64_t)r->count;
@@ -1368,6 +1809,7 @@ static de_err activate(de_relay *r)
     r->lease_lost = false;
     r->need_restart = false;
     r->next_cleanup_us = de__mono_us();
+    r->next_mark_refresh_us = r->next_cleanup_us;
     r->next_ckpt_us = r->next_cleanup_us + r->ckpt_ms * 1000;
     rlog(r, DE_LOG_NOTICE,
          "active (lease taken); publishing from position %lld, %lld events "
@@ -1391,10 +1833,21 @@ static void demote(de_relay *r, const char *why)
     r->dirty.n = r->blocked.n = r->parks.n = r->unparks.n = 0;
 }
 
+/* Never publishes again: Kafka holds what the relay cannot verify
+ * (relay_recover.c).  The thread ends; flush and stop report why. */
+static void refuse(de_relay *r)
+{
+    snprintf(r->fail_msg, sizeof r->fail_msg, "%s", de_errmsg());
+    rlog(r, DE_LOG_ERR, "refusing to publish: %s", r->fail_msg);
+    set_error(r, "%s", r->fail_msg);
+    r->refused = true;
+}
+
 static void try_activate(de_relay *r)
 {
     char holder[300];
-    bool held = false;
+    bool held = false, lost = false;
+    de_err err;
 
     if (de__mono_us() < r->next_standby_us)
         return;
@@ -1408,14 +1861,21 @@ static void try_activate(de_relay *r)
         return;
     r->last_beat_ms = de__now_ms();
     r->next_beat_us = de__mono_us() + r->lease_ms * 1000 / 5;
-    if (activate(r) != DE_OK) {
-        rlog(r, DE_LOG_ERR, "cannot load the relay state: %s", de_errmsg());
-        de__rstate_lease_release(r->st, r->owner);
+    if ((err = activate(r, &lost)) != DE_OK || lost) {
+        if (err == DE_ERR_STATE)
+            refuse(r);
+        else if (lost)
+            rlog(r, DE_LOG_WARNING,
+                 "the lease went to another relay while "
+                 "this one read Kafka; standing by");
+        else
+            rlog(r, DE_LOG_ERR, "cannot become active: %s (retrying)",
+                 de_errmsg());
+        if (!lost)
+            (void)!de__rstate_lease_release(r->st, r->owner);
         r->active = false;
     }
 }
-
-static void publish_stats(de_relay *r);
 
 /* ---- flush bookkeeping ------------------------------------------------ */
 
@@ -1426,7 +1886,7 @@ static bool published_through(de_relay *r, int64_t target)
     int64_t pos = r->done_pos, min = r->parked_min, cnt;
 
     if (!r->active) {
-        if (de__rstate_cursor(r->st, &pos) != DE_OK ||
+        if (de__rstate_cursor(r->st, &pos, NULL, 0) != DE_OK ||
             de__rstate_parked_min(r->st, &min, &cnt) != DE_OK)
             return false;
     }
@@ -1548,10 +2008,17 @@ static void *relay_main(void *arg)
         flushing = r->flush_req != r->flush_done;
         pthread_mutex_unlock(&r->mu);
         now_us = de__mono_us();
+        if (r->refused)
+            break;
 
         if (!r->active) {
-            if (!stop)
+            /* A stopping relay still takes a free (or expired) lease to
+             * publish what was committed before the stop, while its time
+             * lasts. */
+            if (!stop || now_us < deadline)
                 try_activate(r);
+            if (r->refused)
+                break;
             if (!r->active) {
                 handle_flush(r);
                 publish_stats(r);
@@ -1595,6 +2062,10 @@ static void *relay_main(void *arg)
             demote(r, "the lease was lost or could not be renewed in time");
             continue;
         }
+        if (r->register_pending && now_us >= r->register_retry_us) {
+            r->register_pending = false;
+            r->woken = true;
+        }
         /* Read when there may be rows: woken (a commit in this process,
          * delivery reports, the API), a backlog, or another connection
          * committed.  Otherwise the poll interval costs one PRAGMA. */
@@ -1620,6 +2091,11 @@ static void *relay_main(void *arg)
         if (r->link && de__link_checkpoint_due(r->link))
             sqlite3_wal_checkpoint_v2(r->db, "main", SQLITE_CHECKPOINT_PASSIVE,
                                       NULL, NULL);
+        if (r->count == 0 && !r->more_rows &&
+            now_us >= r->next_mark_refresh_us) {
+            r->next_mark_refresh_us = now_us + MARK_REFRESH_MS * 1000;
+            refresh_marks(r);
+        }
         if (r->count == 0 && !r->more_rows && now_us >= r->next_cleanup_us) {
             r->next_cleanup_us = now_us + r->cleanup_ms * 1000;
             cleanup(r);
@@ -1635,6 +2111,8 @@ static void *relay_main(void *arg)
                 t = r->next_ckpt_us - now_us;
             if (r->next_beat_us - now_us < t)
                 t = r->next_beat_us - now_us;
+            if (r->register_pending && r->register_retry_us - now_us < t)
+                t = r->register_retry_us - now_us;
             if (stop && t > 10000)
                 t = 10000;
             timeout = t <= 0 ? 0 : (int)((t + 999) / 1000);
@@ -1648,7 +2126,7 @@ static void *relay_main(void *arg)
     /* Shut down: record what is done, hand the lease over. */
     if (r->active) {
         advance(r);
-        if (checkpoint(r, true) != DE_OK)
+        if (checkpoint(r) != DE_OK)
             rlog(r, DE_LOG_WARNING, "final checkpoint failed: %s", de_errmsg());
         if (r->rk)
             purge_and_drain(r);
@@ -1658,10 +2136,13 @@ static void *relay_main(void *arg)
     handle_flush(r);
     publish_stats(r);
     pthread_mutex_lock(&r->mu);
-    r->stop_result =
-        (r->stop_target_set && published_through(r, r->stop_target))
-            ? DE_OK
-            : DE_ERR_TIMEOUT;
+    if (r->refused)
+        r->stop_result = DE_ERR_STATE;
+    else
+        r->stop_result =
+            (r->stop_target_set && published_through(r, r->stop_target))
+                ? DE_OK
+                : DE_ERR_TIMEOUT;
     r->finished = true;
     pthread_cond_broadcast(&r->cond);
     pthread_mutex_unlock(&r->mu);
@@ -1692,6 +2173,7 @@ static void relay_free(de_relay *r)
     free(r->parks.v);
     free(r->unparks.v);
     free(r->replays.v);
+    topics_free(r);
     free(r->topics.v);
     free(r->ring);
     if (r->wake_fd >= 0)
@@ -1782,6 +2264,9 @@ static de_err relay_new(const char *db_path, de_conf *conf, de_outbox *ob,
     r->retry_ms = de__conf_int(conf, DE__K_RELAY_BLOCKED_RETRY_MS);
     r->cleanup_ms = de__conf_int(conf, DE__K_RELAY_CLEANUP_INTERVAL_MS);
     r->retention_ms = de__conf_int(conf, DE__K_OUTBOX_RETENTION_MS);
+    r->continue_unverifiable =
+        strcmp(de__conf_str(conf, DE__K_RELAY_RECOVERY_UNVERIFIABLE),
+               "continue") == 0;
     r->ring = calloc((size_t)r->cap, sizeof *r->ring);
     if (r->ring == NULL) {
         err = de__fail(DE_ERR_NOMEM, "out of memory for %lld in-flight slots",
@@ -1809,9 +2294,14 @@ static de_err relay_new(const char *db_path, de_conf *conf, de_outbox *ob,
     sqlite3_wal_autocheckpoint(r->db, ob ? 0 : 1000);
     {
         int64_t cursor;
+        char cid[DE__EVENT_ID_MAX + 1];
         err = de__rstate_open(r->state_path, r->outbox_id,
                               meta_int(r->db, "relay_deleted_upto"), &r->st,
                               &cursor);
+        /* Refused at once, not only when the thread becomes active. */
+        if (err == DE_OK &&
+            (err = de__rstate_cursor(r->st, &cursor, cid, sizeof cid)) == DE_OK)
+            err = check_cursor_row(r, cursor, cid);
         if (err != DE_OK)
             goto fail;
     }
@@ -1928,7 +2418,10 @@ de_err de_relay_flush(de_relay *r, int timeout_ms)
         }
     }
     if (err == DE_OK && r->flush_done < mine)
-        err = de__fail(DE_ERR_STATE, "de_relay_flush: the relay has stopped");
+        err = r->refused
+                  ? de__fail(DE_ERR_STATE, "de_relay_flush: %s", r->fail_msg)
+                  : de__fail(DE_ERR_STATE,
+                             "de_relay_flush: the relay has stopped");
     pthread_mutex_unlock(&r->mu);
     return err;
 }
@@ -1947,7 +2440,9 @@ de_err de_relay_stop(de_relay *r, int timeout_ms)
     wake(r);
     pthread_join(r->thread, NULL);
     err = r->stop_result;
-    if (err == DE_ERR_TIMEOUT)
+    if (err == DE_ERR_STATE)
+        de__fail(DE_ERR_STATE, "de_relay_stop: %s", r->fail_msg);
+    else if (err == DE_ERR_TIMEOUT)
         de__fail(DE_ERR_TIMEOUT,
                  "de_relay_stop: not everything committed was acknowledged "
                  "within %d ms (%llu pending); the rest stays in the outbox "

@@ -12,12 +12,20 @@
  * host's write lock, nor the host's behind them.
  *
  * Invariants:
- *  - cursor and counters are written in one transaction, and that
- *    transaction also checks the lease: a relay that lost the lease cannot
- *    move the cursor;
- *  - the counters describe exactly the rows at or below the cursor, so a
- *    relay that restarts from the cursor assigns every later event the
- *    same sequence number as before (replay is deterministic);
+ *  - every commit is durable (synchronous=FULL: in WAL mode each commit
+ *    syncs the log): the outbox deletions and the numbering that rely on
+ *    a checkpoint never run ahead of it on disk;
+ *  - cursor, counters and partition marks are written in one transaction,
+ *    and that transaction also checks the lease: a relay that lost the
+ *    lease cannot move the cursor;
+ *  - a subject's counter is at least the number of its last event at or
+ *    below the cursor, and at least the highest number of this outbox's
+ *    events found on Kafka at activation; a relay that restarts from the
+ *    cursor gives every later event the number it had on Kafka, or the
+ *    counter plus one (replay is deterministic, numbers never repeat);
+ *  - a partition mark is an offset below which every event of this outbox
+ *    with a position above the cursor cannot be: the relay reads Kafka
+ *    forward from the marks when it becomes active;
  *  - the state names the outbox it belongs to (the outbox's id), and a
  *    state file that is missing or older than the outbox's deletions is
  *    refused rather than guessed at: restarting numbering from scratch
@@ -25,12 +33,13 @@
  */
 #include "relay_state.h"
 
+#include <assert.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-#define STATE_SCHEMA_VERSION 1
+#define STATE_SCHEMA_VERSION 2
 
 enum {
     S_LEASE_GET,
@@ -38,6 +47,7 @@ enum {
     S_LEASE_BEAT,
     S_LEASE_RELEASE,
     S_CURSOR_PUT,
+    S_CURSOR_ID_PUT,
     S_SEQ_GET,
     S_SEQ_PUT,
     S_PARK,
@@ -45,6 +55,15 @@ enum {
     S_PARKED_SUBJECTS,
     S_PARKED_ROWS,
     S_PARKED_MIN,
+    S_SEQ_RAISE,
+    S_MARK_PUT,
+    S_MARKS,
+    S_FOUND_LANDED,
+    S_FOUND_SUBJECT,
+    S_FOUND_RAISE,
+    S_LANDED_GET,
+    S_FOUND_COUNT,
+    S_HAS_MARKS,
     S_BEGIN,
     S_COMMIT,
     S_ROLLBACK,
@@ -61,6 +80,8 @@ static const char *const sql[S_COUNT] = {
                      "WHERE id = 1 AND owner = ?1",
     [S_LEASE_RELEASE] = "UPDATE de_relay_lease SET heartbeat_ms = 0 "
                         "WHERE id = 1 AND owner = ?1",
+    [S_CURSOR_ID_PUT] = "INSERT OR REPLACE INTO de_relay_meta(key, value) "
+                        "VALUES ('cursor_event_id', ?1)",
     [S_CURSOR_PUT] = "INSERT OR REPLACE INTO de_relay_meta(key, value) "
                      "VALUES ('cursor', ?1)",
     [S_SEQ_GET] = "SELECT seq FROM de_relay_seq WHERE subject_type = ?1 AND "
@@ -82,6 +103,31 @@ static const char *const sql[S_COUNT] = {
                       "WHERE subject_type = ?1 AND subject_id = ?2 "
                       "ORDER BY position",
     [S_PARKED_MIN] = "SELECT min(position), count(*) FROM de_relay_parked",
+    [S_SEQ_RAISE] = "INSERT INTO de_relay_seq(subject_type, subject_id, seq) "
+                    "VALUES (?1, ?2, ?3) ON CONFLICT(subject_type, "
+                    "subject_id) DO UPDATE SET seq = max(seq, excluded.seq)",
+    [S_MARK_PUT] = "INSERT INTO de_relay_mark(topic, partition, next_offset) "
+                   "VALUES (?1, ?2, ?3) ON CONFLICT(topic, partition) DO "
+                   "UPDATE SET next_offset = max(next_offset, "
+                   "excluded.next_offset)",
+    [S_MARKS] = "SELECT topic, partition, next_offset FROM de_relay_mark "
+                "ORDER BY topic, partition",
+    [S_FOUND_LANDED] = "INSERT OR IGNORE INTO temp.de_landed(event_id, seq, "
+                       "topic, partition, offset) VALUES (?1, ?2, ?3, ?4, ?5)",
+    [S_FOUND_SUBJECT] = "INSERT INTO temp.de_found(subject_type, subject_id, "
+                        "seq) VALUES (?1, ?2, ?3) ON CONFLICT(subject_type, "
+                        "subject_id) DO UPDATE SET seq = max(seq, "
+                        "excluded.seq)",
+    /* "WHERE true" keeps ON CONFLICT from parsing as a join constraint. */
+    [S_FOUND_RAISE] = "INSERT INTO main.de_relay_seq(subject_type, "
+                      "subject_id, seq) SELECT subject_type, subject_id, seq "
+                      "FROM temp.de_found WHERE true ON CONFLICT(subject_type, "
+                      "subject_id) DO UPDATE SET seq = max(seq, excluded.seq)",
+    [S_LANDED_GET] = "SELECT seq, topic, partition, offset FROM temp.de_landed "
+                     "WHERE event_id = ?1",
+    [S_FOUND_COUNT] = "SELECT (SELECT count(*) FROM temp.de_landed), "
+                      "(SELECT count(*) FROM temp.de_found)",
+    [S_HAS_MARKS] = "SELECT 1 FROM de_relay_mark WHERE topic = ?1 LIMIT 1",
     [S_BEGIN] = "BEGIN IMMEDIATE",
     [S_COMMIT] = "COMMIT",
     [S_ROLLBACK] = "ROLLBACK",
@@ -109,7 +155,24 @@ static const char schema_sql[] =
     "  subject_id TEXT NOT NULL, seq INTEGER NOT NULL, error TEXT,"
     "  since_ms INTEGER NOT NULL);"
     "CREATE INDEX IF NOT EXISTS de_relay_parked_subject"
-    "  ON de_relay_parked(subject_type, subject_id, position);";
+    "  ON de_relay_parked(subject_type, subject_id, position);"
+    /* Schema 2: where each partition stood at the last checkpoint. */
+    "CREATE TABLE IF NOT EXISTS de_relay_mark("
+    "  topic TEXT NOT NULL, partition INTEGER NOT NULL,"
+    "  next_offset INTEGER NOT NULL,"
+    "  PRIMARY KEY(topic, partition)) WITHOUT ROWID;";
+
+/* What the relay found on Kafka when it became active (relay_recover.c):
+ * per connection, never on disk beyond SQLite's temporary files, so that
+ * a scan of millions of records keeps the relay's memory flat. */
+static const char temp_sql[] =
+    "CREATE TEMP TABLE IF NOT EXISTS de_landed("
+    "  event_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, topic TEXT NOT NULL,"
+    "  partition INTEGER NOT NULL, offset INTEGER NOT NULL) WITHOUT ROWID;"
+    "CREATE TEMP TABLE IF NOT EXISTS de_found("
+    "  subject_type TEXT NOT NULL, subject_id TEXT NOT NULL,"
+    "  seq INTEGER NOT NULL,"
+    "  PRIMARY KEY(subject_type, subject_id)) WITHOUT ROWID;";
 
 static de_err fail_st(de__rstate *st, const char *what)
 {
@@ -213,12 +276,11 @@ static de_err adopt(de__rstate *st, const char *outbox_id,
             (long long)host_deleted_upto);
         goto fail;
     }
-    if (!found) {
-        snprintf(version, sizeof version, "%d", STATE_SCHEMA_VERSION);
-        if ((err = meta_put(st, "outbox_id", outbox_id)) != DE_OK ||
-            (err = meta_put(st, "schema_version", version)) != DE_OK)
-            goto fail;
-    }
+    if (!found && (err = meta_put(st, "outbox_id", outbox_id)) != DE_OK)
+        goto fail;
+    snprintf(version, sizeof version, "%d", STATE_SCHEMA_VERSION);
+    if ((err = meta_put(st, "schema_version", version)) != DE_OK)
+        goto fail;
     if ((err = de__exec(st->db, "COMMIT")) != DE_OK)
         goto fail;
     return DE_OK;
@@ -248,10 +310,16 @@ de_err de__rstate_open(const char *path, const char *outbox_id,
         goto fail;
     }
     sqlite3_busy_timeout(st->db, 2000);
+    /* FULL, set here outside any transaction (SQLite refuses to change it
+     * inside one): in WAL mode every commit then syncs the log, so a
+     * checkpoint is on disk before the deletions and numbering that rely
+     * on it.  Checkpoints are rare (relay.checkpoint.interval.ms), so one
+     * fsync each is cheap. */
     if ((err = de__exec(st->db, "PRAGMA journal_mode=WAL")) != DE_OK ||
-        (err = de__exec(st->db, "PRAGMA synchronous=NORMAL")) != DE_OK)
+        (err = de__exec(st->db, "PRAGMA synchronous=FULL")) != DE_OK)
         goto fail;
-    if ((err = adopt(st, outbox_id, host_deleted_upto, cursor)) != DE_OK)
+    if ((err = adopt(st, outbox_id, host_deleted_upto, cursor)) != DE_OK ||
+        (err = de__exec(st->db, temp_sql)) != DE_OK)
         goto fail;
     for (int i = 0; i < S_COUNT; i++) {
         if (sqlite3_prepare_v3(st->db, sql[i], -1, SQLITE_PREPARE_PERSISTENT,
@@ -370,32 +438,38 @@ de_err de__rstate_begin(de__rstate *st, const char *owner, int64_t now_ms,
     return DE_OK;
 }
 
-de_err de__rstate_commit(de__rstate *st, bool durable)
+de_err de__rstate_commit(de__rstate *st)
 {
     de_err err;
 
-    /* In WAL mode a FULL commit syncs the log, which makes every earlier
-     * commit durable too; routine checkpoints skip the fsync. */
-    if (durable)
-        sqlite3_exec(st->db, "PRAGMA synchronous=FULL", NULL, NULL, NULL);
+    assert(!sqlite3_get_autocommit(st->db));
     err = run(st, S_COMMIT, "cannot commit a checkpoint");
-    if (durable)
-        sqlite3_exec(st->db, "PRAGMA synchronous=NORMAL", NULL, NULL, NULL);
     if (err != DE_OK)
-        run(st, S_ROLLBACK, "rollback");
+        de__rstate_rollback(st);
     return err;
 }
 
 void de__rstate_rollback(de__rstate *st)
 {
+    /* A failed ROLLBACK leaves nothing to do: SQLite has then rolled back
+     * already. */
     if (!sqlite3_get_autocommit(st->db))
-        run(st, S_ROLLBACK, "rollback");
+        (void)run(st, S_ROLLBACK, "rollback");
 }
 
-de_err de__rstate_put_cursor(de__rstate *st, int64_t position)
+de_err de__rstate_put_cursor(de__rstate *st, int64_t position,
+                             const char *event_id)
 {
+    de_err err;
+
+    assert(!sqlite3_get_autocommit(st->db)); /* inside begin ... commit */
     sqlite3_bind_int64(st->st[S_CURSOR_PUT], 1, position);
-    return run(st, S_CURSOR_PUT, "cannot write the cursor");
+    if ((err = run(st, S_CURSOR_PUT, "cannot write the cursor")) != DE_OK)
+        return err;
+    if (event_id != NULL)
+        sqlite3_bind_text(st->st[S_CURSOR_ID_PUT], 1, event_id, -1,
+                          SQLITE_STATIC);
+    return run(st, S_CURSOR_ID_PUT, "cannot write the cursor");
 }
 
 de_err de__rstate_put_seq(de__rstate *st, const char *type, const char *id,
@@ -403,6 +477,7 @@ de_err de__rstate_put_seq(de__rstate *st, const char *type, const char *id,
 {
     sqlite3_stmt *q = st->st[S_SEQ_PUT];
 
+    assert(!sqlite3_get_autocommit(st->db));
     sqlite3_bind_text(q, 1, type, -1, SQLITE_STATIC);
     sqlite3_bind_text(q, 2, id, -1, SQLITE_STATIC);
     sqlite3_bind_int64(q, 3, seq);
@@ -434,6 +509,7 @@ de_err de__rstate_park(de__rstate *st, int64_t position, const char *type,
 {
     sqlite3_stmt *q = st->st[S_PARK];
 
+    assert(!sqlite3_get_autocommit(st->db));
     sqlite3_bind_int64(q, 1, position);
     sqlite3_bind_text(q, 2, type, -1, SQLITE_STATIC);
     sqlite3_bind_text(q, 3, id, -1, SQLITE_STATIC);
@@ -445,6 +521,7 @@ de_err de__rstate_park(de__rstate *st, int64_t position, const char *type,
 
 de_err de__rstate_unpark(de__rstate *st, int64_t position)
 {
+    assert(!sqlite3_get_autocommit(st->db));
     sqlite3_bind_int64(st->st[S_UNPARK], 1, position);
     return run(st, S_UNPARK, "cannot release a held-back event");
 }
@@ -505,12 +582,154 @@ de_err de__rstate_parked_min(de__rstate *st, int64_t *min_position,
     return err;
 }
 
-de_err de__rstate_cursor(de__rstate *st, int64_t *cursor)
+de_err de__rstate_cursor(de__rstate *st, int64_t *cursor, char *event_id,
+                         size_t event_id_size)
 {
     char buf[32];
     bool found;
     de_err err = meta_get(st, "cursor", buf, sizeof buf, &found);
 
     *cursor = found ? strtoll(buf, NULL, 10) : 0;
+    if (err == DE_OK && event_id_size > 0)
+        err = meta_get(st, "cursor_event_id", event_id, event_id_size, &found);
     return err;
+}
+
+de_err de__rstate_raise_seq(de__rstate *st, const char *type, const char *id,
+                            int64_t seq)
+{
+    sqlite3_stmt *q = st->st[S_SEQ_RAISE];
+
+    assert(!sqlite3_get_autocommit(st->db));
+    sqlite3_bind_text(q, 1, type, -1, SQLITE_STATIC);
+    sqlite3_bind_text(q, 2, id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(q, 3, seq);
+    return run(st, S_SEQ_RAISE, "cannot raise a sequence counter");
+}
+
+de_err de__rstate_put_mark(de__rstate *st, const char *topic, int32_t partition,
+                           int64_t next_offset)
+{
+    sqlite3_stmt *q = st->st[S_MARK_PUT];
+
+    assert(!sqlite3_get_autocommit(st->db));
+    assert(next_offset >= 0);
+    sqlite3_bind_text(q, 1, topic, -1, SQLITE_STATIC);
+    sqlite3_bind_int(q, 2, partition);
+    sqlite3_bind_int64(q, 3, next_offset);
+    return run(st, S_MARK_PUT, "cannot write a partition mark");
+}
+
+de_err de__rstate_has_marks(de__rstate *st, const char *topic, bool *has)
+{
+    sqlite3_stmt *q = st->st[S_HAS_MARKS];
+    int rc;
+
+    sqlite3_bind_text(q, 1, topic, -1, SQLITE_STATIC);
+    rc = sqlite3_step(q);
+    *has = rc == SQLITE_ROW;
+    sqlite3_reset(q);
+    sqlite3_clear_bindings(q);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        return fail_st(st, "cannot read the partition marks");
+    return DE_OK;
+}
+
+de_err de__rstate_marks(de__rstate *st, de__rstate_mark_fn fn, void *ctx)
+{
+    sqlite3_stmt *q = st->st[S_MARKS];
+    de_err err = DE_OK;
+    int rc;
+
+    while ((rc = sqlite3_step(q)) == SQLITE_ROW && err == DE_OK)
+        err = fn(ctx, (const char *)sqlite3_column_text(q, 0),
+                 sqlite3_column_int(q, 1), sqlite3_column_int64(q, 2));
+    if (err == DE_OK && rc != SQLITE_DONE && rc != SQLITE_ROW)
+        err = fail_st(st, "cannot read the partition marks");
+    sqlite3_reset(q);
+    return err;
+}
+
+/* ---- what the relay found on Kafka ------------------------------------ */
+
+de_err de__rstate_found_clear(de__rstate *st)
+{
+    return de__exec(st->db, "DELETE FROM temp.de_landed;"
+                            "DELETE FROM temp.de_found");
+}
+
+de_err de__rstate_found_add(de__rstate *st, const char *event_id,
+                            const char *type, const char *id, int64_t seq,
+                            const char *topic, int32_t partition,
+                            int64_t offset)
+{
+    sqlite3_stmt *q = st->st[S_FOUND_LANDED];
+    de_err err;
+
+    sqlite3_bind_text(q, 1, event_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(q, 2, seq);
+    sqlite3_bind_text(q, 3, topic, -1, SQLITE_STATIC);
+    sqlite3_bind_int(q, 4, partition);
+    sqlite3_bind_int64(q, 5, offset);
+    if ((err = run(st, S_FOUND_LANDED, "cannot note a found event")) != DE_OK)
+        return err;
+    q = st->st[S_FOUND_SUBJECT];
+    sqlite3_bind_text(q, 1, type, -1, SQLITE_STATIC);
+    sqlite3_bind_text(q, 2, id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(q, 3, seq);
+    return run(st, S_FOUND_SUBJECT, "cannot note a found subject");
+}
+
+de_err de__rstate_found_raise(de__rstate *st)
+{
+    assert(!sqlite3_get_autocommit(st->db));
+    return run(st, S_FOUND_RAISE, "cannot raise the counters to Kafka's");
+}
+
+de_err de__rstate_found_count(de__rstate *st, int64_t *landed,
+                              int64_t *subjects)
+{
+    sqlite3_stmt *q = st->st[S_FOUND_COUNT];
+    de_err err = DE_OK;
+
+    *landed = *subjects = 0;
+    if (sqlite3_step(q) == SQLITE_ROW) {
+        *landed = sqlite3_column_int64(q, 0);
+        *subjects = sqlite3_column_int64(q, 1);
+    } else {
+        err = fail_st(st, "cannot count the events found on Kafka");
+    }
+    sqlite3_reset(q);
+    return err;
+}
+
+de_err de__rstate_landed_get(de__rstate *st, const char *event_id, bool *found,
+                             int64_t *seq, char *topic, size_t topic_size,
+                             int32_t *partition, int64_t *offset)
+{
+    sqlite3_stmt *q = st->st[S_LANDED_GET];
+    de_err err = DE_OK;
+
+    *found = false;
+    sqlite3_bind_text(q, 1, event_id, -1, SQLITE_STATIC);
+    switch (sqlite3_step(q)) {
+    case SQLITE_ROW:
+        *found = true;
+        *seq = sqlite3_column_int64(q, 0);
+        snprintf(topic, topic_size, "%s",
+                 (const char *)sqlite3_column_text(q, 1));
+        *partition = sqlite3_column_int(q, 2);
+        *offset = sqlite3_column_int64(q, 3);
+        break;
+    case SQLITE_DONE: break;
+    default: err = fail_st(st, "cannot look up an event found on Kafka");
+    }
+    sqlite3_reset(q);
+    sqlite3_clear_bindings(q);
+    return err;
+}
+
+sqlite3 *de__rstate_db(de__rstate *st)
+{
+    return st->db;
 }

@@ -19,7 +19,10 @@ de_err de__rstate_open(const char *path, const char *outbox_id,
                        int64_t *cursor);
 void de__rstate_close(de__rstate *st);
 
-de_err de__rstate_cursor(de__rstate *st, int64_t *cursor);
+/* The durable cursor, and the id of the event at that position when the
+ * state recorded it ("" when unknown). */
+de_err de__rstate_cursor(de__rstate *st, int64_t *cursor, char *event_id,
+                         size_t event_id_size);
 
 /* Takes the lease when it is free, expired (no heartbeat for timeout_ms),
  * or already owner's.  holder describes the current holder otherwise. */
@@ -30,18 +33,37 @@ de_err de__rstate_lease_acquire(de__rstate *st, const char *owner,
 de_err de__rstate_lease_release(de__rstate *st, const char *owner);
 
 /* A checkpoint: begin (renewing the lease; *held false and nothing begun
- * when it is someone else's), put..., commit (durable = fsync). */
+ * when it is someone else's), put..., commit.  Every commit is durable
+ * (fsynced) before it returns. */
 de_err de__rstate_begin(de__rstate *st, const char *owner, int64_t now_ms,
                         bool *held);
-de_err de__rstate_put_cursor(de__rstate *st, int64_t position);
+/* The cursor, with the id of the outbox row at that position (NULL:
+ * unknown), so that a database older than its state can be told apart. */
+de_err de__rstate_put_cursor(de__rstate *st, int64_t position,
+                             const char *event_id);
 de_err de__rstate_put_seq(de__rstate *st, const char *type, const char *id,
                           int64_t seq);
 de_err de__rstate_park(de__rstate *st, int64_t position, const char *type,
                        const char *id, int64_t seq, const char *error,
                        int64_t since_ms);
 de_err de__rstate_unpark(de__rstate *st, int64_t position);
-de_err de__rstate_commit(de__rstate *st, bool durable);
+de_err de__rstate_commit(de__rstate *st);
 void de__rstate_rollback(de__rstate *st);
+
+/* Raises a subject's counter to seq unless it is higher already. */
+de_err de__rstate_raise_seq(de__rstate *st, const char *type, const char *id,
+                            int64_t seq);
+/* Raises the mark of a partition (offset below which nothing of this
+ * outbox above the cursor can be); partition -1 marks a topic that did
+ * not exist when the relay first published to it. */
+de_err de__rstate_put_mark(de__rstate *st, const char *topic, int32_t partition,
+                           int64_t next_offset);
+typedef de_err (*de__rstate_mark_fn)(void *ctx, const char *topic,
+                                     int32_t partition, int64_t next_offset);
+/* Whether the topic has marks: the relay registered it. */
+de_err de__rstate_has_marks(de__rstate *st, const char *topic, bool *has);
+/* Every mark, by topic and partition. */
+de_err de__rstate_marks(de__rstate *st, de__rstate_mark_fn fn, void *ctx);
 
 /* The last sequence number given to a subject as of the cursor; 0 when it
  * has none. */
@@ -62,5 +84,25 @@ de_err de__rstate_parked_rows(de__rstate *st, const char *type, const char *id,
 /* The lowest held-back position (0 when none) and how many there are. */
 de_err de__rstate_parked_min(de__rstate *st, int64_t *min_position,
                              int64_t *count);
+
+/* What the relay found of this outbox's events on Kafka when it became
+ * active (temporary, per connection; see relay_recover.c).  found_add
+ * notes an event (the first copy of an id wins) and raises the subject's
+ * found number; found_raise (inside begin ... commit) raises the durable
+ * counters to those numbers. */
+de_err de__rstate_found_clear(de__rstate *st);
+de_err de__rstate_found_add(de__rstate *st, const char *event_id,
+                            const char *type, const char *id, int64_t seq,
+                            const char *topic, int32_t partition,
+                            int64_t offset);
+de_err de__rstate_found_raise(de__rstate *st);
+de_err de__rstate_found_count(de__rstate *st, int64_t *landed,
+                              int64_t *subjects);
+/* Whether event_id was found on Kafka, and where. */
+de_err de__rstate_landed_get(de__rstate *st, const char *event_id, bool *found,
+                             int64_t *seq, char *topic, size_t topic_size,
+                             int32_t *partition, int64_t *offset);
+/* The state's connection, for transactions around found_add batches. */
+sqlite3 *de__rstate_db(de__rstate *st);
 
 #endif
