@@ -17,6 +17,12 @@
  * 3. Memory: peak RSS of a relay process (`deliveryevents relay --drain`)
  *    draining 1,000,000 and BENCH_BIG (10,000,000) events.  Target flat,
  *    <= 64 MiB.
+ * 4. Recovery: a relay whose state is BENCH_RECOVER (100,000) events
+ *    behind Kafka (its marks set back, as a restored backup would have
+ *    them) reads them at activation before it publishes; records read per
+ *    second, against a bare librdkafka consumer reading the same records.
+ *    (The mock keeps about 5 MiB per partition: more would be "deleted by
+ *    retention", and the relay would rightly refuse.)
  *
  * Environment: BENCH_EVENTS, BENCH_ROUNDS (5), BENCH_RATE, BENCH_LAT_EVENTS
  * (6000), BENCH_BIG (10000000; 0 skips the 10M run), DE_TOOL (path of the
@@ -352,6 +358,104 @@ static void bench_memory(const char *dir, long n, const char *label)
     unlink(db);
 }
 
+/* ---- 4. recovery: reading Kafka at activation ---------------------- */
+
+/* A bare consumer reading every record of the topic once. */
+static double run_bare_read(const char *topic, long n)
+{
+    rd_kafka_conf_t *c = rd_kafka_conf_new();
+    rd_kafka_queue_t *q;
+    rd_kafka_topic_t *rkt;
+    rd_kafka_t *rk;
+    char err[512];
+    long got = 0;
+    double t0 = bench_now();
+
+    rd_kafka_conf_set(c, "bootstrap.servers", bootstrap, err, sizeof err);
+    rd_kafka_conf_set(c, "queued.max.messages.kbytes", "8192", err,
+                      sizeof err);
+    rd_kafka_conf_set_log_cb(c, quiet_rk);
+    rk = rd_kafka_new(RD_KAFKA_CONSUMER, c, err, sizeof err);
+    BENCH_CHECK(rk != NULL, "%s", err);
+    q = rd_kafka_queue_new(rk);
+    rkt = rd_kafka_topic_new(rk, topic, NULL);
+    for (int p = 0; p < PARTITIONS; p++)
+        rd_kafka_consume_start_queue(rkt, p, RD_KAFKA_OFFSET_BEGINNING, q);
+    while (got < n) {
+        rd_kafka_message_t *m = rd_kafka_consume_queue(q, 1000);
+        if (m == NULL)
+            continue;
+        if (m->err == 0) {
+            rd_kafka_headers_t *h = NULL;
+            const void *v;
+            size_t len;
+            /* What the relay reads of each record, at least. */
+            rd_kafka_message_headers(m, &h);
+            if (h)
+                rd_kafka_header_get_last(h, "ce_source", &v, &len);
+            got++;
+        }
+        rd_kafka_message_destroy(m);
+    }
+    for (int p = 0; p < PARTITIONS; p++)
+        rd_kafka_consume_stop(rkt, p);
+    rd_kafka_topic_destroy(rkt);
+    rd_kafka_queue_destroy(q);
+    rd_kafka_destroy(rk);
+    return (double)got / (bench_now() - t0);
+}
+
+static void bench_recovery(const char *dir, long n)
+{
+    char db[4200], state[4300], sql[200];
+    const char *topics[2] = {"rec.delivery.events:12", NULL};
+    de_conf *conf;
+    de_relay *r = NULL;
+    de_relay_stats st;
+    sqlite3 *s;
+    double t0, relay_rate, bare_rate;
+
+    printf("\nrecovery: a relay whose state is %ld events behind Kafka reads "
+           "them when it becomes active\n",
+           n);
+    snprintf(db, sizeof db, "%s/recover.db", dir);
+    snprintf(state, sizeof state, "%s/recover.relay", dir);
+    make_backlog(db, n);
+    start_mock(topics);
+    conf = de_conf_new();
+    de_conf_set(conf, "bootstrap.servers", bootstrap);
+    de_conf_set(conf, "topic.template", "rec.{subject_type}.events");
+    de_conf_set(conf, "event.source", "/bench");
+    de_conf_set(conf, "relay.state.path", state);
+    de_conf_set_log_cb(conf, quiet, NULL);
+    BENCH_CHECK(de_relay_start_path(db, conf, &r) == DE_OK, "%s", de_errmsg());
+    BENCH_CHECK(de_relay_flush(r, -1) == DE_OK, "%s", de_errmsg());
+    BENCH_CHECK(de_relay_stop(r, 10000) == DE_OK, "%s", de_errmsg());
+    /* Set the marks back to where they were before all of it. */
+    BENCH_CHECK(sqlite3_open(state, &s) == SQLITE_OK, "open %s", state);
+    snprintf(sql, sizeof sql, "UPDATE de_relay_mark SET next_offset = 0");
+    exec_sql(s, sql);
+    sqlite3_close(s);
+    t0 = bench_now();
+    BENCH_CHECK(de_relay_start_path(db, conf, &r) == DE_OK, "%s", de_errmsg());
+    do {
+        usleep(1000);
+        de_relay_stats_get(r, &st);
+        BENCH_CHECK(st.active || de_relay_flush(r, 0) != DE_ERR_STATE, "%s",
+                    de_errmsg());
+    } while (!st.active);
+    relay_rate = (double)n / (bench_now() - t0);
+    de_relay_stop(r, 10000);
+    de_conf_destroy(conf);
+    bare_rate = run_bare_read("rec.delivery.events", n);
+    stop_mock();
+    printf("  bare librdkafka consumer reading them : %8.0f records/s\n",
+           bare_rate);
+    printf("  relay reading them at activation      : %8.0f records/s "
+           "(%.2f s for %ld), ratio %.3f\n",
+           relay_rate, (double)n / relay_rate, n, relay_rate / bare_rate);
+}
+
 int main(void)
 {
     long n = bench_env_long("BENCH_EVENTS", 1000000);
@@ -359,6 +463,7 @@ int main(void)
     long rate = bench_env_long("BENCH_RATE", 1500);
     long lat_n = bench_env_long("BENCH_LAT_EVENTS", 6000);
     long big = bench_env_long("BENCH_BIG", 10000000);
+    long recover = bench_env_long("BENCH_RECOVER", 100000);
     char *dir = bench_mkdtemp();
     const char *topics[16];
     char tbuf[16][64];
@@ -379,6 +484,8 @@ int main(void)
     if (big > 0)
         bench_memory(dir, big, "10M");
     stop_mock();
+    if (recover > 0)
+        bench_recovery(dir, recover);
     bench_rmdir(dir);
     return 0;
 }

@@ -197,7 +197,7 @@ typedef struct outcome {
 static void run_round(tu_cluster *c, char *dir, char *ctl, int inproc,
                       unsigned seed, int events, outcome *out)
 {
-    char s_inproc[4], s_seed[16], s_events[16];
+    char s_inproc[16], s_seed[16], s_events[16];
     pid_t svc, rel = 0;
     char *argv[12];
     int64_t deadline;
