@@ -73,7 +73,8 @@ EXAMPLE_BINS := $(EXAMPLES:%=$(BUILD)/examples/%)
 BENCH_SRCS := $(sort $(wildcard bench/bench_*.c))
 BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: all deps check check-suites check-header check-exports \
+.PHONY: all deps check check-all check-suites check-header check-exports \
+        demo-run \
         check-install check-remote check-asan check-tsan demo bench examples install \
         soak-powerloss \
         uninstall clean format format-check mock-reorder-experiment
@@ -99,14 +100,10 @@ deps:
 	  exit 1; \
 	fi
 
-# Targets a newcomer runs first install what is missing on their own.
-$(BUILD)/.deps: | deps
-	@mkdir -p $(BUILD) && touch $@
-
 # ---- the library ----------------------------------------------------------
 
 # -MMD: each object depends on exactly the headers it includes.
-$(BUILD)/lib/%.o: lib/%.c | $(BUILD)/.deps
+$(BUILD)/lib/%.o: lib/%.c
 	@mkdir -p $(dir $@)
 	$(CC) $(LIB_CFLAGS) $(CFLAGS) -MMD -MP -c -o $@ $<
 
@@ -162,7 +159,12 @@ examples: $(EXAMPLE_BINS)
 # Programs built against the shared library find it in the build tree.
 RUN_ENV = LD_LIBRARY_PATH=$(abspath $(BUILD))$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}
 
-demo: $(EXAMPLE_BINS)
+# The README's two commands install what is missing first (make deps); a
+# plain `make` only builds.
+demo: deps
+	@$(MAKE) --no-print-directory demo-run
+
+demo-run: $(EXAMPLE_BINS) $(TOOL)
 	@$(RUN_ENV) sh examples/demo.sh $(abspath $(BUILD))
 
 bench: $(BENCH_BINS) $(TOOL)
@@ -185,7 +187,7 @@ check-suites: $(TEST_BINS) $(TOOL) $(EXAMPLE_BINS)
 	done; exit $$fail
 
 # The public header compiles alone, as C11 and as C++, pedantically.
-check-header: $(BUILD)/.deps
+check-header:
 	$(CC) -std=c11 -pedantic -Wall -Wextra -Werror -fsyntax-only \
 	    $$(pkg-config --cflags sqlite3) -Iinclude tests/header_test.c
 	@if command -v c++ >/dev/null 2>&1; then \
@@ -209,7 +211,10 @@ check-exports: $(SHLIB)
 check-install: all
 	@sh tests/install_test.sh "$(MAKE)" "$(CC)"
 
-check: check-header check-exports check-suites check-install
+check: deps
+	@$(MAKE) --no-print-directory check-all
+
+check-all: check-header check-exports check-suites check-install
 
 # The real-cluster variants of the Kafka suites, against a cluster in
 # another process (the mock, started by the tool); see docs/TESTING.md.
@@ -220,7 +225,7 @@ check-remote: $(BUILD)/tests/check_relay $(BUILD)/tests/check_consumer $(TOOL)
 
 # Evidence for docs/TESTING.md: the mock cluster's re-ordering and lost
 # acknowledged records, with plain librdkafka and none of our code.
-mock-reorder-experiment: $(BUILD)/.deps
+mock-reorder-experiment:
 	@mkdir -p $(BUILD)/experiments
 	$(CC) -std=c11 -D_GNU_SOURCE -O2 -Wall -Wextra -o \
 	    $(BUILD)/experiments/mock_reorder tests/experiments/mock_reorder.c \
