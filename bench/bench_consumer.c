@@ -171,9 +171,9 @@ static double de_round(const char *dir, long n, int round)
                              "seq INTEGER)",
                              NULL, NULL, NULL) == SQLITE_OK,
                 "schema");
-    de_conf_set(conf, "bootstrap.servers", bootstrap);
-    de_conf_set(conf, "group.id", group);
-    de_conf_set(conf, "topic.template", "bench.{subject_type}.events");
+    BENCH_SET(conf, "bootstrap.servers", bootstrap);
+    BENCH_SET(conf, "group.id", group);
+    BENCH_SET(conf, "topic.template", "bench.{subject_type}.events");
     de_conf_set_log_cb(conf, quiet, NULL);
     BENCH_CHECK(de_consumer_open(db, conf, &c) == DE_OK, "%s", de_errmsg());
     de_conf_destroy(conf);
@@ -220,8 +220,8 @@ int main(void)
     start_mock(topics);
     snprintf(db, sizeof db, "%s/service.db", dir);
     make_backlog(db, n);
-    de_conf_set(conf, "bootstrap.servers", bootstrap);
-    de_conf_set(conf, "topic.template", "bench.{subject_type}.events");
+    BENCH_SET(conf, "bootstrap.servers", bootstrap);
+    BENCH_SET(conf, "topic.template", "bench.{subject_type}.events");
     de_conf_set_log_cb(conf, quiet, NULL);
     BENCH_CHECK(de_relay_start_path(db, conf, &r) == DE_OK, "%s", de_errmsg());
     BENCH_CHECK(de_relay_flush(r, -1) == DE_OK, "%s", de_errmsg());

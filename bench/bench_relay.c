@@ -158,12 +158,12 @@ static double run_relay(const char *db_path, const char *state,
     de_relay_stats st;
     double t0, t;
 
-    de_conf_set(conf, "bootstrap.servers", bootstrap);
-    de_conf_set(conf, "topic.template", tmpl);
-    de_conf_set(conf, "event.source", "/bench");
-    de_conf_set(conf, "relay.state.path", state);
+    BENCH_SET(conf, "bootstrap.servers", bootstrap);
+    BENCH_SET(conf, "topic.template", tmpl);
+    BENCH_SET(conf, "event.source", "/bench");
+    BENCH_SET(conf, "relay.state.path", state);
     /* Keep the rows: each round relays the same backlog afresh. */
-    de_conf_set(conf, "outbox.retention.ms", "315360000000");
+    BENCH_SET(conf, "outbox.retention.ms", "315360000000");
 
     de_conf_set_log_cb(conf, quiet, NULL);
     t0 = bench_now();
@@ -280,8 +280,8 @@ static void bench_latency(const char *dir, long n, long rate)
     exec_sql(db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
                  "CREATE TABLE deliveries(id TEXT PRIMARY KEY, status TEXT)");
     BENCH_CHECK(de_outbox_open(db, NULL, &ob) == DE_OK, "%s", de_errmsg());
-    de_conf_set(conf, "bootstrap.servers", bootstrap);
-    de_conf_set(conf, "topic.template", "lat.{subject_type}.events");
+    BENCH_SET(conf, "bootstrap.servers", bootstrap);
+    BENCH_SET(conf, "topic.template", "lat.{subject_type}.events");
     de_conf_set_log_cb(conf, quiet, NULL);
     BENCH_CHECK(de_relay_start(ob, conf, &r) == DE_OK, "%s", de_errmsg());
     de_conf_destroy(conf);
@@ -372,8 +372,7 @@ static double run_bare_read(const char *topic, long n)
     double t0 = bench_now();
 
     rd_kafka_conf_set(c, "bootstrap.servers", bootstrap, err, sizeof err);
-    rd_kafka_conf_set(c, "queued.max.messages.kbytes", "8192", err,
-                      sizeof err);
+    rd_kafka_conf_set(c, "queued.max.messages.kbytes", "8192", err, sizeof err);
     rd_kafka_conf_set_log_cb(c, quiet_rk);
     rk = rd_kafka_new(RD_KAFKA_CONSUMER, c, err, sizeof err);
     BENCH_CHECK(rk != NULL, "%s", err);
@@ -423,10 +422,10 @@ static void bench_recovery(const char *dir, long n)
     make_backlog(db, n);
     start_mock(topics);
     conf = de_conf_new();
-    de_conf_set(conf, "bootstrap.servers", bootstrap);
-    de_conf_set(conf, "topic.template", "rec.{subject_type}.events");
-    de_conf_set(conf, "event.source", "/bench");
-    de_conf_set(conf, "relay.state.path", state);
+    BENCH_SET(conf, "bootstrap.servers", bootstrap);
+    BENCH_SET(conf, "topic.template", "rec.{subject_type}.events");
+    BENCH_SET(conf, "event.source", "/bench");
+    BENCH_SET(conf, "relay.state.path", state);
     de_conf_set_log_cb(conf, quiet, NULL);
     BENCH_CHECK(de_relay_start_path(db, conf, &r) == DE_OK, "%s", de_errmsg());
     BENCH_CHECK(de_relay_flush(r, -1) == DE_OK, "%s", de_errmsg());

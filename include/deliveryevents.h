@@ -43,8 +43,8 @@ extern "C" {
 #endif
 
 /* The library's version; the Makefile reads these three lines. */
-#define DE_VERSION_MAJOR 0
-#define DE_VERSION_MINOR 1
+#define DE_VERSION_MAJOR 1
+#define DE_VERSION_MINOR 0
 #define DE_VERSION_PATCH 0
 
 /* Marks the exported API; everything else is hidden. */
@@ -52,6 +52,15 @@ extern "C" {
 #define DE_EXTERN __attribute__((visibility("default")))
 #else
 #define DE_EXTERN
+#endif
+
+/* On functions whose result must be looked at: ignoring it is a warning
+ * where the compiler supports the attribute (GCC, Clang).  Destructors and
+ * stats readers do not carry it. */
+#if defined(__GNUC__)
+#define DE_WARN_UNUSED __attribute__((warn_unused_result))
+#else
+#define DE_WARN_UNUSED
 #endif
 
 /* --------------------------------------------------------------------- */
@@ -134,7 +143,8 @@ DE_EXTERN de_conf *de_conf_new(void);
  *         key is unknown or the value invalid (the message names both);
  *         DE_ERR_NOMEM.  On failure conf is unchanged.
  */
-DE_EXTERN de_err de_conf_set(de_conf *conf, const char *key, const char *value);
+DE_EXTERN DE_WARN_UNUSED de_err de_conf_set(de_conf *conf, const char *key,
+                                            const char *value);
 
 /**
  * Reads back a property's effective value (the value set, or the library's
@@ -217,8 +227,8 @@ typedef struct de_outbox de_outbox;
  *         database was written by a newer libdeliveryevents); DE_ERR_CONFIG
  *         (an invalid outbox key in conf); DE_ERR_DB; DE_ERR_NOMEM.
  */
-DE_EXTERN de_err de_outbox_open(sqlite3 *db, const de_conf *conf,
-                                de_outbox **out);
+DE_EXTERN DE_WARN_UNUSED de_err de_outbox_open(sqlite3 *db, const de_conf *conf,
+                                               de_outbox **out);
 
 /**
  * Detaches an outbox and frees it.  The connection stays open and keeps its
@@ -264,9 +274,12 @@ typedef struct de_recorded {
  *    most 64 bytes (they become topic and type names) -> DE_ERR_ARG;
  *  - subject_id: non-empty UTF-8 without control characters, at most 256
  *    bytes -> DE_ERR_ARG;
- *  - payload: a JSON object (NULL means {}) -> DE_ERR_PAYLOAD; the whole
- *    Kafka record it becomes (key, value and every header) at most
- *    event.max.bytes -> DE_ERR_PAYLOAD;
+ *  - payload: a JSON object (NULL means {}) -> DE_ERR_PAYLOAD: RFC 8259
+ *    text in UTF-8, member names unique within each object (also when
+ *    spelled with escapes), nesting at most 128 levels, numbers of any
+ *    size -- the same rule the consumer applies; the whole Kafka record
+ *    it becomes (key, value and every header) at most event.max.bytes ->
+ *    DE_ERR_PAYLOAD;
  *  - occurred_at_ms: 0 (now) or a time from 1970 to the end of year 9999
  *    -> DE_ERR_ARG;
  *  - event_id, when given: 1 to 36 printable ASCII characters without
@@ -292,7 +305,8 @@ typedef struct de_recorded {
  * @return DE_OK or one of the codes above; DE_ERR_DB when SQLite fails;
  *         DE_ERR_NOMEM.
  */
-DE_EXTERN de_err de_record(de_outbox *ob, const de_event *ev, de_recorded *out);
+DE_EXTERN DE_WARN_UNUSED de_err de_record(de_outbox *ob, const de_event *ev,
+                                          de_recorded *out);
 
 /* --------------------------------------------------------------------- */
 /* Relay                                                                  */
@@ -349,8 +363,9 @@ typedef struct de_relay de_relay;
  *         restored without its state file); DE_ERR_DB; DE_ERR_KAFKA;
  *         DE_ERR_NOMEM.
  */
-DE_EXTERN de_err de_relay_start(de_outbox *ob, const de_conf *conf,
-                                de_relay **out);
+DE_EXTERN DE_WARN_UNUSED de_err de_relay_start(de_outbox *ob,
+                                               const de_conf *conf,
+                                               de_relay **out);
 
 /**
  * Starts a relay for a database file that other processes write, e.g. as
@@ -363,8 +378,9 @@ DE_EXTERN de_err de_relay_start(de_outbox *ob, const de_conf *conf,
  * @param out      receives the relay; set to NULL on failure.
  * @return as de_relay_start().
  */
-DE_EXTERN de_err de_relay_start_path(const char *db_path, const de_conf *conf,
-                                     de_relay **out);
+DE_EXTERN DE_WARN_UNUSED de_err de_relay_start_path(const char *db_path,
+                                                    const de_conf *conf,
+                                                    de_relay **out);
 
 /**
  * Waits until every event committed before the call is acknowledged by
@@ -378,7 +394,7 @@ DE_EXTERN de_err de_relay_start_path(const char *db_path, const de_conf *conf,
  *         refused to publish because it could not verify what Kafka holds
  *         (de_errmsg() says why and what to do).
  */
-DE_EXTERN de_err de_relay_flush(de_relay *r, int timeout_ms);
+DE_EXTERN DE_WARN_UNUSED de_err de_relay_flush(de_relay *r, int timeout_ms);
 
 /**
  * Flushes for up to timeout_ms, then stops the relay, releases its lease
@@ -401,7 +417,30 @@ DE_EXTERN de_err de_relay_flush(de_relay *r, int timeout_ms);
 DE_EXTERN de_err de_relay_stop(de_relay *r, int timeout_ms);
 
 /**
- * A snapshot of a relay's counters; fields are only ever added at the end.
+ * What a relay is doing (de_relay_stats.state).  Changes are logged at
+ * DE_LOG_NOTICE ("standby -> recovering: lease taken").
+ */
+typedef enum {
+    DE_RELAY_STANDBY = 0, /* another relay holds the lease; waiting       */
+    DE_RELAY_RECOVERING,  /* lease taken; reading Kafka before publishing */
+    DE_RELAY_ACTIVE,      /* publishing                                   */
+    DE_RELAY_RESTARTING,  /* replacing its producer after a failure       */
+    DE_RELAY_REFUSED,     /* cannot verify what Kafka holds: publishes
+                             nothing (see last_error; final)              */
+    DE_RELAY_STOPPED      /* its thread has ended (final)                 */
+} de_relay_state;
+
+/**
+ * The name of a relay state, e.g. "active".
+ *
+ * @return a static string; "unknown" for a value not listed above.
+ */
+DE_EXTERN const char *de_relay_state_name(de_relay_state s);
+
+/**
+ * A snapshot of a relay's counters.  New fields are taken from the reserved
+ * space at the end, so the struct's size never changes: a program built
+ * against an older header is never written past its end.
  */
 typedef struct de_relay_stats {
     uint64_t published;         /* events acknowledged by Kafka             */
@@ -419,6 +458,10 @@ typedef struct de_relay_stats {
     char last_error[256];       /* the last publishing error, e.g.
                                    "delivery D-7 (delivery.events): Broker:
                                    Topic authorization failed"             */
+    int state;                  /* a de_relay_state                         */
+    uint64_t skipped;           /* events found on Kafka when it became
+                                   active, so not sent again               */
+    uint64_t reserved_[30];     /* room for later fields; zero              */
 } de_relay_stats;
 
 /**
@@ -516,8 +559,9 @@ typedef struct de_consumer de_consumer;
  *         librdkafka refuses); DE_ERR_STATE (inside a transaction, or a
  *         newer schema); DE_ERR_DB; DE_ERR_NOMEM.
  */
-DE_EXTERN de_err de_consumer_open(sqlite3 *db, const de_conf *conf,
-                                  de_consumer **out);
+DE_EXTERN DE_WARN_UNUSED de_err de_consumer_open(sqlite3 *db,
+                                                 const de_conf *conf,
+                                                 de_consumer **out);
 
 /**
  * Registers a handler for events of `subject_type` with `action` (NULL:
@@ -528,9 +572,10 @@ DE_EXTERN de_err de_consumer_open(sqlite3 *db, const de_conf *conf,
  * @return DE_OK; DE_ERR_ARG (bad identifier, NULL fn, a second handler for
  *         the same pair); DE_ERR_STATE (after the first poll); DE_ERR_NOMEM.
  */
-DE_EXTERN de_err de_consumer_on(de_consumer *c, const char *subject_type,
-                                const char *action, de_handler_fn fn,
-                                void *ctx);
+DE_EXTERN DE_WARN_UNUSED de_err de_consumer_on(de_consumer *c,
+                                               const char *subject_type,
+                                               const char *action,
+                                               de_handler_fn fn, void *ctx);
 
 /**
  * Reads the events available within timeout_ms (the first call also joins
@@ -545,7 +590,8 @@ DE_EXTERN de_err de_consumer_on(de_consumer *c, const char *subject_type,
  *         failed (nothing of the batch was applied; it is read again);
  *         DE_ERR_KAFKA for a fatal consumer error.
  */
-DE_EXTERN de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled);
+DE_EXTERN DE_WARN_UNUSED de_err de_consumer_poll(de_consumer *c, int timeout_ms,
+                                                 int *handled);
 
 /**
  * Retries a parked subject now: its dead-lettered event, then the events
@@ -556,8 +602,9 @@ DE_EXTERN de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled);
  *         DE_ERR_DB.  The handler's own failure is not an error here; see
  *         de_consumer_stats_get().
  */
-DE_EXTERN de_err de_consumer_release(de_consumer *c, const char *subject_type,
-                                     const char *subject_id);
+DE_EXTERN DE_WARN_UNUSED de_err de_consumer_release(de_consumer *c,
+                                                    const char *subject_type,
+                                                    const char *subject_id);
 
 /**
  * Drops a parked subject's dead-lettered event (kept in de_dead_letter,
@@ -566,10 +613,14 @@ DE_EXTERN de_err de_consumer_release(de_consumer *c, const char *subject_type,
  *
  * @return as de_consumer_release().
  */
-DE_EXTERN de_err de_consumer_skip(de_consumer *c, const char *subject_type,
-                                  const char *subject_id);
+DE_EXTERN DE_WARN_UNUSED de_err de_consumer_skip(de_consumer *c,
+                                                 const char *subject_type,
+                                                 const char *subject_id);
 
-/** A snapshot of a consumer's counters; fields are only added at the end. */
+/**
+ * A snapshot of a consumer's counters.  New fields are taken from the
+ * reserved space at the end: the struct's size never changes.
+ */
 typedef struct de_consumer_stats {
     uint64_t applied;         /* events applied (handler ran and committed) */
     uint64_t duplicates;      /* events already applied, skipped            */
@@ -579,9 +630,19 @@ typedef struct de_consumer_stats {
     uint64_t foreign;         /* records that are not ours, parked          */
     uint64_t parked_subjects; /* subjects waiting behind a dead letter      */
     uint64_t batches;         /* SQLite transactions committed              */
+    uint64_t conflicts;       /* events whose number was applied already
+                                 under another ce_id: parked, not dropped  */
+    uint64_t reserved_[31];   /* room for later fields; zero                */
 } de_consumer_stats;
 
-/** Fills *out.  @return DE_OK or DE_ERR_ARG. */
+/**
+ * Fills *out with the consumer's counters since it was opened, and the
+ * number of parked subjects read from its database.  Call from the
+ * thread that polls.
+ *
+ * @return DE_OK; DE_ERR_ARG; DE_ERR_DB when the database cannot be read
+ *         (*out is then left untouched).
+ */
 DE_EXTERN de_err de_consumer_stats_get(de_consumer *c, de_consumer_stats *out);
 
 /**

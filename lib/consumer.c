@@ -35,14 +35,12 @@
  * applied, a duplicate, or stored in de_dead_letter -- in the same
  * transaction that precedes the commit.
  */
-#include "internal.h"
+#include "inbox.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-#define CONSUMER_SCHEMA_VERSION 2
 
 typedef struct handler {
     char *subject_type;
@@ -55,8 +53,7 @@ typedef struct handler {
  * held behind it (all of one partition, in offset order). */
 typedef struct retrying {
     char *subject_type, *subject_id;
-    rd_kafka_message_t **msgs;
-    size_t n, cap;
+    DE__VEC(rd_kafka_message_t *) msgs;
     int attempts;
     int64_t next_at_ms;
     char error[600];
@@ -73,114 +70,16 @@ typedef struct progress {
 
 enum gap_policy { GAP_PARK, GAP_APPLY };
 
-enum {
-    Q_BEGIN,
-    Q_COMMIT,
-    Q_ROLLBACK,
-    Q_SAVEPOINT,
-    Q_RELEASE,
-    Q_ROLLBACK_TO,
-    Q_INBOX_GET,
-    Q_INBOX_PUT,
-    Q_INBOX_PARK,
-    Q_INBOX_CLAIM,
-    Q_INBOX_FIRST,
-    Q_DL_INSERT,
-    Q_DL_HAS,
-    Q_DL_PARKED,
-    Q_DL_DONE,
-    Q_DL_FAIL,
-    Q_PARKED_COUNT,
-    Q_COUNT
-};
-
-static const char *const sql[Q_COUNT] = {
-    [Q_BEGIN] = "BEGIN IMMEDIATE",
-    [Q_COMMIT] = "COMMIT",
-    [Q_ROLLBACK] = "ROLLBACK",
-    [Q_SAVEPOINT] = "SAVEPOINT de_event",
-    [Q_RELEASE] = "RELEASE de_event",
-    [Q_ROLLBACK_TO] = "ROLLBACK TO de_event",
-    [Q_INBOX_GET] = "SELECT last_seq, parked, last_event_id FROM "
-                    "main.de_inbox WHERE subject_type = ?1 AND "
-                    "subject_id = ?2",
-    [Q_INBOX_PUT] = "INSERT INTO main.de_inbox(subject_type, subject_id, "
-                    "last_seq, parked, updated_ms, last_event_id) VALUES "
-                    "(?1, ?2, ?3, 0, ?4, ?5) ON CONFLICT(subject_type, "
-                    "subject_id) DO UPDATE SET last_seq = excluded.last_seq, "
-                    "parked = 0, updated_ms = excluded.updated_ms, "
-                    "last_event_id = excluded.last_event_id",
-    [Q_INBOX_PARK] = "INSERT INTO main.de_inbox(subject_type, subject_id, "
-                     "last_seq, parked, updated_ms) VALUES (?1, ?2, 0, ?3, ?4) "
-                     "ON CONFLICT(subject_type, subject_id) DO UPDATE SET "
-                     "parked = excluded.parked, updated_ms = "
-                     "excluded.updated_ms",
-    /* The next event of a known subject: advance in one statement. */
-    [Q_INBOX_CLAIM] = "UPDATE main.de_inbox SET last_seq = ?3, updated_ms = "
-                      "?4, last_event_id = ?5 WHERE subject_type = ?1 AND "
-                      "subject_id = ?2 AND last_seq = ?3 - 1 AND parked = 0",
-    /* The first event of a subject never seen. */
-    [Q_INBOX_FIRST] = "INSERT OR IGNORE INTO main.de_inbox(subject_type, "
-                      "subject_id, last_seq, parked, updated_ms, "
-                      "last_event_id) VALUES (?1, ?2, 1, 0, ?4, ?5)",
-    [Q_DL_INSERT] =
-        "INSERT INTO main.de_dead_letter(kind, state, topic, partition, "
-        "offset, subject_type, subject_id, seq, event_id, action, type, "
-        "source, occurred_at_ms, traceparent, tracestate, payload, error, "
-        "attempts, parked_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, "
-        "?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
-    [Q_DL_HAS] = "SELECT 1 FROM main.de_dead_letter WHERE subject_type = ?1 "
-                 "AND subject_id = ?2 AND seq = ?3 AND state = 'parked'",
-    [Q_DL_PARKED] = "SELECT id, kind, topic, partition, offset, seq, "
-                    "event_id, action, type, source, occurred_at_ms, "
-                    "traceparent, tracestate, payload, attempts "
-                    "FROM main.de_dead_letter WHERE subject_type = ?1 AND "
-                    "subject_id = ?2 AND state = 'parked' "
-                    "ORDER BY seq, id LIMIT 1",
-    [Q_DL_DONE] = "UPDATE main.de_dead_letter SET state = ?2 WHERE id = ?1",
-    [Q_DL_FAIL] = "UPDATE main.de_dead_letter SET kind = 'failed', "
-                  "attempts = attempts + 1, error = ?2 WHERE id = ?1",
-    [Q_PARKED_COUNT] = "SELECT count(*) FROM main.de_inbox WHERE parked = 1",
-};
-
-static const char schema_sql[] =
-    "CREATE TABLE IF NOT EXISTS main.de_consumer_meta("
-    "  key TEXT PRIMARY KEY, value) WITHOUT ROWID;"
-    "CREATE TABLE IF NOT EXISTS main.de_inbox("
-    "  subject_type TEXT NOT NULL, subject_id TEXT NOT NULL,"
-    "  last_seq INTEGER NOT NULL, parked INTEGER NOT NULL DEFAULT 0,"
-    "  updated_ms INTEGER NOT NULL, last_event_id TEXT,"
-    "  PRIMARY KEY(subject_type, subject_id)) WITHOUT ROWID;"
-    "CREATE INDEX IF NOT EXISTS main.de_inbox_parked ON de_inbox(parked)"
-    "  WHERE parked = 1;"
-    "CREATE TABLE IF NOT EXISTS main.de_dead_letter("
-    "  id INTEGER PRIMARY KEY,"
-    "  kind TEXT NOT NULL,"  /* failed, waiting, gap, conflict, foreign */
-    "  state TEXT NOT NULL," /* parked, applied, skipped, foreign */
-    "  topic TEXT, partition INTEGER, offset INTEGER,"
-    "  subject_type TEXT, subject_id TEXT, seq INTEGER, event_id TEXT,"
-    "  action TEXT, type TEXT, source TEXT, occurred_at_ms INTEGER,"
-    "  traceparent TEXT, tracestate TEXT, payload BLOB, error TEXT,"
-    "  attempts INTEGER NOT NULL DEFAULT 0, parked_ms INTEGER NOT NULL);"
-    "CREATE INDEX IF NOT EXISTS main.de_dead_letter_subject"
-    "  ON de_dead_letter(subject_type, subject_id, seq)"
-    "  WHERE state = 'parked';";
-
-#define VEC(T)                                                                 \
-    struct {                                                                   \
-        T *v;                                                                  \
-        size_t n, cap;                                                         \
-    }
-
 struct de_consumer {
     sqlite3 *db;
     de_conf *conf;
     rd_kafka_t *rk;
-    sqlite3_stmt *q[Q_COUNT];
-    VEC(handler) handlers;
-    VEC(retrying *) retry;
-    VEC(progress) parts;
-    VEC(rd_kafka_message_t *) batch;
+    de__inbox *ib; /* the inbox and dead letters in db */
+    DE__VEC(handler) handlers;
+    DE__VEC(retrying *) retry;
+    DE__VEC(progress) parts;
+    DE__VEC(rd_kafka_message_t *) batch;
+    de__rk_bridge bridge; /* the consumer's opaque */
     bool subscribed;
     bool fatal;
     /* Handlers run in savepoints only in careful mode: a batch runs
@@ -193,89 +92,27 @@ struct de_consumer {
     int handled; /* applied during the current call */
 };
 
-static int64_t now_ms(void)
-{
-    return de__now_ms();
-}
-
-static int64_t mono_ms(void)
-{
-    return de__mono_us() / 1000;
-}
-
-static bool vgrow(void **v, size_t *cap, size_t size)
-{
-    size_t ncap = *cap ? *cap * 2 : 8;
-    void *n = realloc(*v, ncap * size);
-
-    if (n == NULL)
-        return false;
-    *v = n;
-    *cap = ncap;
-    return true;
-}
-
-#define VPUSH(vec, item)                                                       \
-    (((vec).n < (vec).cap ||                                                   \
-      vgrow((void **)&(vec).v, &(vec).cap, sizeof(*(vec).v)))                  \
-         ? ((vec).v[(vec).n++] = (item), true)                                 \
-         : false)
-
-static void clog_(de_consumer *c, int level, const char *fmt, ...)
-    DE__PRINTF(3, 4);
-static void clog_(de_consumer *c, int level, const char *fmt, ...)
-{
-    char line[900];
-    va_list ap;
-
-    va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
-    va_end(ap);
-    de__log(c->conf, level, "consumer: %s", line);
-}
-
-/* Steps a statement without rows and resets it. */
-static int step(de_consumer *c, int which)
-{
-    int rc = sqlite3_step(c->q[which]);
-
-    sqlite3_reset(c->q[which]);
-    sqlite3_clear_bindings(c->q[which]);
-    return rc;
-}
+#define clog_(c, level, ...)                                                   \
+    de__logp((c)->conf, (level), "consumer: ", __VA_ARGS__)
 
 /* ---- opening --------------------------------------------------------- */
 
-static const struct owned {
-    const char *key, *value, *why;
-} owned[] = {
+/* Properties the consumer's guarantees depend on, and why. */
+static const de__rk_owned owned[] = {
     {"enable.auto.commit", "false",
      "offsets are committed only after the database commit"},
     {"enable.auto.offset.store", "false",
      "offsets are stored only after the database commit"},
 };
 
-static void on_rdkafka_log(const rd_kafka_t *rk, int level, const char *fac,
-                           const char *buf)
+/* A fatal consumer error (the error callback, on the polling thread). */
+static void on_fatal(void *owner, rd_kafka_resp_err_t err, const char *why)
 {
-    de_consumer *c = rd_kafka_opaque(rk);
+    de_consumer *c = owner;
 
-    de__log(c->conf, level, "librdkafka: %s: %s", fac, buf);
-}
-
-static void on_error(rd_kafka_t *rk, int err, const char *reason, void *opaque)
-{
-    de_consumer *c = opaque;
-    char fatal[256];
-
-    if (err == RD_KAFKA_RESP_ERR__FATAL) {
-        rd_kafka_fatal_error(rk, fatal, sizeof fatal);
-        clog_(c, DE_LOG_ERR, "fatal consumer error: %s", fatal);
-        c->fatal = true;
-        return;
-    }
-    clog_(c, DE_LOG_INFO, "kafka: %s: %s",
-          rd_kafka_err2name((rd_kafka_resp_err_t)err), reason);
+    (void)err;
+    (void)why; /* logged by the bridge */
+    c->fatal = true;
 }
 
 static void rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
@@ -283,10 +120,7 @@ static void rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 
 static de_err make_kafka(de_consumer *c)
 {
-    rd_kafka_conf_t *kc = rd_kafka_conf_new();
-    char errstr[512];
-    const char *v;
-    static const char *const defaults[][2] = {
+    static const de__rk_prop defaults[] = {
         /* Events must not be missed: a new group starts at the
          * beginning. */
         {"auto.offset.reset", "earliest"},
@@ -297,120 +131,42 @@ static de_err make_kafka(de_consumer *c)
         {"client.id", "deliveryevents-consumer"},
         {"enable.partition.eof", "false"},
     };
-
-    if (!de__conf_rdkafka_get(c->conf, "group.id", &v)) {
-        rd_kafka_conf_destroy(kc);
-        return de__fail(DE_ERR_CONFIG, "the consumer needs group.id (its "
-                                       "consumer group)");
-    }
-    for (size_t i = 0; i < DE__ARRAY_LEN(owned); i++)
-        if (de__conf_rdkafka_get(c->conf, owned[i].key, &v) &&
-            strcmp(v, owned[i].value) != 0) {
-            rd_kafka_conf_destroy(kc);
-            return de__fail(DE_ERR_CONFIG,
-                            "%s=%s is not allowed for the consumer: it keeps "
-                            "%s=%s because %s",
-                            owned[i].key, v, owned[i].key, owned[i].value,
-                            owned[i].why);
-        }
-    for (size_t i = 0; i < DE__ARRAY_LEN(defaults); i++)
-        rd_kafka_conf_set(kc, defaults[i][0], defaults[i][1], errstr,
-                          sizeof errstr);
-    if (de__conf_apply_rdkafka(c->conf, kc) != DE_OK) {
-        rd_kafka_conf_destroy(kc);
-        return DE_ERR_CONFIG;
-    }
-    for (size_t i = 0; i < DE__ARRAY_LEN(owned); i++)
-        rd_kafka_conf_set(kc, owned[i].key, owned[i].value, errstr,
-                          sizeof errstr);
-    rd_kafka_conf_set_opaque(kc, c);
-    rd_kafka_conf_set_log_cb(kc, on_rdkafka_log);
-    rd_kafka_conf_set_error_cb(kc, on_error);
-    rd_kafka_conf_set_rebalance_cb(kc, rebalance);
-    c->rk = rd_kafka_new(RD_KAFKA_CONSUMER, kc, errstr, sizeof errstr);
-    if (c->rk == NULL) {
-        rd_kafka_conf_destroy(kc);
-        return de__fail(DE_ERR_CONFIG,
-                        "librdkafka refused the consumer configuration: %s",
-                        errstr);
-    }
-    rd_kafka_poll_set_consumer(c->rk);
-    return DE_OK;
-}
-
-static de_err ensure_schema(de_consumer *c)
-{
-    sqlite3_stmt *st = NULL;
-    int64_t version = 0;
-    char buf[160];
+    rd_kafka_conf_t *kc;
+    const char *v;
     de_err err;
 
-    if ((err = de__exec(c->db, "BEGIN IMMEDIATE")) != DE_OK)
+    if (!de__conf_rdkafka_get(c->conf, "group.id", &v))
+        return de__fail(DE_ERR_CONFIG, "the consumer needs group.id (its "
+                                       "consumer group)");
+    c->bridge.conf = c->conf;
+    snprintf(c->bridge.prefix, sizeof c->bridge.prefix, "consumer: ");
+    c->bridge.owner = c;
+    c->bridge.on_fatal = on_fatal;
+    if ((err = de__rk_conf(c->conf, "consumer", defaults,
+                           DE__ARRAY_LEN(defaults), owned, DE__ARRAY_LEN(owned),
+                           &c->bridge, &kc)) != DE_OK)
         return err;
-    if ((err = de__exec(c->db, schema_sql)) != DE_OK)
-        goto fail;
-    if (sqlite3_prepare_v2(c->db,
-                           "SELECT value FROM main.de_consumer_meta WHERE "
-                           "key = 'schema_version'",
-                           -1, &st, NULL) != SQLITE_OK) {
-        err = de__fail_db(c->db, "cannot read the consumer schema version");
-        goto fail;
-    }
-    if (sqlite3_step(st) == SQLITE_ROW)
-        version = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
-    /* 1 -> 2: the inbox remembers the ce_id applied with each number. */
-    if (version == 1 &&
-        (err = de__exec(c->db, "ALTER TABLE main.de_inbox ADD COLUMN "
-                               "last_event_id TEXT")) != DE_OK)
-        goto fail;
-    if (version > CONSUMER_SCHEMA_VERSION) {
-        err = de__fail(DE_ERR_STATE,
-                       "database '%s' has consumer schema version %lld, "
-                       "newer than the %d this libdeliveryevents %s "
-                       "understands",
-                       sqlite3_db_filename(c->db, "main"), (long long)version,
-                       CONSUMER_SCHEMA_VERSION, de_version());
-        goto fail;
-    }
-    snprintf(buf, sizeof buf,
-             "INSERT OR REPLACE INTO main.de_consumer_meta VALUES "
-             "('schema_version', %d)",
-             CONSUMER_SCHEMA_VERSION);
-    if ((err = de__exec(c->db, buf)) != DE_OK ||
-        (err = de__exec(c->db, "COMMIT")) != DE_OK)
-        goto fail;
+    rd_kafka_conf_set_rebalance_cb(kc, rebalance);
+    if ((err = de__rk_new(RD_KAFKA_CONSUMER, kc, "consumer", &c->rk)) != DE_OK)
+        return err;
+    /* Everything, log lines included, is served by de_consumer_poll. */
+    if (rd_kafka_poll_set_consumer(c->rk) != RD_KAFKA_RESP_ERR_NO_ERROR)
+        return de__fail(DE_ERR_KAFKA, "consumer: cannot redirect its queue");
     return DE_OK;
-fail:
-    sqlite3_exec(c->db, "ROLLBACK", NULL, NULL, NULL);
-    return err;
 }
 
 de_err de_consumer_open(sqlite3 *db, const de_conf *conf, de_consumer **out)
 {
     de_consumer *c = NULL;
-    const char *path, *gap;
+    const char *gap;
     de_err err;
 
     if (out != NULL)
         *out = NULL;
-    if (db == NULL || out == NULL)
-        return de__fail(DE_ERR_ARG,
-                        "de_consumer_open needs a connection and "
-                        "an out pointer (got NULL %s)",
-                        db == NULL ? "db" : "out");
-    path = sqlite3_db_filename(db, "main");
-    if (path == NULL || path[0] == '\0')
-        return de__fail(DE_ERR_ARG,
-                        "the consumer's database is in memory or temporary; "
-                        "its inbox must survive a restart");
-    if (sqlite3_db_readonly(db, "main") == 1)
-        return de__fail(DE_ERR_ARG, "database '%s' is open read-only", path);
-    if (!sqlite3_get_autocommit(db))
-        return de__fail(DE_ERR_STATE,
-                        "de_consumer_open was called inside a "
-                        "transaction on '%s'",
-                        path);
+    if ((err = de__check_connection(db, out == NULL, "de_consumer_open",
+                                    "its inbox must survive a "
+                                    "restart")) != DE_OK)
+        return err;
     c = calloc(1, sizeof *c);
     if (c == NULL)
         return de__fail(DE_ERR_NOMEM, "out of memory opening the consumer");
@@ -427,17 +183,10 @@ de_err de_consumer_open(sqlite3 *db, const de_conf *conf, de_consumer **out)
     c->batch_size = de__conf_int(c->conf, DE__K_CONSUMER_BATCH_SIZE);
     gap = de__conf_str(c->conf, DE__K_CONSUMER_ON_GAP);
     c->gap = strcmp(gap, "apply") == 0 ? GAP_APPLY : GAP_PARK;
-    if ((err = de__prepare_connection(
-             db, de__conf_int(c->conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS))) != DE_OK)
+    if ((err = de__inbox_open_sqlite(
+             db, de__conf_int(c->conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS),
+             &c->ib)) != DE_OK)
         goto fail;
-    if ((err = ensure_schema(c)) != DE_OK)
-        goto fail;
-    for (int i = 0; i < Q_COUNT; i++)
-        if (sqlite3_prepare_v3(db, sql[i], -1, SQLITE_PREPARE_PERSISTENT,
-                               &c->q[i], NULL) != SQLITE_OK) {
-            err = de__fail_db(db, "cannot prepare '%s'", sql[i]);
-            goto fail;
-        }
     if ((err = make_kafka(c)) != DE_OK)
         goto fail;
     *out = c;
@@ -484,7 +233,7 @@ de_err de_consumer_on(de_consumer *c, const char *subject_type,
     h.fn = fn;
     h.ctx = ctx;
     if (h.subject_type == NULL || (action && h.action == NULL) ||
-        !VPUSH(c->handlers, h)) {
+        !DE__VEC_PUSH(c->handlers, h)) {
         free(h.subject_type);
         free(h.action);
         return de__fail(DE_ERR_NOMEM, "out of memory registering a handler");
@@ -524,7 +273,7 @@ static progress *progress_for(de_consumer *c, const char *topic,
     p.partition = partition;
     p.next_offset = -1;
     p.committed = -1;
-    if (p.topic == NULL || !VPUSH(c->parts, p)) {
+    if (p.topic == NULL || !DE__VEC_PUSH(c->parts, p)) {
         free(p.topic);
         return NULL;
     }
@@ -539,8 +288,8 @@ static int64_t commit_point(de_consumer *c, const progress *p)
 
     for (size_t i = 0; i < c->retry.n; i++) {
         retrying *r = c->retry.v[i];
-        for (size_t j = 0; j < r->n; j++) {
-            rd_kafka_message_t *m = r->msgs[j];
+        for (size_t j = 0; j < r->msgs.n; j++) {
+            rd_kafka_message_t *m = r->msgs.v[j];
             if (m->partition == p->partition && m->offset < at &&
                 strcmp(rd_kafka_topic_name(m->rkt), p->topic) == 0)
                 at = m->offset;
@@ -549,8 +298,10 @@ static int64_t commit_point(de_consumer *c, const progress *p)
     return at;
 }
 
-/* Commits every partition's progress (async unless sync). */
-static void commit_offsets(de_consumer *c, bool sync)
+/* Commits every partition's progress (async unless sync).  A failure is
+ * logged; nothing is lost by it (uncommitted offsets are read again and
+ * the inbox absorbs them), but a synchronous one is returned. */
+static de_err commit_offsets(de_consumer *c, bool sync)
 {
     rd_kafka_topic_partition_list_t *l =
         rd_kafka_topic_partition_list_new((int)c->parts.n + 1);
@@ -565,15 +316,21 @@ static void commit_offsets(de_consumer *c, bool sync)
             at;
         p->committed = at;
     }
-    if (l->cnt > 0) {
-        err = rd_kafka_commit(c->rk, l, sync ? 0 : 1);
-        if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
-            clog_(c, DE_LOG_WARNING,
-                  "committing offsets failed: %s (the events are read "
-                  "again and skipped as duplicates)",
-                  rd_kafka_err2str(err));
-    }
+    err = l->cnt > 0 ? rd_kafka_commit(c->rk, l, sync ? 0 : 1)
+                     : RD_KAFKA_RESP_ERR_NO_ERROR;
     rd_kafka_topic_partition_list_destroy(l);
+    if (err == RD_KAFKA_RESP_ERR_NO_ERROR ||
+        err == RD_KAFKA_RESP_ERR__NO_OFFSET)
+        return DE_OK;
+    clog_(c, DE_LOG_WARNING,
+          "committing offsets failed: %s (the events are read again and "
+          "skipped as duplicates)",
+          rd_kafka_err2str(err));
+    return de__fail(DE_ERR_KAFKA,
+                    "consumer: committing offsets failed: %s (nothing is "
+                    "lost: the events are read again and skipped as "
+                    "duplicates)",
+                    rd_kafka_err2str(err));
 }
 
 static void note_processed(de_consumer *c, const rd_kafka_message_t *m)
@@ -590,9 +347,9 @@ static void free_retrying(retrying *r)
 {
     if (r == NULL)
         return;
-    for (size_t i = 0; i < r->n; i++)
-        rd_kafka_message_destroy(r->msgs[i]);
-    free(r->msgs);
+    for (size_t i = 0; i < r->msgs.n; i++)
+        rd_kafka_message_destroy(r->msgs.v[i]);
+    DE__VEC_FREE(r->msgs);
     free(r->subject_type);
     free(r->subject_id);
     free(r);
@@ -607,191 +364,75 @@ static retrying *find_retrying(de_consumer *c, const char *type, const char *id)
     return NULL;
 }
 
-/* Inbox state of a subject, read inside the transaction. */
-static de_err inbox_get(de_consumer *c, const char *type, const char *id,
-                        int64_t *last, bool *parked, char *last_id,
-                        size_t last_id_size)
-{
-    sqlite3_stmt *q = c->q[Q_INBOX_GET];
-    const unsigned char *lid;
-    int rc;
+/* The inbox's operations, on the consumer's inbox. */
+#define IB(c, op, ...) ((c)->ib->ops->op((c)->ib, __VA_ARGS__))
+#define IB0(c, op) ((c)->ib->ops->op((c)->ib))
 
-    *last = 0;
-    *parked = false;
-    last_id[0] = '\0';
-    sqlite3_bind_text(q, 1, type, -1, SQLITE_STATIC);
-    sqlite3_bind_text(q, 2, id, -1, SQLITE_STATIC);
-    rc = sqlite3_step(q);
-    if (rc == SQLITE_ROW) {
-        *last = sqlite3_column_int64(q, 0);
-        *parked = sqlite3_column_int(q, 1) != 0;
-        if ((lid = sqlite3_column_text(q, 2)) != NULL)
-            snprintf(last_id, last_id_size, "%s", (const char *)lid);
-    }
-    sqlite3_reset(q);
-    sqlite3_clear_bindings(q);
-    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
-        return de__fail_db(c->db, "consumer: reading the inbox");
-    return DE_OK;
-}
-
-static de_err inbox_put(de_consumer *c, const char *type, const char *id,
-                        int64_t seq, const char *event_id)
-{
-    sqlite3_stmt *q = c->q[Q_INBOX_PUT];
-
-    sqlite3_bind_text(q, 1, type, -1, SQLITE_STATIC);
-    sqlite3_bind_text(q, 2, id, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(q, 3, seq);
-    sqlite3_bind_int64(q, 4, now_ms());
-    sqlite3_bind_text(q, 5, event_id, -1, SQLITE_STATIC);
-    if (step(c, Q_INBOX_PUT) != SQLITE_DONE)
-        return de__fail_db(c->db, "consumer: updating the inbox");
-    return DE_OK;
-}
-
-static de_err inbox_park(de_consumer *c, const char *type, const char *id,
-                         bool parked)
-{
-    sqlite3_stmt *q = c->q[Q_INBOX_PARK];
-
-    sqlite3_bind_text(q, 1, type, -1, SQLITE_STATIC);
-    sqlite3_bind_text(q, 2, id, -1, SQLITE_STATIC);
-    sqlite3_bind_int(q, 3, parked ? 1 : 0);
-    sqlite3_bind_int64(q, 4, now_ms());
-    if (step(c, Q_INBOX_PARK) != SQLITE_DONE)
-        return de__fail_db(c->db, "consumer: parking a subject");
-    return DE_OK;
-}
-
-/* Stores an event (or a foreign record) in de_dead_letter. */
+/* Stores an event (or a foreign record, v NULL) in de_dead_letter. */
 static de_err dead_letter(de_consumer *c, const char *kind,
                           const rd_kafka_message_t *m, const de_event_view *v,
                           const char *error, int attempts)
 {
-    sqlite3_stmt *q = c->q[Q_DL_INSERT];
+    de__dl_origin o = {rd_kafka_topic_name(m->rkt), m->partition, m->offset,
+                       m->payload, m->len};
 
-    sqlite3_bind_text(q, 1, kind, -1, SQLITE_STATIC);
-    sqlite3_bind_text(q, 2, strcmp(kind, "foreign") == 0 ? "foreign" : "parked",
-                      -1, SQLITE_STATIC);
-    sqlite3_bind_text(q, 3, rd_kafka_topic_name(m->rkt), -1, SQLITE_STATIC);
-    sqlite3_bind_int(q, 4, m->partition);
-    sqlite3_bind_int64(q, 5, m->offset);
-    if (v != NULL) {
-        sqlite3_bind_text(q, 6, v->subject_type, -1, SQLITE_STATIC);
-        sqlite3_bind_text(q, 7, v->subject_id, -1, SQLITE_STATIC);
-        sqlite3_bind_int64(q, 8, v->subject_seq);
-        sqlite3_bind_text(q, 9, v->event_id, -1, SQLITE_STATIC);
-        sqlite3_bind_text(q, 10, v->action, -1, SQLITE_STATIC);
-        sqlite3_bind_text(q, 11, v->type, -1, SQLITE_STATIC);
-        sqlite3_bind_text(q, 12, v->source, -1, SQLITE_STATIC);
-        sqlite3_bind_int64(q, 13, v->occurred_at_ms);
-        if (v->traceparent)
-            sqlite3_bind_text(q, 14, v->traceparent, -1, SQLITE_STATIC);
-        if (v->tracestate)
-            sqlite3_bind_text(q, 15, v->tracestate, -1, SQLITE_STATIC);
-    }
-    if (m->payload)
-        sqlite3_bind_blob(q, 16, m->payload, (int)m->len, SQLITE_STATIC);
-    sqlite3_bind_text(q, 17, error, -1, SQLITE_STATIC);
-    sqlite3_bind_int(q, 18, attempts);
-    sqlite3_bind_int64(q, 19, now_ms());
-    if (step(c, Q_DL_INSERT) != SQLITE_DONE)
-        return de__fail_db(c->db, "consumer: writing a dead letter");
-    return DE_OK;
-}
-
-static bool already_parked(de_consumer *c, const de_event_view *v)
-{
-    sqlite3_stmt *q = c->q[Q_DL_HAS];
-    bool has;
-
-    sqlite3_bind_text(q, 1, v->subject_type, -1, SQLITE_STATIC);
-    sqlite3_bind_text(q, 2, v->subject_id, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(q, 3, v->subject_seq);
-    has = sqlite3_step(q) == SQLITE_ROW;
-    sqlite3_reset(q);
-    sqlite3_clear_bindings(q);
-    return has;
-}
-
-/* Takes the subject's next place in the inbox when v is exactly the next
- * event (the common case, one statement); false when it is not, and the
- * caller looks closer. */
-static bool claim(de_consumer *c, const de_event_view *v, bool *db_error)
-{
-    int which = Q_INBOX_CLAIM;
-
-    *db_error = false;
-    for (int pass = 0; pass < 2; pass++) {
-        sqlite3_stmt *q = c->q[which];
-        sqlite3_bind_text(q, 1, v->subject_type, -1, SQLITE_STATIC);
-        sqlite3_bind_text(q, 2, v->subject_id, -1, SQLITE_STATIC);
-        sqlite3_bind_int64(q, 3, v->subject_seq);
-        sqlite3_bind_int64(q, 4, now_ms());
-        sqlite3_bind_text(q, 5, v->event_id, -1, SQLITE_STATIC);
-        if (step(c, which) != SQLITE_DONE) {
-            *db_error = true;
-            de__fail_db(c->db, "consumer: updating the inbox");
-            return false;
-        }
-        if (sqlite3_changes(c->db) == 1)
-            return true;
-        if (v->subject_seq != 1)
-            return false;
-        which = Q_INBOX_FIRST;
-    }
-    return false;
+    return IB(c, dl_insert, kind, &o, v, error, attempts);
 }
 
 /* The handler said no, or ended the transaction it must not end. */
 static de_err handler_failed(de_consumer *c, const de_event_view *v, de_err rc,
-                             char *error, size_t error_size)
+                             uint64_t serial, char *error, size_t error_size)
 {
-    if (sqlite3_get_autocommit(c->db))
+    /* Only a message set during the handler's call explains its failure;
+     * an older one would mislead the log and the dead letter. */
+    bool fresh = de__errmsg_serial() != serial;
+
+    if (!IB0(c, in_txn))
         return de__fail(DE_ERR_DB,
                         "consumer: the handler for %s.%s ended the "
                         "transaction; handlers must not COMMIT or ROLLBACK",
                         v->subject_type, v->action);
     snprintf(error, error_size, "handler for %s.%s returned %s%s%s",
-             v->subject_type, v->action, de_err_name(rc),
-             de_errmsg()[0] ? ": " : "", de_errmsg());
-    return DE_ERR_ARG;
+             v->subject_type, v->action, de_err_name(rc), fresh ? ": " : "",
+             fresh ? de_errmsg() : "");
+    return DE__HANDLER_FAILED;
 }
 
 /* Runs the handler (in a savepoint in careful mode) and, unless claimed
- * already, records the event in the inbox.  DE_OK: applied; DE_ERR_ARG:
- * the handler failed (why in error), its effects undone; DE_ERR_TIMEOUT:
- * the handler failed outside careful mode -- the caller must roll the
- * whole batch back and redo it carefully; anything else: a database
- * failure of the whole transaction. */
+ * already, records the event in the inbox.  DE_OK: applied;
+ * DE__HANDLER_FAILED: the handler failed (why in error), its effects
+ * undone; DE__REDO: the handler failed outside careful mode -- the caller
+ * must roll the whole batch back and redo it carefully; anything else: a
+ * database failure of the whole transaction. */
 static de_err run_handler(de_consumer *c, const de_event_view *v, bool claimed,
                           char *error, size_t error_size)
 {
     const handler *h = find_handler(c, v->subject_type, v->action);
-    de_err rc = DE_OK;
+    uint64_t serial = de__errmsg_serial();
+    de_err rc = DE_OK, err;
 
     if (h != NULL) {
-        if (c->careful && step(c, Q_SAVEPOINT) != SQLITE_DONE)
-            return de__fail_db(c->db, "consumer: savepoint");
+        if (c->careful && (rc = IB0(c, savepoint)) != DE_OK)
+            return rc;
         rc = h->fn(c->db, v, h->ctx);
         if (rc != DE_OK) {
             if (!c->careful)
-                return sqlite3_get_autocommit(c->db)
-                           ? handler_failed(c, v, rc, error, error_size)
-                           : DE_ERR_TIMEOUT;
-            if (step(c, Q_ROLLBACK_TO) != SQLITE_DONE ||
-                step(c, Q_RELEASE) != SQLITE_DONE)
-                return de__fail_db(c->db, "consumer: rolling back an event");
-            return handler_failed(c, v, rc, error, error_size);
+                return IB0(c, in_txn) ? DE__REDO
+                                      : handler_failed(c, v, rc, serial, error,
+                                                       error_size);
+            if ((err = IB0(c, rollback_to)) != DE_OK ||
+                (err = IB0(c, release)) != DE_OK)
+                return err;
+            return handler_failed(c, v, rc, serial, error, error_size);
         }
-        if (sqlite3_get_autocommit(c->db))
-            return handler_failed(c, v, DE_ERR_STATE, error, error_size);
-        if (c->careful && step(c, Q_RELEASE) != SQLITE_DONE)
-            return de__fail_db(c->db, "consumer: releasing a savepoint");
+        if (!IB0(c, in_txn))
+            return handler_failed(c, v, DE_ERR_STATE, serial, error,
+                                  error_size);
+        if (c->careful && (rc = IB0(c, release)) != DE_OK)
+            return rc;
     }
-    if (!claimed && (rc = inbox_put(c, v->subject_type, v->subject_id,
-                                    v->subject_seq, v->event_id)) != DE_OK)
+    if (!claimed && (rc = IB(c, put, v->subject_type, v->subject_id,
+                             v->subject_seq, v->event_id)) != DE_OK)
         return rc;
     c->stats.applied++;
     c->handled++;
@@ -809,7 +450,7 @@ static de_err park(de_consumer *c, const rd_kafka_message_t *m,
     de_err err;
 
     if ((err = dead_letter(c, kind, m, v, error, attempts)) != DE_OK ||
-        (err = inbox_park(c, v->subject_type, v->subject_id, true)) != DE_OK)
+        (err = IB(c, park, v->subject_type, v->subject_id, true)) != DE_OK)
         return err;
     clog_(c, DE_LOG_ERR,
           "%s %s parked at ce_subjectseq %lld (%s, %s [%d] @%lld): %s; its "
@@ -826,7 +467,7 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
                               size_t error_size)
 {
     int64_t last;
-    bool parked, claimed, dberr;
+    bool parked, claimed = false, has;
     char last_id[DE__EVENT_ID_MAX + 1];
     de_err err;
 
@@ -834,13 +475,12 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
     /* In careful mode the claim must be undone with the handler's
      * effects, so it is made inside the handler's savepoint: classify
      * with a read instead. */
-    claimed = !c->careful && claim(c, v, &dberr);
-    if (!c->careful && dberr)
+    if (!c->careful && IB(c, claim, v, &claimed) != DE_OK)
         return O_DB_ERROR;
     if (claimed)
         goto run;
-    if (inbox_get(c, v->subject_type, v->subject_id, &last, &parked, last_id,
-                  sizeof last_id) != DE_OK)
+    if (IB(c, get, v->subject_type, v->subject_id, &last, &parked, last_id,
+           sizeof last_id) != DE_OK)
         return O_DB_ERROR;
     if (v->subject_seq == last && last_id[0] != '\0' &&
         strcmp(last_id, v->event_id) != 0) {
@@ -851,10 +491,14 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
                  "restored from an older state, or a second producer of "
                  "this subject)",
                  (long long)v->subject_seq, last_id, v->event_id);
-        if (!parked || !already_parked(c, v)) {
+        has = false;
+        if (parked && IB(c, dl_has, v, &has) != DE_OK)
+            return O_DB_ERROR;
+        if (!has) {
             if (park(c, m, v, "conflict", error, 0) != DE_OK)
                 return O_DB_ERROR;
             c->stats.dead_lettered++;
+            c->stats.conflicts++;
         }
         return O_DONE;
     }
@@ -864,9 +508,9 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
     }
     if (parked) {
         /* Waits behind the subject's dead letter, in order. */
-        if (!already_parked(c, v) &&
-            dead_letter(c, "waiting", m, v, "waiting behind a parked event",
-                        0) != DE_OK)
+        if (IB(c, dl_has, v, &has) != DE_OK ||
+            (!has && dead_letter(c, "waiting", m, v,
+                                 "waiting behind a parked event", 0) != DE_OK))
             return O_DB_ERROR;
         return O_DONE;
     }
@@ -890,9 +534,9 @@ run:
     err = run_handler(c, v, claimed, error, error_size);
     if (err == DE_OK)
         return O_DONE;
-    if (err == DE_ERR_TIMEOUT)
+    if (err == DE__REDO)
         return O_REDO;
-    if (err != DE_ERR_ARG)
+    if (err != DE__HANDLER_FAILED)
         return O_DB_ERROR;
     c->stats.retries++;
     if (attempts + 1 >= c->max_attempts) {
@@ -941,18 +585,16 @@ static bool hold(de_consumer *c, rd_kafka_message_t *m, const char *type,
     if (r == NULL) {
         r = calloc(1, sizeof *r);
         if (r == NULL || (r->subject_type = strdup(type)) == NULL ||
-            (r->subject_id = strdup(id)) == NULL || !VPUSH(c->retry, r)) {
+            (r->subject_id = strdup(id)) == NULL ||
+            !DE__VEC_PUSH(c->retry, r)) {
             free_retrying(r);
             return false;
         }
         r->attempts = attempts;
-        r->next_at_ms = mono_ms() + backoff_for(c, attempts);
+        r->next_at_ms = de__mono_ms() + backoff_for(c, attempts);
         snprintf(r->error, sizeof r->error, "%s", error);
     }
-    if (r->n == r->cap && !vgrow((void **)&r->msgs, &r->cap, sizeof *r->msgs))
-        return false;
-    r->msgs[r->n++] = m;
-    return true;
+    return DE__VEC_PUSH(r->msgs, m);
 }
 
 /*
@@ -961,12 +603,62 @@ static bool hold(de_consumer *c, rd_kafka_message_t *m, const char *type,
  * destroyed.  On a database failure nothing is kept: the batch is rolled
  * back and the consumer seeks back so that it is read again.
  */
+/* Reads a partition again from m (its committed offset will not pass
+ * it): m could not be kept for a retry. */
+static void rewind_to(de_consumer *c, const rd_kafka_message_t *m)
+{
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+    progress *p = progress_for(c, rd_kafka_topic_name(m->rkt), m->partition);
+    rd_kafka_error_t *e;
+
+    if (p != NULL && p->next_offset > m->offset)
+        p->next_offset = m->offset;
+    rd_kafka_topic_partition_list_add(l, rd_kafka_topic_name(m->rkt),
+                                      m->partition)
+        ->offset = m->offset;
+    if ((e = rd_kafka_seek_partitions(c->rk, l, 1000)) != NULL) {
+        clog_(c, DE_LOG_WARNING,
+              "seeking back failed: %s (the events are "
+              "read again after a restart)",
+              rd_kafka_error_string(e));
+        rd_kafka_error_destroy(e);
+    }
+    rd_kafka_topic_partition_list_destroy(l);
+}
+
+/* Whether an earlier message of m's partition was rewound (read again). */
+static bool rewound(rd_kafka_message_t **msgs, const uint8_t *fate, size_t i)
+{
+    for (size_t j = 0; j < i; j++)
+        if (fate[j] == O_DB_ERROR && msgs[j]->partition == msgs[i]->partition &&
+            msgs[j]->rkt == msgs[i]->rkt)
+            return true;
+    return false;
+}
+
+/* Whether an earlier message of the batch, of the same subject (topic,
+ * subject type, key), is waiting for a retry. */
+static bool behind_failed(rd_kafka_message_t **msgs, const uint8_t *fate,
+                          char **ftype, size_t i, const char *type)
+{
+    const rd_kafka_message_t *m = msgs[i];
+
+    for (size_t j = 0; j < i; j++)
+        if (fate[j] == O_RETRY && ftype[j] != NULL &&
+            msgs[j]->partition == m->partition && msgs[j]->rkt == m->rkt &&
+            msgs[j]->key_len == m->key_len &&
+            memcmp(msgs[j]->key, m->key, m->key_len) == 0 &&
+            strcmp(ftype[j], type) == 0)
+            return true;
+    return false;
+}
+
 static de_err apply_batch(de_consumer *c)
 {
     size_t n = c->batch.n;
     rd_kafka_message_t **msgs = c->batch.v;
     uint8_t *fate;
-    char error[600];
+    char error[600], **ftype;
     de_err err = DE_OK;
     de_consumer_stats saved = c->stats;
     int saved_handled = c->handled;
@@ -975,13 +667,15 @@ static de_err apply_batch(de_consumer *c)
     if (n == 0)
         return DE_OK;
     fate = calloc(n, 1);
-    if (fate == NULL)
+    ftype = calloc(n, sizeof *ftype); /* subject types of the retries */
+    if (fate == NULL || ftype == NULL) {
+        free(fate);
+        free(ftype);
         return de__fail(DE_ERR_NOMEM, "consumer: out of memory");
-redo:
-    if (step(c, Q_BEGIN) != SQLITE_DONE) {
-        err = de__fail_db(c->db, "consumer: cannot begin a transaction");
-        goto rewind;
     }
+redo:
+    if ((err = IB0(c, begin)) != DE_OK)
+        goto rewind;
     for (size_t i = 0; i < n; i++) {
         rd_kafka_message_t *m = msgs[i];
         enum outcome o;
@@ -997,41 +691,43 @@ redo:
             continue;
         }
         /* An earlier message of this subject in this batch failed. */
-        for (size_t j = 0; any_retry && j < i; j++) {
-            if (fate[j] == O_RETRY && msgs[j]->partition == m->partition &&
-                msgs[j]->key_len == m->key_len &&
-                memcmp(msgs[j]->key, m->key, m->key_len) == 0) {
-                fate[i] = O_RETRY;
-                break;
-            }
-        }
-        if (fate[i] == O_RETRY)
+        if (any_retry &&
+            behind_failed(msgs, fate, ftype, i, c->dec.view.subject_type)) {
+            fate[i] = O_RETRY;
+            if ((ftype[i] = strdup(c->dec.view.subject_type)) == NULL)
+                goto nomem;
             continue;
+        }
         o = apply_one(c, m, &c->dec.view, 0, error, sizeof error);
         if (o == O_DB_ERROR)
             goto fail;
         if (o == O_REDO) {
             /* A handler failed with no savepoint around it: undo the
              * batch and apply it again, carefully. */
-            step(c, Q_ROLLBACK);
+            IB0(c, rollback);
             c->stats = saved;
             c->handled = saved_handled;
             memset(fate, 0, n);
+            for (size_t j = 0; j < n; j++) {
+                free(ftype[j]);
+                ftype[j] = NULL;
+            }
             any_retry = false;
             c->careful = true;
             goto redo;
         }
         fate[i] = (uint8_t)o;
+        if (o == O_RETRY &&
+            (ftype[i] = strdup(c->dec.view.subject_type)) == NULL)
+            goto nomem;
         any_retry |= o == O_RETRY;
         if (o == O_RETRY)
             clog_(c, DE_LOG_WARNING, "%s %s seq %lld: %s (retrying)",
                   c->dec.view.subject_type, c->dec.view.subject_id,
                   (long long)c->dec.view.subject_seq, error);
     }
-    if (step(c, Q_COMMIT) != SQLITE_DONE) {
-        err = de__fail_db(c->db, "consumer: cannot commit a batch");
+    if ((err = IB0(c, commit)) != DE_OK)
         goto fail_rolled;
-    }
     c->stats.batches++;
     c->careful = false;
     /* Now the outcome is durable: hold the retries, account the rest. */
@@ -1044,17 +740,27 @@ redo:
                 hold(c, m, d->view.subject_type, d->view.subject_id, 1,
                      "handler failed"))
                 continue;
+            /* Not kept: read it again rather than let the committed
+             * offset pass it (later messages of its partition are read
+             * again too, and skipped as duplicates). */
+            rewind_to(c, m);
+            fate[i] = O_DB_ERROR;
+            rd_kafka_message_destroy(m);
+            continue;
         }
-        note_processed(c, m);
+        if (!rewound(msgs, fate, i))
+            note_processed(c, m);
         rd_kafka_message_destroy(m);
     }
-    c->batch.n = 0;
-    free(fate);
-    return DE_OK;
+    goto done;
+nomem:
+    err = de__fail(DE_ERR_NOMEM, "consumer: out of memory");
+    goto fail_rolled;
 fail:
-    err = de__fail_db(c->db, "consumer: applying a batch failed");
+    /* The failing operation set the message. */
+    err = DE_ERR_DB;
 fail_rolled:
-    step(c, Q_ROLLBACK);
+    IB0(c, rollback);
 rewind:
     c->careful = false;
     /* Read the batch again from its first message in each partition. */
@@ -1067,11 +773,24 @@ rewind:
         rd_kafka_topic_partition_list_add(l, rd_kafka_topic_name(m->rkt),
                                           m->partition)
             ->offset = m->offset;
-        rd_kafka_seek_partitions(c->rk, l, 1000);
+        {
+            rd_kafka_error_t *e = rd_kafka_seek_partitions(c->rk, l, 1000);
+            if (e != NULL) {
+                clog_(c, DE_LOG_WARNING,
+                      "seeking back failed: %s (the events are read again "
+                      "after a restart)",
+                      rd_kafka_error_string(e));
+                rd_kafka_error_destroy(e);
+            }
+        }
         rd_kafka_topic_partition_list_destroy(l);
         rd_kafka_message_destroy(m);
     }
+done:
     c->batch.n = 0;
+    for (size_t i = 0; i < n; i++)
+        free(ftype[i]);
+    free(ftype);
     free(fate);
     return err;
 }
@@ -1079,8 +798,9 @@ rewind:
 /* Retries subjects whose backoff elapsed, in one transaction each. */
 static de_err run_retries(de_consumer *c)
 {
-    int64_t now = mono_ms();
+    int64_t now = de__mono_ms();
     char error[600];
+    de_err err;
 
     c->careful = true; /* retries are where handlers fail */
     for (size_t k = 0; k < c->retry.n;) {
@@ -1093,12 +813,12 @@ static de_err run_retries(de_consumer *c)
             k++;
             continue;
         }
-        if (step(c, Q_BEGIN) != SQLITE_DONE) {
+        if ((err = IB0(c, begin)) != DE_OK) {
             c->careful = false;
-            return de__fail_db(c->db, "consumer: cannot begin a retry");
+            return err;
         }
-        for (; done < r->n; done++) {
-            rd_kafka_message_t *m = r->msgs[done];
+        for (; done < r->msgs.n; done++) {
+            rd_kafka_message_t *m = r->msgs.v[done];
             enum outcome o;
             if (!de__envelope_decode(m, &c->dec, why, sizeof why))
                 continue; /* cannot happen: decoded before */
@@ -1107,27 +827,28 @@ static de_err run_retries(de_consumer *c)
             o = apply_one(c, m, &c->dec.view, done == 0 ? r->attempts : 0,
                           error, sizeof error);
             if (o == O_DB_ERROR) {
-                step(c, Q_ROLLBACK);
+                IB0(c, rollback);
                 c->careful = false;
-                return de__fail_db(c->db, "consumer: retry failed");
+                return DE_ERR_DB; /* the failing operation said why */
             }
             if (o == O_RETRY) {
                 again = true;
                 break;
             }
         }
-        if (step(c, Q_COMMIT) != SQLITE_DONE) {
-            step(c, Q_ROLLBACK);
+        if ((err = IB0(c, commit)) != DE_OK) {
+            IB0(c, rollback);
             c->careful = false;
-            return de__fail_db(c->db, "consumer: cannot commit a retry");
+            return err;
         }
         c->stats.batches++;
         for (size_t i = 0; i < done; i++) {
-            note_processed(c, r->msgs[i]);
-            rd_kafka_message_destroy(r->msgs[i]);
+            note_processed(c, r->msgs.v[i]);
+            rd_kafka_message_destroy(r->msgs.v[i]);
         }
-        memmove(r->msgs, r->msgs + done, (r->n - done) * sizeof *r->msgs);
-        r->n -= done;
+        memmove(r->msgs.v, r->msgs.v + done,
+                (r->msgs.n - done) * sizeof *r->msgs.v);
+        r->msgs.n -= done;
         if (again) {
             r->attempts = done == 0 ? r->attempts + 1 : 1;
             r->next_at_ms = now + backoff_for(c, r->attempts);
@@ -1160,7 +881,7 @@ static bool in_list(const rd_kafka_topic_partition_list_t *l, const char *topic,
 static void rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
                       rd_kafka_topic_partition_list_t *parts, void *opaque)
 {
-    de_consumer *c = opaque;
+    de_consumer *c = ((de__rk_bridge *)opaque)->owner;
 
     if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
         rd_kafka_assign(rk, parts);
@@ -1169,12 +890,14 @@ static void rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
     /* Revoked: finish what was read, commit it, and forget the partitions
      * (held retries included: the next owner reads them again from the
      * committed offset, which never passed them). */
-    apply_batch(c);
-    commit_offsets(c, true);
+    /* A failure here is logged and read again after the rebalance. */
+    (void)apply_batch(c);
+    (void)commit_offsets(c, true);
     for (size_t k = 0; k < c->retry.n;) {
         retrying *r = c->retry.v[k];
-        if (r->n > 0 && in_list(parts, rd_kafka_topic_name(r->msgs[0]->rkt),
-                                r->msgs[0]->partition)) {
+        if (r->msgs.n > 0 &&
+            in_list(parts, rd_kafka_topic_name(r->msgs.v[0]->rkt),
+                    r->msgs.v[0]->partition)) {
             free_retrying(r);
             c->retry.v[k] = c->retry.v[--c->retry.n];
         } else {
@@ -1254,7 +977,7 @@ de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled)
         return err;
     /* Do not sleep past a retry that is due. */
     for (size_t i = 0; i < c->retry.n; i++) {
-        int64_t left = c->retry.v[i]->next_at_ms - mono_ms();
+        int64_t left = c->retry.v[i]->next_at_ms - de__mono_ms();
         if (left < first_wait)
             first_wait = left < 0 ? 0 : left;
     }
@@ -1266,7 +989,7 @@ de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled)
                 clog_(c, DE_LOG_WARNING, "consume error: %s",
                       rd_kafka_message_errstr(m));
             rd_kafka_message_destroy(m);
-        } else if (!VPUSH(c->batch, m)) {
+        } else if (!DE__VEC_PUSH(c->batch, m)) {
             rd_kafka_message_destroy(m);
             err = de__fail(DE_ERR_NOMEM, "consumer: out of memory");
             break;
@@ -1278,8 +1001,8 @@ de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled)
     if (err == DE_OK)
         err = apply_batch(c);
     else
-        apply_batch(c);
-    commit_offsets(c, false);
+        (void)apply_batch(c);       /* the first failure is the one returned */
+    (void)commit_offsets(c, false); /* asynchronous: fails only later */
     if (handled)
         *handled = c->handled;
     return err;
@@ -1295,111 +1018,60 @@ static de_err unpark(de_consumer *c, const char *type, const char *id,
     char error[600], q1[DE__QUOTE_MAX], q2[DE__QUOTE_MAX];
     char last_id[DE__EVENT_ID_MAX + 1];
     bool first = true, stuck = false;
-    sqlite3_stmt *q;
-    int rc;
+    de_err err;
 
     if (c == NULL || type == NULL || id == NULL)
         return de__fail(DE_ERR_ARG, "release/skip needs a consumer, a "
                                     "subject type and a subject id");
-    q = c->q[Q_DL_PARKED];
-    if (step(c, Q_BEGIN) != SQLITE_DONE)
-        return de__fail_db(c->db, "consumer: cannot begin");
+    if ((err = IB0(c, begin)) != DE_OK)
+        return err;
     c->careful = true;
     /* Lift the flag so that apply_one applies rather than parks again. */
-    if (inbox_park(c, type, id, false) != DE_OK)
+    if ((err = IB(c, park, type, id, false)) != DE_OK)
         goto fail;
     /* One parked event at a time, the lowest first: each one handled
-     * leaves the 'parked' state, so the query moves on (and nothing is
-     * changed under a running SELECT). */
-    for (;;) {
-        char *col[13] = {0};
-        int64_t dl, last;
-        de_event_view v;
-        bool parked;
-        de_err err;
+     * leaves the 'parked' state, so the next read moves on. */
+    while (!stuck) {
+        de__dead_letter dl;
+        const de_event_view *v = &dl.view;
+        int64_t last;
+        bool parked, found;
 
-        sqlite3_bind_text(q, 1, type, -1, SQLITE_TRANSIENT);
-        sqlite3_bind_text(q, 2, id, -1, SQLITE_TRANSIENT);
-        rc = sqlite3_step(q);
-        if (rc != SQLITE_ROW) {
-            sqlite3_reset(q);
-            sqlite3_clear_bindings(q);
-            if (rc != SQLITE_DONE)
-                goto fail;
+        if ((err = IB(c, dl_next, type, id, &dl, &found)) != DE_OK)
+            goto fail;
+        if (!found)
             break;
-        }
-        memset(&v, 0, sizeof v);
-        dl = sqlite3_column_int64(q, 0);
-        for (int i = 1; i <= 13; i++)
-            if (sqlite3_column_type(q, i) != SQLITE_NULL)
-                col[i - 1] = strdup((const char *)sqlite3_column_text(q, i));
-        v.partition = sqlite3_column_int(q, 3);
-        v.offset = sqlite3_column_int64(q, 4);
-        v.subject_seq = sqlite3_column_int64(q, 5);
-        v.occurred_at_ms = sqlite3_column_int64(q, 10);
-        sqlite3_reset(q);
-        sqlite3_clear_bindings(q);
-        v.subject_type = type;
-        v.subject_id = id;
-        v.topic = col[1];
-        v.event_id = col[5];
-        v.action = col[6];
-        v.type = col[7] ? col[7] : "";
-        v.source = col[8] ? col[8] : "";
-        v.traceparent = col[10];
-        v.tracestate = col[11];
-        v.payload = col[12] ? col[12] : "{}";
-        v.payload_len = strlen(v.payload);
-        err = DE_OK;
         if (first && skip_first) {
-            sqlite3_bind_int64(c->q[Q_DL_DONE], 1, dl);
-            sqlite3_bind_text(c->q[Q_DL_DONE], 2, "skipped", -1, SQLITE_STATIC);
-            if (step(c, Q_DL_DONE) != SQLITE_DONE ||
-                inbox_put(c, type, id, v.subject_seq, v.event_id) != DE_OK)
-                err = DE_ERR_DB;
-        } else if ((err = inbox_get(c, type, id, &last, &parked, last_id,
-                                    sizeof last_id)) == DE_OK) {
+            if ((err = IB(c, dl_done, dl.id, "skipped")) == DE_OK)
+                err = IB(c, put, type, id, v->subject_seq, v->event_id);
+        } else if ((err = IB(c, get, type, id, &last, &parked, last_id,
+                             sizeof last_id)) == DE_OK) {
             /* A conflict released: the operator says it is a real event
              * of its own, although its number was taken. */
-            if (v.subject_seq > last ||
-                (col[0] && strcmp(col[0], "conflict") == 0 &&
-                 strcmp(last_id, v.event_id ? v.event_id : "") != 0)) {
+            if (v->subject_seq > last ||
+                (dl.kind && strcmp(dl.kind, "conflict") == 0 &&
+                 strcmp(last_id, v->event_id) != 0)) {
                 /* Released means "go on": a gap is accepted here. */
-                err = run_handler(c, &v, false, error, sizeof error);
-                if (err == DE_ERR_ARG) {
-                    sqlite3_bind_int64(c->q[Q_DL_FAIL], 1, dl);
-                    sqlite3_bind_text(c->q[Q_DL_FAIL], 2, error, -1,
-                                      SQLITE_STATIC);
-                    err = step(c, Q_DL_FAIL) == SQLITE_DONE &&
-                                  inbox_park(c, type, id, true) == DE_OK
-                              ? DE_OK
-                              : DE_ERR_DB;
-                    if (err == DE_OK) {
-                        clog_(c, DE_LOG_ERR, "%s %s stays parked: %s", type, id,
-                              error);
-                        stuck = true;
-                    }
+                err = run_handler(c, v, false, error, sizeof error);
+                if (err == DE__HANDLER_FAILED &&
+                    (err = IB(c, dl_fail, dl.id, error)) == DE_OK &&
+                    (err = IB(c, park, type, id, true)) == DE_OK) {
+                    clog_(c, DE_LOG_ERR, "%s %s stays parked: %s", type, id,
+                          error);
+                    stuck = true;
                 }
             } else {
                 c->stats.duplicates++;
             }
-            if (err == DE_OK && !stuck) {
-                sqlite3_bind_int64(c->q[Q_DL_DONE], 1, dl);
-                sqlite3_bind_text(c->q[Q_DL_DONE], 2, "applied", -1,
-                                  SQLITE_STATIC);
-                if (step(c, Q_DL_DONE) != SQLITE_DONE)
-                    err = DE_ERR_DB;
-            }
+            if (err == DE_OK && !stuck)
+                err = IB(c, dl_done, dl.id, "applied");
         }
         first = false;
-        for (int i = 0; i < 13; i++)
-            free(col[i]);
+        de__dead_letter_free(&dl);
         if (err != DE_OK)
             goto fail;
-        if (stuck)
-            break;
     }
-    if (step(c, Q_COMMIT) != SQLITE_DONE)
+    if ((err = IB0(c, commit)) != DE_OK)
         goto fail;
     c->careful = false;
     clog_(c, DE_LOG_NOTICE, "%s %s %s", de__quote(q1, sizeof q1, type, -1),
@@ -1407,14 +1079,10 @@ static de_err unpark(de_consumer *c, const char *type, const char *id,
           stuck ? "is still parked" : "released");
     return DE_OK;
 fail:
-    sqlite3_reset(q);
-    sqlite3_clear_bindings(q);
-    {
-        de_err e =
-            de__fail_db(c->db, "consumer: releasing %s %s failed", type, id);
-        step(c, Q_ROLLBACK);
-        return e;
-    }
+    /* The failing operation set the message; nothing of it is kept. */
+    IB0(c, rollback);
+    c->careful = false;
+    return err;
 }
 
 de_err de_consumer_release(de_consumer *c, const char *subject_type,
@@ -1431,15 +1099,15 @@ de_err de_consumer_skip(de_consumer *c, const char *subject_type,
 
 de_err de_consumer_stats_get(de_consumer *c, de_consumer_stats *out)
 {
-    sqlite3_stmt *q;
+    int64_t parked;
+    de_err err;
 
     if (c == NULL || out == NULL)
         return de__fail(DE_ERR_ARG, "de_consumer_stats_get needs a consumer "
                                     "and an out pointer");
-    q = c->q[Q_PARKED_COUNT];
-    if (sqlite3_step(q) == SQLITE_ROW)
-        c->stats.parked_subjects = (uint64_t)sqlite3_column_int64(q, 0);
-    sqlite3_reset(q);
+    if ((err = IB(c, parked_count, &parked)) != DE_OK)
+        return err;
+    c->stats.parked_subjects = (uint64_t)parked;
     *out = c->stats;
     return DE_OK;
 }
@@ -1452,8 +1120,16 @@ de_err de_consumer_close(de_consumer *c)
         return DE_OK;
     if (c->rk != NULL) {
         if (c->subscribed) {
-            commit_offsets(c, true);
-            rd_kafka_consumer_close(c->rk);
+            rd_kafka_resp_err_t e;
+            err = commit_offsets(c, true);
+            if ((e = rd_kafka_consumer_close(c->rk)) !=
+                    RD_KAFKA_RESP_ERR_NO_ERROR &&
+                err == DE_OK)
+                err = de__fail(DE_ERR_KAFKA,
+                               "consumer: leaving the group failed: %s "
+                               "(its partitions move after "
+                               "session.timeout.ms)",
+                               rd_kafka_err2str(e));
         }
         rd_kafka_destroy(c->rk);
     }
@@ -1471,8 +1147,8 @@ de_err de_consumer_close(de_consumer *c)
         free(c->handlers.v[i].action);
     }
     free(c->handlers.v);
-    for (int i = 0; i < Q_COUNT; i++)
-        sqlite3_finalize(c->q[i]);
+    if (c->ib != NULL)
+        IB0(c, close);
     de__decoded_free(&c->dec);
     de_conf_destroy(c->conf);
     free(c);

@@ -2,8 +2,8 @@
 /*
  * envelope.c -- the wire format: how big a record gets on Kafka.
  *
- * Records are CloudEvents 1.0 in Kafka's binary content mode (DESIGN.md
- * section 4): key = subject id, value = payload, attributes as ce_*
+ * Records are CloudEvents 1.0 in Kafka's binary content mode (see
+ * docs/OVERVIEW.md): key = subject id, value = payload, attributes as ce_*
  * headers.  de_record must refuse a record the broker would refuse, before
  * it is committed, so the size computed here is an upper bound of what any
  * relay writes for the event: every varint at its widest, the longest

@@ -33,6 +33,11 @@ int64_t de__mono_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
+int64_t de__mono_ms(void)
+{
+    return de__mono_us() / 1000;
+}
+
 struct uuid_state {
     pid_t pid;     /* process that seeded s; 0 = not seeded */
     uint64_t s[4]; /* xoshiro256** state */

@@ -21,12 +21,42 @@
 #define DE__PRINTF(a, b) __attribute__((format(printf, a, b)))
 #define DE__ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 
+/* ---- results that never leave the library ---------------------------- */
+
+/* Like libgit2's GIT_RETRY: internal only, never returned by a public
+ * function and never reported through de_errmsg(). */
+#define DE__AGAIN ((de_err)100)          /* not now: nothing is wrong     */
+#define DE__REDO ((de_err)101)           /* undo and redo more carefully  */
+#define DE__HANDLER_FAILED ((de_err)102) /* a consumer's handler said no  */
+
+/* ---- shared utilities (util.c) ---------------------------------------- */
+
+/* A growable array: DE__VEC(T) v = {0}; DE__VEC_PUSH(v, item) is false
+ * (and v unchanged) when out of memory or when the size would overflow. */
+#define DE__VEC(T)                                                             \
+    struct {                                                                   \
+        T *v;                                                                  \
+        size_t n, cap;                                                         \
+    }
+bool de__vec_reserve(void **v, size_t *cap, size_t need, size_t size);
+#define DE__VEC_PUSH(vec, item)                                                \
+    (((vec).n < (vec).cap || de__vec_reserve((void **)&(vec).v, &(vec).cap,    \
+                                             (vec).n + 1, sizeof *(vec).v))    \
+         ? ((vec).v[(vec).n++] = (item), true)                                 \
+         : false)
+#define DE__VEC_FREE(vec)                                                      \
+    (free((vec).v), (vec).v = NULL, (vec).n = (vec).cap = 0)
+
 /* ---- errors (error.c) ------------------------------------------------ */
 
 /* Sets the calling thread's message and returns code, so that a failure is
  * one statement: `return de__fail(DE_ERR_ARG, "...", ...);`. */
 de_err de__fail(de_err code, const char *fmt, ...) DE__PRINTF(2, 3);
 de_err de__vfail(de_err code, const char *fmt, va_list ap) DE__PRINTF(2, 0);
+
+/* Counts the messages set on this thread: a message set during a call
+ * changes it (so that old text is never passed off as new). */
+uint64_t de__errmsg_serial(void);
 
 /* DE_ERR_DB with SQLite's own text appended: "<what>: <sqlite3_errmsg>". */
 de_err de__fail_db(sqlite3 *db, const char *fmt, ...) DE__PRINTF(2, 3);
@@ -97,11 +127,51 @@ void de__log(const de_conf *conf, int level, const char *fmt, ...)
     DE__PRINTF(3, 4);
 void de__vlog(const de_conf *conf, int level, const char *fmt, va_list ap)
     DE__PRINTF(3, 0);
+/* de__log with a prefix naming the component ("relay /srv/a.db: "). */
+void de__logp(const de_conf *conf, int level, const char *prefix,
+              const char *fmt, ...) DE__PRINTF(4, 5);
+
+/* ---- librdkafka glue (kafka.c) ----------------------------------------- */
+
+typedef struct de__rk_prop {
+    const char *key, *value;
+} de__rk_prop;
+
+/* A property a client must own, and why (quoted when a user value is
+ * refused). */
+typedef struct de__rk_owned {
+    const char *key, *value, *why;
+} de__rk_owned;
+
+/* A client's opaque: where its log lines and fatal errors go. */
+typedef struct de__rk_bridge {
+    const de_conf *conf;      /* the log callback                       */
+    char prefix[300];         /* "relay /srv/a.db: "                    */
+    const char *const *quiet; /* substrings of lines logged as debug    */
+    void *owner;              /* the relay or consumer                  */
+    void (*on_fatal)(void *owner, rd_kafka_resp_err_t err, const char *why);
+} de__rk_bridge;
+
+/* A client configuration: defaults, then conf's librdkafka properties,
+ * then the owned ones (a contradicting user value is refused with
+ * DE_ERR_CONFIG), with the log and error bridge.  who names the client in
+ * messages ("relay", "consumer"). */
+de_err de__rk_conf(const de_conf *conf, const char *who,
+                   const de__rk_prop *defaults, size_t ndefaults,
+                   const de__rk_owned *owned, size_t nowned,
+                   de__rk_bridge *bridge, rd_kafka_conf_t **out);
+/* rd_kafka_new, taking c in every case, with the log queue set. */
+de_err de__rk_new(rd_kafka_type_t type, rd_kafka_conf_t *c, const char *who,
+                  rd_kafka_t **out);
+void de__rk_log(const rd_kafka_t *rk, int level, const char *fac,
+                const char *buf);
+void de__rk_error(rd_kafka_t *rk, int err, const char *reason, void *opaque);
 
 /* ---- time and ids (ids.c) ------------------------------------------- */
 
 int64_t de__now_ms(void);  /* wall clock, Unix ms UTC */
 int64_t de__mono_us(void); /* monotonic microseconds */
+int64_t de__mono_ms(void); /* monotonic milliseconds */
 
 /* Writes a new UUIDv7 (RFC 9562; time-ordered within this thread) as 36
  * lowercase characters plus NUL. */
@@ -126,15 +196,22 @@ void de__rfc3339_ms(int64_t ms, char out[DE__RFC3339_LEN + 1]);
 bool de__is_ident(const char *s);
 /* Non-empty valid UTF-8 without C0, DEL or C1 controls, <= max bytes. */
 bool de__is_clean_utf8(const char *s, size_t len);
-/* The first byte offset where s stops being valid UTF-8, or len. */
-size_t de__utf8_valid_prefix(const char *s, size_t len);
 /* 1..36 printable ASCII characters without spaces. */
 bool de__is_event_id(const char *s);
 /* A W3C trace-context traceparent header value. */
 bool de__is_traceparent(const char *s);
 /* Printable ASCII, at most DE__TRACESTATE_MAX bytes. */
 bool de__is_tracestate(const char *s);
-/* Whether s[0..len) is exactly one JSON object (RFC 8259, UTF-8). */
+/* The one rule for payloads, on both sides (validate.c): an RFC 8259 JSON
+ * object in UTF-8, member names unique within each object, nesting at
+ * most DE__JSON_MAX_DEPTH levels, numbers of any size. */
+#define DE__JSON_MAX_DEPTH 128
+typedef struct de__json_error {
+    const char *what; /* e.g. "a duplicate member name" */
+    size_t offset;    /* byte where it was found         */
+    bool not_object;  /* valid JSON, but not an object */
+} de__json_error;
+bool de__json_check(const char *s, size_t len, de__json_error *err);
 bool de__json_is_object(const char *s, size_t len);
 
 /* ---- wire format (envelope.c) --------------------------------------- */
@@ -182,7 +259,7 @@ typedef struct de__row {
     const char *tracestate;  /* NULL when absent */
 } de__row;
 
-/* The CloudEvents headers of a row's record (DESIGN.md section 4).  NULL
+/* The CloudEvents headers of a row's record (docs/OVERVIEW.md).  NULL
  * when out of memory.  The caller owns the result until it hands it to
  * rd_kafka_producev successfully. */
 rd_kafka_headers_t *de__envelope_headers(const de__row *row, int64_t seq,
@@ -217,6 +294,12 @@ void de__decoded_free(de__decoded *d);
 /* Runs SQL without results; DE_ERR_DB with the message set on failure. */
 de_err de__exec(sqlite3 *db, const char *sql);
 
+/* Refuses a connection the library cannot use: NULL (or no out pointer),
+ * in memory or temporary (why_file says why a file is needed), read-only,
+ * or inside a transaction.  who names the calling function. */
+de_err de__check_connection(sqlite3 *db, bool no_out, const char *who,
+                            const char *why_file);
+
 /* Readies a host's connection for the library: a busy timeout of busy_ms
  * unless the host set its own (ensure_busy_timeout in schema.c), then WAL. In
  * that order: switching to WAL needs the file to itself for a moment, and
@@ -225,6 +308,24 @@ de_err de__prepare_connection(sqlite3 *db, int64_t busy_ms);
 
 /* The first column of a one-row query; 0 if it has none. */
 int64_t de__query_int(sqlite3 *db, const char *sql);
+
+/* A set of tables the library keeps, versioned in a key/value table of
+ * its own (schema.c). */
+typedef struct de__schema {
+    const char *what;              /* "outbox", "consumer", "relay state" */
+    const char *meta_table;        /* holds key 'schema_version'          */
+    const char *const *migrations; /* [i]: from version i to i + 1        */
+    int version;                   /* the version this library writes     */
+    de_err (*after)(sqlite3 *db);  /* after migrating (may be NULL)       */
+} de__schema;
+
+/* Inside the caller's IMMEDIATE transaction: refuses a newer version
+ * (DE_ERR_STATE), migrates an older one; *was receives the version found
+ * (0: new; may be NULL). */
+de_err de__schema_migrate(sqlite3 *db, const de__schema *sc, int64_t *was);
+/* The same in a transaction of its own; an up-to-date database is checked
+ * without taking the write lock. */
+de_err de__schema_ensure(sqlite3 *db, const de__schema *sc);
 
 /* The outbox schema version this library writes. */
 #define DE__OUTBOX_SCHEMA_VERSION 1
@@ -250,12 +351,13 @@ const de_conf *de__outbox_conf(const de_outbox *ob);
  * side may go first; the link is freed when both have let go.
  */
 typedef struct de__link de__link;
-de__link *de__link_new(int wake_fd);
-/* The relay lets go; no wake-up is written to its fd afterwards. */
+/* Links a relay (woken through wake_fd) to the outbox; NULL when out of
+ * memory.  The outbox owns the link; the relay lets go of it with
+ * de__link_release, after which nothing is written to its fd. */
+de__link *de__outbox_attach(de_outbox *ob, int wake_fd);
 void de__link_release(de__link *l);
-/* WAL pages reported by the last commit, and whether a checkpoint is
- * due (the host's wal_autocheckpoint threshold, read at open). */
+/* Whether a checkpoint of the host's log is due (the host's
+ * wal_autocheckpoint threshold, read at open), resetting the flag. */
 bool de__link_checkpoint_due(de__link *l);
-void de__outbox_link(de_outbox *ob, de__link *l);
 
 #endif /* DE_INTERNAL_H */

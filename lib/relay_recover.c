@@ -67,6 +67,7 @@ struct ctx {
     size_t nreads, capreads;
     rd_kafka_t *rk;
     rd_kafka_queue_t *q;
+    de__rk_bridge bridge; /* the reader's opaque */
     bool in_batch;
     int batch_n;
     int64_t next_beat_ms;
@@ -112,50 +113,31 @@ static int64_t mark_of(const struct ctx *c, const char *topic,
     return whole;
 }
 
-static void on_log(const rd_kafka_t *rk, int level, const char *fac,
-                   const char *buf)
-{
-    const de_conf *conf = rd_kafka_opaque(rk);
-
-    /* The relay's properties are a producer's; the reader ignores those,
-     * and says so once per property. */
-    if (strstr(buf, "is a producer property") != NULL)
-        level = DE_LOG_INFO + 1;
-    de__log(conf, level, "relay recovery: librdkafka: %s: %s", fac, buf);
-}
+/* The relay's properties are a producer's: the reader ignores those, and
+ * says so once per property. */
+static const char *const quiet_lines[] = {"is a producer property", NULL};
 
 static de_err reader_new(struct ctx *c)
 {
-    rd_kafka_conf_t *kc = rd_kafka_conf_new();
-    char errstr[512];
-    static const char *const defaults[][2] = {
+    static const de__rk_prop defaults[] = {
         {"client.id", "deliveryevents-relay-recovery"},
         {"enable.partition.eof", "true"},
         /* Bounded prefetch: memory stays flat however much is read. */
         {"queued.max.messages.kbytes", "8192"},
         {"fetch.wait.max.ms", "100"},
     };
+    rd_kafka_conf_t *kc;
+    de_err err;
 
-    for (size_t i = 0; i < DE__ARRAY_LEN(defaults); i++)
-        if (rd_kafka_conf_set(kc, defaults[i][0], defaults[i][1], errstr,
-                              sizeof errstr) != RD_KAFKA_CONF_OK) {
-            rd_kafka_conf_destroy(kc);
-            return de__fail(DE_ERR_CONFIG, "relay recovery: %s", errstr);
-        }
-    if (de__conf_apply_rdkafka(c->o->conf, kc) != DE_OK) {
-        rd_kafka_conf_destroy(kc);
-        return DE_ERR_CONFIG;
-    }
-    rd_kafka_conf_set_opaque(kc, (void *)(uintptr_t)c->o->conf);
-    rd_kafka_conf_set_log_cb(kc, on_log);
-    c->rk = rd_kafka_new(RD_KAFKA_CONSUMER, kc, errstr, sizeof errstr);
-    if (c->rk == NULL) {
-        rd_kafka_conf_destroy(kc);
-        return de__fail(DE_ERR_CONFIG,
-                        "relay recovery: librdkafka refused the reader's "
-                        "configuration: %s",
-                        errstr);
-    }
+    c->bridge.conf = c->o->conf;
+    snprintf(c->bridge.prefix, sizeof c->bridge.prefix, "relay recovery: ");
+    c->bridge.quiet = quiet_lines;
+    if ((err = de__rk_conf(c->o->conf, "relay's recovery reader", defaults,
+                           DE__ARRAY_LEN(defaults), NULL, 0, &c->bridge,
+                           &kc)) != DE_OK ||
+        (err = de__rk_new(RD_KAFKA_CONSUMER, kc, "relay's recovery reader",
+                          &c->rk)) != DE_OK)
+        return err;
     if ((c->q = rd_kafka_queue_new(c->rk)) == NULL)
         return de__fail(DE_ERR_NOMEM, "relay recovery: out of memory");
     return DE_OK;
@@ -440,6 +422,7 @@ static de_err read_all(struct ctx *c)
         rd_kafka_message_t *m = rd_kafka_consume_queue(c->q, 200);
         reading *rd;
 
+        rd_kafka_poll(c->rk, 0); /* its log lines, on this thread */
         if ((err = beat(c, &held)) != DE_OK)
             return err;
         if (!held) {

@@ -139,9 +139,8 @@ struct de__rstate {
     sqlite3_stmt *st[S_COUNT];
 };
 
-static const char schema_sql[] =
-    "CREATE TABLE IF NOT EXISTS de_relay_meta("
-    "  key TEXT PRIMARY KEY, value) WITHOUT ROWID;"
+static const char *const migrations[STATE_SCHEMA_VERSION] = {
+    /* 0 -> 1: cursor and counters, the lease, held-back events. */
     "CREATE TABLE IF NOT EXISTS de_relay_seq("
     "  subject_type TEXT NOT NULL, subject_id TEXT NOT NULL,"
     "  seq INTEGER NOT NULL,"
@@ -155,12 +154,17 @@ static const char schema_sql[] =
     "  subject_id TEXT NOT NULL, seq INTEGER NOT NULL, error TEXT,"
     "  since_ms INTEGER NOT NULL);"
     "CREATE INDEX IF NOT EXISTS de_relay_parked_subject"
-    "  ON de_relay_parked(subject_type, subject_id, position);"
-    /* Schema 2: where each partition stood at the last checkpoint. */
+    "  ON de_relay_parked(subject_type, subject_id, position);",
+    /* 1 -> 2: where each partition stood at the last checkpoint. */
     "CREATE TABLE IF NOT EXISTS de_relay_mark("
     "  topic TEXT NOT NULL, partition INTEGER NOT NULL,"
     "  next_offset INTEGER NOT NULL,"
-    "  PRIMARY KEY(topic, partition)) WITHOUT ROWID;";
+    "  PRIMARY KEY(topic, partition)) WITHOUT ROWID;",
+};
+
+static const de__schema state_schema = {
+    "relay state", "de_relay_meta", migrations, STATE_SCHEMA_VERSION, NULL,
+};
 
 /* What the relay found on Kafka when it became active (relay_recover.c):
  * per connection, never on disk beyond SQLite's temporary files, so that
@@ -232,24 +236,14 @@ static de_err meta_put(de__rstate *st, const char *key, const char *value)
 static de_err adopt(de__rstate *st, const char *outbox_id,
                     int64_t host_deleted_upto, int64_t *cursor)
 {
-    char buf[64], version[16];
+    char buf[64];
     bool found, has_cursor;
     de_err err;
 
     if ((err = de__exec(st->db, "BEGIN IMMEDIATE")) != DE_OK)
         return err;
-    if ((err = de__exec(st->db, schema_sql)) != DE_OK)
+    if ((err = de__schema_migrate(st->db, &state_schema, NULL)) != DE_OK)
         goto fail;
-    if ((err = meta_get(st, "schema_version", version, sizeof version,
-                        &found)) != DE_OK)
-        goto fail;
-    if (found && atoi(version) > STATE_SCHEMA_VERSION) {
-        err = de__fail(DE_ERR_STATE,
-                       "relay state '%s' has schema version %s, newer than "
-                       "the %d this libdeliveryevents %s understands",
-                       st->path, version, STATE_SCHEMA_VERSION, de_version());
-        goto fail;
-    }
     if ((err = meta_get(st, "outbox_id", buf, sizeof buf, &found)) != DE_OK)
         goto fail;
     if (found && strcmp(buf, outbox_id) != 0) {
@@ -277,9 +271,6 @@ static de_err adopt(de__rstate *st, const char *outbox_id,
         goto fail;
     }
     if (!found && (err = meta_put(st, "outbox_id", outbox_id)) != DE_OK)
-        goto fail;
-    snprintf(version, sizeof version, "%d", STATE_SCHEMA_VERSION);
-    if ((err = meta_put(st, "schema_version", version)) != DE_OK)
         goto fail;
     if ((err = de__exec(st->db, "COMMIT")) != DE_OK)
         goto fail;

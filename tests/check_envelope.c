@@ -68,13 +68,78 @@ START_TEST(type_and_topic_names)
 }
 END_TEST
 
+/* Every header of a record, in order, with its exact value: a header
+ * dropped or misspelt, or a wrong value, fails here rather than somewhere
+ * downstream. */
+START_TEST(headers_are_built_exactly)
+{
+    static const char *const want[][2] = {
+        {"ce_specversion", "1.0"},
+        {"ce_id", "01937a1e-0000-7000-8000-000000000001"},
+        {"ce_source", "/delivery-service"},
+        {"ce_type", "com.example.delivery.assigned.v3"},
+        {"ce_subject", "D-1001"},
+        {"ce_time", "2026-11-25T11:00:00.123Z"},
+        {"content-type", "application/json"},
+        {"ce_partitionkey", "D-1001"},
+        {"ce_subjectseq", "42"},
+        {"ce_subjecttype", "delivery"},
+        {"ce_action", "assigned"},
+        {"traceparent",
+         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
+        {"tracestate", "rojo=00f067aa0ba902b7"},
+    };
+    de__row row;
+    rd_kafka_headers_t *h;
+    const char *name;
+    const void *val;
+    size_t size, i;
+
+    memset(&row, 0, sizeof row);
+    row.event_id = want[1][1];
+    row.subject_type = "delivery";
+    row.subject_id = "D-1001";
+    row.subject_id_len = 6;
+    row.action = "assigned";
+    row.version = 3;
+    row.occurred_at_ms = 1795604400123;
+    row.payload = "{}";
+    row.payload_len = 2;
+    row.traceparent = want[11][1];
+    row.tracestate = want[12][1];
+    h = de__envelope_headers(&row, 42, "/delivery-service", "com.example.");
+    ck_assert_ptr_nonnull(h);
+    for (i = 0; rd_kafka_header_get_all(h, i, &name, &val, &size) == 0; i++) {
+        ck_assert_msg(i < DE__ARRAY_LEN(want), "extra header %s", name);
+        ck_assert_str_eq(name, want[i][0]);
+        ck_assert_msg(size == strlen(want[i][1]) &&
+                          memcmp(val, want[i][1], size) == 0,
+                      "%s is '%.*s', expected '%s'", name, (int)size,
+                      (const char *)val, want[i][1]);
+    }
+    ck_assert_uint_eq(i, DE__ARRAY_LEN(want));
+    rd_kafka_headers_destroy(h);
+    /* Without trace context or version: neither header, no ".v". */
+    row.traceparent = row.tracestate = NULL;
+    row.version = 0;
+    h = de__envelope_headers(&row, 1, "/s", "");
+    ck_assert_ptr_nonnull(h);
+    ck_assert_int_eq(rd_kafka_header_get_last(h, "traceparent", &val, &size),
+                     RD_KAFKA_RESP_ERR__NOENT);
+    ck_assert_int_eq(rd_kafka_header_get_last(h, "ce_type", &val, &size), 0);
+    ck_assert_msg(size == 17 && memcmp(val, "delivery.assigned", 17) == 0,
+                  "ce_type '%.*s'", (int)size, (const char *)val);
+    rd_kafka_headers_destroy(h);
+}
+END_TEST
+
 /* jansson's verdict on "one JSON object", where RFC 8259 and jansson
  * agree.  jansson also refuses numbers it cannot represent (overflow):
  * valid JSON, so those count as valid here. */
 static int jansson_says(const char *s, size_t len)
 {
     json_error_t e;
-    json_t *j = json_loadb(s, len, JSON_ALLOW_NUL, &e);
+    json_t *j = json_loadb(s, len, JSON_ALLOW_NUL | JSON_REJECT_DUPLICATES, &e);
     int ok = j != NULL && json_is_object(j);
 
     json_decref(j);
@@ -94,8 +159,8 @@ START_TEST(json_validator_agrees_with_jansson)
         "{\"s\":\"esc \\\" \\\\ \\/ \\b \\f \\n \\r \\t \\u00e9 "
         "\\ud83d\\ude00\"}",
         "{\"utf8\":\"\xea\xb0\x80\xeb\x82\x98 \xf0\x9f\x9a\x9a\"}",
-        "{\"a\":1,\"a\":2}",
         "{\"n\":-0.000123e-5}",
+        "{\"a\":1,\"b\":{\"a\":2}}", /* the same name in another object */
     };
     static const char *bad[] = {
         "",
@@ -125,6 +190,10 @@ START_TEST(json_validator_agrees_with_jansson)
         "{\"a\":\"\xc0\xaf\"}",
         "{\"a\":1e}",
         "{\"a\":-}",
+        "{\"a\":1,\"a\":2}",
+        "{\"a\":1,\"\\u0061\":2}", /* the same name, escaped */
+        "{\"\\ud83d\\ude00\":1,\"\xf0\x9f\x98\x80\":2}",
+        "\xef\xbb\xbf{}", /* a byte-order mark */
     };
     unsigned seed = 4242;
     char buf[512];
@@ -169,6 +238,43 @@ START_TEST(json_validator_agrees_with_jansson)
         checked++;
     }
     ck_assert_int_gt(checked, 25000);
+    /* Numbers of any size are kept as written (jansson refuses these). */
+    ck_assert(de__json_is_object("{\"n\":1e400}", 11));
+    ck_assert(de__json_is_object("{\"n\":123456789012345678901234567890}", 36));
+    /* Many members: checked through the hash table, duplicates found. */
+    {
+        size_t cap = 20 * 60000, o = 0;
+        char *big = malloc(cap);
+        de__json_error e;
+        big[o++] = '{';
+        for (int i = 0; i < 60000; i++)
+            o += (size_t)snprintf(big + o, cap - o, "%s\"k%d\":%d",
+                                  i ? "," : "", i, i);
+        big[o++] = '}';
+        ck_assert(de__json_check(big, o, &e));
+        o--;
+        o += (size_t)snprintf(big + o, cap - o, ",\"k31337\":0}");
+        ck_assert(!de__json_check(big, o, &e));
+        ck_assert_str_eq(e.what, "a duplicate member name");
+        ck_assert_uint_gt(e.offset, 600000);
+        free(big);
+    }
+    /* Exactly DE__JSON_MAX_DEPTH levels, and one more. */
+    for (int extra = 0; extra < 2; extra++) {
+        int levels = DE__JSON_MAX_DEPTH + extra;
+        char *d = malloc((size_t)levels * 8 + 16);
+        size_t o = 0;
+        d[o++] = '{';
+        for (int i = 1; i < levels; i++) {
+            memcpy(d + o, "\"a\":{", 5);
+            o += 5;
+        }
+        for (int i = 0; i < levels; i++)
+            d[o++] = '}';
+        ck_assert_msg(de__json_is_object(d, o) == (extra == 0), "%d levels",
+                      levels);
+        free(d);
+    }
     /* Depth is capped: no stack exhaustion on hostile nesting. */
     {
         size_t n = 200000;
@@ -196,6 +302,7 @@ static Suite *envelope_suite(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, rfc3339_matches_gmtime);
     tcase_add_test(tc, type_and_topic_names);
+    tcase_add_test(tc, headers_are_built_exactly);
     tcase_add_test(tc, json_validator_agrees_with_jansson);
     suite_add_tcase(s, tc);
     return s;

@@ -18,19 +18,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-static char *dir;
-
-static void setup(void)
-{
-    dir = tu_mkdtemp();
-}
-
-static void teardown(void)
-{
-    tu_rmdir(dir);
-    dir = NULL;
-}
-
 static pid_t run(const char *prog, const char *a1, const char *a2,
                  const char *a3, const char *a4, const char *a5, const char *a6)
 {
@@ -41,7 +28,7 @@ static pid_t run(const char *prog, const char *a1, const char *a2,
     ck_assert_msg(exdir != NULL, "DE_EXAMPLES (the examples' directory) "
                                  "unset");
     snprintf(path, sizeof path, "%s/%s", exdir, prog);
-    snprintf(out, sizeof out, "%s/%s.out", dir, prog);
+    snprintf(out, sizeof out, "%s/%s.out", tu_dir, prog);
     pid = fork();
     ck_assert_int_ge(pid, 0);
     if (pid == 0) {
@@ -101,24 +88,24 @@ START_TEST(examples_agree_with_the_service)
         rd_kafka_mock_topic_create(c->mock, "delivery.events", 6, 1), 0);
     (void)topic;
     q = run("query_model", "--bootstrap", c->bootstrap, "--db",
-            tu_path(dir, "q.db"), "--until-idle", "2500");
+            tu_path(tu_dir, "q.db"), "--until-idle", "2500");
     n = run("notifier", "--bootstrap", c->bootstrap, "--db",
-            tu_path(dir, "n.db"), "--until-idle", "2500");
+            tu_path(tu_dir, "n.db"), "--until-idle", "2500");
     s = run("live_stats", "--bootstrap", c->bootstrap, "--db",
-            tu_path(dir, "s.db"), "--until-idle", "2500");
-    svc = run("delivery_service", "--db", tu_path(dir, "svc.db"),
+            tu_path(tu_dir, "s.db"), "--until-idle", "2500");
+    svc = run("delivery_service", "--db", tu_path(tu_dir, "svc.db"),
               "--deliveries", "150", "--bootstrap", c->bootstrap);
     finish(svc, "delivery_service");
     finish(q, "query_model");
     finish(n, "notifier");
     finish(s, "live_stats");
 
-    db = tu_open(tu_path(dir, "svc.db"));
+    db = tu_open(tu_path(tu_dir, "svc.db"));
     snprintf(sql, sizeof sql,
              "ATTACH '%s' AS svc; ATTACH '%s' AS qm; ATTACH '%s' AS nt; "
              "ATTACH '%s' AS ls",
-             tu_path(dir, "svc.db"), tu_path(dir, "q.db"), tu_path(dir, "n.db"),
-             tu_path(dir, "s.db"));
+             tu_path(tu_dir, "svc.db"), tu_path(tu_dir, "q.db"),
+             tu_path(tu_dir, "n.db"), tu_path(tu_dir, "s.db"));
     tu_exec(db, sql);
     ck_assert_int_eq(tu_query_int(db, "SELECT count(*) FROM svc.deliveries"),
                      150);
@@ -168,7 +155,7 @@ static Suite *examples_suite(void)
     Suite *s = suite_create("examples");
     TCase *tc = tcase_create("end-to-end");
 
-    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_checked_fixture(tc, tu_dir_setup, tu_dir_teardown);
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, examples_agree_with_the_service);
     suite_add_tcase(s, tc);

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * check_relay.c -- the relay's guarantees (DESIGN.md section 5) against
+ * check_relay.c -- the relay's guarantees (docs/OVERVIEW.md) against
  * librdkafka's mock cluster (and a real cluster when
  * KAFKA_BOOTSTRAP_SERVERS is set): order and numbering per subject,
  * nothing lost through broker outages, leader changes, request errors and

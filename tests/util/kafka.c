@@ -184,13 +184,12 @@ de_conf *tu_relay_conf(tu_cluster *c, ...)
     return conf;
 }
 
-char *tu_dir;
 sqlite3 *tu_db;
 de_outbox *tu_ob;
 
 void tu_service_setup(void)
 {
-    tu_dir = tu_mkdtemp();
+    tu_dir_setup();
     tu_db = tu_open(tu_path(tu_dir, "service.db"));
     tu_ledger_create(tu_db);
     tu_ok(de_outbox_open(tu_db, NULL, &tu_ob));
@@ -202,8 +201,7 @@ void tu_service_teardown(void)
     tu_ob = NULL;
     sqlite3_close(tu_db);
     tu_db = NULL;
-    tu_rmdir(tu_dir);
-    tu_dir = NULL;
+    tu_dir_teardown();
 }
 
 void tu_ledger_create(sqlite3 *db)

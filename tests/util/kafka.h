@@ -57,7 +57,6 @@ void tu_log(void *ctx, int level, const char *message);
 /* The service side of an integration test: a scratch directory with
  * service.db (ledger table, outbox open).  tu_service_setup and
  * tu_service_teardown are Check fixtures. */
-extern char *tu_dir;
 extern sqlite3 *tu_db;
 extern de_outbox *tu_ob;
 void tu_service_setup(void);

@@ -1,0 +1,89 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * inbox.h -- the consumer's bookkeeping as it needs it from its database:
+ * the seam between the consumer's logic (consumer.c) and the database
+ * that holds the inbox and the dead letters.  inbox_sqlite.c implements
+ * it for SQLite; another database implements the same operations.
+ *
+ * An inbox is used by one thread at a time (the consumer's).  Every
+ * operation but the transaction ones runs inside the transaction begun
+ * with begin(); every failure sets the thread's message.
+ */
+#ifndef DE_INBOX_H
+#define DE_INBOX_H
+
+#include "internal.h"
+
+typedef struct de__inbox de__inbox;
+
+/* Where a dead-lettered record was read, and its value. */
+typedef struct de__dl_origin {
+    const char *topic;
+    int32_t partition;
+    int64_t offset;
+    const void *value; /* may be NULL */
+    size_t value_len;
+} de__dl_origin;
+
+/* A parked dead letter read back (strings owned; de__dead_letter_free). */
+typedef struct de__dead_letter {
+    int64_t id;
+    char *kind; /* failed, waiting, gap, conflict */
+    de_event_view view;
+    char *strings[12]; /* what view points into */
+} de__dead_letter;
+
+void de__dead_letter_free(de__dead_letter *dl);
+
+typedef struct de__inbox_ops {
+    /* One write transaction; savepoints around one handler's effects. */
+    de_err (*begin)(de__inbox *ib);
+    de_err (*commit)(de__inbox *ib);
+    void (*rollback)(de__inbox *ib);
+    de_err (*savepoint)(de__inbox *ib);
+    de_err (*release)(de__inbox *ib);
+    de_err (*rollback_to)(de__inbox *ib);
+    /* Whether the transaction is still open (a handler must not end it). */
+    bool (*in_txn)(de__inbox *ib);
+    /* Takes v as its subject's next event in one step: true when its
+     * number is the next one (or the first of a new subject) and the
+     * subject is not parked. */
+    de_err (*claim)(de__inbox *ib, const de_event_view *v, bool *claimed);
+    /* A subject's last applied number, the ce_id applied with it ("" when
+     * unknown) and whether it is parked; 0 and false when never seen. */
+    de_err (*get)(de__inbox *ib, const char *type, const char *id,
+                  int64_t *last, bool *parked, char *last_id,
+                  size_t last_id_size);
+    /* Records seq (with event_id) as the subject's last applied event and
+     * lifts its park. */
+    de_err (*put)(de__inbox *ib, const char *type, const char *id, int64_t seq,
+                  const char *event_id);
+    de_err (*park)(de__inbox *ib, const char *type, const char *id,
+                   bool parked);
+    /* Stores a dead letter (v NULL: a foreign record). */
+    de_err (*dl_insert)(de__inbox *ib, const char *kind, const de__dl_origin *o,
+                        const de_event_view *v, const char *error,
+                        int attempts);
+    /* Whether v is parked already (the same subject and number). */
+    de_err (*dl_has)(de__inbox *ib, const de_event_view *v, bool *has);
+    /* The next parked dead letter of a subject, in the order it parked;
+     * *found false when there is none. */
+    de_err (*dl_next)(de__inbox *ib, const char *type, const char *id,
+                      de__dead_letter *out, bool *found);
+    /* Marks a dead letter done: "applied" or "skipped". */
+    de_err (*dl_done)(de__inbox *ib, int64_t id, const char *state);
+    /* Counts a failed attempt at a released dead letter. */
+    de_err (*dl_fail)(de__inbox *ib, int64_t id, const char *error);
+    de_err (*parked_count)(de__inbox *ib, int64_t *n);
+    void (*close)(de__inbox *ib);
+} de__inbox_ops;
+
+struct de__inbox {
+    const de__inbox_ops *ops;
+};
+
+/* Readies db (busy timeout, WAL), creates or migrates the consumer's
+ * tables and prepares their statements. */
+de_err de__inbox_open_sqlite(sqlite3 *db, int64_t busy_ms, de__inbox **out);
+
+#endif

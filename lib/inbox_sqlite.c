@@ -1,0 +1,460 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * inbox_sqlite.c -- the consumer's bookkeeping in its SQLite database
+ * (de__inbox, see inbox.h): de_inbox, each subject's last applied number
+ * with the ce_id applied under it and whether it is parked, and
+ * de_dead_letter.
+ *
+ * Invariants: every write runs inside the consumer's IMMEDIATE
+ * transaction (asserted), so the inbox and the handler's effects commit
+ * together; statements are prepared once and reset and unbound after
+ * each use.
+ */
+#include "inbox.h"
+
+#include <assert.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CONSUMER_SCHEMA_VERSION 2
+
+static const char *const migrations[CONSUMER_SCHEMA_VERSION] = {
+    /* 0 -> 1: the inbox and the dead letters. */
+    "CREATE TABLE IF NOT EXISTS main.de_inbox("
+    "  subject_type TEXT NOT NULL, subject_id TEXT NOT NULL,"
+    "  last_seq INTEGER NOT NULL, parked INTEGER NOT NULL DEFAULT 0,"
+    "  updated_ms INTEGER NOT NULL,"
+    "  PRIMARY KEY(subject_type, subject_id)) WITHOUT ROWID;"
+    "CREATE INDEX IF NOT EXISTS main.de_inbox_parked ON de_inbox(parked)"
+    "  WHERE parked = 1;"
+    "CREATE TABLE IF NOT EXISTS main.de_dead_letter("
+    "  id INTEGER PRIMARY KEY,"
+    "  kind TEXT NOT NULL,"  /* failed, waiting, gap, conflict, foreign */
+    "  state TEXT NOT NULL," /* parked, applied, skipped, foreign */
+    "  topic TEXT, partition INTEGER, offset INTEGER,"
+    "  subject_type TEXT, subject_id TEXT, seq INTEGER, event_id TEXT,"
+    "  action TEXT, type TEXT, source TEXT, occurred_at_ms INTEGER,"
+    "  traceparent TEXT, tracestate TEXT, payload BLOB, error TEXT,"
+    "  attempts INTEGER NOT NULL DEFAULT 0, parked_ms INTEGER NOT NULL);"
+    "CREATE INDEX IF NOT EXISTS main.de_dead_letter_subject"
+    "  ON de_dead_letter(subject_type, subject_id, seq)"
+    "  WHERE state = 'parked';",
+    /* 1 -> 2: the inbox remembers the ce_id applied with each number. */
+    "ALTER TABLE main.de_inbox ADD COLUMN last_event_id TEXT;",
+};
+
+static const de__schema consumer_schema = {
+    "consumer", "de_consumer_meta", migrations, CONSUMER_SCHEMA_VERSION, NULL,
+};
+
+enum {
+    Q_BEGIN,
+    Q_COMMIT,
+    Q_ROLLBACK,
+    Q_SAVEPOINT,
+    Q_RELEASE,
+    Q_ROLLBACK_TO,
+    Q_GET,
+    Q_PUT,
+    Q_PARK,
+    Q_CLAIM,
+    Q_FIRST,
+    Q_DL_INSERT,
+    Q_DL_HAS,
+    Q_DL_NEXT,
+    Q_DL_DONE,
+    Q_DL_FAIL,
+    Q_PARKED_COUNT,
+    Q_COUNT
+};
+
+static const char *const sql[Q_COUNT] = {
+    [Q_BEGIN] = "BEGIN IMMEDIATE",
+    [Q_COMMIT] = "COMMIT",
+    [Q_ROLLBACK] = "ROLLBACK",
+    [Q_SAVEPOINT] = "SAVEPOINT de_event",
+    [Q_RELEASE] = "RELEASE de_event",
+    [Q_ROLLBACK_TO] = "ROLLBACK TO de_event",
+    [Q_GET] = "SELECT last_seq, parked, last_event_id FROM main.de_inbox "
+              "WHERE subject_type = ?1 AND subject_id = ?2",
+    [Q_PUT] = "INSERT INTO main.de_inbox(subject_type, subject_id, last_seq, "
+              "parked, updated_ms, last_event_id) VALUES (?1, ?2, ?3, 0, ?4, "
+              "?5) ON CONFLICT(subject_type, subject_id) DO UPDATE SET "
+              "last_seq = excluded.last_seq, parked = 0, updated_ms = "
+              "excluded.updated_ms, last_event_id = excluded.last_event_id",
+    [Q_PARK] = "INSERT INTO main.de_inbox(subject_type, subject_id, last_seq, "
+               "parked, updated_ms) VALUES (?1, ?2, 0, ?3, ?4) ON "
+               "CONFLICT(subject_type, subject_id) DO UPDATE SET parked = "
+               "excluded.parked, updated_ms = excluded.updated_ms",
+    /* The next event of a known subject: advance in one statement. */
+    [Q_CLAIM] = "UPDATE main.de_inbox SET last_seq = ?3, updated_ms = ?4, "
+                "last_event_id = ?5 WHERE subject_type = ?1 AND subject_id = "
+                "?2 AND last_seq = ?3 - 1 AND parked = 0",
+    /* The first event of a subject never seen. */
+    [Q_FIRST] = "INSERT OR IGNORE INTO main.de_inbox(subject_type, "
+                "subject_id, last_seq, parked, updated_ms, last_event_id) "
+                "VALUES (?1, ?2, 1, 0, ?4, ?5)",
+    [Q_DL_INSERT] =
+        "INSERT INTO main.de_dead_letter(kind, state, topic, partition, "
+        "offset, subject_type, subject_id, seq, event_id, action, type, "
+        "source, occurred_at_ms, traceparent, tracestate, payload, error, "
+        "attempts, parked_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, "
+        "?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+    [Q_DL_HAS] = "SELECT 1 FROM main.de_dead_letter WHERE subject_type = ?1 "
+                 "AND subject_id = ?2 AND seq = ?3 AND state = 'parked'",
+    [Q_DL_NEXT] = "SELECT id, kind, topic, partition, offset, seq, event_id, "
+                  "action, type, source, occurred_at_ms, traceparent, "
+                  "tracestate, payload FROM main.de_dead_letter WHERE "
+                  "subject_type = ?1 AND subject_id = ?2 AND state = "
+                  "'parked' ORDER BY seq, id LIMIT 1",
+    [Q_DL_DONE] = "UPDATE main.de_dead_letter SET state = ?2 WHERE id = ?1",
+    [Q_DL_FAIL] = "UPDATE main.de_dead_letter SET kind = 'failed', "
+                  "attempts = attempts + 1, error = ?2 WHERE id = ?1",
+    [Q_PARKED_COUNT] = "SELECT count(*) FROM main.de_inbox WHERE parked = 1",
+};
+
+typedef struct sqlite_inbox {
+    de__inbox base;
+    sqlite3 *db;
+    sqlite3_stmt *q[Q_COUNT];
+} sqlite_inbox;
+
+#define IB(ib) ((sqlite_inbox *)(ib))
+
+/* Steps a statement without rows, resets and unbinds it. */
+static int step(sqlite_inbox *s, int which)
+{
+    int rc = sqlite3_step(s->q[which]);
+
+    sqlite3_reset(s->q[which]);
+    sqlite3_clear_bindings(s->q[which]);
+    return rc;
+}
+
+static de_err run(sqlite_inbox *s, int which, const char *what)
+{
+    if (step(s, which) != SQLITE_DONE)
+        return de__fail_db(s->db, "consumer: %s", what);
+    return DE_OK;
+}
+
+static de_err i_begin(de__inbox *ib)
+{
+    return run(IB(ib), Q_BEGIN, "cannot begin a transaction");
+}
+
+static de_err i_commit(de__inbox *ib)
+{
+    return run(IB(ib), Q_COMMIT, "cannot commit");
+}
+
+static void i_rollback(de__inbox *ib)
+{
+    /* A failed ROLLBACK leaves nothing to do: SQLite rolled back. */
+    if (!sqlite3_get_autocommit(IB(ib)->db))
+        (void)step(IB(ib), Q_ROLLBACK);
+}
+
+static de_err i_savepoint(de__inbox *ib)
+{
+    return run(IB(ib), Q_SAVEPOINT, "savepoint");
+}
+
+static de_err i_release(de__inbox *ib)
+{
+    return run(IB(ib), Q_RELEASE, "releasing a savepoint");
+}
+
+static de_err i_rollback_to(de__inbox *ib)
+{
+    return run(IB(ib), Q_ROLLBACK_TO, "rolling back an event");
+}
+
+static bool i_in_txn(de__inbox *ib)
+{
+    return !sqlite3_get_autocommit(IB(ib)->db);
+}
+
+static void bind_subject(sqlite3_stmt *q, const char *type, const char *id)
+{
+    sqlite3_bind_text(q, 1, type, -1, SQLITE_STATIC);
+    sqlite3_bind_text(q, 2, id, -1, SQLITE_STATIC);
+}
+
+static de_err i_claim(de__inbox *ib, const de_event_view *v, bool *claimed)
+{
+    sqlite_inbox *s = IB(ib);
+    int which = Q_CLAIM;
+
+    assert(i_in_txn(ib));
+    *claimed = false;
+    for (int pass = 0; pass < 2; pass++) {
+        sqlite3_stmt *q = s->q[which];
+        bind_subject(q, v->subject_type, v->subject_id);
+        sqlite3_bind_int64(q, 3, v->subject_seq);
+        sqlite3_bind_int64(q, 4, de__now_ms());
+        sqlite3_bind_text(q, 5, v->event_id, -1, SQLITE_STATIC);
+        if (step(s, which) != SQLITE_DONE)
+            return de__fail_db(s->db, "consumer: updating the inbox");
+        if (sqlite3_changes(s->db) == 1) {
+            *claimed = true;
+            return DE_OK;
+        }
+        if (v->subject_seq != 1)
+            return DE_OK;
+        which = Q_FIRST;
+    }
+    return DE_OK;
+}
+
+static de_err i_get(de__inbox *ib, const char *type, const char *id,
+                    int64_t *last, bool *parked, char *last_id,
+                    size_t last_id_size)
+{
+    sqlite_inbox *s = IB(ib);
+    sqlite3_stmt *q = s->q[Q_GET];
+    const unsigned char *lid;
+    int rc;
+
+    *last = 0;
+    *parked = false;
+    last_id[0] = '\0';
+    bind_subject(q, type, id);
+    rc = sqlite3_step(q);
+    if (rc == SQLITE_ROW) {
+        *last = sqlite3_column_int64(q, 0);
+        *parked = sqlite3_column_int(q, 1) != 0;
+        if ((lid = sqlite3_column_text(q, 2)) != NULL)
+            snprintf(last_id, last_id_size, "%s", (const char *)lid);
+    }
+    sqlite3_reset(q);
+    sqlite3_clear_bindings(q);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        return de__fail_db(s->db, "consumer: reading the inbox");
+    return DE_OK;
+}
+
+static de_err i_put(de__inbox *ib, const char *type, const char *id,
+                    int64_t seq, const char *event_id)
+{
+    sqlite_inbox *s = IB(ib);
+    sqlite3_stmt *q = s->q[Q_PUT];
+
+    assert(i_in_txn(ib));
+    bind_subject(q, type, id);
+    sqlite3_bind_int64(q, 3, seq);
+    sqlite3_bind_int64(q, 4, de__now_ms());
+    sqlite3_bind_text(q, 5, event_id, -1, SQLITE_STATIC);
+    return run(s, Q_PUT, "updating the inbox");
+}
+
+static de_err i_park(de__inbox *ib, const char *type, const char *id,
+                     bool parked)
+{
+    sqlite_inbox *s = IB(ib);
+    sqlite3_stmt *q = s->q[Q_PARK];
+
+    assert(i_in_txn(ib));
+    bind_subject(q, type, id);
+    sqlite3_bind_int(q, 3, parked ? 1 : 0);
+    sqlite3_bind_int64(q, 4, de__now_ms());
+    return run(s, Q_PARK, "parking a subject");
+}
+
+static de_err i_dl_insert(de__inbox *ib, const char *kind,
+                          const de__dl_origin *o, const de_event_view *v,
+                          const char *error, int attempts)
+{
+    sqlite_inbox *s = IB(ib);
+    sqlite3_stmt *q = s->q[Q_DL_INSERT];
+
+    assert(i_in_txn(ib));
+    sqlite3_bind_text(q, 1, kind, -1, SQLITE_STATIC);
+    sqlite3_bind_text(q, 2, strcmp(kind, "foreign") == 0 ? "foreign" : "parked",
+                      -1, SQLITE_STATIC);
+    sqlite3_bind_text(q, 3, o->topic, -1, SQLITE_STATIC);
+    sqlite3_bind_int(q, 4, o->partition);
+    sqlite3_bind_int64(q, 5, o->offset);
+    if (v != NULL) {
+        sqlite3_bind_text(q, 6, v->subject_type, -1, SQLITE_STATIC);
+        sqlite3_bind_text(q, 7, v->subject_id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(q, 8, v->subject_seq);
+        sqlite3_bind_text(q, 9, v->event_id, -1, SQLITE_STATIC);
+        sqlite3_bind_text(q, 10, v->action, -1, SQLITE_STATIC);
+        sqlite3_bind_text(q, 11, v->type, -1, SQLITE_STATIC);
+        sqlite3_bind_text(q, 12, v->source, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(q, 13, v->occurred_at_ms);
+        if (v->traceparent)
+            sqlite3_bind_text(q, 14, v->traceparent, -1, SQLITE_STATIC);
+        if (v->tracestate)
+            sqlite3_bind_text(q, 15, v->tracestate, -1, SQLITE_STATIC);
+    }
+    if (o->value != NULL)
+        sqlite3_bind_blob(q, 16, o->value, (int)o->value_len, SQLITE_STATIC);
+    sqlite3_bind_text(q, 17, error, -1, SQLITE_STATIC);
+    sqlite3_bind_int(q, 18, attempts);
+    sqlite3_bind_int64(q, 19, de__now_ms());
+    return run(s, Q_DL_INSERT, "writing a dead letter");
+}
+
+static de_err i_dl_has(de__inbox *ib, const de_event_view *v, bool *has)
+{
+    sqlite_inbox *s = IB(ib);
+    sqlite3_stmt *q = s->q[Q_DL_HAS];
+    int rc;
+
+    bind_subject(q, v->subject_type, v->subject_id);
+    sqlite3_bind_int64(q, 3, v->subject_seq);
+    rc = sqlite3_step(q);
+    *has = rc == SQLITE_ROW;
+    sqlite3_reset(q);
+    sqlite3_clear_bindings(q);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        return de__fail_db(s->db, "consumer: reading the dead letters");
+    return DE_OK;
+}
+
+void de__dead_letter_free(de__dead_letter *dl)
+{
+    for (size_t i = 0; i < DE__ARRAY_LEN(dl->strings); i++)
+        free(dl->strings[i]);
+    free(dl->kind);
+    memset(dl, 0, sizeof *dl);
+}
+
+static de_err i_dl_next(de__inbox *ib, const char *type, const char *id,
+                        de__dead_letter *out, bool *found)
+{
+    sqlite_inbox *s = IB(ib);
+    sqlite3_stmt *q = s->q[Q_DL_NEXT];
+    de_event_view *v = &out->view;
+    /* Columns copied into out->strings, in this order. */
+    static const int text_cols[] = {2, 6, 7, 8, 9, 11, 12, 13};
+    char **str = out->strings;
+    de_err err = DE_OK;
+    int rc;
+
+    memset(out, 0, sizeof *out);
+    *found = false;
+    sqlite3_bind_text(q, 1, type, -1, SQLITE_TRANSIENT);
+    sqlite3_bind_text(q, 2, id, -1, SQLITE_TRANSIENT);
+    rc = sqlite3_step(q);
+    if (rc == SQLITE_ROW) {
+        *found = true;
+        out->id = sqlite3_column_int64(q, 0);
+        if (sqlite3_column_text(q, 1) != NULL &&
+            (out->kind = strdup((const char *)sqlite3_column_text(q, 1))) ==
+                NULL)
+            err = de__fail(DE_ERR_NOMEM, "consumer: out of memory");
+        for (size_t i = 0; err == DE_OK && i < DE__ARRAY_LEN(text_cols); i++)
+            if (sqlite3_column_type(q, text_cols[i]) != SQLITE_NULL &&
+                (str[i] = strdup((const char *)sqlite3_column_text(
+                     q, text_cols[i]))) == NULL)
+                err = de__fail(DE_ERR_NOMEM, "consumer: out of memory");
+        str[8] = strdup(type);
+        str[9] = strdup(id);
+        if (err == DE_OK && (str[8] == NULL || str[9] == NULL))
+            err = de__fail(DE_ERR_NOMEM, "consumer: out of memory");
+        v->topic = str[0];
+        v->partition = sqlite3_column_int(q, 3);
+        v->offset = sqlite3_column_int64(q, 4);
+        v->subject_seq = sqlite3_column_int64(q, 5);
+        v->event_id = str[1] ? str[1] : "";
+        v->action = str[2] ? str[2] : "";
+        v->type = str[3] ? str[3] : "";
+        v->source = str[4] ? str[4] : "";
+        v->occurred_at_ms = sqlite3_column_int64(q, 10);
+        v->traceparent = str[5];
+        v->tracestate = str[6];
+        v->payload = str[7] ? str[7] : "{}";
+        v->payload_len = strlen(v->payload);
+        v->subject_type = str[8];
+        v->subject_id = str[9];
+    } else if (rc != SQLITE_DONE) {
+        err = de__fail_db(s->db, "consumer: reading the dead letters");
+    }
+    sqlite3_reset(q);
+    sqlite3_clear_bindings(q);
+    if (err != DE_OK)
+        de__dead_letter_free(out);
+    return err;
+}
+
+/* Runs a dead letter's update (Q_DL_DONE or Q_DL_FAIL): ?1 its id, ?2
+ * the text. */
+static de_err dl_update(de__inbox *ib, int which, int64_t id, const char *text)
+{
+    sqlite_inbox *s = IB(ib);
+
+    assert(i_in_txn(ib));
+    sqlite3_bind_int64(s->q[which], 1, id);
+    sqlite3_bind_text(s->q[which], 2, text, -1, SQLITE_STATIC);
+    return run(s, which, "updating a dead letter");
+}
+
+static de_err i_dl_done(de__inbox *ib, int64_t id, const char *state)
+{
+    return dl_update(ib, Q_DL_DONE, id, state);
+}
+
+static de_err i_dl_fail(de__inbox *ib, int64_t id, const char *error)
+{
+    return dl_update(ib, Q_DL_FAIL, id, error);
+}
+
+static de_err i_parked_count(de__inbox *ib, int64_t *n)
+{
+    sqlite_inbox *s = IB(ib);
+    sqlite3_stmt *q = s->q[Q_PARKED_COUNT];
+    de_err err = DE_OK;
+
+    *n = 0;
+    if (sqlite3_step(q) == SQLITE_ROW)
+        *n = sqlite3_column_int64(q, 0);
+    else
+        err = de__fail_db(s->db, "consumer: counting parked subjects");
+    sqlite3_reset(q);
+    return err;
+}
+
+static void i_close(de__inbox *ib)
+{
+    sqlite_inbox *s = IB(ib);
+
+    if (s == NULL)
+        return;
+    for (int i = 0; i < Q_COUNT; i++)
+        sqlite3_finalize(s->q[i]);
+    free(s);
+}
+
+static const de__inbox_ops sqlite_ops = {
+    i_begin,  i_commit,  i_rollback, i_savepoint, i_release,      i_rollback_to,
+    i_in_txn, i_claim,   i_get,      i_put,       i_park,         i_dl_insert,
+    i_dl_has, i_dl_next, i_dl_done,  i_dl_fail,   i_parked_count, i_close,
+};
+
+de_err de__inbox_open_sqlite(sqlite3 *db, int64_t busy_ms, de__inbox **out)
+{
+    sqlite_inbox *s;
+    de_err err;
+
+    *out = NULL;
+    if ((err = de__prepare_connection(db, busy_ms)) != DE_OK ||
+        (err = de__schema_ensure(db, &consumer_schema)) != DE_OK)
+        return err;
+    if ((s = calloc(1, sizeof *s)) == NULL)
+        return de__fail(DE_ERR_NOMEM, "out of memory opening the consumer");
+    s->base.ops = &sqlite_ops;
+    s->db = db;
+    for (int i = 0; i < Q_COUNT; i++)
+        if (sqlite3_prepare_v3(db, sql[i], -1, SQLITE_PREPARE_PERSISTENT,
+                               &s->q[i], NULL) != SQLITE_OK) {
+            err = de__fail_db(db, "cannot prepare '%s'", sql[i]);
+            i_close(&s->base);
+            return err;
+        }
+    *out = &s->base;
+    return DE_OK;
+}

@@ -1,0 +1,207 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * check_relay_units.c -- the relay's pieces alone, without Kafka or a
+ * thread, in milliseconds: the lease (expiry, fencing), the state file's
+ * ownership, the watermark over acknowledged and held-back slots, and the
+ * subject table's eviction.
+ */
+#include "relay_int.h"
+#include "testutil.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static de__rstate *open_state(const char *outbox_id, int64_t deleted_upto)
+{
+    de__rstate *st = NULL;
+    int64_t cursor;
+
+    tu_ok(de__rstate_open(tu_path(tu_dir, "s.db-relay"), outbox_id,
+                          deleted_upto, &st, &cursor));
+    return st;
+}
+
+/* One holder at a time; an expired lease can be taken; a relay whose
+ * lease was taken cannot checkpoint any more (fenced). */
+START_TEST(lease_expires_and_fences)
+{
+    de__rstate *a = open_state("outbox-1", 0);
+    de__rstate *b = open_state("outbox-1", 0);
+    char holder[200];
+    bool held;
+
+    tu_ok(de__rstate_lease_acquire(a, "A", 10000, 500, &held, holder,
+                                   sizeof holder));
+    ck_assert(held);
+    tu_ok(de__rstate_lease_acquire(b, "B", 10400, 500, &held, holder,
+                                   sizeof holder));
+    ck_assert(!held);
+    ck_assert_msg(strstr(holder, "pid ") != NULL, "holder '%s'", holder);
+    /* A renews with its checkpoint; still B cannot take it. */
+    tu_ok(de__rstate_begin(a, "A", 10450, &held));
+    ck_assert(held);
+    tu_ok(de__rstate_put_cursor(a, 7, "e-7"));
+    tu_ok(de__rstate_commit(a));
+    tu_ok(de__rstate_lease_acquire(b, "B", 10900, 500, &held, holder,
+                                   sizeof holder));
+    ck_assert(!held);
+    /* No heartbeat for longer than the timeout: B takes it. */
+    tu_ok(de__rstate_lease_acquire(b, "B", 10951, 500, &held, holder,
+                                   sizeof holder));
+    ck_assert(held);
+    /* A is fenced: its checkpoint does not begin, and the cursor stays. */
+    tu_ok(de__rstate_begin(a, "A", 10960, &held));
+    ck_assert(!held);
+    {
+        int64_t cursor;
+        char id[40];
+        tu_ok(de__rstate_cursor(b, &cursor, id, sizeof id));
+        ck_assert_int_eq(cursor, 7);
+        ck_assert_str_eq(id, "e-7");
+    }
+    /* Released: taken at once. */
+    tu_ok(de__rstate_lease_release(b, "B"));
+    tu_ok(de__rstate_lease_acquire(a, "A", 10970, 500, &held, holder,
+                                   sizeof holder));
+    ck_assert(held);
+    de__rstate_close(a);
+    de__rstate_close(b);
+}
+END_TEST
+
+/* A state file belongs to one outbox; one older than the outbox's
+ * cleanup is refused. */
+START_TEST(foreign_or_stale_state_is_refused)
+{
+    de__rstate *st = open_state("outbox-1", 0), *other = NULL;
+    int64_t cursor;
+    char holder[200];
+    bool held;
+
+    tu_ok(de__rstate_lease_acquire(st, "A", 1, 500, &held, holder,
+                                   sizeof holder));
+    tu_ok(de__rstate_begin(st, "A", 1, &held));
+    ck_assert(held);
+    tu_ok(de__rstate_put_cursor(st, 40, NULL));
+    tu_ok(de__rstate_commit(st));
+    de__rstate_close(st);
+    tu_assert_err(de__rstate_open(tu_path(tu_dir, "s.db-relay"), "outbox-2", 0,
+                                  &other, &cursor),
+                  DE_ERR_STATE, "belongs to the outbox outbox-1");
+    ck_assert_ptr_null(other);
+    tu_assert_err(de__rstate_open(tu_path(tu_dir, "s.db-relay"), "outbox-1", 41,
+                                  &other, &cursor),
+                  DE_ERR_STATE, "older than the outbox");
+    tu_ok(de__rstate_open(tu_path(tu_dir, "s.db-relay"), "outbox-1", 39, &other,
+                          &cursor));
+    ck_assert_int_eq(cursor, 40);
+    de__rstate_close(other);
+}
+END_TEST
+
+/* A relay with a ring and a subject table but no thread or Kafka. */
+static de_relay *bare_relay(int64_t cap)
+{
+    de_relay *r = de__relay_alloc(cap, de_conf_new());
+
+    ck_assert_ptr_nonnull(r);
+    r->st = open_state("outbox-1", 0);
+    return r;
+}
+
+/* The watermark moves over acknowledged and held-back slots at the head
+ * of the ring, in order, and stops at the first one in flight. */
+START_TEST(watermark_passes_acked_and_held_back_slots)
+{
+    de_relay *r = bare_relay(8);
+    de__subj *s = de__subj_get(r, "delivery", "D-1", 3);
+    de__subj *t = de__subj_get(r, "delivery", "D-2", 3);
+    de__slot *sl[5];
+
+    ck_assert_ptr_nonnull(s);
+    ck_assert_ptr_nonnull(t);
+    sl[0] = de__ring_push(r, 10, s);
+    sl[1] = de__ring_push(r, 11, t);
+    sl[2] = de__ring_push(r, 12, s);
+    sl[3] = de__ring_push(r, 14, t);
+    sl[4] = de__ring_push(r, 15, s);
+    ck_assert_int_eq(r->count, 5);
+    ck_assert_int_eq(sl[2]->seq, 2); /* D-1's second event */
+    sl[1]->state = DE__SLOT_ACKED;   /* out of order: nothing moves */
+    de__relay_advance(r);
+    ck_assert_int_eq(r->done_pos, 0);
+    sl[0]->state = DE__SLOT_ACKED;
+    sl[2]->state = DE__SLOT_PARKED; /* held back: passed too */
+    de__relay_advance(r);
+    ck_assert_int_eq(r->done_pos, 12);
+    ck_assert_int_eq(r->count, 2);
+    ck_assert_int_eq(s->acked, 2);
+    ck_assert_int_eq(t->acked, 1);
+    ck_assert(s->dirty && t->dirty);
+    sl[4]->state = DE__SLOT_ACKED; /* behind 14, in flight */
+    de__relay_advance(r);
+    ck_assert_int_eq(r->done_pos, 12);
+    sl[3]->state = DE__SLOT_ACKED;
+    de__relay_advance(r);
+    ck_assert_int_eq(r->done_pos, 15);
+    ck_assert_int_eq(r->count, 0);
+    ck_assert_int_eq(s->ring_refs + t->ring_refs, 0);
+    /* Reset to the watermark: the next number is given out again. */
+    ck_assert_int_eq(s->assigned, 3);
+    de__relay_reset(r);
+    ck_assert_int_eq(r->read_pos, 15);
+    ck_assert_int_eq(s->assigned, s->acked);
+    de__relay_free(r);
+}
+END_TEST
+
+/* Idle subjects are dropped once the table is over its size, and come
+ * back with their numbers from the state file; busy ones stay. */
+START_TEST(idle_subjects_are_evicted_and_reload)
+{
+    de_relay *r = bare_relay(4);
+    char id[16];
+    bool held;
+    de__subj *busy;
+
+    r->subject_cache = 10;
+    tu_ok(de__rstate_lease_acquire(r->st, "A", 1, 500, &held, id, sizeof id));
+    tu_ok(de__rstate_begin(r->st, "A", 1, &held));
+    ck_assert(held);
+    tu_ok(de__rstate_put_seq(r->st, "delivery", "D-7", 41));
+    tu_ok(de__rstate_commit(r->st));
+    busy = de__subj_get(r, "delivery", "D-0", 3);
+    ck_assert_ptr_nonnull(de__ring_push(r, 1, busy));
+    for (int i = 1; i < 50; i++) {
+        snprintf(id, sizeof id, "D-%d", i);
+        ck_assert_ptr_nonnull(de__subj_get(r, "delivery", id, strlen(id)));
+    }
+    ck_assert_uint_eq(r->nsubj, 50);
+    de__subj_sweep(r, false);
+    ck_assert_uint_eq(r->nsubj, 1); /* only the one in flight */
+    ck_assert_ptr_eq(de__subj_get(r, "delivery", "D-0", 3), busy);
+    ck_assert_int_eq(de__subj_get(r, "delivery", "D-7", 3)->assigned, 41);
+    de__relay_free(r);
+}
+END_TEST
+
+static Suite *units_suite(void)
+{
+    Suite *s = suite_create("relay-units");
+    TCase *tc = tcase_create("units");
+
+    tcase_add_checked_fixture(tc, tu_dir_setup, tu_dir_teardown);
+    tcase_add_test(tc, lease_expires_and_fences);
+    tcase_add_test(tc, foreign_or_stale_state_is_refused);
+    tcase_add_test(tc, watermark_passes_acked_and_held_back_slots);
+    tcase_add_test(tc, idle_subjects_are_evicted_and_reload);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return tu_run(units_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
+}
