@@ -461,7 +461,10 @@ typedef struct de_relay_stats {
     int state;                  /* a de_relay_state                         */
     uint64_t skipped;           /* events found on Kafka when it became
                                    active, so not sent again               */
-    uint64_t reserved_[30];     /* room for later fields; zero              */
+    uint64_t forgotten;         /* counters of idle subjects forgotten
+                                   (relay.subject.forget.ms)               */
+    uint64_t subjects_cached;   /* subject entries in memory now           */
+    uint64_t reserved_[28];     /* room for later fields; zero              */
 } de_relay_stats;
 
 /**
@@ -491,7 +494,14 @@ DE_EXTERN de_err de_relay_retry_blocked(de_relay *r);
 
 /**
  * One event as a handler sees it.  Every string is NUL-terminated and
- * borrowed: valid only during the handler call.
+ * borrowed: valid only during the handler call.  The library fills it;
+ * fields may be added at the end (a handler only reads it).
+ *
+ * A subject's events are numbered 1, 2, 3, ... within a numbering
+ * (subject_epoch).  A subject idle for longer than
+ * relay.subject.forget.ms starts a new numbering at its next event, with
+ * a higher subject_epoch and subject_seq 1 again; de_consumer follows
+ * that, so handlers need not.
  */
 typedef struct de_event_view {
     const char *event_id;     /* ce_id                                     */
@@ -509,6 +519,9 @@ typedef struct de_event_view {
     int64_t offset;
     const char *traceparent; /* NULL when the event carried none          */
     const char *tracestate;  /* NULL when the event carried none          */
+    int64_t subject_epoch;   /* ce_subjectepoch: the numbering subject_seq
+                                belongs to; only grows per subject; 0 when
+                                the record carries none                   */
 } de_event_view;
 
 /**
@@ -632,7 +645,9 @@ typedef struct de_consumer_stats {
     uint64_t batches;         /* SQLite transactions committed              */
     uint64_t conflicts;       /* events whose number was applied already
                                  under another ce_id: parked, not dropped  */
-    uint64_t reserved_[31];   /* room for later fields; zero                */
+    uint64_t forgotten;       /* inbox rows of idle subjects forgotten
+                                 (consumer.subject.forget.ms)              */
+    uint64_t reserved_[30];   /* room for later fields; zero                */
 } de_consumer_stats;
 
 /**

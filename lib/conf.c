@@ -67,6 +67,11 @@ static const struct keydef {
     [DE__K_RELAY_RECOVERY_UNVERIFIABLE] = {"relay.recovery.unverifiable",
                                            "refuse", T_STR, 0, 0,
                                            check_unverifiable},
+    /* 7 days; 0: never forget. */
+    [DE__K_RELAY_SUBJECT_FORGET_MS] = {"relay.subject.forget.ms", "604800000",
+                                       T_INT, 0, INT64_C(315360000000), NULL},
+    [DE__K_RELAY_SUBJECT_CACHE] = {"relay.subject.cache", "100000", T_INT, 100,
+                                   100000000, NULL},
     [DE__K_CONSUMER_TOPICS] = {"consumer.topics", "", T_STR, 0, 0,
                                check_topics},
     [DE__K_CONSUMER_ON_GAP] = {"consumer.on.gap", "park", T_STR, 0, 0,
@@ -79,6 +84,11 @@ static const struct keydef {
                                              "5000", T_INT, 0, 3600000, NULL},
     [DE__K_CONSUMER_BATCH_SIZE] = {"consumer.batch.size", "500", T_INT, 1,
                                    100000, NULL},
+    /* 14 days: past Kafka's default 7-day retention and the relay's 7
+     * days, with 7 days of lag to spare; 0: never forget. */
+    [DE__K_CONSUMER_SUBJECT_FORGET_MS] = {"consumer.subject.forget.ms",
+                                          "1209600000", T_INT, 0,
+                                          INT64_C(315360000000), NULL},
 };
 
 struct rk_prop {

@@ -86,6 +86,8 @@ struct de_consumer {
      * without them, and is redone with them if a handler fails. */
     bool careful;
     int64_t max_attempts, backoff_ms, backoff_max_ms, batch_size;
+    int64_t forget_ms;      /* consumer.subject.forget.ms; 0: never */
+    int64_t next_forget_ms; /* monotonic */
     enum gap_policy gap;
     de__decoded dec;
     de_consumer_stats stats;
@@ -181,6 +183,7 @@ de_err de_consumer_open(sqlite3 *db, const de_conf *conf, de_consumer **out)
     c->backoff_max_ms =
         de__conf_int(c->conf, DE__K_CONSUMER_RETRY_BACKOFF_MAX_MS);
     c->batch_size = de__conf_int(c->conf, DE__K_CONSUMER_BATCH_SIZE);
+    c->forget_ms = de__conf_int(c->conf, DE__K_CONSUMER_SUBJECT_FORGET_MS);
     gap = de__conf_str(c->conf, DE__K_CONSUMER_ON_GAP);
     c->gap = strcmp(gap, "apply") == 0 ? GAP_APPLY : GAP_PARK;
     if ((err = de__inbox_open_sqlite(
@@ -431,8 +434,9 @@ static de_err run_handler(de_consumer *c, const de_event_view *v, bool claimed,
         if (c->careful && (rc = IB0(c, release)) != DE_OK)
             return rc;
     }
-    if (!claimed && (rc = IB(c, put, v->subject_type, v->subject_id,
-                             v->subject_seq, v->event_id)) != DE_OK)
+    if (!claimed &&
+        (rc = IB(c, put, v->subject_type, v->subject_id, v->subject_epoch,
+                 v->subject_seq, v->event_id)) != DE_OK)
         return rc;
     c->stats.applied++;
     c->handled++;
@@ -466,9 +470,9 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
                               const de_event_view *v, int attempts, char *error,
                               size_t error_size)
 {
+    de__inbox_entry e;
+    bool claimed = false, has, renumbered = false;
     int64_t last;
-    bool parked, claimed = false, has;
-    char last_id[DE__EVENT_ID_MAX + 1];
     de_err err;
 
     error[0] = '\0';
@@ -479,20 +483,34 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
         return O_DB_ERROR;
     if (claimed)
         goto run;
-    if (IB(c, get, v->subject_type, v->subject_id, &last, &parked, last_id,
-           sizeof last_id) != DE_OK)
+    if (IB(c, get, v->subject_type, v->subject_id, &e) != DE_OK)
         return O_DB_ERROR;
-    if (v->subject_seq == last && last_id[0] != '\0' &&
-        strcmp(last_id, v->event_id) != 0) {
+    if (v->subject_epoch < e.epoch) {
+        /* From a numbering the subject has left: Kafka keeps a subject's
+         * order, so every event of it came before the newer numbering's
+         * first, and this one is read again. */
+        c->stats.duplicates++;
+        return O_DONE;
+    }
+    if (v->subject_epoch > e.epoch) {
+        /* A new numbering (the subject was idle and forgotten by the
+         * relay): it starts at 1. */
+        renumbered = e.seq > 0;
+        e.seq = 0;
+        e.last_id[0] = '\0';
+    }
+    last = e.seq;
+    if (v->subject_seq == last && e.last_id[0] != '\0' &&
+        strcmp(e.last_id, v->event_id) != 0) {
         /* Two events with one number: never drop one as a duplicate. */
         snprintf(error, error_size,
                  "conflict: ce_subjectseq %lld was applied as event %s, "
                  "and event %s carries the same number (a producer "
                  "restored from an older state, or a second producer of "
                  "this subject)",
-                 (long long)v->subject_seq, last_id, v->event_id);
+                 (long long)v->subject_seq, e.last_id, v->event_id);
         has = false;
-        if (parked && IB(c, dl_has, v, &has) != DE_OK)
+        if (e.parked && IB(c, dl_has, v, &has) != DE_OK)
             return O_DB_ERROR;
         if (!has) {
             if (park(c, m, v, "conflict", error, 0) != DE_OK)
@@ -506,7 +524,7 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
         c->stats.duplicates++;
         return O_DONE;
     }
-    if (parked) {
+    if (e.parked) {
         /* Waits behind the subject's dead letter, in order. */
         if (IB(c, dl_has, v, &has) != DE_OK ||
             (!has && dead_letter(c, "waiting", m, v,
@@ -517,9 +535,10 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
     if (v->subject_seq > last + 1) {
         c->stats.gaps++;
         snprintf(error, error_size,
-                 "gap: ce_subjectseq %lld after %lld (events %lld..%lld "
+                 "gap: ce_subjectseq %lld after %lld%s (events %lld..%lld "
                  "never arrived)",
                  (long long)v->subject_seq, (long long)last,
+                 renumbered ? " in a new numbering (ce_subjectepoch)" : "",
                  (long long)last + 1, (long long)v->subject_seq - 1);
         if (c->gap == GAP_PARK) {
             if (park(c, m, v, "gap", error, 0) != DE_OK)
@@ -915,6 +934,36 @@ static void rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
     rd_kafka_assign(rk, NULL);
 }
 
+/* ---- forgetting -------------------------------------------------------- */
+
+/* Subjects looked at per round, and how often a round runs. */
+#define FORGET_SLICE 2000
+#define FORGET_EVERY_MS 1000
+
+/* Forgets, a slice at a time in a transaction of its own, the inbox rows
+ * of subjects not applied to for consumer.subject.forget.ms: by then the
+ * relay has forgotten them too, and their next event opens a new
+ * numbering, which needs no memory of the old one. */
+static de_err forget_idle(de_consumer *c)
+{
+    int64_t now = de__mono_ms(), n = 0;
+    de_err err;
+
+    if (c->forget_ms <= 0 || now < c->next_forget_ms)
+        return DE_OK;
+    c->next_forget_ms = now + FORGET_EVERY_MS;
+    if ((err = IB0(c, begin)) != DE_OK)
+        return err;
+    if ((err = IB(c, forget, de__now_ms() - c->forget_ms, FORGET_SLICE, &n)) !=
+            DE_OK ||
+        (err = IB0(c, commit)) != DE_OK) {
+        IB0(c, rollback);
+        return err;
+    }
+    c->stats.forgotten += (uint64_t)n;
+    return DE_OK;
+}
+
 /* ---- polling ---------------------------------------------------------- */
 
 static de_err subscribe(de_consumer *c)
@@ -1003,6 +1052,11 @@ de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled)
     else
         (void)apply_batch(c);       /* the first failure is the one returned */
     (void)commit_offsets(c, false); /* asynchronous: fails only later */
+    if (err == DE_OK && forget_idle(c) != DE_OK)
+        clog_(c, DE_LOG_WARNING,
+              "forgetting idle subjects failed: %s "
+              "(retrying)",
+              de_errmsg());
     if (handled)
         *handled = c->handled;
     return err;
@@ -1016,7 +1070,6 @@ static de_err unpark(de_consumer *c, const char *type, const char *id,
                      bool skip_first)
 {
     char error[600], q1[DE__QUOTE_MAX], q2[DE__QUOTE_MAX];
-    char last_id[DE__EVENT_ID_MAX + 1];
     bool first = true, stuck = false;
     de_err err;
 
@@ -1034,8 +1087,8 @@ static de_err unpark(de_consumer *c, const char *type, const char *id,
     while (!stuck) {
         de__dead_letter dl;
         const de_event_view *v = &dl.view;
-        int64_t last;
-        bool parked, found;
+        de__inbox_entry e;
+        bool found;
 
         if ((err = IB(c, dl_next, type, id, &dl, &found)) != DE_OK)
             goto fail;
@@ -1043,14 +1096,16 @@ static de_err unpark(de_consumer *c, const char *type, const char *id,
             break;
         if (first && skip_first) {
             if ((err = IB(c, dl_done, dl.id, "skipped")) == DE_OK)
-                err = IB(c, put, type, id, v->subject_seq, v->event_id);
-        } else if ((err = IB(c, get, type, id, &last, &parked, last_id,
-                             sizeof last_id)) == DE_OK) {
+                err = IB(c, put, type, id, v->subject_epoch, v->subject_seq,
+                         v->event_id);
+        } else if ((err = IB(c, get, type, id, &e)) == DE_OK) {
             /* A conflict released: the operator says it is a real event
              * of its own, although its number was taken. */
-            if (v->subject_seq > last ||
+            if (de__number_after(v->subject_epoch, v->subject_seq, e.epoch,
+                                 e.seq) ||
                 (dl.kind && strcmp(dl.kind, "conflict") == 0 &&
-                 strcmp(last_id, v->event_id) != 0)) {
+                 v->subject_epoch == e.epoch &&
+                 strcmp(e.last_id, v->event_id) != 0)) {
                 /* Released means "go on": a gap is accepted here. */
                 err = run_handler(c, v, false, error, sizeof error);
                 if (err == DE__HANDLER_FAILED &&

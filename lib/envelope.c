@@ -44,6 +44,7 @@ size_t de__record_max_size(size_t subject_type_len, size_t subject_id_len,
     n += header(DE__H_CONTENT_TYPE, strlen("application/json"));
     n += header(DE__H_PARTITIONKEY, subject_id_len);
     n += header(DE__H_SUBJECTSEQ, 20);
+    n += header(DE__H_SUBJECTEPOCH, 20);
     n += header(DE__H_SUBJECTTYPE, subject_type_len);
     n += header(DE__H_ACTION, action_len);
     if (dataschema_len)
@@ -130,13 +131,13 @@ static rd_kafka_resp_err_t add(rd_kafka_headers_t *h, const char *name,
     return rd_kafka_header_add(h, name, -1, value, len);
 }
 
-rd_kafka_headers_t *de__envelope_headers(const de__row *row, int64_t seq,
-                                         const char *source,
+rd_kafka_headers_t *de__envelope_headers(const de__row *row, int64_t epoch,
+                                         int64_t seq, const char *source,
                                          const char *type_prefix)
 {
-    rd_kafka_headers_t *h = rd_kafka_headers_new(14);
+    rd_kafka_headers_t *h = rd_kafka_headers_new(15);
     char type[DE__TYPE_PREFIX_MAX + 2 * DE__IDENT_MAX + 16];
-    char time[DE__RFC3339_LEN + 1], seqbuf[24];
+    char time[DE__RFC3339_LEN + 1], seqbuf[24], epochbuf[24];
     ssize_t sid_len = (ssize_t)row->subject_id_len;
 
     if (h == NULL)
@@ -145,6 +146,7 @@ rd_kafka_headers_t *de__envelope_headers(const de__row *row, int64_t seq,
                       row->action, row->version);
     de__rfc3339_ms(row->occurred_at_ms, time);
     seqbuf[put_uint(seqbuf, (uint64_t)seq)] = '\0';
+    epochbuf[put_uint(epochbuf, (uint64_t)epoch)] = '\0';
     if (add(h, DE__H_SPECVERSION, "1.0", 3) ||
         add(h, DE__H_ID, row->event_id, -1) ||
         add(h, DE__H_SOURCE, source, -1) || add(h, DE__H_TYPE, type, -1) ||
@@ -153,6 +155,7 @@ rd_kafka_headers_t *de__envelope_headers(const de__row *row, int64_t seq,
         add(h, DE__H_CONTENT_TYPE, "application/json", 16) ||
         add(h, DE__H_PARTITIONKEY, row->subject_id, sid_len) ||
         add(h, DE__H_SUBJECTSEQ, seqbuf, -1) ||
+        (epoch > 0 && add(h, DE__H_SUBJECTEPOCH, epochbuf, -1)) ||
         add(h, DE__H_SUBJECTTYPE, row->subject_type, -1) ||
         add(h, DE__H_ACTION, row->action, -1) ||
         (row->traceparent && add(h, DE__H_TRACEPARENT, row->traceparent, -1)) ||
@@ -200,7 +203,7 @@ static bool is_ident_n(const char *s, size_t n)
     return true;
 }
 
-static bool parse_seq(const char *s, size_t n, int64_t *out)
+bool de__parse_count(const char *s, size_t n, int64_t *out)
 {
     int64_t v = 0;
 
@@ -219,17 +222,17 @@ bool de__envelope_decode(const rd_kafka_message_t *m, de__decoded *d, char *why,
                          size_t why_size)
 {
     rd_kafka_headers_t *h = NULL;
-    struct hval spec, id, seq, stype, action, type, source, tp, ts;
+    struct hval spec, id, seq, epoch, stype, action, type, source, tp, ts;
     rd_kafka_timestamp_type_t tst;
     de_event_view *v = &d->view;
     size_t need, off = 0;
-    int64_t seqv;
+    int64_t seqv, epochv = 0;
 
     rd_kafka_message_headers(m, &h);
     /* One pass over the headers (the last of a repeated name wins, as
      * rd_kafka_header_get_last would have it). */
     memset(&spec, 0, sizeof spec);
-    id = seq = stype = action = type = source = tp = ts = spec;
+    id = seq = epoch = stype = action = type = source = tp = ts = spec;
     for (size_t i = 0; h != NULL; i++) {
         const char *name;
         const void *val;
@@ -246,6 +249,8 @@ bool de__envelope_decode(const rd_kafka_message_t *m, de__decoded *d, char *why,
                 slot = &id;
             else if (strcmp(k, "subjectseq") == 0)
                 slot = &seq;
+            else if (strcmp(k, "subjectepoch") == 0)
+                slot = &epoch;
             else if (strcmp(k, "subjecttype") == 0)
                 slot = &stype;
             else if (strcmp(k, "action") == 0)
@@ -274,10 +279,14 @@ bool de__envelope_decode(const rd_kafka_message_t *m, de__decoded *d, char *why,
         snprintf(why, why_size, "no ce_id header");
         return false;
     }
-    if (seq.p == NULL || !parse_seq(seq.p, seq.n, &seqv)) {
+    if (seq.p == NULL || !de__parse_count(seq.p, seq.n, &seqv)) {
         snprintf(why, why_size,
                  "ce_subjectseq missing or not a positive "
                  "decimal");
+        return false;
+    }
+    if (epoch.p != NULL && !de__parse_count(epoch.p, epoch.n, &epochv)) {
+        snprintf(why, why_size, "ce_subjectepoch not a positive decimal");
         return false;
     }
     if (stype.p == NULL || !is_ident_n(stype.p, stype.n)) {
@@ -328,6 +337,7 @@ bool de__envelope_decode(const rd_kafka_message_t *m, de__decoded *d, char *why,
     v->topic = stash(d, &off, rd_kafka_topic_name(m->rkt),
                      strlen(rd_kafka_topic_name(m->rkt)));
     v->subject_seq = seqv;
+    v->subject_epoch = epochv;
     v->occurred_at_ms = rd_kafka_message_timestamp(m, &tst);
     v->partition = m->partition;
     v->offset = m->offset;

@@ -35,6 +35,14 @@ typedef struct de__dead_letter {
 
 void de__dead_letter_free(de__dead_letter *dl);
 
+/* A subject as the inbox knows it. */
+typedef struct de__inbox_entry {
+    int64_t epoch;                      /* of its numbering             */
+    int64_t seq;                        /* last applied; 0: none        */
+    bool parked;                        /* waiting behind a dead letter */
+    char last_id[DE__EVENT_ID_MAX + 1]; /* ce_id applied with seq; ""   */
+} de__inbox_entry;
+
 typedef struct de__inbox_ops {
     /* One write transaction; savepoints around one handler's effects. */
     de_err (*begin)(de__inbox *ib);
@@ -45,19 +53,18 @@ typedef struct de__inbox_ops {
     de_err (*rollback_to)(de__inbox *ib);
     /* Whether the transaction is still open (a handler must not end it). */
     bool (*in_txn)(de__inbox *ib);
-    /* Takes v as its subject's next event in one step: true when its
-     * number is the next one (or the first of a new subject) and the
-     * subject is not parked. */
+    /* Takes v as its subject's next event in one step: true when it is
+     * the next number of the subject's numbering, or number 1 of a
+     * subject never seen or of a newer numbering, and the subject is not
+     * parked. */
     de_err (*claim)(de__inbox *ib, const de_event_view *v, bool *claimed);
-    /* A subject's last applied number, the ce_id applied with it ("" when
-     * unknown) and whether it is parked; 0 and false when never seen. */
+    /* A subject's entry; all zero when never seen (or forgotten). */
     de_err (*get)(de__inbox *ib, const char *type, const char *id,
-                  int64_t *last, bool *parked, char *last_id,
-                  size_t last_id_size);
-    /* Records seq (with event_id) as the subject's last applied event and
-     * lifts its park. */
-    de_err (*put)(de__inbox *ib, const char *type, const char *id, int64_t seq,
-                  const char *event_id);
+                  de__inbox_entry *e);
+    /* Records (epoch, seq) with event_id as the subject's last applied
+     * event and lifts its park. */
+    de_err (*put)(de__inbox *ib, const char *type, const char *id,
+                  int64_t epoch, int64_t seq, const char *event_id);
     de_err (*park)(de__inbox *ib, const char *type, const char *id,
                    bool parked);
     /* Stores a dead letter (v NULL: a foreign record). */
@@ -75,6 +82,11 @@ typedef struct de__inbox_ops {
     /* Counts a failed attempt at a released dead letter. */
     de_err (*dl_fail)(de__inbox *ib, int64_t id, const char *error);
     de_err (*parked_count)(de__inbox *ib, int64_t *n);
+    /* Forgets (inside the transaction) subjects last applied before
+     * before_ms and not parked, among the next `limit` after where the
+     * previous call stopped (starting over at the end). */
+    de_err (*forget)(de__inbox *ib, int64_t before_ms, int limit,
+                     int64_t *forgotten);
     void (*close)(de__inbox *ib);
 } de__inbox_ops;
 

@@ -17,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CONSUMER_SCHEMA_VERSION 2
+#define CONSUMER_SCHEMA_VERSION 3
 
 static const char *const migrations[CONSUMER_SCHEMA_VERSION] = {
     /* 0 -> 1: the inbox and the dead letters. */
@@ -42,6 +42,9 @@ static const char *const migrations[CONSUMER_SCHEMA_VERSION] = {
     "  WHERE state = 'parked';",
     /* 1 -> 2: the inbox remembers the ce_id applied with each number. */
     "ALTER TABLE main.de_inbox ADD COLUMN last_event_id TEXT;",
+    /* 2 -> 3: numbering epochs (ce_subjectepoch). */
+    "ALTER TABLE main.de_inbox ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE main.de_dead_letter ADD COLUMN epoch INTEGER;",
 };
 
 static const de__schema consumer_schema = {
@@ -66,6 +69,8 @@ enum {
     Q_DL_DONE,
     Q_DL_FAIL,
     Q_PARKED_COUNT,
+    Q_FORGET_SCAN,
+    Q_FORGET,
     Q_COUNT
 };
 
@@ -76,48 +81,69 @@ static const char *const sql[Q_COUNT] = {
     [Q_SAVEPOINT] = "SAVEPOINT de_event",
     [Q_RELEASE] = "RELEASE de_event",
     [Q_ROLLBACK_TO] = "ROLLBACK TO de_event",
-    [Q_GET] = "SELECT last_seq, parked, last_event_id FROM main.de_inbox "
-              "WHERE subject_type = ?1 AND subject_id = ?2",
+    [Q_GET] = "SELECT last_seq, parked, last_event_id, epoch FROM "
+              "main.de_inbox WHERE subject_type = ?1 AND subject_id = ?2",
     [Q_PUT] = "INSERT INTO main.de_inbox(subject_type, subject_id, last_seq, "
-              "parked, updated_ms, last_event_id) VALUES (?1, ?2, ?3, 0, ?4, "
-              "?5) ON CONFLICT(subject_type, subject_id) DO UPDATE SET "
-              "last_seq = excluded.last_seq, parked = 0, updated_ms = "
-              "excluded.updated_ms, last_event_id = excluded.last_event_id",
+              "parked, updated_ms, last_event_id, epoch) VALUES (?1, ?2, ?3, "
+              "0, ?4, ?5, ?6) ON CONFLICT(subject_type, subject_id) DO UPDATE "
+              "SET last_seq = excluded.last_seq, parked = 0, updated_ms = "
+              "excluded.updated_ms, last_event_id = excluded.last_event_id, "
+              "epoch = excluded.epoch",
     [Q_PARK] = "INSERT INTO main.de_inbox(subject_type, subject_id, last_seq, "
                "parked, updated_ms) VALUES (?1, ?2, 0, ?3, ?4) ON "
                "CONFLICT(subject_type, subject_id) DO UPDATE SET parked = "
                "excluded.parked, updated_ms = excluded.updated_ms",
-    /* The next event of a known subject: advance in one statement. */
+    /* The next event of a known subject's numbering: advance in one
+     * statement. */
     [Q_CLAIM] = "UPDATE main.de_inbox SET last_seq = ?3, updated_ms = ?4, "
                 "last_event_id = ?5 WHERE subject_type = ?1 AND subject_id = "
-                "?2 AND last_seq = ?3 - 1 AND parked = 0",
-    /* The first event of a subject never seen. */
-    [Q_FIRST] = "INSERT OR IGNORE INTO main.de_inbox(subject_type, "
-                "subject_id, last_seq, parked, updated_ms, last_event_id) "
-                "VALUES (?1, ?2, 1, 0, ?4, ?5)",
+                "?2 AND epoch = ?6 AND last_seq = ?3 - 1 AND parked = 0",
+    /* The first event of a subject never seen (or forgotten), or of a new
+     * numbering of a known one. */
+    [Q_FIRST] = "INSERT INTO main.de_inbox(subject_type, subject_id, "
+                "last_seq, parked, updated_ms, last_event_id, epoch) VALUES "
+                "(?1, ?2, 1, 0, ?4, ?5, ?6) ON CONFLICT(subject_type, "
+                "subject_id) DO UPDATE SET last_seq = 1, updated_ms = "
+                "excluded.updated_ms, last_event_id = excluded.last_event_id, "
+                "epoch = excluded.epoch WHERE de_inbox.epoch < excluded.epoch "
+                "AND de_inbox.parked = 0",
     [Q_DL_INSERT] =
         "INSERT INTO main.de_dead_letter(kind, state, topic, partition, "
         "offset, subject_type, subject_id, seq, event_id, action, type, "
         "source, occurred_at_ms, traceparent, tracestate, payload, error, "
-        "attempts, parked_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, "
-        "?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+        "attempts, parked_ms, epoch) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, "
+        "?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
     [Q_DL_HAS] = "SELECT 1 FROM main.de_dead_letter WHERE subject_type = ?1 "
-                 "AND subject_id = ?2 AND seq = ?3 AND state = 'parked'",
+                 "AND subject_id = ?2 AND seq = ?3 AND coalesce(epoch, 0) = ?4 "
+                 "AND state = 'parked'",
+    /* In number order: by numbering, then number, then arrival. */
     [Q_DL_NEXT] = "SELECT id, kind, topic, partition, offset, seq, event_id, "
                   "action, type, source, occurred_at_ms, traceparent, "
-                  "tracestate, payload FROM main.de_dead_letter WHERE "
-                  "subject_type = ?1 AND subject_id = ?2 AND state = "
-                  "'parked' ORDER BY seq, id LIMIT 1",
+                  "tracestate, payload, coalesce(epoch, 0) FROM "
+                  "main.de_dead_letter WHERE subject_type = ?1 AND "
+                  "subject_id = ?2 AND state = 'parked' ORDER BY "
+                  "coalesce(epoch, 0), seq, id LIMIT 1",
     [Q_DL_DONE] = "UPDATE main.de_dead_letter SET state = ?2 WHERE id = ?1",
     [Q_DL_FAIL] = "UPDATE main.de_dead_letter SET kind = 'failed', "
                   "attempts = attempts + 1, error = ?2 WHERE id = ?1",
     [Q_PARKED_COUNT] = "SELECT count(*) FROM main.de_inbox WHERE parked = 1",
+    /* Forgetting idle subjects a slice at a time: the slice's last key,
+     * then the idle rows up to it. */
+    [Q_FORGET_SCAN] = "SELECT subject_type, subject_id FROM main.de_inbox "
+                      "WHERE (subject_type, subject_id) > (?1, ?2) ORDER BY "
+                      "subject_type, subject_id LIMIT 1 OFFSET ?3",
+    [Q_FORGET] = "DELETE FROM main.de_inbox WHERE (subject_type, subject_id) "
+                 "> (?1, ?2) AND (?5 OR (subject_type, subject_id) <= (?3, "
+                 "?4)) AND updated_ms < ?6 AND parked = 0",
 };
 
 typedef struct sqlite_inbox {
     de__inbox base;
     sqlite3 *db;
     sqlite3_stmt *q[Q_COUNT];
+    /* where forgetting stopped: the last key it looked at */
+    char forget_type[DE__IDENT_MAX + 1];
+    char forget_id[DE__SUBJECT_ID_MAX + 1];
 } sqlite_inbox;
 
 #define IB(ib) ((sqlite_inbox *)(ib))
@@ -195,6 +221,7 @@ static de_err i_claim(de__inbox *ib, const de_event_view *v, bool *claimed)
         sqlite3_bind_int64(q, 3, v->subject_seq);
         sqlite3_bind_int64(q, 4, de__now_ms());
         sqlite3_bind_text(q, 5, v->event_id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(q, 6, v->subject_epoch);
         if (step(s, which) != SQLITE_DONE)
             return de__fail_db(s->db, "consumer: updating the inbox");
         if (sqlite3_changes(s->db) == 1) {
@@ -209,24 +236,22 @@ static de_err i_claim(de__inbox *ib, const de_event_view *v, bool *claimed)
 }
 
 static de_err i_get(de__inbox *ib, const char *type, const char *id,
-                    int64_t *last, bool *parked, char *last_id,
-                    size_t last_id_size)
+                    de__inbox_entry *e)
 {
     sqlite_inbox *s = IB(ib);
     sqlite3_stmt *q = s->q[Q_GET];
     const unsigned char *lid;
     int rc;
 
-    *last = 0;
-    *parked = false;
-    last_id[0] = '\0';
+    memset(e, 0, sizeof *e);
     bind_subject(q, type, id);
     rc = sqlite3_step(q);
     if (rc == SQLITE_ROW) {
-        *last = sqlite3_column_int64(q, 0);
-        *parked = sqlite3_column_int(q, 1) != 0;
+        e->seq = sqlite3_column_int64(q, 0);
+        e->parked = sqlite3_column_int(q, 1) != 0;
         if ((lid = sqlite3_column_text(q, 2)) != NULL)
-            snprintf(last_id, last_id_size, "%s", (const char *)lid);
+            snprintf(e->last_id, sizeof e->last_id, "%s", (const char *)lid);
+        e->epoch = sqlite3_column_int64(q, 3);
     }
     sqlite3_reset(q);
     sqlite3_clear_bindings(q);
@@ -236,7 +261,7 @@ static de_err i_get(de__inbox *ib, const char *type, const char *id,
 }
 
 static de_err i_put(de__inbox *ib, const char *type, const char *id,
-                    int64_t seq, const char *event_id)
+                    int64_t epoch, int64_t seq, const char *event_id)
 {
     sqlite_inbox *s = IB(ib);
     sqlite3_stmt *q = s->q[Q_PUT];
@@ -246,6 +271,7 @@ static de_err i_put(de__inbox *ib, const char *type, const char *id,
     sqlite3_bind_int64(q, 3, seq);
     sqlite3_bind_int64(q, 4, de__now_ms());
     sqlite3_bind_text(q, 5, event_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(q, 6, epoch);
     return run(s, Q_PUT, "updating the inbox");
 }
 
@@ -289,6 +315,7 @@ static de_err i_dl_insert(de__inbox *ib, const char *kind,
             sqlite3_bind_text(q, 14, v->traceparent, -1, SQLITE_STATIC);
         if (v->tracestate)
             sqlite3_bind_text(q, 15, v->tracestate, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(q, 20, v->subject_epoch);
     }
     if (o->value != NULL)
         sqlite3_bind_blob(q, 16, o->value, (int)o->value_len, SQLITE_STATIC);
@@ -306,6 +333,7 @@ static de_err i_dl_has(de__inbox *ib, const de_event_view *v, bool *has)
 
     bind_subject(q, v->subject_type, v->subject_id);
     sqlite3_bind_int64(q, 3, v->subject_seq);
+    sqlite3_bind_int64(q, 4, v->subject_epoch);
     rc = sqlite3_step(q);
     *has = rc == SQLITE_ROW;
     sqlite3_reset(q);
@@ -371,6 +399,7 @@ static de_err i_dl_next(de__inbox *ib, const char *type, const char *id,
         v->payload_len = strlen(v->payload);
         v->subject_type = str[8];
         v->subject_id = str[9];
+        v->subject_epoch = sqlite3_column_int64(q, 14);
     } else if (rc != SQLITE_DONE) {
         err = de__fail_db(s->db, "consumer: reading the dead letters");
     }
@@ -418,6 +447,47 @@ static de_err i_parked_count(de__inbox *ib, int64_t *n)
     return err;
 }
 
+static de_err i_forget(de__inbox *ib, int64_t before_ms, int limit,
+                       int64_t *forgotten)
+{
+    sqlite_inbox *s = IB(ib);
+    sqlite3_stmt *scan = s->q[Q_FORGET_SCAN];
+    sqlite3_stmt *del = s->q[Q_FORGET];
+    char last_type[DE__IDENT_MAX + 1] = "";
+    char last_id[DE__SUBJECT_ID_MAX + 1] = "";
+    bool end;
+    int rc;
+
+    assert(i_in_txn(ib));
+    *forgotten = 0;
+    /* The slice's last key; none: the slice runs to the end. */
+    bind_subject(scan, s->forget_type, s->forget_id);
+    sqlite3_bind_int(scan, 3, limit - 1);
+    rc = sqlite3_step(scan);
+    if (rc == SQLITE_ROW) {
+        snprintf(last_type, sizeof last_type, "%s",
+                 (const char *)sqlite3_column_text(scan, 0));
+        snprintf(last_id, sizeof last_id, "%s",
+                 (const char *)sqlite3_column_text(scan, 1));
+    }
+    sqlite3_reset(scan);
+    sqlite3_clear_bindings(scan);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        return de__fail_db(s->db, "consumer: reading the inbox");
+    end = rc == SQLITE_DONE;
+    bind_subject(del, s->forget_type, s->forget_id);
+    sqlite3_bind_text(del, 3, last_type, -1, SQLITE_STATIC);
+    sqlite3_bind_text(del, 4, last_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int(del, 5, end);
+    sqlite3_bind_int64(del, 6, before_ms);
+    if (step(s, Q_FORGET) != SQLITE_DONE)
+        return de__fail_db(s->db, "consumer: forgetting idle subjects");
+    *forgotten = sqlite3_changes(s->db);
+    snprintf(s->forget_type, sizeof s->forget_type, "%s", last_type);
+    snprintf(s->forget_id, sizeof s->forget_id, "%s", last_id);
+    return DE_OK;
+}
+
 static void i_close(de__inbox *ib)
 {
     sqlite_inbox *s = IB(ib);
@@ -430,9 +500,10 @@ static void i_close(de__inbox *ib)
 }
 
 static const de__inbox_ops sqlite_ops = {
-    i_begin,  i_commit,  i_rollback, i_savepoint, i_release,      i_rollback_to,
-    i_in_txn, i_claim,   i_get,      i_put,       i_park,         i_dl_insert,
-    i_dl_has, i_dl_next, i_dl_done,  i_dl_fail,   i_parked_count, i_close,
+    i_begin,       i_commit,       i_rollback, i_savepoint, i_release,
+    i_rollback_to, i_in_txn,       i_claim,    i_get,       i_put,
+    i_park,        i_dl_insert,    i_dl_has,   i_dl_next,   i_dl_done,
+    i_dl_fail,     i_parked_count, i_forget,   i_close,
 };
 
 de_err de__inbox_open_sqlite(sqlite3 *db, int64_t busy_ms, de__inbox **out)

@@ -86,12 +86,15 @@ typedef enum {
     DE__K_RELAY_BLOCKED_RETRY_MS,
     DE__K_RELAY_CLEANUP_INTERVAL_MS,
     DE__K_RELAY_RECOVERY_UNVERIFIABLE,
+    DE__K_RELAY_SUBJECT_FORGET_MS,
+    DE__K_RELAY_SUBJECT_CACHE,
     DE__K_CONSUMER_TOPICS,
     DE__K_CONSUMER_ON_GAP,
     DE__K_CONSUMER_MAX_ATTEMPTS,
     DE__K_CONSUMER_RETRY_BACKOFF_MS,
     DE__K_CONSUMER_RETRY_BACKOFF_MAX_MS,
     DE__K_CONSUMER_BATCH_SIZE,
+    DE__K_CONSUMER_SUBJECT_FORGET_MS,
     DE__K_COUNT
 } de__key;
 
@@ -226,6 +229,7 @@ bool de__json_is_object(const char *s, size_t len);
 #define DE__H_CONTENT_TYPE "content-type"
 #define DE__H_PARTITIONKEY "ce_partitionkey"
 #define DE__H_SUBJECTSEQ "ce_subjectseq"
+#define DE__H_SUBJECTEPOCH "ce_subjectepoch"
 #define DE__H_SUBJECTTYPE "ce_subjecttype"
 #define DE__H_ACTION "ce_action"
 #define DE__H_DATASCHEMA "ce_dataschema"
@@ -262,9 +266,21 @@ typedef struct de__row {
 /* The CloudEvents headers of a row's record (docs/OVERVIEW.md).  NULL
  * when out of memory.  The caller owns the result until it hands it to
  * rd_kafka_producev successfully. */
-rd_kafka_headers_t *de__envelope_headers(const de__row *row, int64_t seq,
-                                         const char *source,
+rd_kafka_headers_t *de__envelope_headers(const de__row *row, int64_t epoch,
+                                         int64_t seq, const char *source,
                                          const char *type_prefix);
+
+/* Whether the number (e1, s1) comes after (e2, s2): a subject's numbers
+ * compare by epoch (ce_subjectepoch), then by ce_subjectseq. */
+static inline bool de__number_after(int64_t e1, int64_t s1, int64_t e2,
+                                    int64_t s2)
+{
+    return e1 > e2 || (e1 == e2 && s1 > s2);
+}
+
+/* A positive decimal of at most 18 digits without a leading zero (as
+ * ce_subjectseq and ce_subjectepoch are written). */
+bool de__parse_count(const char *s, size_t n, int64_t *out);
 
 /* "<prefix><subject_type>.<action>[.v<version>]" into buf. */
 void de__envelope_type(char *buf, size_t size, const char *prefix,

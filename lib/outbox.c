@@ -105,12 +105,21 @@ const de_conf *de__outbox_conf(const de_outbox *ob)
  * replaces SQLite's auto-checkpoint, so this does its job: with a relay
  * linked, the relay checkpoints on its own connection; without one, the
  * hook checkpoints here exactly as SQLite's default hook would.
+ *
+ * A checkpoint from another connection copies the log back but cannot
+ * finish while this connection keeps committing (there are always newer
+ * frames), so the log is never started over and grows.  Past twice the
+ * threshold the hook checkpoints here too, between two of the host's
+ * transactions: the relay has copied nearly everything already, this
+ * finishes it, and the host's next write starts the log over.  The log
+ * stays under about twice wal_autocheckpoint pages.
  */
 static int wal_hook(void *arg, sqlite3 *db, const char *name, int pages)
 {
     de_outbox *ob = arg;
     bool recorded = ob->recorded, handled = false;
     bool due = ob->ckpt_threshold > 0 && pages >= ob->ckpt_threshold;
+    bool overdue = due && pages >= 2 * ob->ckpt_threshold;
     de__link **pp = &ob->links;
     static const uint64_t one = 1;
 
@@ -138,7 +147,7 @@ static int wal_hook(void *arg, sqlite3 *db, const char *name, int pages)
         pthread_mutex_unlock(&l->mu);
         pp = &l->next;
     }
-    if (!handled && due)
+    if ((!handled && due) || overdue)
         sqlite3_wal_checkpoint(db, name);
     return SQLITE_OK;
 }
@@ -203,15 +212,15 @@ void de_outbox_close(de_outbox *ob)
 }
 
 static de_err bad_field(const char *field, const char *value, bool numeric,
-                        const char *type, const char *action,
-                        const char *rule, ...) DE__PRINTF(6, 7);
+                        const char *type, const char *action, const char *rule,
+                        ...) DE__PRINTF(6, 7);
 
 /* Refuses a field of ev: "<field> <value> [for <type>[.<action>]] <rule>"
  * (DE_ERR_ARG).  value is quoted unless numeric; type and action name
  * the event when they are known to be valid. */
 static de_err bad_field(const char *field, const char *value, bool numeric,
-                        const char *type, const char *action,
-                        const char *rule, ...)
+                        const char *type, const char *action, const char *rule,
+                        ...)
 {
     char q[DE__QUOTE_MAX], why[512];
     va_list ap;
@@ -221,8 +230,8 @@ static de_err bad_field(const char *field, const char *value, bool numeric,
     va_end(ap);
     return de__fail(DE_ERR_ARG, "%s %s%s%s%s%s %s", field,
                     numeric ? value : de__quote(q, sizeof q, value, -1),
-                    type ? " for " : "", type ? type : "",
-                    action ? "." : "", action ? action : "", why);
+                    type ? " for " : "", type ? type : "", action ? "." : "",
+                    action ? action : "", why);
 }
 
 /* Checks every field of ev without touching the database.  On success the

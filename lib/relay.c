@@ -69,10 +69,13 @@
  * rows are sent at once instead of lingering for a batch. */
 #define LOW_LOAD_ROWS 64
 /* Subject entries kept in memory before idle ones are dropped. */
-#define SUBJECT_CACHE 200000
+#define DEFAULT_SUBJECT_CACHE 100000
 /* How often an idle relay raises the marks of partitions it does not
  * publish to (so that topic retention never overtakes them). */
 #define MARK_REFRESH_MS 60000
+/* A cleanup round that could not catch up is followed by the next one
+ * this soon. */
+#define CLEANUP_BEHIND_MS 50
 
 /* librdkafka lines the relay causes on purpose, logged as debug. */
 static const char *const quiet_lines[] = {
@@ -217,6 +220,8 @@ void de__relay_publish_stats(de_relay *r)
     memcpy(s.last_error, r->last_error, sizeof s.last_error);
     s.state = (int)r->state;
     s.skipped = r->skipped;
+    s.forgotten = r->forgotten;
+    s.subjects_cached = r->nsubj;
     pthread_mutex_lock(&r->mu);
     r->stats = s;
     pthread_mutex_unlock(&r->mu);
@@ -249,6 +254,10 @@ static bool stand_by(de_relay *r, bool stop, bool flushing, int64_t now_us,
         return false;
     if (de__relay_publishing(r))
         return true;
+    /* The host in this process still writes: its log's checkpoints are
+     * this relay's job whether or not it publishes. */
+    if (r->link && de__link_checkpoint_due(r->link))
+        r->src->ops->checkpoint_log(r->src);
     handle_flush(r);
     de__relay_publish_stats(r);
     if (stop &&
@@ -256,6 +265,28 @@ static bool stand_by(de_relay *r, bool stop, bool flushing, int64_t now_us,
         return false;
     wait_for_work(r, stop || flushing ? 20 : (int)(r->lease_ms / 5));
     return true;
+}
+
+/* What keeps the relay's files bounded by its lag, whatever the load:
+ * deleting published rows, forgetting idle subjects, checkpointing the
+ * host's log (writers in other processes never do it for us), dropping
+ * idle subject entries. */
+static void housekeeping(de_relay *r, int64_t now_us)
+{
+    bool behind = false;
+    de_err err;
+
+    if ((err = de__relay_cleanup(r, &behind)) != DE_OK)
+        de__rlog(r, DE_LOG_WARNING,
+                 "deleting published rows failed: %s (retrying)", de_errmsg());
+    if ((err = de__relay_forget(r)) != DE_OK)
+        de__rlog(r, DE_LOG_WARNING,
+                 "forgetting idle subjects failed: %s (retrying)", de_errmsg());
+    r->src->ops->checkpoint_log(r->src);
+    if (r->count == 0 && !r->more_rows)
+        de__subj_sweep(r, false);
+    r->next_cleanup_us =
+        now_us + (behind ? CLEANUP_BEHIND_MS : r->cleanup_ms) * 1000;
 }
 
 /* How long the loop may sleep before something is due. */
@@ -270,6 +301,8 @@ static int next_timeout(de_relay *r, bool stop, int64_t now_us)
         t = r->next_ckpt_us - now_us;
     if (r->next_beat_us - now_us < t)
         t = r->next_beat_us - now_us;
+    if (r->next_cleanup_us - now_us < t)
+        t = r->next_cleanup_us - now_us;
     if (r->register_pending && r->register_retry_us - now_us < t)
         t = r->register_retry_us - now_us;
     if (stop && t > 10000)
@@ -390,14 +423,8 @@ static void *relay_main(void *arg)
             r->next_mark_refresh_us = now_us + MARK_REFRESH_MS * 1000;
             de__relay_refresh_marks(r);
         }
-        if (r->count == 0 && !r->more_rows && now_us >= r->next_cleanup_us) {
-            r->next_cleanup_us = now_us + r->cleanup_ms * 1000;
-            if ((err = de__relay_cleanup(r)) != DE_OK)
-                de__rlog(r, DE_LOG_WARNING,
-                         "deleting published rows failed: %s (retrying)",
-                         de_errmsg());
-            de__subj_sweep(r, false);
-        }
+        if (now_us >= r->next_cleanup_us)
+            housekeeping(r, now_us);
         de__relay_publish_stats(r);
         timeout = next_timeout(r, stop, now_us);
         if (timeout > 0)
@@ -439,7 +466,7 @@ de_relay *de__relay_alloc(int64_t cap, de_conf *conf)
     r->cap = cap;
     r->head_tag = 1;
     r->next_replay_tag = 1;
-    r->subject_cache = SUBJECT_CACHE;
+    r->subject_cache = DEFAULT_SUBJECT_CACHE;
     r->state = r->shared_state = DE_RELAY_STANDBY;
     r->stop_deadline_us = INT64_MAX;
     snprintf(r->log_prefix, sizeof r->log_prefix, "relay: ");
@@ -469,6 +496,7 @@ void de__relay_free(de_relay *r)
         r->src->ops->close(r->src);
     de__rstate_close(r->st);
     de__subj_sweep(r, true);
+    de__subj_pool_free(r);
     free(r->buckets);
     DE__VEC_FREE(r->dirty);
     DE__VEC_FREE(r->blocked);
@@ -526,6 +554,8 @@ static void read_conf(de_relay *r)
     r->retry_ms = de__conf_int(conf, DE__K_RELAY_BLOCKED_RETRY_MS);
     r->cleanup_ms = de__conf_int(conf, DE__K_RELAY_CLEANUP_INTERVAL_MS);
     r->retention_ms = de__conf_int(conf, DE__K_OUTBOX_RETENTION_MS);
+    r->forget_ms = de__conf_int(conf, DE__K_RELAY_SUBJECT_FORGET_MS);
+    r->subject_cache = de__conf_int(conf, DE__K_RELAY_SUBJECT_CACHE);
     /* The relay's own connection always waits for the host's writers;
      * outbox.busy.timeout.ms=0 only leaves the host's connection alone. */
     r->busy_ms = de__conf_int(conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS);

@@ -21,8 +21,9 @@
  *  - every ring slot between head_tag and head_tag + count holds a row
  *    read after done_pos, in position order; 0 <= count <= cap;
  *  - a subject's ring_refs counts its slots in the ring, and
- *    acked <= assigned: a subject's number at the watermark never passes
- *    the last number given out;
+ *    (acked_epoch, acked) <= (epoch, assigned): a subject's number at the
+ *    watermark never passes the last number given out; a new numbering's
+ *    epoch (its first row's position) is above every earlier one's;
  *  - rows are deleted from the outbox only below durable_pos, never the
  *    row at it, and never at or after the first held-back row;
  *  - nothing is handed to Kafka before the rows it came from are durable
@@ -43,12 +44,20 @@
 
 /* ---- subjects (relay_subjects.c) -------------------------------------- */
 
+typedef struct de__subj_pool de__subj_pool;
+
 typedef struct de__subj {
     struct de__subj *hnext;
     uint64_t hash;
-    int64_t assigned;   /* seq of the last event read                      */
-    int64_t acked;      /* seq of the last event at or below the watermark */
-    int64_t persisted;  /* seq in the state file                           */
+    /* Numbers as (epoch, seq), when their events were recorded: */
+    int64_t assigned; /* seq of the last event read                      */
+    int64_t epoch;    /* its epoch (0 with assigned 0: none yet)         */
+    int64_t last_ms;  /* when that event was recorded                    */
+    int64_t acked;    /* seq of the last event at or below the watermark */
+    int64_t acked_epoch;
+    int64_t acked_ms;
+    int64_t persisted; /* seq in the state file                           */
+    int64_t persisted_epoch;
     uint32_t ring_refs; /* ring slots holding this subject                 */
     uint32_t replaying; /* held-back events resent and not yet acked       */
     uint32_t fails;     /* consecutive collateral failures                 */
@@ -59,7 +68,8 @@ typedef struct de__subj {
     int64_t retry_at_ms;  /* next automatic retry (monotonic ms)           */
     char *error;          /* why it is blocked                             */
     size_t type_len, id_len;
-    char key[]; /* subject_type NUL subject_id NUL */
+    int8_t pool_class; /* its slab size class; -1: from malloc */
+    char key[];        /* subject_type NUL subject_id NUL */
 } de__subj;
 
 #define DE__SUBJ_TYPE(s) ((s)->key)
@@ -74,6 +84,7 @@ typedef struct de__slot {
     int64_t position;
     int64_t recorded_at_ms;
     int64_t seq;
+    int64_t epoch;
     de__subj *s;
     int64_t offset;    /* where Kafka stored it, once acknowledged; -1 */
     int32_t partition; /* likewise */
@@ -91,7 +102,7 @@ typedef struct de__replay {
 
 typedef struct de__park {
     int64_t position;
-    int64_t seq;
+    int64_t epoch, seq;
     de__subj *s;
 } de__park;
 
@@ -123,7 +134,7 @@ struct de_relay {
     pthread_t thread;
     const char *source, *type_prefix, *topic_template;
     int64_t batch_size, cap, poll_ms, ckpt_ms, lease_ms, retry_ms, cleanup_ms,
-        retention_ms, busy_ms, subject_cache;
+        retention_ms, busy_ms, subject_cache, forget_ms;
     bool continue_unverifiable; /* relay.recovery.unverifiable=continue */
     de__rk_bridge bridge;       /* the producer's opaque */
 
@@ -177,6 +188,8 @@ struct de_relay {
     /* subjects */
     de__subj **buckets;
     size_t nbuckets, nsubj;
+    size_t evict_at;            /* the eviction's clock hand: a bucket index */
+    struct de__subj_pool *pool; /* where entries are allocated */
     bool dirty_overflow; /* a dirty subject is not in `dirty`: scan all */
     DE__VEC(de__subj *) dirty;
     DE__VEC(de__subj *) blocked;
@@ -194,7 +207,7 @@ struct de_relay {
     int64_t stop_target;
     bool stop_target_set;
     /* counters for stats */
-    uint64_t published, restarts, deleted, nread, skipped;
+    uint64_t published, restarts, deleted, nread, skipped, forgotten;
     char last_error[256];
     int64_t last_error_ms;
 };
@@ -228,13 +241,16 @@ void de__relay_free(de_relay *r);
 de__subj *de__subj_get(de_relay *r, const char *type, const char *id,
                        size_t id_len);
 void de__subj_sweep(de_relay *r, bool all);
+/* Frees the entries' slabs (after de__subj_sweep(r, true)). */
+void de__subj_pool_free(de_relay *r);
 void de__subj_mark_dirty(de_relay *r, de__subj *s);
 void de__subj_block(de_relay *r, de__subj *s, int64_t position, const char *why,
                     int64_t retry_in_ms);
 
 /* relay_ring.c */
 void de__relay_on_dr(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque);
-de__slot *de__ring_push(de_relay *r, int64_t position, de__subj *s);
+de__slot *de__ring_push(de_relay *r, int64_t position, int64_t recorded_at_ms,
+                        de__subj *s);
 void de__relay_advance(de_relay *r);
 de_err de__relay_read(de_relay *r);
 void de__relay_reset(de_relay *r);
@@ -254,8 +270,9 @@ void de__relay_topic_seen(de_relay *r, uint32_t idx, int32_t partition,
                           int64_t offset);
 void de__relay_refresh_marks(de_relay *r);
 void de__relay_topics_free(de_relay *r);
-de_err de__relay_send(de_relay *r, const de__row *row, int64_t seq,
-                      uint64_t tag, de__topic *t, rd_kafka_resp_err_t *kerr);
+de_err de__relay_send(de_relay *r, const de__row *row, int64_t epoch,
+                      int64_t seq, uint64_t tag, de__topic *t,
+                      rd_kafka_resp_err_t *kerr);
 void de__relay_restart(de_relay *r);
 extern const de__rk_owned de__relay_owned[];
 extern const size_t de__relay_nowned;
@@ -265,7 +282,8 @@ de_err de__relay_checkpoint(de_relay *r);
 void de__relay_maybe_checkpoint(de_relay *r, int64_t now_us);
 void de__relay_try_activate(de_relay *r);
 void de__relay_demote(de_relay *r, const char *why);
-de_err de__relay_cleanup(de_relay *r);
+de_err de__relay_cleanup(de_relay *r, bool *behind);
+de_err de__relay_forget(de_relay *r);
 de_err de__relay_check_cursor(de_relay *r, int64_t cursor, const char *id);
 
 #endif

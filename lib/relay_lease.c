@@ -17,8 +17,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Rows deleted from the outbox per transaction. */
+/* Rows deleted from the outbox per transaction: the longest the host's
+ * writers wait for one is the time to delete these (about a
+ * millisecond). */
 #define CLEANUP_CHUNK 1000
+/* Time one cleanup round may take. */
+#define CLEANUP_BUDGET_US 20000
+/* Counters looked at per round when forgetting idle subjects. */
+#define FORGET_SLICE 2000
 
 /*
  * The row at the cursor is never deleted (cleanup stops below it), so it
@@ -53,6 +59,21 @@ de_err de__relay_check_cursor(de_relay *r, int64_t cursor, const char *id)
 /* Writes the watermark, the counters behind it and the held-back events,
  * renewing the lease in the same transaction.  Sets r->lease_lost when
  * another relay holds the lease. */
+/* Writes a subject's number at the watermark. */
+static de_err put_counter(de_relay *r, const de__subj *s)
+{
+    de__counter c = {s->acked_epoch, s->acked, s->acked_ms};
+
+    return de__rstate_put_seq(r->st, DE__SUBJ_TYPE(s), DE__SUBJ_ID(s), &c);
+}
+
+static void counter_written(de__subj *s)
+{
+    s->persisted = s->acked;
+    s->persisted_epoch = s->acked_epoch;
+    s->dirty = false;
+}
+
 de_err de__relay_checkpoint(de_relay *r)
 {
     int64_t now = de__now_ms();
@@ -72,24 +93,20 @@ de_err de__relay_checkpoint(de_relay *r)
              r->st, r->done_pos,
              r->src->ops->event_id_at(r->src, r->done_pos, id))) != DE_OK)
         goto fail;
-    for (i = 0; i < r->dirty.n; i++) {
-        de__subj *s = r->dirty.v[i];
-        if ((err = de__rstate_put_seq(r->st, DE__SUBJ_TYPE(s), DE__SUBJ_ID(s),
-                                      s->acked)) != DE_OK)
+    for (i = 0; i < r->dirty.n; i++)
+        if ((err = put_counter(r, r->dirty.v[i])) != DE_OK)
             goto fail;
-    }
     /* Marks that did not fit in the list: the whole table. */
     for (size_t b = 0; r->dirty_overflow && b < r->nbuckets; b++)
         for (de__subj *s = r->buckets[b]; s != NULL; s = s->hnext)
-            if (s->dirty &&
-                (err = de__rstate_put_seq(r->st, DE__SUBJ_TYPE(s),
-                                          DE__SUBJ_ID(s), s->acked)) != DE_OK)
+            if (s->dirty && (err = put_counter(r, s)) != DE_OK)
                 goto fail;
     for (i = 0; i < r->parks.n; i++) {
         de__park *p = &r->parks.v[i];
-        if ((err = de__rstate_park(
-                 r->st, p->position, DE__SUBJ_TYPE(p->s), DE__SUBJ_ID(p->s),
-                 p->seq, p->s->error ? p->s->error : "", now)) != DE_OK)
+        if ((err = de__rstate_park(r->st, p->position, DE__SUBJ_TYPE(p->s),
+                                   DE__SUBJ_ID(p->s), p->epoch, p->seq,
+                                   p->s->error ? p->s->error : "", now)) !=
+            DE_OK)
             goto fail;
     }
     for (i = 0; i < r->unparks.n; i++)
@@ -113,16 +130,12 @@ de_err de__relay_checkpoint(de_relay *r)
             if (t->seen[p] > t->marked[p])
                 t->marked[p] = t->seen[p];
     }
-    for (i = 0; i < r->dirty.n; i++) {
-        r->dirty.v[i]->persisted = r->dirty.v[i]->acked;
-        r->dirty.v[i]->dirty = false;
-    }
+    for (i = 0; i < r->dirty.n; i++)
+        counter_written(r->dirty.v[i]);
     for (size_t b = 0; r->dirty_overflow && b < r->nbuckets; b++)
         for (de__subj *s = r->buckets[b]; s != NULL; s = s->hnext)
-            if (s->dirty) {
-                s->persisted = s->acked;
-                s->dirty = false;
-            }
+            if (s->dirty)
+                counter_written(s);
     r->dirty.n = 0;
     r->dirty_overflow = false;
     if (r->parks.n || r->unparks.n) {
@@ -160,22 +173,27 @@ void de__relay_maybe_checkpoint(de_relay *r, int64_t now_us)
 }
 
 /*
- * Deletes published rows in small transactions that never wait for the
- * host's write lock (if the host is writing, try later).  Only rows below
- * the cursor on disk are deleted, the row at the cursor is kept (so the
- * next rowid stays above it), and nothing at or above the first
- * held-back event.  outbox.retention.ms keeps rows that young.
+ * Deletes published rows in small transactions that wait only briefly for
+ * the host's write lock (if the host keeps it, try again soon), for at
+ * most CLEANUP_BUDGET_US, whatever is in flight: the outbox stays bounded
+ * by the relay's lag under sustained writes.  Only rows below the cursor
+ * on disk are deleted, the row at the cursor is kept (so the next rowid
+ * stays above it), and nothing at or above the first held-back event.
+ * outbox.retention.ms keeps rows that young.  *behind: rows that could go
+ * are left.
  */
-de_err de__relay_cleanup(de_relay *r)
+de_err de__relay_cleanup(de_relay *r, bool *behind)
 {
     int64_t bound = r->durable_pos - 1, hi, upto;
     int64_t start = de__mono_us();
+    bool aged = false;
     de_err err = DE_OK;
     int n;
 
     if (r->parked_min > 0 && r->parked_min - 1 < bound)
         bound = r->parked_min - 1;
-    while (bound > r->deleted_upto && de__mono_us() - start < 5000) {
+    while (bound > r->deleted_upto &&
+           de__mono_us() - start < CLEANUP_BUDGET_US) {
         hi = bound;
         if (hi > r->deleted_upto + CLEANUP_CHUNK)
             hi = r->deleted_upto + CLEANUP_CHUNK;
@@ -190,11 +208,42 @@ de_err de__relay_cleanup(de_relay *r)
         if (err != DE_OK)
             break;
         r->deleted += (uint64_t)n;
-        if (upto <= r->deleted_upto)
-            break; /* nothing old enough yet */
+        if (upto <= r->deleted_upto) {
+            aged = true; /* nothing old enough yet */
+            break;
+        }
         r->deleted_upto = upto;
     }
+    *behind = !aged && bound > r->deleted_upto;
     return err == DE__AGAIN ? DE_OK : err;
+}
+
+/* Forgets, a slice at a time, the counters of subjects idle for longer
+ * than relay.subject.forget.ms (their next event starts a new numbering
+ * anyway), in a transaction that checks the lease. */
+de_err de__relay_forget(de_relay *r)
+{
+    int64_t now = de__now_ms(), scanned, forgotten;
+    bool held;
+    de_err err;
+
+    if (r->forget_ms <= 0)
+        return DE_OK;
+    if ((err = de__rstate_begin(r->st, r->owner, now, &held)) != DE_OK)
+        return err;
+    if (!held) {
+        r->lease_lost = true;
+        return DE_OK;
+    }
+    if ((err = de__rstate_forget(r->st, now - r->forget_ms, FORGET_SLICE,
+                                 &scanned, &forgotten)) != DE_OK ||
+        (err = de__rstate_commit(r->st)) != DE_OK) {
+        de__rstate_rollback(r->st);
+        return err;
+    }
+    r->forgotten += (uint64_t)forgotten;
+    r->last_beat_ms = now;
+    return DE_OK;
 }
 
 struct load_ctx {
@@ -230,10 +279,12 @@ struct first_ctx {
     int64_t first;
 };
 
-static de_err first_parked(void *arg, int64_t position, int64_t seq)
+static de_err first_parked(void *arg, int64_t position, int64_t epoch,
+                           int64_t seq)
 {
     struct first_ctx *c = arg;
 
+    (void)epoch;
     (void)seq;
     if (c->first == 0)
         c->first = position;

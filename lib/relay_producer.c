@@ -102,13 +102,14 @@ void de__relay_producer_destroy(de_relay *r)
 /* Hands one row to the producer with the given number and tag.  DE__AGAIN
  * when librdkafka did not take it (*kerr says why: a full queue, or an
  * error the caller sorts out); DE_ERR_NOMEM. */
-de_err de__relay_send(de_relay *r, const de__row *row, int64_t seq,
-                      uint64_t tag, de__topic *t, rd_kafka_resp_err_t *kerr)
+de_err de__relay_send(de_relay *r, const de__row *row, int64_t epoch,
+                      int64_t seq, uint64_t tag, de__topic *t,
+                      rd_kafka_resp_err_t *kerr)
 {
     rd_kafka_headers_t *hdrs;
 
     *kerr = RD_KAFKA_RESP_ERR_NO_ERROR;
-    hdrs = de__envelope_headers(row, seq, r->source, r->type_prefix);
+    hdrs = de__envelope_headers(row, epoch, seq, r->source, r->type_prefix);
     if (hdrs == NULL)
         return de__fail(DE_ERR_NOMEM, "relay: out of memory producing");
     *kerr = rd_kafka_producev(

@@ -12,7 +12,8 @@
  *
  *  - an event still pending in the outbox is not sent again: the relay
  *    gives it the number it already has on Kafka ("landed");
- *  - every subject's counter is raised to the highest ce_subjectseq found,
+ *  - every subject's counter is raised to the highest number found
+ *    (by ce_subjectepoch, then ce_subjectseq),
  *    so numbering continues above it and never repeats a number, even
  *    when the state file or the database went back in time.
  *
@@ -358,9 +359,10 @@ static de_err note(struct ctx *c, const rd_kafka_message_t *m,
 {
     rd_kafka_headers_t *h = NULL;
     char source[DE__SOURCE_MAX + 1], id[DE__EVENT_ID_MAX + 1];
-    char type[DE__IDENT_MAX + 1], seqs[24], key[DE__SUBJECT_ID_MAX + 1];
-    size_t n;
-    int64_t seq = 0;
+    char type[DE__IDENT_MAX + 1], seqs[24], epochs[24];
+    char key[DE__SUBJECT_ID_MAX + 1];
+    size_t n, en;
+    int64_t seq = 0, epoch = 0;
     de_err err;
 
     c->res->records++;
@@ -371,15 +373,13 @@ static de_err note(struct ctx *c, const rd_kafka_message_t *m,
     if (!header(h, DE__H_ID, id, sizeof id, &n) ||
         !header(h, DE__H_SUBJECTTYPE, type, sizeof type, &n) ||
         !de__is_ident(type) ||
-        !header(h, DE__H_SUBJECTSEQ, seqs, sizeof seqs, &n) || m->key == NULL ||
-        m->key_len == 0 || m->key_len > DE__SUBJECT_ID_MAX)
+        !header(h, DE__H_SUBJECTSEQ, seqs, sizeof seqs, &n) ||
+        !de__parse_count(seqs, n, &seq) || m->key == NULL || m->key_len == 0 ||
+        m->key_len > DE__SUBJECT_ID_MAX)
         return DE_OK;
-    for (size_t i = 0; i < n; i++) {
-        if (seqs[i] < '0' || seqs[i] > '9' || i >= 18)
-            return DE_OK;
-        seq = seq * 10 + (seqs[i] - '0');
-    }
-    if (seq <= 0)
+    /* No ce_subjectepoch: a numbering begun before epochs (epoch 0). */
+    if (header(h, DE__H_SUBJECTEPOCH, epochs, sizeof epochs, &en) &&
+        !de__parse_count(epochs, en, &epoch))
         return DE_OK;
     memcpy(key, m->key, m->key_len);
     key[m->key_len] = '\0';
@@ -390,7 +390,7 @@ static de_err note(struct ctx *c, const rd_kafka_message_t *m,
             return err;
         c->in_batch = true;
     }
-    if ((err = de__rstate_found_add(c->st, id, type, key, seq, topic,
+    if ((err = de__rstate_found_add(c->st, id, type, key, epoch, seq, topic,
                                     m->partition, m->offset)) != DE_OK)
         return err;
     c->res->ours++;
@@ -522,7 +522,7 @@ de_err de__relay_recover(de__rstate *st, const de__recover_opts *o,
         res->lease_lost = true;
         goto done;
     }
-    if ((err = de__rstate_found_raise(st)) != DE_OK ||
+    if ((err = de__rstate_found_raise(st, de__now_ms())) != DE_OK ||
         (err = de__rstate_commit(st)) != DE_OK)
         goto done;
     err = de__rstate_found_count(st, &res->landed, &res->subjects);

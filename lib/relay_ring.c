@@ -95,8 +95,11 @@ void de__relay_advance(de_relay *r)
         if (sl->state != DE__SLOT_ACKED && sl->state != DE__SLOT_PARKED)
             break;
         assert(sl->position > r->done_pos);
-        if (sl->seq > sl->s->acked) {
+        if (de__number_after(sl->epoch, sl->seq, sl->s->acked_epoch,
+                             sl->s->acked)) {
             sl->s->acked = sl->seq;
+            sl->s->acked_epoch = sl->epoch;
+            sl->s->acked_ms = sl->recorded_at_ms;
             de__subj_mark_dirty(r, sl->s);
         }
         if (sl->state == DE__SLOT_ACKED)
@@ -116,8 +119,14 @@ void de__relay_advance(de_relay *r)
     assert(r->count >= 0 && r->count <= r->cap);
 }
 
-/* The slot at the tail of the ring, set up for a row (not yet taken). */
-static de__slot *slot_init(de_relay *r, int64_t position, de__subj *s)
+/* The slot at the tail of the ring, set up for a row (not yet taken) with
+ * the subject's next number: the next one of its numbering, or 1 in a new
+ * numbering whose epoch is this row's position when the subject has none
+ * or was idle longer than relay.subject.forget.ms.  The choice depends
+ * only on the rows and the counter at the watermark, so reading again
+ * from the watermark gives every row the same number. */
+static de__slot *slot_init(de_relay *r, int64_t position,
+                           int64_t recorded_at_ms, de__subj *s)
 {
     uint64_t tag = r->head_tag + (uint64_t)r->count;
     de__slot *sl = de__ring_at(r, tag);
@@ -127,7 +136,18 @@ static de__slot *slot_init(de_relay *r, int64_t position, de__subj *s)
     memset(sl, 0, sizeof *sl);
     sl->tag = tag;
     sl->position = position;
-    sl->seq = s->assigned + 1;
+    sl->recorded_at_ms = recorded_at_ms;
+    if (s->assigned == 0 ||
+        (r->forget_ms > 0 && recorded_at_ms - s->last_ms > r->forget_ms)) {
+        /* Positions only grow: a new numbering outranks every earlier
+         * one of the subject. */
+        assert(position > s->epoch);
+        sl->epoch = position;
+        sl->seq = 1;
+    } else {
+        sl->epoch = s->epoch;
+        sl->seq = s->assigned + 1;
+    }
     sl->s = s;
     sl->partition = -1;
     sl->offset = -1;
@@ -137,17 +157,21 @@ static de__slot *slot_init(de_relay *r, int64_t position, de__subj *s)
 /* The tail slot joins the ring. */
 static void slot_take(de_relay *r, de__slot *sl)
 {
-    if (sl->seq > sl->s->assigned)
+    if (de__number_after(sl->epoch, sl->seq, sl->s->epoch, sl->s->assigned)) {
         sl->s->assigned = sl->seq;
+        sl->s->epoch = sl->epoch;
+        sl->s->last_ms = sl->recorded_at_ms;
+    }
     sl->s->ring_refs++;
     r->count++;
     r->read_pos = sl->position;
     r->nread++;
 }
 
-de__slot *de__ring_push(de_relay *r, int64_t position, de__subj *s)
+de__slot *de__ring_push(de_relay *r, int64_t position, int64_t recorded_at_ms,
+                        de__subj *s)
 {
-    de__slot *sl = slot_init(r, position, s);
+    de__slot *sl = slot_init(r, position, recorded_at_ms, s);
 
     sl->state = DE__SLOT_INFLIGHT;
     slot_take(r, sl);
@@ -158,7 +182,7 @@ de__slot *de__ring_push(de_relay *r, int64_t position, de__subj *s)
  * at the next checkpoint). */
 static de_err park_slot(de_relay *r, de__slot *sl)
 {
-    de__park p = {sl->position, sl->seq, sl->s};
+    de__park p = {sl->position, sl->epoch, sl->seq, sl->s};
 
     sl->state = DE__SLOT_PARKED;
     if (!DE__VEC_PUSH(r->parks, p))
@@ -175,18 +199,19 @@ static de_err landed(de_relay *r, const de__row *row, const de__topic *t,
                      de__slot *sl, bool *found)
 {
     char name[256];
-    int64_t seq, offset;
+    int64_t epoch, seq, offset;
     int32_t partition;
     de_err err;
 
     *found = false;
     if (r->landed == 0 || row->position > r->recover_upto)
         return DE_OK;
-    err = de__rstate_landed_get(r->st, row->event_id, found, &seq, name,
+    err = de__rstate_landed_get(r->st, row->event_id, found, &epoch, &seq, name,
                                 sizeof name, &partition, &offset);
     if (err != DE_OK || !*found)
         return err;
     sl->seq = seq;
+    sl->epoch = epoch;
     sl->state = DE__SLOT_ACKED;
     if (strcmp(name, t->name) == 0) {
         sl->partition = partition;
@@ -219,8 +244,7 @@ static de_err produce_row(void *ctx, const de__row *row)
     /* Its marks go on disk before anything of it is published. */
     if (!t->registered && (err = de__relay_register_topic(r, t)) != DE_OK)
         return err;
-    sl = slot_init(r, row->position, s);
-    sl->recorded_at_ms = row->recorded_at_ms;
+    sl = slot_init(r, row->position, row->recorded_at_ms, s);
     sl->topic = tidx;
     if ((err = landed(r, row, t, sl, &found)) != DE_OK)
         return err;
@@ -231,7 +255,7 @@ static de_err produce_row(void *ctx, const de__row *row)
             return err;
         goto take;
     }
-    err = de__relay_send(r, row, sl->seq, sl->tag, t, &kerr);
+    err = de__relay_send(r, row, sl->epoch, sl->seq, sl->tag, t, &kerr);
     if (err == DE_OK) {
         sl->state = DE__SLOT_INFLIGHT;
         goto take;
@@ -271,7 +295,11 @@ de_err de__relay_read(de_relay *r)
     r->last_read = 0;
     if (limit <= 0 || r->need_restart)
         return DE_OK;
+    /* The counters of the rows' subjects are read in one transaction. */
+    if ((err = de__rstate_read_begin(r->st)) != DE_OK)
+        return err;
     err = r->src->ops->read(r->src, r->read_pos, limit, produce_row, r, &n);
+    de__rstate_read_end(r->st);
     r->more_rows = n == limit;
     r->last_read = n;
     return err;
@@ -291,8 +319,11 @@ void de__relay_reset(de_relay *r)
     r->read_pos = r->done_pos;
     r->woken = true;
     for (size_t i = 0; i < r->nbuckets; i++)
-        for (de__subj *s = r->buckets[i]; s; s = s->hnext)
+        for (de__subj *s = r->buckets[i]; s; s = s->hnext) {
             s->assigned = s->acked;
+            s->epoch = s->acked_epoch;
+            s->last_ms = s->acked_ms;
+        }
     /* Pending parks beyond the watermark will be parked again on the
      * re-read (with the same numbers); those below stay. */
     for (size_t i = 0; i < r->parks.n;) {
@@ -329,7 +360,7 @@ void de__relay_reset(de_relay *r)
 struct replay_ctx {
     de_relay *r;
     de__subj *s;
-    int64_t seq;
+    int64_t epoch, seq;
 };
 
 static de_err replay_one(void *arg, const de__row *row)
@@ -351,7 +382,8 @@ static de_err replay_one(void *arg, const de__row *row)
         return DE_ERR_NOMEM;
     if (!t->registered && (err = de__relay_register_topic(r, t)) != DE_OK)
         return err;
-    if ((err = de__relay_send(r, row, c->seq, rp.tag, t, &kerr)) != DE_OK) {
+    if ((err = de__relay_send(r, row, c->epoch, c->seq, rp.tag, t, &kerr)) !=
+        DE_OK) {
         if (err == DE__AGAIN)
             de__relay_set_error(r, "%s %s: resending failed: %s",
                                 DE__SUBJ_TYPE(c->s), DE__SUBJ_ID(c->s),
@@ -367,13 +399,15 @@ static de_err replay_one(void *arg, const de__row *row)
 }
 
 /* Resends one held-back event; DE__AGAIN: stop here, try later. */
-static de_err replay_row(void *arg, int64_t position, int64_t seq)
+static de_err replay_row(void *arg, int64_t position, int64_t epoch,
+                         int64_t seq)
 {
     struct replay_ctx *c = arg;
     de_relay *r = c->r;
     bool found;
     de_err err;
 
+    c->epoch = epoch;
     c->seq = seq;
     err = r->src->ops->read_one(r->src, position, replay_one, c, &found);
     if (err == DE_OK && !found) {
@@ -418,7 +452,7 @@ void de__relay_retry_blocked(de_relay *r, bool all)
     }
     for (size_t i = 0; i < r->blocked.n;) {
         de__subj *s = r->blocked.v[i];
-        struct replay_ctx c = {r, s, 0};
+        struct replay_ctx c = {r, s, 0, 0};
         if (!(all || s->retry_at_ms <= now) || !s->blocked) {
             i++;
             continue;

@@ -39,7 +39,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#define STATE_SCHEMA_VERSION 2
+#define STATE_SCHEMA_VERSION 3
 
 enum {
     S_LEASE_GET,
@@ -55,7 +55,8 @@ enum {
     S_PARKED_SUBJECTS,
     S_PARKED_ROWS,
     S_PARKED_MIN,
-    S_SEQ_RAISE,
+    S_FORGET_SCAN,
+    S_FORGET,
     S_MARK_PUT,
     S_MARKS,
     S_FOUND_LANDED,
@@ -65,10 +66,19 @@ enum {
     S_FOUND_COUNT,
     S_HAS_MARKS,
     S_BEGIN,
+    S_READ_BEGIN,
     S_COMMIT,
     S_ROLLBACK,
     S_COUNT
 };
+
+/* Raises (epoch, seq) of a row to excluded's when that is higher. */
+#define NUMBER_HIGHER                                                          \
+    "(excluded.epoch > epoch OR (excluded.epoch = epoch AND "                  \
+    "excluded.seq > seq))"
+#define NUMBER_MAX_SET                                                         \
+    "seq = CASE WHEN " NUMBER_HIGHER " THEN excluded.seq ELSE seq END, "       \
+    "epoch = CASE WHEN " NUMBER_HIGHER " THEN excluded.epoch ELSE epoch END"
 
 static const char *const sql[S_COUNT] = {
     [S_LEASE_GET] = "SELECT owner, heartbeat_ms, pid, host FROM de_relay_lease "
@@ -84,14 +94,16 @@ static const char *const sql[S_COUNT] = {
                         "VALUES ('cursor_event_id', ?1)",
     [S_CURSOR_PUT] = "INSERT OR REPLACE INTO de_relay_meta(key, value) "
                      "VALUES ('cursor', ?1)",
-    [S_SEQ_GET] = "SELECT seq FROM de_relay_seq WHERE subject_type = ?1 AND "
-                  "subject_id = ?2",
-    [S_SEQ_PUT] = "INSERT INTO de_relay_seq(subject_type, subject_id, seq) "
-                  "VALUES (?1, ?2, ?3) ON CONFLICT(subject_type, subject_id) "
-                  "DO UPDATE SET seq = excluded.seq",
+    [S_SEQ_GET] = "SELECT seq, epoch, last_ms FROM de_relay_seq WHERE "
+                  "subject_type = ?1 AND subject_id = ?2",
+    [S_SEQ_PUT] = "INSERT INTO de_relay_seq(subject_type, subject_id, seq, "
+                  "epoch, last_ms) VALUES (?1, ?2, ?3, ?4, ?5) ON "
+                  "CONFLICT(subject_type, subject_id) DO UPDATE SET seq = "
+                  "excluded.seq, epoch = excluded.epoch, last_ms = "
+                  "excluded.last_ms",
     [S_PARK] = "INSERT OR REPLACE INTO de_relay_parked(position, "
-               "subject_type, subject_id, seq, error, since_ms) "
-               "VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+               "subject_type, subject_id, seq, error, since_ms, epoch) "
+               "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     [S_UNPARK] = "DELETE FROM de_relay_parked WHERE position = ?1",
     [S_PARKED_SUBJECTS] = "SELECT subject_type, subject_id, count(*), "
                           "min(since_ms), (SELECT error FROM de_relay_parked "
@@ -99,13 +111,22 @@ static const char *const sql[S_COUNT] = {
                           "p2.subject_id = p.subject_id ORDER BY position "
                           "LIMIT 1) FROM de_relay_parked p "
                           "GROUP BY subject_type, subject_id",
-    [S_PARKED_ROWS] = "SELECT position, seq FROM de_relay_parked "
+    [S_PARKED_ROWS] = "SELECT position, seq, epoch FROM de_relay_parked "
                       "WHERE subject_type = ?1 AND subject_id = ?2 "
                       "ORDER BY position",
     [S_PARKED_MIN] = "SELECT min(position), count(*) FROM de_relay_parked",
-    [S_SEQ_RAISE] = "INSERT INTO de_relay_seq(subject_type, subject_id, seq) "
-                    "VALUES (?1, ?2, ?3) ON CONFLICT(subject_type, "
-                    "subject_id) DO UPDATE SET seq = max(seq, excluded.seq)",
+    /* The next keys after (?1, ?2) and when their subjects were last
+     * numbered, for forgetting idle subjects a slice at a time. */
+    [S_FORGET_SCAN] = "SELECT subject_type, subject_id, last_ms FROM "
+                      "de_relay_seq WHERE (subject_type, subject_id) > "
+                      "(?1, ?2) ORDER BY subject_type, subject_id LIMIT ?3",
+    /* A subject with held-back events keeps its counter: they are resent
+     * with their numbers, and its later events follow them. */
+    [S_FORGET] = "DELETE FROM de_relay_seq WHERE (subject_type, subject_id) "
+                 "> (?1, ?2) AND (subject_type, subject_id) <= (?3, ?4) AND "
+                 "last_ms < ?5 AND NOT EXISTS (SELECT 1 FROM de_relay_parked "
+                 "p WHERE p.subject_type = de_relay_seq.subject_type AND "
+                 "p.subject_id = de_relay_seq.subject_id)",
     [S_MARK_PUT] = "INSERT INTO de_relay_mark(topic, partition, next_offset) "
                    "VALUES (?1, ?2, ?3) ON CONFLICT(topic, partition) DO "
                    "UPDATE SET next_offset = max(next_offset, "
@@ -113,22 +134,28 @@ static const char *const sql[S_COUNT] = {
     [S_MARKS] = "SELECT topic, partition, next_offset FROM de_relay_mark "
                 "ORDER BY topic, partition",
     [S_FOUND_LANDED] = "INSERT OR IGNORE INTO temp.de_landed(event_id, seq, "
-                       "topic, partition, offset) VALUES (?1, ?2, ?3, ?4, ?5)",
-    [S_FOUND_SUBJECT] = "INSERT INTO temp.de_found(subject_type, subject_id, "
-                        "seq) VALUES (?1, ?2, ?3) ON CONFLICT(subject_type, "
-                        "subject_id) DO UPDATE SET seq = max(seq, "
-                        "excluded.seq)",
-    /* "WHERE true" keeps ON CONFLICT from parsing as a join constraint. */
-    [S_FOUND_RAISE] = "INSERT INTO main.de_relay_seq(subject_type, "
-                      "subject_id, seq) SELECT subject_type, subject_id, seq "
-                      "FROM temp.de_found WHERE true ON CONFLICT(subject_type, "
-                      "subject_id) DO UPDATE SET seq = max(seq, excluded.seq)",
-    [S_LANDED_GET] = "SELECT seq, topic, partition, offset FROM temp.de_landed "
-                     "WHERE event_id = ?1",
+                       "topic, partition, offset, epoch) VALUES (?1, ?2, ?3, "
+                       "?4, ?5, ?6)",
+    /* Numbers compare by epoch, then by number: (epoch, seq) only rises.
+     * SET expressions all see the row as it was. */
+    [S_FOUND_SUBJECT] =
+        "INSERT INTO temp.de_found(subject_type, subject_id, seq, epoch) "
+        "VALUES (?1, ?2, ?3, ?4) ON CONFLICT(subject_type, subject_id) DO "
+        "UPDATE SET " NUMBER_MAX_SET,
+    /* "WHERE true" keeps ON CONFLICT from parsing as a join constraint;
+     * a subject new to the state counts as numbered now. */
+    [S_FOUND_RAISE] =
+        "INSERT INTO main.de_relay_seq(subject_type, subject_id, seq, epoch, "
+        "last_ms) SELECT subject_type, subject_id, seq, epoch, ?1 FROM "
+        "temp.de_found WHERE true ON CONFLICT(subject_type, subject_id) DO "
+        "UPDATE SET " NUMBER_MAX_SET,
+    [S_LANDED_GET] = "SELECT seq, topic, partition, offset, epoch FROM "
+                     "temp.de_landed WHERE event_id = ?1",
     [S_FOUND_COUNT] = "SELECT (SELECT count(*) FROM temp.de_landed), "
                       "(SELECT count(*) FROM temp.de_found)",
     [S_HAS_MARKS] = "SELECT 1 FROM de_relay_mark WHERE topic = ?1 LIMIT 1",
     [S_BEGIN] = "BEGIN IMMEDIATE",
+    [S_READ_BEGIN] = "BEGIN",
     [S_COMMIT] = "COMMIT",
     [S_ROLLBACK] = "ROLLBACK",
 };
@@ -137,6 +164,10 @@ struct de__rstate {
     sqlite3 *db;
     char *path;
     sqlite3_stmt *st[S_COUNT];
+    bool reading; /* inside de__rstate_read_begin's transaction */
+    /* where forgetting stopped: the last key it looked at */
+    char forget_type[DE__IDENT_MAX + 1];
+    char forget_id[DE__SUBJECT_ID_MAX + 1];
 };
 
 static const char *const migrations[STATE_SCHEMA_VERSION] = {
@@ -160,6 +191,14 @@ static const char *const migrations[STATE_SCHEMA_VERSION] = {
     "  topic TEXT NOT NULL, partition INTEGER NOT NULL,"
     "  next_offset INTEGER NOT NULL,"
     "  PRIMARY KEY(topic, partition)) WITHOUT ROWID;",
+    /* 2 -> 3: numbering epochs, and when each subject was last numbered
+     * (counters of subjects idle longer than relay.subject.forget.ms are
+     * forgotten).  Subjects numbered before count as numbered now. */
+    "ALTER TABLE de_relay_seq ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE de_relay_seq ADD COLUMN last_ms INTEGER NOT NULL DEFAULT 0;"
+    "UPDATE de_relay_seq SET last_ms = "
+    "  CAST(strftime('%s', 'now') AS INTEGER) * 1000;"
+    "ALTER TABLE de_relay_parked ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;",
 };
 
 static const de__schema state_schema = {
@@ -172,10 +211,11 @@ static const de__schema state_schema = {
 static const char temp_sql[] =
     "CREATE TEMP TABLE IF NOT EXISTS de_landed("
     "  event_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, topic TEXT NOT NULL,"
-    "  partition INTEGER NOT NULL, offset INTEGER NOT NULL) WITHOUT ROWID;"
+    "  partition INTEGER NOT NULL, offset INTEGER NOT NULL,"
+    "  epoch INTEGER NOT NULL) WITHOUT ROWID;"
     "CREATE TEMP TABLE IF NOT EXISTS de_found("
     "  subject_type TEXT NOT NULL, subject_id TEXT NOT NULL,"
-    "  seq INTEGER NOT NULL,"
+    "  seq INTEGER NOT NULL, epoch INTEGER NOT NULL,"
     "  PRIMARY KEY(subject_type, subject_id)) WITHOUT ROWID;";
 
 static de_err fail_st(de__rstate *st, const char *what)
@@ -307,7 +347,8 @@ de_err de__rstate_open(const char *path, const char *outbox_id,
      * on it.  Checkpoints are rare (relay.checkpoint.interval.ms), so one
      * fsync each is cheap. */
     if ((err = de__exec(st->db, "PRAGMA journal_mode=WAL")) != DE_OK ||
-        (err = de__exec(st->db, "PRAGMA synchronous=FULL")) != DE_OK)
+        (err = de__exec(st->db, "PRAGMA synchronous=FULL")) != DE_OK ||
+        (err = de__exec(st->db, "PRAGMA cache_size=-8192")) != DE_OK)
         goto fail;
     if ((err = adopt(st, outbox_id, host_deleted_upto, cursor)) != DE_OK ||
         (err = de__exec(st->db, temp_sql)) != DE_OK)
@@ -407,12 +448,34 @@ de_err de__rstate_lease_release(de__rstate *st, const char *owner)
     return run(st, S_LEASE_RELEASE, "cannot release the lease");
 }
 
+de_err de__rstate_read_begin(de__rstate *st)
+{
+    de_err err;
+
+    if (st->reading || !sqlite3_get_autocommit(st->db))
+        return DE_OK;
+    if ((err = run(st, S_READ_BEGIN, "cannot begin reading")) == DE_OK)
+        st->reading = true;
+    return err;
+}
+
+void de__rstate_read_end(de__rstate *st)
+{
+    if (!st->reading)
+        return;
+    st->reading = false;
+    /* A read transaction: nothing to lose if its end fails. */
+    if (run(st, S_COMMIT, "end of a read") != DE_OK)
+        de__rstate_rollback(st);
+}
+
 de_err de__rstate_begin(de__rstate *st, const char *owner, int64_t now_ms,
                         bool *held)
 {
     de_err err;
 
     *held = false;
+    de__rstate_read_end(st); /* a write needs the latest snapshot */
     if ((err = run(st, S_BEGIN, "cannot begin a checkpoint")) != DE_OK)
         return err;
     sqlite3_bind_text(st->st[S_LEASE_BEAT], 1, owner, -1, SQLITE_STATIC);
@@ -464,28 +527,35 @@ de_err de__rstate_put_cursor(de__rstate *st, int64_t position,
 }
 
 de_err de__rstate_put_seq(de__rstate *st, const char *type, const char *id,
-                          int64_t seq)
+                          const de__counter *c)
 {
     sqlite3_stmt *q = st->st[S_SEQ_PUT];
 
     assert(!sqlite3_get_autocommit(st->db));
+    assert(c->seq > 0 && c->epoch >= 0);
     sqlite3_bind_text(q, 1, type, -1, SQLITE_STATIC);
     sqlite3_bind_text(q, 2, id, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(q, 3, seq);
+    sqlite3_bind_int64(q, 3, c->seq);
+    sqlite3_bind_int64(q, 4, c->epoch);
+    sqlite3_bind_int64(q, 5, c->last_ms);
     return run(st, S_SEQ_PUT, "cannot write a sequence counter");
 }
 
 de_err de__rstate_get_seq(de__rstate *st, const char *type, const char *id,
-                          int64_t *seq)
+                          de__counter *c)
 {
     sqlite3_stmt *q = st->st[S_SEQ_GET];
     de_err err = DE_OK;
 
-    *seq = 0;
+    memset(c, 0, sizeof *c);
     sqlite3_bind_text(q, 1, type, -1, SQLITE_STATIC);
     sqlite3_bind_text(q, 2, id, -1, SQLITE_STATIC);
     switch (sqlite3_step(q)) {
-    case SQLITE_ROW: *seq = sqlite3_column_int64(q, 0); break;
+    case SQLITE_ROW:
+        c->seq = sqlite3_column_int64(q, 0);
+        c->epoch = sqlite3_column_int64(q, 1);
+        c->last_ms = sqlite3_column_int64(q, 2);
+        break;
     case SQLITE_DONE: break;
     default: err = fail_st(st, "cannot read a sequence counter");
     }
@@ -495,8 +565,8 @@ de_err de__rstate_get_seq(de__rstate *st, const char *type, const char *id,
 }
 
 de_err de__rstate_park(de__rstate *st, int64_t position, const char *type,
-                       const char *id, int64_t seq, const char *error,
-                       int64_t since_ms)
+                       const char *id, int64_t epoch, int64_t seq,
+                       const char *error, int64_t since_ms)
 {
     sqlite3_stmt *q = st->st[S_PARK];
 
@@ -507,6 +577,7 @@ de_err de__rstate_park(de__rstate *st, int64_t position, const char *type,
     sqlite3_bind_int64(q, 4, seq);
     sqlite3_bind_text(q, 5, error, -1, SQLITE_STATIC);
     sqlite3_bind_int64(q, 6, since_ms);
+    sqlite3_bind_int64(q, 7, epoch);
     return run(st, S_PARK, "cannot hold an event back");
 }
 
@@ -547,7 +618,8 @@ de_err de__rstate_parked_rows(de__rstate *st, const char *type, const char *id,
     sqlite3_bind_text(q, 1, type, -1, SQLITE_TRANSIENT);
     sqlite3_bind_text(q, 2, id, -1, SQLITE_TRANSIENT);
     while ((rc = sqlite3_step(q)) == SQLITE_ROW && err == DE_OK)
-        err = fn(ctx, sqlite3_column_int64(q, 0), sqlite3_column_int64(q, 1));
+        err = fn(ctx, sqlite3_column_int64(q, 0), sqlite3_column_int64(q, 2),
+                 sqlite3_column_int64(q, 1));
     if (err == DE_OK && rc != SQLITE_DONE && rc != SQLITE_ROW)
         err = fail_st(st, "cannot read a subject's held-back events");
     sqlite3_reset(q);
@@ -586,16 +658,50 @@ de_err de__rstate_cursor(de__rstate *st, int64_t *cursor, char *event_id,
     return err;
 }
 
-de_err de__rstate_raise_seq(de__rstate *st, const char *type, const char *id,
-                            int64_t seq)
+de_err de__rstate_forget(de__rstate *st, int64_t before_ms, int limit,
+                         int64_t *scanned, int64_t *forgotten)
 {
-    sqlite3_stmt *q = st->st[S_SEQ_RAISE];
+    sqlite3_stmt *scan = st->st[S_FORGET_SCAN], *del = st->st[S_FORGET];
+    char last_type[DE__IDENT_MAX + 1], last_id[DE__SUBJECT_ID_MAX + 1];
+    int64_t stale = 0;
+    de_err err = DE_OK;
+    int rc;
 
     assert(!sqlite3_get_autocommit(st->db));
-    sqlite3_bind_text(q, 1, type, -1, SQLITE_STATIC);
-    sqlite3_bind_text(q, 2, id, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(q, 3, seq);
-    return run(st, S_SEQ_RAISE, "cannot raise a sequence counter");
+    *scanned = *forgotten = 0;
+    /* The slice: the next `limit` keys after where the last call stopped. */
+    sqlite3_bind_text(scan, 1, st->forget_type, -1, SQLITE_STATIC);
+    sqlite3_bind_text(scan, 2, st->forget_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int(scan, 3, limit);
+    last_type[0] = last_id[0] = '\0';
+    while ((rc = sqlite3_step(scan)) == SQLITE_ROW) {
+        const unsigned char *t = sqlite3_column_text(scan, 0);
+        const unsigned char *i = sqlite3_column_text(scan, 1);
+        snprintf(last_type, sizeof last_type, "%s", t ? (const char *)t : "");
+        snprintf(last_id, sizeof last_id, "%s", i ? (const char *)i : "");
+        (*scanned)++;
+        stale += sqlite3_column_int64(scan, 2) < before_ms;
+    }
+    sqlite3_reset(scan);
+    sqlite3_clear_bindings(scan);
+    if (rc != SQLITE_DONE)
+        return fail_st(st, "cannot read the sequence counters");
+    if (stale > 0) {
+        sqlite3_bind_text(del, 1, st->forget_type, -1, SQLITE_STATIC);
+        sqlite3_bind_text(del, 2, st->forget_id, -1, SQLITE_STATIC);
+        sqlite3_bind_text(del, 3, last_type, -1, SQLITE_STATIC);
+        sqlite3_bind_text(del, 4, last_id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(del, 5, before_ms);
+        if ((err = run(st, S_FORGET, "cannot forget idle counters")) != DE_OK)
+            return err;
+        *forgotten = sqlite3_changes(st->db);
+    }
+    /* At the end of the table: start over next time. */
+    snprintf(st->forget_type, sizeof st->forget_type, "%s",
+             *scanned < limit ? "" : last_type);
+    snprintf(st->forget_id, sizeof st->forget_id, "%s",
+             *scanned < limit ? "" : last_id);
+    return DE_OK;
 }
 
 de_err de__rstate_put_mark(de__rstate *st, const char *topic, int32_t partition,
@@ -650,8 +756,8 @@ de_err de__rstate_found_clear(de__rstate *st)
 }
 
 de_err de__rstate_found_add(de__rstate *st, const char *event_id,
-                            const char *type, const char *id, int64_t seq,
-                            const char *topic, int32_t partition,
+                            const char *type, const char *id, int64_t epoch,
+                            int64_t seq, const char *topic, int32_t partition,
                             int64_t offset)
 {
     sqlite3_stmt *q = st->st[S_FOUND_LANDED];
@@ -662,18 +768,21 @@ de_err de__rstate_found_add(de__rstate *st, const char *event_id,
     sqlite3_bind_text(q, 3, topic, -1, SQLITE_STATIC);
     sqlite3_bind_int(q, 4, partition);
     sqlite3_bind_int64(q, 5, offset);
+    sqlite3_bind_int64(q, 6, epoch);
     if ((err = run(st, S_FOUND_LANDED, "cannot note a found event")) != DE_OK)
         return err;
     q = st->st[S_FOUND_SUBJECT];
     sqlite3_bind_text(q, 1, type, -1, SQLITE_STATIC);
     sqlite3_bind_text(q, 2, id, -1, SQLITE_STATIC);
     sqlite3_bind_int64(q, 3, seq);
+    sqlite3_bind_int64(q, 4, epoch);
     return run(st, S_FOUND_SUBJECT, "cannot note a found subject");
 }
 
-de_err de__rstate_found_raise(de__rstate *st)
+de_err de__rstate_found_raise(de__rstate *st, int64_t now_ms)
 {
     assert(!sqlite3_get_autocommit(st->db));
+    sqlite3_bind_int64(st->st[S_FOUND_RAISE], 1, now_ms);
     return run(st, S_FOUND_RAISE, "cannot raise the counters to Kafka's");
 }
 
@@ -695,8 +804,9 @@ de_err de__rstate_found_count(de__rstate *st, int64_t *landed,
 }
 
 de_err de__rstate_landed_get(de__rstate *st, const char *event_id, bool *found,
-                             int64_t *seq, char *topic, size_t topic_size,
-                             int32_t *partition, int64_t *offset)
+                             int64_t *epoch, int64_t *seq, char *topic,
+                             size_t topic_size, int32_t *partition,
+                             int64_t *offset)
 {
     sqlite3_stmt *q = st->st[S_LANDED_GET];
     de_err err = DE_OK;
@@ -711,6 +821,7 @@ de_err de__rstate_landed_get(de__rstate *st, const char *event_id, bool *found,
                  (const char *)sqlite3_column_text(q, 1));
         *partition = sqlite3_column_int(q, 2);
         *offset = sqlite3_column_int64(q, 3);
+        *epoch = sqlite3_column_int64(q, 4);
         break;
     case SQLITE_DONE: break;
     default: err = fail_st(st, "cannot look up an event found on Kafka");

@@ -9,8 +9,13 @@
  *    the host's synchronous setting, a row the relay publishes survives a
  *    power loss (rows in the database file itself came there through a
  *    checkpoint, which syncs the log before and the file after);
- *  - deletions never wait for the host's write lock (busy timeout 0 for
- *    them): the host's commits never queue behind cleanup;
+ *  - deletions wait at most DELETE_LOCK_WAIT_MS for the host's write
+ *    lock and hold it for one small chunk: the host's commits queue
+ *    behind cleanup for about a millisecond at most;
+ *  - the log is checkpointed without waiting (PASSIVE) whenever asked;
+ *    only when it has grown past LOG_TRUNCATE_PAGES anyway (readers kept
+ *    the checkpoints from finishing) is it truncated, waiting at most
+ *    LOG_TRUNCATE_WAIT_MS for the host's writers;
  *  - the deletion floor (relay_deleted_upto in de_meta) only rises, so a
  *    stale relay resumed after a pause cannot lower it.
  */
@@ -19,6 +24,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* How long a deletion waits for the host's write lock. */
+#define DELETE_LOCK_WAIT_MS 5
+/* A log this large (in pages) is truncated, not only checkpointed. */
+#define LOG_TRUNCATE_PAGES 4096
+#define LOG_TRUNCATE_WAIT_MS 20
 
 typedef struct sqlite_source {
     de__source base;
@@ -200,7 +211,7 @@ static de_err s_delete_range(de__source *src, int64_t from, int64_t to,
         if (hi < from)
             return DE_OK;
     }
-    sqlite3_busy_timeout(s->db, 0);
+    sqlite3_busy_timeout(s->db, DELETE_LOCK_WAIT_MS);
     rc = sqlite3_exec(s->db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
     sqlite3_busy_timeout(s->db, s->busy_ms);
     if (rc == SQLITE_BUSY)
@@ -247,9 +258,20 @@ static void s_checkpoint_log(de__source *src)
 {
     sqlite_source *s = (sqlite_source *)src;
 
+    int log = 0, done = 0;
+
     /* PASSIVE never waits; what it cannot do now waits for the next. */
-    (void)sqlite3_wal_checkpoint_v2(s->db, "main", SQLITE_CHECKPOINT_PASSIVE,
+    if (sqlite3_wal_checkpoint_v2(s->db, "main", SQLITE_CHECKPOINT_PASSIVE,
+                                  &log, &done) != SQLITE_OK ||
+        log < LOG_TRUNCATE_PAGES)
+        return;
+    /* Readers kept every checkpoint from reaching the end, and writers
+     * kept appending: copy everything back and truncate the log, waiting
+     * briefly for the writers (a failure is tried again next time). */
+    sqlite3_busy_timeout(s->db, LOG_TRUNCATE_WAIT_MS);
+    (void)sqlite3_wal_checkpoint_v2(s->db, "main", SQLITE_CHECKPOINT_TRUNCATE,
                                     NULL, NULL);
+    sqlite3_busy_timeout(s->db, s->busy_ms);
 }
 
 static void s_close(de__source *src)

@@ -878,6 +878,160 @@ START_TEST(reused_numbers_are_conflicts_not_duplicates)
 }
 END_TEST
 
+/* Waits until a consumer has forgotten at least n subjects. */
+static void wait_forgotten(de_consumer *con, uint64_t n)
+{
+    de_consumer_stats st;
+
+    ck_assert_msg(tu_wait_for((poll_stats(con, &st), st.forgotten >= n), 30000),
+                  "the consumer forgot %llu subjects, expected %llu",
+                  (unsigned long long)st.forgotten, (unsigned long long)n);
+}
+
+/* The applied events of a subject, in the order applied. */
+static const char *applied_ids(sqlite3 *cdb, const char *id)
+{
+    char sql[300];
+
+    snprintf(sql, sizeof sql,
+             "SELECT group_concat(event_id) FROM (SELECT event_id FROM "
+             "applied WHERE subject_id = '%s' ORDER BY n)",
+             id);
+    return tu_query_text(cdb, sql);
+}
+
+/* The same, from the ledger. */
+static const char *ledger_ids(const char *id)
+{
+    char sql[300];
+
+    snprintf(sql, sizeof sql,
+             "SELECT group_concat(event_id) FROM (SELECT event_id FROM "
+             "ledger WHERE subject_id = '%s' ORDER BY n)",
+             id);
+    return tu_query_text(db, sql);
+}
+
+/*
+ * A subject idle for longer than relay.subject.forget.ms is renumbered
+ * from 1 in a new numbering (a higher ce_subjectepoch), and its counters
+ * and inbox rows are forgotten.  Nothing is dropped or reordered: a
+ * consumer that still remembers the subject applies the new numbering; one
+ * that forgot it too applies it as a new subject; a consumer reading the
+ * whole topic again applies nothing twice.  The sleeps are the idle time
+ * under test (longer than the relay's forget time), not a guess.
+ */
+START_TEST(idle_subjects_are_renumbered_and_forgotten)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    sqlite3 *keep = tu_open_shared(tu_path(dir, "keep.db"));
+    sqlite3 *forget = tu_open_shared(tu_path(dir, "forget.db"));
+    de_consumer *ck = NULL, *cf = NULL, *again = NULL;
+    de_conf *conf;
+    de_relay *r;
+    de_relay_stats rs;
+    de_consumer_stats st;
+    int64_t p3, p4;
+    tu_check k;
+
+    tu_topic_create(c, "delivery", 2);
+    conf = tu_relay_conf(c, "relay.subject.forget.ms", "300", NULL);
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    tu_write(db, ob, "delivery", "D-1", "created", "{}", 0);
+    tu_write(db, ob, "delivery", "D-1", "assigned", "{}", 0);
+    tu_write(db, ob, "delivery", "D-2", "created", "{}", 0);
+    tu_ok(de_relay_flush(r, 30000));
+    tu_ok(open_consumer(keep, c->bootstrap, c->prefix, "g-keep", NULL, NULL,
+                        NULL, &ck));
+    tu_ok(open_consumer(forget, c->bootstrap, c->prefix, "g-forget",
+                        "consumer.subject.forget.ms", "100", NULL, &cf));
+    poll_until(ck, keep, 3, 60000);
+    poll_until(cf, forget, 3, 60000);
+    wait_forgotten(cf, 2); /* D-1 and D-2 */
+    usleep(400 * 1000);    /* idle past relay.subject.forget.ms */
+    p3 = tu_write(db, ob, "delivery", "D-1", "picked_up", "{}", 0);
+    tu_write(db, ob, "delivery", "D-1", "delivered", "{}", 0);
+    tu_ok(de_relay_flush(r, 30000));
+    poll_until(ck, keep, 5, 60000);
+    poll_until(cf, forget, 5, 60000);
+    /* Both applied all of D-1, in commit order; the renumbered events
+     * carry 1 and 2 of the numbering named after D-1's third event. */
+    ck_assert_str_eq(applied_ids(keep, "D-1"), ledger_ids("D-1"));
+    ck_assert_str_eq(applied_ids(forget, "D-1"), ledger_ids("D-1"));
+    ck_assert_str_eq(tu_query_text(keep, "SELECT group_concat(seq) FROM "
+                                         "(SELECT seq FROM applied WHERE "
+                                         "subject_id = 'D-1' ORDER BY n)"),
+                     "1,2,1,2");
+    ck_assert_int_eq(tu_query_int(keep, "SELECT epoch FROM de_inbox WHERE "
+                                        "subject_id = 'D-1'"),
+                     p3);
+    tu_ok(de_consumer_stats_get(ck, &st));
+    ck_assert_uint_eq(st.gaps + st.duplicates + st.dead_lettered, 0);
+    /* The relay forgets the idle counters too (D-2 at least, once its
+     * cleanup rounds pass it). */
+    ck_assert(tu_wait_for(
+        (de_relay_stats_get(r, &rs) == DE_OK && rs.forgotten >= 1), 30000));
+    /* Idle again: D-1 starts a third numbering. */
+    usleep(400 * 1000);
+    p4 = tu_write(db, ob, "delivery", "D-1", "returned", "{}", 0);
+    tu_ok(de_relay_flush(r, 30000));
+    poll_until(ck, keep, 6, 60000);
+    ck_assert_int_eq(tu_query_int(keep, "SELECT epoch FROM de_inbox WHERE "
+                                        "subject_id = 'D-1'"),
+                     p4);
+    /* Reading everything again into the same inbox applies nothing:
+     * older numberings' events are duplicates. */
+    tu_ok(open_consumer(keep, c->bootstrap, c->prefix, "g-again", NULL, NULL,
+                        NULL, &again));
+    ck_assert(tu_wait_for((poll_stats(again, &st), st.duplicates >= 6), 30000));
+    ck_assert_int_eq(applied_count(keep), 6);
+    ck_assert_uint_eq(st.applied + st.gaps + st.dead_lettered, 0);
+    /* And the topic, read back: every event once, each numbering from 1. */
+    k = tu_check_topics(c, db, "/test/relay", "");
+    tu_assert_check(&k);
+    tu_ok(de_consumer_close(again));
+    tu_ok(de_consumer_close(ck));
+    tu_ok(de_consumer_close(cf));
+    tu_ok(de_relay_stop(r, 5000));
+    sqlite3_close(keep);
+    sqlite3_close(forget);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* Why consumer.subject.forget.ms must exceed the relay's: a consumer that
+ * forgets a subject the relay still numbers sees its next event as a gap
+ * -- parked for an operator, never applied out of order or dropped. */
+START_TEST(forgetting_before_the_relay_parks_a_gap)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    sqlite3 *cdb = tu_open_shared(tu_path(dir, "consumer.db"));
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+    de_relay *r;
+
+    tu_topic_create(c, "delivery", 1);
+    r = start_relay(c); /* relay.subject.forget.ms: 7 days */
+    tu_write(db, ob, "delivery", "D-1", "created", "{}", 0);
+    tu_ok(de_relay_flush(r, 30000));
+    tu_ok(open_consumer(cdb, c->bootstrap, c->prefix, "g-early",
+                        "consumer.subject.forget.ms", "1", NULL, &con));
+    poll_until(con, cdb, 1, 60000);
+    wait_forgotten(con, 1);
+    tu_write(db, ob, "delivery", "D-1", "assigned", "{}", 0);
+    tu_ok(de_relay_flush(r, 30000));
+    ck_assert(
+        tu_wait_for((poll_stats(con, &st), st.parked_subjects == 1), 30000));
+    ck_assert_int_eq(dead_letters(cdb, "gap"), 1);
+    ck_assert_int_eq(applied_count(cdb), 1);
+    tu_ok(de_consumer_close(con));
+    tu_ok(de_relay_stop(r, 5000));
+    sqlite3_close(cdb);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 START_TEST(refuses_bad_use)
 {
     sqlite3 *cdb = tu_open_shared(tu_path(dir, "consumer.db")), *mem;
@@ -937,6 +1091,10 @@ static Suite *consumer_suite(void)
     tcase_add_loop_test(tc, gaps_are_parked_or_applied, tu_cluster_first(),
                         tu_cluster_count());
     tcase_add_loop_test(tc, reused_numbers_are_conflicts_not_duplicates,
+                        tu_cluster_first(), tu_cluster_count());
+    tcase_add_loop_test(tc, idle_subjects_are_renumbered_and_forgotten,
+                        tu_cluster_first(), tu_cluster_count());
+    tcase_add_loop_test(tc, forgetting_before_the_relay_parks_a_gap,
                         tu_cluster_first(), tu_cluster_count());
     tcase_add_test(tc, refuses_bad_use);
     suite_add_tcase(s, tc);

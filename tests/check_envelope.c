@@ -83,6 +83,7 @@ START_TEST(headers_are_built_exactly)
         {"content-type", "application/json"},
         {"ce_partitionkey", "D-1001"},
         {"ce_subjectseq", "42"},
+        {"ce_subjectepoch", "9007"},
         {"ce_subjecttype", "delivery"},
         {"ce_action", "assigned"},
         {"traceparent",
@@ -105,9 +106,10 @@ START_TEST(headers_are_built_exactly)
     row.occurred_at_ms = 1795604400123;
     row.payload = "{}";
     row.payload_len = 2;
-    row.traceparent = want[11][1];
-    row.tracestate = want[12][1];
-    h = de__envelope_headers(&row, 42, "/delivery-service", "com.example.");
+    row.traceparent = want[12][1];
+    row.tracestate = want[13][1];
+    h = de__envelope_headers(&row, 9007, 42, "/delivery-service",
+                             "com.example.");
     ck_assert_ptr_nonnull(h);
     for (i = 0; rd_kafka_header_get_all(h, i, &name, &val, &size) == 0; i++) {
         ck_assert_msg(i < DE__ARRAY_LEN(want), "extra header %s", name);
@@ -119,13 +121,17 @@ START_TEST(headers_are_built_exactly)
     }
     ck_assert_uint_eq(i, DE__ARRAY_LEN(want));
     rd_kafka_headers_destroy(h);
-    /* Without trace context or version: neither header, no ".v". */
+    /* Without trace context, version or epoch (a numbering begun before
+     * epochs): none of those headers, no ".v". */
     row.traceparent = row.tracestate = NULL;
     row.version = 0;
-    h = de__envelope_headers(&row, 1, "/s", "");
+    h = de__envelope_headers(&row, 0, 1, "/s", "");
     ck_assert_ptr_nonnull(h);
     ck_assert_int_eq(rd_kafka_header_get_last(h, "traceparent", &val, &size),
                      RD_KAFKA_RESP_ERR__NOENT);
+    ck_assert_int_eq(
+        rd_kafka_header_get_last(h, "ce_subjectepoch", &val, &size),
+        RD_KAFKA_RESP_ERR__NOENT);
     ck_assert_int_eq(rd_kafka_header_get_last(h, "ce_type", &val, &size), 0);
     ck_assert_msg(size == 17 && memcmp(val, "delivery.assigned", 17) == 0,
                   "ce_type '%.*s'", (int)size, (const char *)val);

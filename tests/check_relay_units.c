@@ -122,14 +122,19 @@ START_TEST(watermark_passes_acked_and_held_back_slots)
 
     ck_assert_ptr_nonnull(s);
     ck_assert_ptr_nonnull(t);
-    sl[0] = de__ring_push(r, 10, s);
-    sl[1] = de__ring_push(r, 11, t);
-    sl[2] = de__ring_push(r, 12, s);
-    sl[3] = de__ring_push(r, 14, t);
-    sl[4] = de__ring_push(r, 15, s);
+    sl[0] = de__ring_push(r, 10, 1000, s);
+    sl[1] = de__ring_push(r, 11, 1000, t);
+    sl[2] = de__ring_push(r, 12, 1000, s);
+    sl[3] = de__ring_push(r, 14, 1000, t);
+    sl[4] = de__ring_push(r, 15, 1000, s);
     ck_assert_int_eq(r->count, 5);
+    /* New subjects: numbered from 1 in a numbering named after the
+     * position of its first event. */
+    ck_assert_int_eq(sl[0]->epoch, 10);
+    ck_assert_int_eq(sl[1]->epoch, 11);
     ck_assert_int_eq(sl[2]->seq, 2); /* D-1's second event */
-    sl[1]->state = DE__SLOT_ACKED;   /* out of order: nothing moves */
+    ck_assert_int_eq(sl[2]->epoch, 10);
+    sl[1]->state = DE__SLOT_ACKED; /* out of order: nothing moves */
     de__relay_advance(r);
     ck_assert_int_eq(r->done_pos, 0);
     sl[0]->state = DE__SLOT_ACKED;
@@ -157,32 +162,122 @@ START_TEST(watermark_passes_acked_and_held_back_slots)
 }
 END_TEST
 
-/* Idle subjects are dropped once the table is over its size, and come
- * back with their numbers from the state file; busy ones stay. */
+/* Writes one counter in a checkpoint-like transaction of owner "A". */
+static void put_counter(de_relay *r, const char *id, int64_t epoch, int64_t seq,
+                        int64_t last_ms)
+{
+    de__counter c = {epoch, seq, last_ms};
+    char holder[16];
+    bool held;
+
+    tu_ok(de__rstate_lease_acquire(r->st, "A", 1, 500, &held, holder,
+                                   sizeof holder));
+    tu_ok(de__rstate_begin(r->st, "A", 1, &held));
+    ck_assert(held);
+    tu_ok(de__rstate_put_seq(r->st, "delivery", id, &c));
+    tu_ok(de__rstate_commit(r->st));
+}
+
+/* Idle subjects are dropped as new ones come in, once the table is over
+ * its size -- while reading, not only when idle -- and come back with
+ * their numbers from the state file; busy ones stay. */
 START_TEST(idle_subjects_are_evicted_and_reload)
 {
     de_relay *r = bare_relay(4);
     char id[16];
-    bool held;
     de__subj *busy;
 
     r->subject_cache = 10;
-    tu_ok(de__rstate_lease_acquire(r->st, "A", 1, 500, &held, id, sizeof id));
-    tu_ok(de__rstate_begin(r->st, "A", 1, &held));
-    ck_assert(held);
-    tu_ok(de__rstate_put_seq(r->st, "delivery", "D-7", 41));
-    tu_ok(de__rstate_commit(r->st));
+    put_counter(r, "D-7", 3, 41, 1000);
     busy = de__subj_get(r, "delivery", "D-0", 3);
-    ck_assert_ptr_nonnull(de__ring_push(r, 1, busy));
-    for (int i = 1; i < 50; i++) {
+    ck_assert_ptr_nonnull(de__ring_push(r, 1, 1000, busy));
+    for (int i = 1; i < 5000; i++) {
         snprintf(id, sizeof id, "D-%d", i);
         ck_assert_ptr_nonnull(de__subj_get(r, "delivery", id, strlen(id)));
+        /* Bounded while subjects keep coming: the clock hand looks at
+         * 64 of the 4096 buckets per new entry. */
+        ck_assert_uint_le(r->nsubj, 10 + 4096 / 64);
     }
-    ck_assert_uint_eq(r->nsubj, 50);
+    ck_assert_uint_eq(r->nbuckets, 4096); /* never grew */
     de__subj_sweep(r, false);
     ck_assert_uint_eq(r->nsubj, 1); /* only the one in flight */
     ck_assert_ptr_eq(de__subj_get(r, "delivery", "D-0", 3), busy);
     ck_assert_int_eq(de__subj_get(r, "delivery", "D-7", 3)->assigned, 41);
+    ck_assert_int_eq(de__subj_get(r, "delivery", "D-7", 3)->epoch, 3);
+    de__relay_free(r);
+}
+END_TEST
+
+/* A subject idle for longer than relay.subject.forget.ms starts a new
+ * numbering at its next event: number 1, with the event's position as
+ * its epoch (above the old one).  The choice depends on the rows' times
+ * only, so reading again from the watermark repeats it. */
+START_TEST(idle_subject_starts_a_new_numbering)
+{
+    de_relay *r = bare_relay(8);
+    de__subj *s;
+    de__slot *a, *b, *c;
+
+    r->forget_ms = 1000;
+    put_counter(r, "D-9", 7, 41, 50000);
+    s = de__subj_get(r, "delivery", "D-9", 3);
+    a = de__ring_push(r, 100, 51000, s); /* 1000 ms later: not idle yet */
+    ck_assert_int_eq(a->epoch, 7);
+    ck_assert_int_eq(a->seq, 42);
+    b = de__ring_push(r, 101, 52001, s); /* 1001 ms after a: idle */
+    ck_assert_int_eq(b->epoch, 101);
+    ck_assert_int_eq(b->seq, 1);
+    c = de__ring_push(r, 102, 52002, s);
+    ck_assert_int_eq(c->epoch, 101);
+    ck_assert_int_eq(c->seq, 2);
+    /* Read again from the watermark (nothing acked): the same numbers. */
+    de__relay_reset(r);
+    ck_assert_int_eq(de__ring_push(r, 100, 51000, s)->seq, 42);
+    b = de__ring_push(r, 101, 52001, s);
+    ck_assert(b->epoch == 101 && b->seq == 1);
+    /* With the first acknowledged, likewise. */
+    de__ring_at(r, r->head_tag)->state = DE__SLOT_ACKED;
+    de__relay_advance(r);
+    de__relay_reset(r);
+    b = de__ring_push(r, 101, 52001, s);
+    ck_assert(b->epoch == 101 && b->seq == 1);
+    /* Never forgotten when relay.subject.forget.ms is 0. */
+    r->forget_ms = 0;
+    ck_assert_int_eq(de__ring_push(r, 102, 999999999, s)->seq, 2);
+    de__relay_free(r);
+}
+END_TEST
+
+/* Forgetting removes only counters idle since before the bound, never one
+ * of a subject with held-back events, and walks the table in slices. */
+START_TEST(forgetting_spares_recent_and_held_back_subjects)
+{
+    de_relay *r = bare_relay(4);
+    int64_t scanned, forgotten, total = 0;
+    de__counter got;
+    char id[16];
+    bool held;
+
+    for (int i = 0; i < 10; i++) {
+        snprintf(id, sizeof id, "D-%d", i);
+        put_counter(r, id, 1, 5, i < 6 ? 1000 : 9000); /* 0..5 are old */
+    }
+    tu_ok(de__rstate_begin(r->st, "A", 1, &held));
+    tu_ok(de__rstate_park(r->st, 77, "delivery", "D-2", 1, 6, "refused", 1));
+    tu_ok(de__rstate_commit(r->st));
+    for (int round = 0; round < 3; round++) {
+        tu_ok(de__rstate_begin(r->st, "A", 1, &held));
+        tu_ok(de__rstate_forget(r->st, 5000, 4, &scanned, &forgotten));
+        tu_ok(de__rstate_commit(r->st));
+        ck_assert_int_le(scanned, 4);
+        total += forgotten;
+    }
+    ck_assert_int_eq(total, 5); /* D-0..D-5 but D-2 */
+    for (int i = 0; i < 10; i++) {
+        snprintf(id, sizeof id, "D-%d", i);
+        tu_ok(de__rstate_get_seq(r->st, "delivery", id, &got));
+        ck_assert_int_eq(got.seq, (i < 6 && i != 2) ? 0 : 5);
+    }
     de__relay_free(r);
 }
 END_TEST
@@ -197,6 +292,8 @@ static Suite *units_suite(void)
     tcase_add_test(tc, foreign_or_stale_state_is_refused);
     tcase_add_test(tc, watermark_passes_acked_and_held_back_slots);
     tcase_add_test(tc, idle_subjects_are_evicted_and_reload);
+    tcase_add_test(tc, idle_subject_starts_a_new_numbering);
+    tcase_add_test(tc, forgetting_spares_recent_and_held_back_subjects);
     suite_add_tcase(s, tc);
     return s;
 }

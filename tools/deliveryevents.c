@@ -18,7 +18,8 @@
  *                       [--print N]
  *       Reads a topic from the beginning and prints each event (partition,
  *       offset, subject, ce_subjectseq, type, time, payload), checking as
- *       it goes that every subject's sequence runs 1, 2, 3, ...  With
+ *       it goes that every subject's sequence runs 1, 2, 3, ... (starting
+ *       over at 1 in a new numbering, ce_subjectepoch).  With
  *       --exit-at-end it stops at the end of the topic and prints a summary;
  *       --print limits how many events are printed.
  *
@@ -156,7 +157,7 @@ static int cmd_relay(int argc, char **argv)
 
 struct seen {
     struct seen *next;
-    long long last;
+    long long epoch, last; /* the last number seen in order */
     char subject[];
 };
 
@@ -262,9 +263,9 @@ static int cmd_tail(int argc, char **argv)
     while (!stop_signal && !(exit_at_end && remaining == 0)) {
         rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 200);
         rd_kafka_headers_t *h = NULL;
-        char subject[300], seqs[32], type[300], time[40];
+        char subject[300], seqs[32], epochs[32], type[300], time[40];
         struct seen *sn;
-        long long seq;
+        long long seq, epoch;
         const char *what;
         int gap = 0;
 
@@ -285,15 +286,24 @@ static int cmd_tail(int argc, char **argv)
             bad++;
         } else {
             seq = strtoll(seqs, NULL, 10);
+            epoch = hdr(h, "ce_subjectepoch", epochs, sizeof epochs)
+                        ? strtoll(epochs, NULL, 10)
+                        : 0;
             sn = seen_get(tab, subject);
             if (sn && sn->last == 0)
                 subjects++;
             what = "";
-            if (sn == NULL || seq == sn->last + 1) {
+            /* In order: the next number of the numbering, or 1 in a newer
+             * numbering (ce_subjectepoch: the subject was idle). */
+            if (sn == NULL || (epoch == sn->epoch && seq == sn->last + 1) ||
+                (epoch > sn->epoch && seq == 1)) {
                 events++;
-                if (sn)
+                if (sn) {
+                    sn->epoch = epoch;
                     sn->last = seq;
-            } else if (seq <= sn->last) {
+                }
+            } else if (epoch < sn->epoch ||
+                       (epoch == sn->epoch && seq <= sn->last)) {
                 dups++;
                 what = "  (duplicate: already seen)";
             } else {

@@ -89,8 +89,9 @@ typedef struct tu_check {
 /* Reads every topic of the ledger's subject types from the beginning to
  * the end and checks, against the ledger in ledger_db: every committed
  * event arrived, nothing else did, each subject's ce_subjectseq runs
- * 1, 2, 3, ... in commit order, duplicates repeat the same ce_id for the
- * same sequence number, the key and partition (murmur2) are right, and the
+ * 1, 2, 3, ... in commit order (starting over at 1 only in a numbering
+ * with a higher ce_subjectepoch), duplicates repeat the same ce_id with
+ * the same number, the key and partition (murmur2) are right, and the
  * headers, timestamp and value are exact.  source/type_prefix are the
  * expected ce_source and ce_type prefix. */
 tu_check tu_check_topics(tu_cluster *c, sqlite3 *ledger_db, const char *source,
