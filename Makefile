@@ -76,7 +76,7 @@ BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 .PHONY: all deps check check-all check-suites check-header check-exports \
         demo-run \
         check-install check-remote check-asan check-tsan demo bench examples install \
-        soak-powerloss \
+        soak soak-short soak-powerloss \
         uninstall clean format format-check mock-reorder-experiment
 
 TOOL := $(BUILD)/deliveryevents
@@ -232,6 +232,16 @@ mock-reorder-experiment:
 	    $$(pkg-config --cflags --libs rdkafka)
 	$(BUILD)/experiments/mock_reorder 10
 	$(BUILD)/experiments/mock_reorder 10 leader
+
+# Long running: mixed load, faults and relay kills, sampling every resource
+# (tests/soak.c); fails if any keeps growing after warm-up.  soak-short is
+# the slice CI runs.
+soak: $(BUILD)/tests/soak $(TOOL)
+	@$(RUN_ENV) DE_TOOL=$(abspath $(TOOL)) DE_SOAK_SECONDS=$${DE_SOAK_SECONDS:-1800} \
+	    $(BUILD)/tests/soak
+
+soak-short: $(BUILD)/tests/soak $(TOOL)
+	@$(RUN_ENV) DE_TOOL=$(abspath $(TOOL)) DE_SOAK_SECONDS=150 $(BUILD)/tests/soak
 
 # The power-loss campaign: 1,000 random cuts instead of the 100 of
 # `make check` (about 7 minutes).
