@@ -214,7 +214,10 @@ typedef struct de_outbox de_outbox;
  * timeout of outbox.busy.timeout.ms when it has none (a connection without
  * one fails with SQLITE_BUSY the moment another connection writes), creates
  * or migrates the library's tables (all named de_*), and prepares its
- * statements once.
+ * statements once.  The wire settings conf sets (topic.template,
+ * event.source, event.type.prefix) are stored with the outbox, so that
+ * every relay of the database publishes with them (docs/CONFIGURATION.md,
+ * "Wire settings").
  *
  * @param db    the host's open connection to a database file; borrowed: it
  *              must stay open until de_outbox_close().  In-memory and
@@ -353,14 +356,17 @@ typedef struct de_relay de_relay;
  * @param conf  the relay's configuration, or NULL.  Keys set on ob's
  *              configuration (event.source, topic.template, ...) apply
  *              unless conf sets them too.  bootstrap.servers is required
- *              in one of the two.  Copied.
+ *              in one of the two.  The wire settings the database's
+ *              writer stored with its outbox apply where neither sets
+ *              them.  Copied.
  * @param out   receives the relay; set to NULL on failure.
  * @return DE_OK; DE_ERR_ARG; DE_ERR_CONFIG (no bootstrap.servers, a
- *         property the relay must own such as enable.idempotence, or one
- *         librdkafka refuses); DE_ERR_STATE (the relay's state belongs to
- *         another database, was lost or restored from a copy older than
- *         the outbox's cleanup, or the database is older than the state:
- *         restored without its state file); DE_ERR_DB; DE_ERR_KAFKA;
+ *         property the relay must own such as enable.idempotence, one
+ *         librdkafka refuses, or a wire setting that differs from the one
+ *         the writer stored, without relay.settings.override); DE_ERR_STATE
+ * (the relay's state belongs to another database, was lost or restored from a
+ * copy older than the outbox's cleanup, or the database is older than the
+ * state: restored without its state file); DE_ERR_DB; DE_ERR_KAFKA;
  *         DE_ERR_NOMEM.
  */
 DE_EXTERN DE_WARN_UNUSED de_err de_relay_start(de_outbox *ob,

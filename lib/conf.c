@@ -72,6 +72,8 @@ static const struct keydef {
                                        T_INT, 0, INT64_C(315360000000), NULL},
     [DE__K_RELAY_SUBJECT_CACHE] = {"relay.subject.cache", "100000", T_INT, 100,
                                    100000000, NULL},
+    [DE__K_RELAY_SETTINGS_OVERRIDE] = {"relay.settings.override", "false",
+                                       T_BOOL, 0, 1, NULL},
     [DE__K_CONSUMER_TOPICS] = {"consumer.topics", "", T_STR, 0, 0,
                                check_topics},
     [DE__K_CONSUMER_ON_GAP] = {"consumer.on.gap", "park", T_STR, 0, 0,
@@ -432,6 +434,11 @@ int64_t de__conf_int(const de_conf *conf, de__key k)
 bool de__conf_bool(const de_conf *conf, de__key k)
 {
     return de__conf_int(conf, k) != 0;
+}
+
+bool de__conf_is_set(const de_conf *conf, de__key k)
+{
+    return conf != NULL && conf->val[k] != NULL;
 }
 
 bool de__conf_rdkafka_get(const de_conf *conf, const char *key,

@@ -88,6 +88,7 @@ typedef enum {
     DE__K_RELAY_RECOVERY_UNVERIFIABLE,
     DE__K_RELAY_SUBJECT_FORGET_MS,
     DE__K_RELAY_SUBJECT_CACHE,
+    DE__K_RELAY_SETTINGS_OVERRIDE,
     DE__K_CONSUMER_TOPICS,
     DE__K_CONSUMER_ON_GAP,
     DE__K_CONSUMER_MAX_ATTEMPTS,
@@ -109,6 +110,17 @@ const char *de__conf_str(const de_conf *conf, de__key k);
 const char *de__conf_key_name(int k);
 int64_t de__conf_int(const de_conf *conf, de__key k);
 bool de__conf_bool(const de_conf *conf, de__key k);
+/* Whether library key k was set on conf (not left at its default). */
+bool de__conf_is_set(const de_conf *conf, de__key k);
+
+/* The settings that decide what goes on the wire -- which topic, which
+ * ce_source, which ce_type -- and so must be the same for every relay of
+ * one database.  A writer that sets one stores it with the outbox; every
+ * relay of that database uses the stored value (see relay.c). */
+#define DE__WIRE_KEYS                                                          \
+    {                                                                          \
+        DE__K_TOPIC_TEMPLATE, DE__K_EVENT_SOURCE, DE__K_EVENT_TYPE_PREFIX      \
+    }
 
 /* Applies every librdkafka property set on conf (in the order set) to
  * rkconf.  Returns DE_OK or DE_ERR_CONFIG with the message set. */
@@ -352,6 +364,15 @@ de_err de__outbox_schema_ensure(sqlite3 *db);
 
 /* Creates the outbox_id row (a UUIDv7 naming this outbox) if missing. */
 de_err de__outbox_identity(sqlite3 *db, char out[37]);
+
+/* Stores the wire settings (DE__WIRE_KEYS) that conf sets explicitly with
+ * the outbox in db, in one transaction, leaving the others as they are;
+ * logs through conf each value it changes. */
+de_err de__outbox_store_settings(sqlite3 *db, const de_conf *conf);
+
+/* The wire setting `key` stored with the outbox in db: *out receives a
+ * copy the caller frees, or NULL when none is stored. */
+de_err de__outbox_stored_setting(sqlite3 *db, const char *key, char **out);
 
 /* ---- outbox internals the relay uses (outbox.c) ---------------------- */
 

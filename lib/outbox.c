@@ -177,7 +177,8 @@ de_err de_outbox_open(sqlite3 *db, const de_conf *conf, de_outbox **out)
              db, de__conf_int(ob->conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS))) !=
         DE_OK)
         goto fail;
-    if ((err = de__outbox_schema_ensure(db)) != DE_OK)
+    if ((err = de__outbox_schema_ensure(db)) != DE_OK ||
+        (err = de__outbox_store_settings(db, ob->conf)) != DE_OK)
         goto fail;
     ob->ckpt_threshold = (int)de__query_int(db, "PRAGMA wal_autocheckpoint");
     if (sqlite3_prepare_v3(db, insert_sql, -1, SQLITE_PREPARE_PERSISTENT,

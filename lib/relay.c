@@ -566,6 +566,49 @@ static void read_conf(de_relay *r)
                "continue") == 0;
 }
 
+/* Every relay of a database publishes with the wire settings its writer
+ * stored with the outbox: a relay not given one takes the stored value; a
+ * relay given a different one refuses (DE_ERR_CONFIG, naming both), unless
+ * relay.settings.override says to publish with its own.  conf is the
+ * relay's private copy. */
+static de_err adopt_settings(de_relay *r, de_conf *conf)
+{
+    static const de__key wire[] = DE__WIRE_KEYS;
+    bool override = de__conf_bool(conf, DE__K_RELAY_SETTINGS_OVERRIDE);
+    de_err err = DE_OK;
+
+    for (size_t i = 0; i < DE__ARRAY_LEN(wire) && err == DE_OK; i++) {
+        const char *key = de__conf_key_name(wire[i]);
+        const char *mine = de__conf_str(conf, wire[i]);
+        char *stored = NULL;
+        if ((err = r->src->ops->stored_setting(r->src, key, &stored)) !=
+                DE_OK ||
+            stored == NULL)
+            continue;
+        if (strcmp(stored, mine) == 0) {
+            /* nothing to do */
+        } else if (!de__conf_is_set(conf, wire[i])) {
+            err = de_conf_set(conf, key, stored);
+        } else if (override) {
+            de__log(conf, DE_LOG_WARNING,
+                    "%s%s is '%s' here but '%s' in the outbox's settings; "
+                    "publishing with '%s' (relay.settings.override)",
+                    r->log_prefix, key, mine, stored, mine);
+        } else {
+            err = de__fail(DE_ERR_CONFIG,
+                           "%s is '%s' for this relay but '%s' in the "
+                           "settings the writer of '%s' stored with its "
+                           "outbox; leave %s unset to use the stored value, "
+                           "or set relay.settings.override=true",
+                           key, mine, stored, r->db_path, key);
+        }
+        free(stored);
+    }
+    if (err == DE_OK)
+        read_conf(r);
+    return err;
+}
+
 static de_err relay_new(const char *db_path, de_conf *conf, de_outbox *ob,
                         de_relay **out)
 {
@@ -611,6 +654,7 @@ static de_err relay_new(const char *db_path, de_conf *conf, de_outbox *ob,
     de__uuid7(r->owner);
     if ((err = de__source_open_sqlite(r->db_path, r->busy_ms, ob != NULL,
                                       &r->src, r->outbox_id)) != DE_OK ||
+        (err = adopt_settings(r, conf)) != DE_OK ||
         (err = r->src->ops->deleted_upto(r->src, &floor)) != DE_OK ||
         (err = de__rstate_open(r->state_path, r->outbox_id, floor, &r->st,
                                &cursor)) != DE_OK ||

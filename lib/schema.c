@@ -309,6 +309,101 @@ de_err de__outbox_identity(sqlite3 *db, char out[37])
     return err;
 }
 
+/* Wire settings live in de_meta as 'setting.<key>'. */
+static void setting_name(char *buf, size_t cap, const char *key)
+{
+    snprintf(buf, cap, "setting.%s", key);
+}
+
+de_err de__outbox_stored_setting(sqlite3 *db, const char *key, char **out)
+{
+    sqlite3_stmt *st = NULL;
+    char name[96];
+    const unsigned char *v;
+    int rc;
+
+    *out = NULL;
+    setting_name(name, sizeof name, key);
+    if (sqlite3_prepare_v2(db, "SELECT value FROM main.de_meta WHERE key = ?1",
+                           -1, &st, NULL) != SQLITE_OK)
+        return de__fail_db(db, "cannot read the outbox's settings");
+    sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW && (v = sqlite3_column_text(st, 0)) != NULL &&
+        (*out = strdup((const char *)v)) == NULL) {
+        sqlite3_finalize(st);
+        return de__fail(DE_ERR_NOMEM, "out of memory reading the settings");
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        return de__fail_db(db, "cannot read the outbox's settings");
+    return DE_OK;
+}
+
+de_err de__outbox_store_settings(sqlite3 *db, const de_conf *conf)
+{
+    static const de__key wire[] = DE__WIRE_KEYS;
+    sqlite3_stmt *st = NULL;
+    char name[96], *old[DE__ARRAY_LEN(wire)] = {NULL};
+    bool change = false;
+    de_err err = DE_OK;
+
+    for (size_t i = 0; i < DE__ARRAY_LEN(wire); i++) {
+        if (!de__conf_is_set(conf, wire[i]))
+            continue;
+        if ((err = de__outbox_stored_setting(db, de__conf_key_name(wire[i]),
+                                             &old[i])) != DE_OK)
+            goto done;
+        change |=
+            old[i] == NULL || strcmp(old[i], de__conf_str(conf, wire[i])) != 0;
+    }
+    if (!change)
+        goto done;
+    if ((err = de__exec(db, "BEGIN IMMEDIATE")) != DE_OK)
+        goto done;
+    if (sqlite3_prepare_v2(db,
+                           "INSERT INTO main.de_meta(key, value) VALUES (?1, "
+                           "?2) ON CONFLICT(key) DO UPDATE SET value = "
+                           "excluded.value",
+                           -1, &st, NULL) != SQLITE_OK) {
+        err = de__fail_db(db, "cannot store the outbox's settings");
+        (void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+        goto done;
+    }
+    for (size_t i = 0; i < DE__ARRAY_LEN(wire) && err == DE_OK; i++) {
+        const char *key = de__conf_key_name(wire[i]);
+        const char *v = de__conf_str(conf, wire[i]);
+        if (!de__conf_is_set(conf, wire[i]) ||
+            (old[i] != NULL && strcmp(old[i], v) == 0))
+            continue;
+        setting_name(name, sizeof name, key);
+        sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 2, v, -1, SQLITE_STATIC);
+        if (sqlite3_step(st) != SQLITE_DONE)
+            err = de__fail_db(db, "cannot store the outbox's settings");
+        sqlite3_reset(st);
+    }
+    sqlite3_finalize(st);
+    if (err == DE_OK)
+        err = de__exec(db, "COMMIT");
+    if (err != DE_OK) {
+        (void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+        goto done;
+    }
+    for (size_t i = 0; i < DE__ARRAY_LEN(wire); i++)
+        if (de__conf_is_set(conf, wire[i]) && old[i] != NULL &&
+            strcmp(old[i], de__conf_str(conf, wire[i])) != 0)
+            de__log(conf, DE_LOG_NOTICE,
+                    "outbox of '%s': %s changed from '%s' to '%s'; every "
+                    "relay started from now on publishes with it",
+                    sqlite3_db_filename(db, "main"), de__conf_key_name(wire[i]),
+                    old[i], de__conf_str(conf, wire[i]));
+done:
+    for (size_t i = 0; i < DE__ARRAY_LEN(wire); i++)
+        free(old[i]);
+    return err;
+}
+
 static const de__schema outbox_schema = {
     "outbox", "de_meta", migrations, DE__OUTBOX_SCHEMA_VERSION, ensure_identity,
 };

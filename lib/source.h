@@ -47,6 +47,9 @@ typedef struct de__source_ops {
     de_err (*deleted_upto)(de__source *s, int64_t *out);
     /* Whether another connection committed since the last call. */
     bool (*changed)(de__source *s);
+    /* The wire setting `key` its writer stored with the outbox (*out: a
+     * copy the caller frees, NULL when none is stored). */
+    de_err (*stored_setting)(de__source *s, const char *key, char **out);
     /* Checkpoints the database's log for its writers (WAL). */
     void (*checkpoint_log)(de__source *s);
     void (*close)(de__source *s);

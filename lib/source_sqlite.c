@@ -187,6 +187,11 @@ static de_err s_deleted_upto(de__source *src, int64_t *out)
     return DE_OK;
 }
 
+static de_err s_stored_setting(de__source *src, const char *key, char **out)
+{
+    return de__outbox_stored_setting(((sqlite_source *)src)->db, key, out);
+}
+
 static de_err s_delete_range(de__source *src, int64_t from, int64_t to,
                              int64_t recorded_before, int64_t *upto,
                              int *deleted)
@@ -290,8 +295,16 @@ static void s_close(de__source *src)
 }
 
 static const de__source_ops sqlite_ops = {
-    s_read,         s_read_one, s_max_position,   s_event_id_at, s_delete_range,
-    s_deleted_upto, s_changed,  s_checkpoint_log, s_close,
+    .read = s_read,
+    .read_one = s_read_one,
+    .max_position = s_max_position,
+    .event_id_at = s_event_id_at,
+    .delete_range = s_delete_range,
+    .deleted_upto = s_deleted_upto,
+    .changed = s_changed,
+    .stored_setting = s_stored_setting,
+    .checkpoint_log = s_checkpoint_log,
+    .close = s_close,
 };
 
 static de_err prepare_all(sqlite_source *s)

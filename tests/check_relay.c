@@ -560,6 +560,121 @@ START_TEST(draining_many_subjects_keeps_memory_flat)
 }
 END_TEST
 
+struct source_count {
+    long n;
+    const char *source;
+    long wrong_source;
+};
+
+static void count_source(void *ctx, const rd_kafka_message_t *m, int32_t np)
+{
+    struct source_count *sc = ctx;
+    const char *v = tu_header(m, "ce_source");
+
+    (void)np;
+    sc->n++;
+    sc->wrong_source += v == NULL || strcmp(v, sc->source) != 0;
+}
+
+/* A relay conf with the cluster and short intervals but no wire settings
+ * (tu_relay_conf sets topic.template and event.source). */
+static de_conf *bare_relay_conf(tu_cluster *c)
+{
+    de_conf *conf = de_conf_new();
+
+    tu_ok(de_conf_set(conf, "bootstrap.servers", c->bootstrap));
+    tu_ok(de_conf_set(conf, "relay.lease.timeout.ms", "1500"));
+    tu_ok(de_conf_set(conf, "relay.checkpoint.interval.ms", "50"));
+    de_conf_set_log_cb(conf, tu_log, NULL);
+    return conf;
+}
+
+/* Writes n events of D-1 through wob, drains them with a sidecar relay
+ * configured by `rconf` (destroyed) and counts the records on topic
+ * `type`'s topic. */
+static long write_drain_count(tu_cluster *c, sqlite3 *w, de_outbox *wob, int n,
+                              de_conf *rconf, const char *type,
+                              struct source_count *sc)
+{
+    de_relay *r = NULL;
+
+    for (int i = 0; i < n; i++)
+        tu_write(w, wob, "delivery", "D-1", "assigned", "{}", 0);
+    tu_ok(de_relay_start_path(tu_path(dir, "service.db"), rconf, &r));
+    tu_ok(de_relay_flush(r, 30000));
+    tu_ok(de_relay_stop(r, 5000));
+    de_conf_destroy(rconf);
+    sc->n = 0;
+    tu_read_topic(c, tu_topic(c, type), count_source, sc);
+    return sc->n;
+}
+
+/* The settings that decide what goes on the wire are the writer's: a
+ * sidecar relay started without them publishes where the writer said, a
+ * relay told otherwise refuses and names both values, and the override key
+ * makes it publish with its own.  A writer that changes a setting changes
+ * it for every relay started after. */
+START_TEST(relays_publish_with_the_writers_settings)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    char tmpl[160], other[160];
+    sqlite3 *w = tu_open(tu_path(dir, "service.db"));
+    de_conf *wconf = de_conf_new(), *rconf;
+    de_outbox *wob = NULL;
+    de_relay *r = NULL;
+    struct source_count sc = {0, "/ops/eu", 0};
+
+    snprintf(tmpl, sizeof tmpl, "%sops.{subject_type}.events", c->prefix);
+    snprintf(other, sizeof other, "%sother.{subject_type}.events", c->prefix);
+    tu_topic_create(c, "ops.delivery", 2);
+    tu_topic_create(c, "other.delivery", 2);
+    tu_ok(de_conf_set(wconf, "topic.template", tmpl));
+    tu_ok(de_conf_set(wconf, "event.source", "/ops/eu"));
+    tu_ok(de_outbox_open(w, wconf, &wob));
+    for (int i = 0; i < 10; i++)
+        tu_write(w, wob, "delivery", "D-1", "assigned", "{}", 0);
+
+    /* Told another template: refused, both values named, nothing sent. */
+    rconf = bare_relay_conf(c);
+    tu_ok(de_conf_set(rconf, "topic.template", other));
+    ck_assert_int_eq(de_relay_start_path(tu_path(dir, "service.db"), rconf, &r),
+                     DE_ERR_CONFIG);
+    ck_assert_ptr_null(r);
+    ck_assert_msg(strstr(de_errmsg(), tmpl) && strstr(de_errmsg(), other) &&
+                      strstr(de_errmsg(), "topic.template"),
+                  "%s", de_errmsg());
+    /* The in-process relay of the writer's outbox likewise. */
+    ck_assert_int_eq(de_relay_start(wob, rconf, &r), DE_ERR_CONFIG);
+    de_conf_destroy(rconf);
+
+    /* Not told: the writer's topic and source. */
+    ck_assert_int_eq(write_drain_count(c, w, wob, 0, bare_relay_conf(c),
+                                       "ops.delivery", &sc),
+                     10);
+    ck_assert_int_eq(sc.wrong_source, 0);
+
+    /* The override: its own template. */
+    rconf = bare_relay_conf(c);
+    tu_ok(de_conf_set(rconf, "topic.template", other));
+    tu_ok(de_conf_set(rconf, "relay.settings.override", "true"));
+    ck_assert_int_eq(
+        write_drain_count(c, w, wob, 5, rconf, "other.delivery", &sc), 5);
+
+    /* The writer changes its template: later relays follow. */
+    de_outbox_close(wob);
+    tu_ok(de_conf_set(wconf, "topic.template", other));
+    tu_ok(de_outbox_open(w, wconf, &wob));
+    ck_assert_int_eq(write_drain_count(c, w, wob, 3, bare_relay_conf(c),
+                                       "other.delivery", &sc),
+                     8);
+
+    de_outbox_close(wob);
+    de_conf_destroy(wconf);
+    sqlite3_close(w);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 START_TEST(retention_keeps_published_rows)
 {
     tu_cluster *c = tu_cluster_new(_i, 1);
@@ -926,6 +1041,8 @@ static Suite *relay_suite(void)
                         tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, retention_keeps_published_rows, tu_cluster_first(),
                         tu_cluster_count());
+    tcase_add_loop_test(tc, relays_publish_with_the_writers_settings,
+                        tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, refuses_lost_or_foreign_state, tu_cluster_first(),
                         tu_cluster_count());
     tcase_add_test(tc, refuses_bad_configuration);
