@@ -197,6 +197,36 @@ typedef void (*de_log_fn)(void *ctx, int level, const char *message);
  */
 DE_EXTERN void de_conf_set_log_cb(de_conf *conf, de_log_fn fn, void *ctx);
 
+/**
+ * Receives a relay's or a consumer's statistics as one JSON document, in
+ * the manner of librdkafka's statistics callback: the handle's counters
+ * (the fields of de_relay_stats or de_consumer_stats, under the same
+ * names), what it is ("client": "relay" with "database", or "consumer"
+ * with "group"), "time_ms", and librdkafka's own statistics of its client
+ * under "rdkafka" (null while the relay has no producer, e.g. on standby).
+ * The layout is documented in docs/OPERATIONS.md ("Metrics").
+ *
+ * @param ctx   the pointer given to de_conf_set_stats_cb().
+ * @param json  the document, NUL-terminated; borrowed for the call.
+ * @param len   its length in bytes.
+ *
+ * Called every statistics.interval.ms (librdkafka's key; the library's
+ * clients default it to 1000, 0 turns statistics off) on the relay's own
+ * thread, or on the thread calling de_consumer_poll().  It must not call
+ * back into the handle.
+ */
+typedef void (*de_stats_fn)(void *ctx, const char *json, size_t len);
+
+/**
+ * Sends statistics to fn (none are produced without one).  Handles copy
+ * the callback with the rest of the configuration.
+ *
+ * @param conf  the configuration; required (NULL is a no-op).
+ * @param fn    the callback; NULL turns the callback off.
+ * @param ctx   passed to fn as is; may be NULL.
+ */
+DE_EXTERN void de_conf_set_stats_cb(de_conf *conf, de_stats_fn fn, void *ctx);
+
 /* --------------------------------------------------------------------- */
 /* Outbox                                                                 */
 /* --------------------------------------------------------------------- */
@@ -470,7 +500,11 @@ typedef struct de_relay_stats {
     uint64_t forgotten;         /* counters of idle subjects forgotten
                                    (relay.subject.forget.ms)               */
     uint64_t subjects_cached;   /* subject entries in memory now           */
-    uint64_t reserved_[28];     /* room for later fields; zero              */
+    int64_t brokers_up;         /* brokers the producer is connected to, as
+                                   of its last statistics (every
+                                   statistics.interval.ms); -1: unknown
+                                   (no producer yet, or statistics off)    */
+    uint64_t reserved_[27];     /* room for later fields; zero              */
 } de_relay_stats;
 
 /**
@@ -481,6 +515,28 @@ typedef struct de_relay_stats {
  * @return DE_OK or DE_ERR_ARG.
  */
 DE_EXTERN de_err de_relay_stats_get(de_relay *r, de_relay_stats *out);
+
+/**
+ * Renders the relay's counters in the Prometheus text exposition format
+ * (version 0.0.4), for a service that already serves /metrics: one
+ * complete exposition (HELP and TYPE lines included) of the metrics
+ * deliveryevents_relay_* listed in docs/OPERATIONS.md ("Metrics"), each
+ * labelled database="<the database file>".
+ *
+ * @param r    the relay; required.
+ * @param buf  receives the text, NUL-terminated; may be NULL when cap is 0.
+ * @param cap  the size of buf.
+ * @param len  receives the length of the text (without the NUL), also
+ *             when it did not fit; required.
+ * @return DE_OK; DE_ERR_ARG (NULL relay or len, or cap <= *len: call
+ *         again with a buffer of at least *len + 1 bytes).
+ *
+ * Any thread.
+ */
+DE_EXTERN DE_WARN_UNUSED de_err de_relay_metrics_prometheus(de_relay *r,
+                                                            char *buf,
+                                                            size_t cap,
+                                                            size_t *len);
 
 /**
  * Retries every blocked subject now instead of at the next
@@ -665,6 +721,25 @@ typedef struct de_consumer_stats {
  *         (*out is then left untouched).
  */
 DE_EXTERN de_err de_consumer_stats_get(de_consumer *c, de_consumer_stats *out);
+
+/**
+ * Renders the consumer's counters in the Prometheus text exposition format
+ * (version 0.0.4): one complete exposition of the metrics
+ * deliveryevents_consumer_* listed in docs/OPERATIONS.md ("Metrics"),
+ * each labelled group="<group.id>".  Call from the thread that polls.
+ *
+ * @param c    the consumer; required.
+ * @param buf  receives the text, NUL-terminated; may be NULL when cap is 0.
+ * @param cap  the size of buf.
+ * @param len  receives the length of the text (without the NUL), also
+ *             when it did not fit; required.
+ * @return DE_OK; DE_ERR_ARG (NULL consumer or len, or cap <= *len);
+ *         DE_ERR_DB as de_consumer_stats_get().
+ */
+DE_EXTERN DE_WARN_UNUSED de_err de_consumer_metrics_prometheus(de_consumer *c,
+                                                               char *buf,
+                                                               size_t cap,
+                                                               size_t *len);
 
 /**
  * Commits what was applied, leaves the group (so that its partitions move

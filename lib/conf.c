@@ -106,6 +106,8 @@ struct de_conf {
     rd_kafka_conf_t *probe; /* validates librdkafka properties */
     de_log_fn log_fn;
     void *log_ctx;
+    de_stats_fn stats_fn;
+    void *stats_ctx;
 };
 
 static int find_key(const char *name)
@@ -485,6 +487,10 @@ de_err de__conf_merge(de_conf *dst, const de_conf *src)
     for (size_t i = 0; i < src->nrk; i++)
         if ((err = de_conf_set(dst, src->rk[i].key, src->rk[i].value)) != DE_OK)
             return err;
+    if (src->stats_fn != NULL) {
+        dst->stats_fn = src->stats_fn;
+        dst->stats_ctx = src->stats_ctx;
+    }
     if (src->log_fn != NULL) {
         dst->log_fn = src->log_fn;
         dst->log_ctx = src->log_ctx;
@@ -501,6 +507,20 @@ de_conf *de__conf_dup(const de_conf *conf)
         return NULL;
     }
     return c;
+}
+
+void de_conf_set_stats_cb(de_conf *conf, de_stats_fn fn, void *ctx)
+{
+    if (conf == NULL)
+        return;
+    conf->stats_fn = fn;
+    conf->stats_ctx = fn ? ctx : NULL;
+}
+
+de_stats_fn de__conf_stats_cb(const de_conf *conf, void **ctx)
+{
+    *ctx = conf ? conf->stats_ctx : NULL;
+    return conf ? conf->stats_fn : NULL;
 }
 
 void de_conf_set_log_cb(de_conf *conf, de_log_fn fn, void *ctx)

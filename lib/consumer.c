@@ -37,6 +37,7 @@
  */
 #include "inbox.h"
 
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -120,6 +121,35 @@ static void on_fatal(void *owner, rd_kafka_resp_err_t err, const char *why)
 static void rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
                       rd_kafka_topic_partition_list_t *parts, void *opaque);
 
+const char *de__consumer_group(const de_consumer *c)
+{
+    const char *g = "";
+
+    (void)de__conf_rdkafka_get(c->conf, "group.id", &g);
+    return g;
+}
+
+/* librdkafka's statistics (inside de_consumer_poll): the user's statistics
+ * callback, with the counters as of now (parked_subjects as of the last
+ * de_consumer_stats_get). */
+static void on_stats(void *owner, const char *json, size_t len)
+{
+    de_consumer *c = owner;
+    void *ctx;
+    de_stats_fn fn = de__conf_stats_cb(c->conf, &ctx);
+    size_t n = 0;
+    char *doc =
+        de__stats_doc(de__consumer_stats_json(&c->stats, de__consumer_group(c)),
+                      json, len, &n);
+
+    if (doc == NULL) {
+        clog_(c, DE_LOG_WARNING, "statistics skipped: out of memory");
+        return;
+    }
+    fn(ctx, doc, n);
+    free(doc);
+}
+
 static de_err make_kafka(de_consumer *c)
 {
     static const de__rk_prop defaults[] = {
@@ -144,6 +174,12 @@ static de_err make_kafka(de_consumer *c)
     snprintf(c->bridge.prefix, sizeof c->bridge.prefix, "consumer: ");
     c->bridge.owner = c;
     c->bridge.on_fatal = on_fatal;
+    {
+        void *ctx;
+        if (de__conf_stats_cb(c->conf, &ctx) != NULL)
+            c->bridge.on_stats = on_stats;
+    }
+    atomic_store(&c->bridge.brokers_up, -1);
     if ((err = de__rk_conf(c->conf, "consumer", defaults,
                            DE__ARRAY_LEN(defaults), owned, DE__ARRAY_LEN(owned),
                            &c->bridge, &kc)) != DE_OK)

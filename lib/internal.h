@@ -110,6 +110,8 @@ const char *de__conf_str(const de_conf *conf, de__key k);
 const char *de__conf_key_name(int k);
 int64_t de__conf_int(const de_conf *conf, de__key k);
 bool de__conf_bool(const de_conf *conf, de__key k);
+/* conf's statistics callback (NULL: none); *ctx receives its pointer. */
+de_stats_fn de__conf_stats_cb(const de_conf *conf, void **ctx);
 /* Whether library key k was set on conf (not left at its default). */
 bool de__conf_is_set(const de_conf *conf, de__key k);
 
@@ -158,14 +160,42 @@ typedef struct de__rk_owned {
     const char *key, *value, *why;
 } de__rk_owned;
 
-/* A client's opaque: where its log lines and fatal errors go. */
+/* A client's opaque: where its log lines, fatal errors and statistics
+ * go. */
 typedef struct de__rk_bridge {
     const de_conf *conf;      /* the log callback                       */
     char prefix[300];         /* "relay /srv/a.db: "                    */
     const char *const *quiet; /* substrings of lines logged as debug    */
     void *owner;              /* the relay or consumer                  */
     void (*on_fatal)(void *owner, rd_kafka_resp_err_t err, const char *why);
+    /* Non-NULL: the client produces librdkafka statistics (every
+     * statistics.interval.ms, 1000 unless the user sets it), each handed
+     * here on the thread serving its main queue after brokers_up is
+     * updated. */
+    void (*on_stats)(void *owner, const char *json, size_t len);
+    _Atomic int64_t brokers_up; /* from the last statistics; -1 unknown */
 } de__rk_bridge;
+
+/* A client's statistics interval in ms (librdkafka's
+ * statistics.interval.ms as conf sets it, or the library's 1000). */
+int64_t de__rk_stats_interval(const de_conf *conf);
+
+/* The document a statistics callback receives: obj (a JSON object, taken
+ * by this call) with librdkafka's statistics spliced in as "rdkafka" (raw
+ * text; NULL gives null).  Returns a malloc'd NUL-terminated string and
+ * its length, or NULL when out of memory. */
+struct json_t;
+/* The statistics callback's objects for a relay's and a consumer's
+ * counters (metrics.c); NULL when out of memory. */
+struct json_t *de__relay_stats_json(const de_relay_stats *s,
+                                    const char *database);
+struct json_t *de__consumer_stats_json(const de_consumer_stats *s,
+                                       const char *group);
+/* The labels of their Prometheus metrics. */
+const char *de__relay_db_path(const de_relay *r);
+const char *de__consumer_group(const de_consumer *c);
+char *de__stats_doc(struct json_t *obj, const char *rk_json, size_t rk_len,
+                    size_t *len);
 
 /* A client configuration: defaults, then conf's librdkafka properties,
  * then the owned ones (a contradicting user value is refused with

@@ -18,8 +18,89 @@
  */
 #include "internal.h"
 
+#include <jansson.h>
+#include <stdatomic.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+
+#define STATS_INTERVAL_MS "1000"
+
+int64_t de__rk_stats_interval(const de_conf *conf)
+{
+    const char *v;
+
+    if (de__conf_rdkafka_get(conf, "statistics.interval.ms", &v))
+        return strtoll(v, NULL, 10); /* librdkafka validated it */
+    return strtoll(STATS_INTERVAL_MS, NULL, 10);
+}
+
+/* Brokers in state UP among those librdkafka's statistics list, leaving
+ * out its internal and logical ones; -1 when the document cannot be
+ * read. */
+static int64_t brokers_up(const char *json, size_t len)
+{
+    json_t *doc = json_loadb(json, len, 0, NULL), *brokers, *b;
+    const char *name;
+    int64_t up = 0;
+
+    brokers = json_object_get(doc, "brokers");
+    if (!json_is_object(brokers)) {
+        json_decref(doc);
+        return -1;
+    }
+    json_object_foreach(brokers, name, b)
+    {
+        const char *state = json_string_value(json_object_get(b, "state"));
+        const char *source = json_string_value(json_object_get(b, "source"));
+        if (state != NULL && strcmp(state, "UP") == 0 &&
+            (source == NULL || (strcmp(source, "internal") != 0 &&
+                                strcmp(source, "logical") != 0)))
+            up++;
+    }
+    json_decref(doc);
+    return up;
+}
+
+static int rk_stats(rd_kafka_t *rk, char *json, size_t len, void *opaque)
+{
+    de__rk_bridge *b = opaque;
+
+    (void)rk;
+    atomic_store(&b->brokers_up, brokers_up(json, len));
+    if (b->on_stats != NULL)
+        b->on_stats(b->owner, json, len);
+    return 0; /* librdkafka frees json */
+}
+
+char *de__stats_doc(struct json_t *obj, const char *rk_json, size_t rk_len,
+                    size_t *len)
+{
+    char *head = obj ? json_dumps(obj, JSON_COMPACT) : NULL, *doc = NULL;
+    size_t hl;
+
+    json_decref(obj);
+    if (head == NULL || (hl = strlen(head)) < 2)
+        goto done;
+    if (rk_json == NULL) {
+        rk_json = "null";
+        rk_len = 4;
+    }
+    /* head is "{...}": "{...,"rdkafka":<raw>}". */
+    doc = malloc(hl + rk_len + 16);
+    if (doc == NULL)
+        goto done;
+    memcpy(doc, head, hl - 1);
+    *len = hl - 1;
+    *len += (size_t)sprintf(doc + *len, "%s\"rdkafka\":", hl > 2 ? "," : "");
+    memcpy(doc + *len, rk_json, rk_len);
+    *len += rk_len;
+    doc[(*len)++] = '}';
+    doc[*len] = '\0';
+done:
+    free(head);
+    return doc;
+}
 
 de_err de__rk_conf(const de_conf *conf, const char *who,
                    const de__rk_prop *defaults, size_t ndefaults,
@@ -45,6 +126,13 @@ de_err de__rk_conf(const de_conf *conf, const char *who,
         if (rd_kafka_conf_set(c, defaults[i].key, defaults[i].value, errstr,
                               sizeof errstr) != RD_KAFKA_CONF_OK)
             goto refused;
+    if (bridge->on_stats != NULL) {
+        /* Before the user's properties: they may set another interval. */
+        if (rd_kafka_conf_set(c, "statistics.interval.ms", STATS_INTERVAL_MS,
+                              errstr, sizeof errstr) != RD_KAFKA_CONF_OK)
+            goto refused;
+        rd_kafka_conf_set_stats_cb(c, rk_stats);
+    }
     if (de__conf_apply_rdkafka(conf, c) != DE_OK) {
         rd_kafka_conf_destroy(c);
         return DE_ERR_CONFIG;

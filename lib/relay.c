@@ -59,6 +59,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <poll.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -194,6 +195,45 @@ static void handle_flush(de_relay *r)
 
 /* ---- stats -------------------------------------------------------------- */
 
+const char *de__relay_db_path(const de_relay *r)
+{
+    return r->db_path;
+}
+
+/* librdkafka's statistics of the producer, on the relay's thread: kept for
+ * the next statistics callback. */
+static void on_rk_stats(void *owner, const char *json, size_t len)
+{
+    de_relay *r = owner;
+    char *copy = malloc(len + 1);
+
+    if (copy == NULL)
+        return; /* the next document goes without them */
+    memcpy(copy, json, len);
+    copy[len] = '\0';
+    free(r->rk_stats);
+    r->rk_stats = copy;
+    r->rk_stats_len = len;
+}
+
+/* The user's statistics callback, every statistics.interval.ms. */
+static void emit_stats(de_relay *r, const de_relay_stats *s)
+{
+    size_t len = 0;
+    bool fresh = r->rk != NULL && r->rk_stats != NULL;
+    char *doc = de__stats_doc(de__relay_stats_json(s, r->db_path),
+                              fresh ? r->rk_stats : NULL,
+                              fresh ? r->rk_stats_len : 0, &len);
+
+    r->stats_next_ms = de__mono_ms() + r->stats_interval_ms;
+    if (doc == NULL) {
+        de__rlog(r, DE_LOG_WARNING, "statistics skipped: out of memory");
+        return;
+    }
+    r->stats_fn(r->stats_ctx, doc, len);
+    free(doc);
+}
+
 void de__relay_publish_stats(de_relay *r)
 {
     de_relay_stats s;
@@ -222,9 +262,13 @@ void de__relay_publish_stats(de_relay *r)
     s.skipped = r->skipped;
     s.forgotten = r->forgotten;
     s.subjects_cached = r->nsubj;
+    s.brokers_up = r->rk != NULL ? atomic_load(&r->bridge.brokers_up) : -1;
     pthread_mutex_lock(&r->mu);
     r->stats = s;
     pthread_mutex_unlock(&r->mu);
+    if (r->stats_fn != NULL && r->stats_interval_ms > 0 &&
+        de__mono_ms() >= r->stats_next_ms)
+        emit_stats(r, &s);
 }
 
 /* ---- the thread ------------------------------------------------------- */
@@ -511,6 +555,7 @@ void de__relay_free(de_relay *r)
     pthread_cond_destroy(&r->cond);
     pthread_mutex_destroy(&r->mu);
     free(r->db_path);
+    free(r->rk_stats);
     free(r->state_path);
     de_conf_destroy(r->conf);
     free(r);
@@ -651,6 +696,10 @@ static de_err relay_new(const char *db_path, de_conf *conf, de_outbox *ob,
     r->bridge.quiet = quiet_lines;
     r->bridge.owner = r;
     r->bridge.on_fatal = on_fatal;
+    r->bridge.on_stats = on_rk_stats;
+    atomic_store(&r->bridge.brokers_up, -1);
+    r->stats_fn = de__conf_stats_cb(conf, &r->stats_ctx);
+    r->stats_interval_ms = de__rk_stats_interval(conf);
     de__uuid7(r->owner);
     if ((err = de__source_open_sqlite(r->db_path, r->busy_ms, ob != NULL,
                                       &r->src, r->outbox_id)) != DE_OK ||

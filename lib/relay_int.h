@@ -137,6 +137,14 @@ struct de_relay {
         retention_ms, busy_ms, subject_cache, forget_ms;
     bool continue_unverifiable; /* relay.recovery.unverifiable=continue */
     de__rk_bridge bridge;       /* the producer's opaque */
+    de_stats_fn stats_fn;       /* the user's statistics callback, or NULL */
+    void *stats_ctx;
+    int64_t stats_interval_ms;
+
+    /* ---- the relay's thread only ---- */
+    char *rk_stats; /* the producer's latest librdkafka statistics */
+    size_t rk_stats_len;
+    int64_t stats_next_ms; /* monotonic: the next statistics callback */
 
     /* ---- shared with API threads, under mu ---- */
     pthread_mutex_t mu;

@@ -13,6 +13,7 @@
 #include "kafka.h"
 
 #include <fcntl.h>
+#include <jansson.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -237,6 +238,89 @@ START_TEST(applies_each_event_once_in_order)
         140);
     tu_ok(de_consumer_close(con));
     assert_exactly_once(cdb);
+    tu_ok(de_relay_stop(r, 5000));
+    sqlite3_close(cdb);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+struct stats_seen {
+    int docs;
+    uint64_t applied; /* in the last document */
+    int has_rdkafka;
+    char group[256];
+};
+
+/* The statistics callback: on the polling thread, inside
+ * de_consumer_poll. */
+static void keep_stats(void *ctx, const char *json, size_t len)
+{
+    struct stats_seen *s = ctx;
+    json_t *doc = json_loadb(json, len, 0, NULL);
+
+    ck_assert_ptr_nonnull(doc);
+    ck_assert_str_eq(json_string_value(json_object_get(doc, "client")),
+                     "consumer");
+    s->docs++;
+    s->applied = (uint64_t)json_integer_value(json_object_get(doc, "applied"));
+    s->has_rdkafka = json_is_object(
+        json_object_get(json_object_get(doc, "rdkafka"), "cgrp"));
+    snprintf(s->group, sizeof s->group, "%s",
+             json_string_value(json_object_get(doc, "group")));
+    json_decref(doc);
+}
+
+/* Monitoring: statistics as one JSON document every
+ * statistics.interval.ms (with librdkafka's own, consumer group
+ * included), and the counters in the Prometheus text format, the label
+ * escaped as the format requires. */
+START_TEST(consumer_statistics_and_prometheus_metrics)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    sqlite3 *cdb = tu_open_shared(tu_path(dir, "consumer.db"));
+    de_conf *conf = de_conf_new();
+    de_consumer *con = NULL;
+    de_relay *r;
+    struct stats_seen seen = {0};
+    char tmpl[128], gid[192], want[512], *text;
+    size_t len = 0;
+
+    tu_topic_create(c, "delivery", 2);
+    r = start_relay(c);
+    write_events(10, 3, "delivery");
+    tu_ok(de_relay_flush(r, 30000));
+    snprintf(tmpl, sizeof tmpl, "%s{subject_type}.events", c->prefix);
+    snprintf(gid, sizeof gid, "%sg\"1\\", c->prefix);
+    de_conf_set_log_cb(conf, tu_log, NULL);
+    de_conf_set_stats_cb(conf, keep_stats, &seen);
+    tu_ok(de_conf_set(conf, "bootstrap.servers", c->bootstrap));
+    tu_ok(de_conf_set(conf, "group.id", gid));
+    tu_ok(de_conf_set(conf, "topic.template", tmpl));
+    tu_ok(de_conf_set(conf, "statistics.interval.ms", "100"));
+    sqlite3_exec(cdb, applied_sql, NULL, NULL, NULL);
+    tu_ok(de_consumer_open(cdb, conf, &con));
+    de_conf_destroy(conf);
+    tu_ok(de_consumer_on(con, "delivery", NULL, record_applied, NULL));
+    poll_until(con, cdb, 30, 60000);
+    ck_assert(tu_wait_for(
+        (tu_ok(de_consumer_poll(con, 20, NULL)), seen.applied == 30), 20000));
+    ck_assert(seen.has_rdkafka);
+    ck_assert_str_eq(seen.group, gid);
+
+    tu_assert_err(de_consumer_metrics_prometheus(con, NULL, 0, &len),
+                  DE_ERR_ARG, "too small");
+    text = malloc(len + 1);
+    tu_ok(de_consumer_metrics_prometheus(con, text, len + 1, &len));
+    snprintf(want, sizeof want,
+             "# TYPE deliveryevents_consumer_applied_total counter\n"
+             "deliveryevents_consumer_applied_total{group=\"%sg\\\"1\\\\\"} "
+             "30\n",
+             c->prefix);
+    ck_assert_msg(strstr(text, want), "want\n%s\nin\n%s", want, text);
+    ck_assert(strstr(text, "# TYPE deliveryevents_consumer_parked_subjects "
+                           "gauge\n"));
+    free(text);
+    tu_ok(de_consumer_close(con));
     tu_ok(de_relay_stop(r, 5000));
     sqlite3_close(cdb);
     tu_cluster_destroy(c);
@@ -1080,6 +1164,8 @@ static Suite *consumer_suite(void)
 
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 180);
+    tcase_add_loop_test(tc, consumer_statistics_and_prometheus_metrics,
+                        tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, applies_each_event_once_in_order,
                         tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, foreign_and_garbage_records_are_parked,

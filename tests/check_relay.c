@@ -15,6 +15,9 @@
 #include "kafka.h"
 
 #include <fcntl.h>
+#include <jansson.h>
+#include <limits.h>
+#include <regex.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -193,22 +196,37 @@ START_TEST(survives_a_broker_outage)
 END_TEST
 
 /* All brokers down for longer than librdkafka's own timeouts. */
+static int64_t brokers_up(de_relay *r)
+{
+    de_relay_stats st;
+
+    tu_ok(de_relay_stats_get(r, &st));
+    return st.brokers_up;
+}
+
+/* The stats say when no broker is reachable (brokers_up), and again when
+ * they are back. */
 START_TEST(survives_a_whole_cluster_outage)
 {
     tu_cluster *c = tu_cluster_new(0, 3);
-    de_conf *conf = tu_relay_conf(c, NULL);
+    de_conf *conf = tu_relay_conf(c, "statistics.interval.ms", "100", NULL);
     de_relay *r = NULL;
 
     tu_topic_create(c, "delivery", 3);
     tu_ok(de_relay_start(ob, conf, &r));
     de_conf_destroy(conf);
     write_many(10, 2, "delivery");
+    tu_ok(de_relay_flush(r, 30000));
+    ck_assert(tu_wait_for(brokers_up(r) >= 1, 10000));
     for (int b = 1; b <= 3; b++)
         rd_kafka_mock_broker_set_down(c->mock, b);
     write_many(10, 3, "delivery");
     tu_assert_err(de_relay_flush(r, 3000), DE_ERR_TIMEOUT, "pending");
+    ck_assert_msg(tu_wait_for(brokers_up(r) == 0, 20000), "brokers_up %lld",
+                  (long long)brokers_up(r));
     for (int b = 1; b <= 3; b++)
         rd_kafka_mock_broker_set_up(c->mock, b);
+    ck_assert(tu_wait_for(brokers_up(r) >= 1, 20000));
     write_many(10, 1, "delivery");
     tu_ok(de_relay_flush(r, 60000));
     tu_ok(de_relay_stop(r, 5000));
@@ -675,6 +693,136 @@ START_TEST(relays_publish_with_the_writers_settings)
 }
 END_TEST
 
+/* The statistics callback's documents, kept by the test. */
+struct stats_seen {
+    pthread_mutex_t mu;
+    int docs;
+    char last[1 << 16];
+};
+
+static void keep_stats(void *ctx, const char *json, size_t len)
+{
+    struct stats_seen *s = ctx;
+
+    pthread_mutex_lock(&s->mu);
+    s->docs++;
+    ck_assert_uint_eq(strlen(json), len);
+    snprintf(s->last, sizeof s->last, "%s", json);
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* The last document, parsed, once one shows `published` >= n. */
+static json_t *stats_doc_with(struct stats_seen *s, uint64_t n)
+{
+    json_t *doc = NULL;
+    int64_t deadline = tu_now_ms() + 20000;
+
+    while (tu_now_ms() < deadline) {
+        pthread_mutex_lock(&s->mu);
+        json_decref(doc);
+        doc = s->docs ? json_loads(s->last, 0, NULL) : NULL;
+        pthread_mutex_unlock(&s->mu);
+        if (doc != NULL &&
+            json_integer_value(json_object_get(doc, "published")) >=
+                (json_int_t)n &&
+            json_is_object(json_object_get(doc, "rdkafka")))
+            return doc;
+        usleep(20000);
+    }
+    ck_abort_msg("no statistics with published >= %llu: %s",
+                 (unsigned long long)n, s->last);
+    return NULL;
+}
+
+/* Every line of a Prometheus text exposition is a comment or
+ * `name{labels} value`. */
+static void assert_exposition(const char *text)
+{
+    regex_t re;
+    char line[1024];
+    const char *p = text;
+
+    ck_assert_int_eq(regcomp(&re,
+                             "^(# (HELP|TYPE) [a-z_]+ .*|[a-z_]+\\{[a-z_]+=\""
+                             "([^\"\\\\]|\\\\.)*\"\\} -?[0-9]+(\\.[0-9]+)?)$",
+                             REG_EXTENDED | REG_NOSUB),
+                     0);
+    while (*p) {
+        size_t n = strcspn(p, "\n");
+        ck_assert_uint_lt(n, sizeof line);
+        memcpy(line, p, n);
+        line[n] = '\0';
+        ck_assert_msg(regexec(&re, line, 0, NULL, 0) == 0,
+                      "not an exposition line: '%s'", line);
+        p += n + (p[n] == '\n');
+    }
+    regfree(&re);
+}
+
+/* Monitoring: the statistics callback delivers the relay's counters and
+ * librdkafka's own statistics as one JSON document every
+ * statistics.interval.ms; the Prometheus rendering shows the same
+ * counters under conventional names. */
+START_TEST(relay_statistics_and_prometheus_metrics)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_conf *conf = tu_relay_conf(c, "statistics.interval.ms", "100", NULL);
+    static struct stats_seen seen = {PTHREAD_MUTEX_INITIALIZER, 0, ""};
+    de_relay *r = NULL;
+    json_t *doc;
+    char want[4300], path[PATH_MAX], *text;
+    size_t len = 0, len2 = 0;
+
+    de_conf_set_stats_cb(conf, keep_stats, &seen);
+    tu_topic_create(c, "delivery", 2);
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    write_many(25, 2, "delivery");
+    tu_ok(de_relay_flush(r, 30000));
+
+    doc = stats_doc_with(&seen, 50);
+    if (getenv("DE_TEST_LOG"))
+        fprintf(stderr, "%.600s\n", seen.last);
+    ck_assert_str_eq(json_string_value(json_object_get(doc, "client")),
+                     "relay");
+    ck_assert_ptr_nonnull(realpath(tu_path(dir, "service.db"), path));
+    ck_assert_str_eq(json_string_value(json_object_get(doc, "database")), path);
+    ck_assert_str_eq(json_string_value(json_object_get(doc, "state_name")),
+                     "active");
+    ck_assert_int_eq(json_integer_value(json_object_get(doc, "published")), 50);
+    ck_assert_int_eq(json_integer_value(json_object_get(doc, "pending")), 0);
+    ck_assert_int_ge(json_integer_value(json_object_get(doc, "brokers_up")), 1);
+    /* librdkafka's own document, as its statistics callback gives it. */
+    ck_assert(json_is_object(
+        json_object_get(json_object_get(doc, "rdkafka"), "brokers")));
+    json_decref(doc);
+
+    /* Prometheus: too small a buffer says how much is needed. */
+    tu_assert_err(de_relay_metrics_prometheus(r, NULL, 0, &len), DE_ERR_ARG,
+                  "too small");
+    ck_assert_uint_gt(len, 0);
+    text = malloc(len + 1);
+    tu_ok(de_relay_metrics_prometheus(r, text, len + 1, &len2));
+    ck_assert_uint_eq(len2, len);
+    ck_assert_uint_eq(strlen(text), len);
+    if (getenv("DE_TEST_LOG"))
+        fputs(text, stderr);
+    assert_exposition(text);
+    snprintf(want, sizeof want,
+             "# TYPE deliveryevents_relay_published_total counter\n"
+             "deliveryevents_relay_published_total{database=\"%s\"} 50\n",
+             path);
+    ck_assert_msg(strstr(text, want), "%s", text);
+    snprintf(want, sizeof want,
+             "deliveryevents_relay_pending_events{database=\"%s\"} 0\n", path);
+    ck_assert_msg(strstr(text, want), "%s", text);
+    ck_assert(strstr(text, "# TYPE deliveryevents_relay_lag_seconds gauge\n"));
+    free(text);
+    tu_ok(de_relay_stop(r, 5000));
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 START_TEST(retention_keeps_published_rows)
 {
     tu_cluster *c = tu_cluster_new(_i, 1);
@@ -1042,6 +1190,8 @@ static Suite *relay_suite(void)
     tcase_add_loop_test(tc, retention_keeps_published_rows, tu_cluster_first(),
                         tu_cluster_count());
     tcase_add_loop_test(tc, relays_publish_with_the_writers_settings,
+                        tu_cluster_first(), tu_cluster_count());
+    tcase_add_loop_test(tc, relay_statistics_and_prometheus_metrics,
                         tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, refuses_lost_or_foreign_state, tu_cluster_first(),
                         tu_cluster_count());
