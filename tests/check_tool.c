@@ -448,12 +448,13 @@ END_TEST
 
 /* ---- relay: stopping against an unreachable broker --------------------- */
 
-static proc *relay_unreachable(const char *db, const char *stop_ms)
+static proc *relay_unreachable(const char *db, const char *once,
+                               const char *stop_ms)
 {
     proc *p;
 
     record(db, 5, "delivery", "D-1");
-    p = start("relay", "relay", "--db", db, "-b", "127.0.0.1:1", "--once",
+    p = start("relay", "relay", "--db", db, "-b", "127.0.0.1:1", once,
               "--stats-ms", "50", "--stop-timeout-ms", stop_ms,
               (const char *)NULL);
     /* The first stats line: the relay runs and catches signals. */
@@ -466,10 +467,11 @@ static proc *relay_unreachable(const char *db, const char *stop_ms)
 START_TEST(relay_once_stops_on_sigterm_within_its_timeout)
 {
     const char *db = tu_path(tu_dir, "svc.db");
-    proc *p = relay_unreachable(db, "1000");
+    proc *p = relay_unreachable(db, "--once", "1000");
     int64_t t0;
 
-    /* Still draining: nothing can be published to 127.0.0.1:1. */
+    /* Not a wait for an outcome: --once must not exit by itself while
+     * nothing can be published to 127.0.0.1:1. */
     usleep(300 * 1000);
     ck_assert(!exited(p));
     t0 = tu_now_ms();
@@ -495,7 +497,7 @@ END_TEST
 START_TEST(relay_second_signal_stops_at_once)
 {
     const char *db = tu_path(tu_dir, "svc.db");
-    proc *p = relay_unreachable(db, "600000");
+    proc *p = relay_unreachable(db, "--drain", "600000");
     int64_t t0;
 
     kill(p->pid, SIGTERM);
@@ -525,6 +527,20 @@ START_TEST(relay_standby_says_so_and_when_it_takes_over)
               (const char *)NULL);
     ck_assert(tu_wait_for(file_has(a->out, "state=active"), 20000));
     assert_has(a->err, "relay: active: publishing");
+    /* status beside a live relay: the lease held by a, read-only. */
+    {
+        proc *s;
+        json_t *j, *lease;
+        ck_assert_int_eq(run(s, "status", "status", "--db", db, "--json"), 0);
+        j = json_of(s->out);
+        lease = json_object_get(j, "lease");
+        ck_assert(json_is_object(lease));
+        ck_assert_int_eq(jint(lease, "pid"), a->pid);
+        ck_assert(json_is_false(json_object_get(lease, "released")));
+        ck_assert_int_ge(jint(lease, "heartbeat_age_ms"), 0);
+        ck_assert_int_lt(jint(lease, "heartbeat_age_ms"), 10000);
+        json_decref(j);
+    }
     b = start("relay-b", "relay", "--db", db, "-b", c.bootstrap, "-X",
               "relay.lease.timeout.ms=1000", (const char *)NULL);
     ck_assert_msg(tu_wait_for(file_has(b->err, "standing by"), 20000),
@@ -685,6 +701,24 @@ START_TEST(status_and_list_after_a_relay)
         run(p, "list", "list", "--db", db, "--limit", "2", "--json"), 0);
     assert_has(p->out, "\"position\":2,");
     ck_assert(!file_has(p->out, "\"position\":3,"));
+
+    /* A relay state of another outbox (--state) is called out. */
+    record(tu_path(tu_dir, "other.db"), 1, "delivery", "D-9");
+    ck_assert_int_eq(run(p, "status", "status", "--db",
+                         tu_path(tu_dir, "other.db"), "--state", relay,
+                         "--json"),
+                     0);
+    j = json_of(p->out);
+    ck_assert(json_is_false(json_object_get(j, "relay_state_matches")));
+    json_decref(j);
+    ck_assert_int_eq(run(p, "status", "status", "--db",
+                         tu_path(tu_dir, "other.db"), "--state", relay),
+                     0);
+    assert_has(p->out, "belongs to another outbox");
+    ck_assert_int_eq(run(p, "status", "status", "--db", db, "--json"), 0);
+    j = json_of(p->out);
+    ck_assert(json_is_true(json_object_get(j, "relay_state_matches")));
+    json_decref(j);
 
     after = contents(db, &n1);
     rafter = contents(relay, &r1);

@@ -220,7 +220,8 @@ static const char *opt_value(const char *cmd, int argc, char **argv, int *i)
     return argv[++*i];
 }
 
-/* Parses a whole decimal number in [min, max]; says why not on stderr. */
+/* Parses a whole decimal number in [min, max]; says why not on stderr
+ * (unless cmd is NULL). */
 static int parse_num(const char *cmd, const char *opt, const char *s, long min,
                      long max, long *out)
 {
@@ -230,7 +231,9 @@ static int parse_num(const char *cmd, const char *opt, const char *s, long min,
     errno = 0;
     v = strtol(s, &end, 10);
     if (errno != 0 || end == s || *end != '\0' || v < min || v > max) {
-        fprintf(stderr,
+        if (cmd != NULL)
+            fprintf(
+                stderr,
                 "deliveryevents: %s: %s takes a number from %ld to %ld, got "
                 "'%s'\n",
                 cmd, opt, min, max, s);
@@ -937,8 +940,7 @@ static int topic_spec(const char *spec, char *name, size_t size, long *parts)
     name[n] = '\0';
     if (colon == NULL)
         return 0;
-    return parse_num("mock-cluster", "--topic PARTITIONS", colon + 1, 1, 100000,
-                     parts);
+    return parse_num(NULL, "--topic", colon + 1, 1, 100000, parts);
 }
 
 static int cmd_mock_cluster(int argc, char **argv)
@@ -1117,6 +1119,8 @@ static int cmd_status(int argc, char **argv)
     int64_t sz_db, sz_wal, sz_state, sz_state_wal, v_outbox, v_state;
     json_t *o, *lease, *files, *blocked, *schema;
     sqlite3_stmt *st = NULL;
+    char db_id[64], state_id[64];
+    int state_matches;
     ro r;
     int rc;
 
@@ -1180,6 +1184,15 @@ static int cmd_status(int argc, char **argv)
     put_str(o, "database", a.db);
     put_str(o, "relay_state", r.state_path);
     json_object_set_new(o, "relay_state_found", json_boolean(r.has_state));
+    /* The state names the outbox it belongs to (its de_meta outbox_id). */
+    q_text(r.db, "SELECT value FROM main.de_meta WHERE key = 'outbox_id'",
+           db_id, sizeof db_id);
+    q_text(r.db, "SELECT value FROM de_relay_meta WHERE key = 'outbox_id'",
+           state_id, sizeof state_id);
+    state_matches =
+        !r.has_state || state_id[0] == '\0' || strcmp(db_id, state_id) == 0;
+    put_str(o, "outbox_id", db_id[0] ? db_id : NULL);
+    json_object_set_new(o, "relay_state_matches", json_boolean(state_matches));
     put_int(o, "pending", pending);
     put_int(o, "oldest_pending_recorded_at_ms", oldest);
     put_int(o, "oldest_pending_age_ms", oldest > 0 ? now - oldest : 0);
@@ -1273,8 +1286,16 @@ static int cmd_status(int argc, char **argv)
         printf("relay state:     %s (none: no relay has run; every row is "
                "pending)\n",
                r.state_path);
-    printf("schema versions: outbox %" PRId64 ", relay state %" PRId64 "\n",
-           v_outbox, v_state);
+    if (r.has_state)
+        printf("schema versions: outbox %" PRId64 ", relay state %" PRId64 "\n",
+               v_outbox, v_state);
+    else
+        printf("schema versions: outbox %" PRId64 ", relay state -\n",
+               v_outbox);
+    if (!state_matches)
+        printf("WARNING:         the relay state belongs to another outbox "
+               "(a copy or a predecessor of this database): a relay "
+               "refuses it\n");
     printf(
         "outbox rows:     %" PRId64 " retained (positions %" PRId64 "..%" PRId64
         "; deleted up to %" PRId64 ")\n",
