@@ -614,6 +614,8 @@ START_TEST(status_counts_pending_and_changes_nothing)
     ck_assert_int_eq(
         run(p, "list", "list", "--db", tu_path(tu_dir, "missing.db")), 1);
     assert_has(p->err, "missing.db");
+    ck_assert_int_eq(run(p, "status", "status", "--db", tu_dir), 1);
+    assert_has(p->err, "is not a file");
     /* A database without an outbox. */
     sqlite3_close(tu_open(tu_path(tu_dir, "plain.db")));
     tu_exec(tu_open(tu_path(tu_dir, "plain.db")), "CREATE TABLE t(x)");

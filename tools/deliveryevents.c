@@ -276,6 +276,13 @@ static int file_exists(const char *path)
     return stat(path, &sb) == 0;
 }
 
+static int is_file(const char *path)
+{
+    struct stat sb;
+
+    return stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
+}
+
 static int64_t file_size(const char *path)
 {
     struct stat sb;
@@ -358,6 +365,11 @@ static int ro_open(const char *cmd, const char *db_path, const char *state_path,
     if (!file_exists(db_path)) {
         fprintf(stderr, "deliveryevents: %s: cannot open '%s': %s\n", cmd,
                 db_path, strerror(errno));
+        return 1;
+    }
+    if (!is_file(db_path)) {
+        fprintf(stderr, "deliveryevents: %s: '%s' is not a file\n", cmd,
+                db_path);
         return 1;
     }
     ro_uri(db_path, uri, sizeof uri);
