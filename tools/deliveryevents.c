@@ -2,49 +2,79 @@
 /*
  * deliveryevents -- the command-line tool.
  *
- *   deliveryevents relay --db PATH [-X key=value]... [--stats-ms N]
+ *   deliveryevents relay --db PATH [-b SERVERS] [-X key=value]...
+ *                        [--once] [--stats-ms N] [--stop-timeout-ms N]
  *       Runs a relay for a database file until SIGINT or SIGTERM, then
- *       stops it gracefully (flushing for up to --stop-timeout-ms).  Other
- *       relays for the same database wait as standbys.  With --drain it
- *       publishes what is committed when it starts, then exits.
+ *       stops it gracefully (flushing for up to --stop-timeout-ms, 10000
+ *       by default); a second SIGINT or SIGTERM stops it at once.  On the
+ *       way out it prints how many events stay pending in the outbox (the
+ *       next relay publishes them).  -b SERVERS is -X
+ *       bootstrap.servers=SERVERS.  Other relays for the same database
+ *       wait as standbys (the relay says so in one line, and again when it
+ *       becomes active).  With --once (alias --drain) it publishes what is
+ *       committed, then exits.  --stats-ms N prints every counter of
+ *       de_relay_stats every N ms on stdout.
  *
- *   deliveryevents mock-cluster [--brokers N] [--topic NAME:PARTITIONS]...
+ *   deliveryevents status --db PATH [--state PATH] [--json]
+ *       Read-only: what the outbox and its relay state (PATH-relay) hold --
+ *       pending events and the age of the oldest, the relay's cursor, the
+ *       lease holder, blocked subjects and their held-back events, schema
+ *       versions, file sizes.  Creates and changes nothing.
+ *
+ *   deliveryevents list --db PATH [--state PATH] [--subject TYPE:ID]
+ *                       [--pending | --blocked] [--limit N] [--json]
+ *       Read-only: the outbox rows still retained, oldest first, each
+ *       published, pending or held back (100 rows unless --limit; 0 = all).
+ *
+ *   deliveryevents mock-cluster [--brokers N] [--topic NAME[:PARTITIONS]]...
+ *                               [--until-stdin-eof]
  *       Starts librdkafka's mock Kafka cluster on loopback and prints
  *       "bootstrap.servers=<list>" on the first line of stdout, then runs
  *       until SIGINT, SIGTERM or (with --until-stdin-eof) end of stdin.
- *       Tools such as kcat and other processes can connect to it.
+ *       A topic without :PARTITIONS gets 1 partition.  Tools such as kcat
+ *       and other processes can connect to it.
  *
- *   deliveryevents tail --bootstrap SERVERS --topic NAME [--exit-at-end]
- *                       [--print N]
- *       Reads a topic from the beginning and prints each event (partition,
- *       offset, subject, ce_subjectseq, type, time, payload), checking as
- *       it goes that every subject's sequence runs 1, 2, 3, ... (starting
- *       over at 1 in a new numbering, ce_subjectepoch).  With
- *       --exit-at-end it stops at the end of the topic and prints a summary;
- *       --print limits how many events are printed.
+ *   deliveryevents tail -b SERVERS --topic NAME [--exit-at-end] [--print N]
+ *       Reads an existing topic from the beginning (a topic that does not
+ *       exist is refused, never created) and prints each event
+ *       (partition, offset, subject, ce_subjectseq, type, time, payload),
+ *       line by line, checking as it goes that every subject
+ *       (ce_subjecttype/ce_subject) runs 1, 2, 3, ... (starting over at 1
+ *       in a new numbering, ce_subjectepoch).  With --exit-at-end it stops
+ *       at the end of the topic and prints a summary; --print limits how
+ *       many events are printed.  --bootstrap is an alias of -b.
  *
- * Exit status: 0 on success, 1 on a runtime failure, 2 on bad usage, 3
+ *   Every command takes --help (-h).
+ *
+ * Exit status: 0 on success; 1 on a runtime failure (including a relay
+ * stopped before everything was published, a missing database, a missing
+ * topic); 2 on bad usage (the message names the bad argument or value); 3
  * when tail found a subject out of order or with a gap.
  */
 #include <deliveryevents.h>
+#include <jansson.h>
 #include <librdkafka/rdkafka.h>
 #include <librdkafka/rdkafka_mock.h>
 
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
-static volatile sig_atomic_t stop_signal;
+static volatile sig_atomic_t stop_signal, signals_seen;
 
 static void on_signal(int sig)
 {
     stop_signal = sig;
+    signals_seen++;
 }
 
 static void catch_signals(void)
@@ -57,22 +87,160 @@ static void catch_signals(void)
     sigaction(SIGTERM, &sa, NULL);
 }
 
-static void usage(FILE *out)
+static int64_t now_ms(void)
 {
-    fprintf(out, "usage: deliveryevents relay --db PATH [-X key=value]... "
-                 "[--stats-ms N] [--stop-timeout-ms N]\n"
-                 "       deliveryevents mock-cluster [--brokers N] "
-                 "[--topic NAME:PARTITIONS]... [--until-stdin-eof]\n"
-                 "       deliveryevents --version\n");
+    struct timespec ts;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static int bad_usage(const char *fmt, const char *arg)
+static int64_t mono_ms(void)
 {
-    fprintf(stderr, "deliveryevents: ");
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* ---- usage ------------------------------------------------------------ */
+
+static const char usage_relay[] =
+    "usage: deliveryevents relay --db PATH [-b SERVERS] [-X key=value]...\n"
+    "                            [--once] [--stats-ms N] "
+    "[--stop-timeout-ms N]\n"
+    "  Publishes the outbox of PATH to Kafka until SIGINT or SIGTERM.\n"
+    "  --db PATH             the service's database file (required)\n"
+    "  -b SERVERS            Kafka bootstrap servers (= -X "
+    "bootstrap.servers=SERVERS)\n"
+    "  -X key=value          a relay or librdkafka property; repeatable\n"
+    "  --once, --drain       publish what is committed, then exit\n"
+    "  --stats-ms N          print every relay counter every N ms on stdout\n"
+    "  --stop-timeout-ms N   on SIGINT/SIGTERM flush for up to N ms "
+    "(10000);\n"
+    "                        a second signal stops at once\n"
+    "  On exit it prints how many events stay pending in the outbox.\n";
+
+static const char usage_status[] =
+    "usage: deliveryevents status --db PATH [--state PATH] [--json]\n"
+    "  Read-only report of an outbox and its relay state: pending events,\n"
+    "  the relay's cursor, lease holder, blocked subjects, schema versions,\n"
+    "  file sizes.  Creates and changes nothing.\n"
+    "  --db PATH       the service's database file (required)\n"
+    "  --state PATH    the relay's state file (default PATH-relay)\n"
+    "  --json          one JSON object instead of text\n";
+
+static const char usage_list[] =
+    "usage: deliveryevents list --db PATH [--state PATH] [--subject "
+    "TYPE:ID]\n"
+    "                           [--pending | --blocked] [--limit N] "
+    "[--json]\n"
+    "  Read-only list of the outbox rows still retained, oldest first.\n"
+    "  --db PATH          the service's database file (required)\n"
+    "  --state PATH       the relay's state file (default PATH-relay)\n"
+    "  --subject TYPE:ID  only this subject's events, e.g. delivery:D-7\n"
+    "  --pending          only events not yet published (held back "
+    "included)\n"
+    "  --blocked          only events held back behind a blocked subject\n"
+    "  --limit N          at most N rows (100; 0 = all)\n"
+    "  --json             one JSON object per line\n";
+
+static const char usage_mock[] =
+    "usage: deliveryevents mock-cluster [--brokers N] [--topic "
+    "NAME[:PARTITIONS]]...\n"
+    "                                   [--until-stdin-eof]\n"
+    "  Runs librdkafka's mock Kafka cluster on loopback; prints\n"
+    "  \"bootstrap.servers=LIST\" on the first line of stdout.\n"
+    "  --brokers N          brokers (3)\n"
+    "  --topic NAME[:P]     create a topic with P partitions (1); "
+    "repeatable\n"
+    "  --until-stdin-eof    also stop at the end of stdin (and with the "
+    "parent)\n";
+
+static const char usage_tail[] =
+    "usage: deliveryevents tail -b SERVERS --topic NAME [--exit-at-end] "
+    "[--print N]\n"
+    "  Reads an existing topic from the beginning, prints each event and\n"
+    "  checks that every subject's ce_subjectseq runs 1, 2, 3, ...\n"
+    "  -b, --bootstrap SERVERS   Kafka bootstrap servers (required)\n"
+    "  --topic NAME              the topic (required; never created)\n"
+    "  --exit-at-end             stop at the end of the topic, print a "
+    "summary\n"
+    "  --print N                 print at most N events (gaps always)\n";
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: deliveryevents COMMAND [OPTION]...\n"
+            "commands:\n"
+            "  relay --db PATH [-b SERVERS] [-X key=value]... [--once|--drain]"
+            "\n"
+            "        [--stats-ms N] [--stop-timeout-ms N]\n"
+            "                 publish a database's outbox to Kafka\n"
+            "  status --db PATH [--state PATH] [--json]\n"
+            "                 what an outbox holds and how its relay stands "
+            "(read-only)\n"
+            "  list --db PATH [--state PATH] [--subject TYPE:ID] "
+            "[--pending|--blocked]\n"
+            "        [--limit N] [--json]\n"
+            "                 the retained outbox rows (read-only)\n"
+            "  tail -b SERVERS --topic NAME [--exit-at-end] [--print N]\n"
+            "                 print a topic's events, checking their order\n"
+            "  mock-cluster [--brokers N] [--topic NAME[:PARTITIONS]]... "
+            "[--until-stdin-eof]\n"
+            "                 run a mock Kafka cluster on loopback\n"
+            "  --version      print the versions\n"
+            "  --help, -h     this text; COMMAND --help for a command's\n"
+            "exit status: 0 success, 1 runtime failure, 2 bad usage, 3 tail "
+            "found a\n"
+            "subject out of order\n");
+}
+
+static int bad_usage(const char *cmd, const char *fmt, const char *arg)
+{
+    fprintf(stderr, "deliveryevents: %s: ", cmd);
     fprintf(stderr, fmt, arg);
-    fprintf(stderr, "\n");
-    usage(stderr);
+    fprintf(stderr, "\n(deliveryevents %s --help for usage)\n", cmd);
     return 2;
+}
+
+static int is_help(const char *a)
+{
+    return strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0;
+}
+
+/* The value of the option at argv[*i], or NULL (said on stderr) when it is
+ * the last argument. */
+static const char *opt_value(const char *cmd, int argc, char **argv, int *i)
+{
+    if (*i + 1 >= argc) {
+        bad_usage(cmd, "%s needs a value", argv[*i]);
+        return NULL;
+    }
+    return argv[++*i];
+}
+
+/* Parses a whole decimal number in [min, max]; says why not on stderr
+ * (unless cmd is NULL). */
+static int parse_num(const char *cmd, const char *opt, const char *s, long min,
+                     long max, long *out)
+{
+    char *end;
+    long v;
+
+    errno = 0;
+    v = strtol(s, &end, 10);
+    if (errno != 0 || end == s || *end != '\0' || v < min || v > max) {
+        if (cmd != NULL)
+            fprintf(
+                stderr,
+                "deliveryevents: %s: %s takes a number from %ld to %ld, got "
+                "'%s'\n",
+                cmd, opt, min, max, s);
+        return -1;
+    }
+    *out = v;
+    return 0;
 }
 
 static void log_line(void *ctx, int level, const char *message)
@@ -82,78 +250,449 @@ static void log_line(void *ctx, int level, const char *message)
         fprintf(stderr, "deliveryevents: %s\n", message);
 }
 
+/* ---- the database and the relay state, read-only -------------------- */
+
+/*
+ * Both files are opened read-only (SQLITE_OPEN_READONLY, URI mode=ro) and
+ * never changed or created.  A WAL database that no connection has open
+ * has no -wal file, and SQLite would create -wal and -shm files even for a
+ * read-only connection: such a file is read as immutable instead (nothing
+ * is writing it; a writer that starts meanwhile can at worst make the
+ * report stale or fail with an error).  The relay state is attached as
+ * "rs"; without one, empty temporary tables of the same names stand in
+ * (nothing published yet).
+ */
+typedef struct ro {
+    sqlite3 *db;
+    const char *db_path;
+    char state_path[PATH_MAX + 16];
+    int has_state;
+} ro;
+
+static int file_exists(const char *path)
+{
+    struct stat sb;
+
+    return stat(path, &sb) == 0;
+}
+
+static int is_file(const char *path)
+{
+    struct stat sb;
+
+    return stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
+}
+
+static int64_t file_size(const char *path)
+{
+    struct stat sb;
+
+    return stat(path, &sb) == 0 ? (int64_t)sb.st_size : -1;
+}
+
+/* "file:PATH?mode=ro" (or immutable=1, see above), PATH %-escaped. */
+static void ro_uri(const char *path, char *buf, size_t size)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    char wal[PATH_MAX + 16];
+    size_t n = 0;
+
+    n += (size_t)snprintf(buf, size, "file:");
+    for (const unsigned char *p = (const unsigned char *)path;
+         *p && n + 4 < size; p++) {
+        if ((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+            (*p >= '0' && *p <= '9') || strchr("/-._~", *p)) {
+            buf[n++] = (char)*p;
+        } else {
+            buf[n++] = '%';
+            buf[n++] = hex[*p >> 4];
+            buf[n++] = hex[*p & 15];
+        }
+    }
+    buf[n] = '\0';
+    snprintf(wal, sizeof wal, "%s-wal", path);
+    snprintf(buf + n, size - n, "%s",
+             file_exists(wal) ? "?mode=ro" : "?immutable=1");
+}
+
+/* The single integer of a query, or dflt (also for NULL or an error). */
+static int64_t q_int(sqlite3 *db, const char *sql, int64_t dflt)
+{
+    sqlite3_stmt *st = NULL;
+    int64_t v = dflt;
+
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW &&
+        sqlite3_column_type(st, 0) != SQLITE_NULL)
+        v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
+/* The single text of a query into buf ("" for none). */
+static const char *q_text(sqlite3 *db, const char *sql, char *buf, size_t size)
+{
+    sqlite3_stmt *st = NULL;
+    const unsigned char *v;
+
+    buf[0] = '\0';
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW &&
+        (v = sqlite3_column_text(st, 0)) != NULL)
+        snprintf(buf, size, "%s", (const char *)v);
+    sqlite3_finalize(st);
+    return buf;
+}
+
+static void ro_close(ro *r)
+{
+    if (r->db != NULL) {
+        (void)sqlite3_exec(r->db, "COMMIT", NULL, NULL, NULL);
+        sqlite3_close(r->db);
+    }
+    r->db = NULL;
+}
+
+/* Opens db_path and its relay state read-only in one read transaction;
+ * 0, or 1 after saying why not. */
+static int ro_open(const char *cmd, const char *db_path, const char *state_path,
+                   ro *r)
+{
+    char uri[3 * PATH_MAX + 64], sql[3 * PATH_MAX + 100];
+
+    memset(r, 0, sizeof *r);
+    r->db_path = db_path;
+    if (!file_exists(db_path)) {
+        fprintf(stderr, "deliveryevents: %s: cannot open '%s': %s\n", cmd,
+                db_path, strerror(errno));
+        return 1;
+    }
+    if (!is_file(db_path)) {
+        fprintf(stderr, "deliveryevents: %s: '%s' is not a file\n", cmd,
+                db_path);
+        return 1;
+    }
+    ro_uri(db_path, uri, sizeof uri);
+    if (sqlite3_open_v2(uri, &r->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI,
+                        NULL) != SQLITE_OK ||
+        sqlite3_busy_timeout(r->db, 5000) != SQLITE_OK ||
+        sqlite3_exec(r->db, "BEGIN", NULL, NULL, NULL) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: cannot read '%s': %s\n", cmd,
+                db_path, r->db ? sqlite3_errmsg(r->db) : "out of memory");
+        ro_close(r);
+        return 1;
+    }
+    if (q_int(r->db,
+              "SELECT count(*) FROM main.sqlite_master WHERE type = 'table' "
+              "AND name IN ('de_outbox', 'de_meta')",
+              -1) != 2) {
+        fprintf(stderr,
+                "deliveryevents: %s: '%s' has no outbox (no de_outbox "
+                "table)%s%s\n",
+                cmd, db_path, sqlite3_errcode(r->db) ? ": " : "",
+                sqlite3_errcode(r->db) ? sqlite3_errmsg(r->db) : "");
+        ro_close(r);
+        return 1;
+    }
+    snprintf(r->state_path, sizeof r->state_path, "%s",
+             state_path ? state_path : "");
+    if (state_path == NULL)
+        snprintf(r->state_path, sizeof r->state_path, "%s-relay", db_path);
+    r->has_state = file_exists(r->state_path);
+    if (r->has_state) {
+        sqlite3_stmt *st = NULL;
+        int rc;
+
+        ro_uri(r->state_path, uri, sizeof uri);
+        rc = sqlite3_prepare_v2(r->db, "ATTACH ?1 AS rs", -1, &st, NULL);
+        if (rc == SQLITE_OK) {
+            sqlite3_bind_text(st, 1, uri, -1, SQLITE_STATIC);
+            rc = sqlite3_step(st) == SQLITE_DONE ? SQLITE_OK : SQLITE_ERROR;
+        }
+        sqlite3_finalize(st);
+        if (rc != SQLITE_OK ||
+            q_int(r->db, "SELECT count(*) FROM rs.de_relay_meta", -1) < 0) {
+            fprintf(stderr,
+                    "deliveryevents: %s: cannot read the relay state '%s': "
+                    "%s\n",
+                    cmd, r->state_path, sqlite3_errmsg(r->db));
+            ro_close(r);
+            return 1;
+        }
+    } else {
+        snprintf(sql, sizeof sql,
+                 "CREATE TEMP TABLE de_relay_meta(key, value);"
+                 "CREATE TEMP TABLE de_relay_parked(position, subject_type, "
+                 "subject_id, seq, error, since_ms);"
+                 "CREATE TEMP TABLE de_relay_lease(id, owner, pid, host, "
+                 "acquired_ms, heartbeat_ms);"
+                 "CREATE TEMP TABLE de_relay_seq(subject_type, subject_id, "
+                 "seq, last_ms);");
+        if (sqlite3_exec(r->db, sql, NULL, NULL, NULL) != SQLITE_OK) {
+            fprintf(stderr, "deliveryevents: %s: %s\n", cmd,
+                    sqlite3_errmsg(r->db));
+            ro_close(r);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static int64_t ro_cursor(ro *r)
+{
+    return q_int(r->db,
+                 "SELECT CAST(value AS INTEGER) FROM de_relay_meta "
+                 "WHERE key = 'cursor'",
+                 0);
+}
+
+/* Events not yet published: above the cursor, or held back at or below
+ * it. */
+static int64_t ro_pending(ro *r, int64_t cursor)
+{
+    char sql[200];
+
+    snprintf(sql, sizeof sql,
+             "SELECT (SELECT count(*) FROM de_outbox WHERE position > %" PRId64
+             ") + (SELECT count(*) FROM de_relay_parked)",
+             cursor);
+    return q_int(r->db, sql, -1);
+}
+
+static void iso_time(int64_t ms, char *buf, size_t size)
+{
+    time_t t = (time_t)(ms / 1000);
+    struct tm tm;
+
+    if (ms <= 0 || gmtime_r(&t, &tm) == NULL) {
+        snprintf(buf, size, "-");
+        return;
+    }
+    snprintf(buf, size, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ",
+             tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
+             tm.tm_min, tm.tm_sec, (int)(ms % 1000));
+}
+
+/* ---- relay ------------------------------------------------------------- */
+
+static void print_stats(const de_relay_stats *st)
+{
+    printf("state=%s active=%d published=%" PRIu64 " pending=%" PRIu64
+           " held_back=%" PRIu64 " blocked_subjects=%" PRIu64 " lag_ms=%" PRId64
+           " position=%" PRId64 " read=%" PRIu64 " deleted=%" PRIu64
+           " skipped=%" PRIu64 " producer_restarts=%" PRIu64
+           " forgotten=%" PRIu64 " subjects_cached=%" PRIu64
+           " last_error_ms=%" PRId64 " last_error=\"%s\"\n",
+           de_relay_state_name((de_relay_state)st->state), st->active,
+           st->published, st->pending, st->held_back, st->blocked_subjects,
+           st->lag_ms, st->position, st->read, st->deleted, st->skipped,
+           st->producer_restarts, st->forgotten, st->subjects_cached,
+           st->last_error_ms, st->last_error);
+    fflush(stdout);
+}
+
+/* Who holds the lease of a relay state file, for the standby line. */
+static void lease_holder(const char *db, const char *state, char *buf,
+                         size_t size)
+{
+    char host[256];
+    ro r;
+    int64_t pid;
+
+    snprintf(buf, size, "another relay");
+    if (ro_open("relay", db, state, &r) != 0)
+        return;
+    pid = q_int(r.db, "SELECT pid FROM de_relay_lease WHERE id = 1", 0);
+    q_text(r.db, "SELECT host FROM de_relay_lease WHERE id = 1", host,
+           sizeof host);
+    if (pid > 0)
+        snprintf(buf, size, "the relay with pid %" PRId64 " on %s", pid,
+                 host[0] ? host : "?");
+    ro_close(&r);
+}
+
 static int cmd_relay(int argc, char **argv)
 {
-    const char *db = NULL;
+    const char *db = NULL, *state_path = NULL, *v;
     long stats_ms = 0, stop_ms = 10000;
-    int drain = 0;
-    de_conf *conf = de_conf_new();
+    int once = 0, flushed = 0, stopping = 0, said_standby = 0, said_active = 0;
+    int64_t started, deadline = 0, next_stats = 0;
+    de_conf *conf;
     de_relay *r = NULL;
     de_relay_stats st;
     de_err err;
     int rc = 0;
 
+    for (int i = 0; i < argc; i++)
+        if (is_help(argv[i])) {
+            fputs(usage_relay, stdout);
+            return 0;
+        }
+    conf = de_conf_new();
+    if (conf == NULL) {
+        fprintf(stderr, "deliveryevents: relay: out of memory\n");
+        return 1;
+    }
     de_conf_set_log_cb(conf, log_line, NULL);
     for (int i = 0; i < argc; i++) {
-        if (strcmp(argv[i], "--db") == 0 && i + 1 < argc) {
-            db = argv[++i];
-        } else if (strcmp(argv[i], "-X") == 0 && i + 1 < argc) {
-            char *kv = argv[++i], *eq = strchr(kv, '=');
-            if (eq == NULL)
-                return bad_usage("-X takes key=value, got '%s'", kv);
-            *eq = '\0';
-            if (de_conf_set(conf, kv, eq + 1) != DE_OK) {
-                fprintf(stderr, "deliveryevents: %s\n", de_errmsg());
+        const char *a = argv[i];
+        if (strcmp(a, "--once") == 0 || strcmp(a, "--drain") == 0) {
+            once = 1;
+            continue;
+        }
+        if (strcmp(a, "--db") != 0 && strcmp(a, "-X") != 0 &&
+            strcmp(a, "-b") != 0 && strcmp(a, "--stats-ms") != 0 &&
+            strcmp(a, "--stop-timeout-ms") != 0) {
+            de_conf_destroy(conf);
+            return bad_usage("relay", "unknown argument '%s'", a);
+        }
+        if ((v = opt_value("relay", argc, argv, &i)) == NULL) {
+            de_conf_destroy(conf);
+            return 2;
+        }
+        if (strcmp(a, "--db") == 0) {
+            db = v;
+        } else if (strcmp(a, "-b") == 0 || strcmp(a, "-X") == 0) {
+            char key[256];
+            const char *eq = strchr(v, '=');
+            if (strcmp(a, "-b") == 0) {
+                snprintf(key, sizeof key, "bootstrap.servers");
+                eq = v - 1;
+            } else if (eq == NULL || eq == v ||
+                       (size_t)(eq - v) >= sizeof key) {
+                de_conf_destroy(conf);
+                return bad_usage("relay", "-X takes key=value, got '%s'", v);
+            } else {
+                /* A copy: argv is what ps shows. */
+                memcpy(key, v, (size_t)(eq - v));
+                key[eq - v] = '\0';
+            }
+            if (de_conf_set(conf, key, eq + 1) != DE_OK) {
+                fprintf(stderr, "deliveryevents: relay: %s\n", de_errmsg());
+                de_conf_destroy(conf);
                 return 2;
             }
-        } else if (strcmp(argv[i], "--drain") == 0) {
-            drain = 1;
-        } else if (strcmp(argv[i], "--stats-ms") == 0 && i + 1 < argc) {
-            stats_ms = strtol(argv[++i], NULL, 10);
-        } else if (strcmp(argv[i], "--stop-timeout-ms") == 0 && i + 1 < argc) {
-            stop_ms = strtol(argv[++i], NULL, 10);
-        } else {
-            return bad_usage("unknown relay argument '%s'", argv[i]);
+            if (strcmp(key, "relay.state.path") == 0)
+                state_path = eq + 1;
+        } else if (parse_num("relay", a, v, 0, INT_MAX,
+                             strcmp(a, "--stats-ms") == 0 ? &stats_ms
+                                                          : &stop_ms) != 0) {
+            de_conf_destroy(conf);
+            return 2;
         }
     }
-    if (db == NULL)
-        return bad_usage("relay needs --db PATH%s", "");
+    if (db == NULL) {
+        de_conf_destroy(conf);
+        return bad_usage("relay", "needs --db PATH%s", "");
+    }
     catch_signals();
     err = de_relay_start_path(db, conf, &r);
     de_conf_destroy(conf);
     if (err != DE_OK) {
-        fprintf(stderr, "deliveryevents: %s: %s\n", de_err_name(err),
+        fprintf(stderr, "deliveryevents: relay: %s: %s\n", de_err_name(err),
                 de_errmsg());
         return 1;
     }
-    if (drain) {
-        /* Publish what is committed now, then stop. */
-        err = de_relay_flush(r, -1);
-        if (err != DE_OK) {
-            fprintf(stderr, "deliveryevents: %s\n", de_errmsg());
-            rc = 1;
+    started = mono_ms();
+    next_stats = started + stats_ms;
+    /*
+     * Waits in slices of at most 100 ms, never in one unbounded call, so
+     * that SIGINT and SIGTERM are seen however long Kafka takes: the
+     * first flushes for up to --stop-timeout-ms, a second stops at once.
+     */
+    for (;;) {
+        int64_t now = mono_ms();
+        int slice = 100;
+
+        if (signals_seen >= 2 || (stopping && stop_ms == 0))
+            break;
+        if (signals_seen == 1 && !stopping) {
+            stopping = 1;
+            deadline = now + stop_ms;
+            if (stop_ms > 0)
+                fprintf(stderr,
+                        "deliveryevents: relay: stopping: publishing what is "
+                        "committed for up to %ld ms (signal again to stop at "
+                        "once)\n",
+                        stop_ms);
+            continue;
         }
-        stop_signal = 1;
+        if (stopping && now >= deadline)
+            break;
+        if (stopping && deadline - now < slice)
+            slice = (int)(deadline - now);
+        if (stats_ms > 0 && next_stats - now < slice)
+            slice = next_stats > now ? (int)(next_stats - now) : 0;
+        if (stopping || once) {
+            err = de_relay_flush(r, slice);
+            if (err == DE_OK) {
+                flushed = 1;
+                break;
+            }
+            if (err != DE_ERR_TIMEOUT) {
+                fprintf(stderr, "deliveryevents: relay: %s\n", de_errmsg());
+                rc = 1;
+                break;
+            }
+        } else if (slice > 0) {
+            poll(NULL, 0, slice);
+        }
+        if (de_relay_stats_get(r, &st) != DE_OK)
+            continue;
+        now = mono_ms();
+        if (st.state == DE_RELAY_STANDBY && !said_standby && !said_active &&
+            now - started >= 1000) {
+            char who[300];
+            lease_holder(db, state_path, who, sizeof who);
+            fprintf(stderr,
+                    "deliveryevents: relay: standing by: %s holds the lease "
+                    "of %s; taking over when it stops\n",
+                    who, db);
+            said_standby = 1;
+        } else if (st.state == DE_RELAY_ACTIVE && !said_active) {
+            fprintf(stderr, "deliveryevents: relay: active: publishing %s\n",
+                    db);
+            said_active = 1;
+        } else if (st.state == DE_RELAY_STANDBY && said_active) {
+            said_active = 0; /* lost the lease; the library logged it */
+        }
+        if (stats_ms > 0 && now >= next_stats) {
+            print_stats(&st);
+            next_stats = now + stats_ms;
+        }
     }
-    while (!stop_signal) {
-        poll(NULL, 0, stats_ms > 0 ? (int)stats_ms : 200);
-        if (stats_ms > 0 && de_relay_stats_get(r, &st) == DE_OK)
-            printf("active=%d published=%" PRIu64 " pending=%" PRIu64
-                   " lag_ms=%" PRId64 " restarts=%" PRIu64 " blocked=%" PRIu64
-                   " position=%" PRId64 "\n",
-                   st.active, st.published, st.pending, st.lag_ms,
-                   st.producer_restarts, st.blocked_subjects, st.position);
-        fflush(stdout);
-    }
-    err = de_relay_stop(r, (int)stop_ms);
-    if (err != DE_OK) {
-        fprintf(stderr, "deliveryevents: %s\n", de_errmsg());
+    if (stats_ms > 0 && de_relay_stats_get(r, &st) == DE_OK)
+        print_stats(&st);
+    err = de_relay_stop(r, 0);
+    if (err == DE_ERR_STATE) {
+        fprintf(stderr, "deliveryevents: relay: %s\n", de_errmsg());
         rc = 1;
+    }
+    {
+        ro rs;
+        int64_t pending = -1;
+        if (ro_open("relay", db, state_path, &rs) == 0) {
+            pending = ro_pending(&rs, ro_cursor(&rs));
+            ro_close(&rs);
+        }
+        if (pending < 0)
+            fprintf(stderr,
+                    "deliveryevents: relay: stopped; cannot count the events "
+                    "pending in %s\n",
+                    db);
+        else
+            fprintf(stderr,
+                    "deliveryevents: relay: stopped; %" PRId64
+                    " events pending in the outbox of %s%s\n",
+                    pending, db,
+                    pending > 0 ? " (the next relay publishes them)" : "");
+        if ((once || stopping) && !flushed)
+            rc = 1;
     }
     return rc;
 }
 
-/* ---- tail ---------------------------------------------------------- */
+/* ---- tail -------------------------------------------------------------- */
 
 struct seen {
     struct seen *next;
@@ -198,57 +737,113 @@ static const char *hdr(rd_kafka_headers_t *h, const char *name, char *buf,
     return buf;
 }
 
+/* The partition count of an existing topic, from the metadata of all
+ * topics (asking for the topic itself could create it where the brokers
+ * auto-create topics); 0 when it does not exist, -1 on an error. */
+static int32_t topic_partitions(rd_kafka_t *rk, const char *topic)
+{
+    const struct rd_kafka_metadata *md = NULL;
+    rd_kafka_resp_err_t e;
+    int32_t np = 0;
+
+    e = rd_kafka_metadata(rk, 1, NULL, &md, 10000);
+    if (e != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        fprintf(stderr, "deliveryevents: tail: cannot read the topics: %s\n",
+                rd_kafka_err2str(e));
+        return -1;
+    }
+    for (int i = 0; i < md->topic_cnt; i++)
+        if (strcmp(md->topics[i].topic, topic) == 0) {
+            if (md->topics[i].err) {
+                fprintf(stderr, "deliveryevents: tail: topic '%s': %s\n", topic,
+                        rd_kafka_err2str(md->topics[i].err));
+                np = -1;
+            } else {
+                np = md->topics[i].partition_cnt;
+            }
+        }
+    rd_kafka_metadata_destroy(md);
+    return np;
+}
+
 static int cmd_tail(int argc, char **argv)
 {
-    const char *bootstrap = NULL, *topic = NULL;
+    const char *bootstrap = NULL, *topic = NULL, *v;
     int exit_at_end = 0;
     long print = -1, records = 0, events = 0, dups = 0, bad = 0, subjects = 0;
-    rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    const struct rd_kafka_metadata *md = NULL;
+    rd_kafka_conf_t *conf;
     rd_kafka_topic_partition_list_t *parts;
     struct seen **tab;
     int64_t *high;
     int32_t np;
     int remaining = 0;
-    rd_kafka_topic_t *rkt;
     rd_kafka_t *rk;
     char err[512];
 
+    for (int i = 0; i < argc; i++)
+        if (is_help(argv[i])) {
+            fputs(usage_tail, stdout);
+            return 0;
+        }
     for (int i = 0; i < argc; i++) {
-        if (strcmp(argv[i], "--bootstrap") == 0 && i + 1 < argc)
-            bootstrap = argv[++i];
-        else if (strcmp(argv[i], "--topic") == 0 && i + 1 < argc)
-            topic = argv[++i];
-        else if (strcmp(argv[i], "--exit-at-end") == 0)
+        const char *a = argv[i];
+        if (strcmp(a, "--exit-at-end") == 0) {
             exit_at_end = 1;
-        else if (strcmp(argv[i], "--print") == 0 && i + 1 < argc)
-            print = strtol(argv[++i], NULL, 10);
-        else
-            return bad_usage("unknown tail argument '%s'", argv[i]);
+            continue;
+        }
+        if (strcmp(a, "-b") != 0 && strcmp(a, "--bootstrap") != 0 &&
+            strcmp(a, "--topic") != 0 && strcmp(a, "--print") != 0)
+            return bad_usage("tail", "unknown argument '%s'", a);
+        if ((v = opt_value("tail", argc, argv, &i)) == NULL)
+            return 2;
+        if (strcmp(a, "--topic") == 0)
+            topic = v;
+        else if (strcmp(a, "--print") == 0) {
+            if (parse_num("tail", a, v, 0, LONG_MAX, &print) != 0)
+                return 2;
+        } else
+            bootstrap = v;
     }
     if (bootstrap == NULL || topic == NULL)
-        return bad_usage("tail needs --bootstrap and --topic%s", "");
-    rd_kafka_conf_set(conf, "bootstrap.servers", bootstrap, err, sizeof err);
-    rd_kafka_conf_set(conf, "group.id", "deliveryevents-tail", err, sizeof err);
-    rd_kafka_conf_set(conf, "enable.auto.commit", "false", err, sizeof err);
+        return bad_usage("tail", "needs -b SERVERS and --topic NAME%s", "");
+    /* Line by line, also into a pipe: whoever reads sees each event. */
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    conf = rd_kafka_conf_new();
+    if (rd_kafka_conf_set(conf, "bootstrap.servers", bootstrap, err,
+                          sizeof err) != RD_KAFKA_CONF_OK ||
+        rd_kafka_conf_set(conf, "group.id", "deliveryevents-tail", err,
+                          sizeof err) != RD_KAFKA_CONF_OK ||
+        rd_kafka_conf_set(conf, "enable.auto.commit", "false", err,
+                          sizeof err) != RD_KAFKA_CONF_OK ||
+        rd_kafka_conf_set(conf, "allow.auto.create.topics", "false", err,
+                          sizeof err) != RD_KAFKA_CONF_OK) {
+        fprintf(stderr, "deliveryevents: tail: %s\n", err);
+        rd_kafka_conf_destroy(conf);
+        return 2;
+    }
     rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err, sizeof err);
     if (rk == NULL) {
-        fprintf(stderr, "deliveryevents: %s\n", err);
+        fprintf(stderr, "deliveryevents: tail: %s\n", err);
+        rd_kafka_conf_destroy(conf);
         return 1;
     }
-    rkt = rd_kafka_topic_new(rk, topic, NULL);
-    if (rd_kafka_metadata(rk, 0, rkt, &md, 10000) != 0 || md->topic_cnt != 1 ||
-        md->topics[0].err) {
-        fprintf(stderr, "deliveryevents: topic %s: %s\n", topic,
-                md ? rd_kafka_err2str(md->topics[0].err) : "no metadata");
+    np = topic_partitions(rk, topic);
+    if (np <= 0) {
+        if (np == 0)
+            fprintf(stderr,
+                    "deliveryevents: tail: topic '%s' does not exist on %s\n",
+                    topic, bootstrap);
+        rd_kafka_destroy(rk);
         return 1;
     }
-    np = md->topics[0].partition_cnt;
-    rd_kafka_metadata_destroy(md);
-    rd_kafka_topic_destroy(rkt);
     high = calloc((size_t)np, sizeof *high);
     tab = calloc(SEEN_BUCKETS, sizeof *tab);
     parts = rd_kafka_topic_partition_list_new(np);
+    if (high == NULL || tab == NULL || parts == NULL) {
+        fprintf(stderr, "deliveryevents: tail: out of memory\n");
+        rd_kafka_destroy(rk);
+        return 1;
+    }
     for (int32_t p = 0; p < np; p++) {
         int64_t lo = 0;
         rd_kafka_query_watermark_offsets(rk, topic, p, &lo, &high[p], 10000);
@@ -263,7 +858,8 @@ static int cmd_tail(int argc, char **argv)
     while (!stop_signal && !(exit_at_end && remaining == 0)) {
         rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 200);
         rd_kafka_headers_t *h = NULL;
-        char subject[300], seqs[32], epochs[32], type[300], time[40];
+        char stype[130], sid[300], subject[440], seqs[32], epochs[32],
+            type[300], time[40];
         struct seen *sn;
         long long seq, epoch;
         const char *what;
@@ -277,7 +873,8 @@ static int cmd_tail(int argc, char **argv)
         }
         records++;
         rd_kafka_message_headers(m, &h);
-        if (!hdr(h, "ce_subject", subject, sizeof subject) ||
+        if (!hdr(h, "ce_subjecttype", stype, sizeof stype) ||
+            !hdr(h, "ce_subject", sid, sizeof sid) ||
             !hdr(h, "ce_subjectseq", seqs, sizeof seqs) ||
             !hdr(h, "ce_type", type, sizeof type) ||
             !hdr(h, "ce_time", time, sizeof time)) {
@@ -285,6 +882,9 @@ static int cmd_tail(int argc, char **argv)
                    (long long)m->offset);
             bad++;
         } else {
+            /* A subject is its type and id: delivery/X-1 and rider/X-1
+             * are numbered apart, even on one topic. */
+            snprintf(subject, sizeof subject, "%s/%s", stype, sid);
             seq = strtoll(seqs, NULL, 10);
             epoch = hdr(h, "ce_subjectepoch", epochs, sizeof epochs)
                         ? strtoll(epochs, NULL, 10)
@@ -312,7 +912,7 @@ static int cmd_tail(int argc, char **argv)
                 what = "  (GAP: an earlier event is missing)";
             }
             if (print < 0 || records <= print || gap)
-                printf("p%d@%-6lld %-10s #%-3lld %-28s %s %.*s%s\n",
+                printf("p%d@%-6lld %-18s #%-3lld %-28s %s %.*s%s\n",
                        (int)m->partition, (long long)m->offset, subject, seq,
                        type, time, (int)m->len, (const char *)m->payload, what);
         }
@@ -336,56 +936,90 @@ static int cmd_tail(int argc, char **argv)
     return bad ? 3 : 0;
 }
 
+/* ---- mock-cluster ------------------------------------------------------ */
+
+/* Splits "NAME[:PARTITIONS]" into name (a copy: argv is what ps shows)
+ * and partitions (1 when absent); -1 when malformed. */
+static int topic_spec(const char *spec, char *name, size_t size, long *parts)
+{
+    const char *colon = strrchr(spec, ':');
+    size_t n = colon ? (size_t)(colon - spec) : strlen(spec);
+
+    *parts = 1;
+    if (n == 0 || n >= size)
+        return -1;
+    memcpy(name, spec, n);
+    name[n] = '\0';
+    if (colon == NULL)
+        return 0;
+    return parse_num(NULL, "--topic", colon + 1, 1, 100000, parts);
+}
+
 static int cmd_mock_cluster(int argc, char **argv)
 {
-    int brokers = 3, until_eof = 0;
-    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    long brokers = 3, parts;
+    int until_eof = 0;
+    rd_kafka_conf_t *conf;
     rd_kafka_mock_cluster_t *mc;
     rd_kafka_t *rk;
-    char err[512];
+    char err[512], name[256];
+    const char *v;
 
+    for (int i = 0; i < argc; i++)
+        if (is_help(argv[i])) {
+            fputs(usage_mock, stdout);
+            return 0;
+        }
     for (int i = 0; i < argc; i++) {
-        if (strcmp(argv[i], "--brokers") == 0 && i + 1 < argc) {
-            brokers = atoi(argv[++i]);
-            if (brokers < 1)
-                return bad_usage("--brokers takes a positive number, got "
-                                 "'%s'",
-                                 argv[i]);
-        } else if (strcmp(argv[i], "--topic") == 0 && i + 1 < argc) {
-            i++; /* created below, once the cluster exists */
-        } else if (strcmp(argv[i], "--until-stdin-eof") == 0) {
+        const char *a = argv[i];
+        if (strcmp(a, "--until-stdin-eof") == 0) {
             until_eof = 1;
-        } else {
-            return bad_usage("unknown mock-cluster argument '%s'", argv[i]);
+            continue;
+        }
+        if (strcmp(a, "--brokers") != 0 && strcmp(a, "--topic") != 0)
+            return bad_usage("mock-cluster", "unknown argument '%s'", a);
+        if ((v = opt_value("mock-cluster", argc, argv, &i)) == NULL)
+            return 2;
+        if (strcmp(a, "--brokers") == 0) {
+            if (parse_num("mock-cluster", a, v, 1, 100, &brokers) != 0)
+                return 2;
+        } else if (topic_spec(v, name, sizeof name, &parts) != 0) {
+            /* checked here, created below once the cluster exists */
+            return bad_usage("mock-cluster",
+                             "--topic takes NAME[:PARTITIONS], got '%s'", v);
         }
     }
     /* Die with the parent that started us, never linger as an orphan. */
     if (until_eof)
         prctl(PR_SET_PDEATHSIG, SIGTERM);
+    conf = rd_kafka_conf_new();
     rd_kafka_conf_set(conf, "log_level", "0", err, sizeof err);
     rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof err);
     if (rk == NULL) {
-        fprintf(stderr, "deliveryevents: %s\n", err);
+        fprintf(stderr, "deliveryevents: mock-cluster: %s\n", err);
         return 1;
     }
-    mc = rd_kafka_mock_cluster_new(rk, brokers);
+    mc = rd_kafka_mock_cluster_new(rk, (int)brokers);
     if (mc == NULL) {
-        fprintf(stderr, "deliveryevents: cannot start the mock cluster\n");
+        fprintf(stderr,
+                "deliveryevents: mock-cluster: cannot start the cluster\n");
         rd_kafka_destroy(rk);
         return 1;
     }
     for (int i = 0; i < argc; i++) {
         if (strcmp(argv[i], "--topic") == 0) {
-            char *spec = argv[++i], *colon = strrchr(spec, ':');
-            int parts = colon ? atoi(colon + 1) : 0;
-            if (colon == NULL || parts < 1) {
+            if (topic_spec(argv[++i], name, sizeof name, &parts) != 0 ||
+                rd_kafka_mock_topic_create(mc, name, (int)parts, 1) != 0) {
+                fprintf(stderr,
+                        "deliveryevents: mock-cluster: cannot create topic "
+                        "'%s'\n",
+                        argv[i]);
                 rd_kafka_mock_cluster_destroy(mc);
                 rd_kafka_destroy(rk);
-                return bad_usage("--topic takes NAME:PARTITIONS, got '%s'",
-                                 spec);
+                return 1;
             }
-            *colon = '\0';
-            rd_kafka_mock_topic_create(mc, spec, parts, 1);
+        } else if (strcmp(argv[i], "--brokers") == 0) {
+            i++;
         }
     }
     catch_signals();
@@ -406,6 +1040,422 @@ static int cmd_mock_cluster(int argc, char **argv)
     return 0;
 }
 
+/* ---- status and list --------------------------------------------------- */
+
+/* Parses --db, --state, --json (and, for list, its filters). */
+struct ro_args {
+    const char *db, *state, *subject;
+    int json, pending, blocked;
+    long limit;
+};
+
+static int ro_args_parse(const char *cmd, int argc, char **argv,
+                         struct ro_args *a)
+{
+    int is_list = strcmp(cmd, "list") == 0;
+    const char *v;
+
+    memset(a, 0, sizeof *a);
+    a->limit = 100;
+    for (int i = 0; i < argc; i++) {
+        const char *o = argv[i];
+        if (strcmp(o, "--json") == 0) {
+            a->json = 1;
+            continue;
+        }
+        if (is_list && strcmp(o, "--pending") == 0) {
+            a->pending = 1;
+            continue;
+        }
+        if (is_list && strcmp(o, "--blocked") == 0) {
+            a->blocked = 1;
+            continue;
+        }
+        if (strcmp(o, "--db") != 0 && strcmp(o, "--state") != 0 &&
+            !(is_list &&
+              (strcmp(o, "--subject") == 0 || strcmp(o, "--limit") == 0)))
+            return bad_usage(cmd, "unknown argument '%s'", o);
+        if ((v = opt_value(cmd, argc, argv, &i)) == NULL)
+            return 2;
+        if (strcmp(o, "--db") == 0)
+            a->db = v;
+        else if (strcmp(o, "--state") == 0)
+            a->state = v;
+        else if (strcmp(o, "--subject") == 0) {
+            const char *colon = strchr(v, ':');
+            if (colon == NULL || colon == v || colon[1] == '\0')
+                return bad_usage(cmd, "--subject takes TYPE:ID, got '%s'", v);
+            a->subject = v;
+        } else if (parse_num(cmd, o, v, 0, LONG_MAX, &a->limit) != 0)
+            return 2;
+    }
+    if (a->pending && a->blocked)
+        return bad_usage(cmd, "--pending and --blocked exclude each other%s",
+                         "");
+    if (a->db == NULL)
+        return bad_usage(cmd, "needs --db PATH%s", "");
+    return 0;
+}
+
+static void put_int(json_t *o, const char *k, int64_t v)
+{
+    json_object_set_new(o, k, json_integer((json_int_t)v));
+}
+
+static void put_str(json_t *o, const char *k, const char *v)
+{
+    json_object_set_new(o, k, v ? json_string(v) : json_null());
+}
+
+/* Sizes: -1 (JSON null, text "none") for a file that does not exist. */
+static void put_size(json_t *o, const char *k, int64_t v)
+{
+    json_object_set_new(o, k,
+                        v >= 0 ? json_integer((json_int_t)v) : json_null());
+}
+
+static void age(int64_t now, int64_t then, char *buf, size_t size)
+{
+    if (then <= 0)
+        snprintf(buf, size, "-");
+    else
+        snprintf(buf, size, "%.1f s ago", (double)(now - then) / 1000.0);
+}
+
+static int cmd_status(int argc, char **argv)
+{
+    struct ro_args a;
+    char path[PATH_MAX + 64], buf[300], host[256], owner[64], t1[64], t2[64];
+    int64_t now = now_ms(), cursor, pending, rows, oldest, cursor_at, last_ms,
+            deleted_upto, pid, hb, acquired, parked, nblocked;
+    int64_t sz_db, sz_wal, sz_state, sz_state_wal, v_outbox, v_state;
+    json_t *o, *lease, *files, *blocked, *schema;
+    sqlite3_stmt *st = NULL;
+    char db_id[64], state_id[64];
+    int state_matches;
+    ro r;
+    int rc;
+
+    for (int i = 0; i < argc; i++)
+        if (is_help(argv[i])) {
+            fputs(usage_status, stdout);
+            return 0;
+        }
+    if ((rc = ro_args_parse("status", argc, argv, &a)) != 0)
+        return rc;
+    if (ro_open("status", a.db, a.state, &r) != 0)
+        return 1;
+    cursor = ro_cursor(&r);
+    pending = ro_pending(&r, cursor);
+    rows = q_int(r.db, "SELECT count(*) FROM de_outbox", 0);
+    snprintf(buf, sizeof buf,
+             "SELECT min(recorded_at_ms) FROM de_outbox WHERE position > "
+             "%" PRId64 " OR position IN (SELECT position FROM "
+             "de_relay_parked)",
+             cursor);
+    oldest = q_int(r.db, buf, 0);
+    snprintf(buf, sizeof buf,
+             "SELECT recorded_at_ms FROM de_outbox WHERE position = %" PRId64,
+             cursor);
+    cursor_at = q_int(r.db, buf, 0);
+    last_ms = q_int(r.db, "SELECT max(last_ms) FROM de_relay_seq", 0);
+    deleted_upto = q_int(r.db,
+                         "SELECT CAST(value AS INTEGER) FROM main.de_meta "
+                         "WHERE key = 'relay_deleted_upto'",
+                         0);
+    v_outbox = q_int(r.db,
+                     "SELECT value FROM main.de_meta WHERE key = "
+                     "'schema_version'",
+                     0);
+    v_state = q_int(r.db,
+                    "SELECT value FROM de_relay_meta WHERE key = "
+                    "'schema_version'",
+                    0);
+    pid = q_int(r.db, "SELECT pid FROM de_relay_lease WHERE id = 1", 0);
+    hb =
+        q_int(r.db, "SELECT heartbeat_ms FROM de_relay_lease WHERE id = 1", -1);
+    acquired =
+        q_int(r.db, "SELECT acquired_ms FROM de_relay_lease WHERE id = 1", 0);
+    q_text(r.db, "SELECT host FROM de_relay_lease WHERE id = 1", host,
+           sizeof host);
+    q_text(r.db, "SELECT owner FROM de_relay_lease WHERE id = 1", owner,
+           sizeof owner);
+    parked = q_int(r.db, "SELECT count(*) FROM de_relay_parked", 0);
+    nblocked = q_int(r.db,
+                     "SELECT count(*) FROM (SELECT DISTINCT subject_type, "
+                     "subject_id FROM de_relay_parked)",
+                     0);
+    sz_db = file_size(a.db);
+    snprintf(path, sizeof path, "%s-wal", a.db);
+    sz_wal = file_size(path);
+    sz_state = file_size(r.state_path);
+    snprintf(path, sizeof path, "%s-wal", r.state_path);
+    sz_state_wal = file_size(path);
+
+    o = json_object();
+    put_str(o, "database", a.db);
+    put_str(o, "relay_state", r.state_path);
+    json_object_set_new(o, "relay_state_found", json_boolean(r.has_state));
+    /* The state names the outbox it belongs to (its de_meta outbox_id). */
+    q_text(r.db, "SELECT value FROM main.de_meta WHERE key = 'outbox_id'",
+           db_id, sizeof db_id);
+    q_text(r.db, "SELECT value FROM de_relay_meta WHERE key = 'outbox_id'",
+           state_id, sizeof state_id);
+    state_matches =
+        !r.has_state || state_id[0] == '\0' || strcmp(db_id, state_id) == 0;
+    put_str(o, "outbox_id", db_id[0] ? db_id : NULL);
+    json_object_set_new(o, "relay_state_matches", json_boolean(state_matches));
+    put_int(o, "pending", pending);
+    put_int(o, "oldest_pending_recorded_at_ms", oldest);
+    put_int(o, "oldest_pending_age_ms", oldest > 0 ? now - oldest : 0);
+    put_int(o, "cursor", cursor);
+    put_str(o, "cursor_event_id",
+            q_text(r.db,
+                   "SELECT value FROM de_relay_meta WHERE key = "
+                   "'cursor_event_id'",
+                   buf, sizeof buf)[0]
+                ? buf
+                : NULL);
+    put_int(o, "cursor_recorded_at_ms", cursor_at);
+    put_int(o, "last_numbered_at_ms", last_ms);
+    put_int(o, "outbox_rows", rows);
+    put_int(o, "outbox_min_position",
+            q_int(r.db, "SELECT min(position) FROM de_outbox", 0));
+    put_int(o, "outbox_max_position",
+            q_int(r.db, "SELECT max(position) FROM de_outbox", 0));
+    put_int(o, "deleted_upto", deleted_upto);
+    lease = json_object();
+    if (hb >= 0) {
+        put_str(lease, "owner", owner);
+        put_int(lease, "pid", pid);
+        put_str(lease, "host", host);
+        put_int(lease, "acquired_at_ms", acquired);
+        put_int(lease, "heartbeat_at_ms", hb);
+        put_int(lease, "heartbeat_age_ms", hb > 0 ? now - hb : -1);
+        json_object_set_new(lease, "released", json_boolean(hb == 0));
+    }
+    json_object_set_new(o, "lease", hb >= 0 ? lease : json_null());
+    if (hb < 0)
+        json_decref(lease);
+    put_int(o, "blocked_subjects", nblocked);
+    put_int(o, "held_back", parked);
+    blocked = json_array();
+    if (sqlite3_prepare_v2(
+            r.db,
+            "SELECT subject_type, subject_id, count(*), min(since_ms), "
+            "(SELECT error FROM de_relay_parked p2 WHERE p2.subject_type = "
+            "p.subject_type AND p2.subject_id = p.subject_id ORDER BY "
+            "position LIMIT 1), min(position) FROM de_relay_parked p GROUP "
+            "BY subject_type, subject_id ORDER BY min(position)",
+            -1, &st, NULL) == SQLITE_OK)
+        while (sqlite3_step(st) == SQLITE_ROW) {
+            json_t *b = json_object();
+            put_str(b, "subject_type",
+                    (const char *)sqlite3_column_text(st, 0));
+            put_str(b, "subject_id", (const char *)sqlite3_column_text(st, 1));
+            put_int(b, "held_back", sqlite3_column_int64(st, 2));
+            put_int(b, "since_ms", sqlite3_column_int64(st, 3));
+            put_str(b, "error", (const char *)sqlite3_column_text(st, 4));
+            put_int(b, "position", sqlite3_column_int64(st, 5));
+            json_array_append_new(blocked, b);
+        }
+    sqlite3_finalize(st);
+    json_object_set_new(o, "blocked", blocked);
+    schema = json_object();
+    put_int(schema, "outbox", v_outbox);
+    if (r.has_state)
+        put_int(schema, "relay_state", v_state);
+    else
+        json_object_set_new(schema, "relay_state", json_null());
+    json_object_set_new(o, "schema_version", schema);
+    files = json_object();
+    put_size(files, "database", sz_db);
+    put_size(files, "database_wal", sz_wal);
+    put_size(files, "relay_state", sz_state);
+    put_size(files, "relay_state_wal", sz_state_wal);
+    json_object_set_new(o, "file_bytes", files);
+    ro_close(&r);
+
+    if (a.json) {
+        char *s = json_dumps(o, JSON_COMPACT);
+        if (s == NULL) {
+            json_decref(o);
+            fprintf(stderr, "deliveryevents: status: out of memory\n");
+            return 1;
+        }
+        printf("%s\n", s);
+        free(s);
+        json_decref(o);
+        return 0;
+    }
+    printf("database:        %s (%" PRId64 " bytes, wal %" PRId64 " bytes)\n",
+           a.db, sz_db, sz_wal > 0 ? sz_wal : 0);
+    if (r.has_state)
+        printf("relay state:     %s (%" PRId64 " bytes, wal %" PRId64
+               " bytes)\n",
+               r.state_path, sz_state, sz_state_wal > 0 ? sz_state_wal : 0);
+    else
+        printf("relay state:     %s (none: no relay has run; every row is "
+               "pending)\n",
+               r.state_path);
+    if (r.has_state)
+        printf("schema versions: outbox %" PRId64 ", relay state %" PRId64 "\n",
+               v_outbox, v_state);
+    else
+        printf("schema versions: outbox %" PRId64 ", relay state -\n",
+               v_outbox);
+    if (!state_matches)
+        printf("WARNING:         the relay state belongs to another outbox "
+               "(a copy or a predecessor of this database): a relay "
+               "refuses it\n");
+    printf(
+        "outbox rows:     %" PRId64 " retained (positions %" PRId64 "..%" PRId64
+        "; deleted up to %" PRId64 ")\n",
+        rows,
+        (int64_t)json_integer_value(json_object_get(o, "outbox_min_position")),
+        (int64_t)json_integer_value(json_object_get(o, "outbox_max_position")),
+        deleted_upto);
+    age(now, oldest, t1, sizeof t1);
+    printf("pending:         %" PRId64 " (oldest recorded %s)\n", pending,
+           oldest > 0 ? t1 : "-");
+    iso_time(cursor_at, t1, sizeof t1);
+    age(now, cursor_at, t2, sizeof t2);
+    printf("cursor:          %" PRId64 " (published or held back up to "
+           "here; event %s recorded %s, %s)\n",
+           cursor,
+           json_is_string(json_object_get(o, "cursor_event_id"))
+               ? json_string_value(json_object_get(o, "cursor_event_id"))
+               : "-",
+           t1, t2);
+    iso_time(last_ms, t1, sizeof t1);
+    printf("last numbered:   %s\n", t1);
+    if (hb < 0) {
+        printf("lease:           none (no relay has held it)\n");
+    } else {
+        age(now, hb, t1, sizeof t1);
+        printf("lease:           %s by pid %" PRId64 " on %s (heartbeat "
+               "%s)\n",
+               hb == 0 ? "released, last held" : "held", pid,
+               host[0] ? host : "?", hb == 0 ? "-" : t1);
+    }
+    printf("blocked:         %" PRId64 " subjects, %" PRId64
+           " events held back\n",
+           nblocked, parked);
+    for (size_t i = 0; i < json_array_size(blocked); i++) {
+        json_t *b = json_array_get(blocked, i);
+        iso_time(json_integer_value(json_object_get(b, "since_ms")), t1,
+                 sizeof t1);
+        printf("  %s/%s: %" PRId64 " events from position %" PRId64
+               " since %s: %s\n",
+               json_string_value(json_object_get(b, "subject_type")),
+               json_string_value(json_object_get(b, "subject_id")),
+               (int64_t)json_integer_value(json_object_get(b, "held_back")),
+               (int64_t)json_integer_value(json_object_get(b, "position")), t1,
+               json_is_string(json_object_get(b, "error"))
+                   ? json_string_value(json_object_get(b, "error"))
+                   : "-");
+    }
+    json_decref(o);
+    return 0;
+}
+
+static int cmd_list(int argc, char **argv)
+{
+    struct ro_args a;
+    sqlite3_stmt *st = NULL;
+    char t[64];
+    const char *colon;
+    int64_t cursor;
+    long n = 0;
+    ro r;
+    int rc;
+
+    for (int i = 0; i < argc; i++)
+        if (is_help(argv[i])) {
+            fputs(usage_list, stdout);
+            return 0;
+        }
+    if ((rc = ro_args_parse("list", argc, argv, &a)) != 0)
+        return rc;
+    if (ro_open("list", a.db, a.state, &r) != 0)
+        return 1;
+    cursor = ro_cursor(&r);
+    if (sqlite3_prepare_v2(
+            r.db,
+            "SELECT o.position, o.event_id, o.subject_type, o.subject_id, "
+            "o.action, o.version, o.recorded_at_ms, CASE WHEN p.position "
+            "IS NOT NULL THEN 'held-back' WHEN o.position > ?1 THEN "
+            "'pending' ELSE 'published' END, p.error FROM de_outbox o LEFT "
+            "JOIN de_relay_parked p ON p.position = o.position WHERE (?2 IS "
+            "NULL OR (o.subject_type = ?2 AND o.subject_id = ?3)) AND (?4 = "
+            "0 OR o.position > ?1 OR p.position IS NOT NULL) AND (?5 = 0 OR "
+            "p.position IS NOT NULL) ORDER BY o.position LIMIT ?6",
+            -1, &st, NULL) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: list: %s\n", sqlite3_errmsg(r.db));
+        ro_close(&r);
+        return 1;
+    }
+    sqlite3_bind_int64(st, 1, cursor);
+    if (a.subject != NULL) {
+        colon = strchr(a.subject, ':');
+        sqlite3_bind_text(st, 2, a.subject, (int)(colon - a.subject),
+                          SQLITE_STATIC);
+        sqlite3_bind_text(st, 3, colon + 1, -1, SQLITE_STATIC);
+    }
+    sqlite3_bind_int(st, 4, a.pending);
+    sqlite3_bind_int(st, 5, a.blocked);
+    sqlite3_bind_int64(st, 6, a.limit > 0 ? a.limit : -1);
+    if (!a.json)
+        printf("%-10s %-36s %-24s %-12s %-3s %-24s %s\n", "POSITION",
+               "EVENT_ID", "SUBJECT", "ACTION", "V", "RECORDED", "STATUS");
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        const char *err = (const char *)sqlite3_column_text(st, 8);
+        n++;
+        if (a.json) {
+            json_t *o = json_object();
+            char *s;
+            put_int(o, "position", sqlite3_column_int64(st, 0));
+            put_str(o, "event_id", (const char *)sqlite3_column_text(st, 1));
+            put_str(o, "subject_type",
+                    (const char *)sqlite3_column_text(st, 2));
+            put_str(o, "subject_id", (const char *)sqlite3_column_text(st, 3));
+            put_str(o, "action", (const char *)sqlite3_column_text(st, 4));
+            put_int(o, "version", sqlite3_column_int64(st, 5));
+            put_int(o, "recorded_at_ms", sqlite3_column_int64(st, 6));
+            put_str(o, "status", (const char *)sqlite3_column_text(st, 7));
+            if (err != NULL)
+                put_str(o, "error", err);
+            s = json_dumps(o, JSON_COMPACT);
+            printf("%s\n", s ? s : "{}");
+            free(s);
+            json_decref(o);
+        } else {
+            char subject[300];
+            snprintf(subject, sizeof subject, "%s/%s",
+                     (const char *)sqlite3_column_text(st, 2),
+                     (const char *)sqlite3_column_text(st, 3));
+            iso_time(sqlite3_column_int64(st, 6), t, sizeof t);
+            printf("%-10lld %-36s %-24s %-12s %-3d %-24s %s%s%s\n",
+                   (long long)sqlite3_column_int64(st, 0),
+                   (const char *)sqlite3_column_text(st, 1), subject,
+                   (const char *)sqlite3_column_text(st, 4),
+                   sqlite3_column_int(st, 5), t,
+                   (const char *)sqlite3_column_text(st, 7), err ? ": " : "",
+                   err ? err : "");
+        }
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) {
+        fprintf(stderr, "deliveryevents: list: %s\n", sqlite3_errmsg(r.db));
+        ro_close(&r);
+        return 1;
+    }
+    ro_close(&r);
+    if (!a.json && a.limit > 0 && n == a.limit)
+        printf("(first %ld rows; --limit 0 for all)\n", n);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -414,6 +1464,10 @@ int main(int argc, char **argv)
     }
     if (strcmp(argv[1], "relay") == 0)
         return cmd_relay(argc - 2, argv + 2);
+    if (strcmp(argv[1], "status") == 0)
+        return cmd_status(argc - 2, argv + 2);
+    if (strcmp(argv[1], "list") == 0)
+        return cmd_list(argc - 2, argv + 2);
     if (strcmp(argv[1], "mock-cluster") == 0)
         return cmd_mock_cluster(argc - 2, argv + 2);
     if (strcmp(argv[1], "tail") == 0)
@@ -423,9 +1477,11 @@ int main(int argc, char **argv)
                rd_kafka_version_str(), sqlite3_libversion());
         return 0;
     }
-    if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
+    if (is_help(argv[1])) {
         usage(stdout);
         return 0;
     }
-    return bad_usage("unknown command '%s'", argv[1]);
+    fprintf(stderr, "deliveryevents: unknown command '%s'\n", argv[1]);
+    usage(stderr);
+    return 2;
 }

@@ -1,0 +1,777 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * check_tool.c -- the deliveryevents command-line tool as its users run
+ * it: the built binary (DE_TOOL) in separate processes, its own
+ * mock-cluster subcommand as the Kafka cluster, and assertions on what a
+ * user sees -- exit status, the message naming a bad value, the output,
+ * and the files left behind.  Every wait polls for an outcome with a
+ * generous deadline.
+ */
+#include "kafka.h"
+
+#include <fcntl.h>
+#include <jansson.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define MAX_ARGS 32
+#define MAX_PROCS 8
+
+typedef struct proc {
+    pid_t pid;
+    char out[4200], err[4200]; /* files holding its stdout and stderr */
+    int status;                /* from waitpid, once it exited */
+    int exited;
+} proc;
+
+/* Processes started by the current test, stopped in teardown if it
+ * failed before it could stop them. */
+static proc *procs[MAX_PROCS];
+
+static void setup(void)
+{
+    tu_dir_setup();
+    memset(procs, 0, sizeof procs);
+}
+
+static void teardown(void)
+{
+    for (int i = 0; i < MAX_PROCS; i++)
+        if (procs[i] != NULL && !procs[i]->exited) {
+            kill(procs[i]->pid, SIGKILL);
+            waitpid(procs[i]->pid, NULL, 0);
+        }
+    tu_dir_teardown();
+}
+
+/* Starts the tool with the NULL-terminated arguments after the command
+ * name; stdout and stderr go to files "<name>.out" and "<name>.err". */
+static proc *start(const char *name, ...)
+{
+    static int seq;
+    const char *tool = getenv("DE_TOOL");
+    char *args[MAX_ARGS + 2];
+    proc *p = calloc(1, sizeof *p);
+    const char *a;
+    va_list ap;
+    int n = 1;
+
+    ck_assert_msg(tool != NULL, "DE_TOOL (the deliveryevents binary) unset");
+    ck_assert_ptr_nonnull(p);
+    args[0] = strdup("deliveryevents");
+    va_start(ap, name);
+    while (n <= MAX_ARGS && (a = va_arg(ap, const char *)) != NULL)
+        args[n++] = strdup(a);
+    va_end(ap);
+    args[n] = NULL;
+    snprintf(p->out, sizeof p->out, "%s/%s.%d.out", tu_dir, name, seq);
+    snprintf(p->err, sizeof p->err, "%s/%s.%d.err", tu_dir, name, seq++);
+    p->pid = fork();
+    ck_assert_int_ge(p->pid, 0);
+    if (p->pid == 0) {
+        int in = open("/dev/null", O_RDONLY);
+        int out = open(p->out, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        int err = open(p->err, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (in < 0 || out < 0 || err < 0 || dup2(in, 0) < 0 ||
+            dup2(out, 1) < 0 || dup2(err, 2) < 0)
+            _exit(126);
+        execv(tool, args);
+        _exit(127);
+    }
+    for (int i = 0; i < n; i++)
+        free(args[i]);
+    for (int i = 0; i < MAX_PROCS; i++)
+        if (procs[i] == NULL) {
+            procs[i] = p;
+            break;
+        }
+    return p;
+}
+
+/* The whole of a file, NUL-terminated, in a static buffer rotated over 4
+ * slots ("" when it cannot be read). */
+static const char *slurp(const char *path)
+{
+    static char bufs[4][65536];
+    static int next;
+    char *b = bufs[next++ % 4];
+    FILE *f = fopen(path, "r");
+    size_t n = 0;
+
+    b[0] = '\0';
+    if (f != NULL) {
+        n = fread(b, 1, sizeof bufs[0] - 1, f);
+        fclose(f);
+    }
+    b[n] = '\0';
+    return b;
+}
+
+static bool exited(proc *p)
+{
+    if (!p->exited && waitpid(p->pid, &p->status, WNOHANG) == p->pid)
+        p->exited = 1;
+    return p->exited;
+}
+
+/* Waits for p to exit (within timeout_ms) and returns its exit status. */
+static int finish(proc *p, int timeout_ms)
+{
+    ck_assert_msg(tu_wait_for(exited(p), timeout_ms),
+                  "the tool did not exit within %d ms; stderr: %s", timeout_ms,
+                  slurp(p->err));
+    ck_assert_msg(WIFEXITED(p->status), "the tool died of signal %d: %s",
+                  WTERMSIG(p->status), slurp(p->err));
+    return WEXITSTATUS(p->status);
+}
+
+/* Runs the tool to its end; returns its exit status. */
+#define run(p, ...) finish((p) = start(__VA_ARGS__, (const char *)NULL), 30000)
+
+static bool file_has(const char *path, const char *needle)
+{
+    return strstr(slurp(path), needle) != NULL;
+}
+
+#define assert_has(path, needle)                                               \
+    ck_assert_msg(file_has(path, needle), "expected '%s' in %s:\n%s", needle,  \
+                  path, slurp(path))
+
+/* ---- a mock cluster in its own process --------------------------------- */
+
+typedef struct cluster {
+    proc *p;
+    char bootstrap[512];
+} cluster;
+
+static cluster mock_start(const char *topic1, const char *topic2)
+{
+    cluster c;
+    const char *line, *nl;
+
+    memset(&c, 0, sizeof c);
+    if (topic2 != NULL)
+        c.p = start("mock", "mock-cluster", "--brokers", "1", "--topic", topic1,
+                    "--topic", topic2, (const char *)NULL);
+    else if (topic1 != NULL)
+        c.p = start("mock", "mock-cluster", "--brokers", "1", "--topic", topic1,
+                    (const char *)NULL);
+    else
+        c.p =
+            start("mock", "mock-cluster", "--brokers", "1", (const char *)NULL);
+    ck_assert_msg(
+        tu_wait_for(strchr(slurp(c.p->out), '\n') != NULL || exited(c.p),
+                    20000),
+        "mock-cluster printed nothing: %s", slurp(c.p->err));
+    line = slurp(c.p->out);
+    ck_assert_msg(strncmp(line, "bootstrap.servers=", 18) == 0,
+                  "mock-cluster's first line: %s", line);
+    nl = strchr(line, '\n');
+    snprintf(c.bootstrap, sizeof c.bootstrap, "%.*s", (int)(nl - line - 18),
+             line + 18);
+    return c;
+}
+
+static void mock_stop(cluster *c)
+{
+    kill(c->p->pid, SIGTERM);
+    ck_assert_int_eq(finish(c->p, 20000), 0);
+}
+
+/* The partitions of a topic on the cluster: 0 if it does not exist. */
+static int partitions(const cluster *c, const char *topic)
+{
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    const struct rd_kafka_metadata *md = NULL;
+    char err[256];
+    rd_kafka_t *rk;
+    int n = 0;
+
+    rd_kafka_conf_set(conf, "bootstrap.servers", c->bootstrap, err, sizeof err);
+    rd_kafka_conf_set(conf, "log_level", "0", err, sizeof err);
+    rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof err);
+    ck_assert_ptr_nonnull(rk);
+    ck_assert_int_eq(rd_kafka_metadata(rk, 1, NULL, &md, 10000), 0);
+    for (int i = 0; i < md->topic_cnt; i++)
+        if (strcmp(md->topics[i].topic, topic) == 0)
+            n = md->topics[i].partition_cnt;
+    rd_kafka_metadata_destroy(md);
+    rd_kafka_destroy(rk);
+    return n;
+}
+
+/* ---- databases ----------------------------------------------------------- */
+
+/* Records events (type, id pairs) in db_path, then closes it cleanly, so
+ * that no -wal or -shm file is left. */
+static void record(const char *db_path, int n, const char *type, const char *id)
+{
+    sqlite3 *db = tu_open(db_path);
+    de_outbox *ob = NULL;
+
+    tu_ledger_create(db);
+    tu_ok(de_outbox_open(db, NULL, &ob));
+    for (int i = 0; i < n; i++)
+        tu_write(db, ob, type, id, "assigned", "{}", 0);
+    de_outbox_close(ob);
+    ck_assert_int_eq(sqlite3_close(db), SQLITE_OK);
+}
+
+/* The contents of a file, malloc'd, and its size. */
+static char *contents(const char *path, size_t *size)
+{
+    FILE *f = fopen(path, "rb");
+    char *b;
+
+    ck_assert_msg(f != NULL, "cannot open %s", path);
+    fseek(f, 0, SEEK_END);
+    *size = (size_t)ftell(f);
+    rewind(f);
+    b = malloc(*size + 1);
+    ck_assert_int_eq(fread(b, 1, *size, f), *size);
+    fclose(f);
+    return b;
+}
+
+static bool exists(const char *path)
+{
+    struct stat sb;
+
+    return stat(path, &sb) == 0;
+}
+
+static json_t *json_of(const char *path)
+{
+    json_error_t e;
+    json_t *j = json_loads(slurp(path), 0, &e);
+
+    ck_assert_msg(j != NULL, "%s is not one JSON value: %s: %s", path, e.text,
+                  slurp(path));
+    return j;
+}
+
+static json_int_t jint(json_t *o, const char *key)
+{
+    json_t *v = json_object_get(o, key);
+
+    ck_assert_msg(json_is_integer(v), "no integer '%s'", key);
+    return json_integer_value(v);
+}
+
+/* ---- usage ---------------------------------------------------------- */
+
+START_TEST(help_for_the_tool_and_every_command)
+{
+    static const char *const listed[] = {"relay",         "status",
+                                         "list",          "tail",
+                                         "mock-cluster",  "--drain",
+                                         "--once",        "-b SERVERS",
+                                         "--stats-ms",    "--stop-timeout-ms",
+                                         "--exit-at-end", "--print",
+                                         "--json",        "--subject",
+                                         "--pending",     "--blocked",
+                                         "--limit",       "--brokers",
+                                         "--topic",       "--until-stdin-eof",
+                                         "--version",     "exit status"};
+    static const char *const cmds[] = {"relay", "status", "list", "tail",
+                                       "mock-cluster"};
+    proc *p;
+
+    ck_assert_int_eq(run(p, "help", "--help"), 0);
+    for (size_t i = 0; i < sizeof listed / sizeof *listed; i++)
+        assert_has(p->out, listed[i]);
+    ck_assert_str_eq(slurp(p->err), "");
+    ck_assert_int_eq(run(p, "help", "-h"), 0);
+    assert_has(p->out, "usage: deliveryevents");
+    for (size_t i = 0; i < sizeof cmds / sizeof *cmds; i++) {
+        char want[64];
+        snprintf(want, sizeof want, "usage: deliveryevents %s", cmds[i]);
+        ck_assert_int_eq(run(p, "help", cmds[i], "--help"), 0);
+        assert_has(p->out, want);
+        ck_assert_str_eq(slurp(p->err), "");
+        /* also after other arguments, and as -h */
+        ck_assert_int_eq(run(p, "help", cmds[i], "--db", "x", "-h"), 0);
+        assert_has(p->out, want);
+    }
+    /* Without a command: usage on stderr, bad usage. */
+    ck_assert_int_eq(run(p, "help", "frobnicate"), 2);
+    assert_has(p->err, "unknown command 'frobnicate'");
+}
+END_TEST
+
+START_TEST(an_option_without_its_value_is_named)
+{
+    proc *p;
+
+    ck_assert_int_eq(run(p, "novalue", "relay", "--db"), 2);
+    assert_has(p->err, "relay: --db needs a value");
+    ck_assert(!file_has(p->err, "unknown"));
+    ck_assert_int_eq(run(p, "novalue", "relay", "--db", "x", "-b"), 2);
+    assert_has(p->err, "relay: -b needs a value");
+    ck_assert_int_eq(run(p, "novalue", "relay", "--db", "x", "--stats-ms"), 2);
+    assert_has(p->err, "relay: --stats-ms needs a value");
+    ck_assert_int_eq(run(p, "novalue", "tail", "-b", "x", "--topic"), 2);
+    assert_has(p->err, "tail: --topic needs a value");
+    ck_assert_int_eq(run(p, "novalue", "mock-cluster", "--topic"), 2);
+    assert_has(p->err, "mock-cluster: --topic needs a value");
+    ck_assert_int_eq(run(p, "novalue", "status", "--db"), 2);
+    assert_has(p->err, "status: --db needs a value");
+    ck_assert_int_eq(run(p, "novalue", "list", "--db", "x", "--limit"), 2);
+    assert_has(p->err, "list: --limit needs a value");
+    ck_assert_int_eq(run(p, "novalue", "relay", "--bogus"), 2);
+    assert_has(p->err, "unknown argument '--bogus'");
+}
+END_TEST
+
+START_TEST(bad_numbers_are_named)
+{
+    proc *p;
+
+    ck_assert_int_eq(run(p, "num", "relay", "--db", "x", "--stats-ms", "abc"),
+                     2);
+    assert_has(p->err, "--stats-ms");
+    assert_has(p->err, "'abc'");
+    ck_assert_int_eq(
+        run(p, "num", "relay", "--db", "x", "--stop-timeout-ms", "-5"), 2);
+    assert_has(p->err, "'-5'");
+    ck_assert_int_eq(run(p, "num", "relay", "--db", "x", "--stats-ms", "10x"),
+                     2);
+    assert_has(p->err, "'10x'");
+    ck_assert_int_eq(
+        run(p, "num", "tail", "-b", "x", "--topic", "t", "--print", "abc"), 2);
+    assert_has(p->err, "--print");
+    assert_has(p->err, "'abc'");
+    ck_assert_int_eq(run(p, "num", "mock-cluster", "--brokers", "0"), 2);
+    assert_has(p->err, "--brokers");
+    assert_has(p->err, "'0'");
+    ck_assert_int_eq(run(p, "num", "mock-cluster", "--topic", "t:zero"), 2);
+    assert_has(p->err, "'t:zero'");
+    ck_assert_int_eq(run(p, "num", "list", "--db", "x", "--limit", "many"), 2);
+    assert_has(p->err, "'many'");
+    ck_assert_int_eq(run(p, "num", "list", "--db", "x", "--subject", "D-1"), 2);
+    assert_has(p->err, "'D-1'");
+    ck_assert_int_eq(run(p, "num", "relay", "--db", "x", "-X", "novalue"), 2);
+    assert_has(p->err, "'novalue'");
+}
+END_TEST
+
+/* ---- mock-cluster and tail --------------------------------------------- */
+
+START_TEST(mock_cluster_topic_without_partitions_and_argv_intact)
+{
+    cluster c = mock_start("plain", "three:3");
+    char cmdline[4096], path[64];
+    size_t n;
+    FILE *f;
+
+    ck_assert_int_eq(partitions(&c, "plain"), 1);
+    ck_assert_int_eq(partitions(&c, "three"), 3);
+    /* What ps shows is what was typed: argv is not split in place. */
+    snprintf(path, sizeof path, "/proc/%d/cmdline", (int)c.p->pid);
+    f = fopen(path, "r");
+    ck_assert_ptr_nonnull(f);
+    n = fread(cmdline, 1, sizeof cmdline - 1, f);
+    fclose(f);
+    ck_assert_int_gt(n, 0);
+    cmdline[n] = '\0';
+    for (size_t i = 0; i + 1 < n; i++)
+        if (cmdline[i] == '\0')
+            cmdline[i] = ' ';
+    ck_assert_msg(strstr(cmdline, "--topic three:3") != NULL,
+                  "argv was changed: %s", cmdline);
+    mock_stop(&c);
+}
+END_TEST
+
+START_TEST(tail_refuses_a_missing_topic_without_creating_it)
+{
+    cluster c = mock_start("present", NULL);
+    proc *p;
+
+    ck_assert_int_eq(partitions(&c, "absent.events"), 0);
+    ck_assert_int_eq(run(p, "tail", "tail", "-b", c.bootstrap, "--topic",
+                         "absent.events", "--exit-at-end"),
+                     1);
+    assert_has(p->err, "'absent.events'");
+    assert_has(p->err, "does not exist");
+    ck_assert_int_eq(partitions(&c, "absent.events"), 0);
+    /* --bootstrap still works, and an empty existing topic is fine. */
+    ck_assert_int_eq(run(p, "tail", "tail", "--bootstrap", c.bootstrap,
+                         "--topic", "present", "--exit-at-end"),
+                     0);
+    assert_has(p->out, "tail: 0 records on present");
+    mock_stop(&c);
+}
+END_TEST
+
+/* Two subjects with one id, of two types, on one topic: each is numbered
+ * 1, 2, ... of its own, and tail must tell them apart.  Published by
+ * relay --once with -b. */
+START_TEST(relay_once_then_tail_keys_subjects_on_type_and_id)
+{
+    cluster c = mock_start("all.events:2", NULL);
+    const char *db = tu_path(tu_dir, "svc.db");
+    proc *p;
+
+    record(db, 3, "delivery", "X-1");
+    record(db, 2, "rider", "X-1");
+    ck_assert_int_eq(run(p, "relay", "relay", "--db", db, "-b", c.bootstrap,
+                         "-X", "topic.template=all.events", "--once"),
+                     0);
+    assert_has(p->err, "stopped; 0 events pending");
+    /* --drain is the same */
+    ck_assert_int_eq(run(p, "relay", "relay", "--db", db, "-b", c.bootstrap,
+                         "-X", "topic.template=all.events", "--drain"),
+                     0);
+    ck_assert_int_eq(run(p, "tail", "tail", "-b", c.bootstrap, "--topic",
+                         "all.events", "--exit-at-end"),
+                     0);
+    assert_has(p->out, "5 records on all.events: 5 events of 2 subjects in "
+                       "order, 0 duplicates, 0 out of order");
+    assert_has(p->out, "delivery/X-1");
+    assert_has(p->out, "rider/X-1");
+    ck_assert_int_eq(run(p, "tail", "tail", "-b", c.bootstrap, "--topic",
+                         "all.events", "--exit-at-end", "--print", "1"),
+                     0);
+    ck_assert_int_eq(strstr(slurp(p->out), "rider/X-1") == NULL ||
+                         strstr(slurp(p->out), "delivery/X-1") == NULL,
+                     1);
+    mock_stop(&c);
+}
+END_TEST
+
+/* ---- relay: stopping against an unreachable broker --------------------- */
+
+static proc *relay_unreachable(const char *db, const char *once,
+                               const char *stop_ms)
+{
+    proc *p;
+
+    record(db, 5, "delivery", "D-1");
+    p = start("relay", "relay", "--db", db, "-b", "127.0.0.1:1", once,
+              "--stats-ms", "50", "--stop-timeout-ms", stop_ms,
+              (const char *)NULL);
+    /* The first stats line: the relay runs and catches signals. */
+    ck_assert_msg(tu_wait_for(file_has(p->out, "state=") || exited(p), 20000),
+                  "no stats line: %s", slurp(p->err));
+    ck_assert(!exited(p));
+    return p;
+}
+
+START_TEST(relay_once_stops_on_sigterm_within_its_timeout)
+{
+    const char *db = tu_path(tu_dir, "svc.db");
+    proc *p = relay_unreachable(db, "--once", "1000");
+    int64_t t0;
+
+    /* Not a wait for an outcome: --once must not exit by itself while
+     * nothing can be published to 127.0.0.1:1. */
+    usleep(300 * 1000);
+    ck_assert(!exited(p));
+    t0 = tu_now_ms();
+    kill(p->pid, SIGTERM);
+    ck_assert_int_eq(finish(p, 15000), 1);
+    ck_assert_msg(tu_now_ms() - t0 < 1000 + 2500,
+                  "took %lld ms to stop with --stop-timeout-ms 1000",
+                  (long long)(tu_now_ms() - t0));
+    assert_has(p->err, "stopped; 5 events pending");
+    /* The periodic line carries every counter of de_relay_stats. */
+    static const char *const fields[] = {
+        "state=",       "active=",          "published=",
+        "pending=",     "held_back=",       "blocked_subjects=",
+        "lag_ms=",      "position=",        "read=",
+        "deleted=",     "skipped=",         "producer_restarts=",
+        "forgotten=",   "subjects_cached=", "last_error_ms=",
+        "last_error=\""};
+    for (size_t i = 0; i < sizeof fields / sizeof *fields; i++)
+        assert_has(p->out, fields[i]);
+}
+END_TEST
+
+START_TEST(relay_second_signal_stops_at_once)
+{
+    const char *db = tu_path(tu_dir, "svc.db");
+    proc *p = relay_unreachable(db, "--drain", "600000");
+    int64_t t0;
+
+    kill(p->pid, SIGTERM);
+    ck_assert(
+        tu_wait_for(file_has(p->err, "signal again to stop at once"), 10000));
+    ck_assert(!exited(p));
+    t0 = tu_now_ms();
+    kill(p->pid, SIGINT);
+    ck_assert_int_eq(finish(p, 15000), 1);
+    ck_assert_msg(tu_now_ms() - t0 < 3000,
+                  "took %lld ms after the second "
+                  "signal",
+                  (long long)(tu_now_ms() - t0));
+    assert_has(p->err, "stopped; 5 events pending");
+}
+END_TEST
+
+START_TEST(relay_standby_says_so_and_when_it_takes_over)
+{
+    cluster c = mock_start("delivery.events", NULL);
+    const char *db = tu_path(tu_dir, "svc.db");
+    proc *a, *b;
+
+    record(db, 2, "delivery", "D-1");
+    a = start("relay-a", "relay", "--db", db, "-b", c.bootstrap, "-X",
+              "relay.lease.timeout.ms=1000", "--stats-ms", "50",
+              (const char *)NULL);
+    ck_assert(tu_wait_for(file_has(a->out, "state=active"), 20000));
+    assert_has(a->err, "relay: active: publishing");
+    /* status beside a live relay: the lease held by a, read-only. */
+    {
+        proc *s;
+        json_t *j, *lease;
+        ck_assert_int_eq(run(s, "status", "status", "--db", db, "--json"), 0);
+        j = json_of(s->out);
+        lease = json_object_get(j, "lease");
+        ck_assert(json_is_object(lease));
+        ck_assert_int_eq(jint(lease, "pid"), a->pid);
+        ck_assert(json_is_false(json_object_get(lease, "released")));
+        ck_assert_int_ge(jint(lease, "heartbeat_age_ms"), 0);
+        ck_assert_int_lt(jint(lease, "heartbeat_age_ms"), 10000);
+        json_decref(j);
+    }
+    b = start("relay-b", "relay", "--db", db, "-b", c.bootstrap, "-X",
+              "relay.lease.timeout.ms=1000", (const char *)NULL);
+    ck_assert_msg(tu_wait_for(file_has(b->err, "standing by"), 20000),
+                  "no standby line: %s", slurp(b->err));
+    {
+        char pid[64];
+        snprintf(pid, sizeof pid, "pid %d", (int)a->pid);
+        assert_has(b->err, pid);
+    }
+    ck_assert(!file_has(b->err, "relay: active"));
+    kill(a->pid, SIGTERM);
+    ck_assert_int_eq(finish(a, 20000), 0);
+    ck_assert_msg(
+        tu_wait_for(file_has(b->err, "relay: active: publishing"), 20000),
+        "the standby never said it took over: %s", slurp(b->err));
+    kill(b->pid, SIGTERM);
+    ck_assert_int_eq(finish(b, 20000), 0);
+    assert_has(b->err, "stopped; 0 events pending");
+    mock_stop(&c);
+}
+END_TEST
+
+/* ---- status and list ----------------------------------------------------- */
+
+START_TEST(status_counts_pending_and_changes_nothing)
+{
+    const char *db = tu_path(tu_dir, "svc.db");
+    char db_wal[4200], db_shm[4200], relay[4200];
+    size_t n0, n1;
+    char *before, *after;
+    json_t *j;
+    proc *p;
+
+    record(db, 7, "delivery", "D-1");
+    snprintf(db_wal, sizeof db_wal, "%s-wal", db);
+    snprintf(db_shm, sizeof db_shm, "%s-shm", db);
+    snprintf(relay, sizeof relay, "%s-relay", db);
+    ck_assert(!exists(db_wal) && !exists(db_shm) && !exists(relay));
+    before = contents(db, &n0);
+
+    ck_assert_int_eq(run(p, "status", "status", "--db", db), 0);
+    assert_has(p->out, "pending:         7 ");
+    assert_has(p->out, "outbox rows:     7 retained");
+    assert_has(p->out, "no relay has run");
+    ck_assert_int_eq(run(p, "status", "status", "--db", db, "--json"), 0);
+    j = json_of(p->out);
+    ck_assert_int_eq(jint(j, "pending"), 7);
+    ck_assert_int_eq(jint(j, "outbox_rows"), 7);
+    ck_assert_int_eq(jint(j, "cursor"), 0);
+    ck_assert(json_is_false(json_object_get(j, "relay_state_found")));
+    ck_assert_int_eq(jint(json_object_get(j, "schema_version"), "outbox"), 1);
+    ck_assert_int_ge(jint(j, "oldest_pending_age_ms"), 0);
+    json_decref(j);
+    ck_assert_int_eq(run(p, "list", "list", "--db", db, "--pending"), 0);
+    ck_assert_int_eq(run(p, "list", "list", "--db", db, "--json"), 0);
+
+    /* Read-only: byte-identical, and no file created beside it. */
+    after = contents(db, &n1);
+    ck_assert_int_eq(n0, n1);
+    ck_assert(memcmp(before, after, n0) == 0);
+    ck_assert_msg(!exists(db_wal) && !exists(db_shm) && !exists(relay),
+                  "status or list created a -wal, -shm or -relay file");
+    free(before);
+    free(after);
+
+    /* A missing file is named, and not created. */
+    ck_assert_int_eq(
+        run(p, "status", "status", "--db", tu_path(tu_dir, "missing.db")), 1);
+    assert_has(p->err, "missing.db");
+    ck_assert(!exists(tu_path(tu_dir, "missing.db")));
+    ck_assert_int_eq(
+        run(p, "list", "list", "--db", tu_path(tu_dir, "missing.db")), 1);
+    assert_has(p->err, "missing.db");
+    ck_assert_int_eq(run(p, "status", "status", "--db", tu_dir), 1);
+    assert_has(p->err, "is not a file");
+    /* A database without an outbox. */
+    sqlite3_close(tu_open(tu_path(tu_dir, "plain.db")));
+    tu_exec(tu_open(tu_path(tu_dir, "plain.db")), "CREATE TABLE t(x)");
+    ck_assert_int_eq(
+        run(p, "status", "status", "--db", tu_path(tu_dir, "plain.db")), 1);
+    assert_has(p->err, "has no outbox");
+}
+END_TEST
+
+START_TEST(status_and_list_after_a_relay)
+{
+    cluster c = mock_start("delivery.events:3", NULL);
+    const char *db = tu_path(tu_dir, "svc.db");
+    char relay[4200];
+    size_t n0, n1, r0, r1;
+    char *before, *after, *rbefore, *rafter;
+    sqlite3 *sdb;
+    json_t *j, *lease, *blocked;
+    proc *p;
+    int lines = 0;
+
+    record(db, 4, "delivery", "D-1");
+    ck_assert_int_eq(
+        run(p, "relay", "relay", "--db", db, "-b", c.bootstrap, "--once"), 0);
+    record(db, 2, "delivery", "D-2");
+    record(db, 1, "delivery", "D-1");
+    snprintf(relay, sizeof relay, "%s-relay", db);
+
+    /* One event held back behind a refused one, as the relay records
+     * it (Kafka cannot be made to refuse here). */
+    sdb = tu_open(relay);
+    tu_exec(sdb, "INSERT INTO de_relay_parked(position, subject_type, "
+                 "subject_id, seq, error, since_ms, epoch) VALUES (4, "
+                 "'delivery', 'D-1', 4, 'Broker: Topic authorization "
+                 "failed', 1000, 0)");
+    ck_assert_int_eq(sqlite3_close(sdb), SQLITE_OK);
+    before = contents(db, &n0);
+    rbefore = contents(relay, &r0);
+
+    ck_assert_int_eq(run(p, "status", "status", "--db", db, "--json"), 0);
+    j = json_of(p->out);
+    ck_assert_int_eq(jint(j, "cursor"), 4);
+    ck_assert_int_eq(jint(j, "pending"), 3 + 1);
+    ck_assert_int_eq(jint(j, "held_back"), 1);
+    ck_assert_int_eq(jint(j, "blocked_subjects"), 1);
+    ck_assert_int_gt(jint(j, "cursor_recorded_at_ms"), 0);
+    ck_assert_int_eq(jint(json_object_get(j, "schema_version"), "relay_state"),
+                     3);
+    lease = json_object_get(j, "lease");
+    ck_assert(json_is_object(lease));
+    ck_assert(json_is_true(json_object_get(lease, "released")));
+    ck_assert_int_gt(jint(lease, "pid"), 0);
+    blocked = json_object_get(j, "blocked");
+    ck_assert_int_eq(json_array_size(blocked), 1);
+    ck_assert_str_eq(
+        json_string_value(json_object_get(json_array_get(blocked, 0), "error")),
+        "Broker: Topic authorization failed");
+    json_decref(j);
+    ck_assert_int_eq(run(p, "status", "status", "--db", db), 0);
+    assert_has(p->out, "pending:         4 ");
+    assert_has(p->out, "delivery/D-1: 1 events from position 4");
+    assert_has(p->out, "Topic authorization failed");
+
+    ck_assert_int_eq(run(p, "list", "list", "--db", db), 0);
+    assert_has(p->out, "published");
+    assert_has(p->out, "held-back: Broker: Topic authorization failed");
+    ck_assert_int_eq(run(p, "list", "list", "--db", db, "--pending", "--json"),
+                     0);
+    for (const char *s = slurp(p->out); (s = strchr(s, '\n')) != NULL; s++)
+        lines++;
+    ck_assert_int_eq(lines, 4);
+    assert_has(p->out, "\"status\":\"pending\"");
+    ck_assert(!file_has(p->out, "\"published\""));
+    ck_assert_int_eq(run(p, "list", "list", "--db", db, "--blocked"), 0);
+    assert_has(p->out, "\n4 ");
+    ck_assert_int_eq(run(p, "list", "list", "--db", db, "--subject",
+                         "delivery:D-2", "--json"),
+                     0);
+    lines = 0;
+    for (const char *s = slurp(p->out); (s = strchr(s, '\n')) != NULL; s++)
+        lines++;
+    ck_assert_int_eq(lines, 2);
+    ck_assert(!file_has(p->out, "\"D-1\""));
+    ck_assert_int_eq(
+        run(p, "list", "list", "--db", db, "--limit", "2", "--json"), 0);
+    assert_has(p->out, "\"position\":2,");
+    ck_assert(!file_has(p->out, "\"position\":3,"));
+
+    /* A relay state of another outbox (--state) is called out. */
+    record(tu_path(tu_dir, "other.db"), 1, "delivery", "D-9");
+    ck_assert_int_eq(run(p, "status", "status", "--db",
+                         tu_path(tu_dir, "other.db"), "--state", relay,
+                         "--json"),
+                     0);
+    j = json_of(p->out);
+    ck_assert(json_is_false(json_object_get(j, "relay_state_matches")));
+    json_decref(j);
+    ck_assert_int_eq(run(p, "status", "status", "--db",
+                         tu_path(tu_dir, "other.db"), "--state", relay),
+                     0);
+    assert_has(p->out, "belongs to another outbox");
+    ck_assert_int_eq(run(p, "status", "status", "--db", db, "--json"), 0);
+    j = json_of(p->out);
+    ck_assert(json_is_true(json_object_get(j, "relay_state_matches")));
+    json_decref(j);
+
+    after = contents(db, &n1);
+    rafter = contents(relay, &r1);
+    ck_assert(n0 == n1 && memcmp(before, after, n0) == 0);
+    ck_assert(r0 == r1 && memcmp(rbefore, rafter, r0) == 0);
+    free(before);
+    free(after);
+    free(rbefore);
+    free(rafter);
+    mock_stop(&c);
+}
+END_TEST
+
+static Suite *tool_suite(void)
+{
+    Suite *s = suite_create("tool");
+    TCase *usage = tcase_create("usage");
+    TCase *kafka = tcase_create("kafka");
+    TCase *relay = tcase_create("relay");
+    TCase *status = tcase_create("status");
+
+    tcase_add_checked_fixture(usage, setup, teardown);
+    tcase_add_test(usage, help_for_the_tool_and_every_command);
+    tcase_add_test(usage, an_option_without_its_value_is_named);
+    tcase_add_test(usage, bad_numbers_are_named);
+    suite_add_tcase(s, usage);
+
+    tcase_add_checked_fixture(kafka, setup, teardown);
+    tcase_set_timeout(kafka, 60);
+    tcase_add_test(kafka,
+                   mock_cluster_topic_without_partitions_and_argv_intact);
+    tcase_add_test(kafka, tail_refuses_a_missing_topic_without_creating_it);
+    tcase_add_test(kafka, relay_once_then_tail_keys_subjects_on_type_and_id);
+    suite_add_tcase(s, kafka);
+
+    tcase_add_checked_fixture(relay, setup, teardown);
+    tcase_set_timeout(relay, 60);
+    tcase_add_test(relay, relay_once_stops_on_sigterm_within_its_timeout);
+    tcase_add_test(relay, relay_second_signal_stops_at_once);
+    tcase_add_test(relay, relay_standby_says_so_and_when_it_takes_over);
+    suite_add_tcase(s, relay);
+
+    tcase_add_checked_fixture(status, setup, teardown);
+    tcase_set_timeout(status, 60);
+    tcase_add_test(status, status_counts_pending_and_changes_nothing);
+    tcase_add_test(status, status_and_list_after_a_relay);
+    suite_add_tcase(s, status);
+    return s;
+}
+
+int main(void)
+{
+    return tu_run(tool_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
+}
