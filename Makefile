@@ -40,13 +40,16 @@ PCFILE   := $(BUILD)/deliveryevents.pc
 PCUNINST := $(BUILD)/pc-uninstalled/deliveryevents.pc
 
 # Debian package for each pkg-config module (make deps).
-DEPS_MODULES := sqlite3 rdkafka jansson check
-DEPS_DEBS    := librdkafka-dev libjansson-dev libsqlite3-dev check pkg-config
+DEPS_MODULES := sqlite3 rdkafka jansson check libmicrohttpd
+DEPS_DEBS    := librdkafka-dev libjansson-dev libsqlite3-dev check pkg-config \
+                libmicrohttpd-dev curl
 
 # Recursively expanded on purpose: read only when a recipe runs, which is
 # after `deps` has installed pkg-config and the libraries.
 PKG_CFLAGS   = $(shell pkg-config --cflags sqlite3 rdkafka jansson)
 PKG_LIBS     = $(shell pkg-config --libs sqlite3 rdkafka jansson)
+# The tool's HTTP server for relay --metrics (the library does not link it).
+HTTPD_LIBS   = $(shell pkg-config --libs libmicrohttpd)
 CHECK_CFLAGS = $(shell pkg-config --cflags check)
 CHECK_LIBS   = $(shell pkg-config --libs check)
 
@@ -152,7 +155,7 @@ $(BUILD)/bench/%: bench/%.c $(wildcard bench/*.h) $(STLIB) $(PCUNINST)
 # BINDIR alike, and sanitizer builds cover it too.
 $(TOOL): tools/deliveryevents.c $(STLIB)
 	$(CC) $(DE_CFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(SAN_EXTRA) $(STLIB) \
-	    $(PKG_LIBS) -pthread
+	    $(PKG_LIBS) $(HTTPD_LIBS) -pthread
 
 examples: $(EXAMPLE_BINS)
 

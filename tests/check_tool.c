@@ -140,8 +140,8 @@ static bool file_has(const char *path, const char *needle)
 }
 
 #define assert_has(path, needle)                                               \
-    ck_assert_msg(file_has(path, needle), "expected '%s' in %s:\n%s", needle,  \
-                  path, slurp(path))
+    ck_assert_msg(file_has(path, needle), "expected '%s' in %s:\n%.2000s",     \
+                  needle, path, slurp(path))
 
 /* ---- a mock cluster in its own process --------------------------------- */
 
@@ -474,6 +474,12 @@ START_TEST(relay_once_stops_on_sigterm_within_its_timeout)
      * nothing can be published to 127.0.0.1:1. */
     usleep(300 * 1000);
     ck_assert(!exited(p));
+    /* It says that no broker can be reached (librdkafka's statistics,
+     * every second). */
+    ck_assert_msg(tu_wait_for(file_has(p->out, "brokers_up=0 (no broker "
+                                               "reachable)"),
+                              10000),
+                  "no 'no broker reachable' in the stats lines");
     t0 = tu_now_ms();
     kill(p->pid, SIGTERM);
     ck_assert_int_eq(finish(p, 15000), 1);
@@ -482,13 +488,23 @@ START_TEST(relay_once_stops_on_sigterm_within_its_timeout)
                   (long long)(tu_now_ms() - t0));
     assert_has(p->err, "stopped; 5 events pending");
     /* The periodic line carries every counter of de_relay_stats. */
-    static const char *const fields[] = {
-        "state=",       "active=",          "published=",
-        "pending=",     "held_back=",       "blocked_subjects=",
-        "lag_ms=",      "position=",        "read=",
-        "deleted=",     "skipped=",         "producer_restarts=",
-        "forgotten=",   "subjects_cached=", "last_error_ms=",
-        "last_error=\""};
+    static const char *const fields[] = {"state=",
+                                         "active=",
+                                         "brokers_up=",
+                                         "published=",
+                                         "pending=",
+                                         "held_back=",
+                                         "blocked_subjects=",
+                                         "lag_ms=",
+                                         "position=",
+                                         "read=",
+                                         "deleted=",
+                                         "skipped=",
+                                         "producer_restarts=",
+                                         "forgotten=",
+                                         "subjects_cached=",
+                                         "last_error_ms=",
+                                         "last_error=\""};
     for (size_t i = 0; i < sizeof fields / sizeof *fields; i++)
         assert_has(p->out, fields[i]);
 }
@@ -734,6 +750,129 @@ START_TEST(status_and_list_after_a_relay)
 }
 END_TEST
 
+/* ---- relay --metrics, scraped with curl -----------------------------------
+ */
+
+/* GETs url with curl; the body goes to body (size bytes), the return value
+ * is the HTTP status (0 when curl could not connect). */
+static int http_get(const char *url, char *body, size_t size)
+{
+    char cmd[512], all[65536];
+    size_t n = 0, r;
+    FILE *f;
+    char *nl;
+    int code = 0;
+
+    snprintf(cmd, sizeof cmd, "curl -s --max-time 5 -w '\\n%%{http_code}' '%s'",
+             url);
+    f = popen(cmd, "r");
+    ck_assert_msg(f != NULL, "cannot run curl");
+    while (n < sizeof all - 1 &&
+           (r = fread(all + n, 1, sizeof all - 1 - n, f)) > 0)
+        n += r;
+    all[n] = '\0';
+    ck_assert_msg(pclose(f) != 127 * 256, "curl is not installed");
+    nl = strrchr(all, '\n');
+    if (nl != NULL) {
+        code = atoi(nl + 1);
+        *nl = '\0';
+    }
+    snprintf(body, size, "%s", all);
+    return code;
+}
+
+/* The value of a metric line "name{...} value" in a scrape; -1 if absent. */
+static double metric(const char *text, const char *name)
+{
+    char key[128];
+    const char *p;
+
+    snprintf(key, sizeof key, "\n%s{", name);
+    p = strstr(text, key);
+    if (p == NULL || (p = strstr(p, "} ")) == NULL)
+        return -1;
+    return atof(p + 2);
+}
+
+static int scrape(const char *base, const char *path, char *body, size_t size)
+{
+    char url[256];
+
+    snprintf(url, sizeof url, "%s%s", base, path);
+    return http_get(url, body, size);
+}
+
+/* A monitoring system's view of a drain: /metrics shows the pending
+ * events, /healthz turns 503 while the broker does not answer and nothing
+ * is published, and /metrics shows pending falling to zero once it does. */
+START_TEST(relay_metrics_scraped_during_a_drain)
+{
+    cluster c = mock_start("delivery.events", NULL);
+    const char *db = tu_path(tu_dir, "svc.db");
+    static char body[65536];
+    char base[128];
+    const char *line;
+    unsigned port = 0;
+    proc *p;
+
+    record(db, 0, "delivery", "D-1");
+    p = start("relay", "relay", "--db", db, "-b", c.bootstrap, "--metrics",
+              "127.0.0.1:0", "--stall-ms", "1500", (const char *)NULL);
+    ck_assert_msg(tu_wait_for((line = strstr(slurp(p->err), "metrics on "
+                                                            "http://127.0.0."
+                                                            "1:")) != NULL ||
+                                  exited(p),
+                              20000),
+                  "no metrics address: %s", slurp(p->err));
+    ck_assert_msg(sscanf(line, "metrics on http://127.0.0.1:%u/", &port) == 1,
+                  "%s", line);
+    snprintf(base, sizeof base, "http://127.0.0.1:%u", port);
+    ck_assert(tu_wait_for(scrape(base, "/healthz", body, sizeof body) == 200 &&
+                              strstr(body, "ok: active"),
+                          20000));
+    ck_assert_int_eq(scrape(base, "/nothing", body, sizeof body), 404);
+    /* One event through, so that the relay knows its topic. */
+    record(db, 1, "delivery", "D-1");
+    ck_assert_msg(
+        tu_wait_for(scrape(base, "/metrics", body, sizeof body) == 200 &&
+                        metric(body, "deliveryevents_relay_published_total") ==
+                            1,
+                    20000),
+        "%s", body);
+
+    /* The broker stops answering; events come in. */
+    ck_assert_int_eq(kill(c.p->pid, SIGSTOP), 0);
+    record(db, 40, "delivery", "D-1");
+    ck_assert_msg(
+        tu_wait_for(scrape(base, "/metrics", body, sizeof body) == 200 &&
+                        metric(body, "deliveryevents_relay_pending_events") ==
+                            40,
+                    20000),
+        "%s", body);
+    ck_assert(strstr(body, "# TYPE deliveryevents_relay_published_total "
+                           "counter\n"));
+    ck_assert_msg(
+        tu_wait_for(scrape(base, "/healthz", body, sizeof body) == 503, 20000),
+        "%s", body);
+    ck_assert_msg(strstr(body, "stalled: 40 events pending"), "%s", body);
+
+    /* It answers again: pending falls to zero, health returns. */
+    ck_assert_int_eq(kill(c.p->pid, SIGCONT), 0);
+    ck_assert_msg(
+        tu_wait_for(
+            scrape(base, "/metrics", body, sizeof body) == 200 &&
+                metric(body, "deliveryevents_relay_pending_events") == 0 &&
+                metric(body, "deliveryevents_relay_published_total") == 41,
+            30000),
+        "%s", body);
+    ck_assert(
+        tu_wait_for(scrape(base, "/healthz", body, sizeof body) == 200, 20000));
+    kill(p->pid, SIGTERM);
+    ck_assert_int_eq(finish(p, 20000), 0);
+    mock_stop(&c);
+}
+END_TEST
+
 static Suite *tool_suite(void)
 {
     Suite *s = suite_create("tool");
@@ -761,6 +900,7 @@ static Suite *tool_suite(void)
     tcase_add_test(relay, relay_once_stops_on_sigterm_within_its_timeout);
     tcase_add_test(relay, relay_second_signal_stops_at_once);
     tcase_add_test(relay, relay_standby_says_so_and_when_it_takes_over);
+    tcase_add_test(relay, relay_metrics_scraped_during_a_drain);
     suite_add_tcase(s, relay);
 
     tcase_add_checked_fixture(status, setup, teardown);

@@ -12,8 +12,13 @@
  *       bootstrap.servers=SERVERS.  Other relays for the same database
  *       wait as standbys (the relay says so in one line, and again when it
  *       becomes active).  With --once (alias --drain) it publishes what is
- *       committed, then exits.  --stats-ms N prints every counter of
- *       de_relay_stats every N ms on stdout.
+ *       committed, then exits, with a progress line on a terminal.
+ *       --stats-ms N prints every counter of de_relay_stats every N ms on
+ *       stdout.  --metrics ADDR:PORT serves the counters over HTTP:
+ *       /metrics in the Prometheus text format and /healthz, which answers
+ *       503 while the relay is stopped or has pending events and published
+ *       nothing for --stall-ms (60000); port 0 picks a free port, and the
+ *       address is printed on stderr.
  *
  *   deliveryevents status --db PATH [--state PATH] [--json]
  *       Read-only: what the outbox and its relay state (PATH-relay) hold --
@@ -56,10 +61,14 @@
 #include <librdkafka/rdkafka.h>
 #include <librdkafka/rdkafka_mock.h>
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <microhttpd.h>
+#include <netinet/in.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -109,6 +118,7 @@ static const char usage_relay[] =
     "usage: deliveryevents relay --db PATH [-b SERVERS] [-X key=value]...\n"
     "                            [--once] [--stats-ms N] "
     "[--stop-timeout-ms N]\n"
+    "                            [--metrics ADDR:PORT] [--stall-ms N]\n"
     "  Publishes the outbox of PATH to Kafka until SIGINT or SIGTERM.\n"
     "  --db PATH             the service's database file (required)\n"
     "  -b SERVERS            Kafka bootstrap servers (= -X "
@@ -119,6 +129,12 @@ static const char usage_relay[] =
     "  --stop-timeout-ms N   on SIGINT/SIGTERM flush for up to N ms "
     "(10000);\n"
     "                        a second signal stops at once\n"
+    "  --metrics ADDR:PORT   serve /metrics (Prometheus) and /healthz over "
+    "HTTP\n"
+    "                        (port 0: any free port, printed on stderr)\n"
+    "  --stall-ms N          /healthz fails after N ms with events pending "
+    "and\n"
+    "                        none published (60000)\n"
     "  On exit it prints how many events stay pending in the outbox.\n";
 
 static const char usage_status[] =
@@ -477,13 +493,16 @@ static void iso_time(int64_t ms, char *buf, size_t size)
 
 static void print_stats(const de_relay_stats *st)
 {
-    printf("state=%s active=%d published=%" PRIu64 " pending=%" PRIu64
-           " held_back=%" PRIu64 " blocked_subjects=%" PRIu64 " lag_ms=%" PRId64
-           " position=%" PRId64 " read=%" PRIu64 " deleted=%" PRIu64
-           " skipped=%" PRIu64 " producer_restarts=%" PRIu64
-           " forgotten=%" PRIu64 " subjects_cached=%" PRIu64
-           " last_error_ms=%" PRId64 " last_error=\"%s\"\n",
+    printf("state=%s active=%d brokers_up=%" PRId64 "%s published=%" PRIu64
+           " pending=%" PRIu64 " held_back=%" PRIu64
+           " blocked_subjects=%" PRIu64 " lag_ms=%" PRId64 " position=%" PRId64
+           " read=%" PRIu64 " deleted=%" PRIu64 " skipped=%" PRIu64
+           " producer_restarts=%" PRIu64 " forgotten=%" PRIu64
+           " subjects_cached=%" PRIu64 " last_error_ms=%" PRId64
+           " last_error=\"%s\"\n",
            de_relay_state_name((de_relay_state)st->state), st->active,
+           st->brokers_up,
+           st->active && st->brokers_up == 0 ? " (no broker reachable)" : "",
            st->published, st->pending, st->held_back, st->blocked_subjects,
            st->lag_ms, st->position, st->read, st->deleted, st->skipped,
            st->producer_restarts, st->forgotten, st->subjects_cached,
@@ -511,12 +530,172 @@ static void lease_holder(const char *db, const char *state, char *buf,
     ro_close(&r);
 }
 
+/* ---- relay --metrics: /metrics and /healthz --------------------------- */
+
+/* Progress as the main loop sees it, for /healthz (libmicrohttpd's
+ * thread). */
+typedef struct health {
+    pthread_mutex_t mu;
+    de_relay *r;
+    long stall_ms;
+    uint64_t published;
+    int64_t changed_ms; /* monotonic: when published last moved */
+} health;
+
+static void health_note(health *h, const de_relay_stats *st)
+{
+    pthread_mutex_lock(&h->mu);
+    if (st->published != h->published || st->pending == 0) {
+        h->published = st->published;
+        h->changed_ms = mono_ms();
+    }
+    pthread_mutex_unlock(&h->mu);
+}
+
+/* 200 with "ok ..." or 503 with why, into buf. */
+static unsigned health_check(health *h, char *buf, size_t size)
+{
+    de_relay_stats st;
+    int64_t idle;
+
+    if (de_relay_stats_get(h->r, &st) != DE_OK) {
+        snprintf(buf, size, "unavailable: %s\n", de_errmsg());
+        return MHD_HTTP_SERVICE_UNAVAILABLE;
+    }
+    health_note(h, &st);
+    pthread_mutex_lock(&h->mu);
+    idle = mono_ms() - h->changed_ms;
+    pthread_mutex_unlock(&h->mu);
+    if (st.state == DE_RELAY_STOPPED || st.state == DE_RELAY_REFUSED) {
+        snprintf(buf, size, "%s\n",
+                 de_relay_state_name((de_relay_state)st.state));
+        return MHD_HTTP_SERVICE_UNAVAILABLE;
+    }
+    if (st.pending > 0 && idle >= h->stall_ms) {
+        snprintf(buf, size,
+                 "stalled: %" PRIu64 " events pending, none published for "
+                 "%" PRId64 " ms; brokers_up=%" PRId64 " last_error=\"%s\"\n",
+                 st.pending, idle, st.brokers_up, st.last_error);
+        return MHD_HTTP_SERVICE_UNAVAILABLE;
+    }
+    snprintf(buf, size, "ok: %s, %" PRIu64 " events pending\n",
+             de_relay_state_name((de_relay_state)st.state), st.pending);
+    return MHD_HTTP_OK;
+}
+
+static enum MHD_Result serve(void *cls, struct MHD_Connection *conn,
+                             const char *url, const char *method,
+                             const char *version, const char *upload,
+                             size_t *upload_size, void **req)
+{
+    health *h = cls;
+    struct MHD_Response *resp;
+    char small[768], *text = small;
+    size_t len = 0;
+    unsigned status = MHD_HTTP_OK;
+    const char *type = "text/plain; charset=utf-8";
+    enum MHD_Result ret;
+
+    (void)version;
+    (void)upload;
+    (void)upload_size;
+    (void)req;
+    if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0) {
+        snprintf(small, sizeof small, "method %s not allowed\n", method);
+        status = MHD_HTTP_METHOD_NOT_ALLOWED;
+    } else if (strcmp(url, "/metrics") == 0) {
+        type = "text/plain; version=0.0.4; charset=utf-8";
+        if (de_relay_metrics_prometheus(h->r, NULL, 0, &len) != DE_OK &&
+            len > 0 && (text = malloc(len + 1)) != NULL &&
+            de_relay_metrics_prometheus(h->r, text, len + 1, &len) == DE_OK) {
+            /* text holds the exposition */
+        } else {
+            if (text != small)
+                free(text);
+            text = small;
+            snprintf(small, sizeof small, "metrics unavailable\n");
+            status = MHD_HTTP_INTERNAL_SERVER_ERROR;
+        }
+    } else if (strcmp(url, "/healthz") == 0) {
+        status = health_check(h, small, sizeof small);
+    } else {
+        snprintf(small, sizeof small,
+                 "not found: %s (try /metrics or "
+                 "/healthz)\n",
+                 url);
+        status = MHD_HTTP_NOT_FOUND;
+    }
+    if (text == small)
+        len = strlen(small);
+    resp = MHD_create_response_from_buffer(len, text, MHD_RESPMEM_MUST_COPY);
+    if (text != small)
+        free(text);
+    if (resp == NULL)
+        return MHD_NO;
+    MHD_add_response_header(resp, "Content-Type", type);
+    ret = MHD_queue_response(conn, status, resp);
+    MHD_destroy_response(resp);
+    return ret;
+}
+
+/* Starts the metrics server on spec (ADDR:PORT, IPv4), printing where it
+ * listens; NULL with the reason on stderr when it cannot. */
+static struct MHD_Daemon *metrics_start(const char *spec, health *h)
+{
+    struct sockaddr_in sa;
+    char addr[64];
+    const char *colon = strrchr(spec, ':');
+    long port;
+    struct MHD_Daemon *d;
+    const union MHD_DaemonInfo *info;
+
+    memset(&sa, 0, sizeof sa);
+    sa.sin_family = AF_INET;
+    if (colon == NULL || (size_t)(colon - spec) >= sizeof addr ||
+        parse_num("relay", "--metrics port", colon + 1, 0, 65535, &port) != 0) {
+        fprintf(stderr,
+                "deliveryevents: relay: --metrics takes ADDR:PORT, e.g. "
+                "127.0.0.1:9464, got '%s'\n",
+                spec);
+        return NULL;
+    }
+    memcpy(addr, spec, (size_t)(colon - spec));
+    addr[colon - spec] = '\0';
+    if (inet_pton(AF_INET, addr[0] ? addr : "0.0.0.0", &sa.sin_addr) != 1) {
+        fprintf(stderr,
+                "deliveryevents: relay: --metrics address '%s' is not an "
+                "IPv4 address\n",
+                addr);
+        return NULL;
+    }
+    sa.sin_port = htons((uint16_t)port);
+    d = MHD_start_daemon(
+        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG, (uint16_t)port,
+        NULL, NULL, serve, h, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa,
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)10, MHD_OPTION_END);
+    if (d == NULL) {
+        fprintf(stderr,
+                "deliveryevents: relay: cannot serve metrics on %s: %s\n", spec,
+                strerror(errno));
+        return NULL;
+    }
+    info = MHD_get_daemon_info(d, MHD_DAEMON_INFO_BIND_PORT);
+    fprintf(stderr,
+            "deliveryevents: relay: metrics on http://%s:%u/metrics and "
+            "/healthz\n",
+            addr[0] ? addr : "0.0.0.0", info ? info->port : (unsigned)port);
+    return d;
+}
+
 static int cmd_relay(int argc, char **argv)
 {
-    const char *db = NULL, *state_path = NULL, *v;
-    long stats_ms = 0, stop_ms = 10000;
+    const char *db = NULL, *state_path = NULL, *metrics = NULL, *v;
+    long stats_ms = 0, stop_ms = 10000, stall_ms = 60000;
     int once = 0, flushed = 0, stopping = 0, said_standby = 0, said_active = 0;
-    int64_t started, deadline = 0, next_stats = 0;
+    int progress = 0;
+    int64_t started, deadline = 0, next_stats = 0, next_progress = 0;
+    health h = {PTHREAD_MUTEX_INITIALIZER, NULL, 0, 0, 0};
+    struct MHD_Daemon *httpd = NULL;
     de_conf *conf;
     de_relay *r = NULL;
     de_relay_stats st;
@@ -542,7 +721,8 @@ static int cmd_relay(int argc, char **argv)
         }
         if (strcmp(a, "--db") != 0 && strcmp(a, "-X") != 0 &&
             strcmp(a, "-b") != 0 && strcmp(a, "--stats-ms") != 0 &&
-            strcmp(a, "--stop-timeout-ms") != 0) {
+            strcmp(a, "--stop-timeout-ms") != 0 &&
+            strcmp(a, "--metrics") != 0 && strcmp(a, "--stall-ms") != 0) {
             de_conf_destroy(conf);
             return bad_usage("relay", "unknown argument '%s'", a);
         }
@@ -552,6 +732,13 @@ static int cmd_relay(int argc, char **argv)
         }
         if (strcmp(a, "--db") == 0) {
             db = v;
+        } else if (strcmp(a, "--metrics") == 0) {
+            metrics = v;
+        } else if (strcmp(a, "--stall-ms") == 0) {
+            if (parse_num("relay", a, v, 1, INT_MAX, &stall_ms) != 0) {
+                de_conf_destroy(conf);
+                return 2;
+            }
         } else if (strcmp(a, "-b") == 0 || strcmp(a, "-X") == 0) {
             char key[256];
             const char *eq = strchr(v, '=');
@@ -595,6 +782,16 @@ static int cmd_relay(int argc, char **argv)
     }
     started = mono_ms();
     next_stats = started + stats_ms;
+    h.r = r;
+    h.stall_ms = stall_ms;
+    h.changed_ms = started;
+    if (metrics != NULL && (httpd = metrics_start(metrics, &h)) == NULL) {
+        (void)de_relay_stop(r, 0);
+        return 1;
+    }
+    /* A drain on a terminal shows its progress on one line. */
+    progress = once && isatty(2);
+    next_progress = started + 1000;
     /*
      * Waits in slices of at most 100 ms, never in one unbounded call, so
      * that SIGINT and SIGTERM are seen however long Kafka takes: the
@@ -639,7 +836,19 @@ static int cmd_relay(int argc, char **argv)
         }
         if (de_relay_stats_get(r, &st) != DE_OK)
             continue;
+        health_note(&h, &st);
         now = mono_ms();
+        if (progress && now >= next_progress) {
+            fprintf(stderr,
+                    "\rdeliveryevents: relay: %s, %" PRIu64
+                    " published, %" PRIu64 " pending%s   ",
+                    de_relay_state_name((de_relay_state)st.state), st.published,
+                    st.pending,
+                    st.active && st.brokers_up == 0 ? ", no broker reachable"
+                                                    : "");
+            next_progress = now + 1000;
+            progress = 2; /* a line to end */
+        }
         if (st.state == DE_RELAY_STANDBY && !said_standby && !said_active &&
             now - started >= 1000) {
             char who[300];
@@ -661,8 +870,12 @@ static int cmd_relay(int argc, char **argv)
             next_stats = now + stats_ms;
         }
     }
+    if (progress == 2)
+        fputc('\n', stderr);
     if (stats_ms > 0 && de_relay_stats_get(r, &st) == DE_OK)
         print_stats(&st);
+    if (httpd != NULL)
+        MHD_stop_daemon(httpd);
     err = de_relay_stop(r, 0);
     if (err == DE_ERR_STATE) {
         fprintf(stderr, "deliveryevents: relay: %s\n", de_errmsg());
