@@ -655,7 +655,11 @@ DE_EXTERN DE_WARN_UNUSED de_err de_consumer_on(de_consumer *c,
 /**
  * Reads the events available within timeout_ms (the first call also joins
  * the group) and applies them: several per SQLite transaction, each once,
- * in per-subject order, then commits their Kafka offsets.
+ * in per-subject order, then commits their Kafka offsets.  Every half
+ * second it also does the releases and skips asked from outside the
+ * process (`deliveryevents release|skip`, rows of the table
+ * de_consumer_request in the consumer's database), with this consumer's
+ * handlers, and answers each (done_at_ms, result).
  *
  * @param c           the consumer.
  * @param timeout_ms  how long to wait for the first event.
@@ -671,7 +675,8 @@ DE_EXTERN DE_WARN_UNUSED de_err de_consumer_poll(de_consumer *c, int timeout_ms,
 /**
  * Retries a parked subject now: its dead-lettered event, then the events
  * that waited behind it, in order.  If the handler fails again the subject
- * stays parked.
+ * stays parked.  Another process asks the same of a running consumer
+ * through de_consumer_request (see de_consumer_poll()).
  *
  * @return DE_OK (also when the subject was not parked); DE_ERR_ARG;
  *         DE_ERR_DB.  The handler's own failure is not an error here; see

@@ -37,6 +37,7 @@
  */
 #include "inbox.h"
 
+#include <inttypes.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -87,8 +88,9 @@ struct de_consumer {
      * without them, and is redone with them if a handler fails. */
     bool careful;
     int64_t max_attempts, backoff_ms, backoff_max_ms, batch_size;
-    int64_t forget_ms;      /* consumer.subject.forget.ms; 0: never */
-    int64_t next_forget_ms; /* monotonic */
+    int64_t forget_ms;        /* consumer.subject.forget.ms; 0: never */
+    int64_t next_forget_ms;   /* monotonic */
+    int64_t next_requests_ms; /* monotonic: next look at de_consumer_request */
     enum gap_policy gap;
     de__decoded dec;
     de_consumer_stats stats;
@@ -972,6 +974,8 @@ static void rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 
 /* ---- forgetting -------------------------------------------------------- */
 
+static de_err serve_requests(de_consumer *c);
+
 /* Subjects looked at per round, and how often a round runs. */
 #define FORGET_SLICE 2000
 #define FORGET_EVERY_MS 1000
@@ -1093,6 +1097,9 @@ de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled)
               "forgetting idle subjects failed: %s "
               "(retrying)",
               de_errmsg());
+    if (err == DE_OK && serve_requests(c) != DE_OK)
+        clog_(c, DE_LOG_WARNING, "release requests failed: %s (retrying)",
+              de_errmsg());
     if (handled)
         *handled = c->handled;
     return err;
@@ -1173,6 +1180,58 @@ fail:
     /* The failing operation set the message; nothing of it is kept. */
     IB0(c, rollback);
     c->careful = false;
+    return err;
+}
+
+/* How often de_consumer_poll looks for requests, and how many it serves
+ * at a time. */
+#define REQUESTS_EVERY_MS 500
+#define REQUESTS_PER_ROUND 16
+
+/* Serves releases and skips asked from outside the process (`deliveryevents
+ * release`), with this consumer's handlers, answering each with what
+ * happened.  A request is answered after it is done: one interrupted
+ * between the two is done again, and finds the subject no longer parked. */
+static de_err serve_requests(de_consumer *c)
+{
+    int64_t now = de__mono_ms();
+    de_err err = DE_OK;
+
+    if (now < c->next_requests_ms)
+        return DE_OK;
+    c->next_requests_ms = now + REQUESTS_EVERY_MS;
+    for (int i = 0; i < REQUESTS_PER_ROUND && err == DE_OK; i++) {
+        de__request rq;
+        de__inbox_entry e;
+        char result[700];
+        uint64_t applied = c->stats.applied;
+        bool found;
+
+        if ((err = IB(c, request_next, &rq, &found)) != DE_OK || !found)
+            break;
+        if ((err = IB(c, get, rq.type, rq.subject_id, &e)) != DE_OK)
+            break;
+        if (!e.parked) {
+            snprintf(result, sizeof result, "not parked");
+        } else if (unpark(c, rq.type, rq.subject_id, rq.skip) != DE_OK) {
+            snprintf(result, sizeof result, "failed: %s", de_errmsg());
+        } else if ((err = IB(c, get, rq.type, rq.subject_id, &e)) != DE_OK) {
+            break;
+        } else if (e.parked) {
+            snprintf(result, sizeof result,
+                     "still parked: the handler failed again (see "
+                     "de_dead_letter)");
+        } else {
+            snprintf(result, sizeof result, "%s: %" PRIu64 " events applied",
+                     rq.skip ? "skipped" : "released",
+                     c->stats.applied - applied);
+        }
+        if ((err = IB0(c, begin)) != DE_OK)
+            break;
+        if ((err = IB(c, request_done, rq.id, result)) != DE_OK ||
+            (err = IB0(c, commit)) != DE_OK)
+            IB0(c, rollback);
+    }
     return err;
 }
 

@@ -43,6 +43,15 @@ typedef struct de__inbox_entry {
     char last_id[DE__EVENT_ID_MAX + 1]; /* ce_id applied with seq; ""   */
 } de__inbox_entry;
 
+/* A release or skip asked from outside the process (de_consumer_request),
+ * for the running consumer to do with its handlers. */
+typedef struct de__request {
+    int64_t id;
+    char type[DE__IDENT_MAX + 1];
+    char subject_id[DE__SUBJECT_ID_MAX + 1];
+    bool skip;
+} de__request;
+
 typedef struct de__inbox_ops {
     /* One write transaction; savepoints around one handler's effects. */
     de_err (*begin)(de__inbox *ib);
@@ -87,6 +96,10 @@ typedef struct de__inbox_ops {
      * previous call stopped (starting over at the end). */
     de_err (*forget)(de__inbox *ib, int64_t before_ms, int limit,
                      int64_t *forgotten);
+    /* The oldest release or skip asked from outside and not yet done. */
+    de_err (*request_next)(de__inbox *ib, de__request *r, bool *found);
+    /* Answers request id (inside the transaction) with result. */
+    de_err (*request_done)(de__inbox *ib, int64_t id, const char *result);
     void (*close)(de__inbox *ib);
 } de__inbox_ops;
 

@@ -17,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CONSUMER_SCHEMA_VERSION 3
+#define CONSUMER_SCHEMA_VERSION 4
 
 static const char *const migrations[CONSUMER_SCHEMA_VERSION] = {
     /* 0 -> 1: the inbox and the dead letters. */
@@ -45,6 +45,15 @@ static const char *const migrations[CONSUMER_SCHEMA_VERSION] = {
     /* 2 -> 3: numbering epochs (ce_subjectepoch). */
     "ALTER TABLE main.de_inbox ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;"
     "ALTER TABLE main.de_dead_letter ADD COLUMN epoch INTEGER;",
+    /* 3 -> 4: release and skip asked from outside the process (the
+     * deliveryevents tool), done by the running consumer. */
+    "CREATE TABLE IF NOT EXISTS main.de_consumer_request("
+    "  id INTEGER PRIMARY KEY, subject_type TEXT NOT NULL,"
+    "  subject_id TEXT NOT NULL,"
+    "  action TEXT NOT NULL CHECK (action IN ('release', 'skip')),"
+    "  requested_at_ms INTEGER NOT NULL, done_at_ms INTEGER, result TEXT);"
+    "CREATE INDEX IF NOT EXISTS main.de_consumer_request_open"
+    "  ON de_consumer_request(id) WHERE done_at_ms IS NULL;",
 };
 
 static const de__schema consumer_schema = {
@@ -71,6 +80,8 @@ enum {
     Q_PARKED_COUNT,
     Q_FORGET_SCAN,
     Q_FORGET,
+    Q_REQ_NEXT,
+    Q_REQ_DONE,
     Q_COUNT
 };
 
@@ -135,6 +146,11 @@ static const char *const sql[Q_COUNT] = {
     [Q_FORGET] = "DELETE FROM main.de_inbox WHERE (subject_type, subject_id) "
                  "> (?1, ?2) AND (?5 OR (subject_type, subject_id) <= (?3, "
                  "?4)) AND updated_ms < ?6 AND parked = 0",
+    [Q_REQ_NEXT] = "SELECT id, subject_type, subject_id, action = 'skip' FROM "
+                   "main.de_consumer_request WHERE done_at_ms IS NULL ORDER "
+                   "BY id LIMIT 1",
+    [Q_REQ_DONE] = "UPDATE main.de_consumer_request SET done_at_ms = ?2, "
+                   "result = ?3 WHERE id = ?1",
 };
 
 typedef struct sqlite_inbox {
@@ -499,11 +515,65 @@ static void i_close(de__inbox *ib)
     free(s);
 }
 
+static de_err i_request_next(de__inbox *ib, de__request *r, bool *found)
+{
+    sqlite_inbox *s = IB(ib);
+    sqlite3_stmt *q = s->q[Q_REQ_NEXT];
+    const unsigned char *t, *i;
+    de_err err = DE_OK;
+    int rc = sqlite3_step(q);
+
+    *found = false;
+    if (rc == SQLITE_ROW) {
+        t = sqlite3_column_text(q, 1);
+        i = sqlite3_column_text(q, 2);
+        r->id = sqlite3_column_int64(q, 0);
+        snprintf(r->type, sizeof r->type, "%s", t ? (const char *)t : "");
+        snprintf(r->subject_id, sizeof r->subject_id, "%s",
+                 i ? (const char *)i : "");
+        r->skip = sqlite3_column_int(q, 3) != 0;
+        *found = true;
+    } else if (rc != SQLITE_DONE) {
+        err = de__fail_db(s->db, "consumer: reading release requests");
+    }
+    sqlite3_reset(q);
+    return err;
+}
+
+static de_err i_request_done(de__inbox *ib, int64_t id, const char *result)
+{
+    sqlite_inbox *s = IB(ib);
+    sqlite3_stmt *q = s->q[Q_REQ_DONE];
+
+    assert(!sqlite3_get_autocommit(s->db));
+    sqlite3_bind_int64(q, 1, id);
+    sqlite3_bind_int64(q, 2, de__now_ms());
+    sqlite3_bind_text(q, 3, result, -1, SQLITE_TRANSIENT);
+    return run(s, Q_REQ_DONE, "answering a release request");
+}
+
 static const de__inbox_ops sqlite_ops = {
-    i_begin,       i_commit,       i_rollback, i_savepoint, i_release,
-    i_rollback_to, i_in_txn,       i_claim,    i_get,       i_put,
-    i_park,        i_dl_insert,    i_dl_has,   i_dl_next,   i_dl_done,
-    i_dl_fail,     i_parked_count, i_forget,   i_close,
+    .begin = i_begin,
+    .commit = i_commit,
+    .rollback = i_rollback,
+    .savepoint = i_savepoint,
+    .release = i_release,
+    .rollback_to = i_rollback_to,
+    .in_txn = i_in_txn,
+    .claim = i_claim,
+    .get = i_get,
+    .put = i_put,
+    .park = i_park,
+    .dl_insert = i_dl_insert,
+    .dl_has = i_dl_has,
+    .dl_next = i_dl_next,
+    .dl_done = i_dl_done,
+    .dl_fail = i_dl_fail,
+    .parked_count = i_parked_count,
+    .forget = i_forget,
+    .request_next = i_request_next,
+    .request_done = i_request_done,
+    .close = i_close,
 };
 
 de_err de__inbox_open_sqlite(sqlite3 *db, int64_t busy_ms, de__inbox **out)

@@ -824,6 +824,69 @@ START_TEST(failing_handler_dead_letter_and_release)
 }
 END_TEST
 
+static const char *request_result(sqlite3 *cdb, const char *id)
+{
+    static char q[256];
+
+    snprintf(q, sizeof q,
+             "SELECT coalesce((SELECT result FROM de_consumer_request WHERE "
+             "subject_id = '%s' AND done_at_ms IS NOT NULL), '')",
+             id);
+    return tu_query_text(cdb, q);
+}
+
+/* A release asked from outside the process -- a row in
+ * de_consumer_request, as `deliveryevents release` writes it -- is done
+ * by the running consumer with its handlers, and answered. */
+START_TEST(release_asked_from_another_process)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    sqlite3 *cdb = tu_open_shared(tu_path(dir, "consumer.db"));
+    sqlite3 *tool;
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+    struct failing f = {"D-BAD", 0};
+    de_relay *r;
+
+    tu_topic_create(c, "delivery", 1);
+    r = start_relay(c);
+    write_events(3, 1, "delivery");
+    for (int i = 0; i < 3; i++)
+        tu_write(db, ob, "delivery", "D-BAD", "assigned", "{}", 0);
+    tu_ok(de_relay_flush(r, 30000));
+    tu_ok(open_consumer(cdb, c->bootstrap, c->prefix, "g1", NULL, NULL, &f,
+                        &con));
+    ck_assert(tu_wait_for(
+        (poll_stats(con, &st),
+         st.parked_subjects == 1 && dead_letters(cdb, "waiting") == 2),
+        30000));
+    f.subject = NULL; /* fixed downstream */
+    /* Another process asks, on its own connection. */
+    tool = tu_open_shared(tu_path(dir, "consumer.db"));
+    tu_exec(tool, "INSERT INTO de_consumer_request(subject_type, subject_id, "
+                  "action, requested_at_ms) VALUES ('delivery', 'D-BAD', "
+                  "'release', 1), ('delivery', 'D-000', 'release', 1)");
+    sqlite3_close(tool);
+    ck_assert(tu_wait_for(
+        (poll_stats(con, &st), request_result(cdb, "D-BAD")[0] != '\0' &&
+                                   request_result(cdb, "D-000")[0] != '\0'),
+        30000));
+    ck_assert_str_eq(request_result(cdb, "D-BAD"),
+                     "released: 3 events applied");
+    ck_assert_str_eq(request_result(cdb, "D-000"), "not parked");
+    ck_assert_uint_eq(st.parked_subjects, 0);
+    ck_assert_str_eq(tu_query_text(cdb, "SELECT group_concat(seq, ',') FROM "
+                                        "(SELECT seq FROM applied WHERE "
+                                        "subject_id = 'D-BAD' ORDER BY n)"),
+                     "1,2,3");
+    tu_ok(de_consumer_close(con));
+    assert_exactly_once(cdb);
+    tu_ok(de_relay_stop(r, 5000));
+    sqlite3_close(cdb);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* skip drops the dead-lettered event and applies the rest. */
 START_TEST(skip_drops_the_dead_letter)
 {
@@ -1165,6 +1228,8 @@ static Suite *consumer_suite(void)
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 180);
     tcase_add_loop_test(tc, consumer_statistics_and_prometheus_metrics,
+                        tu_cluster_first(), tu_cluster_count());
+    tcase_add_loop_test(tc, release_asked_from_another_process,
                         tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, applies_each_event_once_in_order,
                         tu_cluster_first(), tu_cluster_count());
