@@ -6,7 +6,8 @@
 #   make check-tsan the suites under ThreadSanitizer
 #   make demo       the delivery service demo
 #   make bench      the benchmarks (ratios against same-run baselines)
-#   make install / uninstall   honour PREFIX, DESTDIR, LIBDIR, INCLUDEDIR
+#   make install / uninstall   honour PREFIX, DESTDIR, LIBDIR, INCLUDEDIR,
+#                              BINDIR, MANDIR
 #   make deps       install the build dependencies (Debian/Ubuntu, as root)
 #
 # The project's own flags sit beside CFLAGS/LDFLAGS, never replace them.
@@ -16,6 +17,7 @@ EXEC_PREFIX ?= $(PREFIX)
 LIBDIR     ?= $(EXEC_PREFIX)/lib
 INCLUDEDIR ?= $(PREFIX)/include
 BINDIR     ?= $(EXEC_PREFIX)/bin
+MANDIR     ?= $(PREFIX)/share/man
 DESTDIR    ?=
 
 CFLAGS  ?= -O2 -g
@@ -25,6 +27,7 @@ BUILD   ?= build
 SAN     ?=
 
 HEADER := include/deliveryevents.h
+MANPAGE := docs/deliveryevents.1
 version_part = $(shell sed -n 's/^\#define DE_VERSION_$(1) \([0-9][0-9]*\).*/\1/p' $(HEADER))
 MAJOR   := $(call version_part,MAJOR)
 MINOR   := $(call version_part,MINOR)
@@ -210,9 +213,11 @@ check-exports: $(SHLIB)
 	echo "check-exports: $$(nm -D --defined-only $(SHLIB) | wc -l) symbols, all de_*"
 
 # install into a scratch prefix, build a program with pkg-config alone,
-# run it, uninstall, and check that nothing is left behind.
+# run it, uninstall, and check that nothing is left behind; and the man
+# page documents every command and option the tool's --help names.
 check-install: all
 	@sh tests/install_test.sh "$(MAKE)" "$(CC)"
+	@sh tests/man_test.sh $(TOOL) $(MANPAGE)
 
 check: deps
 	@$(MAKE) --no-print-directory check-all
@@ -266,8 +271,9 @@ check-tsan:
 
 install: all
 	install -d $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR) \
-	    $(DESTDIR)$(BINDIR)
+	    $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1
 	install -m 755 $(TOOL) $(DESTDIR)$(BINDIR)/deliveryevents
+	install -m 644 $(MANPAGE) $(DESTDIR)$(MANDIR)/man1/deliveryevents.1
 	install -m 644 $(HEADER) $(DESTDIR)$(INCLUDEDIR)/deliveryevents.h
 	install -m 755 $(SHLIB) $(DESTDIR)$(LIBDIR)/
 	ln -sf $(notdir $(SHLIB)) $(DESTDIR)$(LIBDIR)/$(SONAME)
@@ -281,6 +287,7 @@ install: all
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/deliveryevents
+	rm -f $(DESTDIR)$(MANDIR)/man1/deliveryevents.1
 	rm -f $(DESTDIR)$(INCLUDEDIR)/deliveryevents.h
 	rm -f $(DESTDIR)$(LIBDIR)/$(notdir $(SHLIB))
 	rm -f $(DESTDIR)$(LIBDIR)/$(SONAME)
