@@ -49,7 +49,7 @@ de_err de__relay_check_cursor(de_relay *r, int64_t cursor, const char *id)
                     "The database was restored from a backup (or copied) "
                     "without its state file; restore the state file of the "
                     "same backup beside it (see docs/OPERATIONS.md, "
-                    "Restores)",
+                    "\"Backups and restores\")",
                     r->db_path, r->state_path, id, (long long)cursor,
                     there ? "not there any more (another event has its "
                             "position)"

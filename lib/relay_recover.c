@@ -165,7 +165,7 @@ static de_err unverifiable(struct ctx *c, const char *topic, int32_t partition,
                     "restored from an older backup or copy, no relay of it "
                     "published there since: start the relay once with "
                     "relay.recovery.unverifiable=continue (see "
-                    "docs/OPERATIONS.md, Restores)",
+                    "docs/OPERATIONS.md, \"Backups and restores\")",
                     topic, (int)partition, what);
 }
 
