@@ -873,6 +873,169 @@ START_TEST(relay_metrics_scraped_during_a_drain)
 }
 END_TEST
 
+/* ---- the consumer's database ------------------------------------------- */
+
+/* A consumer's database as de_consumer_open leaves it (no Kafka is
+ * reached: the consumer is closed before its first poll), with what a
+ * consumer would have written: three subjects remembered, delivery:D-2
+ * parked behind a failed event and one waiting behind it, delivery:D-1
+ * with a dead letter that was skipped, and a record that was not ours.
+ * Closed cleanly, so that no -wal or -shm file is left. */
+static void consumer_db(const char *path)
+{
+    sqlite3 *db = tu_open(path);
+    de_conf *conf = de_conf_new();
+    de_consumer *con = NULL;
+
+    tu_ok(de_conf_set(conf, "bootstrap.servers", "127.0.0.1:9"));
+    tu_ok(de_conf_set(conf, "group.id", "tool-test"));
+    tu_ok(de_consumer_open(db, conf, &con));
+    de_conf_destroy(conf);
+    de_consumer_close(con);
+    tu_exec(db,
+            "INSERT INTO de_inbox(subject_type, subject_id, last_seq, parked, "
+            "updated_ms, last_event_id, epoch) VALUES ('delivery', 'D-1', 5, "
+            "0, 1000, 'e-1-5', 0), ('delivery', 'D-2', 2, 1, 2000, "
+            "'e-2-2', 1), ('rider', 'R-1', 1, 0, 3000, 'e-r-1', 0);"
+            "INSERT INTO de_dead_letter(kind, state, topic, partition, offset, "
+            "subject_type, subject_id, seq, event_id, action, type, source, "
+            "occurred_at_ms, payload, error, attempts, parked_ms, epoch) "
+            "VALUES ('failed', 'skipped', 'delivery.events', 0, 10, "
+            "'delivery', 'D-1', 3, 'e-1-3', 'assigned', 't', 's', 1, '{}', "
+            "'no such rider', 3, 1000, 0), ('failed', 'parked', "
+            "'delivery.events', 1, 20, 'delivery', 'D-2', 3, 'e-2-3', "
+            "'picked_up', 't', 's', 1, '{}', 'constraint failed', 3, "
+            "strftime('%s','now') * 1000 - 60000, 1), ('waiting', 'parked', "
+            "'delivery.events', 1, 21, 'delivery', 'D-2', 4, 'e-2-4', "
+            "'delivered', 't', 's', 1, '{}', 'waiting behind a parked event', "
+            "0, strftime('%s','now') * 1000 - 50000, 1);"
+            "INSERT INTO de_dead_letter(kind, state, topic, partition, offset, "
+            "payload, error, attempts, parked_ms) VALUES ('foreign', "
+            "'foreign', 'rider.events', 2, 7, 'junk', 'no ce_id header', 0, "
+            "1500)");
+    ck_assert_int_eq(sqlite3_close(db), SQLITE_OK);
+}
+
+static int lines_of(const char *path)
+{
+    int lines = 0;
+
+    for (const char *s = slurp(path); (s = strchr(s, '\n')) != NULL; s++)
+        lines++;
+    return lines;
+}
+
+START_TEST(consumer_status_and_dead_letters_change_nothing)
+{
+    const char *db = tu_path(tu_dir, "consumer.db");
+    char db_wal[4200], db_shm[4200];
+    size_t n0, n1;
+    char *before, *after;
+    json_t *j, *by, *parked;
+    const char *out;
+    proc *p;
+
+    consumer_db(db);
+    snprintf(db_wal, sizeof db_wal, "%s-wal", db);
+    snprintf(db_shm, sizeof db_shm, "%s-shm", db);
+    ck_assert(!exists(db_wal) && !exists(db_shm));
+    before = contents(db, &n0);
+
+    ck_assert_int_eq(run(p, "cstatus", "consumer-status", "--db", db, "--json"),
+                     0);
+    j = json_of(p->out);
+    ck_assert_int_eq(jint(j, "schema_version"), 3);
+    ck_assert_int_eq(jint(j, "subjects"), 3);
+    ck_assert_int_eq(jint(j, "parked_subjects"), 1);
+    ck_assert_int_eq(jint(j, "dead_letters"), 4);
+    ck_assert_int_eq(jint(j, "dead_letters_parked"), 2);
+    ck_assert_int_eq(jint(j, "oldest_dead_letter_at_ms"), 1000);
+    ck_assert_int_ge(jint(j, "oldest_parked_age_ms"), 59000);
+    ck_assert(json_is_null(json_object_get(j, "requests_queued")));
+    ck_assert_int_eq(jint(json_object_get(j, "file_bytes"), "database"),
+                     (json_int_t)n0);
+    by = json_object_get(j, "dead_letters_by_kind");
+    ck_assert_int_eq(json_array_size(by), 4); /* failed twice, waiting, foreign */
+    parked = json_object_get(j, "parked");
+    ck_assert_int_eq(json_array_size(parked), 1);
+    ck_assert_str_eq(json_string_value(json_object_get(
+                         json_array_get(parked, 0), "subject_id")),
+                     "D-2");
+    ck_assert_int_eq(jint(json_array_get(parked, 0), "parked_events"), 2);
+    ck_assert_str_eq(
+        json_string_value(json_object_get(json_array_get(parked, 0), "error")),
+        "constraint failed");
+    json_decref(j);
+    ck_assert_int_eq(run(p, "cstatus", "consumer-status", "--db", db), 0);
+    assert_has(p->out, "schema version:  consumer 3 (no request table");
+    assert_has(p->out, "subjects:        3 remembered, 1 parked");
+    assert_has(p->out, "dead letters:    4 (2 still parked;");
+    assert_has(p->out, "parked delivery:D-2: 2 events since ");
+    assert_has(p->out, "first failed: constraint failed");
+
+    ck_assert_int_eq(run(p, "dl", "dead-letters", "--db", db), 0);
+    ck_assert_int_eq(lines_of(p->out), 5); /* a heading and four rows */
+    assert_has(p->out, "delivery:D-2");
+    assert_has(p->out, "1/3 ");
+    assert_has(p->out, "rider.events[2]@7");
+    out = slurp(p->out); /* oldest first */
+    ck_assert(strstr(out, "e-1-3") != NULL &&
+              strstr(out, "e-1-3") < strstr(out, "e-2-4"));
+    ck_assert_int_eq(run(p, "dl", "dead-letters", "--db", db, "--json"), 0);
+    ck_assert_int_eq(lines_of(p->out), 4);
+    assert_has(p->out, "\"state\":\"skipped\"");
+    assert_has(p->out, "\"event_id\":\"e-2-3\"");
+    ck_assert_int_eq(run(p, "dl", "dead-letters", "--db", db, "--subject",
+                         "delivery:D-2", "--json"),
+                     0);
+    ck_assert_int_eq(lines_of(p->out), 2);
+    ck_assert(!file_has(p->out, "\"D-1\""));
+    j = json_loads(slurp(p->out), JSON_DISABLE_EOF_CHECK, NULL); /* line 1 */
+    ck_assert_ptr_nonnull(j);
+    ck_assert_int_eq(jint(j, "epoch"), 1);
+    ck_assert_int_eq(jint(j, "seq"), 3);
+    ck_assert_int_eq(jint(j, "attempts"), 3);
+    json_decref(j);
+    ck_assert_int_eq(
+        run(p, "dl", "dead-letters", "--db", db, "--parked", "--json"), 0);
+    ck_assert_int_eq(lines_of(p->out), 2);
+    ck_assert(!file_has(p->out, "skipped"));
+    ck_assert_int_eq(
+        run(p, "dl", "dead-letters", "--db", db, "--limit", "1", "--json"), 0);
+    ck_assert_int_eq(lines_of(p->out), 1);
+    assert_has(p->out, "e-1-3");
+
+    /* Read-only: byte-identical, and no file created beside it. */
+    after = contents(db, &n1);
+    ck_assert(n0 == n1 && memcmp(before, after, n0) == 0);
+    ck_assert_msg(!exists(db_wal) && !exists(db_shm),
+                  "consumer-status or dead-letters created a -wal or -shm");
+    free(before);
+    free(after);
+
+    /* A missing file, a directory, a database of no consumer: named. */
+    ck_assert_int_eq(run(p, "cstatus", "consumer-status", "--db",
+                         tu_path(tu_dir, "missing.db")),
+                     1);
+    assert_has(p->err, "missing.db");
+    ck_assert(!exists(tu_path(tu_dir, "missing.db")));
+    ck_assert_int_eq(
+        run(p, "dl", "dead-letters", "--db", tu_path(tu_dir, "missing.db")), 1);
+    assert_has(p->err, "missing.db");
+    ck_assert(!exists(tu_path(tu_dir, "missing.db")));
+    ck_assert_int_eq(run(p, "cstatus", "consumer-status", "--db", tu_dir), 1);
+    assert_has(p->err, "is not a file");
+    record(tu_path(tu_dir, "svc.db"), 1, "delivery", "D-1");
+    ck_assert_int_eq(run(p, "cstatus", "consumer-status", "--db",
+                         tu_path(tu_dir, "svc.db")),
+                     1);
+    assert_has(p->err, "svc.db' has no consumer tables");
+    ck_assert_int_eq(
+        run(p, "dl", "dead-letters", "--db", tu_path(tu_dir, "svc.db")), 1);
+    assert_has(p->err, "has no consumer tables");
+}
+END_TEST
+
 static Suite *tool_suite(void)
 {
     Suite *s = suite_create("tool");
@@ -907,6 +1070,7 @@ static Suite *tool_suite(void)
     tcase_set_timeout(status, 60);
     tcase_add_test(status, status_counts_pending_and_changes_nothing);
     tcase_add_test(status, status_and_list_after_a_relay);
+    tcase_add_test(status, consumer_status_and_dead_letters_change_nothing);
     suite_add_tcase(s, status);
     return s;
 }
