@@ -200,6 +200,20 @@ static void usage(FILE *out)
             "[--pending|--blocked]\n"
             "        [--limit N] [--json]\n"
             "                 the retained outbox rows (read-only)\n"
+            "  consumer-status --db PATH [--json]\n"
+            "                 what a consumer's database holds: parked "
+            "subjects, dead\n"
+            "                 letters, queued requests (read-only)\n"
+            "  dead-letters --db PATH [--subject TYPE:ID] [--parked] "
+            "[--limit N] [--json]\n"
+            "                 a consumer's dead letters, oldest first "
+            "(read-only)\n"
+            "  release --db PATH TYPE:ID [--wait MS] [--force]\n"
+            "  skip --db PATH TYPE:ID [--wait MS] [--force]\n"
+            "                 ask the running consumer to release a parked "
+            "subject, or\n"
+            "                 to skip its first parked event, and wait for "
+            "its result\n"
             "  tail -b SERVERS --topic NAME [--exit-at-end] [--print N]\n"
             "                 print a topic's events, checking their order\n"
             "  mock-cluster [--brokers N] [--topic NAME[:PARTITIONS]]... "
@@ -2108,6 +2122,260 @@ static int cmd_dead_letters(int argc, char **argv)
     return 0;
 }
 
+/* ---- release and skip: asking the running consumer ---------------------- */
+
+/*
+ * A parked subject is released or skipped by its consumer, which has the
+ * handlers (de_consumer_release, de_consumer_skip).  From the command
+ * line the tool can only ask: it inserts a row into de_consumer_request
+ * (consumer schema 4, libdeliveryevents 1.0), which the running consumer
+ * takes on its next de_consumer_poll, in id order; it sets done_at_ms and
+ * its result, which the tool waits for.  Parked is what the library calls
+ * it: the subject's de_inbox row has parked = 1, or it has dead letters
+ * still in state 'parked'.  The tool never creates tables.
+ */
+
+static const char usage_release[] =
+    "usage: deliveryevents release --db PATH TYPE:ID [--wait MS] [--force]\n"
+    "  Asks the running consumer of PATH to release a parked subject: to\n"
+    "  apply its parked events again, in order, with its handlers\n"
+    "  (de_consumer_release).  Needs a consumer of libdeliveryevents 1.0 or\n"
+    "  later (consumer schema 4: the de_consumer_request table).\n"
+    "  --db PATH     the consumer's database file (required)\n"
+    "  TYPE:ID       the subject, e.g. delivery:D-7 (required)\n"
+    "  --wait MS     wait up to MS ms for the consumer's result (30000;\n"
+    "                0: queue the request and return at once)\n"
+    "  --force       ask even if the subject does not look parked\n"
+    "  Prints the consumer's result; exit 1 if it did not take the request\n"
+    "  in time (the request stays queued).\n";
+
+static const char usage_skip[] =
+    "usage: deliveryevents skip --db PATH TYPE:ID [--wait MS] [--force]\n"
+    "  Asks the running consumer of PATH to skip a parked subject's first\n"
+    "  parked event (kept in de_dead_letter, marked skipped) and apply the\n"
+    "  rest, in order, with its handlers (de_consumer_skip).  Needs a\n"
+    "  consumer of libdeliveryevents 1.0 or later (consumer schema 4: the\n"
+    "  de_consumer_request table).\n"
+    "  --db PATH     the consumer's database file (required)\n"
+    "  TYPE:ID       the subject, e.g. delivery:D-7 (required)\n"
+    "  --wait MS     wait up to MS ms for the consumer's result (30000;\n"
+    "                0: queue the request and return at once)\n"
+    "  --force       ask even if the subject does not look parked\n"
+    "  Prints the consumer's result; exit 1 if it did not take the request\n"
+    "  in time (the request stays queued).\n";
+
+/* Runs one statement with the subject bound as ?1, ?2 (and text ?3, int
+ * ?4 when given); the first integer column of its row, or -1 on an error
+ * (said on stderr), or 0 without a row. */
+static int64_t req_exec(const char *cmd, sqlite3 *db, const char *sql,
+                        const char *type, int type_len, const char *id,
+                        const char *text, int64_t num)
+{
+    sqlite3_stmt *st = NULL;
+    int64_t v = 0;
+    int rc;
+
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(db));
+        return -1;
+    }
+    if (type != NULL) {
+        sqlite3_bind_text(st, 1, type, type_len, SQLITE_STATIC);
+        sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
+    }
+    if (text != NULL) {
+        sqlite3_bind_text(st, 3, text, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 4, num);
+    }
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW)
+        v = sqlite3_column_int64(st, 0);
+    else if (rc != SQLITE_DONE)
+        v = -1;
+    if (v < 0)
+        fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(db));
+    sqlite3_finalize(st);
+    return v;
+}
+
+static int cmd_request(const char *cmd, int argc, char **argv)
+{
+    const char *db_path = NULL, *subject = NULL, *colon, *v;
+    char result[1024], shown[300];
+    long wait_ms = 30000;
+    int force = 0, rc = 1, type_len;
+    int64_t id, deadline;
+    sqlite3 *db = NULL;
+
+    for (int i = 0; i < argc; i++)
+        if (is_help(argv[i])) {
+            fputs(strcmp(cmd, "skip") == 0 ? usage_skip : usage_release,
+                  stdout);
+            return 0;
+        }
+    for (int i = 0; i < argc; i++) {
+        const char *o = argv[i];
+        if (strcmp(o, "--force") == 0) {
+            force = 1;
+        } else if (strcmp(o, "--db") == 0 || strcmp(o, "--wait") == 0) {
+            if ((v = opt_value(cmd, argc, argv, &i)) == NULL)
+                return 2;
+            if (strcmp(o, "--db") == 0)
+                db_path = v;
+            else if (parse_num(cmd, o, v, 0, 24L * 3600 * 1000, &wait_ms) != 0)
+                return 2;
+        } else if (o[0] == '-' && o[1] != '\0') {
+            return bad_usage(cmd, "unknown argument '%s'", o);
+        } else if (subject != NULL) {
+            return bad_usage(cmd, "takes one subject; '%s' is a second", o);
+        } else if (split_subject(o, &colon) != 0) {
+            return bad_usage(cmd,
+                             "the subject is TYPE:ID, both non-empty (e.g. "
+                             "delivery:D-7), got '%s'",
+                             o);
+        } else {
+            subject = o;
+        }
+    }
+    if (db_path == NULL)
+        return bad_usage(cmd, "needs --db PATH%s", "");
+    if (subject == NULL)
+        return bad_usage(cmd, "needs the subject, TYPE:ID (e.g. "
+                              "delivery:D-7)%s",
+                         "");
+    split_subject(subject, &colon);
+    type_len = (int)(colon - subject);
+    snprintf(shown, sizeof shown, "%s", subject);
+
+    if (!file_exists(db_path)) {
+        fprintf(stderr, "deliveryevents: %s: cannot open '%s': %s\n", cmd,
+                db_path, strerror(errno));
+        return 1;
+    }
+    if (!is_file(db_path)) {
+        fprintf(stderr, "deliveryevents: %s: '%s' is not a file\n", cmd,
+                db_path);
+        return 1;
+    }
+    /* Read-write, never created; the consumer holds the write lock only
+     * for a batch, so 5 s of busy timeout is plenty. */
+    if (sqlite3_open_v2(db_path, &db, SQLITE_OPEN_READWRITE, NULL) !=
+            SQLITE_OK ||
+        sqlite3_busy_timeout(db, 5000) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: cannot open '%s': %s\n", cmd,
+                db_path, db ? sqlite3_errmsg(db) : "out of memory");
+        goto done;
+    }
+    if (!has_table(db, "de_inbox") || !has_table(db, "de_dead_letter")) {
+        fprintf(stderr,
+                "deliveryevents: %s: '%s' has no consumer tables (no "
+                "de_inbox or de_dead_letter table)%s%s\n",
+                cmd, db_path, sqlite3_errcode(db) ? ": " : "",
+                sqlite3_errcode(db) ? sqlite3_errmsg(db) : "");
+        goto done;
+    }
+    if (!has_table(db, "de_consumer_request")) {
+        fprintf(stderr,
+                "deliveryevents: %s: '%s': this consumer database has no "
+                "request table: its consumer runs a libdeliveryevents older "
+                "than 1.0; upgrade it, or call de_consumer_%s in the "
+                "service\n",
+                cmd, db_path, cmd);
+        goto done;
+    }
+    /* Whether it is parked and the request, in one transaction. */
+    if (sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: cannot write '%s': %s\n", cmd,
+                db_path, sqlite3_errmsg(db));
+        goto done;
+    }
+    id = req_exec(cmd, db,
+                  "SELECT EXISTS (SELECT 1 FROM de_inbox WHERE subject_type = "
+                  "?1 AND subject_id = ?2 AND parked = 1) OR EXISTS (SELECT 1 "
+                  "FROM de_dead_letter WHERE subject_type = ?1 AND subject_id "
+                  "= ?2 AND state = 'parked')",
+                  subject, type_len, colon + 1, NULL, 0);
+    if (id < 0)
+        goto rollback;
+    if (id == 0 && !force) {
+        fprintf(stderr,
+                "deliveryevents: %s: %s is not parked in '%s' (its inbox row "
+                "is not parked and it has no parked dead letters): nothing "
+                "to %s; --force asks the consumer anyway\n",
+                cmd, shown, db_path, cmd);
+        goto rollback;
+    }
+    if (req_exec(cmd, db,
+                 "INSERT INTO de_consumer_request(subject_type, subject_id, "
+                 "action, requested_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                 subject, type_len, colon + 1, cmd, now_ms()) < 0)
+        goto rollback;
+    id = sqlite3_last_insert_rowid(db);
+    if (sqlite3_exec(db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: cannot commit to '%s': %s\n",
+                cmd, db_path, sqlite3_errmsg(db));
+        goto rollback;
+    }
+
+    /* Waiting for the consumer: it sets done_at_ms and result. */
+    catch_signals();
+    deadline = mono_ms() + wait_ms;
+    while (wait_ms > 0 && !stop_signal) {
+        sqlite3_stmt *st = NULL;
+        int found = 0, done = 0;
+
+        if (sqlite3_prepare_v2(db,
+                               "SELECT done_at_ms IS NOT NULL, result FROM "
+                               "de_consumer_request WHERE id = ?1",
+                               -1, &st, NULL) == SQLITE_OK) {
+            sqlite3_bind_int64(st, 1, id);
+            if (sqlite3_step(st) == SQLITE_ROW) {
+                found = 1;
+                done = sqlite3_column_int(st, 0);
+                snprintf(result, sizeof result, "%s",
+                         sqlite3_column_text(st, 1)
+                             ? (const char *)sqlite3_column_text(st, 1)
+                             : "done, without a result");
+            }
+        }
+        sqlite3_finalize(st);
+        if (!found) {
+            fprintf(stderr,
+                    "deliveryevents: %s: request %" PRId64 " is gone from "
+                    "'%s' before it was done%s%s\n",
+                    cmd, id, db_path, sqlite3_errcode(db) ? ": " : "",
+                    sqlite3_errcode(db) ? sqlite3_errmsg(db) : "");
+            goto done;
+        }
+        if (done) {
+            printf("%s %s: %s\n", cmd, shown, result);
+            rc = 0;
+            goto done;
+        }
+        if (mono_ms() >= deadline)
+            break;
+        (void)poll(NULL, 0, 100);
+    }
+    if (wait_ms == 0) {
+        printf("queued: the consumer of %s has not taken the request yet; "
+               "it stays queued (request %" PRId64 ")\n",
+               db_path, id);
+        rc = 0;
+    } else {
+        fprintf(stderr,
+                "deliveryevents: %s: queued: the consumer of %s has not "
+                "taken the request yet; it stays queued (request %" PRId64
+                ")\n",
+                cmd, db_path, id);
+    }
+    goto done;
+rollback:
+    (void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+done:
+    sqlite3_close(db);
+    return rc;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -2124,6 +2392,8 @@ int main(int argc, char **argv)
         return cmd_consumer_status(argc - 2, argv + 2);
     if (strcmp(argv[1], "dead-letters") == 0)
         return cmd_dead_letters(argc - 2, argv + 2);
+    if (strcmp(argv[1], "release") == 0 || strcmp(argv[1], "skip") == 0)
+        return cmd_request(argv[1], argc - 2, argv + 2);
     if (strcmp(argv[1], "mock-cluster") == 0)
         return cmd_mock_cluster(argc - 2, argv + 2);
     if (strcmp(argv[1], "tail") == 0)
