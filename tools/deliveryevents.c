@@ -31,6 +31,27 @@
  *       Read-only: the outbox rows still retained, oldest first, each
  *       published, pending or held back (100 rows unless --limit; 0 = all).
  *
+ *   deliveryevents consumer-status --db PATH [--json]
+ *       Read-only, like status, for a consumer's database: its schema
+ *       version, subjects remembered (de_inbox), parked subjects, dead
+ *       letters by kind and state and the oldest, release/skip requests
+ *       still queued, file sizes.
+ *
+ *   deliveryevents dead-letters --db PATH [--subject TYPE:ID] [--parked]
+ *                               [--limit N] [--json]
+ *       Read-only: a consumer's de_dead_letter rows, oldest first (100
+ *       unless --limit; 0 = all).
+ *
+ *   deliveryevents release --db PATH TYPE:ID [--wait MS] [--force]
+ *   deliveryevents skip --db PATH TYPE:ID [--wait MS] [--force]
+ *       Asks the running consumer of PATH (which has the handlers) to call
+ *       de_consumer_release or de_consumer_skip for a parked subject: a
+ *       row in de_consumer_request (consumer schema 4; an older database
+ *       is refused, never changed), then up to --wait MS (30000; 0 = no
+ *       wait) for the consumer's result, which is printed.  A subject not
+ *       parked is refused unless --force; a request not taken in time
+ *       stays queued (exit 1).
+ *
  *   deliveryevents mock-cluster [--brokers N] [--topic NAME[:PARTITIONS]]...
  *                               [--until-stdin-eof]
  *       Starts librdkafka's mock Kafka cluster on loopback and prints
@@ -53,7 +74,7 @@
  *
  * Exit status: 0 on success; 1 on a runtime failure (including a relay
  * stopped before everything was published, a missing database, a missing
- * topic); 2 on bad usage (the message names the bad argument or value); 3
+ * topic, a release or skip refused or not taken in time); 2 on bad usage (the message names the bad argument or value); 3
  * when tail found a subject out of order or with a gap.
  */
 #include <deliveryevents.h>
