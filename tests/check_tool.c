@@ -18,6 +18,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MAX_ARGS 32
@@ -278,9 +279,16 @@ START_TEST(help_for_the_tool_and_every_command)
                                          "--pending",     "--blocked",
                                          "--limit",       "--brokers",
                                          "--topic",       "--until-stdin-eof",
-                                         "--version",     "exit status"};
-    static const char *const cmds[] = {"relay", "status", "list", "tail",
-                                       "mock-cluster"};
+                                         "--version",     "exit status",
+                                         "consumer-status", "dead-letters",
+                                         "release",       "skip",
+                                         "--wait",        "--force",
+                                         "--parked"};
+    static const char *const cmds[] = {"relay",           "status",
+                                       "list",            "tail",
+                                       "mock-cluster",    "consumer-status",
+                                       "dead-letters",    "release",
+                                       "skip"};
     proc *p;
 
     ck_assert_int_eq(run(p, "help", "--help"), 0);
@@ -324,6 +332,16 @@ START_TEST(an_option_without_its_value_is_named)
     assert_has(p->err, "status: --db needs a value");
     ck_assert_int_eq(run(p, "novalue", "list", "--db", "x", "--limit"), 2);
     assert_has(p->err, "list: --limit needs a value");
+    ck_assert_int_eq(run(p, "novalue", "consumer-status", "--db"), 2);
+    assert_has(p->err, "consumer-status: --db needs a value");
+    ck_assert_int_eq(
+        run(p, "novalue", "dead-letters", "--db", "x", "--subject"), 2);
+    assert_has(p->err, "dead-letters: --subject needs a value");
+    ck_assert_int_eq(run(p, "novalue", "skip", "--db"), 2);
+    assert_has(p->err, "skip: --db needs a value");
+    ck_assert_int_eq(run(p, "novalue", "dead-letters", "--db", "x", "--bogus"),
+                     2);
+    assert_has(p->err, "dead-letters: unknown argument '--bogus'");
     ck_assert_int_eq(run(p, "novalue", "relay", "--bogus"), 2);
     assert_has(p->err, "unknown argument '--bogus'");
 }
@@ -355,6 +373,12 @@ START_TEST(bad_numbers_are_named)
     ck_assert_int_eq(run(p, "num", "list", "--db", "x", "--limit", "many"), 2);
     assert_has(p->err, "'many'");
     ck_assert_int_eq(run(p, "num", "list", "--db", "x", "--subject", "D-1"), 2);
+    assert_has(p->err, "'D-1'");
+    ck_assert_int_eq(
+        run(p, "num", "dead-letters", "--db", "x", "--limit", "-1"), 2);
+    assert_has(p->err, "'-1'");
+    ck_assert_int_eq(
+        run(p, "num", "dead-letters", "--db", "x", "--subject", "D-1"), 2);
     assert_has(p->err, "'D-1'");
     ck_assert_int_eq(run(p, "num", "relay", "--db", "x", "-X", "novalue"), 2);
     assert_has(p->err, "'novalue'");
@@ -873,6 +897,369 @@ START_TEST(relay_metrics_scraped_during_a_drain)
 }
 END_TEST
 
+/* ---- the consumer's database ------------------------------------------- */
+
+/* A consumer's database as de_consumer_open leaves it (no Kafka is
+ * reached: the consumer is closed before its first poll), with what a
+ * consumer would have written: three subjects remembered, delivery:D-2
+ * parked behind a failed event and one waiting behind it, delivery:D-1
+ * with a dead letter that was skipped, and a record that was not ours.
+ * Closed cleanly, so that no -wal or -shm file is left. */
+static void quiet(void *ctx, int level, const char *message)
+{
+    (void)ctx;
+    (void)level;
+    (void)message;
+}
+
+static void consumer_db(const char *path)
+{
+    sqlite3 *db = tu_open(path);
+    de_conf *conf = de_conf_new();
+    de_consumer *con = NULL;
+
+    tu_ok(de_conf_set(conf, "bootstrap.servers", "127.0.0.1:9"));
+    tu_ok(de_conf_set(conf, "group.id", "tool-test"));
+    de_conf_set_log_cb(conf, quiet, NULL); /* nothing listens on port 9 */
+    tu_ok(de_consumer_open(db, conf, &con));
+    de_conf_destroy(conf);
+    de_consumer_close(con);
+    tu_exec(db,
+            "INSERT INTO de_inbox(subject_type, subject_id, last_seq, parked, "
+            "updated_ms, last_event_id, epoch) VALUES ('delivery', 'D-1', 5, "
+            "0, 1000, 'e-1-5', 0), ('delivery', 'D-2', 2, 1, 2000, "
+            "'e-2-2', 1), ('rider', 'R-1', 1, 0, 3000, 'e-r-1', 0);"
+            "INSERT INTO de_dead_letter(kind, state, topic, partition, offset, "
+            "subject_type, subject_id, seq, event_id, action, type, source, "
+            "occurred_at_ms, payload, error, attempts, parked_ms, epoch) "
+            "VALUES ('failed', 'skipped', 'delivery.events', 0, 10, "
+            "'delivery', 'D-1', 3, 'e-1-3', 'assigned', 't', 's', 1, '{}', "
+            "'no such rider', 3, 1000, 0), ('failed', 'parked', "
+            "'delivery.events', 1, 20, 'delivery', 'D-2', 3, 'e-2-3', "
+            "'picked_up', 't', 's', 1, '{}', 'constraint failed', 3, "
+            "strftime('%s','now') * 1000 - 60000, 1), ('waiting', 'parked', "
+            "'delivery.events', 1, 21, 'delivery', 'D-2', 4, 'e-2-4', "
+            "'delivered', 't', 's', 1, '{}', 'waiting behind a parked event', "
+            "0, strftime('%s','now') * 1000 - 50000, 1);"
+            "INSERT INTO de_dead_letter(kind, state, topic, partition, offset, "
+            "payload, error, attempts, parked_ms) VALUES ('foreign', "
+            "'foreign', 'rider.events', 2, 7, 'junk', 'no ce_id header', 0, "
+            "1500)");
+    ck_assert_int_eq(sqlite3_close(db), SQLITE_OK);
+}
+
+static int lines_of(const char *path)
+{
+    int lines = 0;
+
+    for (const char *s = slurp(path); (s = strchr(s, '\n')) != NULL; s++)
+        lines++;
+    return lines;
+}
+
+START_TEST(consumer_status_and_dead_letters_change_nothing)
+{
+    const char *db = tu_path(tu_dir, "consumer.db");
+    char db_wal[4200], db_shm[4200];
+    size_t n0, n1;
+    char *before, *after;
+    json_t *j, *by, *parked;
+    const char *out;
+    proc *p;
+
+    consumer_db(db);
+    snprintf(db_wal, sizeof db_wal, "%s-wal", db);
+    snprintf(db_shm, sizeof db_shm, "%s-shm", db);
+    ck_assert(!exists(db_wal) && !exists(db_shm));
+    before = contents(db, &n0);
+
+    ck_assert_int_eq(run(p, "cstatus", "consumer-status", "--db", db, "--json"),
+                     0);
+    j = json_of(p->out);
+    ck_assert_int_eq(jint(j, "schema_version"), 3);
+    ck_assert_int_eq(jint(j, "subjects"), 3);
+    ck_assert_int_eq(jint(j, "parked_subjects"), 1);
+    ck_assert_int_eq(jint(j, "dead_letters"), 4);
+    ck_assert_int_eq(jint(j, "dead_letters_parked"), 2);
+    ck_assert_int_eq(jint(j, "oldest_dead_letter_at_ms"), 1000);
+    ck_assert_int_ge(jint(j, "oldest_parked_age_ms"), 59000);
+    ck_assert(json_is_null(json_object_get(j, "requests_queued")));
+    ck_assert_int_eq(jint(json_object_get(j, "file_bytes"), "database"),
+                     (json_int_t)n0);
+    by = json_object_get(j, "dead_letters_by_kind");
+    ck_assert_int_eq(json_array_size(by), 4); /* failed twice, waiting, foreign */
+    parked = json_object_get(j, "parked");
+    ck_assert_int_eq(json_array_size(parked), 1);
+    ck_assert_str_eq(json_string_value(json_object_get(
+                         json_array_get(parked, 0), "subject_id")),
+                     "D-2");
+    ck_assert_int_eq(jint(json_array_get(parked, 0), "parked_events"), 2);
+    ck_assert_str_eq(
+        json_string_value(json_object_get(json_array_get(parked, 0), "error")),
+        "constraint failed");
+    json_decref(j);
+    ck_assert_int_eq(run(p, "cstatus", "consumer-status", "--db", db), 0);
+    assert_has(p->out, "schema version:  consumer 3 (no request table");
+    assert_has(p->out, "subjects:        3 remembered, 1 parked");
+    assert_has(p->out, "dead letters:    4 (2 still parked;");
+    assert_has(p->out, "parked delivery:D-2: 2 events since ");
+    assert_has(p->out, "first failed: constraint failed");
+
+    ck_assert_int_eq(run(p, "dl", "dead-letters", "--db", db), 0);
+    ck_assert_int_eq(lines_of(p->out), 5); /* a heading and four rows */
+    assert_has(p->out, "delivery:D-2");
+    assert_has(p->out, "1/3 ");
+    assert_has(p->out, "rider.events[2]@7");
+    out = slurp(p->out); /* oldest first */
+    ck_assert(strstr(out, "e-1-3") != NULL &&
+              strstr(out, "e-1-3") < strstr(out, "e-2-4"));
+    ck_assert_int_eq(run(p, "dl", "dead-letters", "--db", db, "--json"), 0);
+    ck_assert_int_eq(lines_of(p->out), 4);
+    assert_has(p->out, "\"state\":\"skipped\"");
+    assert_has(p->out, "\"event_id\":\"e-2-3\"");
+    ck_assert_int_eq(run(p, "dl", "dead-letters", "--db", db, "--subject",
+                         "delivery:D-2", "--json"),
+                     0);
+    ck_assert_int_eq(lines_of(p->out), 2);
+    ck_assert(!file_has(p->out, "\"D-1\""));
+    j = json_loads(slurp(p->out), JSON_DISABLE_EOF_CHECK, NULL); /* line 1 */
+    ck_assert_ptr_nonnull(j);
+    ck_assert_int_eq(jint(j, "epoch"), 1);
+    ck_assert_int_eq(jint(j, "seq"), 3);
+    ck_assert_int_eq(jint(j, "attempts"), 3);
+    json_decref(j);
+    ck_assert_int_eq(
+        run(p, "dl", "dead-letters", "--db", db, "--parked", "--json"), 0);
+    ck_assert_int_eq(lines_of(p->out), 2);
+    ck_assert(!file_has(p->out, "skipped"));
+    ck_assert_int_eq(
+        run(p, "dl", "dead-letters", "--db", db, "--limit", "1", "--json"), 0);
+    ck_assert_int_eq(lines_of(p->out), 1);
+    assert_has(p->out, "e-1-3");
+
+    /* Read-only: byte-identical, and no file created beside it. */
+    after = contents(db, &n1);
+    ck_assert(n0 == n1 && memcmp(before, after, n0) == 0);
+    ck_assert_msg(!exists(db_wal) && !exists(db_shm),
+                  "consumer-status or dead-letters created a -wal or -shm");
+    free(before);
+    free(after);
+
+    /* A missing file, a directory, a database of no consumer: named. */
+    ck_assert_int_eq(run(p, "cstatus", "consumer-status", "--db",
+                         tu_path(tu_dir, "missing.db")),
+                     1);
+    assert_has(p->err, "missing.db");
+    ck_assert(!exists(tu_path(tu_dir, "missing.db")));
+    ck_assert_int_eq(
+        run(p, "dl", "dead-letters", "--db", tu_path(tu_dir, "missing.db")), 1);
+    assert_has(p->err, "missing.db");
+    ck_assert(!exists(tu_path(tu_dir, "missing.db")));
+    ck_assert_int_eq(run(p, "cstatus", "consumer-status", "--db", tu_dir), 1);
+    assert_has(p->err, "is not a file");
+    record(tu_path(tu_dir, "svc.db"), 1, "delivery", "D-1");
+    ck_assert_int_eq(run(p, "cstatus", "consumer-status", "--db",
+                         tu_path(tu_dir, "svc.db")),
+                     1);
+    assert_has(p->err, "svc.db' has no consumer tables");
+    ck_assert_int_eq(
+        run(p, "dl", "dead-letters", "--db", tu_path(tu_dir, "svc.db")), 1);
+    assert_has(p->err, "has no consumer tables");
+}
+END_TEST
+
+/* The request table of consumer schema 4 (libdeliveryevents 1.0), as the
+ * contract with lib/consumer.c has it: what a consumer of 1.0 adds. */
+static void request_table(const char *path)
+{
+    sqlite3 *db = tu_open(path);
+
+    tu_exec(db, "CREATE TABLE de_consumer_request(id INTEGER PRIMARY KEY, "
+                "subject_type TEXT NOT NULL, subject_id TEXT NOT NULL, action "
+                "TEXT NOT NULL CHECK (action IN ('release','skip')), "
+                "requested_at_ms INTEGER NOT NULL, done_at_ms INTEGER, result "
+                "TEXT);"
+                "UPDATE de_consumer_meta SET value = 4 WHERE key = "
+                "'schema_version'");
+    ck_assert_int_eq(sqlite3_close(db), SQLITE_OK);
+}
+
+static int64_t wall_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t db_int(const char *path, const char *sql)
+{
+    sqlite3 *db = tu_open_shared(path);
+    int64_t v = tu_query_int(db, sql);
+
+    ck_assert_int_eq(sqlite3_close(db), SQLITE_OK);
+    return v;
+}
+
+START_TEST(release_and_skip_refuse_what_they_cannot_ask)
+{
+    const char *db = tu_path(tu_dir, "consumer.db");
+    static const char *const bad[] = {"delivery", ":D-2", "delivery:", ":"};
+    proc *p;
+
+    consumer_db(db);
+    /* A consumer older than 1.0: no request table, and none created. */
+    ck_assert_int_eq(run(p, "rel", "release", "--db", db, "delivery:D-2"), 1);
+    assert_has(p->err, "consumer.db': this consumer database has no request "
+                       "table: its consumer runs a libdeliveryevents older "
+                       "than 1.0; upgrade it, or call de_consumer_release in "
+                       "the service");
+    ck_assert_int_eq(run(p, "skip", "skip", "--db", db, "delivery:D-2"), 1);
+    assert_has(p->err, "call de_consumer_skip in the service");
+    ck_assert_int_eq(db_int(db, "SELECT count(*) FROM sqlite_master WHERE "
+                                "name = 'de_consumer_request'"),
+                     0);
+
+    /* Bad usage names the bad value. */
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        char want[64];
+        ck_assert_int_eq(run(p, "rel", "release", "--db", db, bad[i]), 2);
+        snprintf(want, sizeof want, "got '%s'", bad[i]);
+        assert_has(p->err, want);
+        assert_has(p->err, "TYPE:ID");
+    }
+    ck_assert_int_eq(run(p, "rel", "release", "--db", db), 2);
+    assert_has(p->err, "needs the subject, TYPE:ID");
+    ck_assert_int_eq(run(p, "rel", "skip", "delivery:D-2"), 2);
+    assert_has(p->err, "skip: needs --db PATH");
+    ck_assert_int_eq(
+        run(p, "rel", "release", "--db", db, "delivery:D-2", "rider:R-1"), 2);
+    assert_has(p->err, "'rider:R-1' is a second");
+    ck_assert_int_eq(
+        run(p, "rel", "release", "--db", db, "delivery:D-2", "--wait", "soon"),
+        2);
+    assert_has(p->err, "--wait");
+    assert_has(p->err, "'soon'");
+    ck_assert_int_eq(run(p, "rel", "release", "--db", db, "--wait"), 2);
+    assert_has(p->err, "release: --wait needs a value");
+
+    /* A missing file is named and not created; a database of no consumer
+     * is refused. */
+    ck_assert_int_eq(run(p, "rel", "release", "--db",
+                         tu_path(tu_dir, "missing.db"), "delivery:D-2"),
+                     1);
+    assert_has(p->err, "missing.db");
+    ck_assert(!exists(tu_path(tu_dir, "missing.db")));
+    record(tu_path(tu_dir, "svc.db"), 1, "delivery", "D-1");
+    ck_assert_int_eq(run(p, "rel", "release", "--db", tu_path(tu_dir, "svc.db"),
+                         "delivery:D-1"),
+                     1);
+    assert_has(p->err, "has no consumer tables");
+
+    /* With the table (a consumer of 1.0): a subject not parked is refused
+     * -- one applied with only a skipped dead letter, one never seen --
+     * and nothing is queued; --force asks anyway. */
+    request_table(db);
+    ck_assert_int_eq(run(p, "rel", "release", "--db", db, "delivery:D-1"), 1);
+    assert_has(p->err, "delivery:D-1 is not parked in");
+    assert_has(p->err, "--force");
+    ck_assert_int_eq(run(p, "rel", "skip", "--db", db, "rider:R-9"), 1);
+    assert_has(p->err, "rider:R-9 is not parked");
+    ck_assert_int_eq(db_int(db, "SELECT count(*) FROM de_consumer_request"), 0);
+    ck_assert_int_eq(run(p, "rel", "release", "--db", db, "--force",
+                         "delivery:D-1", "--wait", "0"),
+                     0);
+    ck_assert_int_eq(db_int(db, "SELECT count(*) FROM de_consumer_request "
+                                "WHERE subject_id = 'D-1'"),
+                     1);
+}
+END_TEST
+
+START_TEST(release_and_skip_queue_a_request_and_wait_for_its_result)
+{
+    const char *db = tu_path(tu_dir, "consumer.db");
+    char want[4400];
+    int64_t t0, t1;
+    sqlite3 *sdb;
+    proc *p;
+
+    consumer_db(db);
+    request_table(db);
+
+    /* --wait 0: queued, and back at once. */
+    t0 = wall_ms();
+    ck_assert_int_eq(
+        run(p, "skip", "skip", "--db", db, "delivery:D-2", "--wait", "0"), 0);
+    t1 = wall_ms();
+    ck_assert_int_lt(t1 - t0, 5000);
+    snprintf(want, sizeof want,
+             "queued: the consumer of %s has not taken the request yet; it "
+             "stays queued",
+             db);
+    assert_has(p->out, want);
+    sdb = tu_open_shared(db);
+    ck_assert_int_eq(tu_query_int(sdb, "SELECT count(*) FROM "
+                                       "de_consumer_request"),
+                     1);
+    ck_assert_str_eq(tu_query_text(sdb, "SELECT subject_type || '|' || "
+                                        "subject_id || '|' || action || '|' "
+                                        "|| typeof(done_at_ms) || '|' || "
+                                        "typeof(result) FROM "
+                                        "de_consumer_request"),
+                     "delivery|D-2|skip|null|null");
+    ck_assert_int_ge(
+        tu_query_int(sdb, "SELECT requested_at_ms FROM de_consumer_request"),
+        t0 - 1000);
+    ck_assert_int_le(
+        tu_query_int(sdb, "SELECT requested_at_ms FROM de_consumer_request"),
+        t1 + 1000);
+
+    /* Waiting in vain: exit 1, and the request stays queued. */
+    t0 = tu_now_ms();
+    ck_assert_int_eq(
+        run(p, "rel", "release", "--db", db, "delivery:D-2", "--wait", "300"),
+        1);
+    ck_assert_int_ge(tu_now_ms() - t0, 300);
+    assert_has(p->err, "release: queued: the consumer of ");
+    ck_assert_int_eq(tu_query_int(sdb, "SELECT count(*) FROM "
+                                       "de_consumer_request WHERE action = "
+                                       "'release' AND done_at_ms IS NULL"),
+                     1);
+
+    /* This process plays the consumer: it takes the new request and sets
+     * its result; the waiting release prints it and exits 0. */
+    p = start("rel", "release", "--db", db, "delivery:D-2", (const char *)NULL);
+    ck_assert_msg(tu_wait_for(tu_query_int(sdb, "SELECT count(*) FROM "
+                                                "de_consumer_request") == 3 ||
+                                  exited(p),
+                              20000),
+                  "release queued nothing: %s", slurp(p->err));
+    ck_assert(!exited(p));
+    tu_exec(sdb, "UPDATE de_consumer_request SET done_at_ms = 1, result = "
+                 "'released: 2 events applied' WHERE id = (SELECT max(id) "
+                 "FROM de_consumer_request)");
+    ck_assert_int_eq(finish(p, 20000), 0);
+    assert_has(p->out, "release delivery:D-2: released: 2 events applied");
+    ck_assert_str_eq(slurp(p->err), "");
+    /* The earlier ones are untouched: still queued for the consumer. */
+    ck_assert_int_eq(tu_query_int(sdb, "SELECT count(*) FROM "
+                                       "de_consumer_request WHERE done_at_ms "
+                                       "IS NULL"),
+                     2);
+    ck_assert_int_eq(sqlite3_close(sdb), SQLITE_OK);
+
+    /* consumer-status counts the queued requests. */
+    ck_assert_int_eq(run(p, "cstatus", "consumer-status", "--db", db, "--json"),
+                     0);
+    {
+        json_t *j = json_of(p->out);
+        ck_assert_int_eq(jint(j, "schema_version"), 4);
+        ck_assert_int_eq(jint(j, "requests_queued"), 2);
+        json_decref(j);
+    }
+}
+END_TEST
+
 static Suite *tool_suite(void)
 {
     Suite *s = suite_create("tool");
@@ -907,6 +1294,10 @@ static Suite *tool_suite(void)
     tcase_set_timeout(status, 60);
     tcase_add_test(status, status_counts_pending_and_changes_nothing);
     tcase_add_test(status, status_and_list_after_a_relay);
+    tcase_add_test(status, consumer_status_and_dead_letters_change_nothing);
+    tcase_add_test(status, release_and_skip_refuse_what_they_cannot_ask);
+    tcase_add_test(status,
+                   release_and_skip_queue_a_request_and_wait_for_its_result);
     suite_add_tcase(s, status);
     return s;
 }

@@ -31,6 +31,27 @@
  *       Read-only: the outbox rows still retained, oldest first, each
  *       published, pending or held back (100 rows unless --limit; 0 = all).
  *
+ *   deliveryevents consumer-status --db PATH [--json]
+ *       Read-only, like status, for a consumer's database: its schema
+ *       version, subjects remembered (de_inbox), parked subjects, dead
+ *       letters by kind and state and the oldest, release/skip requests
+ *       still queued, file sizes.
+ *
+ *   deliveryevents dead-letters --db PATH [--subject TYPE:ID] [--parked]
+ *                               [--limit N] [--json]
+ *       Read-only: a consumer's de_dead_letter rows, oldest first (100
+ *       unless --limit; 0 = all).
+ *
+ *   deliveryevents release --db PATH TYPE:ID [--wait MS] [--force]
+ *   deliveryevents skip --db PATH TYPE:ID [--wait MS] [--force]
+ *       Asks the running consumer of PATH (which has the handlers) to call
+ *       de_consumer_release or de_consumer_skip for a parked subject: a
+ *       row in de_consumer_request (consumer schema 4; an older database
+ *       is refused, never changed), then up to --wait MS (30000; 0 = no
+ *       wait) for the consumer's result, which is printed.  A subject not
+ *       parked is refused unless --force; a request not taken in time
+ *       stays queued (exit 1).
+ *
  *   deliveryevents mock-cluster [--brokers N] [--topic NAME[:PARTITIONS]]...
  *                               [--until-stdin-eof]
  *       Starts librdkafka's mock Kafka cluster on loopback and prints
@@ -53,7 +74,7 @@
  *
  * Exit status: 0 on success; 1 on a runtime failure (including a relay
  * stopped before everything was published, a missing database, a missing
- * topic); 2 on bad usage (the message names the bad argument or value); 3
+ * topic, a release or skip refused or not taken in time); 2 on bad usage (the message names the bad argument or value); 3
  * when tail found a subject out of order or with a gap.
  */
 #include <deliveryevents.h>
@@ -200,6 +221,20 @@ static void usage(FILE *out)
             "[--pending|--blocked]\n"
             "        [--limit N] [--json]\n"
             "                 the retained outbox rows (read-only)\n"
+            "  consumer-status --db PATH [--json]\n"
+            "                 what a consumer's database holds: parked "
+            "subjects, dead\n"
+            "                 letters, queued requests (read-only)\n"
+            "  dead-letters --db PATH [--subject TYPE:ID] [--parked] "
+            "[--limit N] [--json]\n"
+            "                 a consumer's dead letters, oldest first "
+            "(read-only)\n"
+            "  release --db PATH TYPE:ID [--wait MS] [--force]\n"
+            "  skip --db PATH TYPE:ID [--wait MS] [--force]\n"
+            "                 ask the running consumer to release a parked "
+            "subject, or\n"
+            "                 to skip its first parked event, and wait for "
+            "its result\n"
             "  tail -b SERVERS --topic NAME [--exit-at-end] [--print N]\n"
             "                 print a topic's events, checking their order\n"
             "  mock-cluster [--brokers N] [--topic NAME[:PARTITIONS]]... "
@@ -369,12 +404,11 @@ static void ro_close(ro *r)
     r->db = NULL;
 }
 
-/* Opens db_path and its relay state read-only in one read transaction;
- * 0, or 1 after saying why not. */
-static int ro_open(const char *cmd, const char *db_path, const char *state_path,
-                   ro *r)
+/* Opens db_path alone read-only in one read transaction; 0, or 1 after
+ * saying why not. */
+static int ro_open_file(const char *cmd, const char *db_path, ro *r)
 {
-    char uri[3 * PATH_MAX + 64], sql[3 * PATH_MAX + 100];
+    char uri[3 * PATH_MAX + 64];
 
     memset(r, 0, sizeof *r);
     r->db_path = db_path;
@@ -398,6 +432,18 @@ static int ro_open(const char *cmd, const char *db_path, const char *state_path,
         ro_close(r);
         return 1;
     }
+    return 0;
+}
+
+/* Opens db_path and its relay state read-only in one read transaction;
+ * 0, or 1 after saying why not. */
+static int ro_open(const char *cmd, const char *db_path, const char *state_path,
+                   ro *r)
+{
+    char uri[3 * PATH_MAX + 64], sql[3 * PATH_MAX + 100];
+
+    if (ro_open_file(cmd, db_path, r) != 0)
+        return 1;
     if (q_int(r->db,
               "SELECT count(*) FROM main.sqlite_master WHERE type = 'table' "
               "AND name IN ('de_outbox', 'de_meta')",
@@ -1669,6 +1715,688 @@ static int cmd_list(int argc, char **argv)
     return 0;
 }
 
+/* ---- the consumer's database: consumer-status, dead-letters ------------ */
+
+/*
+ * A consumer keeps its bookkeeping in its own database (lib/inbox_sqlite.c):
+ * de_inbox (a row per subject remembered, parked = 1 while the subject is
+ * parked), de_dead_letter (kind failed, waiting, gap, conflict or foreign;
+ * state parked, applied, skipped or foreign) and de_consumer_meta (the
+ * schema version).  From version 4 on it also has de_consumer_request,
+ * where release and skip ask the running consumer to act.  Both reading
+ * commands open the file as status does: read-only, creating nothing.
+ */
+
+static int has_table(sqlite3 *db, const char *name)
+{
+    char sql[200];
+
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM main.sqlite_master WHERE type = 'table' "
+             "AND name = '%s'",
+             name);
+    return q_int(db, sql, 0) > 0;
+}
+
+/* Opens a consumer's database read-only; 0, or 1 after saying why not. */
+static int consumer_ro_open(const char *cmd, const char *path, ro *r)
+{
+    if (ro_open_file(cmd, path, r) != 0)
+        return 1;
+    if (!has_table(r->db, "de_inbox") || !has_table(r->db, "de_dead_letter")) {
+        fprintf(stderr,
+                "deliveryevents: %s: '%s' has no consumer tables (no "
+                "de_inbox or de_dead_letter table)%s%s\n",
+                cmd, path, sqlite3_errcode(r->db) ? ": " : "",
+                sqlite3_errcode(r->db) ? sqlite3_errmsg(r->db) : "");
+        ro_close(r);
+        return 1;
+    }
+    return 0;
+}
+
+/* "coalesce(epoch, 0)", or "0" for a database older than schema 3. */
+static const char *dl_epoch_expr(sqlite3 *db)
+{
+    return q_int(db,
+                 "SELECT count(*) FROM pragma_table_info('de_dead_letter') "
+                 "WHERE name = 'epoch'",
+                 0) > 0
+               ? "coalesce(epoch, 0)"
+               : "0";
+}
+
+/* Splits TYPE:ID at its first colon; -1 when either side is empty. */
+static int split_subject(const char *s, const char **colon)
+{
+    *colon = strchr(s, ':');
+    return *colon == NULL || *colon == s || (*colon)[1] == '\0' ? -1 : 0;
+}
+
+static const char usage_consumer_status[] =
+    "usage: deliveryevents consumer-status --db PATH [--json]\n"
+    "  Read-only report of a consumer's database: schema version, subjects\n"
+    "  remembered, parked subjects, dead letters by kind and state, the\n"
+    "  oldest dead letter, queued release/skip requests, file sizes.\n"
+    "  Creates and changes nothing.\n"
+    "  --db PATH       the consumer's database file (required)\n"
+    "  --json          one JSON object instead of text\n";
+
+static const char usage_dead_letters[] =
+    "usage: deliveryevents dead-letters --db PATH [--subject TYPE:ID] "
+    "[--parked]\n"
+    "                                   [--limit N] [--json]\n"
+    "  Read-only list of a consumer's dead letters (de_dead_letter), oldest\n"
+    "  first: subject, epoch/seq, ce_id, kind, state (parked, applied,\n"
+    "  skipped, foreign), when, attempts, error.\n"
+    "  --db PATH          the consumer's database file (required)\n"
+    "  --subject TYPE:ID  only this subject's dead letters, e.g. "
+    "delivery:D-7\n"
+    "  --parked           only those still parked (waiting for release or "
+    "skip)\n"
+    "  --limit N          at most N rows (100; 0 = all)\n"
+    "  --json             one JSON object per line\n";
+
+struct c_args {
+    const char *db, *subject;
+    int json, parked;
+    long limit;
+};
+
+static int c_args_parse(const char *cmd, int argc, char **argv,
+                        struct c_args *a)
+{
+    int is_dl = strcmp(cmd, "dead-letters") == 0;
+    const char *v, *colon;
+
+    memset(a, 0, sizeof *a);
+    a->limit = 100;
+    for (int i = 0; i < argc; i++) {
+        const char *o = argv[i];
+        if (strcmp(o, "--json") == 0) {
+            a->json = 1;
+            continue;
+        }
+        if (is_dl && strcmp(o, "--parked") == 0) {
+            a->parked = 1;
+            continue;
+        }
+        if (strcmp(o, "--db") != 0 &&
+            !(is_dl &&
+              (strcmp(o, "--subject") == 0 || strcmp(o, "--limit") == 0)))
+            return bad_usage(cmd, "unknown argument '%s'", o);
+        if ((v = opt_value(cmd, argc, argv, &i)) == NULL)
+            return 2;
+        if (strcmp(o, "--db") == 0) {
+            a->db = v;
+        } else if (strcmp(o, "--subject") == 0) {
+            if (split_subject(v, &colon) != 0)
+                return bad_usage(cmd, "--subject takes TYPE:ID, got '%s'", v);
+            a->subject = v;
+        } else if (parse_num(cmd, o, v, 0, LONG_MAX, &a->limit) != 0) {
+            return 2;
+        }
+    }
+    if (a->db == NULL)
+        return bad_usage(cmd, "needs --db PATH%s", "");
+    return 0;
+}
+
+static void print_json_line(json_t *o)
+{
+    char *s = json_dumps(o, JSON_COMPACT);
+
+    printf("%s\n", s ? s : "{}");
+    free(s);
+}
+
+static int cmd_consumer_status(int argc, char **argv)
+{
+    static const char cmd[] = "consumer-status";
+    struct c_args a;
+    char path[PATH_MAX + 16], t1[64], t2[64];
+    int64_t now = now_ms(), version, subjects, parked, dl_total, dl_parked,
+            oldest, oldest_parked, sz_db, sz_wal, queued = -1, oldest_queued = 0;
+    json_t *o, *by, *files, *plist;
+    sqlite3_stmt *st = NULL;
+    int has_requests;
+    ro r;
+    int rc;
+
+    for (int i = 0; i < argc; i++)
+        if (is_help(argv[i])) {
+            fputs(usage_consumer_status, stdout);
+            return 0;
+        }
+    if ((rc = c_args_parse(cmd, argc, argv, &a)) != 0)
+        return rc;
+    if (consumer_ro_open(cmd, a.db, &r) != 0)
+        return 1;
+    version = q_int(r.db,
+                    "SELECT value FROM main.de_consumer_meta WHERE key = "
+                    "'schema_version'",
+                    0);
+    subjects = q_int(r.db, "SELECT count(*) FROM de_inbox", 0);
+    parked = q_int(r.db, "SELECT count(*) FROM de_inbox WHERE parked = 1", 0);
+    dl_total = q_int(r.db, "SELECT count(*) FROM de_dead_letter", 0);
+    dl_parked = q_int(
+        r.db, "SELECT count(*) FROM de_dead_letter WHERE state = 'parked'", 0);
+    oldest = q_int(r.db, "SELECT min(parked_ms) FROM de_dead_letter", 0);
+    oldest_parked = q_int(r.db,
+                          "SELECT min(parked_ms) FROM de_dead_letter WHERE "
+                          "state = 'parked'",
+                          0);
+    has_requests = has_table(r.db, "de_consumer_request");
+    if (has_requests) {
+        queued = q_int(r.db,
+                       "SELECT count(*) FROM de_consumer_request WHERE "
+                       "done_at_ms IS NULL",
+                       0);
+        oldest_queued = q_int(r.db,
+                              "SELECT min(requested_at_ms) FROM "
+                              "de_consumer_request WHERE done_at_ms IS NULL",
+                              0);
+    }
+    sz_db = file_size(a.db);
+    snprintf(path, sizeof path, "%s-wal", a.db);
+    sz_wal = file_size(path);
+
+    o = json_object();
+    put_str(o, "database", a.db);
+    put_int(o, "schema_version", version);
+    put_int(o, "subjects", subjects);
+    put_int(o, "parked_subjects", parked);
+    put_int(o, "dead_letters", dl_total);
+    put_int(o, "dead_letters_parked", dl_parked);
+    put_int(o, "oldest_dead_letter_at_ms", oldest);
+    put_int(o, "oldest_dead_letter_age_ms", oldest > 0 ? now - oldest : 0);
+    put_int(o, "oldest_parked_at_ms", oldest_parked);
+    put_int(o, "oldest_parked_age_ms",
+            oldest_parked > 0 ? now - oldest_parked : 0);
+    by = json_array();
+    if (sqlite3_prepare_v2(r.db,
+                           "SELECT kind, state, count(*), min(parked_ms) FROM "
+                           "de_dead_letter GROUP BY kind, state ORDER BY "
+                           "kind, state",
+                           -1, &st, NULL) == SQLITE_OK)
+        while (sqlite3_step(st) == SQLITE_ROW) {
+            json_t *b = json_object();
+            put_str(b, "kind", (const char *)sqlite3_column_text(st, 0));
+            put_str(b, "state", (const char *)sqlite3_column_text(st, 1));
+            put_int(b, "count", sqlite3_column_int64(st, 2));
+            put_int(b, "oldest_at_ms", sqlite3_column_int64(st, 3));
+            json_array_append_new(by, b);
+        }
+    sqlite3_finalize(st);
+    st = NULL;
+    json_object_set_new(o, "dead_letters_by_kind", by);
+    /* The parked subjects, first parked first: their parked events and the
+     * first one's kind and error. */
+    plist = json_array();
+    if (sqlite3_prepare_v2(
+            r.db,
+            "SELECT i.subject_type, i.subject_id, (SELECT count(*) FROM "
+            "de_dead_letter d WHERE d.subject_type = i.subject_type AND "
+            "d.subject_id = i.subject_id AND d.state = 'parked'), (SELECT "
+            "min(parked_ms) FROM de_dead_letter d WHERE d.subject_type = "
+            "i.subject_type AND d.subject_id = i.subject_id AND d.state = "
+            "'parked'), (SELECT kind || char(9) || coalesce(error, '') FROM "
+            "de_dead_letter d WHERE d.subject_type = i.subject_type AND "
+            "d.subject_id = i.subject_id AND d.state = 'parked' ORDER BY id "
+            "LIMIT 1) FROM de_inbox i WHERE i.parked = 1 ORDER BY 4, 1, 2",
+            -1, &st, NULL) == SQLITE_OK)
+        while (sqlite3_step(st) == SQLITE_ROW) {
+            json_t *b = json_object();
+            const char *ke = (const char *)sqlite3_column_text(st, 4);
+            const char *tab = ke ? strchr(ke, '\t') : NULL;
+            put_str(b, "subject_type", (const char *)sqlite3_column_text(st, 0));
+            put_str(b, "subject_id", (const char *)sqlite3_column_text(st, 1));
+            put_int(b, "parked_events", sqlite3_column_int64(st, 2));
+            put_int(b, "since_ms", sqlite3_column_int64(st, 3));
+            if (tab != NULL) {
+                json_object_set_new(b, "kind",
+                                    json_stringn(ke, (size_t)(tab - ke)));
+                put_str(b, "error", tab[1] ? tab + 1 : NULL);
+            } else {
+                put_str(b, "kind", NULL);
+                put_str(b, "error", NULL);
+            }
+            json_array_append_new(plist, b);
+        }
+    sqlite3_finalize(st);
+    json_object_set_new(o, "parked", plist);
+    if (has_requests) {
+        put_int(o, "requests_queued", queued);
+        put_int(o, "oldest_request_at_ms", oldest_queued);
+    } else {
+        json_object_set_new(o, "requests_queued", json_null());
+    }
+    files = json_object();
+    put_size(files, "database", sz_db);
+    put_size(files, "database_wal", sz_wal);
+    json_object_set_new(o, "file_bytes", files);
+    ro_close(&r);
+
+    if (a.json) {
+        print_json_line(o);
+        json_decref(o);
+        return 0;
+    }
+    printf("database:        %s (%" PRId64 " bytes, wal %" PRId64 " bytes)\n",
+           a.db, sz_db, sz_wal > 0 ? sz_wal : 0);
+    printf("schema version:  consumer %" PRId64 "%s\n", version,
+           has_requests ? "" : " (no request table: release and skip from "
+                               "the command line need 1.0)");
+    printf("subjects:        %" PRId64 " remembered, %" PRId64 " parked\n",
+           subjects, parked);
+    age(now, oldest, t1, sizeof t1);
+    age(now, oldest_parked, t2, sizeof t2);
+    printf("dead letters:    %" PRId64 " (%" PRId64 " still parked; oldest "
+           "%s, oldest parked %s)\n",
+           dl_total, dl_parked, t1, t2);
+    for (size_t i = 0; i < json_array_size(by); i++) {
+        json_t *b = json_array_get(by, i);
+        printf("  %-10s %-8s %" PRId64 "\n",
+               json_string_value(json_object_get(b, "kind")),
+               json_string_value(json_object_get(b, "state")),
+               (int64_t)json_integer_value(json_object_get(b, "count")));
+    }
+    for (size_t i = 0; i < json_array_size(plist); i++) {
+        json_t *b = json_array_get(plist, i);
+        json_t *err = json_object_get(b, "error");
+        iso_time(json_integer_value(json_object_get(b, "since_ms")), t1,
+                 sizeof t1);
+        if (i == 20) {
+            printf("  ... %zu more parked subjects (dead-letters --parked "
+                   "lists them)\n",
+                   json_array_size(plist) - i);
+            break;
+        }
+        printf("  parked %s:%s: %" PRId64 " events since %s, first %s%s%s\n",
+               json_string_value(json_object_get(b, "subject_type")),
+               json_string_value(json_object_get(b, "subject_id")),
+               (int64_t)json_integer_value(json_object_get(b, "parked_events")),
+               t1,
+               json_is_string(json_object_get(b, "kind"))
+                   ? json_string_value(json_object_get(b, "kind"))
+                   : "-",
+               json_is_string(err) ? ": " : "",
+               json_is_string(err) ? json_string_value(err) : "");
+    }
+    if (has_requests) {
+        age(now, oldest_queued, t1, sizeof t1);
+        printf("requests:        %" PRId64 " queued for the consumer "
+               "(oldest %s)\n",
+               queued, t1);
+    }
+    json_decref(o);
+    return 0;
+}
+
+static int cmd_dead_letters(int argc, char **argv)
+{
+    static const char cmd[] = "dead-letters";
+    struct c_args a;
+    sqlite3_stmt *st = NULL;
+    char sql[1200], t[64];
+    const char *colon = NULL;
+    long n = 0;
+    ro r;
+    int rc;
+
+    for (int i = 0; i < argc; i++)
+        if (is_help(argv[i])) {
+            fputs(usage_dead_letters, stdout);
+            return 0;
+        }
+    if ((rc = c_args_parse(cmd, argc, argv, &a)) != 0)
+        return rc;
+    if (consumer_ro_open(cmd, a.db, &r) != 0)
+        return 1;
+    snprintf(sql, sizeof sql,
+             "SELECT id, kind, state, subject_type, subject_id, %s, seq, "
+             "event_id, action, type, topic, partition, offset, error, "
+             "attempts, parked_ms FROM de_dead_letter WHERE (?1 IS NULL OR "
+             "(subject_type = ?1 AND subject_id = ?2)) AND (?3 = 0 OR state "
+             "= 'parked') ORDER BY id LIMIT ?4",
+             dl_epoch_expr(r.db));
+    if (sqlite3_prepare_v2(r.db, sql, -1, &st, NULL) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(r.db));
+        ro_close(&r);
+        return 1;
+    }
+    if (a.subject != NULL) {
+        split_subject(a.subject, &colon);
+        sqlite3_bind_text(st, 1, a.subject, (int)(colon - a.subject),
+                          SQLITE_STATIC);
+        sqlite3_bind_text(st, 2, colon + 1, -1, SQLITE_STATIC);
+    }
+    sqlite3_bind_int(st, 3, a.parked);
+    sqlite3_bind_int64(st, 4, a.limit > 0 ? a.limit : -1);
+    if (!a.json)
+        printf("%-6s %-24s %-28s %-9s %-8s %-8s %-36s %s\n", "ID", "WHEN",
+               "SUBJECT", "EPOCH/SEQ", "KIND", "STATE", "CE_ID", "ERROR");
+#define COL_TEXT(i) ((const char *)sqlite3_column_text(st, (i)))
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        int has_subject = sqlite3_column_type(st, 3) != SQLITE_NULL;
+        n++;
+        if (a.json) {
+            json_t *o = json_object();
+            put_int(o, "id", sqlite3_column_int64(st, 0));
+            put_str(o, "kind", COL_TEXT(1));
+            put_str(o, "state", COL_TEXT(2));
+            put_str(o, "subject_type", COL_TEXT(3));
+            put_str(o, "subject_id", COL_TEXT(4));
+            if (has_subject) {
+                put_int(o, "epoch", sqlite3_column_int64(st, 5));
+                put_int(o, "seq", sqlite3_column_int64(st, 6));
+            } else {
+                json_object_set_new(o, "epoch", json_null());
+                json_object_set_new(o, "seq", json_null());
+            }
+            put_str(o, "event_id", COL_TEXT(7));
+            put_str(o, "action", COL_TEXT(8));
+            put_str(o, "type", COL_TEXT(9));
+            put_str(o, "topic", COL_TEXT(10));
+            put_int(o, "partition", sqlite3_column_int64(st, 11));
+            put_int(o, "offset", sqlite3_column_int64(st, 12));
+            put_str(o, "error", COL_TEXT(13));
+            put_int(o, "attempts", sqlite3_column_int64(st, 14));
+            put_int(o, "parked_at_ms", sqlite3_column_int64(st, 15));
+            print_json_line(o);
+            json_decref(o);
+        } else {
+            char subject[300], num[48];
+            if (has_subject) {
+                snprintf(subject, sizeof subject, "%s:%s", COL_TEXT(3),
+                         COL_TEXT(4));
+                snprintf(num, sizeof num, "%lld/%lld",
+                         (long long)sqlite3_column_int64(st, 5),
+                         (long long)sqlite3_column_int64(st, 6));
+            } else {
+                /* A record that is not ours: where it was read. */
+                snprintf(subject, sizeof subject, "%s[%d]@%lld",
+                         COL_TEXT(10) ? COL_TEXT(10) : "?",
+                         sqlite3_column_int(st, 11),
+                         (long long)sqlite3_column_int64(st, 12));
+                snprintf(num, sizeof num, "-");
+            }
+            iso_time(sqlite3_column_int64(st, 15), t, sizeof t);
+            printf("%-6lld %-24s %-28s %-9s %-8s %-8s %-36s %s\n",
+                   (long long)sqlite3_column_int64(st, 0), t, subject, num,
+                   COL_TEXT(1) ? COL_TEXT(1) : "-",
+                   COL_TEXT(2) ? COL_TEXT(2) : "-",
+                   COL_TEXT(7) ? COL_TEXT(7) : "-",
+                   COL_TEXT(13) ? COL_TEXT(13) : "");
+        }
+    }
+#undef COL_TEXT
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) {
+        fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(r.db));
+        ro_close(&r);
+        return 1;
+    }
+    ro_close(&r);
+    if (!a.json && a.limit > 0 && n == a.limit)
+        printf("(first %ld rows; --limit 0 for all)\n", n);
+    return 0;
+}
+
+/* ---- release and skip: asking the running consumer ---------------------- */
+
+/*
+ * A parked subject is released or skipped by its consumer, which has the
+ * handlers (de_consumer_release, de_consumer_skip).  From the command
+ * line the tool can only ask: it inserts a row into de_consumer_request
+ * (consumer schema 4, libdeliveryevents 1.0), which the running consumer
+ * takes on its next de_consumer_poll, in id order; it sets done_at_ms and
+ * its result, which the tool waits for.  Parked is what the library calls
+ * it: the subject's de_inbox row has parked = 1, or it has dead letters
+ * still in state 'parked'.  The tool never creates tables.
+ */
+
+static const char usage_release[] =
+    "usage: deliveryevents release --db PATH TYPE:ID [--wait MS] [--force]\n"
+    "  Asks the running consumer of PATH to release a parked subject: to\n"
+    "  apply its parked events again, in order, with its handlers\n"
+    "  (de_consumer_release).  Needs a consumer of libdeliveryevents 1.0 or\n"
+    "  later (consumer schema 4: the de_consumer_request table).\n"
+    "  --db PATH     the consumer's database file (required)\n"
+    "  TYPE:ID       the subject, e.g. delivery:D-7 (required)\n"
+    "  --wait MS     wait up to MS ms for the consumer's result (30000;\n"
+    "                0: queue the request and return at once)\n"
+    "  --force       ask even if the subject does not look parked\n"
+    "  Prints the consumer's result; exit 1 if it did not take the request\n"
+    "  in time (the request stays queued).\n";
+
+static const char usage_skip[] =
+    "usage: deliveryevents skip --db PATH TYPE:ID [--wait MS] [--force]\n"
+    "  Asks the running consumer of PATH to skip a parked subject's first\n"
+    "  parked event (kept in de_dead_letter, marked skipped) and apply the\n"
+    "  rest, in order, with its handlers (de_consumer_skip).  Needs a\n"
+    "  consumer of libdeliveryevents 1.0 or later (consumer schema 4: the\n"
+    "  de_consumer_request table).\n"
+    "  --db PATH     the consumer's database file (required)\n"
+    "  TYPE:ID       the subject, e.g. delivery:D-7 (required)\n"
+    "  --wait MS     wait up to MS ms for the consumer's result (30000;\n"
+    "                0: queue the request and return at once)\n"
+    "  --force       ask even if the subject does not look parked\n"
+    "  Prints the consumer's result; exit 1 if it did not take the request\n"
+    "  in time (the request stays queued).\n";
+
+/* Runs one statement with the subject bound as ?1, ?2 (and text ?3, int
+ * ?4 when given); the first integer column of its row, or -1 on an error
+ * (said on stderr), or 0 without a row. */
+static int64_t req_exec(const char *cmd, sqlite3 *db, const char *sql,
+                        const char *type, int type_len, const char *id,
+                        const char *text, int64_t num)
+{
+    sqlite3_stmt *st = NULL;
+    int64_t v = 0;
+    int rc;
+
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(db));
+        return -1;
+    }
+    if (type != NULL) {
+        sqlite3_bind_text(st, 1, type, type_len, SQLITE_STATIC);
+        sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
+    }
+    if (text != NULL) {
+        sqlite3_bind_text(st, 3, text, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 4, num);
+    }
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW)
+        v = sqlite3_column_int64(st, 0);
+    else if (rc != SQLITE_DONE)
+        v = -1;
+    if (v < 0)
+        fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(db));
+    sqlite3_finalize(st);
+    return v;
+}
+
+static int cmd_request(const char *cmd, int argc, char **argv)
+{
+    const char *db_path = NULL, *subject = NULL, *colon, *v;
+    char result[1024], shown[300];
+    long wait_ms = 30000;
+    int force = 0, rc = 1, type_len;
+    int64_t id, deadline;
+    sqlite3 *db = NULL;
+
+    for (int i = 0; i < argc; i++)
+        if (is_help(argv[i])) {
+            fputs(strcmp(cmd, "skip") == 0 ? usage_skip : usage_release,
+                  stdout);
+            return 0;
+        }
+    for (int i = 0; i < argc; i++) {
+        const char *o = argv[i];
+        if (strcmp(o, "--force") == 0) {
+            force = 1;
+        } else if (strcmp(o, "--db") == 0 || strcmp(o, "--wait") == 0) {
+            if ((v = opt_value(cmd, argc, argv, &i)) == NULL)
+                return 2;
+            if (strcmp(o, "--db") == 0)
+                db_path = v;
+            else if (parse_num(cmd, o, v, 0, 24L * 3600 * 1000, &wait_ms) != 0)
+                return 2;
+        } else if (o[0] == '-' && o[1] != '\0') {
+            return bad_usage(cmd, "unknown argument '%s'", o);
+        } else if (subject != NULL) {
+            return bad_usage(cmd, "takes one subject; '%s' is a second", o);
+        } else if (split_subject(o, &colon) != 0) {
+            return bad_usage(cmd,
+                             "the subject is TYPE:ID, both non-empty (e.g. "
+                             "delivery:D-7), got '%s'",
+                             o);
+        } else {
+            subject = o;
+        }
+    }
+    if (db_path == NULL)
+        return bad_usage(cmd, "needs --db PATH%s", "");
+    if (subject == NULL)
+        return bad_usage(cmd, "needs the subject, TYPE:ID (e.g. "
+                              "delivery:D-7)%s",
+                         "");
+    split_subject(subject, &colon);
+    type_len = (int)(colon - subject);
+    snprintf(shown, sizeof shown, "%s", subject);
+
+    if (!file_exists(db_path)) {
+        fprintf(stderr, "deliveryevents: %s: cannot open '%s': %s\n", cmd,
+                db_path, strerror(errno));
+        return 1;
+    }
+    if (!is_file(db_path)) {
+        fprintf(stderr, "deliveryevents: %s: '%s' is not a file\n", cmd,
+                db_path);
+        return 1;
+    }
+    /* Read-write, never created; the consumer holds the write lock only
+     * for a batch, so 5 s of busy timeout is plenty. */
+    if (sqlite3_open_v2(db_path, &db, SQLITE_OPEN_READWRITE, NULL) !=
+            SQLITE_OK ||
+        sqlite3_busy_timeout(db, 5000) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: cannot open '%s': %s\n", cmd,
+                db_path, db ? sqlite3_errmsg(db) : "out of memory");
+        goto done;
+    }
+    if (!has_table(db, "de_inbox") || !has_table(db, "de_dead_letter")) {
+        fprintf(stderr,
+                "deliveryevents: %s: '%s' has no consumer tables (no "
+                "de_inbox or de_dead_letter table)%s%s\n",
+                cmd, db_path, sqlite3_errcode(db) ? ": " : "",
+                sqlite3_errcode(db) ? sqlite3_errmsg(db) : "");
+        goto done;
+    }
+    if (!has_table(db, "de_consumer_request")) {
+        fprintf(stderr,
+                "deliveryevents: %s: '%s': this consumer database has no "
+                "request table: its consumer runs a libdeliveryevents older "
+                "than 1.0; upgrade it, or call de_consumer_%s in the "
+                "service\n",
+                cmd, db_path, cmd);
+        goto done;
+    }
+    /* Whether it is parked and the request, in one transaction. */
+    if (sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: cannot write '%s': %s\n", cmd,
+                db_path, sqlite3_errmsg(db));
+        goto done;
+    }
+    id = req_exec(cmd, db,
+                  "SELECT EXISTS (SELECT 1 FROM de_inbox WHERE subject_type = "
+                  "?1 AND subject_id = ?2 AND parked = 1) OR EXISTS (SELECT 1 "
+                  "FROM de_dead_letter WHERE subject_type = ?1 AND subject_id "
+                  "= ?2 AND state = 'parked')",
+                  subject, type_len, colon + 1, NULL, 0);
+    if (id < 0)
+        goto rollback;
+    if (id == 0 && !force) {
+        fprintf(stderr,
+                "deliveryevents: %s: %s is not parked in '%s' (its inbox row "
+                "is not parked and it has no parked dead letters): nothing "
+                "to %s; --force asks the consumer anyway\n",
+                cmd, shown, db_path, cmd);
+        goto rollback;
+    }
+    if (req_exec(cmd, db,
+                 "INSERT INTO de_consumer_request(subject_type, subject_id, "
+                 "action, requested_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                 subject, type_len, colon + 1, cmd, now_ms()) < 0)
+        goto rollback;
+    id = sqlite3_last_insert_rowid(db);
+    if (sqlite3_exec(db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: cannot commit to '%s': %s\n",
+                cmd, db_path, sqlite3_errmsg(db));
+        goto rollback;
+    }
+
+    /* Waiting for the consumer: it sets done_at_ms and result. */
+    catch_signals();
+    deadline = mono_ms() + wait_ms;
+    while (wait_ms > 0 && !stop_signal) {
+        sqlite3_stmt *st = NULL;
+        int found = 0, done = 0;
+
+        if (sqlite3_prepare_v2(db,
+                               "SELECT done_at_ms IS NOT NULL, result FROM "
+                               "de_consumer_request WHERE id = ?1",
+                               -1, &st, NULL) == SQLITE_OK) {
+            sqlite3_bind_int64(st, 1, id);
+            if (sqlite3_step(st) == SQLITE_ROW) {
+                found = 1;
+                done = sqlite3_column_int(st, 0);
+                snprintf(result, sizeof result, "%s",
+                         sqlite3_column_text(st, 1)
+                             ? (const char *)sqlite3_column_text(st, 1)
+                             : "done, without a result");
+            }
+        }
+        sqlite3_finalize(st);
+        if (!found) {
+            fprintf(stderr,
+                    "deliveryevents: %s: request %" PRId64 " is gone from "
+                    "'%s' before it was done%s%s\n",
+                    cmd, id, db_path, sqlite3_errcode(db) ? ": " : "",
+                    sqlite3_errcode(db) ? sqlite3_errmsg(db) : "");
+            goto done;
+        }
+        if (done) {
+            printf("%s %s: %s\n", cmd, shown, result);
+            rc = 0;
+            goto done;
+        }
+        if (mono_ms() >= deadline)
+            break;
+        (void)poll(NULL, 0, 100);
+    }
+    if (wait_ms == 0) {
+        printf("queued: the consumer of %s has not taken the request yet; "
+               "it stays queued (request %" PRId64 ")\n",
+               db_path, id);
+        rc = 0;
+    } else {
+        fprintf(stderr,
+                "deliveryevents: %s: queued: the consumer of %s has not "
+                "taken the request yet; it stays queued (request %" PRId64
+                ")\n",
+                cmd, db_path, id);
+    }
+    goto done;
+rollback:
+    (void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+done:
+    sqlite3_close(db);
+    return rc;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -1681,6 +2409,12 @@ int main(int argc, char **argv)
         return cmd_status(argc - 2, argv + 2);
     if (strcmp(argv[1], "list") == 0)
         return cmd_list(argc - 2, argv + 2);
+    if (strcmp(argv[1], "consumer-status") == 0)
+        return cmd_consumer_status(argc - 2, argv + 2);
+    if (strcmp(argv[1], "dead-letters") == 0)
+        return cmd_dead_letters(argc - 2, argv + 2);
+    if (strcmp(argv[1], "release") == 0 || strcmp(argv[1], "skip") == 0)
+        return cmd_request(argv[1], argc - 2, argv + 2);
     if (strcmp(argv[1], "mock-cluster") == 0)
         return cmd_mock_cluster(argc - 2, argv + 2);
     if (strcmp(argv[1], "tail") == 0)
