@@ -269,26 +269,38 @@ static json_int_t jint(json_t *o, const char *key)
 
 START_TEST(help_for_the_tool_and_every_command)
 {
-    static const char *const listed[] = {"relay",         "status",
-                                         "list",          "tail",
-                                         "mock-cluster",  "--drain",
-                                         "--once",        "-b SERVERS",
-                                         "--stats-ms",    "--stop-timeout-ms",
-                                         "--exit-at-end", "--print",
-                                         "--json",        "--subject",
-                                         "--pending",     "--blocked",
-                                         "--limit",       "--brokers",
-                                         "--topic",       "--until-stdin-eof",
-                                         "--version",     "exit status",
-                                         "consumer-status", "dead-letters",
-                                         "release",       "skip",
-                                         "--wait",        "--force",
+    static const char *const listed[] = {"relay",
+                                         "status",
+                                         "list",
+                                         "tail",
+                                         "mock-cluster",
+                                         "--drain",
+                                         "--once",
+                                         "-b SERVERS",
+                                         "--stats-ms",
+                                         "--stop-timeout-ms",
+                                         "--exit-at-end",
+                                         "--print",
+                                         "--json",
+                                         "--subject",
+                                         "--pending",
+                                         "--blocked",
+                                         "--limit",
+                                         "--brokers",
+                                         "--topic",
+                                         "--until-stdin-eof",
+                                         "--version",
+                                         "exit status",
+                                         "consumer-status",
+                                         "dead-letters",
+                                         "release",
+                                         "skip",
+                                         "--wait",
+                                         "--force",
                                          "--parked"};
-    static const char *const cmds[] = {"relay",           "status",
-                                       "list",            "tail",
-                                       "mock-cluster",    "consumer-status",
-                                       "dead-letters",    "release",
-                                       "skip"};
+    static const char *const cmds[] = {
+        "relay",           "status",       "list",    "tail", "mock-cluster",
+        "consumer-status", "dead-letters", "release", "skip"};
     proc *p;
 
     ck_assert_int_eq(run(p, "help", "--help"), 0);
@@ -912,7 +924,10 @@ static void quiet(void *ctx, int level, const char *message)
     (void)message;
 }
 
-static void consumer_db(const char *path)
+/* Opens and closes a consumer on path: creates or migrates its tables
+ * (to this library's schema, with de_consumer_request), as a service
+ * would. */
+static sqlite3 *consumer_opened(const char *path)
 {
     sqlite3 *db = tu_open(path);
     de_conf *conf = de_conf_new();
@@ -924,6 +939,30 @@ static void consumer_db(const char *path)
     tu_ok(de_consumer_open(db, conf, &con));
     de_conf_destroy(conf);
     de_consumer_close(con);
+    return db;
+}
+
+/* The library's migration of an older consumer database to this one. */
+static void request_table(const char *path)
+{
+    ck_assert_int_eq(sqlite3_close(consumer_opened(path)), SQLITE_OK);
+}
+
+/* A consumer database as a libdeliveryevents before 1.0 left it: schema
+ * 3, no request table. */
+static void older_consumer_db(const char *path)
+{
+    sqlite3 *db = tu_open(path);
+
+    tu_exec(db, "DROP TABLE de_consumer_request; UPDATE de_consumer_meta SET "
+                "value = 3 WHERE key = 'schema_version'");
+    ck_assert_int_eq(sqlite3_close(db), SQLITE_OK);
+}
+
+static void consumer_db(const char *path)
+{
+    sqlite3 *db = consumer_opened(path);
+
     tu_exec(db,
             "INSERT INTO de_inbox(subject_type, subject_id, last_seq, parked, "
             "updated_ms, last_event_id, epoch) VALUES ('delivery', 'D-1', 5, "
@@ -968,6 +1007,7 @@ START_TEST(consumer_status_and_dead_letters_change_nothing)
     proc *p;
 
     consumer_db(db);
+    older_consumer_db(db);
     snprintf(db_wal, sizeof db_wal, "%s-wal", db);
     snprintf(db_shm, sizeof db_shm, "%s-shm", db);
     ck_assert(!exists(db_wal) && !exists(db_shm));
@@ -987,7 +1027,8 @@ START_TEST(consumer_status_and_dead_letters_change_nothing)
     ck_assert_int_eq(jint(json_object_get(j, "file_bytes"), "database"),
                      (json_int_t)n0);
     by = json_object_get(j, "dead_letters_by_kind");
-    ck_assert_int_eq(json_array_size(by), 4); /* failed twice, waiting, foreign */
+    ck_assert_int_eq(json_array_size(by),
+                     4); /* failed twice, waiting, foreign */
     parked = json_object_get(j, "parked");
     ck_assert_int_eq(json_array_size(parked), 1);
     ck_assert_str_eq(json_string_value(json_object_get(
@@ -1058,9 +1099,9 @@ START_TEST(consumer_status_and_dead_letters_change_nothing)
     ck_assert_int_eq(run(p, "cstatus", "consumer-status", "--db", tu_dir), 1);
     assert_has(p->err, "is not a file");
     record(tu_path(tu_dir, "svc.db"), 1, "delivery", "D-1");
-    ck_assert_int_eq(run(p, "cstatus", "consumer-status", "--db",
-                         tu_path(tu_dir, "svc.db")),
-                     1);
+    ck_assert_int_eq(
+        run(p, "cstatus", "consumer-status", "--db", tu_path(tu_dir, "svc.db")),
+        1);
     assert_has(p->err, "svc.db' has no consumer tables");
     ck_assert_int_eq(
         run(p, "dl", "dead-letters", "--db", tu_path(tu_dir, "svc.db")), 1);
@@ -1070,19 +1111,6 @@ END_TEST
 
 /* The request table of consumer schema 4 (libdeliveryevents 1.0), as the
  * contract with lib/consumer.c has it: what a consumer of 1.0 adds. */
-static void request_table(const char *path)
-{
-    sqlite3 *db = tu_open(path);
-
-    tu_exec(db, "CREATE TABLE de_consumer_request(id INTEGER PRIMARY KEY, "
-                "subject_type TEXT NOT NULL, subject_id TEXT NOT NULL, action "
-                "TEXT NOT NULL CHECK (action IN ('release','skip')), "
-                "requested_at_ms INTEGER NOT NULL, done_at_ms INTEGER, result "
-                "TEXT);"
-                "UPDATE de_consumer_meta SET value = 4 WHERE key = "
-                "'schema_version'");
-    ck_assert_int_eq(sqlite3_close(db), SQLITE_OK);
-}
 
 static int64_t wall_ms(void)
 {
@@ -1108,6 +1136,7 @@ START_TEST(release_and_skip_refuse_what_they_cannot_ask)
     proc *p;
 
     consumer_db(db);
+    older_consumer_db(db);
     /* A consumer older than 1.0: no request table, and none created. */
     ck_assert_int_eq(run(p, "rel", "release", "--db", db, "delivery:D-2"), 1);
     assert_has(p->err, "consumer.db': this consumer database has no request "
