@@ -210,8 +210,9 @@ DE_EXTERN void de_conf_set_log_cb(de_conf *conf, de_log_fn fn, void *ctx);
  * @param json  the document, NUL-terminated; borrowed for the call.
  * @param len   its length in bytes.
  *
- * Called every statistics.interval.ms (librdkafka's key; the library's
- * clients default it to 1000, 0 turns statistics off) on the relay's own
+ * Called every statistics.interval.ms (librdkafka's key; with a
+ * statistics callback set it defaults to 1000; 0 turns statistics off) on
+ * the relay's own
  * thread, or on the thread calling de_consumer_poll().  It must not call
  * back into the handle.
  */
@@ -501,9 +502,11 @@ typedef struct de_relay_stats {
                                    (relay.subject.forget.ms)               */
     uint64_t subjects_cached;   /* subject entries in memory now           */
     int64_t brokers_up;         /* brokers the producer is connected to, as
-                                   of its last statistics (every
-                                   statistics.interval.ms); -1: unknown
-                                   (no producer yet, or statistics off)    */
+                                   of librdkafka's last statistics; -1:
+                                   unknown (no producer yet, or statistics
+                                   off: they run only with
+                                   statistics.interval.ms or a statistics
+                                   callback set, as they cost ~11 MiB)     */
     uint64_t reserved_[27];     /* room for later fields; zero              */
 } de_relay_stats;
 

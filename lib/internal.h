@@ -168,16 +168,16 @@ typedef struct de__rk_bridge {
     const char *const *quiet; /* substrings of lines logged as debug    */
     void *owner;              /* the relay or consumer                  */
     void (*on_fatal)(void *owner, rd_kafka_resp_err_t err, const char *why);
-    /* Non-NULL: the client produces librdkafka statistics (every
-     * statistics.interval.ms, 1000 unless the user sets it), each handed
-     * here on the thread serving its main queue after brokers_up is
-     * updated. */
+    /* Non-NULL: librdkafka's statistics, when they run (see
+     * de__rk_stats_interval), are handed here on the thread serving the
+     * client's main queue after brokers_up is updated. */
     void (*on_stats)(void *owner, const char *json, size_t len);
     _Atomic int64_t brokers_up; /* from the last statistics; -1 unknown */
 } de__rk_bridge;
 
-/* A client's statistics interval in ms (librdkafka's
- * statistics.interval.ms as conf sets it, or the library's 1000). */
+/* A client's statistics interval in ms: librdkafka's
+ * statistics.interval.ms as conf sets it, else 1000 with a statistics
+ * callback, else 0 (off). */
 int64_t de__rk_stats_interval(const de_conf *conf);
 
 /* The document a statistics callback receives: obj (a JSON object, taken

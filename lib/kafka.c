@@ -26,13 +26,20 @@
 
 #define STATS_INTERVAL_MS "1000"
 
+/* librdkafka's statistics cost memory (about 11 MiB of latency
+ * histograms in a relay's producer, measured), so they run only when
+ * asked for: by statistics.interval.ms, or by a statistics callback (then
+ * every second unless the interval says otherwise). */
 int64_t de__rk_stats_interval(const de_conf *conf)
 {
     const char *v;
+    void *ctx;
 
     if (de__conf_rdkafka_get(conf, "statistics.interval.ms", &v))
         return strtoll(v, NULL, 10); /* librdkafka validated it */
-    return strtoll(STATS_INTERVAL_MS, NULL, 10);
+    if (de__conf_stats_cb(conf, &ctx) != NULL)
+        return strtoll(STATS_INTERVAL_MS, NULL, 10);
+    return 0;
 }
 
 /* Brokers in state UP among those librdkafka's statistics list, leaving
@@ -127,8 +134,10 @@ de_err de__rk_conf(const de_conf *conf, const char *who,
                               sizeof errstr) != RD_KAFKA_CONF_OK)
             goto refused;
     if (bridge->on_stats != NULL) {
+        void *ctx;
         /* Before the user's properties: they may set another interval. */
-        if (rd_kafka_conf_set(c, "statistics.interval.ms", STATS_INTERVAL_MS,
+        if (de__conf_stats_cb(conf, &ctx) != NULL &&
+            rd_kafka_conf_set(c, "statistics.interval.ms", STATS_INTERVAL_MS,
                               errstr, sizeof errstr) != RD_KAFKA_CONF_OK)
             goto refused;
         rd_kafka_conf_set_stats_cb(c, rk_stats);

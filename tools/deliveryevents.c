@@ -4,6 +4,7 @@
  *
  *   deliveryevents relay --db PATH [-b SERVERS] [-X key=value]...
  *                        [--once] [--stats-ms N] [--stop-timeout-ms N]
+ *                        [--metrics ADDR:PORT] [--stall-ms N]
  *       Runs a relay for a database file until SIGINT or SIGTERM, then
  *       stops it gracefully (flushing for up to --stop-timeout-ms, 10000
  *       by default); a second SIGINT or SIGTERM stops it at once.  On the
@@ -50,7 +51,8 @@
  *       is refused, never changed), then up to --wait MS (30000; 0 = no
  *       wait) for the consumer's result, which is printed.  A subject not
  *       parked is refused unless --force; a request not taken in time
- *       stays queued (exit 1).
+ *       stays queued (exit 1); exit 1 too when the consumer answers that
+ *       the subject is still parked or the request failed.
  *
  *   deliveryevents mock-cluster [--brokers N] [--topic NAME[:PARTITIONS]]...
  *                               [--until-stdin-eof]
@@ -74,8 +76,9 @@
  *
  * Exit status: 0 on success; 1 on a runtime failure (including a relay
  * stopped before everything was published, a missing database, a missing
- * topic, a release or skip refused or not taken in time); 2 on bad usage (the message names the bad argument or value); 3
- * when tail found a subject out of order or with a gap.
+ * topic, a release or skip refused or not taken in time); 2 on bad usage (the
+ * message names the bad argument or value); 3 when tail found a subject out of
+ * order or with a gap.
  */
 #include <deliveryevents.h>
 #include <jansson.h>
@@ -137,7 +140,7 @@ static int64_t mono_ms(void)
 
 static const char usage_relay[] =
     "usage: deliveryevents relay --db PATH [-b SERVERS] [-X key=value]...\n"
-    "                            [--once] [--stats-ms N] "
+    "                            [--once|--drain] [--stats-ms N] "
     "[--stop-timeout-ms N]\n"
     "                            [--metrics ADDR:PORT] [--stall-ms N]\n"
     "  Publishes the outbox of PATH to Kafka until SIGINT or SIGTERM.\n"
@@ -207,44 +210,46 @@ static const char usage_tail[] =
 
 static void usage(FILE *out)
 {
-    fprintf(out,
-            "usage: deliveryevents COMMAND [OPTION]...\n"
-            "commands:\n"
-            "  relay --db PATH [-b SERVERS] [-X key=value]... [--once|--drain]"
-            "\n"
-            "        [--stats-ms N] [--stop-timeout-ms N]\n"
-            "                 publish a database's outbox to Kafka\n"
-            "  status --db PATH [--state PATH] [--json]\n"
-            "                 what an outbox holds and how its relay stands "
-            "(read-only)\n"
-            "  list --db PATH [--state PATH] [--subject TYPE:ID] "
-            "[--pending|--blocked]\n"
-            "        [--limit N] [--json]\n"
-            "                 the retained outbox rows (read-only)\n"
-            "  consumer-status --db PATH [--json]\n"
-            "                 what a consumer's database holds: parked "
-            "subjects, dead\n"
-            "                 letters, queued requests (read-only)\n"
-            "  dead-letters --db PATH [--subject TYPE:ID] [--parked] "
-            "[--limit N] [--json]\n"
-            "                 a consumer's dead letters, oldest first "
-            "(read-only)\n"
-            "  release --db PATH TYPE:ID [--wait MS] [--force]\n"
-            "  skip --db PATH TYPE:ID [--wait MS] [--force]\n"
-            "                 ask the running consumer to release a parked "
-            "subject, or\n"
-            "                 to skip its first parked event, and wait for "
-            "its result\n"
-            "  tail -b SERVERS --topic NAME [--exit-at-end] [--print N]\n"
-            "                 print a topic's events, checking their order\n"
-            "  mock-cluster [--brokers N] [--topic NAME[:PARTITIONS]]... "
-            "[--until-stdin-eof]\n"
-            "                 run a mock Kafka cluster on loopback\n"
-            "  --version      print the versions\n"
-            "  --help, -h     this text; COMMAND --help for a command's\n"
-            "exit status: 0 success, 1 runtime failure, 2 bad usage, 3 tail "
-            "found a\n"
-            "subject out of order\n");
+    fprintf(
+        out,
+        "usage: deliveryevents COMMAND [OPTION]...\n"
+        "commands:\n"
+        "  relay --db PATH [-b SERVERS] [-X key=value]... [--once|--drain]"
+        "\n"
+        "        [--stats-ms N] [--stop-timeout-ms N] [--metrics ADDR:PORT]\n"
+        "        [--stall-ms N]\n"
+        "                 publish a database's outbox to Kafka\n"
+        "  status --db PATH [--state PATH] [--json]\n"
+        "                 what an outbox holds and how its relay stands "
+        "(read-only)\n"
+        "  list --db PATH [--state PATH] [--subject TYPE:ID] "
+        "[--pending|--blocked]\n"
+        "        [--limit N] [--json]\n"
+        "                 the retained outbox rows (read-only)\n"
+        "  consumer-status --db PATH [--json]\n"
+        "                 what a consumer's database holds: parked "
+        "subjects, dead\n"
+        "                 letters, queued requests (read-only)\n"
+        "  dead-letters --db PATH [--subject TYPE:ID] [--parked] "
+        "[--limit N] [--json]\n"
+        "                 a consumer's dead letters, oldest first "
+        "(read-only)\n"
+        "  release --db PATH TYPE:ID [--wait MS] [--force]\n"
+        "  skip --db PATH TYPE:ID [--wait MS] [--force]\n"
+        "                 ask the running consumer to release a parked "
+        "subject, or\n"
+        "                 to skip its first parked event, and wait for "
+        "its result\n"
+        "  tail -b SERVERS --topic NAME [--exit-at-end] [--print N]\n"
+        "                 print a topic's events, checking their order\n"
+        "  mock-cluster [--brokers N] [--topic NAME[:PARTITIONS]]... "
+        "[--until-stdin-eof]\n"
+        "                 run a mock Kafka cluster on loopback\n"
+        "  --version      print the versions\n"
+        "  --help, -h     this text; COMMAND --help for a command's\n"
+        "exit status: 0 success, 1 runtime failure, 2 bad usage, 3 tail "
+        "found a\n"
+        "subject out of order\n");
 }
 
 static int bad_usage(const char *cmd, const char *fmt, const char *arg)
@@ -818,6 +823,16 @@ static int cmd_relay(int argc, char **argv)
         de_conf_destroy(conf);
         return bad_usage("relay", "needs --db PATH%s", "");
     }
+    /* The stats line, the metrics and the progress line say whether a
+     * broker is reachable: that needs librdkafka's statistics, which the
+     * library runs only when asked. */
+    if ((stats_ms > 0 || metrics != NULL || (once && isatty(2))) &&
+        de_conf_get(conf, "statistics.interval.ms") == NULL &&
+        de_conf_set(conf, "statistics.interval.ms", "1000") != DE_OK) {
+        fprintf(stderr, "deliveryevents: relay: %s\n", de_errmsg());
+        de_conf_destroy(conf);
+        return 1;
+    }
     catch_signals();
     err = de_relay_start_path(db, conf, &r);
     de_conf_destroy(conf);
@@ -883,6 +898,16 @@ static int cmd_relay(int argc, char **argv)
         if (de_relay_stats_get(r, &st) != DE_OK)
             continue;
         health_note(&h, &st);
+        if (st.state == DE_RELAY_REFUSED) {
+            /* It will not publish until an operator acts; the library
+             * logged why. */
+            fprintf(stderr,
+                    "deliveryevents: relay: refused to publish %s (see the "
+                    "message above); exiting\n",
+                    db);
+            rc = 1;
+            break;
+        }
         now = mono_ms();
         if (progress && now >= next_progress) {
             fprintf(stderr,
@@ -1821,9 +1846,8 @@ static int c_args_parse(const char *cmd, int argc, char **argv,
             a->parked = 1;
             continue;
         }
-        if (strcmp(o, "--db") != 0 &&
-            !(is_dl &&
-              (strcmp(o, "--subject") == 0 || strcmp(o, "--limit") == 0)))
+        if (strcmp(o, "--db") != 0 && !(is_dl && (strcmp(o, "--subject") == 0 ||
+                                                  strcmp(o, "--limit") == 0)))
             return bad_usage(cmd, "unknown argument '%s'", o);
         if ((v = opt_value(cmd, argc, argv, &i)) == NULL)
             return 2;
@@ -1856,7 +1880,8 @@ static int cmd_consumer_status(int argc, char **argv)
     struct c_args a;
     char path[PATH_MAX + 16], t1[64], t2[64];
     int64_t now = now_ms(), version, subjects, parked, dl_total, dl_parked,
-            oldest, oldest_parked, sz_db, sz_wal, queued = -1, oldest_queued = 0;
+            oldest, oldest_parked, sz_db, sz_wal, queued = -1,
+            oldest_queued = 0;
     json_t *o, *by, *files, *plist;
     sqlite3_stmt *st = NULL;
     int has_requests;
@@ -1949,7 +1974,8 @@ static int cmd_consumer_status(int argc, char **argv)
             json_t *b = json_object();
             const char *ke = (const char *)sqlite3_column_text(st, 4);
             const char *tab = ke ? strchr(ke, '\t') : NULL;
-            put_str(b, "subject_type", (const char *)sqlite3_column_text(st, 0));
+            put_str(b, "subject_type",
+                    (const char *)sqlite3_column_text(st, 0));
             put_str(b, "subject_id", (const char *)sqlite3_column_text(st, 1));
             put_int(b, "parked_events", sqlite3_column_int64(st, 2));
             put_int(b, "since_ms", sqlite3_column_int64(st, 3));
@@ -1985,8 +2011,9 @@ static int cmd_consumer_status(int argc, char **argv)
     printf("database:        %s (%" PRId64 " bytes, wal %" PRId64 " bytes)\n",
            a.db, sz_db, sz_wal > 0 ? sz_wal : 0);
     printf("schema version:  consumer %" PRId64 "%s\n", version,
-           has_requests ? "" : " (no request table: release and skip from "
-                               "the command line need 1.0)");
+           has_requests ? ""
+                        : " (no request table: release and skip from "
+                          "the command line need 1.0)");
     printf("subjects:        %" PRId64 " remembered, %" PRId64 " parked\n",
            subjects, parked);
     age(now, oldest, t1, sizeof t1);
@@ -2167,8 +2194,9 @@ static const char usage_release[] =
     "  --wait MS     wait up to MS ms for the consumer's result (30000;\n"
     "                0: queue the request and return at once)\n"
     "  --force       ask even if the subject does not look parked\n"
-    "  Prints the consumer's result; exit 1 if it did not take the request\n"
-    "  in time (the request stays queued).\n";
+    "  Prints the consumer's result; exit 1 if it answers that the subject\n"
+    "  is still parked or the request failed, or if it did not take the\n"
+    "  request in time (the request stays queued).\n";
 
 static const char usage_skip[] =
     "usage: deliveryevents skip --db PATH TYPE:ID [--wait MS] [--force]\n"
@@ -2182,8 +2210,9 @@ static const char usage_skip[] =
     "  --wait MS     wait up to MS ms for the consumer's result (30000;\n"
     "                0: queue the request and return at once)\n"
     "  --force       ask even if the subject does not look parked\n"
-    "  Prints the consumer's result; exit 1 if it did not take the request\n"
-    "  in time (the request stays queued).\n";
+    "  Prints the consumer's result; exit 1 if it answers that the subject\n"
+    "  is still parked or the request failed, or if it did not take the\n"
+    "  request in time (the request stays queued).\n";
 
 /* Runs one statement with the subject bound as ?1, ?2 (and text ?3, int
  * ?4 when given); the first integer column of its row, or -1 on an error
@@ -2261,8 +2290,9 @@ static int cmd_request(const char *cmd, int argc, char **argv)
     if (db_path == NULL)
         return bad_usage(cmd, "needs --db PATH%s", "");
     if (subject == NULL)
-        return bad_usage(cmd, "needs the subject, TYPE:ID (e.g. "
-                              "delivery:D-7)%s",
+        return bad_usage(cmd,
+                         "needs the subject, TYPE:ID (e.g. "
+                         "delivery:D-7)%s",
                          "");
     split_subject(subject, &colon);
     type_len = (int)(colon - subject);
@@ -2333,8 +2363,8 @@ static int cmd_request(const char *cmd, int argc, char **argv)
         goto rollback;
     id = sqlite3_last_insert_rowid(db);
     if (sqlite3_exec(db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
-        fprintf(stderr, "deliveryevents: %s: cannot commit to '%s': %s\n",
-                cmd, db_path, sqlite3_errmsg(db));
+        fprintf(stderr, "deliveryevents: %s: cannot commit to '%s': %s\n", cmd,
+                db_path, sqlite3_errmsg(db));
         goto rollback;
     }
 
@@ -2370,7 +2400,12 @@ static int cmd_request(const char *cmd, int argc, char **argv)
         }
         if (done) {
             printf("%s %s: %s\n", cmd, shown, result);
-            rc = 0;
+            /* The subject no longer parked is success; still parked, or
+             * the consumer could not do it, is not. */
+            rc = strncmp(result, "still parked", 12) == 0 ||
+                         strncmp(result, "failed", 6) == 0
+                     ? 1
+                     : 0;
             goto done;
         }
         if (mono_ms() >= deadline)
