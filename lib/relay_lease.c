@@ -220,22 +220,31 @@ de_err de__relay_cleanup(de_relay *r, bool *behind)
 
 /* Forgets, a slice at a time, the counters of subjects idle for longer
  * than relay.subject.forget.ms (their next event starts a new numbering
- * anyway), in a transaction that checks the lease. */
+ * anyway), in a transaction that checks the lease.
+ *
+ * "Idle" is measured from the oldest event in flight, not from the wall
+ * clock: a relay behind its outbox (after an outage, a takeover) still
+ * has to number events recorded long ago, and a counter forgotten before
+ * its subject's next event was read would start a new numbering that the
+ * recording times do not call for -- and that a relay reading the same
+ * rows with the counter still in memory would not start. */
 de_err de__relay_forget(de_relay *r)
 {
-    int64_t now = de__now_ms(), scanned, forgotten;
+    int64_t now = de__now_ms(), horizon = now, scanned, forgotten;
     bool held;
     de_err err;
 
     if (r->forget_ms <= 0)
         return DE_OK;
+    if (r->count > 0 && de__ring_at(r, r->head_tag)->recorded_at_ms < horizon)
+        horizon = de__ring_at(r, r->head_tag)->recorded_at_ms;
     if ((err = de__rstate_begin(r->st, r->owner, now, &held)) != DE_OK)
         return err;
     if (!held) {
         r->lease_lost = true;
         return DE_OK;
     }
-    if ((err = de__rstate_forget(r->st, now - r->forget_ms, FORGET_SLICE,
+    if ((err = de__rstate_forget(r->st, horizon - r->forget_ms, FORGET_SLICE,
                                  &scanned, &forgotten)) != DE_OK ||
         (err = de__rstate_commit(r->st)) != DE_OK) {
         de__rstate_rollback(r->st);

@@ -282,6 +282,42 @@ START_TEST(forgetting_spares_recent_and_held_back_subjects)
 }
 END_TEST
 
+/* A relay behind its outbox forgets by the age of what it still has to
+ * publish, not by the clock: a subject idle for a minute by the clock,
+ * while the oldest event in flight was recorded 65 s ago, may still have
+ * events to come within relay.subject.forget.ms of its last. */
+START_TEST(forgetting_waits_for_the_events_in_flight)
+{
+    de_relay *r = bare_relay(4);
+    int64_t now = de__now_ms();
+    char holder[64];
+    de__counter got;
+    de__slot *sl;
+    bool held;
+
+    snprintf(r->owner, sizeof r->owner, "A");
+    r->forget_ms = 10000;
+    put_counter(r, "D-1", 1, 3, now - 60000);
+    tu_ok(de__rstate_lease_acquire(r->st, "A", now, 60000, &held, holder,
+                                   sizeof holder));
+    ck_assert(held);
+    sl = de__ring_push(r, 10, now - 65000,
+                       de__subj_get(r, "delivery", "D-9", 3));
+    ck_assert_ptr_nonnull(sl);
+    tu_ok(de__relay_forget(r));
+    tu_ok(de__rstate_get_seq(r->st, "delivery", "D-1", &got));
+    ck_assert_int_eq(got.seq, 3); /* kept */
+    /* Caught up: now it is idle. */
+    sl->state = DE__SLOT_ACKED;
+    de__relay_advance(r);
+    ck_assert_int_eq(r->count, 0);
+    tu_ok(de__relay_forget(r));
+    tu_ok(de__rstate_get_seq(r->st, "delivery", "D-1", &got));
+    ck_assert_int_eq(got.seq, 0); /* forgotten */
+    de__relay_free(r);
+}
+END_TEST
+
 static Suite *units_suite(void)
 {
     Suite *s = suite_create("relay-units");
@@ -294,6 +330,7 @@ static Suite *units_suite(void)
     tcase_add_test(tc, idle_subjects_are_evicted_and_reload);
     tcase_add_test(tc, idle_subject_starts_a_new_numbering);
     tcase_add_test(tc, forgetting_spares_recent_and_held_back_subjects);
+    tcase_add_test(tc, forgetting_waits_for_the_events_in_flight);
     suite_add_tcase(s, tc);
     return s;
 }
