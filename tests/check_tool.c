@@ -22,7 +22,7 @@
 #include <unistd.h>
 
 #define MAX_ARGS 32
-#define MAX_PROCS 8
+#define MAX_PROCS 128
 
 typedef struct proc {
     pid_t pid;
@@ -44,9 +44,13 @@ static void setup(void)
 static void teardown(void)
 {
     for (int i = 0; i < MAX_PROCS; i++)
-        if (procs[i] != NULL && !procs[i]->exited) {
-            kill(procs[i]->pid, SIGKILL);
-            waitpid(procs[i]->pid, NULL, 0);
+        if (procs[i] != NULL) {
+            if (!procs[i]->exited) {
+                kill(procs[i]->pid, SIGKILL);
+                waitpid(procs[i]->pid, NULL, 0);
+            }
+            free(procs[i]);
+            procs[i] = NULL;
         }
     tu_dir_teardown();
 }
@@ -87,11 +91,14 @@ static proc *start(const char *name, ...)
     }
     for (int i = 0; i < n; i++)
         free(args[i]);
-    for (int i = 0; i < MAX_PROCS; i++)
+    for (int i = 0; i <= MAX_PROCS; i++) {
+        ck_assert_msg(i < MAX_PROCS, "more than %d processes in one test",
+                      MAX_PROCS);
         if (procs[i] == NULL) {
             procs[i] = p;
             break;
         }
+    }
     return p;
 }
 
@@ -669,8 +676,11 @@ START_TEST(status_counts_pending_and_changes_nothing)
     ck_assert_int_eq(run(p, "status", "status", "--db", tu_dir), 1);
     assert_has(p->err, "is not a file");
     /* A database without an outbox. */
-    sqlite3_close(tu_open(tu_path(tu_dir, "plain.db")));
-    tu_exec(tu_open(tu_path(tu_dir, "plain.db")), "CREATE TABLE t(x)");
+    {
+        sqlite3 *plain = tu_open(tu_path(tu_dir, "plain.db"));
+        tu_exec(plain, "CREATE TABLE t(x)");
+        ck_assert_int_eq(sqlite3_close(plain), SQLITE_OK);
+    }
     ck_assert_int_eq(
         run(p, "status", "status", "--db", tu_path(tu_dir, "plain.db")), 1);
     assert_has(p->err, "has no outbox");
