@@ -122,9 +122,12 @@ void de__relay_advance(de_relay *r)
 /* The slot at the tail of the ring, set up for a row (not yet taken) with
  * the subject's next number: the next one of its numbering, or 1 in a new
  * numbering whose epoch is this row's position when the subject has none
- * or was idle longer than relay.subject.forget.ms.  The choice depends
- * only on the rows and the counter at the watermark, so reading again
- * from the watermark gives every row the same number. */
+ * or was idle longer than relay.subject.forget.ms.  A numbering that
+ * began at or after this row (found on Kafka on activation: this row was
+ * lost in flight while a later one of its subject landed) is continued,
+ * never undercut.  The choice depends only on the rows and the counter at
+ * the watermark, so reading again from the watermark gives every row the
+ * same number. */
 static de__slot *slot_init(de_relay *r, int64_t position,
                            int64_t recorded_at_ms, de__subj *s)
 {
@@ -138,9 +141,9 @@ static de__slot *slot_init(de_relay *r, int64_t position,
     sl->position = position;
     sl->recorded_at_ms = recorded_at_ms;
     if (s->assigned == 0 ||
-        (r->forget_ms > 0 && recorded_at_ms - s->last_ms > r->forget_ms)) {
-        /* Positions only grow: a new numbering outranks every earlier
-         * one of the subject. */
+        (r->forget_ms > 0 && recorded_at_ms - s->last_ms > r->forget_ms &&
+         position > s->epoch)) {
+        /* A new numbering outranks every earlier one of the subject. */
         assert(position > s->epoch);
         sl->epoch = position;
         sl->seq = 1;

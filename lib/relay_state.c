@@ -142,13 +142,16 @@ static const char *const sql[S_COUNT] = {
         "INSERT INTO temp.de_found(subject_type, subject_id, seq, epoch) "
         "VALUES (?1, ?2, ?3, ?4) ON CONFLICT(subject_type, subject_id) DO "
         "UPDATE SET " NUMBER_MAX_SET,
-    /* "WHERE true" keeps ON CONFLICT from parsing as a join constraint;
-     * a subject new to the state counts as numbered now. */
+    /* "WHERE true" keeps ON CONFLICT from parsing as a join constraint.
+     * A subject found on Kafka counts as numbered now, new to the state
+     * or raised: its pending rows continue the numbering Kafka holds
+     * rather than start one below it. */
     [S_FOUND_RAISE] =
         "INSERT INTO main.de_relay_seq(subject_type, subject_id, seq, epoch, "
         "last_ms) SELECT subject_type, subject_id, seq, epoch, ?1 FROM "
         "temp.de_found WHERE true ON CONFLICT(subject_type, subject_id) DO "
-        "UPDATE SET " NUMBER_MAX_SET,
+        "UPDATE SET " NUMBER_MAX_SET
+        ", last_ms = max(last_ms, excluded.last_ms)",
     [S_LANDED_GET] = "SELECT seq, topic, partition, offset, epoch FROM "
                      "temp.de_landed WHERE event_id = ?1",
     [S_FOUND_COUNT] = "SELECT (SELECT count(*) FROM temp.de_landed), "

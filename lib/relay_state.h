@@ -114,7 +114,7 @@ de_err de__rstate_found_add(de__rstate *st, const char *event_id,
                             const char *type, const char *id, int64_t epoch,
                             int64_t seq, const char *topic, int32_t partition,
                             int64_t offset);
-/* Subjects new to the state count as last numbered at now_ms. */
+/* Subjects found count as last numbered at now_ms. */
 de_err de__rstate_found_raise(de__rstate *st, int64_t now_ms);
 de_err de__rstate_found_count(de__rstate *st, int64_t *landed,
                               int64_t *subjects);

@@ -318,6 +318,54 @@ START_TEST(forgetting_waits_for_the_events_in_flight)
 }
 END_TEST
 
+/* Activation found a later event of a subject on Kafka (numbered (100, 2))
+ * while an earlier row of it (position 100, lost in flight) is still to
+ * publish, and the subject's counter was last used long before: the row
+ * continues Kafka's numbering rather than start a new one below it.  (A
+ * relay stopped during a broker outage left exactly this; it aborted.) */
+START_TEST(a_numbering_found_on_kafka_is_continued)
+{
+    de_relay *r = bare_relay(8);
+    int64_t now = de__now_ms();
+    de__subj *s;
+    de__slot *sl;
+    char holder[16];
+    bool held;
+
+    r->forget_ms = 1000;
+    put_counter(r, "D-9", 7, 41, now - 3600000);
+    tu_ok(de__rstate_found_clear(r->st));
+    tu_ok(de__rstate_found_add(r->st, "ev-101", "delivery", "D-9", 100, 2,
+                               "delivery.events", 0, 17));
+    tu_ok(de__rstate_lease_acquire(r->st, "A", now, 60000, &held, holder,
+                                   sizeof holder));
+    tu_ok(de__rstate_begin(r->st, "A", now, &held));
+    ck_assert(held);
+    tu_ok(de__rstate_found_raise(r->st, now));
+    tu_ok(de__rstate_commit(r->st));
+    s = de__subj_get(r, "delivery", "D-9", 3);
+    ck_assert_int_eq(s->epoch, 100);
+    ck_assert_int_eq(s->assigned, 2);
+    sl = de__ring_push(r, 100, now - 1800000, s);
+    ck_assert_ptr_nonnull(sl);
+    ck_assert_int_eq(sl->epoch, 100);
+    ck_assert_int_eq(sl->seq, 3);
+    /* Idle long after that, its next row starts a new numbering. */
+    sl = de__ring_push(r, 101, now + 7200000, s);
+    ck_assert_int_eq(sl->epoch, 101);
+    ck_assert_int_eq(sl->seq, 1);
+    /* Whatever the clocks say, no numbering starts at or below the one in
+     * force (a counter raised to Kafka's keeps its old time if the host's
+     * clock went back). */
+    put_counter(r, "D-8", 300, 5, now - 3600000);
+    s = de__subj_get(r, "delivery", "D-8", 3);
+    sl = de__ring_push(r, 102, now, s);
+    ck_assert_int_eq(sl->epoch, 300);
+    ck_assert_int_eq(sl->seq, 6);
+    de__relay_free(r);
+}
+END_TEST
+
 static Suite *units_suite(void)
 {
     Suite *s = suite_create("relay-units");
@@ -331,6 +379,7 @@ static Suite *units_suite(void)
     tcase_add_test(tc, idle_subject_starts_a_new_numbering);
     tcase_add_test(tc, forgetting_spares_recent_and_held_back_subjects);
     tcase_add_test(tc, forgetting_waits_for_the_events_in_flight);
+    tcase_add_test(tc, a_numbering_found_on_kafka_is_continued);
     suite_add_tcase(s, tc);
     return s;
 }
