@@ -210,7 +210,7 @@ de__subj *de__subj_get(de_relay *r, const char *type, const char *id,
     s->key[type_len + 1 + id_len] = '\0';
     if (de__rstate_get_seq(r->st, DE__SUBJ_TYPE(s), DE__SUBJ_ID(s), &c) !=
         DE_OK) {
-        free(s);
+        subj_free(r, s); /* from the pool: never free() */
         return NULL;
     }
     s->assigned = s->acked = s->persisted = c.seq;
