@@ -79,7 +79,7 @@ EXAMPLE_BINS := $(EXAMPLES:%=$(BUILD)/examples/%)
 BENCH_SRCS := $(sort $(wildcard bench/bench_*.c))
 BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: all deps check check-all check-suites check-header check-exports \
+.PHONY: all deps check check-all check-suites stage check-header check-exports \
         demo-run \
         check-install check-remote check-asan check-tsan demo bench examples install \
         soak soak-short soak-powerloss \
@@ -186,9 +186,17 @@ $(BUILD)/tests/%: tests/%.c $(TEST_UTIL_SRCS) $(wildcard tests/util/*.h) $(STLIB
 	    $(LDFLAGS) -o $@ $< $(TEST_UTIL_SRCS) $(SAN_EXTRA) $(STLIB) \
 	    $(PKG_LIBS) $(CHECK_LIBS) -pthread
 
-check-suites: $(TEST_BINS) $(TOOL) $(EXAMPLE_BINS)
+# The suites run the tool as installed (`make install` into a scratch
+# DESTDIR), the copy a user would run, not the one in the build tree.
+STAGE := $(abspath $(BUILD))/stage
+STAGED_TOOL := $(STAGE)$(BINDIR)/deliveryevents
+
+stage: all
+	@$(MAKE) --no-print-directory -s install DESTDIR=$(STAGE) >/dev/null
+
+check-suites: $(TEST_BINS) stage $(EXAMPLE_BINS)
 	@fail=0; for t in $(TEST_BINS); do \
-	  echo "== $$t"; $(RUN_ENV) DE_TOOL=$(abspath $(TOOL)) \
+	  echo "== $$t"; $(RUN_ENV) DE_TOOL=$(STAGED_TOOL) \
 	    DE_EXAMPLES=$(abspath $(BUILD)/examples) $$t || fail=1; \
 	done; exit $$fail
 
