@@ -64,6 +64,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 /* A read that catches up with fewer rows than this is "low load": the
@@ -624,6 +625,15 @@ static void read_conf(de_relay *r)
  * relay given a different one refuses (DE_ERR_CONFIG, naming both), unless
  * relay.settings.override says to publish with its own.  conf is the
  * relay's private copy. */
+/* The database's permission bits, which its relay state gets too (0600
+ * when they cannot be read). */
+static unsigned db_mode(const char *db_path)
+{
+    struct stat sb;
+
+    return stat(db_path, &sb) == 0 ? (unsigned)(sb.st_mode & 0666) : 0600;
+}
+
 static de_err adopt_settings(de_relay *r, de_conf *conf)
 {
     static const de__key wire[] = DE__WIRE_KEYS;
@@ -713,8 +723,8 @@ static de_err relay_new(const char *db_path, de_conf *conf, de_outbox *ob,
                                       &r->src, r->outbox_id)) != DE_OK ||
         (err = adopt_settings(r, conf)) != DE_OK ||
         (err = r->src->ops->deleted_upto(r->src, &floor)) != DE_OK ||
-        (err = de__rstate_open(r->state_path, r->outbox_id, floor, &r->st,
-                               &cursor)) != DE_OK ||
+        (err = de__rstate_open(r->state_path, db_mode(r->db_path), r->outbox_id,
+                               floor, &r->st, &cursor)) != DE_OK ||
         (err = de__rstate_cursor(r->st, &cursor, cid, sizeof cid)) != DE_OK ||
         /* Refused at once, not only when the thread becomes active. */
         (err = de__relay_check_cursor(r, cursor, cid)) != DE_OK)

@@ -34,9 +34,12 @@
 #include "relay_state.h"
 
 #include <assert.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #define STATE_SCHEMA_VERSION 3
@@ -323,7 +326,44 @@ fail:
     return err;
 }
 
-de_err de__rstate_open(const char *path, const char *outbox_id,
+/* The state holds every subject id, the host's name and error texts: it
+ * is created with the database's permissions (not SQLite's 0644), and
+ * never through a symbolic link, which could send its tables into
+ * another database or create a file elsewhere.  (SQLite gives the -wal
+ * and -shm files the main file's mode; SQLITE_OPEN_NOFOLLOW then refuses
+ * a link planted after this check.) */
+static de_err create_file(const char *path, unsigned mode)
+{
+    int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                  (mode_t)mode);
+    struct stat sb;
+
+    if (fd >= 0) {
+        /* Exactly the database's mode, whatever the umask. */
+        if (fchmod(fd, (mode_t)mode) != 0) {
+            int e = errno;
+            close(fd);
+            unlink(path);
+            return de__fail(DE_ERR_STATE,
+                            "relay state '%s': cannot set its permissions: %s",
+                            path, strerror(e));
+        }
+        close(fd);
+        return DE_OK;
+    }
+    if (errno == EEXIST && lstat(path, &sb) == 0 && !S_ISLNK(sb.st_mode))
+        return DE_OK;
+    if (errno == EEXIST || errno == ELOOP)
+        return de__fail(DE_ERR_STATE,
+                        "relay state '%s' is a symbolic link: refused (the "
+                        "state is written only to a regular file; set "
+                        "relay.state.path to the file itself)",
+                        path);
+    return de__fail(DE_ERR_STATE, "relay state '%s': cannot create it: %s",
+                    path, strerror(errno));
+}
+
+de_err de__rstate_open(const char *path, unsigned mode, const char *outbox_id,
                        int64_t host_deleted_upto, de__rstate **out,
                        int64_t *cursor)
 {
@@ -336,8 +376,10 @@ de_err de__rstate_open(const char *path, const char *outbox_id,
         free(st);
         return de__fail(DE_ERR_NOMEM, "out of memory opening relay state");
     }
+    if ((err = create_file(path, mode)) != DE_OK)
+        goto fail;
     if (sqlite3_open_v2(path, &st->db,
-                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
+                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOFOLLOW |
                             SQLITE_OPEN_NOMUTEX,
                         NULL) != SQLITE_OK) {
         err = fail_st(st, "cannot open");

@@ -18,11 +18,12 @@ typedef struct de__counter {
     int64_t epoch, seq, last_ms;
 } de__counter;
 
-/* Opens (creating) the state at path for the outbox with id outbox_id.
- * Refuses (DE_ERR_STATE) a state of another outbox, and a missing or
- * stale state when the outbox's rows were already deleted up to
- * host_deleted_upto.  *cursor receives the durable cursor. */
-de_err de__rstate_open(const char *path, const char *outbox_id,
+/* Opens (creating, with permissions mode) the state at path for the
+ * outbox with id outbox_id.  Refuses (DE_ERR_STATE) a path that is a
+ * symbolic link, a state of another outbox, and a missing or stale state
+ * when the outbox's rows were already deleted up to host_deleted_upto.
+ * *cursor receives the durable cursor. */
+de_err de__rstate_open(const char *path, unsigned mode, const char *outbox_id,
                        int64_t host_deleted_upto, de__rstate **out,
                        int64_t *cursor);
 void de__rstate_close(de__rstate *st);

@@ -889,6 +889,56 @@ START_TEST(refuses_lost_or_foreign_state)
 }
 END_TEST
 
+/* The relay's state file holds every subject id, the host's name and
+ * error texts: it gets the database's permissions, and a symbolic link
+ * planted in its place is refused, never followed. */
+START_TEST(state_file_is_private_and_never_a_link)
+{
+    const char *db_path = tu_path(dir, "service.db");
+    de_conf *conf = de_conf_new();
+    de_relay *r = NULL;
+    struct stat sb;
+    char state[4200], side[4200], victim[4200], elsewhere[4200];
+    sqlite3 *v;
+
+    tu_ok(de_conf_set(conf, "bootstrap.servers", "127.0.0.1:1"));
+    ck_assert_int_eq(chmod(db_path, 0640), 0);
+    tu_ok(de_relay_start_path(db_path, conf, &r));
+    tu_ok(de_relay_stop(r, 0));
+    snprintf(state, sizeof state, "%s-relay", db_path);
+    ck_assert_int_eq(stat(state, &sb), 0);
+    ck_assert_int_eq(sb.st_mode & 0777, 0640);
+    snprintf(side, sizeof side, "%s-relay-wal", db_path);
+    ck_assert(stat(side, &sb) != 0 || (sb.st_mode & 0777) == 0640);
+
+    /* A link to another database in its place: refused, the other
+     * database untouched. */
+    unlink(state);
+    unlink(side);
+    snprintf(side, sizeof side, "%s-relay-shm", db_path);
+    unlink(side);
+    snprintf(victim, sizeof victim, "%s", tu_path(dir, "victim.db"));
+    v = tu_open(victim);
+    tu_exec(v, "CREATE TABLE precious(x); INSERT INTO precious VALUES (42)");
+    ck_assert_int_eq(symlink(victim, state), 0);
+    r = (de_relay *)1;
+    tu_assert_err(de_relay_start_path(db_path, conf, &r), DE_ERR_STATE,
+                  "is a symbolic link");
+    ck_assert_ptr_null(r);
+    ck_assert_int_eq(tu_query_int(v, "SELECT count(*) FROM sqlite_schema"), 1);
+    sqlite3_close(v);
+
+    /* A dangling link creates nothing where it points. */
+    unlink(state);
+    snprintf(elsewhere, sizeof elsewhere, "%s", tu_path(dir, "elsewhere"));
+    ck_assert_int_eq(symlink(elsewhere, state), 0);
+    tu_assert_err(de_relay_start_path(db_path, conf, &r), DE_ERR_STATE,
+                  "is a symbolic link");
+    ck_assert_int_ne(access(elsewhere, F_OK), 0);
+    de_conf_destroy(conf);
+}
+END_TEST
+
 START_TEST(refuses_bad_configuration)
 {
     de_conf *conf = de_conf_new();
@@ -1196,6 +1246,7 @@ static Suite *relay_suite(void)
     tcase_add_loop_test(tc, refuses_lost_or_foreign_state, tu_cluster_first(),
                         tu_cluster_count());
     tcase_add_test(tc, refuses_bad_configuration);
+    tcase_add_test(tc, state_file_is_private_and_never_a_link);
     tcase_add_loop_test(tc, lost_lease_stops_publishing, tu_cluster_first(),
                         tu_cluster_count());
     suite_add_tcase(s, tc);

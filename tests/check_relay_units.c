@@ -18,7 +18,7 @@ static de__rstate *open_state(const char *outbox_id, int64_t deleted_upto)
     de__rstate *st = NULL;
     int64_t cursor;
 
-    tu_ok(de__rstate_open(tu_path(tu_dir, "s.db-relay"), outbox_id,
+    tu_ok(de__rstate_open(tu_path(tu_dir, "s.db-relay"), 0600, outbox_id,
                           deleted_upto, &st, &cursor));
     return st;
 }
@@ -87,15 +87,15 @@ START_TEST(foreign_or_stale_state_is_refused)
     tu_ok(de__rstate_put_cursor(st, 40, NULL));
     tu_ok(de__rstate_commit(st));
     de__rstate_close(st);
-    tu_assert_err(de__rstate_open(tu_path(tu_dir, "s.db-relay"), "outbox-2", 0,
-                                  &other, &cursor),
+    tu_assert_err(de__rstate_open(tu_path(tu_dir, "s.db-relay"), 0600,
+                                  "outbox-2", 0, &other, &cursor),
                   DE_ERR_STATE, "belongs to the outbox outbox-1");
     ck_assert_ptr_null(other);
-    tu_assert_err(de__rstate_open(tu_path(tu_dir, "s.db-relay"), "outbox-1", 41,
-                                  &other, &cursor),
+    tu_assert_err(de__rstate_open(tu_path(tu_dir, "s.db-relay"), 0600,
+                                  "outbox-1", 41, &other, &cursor),
                   DE_ERR_STATE, "older than the outbox");
-    tu_ok(de__rstate_open(tu_path(tu_dir, "s.db-relay"), "outbox-1", 39, &other,
-                          &cursor));
+    tu_ok(de__rstate_open(tu_path(tu_dir, "s.db-relay"), 0600, "outbox-1", 39,
+                          &other, &cursor));
     ck_assert_int_eq(cursor, 40);
     de__rstate_close(other);
 }
