@@ -140,8 +140,11 @@ DE_EXTERN de_conf *de_conf_new(void);
  * @param key   property name, e.g. "event.source" or "bootstrap.servers".
  * @param value its value as text; copied.
  * @return DE_OK; DE_ERR_ARG when an argument is NULL; DE_ERR_CONFIG when the
- *         key is unknown or the value invalid (the message names both);
- *         DE_ERR_NOMEM.  On failure conf is unchanged.
+ *         key is unknown or the value invalid (the message names the key,
+ *         and the value only for the library's own keys: a librdkafka
+ *         property's value may be a secret and is never shown);
+ *         DE_ERR_NOMEM.  On failure conf is unchanged.  Stored values are
+ *         wiped when replaced and by de_conf_destroy().
  */
 DE_EXTERN DE_WARN_UNUSED de_err de_conf_set(de_conf *conf, const char *key,
                                             const char *value);

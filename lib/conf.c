@@ -14,6 +14,7 @@
  */
 #include "internal.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -300,15 +301,24 @@ de_conf *de_conf_new(void)
     return conf;
 }
 
+/* Frees a stored value, wiped first: it may be a password. */
+static void free_value(char *v)
+{
+    if (v != NULL) {
+        explicit_bzero(v, strlen(v));
+        free(v);
+    }
+}
+
 void de_conf_destroy(de_conf *conf)
 {
     if (conf == NULL)
         return;
     for (int k = 0; k < DE__K_COUNT; k++)
-        free(conf->val[k]);
+        free_value(conf->val[k]);
     for (size_t i = 0; i < conf->nrk; i++) {
         free(conf->rk[i].key);
-        free(conf->rk[i].value);
+        free_value(conf->rk[i].value);
     }
     free(conf->rk);
     if (conf->probe)
@@ -325,7 +335,7 @@ static de_err store_rdkafka(de_conf *conf, const char *key, const char *value)
         return de__fail(DE_ERR_NOMEM, "out of memory setting %s", key);
     for (size_t i = 0; i < conf->nrk; i++) {
         if (strcmp(conf->rk[i].key, key) == 0) {
-            free(conf->rk[i].value);
+            free_value(conf->rk[i].value);
             conf->rk[i].value = v;
             return DE_OK;
         }
@@ -346,8 +356,45 @@ static de_err store_rdkafka(de_conf *conf, const char *key, const char *value)
     conf->nrk++;
     return DE_OK;
 nomem:
-    free(v);
+    free_value(v);
     return de__fail(DE_ERR_NOMEM, "out of memory setting %s", key);
+}
+
+/* Whether s[at, at + n) stands alone: not part of a longer word. */
+static bool standalone(const char *s, size_t at, size_t n)
+{
+    bool before = at == 0 || !isalnum((unsigned char)s[at - 1]);
+    bool after = !isalnum((unsigned char)s[at + n]);
+
+    return before && after;
+}
+
+/*
+ * librdkafka refused a value.  Any librdkafka property may hold a secret
+ * (sasl.password, ssl.key.password, ...), so the message names the key
+ * and never the value: librdkafka's own words are kept with every
+ * standalone occurrence of the value replaced by "<value>".
+ */
+static de_err rk_refused(const char *key, const char *value, const char *errstr)
+{
+    char clean[512];
+    size_t n = strlen(value), o = 0;
+
+    for (size_t i = 0; errstr[i] != '\0' && o + 8 < sizeof clean;) {
+        if (n > 0 && strncmp(errstr + i, value, n) == 0 &&
+            standalone(errstr, i, n)) {
+            memcpy(clean + o, "<value>", 7);
+            o += 7;
+            i += n;
+        } else {
+            clean[o++] = errstr[i++];
+        }
+    }
+    clean[o] = '\0';
+    return de__fail(DE_ERR_CONFIG,
+                    "librdkafka refused the value of %s (values of librdkafka "
+                    "properties are never shown: they may be secrets): %s",
+                    key, clean);
 }
 
 de_err de_conf_set(de_conf *conf, const char *key, const char *value)
@@ -373,7 +420,7 @@ de_err de_conf_set(de_conf *conf, const char *key, const char *value)
         copy = strdup(value);
         if (copy == NULL)
             return de__fail(DE_ERR_NOMEM, "out of memory setting %s", key);
-        free(conf->val[k]);
+        free_value(conf->val[k]);
         conf->val[k] = copy;
         conf->num[k] = num;
         return DE_OK;
@@ -390,9 +437,7 @@ de_err de_conf_set(de_conf *conf, const char *key, const char *value)
                         "unknown configuration property %s: neither a "
                         "libdeliveryevents key nor a librdkafka one",
                         de__quote(q, sizeof q, key, -1));
-    default:
-        return de__fail(DE_ERR_CONFIG, "invalid value %s for %s: %s",
-                        de__quote(q, sizeof q, value, -1), key, errstr);
+    default: return rk_refused(key, value, errstr);
     }
 }
 
@@ -460,16 +505,14 @@ bool de__conf_rdkafka_get(const de_conf *conf, const char *key,
 
 de_err de__conf_apply_rdkafka(const de_conf *conf, rd_kafka_conf_t *rkconf)
 {
-    char errstr[512], q[DE__QUOTE_MAX];
+    char errstr[512];
 
     if (conf == NULL)
         return DE_OK;
     for (size_t i = 0; i < conf->nrk; i++) {
         if (rd_kafka_conf_set(rkconf, conf->rk[i].key, conf->rk[i].value,
                               errstr, sizeof errstr) != RD_KAFKA_CONF_OK)
-            return de__fail(DE_ERR_CONFIG, "invalid value %s for %s: %s",
-                            de__quote(q, sizeof q, conf->rk[i].value, -1),
-                            conf->rk[i].key, errstr);
+            return rk_refused(conf->rk[i].key, conf->rk[i].value, errstr);
     }
     return DE_OK;
 }
