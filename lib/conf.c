@@ -369,23 +369,35 @@ static bool standalone(const char *s, size_t at, size_t n)
     return before && after;
 }
 
+/* How many bytes from s on are a piece of value (0 when s[0] is not). */
+static size_t echoed(const char *s, const char *value, size_t n)
+{
+    size_t k = 0;
+
+    while (s[k] != '\0' && memmem(value, n, s, k + 1) != NULL)
+        k++;
+    return k;
+}
+
 /*
  * librdkafka refused a value.  Any librdkafka property may hold a secret
  * (sasl.password, ssl.key.password, ...), so the message names the key
- * and never the value: librdkafka's own words are kept with every
- * standalone occurrence of the value replaced by "<value>".
+ * and never the value: librdkafka's own words are kept with "<value>" in
+ * place of every run of 4 or more bytes that is a piece of the value, and
+ * of a shorter value standing alone -- librdkafka echoes values, cuts long
+ * ones short, and may echo one item of a list.
  */
 static de_err rk_refused(const char *key, const char *value, const char *errstr)
 {
     char clean[512];
-    size_t n = strlen(value), o = 0;
+    size_t n = strlen(value), o = 0, k;
 
     for (size_t i = 0; errstr[i] != '\0' && o + 8 < sizeof clean;) {
-        if (n > 0 && strncmp(errstr + i, value, n) == 0 &&
-            standalone(errstr, i, n)) {
+        k = n > 0 ? echoed(errstr + i, value, n) : 0;
+        if (k >= 4 || (k > 0 && k == n && standalone(errstr, i, n))) {
             memcpy(clean + o, "<value>", 7);
             o += 7;
-            i += n;
+            i += k;
         } else {
             clean[o++] = errstr[i++];
         }
