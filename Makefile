@@ -76,6 +76,11 @@ TEST_BINS  := $(TEST_SRCS:tests/%.c=$(BUILD)/tests/%)
 EXAMPLES := delivery_service query_model notifier live_stats
 EXAMPLE_BINS := $(EXAMPLES:%=$(BUILD)/examples/%)
 
+# Fuzz targets (fuzz/fuzz_*.c): libFuzzer with clang for `make fuzz`; with
+# fuzz/driver.c instead, every build replays their corpus and regressions.
+FUZZ_NAMES := $(patsubst fuzz/fuzz_%.c,%,$(sort $(wildcard fuzz/fuzz_*.c)))
+FUZZ_REPLAY := $(FUZZ_NAMES:%=$(BUILD)/fuzz/replay_%)
+
 BENCH_SRCS := $(sort $(wildcard bench/bench_*.c))
 BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 
@@ -194,10 +199,46 @@ STAGED_TOOL := $(STAGE)$(BINDIR)/deliveryevents
 stage: all
 	@$(MAKE) --no-print-directory -s install DESTDIR=$(STAGE) >/dev/null
 
-check-suites: $(TEST_BINS) stage $(EXAMPLE_BINS)
+check-suites: $(TEST_BINS) stage $(EXAMPLE_BINS) $(FUZZ_REPLAY)
 	@fail=0; for t in $(TEST_BINS); do \
 	  echo "== $$t"; $(RUN_ENV) DE_TOOL=$(STAGED_TOOL) \
 	    DE_EXAMPLES=$(abspath $(BUILD)/examples) $$t || fail=1; \
+	done; \
+	for f in $(FUZZ_NAMES); do \
+	  $(BUILD)/fuzz/replay_$$f fuzz/corpus/$$f fuzz/regressions/$$f || fail=1; \
+	done; exit $$fail
+
+$(BUILD)/fuzz/replay_%: fuzz/fuzz_%.c fuzz/driver.c $(STLIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(DE_CFLAGS) -Ilib $(CFLAGS) $(LDFLAGS) -o $@ $< fuzz/driver.c \
+	    $(SAN_EXTRA) $(STLIB) $(PKG_LIBS) -pthread
+
+# libFuzzer, each target for FUZZ_SECONDS (default 60) from its seed corpus
+# (copied: new inputs go to build-fuzz/corpus, not into the repository);
+# any crash fails and leaves its input in build-fuzz/crashes/<target>/ --
+# add it to fuzz/regressions/<target>/ with the fix.
+FUZZ_SECONDS ?= 60
+FUZZ_SAN := -fsanitize=address,undefined -fno-sanitize-recover=all
+fuzz: deps
+	@command -v clang >/dev/null || { echo "make fuzz needs clang and" \
+	    "libclang-rt-14-dev (apt-get install -y clang libclang-rt-14-dev)" >&2; \
+	    exit 1; }
+	@$(MAKE) --no-print-directory BUILD=build-fuzz CC=clang \
+	    SAN="$(FUZZ_SAN) -fsanitize=fuzzer-no-link" CFLAGS="-g -O1 -Wno-cast-qual" \
+	    build-fuzz/libdeliveryevents.a
+	@fail=0; for f in $(FUZZ_NAMES); do \
+	  mkdir -p build-fuzz/corpus/$$f build-fuzz/crashes/$$f; \
+	  cp -n fuzz/corpus/$$f/* build-fuzz/corpus/$$f/ 2>/dev/null || true; \
+	  clang $(DE_CFLAGS) -Ilib -g -O1 $(FUZZ_SAN) -fsanitize=fuzzer \
+	      -o build-fuzz/fuzz_$$f fuzz/fuzz_$$f.c build-fuzz/libdeliveryevents.a \
+	      $(PKG_LIBS) -pthread || exit 1; \
+	  echo "== fuzz_$$f ($(FUZZ_SECONDS) s)"; \
+	  build-fuzz/fuzz_$$f -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	      -artifact_prefix=build-fuzz/crashes/$$f/ build-fuzz/corpus/$$f \
+	      $$(ls -d fuzz/regressions/$$f 2>/dev/null) \
+	      2>build-fuzz/fuzz_$$f.log || \
+	    { fail=1; tail -40 build-fuzz/fuzz_$$f.log; }; \
+	  grep -E "stat::number_of_executed_units|Done" build-fuzz/fuzz_$$f.log | tail -2; \
 	done; exit $$fail
 
 # The public header compiles alone, as C11 and as C++, pedantically.
@@ -307,7 +348,7 @@ uninstall:
 
 FORMAT_SRCS = $(wildcard include/*.h lib/*.c lib/*.h tests/*.c tests/util/*.[ch] \
               tests/experiments/*.c \
-              examples/*.c bench/*.[ch] tools/*.c)
+              examples/*.c bench/*.[ch] tools/*.c fuzz/*.c)
 
 format:
 	clang-format -i $(FORMAT_SRCS)
@@ -316,4 +357,4 @@ format-check:
 	clang-format --dry-run --Werror $(FORMAT_SRCS)
 
 clean:
-	rm -rf build build-asan build-tsan
+	rm -rf build build-asan build-tsan build-fuzz
