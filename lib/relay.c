@@ -555,6 +555,7 @@ void de__relay_free(de_relay *r)
     DE__VEC_FREE(r->parks);
     DE__VEC_FREE(r->unparks);
     DE__VEC_FREE(r->replays);
+    DE__VEC_FREE(r->sent);
     de__relay_topics_free(r);
     DE__VEC_FREE(r->topics);
     free(r->ring);

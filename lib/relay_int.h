@@ -96,9 +96,21 @@ typedef struct de__slot {
 typedef struct de__replay {
     uint64_t tag;
     int64_t position;
+    int64_t epoch, seq;
+    uint32_t topic; /* index in r->topics */
     de__subj *s;
     bool done;
 } de__replay;
+
+/* An event that went out, with its numbers and where Kafka stored it
+ * (partition and offset -1: unknown), recorded at the next checkpoint
+ * while the outbox keeps published rows (outbox.retention.ms), so that
+ * de_replay can republish it with the same numbers. */
+typedef struct de__sent {
+    int64_t position, epoch, seq, offset;
+    int32_t partition;
+    uint32_t topic; /* index in r->topics */
+} de__sent;
 
 typedef struct de__park {
     int64_t position;
@@ -205,6 +217,8 @@ struct de_relay {
     DE__VEC(int64_t) unparks; /* resent and acked, to delete likewise */
     DE__VEC(de__replay) replays;
     uint64_t next_replay_tag;
+    DE__VEC(de__sent) sent;      /* went out, to record at the checkpoint */
+    int64_t sent_forgotten_upto; /* their records deleted up to here */
     /* what Kafka already held at activation (relay_recover.c) */
     int64_t recover_upto; /* rows up to here may have landed already */
     int64_t landed;       /* events found there; 0: no look-ups needed */

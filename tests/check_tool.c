@@ -725,7 +725,7 @@ START_TEST(status_and_list_after_a_relay)
     ck_assert_int_eq(jint(j, "blocked_subjects"), 1);
     ck_assert_int_gt(jint(j, "cursor_recorded_at_ms"), 0);
     ck_assert_int_eq(jint(json_object_get(j, "schema_version"), "relay_state"),
-                     3);
+                     4);
     lease = json_object_get(j, "lease");
     ck_assert(json_is_object(lease));
     ck_assert(json_is_true(json_object_get(lease, "released")));
