@@ -54,6 +54,16 @@
  *       stays queued (exit 1); exit 1 too when the consumer answers that
  *       the subject is still parked or the request failed.
  *
+ *   deliveryevents replay --db PATH (--subject TYPE:ID | --from POSITION |
+ *                         --since TIME) [-b SERVERS] [-X key=value]...
+ *                         [--timeout-ms N]
+ *       Republishes retained events (outbox.retention.ms) with their
+ *       original ce_id, ce_subjectepoch and ce_subjectseq (de_replay):
+ *       consumers that applied them count them as duplicates.  Refuses,
+ *       publishing nothing and naming the position, an event no longer
+ *       retained or without recorded numbers, and a selection of which
+ *       nothing is published yet.  Takes no lease, writes no file.
+ *
  *   deliveryevents mock-cluster [--brokers N] [--topic NAME[:PARTITIONS]]...
  *                               [--until-stdin-eof]
  *       Starts librdkafka's mock Kafka cluster on loopback and prints
@@ -76,7 +86,8 @@
  *
  * Exit status: 0 on success; 1 on a runtime failure (including a relay
  * stopped before everything was published, a missing database, a missing
- * topic, a release or skip refused or not taken in time); 2 on bad usage (the
+ * topic, a release or skip refused or not taken in time, a replay refused);
+ * 2 on bad usage (the
  * message names the bad argument or value); 3 when tail found a subject out of
  * order or with a gap.
  */
@@ -234,6 +245,11 @@ static void usage(FILE *out)
         "[--limit N] [--json]\n"
         "                 a consumer's dead letters, oldest first "
         "(read-only)\n"
+        "  replay --db PATH (--subject TYPE:ID | --from POSITION | --since "
+        "TIME)\n"
+        "        [-b SERVERS] [-X key=value]... [--timeout-ms N]\n"
+        "                 republish retained events with their original "
+        "numbers\n"
         "  release --db PATH TYPE:ID [--wait MS] [--force]\n"
         "  skip --db PATH TYPE:ID [--wait MS] [--force]\n"
         "                 ask the running consumer to release a parked "
@@ -315,6 +331,34 @@ static int parse_num(const char *cmd, const char *opt, const char *s, long min,
         return -1;
     }
     *out = v;
+    return 0;
+}
+
+/* Sets -b SERVERS (bootstrap.servers) or -X key=value, option a with
+ * value v, on conf; *state_path receives relay.state.path's value.  0, or
+ * 2 after saying why not. */
+static int conf_option(const char *cmd, const char *a, const char *v,
+                       de_conf *conf, const char **state_path)
+{
+    char key[256];
+    const char *value = v, *eq = strchr(v, '=');
+
+    if (strcmp(a, "-b") == 0) {
+        snprintf(key, sizeof key, "bootstrap.servers");
+    } else if (eq == NULL || eq == v || (size_t)(eq - v) >= sizeof key) {
+        return bad_usage(cmd, "-X takes key=value, got '%s'", v);
+    } else {
+        /* A copy: argv is what ps shows. */
+        memcpy(key, v, (size_t)(eq - v));
+        key[eq - v] = '\0';
+        value = eq + 1;
+    }
+    if (de_conf_set(conf, key, value) != DE_OK) {
+        fprintf(stderr, "deliveryevents: %s: %s\n", cmd, de_errmsg());
+        return 2;
+    }
+    if (strcmp(key, "relay.state.path") == 0)
+        *state_path = value;
     return 0;
 }
 
@@ -807,27 +851,10 @@ static int cmd_relay(int argc, char **argv)
                 return 2;
             }
         } else if (strcmp(a, "-b") == 0 || strcmp(a, "-X") == 0) {
-            char key[256];
-            const char *eq = strchr(v, '=');
-            if (strcmp(a, "-b") == 0) {
-                snprintf(key, sizeof key, "bootstrap.servers");
-                eq = v - 1;
-            } else if (eq == NULL || eq == v ||
-                       (size_t)(eq - v) >= sizeof key) {
+            if ((rc = conf_option("relay", a, v, conf, &state_path)) != 0) {
                 de_conf_destroy(conf);
-                return bad_usage("relay", "-X takes key=value, got '%s'", v);
-            } else {
-                /* A copy: argv is what ps shows. */
-                memcpy(key, v, (size_t)(eq - v));
-                key[eq - v] = '\0';
+                return rc;
             }
-            if (de_conf_set(conf, key, eq + 1) != DE_OK) {
-                fprintf(stderr, "deliveryevents: relay: %s\n", de_errmsg());
-                de_conf_destroy(conf);
-                return 2;
-            }
-            if (strcmp(key, "relay.state.path") == 0)
-                state_path = eq + 1;
         } else if (parse_num("relay", a, v, 0, INT_MAX,
                              strcmp(a, "--stats-ms") == 0 ? &stats_ms
                                                           : &stop_ms) != 0) {
@@ -990,6 +1017,237 @@ static int cmd_relay(int argc, char **argv)
             rc = 1;
     }
     return rc;
+}
+
+/* ---- replay ------------------------------------------------------------ */
+
+static const char usage_replay[] =
+    "usage: deliveryevents replay --db PATH (--subject TYPE:ID | --from "
+    "POSITION |\n"
+    "                             --since TIME) [-b SERVERS] [-X "
+    "key=value]...\n"
+    "                             [--timeout-ms N]\n"
+    "  Republishes retained events (outbox.retention.ms) to Kafka with their\n"
+    "  original ce_id, ce_subjectepoch and ce_subjectseq: consumers that\n"
+    "  applied them count them as duplicates; a reset consumer applies them\n"
+    "  again.  Refuses, publishing nothing, when a selected event is no\n"
+    "  longer retained or has no recorded numbers, or when nothing selected\n"
+    "  is published yet (the relay publishes it).  Takes no lease.\n"
+    "  --db PATH            the service's database file (required)\n"
+    "  --subject TYPE:ID    one subject's retained events, e.g. "
+    "delivery:D-7\n"
+    "  --from POSITION      the retained events from this outbox position "
+    "on\n"
+    "  --since TIME         the retained events recorded since TIME:\n"
+    "                       2026-11-25T11:00:00Z (or +01:00, or a date), "
+    "or a\n"
+    "                       time ago: 90s, 15m, 2h, 1d\n"
+    "  -b SERVERS           Kafka bootstrap servers (= -X "
+    "bootstrap.servers=SERVERS)\n"
+    "  -X key=value         a librdkafka property, relay.state.path or "
+    "a wire\n"
+    "                       setting; repeatable\n"
+    "  --timeout-ms N       wait up to N ms for Kafka's acknowledgements "
+    "(60000)\n"
+    "  Events the relay has not published yet are left to it.\n";
+
+/* Days since 1970-01-01 of a proleptic Gregorian date. */
+static int64_t days_from_civil(int64_t y, int64_t m, int64_t d)
+{
+    int64_t era, yoe, doy, doe;
+
+    y -= m <= 2;
+    era = (y >= 0 ? y : y - 399) / 400;
+    yoe = y - era * 400;
+    doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+/* A time for --since as Unix ms: "2026-11-25", "2026-11-25T11:00[:00[.123]]"
+ * with Z or an offset (+01:00) (a space may stand for the T), or a time
+ * ago: N followed by ms, s, m, h or d.  -1 when it is none of those. */
+static int parse_time(const char *s, int64_t *ms)
+{
+    static const struct {
+        const char *unit;
+        int64_t ms;
+    } units[] = {
+        {"ms", 1}, {"s", 1000}, {"m", 60000}, {"h", 3600000}, {"d", 86400000}};
+    int y, mo, d, h = 0, mi = 0, sec = 0, n = 0, frac = 0, fn = 0;
+    int oh = 0, om = 0;
+    const char *p;
+    char *end;
+    long long v;
+
+    /* A time ago. */
+    errno = 0;
+    v = strtoll(s, &end, 10);
+    if (end != s && s[0] >= '0' && s[0] <= '9' && errno == 0 && end[0] != '-')
+        for (size_t i = 0; i < sizeof units / sizeof *units; i++)
+            if (strcmp(end, units[i].unit) == 0 && v >= 0 &&
+                v <= INT64_MAX / units[i].ms && v * units[i].ms < now_ms()) {
+                *ms = now_ms() - v * units[i].ms;
+                return 0;
+            }
+    /* A date, and perhaps a time of day and an offset. */
+    if (sscanf(s, "%4d-%2d-%2d%n", &y, &mo, &d, &n) != 3 || n != 10 || mo < 1 ||
+        mo > 12 || d < 1 || d > 31 || y < 1970)
+        return -1;
+    p = s + n;
+    if (*p == 'T' || *p == ' ') {
+        if (sscanf(p + 1, "%2d:%2d%n", &h, &mi, &n) != 2 || n != 5)
+            return -1;
+        p += 1 + n;
+        if (*p == ':') {
+            if (sscanf(p + 1, "%2d%n", &sec, &n) != 1 || n != 2)
+                return -1;
+            p += 1 + n;
+            if (*p == '.') {
+                for (p++; *p >= '0' && *p <= '9'; p++, fn++)
+                    if (fn < 3)
+                        frac = frac * 10 + (*p - '0');
+                if (fn == 0)
+                    return -1;
+                for (int i = fn; i < 3; i++)
+                    frac *= 10;
+            }
+        }
+        if (h > 23 || mi > 59 || sec > 60)
+            return -1;
+        if (*p == 'Z') {
+            p++;
+        } else if (*p == '+' || *p == '-') {
+            if (sscanf(p + 1, "%2d:%2d%n", &oh, &om, &n) != 2 || n != 5 ||
+                oh > 23 || om > 59)
+                return -1;
+            if (*p == '-') {
+                oh = -oh;
+                om = -om;
+            }
+            p += 1 + n;
+        } else {
+            return -1; /* a time of day says which zone */
+        }
+    }
+    if (*p != '\0')
+        return -1;
+    *ms = ((days_from_civil(y, mo, d) * 24 + h - oh) * 60 + mi - om) * 60000 +
+          (int64_t)sec * 1000 + frac;
+    return *ms >= 0 ? 0 : -1;
+}
+
+static int cmd_replay(int argc, char **argv)
+{
+    static const char cmd[] = "replay";
+    const char *db = NULL, *subject = NULL, *state_path = NULL, *v, *colon;
+    char type[128];
+    long from = 0, timeout_ms = 60000;
+    int64_t since = 0;
+    int rc = 0, chosen = 0;
+    de_replay_select sel;
+    de_replay_result res;
+    de_conf *conf;
+    de_err err;
+
+    if (wants_help(argc, argv, usage_replay))
+        return 0;
+    if ((conf = de_conf_new()) == NULL) {
+        fprintf(stderr, "deliveryevents: %s: out of memory\n", cmd);
+        return 1;
+    }
+    de_conf_set_log_cb(conf, log_line, NULL);
+    for (int i = 0; i < argc && rc == 0; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--db") != 0 && strcmp(a, "--subject") != 0 &&
+            strcmp(a, "--from") != 0 && strcmp(a, "--since") != 0 &&
+            strcmp(a, "-b") != 0 && strcmp(a, "-X") != 0 &&
+            strcmp(a, "--timeout-ms") != 0) {
+            rc = bad_usage(cmd, "unknown argument '%s'", a);
+        } else if ((v = opt_value(cmd, argc, argv, &i)) == NULL) {
+            rc = 2;
+        } else if (strcmp(a, "--db") == 0) {
+            db = v;
+        } else if (strcmp(a, "-b") == 0 || strcmp(a, "-X") == 0) {
+            rc = conf_option(cmd, a, v, conf, &state_path);
+        } else if (strcmp(a, "--timeout-ms") == 0) {
+            rc = parse_num(cmd, a, v, 0, INT_MAX, &timeout_ms) ? 2 : 0;
+        } else if (chosen++ > 0) {
+            rc = bad_usage(cmd,
+                           "takes one of --subject, --from and --since; "
+                           "'%s' is a second",
+                           a);
+        } else if (strcmp(a, "--subject") == 0) {
+            if (split_subject(v, &colon) != 0 ||
+                (size_t)(colon - v) >= sizeof type)
+                rc = bad_usage(cmd,
+                               "--subject takes TYPE:ID, both non-empty "
+                               "(e.g. delivery:D-7), got '%s'",
+                               v);
+            subject = v;
+        } else if (strcmp(a, "--from") == 0) {
+            rc = parse_num(cmd, a, v, 1, LONG_MAX, &from) ? 2 : 0;
+        } else if (parse_time(v, &since) != 0) {
+            rc = bad_usage(cmd,
+                           "--since takes a time, e.g. 2026-11-25T11:00:00Z, "
+                           "2026-11-25T12:00+01:00, 2026-11-25, or a time "
+                           "ago such as 90s, 15m, 2h or 1d, got '%s'",
+                           v);
+        }
+    }
+    if (rc == 0 && db == NULL)
+        rc = bad_usage(cmd, "needs --db PATH%s", "");
+    if (rc == 0 && chosen == 0)
+        rc = bad_usage(cmd,
+                       "needs what to replay: --subject TYPE:ID, --from "
+                       "POSITION or --since TIME%s",
+                       "");
+    if (rc == 0 && de_conf_get(conf, "bootstrap.servers") == NULL)
+        rc = bad_usage(cmd, "needs -b SERVERS (or -X bootstrap.servers=...)%s",
+                       "");
+    if (rc == 0 && (!file_exists(db) || !is_file(db))) {
+        fprintf(stderr, "deliveryevents: %s: cannot open '%s': %s\n", cmd, db,
+                file_exists(db) ? "not a file" : strerror(errno));
+        rc = 1;
+    }
+    if (rc != 0) {
+        de_conf_destroy(conf);
+        return rc;
+    }
+    memset(&sel, 0, sizeof sel);
+    if (subject != NULL) {
+        split_subject(subject, &colon);
+        snprintf(type, sizeof type, "%.*s", (int)(colon - subject), subject);
+        sel.subject_type = type;
+        sel.subject_id = colon + 1;
+    }
+    sel.from_position = from;
+    sel.since_ms = since;
+    err = de_replay(db, conf, &sel, (int)timeout_ms, &res);
+    de_conf_destroy(conf);
+    if (err == DE_ERR_ARG) /* the selection: the tool checked the rest */
+        return bad_usage(cmd, "%s", de_errmsg());
+    if (err != DE_OK) {
+        fprintf(stderr, "deliveryevents: %s: %s: %s\n", cmd, de_err_name(err),
+                de_errmsg());
+        if (res.republished > 0)
+            fprintf(stderr,
+                    "deliveryevents: %s: %llu events were republished "
+                    "(positions %lld..%lld)\n",
+                    cmd, (unsigned long long)res.republished,
+                    (long long)res.first_position,
+                    (long long)res.last_position);
+        return 1;
+    }
+    printf("replay: republished %llu events of %s (positions %lld..%lld) "
+           "with their original ce_id and numbers",
+           (unsigned long long)res.republished, db,
+           (long long)res.first_position, (long long)res.last_position);
+    if (res.not_published > 0)
+        printf("; %llu not published yet, left to the relay",
+               (unsigned long long)res.not_published);
+    printf("\n");
+    return 0;
 }
 
 /* ---- tail -------------------------------------------------------------- */
@@ -2413,6 +2671,8 @@ int main(int argc, char **argv)
             return ro_main(&ro_cmds[i], argc - 2, argv + 2);
     if (strcmp(argv[1], "release") == 0 || strcmp(argv[1], "skip") == 0)
         return cmd_request(argv[1], argc - 2, argv + 2);
+    if (strcmp(argv[1], "replay") == 0)
+        return cmd_replay(argc - 2, argv + 2);
     if (strcmp(argv[1], "mock-cluster") == 0)
         return cmd_mock_cluster(argc - 2, argv + 2);
     if (strcmp(argv[1], "tail") == 0)
