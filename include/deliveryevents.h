@@ -557,6 +557,107 @@ DE_EXTERN DE_WARN_UNUSED de_err de_relay_metrics_prometheus(de_relay *r,
 DE_EXTERN de_err de_relay_retry_blocked(de_relay *r);
 
 /* --------------------------------------------------------------------- */
+/* Replay                                                                 */
+/* --------------------------------------------------------------------- */
+
+/**
+ * Which retained events de_replay() republishes: set exactly one of the
+ * three selections.  Zero-initialise it (`de_replay_select sel = {0};`):
+ * fields may only be added at the end, and new ones default to zero.
+ */
+typedef struct de_replay_select {
+    const char *subject_type; /* with subject_id: one subject's events,
+                                 e.g. "delivery" and "D-1001"            */
+    const char *subject_id;
+    int64_t from_position; /* > 0: the events from this outbox position
+                              on (de_recorded.position)                  */
+    int64_t since_ms;      /* > 0: the events recorded at or after this
+                              time (Unix ms UTC)                         */
+} de_replay_select;
+
+/**
+ * What de_replay() did.  The call fills every field, also on failure.
+ * New fields are taken from the reserved space at the end.
+ */
+typedef struct de_replay_result {
+    uint64_t republished;     /* events Kafka acknowledged again          */
+    int64_t first_position;   /* the lowest and highest position among   */
+    int64_t last_position;    /* them; 0 when none                        */
+    uint64_t selected;        /* events selected that the relay published */
+    uint64_t not_published;   /* selected events the relay has not
+                                 published yet (above its cursor, or held
+                                 back behind a blocked subject): left to
+                                 it, not replayed                         */
+    int64_t refused_position; /* DE_ERR_STATE: the position it names (the
+                                 first one that cannot be replayed); 0
+                                 otherwise                                */
+    uint64_t reserved_[10];   /* zero                                     */
+} de_replay_result;
+
+/**
+ * Republishes retained events of a database's outbox to Kafka with their
+ * original ce_id, ce_subjectepoch and ce_subjectseq, so that a consumer
+ * that applied them counts them as duplicates (de_consumer does), and one
+ * whose inbox was reset, or a new consumer group, applies them again in
+ * order.
+ *
+ * Retained: the relay keeps published rows for outbox.retention.ms and,
+ * while it is above 0, records in its state file the numbers each one
+ * went out with (docs/OPERATIONS.md, "Replaying retained events").  The
+ * records go out exactly as the relay's did: the same envelope, key,
+ * partitioner and topic, and the ce_source, ce_type prefix and topic
+ * template the writer stored with the outbox (adopted as a relay adopts
+ * them: a different value in conf is refused unless
+ * relay.settings.override=true), through an idempotent producer; it waits
+ * for every delivery report.
+ *
+ * It selects the retained rows at or below the relay's cursor that are
+ * not held back; selected rows the relay has not published yet are left
+ * to it and counted in out->not_published.  It refuses, publishing
+ * nothing, with DE_ERR_STATE and out->refused_position when: a selected
+ * published row has no recorded numbers (published by a relay without
+ * retention, or before it recorded them); the selection starts where rows
+ * are no longer retained (from_position at or below the deletion floor;
+ * since_ms before the oldest retained row, once rows were deleted); the
+ * selection holds no published event (only events not yet published, or
+ * none at all).
+ *
+ * It takes no lease and writes neither the database nor the relay's state
+ * file (it reads both): relays of the database, in this process or
+ * others, go on as they were, their cursor and counters untouched.
+ *
+ * @param db_path     the database file; required; must hold an outbox.
+ * @param conf        bootstrap.servers and any other librdkafka property
+ *                    (TLS, SASL), relay.state.path when the relay's state
+ *                    file is not "<db_path>-relay", and the wire settings
+ *                    as for de_relay_start_path(); NULL is not enough
+ *                    (bootstrap.servers is required).  Copied.
+ * @param select      what to republish; required; read during the call.
+ * @param timeout_ms  how long to wait for Kafka's acknowledgements once
+ *                    everything is handed to the producer; negative waits
+ *                    without limit.  What is not acknowledged in time is
+ *                    purged (possibly written already: a duplicate).
+ * @param out         receives what was done; required.
+ * @return DE_OK; DE_ERR_ARG (a NULL argument, a missing database, not
+ *         exactly one selection, a subject that is not TYPE and ID as
+ *         de_record() takes them, a negative position or time);
+ *         DE_ERR_STATE (refused, see above; also a missing or foreign
+ *         relay state, a database without an outbox); DE_ERR_CONFIG (as
+ *         de_relay_start_path()); DE_ERR_KAFKA (Kafka refused an event:
+ *         the message names its position; out->republished counts what
+ *         was acknowledged); DE_ERR_TIMEOUT; DE_ERR_DB; DE_ERR_NOMEM.
+ *
+ * Blocks the calling thread; any thread may call it, also beside a
+ * de_relay of the same database.  It uses its own connections and its own
+ * producer, and its log lines go to conf's log callback on this thread.
+ */
+DE_EXTERN DE_WARN_UNUSED de_err de_replay(const char *db_path,
+                                          const de_conf *conf,
+                                          const de_replay_select *select,
+                                          int timeout_ms,
+                                          de_replay_result *out);
+
+/* --------------------------------------------------------------------- */
 /* Consumer                                                               */
 /* --------------------------------------------------------------------- */
 

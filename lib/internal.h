@@ -384,6 +384,9 @@ de_err de__schema_migrate(sqlite3 *db, const de__schema *sc, int64_t *was);
 /* The same in a transaction of its own; an up-to-date database is checked
  * without taking the write lock. */
 de_err de__schema_ensure(sqlite3 *db, const de__schema *sc);
+/* Reads the stored version (0: none) without migrating, refusing a newer
+ * one (DE_ERR_STATE), for a reader that must not write. */
+de_err de__schema_check(sqlite3 *db, const de__schema *sc, int64_t *version);
 
 /* The outbox schema version this library writes. */
 #define DE__OUTBOX_SCHEMA_VERSION 1

@@ -85,10 +85,6 @@
 #define CLEANUP_BEHIND_MS 50
 #define CLEANUP_BEHIND_BUSY_MS 250
 
-/* librdkafka lines the relay causes on purpose, logged as debug. */
-static const char *const quiet_lines[] = {
-    "enable.gapless.guarantee is experimental", NULL};
-
 static const char *const state_names[] = {
     [DE_RELAY_STANDBY] = "standby", [DE_RELAY_RECOVERING] = "recovering",
     [DE_RELAY_ACTIVE] = "active",   [DE_RELAY_RESTARTING] = "restarting",
@@ -556,6 +552,7 @@ void de__relay_free(de_relay *r)
     DE__VEC_FREE(r->parks);
     DE__VEC_FREE(r->unparks);
     DE__VEC_FREE(r->replays);
+    DE__VEC_FREE(r->sent);
     de__relay_topics_free(r);
     DE__VEC_FREE(r->topics);
     free(r->ring);
@@ -568,29 +565,6 @@ void de__relay_free(de_relay *r)
     free(r->state_path);
     de_conf_destroy(r->conf);
     free(r);
-}
-
-static de_err check_conf(const de_conf *conf)
-{
-    const char *v = NULL;
-
-    if (!de__conf_rdkafka_get(conf, "bootstrap.servers", &v) &&
-        !de__conf_rdkafka_get(conf, "metadata.broker.list", &v))
-        return de__fail(DE_ERR_CONFIG, "the relay needs bootstrap.servers "
-                                       "(the Kafka brokers to publish to)");
-    for (size_t i = 0; i < de__relay_nowned; i++) {
-        const de__rk_owned *o = &de__relay_owned[i];
-        if (de__conf_rdkafka_get(conf, o->key, &v) && strcmp(v, o->value) != 0)
-            return de__fail(DE_ERR_CONFIG,
-                            "%s=%s is not allowed for the relay: it keeps "
-                            "%s=%s because %s",
-                            o->key, v, o->key, o->value, o->why);
-    }
-    if (de__conf_rdkafka_get(conf, "transactional.id", &v))
-        return de__fail(DE_ERR_CONFIG,
-                        "transactional.id is not allowed for the relay: it "
-                        "uses an idempotent, not a transactional, producer");
-    return DE_OK;
 }
 
 /* Reads the configuration into the relay's fields. */
@@ -620,11 +594,6 @@ static void read_conf(de_relay *r)
                "continue") == 0;
 }
 
-/* Every relay of a database publishes with the wire settings its writer
- * stored with the outbox: a relay not given one takes the stored value; a
- * relay given a different one refuses (DE_ERR_CONFIG, naming both), unless
- * relay.settings.override says to publish with its own.  conf is the
- * relay's private copy. */
 /* The database's permission bits, which its relay state gets too (0600
  * when they cannot be read). */
 static unsigned db_mode(const char *db_path)
@@ -634,7 +603,13 @@ static unsigned db_mode(const char *db_path)
     return stat(db_path, &sb) == 0 ? (unsigned)(sb.st_mode & 0666) : 0600;
 }
 
-static de_err adopt_settings(de_relay *r, de_conf *conf)
+/* Every relay of a database publishes with the wire settings its writer
+ * stored with the outbox: a relay not given one takes the stored value; a
+ * relay given a different one refuses (DE_ERR_CONFIG, naming both), unless
+ * relay.settings.override says to publish with its own.  conf is the
+ * caller's private copy. */
+de_err de__adopt_settings(de__source *src, de_conf *conf, const char *db_path,
+                          const char *log_prefix)
 {
     static const de__key wire[] = DE__WIRE_KEYS;
     bool override = de__conf_bool(conf, DE__K_RELAY_SETTINGS_OVERRIDE);
@@ -644,8 +619,7 @@ static de_err adopt_settings(de_relay *r, de_conf *conf)
         const char *key = de__conf_key_name(wire[i]);
         const char *mine = de__conf_str(conf, wire[i]);
         char *stored = NULL;
-        if ((err = r->src->ops->stored_setting(r->src, key, &stored)) !=
-                DE_OK ||
+        if ((err = src->ops->stored_setting(src, key, &stored)) != DE_OK ||
             stored == NULL)
             continue;
         if (strcmp(stored, mine) == 0) {
@@ -656,20 +630,29 @@ static de_err adopt_settings(de_relay *r, de_conf *conf)
             de__log(conf, DE_LOG_WARNING,
                     "%s%s is '%s' here but '%s' in the outbox's settings; "
                     "publishing with '%s' (relay.settings.override)",
-                    r->log_prefix, key, mine, stored, mine);
+                    log_prefix, key, mine, stored, mine);
         } else {
             err = de__fail(DE_ERR_CONFIG,
-                           "%s is '%s' for this relay but '%s' in the "
+                           "%s is '%s' here but '%s' in the "
                            "settings the writer of '%s' stored with its "
                            "outbox; leave %s unset to use the stored value, "
                            "or set relay.settings.override=true",
-                           key, mine, stored, r->db_path, key);
+                           key, mine, stored, db_path, key);
         }
         free(stored);
     }
-    if (err == DE_OK)
-        read_conf(r);
     return err;
+}
+
+const char *de__relay_state_path(const de_conf *conf, const char *db_path,
+                                 char *buf, size_t size)
+{
+    const char *sp = de__conf_str(conf, DE__K_RELAY_STATE_PATH);
+
+    if (sp[0] != '\0')
+        return sp;
+    snprintf(buf, size, "%s-relay", db_path);
+    return buf;
 }
 
 static de_err relay_new(const char *db_path, de_conf *conf, de_outbox *ob,
@@ -682,7 +665,7 @@ static de_err relay_new(const char *db_path, de_conf *conf, de_outbox *ob,
     de_err err;
     int rc;
 
-    if ((err = check_conf(conf)) != DE_OK) {
+    if ((err = de__producer_check_conf(conf, "relay")) != DE_OK) {
         de_conf_destroy(conf);
         return err;
     }
@@ -698,11 +681,7 @@ static de_err relay_new(const char *db_path, de_conf *conf, de_outbox *ob,
         goto fail;
     }
     r->db_path = strdup(resolved);
-    sp = de__conf_str(conf, DE__K_RELAY_STATE_PATH);
-    if (sp[0] == '\0') {
-        snprintf(state, sizeof state, "%s-relay", resolved);
-        sp = state;
-    }
+    sp = de__relay_state_path(conf, resolved, state, sizeof state);
     r->state_path = strdup(sp);
     if (r->db_path == NULL || r->state_path == NULL) {
         err = de__fail(DE_ERR_NOMEM, "out of memory starting the relay");
@@ -711,7 +690,6 @@ static de_err relay_new(const char *db_path, de_conf *conf, de_outbox *ob,
     snprintf(r->log_prefix, sizeof r->log_prefix, "relay %s: ", r->db_path);
     r->bridge.conf = conf;
     memcpy(r->bridge.prefix, r->log_prefix, sizeof r->bridge.prefix);
-    r->bridge.quiet = quiet_lines;
     r->bridge.owner = r;
     r->bridge.on_fatal = on_fatal;
     r->bridge.on_stats = on_rk_stats;
@@ -719,9 +697,10 @@ static de_err relay_new(const char *db_path, de_conf *conf, de_outbox *ob,
     r->stats_fn = de__conf_stats_cb(conf, &r->stats_ctx);
     r->stats_interval_ms = de__rk_stats_interval(conf);
     de__uuid7(r->owner);
-    if ((err = de__source_open_sqlite(r->db_path, r->busy_ms, ob != NULL,
+    if ((err = de__source_open_sqlite(r->db_path, r->busy_ms, ob != NULL, true,
                                       &r->src, r->outbox_id)) != DE_OK ||
-        (err = adopt_settings(r, conf)) != DE_OK ||
+        (err = de__adopt_settings(r->src, conf, r->db_path, r->log_prefix)) !=
+            DE_OK ||
         (err = r->src->ops->deleted_upto(r->src, &floor)) != DE_OK ||
         (err = de__rstate_open(r->state_path, db_mode(r->db_path), r->outbox_id,
                                floor, &r->st, &cursor)) != DE_OK ||
@@ -729,6 +708,7 @@ static de_err relay_new(const char *db_path, de_conf *conf, de_outbox *ob,
         /* Refused at once, not only when the thread becomes active. */
         (err = de__relay_check_cursor(r, cursor, cid)) != DE_OK)
         goto fail;
+    read_conf(r); /* with the writer's wire settings */
     r->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (r->wake_fd < 0) {
         err = de__fail(DE_ERR_STATE, "relay: eventfd failed: %s",

@@ -96,9 +96,21 @@ typedef struct de__slot {
 typedef struct de__replay {
     uint64_t tag;
     int64_t position;
+    int64_t epoch, seq;
+    uint32_t topic; /* index in r->topics */
     de__subj *s;
     bool done;
 } de__replay;
+
+/* An event that went out, with its numbers and where Kafka stored it
+ * (partition and offset -1: unknown), recorded at the next checkpoint
+ * while the outbox keeps published rows (outbox.retention.ms), so that
+ * de_replay can republish it with the same numbers. */
+typedef struct de__sent {
+    int64_t position, epoch, seq, offset;
+    int32_t partition;
+    uint32_t topic; /* index in r->topics */
+} de__sent;
 
 typedef struct de__park {
     int64_t position;
@@ -205,6 +217,8 @@ struct de_relay {
     DE__VEC(int64_t) unparks; /* resent and acked, to delete likewise */
     DE__VEC(de__replay) replays;
     uint64_t next_replay_tag;
+    DE__VEC(de__sent) sent;      /* went out, to record at the checkpoint */
+    int64_t sent_forgotten_upto; /* their records deleted up to here */
     /* what Kafka already held at activation (relay_recover.c) */
     int64_t recover_upto; /* rows up to here may have landed already */
     int64_t landed;       /* events found there; 0: no look-ups needed */
@@ -240,6 +254,14 @@ void de__relay_set_state(de_relay *r, de_relay_state state, const char *why);
 void de__relay_set_error(de_relay *r, const char *fmt, ...) DE__PRINTF(2, 3);
 void de__relay_publish_stats(de_relay *r);
 bool de__relay_stop_due(de_relay *r);
+/* Takes the wire settings the writer stored with the outbox in src into
+ * conf (the caller's copy), or refuses a different one (DE_ERR_CONFIG)
+ * unless relay.settings.override; log_prefix names the caller. */
+de_err de__adopt_settings(de__source *src, de_conf *conf, const char *db_path,
+                          const char *log_prefix);
+/* relay.state.path, or "<db_path>-relay" in buf. */
+const char *de__relay_state_path(const de_conf *conf, const char *db_path,
+                                 char *buf, size_t size);
 /* Allocates a relay with no thread, database or producer, for the unit
  * tests of the ring and subjects; freed with de__relay_free. */
 de_relay *de__relay_alloc(int64_t cap, de_conf *conf);
@@ -267,6 +289,23 @@ void de__relay_retry_blocked(de_relay *r, bool all);
 bool de__relay_published_through(de_relay *r, int64_t target);
 
 /* relay_producer.c */
+/* Refuses (DE_ERR_CONFIG) a configuration a producer that publishes as the
+ * relay does cannot run with: no bootstrap.servers, another value of a
+ * property it owns, transactional.id.  who names it ("relay"). */
+de_err de__producer_check_conf(const de_conf *conf, const char *who);
+/* Such a producer's configuration: the relay's defaults (client.id
+ * "deliveryevents-<who>", the murmur2_random partitioner, ...), conf's
+ * librdkafka properties, the owned ones, the bridge. */
+de_err de__producer_conf(const de_conf *conf, const char *who,
+                         int64_t queue_max, de__rk_bridge *bridge,
+                         rd_kafka_conf_t **out);
+/* Hands a row's record (envelope.c's headers, the subject id as the key,
+ * the payload, occurred_at as the timestamp) to rk for rkt, copied.
+ * DE__AGAIN when librdkafka did not take it (*kerr says why). */
+de_err de__produce_row(rd_kafka_t *rk, rd_kafka_topic_t *rkt,
+                       const de__row *row, int64_t epoch, int64_t seq,
+                       const char *source, const char *type_prefix,
+                       void *opaque, rd_kafka_resp_err_t *kerr);
 de_err de__relay_producer_new(de_relay *r);
 void de__relay_producer_destroy(de_relay *r);
 void de__relay_purge(de_relay *r);

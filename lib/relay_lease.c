@@ -112,6 +112,15 @@ de_err de__relay_checkpoint(de_relay *r)
     for (i = 0; i < r->unparks.n; i++)
         if ((err = de__rstate_unpark(r->st, r->unparks.v[i])) != DE_OK)
             goto fail;
+    /* The numbers of what went out, with the cursor that passes them. */
+    for (i = 0; i < r->sent.n; i++) {
+        de__sent *e = &r->sent.v[i];
+        if ((err = de__rstate_put_published(
+                 r->st, e->position, e->epoch, e->seq,
+                 e->topic < r->topics.n ? r->topics.v[e->topic].name : NULL,
+                 e->partition, e->offset)) != DE_OK)
+            goto fail;
+    }
     /* Where each partition stands: everything above the cursor is past
      * these offsets (only events at or below the watermark moved them). */
     for (i = 0; i < r->topics.n; i++) {
@@ -138,6 +147,7 @@ de_err de__relay_checkpoint(de_relay *r)
                 counter_written(s);
     r->dirty.n = 0;
     r->dirty_overflow = false;
+    r->sent.n = 0;
     if (r->parks.n || r->unparks.n) {
         int64_t cnt;
         r->parks.n = 0;
@@ -220,7 +230,11 @@ de_err de__relay_cleanup(de_relay *r, bool *behind)
 
 /* Forgets, a slice at a time, the counters of subjects idle for longer
  * than relay.subject.forget.ms (their next event starts a new numbering
- * anyway), in a transaction that checks the lease.
+ * anyway), and the recorded numbers of the rows cleanup deleted (so that
+ * they last as long as the rows: the state stays bounded), in a
+ * transaction that checks the lease.  With outbox.retention.ms 0 nothing
+ * is recorded: the numbers are swept once after activation, for what an
+ * earlier relay with retention left.
  *
  * "Idle" is measured from the oldest event in flight, not from the wall
  * clock: a relay behind its outbox (after an outage, a takeover) still
@@ -230,11 +244,13 @@ de_err de__relay_cleanup(de_relay *r, bool *behind)
  * rows with the counter still in memory would not start. */
 de_err de__relay_forget(de_relay *r)
 {
-    int64_t now = de__now_ms(), horizon = now, scanned, forgotten;
+    int64_t now = de__now_ms(), horizon = now, scanned, forgotten, dropped;
+    bool numbers = r->deleted_upto > r->sent_forgotten_upto &&
+                   (r->retention_ms > 0 || r->sent_forgotten_upto == 0);
     bool held;
     de_err err;
 
-    if (r->forget_ms <= 0)
+    if (r->forget_ms <= 0 && !numbers)
         return DE_OK;
     if (r->count > 0 && de__ring_at(r, r->head_tag)->recorded_at_ms < horizon)
         horizon = de__ring_at(r, r->head_tag)->recorded_at_ms;
@@ -244,13 +260,19 @@ de_err de__relay_forget(de_relay *r)
         r->lease_lost = true;
         return DE_OK;
     }
-    if ((err = de__rstate_forget(r->st, horizon - r->forget_ms, FORGET_SLICE,
-                                 &scanned, &forgotten)) != DE_OK ||
+    scanned = forgotten = 0;
+    if ((r->forget_ms > 0 &&
+         (err = de__rstate_forget(r->st, horizon - r->forget_ms, FORGET_SLICE,
+                                  &scanned, &forgotten)) != DE_OK) ||
+        (numbers && (err = de__rstate_forget_published(r->st, r->deleted_upto,
+                                                       &dropped)) != DE_OK) ||
         (err = de__rstate_commit(r->st)) != DE_OK) {
         de__rstate_rollback(r->st);
         return err;
     }
     r->forgotten += (uint64_t)forgotten;
+    if (numbers)
+        r->sent_forgotten_upto = r->deleted_upto;
     r->last_beat_ms = now;
     return DE_OK;
 }
@@ -360,6 +382,8 @@ static de_err activate(de_relay *r, bool *lost)
 
     de__subj_sweep(r, true);
     r->dirty.n = r->blocked.n = r->parks.n = r->unparks.n = r->replays.n = 0;
+    r->sent.n = 0;
+    r->sent_forgotten_upto = 0;
     for (size_t i = 0; i < r->topics.n; i++) {
         de__topic *t = &r->topics.v[i];
         /* Another relay may have registered topics meanwhile. */
@@ -420,6 +444,7 @@ void de__relay_demote(de_relay *r, const char *why)
     r->lease_lost = false;
     de__subj_sweep(r, true);
     r->dirty.n = r->blocked.n = r->parks.n = r->unparks.n = 0;
+    r->sent.n = 0;
 }
 
 /* Never publishes again: Kafka holds what the relay cannot verify

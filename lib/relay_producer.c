@@ -42,13 +42,44 @@ const de__rk_owned de__relay_owned[] = {
 };
 const size_t de__relay_nowned = DE__ARRAY_LEN(de__relay_owned);
 
-de_err de__relay_producer_new(de_relay *r)
+/* librdkafka lines the producer causes on purpose, logged as debug. */
+static const char *const quiet_lines[] = {
+    "enable.gapless.guarantee is experimental", NULL};
+
+de_err de__producer_check_conf(const de_conf *conf, const char *who)
 {
-    static const uint64_t one = 1;
-    int64_t max_bytes = de__conf_int(r->conf, DE__K_EVENT_MAX_BYTES);
-    char inflight[32], maxmsg[32];
+    const char *v = NULL;
+
+    if (!de__conf_rdkafka_get(conf, "bootstrap.servers", &v) &&
+        !de__conf_rdkafka_get(conf, "metadata.broker.list", &v))
+        return de__fail(DE_ERR_CONFIG,
+                        "the %s needs bootstrap.servers "
+                        "(the Kafka brokers to publish to)",
+                        who);
+    for (size_t i = 0; i < de__relay_nowned; i++) {
+        const de__rk_owned *o = &de__relay_owned[i];
+        if (de__conf_rdkafka_get(conf, o->key, &v) && strcmp(v, o->value) != 0)
+            return de__fail(DE_ERR_CONFIG,
+                            "%s=%s is not allowed for the %s: it keeps "
+                            "%s=%s because %s",
+                            o->key, v, who, o->key, o->value, o->why);
+    }
+    if (de__conf_rdkafka_get(conf, "transactional.id", &v))
+        return de__fail(DE_ERR_CONFIG,
+                        "transactional.id is not allowed for the %s: it "
+                        "uses an idempotent, not a transactional, producer",
+                        who);
+    return DE_OK;
+}
+
+de_err de__producer_conf(const de_conf *conf, const char *who,
+                         int64_t queue_max, de__rk_bridge *bridge,
+                         rd_kafka_conf_t **out)
+{
+    int64_t max_bytes = de__conf_int(conf, DE__K_EVENT_MAX_BYTES);
+    char inflight[32], maxmsg[32], client[64];
     de__rk_prop defaults[] = {
-        {"client.id", "deliveryevents-relay"},
+        {"client.id", client},
         {"partitioner", "murmur2_random"},
         {"socket.nagle.disable", "true"},
         {"reconnect.backoff.ms", "10"},
@@ -60,16 +91,25 @@ de_err de__relay_producer_new(de_relay *r)
         {"queue.buffering.max.messages", inflight},
         {"message.max.bytes", maxmsg},
     };
-    rd_kafka_conf_t *c;
-    de_err err;
 
-    snprintf(inflight, sizeof inflight, "%lld", (long long)(r->cap * 2 + 1000));
+    snprintf(client, sizeof client, "deliveryevents-%s", who);
+    snprintf(inflight, sizeof inflight, "%lld", (long long)queue_max);
     snprintf(
         maxmsg, sizeof maxmsg, "%lld",
         (long long)(max_bytes + 10000 > 1000000 ? max_bytes + 10000 : 1000000));
-    if ((err = de__rk_conf(r->conf, "relay", defaults, DE__ARRAY_LEN(defaults),
-                           de__relay_owned, de__relay_nowned, &r->bridge,
-                           &c)) != DE_OK)
+    bridge->quiet = quiet_lines;
+    return de__rk_conf(conf, who, defaults, DE__ARRAY_LEN(defaults),
+                       de__relay_owned, de__relay_nowned, bridge, out);
+}
+
+de_err de__relay_producer_new(de_relay *r)
+{
+    static const uint64_t one = 1;
+    rd_kafka_conf_t *c;
+    de_err err;
+
+    if ((err = de__producer_conf(r->conf, "relay", r->cap * 2 + 1000,
+                                 &r->bridge, &c)) != DE_OK)
         return err;
     rd_kafka_conf_set_dr_msg_cb(c, de__relay_on_dr);
     if ((err = de__rk_new(RD_KAFKA_PRODUCER, c, "relay's producer", &r->rk)) !=
@@ -106,19 +146,28 @@ de_err de__relay_send(de_relay *r, const de__row *row, int64_t epoch,
                       int64_t seq, uint64_t tag, de__topic *t,
                       rd_kafka_resp_err_t *kerr)
 {
+    return de__produce_row(r->rk, t->rkt, row, epoch, seq, r->source,
+                           r->type_prefix, (void *)(uintptr_t)tag, kerr);
+}
+
+de_err de__produce_row(rd_kafka_t *rk, rd_kafka_topic_t *rkt,
+                       const de__row *row, int64_t epoch, int64_t seq,
+                       const char *source, const char *type_prefix,
+                       void *opaque, rd_kafka_resp_err_t *kerr)
+{
     rd_kafka_headers_t *hdrs;
 
     *kerr = RD_KAFKA_RESP_ERR_NO_ERROR;
-    hdrs = de__envelope_headers(row, epoch, seq, r->source, r->type_prefix);
+    hdrs = de__envelope_headers(row, epoch, seq, source, type_prefix);
     if (hdrs == NULL)
-        return de__fail(DE_ERR_NOMEM, "relay: out of memory producing");
+        return de__fail(DE_ERR_NOMEM, "out of memory producing");
     *kerr = rd_kafka_producev(
-        r->rk, RD_KAFKA_V_RKT(t->rkt),
+        rk, RD_KAFKA_V_RKT(rkt),
         RD_KAFKA_V_KEY(row->subject_id, row->subject_id_len),
         RD_KAFKA_V_VALUE((void *)(uintptr_t)row->payload, row->payload_len),
         RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
         RD_KAFKA_V_TIMESTAMP(row->occurred_at_ms), RD_KAFKA_V_HEADERS(hdrs),
-        RD_KAFKA_V_OPAQUE((void *)(uintptr_t)tag), RD_KAFKA_V_END);
+        RD_KAFKA_V_OPAQUE(opaque), RD_KAFKA_V_END);
     if (*kerr == RD_KAFKA_RESP_ERR_NO_ERROR)
         return DE_OK;
     rd_kafka_headers_destroy(hdrs); /* ours until producev took them */

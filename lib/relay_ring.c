@@ -20,6 +20,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Notes an event that went out, for the next checkpoint to record, when
+ * the outbox keeps published rows (outbox.retention.ms): de_replay
+ * republishes a retained row with the numbers it went out with. */
+static void note_sent(de_relay *r, int64_t position, int64_t epoch, int64_t seq,
+                      uint32_t topic, int32_t partition, int64_t offset)
+{
+    de__sent e = {position, epoch, seq, offset, partition, topic};
+
+    if (r->retention_ms > 0 && !DE__VEC_PUSH(r->sent, e))
+        r->oom = true; /* start over from the cursor */
+}
+
 /* A held-back event's resend was acknowledged or failed. */
 static void replay_report(de_relay *r, uint64_t tag,
                           const rd_kafka_message_t *m)
@@ -32,6 +44,8 @@ static void replay_report(de_relay *r, uint64_t tag,
             rp->done = true;
             rp->s->replaying--;
             r->published++;
+            note_sent(r, rp->position, rp->epoch, rp->seq, rp->topic,
+                      m->partition, m->offset);
             /* Not recorded as sent: it would be sent again, with the same
              * number; start over from the watermark instead. */
             if (!DE__VEC_PUSH(r->unparks, rp->position))
@@ -102,8 +116,11 @@ void de__relay_advance(de_relay *r)
             sl->s->acked_ms = sl->recorded_at_ms;
             de__subj_mark_dirty(r, sl->s);
         }
-        if (sl->state == DE__SLOT_ACKED)
+        if (sl->state == DE__SLOT_ACKED) {
             de__relay_topic_seen(r, sl->topic, sl->partition, sl->offset);
+            note_sent(r, sl->position, sl->epoch, sl->seq, sl->topic,
+                      sl->partition, sl->offset);
+        }
         assert(sl->s->ring_refs > 0);
         sl->s->ring_refs--;
         r->done_pos = sl->position;
@@ -378,11 +395,14 @@ static de_err replay_one(void *arg, const de__row *row)
 
     rp.tag = DE__REPLAY_TAG | r->next_replay_tag++;
     rp.position = row->position;
+    rp.epoch = c->epoch;
+    rp.seq = c->seq;
     rp.s = c->s;
     rp.done = false;
     /* Held back after registration: its topic has marks already. */
     if ((t = de__relay_topic(r, row->subject_type, &tidx)) == NULL)
         return DE_ERR_NOMEM;
+    rp.topic = tidx;
     if (!t->registered && (err = de__relay_register_topic(r, t)) != DE_OK)
         return err;
     if ((err = de__relay_send(r, row, c->epoch, c->seq, rp.tag, t, &kerr)) !=

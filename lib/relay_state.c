@@ -42,7 +42,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define STATE_SCHEMA_VERSION 3
+#define STATE_SCHEMA_VERSION 4
 
 enum {
     S_LEASE_GET,
@@ -68,6 +68,10 @@ enum {
     S_LANDED_GET,
     S_FOUND_COUNT,
     S_HAS_MARKS,
+    S_PUBLISHED_PUT,
+    S_PUBLISHED_FORGET,
+    S_PUBLISHED_GET,
+    S_PARKED_AT,
     S_BEGIN,
     S_READ_BEGIN,
     S_COMMIT,
@@ -160,6 +164,14 @@ static const char *const sql[S_COUNT] = {
     [S_FOUND_COUNT] = "SELECT (SELECT count(*) FROM temp.de_landed), "
                       "(SELECT count(*) FROM temp.de_found)",
     [S_HAS_MARKS] = "SELECT 1 FROM de_relay_mark WHERE topic = ?1 LIMIT 1",
+    [S_PUBLISHED_PUT] = "INSERT OR REPLACE INTO de_relay_published(position, "
+                        "epoch, seq, topic, partition, offset) VALUES (?1, "
+                        "?2, ?3, ?4, ?5, ?6)",
+    [S_PUBLISHED_FORGET] = "DELETE FROM de_relay_published WHERE position <= "
+                           "?1",
+    [S_PUBLISHED_GET] = "SELECT epoch, seq FROM de_relay_published WHERE "
+                        "position = ?1",
+    [S_PARKED_AT] = "SELECT 1 FROM de_relay_parked WHERE position = ?1",
     [S_BEGIN] = "BEGIN IMMEDIATE",
     [S_READ_BEGIN] = "BEGIN",
     [S_COMMIT] = "COMMIT",
@@ -170,7 +182,9 @@ struct de__rstate {
     sqlite3 *db;
     char *path;
     sqlite3_stmt *st[S_COUNT];
-    bool reading; /* inside de__rstate_read_begin's transaction */
+    bool reading;      /* inside de__rstate_read_begin's transaction */
+    bool reader;       /* opened by de__rstate_open_reader: never writes */
+    bool no_published; /* a state older than de_relay_published */
     /* where forgetting stopped: the last key it looked at */
     char forget_type[DE__IDENT_MAX + 1];
     char forget_id[DE__SUBJECT_ID_MAX + 1];
@@ -205,6 +219,14 @@ static const char *const migrations[STATE_SCHEMA_VERSION] = {
     "UPDATE de_relay_seq SET last_ms = "
     "  CAST(strftime('%s', 'now') AS INTEGER) * 1000;"
     "ALTER TABLE de_relay_parked ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;",
+    /* 3 -> 4: the numbers each published event went out with, and where
+     * Kafka stored it, while the outbox retains its row
+     * (outbox.retention.ms), so that a replay republishes it with them.
+     * Events published before have none. */
+    "CREATE TABLE IF NOT EXISTS de_relay_published("
+    "  position INTEGER PRIMARY KEY, epoch INTEGER NOT NULL,"
+    "  seq INTEGER NOT NULL, topic TEXT, partition INTEGER,"
+    "  offset INTEGER);",
 };
 
 static const de__schema state_schema = {
@@ -363,29 +385,48 @@ static de_err create_file(const char *path, unsigned mode)
                     path, strerror(errno));
 }
 
+/* A state handle on the file at path, opened with flags (read-write:
+ * a WAL file is read through its -shm); *out is set also on failure, for
+ * de__rstate_close. */
+static de_err state_new(const char *path, int flags, de__rstate **out)
+{
+    de__rstate *st = calloc(1, sizeof *st);
+
+    *out = st;
+    if (st == NULL || (st->path = strdup(path)) == NULL)
+        return de__fail(DE_ERR_NOMEM, "out of memory opening relay state");
+    if (sqlite3_open_v2(path, &st->db,
+                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | flags,
+                        NULL) != SQLITE_OK)
+        return fail_st(st, "cannot open");
+    sqlite3_busy_timeout(st->db, 2000);
+    return DE_OK;
+}
+
+/* Prepares the statements which[0..n-1]. */
+static de_err prepare(de__rstate *st, const int *which, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (sqlite3_prepare_v3(st->db, sql[which[i]], -1,
+                               SQLITE_PREPARE_PERSISTENT, &st->st[which[i]],
+                               NULL) != SQLITE_OK)
+            return fail_st(st, "cannot prepare its statements");
+    return DE_OK;
+}
+
 de_err de__rstate_open(const char *path, unsigned mode, const char *outbox_id,
                        int64_t host_deleted_upto, de__rstate **out,
                        int64_t *cursor)
 {
+    int all[S_COUNT];
     de__rstate *st;
     de_err err;
 
     *out = NULL;
-    st = calloc(1, sizeof *st);
-    if (st == NULL || (st->path = strdup(path)) == NULL) {
-        free(st);
-        return de__fail(DE_ERR_NOMEM, "out of memory opening relay state");
-    }
     if ((err = create_file(path, mode)) != DE_OK)
+        return err;
+    if ((err = state_new(path, SQLITE_OPEN_NOFOLLOW, &st)) != DE_OK)
         goto fail;
-    if (sqlite3_open_v2(path, &st->db,
-                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOFOLLOW |
-                            SQLITE_OPEN_NOMUTEX,
-                        NULL) != SQLITE_OK) {
-        err = fail_st(st, "cannot open");
-        goto fail;
-    }
-    sqlite3_busy_timeout(st->db, 2000);
     /* FULL, set here outside any transaction (SQLite refuses to change it
      * inside one): in WAL mode every commit then syncs the log, so a
      * checkpoint is on disk before the deletions and numbering that rely
@@ -395,16 +436,68 @@ de_err de__rstate_open(const char *path, unsigned mode, const char *outbox_id,
         (err = de__exec(st->db, "PRAGMA synchronous=FULL")) != DE_OK ||
         (err = de__exec(st->db, "PRAGMA cache_size=-8192")) != DE_OK)
         goto fail;
+    for (int i = 0; i < S_COUNT; i++)
+        all[i] = i;
     if ((err = adopt(st, outbox_id, host_deleted_upto, cursor)) != DE_OK ||
-        (err = de__exec(st->db, temp_sql)) != DE_OK)
+        (err = de__exec(st->db, temp_sql)) != DE_OK ||
+        (err = prepare(st, all, S_COUNT)) != DE_OK)
         goto fail;
-    for (int i = 0; i < S_COUNT; i++) {
-        if (sqlite3_prepare_v3(st->db, sql[i], -1, SQLITE_PREPARE_PERSISTENT,
-                               &st->st[i], NULL) != SQLITE_OK) {
-            err = fail_st(st, "cannot prepare its statements");
-            goto fail;
-        }
+    *out = st;
+    return DE_OK;
+fail:
+    de__rstate_close(st);
+    return err;
+}
+
+/* The statements a reader prepares (S_PUBLISHED_GET only where the table
+ * exists): the others may name tables an older state lacks. */
+static const int reader_statements[] = {S_PARKED_AT, S_READ_BEGIN, S_COMMIT,
+                                        S_ROLLBACK, S_PUBLISHED_GET};
+
+de_err de__rstate_open_reader(const char *path, const char *outbox_id,
+                              de__rstate **out)
+{
+    de__rstate *st;
+    char buf[64];
+    int64_t version = 0;
+    bool found = false;
+    de_err err;
+
+    *out = NULL;
+    if (access(path, F_OK) != 0)
+        return de__fail(DE_ERR_STATE,
+                        "relay state '%s' does not exist: no relay of this "
+                        "outbox has published anything yet (or "
+                        "relay.state.path names another file)",
+                        path);
+    if ((err = state_new(path, SQLITE_OPEN_NOFOLLOW, &st)) != DE_OK)
+        goto fail;
+    st->reader = true;
+    if ((err = de__exec(st->db, "BEGIN")) != DE_OK)
+        goto fail;
+    err = de__schema_check(st->db, &state_schema, &version);
+    if (err == DE_OK && version > 0)
+        err = meta_get(st, "outbox_id", buf, sizeof buf, &found);
+    (void)sqlite3_exec(st->db, "COMMIT", NULL, NULL, NULL); /* a read */
+    if (err != DE_OK)
+        goto fail;
+    if (version == 0) {
+        err = de__fail(DE_ERR_STATE, "'%s' is not a relay state file", path);
+        goto fail;
     }
+    if (found && strcmp(buf, outbox_id) != 0) {
+        err = de__fail(DE_ERR_STATE,
+                       "relay state '%s' belongs to the outbox %s, not to "
+                       "this database's outbox %s",
+                       path, buf, outbox_id);
+        goto fail;
+    }
+    /* Written by a relay from before the numbers were recorded: none. */
+    st->no_published = version < 4;
+    if ((err = prepare(st, reader_statements,
+                       DE__ARRAY_LEN(reader_statements) -
+                           (st->no_published ? 1 : 0))) != DE_OK)
+        goto fail;
     *out = st;
     return DE_OK;
 fail:
@@ -447,6 +540,7 @@ de_err de__rstate_lease_acquire(de__rstate *st, const char *owner,
     int rc;
 
     *held = false;
+    assert(!st->reader);
     if (holder_size)
         holder[0] = '\0';
     if ((err = run(st, S_BEGIN, "cannot lock to take the lease")) != DE_OK)
@@ -520,6 +614,7 @@ de_err de__rstate_begin(de__rstate *st, const char *owner, int64_t now_ms,
     de_err err;
 
     *held = false;
+    assert(!st->reader);
     de__rstate_read_end(st); /* a write needs the latest snapshot */
     if ((err = run(st, S_BEGIN, "cannot begin a checkpoint")) != DE_OK)
         return err;
@@ -790,6 +885,81 @@ de_err de__rstate_marks(de__rstate *st, de__rstate_mark_fn fn, void *ctx)
         err = fail_st(st, "cannot read the partition marks");
     sqlite3_reset(q);
     return err;
+}
+
+/* ---- the numbers of published events, for replays --------------------- */
+
+de_err de__rstate_put_published(de__rstate *st, int64_t position, int64_t epoch,
+                                int64_t seq, const char *topic,
+                                int32_t partition, int64_t offset)
+{
+    sqlite3_stmt *q = st->st[S_PUBLISHED_PUT];
+
+    assert(!sqlite3_get_autocommit(st->db));
+    assert(seq > 0 && epoch >= 0);
+    sqlite3_bind_int64(q, 1, position);
+    sqlite3_bind_int64(q, 2, epoch);
+    sqlite3_bind_int64(q, 3, seq);
+    if (topic != NULL)
+        sqlite3_bind_text(q, 4, topic, -1, SQLITE_STATIC);
+    if (partition >= 0 && offset >= 0) {
+        sqlite3_bind_int(q, 5, partition);
+        sqlite3_bind_int64(q, 6, offset);
+    }
+    return run(st, S_PUBLISHED_PUT, "cannot record a published event");
+}
+
+de_err de__rstate_forget_published(de__rstate *st, int64_t upto,
+                                   int64_t *forgotten)
+{
+    de_err err;
+
+    assert(!sqlite3_get_autocommit(st->db));
+    *forgotten = 0;
+    sqlite3_bind_int64(st->st[S_PUBLISHED_FORGET], 1, upto);
+    if ((err = run(st, S_PUBLISHED_FORGET,
+                   "cannot forget the numbers of deleted rows")) == DE_OK)
+        *forgotten = sqlite3_changes(st->db);
+    return err;
+}
+
+de_err de__rstate_published_get(de__rstate *st, int64_t position, bool *found,
+                                int64_t *epoch, int64_t *seq)
+{
+    sqlite3_stmt *q = st->st[S_PUBLISHED_GET];
+    de_err err = DE_OK;
+
+    *found = false;
+    if (st->no_published)
+        return DE_OK;
+    sqlite3_bind_int64(q, 1, position);
+    switch (sqlite3_step(q)) {
+    case SQLITE_ROW:
+        *found = true;
+        *epoch = sqlite3_column_int64(q, 0);
+        *seq = sqlite3_column_int64(q, 1);
+        break;
+    case SQLITE_DONE: break;
+    default: err = fail_st(st, "cannot read the numbers of a published event");
+    }
+    sqlite3_reset(q);
+    sqlite3_clear_bindings(q);
+    return err;
+}
+
+de_err de__rstate_parked_at(de__rstate *st, int64_t position, bool *parked)
+{
+    sqlite3_stmt *q = st->st[S_PARKED_AT];
+    int rc;
+
+    sqlite3_bind_int64(q, 1, position);
+    rc = sqlite3_step(q);
+    *parked = rc == SQLITE_ROW;
+    sqlite3_reset(q);
+    sqlite3_clear_bindings(q);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        return fail_st(st, "cannot read the held-back events");
+    return DE_OK;
 }
 
 /* ---- what the relay found on Kafka ------------------------------------ */

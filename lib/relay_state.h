@@ -124,6 +124,34 @@ de_err de__rstate_landed_get(de__rstate *st, const char *event_id, bool *found,
                              int64_t *epoch, int64_t *seq, char *topic,
                              size_t topic_size, int32_t *partition,
                              int64_t *offset);
+/* The numbers (epoch, seq) an event went out with, and where Kafka stored
+ * it (topic NULL, partition or offset -1: unknown), recorded inside
+ * begin ... commit -- in the checkpoint that moves the cursor past it --
+ * while the outbox retains its row (outbox.retention.ms > 0), so that a
+ * replay can republish it with them.  forget_published (inside begin ...
+ * commit) drops those of positions up to upto, deleted from the outbox,
+ * so that they last as long as the rows. */
+de_err de__rstate_put_published(de__rstate *st, int64_t position, int64_t epoch,
+                                int64_t seq, const char *topic,
+                                int32_t partition, int64_t offset);
+de_err de__rstate_forget_published(de__rstate *st, int64_t upto,
+                                   int64_t *forgotten);
+
+/* Opens an existing state to read what the relay published, for a replay
+ * beside a running relay: never created, migrated or written (its lease,
+ * cursor and counters stay the relay's).  Refuses (DE_ERR_STATE) a
+ * missing file, another outbox's state and a newer one.  Only
+ * de__rstate_cursor, read_begin/read_end, published_get and parked_at may
+ * be called on it. */
+de_err de__rstate_open_reader(const char *path, const char *outbox_id,
+                              de__rstate **out);
+/* The numbers recorded for position (*found false when none: published
+ * before they were recorded, or with outbox.retention.ms 0). */
+de_err de__rstate_published_get(de__rstate *st, int64_t position, bool *found,
+                                int64_t *epoch, int64_t *seq);
+/* Whether the event at position is held back behind a blocked subject. */
+de_err de__rstate_parked_at(de__rstate *st, int64_t position, bool *parked);
+
 /* The state's connection, for transactions around found_add batches. */
 sqlite3 *de__rstate_db(de__rstate *st);
 

@@ -232,6 +232,13 @@ de_err de__schema_migrate(sqlite3 *db, const de__schema *sc, int64_t *was)
     return de__exec(db, sql);
 }
 
+de_err de__schema_check(sqlite3 *db, const de__schema *sc, int64_t *version)
+{
+    de_err err = read_version(db, sc, version);
+
+    return err != DE_OK ? err : check_not_newer(db, sc, *version);
+}
+
 de_err de__schema_ensure(sqlite3 *db, const de__schema *sc)
 {
     int64_t version;

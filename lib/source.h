@@ -61,9 +61,11 @@ struct de__source {
 
 /* Opens the outbox in the SQLite database at path for a relay (its own
  * connection, busy timeout busy_ms), creating the outbox tables if there
- * are none; *outbox_id receives the outbox's id.  linked: an in-process
- * outbox hands this connection the host's checkpoints. */
+ * are none and create is true (else DE_ERR_STATE); *outbox_id receives
+ * the outbox's id.  linked: an in-process outbox hands this connection the
+ * host's checkpoints. */
 de_err de__source_open_sqlite(const char *path, int64_t busy_ms, bool linked,
-                              de__source **out, char outbox_id[37]);
+                              bool create, de__source **out,
+                              char outbox_id[37]);
 
 #endif

@@ -346,7 +346,7 @@ static de_err prepare_all(sqlite_source *s)
 }
 
 de_err de__source_open_sqlite(const char *path, int64_t busy_ms, bool linked,
-                              de__source **out, char outbox_id[37])
+                              bool create, de__source **out, char outbox_id[37])
 {
     sqlite_source *s = calloc(1, sizeof *s);
     de_err err;
@@ -365,6 +365,12 @@ de_err de__source_open_sqlite(const char *path, int64_t busy_ms, bool linked,
         goto fail;
     }
     sqlite3_busy_timeout(s->db, s->busy_ms);
+    if (!create && de__query_int(s->db, "SELECT count(*) FROM sqlite_master "
+                                        "WHERE type = 'table' AND name IN "
+                                        "('de_outbox', 'de_meta')") != 2) {
+        err = de__fail(DE_ERR_STATE, "database '%s' has no outbox", path);
+        goto fail;
+    }
     if ((err = de__exec(s->db, "PRAGMA journal_mode=WAL")) != DE_OK ||
         (err = de__outbox_schema_ensure(s->db)) != DE_OK ||
         (err = de__outbox_identity(s->db, outbox_id)) != DE_OK ||

@@ -844,6 +844,125 @@ START_TEST(retention_keeps_published_rows)
 }
 END_TEST
 
+/* What a record on Kafka says: its ce_id, numbers and where it is. */
+struct sent_check {
+    sqlite3 *state;
+    long compared, gone, unrecorded;
+};
+
+static void compare_sent(void *ctx, const rd_kafka_message_t *m,
+                         int32_t partitions)
+{
+    struct sent_check *k = ctx;
+    const char *id = tu_header(m, "ce_id");
+    const char *epoch = tu_header(m, "ce_subjectepoch");
+    char sql[512];
+    int64_t pos;
+
+    (void)partitions;
+    ck_assert_ptr_nonnull(id);
+    snprintf(sql, sizeof sql,
+             "SELECT coalesce((SELECT position FROM de_outbox WHERE "
+             "event_id = '%s'), 0)",
+             id);
+    if ((pos = tu_query_int(db, sql)) == 0) {
+        k->gone++; /* its row was deleted */
+        return;
+    }
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM de_relay_published WHERE position = %lld",
+             (long long)pos);
+    if (tu_query_int(k->state, sql) == 0) {
+        k->unrecorded++; /* published without retention */
+        return;
+    }
+    snprintf(sql, sizeof sql,
+             "SELECT epoch || '/' || seq || '@' || topic || '[' || partition "
+             "|| ']' || offset FROM de_relay_published WHERE position = "
+             "%lld",
+             (long long)pos);
+    {
+        char want[512];
+        snprintf(want, sizeof want, "%s/%s@%s[%d]%lld", epoch ? epoch : "0",
+                 tu_header(m, "ce_subjectseq"), rd_kafka_topic_name(m->rkt),
+                 (int)m->partition, (long long)m->offset);
+        ck_assert_str_eq(tu_query_text(k->state, sql), want);
+    }
+    k->compared++;
+}
+
+/* With outbox.retention.ms the relay records, in each checkpoint, the
+ * numbers every event it published went out with and where Kafka stored
+ * it (what de_replay republishes retained rows with), and deletes them
+ * with the rows: the state holds no more of them than the outbox holds
+ * rows.  Without retention it records nothing. */
+START_TEST(published_numbers_go_with_the_retained_rows)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_conf *conf = tu_relay_conf(c, NULL);
+    de_relay *r = NULL;
+    de_relay_stats st;
+    struct sent_check k = {NULL, 0, 0, 0};
+    char state[4200];
+
+    snprintf(state, sizeof state, "%s-relay", tu_path(dir, "service.db"));
+    tu_topic_create(c, "delivery", 2);
+    /* No retention: rows go once published, and no numbers are kept. */
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    write_many(3, 1, "delivery");
+    tu_ok(de_relay_flush(r, 30000));
+    ck_assert(
+        tu_wait_for((de_relay_stats_get(r, &st), st.deleted >= 2), 10000));
+    tu_ok(de_relay_stop(r, 5000));
+    k.state = tu_open_shared(state);
+    ck_assert_int_eq(
+        tu_query_int(k.state, "SELECT count(*) FROM de_relay_published"), 0);
+
+    /* Retention: every published event's numbers are recorded, with the
+     * checkpoint that passes it, as Kafka has them. */
+    conf = tu_relay_conf(c, "outbox.retention.ms", "3600000", NULL);
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    write_many(5, 4, "delivery");
+    tu_ok(de_relay_flush(r, 30000));
+    tu_ok(de_relay_stop(r, 5000));
+    ck_assert_int_eq(tu_query_int(k.state, "SELECT count(*) FROM "
+                                           "de_relay_published"),
+                     20);
+    ck_assert_int_eq(tu_query_int(k.state, "SELECT min(position) FROM "
+                                           "de_relay_published"),
+                     4);
+    tu_read_topic(c, tu_topic(c, "delivery"), compare_sent, &k);
+    ck_assert_int_eq(k.compared, 20);
+    /* Published without retention: 2 rows deleted, and the one at the
+     * cursor (never deleted) kept without numbers. */
+    ck_assert_int_eq(k.gone, 2);
+    ck_assert_int_eq(k.unrecorded, 1);
+
+    /* Cleanup deletes the rows as they age, and their numbers with them:
+     * only the row at the cursor stays, with its numbers. */
+    conf = tu_relay_conf(c, "outbox.retention.ms", "1", NULL);
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    ck_assert_msg(
+        tu_wait_for(tu_query_int(db, "SELECT count(*) FROM de_outbox") == 1 &&
+                        tu_query_int(k.state, "SELECT count(*) FROM "
+                                              "de_relay_published") == 1,
+                    20000),
+        "%lld rows, %lld recorded numbers",
+        (long long)tu_query_int(db, "SELECT count(*) FROM de_outbox"),
+        (long long)tu_query_int(k.state,
+                                "SELECT count(*) FROM de_relay_published"));
+    ck_assert_int_eq(
+        tu_query_int(k.state, "SELECT position FROM de_relay_published"),
+        tu_query_int(db, "SELECT position FROM de_outbox"));
+    tu_ok(de_relay_stop(r, 5000));
+    ck_assert_int_eq(sqlite3_close(k.state), SQLITE_OK);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* Numbering again from scratch would make consumers drop real events as
  * duplicates, so a lost or foreign state file is refused. */
 START_TEST(refuses_lost_or_foreign_state)
@@ -1239,6 +1358,8 @@ static Suite *relay_suite(void)
                         tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, retention_keeps_published_rows, tu_cluster_first(),
                         tu_cluster_count());
+    tcase_add_loop_test(tc, published_numbers_go_with_the_retained_rows,
+                        tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, relays_publish_with_the_writers_settings,
                         tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, relay_statistics_and_prometheus_metrics,

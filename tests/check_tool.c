@@ -304,10 +304,14 @@ START_TEST(help_for_the_tool_and_every_command)
                                          "skip",
                                          "--wait",
                                          "--force",
-                                         "--parked"};
+                                         "--parked",
+                                         "replay",
+                                         "--from",
+                                         "--since",
+                                         "--timeout-ms"};
     static const char *const cmds[] = {
         "relay",           "status",       "list",    "tail", "mock-cluster",
-        "consumer-status", "dead-letters", "release", "skip"};
+        "consumer-status", "dead-letters", "release", "skip", "replay"};
     proc *p;
 
     ck_assert_int_eq(run(p, "help", "--help"), 0);
@@ -725,7 +729,7 @@ START_TEST(status_and_list_after_a_relay)
     ck_assert_int_eq(jint(j, "blocked_subjects"), 1);
     ck_assert_int_gt(jint(j, "cursor_recorded_at_ms"), 0);
     ck_assert_int_eq(jint(json_object_get(j, "schema_version"), "relay_state"),
-                     3);
+                     4);
     lease = json_object_get(j, "lease");
     ck_assert(json_is_object(lease));
     ck_assert(json_is_true(json_object_get(lease, "released")));
@@ -1299,6 +1303,312 @@ START_TEST(release_and_skip_queue_a_request_and_wait_for_its_result)
 }
 END_TEST
 
+/* ---- replay ---------------------------------------------------------- */
+
+/* What Kafka holds: every record of a topic, in partition and offset
+ * order, with the headers a replay must repeat. */
+typedef struct krec {
+    char id[64], seq[24], epoch[24], subject[300];
+    int32_t partition;
+    int64_t offset;
+} krec;
+
+typedef struct krecs {
+    krec r[256];
+    int n;
+} krecs;
+
+static void collect(void *ctx, const rd_kafka_message_t *m, int32_t np)
+{
+    krecs *k = ctx;
+    krec *r = &k->r[k->n];
+    const char *e = tu_header(m, "ce_subjectepoch");
+
+    (void)np;
+    ck_assert_int_lt(k->n, 256);
+    snprintf(r->id, sizeof r->id, "%s", tu_header(m, "ce_id"));
+    snprintf(r->seq, sizeof r->seq, "%s", tu_header(m, "ce_subjectseq"));
+    snprintf(r->epoch, sizeof r->epoch, "%s", e ? e : "-");
+    snprintf(r->subject, sizeof r->subject, "%.*s", (int)m->key_len,
+             (const char *)m->key);
+    r->partition = m->partition;
+    r->offset = m->offset;
+    k->n++;
+}
+
+static void read_back(const cluster *c, const char *topic, krecs *k)
+{
+    tu_cluster tc;
+
+    memset(&tc, 0, sizeof tc);
+    snprintf(tc.bootstrap, sizeof tc.bootstrap, "%s", c->bootstrap);
+    memset(k, 0, sizeof *k);
+    tu_read_topic(&tc, topic, collect, k);
+}
+
+/* The records in now that were not in before: each must repeat, exactly,
+ * the ce_id, ce_subjectepoch and ce_subjectseq and the partition the
+ * relay first published that event with (and, with subject_only, be of
+ * that subject).  Returns how many there are. */
+static int assert_republished(const krecs *before, const krecs *now,
+                              const char *subject_only)
+{
+    int added = 0;
+
+    for (int i = 0; i < now->n; i++) {
+        const krec *r = &now->r[i], *orig = NULL;
+        bool old = false;
+        for (int j = 0; j < before->n; j++)
+            if (before->r[j].partition == r->partition &&
+                before->r[j].offset == r->offset)
+                old = true;
+        if (old)
+            continue;
+        added++;
+        /* The relay's first copy of the event: the lowest offset of its
+         * id. */
+        for (int j = 0; j < now->n && orig == NULL; j++)
+            if (strcmp(now->r[j].id, r->id) == 0 && j != i)
+                orig = &now->r[j];
+        ck_assert_msg(orig != NULL, "a republished %s was never published",
+                      r->id);
+        ck_assert_str_eq(r->seq, orig->seq);
+        ck_assert_str_eq(r->epoch, orig->epoch);
+        ck_assert_str_eq(r->subject, orig->subject);
+        ck_assert_int_eq(r->partition, orig->partition);
+        if (subject_only != NULL)
+            ck_assert_str_eq(r->subject, subject_only);
+    }
+    return added;
+}
+
+static int applied_count;
+
+static de_err count_applied(sqlite3 *cdb, const de_event_view *ev, void *ctx)
+{
+    (void)ctx;
+    (void)ev;
+    applied_count++;
+    return sqlite3_exec(cdb, "INSERT INTO applied VALUES (1)", NULL, NULL,
+                        NULL) == SQLITE_OK
+               ? DE_OK
+               : DE_ERR_DB;
+}
+
+static bool polled(de_consumer *con)
+{
+    tu_ok(de_consumer_poll(con, 100, NULL));
+    return true;
+}
+
+/* Runs deliveryevents replay on db against cluster c with the rest of the
+ * arguments; its exit status. */
+#define replay(p, c, ...)                                                      \
+    run(p, "replay", "replay", "--db", db, "-b", (c).bootstrap, __VA_ARGS__)
+
+/* A de_consumer (the library) applying delivery.events into its own
+ * database, polled until cond holds. */
+#define consume_until(con, cond)                                               \
+    ck_assert_msg(tu_wait_for(polled(con) && (cond), 60000),                   \
+                  "the consumer never got there")
+
+START_TEST(replay_republishes_with_the_original_numbers)
+{
+    cluster c = mock_start("delivery.events:2", NULL);
+    const char *db = tu_path(tu_dir, "svc.db");
+    krecs first, now, again;
+    de_consumer_stats cs;
+    de_consumer *con = NULL;
+    de_conf *conf = de_conf_new();
+    sqlite3 *cdb;
+    char from[32];
+    proc *p;
+
+    record(db, 3, "delivery", "D-1");
+    record(db, 2, "delivery", "D-2");
+    record(db, 2, "delivery", "D-1"); /* positions 6 and 7 */
+    ck_assert_int_eq(run(p, "relay", "relay", "--db", db, "-b", c.bootstrap,
+                         "-X", "outbox.retention.ms=3600000", "--once"),
+                     0);
+    read_back(&c, "delivery.events", &first);
+    ck_assert_int_eq(first.n, 7);
+
+    /* A consumer applies all seven. */
+    cdb = tu_open(tu_path(tu_dir, "consumer.db"));
+    tu_exec(cdb, "CREATE TABLE applied(x)");
+    tu_ok(de_conf_set(conf, "bootstrap.servers", c.bootstrap));
+    tu_ok(de_conf_set(conf, "group.id", "replay-test"));
+    tu_ok(de_conf_set(conf, "auto.offset.reset", "earliest"));
+    de_conf_set_log_cb(conf, quiet, NULL);
+    tu_ok(de_consumer_open(cdb, conf, &con));
+    de_conf_destroy(conf);
+    tu_ok(de_consumer_on(con, "delivery", NULL, count_applied, NULL));
+    consume_until(con, applied_count == 7);
+
+    /* By subject: D-1's five events, again, as they were. */
+    ck_assert_int_eq(replay(p, c, "--subject", "delivery:D-1"), 0);
+    assert_has(p->out, "republished 5 events");
+    assert_has(p->out, "positions 1..7");
+    read_back(&c, "delivery.events", &now);
+    ck_assert_int_eq(assert_republished(&first, &now, "D-1"), 5);
+
+    /* By position: 4 (D-2's first) and on. */
+    snprintf(from, sizeof from, "%d", 4);
+    ck_assert_int_eq(replay(p, c, "--from", from), 0);
+    assert_has(p->out, "republished 4 events");
+    assert_has(p->out, "positions 4..7");
+    read_back(&c, "delivery.events", &again);
+    ck_assert_int_eq(assert_republished(&now, &again, NULL), 4);
+
+    /* By time: everything recorded in the last hour. */
+    ck_assert_int_eq(replay(p, c, "--since", "1h", "--timeout-ms", "30000"), 0);
+    assert_has(p->out, "republished 7 events");
+    read_back(&c, "delivery.events", &now);
+    ck_assert_int_eq(assert_republished(&again, &now, NULL), 7);
+
+    /* The consumer takes all 16 for duplicates and applies none again. */
+    consume_until(con, (de_consumer_stats_get(con, &cs), cs.duplicates >= 16));
+    tu_ok(de_consumer_stats_get(con, &cs));
+    ck_assert_uint_eq(cs.duplicates, 16);
+    ck_assert_uint_eq(cs.applied, 7);
+    ck_assert_uint_eq(cs.conflicts, 0);
+    ck_assert_int_eq(applied_count, 7);
+    ck_assert_int_eq(tu_query_int(cdb, "SELECT count(*) FROM applied"), 7);
+
+    /* An event not published yet is the relay's: refused, named. */
+    record(db, 1, "delivery", "D-3");
+    ck_assert_int_eq(replay(p, c, "--from", "8"), 1);
+    assert_has(p->err, "position 8 is not published yet");
+    ck_assert_int_eq(replay(p, c, "--subject", "delivery:D-3"), 1);
+    assert_has(p->err, "position 8 is not published yet");
+    /* A selection with published and unpublished events republishes the
+     * published ones and leaves the rest to the relay. */
+    ck_assert_int_eq(replay(p, c, "--from", "7"), 0);
+    assert_has(p->out, "republished 1 events");
+    assert_has(p->out, "1 not published yet, left to the relay");
+    read_back(&c, "delivery.events", &again);
+    ck_assert_int_eq(again.n, now.n + 1);
+    tu_ok(de_consumer_close(con));
+    ck_assert_int_eq(sqlite3_close(cdb), SQLITE_OK);
+    mock_stop(&c);
+}
+END_TEST
+
+/* Retained rows without recorded numbers, rows no longer retained: both
+ * refused, naming the position, with nothing written to Kafka. */
+START_TEST(replay_refuses_what_it_cannot_republish_as_it_was)
+{
+    cluster c = mock_start("delivery.events", NULL);
+    const char *db = tu_path(tu_dir, "svc.db");
+    krecs before, after;
+    proc *p;
+
+    /* Published without retention: rows 1 and 2 deleted, row 3 (at the
+     * cursor) kept, with no numbers. */
+    record(db, 3, "delivery", "D-1");
+    p = start("relay", "relay", "--db", db, "-b", c.bootstrap, "--stats-ms",
+              "50", "-X", "relay.cleanup.interval.ms=10", (const char *)NULL);
+    ck_assert_msg(tu_wait_for(file_has(p->out, "deleted=2 "), 30000),
+                  "the relay never deleted rows 1 and 2: %s", slurp(p->err));
+    kill(p->pid, SIGTERM);
+    ck_assert_int_eq(finish(p, 20000), 0);
+    /* Then with retention: rows 4 and 5, with their numbers. */
+    record(db, 2, "delivery", "D-1");
+    ck_assert_int_eq(run(p, "relay", "relay", "--db", db, "-b", c.bootstrap,
+                         "-X", "outbox.retention.ms=3600000", "--once"),
+                     0);
+    read_back(&c, "delivery.events", &before);
+    ck_assert_int_eq(before.n, 5);
+
+    ck_assert_int_eq(replay(p, c, "--from", "3"), 1);
+    assert_has(p->err, "DE_ERR_STATE");
+    assert_has(p->err, "position 3 ");
+    assert_has(p->err, "has no recorded numbers");
+    ck_assert_int_eq(replay(p, c, "--subject", "delivery:D-1"), 1);
+    assert_has(p->err, "position 3 ");
+    ck_assert_int_eq(replay(p, c, "--from", "1"), 1);
+    assert_has(p->err, "position 1 is no longer retained");
+    ck_assert_int_eq(replay(p, c, "--since", "1d"), 1);
+    assert_has(p->err, "no longer all retained");
+    assert_has(p->err, "position 2");
+    ck_assert_int_eq(replay(p, c, "--subject", "delivery:D-9"), 1);
+    assert_has(p->err, "no events of delivery D-9 retained");
+    read_back(&c, "delivery.events", &after);
+    ck_assert_int_eq(after.n, before.n); /* nothing written */
+
+    /* What has its numbers still goes. */
+    ck_assert_int_eq(replay(p, c, "--from", "4"), 0);
+    assert_has(p->out, "republished 2 events");
+    read_back(&c, "delivery.events", &after);
+    ck_assert_int_eq(assert_republished(&before, &after, "D-1"), 2);
+
+    /* The relay's state stayed the relay's: its cursor and lease. */
+    ck_assert_int_eq(run(p, "status", "status", "--db", db, "--json"), 0);
+    {
+        json_t *j = json_of(p->out);
+        ck_assert_int_eq(jint(j, "cursor"), 5);
+        ck_assert(json_is_true(
+            json_object_get(json_object_get(j, "lease"), "released")));
+        json_decref(j);
+    }
+    mock_stop(&c);
+}
+END_TEST
+
+START_TEST(replay_names_bad_arguments)
+{
+    const char *db = tu_path(tu_dir, "svc.db");
+    static const struct {
+        const char *opt, *value, *named;
+    } bad[] = {
+        {"--from", "-5", "'-5'"},
+        {"--from", "0", "'0'"},
+        {"--from", "12x", "'12x'"},
+        {"--since", "yesterday", "'yesterday'"},
+        {"--since", "2026-13-01T00:00:00Z", "'2026-13-01T00:00:00Z'"},
+        {"--since", "2026-11-25T11:00:00", "'2026-11-25T11:00:00'"},
+        {"--subject", "D-1", "'D-1'"},
+        {"--subject", "delivery:", "'delivery:'"},
+        {"--subject", "Delivery:D-1", "'Delivery'"},
+    };
+    proc *p;
+
+    record(db, 1, "delivery", "D-1");
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        ck_assert_int_eq(run(p, "replay", "replay", "--db", db, "-b",
+                             "127.0.0.1:1", bad[i].opt, bad[i].value),
+                         2);
+        assert_has(p->err, bad[i].named);
+    }
+    ck_assert_int_eq(run(p, "replay", "replay", "--db", db, "-b", "127.0.0.1:1",
+                         "--from", "1", "--since", "1h"),
+                     2);
+    assert_has(p->err, "'--since' is a second");
+    ck_assert_int_eq(
+        run(p, "replay", "replay", "--db", db, "-b", "127.0.0.1:1"), 2);
+    assert_has(p->err, "needs what to replay");
+    ck_assert_int_eq(run(p, "replay", "replay", "--db", db, "--from", "1"), 2);
+    assert_has(p->err, "needs -b SERVERS");
+    ck_assert_int_eq(run(p, "replay", "replay", "--from", "1"), 2);
+    assert_has(p->err, "needs --db PATH");
+    ck_assert_int_eq(
+        run(p, "replay", "replay", "--db", db, "-b", "127.0.0.1:1", "--from"),
+        2);
+    assert_has(p->err, "replay: --from needs a value");
+    ck_assert_int_eq(run(p, "replay", "replay", "--db",
+                         tu_path(tu_dir, "missing.db"), "-b", "127.0.0.1:1",
+                         "--from", "1"),
+                     1);
+    assert_has(p->err, "missing.db");
+    ck_assert(!exists(tu_path(tu_dir, "missing.db")));
+    /* No relay has run: nothing was published, nothing to replay. */
+    ck_assert_int_eq(run(p, "replay", "replay", "--db", db, "-b", "127.0.0.1:1",
+                         "--from", "1"),
+                     1);
+    assert_has(p->err, "does not exist: no relay of this outbox has published");
+}
+END_TEST
+
 static Suite *tool_suite(void)
 {
     Suite *s = suite_create("tool");
@@ -1311,6 +1621,7 @@ static Suite *tool_suite(void)
     tcase_add_test(usage, help_for_the_tool_and_every_command);
     tcase_add_test(usage, an_option_without_its_value_is_named);
     tcase_add_test(usage, bad_numbers_are_named);
+    tcase_add_test(usage, replay_names_bad_arguments);
     suite_add_tcase(s, usage);
 
     tcase_add_checked_fixture(kafka, setup, teardown);
@@ -1327,6 +1638,8 @@ static Suite *tool_suite(void)
     tcase_add_test(relay, relay_second_signal_stops_at_once);
     tcase_add_test(relay, relay_standby_says_so_and_when_it_takes_over);
     tcase_add_test(relay, relay_metrics_scraped_during_a_drain);
+    tcase_add_test(relay, replay_republishes_with_the_original_numbers);
+    tcase_add_test(relay, replay_refuses_what_it_cannot_republish_as_it_was);
     suite_add_tcase(s, relay);
 
     tcase_add_checked_fixture(status, setup, teardown);

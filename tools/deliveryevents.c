@@ -54,6 +54,16 @@
  *       stays queued (exit 1); exit 1 too when the consumer answers that
  *       the subject is still parked or the request failed.
  *
+ *   deliveryevents replay --db PATH (--subject TYPE:ID | --from POSITION |
+ *                         --since TIME) [-b SERVERS] [-X key=value]...
+ *                         [--timeout-ms N]
+ *       Republishes retained events (outbox.retention.ms) with their
+ *       original ce_id, ce_subjectepoch and ce_subjectseq (de_replay):
+ *       consumers that applied them count them as duplicates.  Refuses,
+ *       publishing nothing and naming the position, an event no longer
+ *       retained or without recorded numbers, and a selection of which
+ *       nothing is published yet.  Takes no lease, writes no file.
+ *
  *   deliveryevents mock-cluster [--brokers N] [--topic NAME[:PARTITIONS]]...
  *                               [--until-stdin-eof]
  *       Starts librdkafka's mock Kafka cluster on loopback and prints
@@ -76,7 +86,8 @@
  *
  * Exit status: 0 on success; 1 on a runtime failure (including a relay
  * stopped before everything was published, a missing database, a missing
- * topic, a release or skip refused or not taken in time); 2 on bad usage (the
+ * topic, a release or skip refused or not taken in time, a replay refused);
+ * 2 on bad usage (the
  * message names the bad argument or value); 3 when tail found a subject out of
  * order or with a gap.
  */
@@ -234,6 +245,11 @@ static void usage(FILE *out)
         "[--limit N] [--json]\n"
         "                 a consumer's dead letters, oldest first "
         "(read-only)\n"
+        "  replay --db PATH (--subject TYPE:ID | --from POSITION | --since "
+        "TIME)\n"
+        "        [-b SERVERS] [-X key=value]... [--timeout-ms N]\n"
+        "                 republish retained events with their original "
+        "numbers\n"
         "  release --db PATH TYPE:ID [--wait MS] [--force]\n"
         "  skip --db PATH TYPE:ID [--wait MS] [--force]\n"
         "                 ask the running consumer to release a parked "
@@ -263,6 +279,25 @@ static int bad_usage(const char *cmd, const char *fmt, const char *arg)
 static int is_help(const char *a)
 {
     return strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0;
+}
+
+/* Whether a command's arguments ask for its help (--help or -h, wherever
+ * they are); the usage is then printed on stdout. */
+static int wants_help(int argc, char **argv, const char *usage_text)
+{
+    for (int i = 0; i < argc; i++)
+        if (is_help(argv[i])) {
+            fputs(usage_text, stdout);
+            return 1;
+        }
+    return 0;
+}
+
+/* Splits TYPE:ID at its first colon; -1 when either side is empty. */
+static int split_subject(const char *s, const char **colon)
+{
+    *colon = strchr(s, ':');
+    return *colon == NULL || *colon == s || (*colon)[1] == '\0' ? -1 : 0;
 }
 
 /* The value of the option at argv[*i], or NULL (said on stderr) when it is
@@ -296,6 +331,34 @@ static int parse_num(const char *cmd, const char *opt, const char *s, long min,
         return -1;
     }
     *out = v;
+    return 0;
+}
+
+/* Sets -b SERVERS (bootstrap.servers) or -X key=value, option a with
+ * value v, on conf; *state_path receives relay.state.path's value.  0, or
+ * 2 after saying why not. */
+static int conf_option(const char *cmd, const char *a, const char *v,
+                       de_conf *conf, const char **state_path)
+{
+    char key[256];
+    const char *value = v, *eq = strchr(v, '=');
+
+    if (strcmp(a, "-b") == 0) {
+        snprintf(key, sizeof key, "bootstrap.servers");
+    } else if (eq == NULL || eq == v || (size_t)(eq - v) >= sizeof key) {
+        return bad_usage(cmd, "-X takes key=value, got '%s'", v);
+    } else {
+        /* A copy: argv is what ps shows. */
+        memcpy(key, v, (size_t)(eq - v));
+        key[eq - v] = '\0';
+        value = eq + 1;
+    }
+    if (de_conf_set(conf, key, value) != DE_OK) {
+        fprintf(stderr, "deliveryevents: %s: %s\n", cmd, de_errmsg());
+        return 2;
+    }
+    if (strcmp(key, "relay.state.path") == 0)
+        *state_path = value;
     return 0;
 }
 
@@ -753,11 +816,8 @@ static int cmd_relay(int argc, char **argv)
     de_err err;
     int rc = 0;
 
-    for (int i = 0; i < argc; i++)
-        if (is_help(argv[i])) {
-            fputs(usage_relay, stdout);
-            return 0;
-        }
+    if (wants_help(argc, argv, usage_relay))
+        return 0;
     conf = de_conf_new();
     if (conf == NULL) {
         fprintf(stderr, "deliveryevents: relay: out of memory\n");
@@ -791,27 +851,10 @@ static int cmd_relay(int argc, char **argv)
                 return 2;
             }
         } else if (strcmp(a, "-b") == 0 || strcmp(a, "-X") == 0) {
-            char key[256];
-            const char *eq = strchr(v, '=');
-            if (strcmp(a, "-b") == 0) {
-                snprintf(key, sizeof key, "bootstrap.servers");
-                eq = v - 1;
-            } else if (eq == NULL || eq == v ||
-                       (size_t)(eq - v) >= sizeof key) {
+            if ((rc = conf_option("relay", a, v, conf, &state_path)) != 0) {
                 de_conf_destroy(conf);
-                return bad_usage("relay", "-X takes key=value, got '%s'", v);
-            } else {
-                /* A copy: argv is what ps shows. */
-                memcpy(key, v, (size_t)(eq - v));
-                key[eq - v] = '\0';
+                return rc;
             }
-            if (de_conf_set(conf, key, eq + 1) != DE_OK) {
-                fprintf(stderr, "deliveryevents: relay: %s\n", de_errmsg());
-                de_conf_destroy(conf);
-                return 2;
-            }
-            if (strcmp(key, "relay.state.path") == 0)
-                state_path = eq + 1;
         } else if (parse_num("relay", a, v, 0, INT_MAX,
                              strcmp(a, "--stats-ms") == 0 ? &stats_ms
                                                           : &stop_ms) != 0) {
@@ -976,6 +1019,237 @@ static int cmd_relay(int argc, char **argv)
     return rc;
 }
 
+/* ---- replay ------------------------------------------------------------ */
+
+static const char usage_replay[] =
+    "usage: deliveryevents replay --db PATH (--subject TYPE:ID | --from "
+    "POSITION |\n"
+    "                             --since TIME) [-b SERVERS] [-X "
+    "key=value]...\n"
+    "                             [--timeout-ms N]\n"
+    "  Republishes retained events (outbox.retention.ms) to Kafka with their\n"
+    "  original ce_id, ce_subjectepoch and ce_subjectseq: consumers that\n"
+    "  applied them count them as duplicates; a reset consumer applies them\n"
+    "  again.  Refuses, publishing nothing, when a selected event is no\n"
+    "  longer retained or has no recorded numbers, or when nothing selected\n"
+    "  is published yet (the relay publishes it).  Takes no lease.\n"
+    "  --db PATH            the service's database file (required)\n"
+    "  --subject TYPE:ID    one subject's retained events, e.g. "
+    "delivery:D-7\n"
+    "  --from POSITION      the retained events from this outbox position "
+    "on\n"
+    "  --since TIME         the retained events recorded since TIME:\n"
+    "                       2026-11-25T11:00:00Z (or +01:00, or a date), "
+    "or a\n"
+    "                       time ago: 90s, 15m, 2h, 1d\n"
+    "  -b SERVERS           Kafka bootstrap servers (= -X "
+    "bootstrap.servers=SERVERS)\n"
+    "  -X key=value         a librdkafka property, relay.state.path or "
+    "a wire\n"
+    "                       setting; repeatable\n"
+    "  --timeout-ms N       wait up to N ms for Kafka's acknowledgements "
+    "(60000)\n"
+    "  Events the relay has not published yet are left to it.\n";
+
+/* Days since 1970-01-01 of a proleptic Gregorian date. */
+static int64_t days_from_civil(int64_t y, int64_t m, int64_t d)
+{
+    int64_t era, yoe, doy, doe;
+
+    y -= m <= 2;
+    era = (y >= 0 ? y : y - 399) / 400;
+    yoe = y - era * 400;
+    doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+/* A time for --since as Unix ms: "2026-11-25", "2026-11-25T11:00[:00[.123]]"
+ * with Z or an offset (+01:00) (a space may stand for the T), or a time
+ * ago: N followed by ms, s, m, h or d.  -1 when it is none of those. */
+static int parse_time(const char *s, int64_t *ms)
+{
+    static const struct {
+        const char *unit;
+        int64_t ms;
+    } units[] = {
+        {"ms", 1}, {"s", 1000}, {"m", 60000}, {"h", 3600000}, {"d", 86400000}};
+    int y, mo, d, h = 0, mi = 0, sec = 0, n = 0, frac = 0, fn = 0;
+    int oh = 0, om = 0;
+    const char *p;
+    char *end;
+    long long v;
+
+    /* A time ago. */
+    errno = 0;
+    v = strtoll(s, &end, 10);
+    if (end != s && s[0] >= '0' && s[0] <= '9' && errno == 0 && end[0] != '-')
+        for (size_t i = 0; i < sizeof units / sizeof *units; i++)
+            if (strcmp(end, units[i].unit) == 0 && v >= 0 &&
+                v <= INT64_MAX / units[i].ms && v * units[i].ms < now_ms()) {
+                *ms = now_ms() - v * units[i].ms;
+                return 0;
+            }
+    /* A date, and perhaps a time of day and an offset. */
+    if (sscanf(s, "%4d-%2d-%2d%n", &y, &mo, &d, &n) != 3 || n != 10 || mo < 1 ||
+        mo > 12 || d < 1 || d > 31 || y < 1970)
+        return -1;
+    p = s + n;
+    if (*p == 'T' || *p == ' ') {
+        if (sscanf(p + 1, "%2d:%2d%n", &h, &mi, &n) != 2 || n != 5)
+            return -1;
+        p += 1 + n;
+        if (*p == ':') {
+            if (sscanf(p + 1, "%2d%n", &sec, &n) != 1 || n != 2)
+                return -1;
+            p += 1 + n;
+            if (*p == '.') {
+                for (p++; *p >= '0' && *p <= '9'; p++, fn++)
+                    if (fn < 3)
+                        frac = frac * 10 + (*p - '0');
+                if (fn == 0)
+                    return -1;
+                for (int i = fn; i < 3; i++)
+                    frac *= 10;
+            }
+        }
+        if (h > 23 || mi > 59 || sec > 60)
+            return -1;
+        if (*p == 'Z') {
+            p++;
+        } else if (*p == '+' || *p == '-') {
+            if (sscanf(p + 1, "%2d:%2d%n", &oh, &om, &n) != 2 || n != 5 ||
+                oh > 23 || om > 59)
+                return -1;
+            if (*p == '-') {
+                oh = -oh;
+                om = -om;
+            }
+            p += 1 + n;
+        } else {
+            return -1; /* a time of day says which zone */
+        }
+    }
+    if (*p != '\0')
+        return -1;
+    *ms = ((days_from_civil(y, mo, d) * 24 + h - oh) * 60 + mi - om) * 60000 +
+          (int64_t)sec * 1000 + frac;
+    return *ms >= 0 ? 0 : -1;
+}
+
+static int cmd_replay(int argc, char **argv)
+{
+    static const char cmd[] = "replay";
+    const char *db = NULL, *subject = NULL, *state_path = NULL, *v, *colon;
+    char type[128];
+    long from = 0, timeout_ms = 60000;
+    int64_t since = 0;
+    int rc = 0, chosen = 0;
+    de_replay_select sel;
+    de_replay_result res;
+    de_conf *conf;
+    de_err err;
+
+    if (wants_help(argc, argv, usage_replay))
+        return 0;
+    if ((conf = de_conf_new()) == NULL) {
+        fprintf(stderr, "deliveryevents: %s: out of memory\n", cmd);
+        return 1;
+    }
+    de_conf_set_log_cb(conf, log_line, NULL);
+    for (int i = 0; i < argc && rc == 0; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--db") != 0 && strcmp(a, "--subject") != 0 &&
+            strcmp(a, "--from") != 0 && strcmp(a, "--since") != 0 &&
+            strcmp(a, "-b") != 0 && strcmp(a, "-X") != 0 &&
+            strcmp(a, "--timeout-ms") != 0) {
+            rc = bad_usage(cmd, "unknown argument '%s'", a);
+        } else if ((v = opt_value(cmd, argc, argv, &i)) == NULL) {
+            rc = 2;
+        } else if (strcmp(a, "--db") == 0) {
+            db = v;
+        } else if (strcmp(a, "-b") == 0 || strcmp(a, "-X") == 0) {
+            rc = conf_option(cmd, a, v, conf, &state_path);
+        } else if (strcmp(a, "--timeout-ms") == 0) {
+            rc = parse_num(cmd, a, v, 0, INT_MAX, &timeout_ms) ? 2 : 0;
+        } else if (chosen++ > 0) {
+            rc = bad_usage(cmd,
+                           "takes one of --subject, --from and --since; "
+                           "'%s' is a second",
+                           a);
+        } else if (strcmp(a, "--subject") == 0) {
+            if (split_subject(v, &colon) != 0 ||
+                (size_t)(colon - v) >= sizeof type)
+                rc = bad_usage(cmd,
+                               "--subject takes TYPE:ID, both non-empty "
+                               "(e.g. delivery:D-7), got '%s'",
+                               v);
+            subject = v;
+        } else if (strcmp(a, "--from") == 0) {
+            rc = parse_num(cmd, a, v, 1, LONG_MAX, &from) ? 2 : 0;
+        } else if (parse_time(v, &since) != 0) {
+            rc = bad_usage(cmd,
+                           "--since takes a time, e.g. 2026-11-25T11:00:00Z, "
+                           "2026-11-25T12:00+01:00, 2026-11-25, or a time "
+                           "ago such as 90s, 15m, 2h or 1d, got '%s'",
+                           v);
+        }
+    }
+    if (rc == 0 && db == NULL)
+        rc = bad_usage(cmd, "needs --db PATH%s", "");
+    if (rc == 0 && chosen == 0)
+        rc = bad_usage(cmd,
+                       "needs what to replay: --subject TYPE:ID, --from "
+                       "POSITION or --since TIME%s",
+                       "");
+    if (rc == 0 && de_conf_get(conf, "bootstrap.servers") == NULL)
+        rc = bad_usage(cmd, "needs -b SERVERS (or -X bootstrap.servers=...)%s",
+                       "");
+    if (rc == 0 && (!file_exists(db) || !is_file(db))) {
+        fprintf(stderr, "deliveryevents: %s: cannot open '%s': %s\n", cmd, db,
+                file_exists(db) ? "not a file" : strerror(errno));
+        rc = 1;
+    }
+    if (rc != 0) {
+        de_conf_destroy(conf);
+        return rc;
+    }
+    memset(&sel, 0, sizeof sel);
+    if (subject != NULL) {
+        split_subject(subject, &colon);
+        snprintf(type, sizeof type, "%.*s", (int)(colon - subject), subject);
+        sel.subject_type = type;
+        sel.subject_id = colon + 1;
+    }
+    sel.from_position = from;
+    sel.since_ms = since;
+    err = de_replay(db, conf, &sel, (int)timeout_ms, &res);
+    de_conf_destroy(conf);
+    if (err == DE_ERR_ARG) /* the selection: the tool checked the rest */
+        return bad_usage(cmd, "%s", de_errmsg());
+    if (err != DE_OK) {
+        fprintf(stderr, "deliveryevents: %s: %s: %s\n", cmd, de_err_name(err),
+                de_errmsg());
+        if (res.republished > 0)
+            fprintf(stderr,
+                    "deliveryevents: %s: %llu events were republished "
+                    "(positions %lld..%lld)\n",
+                    cmd, (unsigned long long)res.republished,
+                    (long long)res.first_position,
+                    (long long)res.last_position);
+        return 1;
+    }
+    printf("replay: republished %llu events of %s (positions %lld..%lld) "
+           "with their original ce_id and numbers",
+           (unsigned long long)res.republished, db,
+           (long long)res.first_position, (long long)res.last_position);
+    if (res.not_published > 0)
+        printf("; %llu not published yet, left to the relay",
+               (unsigned long long)res.not_published);
+    printf("\n");
+    return 0;
+}
+
 /* ---- tail -------------------------------------------------------------- */
 
 struct seen {
@@ -1064,11 +1338,8 @@ static int cmd_tail(int argc, char **argv)
     rd_kafka_t *rk;
     char err[512];
 
-    for (int i = 0; i < argc; i++)
-        if (is_help(argv[i])) {
-            fputs(usage_tail, stdout);
-            return 0;
-        }
+    if (wants_help(argc, argv, usage_tail))
+        return 0;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--exit-at-end") == 0) {
@@ -1249,11 +1520,8 @@ static int cmd_mock_cluster(int argc, char **argv)
     char err[512], name[256];
     const char *v;
 
-    for (int i = 0; i < argc; i++)
-        if (is_help(argv[i])) {
-            fputs(usage_mock, stdout);
-            return 0;
-        }
+    if (wants_help(argc, argv, usage_mock))
+        return 0;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--until-stdin-eof") == 0) {
@@ -1324,54 +1592,89 @@ static int cmd_mock_cluster(int argc, char **argv)
     return 0;
 }
 
-/* ---- status and list --------------------------------------------------- */
+/* ---- the read-only commands: status, list (consumer-status, below) ----- */
 
-/* Parses --db, --state, --json (and, for list, its filters). */
+/*
+ * The read-only commands (status, list, consumer-status, dead-letters)
+ * share one skeleton, ro_main: --help, the arguments, the database opened
+ * read-only (with its relay state, or as a consumer's), the command's own
+ * report, the database closed.  Each command states only what differs: its
+ * usage, the options it takes beyond --db and --json, and its report.
+ */
+
+/* Options a read-only command may take beyond --db and --json. */
+enum {
+    RO_STATE = 1 << 0,   /* --state PATH */
+    RO_SUBJECT = 1 << 1, /* --subject TYPE:ID */
+    RO_LIMIT = 1 << 2,   /* --limit N (100; 0 = all) */
+    RO_FILTER = 1 << 3,  /* --pending | --blocked */
+    RO_PARKED = 1 << 4   /* --parked */
+};
+
 struct ro_args {
     const char *db, *state, *subject;
-    int json, pending, blocked;
+    int json, pending, blocked, parked;
     long limit;
 };
 
-static int ro_args_parse(const char *cmd, int argc, char **argv,
+typedef struct ro_cmd {
+    const char *name;
+    const char *usage;
+    unsigned opts; /* RO_* */
+    int consumer;  /* a consumer's database, not an outbox */
+    int (*report)(const char *cmd, const struct ro_args *a, ro *r);
+} ro_cmd;
+
+/* Whether o is a flag c takes; sets it. */
+static int ro_flag(const ro_cmd *c, const char *o, struct ro_args *a)
+{
+    int *flag =
+        strcmp(o, "--json") == 0                               ? &a->json
+        : (c->opts & RO_FILTER) && strcmp(o, "--pending") == 0 ? &a->pending
+        : (c->opts & RO_FILTER) && strcmp(o, "--blocked") == 0 ? &a->blocked
+        : (c->opts & RO_PARKED) && strcmp(o, "--parked") == 0  ? &a->parked
+                                                               : NULL;
+
+    if (flag != NULL)
+        *flag = 1;
+    return flag != NULL;
+}
+
+/* Whether o is an option with a value that c takes. */
+static int ro_option(const ro_cmd *c, const char *o)
+{
+    return strcmp(o, "--db") == 0 ||
+           ((c->opts & RO_STATE) && strcmp(o, "--state") == 0) ||
+           ((c->opts & RO_SUBJECT) && strcmp(o, "--subject") == 0) ||
+           ((c->opts & RO_LIMIT) && strcmp(o, "--limit") == 0);
+}
+
+static int ro_args_parse(const ro_cmd *c, int argc, char **argv,
                          struct ro_args *a)
 {
-    int is_list = strcmp(cmd, "list") == 0;
-    const char *v;
+    const char *cmd = c->name, *v, *colon;
 
     memset(a, 0, sizeof *a);
     a->limit = 100;
     for (int i = 0; i < argc; i++) {
         const char *o = argv[i];
-        if (strcmp(o, "--json") == 0) {
-            a->json = 1;
+        if (ro_flag(c, o, a))
             continue;
-        }
-        if (is_list && strcmp(o, "--pending") == 0) {
-            a->pending = 1;
-            continue;
-        }
-        if (is_list && strcmp(o, "--blocked") == 0) {
-            a->blocked = 1;
-            continue;
-        }
-        if (strcmp(o, "--db") != 0 && strcmp(o, "--state") != 0 &&
-            !(is_list &&
-              (strcmp(o, "--subject") == 0 || strcmp(o, "--limit") == 0)))
+        if (!ro_option(c, o))
             return bad_usage(cmd, "unknown argument '%s'", o);
         if ((v = opt_value(cmd, argc, argv, &i)) == NULL)
             return 2;
-        if (strcmp(o, "--db") == 0)
+        if (strcmp(o, "--db") == 0) {
             a->db = v;
-        else if (strcmp(o, "--state") == 0)
+        } else if (strcmp(o, "--state") == 0) {
             a->state = v;
-        else if (strcmp(o, "--subject") == 0) {
-            const char *colon = strchr(v, ':');
-            if (colon == NULL || colon == v || colon[1] == '\0')
+        } else if (strcmp(o, "--subject") == 0) {
+            if (split_subject(v, &colon) != 0)
                 return bad_usage(cmd, "--subject takes TYPE:ID, got '%s'", v);
             a->subject = v;
-        } else if (parse_num(cmd, o, v, 0, LONG_MAX, &a->limit) != 0)
+        } else if (parse_num(cmd, o, v, 0, LONG_MAX, &a->limit) != 0) {
             return 2;
+        }
     }
     if (a->pending && a->blocked)
         return bad_usage(cmd, "--pending and --blocked exclude each other%s",
@@ -1379,6 +1682,27 @@ static int ro_args_parse(const char *cmd, int argc, char **argv,
     if (a->db == NULL)
         return bad_usage(cmd, "needs --db PATH%s", "");
     return 0;
+}
+
+static int consumer_ro_open(const char *cmd, const char *path, ro *r);
+
+/* The skeleton of every read-only command. */
+static int ro_main(const ro_cmd *c, int argc, char **argv)
+{
+    struct ro_args a;
+    ro r;
+    int rc;
+
+    if (wants_help(argc, argv, c->usage))
+        return 0;
+    if ((rc = ro_args_parse(c, argc, argv, &a)) != 0)
+        return rc;
+    if ((c->consumer ? consumer_ro_open(c->name, a.db, &r)
+                     : ro_open(c->name, a.db, a.state, &r)) != 0)
+        return 1;
+    rc = c->report(c->name, &a, &r);
+    ro_close(&r);
+    return rc;
 }
 
 static void put_int(json_t *o, const char *k, int64_t v)
@@ -1406,9 +1730,8 @@ static void age(int64_t now, int64_t then, char *buf, size_t size)
         snprintf(buf, size, "%.1f s ago", (double)(now - then) / 1000.0);
 }
 
-static int cmd_status(int argc, char **argv)
+static int status_report(const char *cmd, const struct ro_args *a, ro *r)
 {
-    struct ro_args a;
     char path[PATH_MAX + 64], buf[300], host[256], owner[64], t1[64], t2[64];
     int64_t now = now_ms(), cursor, pending, rows, oldest, cursor_at, last_ms,
             deleted_upto, pid, hb, acquired, parked, nblocked;
@@ -1417,76 +1740,65 @@ static int cmd_status(int argc, char **argv)
     sqlite3_stmt *st = NULL;
     char db_id[64], state_id[64];
     int state_matches;
-    ro r;
-    int rc;
 
-    for (int i = 0; i < argc; i++)
-        if (is_help(argv[i])) {
-            fputs(usage_status, stdout);
-            return 0;
-        }
-    if ((rc = ro_args_parse("status", argc, argv, &a)) != 0)
-        return rc;
-    if (ro_open("status", a.db, a.state, &r) != 0)
-        return 1;
-    cursor = ro_cursor(&r);
-    pending = ro_pending(&r, cursor);
-    rows = q_int(r.db, "SELECT count(*) FROM de_outbox", 0);
+    cursor = ro_cursor(r);
+    pending = ro_pending(r, cursor);
+    rows = q_int(r->db, "SELECT count(*) FROM de_outbox", 0);
     snprintf(buf, sizeof buf,
              "SELECT min(recorded_at_ms) FROM de_outbox WHERE position > "
              "%" PRId64 " OR position IN (SELECT position FROM "
              "de_relay_parked)",
              cursor);
-    oldest = q_int(r.db, buf, 0);
+    oldest = q_int(r->db, buf, 0);
     snprintf(buf, sizeof buf,
              "SELECT recorded_at_ms FROM de_outbox WHERE position = %" PRId64,
              cursor);
-    cursor_at = q_int(r.db, buf, 0);
-    last_ms = q_int(r.db, "SELECT max(last_ms) FROM de_relay_seq", 0);
-    deleted_upto = q_int(r.db,
+    cursor_at = q_int(r->db, buf, 0);
+    last_ms = q_int(r->db, "SELECT max(last_ms) FROM de_relay_seq", 0);
+    deleted_upto = q_int(r->db,
                          "SELECT CAST(value AS INTEGER) FROM main.de_meta "
                          "WHERE key = 'relay_deleted_upto'",
                          0);
-    v_outbox = q_int(r.db,
+    v_outbox = q_int(r->db,
                      "SELECT value FROM main.de_meta WHERE key = "
                      "'schema_version'",
                      0);
-    v_state = q_int(r.db,
+    v_state = q_int(r->db,
                     "SELECT value FROM de_relay_meta WHERE key = "
                     "'schema_version'",
                     0);
-    pid = q_int(r.db, "SELECT pid FROM de_relay_lease WHERE id = 1", 0);
-    hb =
-        q_int(r.db, "SELECT heartbeat_ms FROM de_relay_lease WHERE id = 1", -1);
+    pid = q_int(r->db, "SELECT pid FROM de_relay_lease WHERE id = 1", 0);
+    hb = q_int(r->db, "SELECT heartbeat_ms FROM de_relay_lease WHERE id = 1",
+               -1);
     acquired =
-        q_int(r.db, "SELECT acquired_ms FROM de_relay_lease WHERE id = 1", 0);
-    q_text(r.db, "SELECT host FROM de_relay_lease WHERE id = 1", host,
+        q_int(r->db, "SELECT acquired_ms FROM de_relay_lease WHERE id = 1", 0);
+    q_text(r->db, "SELECT host FROM de_relay_lease WHERE id = 1", host,
            sizeof host);
-    q_text(r.db, "SELECT owner FROM de_relay_lease WHERE id = 1", owner,
+    q_text(r->db, "SELECT owner FROM de_relay_lease WHERE id = 1", owner,
            sizeof owner);
-    parked = q_int(r.db, "SELECT count(*) FROM de_relay_parked", 0);
-    nblocked = q_int(r.db,
+    parked = q_int(r->db, "SELECT count(*) FROM de_relay_parked", 0);
+    nblocked = q_int(r->db,
                      "SELECT count(*) FROM (SELECT DISTINCT subject_type, "
                      "subject_id FROM de_relay_parked)",
                      0);
-    sz_db = file_size(a.db);
-    snprintf(path, sizeof path, "%s-wal", a.db);
+    sz_db = file_size(a->db);
+    snprintf(path, sizeof path, "%s-wal", a->db);
     sz_wal = file_size(path);
-    sz_state = file_size(r.state_path);
-    snprintf(path, sizeof path, "%s-wal", r.state_path);
+    sz_state = file_size(r->state_path);
+    snprintf(path, sizeof path, "%s-wal", r->state_path);
     sz_state_wal = file_size(path);
 
     o = json_object();
-    put_str(o, "database", a.db);
-    put_str(o, "relay_state", r.state_path);
-    json_object_set_new(o, "relay_state_found", json_boolean(r.has_state));
+    put_str(o, "database", a->db);
+    put_str(o, "relay_state", r->state_path);
+    json_object_set_new(o, "relay_state_found", json_boolean(r->has_state));
     /* The state names the outbox it belongs to (its de_meta outbox_id). */
-    q_text(r.db, "SELECT value FROM main.de_meta WHERE key = 'outbox_id'",
+    q_text(r->db, "SELECT value FROM main.de_meta WHERE key = 'outbox_id'",
            db_id, sizeof db_id);
-    q_text(r.db, "SELECT value FROM de_relay_meta WHERE key = 'outbox_id'",
+    q_text(r->db, "SELECT value FROM de_relay_meta WHERE key = 'outbox_id'",
            state_id, sizeof state_id);
     state_matches =
-        !r.has_state || state_id[0] == '\0' || strcmp(db_id, state_id) == 0;
+        !r->has_state || state_id[0] == '\0' || strcmp(db_id, state_id) == 0;
     put_str(o, "outbox_id", db_id[0] ? db_id : NULL);
     json_object_set_new(o, "relay_state_matches", json_boolean(state_matches));
     put_int(o, "pending", pending);
@@ -1494,7 +1806,7 @@ static int cmd_status(int argc, char **argv)
     put_int(o, "oldest_pending_age_ms", oldest > 0 ? now - oldest : 0);
     put_int(o, "cursor", cursor);
     put_str(o, "cursor_event_id",
-            q_text(r.db,
+            q_text(r->db,
                    "SELECT value FROM de_relay_meta WHERE key = "
                    "'cursor_event_id'",
                    buf, sizeof buf)[0]
@@ -1504,9 +1816,9 @@ static int cmd_status(int argc, char **argv)
     put_int(o, "last_numbered_at_ms", last_ms);
     put_int(o, "outbox_rows", rows);
     put_int(o, "outbox_min_position",
-            q_int(r.db, "SELECT min(position) FROM de_outbox", 0));
+            q_int(r->db, "SELECT min(position) FROM de_outbox", 0));
     put_int(o, "outbox_max_position",
-            q_int(r.db, "SELECT max(position) FROM de_outbox", 0));
+            q_int(r->db, "SELECT max(position) FROM de_outbox", 0));
     put_int(o, "deleted_upto", deleted_upto);
     lease = json_object();
     if (hb >= 0) {
@@ -1525,7 +1837,7 @@ static int cmd_status(int argc, char **argv)
     put_int(o, "held_back", parked);
     blocked = json_array();
     if (sqlite3_prepare_v2(
-            r.db,
+            r->db,
             "SELECT subject_type, subject_id, count(*), min(since_ms), "
             "(SELECT error FROM de_relay_parked p2 WHERE p2.subject_type = "
             "p.subject_type AND p2.subject_id = p.subject_id ORDER BY "
@@ -1547,7 +1859,7 @@ static int cmd_status(int argc, char **argv)
     json_object_set_new(o, "blocked", blocked);
     schema = json_object();
     put_int(schema, "outbox", v_outbox);
-    if (r.has_state)
+    if (r->has_state)
         put_int(schema, "relay_state", v_state);
     else
         json_object_set_new(schema, "relay_state", json_null());
@@ -1558,13 +1870,12 @@ static int cmd_status(int argc, char **argv)
     put_size(files, "relay_state", sz_state);
     put_size(files, "relay_state_wal", sz_state_wal);
     json_object_set_new(o, "file_bytes", files);
-    ro_close(&r);
 
-    if (a.json) {
+    if (a->json) {
         char *s = json_dumps(o, JSON_COMPACT);
         if (s == NULL) {
             json_decref(o);
-            fprintf(stderr, "deliveryevents: status: out of memory\n");
+            fprintf(stderr, "deliveryevents: %s: out of memory\n", cmd);
             return 1;
         }
         printf("%s\n", s);
@@ -1573,16 +1884,16 @@ static int cmd_status(int argc, char **argv)
         return 0;
     }
     printf("database:        %s (%" PRId64 " bytes, wal %" PRId64 " bytes)\n",
-           a.db, sz_db, sz_wal > 0 ? sz_wal : 0);
-    if (r.has_state)
+           a->db, sz_db, sz_wal > 0 ? sz_wal : 0);
+    if (r->has_state)
         printf("relay state:     %s (%" PRId64 " bytes, wal %" PRId64
                " bytes)\n",
-               r.state_path, sz_state, sz_state_wal > 0 ? sz_state_wal : 0);
+               r->state_path, sz_state, sz_state_wal > 0 ? sz_state_wal : 0);
     else
         printf("relay state:     %s (none: no relay has run; every row is "
                "pending)\n",
-               r.state_path);
-    if (r.has_state)
+               r->state_path);
+    if (r->has_state)
         printf("schema versions: outbox %" PRId64 ", relay state %" PRId64 "\n",
                v_outbox, v_state);
     else
@@ -1643,29 +1954,18 @@ static int cmd_status(int argc, char **argv)
     return 0;
 }
 
-static int cmd_list(int argc, char **argv)
+static int list_report(const char *cmd, const struct ro_args *a, ro *r)
 {
-    struct ro_args a;
     sqlite3_stmt *st = NULL;
     char t[64];
     const char *colon;
     int64_t cursor;
     long n = 0;
-    ro r;
     int rc;
 
-    for (int i = 0; i < argc; i++)
-        if (is_help(argv[i])) {
-            fputs(usage_list, stdout);
-            return 0;
-        }
-    if ((rc = ro_args_parse("list", argc, argv, &a)) != 0)
-        return rc;
-    if (ro_open("list", a.db, a.state, &r) != 0)
-        return 1;
-    cursor = ro_cursor(&r);
+    cursor = ro_cursor(r);
     if (sqlite3_prepare_v2(
-            r.db,
+            r->db,
             "SELECT o.position, o.event_id, o.subject_type, o.subject_id, "
             "o.action, o.version, o.recorded_at_ms, CASE WHEN p.position "
             "IS NOT NULL THEN 'held-back' WHEN o.position > ?1 THEN "
@@ -1675,27 +1975,26 @@ static int cmd_list(int argc, char **argv)
             "0 OR o.position > ?1 OR p.position IS NOT NULL) AND (?5 = 0 OR "
             "p.position IS NOT NULL) ORDER BY o.position LIMIT ?6",
             -1, &st, NULL) != SQLITE_OK) {
-        fprintf(stderr, "deliveryevents: list: %s\n", sqlite3_errmsg(r.db));
-        ro_close(&r);
+        fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(r->db));
         return 1;
     }
     sqlite3_bind_int64(st, 1, cursor);
-    if (a.subject != NULL) {
-        colon = strchr(a.subject, ':');
-        sqlite3_bind_text(st, 2, a.subject, (int)(colon - a.subject),
+    if (a->subject != NULL) {
+        colon = strchr(a->subject, ':');
+        sqlite3_bind_text(st, 2, a->subject, (int)(colon - a->subject),
                           SQLITE_STATIC);
         sqlite3_bind_text(st, 3, colon + 1, -1, SQLITE_STATIC);
     }
-    sqlite3_bind_int(st, 4, a.pending);
-    sqlite3_bind_int(st, 5, a.blocked);
-    sqlite3_bind_int64(st, 6, a.limit > 0 ? a.limit : -1);
-    if (!a.json)
+    sqlite3_bind_int(st, 4, a->pending);
+    sqlite3_bind_int(st, 5, a->blocked);
+    sqlite3_bind_int64(st, 6, a->limit > 0 ? a->limit : -1);
+    if (!a->json)
         printf("%-10s %-36s %-24s %-12s %-3s %-24s %s\n", "POSITION",
                "EVENT_ID", "SUBJECT", "ACTION", "V", "RECORDED", "STATUS");
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
         const char *err = (const char *)sqlite3_column_text(st, 8);
         n++;
-        if (a.json) {
+        if (a->json) {
             json_t *o = json_object();
             char *s;
             put_int(o, "position", sqlite3_column_int64(st, 0));
@@ -1730,12 +2029,10 @@ static int cmd_list(int argc, char **argv)
     }
     sqlite3_finalize(st);
     if (rc != SQLITE_DONE) {
-        fprintf(stderr, "deliveryevents: list: %s\n", sqlite3_errmsg(r.db));
-        ro_close(&r);
+        fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(r->db));
         return 1;
     }
-    ro_close(&r);
-    if (!a.json && a.limit > 0 && n == a.limit)
+    if (!a->json && a->limit > 0 && n == a->limit)
         printf("(first %ld rows; --limit 0 for all)\n", n);
     return 0;
 }
@@ -1791,13 +2088,6 @@ static const char *dl_epoch_expr(sqlite3 *db)
                : "0";
 }
 
-/* Splits TYPE:ID at its first colon; -1 when either side is empty. */
-static int split_subject(const char *s, const char **colon)
-{
-    *colon = strchr(s, ':');
-    return *colon == NULL || *colon == s || (*colon)[1] == '\0' ? -1 : 0;
-}
-
 static const char usage_consumer_status[] =
     "usage: deliveryevents consumer-status --db PATH [--json]\n"
     "  Read-only report of a consumer's database: schema version, subjects\n"
@@ -1822,50 +2112,6 @@ static const char usage_dead_letters[] =
     "  --limit N          at most N rows (100; 0 = all)\n"
     "  --json             one JSON object per line\n";
 
-struct c_args {
-    const char *db, *subject;
-    int json, parked;
-    long limit;
-};
-
-static int c_args_parse(const char *cmd, int argc, char **argv,
-                        struct c_args *a)
-{
-    int is_dl = strcmp(cmd, "dead-letters") == 0;
-    const char *v, *colon;
-
-    memset(a, 0, sizeof *a);
-    a->limit = 100;
-    for (int i = 0; i < argc; i++) {
-        const char *o = argv[i];
-        if (strcmp(o, "--json") == 0) {
-            a->json = 1;
-            continue;
-        }
-        if (is_dl && strcmp(o, "--parked") == 0) {
-            a->parked = 1;
-            continue;
-        }
-        if (strcmp(o, "--db") != 0 && !(is_dl && (strcmp(o, "--subject") == 0 ||
-                                                  strcmp(o, "--limit") == 0)))
-            return bad_usage(cmd, "unknown argument '%s'", o);
-        if ((v = opt_value(cmd, argc, argv, &i)) == NULL)
-            return 2;
-        if (strcmp(o, "--db") == 0) {
-            a->db = v;
-        } else if (strcmp(o, "--subject") == 0) {
-            if (split_subject(v, &colon) != 0)
-                return bad_usage(cmd, "--subject takes TYPE:ID, got '%s'", v);
-            a->subject = v;
-        } else if (parse_num(cmd, o, v, 0, LONG_MAX, &a->limit) != 0) {
-            return 2;
-        }
-    }
-    if (a->db == NULL)
-        return bad_usage(cmd, "needs --db PATH%s", "");
-    return 0;
-}
-
 static void print_json_line(json_t *o)
 {
     char *s = json_dumps(o, JSON_COMPACT);
@@ -1874,10 +2120,9 @@ static void print_json_line(json_t *o)
     free(s);
 }
 
-static int cmd_consumer_status(int argc, char **argv)
+static int consumer_status_report(const char *cmd, const struct ro_args *a,
+                                  ro *r)
 {
-    static const char cmd[] = "consumer-status";
-    struct c_args a;
     char path[PATH_MAX + 16], t1[64], t2[64];
     int64_t now = now_ms(), version, subjects, parked, dl_total, dl_parked,
             oldest, oldest_parked, sz_db, sz_wal, queued = -1,
@@ -1885,49 +2130,39 @@ static int cmd_consumer_status(int argc, char **argv)
     json_t *o, *by, *files, *plist;
     sqlite3_stmt *st = NULL;
     int has_requests;
-    ro r;
-    int rc;
 
-    for (int i = 0; i < argc; i++)
-        if (is_help(argv[i])) {
-            fputs(usage_consumer_status, stdout);
-            return 0;
-        }
-    if ((rc = c_args_parse(cmd, argc, argv, &a)) != 0)
-        return rc;
-    if (consumer_ro_open(cmd, a.db, &r) != 0)
-        return 1;
-    version = q_int(r.db,
+    (void)cmd; /* its messages come from ro_main */
+    version = q_int(r->db,
                     "SELECT value FROM main.de_consumer_meta WHERE key = "
                     "'schema_version'",
                     0);
-    subjects = q_int(r.db, "SELECT count(*) FROM de_inbox", 0);
-    parked = q_int(r.db, "SELECT count(*) FROM de_inbox WHERE parked = 1", 0);
-    dl_total = q_int(r.db, "SELECT count(*) FROM de_dead_letter", 0);
+    subjects = q_int(r->db, "SELECT count(*) FROM de_inbox", 0);
+    parked = q_int(r->db, "SELECT count(*) FROM de_inbox WHERE parked = 1", 0);
+    dl_total = q_int(r->db, "SELECT count(*) FROM de_dead_letter", 0);
     dl_parked = q_int(
-        r.db, "SELECT count(*) FROM de_dead_letter WHERE state = 'parked'", 0);
-    oldest = q_int(r.db, "SELECT min(parked_ms) FROM de_dead_letter", 0);
-    oldest_parked = q_int(r.db,
+        r->db, "SELECT count(*) FROM de_dead_letter WHERE state = 'parked'", 0);
+    oldest = q_int(r->db, "SELECT min(parked_ms) FROM de_dead_letter", 0);
+    oldest_parked = q_int(r->db,
                           "SELECT min(parked_ms) FROM de_dead_letter WHERE "
                           "state = 'parked'",
                           0);
-    has_requests = has_table(r.db, "de_consumer_request");
+    has_requests = has_table(r->db, "de_consumer_request");
     if (has_requests) {
-        queued = q_int(r.db,
+        queued = q_int(r->db,
                        "SELECT count(*) FROM de_consumer_request WHERE "
                        "done_at_ms IS NULL",
                        0);
-        oldest_queued = q_int(r.db,
+        oldest_queued = q_int(r->db,
                               "SELECT min(requested_at_ms) FROM "
                               "de_consumer_request WHERE done_at_ms IS NULL",
                               0);
     }
-    sz_db = file_size(a.db);
-    snprintf(path, sizeof path, "%s-wal", a.db);
+    sz_db = file_size(a->db);
+    snprintf(path, sizeof path, "%s-wal", a->db);
     sz_wal = file_size(path);
 
     o = json_object();
-    put_str(o, "database", a.db);
+    put_str(o, "database", a->db);
     put_int(o, "schema_version", version);
     put_int(o, "subjects", subjects);
     put_int(o, "parked_subjects", parked);
@@ -1939,7 +2174,7 @@ static int cmd_consumer_status(int argc, char **argv)
     put_int(o, "oldest_parked_age_ms",
             oldest_parked > 0 ? now - oldest_parked : 0);
     by = json_array();
-    if (sqlite3_prepare_v2(r.db,
+    if (sqlite3_prepare_v2(r->db,
                            "SELECT kind, state, count(*), min(parked_ms) FROM "
                            "de_dead_letter GROUP BY kind, state ORDER BY "
                            "kind, state",
@@ -1959,7 +2194,7 @@ static int cmd_consumer_status(int argc, char **argv)
      * first one's kind and error. */
     plist = json_array();
     if (sqlite3_prepare_v2(
-            r.db,
+            r->db,
             "SELECT i.subject_type, i.subject_id, (SELECT count(*) FROM "
             "de_dead_letter d WHERE d.subject_type = i.subject_type AND "
             "d.subject_id = i.subject_id AND d.state = 'parked'), (SELECT "
@@ -2001,15 +2236,14 @@ static int cmd_consumer_status(int argc, char **argv)
     put_size(files, "database", sz_db);
     put_size(files, "database_wal", sz_wal);
     json_object_set_new(o, "file_bytes", files);
-    ro_close(&r);
 
-    if (a.json) {
+    if (a->json) {
         print_json_line(o);
         json_decref(o);
         return 0;
     }
     printf("database:        %s (%" PRId64 " bytes, wal %" PRId64 " bytes)\n",
-           a.db, sz_db, sz_wal > 0 ? sz_wal : 0);
+           a->db, sz_db, sz_wal > 0 ? sz_wal : 0);
     printf("schema version:  consumer %" PRId64 "%s\n", version,
            has_requests ? ""
                         : " (no request table: release and skip from "
@@ -2060,54 +2294,41 @@ static int cmd_consumer_status(int argc, char **argv)
     return 0;
 }
 
-static int cmd_dead_letters(int argc, char **argv)
+static int dead_letters_report(const char *cmd, const struct ro_args *a, ro *r)
 {
-    static const char cmd[] = "dead-letters";
-    struct c_args a;
     sqlite3_stmt *st = NULL;
     char sql[1200], t[64];
     const char *colon = NULL;
     long n = 0;
-    ro r;
     int rc;
 
-    for (int i = 0; i < argc; i++)
-        if (is_help(argv[i])) {
-            fputs(usage_dead_letters, stdout);
-            return 0;
-        }
-    if ((rc = c_args_parse(cmd, argc, argv, &a)) != 0)
-        return rc;
-    if (consumer_ro_open(cmd, a.db, &r) != 0)
-        return 1;
     snprintf(sql, sizeof sql,
              "SELECT id, kind, state, subject_type, subject_id, %s, seq, "
              "event_id, action, type, topic, partition, offset, error, "
              "attempts, parked_ms FROM de_dead_letter WHERE (?1 IS NULL OR "
              "(subject_type = ?1 AND subject_id = ?2)) AND (?3 = 0 OR state "
              "= 'parked') ORDER BY id LIMIT ?4",
-             dl_epoch_expr(r.db));
-    if (sqlite3_prepare_v2(r.db, sql, -1, &st, NULL) != SQLITE_OK) {
-        fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(r.db));
-        ro_close(&r);
+             dl_epoch_expr(r->db));
+    if (sqlite3_prepare_v2(r->db, sql, -1, &st, NULL) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(r->db));
         return 1;
     }
-    if (a.subject != NULL) {
-        split_subject(a.subject, &colon);
-        sqlite3_bind_text(st, 1, a.subject, (int)(colon - a.subject),
+    if (a->subject != NULL) {
+        split_subject(a->subject, &colon);
+        sqlite3_bind_text(st, 1, a->subject, (int)(colon - a->subject),
                           SQLITE_STATIC);
         sqlite3_bind_text(st, 2, colon + 1, -1, SQLITE_STATIC);
     }
-    sqlite3_bind_int(st, 3, a.parked);
-    sqlite3_bind_int64(st, 4, a.limit > 0 ? a.limit : -1);
-    if (!a.json)
+    sqlite3_bind_int(st, 3, a->parked);
+    sqlite3_bind_int64(st, 4, a->limit > 0 ? a->limit : -1);
+    if (!a->json)
         printf("%-6s %-24s %-28s %-9s %-8s %-8s %-36s %s\n", "ID", "WHEN",
                "SUBJECT", "EPOCH/SEQ", "KIND", "STATE", "CE_ID", "ERROR");
 #define COL_TEXT(i) ((const char *)sqlite3_column_text(st, (i)))
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
         int has_subject = sqlite3_column_type(st, 3) != SQLITE_NULL;
         n++;
-        if (a.json) {
+        if (a->json) {
             json_t *o = json_object();
             put_int(o, "id", sqlite3_column_int64(st, 0));
             put_str(o, "kind", COL_TEXT(1));
@@ -2160,12 +2381,10 @@ static int cmd_dead_letters(int argc, char **argv)
 #undef COL_TEXT
     sqlite3_finalize(st);
     if (rc != SQLITE_DONE) {
-        fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(r.db));
-        ro_close(&r);
+        fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(r->db));
         return 1;
     }
-    ro_close(&r);
-    if (!a.json && a.limit > 0 && n == a.limit)
+    if (!a->json && a->limit > 0 && n == a->limit)
         printf("(first %ld rows; --limit 0 for all)\n", n);
     return 0;
 }
@@ -2257,12 +2476,9 @@ static int cmd_request(const char *cmd, int argc, char **argv)
     int64_t id, deadline;
     sqlite3 *db = NULL;
 
-    for (int i = 0; i < argc; i++)
-        if (is_help(argv[i])) {
-            fputs(strcmp(cmd, "skip") == 0 ? usage_skip : usage_release,
-                  stdout);
-            return 0;
-        }
+    if (wants_help(argc, argv,
+                   strcmp(cmd, "skip") == 0 ? usage_skip : usage_release))
+        return 0;
     for (int i = 0; i < argc; i++) {
         const char *o = argv[i];
         if (strcmp(o, "--force") == 0) {
@@ -2432,6 +2648,16 @@ done:
     return rc;
 }
 
+/* The read-only commands: what each takes beyond --db and --json. */
+static const ro_cmd ro_cmds[] = {
+    {"status", usage_status, RO_STATE, 0, status_report},
+    {"list", usage_list, RO_STATE | RO_SUBJECT | RO_LIMIT | RO_FILTER, 0,
+     list_report},
+    {"consumer-status", usage_consumer_status, 0, 1, consumer_status_report},
+    {"dead-letters", usage_dead_letters, RO_SUBJECT | RO_LIMIT | RO_PARKED, 1,
+     dead_letters_report},
+};
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -2440,16 +2666,13 @@ int main(int argc, char **argv)
     }
     if (strcmp(argv[1], "relay") == 0)
         return cmd_relay(argc - 2, argv + 2);
-    if (strcmp(argv[1], "status") == 0)
-        return cmd_status(argc - 2, argv + 2);
-    if (strcmp(argv[1], "list") == 0)
-        return cmd_list(argc - 2, argv + 2);
-    if (strcmp(argv[1], "consumer-status") == 0)
-        return cmd_consumer_status(argc - 2, argv + 2);
-    if (strcmp(argv[1], "dead-letters") == 0)
-        return cmd_dead_letters(argc - 2, argv + 2);
+    for (size_t i = 0; i < sizeof ro_cmds / sizeof *ro_cmds; i++)
+        if (strcmp(argv[1], ro_cmds[i].name) == 0)
+            return ro_main(&ro_cmds[i], argc - 2, argv + 2);
     if (strcmp(argv[1], "release") == 0 || strcmp(argv[1], "skip") == 0)
         return cmd_request(argv[1], argc - 2, argv + 2);
+    if (strcmp(argv[1], "replay") == 0)
+        return cmd_replay(argc - 2, argv + 2);
     if (strcmp(argv[1], "mock-cluster") == 0)
         return cmd_mock_cluster(argc - 2, argv + 2);
     if (strcmp(argv[1], "tail") == 0)
