@@ -97,6 +97,7 @@
 #include <librdkafka/rdkafka_mock.h>
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
@@ -151,6 +152,7 @@ static int64_t mono_ms(void)
 
 static const char usage_relay[] =
     "usage: deliveryevents relay --db PATH [-b SERVERS] [-X key=value]...\n"
+    "                            [--config FILE]\n"
     "                            [--once|--drain] [--stats-ms N] "
     "[--stop-timeout-ms N]\n"
     "                            [--metrics ADDR:PORT] [--stall-ms N]\n"
@@ -158,7 +160,10 @@ static const char usage_relay[] =
     "  --db PATH             the service's database file (required)\n"
     "  -b SERVERS            Kafka bootstrap servers (= -X "
     "bootstrap.servers=SERVERS)\n"
-    "  -X key=value          a relay or librdkafka property; repeatable\n"
+    "  -X key=value          a relay or librdkafka property; repeatable;\n"
+    "                        key=@FILE reads the value from FILE\n"
+    "  --config FILE         key=value lines; DELIVERYEVENTS_X_<KEY>\n"
+    "                        environment variables are read too\n"
     "  --once, --drain       publish what is committed, then exit\n"
     "  --stats-ms N          print every relay counter every N ms on stdout\n"
     "  --stop-timeout-ms N   on SIGINT/SIGTERM flush for up to N ms "
@@ -209,15 +214,26 @@ static const char usage_mock[] =
     "parent)\n";
 
 static const char usage_tail[] =
-    "usage: deliveryevents tail -b SERVERS --topic NAME [--exit-at-end] "
-    "[--print N]\n"
-    "  Reads an existing topic from the beginning, prints each event and\n"
-    "  checks that every subject's ce_subjectseq runs 1, 2, 3, ...\n"
+    "usage: deliveryevents tail -b SERVERS --topic NAME [--from-beginning]\n"
+    "       [--group G] [--json] [--exit-at-end] [--print N]\n"
+    "       [-X key=value]... [--config FILE]\n"
+    "  Reads an existing topic, prints each event (control characters\n"
+    "  escaped) and checks that every subject's ce_subjectseq runs 1, 2, 3\n"
     "  -b, --bootstrap SERVERS   Kafka bootstrap servers (required)\n"
     "  --topic NAME              the topic (required; never created)\n"
+    "  --from-beginning          start at the oldest record (default: the\n"
+    "                            end, new records only)\n"
+    "  --group G                 read as a member of consumer group G,\n"
+    "                            resuming where it committed\n"
+    "  --json                    one JSON object per record on stdout (the\n"
+    "                            summary goes to stderr)\n"
     "  --exit-at-end             stop at the end of the topic, print a "
     "summary\n"
-    "  --print N                 print at most N events (gaps always)\n";
+    "  --print N                 print at most N events (gaps always)\n"
+    "  -X key=value              a librdkafka property (e.g. TLS, SASL);\n"
+    "                            key=@FILE reads the value from FILE\n"
+    "  --config FILE             key=value lines; DELIVERYEVENTS_X_<KEY>\n"
+    "                            environment variables are read too\n";
 
 static void usage(FILE *out)
 {
@@ -227,8 +243,8 @@ static void usage(FILE *out)
         "commands:\n"
         "  relay --db PATH [-b SERVERS] [-X key=value]... [--once|--drain]"
         "\n"
-        "        [--stats-ms N] [--stop-timeout-ms N] [--metrics ADDR:PORT]\n"
-        "        [--stall-ms N]\n"
+        "        [--config FILE] [--stats-ms N] [--stop-timeout-ms N]\n"
+        "        [--metrics ADDR:PORT] [--stall-ms N]\n"
         "                 publish a database's outbox to Kafka\n"
         "  status --db PATH [--state PATH] [--json]\n"
         "                 what an outbox holds and how its relay stands "
@@ -247,7 +263,8 @@ static void usage(FILE *out)
         "(read-only)\n"
         "  replay --db PATH (--subject TYPE:ID | --from POSITION | --since "
         "TIME)\n"
-        "        [-b SERVERS] [-X key=value]... [--timeout-ms N]\n"
+        "        [-b SERVERS] [-X key=value]... [--config FILE] [--timeout-ms "
+        "N]\n"
         "                 republish retained events with their original "
         "numbers\n"
         "  release --db PATH TYPE:ID [--wait MS] [--force]\n"
@@ -256,7 +273,10 @@ static void usage(FILE *out)
         "subject, or\n"
         "                 to skip its first parked event, and wait for "
         "its result\n"
-        "  tail -b SERVERS --topic NAME [--exit-at-end] [--print N]\n"
+        "  tail -b SERVERS --topic NAME [--from-beginning] [--group G] "
+        "[--json]\n"
+        "        [--exit-at-end] [--print N] [-X key=value]... [--config "
+        "FILE]\n"
         "                 print a topic's events, checking their order\n"
         "  mock-cluster [--brokers N] [--topic NAME[:PARTITIONS]]... "
         "[--until-stdin-eof]\n"
@@ -334,32 +354,200 @@ static int parse_num(const char *cmd, const char *opt, const char *s, long min,
     return 0;
 }
 
-/* Sets -b SERVERS (bootstrap.servers) or -X key=value, option a with
- * value v, on conf; *state_path receives relay.state.path's value.  0, or
- * 2 after saying why not. */
-static int conf_option(const char *cmd, const char *a, const char *v,
-                       de_conf *conf, const char **state_path)
-{
-    char key[256];
-    const char *value = v, *eq = strchr(v, '=');
+/*
+ * Properties of relay, replay and tail, from (later ones winning) the
+ * environment -- DELIVERYEVENTS_X_SASL_PASSWORD=... sets sasl.password --,
+ * --config FILE (key=value lines, # comments), -b SERVERS and -X
+ * key=value.  A value written @FILE is read from FILE (its first line;
+ * @@ for a value that starts with @).  So secrets need not be on the
+ * command line, where /proc/<pid>/cmdline shows them to every local user;
+ * -X values that are there are wiped from argv once parsed.  Messages name
+ * keys and files, never values.
+ */
+typedef struct props {
+    const char *cmd;
+    de_conf *conf;       /* every property, validated by the library */
+    rd_kafka_conf_t *rk; /* tail's consumer: librdkafka's, set here too */
+} props;
 
-    if (strcmp(a, "-b") == 0) {
-        snprintf(key, sizeof key, "bootstrap.servers");
-    } else if (eq == NULL || eq == v || (size_t)(eq - v) >= sizeof key) {
-        return bad_usage(cmd, "-X takes key=value, got '%s'", v);
-    } else {
-        /* A copy: argv is what ps shows. */
-        memcpy(key, v, (size_t)(eq - v));
-        key[eq - v] = '\0';
-        value = eq + 1;
+#define ENV_PREFIX "DELIVERYEVENTS_X_"
+
+/* The value raw stands for: itself, or FILE's first line for @FILE; NULL
+ * after saying why.  The caller frees (wiping) what it gets. */
+static char *prop_value(const props *p, const char *key, const char *raw)
+{
+    char *v;
+    FILE *f;
+    size_t n = 0;
+    ssize_t len;
+
+    if (raw[0] != '@' || raw[1] == '@')
+        return strdup(raw[0] == '@' ? raw + 1 : raw);
+    if ((f = fopen(raw + 1, "r")) == NULL) {
+        fprintf(stderr,
+                "deliveryevents: %s: cannot read %s's value from %s: %s\n",
+                p->cmd, key, raw + 1, strerror(errno));
+        return NULL;
     }
-    if (de_conf_set(conf, key, value) != DE_OK) {
-        fprintf(stderr, "deliveryevents: %s: %s\n", cmd, de_errmsg());
+    v = NULL;
+    len = getline(&v, &n, f);
+    fclose(f);
+    if (len < 0) {
+        free(v);
+        return strdup(""); /* an empty file: an empty value */
+    }
+    while (len > 0 && (v[len - 1] == '\n' || v[len - 1] == '\r'))
+        v[--len] = '\0';
+    return v;
+}
+
+static void wipe_free(char *v)
+{
+    if (v != NULL) {
+        explicit_bzero(v, strlen(v));
+        free(v);
+    }
+}
+
+/* Sets key to raw (see prop_value); where prefixes messages ("FILE:LINE:
+ * " or "").  0, or 2 after saying why. */
+static int prop_set(props *p, const char *key, const char *raw,
+                    const char *where)
+{
+    char err[512], *v = prop_value(p, key, raw);
+    int rc = 0;
+
+    if (v == NULL)
+        return 2;
+    if (de_conf_set(p->conf, key, v) != DE_OK) {
+        fprintf(stderr, "deliveryevents: %s: %s%s\n", p->cmd, where,
+                de_errmsg());
+        rc = 2;
+    } else if (p->rk != NULL &&
+               rd_kafka_conf_set(p->rk, key, v, err, sizeof err) !=
+                   RD_KAFKA_CONF_OK) {
+        fprintf(stderr,
+                "deliveryevents: %s: %s%s is not a librdkafka property "
+                "(this command takes only librdkafka's)\n",
+                p->cmd, where, key);
+        rc = 2;
+    }
+    wipe_free(v);
+    return rc;
+}
+
+/* Splits "key=value" into key (a copy) and *value; -1 when malformed. */
+static int split_kv(const char *s, char *key, size_t size, const char **value)
+{
+    const char *eq = strchr(s, '=');
+
+    if (eq == NULL || eq == s || (size_t)(eq - s) >= size)
+        return -1;
+    memcpy(key, s, (size_t)(eq - s));
+    key[eq - s] = '\0';
+    *value = eq + 1;
+    return 0;
+}
+
+/* The environment's DELIVERYEVENTS_X_* variables. */
+static int props_from_env(props *p)
+{
+    extern char **environ;
+    char key[256], where[300];
+    const char *value;
+
+    for (char **e = environ; *e != NULL; e++) {
+        if (strncmp(*e, ENV_PREFIX, sizeof ENV_PREFIX - 1) != 0 ||
+            split_kv(*e + sizeof ENV_PREFIX - 1, key, sizeof key, &value) != 0)
+            continue;
+        for (char *k = key; *k; k++)
+            *k = *k == '_' ? '.' : (char)tolower((unsigned char)*k);
+        snprintf(where, sizeof where, "environment " ENV_PREFIX "%.*s: ",
+                 (int)(strchr(*e, '=') - *e - (sizeof ENV_PREFIX - 1)),
+                 *e + sizeof ENV_PREFIX - 1);
+        if (prop_set(p, key, value, where) != 0)
+            return 2;
+    }
+    return 0;
+}
+
+/* --config FILE: key=value lines; blank lines and # comments skipped. */
+static int props_from_file(props *p, const char *path)
+{
+    FILE *f = fopen(path, "r");
+    char *line = NULL, key[256], where[PATH_MAX + 40];
+    const char *value;
+    size_t n = 0;
+    ssize_t len;
+    int rc = 0, no = 0;
+
+    if (f == NULL) {
+        fprintf(stderr, "deliveryevents: %s: cannot read --config %s: %s\n",
+                p->cmd, path, strerror(errno));
         return 2;
     }
-    if (strcmp(key, "relay.state.path") == 0)
-        *state_path = value;
-    return 0;
+    while (rc == 0 && (len = getline(&line, &n, f)) >= 0) {
+        char *s = line;
+        no++;
+        while (len > 0 && (s[len - 1] == '\n' || s[len - 1] == '\r'))
+            s[--len] = '\0';
+        while (*s == ' ' || *s == '\t')
+            s++;
+        if (*s == '\0' || *s == '#')
+            continue;
+        snprintf(where, sizeof where, "%s:%d: ", path, no);
+        if (split_kv(s, key, sizeof key, &value) != 0) {
+            fprintf(stderr,
+                    "deliveryevents: %s: %snot key=value (the line is not "
+                    "shown: it may hold a secret)\n",
+                    p->cmd, where);
+            rc = 2;
+        } else {
+            rc = prop_set(p, key, value, where);
+        }
+    }
+    if (line != NULL)
+        explicit_bzero(line, n);
+    free(line);
+    fclose(f);
+    return rc;
+}
+
+/* -b SERVERS, -X key=value or --config FILE (option a, value v). */
+static int props_option(props *p, const char *a, const char *v)
+{
+    char key[256];
+    const char *value;
+
+    if (strcmp(a, "--config") == 0)
+        return props_from_file(p, v);
+    if (strcmp(a, "-b") == 0 || strcmp(a, "--bootstrap") == 0)
+        return prop_set(p, "bootstrap.servers", v, "");
+    if (split_kv(v, key, sizeof key, &value) != 0)
+        return bad_usage(p->cmd,
+                         "-X takes key=value with a key of 1 to 255 bytes; "
+                         "got an argument without one (not shown: it may "
+                         "hold a secret)%s",
+                         "");
+    return prop_set(p, key, value, "");
+}
+
+/* Whether a is one of the options props_option takes. */
+static int is_props_option(const char *a)
+{
+    return strcmp(a, "-b") == 0 || strcmp(a, "--bootstrap") == 0 ||
+           strcmp(a, "-X") == 0 || strcmp(a, "--config") == 0;
+}
+
+/* Wipes the values of -X arguments from argv (what ps and
+ * /proc/<pid>/cmdline show), once they are parsed and copied. */
+static void wipe_x_values(int argc, char **argv)
+{
+    for (int i = 0; i + 1 < argc; i++) {
+        char *eq;
+        if (strcmp(argv[i], "-X") == 0 && (eq = strchr(argv[i + 1], '=')))
+            memset(eq + 1, 0, strlen(eq + 1));
+    }
 }
 
 static void log_line(void *ctx, int level, const char *message)
@@ -824,14 +1012,19 @@ static int cmd_relay(int argc, char **argv)
         return 1;
     }
     de_conf_set_log_cb(conf, log_line, NULL);
+    props p = {"relay", conf, NULL};
+    if (props_from_env(&p) != 0) {
+        de_conf_destroy(conf);
+        return 2;
+    }
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--once") == 0 || strcmp(a, "--drain") == 0) {
             once = 1;
             continue;
         }
-        if (strcmp(a, "--db") != 0 && strcmp(a, "-X") != 0 &&
-            strcmp(a, "-b") != 0 && strcmp(a, "--stats-ms") != 0 &&
+        if (strcmp(a, "--db") != 0 && !is_props_option(a) &&
+            strcmp(a, "--stats-ms") != 0 &&
             strcmp(a, "--stop-timeout-ms") != 0 &&
             strcmp(a, "--metrics") != 0 && strcmp(a, "--stall-ms") != 0) {
             de_conf_destroy(conf);
@@ -850,8 +1043,8 @@ static int cmd_relay(int argc, char **argv)
                 de_conf_destroy(conf);
                 return 2;
             }
-        } else if (strcmp(a, "-b") == 0 || strcmp(a, "-X") == 0) {
-            if ((rc = conf_option("relay", a, v, conf, &state_path)) != 0) {
+        } else if (is_props_option(a)) {
+            if ((rc = props_option(&p, a, v)) != 0) {
                 de_conf_destroy(conf);
                 return rc;
             }
@@ -862,10 +1055,14 @@ static int cmd_relay(int argc, char **argv)
             return 2;
         }
     }
+    wipe_x_values(argc, argv);
     if (db == NULL) {
         de_conf_destroy(conf);
         return bad_usage("relay", "needs --db PATH%s", "");
     }
+    state_path = de_conf_get(conf, "relay.state.path");
+    if (state_path != NULL && state_path[0] == '\0')
+        state_path = NULL;
     /* The stats line, the metrics and the progress line say whether a
      * broker is reachable: that needs librdkafka's statistics, which the
      * library runs only when asked. */
@@ -1026,7 +1223,7 @@ static const char usage_replay[] =
     "POSITION |\n"
     "                             --since TIME) [-b SERVERS] [-X "
     "key=value]...\n"
-    "                             [--timeout-ms N]\n"
+    "                             [--config FILE] [--timeout-ms N]\n"
     "  Republishes retained events (outbox.retention.ms) to Kafka with their\n"
     "  original ce_id, ce_subjectepoch and ce_subjectseq: consumers that\n"
     "  applied them count them as duplicates; a reset consumer applies them\n"
@@ -1046,7 +1243,10 @@ static const char usage_replay[] =
     "bootstrap.servers=SERVERS)\n"
     "  -X key=value         a librdkafka property, relay.state.path or "
     "a wire\n"
-    "                       setting; repeatable\n"
+    "                       setting; repeatable; key=@FILE reads the\n"
+    "                       value from FILE\n"
+    "  --config FILE        key=value lines (and DELIVERYEVENTS_X_<KEY>\n"
+    "                       environment variables), as for relay\n"
     "  --timeout-ms N       wait up to N ms for Kafka's acknowledgements "
     "(60000)\n"
     "  Events the relay has not published yet are left to it.\n";
@@ -1140,7 +1340,7 @@ static int parse_time(const char *s, int64_t *ms)
 static int cmd_replay(int argc, char **argv)
 {
     static const char cmd[] = "replay";
-    const char *db = NULL, *subject = NULL, *state_path = NULL, *v, *colon;
+    const char *db = NULL, *subject = NULL, *v, *colon;
     char type[128];
     long from = 0, timeout_ms = 60000;
     int64_t since = 0;
@@ -1157,19 +1357,20 @@ static int cmd_replay(int argc, char **argv)
         return 1;
     }
     de_conf_set_log_cb(conf, log_line, NULL);
+    props p = {cmd, conf, NULL};
+    rc = props_from_env(&p);
     for (int i = 0; i < argc && rc == 0; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--db") != 0 && strcmp(a, "--subject") != 0 &&
             strcmp(a, "--from") != 0 && strcmp(a, "--since") != 0 &&
-            strcmp(a, "-b") != 0 && strcmp(a, "-X") != 0 &&
-            strcmp(a, "--timeout-ms") != 0) {
+            !is_props_option(a) && strcmp(a, "--timeout-ms") != 0) {
             rc = bad_usage(cmd, "unknown argument '%s'", a);
         } else if ((v = opt_value(cmd, argc, argv, &i)) == NULL) {
             rc = 2;
         } else if (strcmp(a, "--db") == 0) {
             db = v;
-        } else if (strcmp(a, "-b") == 0 || strcmp(a, "-X") == 0) {
-            rc = conf_option(cmd, a, v, conf, &state_path);
+        } else if (is_props_option(a)) {
+            rc = props_option(&p, a, v);
         } else if (strcmp(a, "--timeout-ms") == 0) {
             rc = parse_num(cmd, a, v, 0, INT_MAX, &timeout_ms) ? 2 : 0;
         } else if (chosen++ > 0) {
@@ -1195,6 +1396,7 @@ static int cmd_replay(int argc, char **argv)
                            v);
         }
     }
+    wipe_x_values(argc, argv);
     if (rc == 0 && db == NULL)
         rc = bad_usage(cmd, "needs --db PATH%s", "");
     if (rc == 0 && chosen == 0)
@@ -1324,62 +1526,228 @@ static int32_t topic_partitions(rd_kafka_t *rk, const char *topic)
     return np;
 }
 
+/* Writes s[0, n) for a terminal or a log: printable UTF-8 as it is; control
+ * bytes, DEL, C1 controls, bytes that are not UTF-8 as \xNN, and the
+ * bidirectional controls (which reorder what follows them on screen) as
+ * \u{XXXX} -- a record's content cannot clear the screen, retitle the
+ * window or forge a line. */
+static void put_escaped(FILE *out, const char *s, size_t n)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    size_t i = 0;
+
+    while (i < n) {
+        unsigned c = p[i], len = 0, cp = 0;
+        if (c >= 0x20 && c < 0x7f) {
+            fputc((int)c, out);
+            i++;
+            continue;
+        }
+        if (c >= 0xc2 && c <= 0xdf)
+            len = 2, cp = c & 0x1f;
+        else if (c >= 0xe0 && c <= 0xef)
+            len = 3, cp = c & 0x0f;
+        else if (c >= 0xf0 && c <= 0xf4)
+            len = 4, cp = c & 0x07;
+        for (unsigned k = 1; k < len; k++) {
+            if (i + k >= n || (p[i + k] & 0xc0) != 0x80) {
+                len = 0;
+                break;
+            }
+            cp = (cp << 6) | (p[i + k] & 0x3f);
+        }
+        if (len == 0 || (len == 3 && cp < 0x800) ||
+            (len == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
+            (cp >= 0xd800 && cp <= 0xdfff) || cp < 0xa0) {
+            fprintf(out, "\\x%02x", c);
+            i++;
+        } else if (cp == 0x61c || cp == 0x200e || cp == 0x200f ||
+                   (cp >= 0x202a && cp <= 0x202e) ||
+                   (cp >= 0x2066 && cp <= 0x2069)) {
+            fprintf(out, "\\u{%04x}", cp);
+            i += len;
+        } else {
+            fwrite(p + i, 1, len, out);
+            i += len;
+        }
+    }
+}
+
+static void put_escaped_str(FILE *out, const char *s)
+{
+    put_escaped(out, s, strlen(s));
+}
+
+/* A JSON string of s[0, n), valid whatever the bytes: what is not UTF-8
+ * is written \xNN (as text). */
+static json_t *json_text(const char *s, size_t n)
+{
+    char *buf;
+    FILE *f;
+    size_t len = 0;
+    json_t *j;
+
+    if ((j = json_stringn(s, n)) != NULL)
+        return j;
+    buf = NULL;
+    if ((f = open_memstream(&buf, &len)) == NULL)
+        return json_null();
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c < 0x80)
+            fputc(c, f);
+        else
+            fprintf(f, "\\x%02x", c);
+    }
+    fclose(f);
+    j = json_stringn(buf, len);
+    free(buf);
+    return j ? j : json_null();
+}
+
+/* Which partitions this member reads, as a number that changes when they
+ * do (-1 when unknown). */
+static long assignment_sign(rd_kafka_t *rk)
+{
+    rd_kafka_topic_partition_list_t *mine = NULL;
+    long sign = -1;
+
+    if (rd_kafka_assignment(rk, &mine) == 0 && mine != NULL) {
+        sign = mine->cnt;
+        for (int k = 0; k < mine->cnt; k++)
+            sign = sign * 31 + mine->elems[k].partition + 1;
+        rd_kafka_topic_partition_list_destroy(mine);
+    }
+    return sign;
+}
+
+/* Where this member's reading of each partition it reads ends -- the
+ * partition's end when the reading began -- and whether it is there
+ * already: it starts from the beginning, the end, or (in a group) where
+ * the group committed, or where this member has read to (next).  Returns
+ * how many partitions it reads. */
+static int plan_end(rd_kafka_t *rk, const char *topic, int32_t np, int in_group,
+                    int from_beginning, const int64_t *next, int64_t *high,
+                    char *done)
+{
+    rd_kafka_topic_partition_list_t *mine = NULL;
+    int n = 0;
+
+    if (rd_kafka_assignment(rk, &mine) != 0 || mine == NULL)
+        return 0;
+    memset(done, 1,
+           (size_t)np); /* the partitions not ours: nothing to wait for */
+    if (in_group && mine->cnt > 0)
+        (void)rd_kafka_committed(rk, mine, 10000);
+    for (int k = 0; k < mine->cnt; k++) {
+        int32_t q = mine->elems[k].partition;
+        int64_t lo = 0, hi = 0, start;
+        if (q < 0 || q >= np ||
+            rd_kafka_query_watermark_offsets(rk, topic, q, &lo, &hi, 10000))
+            continue;
+        start = from_beginning ? lo : hi;
+        if (in_group && mine->elems[k].offset >= 0)
+            start = mine->elems[k].offset;
+        if (next[q] > start) /* read this far already */
+            start = next[q];
+        high[q] = hi;
+        done[q] = start >= hi;
+        n++;
+    }
+    rd_kafka_topic_partition_list_destroy(mine);
+    return n;
+}
+
 static int cmd_tail(int argc, char **argv)
 {
-    const char *bootstrap = NULL, *topic = NULL, *v;
-    int exit_at_end = 0;
+    const char *topic = NULL, *group = NULL, *v;
+    int exit_at_end = 0, from_beginning = 0, as_json = 0, rc = 0;
     long print = -1, records = 0, events = 0, dups = 0, bad = 0, subjects = 0;
     rd_kafka_conf_t *conf;
+    de_conf *dconf;
     rd_kafka_topic_partition_list_t *parts;
     struct seen **tab;
-    int64_t *high;
+    char *done;
+    int64_t *high, *next;
     int32_t np;
-    int remaining = 0;
+    int planned = 0;
+    long sign = -1, now_sign;
     rd_kafka_t *rk;
     char err[512];
+    props p;
 
     if (wants_help(argc, argv, usage_tail))
         return 0;
-    for (int i = 0; i < argc; i++) {
+    conf = rd_kafka_conf_new();
+    dconf = de_conf_new();
+    if (conf == NULL || dconf == NULL) {
+        fprintf(stderr, "deliveryevents: tail: out of memory\n");
+        return 1;
+    }
+    p = (props){"tail", dconf, conf};
+    rc = props_from_env(&p);
+    for (int i = 0; i < argc && rc == 0; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--exit-at-end") == 0) {
             exit_at_end = 1;
             continue;
         }
-        if (strcmp(a, "-b") != 0 && strcmp(a, "--bootstrap") != 0 &&
-            strcmp(a, "--topic") != 0 && strcmp(a, "--print") != 0)
-            return bad_usage("tail", "unknown argument '%s'", a);
-        if ((v = opt_value("tail", argc, argv, &i)) == NULL)
-            return 2;
-        if (strcmp(a, "--topic") == 0)
+        if (strcmp(a, "--from-beginning") == 0) {
+            from_beginning = 1;
+            continue;
+        }
+        if (strcmp(a, "--json") == 0) {
+            as_json = 1;
+            continue;
+        }
+        if (!is_props_option(a) && strcmp(a, "--topic") != 0 &&
+            strcmp(a, "--print") != 0 && strcmp(a, "--group") != 0)
+            rc = bad_usage("tail", "unknown argument '%s'", a);
+        else if ((v = opt_value("tail", argc, argv, &i)) == NULL)
+            rc = 2;
+        else if (strcmp(a, "--topic") == 0)
             topic = v;
-        else if (strcmp(a, "--print") == 0) {
-            if (parse_num("tail", a, v, 0, LONG_MAX, &print) != 0)
-                return 2;
-        } else
-            bootstrap = v;
+        else if (strcmp(a, "--group") == 0)
+            group = v;
+        else if (strcmp(a, "--print") == 0)
+            rc = parse_num("tail", a, v, 0, LONG_MAX, &print) ? 2 : 0;
+        else
+            rc = props_option(&p, a, v);
     }
-    if (bootstrap == NULL || topic == NULL)
-        return bad_usage("tail", "needs -b SERVERS and --topic NAME%s", "");
+    wipe_x_values(argc, argv);
+    if (rc == 0 &&
+        (de_conf_get(dconf, "bootstrap.servers") == NULL || topic == NULL))
+        rc = bad_usage("tail", "needs -b SERVERS and --topic NAME%s", "");
+    if (rc == 0 && group != NULL && group[0] == '\0')
+        rc = bad_usage("tail", "--group takes a group id, got '%s'", group);
+    /* A group resumes where it committed; without one nothing is
+     * committed, and the start is the end unless --from-beginning. */
+    if (rc == 0 &&
+        (rd_kafka_conf_set(conf, "group.id",
+                           group ? group : "deliveryevents-tail", err,
+                           sizeof err) != RD_KAFKA_CONF_OK ||
+         rd_kafka_conf_set(conf, "enable.auto.commit", group ? "true" : "false",
+                           err, sizeof err) != RD_KAFKA_CONF_OK ||
+         rd_kafka_conf_set(conf, "auto.offset.reset",
+                           from_beginning ? "earliest" : "latest", err,
+                           sizeof err) != RD_KAFKA_CONF_OK ||
+         rd_kafka_conf_set(conf, "allow.auto.create.topics", "false", err,
+                           sizeof err) != RD_KAFKA_CONF_OK)) {
+        fprintf(stderr, "deliveryevents: tail: %s\n", err);
+        rc = 2;
+    }
+    if (rc != 0) {
+        rd_kafka_conf_destroy(conf);
+        de_conf_destroy(dconf);
+        return rc;
+    }
     /* Line by line, also into a pipe: whoever reads sees each event. */
     setvbuf(stdout, NULL, _IOLBF, 0);
-    conf = rd_kafka_conf_new();
-    if (rd_kafka_conf_set(conf, "bootstrap.servers", bootstrap, err,
-                          sizeof err) != RD_KAFKA_CONF_OK ||
-        rd_kafka_conf_set(conf, "group.id", "deliveryevents-tail", err,
-                          sizeof err) != RD_KAFKA_CONF_OK ||
-        rd_kafka_conf_set(conf, "enable.auto.commit", "false", err,
-                          sizeof err) != RD_KAFKA_CONF_OK ||
-        rd_kafka_conf_set(conf, "allow.auto.create.topics", "false", err,
-                          sizeof err) != RD_KAFKA_CONF_OK) {
-        fprintf(stderr, "deliveryevents: tail: %s\n", err);
-        rd_kafka_conf_destroy(conf);
-        return 2;
-    }
     rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err, sizeof err);
     if (rk == NULL) {
         fprintf(stderr, "deliveryevents: tail: %s\n", err);
         rd_kafka_conf_destroy(conf);
+        de_conf_destroy(dconf);
         return 1;
     }
     np = topic_partitions(rk, topic);
@@ -1387,44 +1755,70 @@ static int cmd_tail(int argc, char **argv)
         if (np == 0)
             fprintf(stderr,
                     "deliveryevents: tail: topic '%s' does not exist on %s\n",
-                    topic, bootstrap);
+                    topic, de_conf_get(dconf, "bootstrap.servers"));
         rd_kafka_destroy(rk);
+        de_conf_destroy(dconf);
         return 1;
     }
+    de_conf_destroy(dconf);
+    done = calloc((size_t)np, 1);
     high = calloc((size_t)np, sizeof *high);
+    next = calloc((size_t)np, sizeof *next);
     tab = calloc(SEEN_BUCKETS, sizeof *tab);
     parts = rd_kafka_topic_partition_list_new(np);
-    if (high == NULL || tab == NULL || parts == NULL) {
+    if (done == NULL || high == NULL || next == NULL || tab == NULL ||
+        parts == NULL) {
         fprintf(stderr, "deliveryevents: tail: out of memory\n");
         rd_kafka_destroy(rk);
         return 1;
     }
-    for (int32_t p = 0; p < np; p++) {
-        int64_t lo = 0;
-        rd_kafka_query_watermark_offsets(rk, topic, p, &lo, &high[p], 10000);
-        if (high[p] > lo)
-            remaining++;
-        rd_kafka_topic_partition_list_add(parts, topic, p)->offset =
-            RD_KAFKA_OFFSET_BEGINNING;
+    if (group != NULL) {
+        rd_kafka_topic_partition_list_add(parts, topic, RD_KAFKA_PARTITION_UA);
+        rd_kafka_subscribe(rk, parts);
+    } else {
+        for (int32_t q = 0; q < np; q++)
+            rd_kafka_topic_partition_list_add(parts, topic, q)->offset =
+                from_beginning ? RD_KAFKA_OFFSET_BEGINNING
+                               : RD_KAFKA_OFFSET_END;
+        rd_kafka_assign(rk, parts);
     }
-    rd_kafka_assign(rk, parts);
     rd_kafka_topic_partition_list_destroy(parts);
     catch_signals();
-    while (!stop_signal && !(exit_at_end && remaining == 0)) {
+    while (!stop_signal) {
         rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 200);
         rd_kafka_headers_t *h = NULL;
         char stype[130], sid[300], subject[440], seqs[32], epochs[32],
-            type[300], time[40];
+            type[300], time[40], id[80];
         struct seen *sn;
         long long seq, epoch;
-        const char *what;
+        const char *what, *status;
         int gap = 0;
 
+        if (exit_at_end && m == NULL) {
+            /* At the end of every partition this member reads (a group's
+             * partitions arrive, or change, with a rebalance). */
+            int all = 1;
+            if ((now_sign = assignment_sign(rk)) != sign) {
+                sign = now_sign;
+                planned = plan_end(rk, topic, np, group != NULL, from_beginning,
+                                   next, high, done);
+            }
+            for (int32_t q = 0; q < np; q++)
+                if (!done[q])
+                    all = 0;
+            if (planned > 0 && all)
+                break;
+        }
         if (m == NULL)
             continue;
         if (m->err) {
             rd_kafka_message_destroy(m);
             continue;
+        }
+        if (m->partition >= 0 && m->partition < np) {
+            next[m->partition] = m->offset + 1;
+            if (m->offset + 1 >= high[m->partition])
+                done[m->partition] = 1;
         }
         records++;
         rd_kafka_message_headers(m, &h);
@@ -1433,54 +1827,100 @@ static int cmd_tail(int argc, char **argv)
             !hdr(h, "ce_subjectseq", seqs, sizeof seqs) ||
             !hdr(h, "ce_type", type, sizeof type) ||
             !hdr(h, "ce_time", time, sizeof time)) {
-            printf("p%d@%lld: not a deliveryevents record\n", (int)m->partition,
-                   (long long)m->offset);
-            bad++;
-        } else {
-            /* A subject is its type and id: delivery/X-1 and rider/X-1
-             * are numbered apart, even on one topic. */
-            snprintf(subject, sizeof subject, "%s/%s", stype, sid);
-            seq = strtoll(seqs, NULL, 10);
-            epoch = hdr(h, "ce_subjectepoch", epochs, sizeof epochs)
-                        ? strtoll(epochs, NULL, 10)
-                        : 0;
-            sn = seen_get(tab, subject);
-            if (sn && sn->last == 0)
-                subjects++;
-            what = "";
-            /* In order: the next number of the numbering, or 1 in a newer
-             * numbering (ce_subjectepoch: the subject was idle). */
-            if (sn == NULL || (epoch == sn->epoch && seq == sn->last + 1) ||
-                (epoch > sn->epoch && seq == 1)) {
-                events++;
-                if (sn) {
-                    sn->epoch = epoch;
-                    sn->last = seq;
-                }
-            } else if (epoch < sn->epoch ||
-                       (epoch == sn->epoch && seq <= sn->last)) {
-                dups++;
-                what = "  (duplicate: already seen)";
+            if (as_json) {
+                json_t *o =
+                    json_pack("{s:s, s:i, s:I, s:s}", "topic", topic,
+                              "partition", (int)m->partition, "offset",
+                              (json_int_t)m->offset, "status", "foreign");
+                json_dumpf(o, stdout, JSON_COMPACT);
+                fputc('\n', stdout);
+                json_decref(o);
             } else {
-                bad++;
-                gap = 1;
-                what = "  (GAP: an earlier event is missing)";
+                printf("p%d@%lld: not a deliveryevents record\n",
+                       (int)m->partition, (long long)m->offset);
             }
-            if (print < 0 || records <= print || gap)
-                printf("p%d@%-6lld %-18s #%-3lld %-28s %s %.*s%s\n",
-                       (int)m->partition, (long long)m->offset, subject, seq,
-                       type, time, (int)m->len, (const char *)m->payload, what);
+            bad++;
+            rd_kafka_message_destroy(m);
+            continue;
         }
-        if (m->offset + 1 == high[m->partition])
-            remaining--;
+        /* A subject is its type and id: delivery/X-1 and rider/X-1 are
+         * numbered apart, even on one topic. */
+        snprintf(subject, sizeof subject, "%s/%s", stype, sid);
+        seq = strtoll(seqs, NULL, 10);
+        epoch = hdr(h, "ce_subjectepoch", epochs, sizeof epochs)
+                    ? strtoll(epochs, NULL, 10)
+                    : 0;
+        sn = seen_get(tab, subject);
+        if (sn && sn->last == 0)
+            subjects++;
+        what = "";
+        status = "ok";
+        /* In order: the next number of the numbering, or 1 in a newer
+         * numbering (ce_subjectepoch: the subject was idle).  Read from
+         * the end, a subject's first event shows where it stands. */
+        if (sn == NULL || (epoch == sn->epoch && seq == sn->last + 1) ||
+            (epoch > sn->epoch && seq == 1) ||
+            (sn->last == 0 && !from_beginning)) {
+            events++;
+            if (sn) {
+                sn->epoch = epoch;
+                sn->last = seq;
+            }
+        } else if (epoch < sn->epoch ||
+                   (epoch == sn->epoch && seq <= sn->last)) {
+            dups++;
+            what = "  (duplicate: already seen)";
+            status = "duplicate";
+        } else {
+            bad++;
+            gap = 1;
+            what = "  (GAP: an earlier event is missing)";
+            status = "gap";
+        }
+        if (as_json) {
+            json_t *o = json_pack(
+                "{s:s, s:i, s:I, s:o, s:o, s:I, s:I, s:o, s:o, s:s}", "topic",
+                topic, "partition", (int)m->partition, "offset",
+                (json_int_t)m->offset, "subject_type",
+                json_text(stype, strlen(stype)), "subject_id",
+                json_text(sid, strlen(sid)), "seq", (json_int_t)seq, "epoch",
+                (json_int_t)epoch, "type", json_text(type, strlen(type)),
+                "time", json_text(time, strlen(time)), "status", status);
+            if (o != NULL && hdr(h, "ce_id", id, sizeof id))
+                json_object_set_new(o, "id", json_text(id, strlen(id)));
+            if (o != NULL) {
+                json_t *data =
+                    json_loadb((const char *)m->payload, m->len,
+                               JSON_DECODE_ANY | JSON_ALLOW_NUL, NULL);
+                json_object_set_new(
+                    o, "data",
+                    data ? data : json_text((const char *)m->payload, m->len));
+                json_dumpf(o, stdout, JSON_COMPACT);
+                fputc('\n', stdout);
+                json_decref(o);
+            }
+        } else if (print < 0 || records <= print || gap) {
+            printf("p%d@%-6lld ", (int)m->partition, (long long)m->offset);
+            put_escaped_str(stdout, subject);
+            printf(" #%-3lld ", seq);
+            put_escaped_str(stdout, type);
+            fputc(' ', stdout);
+            put_escaped_str(stdout, time);
+            fputc(' ', stdout);
+            put_escaped(stdout, (const char *)m->payload, m->len);
+            printf("%s\n", what);
+        }
         rd_kafka_message_destroy(m);
     }
-    printf("tail: %ld records on %s: %ld events of %ld subjects in order, %ld "
-           "duplicates, %ld out of order or foreign\n",
-           records, topic, events, subjects, dups, bad);
+    fprintf(as_json ? stderr : stdout,
+            "tail: %ld records on %s: %ld events of %ld subjects in order, "
+            "%ld duplicates, %ld out of order or foreign\n",
+            records, topic, events, subjects, dups, bad);
     rd_kafka_consumer_close(rk);
     rd_kafka_destroy(rk);
+    free(done);
     free(high);
+    free(next);
     for (int i = 0; i < SEEN_BUCKETS; i++)
         while (tab[i]) {
             struct seen *n = tab[i]->next;
