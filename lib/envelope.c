@@ -203,6 +203,35 @@ static bool is_ident_n(const char *s, size_t n)
     return true;
 }
 
+de_err de__row_check(const de__row *row)
+{
+    de_event ev;
+    const char *payload;
+    size_t len;
+
+    if (row->event_id == NULL || !de__is_event_id(row->event_id))
+        return de__fail(DE_ERR_ARG,
+                        "the row has no valid event_id (1 to %d printable "
+                        "ASCII characters)",
+                        DE__EVENT_ID_MAX);
+    if (row->subject_id == NULL ||
+        strlen(row->subject_id) != row->subject_id_len)
+        return de__fail(DE_ERR_ARG, "its subject_id holds a NUL byte");
+    if (row->payload == NULL || strlen(row->payload) != row->payload_len)
+        return de__fail(DE_ERR_PAYLOAD, "its payload holds a NUL byte");
+    memset(&ev, 0, sizeof ev);
+    ev.subject_type = row->subject_type;
+    ev.subject_id = row->subject_id;
+    ev.action = row->action;
+    ev.payload = row->payload;
+    ev.occurred_at_ms = row->occurred_at_ms;
+    ev.event_id = row->event_id;
+    ev.traceparent = row->traceparent;
+    ev.tracestate = row->tracestate;
+    ev.version = row->version;
+    return de__event_check(&ev, 0, &payload, &len);
+}
+
 bool de__parse_count(const char *s, size_t n, int64_t *out)
 {
     int64_t v = 0;

@@ -305,6 +305,17 @@ typedef struct de__row {
     const char *tracestate;  /* NULL when absent */
 } de__row;
 
+/* The rules de_record applies to an event (outbox.c), one set for every
+ * writer: DE_ERR_ARG or DE_ERR_PAYLOAD with the message naming the field
+ * and its value.  max_bytes 0: the record's size is not checked. */
+de_err de__event_check(const de_event *ev, int64_t max_bytes,
+                       const char **payload, size_t *payload_len);
+/* The same rules for a row read back from the outbox, which anyone with
+ * write access to the database may have inserted by hand: also no NUL
+ * inside a text, and an event id present.  DE_OK or DE_ERR_ARG /
+ * DE_ERR_PAYLOAD with the reason (envelope.c). */
+de_err de__row_check(const de__row *row);
+
 /* The CloudEvents headers of a row's record (docs/OVERVIEW.md).  NULL
  * when out of memory.  The caller owns the result until it hands it to
  * rd_kafka_producev successfully. */

@@ -235,9 +235,10 @@ static de_err bad_field(const char *field, const char *value, bool numeric,
                     action ? action : "", why);
 }
 
-/* Checks every field of ev without touching the database.  On success the
- * lengths the caller needs are returned through the pointers. */
-static de_err validate(const de_outbox *ob, const de_event *ev,
+/* Checks every field of ev without touching the database, the record it
+ * becomes against max_bytes (0: not checked).  On success the payload
+ * and its length are returned through the pointers. */
+de_err de__event_check(const de_event *ev, int64_t max_bytes,
                        const char **payload, size_t *payload_len)
 {
     const char *st = ev->subject_type, *act = ev->action;
@@ -306,14 +307,14 @@ static de_err validate(const de_outbox *ob, const de_event *ev,
     /* Size first: refusing an oversized payload must not cost a parse. */
     size = de__record_max_size(st_len, sid_len, act_len, ev->version,
                                *payload_len, tp_len, ts_len, 0);
-    if (size > (size_t)ob->max_bytes)
+    if (max_bytes > 0 && size > (size_t)max_bytes)
         return de__fail(DE_ERR_PAYLOAD,
                         "event %s.%s for %s would take up to %zu bytes on "
                         "Kafka (payload %zu bytes plus key and headers), "
                         "over event.max.bytes %lld",
                         ev->subject_type, ev->action,
                         de__quote(q, sizeof q, ev->subject_id, -1), size,
-                        *payload_len, (long long)ob->max_bytes);
+                        *payload_len, (long long)max_bytes);
     /* The same rule the consumer applies to what it receives. */
     if (!de__json_check(*payload, *payload_len, &je)) {
         if (je.not_object)
@@ -345,7 +346,8 @@ de_err de_record(de_outbox *ob, const de_event *ev, de_recorded *out)
                         "de_record needs an outbox and an event "
                         "(got NULL %s)",
                         ob == NULL ? "outbox" : "event");
-    if ((err = validate(ob, ev, &payload, &payload_len)) != DE_OK)
+    if ((err = de__event_check(ev, ob->max_bytes, &payload, &payload_len)) !=
+        DE_OK)
         return err;
     if (sqlite3_get_autocommit(ob->db))
         return de__fail(DE_ERR_NO_TXN,

@@ -241,6 +241,30 @@ static de_err landed(de_relay *r, const de__row *row, const de__topic *t,
     return DE_OK;
 }
 
+/* A row that de_record would have refused (inserted by hand, or by a
+ * writer of another version): never published, its subject held back
+ * behind it with the reason, like an event Kafka refused.  Once the row
+ * is mended (or deleted) in the database, a retry sends it (or drops it,
+ * which consumers then see as a gap). */
+static de_err refuse_row(de_relay *r, const de__row *row, de__subj *s)
+{
+    char why[600];
+    de__slot *sl;
+    de_err err;
+
+    snprintf(why, sizeof why,
+             "the outbox row at position %lld is not a valid event (was it "
+             "written without de_record?): %s",
+             (long long)row->position, de_errmsg());
+    de__relay_set_error(r, "%s", why);
+    sl = slot_init(r, row->position, row->recorded_at_ms, s);
+    de__subj_block(r, s, row->position, why, r->retry_ms);
+    if ((err = park_slot(r, sl)) != DE_OK)
+        return err;
+    slot_take(r, sl);
+    return DE_OK;
+}
+
 /* Produces (or holds back) one row at the tail of the ring.  DE__AGAIN:
  * not now (the producer's queue is full, its topic is not registered
  * yet); the row is read again. */
@@ -259,7 +283,12 @@ static de_err produce_row(void *ctx, const de__row *row)
 
     if (row->position > r->max_pos)
         r->max_pos = row->position;
-    if (s == NULL || (t = de__relay_topic(r, row->subject_type, &tidx)) == NULL)
+    if (s == NULL)
+        return DE_ERR_NOMEM;
+    /* Before its topic: a bad subject type must not name one. */
+    if (de__row_check(row) != DE_OK)
+        return refuse_row(r, row, s);
+    if ((t = de__relay_topic(r, row->subject_type, &tidx)) == NULL)
         return DE_ERR_NOMEM;
     /* Its marks go on disk before anything of it is published. */
     if (!t->registered && (err = de__relay_register_topic(r, t)) != DE_OK)
@@ -399,6 +428,14 @@ static de_err replay_one(void *arg, const de__row *row)
     rp.seq = c->seq;
     rp.s = c->s;
     rp.done = false;
+    if (de__row_check(row) != DE_OK) {
+        de__relay_set_error(r,
+                            "%s %s: the outbox row at position %lld is still "
+                            "not a valid event: %s",
+                            DE__SUBJ_TYPE(c->s), DE__SUBJ_ID(c->s),
+                            (long long)row->position, de_errmsg());
+        return DE__AGAIN;
+    }
     /* Held back after registration: its topic has marks already. */
     if ((t = de__relay_topic(r, row->subject_type, &tidx)) == NULL)
         return DE_ERR_NOMEM;

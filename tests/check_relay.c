@@ -404,6 +404,64 @@ START_TEST(blocked_subjects_wait_and_others_flow)
 }
 END_TEST
 
+/* A row inserted by hand that de_record would have refused is never
+ * published: its subject waits behind it with the reason while others
+ * flow; mended in the database, a retry publishes it in its place. */
+START_TEST(hand_written_rows_are_held_back_not_published)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_conf *conf = tu_relay_conf(c, "relay.blocked.retry.ms", "600000", NULL);
+    de_relay *r = NULL;
+    de_relay_stats st;
+    int64_t bad;
+    char sql[512];
+
+    tu_topic_create(c, "delivery", 2);
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    tu_write(db, ob, "delivery", "D-1", "assigned", "{}", 0);
+    tu_exec(db, "BEGIN IMMEDIATE");
+    tu_exec(db, "INSERT INTO de_outbox(event_id, subject_type, subject_id, "
+                "action, version, occurred_at_ms, recorded_at_ms, payload) "
+                "VALUES ('hand-1', 'delivery', 'D-1', 'picked_up', 0, "
+                "1795604400000, CAST(strftime('%s', 'now') AS INTEGER) * "
+                "1000, 'not json')");
+    bad = sqlite3_last_insert_rowid(db);
+    tu_exec(db, "INSERT INTO ledger(event_id, subject_type, subject_id, "
+                "action, payload, occurred_at_ms) VALUES ('hand-1', "
+                "'delivery', 'D-1', 'picked_up', '{\"mended\":true}', "
+                "1795604400000)");
+    tu_exec(db, "COMMIT");
+    tu_write(db, ob, "delivery", "D-1", "delivered", "{}", 0);
+    tu_write(db, ob, "delivery", "D-2", "assigned", "{}", 0);
+    ck_assert_msg(tu_wait_for((de_relay_stats_get(r, &st),
+                               st.blocked_subjects == 1 && st.held_back == 2 &&
+                                   st.published == 2),
+                              30000),
+                  "blocked %llu, held back %llu, published %llu: %s",
+                  (unsigned long long)st.blocked_subjects,
+                  (unsigned long long)st.held_back,
+                  (unsigned long long)st.published, st.last_error);
+    ck_assert_msg(strstr(st.last_error, "not a valid event") != NULL &&
+                      strstr(st.last_error, "'not json'") != NULL,
+                  "%s", st.last_error);
+    /* Still refused on a retry while it is not mended. */
+    tu_ok(de_relay_retry_blocked(r));
+    tu_assert_err(de_relay_flush(r, 300), DE_ERR_TIMEOUT, NULL);
+    snprintf(sql, sizeof sql,
+             "UPDATE de_outbox SET payload = '{\"mended\":true}' WHERE "
+             "position = %lld",
+             (long long)bad);
+    tu_exec(db, sql);
+    tu_ok(de_relay_retry_blocked(r));
+    tu_ok(de_relay_flush(r, 30000));
+    tu_ok(de_relay_stop(r, 5000));
+    tu_check k = check(c);
+    tu_assert_check(&k);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* Stop with the cluster unreachable: it returns in time with
  * DE_ERR_TIMEOUT and leaves the events for the next relay. */
 START_TEST(stop_keeps_unpublished_events)
@@ -1367,6 +1425,8 @@ static Suite *relay_suite(void)
     tcase_add_loop_test(tc, refuses_lost_or_foreign_state, tu_cluster_first(),
                         tu_cluster_count());
     tcase_add_test(tc, refuses_bad_configuration);
+    tcase_add_loop_test(tc, hand_written_rows_are_held_back_not_published,
+                        tu_cluster_first(), tu_cluster_count());
     tcase_add_test(tc, state_file_is_private_and_never_a_link);
     tcase_add_loop_test(tc, lost_lease_stops_publishing, tu_cluster_first(),
                         tu_cluster_count());
