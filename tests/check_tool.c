@@ -612,6 +612,42 @@ START_TEST(tail_reads_from_the_end_or_a_group_and_escapes_what_it_prints)
 }
 END_TEST
 
+/* What the databases hold is printed escaped: a row written by hand with
+ * terminal escapes and a right-to-left override in its subject id cannot
+ * reach the terminal raw, as text or as JSON. */
+START_TEST(reports_escape_what_the_database_holds)
+{
+    const char *db = tu_path(tu_dir, "svc.db");
+    const char *out;
+    sqlite3 *h;
+    proc *p;
+
+    record(db, 1, "delivery", "D-1");
+    h = tu_open(db);
+    tu_exec(h, "INSERT INTO de_outbox(event_id, subject_type, subject_id, "
+               "action, version, occurred_at_ms, recorded_at_ms, payload) "
+               "VALUES ('hand-1', 'delivery', 'D-' || char(27) || "
+               "']0;pwned' || char(7) || char(8238) || 'x', 'assigned', 0, "
+               "1, 1, '{}')");
+    sqlite3_close(h);
+    ck_assert_int_eq(run(p, "list", "list", "--db", db), 0);
+    out = slurp(p->out);
+    ck_assert_msg(strchr(out, 0x1b) == NULL && strchr(out, 0x07) == NULL,
+                  "raw control characters:\n%s", out);
+    assert_has(p->out, "D-\\x1b]0;pwned\\x07\\u{202e}x");
+    ck_assert_int_eq(run(p, "list", "list", "--db", db, "--json"), 0);
+    out = slurp(p->out);
+    ck_assert(strchr(out, 0x1b) == NULL);
+    for (const char *l = out; *l; l = strchr(l, '\n') + 1) {
+        json_t *o = json_loadb(l, (size_t)(strchr(l, '\n') - l), 0, NULL);
+        ck_assert_msg(o != NULL, "not JSON: %.200s", l);
+        json_decref(o);
+    }
+    ck_assert_int_eq(run(p, "status", "status", "--db", db), 0);
+    ck_assert(strchr(slurp(p->out), 0x1b) == NULL);
+}
+END_TEST
+
 #define PLANTED "PLANTED-"
 
 static void assert_no_secret(const proc *p)
@@ -1863,6 +1899,7 @@ static Suite *tool_suite(void)
     tcase_add_checked_fixture(status, setup, teardown);
     tcase_set_timeout(status, 60);
     tcase_add_test(status, status_counts_pending_and_changes_nothing);
+    tcase_add_test(status, reports_escape_what_the_database_holds);
     tcase_add_test(status, status_and_list_after_a_relay);
     tcase_add_test(status, consumer_status_and_dead_letters_change_nothing);
     tcase_add_test(status, release_and_skip_refuse_what_they_cannot_ask);

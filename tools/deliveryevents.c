@@ -2140,7 +2140,34 @@ static int ro_main(const ro_cmd *c, int argc, char **argv)
     if ((c->consumer ? consumer_ro_open(c->name, a.db, &r)
                      : ro_open(c->name, a.db, a.state, &r)) != 0)
         return 1;
-    rc = c->report(c->name, &a, &r);
+    if (a.json) {
+        rc = c->report(c->name, &a, &r);
+    } else {
+        /* Text reports pass through put_escaped, line by line: the
+         * databases hold what writers put there -- and dead letters what
+         * any producer of a shared topic did. */
+        FILE *saved = stdout, *mem;
+        char *text = NULL;
+        size_t len = 0;
+        if ((mem = open_memstream(&text, &len)) == NULL) {
+            ro_close(&r);
+            fprintf(stderr, "deliveryevents: %s: out of memory\n", c->name);
+            return 1;
+        }
+        stdout = mem;
+        rc = c->report(c->name, &a, &r);
+        fclose(mem);
+        stdout = saved;
+        for (size_t i = 0; i < len;) {
+            const char *nl = memchr(text + i, '\n', len - i);
+            size_t n = nl ? (size_t)(nl - (text + i)) : len - i;
+            put_escaped(stdout, text + i, n);
+            if (nl)
+                fputc('\n', stdout);
+            i += n + 1;
+        }
+        free(text);
+    }
     ro_close(&r);
     return rc;
 }
@@ -2150,9 +2177,10 @@ static void put_int(json_t *o, const char *k, int64_t v)
     json_object_set_new(o, k, json_integer((json_int_t)v));
 }
 
+/* Any bytes: what is not UTF-8 is kept as \xNN text (json_text). */
 static void put_str(json_t *o, const char *k, const char *v)
 {
-    json_object_set_new(o, k, v ? json_string(v) : json_null());
+    json_object_set_new(o, k, v ? json_text(v, strlen(v)) : json_null());
 }
 
 /* Sizes: -1 (JSON null, text "none") for a file that does not exist. */
