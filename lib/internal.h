@@ -179,6 +179,11 @@ typedef struct de__rk_bridge {
  * statistics.interval.ms as conf sets it, else 1000 with a statistics
  * callback, else 0 (off). */
 int64_t de__rk_stats_interval(const de_conf *conf);
+/* rd_kafka_destroy(rk), waiting at most timeout_ms; past that the handle
+ * is left to a thread of its own and a warning logged (librdkafka 2.0's
+ * destroy can hang after a broker outage).  Whether it is gone. */
+bool de__rk_destroy_within(rd_kafka_t *rk, int timeout_ms, const de_conf *conf,
+                           const char *who);
 
 /* The document a statistics callback receives: obj (a JSON object, taken
  * by this call) with librdkafka's statistics spliced in as "rdkafka" (raw

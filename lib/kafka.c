@@ -18,7 +18,9 @@
  */
 #include "internal.h"
 
+#include <errno.h>
 #include <jansson.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -218,4 +220,97 @@ void de__rk_error(rd_kafka_t *rk, int err, const char *reason, void *opaque)
     /* Broker outages and the like: librdkafka retries by itself. */
     de__log(b->conf, DE_LOG_INFO, "%skafka: %s: %s", b->prefix,
             rd_kafka_err2name((rd_kafka_resp_err_t)err), reason);
+}
+
+/*
+ * rd_kafka_destroy, waiting at most timeout_ms.  librdkafka 2.0 can wait
+ * forever in rd_kafka_destroy of a consumer that lived through a broker
+ * going down and up (a partition reference is never released, so its
+ * broker thread never ends: confluentinc/librdkafka#4674, seen here in the
+ * relay's recovery reader during the soak).  Rather than hang the caller
+ * (and so de_relay_stop), the handle is left behind on a thread of its
+ * own and a warning logged.  Returns whether the handle is gone.
+ */
+struct reaper {
+    rd_kafka_t *rk;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool done, abandoned;
+};
+
+static void reaper_free(struct reaper *rp)
+{
+    pthread_mutex_destroy(&rp->mu);
+    pthread_cond_destroy(&rp->cv);
+    free(rp);
+}
+
+static void *reap(void *arg)
+{
+    struct reaper *rp = arg;
+    bool abandoned;
+
+    rd_kafka_destroy(rp->rk);
+    pthread_mutex_lock(&rp->mu);
+    rp->done = true;
+    abandoned = rp->abandoned;
+    pthread_cond_signal(&rp->cv);
+    pthread_mutex_unlock(&rp->mu);
+    if (abandoned)
+        reaper_free(rp); /* nobody waits for it any more */
+    return NULL;
+}
+
+bool de__rk_destroy_within(rd_kafka_t *rk, int timeout_ms, const de_conf *conf,
+                           const char *who)
+{
+    struct reaper *rp = calloc(1, sizeof *rp);
+    pthread_condattr_t ca;
+    struct timespec dl;
+    pthread_t t;
+    bool done;
+
+    if (rp == NULL || pthread_condattr_init(&ca) != 0) {
+        free(rp);
+        rd_kafka_destroy(rk);
+        return true;
+    }
+    rp->rk = rk;
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_mutex_init(&rp->mu, NULL);
+    pthread_cond_init(&rp->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    if (pthread_create(&t, NULL, reap, rp) != 0) {
+        reaper_free(rp);
+        rd_kafka_destroy(rk);
+        return true;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &dl);
+    dl.tv_sec += timeout_ms / 1000;
+    dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (dl.tv_nsec >= 1000000000L) {
+        dl.tv_sec++;
+        dl.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&rp->mu);
+    while (!rp->done &&
+           pthread_cond_timedwait(&rp->cv, &rp->mu, &dl) != ETIMEDOUT)
+        ;
+    done = rp->done;
+    if (!done)
+        rp->abandoned = true;
+    pthread_mutex_unlock(&rp->mu);
+    if (done) {
+        pthread_join(t, NULL);
+        reaper_free(rp);
+        return true;
+    }
+    pthread_detach(t);
+    de__log(conf, DE_LOG_WARNING,
+            "%s: librdkafka did not shut its handle down within %d ms "
+            "(librdkafka 2.0 can wait forever after a broker went down and "
+            "up, confluentinc/librdkafka#4674); left behind so as not to "
+            "hang",
+            who, timeout_ms);
+    return false;
 }

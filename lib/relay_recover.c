@@ -419,9 +419,12 @@ static de_err read_all(struct ctx *c)
     bool held;
 
     while (left > 0) {
-        rd_kafka_message_t *m = rd_kafka_consume_queue(c->q, 200);
+        rd_kafka_message_t *m;
         reading *rd;
 
+        /* Checked before a record is taken: one taken and not destroyed
+         * keeps its partition, and so rd_kafka_destroy, waiting forever
+         * (a relay stopped while it recovered hung in de_relay_stop). */
         rd_kafka_poll(c->rk, 0); /* its log lines, on this thread */
         if ((err = beat(c, &held)) != DE_OK)
             return err;
@@ -431,6 +434,7 @@ static de_err read_all(struct ctx *c)
         }
         if (c->o->cancelled && c->o->cancelled(c->o->cancel_ctx))
             return de__fail(DE_ERR_TIMEOUT, "relay recovery: stopped");
+        m = rd_kafka_consume_queue(c->q, 200);
         if (m == NULL) {
             if (de__now_ms() - last_progress > IDLE_TIMEOUT_MS)
                 return de__fail(DE_ERR_KAFKA,
@@ -538,7 +542,7 @@ done:
     if (c.q != NULL)
         rd_kafka_queue_destroy(c.q);
     if (c.rk != NULL)
-        rd_kafka_destroy(c.rk);
+        (void)de__rk_destroy_within(c.rk, 10000, o->conf, "relay recovery");
     for (size_t i = 0; i < c.nmarks; i++)
         free(c.marks[i].topic);
     free(c.marks);

@@ -603,6 +603,70 @@ static void assert_numbering(tu_cluster *c, const char *id, int want,
         ck_assert_int_eq(nb.records, records);
 }
 
+static void count_record(void *ctx, const rd_kafka_message_t *m,
+                         int32_t partitions)
+{
+    (void)m;
+    (void)partitions;
+    (*(long *)ctx)++;
+}
+
+/* A relay stopped while it reads Kafka at activation stops, and the next
+ * one finds on Kafka everything published: nothing it took from Kafka
+ * keeps it (a record taken and not released made rd_kafka_destroy, and so
+ * de_relay_stop, wait forever -- found by the 30-minute soak). */
+START_TEST(stop_during_recovery_returns)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_conf *conf;
+    de_relay *r = NULL;
+    de_relay_stats st;
+    de_event ev = {0};
+    de_recorded rec;
+    char id[16];
+    const int n = 16000;
+    long records = 0;
+
+    tu_topic_create(c, "delivery", 4);
+    publish(c, 1, "outbox.retention.ms", "3600000");
+    backup(state_path(), tu_path(dir, "backup.db-relay"));
+    /* Published, then the state that knew of none of it restored. */
+    conf = drill_conf(c, "outbox.retention.ms", "3600000");
+    tu_ok(de_relay_start(ob, conf, &r));
+    ev.subject_type = "delivery";
+    ev.action = "moved";
+    ev.subject_id = id;
+    tu_exec(db, "BEGIN IMMEDIATE");
+    for (int i = 0; i < n; i++) {
+        snprintf(id, sizeof id, "Y-%d", i % 100);
+        tu_ok(de_record(ob, &ev, &rec));
+    }
+    tu_exec(db, "COMMIT");
+    tu_ok(de_relay_flush(r, 60000));
+    tu_ok(de_relay_stop(r, 10000));
+    restore(tu_path(dir, "backup.db-relay"), state_path());
+
+    r = NULL;
+    tu_ok(de_relay_start(ob, conf, &r));
+    ck_assert(tu_wait_for(
+        (de_relay_stats_get(r, &st),
+         st.state == DE_RELAY_RECOVERING || st.state == DE_RELAY_ACTIVE),
+        30000));
+    (void)de_relay_stop(r, 1000); /* returns: that is the test */
+
+    r = NULL;
+    tu_ok(de_relay_start(ob, conf, &r));
+    tu_ok(de_relay_flush(r, 60000));
+    tu_ok(de_relay_stop(r, 10000));
+    /* What the restored state did not know was found on Kafka, not sent
+     * a second time. */
+    tu_read_topic(c, tu_topic(c, "delivery"), count_record, &records);
+    ck_assert_int_eq(records, n + 1);
+    de_conf_destroy(conf);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* Database and state file restored together from an older backup: the
  * two events published after the backup stay on Kafka as numbers 4 and
  * 5; the next event is number 6, never a second number 4. */
@@ -861,6 +925,8 @@ static Suite *durability_suite(void)
     tc = tcase_create("restore");
     tcase_add_checked_fixture(tc, tu_service_setup, tu_service_teardown);
     tcase_set_timeout(tc, 120);
+    tcase_add_loop_test(tc, stop_during_recovery_returns, tu_cluster_first(),
+                        tu_cluster_count());
     tcase_add_loop_test(tc, restore_of_both_continues_above_kafka,
                         tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, restore_of_the_database_alone_is_refused,
