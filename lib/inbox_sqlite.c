@@ -17,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CONSUMER_SCHEMA_VERSION 4
+#define CONSUMER_SCHEMA_VERSION 5
 
 static const char *const migrations[CONSUMER_SCHEMA_VERSION] = {
     /* 0 -> 1: the inbox and the dead letters. */
@@ -31,7 +31,8 @@ static const char *const migrations[CONSUMER_SCHEMA_VERSION] = {
     "CREATE TABLE IF NOT EXISTS main.de_dead_letter("
     "  id INTEGER PRIMARY KEY,"
     "  kind TEXT NOT NULL,"  /* failed, waiting, gap, conflict, foreign */
-    "  state TEXT NOT NULL," /* parked, applied, skipped, foreign */
+    "  state TEXT NOT NULL," /* parked, applied, skipped, foreign;
+                                and from schema 5 duplicate */
     "  topic TEXT, partition INTEGER, offset INTEGER,"
     "  subject_type TEXT, subject_id TEXT, seq INTEGER, event_id TEXT,"
     "  action TEXT, type TEXT, source TEXT, occurred_at_ms INTEGER,"
@@ -54,6 +55,22 @@ static const char *const migrations[CONSUMER_SCHEMA_VERSION] = {
     "  requested_at_ms INTEGER NOT NULL, done_at_ms INTEGER, result TEXT);"
     "CREATE INDEX IF NOT EXISTS main.de_consumer_request_open"
     "  ON de_consumer_request(id) WHERE done_at_ms IS NULL;",
+    /* 4 -> 5: events of any CloudEvents producer.  The ce_source that
+     * numbers each subject (another one numbering it is a conflict) and
+     * the dead letter that parked it; events without a sequence, applied
+     * once by (ce_source, ce_id), remembered in de_inbox_id; dead letters
+     * keep the whole record (key, headers, value, timestamp). */
+    "ALTER TABLE main.de_inbox ADD COLUMN source TEXT;"
+    "ALTER TABLE main.de_inbox ADD COLUMN park_id INTEGER;"
+    "ALTER TABLE main.de_dead_letter ADD COLUMN record_key BLOB;"
+    "ALTER TABLE main.de_dead_letter ADD COLUMN record_headers TEXT;"
+    "ALTER TABLE main.de_dead_letter ADD COLUMN record_value BLOB;"
+    "ALTER TABLE main.de_dead_letter ADD COLUMN record_timestamp_ms INTEGER;"
+    "CREATE TABLE IF NOT EXISTS main.de_inbox_id("
+    "  source TEXT NOT NULL, event_id TEXT NOT NULL,"
+    "  seen_ms INTEGER NOT NULL,"
+    "  PRIMARY KEY(source, event_id)) WITHOUT ROWID;"
+    "CREATE INDEX IF NOT EXISTS main.de_inbox_id_seen ON de_inbox_id(seen_ms);",
 };
 
 static const de__schema consumer_schema = {
@@ -82,6 +99,10 @@ enum {
     Q_FORGET,
     Q_REQ_NEXT,
     Q_REQ_DONE,
+    Q_DL_REPARK,
+    Q_SEEN_CLAIM,
+    Q_SEEN,
+    Q_FORGET_IDS,
     Q_COUNT
 };
 
@@ -92,48 +113,65 @@ static const char *const sql[Q_COUNT] = {
     [Q_SAVEPOINT] = "SAVEPOINT de_event",
     [Q_RELEASE] = "RELEASE de_event",
     [Q_ROLLBACK_TO] = "ROLLBACK TO de_event",
-    [Q_GET] = "SELECT last_seq, parked, last_event_id, epoch FROM "
-              "main.de_inbox WHERE subject_type = ?1 AND subject_id = ?2",
+    /* The subject, its owner (the ce_source numbering it) and the dead
+     * letter that parked it. */
+    [Q_GET] = "SELECT i.last_seq, i.parked, i.last_event_id, i.epoch, "
+              "i.source, i.park_id, d.kind, coalesce(d.epoch, 0), "
+              "coalesce(d.seq, 0) FROM main.de_inbox i LEFT JOIN "
+              "main.de_dead_letter d ON d.id = i.park_id AND d.state = "
+              "'parked' WHERE i.subject_type = ?1 AND i.subject_id = ?2",
+    /* Keeps the subject's park, and its owner once it has one. */
     [Q_PUT] = "INSERT INTO main.de_inbox(subject_type, subject_id, last_seq, "
-              "parked, updated_ms, last_event_id, epoch) VALUES (?1, ?2, ?3, "
-              "0, ?4, ?5, ?6) ON CONFLICT(subject_type, subject_id) DO UPDATE "
-              "SET last_seq = excluded.last_seq, parked = 0, updated_ms = "
-              "excluded.updated_ms, last_event_id = excluded.last_event_id, "
-              "epoch = excluded.epoch",
+              "parked, updated_ms, last_event_id, epoch, source) VALUES (?1, "
+              "?2, ?3, 0, ?4, ?5, ?6, ?7) ON CONFLICT(subject_type, "
+              "subject_id) DO UPDATE SET last_seq = excluded.last_seq, "
+              "updated_ms = excluded.updated_ms, last_event_id = "
+              "excluded.last_event_id, epoch = excluded.epoch, source = "
+              "coalesce(de_inbox.source, excluded.source)",
     [Q_PARK] = "INSERT INTO main.de_inbox(subject_type, subject_id, last_seq, "
-               "parked, updated_ms) VALUES (?1, ?2, 0, ?3, ?4) ON "
-               "CONFLICT(subject_type, subject_id) DO UPDATE SET parked = "
-               "excluded.parked, updated_ms = excluded.updated_ms",
-    /* The next event of a known subject's numbering: advance in one
-     * statement. */
+               "parked, updated_ms, park_id) VALUES (?1, ?2, 0, ?3, ?4, ?5) "
+               "ON CONFLICT(subject_type, subject_id) DO UPDATE SET parked = "
+               "excluded.parked, updated_ms = excluded.updated_ms, park_id = "
+               "excluded.park_id",
+    /* The next event of a known subject's numbering, by its owner (or the
+     * first source to number it): advance in one statement. */
     [Q_CLAIM] = "UPDATE main.de_inbox SET last_seq = ?3, updated_ms = ?4, "
-                "last_event_id = ?5 WHERE subject_type = ?1 AND subject_id = "
-                "?2 AND epoch = ?6 AND last_seq = ?3 - 1 AND parked = 0",
+                "last_event_id = ?5, source = ?7 WHERE subject_type = ?1 AND "
+                "subject_id = ?2 AND epoch = ?6 AND last_seq = ?3 - 1 AND "
+                "parked = 0 AND (source = ?7 OR source IS NULL)",
     /* The first event of a subject never seen (or forgotten), or of a new
-     * numbering of a known one. */
+     * numbering of a known one by its owner. */
     [Q_FIRST] = "INSERT INTO main.de_inbox(subject_type, subject_id, "
-                "last_seq, parked, updated_ms, last_event_id, epoch) VALUES "
-                "(?1, ?2, 1, 0, ?4, ?5, ?6) ON CONFLICT(subject_type, "
-                "subject_id) DO UPDATE SET last_seq = 1, updated_ms = "
-                "excluded.updated_ms, last_event_id = excluded.last_event_id, "
-                "epoch = excluded.epoch WHERE de_inbox.epoch < excluded.epoch "
-                "AND de_inbox.parked = 0",
+                "last_seq, parked, updated_ms, last_event_id, epoch, source) "
+                "VALUES (?1, ?2, 1, 0, ?4, ?5, ?6, ?7) ON "
+                "CONFLICT(subject_type, subject_id) DO UPDATE SET last_seq = "
+                "1, updated_ms = excluded.updated_ms, last_event_id = "
+                "excluded.last_event_id, epoch = excluded.epoch, source = "
+                "excluded.source WHERE de_inbox.epoch < excluded.epoch AND "
+                "de_inbox.parked = 0 AND (de_inbox.source IS NULL OR "
+                "de_inbox.source = excluded.source)",
     [Q_DL_INSERT] =
         "INSERT INTO main.de_dead_letter(kind, state, topic, partition, "
         "offset, subject_type, subject_id, seq, event_id, action, type, "
         "source, occurred_at_ms, traceparent, tracestate, payload, error, "
-        "attempts, parked_ms, epoch) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, "
-        "?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
+        "attempts, parked_ms, epoch, record_key, record_headers, "
+        "record_value, record_timestamp_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, "
+        "?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, "
+        "?21, ?22, ?23, ?24)",
+    /* The very event parked already (read again). */
     [Q_DL_HAS] = "SELECT 1 FROM main.de_dead_letter WHERE subject_type = ?1 "
-                 "AND subject_id = ?2 AND seq = ?3 AND coalesce(epoch, 0) = ?4 "
+                 "AND subject_id = ?2 AND coalesce(seq, 0) = ?3 AND "
+                 "coalesce(epoch, 0) = ?4 AND event_id = ?5 AND source IS ?6 "
                  "AND state = 'parked'",
-    /* In number order: by numbering, then number, then arrival. */
+    /* The one that parked the subject (?3) first, then in number order:
+     * by numbering, then number, then arrival (events without a number
+     * in arrival order). */
     [Q_DL_NEXT] = "SELECT id, kind, topic, partition, offset, seq, event_id, "
                   "action, type, source, occurred_at_ms, traceparent, "
                   "tracestate, payload, coalesce(epoch, 0) FROM "
                   "main.de_dead_letter WHERE subject_type = ?1 AND "
-                  "subject_id = ?2 AND state = 'parked' ORDER BY "
-                  "coalesce(epoch, 0), seq, id LIMIT 1",
+                  "subject_id = ?2 AND state = 'parked' ORDER BY id IS ?3 "
+                  "DESC, coalesce(epoch, 0), coalesce(seq, 0), id LIMIT 1",
     [Q_DL_DONE] = "UPDATE main.de_dead_letter SET state = ?2 WHERE id = ?1",
     [Q_DL_FAIL] = "UPDATE main.de_dead_letter SET kind = 'failed', "
                   "attempts = attempts + 1, error = ?2 WHERE id = ?1",
@@ -151,6 +189,16 @@ static const char *const sql[Q_COUNT] = {
                    "BY id LIMIT 1",
     [Q_REQ_DONE] = "UPDATE main.de_consumer_request SET done_at_ms = ?2, "
                    "result = ?3 WHERE id = ?1",
+    [Q_DL_REPARK] = "UPDATE main.de_dead_letter SET kind = ?2, error = ?3 "
+                    "WHERE id = ?1",
+    [Q_SEEN_CLAIM] = "INSERT INTO main.de_inbox_id(source, event_id, "
+                     "seen_ms) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+    [Q_SEEN] = "SELECT 1 FROM main.de_inbox_id WHERE source = ?1 AND "
+               "event_id = ?2",
+    /* The oldest, a slice at a time. */
+    [Q_FORGET_IDS] = "DELETE FROM main.de_inbox_id WHERE (source, event_id) "
+                     "IN (SELECT source, event_id FROM main.de_inbox_id "
+                     "WHERE seen_ms < ?1 ORDER BY seen_ms LIMIT ?2)",
 };
 
 typedef struct sqlite_inbox {
@@ -158,7 +206,7 @@ typedef struct sqlite_inbox {
     sqlite3 *db;
     sqlite3_stmt *q[Q_COUNT];
     /* where forgetting stopped: the last key it looked at */
-    char forget_type[DE__IDENT_MAX + 1];
+    char forget_type[DE__NAME_MAX + 1];
     char forget_id[DE__SUBJECT_ID_MAX + 1];
 } sqlite_inbox;
 
@@ -238,6 +286,7 @@ static de_err i_claim(de__inbox *ib, const de_event_view *v, bool *claimed)
         sqlite3_bind_int64(q, 4, de__now_ms());
         sqlite3_bind_text(q, 5, v->event_id, -1, SQLITE_STATIC);
         sqlite3_bind_int64(q, 6, v->subject_epoch);
+        sqlite3_bind_text(q, 7, v->source, -1, SQLITE_STATIC);
         if (step(s, which) != SQLITE_DONE)
             return de__fail_db(s->db, "consumer: updating the inbox");
         if (sqlite3_changes(s->db) == 1) {
@@ -268,6 +317,14 @@ static de_err i_get(de__inbox *ib, const char *type, const char *id,
         if ((lid = sqlite3_column_text(q, 2)) != NULL)
             snprintf(e->last_id, sizeof e->last_id, "%s", (const char *)lid);
         e->epoch = sqlite3_column_int64(q, 3);
+        if ((lid = sqlite3_column_text(q, 4)) != NULL)
+            snprintf(e->source, sizeof e->source, "%s", (const char *)lid);
+        e->park_id = sqlite3_column_int64(q, 5);
+        if ((lid = sqlite3_column_text(q, 6)) != NULL)
+            snprintf(e->park_kind, sizeof e->park_kind, "%s",
+                     (const char *)lid);
+        e->park_epoch = sqlite3_column_int64(q, 7);
+        e->park_seq = sqlite3_column_int64(q, 8);
     }
     sqlite3_reset(q);
     sqlite3_clear_bindings(q);
@@ -277,7 +334,8 @@ static de_err i_get(de__inbox *ib, const char *type, const char *id,
 }
 
 static de_err i_put(de__inbox *ib, const char *type, const char *id,
-                    int64_t epoch, int64_t seq, const char *event_id)
+                    int64_t epoch, int64_t seq, const char *event_id,
+                    const char *source)
 {
     sqlite_inbox *s = IB(ib);
     sqlite3_stmt *q = s->q[Q_PUT];
@@ -288,11 +346,13 @@ static de_err i_put(de__inbox *ib, const char *type, const char *id,
     sqlite3_bind_int64(q, 4, de__now_ms());
     sqlite3_bind_text(q, 5, event_id, -1, SQLITE_STATIC);
     sqlite3_bind_int64(q, 6, epoch);
+    if (source != NULL)
+        sqlite3_bind_text(q, 7, source, -1, SQLITE_STATIC);
     return run(s, Q_PUT, "updating the inbox");
 }
 
 static de_err i_park(de__inbox *ib, const char *type, const char *id,
-                     bool parked)
+                     bool parked, int64_t park_id)
 {
     sqlite_inbox *s = IB(ib);
     sqlite3_stmt *q = s->q[Q_PARK];
@@ -301,13 +361,17 @@ static de_err i_park(de__inbox *ib, const char *type, const char *id,
     bind_subject(q, type, id);
     sqlite3_bind_int(q, 3, parked ? 1 : 0);
     sqlite3_bind_int64(q, 4, de__now_ms());
+    if (parked && park_id > 0)
+        sqlite3_bind_int64(q, 5, park_id);
     return run(s, Q_PARK, "parking a subject");
 }
 
 static de_err i_dl_insert(de__inbox *ib, const char *kind,
                           const de__dl_origin *o, const de_event_view *v,
-                          const char *error, int attempts)
+                          const char *error, int attempts, int64_t *id)
 {
+    de_err err;
+
     sqlite_inbox *s = IB(ib);
     sqlite3_stmt *q = s->q[Q_DL_INSERT];
 
@@ -321,7 +385,8 @@ static de_err i_dl_insert(de__inbox *ib, const char *kind,
     if (v != NULL) {
         sqlite3_bind_text(q, 6, v->subject_type, -1, SQLITE_STATIC);
         sqlite3_bind_text(q, 7, v->subject_id, -1, SQLITE_STATIC);
-        sqlite3_bind_int64(q, 8, v->subject_seq);
+        if (v->subject_seq > 0)
+            sqlite3_bind_int64(q, 8, v->subject_seq);
         sqlite3_bind_text(q, 9, v->event_id, -1, SQLITE_STATIC);
         sqlite3_bind_text(q, 10, v->action, -1, SQLITE_STATIC);
         sqlite3_bind_text(q, 11, v->type, -1, SQLITE_STATIC);
@@ -331,14 +396,28 @@ static de_err i_dl_insert(de__inbox *ib, const char *kind,
             sqlite3_bind_text(q, 14, v->traceparent, -1, SQLITE_STATIC);
         if (v->tracestate)
             sqlite3_bind_text(q, 15, v->tracestate, -1, SQLITE_STATIC);
-        sqlite3_bind_int64(q, 20, v->subject_epoch);
-    }
-    if (o->value != NULL)
+        if (v->subject_seq > 0)
+            sqlite3_bind_int64(q, 20, v->subject_epoch);
+        sqlite3_bind_text(q, 16, v->payload, (int)v->payload_len,
+                          SQLITE_STATIC);
+    } else if (o->value != NULL) {
         sqlite3_bind_blob(q, 16, o->value, (int)o->value_len, SQLITE_STATIC);
+    }
     sqlite3_bind_text(q, 17, error, -1, SQLITE_STATIC);
     sqlite3_bind_int(q, 18, attempts);
     sqlite3_bind_int64(q, 19, de__now_ms());
-    return run(s, Q_DL_INSERT, "writing a dead letter");
+    if (o->key != NULL)
+        sqlite3_bind_blob(q, 21, o->key, (int)o->key_len, SQLITE_STATIC);
+    if (o->headers != NULL)
+        sqlite3_bind_text(q, 22, o->headers, -1, SQLITE_STATIC);
+    if (o->value != NULL)
+        sqlite3_bind_blob(q, 23, o->value, (int)o->value_len, SQLITE_STATIC);
+    if (o->timestamp_ms >= 0)
+        sqlite3_bind_int64(q, 24, o->timestamp_ms);
+    err = run(s, Q_DL_INSERT, "writing a dead letter");
+    if (err == DE_OK && id != NULL)
+        *id = sqlite3_last_insert_rowid(s->db);
+    return err;
 }
 
 static de_err i_dl_has(de__inbox *ib, const de_event_view *v, bool *has)
@@ -349,7 +428,9 @@ static de_err i_dl_has(de__inbox *ib, const de_event_view *v, bool *has)
 
     bind_subject(q, v->subject_type, v->subject_id);
     sqlite3_bind_int64(q, 3, v->subject_seq);
-    sqlite3_bind_int64(q, 4, v->subject_epoch);
+    sqlite3_bind_int64(q, 4, v->subject_seq > 0 ? v->subject_epoch : 0);
+    sqlite3_bind_text(q, 5, v->event_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(q, 6, v->source, -1, SQLITE_STATIC);
     rc = sqlite3_step(q);
     *has = rc == SQLITE_ROW;
     sqlite3_reset(q);
@@ -368,7 +449,7 @@ void de__dead_letter_free(de__dead_letter *dl)
 }
 
 static de_err i_dl_next(de__inbox *ib, const char *type, const char *id,
-                        de__dead_letter *out, bool *found)
+                        int64_t first, de__dead_letter *out, bool *found)
 {
     sqlite_inbox *s = IB(ib);
     sqlite3_stmt *q = s->q[Q_DL_NEXT];
@@ -383,6 +464,8 @@ static de_err i_dl_next(de__inbox *ib, const char *type, const char *id,
     *found = false;
     sqlite3_bind_text(q, 1, type, -1, SQLITE_TRANSIENT);
     sqlite3_bind_text(q, 2, id, -1, SQLITE_TRANSIENT);
+    if (first > 0)
+        sqlite3_bind_int64(q, 3, first);
     rc = sqlite3_step(q);
     if (rc == SQLITE_ROW) {
         *found = true;
@@ -448,6 +531,66 @@ static de_err i_dl_fail(de__inbox *ib, int64_t id, const char *error)
     return dl_update(ib, Q_DL_FAIL, id, error);
 }
 
+static de_err i_dl_repark(de__inbox *ib, int64_t id, const char *kind,
+                          const char *error)
+{
+    sqlite_inbox *s = IB(ib);
+    sqlite3_stmt *q = s->q[Q_DL_REPARK];
+
+    assert(i_in_txn(ib));
+    sqlite3_bind_int64(q, 1, id);
+    sqlite3_bind_text(q, 2, kind, -1, SQLITE_STATIC);
+    sqlite3_bind_text(q, 3, error, -1, SQLITE_STATIC);
+    return run(s, Q_DL_REPARK, "updating a dead letter");
+}
+
+static de_err i_seen_claim(de__inbox *ib, const de_event_view *v, bool *claimed)
+{
+    sqlite_inbox *s = IB(ib);
+    sqlite3_stmt *q = s->q[Q_SEEN_CLAIM];
+
+    assert(i_in_txn(ib));
+    sqlite3_bind_text(q, 1, v->source, -1, SQLITE_STATIC);
+    sqlite3_bind_text(q, 2, v->event_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(q, 3, de__now_ms());
+    if (step(s, Q_SEEN_CLAIM) != SQLITE_DONE)
+        return de__fail_db(s->db, "consumer: updating the inbox of ids");
+    *claimed = sqlite3_changes(s->db) == 1;
+    return DE_OK;
+}
+
+static de_err i_seen(de__inbox *ib, const de_event_view *v, bool *seen)
+{
+    sqlite_inbox *s = IB(ib);
+    sqlite3_stmt *q = s->q[Q_SEEN];
+    int rc;
+
+    sqlite3_bind_text(q, 1, v->source, -1, SQLITE_STATIC);
+    sqlite3_bind_text(q, 2, v->event_id, -1, SQLITE_STATIC);
+    rc = sqlite3_step(q);
+    *seen = rc == SQLITE_ROW;
+    sqlite3_reset(q);
+    sqlite3_clear_bindings(q);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        return de__fail_db(s->db, "consumer: reading the inbox of ids");
+    return DE_OK;
+}
+
+static de_err i_forget_ids(de__inbox *ib, int64_t before_ms, int limit,
+                           int64_t *forgotten)
+{
+    sqlite_inbox *s = IB(ib);
+    sqlite3_stmt *q = s->q[Q_FORGET_IDS];
+
+    assert(i_in_txn(ib));
+    sqlite3_bind_int64(q, 1, before_ms);
+    sqlite3_bind_int(q, 2, limit);
+    if (step(s, Q_FORGET_IDS) != SQLITE_DONE)
+        return de__fail_db(s->db, "consumer: forgetting old event ids");
+    *forgotten = sqlite3_changes(s->db);
+    return DE_OK;
+}
+
 static de_err i_parked_count(de__inbox *ib, int64_t *n)
 {
     sqlite_inbox *s = IB(ib);
@@ -469,7 +612,7 @@ static de_err i_forget(de__inbox *ib, int64_t before_ms, int limit,
     sqlite_inbox *s = IB(ib);
     sqlite3_stmt *scan = s->q[Q_FORGET_SCAN];
     sqlite3_stmt *del = s->q[Q_FORGET];
-    char last_type[DE__IDENT_MAX + 1] = "";
+    char last_type[DE__NAME_MAX + 1] = "";
     char last_id[DE__SUBJECT_ID_MAX + 1] = "";
     bool end;
     int rc;
@@ -569,6 +712,10 @@ static const de__inbox_ops sqlite_ops = {
     .dl_next = i_dl_next,
     .dl_done = i_dl_done,
     .dl_fail = i_dl_fail,
+    .dl_repark = i_dl_repark,
+    .seen_claim = i_seen_claim,
+    .seen = i_seen,
+    .forget_ids = i_forget_ids,
     .parked_count = i_parked_count,
     .forget = i_forget,
     .request_next = i_request_next,
