@@ -1202,26 +1202,36 @@ static bool in_list(const rd_kafka_topic_partition_list_t *l, const char *topic,
     return false;
 }
 
-static void rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
-                      rd_kafka_topic_partition_list_t *parts, void *opaque)
+/* Takes (parts) or gives back (NULL) partitions: incrementally under the
+ * cooperative protocol (cooperative-sticky), where librdkafka refuses a
+ * full assign, else the whole assignment.  A failure is logged. */
+static void assign(de_consumer *c, rd_kafka_t *rk,
+                   rd_kafka_topic_partition_list_t *parts, bool take)
 {
-    de_consumer *c = ((de__rk_bridge *)opaque)->owner;
-    /* cooperative-sticky hands out and takes back partitions one by one,
-     * and librdkafka refuses a full assign then. */
     bool coop = strcmp(rd_kafka_rebalance_protocol(rk), "COOPERATIVE") == 0;
     rd_kafka_error_t *e = NULL;
     rd_kafka_resp_err_t ae = RD_KAFKA_RESP_ERR_NO_ERROR;
 
+    if (coop)
+        e = take ? rd_kafka_incremental_assign(rk, parts)
+                 : rd_kafka_incremental_unassign(rk, parts);
+    else
+        ae = rd_kafka_assign(rk, take ? parts : NULL);
+    if (e != NULL || ae != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        clog_(c, DE_LOG_ERR, "%s %d partitions failed: %s",
+              take ? "taking" : "giving back", parts->cnt,
+              e ? rd_kafka_error_string(e) : rd_kafka_err2str(ae));
+        rd_kafka_error_destroy(e);
+    }
+}
+
+static void rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+                      rd_kafka_topic_partition_list_t *parts, void *opaque)
+{
+    de_consumer *c = ((de__rk_bridge *)opaque)->owner;
+
     if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
-        if (coop)
-            e = rd_kafka_incremental_assign(rk, parts);
-        else
-            ae = rd_kafka_assign(rk, parts);
-        if (e != NULL || ae != RD_KAFKA_RESP_ERR_NO_ERROR) {
-            clog_(c, DE_LOG_ERR, "taking %d partitions failed: %s", parts->cnt,
-                  e ? rd_kafka_error_string(e) : rd_kafka_err2str(ae));
-            rd_kafka_error_destroy(e);
-        }
+        assign(c, rk, parts, true);
         return;
     }
     /* Revoked: finish what was read, commit it, and forget the partitions
@@ -1249,15 +1259,7 @@ static void rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
             i++;
         }
     }
-    if (coop)
-        e = rd_kafka_incremental_unassign(rk, parts);
-    else
-        ae = rd_kafka_assign(rk, NULL);
-    if (e != NULL || ae != RD_KAFKA_RESP_ERR_NO_ERROR) {
-        clog_(c, DE_LOG_ERR, "giving back %d partitions failed: %s", parts->cnt,
-              e ? rd_kafka_error_string(e) : rd_kafka_err2str(ae));
-        rd_kafka_error_destroy(e);
-    }
+    assign(c, rk, parts, false);
 }
 
 /* ---- forgetting -------------------------------------------------------- */
