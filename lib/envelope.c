@@ -394,15 +394,6 @@ bool de__envelope_decode(const rd_kafka_message_t *m, const char *tmpl,
             payload = a.data.p;
             payload_len = a.data.n;
         }
-    } else if (m->payload != NULL && m->len > 0) {
-        if (!de__json_check(m->payload, m->len, &je))
-            return WHY("the value is not a JSON object: %s at byte %zu",
-                       je.not_object ? "not an object"
-                       : je.what     ? je.what
-                                     : "invalid",
-                       je.offset);
-        payload = m->payload;
-        payload_len = m->len;
     }
     if (a.spec.p == NULL)
         return WHY("no ce_specversion: not a CloudEvent");
@@ -479,6 +470,18 @@ bool de__envelope_decode(const rd_kafka_message_t *m, const char *tmpl,
                    "spaces)",
                    a.action.p ? "ce_action" : "the end of ce_type",
                    de__quote(q, sizeof q, action_p, action_n), DE__ACTION_MAX);
+
+    if (!structured && m->payload != NULL && m->len > 0) {
+        /* Binary mode: the value is the data. */
+        if (!de__json_check(m->payload, m->len, &je))
+            return WHY("the value is not a JSON object: %s at byte %zu",
+                       je.not_object ? "not an object"
+                       : je.what     ? je.what
+                                     : "invalid",
+                       je.offset);
+        payload = m->payload;
+        payload_len = m->len;
+    }
 
     need = a.id.n + stype_len + action_n + DE__SUBJECT_ID_MAX + a.type.n +
            a.source.n + payload_len + a.tp.n + a.ts.n + strlen(topic) + 16;
