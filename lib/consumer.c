@@ -1440,7 +1440,8 @@ static de_err unpark_first(de_consumer *c, de__dead_letter *dl,
     const de_event_view *v = &dl->view;
     bool after = de__number_after(v->subject_epoch, v->subject_seq, e->epoch,
                                   e->seq),
-         conflict = dl->kind && strcmp(dl->kind, "conflict") == 0, claimed;
+         conflict = dl->kind && strcmp(dl->kind, "conflict") == 0, claimed,
+         seen = false;
     enum record rec = v->subject_seq == 0 ? REC_SEEN
                       : after && (!conflict || e->source[0] == '\0' ||
                                   strcmp(e->source, v->source) == 0)
@@ -1460,7 +1461,9 @@ static de_err unpark_first(de_consumer *c, de__dead_letter *dl,
                       v->subject_seq, v->event_id, v->source);
         return DE_OK;
     }
-    if (v->subject_seq > 0 && !after && !conflict) {
+    if (v->subject_seq == 0 && (err = IB(c, seen, v, &seen)) != DE_OK)
+        return err;
+    if (v->subject_seq > 0 ? !after && !conflict : seen) {
         /* Applied meanwhile (read again and applied by another member). */
         c->stats.duplicates++;
         return IB(c, dl_done, dl->id, "duplicate");

@@ -1653,6 +1653,66 @@ START_TEST(a_gap_that_fills_unparks_itself)
 }
 END_TEST
 
+/* An event without a sequence whose handler keeps failing parks its
+ * subject like a numbered one: the subject's later events wait, in the
+ * order read; release applies them in that order; copies read again
+ * afterwards are duplicates by id. */
+START_TEST(unnumbered_failures_park_and_release)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    sqlite3 *cdb = tu_open_shared(tu_path(dir, "consumer.db"));
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+    struct failing f = {"N-F", 0};
+    other o;
+    char id[16];
+
+    tu_topic_create(c, "delivery", 1);
+    for (int round = 0; round < 2; round++) {
+        o = other_open(c, tu_topic(c, "delivery"));
+        for (int i = 3; i >= 1; i--) { /* ids out of lexical order */
+            snprintf(id, sizeof id, "n-%d", i);
+            {
+                const char *h[] = {PLAIN(id, "N-F", "delivery.noted"), NULL};
+                other_send(&o, "N-F", "{}", h);
+            }
+            if (round == 0 && i == 3) {
+                const char *h[] = {PLAIN("ok-1", "N-OK", "delivery.noted"),
+                                   NULL};
+                other_send(&o, "N-OK", "{}", h);
+            }
+        }
+        other_close(&o);
+        if (round == 1)
+            break;
+        /* The copies of round 1 come after the release below. */
+        if (con == NULL)
+            tu_ok(open_consumer(cdb, c->bootstrap, c->prefix, "g-unnumbered",
+                                NULL, NULL, &f, &con));
+        ck_assert(tu_wait_for(
+            (poll_stats(con, &st), st.parked_subjects == 1 &&
+                                       dead_letters(cdb, "waiting") == 2 &&
+                                       applied_count(cdb) == 1),
+            30000));
+        ck_assert_int_eq(count(cdb, "SELECT count(*) FROM de_dead_letter "
+                                    "WHERE kind = 'failed' AND event_id = "
+                                    "'n-3' AND seq IS NULL AND state = "
+                                    "'parked'"),
+                         1);
+        f.subject = NULL; /* fixed */
+        tu_ok(de_consumer_release(con, "delivery", "N-F"));
+        ck_assert_str_eq(applied_ids(cdb, "N-F"), "n-3,n-2,n-1");
+    }
+    /* The second round's copies: duplicates by id. */
+    ck_assert(tu_wait_for((poll_stats(con, &st), st.duplicates >= 3), 30000));
+    ck_assert_str_eq(applied_ids(cdb, "N-F"), "n-3,n-2,n-1");
+    ck_assert_uint_eq(st.parked_subjects, 0);
+    tu_ok(de_consumer_close(con));
+    sqlite3_close(cdb);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* Events without a sequence are remembered by id for
  * consumer.id.forget.ms, then forgotten, a slice at a time. */
 START_TEST(ids_are_forgotten_after_their_horizon)
@@ -1910,6 +1970,8 @@ static Suite *consumer_suite(void)
     tcase_add_loop_test(tc, a_gap_that_fills_unparks_itself, tu_cluster_first(),
                         tu_cluster_count());
     tcase_add_loop_test(tc, ids_are_forgotten_after_their_horizon,
+                        tu_cluster_first(), tu_cluster_count());
+    tcase_add_loop_test(tc, unnumbered_failures_park_and_release,
                         tu_cluster_first(), tu_cluster_count());
     suite_add_tcase(s, tc);
 
