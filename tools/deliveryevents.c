@@ -1746,7 +1746,8 @@ static int cmd_list(int argc, char **argv)
  * A consumer keeps its bookkeeping in its own database (lib/inbox_sqlite.c):
  * de_inbox (a row per subject remembered, parked = 1 while the subject is
  * parked), de_dead_letter (kind failed, waiting, gap, conflict or foreign;
- * state parked, applied, skipped or foreign) and de_consumer_meta (the
+ * state parked, applied, skipped, duplicate or foreign) and
+ * de_consumer_meta (the
  * schema version).  From version 4 on it also has de_consumer_request,
  * where release and skip ask the running consumer to act.  Both reading
  * commands open the file as status does: read-only, creating nothing.
@@ -1813,7 +1814,7 @@ static const char usage_dead_letters[] =
     "                                   [--limit N] [--json]\n"
     "  Read-only list of a consumer's dead letters (de_dead_letter), oldest\n"
     "  first: subject, epoch/seq, ce_id, kind, state (parked, applied,\n"
-    "  skipped, foreign), when, attempts, error.\n"
+    "  skipped, duplicate, foreign), when, attempts, error.\n"
     "  --db PATH          the consumer's database file (required)\n"
     "  --subject TYPE:ID  only this subject's dead letters, e.g. "
     "delivery:D-7\n"
@@ -2200,8 +2201,8 @@ static const char usage_release[] =
 
 static const char usage_skip[] =
     "usage: deliveryevents skip --db PATH TYPE:ID [--wait MS] [--force]\n"
-    "  Asks the running consumer of PATH to skip a parked subject's first\n"
-    "  parked event (kept in de_dead_letter, marked skipped) and apply the\n"
+    "  Asks the running consumer of PATH to skip the event that parked a\n"
+    "  subject (kept in de_dead_letter, marked skipped) and apply the\n"
     "  rest, in order, with its handlers (de_consumer_skip).  Needs a\n"
     "  consumer of libdeliveryevents 1.0 or later (consumer schema 4: the\n"
     "  de_consumer_request table).\n"
