@@ -56,12 +56,18 @@ static const char *const migrations[CONSUMER_SCHEMA_VERSION] = {
     "CREATE INDEX IF NOT EXISTS main.de_consumer_request_open"
     "  ON de_consumer_request(id) WHERE done_at_ms IS NULL;",
     /* 4 -> 5: events of any CloudEvents producer.  The ce_source that
-     * numbers each subject (another one numbering it is a conflict) and
-     * the dead letter that parked it; events without a sequence, applied
-     * once by (ce_source, ce_id), remembered in de_inbox_id; dead letters
-     * keep the whole record (key, headers, value, timestamp). */
-    "ALTER TABLE main.de_inbox ADD COLUMN source TEXT;"
-    "ALTER TABLE main.de_inbox ADD COLUMN park_id INTEGER;"
+     * numbers each subject (another one numbering it is a conflict), as
+     * a 64-bit hash in the row (the claim compares it on every event;
+     * de_inbox_source has the text), and the dead letter that parked it
+     * (de_dead_letter.parks = 1: kept out of the inbox row, which every
+     * event rewrites);
+     * events without a sequence, applied once by (ce_source, ce_id),
+     * remembered in de_inbox_id; dead letters keep the whole record (key,
+     * headers, value, timestamp). */
+    "ALTER TABLE main.de_inbox ADD COLUMN owner INTEGER;"
+    "CREATE TABLE IF NOT EXISTS main.de_inbox_source("
+    "  owner INTEGER PRIMARY KEY, source TEXT NOT NULL);"
+    "ALTER TABLE main.de_dead_letter ADD COLUMN parks INTEGER;"
     "ALTER TABLE main.de_dead_letter ADD COLUMN record_key BLOB;"
     "ALTER TABLE main.de_dead_letter ADD COLUMN record_headers TEXT;"
     "ALTER TABLE main.de_dead_letter ADD COLUMN record_value BLOB;"
@@ -103,6 +109,8 @@ enum {
     Q_SEEN_CLAIM,
     Q_SEEN,
     Q_FORGET_IDS,
+    Q_SOURCE,
+    Q_PARKS,
     Q_COUNT
 };
 
@@ -116,40 +124,47 @@ static const char *const sql[Q_COUNT] = {
     /* The subject, its owner (the ce_source numbering it) and the dead
      * letter that parked it. */
     [Q_GET] = "SELECT i.last_seq, i.parked, i.last_event_id, i.epoch, "
-              "i.source, i.park_id, d.kind, coalesce(d.epoch, 0), "
-              "coalesce(d.seq, 0) FROM main.de_inbox i LEFT JOIN "
-              "main.de_dead_letter d ON d.id = i.park_id AND d.state = "
-              "'parked' WHERE i.subject_type = ?1 AND i.subject_id = ?2",
+              "(SELECT coalesce(source, '') FROM main.de_inbox_source o "
+              "WHERE o.owner = i.owner), d.id, d.kind, coalesce(d.epoch, 0), "
+              "coalesce(d.seq, 0), i.owner IS NOT NULL, i.owner FROM "
+              "main.de_inbox i LEFT JOIN main.de_dead_letter d ON "
+              "d.subject_type = i.subject_type AND d.subject_id = "
+              "i.subject_id AND d.state = 'parked' AND d.parks = 1 AND "
+              "i.parked = 1 WHERE i.subject_type = ?1 AND i.subject_id = ?2",
     /* Keeps the subject's park, and its owner once it has one. */
     [Q_PUT] = "INSERT INTO main.de_inbox(subject_type, subject_id, last_seq, "
-              "parked, updated_ms, last_event_id, epoch, source) VALUES (?1, "
+              "parked, updated_ms, last_event_id, epoch, owner) VALUES (?1, "
               "?2, ?3, 0, ?4, ?5, ?6, ?7) ON CONFLICT(subject_type, "
               "subject_id) DO UPDATE SET last_seq = excluded.last_seq, "
               "updated_ms = excluded.updated_ms, last_event_id = "
-              "excluded.last_event_id, epoch = excluded.epoch, source = "
-              "coalesce(de_inbox.source, excluded.source)",
+              "excluded.last_event_id, epoch = excluded.epoch, owner = "
+              "coalesce(de_inbox.owner, excluded.owner)",
     [Q_PARK] = "INSERT INTO main.de_inbox(subject_type, subject_id, last_seq, "
-               "parked, updated_ms, park_id) VALUES (?1, ?2, 0, ?3, ?4, ?5) "
-               "ON CONFLICT(subject_type, subject_id) DO UPDATE SET parked = "
-               "excluded.parked, updated_ms = excluded.updated_ms, park_id = "
-               "excluded.park_id",
-    /* The next event of a known subject's numbering, by its owner (or the
-     * first source to number it): advance in one statement. */
+               "parked, updated_ms) VALUES (?1, ?2, 0, ?3, ?4) ON "
+               "CONFLICT(subject_type, subject_id) DO UPDATE SET parked = "
+               "excluded.parked, updated_ms = excluded.updated_ms",
+    /* The one dead letter that parks the subject: ?3. */
+    [Q_PARKS] = "UPDATE main.de_dead_letter SET parks = CASE WHEN id = ?3 "
+                "THEN 1 END WHERE subject_type = ?1 AND subject_id = ?2 AND "
+                "state = 'parked' AND (parks IS NOT NULL OR id = ?3)",
+    /* The next event of a known subject's numbering, by its owner:
+     * advance in one statement.  (A row without an owner, from before
+     * schema 5, takes the slow path once, and Q_PUT gives it one.) */
     [Q_CLAIM] = "UPDATE main.de_inbox SET last_seq = ?3, updated_ms = ?4, "
-                "last_event_id = ?5, source = ?7 WHERE subject_type = ?1 AND "
-                "subject_id = ?2 AND epoch = ?6 AND last_seq = ?3 - 1 AND "
-                "parked = 0 AND (source = ?7 OR source IS NULL)",
+                "last_event_id = ?5 WHERE subject_type = ?1 AND subject_id = "
+                "?2 AND epoch = ?6 AND last_seq = ?3 - 1 AND parked = 0 AND "
+                "owner = ?7",
     /* The first event of a subject never seen (or forgotten), or of a new
      * numbering of a known one by its owner. */
     [Q_FIRST] = "INSERT INTO main.de_inbox(subject_type, subject_id, "
-                "last_seq, parked, updated_ms, last_event_id, epoch, source) "
+                "last_seq, parked, updated_ms, last_event_id, epoch, owner) "
                 "VALUES (?1, ?2, 1, 0, ?4, ?5, ?6, ?7) ON "
                 "CONFLICT(subject_type, subject_id) DO UPDATE SET last_seq = "
                 "1, updated_ms = excluded.updated_ms, last_event_id = "
-                "excluded.last_event_id, epoch = excluded.epoch, source = "
-                "excluded.source WHERE de_inbox.epoch < excluded.epoch AND "
-                "de_inbox.parked = 0 AND (de_inbox.source IS NULL OR "
-                "de_inbox.source = excluded.source)",
+                "excluded.last_event_id, epoch = excluded.epoch, owner = "
+                "excluded.owner WHERE de_inbox.epoch < excluded.epoch AND "
+                "de_inbox.parked = 0 AND (de_inbox.owner IS NULL OR "
+                "de_inbox.owner = excluded.owner)",
     [Q_DL_INSERT] =
         "INSERT INTO main.de_dead_letter(kind, state, topic, partition, "
         "offset, subject_type, subject_id, seq, event_id, action, type, "
@@ -196,6 +211,8 @@ static const char *const sql[Q_COUNT] = {
     [Q_SEEN] = "SELECT 1 FROM main.de_inbox_id WHERE source = ?1 AND "
                "event_id = ?2",
     /* The oldest, a slice at a time. */
+    [Q_SOURCE] = "INSERT INTO main.de_inbox_source(owner, source) VALUES "
+                 "(?1, ?2) ON CONFLICT DO NOTHING",
     [Q_FORGET_IDS] = "DELETE FROM main.de_inbox_id WHERE (source, event_id) "
                      "IN (SELECT source, event_id FROM main.de_inbox_id "
                      "WHERE seen_ms < ?1 ORDER BY seen_ms LIMIT ?2)",
@@ -208,6 +225,10 @@ typedef struct sqlite_inbox {
     /* where forgetting stopped: the last key it looked at */
     char forget_type[DE__NAME_MAX + 1];
     char forget_id[DE__SUBJECT_ID_MAX + 1];
+    /* owners whose text is in de_inbox_source (of this transaction or
+     * committed: the cache is cleared on a rollback) */
+    int64_t owners[16];
+    size_t n_owners;
 } sqlite_inbox;
 
 #define IB(ib) ((sqlite_inbox *)(ib))
@@ -241,6 +262,7 @@ static de_err i_commit(de__inbox *ib)
 
 static void i_rollback(de__inbox *ib)
 {
+    IB(ib)->n_owners = 0;
     /* A failed ROLLBACK leaves nothing to do: SQLite rolled back. */
     if (!sqlite3_get_autocommit(IB(ib)->db))
         (void)step(IB(ib), Q_ROLLBACK);
@@ -272,10 +294,39 @@ static void bind_subject(sqlite3_stmt *q, const char *type, const char *id)
     sqlite3_bind_text(q, 2, id, -1, SQLITE_STATIC);
 }
 
+/* A ce_source as the inbox row keeps it: FNV-1a, 64 bits. */
+static int64_t owner_of(const char *source)
+{
+    uint64_t h = UINT64_C(14695981039346656037);
+
+    for (const unsigned char *p = (const unsigned char *)source; *p; p++)
+        h = (h ^ *p) * UINT64_C(1099511628211);
+    return (int64_t)h;
+}
+
+/* Makes sure de_inbox_source has the text of owner. */
+static de_err note_owner(sqlite_inbox *s, int64_t owner, const char *source)
+{
+    sqlite3_stmt *q = s->q[Q_SOURCE];
+
+    for (size_t i = 0; i < s->n_owners; i++)
+        if (s->owners[i] == owner)
+            return DE_OK;
+    sqlite3_bind_int64(q, 1, owner);
+    sqlite3_bind_text(q, 2, source, -1, SQLITE_STATIC);
+    if (step(s, Q_SOURCE) != SQLITE_DONE)
+        return de__fail_db(s->db, "consumer: recording a ce_source");
+    if (s->n_owners == DE__ARRAY_LEN(s->owners))
+        s->n_owners = 0;
+    s->owners[s->n_owners++] = owner;
+    return DE_OK;
+}
+
 static de_err i_claim(de__inbox *ib, const de_event_view *v, bool *claimed)
 {
     sqlite_inbox *s = IB(ib);
     int which = Q_CLAIM;
+    int64_t owner = owner_of(v->source);
 
     assert(i_in_txn(ib));
     *claimed = false;
@@ -286,12 +337,12 @@ static de_err i_claim(de__inbox *ib, const de_event_view *v, bool *claimed)
         sqlite3_bind_int64(q, 4, de__now_ms());
         sqlite3_bind_text(q, 5, v->event_id, -1, SQLITE_STATIC);
         sqlite3_bind_int64(q, 6, v->subject_epoch);
-        sqlite3_bind_text(q, 7, v->source, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(q, 7, owner);
         if (step(s, which) != SQLITE_DONE)
             return de__fail_db(s->db, "consumer: updating the inbox");
         if (sqlite3_changes(s->db) == 1) {
             *claimed = true;
-            return DE_OK;
+            return which == Q_FIRST ? note_owner(s, owner, v->source) : DE_OK;
         }
         if (v->subject_seq != 1)
             return DE_OK;
@@ -319,6 +370,10 @@ static de_err i_get(de__inbox *ib, const char *type, const char *id,
         e->epoch = sqlite3_column_int64(q, 3);
         if ((lid = sqlite3_column_text(q, 4)) != NULL)
             snprintf(e->source, sizeof e->source, "%s", (const char *)lid);
+        else if (sqlite3_column_int(q, 9))
+            /* An owner whose text is missing: name it by its hash. */
+            snprintf(e->source, sizeof e->source, "#%016llx",
+                     (unsigned long long)sqlite3_column_int64(q, 10));
         e->park_id = sqlite3_column_int64(q, 5);
         if ((lid = sqlite3_column_text(q, 6)) != NULL)
             snprintf(e->park_kind, sizeof e->park_kind, "%s",
@@ -346,8 +401,13 @@ static de_err i_put(de__inbox *ib, const char *type, const char *id,
     sqlite3_bind_int64(q, 4, de__now_ms());
     sqlite3_bind_text(q, 5, event_id, -1, SQLITE_STATIC);
     sqlite3_bind_int64(q, 6, epoch);
-    if (source != NULL)
-        sqlite3_bind_text(q, 7, source, -1, SQLITE_STATIC);
+    if (source != NULL) {
+        de_err err;
+        sqlite3_bind_int64(q, 7, owner_of(source));
+        if ((err = run(s, Q_PUT, "updating the inbox")) != DE_OK)
+            return err;
+        return note_owner(s, owner_of(source), source);
+    }
     return run(s, Q_PUT, "updating the inbox");
 }
 
@@ -356,14 +416,19 @@ static de_err i_park(de__inbox *ib, const char *type, const char *id,
 {
     sqlite_inbox *s = IB(ib);
     sqlite3_stmt *q = s->q[Q_PARK];
+    de_err err;
 
     assert(i_in_txn(ib));
     bind_subject(q, type, id);
     sqlite3_bind_int(q, 3, parked ? 1 : 0);
     sqlite3_bind_int64(q, 4, de__now_ms());
-    if (parked && park_id > 0)
-        sqlite3_bind_int64(q, 5, park_id);
-    return run(s, Q_PARK, "parking a subject");
+    if (!parked || park_id <= 0)
+        return run(s, Q_PARK, "parking a subject");
+    if ((err = run(s, Q_PARK, "parking a subject")) != DE_OK)
+        return err;
+    bind_subject(s->q[Q_PARKS], type, id);
+    sqlite3_bind_int64(s->q[Q_PARKS], 3, park_id);
+    return run(s, Q_PARKS, "parking a subject");
 }
 
 static de_err i_dl_insert(de__inbox *ib, const char *kind,

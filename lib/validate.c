@@ -120,6 +120,11 @@ bool de__is_clean_utf8(const char *s, size_t len)
     if (s == NULL || len == 0)
         return false;
     while (i < len) {
+        /* Printable ASCII, the common case, without a call per byte. */
+        if (p[i] >= 0x20 && p[i] < 0x7f) {
+            i++;
+            continue;
+        }
         n = utf8_seq_len(p + i, len - i);
         if (n == 0)
             return false;

@@ -965,8 +965,9 @@ static void older_consumer_db(const char *path)
     sqlite3 *db = tu_open(path);
 
     tu_exec(db, "DROP TABLE de_consumer_request; DROP TABLE de_inbox_id; "
-                "ALTER TABLE de_inbox DROP COLUMN source; ALTER TABLE "
-                "de_inbox DROP COLUMN park_id; ALTER TABLE de_dead_letter "
+                "DROP TABLE de_inbox_source; ALTER TABLE de_inbox DROP COLUMN "
+                "owner; ALTER TABLE "
+                "de_dead_letter DROP COLUMN parks; ALTER TABLE de_dead_letter "
                 "DROP COLUMN record_key; ALTER TABLE de_dead_letter DROP "
                 "COLUMN record_headers; ALTER TABLE de_dead_letter DROP "
                 "COLUMN record_value; ALTER TABLE de_dead_letter DROP COLUMN "
