@@ -2107,6 +2107,7 @@ static int cmd_dead_letters(int argc, char **argv)
 #define COL_TEXT(i) ((const char *)sqlite3_column_text(st, (i)))
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
         int has_subject = sqlite3_column_type(st, 3) != SQLITE_NULL;
+        int numbered = sqlite3_column_type(st, 6) != SQLITE_NULL;
         n++;
         if (a.json) {
             json_t *o = json_object();
@@ -2115,7 +2116,7 @@ static int cmd_dead_letters(int argc, char **argv)
             put_str(o, "state", COL_TEXT(2));
             put_str(o, "subject_type", COL_TEXT(3));
             put_str(o, "subject_id", COL_TEXT(4));
-            if (has_subject) {
+            if (has_subject && numbered) {
                 put_int(o, "epoch", sqlite3_column_int64(st, 5));
                 put_int(o, "seq", sqlite3_column_int64(st, 6));
             } else {
@@ -2138,9 +2139,13 @@ static int cmd_dead_letters(int argc, char **argv)
             if (has_subject) {
                 snprintf(subject, sizeof subject, "%s:%s", COL_TEXT(3),
                          COL_TEXT(4));
-                snprintf(num, sizeof num, "%lld/%lld",
-                         (long long)sqlite3_column_int64(st, 5),
-                         (long long)sqlite3_column_int64(st, 6));
+                /* An event without a sequence: "-". */
+                if (numbered)
+                    snprintf(num, sizeof num, "%lld/%lld",
+                             (long long)sqlite3_column_int64(st, 5),
+                             (long long)sqlite3_column_int64(st, 6));
+                else
+                    snprintf(num, sizeof num, "-");
             } else {
                 /* A record that is not ours: where it was read. */
                 snprintf(subject, sizeof subject, "%s[%d]@%lld",
