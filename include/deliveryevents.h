@@ -627,11 +627,15 @@ typedef de_err (*de_handler_fn)(sqlite3 *db, const de_event_view *ev,
 typedef struct de_consumer de_consumer;
 
 /**
- * Opens a consumer on `db`, creating its tables (de_inbox, the last
- * applied ce_subjectseq per subject with the ce_id applied under it, and
- * de_dead_letter).  An event whose number was applied already under
- * another ce_id is a conflict: dead-lettered, its subject parked, never
- * dropped as a duplicate (docs/CONSUMER.md).  Several
+ * Opens a consumer on `db`, creating or migrating its tables (de_inbox,
+ * the last applied ce_subjectseq per subject with the ce_id applied under
+ * it and the ce_source that numbers it; de_inbox_source; de_inbox_id, the
+ * (ce_source, ce_id) of events without a sequence, kept for
+ * consumer.id.forget.ms; de_dead_letter, whole records).  It applies
+ * CloudEvents 1.0 of any producer, binary or structured mode.  An event
+ * whose number was applied already under another ce_id, or that another
+ * ce_source numbers, is a conflict: dead-lettered, its subject parked,
+ * never dropped as a duplicate (docs/CONSUMER.md).  Several
  * consumers of one group may share the database file (one connection
  * each); they then share the inbox, which keeps effects exactly-once
  * across rebalances.
