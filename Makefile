@@ -73,7 +73,10 @@ SAN_EXTRA ?=
 TEST_SRCS  := $(sort $(wildcard tests/check_*.c))
 TEST_BINS  := $(TEST_SRCS:tests/%.c=$(BUILD)/tests/%)
 
-EXAMPLES := delivery_service query_model notifier live_stats
+EXAMPLES := delivery_service query_model notifier live_stats dispatch_board \
+            courier_app
+# courier_app stands for another company's producer: librdkafka alone.
+EXAMPLE_PKGS_courier_app := rdkafka
 EXAMPLE_BINS := $(EXAMPLES:%=$(BUILD)/examples/%)
 
 # Fuzz targets (fuzz/fuzz_*.c): libFuzzer with clang for `make fuzz`; with
@@ -150,9 +153,10 @@ USER_CFLAGS = -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror $(SAN)
 
 $(BUILD)/examples/%: examples/%.c examples/example.h $(SHLIB) $(PCUNINST)
 	@mkdir -p $(dir $@)
-	$(CC) $(USER_CFLAGS) $(CFLAGS) $$($(USER_PKG) --cflags deliveryevents) \
-	    $(LDFLAGS) -o $@ $< $(SAN_EXTRA) \
-	    $$($(USER_PKG) --libs deliveryevents) $(if $(SAN_EXTRA),-lrdkafka)
+	$(CC) $(USER_CFLAGS) $(CFLAGS) $$($(USER_PKG) --cflags deliveryevents \
+	    $(EXAMPLE_PKGS_$*)) $(LDFLAGS) -o $@ $< $(SAN_EXTRA) \
+	    $$($(USER_PKG) --libs deliveryevents $(EXAMPLE_PKGS_$*)) \
+	    $(if $(SAN_EXTRA),-lrdkafka)
 
 $(BUILD)/bench/%: bench/%.c $(wildcard bench/*.h) $(STLIB) $(PCUNINST)
 	@mkdir -p $(dir $@)

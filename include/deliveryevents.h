@@ -662,27 +662,38 @@ DE_EXTERN DE_WARN_UNUSED de_err de_replay(const char *db_path,
 /* --------------------------------------------------------------------- */
 
 /**
- * One event as a handler sees it.  Every string is NUL-terminated and
- * borrowed: valid only during the handler call.  The library fills it;
- * fields may be added at the end (a handler only reads it).
+ * One event as a handler sees it: a CloudEvents 1.0 event of this
+ * library's relay or of any other producer, read in binary or structured
+ * mode (docs/CONSUMER.md, "Events from any producer", says where each
+ * field comes from when the event lacks this library's extensions).
+ * Every string is NUL-terminated and borrowed: valid only during the
+ * handler call.  The library fills it; fields may be added at the end (a
+ * handler only reads it).
  *
- * A subject's events are numbered 1, 2, 3, ... within a numbering
- * (subject_epoch).  A subject idle for longer than
+ * A numbered subject's events are numbered 1, 2, 3, ... within a
+ * numbering (subject_epoch).  A subject idle for longer than
  * relay.subject.forget.ms starts a new numbering at its next event, with
  * a higher subject_epoch and subject_seq 1 again; de_consumer follows
- * that, so handlers need not.
+ * that, so handlers need not.  An event without ce_subjectseq has
+ * subject_seq 0 and is applied once by (ce_source, ce_id).
  */
 typedef struct de_event_view {
     const char *event_id;     /* ce_id                                     */
-    const char *subject_type; /* ce_subjecttype, e.g. "delivery"           */
-    const char *subject_id;   /* the key, e.g. "D-1001"                    */
-    const char *action;       /* ce_action, e.g. "assigned"                */
+    const char *subject_type; /* ce_subjecttype, else the topic's subject
+                                 type by topic.template, else the topic    */
+    const char *subject_id;   /* ce_subject, else ce_partitionkey, else the
+                                 record key, e.g. "D-1001"                 */
+    const char *action;       /* ce_action, else the part of ce_type after
+                                 its last '.', e.g. "assigned"             */
     const char *type;       /* ce_type, e.g. "com.example.delivery.assigned" */
     const char *source;     /* ce_source                                 */
-    const char *payload;    /* the JSON object, NUL-terminated           */
+    const char *payload;    /* the data, a JSON object ("{}" when the
+                               event has none), NUL-terminated           */
     size_t payload_len;     /* its length in bytes, without the NUL      */
-    int64_t occurred_at_ms; /* ce_time (also the record timestamp)       */
-    int64_t subject_seq;    /* ce_subjectseq: 1, 2, 3, ... per subject   */
+    int64_t occurred_at_ms; /* ce_time in Unix ms UTC; the record's
+                               timestamp when the event has no ce_time   */
+    int64_t subject_seq;    /* ce_subjectseq: 1, 2, 3, ... per subject;
+                               0 when the event carries none             */
     const char *topic;      /* where it was read                         */
     int32_t partition;
     int64_t offset;
@@ -720,11 +731,15 @@ typedef de_err (*de_handler_fn)(sqlite3 *db, const de_event_view *ev,
 typedef struct de_consumer de_consumer;
 
 /**
- * Opens a consumer on `db`, creating its tables (de_inbox, the last
- * applied ce_subjectseq per subject with the ce_id applied under it, and
- * de_dead_letter).  An event whose number was applied already under
- * another ce_id is a conflict: dead-lettered, its subject parked, never
- * dropped as a duplicate (docs/CONSUMER.md).  Several
+ * Opens a consumer on `db`, creating or migrating its tables (de_inbox,
+ * the last applied ce_subjectseq per subject with the ce_id applied under
+ * it and the ce_source that numbers it; de_inbox_source; de_inbox_id, the
+ * (ce_source, ce_id) of events without a sequence, kept for
+ * consumer.id.forget.ms; de_dead_letter, whole records).  It applies
+ * CloudEvents 1.0 of any producer, binary or structured mode.  An event
+ * whose number was applied already under another ce_id, or that another
+ * ce_source numbers, is a conflict: dead-lettered, its subject parked,
+ * never dropped as a duplicate (docs/CONSUMER.md).  Several
  * consumers of one group may share the database file (one connection
  * each); they then share the inbox, which keeps effects exactly-once
  * across rebalances.
@@ -747,17 +762,49 @@ DE_EXTERN DE_WARN_UNUSED de_err de_consumer_open(sqlite3 *db,
 
 /**
  * Registers a handler for events of `subject_type` with `action` (NULL:
- * any action of that type).  A specific action wins over NULL; an event
- * without a handler is recorded as applied and otherwise ignored.  Call
- * before the first de_consumer_poll().
+ * any action of that type).  A handler registered by ce_type
+ * (de_consumer_on_type) wins over these, a specific action over NULL; an
+ * event without a handler is recorded as applied and otherwise ignored.
+ * Call before the first de_consumer_poll(), from the thread that polls.
  *
- * @return DE_OK; DE_ERR_ARG (bad identifier, NULL fn, a second handler for
- *         the same pair); DE_ERR_STATE (after the first poll); DE_ERR_NOMEM.
+ * @param c             the consumer; required.
+ * @param subject_type  1..249 of [A-Za-z0-9._-], e.g. "delivery" or
+ *                      "Delivery"; copied.
+ * @param action        1..128 bytes of UTF-8 without control characters
+ *                      or spaces (e.g. "picked-up"), or NULL; copied.
+ * @param fn            the handler; required.
+ * @param ctx           passed to fn as is; may be NULL.
+ * @return DE_OK; DE_ERR_ARG (a bad name, NULL fn, a second handler for
+ *         the same pair; the message names the value); DE_ERR_STATE
+ *         (after the first poll); DE_ERR_NOMEM.  On failure nothing is
+ *         registered and the consumer is usable.
  */
 DE_EXTERN DE_WARN_UNUSED de_err de_consumer_on(de_consumer *c,
                                                const char *subject_type,
                                                const char *action,
                                                de_handler_fn fn, void *ctx);
+
+/**
+ * Registers a handler for events whose ce_type is exactly `ce_type`
+ * (e.g. "com.example.rider.Shift-Started"), of any producer: it wins over
+ * handlers by subject type and action.  Its topics are not derived: list
+ * them in consumer.topics.  Call before the first de_consumer_poll(),
+ * from the thread that polls.
+ *
+ * @param c        the consumer; required.
+ * @param ce_type  1..1024 bytes of UTF-8 without control characters;
+ *                 copied.
+ * @param fn       the handler; required.
+ * @param ctx      passed to fn as is; may be NULL.
+ * @return DE_OK; DE_ERR_ARG (NULL or bad ce_type, NULL fn, a second
+ *         handler for the same ce_type; the message names the value);
+ *         DE_ERR_STATE (after the first poll); DE_ERR_NOMEM.  On failure
+ *         nothing is registered and the consumer is usable.
+ */
+DE_EXTERN DE_WARN_UNUSED de_err de_consumer_on_type(de_consumer *c,
+                                                    const char *ce_type,
+                                                    de_handler_fn fn,
+                                                    void *ctx);
 
 /**
  * Reads the events available within timeout_ms (the first call also joins
@@ -814,14 +861,17 @@ typedef struct de_consumer_stats {
     uint64_t gaps;            /* events that came after a missing one       */
     uint64_t retries;         /* handler failures retried                   */
     uint64_t dead_lettered;   /* events parked after consumer.max.attempts  */
-    uint64_t foreign;         /* records that are not ours, parked          */
+    uint64_t foreign;         /* records that are not usable CloudEvents,
+                                 dead-lettered whole (kind foreign)        */
     uint64_t parked_subjects; /* subjects waiting behind a dead letter      */
     uint64_t batches;         /* SQLite transactions committed              */
     uint64_t conflicts;       /* events whose number was applied already
                                  under another ce_id: parked, not dropped  */
     uint64_t forgotten;       /* inbox rows of idle subjects forgotten
                                  (consumer.subject.forget.ms)              */
-    uint64_t reserved_[30];   /* room for later fields; zero                */
+    uint64_t ids_forgotten;   /* ids of events without a sequence forgotten
+                                 (consumer.id.forget.ms)                   */
+    uint64_t reserved_[29];   /* room for later fields; zero                */
 } de_consumer_stats;
 
 /**

@@ -92,6 +92,10 @@ static const struct keydef {
     [DE__K_CONSUMER_SUBJECT_FORGET_MS] = {"consumer.subject.forget.ms",
                                           "1209600000", T_INT, 0,
                                           INT64_C(315360000000), NULL},
+    /* Events without a sequence: how long their ids are remembered; the
+     * same 14 days, past the default retention with room for lag. */
+    [DE__K_CONSUMER_ID_FORGET_MS] = {"consumer.id.forget.ms", "1209600000",
+                                     T_INT, 1000, INT64_C(315360000000), NULL},
 };
 
 struct rk_prop {
@@ -173,10 +177,12 @@ static de_err check_source(const char *key, const char *value)
     char q[DE__QUOTE_MAX];
     size_t len = strlen(value);
 
-    if (len == 0 || len > DE__SOURCE_MAX || !de__is_clean_utf8(value, len))
+    if (len == 0 || len > DE__SOURCE_MAX || !de__is_uri_reference(value, len))
         return de__fail(DE_ERR_CONFIG,
-                        "%s %s must be a non-empty URI reference of at most "
-                        "%d bytes without control characters",
+                        "%s %s must be a non-empty RFC 3986 URI reference of "
+                        "at most %d bytes (e.g. '/delivery-service/eu-1' or "
+                        "'urn:example:delivery'; other characters "
+                        "percent-encoded)",
                         key, de__quote(q, sizeof q, value, -1), DE__SOURCE_MAX);
     return DE_OK;
 }

@@ -38,6 +38,7 @@
 #include "inbox.h"
 
 #include <inttypes.h>
+#include <jansson.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,8 +46,9 @@
 #include <time.h>
 
 typedef struct handler {
-    char *subject_type;
-    char *action; /* NULL: any */
+    char *ce_type;      /* non-NULL: a handler by ce_type */
+    char *subject_type; /* else by subject type ... */
+    char *action;       /* ... and action (NULL: any) */
     de_handler_fn fn;
     void *ctx;
 } handler;
@@ -81,6 +83,10 @@ struct de_consumer {
     DE__VEC(retrying *) retry;
     DE__VEC(progress) parts;
     DE__VEC(rd_kafka_message_t *) batch;
+    /* Subjects whose gap filled by itself: released after the commit,
+     * as "type\0id". */
+    DE__VEC(char *) refilled;
+    const char *tmpl;     /* topic.template, for subject types */
     de__rk_bridge bridge; /* the consumer's opaque */
     bool subscribed;
     bool fatal;
@@ -89,6 +95,7 @@ struct de_consumer {
     bool careful;
     int64_t max_attempts, backoff_ms, backoff_max_ms, batch_size;
     int64_t forget_ms;        /* consumer.subject.forget.ms; 0: never */
+    int64_t id_forget_ms;     /* consumer.id.forget.ms */
     int64_t next_forget_ms;   /* monotonic */
     int64_t next_requests_ms; /* monotonic: next look at de_consumer_request */
     enum gap_policy gap;
@@ -222,6 +229,8 @@ de_err de_consumer_open(sqlite3 *db, const de_conf *conf, de_consumer **out)
         de__conf_int(c->conf, DE__K_CONSUMER_RETRY_BACKOFF_MAX_MS);
     c->batch_size = de__conf_int(c->conf, DE__K_CONSUMER_BATCH_SIZE);
     c->forget_ms = de__conf_int(c->conf, DE__K_CONSUMER_SUBJECT_FORGET_MS);
+    c->id_forget_ms = de__conf_int(c->conf, DE__K_CONSUMER_ID_FORGET_MS);
+    c->tmpl = de__conf_str(c->conf, DE__K_TOPIC_TEMPLATE);
     gap = de__conf_str(c->conf, DE__K_CONSUMER_ON_GAP);
     c->gap = strcmp(gap, "apply") == 0 ? GAP_APPLY : GAP_PARK;
     if ((err = de__inbox_open_sqlite(
@@ -237,44 +246,44 @@ fail:
     return err;
 }
 
-de_err de_consumer_on(de_consumer *c, const char *subject_type,
-                      const char *action, de_handler_fn fn, void *ctx)
+/* Adds a handler (strings copied) unless one is registered for the same
+ * ce_type, or the same subject type and action. */
+static de_err add_handler(de_consumer *c, const char *ce_type,
+                          const char *subject_type, const char *action,
+                          de_handler_fn fn, void *ctx)
 {
-    char q[DE__QUOTE_MAX];
-    handler h;
+    handler h = {NULL, NULL, NULL, fn, ctx};
 
-    if (c == NULL || fn == NULL)
-        return de__fail(DE_ERR_ARG,
-                        "de_consumer_on needs a consumer and a "
-                        "handler (got NULL %s)",
-                        c == NULL ? "consumer" : "fn");
-    if (!de__is_ident(subject_type))
-        return de__fail(DE_ERR_ARG,
-                        "subject_type %s must be a lowercase identifier",
-                        de__quote(q, sizeof q, subject_type, -1));
-    if (action != NULL && !de__is_ident(action))
-        return de__fail(DE_ERR_ARG,
-                        "action %s must be a lowercase identifier or NULL",
-                        de__quote(q, sizeof q, action, -1));
     if (c->subscribed)
-        return de__fail(DE_ERR_STATE, "de_consumer_on after the first "
+        return de__fail(DE_ERR_STATE, "registering a handler after the first "
                                       "de_consumer_poll: register handlers "
                                       "first");
     for (size_t i = 0; i < c->handlers.n; i++) {
         handler *o = &c->handlers.v[i];
-        if (strcmp(o->subject_type, subject_type) == 0 &&
-            ((o->action == NULL && action == NULL) ||
-             (o->action && action && strcmp(o->action, action) == 0)))
-            return de__fail(DE_ERR_ARG,
-                            "a handler for %s.%s is already registered",
-                            subject_type, action ? action : "*");
+        bool same =
+            ce_type
+                ? o->ce_type && strcmp(o->ce_type, ce_type) == 0
+                : o->ce_type == NULL &&
+                      strcmp(o->subject_type, subject_type) == 0 &&
+                      ((o->action == NULL && action == NULL) ||
+                       (o->action && action && strcmp(o->action, action) == 0));
+        if (same)
+            return ce_type ? de__fail(DE_ERR_ARG,
+                                      "a handler for ce_type '%s' is already "
+                                      "registered",
+                                      ce_type)
+                           : de__fail(DE_ERR_ARG,
+                                      "a handler for %s.%s is already "
+                                      "registered",
+                                      subject_type, action ? action : "*");
     }
-    h.subject_type = strdup(subject_type);
+    h.ce_type = ce_type ? strdup(ce_type) : NULL;
+    h.subject_type = subject_type ? strdup(subject_type) : NULL;
     h.action = action ? strdup(action) : NULL;
-    h.fn = fn;
-    h.ctx = ctx;
-    if (h.subject_type == NULL || (action && h.action == NULL) ||
-        !DE__VEC_PUSH(c->handlers, h)) {
+    if ((ce_type && h.ce_type == NULL) ||
+        (subject_type && h.subject_type == NULL) ||
+        (action && h.action == NULL) || !DE__VEC_PUSH(c->handlers, h)) {
+        free(h.ce_type);
         free(h.subject_type);
         free(h.action);
         return de__fail(DE_ERR_NOMEM, "out of memory registering a handler");
@@ -282,21 +291,72 @@ de_err de_consumer_on(de_consumer *c, const char *subject_type,
     return DE_OK;
 }
 
-static const handler *find_handler(de_consumer *c, const char *type,
-                                   const char *action)
+de_err de_consumer_on(de_consumer *c, const char *subject_type,
+                      const char *action, de_handler_fn fn, void *ctx)
 {
-    const handler *any = NULL;
+    char q[DE__QUOTE_MAX];
+
+    if (c == NULL || fn == NULL)
+        return de__fail(DE_ERR_ARG,
+                        "de_consumer_on needs a consumer and a "
+                        "handler (got NULL %s)",
+                        c == NULL ? "consumer" : "fn");
+    if (subject_type == NULL ||
+        !de__is_type_name(subject_type, strlen(subject_type)))
+        return de__fail(
+            DE_ERR_ARG, "subject_type %s must be 1..%d of [A-Za-z0-9._-]",
+            de__quote(q, sizeof q, subject_type, (size_t)-1), DE__NAME_MAX);
+    if (action != NULL && !de__is_action_name(action, strlen(action)))
+        return de__fail(DE_ERR_ARG,
+                        "action %s must be 1..%d bytes of UTF-8 without "
+                        "control characters or spaces, or NULL",
+                        de__quote(q, sizeof q, action, (size_t)-1),
+                        DE__ACTION_MAX);
+    return add_handler(c, NULL, subject_type, action, fn, ctx);
+}
+
+de_err de_consumer_on_type(de_consumer *c, const char *ce_type,
+                           de_handler_fn fn, void *ctx)
+{
+    char q[DE__QUOTE_MAX];
+
+    if (c == NULL || fn == NULL)
+        return de__fail(DE_ERR_ARG,
+                        "de_consumer_on_type needs a consumer and a "
+                        "handler (got NULL %s)",
+                        c == NULL ? "consumer" : "fn");
+    if (ce_type == NULL || ce_type[0] == '\0' ||
+        strlen(ce_type) > DE__CE_TEXT_MAX ||
+        !de__is_clean_utf8(ce_type, strlen(ce_type)))
+        return de__fail(DE_ERR_ARG,
+                        "ce_type %s must be 1..%d bytes of UTF-8 without "
+                        "control characters",
+                        de__quote(q, sizeof q, ce_type, (size_t)-1),
+                        DE__CE_TEXT_MAX);
+    return add_handler(c, ce_type, NULL, NULL, fn, ctx);
+}
+
+/* The handler for an event: by its ce_type, else by its subject type and
+ * action, else by its subject type alone. */
+static const handler *find_handler(de_consumer *c, const de_event_view *v)
+{
+    const handler *any = NULL, *pair = NULL;
 
     for (size_t i = 0; i < c->handlers.n; i++) {
         const handler *h = &c->handlers.v[i];
-        if (strcmp(h->subject_type, type) != 0)
+        if (h->ce_type != NULL) {
+            if (strcmp(h->ce_type, v->type) == 0)
+                return h;
+            continue;
+        }
+        if (strcmp(h->subject_type, v->subject_type) != 0)
             continue;
         if (h->action == NULL)
             any = h;
-        else if (strcmp(h->action, action) == 0)
-            return h;
+        else if (strcmp(h->action, v->action) == 0)
+            pair = h;
     }
-    return any;
+    return pair ? pair : any;
 }
 
 /* ---- offsets ---------------------------------------------------------- */
@@ -409,15 +469,97 @@ static retrying *find_retrying(de_consumer *c, const char *type, const char *id)
 #define IB(c, op, ...) ((c)->ib->ops->op((c)->ib, __VA_ARGS__))
 #define IB0(c, op) ((c)->ib->ops->op((c)->ib))
 
-/* Stores an event (or a foreign record, v NULL) in de_dead_letter. */
+/* A header value for de_dead_letter.record_headers: a JSON string when it
+ * is UTF-8, else {"base64": "..."}; null for a header without a value. */
+static json_t *header_value(const void *val, size_t size)
+{
+    static const char b64[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const unsigned char *p = val;
+    json_t *j;
+    char *out;
+    size_t o = 0;
+
+    if (val == NULL)
+        return json_null();
+    if ((j = json_stringn(val, size)) != NULL)
+        return j;
+    if ((out = malloc(size / 3 * 4 + 5)) == NULL)
+        return NULL;
+    for (size_t i = 0; i < size; i += 3) {
+        uint32_t w = (uint32_t)p[i] << 16;
+        if (i + 1 < size)
+            w |= (uint32_t)p[i + 1] << 8;
+        if (i + 2 < size)
+            w |= p[i + 2];
+        out[o++] = b64[w >> 18];
+        out[o++] = b64[(w >> 12) & 63];
+        out[o++] = i + 1 < size ? b64[(w >> 6) & 63] : '=';
+        out[o++] = i + 2 < size ? b64[w & 63] : '=';
+    }
+    out[o] = '\0';
+    j = json_pack("{s:s}", "base64", out);
+    free(out);
+    return j;
+}
+
+/* A record's headers as JSON, in order: [["name", value], ...]; NULL when
+ * it has none (or out of memory: the dead letter then lacks them, and the
+ * log says so). */
+static char *headers_json(de_consumer *c, const rd_kafka_message_t *m)
+{
+    rd_kafka_headers_t *h = NULL;
+    json_t *a;
+    char *text = NULL;
+
+    if (rd_kafka_message_headers(m, &h) != RD_KAFKA_RESP_ERR_NO_ERROR ||
+        h == NULL || (a = json_array()) == NULL)
+        return NULL;
+    for (size_t i = 0;; i++) {
+        const char *name;
+        const void *val;
+        size_t size;
+        json_t *pair;
+        if (rd_kafka_header_get_all(h, i, &name, &val, &size) !=
+            RD_KAFKA_RESP_ERR_NO_ERROR)
+            break;
+        pair = json_pack("[s%o]", name, strlen(name), header_value(val, size));
+        if (pair == NULL || json_array_append_new(a, pair) != 0)
+            goto done;
+    }
+    text = json_dumps(a, JSON_COMPACT | JSON_ENSURE_ASCII);
+done:
+    json_decref(a);
+    if (text == NULL)
+        clog_(c, DE_LOG_WARNING,
+              "out of memory keeping the headers of %s [%d] @%lld in its "
+              "dead letter",
+              rd_kafka_topic_name(m->rkt), (int)m->partition,
+              (long long)m->offset);
+    return text;
+}
+
+/* Stores the whole record m (and the event v read from it, NULL for a
+ * record that is not a usable event) in de_dead_letter; *id (may be NULL)
+ * receives the dead letter's id. */
 static de_err dead_letter(de_consumer *c, const char *kind,
                           const rd_kafka_message_t *m, const de_event_view *v,
-                          const char *error, int attempts)
+                          const char *error, int attempts, int64_t *id)
 {
-    de__dl_origin o = {rd_kafka_topic_name(m->rkt), m->partition, m->offset,
-                       m->payload, m->len};
+    rd_kafka_timestamp_type_t tst;
+    de__dl_origin o = {rd_kafka_topic_name(m->rkt),
+                       m->partition,
+                       m->offset,
+                       m->payload,
+                       m->len,
+                       m->key,
+                       m->key_len,
+                       headers_json(c, m),
+                       rd_kafka_message_timestamp(m, &tst)};
+    de_err err = IB(c, dl_insert, kind, &o, v, error, attempts, id);
 
-    return IB(c, dl_insert, kind, &o, v, error, attempts);
+    free((char *)(uintptr_t)o.headers);
+    return err;
 }
 
 /* The handler said no, or ended the transaction it must not end. */
@@ -430,27 +572,36 @@ static de_err handler_failed(de_consumer *c, const de_event_view *v, de_err rc,
 
     if (!IB0(c, in_txn))
         return de__fail(DE_ERR_DB,
-                        "consumer: the handler for %s.%s ended the "
+                        "consumer: the handler for %s (%s.%s) ended the "
                         "transaction; handlers must not COMMIT or ROLLBACK",
-                        v->subject_type, v->action);
-    snprintf(error, error_size, "handler for %s.%s returned %s%s%s",
-             v->subject_type, v->action, de_err_name(rc), fresh ? ": " : "",
-             fresh ? de_errmsg() : "");
+                        v->type, v->subject_type, v->action);
+    snprintf(error, error_size, "handler for %s (%s.%s) returned %s%s%s",
+             v->type, v->subject_type, v->action, de_err_name(rc),
+             fresh ? ": " : "", fresh ? de_errmsg() : "");
     return DE__HANDLER_FAILED;
 }
 
-/* Runs the handler (in a savepoint in careful mode) and, unless claimed
- * already, records the event in the inbox.  DE_OK: applied;
- * DE__HANDLER_FAILED: the handler failed (why in error), its effects
- * undone; DE__REDO: the handler failed outside careful mode -- the caller
- * must roll the whole batch back and redo it carefully; anything else: a
- * database failure of the whole transaction. */
-static de_err run_handler(de_consumer *c, const de_event_view *v, bool claimed,
-                          char *error, size_t error_size)
+/* What an applied event leaves in the inbox. */
+enum record {
+    REC_NONE, /* nothing: claimed already, or a released conflict that
+                 does not move the subject on */
+    REC_PUT,  /* its number, as the subject's last */
+    REC_SEEN  /* its (ce_source, ce_id): an event without a number */
+};
+
+/* Runs the handler (in a savepoint in careful mode) and records the event
+ * in the inbox as rec says.  DE_OK: applied; DE__HANDLER_FAILED: the
+ * handler failed (why in error), its effects undone; DE__REDO: the
+ * handler failed outside careful mode -- the caller must roll the whole
+ * batch back and redo it carefully; anything else: a database failure of
+ * the whole transaction. */
+static de_err run_handler(de_consumer *c, const de_event_view *v,
+                          enum record rec, char *error, size_t error_size)
 {
-    const handler *h = find_handler(c, v->subject_type, v->action);
+    const handler *h = find_handler(c, v);
     uint64_t serial = de__errmsg_serial();
     de_err rc = DE_OK, err;
+    bool claimed;
 
     if (h != NULL) {
         if (c->careful && (rc = IB0(c, savepoint)) != DE_OK)
@@ -472,9 +623,11 @@ static de_err run_handler(de_consumer *c, const de_event_view *v, bool claimed,
         if (c->careful && (rc = IB0(c, release)) != DE_OK)
             return rc;
     }
-    if (!claimed &&
+    if (rec == REC_PUT &&
         (rc = IB(c, put, v->subject_type, v->subject_id, v->subject_epoch,
-                 v->subject_seq, v->event_id)) != DE_OK)
+                 v->subject_seq, v->event_id, v->source)) != DE_OK)
+        return rc;
+    if (rec == REC_SEEN && (rc = IB(c, seen_claim, v, &claimed)) != DE_OK)
         return rc;
     c->stats.applied++;
     c->handled++;
@@ -484,23 +637,128 @@ static de_err run_handler(de_consumer *c, const de_event_view *v, bool claimed,
 /* What became of a message inside the transaction. */
 enum outcome { O_DONE, O_RETRY, O_DB_ERROR, O_REDO };
 
-/* Parks a subject behind a dead letter (kind failed or gap). */
+/* Parks a subject behind a dead letter (kind failed, gap or conflict):
+ * this event is the one a release or skip acts on first. */
 static de_err park(de_consumer *c, const rd_kafka_message_t *m,
                    const de_event_view *v, const char *kind, const char *error,
                    int attempts)
 {
+    int64_t id = 0;
     de_err err;
 
-    if ((err = dead_letter(c, kind, m, v, error, attempts)) != DE_OK ||
-        (err = IB(c, park, v->subject_type, v->subject_id, true)) != DE_OK)
+    if ((err = dead_letter(c, kind, m, v, error, attempts, &id)) != DE_OK ||
+        (err = IB(c, park, v->subject_type, v->subject_id, true, id)) != DE_OK)
         return err;
     clog_(c, DE_LOG_ERR,
-          "%s %s parked at ce_subjectseq %lld (%s, %s [%d] @%lld): %s; its "
-          "later events wait in de_dead_letter until de_consumer_release "
-          "or de_consumer_skip",
-          v->subject_type, v->subject_id, (long long)v->subject_seq, kind,
-          v->topic, (int)v->partition, (long long)v->offset, error);
+          "%s %s parked at event %s (ce_subjectseq %lld, %s, %s [%d] @%lld): "
+          "%s; its later events wait in de_dead_letter until "
+          "de_consumer_release or de_consumer_skip",
+          v->subject_type, v->subject_id, v->event_id,
+          (long long)v->subject_seq, kind, v->topic, (int)v->partition,
+          (long long)v->offset, error);
     return DE_OK;
+}
+
+/* Where a numbered event stands against its subject's inbox entry, the
+ * subject's park aside. */
+enum verdict { V_NEXT, V_DUPLICATE, V_CONFLICT, V_GAP };
+
+static enum verdict classify(const de_event_view *v, const de__inbox_entry *e,
+                             char *error, size_t error_size)
+{
+    bool renumbered = false;
+    int64_t last = e->seq;
+    const char *last_id = e->last_id;
+
+    if (e->source[0] != '\0' && strcmp(e->source, v->source) != 0) {
+        /* One owner per numbered subject: a second producer's numbers
+         * would displace the owner's (its 5 applied, the owner's 5 then
+         * taken for a duplicate). */
+        char q1[DE__QUOTE_MAX], q2[DE__QUOTE_MAX], q3[DE__QUOTE_MAX];
+        snprintf(error, error_size,
+                 "conflict: event %s from ce_source %s numbers a subject "
+                 "that ce_source %s numbers (ce_subjectseq %lld; the "
+                 "subject is at %lld): one producer per numbered subject",
+                 de__quote(q1, sizeof q1, v->event_id, (size_t)-1),
+                 de__quote(q2, sizeof q2, v->source, (size_t)-1),
+                 de__quote(q3, sizeof q3, e->source, (size_t)-1),
+                 (long long)v->subject_seq, (long long)e->seq);
+        return V_CONFLICT;
+    }
+    if (v->subject_epoch < e->epoch)
+        /* From a numbering the subject has left: Kafka keeps a subject's
+         * order, so every event of it came before the newer numbering's
+         * first, and this one is read again. */
+        return V_DUPLICATE;
+    if (v->subject_epoch > e->epoch) {
+        /* A new numbering (the subject was idle and forgotten by the
+         * relay): it starts at 1. */
+        renumbered = e->seq > 0;
+        last = 0;
+        last_id = "";
+    }
+    if (v->subject_seq == last && last_id[0] != '\0' &&
+        strcmp(last_id, v->event_id) != 0) {
+        /* Two events with one number: never drop one as a duplicate. */
+        snprintf(error, error_size,
+                 "conflict: ce_subjectseq %lld was applied as event %s, "
+                 "and event %s carries the same number (a producer "
+                 "restored from an older state, or a second producer of "
+                 "this subject)",
+                 (long long)v->subject_seq, last_id, v->event_id);
+        return V_CONFLICT;
+    }
+    if (v->subject_seq <= last)
+        return V_DUPLICATE;
+    if (v->subject_seq > last + 1) {
+        snprintf(error, error_size,
+                 "gap: ce_subjectseq %lld after %lld%s (events %lld..%lld "
+                 "never arrived)",
+                 (long long)v->subject_seq, (long long)last,
+                 renumbered ? " in a new numbering (ce_subjectepoch)" : "",
+                 (long long)last + 1, (long long)v->subject_seq - 1);
+        return V_GAP;
+    }
+    return V_NEXT;
+}
+
+/* Remembers a subject whose gap filled by itself, for a release after
+ * the commit. */
+static bool note_refilled(de_consumer *c, const de_event_view *v)
+{
+    size_t lt = strlen(v->subject_type), li = strlen(v->subject_id);
+    char *k;
+
+    for (size_t i = 0; i < c->refilled.n; i++)
+        if (strcmp(c->refilled.v[i], v->subject_type) == 0 &&
+            strcmp(c->refilled.v[i] + lt + 1, v->subject_id) == 0)
+            return true;
+    if ((k = malloc(lt + li + 2)) == NULL)
+        return false;
+    memcpy(k, v->subject_type, lt + 1);
+    memcpy(k + lt + 1, v->subject_id, li + 1);
+    if (!DE__VEC_PUSH(c->refilled, k)) {
+        free(k);
+        return false;
+    }
+    return true;
+}
+
+/* Stores an event of a parked subject behind its park, once. */
+static enum outcome wait_behind(de_consumer *c, const rd_kafka_message_t *m,
+                                const de_event_view *v, const char *kind,
+                                const char *error)
+{
+    bool has;
+
+    if (IB(c, dl_has, v, &has) != DE_OK ||
+        (!has && dead_letter(c, kind, m, v, error, 0, NULL) != DE_OK))
+        return O_DB_ERROR;
+    if (!has && strcmp(kind, "conflict") == 0) {
+        c->stats.dead_lettered++;
+        c->stats.conflicts++;
+    }
+    return O_DONE;
 }
 
 /* Applies one decoded event inside the open transaction. */
@@ -509,75 +767,71 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
                               size_t error_size)
 {
     de__inbox_entry e;
-    bool claimed = false, has, renumbered = false;
-    int64_t last;
+    bool claimed = false, seen;
+    enum record rec = REC_PUT;
+    enum verdict vd;
     de_err err;
 
     error[0] = '\0';
+    if (v->subject_seq == 0) {
+        /* No number: applied once by (ce_source, ce_id), in the order
+         * read. */
+        if (IB(c, seen, v, &seen) != DE_OK)
+            return O_DB_ERROR;
+        if (seen) {
+            c->stats.duplicates++;
+            return O_DONE;
+        }
+        if (IB(c, get, v->subject_type, v->subject_id, &e) != DE_OK)
+            return O_DB_ERROR;
+        if (e.parked)
+            return wait_behind(c, m, v, "waiting",
+                               "waiting behind a parked event");
+        rec = REC_SEEN;
+        goto run;
+    }
     /* In careful mode the claim must be undone with the handler's
      * effects, so it is made inside the handler's savepoint: classify
      * with a read instead. */
     if (!c->careful && IB(c, claim, v, &claimed) != DE_OK)
         return O_DB_ERROR;
-    if (claimed)
+    if (claimed) {
+        rec = REC_NONE;
         goto run;
+    }
     if (IB(c, get, v->subject_type, v->subject_id, &e) != DE_OK)
         return O_DB_ERROR;
-    if (v->subject_epoch < e.epoch) {
-        /* From a numbering the subject has left: Kafka keeps a subject's
-         * order, so every event of it came before the newer numbering's
-         * first, and this one is read again. */
-        c->stats.duplicates++;
-        return O_DONE;
-    }
-    if (v->subject_epoch > e.epoch) {
-        /* A new numbering (the subject was idle and forgotten by the
-         * relay): it starts at 1. */
-        renumbered = e.seq > 0;
-        e.seq = 0;
-        e.last_id[0] = '\0';
-    }
-    last = e.seq;
-    if (v->subject_seq == last && e.last_id[0] != '\0' &&
-        strcmp(e.last_id, v->event_id) != 0) {
-        /* Two events with one number: never drop one as a duplicate. */
-        snprintf(error, error_size,
-                 "conflict: ce_subjectseq %lld was applied as event %s, "
-                 "and event %s carries the same number (a producer "
-                 "restored from an older state, or a second producer of "
-                 "this subject)",
-                 (long long)v->subject_seq, e.last_id, v->event_id);
-        has = false;
-        if (e.parked && IB(c, dl_has, v, &has) != DE_OK)
-            return O_DB_ERROR;
-        if (!has) {
-            if (park(c, m, v, "conflict", error, 0) != DE_OK)
-                return O_DB_ERROR;
-            c->stats.dead_lettered++;
-            c->stats.conflicts++;
-        }
-        return O_DONE;
-    }
-    if (v->subject_seq <= last) {
+    vd = classify(v, &e, error, error_size);
+    if (vd == V_DUPLICATE) {
         c->stats.duplicates++;
         return O_DONE;
     }
     if (e.parked) {
-        /* Waits behind the subject's dead letter, in order. */
-        if (IB(c, dl_has, v, &has) != DE_OK ||
-            (!has && dead_letter(c, "waiting", m, v,
-                                 "waiting behind a parked event", 0) != DE_OK))
+        if (vd == V_CONFLICT)
+            return wait_behind(c, m, v, "conflict", error);
+        if (vd == V_NEXT && strcmp(e.park_kind, "gap") == 0 &&
+            de__number_after(e.park_epoch, e.park_seq, v->subject_epoch,
+                             v->subject_seq)) {
+            /* It fills the gap the subject is parked on: apply it, and
+             * once the parked event is next, release the subject. */
+            if (e.park_epoch == v->subject_epoch &&
+                e.park_seq == v->subject_seq + 1 && !note_refilled(c, v)) {
+                de__fail(DE_ERR_NOMEM, "consumer: out of memory");
+                return O_DB_ERROR;
+            }
+            goto run;
+        }
+        return wait_behind(c, m, v, "waiting", "waiting behind a parked event");
+    }
+    if (vd == V_CONFLICT) {
+        if (park(c, m, v, "conflict", error, 0) != DE_OK)
             return O_DB_ERROR;
+        c->stats.dead_lettered++;
+        c->stats.conflicts++;
         return O_DONE;
     }
-    if (v->subject_seq > last + 1) {
+    if (vd == V_GAP) {
         c->stats.gaps++;
-        snprintf(error, error_size,
-                 "gap: ce_subjectseq %lld after %lld%s (events %lld..%lld "
-                 "never arrived)",
-                 (long long)v->subject_seq, (long long)last,
-                 renumbered ? " in a new numbering (ce_subjectepoch)" : "",
-                 (long long)last + 1, (long long)v->subject_seq - 1);
         if (c->gap == GAP_PARK) {
             if (park(c, m, v, "gap", error, 0) != DE_OK)
                 return O_DB_ERROR;
@@ -588,7 +842,7 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
               v->subject_id, error);
     }
 run:
-    err = run_handler(c, v, claimed, error, error_size);
+    err = run_handler(c, v, rec, error, error_size);
     if (err == DE_OK)
         return O_DONE;
     if (err == DE__REDO)
@@ -605,23 +859,25 @@ run:
     return O_RETRY;
 }
 
-/* Decodes a message; false (and a 'foreign' dead letter) if not ours. */
+/* Decodes a message; false (and a 'foreign' dead letter: the whole
+ * record, with the reason) if it is not a usable CloudEvent. */
 static enum outcome decode_or_park(de_consumer *c, rd_kafka_message_t *m,
                                    bool *ours)
 {
-    char why[300];
+    char why[400];
 
-    *ours = de__envelope_decode(m, &c->dec, why, sizeof why);
+    *ours = de__envelope_decode(m, c->tmpl, &c->dec, why, sizeof why);
     if (*ours)
         return O_DONE;
     c->stats.foreign++;
     clog_(c, DE_LOG_WARNING,
-          "record at %s [%d] @%lld is not one of ours (%s); stored in "
-          "de_dead_letter as foreign",
+          "record at %s [%d] @%lld is not a usable CloudEvent (%s); stored "
+          "in de_dead_letter as foreign",
           rd_kafka_topic_name(m->rkt), (int)m->partition, (long long)m->offset,
           why);
-    return dead_letter(c, "foreign", m, NULL, why, 0) == DE_OK ? O_DONE
-                                                               : O_DB_ERROR;
+    return dead_letter(c, "foreign", m, NULL, why, 0, NULL) == DE_OK
+               ? O_DONE
+               : O_DB_ERROR;
 }
 
 static int64_t backoff_for(de_consumer *c, int attempts)
@@ -693,19 +949,32 @@ static bool rewound(rd_kafka_message_t **msgs, const uint8_t *fate, size_t i)
     return false;
 }
 
-/* Whether an earlier message of the batch, of the same subject (topic,
- * subject type, key), is waiting for a retry. */
-static bool behind_failed(rd_kafka_message_t **msgs, const uint8_t *fate,
-                          char **ftype, size_t i, const char *type)
+/* "type\0id": a subject as the batch remembers the ones waiting for a
+ * retry. */
+static char *subject_key(const de_event_view *v)
 {
-    const rd_kafka_message_t *m = msgs[i];
+    size_t lt = strlen(v->subject_type), li = strlen(v->subject_id);
+    char *k = malloc(lt + li + 2);
+
+    if (k != NULL) {
+        memcpy(k, v->subject_type, lt + 1);
+        memcpy(k + lt + 1, v->subject_id, li + 1);
+    }
+    return k;
+}
+
+/* Whether an earlier message of the batch, of the same subject (subject
+ * type and id, as decoded: not the key, which another producer may not
+ * use for the subject), is waiting for a retry. */
+static bool behind_failed(const uint8_t *fate, char **fsubj, size_t i,
+                          const de_event_view *v)
+{
+    size_t lt = strlen(v->subject_type);
 
     for (size_t j = 0; j < i; j++)
-        if (fate[j] == O_RETRY && ftype[j] != NULL &&
-            msgs[j]->partition == m->partition && msgs[j]->rkt == m->rkt &&
-            msgs[j]->key_len == m->key_len &&
-            memcmp(msgs[j]->key, m->key, m->key_len) == 0 &&
-            strcmp(ftype[j], type) == 0)
+        if (fate[j] == O_RETRY && fsubj[j] != NULL &&
+            memcmp(fsubj[j], v->subject_type, lt + 1) == 0 &&
+            strcmp(fsubj[j] + lt + 1, v->subject_id) == 0)
             return true;
     return false;
 }
@@ -724,7 +993,7 @@ static de_err apply_batch(de_consumer *c)
     if (n == 0)
         return DE_OK;
     fate = calloc(n, 1);
-    ftype = calloc(n, sizeof *ftype); /* subject types of the retries */
+    ftype = calloc(n, sizeof *ftype); /* subjects of the retries */
     if (fate == NULL || ftype == NULL) {
         free(fate);
         free(ftype);
@@ -748,10 +1017,9 @@ redo:
             continue;
         }
         /* An earlier message of this subject in this batch failed. */
-        if (any_retry &&
-            behind_failed(msgs, fate, ftype, i, c->dec.view.subject_type)) {
+        if (any_retry && behind_failed(fate, ftype, i, &c->dec.view)) {
             fate[i] = O_RETRY;
-            if ((ftype[i] = strdup(c->dec.view.subject_type)) == NULL)
+            if ((ftype[i] = subject_key(&c->dec.view)) == NULL)
                 goto nomem;
             continue;
         }
@@ -774,8 +1042,7 @@ redo:
             goto redo;
         }
         fate[i] = (uint8_t)o;
-        if (o == O_RETRY &&
-            (ftype[i] = strdup(c->dec.view.subject_type)) == NULL)
+        if (o == O_RETRY && (ftype[i] = subject_key(&c->dec.view)) == NULL)
             goto nomem;
         any_retry |= o == O_RETRY;
         if (o == O_RETRY)
@@ -793,7 +1060,7 @@ redo:
         if (fate[i] == O_RETRY) {
             de__decoded *d = &c->dec;
             char why[300];
-            if (de__envelope_decode(m, d, why, sizeof why) &&
+            if (de__envelope_decode(m, c->tmpl, d, why, sizeof why) &&
                 hold(c, m, d->view.subject_type, d->view.subject_id, 1,
                      "handler failed"))
                 continue;
@@ -877,7 +1144,7 @@ static de_err run_retries(de_consumer *c)
         for (; done < r->msgs.n; done++) {
             rd_kafka_message_t *m = r->msgs.v[done];
             enum outcome o;
-            if (!de__envelope_decode(m, &c->dec, why, sizeof why))
+            if (!de__envelope_decode(m, c->tmpl, &c->dec, why, sizeof why))
                 continue; /* cannot happen: decoded before */
             /* The first held event carries the subject's failures; the
              * ones behind it have not failed yet. */
@@ -935,13 +1202,36 @@ static bool in_list(const rd_kafka_topic_partition_list_t *l, const char *topic,
     return false;
 }
 
+/* Takes (parts) or gives back (NULL) partitions: incrementally under the
+ * cooperative protocol (cooperative-sticky), where librdkafka refuses a
+ * full assign, else the whole assignment.  A failure is logged. */
+static void assign(de_consumer *c, rd_kafka_t *rk,
+                   rd_kafka_topic_partition_list_t *parts, bool take)
+{
+    bool coop = strcmp(rd_kafka_rebalance_protocol(rk), "COOPERATIVE") == 0;
+    rd_kafka_error_t *e = NULL;
+    rd_kafka_resp_err_t ae = RD_KAFKA_RESP_ERR_NO_ERROR;
+
+    if (coop)
+        e = take ? rd_kafka_incremental_assign(rk, parts)
+                 : rd_kafka_incremental_unassign(rk, parts);
+    else
+        ae = rd_kafka_assign(rk, take ? parts : NULL);
+    if (e != NULL || ae != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        clog_(c, DE_LOG_ERR, "%s %d partitions failed: %s",
+              take ? "taking" : "giving back", parts->cnt,
+              e ? rd_kafka_error_string(e) : rd_kafka_err2str(ae));
+        rd_kafka_error_destroy(e);
+    }
+}
+
 static void rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
                       rd_kafka_topic_partition_list_t *parts, void *opaque)
 {
     de_consumer *c = ((de__rk_bridge *)opaque)->owner;
 
     if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
-        rd_kafka_assign(rk, parts);
+        assign(c, rk, parts, true);
         return;
     }
     /* Revoked: finish what was read, commit it, and forget the partitions
@@ -969,12 +1259,13 @@ static void rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
             i++;
         }
     }
-    rd_kafka_assign(rk, NULL);
+    assign(c, rk, parts, false);
 }
 
 /* ---- forgetting -------------------------------------------------------- */
 
 static de_err serve_requests(de_consumer *c);
+static de_err release_refilled(de_consumer *c);
 
 /* Subjects looked at per round, and how often a round runs. */
 #define FORGET_SLICE 2000
@@ -986,21 +1277,24 @@ static de_err serve_requests(de_consumer *c);
  * numbering, which needs no memory of the old one. */
 static de_err forget_idle(de_consumer *c)
 {
-    int64_t now = de__mono_ms(), n = 0;
+    int64_t now = de__mono_ms(), n = 0, ids = 0;
     de_err err;
 
-    if (c->forget_ms <= 0 || now < c->next_forget_ms)
+    if (now < c->next_forget_ms)
         return DE_OK;
     c->next_forget_ms = now + FORGET_EVERY_MS;
     if ((err = IB0(c, begin)) != DE_OK)
         return err;
-    if ((err = IB(c, forget, de__now_ms() - c->forget_ms, FORGET_SLICE, &n)) !=
-            DE_OK ||
+    if ((c->forget_ms > 0 && (err = IB(c, forget, de__now_ms() - c->forget_ms,
+                                       FORGET_SLICE, &n)) != DE_OK) ||
+        (err = IB(c, forget_ids, de__now_ms() - c->id_forget_ms, FORGET_SLICE,
+                  &ids)) != DE_OK ||
         (err = IB0(c, commit)) != DE_OK) {
         IB0(c, rollback);
         return err;
     }
     c->stats.forgotten += (uint64_t)n;
+    c->stats.ids_forgotten += (uint64_t)ids;
     return DE_OK;
 }
 
@@ -1021,6 +1315,8 @@ static de_err subscribe(de_consumer *c)
         free(copy);
     } else {
         for (size_t i = 0; i < c->handlers.n; i++) {
+            if (c->handlers.v[i].subject_type == NULL)
+                continue; /* by ce_type: its topics are consumer.topics */
             de__topic_name(name, sizeof name,
                            de__conf_str(c->conf, DE__K_TOPIC_TEMPLATE),
                            c->handlers.v[i].subject_type);
@@ -1033,8 +1329,9 @@ static de_err subscribe(de_consumer *c)
     if (l->cnt == 0) {
         rd_kafka_topic_partition_list_destroy(l);
         return de__fail(DE_ERR_CONFIG,
-                        "the consumer has no topics: set consumer.topics or "
-                        "register a handler with de_consumer_on");
+                        "the consumer has no topics: set consumer.topics "
+                        "(needed with handlers registered by ce_type "
+                        "only) or register a handler with de_consumer_on");
     }
     err = rd_kafka_subscribe(c->rk, l);
     rd_kafka_topic_partition_list_destroy(l);
@@ -1062,7 +1359,7 @@ de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled)
     if (c->fatal)
         return de__fail(DE_ERR_KAFKA, "the consumer hit a fatal error; close "
                                       "and reopen it");
-    if ((err = run_retries(c)) != DE_OK)
+    if ((err = run_retries(c)) != DE_OK || (err = release_refilled(c)) != DE_OK)
         return err;
     /* Do not sleep past a retry that is due. */
     for (size_t i = 0; i < c->retry.n; i++) {
@@ -1092,6 +1389,8 @@ de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled)
     else
         (void)apply_batch(c);       /* the first failure is the one returned */
     (void)commit_offsets(c, false); /* asynchronous: fails only later */
+    if (err == DE_OK)
+        err = release_refilled(c);
     if (err == DE_OK && forget_idle(c) != DE_OK)
         clog_(c, DE_LOG_WARNING,
               "forgetting idle subjects failed: %s "
@@ -1107,13 +1406,133 @@ de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled)
 
 /* ---- release and skip ------------------------------------------------- */
 
-/* Re-applies a subject's parked events in order; skip_first drops the
- * first one.  Runs in one transaction. */
-static de_err unpark(de_consumer *c, const char *type, const char *id,
-                     bool skip_first)
+/* Applies a parked event (recording it as rec says) and marks it
+ * applied; if the handler fails again, the subject stays parked on it
+ * (*stuck). */
+static de_err apply_parked(de_consumer *c, de__dead_letter *dl, enum record rec,
+                           bool *stuck)
 {
-    char error[600], q1[DE__QUOTE_MAX], q2[DE__QUOTE_MAX];
+    const de_event_view *v = &dl->view;
+    char error[600];
+    de_err err = run_handler(c, v, rec, error, sizeof error);
+
+    if (err == DE__HANDLER_FAILED) {
+        if ((err = IB(c, dl_fail, dl->id, error)) != DE_OK ||
+            (err = IB(c, park, v->subject_type, v->subject_id, true, dl->id)) !=
+                DE_OK)
+            return err;
+        clog_(c, DE_LOG_ERR, "%s %s stays parked: %s", v->subject_type,
+              v->subject_id, error);
+        *stuck = true;
+        return DE_OK;
+    }
+    return err == DE_OK ? IB(c, dl_done, dl->id, "applied") : err;
+}
+
+/* The first parked event of a release or skip (the one that parked the
+ * subject): skipped, or applied whatever it is -- a gap accepted, a
+ * conflict taken as the real event of its own it is (the subject moves on
+ * only if its number is after the last).  *stuck when its handler failed
+ * again. */
+static de_err unpark_first(de_consumer *c, de__dead_letter *dl,
+                           const de__inbox_entry *e, bool skip, bool *stuck)
+{
+    const de_event_view *v = &dl->view;
+    bool after = de__number_after(v->subject_epoch, v->subject_seq, e->epoch,
+                                  e->seq),
+         conflict = dl->kind && strcmp(dl->kind, "conflict") == 0, claimed,
+         seen = false;
+    enum record rec = v->subject_seq == 0 ? REC_SEEN
+                      : after && (!conflict || e->source[0] == '\0' ||
+                                  strcmp(e->source, v->source) == 0)
+                          ? REC_PUT
+                          : REC_NONE;
+    de_err err;
+
+    if (skip) {
+        /* As if applied -- but a conflict skipped leaves the subject as
+         * its owner numbered it. */
+        if ((err = IB(c, dl_done, dl->id, "skipped")) != DE_OK)
+            return err;
+        if (rec == REC_SEEN)
+            return IB(c, seen_claim, v, &claimed);
+        if (rec == REC_PUT)
+            return IB(c, put, v->subject_type, v->subject_id, v->subject_epoch,
+                      v->subject_seq, v->event_id, v->source);
+        return DE_OK;
+    }
+    if (v->subject_seq == 0 && (err = IB(c, seen, v, &seen)) != DE_OK)
+        return err;
+    if (v->subject_seq > 0 ? !after && !conflict : seen) {
+        /* Applied meanwhile (read again and applied by another member). */
+        c->stats.duplicates++;
+        return IB(c, dl_done, dl->id, "duplicate");
+    }
+    return apply_parked(c, dl, rec, stuck);
+}
+
+/* A parked event after the first: taken as if it arrived now -- a
+ * duplicate, the next event, or a gap or conflict that parks the subject
+ * again on it (*stuck). */
+static de_err unpark_next(de_consumer *c, de__dead_letter *dl,
+                          const de__inbox_entry *e, bool *stuck)
+{
+    const de_event_view *v = &dl->view;
+    enum verdict vd = V_NEXT;
+    char error[600];
+    bool seen = false;
+    de_err err;
+
+    error[0] = '\0';
+    if (v->subject_seq == 0) {
+        if ((err = IB(c, seen, v, &seen)) != DE_OK)
+            return err;
+        vd = seen ? V_DUPLICATE : V_NEXT;
+    } else {
+        vd = classify(v, e, error, sizeof error);
+    }
+    if (vd == V_DUPLICATE) {
+        c->stats.duplicates++;
+        return IB(c, dl_done, dl->id, "duplicate");
+    }
+    if (vd == V_CONFLICT || (vd == V_GAP && c->gap == GAP_PARK)) {
+        if (vd == V_CONFLICT) {
+            c->stats.conflicts++;
+            c->stats.dead_lettered++;
+        } else {
+            c->stats.gaps++;
+        }
+        if ((err = IB(c, dl_repark, dl->id,
+                      vd == V_CONFLICT ? "conflict" : "gap", error)) != DE_OK ||
+            (err = IB(c, park, v->subject_type, v->subject_id, true, dl->id)) !=
+                DE_OK)
+            return err;
+        clog_(c, DE_LOG_ERR, "%s %s parked again: %s", v->subject_type,
+              v->subject_id, error);
+        *stuck = true;
+        return DE_OK;
+    }
+    if (vd == V_GAP)
+        c->stats.gaps++;
+    return apply_parked(c, dl, v->subject_seq == 0 ? REC_SEEN : REC_PUT, stuck);
+}
+
+enum unpark_how {
+    UNPARK_RELEASE,
+    UNPARK_SKIP,
+    UNPARK_REFILLED /* only if its gap filled: the parked event is next */
+};
+
+/* Releases a parked subject in one transaction: first the event that
+ * parked it (skipped, or applied whatever it is), then the events that
+ * waited behind it, in order, each taken as if it arrived now. */
+static de_err unpark(de_consumer *c, const char *type, const char *id,
+                     enum unpark_how how)
+{
+    char q1[DE__QUOTE_MAX], q2[DE__QUOTE_MAX];
     bool first = true, stuck = false;
+    de__inbox_entry e;
+    int64_t first_id;
     de_err err;
 
     if (c == NULL || type == NULL || id == NULL)
@@ -1122,48 +1541,36 @@ static de_err unpark(de_consumer *c, const char *type, const char *id,
     if ((err = IB0(c, begin)) != DE_OK)
         return err;
     c->careful = true;
-    /* Lift the flag so that apply_one applies rather than parks again. */
-    if ((err = IB(c, park, type, id, false)) != DE_OK)
+    if ((err = IB(c, get, type, id, &e)) != DE_OK)
         goto fail;
-    /* One parked event at a time, the lowest first: each one handled
-     * leaves the 'parked' state, so the next read moves on. */
+    first_id = e.park_id;
+    if (how == UNPARK_REFILLED &&
+        !(e.parked && strcmp(e.park_kind, "gap") == 0 &&
+          e.park_epoch == e.epoch && e.park_seq == e.seq + 1)) {
+        /* Not filled after all (the transaction that filled it rolled
+         * back): nothing to do. */
+        IB0(c, rollback);
+        c->careful = false;
+        return DE_OK;
+    }
+    /* Lift the flag so that the events are taken rather than parked
+     * again. */
+    if ((err = IB(c, park, type, id, false, 0)) != DE_OK)
+        goto fail;
+    /* One parked event at a time: each one handled leaves the 'parked'
+     * state, so the next read moves on. */
     while (!stuck) {
         de__dead_letter dl;
-        const de_event_view *v = &dl.view;
-        de__inbox_entry e;
         bool found;
 
-        if ((err = IB(c, dl_next, type, id, &dl, &found)) != DE_OK)
+        if ((err = IB(c, dl_next, type, id, first ? first_id : 0, &dl,
+                      &found)) != DE_OK)
             goto fail;
         if (!found)
             break;
-        if (first && skip_first) {
-            if ((err = IB(c, dl_done, dl.id, "skipped")) == DE_OK)
-                err = IB(c, put, type, id, v->subject_epoch, v->subject_seq,
-                         v->event_id);
-        } else if ((err = IB(c, get, type, id, &e)) == DE_OK) {
-            /* A conflict released: the operator says it is a real event
-             * of its own, although its number was taken. */
-            if (de__number_after(v->subject_epoch, v->subject_seq, e.epoch,
-                                 e.seq) ||
-                (dl.kind && strcmp(dl.kind, "conflict") == 0 &&
-                 v->subject_epoch == e.epoch &&
-                 strcmp(e.last_id, v->event_id) != 0)) {
-                /* Released means "go on": a gap is accepted here. */
-                err = run_handler(c, v, false, error, sizeof error);
-                if (err == DE__HANDLER_FAILED &&
-                    (err = IB(c, dl_fail, dl.id, error)) == DE_OK &&
-                    (err = IB(c, park, type, id, true)) == DE_OK) {
-                    clog_(c, DE_LOG_ERR, "%s %s stays parked: %s", type, id,
-                          error);
-                    stuck = true;
-                }
-            } else {
-                c->stats.duplicates++;
-            }
-            if (err == DE_OK && !stuck)
-                err = IB(c, dl_done, dl.id, "applied");
-        }
+        if ((err = IB(c, get, type, id, &e)) == DE_OK)
+            err = first ? unpark_first(c, &dl, &e, how == UNPARK_SKIP, &stuck)
+                        : unpark_next(c, &dl, &e, &stuck);
         first = false;
         de__dead_letter_free(&dl);
         if (err != DE_OK)
@@ -1180,6 +1587,26 @@ fail:
     /* The failing operation set the message; nothing of it is kept. */
     IB0(c, rollback);
     c->careful = false;
+    return err;
+}
+
+/* Releases the subjects whose gap filled by itself during the last
+ * transaction: the event parked on the gap is next now. */
+static de_err release_refilled(de_consumer *c)
+{
+    de_err err = DE_OK;
+
+    for (size_t i = 0; i < c->refilled.n; i++) {
+        char *k = c->refilled.v[i];
+        if (err == DE_OK) {
+            clog_(c, DE_LOG_NOTICE,
+                  "%s %s: the gap it was parked on filled; releasing it", k,
+                  k + strlen(k) + 1);
+            err = unpark(c, k, k + strlen(k) + 1, UNPARK_REFILLED);
+        }
+        free(k);
+    }
+    c->refilled.n = 0;
     return err;
 }
 
@@ -1213,7 +1640,8 @@ static de_err serve_requests(de_consumer *c)
             break;
         if (!e.parked) {
             snprintf(result, sizeof result, "not parked");
-        } else if (unpark(c, rq.type, rq.subject_id, rq.skip) != DE_OK) {
+        } else if (unpark(c, rq.type, rq.subject_id,
+                          rq.skip ? UNPARK_SKIP : UNPARK_RELEASE) != DE_OK) {
             snprintf(result, sizeof result, "failed: %s", de_errmsg());
         } else if ((err = IB(c, get, rq.type, rq.subject_id, &e)) != DE_OK) {
             break;
@@ -1238,13 +1666,13 @@ static de_err serve_requests(de_consumer *c)
 de_err de_consumer_release(de_consumer *c, const char *subject_type,
                            const char *subject_id)
 {
-    return unpark(c, subject_type, subject_id, false);
+    return unpark(c, subject_type, subject_id, UNPARK_RELEASE);
 }
 
 de_err de_consumer_skip(de_consumer *c, const char *subject_type,
                         const char *subject_id)
 {
-    return unpark(c, subject_type, subject_id, true);
+    return unpark(c, subject_type, subject_id, UNPARK_SKIP);
 }
 
 de_err de_consumer_stats_get(de_consumer *c, de_consumer_stats *out)
@@ -1286,6 +1714,9 @@ de_err de_consumer_close(de_consumer *c)
     for (size_t i = 0; i < c->batch.n; i++)
         rd_kafka_message_destroy(c->batch.v[i]);
     free(c->batch.v);
+    for (size_t i = 0; i < c->refilled.n; i++)
+        free(c->refilled.v[i]);
+    free(c->refilled.v);
     for (size_t i = 0; i < c->retry.n; i++)
         free_retrying(c->retry.v[i]);
     free(c->retry.v);
@@ -1293,6 +1724,7 @@ de_err de_consumer_close(de_consumer *c)
         free(c->parts.v[i].topic);
     free(c->parts.v);
     for (size_t i = 0; i < c->handlers.n; i++) {
+        free(c->handlers.v[i].ce_type);
         free(c->handlers.v[i].subject_type);
         free(c->handlers.v[i].action);
     }

@@ -96,6 +96,7 @@ typedef enum {
     DE__K_CONSUMER_RETRY_BACKOFF_MAX_MS,
     DE__K_CONSUMER_BATCH_SIZE,
     DE__K_CONSUMER_SUBJECT_FORGET_MS,
+    DE__K_CONSUMER_ID_FORGET_MS,
     DE__K_COUNT
 } de__key;
 
@@ -234,6 +235,11 @@ void de__uuid7(char out[37]);
 #define DE__MAX_TIME_MS INT64_C(253402300799999)
 #define DE__RFC3339_LEN 24
 void de__rfc3339_ms(int64_t ms, char out[DE__RFC3339_LEN + 1]);
+/* Parses an RFC 3339 date-time ("2026-11-25T11:00:00.123456+01:00", any
+ * offset, any number of fraction digits; a leap second counts as :59.999)
+ * into Unix ms UTC, the fraction cut to milliseconds.  False when s is not
+ * one. */
+bool de__parse_rfc3339_ms(const char *s, size_t n, int64_t *out);
 
 /* ---- input rules (validate.c) --------------------------------------- */
 
@@ -263,6 +269,40 @@ typedef struct de__json_error {
 } de__json_error;
 bool de__json_check(const char *s, size_t len, de__json_error *err);
 bool de__json_is_object(const char *s, size_t len);
+
+/* A top-level member of a JSON object: its name and its value as raw text
+ * (the name with its quotes, unescaped with de__json_unescape). */
+typedef struct de__json_member {
+    const char *name;
+    size_t name_len;
+    const char *value;
+    size_t value_len;
+} de__json_member;
+typedef bool (*de__json_member_fn)(void *ctx, const de__json_member *m);
+/* Calls fn for each top-level member of s, which de__json_check accepted,
+ * in order; false when fn returns false. */
+bool de__json_members(const char *s, size_t len, de__json_member_fn fn,
+                      void *ctx);
+/* Writes the text of a JSON string (raw, with its quotes, as
+ * de__json_members gives it) into out, NUL-terminated: at most n - 1
+ * bytes.  Returns its length; (size_t)-1 when raw is not a string. */
+size_t de__json_unescape(const char *raw, size_t n, char *out);
+
+/* Names as other CloudEvents producers write them.  A subject type: 1 to
+ * DE__NAME_MAX of [A-Za-z0-9._-] (it can be a topic name).  An action:
+ * 1 to DE__ACTION_MAX bytes of UTF-8 without controls or spaces. */
+#define DE__NAME_MAX 249
+#define DE__ACTION_MAX 128
+bool de__is_type_name(const char *s, size_t n);
+bool de__is_action_name(const char *s, size_t n);
+/* RFC 3986 URI-reference (ASCII; every part checked for its characters,
+ * percent-encodings for their two hex digits). */
+bool de__is_uri_reference(const char *s, size_t n);
+
+/* Limits on what the consumer takes from any producer: ce_id, and
+ * ce_source and ce_type. */
+#define DE__CE_ID_MAX 255
+#define DE__CE_TEXT_MAX 1024
 
 /* ---- wire format (envelope.c) --------------------------------------- */
 
@@ -350,17 +390,28 @@ void de__topic_name(char *buf, size_t size, const char *template_,
                     const char *subject_type);
 
 /* A record decoded by de__envelope_decode: a de_event_view whose strings
- * live in buf (NUL-terminated copies). */
+ * live in buf (NUL-terminated copies); scratch holds a structured-mode
+ * event's unescaped attributes while it is decoded. */
 typedef struct de__decoded {
     de_event_view view;
-    char *buf;
-    size_t cap;
+    char *buf, *scratch;
+    size_t cap, scratch_cap;
 } de__decoded;
 
-/* Decodes one of our records; on failure returns false and writes why
- * (naming the bad header) into why.  The payload must be a JSON object. */
-bool de__envelope_decode(const rd_kafka_message_t *m, de__decoded *d, char *why,
-                         size_t why_size);
+/* Decodes a CloudEvents 1.0 record of any producer, in binary or
+ * structured mode (JSON event format), as docs/CONSUMER.md describes:
+ * subject from ce_subject, else ce_partitionkey, else the key; subject
+ * type from ce_subjecttype, else the topic by tmpl (topic.template);
+ * action from ce_action, else the last '.'-part of ce_type; time from
+ * ce_time, else the record timestamp; subject_seq 0 when the event has no
+ * ce_subjectseq.  On failure returns false and writes why (naming the bad
+ * attribute and value) into why. */
+bool de__envelope_decode(const rd_kafka_message_t *m, const char *tmpl,
+                         de__decoded *d, char *why, size_t why_size);
+/* The subject type a topic stands for by topic.template (the part where
+ * {subject_type} is), else the topic's whole name. */
+void de__topic_subject_type(const char *tmpl, const char *topic,
+                            const char **out, size_t *len);
 void de__decoded_free(de__decoded *d);
 
 /* ---- SQLite helpers (schema.c) -------------------------------------- */

@@ -120,6 +120,11 @@ bool de__is_clean_utf8(const char *s, size_t len)
     if (s == NULL || len == 0)
         return false;
     while (i < len) {
+        /* Printable ASCII, the common case, without a call per byte. */
+        if (p[i] >= 0x20 && p[i] < 0x7f) {
+            i++;
+            continue;
+        }
         n = utf8_seq_len(p + i, len - i);
         if (n == 0)
             return false;
@@ -592,4 +597,229 @@ bool de__json_check(const char *s, size_t len, de__json_error *err)
 bool de__json_is_object(const char *s, size_t len)
 {
     return de__json_check(s, len, NULL);
+}
+
+/* ---- names and URIs ----------------------------------------------------- */
+
+bool de__is_type_name(const char *s, size_t n)
+{
+    if (s == NULL || n == 0 || n > DE__NAME_MAX)
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+              (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-'))
+            return false;
+    }
+    return true;
+}
+
+bool de__is_action_name(const char *s, size_t n)
+{
+    if (s == NULL || n == 0 || n > DE__ACTION_MAX || !de__is_clean_utf8(s, n))
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if (s[i] == ' ')
+            return false;
+    return true;
+}
+
+static bool uri_unreserved(unsigned char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+           (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_' ||
+           c == '~';
+}
+
+static bool uri_sub_delim(unsigned char c)
+{
+    return c != '\0' && strchr("!$&'()*+,;=", c) != NULL;
+}
+
+static bool is_hex(unsigned char c)
+{
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') ||
+           (c >= 'A' && c <= 'F');
+}
+
+/* Characters [p, end) each one of `extra`, unreserved, sub-delims or a
+ * percent-encoding. */
+static bool uri_chars(const unsigned char *p, const unsigned char *end,
+                      const char *extra)
+{
+    while (p < end) {
+        if (*p == '%') {
+            if (end - p < 3 || !is_hex(p[1]) || !is_hex(p[2]))
+                return false;
+            p += 3;
+            continue;
+        }
+        if (!uri_unreserved(*p) && !uri_sub_delim(*p) &&
+            (*p == '\0' || strchr(extra, *p) == NULL))
+            return false;
+        p++;
+    }
+    return true;
+}
+
+/* authority = [ userinfo "@" ] host [ ":" port ] */
+static bool uri_authority(const unsigned char *p, const unsigned char *end)
+{
+    const unsigned char *at = NULL, *host, *q;
+
+    for (q = p; q < end; q++)
+        if (*q == '@')
+            at = q;
+    if (at != NULL && !uri_chars(p, at, ":"))
+        return false;
+    host = at ? at + 1 : p;
+    if (host < end && *host == '[') {
+        /* IP-literal: IPv6 or IPvFuture, checked for its characters. */
+        for (q = host + 1; q < end && *q != ']'; q++)
+            if (!is_hex(*q) && *q != ':' && *q != '.' && *q != 'v' &&
+                *q != 'V' && !uri_unreserved(*q) && !uri_sub_delim(*q))
+                return false;
+        if (q >= end || q == host + 1)
+            return false;
+        q++;
+    } else {
+        for (q = host; q < end && *q != ':'; q++)
+            ;
+        if (!uri_chars(host, q, ""))
+            return false;
+    }
+    if (q < end) {
+        if (*q != ':')
+            return false;
+        for (q++; q < end; q++)
+            if (*q < '0' || *q > '9')
+                return false;
+    }
+    return true;
+}
+
+/*
+ * RFC 3986, section 4.1: URI-reference = URI / relative-ref.  A scheme is
+ * ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ) before the first ':', which
+ * must come before any '/', '?' or '#' (otherwise the reference is
+ * relative, and its first segment must not hold a ':').  Then "//"
+ * authority, a path of pchars and '/', "?" query and "#" fragment of
+ * pchars, '/' and '?'.  ASCII only (an IRI's other characters must be
+ * percent-encoded).
+ */
+bool de__is_uri_reference(const char *s, size_t n)
+{
+    const unsigned char *p = (const unsigned char *)s, *end = p + n, *q;
+    const unsigned char *path_end, *query, *frag;
+
+    if (s == NULL)
+        return false;
+    for (q = p; q < end && *q != ':' && *q != '/' && *q != '?' && *q != '#';
+         q++)
+        ;
+    if (q < end && *q == ':') {
+        /* A scheme. */
+        if (q == p || !((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z')))
+            return false;
+        for (const unsigned char *c = p + 1; c < q; c++)
+            if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') ||
+                  (*c >= '0' && *c <= '9') || *c == '+' || *c == '-' ||
+                  *c == '.'))
+                return false;
+        p = q + 1;
+    }
+    for (frag = p; frag < end && *frag != '#'; frag++)
+        ;
+    for (query = p; query < frag && *query != '?'; query++)
+        ;
+    path_end = query;
+    if (path_end - p >= 2 && p[0] == '/' && p[1] == '/') {
+        const unsigned char *a = p + 2;
+        for (q = a; q < path_end && *q != '/'; q++)
+            ;
+        if (!uri_authority(a, q))
+            return false;
+        p = q;
+    }
+    if (!uri_chars(p, path_end, ":@/"))
+        return false;
+    if (query < frag && !uri_chars(query + 1, frag, ":@/?"))
+        return false;
+    if (frag < end && !uri_chars(frag + 1, end, ":@/?"))
+        return false;
+    return true;
+}
+
+/* ---- JSON members, for CloudEvents in structured mode --------------------
+ * Only ever run on text de__json_check accepted, so they need no checks of
+ * their own beyond staying inside it. */
+
+bool de__json_members(const char *s, size_t len, de__json_member_fn fn,
+                      void *ctx)
+{
+    struct jv j = {(const unsigned char *)s, (const unsigned char *)s,
+                   (const unsigned char *)s + len, NULL};
+    de__json_member m;
+
+    jv_ws(&j);
+    if (j.p >= j.end || *j.p != '{')
+        return false;
+    j.p++;
+    jv_ws(&j);
+    while (j.p < j.end && *j.p != '}') {
+        const unsigned char *body, *v;
+        size_t n;
+        bool esc;
+        if (!jv_string(&j, &body, &n, &esc))
+            return false;
+        m.name = (const char *)body - 1;
+        m.name_len = n + 2;
+        jv_ws(&j);
+        j.p++; /* ':' */
+        jv_ws(&j);
+        v = j.p;
+        if (!jv_value(&j, 1))
+            return false;
+        m.value = (const char *)v;
+        m.value_len = (size_t)(j.p - v);
+        if (!fn(ctx, &m))
+            return false;
+        jv_ws(&j);
+        if (j.p < j.end && *j.p == ',') {
+            j.p++;
+            jv_ws(&j);
+        }
+    }
+    return true;
+}
+
+size_t de__json_unescape(const char *raw, size_t n, char *out)
+{
+    const unsigned char *p = (const unsigned char *)raw + 1;
+    const unsigned char *end = (const unsigned char *)raw + n - 1;
+    size_t o = 0;
+    uint32_t cp;
+
+    if (n < 2 || raw[0] != '"')
+        return (size_t)-1;
+    while (p < end) {
+        p = next_cp(p, &cp);
+        if (cp < 0x80) {
+            out[o++] = (char)cp;
+        } else if (cp < 0x800) {
+            out[o++] = (char)(0xc0 | (cp >> 6));
+            out[o++] = (char)(0x80 | (cp & 0x3f));
+        } else if (cp < 0x10000) {
+            out[o++] = (char)(0xe0 | (cp >> 12));
+            out[o++] = (char)(0x80 | ((cp >> 6) & 0x3f));
+            out[o++] = (char)(0x80 | (cp & 0x3f));
+        } else {
+            out[o++] = (char)(0xf0 | (cp >> 18));
+            out[o++] = (char)(0x80 | ((cp >> 12) & 0x3f));
+            out[o++] = (char)(0x80 | ((cp >> 6) & 0x3f));
+            out[o++] = (char)(0x80 | (cp & 0x3f));
+        }
+    }
+    out[o] = '\0';
+    return o;
 }

@@ -107,6 +107,42 @@ START_TEST(library_keys_are_validated)
                   "event.source ''");
     tu_assert_err(de_conf_set(c, "event.source", "a\nb"), DE_ERR_CONFIG,
                   "'a\\x0ab'");
+    /* An RFC 3986 URI reference, as CloudEvents requires of source. */
+    {
+        static const char *const good[] = {
+            "/delivery-service/eu-1",
+            "urn:example:delivery",
+            "https://svc.example.com:8443/a/b?x=1&y=%20#f",
+            "//host/path",
+            "mailto:ops@example.com",
+            "delivery-service",
+            "http://[2001:db8::1]/x",
+            "a/b:c",
+            "%C3%A9t%C3%A9",
+        };
+        static const char *const bad[][2] = {
+            {"/delivery service", "'/delivery service'"},
+            {"/d\xc3\xa9j\xc3\xa0", "RFC 3986"},
+            {"/50%", "'/50%'"},
+            {"/a%zz", "'/a%zz'"},
+            {"1http://x", "'1http://x'"},
+            {"http://host:80x/", "'http://host:80x/'"},
+            {"/a#b#c", "'/a#b#c'"},
+            {"/a<b>", "'/a<b>'"},
+            {"http://[::1/x", "'http://[::1/x'"},
+        };
+        for (size_t i = 0; i < sizeof good / sizeof *good; i++) {
+            tu_ok(de_conf_set(c, "event.source", good[i]));
+            ck_assert_str_eq(de_conf_get(c, "event.source"), good[i]);
+        }
+        for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+            tu_assert_err(de_conf_set(c, "event.source", bad[i][0]),
+                          DE_ERR_CONFIG, bad[i][1]);
+            /* A failed set leaves the last good value. */
+            ck_assert_str_eq(de_conf_get(c, "event.source"),
+                             good[sizeof good / sizeof *good - 1]);
+        }
+    }
     tu_ok(de_conf_set(c, "event.type.prefix", "com.example."));
     tu_assert_err(de_conf_set(c, "event.type.prefix", "com/example"),
                   DE_ERR_CONFIG, "'com/example'");

@@ -46,7 +46,87 @@ START_TEST(rfc3339_matches_gmtime)
         de__rfc3339_ms(ms, out);
         ck_assert_msg(strcmp(out, want) == 0, "%lld: %s, gmtime says %s",
                       (long long)ms, out, want);
+        /* And back: what the relay writes, the consumer reads. */
+        {
+            int64_t back = -1;
+            ck_assert(de__parse_rfc3339_ms(out, strlen(out), &back));
+            ck_assert_int_eq(back, ms);
+        }
     }
+}
+END_TEST
+
+/* ce_time as other producers write it: any offset, any fraction. */
+START_TEST(rfc3339_parses_any_producer)
+{
+    static const struct {
+        const char *s;
+        int64_t ms; /* -1: refused */
+    } cases[] = {
+        {"2026-11-25T11:00:00Z", 1795604400000},
+        {"2026-11-25t11:00:00z", 1795604400000},
+        {"2026-11-25T12:00:00+01:00", 1795604400000},
+        {"2026-11-25T06:30:00-04:30", 1795604400000},
+        {"2026-11-25T11:00:00.5Z", 1795604400500},
+        {"2026-11-25T11:00:00.123456789Z", 1795604400123},
+        {"2016-12-31T23:59:60Z", 1483228799999},
+        {"2000-02-29T00:00:00Z", 951782400000},
+        {"1969-12-31T23:59:59Z", -1000},
+        {"2001-02-29T00:00:00Z", -1},
+        {"2026-13-01T00:00:00Z", -1},
+        {"2026-11-25T24:00:00Z", -1},
+        {"2026-11-25T11:00:00", -1},
+        {"2026-11-25 11:00:00Z", -1},
+        {"2026-11-25T11:00:00.Z", -1},
+        {"2026-11-25T11:00:00+0100", -1},
+        {"2026-11-25T11:00:00Zjunk", -1},
+        {"yesterday", -1},
+        {"", -1},
+    };
+
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        int64_t ms = 0;
+        bool ok = de__parse_rfc3339_ms(cases[i].s, strlen(cases[i].s), &ms);
+        if (cases[i].ms == -1)
+            ck_assert_msg(!ok, "%s accepted", cases[i].s);
+        else
+            ck_assert_msg(ok && ms == cases[i].ms, "%s: %d, %lld", cases[i].s,
+                          ok, (long long)ms);
+    }
+}
+END_TEST
+
+static bool keep_member(void *ctx, const de__json_member *m)
+{
+    char *out = ctx, name[64];
+
+    de__json_unescape(m->name, m->name_len, name);
+    strcat(out, name);
+    strcat(out, "=");
+    strncat(out, m->value, m->value_len);
+    strcat(out, ";");
+    return true;
+}
+
+/* Structured mode's members, raw values kept exactly; strings unescaped
+ * to UTF-8. */
+START_TEST(json_members_and_strings)
+{
+    static const char doc[] =
+        " { \"id\" : \"a\\u00e9\\ud83d\\ude00\\n\" , \"data\":{\"n\":1e400,"
+        "\"m\":[1,{\"x\":null}]},\"s\\u0065q\":5 } ";
+    char out[256] = "", text[64];
+
+    ck_assert(de__json_check(doc, strlen(doc), NULL));
+    ck_assert(de__json_members(doc, strlen(doc), keep_member, out));
+    ck_assert_str_eq(out, "id=\"a\\u00e9\\ud83d\\ude00\\n\";data={\"n\":"
+                          "1e400,\"m\":[1,{\"x\":null}]};seq=5;");
+    {
+        static const char raw[] = "\"a\\u00e9\\ud83d\\ude00\\n\"";
+        ck_assert_uint_eq(de__json_unescape(raw, sizeof raw - 1, text), 8);
+    }
+    ck_assert_str_eq(text, "a\xc3\xa9\xf0\x9f\x98\x80\n");
+    ck_assert_uint_eq(de__json_unescape("5", 1, text), (size_t)-1);
 }
 END_TEST
 
@@ -307,6 +387,8 @@ static Suite *envelope_suite(void)
 
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, rfc3339_matches_gmtime);
+    tcase_add_test(tc, rfc3339_parses_any_producer);
+    tcase_add_test(tc, json_members_and_strings);
     tcase_add_test(tc, type_and_topic_names);
     tcase_add_test(tc, headers_are_built_exactly);
     tcase_add_test(tc, json_validator_agrees_with_jansson);

@@ -8,7 +8,12 @@
  *  - query_model's delivery_status equals the service's deliveries;
  *  - notifier queued exactly the messages the service's history implies;
  *  - live_stats' stream windows equal a batch SQL aggregation over the
- *    service's tables (event time, late events included as revisions).
+ *    service's tables (event time, late events included as revisions);
+ *  - dispatch_board, reading the same topic mixed with another producer's
+ *    CloudEvents (courier_app: numbered binary-mode shifts, un-numbered
+ *    structured-mode pings each sent twice, one record that is none),
+ *    equals the service's deliveries and the courier app's riders, with
+ *    every ping applied once and the stray record dead-lettered whole.
  */
 #include "kafka.h"
 
@@ -65,7 +70,7 @@ START_TEST(examples_agree_with_the_service)
 {
     tu_cluster *c = tu_cluster_new(0, 3);
     const char *topic = NULL;
-    pid_t svc, q, n, s;
+    pid_t svc, q, n, s, b, courier;
     sqlite3 *db;
     char sql[1024];
     static const char stream[] =
@@ -93,9 +98,15 @@ START_TEST(examples_agree_with_the_service)
             tu_path(tu_dir, "n.db"), "--until-idle", "2500");
     s = run("live_stats", "--bootstrap", c->bootstrap, "--db",
             tu_path(tu_dir, "s.db"), "--until-idle", "2500");
+    b = run("dispatch_board", "--bootstrap", c->bootstrap, "--db",
+            tu_path(tu_dir, "b.db"), "--until-idle", "2500");
+    courier = run("courier_app", "--bootstrap", c->bootstrap, "--riders", "10",
+                  "--pings", "5");
     svc = run("delivery_service", "--db", tu_path(tu_dir, "svc.db"),
               "--deliveries", "150", "--bootstrap", c->bootstrap);
+    finish(courier, "courier_app");
     finish(svc, "delivery_service");
+    finish(b, "dispatch_board");
     finish(q, "query_model");
     finish(n, "notifier");
     finish(s, "live_stats");
@@ -103,9 +114,10 @@ START_TEST(examples_agree_with_the_service)
     db = tu_open(tu_path(tu_dir, "svc.db"));
     snprintf(sql, sizeof sql,
              "ATTACH '%s' AS svc; ATTACH '%s' AS qm; ATTACH '%s' AS nt; "
-             "ATTACH '%s' AS ls",
+             "ATTACH '%s' AS ls; ATTACH '%s' AS db",
              tu_path(tu_dir, "svc.db"), tu_path(tu_dir, "q.db"),
-             tu_path(tu_dir, "n.db"), tu_path(tu_dir, "s.db"));
+             tu_path(tu_dir, "n.db"), tu_path(tu_dir, "s.db"),
+             tu_path(tu_dir, "b.db"));
     tu_exec(db, sql);
     ck_assert_int_eq(tu_query_int(db, "SELECT count(*) FROM svc.deliveries"),
                      150);
@@ -132,6 +144,34 @@ START_TEST(examples_agree_with_the_service)
                          "count(canceled_at) + count(CASE WHEN canceled_at "
                          "IS NOT NULL AND rider_id IS NOT NULL THEN 1 END) "
                          "FROM svc.deliveries"));
+
+    /* The dispatch board: the service's deliveries from its events, the
+     * riders from the courier app's, side by side on one topic. */
+    {
+        static const char svc_board[] =
+            "SELECT id, status, rider_id FROM svc.deliveries";
+        static const char board[] =
+            "SELECT delivery_id, status, rider_id FROM db.board";
+        ck_assert_int_eq(differ(db, svc_board, board), 0);
+        ck_assert_int_eq(differ(db, board, svc_board), 0);
+    }
+    ck_assert_int_eq(tu_query_int(db, "SELECT count(*) FROM db.riders WHERE "
+                                      "on_shift = 0 AND shifts = 1 AND pings "
+                                      "= 5 AND lat = 52.5205 AND lon = "
+                                      "13.4005"),
+                     10);
+    ck_assert_int_eq(tu_query_int(db, "SELECT count(*) FROM db.riders"), 10);
+    ck_assert_int_eq(tu_query_int(db, "SELECT count(*) FROM "
+                                      "db.de_dead_letter WHERE kind = "
+                                      "'foreign' AND CAST(record_key AS "
+                                      "TEXT) = 'debug' AND CAST(record_value "
+                                      "AS TEXT) = 'rider app restarted' AND "
+                                      "error LIKE 'no ce_specversion%'"),
+                     1);
+    ck_assert_int_eq(tu_query_int(db, "SELECT count(*) FROM db.de_dead_letter"),
+                     1);
+    ck_assert_int_eq(tu_query_int(db, "SELECT count(*) FROM db.de_inbox_id"),
+                     50);
 
     /* The stream equals the batch, window by window. */
     ck_assert_int_gt(tu_query_int(db, "SELECT count(*) FROM ls.window_stats"),

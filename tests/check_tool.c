@@ -1214,13 +1214,20 @@ static void request_table(const char *path)
 }
 
 /* A consumer database as a libdeliveryevents before 1.0 left it: schema
- * 3, no request table. */
+ * 3, no request table (nor what schema 5 added). */
 static void older_consumer_db(const char *path)
 {
     sqlite3 *db = tu_open(path);
 
-    tu_exec(db, "DROP TABLE de_consumer_request; UPDATE de_consumer_meta SET "
-                "value = 3 WHERE key = 'schema_version'");
+    tu_exec(db, "DROP TABLE de_consumer_request; DROP TABLE de_inbox_id; "
+                "DROP TABLE de_inbox_source; ALTER TABLE de_inbox DROP COLUMN "
+                "owner; ALTER TABLE "
+                "de_dead_letter DROP COLUMN parks; ALTER TABLE de_dead_letter "
+                "DROP COLUMN record_key; ALTER TABLE de_dead_letter DROP "
+                "COLUMN record_headers; ALTER TABLE de_dead_letter DROP "
+                "COLUMN record_value; ALTER TABLE de_dead_letter DROP COLUMN "
+                "record_timestamp_ms; UPDATE de_consumer_meta SET value = 3 "
+                "WHERE key = 'schema_version'");
     ck_assert_int_eq(sqlite3_close(db), SQLITE_OK);
 }
 
@@ -1547,7 +1554,7 @@ START_TEST(release_and_skip_queue_a_request_and_wait_for_its_result)
                      0);
     {
         json_t *j = json_of(p->out);
-        ck_assert_int_eq(jint(j, "schema_version"), 4);
+        ck_assert_int_eq(jint(j, "schema_version"), 5);
         ck_assert_int_eq(jint(j, "requests_queued"), 2);
         json_decref(j);
     }

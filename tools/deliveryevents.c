@@ -2511,7 +2511,8 @@ static int list_report(const char *cmd, const struct ro_args *a, ro *r)
  * A consumer keeps its bookkeeping in its own database (lib/inbox_sqlite.c):
  * de_inbox (a row per subject remembered, parked = 1 while the subject is
  * parked), de_dead_letter (kind failed, waiting, gap, conflict or foreign;
- * state parked, applied, skipped or foreign) and de_consumer_meta (the
+ * state parked, applied, skipped, duplicate or foreign) and
+ * de_consumer_meta (the
  * schema version).  From version 4 on it also has de_consumer_request,
  * where release and skip ask the running consumer to act.  Both reading
  * commands open the file as status does: read-only, creating nothing.
@@ -2571,7 +2572,7 @@ static const char usage_dead_letters[] =
     "                                   [--limit N] [--json]\n"
     "  Read-only list of a consumer's dead letters (de_dead_letter), oldest\n"
     "  first: subject, epoch/seq, ce_id, kind, state (parked, applied,\n"
-    "  skipped, foreign), when, attempts, error.\n"
+    "  skipped, duplicate, foreign), when, attempts, error.\n"
     "  --db PATH          the consumer's database file (required)\n"
     "  --subject TYPE:ID  only this subject's dead letters, e.g. "
     "delivery:D-7\n"
@@ -2795,6 +2796,7 @@ static int dead_letters_report(const char *cmd, const struct ro_args *a, ro *r)
 #define COL_TEXT(i) ((const char *)sqlite3_column_text(st, (i)))
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
         int has_subject = sqlite3_column_type(st, 3) != SQLITE_NULL;
+        int numbered = sqlite3_column_type(st, 6) != SQLITE_NULL;
         n++;
         if (a->json) {
             json_t *o = json_object();
@@ -2803,7 +2805,7 @@ static int dead_letters_report(const char *cmd, const struct ro_args *a, ro *r)
             put_str(o, "state", COL_TEXT(2));
             put_str(o, "subject_type", COL_TEXT(3));
             put_str(o, "subject_id", COL_TEXT(4));
-            if (has_subject) {
+            if (has_subject && numbered) {
                 put_int(o, "epoch", sqlite3_column_int64(st, 5));
                 put_int(o, "seq", sqlite3_column_int64(st, 6));
             } else {
@@ -2826,9 +2828,13 @@ static int dead_letters_report(const char *cmd, const struct ro_args *a, ro *r)
             if (has_subject) {
                 snprintf(subject, sizeof subject, "%s:%s", COL_TEXT(3),
                          COL_TEXT(4));
-                snprintf(num, sizeof num, "%lld/%lld",
-                         (long long)sqlite3_column_int64(st, 5),
-                         (long long)sqlite3_column_int64(st, 6));
+                /* An event without a sequence: "-". */
+                if (numbered)
+                    snprintf(num, sizeof num, "%lld/%lld",
+                             (long long)sqlite3_column_int64(st, 5),
+                             (long long)sqlite3_column_int64(st, 6));
+                else
+                    snprintf(num, sizeof num, "-");
             } else {
                 /* A record that is not ours: where it was read. */
                 snprintf(subject, sizeof subject, "%s[%d]@%lld",
@@ -2887,8 +2893,8 @@ static const char usage_release[] =
 
 static const char usage_skip[] =
     "usage: deliveryevents skip --db PATH TYPE:ID [--wait MS] [--force]\n"
-    "  Asks the running consumer of PATH to skip a parked subject's first\n"
-    "  parked event (kept in de_dead_letter, marked skipped) and apply the\n"
+    "  Asks the running consumer of PATH to skip the event that parked a\n"
+    "  subject (kept in de_dead_letter, marked skipped) and apply the\n"
     "  rest, in order, with its handlers (de_consumer_skip).  Needs a\n"
     "  consumer of libdeliveryevents 1.0 or later (consumer schema 4: the\n"
     "  de_consumer_request table).\n"
