@@ -1709,11 +1709,17 @@ de_err de_consumer_close(de_consumer *c)
                                "session.timeout.ms)",
                                rd_kafka_err2str(e));
         }
-        rd_kafka_destroy(c->rk);
     }
+    /* Every message released before the handle: one kept would keep its
+     * partition, and rd_kafka_destroy would wait for it. */
     for (size_t i = 0; i < c->batch.n; i++)
         rd_kafka_message_destroy(c->batch.v[i]);
     free(c->batch.v);
+    if (c->rk != NULL) {
+        /* Bounded: librdkafka 2.0 can hang here after a broker outage
+         * (see de__rk_destroy_within). */
+        (void)de__rk_destroy_within(c->rk, 10000, c->conf, "consumer");
+    }
     for (size_t i = 0; i < c->refilled.n; i++)
         free(c->refilled.v[i]);
     free(c->refilled.v);
