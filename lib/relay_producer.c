@@ -403,15 +403,6 @@ again:
  * behind the topic's retention.  Partitions that do not answer keep their
  * mark.
  */
-/*
- * With nothing in flight and everything read acknowledged, every event of
- * this outbox on Kafka is at or below the cursor, so the end of each
- * partition now is a valid mark: anything published later lands after
- * it.  Raises the marks to those ends (written with the next checkpoint),
- * which keeps partitions the relay rarely publishes to from falling
- * behind the topic's retention.  Partitions that do not answer keep their
- * mark.
- */
 void de__relay_refresh_marks(de_relay *r)
 {
     assert(r->count == 0);
