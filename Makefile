@@ -6,7 +6,8 @@
 #   make check-tsan the suites under ThreadSanitizer
 #   make demo       the delivery service demo
 #   make bench      the benchmarks (ratios against same-run baselines)
-#   make install / uninstall   honour PREFIX, DESTDIR, LIBDIR, INCLUDEDIR
+#   make install / uninstall   honour PREFIX, DESTDIR, LIBDIR, INCLUDEDIR,
+#                              BINDIR, MANDIR
 #   make deps       install the build dependencies (Debian/Ubuntu, as root)
 #
 # The project's own flags sit beside CFLAGS/LDFLAGS, never replace them.
@@ -16,6 +17,7 @@ EXEC_PREFIX ?= $(PREFIX)
 LIBDIR     ?= $(EXEC_PREFIX)/lib
 INCLUDEDIR ?= $(PREFIX)/include
 BINDIR     ?= $(EXEC_PREFIX)/bin
+MANDIR     ?= $(PREFIX)/share/man
 DESTDIR    ?=
 
 CFLAGS  ?= -O2 -g
@@ -25,6 +27,7 @@ BUILD   ?= build
 SAN     ?=
 
 HEADER := include/deliveryevents.h
+MANPAGE := docs/deliveryevents.1
 version_part = $(shell sed -n 's/^\#define DE_VERSION_$(1) \([0-9][0-9]*\).*/\1/p' $(HEADER))
 MAJOR   := $(call version_part,MAJOR)
 MINOR   := $(call version_part,MINOR)
@@ -40,13 +43,16 @@ PCFILE   := $(BUILD)/deliveryevents.pc
 PCUNINST := $(BUILD)/pc-uninstalled/deliveryevents.pc
 
 # Debian package for each pkg-config module (make deps).
-DEPS_MODULES := sqlite3 rdkafka jansson check
-DEPS_DEBS    := librdkafka-dev libjansson-dev libsqlite3-dev check pkg-config
+DEPS_MODULES := sqlite3 rdkafka jansson check libmicrohttpd
+DEPS_DEBS    := librdkafka-dev libjansson-dev libsqlite3-dev check pkg-config \
+                libmicrohttpd-dev curl
 
 # Recursively expanded on purpose: read only when a recipe runs, which is
 # after `deps` has installed pkg-config and the libraries.
 PKG_CFLAGS   = $(shell pkg-config --cflags sqlite3 rdkafka jansson)
 PKG_LIBS     = $(shell pkg-config --libs sqlite3 rdkafka jansson)
+# The tool's HTTP server for relay --metrics (the library does not link it).
+HTTPD_LIBS   = $(shell pkg-config --libs libmicrohttpd)
 CHECK_CFLAGS = $(shell pkg-config --cflags check)
 CHECK_LIBS   = $(shell pkg-config --libs check)
 
@@ -67,14 +73,24 @@ SAN_EXTRA ?=
 TEST_SRCS  := $(sort $(wildcard tests/check_*.c))
 TEST_BINS  := $(TEST_SRCS:tests/%.c=$(BUILD)/tests/%)
 
-EXAMPLES := delivery_service query_model notifier live_stats
+EXAMPLES := delivery_service query_model notifier live_stats dispatch_board \
+            courier_app
+# courier_app stands for another company's producer: librdkafka alone.
+EXAMPLE_PKGS_courier_app := rdkafka
 EXAMPLE_BINS := $(EXAMPLES:%=$(BUILD)/examples/%)
+
+# Fuzz targets (fuzz/fuzz_*.c): libFuzzer with clang for `make fuzz`; with
+# fuzz/driver.c instead, every build replays their corpus and regressions.
+FUZZ_NAMES := $(patsubst fuzz/fuzz_%.c,%,$(sort $(wildcard fuzz/fuzz_*.c)))
+FUZZ_REPLAY := $(FUZZ_NAMES:%=$(BUILD)/fuzz/replay_%)
 
 BENCH_SRCS := $(sort $(wildcard bench/bench_*.c))
 BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: all deps check check-suites check-header check-exports \
+.PHONY: all deps check check-all check-suites stage check-header check-exports \
+        demo-run \
         check-install check-remote check-asan check-tsan demo bench examples install \
+        soak soak-short soak-powerloss \
         uninstall clean format format-check mock-reorder-experiment
 
 TOOL := $(BUILD)/deliveryevents
@@ -98,15 +114,14 @@ deps:
 	  exit 1; \
 	fi
 
-# Targets a newcomer runs first install what is missing on their own.
-$(BUILD)/.deps: | deps
-	@mkdir -p $(BUILD) && touch $@
-
 # ---- the library ----------------------------------------------------------
 
-$(BUILD)/lib/%.o: lib/%.c $(wildcard lib/*.h) $(HEADER) | $(BUILD)/.deps
+# -MMD: each object depends on exactly the headers it includes.
+$(BUILD)/lib/%.o: lib/%.c
 	@mkdir -p $(dir $@)
-	$(CC) $(LIB_CFLAGS) $(CFLAGS) -c -o $@ $<
+	$(CC) $(LIB_CFLAGS) $(CFLAGS) -MMD -MP -c -o $@ $<
+
+-include $(LIB_OBJS:.o=.d)
 
 $(SHLIB): $(LIB_OBJS)
 	$(CC) -shared -pthread $(SAN) -Wl,-soname,$(SONAME) $(LDFLAGS) \
@@ -138,9 +153,10 @@ USER_CFLAGS = -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror $(SAN)
 
 $(BUILD)/examples/%: examples/%.c examples/example.h $(SHLIB) $(PCUNINST)
 	@mkdir -p $(dir $@)
-	$(CC) $(USER_CFLAGS) $(CFLAGS) $$($(USER_PKG) --cflags deliveryevents) \
-	    $(LDFLAGS) -o $@ $< $(SAN_EXTRA) \
-	    $$($(USER_PKG) --libs deliveryevents) $(if $(SAN_EXTRA),-lrdkafka)
+	$(CC) $(USER_CFLAGS) $(CFLAGS) $$($(USER_PKG) --cflags deliveryevents \
+	    $(EXAMPLE_PKGS_$*)) $(LDFLAGS) -o $@ $< $(SAN_EXTRA) \
+	    $$($(USER_PKG) --libs deliveryevents $(EXAMPLE_PKGS_$*)) \
+	    $(if $(SAN_EXTRA),-lrdkafka)
 
 $(BUILD)/bench/%: bench/%.c $(wildcard bench/*.h) $(STLIB) $(PCUNINST)
 	@mkdir -p $(dir $@)
@@ -151,14 +167,19 @@ $(BUILD)/bench/%: bench/%.c $(wildcard bench/*.h) $(STLIB) $(PCUNINST)
 # BINDIR alike, and sanitizer builds cover it too.
 $(TOOL): tools/deliveryevents.c $(STLIB)
 	$(CC) $(DE_CFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(SAN_EXTRA) $(STLIB) \
-	    $(PKG_LIBS) -pthread
+	    $(PKG_LIBS) $(HTTPD_LIBS) -pthread
 
 examples: $(EXAMPLE_BINS)
 
 # Programs built against the shared library find it in the build tree.
 RUN_ENV = LD_LIBRARY_PATH=$(abspath $(BUILD))$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}
 
-demo: $(EXAMPLE_BINS)
+# The README's two commands install what is missing first (make deps); a
+# plain `make` only builds.
+demo: deps
+	@$(MAKE) --no-print-directory demo-run
+
+demo-run: $(EXAMPLE_BINS) $(TOOL)
 	@$(RUN_ENV) sh examples/demo.sh $(abspath $(BUILD))
 
 bench: $(BENCH_BINS) $(TOOL)
@@ -174,14 +195,58 @@ $(BUILD)/tests/%: tests/%.c $(TEST_UTIL_SRCS) $(wildcard tests/util/*.h) $(STLIB
 	    $(LDFLAGS) -o $@ $< $(TEST_UTIL_SRCS) $(SAN_EXTRA) $(STLIB) \
 	    $(PKG_LIBS) $(CHECK_LIBS) -pthread
 
-check-suites: $(TEST_BINS) $(TOOL) $(EXAMPLE_BINS)
+# The suites run the tool as installed (`make install` into a scratch
+# DESTDIR), the copy a user would run, not the one in the build tree.
+STAGE := $(abspath $(BUILD))/stage
+STAGED_TOOL := $(STAGE)$(BINDIR)/deliveryevents
+
+stage: all
+	@$(MAKE) --no-print-directory -s install DESTDIR=$(STAGE) >/dev/null
+
+check-suites: $(TEST_BINS) stage $(EXAMPLE_BINS) $(FUZZ_REPLAY)
 	@fail=0; for t in $(TEST_BINS); do \
-	  echo "== $$t"; $(RUN_ENV) DE_TOOL=$(abspath $(TOOL)) \
+	  echo "== $$t"; $(RUN_ENV) DE_TOOL=$(STAGED_TOOL) \
 	    DE_EXAMPLES=$(abspath $(BUILD)/examples) $$t || fail=1; \
+	done; \
+	for f in $(FUZZ_NAMES); do \
+	  $(BUILD)/fuzz/replay_$$f fuzz/corpus/$$f fuzz/regressions/$$f || fail=1; \
+	done; exit $$fail
+
+$(BUILD)/fuzz/replay_%: fuzz/fuzz_%.c fuzz/driver.c $(STLIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(DE_CFLAGS) -Ilib $(CFLAGS) $(LDFLAGS) -o $@ $< fuzz/driver.c \
+	    $(SAN_EXTRA) $(STLIB) $(PKG_LIBS) -pthread
+
+# libFuzzer, each target for FUZZ_SECONDS (default 60) from its seed corpus
+# (copied: new inputs go to build-fuzz/corpus, not into the repository);
+# any crash fails and leaves its input in build-fuzz/crashes/<target>/ --
+# add it to fuzz/regressions/<target>/ with the fix.
+FUZZ_SECONDS ?= 60
+FUZZ_SAN := -fsanitize=address,undefined -fno-sanitize-recover=all
+fuzz: deps
+	@command -v clang >/dev/null || { echo "make fuzz needs clang and" \
+	    "libclang-rt-14-dev (apt-get install -y clang libclang-rt-14-dev)" >&2; \
+	    exit 1; }
+	@$(MAKE) --no-print-directory BUILD=build-fuzz CC=clang \
+	    SAN="$(FUZZ_SAN) -fsanitize=fuzzer-no-link" CFLAGS="-g -O1 -Wno-cast-qual" \
+	    build-fuzz/libdeliveryevents.a
+	@fail=0; for f in $(FUZZ_NAMES); do \
+	  mkdir -p build-fuzz/corpus/$$f build-fuzz/crashes/$$f; \
+	  cp -n fuzz/corpus/$$f/* build-fuzz/corpus/$$f/ 2>/dev/null || true; \
+	  clang $(DE_CFLAGS) -Ilib -g -O1 $(FUZZ_SAN) -fsanitize=fuzzer \
+	      -o build-fuzz/fuzz_$$f fuzz/fuzz_$$f.c build-fuzz/libdeliveryevents.a \
+	      $(PKG_LIBS) -pthread || exit 1; \
+	  echo "== fuzz_$$f ($(FUZZ_SECONDS) s)"; \
+	  build-fuzz/fuzz_$$f -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	      -artifact_prefix=build-fuzz/crashes/$$f/ build-fuzz/corpus/$$f \
+	      $$(ls -d fuzz/regressions/$$f 2>/dev/null) \
+	      2>build-fuzz/fuzz_$$f.log || \
+	    { fail=1; tail -40 build-fuzz/fuzz_$$f.log; }; \
+	  grep -E "stat::number_of_executed_units|Done" build-fuzz/fuzz_$$f.log | tail -2; \
 	done; exit $$fail
 
 # The public header compiles alone, as C11 and as C++, pedantically.
-check-header: $(BUILD)/.deps
+check-header:
 	$(CC) -std=c11 -pedantic -Wall -Wextra -Werror -fsyntax-only \
 	    $$(pkg-config --cflags sqlite3) -Iinclude tests/header_test.c
 	@if command -v c++ >/dev/null 2>&1; then \
@@ -201,11 +266,16 @@ check-exports: $(SHLIB)
 	echo "check-exports: $$(nm -D --defined-only $(SHLIB) | wc -l) symbols, all de_*"
 
 # install into a scratch prefix, build a program with pkg-config alone,
-# run it, uninstall, and check that nothing is left behind.
+# run it, uninstall, and check that nothing is left behind; and the man
+# page documents every command and option the tool's --help names.
 check-install: all
 	@sh tests/install_test.sh "$(MAKE)" "$(CC)"
+	@sh tests/man_test.sh $(TOOL) $(MANPAGE)
 
-check: check-header check-exports check-suites check-install
+check: deps
+	@$(MAKE) --no-print-directory check-all
+
+check-all: check-header check-exports check-suites check-install
 
 # The real-cluster variants of the Kafka suites, against a cluster in
 # another process (the mock, started by the tool); see docs/TESTING.md.
@@ -216,7 +286,7 @@ check-remote: $(BUILD)/tests/check_relay $(BUILD)/tests/check_consumer $(TOOL)
 
 # Evidence for docs/TESTING.md: the mock cluster's re-ordering and lost
 # acknowledged records, with plain librdkafka and none of our code.
-mock-reorder-experiment: $(BUILD)/.deps
+mock-reorder-experiment:
 	@mkdir -p $(BUILD)/experiments
 	$(CC) -std=c11 -D_GNU_SOURCE -O2 -Wall -Wextra -o \
 	    $(BUILD)/experiments/mock_reorder tests/experiments/mock_reorder.c \
@@ -224,13 +294,29 @@ mock-reorder-experiment: $(BUILD)/.deps
 	$(BUILD)/experiments/mock_reorder 10
 	$(BUILD)/experiments/mock_reorder 10 leader
 
+# Long running: mixed load, faults and relay kills, sampling every resource
+# (tests/soak.c); fails if any keeps growing after warm-up.  soak-short is
+# the slice CI runs.
+soak: $(BUILD)/tests/soak $(TOOL)
+	@$(RUN_ENV) DE_TOOL=$(abspath $(TOOL)) DE_SOAK_SECONDS=$${DE_SOAK_SECONDS:-1800} \
+	    $(BUILD)/tests/soak
+
+soak-short: $(BUILD)/tests/soak $(TOOL)
+	@$(RUN_ENV) DE_TOOL=$(abspath $(TOOL)) DE_SOAK_SECONDS=150 $(BUILD)/tests/soak
+
+# The power-loss campaign: 1,000 random cuts instead of the 100 of
+# `make check` (about 7 minutes).
+soak-powerloss: $(BUILD)/tests/check_durability
+	DE_PL_CUTS=1000 CK_RUN_CASE=power-loss $(BUILD)/tests/check_durability
+
+# Sanitizer runs cut the power 30 times instead of 100 (they are slower).
 check-asan:
-	$(MAKE) BUILD=build-asan \
+	DE_PL_CUTS=$${DE_PL_CUTS:-30} $(MAKE) BUILD=build-asan \
 	    SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer" \
 	    check-suites
 
 check-tsan:
-	TSAN_OPTIONS="$${TSAN_OPTIONS:-halt_on_error=1 second_deadlock_stack=1} suppressions=$(CURDIR)/tests/tsan.supp" \
+	DE_PL_CUTS=$${DE_PL_CUTS:-30} TSAN_OPTIONS="$${TSAN_OPTIONS:-halt_on_error=1 second_deadlock_stack=1} suppressions=$(CURDIR)/tests/tsan.supp" \
 	$(MAKE) BUILD=build-tsan SAN="-fsanitize=thread" \
 	    SAN_EXTRA=tests/util/tsan_c11.c check-suites
 
@@ -238,8 +324,9 @@ check-tsan:
 
 install: all
 	install -d $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR) \
-	    $(DESTDIR)$(BINDIR)
+	    $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1
 	install -m 755 $(TOOL) $(DESTDIR)$(BINDIR)/deliveryevents
+	install -m 644 $(MANPAGE) $(DESTDIR)$(MANDIR)/man1/deliveryevents.1
 	install -m 644 $(HEADER) $(DESTDIR)$(INCLUDEDIR)/deliveryevents.h
 	install -m 755 $(SHLIB) $(DESTDIR)$(LIBDIR)/
 	ln -sf $(notdir $(SHLIB)) $(DESTDIR)$(LIBDIR)/$(SONAME)
@@ -253,6 +340,7 @@ install: all
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/deliveryevents
+	rm -f $(DESTDIR)$(MANDIR)/man1/deliveryevents.1
 	rm -f $(DESTDIR)$(INCLUDEDIR)/deliveryevents.h
 	rm -f $(DESTDIR)$(LIBDIR)/$(notdir $(SHLIB))
 	rm -f $(DESTDIR)$(LIBDIR)/$(SONAME)
@@ -264,7 +352,7 @@ uninstall:
 
 FORMAT_SRCS = $(wildcard include/*.h lib/*.c lib/*.h tests/*.c tests/util/*.[ch] \
               tests/experiments/*.c \
-              examples/*.c bench/*.[ch] tools/*.c)
+              examples/*.c bench/*.[ch] tools/*.c fuzz/*.c)
 
 format:
 	clang-format -i $(FORMAT_SRCS)
@@ -273,4 +361,4 @@ format-check:
 	clang-format --dry-run --Werror $(FORMAT_SRCS)
 
 clean:
-	rm -rf build build-asan build-tsan
+	rm -rf build build-asan build-tsan build-fuzz

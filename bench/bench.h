@@ -86,4 +86,8 @@ static inline void bench_rmdir(const char *dir)
         }                                                                      \
     } while (0)
 
+/* de_conf_set that stops the benchmark on a refused property. */
+#define BENCH_SET(conf, key, value)                                            \
+    BENCH_CHECK(de_conf_set((conf), (key), (value)) == DE_OK, "%s", de_errmsg())
+
 #endif

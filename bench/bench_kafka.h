@@ -14,7 +14,10 @@
 #include <sqlite3.h>
 #include <sys/wait.h>
 
+/* The subject count of the benchmarks that do not say otherwise. */
 #define SUBJECTS 10000
+/* Subject ids: "D-" and 7 digits, whatever the count. */
+#define SUBJECT_FMT "D-%07ld"
 
 static const char payload[] = "{\"rider_id\":\"R-0042\",\"eta_s\":540,"
                               "\"lat\":37.5665,\"lng\":126.9780}";
@@ -99,8 +102,9 @@ static void exec_sql(sqlite3 *db, const char *sql)
                 sql, err ? err : "?");
 }
 
-/* A database whose outbox holds n events over SUBJECTS subjects. */
-static void make_backlog(const char *path, long n)
+/* A database whose outbox holds n events over `subjects` subjects (event
+ * x belongs to subject x mod subjects). */
+static void make_backlog(const char *path, long n, long subjects)
 {
     sqlite3 *db;
     de_outbox *ob;
@@ -114,9 +118,9 @@ static void make_backlog(const char *path, long n)
              "subject_id, action, version, occurred_at_ms, recorded_at_ms, "
              "payload) SELECT printf('01937a1e-%%04x-7%%03x-8%%03x-%%012x', "
              "x / 65536 %% 65536, x %% 4096, x / 4096 %% 4096, x), "
-             "'delivery', printf('D-%%05d', x %% %d), 'assigned', 0, "
+             "'delivery', printf('D-%%07d', x %% %ld), 'assigned', 0, "
              "1795604400000 + x, 1795604400000 + x, '%s' FROM c",
-             n, SUBJECTS, payload);
+             n, subjects, payload);
     exec_sql(db, sql);
     de_outbox_close(ob);
     sqlite3_close(db);

@@ -66,6 +66,7 @@ done
 
 echo
 echo "== reading delivery.events back from Kafka (first 6 records, then the order check)"
-"$tool" tail --bootstrap "$bootstrap" --topic delivery.events --exit-at-end --print 6
+"$tool" tail --bootstrap "$bootstrap" --topic delivery.events --from-beginning \
+    --exit-at-end --print 6
 echo
 echo "demo finished in $(( $(date +%s) - start )) s"

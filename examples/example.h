@@ -81,6 +81,27 @@ static int example_exec(sqlite3 *db, const char *sql)
     return 0;
 }
 
+/* Runs one statement of a handler with the event bound: ?1 the subject
+ * id, ?2 the event time in Unix seconds (ce_time), ?3 the data (JSON
+ * text), and ?4 the action when the statement has a fourth parameter. */
+static inline de_err example_run(sqlite3 *db, const de_event_view *ev,
+                                 const char *sql)
+{
+    sqlite3_stmt *st;
+    int rc;
+
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK)
+        return DE_ERR_DB;
+    sqlite3_bind_text(st, 1, ev->subject_id, -1, SQLITE_STATIC);
+    sqlite3_bind_double(st, 2, (double)ev->occurred_at_ms / 1000.0);
+    sqlite3_bind_text(st, 3, ev->payload, (int)ev->payload_len, SQLITE_STATIC);
+    if (sqlite3_bind_parameter_count(st) >= 4)
+        sqlite3_bind_text(st, 4, ev->action, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? DE_OK : DE_ERR_DB;
+}
+
 /* Prints the rows of a query as aligned columns (at most `limit`). */
 static void example_print(sqlite3 *db, const char *sql, int limit)
 {

@@ -32,22 +32,9 @@ static int schema(sqlite3 *db)
                             "  ON delivery_status(rider_id, status);");
 }
 
-/* Runs one statement with the event's id, time and payload bound as ?1,
- * ?2 (RFC 3339) and ?3 (JSON text). */
-static de_err run(sqlite3 *db, const de_event_view *ev, const char *sql)
-{
-    sqlite3_stmt *st;
-    int rc;
-
-    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK)
-        return DE_ERR_DB;
-    sqlite3_bind_text(st, 1, ev->subject_id, -1, SQLITE_STATIC);
-    sqlite3_bind_double(st, 2, (double)ev->occurred_at_ms / 1000.0);
-    sqlite3_bind_text(st, 3, ev->payload, (int)ev->payload_len, SQLITE_STATIC);
-    rc = sqlite3_step(st);
-    sqlite3_finalize(st);
-    return rc == SQLITE_DONE ? DE_OK : DE_ERR_DB;
-}
+/* Statements run with example_run: ?1 the delivery, ?2 the time, ?3 the
+ * data. */
+#define run example_run
 
 #define AT "strftime('%Y-%m-%dT%H:%M:%fZ', ?2, 'unixepoch')"
 

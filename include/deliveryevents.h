@@ -43,8 +43,8 @@ extern "C" {
 #endif
 
 /* The library's version; the Makefile reads these three lines. */
-#define DE_VERSION_MAJOR 0
-#define DE_VERSION_MINOR 1
+#define DE_VERSION_MAJOR 1
+#define DE_VERSION_MINOR 0
 #define DE_VERSION_PATCH 0
 
 /* Marks the exported API; everything else is hidden. */
@@ -52,6 +52,15 @@ extern "C" {
 #define DE_EXTERN __attribute__((visibility("default")))
 #else
 #define DE_EXTERN
+#endif
+
+/* On functions whose result must be looked at: ignoring it is a warning
+ * where the compiler supports the attribute (GCC, Clang).  Destructors and
+ * stats readers do not carry it. */
+#if defined(__GNUC__)
+#define DE_WARN_UNUSED __attribute__((warn_unused_result))
+#else
+#define DE_WARN_UNUSED
 #endif
 
 /* --------------------------------------------------------------------- */
@@ -131,10 +140,14 @@ DE_EXTERN de_conf *de_conf_new(void);
  * @param key   property name, e.g. "event.source" or "bootstrap.servers".
  * @param value its value as text; copied.
  * @return DE_OK; DE_ERR_ARG when an argument is NULL; DE_ERR_CONFIG when the
- *         key is unknown or the value invalid (the message names both);
- *         DE_ERR_NOMEM.  On failure conf is unchanged.
+ *         key is unknown or the value invalid (the message names the key,
+ *         and the value only for the library's own keys: a librdkafka
+ *         property's value may be a secret and is never shown);
+ *         DE_ERR_NOMEM.  On failure conf is unchanged.  Stored values are
+ *         wiped when replaced and by de_conf_destroy().
  */
-DE_EXTERN de_err de_conf_set(de_conf *conf, const char *key, const char *value);
+DE_EXTERN DE_WARN_UNUSED de_err de_conf_set(de_conf *conf, const char *key,
+                                            const char *value);
 
 /**
  * Reads back a property's effective value (the value set, or the library's
@@ -187,6 +200,37 @@ typedef void (*de_log_fn)(void *ctx, int level, const char *message);
  */
 DE_EXTERN void de_conf_set_log_cb(de_conf *conf, de_log_fn fn, void *ctx);
 
+/**
+ * Receives a relay's or a consumer's statistics as one JSON document, in
+ * the manner of librdkafka's statistics callback: the handle's counters
+ * (the fields of de_relay_stats or de_consumer_stats, under the same
+ * names), what it is ("client": "relay" with "database", or "consumer"
+ * with "group"), "time_ms", and librdkafka's own statistics of its client
+ * under "rdkafka" (null while the relay has no producer, e.g. on standby).
+ * The layout is documented in docs/OPERATIONS.md ("Metrics").
+ *
+ * @param ctx   the pointer given to de_conf_set_stats_cb().
+ * @param json  the document, NUL-terminated; borrowed for the call.
+ * @param len   its length in bytes.
+ *
+ * Called every statistics.interval.ms (librdkafka's key; with a
+ * statistics callback set it defaults to 1000; 0 turns statistics off) on
+ * the relay's own
+ * thread, or on the thread calling de_consumer_poll().  It must not call
+ * back into the handle.
+ */
+typedef void (*de_stats_fn)(void *ctx, const char *json, size_t len);
+
+/**
+ * Sends statistics to fn (none are produced without one).  Handles copy
+ * the callback with the rest of the configuration.
+ *
+ * @param conf  the configuration; required (NULL is a no-op).
+ * @param fn    the callback; NULL turns the callback off.
+ * @param ctx   passed to fn as is; may be NULL.
+ */
+DE_EXTERN void de_conf_set_stats_cb(de_conf *conf, de_stats_fn fn, void *ctx);
+
 /* --------------------------------------------------------------------- */
 /* Outbox                                                                 */
 /* --------------------------------------------------------------------- */
@@ -204,7 +248,10 @@ typedef struct de_outbox de_outbox;
  * timeout of outbox.busy.timeout.ms when it has none (a connection without
  * one fails with SQLITE_BUSY the moment another connection writes), creates
  * or migrates the library's tables (all named de_*), and prepares its
- * statements once.
+ * statements once.  The wire settings conf sets (topic.template,
+ * event.source, event.type.prefix) are stored with the outbox, so that
+ * every relay of the database publishes with them (docs/CONFIGURATION.md,
+ * "Wire settings").
  *
  * @param db    the host's open connection to a database file; borrowed: it
  *              must stay open until de_outbox_close().  In-memory and
@@ -217,8 +264,8 @@ typedef struct de_outbox de_outbox;
  *         database was written by a newer libdeliveryevents); DE_ERR_CONFIG
  *         (an invalid outbox key in conf); DE_ERR_DB; DE_ERR_NOMEM.
  */
-DE_EXTERN de_err de_outbox_open(sqlite3 *db, const de_conf *conf,
-                                de_outbox **out);
+DE_EXTERN DE_WARN_UNUSED de_err de_outbox_open(sqlite3 *db, const de_conf *conf,
+                                               de_outbox **out);
 
 /**
  * Detaches an outbox and frees it.  The connection stays open and keeps its
@@ -264,9 +311,12 @@ typedef struct de_recorded {
  *    most 64 bytes (they become topic and type names) -> DE_ERR_ARG;
  *  - subject_id: non-empty UTF-8 without control characters, at most 256
  *    bytes -> DE_ERR_ARG;
- *  - payload: a JSON object (NULL means {}) -> DE_ERR_PAYLOAD; the whole
- *    Kafka record it becomes (key, value and every header) at most
- *    event.max.bytes -> DE_ERR_PAYLOAD;
+ *  - payload: a JSON object (NULL means {}) -> DE_ERR_PAYLOAD: RFC 8259
+ *    text in UTF-8, member names unique within each object (also when
+ *    spelled with escapes), nesting at most 128 levels, numbers of any
+ *    size -- the same rule the consumer applies; the whole Kafka record
+ *    it becomes (key, value and every header) at most event.max.bytes ->
+ *    DE_ERR_PAYLOAD;
  *  - occurred_at_ms: 0 (now) or a time from 1970 to the end of year 9999
  *    -> DE_ERR_ARG;
  *  - event_id, when given: 1 to 36 printable ASCII characters without
@@ -292,7 +342,8 @@ typedef struct de_recorded {
  * @return DE_OK or one of the codes above; DE_ERR_DB when SQLite fails;
  *         DE_ERR_NOMEM.
  */
-DE_EXTERN de_err de_record(de_outbox *ob, const de_event *ev, de_recorded *out);
+DE_EXTERN DE_WARN_UNUSED de_err de_record(de_outbox *ob, const de_event *ev,
+                                          de_recorded *out);
 
 /* --------------------------------------------------------------------- */
 /* Relay                                                                  */
@@ -303,6 +354,17 @@ DE_EXTERN de_err de_record(de_outbox *ob, const de_event *ev, de_recorded *out);
  * idempotent librdkafka producer that publishes the outbox to Kafka in
  * commit order, per subject, assigning each subject's events the sequence
  * numbers 1, 2, 3, ... (ce_subjectseq) as it goes.
+ *
+ * It publishes only what is durable: before it hands Kafka the rows of a
+ * read it fsyncs the database's write-ahead log up to them (on its own
+ * thread), so that no event reaches Kafka whose transaction a power loss
+ * could undo, whatever the host's synchronous setting (OFF is not
+ * supported).  When it becomes active it first reads Kafka forward from
+ * where its last checkpoint left each partition: events already there are
+ * not sent again, and numbering continues above the highest number found.
+ * When that cannot be verified (the records were deleted by retention) it
+ * refuses to publish: de_relay_flush() and de_relay_stop() then return
+ * DE_ERR_STATE with the reason (see docs/OPERATIONS.md).
  *
  * One relay at a time publishes a database: relays hold a lease in the
  * relay's state file (relay.state.path); any other relay, in this process
@@ -328,16 +390,22 @@ typedef struct de_relay de_relay;
  * @param conf  the relay's configuration, or NULL.  Keys set on ob's
  *              configuration (event.source, topic.template, ...) apply
  *              unless conf sets them too.  bootstrap.servers is required
- *              in one of the two.  Copied.
+ *              in one of the two.  The wire settings the database's
+ *              writer stored with its outbox apply where neither sets
+ *              them.  Copied.
  * @param out   receives the relay; set to NULL on failure.
  * @return DE_OK; DE_ERR_ARG; DE_ERR_CONFIG (no bootstrap.servers, a
- *         property the relay must own such as enable.idempotence, or one
- *         librdkafka refuses); DE_ERR_STATE (the relay's state belongs to
- *         another database, or was lost after the outbox had been
- *         relayed); DE_ERR_DB; DE_ERR_KAFKA; DE_ERR_NOMEM.
+ *         property the relay must own such as enable.idempotence, one
+ *         librdkafka refuses, or a wire setting that differs from the one
+ *         the writer stored, without relay.settings.override); DE_ERR_STATE
+ * (the relay's state belongs to another database, was lost or restored from a
+ * copy older than the outbox's cleanup, or the database is older than the
+ * state: restored without its state file); DE_ERR_DB; DE_ERR_KAFKA;
+ *         DE_ERR_NOMEM.
  */
-DE_EXTERN de_err de_relay_start(de_outbox *ob, const de_conf *conf,
-                                de_relay **out);
+DE_EXTERN DE_WARN_UNUSED de_err de_relay_start(de_outbox *ob,
+                                               const de_conf *conf,
+                                               de_relay **out);
 
 /**
  * Starts a relay for a database file that other processes write, e.g. as
@@ -350,8 +418,9 @@ DE_EXTERN de_err de_relay_start(de_outbox *ob, const de_conf *conf,
  * @param out      receives the relay; set to NULL on failure.
  * @return as de_relay_start().
  */
-DE_EXTERN de_err de_relay_start_path(const char *db_path, const de_conf *conf,
-                                     de_relay **out);
+DE_EXTERN DE_WARN_UNUSED de_err de_relay_start_path(const char *db_path,
+                                                    const de_conf *conf,
+                                                    de_relay **out);
 
 /**
  * Waits until every event committed before the call is acknowledged by
@@ -361,10 +430,11 @@ DE_EXTERN de_err de_relay_start_path(const char *db_path, const de_conf *conf,
  * @param r           the relay; required.
  * @param timeout_ms  how long to wait; negative waits without limit.
  * @return DE_OK; DE_ERR_TIMEOUT when time ran out (the events stay in the
- *         outbox and will be published); DE_ERR_STATE when the relay's
- *         thread has stopped after a failure (see de_errmsg()).
+ *         outbox and will be published); DE_ERR_STATE when the relay
+ *         refused to publish because it could not verify what Kafka holds
+ *         (de_errmsg() says why and what to do).
  */
-DE_EXTERN de_err de_relay_flush(de_relay *r, int timeout_ms);
+DE_EXTERN DE_WARN_UNUSED de_err de_relay_flush(de_relay *r, int timeout_ms);
 
 /**
  * Flushes for up to timeout_ms, then stops the relay, releases its lease
@@ -376,13 +446,41 @@ DE_EXTERN de_err de_relay_flush(de_relay *r, int timeout_ms);
  *                    every case.
  * @param timeout_ms  how long to flush; 0 stops at once; negative waits
  *                    without limit.
+ * A relay asked to stop still takes a free or expired lease to publish
+ * what was committed before the call, while its time lasts; a negative
+ * timeout never waits on a holder that is gone (its lease expires).
+ *
  * @return DE_OK when everything committed before the call was published;
- *         DE_ERR_TIMEOUT otherwise.
+ *         DE_ERR_TIMEOUT otherwise; DE_ERR_STATE when the relay refused
+ *         to publish (see de_relay_flush()).
  */
 DE_EXTERN de_err de_relay_stop(de_relay *r, int timeout_ms);
 
 /**
- * A snapshot of a relay's counters; fields are only ever added at the end.
+ * What a relay is doing (de_relay_stats.state).  Changes are logged at
+ * DE_LOG_NOTICE ("standby -> recovering: lease taken").
+ */
+typedef enum {
+    DE_RELAY_STANDBY = 0, /* another relay holds the lease; waiting       */
+    DE_RELAY_RECOVERING,  /* lease taken; reading Kafka before publishing */
+    DE_RELAY_ACTIVE,      /* publishing                                   */
+    DE_RELAY_RESTARTING,  /* replacing its producer after a failure       */
+    DE_RELAY_REFUSED,     /* cannot verify what Kafka holds: publishes
+                             nothing (see last_error; final)              */
+    DE_RELAY_STOPPED      /* its thread has ended (final)                 */
+} de_relay_state;
+
+/**
+ * The name of a relay state, e.g. "active".
+ *
+ * @return a static string; "unknown" for a value not listed above.
+ */
+DE_EXTERN const char *de_relay_state_name(de_relay_state s);
+
+/**
+ * A snapshot of a relay's counters.  New fields are taken from the reserved
+ * space at the end, so the struct's size never changes: a program built
+ * against an older header is never written past its end.
  */
 typedef struct de_relay_stats {
     uint64_t published;         /* events acknowledged by Kafka             */
@@ -400,6 +498,19 @@ typedef struct de_relay_stats {
     char last_error[256];       /* the last publishing error, e.g.
                                    "delivery D-7 (delivery.events): Broker:
                                    Topic authorization failed"             */
+    int state;                  /* a de_relay_state                         */
+    uint64_t skipped;           /* events found on Kafka when it became
+                                   active, so not sent again               */
+    uint64_t forgotten;         /* counters of idle subjects forgotten
+                                   (relay.subject.forget.ms)               */
+    uint64_t subjects_cached;   /* subject entries in memory now           */
+    int64_t brokers_up;         /* brokers the producer is connected to, as
+                                   of librdkafka's last statistics; -1:
+                                   unknown (no producer yet, or statistics
+                                   off: they run only with
+                                   statistics.interval.ms or a statistics
+                                   callback set, as they cost ~11 MiB)     */
+    uint64_t reserved_[27];     /* room for later fields; zero              */
 } de_relay_stats;
 
 /**
@@ -410,6 +521,28 @@ typedef struct de_relay_stats {
  * @return DE_OK or DE_ERR_ARG.
  */
 DE_EXTERN de_err de_relay_stats_get(de_relay *r, de_relay_stats *out);
+
+/**
+ * Renders the relay's counters in the Prometheus text exposition format
+ * (version 0.0.4), for a service that already serves /metrics: one
+ * complete exposition (HELP and TYPE lines included) of the metrics
+ * deliveryevents_relay_* listed in docs/OPERATIONS.md ("Metrics"), each
+ * labelled database="<the database file>".
+ *
+ * @param r    the relay; required.
+ * @param buf  receives the text, NUL-terminated; may be NULL when cap is 0.
+ * @param cap  the size of buf.
+ * @param len  receives the length of the text (without the NUL), also
+ *             when it did not fit; required.
+ * @return DE_OK; DE_ERR_ARG (NULL relay or len, or cap <= *len: call
+ *         again with a buffer of at least *len + 1 bytes).
+ *
+ * Any thread.
+ */
+DE_EXTERN DE_WARN_UNUSED de_err de_relay_metrics_prometheus(de_relay *r,
+                                                            char *buf,
+                                                            size_t cap,
+                                                            size_t *len);
 
 /**
  * Retries every blocked subject now instead of at the next
@@ -424,29 +557,151 @@ DE_EXTERN de_err de_relay_stats_get(de_relay *r, de_relay_stats *out);
 DE_EXTERN de_err de_relay_retry_blocked(de_relay *r);
 
 /* --------------------------------------------------------------------- */
+/* Replay                                                                 */
+/* --------------------------------------------------------------------- */
+
+/**
+ * Which retained events de_replay() republishes: set exactly one of the
+ * three selections.  Zero-initialise it (`de_replay_select sel = {0};`):
+ * fields may only be added at the end, and new ones default to zero.
+ */
+typedef struct de_replay_select {
+    const char *subject_type; /* with subject_id: one subject's events,
+                                 e.g. "delivery" and "D-1001"            */
+    const char *subject_id;
+    int64_t from_position; /* > 0: the events from this outbox position
+                              on (de_recorded.position)                  */
+    int64_t since_ms;      /* > 0: the events recorded at or after this
+                              time (Unix ms UTC)                         */
+} de_replay_select;
+
+/**
+ * What de_replay() did.  The call fills every field, also on failure.
+ * New fields are taken from the reserved space at the end.
+ */
+typedef struct de_replay_result {
+    uint64_t republished;     /* events Kafka acknowledged again          */
+    int64_t first_position;   /* the lowest and highest position among   */
+    int64_t last_position;    /* them; 0 when none                        */
+    uint64_t selected;        /* events selected that the relay published */
+    uint64_t not_published;   /* selected events the relay has not
+                                 published yet (above its cursor, or held
+                                 back behind a blocked subject): left to
+                                 it, not replayed                         */
+    int64_t refused_position; /* DE_ERR_STATE: the position it names (the
+                                 first one that cannot be replayed); 0
+                                 otherwise                                */
+    uint64_t reserved_[10];   /* zero                                     */
+} de_replay_result;
+
+/**
+ * Republishes retained events of a database's outbox to Kafka with their
+ * original ce_id, ce_subjectepoch and ce_subjectseq, so that a consumer
+ * that applied them counts them as duplicates (de_consumer does), and one
+ * whose inbox was reset, or a new consumer group, applies them again in
+ * order.
+ *
+ * Retained: the relay keeps published rows for outbox.retention.ms and,
+ * while it is above 0, records in its state file the numbers each one
+ * went out with (docs/OPERATIONS.md, "Replaying retained events").  The
+ * records go out exactly as the relay's did: the same envelope, key,
+ * partitioner and topic, and the ce_source, ce_type prefix and topic
+ * template the writer stored with the outbox (adopted as a relay adopts
+ * them: a different value in conf is refused unless
+ * relay.settings.override=true), through an idempotent producer; it waits
+ * for every delivery report.
+ *
+ * It selects the retained rows at or below the relay's cursor that are
+ * not held back; selected rows the relay has not published yet are left
+ * to it and counted in out->not_published.  It refuses, publishing
+ * nothing, with DE_ERR_STATE and out->refused_position when: a selected
+ * published row has no recorded numbers (published by a relay without
+ * retention, or before it recorded them); the selection starts where rows
+ * are no longer retained (from_position at or below the deletion floor;
+ * since_ms before the oldest retained row, once rows were deleted); the
+ * selection holds no published event (only events not yet published, or
+ * none at all).
+ *
+ * It takes no lease and writes neither the database nor the relay's state
+ * file (it reads both): relays of the database, in this process or
+ * others, go on as they were, their cursor and counters untouched.
+ *
+ * @param db_path     the database file; required; must hold an outbox.
+ * @param conf        bootstrap.servers and any other librdkafka property
+ *                    (TLS, SASL), relay.state.path when the relay's state
+ *                    file is not "<db_path>-relay", and the wire settings
+ *                    as for de_relay_start_path(); NULL is not enough
+ *                    (bootstrap.servers is required).  Copied.
+ * @param select      what to republish; required; read during the call.
+ * @param timeout_ms  how long to wait for Kafka's acknowledgements once
+ *                    everything is handed to the producer; negative waits
+ *                    without limit.  What is not acknowledged in time is
+ *                    purged (possibly written already: a duplicate).
+ * @param out         receives what was done; required.
+ * @return DE_OK; DE_ERR_ARG (a NULL argument, a missing database, not
+ *         exactly one selection, a subject that is not TYPE and ID as
+ *         de_record() takes them, a negative position or time);
+ *         DE_ERR_STATE (refused, see above; also a missing or foreign
+ *         relay state, a database without an outbox); DE_ERR_CONFIG (as
+ *         de_relay_start_path()); DE_ERR_KAFKA (Kafka refused an event:
+ *         the message names its position; out->republished counts what
+ *         was acknowledged); DE_ERR_TIMEOUT; DE_ERR_DB; DE_ERR_NOMEM.
+ *
+ * Blocks the calling thread; any thread may call it, also beside a
+ * de_relay of the same database.  It uses its own connections and its own
+ * producer, and its log lines go to conf's log callback on this thread.
+ */
+DE_EXTERN DE_WARN_UNUSED de_err de_replay(const char *db_path,
+                                          const de_conf *conf,
+                                          const de_replay_select *select,
+                                          int timeout_ms,
+                                          de_replay_result *out);
+
+/* --------------------------------------------------------------------- */
 /* Consumer                                                               */
 /* --------------------------------------------------------------------- */
 
 /**
- * One event as a handler sees it.  Every string is NUL-terminated and
- * borrowed: valid only during the handler call.
+ * One event as a handler sees it: a CloudEvents 1.0 event of this
+ * library's relay or of any other producer, read in binary or structured
+ * mode (docs/CONSUMER.md, "Events from any producer", says where each
+ * field comes from when the event lacks this library's extensions).
+ * Every string is NUL-terminated and borrowed: valid only during the
+ * handler call.  The library fills it; fields may be added at the end (a
+ * handler only reads it).
+ *
+ * A numbered subject's events are numbered 1, 2, 3, ... within a
+ * numbering (subject_epoch).  A subject idle for longer than
+ * relay.subject.forget.ms starts a new numbering at its next event, with
+ * a higher subject_epoch and subject_seq 1 again; de_consumer follows
+ * that, so handlers need not.  An event without ce_subjectseq has
+ * subject_seq 0 and is applied once by (ce_source, ce_id).
  */
 typedef struct de_event_view {
     const char *event_id;     /* ce_id                                     */
-    const char *subject_type; /* ce_subjecttype, e.g. "delivery"           */
-    const char *subject_id;   /* the key, e.g. "D-1001"                    */
-    const char *action;       /* ce_action, e.g. "assigned"                */
+    const char *subject_type; /* ce_subjecttype, else the topic's subject
+                                 type by topic.template, else the topic    */
+    const char *subject_id;   /* ce_subject, else ce_partitionkey, else the
+                                 record key, e.g. "D-1001"                 */
+    const char *action;       /* ce_action, else the part of ce_type after
+                                 its last '.', e.g. "assigned"             */
     const char *type;       /* ce_type, e.g. "com.example.delivery.assigned" */
     const char *source;     /* ce_source                                 */
-    const char *payload;    /* the JSON object, NUL-terminated           */
+    const char *payload;    /* the data, a JSON object ("{}" when the
+                               event has none), NUL-terminated           */
     size_t payload_len;     /* its length in bytes, without the NUL      */
-    int64_t occurred_at_ms; /* ce_time (also the record timestamp)       */
-    int64_t subject_seq;    /* ce_subjectseq: 1, 2, 3, ... per subject   */
+    int64_t occurred_at_ms; /* ce_time in Unix ms UTC; the record's
+                               timestamp when the event has no ce_time   */
+    int64_t subject_seq;    /* ce_subjectseq: 1, 2, 3, ... per subject;
+                               0 when the event carries none             */
     const char *topic;      /* where it was read                         */
     int32_t partition;
     int64_t offset;
     const char *traceparent; /* NULL when the event carried none          */
     const char *tracestate;  /* NULL when the event carried none          */
+    int64_t subject_epoch;   /* ce_subjectepoch: the numbering subject_seq
+                                belongs to; only grows per subject; 0 when
+                                the record carries none                   */
 } de_event_view;
 
 /**
@@ -476,8 +731,15 @@ typedef de_err (*de_handler_fn)(sqlite3 *db, const de_event_view *ev,
 typedef struct de_consumer de_consumer;
 
 /**
- * Opens a consumer on `db`, creating its tables (de_inbox, the last
- * applied ce_subjectseq per subject, and de_dead_letter).  Several
+ * Opens a consumer on `db`, creating or migrating its tables (de_inbox,
+ * the last applied ce_subjectseq per subject with the ce_id applied under
+ * it and the ce_source that numbers it; de_inbox_source; de_inbox_id, the
+ * (ce_source, ce_id) of events without a sequence, kept for
+ * consumer.id.forget.ms; de_dead_letter, whole records).  It applies
+ * CloudEvents 1.0 of any producer, binary or structured mode.  An event
+ * whose number was applied already under another ce_id, or that another
+ * ce_source numbers, is a conflict: dead-lettered, its subject parked,
+ * never dropped as a duplicate (docs/CONSUMER.md).  Several
  * consumers of one group may share the database file (one connection
  * each); they then share the inbox, which keeps effects exactly-once
  * across rebalances.
@@ -494,26 +756,64 @@ typedef struct de_consumer de_consumer;
  *         librdkafka refuses); DE_ERR_STATE (inside a transaction, or a
  *         newer schema); DE_ERR_DB; DE_ERR_NOMEM.
  */
-DE_EXTERN de_err de_consumer_open(sqlite3 *db, const de_conf *conf,
-                                  de_consumer **out);
+DE_EXTERN DE_WARN_UNUSED de_err de_consumer_open(sqlite3 *db,
+                                                 const de_conf *conf,
+                                                 de_consumer **out);
 
 /**
  * Registers a handler for events of `subject_type` with `action` (NULL:
- * any action of that type).  A specific action wins over NULL; an event
- * without a handler is recorded as applied and otherwise ignored.  Call
- * before the first de_consumer_poll().
+ * any action of that type).  A handler registered by ce_type
+ * (de_consumer_on_type) wins over these, a specific action over NULL; an
+ * event without a handler is recorded as applied and otherwise ignored.
+ * Call before the first de_consumer_poll(), from the thread that polls.
  *
- * @return DE_OK; DE_ERR_ARG (bad identifier, NULL fn, a second handler for
- *         the same pair); DE_ERR_STATE (after the first poll); DE_ERR_NOMEM.
+ * @param c             the consumer; required.
+ * @param subject_type  1..249 of [A-Za-z0-9._-], e.g. "delivery" or
+ *                      "Delivery"; copied.
+ * @param action        1..128 bytes of UTF-8 without control characters
+ *                      or spaces (e.g. "picked-up"), or NULL; copied.
+ * @param fn            the handler; required.
+ * @param ctx           passed to fn as is; may be NULL.
+ * @return DE_OK; DE_ERR_ARG (a bad name, NULL fn, a second handler for
+ *         the same pair; the message names the value); DE_ERR_STATE
+ *         (after the first poll); DE_ERR_NOMEM.  On failure nothing is
+ *         registered and the consumer is usable.
  */
-DE_EXTERN de_err de_consumer_on(de_consumer *c, const char *subject_type,
-                                const char *action, de_handler_fn fn,
-                                void *ctx);
+DE_EXTERN DE_WARN_UNUSED de_err de_consumer_on(de_consumer *c,
+                                               const char *subject_type,
+                                               const char *action,
+                                               de_handler_fn fn, void *ctx);
+
+/**
+ * Registers a handler for events whose ce_type is exactly `ce_type`
+ * (e.g. "com.example.rider.Shift-Started"), of any producer: it wins over
+ * handlers by subject type and action.  Its topics are not derived: list
+ * them in consumer.topics.  Call before the first de_consumer_poll(),
+ * from the thread that polls.
+ *
+ * @param c        the consumer; required.
+ * @param ce_type  1..1024 bytes of UTF-8 without control characters;
+ *                 copied.
+ * @param fn       the handler; required.
+ * @param ctx      passed to fn as is; may be NULL.
+ * @return DE_OK; DE_ERR_ARG (NULL or bad ce_type, NULL fn, a second
+ *         handler for the same ce_type; the message names the value);
+ *         DE_ERR_STATE (after the first poll); DE_ERR_NOMEM.  On failure
+ *         nothing is registered and the consumer is usable.
+ */
+DE_EXTERN DE_WARN_UNUSED de_err de_consumer_on_type(de_consumer *c,
+                                                    const char *ce_type,
+                                                    de_handler_fn fn,
+                                                    void *ctx);
 
 /**
  * Reads the events available within timeout_ms (the first call also joins
  * the group) and applies them: several per SQLite transaction, each once,
- * in per-subject order, then commits their Kafka offsets.
+ * in per-subject order, then commits their Kafka offsets.  Every half
+ * second it also does the releases and skips asked from outside the
+ * process (`deliveryevents release|skip`, rows of the table
+ * de_consumer_request in the consumer's database), with this consumer's
+ * handlers, and answers each (done_at_ms, result).
  *
  * @param c           the consumer.
  * @param timeout_ms  how long to wait for the first event.
@@ -523,19 +823,22 @@ DE_EXTERN de_err de_consumer_on(de_consumer *c, const char *subject_type,
  *         failed (nothing of the batch was applied; it is read again);
  *         DE_ERR_KAFKA for a fatal consumer error.
  */
-DE_EXTERN de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled);
+DE_EXTERN DE_WARN_UNUSED de_err de_consumer_poll(de_consumer *c, int timeout_ms,
+                                                 int *handled);
 
 /**
  * Retries a parked subject now: its dead-lettered event, then the events
  * that waited behind it, in order.  If the handler fails again the subject
- * stays parked.
+ * stays parked.  Another process asks the same of a running consumer
+ * through de_consumer_request (see de_consumer_poll()).
  *
  * @return DE_OK (also when the subject was not parked); DE_ERR_ARG;
  *         DE_ERR_DB.  The handler's own failure is not an error here; see
  *         de_consumer_stats_get().
  */
-DE_EXTERN de_err de_consumer_release(de_consumer *c, const char *subject_type,
-                                     const char *subject_id);
+DE_EXTERN DE_WARN_UNUSED de_err de_consumer_release(de_consumer *c,
+                                                    const char *subject_type,
+                                                    const char *subject_id);
 
 /**
  * Drops a parked subject's dead-lettered event (kept in de_dead_letter,
@@ -544,23 +847,61 @@ DE_EXTERN de_err de_consumer_release(de_consumer *c, const char *subject_type,
  *
  * @return as de_consumer_release().
  */
-DE_EXTERN de_err de_consumer_skip(de_consumer *c, const char *subject_type,
-                                  const char *subject_id);
+DE_EXTERN DE_WARN_UNUSED de_err de_consumer_skip(de_consumer *c,
+                                                 const char *subject_type,
+                                                 const char *subject_id);
 
-/** A snapshot of a consumer's counters; fields are only added at the end. */
+/**
+ * A snapshot of a consumer's counters.  New fields are taken from the
+ * reserved space at the end: the struct's size never changes.
+ */
 typedef struct de_consumer_stats {
     uint64_t applied;         /* events applied (handler ran and committed) */
     uint64_t duplicates;      /* events already applied, skipped            */
     uint64_t gaps;            /* events that came after a missing one       */
     uint64_t retries;         /* handler failures retried                   */
     uint64_t dead_lettered;   /* events parked after consumer.max.attempts  */
-    uint64_t foreign;         /* records that are not ours, parked          */
+    uint64_t foreign;         /* records that are not usable CloudEvents,
+                                 dead-lettered whole (kind foreign)        */
     uint64_t parked_subjects; /* subjects waiting behind a dead letter      */
     uint64_t batches;         /* SQLite transactions committed              */
+    uint64_t conflicts;       /* events whose number was applied already
+                                 under another ce_id: parked, not dropped  */
+    uint64_t forgotten;       /* inbox rows of idle subjects forgotten
+                                 (consumer.subject.forget.ms)              */
+    uint64_t ids_forgotten;   /* ids of events without a sequence forgotten
+                                 (consumer.id.forget.ms)                   */
+    uint64_t reserved_[29];   /* room for later fields; zero                */
 } de_consumer_stats;
 
-/** Fills *out.  @return DE_OK or DE_ERR_ARG. */
+/**
+ * Fills *out with the consumer's counters since it was opened, and the
+ * number of parked subjects read from its database.  Call from the
+ * thread that polls.
+ *
+ * @return DE_OK; DE_ERR_ARG; DE_ERR_DB when the database cannot be read
+ *         (*out is then left untouched).
+ */
 DE_EXTERN de_err de_consumer_stats_get(de_consumer *c, de_consumer_stats *out);
+
+/**
+ * Renders the consumer's counters in the Prometheus text exposition format
+ * (version 0.0.4): one complete exposition of the metrics
+ * deliveryevents_consumer_* listed in docs/OPERATIONS.md ("Metrics"),
+ * each labelled group="<group.id>".  Call from the thread that polls.
+ *
+ * @param c    the consumer; required.
+ * @param buf  receives the text, NUL-terminated; may be NULL when cap is 0.
+ * @param cap  the size of buf.
+ * @param len  receives the length of the text (without the NUL), also
+ *             when it did not fit; required.
+ * @return DE_OK; DE_ERR_ARG (NULL consumer or len, or cap <= *len);
+ *         DE_ERR_DB as de_consumer_stats_get().
+ */
+DE_EXTERN DE_WARN_UNUSED de_err de_consumer_metrics_prometheus(de_consumer *c,
+                                                               char *buf,
+                                                               size_t cap,
+                                                               size_t *len);
 
 /**
  * Commits what was applied, leaves the group (so that its partitions move

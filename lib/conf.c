@@ -14,6 +14,7 @@
  */
 #include "internal.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,6 +28,7 @@ static de_err check_topic_template(const char *key, const char *value);
 static de_err check_source(const char *key, const char *value);
 static de_err check_type_prefix(const char *key, const char *value);
 static de_err check_gap(const char *key, const char *value);
+static de_err check_unverifiable(const char *key, const char *value);
 static de_err check_topics(const char *key, const char *value);
 
 static const struct keydef {
@@ -63,6 +65,16 @@ static const struct keydef {
                                       10, 86400000, NULL},
     [DE__K_RELAY_CLEANUP_INTERVAL_MS] = {"relay.cleanup.interval.ms", "1000",
                                          T_INT, 10, 86400000, NULL},
+    [DE__K_RELAY_RECOVERY_UNVERIFIABLE] = {"relay.recovery.unverifiable",
+                                           "refuse", T_STR, 0, 0,
+                                           check_unverifiable},
+    /* 7 days; 0: never forget. */
+    [DE__K_RELAY_SUBJECT_FORGET_MS] = {"relay.subject.forget.ms", "604800000",
+                                       T_INT, 0, INT64_C(315360000000), NULL},
+    [DE__K_RELAY_SUBJECT_CACHE] = {"relay.subject.cache", "100000", T_INT, 100,
+                                   100000000, NULL},
+    [DE__K_RELAY_SETTINGS_OVERRIDE] = {"relay.settings.override", "false",
+                                       T_BOOL, 0, 1, NULL},
     [DE__K_CONSUMER_TOPICS] = {"consumer.topics", "", T_STR, 0, 0,
                                check_topics},
     [DE__K_CONSUMER_ON_GAP] = {"consumer.on.gap", "park", T_STR, 0, 0,
@@ -75,6 +87,15 @@ static const struct keydef {
                                              "5000", T_INT, 0, 3600000, NULL},
     [DE__K_CONSUMER_BATCH_SIZE] = {"consumer.batch.size", "500", T_INT, 1,
                                    100000, NULL},
+    /* 14 days: past Kafka's default 7-day retention and the relay's 7
+     * days, with 7 days of lag to spare; 0: never forget. */
+    [DE__K_CONSUMER_SUBJECT_FORGET_MS] = {"consumer.subject.forget.ms",
+                                          "1209600000", T_INT, 0,
+                                          INT64_C(315360000000), NULL},
+    /* Events without a sequence: how long their ids are remembered; the
+     * same 14 days, past the default retention with room for lag. */
+    [DE__K_CONSUMER_ID_FORGET_MS] = {"consumer.id.forget.ms", "1209600000",
+                                     T_INT, 1000, INT64_C(315360000000), NULL},
 };
 
 struct rk_prop {
@@ -90,6 +111,8 @@ struct de_conf {
     rd_kafka_conf_t *probe; /* validates librdkafka properties */
     de_log_fn log_fn;
     void *log_ctx;
+    de_stats_fn stats_fn;
+    void *stats_ctx;
 };
 
 static int find_key(const char *name)
@@ -154,10 +177,12 @@ static de_err check_source(const char *key, const char *value)
     char q[DE__QUOTE_MAX];
     size_t len = strlen(value);
 
-    if (len == 0 || len > DE__SOURCE_MAX || !de__is_clean_utf8(value, len))
+    if (len == 0 || len > DE__SOURCE_MAX || !de__is_uri_reference(value, len))
         return de__fail(DE_ERR_CONFIG,
-                        "%s %s must be a non-empty URI reference of at most "
-                        "%d bytes without control characters",
+                        "%s %s must be a non-empty RFC 3986 URI reference of "
+                        "at most %d bytes (e.g. '/delivery-service/eu-1' or "
+                        "'urn:example:delivery'; other characters "
+                        "percent-encoded)",
                         key, de__quote(q, sizeof q, value, -1), DE__SOURCE_MAX);
     return DE_OK;
 }
@@ -179,14 +204,31 @@ static de_err check_type_prefix(const char *key, const char *value)
     return DE_OK;
 }
 
-static de_err check_gap(const char *key, const char *value)
+/* value must be one of the choices (NULL-terminated). */
+static de_err check_choice(const char *key, const char *value,
+                           const char *const *choices, const char *expected)
 {
     char q[DE__QUOTE_MAX];
 
-    if (strcmp(value, "park") != 0 && strcmp(value, "apply") != 0)
-        return de__fail(DE_ERR_CONFIG, "%s %s must be park or apply", key,
-                        de__quote(q, sizeof q, value, -1));
-    return DE_OK;
+    for (size_t i = 0; choices[i] != NULL; i++)
+        if (strcmp(value, choices[i]) == 0)
+            return DE_OK;
+    return de__fail(DE_ERR_CONFIG, "%s %s must be %s", key,
+                    de__quote(q, sizeof q, value, -1), expected);
+}
+
+static de_err check_gap(const char *key, const char *value)
+{
+    static const char *const choices[] = {"park", "apply", NULL};
+
+    return check_choice(key, value, choices, "park or apply");
+}
+
+static de_err check_unverifiable(const char *key, const char *value)
+{
+    static const char *const choices[] = {"refuse", "continue", NULL};
+
+    return check_choice(key, value, choices, "refuse or continue");
 }
 
 /* A comma-separated list of topic names (empty: derive from handlers). */
@@ -265,15 +307,24 @@ de_conf *de_conf_new(void)
     return conf;
 }
 
+/* Frees a stored value, wiped first: it may be a password. */
+static void free_value(char *v)
+{
+    if (v != NULL) {
+        explicit_bzero(v, strlen(v));
+        free(v);
+    }
+}
+
 void de_conf_destroy(de_conf *conf)
 {
     if (conf == NULL)
         return;
     for (int k = 0; k < DE__K_COUNT; k++)
-        free(conf->val[k]);
+        free_value(conf->val[k]);
     for (size_t i = 0; i < conf->nrk; i++) {
         free(conf->rk[i].key);
-        free(conf->rk[i].value);
+        free_value(conf->rk[i].value);
     }
     free(conf->rk);
     if (conf->probe)
@@ -290,7 +341,7 @@ static de_err store_rdkafka(de_conf *conf, const char *key, const char *value)
         return de__fail(DE_ERR_NOMEM, "out of memory setting %s", key);
     for (size_t i = 0; i < conf->nrk; i++) {
         if (strcmp(conf->rk[i].key, key) == 0) {
-            free(conf->rk[i].value);
+            free_value(conf->rk[i].value);
             conf->rk[i].value = v;
             return DE_OK;
         }
@@ -311,8 +362,57 @@ static de_err store_rdkafka(de_conf *conf, const char *key, const char *value)
     conf->nrk++;
     return DE_OK;
 nomem:
-    free(v);
+    free_value(v);
     return de__fail(DE_ERR_NOMEM, "out of memory setting %s", key);
+}
+
+/* Whether s[at, at + n) stands alone: not part of a longer word. */
+static bool standalone(const char *s, size_t at, size_t n)
+{
+    bool before = at == 0 || !isalnum((unsigned char)s[at - 1]);
+    bool after = !isalnum((unsigned char)s[at + n]);
+
+    return before && after;
+}
+
+/* How many bytes from s on are a piece of value (0 when s[0] is not). */
+static size_t echoed(const char *s, const char *value, size_t n)
+{
+    size_t k = 0;
+
+    while (s[k] != '\0' && memmem(value, n, s, k + 1) != NULL)
+        k++;
+    return k;
+}
+
+/*
+ * librdkafka refused a value.  Any librdkafka property may hold a secret
+ * (sasl.password, ssl.key.password, ...), so the message names the key
+ * and never the value: librdkafka's own words are kept with "<value>" in
+ * place of every run of 4 or more bytes that is a piece of the value, and
+ * of a shorter value standing alone -- librdkafka echoes values, cuts long
+ * ones short, and may echo one item of a list.
+ */
+static de_err rk_refused(const char *key, const char *value, const char *errstr)
+{
+    char clean[512];
+    size_t n = strlen(value), o = 0, k;
+
+    for (size_t i = 0; errstr[i] != '\0' && o + 8 < sizeof clean;) {
+        k = n > 0 ? echoed(errstr + i, value, n) : 0;
+        if (k >= 4 || (k > 0 && k == n && standalone(errstr, i, n))) {
+            memcpy(clean + o, "<value>", 7);
+            o += 7;
+            i += k;
+        } else {
+            clean[o++] = errstr[i++];
+        }
+    }
+    clean[o] = '\0';
+    return de__fail(DE_ERR_CONFIG,
+                    "librdkafka refused the value of %s (values of librdkafka "
+                    "properties are never shown: they may be secrets): %s",
+                    key, clean);
 }
 
 de_err de_conf_set(de_conf *conf, const char *key, const char *value)
@@ -338,7 +438,7 @@ de_err de_conf_set(de_conf *conf, const char *key, const char *value)
         copy = strdup(value);
         if (copy == NULL)
             return de__fail(DE_ERR_NOMEM, "out of memory setting %s", key);
-        free(conf->val[k]);
+        free_value(conf->val[k]);
         conf->val[k] = copy;
         conf->num[k] = num;
         return DE_OK;
@@ -355,9 +455,7 @@ de_err de_conf_set(de_conf *conf, const char *key, const char *value)
                         "unknown configuration property %s: neither a "
                         "libdeliveryevents key nor a librdkafka one",
                         de__quote(q, sizeof q, key, -1));
-    default:
-        return de__fail(DE_ERR_CONFIG, "invalid value %s for %s: %s",
-                        de__quote(q, sizeof q, value, -1), key, errstr);
+    default: return rk_refused(key, value, errstr);
     }
 }
 
@@ -403,6 +501,11 @@ bool de__conf_bool(const de_conf *conf, de__key k)
     return de__conf_int(conf, k) != 0;
 }
 
+bool de__conf_is_set(const de_conf *conf, de__key k)
+{
+    return conf != NULL && conf->val[k] != NULL;
+}
+
 bool de__conf_rdkafka_get(const de_conf *conf, const char *key,
                           const char **value)
 {
@@ -420,16 +523,14 @@ bool de__conf_rdkafka_get(const de_conf *conf, const char *key,
 
 de_err de__conf_apply_rdkafka(const de_conf *conf, rd_kafka_conf_t *rkconf)
 {
-    char errstr[512], q[DE__QUOTE_MAX];
+    char errstr[512];
 
     if (conf == NULL)
         return DE_OK;
     for (size_t i = 0; i < conf->nrk; i++) {
         if (rd_kafka_conf_set(rkconf, conf->rk[i].key, conf->rk[i].value,
                               errstr, sizeof errstr) != RD_KAFKA_CONF_OK)
-            return de__fail(DE_ERR_CONFIG, "invalid value %s for %s: %s",
-                            de__quote(q, sizeof q, conf->rk[i].value, -1),
-                            conf->rk[i].key, errstr);
+            return rk_refused(conf->rk[i].key, conf->rk[i].value, errstr);
     }
     return DE_OK;
 }
@@ -447,6 +548,10 @@ de_err de__conf_merge(de_conf *dst, const de_conf *src)
     for (size_t i = 0; i < src->nrk; i++)
         if ((err = de_conf_set(dst, src->rk[i].key, src->rk[i].value)) != DE_OK)
             return err;
+    if (src->stats_fn != NULL) {
+        dst->stats_fn = src->stats_fn;
+        dst->stats_ctx = src->stats_ctx;
+    }
     if (src->log_fn != NULL) {
         dst->log_fn = src->log_fn;
         dst->log_ctx = src->log_ctx;
@@ -463,6 +568,20 @@ de_conf *de__conf_dup(const de_conf *conf)
         return NULL;
     }
     return c;
+}
+
+void de_conf_set_stats_cb(de_conf *conf, de_stats_fn fn, void *ctx)
+{
+    if (conf == NULL)
+        return;
+    conf->stats_fn = fn;
+    conf->stats_ctx = fn ? ctx : NULL;
+}
+
+de_stats_fn de__conf_stats_cb(const de_conf *conf, void **ctx)
+{
+    *ctx = conf ? conf->stats_ctx : NULL;
+    return conf ? conf->stats_fn : NULL;
 }
 
 void de_conf_set_log_cb(de_conf *conf, de_log_fn fn, void *ctx)

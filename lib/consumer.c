@@ -8,7 +8,11 @@
  * updates the inbox: the last applied ce_subjectseq of the subject.
  *
  *  - seq <= last: a duplicate (a relay resend, a redelivery after a
- *    crash or rebalance): skipped.
+ *    crash or rebalance): skipped -- unless seq == last and the ce_id
+ *    differs from the one applied with that number: then two events
+ *    carry one number (a restored producer, a second producer on the
+ *    subject), a conflict: dead-lettered and the subject parked, never
+ *    dropped as a duplicate.
  *  - seq == last + 1: applied.
  *  - seq > last + 1: a gap, handled by consumer.on.gap (park or apply).
  *
@@ -31,18 +35,20 @@
  * applied, a duplicate, or stored in de_dead_letter -- in the same
  * transaction that precedes the commit.
  */
-#include "internal.h"
+#include "inbox.h"
 
+#include <inttypes.h>
+#include <jansson.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-#define CONSUMER_SCHEMA_VERSION 1
-
 typedef struct handler {
-    char *subject_type;
-    char *action; /* NULL: any */
+    char *ce_type;      /* non-NULL: a handler by ce_type */
+    char *subject_type; /* else by subject type ... */
+    char *action;       /* ... and action (NULL: any) */
     de_handler_fn fn;
     void *ctx;
 } handler;
@@ -51,8 +57,7 @@ typedef struct handler {
  * held behind it (all of one partition, in offset order). */
 typedef struct retrying {
     char *subject_type, *subject_id;
-    rd_kafka_message_t **msgs;
-    size_t n, cap;
+    DE__VEC(rd_kafka_message_t *) msgs;
     int attempts;
     int64_t next_at_ms;
     char error[600];
@@ -69,218 +74,94 @@ typedef struct progress {
 
 enum gap_policy { GAP_PARK, GAP_APPLY };
 
-enum {
-    Q_BEGIN,
-    Q_COMMIT,
-    Q_ROLLBACK,
-    Q_SAVEPOINT,
-    Q_RELEASE,
-    Q_ROLLBACK_TO,
-    Q_INBOX_GET,
-    Q_INBOX_PUT,
-    Q_INBOX_PARK,
-    Q_INBOX_CLAIM,
-    Q_INBOX_FIRST,
-    Q_DL_INSERT,
-    Q_DL_HAS,
-    Q_DL_PARKED,
-    Q_DL_DONE,
-    Q_DL_FAIL,
-    Q_PARKED_COUNT,
-    Q_COUNT
-};
-
-static const char *const sql[Q_COUNT] = {
-    [Q_BEGIN] = "BEGIN IMMEDIATE",
-    [Q_COMMIT] = "COMMIT",
-    [Q_ROLLBACK] = "ROLLBACK",
-    [Q_SAVEPOINT] = "SAVEPOINT de_event",
-    [Q_RELEASE] = "RELEASE de_event",
-    [Q_ROLLBACK_TO] = "ROLLBACK TO de_event",
-    [Q_INBOX_GET] = "SELECT last_seq, parked FROM main.de_inbox "
-                    "WHERE subject_type = ?1 AND subject_id = ?2",
-    [Q_INBOX_PUT] = "INSERT INTO main.de_inbox(subject_type, subject_id, "
-                    "last_seq, parked, updated_ms) VALUES (?1, ?2, ?3, 0, ?4) "
-                    "ON CONFLICT(subject_type, subject_id) DO UPDATE SET "
-                    "last_seq = excluded.last_seq, parked = 0, "
-                    "updated_ms = excluded.updated_ms",
-    [Q_INBOX_PARK] = "INSERT INTO main.de_inbox(subject_type, subject_id, "
-                     "last_seq, parked, updated_ms) VALUES (?1, ?2, 0, ?3, ?4) "
-                     "ON CONFLICT(subject_type, subject_id) DO UPDATE SET "
-                     "parked = excluded.parked, updated_ms = "
-                     "excluded.updated_ms",
-    /* The next event of a known subject: advance in one statement. */
-    [Q_INBOX_CLAIM] = "UPDATE main.de_inbox SET last_seq = ?3, updated_ms = "
-                      "?4 WHERE subject_type = ?1 AND subject_id = ?2 AND "
-                      "last_seq = ?3 - 1 AND parked = 0",
-    /* The first event of a subject never seen. */
-    [Q_INBOX_FIRST] = "INSERT OR IGNORE INTO main.de_inbox(subject_type, "
-                      "subject_id, last_seq, parked, updated_ms) VALUES "
-                      "(?1, ?2, 1, 0, ?4)",
-    [Q_DL_INSERT] =
-        "INSERT INTO main.de_dead_letter(kind, state, topic, partition, "
-        "offset, subject_type, subject_id, seq, event_id, action, type, "
-        "source, occurred_at_ms, traceparent, tracestate, payload, error, "
-        "attempts, parked_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, "
-        "?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
-    [Q_DL_HAS] = "SELECT 1 FROM main.de_dead_letter WHERE subject_type = ?1 "
-                 "AND subject_id = ?2 AND seq = ?3 AND state = 'parked'",
-    [Q_DL_PARKED] = "SELECT id, kind, topic, partition, offset, seq, "
-                    "event_id, action, type, source, occurred_at_ms, "
-                    "traceparent, tracestate, payload, attempts "
-                    "FROM main.de_dead_letter WHERE subject_type = ?1 AND "
-                    "subject_id = ?2 AND state = 'parked' "
-                    "ORDER BY seq, id LIMIT 1",
-    [Q_DL_DONE] = "UPDATE main.de_dead_letter SET state = ?2 WHERE id = ?1",
-    [Q_DL_FAIL] = "UPDATE main.de_dead_letter SET kind = 'failed', "
-                  "attempts = attempts + 1, error = ?2 WHERE id = ?1",
-    [Q_PARKED_COUNT] = "SELECT count(*) FROM main.de_inbox WHERE parked = 1",
-};
-
-static const char schema_sql[] =
-    "CREATE TABLE IF NOT EXISTS main.de_consumer_meta("
-    "  key TEXT PRIMARY KEY, value) WITHOUT ROWID;"
-    "CREATE TABLE IF NOT EXISTS main.de_inbox("
-    "  subject_type TEXT NOT NULL, subject_id TEXT NOT NULL,"
-    "  last_seq INTEGER NOT NULL, parked INTEGER NOT NULL DEFAULT 0,"
-    "  updated_ms INTEGER NOT NULL,"
-    "  PRIMARY KEY(subject_type, subject_id)) WITHOUT ROWID;"
-    "CREATE INDEX IF NOT EXISTS main.de_inbox_parked ON de_inbox(parked)"
-    "  WHERE parked = 1;"
-    "CREATE TABLE IF NOT EXISTS main.de_dead_letter("
-    "  id INTEGER PRIMARY KEY,"
-    "  kind TEXT NOT NULL,"  /* failed, waiting, gap, foreign */
-    "  state TEXT NOT NULL," /* parked, applied, skipped, foreign */
-    "  topic TEXT, partition INTEGER, offset INTEGER,"
-    "  subject_type TEXT, subject_id TEXT, seq INTEGER, event_id TEXT,"
-    "  action TEXT, type TEXT, source TEXT, occurred_at_ms INTEGER,"
-    "  traceparent TEXT, tracestate TEXT, payload BLOB, error TEXT,"
-    "  attempts INTEGER NOT NULL DEFAULT 0, parked_ms INTEGER NOT NULL);"
-    "CREATE INDEX IF NOT EXISTS main.de_dead_letter_subject"
-    "  ON de_dead_letter(subject_type, subject_id, seq)"
-    "  WHERE state = 'parked';";
-
-#define VEC(T)                                                                 \
-    struct {                                                                   \
-        T *v;                                                                  \
-        size_t n, cap;                                                         \
-    }
-
 struct de_consumer {
     sqlite3 *db;
     de_conf *conf;
     rd_kafka_t *rk;
-    sqlite3_stmt *q[Q_COUNT];
-    VEC(handler) handlers;
-    VEC(retrying *) retry;
-    VEC(progress) parts;
-    VEC(rd_kafka_message_t *) batch;
+    de__inbox *ib; /* the inbox and dead letters in db */
+    DE__VEC(handler) handlers;
+    DE__VEC(retrying *) retry;
+    DE__VEC(progress) parts;
+    DE__VEC(rd_kafka_message_t *) batch;
+    /* Subjects whose gap filled by itself: released after the commit,
+     * as "type\0id". */
+    DE__VEC(char *) refilled;
+    const char *tmpl;     /* topic.template, for subject types */
+    de__rk_bridge bridge; /* the consumer's opaque */
     bool subscribed;
     bool fatal;
     /* Handlers run in savepoints only in careful mode: a batch runs
      * without them, and is redone with them if a handler fails. */
     bool careful;
     int64_t max_attempts, backoff_ms, backoff_max_ms, batch_size;
+    int64_t forget_ms;        /* consumer.subject.forget.ms; 0: never */
+    int64_t id_forget_ms;     /* consumer.id.forget.ms */
+    int64_t next_forget_ms;   /* monotonic */
+    int64_t next_requests_ms; /* monotonic: next look at de_consumer_request */
     enum gap_policy gap;
     de__decoded dec;
     de_consumer_stats stats;
     int handled; /* applied during the current call */
 };
 
-static int64_t now_ms(void)
-{
-    return de__now_ms();
-}
-
-static int64_t mono_ms(void)
-{
-    return de__mono_us() / 1000;
-}
-
-static bool vgrow(void **v, size_t *cap, size_t size)
-{
-    size_t ncap = *cap ? *cap * 2 : 8;
-    void *n = realloc(*v, ncap * size);
-
-    if (n == NULL)
-        return false;
-    *v = n;
-    *cap = ncap;
-    return true;
-}
-
-#define VPUSH(vec, item)                                                       \
-    (((vec).n < (vec).cap ||                                                   \
-      vgrow((void **)&(vec).v, &(vec).cap, sizeof(*(vec).v)))                  \
-         ? ((vec).v[(vec).n++] = (item), true)                                 \
-         : false)
-
-static void clog_(de_consumer *c, int level, const char *fmt, ...)
-    DE__PRINTF(3, 4);
-static void clog_(de_consumer *c, int level, const char *fmt, ...)
-{
-    char line[900];
-    va_list ap;
-
-    va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
-    va_end(ap);
-    de__log(c->conf, level, "consumer: %s", line);
-}
-
-/* Steps a statement without rows and resets it. */
-static int step(de_consumer *c, int which)
-{
-    int rc = sqlite3_step(c->q[which]);
-
-    sqlite3_reset(c->q[which]);
-    sqlite3_clear_bindings(c->q[which]);
-    return rc;
-}
+#define clog_(c, level, ...)                                                   \
+    de__logp((c)->conf, (level), "consumer: ", __VA_ARGS__)
 
 /* ---- opening --------------------------------------------------------- */
 
-static const struct owned {
-    const char *key, *value, *why;
-} owned[] = {
+/* Properties the consumer's guarantees depend on, and why. */
+static const de__rk_owned owned[] = {
     {"enable.auto.commit", "false",
      "offsets are committed only after the database commit"},
     {"enable.auto.offset.store", "false",
      "offsets are stored only after the database commit"},
 };
 
-static void on_rdkafka_log(const rd_kafka_t *rk, int level, const char *fac,
-                           const char *buf)
+/* A fatal consumer error (the error callback, on the polling thread). */
+static void on_fatal(void *owner, rd_kafka_resp_err_t err, const char *why)
 {
-    de_consumer *c = rd_kafka_opaque(rk);
+    de_consumer *c = owner;
 
-    de__log(c->conf, level, "librdkafka: %s: %s", fac, buf);
-}
-
-static void on_error(rd_kafka_t *rk, int err, const char *reason, void *opaque)
-{
-    de_consumer *c = opaque;
-    char fatal[256];
-
-    if (err == RD_KAFKA_RESP_ERR__FATAL) {
-        rd_kafka_fatal_error(rk, fatal, sizeof fatal);
-        clog_(c, DE_LOG_ERR, "fatal consumer error: %s", fatal);
-        c->fatal = true;
-        return;
-    }
-    clog_(c, DE_LOG_INFO, "kafka: %s: %s",
-          rd_kafka_err2name((rd_kafka_resp_err_t)err), reason);
+    (void)err;
+    (void)why; /* logged by the bridge */
+    c->fatal = true;
 }
 
 static void rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
                       rd_kafka_topic_partition_list_t *parts, void *opaque);
 
+const char *de__consumer_group(const de_consumer *c)
+{
+    const char *g = "";
+
+    (void)de__conf_rdkafka_get(c->conf, "group.id", &g);
+    return g;
+}
+
+/* librdkafka's statistics (inside de_consumer_poll): the user's statistics
+ * callback, with the counters as of now (parked_subjects as of the last
+ * de_consumer_stats_get). */
+static void on_stats(void *owner, const char *json, size_t len)
+{
+    de_consumer *c = owner;
+    void *ctx;
+    de_stats_fn fn = de__conf_stats_cb(c->conf, &ctx);
+    size_t n = 0;
+    char *doc =
+        de__stats_doc(de__consumer_stats_json(&c->stats, de__consumer_group(c)),
+                      json, len, &n);
+
+    if (doc == NULL) {
+        clog_(c, DE_LOG_WARNING, "statistics skipped: out of memory");
+        return;
+    }
+    fn(ctx, doc, n);
+    free(doc);
+}
+
 static de_err make_kafka(de_consumer *c)
 {
-    rd_kafka_conf_t *kc = rd_kafka_conf_new();
-    char errstr[512];
-    const char *v;
-    static const char *const defaults[][2] = {
+    static const de__rk_prop defaults[] = {
         /* Events must not be missed: a new group starts at the
          * beginning. */
         {"auto.offset.reset", "earliest"},
@@ -291,115 +172,48 @@ static de_err make_kafka(de_consumer *c)
         {"client.id", "deliveryevents-consumer"},
         {"enable.partition.eof", "false"},
     };
-
-    if (!de__conf_rdkafka_get(c->conf, "group.id", &v)) {
-        rd_kafka_conf_destroy(kc);
-        return de__fail(DE_ERR_CONFIG, "the consumer needs group.id (its "
-                                       "consumer group)");
-    }
-    for (size_t i = 0; i < DE__ARRAY_LEN(owned); i++)
-        if (de__conf_rdkafka_get(c->conf, owned[i].key, &v) &&
-            strcmp(v, owned[i].value) != 0) {
-            rd_kafka_conf_destroy(kc);
-            return de__fail(DE_ERR_CONFIG,
-                            "%s=%s is not allowed for the consumer: it keeps "
-                            "%s=%s because %s",
-                            owned[i].key, v, owned[i].key, owned[i].value,
-                            owned[i].why);
-        }
-    for (size_t i = 0; i < DE__ARRAY_LEN(defaults); i++)
-        rd_kafka_conf_set(kc, defaults[i][0], defaults[i][1], errstr,
-                          sizeof errstr);
-    if (de__conf_apply_rdkafka(c->conf, kc) != DE_OK) {
-        rd_kafka_conf_destroy(kc);
-        return DE_ERR_CONFIG;
-    }
-    for (size_t i = 0; i < DE__ARRAY_LEN(owned); i++)
-        rd_kafka_conf_set(kc, owned[i].key, owned[i].value, errstr,
-                          sizeof errstr);
-    rd_kafka_conf_set_opaque(kc, c);
-    rd_kafka_conf_set_log_cb(kc, on_rdkafka_log);
-    rd_kafka_conf_set_error_cb(kc, on_error);
-    rd_kafka_conf_set_rebalance_cb(kc, rebalance);
-    c->rk = rd_kafka_new(RD_KAFKA_CONSUMER, kc, errstr, sizeof errstr);
-    if (c->rk == NULL) {
-        rd_kafka_conf_destroy(kc);
-        return de__fail(DE_ERR_CONFIG,
-                        "librdkafka refused the consumer configuration: %s",
-                        errstr);
-    }
-    rd_kafka_poll_set_consumer(c->rk);
-    return DE_OK;
-}
-
-static de_err ensure_schema(de_consumer *c)
-{
-    sqlite3_stmt *st = NULL;
-    int64_t version = 0;
-    char buf[160];
+    rd_kafka_conf_t *kc;
+    const char *v;
     de_err err;
 
-    if ((err = de__exec(c->db, "BEGIN IMMEDIATE")) != DE_OK)
+    if (!de__conf_rdkafka_get(c->conf, "group.id", &v))
+        return de__fail(DE_ERR_CONFIG, "the consumer needs group.id (its "
+                                       "consumer group)");
+    c->bridge.conf = c->conf;
+    snprintf(c->bridge.prefix, sizeof c->bridge.prefix, "consumer: ");
+    c->bridge.owner = c;
+    c->bridge.on_fatal = on_fatal;
+    {
+        void *ctx;
+        if (de__conf_stats_cb(c->conf, &ctx) != NULL)
+            c->bridge.on_stats = on_stats;
+    }
+    atomic_store(&c->bridge.brokers_up, -1);
+    if ((err = de__rk_conf(c->conf, "consumer", defaults,
+                           DE__ARRAY_LEN(defaults), owned, DE__ARRAY_LEN(owned),
+                           &c->bridge, &kc)) != DE_OK)
         return err;
-    if ((err = de__exec(c->db, schema_sql)) != DE_OK)
-        goto fail;
-    if (sqlite3_prepare_v2(c->db,
-                           "SELECT value FROM main.de_consumer_meta WHERE "
-                           "key = 'schema_version'",
-                           -1, &st, NULL) != SQLITE_OK) {
-        err = de__fail_db(c->db, "cannot read the consumer schema version");
-        goto fail;
-    }
-    if (sqlite3_step(st) == SQLITE_ROW)
-        version = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
-    if (version > CONSUMER_SCHEMA_VERSION) {
-        err = de__fail(DE_ERR_STATE,
-                       "database '%s' has consumer schema version %lld, "
-                       "newer than the %d this libdeliveryevents %s "
-                       "understands",
-                       sqlite3_db_filename(c->db, "main"), (long long)version,
-                       CONSUMER_SCHEMA_VERSION, de_version());
-        goto fail;
-    }
-    snprintf(buf, sizeof buf,
-             "INSERT OR REPLACE INTO main.de_consumer_meta VALUES "
-             "('schema_version', %d)",
-             CONSUMER_SCHEMA_VERSION);
-    if ((err = de__exec(c->db, buf)) != DE_OK ||
-        (err = de__exec(c->db, "COMMIT")) != DE_OK)
-        goto fail;
+    rd_kafka_conf_set_rebalance_cb(kc, rebalance);
+    if ((err = de__rk_new(RD_KAFKA_CONSUMER, kc, "consumer", &c->rk)) != DE_OK)
+        return err;
+    /* Everything, log lines included, is served by de_consumer_poll. */
+    if (rd_kafka_poll_set_consumer(c->rk) != RD_KAFKA_RESP_ERR_NO_ERROR)
+        return de__fail(DE_ERR_KAFKA, "consumer: cannot redirect its queue");
     return DE_OK;
-fail:
-    sqlite3_exec(c->db, "ROLLBACK", NULL, NULL, NULL);
-    return err;
 }
 
 de_err de_consumer_open(sqlite3 *db, const de_conf *conf, de_consumer **out)
 {
     de_consumer *c = NULL;
-    const char *path, *gap;
+    const char *gap;
     de_err err;
 
     if (out != NULL)
         *out = NULL;
-    if (db == NULL || out == NULL)
-        return de__fail(DE_ERR_ARG,
-                        "de_consumer_open needs a connection and "
-                        "an out pointer (got NULL %s)",
-                        db == NULL ? "db" : "out");
-    path = sqlite3_db_filename(db, "main");
-    if (path == NULL || path[0] == '\0')
-        return de__fail(DE_ERR_ARG,
-                        "the consumer's database is in memory or temporary; "
-                        "its inbox must survive a restart");
-    if (sqlite3_db_readonly(db, "main") == 1)
-        return de__fail(DE_ERR_ARG, "database '%s' is open read-only", path);
-    if (!sqlite3_get_autocommit(db))
-        return de__fail(DE_ERR_STATE,
-                        "de_consumer_open was called inside a "
-                        "transaction on '%s'",
-                        path);
+    if ((err = de__check_connection(db, out == NULL, "de_consumer_open",
+                                    "its inbox must survive a "
+                                    "restart")) != DE_OK)
+        return err;
     c = calloc(1, sizeof *c);
     if (c == NULL)
         return de__fail(DE_ERR_NOMEM, "out of memory opening the consumer");
@@ -414,19 +228,15 @@ de_err de_consumer_open(sqlite3 *db, const de_conf *conf, de_consumer **out)
     c->backoff_max_ms =
         de__conf_int(c->conf, DE__K_CONSUMER_RETRY_BACKOFF_MAX_MS);
     c->batch_size = de__conf_int(c->conf, DE__K_CONSUMER_BATCH_SIZE);
+    c->forget_ms = de__conf_int(c->conf, DE__K_CONSUMER_SUBJECT_FORGET_MS);
+    c->id_forget_ms = de__conf_int(c->conf, DE__K_CONSUMER_ID_FORGET_MS);
+    c->tmpl = de__conf_str(c->conf, DE__K_TOPIC_TEMPLATE);
     gap = de__conf_str(c->conf, DE__K_CONSUMER_ON_GAP);
     c->gap = strcmp(gap, "apply") == 0 ? GAP_APPLY : GAP_PARK;
-    if ((err = de__prepare_connection(
-             db, de__conf_int(c->conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS))) != DE_OK)
+    if ((err = de__inbox_open_sqlite(
+             db, de__conf_int(c->conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS),
+             &c->ib)) != DE_OK)
         goto fail;
-    if ((err = ensure_schema(c)) != DE_OK)
-        goto fail;
-    for (int i = 0; i < Q_COUNT; i++)
-        if (sqlite3_prepare_v3(db, sql[i], -1, SQLITE_PREPARE_PERSISTENT,
-                               &c->q[i], NULL) != SQLITE_OK) {
-            err = de__fail_db(db, "cannot prepare '%s'", sql[i]);
-            goto fail;
-        }
     if ((err = make_kafka(c)) != DE_OK)
         goto fail;
     *out = c;
@@ -436,44 +246,44 @@ fail:
     return err;
 }
 
-de_err de_consumer_on(de_consumer *c, const char *subject_type,
-                      const char *action, de_handler_fn fn, void *ctx)
+/* Adds a handler (strings copied) unless one is registered for the same
+ * ce_type, or the same subject type and action. */
+static de_err add_handler(de_consumer *c, const char *ce_type,
+                          const char *subject_type, const char *action,
+                          de_handler_fn fn, void *ctx)
 {
-    char q[DE__QUOTE_MAX];
-    handler h;
+    handler h = {NULL, NULL, NULL, fn, ctx};
 
-    if (c == NULL || fn == NULL)
-        return de__fail(DE_ERR_ARG,
-                        "de_consumer_on needs a consumer and a "
-                        "handler (got NULL %s)",
-                        c == NULL ? "consumer" : "fn");
-    if (!de__is_ident(subject_type))
-        return de__fail(DE_ERR_ARG,
-                        "subject_type %s must be a lowercase identifier",
-                        de__quote(q, sizeof q, subject_type, -1));
-    if (action != NULL && !de__is_ident(action))
-        return de__fail(DE_ERR_ARG,
-                        "action %s must be a lowercase identifier or NULL",
-                        de__quote(q, sizeof q, action, -1));
     if (c->subscribed)
-        return de__fail(DE_ERR_STATE, "de_consumer_on after the first "
+        return de__fail(DE_ERR_STATE, "registering a handler after the first "
                                       "de_consumer_poll: register handlers "
                                       "first");
     for (size_t i = 0; i < c->handlers.n; i++) {
         handler *o = &c->handlers.v[i];
-        if (strcmp(o->subject_type, subject_type) == 0 &&
-            ((o->action == NULL && action == NULL) ||
-             (o->action && action && strcmp(o->action, action) == 0)))
-            return de__fail(DE_ERR_ARG,
-                            "a handler for %s.%s is already registered",
-                            subject_type, action ? action : "*");
+        bool same =
+            ce_type
+                ? o->ce_type && strcmp(o->ce_type, ce_type) == 0
+                : o->ce_type == NULL &&
+                      strcmp(o->subject_type, subject_type) == 0 &&
+                      ((o->action == NULL && action == NULL) ||
+                       (o->action && action && strcmp(o->action, action) == 0));
+        if (same)
+            return ce_type ? de__fail(DE_ERR_ARG,
+                                      "a handler for ce_type '%s' is already "
+                                      "registered",
+                                      ce_type)
+                           : de__fail(DE_ERR_ARG,
+                                      "a handler for %s.%s is already "
+                                      "registered",
+                                      subject_type, action ? action : "*");
     }
-    h.subject_type = strdup(subject_type);
+    h.ce_type = ce_type ? strdup(ce_type) : NULL;
+    h.subject_type = subject_type ? strdup(subject_type) : NULL;
     h.action = action ? strdup(action) : NULL;
-    h.fn = fn;
-    h.ctx = ctx;
-    if (h.subject_type == NULL || (action && h.action == NULL) ||
-        !VPUSH(c->handlers, h)) {
+    if ((ce_type && h.ce_type == NULL) ||
+        (subject_type && h.subject_type == NULL) ||
+        (action && h.action == NULL) || !DE__VEC_PUSH(c->handlers, h)) {
+        free(h.ce_type);
         free(h.subject_type);
         free(h.action);
         return de__fail(DE_ERR_NOMEM, "out of memory registering a handler");
@@ -481,21 +291,72 @@ de_err de_consumer_on(de_consumer *c, const char *subject_type,
     return DE_OK;
 }
 
-static const handler *find_handler(de_consumer *c, const char *type,
-                                   const char *action)
+de_err de_consumer_on(de_consumer *c, const char *subject_type,
+                      const char *action, de_handler_fn fn, void *ctx)
 {
-    const handler *any = NULL;
+    char q[DE__QUOTE_MAX];
+
+    if (c == NULL || fn == NULL)
+        return de__fail(DE_ERR_ARG,
+                        "de_consumer_on needs a consumer and a "
+                        "handler (got NULL %s)",
+                        c == NULL ? "consumer" : "fn");
+    if (subject_type == NULL ||
+        !de__is_type_name(subject_type, strlen(subject_type)))
+        return de__fail(
+            DE_ERR_ARG, "subject_type %s must be 1..%d of [A-Za-z0-9._-]",
+            de__quote(q, sizeof q, subject_type, (size_t)-1), DE__NAME_MAX);
+    if (action != NULL && !de__is_action_name(action, strlen(action)))
+        return de__fail(DE_ERR_ARG,
+                        "action %s must be 1..%d bytes of UTF-8 without "
+                        "control characters or spaces, or NULL",
+                        de__quote(q, sizeof q, action, (size_t)-1),
+                        DE__ACTION_MAX);
+    return add_handler(c, NULL, subject_type, action, fn, ctx);
+}
+
+de_err de_consumer_on_type(de_consumer *c, const char *ce_type,
+                           de_handler_fn fn, void *ctx)
+{
+    char q[DE__QUOTE_MAX];
+
+    if (c == NULL || fn == NULL)
+        return de__fail(DE_ERR_ARG,
+                        "de_consumer_on_type needs a consumer and a "
+                        "handler (got NULL %s)",
+                        c == NULL ? "consumer" : "fn");
+    if (ce_type == NULL || ce_type[0] == '\0' ||
+        strlen(ce_type) > DE__CE_TEXT_MAX ||
+        !de__is_clean_utf8(ce_type, strlen(ce_type)))
+        return de__fail(DE_ERR_ARG,
+                        "ce_type %s must be 1..%d bytes of UTF-8 without "
+                        "control characters",
+                        de__quote(q, sizeof q, ce_type, (size_t)-1),
+                        DE__CE_TEXT_MAX);
+    return add_handler(c, ce_type, NULL, NULL, fn, ctx);
+}
+
+/* The handler for an event: by its ce_type, else by its subject type and
+ * action, else by its subject type alone. */
+static const handler *find_handler(de_consumer *c, const de_event_view *v)
+{
+    const handler *any = NULL, *pair = NULL;
 
     for (size_t i = 0; i < c->handlers.n; i++) {
         const handler *h = &c->handlers.v[i];
-        if (strcmp(h->subject_type, type) != 0)
+        if (h->ce_type != NULL) {
+            if (strcmp(h->ce_type, v->type) == 0)
+                return h;
+            continue;
+        }
+        if (strcmp(h->subject_type, v->subject_type) != 0)
             continue;
         if (h->action == NULL)
             any = h;
-        else if (strcmp(h->action, action) == 0)
-            return h;
+        else if (strcmp(h->action, v->action) == 0)
+            pair = h;
     }
-    return any;
+    return pair ? pair : any;
 }
 
 /* ---- offsets ---------------------------------------------------------- */
@@ -513,7 +374,7 @@ static progress *progress_for(de_consumer *c, const char *topic,
     p.partition = partition;
     p.next_offset = -1;
     p.committed = -1;
-    if (p.topic == NULL || !VPUSH(c->parts, p)) {
+    if (p.topic == NULL || !DE__VEC_PUSH(c->parts, p)) {
         free(p.topic);
         return NULL;
     }
@@ -528,8 +389,8 @@ static int64_t commit_point(de_consumer *c, const progress *p)
 
     for (size_t i = 0; i < c->retry.n; i++) {
         retrying *r = c->retry.v[i];
-        for (size_t j = 0; j < r->n; j++) {
-            rd_kafka_message_t *m = r->msgs[j];
+        for (size_t j = 0; j < r->msgs.n; j++) {
+            rd_kafka_message_t *m = r->msgs.v[j];
             if (m->partition == p->partition && m->offset < at &&
                 strcmp(rd_kafka_topic_name(m->rkt), p->topic) == 0)
                 at = m->offset;
@@ -538,8 +399,10 @@ static int64_t commit_point(de_consumer *c, const progress *p)
     return at;
 }
 
-/* Commits every partition's progress (async unless sync). */
-static void commit_offsets(de_consumer *c, bool sync)
+/* Commits every partition's progress (async unless sync).  A failure is
+ * logged; nothing is lost by it (uncommitted offsets are read again and
+ * the inbox absorbs them), but a synchronous one is returned. */
+static de_err commit_offsets(de_consumer *c, bool sync)
 {
     rd_kafka_topic_partition_list_t *l =
         rd_kafka_topic_partition_list_new((int)c->parts.n + 1);
@@ -554,15 +417,21 @@ static void commit_offsets(de_consumer *c, bool sync)
             at;
         p->committed = at;
     }
-    if (l->cnt > 0) {
-        err = rd_kafka_commit(c->rk, l, sync ? 0 : 1);
-        if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
-            clog_(c, DE_LOG_WARNING,
-                  "committing offsets failed: %s (the events are read "
-                  "again and skipped as duplicates)",
-                  rd_kafka_err2str(err));
-    }
+    err = l->cnt > 0 ? rd_kafka_commit(c->rk, l, sync ? 0 : 1)
+                     : RD_KAFKA_RESP_ERR_NO_ERROR;
     rd_kafka_topic_partition_list_destroy(l);
+    if (err == RD_KAFKA_RESP_ERR_NO_ERROR ||
+        err == RD_KAFKA_RESP_ERR__NO_OFFSET)
+        return DE_OK;
+    clog_(c, DE_LOG_WARNING,
+          "committing offsets failed: %s (the events are read again and "
+          "skipped as duplicates)",
+          rd_kafka_err2str(err));
+    return de__fail(DE_ERR_KAFKA,
+                    "consumer: committing offsets failed: %s (nothing is "
+                    "lost: the events are read again and skipped as "
+                    "duplicates)",
+                    rd_kafka_err2str(err));
 }
 
 static void note_processed(de_consumer *c, const rd_kafka_message_t *m)
@@ -579,9 +448,9 @@ static void free_retrying(retrying *r)
 {
     if (r == NULL)
         return;
-    for (size_t i = 0; i < r->n; i++)
-        rd_kafka_message_destroy(r->msgs[i]);
-    free(r->msgs);
+    for (size_t i = 0; i < r->msgs.n; i++)
+        rd_kafka_message_destroy(r->msgs.v[i]);
+    DE__VEC_FREE(r->msgs);
     free(r->subject_type);
     free(r->subject_id);
     free(r);
@@ -596,184 +465,169 @@ static retrying *find_retrying(de_consumer *c, const char *type, const char *id)
     return NULL;
 }
 
-/* Inbox state of a subject, read inside the transaction. */
-static de_err inbox_get(de_consumer *c, const char *type, const char *id,
-                        int64_t *last, bool *parked)
-{
-    sqlite3_stmt *q = c->q[Q_INBOX_GET];
-    int rc;
+/* The inbox's operations, on the consumer's inbox. */
+#define IB(c, op, ...) ((c)->ib->ops->op((c)->ib, __VA_ARGS__))
+#define IB0(c, op) ((c)->ib->ops->op((c)->ib))
 
-    *last = 0;
-    *parked = false;
-    sqlite3_bind_text(q, 1, type, -1, SQLITE_STATIC);
-    sqlite3_bind_text(q, 2, id, -1, SQLITE_STATIC);
-    rc = sqlite3_step(q);
-    if (rc == SQLITE_ROW) {
-        *last = sqlite3_column_int64(q, 0);
-        *parked = sqlite3_column_int(q, 1) != 0;
+/* A header value for de_dead_letter.record_headers: a JSON string when it
+ * is UTF-8, else {"base64": "..."}; null for a header without a value. */
+static json_t *header_value(const void *val, size_t size)
+{
+    static const char b64[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const unsigned char *p = val;
+    json_t *j;
+    char *out;
+    size_t o = 0;
+
+    if (val == NULL)
+        return json_null();
+    if ((j = json_stringn(val, size)) != NULL)
+        return j;
+    if ((out = malloc(size / 3 * 4 + 5)) == NULL)
+        return NULL;
+    for (size_t i = 0; i < size; i += 3) {
+        uint32_t w = (uint32_t)p[i] << 16;
+        if (i + 1 < size)
+            w |= (uint32_t)p[i + 1] << 8;
+        if (i + 2 < size)
+            w |= p[i + 2];
+        out[o++] = b64[w >> 18];
+        out[o++] = b64[(w >> 12) & 63];
+        out[o++] = i + 1 < size ? b64[(w >> 6) & 63] : '=';
+        out[o++] = i + 2 < size ? b64[w & 63] : '=';
     }
-    sqlite3_reset(q);
-    sqlite3_clear_bindings(q);
-    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
-        return de__fail_db(c->db, "consumer: reading the inbox");
-    return DE_OK;
+    out[o] = '\0';
+    j = json_pack("{s:s}", "base64", out);
+    free(out);
+    return j;
 }
 
-static de_err inbox_put(de_consumer *c, const char *type, const char *id,
-                        int64_t seq)
+/* A record's headers as JSON, in order: [["name", value], ...]; NULL when
+ * it has none (or out of memory: the dead letter then lacks them, and the
+ * log says so). */
+static char *headers_json(de_consumer *c, const rd_kafka_message_t *m)
 {
-    sqlite3_stmt *q = c->q[Q_INBOX_PUT];
+    rd_kafka_headers_t *h = NULL;
+    json_t *a;
+    char *text = NULL;
 
-    sqlite3_bind_text(q, 1, type, -1, SQLITE_STATIC);
-    sqlite3_bind_text(q, 2, id, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(q, 3, seq);
-    sqlite3_bind_int64(q, 4, now_ms());
-    if (step(c, Q_INBOX_PUT) != SQLITE_DONE)
-        return de__fail_db(c->db, "consumer: updating the inbox");
-    return DE_OK;
+    if (rd_kafka_message_headers(m, &h) != RD_KAFKA_RESP_ERR_NO_ERROR ||
+        h == NULL || (a = json_array()) == NULL)
+        return NULL;
+    for (size_t i = 0;; i++) {
+        const char *name;
+        const void *val;
+        size_t size;
+        json_t *pair;
+        if (rd_kafka_header_get_all(h, i, &name, &val, &size) !=
+            RD_KAFKA_RESP_ERR_NO_ERROR)
+            break;
+        pair = json_pack("[s%o]", name, strlen(name), header_value(val, size));
+        if (pair == NULL || json_array_append_new(a, pair) != 0)
+            goto done;
+    }
+    text = json_dumps(a, JSON_COMPACT | JSON_ENSURE_ASCII);
+done:
+    json_decref(a);
+    if (text == NULL)
+        clog_(c, DE_LOG_WARNING,
+              "out of memory keeping the headers of %s [%d] @%lld in its "
+              "dead letter",
+              rd_kafka_topic_name(m->rkt), (int)m->partition,
+              (long long)m->offset);
+    return text;
 }
 
-static de_err inbox_park(de_consumer *c, const char *type, const char *id,
-                         bool parked)
-{
-    sqlite3_stmt *q = c->q[Q_INBOX_PARK];
-
-    sqlite3_bind_text(q, 1, type, -1, SQLITE_STATIC);
-    sqlite3_bind_text(q, 2, id, -1, SQLITE_STATIC);
-    sqlite3_bind_int(q, 3, parked ? 1 : 0);
-    sqlite3_bind_int64(q, 4, now_ms());
-    if (step(c, Q_INBOX_PARK) != SQLITE_DONE)
-        return de__fail_db(c->db, "consumer: parking a subject");
-    return DE_OK;
-}
-
-/* Stores an event (or a foreign record) in de_dead_letter. */
+/* Stores the whole record m (and the event v read from it, NULL for a
+ * record that is not a usable event) in de_dead_letter; *id (may be NULL)
+ * receives the dead letter's id. */
 static de_err dead_letter(de_consumer *c, const char *kind,
                           const rd_kafka_message_t *m, const de_event_view *v,
-                          const char *error, int attempts)
+                          const char *error, int attempts, int64_t *id)
 {
-    sqlite3_stmt *q = c->q[Q_DL_INSERT];
+    rd_kafka_timestamp_type_t tst;
+    de__dl_origin o = {rd_kafka_topic_name(m->rkt),
+                       m->partition,
+                       m->offset,
+                       m->payload,
+                       m->len,
+                       m->key,
+                       m->key_len,
+                       headers_json(c, m),
+                       rd_kafka_message_timestamp(m, &tst)};
+    de_err err = IB(c, dl_insert, kind, &o, v, error, attempts, id);
 
-    sqlite3_bind_text(q, 1, kind, -1, SQLITE_STATIC);
-    sqlite3_bind_text(q, 2, strcmp(kind, "foreign") == 0 ? "foreign" : "parked",
-                      -1, SQLITE_STATIC);
-    sqlite3_bind_text(q, 3, rd_kafka_topic_name(m->rkt), -1, SQLITE_STATIC);
-    sqlite3_bind_int(q, 4, m->partition);
-    sqlite3_bind_int64(q, 5, m->offset);
-    if (v != NULL) {
-        sqlite3_bind_text(q, 6, v->subject_type, -1, SQLITE_STATIC);
-        sqlite3_bind_text(q, 7, v->subject_id, -1, SQLITE_STATIC);
-        sqlite3_bind_int64(q, 8, v->subject_seq);
-        sqlite3_bind_text(q, 9, v->event_id, -1, SQLITE_STATIC);
-        sqlite3_bind_text(q, 10, v->action, -1, SQLITE_STATIC);
-        sqlite3_bind_text(q, 11, v->type, -1, SQLITE_STATIC);
-        sqlite3_bind_text(q, 12, v->source, -1, SQLITE_STATIC);
-        sqlite3_bind_int64(q, 13, v->occurred_at_ms);
-        if (v->traceparent)
-            sqlite3_bind_text(q, 14, v->traceparent, -1, SQLITE_STATIC);
-        if (v->tracestate)
-            sqlite3_bind_text(q, 15, v->tracestate, -1, SQLITE_STATIC);
-    }
-    if (m->payload)
-        sqlite3_bind_blob(q, 16, m->payload, (int)m->len, SQLITE_STATIC);
-    sqlite3_bind_text(q, 17, error, -1, SQLITE_STATIC);
-    sqlite3_bind_int(q, 18, attempts);
-    sqlite3_bind_int64(q, 19, now_ms());
-    if (step(c, Q_DL_INSERT) != SQLITE_DONE)
-        return de__fail_db(c->db, "consumer: writing a dead letter");
-    return DE_OK;
-}
-
-static bool already_parked(de_consumer *c, const de_event_view *v)
-{
-    sqlite3_stmt *q = c->q[Q_DL_HAS];
-    bool has;
-
-    sqlite3_bind_text(q, 1, v->subject_type, -1, SQLITE_STATIC);
-    sqlite3_bind_text(q, 2, v->subject_id, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(q, 3, v->subject_seq);
-    has = sqlite3_step(q) == SQLITE_ROW;
-    sqlite3_reset(q);
-    sqlite3_clear_bindings(q);
-    return has;
-}
-
-/* Takes the subject's next place in the inbox when v is exactly the next
- * event (the common case, one statement); false when it is not, and the
- * caller looks closer. */
-static bool claim(de_consumer *c, const de_event_view *v, bool *db_error)
-{
-    int which = Q_INBOX_CLAIM;
-
-    *db_error = false;
-    for (int pass = 0; pass < 2; pass++) {
-        sqlite3_stmt *q = c->q[which];
-        sqlite3_bind_text(q, 1, v->subject_type, -1, SQLITE_STATIC);
-        sqlite3_bind_text(q, 2, v->subject_id, -1, SQLITE_STATIC);
-        sqlite3_bind_int64(q, 3, v->subject_seq);
-        sqlite3_bind_int64(q, 4, now_ms());
-        if (step(c, which) != SQLITE_DONE) {
-            *db_error = true;
-            de__fail_db(c->db, "consumer: updating the inbox");
-            return false;
-        }
-        if (sqlite3_changes(c->db) == 1)
-            return true;
-        if (v->subject_seq != 1)
-            return false;
-        which = Q_INBOX_FIRST;
-    }
-    return false;
+    free((char *)(uintptr_t)o.headers);
+    return err;
 }
 
 /* The handler said no, or ended the transaction it must not end. */
 static de_err handler_failed(de_consumer *c, const de_event_view *v, de_err rc,
-                             char *error, size_t error_size)
+                             uint64_t serial, char *error, size_t error_size)
 {
-    if (sqlite3_get_autocommit(c->db))
+    /* Only a message set during the handler's call explains its failure;
+     * an older one would mislead the log and the dead letter. */
+    bool fresh = de__errmsg_serial() != serial;
+
+    if (!IB0(c, in_txn))
         return de__fail(DE_ERR_DB,
-                        "consumer: the handler for %s.%s ended the "
+                        "consumer: the handler for %s (%s.%s) ended the "
                         "transaction; handlers must not COMMIT or ROLLBACK",
-                        v->subject_type, v->action);
-    snprintf(error, error_size, "handler for %s.%s returned %s%s%s",
-             v->subject_type, v->action, de_err_name(rc),
-             de_errmsg()[0] ? ": " : "", de_errmsg());
-    return DE_ERR_ARG;
+                        v->type, v->subject_type, v->action);
+    snprintf(error, error_size, "handler for %s (%s.%s) returned %s%s%s",
+             v->type, v->subject_type, v->action, de_err_name(rc),
+             fresh ? ": " : "", fresh ? de_errmsg() : "");
+    return DE__HANDLER_FAILED;
 }
 
-/* Runs the handler (in a savepoint in careful mode) and, unless claimed
- * already, records the event in the inbox.  DE_OK: applied; DE_ERR_ARG:
- * the handler failed (why in error), its effects undone; DE_ERR_TIMEOUT:
- * the handler failed outside careful mode -- the caller must roll the
- * whole batch back and redo it carefully; anything else: a database
- * failure of the whole transaction. */
-static de_err run_handler(de_consumer *c, const de_event_view *v, bool claimed,
-                          char *error, size_t error_size)
+/* What an applied event leaves in the inbox. */
+enum record {
+    REC_NONE, /* nothing: claimed already, or a released conflict that
+                 does not move the subject on */
+    REC_PUT,  /* its number, as the subject's last */
+    REC_SEEN  /* its (ce_source, ce_id): an event without a number */
+};
+
+/* Runs the handler (in a savepoint in careful mode) and records the event
+ * in the inbox as rec says.  DE_OK: applied; DE__HANDLER_FAILED: the
+ * handler failed (why in error), its effects undone; DE__REDO: the
+ * handler failed outside careful mode -- the caller must roll the whole
+ * batch back and redo it carefully; anything else: a database failure of
+ * the whole transaction. */
+static de_err run_handler(de_consumer *c, const de_event_view *v,
+                          enum record rec, char *error, size_t error_size)
 {
-    const handler *h = find_handler(c, v->subject_type, v->action);
-    de_err rc = DE_OK;
+    const handler *h = find_handler(c, v);
+    uint64_t serial = de__errmsg_serial();
+    de_err rc = DE_OK, err;
+    bool claimed;
 
     if (h != NULL) {
-        if (c->careful && step(c, Q_SAVEPOINT) != SQLITE_DONE)
-            return de__fail_db(c->db, "consumer: savepoint");
+        if (c->careful && (rc = IB0(c, savepoint)) != DE_OK)
+            return rc;
         rc = h->fn(c->db, v, h->ctx);
         if (rc != DE_OK) {
             if (!c->careful)
-                return sqlite3_get_autocommit(c->db)
-                           ? handler_failed(c, v, rc, error, error_size)
-                           : DE_ERR_TIMEOUT;
-            if (step(c, Q_ROLLBACK_TO) != SQLITE_DONE ||
-                step(c, Q_RELEASE) != SQLITE_DONE)
-                return de__fail_db(c->db, "consumer: rolling back an event");
-            return handler_failed(c, v, rc, error, error_size);
+                return IB0(c, in_txn) ? DE__REDO
+                                      : handler_failed(c, v, rc, serial, error,
+                                                       error_size);
+            if ((err = IB0(c, rollback_to)) != DE_OK ||
+                (err = IB0(c, release)) != DE_OK)
+                return err;
+            return handler_failed(c, v, rc, serial, error, error_size);
         }
-        if (sqlite3_get_autocommit(c->db))
-            return handler_failed(c, v, DE_ERR_STATE, error, error_size);
-        if (c->careful && step(c, Q_RELEASE) != SQLITE_DONE)
-            return de__fail_db(c->db, "consumer: releasing a savepoint");
+        if (!IB0(c, in_txn))
+            return handler_failed(c, v, DE_ERR_STATE, serial, error,
+                                  error_size);
+        if (c->careful && (rc = IB0(c, release)) != DE_OK)
+            return rc;
     }
-    if (!claimed && (rc = inbox_put(c, v->subject_type, v->subject_id,
-                                    v->subject_seq)) != DE_OK)
+    if (rec == REC_PUT &&
+        (rc = IB(c, put, v->subject_type, v->subject_id, v->subject_epoch,
+                 v->subject_seq, v->event_id, v->source)) != DE_OK)
+        return rc;
+    if (rec == REC_SEEN && (rc = IB(c, seen_claim, v, &claimed)) != DE_OK)
         return rc;
     c->stats.applied++;
     c->handled++;
@@ -783,23 +637,128 @@ static de_err run_handler(de_consumer *c, const de_event_view *v, bool claimed,
 /* What became of a message inside the transaction. */
 enum outcome { O_DONE, O_RETRY, O_DB_ERROR, O_REDO };
 
-/* Parks a subject behind a dead letter (kind failed or gap). */
+/* Parks a subject behind a dead letter (kind failed, gap or conflict):
+ * this event is the one a release or skip acts on first. */
 static de_err park(de_consumer *c, const rd_kafka_message_t *m,
                    const de_event_view *v, const char *kind, const char *error,
                    int attempts)
 {
+    int64_t id = 0;
     de_err err;
 
-    if ((err = dead_letter(c, kind, m, v, error, attempts)) != DE_OK ||
-        (err = inbox_park(c, v->subject_type, v->subject_id, true)) != DE_OK)
+    if ((err = dead_letter(c, kind, m, v, error, attempts, &id)) != DE_OK ||
+        (err = IB(c, park, v->subject_type, v->subject_id, true, id)) != DE_OK)
         return err;
     clog_(c, DE_LOG_ERR,
-          "%s %s parked at ce_subjectseq %lld (%s, %s [%d] @%lld): %s; its "
-          "later events wait in de_dead_letter until de_consumer_release "
-          "or de_consumer_skip",
-          v->subject_type, v->subject_id, (long long)v->subject_seq, kind,
-          v->topic, (int)v->partition, (long long)v->offset, error);
+          "%s %s parked at event %s (ce_subjectseq %lld, %s, %s [%d] @%lld): "
+          "%s; its later events wait in de_dead_letter until "
+          "de_consumer_release or de_consumer_skip",
+          v->subject_type, v->subject_id, v->event_id,
+          (long long)v->subject_seq, kind, v->topic, (int)v->partition,
+          (long long)v->offset, error);
     return DE_OK;
+}
+
+/* Where a numbered event stands against its subject's inbox entry, the
+ * subject's park aside. */
+enum verdict { V_NEXT, V_DUPLICATE, V_CONFLICT, V_GAP };
+
+static enum verdict classify(const de_event_view *v, const de__inbox_entry *e,
+                             char *error, size_t error_size)
+{
+    bool renumbered = false;
+    int64_t last = e->seq;
+    const char *last_id = e->last_id;
+
+    if (e->source[0] != '\0' && strcmp(e->source, v->source) != 0) {
+        /* One owner per numbered subject: a second producer's numbers
+         * would displace the owner's (its 5 applied, the owner's 5 then
+         * taken for a duplicate). */
+        char q1[DE__QUOTE_MAX], q2[DE__QUOTE_MAX], q3[DE__QUOTE_MAX];
+        snprintf(error, error_size,
+                 "conflict: event %s from ce_source %s numbers a subject "
+                 "that ce_source %s numbers (ce_subjectseq %lld; the "
+                 "subject is at %lld): one producer per numbered subject",
+                 de__quote(q1, sizeof q1, v->event_id, (size_t)-1),
+                 de__quote(q2, sizeof q2, v->source, (size_t)-1),
+                 de__quote(q3, sizeof q3, e->source, (size_t)-1),
+                 (long long)v->subject_seq, (long long)e->seq);
+        return V_CONFLICT;
+    }
+    if (v->subject_epoch < e->epoch)
+        /* From a numbering the subject has left: Kafka keeps a subject's
+         * order, so every event of it came before the newer numbering's
+         * first, and this one is read again. */
+        return V_DUPLICATE;
+    if (v->subject_epoch > e->epoch) {
+        /* A new numbering (the subject was idle and forgotten by the
+         * relay): it starts at 1. */
+        renumbered = e->seq > 0;
+        last = 0;
+        last_id = "";
+    }
+    if (v->subject_seq == last && last_id[0] != '\0' &&
+        strcmp(last_id, v->event_id) != 0) {
+        /* Two events with one number: never drop one as a duplicate. */
+        snprintf(error, error_size,
+                 "conflict: ce_subjectseq %lld was applied as event %s, "
+                 "and event %s carries the same number (a producer "
+                 "restored from an older state, or a second producer of "
+                 "this subject)",
+                 (long long)v->subject_seq, last_id, v->event_id);
+        return V_CONFLICT;
+    }
+    if (v->subject_seq <= last)
+        return V_DUPLICATE;
+    if (v->subject_seq > last + 1) {
+        snprintf(error, error_size,
+                 "gap: ce_subjectseq %lld after %lld%s (events %lld..%lld "
+                 "never arrived)",
+                 (long long)v->subject_seq, (long long)last,
+                 renumbered ? " in a new numbering (ce_subjectepoch)" : "",
+                 (long long)last + 1, (long long)v->subject_seq - 1);
+        return V_GAP;
+    }
+    return V_NEXT;
+}
+
+/* Remembers a subject whose gap filled by itself, for a release after
+ * the commit. */
+static bool note_refilled(de_consumer *c, const de_event_view *v)
+{
+    size_t lt = strlen(v->subject_type), li = strlen(v->subject_id);
+    char *k;
+
+    for (size_t i = 0; i < c->refilled.n; i++)
+        if (strcmp(c->refilled.v[i], v->subject_type) == 0 &&
+            strcmp(c->refilled.v[i] + lt + 1, v->subject_id) == 0)
+            return true;
+    if ((k = malloc(lt + li + 2)) == NULL)
+        return false;
+    memcpy(k, v->subject_type, lt + 1);
+    memcpy(k + lt + 1, v->subject_id, li + 1);
+    if (!DE__VEC_PUSH(c->refilled, k)) {
+        free(k);
+        return false;
+    }
+    return true;
+}
+
+/* Stores an event of a parked subject behind its park, once. */
+static enum outcome wait_behind(de_consumer *c, const rd_kafka_message_t *m,
+                                const de_event_view *v, const char *kind,
+                                const char *error)
+{
+    bool has;
+
+    if (IB(c, dl_has, v, &has) != DE_OK ||
+        (!has && dead_letter(c, kind, m, v, error, 0, NULL) != DE_OK))
+        return O_DB_ERROR;
+    if (!has && strcmp(kind, "conflict") == 0) {
+        c->stats.dead_lettered++;
+        c->stats.conflicts++;
+    }
+    return O_DONE;
 }
 
 /* Applies one decoded event inside the open transaction. */
@@ -807,40 +766,72 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
                               const de_event_view *v, int attempts, char *error,
                               size_t error_size)
 {
-    int64_t last;
-    bool parked, claimed, dberr;
+    de__inbox_entry e;
+    bool claimed = false, seen;
+    enum record rec = REC_PUT;
+    enum verdict vd;
     de_err err;
 
     error[0] = '\0';
+    if (v->subject_seq == 0) {
+        /* No number: applied once by (ce_source, ce_id), in the order
+         * read. */
+        if (IB(c, seen, v, &seen) != DE_OK)
+            return O_DB_ERROR;
+        if (seen) {
+            c->stats.duplicates++;
+            return O_DONE;
+        }
+        if (IB(c, get, v->subject_type, v->subject_id, &e) != DE_OK)
+            return O_DB_ERROR;
+        if (e.parked)
+            return wait_behind(c, m, v, "waiting",
+                               "waiting behind a parked event");
+        rec = REC_SEEN;
+        goto run;
+    }
     /* In careful mode the claim must be undone with the handler's
      * effects, so it is made inside the handler's savepoint: classify
      * with a read instead. */
-    claimed = !c->careful && claim(c, v, &dberr);
-    if (!c->careful && dberr)
+    if (!c->careful && IB(c, claim, v, &claimed) != DE_OK)
         return O_DB_ERROR;
-    if (claimed)
+    if (claimed) {
+        rec = REC_NONE;
         goto run;
-    if (inbox_get(c, v->subject_type, v->subject_id, &last, &parked) != DE_OK)
+    }
+    if (IB(c, get, v->subject_type, v->subject_id, &e) != DE_OK)
         return O_DB_ERROR;
-    if (v->subject_seq <= last) {
+    vd = classify(v, &e, error, error_size);
+    if (vd == V_DUPLICATE) {
         c->stats.duplicates++;
         return O_DONE;
     }
-    if (parked) {
-        /* Waits behind the subject's dead letter, in order. */
-        if (!already_parked(c, v) &&
-            dead_letter(c, "waiting", m, v, "waiting behind a parked event",
-                        0) != DE_OK)
+    if (e.parked) {
+        if (vd == V_CONFLICT)
+            return wait_behind(c, m, v, "conflict", error);
+        if (vd == V_NEXT && strcmp(e.park_kind, "gap") == 0 &&
+            de__number_after(e.park_epoch, e.park_seq, v->subject_epoch,
+                             v->subject_seq)) {
+            /* It fills the gap the subject is parked on: apply it, and
+             * once the parked event is next, release the subject. */
+            if (e.park_epoch == v->subject_epoch &&
+                e.park_seq == v->subject_seq + 1 && !note_refilled(c, v)) {
+                de__fail(DE_ERR_NOMEM, "consumer: out of memory");
+                return O_DB_ERROR;
+            }
+            goto run;
+        }
+        return wait_behind(c, m, v, "waiting", "waiting behind a parked event");
+    }
+    if (vd == V_CONFLICT) {
+        if (park(c, m, v, "conflict", error, 0) != DE_OK)
             return O_DB_ERROR;
+        c->stats.dead_lettered++;
+        c->stats.conflicts++;
         return O_DONE;
     }
-    if (v->subject_seq > last + 1) {
+    if (vd == V_GAP) {
         c->stats.gaps++;
-        snprintf(error, error_size,
-                 "gap: ce_subjectseq %lld after %lld (events %lld..%lld "
-                 "never arrived)",
-                 (long long)v->subject_seq, (long long)last,
-                 (long long)last + 1, (long long)v->subject_seq - 1);
         if (c->gap == GAP_PARK) {
             if (park(c, m, v, "gap", error, 0) != DE_OK)
                 return O_DB_ERROR;
@@ -851,12 +842,12 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
               v->subject_id, error);
     }
 run:
-    err = run_handler(c, v, claimed, error, error_size);
+    err = run_handler(c, v, rec, error, error_size);
     if (err == DE_OK)
         return O_DONE;
-    if (err == DE_ERR_TIMEOUT)
+    if (err == DE__REDO)
         return O_REDO;
-    if (err != DE_ERR_ARG)
+    if (err != DE__HANDLER_FAILED)
         return O_DB_ERROR;
     c->stats.retries++;
     if (attempts + 1 >= c->max_attempts) {
@@ -868,23 +859,25 @@ run:
     return O_RETRY;
 }
 
-/* Decodes a message; false (and a 'foreign' dead letter) if not ours. */
+/* Decodes a message; false (and a 'foreign' dead letter: the whole
+ * record, with the reason) if it is not a usable CloudEvent. */
 static enum outcome decode_or_park(de_consumer *c, rd_kafka_message_t *m,
                                    bool *ours)
 {
-    char why[300];
+    char why[400];
 
-    *ours = de__envelope_decode(m, &c->dec, why, sizeof why);
+    *ours = de__envelope_decode(m, c->tmpl, &c->dec, why, sizeof why);
     if (*ours)
         return O_DONE;
     c->stats.foreign++;
     clog_(c, DE_LOG_WARNING,
-          "record at %s [%d] @%lld is not one of ours (%s); stored in "
-          "de_dead_letter as foreign",
+          "record at %s [%d] @%lld is not a usable CloudEvent (%s); stored "
+          "in de_dead_letter as foreign",
           rd_kafka_topic_name(m->rkt), (int)m->partition, (long long)m->offset,
           why);
-    return dead_letter(c, "foreign", m, NULL, why, 0) == DE_OK ? O_DONE
-                                                               : O_DB_ERROR;
+    return dead_letter(c, "foreign", m, NULL, why, 0, NULL) == DE_OK
+               ? O_DONE
+               : O_DB_ERROR;
 }
 
 static int64_t backoff_for(de_consumer *c, int attempts)
@@ -905,18 +898,16 @@ static bool hold(de_consumer *c, rd_kafka_message_t *m, const char *type,
     if (r == NULL) {
         r = calloc(1, sizeof *r);
         if (r == NULL || (r->subject_type = strdup(type)) == NULL ||
-            (r->subject_id = strdup(id)) == NULL || !VPUSH(c->retry, r)) {
+            (r->subject_id = strdup(id)) == NULL ||
+            !DE__VEC_PUSH(c->retry, r)) {
             free_retrying(r);
             return false;
         }
         r->attempts = attempts;
-        r->next_at_ms = mono_ms() + backoff_for(c, attempts);
+        r->next_at_ms = de__mono_ms() + backoff_for(c, attempts);
         snprintf(r->error, sizeof r->error, "%s", error);
     }
-    if (r->n == r->cap && !vgrow((void **)&r->msgs, &r->cap, sizeof *r->msgs))
-        return false;
-    r->msgs[r->n++] = m;
-    return true;
+    return DE__VEC_PUSH(r->msgs, m);
 }
 
 /*
@@ -925,12 +916,75 @@ static bool hold(de_consumer *c, rd_kafka_message_t *m, const char *type,
  * destroyed.  On a database failure nothing is kept: the batch is rolled
  * back and the consumer seeks back so that it is read again.
  */
+/* Reads a partition again from m (its committed offset will not pass
+ * it): m could not be kept for a retry. */
+static void rewind_to(de_consumer *c, const rd_kafka_message_t *m)
+{
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+    progress *p = progress_for(c, rd_kafka_topic_name(m->rkt), m->partition);
+    rd_kafka_error_t *e;
+
+    if (p != NULL && p->next_offset > m->offset)
+        p->next_offset = m->offset;
+    rd_kafka_topic_partition_list_add(l, rd_kafka_topic_name(m->rkt),
+                                      m->partition)
+        ->offset = m->offset;
+    if ((e = rd_kafka_seek_partitions(c->rk, l, 1000)) != NULL) {
+        clog_(c, DE_LOG_WARNING,
+              "seeking back failed: %s (the events are "
+              "read again after a restart)",
+              rd_kafka_error_string(e));
+        rd_kafka_error_destroy(e);
+    }
+    rd_kafka_topic_partition_list_destroy(l);
+}
+
+/* Whether an earlier message of m's partition was rewound (read again). */
+static bool rewound(rd_kafka_message_t **msgs, const uint8_t *fate, size_t i)
+{
+    for (size_t j = 0; j < i; j++)
+        if (fate[j] == O_DB_ERROR && msgs[j]->partition == msgs[i]->partition &&
+            msgs[j]->rkt == msgs[i]->rkt)
+            return true;
+    return false;
+}
+
+/* "type\0id": a subject as the batch remembers the ones waiting for a
+ * retry. */
+static char *subject_key(const de_event_view *v)
+{
+    size_t lt = strlen(v->subject_type), li = strlen(v->subject_id);
+    char *k = malloc(lt + li + 2);
+
+    if (k != NULL) {
+        memcpy(k, v->subject_type, lt + 1);
+        memcpy(k + lt + 1, v->subject_id, li + 1);
+    }
+    return k;
+}
+
+/* Whether an earlier message of the batch, of the same subject (subject
+ * type and id, as decoded: not the key, which another producer may not
+ * use for the subject), is waiting for a retry. */
+static bool behind_failed(const uint8_t *fate, char **fsubj, size_t i,
+                          const de_event_view *v)
+{
+    size_t lt = strlen(v->subject_type);
+
+    for (size_t j = 0; j < i; j++)
+        if (fate[j] == O_RETRY && fsubj[j] != NULL &&
+            memcmp(fsubj[j], v->subject_type, lt + 1) == 0 &&
+            strcmp(fsubj[j] + lt + 1, v->subject_id) == 0)
+            return true;
+    return false;
+}
+
 static de_err apply_batch(de_consumer *c)
 {
     size_t n = c->batch.n;
     rd_kafka_message_t **msgs = c->batch.v;
     uint8_t *fate;
-    char error[600];
+    char error[600], **ftype;
     de_err err = DE_OK;
     de_consumer_stats saved = c->stats;
     int saved_handled = c->handled;
@@ -939,13 +993,15 @@ static de_err apply_batch(de_consumer *c)
     if (n == 0)
         return DE_OK;
     fate = calloc(n, 1);
-    if (fate == NULL)
+    ftype = calloc(n, sizeof *ftype); /* subjects of the retries */
+    if (fate == NULL || ftype == NULL) {
+        free(fate);
+        free(ftype);
         return de__fail(DE_ERR_NOMEM, "consumer: out of memory");
-redo:
-    if (step(c, Q_BEGIN) != SQLITE_DONE) {
-        err = de__fail_db(c->db, "consumer: cannot begin a transaction");
-        goto rewind;
     }
+redo:
+    if ((err = IB0(c, begin)) != DE_OK)
+        goto rewind;
     for (size_t i = 0; i < n; i++) {
         rd_kafka_message_t *m = msgs[i];
         enum outcome o;
@@ -961,41 +1017,41 @@ redo:
             continue;
         }
         /* An earlier message of this subject in this batch failed. */
-        for (size_t j = 0; any_retry && j < i; j++) {
-            if (fate[j] == O_RETRY && msgs[j]->partition == m->partition &&
-                msgs[j]->key_len == m->key_len &&
-                memcmp(msgs[j]->key, m->key, m->key_len) == 0) {
-                fate[i] = O_RETRY;
-                break;
-            }
-        }
-        if (fate[i] == O_RETRY)
+        if (any_retry && behind_failed(fate, ftype, i, &c->dec.view)) {
+            fate[i] = O_RETRY;
+            if ((ftype[i] = subject_key(&c->dec.view)) == NULL)
+                goto nomem;
             continue;
+        }
         o = apply_one(c, m, &c->dec.view, 0, error, sizeof error);
         if (o == O_DB_ERROR)
             goto fail;
         if (o == O_REDO) {
             /* A handler failed with no savepoint around it: undo the
              * batch and apply it again, carefully. */
-            step(c, Q_ROLLBACK);
+            IB0(c, rollback);
             c->stats = saved;
             c->handled = saved_handled;
             memset(fate, 0, n);
+            for (size_t j = 0; j < n; j++) {
+                free(ftype[j]);
+                ftype[j] = NULL;
+            }
             any_retry = false;
             c->careful = true;
             goto redo;
         }
         fate[i] = (uint8_t)o;
+        if (o == O_RETRY && (ftype[i] = subject_key(&c->dec.view)) == NULL)
+            goto nomem;
         any_retry |= o == O_RETRY;
         if (o == O_RETRY)
             clog_(c, DE_LOG_WARNING, "%s %s seq %lld: %s (retrying)",
                   c->dec.view.subject_type, c->dec.view.subject_id,
                   (long long)c->dec.view.subject_seq, error);
     }
-    if (step(c, Q_COMMIT) != SQLITE_DONE) {
-        err = de__fail_db(c->db, "consumer: cannot commit a batch");
+    if ((err = IB0(c, commit)) != DE_OK)
         goto fail_rolled;
-    }
     c->stats.batches++;
     c->careful = false;
     /* Now the outcome is durable: hold the retries, account the rest. */
@@ -1004,21 +1060,31 @@ redo:
         if (fate[i] == O_RETRY) {
             de__decoded *d = &c->dec;
             char why[300];
-            if (de__envelope_decode(m, d, why, sizeof why) &&
+            if (de__envelope_decode(m, c->tmpl, d, why, sizeof why) &&
                 hold(c, m, d->view.subject_type, d->view.subject_id, 1,
                      "handler failed"))
                 continue;
+            /* Not kept: read it again rather than let the committed
+             * offset pass it (later messages of its partition are read
+             * again too, and skipped as duplicates). */
+            rewind_to(c, m);
+            fate[i] = O_DB_ERROR;
+            rd_kafka_message_destroy(m);
+            continue;
         }
-        note_processed(c, m);
+        if (!rewound(msgs, fate, i))
+            note_processed(c, m);
         rd_kafka_message_destroy(m);
     }
-    c->batch.n = 0;
-    free(fate);
-    return DE_OK;
+    goto done;
+nomem:
+    err = de__fail(DE_ERR_NOMEM, "consumer: out of memory");
+    goto fail_rolled;
 fail:
-    err = de__fail_db(c->db, "consumer: applying a batch failed");
+    /* The failing operation set the message. */
+    err = DE_ERR_DB;
 fail_rolled:
-    step(c, Q_ROLLBACK);
+    IB0(c, rollback);
 rewind:
     c->careful = false;
     /* Read the batch again from its first message in each partition. */
@@ -1031,11 +1097,24 @@ rewind:
         rd_kafka_topic_partition_list_add(l, rd_kafka_topic_name(m->rkt),
                                           m->partition)
             ->offset = m->offset;
-        rd_kafka_seek_partitions(c->rk, l, 1000);
+        {
+            rd_kafka_error_t *e = rd_kafka_seek_partitions(c->rk, l, 1000);
+            if (e != NULL) {
+                clog_(c, DE_LOG_WARNING,
+                      "seeking back failed: %s (the events are read again "
+                      "after a restart)",
+                      rd_kafka_error_string(e));
+                rd_kafka_error_destroy(e);
+            }
+        }
         rd_kafka_topic_partition_list_destroy(l);
         rd_kafka_message_destroy(m);
     }
+done:
     c->batch.n = 0;
+    for (size_t i = 0; i < n; i++)
+        free(ftype[i]);
+    free(ftype);
     free(fate);
     return err;
 }
@@ -1043,8 +1122,9 @@ rewind:
 /* Retries subjects whose backoff elapsed, in one transaction each. */
 static de_err run_retries(de_consumer *c)
 {
-    int64_t now = mono_ms();
+    int64_t now = de__mono_ms();
     char error[600];
+    de_err err;
 
     c->careful = true; /* retries are where handlers fail */
     for (size_t k = 0; k < c->retry.n;) {
@@ -1057,41 +1137,42 @@ static de_err run_retries(de_consumer *c)
             k++;
             continue;
         }
-        if (step(c, Q_BEGIN) != SQLITE_DONE) {
+        if ((err = IB0(c, begin)) != DE_OK) {
             c->careful = false;
-            return de__fail_db(c->db, "consumer: cannot begin a retry");
+            return err;
         }
-        for (; done < r->n; done++) {
-            rd_kafka_message_t *m = r->msgs[done];
+        for (; done < r->msgs.n; done++) {
+            rd_kafka_message_t *m = r->msgs.v[done];
             enum outcome o;
-            if (!de__envelope_decode(m, &c->dec, why, sizeof why))
+            if (!de__envelope_decode(m, c->tmpl, &c->dec, why, sizeof why))
                 continue; /* cannot happen: decoded before */
             /* The first held event carries the subject's failures; the
              * ones behind it have not failed yet. */
             o = apply_one(c, m, &c->dec.view, done == 0 ? r->attempts : 0,
                           error, sizeof error);
             if (o == O_DB_ERROR) {
-                step(c, Q_ROLLBACK);
+                IB0(c, rollback);
                 c->careful = false;
-                return de__fail_db(c->db, "consumer: retry failed");
+                return DE_ERR_DB; /* the failing operation said why */
             }
             if (o == O_RETRY) {
                 again = true;
                 break;
             }
         }
-        if (step(c, Q_COMMIT) != SQLITE_DONE) {
-            step(c, Q_ROLLBACK);
+        if ((err = IB0(c, commit)) != DE_OK) {
+            IB0(c, rollback);
             c->careful = false;
-            return de__fail_db(c->db, "consumer: cannot commit a retry");
+            return err;
         }
         c->stats.batches++;
         for (size_t i = 0; i < done; i++) {
-            note_processed(c, r->msgs[i]);
-            rd_kafka_message_destroy(r->msgs[i]);
+            note_processed(c, r->msgs.v[i]);
+            rd_kafka_message_destroy(r->msgs.v[i]);
         }
-        memmove(r->msgs, r->msgs + done, (r->n - done) * sizeof *r->msgs);
-        r->n -= done;
+        memmove(r->msgs.v, r->msgs.v + done,
+                (r->msgs.n - done) * sizeof *r->msgs.v);
+        r->msgs.n -= done;
         if (again) {
             r->attempts = done == 0 ? r->attempts + 1 : 1;
             r->next_at_ms = now + backoff_for(c, r->attempts);
@@ -1121,24 +1202,49 @@ static bool in_list(const rd_kafka_topic_partition_list_t *l, const char *topic,
     return false;
 }
 
+/* Takes (parts) or gives back (NULL) partitions: incrementally under the
+ * cooperative protocol (cooperative-sticky), where librdkafka refuses a
+ * full assign, else the whole assignment.  A failure is logged. */
+static void assign(de_consumer *c, rd_kafka_t *rk,
+                   rd_kafka_topic_partition_list_t *parts, bool take)
+{
+    bool coop = strcmp(rd_kafka_rebalance_protocol(rk), "COOPERATIVE") == 0;
+    rd_kafka_error_t *e = NULL;
+    rd_kafka_resp_err_t ae = RD_KAFKA_RESP_ERR_NO_ERROR;
+
+    if (coop)
+        e = take ? rd_kafka_incremental_assign(rk, parts)
+                 : rd_kafka_incremental_unassign(rk, parts);
+    else
+        ae = rd_kafka_assign(rk, take ? parts : NULL);
+    if (e != NULL || ae != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        clog_(c, DE_LOG_ERR, "%s %d partitions failed: %s",
+              take ? "taking" : "giving back", parts->cnt,
+              e ? rd_kafka_error_string(e) : rd_kafka_err2str(ae));
+        rd_kafka_error_destroy(e);
+    }
+}
+
 static void rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
                       rd_kafka_topic_partition_list_t *parts, void *opaque)
 {
-    de_consumer *c = opaque;
+    de_consumer *c = ((de__rk_bridge *)opaque)->owner;
 
     if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
-        rd_kafka_assign(rk, parts);
+        assign(c, rk, parts, true);
         return;
     }
     /* Revoked: finish what was read, commit it, and forget the partitions
      * (held retries included: the next owner reads them again from the
      * committed offset, which never passed them). */
-    apply_batch(c);
-    commit_offsets(c, true);
+    /* A failure here is logged and read again after the rebalance. */
+    (void)apply_batch(c);
+    (void)commit_offsets(c, true);
     for (size_t k = 0; k < c->retry.n;) {
         retrying *r = c->retry.v[k];
-        if (r->n > 0 && in_list(parts, rd_kafka_topic_name(r->msgs[0]->rkt),
-                                r->msgs[0]->partition)) {
+        if (r->msgs.n > 0 &&
+            in_list(parts, rd_kafka_topic_name(r->msgs.v[0]->rkt),
+                    r->msgs.v[0]->partition)) {
             free_retrying(r);
             c->retry.v[k] = c->retry.v[--c->retry.n];
         } else {
@@ -1153,7 +1259,43 @@ static void rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
             i++;
         }
     }
-    rd_kafka_assign(rk, NULL);
+    assign(c, rk, parts, false);
+}
+
+/* ---- forgetting -------------------------------------------------------- */
+
+static de_err serve_requests(de_consumer *c);
+static de_err release_refilled(de_consumer *c);
+
+/* Subjects looked at per round, and how often a round runs. */
+#define FORGET_SLICE 2000
+#define FORGET_EVERY_MS 1000
+
+/* Forgets, a slice at a time in a transaction of its own, the inbox rows
+ * of subjects not applied to for consumer.subject.forget.ms: by then the
+ * relay has forgotten them too, and their next event opens a new
+ * numbering, which needs no memory of the old one. */
+static de_err forget_idle(de_consumer *c)
+{
+    int64_t now = de__mono_ms(), n = 0, ids = 0;
+    de_err err;
+
+    if (now < c->next_forget_ms)
+        return DE_OK;
+    c->next_forget_ms = now + FORGET_EVERY_MS;
+    if ((err = IB0(c, begin)) != DE_OK)
+        return err;
+    if ((c->forget_ms > 0 && (err = IB(c, forget, de__now_ms() - c->forget_ms,
+                                       FORGET_SLICE, &n)) != DE_OK) ||
+        (err = IB(c, forget_ids, de__now_ms() - c->id_forget_ms, FORGET_SLICE,
+                  &ids)) != DE_OK ||
+        (err = IB0(c, commit)) != DE_OK) {
+        IB0(c, rollback);
+        return err;
+    }
+    c->stats.forgotten += (uint64_t)n;
+    c->stats.ids_forgotten += (uint64_t)ids;
+    return DE_OK;
 }
 
 /* ---- polling ---------------------------------------------------------- */
@@ -1173,6 +1315,8 @@ static de_err subscribe(de_consumer *c)
         free(copy);
     } else {
         for (size_t i = 0; i < c->handlers.n; i++) {
+            if (c->handlers.v[i].subject_type == NULL)
+                continue; /* by ce_type: its topics are consumer.topics */
             de__topic_name(name, sizeof name,
                            de__conf_str(c->conf, DE__K_TOPIC_TEMPLATE),
                            c->handlers.v[i].subject_type);
@@ -1185,8 +1329,9 @@ static de_err subscribe(de_consumer *c)
     if (l->cnt == 0) {
         rd_kafka_topic_partition_list_destroy(l);
         return de__fail(DE_ERR_CONFIG,
-                        "the consumer has no topics: set consumer.topics or "
-                        "register a handler with de_consumer_on");
+                        "the consumer has no topics: set consumer.topics "
+                        "(needed with handlers registered by ce_type "
+                        "only) or register a handler with de_consumer_on");
     }
     err = rd_kafka_subscribe(c->rk, l);
     rd_kafka_topic_partition_list_destroy(l);
@@ -1214,11 +1359,11 @@ de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled)
     if (c->fatal)
         return de__fail(DE_ERR_KAFKA, "the consumer hit a fatal error; close "
                                       "and reopen it");
-    if ((err = run_retries(c)) != DE_OK)
+    if ((err = run_retries(c)) != DE_OK || (err = release_refilled(c)) != DE_OK)
         return err;
     /* Do not sleep past a retry that is due. */
     for (size_t i = 0; i < c->retry.n; i++) {
-        int64_t left = c->retry.v[i]->next_at_ms - mono_ms();
+        int64_t left = c->retry.v[i]->next_at_ms - de__mono_ms();
         if (left < first_wait)
             first_wait = left < 0 ? 0 : left;
     }
@@ -1230,7 +1375,7 @@ de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled)
                 clog_(c, DE_LOG_WARNING, "consume error: %s",
                       rd_kafka_message_errstr(m));
             rd_kafka_message_destroy(m);
-        } else if (!VPUSH(c->batch, m)) {
+        } else if (!DE__VEC_PUSH(c->batch, m)) {
             rd_kafka_message_destroy(m);
             err = de__fail(DE_ERR_NOMEM, "consumer: out of memory");
             break;
@@ -1242,8 +1387,18 @@ de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled)
     if (err == DE_OK)
         err = apply_batch(c);
     else
-        apply_batch(c);
-    commit_offsets(c, false);
+        (void)apply_batch(c);       /* the first failure is the one returned */
+    (void)commit_offsets(c, false); /* asynchronous: fails only later */
+    if (err == DE_OK)
+        err = release_refilled(c);
+    if (err == DE_OK && forget_idle(c) != DE_OK)
+        clog_(c, DE_LOG_WARNING,
+              "forgetting idle subjects failed: %s "
+              "(retrying)",
+              de_errmsg());
+    if (err == DE_OK && serve_requests(c) != DE_OK)
+        clog_(c, DE_LOG_WARNING, "release requests failed: %s (retrying)",
+              de_errmsg());
     if (handled)
         *handled = c->handled;
     return err;
@@ -1251,113 +1406,177 @@ de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled)
 
 /* ---- release and skip ------------------------------------------------- */
 
-/* Re-applies a subject's parked events in order; skip_first drops the
- * first one.  Runs in one transaction. */
-static de_err unpark(de_consumer *c, const char *type, const char *id,
-                     bool skip_first)
+/* Applies a parked event (recording it as rec says) and marks it
+ * applied; if the handler fails again, the subject stays parked on it
+ * (*stuck). */
+static de_err apply_parked(de_consumer *c, de__dead_letter *dl, enum record rec,
+                           bool *stuck)
 {
-    char error[600], q1[DE__QUOTE_MAX], q2[DE__QUOTE_MAX];
+    const de_event_view *v = &dl->view;
+    char error[600];
+    de_err err = run_handler(c, v, rec, error, sizeof error);
+
+    if (err == DE__HANDLER_FAILED) {
+        if ((err = IB(c, dl_fail, dl->id, error)) != DE_OK ||
+            (err = IB(c, park, v->subject_type, v->subject_id, true, dl->id)) !=
+                DE_OK)
+            return err;
+        clog_(c, DE_LOG_ERR, "%s %s stays parked: %s", v->subject_type,
+              v->subject_id, error);
+        *stuck = true;
+        return DE_OK;
+    }
+    return err == DE_OK ? IB(c, dl_done, dl->id, "applied") : err;
+}
+
+/* The first parked event of a release or skip (the one that parked the
+ * subject): skipped, or applied whatever it is -- a gap accepted, a
+ * conflict taken as the real event of its own it is (the subject moves on
+ * only if its number is after the last).  *stuck when its handler failed
+ * again. */
+static de_err unpark_first(de_consumer *c, de__dead_letter *dl,
+                           const de__inbox_entry *e, bool skip, bool *stuck)
+{
+    const de_event_view *v = &dl->view;
+    bool after = de__number_after(v->subject_epoch, v->subject_seq, e->epoch,
+                                  e->seq),
+         conflict = dl->kind && strcmp(dl->kind, "conflict") == 0, claimed,
+         seen = false;
+    enum record rec = v->subject_seq == 0 ? REC_SEEN
+                      : after && (!conflict || e->source[0] == '\0' ||
+                                  strcmp(e->source, v->source) == 0)
+                          ? REC_PUT
+                          : REC_NONE;
+    de_err err;
+
+    if (skip) {
+        /* As if applied -- but a conflict skipped leaves the subject as
+         * its owner numbered it. */
+        if ((err = IB(c, dl_done, dl->id, "skipped")) != DE_OK)
+            return err;
+        if (rec == REC_SEEN)
+            return IB(c, seen_claim, v, &claimed);
+        if (rec == REC_PUT)
+            return IB(c, put, v->subject_type, v->subject_id, v->subject_epoch,
+                      v->subject_seq, v->event_id, v->source);
+        return DE_OK;
+    }
+    if (v->subject_seq == 0 && (err = IB(c, seen, v, &seen)) != DE_OK)
+        return err;
+    if (v->subject_seq > 0 ? !after && !conflict : seen) {
+        /* Applied meanwhile (read again and applied by another member). */
+        c->stats.duplicates++;
+        return IB(c, dl_done, dl->id, "duplicate");
+    }
+    return apply_parked(c, dl, rec, stuck);
+}
+
+/* A parked event after the first: taken as if it arrived now -- a
+ * duplicate, the next event, or a gap or conflict that parks the subject
+ * again on it (*stuck). */
+static de_err unpark_next(de_consumer *c, de__dead_letter *dl,
+                          const de__inbox_entry *e, bool *stuck)
+{
+    const de_event_view *v = &dl->view;
+    enum verdict vd = V_NEXT;
+    char error[600];
+    bool seen = false;
+    de_err err;
+
+    error[0] = '\0';
+    if (v->subject_seq == 0) {
+        if ((err = IB(c, seen, v, &seen)) != DE_OK)
+            return err;
+        vd = seen ? V_DUPLICATE : V_NEXT;
+    } else {
+        vd = classify(v, e, error, sizeof error);
+    }
+    if (vd == V_DUPLICATE) {
+        c->stats.duplicates++;
+        return IB(c, dl_done, dl->id, "duplicate");
+    }
+    if (vd == V_CONFLICT || (vd == V_GAP && c->gap == GAP_PARK)) {
+        if (vd == V_CONFLICT) {
+            c->stats.conflicts++;
+            c->stats.dead_lettered++;
+        } else {
+            c->stats.gaps++;
+        }
+        if ((err = IB(c, dl_repark, dl->id,
+                      vd == V_CONFLICT ? "conflict" : "gap", error)) != DE_OK ||
+            (err = IB(c, park, v->subject_type, v->subject_id, true, dl->id)) !=
+                DE_OK)
+            return err;
+        clog_(c, DE_LOG_ERR, "%s %s parked again: %s", v->subject_type,
+              v->subject_id, error);
+        *stuck = true;
+        return DE_OK;
+    }
+    if (vd == V_GAP)
+        c->stats.gaps++;
+    return apply_parked(c, dl, v->subject_seq == 0 ? REC_SEEN : REC_PUT, stuck);
+}
+
+enum unpark_how {
+    UNPARK_RELEASE,
+    UNPARK_SKIP,
+    UNPARK_REFILLED /* only if its gap filled: the parked event is next */
+};
+
+/* Releases a parked subject in one transaction: first the event that
+ * parked it (skipped, or applied whatever it is), then the events that
+ * waited behind it, in order, each taken as if it arrived now. */
+static de_err unpark(de_consumer *c, const char *type, const char *id,
+                     enum unpark_how how)
+{
+    char q1[DE__QUOTE_MAX], q2[DE__QUOTE_MAX];
     bool first = true, stuck = false;
-    sqlite3_stmt *q;
-    int rc;
+    de__inbox_entry e;
+    int64_t first_id;
+    de_err err;
 
     if (c == NULL || type == NULL || id == NULL)
         return de__fail(DE_ERR_ARG, "release/skip needs a consumer, a "
                                     "subject type and a subject id");
-    q = c->q[Q_DL_PARKED];
-    if (step(c, Q_BEGIN) != SQLITE_DONE)
-        return de__fail_db(c->db, "consumer: cannot begin");
+    if ((err = IB0(c, begin)) != DE_OK)
+        return err;
     c->careful = true;
-    /* Lift the flag so that apply_one applies rather than parks again. */
-    if (inbox_park(c, type, id, false) != DE_OK)
+    if ((err = IB(c, get, type, id, &e)) != DE_OK)
         goto fail;
-    /* One parked event at a time, the lowest first: each one handled
-     * leaves the 'parked' state, so the query moves on (and nothing is
-     * changed under a running SELECT). */
-    for (;;) {
-        char *col[13] = {0};
-        int64_t dl, last;
-        de_event_view v;
-        bool parked;
-        de_err err;
+    first_id = e.park_id;
+    if (how == UNPARK_REFILLED &&
+        !(e.parked && strcmp(e.park_kind, "gap") == 0 &&
+          e.park_epoch == e.epoch && e.park_seq == e.seq + 1)) {
+        /* Not filled after all (the transaction that filled it rolled
+         * back): nothing to do. */
+        IB0(c, rollback);
+        c->careful = false;
+        return DE_OK;
+    }
+    /* Lift the flag so that the events are taken rather than parked
+     * again. */
+    if ((err = IB(c, park, type, id, false, 0)) != DE_OK)
+        goto fail;
+    /* One parked event at a time: each one handled leaves the 'parked'
+     * state, so the next read moves on. */
+    while (!stuck) {
+        de__dead_letter dl;
+        bool found;
 
-        sqlite3_bind_text(q, 1, type, -1, SQLITE_TRANSIENT);
-        sqlite3_bind_text(q, 2, id, -1, SQLITE_TRANSIENT);
-        rc = sqlite3_step(q);
-        if (rc != SQLITE_ROW) {
-            sqlite3_reset(q);
-            sqlite3_clear_bindings(q);
-            if (rc != SQLITE_DONE)
-                goto fail;
+        if ((err = IB(c, dl_next, type, id, first ? first_id : 0, &dl,
+                      &found)) != DE_OK)
+            goto fail;
+        if (!found)
             break;
-        }
-        memset(&v, 0, sizeof v);
-        dl = sqlite3_column_int64(q, 0);
-        for (int i = 2; i <= 13; i++)
-            if (sqlite3_column_type(q, i) != SQLITE_NULL)
-                col[i - 1] = strdup((const char *)sqlite3_column_text(q, i));
-        v.partition = sqlite3_column_int(q, 3);
-        v.offset = sqlite3_column_int64(q, 4);
-        v.subject_seq = sqlite3_column_int64(q, 5);
-        v.occurred_at_ms = sqlite3_column_int64(q, 10);
-        sqlite3_reset(q);
-        sqlite3_clear_bindings(q);
-        v.subject_type = type;
-        v.subject_id = id;
-        v.topic = col[1];
-        v.event_id = col[5];
-        v.action = col[6];
-        v.type = col[7] ? col[7] : "";
-        v.source = col[8] ? col[8] : "";
-        v.traceparent = col[10];
-        v.tracestate = col[11];
-        v.payload = col[12] ? col[12] : "{}";
-        v.payload_len = strlen(v.payload);
-        err = DE_OK;
-        if (first && skip_first) {
-            sqlite3_bind_int64(c->q[Q_DL_DONE], 1, dl);
-            sqlite3_bind_text(c->q[Q_DL_DONE], 2, "skipped", -1, SQLITE_STATIC);
-            if (step(c, Q_DL_DONE) != SQLITE_DONE ||
-                inbox_put(c, type, id, v.subject_seq) != DE_OK)
-                err = DE_ERR_DB;
-        } else if ((err = inbox_get(c, type, id, &last, &parked)) == DE_OK) {
-            if (v.subject_seq > last) {
-                /* Released means "go on": a gap is accepted here. */
-                err = run_handler(c, &v, false, error, sizeof error);
-                if (err == DE_ERR_ARG) {
-                    sqlite3_bind_int64(c->q[Q_DL_FAIL], 1, dl);
-                    sqlite3_bind_text(c->q[Q_DL_FAIL], 2, error, -1,
-                                      SQLITE_STATIC);
-                    err = step(c, Q_DL_FAIL) == SQLITE_DONE &&
-                                  inbox_park(c, type, id, true) == DE_OK
-                              ? DE_OK
-                              : DE_ERR_DB;
-                    if (err == DE_OK) {
-                        clog_(c, DE_LOG_ERR, "%s %s stays parked: %s", type, id,
-                              error);
-                        stuck = true;
-                    }
-                }
-            } else {
-                c->stats.duplicates++;
-            }
-            if (err == DE_OK && !stuck) {
-                sqlite3_bind_int64(c->q[Q_DL_DONE], 1, dl);
-                sqlite3_bind_text(c->q[Q_DL_DONE], 2, "applied", -1,
-                                  SQLITE_STATIC);
-                if (step(c, Q_DL_DONE) != SQLITE_DONE)
-                    err = DE_ERR_DB;
-            }
-        }
+        if ((err = IB(c, get, type, id, &e)) == DE_OK)
+            err = first ? unpark_first(c, &dl, &e, how == UNPARK_SKIP, &stuck)
+                        : unpark_next(c, &dl, &e, &stuck);
         first = false;
-        for (int i = 0; i < 13; i++)
-            free(col[i]);
+        de__dead_letter_free(&dl);
         if (err != DE_OK)
             goto fail;
-        if (stuck)
-            break;
     }
-    if (step(c, Q_COMMIT) != SQLITE_DONE)
+    if ((err = IB0(c, commit)) != DE_OK)
         goto fail;
     c->careful = false;
     clog_(c, DE_LOG_NOTICE, "%s %s %s", de__quote(q1, sizeof q1, type, -1),
@@ -1365,39 +1584,108 @@ static de_err unpark(de_consumer *c, const char *type, const char *id,
           stuck ? "is still parked" : "released");
     return DE_OK;
 fail:
-    sqlite3_reset(q);
-    sqlite3_clear_bindings(q);
-    {
-        de_err e =
-            de__fail_db(c->db, "consumer: releasing %s %s failed", type, id);
-        step(c, Q_ROLLBACK);
-        return e;
+    /* The failing operation set the message; nothing of it is kept. */
+    IB0(c, rollback);
+    c->careful = false;
+    return err;
+}
+
+/* Releases the subjects whose gap filled by itself during the last
+ * transaction: the event parked on the gap is next now. */
+static de_err release_refilled(de_consumer *c)
+{
+    de_err err = DE_OK;
+
+    for (size_t i = 0; i < c->refilled.n; i++) {
+        char *k = c->refilled.v[i];
+        if (err == DE_OK) {
+            clog_(c, DE_LOG_NOTICE,
+                  "%s %s: the gap it was parked on filled; releasing it", k,
+                  k + strlen(k) + 1);
+            err = unpark(c, k, k + strlen(k) + 1, UNPARK_REFILLED);
+        }
+        free(k);
     }
+    c->refilled.n = 0;
+    return err;
+}
+
+/* How often de_consumer_poll looks for requests, and how many it serves
+ * at a time. */
+#define REQUESTS_EVERY_MS 500
+#define REQUESTS_PER_ROUND 16
+
+/* Serves releases and skips asked from outside the process (`deliveryevents
+ * release`), with this consumer's handlers, answering each with what
+ * happened.  A request is answered after it is done: one interrupted
+ * between the two is done again, and finds the subject no longer parked. */
+static de_err serve_requests(de_consumer *c)
+{
+    int64_t now = de__mono_ms();
+    de_err err = DE_OK;
+
+    if (now < c->next_requests_ms)
+        return DE_OK;
+    c->next_requests_ms = now + REQUESTS_EVERY_MS;
+    for (int i = 0; i < REQUESTS_PER_ROUND && err == DE_OK; i++) {
+        de__request rq;
+        de__inbox_entry e;
+        char result[700];
+        uint64_t applied = c->stats.applied;
+        bool found;
+
+        if ((err = IB(c, request_next, &rq, &found)) != DE_OK || !found)
+            break;
+        if ((err = IB(c, get, rq.type, rq.subject_id, &e)) != DE_OK)
+            break;
+        if (!e.parked) {
+            snprintf(result, sizeof result, "not parked");
+        } else if (unpark(c, rq.type, rq.subject_id,
+                          rq.skip ? UNPARK_SKIP : UNPARK_RELEASE) != DE_OK) {
+            snprintf(result, sizeof result, "failed: %s", de_errmsg());
+        } else if ((err = IB(c, get, rq.type, rq.subject_id, &e)) != DE_OK) {
+            break;
+        } else if (e.parked) {
+            snprintf(result, sizeof result,
+                     "still parked: the handler failed again (see "
+                     "de_dead_letter)");
+        } else {
+            snprintf(result, sizeof result, "%s: %" PRIu64 " events applied",
+                     rq.skip ? "skipped" : "released",
+                     c->stats.applied - applied);
+        }
+        if ((err = IB0(c, begin)) != DE_OK)
+            break;
+        if ((err = IB(c, request_done, rq.id, result)) != DE_OK ||
+            (err = IB0(c, commit)) != DE_OK)
+            IB0(c, rollback);
+    }
+    return err;
 }
 
 de_err de_consumer_release(de_consumer *c, const char *subject_type,
                            const char *subject_id)
 {
-    return unpark(c, subject_type, subject_id, false);
+    return unpark(c, subject_type, subject_id, UNPARK_RELEASE);
 }
 
 de_err de_consumer_skip(de_consumer *c, const char *subject_type,
                         const char *subject_id)
 {
-    return unpark(c, subject_type, subject_id, true);
+    return unpark(c, subject_type, subject_id, UNPARK_SKIP);
 }
 
 de_err de_consumer_stats_get(de_consumer *c, de_consumer_stats *out)
 {
-    sqlite3_stmt *q;
+    int64_t parked;
+    de_err err;
 
     if (c == NULL || out == NULL)
         return de__fail(DE_ERR_ARG, "de_consumer_stats_get needs a consumer "
                                     "and an out pointer");
-    q = c->q[Q_PARKED_COUNT];
-    if (sqlite3_step(q) == SQLITE_ROW)
-        c->stats.parked_subjects = (uint64_t)sqlite3_column_int64(q, 0);
-    sqlite3_reset(q);
+    if ((err = IB(c, parked_count, &parked)) != DE_OK)
+        return err;
+    c->stats.parked_subjects = (uint64_t)parked;
     *out = c->stats;
     return DE_OK;
 }
@@ -1410,14 +1698,31 @@ de_err de_consumer_close(de_consumer *c)
         return DE_OK;
     if (c->rk != NULL) {
         if (c->subscribed) {
-            commit_offsets(c, true);
-            rd_kafka_consumer_close(c->rk);
+            rd_kafka_resp_err_t e;
+            err = commit_offsets(c, true);
+            if ((e = rd_kafka_consumer_close(c->rk)) !=
+                    RD_KAFKA_RESP_ERR_NO_ERROR &&
+                err == DE_OK)
+                err = de__fail(DE_ERR_KAFKA,
+                               "consumer: leaving the group failed: %s "
+                               "(its partitions move after "
+                               "session.timeout.ms)",
+                               rd_kafka_err2str(e));
         }
-        rd_kafka_destroy(c->rk);
     }
+    /* Every message released before the handle: one kept would keep its
+     * partition, and rd_kafka_destroy would wait for it. */
     for (size_t i = 0; i < c->batch.n; i++)
         rd_kafka_message_destroy(c->batch.v[i]);
     free(c->batch.v);
+    if (c->rk != NULL) {
+        /* Bounded: librdkafka 2.0 can hang here after a broker outage
+         * (see de__rk_destroy_within). */
+        (void)de__rk_destroy_within(c->rk, 10000, c->conf, "consumer");
+    }
+    for (size_t i = 0; i < c->refilled.n; i++)
+        free(c->refilled.v[i]);
+    free(c->refilled.v);
     for (size_t i = 0; i < c->retry.n; i++)
         free_retrying(c->retry.v[i]);
     free(c->retry.v);
@@ -1425,12 +1730,13 @@ de_err de_consumer_close(de_consumer *c)
         free(c->parts.v[i].topic);
     free(c->parts.v);
     for (size_t i = 0; i < c->handlers.n; i++) {
+        free(c->handlers.v[i].ce_type);
         free(c->handlers.v[i].subject_type);
         free(c->handlers.v[i].action);
     }
     free(c->handlers.v);
-    for (int i = 0; i < Q_COUNT; i++)
-        sqlite3_finalize(c->q[i]);
+    if (c->ib != NULL)
+        IB0(c, close);
     de__decoded_free(&c->dec);
     de_conf_destroy(c->conf);
     free(c);

@@ -16,7 +16,7 @@
  * Invariants: a compiled schema is never modified (a pattern check keeps
  * its state on the stack), so several threads may check against one
  * schema at once.  The node graph, followed through $ref, is acyclic and
- * at most DE__SCHEMA_DEPTH_MAX deep, which bounds every recursion here.
+ * at most DE__CONTRACT_DEPTH_MAX deep, which bounds every recursion here.
  * Nodes borrow strings from the parsed document, which lives as long as
  * the schema.
  */
@@ -413,7 +413,7 @@ typedef struct def {
     node *n;
 } def;
 
-struct de__schema {
+struct de__contract {
     json_t *doc;
     const node *top;
     node *nodes;
@@ -685,9 +685,11 @@ static uint32_t utf8_decode(const char *s, size_t n, size_t *len)
     *len = 1;
     if (u[0] < 0x80)
         return u[0];
-    if (de__utf8_valid_prefix(s, n < 4 ? n : 4) == 0)
+    *len = de__utf8_seq_len(s, n);
+    if (*len == 0) {
+        *len = 1;
         return RX_NOT_A_CHAR; /* jansson's strings are valid UTF-8 */
-    *len = u[0] >= 0xf0 ? 4 : u[0] >= 0xe0 ? 3 : 2;
+    }
     c = u[0] & (0x7fu >> *len);
     for (size_t i = 1; i < *len; i++)
         c = (c << 6) | (u[i] & 0x3fu);
@@ -1421,7 +1423,7 @@ static bool kw_is_annotation(enum kw k)
 }
 
 typedef struct cc {
-    de__schema *s;
+    de__contract *s;
 } cc;
 
 /* "contract schema: '<kw>' at <path> <rest>" */
@@ -1560,9 +1562,9 @@ static de_err compile_vset(const seg *at, enum kw k, const json_t *src,
             return kfail(at, k,
                          "must list at least one value (an empty enum "
                          "allows nothing)");
-        if (count > DE__SCHEMA_ENUM_MAX)
+        if (count > DE__CONTRACT_ENUM_MAX)
             return kfail(at, k, "has %zu values, over the limit of %d", count,
-                         DE__SCHEMA_ENUM_MAX);
+                         DE__CONTRACT_ENUM_MAX);
     }
     vs = calloc(1, sizeof *vs);
     if (vs == NULL)
@@ -1641,7 +1643,7 @@ static int def_cmp(const void *a, const void *b)
     return key_cmp(x->name, x->len, y->name, y->len);
 }
 
-static const def *find_def(const de__schema *s, const char *name, size_t len)
+static const def *find_def(const de__contract *s, const char *name, size_t len)
 {
     size_t lo = 0, hi = s->ndefs;
 
@@ -1761,9 +1763,9 @@ static de_err compile_id(cc *c, const seg *at, const json_t *v)
     if (!json_is_string(v) || len == 0)
         return kfail(at, K_ID, "must be a non-empty URI string, got %s",
                      DESCRIBE(v));
-    if (len > DE__SCHEMA_ID_MAX)
+    if (len > DE__CONTRACT_ID_MAX)
         return kfail(at, K_ID, "is %zu bytes, over the limit of %d: %s", len,
-                     DE__SCHEMA_ID_MAX, DESCRIBE(v));
+                     DE__CONTRACT_ID_MAX, DESCRIBE(v));
     /* RFC 3986 URI-reference characters, %XX escapes complete. */
     for (size_t i = 0; i < len; i++) {
         char ch = id[i];
@@ -2064,11 +2066,11 @@ static de_err compile_schema(cc *c, const json_t *j, const seg *at, int depth,
     de_err err;
     int i;
 
-    if (depth > DE__SCHEMA_DEPTH_MAX)
+    if (depth > DE__CONTRACT_DEPTH_MAX)
         return de__fail(DE_ERR_CONTRACT,
                         "contract schema: the schema at %s is nested more "
                         "than %d levels deep",
-                        pathstr(at).s, DE__SCHEMA_DEPTH_MAX);
+                        pathstr(at).s, DE__CONTRACT_DEPTH_MAX);
     if (json_is_boolean(j) && !top) {
         n->never = json_is_false(j);
         return DE_OK;
@@ -2185,11 +2187,11 @@ static de_err compile_schema(cc *c, const json_t *j, const seg *at, int depth,
 /*
  * Walks the graph through $ref: refuses a cycle (a recursive contract
  * could only be checked by unbounded recursion) and nesting deeper than
- * DE__SCHEMA_DEPTH_MAX once $ref is followed.  Each node is measured once;
+ * DE__CONTRACT_DEPTH_MAX once $ref is followed.  Each node is measured once;
  * the walk itself never goes deeper than the limit.
  */
 typedef struct walk {
-    const node *path[DE__SCHEMA_DEPTH_MAX + 2]; /* $defs entries entered */
+    const node *path[DE__CONTRACT_DEPTH_MAX + 2]; /* $defs entries entered */
     int npath;
 } walk;
 
@@ -2229,12 +2231,12 @@ static de_err measure(walk *w, node *n, int level)
                               "'$ref' makes a cycle (recursive contracts "
                               "are not supported)");
     }
-    if ((n->mark == 2 && level - 1 + n->height > DE__SCHEMA_DEPTH_MAX) ||
-        level > DE__SCHEMA_DEPTH_MAX) {
+    if ((n->mark == 2 && level - 1 + n->height > DE__CONTRACT_DEPTH_MAX) ||
+        level > DE__CONTRACT_DEPTH_MAX) {
         snprintf(what, sizeof what,
                  "following '$ref' nests the schema more than %d levels "
                  "deep, through",
-                 DE__SCHEMA_DEPTH_MAX);
+                 DE__CONTRACT_DEPTH_MAX);
         return ref_chain_fail(w, 0, n->def_name ? n : NULL, what);
     }
     if (n->mark == 2)
@@ -2260,9 +2262,10 @@ static de_err measure(walk *w, node *n, int level)
     return DE_OK;
 }
 
-de_err de__schema_compile(const char *schema_json, size_t len, de__schema **out)
+de_err de__contract_compile(const char *schema_json, size_t len,
+                            de__contract **out)
 {
-    de__schema *s = NULL;
+    de__contract *s = NULL;
     json_error_t jerr;
     cc c;
     walk w;
@@ -2273,10 +2276,10 @@ de_err de__schema_compile(const char *schema_json, size_t len, de__schema **out)
     *out = NULL;
     if (schema_json == NULL)
         return de__fail(DE_ERR_CONTRACT, "contract schema: missing (NULL)");
-    if (len > DE__SCHEMA_MAX_BYTES)
+    if (len > DE__CONTRACT_MAX_BYTES)
         return de__fail(DE_ERR_CONTRACT,
                         "contract schema: %zu bytes, over the limit of %d", len,
-                        DE__SCHEMA_MAX_BYTES);
+                        DE__CONTRACT_MAX_BYTES);
     s = calloc(1, sizeof *s);
     if (s == NULL)
         return nomem();
@@ -2312,21 +2315,21 @@ de_err de__schema_compile(const char *schema_json, size_t len, de__schema **out)
     *out = s;
     return DE_OK;
 fail:
-    de__schema_free(s);
+    de__contract_free(s);
     return err;
 }
 
-const char *de__schema_id(const de__schema *s)
+const char *de__contract_id(const de__contract *s)
 {
     return s->id;
 }
 
-const char *de__schema_canonical(const de__schema *s)
+const char *de__contract_canonical(const de__contract *s)
 {
     return s->canonical;
 }
 
-void de__schema_free(de__schema *s)
+void de__contract_free(de__contract *s)
 {
     if (s == NULL)
         return;
@@ -2688,8 +2691,8 @@ static de_err check(const vctx *c, const node *n, const json_t *v,
     }
 }
 
-de_err de__schema_validate(const de__schema *s, const json_t *instance,
-                           const char *label)
+de_err de__contract_validate(const de__contract *s, const json_t *instance,
+                             const char *label)
 {
     vctx c;
 

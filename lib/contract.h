@@ -15,15 +15,15 @@
 
 /* Largest schema text accepted: a contract is written by hand, and this
  * bounds the memory and time a compile can take. */
-#define DE__SCHEMA_MAX_BYTES (1024 * 1024)
+#define DE__CONTRACT_MAX_BYTES (1024 * 1024)
 /* Deepest nesting of subschemas, counting the top level as 1 and each
  * properties/items/$defs entry and each $ref followed as one more.  It
  * bounds the recursion of both compile and check. */
-#define DE__SCHEMA_DEPTH_MAX 64
+#define DE__CONTRACT_DEPTH_MAX 64
 /* Most values an enum may list. */
-#define DE__SCHEMA_ENUM_MAX 1024
+#define DE__CONTRACT_ENUM_MAX 1024
 /* Longest $id, in bytes (it becomes the ce_dataschema header). */
-#define DE__SCHEMA_ID_MAX 1024
+#define DE__CONTRACT_ID_MAX 1024
 /* Longest pattern, in bytes. */
 #define DE__PATTERN_MAX 256
 /* Largest bound in a pattern's {m,n} (POSIX's RE_DUP_MAX minimum). */
@@ -38,7 +38,7 @@
 
 /* A compiled contract schema: immutable once compiled, so it may be used
  * by several threads at once. */
-typedef struct de__schema de__schema;
+typedef struct de__contract de__contract;
 
 /*
  * Parses schema_json[0..len) and compiles it.  DE_ERR_CONTRACT, with a
@@ -47,8 +47,8 @@ typedef struct de__schema de__schema;
  * gives a keyword a wrong value, could never be satisfied, or exceeds a
  * limit above; DE_ERR_NOMEM when out of memory.  *out is NULL on failure.
  */
-de_err de__schema_compile(const char *schema_json, size_t len,
-                          de__schema **out);
+de_err de__contract_compile(const char *schema_json, size_t len,
+                            de__contract **out);
 
 /*
  * Checks instance (normally the parsed payload) against s.  DE_OK, or
@@ -57,17 +57,17 @@ de_err de__schema_compile(const char *schema_json, size_t len,
  * message are deterministic).  label NULL reads as "payload".
  * DE_ERR_NOMEM if the regex engine runs out of memory.
  */
-de_err de__schema_validate(const de__schema *s, const json_t *instance,
-                           const char *label);
+de_err de__contract_validate(const de__contract *s, const json_t *instance,
+                             const char *label);
 
 /* The top-level $id, or NULL; borrowed from s. */
-const char *de__schema_id(const de__schema *s);
+const char *de__contract_id(const de__contract *s);
 
 /* The schema as compact JSON with sorted keys, for comparing two
  * definitions by meaning rather than by bytes; borrowed from s. */
-const char *de__schema_canonical(const de__schema *s);
+const char *de__contract_canonical(const de__contract *s);
 
 /* Frees s; NULL is a no-op. */
-void de__schema_free(de__schema *s);
+void de__contract_free(de__contract *s);
 
 #endif /* DE_CONTRACT_H */

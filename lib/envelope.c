@@ -2,8 +2,8 @@
 /*
  * envelope.c -- the wire format: how big a record gets on Kafka.
  *
- * Records are CloudEvents 1.0 in Kafka's binary content mode (DESIGN.md
- * section 4): key = subject id, value = payload, attributes as ce_*
+ * Records are CloudEvents 1.0 in Kafka's binary content mode (see
+ * docs/OVERVIEW.md): key = subject id, value = payload, attributes as ce_*
  * headers.  de_record must refuse a record the broker would refuse, before
  * it is committed, so the size computed here is an upper bound of what any
  * relay writes for the event: every varint at its widest, the longest
@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 /* A record batch's fixed header (Kafka message format v2). */
 #define BATCH_OVERHEAD 61
@@ -44,6 +45,7 @@ size_t de__record_max_size(size_t subject_type_len, size_t subject_id_len,
     n += header(DE__H_CONTENT_TYPE, strlen("application/json"));
     n += header(DE__H_PARTITIONKEY, subject_id_len);
     n += header(DE__H_SUBJECTSEQ, 20);
+    n += header(DE__H_SUBJECTEPOCH, 20);
     n += header(DE__H_SUBJECTTYPE, subject_type_len);
     n += header(DE__H_ACTION, action_len);
     if (dataschema_len)
@@ -130,13 +132,13 @@ static rd_kafka_resp_err_t add(rd_kafka_headers_t *h, const char *name,
     return rd_kafka_header_add(h, name, -1, value, len);
 }
 
-rd_kafka_headers_t *de__envelope_headers(const de__row *row, int64_t seq,
-                                         const char *source,
+rd_kafka_headers_t *de__envelope_headers(const de__row *row, int64_t epoch,
+                                         int64_t seq, const char *source,
                                          const char *type_prefix)
 {
-    rd_kafka_headers_t *h = rd_kafka_headers_new(14);
+    rd_kafka_headers_t *h = rd_kafka_headers_new(15);
     char type[DE__TYPE_PREFIX_MAX + 2 * DE__IDENT_MAX + 16];
-    char time[DE__RFC3339_LEN + 1], seqbuf[24];
+    char time[DE__RFC3339_LEN + 1], seqbuf[24], epochbuf[24];
     ssize_t sid_len = (ssize_t)row->subject_id_len;
 
     if (h == NULL)
@@ -145,6 +147,7 @@ rd_kafka_headers_t *de__envelope_headers(const de__row *row, int64_t seq,
                       row->action, row->version);
     de__rfc3339_ms(row->occurred_at_ms, time);
     seqbuf[put_uint(seqbuf, (uint64_t)seq)] = '\0';
+    epochbuf[put_uint(epochbuf, (uint64_t)epoch)] = '\0';
     if (add(h, DE__H_SPECVERSION, "1.0", 3) ||
         add(h, DE__H_ID, row->event_id, -1) ||
         add(h, DE__H_SOURCE, source, -1) || add(h, DE__H_TYPE, type, -1) ||
@@ -153,6 +156,7 @@ rd_kafka_headers_t *de__envelope_headers(const de__row *row, int64_t seq,
         add(h, DE__H_CONTENT_TYPE, "application/json", 16) ||
         add(h, DE__H_PARTITIONKEY, row->subject_id, sid_len) ||
         add(h, DE__H_SUBJECTSEQ, seqbuf, -1) ||
+        (epoch > 0 && add(h, DE__H_SUBJECTEPOCH, epochbuf, -1)) ||
         add(h, DE__H_SUBJECTTYPE, row->subject_type, -1) ||
         add(h, DE__H_ACTION, row->action, -1) ||
         (row->traceparent && add(h, DE__H_TRACEPARENT, row->traceparent, -1)) ||
@@ -168,8 +172,9 @@ rd_kafka_headers_t *de__envelope_headers(const de__row *row, int64_t seq,
 void de__decoded_free(de__decoded *d)
 {
     free(d->buf);
-    d->buf = NULL;
-    d->cap = 0;
+    free(d->scratch);
+    d->buf = d->scratch = NULL;
+    d->cap = d->scratch_cap = 0;
 }
 
 /* Copies n bytes plus a NUL into d->buf at *off; returns the copy. */
@@ -184,23 +189,47 @@ static const char *stash(de__decoded *d, size_t *off, const void *p, size_t n)
 }
 
 struct hval {
-    const void *p;
+    const char *p;
     size_t n;
+    bool str; /* structured mode: the JSON value was a string */
 };
 
-/* An identifier of [a-z][a-z0-9_]*, as de_record enforces. */
-static bool is_ident_n(const char *s, size_t n)
+/* The attributes of one event, in either mode. */
+struct attrs {
+    struct hval spec, id, source, type, subject, time, pkey, seq, epoch, stype,
+        action, tp, ts, ctype, data, data64;
+};
+
+de_err de__row_check(const de__row *row)
 {
-    if (n == 0 || n > DE__IDENT_MAX || s[0] < 'a' || s[0] > 'z')
-        return false;
-    for (size_t i = 1; i < n; i++)
-        if (!((s[i] >= 'a' && s[i] <= 'z') || (s[i] >= '0' && s[i] <= '9') ||
-              s[i] == '_'))
-            return false;
-    return true;
+    de_event ev;
+    const char *payload;
+    size_t len;
+
+    if (row->event_id == NULL || !de__is_event_id(row->event_id))
+        return de__fail(DE_ERR_ARG,
+                        "the row has no valid event_id (1 to %d printable "
+                        "ASCII characters)",
+                        DE__EVENT_ID_MAX);
+    if (row->subject_id == NULL ||
+        strlen(row->subject_id) != row->subject_id_len)
+        return de__fail(DE_ERR_ARG, "its subject_id holds a NUL byte");
+    if (row->payload == NULL || strlen(row->payload) != row->payload_len)
+        return de__fail(DE_ERR_PAYLOAD, "its payload holds a NUL byte");
+    memset(&ev, 0, sizeof ev);
+    ev.subject_type = row->subject_type;
+    ev.subject_id = row->subject_id;
+    ev.action = row->action;
+    ev.payload = row->payload;
+    ev.occurred_at_ms = row->occurred_at_ms;
+    ev.event_id = row->event_id;
+    ev.traceparent = row->traceparent;
+    ev.tracestate = row->tracestate;
+    ev.version = row->version;
+    return de__event_check(&ev, 0, &payload, &len);
 }
 
-static bool parse_seq(const char *s, size_t n, int64_t *out)
+bool de__parse_count(const char *s, size_t n, int64_t *out)
 {
     int64_t v = 0;
 
@@ -215,21 +244,119 @@ static bool parse_seq(const char *s, size_t n, int64_t *out)
     return true;
 }
 
-bool de__envelope_decode(const rd_kafka_message_t *m, de__decoded *d, char *why,
-                         size_t why_size)
+/* The slot of a CloudEvents attribute by its name (without "ce_"). */
+static struct hval *slot_for(struct attrs *a, const char *k, size_t n)
+{
+#define IS(lit) (n == sizeof lit - 1 && memcmp(k, lit, n) == 0)
+    switch (n ? k[0] : 0) {
+    case 'a': return IS("action") ? &a->action : NULL;
+    case 'd':
+        return IS("data")              ? &a->data
+               : IS("data_base64")     ? &a->data64
+               : IS("datacontenttype") ? &a->ctype
+                                       : NULL;
+    case 'i': return IS("id") ? &a->id : NULL;
+    case 'p': return IS("partitionkey") ? &a->pkey : NULL;
+    case 's':
+        return IS("specversion")    ? &a->spec
+               : IS("source")       ? &a->source
+               : IS("subject")      ? &a->subject
+               : IS("subjectseq")   ? &a->seq
+               : IS("subjectepoch") ? &a->epoch
+               : IS("subjecttype")  ? &a->stype
+                                    : NULL;
+    case 't':
+        return IS("type")          ? &a->type
+               : IS("time")        ? &a->time
+               : IS("traceparent") ? &a->tp
+               : IS("tracestate")  ? &a->ts
+                                   : NULL;
+    default: return NULL;
+    }
+#undef IS
+}
+
+/* Structured mode: one member of the event object.  String values are
+ * unescaped into d->scratch; others are kept as raw JSON text. */
+struct walk {
+    struct attrs *a;
+    de__decoded *d;
+    size_t off;
+};
+
+static bool take_member(void *ctx, const de__json_member *m)
+{
+    struct walk *w = ctx;
+    char name[32];
+    struct hval *slot;
+    size_t n;
+
+    if (m->name_len > sizeof name + 1)
+        return true; /* no attribute of ours is that long */
+    n = de__json_unescape(m->name, m->name_len, name);
+    if ((slot = slot_for(w->a, name, n)) == NULL)
+        return true;
+    if (slot == &w->a->data || m->value[0] != '"') {
+        slot->p = m->value;
+        slot->n = m->value_len;
+        slot->str = false;
+        return true;
+    }
+    slot->p = w->d->scratch + w->off;
+    slot->n = de__json_unescape(m->value, m->value_len, w->d->scratch + w->off);
+    slot->str = true;
+    w->off += slot->n + 1;
+    return true;
+}
+
+/* Whether a content type is one of CloudEvents' structured JSON ones. */
+static bool is_structured(const struct hval *ct, bool *batch)
+{
+    static const char st[] = "application/cloudevents";
+    size_t n = sizeof st - 1;
+
+    *batch = false;
+    if (ct->p == NULL || ct->n < n || strncasecmp(ct->p, st, n) != 0)
+        return false;
+    if (ct->n >= n + 11 && strncasecmp(ct->p + n, "-batch+json", 11) == 0) {
+        *batch = true;
+        return true;
+    }
+    return ct->n >= n + 5 && strncasecmp(ct->p + n, "+json", 5) == 0 &&
+           (ct->n == n + 5 || ct->p[n + 5] == ';' || ct->p[n + 5] == ' ');
+}
+
+/* A text attribute: present, 1..max bytes of UTF-8 without controls (in
+ * structured mode, a JSON string). */
+static bool text_ok(const struct hval *h, size_t max)
+{
+    return h->p != NULL && h->str && h->n > 0 && h->n <= max &&
+           de__is_clean_utf8(h->p, h->n);
+}
+
+#define WHY(...) (snprintf(why, why_size, __VA_ARGS__), false)
+
+bool de__envelope_decode(const rd_kafka_message_t *m, const char *tmpl,
+                         de__decoded *d, char *why, size_t why_size)
 {
     rd_kafka_headers_t *h = NULL;
-    struct hval spec, id, seq, stype, action, type, source, tp, ts;
-    rd_kafka_timestamp_type_t tst;
+    struct attrs a;
+    const struct hval *subj;
     de_event_view *v = &d->view;
-    size_t need, off = 0;
-    int64_t seqv;
+    const char *topic = rd_kafka_topic_name(m->rkt), *payload = "{}";
+    size_t need, off = 0, payload_len = 2, stype_len = 0;
+    const char *stype_p = NULL, *action_p;
+    size_t action_n;
+    int64_t seqv = 0, epochv = 0, timev;
+    bool structured, batch;
+    char q[DE__QUOTE_MAX], q2[DE__QUOTE_MAX];
+    de__json_error je;
+    rd_kafka_timestamp_type_t tst;
 
+    memset(&a, 0, sizeof a);
     rd_kafka_message_headers(m, &h);
     /* One pass over the headers (the last of a repeated name wins, as
      * rd_kafka_header_get_last would have it). */
-    memset(&spec, 0, sizeof spec);
-    id = seq = stype = action = type = source = tp = ts = spec;
     for (size_t i = 0; h != NULL; i++) {
         const char *name;
         const void *val;
@@ -238,98 +365,197 @@ bool de__envelope_decode(const rd_kafka_message_t *m, de__decoded *d, char *why,
         if (rd_kafka_header_get_all(h, i, &name, &val, &size) !=
             RD_KAFKA_RESP_ERR_NO_ERROR)
             break;
-        if (strncmp(name, "ce_", 3) == 0) {
-            const char *k = name + 3;
-            if (strcmp(k, "specversion") == 0)
-                slot = &spec;
-            else if (strcmp(k, "id") == 0)
-                slot = &id;
-            else if (strcmp(k, "subjectseq") == 0)
-                slot = &seq;
-            else if (strcmp(k, "subjecttype") == 0)
-                slot = &stype;
-            else if (strcmp(k, "action") == 0)
-                slot = &action;
-            else if (strcmp(k, "type") == 0)
-                slot = &type;
-            else if (strcmp(k, "source") == 0)
-                slot = &source;
-        } else if (strcmp(name, DE__H_TRACEPARENT) == 0) {
-            slot = &tp;
-        } else if (strcmp(name, DE__H_TRACESTATE) == 0) {
-            slot = &ts;
-        }
-        if (slot != NULL && val != NULL) {
+        if (name[0] == 'c' && name[1] == 'e' && name[2] == '_')
+            slot = slot_for(&a, name + 3, strlen(name + 3));
+        else if (strcmp(name, DE__H_TRACEPARENT) == 0)
+            slot = &a.tp;
+        else if (strcmp(name, DE__H_TRACESTATE) == 0)
+            slot = &a.ts;
+        else if (strcasecmp(name, DE__H_CONTENT_TYPE) == 0)
+            slot = &a.ctype;
+        if (slot != NULL && slot != &a.data && slot != &a.data64 &&
+            val != NULL) {
             slot->p = val;
             slot->n = size;
+            slot->str = true;
         }
     }
-    if (spec.p == NULL || spec.n != 3 || memcmp(spec.p, "1.0", 3) != 0) {
-        snprintf(why, why_size,
-                 "no ce_specversion 1.0 header: not a "
-                 "CloudEvents record of ours");
-        return false;
+    structured = is_structured(&a.ctype, &batch);
+    if (batch)
+        return WHY("a batch of CloudEvents (content-type %s): batched mode "
+                   "is not supported",
+                   de__quote(q, sizeof q, a.ctype.p, a.ctype.n));
+    if (structured) {
+        /* Structured mode: the attributes are members of the value. */
+        struct attrs from_headers = a;
+        struct walk w = {&a, d, 0};
+        if (m->payload == NULL || !de__json_check(m->payload, m->len, &je))
+            return WHY("structured-mode value (content-type %s) is not a "
+                       "JSON object: %s at byte %zu",
+                       de__quote(q, sizeof q, a.ctype.p, a.ctype.n),
+                       m->payload == NULL ? "no value"
+                       : je.what          ? je.what
+                                          : "invalid",
+                       m->payload == NULL ? (size_t)0 : je.offset);
+        if (m->len + 1 > d->scratch_cap) {
+            char *nb = realloc(d->scratch, m->len + 1);
+            if (nb == NULL)
+                return WHY("out of memory");
+            d->scratch = nb;
+            d->scratch_cap = m->len + 1;
+        }
+        memset(&a, 0, sizeof a);
+        (void)de__json_members(m->payload, m->len, take_member, &w);
+        if (a.tp.p == NULL)
+            a.tp = from_headers.tp;
+        if (a.ts.p == NULL)
+            a.ts = from_headers.ts;
+        if (a.data64.p != NULL)
+            return WHY("data_base64 (binary data) in event %s: the data "
+                       "must be a JSON object",
+                       de__quote(q, sizeof q, a.id.p, a.id.n));
+        if (a.data.p != NULL &&
+            !(a.data.n == 4 && memcmp(a.data.p, "null", 4) == 0)) {
+            if (a.data.p[0] != '{')
+                return WHY("data of event %s is not a JSON object: %s",
+                           de__quote(q, sizeof q, a.id.p, a.id.n),
+                           de__quote(q2, sizeof q2, a.data.p, a.data.n));
+            payload = a.data.p;
+            payload_len = a.data.n;
+        }
     }
-    if (id.p == NULL || id.n == 0) {
-        snprintf(why, why_size, "no ce_id header");
-        return false;
+    if (a.spec.p == NULL)
+        return WHY("no ce_specversion: not a CloudEvent");
+    if (a.spec.n != 3 || memcmp(a.spec.p, "1.0", 3) != 0)
+        return WHY("ce_specversion %s: only CloudEvents 1.0 is understood",
+                   de__quote(q, sizeof q, a.spec.p, a.spec.n));
+    if (!text_ok(&a.id, DE__CE_ID_MAX))
+        return WHY("ce_id %s missing or not 1..%d bytes of text",
+                   de__quote(q, sizeof q, a.id.p, a.id.n), DE__CE_ID_MAX);
+    if (!text_ok(&a.source, DE__CE_TEXT_MAX))
+        return WHY("ce_source %s missing or not 1..%d bytes of text",
+                   de__quote(q, sizeof q, a.source.p, a.source.n),
+                   DE__CE_TEXT_MAX);
+    if (!text_ok(&a.type, DE__CE_TEXT_MAX))
+        return WHY("ce_type %s missing or not 1..%d bytes of text",
+                   de__quote(q, sizeof q, a.type.p, a.type.n), DE__CE_TEXT_MAX);
+    /* The subject: ce_subject, else ce_partitionkey, else the key. */
+    subj = a.subject.p ? &a.subject : a.pkey.p ? &a.pkey : NULL;
+    if (subj != NULL) {
+        if (!text_ok(subj, DE__SUBJECT_ID_MAX))
+            return WHY("%s %s is not 1..%d bytes of text",
+                       subj == &a.subject ? "ce_subject" : "ce_partitionkey",
+                       de__quote(q, sizeof q, subj->p, subj->n),
+                       DE__SUBJECT_ID_MAX);
+    } else if (m->key == NULL || m->key_len == 0 ||
+               m->key_len > DE__SUBJECT_ID_MAX ||
+               !de__is_clean_utf8(m->key, m->key_len)) {
+        return WHY("no subject: no ce_subject, no ce_partitionkey, and the "
+                   "key %s is not 1..%d bytes of text",
+                   m->key ? de__quote(q, sizeof q, m->key, m->key_len)
+                          : "(none)",
+                   DE__SUBJECT_ID_MAX);
     }
-    if (seq.p == NULL || !parse_seq(seq.p, seq.n, &seqv)) {
-        snprintf(why, why_size,
-                 "ce_subjectseq missing or not a positive "
-                 "decimal");
-        return false;
+    if (a.time.p == NULL) {
+        /* Documented fallback: the record's timestamp. */
+        timev = rd_kafka_message_timestamp(m, &tst);
+    } else if (!a.time.str ||
+               !de__parse_rfc3339_ms(a.time.p, a.time.n, &timev)) {
+        return WHY("ce_time %s is not an RFC 3339 date-time",
+                   de__quote(q, sizeof q, a.time.p, a.time.n));
     }
-    if (stype.p == NULL || !is_ident_n(stype.p, stype.n)) {
-        snprintf(why, why_size,
-                 "ce_subjecttype missing or not an "
-                 "identifier");
-        return false;
+    if (a.seq.p != NULL && !de__parse_count(a.seq.p, a.seq.n, &seqv))
+        return WHY("ce_subjectseq %s is not a positive decimal",
+                   de__quote(q, sizeof q, a.seq.p, a.seq.n));
+    if (a.epoch.p != NULL) {
+        if (a.seq.p == NULL)
+            return WHY("ce_subjectepoch without ce_subjectseq");
+        if (!de__parse_count(a.epoch.p, a.epoch.n, &epochv))
+            return WHY("ce_subjectepoch %s is not a positive decimal",
+                       de__quote(q, sizeof q, a.epoch.p, a.epoch.n));
     }
-    if (action.p == NULL || !is_ident_n(action.p, action.n)) {
-        snprintf(why, why_size, "ce_action missing or not an identifier");
-        return false;
+    if (a.stype.p != NULL) {
+        if (!de__is_type_name(a.stype.p, a.stype.n))
+            return WHY("ce_subjecttype %s is not 1..%d of [A-Za-z0-9._-]",
+                       de__quote(q, sizeof q, a.stype.p, a.stype.n),
+                       DE__NAME_MAX);
+        stype_p = a.stype.p;
+        stype_len = a.stype.n;
+    } else {
+        /* The topic's subject type by topic.template, else the topic. */
+        de__topic_subject_type(tmpl, topic, &stype_p, &stype_len);
     }
-    if (m->key == NULL || m->key_len == 0 ||
-        !de__is_clean_utf8(m->key, m->key_len)) {
-        snprintf(why, why_size, "no key (the subject id)");
-        return false;
+    if (a.action.p != NULL) {
+        action_p = a.action.p;
+        action_n = a.action.n;
+    } else {
+        /* The last part of ce_type: com.example.delivery.picked-up */
+        const char *dot = memrchr(a.type.p, '.', a.type.n);
+        action_p = dot ? dot + 1 : a.type.p;
+        action_n = a.type.n - (size_t)(action_p - a.type.p);
     }
-    if (m->payload == NULL) {
-        snprintf(why, why_size, "no value (the payload)");
-        return false;
-    }
-    if (!de__json_is_object(m->payload, m->len)) {
-        snprintf(why, why_size, "the value is not a JSON object");
-        return false;
+    if (!de__is_action_name(action_p, action_n))
+        return WHY("%s %s is not an action (1..%d bytes of text without "
+                   "spaces)",
+                   a.action.p ? "ce_action" : "the end of ce_type",
+                   de__quote(q, sizeof q, action_p, action_n), DE__ACTION_MAX);
+
+    if (!structured && m->payload != NULL && m->len > 0) {
+        /* Binary mode: the value is the data. */
+        if (!de__json_check(m->payload, m->len, &je))
+            return WHY("the value is not a JSON object: %s at byte %zu",
+                       je.not_object ? "not an object"
+                       : je.what     ? je.what
+                                     : "invalid",
+                       je.offset);
+        payload = m->payload;
+        payload_len = m->len;
     }
 
-    need = id.n + stype.n + action.n + m->key_len + type.n + source.n + m->len +
-           tp.n + ts.n + strlen(rd_kafka_topic_name(m->rkt)) + 16;
+    need = a.id.n + stype_len + action_n + DE__SUBJECT_ID_MAX + a.type.n +
+           a.source.n + payload_len + a.tp.n + a.ts.n + strlen(topic) + 16;
     if (need > d->cap) {
         char *nb = realloc(d->buf, need);
-        if (nb == NULL) {
-            snprintf(why, why_size, "out of memory");
-            return false;
-        }
+        if (nb == NULL)
+            return WHY("out of memory");
         d->buf = nb;
         d->cap = need;
     }
-    v->event_id = stash(d, &off, id.p, id.n);
-    v->subject_type = stash(d, &off, stype.p, stype.n);
-    v->action = stash(d, &off, action.p, action.n);
-    v->subject_id = stash(d, &off, m->key, m->key_len);
-    v->type = stash(d, &off, type.p ? type.p : "", type.n);
-    v->source = stash(d, &off, source.p ? source.p : "", source.n);
-    v->payload = stash(d, &off, m->payload, m->len);
-    v->payload_len = m->len;
-    v->traceparent = tp.p ? stash(d, &off, tp.p, tp.n) : NULL;
-    v->tracestate = ts.p ? stash(d, &off, ts.p, ts.n) : NULL;
-    v->topic = stash(d, &off, rd_kafka_topic_name(m->rkt),
-                     strlen(rd_kafka_topic_name(m->rkt)));
+    v->event_id = stash(d, &off, a.id.p, a.id.n);
+    v->subject_type = stash(d, &off, stype_p, stype_len);
+    v->action = stash(d, &off, action_p, action_n);
+    v->subject_id = subj ? stash(d, &off, subj->p, subj->n)
+                         : stash(d, &off, m->key, m->key_len);
+    v->type = stash(d, &off, a.type.p, a.type.n);
+    v->source = stash(d, &off, a.source.p, a.source.n);
+    v->payload = stash(d, &off, payload, payload_len);
+    v->payload_len = payload_len;
+    v->traceparent = a.tp.p ? stash(d, &off, a.tp.p, a.tp.n) : NULL;
+    v->tracestate = a.ts.p ? stash(d, &off, a.ts.p, a.ts.n) : NULL;
+    v->topic = stash(d, &off, topic, strlen(topic));
     v->subject_seq = seqv;
-    v->occurred_at_ms = rd_kafka_message_timestamp(m, &tst);
+    v->subject_epoch = epochv;
+    v->occurred_at_ms = timev;
     v->partition = m->partition;
     v->offset = m->offset;
     return true;
+}
+
+void de__topic_subject_type(const char *tmpl, const char *topic,
+                            const char **out, size_t *len)
+{
+    static const char ph[] = "{subject_type}";
+    const char *at = tmpl ? strstr(tmpl, ph) : NULL;
+    size_t tn = strlen(topic);
+
+    *out = topic;
+    *len = tn;
+    if (at != NULL) {
+        size_t pre = (size_t)(at - tmpl), post = strlen(at + sizeof ph - 1);
+        if (tn > pre + post && strncmp(topic, tmpl, pre) == 0 &&
+            strcmp(topic + tn - post, at + sizeof ph - 1) == 0) {
+            *out = topic + pre;
+            *len = tn - pre - post;
+        }
+    }
 }

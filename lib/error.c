@@ -12,6 +12,9 @@
 #include <string.h>
 
 static _Thread_local char errbuf[1024];
+/* How many messages this thread has had: tells a message set during a
+ * call (a handler's) from an old one. */
+static _Thread_local uint64_t serial;
 
 const char *de_err_name(de_err e)
 {
@@ -48,7 +51,13 @@ const char *de_version(void)
 de_err de__vfail(de_err code, const char *fmt, va_list ap)
 {
     vsnprintf(errbuf, sizeof errbuf, fmt, ap);
+    serial++;
     return code;
+}
+
+uint64_t de__errmsg_serial(void)
+{
+    return serial;
 }
 
 de_err de__fail(de_err code, const char *fmt, ...)

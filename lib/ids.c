@@ -33,6 +33,11 @@ int64_t de__mono_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
+int64_t de__mono_ms(void)
+{
+    return de__mono_us() / 1000;
+}
+
 struct uuid_state {
     pid_t pid;     /* process that seeded s; 0 = not seeded */
     uint64_t s[4]; /* xoshiro256** state */
@@ -170,4 +175,85 @@ void de__rfc3339_ms(int64_t ms, char out[DE__RFC3339_LEN + 1])
     p = digits(p, (int)(rem % 1000), 3);
     *p++ = 'Z';
     *p = '\0';
+}
+
+/* Days from 1970-01-01 to a proleptic Gregorian date (H. Hinnant's
+ * days_from_civil). */
+static int64_t days_from_civil(int64_t y, int m, int d)
+{
+    y -= m <= 2;
+    int64_t era = (y >= 0 ? y : y - 399) / 400;
+    int64_t yoe = y - era * 400;
+    int64_t doy = (153 * (m > 2 ? m - 3 : m + 9) + 2) / 5 + d - 1;
+    int64_t doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+
+    return era * 146097 + doe - 719468;
+}
+
+/* n decimal digits at s into *v. */
+static bool take_digits(const char *s, int n, int *v)
+{
+    *v = 0;
+    for (int i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return false;
+        *v = *v * 10 + (s[i] - '0');
+    }
+    return true;
+}
+
+bool de__parse_rfc3339_ms(const char *s, size_t n, int64_t *out)
+{
+    static const int mdays[] = {31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    int y, mo, d, h, mi, sec, oh = 0, om = 0, frac = 0;
+    size_t i = 19;
+    int64_t ms, sign = 0;
+
+    /* date-time: YYYY-MM-DD "T" hh:mm:ss [.frac] ("Z" / +hh:mm / -hh:mm) */
+    if (n < 20 || !take_digits(s, 4, &y) || s[4] != '-' ||
+        !take_digits(s + 5, 2, &mo) || s[7] != '-' ||
+        !take_digits(s + 8, 2, &d) || (s[10] != 'T' && s[10] != 't') ||
+        !take_digits(s + 11, 2, &h) || s[13] != ':' ||
+        !take_digits(s + 14, 2, &mi) || s[16] != ':' ||
+        !take_digits(s + 17, 2, &sec))
+        return false;
+    if (mo < 1 || mo > 12 || d < 1 || d > mdays[mo - 1] || h > 23 || mi > 59 ||
+        sec > 60)
+        return false;
+    if (mo == 2 && d == 29 && !(y % 4 == 0 && (y % 100 != 0 || y % 400 == 0)))
+        return false;
+    if (s[i] == '.') {
+        size_t start = ++i;
+        while (i < n && s[i] >= '0' && s[i] <= '9') {
+            if (i - start < 3)
+                frac = frac * 10 + (s[i] - '0');
+            i++;
+        }
+        if (i == start)
+            return false;
+        for (size_t k = i - start; k < 3; k++)
+            frac *= 10;
+    }
+    if (i < n && (s[i] == 'Z' || s[i] == 'z')) {
+        i++;
+    } else if (i < n && (s[i] == '+' || s[i] == '-')) {
+        sign = s[i] == '+' ? 1 : -1;
+        if (n - i < 6 || !take_digits(s + i + 1, 2, &oh) || s[i + 3] != ':' ||
+            !take_digits(s + i + 4, 2, &om) || oh > 23 || om > 59)
+            return false;
+        i += 6;
+    } else {
+        return false;
+    }
+    if (i != n)
+        return false;
+    if (sec == 60) {
+        sec = 59; /* a leap second: its last representable millisecond */
+        frac = 999;
+    }
+    ms = (days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + sec) * 1000 +
+         frac;
+    ms -= sign * (oh * 3600 + om * 60) * 1000;
+    *out = ms;
+    return true;
 }

@@ -15,9 +15,10 @@
  */
 #include "internal.h"
 
-#include <jansson.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -45,7 +46,7 @@ static const char insert_sql[] =
     "version, occurred_at_ms, recorded_at_ms, payload, traceparent, "
     "tracestate) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 
-de__link *de__link_new(int wake_fd)
+de__link *de__outbox_attach(de_outbox *ob, int wake_fd)
 {
     de__link *l = calloc(1, sizeof *l);
 
@@ -53,7 +54,9 @@ de__link *de__link_new(int wake_fd)
         return NULL;
     pthread_mutex_init(&l->mu, NULL);
     l->wake_fd = wake_fd;
-    l->refs = 1;
+    l->refs = 2; /* the relay's, and the outbox's */
+    l->next = ob->links;
+    ob->links = l;
     return l;
 }
 
@@ -85,15 +88,6 @@ bool de__link_checkpoint_due(de__link *l)
     return l != NULL && atomic_exchange(&l->ckpt_due, false);
 }
 
-void de__outbox_link(de_outbox *ob, de__link *l)
-{
-    pthread_mutex_lock(&l->mu);
-    l->refs++;
-    pthread_mutex_unlock(&l->mu);
-    l->next = ob->links;
-    ob->links = l;
-}
-
 sqlite3 *de__outbox_db(const de_outbox *ob)
 {
     return ob->db;
@@ -111,12 +105,21 @@ const de_conf *de__outbox_conf(const de_outbox *ob)
  * replaces SQLite's auto-checkpoint, so this does its job: with a relay
  * linked, the relay checkpoints on its own connection; without one, the
  * hook checkpoints here exactly as SQLite's default hook would.
+ *
+ * A checkpoint from another connection copies the log back but cannot
+ * finish while this connection keeps committing (there are always newer
+ * frames), so the log is never started over and grows.  Past twice the
+ * threshold the hook checkpoints here too, between two of the host's
+ * transactions: the relay has copied nearly everything already, this
+ * finishes it, and the host's next write starts the log over.  The log
+ * stays under about twice wal_autocheckpoint pages.
  */
 static int wal_hook(void *arg, sqlite3 *db, const char *name, int pages)
 {
     de_outbox *ob = arg;
     bool recorded = ob->recorded, handled = false;
     bool due = ob->ckpt_threshold > 0 && pages >= ob->ckpt_threshold;
+    bool overdue = due && pages >= 2 * ob->ckpt_threshold;
     de__link **pp = &ob->links;
     static const uint64_t one = 1;
 
@@ -144,7 +147,7 @@ static int wal_hook(void *arg, sqlite3 *db, const char *name, int pages)
         pthread_mutex_unlock(&l->mu);
         pp = &l->next;
     }
-    if (!handled && due)
+    if ((!handled && due) || overdue)
         sqlite3_wal_checkpoint(db, name);
     return SQLITE_OK;
 }
@@ -152,34 +155,14 @@ static int wal_hook(void *arg, sqlite3 *db, const char *name, int pages)
 de_err de_outbox_open(sqlite3 *db, const de_conf *conf, de_outbox **out)
 {
     de_outbox *ob = NULL;
-    const char *path;
     de_err err;
 
     if (out != NULL)
         *out = NULL;
-    if (db == NULL || out == NULL)
-        return de__fail(DE_ERR_ARG,
-                        "de_outbox_open needs a connection and "
-                        "an out pointer (got NULL %s)",
-                        db == NULL ? "db" : "out");
-    path = sqlite3_db_filename(db, "main");
-    if (path == NULL || path[0] == '\0')
-        return de__fail(DE_ERR_ARG,
-                        "the connection's main database is in memory or "
-                        "temporary; the outbox needs a database file that "
-                        "the relay can open too");
-    if (sqlite3_db_readonly(db, "main") == 1)
-        return de__fail(DE_ERR_ARG,
-                        "database '%s' is open read-only; the outbox needs "
-                        "to write to it",
-                        path);
-    if (!sqlite3_get_autocommit(db))
-        return de__fail(DE_ERR_STATE,
-                        "de_outbox_open was called inside a transaction on "
-                        "'%s'; call it before BEGIN (it switches the journal "
-                        "mode and may migrate tables)",
-                        path);
-
+    if ((err = de__check_connection(db, out == NULL, "de_outbox_open",
+                                    "the outbox needs a database file that "
+                                    "the relay can open too")) != DE_OK)
+        return err;
     ob = calloc(1, sizeof *ob);
     if (ob == NULL)
         return de__fail(DE_ERR_NOMEM, "out of memory opening the outbox");
@@ -194,7 +177,8 @@ de_err de_outbox_open(sqlite3 *db, const de_conf *conf, de_outbox **out)
              db, de__conf_int(ob->conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS))) !=
         DE_OK)
         goto fail;
-    if ((err = de__outbox_schema_ensure(db)) != DE_OK)
+    if ((err = de__outbox_schema_ensure(db)) != DE_OK ||
+        (err = de__outbox_store_settings(db, ob->conf)) != DE_OK)
         goto fail;
     ob->ckpt_threshold = (int)de__query_int(db, "PRAGMA wal_autocheckpoint");
     if (sqlite3_prepare_v3(db, insert_sql, -1, SQLITE_PREPARE_PERSISTENT,
@@ -228,81 +212,93 @@ void de_outbox_close(de_outbox *ob)
     free(ob);
 }
 
-/* Checks every field of ev without touching the database.  On success the
- * lengths the caller needs are returned through the pointers. */
-static de_err validate(const de_outbox *ob, const de_event *ev,
+static de_err bad_field(const char *field, const char *value, bool numeric,
+                        const char *type, const char *action, const char *rule,
+                        ...) DE__PRINTF(6, 7);
+
+/* Refuses a field of ev: "<field> <value> [for <type>[.<action>]] <rule>"
+ * (DE_ERR_ARG).  value is quoted unless numeric; type and action name
+ * the event when they are known to be valid. */
+static de_err bad_field(const char *field, const char *value, bool numeric,
+                        const char *type, const char *action, const char *rule,
+                        ...)
+{
+    char q[DE__QUOTE_MAX], why[512];
+    va_list ap;
+
+    va_start(ap, rule);
+    vsnprintf(why, sizeof why, rule, ap);
+    va_end(ap);
+    return de__fail(DE_ERR_ARG, "%s %s%s%s%s%s %s", field,
+                    numeric ? value : de__quote(q, sizeof q, value, -1),
+                    type ? " for " : "", type ? type : "", action ? "." : "",
+                    action ? action : "", why);
+}
+
+/* Checks every field of ev without touching the database, the record it
+ * becomes against max_bytes (0: not checked).  On success the payload
+ * and its length are returned through the pointers. */
+de_err de__event_check(const de_event *ev, int64_t max_bytes,
                        const char **payload, size_t *payload_len)
 {
-    char q[DE__QUOTE_MAX], q2[DE__QUOTE_MAX];
+    const char *st = ev->subject_type, *act = ev->action;
+    char q[DE__QUOTE_MAX], q2[DE__QUOTE_MAX], num[24];
     size_t st_len, sid_len, act_len, tp_len = 0, ts_len = 0, size;
-    json_error_t jerr;
-    json_t *root;
+    de__json_error je;
 
-    if (!de__is_ident(ev->subject_type))
-        return de__fail(DE_ERR_ARG,
-                        "subject_type %s must be a lowercase identifier "
-                        "[a-z][a-z0-9_]* of at most %d bytes, e.g. "
-                        "'delivery'",
-                        de__quote(q, sizeof q, ev->subject_type, -1),
-                        DE__IDENT_MAX);
-    if (!de__is_ident(ev->action))
-        return de__fail(DE_ERR_ARG,
-                        "action %s for %s must be a lowercase identifier "
-                        "[a-z][a-z0-9_]* of at most %d bytes, in the past "
-                        "tense, e.g. 'assigned'",
-                        de__quote(q, sizeof q, ev->action, -1),
-                        ev->subject_type, DE__IDENT_MAX);
+    if (!de__is_ident(st))
+        return bad_field("subject_type", st, false, NULL, NULL,
+                         "must be a lowercase identifier [a-z][a-z0-9_]* of "
+                         "at most %d bytes, e.g. 'delivery'",
+                         DE__IDENT_MAX);
+    if (!de__is_ident(act))
+        return bad_field("action", act, false, st, NULL,
+                         "must be a lowercase identifier [a-z][a-z0-9_]* of "
+                         "at most %d bytes, in the past tense, e.g. "
+                         "'assigned'",
+                         DE__IDENT_MAX);
     sid_len = ev->subject_id ? strlen(ev->subject_id) : 0;
     if (sid_len > DE__SUBJECT_ID_MAX ||
         !de__is_clean_utf8(ev->subject_id, sid_len))
-        return de__fail(DE_ERR_ARG,
-                        "subject_id %s for %s.%s must be non-empty UTF-8 "
-                        "without control characters, at most %d bytes",
-                        de__quote(q, sizeof q, ev->subject_id, -1),
-                        ev->subject_type, ev->action, DE__SUBJECT_ID_MAX);
-    if (ev->occurred_at_ms < 0 || ev->occurred_at_ms > DE__MAX_TIME_MS)
-        return de__fail(DE_ERR_ARG,
-                        "occurred_at_ms %lld for %s.%s must be 0 (now) or "
-                        "Unix milliseconds from 1970 to 9999-12-31",
-                        (long long)ev->occurred_at_ms, ev->subject_type,
-                        ev->action);
+        return bad_field("subject_id", ev->subject_id, false, st, act,
+                         "must be non-empty UTF-8 without control "
+                         "characters, at most %d bytes",
+                         DE__SUBJECT_ID_MAX);
+    if (ev->occurred_at_ms < 0 || ev->occurred_at_ms > DE__MAX_TIME_MS) {
+        snprintf(num, sizeof num, "%lld", (long long)ev->occurred_at_ms);
+        return bad_field("occurred_at_ms", num, true, st, act,
+                         "must be 0 (now) or Unix milliseconds from 1970 to "
+                         "9999-12-31");
+    }
     if (ev->event_id != NULL && !de__is_event_id(ev->event_id))
-        return de__fail(DE_ERR_ARG,
-                        "event_id %s for %s.%s must be 1 to %d printable "
-                        "ASCII characters without spaces (or NULL for a "
-                        "generated UUIDv7)",
-                        de__quote(q, sizeof q, ev->event_id, -1),
-                        ev->subject_type, ev->action, DE__EVENT_ID_MAX);
+        return bad_field("event_id", ev->event_id, false, st, act,
+                         "must be 1 to %d printable ASCII characters "
+                         "without spaces (or NULL for a generated UUIDv7)",
+                         DE__EVENT_ID_MAX);
     if (ev->traceparent != NULL) {
         if (!de__is_traceparent(ev->traceparent))
-            return de__fail(DE_ERR_ARG,
-                            "traceparent %s for %s.%s is not a W3C "
-                            "traceparent ('00-<32 hex>-<16 hex>-<2 hex>', "
-                            "lowercase, ids not all zero)",
-                            de__quote(q, sizeof q, ev->traceparent, -1),
-                            ev->subject_type, ev->action);
+            return bad_field("traceparent", ev->traceparent, false, st, act,
+                             "is not a W3C traceparent ('00-<32 hex>-<16 "
+                             "hex>-<2 hex>', lowercase, ids not all zero)");
         tp_len = strlen(ev->traceparent);
     }
     if (ev->tracestate != NULL) {
         if (ev->traceparent == NULL)
-            return de__fail(DE_ERR_ARG,
-                            "tracestate %s for %s.%s was given without a "
-                            "traceparent; W3C trace context needs both",
-                            de__quote(q, sizeof q, ev->tracestate, -1),
-                            ev->subject_type, ev->action);
+            return bad_field("tracestate", ev->tracestate, false, st, act,
+                             "was given without a traceparent; W3C trace "
+                             "context needs both");
         if (!de__is_tracestate(ev->tracestate))
-            return de__fail(DE_ERR_ARG,
-                            "tracestate %s for %s.%s must be at most %d "
-                            "printable ASCII characters",
-                            de__quote(q, sizeof q, ev->tracestate, -1),
-                            ev->subject_type, ev->action, DE__TRACESTATE_MAX);
+            return bad_field("tracestate", ev->tracestate, false, st, act,
+                             "must be at most %d printable ASCII characters",
+                             DE__TRACESTATE_MAX);
         ts_len = strlen(ev->tracestate);
     }
-    if (ev->version < 0)
-        return de__fail(DE_ERR_ARG,
-                        "version %d for %s.%s must be 0 (latest or none) or "
-                        "a positive contract version",
-                        ev->version, ev->subject_type, ev->action);
+    if (ev->version < 0) {
+        snprintf(num, sizeof num, "%d", ev->version);
+        return bad_field("version", num, true, st, act,
+                         "must be 0 (latest or none) or a positive contract "
+                         "version");
+    }
 
     *payload = ev->payload ? ev->payload : "{}";
     *payload_len = strlen(*payload);
@@ -311,31 +307,27 @@ static de_err validate(const de_outbox *ob, const de_event *ev,
     /* Size first: refusing an oversized payload must not cost a parse. */
     size = de__record_max_size(st_len, sid_len, act_len, ev->version,
                                *payload_len, tp_len, ts_len, 0);
-    if (size > (size_t)ob->max_bytes)
+    if (max_bytes > 0 && size > (size_t)max_bytes)
         return de__fail(DE_ERR_PAYLOAD,
                         "event %s.%s for %s would take up to %zu bytes on "
                         "Kafka (payload %zu bytes plus key and headers), "
                         "over event.max.bytes %lld",
                         ev->subject_type, ev->action,
                         de__quote(q, sizeof q, ev->subject_id, -1), size,
-                        *payload_len, (long long)ob->max_bytes);
-    root = json_loadb(*payload, *payload_len,
-                      JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
-    if (root == NULL)
+                        *payload_len, (long long)max_bytes);
+    /* The same rule the consumer applies to what it receives. */
+    if (!de__json_check(*payload, *payload_len, &je)) {
+        if (je.not_object)
+            return de__fail(DE_ERR_PAYLOAD,
+                            "payload for %s.%s is not a JSON object: %s",
+                            ev->subject_type, ev->action,
+                            de__quote(q2, sizeof q2, *payload, *payload_len));
         return de__fail(DE_ERR_PAYLOAD,
-                        "payload for %s.%s is not valid JSON (%s at line %d, "
-                        "column %d): %s",
-                        ev->subject_type, ev->action, jerr.text, jerr.line,
-                        jerr.column,
-                        de__quote(q2, sizeof q2, *payload, *payload_len));
-    if (!json_is_object(root)) {
-        json_decref(root);
-        return de__fail(DE_ERR_PAYLOAD,
-                        "payload for %s.%s is not a JSON object: %s",
-                        ev->subject_type, ev->action,
+                        "payload for %s.%s is not valid JSON (%s at byte "
+                        "%zu): %s",
+                        ev->subject_type, ev->action, je.what, je.offset,
                         de__quote(q2, sizeof q2, *payload, *payload_len));
     }
-    json_decref(root);
     return DE_OK;
 }
 
@@ -354,7 +346,8 @@ de_err de_record(de_outbox *ob, const de_event *ev, de_recorded *out)
                         "de_record needs an outbox and an event "
                         "(got NULL %s)",
                         ob == NULL ? "outbox" : "event");
-    if ((err = validate(ob, ev, &payload, &payload_len)) != DE_OK)
+    if ((err = de__event_check(ev, ob->max_bytes, &payload, &payload_len)) !=
+        DE_OK)
         return err;
     if (sqlite3_get_autocommit(ob->db))
         return de__fail(DE_ERR_NO_TXN,

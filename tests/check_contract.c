@@ -48,10 +48,11 @@ static const char *J(const char *s)
     return out;
 }
 
-static de__schema *compile_ok_at(const char *schema, const char *file, int line)
+static de__contract *compile_ok_at(const char *schema, const char *file,
+                                   int line)
 {
-    de__schema *s = NULL;
-    de_err e = de__schema_compile(schema, strlen(schema), &s);
+    de__contract *s = NULL;
+    de_err e = de__contract_compile(schema, strlen(schema), &s);
 
     ck_assert_msg(e == DE_OK, "%s:%d: compiling %s: %s: %s", file, line, schema,
                   de_err_name(e), de_errmsg());
@@ -65,8 +66,8 @@ static de__schema *compile_ok_at(const char *schema, const char *file, int line)
 static void refused_at(const char *schema, size_t len, const char *want,
                        const char *file, int line)
 {
-    de__schema *s = (de__schema *)&s; /* must be reset to NULL */
-    de_err e = de__schema_compile(schema, len, &s);
+    de__contract *s = (de__contract *)&s; /* must be reset to NULL */
+    de_err e = de__contract_compile(schema, len, &s);
     size_t wl = strlen(want);
 
     ck_assert_msg(e == DE_ERR_CONTRACT,
@@ -89,7 +90,7 @@ static void refused_at(const char *schema, size_t len, const char *want,
 
 /* Checks instance against a compiled schema: want NULL means valid,
  * otherwise the exact message after "delivery.assigned v1: ". */
-static void verdict_at(const de__schema *s, const char *instance,
+static void verdict_at(const de__contract *s, const char *instance,
                        const char *want, const char *file, int line)
 {
     json_error_t jerr;
@@ -99,7 +100,7 @@ static void verdict_at(const de__schema *s, const char *instance,
 
     ck_assert_msg(v != NULL, "%s:%d: bad test instance %s: %s", file, line,
                   instance, jerr.text);
-    e = de__schema_validate(s, v, LABEL);
+    e = de__contract_validate(s, v, LABEL);
     json_decref(v);
     if (want == NULL) {
         ck_assert_msg(e == DE_OK, "%s:%d: %s was refused: %s", file, line,
@@ -118,7 +119,7 @@ static void verdict_at(const de__schema *s, const char *instance,
 #define valid(s, instance) verdict_at((s), (instance), NULL, __FILE__, __LINE__)
 
 /* A schema with one property "a" whose schema is `sub` (single-quoted). */
-static de__schema *prop_schema_at(const char *sub, const char *file, int line)
+static de__contract *prop_schema_at(const char *sub, const char *file, int line)
 {
     char buf[8192];
 
@@ -144,14 +145,14 @@ static void prop_refused_at(const char *sub, const char *want, const char *file,
 
 START_TEST(type_keyword)
 {
-    de__schema *s;
+    de__contract *s;
 
     s = prop_schema("{'type':'string'}");
     valid(s, J("{'a':'x'}"));
     valid(s, "{}");
     verdict(s, J("{'a':1}"), "$.a must be a string, got 1");
     verdict(s, J("{'a':null}"), "$.a must be a string, got null");
-    de__schema_free(s);
+    de__contract_free(s);
 
     /* 2020-12: an integer is a number without a fractional part, so 1.0
      * and 1e2 are integers, 1.5 is not. */
@@ -164,57 +165,57 @@ START_TEST(type_keyword)
     verdict(s, J("{'a':1.5}"), "$.a must be an integer, got 1.5");
     verdict(s, J("{'a':'1'}"), "$.a must be an integer, got '1'");
     verdict(s, J("{'a':true}"), "$.a must be an integer, got true");
-    de__schema_free(s);
+    de__contract_free(s);
 
     s = prop_schema("{'type':'number'}");
     valid(s, J("{'a':1}"));
     valid(s, J("{'a':-0.25}"));
     verdict(s, J("{'a':'x'}"), "$.a must be a number, got 'x'");
-    de__schema_free(s);
+    de__contract_free(s);
 
     s = prop_schema("{'type':'boolean'}");
     valid(s, J("{'a':true}"));
     valid(s, J("{'a':false}"));
     verdict(s, J("{'a':0}"), "$.a must be a boolean, got 0");
-    de__schema_free(s);
+    de__contract_free(s);
 
     s = prop_schema("{'type':'null'}");
     valid(s, J("{'a':null}"));
     verdict(s, J("{'a':false}"), "$.a must be null, got false");
-    de__schema_free(s);
+    de__contract_free(s);
 
     s = prop_schema("{'type':'array'}");
     valid(s, J("{'a':[]}"));
     verdict(s, J("{'a':{}}"), "$.a must be an array, got '{}'");
-    de__schema_free(s);
+    de__contract_free(s);
 
     s = prop_schema("{'type':'object'}");
     valid(s, J("{'a':{}}"));
     verdict(s, J("{'a':[1,'x']}"), "$.a must be an object, got '[1,\"x\"]'");
-    de__schema_free(s);
+    de__contract_free(s);
 
     s = prop_schema("{'type':['string','null']}");
     valid(s, J("{'a':'x'}"));
     valid(s, J("{'a':null}"));
     verdict(s, J("{'a':5}"), "$.a must be a string or null, got 5");
-    de__schema_free(s);
+    de__contract_free(s);
 
     s = prop_schema("{'type':['null','array','object']}");
     verdict(s, J("{'a':2.5}"),
             "$.a must be an object, an array or null, got 2.5");
-    de__schema_free(s);
+    de__contract_free(s);
 
     s = prop_schema("{'type':['integer','number']}");
     valid(s, J("{'a':2.5}"));
     verdict(s, J("{'a':'2'}"), "$.a must be a number, got '2'");
-    de__schema_free(s);
+    de__contract_free(s);
 
     /* The top level is always an object schema. */
     s = compile_ok(J("{'type':'object'}"));
     valid(s, "{}");
     verdict(s, "[1]", "$ must be an object, got '[1]'");
     verdict(s, "\"x\"", "$ must be an object, got 'x'");
-    de__schema_free(s);
+    de__contract_free(s);
 
     prop_refused("{'type':'text'}",
                  "contract schema: 'type' at $.properties.a must name "
@@ -257,10 +258,10 @@ START_TEST(top_level_is_an_object_schema)
             "which must say \"type\": \"object\" itself");
 
     /* A one-element type array naming object is the same thing. */
-    de__schema_free(compile_ok(J("{'type':['object']}")));
-    ck_assert_int_eq(de__schema_compile(NULL, 0, &(de__schema *){NULL}),
+    de__contract_free(compile_ok(J("{'type':['object']}")));
+    ck_assert_int_eq(de__contract_compile(NULL, 0, &(de__contract *){NULL}),
                      DE_ERR_CONTRACT);
-    de__schema_free(NULL); /* a no-op */
+    de__contract_free(NULL); /* a no-op */
 }
 END_TEST
 
@@ -268,7 +269,7 @@ END_TEST
 
 START_TEST(properties_and_additional_properties)
 {
-    de__schema *s;
+    de__contract *s;
 
     /* Undeclared members are refused unless additionalProperties is true:
      * this library's default differs from plain JSON Schema. */
@@ -278,18 +279,18 @@ START_TEST(properties_and_additional_properties)
     valid(s, "{}");
     verdict(s, J("{'rider_id':'R-7','tip':1}"),
             "$.tip is not allowed (additionalProperties is false)");
-    de__schema_free(s);
+    de__contract_free(s);
 
     s = compile_ok(J("{'type':'object','additionalProperties':false}"));
     verdict(s, J("{'x':1}"),
             "$.x is not allowed (additionalProperties is false)");
-    de__schema_free(s);
+    de__contract_free(s);
 
     s = compile_ok(J("{'type':'object','additionalProperties':true,"
                      "'properties':{'a':{'type':'string'}}}"));
     valid(s, J("{'a':'x','tip':1,'more':{'any':[1]}}"));
     verdict(s, J("{'a':1}"), "$.a must be a string, got 1");
-    de__schema_free(s);
+    de__contract_free(s);
 
     /* Nested object schemas get the same default; {} and true accept any
      * value, objects included; false refuses the member. */
@@ -299,7 +300,7 @@ START_TEST(properties_and_additional_properties)
     verdict(s, J("{'o':{'b':1,'c':2}}"),
             "$.o.c is not allowed (additionalProperties is false)");
     verdict(s, J("{'f':1}"), "$.f is not allowed (its schema is false)");
-    de__schema_free(s);
+    de__contract_free(s);
 
     /* Names that are not identifiers are quoted in paths. */
     s = compile_ok(J("{'type':'object','properties':{'my key':{'type':"
@@ -314,7 +315,7 @@ START_TEST(properties_and_additional_properties)
     verdict(s, J("{'new\\nline':1}"),
             "$['new\\x0aline'] is not allowed (additionalProperties is "
             "false)");
-    de__schema_free(s);
+    de__contract_free(s);
 
     prop_refused("{'type':'object','additionalProperties':{}}",
                  "contract schema: 'additionalProperties' at $.properties.a "
@@ -339,7 +340,7 @@ END_TEST
 
 START_TEST(required_keyword)
 {
-    de__schema *s;
+    de__contract *s;
 
     s = compile_ok(J("{'type':'object','properties':{'rider_id':{'type':"
                      "'string'},'eta_min':{'type':'integer'},'note':{}},"
@@ -352,7 +353,7 @@ START_TEST(required_keyword)
     verdict(s, J("{'rider_id':'R'}"), "$.eta_min is required");
     /* ...after anything wrong with the members present. */
     verdict(s, J("{'eta_min':1.5}"), "$.eta_min must be an integer, got 1.5");
-    de__schema_free(s);
+    de__contract_free(s);
 
     /* With additionalProperties true a required name need not be
      * declared. */
@@ -360,11 +361,11 @@ START_TEST(required_keyword)
                      "'required':['a','b']}"));
     valid(s, J("{'a':1,'b':2,'c':3}"));
     verdict(s, J("{'a':1}"), "$.b is required");
-    de__schema_free(s);
+    de__contract_free(s);
 
     s = compile_ok(J("{'type':'object','required':[]}"));
     valid(s, "{}");
-    de__schema_free(s);
+    de__contract_free(s);
 
     refused(J("{'type':'object','required':'a'}"),
             "contract schema: 'required' at $ must be an array of property "
@@ -388,7 +389,7 @@ END_TEST
 
 START_TEST(enum_keyword)
 {
-    de__schema *s;
+    de__contract *s;
     char buf[4096];
     size_t o;
 
@@ -401,7 +402,7 @@ START_TEST(enum_keyword)
             "$.a must be one of 'assigned', 'picked_up', got 'assigne'");
     verdict(s, J("{'a':1}"),
             "$.a must be one of 'assigned', 'picked_up', got 1");
-    de__schema_free(s);
+    de__contract_free(s);
 
     /* Numbers compare by value: 1 and 1.0 are the same number. */
     s = prop_schema("{'type':'number','enum':[1,2.5,-3]}");
@@ -412,7 +413,7 @@ START_TEST(enum_keyword)
     verdict(s, J("{'a':3}"), "$.a must be one of 1, 2.5, -3, got 3");
     verdict(s, J("{'a':1.000001}"),
             "$.a must be one of 1, 2.5, -3, got 1.000001");
-    de__schema_free(s);
+    de__contract_free(s);
 
     s = prop_schema("{'enum':[null,true,'x',{'k':[1,2]},[1,{'z':1}]]}");
     valid(s, J("{'a':null}"));
@@ -425,7 +426,7 @@ START_TEST(enum_keyword)
     verdict(s, J("{'a':{'k':[2,1]}}"),
             "$.a must be one of null, true, 'x', '{\"k\":[1,2]}', "
             "'[1,{\"z\":1}]', got '{\"k\":[2,1]}'");
-    de__schema_free(s);
+    de__contract_free(s);
 
     /* A long list is cut in the message. */
     o = (size_t)snprintf(buf, sizeof buf, "{'enum':[");
@@ -442,7 +443,7 @@ START_TEST(enum_keyword)
             "'value_13', 'value_14', 'value_15', 'value_16', 'value_17', ... "
             "(100 values), got "
             "'value_100'");
-    de__schema_free(s);
+    de__contract_free(s);
 
     prop_refused("{'enum':'a'}", "contract schema: 'enum' at $.properties.a "
                                  "must be an array, got 'a'");
@@ -470,13 +471,13 @@ END_TEST
 
 START_TEST(huge_enum_is_capped)
 {
-    size_t cap = 16 * (DE__SCHEMA_ENUM_MAX + 2) + 128, o;
+    size_t cap = 16 * (DE__CONTRACT_ENUM_MAX + 2) + 128, o;
     char *buf = malloc(cap);
-    de__schema *s;
+    de__contract *s;
     json_t *v;
 
     ck_assert_ptr_nonnull(buf);
-    for (int n = DE__SCHEMA_ENUM_MAX; n <= DE__SCHEMA_ENUM_MAX + 1; n++) {
+    for (int n = DE__CONTRACT_ENUM_MAX; n <= DE__CONTRACT_ENUM_MAX + 1; n++) {
         o = (size_t)snprintf(buf, cap,
                              "{\"type\":\"object\",\"properties\":{\"a\":{"
                              "\"enum\":[");
@@ -484,7 +485,7 @@ START_TEST(huge_enum_is_capped)
             o += (size_t)snprintf(buf + o, cap - o, "%s\"v%d\"", i ? "," : "",
                                   i);
         o += (size_t)snprintf(buf + o, cap - o, "]}}}");
-        if (n > DE__SCHEMA_ENUM_MAX) {
+        if (n > DE__CONTRACT_ENUM_MAX) {
             refused_at(buf, o,
                        "contract schema: 'enum' at $.properties.a has 1025 "
                        "values, over the limit of 1024",
@@ -498,11 +499,11 @@ START_TEST(huge_enum_is_capped)
             valid(s, inst);
         }
         v = json_pack("{s:s}", "a", "v1024");
-        ck_assert_int_eq(de__schema_validate(s, v, LABEL), DE_ERR_CONTRACT);
+        ck_assert_int_eq(de__contract_validate(s, v, LABEL), DE_ERR_CONTRACT);
         ck_assert_ptr_nonnull(strstr(de_errmsg(), "(1024 values), got "
                                                   "'v1024'"));
         json_decref(v);
-        de__schema_free(s);
+        de__contract_free(s);
     }
     free(buf);
 }
@@ -510,19 +511,19 @@ END_TEST
 
 START_TEST(const_keyword)
 {
-    de__schema *s;
+    de__contract *s;
 
     s = prop_schema("{'const':'delivery'}");
     valid(s, J("{'a':'delivery'}"));
     verdict(s, J("{'a':'pickup'}"),
             "$.a must be 'delivery' (const), got 'pickup'");
-    de__schema_free(s);
+    de__contract_free(s);
 
     s = prop_schema("{'const':1}");
     valid(s, J("{'a':1.0}"));
     verdict(s, J("{'a':2}"), "$.a must be 1 (const), got 2");
     verdict(s, J("{'a':'1'}"), "$.a must be 1 (const), got '1'");
-    de__schema_free(s);
+    de__contract_free(s);
 
     s = prop_schema("{'const':{'k':[1,2],'m':null}}");
     valid(s, J("{'a':{'m':null,'k':[1,2.0]}}"));
@@ -532,12 +533,12 @@ START_TEST(const_keyword)
     verdict(s, J("{'a':{'k':[1,2]}}"),
             "$.a must be '{\"k\":[1,2],\"m\":null}' (const), got "
             "'{\"k\":[1,2]}'");
-    de__schema_free(s);
+    de__contract_free(s);
 
     s = prop_schema("{'const':null}");
     valid(s, J("{'a':null}"));
     verdict(s, J("{'a':false}"), "$.a must be null (const), got false");
-    de__schema_free(s);
+    de__contract_free(s);
 
     prop_refused("{'const':1,'enum':[1]}",
                  "contract schema: 'const' at $.properties.a cannot be "
@@ -552,7 +553,7 @@ END_TEST
 
 START_TEST(min_and_max_length_count_code_points)
 {
-    de__schema *s;
+    de__contract *s;
 
     s = prop_schema("{'type':'string','minLength':2,'maxLength':5}");
     valid(s, J("{'a':'ab'}"));
@@ -573,21 +574,21 @@ START_TEST(min_and_max_length_count_code_points)
             "$.a must be at most 5 characters long (maxLength), got "
             "'\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9' (6)");
     /* Not a string: the length rules do not apply. */
-    de__schema_free(s);
+    de__contract_free(s);
 
     s = prop_schema("{'type':['string','integer'],'maxLength':1}");
     valid(s, J("{'a':12345}"));
     verdict(s, J("{'a':'ab'}"),
             "$.a must be at most 1 characters long (maxLength), got 'ab' "
             "(2)");
-    de__schema_free(s);
+    de__contract_free(s);
 
     /* 2.0 is an integer (2020-12). */
     s = prop_schema("{'type':'string','minLength':2.0,'maxLength':3.0e0}");
-    de__schema_free(s);
+    de__contract_free(s);
     s = prop_schema("{'type':'string','minLength':0}");
     valid(s, J("{'a':''}"));
-    de__schema_free(s);
+    de__contract_free(s);
 
     prop_refused("{'type':'string','minLength':-1}",
                  "contract schema: 'minLength' at $.properties.a must be a "
@@ -610,7 +611,7 @@ END_TEST
 
 START_TEST(pattern_keyword)
 {
-    de__schema *s;
+    de__contract *s;
     char *big;
 
     s = prop_schema("{'type':'string','pattern':'^[A-Z]{3}-[0-9]+$'}");
@@ -618,14 +619,14 @@ START_TEST(pattern_keyword)
     verdict(s, J("{'a':'x'}"), "$.a must match ^[A-Z]{3}-[0-9]+$, got 'x'");
     verdict(s, J("{'a':'ABC-12\\n'}"),
             "$.a must match ^[A-Z]{3}-[0-9]+$, got 'ABC-12\\x0a'");
-    de__schema_free(s);
+    de__contract_free(s);
 
     /* Unanchored search, as JSON Schema says; an anchor inside keeps its
      * meaning. */
     s = prop_schema("{'type':'string','pattern':'b+c'}");
     valid(s, J("{'a':'abbcd'}"));
     verdict(s, J("{'a':'acb'}"), "$.a must match b+c, got 'acb'");
-    de__schema_free(s);
+    de__contract_free(s);
     s = prop_schema("{'type':'string','pattern':'x|^b'}");
     valid(s, J("{'a':'bc'}"));
     valid(s, J("{'a':'abx'}"));
@@ -634,7 +635,7 @@ START_TEST(pattern_keyword)
      * "^b" must still match only at the very start. */
     valid(s, J("{'a':'b\\nx'}"));
     verdict(s, J("{'a':'a\\nb'}"), "$.a must match x|^b, got 'a\\x0ab'");
-    de__schema_free(s);
+    de__contract_free(s);
     s = prop_schema("{'type':'string','pattern':'^a$|^b|c$|d'}");
     valid(s, J("{'a':'a'}"));
     valid(s, J("{'a':'bz'}"));
@@ -646,18 +647,18 @@ START_TEST(pattern_keyword)
             "$.a must match ^a$|^b|c$|d, got "
             "'a\\x0a'");
     verdict(s, J("{'a':'cz'}"), "$.a must match ^a$|^b|c$|d, got 'cz'");
-    de__schema_free(s);
+    de__contract_free(s);
     s = prop_schema("{'type':'string','pattern':'^'}");
     valid(s, J("{'a':'\\nanything'}"));
-    de__schema_free(s);
+    de__contract_free(s);
     s = prop_schema("{'type':'string','pattern':'^$'}");
     valid(s, J("{'a':''}"));
     verdict(s, J("{'a':'\\n'}"), "$.a must match ^$, got '\\x0a'");
-    de__schema_free(s);
+    de__contract_free(s);
     s = prop_schema("{'type':'string','pattern':''}");
     valid(s, J("{'a':''}"));
     valid(s, J("{'a':'anything'}"));
-    de__schema_free(s);
+    de__contract_free(s);
 
     /* "." is one code point (C.UTF-8, whatever the host's locale); a NUL
      * or newline in the subject is a character like any other. */
@@ -665,16 +666,16 @@ START_TEST(pattern_keyword)
     valid(s, J("{'a':'\u00e9'}"));
     valid(s, J("{'a':'\U0001F600'}"));
     verdict(s, J("{'a':'ab'}"), "$.a must match ^.$, got 'ab'");
-    de__schema_free(s);
+    de__contract_free(s);
     s = prop_schema("{'type':'string','pattern':'b$'}");
     valid(s, "{\"a\":\"a\\u0000b\"}");
     valid(s, "{\"a\":\"a\\nb\"}");
     verdict(s, "{\"a\":\"ab\\u0000\"}", "$.a must match b$, got 'ab\\x00'");
-    de__schema_free(s);
+    de__contract_free(s);
     s = prop_schema("{'type':'string','pattern':'^[[:alpha:]]+$'}");
     valid(s, J("{'a':'\u00e9t\u00e9'}"));
     verdict(s, J("{'a':'a1'}"), "$.a must match ^[[:alpha:]]+$, got 'a1'");
-    de__schema_free(s);
+    de__contract_free(s);
 
     /* Escaped punctuation, and ']' first in a bracket, are literal. */
     s = prop_schema("{'type':'string','pattern':'^a\\\\.b\\\\/[]x-]$'}");
@@ -683,7 +684,7 @@ START_TEST(pattern_keyword)
     verdict(s, J("{'a':'axb/]'}"),
             "$.a must match ^a\\.b\\/[]x-]$, got "
             "'axb/]'");
-    de__schema_free(s);
+    de__contract_free(s);
 
     /* Over 256 instructions, the matcher's work arrays move to the heap. */
     s = prop_schema("{'type':'string','pattern':'^[a-z]{1,200}$'}");
@@ -699,7 +700,7 @@ START_TEST(pattern_keyword)
         "'qqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqq"
         "qqqqqqqqqqqqqqqqqqqqqqq...'");
     free(big);
-    de__schema_free(s);
+    de__contract_free(s);
 
     /* Strings longer than the bound are not searched: they fail. */
     s = prop_schema("{'type':'string','pattern':'a'}");
@@ -716,7 +717,7 @@ START_TEST(pattern_keyword)
             "'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
             "aaaaaaaaaaaaaaaaaaaaaaaaaa...'");
     free(big);
-    de__schema_free(s);
+    de__contract_free(s);
 
     prop_refused("{'type':'string','pattern':1}",
                  "contract schema: 'pattern' at $.properties.a must be a "
@@ -833,13 +834,13 @@ END_TEST
 START_TEST(long_patterns_are_refused)
 {
     char sub[1024], pat[DE__PATTERN_MAX + 2];
-    de__schema *s;
+    de__contract *s;
 
     memset(pat, 'a', DE__PATTERN_MAX);
     pat[DE__PATTERN_MAX] = '\0';
     snprintf(sub, sizeof sub, "{'type':'string','pattern':'%s'}", pat);
     s = prop_schema(sub);
-    de__schema_free(s);
+    de__contract_free(s);
 
     strcat(pat, "a");
     snprintf(sub, sizeof sub, "{'type':'string','pattern':'%s'}", pat);
@@ -873,7 +874,7 @@ START_TEST(catastrophic_patterns_finish)
     ck_assert_ptr_nonnull(inst);
     alarm(60);
     for (size_t p = 0; p < DE__ARRAY_LEN(patterns); p++) {
-        de__schema *s;
+        de__contract *s;
         snprintf(sub, sizeof sub, "{'type':'string','pattern':'%s'}",
                  patterns[p]);
         s = prop_schema(sub);
@@ -886,11 +887,11 @@ START_TEST(catastrophic_patterns_finish)
             v = json_pack("{s:s%}", "a", inst, (size_t)DE__PATTERN_SUBJECT_MAX);
             ck_assert_ptr_nonnull(v);
             /* Matching or not does not matter here; finishing does. */
-            de_err e = de__schema_validate(s, v, LABEL);
+            de_err e = de__contract_validate(s, v, LABEL);
             ck_assert(e == DE_OK || e == DE_ERR_CONTRACT);
             json_decref(v);
         }
-        de__schema_free(s);
+        de__contract_free(s);
     }
     alarm(0);
     free(inst);
@@ -941,7 +942,7 @@ START_TEST(format_date_time)
         "",
         "2026-11-25",
     };
-    de__schema *s = prop_schema("{'type':'string','format':'date-time'}");
+    de__contract *s = prop_schema("{'type':'string','format':'date-time'}");
     char inst[256], want[256];
 
     for (size_t i = 0; i < DE__ARRAY_LEN(good); i++) {
@@ -956,10 +957,10 @@ START_TEST(format_date_time)
         verdict(s, inst, want);
     }
     /* Formats check strings only. */
-    de__schema_free(s);
+    de__contract_free(s);
     s = prop_schema("{'type':['string','integer'],'format':'date-time'}");
     valid(s, J("{'a':5}"));
-    de__schema_free(s);
+    de__contract_free(s);
 
     prop_refused("{'type':'string','format':'email'}",
                  "contract schema: 'format' at $.properties.a must be "
@@ -999,7 +1000,7 @@ START_TEST(format_uuid)
         "{2eb8aa08-aa98-11ea-b4aa-73b441d1638}",
         "",
     };
-    de__schema *s = prop_schema("{'type':'string','format':'uuid'}");
+    de__contract *s = prop_schema("{'type':'string','format':'uuid'}");
     char inst[256], want[256];
 
     for (size_t i = 0; i < DE__ARRAY_LEN(good); i++) {
@@ -1014,7 +1015,7 @@ START_TEST(format_uuid)
                  bad[i]);
         verdict(s, inst, want);
     }
-    de__schema_free(s);
+    de__contract_free(s);
 }
 END_TEST
 
@@ -1023,7 +1024,7 @@ END_TEST
 
 START_TEST(minimum_and_maximum)
 {
-    de__schema *s;
+    de__contract *s;
 
     s = prop_schema("{'type':'number','minimum':0,'maximum':10}");
     valid(s, J("{'a':0}"));
@@ -1035,7 +1036,7 @@ START_TEST(minimum_and_maximum)
     verdict(s, J("{'a':-0.5}"), "$.a must be >= 0 (minimum), got -0.5");
     verdict(s, J("{'a':10.000000000000002}"),
             "$.a must be <= 10 (maximum), got 10.000000000000002");
-    de__schema_free(s);
+    de__contract_free(s);
 
     s = prop_schema(
         "{'type':'number','exclusiveMinimum':0,'exclusiveMaximum':1.5}");
@@ -1044,7 +1045,7 @@ START_TEST(minimum_and_maximum)
     verdict(s, J("{'a':0}"), "$.a must be > 0 (exclusiveMinimum), got 0");
     verdict(s, J("{'a':0.0}"), "$.a must be > 0 (exclusiveMinimum), got 0.0");
     verdict(s, J("{'a':1.5}"), "$.a must be < 1.5 (exclusiveMaximum), got 1.5");
-    de__schema_free(s);
+    de__contract_free(s);
 
     /* Integers compare exactly, not rounded to doubles: 2^53 + 1 is over
      * a maximum of 2^53 even though (double)(2^53 + 1) == 2^53. */
@@ -1053,25 +1054,25 @@ START_TEST(minimum_and_maximum)
     verdict(s, J("{'a':9007199254740993}"),
             "$.a must be <= 9007199254740992.0 (maximum), got "
             "9007199254740993");
-    de__schema_free(s);
+    de__contract_free(s);
     s = prop_schema("{'type':'integer','minimum':-9223372036854775808,"
                     "'maximum':9223372036854775807}");
     valid(s, J("{'a':9223372036854775807}"));
     valid(s, J("{'a':-9223372036854775808}"));
     verdict(s, J("{'a':1e19}"),
             "$.a must be <= 9223372036854775807 (maximum), got 1e19");
-    de__schema_free(s);
+    de__contract_free(s);
     s = prop_schema("{'type':'number','exclusiveMaximum':1e19}");
     valid(s, J("{'a':9223372036854775807}"));
-    de__schema_free(s);
+    de__contract_free(s);
 
     s = prop_schema("{'type':'integer','minimum':1.5}");
     valid(s, J("{'a':2}"));
     verdict(s, J("{'a':1}"), "$.a must be >= 1.5 (minimum), got 1");
-    de__schema_free(s);
+    de__contract_free(s);
 
     /* One allowed value is fine. */
-    de__schema_free(prop_schema("{'type':'number','minimum':5,'maximum':5}"));
+    de__contract_free(prop_schema("{'type':'number','minimum':5,'maximum':5}"));
 
     prop_refused("{'type':'number','minimum':'0'}",
                  "contract schema: 'minimum' at $.properties.a must be a "
@@ -1102,7 +1103,7 @@ END_TEST
 
 START_TEST(items_min_items_max_items)
 {
-    de__schema *s;
+    de__contract *s;
 
     s = prop_schema("{'type':'array','items':{'type':'integer'},"
                     "'minItems':1,'maxItems':3}");
@@ -1115,18 +1116,18 @@ START_TEST(items_min_items_max_items)
     verdict(s, J("{'a':[1,2,'x']}"), "$.a[2] must be an integer, got 'x'");
     /* The first failing element, in order. */
     verdict(s, J("{'a':[1,true,'x']}"), "$.a[1] must be an integer, got true");
-    de__schema_free(s);
+    de__contract_free(s);
 
     s = prop_schema("{'type':'array','items':false}");
     valid(s, J("{'a':[]}"));
     verdict(s, J("{'a':[1]}"), "$.a[0] is not allowed (its schema is false)");
-    de__schema_free(s);
+    de__contract_free(s);
 
     s = prop_schema("{'type':'array','maxItems':1}");
     valid(s, J("{'a':[{'any':1}]}"));
     verdict(s, J("{'a':[1,2]}"),
             "$.a must have at most 1 element (maxItems), got 2");
-    de__schema_free(s);
+    de__contract_free(s);
 
     prop_refused("{'type':'array','items':[{}]}",
                  "contract schema: 'items' at $.properties.a must be one "
@@ -1150,7 +1151,7 @@ END_TEST
 
 START_TEST(nested_paths)
 {
-    de__schema *s = compile_ok(J(
+    de__contract *s = compile_ok(J(
         "{'type':'object','properties':{'order':{'type':'object',"
         "'properties':{'lines':{'type':'array','items':{'type':'object',"
         "'properties':{'sku':{'type':'string','pattern':'^[A-Z]{3}-[0-9]+$'},"
@@ -1182,7 +1183,7 @@ START_TEST(nested_paths)
             "$.order.lines[0].qty must be >= 1 (minimum), got 0");
     verdict(s, J("{'order':{'lines':[{'sku':'x','qty':0}]}}"),
             "$.order.lines[0].sku must match ^[A-Z]{3}-[0-9]+$, got 'x'");
-    de__schema_free(s);
+    de__contract_free(s);
 }
 END_TEST
 
@@ -1191,7 +1192,7 @@ END_TEST
 
 START_TEST(defs_and_ref)
 {
-    de__schema *s;
+    de__contract *s;
 
     s = compile_ok(J("{'type':'object','properties':{'from':{'$ref':"
                      "'#/$defs/place','description':'pickup'},'to':{'$ref':"
@@ -1210,7 +1211,7 @@ START_TEST(defs_and_ref)
     verdict(s, J("{'stops':[{'lat':1,'lng':2},{'lat':1}]}"),
             "$.stops[1].lng is required");
     verdict(s, J("{'amount':-1}"), "$.amount must be >= 0 (minimum), got -1");
-    de__schema_free(s);
+    de__contract_free(s);
 
     /* Names are JSON Pointer tokens in a URI fragment. */
     s = compile_ok(J("{'type':'object','properties':{'a':{'$ref':"
@@ -1221,7 +1222,7 @@ START_TEST(defs_and_ref)
     verdict(s, J("{'a':1}"), "$.a must be a string, got 1");
     verdict(s, J("{'b':'x'}"), "$.b must be an integer, got 'x'");
     verdict(s, J("{'c':1}"), "$.c must be null, got 1");
-    de__schema_free(s);
+    de__contract_free(s);
 
     prop_refused("{'$ref':'#/$defs/nope'}",
                  "contract schema: '$ref' at $.properties.a points to "
@@ -1290,7 +1291,7 @@ START_TEST(ref_cycles_are_refused)
             "contract schema: '$ref' makes a cycle (recursive contracts are "
             "not supported): #/$defs/x -> #/$defs/y -> #/$defs/x");
     /* Shared, acyclic references are fine. */
-    de__schema_free(compile_ok(
+    de__contract_free(compile_ok(
         J("{'type':'object','properties':{'a':{'$ref':'#/$defs/x'},'b':{"
           "'$ref':'#/$defs/x'}},'$defs':{'x':{'$ref':'#/$defs/y'},'y':{}}}")));
 }
@@ -1316,40 +1317,40 @@ START_TEST(deep_nesting_is_refused)
 {
     size_t cap = 64 * 1024, o;
     char *buf = malloc(cap), *inst = malloc(cap);
-    de__schema *s;
+    de__contract *s;
     json_t *v;
 
     ck_assert_ptr_nonnull(buf);
     ck_assert_ptr_nonnull(inst);
     /* The top level and 63 nested objects: 64 levels, the limit. */
-    o = nest_open(buf, 0, cap, DE__SCHEMA_DEPTH_MAX - 1);
+    o = nest_open(buf, 0, cap, DE__CONTRACT_DEPTH_MAX - 1);
     o += (size_t)snprintf(buf + o, cap - o, "{\"type\":\"integer\"}");
-    o = nest_close(buf, o, cap, DE__SCHEMA_DEPTH_MAX - 1);
+    o = nest_close(buf, o, cap, DE__CONTRACT_DEPTH_MAX - 1);
     buf[o] = '\0';
     s = compile_ok(buf);
     /* A payload as deep: its message keeps the tail of the path. */
     o = 0;
-    for (int i = 0; i < DE__SCHEMA_DEPTH_MAX - 1; i++)
+    for (int i = 0; i < DE__CONTRACT_DEPTH_MAX - 1; i++)
         o += (size_t)snprintf(inst + o, cap - o, "{\"a\":");
     o += (size_t)snprintf(inst + o, cap - o, "\"x\"");
-    for (int i = 0; i < DE__SCHEMA_DEPTH_MAX - 1; i++)
+    for (int i = 0; i < DE__CONTRACT_DEPTH_MAX - 1; i++)
         inst[o++] = '}';
     inst[o] = '\0';
     v = json_loads(inst, 0, NULL);
     ck_assert_ptr_nonnull(v);
-    ck_assert_int_eq(de__schema_validate(s, v, LABEL), DE_ERR_CONTRACT);
+    ck_assert_int_eq(de__contract_validate(s, v, LABEL), DE_ERR_CONTRACT);
     o = (size_t)snprintf(buf, cap, "%s: $", LABEL);
-    for (int i = 0; i < DE__SCHEMA_DEPTH_MAX - 1; i++)
+    for (int i = 0; i < DE__CONTRACT_DEPTH_MAX - 1; i++)
         o += (size_t)snprintf(buf + o, cap - o, ".a");
     snprintf(buf + o, cap - o, " must be an integer, got 'x'");
     ck_assert_str_eq(de_errmsg(), buf);
     json_decref(v);
-    de__schema_free(s);
+    de__contract_free(s);
 
     /* One more level is refused. */
-    o = nest_open(buf, 0, cap, DE__SCHEMA_DEPTH_MAX);
+    o = nest_open(buf, 0, cap, DE__CONTRACT_DEPTH_MAX);
     o += (size_t)snprintf(buf + o, cap - o, "{\"type\":\"integer\"}");
-    o = nest_close(buf, o, cap, DE__SCHEMA_DEPTH_MAX);
+    o = nest_close(buf, o, cap, DE__CONTRACT_DEPTH_MAX);
     /* The path is long: the message keeps its tail. */
     refused_at(buf, o, "contract schema: the schema at $....a.properties.a...",
                __FILE__, __LINE__);
@@ -1411,7 +1412,7 @@ END_TEST
 
 START_TEST(annotations_are_accepted_and_ignored)
 {
-    de__schema *s = compile_ok(
+    de__contract *s = compile_ok(
         J("{'type':'object','title':'Delivery assigned','description':'A "
           "rider took it','deprecated':false,'examples':[{'rider_id':'R-7'}],"
           "'properties':{'rider_id':{'type':'string','description':'who',"
@@ -1419,7 +1420,7 @@ START_TEST(annotations_are_accepted_and_ignored)
 
     valid(s, J("{'rider_id':'R-7'}"));
     verdict(s, J("{'rider_id':5}"), "$.rider_id must be a string, got 5");
-    de__schema_free(s);
+    de__contract_free(s);
 
     prop_refused("{'description':1}", "contract schema: 'description' at "
                                       "$.properties.a must be a string, "
@@ -1438,27 +1439,27 @@ END_TEST
 
 START_TEST(id_and_schema_keywords)
 {
-    de__schema *s;
-    char big[DE__SCHEMA_ID_MAX + 64];
+    de__contract *s;
+    char big[DE__CONTRACT_ID_MAX + 64];
     size_t o;
 
     s = compile_ok(J("{'$schema':'https://json-schema.org/draft/2020-12/"
                      "schema','$id':'https://schemas.example.com/delivery/"
                      "assigned/v1.json','type':'object'}"));
-    ck_assert_str_eq(de__schema_id(s),
+    ck_assert_str_eq(de__contract_id(s),
                      "https://schemas.example.com/delivery/assigned/v1.json");
-    de__schema_free(s);
+    de__contract_free(s);
     s = compile_ok(J("{'$schema':'https://json-schema.org/draft/2020-12/"
                      "schema#','$id':'urn:example:delivery:assigned:1#',"
                      "'type':'object'}"));
-    ck_assert_str_eq(de__schema_id(s), "urn:example:delivery:assigned:1#");
-    de__schema_free(s);
+    ck_assert_str_eq(de__contract_id(s), "urn:example:delivery:assigned:1#");
+    de__contract_free(s);
     s = compile_ok(J("{'$id':'schemas/delivery%20v1.json','type':'object'}"));
-    ck_assert_str_eq(de__schema_id(s), "schemas/delivery%20v1.json");
-    de__schema_free(s);
+    ck_assert_str_eq(de__contract_id(s), "schemas/delivery%20v1.json");
+    de__contract_free(s);
     s = compile_ok(J("{'type':'object'}"));
-    ck_assert_ptr_null(de__schema_id(s));
-    de__schema_free(s);
+    ck_assert_ptr_null(de__contract_id(s));
+    de__contract_free(s);
 
     refused(J("{'$schema':'http://json-schema.org/draft-07/schema#','type':"
               "'object'}"),
@@ -1496,8 +1497,8 @@ START_TEST(id_and_schema_keywords)
     /* "urn:" and 1021 x's: one byte over. */
     o = (size_t)snprintf(big, sizeof big,
                          "{\"type\":\"object\",\"$id\":\"urn:");
-    memset(big + o, 'x', DE__SCHEMA_ID_MAX - 3);
-    snprintf(big + o + DE__SCHEMA_ID_MAX - 3, 8, "\"}");
+    memset(big + o, 'x', DE__CONTRACT_ID_MAX - 3);
+    snprintf(big + o + DE__CONTRACT_ID_MAX - 3, 8, "\"}");
     refused(big, "contract schema: '$id' at $ is 1025 bytes, over the limit "
                  "of 1024: 'urn:xxxxxx...");
 }
@@ -1559,7 +1560,7 @@ END_TEST
 
 START_TEST(big_schemas_are_refused)
 {
-    size_t n = DE__SCHEMA_MAX_BYTES + 1;
+    size_t n = DE__CONTRACT_MAX_BYTES + 1;
     char *buf = malloc(n);
 
     ck_assert_ptr_nonnull(buf);
@@ -1569,39 +1570,39 @@ START_TEST(big_schemas_are_refused)
                "contract schema: 1048577 bytes, over the limit of 1048576",
                __FILE__, __LINE__);
     /* At the limit, it is only JSON. */
-    de__schema *s = NULL;
-    ck_assert_int_eq(de__schema_compile(buf, n - 1, &s), DE_OK);
-    de__schema_free(s);
+    de__contract *s = NULL;
+    ck_assert_int_eq(de__contract_compile(buf, n - 1, &s), DE_OK);
+    de__contract_free(s);
     free(buf);
 }
 END_TEST
 
 START_TEST(canonical_form_compares_by_meaning)
 {
-    de__schema *a = compile_ok(J("{ 'type' : 'object', 'properties': {'b': "
-                                 "{'type':'string'}, 'a': {'enum':[1,2]}}, "
-                                 "'required':['b'] }"));
-    de__schema *b = compile_ok(J("{'required':['b'],'properties':{'a':{'enum'"
-                                 ":[1,2]},'b':{'type':'string'}},'type':"
-                                 "'object'}"));
-    de__schema *c = compile_ok(J("{'required':['b'],'properties':{'a':{'enum'"
-                                 ":[2,1]},'b':{'type':'string'}},'type':"
-                                 "'object'}"));
+    de__contract *a = compile_ok(J("{ 'type' : 'object', 'properties': {'b': "
+                                   "{'type':'string'}, 'a': {'enum':[1,2]}}, "
+                                   "'required':['b'] }"));
+    de__contract *b = compile_ok(J("{'required':['b'],'properties':{'a':{'enum'"
+                                   ":[1,2]},'b':{'type':'string'}},'type':"
+                                   "'object'}"));
+    de__contract *c = compile_ok(J("{'required':['b'],'properties':{'a':{'enum'"
+                                   ":[2,1]},'b':{'type':'string'}},'type':"
+                                   "'object'}"));
 
-    ck_assert_str_eq(de__schema_canonical(a), de__schema_canonical(b));
-    ck_assert_str_eq(de__schema_canonical(a),
+    ck_assert_str_eq(de__contract_canonical(a), de__contract_canonical(b));
+    ck_assert_str_eq(de__contract_canonical(a),
                      "{\"properties\":{\"a\":{\"enum\":[1,2]},\"b\":{\"type\":"
                      "\"string\"}},\"required\":[\"b\"],\"type\":\"object\"}");
-    ck_assert_str_ne(de__schema_canonical(a), de__schema_canonical(c));
-    de__schema_free(a);
-    de__schema_free(b);
-    de__schema_free(c);
+    ck_assert_str_ne(de__contract_canonical(a), de__contract_canonical(c));
+    de__contract_free(a);
+    de__contract_free(b);
+    de__contract_free(c);
 }
 END_TEST
 
 START_TEST(messages_quote_and_cut_values)
 {
-    de__schema *s = compile_ok(
+    de__contract *s = compile_ok(
         J("{'type':'object','properties':{'s':{'type':'integer'},'o':{'type':"
           "'string'}}}"));
     char inst[1024];
@@ -1616,7 +1617,7 @@ START_TEST(messages_quote_and_cut_values)
             "$.s must be an integer, got 'a\\x00b\\x1b\\xc2\\x85'");
     verdict(s, "{\"o\":{\"k\":[1,2,3],\"t\":\"x\\ny\"}}",
             "$.o must be a string, got '{\"k\":[1,2,3],\"t\":\"x\\ny\"}'");
-    de__schema_free(s);
+    de__contract_free(s);
 
     /* No label reads as "payload"; a long key is cut in the path. */
     s = compile_ok(J("{'type':'object'}"));
@@ -1624,20 +1625,20 @@ START_TEST(messages_quote_and_cut_values)
                           "kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk"
                           "kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk",
                           1);
-    ck_assert_int_eq(de__schema_validate(s, v, NULL), DE_ERR_CONTRACT);
+    ck_assert_int_eq(de__contract_validate(s, v, NULL), DE_ERR_CONTRACT);
     ck_assert_str_eq(de_errmsg(),
                      "payload: $['kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk"
                      "kkkkkkkkkkkkkkkkkkk...'] is not allowed "
                      "(additionalProperties is false)");
     json_decref(v);
-    de__schema_free(s);
+    de__contract_free(s);
 }
 END_TEST
 
 /* Checks from several threads against one schema: a compiled schema is
  * immutable (and glibc locks its regex cache). */
 struct thread_arg {
-    const de__schema *s;
+    const de__contract *s;
     int failures;
 };
 
@@ -1648,9 +1649,9 @@ static void *checker(void *p)
     json_t *bad = json_pack("{s:s,s:i}", "sku", "x", "n", 3);
 
     for (int i = 0; i < 2000; i++) {
-        if (de__schema_validate(a->s, good, LABEL) != DE_OK)
+        if (de__contract_validate(a->s, good, LABEL) != DE_OK)
             a->failures++;
-        if (de__schema_validate(a->s, bad, LABEL) != DE_ERR_CONTRACT ||
+        if (de__contract_validate(a->s, bad, LABEL) != DE_ERR_CONTRACT ||
             strcmp(de_errmsg(), LABEL ": $.sku must match ^[A-Z]{3}-[0-9]+$, "
                                       "got 'x'") != 0)
             a->failures++;
@@ -1662,7 +1663,7 @@ static void *checker(void *p)
 
 START_TEST(threads_share_a_schema)
 {
-    de__schema *s = compile_ok(
+    de__contract *s = compile_ok(
         J("{'type':'object','properties':{'sku':{'type':'string','pattern':"
           "'^[A-Z]{3}-[0-9]+$'},'n':{'type':'integer','enum':[1,2,3]}}}"));
     pthread_t t[4];
@@ -1677,14 +1678,14 @@ START_TEST(threads_share_a_schema)
         pthread_join(t[i], NULL);
         ck_assert_int_eq(args[i].failures, 0);
     }
-    de__schema_free(s);
+    de__contract_free(s);
 }
 END_TEST
 
 /* Patterns do not depend on the host's locale. */
 START_TEST(host_locale_does_not_matter)
 {
-    de__schema *s = prop_schema("{'type':'string','pattern':'^.{3}$'}");
+    de__contract *s = prop_schema("{'type':'string','pattern':'^.{3}$'}");
 
     setlocale(LC_ALL, "C");
     valid(s, J("{'a':'\u00e9t\u00e9'}"));
@@ -1692,7 +1693,7 @@ START_TEST(host_locale_does_not_matter)
     setlocale(LC_ALL, "C.UTF-8");
     valid(s, J("{'a':'\u00e9t\u00e9'}"));
     setlocale(LC_ALL, "C");
-    de__schema_free(s);
+    de__contract_free(s);
 }
 END_TEST
 
@@ -2171,7 +2172,7 @@ START_TEST(differential_random_schemas)
 
         gen_nul_ok = false;
         char *text, *text2, msg1[1024];
-        de__schema *s, *s2;
+        de__contract *s, *s2;
 
         for (int d = 0; d < ndefs; d++) {
             char nm[8];
@@ -2188,15 +2189,16 @@ START_TEST(differential_random_schemas)
         gen_nul_ok = true;
         text = json_dumps(root, JSON_COMPACT);
         s = NULL;
-        ck_assert_msg(de__schema_compile(text, strlen(text), &s) == DE_OK,
+        ck_assert_msg(de__contract_compile(text, strlen(text), &s) == DE_OK,
                       "seed %llu round %d: %s refused: %s",
                       (unsigned long long)seed, r, text, de_errmsg());
-        text2 = strdup(de__schema_canonical(s));
-        ck_assert_int_eq(de__schema_compile(text2, strlen(text2), &s2), DE_OK);
+        text2 = strdup(de__contract_canonical(s));
+        ck_assert_int_eq(de__contract_compile(text2, strlen(text2), &s2),
+                         DE_OK);
         for (int i = 0; i < 12; i++) {
             json_t *inst = gen_instance(root, root, 1);
             bool want = oracle(root, root, inst);
-            de_err e1 = de__schema_validate(s, inst, LABEL);
+            de_err e1 = de__contract_validate(s, inst, LABEL);
             snprintf(msg1, sizeof msg1, "%s", de_errmsg());
             char *itext = json_dumps(inst, JSON_COMPACT | JSON_ENCODE_ANY);
             ck_assert_msg(e1 == (want ? DE_OK : DE_ERR_CONTRACT),
@@ -2216,15 +2218,15 @@ START_TEST(differential_random_schemas)
             /* Deterministic: again, and through the canonical text (whose
              * sorted keys may print an object in an enum differently, so
              * only the verdict is compared there). */
-            ck_assert_int_eq(de__schema_validate(s, inst, LABEL), e1);
+            ck_assert_int_eq(de__contract_validate(s, inst, LABEL), e1);
             if (e1 != DE_OK)
                 ck_assert_str_eq(de_errmsg(), msg1);
-            ck_assert_int_eq(de__schema_validate(s2, inst, LABEL), e1);
+            ck_assert_int_eq(de__contract_validate(s2, inst, LABEL), e1);
             free(itext);
             json_decref(inst);
         }
-        de__schema_free(s);
-        de__schema_free(s2);
+        de__contract_free(s);
+        de__contract_free(s2);
         free(text);
         free(text2);
         json_decref(root);
@@ -2321,7 +2323,7 @@ START_TEST(patterns_agree_with_glibc)
         size_t o = 0;
         json_t *sch;
         char *text;
-        de__schema *s = NULL;
+        de__contract *s = NULL;
         regex_t re;
         locale_t old;
 
@@ -2336,7 +2338,7 @@ START_TEST(patterns_agree_with_glibc)
                       "refuses",
                       (unsigned long long)seed, pat);
         uselocale(old);
-        ck_assert_msg(de__schema_compile(text, strlen(text), &s) == DE_OK,
+        ck_assert_msg(de__contract_compile(text, strlen(text), &s) == DE_OK,
                       "seed %llu: pattern %s refused: %s",
                       (unsigned long long)seed, pat, de_errmsg());
         for (int k = 0; k < 20; k++) {
@@ -2352,7 +2354,7 @@ START_TEST(patterns_agree_with_glibc)
             bool want = regexec(&re, subj, 0, m, REG_STARTEND) == 0;
             uselocale(old);
             json_t *v = json_pack("{s:s%}", "a", subj, n);
-            de_err e = de__schema_validate(s, v, LABEL);
+            de_err e = de__contract_validate(s, v, LABEL);
             ck_assert_msg(
                 e == (want ? DE_OK : DE_ERR_CONTRACT),
                 "seed %llu: pattern %s on %s (%zu bytes): glibc "
@@ -2365,7 +2367,7 @@ START_TEST(patterns_agree_with_glibc)
             json_decref(v);
         }
         regfree(&re);
-        de__schema_free(s);
+        de__contract_free(s);
         free(text);
         json_decref(sch);
     }

@@ -46,7 +46,87 @@ START_TEST(rfc3339_matches_gmtime)
         de__rfc3339_ms(ms, out);
         ck_assert_msg(strcmp(out, want) == 0, "%lld: %s, gmtime says %s",
                       (long long)ms, out, want);
+        /* And back: what the relay writes, the consumer reads. */
+        {
+            int64_t back = -1;
+            ck_assert(de__parse_rfc3339_ms(out, strlen(out), &back));
+            ck_assert_int_eq(back, ms);
+        }
     }
+}
+END_TEST
+
+/* ce_time as other producers write it: any offset, any fraction. */
+START_TEST(rfc3339_parses_any_producer)
+{
+    static const struct {
+        const char *s;
+        int64_t ms; /* -1: refused */
+    } cases[] = {
+        {"2026-11-25T11:00:00Z", 1795604400000},
+        {"2026-11-25t11:00:00z", 1795604400000},
+        {"2026-11-25T12:00:00+01:00", 1795604400000},
+        {"2026-11-25T06:30:00-04:30", 1795604400000},
+        {"2026-11-25T11:00:00.5Z", 1795604400500},
+        {"2026-11-25T11:00:00.123456789Z", 1795604400123},
+        {"2016-12-31T23:59:60Z", 1483228799999},
+        {"2000-02-29T00:00:00Z", 951782400000},
+        {"1969-12-31T23:59:59Z", -1000},
+        {"2001-02-29T00:00:00Z", -1},
+        {"2026-13-01T00:00:00Z", -1},
+        {"2026-11-25T24:00:00Z", -1},
+        {"2026-11-25T11:00:00", -1},
+        {"2026-11-25 11:00:00Z", -1},
+        {"2026-11-25T11:00:00.Z", -1},
+        {"2026-11-25T11:00:00+0100", -1},
+        {"2026-11-25T11:00:00Zjunk", -1},
+        {"yesterday", -1},
+        {"", -1},
+    };
+
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        int64_t ms = 0;
+        bool ok = de__parse_rfc3339_ms(cases[i].s, strlen(cases[i].s), &ms);
+        if (cases[i].ms == -1)
+            ck_assert_msg(!ok, "%s accepted", cases[i].s);
+        else
+            ck_assert_msg(ok && ms == cases[i].ms, "%s: %d, %lld", cases[i].s,
+                          ok, (long long)ms);
+    }
+}
+END_TEST
+
+static bool keep_member(void *ctx, const de__json_member *m)
+{
+    char *out = ctx, name[64];
+
+    de__json_unescape(m->name, m->name_len, name);
+    strcat(out, name);
+    strcat(out, "=");
+    strncat(out, m->value, m->value_len);
+    strcat(out, ";");
+    return true;
+}
+
+/* Structured mode's members, raw values kept exactly; strings unescaped
+ * to UTF-8. */
+START_TEST(json_members_and_strings)
+{
+    static const char doc[] =
+        " { \"id\" : \"a\\u00e9\\ud83d\\ude00\\n\" , \"data\":{\"n\":1e400,"
+        "\"m\":[1,{\"x\":null}]},\"s\\u0065q\":5 } ";
+    char out[256] = "", text[64];
+
+    ck_assert(de__json_check(doc, strlen(doc), NULL));
+    ck_assert(de__json_members(doc, strlen(doc), keep_member, out));
+    ck_assert_str_eq(out, "id=\"a\\u00e9\\ud83d\\ude00\\n\";data={\"n\":"
+                          "1e400,\"m\":[1,{\"x\":null}]};seq=5;");
+    {
+        static const char raw[] = "\"a\\u00e9\\ud83d\\ude00\\n\"";
+        ck_assert_uint_eq(de__json_unescape(raw, sizeof raw - 1, text), 8);
+    }
+    ck_assert_str_eq(text, "a\xc3\xa9\xf0\x9f\x98\x80\n");
+    ck_assert_uint_eq(de__json_unescape("5", 1, text), (size_t)-1);
 }
 END_TEST
 
@@ -68,13 +148,84 @@ START_TEST(type_and_topic_names)
 }
 END_TEST
 
+/* Every header of a record, in order, with its exact value: a header
+ * dropped or misspelt, or a wrong value, fails here rather than somewhere
+ * downstream. */
+START_TEST(headers_are_built_exactly)
+{
+    static const char *const want[][2] = {
+        {"ce_specversion", "1.0"},
+        {"ce_id", "01937a1e-0000-7000-8000-000000000001"},
+        {"ce_source", "/delivery-service"},
+        {"ce_type", "com.example.delivery.assigned.v3"},
+        {"ce_subject", "D-1001"},
+        {"ce_time", "2026-11-25T11:00:00.123Z"},
+        {"content-type", "application/json"},
+        {"ce_partitionkey", "D-1001"},
+        {"ce_subjectseq", "42"},
+        {"ce_subjectepoch", "9007"},
+        {"ce_subjecttype", "delivery"},
+        {"ce_action", "assigned"},
+        {"traceparent",
+         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
+        {"tracestate", "rojo=00f067aa0ba902b7"},
+    };
+    de__row row;
+    rd_kafka_headers_t *h;
+    const char *name;
+    const void *val;
+    size_t size, i;
+
+    memset(&row, 0, sizeof row);
+    row.event_id = want[1][1];
+    row.subject_type = "delivery";
+    row.subject_id = "D-1001";
+    row.subject_id_len = 6;
+    row.action = "assigned";
+    row.version = 3;
+    row.occurred_at_ms = 1795604400123;
+    row.payload = "{}";
+    row.payload_len = 2;
+    row.traceparent = want[12][1];
+    row.tracestate = want[13][1];
+    h = de__envelope_headers(&row, 9007, 42, "/delivery-service",
+                             "com.example.");
+    ck_assert_ptr_nonnull(h);
+    for (i = 0; rd_kafka_header_get_all(h, i, &name, &val, &size) == 0; i++) {
+        ck_assert_msg(i < DE__ARRAY_LEN(want), "extra header %s", name);
+        ck_assert_str_eq(name, want[i][0]);
+        ck_assert_msg(size == strlen(want[i][1]) &&
+                          memcmp(val, want[i][1], size) == 0,
+                      "%s is '%.*s', expected '%s'", name, (int)size,
+                      (const char *)val, want[i][1]);
+    }
+    ck_assert_uint_eq(i, DE__ARRAY_LEN(want));
+    rd_kafka_headers_destroy(h);
+    /* Without trace context, version or epoch (a numbering begun before
+     * epochs): none of those headers, no ".v". */
+    row.traceparent = row.tracestate = NULL;
+    row.version = 0;
+    h = de__envelope_headers(&row, 0, 1, "/s", "");
+    ck_assert_ptr_nonnull(h);
+    ck_assert_int_eq(rd_kafka_header_get_last(h, "traceparent", &val, &size),
+                     RD_KAFKA_RESP_ERR__NOENT);
+    ck_assert_int_eq(
+        rd_kafka_header_get_last(h, "ce_subjectepoch", &val, &size),
+        RD_KAFKA_RESP_ERR__NOENT);
+    ck_assert_int_eq(rd_kafka_header_get_last(h, "ce_type", &val, &size), 0);
+    ck_assert_msg(size == 17 && memcmp(val, "delivery.assigned", 17) == 0,
+                  "ce_type '%.*s'", (int)size, (const char *)val);
+    rd_kafka_headers_destroy(h);
+}
+END_TEST
+
 /* jansson's verdict on "one JSON object", where RFC 8259 and jansson
  * agree.  jansson also refuses numbers it cannot represent (overflow):
  * valid JSON, so those count as valid here. */
 static int jansson_says(const char *s, size_t len)
 {
     json_error_t e;
-    json_t *j = json_loadb(s, len, JSON_ALLOW_NUL, &e);
+    json_t *j = json_loadb(s, len, JSON_ALLOW_NUL | JSON_REJECT_DUPLICATES, &e);
     int ok = j != NULL && json_is_object(j);
 
     json_decref(j);
@@ -94,8 +245,8 @@ START_TEST(json_validator_agrees_with_jansson)
         "{\"s\":\"esc \\\" \\\\ \\/ \\b \\f \\n \\r \\t \\u00e9 "
         "\\ud83d\\ude00\"}",
         "{\"utf8\":\"\xea\xb0\x80\xeb\x82\x98 \xf0\x9f\x9a\x9a\"}",
-        "{\"a\":1,\"a\":2}",
         "{\"n\":-0.000123e-5}",
+        "{\"a\":1,\"b\":{\"a\":2}}", /* the same name in another object */
     };
     static const char *bad[] = {
         "",
@@ -125,6 +276,10 @@ START_TEST(json_validator_agrees_with_jansson)
         "{\"a\":\"\xc0\xaf\"}",
         "{\"a\":1e}",
         "{\"a\":-}",
+        "{\"a\":1,\"a\":2}",
+        "{\"a\":1,\"\\u0061\":2}", /* the same name, escaped */
+        "{\"\\ud83d\\ude00\":1,\"\xf0\x9f\x98\x80\":2}",
+        "\xef\xbb\xbf{}", /* a byte-order mark */
     };
     unsigned seed = 4242;
     char buf[512];
@@ -169,6 +324,43 @@ START_TEST(json_validator_agrees_with_jansson)
         checked++;
     }
     ck_assert_int_gt(checked, 25000);
+    /* Numbers of any size are kept as written (jansson refuses these). */
+    ck_assert(de__json_is_object("{\"n\":1e400}", 11));
+    ck_assert(de__json_is_object("{\"n\":123456789012345678901234567890}", 36));
+    /* Many members: checked through the hash table, duplicates found. */
+    {
+        size_t cap = 20 * 60000, o = 0;
+        char *big = malloc(cap);
+        de__json_error e;
+        big[o++] = '{';
+        for (int i = 0; i < 60000; i++)
+            o += (size_t)snprintf(big + o, cap - o, "%s\"k%d\":%d",
+                                  i ? "," : "", i, i);
+        big[o++] = '}';
+        ck_assert(de__json_check(big, o, &e));
+        o--;
+        o += (size_t)snprintf(big + o, cap - o, ",\"k31337\":0}");
+        ck_assert(!de__json_check(big, o, &e));
+        ck_assert_str_eq(e.what, "a duplicate member name");
+        ck_assert_uint_gt(e.offset, 600000);
+        free(big);
+    }
+    /* Exactly DE__JSON_MAX_DEPTH levels, and one more. */
+    for (int extra = 0; extra < 2; extra++) {
+        int levels = DE__JSON_MAX_DEPTH + extra;
+        char *d = malloc((size_t)levels * 8 + 16);
+        size_t o = 0;
+        d[o++] = '{';
+        for (int i = 1; i < levels; i++) {
+            memcpy(d + o, "\"a\":{", 5);
+            o += 5;
+        }
+        for (int i = 0; i < levels; i++)
+            d[o++] = '}';
+        ck_assert_msg(de__json_is_object(d, o) == (extra == 0), "%d levels",
+                      levels);
+        free(d);
+    }
     /* Depth is capped: no stack exhaustion on hostile nesting. */
     {
         size_t n = 200000;
@@ -195,7 +387,10 @@ static Suite *envelope_suite(void)
 
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, rfc3339_matches_gmtime);
+    tcase_add_test(tc, rfc3339_parses_any_producer);
+    tcase_add_test(tc, json_members_and_strings);
     tcase_add_test(tc, type_and_topic_names);
+    tcase_add_test(tc, headers_are_built_exactly);
     tcase_add_test(tc, json_validator_agrees_with_jansson);
     suite_add_tcase(s, tc);
     return s;

@@ -8,7 +8,12 @@
  *  - query_model's delivery_status equals the service's deliveries;
  *  - notifier queued exactly the messages the service's history implies;
  *  - live_stats' stream windows equal a batch SQL aggregation over the
- *    service's tables (event time, late events included as revisions).
+ *    service's tables (event time, late events included as revisions);
+ *  - dispatch_board, reading the same topic mixed with another producer's
+ *    CloudEvents (courier_app: numbered binary-mode shifts, un-numbered
+ *    structured-mode pings each sent twice, one record that is none),
+ *    equals the service's deliveries and the courier app's riders, with
+ *    every ping applied once and the stray record dead-lettered whole.
  */
 #include "kafka.h"
 
@@ -17,19 +22,6 @@
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-static char *dir;
-
-static void setup(void)
-{
-    dir = tu_mkdtemp();
-}
-
-static void teardown(void)
-{
-    tu_rmdir(dir);
-    dir = NULL;
-}
 
 static pid_t run(const char *prog, const char *a1, const char *a2,
                  const char *a3, const char *a4, const char *a5, const char *a6)
@@ -41,7 +33,7 @@ static pid_t run(const char *prog, const char *a1, const char *a2,
     ck_assert_msg(exdir != NULL, "DE_EXAMPLES (the examples' directory) "
                                  "unset");
     snprintf(path, sizeof path, "%s/%s", exdir, prog);
-    snprintf(out, sizeof out, "%s/%s.out", dir, prog);
+    snprintf(out, sizeof out, "%s/%s.out", tu_dir, prog);
     pid = fork();
     ck_assert_int_ge(pid, 0);
     if (pid == 0) {
@@ -78,7 +70,7 @@ START_TEST(examples_agree_with_the_service)
 {
     tu_cluster *c = tu_cluster_new(0, 3);
     const char *topic = NULL;
-    pid_t svc, q, n, s;
+    pid_t svc, q, n, s, b, courier;
     sqlite3 *db;
     char sql[1024];
     static const char stream[] =
@@ -101,24 +93,31 @@ START_TEST(examples_agree_with_the_service)
         rd_kafka_mock_topic_create(c->mock, "delivery.events", 6, 1), 0);
     (void)topic;
     q = run("query_model", "--bootstrap", c->bootstrap, "--db",
-            tu_path(dir, "q.db"), "--until-idle", "2500");
+            tu_path(tu_dir, "q.db"), "--until-idle", "2500");
     n = run("notifier", "--bootstrap", c->bootstrap, "--db",
-            tu_path(dir, "n.db"), "--until-idle", "2500");
+            tu_path(tu_dir, "n.db"), "--until-idle", "2500");
     s = run("live_stats", "--bootstrap", c->bootstrap, "--db",
-            tu_path(dir, "s.db"), "--until-idle", "2500");
-    svc = run("delivery_service", "--db", tu_path(dir, "svc.db"),
+            tu_path(tu_dir, "s.db"), "--until-idle", "2500");
+    b = run("dispatch_board", "--bootstrap", c->bootstrap, "--db",
+            tu_path(tu_dir, "b.db"), "--until-idle", "2500");
+    courier = run("courier_app", "--bootstrap", c->bootstrap, "--riders", "10",
+                  "--pings", "5");
+    svc = run("delivery_service", "--db", tu_path(tu_dir, "svc.db"),
               "--deliveries", "150", "--bootstrap", c->bootstrap);
+    finish(courier, "courier_app");
     finish(svc, "delivery_service");
+    finish(b, "dispatch_board");
     finish(q, "query_model");
     finish(n, "notifier");
     finish(s, "live_stats");
 
-    db = tu_open(tu_path(dir, "svc.db"));
+    db = tu_open(tu_path(tu_dir, "svc.db"));
     snprintf(sql, sizeof sql,
              "ATTACH '%s' AS svc; ATTACH '%s' AS qm; ATTACH '%s' AS nt; "
-             "ATTACH '%s' AS ls",
-             tu_path(dir, "svc.db"), tu_path(dir, "q.db"), tu_path(dir, "n.db"),
-             tu_path(dir, "s.db"));
+             "ATTACH '%s' AS ls; ATTACH '%s' AS db",
+             tu_path(tu_dir, "svc.db"), tu_path(tu_dir, "q.db"),
+             tu_path(tu_dir, "n.db"), tu_path(tu_dir, "s.db"),
+             tu_path(tu_dir, "b.db"));
     tu_exec(db, sql);
     ck_assert_int_eq(tu_query_int(db, "SELECT count(*) FROM svc.deliveries"),
                      150);
@@ -146,6 +145,34 @@ START_TEST(examples_agree_with_the_service)
                          "IS NOT NULL AND rider_id IS NOT NULL THEN 1 END) "
                          "FROM svc.deliveries"));
 
+    /* The dispatch board: the service's deliveries from its events, the
+     * riders from the courier app's, side by side on one topic. */
+    {
+        static const char svc_board[] =
+            "SELECT id, status, rider_id FROM svc.deliveries";
+        static const char board[] =
+            "SELECT delivery_id, status, rider_id FROM db.board";
+        ck_assert_int_eq(differ(db, svc_board, board), 0);
+        ck_assert_int_eq(differ(db, board, svc_board), 0);
+    }
+    ck_assert_int_eq(tu_query_int(db, "SELECT count(*) FROM db.riders WHERE "
+                                      "on_shift = 0 AND shifts = 1 AND pings "
+                                      "= 5 AND lat = 52.5205 AND lon = "
+                                      "13.4005"),
+                     10);
+    ck_assert_int_eq(tu_query_int(db, "SELECT count(*) FROM db.riders"), 10);
+    ck_assert_int_eq(tu_query_int(db, "SELECT count(*) FROM "
+                                      "db.de_dead_letter WHERE kind = "
+                                      "'foreign' AND CAST(record_key AS "
+                                      "TEXT) = 'debug' AND CAST(record_value "
+                                      "AS TEXT) = 'rider app restarted' AND "
+                                      "error LIKE 'no ce_specversion%'"),
+                     1);
+    ck_assert_int_eq(tu_query_int(db, "SELECT count(*) FROM db.de_dead_letter"),
+                     1);
+    ck_assert_int_eq(tu_query_int(db, "SELECT count(*) FROM db.de_inbox_id"),
+                     50);
+
     /* The stream equals the batch, window by window. */
     ck_assert_int_gt(tu_query_int(db, "SELECT count(*) FROM ls.window_stats"),
                      10);
@@ -168,7 +195,7 @@ static Suite *examples_suite(void)
     Suite *s = suite_create("examples");
     TCase *tc = tcase_create("end-to-end");
 
-    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_checked_fixture(tc, tu_dir_setup, tu_dir_teardown);
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, examples_agree_with_the_service);
     suite_add_tcase(s, tc);

@@ -218,6 +218,10 @@ END_TEST
 
 static char long_ident[80];
 static char long_subject[300];
+/* One byte over each limit, and exactly at it (exact_limits_are_accepted):
+ * an off-by-one in either direction fails a test. */
+static char ident_65[66], ident_64[65], subject_257[258], subject_256[257];
+static char tracestate_513[514], tracestate_512[513];
 static char long_payload[2000];
 static char long_tracestate[600];
 
@@ -237,6 +241,15 @@ struct bad_case {
 MUTATOR(st_null, ev->subject_type = NULL)
 MUTATOR(st_empty, ev->subject_type = "")
 MUTATOR(st_upper, ev->subject_type = "Delivery")
+MUTATOR(st_upper_late, ev->subject_type = "deliverY")
+MUTATOR(st_65, ev->subject_type = ident_65)
+MUTATOR(act_upper_late, ev->action = "assigneD")
+MUTATOR(act_65, ev->action = ident_65)
+MUTATOR(sid_257, ev->subject_id = subject_257)
+MUTATOR(ts_513, {
+    ev->traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    ev->tracestate = tracestate_513;
+})
 MUTATOR(st_digit_first, ev->subject_type = "1delivery")
 MUTATOR(st_dash, ev->subject_type = "deli-very")
 MUTATOR(st_long, ev->subject_type = long_ident)
@@ -297,6 +310,12 @@ static const struct bad_case bad_cases[] = {
     {"subject_type NULL", st_null, DE_ERR_ARG, "subject_type (null)"},
     {"subject_type empty", st_empty, DE_ERR_ARG, "subject_type ''"},
     {"subject_type upper", st_upper, DE_ERR_ARG, "'Delivery'"},
+    {"subject_type upper later", st_upper_late, DE_ERR_ARG, "'deliverY'"},
+    {"subject_type 65 bytes", st_65, DE_ERR_ARG, "at most 64 bytes"},
+    {"action upper later", act_upper_late, DE_ERR_ARG, "'assigneD'"},
+    {"action 65 bytes", act_65, DE_ERR_ARG, "at most 64 bytes"},
+    {"subject_id 257 bytes", sid_257, DE_ERR_ARG, "at most 256 bytes"},
+    {"tracestate 513 bytes", ts_513, DE_ERR_ARG, "at most 512"},
     {"subject_type digit", st_digit_first, DE_ERR_ARG, "'1delivery'"},
     {"subject_type dash", st_dash, DE_ERR_ARG, "'deli-very'"},
     {"subject_type long", st_long, DE_ERR_ARG, "'aaaaaaaa"},
@@ -348,6 +367,12 @@ START_TEST(bad_input_is_refused_and_writes_nothing)
     de_recorded rec;
 
     memset(long_ident, 'a', sizeof long_ident - 1);
+    memset(ident_65, 'b', sizeof ident_65 - 1);
+    memset(ident_64, 'c', sizeof ident_64 - 1);
+    memset(subject_257, 's', sizeof subject_257 - 1);
+    memset(subject_256, 't', sizeof subject_256 - 1);
+    memset(tracestate_513, 'k', sizeof tracestate_513 - 1);
+    memset(tracestate_512, 'k', sizeof tracestate_512 - 1);
     memset(long_subject, 'x', sizeof long_subject - 1);
     memset(long_tracestate, 'k', sizeof long_tracestate - 1);
 
@@ -371,6 +396,33 @@ START_TEST(bad_input_is_refused_and_writes_nothing)
     tu_exec(db, "COMMIT");
     ck_assert_int_eq(outbox_count(db), 1);
     ck_assert_int_eq(tu_query_int(db, "SELECT count(*) FROM deliveries"), 1);
+}
+END_TEST
+
+/* Each limit itself is allowed: 64-byte identifiers, a 256-byte subject
+ * id, a 36-character event id, a 512-byte tracestate. */
+START_TEST(exact_limits_are_accepted)
+{
+    de_event ev = valid_event();
+    de_recorded rec;
+
+    memset(ident_64, 'c', sizeof ident_64 - 1);
+    memset(subject_256, 't', sizeof subject_256 - 1);
+    memset(tracestate_512, 'k', sizeof tracestate_512 - 1);
+    ev.subject_type = ident_64;
+    ev.action = ident_64;
+    ev.subject_id = subject_256;
+    ev.event_id = "012345678901234567890123456789012345";
+    ev.traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    ev.tracestate = tracestate_512;
+    tu_exec(db, "BEGIN");
+    tu_ok(de_record(ob, &ev, &rec));
+    tu_exec(db, "COMMIT");
+    ck_assert_str_eq(rec.event_id, "012345678901234567890123456789012345");
+    ck_assert_int_eq(tu_query_int(db, "SELECT length(subject_id) + "
+                                      "length(subject_type) + "
+                                      "length(tracestate) FROM de_outbox"),
+                     256 + 64 + 512);
 }
 END_TEST
 
@@ -713,6 +765,7 @@ static Suite *outbox_suite(void)
     tcase_add_loop_test(tc, bad_input_is_refused_and_writes_nothing, 0,
                         (int)(sizeof bad_cases / sizeof bad_cases[0]));
     tcase_add_test(tc, null_arguments_are_refused);
+    tcase_add_test(tc, exact_limits_are_accepted);
     tcase_add_test(tc, oversized_events_are_refused);
     tcase_add_test(tc, full_database_is_reported);
     tcase_add_test(tc, refuses_unusable_connections);

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * check_relay.c -- the relay's guarantees (DESIGN.md section 5) against
+ * check_relay.c -- the relay's guarantees (docs/OVERVIEW.md) against
  * librdkafka's mock cluster (and a real cluster when
  * KAFKA_BOOTSTRAP_SERVERS is set): order and numbering per subject,
  * nothing lost through broker outages, leader changes, request errors and
@@ -15,11 +15,15 @@
 #include "kafka.h"
 
 #include <fcntl.h>
+#include <jansson.h>
+#include <limits.h>
+#include <regex.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -192,22 +196,37 @@ START_TEST(survives_a_broker_outage)
 END_TEST
 
 /* All brokers down for longer than librdkafka's own timeouts. */
+static int64_t brokers_up(de_relay *r)
+{
+    de_relay_stats st;
+
+    tu_ok(de_relay_stats_get(r, &st));
+    return st.brokers_up;
+}
+
+/* The stats say when no broker is reachable (brokers_up), and again when
+ * they are back. */
 START_TEST(survives_a_whole_cluster_outage)
 {
     tu_cluster *c = tu_cluster_new(0, 3);
-    de_conf *conf = tu_relay_conf(c, NULL);
+    de_conf *conf = tu_relay_conf(c, "statistics.interval.ms", "100", NULL);
     de_relay *r = NULL;
 
     tu_topic_create(c, "delivery", 3);
     tu_ok(de_relay_start(ob, conf, &r));
     de_conf_destroy(conf);
     write_many(10, 2, "delivery");
+    tu_ok(de_relay_flush(r, 30000));
+    ck_assert(tu_wait_for(brokers_up(r) >= 1, 10000));
     for (int b = 1; b <= 3; b++)
         rd_kafka_mock_broker_set_down(c->mock, b);
     write_many(10, 3, "delivery");
     tu_assert_err(de_relay_flush(r, 3000), DE_ERR_TIMEOUT, "pending");
+    ck_assert_msg(tu_wait_for(brokers_up(r) == 0, 20000), "brokers_up %lld",
+                  (long long)brokers_up(r));
     for (int b = 1; b <= 3; b++)
         rd_kafka_mock_broker_set_up(c->mock, b);
+    ck_assert(tu_wait_for(brokers_up(r) >= 1, 20000));
     write_many(10, 1, "delivery");
     tu_ok(de_relay_flush(r, 60000));
     tu_ok(de_relay_stop(r, 5000));
@@ -385,6 +404,64 @@ START_TEST(blocked_subjects_wait_and_others_flow)
 }
 END_TEST
 
+/* A row inserted by hand that de_record would have refused is never
+ * published: its subject waits behind it with the reason while others
+ * flow; mended in the database, a retry publishes it in its place. */
+START_TEST(hand_written_rows_are_held_back_not_published)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_conf *conf = tu_relay_conf(c, "relay.blocked.retry.ms", "600000", NULL);
+    de_relay *r = NULL;
+    de_relay_stats st;
+    int64_t bad;
+    char sql[512];
+
+    tu_topic_create(c, "delivery", 2);
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    tu_write(db, ob, "delivery", "D-1", "assigned", "{}", 0);
+    tu_exec(db, "BEGIN IMMEDIATE");
+    tu_exec(db, "INSERT INTO de_outbox(event_id, subject_type, subject_id, "
+                "action, version, occurred_at_ms, recorded_at_ms, payload) "
+                "VALUES ('hand-1', 'delivery', 'D-1', 'picked_up', 0, "
+                "1795604400000, CAST(strftime('%s', 'now') AS INTEGER) * "
+                "1000, 'not json')");
+    bad = sqlite3_last_insert_rowid(db);
+    tu_exec(db, "INSERT INTO ledger(event_id, subject_type, subject_id, "
+                "action, payload, occurred_at_ms) VALUES ('hand-1', "
+                "'delivery', 'D-1', 'picked_up', '{\"mended\":true}', "
+                "1795604400000)");
+    tu_exec(db, "COMMIT");
+    tu_write(db, ob, "delivery", "D-1", "delivered", "{}", 0);
+    tu_write(db, ob, "delivery", "D-2", "assigned", "{}", 0);
+    ck_assert_msg(tu_wait_for((de_relay_stats_get(r, &st),
+                               st.blocked_subjects == 1 && st.held_back == 2 &&
+                                   st.published == 2),
+                              30000),
+                  "blocked %llu, held back %llu, published %llu: %s",
+                  (unsigned long long)st.blocked_subjects,
+                  (unsigned long long)st.held_back,
+                  (unsigned long long)st.published, st.last_error);
+    ck_assert_msg(strstr(st.last_error, "not a valid event") != NULL &&
+                      strstr(st.last_error, "'not json'") != NULL,
+                  "%s", st.last_error);
+    /* Still refused on a retry while it is not mended. */
+    tu_ok(de_relay_retry_blocked(r));
+    tu_assert_err(de_relay_flush(r, 300), DE_ERR_TIMEOUT, NULL);
+    snprintf(sql, sizeof sql,
+             "UPDATE de_outbox SET payload = '{\"mended\":true}' WHERE "
+             "position = %lld",
+             (long long)bad);
+    tu_exec(db, sql);
+    tu_ok(de_relay_retry_blocked(r));
+    tu_ok(de_relay_flush(r, 30000));
+    tu_ok(de_relay_stop(r, 5000));
+    tu_check k = check(c);
+    tu_assert_check(&k);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* Stop with the cluster unreachable: it returns in time with
  * DE_ERR_TIMEOUT and leaves the events for the next relay. */
 START_TEST(stop_keeps_unpublished_events)
@@ -449,6 +526,361 @@ START_TEST(cleanup_never_lets_positions_go_back)
 }
 END_TEST
 
+/* The size of a file, 0 when it does not exist. */
+static int64_t file_size(const char *path)
+{
+    struct stat sb;
+
+    return stat(path, &sb) == 0 ? (int64_t)sb.st_size : 0;
+}
+
+/*
+ * Guarantee 4c under a writer that never pauses, in the documented setup
+ * of several instances: this process's relay is a standby, the active one
+ * has its own connection (as a relay in another process has).  While the
+ * writes go on, published rows are deleted (the outbox stays bounded by
+ * the lag) and the host's log is checkpointed (it stays bounded too) --
+ * by the standby for this process's commits and by the active relay for
+ * everyone's.  Nothing is lost or reordered by it.
+ */
+START_TEST(outbox_and_log_stay_bounded_under_sustained_writes)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_conf *conf = tu_relay_conf(c, NULL);
+    de_relay *active = NULL, *standby = NULL;
+    de_relay_stats st, sb;
+    const int n = 40000;
+    int64_t wal_max = 0, rows_max = 0, deleted_while_writing;
+    char wal[4200];
+    tu_check k;
+
+    snprintf(wal, sizeof wal, "%s-wal", tu_path(dir, "service.db"));
+    /* 40,000 records of ~1.5 KB with headers: spread so that no partition
+     * reaches the mock cluster's 5 MiB per partition, beyond which it drops the
+     * oldest records. */
+    tu_topic_create(c, "delivery", 32);
+    tu_ok(de_relay_start_path(tu_path(dir, "service.db"), conf, &active));
+    ck_assert(tu_wait_for((de_relay_stats_get(active, &st), st.active), 10000));
+    tu_ok(de_relay_start(ob, conf, &standby));
+    de_conf_destroy(conf);
+    for (int i = 0; i < n; i++) {
+        char id[16];
+        snprintf(id, sizeof id, "D-%d", i % 500);
+        tu_write(db, ob, "delivery", id, "assigned", "{\"n\":1}", 0);
+        if (i % 1000 == 0) {
+            int64_t w = file_size(wal);
+            int64_t rows = tu_query_int(db, "SELECT count(*) FROM de_outbox");
+            wal_max = w > wal_max ? w : wal_max;
+            rows_max = rows > rows_max ? rows : rows_max;
+        }
+    }
+    tu_ok(de_relay_stats_get(active, &st));
+    deleted_while_writing = (int64_t)st.deleted;
+    tu_ok(de_relay_stats_get(standby, &sb));
+    ck_assert_int_eq(sb.active, 0);
+    if (getenv("DE_TEST_LOG"))
+        fprintf(stderr,
+                "sustained writes: %d events, %lld deleted while writing, "
+                "outbox at most %lld rows, log at most %lld bytes\n",
+                n, (long long)deleted_while_writing, (long long)rows_max,
+                (long long)wal_max);
+    /* Cleanup kept up with the writer rather than waiting for it to stop:
+     * most rows were gone before the last write. */
+    ck_assert_int_ge(deleted_while_writing, n / 2);
+    ck_assert_int_lt(rows_max, n / 2);
+    /* Without checkpoints the log grows by about 400 bytes per event
+     * (16 MB here); checkpointed, it stays near twice the host's
+     * wal_autocheckpoint (1000 pages of 4 KiB plus frame headers; it
+     * starts over at the first write no reader is in the way of). */
+    ck_assert_int_lt(wal_max, 3 * 1000 * (4096 + 24));
+    tu_ok(de_relay_flush(active, 30000));
+    tu_ok(de_relay_stop(standby, 5000));
+    tu_ok(de_relay_stop(active, 5000));
+    k = check(c);
+    tu_assert_check(&k);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* Guarantee 4c: a backlog over many more subjects than the relay keeps in
+ * memory drains with the table bounded -- idle subjects are evicted as
+ * new ones come, not only when the relay is idle -- and evicted subjects
+ * come back with their numbers: nothing out of order. */
+START_TEST(draining_many_subjects_keeps_memory_flat)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_conf *conf =
+        tu_relay_conf(c, "relay.subject.cache", "100", "relay.max.inflight",
+                      "200", "relay.batch.size", "100", NULL);
+    de_relay *r = NULL;
+    de_relay_stats st;
+    uint64_t most = 0;
+
+    tu_topic_create(c, "delivery", 2);
+    write_many(3000, 2, "delivery");
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    do {
+        usleep(2000);
+        tu_ok(de_relay_stats_get(r, &st));
+        if (st.subjects_cached > most)
+            most = st.subjects_cached;
+    } while (st.published < 6000);
+    /* The cache, plus what is in flight and waiting for a checkpoint, plus
+     * what the clock hand has not reached: far below 3000. */
+    ck_assert_uint_le(most, 100 + 200 + 50 + 4096 / 64);
+    tu_ok(de_relay_stop(r, 5000));
+    tu_check k = check(c);
+    tu_assert_check(&k);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+struct source_count {
+    long n;
+    const char *source;
+    long wrong_source;
+};
+
+static void count_source(void *ctx, const rd_kafka_message_t *m, int32_t np)
+{
+    struct source_count *sc = ctx;
+    const char *v = tu_header(m, "ce_source");
+
+    (void)np;
+    sc->n++;
+    sc->wrong_source += v == NULL || strcmp(v, sc->source) != 0;
+}
+
+/* A relay conf with the cluster and short intervals but no wire settings
+ * (tu_relay_conf sets topic.template and event.source). */
+static de_conf *bare_relay_conf(tu_cluster *c)
+{
+    de_conf *conf = de_conf_new();
+
+    tu_ok(de_conf_set(conf, "bootstrap.servers", c->bootstrap));
+    tu_ok(de_conf_set(conf, "relay.lease.timeout.ms", "1500"));
+    tu_ok(de_conf_set(conf, "relay.checkpoint.interval.ms", "50"));
+    de_conf_set_log_cb(conf, tu_log, NULL);
+    return conf;
+}
+
+/* Writes n events of D-1 through wob, drains them with a sidecar relay
+ * configured by `rconf` (destroyed) and counts the records on topic
+ * `type`'s topic. */
+static long write_drain_count(tu_cluster *c, sqlite3 *w, de_outbox *wob, int n,
+                              de_conf *rconf, const char *type,
+                              struct source_count *sc)
+{
+    de_relay *r = NULL;
+
+    for (int i = 0; i < n; i++)
+        tu_write(w, wob, "delivery", "D-1", "assigned", "{}", 0);
+    tu_ok(de_relay_start_path(tu_path(dir, "service.db"), rconf, &r));
+    tu_ok(de_relay_flush(r, 30000));
+    tu_ok(de_relay_stop(r, 5000));
+    de_conf_destroy(rconf);
+    sc->n = 0;
+    tu_read_topic(c, tu_topic(c, type), count_source, sc);
+    return sc->n;
+}
+
+/* The settings that decide what goes on the wire are the writer's: a
+ * sidecar relay started without them publishes where the writer said, a
+ * relay told otherwise refuses and names both values, and the override key
+ * makes it publish with its own.  A writer that changes a setting changes
+ * it for every relay started after. */
+START_TEST(relays_publish_with_the_writers_settings)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    char tmpl[160], other[160];
+    sqlite3 *w = tu_open(tu_path(dir, "service.db"));
+    de_conf *wconf = de_conf_new(), *rconf;
+    de_outbox *wob = NULL;
+    de_relay *r = NULL;
+    struct source_count sc = {0, "/ops/eu", 0};
+
+    snprintf(tmpl, sizeof tmpl, "%sops.{subject_type}.events", c->prefix);
+    snprintf(other, sizeof other, "%sother.{subject_type}.events", c->prefix);
+    tu_topic_create(c, "ops.delivery", 2);
+    tu_topic_create(c, "other.delivery", 2);
+    tu_ok(de_conf_set(wconf, "topic.template", tmpl));
+    tu_ok(de_conf_set(wconf, "event.source", "/ops/eu"));
+    tu_ok(de_outbox_open(w, wconf, &wob));
+    for (int i = 0; i < 10; i++)
+        tu_write(w, wob, "delivery", "D-1", "assigned", "{}", 0);
+
+    /* Told another template: refused, both values named, nothing sent. */
+    rconf = bare_relay_conf(c);
+    tu_ok(de_conf_set(rconf, "topic.template", other));
+    ck_assert_int_eq(de_relay_start_path(tu_path(dir, "service.db"), rconf, &r),
+                     DE_ERR_CONFIG);
+    ck_assert_ptr_null(r);
+    ck_assert_msg(strstr(de_errmsg(), tmpl) && strstr(de_errmsg(), other) &&
+                      strstr(de_errmsg(), "topic.template"),
+                  "%s", de_errmsg());
+    /* The in-process relay of the writer's outbox likewise. */
+    ck_assert_int_eq(de_relay_start(wob, rconf, &r), DE_ERR_CONFIG);
+    de_conf_destroy(rconf);
+
+    /* Not told: the writer's topic and source. */
+    ck_assert_int_eq(write_drain_count(c, w, wob, 0, bare_relay_conf(c),
+                                       "ops.delivery", &sc),
+                     10);
+    ck_assert_int_eq(sc.wrong_source, 0);
+
+    /* The override: its own template. */
+    rconf = bare_relay_conf(c);
+    tu_ok(de_conf_set(rconf, "topic.template", other));
+    tu_ok(de_conf_set(rconf, "relay.settings.override", "true"));
+    ck_assert_int_eq(
+        write_drain_count(c, w, wob, 5, rconf, "other.delivery", &sc), 5);
+
+    /* The writer changes its template: later relays follow. */
+    de_outbox_close(wob);
+    tu_ok(de_conf_set(wconf, "topic.template", other));
+    tu_ok(de_outbox_open(w, wconf, &wob));
+    ck_assert_int_eq(write_drain_count(c, w, wob, 3, bare_relay_conf(c),
+                                       "other.delivery", &sc),
+                     8);
+
+    de_outbox_close(wob);
+    de_conf_destroy(wconf);
+    sqlite3_close(w);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* The statistics callback's documents, kept by the test. */
+struct stats_seen {
+    pthread_mutex_t mu;
+    int docs;
+    char last[1 << 16];
+};
+
+static void keep_stats(void *ctx, const char *json, size_t len)
+{
+    struct stats_seen *s = ctx;
+
+    pthread_mutex_lock(&s->mu);
+    s->docs++;
+    ck_assert_uint_eq(strlen(json), len);
+    snprintf(s->last, sizeof s->last, "%s", json);
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* The last document, parsed, once one shows `published` >= n. */
+static json_t *stats_doc_with(struct stats_seen *s, uint64_t n)
+{
+    json_t *doc = NULL;
+    int64_t deadline = tu_now_ms() + 20000;
+
+    while (tu_now_ms() < deadline) {
+        pthread_mutex_lock(&s->mu);
+        json_decref(doc);
+        doc = s->docs ? json_loads(s->last, 0, NULL) : NULL;
+        pthread_mutex_unlock(&s->mu);
+        if (doc != NULL &&
+            json_integer_value(json_object_get(doc, "published")) >=
+                (json_int_t)n &&
+            json_is_object(json_object_get(doc, "rdkafka")))
+            return doc;
+        usleep(20000);
+    }
+    ck_abort_msg("no statistics with published >= %llu: %s",
+                 (unsigned long long)n, s->last);
+    return NULL;
+}
+
+/* Every line of a Prometheus text exposition is a comment or
+ * `name{labels} value`. */
+static void assert_exposition(const char *text)
+{
+    regex_t re;
+    char line[1024];
+    const char *p = text;
+
+    ck_assert_int_eq(regcomp(&re,
+                             "^(# (HELP|TYPE) [a-z_]+ .*|[a-z_]+\\{[a-z_]+=\""
+                             "([^\"\\\\]|\\\\.)*\"\\} -?[0-9]+(\\.[0-9]+)?)$",
+                             REG_EXTENDED | REG_NOSUB),
+                     0);
+    while (*p) {
+        size_t n = strcspn(p, "\n");
+        ck_assert_uint_lt(n, sizeof line);
+        memcpy(line, p, n);
+        line[n] = '\0';
+        ck_assert_msg(regexec(&re, line, 0, NULL, 0) == 0,
+                      "not an exposition line: '%s'", line);
+        p += n + (p[n] == '\n');
+    }
+    regfree(&re);
+}
+
+/* Monitoring: the statistics callback delivers the relay's counters and
+ * librdkafka's own statistics as one JSON document every
+ * statistics.interval.ms; the Prometheus rendering shows the same
+ * counters under conventional names. */
+START_TEST(relay_statistics_and_prometheus_metrics)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_conf *conf = tu_relay_conf(c, "statistics.interval.ms", "100", NULL);
+    static struct stats_seen seen = {PTHREAD_MUTEX_INITIALIZER, 0, ""};
+    de_relay *r = NULL;
+    json_t *doc;
+    char want[4300], path[PATH_MAX], *text;
+    size_t len = 0, len2 = 0;
+
+    de_conf_set_stats_cb(conf, keep_stats, &seen);
+    tu_topic_create(c, "delivery", 2);
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    write_many(25, 2, "delivery");
+    tu_ok(de_relay_flush(r, 30000));
+
+    doc = stats_doc_with(&seen, 50);
+    if (getenv("DE_TEST_LOG"))
+        fprintf(stderr, "%.600s\n", seen.last);
+    ck_assert_str_eq(json_string_value(json_object_get(doc, "client")),
+                     "relay");
+    ck_assert_ptr_nonnull(realpath(tu_path(dir, "service.db"), path));
+    ck_assert_str_eq(json_string_value(json_object_get(doc, "database")), path);
+    ck_assert_str_eq(json_string_value(json_object_get(doc, "state_name")),
+                     "active");
+    ck_assert_int_eq(json_integer_value(json_object_get(doc, "published")), 50);
+    ck_assert_int_eq(json_integer_value(json_object_get(doc, "pending")), 0);
+    ck_assert_int_ge(json_integer_value(json_object_get(doc, "brokers_up")), 1);
+    /* librdkafka's own document, as its statistics callback gives it. */
+    ck_assert(json_is_object(
+        json_object_get(json_object_get(doc, "rdkafka"), "brokers")));
+    json_decref(doc);
+
+    /* Prometheus: too small a buffer says how much is needed. */
+    tu_assert_err(de_relay_metrics_prometheus(r, NULL, 0, &len), DE_ERR_ARG,
+                  "too small");
+    ck_assert_uint_gt(len, 0);
+    text = malloc(len + 1);
+    tu_ok(de_relay_metrics_prometheus(r, text, len + 1, &len2));
+    ck_assert_uint_eq(len2, len);
+    ck_assert_uint_eq(strlen(text), len);
+    if (getenv("DE_TEST_LOG"))
+        fputs(text, stderr);
+    assert_exposition(text);
+    snprintf(want, sizeof want,
+             "# TYPE deliveryevents_relay_published_total counter\n"
+             "deliveryevents_relay_published_total{database=\"%s\"} 50\n",
+             path);
+    ck_assert_msg(strstr(text, want), "%s", text);
+    snprintf(want, sizeof want,
+             "deliveryevents_relay_pending_events{database=\"%s\"} 0\n", path);
+    ck_assert_msg(strstr(text, want), "%s", text);
+    ck_assert(strstr(text, "# TYPE deliveryevents_relay_lag_seconds gauge\n"));
+    free(text);
+    tu_ok(de_relay_stop(r, 5000));
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 START_TEST(retention_keeps_published_rows)
 {
     tu_cluster *c = tu_cluster_new(_i, 1);
@@ -466,6 +898,125 @@ START_TEST(retention_keeps_published_rows)
     ck_assert_uint_eq(st.deleted, 0);
     ck_assert_int_eq(tu_query_int(db, "SELECT count(*) FROM de_outbox"), 20);
     tu_ok(de_relay_stop(r, 5000));
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* What a record on Kafka says: its ce_id, numbers and where it is. */
+struct sent_check {
+    sqlite3 *state;
+    long compared, gone, unrecorded;
+};
+
+static void compare_sent(void *ctx, const rd_kafka_message_t *m,
+                         int32_t partitions)
+{
+    struct sent_check *k = ctx;
+    const char *id = tu_header(m, "ce_id");
+    const char *epoch = tu_header(m, "ce_subjectepoch");
+    char sql[512];
+    int64_t pos;
+
+    (void)partitions;
+    ck_assert_ptr_nonnull(id);
+    snprintf(sql, sizeof sql,
+             "SELECT coalesce((SELECT position FROM de_outbox WHERE "
+             "event_id = '%s'), 0)",
+             id);
+    if ((pos = tu_query_int(db, sql)) == 0) {
+        k->gone++; /* its row was deleted */
+        return;
+    }
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM de_relay_published WHERE position = %lld",
+             (long long)pos);
+    if (tu_query_int(k->state, sql) == 0) {
+        k->unrecorded++; /* published without retention */
+        return;
+    }
+    snprintf(sql, sizeof sql,
+             "SELECT epoch || '/' || seq || '@' || topic || '[' || partition "
+             "|| ']' || offset FROM de_relay_published WHERE position = "
+             "%lld",
+             (long long)pos);
+    {
+        char want[512];
+        snprintf(want, sizeof want, "%s/%s@%s[%d]%lld", epoch ? epoch : "0",
+                 tu_header(m, "ce_subjectseq"), rd_kafka_topic_name(m->rkt),
+                 (int)m->partition, (long long)m->offset);
+        ck_assert_str_eq(tu_query_text(k->state, sql), want);
+    }
+    k->compared++;
+}
+
+/* With outbox.retention.ms the relay records, in each checkpoint, the
+ * numbers every event it published went out with and where Kafka stored
+ * it (what de_replay republishes retained rows with), and deletes them
+ * with the rows: the state holds no more of them than the outbox holds
+ * rows.  Without retention it records nothing. */
+START_TEST(published_numbers_go_with_the_retained_rows)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_conf *conf = tu_relay_conf(c, NULL);
+    de_relay *r = NULL;
+    de_relay_stats st;
+    struct sent_check k = {NULL, 0, 0, 0};
+    char state[4200];
+
+    snprintf(state, sizeof state, "%s-relay", tu_path(dir, "service.db"));
+    tu_topic_create(c, "delivery", 2);
+    /* No retention: rows go once published, and no numbers are kept. */
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    write_many(3, 1, "delivery");
+    tu_ok(de_relay_flush(r, 30000));
+    ck_assert(
+        tu_wait_for((de_relay_stats_get(r, &st), st.deleted >= 2), 10000));
+    tu_ok(de_relay_stop(r, 5000));
+    k.state = tu_open_shared(state);
+    ck_assert_int_eq(
+        tu_query_int(k.state, "SELECT count(*) FROM de_relay_published"), 0);
+
+    /* Retention: every published event's numbers are recorded, with the
+     * checkpoint that passes it, as Kafka has them. */
+    conf = tu_relay_conf(c, "outbox.retention.ms", "3600000", NULL);
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    write_many(5, 4, "delivery");
+    tu_ok(de_relay_flush(r, 30000));
+    tu_ok(de_relay_stop(r, 5000));
+    ck_assert_int_eq(tu_query_int(k.state, "SELECT count(*) FROM "
+                                           "de_relay_published"),
+                     20);
+    ck_assert_int_eq(tu_query_int(k.state, "SELECT min(position) FROM "
+                                           "de_relay_published"),
+                     4);
+    tu_read_topic(c, tu_topic(c, "delivery"), compare_sent, &k);
+    ck_assert_int_eq(k.compared, 20);
+    /* Published without retention: 2 rows deleted, and the one at the
+     * cursor (never deleted) kept without numbers. */
+    ck_assert_int_eq(k.gone, 2);
+    ck_assert_int_eq(k.unrecorded, 1);
+
+    /* Cleanup deletes the rows as they age, and their numbers with them:
+     * only the row at the cursor stays, with its numbers. */
+    conf = tu_relay_conf(c, "outbox.retention.ms", "1", NULL);
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    ck_assert_msg(
+        tu_wait_for(tu_query_int(db, "SELECT count(*) FROM de_outbox") == 1 &&
+                        tu_query_int(k.state, "SELECT count(*) FROM "
+                                              "de_relay_published") == 1,
+                    20000),
+        "%lld rows, %lld recorded numbers",
+        (long long)tu_query_int(db, "SELECT count(*) FROM de_outbox"),
+        (long long)tu_query_int(k.state,
+                                "SELECT count(*) FROM de_relay_published"));
+    ck_assert_int_eq(
+        tu_query_int(k.state, "SELECT position FROM de_relay_published"),
+        tu_query_int(db, "SELECT position FROM de_outbox"));
+    tu_ok(de_relay_stop(r, 5000));
+    ck_assert_int_eq(sqlite3_close(k.state), SQLITE_OK);
     tu_cluster_destroy(c);
 }
 END_TEST
@@ -512,6 +1063,56 @@ START_TEST(refuses_lost_or_foreign_state)
                   "already relayed");
     de_conf_destroy(conf);
     tu_cluster_destroy(c);
+}
+END_TEST
+
+/* The relay's state file holds every subject id, the host's name and
+ * error texts: it gets the database's permissions, and a symbolic link
+ * planted in its place is refused, never followed. */
+START_TEST(state_file_is_private_and_never_a_link)
+{
+    const char *db_path = tu_path(dir, "service.db");
+    de_conf *conf = de_conf_new();
+    de_relay *r = NULL;
+    struct stat sb;
+    char state[4200], side[4200], victim[4200], elsewhere[4200];
+    sqlite3 *v;
+
+    tu_ok(de_conf_set(conf, "bootstrap.servers", "127.0.0.1:1"));
+    ck_assert_int_eq(chmod(db_path, 0640), 0);
+    tu_ok(de_relay_start_path(db_path, conf, &r));
+    tu_ok(de_relay_stop(r, 0));
+    snprintf(state, sizeof state, "%s-relay", db_path);
+    ck_assert_int_eq(stat(state, &sb), 0);
+    ck_assert_int_eq(sb.st_mode & 0777, 0640);
+    snprintf(side, sizeof side, "%s-relay-wal", db_path);
+    ck_assert(stat(side, &sb) != 0 || (sb.st_mode & 0777) == 0640);
+
+    /* A link to another database in its place: refused, the other
+     * database untouched. */
+    unlink(state);
+    unlink(side);
+    snprintf(side, sizeof side, "%s-relay-shm", db_path);
+    unlink(side);
+    snprintf(victim, sizeof victim, "%s", tu_path(dir, "victim.db"));
+    v = tu_open(victim);
+    tu_exec(v, "CREATE TABLE precious(x); INSERT INTO precious VALUES (42)");
+    ck_assert_int_eq(symlink(victim, state), 0);
+    r = (de_relay *)1;
+    tu_assert_err(de_relay_start_path(db_path, conf, &r), DE_ERR_STATE,
+                  "is a symbolic link");
+    ck_assert_ptr_null(r);
+    ck_assert_int_eq(tu_query_int(v, "SELECT count(*) FROM sqlite_schema"), 1);
+    sqlite3_close(v);
+
+    /* A dangling link creates nothing where it points. */
+    unlink(state);
+    snprintf(elsewhere, sizeof elsewhere, "%s", tu_path(dir, "elsewhere"));
+    ck_assert_int_eq(symlink(elsewhere, state), 0);
+    tu_assert_err(de_relay_start_path(db_path, conf, &r), DE_ERR_STATE,
+                  "is a symbolic link");
+    ck_assert_int_ne(access(elsewhere, F_OK), 0);
+    de_conf_destroy(conf);
 }
 END_TEST
 
@@ -809,11 +1410,24 @@ static Suite *relay_suite(void)
                         tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, second_relay_stands_by_and_takes_over,
                         tu_cluster_first(), tu_cluster_count());
+    tcase_add_loop_test(tc, outbox_and_log_stay_bounded_under_sustained_writes,
+                        tu_cluster_first(), tu_cluster_count());
+    tcase_add_loop_test(tc, draining_many_subjects_keeps_memory_flat,
+                        tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, retention_keeps_published_rows, tu_cluster_first(),
                         tu_cluster_count());
+    tcase_add_loop_test(tc, published_numbers_go_with_the_retained_rows,
+                        tu_cluster_first(), tu_cluster_count());
+    tcase_add_loop_test(tc, relays_publish_with_the_writers_settings,
+                        tu_cluster_first(), tu_cluster_count());
+    tcase_add_loop_test(tc, relay_statistics_and_prometheus_metrics,
+                        tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, refuses_lost_or_foreign_state, tu_cluster_first(),
                         tu_cluster_count());
     tcase_add_test(tc, refuses_bad_configuration);
+    tcase_add_loop_test(tc, hand_written_rows_are_held_back_not_published,
+                        tu_cluster_first(), tu_cluster_count());
+    tcase_add_test(tc, state_file_is_private_and_never_a_link);
     tcase_add_loop_test(tc, lost_lease_stops_publishing, tu_cluster_first(),
                         tu_cluster_count());
     suite_add_tcase(s, tc);

@@ -16,6 +16,8 @@ fail() { echo "check-install: $*" >&2; exit 1; }
 $make -s install PREFIX="$prefix" >/dev/null
 pc="$prefix/lib/pkgconfig"
 [ -f "$prefix/include/deliveryevents.h" ] || fail "header not installed"
+[ -x "$prefix/bin/deliveryevents" ] || fail "tool not installed"
+[ -f "$prefix/share/man/man1/deliveryevents.1" ] || fail "man page not installed"
 [ -L "$prefix/lib/libdeliveryevents.so" ] || fail "dev symlink missing"
 soname=$(readelf -d "$prefix/lib/libdeliveryevents.so" | sed -n 's/.*SONAME.*\[\(.*\)\]/\1/p')
 [ -e "$prefix/lib/$soname" ] || fail "SONAME link $soname missing"
@@ -63,15 +65,26 @@ $cc -o "$root/user-static" "$root/user.c" $(pkg-config --cflags deliveryevents) 
 "$root/user-static" "$root/b.db" || fail "static build did not run"
 
 $make -s uninstall PREFIX="$prefix" >/dev/null
+[ ! -e "$prefix/share/man/man1/deliveryevents.1" ] || fail "man page not removed"
 left=$(find "$prefix" -type f -o -type l)
 [ -z "$left" ] || fail "uninstall left: $left"
+
+# MANDIR moves the man page alone.
+$make -s install PREFIX="$prefix" MANDIR="$root/man" >/dev/null
+[ -f "$root/man/man1/deliveryevents.1" ] || fail "MANDIR ignored"
+[ ! -e "$prefix/share/man/man1/deliveryevents.1" ] || fail "man page outside MANDIR"
+$make -s uninstall PREFIX="$prefix" MANDIR="$root/man" >/dev/null
+left=$(find "$prefix" "$root/man" -type f -o -type l)
+[ -z "$left" ] || fail "uninstall with MANDIR left: $left"
 
 # DESTDIR stages the same tree under a root.
 $make -s install PREFIX=/opt/de DESTDIR="$root/stage" >/dev/null
 [ -f "$root/stage/opt/de/lib/pkgconfig/deliveryevents.pc" ] || fail "DESTDIR ignored"
+[ -f "$root/stage/opt/de/share/man/man1/deliveryevents.1" ] ||
+    fail "DESTDIR ignored for the man page"
 grep -q '^prefix=/opt/de$' "$root/stage/opt/de/lib/pkgconfig/deliveryevents.pc" ||
     fail "the .pc file does not name PREFIX"
 $make -s uninstall PREFIX=/opt/de DESTDIR="$root/stage" >/dev/null
 left=$(find "$root/stage" -type f -o -type l)
 [ -z "$left" ] || fail "uninstall with DESTDIR left: $left"
-echo "check-install: install, pkg-config build (shared and static), uninstall: ok"
+echo "check-install: install (library, tool, man page), pkg-config build (shared and static), uninstall: ok"

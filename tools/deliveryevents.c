@@ -2,48 +2,124 @@
 /*
  * deliveryevents -- the command-line tool.
  *
- *   deliveryevents relay --db PATH [-X key=value]... [--stats-ms N]
+ *   deliveryevents relay --db PATH [-b SERVERS] [-X key=value]...
+ *                        [--once] [--stats-ms N] [--stop-timeout-ms N]
+ *                        [--metrics ADDR:PORT] [--stall-ms N]
  *       Runs a relay for a database file until SIGINT or SIGTERM, then
- *       stops it gracefully (flushing for up to --stop-timeout-ms).  Other
- *       relays for the same database wait as standbys.  With --drain it
- *       publishes what is committed when it starts, then exits.
+ *       stops it gracefully (flushing for up to --stop-timeout-ms, 10000
+ *       by default); a second SIGINT or SIGTERM stops it at once.  On the
+ *       way out it prints how many events stay pending in the outbox (the
+ *       next relay publishes them).  -b SERVERS is -X
+ *       bootstrap.servers=SERVERS.  Other relays for the same database
+ *       wait as standbys (the relay says so in one line, and again when it
+ *       becomes active).  With --once (alias --drain) it publishes what is
+ *       committed, then exits, with a progress line on a terminal.
+ *       --stats-ms N prints every counter of de_relay_stats every N ms on
+ *       stdout.  --metrics ADDR:PORT serves the counters over HTTP:
+ *       /metrics in the Prometheus text format and /healthz, which answers
+ *       503 while the relay is stopped or has pending events and published
+ *       nothing for --stall-ms (60000); port 0 picks a free port, and the
+ *       address is printed on stderr.
  *
- *   deliveryevents mock-cluster [--brokers N] [--topic NAME:PARTITIONS]...
+ *   deliveryevents status --db PATH [--state PATH] [--json]
+ *       Read-only: what the outbox and its relay state (PATH-relay) hold --
+ *       pending events and the age of the oldest, the relay's cursor, the
+ *       lease holder, blocked subjects and their held-back events, schema
+ *       versions, file sizes.  Creates and changes nothing.
+ *
+ *   deliveryevents list --db PATH [--state PATH] [--subject TYPE:ID]
+ *                       [--pending | --blocked] [--limit N] [--json]
+ *       Read-only: the outbox rows still retained, oldest first, each
+ *       published, pending or held back (100 rows unless --limit; 0 = all).
+ *
+ *   deliveryevents consumer-status --db PATH [--json]
+ *       Read-only, like status, for a consumer's database: its schema
+ *       version, subjects remembered (de_inbox), parked subjects, dead
+ *       letters by kind and state and the oldest, release/skip requests
+ *       still queued, file sizes.
+ *
+ *   deliveryevents dead-letters --db PATH [--subject TYPE:ID] [--parked]
+ *                               [--limit N] [--json]
+ *       Read-only: a consumer's de_dead_letter rows, oldest first (100
+ *       unless --limit; 0 = all).
+ *
+ *   deliveryevents release --db PATH TYPE:ID [--wait MS] [--force]
+ *   deliveryevents skip --db PATH TYPE:ID [--wait MS] [--force]
+ *       Asks the running consumer of PATH (which has the handlers) to call
+ *       de_consumer_release or de_consumer_skip for a parked subject: a
+ *       row in de_consumer_request (consumer schema 4; an older database
+ *       is refused, never changed), then up to --wait MS (30000; 0 = no
+ *       wait) for the consumer's result, which is printed.  A subject not
+ *       parked is refused unless --force; a request not taken in time
+ *       stays queued (exit 1); exit 1 too when the consumer answers that
+ *       the subject is still parked or the request failed.
+ *
+ *   deliveryevents replay --db PATH (--subject TYPE:ID | --from POSITION |
+ *                         --since TIME) [-b SERVERS] [-X key=value]...
+ *                         [--timeout-ms N]
+ *       Republishes retained events (outbox.retention.ms) with their
+ *       original ce_id, ce_subjectepoch and ce_subjectseq (de_replay):
+ *       consumers that applied them count them as duplicates.  Refuses,
+ *       publishing nothing and naming the position, an event no longer
+ *       retained or without recorded numbers, and a selection of which
+ *       nothing is published yet.  Takes no lease, writes no file.
+ *
+ *   deliveryevents mock-cluster [--brokers N] [--topic NAME[:PARTITIONS]]...
+ *                               [--until-stdin-eof]
  *       Starts librdkafka's mock Kafka cluster on loopback and prints
  *       "bootstrap.servers=<list>" on the first line of stdout, then runs
  *       until SIGINT, SIGTERM or (with --until-stdin-eof) end of stdin.
- *       Tools such as kcat and other processes can connect to it.
+ *       A topic without :PARTITIONS gets 1 partition.  Tools such as kcat
+ *       and other processes can connect to it.
  *
- *   deliveryevents tail --bootstrap SERVERS --topic NAME [--exit-at-end]
- *                       [--print N]
- *       Reads a topic from the beginning and prints each event (partition,
- *       offset, subject, ce_subjectseq, type, time, payload), checking as
- *       it goes that every subject's sequence runs 1, 2, 3, ...  With
- *       --exit-at-end it stops at the end of the topic and prints a summary;
- *       --print limits how many events are printed.
+ *   deliveryevents tail -b SERVERS --topic NAME [--exit-at-end] [--print N]
+ *       Reads an existing topic from the beginning (a topic that does not
+ *       exist is refused, never created) and prints each event
+ *       (partition, offset, subject, ce_subjectseq, type, time, payload),
+ *       line by line, checking as it goes that every subject
+ *       (ce_subjecttype/ce_subject) runs 1, 2, 3, ... (starting over at 1
+ *       in a new numbering, ce_subjectepoch).  With --exit-at-end it stops
+ *       at the end of the topic and prints a summary; --print limits how
+ *       many events are printed.  --bootstrap is an alias of -b.
  *
- * Exit status: 0 on success, 1 on a runtime failure, 2 on bad usage, 3
- * when tail found a subject out of order or with a gap.
+ *   Every command takes --help (-h).
+ *
+ * Exit status: 0 on success; 1 on a runtime failure (including a relay
+ * stopped before everything was published, a missing database, a missing
+ * topic, a release or skip refused or not taken in time, a replay refused);
+ * 2 on bad usage (the
+ * message names the bad argument or value); 3 when tail found a subject out of
+ * order or with a gap.
  */
 #include <deliveryevents.h>
+#include <jansson.h>
 #include <librdkafka/rdkafka.h>
 #include <librdkafka/rdkafka_mock.h>
 
+#include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
+#include <microhttpd.h>
+#include <netinet/in.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
-static volatile sig_atomic_t stop_signal;
+static volatile sig_atomic_t stop_signal, signals_seen;
 
 static void on_signal(int sig)
 {
     stop_signal = sig;
+    signals_seen++;
 }
 
 static void catch_signals(void)
@@ -56,22 +132,422 @@ static void catch_signals(void)
     sigaction(SIGTERM, &sa, NULL);
 }
 
-static void usage(FILE *out)
+static int64_t now_ms(void)
 {
-    fprintf(out, "usage: deliveryevents relay --db PATH [-X key=value]... "
-                 "[--stats-ms N] [--stop-timeout-ms N]\n"
-                 "       deliveryevents mock-cluster [--brokers N] "
-                 "[--topic NAME:PARTITIONS]... [--until-stdin-eof]\n"
-                 "       deliveryevents --version\n");
+    struct timespec ts;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static int bad_usage(const char *fmt, const char *arg)
+static int64_t mono_ms(void)
 {
-    fprintf(stderr, "deliveryevents: ");
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* ---- usage ------------------------------------------------------------ */
+
+static const char usage_relay[] =
+    "usage: deliveryevents relay --db PATH [-b SERVERS] [-X key=value]...\n"
+    "                            [--config FILE]\n"
+    "                            [--once|--drain] [--stats-ms N] "
+    "[--stop-timeout-ms N]\n"
+    "                            [--metrics ADDR:PORT] [--stall-ms N]\n"
+    "  Publishes the outbox of PATH to Kafka until SIGINT or SIGTERM.\n"
+    "  --db PATH             the service's database file (required)\n"
+    "  -b SERVERS            Kafka bootstrap servers (= -X "
+    "bootstrap.servers=SERVERS)\n"
+    "  -X key=value          a relay or librdkafka property; repeatable;\n"
+    "                        key=@FILE reads the value from FILE\n"
+    "  --config FILE         key=value lines; DELIVERYEVENTS_X_<KEY>\n"
+    "                        environment variables are read too\n"
+    "  --once, --drain       publish what is committed, then exit\n"
+    "  --stats-ms N          print every relay counter every N ms on stdout\n"
+    "  --stop-timeout-ms N   on SIGINT/SIGTERM flush for up to N ms "
+    "(10000);\n"
+    "                        a second signal stops at once\n"
+    "  --metrics ADDR:PORT   serve /metrics (Prometheus) and /healthz over "
+    "HTTP\n"
+    "                        (port 0: any free port, printed on stderr)\n"
+    "  --stall-ms N          /healthz fails after N ms with events pending "
+    "and\n"
+    "                        none published (60000)\n"
+    "  On exit it prints how many events stay pending in the outbox.\n";
+
+static const char usage_status[] =
+    "usage: deliveryevents status --db PATH [--state PATH] [--json]\n"
+    "  Read-only report of an outbox and its relay state: pending events,\n"
+    "  the relay's cursor, lease holder, blocked subjects, schema versions,\n"
+    "  file sizes.  Creates and changes nothing.\n"
+    "  --db PATH       the service's database file (required)\n"
+    "  --state PATH    the relay's state file (default PATH-relay)\n"
+    "  --json          one JSON object instead of text\n";
+
+static const char usage_list[] =
+    "usage: deliveryevents list --db PATH [--state PATH] [--subject "
+    "TYPE:ID]\n"
+    "                           [--pending | --blocked] [--limit N] "
+    "[--json]\n"
+    "  Read-only list of the outbox rows still retained, oldest first.\n"
+    "  --db PATH          the service's database file (required)\n"
+    "  --state PATH       the relay's state file (default PATH-relay)\n"
+    "  --subject TYPE:ID  only this subject's events, e.g. delivery:D-7\n"
+    "  --pending          only events not yet published (held back "
+    "included)\n"
+    "  --blocked          only events held back behind a blocked subject\n"
+    "  --limit N          at most N rows (100; 0 = all)\n"
+    "  --json             one JSON object per line\n";
+
+static const char usage_mock[] =
+    "usage: deliveryevents mock-cluster [--brokers N] [--topic "
+    "NAME[:PARTITIONS]]...\n"
+    "                                   [--until-stdin-eof]\n"
+    "  Runs librdkafka's mock Kafka cluster on loopback; prints\n"
+    "  \"bootstrap.servers=LIST\" on the first line of stdout.\n"
+    "  --brokers N          brokers (3)\n"
+    "  --topic NAME[:P]     create a topic with P partitions (1); "
+    "repeatable\n"
+    "  --until-stdin-eof    also stop at the end of stdin (and with the "
+    "parent)\n";
+
+static const char usage_tail[] =
+    "usage: deliveryevents tail -b SERVERS --topic NAME [--from-beginning]\n"
+    "       [--group G] [--json] [--exit-at-end] [--print N]\n"
+    "       [-X key=value]... [--config FILE]\n"
+    "  Reads an existing topic, prints each event (control characters\n"
+    "  escaped) and checks that every subject's ce_subjectseq runs 1, 2, 3\n"
+    "  -b, --bootstrap SERVERS   Kafka bootstrap servers (required)\n"
+    "  --topic NAME              the topic (required; never created)\n"
+    "  --from-beginning          start at the oldest record (default: the\n"
+    "                            end, new records only)\n"
+    "  --group G                 read as a member of consumer group G,\n"
+    "                            resuming where it committed\n"
+    "  --json                    one JSON object per record on stdout (the\n"
+    "                            summary goes to stderr)\n"
+    "  --exit-at-end             stop at the end of the topic, print a "
+    "summary\n"
+    "  --print N                 print at most N events (gaps always)\n"
+    "  -X key=value              a librdkafka property (e.g. TLS, SASL);\n"
+    "                            key=@FILE reads the value from FILE\n"
+    "  --config FILE             key=value lines; DELIVERYEVENTS_X_<KEY>\n"
+    "                            environment variables are read too\n";
+
+static void usage(FILE *out)
+{
+    fprintf(
+        out,
+        "usage: deliveryevents COMMAND [OPTION]...\n"
+        "commands:\n"
+        "  relay --db PATH [-b SERVERS] [-X key=value]... [--once|--drain]"
+        "\n"
+        "        [--config FILE] [--stats-ms N] [--stop-timeout-ms N]\n"
+        "        [--metrics ADDR:PORT] [--stall-ms N]\n"
+        "                 publish a database's outbox to Kafka\n"
+        "  status --db PATH [--state PATH] [--json]\n"
+        "                 what an outbox holds and how its relay stands "
+        "(read-only)\n"
+        "  list --db PATH [--state PATH] [--subject TYPE:ID] "
+        "[--pending|--blocked]\n"
+        "        [--limit N] [--json]\n"
+        "                 the retained outbox rows (read-only)\n"
+        "  consumer-status --db PATH [--json]\n"
+        "                 what a consumer's database holds: parked "
+        "subjects, dead\n"
+        "                 letters, queued requests (read-only)\n"
+        "  dead-letters --db PATH [--subject TYPE:ID] [--parked] "
+        "[--limit N] [--json]\n"
+        "                 a consumer's dead letters, oldest first "
+        "(read-only)\n"
+        "  replay --db PATH (--subject TYPE:ID | --from POSITION | --since "
+        "TIME)\n"
+        "        [-b SERVERS] [-X key=value]... [--config FILE] [--timeout-ms "
+        "N]\n"
+        "                 republish retained events with their original "
+        "numbers\n"
+        "  release --db PATH TYPE:ID [--wait MS] [--force]\n"
+        "  skip --db PATH TYPE:ID [--wait MS] [--force]\n"
+        "                 ask the running consumer to release a parked "
+        "subject, or\n"
+        "                 to skip its first parked event, and wait for "
+        "its result\n"
+        "  tail -b SERVERS --topic NAME [--from-beginning] [--group G] "
+        "[--json]\n"
+        "        [--exit-at-end] [--print N] [-X key=value]... [--config "
+        "FILE]\n"
+        "                 print a topic's events, checking their order\n"
+        "  mock-cluster [--brokers N] [--topic NAME[:PARTITIONS]]... "
+        "[--until-stdin-eof]\n"
+        "                 run a mock Kafka cluster on loopback\n"
+        "  --version      print the versions\n"
+        "  --help, -h     this text; COMMAND --help for a command's\n"
+        "exit status: 0 success, 1 runtime failure, 2 bad usage, 3 tail "
+        "found a\n"
+        "subject out of order\n");
+}
+
+static int bad_usage(const char *cmd, const char *fmt, const char *arg)
+{
+    fprintf(stderr, "deliveryevents: %s: ", cmd);
     fprintf(stderr, fmt, arg);
-    fprintf(stderr, "\n");
-    usage(stderr);
+    fprintf(stderr, "\n(deliveryevents %s --help for usage)\n", cmd);
     return 2;
+}
+
+static int is_help(const char *a)
+{
+    return strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0;
+}
+
+/* Whether a command's arguments ask for its help (--help or -h, wherever
+ * they are); the usage is then printed on stdout. */
+static int wants_help(int argc, char **argv, const char *usage_text)
+{
+    for (int i = 0; i < argc; i++)
+        if (is_help(argv[i])) {
+            fputs(usage_text, stdout);
+            return 1;
+        }
+    return 0;
+}
+
+/* Splits TYPE:ID at its first colon; -1 when either side is empty. */
+static int split_subject(const char *s, const char **colon)
+{
+    *colon = strchr(s, ':');
+    return *colon == NULL || *colon == s || (*colon)[1] == '\0' ? -1 : 0;
+}
+
+/* The value of the option at argv[*i], or NULL (said on stderr) when it is
+ * the last argument. */
+static const char *opt_value(const char *cmd, int argc, char **argv, int *i)
+{
+    if (*i + 1 >= argc) {
+        bad_usage(cmd, "%s needs a value", argv[*i]);
+        return NULL;
+    }
+    return argv[++*i];
+}
+
+/* Parses a whole decimal number in [min, max]; says why not on stderr
+ * (unless cmd is NULL). */
+static int parse_num(const char *cmd, const char *opt, const char *s, long min,
+                     long max, long *out)
+{
+    char *end;
+    long v;
+
+    errno = 0;
+    v = strtol(s, &end, 10);
+    if (errno != 0 || end == s || *end != '\0' || v < min || v > max) {
+        if (cmd != NULL)
+            fprintf(
+                stderr,
+                "deliveryevents: %s: %s takes a number from %ld to %ld, got "
+                "'%s'\n",
+                cmd, opt, min, max, s);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/*
+ * Properties of relay, replay and tail, from (later ones winning) the
+ * environment -- DELIVERYEVENTS_X_SASL_PASSWORD=... sets sasl.password --,
+ * --config FILE (key=value lines, # comments), -b SERVERS and -X
+ * key=value.  A value written @FILE is read from FILE (its first line;
+ * @@ for a value that starts with @).  So secrets need not be on the
+ * command line, where /proc/<pid>/cmdline shows them to every local user;
+ * -X values that are there are wiped from argv once parsed.  Messages name
+ * keys and files, never values.
+ */
+typedef struct props {
+    const char *cmd;
+    de_conf *conf;       /* every property, validated by the library */
+    rd_kafka_conf_t *rk; /* tail's consumer: librdkafka's, set here too */
+} props;
+
+#define ENV_PREFIX "DELIVERYEVENTS_X_"
+
+/* The value raw stands for: itself, or FILE's first line for @FILE; NULL
+ * after saying why.  The caller frees (wiping) what it gets. */
+static char *prop_value(const props *p, const char *key, const char *raw)
+{
+    char *v;
+    FILE *f;
+    size_t n = 0;
+    ssize_t len;
+
+    if (raw[0] != '@' || raw[1] == '@')
+        return strdup(raw[0] == '@' ? raw + 1 : raw);
+    if ((f = fopen(raw + 1, "r")) == NULL) {
+        fprintf(stderr,
+                "deliveryevents: %s: cannot read %s's value from %s: %s\n",
+                p->cmd, key, raw + 1, strerror(errno));
+        return NULL;
+    }
+    v = NULL;
+    len = getline(&v, &n, f);
+    fclose(f);
+    if (len < 0) {
+        free(v);
+        return strdup(""); /* an empty file: an empty value */
+    }
+    while (len > 0 && (v[len - 1] == '\n' || v[len - 1] == '\r'))
+        v[--len] = '\0';
+    return v;
+}
+
+static void wipe_free(char *v)
+{
+    if (v != NULL) {
+        explicit_bzero(v, strlen(v));
+        free(v);
+    }
+}
+
+/* Sets key to raw (see prop_value); where prefixes messages ("FILE:LINE:
+ * " or "").  0, or 2 after saying why. */
+static int prop_set(props *p, const char *key, const char *raw,
+                    const char *where)
+{
+    char err[512], *v = prop_value(p, key, raw);
+    int rc = 0;
+
+    if (v == NULL)
+        return 2;
+    if (de_conf_set(p->conf, key, v) != DE_OK) {
+        fprintf(stderr, "deliveryevents: %s: %s%s\n", p->cmd, where,
+                de_errmsg());
+        rc = 2;
+    } else if (p->rk != NULL &&
+               rd_kafka_conf_set(p->rk, key, v, err, sizeof err) !=
+                   RD_KAFKA_CONF_OK) {
+        fprintf(stderr,
+                "deliveryevents: %s: %s%s is not a librdkafka property "
+                "(this command takes only librdkafka's)\n",
+                p->cmd, where, key);
+        rc = 2;
+    }
+    wipe_free(v);
+    return rc;
+}
+
+/* Splits "key=value" into key (a copy) and *value; -1 when malformed. */
+static int split_kv(const char *s, char *key, size_t size, const char **value)
+{
+    const char *eq = strchr(s, '=');
+
+    if (eq == NULL || eq == s || (size_t)(eq - s) >= size)
+        return -1;
+    memcpy(key, s, (size_t)(eq - s));
+    key[eq - s] = '\0';
+    *value = eq + 1;
+    return 0;
+}
+
+/* The environment's DELIVERYEVENTS_X_* variables. */
+static int props_from_env(props *p)
+{
+    extern char **environ;
+    char key[256], where[300];
+    const char *value;
+
+    for (char **e = environ; *e != NULL; e++) {
+        if (strncmp(*e, ENV_PREFIX, sizeof ENV_PREFIX - 1) != 0 ||
+            split_kv(*e + sizeof ENV_PREFIX - 1, key, sizeof key, &value) != 0)
+            continue;
+        for (char *k = key; *k; k++)
+            *k = *k == '_' ? '.' : (char)tolower((unsigned char)*k);
+        snprintf(where, sizeof where, "environment " ENV_PREFIX "%.*s: ",
+                 (int)(strchr(*e, '=') - *e - (sizeof ENV_PREFIX - 1)),
+                 *e + sizeof ENV_PREFIX - 1);
+        if (prop_set(p, key, value, where) != 0)
+            return 2;
+    }
+    return 0;
+}
+
+/* --config FILE: key=value lines; blank lines and # comments skipped. */
+static int props_from_file(props *p, const char *path)
+{
+    FILE *f = fopen(path, "r");
+    char *line = NULL, key[256], where[PATH_MAX + 40];
+    const char *value;
+    size_t n = 0;
+    ssize_t len;
+    int rc = 0, no = 0;
+
+    if (f == NULL) {
+        fprintf(stderr, "deliveryevents: %s: cannot read --config %s: %s\n",
+                p->cmd, path, strerror(errno));
+        return 2;
+    }
+    while (rc == 0 && (len = getline(&line, &n, f)) >= 0) {
+        char *s = line;
+        no++;
+        while (len > 0 && (s[len - 1] == '\n' || s[len - 1] == '\r'))
+            s[--len] = '\0';
+        while (*s == ' ' || *s == '\t')
+            s++;
+        if (*s == '\0' || *s == '#')
+            continue;
+        snprintf(where, sizeof where, "%s:%d: ", path, no);
+        if (split_kv(s, key, sizeof key, &value) != 0) {
+            fprintf(stderr,
+                    "deliveryevents: %s: %snot key=value (the line is not "
+                    "shown: it may hold a secret)\n",
+                    p->cmd, where);
+            rc = 2;
+        } else {
+            rc = prop_set(p, key, value, where);
+        }
+    }
+    if (line != NULL)
+        explicit_bzero(line, n);
+    free(line);
+    fclose(f);
+    return rc;
+}
+
+/* -b SERVERS, -X key=value or --config FILE (option a, value v). */
+static int props_option(props *p, const char *a, const char *v)
+{
+    char key[256];
+    const char *value;
+
+    if (strcmp(a, "--config") == 0)
+        return props_from_file(p, v);
+    if (strcmp(a, "-b") == 0 || strcmp(a, "--bootstrap") == 0)
+        return prop_set(p, "bootstrap.servers", v, "");
+    if (split_kv(v, key, sizeof key, &value) != 0)
+        return bad_usage(p->cmd,
+                         "-X takes key=value with a key of 1 to 255 bytes; "
+                         "got an argument without one (not shown: it may "
+                         "hold a secret)%s",
+                         "");
+    return prop_set(p, key, value, "");
+}
+
+/* Whether a is one of the options props_option takes. */
+static int is_props_option(const char *a)
+{
+    return strcmp(a, "-b") == 0 || strcmp(a, "--bootstrap") == 0 ||
+           strcmp(a, "-X") == 0 || strcmp(a, "--config") == 0;
+}
+
+/* Wipes the values of -X arguments from argv (what ps and
+ * /proc/<pid>/cmdline show), once they are parsed and copied. */
+static void wipe_x_values(int argc, char **argv)
+{
+    for (int i = 0; i + 1 < argc; i++) {
+        char *eq;
+        if (strcmp(argv[i], "-X") == 0 && (eq = strchr(argv[i + 1], '=')))
+            memset(eq + 1, 0, strlen(eq + 1));
+    }
 }
 
 static void log_line(void *ctx, int level, const char *message)
@@ -81,82 +557,906 @@ static void log_line(void *ctx, int level, const char *message)
         fprintf(stderr, "deliveryevents: %s\n", message);
 }
 
+/* ---- the database and the relay state, read-only -------------------- */
+
+/*
+ * Both files are opened read-only (SQLITE_OPEN_READONLY, URI mode=ro) and
+ * never changed or created.  A WAL database that no connection has open
+ * has no -wal file, and SQLite would create -wal and -shm files even for a
+ * read-only connection: such a file is read as immutable instead (nothing
+ * is writing it; a writer that starts meanwhile can at worst make the
+ * report stale or fail with an error).  The relay state is attached as
+ * "rs"; without one, empty temporary tables of the same names stand in
+ * (nothing published yet).
+ */
+typedef struct ro {
+    sqlite3 *db;
+    const char *db_path;
+    char state_path[PATH_MAX + 16];
+    int has_state;
+} ro;
+
+static int file_exists(const char *path)
+{
+    struct stat sb;
+
+    return stat(path, &sb) == 0;
+}
+
+static int is_file(const char *path)
+{
+    struct stat sb;
+
+    return stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
+}
+
+static int64_t file_size(const char *path)
+{
+    struct stat sb;
+
+    return stat(path, &sb) == 0 ? (int64_t)sb.st_size : -1;
+}
+
+/* "file:PATH?mode=ro" (or immutable=1, see above), PATH %-escaped. */
+static void ro_uri(const char *path, char *buf, size_t size)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    char wal[PATH_MAX + 16];
+    size_t n = 0;
+
+    n += (size_t)snprintf(buf, size, "file:");
+    for (const unsigned char *p = (const unsigned char *)path;
+         *p && n + 4 < size; p++) {
+        if ((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+            (*p >= '0' && *p <= '9') || strchr("/-._~", *p)) {
+            buf[n++] = (char)*p;
+        } else {
+            buf[n++] = '%';
+            buf[n++] = hex[*p >> 4];
+            buf[n++] = hex[*p & 15];
+        }
+    }
+    buf[n] = '\0';
+    snprintf(wal, sizeof wal, "%s-wal", path);
+    snprintf(buf + n, size - n, "%s",
+             file_exists(wal) ? "?mode=ro" : "?immutable=1");
+}
+
+/* The single integer of a query, or dflt (also for NULL or an error). */
+static int64_t q_int(sqlite3 *db, const char *sql, int64_t dflt)
+{
+    sqlite3_stmt *st = NULL;
+    int64_t v = dflt;
+
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW &&
+        sqlite3_column_type(st, 0) != SQLITE_NULL)
+        v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
+/* The single text of a query into buf ("" for none). */
+static const char *q_text(sqlite3 *db, const char *sql, char *buf, size_t size)
+{
+    sqlite3_stmt *st = NULL;
+    const unsigned char *v;
+
+    buf[0] = '\0';
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW &&
+        (v = sqlite3_column_text(st, 0)) != NULL)
+        snprintf(buf, size, "%s", (const char *)v);
+    sqlite3_finalize(st);
+    return buf;
+}
+
+static void ro_close(ro *r)
+{
+    if (r->db != NULL) {
+        (void)sqlite3_exec(r->db, "COMMIT", NULL, NULL, NULL);
+        sqlite3_close(r->db);
+    }
+    r->db = NULL;
+}
+
+/* Opens db_path alone read-only in one read transaction; 0, or 1 after
+ * saying why not. */
+static int ro_open_file(const char *cmd, const char *db_path, ro *r)
+{
+    char uri[3 * PATH_MAX + 64];
+
+    memset(r, 0, sizeof *r);
+    r->db_path = db_path;
+    if (!file_exists(db_path)) {
+        fprintf(stderr, "deliveryevents: %s: cannot open '%s': %s\n", cmd,
+                db_path, strerror(errno));
+        return 1;
+    }
+    if (!is_file(db_path)) {
+        fprintf(stderr, "deliveryevents: %s: '%s' is not a file\n", cmd,
+                db_path);
+        return 1;
+    }
+    ro_uri(db_path, uri, sizeof uri);
+    if (sqlite3_open_v2(uri, &r->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI,
+                        NULL) != SQLITE_OK ||
+        sqlite3_busy_timeout(r->db, 5000) != SQLITE_OK ||
+        sqlite3_exec(r->db, "BEGIN", NULL, NULL, NULL) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: cannot read '%s': %s\n", cmd,
+                db_path, r->db ? sqlite3_errmsg(r->db) : "out of memory");
+        ro_close(r);
+        return 1;
+    }
+    return 0;
+}
+
+/* Opens db_path and its relay state read-only in one read transaction;
+ * 0, or 1 after saying why not. */
+static int ro_open(const char *cmd, const char *db_path, const char *state_path,
+                   ro *r)
+{
+    char uri[3 * PATH_MAX + 64], sql[3 * PATH_MAX + 100];
+
+    if (ro_open_file(cmd, db_path, r) != 0)
+        return 1;
+    if (q_int(r->db,
+              "SELECT count(*) FROM main.sqlite_master WHERE type = 'table' "
+              "AND name IN ('de_outbox', 'de_meta')",
+              -1) != 2) {
+        fprintf(stderr,
+                "deliveryevents: %s: '%s' has no outbox (no de_outbox "
+                "table)%s%s\n",
+                cmd, db_path, sqlite3_errcode(r->db) ? ": " : "",
+                sqlite3_errcode(r->db) ? sqlite3_errmsg(r->db) : "");
+        ro_close(r);
+        return 1;
+    }
+    snprintf(r->state_path, sizeof r->state_path, "%s",
+             state_path ? state_path : "");
+    if (state_path == NULL)
+        snprintf(r->state_path, sizeof r->state_path, "%s-relay", db_path);
+    r->has_state = file_exists(r->state_path);
+    if (r->has_state) {
+        sqlite3_stmt *st = NULL;
+        int rc;
+
+        ro_uri(r->state_path, uri, sizeof uri);
+        rc = sqlite3_prepare_v2(r->db, "ATTACH ?1 AS rs", -1, &st, NULL);
+        if (rc == SQLITE_OK) {
+            sqlite3_bind_text(st, 1, uri, -1, SQLITE_STATIC);
+            rc = sqlite3_step(st) == SQLITE_DONE ? SQLITE_OK : SQLITE_ERROR;
+        }
+        sqlite3_finalize(st);
+        if (rc != SQLITE_OK ||
+            q_int(r->db, "SELECT count(*) FROM rs.de_relay_meta", -1) < 0) {
+            fprintf(stderr,
+                    "deliveryevents: %s: cannot read the relay state '%s': "
+                    "%s\n",
+                    cmd, r->state_path, sqlite3_errmsg(r->db));
+            ro_close(r);
+            return 1;
+        }
+    } else {
+        snprintf(sql, sizeof sql,
+                 "CREATE TEMP TABLE de_relay_meta(key, value);"
+                 "CREATE TEMP TABLE de_relay_parked(position, subject_type, "
+                 "subject_id, seq, error, since_ms);"
+                 "CREATE TEMP TABLE de_relay_lease(id, owner, pid, host, "
+                 "acquired_ms, heartbeat_ms);"
+                 "CREATE TEMP TABLE de_relay_seq(subject_type, subject_id, "
+                 "seq, last_ms);");
+        if (sqlite3_exec(r->db, sql, NULL, NULL, NULL) != SQLITE_OK) {
+            fprintf(stderr, "deliveryevents: %s: %s\n", cmd,
+                    sqlite3_errmsg(r->db));
+            ro_close(r);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static int64_t ro_cursor(ro *r)
+{
+    return q_int(r->db,
+                 "SELECT CAST(value AS INTEGER) FROM de_relay_meta "
+                 "WHERE key = 'cursor'",
+                 0);
+}
+
+/* Events not yet published: above the cursor, or held back at or below
+ * it. */
+static int64_t ro_pending(ro *r, int64_t cursor)
+{
+    char sql[200];
+
+    snprintf(sql, sizeof sql,
+             "SELECT (SELECT count(*) FROM de_outbox WHERE position > %" PRId64
+             ") + (SELECT count(*) FROM de_relay_parked)",
+             cursor);
+    return q_int(r->db, sql, -1);
+}
+
+static void iso_time(int64_t ms, char *buf, size_t size)
+{
+    time_t t = (time_t)(ms / 1000);
+    struct tm tm;
+
+    if (ms <= 0 || gmtime_r(&t, &tm) == NULL) {
+        snprintf(buf, size, "-");
+        return;
+    }
+    snprintf(buf, size, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ",
+             tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
+             tm.tm_min, tm.tm_sec, (int)(ms % 1000));
+}
+
+/* ---- relay ------------------------------------------------------------- */
+
+static void print_stats(const de_relay_stats *st)
+{
+    printf("state=%s active=%d brokers_up=%" PRId64 "%s published=%" PRIu64
+           " pending=%" PRIu64 " held_back=%" PRIu64
+           " blocked_subjects=%" PRIu64 " lag_ms=%" PRId64 " position=%" PRId64
+           " read=%" PRIu64 " deleted=%" PRIu64 " skipped=%" PRIu64
+           " producer_restarts=%" PRIu64 " forgotten=%" PRIu64
+           " subjects_cached=%" PRIu64 " last_error_ms=%" PRId64
+           " last_error=\"%s\"\n",
+           de_relay_state_name((de_relay_state)st->state), st->active,
+           st->brokers_up,
+           st->active && st->brokers_up == 0 ? " (no broker reachable)" : "",
+           st->published, st->pending, st->held_back, st->blocked_subjects,
+           st->lag_ms, st->position, st->read, st->deleted, st->skipped,
+           st->producer_restarts, st->forgotten, st->subjects_cached,
+           st->last_error_ms, st->last_error);
+    fflush(stdout);
+}
+
+/* Who holds the lease of a relay state file, for the standby line. */
+static void lease_holder(const char *db, const char *state, char *buf,
+                         size_t size)
+{
+    char host[256];
+    ro r;
+    int64_t pid;
+
+    snprintf(buf, size, "another relay");
+    if (ro_open("relay", db, state, &r) != 0)
+        return;
+    pid = q_int(r.db, "SELECT pid FROM de_relay_lease WHERE id = 1", 0);
+    q_text(r.db, "SELECT host FROM de_relay_lease WHERE id = 1", host,
+           sizeof host);
+    if (pid > 0)
+        snprintf(buf, size, "the relay with pid %" PRId64 " on %s", pid,
+                 host[0] ? host : "?");
+    ro_close(&r);
+}
+
+/* ---- relay --metrics: /metrics and /healthz --------------------------- */
+
+/* Progress as the main loop sees it, for /healthz (libmicrohttpd's
+ * thread). */
+typedef struct health {
+    pthread_mutex_t mu;
+    de_relay *r;
+    long stall_ms;
+    uint64_t published;
+    int64_t changed_ms; /* monotonic: when published last moved */
+} health;
+
+static void health_note(health *h, const de_relay_stats *st)
+{
+    pthread_mutex_lock(&h->mu);
+    if (st->published != h->published || st->pending == 0) {
+        h->published = st->published;
+        h->changed_ms = mono_ms();
+    }
+    pthread_mutex_unlock(&h->mu);
+}
+
+/* 200 with "ok ..." or 503 with why, into buf. */
+static unsigned health_check(health *h, char *buf, size_t size)
+{
+    de_relay_stats st;
+    int64_t idle;
+
+    if (de_relay_stats_get(h->r, &st) != DE_OK) {
+        snprintf(buf, size, "unavailable: %s\n", de_errmsg());
+        return MHD_HTTP_SERVICE_UNAVAILABLE;
+    }
+    health_note(h, &st);
+    pthread_mutex_lock(&h->mu);
+    idle = mono_ms() - h->changed_ms;
+    pthread_mutex_unlock(&h->mu);
+    if (st.state == DE_RELAY_STOPPED || st.state == DE_RELAY_REFUSED) {
+        snprintf(buf, size, "%s\n",
+                 de_relay_state_name((de_relay_state)st.state));
+        return MHD_HTTP_SERVICE_UNAVAILABLE;
+    }
+    if (st.pending > 0 && idle >= h->stall_ms) {
+        snprintf(buf, size,
+                 "stalled: %" PRIu64 " events pending, none published for "
+                 "%" PRId64 " ms; brokers_up=%" PRId64 " last_error=\"%s\"\n",
+                 st.pending, idle, st.brokers_up, st.last_error);
+        return MHD_HTTP_SERVICE_UNAVAILABLE;
+    }
+    snprintf(buf, size, "ok: %s, %" PRIu64 " events pending\n",
+             de_relay_state_name((de_relay_state)st.state), st.pending);
+    return MHD_HTTP_OK;
+}
+
+static enum MHD_Result serve(void *cls, struct MHD_Connection *conn,
+                             const char *url, const char *method,
+                             const char *version, const char *upload,
+                             size_t *upload_size, void **req)
+{
+    health *h = cls;
+    struct MHD_Response *resp;
+    char small[768], *text = small;
+    size_t len = 0;
+    unsigned status = MHD_HTTP_OK;
+    const char *type = "text/plain; charset=utf-8";
+    enum MHD_Result ret;
+
+    (void)version;
+    (void)upload;
+    (void)upload_size;
+    (void)req;
+    if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0) {
+        snprintf(small, sizeof small, "method %s not allowed\n", method);
+        status = MHD_HTTP_METHOD_NOT_ALLOWED;
+    } else if (strcmp(url, "/metrics") == 0) {
+        type = "text/plain; version=0.0.4; charset=utf-8";
+        if (de_relay_metrics_prometheus(h->r, NULL, 0, &len) != DE_OK &&
+            len > 0 && (text = malloc(len + 1)) != NULL &&
+            de_relay_metrics_prometheus(h->r, text, len + 1, &len) == DE_OK) {
+            /* text holds the exposition */
+        } else {
+            if (text != small)
+                free(text);
+            text = small;
+            snprintf(small, sizeof small, "metrics unavailable\n");
+            status = MHD_HTTP_INTERNAL_SERVER_ERROR;
+        }
+    } else if (strcmp(url, "/healthz") == 0) {
+        status = health_check(h, small, sizeof small);
+    } else {
+        snprintf(small, sizeof small,
+                 "not found: %s (try /metrics or "
+                 "/healthz)\n",
+                 url);
+        status = MHD_HTTP_NOT_FOUND;
+    }
+    if (text == small)
+        len = strlen(small);
+    resp = MHD_create_response_from_buffer(len, text, MHD_RESPMEM_MUST_COPY);
+    if (text != small)
+        free(text);
+    if (resp == NULL)
+        return MHD_NO;
+    MHD_add_response_header(resp, "Content-Type", type);
+    ret = MHD_queue_response(conn, status, resp);
+    MHD_destroy_response(resp);
+    return ret;
+}
+
+/* Starts the metrics server on spec (ADDR:PORT, IPv4), printing where it
+ * listens; NULL with the reason on stderr when it cannot. */
+static struct MHD_Daemon *metrics_start(const char *spec, health *h)
+{
+    struct sockaddr_in sa;
+    char addr[64];
+    const char *colon = strrchr(spec, ':');
+    long port;
+    struct MHD_Daemon *d;
+    const union MHD_DaemonInfo *info;
+
+    memset(&sa, 0, sizeof sa);
+    sa.sin_family = AF_INET;
+    if (colon == NULL || (size_t)(colon - spec) >= sizeof addr ||
+        parse_num("relay", "--metrics port", colon + 1, 0, 65535, &port) != 0) {
+        fprintf(stderr,
+                "deliveryevents: relay: --metrics takes ADDR:PORT, e.g. "
+                "127.0.0.1:9464, got '%s'\n",
+                spec);
+        return NULL;
+    }
+    memcpy(addr, spec, (size_t)(colon - spec));
+    addr[colon - spec] = '\0';
+    if (inet_pton(AF_INET, addr[0] ? addr : "0.0.0.0", &sa.sin_addr) != 1) {
+        fprintf(stderr,
+                "deliveryevents: relay: --metrics address '%s' is not an "
+                "IPv4 address\n",
+                addr);
+        return NULL;
+    }
+    sa.sin_port = htons((uint16_t)port);
+    d = MHD_start_daemon(
+        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG, (uint16_t)port,
+        NULL, NULL, serve, h, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa,
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)10, MHD_OPTION_END);
+    if (d == NULL) {
+        fprintf(stderr,
+                "deliveryevents: relay: cannot serve metrics on %s: %s\n", spec,
+                strerror(errno));
+        return NULL;
+    }
+    info = MHD_get_daemon_info(d, MHD_DAEMON_INFO_BIND_PORT);
+    fprintf(stderr,
+            "deliveryevents: relay: metrics on http://%s:%u/metrics and "
+            "/healthz\n",
+            addr[0] ? addr : "0.0.0.0", info ? info->port : (unsigned)port);
+    return d;
+}
+
 static int cmd_relay(int argc, char **argv)
 {
-    const char *db = NULL;
-    long stats_ms = 0, stop_ms = 10000;
-    int drain = 0;
-    de_conf *conf = de_conf_new();
+    const char *db = NULL, *state_path = NULL, *metrics = NULL, *v;
+    long stats_ms = 0, stop_ms = 10000, stall_ms = 60000;
+    int once = 0, flushed = 0, stopping = 0, said_standby = 0, said_active = 0;
+    int progress = 0;
+    int64_t started, deadline = 0, next_stats = 0, next_progress = 0;
+    health h = {PTHREAD_MUTEX_INITIALIZER, NULL, 0, 0, 0};
+    struct MHD_Daemon *httpd = NULL;
+    de_conf *conf;
     de_relay *r = NULL;
     de_relay_stats st;
     de_err err;
     int rc = 0;
 
+    if (wants_help(argc, argv, usage_relay))
+        return 0;
+    conf = de_conf_new();
+    if (conf == NULL) {
+        fprintf(stderr, "deliveryevents: relay: out of memory\n");
+        return 1;
+    }
     de_conf_set_log_cb(conf, log_line, NULL);
+    props p = {"relay", conf, NULL};
+    if (props_from_env(&p) != 0) {
+        de_conf_destroy(conf);
+        return 2;
+    }
     for (int i = 0; i < argc; i++) {
-        if (strcmp(argv[i], "--db") == 0 && i + 1 < argc) {
-            db = argv[++i];
-        } else if (strcmp(argv[i], "-X") == 0 && i + 1 < argc) {
-            char *kv = argv[++i], *eq = strchr(kv, '=');
-            if (eq == NULL)
-                return bad_usage("-X takes key=value, got '%s'", kv);
-            *eq = '\0';
-            if (de_conf_set(conf, kv, eq + 1) != DE_OK) {
-                fprintf(stderr, "deliveryevents: %s\n", de_errmsg());
+        const char *a = argv[i];
+        if (strcmp(a, "--once") == 0 || strcmp(a, "--drain") == 0) {
+            once = 1;
+            continue;
+        }
+        if (strcmp(a, "--db") != 0 && !is_props_option(a) &&
+            strcmp(a, "--stats-ms") != 0 &&
+            strcmp(a, "--stop-timeout-ms") != 0 &&
+            strcmp(a, "--metrics") != 0 && strcmp(a, "--stall-ms") != 0) {
+            de_conf_destroy(conf);
+            return bad_usage("relay", "unknown argument '%s'", a);
+        }
+        if ((v = opt_value("relay", argc, argv, &i)) == NULL) {
+            de_conf_destroy(conf);
+            return 2;
+        }
+        if (strcmp(a, "--db") == 0) {
+            db = v;
+        } else if (strcmp(a, "--metrics") == 0) {
+            metrics = v;
+        } else if (strcmp(a, "--stall-ms") == 0) {
+            if (parse_num("relay", a, v, 1, INT_MAX, &stall_ms) != 0) {
+                de_conf_destroy(conf);
                 return 2;
             }
-        } else if (strcmp(argv[i], "--drain") == 0) {
-            drain = 1;
-        } else if (strcmp(argv[i], "--stats-ms") == 0 && i + 1 < argc) {
-            stats_ms = strtol(argv[++i], NULL, 10);
-        } else if (strcmp(argv[i], "--stop-timeout-ms") == 0 && i + 1 < argc) {
-            stop_ms = strtol(argv[++i], NULL, 10);
-        } else {
-            return bad_usage("unknown relay argument '%s'", argv[i]);
+        } else if (is_props_option(a)) {
+            if ((rc = props_option(&p, a, v)) != 0) {
+                de_conf_destroy(conf);
+                return rc;
+            }
+        } else if (parse_num("relay", a, v, 0, INT_MAX,
+                             strcmp(a, "--stats-ms") == 0 ? &stats_ms
+                                                          : &stop_ms) != 0) {
+            de_conf_destroy(conf);
+            return 2;
         }
     }
-    if (db == NULL)
-        return bad_usage("relay needs --db PATH%s", "");
+    wipe_x_values(argc, argv);
+    if (db == NULL) {
+        de_conf_destroy(conf);
+        return bad_usage("relay", "needs --db PATH%s", "");
+    }
+    state_path = de_conf_get(conf, "relay.state.path");
+    if (state_path != NULL && state_path[0] == '\0')
+        state_path = NULL;
+    /* The stats line, the metrics and the progress line say whether a
+     * broker is reachable: that needs librdkafka's statistics, which the
+     * library runs only when asked. */
+    if ((stats_ms > 0 || metrics != NULL || (once && isatty(2))) &&
+        de_conf_get(conf, "statistics.interval.ms") == NULL &&
+        de_conf_set(conf, "statistics.interval.ms", "1000") != DE_OK) {
+        fprintf(stderr, "deliveryevents: relay: %s\n", de_errmsg());
+        de_conf_destroy(conf);
+        return 1;
+    }
     catch_signals();
     err = de_relay_start_path(db, conf, &r);
     de_conf_destroy(conf);
     if (err != DE_OK) {
-        fprintf(stderr, "deliveryevents: %s: %s\n", de_err_name(err),
+        fprintf(stderr, "deliveryevents: relay: %s: %s\n", de_err_name(err),
                 de_errmsg());
         return 1;
     }
-    if (drain) {
-        /* Publish what is committed now, then stop. */
-        err = de_relay_flush(r, -1);
-        if (err != DE_OK) {
-            fprintf(stderr, "deliveryevents: %s\n", de_errmsg());
-            rc = 1;
+    started = mono_ms();
+    next_stats = started + stats_ms;
+    h.r = r;
+    h.stall_ms = stall_ms;
+    h.changed_ms = started;
+    if (metrics != NULL && (httpd = metrics_start(metrics, &h)) == NULL) {
+        (void)de_relay_stop(r, 0);
+        return 1;
+    }
+    /* A drain on a terminal shows its progress on one line. */
+    progress = once && isatty(2);
+    next_progress = started + 1000;
+    /*
+     * Waits in slices of at most 100 ms, never in one unbounded call, so
+     * that SIGINT and SIGTERM are seen however long Kafka takes: the
+     * first flushes for up to --stop-timeout-ms, a second stops at once.
+     */
+    for (;;) {
+        int64_t now = mono_ms();
+        int slice = 100;
+
+        if (signals_seen >= 2 || (stopping && stop_ms == 0))
+            break;
+        if (signals_seen == 1 && !stopping) {
+            stopping = 1;
+            deadline = now + stop_ms;
+            if (stop_ms > 0)
+                fprintf(stderr,
+                        "deliveryevents: relay: stopping: publishing what is "
+                        "committed for up to %ld ms (signal again to stop at "
+                        "once)\n",
+                        stop_ms);
+            continue;
         }
-        stop_signal = 1;
+        if (stopping && now >= deadline)
+            break;
+        if (stopping && deadline - now < slice)
+            slice = (int)(deadline - now);
+        if (stats_ms > 0 && next_stats - now < slice)
+            slice = next_stats > now ? (int)(next_stats - now) : 0;
+        if (stopping || once) {
+            err = de_relay_flush(r, slice);
+            if (err == DE_OK) {
+                flushed = 1;
+                break;
+            }
+            if (err != DE_ERR_TIMEOUT) {
+                fprintf(stderr, "deliveryevents: relay: %s\n", de_errmsg());
+                rc = 1;
+                break;
+            }
+        } else if (slice > 0) {
+            poll(NULL, 0, slice);
+        }
+        if (de_relay_stats_get(r, &st) != DE_OK)
+            continue;
+        health_note(&h, &st);
+        if (st.state == DE_RELAY_REFUSED) {
+            /* It will not publish until an operator acts; the library
+             * logged why. */
+            fprintf(stderr,
+                    "deliveryevents: relay: refused to publish %s (see the "
+                    "message above); exiting\n",
+                    db);
+            rc = 1;
+            break;
+        }
+        now = mono_ms();
+        if (progress && now >= next_progress) {
+            fprintf(stderr,
+                    "\rdeliveryevents: relay: %s, %" PRIu64
+                    " published, %" PRIu64 " pending%s   ",
+                    de_relay_state_name((de_relay_state)st.state), st.published,
+                    st.pending,
+                    st.active && st.brokers_up == 0 ? ", no broker reachable"
+                                                    : "");
+            next_progress = now + 1000;
+            progress = 2; /* a line to end */
+        }
+        if (st.state == DE_RELAY_STANDBY && !said_standby && !said_active &&
+            now - started >= 1000) {
+            char who[300];
+            lease_holder(db, state_path, who, sizeof who);
+            fprintf(stderr,
+                    "deliveryevents: relay: standing by: %s holds the lease "
+                    "of %s; taking over when it stops\n",
+                    who, db);
+            said_standby = 1;
+        } else if (st.state == DE_RELAY_ACTIVE && !said_active) {
+            fprintf(stderr, "deliveryevents: relay: active: publishing %s\n",
+                    db);
+            said_active = 1;
+        } else if (st.state == DE_RELAY_STANDBY && said_active) {
+            said_active = 0; /* lost the lease; the library logged it */
+        }
+        if (stats_ms > 0 && now >= next_stats) {
+            print_stats(&st);
+            next_stats = now + stats_ms;
+        }
     }
-    while (!stop_signal) {
-        poll(NULL, 0, stats_ms > 0 ? (int)stats_ms : 200);
-        if (stats_ms > 0 && de_relay_stats_get(r, &st) == DE_OK)
-            printf("active=%d published=%" PRIu64 " pending=%" PRIu64
-                   " lag_ms=%" PRId64 " restarts=%" PRIu64 " blocked=%" PRIu64
-                   " position=%" PRId64 "\n",
-                   st.active, st.published, st.pending, st.lag_ms,
-                   st.producer_restarts, st.blocked_subjects, st.position);
-        fflush(stdout);
-    }
-    err = de_relay_stop(r, (int)stop_ms);
-    if (err != DE_OK) {
-        fprintf(stderr, "deliveryevents: %s\n", de_errmsg());
+    if (progress == 2)
+        fputc('\n', stderr);
+    if (stats_ms > 0 && de_relay_stats_get(r, &st) == DE_OK)
+        print_stats(&st);
+    if (httpd != NULL)
+        MHD_stop_daemon(httpd);
+    err = de_relay_stop(r, 0);
+    if (err == DE_ERR_STATE) {
+        fprintf(stderr, "deliveryevents: relay: %s\n", de_errmsg());
         rc = 1;
+    }
+    {
+        ro rs;
+        int64_t pending = -1;
+        if (ro_open("relay", db, state_path, &rs) == 0) {
+            pending = ro_pending(&rs, ro_cursor(&rs));
+            ro_close(&rs);
+        }
+        if (pending < 0)
+            fprintf(stderr,
+                    "deliveryevents: relay: stopped; cannot count the events "
+                    "pending in %s\n",
+                    db);
+        else
+            fprintf(stderr,
+                    "deliveryevents: relay: stopped; %" PRId64
+                    " events pending in the outbox of %s%s\n",
+                    pending, db,
+                    pending > 0 ? " (the next relay publishes them)" : "");
+        if ((once || stopping) && !flushed)
+            rc = 1;
     }
     return rc;
 }
 
-/* ---- tail ---------------------------------------------------------- */
+/* ---- replay ------------------------------------------------------------ */
+
+static const char usage_replay[] =
+    "usage: deliveryevents replay --db PATH (--subject TYPE:ID | --from "
+    "POSITION |\n"
+    "                             --since TIME) [-b SERVERS] [-X "
+    "key=value]...\n"
+    "                             [--config FILE] [--timeout-ms N]\n"
+    "  Republishes retained events (outbox.retention.ms) to Kafka with their\n"
+    "  original ce_id, ce_subjectepoch and ce_subjectseq: consumers that\n"
+    "  applied them count them as duplicates; a reset consumer applies them\n"
+    "  again.  Refuses, publishing nothing, when a selected event is no\n"
+    "  longer retained or has no recorded numbers, or when nothing selected\n"
+    "  is published yet (the relay publishes it).  Takes no lease.\n"
+    "  --db PATH            the service's database file (required)\n"
+    "  --subject TYPE:ID    one subject's retained events, e.g. "
+    "delivery:D-7\n"
+    "  --from POSITION      the retained events from this outbox position "
+    "on\n"
+    "  --since TIME         the retained events recorded since TIME:\n"
+    "                       2026-11-25T11:00:00Z (or +01:00, or a date), "
+    "or a\n"
+    "                       time ago: 90s, 15m, 2h, 1d\n"
+    "  -b SERVERS           Kafka bootstrap servers (= -X "
+    "bootstrap.servers=SERVERS)\n"
+    "  -X key=value         a librdkafka property, relay.state.path or "
+    "a wire\n"
+    "                       setting; repeatable; key=@FILE reads the\n"
+    "                       value from FILE\n"
+    "  --config FILE        key=value lines (and DELIVERYEVENTS_X_<KEY>\n"
+    "                       environment variables), as for relay\n"
+    "  --timeout-ms N       wait up to N ms for Kafka's acknowledgements "
+    "(60000)\n"
+    "  Events the relay has not published yet are left to it.\n";
+
+/* Days since 1970-01-01 of a proleptic Gregorian date. */
+static int64_t days_from_civil(int64_t y, int64_t m, int64_t d)
+{
+    int64_t era, yoe, doy, doe;
+
+    y -= m <= 2;
+    era = (y >= 0 ? y : y - 399) / 400;
+    yoe = y - era * 400;
+    doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+/* A time for --since as Unix ms: "2026-11-25", "2026-11-25T11:00[:00[.123]]"
+ * with Z or an offset (+01:00) (a space may stand for the T), or a time
+ * ago: N followed by ms, s, m, h or d.  -1 when it is none of those. */
+static int parse_time(const char *s, int64_t *ms)
+{
+    static const struct {
+        const char *unit;
+        int64_t ms;
+    } units[] = {
+        {"ms", 1}, {"s", 1000}, {"m", 60000}, {"h", 3600000}, {"d", 86400000}};
+    int y, mo, d, h = 0, mi = 0, sec = 0, n = 0, frac = 0, fn = 0;
+    int oh = 0, om = 0;
+    const char *p;
+    char *end;
+    long long v;
+
+    /* A time ago. */
+    errno = 0;
+    v = strtoll(s, &end, 10);
+    if (end != s && s[0] >= '0' && s[0] <= '9' && errno == 0 && end[0] != '-')
+        for (size_t i = 0; i < sizeof units / sizeof *units; i++)
+            if (strcmp(end, units[i].unit) == 0 && v >= 0 &&
+                v <= INT64_MAX / units[i].ms && v * units[i].ms < now_ms()) {
+                *ms = now_ms() - v * units[i].ms;
+                return 0;
+            }
+    /* A date, and perhaps a time of day and an offset. */
+    if (sscanf(s, "%4d-%2d-%2d%n", &y, &mo, &d, &n) != 3 || n != 10 || mo < 1 ||
+        mo > 12 || d < 1 || d > 31 || y < 1970)
+        return -1;
+    p = s + n;
+    if (*p == 'T' || *p == ' ') {
+        if (sscanf(p + 1, "%2d:%2d%n", &h, &mi, &n) != 2 || n != 5)
+            return -1;
+        p += 1 + n;
+        if (*p == ':') {
+            if (sscanf(p + 1, "%2d%n", &sec, &n) != 1 || n != 2)
+                return -1;
+            p += 1 + n;
+            if (*p == '.') {
+                for (p++; *p >= '0' && *p <= '9'; p++, fn++)
+                    if (fn < 3)
+                        frac = frac * 10 + (*p - '0');
+                if (fn == 0)
+                    return -1;
+                for (int i = fn; i < 3; i++)
+                    frac *= 10;
+            }
+        }
+        if (h > 23 || mi > 59 || sec > 60)
+            return -1;
+        if (*p == 'Z') {
+            p++;
+        } else if (*p == '+' || *p == '-') {
+            if (sscanf(p + 1, "%2d:%2d%n", &oh, &om, &n) != 2 || n != 5 ||
+                oh > 23 || om > 59)
+                return -1;
+            if (*p == '-') {
+                oh = -oh;
+                om = -om;
+            }
+            p += 1 + n;
+        } else {
+            return -1; /* a time of day says which zone */
+        }
+    }
+    if (*p != '\0')
+        return -1;
+    *ms = ((days_from_civil(y, mo, d) * 24 + h - oh) * 60 + mi - om) * 60000 +
+          (int64_t)sec * 1000 + frac;
+    return *ms >= 0 ? 0 : -1;
+}
+
+static int cmd_replay(int argc, char **argv)
+{
+    static const char cmd[] = "replay";
+    const char *db = NULL, *subject = NULL, *v, *colon;
+    char type[128];
+    long from = 0, timeout_ms = 60000;
+    int64_t since = 0;
+    int rc = 0, chosen = 0;
+    de_replay_select sel;
+    de_replay_result res;
+    de_conf *conf;
+    de_err err;
+
+    if (wants_help(argc, argv, usage_replay))
+        return 0;
+    if ((conf = de_conf_new()) == NULL) {
+        fprintf(stderr, "deliveryevents: %s: out of memory\n", cmd);
+        return 1;
+    }
+    de_conf_set_log_cb(conf, log_line, NULL);
+    props p = {cmd, conf, NULL};
+    rc = props_from_env(&p);
+    for (int i = 0; i < argc && rc == 0; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--db") != 0 && strcmp(a, "--subject") != 0 &&
+            strcmp(a, "--from") != 0 && strcmp(a, "--since") != 0 &&
+            !is_props_option(a) && strcmp(a, "--timeout-ms") != 0) {
+            rc = bad_usage(cmd, "unknown argument '%s'", a);
+        } else if ((v = opt_value(cmd, argc, argv, &i)) == NULL) {
+            rc = 2;
+        } else if (strcmp(a, "--db") == 0) {
+            db = v;
+        } else if (is_props_option(a)) {
+            rc = props_option(&p, a, v);
+        } else if (strcmp(a, "--timeout-ms") == 0) {
+            rc = parse_num(cmd, a, v, 0, INT_MAX, &timeout_ms) ? 2 : 0;
+        } else if (chosen++ > 0) {
+            rc = bad_usage(cmd,
+                           "takes one of --subject, --from and --since; "
+                           "'%s' is a second",
+                           a);
+        } else if (strcmp(a, "--subject") == 0) {
+            if (split_subject(v, &colon) != 0 ||
+                (size_t)(colon - v) >= sizeof type)
+                rc = bad_usage(cmd,
+                               "--subject takes TYPE:ID, both non-empty "
+                               "(e.g. delivery:D-7), got '%s'",
+                               v);
+            subject = v;
+        } else if (strcmp(a, "--from") == 0) {
+            rc = parse_num(cmd, a, v, 1, LONG_MAX, &from) ? 2 : 0;
+        } else if (parse_time(v, &since) != 0) {
+            rc = bad_usage(cmd,
+                           "--since takes a time, e.g. 2026-11-25T11:00:00Z, "
+                           "2026-11-25T12:00+01:00, 2026-11-25, or a time "
+                           "ago such as 90s, 15m, 2h or 1d, got '%s'",
+                           v);
+        }
+    }
+    wipe_x_values(argc, argv);
+    if (rc == 0 && db == NULL)
+        rc = bad_usage(cmd, "needs --db PATH%s", "");
+    if (rc == 0 && chosen == 0)
+        rc = bad_usage(cmd,
+                       "needs what to replay: --subject TYPE:ID, --from "
+                       "POSITION or --since TIME%s",
+                       "");
+    if (rc == 0 && de_conf_get(conf, "bootstrap.servers") == NULL)
+        rc = bad_usage(cmd, "needs -b SERVERS (or -X bootstrap.servers=...)%s",
+                       "");
+    if (rc == 0 && (!file_exists(db) || !is_file(db))) {
+        fprintf(stderr, "deliveryevents: %s: cannot open '%s': %s\n", cmd, db,
+                file_exists(db) ? "not a file" : strerror(errno));
+        rc = 1;
+    }
+    if (rc != 0) {
+        de_conf_destroy(conf);
+        return rc;
+    }
+    memset(&sel, 0, sizeof sel);
+    if (subject != NULL) {
+        split_subject(subject, &colon);
+        snprintf(type, sizeof type, "%.*s", (int)(colon - subject), subject);
+        sel.subject_type = type;
+        sel.subject_id = colon + 1;
+    }
+    sel.from_position = from;
+    sel.since_ms = since;
+    err = de_replay(db, conf, &sel, (int)timeout_ms, &res);
+    de_conf_destroy(conf);
+    if (err == DE_ERR_ARG) /* the selection: the tool checked the rest */
+        return bad_usage(cmd, "%s", de_errmsg());
+    if (err != DE_OK) {
+        fprintf(stderr, "deliveryevents: %s: %s: %s\n", cmd, de_err_name(err),
+                de_errmsg());
+        if (res.republished > 0)
+            fprintf(stderr,
+                    "deliveryevents: %s: %llu events were republished "
+                    "(positions %lld..%lld)\n",
+                    cmd, (unsigned long long)res.republished,
+                    (long long)res.first_position,
+                    (long long)res.last_position);
+        return 1;
+    }
+    printf("replay: republished %llu events of %s (positions %lld..%lld) "
+           "with their original ce_id and numbers",
+           (unsigned long long)res.republished, db,
+           (long long)res.first_position, (long long)res.last_position);
+    if (res.not_published > 0)
+        printf("; %llu not published yet, left to the relay",
+               (unsigned long long)res.not_published);
+    printf("\n");
+    return 0;
+}
+
+/* ---- tail -------------------------------------------------------------- */
 
 struct seen {
     struct seen *next;
-    long long last;
+    long long epoch, last; /* the last number seen in order */
     char subject[];
 };
 
@@ -197,125 +1497,430 @@ static const char *hdr(rd_kafka_headers_t *h, const char *name, char *buf,
     return buf;
 }
 
+/* The partition count of an existing topic, from the metadata of all
+ * topics (asking for the topic itself could create it where the brokers
+ * auto-create topics); 0 when it does not exist, -1 on an error. */
+static int32_t topic_partitions(rd_kafka_t *rk, const char *topic)
+{
+    const struct rd_kafka_metadata *md = NULL;
+    rd_kafka_resp_err_t e;
+    int32_t np = 0;
+
+    e = rd_kafka_metadata(rk, 1, NULL, &md, 10000);
+    if (e != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        fprintf(stderr, "deliveryevents: tail: cannot read the topics: %s\n",
+                rd_kafka_err2str(e));
+        return -1;
+    }
+    for (int i = 0; i < md->topic_cnt; i++)
+        if (strcmp(md->topics[i].topic, topic) == 0) {
+            if (md->topics[i].err) {
+                fprintf(stderr, "deliveryevents: tail: topic '%s': %s\n", topic,
+                        rd_kafka_err2str(md->topics[i].err));
+                np = -1;
+            } else {
+                np = md->topics[i].partition_cnt;
+            }
+        }
+    rd_kafka_metadata_destroy(md);
+    return np;
+}
+
+/* Writes s[0, n) for a terminal or a log: printable UTF-8 as it is; control
+ * bytes, DEL, C1 controls, bytes that are not UTF-8 as \xNN, and the
+ * bidirectional controls (which reorder what follows them on screen) as
+ * \u{XXXX} -- a record's content cannot clear the screen, retitle the
+ * window or forge a line. */
+static void put_escaped(FILE *out, const char *s, size_t n)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    size_t i = 0;
+
+    while (i < n) {
+        unsigned c = p[i], len = 0, cp = 0;
+        if (c >= 0x20 && c < 0x7f) {
+            fputc((int)c, out);
+            i++;
+            continue;
+        }
+        if (c >= 0xc2 && c <= 0xdf)
+            len = 2, cp = c & 0x1f;
+        else if (c >= 0xe0 && c <= 0xef)
+            len = 3, cp = c & 0x0f;
+        else if (c >= 0xf0 && c <= 0xf4)
+            len = 4, cp = c & 0x07;
+        for (unsigned k = 1; k < len; k++) {
+            if (i + k >= n || (p[i + k] & 0xc0) != 0x80) {
+                len = 0;
+                break;
+            }
+            cp = (cp << 6) | (p[i + k] & 0x3f);
+        }
+        if (len == 0 || (len == 3 && cp < 0x800) ||
+            (len == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
+            (cp >= 0xd800 && cp <= 0xdfff) || cp < 0xa0) {
+            fprintf(out, "\\x%02x", c);
+            i++;
+        } else if (cp == 0x61c || cp == 0x200e || cp == 0x200f ||
+                   (cp >= 0x202a && cp <= 0x202e) ||
+                   (cp >= 0x2066 && cp <= 0x2069)) {
+            fprintf(out, "\\u{%04x}", cp);
+            i += len;
+        } else {
+            fwrite(p + i, 1, len, out);
+            i += len;
+        }
+    }
+}
+
+static void put_escaped_str(FILE *out, const char *s)
+{
+    put_escaped(out, s, strlen(s));
+}
+
+/* A JSON string of s[0, n), valid whatever the bytes: what is not UTF-8
+ * is written \xNN (as text). */
+static json_t *json_text(const char *s, size_t n)
+{
+    char *buf;
+    FILE *f;
+    size_t len = 0;
+    json_t *j;
+
+    if ((j = json_stringn(s, n)) != NULL)
+        return j;
+    buf = NULL;
+    if ((f = open_memstream(&buf, &len)) == NULL)
+        return json_null();
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c < 0x80)
+            fputc(c, f);
+        else
+            fprintf(f, "\\x%02x", c);
+    }
+    fclose(f);
+    j = json_stringn(buf, len);
+    free(buf);
+    return j ? j : json_null();
+}
+
+/* Which partitions this member reads, as a number that changes when they
+ * do (-1 when unknown). */
+static long assignment_sign(rd_kafka_t *rk)
+{
+    rd_kafka_topic_partition_list_t *mine = NULL;
+    long sign = -1;
+
+    if (rd_kafka_assignment(rk, &mine) == 0 && mine != NULL) {
+        sign = mine->cnt;
+        for (int k = 0; k < mine->cnt; k++)
+            sign = sign * 31 + mine->elems[k].partition + 1;
+        rd_kafka_topic_partition_list_destroy(mine);
+    }
+    return sign;
+}
+
+/* Where this member's reading of each partition it reads ends -- the
+ * partition's end when the reading began -- and whether it is there
+ * already: it starts from the beginning, the end, or (in a group) where
+ * the group committed, or where this member has read to (next).  Returns
+ * how many partitions it reads. */
+static int plan_end(rd_kafka_t *rk, const char *topic, int32_t np, int in_group,
+                    int from_beginning, const int64_t *next, int64_t *high,
+                    char *done)
+{
+    rd_kafka_topic_partition_list_t *mine = NULL;
+    int n = 0;
+
+    if (rd_kafka_assignment(rk, &mine) != 0 || mine == NULL)
+        return 0;
+    memset(done, 1,
+           (size_t)np); /* the partitions not ours: nothing to wait for */
+    if (in_group && mine->cnt > 0)
+        (void)rd_kafka_committed(rk, mine, 10000);
+    for (int k = 0; k < mine->cnt; k++) {
+        int32_t q = mine->elems[k].partition;
+        int64_t lo = 0, hi = 0, start;
+        if (q < 0 || q >= np ||
+            rd_kafka_query_watermark_offsets(rk, topic, q, &lo, &hi, 10000))
+            continue;
+        start = from_beginning ? lo : hi;
+        if (in_group && mine->elems[k].offset >= 0)
+            start = mine->elems[k].offset;
+        if (next[q] > start) /* read this far already */
+            start = next[q];
+        high[q] = hi;
+        done[q] = start >= hi;
+        n++;
+    }
+    rd_kafka_topic_partition_list_destroy(mine);
+    return n;
+}
+
 static int cmd_tail(int argc, char **argv)
 {
-    const char *bootstrap = NULL, *topic = NULL;
-    int exit_at_end = 0;
+    const char *topic = NULL, *group = NULL, *v;
+    int exit_at_end = 0, from_beginning = 0, as_json = 0, rc = 0;
     long print = -1, records = 0, events = 0, dups = 0, bad = 0, subjects = 0;
-    rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    const struct rd_kafka_metadata *md = NULL;
+    rd_kafka_conf_t *conf;
+    de_conf *dconf;
     rd_kafka_topic_partition_list_t *parts;
     struct seen **tab;
-    int64_t *high;
+    char *done;
+    int64_t *high, *next;
     int32_t np;
-    int remaining = 0;
-    rd_kafka_topic_t *rkt;
+    int planned = 0;
+    long sign = -1, now_sign;
     rd_kafka_t *rk;
     char err[512];
+    props p;
 
-    for (int i = 0; i < argc; i++) {
-        if (strcmp(argv[i], "--bootstrap") == 0 && i + 1 < argc)
-            bootstrap = argv[++i];
-        else if (strcmp(argv[i], "--topic") == 0 && i + 1 < argc)
-            topic = argv[++i];
-        else if (strcmp(argv[i], "--exit-at-end") == 0)
-            exit_at_end = 1;
-        else if (strcmp(argv[i], "--print") == 0 && i + 1 < argc)
-            print = strtol(argv[++i], NULL, 10);
-        else
-            return bad_usage("unknown tail argument '%s'", argv[i]);
+    if (wants_help(argc, argv, usage_tail))
+        return 0;
+    conf = rd_kafka_conf_new();
+    dconf = de_conf_new();
+    if (conf == NULL || dconf == NULL) {
+        fprintf(stderr, "deliveryevents: tail: out of memory\n");
+        return 1;
     }
-    if (bootstrap == NULL || topic == NULL)
-        return bad_usage("tail needs --bootstrap and --topic%s", "");
-    rd_kafka_conf_set(conf, "bootstrap.servers", bootstrap, err, sizeof err);
-    rd_kafka_conf_set(conf, "group.id", "deliveryevents-tail", err, sizeof err);
-    rd_kafka_conf_set(conf, "enable.auto.commit", "false", err, sizeof err);
+    p = (props){"tail", dconf, conf};
+    rc = props_from_env(&p);
+    for (int i = 0; i < argc && rc == 0; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--exit-at-end") == 0) {
+            exit_at_end = 1;
+            continue;
+        }
+        if (strcmp(a, "--from-beginning") == 0) {
+            from_beginning = 1;
+            continue;
+        }
+        if (strcmp(a, "--json") == 0) {
+            as_json = 1;
+            continue;
+        }
+        if (!is_props_option(a) && strcmp(a, "--topic") != 0 &&
+            strcmp(a, "--print") != 0 && strcmp(a, "--group") != 0)
+            rc = bad_usage("tail", "unknown argument '%s'", a);
+        else if ((v = opt_value("tail", argc, argv, &i)) == NULL)
+            rc = 2;
+        else if (strcmp(a, "--topic") == 0)
+            topic = v;
+        else if (strcmp(a, "--group") == 0)
+            group = v;
+        else if (strcmp(a, "--print") == 0)
+            rc = parse_num("tail", a, v, 0, LONG_MAX, &print) ? 2 : 0;
+        else
+            rc = props_option(&p, a, v);
+    }
+    wipe_x_values(argc, argv);
+    if (rc == 0 &&
+        (de_conf_get(dconf, "bootstrap.servers") == NULL || topic == NULL))
+        rc = bad_usage("tail", "needs -b SERVERS and --topic NAME%s", "");
+    if (rc == 0 && group != NULL && group[0] == '\0')
+        rc = bad_usage("tail", "--group takes a group id, got '%s'", group);
+    /* A group resumes where it committed; without one nothing is
+     * committed, and the start is the end unless --from-beginning. */
+    if (rc == 0 &&
+        (rd_kafka_conf_set(conf, "group.id",
+                           group ? group : "deliveryevents-tail", err,
+                           sizeof err) != RD_KAFKA_CONF_OK ||
+         rd_kafka_conf_set(conf, "enable.auto.commit", group ? "true" : "false",
+                           err, sizeof err) != RD_KAFKA_CONF_OK ||
+         rd_kafka_conf_set(conf, "auto.offset.reset",
+                           from_beginning ? "earliest" : "latest", err,
+                           sizeof err) != RD_KAFKA_CONF_OK ||
+         rd_kafka_conf_set(conf, "allow.auto.create.topics", "false", err,
+                           sizeof err) != RD_KAFKA_CONF_OK)) {
+        fprintf(stderr, "deliveryevents: tail: %s\n", err);
+        rc = 2;
+    }
+    if (rc != 0) {
+        rd_kafka_conf_destroy(conf);
+        de_conf_destroy(dconf);
+        return rc;
+    }
+    /* Line by line, also into a pipe: whoever reads sees each event. */
+    setvbuf(stdout, NULL, _IOLBF, 0);
     rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err, sizeof err);
     if (rk == NULL) {
-        fprintf(stderr, "deliveryevents: %s\n", err);
+        fprintf(stderr, "deliveryevents: tail: %s\n", err);
+        rd_kafka_conf_destroy(conf);
+        de_conf_destroy(dconf);
         return 1;
     }
-    rkt = rd_kafka_topic_new(rk, topic, NULL);
-    if (rd_kafka_metadata(rk, 0, rkt, &md, 10000) != 0 || md->topic_cnt != 1 ||
-        md->topics[0].err) {
-        fprintf(stderr, "deliveryevents: topic %s: %s\n", topic,
-                md ? rd_kafka_err2str(md->topics[0].err) : "no metadata");
+    np = topic_partitions(rk, topic);
+    if (np <= 0) {
+        if (np == 0)
+            fprintf(stderr,
+                    "deliveryevents: tail: topic '%s' does not exist on %s\n",
+                    topic, de_conf_get(dconf, "bootstrap.servers"));
+        rd_kafka_destroy(rk);
+        de_conf_destroy(dconf);
         return 1;
     }
-    np = md->topics[0].partition_cnt;
-    rd_kafka_metadata_destroy(md);
-    rd_kafka_topic_destroy(rkt);
+    de_conf_destroy(dconf);
+    done = calloc((size_t)np, 1);
     high = calloc((size_t)np, sizeof *high);
+    next = calloc((size_t)np, sizeof *next);
     tab = calloc(SEEN_BUCKETS, sizeof *tab);
     parts = rd_kafka_topic_partition_list_new(np);
-    for (int32_t p = 0; p < np; p++) {
-        int64_t lo = 0;
-        rd_kafka_query_watermark_offsets(rk, topic, p, &lo, &high[p], 10000);
-        if (high[p] > lo)
-            remaining++;
-        rd_kafka_topic_partition_list_add(parts, topic, p)->offset =
-            RD_KAFKA_OFFSET_BEGINNING;
+    if (done == NULL || high == NULL || next == NULL || tab == NULL ||
+        parts == NULL) {
+        fprintf(stderr, "deliveryevents: tail: out of memory\n");
+        rd_kafka_destroy(rk);
+        return 1;
     }
-    rd_kafka_assign(rk, parts);
+    if (group != NULL) {
+        rd_kafka_topic_partition_list_add(parts, topic, RD_KAFKA_PARTITION_UA);
+        rd_kafka_subscribe(rk, parts);
+    } else {
+        for (int32_t q = 0; q < np; q++)
+            rd_kafka_topic_partition_list_add(parts, topic, q)->offset =
+                from_beginning ? RD_KAFKA_OFFSET_BEGINNING
+                               : RD_KAFKA_OFFSET_END;
+        rd_kafka_assign(rk, parts);
+    }
     rd_kafka_topic_partition_list_destroy(parts);
     catch_signals();
-    while (!stop_signal && !(exit_at_end && remaining == 0)) {
+    while (!stop_signal) {
         rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 200);
         rd_kafka_headers_t *h = NULL;
-        char subject[300], seqs[32], type[300], time[40];
+        char stype[130], sid[300], subject[440], seqs[32], epochs[32],
+            type[300], time[40], id[80];
         struct seen *sn;
-        long long seq;
-        const char *what;
+        long long seq, epoch;
+        const char *what, *status;
         int gap = 0;
 
+        if (exit_at_end && m == NULL) {
+            /* At the end of every partition this member reads (a group's
+             * partitions arrive, or change, with a rebalance). */
+            int all = 1;
+            if ((now_sign = assignment_sign(rk)) != sign) {
+                sign = now_sign;
+                planned = plan_end(rk, topic, np, group != NULL, from_beginning,
+                                   next, high, done);
+            }
+            for (int32_t q = 0; q < np; q++)
+                if (!done[q])
+                    all = 0;
+            if (planned > 0 && all)
+                break;
+        }
         if (m == NULL)
             continue;
         if (m->err) {
             rd_kafka_message_destroy(m);
             continue;
         }
+        if (m->partition >= 0 && m->partition < np) {
+            next[m->partition] = m->offset + 1;
+            if (m->offset + 1 >= high[m->partition])
+                done[m->partition] = 1;
+        }
         records++;
         rd_kafka_message_headers(m, &h);
-        if (!hdr(h, "ce_subject", subject, sizeof subject) ||
+        if (!hdr(h, "ce_subjecttype", stype, sizeof stype) ||
+            !hdr(h, "ce_subject", sid, sizeof sid) ||
             !hdr(h, "ce_subjectseq", seqs, sizeof seqs) ||
             !hdr(h, "ce_type", type, sizeof type) ||
             !hdr(h, "ce_time", time, sizeof time)) {
-            printf("p%d@%lld: not a deliveryevents record\n", (int)m->partition,
-                   (long long)m->offset);
-            bad++;
-        } else {
-            seq = strtoll(seqs, NULL, 10);
-            sn = seen_get(tab, subject);
-            if (sn && sn->last == 0)
-                subjects++;
-            what = "";
-            if (sn == NULL || seq == sn->last + 1) {
-                events++;
-                if (sn)
-                    sn->last = seq;
-            } else if (seq <= sn->last) {
-                dups++;
-                what = "  (duplicate: already seen)";
+            if (as_json) {
+                json_t *o =
+                    json_pack("{s:s, s:i, s:I, s:s}", "topic", topic,
+                              "partition", (int)m->partition, "offset",
+                              (json_int_t)m->offset, "status", "foreign");
+                json_dumpf(o, stdout, JSON_COMPACT);
+                fputc('\n', stdout);
+                json_decref(o);
             } else {
-                bad++;
-                gap = 1;
-                what = "  (GAP: an earlier event is missing)";
+                printf("p%d@%lld: not a deliveryevents record\n",
+                       (int)m->partition, (long long)m->offset);
             }
-            if (print < 0 || records <= print || gap)
-                printf("p%d@%-6lld %-10s #%-3lld %-28s %s %.*s%s\n",
-                       (int)m->partition, (long long)m->offset, subject, seq,
-                       type, time, (int)m->len, (const char *)m->payload, what);
+            bad++;
+            rd_kafka_message_destroy(m);
+            continue;
         }
-        if (m->offset + 1 == high[m->partition])
-            remaining--;
+        /* A subject is its type and id: delivery/X-1 and rider/X-1 are
+         * numbered apart, even on one topic. */
+        snprintf(subject, sizeof subject, "%s/%s", stype, sid);
+        seq = strtoll(seqs, NULL, 10);
+        epoch = hdr(h, "ce_subjectepoch", epochs, sizeof epochs)
+                    ? strtoll(epochs, NULL, 10)
+                    : 0;
+        sn = seen_get(tab, subject);
+        if (sn && sn->last == 0)
+            subjects++;
+        what = "";
+        status = "ok";
+        /* In order: the next number of the numbering, or 1 in a newer
+         * numbering (ce_subjectepoch: the subject was idle).  Read from
+         * the end, a subject's first event shows where it stands. */
+        if (sn == NULL || (epoch == sn->epoch && seq == sn->last + 1) ||
+            (epoch > sn->epoch && seq == 1) ||
+            (sn->last == 0 && !from_beginning)) {
+            events++;
+            if (sn) {
+                sn->epoch = epoch;
+                sn->last = seq;
+            }
+        } else if (epoch < sn->epoch ||
+                   (epoch == sn->epoch && seq <= sn->last)) {
+            dups++;
+            what = "  (duplicate: already seen)";
+            status = "duplicate";
+        } else {
+            bad++;
+            gap = 1;
+            what = "  (GAP: an earlier event is missing)";
+            status = "gap";
+        }
+        if (as_json) {
+            json_t *o = json_pack(
+                "{s:s, s:i, s:I, s:o, s:o, s:I, s:I, s:o, s:o, s:s}", "topic",
+                topic, "partition", (int)m->partition, "offset",
+                (json_int_t)m->offset, "subject_type",
+                json_text(stype, strlen(stype)), "subject_id",
+                json_text(sid, strlen(sid)), "seq", (json_int_t)seq, "epoch",
+                (json_int_t)epoch, "type", json_text(type, strlen(type)),
+                "time", json_text(time, strlen(time)), "status", status);
+            if (o != NULL && hdr(h, "ce_id", id, sizeof id))
+                json_object_set_new(o, "id", json_text(id, strlen(id)));
+            if (o != NULL) {
+                json_t *data =
+                    json_loadb((const char *)m->payload, m->len,
+                               JSON_DECODE_ANY | JSON_ALLOW_NUL, NULL);
+                json_object_set_new(
+                    o, "data",
+                    data ? data : json_text((const char *)m->payload, m->len));
+                json_dumpf(o, stdout, JSON_COMPACT);
+                fputc('\n', stdout);
+                json_decref(o);
+            }
+        } else if (print < 0 || records <= print || gap) {
+            printf("p%d@%-6lld ", (int)m->partition, (long long)m->offset);
+            put_escaped_str(stdout, subject);
+            printf(" #%-3lld ", seq);
+            put_escaped_str(stdout, type);
+            fputc(' ', stdout);
+            put_escaped_str(stdout, time);
+            fputc(' ', stdout);
+            put_escaped(stdout, (const char *)m->payload, m->len);
+            printf("%s\n", what);
+        }
         rd_kafka_message_destroy(m);
     }
-    printf("tail: %ld records on %s: %ld events of %ld subjects in order, %ld "
-           "duplicates, %ld out of order or foreign\n",
-           records, topic, events, subjects, dups, bad);
+    fprintf(as_json ? stderr : stdout,
+            "tail: %ld records on %s: %ld events of %ld subjects in order, "
+            "%ld duplicates, %ld out of order or foreign\n",
+            records, topic, events, subjects, dups, bad);
     rd_kafka_consumer_close(rk);
     rd_kafka_destroy(rk);
+    free(done);
     free(high);
+    free(next);
     for (int i = 0; i < SEEN_BUCKETS; i++)
         while (tab[i]) {
             struct seen *n = tab[i]->next;
@@ -326,56 +1931,87 @@ static int cmd_tail(int argc, char **argv)
     return bad ? 3 : 0;
 }
 
+/* ---- mock-cluster ------------------------------------------------------ */
+
+/* Splits "NAME[:PARTITIONS]" into name (a copy: argv is what ps shows)
+ * and partitions (1 when absent); -1 when malformed. */
+static int topic_spec(const char *spec, char *name, size_t size, long *parts)
+{
+    const char *colon = strrchr(spec, ':');
+    size_t n = colon ? (size_t)(colon - spec) : strlen(spec);
+
+    *parts = 1;
+    if (n == 0 || n >= size)
+        return -1;
+    memcpy(name, spec, n);
+    name[n] = '\0';
+    if (colon == NULL)
+        return 0;
+    return parse_num(NULL, "--topic", colon + 1, 1, 100000, parts);
+}
+
 static int cmd_mock_cluster(int argc, char **argv)
 {
-    int brokers = 3, until_eof = 0;
-    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    long brokers = 3, parts;
+    int until_eof = 0;
+    rd_kafka_conf_t *conf;
     rd_kafka_mock_cluster_t *mc;
     rd_kafka_t *rk;
-    char err[512];
+    char err[512], name[256];
+    const char *v;
 
+    if (wants_help(argc, argv, usage_mock))
+        return 0;
     for (int i = 0; i < argc; i++) {
-        if (strcmp(argv[i], "--brokers") == 0 && i + 1 < argc) {
-            brokers = atoi(argv[++i]);
-            if (brokers < 1)
-                return bad_usage("--brokers takes a positive number, got "
-                                 "'%s'",
-                                 argv[i]);
-        } else if (strcmp(argv[i], "--topic") == 0 && i + 1 < argc) {
-            i++; /* created below, once the cluster exists */
-        } else if (strcmp(argv[i], "--until-stdin-eof") == 0) {
+        const char *a = argv[i];
+        if (strcmp(a, "--until-stdin-eof") == 0) {
             until_eof = 1;
-        } else {
-            return bad_usage("unknown mock-cluster argument '%s'", argv[i]);
+            continue;
+        }
+        if (strcmp(a, "--brokers") != 0 && strcmp(a, "--topic") != 0)
+            return bad_usage("mock-cluster", "unknown argument '%s'", a);
+        if ((v = opt_value("mock-cluster", argc, argv, &i)) == NULL)
+            return 2;
+        if (strcmp(a, "--brokers") == 0) {
+            if (parse_num("mock-cluster", a, v, 1, 100, &brokers) != 0)
+                return 2;
+        } else if (topic_spec(v, name, sizeof name, &parts) != 0) {
+            /* checked here, created below once the cluster exists */
+            return bad_usage("mock-cluster",
+                             "--topic takes NAME[:PARTITIONS], got '%s'", v);
         }
     }
     /* Die with the parent that started us, never linger as an orphan. */
     if (until_eof)
         prctl(PR_SET_PDEATHSIG, SIGTERM);
+    conf = rd_kafka_conf_new();
     rd_kafka_conf_set(conf, "log_level", "0", err, sizeof err);
     rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof err);
     if (rk == NULL) {
-        fprintf(stderr, "deliveryevents: %s\n", err);
+        fprintf(stderr, "deliveryevents: mock-cluster: %s\n", err);
         return 1;
     }
-    mc = rd_kafka_mock_cluster_new(rk, brokers);
+    mc = rd_kafka_mock_cluster_new(rk, (int)brokers);
     if (mc == NULL) {
-        fprintf(stderr, "deliveryevents: cannot start the mock cluster\n");
+        fprintf(stderr,
+                "deliveryevents: mock-cluster: cannot start the cluster\n");
         rd_kafka_destroy(rk);
         return 1;
     }
     for (int i = 0; i < argc; i++) {
         if (strcmp(argv[i], "--topic") == 0) {
-            char *spec = argv[++i], *colon = strrchr(spec, ':');
-            int parts = colon ? atoi(colon + 1) : 0;
-            if (colon == NULL || parts < 1) {
+            if (topic_spec(argv[++i], name, sizeof name, &parts) != 0 ||
+                rd_kafka_mock_topic_create(mc, name, (int)parts, 1) != 0) {
+                fprintf(stderr,
+                        "deliveryevents: mock-cluster: cannot create topic "
+                        "'%s'\n",
+                        argv[i]);
                 rd_kafka_mock_cluster_destroy(mc);
                 rd_kafka_destroy(rk);
-                return bad_usage("--topic takes NAME:PARTITIONS, got '%s'",
-                                 spec);
+                return 1;
             }
-            *colon = '\0';
-            rd_kafka_mock_topic_create(mc, spec, parts, 1);
+        } else if (strcmp(argv[i], "--brokers") == 0) {
+            i++;
         }
     }
     catch_signals();
@@ -396,6 +2032,1106 @@ static int cmd_mock_cluster(int argc, char **argv)
     return 0;
 }
 
+/* ---- the read-only commands: status, list (consumer-status, below) ----- */
+
+/*
+ * The read-only commands (status, list, consumer-status, dead-letters)
+ * share one skeleton, ro_main: --help, the arguments, the database opened
+ * read-only (with its relay state, or as a consumer's), the command's own
+ * report, the database closed.  Each command states only what differs: its
+ * usage, the options it takes beyond --db and --json, and its report.
+ */
+
+/* Options a read-only command may take beyond --db and --json. */
+enum {
+    RO_STATE = 1 << 0,   /* --state PATH */
+    RO_SUBJECT = 1 << 1, /* --subject TYPE:ID */
+    RO_LIMIT = 1 << 2,   /* --limit N (100; 0 = all) */
+    RO_FILTER = 1 << 3,  /* --pending | --blocked */
+    RO_PARKED = 1 << 4   /* --parked */
+};
+
+struct ro_args {
+    const char *db, *state, *subject;
+    int json, pending, blocked, parked;
+    long limit;
+};
+
+typedef struct ro_cmd {
+    const char *name;
+    const char *usage;
+    unsigned opts; /* RO_* */
+    int consumer;  /* a consumer's database, not an outbox */
+    int (*report)(const char *cmd, const struct ro_args *a, ro *r);
+} ro_cmd;
+
+/* Whether o is a flag c takes; sets it. */
+static int ro_flag(const ro_cmd *c, const char *o, struct ro_args *a)
+{
+    int *flag =
+        strcmp(o, "--json") == 0                               ? &a->json
+        : (c->opts & RO_FILTER) && strcmp(o, "--pending") == 0 ? &a->pending
+        : (c->opts & RO_FILTER) && strcmp(o, "--blocked") == 0 ? &a->blocked
+        : (c->opts & RO_PARKED) && strcmp(o, "--parked") == 0  ? &a->parked
+                                                               : NULL;
+
+    if (flag != NULL)
+        *flag = 1;
+    return flag != NULL;
+}
+
+/* Whether o is an option with a value that c takes. */
+static int ro_option(const ro_cmd *c, const char *o)
+{
+    return strcmp(o, "--db") == 0 ||
+           ((c->opts & RO_STATE) && strcmp(o, "--state") == 0) ||
+           ((c->opts & RO_SUBJECT) && strcmp(o, "--subject") == 0) ||
+           ((c->opts & RO_LIMIT) && strcmp(o, "--limit") == 0);
+}
+
+static int ro_args_parse(const ro_cmd *c, int argc, char **argv,
+                         struct ro_args *a)
+{
+    const char *cmd = c->name, *v, *colon;
+
+    memset(a, 0, sizeof *a);
+    a->limit = 100;
+    for (int i = 0; i < argc; i++) {
+        const char *o = argv[i];
+        if (ro_flag(c, o, a))
+            continue;
+        if (!ro_option(c, o))
+            return bad_usage(cmd, "unknown argument '%s'", o);
+        if ((v = opt_value(cmd, argc, argv, &i)) == NULL)
+            return 2;
+        if (strcmp(o, "--db") == 0) {
+            a->db = v;
+        } else if (strcmp(o, "--state") == 0) {
+            a->state = v;
+        } else if (strcmp(o, "--subject") == 0) {
+            if (split_subject(v, &colon) != 0)
+                return bad_usage(cmd, "--subject takes TYPE:ID, got '%s'", v);
+            a->subject = v;
+        } else if (parse_num(cmd, o, v, 0, LONG_MAX, &a->limit) != 0) {
+            return 2;
+        }
+    }
+    if (a->pending && a->blocked)
+        return bad_usage(cmd, "--pending and --blocked exclude each other%s",
+                         "");
+    if (a->db == NULL)
+        return bad_usage(cmd, "needs --db PATH%s", "");
+    return 0;
+}
+
+static int consumer_ro_open(const char *cmd, const char *path, ro *r);
+
+/* The skeleton of every read-only command. */
+static int ro_main(const ro_cmd *c, int argc, char **argv)
+{
+    struct ro_args a;
+    ro r;
+    int rc;
+
+    if (wants_help(argc, argv, c->usage))
+        return 0;
+    if ((rc = ro_args_parse(c, argc, argv, &a)) != 0)
+        return rc;
+    if ((c->consumer ? consumer_ro_open(c->name, a.db, &r)
+                     : ro_open(c->name, a.db, a.state, &r)) != 0)
+        return 1;
+    if (a.json) {
+        rc = c->report(c->name, &a, &r);
+    } else {
+        /* Text reports pass through put_escaped, line by line: the
+         * databases hold what writers put there -- and dead letters what
+         * any producer of a shared topic did. */
+        FILE *saved = stdout, *mem;
+        char *text = NULL;
+        size_t len = 0;
+        if ((mem = open_memstream(&text, &len)) == NULL) {
+            ro_close(&r);
+            fprintf(stderr, "deliveryevents: %s: out of memory\n", c->name);
+            return 1;
+        }
+        stdout = mem;
+        rc = c->report(c->name, &a, &r);
+        fclose(mem);
+        stdout = saved;
+        for (size_t i = 0; i < len;) {
+            const char *nl = memchr(text + i, '\n', len - i);
+            size_t n = nl ? (size_t)(nl - (text + i)) : len - i;
+            put_escaped(stdout, text + i, n);
+            if (nl)
+                fputc('\n', stdout);
+            i += n + 1;
+        }
+        free(text);
+    }
+    ro_close(&r);
+    return rc;
+}
+
+static void put_int(json_t *o, const char *k, int64_t v)
+{
+    json_object_set_new(o, k, json_integer((json_int_t)v));
+}
+
+/* Any bytes: what is not UTF-8 is kept as \xNN text (json_text). */
+static void put_str(json_t *o, const char *k, const char *v)
+{
+    json_object_set_new(o, k, v ? json_text(v, strlen(v)) : json_null());
+}
+
+/* Sizes: -1 (JSON null, text "none") for a file that does not exist. */
+static void put_size(json_t *o, const char *k, int64_t v)
+{
+    json_object_set_new(o, k,
+                        v >= 0 ? json_integer((json_int_t)v) : json_null());
+}
+
+static void age(int64_t now, int64_t then, char *buf, size_t size)
+{
+    if (then <= 0)
+        snprintf(buf, size, "-");
+    else
+        snprintf(buf, size, "%.1f s ago", (double)(now - then) / 1000.0);
+}
+
+static int status_report(const char *cmd, const struct ro_args *a, ro *r)
+{
+    char path[PATH_MAX + 64], buf[300], host[256], owner[64], t1[64], t2[64];
+    int64_t now = now_ms(), cursor, pending, rows, oldest, cursor_at, last_ms,
+            deleted_upto, pid, hb, acquired, parked, nblocked;
+    int64_t sz_db, sz_wal, sz_state, sz_state_wal, v_outbox, v_state;
+    json_t *o, *lease, *files, *blocked, *schema;
+    sqlite3_stmt *st = NULL;
+    char db_id[64], state_id[64];
+    int state_matches;
+
+    cursor = ro_cursor(r);
+    pending = ro_pending(r, cursor);
+    rows = q_int(r->db, "SELECT count(*) FROM de_outbox", 0);
+    snprintf(buf, sizeof buf,
+             "SELECT min(recorded_at_ms) FROM de_outbox WHERE position > "
+             "%" PRId64 " OR position IN (SELECT position FROM "
+             "de_relay_parked)",
+             cursor);
+    oldest = q_int(r->db, buf, 0);
+    snprintf(buf, sizeof buf,
+             "SELECT recorded_at_ms FROM de_outbox WHERE position = %" PRId64,
+             cursor);
+    cursor_at = q_int(r->db, buf, 0);
+    last_ms = q_int(r->db, "SELECT max(last_ms) FROM de_relay_seq", 0);
+    deleted_upto = q_int(r->db,
+                         "SELECT CAST(value AS INTEGER) FROM main.de_meta "
+                         "WHERE key = 'relay_deleted_upto'",
+                         0);
+    v_outbox = q_int(r->db,
+                     "SELECT value FROM main.de_meta WHERE key = "
+                     "'schema_version'",
+                     0);
+    v_state = q_int(r->db,
+                    "SELECT value FROM de_relay_meta WHERE key = "
+                    "'schema_version'",
+                    0);
+    pid = q_int(r->db, "SELECT pid FROM de_relay_lease WHERE id = 1", 0);
+    hb = q_int(r->db, "SELECT heartbeat_ms FROM de_relay_lease WHERE id = 1",
+               -1);
+    acquired =
+        q_int(r->db, "SELECT acquired_ms FROM de_relay_lease WHERE id = 1", 0);
+    q_text(r->db, "SELECT host FROM de_relay_lease WHERE id = 1", host,
+           sizeof host);
+    q_text(r->db, "SELECT owner FROM de_relay_lease WHERE id = 1", owner,
+           sizeof owner);
+    parked = q_int(r->db, "SELECT count(*) FROM de_relay_parked", 0);
+    nblocked = q_int(r->db,
+                     "SELECT count(*) FROM (SELECT DISTINCT subject_type, "
+                     "subject_id FROM de_relay_parked)",
+                     0);
+    sz_db = file_size(a->db);
+    snprintf(path, sizeof path, "%s-wal", a->db);
+    sz_wal = file_size(path);
+    sz_state = file_size(r->state_path);
+    snprintf(path, sizeof path, "%s-wal", r->state_path);
+    sz_state_wal = file_size(path);
+
+    o = json_object();
+    put_str(o, "database", a->db);
+    put_str(o, "relay_state", r->state_path);
+    json_object_set_new(o, "relay_state_found", json_boolean(r->has_state));
+    /* The state names the outbox it belongs to (its de_meta outbox_id). */
+    q_text(r->db, "SELECT value FROM main.de_meta WHERE key = 'outbox_id'",
+           db_id, sizeof db_id);
+    q_text(r->db, "SELECT value FROM de_relay_meta WHERE key = 'outbox_id'",
+           state_id, sizeof state_id);
+    state_matches =
+        !r->has_state || state_id[0] == '\0' || strcmp(db_id, state_id) == 0;
+    put_str(o, "outbox_id", db_id[0] ? db_id : NULL);
+    json_object_set_new(o, "relay_state_matches", json_boolean(state_matches));
+    put_int(o, "pending", pending);
+    put_int(o, "oldest_pending_recorded_at_ms", oldest);
+    put_int(o, "oldest_pending_age_ms", oldest > 0 ? now - oldest : 0);
+    put_int(o, "cursor", cursor);
+    put_str(o, "cursor_event_id",
+            q_text(r->db,
+                   "SELECT value FROM de_relay_meta WHERE key = "
+                   "'cursor_event_id'",
+                   buf, sizeof buf)[0]
+                ? buf
+                : NULL);
+    put_int(o, "cursor_recorded_at_ms", cursor_at);
+    put_int(o, "last_numbered_at_ms", last_ms);
+    put_int(o, "outbox_rows", rows);
+    put_int(o, "outbox_min_position",
+            q_int(r->db, "SELECT min(position) FROM de_outbox", 0));
+    put_int(o, "outbox_max_position",
+            q_int(r->db, "SELECT max(position) FROM de_outbox", 0));
+    put_int(o, "deleted_upto", deleted_upto);
+    lease = json_object();
+    if (hb >= 0) {
+        put_str(lease, "owner", owner);
+        put_int(lease, "pid", pid);
+        put_str(lease, "host", host);
+        put_int(lease, "acquired_at_ms", acquired);
+        put_int(lease, "heartbeat_at_ms", hb);
+        put_int(lease, "heartbeat_age_ms", hb > 0 ? now - hb : -1);
+        json_object_set_new(lease, "released", json_boolean(hb == 0));
+    }
+    json_object_set_new(o, "lease", hb >= 0 ? lease : json_null());
+    if (hb < 0)
+        json_decref(lease);
+    put_int(o, "blocked_subjects", nblocked);
+    put_int(o, "held_back", parked);
+    blocked = json_array();
+    if (sqlite3_prepare_v2(
+            r->db,
+            "SELECT subject_type, subject_id, count(*), min(since_ms), "
+            "(SELECT error FROM de_relay_parked p2 WHERE p2.subject_type = "
+            "p.subject_type AND p2.subject_id = p.subject_id ORDER BY "
+            "position LIMIT 1), min(position) FROM de_relay_parked p GROUP "
+            "BY subject_type, subject_id ORDER BY min(position)",
+            -1, &st, NULL) == SQLITE_OK)
+        while (sqlite3_step(st) == SQLITE_ROW) {
+            json_t *b = json_object();
+            put_str(b, "subject_type",
+                    (const char *)sqlite3_column_text(st, 0));
+            put_str(b, "subject_id", (const char *)sqlite3_column_text(st, 1));
+            put_int(b, "held_back", sqlite3_column_int64(st, 2));
+            put_int(b, "since_ms", sqlite3_column_int64(st, 3));
+            put_str(b, "error", (const char *)sqlite3_column_text(st, 4));
+            put_int(b, "position", sqlite3_column_int64(st, 5));
+            json_array_append_new(blocked, b);
+        }
+    sqlite3_finalize(st);
+    json_object_set_new(o, "blocked", blocked);
+    schema = json_object();
+    put_int(schema, "outbox", v_outbox);
+    if (r->has_state)
+        put_int(schema, "relay_state", v_state);
+    else
+        json_object_set_new(schema, "relay_state", json_null());
+    json_object_set_new(o, "schema_version", schema);
+    files = json_object();
+    put_size(files, "database", sz_db);
+    put_size(files, "database_wal", sz_wal);
+    put_size(files, "relay_state", sz_state);
+    put_size(files, "relay_state_wal", sz_state_wal);
+    json_object_set_new(o, "file_bytes", files);
+
+    if (a->json) {
+        char *s = json_dumps(o, JSON_COMPACT);
+        if (s == NULL) {
+            json_decref(o);
+            fprintf(stderr, "deliveryevents: %s: out of memory\n", cmd);
+            return 1;
+        }
+        printf("%s\n", s);
+        free(s);
+        json_decref(o);
+        return 0;
+    }
+    printf("database:        %s (%" PRId64 " bytes, wal %" PRId64 " bytes)\n",
+           a->db, sz_db, sz_wal > 0 ? sz_wal : 0);
+    if (r->has_state)
+        printf("relay state:     %s (%" PRId64 " bytes, wal %" PRId64
+               " bytes)\n",
+               r->state_path, sz_state, sz_state_wal > 0 ? sz_state_wal : 0);
+    else
+        printf("relay state:     %s (none: no relay has run; every row is "
+               "pending)\n",
+               r->state_path);
+    if (r->has_state)
+        printf("schema versions: outbox %" PRId64 ", relay state %" PRId64 "\n",
+               v_outbox, v_state);
+    else
+        printf("schema versions: outbox %" PRId64 ", relay state -\n",
+               v_outbox);
+    if (!state_matches)
+        printf("WARNING:         the relay state belongs to another outbox "
+               "(a copy or a predecessor of this database): a relay "
+               "refuses it\n");
+    printf(
+        "outbox rows:     %" PRId64 " retained (positions %" PRId64 "..%" PRId64
+        "; deleted up to %" PRId64 ")\n",
+        rows,
+        (int64_t)json_integer_value(json_object_get(o, "outbox_min_position")),
+        (int64_t)json_integer_value(json_object_get(o, "outbox_max_position")),
+        deleted_upto);
+    age(now, oldest, t1, sizeof t1);
+    printf("pending:         %" PRId64 " (oldest recorded %s)\n", pending,
+           oldest > 0 ? t1 : "-");
+    iso_time(cursor_at, t1, sizeof t1);
+    age(now, cursor_at, t2, sizeof t2);
+    printf("cursor:          %" PRId64 " (published or held back up to "
+           "here; event %s recorded %s, %s)\n",
+           cursor,
+           json_is_string(json_object_get(o, "cursor_event_id"))
+               ? json_string_value(json_object_get(o, "cursor_event_id"))
+               : "-",
+           t1, t2);
+    iso_time(last_ms, t1, sizeof t1);
+    printf("last numbered:   %s\n", t1);
+    if (hb < 0) {
+        printf("lease:           none (no relay has held it)\n");
+    } else {
+        age(now, hb, t1, sizeof t1);
+        printf("lease:           %s by pid %" PRId64 " on %s (heartbeat "
+               "%s)\n",
+               hb == 0 ? "released, last held" : "held", pid,
+               host[0] ? host : "?", hb == 0 ? "-" : t1);
+    }
+    printf("blocked:         %" PRId64 " subjects, %" PRId64
+           " events held back\n",
+           nblocked, parked);
+    for (size_t i = 0; i < json_array_size(blocked); i++) {
+        json_t *b = json_array_get(blocked, i);
+        iso_time(json_integer_value(json_object_get(b, "since_ms")), t1,
+                 sizeof t1);
+        printf("  %s/%s: %" PRId64 " events from position %" PRId64
+               " since %s: %s\n",
+               json_string_value(json_object_get(b, "subject_type")),
+               json_string_value(json_object_get(b, "subject_id")),
+               (int64_t)json_integer_value(json_object_get(b, "held_back")),
+               (int64_t)json_integer_value(json_object_get(b, "position")), t1,
+               json_is_string(json_object_get(b, "error"))
+                   ? json_string_value(json_object_get(b, "error"))
+                   : "-");
+    }
+    json_decref(o);
+    return 0;
+}
+
+static int list_report(const char *cmd, const struct ro_args *a, ro *r)
+{
+    sqlite3_stmt *st = NULL;
+    char t[64];
+    const char *colon;
+    int64_t cursor;
+    long n = 0;
+    int rc;
+
+    cursor = ro_cursor(r);
+    if (sqlite3_prepare_v2(
+            r->db,
+            "SELECT o.position, o.event_id, o.subject_type, o.subject_id, "
+            "o.action, o.version, o.recorded_at_ms, CASE WHEN p.position "
+            "IS NOT NULL THEN 'held-back' WHEN o.position > ?1 THEN "
+            "'pending' ELSE 'published' END, p.error FROM de_outbox o LEFT "
+            "JOIN de_relay_parked p ON p.position = o.position WHERE (?2 IS "
+            "NULL OR (o.subject_type = ?2 AND o.subject_id = ?3)) AND (?4 = "
+            "0 OR o.position > ?1 OR p.position IS NOT NULL) AND (?5 = 0 OR "
+            "p.position IS NOT NULL) ORDER BY o.position LIMIT ?6",
+            -1, &st, NULL) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(r->db));
+        return 1;
+    }
+    sqlite3_bind_int64(st, 1, cursor);
+    if (a->subject != NULL) {
+        colon = strchr(a->subject, ':');
+        sqlite3_bind_text(st, 2, a->subject, (int)(colon - a->subject),
+                          SQLITE_STATIC);
+        sqlite3_bind_text(st, 3, colon + 1, -1, SQLITE_STATIC);
+    }
+    sqlite3_bind_int(st, 4, a->pending);
+    sqlite3_bind_int(st, 5, a->blocked);
+    sqlite3_bind_int64(st, 6, a->limit > 0 ? a->limit : -1);
+    if (!a->json)
+        printf("%-10s %-36s %-24s %-12s %-3s %-24s %s\n", "POSITION",
+               "EVENT_ID", "SUBJECT", "ACTION", "V", "RECORDED", "STATUS");
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        const char *err = (const char *)sqlite3_column_text(st, 8);
+        n++;
+        if (a->json) {
+            json_t *o = json_object();
+            char *s;
+            put_int(o, "position", sqlite3_column_int64(st, 0));
+            put_str(o, "event_id", (const char *)sqlite3_column_text(st, 1));
+            put_str(o, "subject_type",
+                    (const char *)sqlite3_column_text(st, 2));
+            put_str(o, "subject_id", (const char *)sqlite3_column_text(st, 3));
+            put_str(o, "action", (const char *)sqlite3_column_text(st, 4));
+            put_int(o, "version", sqlite3_column_int64(st, 5));
+            put_int(o, "recorded_at_ms", sqlite3_column_int64(st, 6));
+            put_str(o, "status", (const char *)sqlite3_column_text(st, 7));
+            if (err != NULL)
+                put_str(o, "error", err);
+            s = json_dumps(o, JSON_COMPACT);
+            printf("%s\n", s ? s : "{}");
+            free(s);
+            json_decref(o);
+        } else {
+            char subject[300];
+            snprintf(subject, sizeof subject, "%s/%s",
+                     (const char *)sqlite3_column_text(st, 2),
+                     (const char *)sqlite3_column_text(st, 3));
+            iso_time(sqlite3_column_int64(st, 6), t, sizeof t);
+            printf("%-10lld %-36s %-24s %-12s %-3d %-24s %s%s%s\n",
+                   (long long)sqlite3_column_int64(st, 0),
+                   (const char *)sqlite3_column_text(st, 1), subject,
+                   (const char *)sqlite3_column_text(st, 4),
+                   sqlite3_column_int(st, 5), t,
+                   (const char *)sqlite3_column_text(st, 7), err ? ": " : "",
+                   err ? err : "");
+        }
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) {
+        fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(r->db));
+        return 1;
+    }
+    if (!a->json && a->limit > 0 && n == a->limit)
+        printf("(first %ld rows; --limit 0 for all)\n", n);
+    return 0;
+}
+
+/* ---- the consumer's database: consumer-status, dead-letters ------------ */
+
+/*
+ * A consumer keeps its bookkeeping in its own database (lib/inbox_sqlite.c):
+ * de_inbox (a row per subject remembered, parked = 1 while the subject is
+ * parked), de_dead_letter (kind failed, waiting, gap, conflict or foreign;
+ * state parked, applied, skipped, duplicate or foreign) and
+ * de_consumer_meta (the
+ * schema version).  From version 4 on it also has de_consumer_request,
+ * where release and skip ask the running consumer to act.  Both reading
+ * commands open the file as status does: read-only, creating nothing.
+ */
+
+static int has_table(sqlite3 *db, const char *name)
+{
+    char sql[200];
+
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM main.sqlite_master WHERE type = 'table' "
+             "AND name = '%s'",
+             name);
+    return q_int(db, sql, 0) > 0;
+}
+
+/* Opens a consumer's database read-only; 0, or 1 after saying why not. */
+static int consumer_ro_open(const char *cmd, const char *path, ro *r)
+{
+    if (ro_open_file(cmd, path, r) != 0)
+        return 1;
+    if (!has_table(r->db, "de_inbox") || !has_table(r->db, "de_dead_letter")) {
+        fprintf(stderr,
+                "deliveryevents: %s: '%s' has no consumer tables (no "
+                "de_inbox or de_dead_letter table)%s%s\n",
+                cmd, path, sqlite3_errcode(r->db) ? ": " : "",
+                sqlite3_errcode(r->db) ? sqlite3_errmsg(r->db) : "");
+        ro_close(r);
+        return 1;
+    }
+    return 0;
+}
+
+/* "coalesce(epoch, 0)", or "0" for a database older than schema 3. */
+static const char *dl_epoch_expr(sqlite3 *db)
+{
+    return q_int(db,
+                 "SELECT count(*) FROM pragma_table_info('de_dead_letter') "
+                 "WHERE name = 'epoch'",
+                 0) > 0
+               ? "coalesce(epoch, 0)"
+               : "0";
+}
+
+static const char usage_consumer_status[] =
+    "usage: deliveryevents consumer-status --db PATH [--json]\n"
+    "  Read-only report of a consumer's database: schema version, subjects\n"
+    "  remembered, parked subjects, dead letters by kind and state, the\n"
+    "  oldest dead letter, queued release/skip requests, file sizes.\n"
+    "  Creates and changes nothing.\n"
+    "  --db PATH       the consumer's database file (required)\n"
+    "  --json          one JSON object instead of text\n";
+
+static const char usage_dead_letters[] =
+    "usage: deliveryevents dead-letters --db PATH [--subject TYPE:ID] "
+    "[--parked]\n"
+    "                                   [--limit N] [--json]\n"
+    "  Read-only list of a consumer's dead letters (de_dead_letter), oldest\n"
+    "  first: subject, epoch/seq, ce_id, kind, state (parked, applied,\n"
+    "  skipped, duplicate, foreign), when, attempts, error.\n"
+    "  --db PATH          the consumer's database file (required)\n"
+    "  --subject TYPE:ID  only this subject's dead letters, e.g. "
+    "delivery:D-7\n"
+    "  --parked           only those still parked (waiting for release or "
+    "skip)\n"
+    "  --limit N          at most N rows (100; 0 = all)\n"
+    "  --json             one JSON object per line\n";
+
+static void print_json_line(json_t *o)
+{
+    char *s = json_dumps(o, JSON_COMPACT);
+
+    printf("%s\n", s ? s : "{}");
+    free(s);
+}
+
+static int consumer_status_report(const char *cmd, const struct ro_args *a,
+                                  ro *r)
+{
+    char path[PATH_MAX + 16], t1[64], t2[64];
+    int64_t now = now_ms(), version, subjects, parked, dl_total, dl_parked,
+            oldest, oldest_parked, sz_db, sz_wal, queued = -1,
+            oldest_queued = 0;
+    json_t *o, *by, *files, *plist;
+    sqlite3_stmt *st = NULL;
+    int has_requests;
+
+    (void)cmd; /* its messages come from ro_main */
+    version = q_int(r->db,
+                    "SELECT value FROM main.de_consumer_meta WHERE key = "
+                    "'schema_version'",
+                    0);
+    subjects = q_int(r->db, "SELECT count(*) FROM de_inbox", 0);
+    parked = q_int(r->db, "SELECT count(*) FROM de_inbox WHERE parked = 1", 0);
+    dl_total = q_int(r->db, "SELECT count(*) FROM de_dead_letter", 0);
+    dl_parked = q_int(
+        r->db, "SELECT count(*) FROM de_dead_letter WHERE state = 'parked'", 0);
+    oldest = q_int(r->db, "SELECT min(parked_ms) FROM de_dead_letter", 0);
+    oldest_parked = q_int(r->db,
+                          "SELECT min(parked_ms) FROM de_dead_letter WHERE "
+                          "state = 'parked'",
+                          0);
+    has_requests = has_table(r->db, "de_consumer_request");
+    if (has_requests) {
+        queued = q_int(r->db,
+                       "SELECT count(*) FROM de_consumer_request WHERE "
+                       "done_at_ms IS NULL",
+                       0);
+        oldest_queued = q_int(r->db,
+                              "SELECT min(requested_at_ms) FROM "
+                              "de_consumer_request WHERE done_at_ms IS NULL",
+                              0);
+    }
+    sz_db = file_size(a->db);
+    snprintf(path, sizeof path, "%s-wal", a->db);
+    sz_wal = file_size(path);
+
+    o = json_object();
+    put_str(o, "database", a->db);
+    put_int(o, "schema_version", version);
+    put_int(o, "subjects", subjects);
+    put_int(o, "parked_subjects", parked);
+    put_int(o, "dead_letters", dl_total);
+    put_int(o, "dead_letters_parked", dl_parked);
+    put_int(o, "oldest_dead_letter_at_ms", oldest);
+    put_int(o, "oldest_dead_letter_age_ms", oldest > 0 ? now - oldest : 0);
+    put_int(o, "oldest_parked_at_ms", oldest_parked);
+    put_int(o, "oldest_parked_age_ms",
+            oldest_parked > 0 ? now - oldest_parked : 0);
+    by = json_array();
+    if (sqlite3_prepare_v2(r->db,
+                           "SELECT kind, state, count(*), min(parked_ms) FROM "
+                           "de_dead_letter GROUP BY kind, state ORDER BY "
+                           "kind, state",
+                           -1, &st, NULL) == SQLITE_OK)
+        while (sqlite3_step(st) == SQLITE_ROW) {
+            json_t *b = json_object();
+            put_str(b, "kind", (const char *)sqlite3_column_text(st, 0));
+            put_str(b, "state", (const char *)sqlite3_column_text(st, 1));
+            put_int(b, "count", sqlite3_column_int64(st, 2));
+            put_int(b, "oldest_at_ms", sqlite3_column_int64(st, 3));
+            json_array_append_new(by, b);
+        }
+    sqlite3_finalize(st);
+    st = NULL;
+    json_object_set_new(o, "dead_letters_by_kind", by);
+    /* The parked subjects, first parked first: their parked events and the
+     * first one's kind and error. */
+    plist = json_array();
+    if (sqlite3_prepare_v2(
+            r->db,
+            "SELECT i.subject_type, i.subject_id, (SELECT count(*) FROM "
+            "de_dead_letter d WHERE d.subject_type = i.subject_type AND "
+            "d.subject_id = i.subject_id AND d.state = 'parked'), (SELECT "
+            "min(parked_ms) FROM de_dead_letter d WHERE d.subject_type = "
+            "i.subject_type AND d.subject_id = i.subject_id AND d.state = "
+            "'parked'), (SELECT kind || char(9) || coalesce(error, '') FROM "
+            "de_dead_letter d WHERE d.subject_type = i.subject_type AND "
+            "d.subject_id = i.subject_id AND d.state = 'parked' ORDER BY id "
+            "LIMIT 1) FROM de_inbox i WHERE i.parked = 1 ORDER BY 4, 1, 2",
+            -1, &st, NULL) == SQLITE_OK)
+        while (sqlite3_step(st) == SQLITE_ROW) {
+            json_t *b = json_object();
+            const char *ke = (const char *)sqlite3_column_text(st, 4);
+            const char *tab = ke ? strchr(ke, '\t') : NULL;
+            put_str(b, "subject_type",
+                    (const char *)sqlite3_column_text(st, 0));
+            put_str(b, "subject_id", (const char *)sqlite3_column_text(st, 1));
+            put_int(b, "parked_events", sqlite3_column_int64(st, 2));
+            put_int(b, "since_ms", sqlite3_column_int64(st, 3));
+            if (tab != NULL) {
+                json_object_set_new(b, "kind",
+                                    json_stringn(ke, (size_t)(tab - ke)));
+                put_str(b, "error", tab[1] ? tab + 1 : NULL);
+            } else {
+                put_str(b, "kind", NULL);
+                put_str(b, "error", NULL);
+            }
+            json_array_append_new(plist, b);
+        }
+    sqlite3_finalize(st);
+    json_object_set_new(o, "parked", plist);
+    if (has_requests) {
+        put_int(o, "requests_queued", queued);
+        put_int(o, "oldest_request_at_ms", oldest_queued);
+    } else {
+        json_object_set_new(o, "requests_queued", json_null());
+    }
+    files = json_object();
+    put_size(files, "database", sz_db);
+    put_size(files, "database_wal", sz_wal);
+    json_object_set_new(o, "file_bytes", files);
+
+    if (a->json) {
+        print_json_line(o);
+        json_decref(o);
+        return 0;
+    }
+    printf("database:        %s (%" PRId64 " bytes, wal %" PRId64 " bytes)\n",
+           a->db, sz_db, sz_wal > 0 ? sz_wal : 0);
+    printf("schema version:  consumer %" PRId64 "%s\n", version,
+           has_requests ? ""
+                        : " (no request table: release and skip from "
+                          "the command line need 1.0)");
+    printf("subjects:        %" PRId64 " remembered, %" PRId64 " parked\n",
+           subjects, parked);
+    age(now, oldest, t1, sizeof t1);
+    age(now, oldest_parked, t2, sizeof t2);
+    printf("dead letters:    %" PRId64 " (%" PRId64 " still parked; oldest "
+           "%s, oldest parked %s)\n",
+           dl_total, dl_parked, t1, t2);
+    for (size_t i = 0; i < json_array_size(by); i++) {
+        json_t *b = json_array_get(by, i);
+        printf("  %-10s %-8s %" PRId64 "\n",
+               json_string_value(json_object_get(b, "kind")),
+               json_string_value(json_object_get(b, "state")),
+               (int64_t)json_integer_value(json_object_get(b, "count")));
+    }
+    for (size_t i = 0; i < json_array_size(plist); i++) {
+        json_t *b = json_array_get(plist, i);
+        json_t *err = json_object_get(b, "error");
+        iso_time(json_integer_value(json_object_get(b, "since_ms")), t1,
+                 sizeof t1);
+        if (i == 20) {
+            printf("  ... %zu more parked subjects (dead-letters --parked "
+                   "lists them)\n",
+                   json_array_size(plist) - i);
+            break;
+        }
+        printf("  parked %s:%s: %" PRId64 " events since %s, first %s%s%s\n",
+               json_string_value(json_object_get(b, "subject_type")),
+               json_string_value(json_object_get(b, "subject_id")),
+               (int64_t)json_integer_value(json_object_get(b, "parked_events")),
+               t1,
+               json_is_string(json_object_get(b, "kind"))
+                   ? json_string_value(json_object_get(b, "kind"))
+                   : "-",
+               json_is_string(err) ? ": " : "",
+               json_is_string(err) ? json_string_value(err) : "");
+    }
+    if (has_requests) {
+        age(now, oldest_queued, t1, sizeof t1);
+        printf("requests:        %" PRId64 " queued for the consumer "
+               "(oldest %s)\n",
+               queued, t1);
+    }
+    json_decref(o);
+    return 0;
+}
+
+static int dead_letters_report(const char *cmd, const struct ro_args *a, ro *r)
+{
+    sqlite3_stmt *st = NULL;
+    char sql[1200], t[64];
+    const char *colon = NULL;
+    long n = 0;
+    int rc;
+
+    snprintf(sql, sizeof sql,
+             "SELECT id, kind, state, subject_type, subject_id, %s, seq, "
+             "event_id, action, type, topic, partition, offset, error, "
+             "attempts, parked_ms FROM de_dead_letter WHERE (?1 IS NULL OR "
+             "(subject_type = ?1 AND subject_id = ?2)) AND (?3 = 0 OR state "
+             "= 'parked') ORDER BY id LIMIT ?4",
+             dl_epoch_expr(r->db));
+    if (sqlite3_prepare_v2(r->db, sql, -1, &st, NULL) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(r->db));
+        return 1;
+    }
+    if (a->subject != NULL) {
+        split_subject(a->subject, &colon);
+        sqlite3_bind_text(st, 1, a->subject, (int)(colon - a->subject),
+                          SQLITE_STATIC);
+        sqlite3_bind_text(st, 2, colon + 1, -1, SQLITE_STATIC);
+    }
+    sqlite3_bind_int(st, 3, a->parked);
+    sqlite3_bind_int64(st, 4, a->limit > 0 ? a->limit : -1);
+    if (!a->json)
+        printf("%-6s %-24s %-28s %-9s %-8s %-8s %-36s %s\n", "ID", "WHEN",
+               "SUBJECT", "EPOCH/SEQ", "KIND", "STATE", "CE_ID", "ERROR");
+#define COL_TEXT(i) ((const char *)sqlite3_column_text(st, (i)))
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        int has_subject = sqlite3_column_type(st, 3) != SQLITE_NULL;
+        int numbered = sqlite3_column_type(st, 6) != SQLITE_NULL;
+        n++;
+        if (a->json) {
+            json_t *o = json_object();
+            put_int(o, "id", sqlite3_column_int64(st, 0));
+            put_str(o, "kind", COL_TEXT(1));
+            put_str(o, "state", COL_TEXT(2));
+            put_str(o, "subject_type", COL_TEXT(3));
+            put_str(o, "subject_id", COL_TEXT(4));
+            if (has_subject && numbered) {
+                put_int(o, "epoch", sqlite3_column_int64(st, 5));
+                put_int(o, "seq", sqlite3_column_int64(st, 6));
+            } else {
+                json_object_set_new(o, "epoch", json_null());
+                json_object_set_new(o, "seq", json_null());
+            }
+            put_str(o, "event_id", COL_TEXT(7));
+            put_str(o, "action", COL_TEXT(8));
+            put_str(o, "type", COL_TEXT(9));
+            put_str(o, "topic", COL_TEXT(10));
+            put_int(o, "partition", sqlite3_column_int64(st, 11));
+            put_int(o, "offset", sqlite3_column_int64(st, 12));
+            put_str(o, "error", COL_TEXT(13));
+            put_int(o, "attempts", sqlite3_column_int64(st, 14));
+            put_int(o, "parked_at_ms", sqlite3_column_int64(st, 15));
+            print_json_line(o);
+            json_decref(o);
+        } else {
+            char subject[300], num[48];
+            if (has_subject) {
+                snprintf(subject, sizeof subject, "%s:%s", COL_TEXT(3),
+                         COL_TEXT(4));
+                /* An event without a sequence: "-". */
+                if (numbered)
+                    snprintf(num, sizeof num, "%lld/%lld",
+                             (long long)sqlite3_column_int64(st, 5),
+                             (long long)sqlite3_column_int64(st, 6));
+                else
+                    snprintf(num, sizeof num, "-");
+            } else {
+                /* A record that is not ours: where it was read. */
+                snprintf(subject, sizeof subject, "%s[%d]@%lld",
+                         COL_TEXT(10) ? COL_TEXT(10) : "?",
+                         sqlite3_column_int(st, 11),
+                         (long long)sqlite3_column_int64(st, 12));
+                snprintf(num, sizeof num, "-");
+            }
+            iso_time(sqlite3_column_int64(st, 15), t, sizeof t);
+            printf("%-6lld %-24s %-28s %-9s %-8s %-8s %-36s %s\n",
+                   (long long)sqlite3_column_int64(st, 0), t, subject, num,
+                   COL_TEXT(1) ? COL_TEXT(1) : "-",
+                   COL_TEXT(2) ? COL_TEXT(2) : "-",
+                   COL_TEXT(7) ? COL_TEXT(7) : "-",
+                   COL_TEXT(13) ? COL_TEXT(13) : "");
+        }
+    }
+#undef COL_TEXT
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) {
+        fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(r->db));
+        return 1;
+    }
+    if (!a->json && a->limit > 0 && n == a->limit)
+        printf("(first %ld rows; --limit 0 for all)\n", n);
+    return 0;
+}
+
+/* ---- release and skip: asking the running consumer ---------------------- */
+
+/*
+ * A parked subject is released or skipped by its consumer, which has the
+ * handlers (de_consumer_release, de_consumer_skip).  From the command
+ * line the tool can only ask: it inserts a row into de_consumer_request
+ * (consumer schema 4, libdeliveryevents 1.0), which the running consumer
+ * takes on its next de_consumer_poll, in id order; it sets done_at_ms and
+ * its result, which the tool waits for.  Parked is what the library calls
+ * it: the subject's de_inbox row has parked = 1, or it has dead letters
+ * still in state 'parked'.  The tool never creates tables.
+ */
+
+static const char usage_release[] =
+    "usage: deliveryevents release --db PATH TYPE:ID [--wait MS] [--force]\n"
+    "  Asks the running consumer of PATH to release a parked subject: to\n"
+    "  apply its parked events again, in order, with its handlers\n"
+    "  (de_consumer_release).  Needs a consumer of libdeliveryevents 1.0 or\n"
+    "  later (consumer schema 4: the de_consumer_request table).\n"
+    "  --db PATH     the consumer's database file (required)\n"
+    "  TYPE:ID       the subject, e.g. delivery:D-7 (required)\n"
+    "  --wait MS     wait up to MS ms for the consumer's result (30000;\n"
+    "                0: queue the request and return at once)\n"
+    "  --force       ask even if the subject does not look parked\n"
+    "  Prints the consumer's result; exit 1 if it answers that the subject\n"
+    "  is still parked or the request failed, or if it did not take the\n"
+    "  request in time (the request stays queued).\n";
+
+static const char usage_skip[] =
+    "usage: deliveryevents skip --db PATH TYPE:ID [--wait MS] [--force]\n"
+    "  Asks the running consumer of PATH to skip the event that parked a\n"
+    "  subject (kept in de_dead_letter, marked skipped) and apply the\n"
+    "  rest, in order, with its handlers (de_consumer_skip).  Needs a\n"
+    "  consumer of libdeliveryevents 1.0 or later (consumer schema 4: the\n"
+    "  de_consumer_request table).\n"
+    "  --db PATH     the consumer's database file (required)\n"
+    "  TYPE:ID       the subject, e.g. delivery:D-7 (required)\n"
+    "  --wait MS     wait up to MS ms for the consumer's result (30000;\n"
+    "                0: queue the request and return at once)\n"
+    "  --force       ask even if the subject does not look parked\n"
+    "  Prints the consumer's result; exit 1 if it answers that the subject\n"
+    "  is still parked or the request failed, or if it did not take the\n"
+    "  request in time (the request stays queued).\n";
+
+/* Runs one statement with the subject bound as ?1, ?2 (and text ?3, int
+ * ?4 when given); the first integer column of its row, or -1 on an error
+ * (said on stderr), or 0 without a row. */
+static int64_t req_exec(const char *cmd, sqlite3 *db, const char *sql,
+                        const char *type, int type_len, const char *id,
+                        const char *text, int64_t num)
+{
+    sqlite3_stmt *st = NULL;
+    int64_t v = 0;
+    int rc;
+
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(db));
+        return -1;
+    }
+    if (type != NULL) {
+        sqlite3_bind_text(st, 1, type, type_len, SQLITE_STATIC);
+        sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
+    }
+    if (text != NULL) {
+        sqlite3_bind_text(st, 3, text, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 4, num);
+    }
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW)
+        v = sqlite3_column_int64(st, 0);
+    else if (rc != SQLITE_DONE)
+        v = -1;
+    if (v < 0)
+        fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(db));
+    sqlite3_finalize(st);
+    return v;
+}
+
+static int cmd_request(const char *cmd, int argc, char **argv)
+{
+    const char *db_path = NULL, *subject = NULL, *colon, *v;
+    char result[1024], shown[300];
+    long wait_ms = 30000;
+    int force = 0, rc = 1, type_len;
+    int64_t id, deadline;
+    sqlite3 *db = NULL;
+
+    if (wants_help(argc, argv,
+                   strcmp(cmd, "skip") == 0 ? usage_skip : usage_release))
+        return 0;
+    for (int i = 0; i < argc; i++) {
+        const char *o = argv[i];
+        if (strcmp(o, "--force") == 0) {
+            force = 1;
+        } else if (strcmp(o, "--db") == 0 || strcmp(o, "--wait") == 0) {
+            if ((v = opt_value(cmd, argc, argv, &i)) == NULL)
+                return 2;
+            if (strcmp(o, "--db") == 0)
+                db_path = v;
+            else if (parse_num(cmd, o, v, 0, 24L * 3600 * 1000, &wait_ms) != 0)
+                return 2;
+        } else if (o[0] == '-' && o[1] != '\0') {
+            return bad_usage(cmd, "unknown argument '%s'", o);
+        } else if (subject != NULL) {
+            return bad_usage(cmd, "takes one subject; '%s' is a second", o);
+        } else if (split_subject(o, &colon) != 0) {
+            return bad_usage(cmd,
+                             "the subject is TYPE:ID, both non-empty (e.g. "
+                             "delivery:D-7), got '%s'",
+                             o);
+        } else {
+            subject = o;
+        }
+    }
+    if (db_path == NULL)
+        return bad_usage(cmd, "needs --db PATH%s", "");
+    if (subject == NULL)
+        return bad_usage(cmd,
+                         "needs the subject, TYPE:ID (e.g. "
+                         "delivery:D-7)%s",
+                         "");
+    split_subject(subject, &colon);
+    type_len = (int)(colon - subject);
+    snprintf(shown, sizeof shown, "%s", subject);
+
+    if (!file_exists(db_path)) {
+        fprintf(stderr, "deliveryevents: %s: cannot open '%s': %s\n", cmd,
+                db_path, strerror(errno));
+        return 1;
+    }
+    if (!is_file(db_path)) {
+        fprintf(stderr, "deliveryevents: %s: '%s' is not a file\n", cmd,
+                db_path);
+        return 1;
+    }
+    /* Read-write, never created; the consumer holds the write lock only
+     * for a batch, so 5 s of busy timeout is plenty. */
+    if (sqlite3_open_v2(db_path, &db, SQLITE_OPEN_READWRITE, NULL) !=
+            SQLITE_OK ||
+        sqlite3_busy_timeout(db, 5000) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: cannot open '%s': %s\n", cmd,
+                db_path, db ? sqlite3_errmsg(db) : "out of memory");
+        goto done;
+    }
+    if (!has_table(db, "de_inbox") || !has_table(db, "de_dead_letter")) {
+        fprintf(stderr,
+                "deliveryevents: %s: '%s' has no consumer tables (no "
+                "de_inbox or de_dead_letter table)%s%s\n",
+                cmd, db_path, sqlite3_errcode(db) ? ": " : "",
+                sqlite3_errcode(db) ? sqlite3_errmsg(db) : "");
+        goto done;
+    }
+    if (!has_table(db, "de_consumer_request")) {
+        fprintf(stderr,
+                "deliveryevents: %s: '%s': this consumer database has no "
+                "request table: its consumer runs a libdeliveryevents older "
+                "than 1.0; upgrade it, or call de_consumer_%s in the "
+                "service\n",
+                cmd, db_path, cmd);
+        goto done;
+    }
+    /* Whether it is parked and the request, in one transaction. */
+    if (sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: cannot write '%s': %s\n", cmd,
+                db_path, sqlite3_errmsg(db));
+        goto done;
+    }
+    id = req_exec(cmd, db,
+                  "SELECT EXISTS (SELECT 1 FROM de_inbox WHERE subject_type = "
+                  "?1 AND subject_id = ?2 AND parked = 1) OR EXISTS (SELECT 1 "
+                  "FROM de_dead_letter WHERE subject_type = ?1 AND subject_id "
+                  "= ?2 AND state = 'parked')",
+                  subject, type_len, colon + 1, NULL, 0);
+    if (id < 0)
+        goto rollback;
+    if (id == 0 && !force) {
+        fprintf(stderr,
+                "deliveryevents: %s: %s is not parked in '%s' (its inbox row "
+                "is not parked and it has no parked dead letters): nothing "
+                "to %s; --force asks the consumer anyway\n",
+                cmd, shown, db_path, cmd);
+        goto rollback;
+    }
+    if (req_exec(cmd, db,
+                 "INSERT INTO de_consumer_request(subject_type, subject_id, "
+                 "action, requested_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                 subject, type_len, colon + 1, cmd, now_ms()) < 0)
+        goto rollback;
+    id = sqlite3_last_insert_rowid(db);
+    if (sqlite3_exec(db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: cannot commit to '%s': %s\n", cmd,
+                db_path, sqlite3_errmsg(db));
+        goto rollback;
+    }
+
+    /* Waiting for the consumer: it sets done_at_ms and result. */
+    catch_signals();
+    deadline = mono_ms() + wait_ms;
+    while (wait_ms > 0 && !stop_signal) {
+        sqlite3_stmt *st = NULL;
+        int found = 0, done = 0;
+
+        if (sqlite3_prepare_v2(db,
+                               "SELECT done_at_ms IS NOT NULL, result FROM "
+                               "de_consumer_request WHERE id = ?1",
+                               -1, &st, NULL) == SQLITE_OK) {
+            sqlite3_bind_int64(st, 1, id);
+            if (sqlite3_step(st) == SQLITE_ROW) {
+                found = 1;
+                done = sqlite3_column_int(st, 0);
+                snprintf(result, sizeof result, "%s",
+                         sqlite3_column_text(st, 1)
+                             ? (const char *)sqlite3_column_text(st, 1)
+                             : "done, without a result");
+            }
+        }
+        sqlite3_finalize(st);
+        if (!found) {
+            fprintf(stderr,
+                    "deliveryevents: %s: request %" PRId64 " is gone from "
+                    "'%s' before it was done%s%s\n",
+                    cmd, id, db_path, sqlite3_errcode(db) ? ": " : "",
+                    sqlite3_errcode(db) ? sqlite3_errmsg(db) : "");
+            goto done;
+        }
+        if (done) {
+            printf("%s %s: %s\n", cmd, shown, result);
+            /* The subject no longer parked is success; still parked, or
+             * the consumer could not do it, is not. */
+            rc = strncmp(result, "still parked", 12) == 0 ||
+                         strncmp(result, "failed", 6) == 0
+                     ? 1
+                     : 0;
+            goto done;
+        }
+        if (mono_ms() >= deadline)
+            break;
+        (void)poll(NULL, 0, 100);
+    }
+    if (wait_ms == 0) {
+        printf("queued: the consumer of %s has not taken the request yet; "
+               "it stays queued (request %" PRId64 ")\n",
+               db_path, id);
+        rc = 0;
+    } else {
+        fprintf(stderr,
+                "deliveryevents: %s: queued: the consumer of %s has not "
+                "taken the request yet; it stays queued (request %" PRId64
+                ")\n",
+                cmd, db_path, id);
+    }
+    goto done;
+rollback:
+    (void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+done:
+    sqlite3_close(db);
+    return rc;
+}
+
+/* The read-only commands: what each takes beyond --db and --json. */
+static const ro_cmd ro_cmds[] = {
+    {"status", usage_status, RO_STATE, 0, status_report},
+    {"list", usage_list, RO_STATE | RO_SUBJECT | RO_LIMIT | RO_FILTER, 0,
+     list_report},
+    {"consumer-status", usage_consumer_status, 0, 1, consumer_status_report},
+    {"dead-letters", usage_dead_letters, RO_SUBJECT | RO_LIMIT | RO_PARKED, 1,
+     dead_letters_report},
+};
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -404,6 +3140,13 @@ int main(int argc, char **argv)
     }
     if (strcmp(argv[1], "relay") == 0)
         return cmd_relay(argc - 2, argv + 2);
+    for (size_t i = 0; i < sizeof ro_cmds / sizeof *ro_cmds; i++)
+        if (strcmp(argv[1], ro_cmds[i].name) == 0)
+            return ro_main(&ro_cmds[i], argc - 2, argv + 2);
+    if (strcmp(argv[1], "release") == 0 || strcmp(argv[1], "skip") == 0)
+        return cmd_request(argv[1], argc - 2, argv + 2);
+    if (strcmp(argv[1], "replay") == 0)
+        return cmd_replay(argc - 2, argv + 2);
     if (strcmp(argv[1], "mock-cluster") == 0)
         return cmd_mock_cluster(argc - 2, argv + 2);
     if (strcmp(argv[1], "tail") == 0)
@@ -413,9 +3156,11 @@ int main(int argc, char **argv)
                rd_kafka_version_str(), sqlite3_libversion());
         return 0;
     }
-    if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
+    if (is_help(argv[1])) {
         usage(stdout);
         return 0;
     }
-    return bad_usage("unknown command '%s'", argv[1]);
+    fprintf(stderr, "deliveryevents: unknown command '%s'\n", argv[1]);
+    usage(stderr);
+    return 2;
 }

@@ -184,13 +184,12 @@ de_conf *tu_relay_conf(tu_cluster *c, ...)
     return conf;
 }
 
-char *tu_dir;
 sqlite3 *tu_db;
 de_outbox *tu_ob;
 
 void tu_service_setup(void)
 {
-    tu_dir = tu_mkdtemp();
+    tu_dir_setup();
     tu_db = tu_open(tu_path(tu_dir, "service.db"));
     tu_ledger_create(tu_db);
     tu_ok(de_outbox_open(tu_db, NULL, &tu_ob));
@@ -202,8 +201,7 @@ void tu_service_teardown(void)
     tu_ob = NULL;
     sqlite3_close(tu_db);
     tu_db = NULL;
-    tu_rmdir(tu_dir);
-    tu_dir = NULL;
+    tu_dir_teardown();
 }
 
 void tu_ledger_create(sqlite3 *db)
@@ -306,18 +304,21 @@ int32_t tu_murmur2_partition(const char *key, size_t len, int32_t partitions)
 typedef struct exp_event {
     char *event_id, *type, *id, *action, *payload;
     int64_t occurred;
-    int64_t seq; /* its expected ce_subjectseq */
+    long idx;           /* its place among its subject's events, from 0 */
+    char *skey;         /* its subject's key */
+    int64_t epoch, seq; /* the number it arrived with first */
 } exp_event;
 
 typedef struct exp_subject {
     char *key; /* type \x1f id */
     exp_event **events;
     long n;
-    long last; /* highest seq seen so far */
+    long last; /* events that arrived in order so far */
 } exp_subject;
 
 struct checker {
     exp_event *ev;
+    exp_event **by_id; /* ev sorted by event_id */
     long nev;
     exp_subject *subj;
     long nsubj;
@@ -354,6 +355,22 @@ static exp_subject *find_subj(struct checker *k, const char *type,
     snprintf(key, sizeof key, "%s\x1f%.*s", type, (int)id_len, id);
     probe.key = key;
     return bsearch(&probe, k->subj, (size_t)k->nsubj, sizeof probe, cmp_subj);
+}
+
+static int cmp_event_id(const void *a, const void *b)
+{
+    return strcmp((*(exp_event *const *)a)->event_id,
+                  (*(exp_event *const *)b)->event_id);
+}
+
+static exp_event *find_event(struct checker *k, const char *event_id)
+{
+    exp_event probe, *pp = &probe, **hit;
+
+    probe.event_id = (char *)(uintptr_t)event_id;
+    hit =
+        bsearch(&pp, k->by_id, (size_t)k->nev, sizeof *k->by_id, cmp_event_id);
+    return hit ? *hit : NULL;
 }
 
 static char *dup_col(sqlite3_stmt *st, int i)
@@ -401,10 +418,15 @@ static void load_ledger(struct checker *k, sqlite3 *db)
             s->key = strdup(key);
             s->events = calloc((size_t)k->nev + 1, sizeof *s->events);
         }
+        k->ev[i].idx = s->n;
+        k->ev[i].skey = s->key;
         s->events[s->n++] = &k->ev[i];
-        k->ev[i].seq = s->n;
     }
     qsort(k->subj, (size_t)k->nsubj, sizeof *k->subj, cmp_subj);
+    k->by_id = calloc((size_t)k->nev + 1, sizeof *k->by_id);
+    for (i = 0; i < k->nev; i++)
+        k->by_id[i] = &k->ev[i];
+    qsort(k->by_id, (size_t)k->nev, sizeof *k->by_id, cmp_event_id);
     k->types = calloc((size_t)k->nev + 1, sizeof *k->types);
     for (i = 0; i < k->nev; i++) {
         int found = 0;
@@ -457,10 +479,11 @@ static void check_message(struct checker *k, const rd_kafka_message_t *m,
 {
     const char *id = header(m, "ce_id", NULL);
     const char *seqs = header(m, "ce_subjectseq", NULL);
+    const char *epochs = header(m, "ce_subjectepoch", NULL);
     const char *subject = header(m, "ce_subject", NULL);
     exp_subject *s;
-    exp_event *e;
-    int64_t seq;
+    exp_event *e, *prev;
+    int64_t seq, epoch;
     char want[512], t[64];
     const char *v;
     rd_kafka_timestamp_type_t tst;
@@ -476,38 +499,48 @@ static void check_message(struct checker *k, const rd_kafka_message_t *m,
     }
     s = find_subj(k, type, m->key, m->key_len);
     seq = strtoll(seqs, NULL, 10);
-    if (s == NULL) {
+    epoch = epochs ? strtoll(epochs, NULL, 10) : 0;
+    e = find_event(k, id);
+    if (s == NULL || e == NULL || strcmp(e->skey, s->key) != 0) {
         problem(k,
-                "record for unknown subject %s %.*s (event %s): not in "
-                "the ledger, e.g. from a rolled-back transaction",
-                type, (int)m->key_len, (const char *)m->key, id);
+                "record for unknown event %s of %s %.*s: not in the "
+                "ledger, e.g. from a rolled-back transaction",
+                id, type, (int)m->key_len, (const char *)m->key);
         return;
     }
-    if (seq < 1 || seq > s->n) {
-        problem(k, "%s: ce_subjectseq %lld out of range 1..%ld (event %s)",
-                s->key, (long long)seq, s->n, id);
-        return;
-    }
-    e = s->events[seq - 1];
-    if (strcmp(e->event_id, id) != 0) {
-        problem(k,
-                "%s: seq %lld carries event %s but the %lld-th committed "
-                "event is %s (order or numbering broken)",
-                s->key, (long long)seq, id, (long long)seq, e->event_id);
-        return;
-    }
-    if (seq <= s->last) {
+    if (e->idx < s->last) {
+        /* A copy: it must carry the number it first had. */
+        if (epoch != e->epoch || seq != e->seq)
+            problem(k,
+                    "%s: event %s arrived as (%lld, %lld) and again as "
+                    "(%lld, %lld): renumbered",
+                    s->key, id, (long long)e->epoch, (long long)e->seq,
+                    (long long)epoch, (long long)seq);
         k->res.duplicates++;
         return;
     }
-    if (seq != s->last + 1) {
+    if (e->idx > s->last) {
         /* Ahead of an earlier event: a gap unless the missing events and
          * this one follow in order (then the subject still ends complete,
          * which the final count checks). */
         k->res.ahead++;
         return;
     }
-    s->last = seq;
+    /* The next event in commit order: the next number of the numbering,
+     * or 1 in a numbering with a higher epoch (ce_subjectepoch). */
+    prev = e->idx > 0 ? s->events[e->idx - 1] : NULL;
+    if (prev == NULL ? seq != 1
+                     : !((epoch == prev->epoch && seq == prev->seq + 1) ||
+                         (epoch > prev->epoch && seq == 1)))
+        problem(k,
+                "%s: event %s (#%ld committed) numbered (%lld, %lld) after "
+                "(%lld, %lld): order or numbering broken",
+                s->key, id, e->idx + 1, (long long)epoch, (long long)seq,
+                prev ? (long long)prev->epoch : 0LL,
+                prev ? (long long)prev->seq : 0LL);
+    e->epoch = epoch;
+    e->seq = seq;
+    s->last++;
     k->res.unique++;
     /* The record itself, exactly. */
     if (strcmp(subject, e->id) != 0 ||
@@ -547,9 +580,8 @@ static void check_message(struct checker *k, const rd_kafka_message_t *m,
                 (int)tu_murmur2_partition(m->key, m->key_len, partitions));
 }
 
-static void consume_topic(struct checker *k, tu_cluster *c, const char *type)
+void tu_read_topic(tu_cluster *c, const char *topic, tu_record_fn fn, void *ctx)
 {
-    const char *topic = tu_topic(c, type);
     char group[128];
     rd_kafka_t *rk;
     const struct rd_kafka_metadata *md = NULL;
@@ -595,18 +627,43 @@ static void consume_topic(struct checker *k, tu_cluster *c, const char *type)
             continue;
         }
         if (m->offset < high[m->partition]) {
-            check_message(k, m, type, np);
+            fn(ctx, m, np);
             if (m->offset + 1 >= high[m->partition])
                 remaining--;
         }
         rd_kafka_message_destroy(m);
     }
-    if (remaining > 0)
-        problem(k, "%s: could not read to the end within 60 s", topic);
+    ck_assert_msg(remaining == 0, "%s: could not read to the end within 60 s",
+                  topic);
     free(high);
     free(pos);
     rd_kafka_consumer_close(rk);
     rd_kafka_destroy(rk);
+}
+
+struct check_ctx {
+    struct checker *k;
+    const char *type;
+};
+
+static void check_one(void *arg, const rd_kafka_message_t *m,
+                      int32_t partitions)
+{
+    struct check_ctx *cc = arg;
+
+    check_message(cc->k, m, cc->type, partitions);
+}
+
+static void consume_topic(struct checker *k, tu_cluster *c, const char *type)
+{
+    struct check_ctx cc = {k, type};
+
+    tu_read_topic(c, tu_topic(c, type), check_one, &cc);
+}
+
+const char *tu_header(const rd_kafka_message_t *m, const char *name)
+{
+    return header(m, name, NULL);
 }
 
 tu_check tu_check_topics(tu_cluster *c, sqlite3 *ledger_db, const char *source,
@@ -635,6 +692,7 @@ tu_check tu_check_topics(tu_cluster *c, sqlite3 *ledger_db, const char *source,
         free(k.ev[i].payload);
     }
     free(k.ev);
+    free(k.by_id);
     free(k.subj);
     free(k.types);
     return k.res;

@@ -57,7 +57,6 @@ void tu_log(void *ctx, int level, const char *message);
 /* The service side of an integration test: a scratch directory with
  * service.db (ledger table, outbox open).  tu_service_setup and
  * tu_service_teardown are Check fixtures. */
-extern char *tu_dir;
 extern sqlite3 *tu_db;
 extern de_outbox *tu_ob;
 void tu_service_setup(void);
@@ -90,8 +89,9 @@ typedef struct tu_check {
 /* Reads every topic of the ledger's subject types from the beginning to
  * the end and checks, against the ledger in ledger_db: every committed
  * event arrived, nothing else did, each subject's ce_subjectseq runs
- * 1, 2, 3, ... in commit order, duplicates repeat the same ce_id for the
- * same sequence number, the key and partition (murmur2) are right, and the
+ * 1, 2, 3, ... in commit order (starting over at 1 only in a numbering
+ * with a higher ce_subjectepoch), duplicates repeat the same ce_id with
+ * the same number, the key and partition (murmur2) are right, and the
  * headers, timestamp and value are exact.  source/type_prefix are the
  * expected ce_source and ce_type prefix. */
 tu_check tu_check_topics(tu_cluster *c, sqlite3 *ledger_db, const char *source,
@@ -112,6 +112,16 @@ void tu_assert_check(const tu_check *k);
  * A real broker rejects such a request with OUT_OF_ORDER_SEQUENCE_NUMBER.
  */
 void tu_assert_check_mock_reorder(const tu_check *k);
+
+/* Calls fn for every record of topic, from the beginning of each
+ * partition to its end when the call began (fails the test if that end
+ * is not reached within 60 s). */
+typedef void (*tu_record_fn)(void *ctx, const rd_kafka_message_t *m,
+                             int32_t partitions);
+void tu_read_topic(tu_cluster *c, const char *topic, tu_record_fn fn,
+                   void *ctx);
+/* A header's value as a string (rotating static buffers), NULL if absent. */
+const char *tu_header(const rd_kafka_message_t *m, const char *name);
 
 /* Java-compatible murmur2 partition of a key. */
 int32_t tu_murmur2_partition(const char *key, size_t len, int32_t partitions);

@@ -10,6 +10,19 @@
 #include <string.h>
 #include <unistd.h>
 
+char *tu_dir;
+
+void tu_dir_setup(void)
+{
+    tu_dir = tu_mkdtemp();
+}
+
+void tu_dir_teardown(void)
+{
+    tu_rmdir(tu_dir);
+    tu_dir = NULL;
+}
+
 char *tu_mkdtemp(void)
 {
     const char *tmp = getenv("TMPDIR");

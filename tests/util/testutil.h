@@ -19,6 +19,12 @@
 char *tu_mkdtemp(void);
 void tu_rmdir(char *dir);
 
+/* A checked fixture giving each test a fresh tu_dir (tu_mkdtemp), removed
+ * after it. */
+extern char *tu_dir;
+void tu_dir_setup(void);
+void tu_dir_teardown(void);
+
 /* "<dir>/<name>" in a static buffer rotated over 8 slots. */
 const char *tu_path(const char *dir, const char *name);
 
