@@ -288,7 +288,9 @@ typedef struct de_event {
     const char *event_id;     /* optional; NULL generates a UUIDv7         */
     const char *traceparent;  /* optional W3C trace context to carry along */
     const char *tracestate;   /* optional, only with traceparent           */
-    int version;              /* > 0: appended to ce_type as ".v<version>" */
+    int version;              /* contract version to check against and to
+                                 put in ce_type (".v<version>"); 0: the
+                                 latest defined, or none                  */
 } de_event;
 
 /**
@@ -323,13 +325,27 @@ typedef struct de_recorded {
  *    spaces -> DE_ERR_ARG;
  *  - traceparent, when given: a valid W3C traceparent; tracestate only with
  *    a traceparent, at most 512 printable ASCII characters -> DE_ERR_ARG;
- *  - version: >= 0 (0: no version in ce_type) -> DE_ERR_ARG;
- *  - ob's connection inside BEGIN ... COMMIT -> DE_ERR_NO_TXN.
+ *  - version: >= 0 -> DE_ERR_ARG;
+ *  - ob's connection inside BEGIN ... COMMIT -> DE_ERR_NO_TXN;
+ *  - contracts (de_outbox_define) -> DE_ERR_CONTRACT: when the event type
+ *    has contracts, the payload must satisfy the one of `version` (0: the
+ *    latest defined), which must exist; the message names the contract,
+ *    the place in the payload and the rule, e.g. "delivery.assigned v1:
+ *    $.eta_min must be an integer, got 1.5".  The version checked is the
+ *    one recorded (and put in ce_type), and the contract's $id becomes the
+ *    event's ce_dataschema.  A type without contracts is recorded as given
+ *    (version 0: none in ce_type), unless outbox.strict is true, which
+ *    refuses it.
  *
  * It does not read the database before writing (a deferred transaction
  * that reads and then writes after another connection committed would fail
  * with SQLITE_BUSY_SNAPSHOT), so calling it first in a transaction takes
- * the write lock directly.  The per-subject sequence (ce_subjectseq) is
+ * the write lock directly.  Contracts are checked from ob's cache; it
+ * picks up definitions another connection or process committed when this
+ * transaction already holds a snapshot (it has read or written the
+ * database before this call), and otherwise at the next de_outbox_define
+ * on ob or the next call that finds the transaction holding one.  The
+ * per-subject sequence (ce_subjectseq) is
  * assigned later by the relay, off the host's commit path.
  *
  * On any error nothing is written and the host transaction stays open and
@@ -344,6 +360,51 @@ typedef struct de_recorded {
  */
 DE_EXTERN DE_WARN_UNUSED de_err de_record(de_outbox *ob, const de_event *ev,
                                           de_recorded *out);
+
+/**
+ * Declares the contract of version `version` of an event type: what its
+ * payload may carry, as a subset of JSON Schema (draft 2020-12) that
+ * docs/CONTRACTS.md describes -- type, properties, required,
+ * additionalProperties (false unless the schema says true), enum, const,
+ * minLength/maxLength, pattern, format (date-time, uuid),
+ * minimum/maximum, items/minItems/maxItems, $defs with local $ref,
+ * description and $id, which each event checked against it carries as
+ * ce_dataschema.
+ *
+ * The schema is compiled once and stored in ob's database (table
+ * de_contracts), so every connection and process, the relay and the
+ * `deliveryevents contracts` and `asyncapi` commands see it.  A stored
+ * version never changes: defining it again with the same schema (same
+ * meaning, whatever the spacing or key order) is accepted and does
+ * nothing, so a service may define its contracts at every start; a
+ * different schema is refused -- a breaking change is a new version.
+ * From then on de_record checks every payload of the type (see there).
+ *
+ * Must be called outside a transaction on ob's connection (a definition
+ * commits on its own), on the thread that uses ob.  It also loads the
+ * definitions other connections made since ob last looked.
+ *
+ * @param ob            the outbox; required.
+ * @param subject_type  e.g. "delivery"; a lowercase identifier as for
+ *                      de_record; copied.
+ * @param action        e.g. "assigned"; likewise.
+ * @param version       1, 2, ...
+ * @param schema_json   the schema as JSON text, NUL-terminated, at most
+ *                      1 MiB; copied (stored as given).
+ * @return DE_OK; DE_ERR_ARG (NULL ob or schema_json, a malformed
+ *         subject_type or action, version < 1); DE_ERR_CONTRACT (the
+ *         schema is not JSON, uses a keyword outside the subset or gives
+ *         one a wrong value -- the message names the keyword and its JSON
+ *         path in the schema -- exceeds a limit of docs/CONTRACTS.md, or
+ *         the version is already defined with a different schema);
+ *         DE_ERR_STATE (called inside a transaction); DE_ERR_DB;
+ *         DE_ERR_NOMEM.
+ */
+DE_EXTERN DE_WARN_UNUSED de_err de_outbox_define(de_outbox *ob,
+                                                 const char *subject_type,
+                                                 const char *action,
+                                                 int version,
+                                                 const char *schema_json);
 
 /* --------------------------------------------------------------------- */
 /* Relay                                                                  */

@@ -50,6 +50,7 @@ static const struct keydef {
                                    INT64_C(315360000000), NULL},
     [DE__K_OUTBOX_BUSY_TIMEOUT_MS] = {"outbox.busy.timeout.ms", "5000", T_INT,
                                       0, INT32_MAX, NULL},
+    [DE__K_OUTBOX_STRICT] = {"outbox.strict", "false", T_BOOL, 0, 1, NULL},
     [DE__K_RELAY_STATE_PATH] = {"relay.state.path", "", T_STR, 0, 0, NULL},
     [DE__K_RELAY_BATCH_SIZE] = {"relay.batch.size", "1000", T_INT, 1, 100000,
                                 NULL},

@@ -70,4 +70,53 @@ const char *de__contract_canonical(const de__contract *s);
 /* Frees s; NULL is a no-op. */
 void de__contract_free(de__contract *s);
 
+/* ---- the contracts of an outbox (contract_store.c) -------------------- */
+
+/*
+ * The contracts defined in a database (table de_contracts), compiled and
+ * cached by one outbox.  Definitions are immutable once stored (a
+ * different schema for a stored version is refused), so a cache only ever
+ * grows: it loads the rows above the highest id it has seen.
+ *
+ * Used on its outbox's connection thread only; the compiled schemas it
+ * hands out live until the set is freed.
+ */
+typedef struct de__contract_set de__contract_set;
+
+/* One defined version of an event type. */
+typedef struct de__contract_def {
+    int version;
+    de__contract *schema;
+    const char *dataschema; /* the schema's $id, or NULL; borrowed */
+    char label[2 * DE__IDENT_MAX + 16]; /* "delivery.assigned v1" */
+} de__contract_def;
+
+/* An empty set; NULL when out of memory. */
+de__contract_set *de__contract_set_new(void);
+void de__contract_set_free(de__contract_set *cs);
+
+/* Loads into cs the definitions stored in db that it has not seen yet.
+ * Reads only: the caller decides when reading is safe (see outbox.c). */
+de_err de__contract_set_load(de__contract_set *cs, sqlite3 *db);
+
+/* The definition of subject_type.action at version (0: the latest), or
+ * NULL.  *versions receives how many versions the type has (0: none). */
+const de__contract_def *de__contract_set_find(const de__contract_set *cs,
+                                              const char *subject_type,
+                                              const char *action, int version,
+                                              size_t *versions);
+
+/* Writes into buf the versions of subject_type.action, "v1, v2". */
+void de__contract_set_versions(const de__contract_set *cs,
+                               const char *subject_type, const char *action,
+                               char *buf, size_t size);
+
+/* Stores a definition in db (its own IMMEDIATE transaction, outside any
+ * other) and adds it to cs, loading others' new definitions too.  An
+ * identical definition (same meaning, compared canonically) is accepted
+ * again; a different schema for a stored version is DE_ERR_CONTRACT. */
+de_err de__contract_define(de__contract_set *cs, sqlite3 *db,
+                           const char *subject_type, const char *action,
+                           int version, const char *schema_json);
+
 #endif /* DE_CONTRACT_H */

@@ -159,6 +159,7 @@ rd_kafka_headers_t *de__envelope_headers(const de__row *row, int64_t epoch,
         (epoch > 0 && add(h, DE__H_SUBJECTEPOCH, epochbuf, -1)) ||
         add(h, DE__H_SUBJECTTYPE, row->subject_type, -1) ||
         add(h, DE__H_ACTION, row->action, -1) ||
+        (row->dataschema && add(h, DE__H_DATASCHEMA, row->dataschema, -1)) ||
         (row->traceparent && add(h, DE__H_TRACEPARENT, row->traceparent, -1)) ||
         (row->tracestate && add(h, DE__H_TRACESTATE, row->tracestate, -1))) {
         rd_kafka_headers_destroy(h);
@@ -216,6 +217,13 @@ de_err de__row_check(const de__row *row)
         return de__fail(DE_ERR_ARG, "its subject_id holds a NUL byte");
     if (row->payload == NULL || strlen(row->payload) != row->payload_len)
         return de__fail(DE_ERR_PAYLOAD, "its payload holds a NUL byte");
+    if (row->dataschema != NULL &&
+        (strlen(row->dataschema) > DE__CE_TEXT_MAX ||
+         !de__is_uri_reference(row->dataschema, strlen(row->dataschema))))
+        return de__fail(DE_ERR_ARG,
+                        "its dataschema is not a URI reference of at most %d "
+                        "bytes",
+                        DE__CE_TEXT_MAX);
     memset(&ev, 0, sizeof ev);
     ev.subject_type = row->subject_type;
     ev.subject_id = row->subject_id;

@@ -77,6 +77,7 @@ typedef enum {
     DE__K_EVENT_MAX_BYTES,
     DE__K_OUTBOX_RETENTION_MS,
     DE__K_OUTBOX_BUSY_TIMEOUT_MS,
+    DE__K_OUTBOX_STRICT,
     DE__K_RELAY_STATE_PATH,
     DE__K_RELAY_BATCH_SIZE,
     DE__K_RELAY_MAX_INFLIGHT,
@@ -351,6 +352,7 @@ typedef struct de__row {
     size_t payload_len;
     const char *traceparent; /* NULL when absent */
     const char *tracestate;  /* NULL when absent */
+    const char *dataschema;  /* the contract's $id; NULL when absent */
 } de__row;
 
 /* The rules de_record applies to an event (outbox.c), one set for every
@@ -459,7 +461,7 @@ de_err de__schema_ensure(sqlite3 *db, const de__schema *sc);
 de_err de__schema_check(sqlite3 *db, const de__schema *sc, int64_t *version);
 
 /* The outbox schema version this library writes. */
-#define DE__OUTBOX_SCHEMA_VERSION 1
+#define DE__OUTBOX_SCHEMA_VERSION 2
 
 /* Creates or migrates the outbox tables in db's main database inside one
  * IMMEDIATE transaction.  DE_ERR_STATE if the stored version is newer. */

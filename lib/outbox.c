@@ -10,10 +10,16 @@
  * SQLITE_BUSY_SNAPSHOT when it later writes), and the per-subject sequence
  * is left to the relay.
  *
+ * Contracts are checked from a cache (contract_store.c), for the same
+ * reason: de_record reads the database only when the host's transaction
+ * already holds a snapshot (it has read or written), and then only PRAGMA
+ * data_version, plus the new definitions when another connection
+ * committed since the last look.
+ *
  * Invariants: an outbox is used on its connection's thread only; every
  * statement it holds is reset and unbound when a call returns.
  */
-#include "internal.h"
+#include "contract.h"
 
 #include <pthread.h>
 #include <stdarg.h>
@@ -35,6 +41,10 @@ struct de_outbox {
     sqlite3 *db;
     de_conf *conf;
     sqlite3_stmt *insert;
+    sqlite3_stmt *data_version;  /* PRAGMA data_version */
+    int64_t data_version_seen;   /* when the contracts were last loaded */
+    de__contract_set *contracts; /* every definition, compiled */
+    bool strict;                 /* outbox.strict */
     int64_t max_bytes;
     int ckpt_threshold; /* the host's wal_autocheckpoint, in pages */
     bool recorded;      /* de_record ran since the last commit */
@@ -44,7 +54,8 @@ struct de_outbox {
 static const char insert_sql[] =
     "INSERT INTO main.de_outbox(event_id, subject_type, subject_id, action, "
     "version, occurred_at_ms, recorded_at_ms, payload, traceparent, "
-    "tracestate) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+    "tracestate, dataschema) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, "
+    "?10, ?11)";
 
 de__link *de__outbox_attach(de_outbox *ob, int wake_fd)
 {
@@ -181,11 +192,24 @@ de_err de_outbox_open(sqlite3 *db, const de_conf *conf, de_outbox **out)
         (err = de__outbox_store_settings(db, ob->conf)) != DE_OK)
         goto fail;
     ob->ckpt_threshold = (int)de__query_int(db, "PRAGMA wal_autocheckpoint");
+    ob->strict = de__conf_bool(ob->conf, DE__K_OUTBOX_STRICT);
     if (sqlite3_prepare_v3(db, insert_sql, -1, SQLITE_PREPARE_PERSISTENT,
-                           &ob->insert, NULL) != SQLITE_OK) {
-        err = de__fail_db(db, "cannot prepare the outbox insert");
+                           &ob->insert, NULL) != SQLITE_OK ||
+        sqlite3_prepare_v3(db, "PRAGMA main.data_version", -1,
+                           SQLITE_PREPARE_PERSISTENT, &ob->data_version,
+                           NULL) != SQLITE_OK) {
+        err = de__fail_db(db, "cannot prepare the outbox's statements");
         goto fail;
     }
+    if ((ob->contracts = de__contract_set_new()) == NULL) {
+        err = de__fail(DE_ERR_NOMEM, "out of memory opening the outbox");
+        goto fail;
+    }
+    /* The version first: a definition committed in between is loaded
+     * now and, seen as a change, looked for again later (harmlessly). */
+    ob->data_version_seen = de__query_int(db, "PRAGMA main.data_version");
+    if ((err = de__contract_set_load(ob->contracts, db)) != DE_OK)
+        goto fail;
     sqlite3_wal_hook(db, wal_hook, ob);
     *out = ob;
     return DE_OK;
@@ -208,6 +232,8 @@ void de_outbox_close(de_outbox *ob)
         link_unref(l);
     }
     sqlite3_finalize(ob->insert);
+    sqlite3_finalize(ob->data_version);
+    de__contract_set_free(ob->contracts);
     de_conf_destroy(ob->conf);
     free(ob);
 }
@@ -235,17 +261,9 @@ static de_err bad_field(const char *field, const char *value, bool numeric,
                     action ? action : "", why);
 }
 
-/* Checks every field of ev without touching the database, the record it
- * becomes against max_bytes (0: not checked).  On success the payload
- * and its length are returned through the pointers. */
-de_err de__event_check(const de_event *ev, int64_t max_bytes,
-                       const char **payload, size_t *payload_len)
+/* The subject type and action: they become topic and type names. */
+static de_err check_names(const char *st, const char *act)
 {
-    const char *st = ev->subject_type, *act = ev->action;
-    char q[DE__QUOTE_MAX], q2[DE__QUOTE_MAX], num[24];
-    size_t st_len, sid_len, act_len, tp_len = 0, ts_len = 0, size;
-    de__json_error je;
-
     if (!de__is_ident(st))
         return bad_field("subject_type", st, false, NULL, NULL,
                          "must be a lowercase identifier [a-z][a-z0-9_]* of "
@@ -257,6 +275,23 @@ de_err de__event_check(const de_event *ev, int64_t max_bytes,
                          "at most %d bytes, in the past tense, e.g. "
                          "'assigned'",
                          DE__IDENT_MAX);
+    return DE_OK;
+}
+
+/* Checks every field of ev without touching the database, the record it
+ * becomes against max_bytes (0: not checked).  On success the payload
+ * and its length are returned through the pointers. */
+de_err de__event_check(const de_event *ev, int64_t max_bytes,
+                       const char **payload, size_t *payload_len)
+{
+    const char *st = ev->subject_type, *act = ev->action;
+    char q[DE__QUOTE_MAX], q2[DE__QUOTE_MAX], num[24];
+    size_t st_len, sid_len, act_len, tp_len = 0, ts_len = 0, size;
+    de__json_error je;
+    de_err err;
+
+    if ((err = check_names(st, act)) != DE_OK)
+        return err;
     sid_len = ev->subject_id ? strlen(ev->subject_id) : 0;
     if (sid_len > DE__SUBJECT_ID_MAX ||
         !de__is_clean_utf8(ev->subject_id, sid_len))
@@ -331,8 +366,138 @@ de_err de__event_check(const de_event *ev, int64_t max_bytes,
     return DE_OK;
 }
 
+/*
+ * Loads the contracts other connections defined since the last look, when
+ * reading is safe: only inside a transaction that already holds a
+ * snapshot (it has read or written).  A read as the first statement of a
+ * deferred transaction would fix its snapshot, and the host's next write
+ * would fail with SQLITE_BUSY_SNAPSHOT had another connection committed
+ * in between; there the cache is used as it is.  PRAGMA data_version
+ * changes only when another connection commits, so the common case costs
+ * one step of a prepared statement.
+ */
+static de_err refresh_contracts(de_outbox *ob)
+{
+    int64_t v;
+    int rc;
+
+    if (sqlite3_txn_state(ob->db, "main") == SQLITE_TXN_NONE)
+        return DE_OK;
+    rc = sqlite3_step(ob->data_version);
+    v = sqlite3_column_int64(ob->data_version, 0);
+    sqlite3_reset(ob->data_version);
+    if (rc != SQLITE_ROW)
+        return de__fail_db(ob->db, "cannot read PRAGMA data_version");
+    if (v == ob->data_version_seen)
+        return DE_OK;
+    ob->data_version_seen = v;
+    return de__contract_set_load(ob->contracts, ob->db);
+}
+
+/* Checks ev's payload against its contract; *def receives the contract
+ * (NULL: the type has none and outbox.strict is off). */
+static de_err check_contract(de_outbox *ob, const de_event *ev,
+                             const char *payload, size_t payload_len,
+                             const de__contract_def **def)
+{
+    const char *st = ev->subject_type, *act = ev->action;
+    const de__contract_def *d;
+    char versions[256];
+    json_error_t je;
+    size_t nversions, size;
+    json_t *doc;
+    de_err err;
+
+    *def = NULL;
+    if ((err = refresh_contracts(ob)) != DE_OK)
+        return err;
+    d = de__contract_set_find(ob->contracts, st, act, ev->version, &nversions);
+    if (d == NULL && nversions > 0) {
+        de__contract_set_versions(ob->contracts, st, act, versions,
+                                  sizeof versions);
+        return de__fail(DE_ERR_CONTRACT,
+                        "%s.%s has no contract v%d (defined: %s); record a "
+                        "defined version, or define v%d with "
+                        "de_outbox_define first",
+                        st, act, ev->version, versions, ev->version);
+    }
+    if (d == NULL && ob->strict)
+        return de__fail(DE_ERR_CONTRACT,
+                        "%s.%s has no contract, and outbox.strict is true: "
+                        "define one with de_outbox_define before recording "
+                        "it",
+                        st, act);
+    if (d == NULL)
+        return DE_OK;
+    /* Valid JSON already (de__event_check); an integer beyond 64 bits is
+     * the one thing jansson still refuses, so read it as a number. */
+    doc = json_loadb(payload, payload_len, JSON_ALLOW_NUL, &je);
+    if (doc == NULL)
+        doc = json_loadb(payload, payload_len,
+                         JSON_ALLOW_NUL | JSON_DECODE_INT_AS_REAL, &je);
+    if (doc == NULL)
+        return de__fail(DE_ERR_NOMEM,
+                        "out of memory reading the payload of "
+                        "%s.%s (%s)",
+                        st, act, je.text);
+    err = de__contract_validate(d->schema, doc, d->label);
+    json_decref(doc);
+    if (err != DE_OK)
+        return err;
+    if (d->dataschema != NULL && ob->max_bytes > 0) {
+        /* The size once more, now with the ce_dataschema header. */
+        size = de__record_max_size(
+            strlen(st), strlen(ev->subject_id), strlen(act), d->version,
+            payload_len, ev->traceparent ? strlen(ev->traceparent) : 0,
+            ev->tracestate ? strlen(ev->tracestate) : 0, strlen(d->dataschema));
+        if (size > (size_t)ob->max_bytes)
+            return de__fail(DE_ERR_PAYLOAD,
+                            "event %s.%s would take up to %zu bytes on Kafka "
+                            "(payload %zu bytes plus key and headers, "
+                            "ce_dataschema included), over event.max.bytes "
+                            "%lld",
+                            st, act, size, payload_len,
+                            (long long)ob->max_bytes);
+    }
+    *def = d;
+    return DE_OK;
+}
+
+de_err de_outbox_define(de_outbox *ob, const char *subject_type,
+                        const char *action, int version,
+                        const char *schema_json)
+{
+    char num[24];
+    de_err err;
+
+    if (ob == NULL)
+        return de__fail(DE_ERR_ARG,
+                        "de_outbox_define needs an outbox (got NULL)");
+    if ((err = check_names(subject_type, action)) != DE_OK)
+        return err;
+    if (version < 1) {
+        snprintf(num, sizeof num, "%d", version);
+        return bad_field("version", num, true, subject_type, action,
+                         "must be a positive contract version (1, 2, ...)");
+    }
+    if (schema_json == NULL)
+        return de__fail(DE_ERR_ARG,
+                        "de_outbox_define for %s.%s v%d needs a schema (got "
+                        "NULL)",
+                        subject_type, action, version);
+    if (!sqlite3_get_autocommit(ob->db))
+        return de__fail(DE_ERR_STATE,
+                        "de_outbox_define for %s.%s v%d was called inside a "
+                        "transaction; define contracts outside one (at "
+                        "startup): a definition commits on its own",
+                        subject_type, action, version);
+    return de__contract_define(ob->contracts, ob->db, subject_type, action,
+                               version, schema_json);
+}
+
 de_err de_record(de_outbox *ob, const de_event *ev, de_recorded *out)
 {
+    const de__contract_def *def = NULL;
     sqlite3_stmt *st;
     const char *payload = NULL;
     size_t payload_len = 0;
@@ -355,6 +520,8 @@ de_err de_record(de_outbox *ob, const de_event *ev, de_recorded *out)
                         "transaction; record inside the BEGIN ... COMMIT "
                         "that makes the change it announces",
                         ev->subject_type, ev->action);
+    if ((err = check_contract(ob, ev, payload, payload_len, &def)) != DE_OK)
+        return err;
 
     if (ev->event_id != NULL)
         memcpy(event_id, ev->event_id, strlen(ev->event_id) + 1);
@@ -368,7 +535,7 @@ de_err de_record(de_outbox *ob, const de_event *ev, de_recorded *out)
     sqlite3_bind_text(st, 2, ev->subject_type, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 3, ev->subject_id, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 4, ev->action, -1, SQLITE_STATIC);
-    sqlite3_bind_int(st, 5, ev->version);
+    sqlite3_bind_int(st, 5, def ? def->version : ev->version);
     sqlite3_bind_int64(st, 6, occurred);
     sqlite3_bind_int64(st, 7, now);
     sqlite3_bind_text(st, 8, payload, (int)payload_len, SQLITE_STATIC);
@@ -380,6 +547,10 @@ de_err de_record(de_outbox *ob, const de_event *ev, de_recorded *out)
         sqlite3_bind_text(st, 10, ev->tracestate, -1, SQLITE_STATIC);
     else
         sqlite3_bind_null(st, 10);
+    if (def && def->dataschema)
+        sqlite3_bind_text(st, 11, def->dataschema, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(st, 11);
     rc = sqlite3_step(st);
     if (rc != SQLITE_DONE) {
         /* A failed statement is undone by SQLite; some errors (full disk,

@@ -38,6 +38,21 @@ static const char *const migrations[DE__OUTBOX_SCHEMA_VERSION] = {
     "  traceparent TEXT,"
     "  tracestate TEXT"
     ");",
+    /* 1 -> 2: contracts.  A row names the $id of the contract its payload
+     * was checked against (ce_dataschema), so that any relay publishes it
+     * without looking contracts up.  Contracts are never changed once
+     * stored; id is their definition order, so an outbox's cache loads
+     * only the rows above the last id it saw (contract_store.c). */
+    "ALTER TABLE de_outbox ADD COLUMN dataschema TEXT;"
+    "CREATE TABLE de_contracts ("
+    "  id INTEGER PRIMARY KEY,"
+    "  subject_type TEXT NOT NULL,"
+    "  action TEXT NOT NULL,"
+    "  version INTEGER NOT NULL,"
+    "  schema TEXT NOT NULL,"
+    "  defined_at_ms INTEGER NOT NULL,"
+    "  UNIQUE (subject_type, action, version)"
+    ");",
 };
 
 de_err de__exec(sqlite3 *db, const char *sql)

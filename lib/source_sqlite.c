@@ -42,7 +42,8 @@ typedef struct sqlite_source {
 
 static const char read_cols[] =
     "position, event_id, subject_type, subject_id, action, version, "
-    "occurred_at_ms, recorded_at_ms, payload, traceparent, tracestate";
+    "occurred_at_ms, recorded_at_ms, payload, traceparent, tracestate, "
+    "dataschema";
 
 static void row_from(sqlite3_stmt *q, de__row *row)
 {
@@ -59,6 +60,7 @@ static void row_from(sqlite3_stmt *q, de__row *row)
     row->payload_len = (size_t)sqlite3_column_bytes(q, 8);
     row->traceparent = (const char *)sqlite3_column_text(q, 9);
     row->tracestate = (const char *)sqlite3_column_text(q, 10);
+    row->dataschema = (const char *)sqlite3_column_text(q, 11);
 }
 
 /*

@@ -642,27 +642,43 @@ START_TEST(record_does_not_read_before_writing)
 {
     /* A deferred transaction that reads and then writes after another
      * connection committed fails with SQLITE_BUSY_SNAPSHOT; de_record
-     * therefore runs exactly one statement, the INSERT. */
+     * therefore starts with the INSERT, contracts or not.  Once the
+     * transaction has written, reading is safe: the second call may look
+     * at PRAGMA data_version (for contracts others defined), nothing
+     * else. */
     sqlite3 *other = tu_open(tu_path(dir, "service.db"));
+    de_outbox *oob = NULL;
     de_event ev = valid_event();
     static char log[4096];
+    const char *p;
 
+    tu_ok(de_outbox_open(other, NULL, &oob));
+    tu_ok(de_outbox_define(ob, "delivery", "assigned", 1,
+                           "{\"type\":\"object\",\"properties\":{"
+                           "\"rider_id\":{\"type\":\"string\"}}}"));
     tu_exec(db, "BEGIN");
     tu_exec(other, "INSERT INTO deliveries VALUES ('D-2', 'created')");
+    tu_ok(de_outbox_define(oob, "delivery", "picked_up", 1,
+                           "{\"type\":\"object\"}"));
     log[0] = '\0';
     sqlite3_trace_v2(db, SQLITE_TRACE_STMT, trace_stmt, log);
     tu_ok(de_record(ob, &ev, NULL));
     tu_ok(de_record(ob, &ev, NULL));
     sqlite3_trace_v2(db, 0, NULL, NULL);
     tu_exec(db, "COMMIT");
-    ck_assert_msg(strncmp(log, "INSERT INTO main.de_outbox", 26) == 0 &&
-                      strstr(log + 1, ";INSERT INTO main.de_outbox") != NULL,
+    ck_assert_msg(strncmp(log, "INSERT INTO main.de_outbox", 26) == 0,
                   "de_record ran: %s", log);
-    int statements = 0;
-    for (const char *c = log; *c; c++)
-        statements += *c == ';';
-    ck_assert_msg(statements == 2, "two de_record calls ran: %s", log);
+    /* The second call, inside a transaction that holds a snapshot, saw
+     * that another connection committed and loaded what it defined. */
+    p = strchr(log, ';') + 1;
+    ck_assert_msg(strncmp(p, "PRAGMA main.data_version;SELECT id", 34) == 0 &&
+                      strstr(p, "FROM main.de_contracts") != NULL,
+                  "de_record ran: %s", log);
+    p = strstr(p, ";INSERT INTO main.de_outbox");
+    ck_assert_msg(p != NULL && strchr(p + 1, ';') == p + strlen(p) - 1,
+                  "de_record ran: %s", log);
     ck_assert_int_eq(outbox_count(db), 2);
+    de_outbox_close(oob);
     sqlite3_close(other);
 }
 END_TEST
@@ -750,6 +766,290 @@ START_TEST(generated_ids_are_unique_and_time_ordered)
 }
 END_TEST
 
+/* ---- contracts ------------------------------------------------------- */
+
+#define ASSIGNED_V1                                                            \
+    "{\"$id\":\"https://schemas.example.com/delivery/assigned/v1.json\","      \
+    "\"type\":\"object\",\"properties\":{"                                     \
+    "\"rider_id\":{\"type\":\"string\",\"pattern\":\"^R-[0-9]+$\"},"           \
+    "\"eta_min\":{\"type\":\"integer\",\"minimum\":0}},"                       \
+    "\"required\":[\"rider_id\"]}"
+/* v2 adds a required zone: a breaking change, so a new version. */
+#define ASSIGNED_V2                                                            \
+    "{\"type\":\"object\",\"properties\":{"                                    \
+    "\"rider_id\":{\"type\":\"string\"},\"zone\":{\"type\":\"string\"}},"      \
+    "\"required\":[\"rider_id\",\"zone\"]}"
+
+static int64_t contract_count(sqlite3 *conn)
+{
+    return tu_query_int(conn, "SELECT count(*) FROM de_contracts");
+}
+
+/* Records ev in a transaction that first writes a domain row (the usual
+ * shape); commits on success, rolls back otherwise.  Returns de_record's
+ * result. */
+static de_err record_in_txn(sqlite3 *conn, de_outbox *o, const de_event *ev)
+{
+    de_err e;
+
+    tu_exec(conn, "BEGIN");
+    tu_exec(conn, "INSERT OR REPLACE INTO deliveries VALUES ('D-1', 'x')");
+    e = de_record(o, ev, NULL);
+    tu_exec(conn, e == DE_OK ? "COMMIT" : "ROLLBACK");
+    return e;
+}
+
+START_TEST(define_refuses_bad_arguments_and_schemas)
+{
+    tu_assert_err(de_outbox_define(NULL, "delivery", "assigned", 1, "{}"),
+                  DE_ERR_ARG, "needs an outbox");
+    tu_assert_err(de_outbox_define(ob, "Delivery", "assigned", 1, "{}"),
+                  DE_ERR_ARG, "subject_type 'Delivery'");
+    tu_assert_err(de_outbox_define(ob, "delivery", "is assigned", 1, "{}"),
+                  DE_ERR_ARG, "action 'is assigned'");
+    tu_assert_err(de_outbox_define(ob, "delivery", "assigned", 0, "{}"),
+                  DE_ERR_ARG, "version 0 for delivery.assigned");
+    tu_assert_err(de_outbox_define(ob, "delivery", "assigned", 1, NULL),
+                  DE_ERR_ARG, "needs a schema");
+    tu_assert_err(de_outbox_define(ob, "delivery", "assigned", 1, "{\"type\":"),
+                  DE_ERR_CONTRACT,
+                  "delivery.assigned v1: contract schema: "
+                  "not valid JSON");
+    tu_assert_err(
+        de_outbox_define(ob, "delivery", "assigned", 1,
+                         "{\"type\":\"object\",\"properties\":{\"rider\":{"
+                         "\"oneOf\":[]}}}"),
+        DE_ERR_CONTRACT,
+        "delivery.assigned v1: contract schema: unsupported keyword 'oneOf' "
+        "at $.properties.rider");
+    tu_assert_err(de_outbox_define(ob, "delivery", "assigned", 1,
+                                   "{\"$id\":\"https://x/a b\","
+                                   "\"type\":\"object\"}"),
+                  DE_ERR_CONTRACT, "'$id'");
+    tu_exec(db, "BEGIN");
+    tu_assert_err(de_outbox_define(ob, "delivery", "assigned", 1, ASSIGNED_V1),
+                  DE_ERR_STATE, "inside a transaction");
+    tu_exec(db, "COMMIT");
+    ck_assert_int_eq(contract_count(db), 0);
+}
+END_TEST
+
+/* The issue's example, word for word: nothing is written and the
+ * transaction goes on. */
+START_TEST(record_refuses_a_payload_that_breaks_its_contract)
+{
+    de_event ev = valid_event();
+
+    tu_ok(de_outbox_define(ob, "delivery", "assigned", 1, ASSIGNED_V1));
+    tu_exec(db, "BEGIN");
+    tu_exec(db, "INSERT INTO deliveries VALUES ('D-1001', 'assigned')");
+    ev.payload = "{\"rider_id\":\"R-7\",\"eta_min\":1.5}";
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_CONTRACT,
+                  "delivery.assigned v1: $.eta_min must be an integer, got "
+                  "1.5");
+    ev.payload = "{\"rider_id\":\"R-7\",\"phone\":\"010\"}";
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_CONTRACT,
+                  "delivery.assigned v1: $.phone is not allowed");
+    ev.payload = "{}";
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_CONTRACT,
+                  "$.rider_id is required");
+    ck_assert_int_eq(outbox_count(db), 0);
+    ev.payload = "{\"rider_id\":\"R-7\",\"eta_min\":12}";
+    tu_ok(de_record(ob, &ev, NULL));
+    tu_exec(db, "COMMIT");
+    ck_assert_int_eq(outbox_count(db), 1);
+    ck_assert_int_eq(tu_query_int(db, "SELECT count(*) FROM deliveries"), 1);
+    /* Checked against v1, so recorded as v1, with the contract's $id. */
+    ck_assert_int_eq(tu_query_int(db, "SELECT version FROM de_outbox"), 1);
+    ck_assert_str_eq(tu_query_text(db, "SELECT dataschema FROM de_outbox"),
+                     "https://schemas.example.com/delivery/assigned/v1.json");
+}
+END_TEST
+
+START_TEST(version_zero_means_the_latest_and_others_must_exist)
+{
+    de_event ev = valid_event();
+
+    tu_ok(de_outbox_define(ob, "delivery", "assigned", 2, ASSIGNED_V2));
+    tu_ok(de_outbox_define(ob, "delivery", "assigned", 1, ASSIGNED_V1));
+    /* Latest: v2, which needs a zone. */
+    ev.payload = "{\"rider_id\":\"R-7\"}";
+    tu_assert_err(record_in_txn(db, ob, &ev), DE_ERR_CONTRACT,
+                  "delivery.assigned v2: $.zone is required");
+    ev.payload = "{\"rider_id\":\"R-7\",\"zone\":\"mapo\"}";
+    tu_ok(record_in_txn(db, ob, &ev));
+    /* During a migration window the caller may still record v1. */
+    ev.version = 1;
+    tu_assert_err(record_in_txn(db, ob, &ev), DE_ERR_CONTRACT,
+                  "delivery.assigned v1: $.zone is not allowed");
+    ev.payload = "{\"rider_id\":\"R-7\"}";
+    tu_ok(record_in_txn(db, ob, &ev));
+    ev.version = 3;
+    tu_assert_err(record_in_txn(db, ob, &ev), DE_ERR_CONTRACT,
+                  "delivery.assigned has no contract v3 (defined: v1, v2)");
+    ck_assert_int_eq(outbox_count(db), 2);
+    ck_assert_int_eq(
+        tu_query_int(db, "SELECT group_concat(version, '') FROM "
+                         "(SELECT version FROM de_outbox ORDER BY position)"),
+        21);
+    ck_assert_int_eq(
+        tu_query_int(db, "SELECT count(*) FROM de_outbox WHERE dataschema "
+                         "IS NULL AND version = 2"),
+        1);
+}
+END_TEST
+
+START_TEST(strict_refuses_undefined_event_types)
+{
+    de_conf *conf = de_conf_new();
+    sqlite3 *db2 = tu_open(tu_path(dir, "service.db"));
+    de_outbox *strict = NULL;
+    de_event ev = valid_event();
+
+    /* Without outbox.strict an undefined type is recorded as before. */
+    ev.action = "canceled";
+    ev.version = 4;
+    tu_ok(record_in_txn(db, ob, &ev));
+    ck_assert_str_eq(de_conf_get(NULL, "outbox.strict"), "false");
+    tu_ok(de_conf_set(conf, "outbox.strict", "true"));
+    tu_ok(de_outbox_open(db2, conf, &strict));
+    de_conf_destroy(conf);
+    tu_ok(de_outbox_define(strict, "delivery", "assigned", 1, ASSIGNED_V1));
+    ev.version = 0;
+    tu_assert_err(record_in_txn(db2, strict, &ev), DE_ERR_CONTRACT,
+                  "delivery.canceled has no contract, and outbox.strict is "
+                  "true");
+    ev.action = "assigned";
+    tu_ok(record_in_txn(db2, strict, &ev));
+    ck_assert_int_eq(outbox_count(db), 2);
+    de_outbox_close(strict);
+    sqlite3_close(db2);
+}
+END_TEST
+
+START_TEST(a_defined_version_never_changes)
+{
+    /* The same meaning -- other spacing and member order -- is accepted
+     * again, so a service can define its contracts at every start. */
+    const char *same =
+        "{ \"required\": [\"rider_id\"], \"type\": \"object\",\n"
+        "  \"$id\": \"https://schemas.example.com/delivery/assigned/v1.json\","
+        "  \"properties\": {\"eta_min\": {\"minimum\": 0, \"type\": "
+        "\"integer\"}, \"rider_id\": {\"pattern\": \"^R-[0-9]+$\", "
+        "\"type\": \"string\"}}}";
+
+    tu_ok(de_outbox_define(ob, "delivery", "assigned", 1, ASSIGNED_V1));
+    tu_ok(de_outbox_define(ob, "delivery", "assigned", 1, same));
+    tu_assert_err(de_outbox_define(ob, "delivery", "assigned", 1, ASSIGNED_V2),
+                  DE_ERR_CONTRACT,
+                  "delivery.assigned v1 is already defined with a different "
+                  "schema; a contract never changes once defined: define the "
+                  "new schema as a new version");
+    tu_ok(de_outbox_define(ob, "delivery", "assigned", 2, ASSIGNED_V2));
+    ck_assert_int_eq(contract_count(db), 2);
+    ck_assert_int_eq(tu_query_int(db, "SELECT count(*) FROM de_contracts "
+                                      "WHERE version = 1 AND schema LIKE "
+                                      "'%pattern%'"),
+                     1);
+}
+END_TEST
+
+/* Definitions live in the database: an outbox opened later on another
+ * connection, one open already, and one in another process all check
+ * against them. */
+START_TEST(definitions_are_shared_by_connections_and_processes)
+{
+    sqlite3 *db2 = tu_open(tu_path(dir, "service.db"));
+    de_outbox *ob2 = NULL;
+    de_event ev = valid_event();
+    pid_t pid;
+    int status;
+
+    tu_ok(de_outbox_open(db2, NULL, &ob2)); /* before any definition */
+    tu_ok(de_outbox_define(ob, "delivery", "assigned", 1, ASSIGNED_V1));
+    ev.payload = "{\"rider_id\":\"x\"}";
+    tu_assert_err(record_in_txn(db2, ob2, &ev), DE_ERR_CONTRACT,
+                  "delivery.assigned v1: $.rider_id must match");
+
+    pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        sqlite3 *cdb = NULL;
+        de_outbox *cob = NULL;
+        de_event cev = valid_event();
+        if (sqlite3_open(tu_path(dir, "service.db"), &cdb) != SQLITE_OK ||
+            de_outbox_open(cdb, NULL, &cob) != DE_OK)
+            _exit(2);
+        /* v1, defined by the parent, applies here too. */
+        cev.payload = "{\"rider_id\":\"x\"}";
+        if (sqlite3_exec(cdb, "BEGIN", NULL, NULL, NULL) != SQLITE_OK ||
+            de_record(cob, &cev, NULL) != DE_ERR_CONTRACT ||
+            sqlite3_exec(cdb, "ROLLBACK", NULL, NULL, NULL) != SQLITE_OK)
+            _exit(3);
+        if (de_outbox_define(cob, "delivery", "assigned", 2, ASSIGNED_V2) !=
+            DE_OK)
+            _exit(4);
+        de_outbox_close(cob);
+        sqlite3_close(cdb);
+        _exit(0);
+    }
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                  "child failed (status %d)", status);
+    /* v2, defined by the child, is now the latest for both outboxes. */
+    ev.payload = "{\"rider_id\":\"R-1\"}";
+    tu_assert_err(record_in_txn(db, ob, &ev), DE_ERR_CONTRACT,
+                  "delivery.assigned v2: $.zone is required");
+    tu_assert_err(record_in_txn(db2, ob2, &ev), DE_ERR_CONTRACT,
+                  "delivery.assigned v2: $.zone is required");
+    ck_assert_int_eq(outbox_count(db), 0);
+    de_outbox_close(ob2);
+    sqlite3_close(db2);
+}
+END_TEST
+
+/* A database written by the previous library (outbox schema 1, no
+ * contracts) is migrated in place: its rows are kept and relayable, and
+ * contracts work from then on. */
+START_TEST(upgrades_an_outbox_of_schema_1)
+{
+    sqlite3 *old = tu_open(tu_path(dir, "old.db"));
+    de_outbox *o = NULL;
+    de_event ev = valid_event();
+
+    tu_exec(old, "PRAGMA journal_mode=WAL");
+    tu_exec(old,
+            "CREATE TABLE de_meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;"
+            "INSERT INTO de_meta VALUES ('schema_version', 1),"
+            " ('outbox_id', '018f0000-0000-7000-8000-000000000001');"
+            "CREATE TABLE de_outbox (position INTEGER PRIMARY KEY,"
+            " event_id TEXT NOT NULL, subject_type TEXT NOT NULL,"
+            " subject_id TEXT NOT NULL, action TEXT NOT NULL,"
+            " version INTEGER NOT NULL, occurred_at_ms INTEGER NOT NULL,"
+            " recorded_at_ms INTEGER NOT NULL, payload TEXT NOT NULL,"
+            " traceparent TEXT, tracestate TEXT);"
+            "INSERT INTO de_outbox VALUES (1, 'e-1', 'delivery', 'D-1',"
+            " 'assigned', 0, 1, 1, '{}', NULL, NULL);"
+            "CREATE TABLE deliveries(id TEXT PRIMARY KEY, status TEXT)");
+    tu_ok(de_outbox_open(old, NULL, &o));
+    ck_assert_int_eq(tu_query_int(old, "SELECT value FROM de_meta WHERE key = "
+                                       "'schema_version'"),
+                     2);
+    ck_assert_int_eq(tu_query_int(old, "SELECT count(*) FROM de_outbox WHERE "
+                                       "event_id = 'e-1' AND dataschema IS "
+                                       "NULL"),
+                     1);
+    tu_ok(de_outbox_define(o, "delivery", "assigned", 1, ASSIGNED_V1));
+    ev.payload = "{\"rider_id\":\"R-7\"}";
+    tu_ok(record_in_txn(old, o, &ev));
+    ck_assert_int_eq(tu_query_int(old, "SELECT count(*) FROM de_outbox WHERE "
+                                       "dataschema LIKE 'https://%'"),
+                     1);
+    de_outbox_close(o);
+    sqlite3_close(old);
+}
+END_TEST
+
 static Suite *outbox_suite(void)
 {
     Suite *s = suite_create("outbox");
@@ -775,6 +1075,18 @@ static Suite *outbox_suite(void)
     tcase_add_test(tc, record_does_not_read_before_writing);
     tcase_add_test(tc, concurrent_processes_lose_nothing);
     tcase_add_test(tc, generated_ids_are_unique_and_time_ordered);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("contracts");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, define_refuses_bad_arguments_and_schemas);
+    tcase_add_test(tc, record_refuses_a_payload_that_breaks_its_contract);
+    tcase_add_test(tc, version_zero_means_the_latest_and_others_must_exist);
+    tcase_add_test(tc, strict_refuses_undefined_event_types);
+    tcase_add_test(tc, a_defined_version_never_changes);
+    tcase_add_test(tc, definitions_are_shared_by_connections_and_processes);
+    tcase_add_test(tc, upgrades_an_outbox_of_schema_1);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -1393,6 +1393,58 @@ START_TEST(standby_takes_over_after_sigkill)
 }
 END_TEST
 
+/* A contract's $id goes out as ce_dataschema and its version in ce_type,
+ * from a relay in another connection (a sidecar reads them from the
+ * row); an event whose contract has no $id carries no ce_dataschema. */
+struct schema_seen {
+    long n, assigned_ok, picked_up_ok;
+};
+
+static void see_schema(void *ctx, const rd_kafka_message_t *m, int32_t np)
+{
+    struct schema_seen *ss = ctx;
+    const char *type = tu_header(m, "ce_type");
+    const char *ds = tu_header(m, "ce_dataschema");
+
+    (void)np;
+    ss->n++;
+    if (type != NULL && strstr(type, "delivery.assigned.v1") != NULL &&
+        ds != NULL && strcmp(ds, "https://schemas.example.com/a/v1.json") == 0)
+        ss->assigned_ok++;
+    if (type != NULL && strstr(type, "delivery.picked_up.v2") != NULL &&
+        ds == NULL)
+        ss->picked_up_ok++;
+}
+
+START_TEST(publishes_the_contracts_dataschema)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_conf *conf = tu_relay_conf(c, NULL);
+    struct schema_seen ss = {0};
+    de_relay *r = NULL;
+
+    tu_topic_create(c, "delivery", 1);
+    tu_ok(de_outbox_define(ob, "delivery", "assigned", 1,
+                           "{\"$id\":\"https://schemas.example.com/a/v1.json\","
+                           "\"type\":\"object\",\"properties\":{\"n\":{"
+                           "\"type\":\"integer\"}}}"));
+    tu_ok(de_outbox_define(ob, "delivery", "picked_up", 2,
+                           "{\"type\":\"object\",\"additionalProperties\":"
+                           "true}"));
+    tu_write(db, ob, "delivery", "D-1", "assigned", "{\"n\":1}", 0);
+    tu_write(db, ob, "delivery", "D-1", "picked_up", "{\"n\":2}", 0);
+    tu_ok(de_relay_start_path(tu_path(dir, "service.db"), conf, &r));
+    de_conf_destroy(conf);
+    tu_ok(de_relay_flush(r, 30000));
+    tu_ok(de_relay_stop(r, 5000));
+    tu_read_topic(c, tu_topic(c, "delivery"), see_schema, &ss);
+    ck_assert_int_eq(ss.n, 2);
+    ck_assert_int_eq(ss.assigned_ok, 1);
+    ck_assert_int_eq(ss.picked_up_ok, 1);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 static Suite *relay_suite(void)
 {
     Suite *s = suite_create("relay");
@@ -1425,6 +1477,8 @@ static Suite *relay_suite(void)
     tcase_add_loop_test(tc, refuses_lost_or_foreign_state, tu_cluster_first(),
                         tu_cluster_count());
     tcase_add_test(tc, refuses_bad_configuration);
+    tcase_add_loop_test(tc, publishes_the_contracts_dataschema,
+                        tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, hand_written_rows_are_held_back_not_published,
                         tu_cluster_first(), tu_cluster_count());
     tcase_add_test(tc, state_file_is_private_and_never_a_link);

@@ -905,7 +905,7 @@ START_TEST(status_counts_pending_and_changes_nothing)
     ck_assert_int_eq(jint(j, "outbox_rows"), 7);
     ck_assert_int_eq(jint(j, "cursor"), 0);
     ck_assert(json_is_false(json_object_get(j, "relay_state_found")));
-    ck_assert_int_eq(jint(json_object_get(j, "schema_version"), "outbox"), 1);
+    ck_assert_int_eq(jint(json_object_get(j, "schema_version"), "outbox"), 2);
     ck_assert_int_ge(jint(j, "oldest_pending_age_ms"), 0);
     json_decref(j);
     ck_assert_int_eq(run(p, "list", "list", "--db", db, "--pending"), 0);
