@@ -309,10 +309,13 @@ START_TEST(help_for_the_tool_and_every_command)
                                          "replay",
                                          "--from",
                                          "--since",
-                                         "--timeout-ms"};
+                                         "--timeout-ms",
+                                         "contracts",
+                                         "asyncapi"};
     static const char *const cmds[] = {
-        "relay",           "status",       "list",    "tail", "mock-cluster",
-        "consumer-status", "dead-letters", "release", "skip", "replay"};
+        "relay",        "status",          "list",         "tail",
+        "mock-cluster", "consumer-status", "dead-letters", "release",
+        "skip",         "replay",          "contracts",    "asyncapi"};
     proc *p;
 
     ck_assert_int_eq(run(p, "help", "--help"), 0);
@@ -1867,13 +1870,207 @@ START_TEST(replay_names_bad_arguments)
 }
 END_TEST
 
+/* ---- contracts and the AsyncAPI catalog ------------------------------ */
+
+/* A database with contracts: delivery.assigned v1 ($id, a $ref) and v2,
+ * rider.went_online v1; topics named by a template. */
+static void contracts_db(const char *path)
+{
+    sqlite3 *db = tu_open(path);
+    de_conf *conf = de_conf_new();
+    de_outbox *ob = NULL;
+
+    tu_ok(de_conf_set(conf, "topic.template", "svc.{subject_type}.events"));
+    tu_ok(de_outbox_open(db, conf, &ob));
+    de_conf_destroy(conf);
+    tu_ok(de_outbox_define(
+        ob, "delivery", "assigned", 1,
+        "{\"$schema\":\"https://json-schema.org/draft/2020-12/schema\","
+        "\"$id\":\"https://schemas.example.com/delivery/assigned/v1.json\","
+        "\"description\":\"A rider was assigned.\",\"type\":\"object\","
+        "\"properties\":{\"rider_id\":{\"type\":\"string\"},"
+        "\"items\":{\"type\":\"array\",\"items\":{\"$ref\":\"#/$defs/li"
+        "ne%20item\"}}},\"required\":[\"rider_id\"],"
+        "\"$defs\":{\"line item\":{\"type\":\"object\",\"properties\":{"
+        "\"sku\":{\"type\":\"string\"}},\"required\":[\"sku\"]}}}"));
+    tu_ok(
+        de_outbox_define(ob, "delivery", "assigned", 2,
+                         "{\"type\":\"object\",\"properties\":{\"rider_id\":"
+                         "{\"type\":\"string\"},\"zone\":{\"type\":"
+                         "\"string\"}},\"required\":[\"rider_id\",\"zone\"]}"));
+    tu_ok(de_outbox_define(ob, "rider", "went_online", 1,
+                           "{\"type\":\"object\",\"properties\":{\"zone\":"
+                           "{\"enum\":[\"mapo\",\"gangnam\"]}}}"));
+    de_outbox_close(ob);
+    ck_assert_int_eq(sqlite3_close(db), SQLITE_OK);
+}
+
+START_TEST(contracts_lists_every_contract_and_version)
+{
+    const char *db = tu_path(tu_dir, "svc.db");
+    const char *empty = tu_path(tu_dir, "empty.db");
+    size_t n0, n1;
+    char *before, *after;
+    json_t *j, *types, *vs;
+    proc *p;
+
+    contracts_db(db);
+    before = contents(db, &n0);
+    ck_assert_int_eq(run(p, "contracts", "contracts", "--db", db), 0);
+    assert_has(p->out, "delivery.assigned (2 versions)\n  v1  defined ");
+    assert_has(p->out,
+               "  https://schemas.example.com/delivery/assigned/v1.json\n"
+               "      rider_id*, items\n  v2  defined ");
+    assert_has(p->out, "      rider_id*, zone*\nrider.went_online (1 version)");
+    ck_assert_int_eq(run(p, "contracts", "contracts", "--db", db, "--json"), 0);
+    j = json_of(p->out);
+    types = json_object_get(j, "contracts");
+    ck_assert_int_eq(json_array_size(types), 2);
+    vs = json_object_get(json_array_get(types, 0), "versions");
+    ck_assert_int_eq(json_array_size(vs), 2);
+    ck_assert_str_eq(
+        json_string_value(json_object_get(json_array_get(vs, 0), "dataschema")),
+        "https://schemas.example.com/delivery/assigned/v1.json");
+    ck_assert(
+        json_is_null(json_object_get(json_array_get(vs, 1), "dataschema")));
+    ck_assert_int_eq(jint(json_array_get(vs, 1), "version"), 2);
+    ck_assert(json_is_object(json_object_get(
+        json_object_get(json_array_get(vs, 1), "schema"), "properties")));
+    json_decref(j);
+    after = contents(db, &n1);
+    ck_assert(n0 == n1 && memcmp(before, after, n0) == 0);
+    free(before);
+    free(after);
+
+    record(empty, 1, "delivery", "D-1");
+    ck_assert_int_eq(run(p, "contracts", "contracts", "--db", empty), 0);
+    assert_has(p->out, "no contracts defined in ");
+    ck_assert_int_eq(
+        run(p, "contracts", "contracts", "--db", tu_path(tu_dir, "nope.db")),
+        1);
+    assert_has(p->err, "nope.db");
+}
+END_TEST
+
+/* o[k1][k2]...: the member at the end of a path of keys (NULL-ended). */
+static json_t *dig(json_t *o, ...)
+{
+    const char *k;
+    va_list ap;
+
+    va_start(ap, o);
+    while (o != NULL && (k = va_arg(ap, const char *)) != NULL)
+        o = json_object_get(o, k);
+    va_end(ap);
+    return o;
+}
+
+/* Where @asyncapi/parser is installed for the tests (build/, not the
+ * repository); "" when node or npm is missing. */
+static const char *asyncapi_parser(void)
+{
+    static char dir[4200];
+    char cmd[9000], mark[4300];
+
+    if (system("command -v node >/dev/null 2>&1 && "
+               "command -v npm >/dev/null 2>&1") != 0)
+        return "";
+    ck_assert_ptr_nonnull(getcwd(dir, sizeof dir - 64));
+    strcat(dir, "/build/asyncapi-parser");
+    snprintf(mark, sizeof mark, "%s/node_modules/@asyncapi/parser/package.json",
+             dir);
+    if (!exists(mark)) {
+        snprintf(cmd, sizeof cmd,
+                 "mkdir -p '%s' && npm install --no-audit --no-fund "
+                 "--loglevel=error --prefix '%s' @asyncapi/parser@3 "
+                 ">'%s/npm.log' 2>&1",
+                 dir, dir, dir);
+        ck_assert_msg(system(cmd) == 0,
+                      "npm install @asyncapi/parser failed; see %s/npm.log",
+                      dir);
+    }
+    return dir;
+}
+
+/* The document is what AsyncAPI tooling accepts: @asyncapi/parser reads
+ * it without an error, and finds a channel per topic (topic.template), a
+ * message per event type and version, each with its payload schema (the
+ * contract's $defs resolved), its CloudEvents headers and the key. */
+START_TEST(asyncapi_document_passes_the_asyncapi_parser)
+{
+    const char *db = tu_path(tu_dir, "svc.db");
+    const char *parser;
+    char cmd[13000], parsed[4200];
+    json_t *doc, *ch, *msg, *j, *m;
+    proc *p;
+    int rc;
+
+    contracts_db(db);
+    ck_assert_int_eq(run(p, "asyncapi", "asyncapi", "--db", db), 0);
+    doc = json_of(p->out);
+    ck_assert_str_eq(json_string_value(json_object_get(doc, "asyncapi")),
+                     "3.0.0");
+    ch = json_object_get(json_object_get(doc, "channels"),
+                         "svc.delivery.events");
+    ck_assert_str_eq(json_string_value(json_object_get(ch, "address")),
+                     "svc.delivery.events");
+    ck_assert_int_eq(json_object_size(json_object_get(ch, "messages")), 2);
+    msg = json_object_get(
+        json_object_get(json_object_get(doc, "components"), "messages"),
+        "delivery.assigned.v1");
+    ck_assert_str_eq(json_string_value(dig(msg, "headers", "properties",
+                                           "ce_dataschema", "const", NULL)),
+                     "https://schemas.example.com/delivery/assigned/v1.json");
+    /* The library's additionalProperties default, written out. */
+    ck_assert(json_is_false(json_object_get(json_object_get(msg, "payload"),
+                                            "additionalProperties")));
+    json_decref(doc);
+
+    parser = asyncapi_parser();
+    if (parser[0] == '\0') {
+        ck_assert_msg(getenv("DE_REQUIRE_ASYNCAPI") == NULL,
+                      "DE_REQUIRE_ASYNCAPI is set but node or npm is missing");
+        fprintf(stderr, "SKIPPED: asyncapi_document_passes_the_asyncapi_parser"
+                        ": the @asyncapi/parser check needs node and npm\n");
+        return;
+    }
+    snprintf(parsed, sizeof parsed, "%s/parsed.json", tu_dir);
+    snprintf(cmd, sizeof cmd,
+             "NODE_PATH='%s/node_modules' node tests/util/asyncapi_check.cjs "
+             "'%s' >'%s' 2>'%s.err'",
+             parser, p->out, parsed, parsed);
+    rc = system(cmd);
+    snprintf(cmd, sizeof cmd, "%s.err", parsed);
+    ck_assert_msg(rc == 0, "@asyncapi/parser refused the document:\n%s",
+                  slurp(cmd));
+    j = json_of(parsed);
+    ch = json_object_get(json_object_get(j, "channels"), "svc.rider.events");
+    ck_assert_str_eq(json_string_value(json_object_get(ch, "address")),
+                     "svc.rider.events");
+    m = json_object_get(json_object_get(j, "messages"), "delivery.assigned.v1");
+    ck_assert_msg(m != NULL, "no delivery.assigned.v1 in %s", slurp(parsed));
+    /* The $ref into $defs resolved to the line item's schema. */
+    ck_assert_str_eq(
+        json_string_value(json_array_get(
+            dig(m, "payload", "properties", "items", "items", "required", NULL),
+            0)),
+        "sku");
+    ck_assert_str_eq(
+        json_string_value(json_object_get(json_object_get(m, "key"), "type")),
+        "string");
+    ck_assert_int_eq(json_array_size(json_object_get(m, "headers")), 15);
+    ck_assert_int_eq(json_object_size(json_object_get(j, "messages")), 3);
+    json_decref(j);
+}
+END_TEST
+
 static Suite *tool_suite(void)
 {
     Suite *s = suite_create("tool");
     TCase *usage = tcase_create("usage");
     TCase *kafka = tcase_create("kafka");
     TCase *relay = tcase_create("relay");
-    TCase *status = tcase_create("status");
+    TCase *status = tcase_create("status"), *tc;
 
     tcase_add_checked_fixture(usage, setup, teardown);
     tcase_add_test(usage, help_for_the_tool_and_every_command);
@@ -1913,6 +2110,14 @@ static Suite *tool_suite(void)
     tcase_add_test(status,
                    release_and_skip_queue_a_request_and_wait_for_its_result);
     suite_add_tcase(s, status);
+
+    tc = tcase_create("contracts");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    /* The first run installs @asyncapi/parser with npm. */
+    tcase_set_timeout(tc, 300);
+    tcase_add_test(tc, contracts_lists_every_contract_and_version);
+    tcase_add_test(tc, asyncapi_document_passes_the_asyncapi_parser);
+    suite_add_tcase(s, tc);
     return s;
 }
 

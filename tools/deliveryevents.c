@@ -54,6 +54,15 @@
  *       stays queued (exit 1); exit 1 too when the consumer answers that
  *       the subject is still parked or the request failed.
  *
+ *   deliveryevents contracts --db PATH [--json]
+ *       Read-only: the event contracts defined in the database
+ *       (de_contracts), by type and version, with $id and properties.
+ *
+ *   deliveryevents asyncapi --db PATH
+ *       Read-only: an AsyncAPI 3.0 document (JSON) of those contracts on
+ *       stdout -- a channel per topic, a message per type and version with
+ *       its payload schema, the CloudEvents headers and the key.
+ *
  *   deliveryevents replay --db PATH (--subject TYPE:ID | --from POSITION |
  *                         --since TIME) [-b SERVERS] [-X key=value]...
  *                         [--timeout-ms N]
@@ -278,6 +287,12 @@ static void usage(FILE *out)
         "        [--exit-at-end] [--print N] [-X key=value]... [--config "
         "FILE]\n"
         "                 print a topic's events, checking their order\n"
+        "  contracts --db PATH [--json]\n"
+        "                 the event contracts defined in a database "
+        "(read-only)\n"
+        "  asyncapi --db PATH\n"
+        "                 an AsyncAPI 3.0 document of those contracts "
+        "(read-only)\n"
         "  mock-cluster [--brokers N] [--topic NAME[:PARTITIONS]]... "
         "[--until-stdin-eof]\n"
         "                 run a mock Kafka cluster on loopback\n"
@@ -3122,6 +3137,510 @@ done:
     return rc;
 }
 
+/* ---- contracts and the AsyncAPI catalog ------------------------------- */
+
+static const char usage_contracts[] =
+    "usage: deliveryevents contracts --db PATH [--json]\n"
+    "  Read-only: every event contract defined in the database\n"
+    "  (de_outbox_define), by event type and version, with its $id and\n"
+    "  top-level properties (* = required).\n"
+    "  --db PATH       the service's database file (required)\n"
+    "  --json          one JSON object instead of text, with each schema\n";
+
+static const char usage_asyncapi[] =
+    "usage: deliveryevents asyncapi --db PATH\n"
+    "  Read-only: writes an AsyncAPI 3.0 document (JSON) of the database's\n"
+    "  event contracts on stdout: a channel per topic (topic.template), a\n"
+    "  message per event type and version with its payload schema, the\n"
+    "  CloudEvents headers and the Kafka key (the subject id).\n"
+    "  --db PATH       the service's database file (required)\n";
+
+/* "2026-11-25T11:00:00.123Z" */
+static void utc_ms(int64_t ms, char *buf, size_t size)
+{
+    time_t s = (time_t)(ms / 1000);
+    struct tm tm;
+
+    if (gmtime_r(&s, &tm) == NULL) {
+        snprintf(buf, size, "-");
+        return;
+    }
+    snprintf(buf, size, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ",
+             tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
+             tm.tm_min, tm.tm_sec, (int)(ms % 1000));
+}
+
+/*
+ * Every contract of r's database, ordered by type, action and version:
+ * an array of {subject_type, action, version, defined_at_ms, schema}.
+ * A database without the de_contracts table (outbox schema 1) has none.
+ * NULL after saying why on stderr.
+ */
+static json_t *read_contracts(const char *cmd, ro *r)
+{
+    sqlite3_stmt *st = NULL;
+    json_t *all = json_array(), *schema;
+    json_error_t je;
+    int rc;
+
+    if (q_int(r->db,
+              "SELECT count(*) FROM main.sqlite_master WHERE type = 'table' "
+              "AND name = 'de_contracts'",
+              0) == 0)
+        return all;
+    if (sqlite3_prepare_v2(r->db,
+                           "SELECT subject_type, action, version, "
+                           "defined_at_ms, schema FROM main.de_contracts "
+                           "ORDER BY subject_type, action, version",
+                           -1, &st, NULL) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: cannot read the contracts: %s\n",
+                cmd, sqlite3_errmsg(r->db));
+        json_decref(all);
+        return NULL;
+    }
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        const char *type = (const char *)sqlite3_column_text(st, 0);
+        const char *act = (const char *)sqlite3_column_text(st, 1);
+        const char *text = (const char *)sqlite3_column_text(st, 4);
+        json_t *c = json_object();
+
+        schema = text ? json_loads(text, JSON_REJECT_DUPLICATES, &je) : NULL;
+        if (type == NULL || act == NULL || !json_is_object(schema)) {
+            fprintf(stderr,
+                    "deliveryevents: %s: '%s': a row of de_contracts is "
+                    "malformed (%s.%s v%d)\n",
+                    cmd, r->db_path, type ? type : "?", act ? act : "?",
+                    sqlite3_column_int(st, 2));
+            json_decref(schema);
+            json_decref(c);
+            json_decref(all);
+            sqlite3_finalize(st);
+            return NULL;
+        }
+        put_str(c, "subject_type", type);
+        put_str(c, "action", act);
+        put_int(c, "version", sqlite3_column_int(st, 2));
+        put_int(c, "defined_at_ms", sqlite3_column_int64(st, 3));
+        json_object_set_new(c, "schema", schema);
+        json_array_append_new(all, c);
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) {
+        fprintf(stderr, "deliveryevents: %s: cannot read the contracts: %s\n",
+                cmd, sqlite3_errmsg(r->db));
+        json_decref(all);
+        return NULL;
+    }
+    return all;
+}
+
+static const char *jstr(const json_t *o, const char *k)
+{
+    return json_string_value(json_object_get(o, k));
+}
+
+static int contracts_report(const char *cmd, const struct ro_args *a, ro *r)
+{
+    json_t *all = read_contracts(cmd, r), *types, *c, *t = NULL;
+    char when[64];
+    size_t i;
+
+    if (all == NULL)
+        return 1;
+    /* One entry per event type, its versions in order. */
+    types = json_array();
+    json_array_foreach(all, i, c)
+    {
+        json_t *v = json_object(), *schema = json_object_get(c, "schema");
+        if (t == NULL ||
+            strcmp(jstr(t, "subject_type"), jstr(c, "subject_type")) != 0 ||
+            strcmp(jstr(t, "action"), jstr(c, "action")) != 0) {
+            t = json_object();
+            json_object_set(t, "subject_type",
+                            json_object_get(c, "subject_type"));
+            json_object_set(t, "action", json_object_get(c, "action"));
+            json_object_set_new(t, "versions", json_array());
+            json_array_append_new(types, t);
+        }
+        json_object_set(v, "version", json_object_get(c, "version"));
+        json_object_set(v, "defined_at_ms",
+                        json_object_get(c, "defined_at_ms"));
+        json_object_set_new(v, "dataschema",
+                            json_is_string(json_object_get(schema, "$id"))
+                                ? json_copy(json_object_get(schema, "$id"))
+                                : json_null());
+        json_object_set(v, "schema", schema);
+        json_array_append_new(json_object_get(t, "versions"), v);
+    }
+    json_decref(all);
+    if (a->json) {
+        json_t *o = json_object();
+        char *s;
+        put_str(o, "database", r->db_path);
+        json_object_set_new(o, "contracts", types);
+        s = json_dumps(o, JSON_COMPACT);
+        printf("%s\n", s ? s : "{}");
+        free(s);
+        json_decref(o);
+        return 0;
+    }
+    if (json_array_size(types) == 0)
+        printf("no contracts defined in %s\n", r->db_path);
+    json_array_foreach(types, i, t)
+    {
+        json_t *vs = json_object_get(t, "versions"), *v;
+        size_t k;
+        printf("%s.%s (%zu version%s)\n", jstr(t, "subject_type"),
+               jstr(t, "action"), json_array_size(vs),
+               json_array_size(vs) == 1 ? "" : "s");
+        json_array_foreach(vs, k, v)
+        {
+            json_t *schema = json_object_get(v, "schema");
+            json_t *members = json_object_get(schema, "properties");
+            json_t *req = json_object_get(schema, "required"), *p;
+            const char *name;
+            int first = 1;
+            utc_ms(json_integer_value(json_object_get(v, "defined_at_ms")),
+                   when, sizeof when);
+            printf("  v%lld  defined %s%s%s\n",
+                   (long long)json_integer_value(json_object_get(v, "version")),
+                   when,
+                   json_is_string(json_object_get(v, "dataschema")) ? "  " : "",
+                   json_is_string(json_object_get(v, "dataschema"))
+                       ? jstr(v, "dataschema")
+                       : "");
+            printf("      ");
+            json_object_foreach(members, name, p)
+            {
+                int required = 0;
+                size_t j;
+                json_t *rn;
+                json_array_foreach(req, j, rn) required |=
+                    json_is_string(rn) &&
+                    strcmp(json_string_value(rn), name) == 0;
+                printf("%s%s%s", first ? "" : ", ", name, required ? "*" : "");
+                first = 0;
+            }
+            printf("%s\n", first ? "(no properties)" : "");
+        }
+    }
+    json_decref(types);
+    return 0;
+}
+
+/* A stored wire setting (setting.KEY in de_meta), or dflt. */
+static const char *stored_setting(ro *r, const char *key, const char *dflt,
+                                  char *buf, size_t size)
+{
+    char sql[200];
+
+    snprintf(sql, sizeof sql,
+             "SELECT value FROM main.de_meta WHERE key = 'setting.%s'", key);
+    q_text(r->db, sql, buf, size);
+    return buf[0] ? buf : dflt;
+}
+
+/* topic.template with {subject_type} substituted. */
+static void expand_topic(const char *tmpl, const char *type, char *buf,
+                         size_t size)
+{
+    const char *ph = "{subject_type}", *at = strstr(tmpl, ph);
+
+    if (at == NULL)
+        snprintf(buf, size, "%s", tmpl);
+    else
+        snprintf(buf, size, "%.*s%s%s", (int)(at - tmpl), tmpl, type,
+                 at + strlen(ph));
+}
+
+/* The name of a $defs member from the token of a "#/$defs/<token>"
+ * reference: a URI fragment (%XX) holding a JSON Pointer token (~1 is /,
+ * ~0 is ~). */
+static void def_name(const char *tok, char *out, size_t size)
+{
+    size_t o = 0;
+
+    for (size_t i = 0; tok[i] && o + 1 < size; i++) {
+        char c = tok[i];
+        if (c == '%' && isxdigit((unsigned char)tok[i + 1]) &&
+            isxdigit((unsigned char)tok[i + 2])) {
+            char hex[3] = {tok[i + 1], tok[i + 2], 0};
+            c = (char)strtol(hex, NULL, 16);
+            i += 2;
+        }
+        out[o++] = c;
+    }
+    out[o] = '\0';
+    o = 0;
+    for (size_t i = 0; out[i]; i++) {
+        if (out[i] == '~' && (out[i + 1] == '1' || out[i + 1] == '0')) {
+            out[o++] = out[i + 1] == '1' ? '/' : '~';
+            i++;
+        } else {
+            out[o++] = out[i];
+        }
+    }
+    out[o] = '\0';
+}
+
+/*
+ * Makes a contract schema say in plain JSON Schema what the library
+ * enforces, for tools that read the document: additionalProperties is
+ * written out as false where the contract leaves it to the library's
+ * default, and each "#/$defs/X" reference points at the component
+ * schema refs[X] names (the document's own root is not the schema's).
+ */
+static void to_plain_schema(json_t *s, const json_t *refs)
+{
+    json_t *type, *v;
+    const char *k, *ref;
+    size_t i;
+    char name[1100], target[1200];
+    int object = 0;
+
+    if (!json_is_object(s))
+        return;
+    ref = jstr(s, "$ref");
+    if (ref != NULL && strncmp(ref, "#/$defs/", 8) == 0) {
+        def_name(ref + 8, name, sizeof name);
+        if (jstr(refs, name) != NULL) {
+            snprintf(target, sizeof target, "#/components/schemas/%s",
+                     jstr(refs, name));
+            json_object_set_new(s, "$ref", json_string(target));
+        }
+    }
+    type = json_object_get(s, "type");
+    if (json_is_string(type))
+        object = strcmp(json_string_value(type), "object") == 0;
+    json_array_foreach(type, i, v) object |=
+        json_is_string(v) && strcmp(json_string_value(v), "object") == 0;
+    if (object && json_object_get(s, "additionalProperties") == NULL)
+        json_object_set_new(s, "additionalProperties", json_false());
+    json_object_foreach(json_object_get(s, "properties"), k, v)
+        to_plain_schema(v, refs);
+    to_plain_schema(json_object_get(s, "items"), refs);
+}
+
+static json_t *header_schema(const char *type, const char *description)
+{
+    return json_pack("{s:s, s:s}", "type", type, "description", description);
+}
+
+/* The CloudEvents headers of one event type's records (docs/OVERVIEW.md). */
+static json_t *ce_headers(const char *stype, const char *act, int version,
+                          const char *prefix, int prefix_known,
+                          const char *dataschema)
+{
+    json_t *p = json_object(), *h, *req;
+    char ce_type[400], pattern[500];
+    size_t o = 0;
+
+    snprintf(ce_type, sizeof ce_type, "%s%s.%s.v%d", prefix, stype, act,
+             version);
+    json_object_set_new(
+        p, "ce_specversion",
+        json_pack("{s:s, s:s}", "type", "string", "const", "1.0"));
+    json_object_set_new(p, "ce_id", header_schema("string", "The event id."));
+    json_object_set_new(p, "ce_source",
+                        header_schema("string", "The CloudEvents source "
+                                                "(event.source)."));
+    if (prefix_known) {
+        h = json_pack("{s:s, s:s}", "type", "string", "const", ce_type);
+    } else {
+        /* A relay of this database may add its own event.type.prefix. */
+        o = (size_t)snprintf(pattern, sizeof pattern, "^.*");
+        for (const char *c = ce_type; *c && o + 3 < sizeof pattern; c++) {
+            if (*c == '.')
+                pattern[o++] = '\\';
+            pattern[o++] = *c;
+        }
+        snprintf(pattern + o, sizeof pattern - o, "$");
+        h = json_pack("{s:s, s:s}", "type", "string", "pattern", pattern);
+    }
+    json_object_set_new(p, "ce_type", h);
+    json_object_set_new(p, "ce_subject",
+                        header_schema("string", "The subject id, as the key."));
+    json_object_set_new(p, "ce_time",
+                        json_pack("{s:s, s:s, s:s}", "type", "string", "format",
+                                  "date-time", "description",
+                                  "When it happened (RFC 3339, UTC, ms)."));
+    json_object_set_new(
+        p, "content-type",
+        json_pack("{s:s, s:s}", "type", "string", "const", "application/json"));
+    json_object_set_new(p, "ce_partitionkey",
+                        header_schema("string", "The subject id."));
+    json_object_set_new(
+        p, "ce_subjectseq",
+        json_pack("{s:s, s:s, s:s}", "type", "string", "pattern",
+                  "^[1-9][0-9]*$", "description",
+                  "The subject's sequence number: 1, 2, 3, ... in commit "
+                  "order, without gaps."));
+    json_object_set_new(p, "ce_subjectepoch",
+                        json_pack("{s:s, s:s, s:s}", "type", "string",
+                                  "pattern", "^[1-9][0-9]*$", "description",
+                                  "Present when the numbering started over "
+                                  "(compare by epoch, then sequence)."));
+    json_object_set_new(
+        p, "ce_subjecttype",
+        json_pack("{s:s, s:s}", "type", "string", "const", stype));
+    json_object_set_new(
+        p, "ce_action",
+        json_pack("{s:s, s:s}", "type", "string", "const", act));
+    if (dataschema != NULL)
+        json_object_set_new(
+            p, "ce_dataschema",
+            json_pack("{s:s, s:s}", "type", "string", "const", dataschema));
+    json_object_set_new(p, "traceparent",
+                        header_schema("string", "W3C trace context, when "
+                                                "recorded."));
+    json_object_set_new(p, "tracestate",
+                        header_schema("string", "W3C trace state, when "
+                                                "recorded."));
+    req = json_pack("[s,s,s,s,s,s,s,s,s,s,s]", "ce_specversion", "ce_id",
+                    "ce_source", "ce_type", "ce_subject", "ce_time",
+                    "content-type", "ce_partitionkey", "ce_subjectseq",
+                    "ce_subjecttype", "ce_action");
+    if (dataschema != NULL)
+        json_array_append_new(req, json_string("ce_dataschema"));
+    return json_pack("{s:s, s:o, s:o}", "type", "object", "properties", p,
+                     "required", req);
+}
+
+/* A component name: [A-Za-z0-9._-] kept, anything else '_'. */
+static void component_name(const char *s, char *out, size_t size)
+{
+    size_t o = 0;
+
+    for (; *s && o + 1 < size; s++)
+        out[o++] = isalnum((unsigned char)*s) || strchr("._-", *s) ? *s : '_';
+    out[o] = '\0';
+}
+
+/* Adds one contract to the document: its message, its $defs as component
+ * schemas, and its channel and send operation. */
+static void asyncapi_add(json_t *doc, const json_t *c, const char *tmpl,
+                         const char *prefix, int prefix_known)
+{
+    const char *stype = jstr(c, "subject_type"), *act = jstr(c, "action");
+    int version = (int)json_integer_value(json_object_get(c, "version"));
+    json_t *payload = json_deep_copy(json_object_get(c, "schema"));
+    json_t *comps = json_object_get(doc, "components"), *refs = json_object();
+    json_t *defs, *d, *ch, *op, *msg, *ref;
+    const char *dataschema = jstr(payload, "$id"), *name;
+    char msgid[300], topic[600], cname[1500], target[2000];
+    char *id_copy = dataschema ? strdup(dataschema) : NULL;
+
+    snprintf(msgid, sizeof msgid, "%s.%s.v%d", stype, act, version);
+    expand_topic(tmpl, stype, topic, sizeof topic);
+    /* $defs become component schemas named <message>-<name>. */
+    defs = json_object_get(payload, "$defs");
+    json_object_foreach(defs, name, d)
+    {
+        char safe[1100];
+        component_name(name, safe, sizeof safe);
+        snprintf(cname, sizeof cname, "%s-%s", msgid, safe);
+        for (int n = 2;
+             json_object_get(json_object_get(comps, "schemas"), cname) != NULL;
+             n++)
+            snprintf(cname, sizeof cname, "%s-%s-%d", msgid, safe, n);
+        json_object_set_new(refs, name, json_string(cname));
+        json_object_set(json_object_get(comps, "schemas"), cname, d);
+    }
+    json_object_foreach(defs, name, d) to_plain_schema(d, refs);
+    to_plain_schema(payload, refs);
+    /* What only means something at a schema's root: the document's root
+     * is another; $id goes out as the ce_dataschema header instead. */
+    json_object_del(payload, "$defs");
+    json_object_del(payload, "$schema");
+    json_object_del(payload, "$id");
+
+    msg = json_pack(
+        "{s:s, s:s, s:s, s:o, s:o}", "name", msgid, "title", msgid,
+        "contentType", "application/json", "headers",
+        ce_headers(stype, act, version, prefix, prefix_known, id_copy),
+        "payload", payload);
+    if (jstr(payload, "description") != NULL)
+        json_object_set_new(msg, "summary",
+                            json_string(jstr(payload, "description")));
+    json_object_set_new(
+        msg, "bindings",
+        json_pack("{s:{s:{s:s, s:s}, s:s}}", "kafka", "key", "type", "string",
+                  "description",
+                  "The subject id: every event of one subject goes to one "
+                  "partition, in order.",
+                  "bindingVersion", "0.5.0"));
+    json_object_set_new(json_object_get(comps, "messages"), msgid, msg);
+
+    ch = json_object_get(json_object_get(doc, "channels"), topic);
+    if (ch == NULL) {
+        ch = json_pack("{s:s, s:s, s:{}}", "address", topic, "description", "",
+                       "messages");
+        snprintf(target, sizeof target,
+                 "Events of subject type '%s', keyed by subject id.", stype);
+        json_object_set_new(ch, "description", json_string(target));
+        json_object_set_new(json_object_get(doc, "channels"), topic, ch);
+        snprintf(target, sizeof target, "#/channels/%s", topic);
+        op = json_pack("{s:s, s:{s:s}, s:[]}", "action", "send", "channel",
+                       "$ref", target, "messages");
+        snprintf(cname, sizeof cname, "send.%s", topic);
+        json_object_set_new(json_object_get(doc, "operations"), cname, op);
+    }
+    snprintf(target, sizeof target, "#/components/messages/%s", msgid);
+    json_object_set_new(json_object_get(ch, "messages"), msgid,
+                        json_pack("{s:s}", "$ref", target));
+    snprintf(cname, sizeof cname, "send.%s", topic);
+    op = json_object_get(json_object_get(doc, "operations"), cname);
+    snprintf(target, sizeof target, "#/channels/%s/messages/%s", topic, msgid);
+    ref = json_pack("{s:s}", "$ref", target);
+    json_array_append_new(json_object_get(op, "messages"), ref);
+    json_decref(refs);
+    free(id_copy);
+}
+
+static int asyncapi_report(const char *cmd, const struct ro_args *a, ro *r)
+{
+    json_t *all = read_contracts(cmd, r), *doc, *c;
+    char tmpl[300], prefix[200], source[300], title[PATH_MAX + 64], *s;
+    const char *base = strrchr(r->db_path, '/');
+    int prefix_known;
+    size_t i;
+
+    (void)a;
+    if (all == NULL)
+        return 1;
+    stored_setting(r, "topic.template", "{subject_type}.events", tmpl,
+                   sizeof tmpl);
+    if (tmpl[0] == '\0')
+        snprintf(tmpl, sizeof tmpl, "{subject_type}.events");
+    prefix_known = stored_setting(r, "event.type.prefix", NULL, prefix,
+                                  sizeof prefix) != NULL;
+    stored_setting(r, "event.source", "/deliveryevents", source, sizeof source);
+    snprintf(title, sizeof title, "Events of %s", base ? base + 1 : r->db_path);
+    doc = json_pack(
+        "{s:s, s:{s:s, s:s, s:s}, s:s, s:{}, s:{}, s:{s:{}, s:{}}}", "asyncapi",
+        "3.0.0", "info", "title", title, "version", "1", "description",
+        "The event contracts of this database (de_outbox_define), as "
+        "libdeliveryevents publishes them: CloudEvents 1.0 in Kafka binary "
+        "mode, the payload as JSON, the subject id as key.",
+        "defaultContentType", "application/json", "channels", "operations",
+        "components", "messages", "schemas");
+    snprintf(title, sizeof title, "%zu", json_array_size(all));
+    json_object_set_new(json_object_get(doc, "info"), "version",
+                        json_string(title));
+    json_array_foreach(all, i, c)
+        asyncapi_add(doc, c, tmpl, prefix, prefix_known);
+    json_decref(all);
+    s = json_dumps(doc, JSON_INDENT(2) | JSON_ENSURE_ASCII);
+    json_decref(doc);
+    if (s == NULL) {
+        fprintf(stderr, "deliveryevents: %s: out of memory\n", cmd);
+        return 1;
+    }
+    printf("%s\n", s);
+    free(s);
+    return 0;
+}
+
 /* The read-only commands: what each takes beyond --db and --json. */
 static const ro_cmd ro_cmds[] = {
     {"status", usage_status, RO_STATE, 0, status_report},
@@ -3130,6 +3649,8 @@ static const ro_cmd ro_cmds[] = {
     {"consumer-status", usage_consumer_status, 0, 1, consumer_status_report},
     {"dead-letters", usage_dead_letters, RO_SUBJECT | RO_LIMIT | RO_PARKED, 1,
      dead_letters_report},
+    {"contracts", usage_contracts, 0, 0, contracts_report},
+    {"asyncapi", usage_asyncapi, 0, 0, asyncapi_report},
 };
 
 int main(int argc, char **argv)
