@@ -18,6 +18,14 @@
  * ("delivery.events", key = delivery id).  --latency also measures, for
  * every event, the time from COMMIT returning to Kafka acknowledging it.
  *
+ * Every event it records has a contract, declared at startup with
+ * de_outbox_define and defined from the actor's side -- the facts of
+ * the action, identifiers rather than copies of other aggregates -- and
+ * the outbox runs with outbox.strict=true, so an event type without a
+ * contract, or a payload that strays from its contract, is refused.  The
+ * run ends by showing one such refusal: a notifier "needs" the
+ * customer's phone number, and the assignment is not the place for it.
+ *
  * Time is simulated (starting 2026-11-25T11:00:00Z, advancing a few seconds
  * per step) so that runs are repeatable and the events carry realistic
  * occurred-at times.
@@ -242,6 +250,79 @@ static int cancel(struct service *s, const char *id, const char *reason)
         "ti", id, s->clock_ms);
 }
 
+/* The contracts of the events this service records, version 1 each.
+ * Defining them at every start is harmless: a stored version is only
+ * ever accepted again unchanged. */
+#define ID_OF(prefix)                                                          \
+    "{\"type\":\"string\",\"pattern\":\"^" prefix "-[0-9]+$\"}"
+static const struct {
+    const char *action, *schema;
+} contracts[] = {
+    {"created",
+     "{\"$id\":\"https://schemas.example.com/delivery/created/v1.json\","
+     "\"description\":\"A delivery was created for an order.\","
+     "\"type\":\"object\",\"properties\":{"
+     "\"order_id\":" ID_OF("O") ",\"customer_id\":" ID_OF(
+         "C") ","
+              "\"region\":{\"enum\":[\"gangnam\",\"jongno\",\"mapo\","
+              "\"songpa\"]},"
+              "\"fee\":{\"type\":\"integer\",\"minimum\":0}},"
+              "\"required\":[\"order_id\",\"customer_id\",\"region\",\"fee\"]"
+              "}"},
+    {"assigned",
+     "{\"$id\":\"https://schemas.example.com/delivery/assigned/v1.json\","
+     "\"description\":\"A rider was assigned to the delivery.\","
+     "\"type\":\"object\",\"properties\":{\"rider_id\":" ID_OF(
+         "R") "},"
+              "\"required\":[\"rider_id\"]}"},
+    {"picked_up",
+     "{\"$id\":\"https://schemas.example.com/delivery/picked_up/v1.json\","
+     "\"description\":\"The rider picked the order up.\","
+     "\"type\":\"object\"}"},
+    {"delivered",
+     "{\"$id\":\"https://schemas.example.com/delivery/delivered/v1.json\","
+     "\"description\":\"The order reached the customer.\","
+     "\"type\":\"object\"}"},
+    {"canceled",
+     "{\"$id\":\"https://schemas.example.com/delivery/canceled/v1.json\","
+     "\"description\":\"The delivery was canceled.\","
+     "\"type\":\"object\",\"properties\":{\"reason\":{\"enum\":["
+     "\"customer_request\",\"store_closed\"]}},\"required\":[\"reason\"]}"},
+};
+
+static int define_contracts(de_outbox *ob)
+{
+    for (size_t i = 0; i < sizeof contracts / sizeof *contracts; i++)
+        if (de_outbox_define(ob, "delivery", contracts[i].action, 1,
+                             contracts[i].schema) != DE_OK) {
+            fprintf(stderr, "delivery_service: %s\n", de_errmsg());
+            return -1;
+        }
+    return 0;
+}
+
+/* What the contracts are for: a payload grown for one consumer's
+ * convenience is refused, nothing is written, and the transaction goes
+ * on (here it is rolled back, as the service would on any error). */
+static void show_a_refusal(struct service *s)
+{
+    de_event ev = {0};
+    de_err e;
+
+    ev.subject_type = "delivery";
+    ev.subject_id = "D-00000";
+    ev.action = "assigned";
+    ev.payload = "{\"rider_id\":\"R-07\",\"customer_phone\":"
+                 "\"010-1234-5678\"}";
+    if (sql(s->db, "BEGIN IMMEDIATE") != 0)
+        return;
+    e = de_record(s->ob, &ev, NULL);
+    printf("contract check: delivery.assigned with a customer_phone for the "
+           "notifier -> %s: %s\n",
+           de_err_name(e), e == DE_OK ? "recorded?!" : de_errmsg());
+    sql(s->db, "ROLLBACK");
+}
+
 static int schema(sqlite3 *db)
 {
     return sql(db, "CREATE TABLE IF NOT EXISTS orders("
@@ -303,10 +384,20 @@ int main(int argc, char **argv)
     }
     if (schema(s.db) != 0)
         return 1;
-    if (de_outbox_open(s.db, NULL, &s.ob) != DE_OK) {
-        fprintf(stderr, "delivery_service: %s\n", de_errmsg());
-        return 1;
+    {
+        /* Only event types with a contract may be recorded. */
+        de_conf *conf = de_conf_new();
+        de_err e = de_conf_set(conf, "outbox.strict", "true");
+        if (e == DE_OK)
+            e = de_outbox_open(s.db, conf, &s.ob);
+        de_conf_destroy(conf);
+        if (e != DE_OK) {
+            fprintf(stderr, "delivery_service: %s\n", de_errmsg());
+            return 1;
+        }
     }
+    if (define_contracts(s.ob) != 0)
+        return 1;
     st = calloc((size_t)n, sizeof *st);
     if (st == NULL)
         return 1;
@@ -376,6 +467,7 @@ int main(int argc, char **argv)
             return 1;
     }
 
+    show_a_refusal(&s);
     printf("delivery_service: %d deliveries in %s; events recorded in the "
            "outbox, by action:\n",
            n, path);

@@ -50,9 +50,14 @@ done
 
 echo
 echo "== delivery service: 200 deliveries; every state change and its event in one transaction,"
-echo "   published by the relay inside the service as each transaction commits"
+echo "   published by the relay inside the service as each transaction commits; every event"
+echo "   checked against its contract (outbox.strict=true), and one payload that strays refused"
 "$ex/delivery_service" --db "$work/delivery.db" --deliveries 200 \
     --bootstrap "$bootstrap" --latency
+
+echo
+echo "== the event catalog: deliveryevents contracts (and asyncapi for an AsyncAPI 3.0 document)"
+"$tool" contracts --db "$work/delivery.db"
 
 status=0
 for p in $pids; do wait "$p" || status=1; done

@@ -122,6 +122,25 @@ START_TEST(examples_agree_with_the_service)
     ck_assert_int_eq(tu_query_int(db, "SELECT count(*) FROM svc.deliveries"),
                      150);
 
+    /* The service runs strict, with a contract for every event it
+     * records, and shows one payload its contract refuses. */
+    ck_assert_int_eq(tu_query_int(db, "SELECT count(*) FROM svc.de_contracts "
+                                      "WHERE subject_type = 'delivery'"),
+                     5);
+    {
+        char out[4300], line[1024];
+        FILE *f;
+        int refused = 0;
+        snprintf(out, sizeof out, "%s/delivery_service.out", tu_dir);
+        f = fopen(out, "r");
+        ck_assert_ptr_nonnull(f);
+        while (fgets(line, sizeof line, f) != NULL)
+            refused |= strstr(line, "DE_ERR_CONTRACT: delivery.assigned v1: "
+                                    "$.customer_phone is not allowed") != NULL;
+        fclose(f);
+        ck_assert_msg(refused, "delivery_service did not show the refusal");
+    }
+
     /* The read model is the service's state. */
     static const char svc_view[] =
         "SELECT id, region, status, rider_id, "
