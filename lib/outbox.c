@@ -435,11 +435,13 @@ static de_err check_contract(de_outbox *ob, const de_event *ev,
     if (doc == NULL)
         doc = json_loadb(payload, payload_len,
                          JSON_ALLOW_NUL | JSON_DECODE_INT_AS_REAL, &je);
-    if (doc == NULL)
+    if (doc == NULL && json_error_code(&je) == json_error_out_of_memory)
         return de__fail(DE_ERR_NOMEM,
-                        "out of memory reading the payload of "
-                        "%s.%s (%s)",
-                        st, act, je.text);
+                        "out of memory reading the payload of %s.%s", st, act);
+    if (doc == NULL) /* a number beyond a double: 1e400 */
+        return de__fail(DE_ERR_CONTRACT,
+                        "%s: the payload cannot be checked: %s at byte %d",
+                        d->label, je.text, je.position);
     err = de__contract_validate(d->schema, doc, d->label);
     json_decref(doc);
     if (err != DE_OK)

@@ -853,6 +853,14 @@ START_TEST(record_refuses_a_payload_that_breaks_its_contract)
     ev.payload = "{}";
     tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_CONTRACT,
                   "$.rider_id is required");
+    /* Numbers of any size are JSON; one a double cannot hold cannot be
+     * checked, and is named. */
+    ev.payload = "{\"rider_id\":\"R-7\",\"eta_min\":1e400}";
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_CONTRACT,
+                  "delivery.assigned v1: the payload cannot be checked: real "
+                  "number overflow");
+    ev.payload = "{\"rider_id\":\"R-7\",\"eta_min\":-123456789012345678901}";
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_CONTRACT, "$.eta_min ");
     ck_assert_int_eq(outbox_count(db), 0);
     ev.payload = "{\"rider_id\":\"R-7\",\"eta_min\":12}";
     tu_ok(de_record(ob, &ev, NULL));
