@@ -379,6 +379,7 @@ de_err de__event_check(const de_event *ev, int64_t max_bytes,
 static de_err refresh_contracts(de_outbox *ob)
 {
     int64_t v;
+    de_err err;
     int rc;
 
     if (sqlite3_txn_state(ob->db, "main") == SQLITE_TXN_NONE)
@@ -390,8 +391,10 @@ static de_err refresh_contracts(de_outbox *ob)
         return de__fail_db(ob->db, "cannot read PRAGMA data_version");
     if (v == ob->data_version_seen)
         return DE_OK;
+    if ((err = de__contract_set_load(ob->contracts, ob->db)) != DE_OK)
+        return err; /* looked for again next time */
     ob->data_version_seen = v;
-    return de__contract_set_load(ob->contracts, ob->db);
+    return DE_OK;
 }
 
 /* Checks ev's payload against its contract; *def receives the contract
