@@ -2025,6 +2025,9 @@ START_TEST(asyncapi_document_passes_the_asyncapi_parser)
     ck_assert(json_is_false(json_object_get(json_object_get(msg, "payload"),
                                             "additionalProperties")));
     json_decref(doc);
+    ck_assert_int_eq(run(p, "asyncapi", "asyncapi", "--db", db, "--json"), 2);
+    assert_has(p->err, "unknown argument '--json'");
+    ck_assert_int_eq(run(p, "asyncapi", "asyncapi", "--db", db), 0);
 
     parser = asyncapi_parser();
     if (parser[0] == '\0') {

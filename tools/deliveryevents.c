@@ -2063,7 +2063,8 @@ enum {
     RO_SUBJECT = 1 << 1, /* --subject TYPE:ID */
     RO_LIMIT = 1 << 2,   /* --limit N (100; 0 = all) */
     RO_FILTER = 1 << 3,  /* --pending | --blocked */
-    RO_PARKED = 1 << 4   /* --parked */
+    RO_PARKED = 1 << 4,  /* --parked */
+    RO_NO_JSON = 1 << 5  /* no --json: the output is JSON already */
 };
 
 struct ro_args {
@@ -2084,7 +2085,7 @@ typedef struct ro_cmd {
 static int ro_flag(const ro_cmd *c, const char *o, struct ro_args *a)
 {
     int *flag =
-        strcmp(o, "--json") == 0                               ? &a->json
+        !(c->opts & RO_NO_JSON) && strcmp(o, "--json") == 0    ? &a->json
         : (c->opts & RO_FILTER) && strcmp(o, "--pending") == 0 ? &a->pending
         : (c->opts & RO_FILTER) && strcmp(o, "--blocked") == 0 ? &a->blocked
         : (c->opts & RO_PARKED) && strcmp(o, "--parked") == 0  ? &a->parked
@@ -3650,7 +3651,7 @@ static const ro_cmd ro_cmds[] = {
     {"dead-letters", usage_dead_letters, RO_SUBJECT | RO_LIMIT | RO_PARKED, 1,
      dead_letters_report},
     {"contracts", usage_contracts, 0, 0, contracts_report},
-    {"asyncapi", usage_asyncapi, 0, 0, asyncapi_report},
+    {"asyncapi", usage_asyncapi, RO_NO_JSON, 0, asyncapi_report},
 };
 
 int main(int argc, char **argv)
