@@ -83,6 +83,12 @@ struct de_consumer {
     DE__VEC(retrying *) retry;
     DE__VEC(progress) parts;
     DE__VEC(rd_kafka_message_t *) batch;
+    /* apply_batch's scratch, kept between batches (calloc per batch cost
+     * malloc_consolidate on every call): the fate of each message and the
+     * subject ("type\0id") of each one waiting for a retry. */
+    uint8_t *fate;
+    char **ftype;
+    size_t fate_cap;
     /* Subjects whose gap filled by itself: released after the commit,
      * as "type\0id". */
     DE__VEC(char *) refilled;
@@ -992,13 +998,25 @@ static de_err apply_batch(de_consumer *c)
 
     if (n == 0)
         return DE_OK;
-    fate = calloc(n, 1);
-    ftype = calloc(n, sizeof *ftype); /* subjects of the retries */
-    if (fate == NULL || ftype == NULL) {
-        free(fate);
-        free(ftype);
-        return de__fail(DE_ERR_NOMEM, "consumer: out of memory");
+    if (n > c->fate_cap) {
+        uint8_t *nf = realloc(c->fate, n);
+        char **nt = nf ? realloc(c->ftype, n * sizeof *nt) : NULL;
+        if (nf != NULL)
+            c->fate = nf;
+        if (nt == NULL) {
+            /* Nothing applied: the batch is read again. */
+            err = de__fail(DE_ERR_NOMEM, "consumer: out of memory");
+            fate = NULL;
+            ftype = NULL;
+            goto rewind;
+        }
+        c->ftype = nt;
+        c->fate_cap = n;
     }
+    fate = c->fate;
+    ftype = c->ftype;
+    memset(fate, 0, n);
+    memset(ftype, 0, n * sizeof *ftype);
 redo:
     if ((err = IB0(c, begin)) != DE_OK)
         goto rewind;
@@ -1112,10 +1130,10 @@ rewind:
     }
 done:
     c->batch.n = 0;
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; ftype != NULL && i < n; i++) {
         free(ftype[i]);
-    free(ftype);
-    free(fate);
+        ftype[i] = NULL;
+    }
     return err;
 }
 
@@ -1715,6 +1733,8 @@ de_err de_consumer_close(de_consumer *c)
     for (size_t i = 0; i < c->batch.n; i++)
         rd_kafka_message_destroy(c->batch.v[i]);
     free(c->batch.v);
+    free(c->fate);
+    free(c->ftype);
     if (c->rk != NULL) {
         /* Bounded: librdkafka 2.0 can hang here after a broker outage
          * (see de__rk_destroy_within). */

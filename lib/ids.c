@@ -91,12 +91,10 @@ static void seed(struct uuid_state *st)
 
 void de__uuid7(char out[37])
 {
-    static const char hex[] = "0123456789abcdef";
     struct uuid_state *st = &us;
     unsigned char b[16];
     int64_t ms = de__now_ms();
     uint64_t r;
-    int o = 0;
 
     if (st->pid != getpid())
         seed(st);
@@ -118,6 +116,14 @@ void de__uuid7(char out[37])
     b[8] = (unsigned char)(0x80 | ((r >> 56) & 0x3f));
     for (int i = 9; i < 16; i++)
         b[i] = (unsigned char)(r >> (8 * (15 - i)));
+    de__uuid_format(b, out);
+}
+
+void de__uuid_format(const unsigned char b[16], char out[37])
+{
+    static const char hex[] = "0123456789abcdef";
+    int o = 0;
+
     for (int i = 0; i < 16; i++) {
         if (i == 4 || i == 6 || i == 8 || i == 10)
             out[o++] = '-';
@@ -125,6 +131,35 @@ void de__uuid7(char out[37])
         out[o++] = hex[b[i] & 15];
     }
     out[o] = '\0';
+}
+
+static int hex_digit(char ch)
+{
+    return ch >= '0' && ch <= '9'   ? ch - '0'
+           : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
+                                    : -1;
+}
+
+bool de__uuid_parse(const char *text, unsigned char b[16])
+{
+    size_t k = 0, i;
+
+    for (i = 0; i < 36 && text[i] != '\0'; i++) {
+        int d;
+        if (i == 8 || i == 13 || i == 18 || i == 23) {
+            if (text[i] != '-')
+                return false;
+            continue;
+        }
+        if ((d = hex_digit(text[i])) < 0)
+            return false;
+        if (k % 2 == 0)
+            b[k / 2] = (unsigned char)(d << 4);
+        else
+            b[k / 2] |= (unsigned char)d;
+        k++;
+    }
+    return i == 36 && text[36] == '\0' && k == 32;
 }
 
 /* Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's

@@ -294,6 +294,39 @@ static void bind_subject(sqlite3_stmt *q, const char *type, const char *id)
     sqlite3_bind_text(q, 2, id, -1, SQLITE_STATIC);
 }
 
+/*
+ * The ce_id applied with a subject's number, as the inbox row keeps it:
+ * a canonical (lowercase, hyphenated) UUID -- every id this library
+ * generates -- as its 16 bytes, anything else as its text.  Every event
+ * rewrites this row, and the 36-character text made it half again as
+ * large: the blob is read back as the same text, so nothing else sees
+ * the difference (a row written as text by an older version still reads
+ * as text).
+ */
+static void bind_event_id(sqlite3_stmt *q, int idx, const char *id)
+{
+    unsigned char b[16];
+
+    if (de__uuid_parse(id, b))
+        sqlite3_bind_blob(q, idx, b, 16, SQLITE_TRANSIENT);
+    else
+        sqlite3_bind_text(q, idx, id, -1, SQLITE_STATIC);
+}
+
+/* The ce_id in column col, as bind_event_id stored it, into out. */
+static void column_event_id(sqlite3_stmt *q, int col, char *out, size_t size)
+{
+    const unsigned char *p;
+
+    if (sqlite3_column_type(q, col) == SQLITE_BLOB &&
+        sqlite3_column_bytes(q, col) == 16 && size >= 37) {
+        de__uuid_format(sqlite3_column_blob(q, col), out);
+        return;
+    }
+    p = sqlite3_column_text(q, col);
+    snprintf(out, size, "%s", p != NULL ? (const char *)p : "");
+}
+
 /* A ce_source as the inbox row keeps it: FNV-1a, 64 bits. */
 static int64_t owner_of(const char *source)
 {
@@ -335,7 +368,7 @@ static de_err i_claim(de__inbox *ib, const de_event_view *v, bool *claimed)
         bind_subject(q, v->subject_type, v->subject_id);
         sqlite3_bind_int64(q, 3, v->subject_seq);
         sqlite3_bind_int64(q, 4, de__now_ms());
-        sqlite3_bind_text(q, 5, v->event_id, -1, SQLITE_STATIC);
+        bind_event_id(q, 5, v->event_id);
         sqlite3_bind_int64(q, 6, v->subject_epoch);
         sqlite3_bind_int64(q, 7, owner);
         if (step(s, which) != SQLITE_DONE)
@@ -365,8 +398,7 @@ static de_err i_get(de__inbox *ib, const char *type, const char *id,
     if (rc == SQLITE_ROW) {
         e->seq = sqlite3_column_int64(q, 0);
         e->parked = sqlite3_column_int(q, 1) != 0;
-        if ((lid = sqlite3_column_text(q, 2)) != NULL)
-            snprintf(e->last_id, sizeof e->last_id, "%s", (const char *)lid);
+        column_event_id(q, 2, e->last_id, sizeof e->last_id);
         e->epoch = sqlite3_column_int64(q, 3);
         if ((lid = sqlite3_column_text(q, 4)) != NULL)
             snprintf(e->source, sizeof e->source, "%s", (const char *)lid);
@@ -399,7 +431,7 @@ static de_err i_put(de__inbox *ib, const char *type, const char *id,
     bind_subject(q, type, id);
     sqlite3_bind_int64(q, 3, seq);
     sqlite3_bind_int64(q, 4, de__now_ms());
-    sqlite3_bind_text(q, 5, event_id, -1, SQLITE_STATIC);
+    bind_event_id(q, 5, event_id);
     sqlite3_bind_int64(q, 6, epoch);
     if (source != NULL) {
         de_err err;

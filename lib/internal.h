@@ -228,6 +228,12 @@ int64_t de__mono_ms(void); /* monotonic milliseconds */
 /* Writes a new UUIDv7 (RFC 9562; time-ordered within this thread) as 36
  * lowercase characters plus NUL. */
 void de__uuid7(char out[37]);
+/* The 16 bytes b as a canonical UUID: lowercase, hyphenated, NUL-ended. */
+void de__uuid_format(const unsigned char b[16], char out[37]);
+/* The bytes of text if it is a canonical UUID (36 characters, lowercase
+ * hex, hyphens at 8, 13, 18 and 23): what de__uuid_format gives back
+ * exactly; false for anything else. */
+bool de__uuid_parse(const char *text, unsigned char b[16]);
 
 /* Formats Unix ms as RFC 3339 UTC with milliseconds,
  * "2026-11-25T11:00:00.123Z" (24 characters plus NUL).  ms must be within

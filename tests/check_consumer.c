@@ -993,6 +993,49 @@ START_TEST(gaps_are_parked_or_applied)
 }
 END_TEST
 
+/* The inbox keeps the ce_id of a subject's last number compactly when it
+ * is a UUID; what a conflict compares and reports is still the id
+ * exactly as it was: one differing only in case is another id. */
+START_TEST(uuid_ids_are_compared_exactly)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    sqlite3 *cdb = tu_open_shared(tu_path(dir, "consumer.db"));
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+    const char *topic;
+#define U1 "01937a1e-0000-7001-8000-00000000000a"
+#define U2 "01937a1e-0000-7001-8000-00000000000b"
+#define U2_UPPER "01937A1E-0000-7001-8000-00000000000B"
+    const char *h1[] = {OURS("1", U1), NULL};
+    const char *h2[] = {OURS("2", U2), NULL};
+    const char *h2upper[] = {OURS("2", U2_UPPER), NULL};
+
+    tu_topic_create(c, "delivery", 1);
+    topic = tu_topic(c, "delivery");
+    produce_raw(c, topic, "U-1", "{}", h1);
+    produce_raw(c, topic, "U-1", "{}", h2);
+    produce_raw(c, topic, "U-1", "{}", h2); /* a true copy */
+    produce_raw(c, topic, "U-1", "{}", h2upper);
+    tu_ok(open_consumer(cdb, c->bootstrap, c->prefix, "g-uuid", NULL, NULL,
+                        NULL, &con));
+    ck_assert(
+        tu_wait_for((poll_stats(con, &st), st.parked_subjects >= 1), 30000));
+    ck_assert_uint_eq(st.applied, 2);
+    ck_assert_uint_eq(st.duplicates, 1);
+    ck_assert_int_eq(
+        tu_query_int(cdb, "SELECT count(*) FROM de_dead_letter WHERE kind = "
+                          "'conflict' AND seq = 2 AND event_id = '" U2_UPPER
+                          "' AND error LIKE '%applied as event " U2 ",%'"),
+        1);
+#undef U1
+#undef U2
+#undef U2_UPPER
+    tu_ok(de_consumer_close(con));
+    sqlite3_close(cdb);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* Two events with one number (a producer restored from an older state):
  * the second is a conflict -- dead-lettered, its subject parked -- never
  * dropped as a duplicate; a copy of the first is still a duplicate; a
@@ -2009,6 +2052,8 @@ static Suite *consumer_suite(void)
                         tu_cluster_count());
     tcase_add_loop_test(tc, reused_numbers_are_conflicts_not_duplicates,
                         tu_cluster_first(), tu_cluster_count());
+    tcase_add_loop_test(tc, uuid_ids_are_compared_exactly, tu_cluster_first(),
+                        tu_cluster_count());
     tcase_add_loop_test(tc, idle_subjects_are_renumbered_and_forgotten,
                         tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, forgetting_before_the_relay_parks_a_gap,

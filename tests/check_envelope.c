@@ -380,6 +380,38 @@ START_TEST(json_validator_agrees_with_jansson)
 }
 END_TEST
 
+/* The inbox keeps a canonical UUID as its 16 bytes: parsing must take
+ * exactly the texts that formatting gives back, and nothing else (an id
+ * in capitals or braces is another id, kept as text). */
+START_TEST(uuid_text_round_trips_exactly)
+{
+    unsigned char b[16];
+    char out[37];
+    const char *refused[] = {
+        "01937A1E-0000-7001-8000-00000000000B",  /* capitals */
+        "01937a1e-0000-7001-8000-00000000000",   /* short */
+        "01937a1e-0000-7001-8000-00000000000bb", /* long */
+        "01937a1e00000-7001-8000-00000000000b",  /* hyphen moved */
+        "{1937a1e-0000-7001-8000-00000000000b",  /* not hex */
+        "01937a1e-0000-7001-8000-00000000000g",  "", "e-1-5",
+    };
+
+    for (int round = 0; round < 1000; round++) {
+        char id[37];
+        de__uuid7(id);
+        ck_assert(de__uuid_parse(id, b));
+        de__uuid_format(b, out);
+        ck_assert_str_eq(out, id);
+    }
+    ck_assert(de__uuid_parse("01937a1e-0000-7001-8000-00000000000b", b));
+    ck_assert_int_eq(b[0], 0x01);
+    ck_assert_int_eq(b[15], 0x0b);
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++)
+        ck_assert_msg(!de__uuid_parse(refused[i], b), "%s taken for a UUID",
+                      refused[i]);
+}
+END_TEST
+
 static Suite *envelope_suite(void)
 {
     Suite *s = suite_create("envelope");
@@ -392,6 +424,7 @@ static Suite *envelope_suite(void)
     tcase_add_test(tc, type_and_topic_names);
     tcase_add_test(tc, headers_are_built_exactly);
     tcase_add_test(tc, json_validator_agrees_with_jansson);
+    tcase_add_test(tc, uuid_text_round_trips_exactly);
     suite_add_tcase(s, tc);
     return s;
 }

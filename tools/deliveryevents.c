@@ -1745,8 +1745,6 @@ static int cmd_tail(int argc, char **argv)
                            err, sizeof err) != RD_KAFKA_CONF_OK ||
          rd_kafka_conf_set(conf, "auto.offset.reset",
                            from_beginning ? "earliest" : "latest", err,
-                           sizeof err) != RD_KAFKA_CONF_OK ||
-         rd_kafka_conf_set(conf, "allow.auto.create.topics", "false", err,
                            sizeof err) != RD_KAFKA_CONF_OK)) {
         fprintf(stderr, "deliveryevents: tail: %s\n", err);
         rc = 2;
