@@ -99,6 +99,13 @@ struct de_consumer {
     int64_t next_forget_ms;   /* monotonic */
     int64_t next_requests_ms; /* monotonic: next look at de_consumer_request */
     enum gap_policy gap;
+    /* Trust (docs/SECURITY.md): consumer.sources split at its commas
+     * ("" none: every source), consumer.seq.max.jump (0: no limit),
+     * consumer.record.max.bytes, event.hmac.key (no keys: no check). */
+    char *sources;
+    size_t nsources;
+    int64_t max_jump, record_max;
+    de__hmac_keyring hmac;
     de__decoded dec;
     de_consumer_stats stats;
     int handled; /* applied during the current call */
@@ -202,6 +209,35 @@ static de_err make_kafka(de_consumer *c)
     return DE_OK;
 }
 
+/* consumer.sources as NUL-separated names in c->sources. */
+static de_err read_sources(de_consumer *c)
+{
+    const char *s = de__conf_str(c->conf, DE__K_CONSUMER_SOURCES);
+
+    if (s[0] == '\0')
+        return DE_OK;
+    if ((c->sources = strdup(s)) == NULL)
+        return de__fail(DE_ERR_NOMEM, "out of memory opening the consumer");
+    c->nsources = 1;
+    for (char *p = c->sources; *p; p++)
+        if (*p == ',') {
+            *p = '\0';
+            c->nsources++;
+        }
+    return DE_OK;
+}
+
+static de_err read_hmac_keys(de_consumer *c)
+{
+    char why[200];
+
+    /* The value passed de_conf_set: only memory can fail here. */
+    if (!de__hmac_keyring_parse(de__conf_str(c->conf, DE__K_EVENT_HMAC_KEY),
+                                &c->hmac, why, sizeof why))
+        return de__fail(DE_ERR_NOMEM, "event.hmac.key: %s", why);
+    return DE_OK;
+}
+
 de_err de_consumer_open(sqlite3 *db, const de_conf *conf, de_consumer **out)
 {
     de_consumer *c = NULL;
@@ -233,6 +269,10 @@ de_err de_consumer_open(sqlite3 *db, const de_conf *conf, de_consumer **out)
     c->tmpl = de__conf_str(c->conf, DE__K_TOPIC_TEMPLATE);
     gap = de__conf_str(c->conf, DE__K_CONSUMER_ON_GAP);
     c->gap = strcmp(gap, "apply") == 0 ? GAP_APPLY : GAP_PARK;
+    c->max_jump = de__conf_int(c->conf, DE__K_CONSUMER_SEQ_MAX_JUMP);
+    c->record_max = de__conf_int(c->conf, DE__K_CONSUMER_RECORD_MAX_BYTES);
+    if ((err = read_sources(c)) != DE_OK || (err = read_hmac_keys(c)) != DE_OK)
+        goto fail;
     if ((err = de__inbox_open_sqlite(
              db, de__conf_int(c->conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS),
              &c->ib)) != DE_OK)
@@ -761,6 +801,44 @@ static enum outcome wait_behind(de_consumer *c, const rd_kafka_message_t *m,
     return O_DONE;
 }
 
+/* Whether a numbered event jumps further above its subject's last number
+ * than consumer.seq.max.jump allows (why in error).  The last number is
+ * the inbox's in the event's numbering, 0 for a subject the inbox does
+ * not remember there: never seen, forgotten, or a newer numbering. */
+static bool too_far(const de_consumer *c, const de_event_view *v,
+                    const de__inbox_entry *e, char *error, size_t error_size)
+{
+    int64_t last = v->subject_epoch == e->epoch ? e->seq : 0;
+
+    if (c->max_jump == 0 || v->subject_seq - last <= c->max_jump)
+        return false;
+    snprintf(error, error_size,
+             "implausible: ce_subjectseq %lld of event %s jumps %lld above "
+             "the subject's last number %lld, more than "
+             "consumer.seq.max.jump (%lld): taken for a forged or broken "
+             "record, never applied",
+             (long long)v->subject_seq, v->event_id,
+             (long long)(v->subject_seq - last), (long long)last,
+             (long long)c->max_jump);
+    return true;
+}
+
+/* Dead-letters an event as foreign without touching its subject: it is
+ * not applied, parks nothing and moves no number. */
+static enum outcome untrusted(de_consumer *c, const rd_kafka_message_t *m,
+                              const de_event_view *v, const char *error)
+{
+    c->stats.foreign++;
+    clog_(c, DE_LOG_WARNING,
+          "%s %s: record at %s [%d] @%lld: %s; stored in de_dead_letter as "
+          "foreign",
+          v->subject_type, v->subject_id, v->topic, (int)v->partition,
+          (long long)v->offset, error);
+    return dead_letter(c, "foreign", m, v, error, 0, NULL) == DE_OK
+               ? O_DONE
+               : O_DB_ERROR;
+}
+
 /* Applies one decoded event inside the open transaction. */
 static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
                               const de_event_view *v, int attempts, char *error,
@@ -802,6 +880,8 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
     if (IB(c, get, v->subject_type, v->subject_id, &e) != DE_OK)
         return O_DB_ERROR;
     vd = classify(v, &e, error, error_size);
+    if (vd == V_GAP && too_far(c, v, &e, error, error_size))
+        return untrusted(c, m, v, error);
     if (vd == V_DUPLICATE) {
         c->stats.duplicates++;
         return O_DONE;
@@ -859,16 +939,73 @@ run:
     return O_RETRY;
 }
 
-/* Decodes a message; false (and a 'foreign' dead letter: the whole
- * record, with the reason) if it is not a usable CloudEvent. */
+/* Whether v's ce_source may number subjects (consumer.sources). */
+static bool source_trusted(const de_consumer *c, const de_event_view *v)
+{
+    const char *s = c->sources;
+
+    if (c->nsources == 0 || v->subject_seq == 0)
+        return true;
+    for (size_t i = 0; i < c->nsources; i++, s += strlen(s) + 1)
+        if (strcmp(s, v->source) == 0)
+            return true;
+    return false;
+}
+
+/* Whether some handler may take events of v's subject type: only those
+ * subjects get inbox rows.  A handler by ce_type may take any. */
+static bool type_handled(const de_consumer *c, const de_event_view *v)
+{
+    for (size_t i = 0; i < c->handlers.n; i++) {
+        const handler *h = &c->handlers.v[i];
+        if (h->ce_type != NULL || strcmp(h->subject_type, v->subject_type) == 0)
+            return true;
+    }
+    return false;
+}
+
+/*
+ * Decodes a message and admits it: *ours false (and a 'foreign' dead
+ * letter: the record, with the reason) when it is larger than
+ * consumer.record.max.bytes, fails the integrity check
+ * (event.hmac.key), is not a usable CloudEvent, or is a numbered event
+ * of a source consumer.sources does not list -- checked in that order,
+ * before anything is applied; *ours false without a dead letter for an
+ * event no handler can take (no inbox row for its subject).
+ */
 static enum outcome decode_or_park(de_consumer *c, rd_kafka_message_t *m,
                                    bool *ours)
 {
-    char why[400];
+    char why[400], q[DE__QUOTE_MAX];
+    de__raw r;
+    size_t size;
 
-    *ours = de__envelope_decode(m, c->tmpl, &c->dec, why, sizeof why);
-    if (*ours)
+    *ours = false;
+    if (!de__raw_of(m, &c->dec, &r)) {
+        snprintf(why, sizeof why, "out of memory reading its headers");
+    } else if ((size = de__raw_size(&r)) > (uint64_t)c->record_max) {
+        snprintf(why, sizeof why,
+                 "the record is %zu bytes (key, value, header names and "
+                 "values), over consumer.record.max.bytes (%lld)",
+                 size, (long long)c->record_max);
+    } else if (c->hmac.n > 0 &&
+               !de__raw_verify(&r, &c->hmac, why, sizeof why)) {
+        /* why says it */
+    } else if (!de__raw_decode(&r, c->tmpl, &c->dec, why, sizeof why)) {
+        /* why says it */
+    } else if (!source_trusted(c, &c->dec.view)) {
+        snprintf(why, sizeof why,
+                 "untrusted: ce_source %s is not in consumer.sources, and "
+                 "only those may number subjects (event %s, ce_subjectseq "
+                 "%lld)",
+                 de__quote(q, sizeof q, c->dec.view.source, (size_t)-1),
+                 c->dec.view.event_id, (long long)c->dec.view.subject_seq);
+    } else if (!type_handled(c, &c->dec.view)) {
+        return O_DONE; /* nothing to apply, nothing to remember */
+    } else {
+        *ours = true;
         return O_DONE;
+    }
     c->stats.foreign++;
     clog_(c, DE_LOG_WARNING,
           "record at %s [%d] @%lld is not a usable CloudEvent (%s); stored "
@@ -1738,6 +1875,8 @@ de_err de_consumer_close(de_consumer *c)
     if (c->ib != NULL)
         IB0(c, close);
     de__decoded_free(&c->dec);
+    free(c->sources);
+    de__hmac_keyring_free(&c->hmac);
     de_conf_destroy(c->conf);
     free(c);
     return err;
