@@ -111,6 +111,10 @@ static const struct keydef {
                                          T_INT, 1024, 1000000000, NULL},
     [DE__K_EVENT_HMAC_KEY] = {"event.hmac.key", "", T_STR, 0, 0,
                               check_hmac_keys},
+    /* 0: dead letters are kept until deleted by hand, as before. */
+    [DE__K_CONSUMER_DEAD_LETTER_RETENTION_MS] =
+        {"consumer.dead.letter.retention.ms", "0", T_INT, 0,
+         INT64_C(315360000000), NULL},
 };
 
 struct rk_prop {

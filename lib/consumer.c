@@ -105,6 +105,7 @@ struct de_consumer {
     char *sources;
     size_t nsources;
     int64_t max_jump, record_max;
+    int64_t dl_retention_ms; /* consumer.dead.letter.retention.ms; 0 keep */
     de__hmac_keyring hmac;
     de__decoded dec;
     de_consumer_stats stats;
@@ -271,6 +272,8 @@ de_err de_consumer_open(sqlite3 *db, const de_conf *conf, de_consumer **out)
     c->gap = strcmp(gap, "apply") == 0 ? GAP_APPLY : GAP_PARK;
     c->max_jump = de__conf_int(c->conf, DE__K_CONSUMER_SEQ_MAX_JUMP);
     c->record_max = de__conf_int(c->conf, DE__K_CONSUMER_RECORD_MAX_BYTES);
+    c->dl_retention_ms =
+        de__conf_int(c->conf, DE__K_CONSUMER_DEAD_LETTER_RETENTION_MS);
     if ((err = read_sources(c)) != DE_OK || (err = read_hmac_keys(c)) != DE_OK)
         goto fail;
     if ((err = de__inbox_open_sqlite(
@@ -509,9 +512,35 @@ static retrying *find_retrying(de_consumer *c, const char *type, const char *id)
 #define IB(c, op, ...) ((c)->ib->ops->op((c)->ib, __VA_ARGS__))
 #define IB0(c, op) ((c)->ib->ops->op((c)->ib))
 
+/* What a foreign dead letter keeps of an oversized record: a record
+ * anyone can write must not grow the consumer's database by its size.
+ * Beyond these, the first bytes are kept with the SHA-256 of the whole. */
+#define FOREIGN_VALUE_KEEP 65536
+#define FOREIGN_PART_KEEP 1024
+
+static json_t *header_value(const void *val, size_t size, bool bounded);
+
+/* A cut header value: {"prefix": <its first bytes, as header_value
+ * gives them>, "bytes": size, "sha256": "..."}. */
+static json_t *cut_header_value(const void *val, size_t size)
+{
+    unsigned char d[32];
+    char hex[65];
+    size_t keep = FOREIGN_PART_KEEP;
+
+    /* Cut on a UTF-8 boundary, so that a text stays a text. */
+    while (keep > 0 && (((const unsigned char *)val)[keep] & 0xc0) == 0x80)
+        keep--;
+    de__sha256_digest(val, size, d);
+    de__hex(d, sizeof d, hex);
+    return json_pack("{s:o,s:I,s:s}", "prefix", header_value(val, keep, false),
+                     "bytes", (json_int_t)size, "sha256", hex);
+}
+
 /* A header value for de_dead_letter.record_headers: a JSON string when it
- * is UTF-8, else {"base64": "..."}; null for a header without a value. */
-static json_t *header_value(const void *val, size_t size)
+ * is UTF-8, else {"base64": "..."}; null for a header without a value;
+ * bounded (a foreign record): one over FOREIGN_PART_KEEP bytes cut. */
+static json_t *header_value(const void *val, size_t size, bool bounded)
 {
     static const char b64[] =
         "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -522,6 +551,8 @@ static json_t *header_value(const void *val, size_t size)
 
     if (val == NULL)
         return json_null();
+    if (bounded && size > FOREIGN_PART_KEEP)
+        return cut_header_value(val, size);
     if ((j = json_stringn(val, size)) != NULL)
         return j;
     if ((out = malloc(size / 3 * 4 + 5)) == NULL)
@@ -546,7 +577,8 @@ static json_t *header_value(const void *val, size_t size)
 /* A record's headers as JSON, in order: [["name", value], ...]; NULL when
  * it has none (or out of memory: the dead letter then lacks them, and the
  * log says so). */
-static char *headers_json(de_consumer *c, const rd_kafka_message_t *m)
+static char *headers_json(de_consumer *c, const rd_kafka_message_t *m,
+                          bool bounded)
 {
     rd_kafka_headers_t *h = NULL;
     json_t *a;
@@ -563,7 +595,8 @@ static char *headers_json(de_consumer *c, const rd_kafka_message_t *m)
         if (rd_kafka_header_get_all(h, i, &name, &val, &size) !=
             RD_KAFKA_RESP_ERR_NO_ERROR)
             break;
-        pair = json_pack("[s%o]", name, strlen(name), header_value(val, size));
+        pair = json_pack("[s%o]", name, strlen(name),
+                         header_value(val, size, bounded));
         if (pair == NULL || json_array_append_new(a, pair) != 0)
             goto done;
     }
@@ -579,13 +612,36 @@ done:
     return text;
 }
 
-/* Stores the whole record m (and the event v read from it, NULL for a
- * record that is not a usable event) in de_dead_letter; *id (may be NULL)
+/* Cuts a foreign record's part to keep bytes, saying so (with the
+ * SHA-256 of the whole) at the end of error. */
+static void cut_part(const char *what, const void *p, size_t *len, size_t keep,
+                     char *error, size_t error_size)
+{
+    unsigned char d[32];
+    char hex[65];
+    size_t at = strlen(error);
+
+    if (p == NULL || *len <= keep)
+        return;
+    de__sha256_digest(p, *len, d);
+    de__hex(d, sizeof d, hex);
+    snprintf(error + at, error_size - at,
+             "; %s of %zu bytes cut to its first %zu (sha256 %s)", what, *len,
+             keep, hex);
+    *len = keep;
+}
+
+/* Stores the record m (and the event v read from it, NULL for a record
+ * that is not a usable event) in de_dead_letter, whole -- but for a
+ * foreign one, which anyone able to write the topic can make as large as
+ * Kafka allows, only the first bytes of an oversized key, value or header
+ * value, with the SHA-256 of each in the error.  *id (may be NULL)
  * receives the dead letter's id. */
 static de_err dead_letter(de_consumer *c, const char *kind,
                           const rd_kafka_message_t *m, const de_event_view *v,
                           const char *error, int attempts, int64_t *id)
 {
+    bool bounded = strcmp(kind, "foreign") == 0;
     rd_kafka_timestamp_type_t tst;
     de__dl_origin o = {rd_kafka_topic_name(m->rkt),
                        m->partition,
@@ -594,10 +650,22 @@ static de_err dead_letter(de_consumer *c, const char *kind,
                        m->len,
                        m->key,
                        m->key_len,
-                       headers_json(c, m),
+                       headers_json(c, m, bounded),
                        rd_kafka_message_timestamp(m, &tst)};
-    de_err err = IB(c, dl_insert, kind, &o, v, error, attempts, id);
+    char why[800];
+    de_err err;
 
+    if (bounded) {
+        snprintf(why, sizeof why, "%s", error);
+        cut_part("the key", o.key, &o.key_len, FOREIGN_PART_KEEP, why,
+                 sizeof why);
+        cut_part("the value", o.value, &o.value_len, FOREIGN_VALUE_KEEP, why,
+                 sizeof why);
+        if (o.value_len < m->len)
+            v = NULL; /* its payload column would hold the whole value */
+        error = why;
+    }
+    err = IB(c, dl_insert, kind, &o, v, error, attempts, id);
     free((char *)(uintptr_t)o.headers);
     return err;
 }
@@ -1411,10 +1479,12 @@ static de_err release_refilled(de_consumer *c);
 /* Forgets, a slice at a time in a transaction of its own, the inbox rows
  * of subjects not applied to for consumer.subject.forget.ms: by then the
  * relay has forgotten them too, and their next event opens a new
- * numbering, which needs no memory of the old one. */
+ * numbering, which needs no memory of the old one.  Also the ids of
+ * consumer.id.forget.ms, and dead letters past
+ * consumer.dead.letter.retention.ms that park nothing. */
 static de_err forget_idle(de_consumer *c)
 {
-    int64_t now = de__mono_ms(), n = 0, ids = 0;
+    int64_t now = de__mono_ms(), n = 0, ids = 0, dls = 0;
     de_err err;
 
     if (now < c->next_forget_ms)
@@ -1426,12 +1496,20 @@ static de_err forget_idle(de_consumer *c)
                                        FORGET_SLICE, &n)) != DE_OK) ||
         (err = IB(c, forget_ids, de__now_ms() - c->id_forget_ms, FORGET_SLICE,
                   &ids)) != DE_OK ||
+        (c->dl_retention_ms > 0 &&
+         (err = IB(c, dl_forget, de__now_ms() - c->dl_retention_ms,
+                   FORGET_SLICE, &dls)) != DE_OK) ||
         (err = IB0(c, commit)) != DE_OK) {
         IB0(c, rollback);
         return err;
     }
     c->stats.forgotten += (uint64_t)n;
     c->stats.ids_forgotten += (uint64_t)ids;
+    if (dls > 0)
+        clog_(c, DE_LOG_INFO,
+              "deleted %lld dead letters older than "
+              "consumer.dead.letter.retention.ms that parked nothing",
+              (long long)dls);
     return DE_OK;
 }
 

@@ -2018,13 +2018,14 @@ static int64_t foreign_with(sqlite3 *cdb, const char *error_like)
     return tu_query_int(cdb, sql);
 }
 
-/* After three forged records: the relay's next two events of D-1, then a
+/* After forged records: the relay's next two events of D-1, then a
  * consumer (settings kv) reading everything.  It applies `applied` events
- * and dead-letters the three as foreign; D-1's real events are applied
+ * and dead-letters `foreign` records; D-1's real events are applied
  * in their order.  Returns the consumer, its stats in *st. */
 static de_consumer *after_forgeries(tu_cluster *c, de_relay *r, sqlite3 *cdb,
                                     const char *group, const char *const *kv,
-                                    int64_t applied, de_consumer_stats *st)
+                                    int64_t applied, uint64_t foreign,
+                                    de_consumer_stats *st)
 {
     de_consumer *con = NULL;
 
@@ -2033,8 +2034,8 @@ static de_consumer *after_forgeries(tu_cluster *c, de_relay *r, sqlite3 *cdb,
     tu_ok(de_relay_flush(r, 30000));
     tu_ok(
         open_consumer_kv(cdb, c->bootstrap, c->prefix, group, kv, NULL, &con));
-    ck_assert(tu_wait_for((poll_stats(con, st),
-                           applied_count(cdb) == applied && st->foreign == 3),
+    ck_assert(tu_wait_for((poll_stats(con, st), applied_count(cdb) == applied &&
+                                                    st->foreign == foreign),
                           30000));
     ck_assert_str_eq(applied_ids(cdb, "D-1"), ledger_ids("D-1"));
     return con;
@@ -2064,8 +2065,14 @@ START_TEST(forged_numbers_are_dead_letters)
 {
     tu_cluster *c = tu_cluster_new(_i, 1);
     sqlite3 *cdb = tu_open_shared(tu_path(dir, "consumer.db"));
-    const char *kv[] = {"consumer.sources", "/other,/test/relay",
-                        "consumer.on.gap", "apply", NULL};
+    const char *kv[] = {"consumer.sources",
+                        "/other,/test/relay",
+                        "consumer.on.gap",
+                        "apply",
+                        "consumer.record.max.bytes",
+                        "100000",
+                        NULL};
+    char *big = malloc(200001), *big_key = malloc(5001);
     const char *untrusted[] = {FORGED("/intruder", "3", "f-3"), NULL};
     char epoch[24] = "";
     const char *fresh[] = {FORGED("/test/relay", "5000", "f-fresh"), NULL};
@@ -2092,8 +2099,18 @@ START_TEST(forged_numbers_are_dead_letters)
         other_send(&o, "D-1", "{}", far);
     }
     other_send(&o, "D-9", "{}", fresh);
+    /* 200 kB over consumer.record.max.bytes: kept cut, with its hash. */
+    memset(big, 'v', 200000);
+    big[200000] = '\0';
+    memset(big_key, 'k', 5000);
+    big_key[5000] = '\0';
+    {
+        const char *h[] = {FORGED("/test/relay", "3", "f-big"), "x-big", big,
+                           NULL};
+        other_send(&o, big_key, big, h);
+    }
     other_close(&o);
-    con = after_forgeries(c, r, cdb, "g-forged", kv, 4, &st);
+    con = after_forgeries(c, r, cdb, "g-forged", kv, 4, 4, &st);
     ck_assert_int_eq(foreign_with(cdb, "untrusted: ce_source ''/intruder'' is "
                                        "not in consumer.sources%"),
                      1);
@@ -2104,6 +2121,22 @@ START_TEST(forged_numbers_are_dead_letters)
     ck_assert_int_eq(foreign_with(cdb, "implausible: ce_subjectseq 5000 of "
                                        "event f-fresh%last number 0%"),
                      1);
+    ck_assert_int_eq(
+        foreign_with(cdb, "the record is 405% over consumer.record.max.bytes "
+                          "(100000); the key of 5000 bytes cut to its first "
+                          "1024 (sha256 %); the value of 200000 bytes cut to "
+                          "its first 65536 (sha256 %)"),
+        1);
+    ck_assert_int_eq(
+        tu_query_int(cdb, "SELECT count(*) FROM de_dead_letter WHERE "
+                          "length(record_value) = 65536 AND "
+                          "length(record_key) = 1024 AND "
+                          "json_extract(record_headers, '$[7][1].bytes') = "
+                          "200000 AND length(json_extract(record_headers, "
+                          "'$[7][1].prefix')) = 1024"),
+        1);
+    free(big);
+    free(big_key);
     ck_assert_uint_eq(st.parked_subjects, 0);
     ck_assert_uint_eq(st.gaps, 0);
     ck_assert_int_eq(tu_query_int(cdb, "SELECT count(*) FROM de_inbox WHERE "
@@ -2213,7 +2246,7 @@ START_TEST(signed_records_are_verified)
         0);
     other_send(&o, "D-1", "{}", unknown);
     other_close(&o);
-    con = after_forgeries(c, r, cdb, "g-signed", kv, 5, &st);
+    con = after_forgeries(c, r, cdb, "g-signed", kv, 5, 3, &st);
     ck_assert_int_eq(foreign_with(cdb, "no de_hmac header%"), 1);
     ck_assert_int_eq(foreign_with(cdb, "de_hmac does not match%key id ''k1''"),
                      1);
@@ -2228,6 +2261,37 @@ START_TEST(signed_records_are_verified)
     tu_ok(de_consumer_close(con));
     assert_exactly_once(cdb);
     tu_ok(de_relay_stop(r, 5000));
+    sqlite3_close(cdb);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* Dead letters past consumer.dead.letter.retention.ms are deleted, but
+ * never one that parks a subject. */
+START_TEST(dead_letters_have_a_retention)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    sqlite3 *cdb = tu_open_shared(tu_path(dir, "consumer.db"));
+    const char *kv[] = {"consumer.dead.letter.retention.ms", "500", NULL};
+    const char *gap[] = {OURS("5", "g-5"), NULL};
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+    other o;
+
+    tu_topic_create(c, "delivery", 1);
+    o = other_open(c, tu_topic(c, "delivery"));
+    other_send(&o, "X-1", "{not json", NULL);
+    other_send(&o, "G-1", "{}", gap);
+    other_close(&o);
+    tu_ok(open_consumer_kv(cdb, c->bootstrap, c->prefix, "g-retention", kv,
+                           NULL, &con));
+    ck_assert(tu_wait_for(
+        (poll_stats(con, &st), st.foreign == 1 && st.parked_subjects == 1),
+        30000));
+    ck_assert(tu_wait_for(
+        (poll_stats(con, &st), dead_letters(cdb, "foreign") == 0), 30000));
+    ck_assert_int_eq(dead_letters(cdb, "gap"), 1);
+    tu_ok(de_consumer_close(con));
     sqlite3_close(cdb);
     tu_cluster_destroy(c);
 }
@@ -2286,6 +2350,8 @@ static Suite *consumer_suite(void)
     tcase_add_loop_test(tc, forged_numbers_are_dead_letters, tu_cluster_first(),
                         tu_cluster_count());
     tcase_add_loop_test(tc, signed_records_are_verified, tu_cluster_first(),
+                        tu_cluster_count());
+    tcase_add_loop_test(tc, dead_letters_have_a_retention, tu_cluster_first(),
                         tu_cluster_count());
     suite_add_tcase(s, tc);
 
