@@ -2059,7 +2059,8 @@ static void capture_epoch(void *arg, const rd_kafka_message_t *m, int32_t np)
  * with consumer.on.gap=apply (where a far number would otherwise become
  * the subject's), the forged records are foreign dead letters with their
  * reasons, D-1's real events are applied in order, nothing is parked,
- * and D-9 gets no inbox row.
+ * and D-9 gets no inbox row -- nor does C-1, a courier (a subject type
+ * no handler takes), whose event is skipped without a dead letter.
  */
 START_TEST(forged_numbers_are_dead_letters)
 {
@@ -2099,6 +2100,23 @@ START_TEST(forged_numbers_are_dead_letters)
         other_send(&o, "D-1", "{}", far);
     }
     other_send(&o, "D-9", "{}", fresh);
+    {
+        /* A subject type no handler takes: no inbox row, nothing kept. */
+        const char *courier[] = {"ce_specversion",
+                                 "1.0",
+                                 "ce_id",
+                                 "c-1",
+                                 "ce_source",
+                                 "/test/relay",
+                                 "ce_type",
+                                 "courier.started",
+                                 "ce_subjectseq",
+                                 "1",
+                                 "ce_subjecttype",
+                                 "courier",
+                                 NULL};
+        other_send(&o, "C-1", "{}", courier);
+    }
     /* 200 kB over consumer.record.max.bytes: kept cut, with its hash. */
     memset(big, 'v', 200000);
     big[200000] = '\0';
@@ -2140,7 +2158,11 @@ START_TEST(forged_numbers_are_dead_letters)
     ck_assert_uint_eq(st.parked_subjects, 0);
     ck_assert_uint_eq(st.gaps, 0);
     ck_assert_int_eq(tu_query_int(cdb, "SELECT count(*) FROM de_inbox WHERE "
-                                       "subject_id = 'D-9'"),
+                                       "subject_id IN ('D-9', 'C-1')"),
+                     0);
+    ck_assert_int_eq(tu_query_int(cdb, "SELECT count(*) FROM de_dead_letter "
+                                       "WHERE event_id = 'c-1' OR "
+                                       "record_key = CAST('C-1' AS BLOB)"),
                      0);
     ck_assert_int_eq(tu_query_int(cdb, "SELECT last_seq FROM de_inbox WHERE "
                                        "subject_id = 'D-1'"),
