@@ -684,12 +684,11 @@ void de__record_mac(const de__hmac_key *k, const void *key, size_t key_len,
                     const de__header *h, size_t nh, const void *value,
                     size_t len, unsigned char out[32])
 {
-    de__hmac m;
+    de__hmac m = k->start;
     uint32_t count = 0;
 
     for (size_t i = 0; i < nh; i++)
         count += signed_header(h[i].name);
-    de__hmac_init(&m, k->secret, k->secret_len);
     de__hmac_update(&m, "de-hmac-v1", 10);
     mac_bytes(&m, key, key ? key_len : 0);
     mac_len(&m, count);

@@ -175,6 +175,7 @@ void de__hmac_keyring_free(de__hmac_keyring *kr)
 {
     for (size_t i = 0; i < kr->n; i++) {
         explicit_bzero(kr->keys[i].secret, kr->keys[i].secret_len);
+        explicit_bzero(&kr->keys[i].start, sizeof kr->keys[i].start);
         free(kr->keys[i].secret);
     }
     free(kr->keys);
@@ -248,6 +249,7 @@ bool de__hmac_keyring_parse(const char *value, de__hmac_keyring *kr, char *why,
         }
         memcpy(k->secret, colon + 1, sn);
         k->secret_len = sn;
+        de__hmac_init(&k->start, k->secret, sn);
         kr->n++;
         p = end ? end + 1 : p + n;
     }

@@ -489,6 +489,8 @@ typedef struct de__hmac_key {
     char id[DE__HMAC_ID_MAX + 1];
     unsigned char *secret; /* wiped when freed */
     size_t secret_len;
+    de__hmac start; /* HMAC begun with the secret: two blocks saved per
+                       record; as secret as the secret, wiped too */
 } de__hmac_key;
 typedef struct de__hmac_keyring {
     de__hmac_key *keys;
