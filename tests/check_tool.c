@@ -704,6 +704,12 @@ START_TEST(secrets_never_reach_an_output_or_the_process_list)
                      2);
     assert_has(p->err, "cannot read sasl.password's value from "
                        "/nonexistent/pw");
+    /* The library's own secret: a bad one named, never shown. */
+    ck_assert_int_eq(run(p, "relay", "relay", "--db", db, "-b", c.bootstrap,
+                         "-X", "event.hmac.key=k1:" PLANTED "short", "--once"),
+                     2);
+    assert_has(p->err, "event.hmac.key (a secret: its value is never shown)");
+    assert_no_secret(p);
 
     /* Accepted ones: from a file, the environment and the command line. */
     ck_assert_ptr_nonnull(f = fopen(pw, "w"));
@@ -715,7 +721,8 @@ START_TEST(secrets_never_reach_an_output_or_the_process_list)
         snprintf(x1, sizeof x1, "sasl.password=@%s", pw);
         p = start("relay", "relay", "--db", db, "-b", c.bootstrap, "-X", x1,
                   "-X", "ssl.key.password=" PLANTED "7", "-X",
-                  "topic.template=s.events", "--stats-ms", "50",
+                  "event.hmac.key=k1:" PLANTED "8-0123456789abcdef0123456789",
+                  "-X", "topic.template=s.events", "--stats-ms", "50",
                   (const char *)NULL);
     }
     unsetenv("DELIVERYEVENTS_X_SASL_USERNAME");
