@@ -309,7 +309,8 @@ typedef struct de_recorded {
  * value):
  *  - subject_type and action: lowercase identifiers [a-z][a-z0-9_]*, at
  *    most 64 bytes (they become topic and type names) -> DE_ERR_ARG;
- *  - subject_id: non-empty UTF-8 without control characters, at most 256
+ *  - subject_id: non-empty UTF-8 without control characters (C0, DEL, C1,
+ *    or the bidirectional controls such as U+202E), at most 256
  *    bytes -> DE_ERR_ARG;
  *  - payload: a JSON object (NULL means {}) -> DE_ERR_PAYLOAD: RFC 8259
  *    text in UTF-8, member names unique within each object (also when

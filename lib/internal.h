@@ -255,7 +255,9 @@ bool de__parse_rfc3339_ms(const char *s, size_t n, int64_t *out);
 
 /* [a-z][a-z0-9_]*, 1..DE__IDENT_MAX bytes. */
 bool de__is_ident(const char *s);
-/* Non-empty valid UTF-8 without C0, DEL or C1 controls, <= max bytes. */
+/* Non-empty valid UTF-8 without C0, DEL or C1 controls or the
+ * bidirectional formatting controls (U+061C, U+200E, U+200F,
+ * U+202A..U+202E, U+2066..U+2069). */
 bool de__is_clean_utf8(const char *s, size_t len);
 /* 1..36 printable ASCII characters without spaces. */
 bool de__is_event_id(const char *s);

@@ -564,6 +564,7 @@ static bool decode_with(de__decoded *d, const char *name, const char *value,
         {"ce_source", "/s", 2},
         {"ce_type", "delivery.assigned", 17},
         {"ce_subjectseq", "1", 1},
+        {"ce_subject", "D-1", 3},
         {"traceparent",
          "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", 55},
         {"tracestate", "rojo=00f067aa0ba902b7", 21},
@@ -606,6 +607,12 @@ START_TEST(decoding_holds_records_to_recording_rules)
     ck_assert_ptr_nonnull(strstr(why, "tracestate"));
     ck_assert(!decode_with(&d, "ce_id", "e\0-1", 4, "{}", why, sizeof why));
     ck_assert(!decode_with(&d, "ce_type", "a\nb", 3, "{}", why, sizeof why));
+    /* A right-to-left override in the subject, as de_record refuses it. */
+    ck_assert(!decode_with(&d, "ce_subject",
+                           "D-\xe2\x80\xae"
+                           "1",
+                           6, "{}", why, sizeof why));
+    ck_assert_ptr_nonnull(strstr(why, "'D-\\xe2\\x80\\xae1'"));
     /* One 4 MiB payload, then small ones: the buffers shrink back. */
     memset(big, ' ', 4 << 20);
     big[0] = '{';
