@@ -90,4 +90,12 @@ static inline void bench_rmdir(const char *dir)
 #define BENCH_SET(conf, key, value)                                            \
     BENCH_CHECK(de_conf_set((conf), (key), (value)) == DE_OK, "%s", de_errmsg())
 
+/* event.hmac.key from BENCH_HMAC_KEY, when set: the cost of the
+ * integrity check (docs/PERFORMANCE.md). */
+#define BENCH_SET_HMAC(conf)                                                   \
+    do {                                                                       \
+        if (getenv("BENCH_HMAC_KEY"))                                          \
+            BENCH_SET(conf, "event.hmac.key", getenv("BENCH_HMAC_KEY"));       \
+    } while (0)
+
 #endif

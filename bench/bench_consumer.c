@@ -30,7 +30,8 @@
  * BENCH_CARD_ROUNDS, 1), reported against the SQLite floor at that
  * cardinality.
  *
- * Environment: BENCH_EVENTS, BENCH_ROUNDS (3), BENCH_CARD_EVENTS,
+ * Environment: BENCH_HMAC_KEY (event.hmac.key: sign and verify),
+ * BENCH_EVENTS, BENCH_ROUNDS (3), BENCH_CARD_EVENTS,
  * BENCH_CARD_ROUNDS, DE_TOOL.
  */
 #include "bench_kafka.h"
@@ -220,6 +221,7 @@ static double de_round(const char *dir, long n, long subjects, int round)
     BENCH_SET(conf, "bootstrap.servers", bootstrap);
     BENCH_SET(conf, "group.id", group);
     BENCH_SET(conf, "topic.template", "bench.{subject_type}.events");
+    BENCH_SET_HMAC(conf);
     de_conf_set_log_cb(conf, quiet, NULL);
     BENCH_CHECK(de_consumer_open(db, conf, &c) == DE_OK, "%s", de_errmsg());
     de_conf_destroy(conf);
@@ -268,6 +270,7 @@ static void scenario(const char *dir, long n, long subjects, int partitions,
     make_backlog(db, n, subjects);
     BENCH_SET(conf, "bootstrap.servers", bootstrap);
     BENCH_SET(conf, "topic.template", "bench.{subject_type}.events");
+    BENCH_SET_HMAC(conf);
     de_conf_set_log_cb(conf, quiet, NULL);
     BENCH_CHECK(de_relay_start_path(db, conf, &r) == DE_OK, "%s", de_errmsg());
     BENCH_CHECK(de_relay_flush(r, -1) == DE_OK, "%s", de_errmsg());

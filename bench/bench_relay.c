@@ -28,9 +28,10 @@
  *    (The mock keeps about 5 MiB per partition: more would be "deleted by
  *    retention", and the relay would rightly refuse.)
  *
- * Environment: BENCH_EVENTS, BENCH_ROUNDS (5), BENCH_CARD_ROUNDS (3; 0
- * skips the runs over many subjects), BENCH_RATE, BENCH_LAT_EVENTS (6000),
- * BENCH_BIG (10000000; 0 skips the 10M run), DE_TOOL (path of the
+ * Environment: BENCH_HMAC_KEY (event.hmac.key: sign), BENCH_EVENTS,
+ * BENCH_ROUNDS (5), BENCH_CARD_ROUNDS (3; 0 skips the runs over many subjects),
+ * BENCH_RATE, BENCH_LAT_EVENTS (6000), BENCH_BIG (10000000; 0 skips the 10M
+ * run), BENCH_MEMORY (1; 0 skips the memory runs), DE_TOOL (path of the
  * deliveryevents binary).
  */
 #include "bench.h"
@@ -174,6 +175,7 @@ static double run_relay(const char *db_path, const char *state,
     BENCH_SET(conf, "outbox.retention.ms", "315360000000");
     if (getenv("BENCH_SUBJECT_CACHE"))
         BENCH_SET(conf, "relay.subject.cache", getenv("BENCH_SUBJECT_CACHE"));
+    BENCH_SET_HMAC(conf);
 
     de_conf_set_log_cb(conf, quiet, NULL);
     t0 = bench_now();
@@ -487,6 +489,7 @@ int main(void)
     long lat_n = bench_env_long("BENCH_LAT_EVENTS", 6000);
     long big = bench_env_long("BENCH_BIG", 10000000);
     long recover = bench_env_long("BENCH_RECOVER", 100000);
+    long memory = bench_env_long("BENCH_MEMORY", 1);
     char *dir = bench_mkdtemp();
     const char *topics[16];
     char tbuf[16][64];
@@ -505,12 +508,14 @@ int main(void)
     }
     start_mock(topics);
     bench_latency(dir, lat_n, rate);
-    printf("\nmemory: peak RSS of a relay process (deliveryevents relay "
-           "--drain) draining a backlog\n");
-    bench_memory(dir, 1000000, SUBJECTS, "1M");
-    bench_memory(dir, 1000000, 1000000, "1M");
-    if (big > 0)
-        bench_memory(dir, big, big, "10M");
+    if (memory) {
+        printf("\nmemory: peak RSS of a relay process (deliveryevents relay "
+               "--drain) draining a backlog\n");
+        bench_memory(dir, 1000000, SUBJECTS, "1M");
+        bench_memory(dir, 1000000, 1000000, "1M");
+        if (big > 0)
+            bench_memory(dir, big, big, "10M");
+    }
     stop_mock();
     if (recover > 0)
         bench_recovery(dir, recover);

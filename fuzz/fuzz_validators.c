@@ -66,7 +66,8 @@ static size_t ref_utf8(const unsigned char *p, size_t n, unsigned long *cp)
     return len;
 }
 
-/* Non-empty UTF-8 without C0 controls, DEL or C1 controls. */
+/* Non-empty UTF-8 without C0 controls, DEL, C1 controls or the
+ * bidirectional formatting controls. */
 static bool ref_clean_utf8(const unsigned char *p, size_t n)
 {
     unsigned long cp;
@@ -78,6 +79,9 @@ static bool ref_clean_utf8(const unsigned char *p, size_t n)
         if ((k = ref_utf8(p + i, n - i, &cp)) == 0)
             return false;
         if (cp < 0x20 || (cp >= 0x7f && cp < 0xa0))
+            return false;
+        if (cp == 0x61c || cp == 0x200e || cp == 0x200f ||
+            (cp >= 0x202a && cp <= 0x202e) || (cp >= 0x2066 && cp <= 0x2069))
             return false;
     }
     return true;

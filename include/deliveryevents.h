@@ -311,7 +311,8 @@ typedef struct de_recorded {
  * value):
  *  - subject_type and action: lowercase identifiers [a-z][a-z0-9_]*, at
  *    most 64 bytes (they become topic and type names) -> DE_ERR_ARG;
- *  - subject_id: non-empty UTF-8 without control characters, at most 256
+ *  - subject_id: non-empty UTF-8 without control characters (C0, DEL, C1,
+ *    or the bidirectional controls such as U+202E), at most 256
  *    bytes -> DE_ERR_ARG;
  *  - payload: a JSON object (NULL means {}) -> DE_ERR_PAYLOAD: RFC 8259
  *    text in UTF-8, member names unique within each object (also when
@@ -446,6 +447,10 @@ typedef struct de_relay de_relay;
  * Call it where ob is used (ob's connection must not be in use by another
  * thread during the call).  ob may be closed before the relay stops; the
  * relay then notices new commits within relay.poll.interval.ms.
+ *
+ * With event.hmac.key set (on ob's configuration or conf), every record
+ * carries a de_hmac header signed with the first key (docs/SECURITY.md,
+ * "Integrity check").
  *
  * @param ob    the outbox; required.
  * @param conf  the relay's configuration, or NULL.  Keys set on ob's
@@ -800,7 +805,12 @@ typedef struct de_consumer de_consumer;
  * CloudEvents 1.0 of any producer, binary or structured mode.  An event
  * whose number was applied already under another ce_id, or that another
  * ce_source numbers, is a conflict: dead-lettered, its subject parked,
- * never dropped as a duplicate (docs/CONSUMER.md).  Several
+ * never dropped as a duplicate (docs/CONSUMER.md).  A record that is
+ * too large (consumer.record.max.bytes), fails the integrity check
+ * (event.hmac.key), is numbered by a source consumer.sources does not
+ * list, or jumps further than consumer.seq.max.jump is dead-lettered as
+ * foreign before anything is applied, and parks nothing
+ * (docs/SECURITY.md).  Several
  * consumers of one group may share the database file (one connection
  * each); they then share the inbox, which keeps effects exactly-once
  * across rebalances.
@@ -923,7 +933,10 @@ typedef struct de_consumer_stats {
     uint64_t retries;         /* handler failures retried                   */
     uint64_t dead_lettered;   /* events parked after consumer.max.attempts  */
     uint64_t foreign;         /* records that are not usable CloudEvents,
-                                 dead-lettered whole (kind foreign)        */
+                                 or not trusted (consumer.sources,
+                                 consumer.seq.max.jump, event.hmac.key,
+                                 consumer.record.max.bytes): dead-lettered
+                                 as kind foreign, never applied           */
     uint64_t parked_subjects; /* subjects waiting behind a dead letter      */
     uint64_t batches;         /* SQLite transactions committed              */
     uint64_t conflicts;       /* events whose number was applied already

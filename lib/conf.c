@@ -30,6 +30,8 @@ static de_err check_type_prefix(const char *key, const char *value);
 static de_err check_gap(const char *key, const char *value);
 static de_err check_unverifiable(const char *key, const char *value);
 static de_err check_topics(const char *key, const char *value);
+static de_err check_sources(const char *key, const char *value);
+static de_err check_hmac_keys(const char *key, const char *value);
 
 static const struct keydef {
     const char *name;
@@ -97,6 +99,23 @@ static const struct keydef {
      * same 14 days, past the default retention with room for lag. */
     [DE__K_CONSUMER_ID_FORGET_MS] = {"consumer.id.forget.ms", "1209600000",
                                      T_INT, 1000, INT64_C(315360000000), NULL},
+    /* Empty: every ce_source may number subjects. */
+    [DE__K_CONSUMER_SOURCES] = {"consumer.sources", "", T_STR, 0, 0,
+                                check_sources},
+    /* A subject's events come one number at a time; a jump of more than a
+     * thousand is a forged or broken record, not a lost stretch of one
+     * subject's history.  0: no limit. */
+    [DE__K_CONSUMER_SEQ_MAX_JUMP] = {"consumer.seq.max.jump", "1000", T_INT, 0,
+                                     INT64_C(999999999999999999), NULL},
+    /* Kafka's default message limit: whatever a default broker accepts. */
+    [DE__K_CONSUMER_RECORD_MAX_BYTES] = {"consumer.record.max.bytes", "1000000",
+                                         T_INT, 1024, 1000000000, NULL},
+    [DE__K_EVENT_HMAC_KEY] = {"event.hmac.key", "", T_STR, 0, 0,
+                              check_hmac_keys},
+    /* 0: dead letters are kept until deleted by hand, as before. */
+    [DE__K_CONSUMER_DEAD_LETTER_RETENTION_MS] =
+        {"consumer.dead.letter.retention.ms", "0", T_INT, 0,
+         INT64_C(315360000000), NULL},
 };
 
 struct rk_prop {
@@ -260,6 +279,55 @@ static de_err check_topics(const char *key, const char *value)
         run++;
     }
     return DE_OK;
+}
+
+/* A comma-separated list of ce_source values: each 1..1024 bytes of
+ * UTF-8 without control characters (a source with a comma cannot be
+ * listed; CloudEvents sources are URI references, which have none
+ * unescaped). */
+static de_err check_sources(const char *key, const char *value)
+{
+    char q[DE__QUOTE_MAX];
+    const char *p = value;
+
+    if (value[0] == '\0')
+        return DE_OK;
+    for (;;) {
+        const char *end = strchr(p, ',');
+        size_t n = end ? (size_t)(end - p) : strlen(p);
+        if (n == 0 || n > DE__CE_TEXT_MAX || !de__is_clean_utf8(p, n))
+            return de__fail(DE_ERR_CONFIG,
+                            "%s %s must be a comma-separated list of "
+                            "ce_source values, each 1..%d bytes of UTF-8 "
+                            "without control characters",
+                            key, de__quote(q, sizeof q, value, -1),
+                            DE__CE_TEXT_MAX);
+        if (end == NULL)
+            return DE_OK;
+        p = end + 1;
+    }
+}
+
+/*
+ * event.hmac.key: "<key id>:<secret>[,<key id>:<secret>...]".  A secret:
+ * the message names the key and the part that is wrong, never the value.
+ */
+static de_err check_hmac_keys(const char *key, const char *value)
+{
+    de__hmac_keyring kr;
+    char why[200];
+    de_err err = DE_OK;
+
+    if (!de__hmac_keyring_parse(value, &kr, why, sizeof why))
+        err = de__fail(DE_ERR_CONFIG,
+                       "%s (a secret: its value is never shown): %s; expected "
+                       "<key id>:<secret>[,<key id>:<secret>...], ids 1..%d "
+                       "of [A-Za-z0-9._-], secrets %d..%d bytes of printable "
+                       "ASCII without ','",
+                       key, why, DE__HMAC_ID_MAX, DE__HMAC_SECRET_MIN,
+                       DE__HMAC_SECRET_MAX);
+    de__hmac_keyring_free(&kr);
+    return err;
 }
 
 /* Parses and range-checks a value of key k into *num. */

@@ -105,6 +105,14 @@ struct de_consumer {
     int64_t next_forget_ms;   /* monotonic */
     int64_t next_requests_ms; /* monotonic: next look at de_consumer_request */
     enum gap_policy gap;
+    /* Trust (docs/SECURITY.md): consumer.sources split at its commas
+     * ("" none: every source), consumer.seq.max.jump (0: no limit),
+     * consumer.record.max.bytes, event.hmac.key (no keys: no check). */
+    char *sources;
+    size_t nsources;
+    int64_t max_jump, record_max;
+    int64_t dl_retention_ms; /* consumer.dead.letter.retention.ms; 0 keep */
+    de__hmac_keyring hmac;
     de__decoded dec;
     de_consumer_stats stats;
     int handled; /* applied during the current call */
@@ -208,6 +216,35 @@ static de_err make_kafka(de_consumer *c)
     return DE_OK;
 }
 
+/* consumer.sources as NUL-separated names in c->sources. */
+static de_err read_sources(de_consumer *c)
+{
+    const char *s = de__conf_str(c->conf, DE__K_CONSUMER_SOURCES);
+
+    if (s[0] == '\0')
+        return DE_OK;
+    if ((c->sources = strdup(s)) == NULL)
+        return de__fail(DE_ERR_NOMEM, "out of memory opening the consumer");
+    c->nsources = 1;
+    for (char *p = c->sources; *p; p++)
+        if (*p == ',') {
+            *p = '\0';
+            c->nsources++;
+        }
+    return DE_OK;
+}
+
+static de_err read_hmac_keys(de_consumer *c)
+{
+    char why[200];
+
+    /* The value passed de_conf_set: only memory can fail here. */
+    if (!de__hmac_keyring_parse(de__conf_str(c->conf, DE__K_EVENT_HMAC_KEY),
+                                &c->hmac, why, sizeof why))
+        return de__fail(DE_ERR_NOMEM, "event.hmac.key: %s", why);
+    return DE_OK;
+}
+
 de_err de_consumer_open(sqlite3 *db, const de_conf *conf, de_consumer **out)
 {
     de_consumer *c = NULL;
@@ -239,6 +276,12 @@ de_err de_consumer_open(sqlite3 *db, const de_conf *conf, de_consumer **out)
     c->tmpl = de__conf_str(c->conf, DE__K_TOPIC_TEMPLATE);
     gap = de__conf_str(c->conf, DE__K_CONSUMER_ON_GAP);
     c->gap = strcmp(gap, "apply") == 0 ? GAP_APPLY : GAP_PARK;
+    c->max_jump = de__conf_int(c->conf, DE__K_CONSUMER_SEQ_MAX_JUMP);
+    c->record_max = de__conf_int(c->conf, DE__K_CONSUMER_RECORD_MAX_BYTES);
+    c->dl_retention_ms =
+        de__conf_int(c->conf, DE__K_CONSUMER_DEAD_LETTER_RETENTION_MS);
+    if ((err = read_sources(c)) != DE_OK || (err = read_hmac_keys(c)) != DE_OK)
+        goto fail;
     if ((err = de__inbox_open_sqlite(
              db, de__conf_int(c->conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS),
              &c->ib)) != DE_OK)
@@ -475,9 +518,35 @@ static retrying *find_retrying(de_consumer *c, const char *type, const char *id)
 #define IB(c, op, ...) ((c)->ib->ops->op((c)->ib, __VA_ARGS__))
 #define IB0(c, op) ((c)->ib->ops->op((c)->ib))
 
+/* What a foreign dead letter keeps of an oversized record: a record
+ * anyone can write must not grow the consumer's database by its size.
+ * Beyond these, the first bytes are kept with the SHA-256 of the whole. */
+#define FOREIGN_VALUE_KEEP 65536
+#define FOREIGN_PART_KEEP 1024
+
+static json_t *header_value(const void *val, size_t size, bool bounded);
+
+/* A cut header value: {"prefix": <its first bytes, as header_value
+ * gives them>, "bytes": size, "sha256": "..."}. */
+static json_t *cut_header_value(const void *val, size_t size)
+{
+    unsigned char d[32];
+    char hex[65];
+    size_t keep = FOREIGN_PART_KEEP;
+
+    /* Cut on a UTF-8 boundary, so that a text stays a text. */
+    while (keep > 0 && (((const unsigned char *)val)[keep] & 0xc0) == 0x80)
+        keep--;
+    de__sha256_digest(val, size, d);
+    de__hex(d, sizeof d, hex);
+    return json_pack("{s:o,s:I,s:s}", "prefix", header_value(val, keep, false),
+                     "bytes", (json_int_t)size, "sha256", hex);
+}
+
 /* A header value for de_dead_letter.record_headers: a JSON string when it
- * is UTF-8, else {"base64": "..."}; null for a header without a value. */
-static json_t *header_value(const void *val, size_t size)
+ * is UTF-8, else {"base64": "..."}; null for a header without a value;
+ * bounded (a foreign record): one over FOREIGN_PART_KEEP bytes cut. */
+static json_t *header_value(const void *val, size_t size, bool bounded)
 {
     static const char b64[] =
         "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -488,6 +557,8 @@ static json_t *header_value(const void *val, size_t size)
 
     if (val == NULL)
         return json_null();
+    if (bounded && size > FOREIGN_PART_KEEP)
+        return cut_header_value(val, size);
     if ((j = json_stringn(val, size)) != NULL)
         return j;
     if ((out = malloc(size / 3 * 4 + 5)) == NULL)
@@ -512,7 +583,8 @@ static json_t *header_value(const void *val, size_t size)
 /* A record's headers as JSON, in order: [["name", value], ...]; NULL when
  * it has none (or out of memory: the dead letter then lacks them, and the
  * log says so). */
-static char *headers_json(de_consumer *c, const rd_kafka_message_t *m)
+static char *headers_json(de_consumer *c, const rd_kafka_message_t *m,
+                          bool bounded)
 {
     rd_kafka_headers_t *h = NULL;
     json_t *a;
@@ -529,7 +601,8 @@ static char *headers_json(de_consumer *c, const rd_kafka_message_t *m)
         if (rd_kafka_header_get_all(h, i, &name, &val, &size) !=
             RD_KAFKA_RESP_ERR_NO_ERROR)
             break;
-        pair = json_pack("[s%o]", name, strlen(name), header_value(val, size));
+        pair = json_pack("[s%o]", name, strlen(name),
+                         header_value(val, size, bounded));
         if (pair == NULL || json_array_append_new(a, pair) != 0)
             goto done;
     }
@@ -545,13 +618,36 @@ done:
     return text;
 }
 
-/* Stores the whole record m (and the event v read from it, NULL for a
- * record that is not a usable event) in de_dead_letter; *id (may be NULL)
+/* Cuts a foreign record's part to keep bytes, saying so (with the
+ * SHA-256 of the whole) at the end of error. */
+static void cut_part(const char *what, const void *p, size_t *len, size_t keep,
+                     char *error, size_t error_size)
+{
+    unsigned char d[32];
+    char hex[65];
+    size_t at = strlen(error);
+
+    if (p == NULL || *len <= keep)
+        return;
+    de__sha256_digest(p, *len, d);
+    de__hex(d, sizeof d, hex);
+    snprintf(error + at, error_size - at,
+             "; %s of %zu bytes cut to its first %zu (sha256 %s)", what, *len,
+             keep, hex);
+    *len = keep;
+}
+
+/* Stores the record m (and the event v read from it, NULL for a record
+ * that is not a usable event) in de_dead_letter, whole -- but for a
+ * foreign one, which anyone able to write the topic can make as large as
+ * Kafka allows, only the first bytes of an oversized key, value or header
+ * value, with the SHA-256 of each in the error.  *id (may be NULL)
  * receives the dead letter's id. */
 static de_err dead_letter(de_consumer *c, const char *kind,
                           const rd_kafka_message_t *m, const de_event_view *v,
                           const char *error, int attempts, int64_t *id)
 {
+    bool bounded = strcmp(kind, "foreign") == 0;
     rd_kafka_timestamp_type_t tst;
     de__dl_origin o = {rd_kafka_topic_name(m->rkt),
                        m->partition,
@@ -560,10 +656,22 @@ static de_err dead_letter(de_consumer *c, const char *kind,
                        m->len,
                        m->key,
                        m->key_len,
-                       headers_json(c, m),
+                       headers_json(c, m, bounded),
                        rd_kafka_message_timestamp(m, &tst)};
-    de_err err = IB(c, dl_insert, kind, &o, v, error, attempts, id);
+    char why[800];
+    de_err err;
 
+    if (bounded) {
+        snprintf(why, sizeof why, "%s", error);
+        cut_part("the key", o.key, &o.key_len, FOREIGN_PART_KEEP, why,
+                 sizeof why);
+        cut_part("the value", o.value, &o.value_len, FOREIGN_VALUE_KEEP, why,
+                 sizeof why);
+        if (o.value_len < m->len)
+            v = NULL; /* its payload column would hold the whole value */
+        error = why;
+    }
+    err = IB(c, dl_insert, kind, &o, v, error, attempts, id);
     free((char *)(uintptr_t)o.headers);
     return err;
 }
@@ -767,6 +875,44 @@ static enum outcome wait_behind(de_consumer *c, const rd_kafka_message_t *m,
     return O_DONE;
 }
 
+/* Whether a numbered event jumps further above its subject's last number
+ * than consumer.seq.max.jump allows (why in error).  The last number is
+ * the inbox's in the event's numbering, 0 for a subject the inbox does
+ * not remember there: never seen, forgotten, or a newer numbering. */
+static bool too_far(const de_consumer *c, const de_event_view *v,
+                    const de__inbox_entry *e, char *error, size_t error_size)
+{
+    int64_t last = v->subject_epoch == e->epoch ? e->seq : 0;
+
+    if (c->max_jump == 0 || v->subject_seq - last <= c->max_jump)
+        return false;
+    snprintf(error, error_size,
+             "implausible: ce_subjectseq %lld of event %s jumps %lld above "
+             "the subject's last number %lld, more than "
+             "consumer.seq.max.jump (%lld): taken for a forged or broken "
+             "record, never applied",
+             (long long)v->subject_seq, v->event_id,
+             (long long)(v->subject_seq - last), (long long)last,
+             (long long)c->max_jump);
+    return true;
+}
+
+/* Dead-letters an event as foreign without touching its subject: it is
+ * not applied, parks nothing and moves no number. */
+static enum outcome untrusted(de_consumer *c, const rd_kafka_message_t *m,
+                              const de_event_view *v, const char *error)
+{
+    c->stats.foreign++;
+    clog_(c, DE_LOG_WARNING,
+          "%s %s: record at %s [%d] @%lld: %s; stored in de_dead_letter as "
+          "foreign",
+          v->subject_type, v->subject_id, v->topic, (int)v->partition,
+          (long long)v->offset, error);
+    return dead_letter(c, "foreign", m, v, error, 0, NULL) == DE_OK
+               ? O_DONE
+               : O_DB_ERROR;
+}
+
 /* Applies one decoded event inside the open transaction. */
 static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
                               const de_event_view *v, int attempts, char *error,
@@ -808,6 +954,8 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
     if (IB(c, get, v->subject_type, v->subject_id, &e) != DE_OK)
         return O_DB_ERROR;
     vd = classify(v, &e, error, error_size);
+    if (vd == V_GAP && too_far(c, v, &e, error, error_size))
+        return untrusted(c, m, v, error);
     if (vd == V_DUPLICATE) {
         c->stats.duplicates++;
         return O_DONE;
@@ -865,16 +1013,73 @@ run:
     return O_RETRY;
 }
 
-/* Decodes a message; false (and a 'foreign' dead letter: the whole
- * record, with the reason) if it is not a usable CloudEvent. */
+/* Whether v's ce_source may number subjects (consumer.sources). */
+static bool source_trusted(const de_consumer *c, const de_event_view *v)
+{
+    const char *s = c->sources;
+
+    if (c->nsources == 0 || v->subject_seq == 0)
+        return true;
+    for (size_t i = 0; i < c->nsources; i++, s += strlen(s) + 1)
+        if (strcmp(s, v->source) == 0)
+            return true;
+    return false;
+}
+
+/* Whether some handler may take events of v's subject type: only those
+ * subjects get inbox rows.  A handler by ce_type may take any. */
+static bool type_handled(const de_consumer *c, const de_event_view *v)
+{
+    for (size_t i = 0; i < c->handlers.n; i++) {
+        const handler *h = &c->handlers.v[i];
+        if (h->ce_type != NULL || strcmp(h->subject_type, v->subject_type) == 0)
+            return true;
+    }
+    return false;
+}
+
+/*
+ * Decodes a message and admits it: *ours false (and a 'foreign' dead
+ * letter: the record, with the reason) when it is larger than
+ * consumer.record.max.bytes, fails the integrity check
+ * (event.hmac.key), is not a usable CloudEvent, or is a numbered event
+ * of a source consumer.sources does not list -- checked in that order,
+ * before anything is applied; *ours false without a dead letter for an
+ * event no handler can take (no inbox row for its subject).
+ */
 static enum outcome decode_or_park(de_consumer *c, rd_kafka_message_t *m,
                                    bool *ours)
 {
-    char why[400];
+    char why[400], q[DE__QUOTE_MAX];
+    de__raw r;
+    size_t size;
 
-    *ours = de__envelope_decode(m, c->tmpl, &c->dec, why, sizeof why);
-    if (*ours)
+    *ours = false;
+    if (!de__raw_of(m, &c->dec, &r)) {
+        snprintf(why, sizeof why, "out of memory reading its headers");
+    } else if ((size = de__raw_size(&r)) > (uint64_t)c->record_max) {
+        snprintf(why, sizeof why,
+                 "the record is %zu bytes (key, value, header names and "
+                 "values), over consumer.record.max.bytes (%lld)",
+                 size, (long long)c->record_max);
+    } else if (c->hmac.n > 0 &&
+               !de__raw_verify(&r, &c->hmac, why, sizeof why)) {
+        /* why says it */
+    } else if (!de__raw_decode(&r, c->tmpl, &c->dec, why, sizeof why)) {
+        /* why says it */
+    } else if (!source_trusted(c, &c->dec.view)) {
+        snprintf(why, sizeof why,
+                 "untrusted: ce_source %s is not in consumer.sources, and "
+                 "only those may number subjects (event %s, ce_subjectseq "
+                 "%lld)",
+                 de__quote(q, sizeof q, c->dec.view.source, (size_t)-1),
+                 c->dec.view.event_id, (long long)c->dec.view.subject_seq);
+    } else if (!type_handled(c, &c->dec.view)) {
+        return O_DONE; /* nothing to apply, nothing to remember */
+    } else {
+        *ours = true;
         return O_DONE;
+    }
     c->stats.foreign++;
     clog_(c, DE_LOG_WARNING,
           "record at %s [%d] @%lld is not a usable CloudEvent (%s); stored "
@@ -1292,10 +1497,12 @@ static de_err release_refilled(de_consumer *c);
 /* Forgets, a slice at a time in a transaction of its own, the inbox rows
  * of subjects not applied to for consumer.subject.forget.ms: by then the
  * relay has forgotten them too, and their next event opens a new
- * numbering, which needs no memory of the old one. */
+ * numbering, which needs no memory of the old one.  Also the ids of
+ * consumer.id.forget.ms, and dead letters past
+ * consumer.dead.letter.retention.ms that park nothing. */
 static de_err forget_idle(de_consumer *c)
 {
-    int64_t now = de__mono_ms(), n = 0, ids = 0;
+    int64_t now = de__mono_ms(), n = 0, ids = 0, dls = 0;
     de_err err;
 
     if (now < c->next_forget_ms)
@@ -1307,12 +1514,20 @@ static de_err forget_idle(de_consumer *c)
                                        FORGET_SLICE, &n)) != DE_OK) ||
         (err = IB(c, forget_ids, de__now_ms() - c->id_forget_ms, FORGET_SLICE,
                   &ids)) != DE_OK ||
+        (c->dl_retention_ms > 0 &&
+         (err = IB(c, dl_forget, de__now_ms() - c->dl_retention_ms,
+                   FORGET_SLICE, &dls)) != DE_OK) ||
         (err = IB0(c, commit)) != DE_OK) {
         IB0(c, rollback);
         return err;
     }
     c->stats.forgotten += (uint64_t)n;
     c->stats.ids_forgotten += (uint64_t)ids;
+    if (dls > 0)
+        clog_(c, DE_LOG_INFO,
+              "deleted %lld dead letters older than "
+              "consumer.dead.letter.retention.ms that parked nothing",
+              (long long)dls);
     return DE_OK;
 }
 
@@ -1758,6 +1973,8 @@ de_err de_consumer_close(de_consumer *c)
     if (c->ib != NULL)
         IB0(c, close);
     de__decoded_free(&c->dec);
+    free(c->sources);
+    de__hmac_keyring_free(&c->hmac);
     de_conf_destroy(c->conf);
     free(c);
     return err;

@@ -54,6 +54,9 @@ size_t de__record_max_size(size_t subject_type_len, size_t subject_id_len,
         n += header(DE__H_TRACEPARENT, traceparent_len);
     if (tracestate_len)
         n += header(DE__H_TRACESTATE, tracestate_len);
+    /* Counted whether or not this outbox's relays sign (event.hmac.key is
+     * theirs to set): "<key id>:<64 hex digits>". */
+    n += header(DE__H_HMAC, DE__HMAC_ID_MAX + 1 + 64);
     return n;
 }
 
@@ -172,6 +175,7 @@ rd_kafka_headers_t *de__envelope_headers(const de__row *row, int64_t epoch,
 
 void de__decoded_free(de__decoded *d)
 {
+    DE__VEC_FREE(d->hdrs);
     free(d->buf);
     free(d->scratch);
     d->buf = d->scratch = NULL;
@@ -342,16 +346,102 @@ static bool text_ok(const struct hval *h, size_t max)
            de__is_clean_utf8(h->p, h->n);
 }
 
+/* A text attribute checked by one of de_record's validators, which take
+ * NUL-terminated text: no NUL inside, at most DE__TRACESTATE_MAX bytes. */
+static bool c_text_ok(const struct hval *h, bool (*valid)(const char *))
+{
+    char tmp[DE__TRACESTATE_MAX + 1];
+
+    if (!h->str || h->n >= sizeof tmp || memchr(h->p, '\0', h->n) != NULL)
+        return false;
+    memcpy(tmp, h->p, h->n);
+    tmp[h->n] = '\0';
+    return valid(tmp);
+}
+
 #define WHY(...) (snprintf(why, why_size, __VA_ARGS__), false)
+
+bool de__raw_of(const rd_kafka_message_t *m, de__decoded *d, de__raw *r)
+{
+    rd_kafka_headers_t *h = NULL;
+    rd_kafka_timestamp_type_t tst;
+
+    d->hdrs.n = 0;
+    rd_kafka_message_headers(m, &h);
+    for (size_t i = 0; h != NULL; i++) {
+        de__header x;
+        if (rd_kafka_header_get_all(h, i, &x.name, &x.value, &x.size) !=
+            RD_KAFKA_RESP_ERR_NO_ERROR)
+            break;
+        if (!DE__VEC_PUSH(d->hdrs, x))
+            return false;
+    }
+    r->topic = rd_kafka_topic_name(m->rkt);
+    r->partition = m->partition;
+    r->offset = m->offset;
+    r->key = m->key;
+    r->key_len = m->key_len;
+    r->value = m->payload;
+    r->len = m->len;
+    r->timestamp_ms = rd_kafka_message_timestamp(m, &tst);
+    r->headers = d->hdrs.v;
+    r->nheaders = d->hdrs.n;
+    return true;
+}
+
+size_t de__raw_size(const de__raw *r)
+{
+    size_t n = r->key_len + r->len;
+
+    for (size_t i = 0; i < r->nheaders; i++)
+        n += strlen(r->headers[i].name) + r->headers[i].size;
+    return n;
+}
 
 bool de__envelope_decode(const rd_kafka_message_t *m, const char *tmpl,
                          de__decoded *d, char *why, size_t why_size)
 {
-    rd_kafka_headers_t *h = NULL;
+    de__raw r;
+
+    if (!de__raw_of(m, d, &r))
+        return WHY("out of memory");
+    return de__raw_decode(&r, tmpl, d, why, why_size);
+}
+
+/* Buffers past this are given back once a record needs less: one outlier
+ * must not keep its memory for the consumer's lifetime. */
+#define DECODE_KEEP (256 * 1024)
+
+/* Makes *buf at least need bytes; a buffer grown past DECODE_KEEP by an
+ * outlier shrinks back when need is under it. */
+static bool fit(char **buf, size_t *cap, size_t need)
+{
+    size_t want = need;
+    char *nb;
+
+    if (need <= *cap && (*cap <= DECODE_KEEP || need > DECODE_KEEP))
+        return true;
+    if (need <= DECODE_KEEP)
+        want = DECODE_KEEP < *cap ? DECODE_KEEP : need;
+    if ((nb = realloc(*buf, want)) == NULL)
+        return need <= *cap; /* keeping the larger one is fine */
+    *buf = nb;
+    *cap = want;
+    return true;
+}
+
+size_t de__decoded_capacity(const de__decoded *d)
+{
+    return d->cap + d->scratch_cap;
+}
+
+bool de__raw_decode(const de__raw *r, const char *tmpl, de__decoded *d,
+                    char *why, size_t why_size)
+{
     struct attrs a;
     const struct hval *subj;
     de_event_view *v = &d->view;
-    const char *topic = rd_kafka_topic_name(m->rkt), *payload = "{}";
+    const char *topic = r->topic, *payload = "{}";
     size_t need, off = 0, payload_len = 2, stype_len = 0;
     const char *stype_p = NULL, *action_p;
     size_t action_n;
@@ -359,20 +449,15 @@ bool de__envelope_decode(const rd_kafka_message_t *m, const char *tmpl,
     bool structured, batch;
     char q[DE__QUOTE_MAX], q2[DE__QUOTE_MAX];
     de__json_error je;
-    rd_kafka_timestamp_type_t tst;
 
     memset(&a, 0, sizeof a);
-    rd_kafka_message_headers(m, &h);
     /* One pass over the headers (the last of a repeated name wins, as
      * rd_kafka_header_get_last would have it). */
-    for (size_t i = 0; h != NULL; i++) {
-        const char *name;
-        const void *val;
-        size_t size;
+    for (size_t i = 0; i < r->nheaders; i++) {
+        const char *name = r->headers[i].name;
+        const void *val = r->headers[i].value;
+        size_t size = r->headers[i].size;
         struct hval *slot = NULL;
-        if (rd_kafka_header_get_all(h, i, &name, &val, &size) !=
-            RD_KAFKA_RESP_ERR_NO_ERROR)
-            break;
         if (name[0] == 'c' && name[1] == 'e' && name[2] == '_')
             slot = slot_for(&a, name + 3, strlen(name + 3));
         else if (strcmp(name, DE__H_TRACEPARENT) == 0)
@@ -397,23 +482,18 @@ bool de__envelope_decode(const rd_kafka_message_t *m, const char *tmpl,
         /* Structured mode: the attributes are members of the value. */
         struct attrs from_headers = a;
         struct walk w = {&a, d, 0};
-        if (m->payload == NULL || !de__json_check(m->payload, m->len, &je))
+        if (r->value == NULL || !de__json_check(r->value, r->len, &je))
             return WHY("structured-mode value (content-type %s) is not a "
                        "JSON object: %s at byte %zu",
                        de__quote(q, sizeof q, a.ctype.p, a.ctype.n),
-                       m->payload == NULL ? "no value"
-                       : je.what          ? je.what
-                                          : "invalid",
-                       m->payload == NULL ? (size_t)0 : je.offset);
-        if (m->len + 1 > d->scratch_cap) {
-            char *nb = realloc(d->scratch, m->len + 1);
-            if (nb == NULL)
-                return WHY("out of memory");
-            d->scratch = nb;
-            d->scratch_cap = m->len + 1;
-        }
+                       r->value == NULL ? "no value"
+                       : je.what        ? je.what
+                                        : "invalid",
+                       r->value == NULL ? (size_t)0 : je.offset);
+        if (!fit(&d->scratch, &d->scratch_cap, r->len + 1))
+            return WHY("out of memory");
         memset(&a, 0, sizeof a);
-        (void)de__json_members(m->payload, m->len, take_member, &w);
+        (void)de__json_members(r->value, r->len, take_member, &w);
         if (a.tp.p == NULL)
             a.tp = from_headers.tp;
         if (a.ts.p == NULL)
@@ -455,18 +535,18 @@ bool de__envelope_decode(const rd_kafka_message_t *m, const char *tmpl,
                        subj == &a.subject ? "ce_subject" : "ce_partitionkey",
                        de__quote(q, sizeof q, subj->p, subj->n),
                        DE__SUBJECT_ID_MAX);
-    } else if (m->key == NULL || m->key_len == 0 ||
-               m->key_len > DE__SUBJECT_ID_MAX ||
-               !de__is_clean_utf8(m->key, m->key_len)) {
+    } else if (r->key == NULL || r->key_len == 0 ||
+               r->key_len > DE__SUBJECT_ID_MAX ||
+               !de__is_clean_utf8(r->key, r->key_len)) {
         return WHY("no subject: no ce_subject, no ce_partitionkey, and the "
                    "key %s is not 1..%d bytes of text",
-                   m->key ? de__quote(q, sizeof q, m->key, m->key_len)
+                   r->key ? de__quote(q, sizeof q, r->key, r->key_len)
                           : "(none)",
                    DE__SUBJECT_ID_MAX);
     }
     if (a.time.p == NULL) {
         /* Documented fallback: the record's timestamp. */
-        timev = rd_kafka_message_timestamp(m, &tst);
+        timev = r->timestamp_ms;
     } else if (!a.time.str ||
                !de__parse_rfc3339_ms(a.time.p, a.time.n, &timev)) {
         return WHY("ce_time %s is not an RFC 3339 date-time",
@@ -508,32 +588,36 @@ bool de__envelope_decode(const rd_kafka_message_t *m, const char *tmpl,
                    a.action.p ? "ce_action" : "the end of ce_type",
                    de__quote(q, sizeof q, action_p, action_n), DE__ACTION_MAX);
 
-    if (!structured && m->payload != NULL && m->len > 0) {
+    /* Trace context: de_record's rules, so that a handler passing it on
+     * never forwards what a producer of ours could not have written. */
+    if (a.tp.p != NULL && !c_text_ok(&a.tp, de__is_traceparent))
+        return WHY("traceparent %s is not a W3C traceparent",
+                   de__quote(q, sizeof q, a.tp.p, a.tp.n));
+    if (a.ts.p != NULL && !c_text_ok(&a.ts, de__is_tracestate))
+        return WHY("tracestate %s is not at most %d bytes of printable ASCII",
+                   de__quote(q, sizeof q, a.ts.p, a.ts.n), DE__TRACESTATE_MAX);
+
+    if (!structured && r->value != NULL && r->len > 0) {
         /* Binary mode: the value is the data. */
-        if (!de__json_check(m->payload, m->len, &je))
+        if (!de__json_check(r->value, r->len, &je))
             return WHY("the value is not a JSON object: %s at byte %zu",
                        je.not_object ? "not an object"
                        : je.what     ? je.what
                                      : "invalid",
                        je.offset);
-        payload = m->payload;
-        payload_len = m->len;
+        payload = r->value;
+        payload_len = r->len;
     }
 
     need = a.id.n + stype_len + action_n + DE__SUBJECT_ID_MAX + a.type.n +
            a.source.n + payload_len + a.tp.n + a.ts.n + strlen(topic) + 16;
-    if (need > d->cap) {
-        char *nb = realloc(d->buf, need);
-        if (nb == NULL)
-            return WHY("out of memory");
-        d->buf = nb;
-        d->cap = need;
-    }
+    if (!fit(&d->buf, &d->cap, need))
+        return WHY("out of memory");
     v->event_id = stash(d, &off, a.id.p, a.id.n);
     v->subject_type = stash(d, &off, stype_p, stype_len);
     v->action = stash(d, &off, action_p, action_n);
     v->subject_id = subj ? stash(d, &off, subj->p, subj->n)
-                         : stash(d, &off, m->key, m->key_len);
+                         : stash(d, &off, r->key, r->key_len);
     v->type = stash(d, &off, a.type.p, a.type.n);
     v->source = stash(d, &off, a.source.p, a.source.n);
     v->payload = stash(d, &off, payload, payload_len);
@@ -544,8 +628,8 @@ bool de__envelope_decode(const rd_kafka_message_t *m, const char *tmpl,
     v->subject_seq = seqv;
     v->subject_epoch = epochv;
     v->occurred_at_ms = timev;
-    v->partition = m->partition;
-    v->offset = m->offset;
+    v->partition = r->partition;
+    v->offset = r->offset;
     return true;
 }
 
@@ -566,4 +650,143 @@ void de__topic_subject_type(const char *tmpl, const char *topic,
             *len = tn - pre - post;
         }
     }
+}
+
+/* ---- integrity --------------------------------------------------------- */
+
+/* Whether the consumer reads header `name`: what the MAC covers. */
+static bool signed_header(const char *name)
+{
+    return strncmp(name, "ce_", 3) == 0 ||
+           strcmp(name, DE__H_TRACEPARENT) == 0 ||
+           strcmp(name, DE__H_TRACESTATE) == 0 ||
+           strcasecmp(name, DE__H_CONTENT_TYPE) == 0;
+}
+
+static void mac_len(de__hmac *m, uint32_t n)
+{
+    unsigned char b[4] = {(unsigned char)(n >> 24), (unsigned char)(n >> 16),
+                          (unsigned char)(n >> 8), (unsigned char)n};
+
+    de__hmac_update(m, b, 4);
+}
+
+static void mac_bytes(de__hmac *m, const void *p, size_t n)
+{
+    mac_len(m, (uint32_t)n);
+    if (n > 0)
+        de__hmac_update(m, p, n);
+}
+
+/*
+ * The canonical encoding (docs/SECURITY.md, "Integrity check"), with
+ * u32(n) a 4-byte big-endian length:
+ *
+ *   "de-hmac-v1" u32(key) key u32(count) { u32(name) name u32(value)
+ *   value }... u32(value) value
+ *
+ * over the signed headers in record order; an absent key or value is
+ * empty, a header without a value has length 0xffffffff and no bytes.
+ */
+void de__record_mac(const de__hmac_key *k, const void *key, size_t key_len,
+                    const de__header *h, size_t nh, const void *value,
+                    size_t len, unsigned char out[32])
+{
+    de__hmac m = k->start;
+    uint32_t count = 0;
+
+    for (size_t i = 0; i < nh; i++)
+        count += signed_header(h[i].name);
+    de__hmac_update(&m, "de-hmac-v1", 10);
+    mac_bytes(&m, key, key ? key_len : 0);
+    mac_len(&m, count);
+    for (size_t i = 0; i < nh; i++) {
+        if (!signed_header(h[i].name))
+            continue;
+        mac_bytes(&m, h[i].name, strlen(h[i].name));
+        if (h[i].value == NULL)
+            mac_len(&m, UINT32_C(0xffffffff));
+        else
+            mac_bytes(&m, h[i].value, h[i].size);
+    }
+    mac_bytes(&m, value, value ? len : 0);
+    de__hmac_final(&m, out);
+}
+
+bool de__envelope_sign(rd_kafka_headers_t *h, const de__hmac_key *k,
+                       const void *key, size_t key_len, const void *value,
+                       size_t len)
+{
+    de__header hs[24];
+    size_t n = 0;
+    unsigned char mac[32];
+    char text[DE__HMAC_ID_MAX + 2 + 64 + 1];
+    size_t idn = strlen(k->id);
+
+    while (n < DE__ARRAY_LEN(hs) &&
+           rd_kafka_header_get_all(h, n, &hs[n].name, &hs[n].value,
+                                   &hs[n].size) == RD_KAFKA_RESP_ERR_NO_ERROR)
+        n++;
+    if (n == DE__ARRAY_LEN(hs))
+        return false; /* more than the relay ever writes */
+    de__record_mac(k, key, key_len, hs, n, value, len, mac);
+    memcpy(text, k->id, idn);
+    text[idn] = ':';
+    de__hex(mac, sizeof mac, text + idn + 1);
+    return rd_kafka_header_add(h, DE__H_HMAC, -1, text, -1) ==
+           RD_KAFKA_RESP_ERR_NO_ERROR;
+}
+
+/* Compares without an early exit, so that timing tells nothing. */
+static bool same_bytes(const char *a, const char *b, size_t n)
+{
+    unsigned char d = 0;
+
+    for (size_t i = 0; i < n; i++)
+        d |= (unsigned char)(a[i] ^ b[i]);
+    return d == 0;
+}
+
+bool de__raw_verify(const de__raw *r, const de__hmac_keyring *kr, char *why,
+                    size_t why_size)
+{
+    const de__header *sig = NULL;
+    const char *colon;
+    const de__hmac_key *k = NULL;
+    unsigned char mac[32];
+    char hex[65], q[DE__QUOTE_MAX];
+    size_t idn;
+
+    for (size_t i = 0; i < r->nheaders; i++) {
+        if (strcmp(r->headers[i].name, DE__H_HMAC) != 0)
+            continue;
+        if (sig != NULL)
+            return WHY("two %s headers: a record carries one", DE__H_HMAC);
+        sig = &r->headers[i];
+    }
+    if (sig == NULL || sig->value == NULL)
+        return WHY("no %s header: the record is not signed, and "
+                   "event.hmac.key requires it",
+                   DE__H_HMAC);
+    colon = memchr(sig->value, ':', sig->size);
+    idn = colon ? (size_t)(colon - (const char *)sig->value) : 0;
+    if (colon == NULL || sig->size != idn + 1 + 64)
+        return WHY("%s %s is not <key id>:<64 hex digits>", DE__H_HMAC,
+                   de__quote(q, sizeof q, sig->value, sig->size));
+    for (size_t i = 0; i < kr->n && k == NULL; i++)
+        if (strlen(kr->keys[i].id) == idn &&
+            memcmp(kr->keys[i].id, sig->value, idn) == 0)
+            k = &kr->keys[i];
+    if (k == NULL)
+        return WHY("%s names key id %s, which event.hmac.key does not hold",
+                   DE__H_HMAC, de__quote(q, sizeof q, sig->value, idn));
+    de__record_mac(k, r->key, r->key_len, r->headers, r->nheaders, r->value,
+                   r->len, mac);
+    de__hex(mac, sizeof mac, hex);
+    if (!same_bytes(hex, colon + 1, 64))
+        return WHY("%s does not match: the key, a signed header or the value "
+                   "was changed, or the record was signed with another "
+                   "secret under key id %s",
+                   DE__H_HMAC, de__quote(q, sizeof q, k->id, (size_t)-1));
+    return true;
 }

@@ -127,6 +127,11 @@ typedef struct de__inbox_ops {
     de_err (*request_next)(de__inbox *ib, de__request *r, bool *found);
     /* Answers request id (inside the transaction) with result. */
     de_err (*request_done)(de__inbox *ib, int64_t id, const char *result);
+    /* Deletes (inside the transaction) up to limit dead letters stored
+     * before before_ms that no longer park anything (foreign ones, and
+     * those applied, skipped or duplicates), the oldest first. */
+    de_err (*dl_forget)(de__inbox *ib, int64_t before_ms, int limit,
+                        int64_t *forgotten);
     void (*close)(de__inbox *ib);
 } de__inbox_ops;
 

@@ -744,6 +744,35 @@ static de_err i_forget(de__inbox *ib, int64_t before_ms, int limit,
     return DE_OK;
 }
 
+/* Not among the prepared statements: it runs once a second at most,
+ * off the apply path.  Ids grow with parked_ms (both are set at insert),
+ * so the scan stops at the first dead letter young enough to keep. */
+static de_err i_dl_forget(de__inbox *ib, int64_t before_ms, int limit,
+                          int64_t *forgotten)
+{
+    sqlite_inbox *s = IB(ib);
+    sqlite3_stmt *q = NULL;
+    int rc;
+
+    *forgotten = 0;
+    if (sqlite3_prepare_v2(
+            s->db,
+            "DELETE FROM main.de_dead_letter WHERE id IN (SELECT id FROM "
+            "main.de_dead_letter WHERE id < coalesce((SELECT id FROM "
+            "main.de_dead_letter WHERE parked_ms >= ?1 ORDER BY id LIMIT 1), "
+            "9223372036854775807) AND state <> 'parked' ORDER BY id LIMIT ?2)",
+            -1, &q, NULL) != SQLITE_OK)
+        return de__fail_db(s->db, "consumer: forgetting old dead letters");
+    sqlite3_bind_int64(q, 1, before_ms);
+    sqlite3_bind_int(q, 2, limit);
+    rc = sqlite3_step(q);
+    sqlite3_finalize(q);
+    if (rc != SQLITE_DONE)
+        return de__fail_db(s->db, "consumer: forgetting old dead letters");
+    *forgotten = sqlite3_changes(s->db);
+    return DE_OK;
+}
+
 static void i_close(de__inbox *ib)
 {
     sqlite_inbox *s = IB(ib);
@@ -817,6 +846,7 @@ static const de__inbox_ops sqlite_ops = {
     .forget = i_forget,
     .request_next = i_request_next,
     .request_done = i_request_done,
+    .dl_forget = i_dl_forget,
     .close = i_close,
 };
 

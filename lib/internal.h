@@ -98,6 +98,11 @@ typedef enum {
     DE__K_CONSUMER_BATCH_SIZE,
     DE__K_CONSUMER_SUBJECT_FORGET_MS,
     DE__K_CONSUMER_ID_FORGET_MS,
+    DE__K_CONSUMER_SOURCES,
+    DE__K_CONSUMER_SEQ_MAX_JUMP,
+    DE__K_CONSUMER_RECORD_MAX_BYTES,
+    DE__K_EVENT_HMAC_KEY,
+    DE__K_CONSUMER_DEAD_LETTER_RETENTION_MS,
     DE__K_COUNT
 } de__key;
 
@@ -257,7 +262,9 @@ bool de__parse_rfc3339_ms(const char *s, size_t n, int64_t *out);
 
 /* [a-z][a-z0-9_]*, 1..DE__IDENT_MAX bytes. */
 bool de__is_ident(const char *s);
-/* Non-empty valid UTF-8 without C0, DEL or C1 controls, <= max bytes. */
+/* Non-empty valid UTF-8 without C0, DEL or C1 controls or the
+ * bidirectional formatting controls (U+061C, U+200E, U+200F,
+ * U+202A..U+202E, U+2066..U+2069). */
 bool de__is_clean_utf8(const char *s, size_t len);
 /* Length in bytes of the UTF-8 sequence at s (at most len bytes), or 0
  * when it is not a valid, shortest-form encoding of a scalar value. */
@@ -400,14 +407,45 @@ void de__envelope_type(char *buf, size_t size, const char *prefix,
 void de__topic_name(char *buf, size_t size, const char *template_,
                     const char *subject_type);
 
+/* One header of a record, as librdkafka hands it (value NULL: a header
+ * without a value). */
+typedef struct de__header {
+    const char *name;
+    const void *value;
+    size_t size;
+} de__header;
+
+/* A record as read from Kafka, whatever read it: borrowed pointers. */
+typedef struct de__raw {
+    const char *topic;
+    int32_t partition;
+    int64_t offset;
+    const void *key; /* may be NULL */
+    size_t key_len;
+    const void *value; /* may be NULL */
+    size_t len;
+    int64_t timestamp_ms; /* -1: none */
+    const de__header *headers;
+    size_t nheaders;
+} de__raw;
+
 /* A record decoded by de__envelope_decode: a de_event_view whose strings
  * live in buf (NUL-terminated copies); scratch holds a structured-mode
- * event's unescaped attributes while it is decoded. */
+ * event's unescaped attributes while it is decoded; hdrs the headers of
+ * the record last read (de__raw_of). */
 typedef struct de__decoded {
     de_event_view view;
     char *buf, *scratch;
     size_t cap, scratch_cap;
+    DE__VEC(de__header) hdrs;
 } de__decoded;
+
+/* Fills r from m, its headers in d->hdrs (valid until the next call). */
+bool de__raw_of(const rd_kafka_message_t *m, de__decoded *d, de__raw *r);
+
+/* A record's size as consumer.record.max.bytes counts it: key, value,
+ * and every header's name and value. */
+size_t de__raw_size(const de__raw *r);
 
 /* Decodes a CloudEvents 1.0 record of any producer, in binary or
  * structured mode (JSON event format), as docs/CONSUMER.md describes:
@@ -419,11 +457,80 @@ typedef struct de__decoded {
  * attribute and value) into why. */
 bool de__envelope_decode(const rd_kafka_message_t *m, const char *tmpl,
                          de__decoded *d, char *why, size_t why_size);
+/* The same for a record already in hand (r's headers may be d->hdrs). */
+bool de__raw_decode(const de__raw *r, const char *tmpl, de__decoded *d,
+                    char *why, size_t why_size);
 /* The subject type a topic stands for by topic.template (the part where
  * {subject_type} is), else the topic's whole name. */
 void de__topic_subject_type(const char *tmpl, const char *topic,
                             const char **out, size_t *len);
 void de__decoded_free(de__decoded *d);
+/* Bytes d's decode buffers hold now (a test of their shrinking). */
+size_t de__decoded_capacity(const de__decoded *d);
+
+/* ---- integrity (hmac.c) ---------------------------------------------- */
+
+typedef struct de__sha256 {
+    uint32_t h[8];
+    uint64_t bytes;
+    unsigned char buf[64];
+    size_t n;
+} de__sha256;
+void de__sha256_init(de__sha256 *s);
+void de__sha256_update(de__sha256 *s, const void *data, size_t len);
+/* Writes the digest and wipes s. */
+void de__sha256_final(de__sha256 *s, unsigned char out[32]);
+void de__sha256_digest(const void *data, size_t len, unsigned char out[32]);
+
+/* HMAC-SHA256 (RFC 2104) over pieces given one at a time. */
+typedef struct de__hmac {
+    de__sha256 inner, outer;
+} de__hmac;
+void de__hmac_init(de__hmac *m, const void *key, size_t key_len);
+void de__hmac_update(de__hmac *m, const void *data, size_t len);
+/* Writes the MAC and wipes m. */
+void de__hmac_final(de__hmac *m, unsigned char out[32]);
+/* n bytes as 2n lowercase hex digits plus a NUL. */
+void de__hex(const unsigned char *p, size_t n, char *out);
+
+/* event.hmac.key: "<id>:<secret>[,<id>:<secret>...]".  The first key
+ * signs (relay); any of them verifies (consumer). */
+#define DE__HMAC_ID_MAX 32
+#define DE__HMAC_SECRET_MIN 32
+#define DE__HMAC_SECRET_MAX 1024
+typedef struct de__hmac_key {
+    char id[DE__HMAC_ID_MAX + 1];
+    unsigned char *secret; /* wiped when freed */
+    size_t secret_len;
+    de__hmac start; /* HMAC begun with the secret: two blocks saved per
+                       record; as secret as the secret, wiped too */
+} de__hmac_key;
+typedef struct de__hmac_keyring {
+    de__hmac_key *keys;
+    size_t n; /* 0: no integrity check */
+} de__hmac_keyring;
+/* Parses value ("" gives an empty ring); false with why (never quoting
+ * the secret) when it is not a key list. */
+bool de__hmac_keyring_parse(const char *value, de__hmac_keyring *kr, char *why,
+                            size_t why_size);
+void de__hmac_keyring_free(de__hmac_keyring *kr);
+
+/* The header that carries a record's MAC: "<key id>:<64 hex digits>". */
+#define DE__H_HMAC "de_hmac"
+/* HMAC-SHA256 with k over a record's canonical encoding (docs/SECURITY.md,
+ * "Integrity check"): its key, the headers a consumer reads (ce_*,
+ * content-type, traceparent, tracestate) in record order, its value. */
+void de__record_mac(const de__hmac_key *k, const void *key, size_t key_len,
+                    const de__header *h, size_t nh, const void *value,
+                    size_t len, unsigned char out[32]);
+/* Adds the de_hmac header, signed with k, to a record the relay built. */
+bool de__envelope_sign(rd_kafka_headers_t *h, const de__hmac_key *k,
+                       const void *key, size_t key_len, const void *value,
+                       size_t len);
+/* Whether r carries a de_hmac header that one of kr's keys verifies;
+ * false with why when not. */
+bool de__raw_verify(const de__raw *r, const de__hmac_keyring *kr, char *why,
+                    size_t why_size);
 
 /* ---- SQLite helpers (schema.c) -------------------------------------- */
 

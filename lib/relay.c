@@ -563,8 +563,20 @@ void de__relay_free(de_relay *r)
     free(r->db_path);
     free(r->rk_stats);
     free(r->state_path);
+    de__hmac_keyring_free(&r->hmac);
     de_conf_destroy(r->conf);
     free(r);
+}
+
+de_err de__hmac_from_conf(const de_conf *conf, de__hmac_keyring *kr)
+{
+    char why[200];
+
+    /* The value passed de_conf_set: only memory can fail here. */
+    if (!de__hmac_keyring_parse(de__conf_str(conf, DE__K_EVENT_HMAC_KEY), kr,
+                                why, sizeof why))
+        return de__fail(DE_ERR_NOMEM, "event.hmac.key: %s", why);
+    return DE_OK;
 }
 
 /* Reads the configuration into the relay's fields. */
@@ -709,6 +721,8 @@ static de_err relay_new(const char *db_path, de_conf *conf, de_outbox *ob,
         (err = de__relay_check_cursor(r, cursor, cid)) != DE_OK)
         goto fail;
     read_conf(r); /* with the writer's wire settings */
+    if ((err = de__hmac_from_conf(r->conf, &r->hmac)) != DE_OK)
+        goto fail;
     r->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (r->wake_fd < 0) {
         err = de__fail(DE_ERR_STATE, "relay: eventfd failed: %s",

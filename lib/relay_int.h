@@ -145,6 +145,7 @@ struct de_relay {
     de__link *link;
     pthread_t thread;
     const char *source, *type_prefix, *topic_template;
+    de__hmac_keyring hmac; /* event.hmac.key: the first key signs */
     int64_t batch_size, cap, poll_ms, ckpt_ms, lease_ms, retry_ms, cleanup_ms,
         retention_ms, busy_ms, subject_cache, forget_ms;
     bool continue_unverifiable; /* relay.recovery.unverifiable=continue */
@@ -300,12 +301,17 @@ de_err de__producer_conf(const de_conf *conf, const char *who,
                          int64_t queue_max, de__rk_bridge *bridge,
                          rd_kafka_conf_t **out);
 /* Hands a row's record (envelope.c's headers, the subject id as the key,
- * the payload, occurred_at as the timestamp) to rk for rkt, copied.
+ * the payload, occurred_at as the timestamp; signed with hmac's first key
+ * when it has one) to rk for rkt, copied.
  * DE__AGAIN when librdkafka did not take it (*kerr says why). */
 de_err de__produce_row(rd_kafka_t *rk, rd_kafka_topic_t *rkt,
                        const de__row *row, int64_t epoch, int64_t seq,
                        const char *source, const char *type_prefix,
-                       void *opaque, rd_kafka_resp_err_t *kerr);
+                       const de__hmac_keyring *hmac, void *opaque,
+                       rd_kafka_resp_err_t *kerr);
+/* event.hmac.key's keys from conf (DE_ERR_NOMEM only: the value was
+ * checked when it was set). */
+de_err de__hmac_from_conf(const de_conf *conf, de__hmac_keyring *kr);
 de_err de__relay_producer_new(de_relay *r);
 void de__relay_producer_destroy(de_relay *r);
 void de__relay_purge(de_relay *r);

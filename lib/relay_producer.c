@@ -147,13 +147,15 @@ de_err de__relay_send(de_relay *r, const de__row *row, int64_t epoch,
                       rd_kafka_resp_err_t *kerr)
 {
     return de__produce_row(r->rk, t->rkt, row, epoch, seq, r->source,
-                           r->type_prefix, (void *)(uintptr_t)tag, kerr);
+                           r->type_prefix, &r->hmac, (void *)(uintptr_t)tag,
+                           kerr);
 }
 
 de_err de__produce_row(rd_kafka_t *rk, rd_kafka_topic_t *rkt,
                        const de__row *row, int64_t epoch, int64_t seq,
                        const char *source, const char *type_prefix,
-                       void *opaque, rd_kafka_resp_err_t *kerr)
+                       const de__hmac_keyring *hmac, void *opaque,
+                       rd_kafka_resp_err_t *kerr)
 {
     rd_kafka_headers_t *hdrs;
 
@@ -161,6 +163,12 @@ de_err de__produce_row(rd_kafka_t *rk, rd_kafka_topic_t *rkt,
     hdrs = de__envelope_headers(row, epoch, seq, source, type_prefix);
     if (hdrs == NULL)
         return de__fail(DE_ERR_NOMEM, "out of memory producing");
+    if (hmac->n > 0 && !de__envelope_sign(hdrs, &hmac->keys[0], row->subject_id,
+                                          row->subject_id_len, row->payload,
+                                          row->payload_len)) {
+        rd_kafka_headers_destroy(hdrs);
+        return de__fail(DE_ERR_NOMEM, "out of memory signing a record");
+    }
     *kerr = rd_kafka_producev(
         rk, RD_KAFKA_V_RKT(rkt),
         RD_KAFKA_V_KEY(row->subject_id, row->subject_id_len),

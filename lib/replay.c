@@ -59,6 +59,7 @@ typedef struct replay {
     /* producing */
     rd_kafka_t *rk;
     de__rk_bridge bridge;
+    de__hmac_keyring hmac; /* event.hmac.key: republished records signed */
     DE__VEC(rtopic) topics;
     uint64_t sent;
     int64_t failed_position; /* the first delivery that failed */
@@ -109,10 +110,11 @@ static de_err produce(replay *x, const de__row *row, int64_t epoch, int64_t seq)
     if (rkt == NULL)
         return de__fail(DE_ERR_NOMEM, "de_replay: out of memory");
     for (;;) {
-        err = de__produce_row(x->rk, rkt, row, epoch, seq,
-                              de__conf_str(x->conf, DE__K_EVENT_SOURCE),
-                              de__conf_str(x->conf, DE__K_EVENT_TYPE_PREFIX),
-                              (void *)(uintptr_t)row->position, &kerr);
+        err =
+            de__produce_row(x->rk, rkt, row, epoch, seq,
+                            de__conf_str(x->conf, DE__K_EVENT_SOURCE),
+                            de__conf_str(x->conf, DE__K_EVENT_TYPE_PREFIX),
+                            &x->hmac, (void *)(uintptr_t)row->position, &kerr);
         if (err != DE__AGAIN)
             break;
         if (kerr != RD_KAFKA_RESP_ERR__QUEUE_FULL)
@@ -471,6 +473,7 @@ de_err de_replay(const char *db_path, const de_conf *conf,
              false, false, &x.src, outbox_id)) != DE_OK ||
         (err = de__adopt_settings(x.src, x.conf, resolved, x.log_prefix)) !=
             DE_OK ||
+        (err = de__hmac_from_conf(x.conf, &x.hmac)) != DE_OK ||
         (err = de__rstate_open_reader(
              de__relay_state_path(x.conf, resolved, buf, sizeof buf), outbox_id,
              &x.st)) != DE_OK)
@@ -515,6 +518,7 @@ done:
     de__rstate_close(x.st);
     if (x.src != NULL)
         x.src->ops->close(x.src);
+    de__hmac_keyring_free(&x.hmac);
     de_conf_destroy(x.conf);
     return err;
 }

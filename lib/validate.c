@@ -53,6 +53,21 @@ size_t de__utf8_seq_len(const char *s, size_t len)
     return len == 0 ? 0 : utf8_seq_len((const unsigned char *)s, len);
 }
 
+/* Whether the n-byte sequence at s is one of Unicode's bidirectional
+ * formatting controls (U+061C, U+200E, U+200F, U+202A..U+202E,
+ * U+2066..U+2069): invisible, they reorder the text around them on
+ * screen, so that an id or a log line reads as something else. */
+static bool is_bidi(const unsigned char *s, size_t n)
+{
+    if (n == 2)
+        return s[0] == 0xd8 && s[1] == 0x9c;
+    if (n != 3 || s[0] != 0xe2)
+        return false;
+    if (s[1] == 0x80)
+        return s[2] == 0x8e || s[2] == 0x8f || (s[2] >= 0xaa && s[2] <= 0xae);
+    return s[1] == 0x81 && s[2] >= 0xa6 && s[2] <= 0xa9;
+}
+
 char *de__quote(char *buf, size_t bufsize, const char *s, size_t len)
 {
     const unsigned char *p = (const unsigned char *)s;
@@ -78,6 +93,8 @@ char *de__quote(char *buf, size_t bufsize, const char *s, size_t len)
             n = 0;
         if (n == 2 && p[i] == 0xc2 && p[i + 1] < 0xa0)
             n = 0; /* C1 control */
+        if (n > 1 && is_bidi(p + i, n))
+            n = 0; /* its bytes escaped one by one */
         if (n == 0) {
             if (o + 4 > limit)
                 break;
@@ -137,6 +154,8 @@ bool de__is_clean_utf8(const char *s, size_t len)
             return false;
         if (n == 2 && p[i] == 0xc2 && p[i + 1] < 0xa0)
             return false; /* U+0080..U+009F, the C1 controls */
+        if (is_bidi(p + i, n))
+            return false;
         i += n;
     }
     return true;

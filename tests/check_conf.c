@@ -221,6 +221,45 @@ START_TEST(refused_secrets_are_never_repeated)
 }
 END_TEST
 
+/* The trust keys: checked at set time, and event.hmac.key, a secret, is
+ * never repeated in a message, not even the part that is right. */
+START_TEST(trust_keys_are_validated)
+{
+    de_conf *c = de_conf_new();
+
+    tu_ok(de_conf_set(c, "consumer.sources", "/delivery-service,urn:x:y"));
+    tu_assert_err(de_conf_set(c, "consumer.sources", "/a,,/b"), DE_ERR_CONFIG,
+                  "consumer.sources '/a,,/b' must be a comma-separated list");
+    tu_assert_err(de_conf_set(c, "consumer.sources", "/a\n"), DE_ERR_CONFIG,
+                  "'/a\\x0a'");
+    ck_assert_str_eq(de_conf_get(c, "consumer.sources"),
+                     "/delivery-service,urn:x:y");
+    tu_ok(de_conf_set(c, "consumer.seq.max.jump", "0"));
+    tu_assert_err(de_conf_set(c, "consumer.seq.max.jump", "-1"), DE_ERR_CONFIG,
+                  "consumer.seq.max.jump '-1' must be an integer from 0");
+    tu_assert_err(de_conf_set(c, "consumer.record.max.bytes", "100"),
+                  DE_ERR_CONFIG, "from 1024");
+    tu_ok(de_conf_set(c, "event.hmac.key",
+                      "k1:Hunter2-0123456789abcdef0123456789ab"));
+    tu_assert_err(de_conf_set(c, "event.hmac.key", "k1:Hunter2-short"),
+                  DE_ERR_CONFIG, "the secret of key 1 is 13 bytes");
+    ck_assert_ptr_null(strstr(de_errmsg(), "Hunter2"));
+    tu_assert_err(de_conf_set(c, "event.hmac.key",
+                              "k1:Hunter2-0123456789abcdef0123456789ab,"
+                              "k 2:Hunter2-0123456789abcdef0123456789ab"),
+                  DE_ERR_CONFIG, "the id of key 2");
+    ck_assert_ptr_null(strstr(de_errmsg(), "Hunter2"));
+    tu_assert_err(de_conf_set(c, "event.hmac.key",
+                              "Hunter2-0123456789abcdef0123456789ab"),
+                  DE_ERR_CONFIG, "no ':'");
+    ck_assert_ptr_null(strstr(de_errmsg(), "Hunter2"));
+    /* A refused value leaves the one set. */
+    ck_assert_str_eq(de_conf_get(c, "event.hmac.key"),
+                     "k1:Hunter2-0123456789abcdef0123456789ab");
+    de_conf_destroy(c);
+}
+END_TEST
+
 START_TEST(null_arguments)
 {
     de_conf *c = de_conf_new();
@@ -291,6 +330,7 @@ static Suite *conf_suite(void)
     tcase_add_test(tc, configuration_doc_matches_the_library);
     tcase_add_test(tc, other_keys_are_validated_by_librdkafka);
     tcase_add_test(tc, refused_secrets_are_never_repeated);
+    tcase_add_test(tc, trust_keys_are_validated);
     tcase_add_test(tc, null_arguments);
     tcase_add_test(tc, outbox_copies_its_configuration);
     tcase_add_test(tc, error_names_and_version);

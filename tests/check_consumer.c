@@ -79,17 +79,18 @@ static de_err record_applied(sqlite3 *cdb, const de_event_view *ev, void *ctx)
     return rc == SQLITE_DONE ? DE_OK : DE_ERR_DB;
 }
 
-/* Opens a consumer of group `group` on cdb for topics under prefix.  The
+/* Opens a consumer of group `group` on cdb for topics under prefix, with
+ * the extra settings kv (key, value, ..., NULL; kv may be NULL).  The
  * group id carries the prefix too, so that no two tests (or runs, on a
  * real cluster) ever share a group. */
-static de_err open_consumer(sqlite3 *cdb, const char *bootstrap,
-                            const char *prefix, const char *group,
-                            const char *extra_key, const char *extra_value,
-                            struct failing *f, de_consumer **out)
+static de_err open_consumer_kv(sqlite3 *cdb, const char *bootstrap,
+                               const char *prefix, const char *group,
+                               const char *const *kv, struct failing *f,
+                               de_consumer **out)
 {
     de_conf *conf = de_conf_new();
     char tmpl[128], gid[192];
-    de_err err;
+    de_err err = DE_OK;
 
     snprintf(tmpl, sizeof tmpl, "%s{subject_type}.events", prefix);
     snprintf(gid, sizeof gid, "%s%s", prefix, group);
@@ -98,10 +99,11 @@ static de_err open_consumer(sqlite3 *cdb, const char *bootstrap,
         (err = de_conf_set(conf, "group.id", gid)) != DE_OK ||
         (err = de_conf_set(conf, "topic.template", tmpl)) != DE_OK ||
         (err = de_conf_set(conf, "consumer.retry.backoff.ms", "10")) != DE_OK ||
-        (err = de_conf_set(conf, "consumer.max.attempts", "3")) != DE_OK ||
-        (extra_key &&
-         (err = de_conf_set(conf, extra_key, extra_value)) != DE_OK))
+        (err = de_conf_set(conf, "consumer.max.attempts", "3")) != DE_OK)
         goto done;
+    for (int i = 0; kv && kv[i]; i += 2)
+        if ((err = de_conf_set(conf, kv[i], kv[i + 1])) != DE_OK)
+            goto done;
     sqlite3_exec(cdb, applied_sql, NULL, NULL, NULL);
     if ((err = de_consumer_open(cdb, conf, out)) != DE_OK)
         goto done;
@@ -115,6 +117,17 @@ static de_err open_consumer(sqlite3 *cdb, const char *bootstrap,
 done:
     de_conf_destroy(conf);
     return err;
+}
+
+static de_err open_consumer(sqlite3 *cdb, const char *bootstrap,
+                            const char *prefix, const char *group,
+                            const char *extra_key, const char *extra_value,
+                            struct failing *f, de_consumer **out)
+{
+    const char *kv[] = {extra_key, extra_value, NULL};
+
+    return open_consumer_kv(cdb, bootstrap, prefix, group,
+                            extra_key ? kv : NULL, f, out);
 }
 
 static int64_t applied_count(sqlite3 *cdb)
@@ -2029,6 +2042,326 @@ START_TEST(refuses_bad_use)
 }
 END_TEST
 
+/* ---- trust: origin and integrity ---------------------------------------- */
+
+/* Our headers for D-1's number `seq`, from `source`. */
+#define FORGED(source, seq, id)                                                \
+    "ce_specversion", "1.0", "ce_id", id, "ce_source", source, "ce_type",      \
+        "delivery.assigned", "ce_subjectseq", seq, "ce_subjecttype",           \
+        "delivery", "ce_action", "assigned"
+
+static int64_t foreign_with(sqlite3 *cdb, const char *error_like)
+{
+    char sql[300];
+
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM de_dead_letter WHERE kind = 'foreign' "
+             "AND error LIKE '%s'",
+             error_like);
+    return tu_query_int(cdb, sql);
+}
+
+/* After forged records: the relay's next two events of D-1, then a
+ * consumer (settings kv) reading everything.  It applies `applied` events
+ * and dead-letters `foreign` records; D-1's real events are applied
+ * in their order.  Returns the consumer, its stats in *st. */
+static de_consumer *after_forgeries(tu_cluster *c, de_relay *r, sqlite3 *cdb,
+                                    const char *group, const char *const *kv,
+                                    int64_t applied, uint64_t foreign,
+                                    de_consumer_stats *st)
+{
+    de_consumer *con = NULL;
+
+    tu_write(db, ob, "delivery", "D-1", "delivered", "{}", 0);
+    tu_write(db, ob, "delivery", "D-1", "rated", "{}", 0);
+    tu_ok(de_relay_flush(r, 30000));
+    tu_ok(
+        open_consumer_kv(cdb, c->bootstrap, c->prefix, group, kv, NULL, &con));
+    ck_assert(tu_wait_for((poll_stats(con, st), applied_count(cdb) == applied &&
+                                                    st->foreign == foreign),
+                          30000));
+    ck_assert_str_eq(applied_ids(cdb, "D-1"), ledger_ids("D-1"));
+    return con;
+}
+
+/* The ce_subjectepoch of the records read (all of one numbering). */
+static void capture_epoch(void *arg, const rd_kafka_message_t *m, int32_t np)
+{
+    const char *e = tu_header(m, "ce_subjectepoch");
+
+    (void)np;
+    ck_assert_ptr_nonnull(e);
+    snprintf(arg, 24, "%s", e);
+}
+
+/*
+ * Forged numbered records never silence a subject.  The relay numbers D-1
+ * 1..2; then come a number 3 from a source consumer.sources does not
+ * list, the relay's own source with ce_subjectseq 999999999999999999,
+ * and a never-seen D-9 starting at 5000; then the relay's 3 and 4.  Even
+ * with consumer.on.gap=apply (where a far number would otherwise become
+ * the subject's), the forged records are foreign dead letters with their
+ * reasons, D-1's real events are applied in order, nothing is parked,
+ * and D-9 gets no inbox row -- nor does C-1, a courier (a subject type
+ * no handler takes), whose event is skipped without a dead letter.
+ */
+START_TEST(forged_numbers_are_dead_letters)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    sqlite3 *cdb = tu_open_shared(tu_path(dir, "consumer.db"));
+    const char *kv[] = {"consumer.sources",
+                        "/other,/test/relay",
+                        "consumer.on.gap",
+                        "apply",
+                        "consumer.record.max.bytes",
+                        "100000",
+                        NULL};
+    char *big = malloc(200001), *big_key = malloc(5001);
+    const char *untrusted[] = {FORGED("/intruder", "3", "f-3"), NULL};
+    char epoch[24] = "";
+    const char *fresh[] = {FORGED("/test/relay", "5000", "f-fresh"), NULL};
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+    de_relay *r;
+    other o;
+
+    tu_topic_create(c, "delivery", 1);
+    r = start_relay(c);
+    tu_write(db, ob, "delivery", "D-1", "assigned", "{}", 0);
+    tu_write(db, ob, "delivery", "D-1", "picked_up", "{}", 0);
+    tu_ok(de_relay_flush(r, 30000));
+    /* The forger copies the numbering from the topic, so that its far
+     * number is not simply an older numbering's. */
+    tu_read_topic(c, tu_topic(c, "delivery"), capture_epoch, epoch);
+    ck_assert_str_ne(epoch, "");
+    o = other_open(c, tu_topic(c, "delivery"));
+    other_send(&o, "D-1", "{}", untrusted);
+    {
+        const char *far[] = {
+            FORGED("/test/relay", "999999999999999999", "f-far"),
+            "ce_subjectepoch", epoch, NULL};
+        other_send(&o, "D-1", "{}", far);
+    }
+    other_send(&o, "D-9", "{}", fresh);
+    {
+        /* A subject type no handler takes: no inbox row, nothing kept. */
+        const char *courier[] = {"ce_specversion",
+                                 "1.0",
+                                 "ce_id",
+                                 "c-1",
+                                 "ce_source",
+                                 "/test/relay",
+                                 "ce_type",
+                                 "courier.started",
+                                 "ce_subjectseq",
+                                 "1",
+                                 "ce_subjecttype",
+                                 "courier",
+                                 NULL};
+        other_send(&o, "C-1", "{}", courier);
+    }
+    /* 200 kB over consumer.record.max.bytes: kept cut, with its hash. */
+    memset(big, 'v', 200000);
+    big[200000] = '\0';
+    memset(big_key, 'k', 5000);
+    big_key[5000] = '\0';
+    {
+        const char *h[] = {FORGED("/test/relay", "3", "f-big"), "x-big", big,
+                           NULL};
+        other_send(&o, big_key, big, h);
+    }
+    other_close(&o);
+    con = after_forgeries(c, r, cdb, "g-forged", kv, 4, 4, &st);
+    ck_assert_int_eq(foreign_with(cdb, "untrusted: ce_source ''/intruder'' is "
+                                       "not in consumer.sources%"),
+                     1);
+    ck_assert_int_eq(foreign_with(cdb, "implausible: ce_subjectseq "
+                                       "999999999999999999 of event f-far%"
+                                       "last number 2%"),
+                     1);
+    ck_assert_int_eq(foreign_with(cdb, "implausible: ce_subjectseq 5000 of "
+                                       "event f-fresh%last number 0%"),
+                     1);
+    ck_assert_int_eq(
+        foreign_with(cdb, "the record is 405% over consumer.record.max.bytes "
+                          "(100000); the key of 5000 bytes cut to its first "
+                          "1024 (sha256 %); the value of 200000 bytes cut to "
+                          "its first 65536 (sha256 %)"),
+        1);
+    ck_assert_int_eq(
+        tu_query_int(cdb, "SELECT count(*) FROM de_dead_letter WHERE "
+                          "length(record_value) = 65536 AND "
+                          "length(record_key) = 1024 AND "
+                          "json_extract(record_headers, '$[7][1].bytes') = "
+                          "200000 AND length(json_extract(record_headers, "
+                          "'$[7][1].prefix')) = 1024"),
+        1);
+    free(big);
+    free(big_key);
+    ck_assert_uint_eq(st.parked_subjects, 0);
+    ck_assert_uint_eq(st.gaps, 0);
+    ck_assert_int_eq(tu_query_int(cdb, "SELECT count(*) FROM de_inbox WHERE "
+                                       "subject_id IN ('D-9', 'C-1')"),
+                     0);
+    ck_assert_int_eq(tu_query_int(cdb, "SELECT count(*) FROM de_dead_letter "
+                                       "WHERE event_id = 'c-1' OR "
+                                       "record_key = CAST('C-1' AS BLOB)"),
+                     0);
+    ck_assert_int_eq(tu_query_int(cdb, "SELECT last_seq FROM de_inbox WHERE "
+                                       "subject_id = 'D-1'"),
+                     4);
+    tu_ok(de_consumer_close(con));
+    assert_exactly_once(cdb);
+    tu_ok(de_relay_stop(r, 5000));
+    sqlite3_close(cdb);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* The headers of D-1's record number 3, captured from the topic. */
+static void capture_third(void *arg, const rd_kafka_message_t *m, int32_t np)
+{
+    rd_kafka_headers_t **out = arg, *h = NULL;
+    const char *seq = tu_header(m, "ce_subjectseq");
+
+    (void)np;
+    if (seq != NULL && strcmp(seq, "3") == 0 && *out == NULL) {
+        ck_assert_int_eq(rd_kafka_message_headers(m, &h), 0);
+        *out = rd_kafka_headers_copy(h);
+    }
+}
+
+/* A copy of `from` with header `name`'s value replaced. */
+static rd_kafka_headers_t *with_header(const rd_kafka_headers_t *from,
+                                       const char *name, const char *value)
+{
+    rd_kafka_headers_t *h = rd_kafka_headers_new(16);
+    const char *n;
+    const void *v;
+    size_t size;
+
+    for (size_t i = 0; rd_kafka_header_get_all(from, i, &n, &v, &size) == 0;
+         i++) {
+        if (strcmp(n, name) == 0)
+            rd_kafka_header_add(h, n, -1, value, -1);
+        else
+            rd_kafka_header_add(h, n, -1, v, (ssize_t)size);
+    }
+    return h;
+}
+
+#define SECRET_1 "k1:correct-horse-battery-staple-0123456789"
+#define SECRET_0 "k0:the-key-we-used-last-month-abcdefghijklm"
+
+/*
+ * The integrity check.  The relay signs with event.hmac.key k1; the
+ * consumer holds k0 (being retired) and k1.  Three records reach D-1's
+ * topic between the relay's 3 and 4: its own number 4 unsigned, record
+ * 3 re-sent with its signature but ce_id and ce_subjectseq changed to
+ * make it number 4, and one signed under a key id the consumer does not
+ * hold.  Each would otherwise be applied as D-1's number 4; each is a
+ * foreign dead letter naming its reason, and the real 4 and 5 apply in
+ * order after them.
+ */
+START_TEST(signed_records_are_verified)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    sqlite3 *cdb = tu_open_shared(tu_path(dir, "consumer.db"));
+    const char *kv[] = {"event.hmac.key", SECRET_0 "," SECRET_1, NULL};
+    const char *unsigned_[] = {FORGED("/test/relay", "4", "u-4"), NULL};
+    const char *unknown[] = {
+        FORGED("/test/relay", "4", "x-4"), "de_hmac",
+        "k9:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        NULL};
+    de_conf *rconf = tu_relay_conf(c, "event.hmac.key", SECRET_1, NULL);
+    rd_kafka_headers_t *third = NULL, *forged;
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+    de_relay *r = NULL;
+    other o;
+
+    tu_topic_create(c, "delivery", 1);
+    tu_ok(de_relay_start(ob, rconf, &r));
+    de_conf_destroy(rconf);
+    for (int i = 0; i < 3; i++)
+        tu_write(db, ob, "delivery", "D-1", "assigned", "{}", 0);
+    tu_ok(de_relay_flush(r, 30000));
+    tu_read_topic(c, tu_topic(c, "delivery"), capture_third, &third);
+    ck_assert_ptr_nonnull(third);
+    {
+        const void *v;
+        size_t size;
+        ck_assert_int_eq(rd_kafka_header_get_last(third, "de_hmac", &v, &size),
+                         0);
+        ck_assert_uint_eq(size, 3 + 64);
+        ck_assert_int_eq(memcmp(v, "k1:", 3), 0);
+    }
+    forged = with_header(third, "ce_id", "t-4");
+    rd_kafka_headers_destroy(third);
+    third = with_header(forged, "ce_subjectseq", "4");
+    rd_kafka_headers_destroy(forged);
+    o = other_open(c, tu_topic(c, "delivery"));
+    other_send(&o, "D-1", "{}", unsigned_);
+    ck_assert_int_eq(
+        rd_kafka_producev(o.p, RD_KAFKA_V_TOPIC(o.topic),
+                          RD_KAFKA_V_KEY("D-1", 3),
+                          RD_KAFKA_V_VALUE((void *)(uintptr_t) "{}", 2),
+                          RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+                          RD_KAFKA_V_HEADERS(third), RD_KAFKA_V_END),
+        0);
+    other_send(&o, "D-1", "{}", unknown);
+    other_close(&o);
+    con = after_forgeries(c, r, cdb, "g-signed", kv, 5, 3, &st);
+    ck_assert_int_eq(foreign_with(cdb, "no de_hmac header%"), 1);
+    ck_assert_int_eq(foreign_with(cdb, "de_hmac does not match%key id ''k1''"),
+                     1);
+    ck_assert_int_eq(foreign_with(cdb, "de_hmac names key id ''k9''%"), 1);
+    ck_assert_uint_eq(st.parked_subjects, 0);
+    ck_assert_uint_eq(st.conflicts, 0);
+    /* The secrets appear in no dead letter. */
+    ck_assert_int_eq(tu_query_int(cdb, "SELECT count(*) FROM de_dead_letter "
+                                       "WHERE error LIKE '%horse%' OR error "
+                                       "LIKE '%last-month%'"),
+                     0);
+    tu_ok(de_consumer_close(con));
+    assert_exactly_once(cdb);
+    tu_ok(de_relay_stop(r, 5000));
+    sqlite3_close(cdb);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* Dead letters past consumer.dead.letter.retention.ms are deleted, but
+ * never one that parks a subject. */
+START_TEST(dead_letters_have_a_retention)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    sqlite3 *cdb = tu_open_shared(tu_path(dir, "consumer.db"));
+    const char *kv[] = {"consumer.dead.letter.retention.ms", "500", NULL};
+    const char *gap[] = {OURS("5", "g-5"), NULL};
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+    other o;
+
+    tu_topic_create(c, "delivery", 1);
+    o = other_open(c, tu_topic(c, "delivery"));
+    other_send(&o, "X-1", "{not json", NULL);
+    other_send(&o, "G-1", "{}", gap);
+    other_close(&o);
+    tu_ok(open_consumer_kv(cdb, c->bootstrap, c->prefix, "g-retention", kv,
+                           NULL, &con));
+    ck_assert(tu_wait_for(
+        (poll_stats(con, &st), st.foreign == 1 && st.parked_subjects == 1),
+        30000));
+    ck_assert(tu_wait_for(
+        (poll_stats(con, &st), dead_letters(cdb, "foreign") == 0), 30000));
+    ck_assert_int_eq(dead_letters(cdb, "gap"), 1);
+    tu_ok(de_consumer_close(con));
+    sqlite3_close(cdb);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 static Suite *consumer_suite(void)
 {
     Suite *s = suite_create("consumer");
@@ -2078,6 +2411,17 @@ static Suite *consumer_suite(void)
     suite_add_tcase(s, tc);
 
     /* Group membership: each strategy, static members. */
+    tc = tcase_create("trust");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 120);
+    tcase_add_loop_test(tc, forged_numbers_are_dead_letters, tu_cluster_first(),
+                        tu_cluster_count());
+    tcase_add_loop_test(tc, signed_records_are_verified, tu_cluster_first(),
+                        tu_cluster_count());
+    tcase_add_loop_test(tc, dead_letters_have_a_retention, tu_cluster_first(),
+                        tu_cluster_count());
+    suite_add_tcase(s, tc);
+
     tc = tcase_create("membership");
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 240);

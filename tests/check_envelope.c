@@ -412,6 +412,254 @@ START_TEST(uuid_text_round_trips_exactly)
 }
 END_TEST
 
+/* ---- integrity ---------------------------------------------------------- */
+
+static const char *hex_of(const unsigned char d[32])
+{
+    static char out[65];
+
+    de__hex(d, 32, out);
+    return out;
+}
+
+/* FIPS 180-4's examples (and the usual empty and million-'a' messages),
+ * whole and fed in uneven pieces. */
+START_TEST(sha256_matches_fips_180_4)
+{
+    static const struct {
+        const char *msg;
+        const char *digest;
+    } v[] = {
+        {"abc",
+         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"},
+        {"",
+         "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"},
+        {"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq",
+         "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"},
+    };
+    unsigned char d[32];
+    char *million = malloc(1000000);
+    de__sha256 s;
+
+    for (size_t i = 0; i < DE__ARRAY_LEN(v); i++) {
+        de__sha256_digest(v[i].msg, strlen(v[i].msg), d);
+        ck_assert_str_eq(hex_of(d), v[i].digest);
+    }
+    memset(million, 'a', 1000000);
+    de__sha256_digest(million, 1000000, d);
+    ck_assert_str_eq(
+        hex_of(d),
+        "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+    de__sha256_init(&s);
+    for (size_t at = 0, step = 1; at < 1000000;
+         at += step, step = step * 3 % 997 + 1)
+        de__sha256_update(&s, million + at,
+                          at + step > 1000000 ? 1000000 - at : step);
+    de__sha256_final(&s, d);
+    ck_assert_str_eq(
+        hex_of(d),
+        "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+    free(million);
+}
+END_TEST
+
+/* RFC 4231's HMAC-SHA256 test cases 1-4, 6 and 7 (5 truncates). */
+START_TEST(hmac_matches_rfc_4231)
+{
+    unsigned char k20[20], k25[25], k131[131], dd[50], cd[50], d[32];
+    static const char big_key[] =
+        "Test Using Larger Than Block-Size Key - Hash Key First";
+    static const char big_both[] =
+        "This is a test using a larger than block-size key and a larger "
+        "than block-size data. The key needs to be hashed before being "
+        "used by the HMAC algorithm.";
+    struct hv {
+        const void *key;
+        size_t key_len;
+        const void *data;
+        size_t len;
+        const char *mac;
+    } v[6];
+    de__hmac m;
+
+    memset(k20, 0x0b, sizeof k20);
+    for (int i = 0; i < 25; i++)
+        k25[i] = (unsigned char)(i + 1);
+    memset(k131, 0xaa, sizeof k131);
+    memset(dd, 0xdd, sizeof dd);
+    memset(cd, 0xcd, sizeof cd);
+    v[0] = (struct hv){
+        k20, 20, "Hi There", 8,
+        "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"};
+    v[1] = (struct hv){
+        "Jefe", 4, "what do ya want for nothing?", 28,
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"};
+    v[2] = (struct hv){
+        k131, 20, dd, 50,
+        "773ea91e36800e46854db8ebd09181a72959098b3ef8c122d9635514ced565fe"};
+    v[3] = (struct hv){
+        k25, 25, cd, 50,
+        "82558a389a443c0ea4cc819899f2083a85f0faa3e578f8077a2e3ff46729665b"};
+    v[4] = (struct hv){
+        k131, 131, big_key, strlen(big_key),
+        "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"};
+    v[5] = (struct hv){
+        k131, 131, big_both, strlen(big_both),
+        "9b09ffa71b942fcb27635fbcd5b0e944bfdc63644f0713938a7f51535c3a35e2"};
+    for (size_t i = 0; i < DE__ARRAY_LEN(v); i++) {
+        de__hmac_init(&m, v[i].key, v[i].key_len);
+        de__hmac_update(&m, v[i].data, v[i].len / 2);
+        de__hmac_update(&m, (const char *)v[i].data + v[i].len / 2,
+                        v[i].len - v[i].len / 2);
+        de__hmac_final(&m, d);
+        ck_assert_msg(strcmp(hex_of(d), v[i].mac) == 0, "case %zu: %s", i,
+                      hex_of(d));
+    }
+}
+END_TEST
+
+/* The canonical encoding as docs/SECURITY.md gives it (the expected MAC
+ * computed independently, with Python's hmac), signing and verifying a
+ * record, and every refusal. */
+START_TEST(records_are_signed_and_verified)
+{
+    de__header hs[] = {
+        {"ce_specversion", "1.0", 3},
+        {"ce_id", "e-1", 3},
+        {"x-other", "ignored", 7}, /* not signed: changing it is fine */
+        {"content-type", "application/json", 16},
+        {"ce_subjectseq", "7", 1},
+        {"de_hmac", NULL, 0},
+    };
+    const char *value = "{\"rider_id\":\"R-7\"}";
+    de__hmac_keyring kr;
+    de__raw r = {"t", 0, 0, "D-1", 3, value, strlen(value), -1, hs, 5};
+    unsigned char d[32];
+    char why[300], sig[100];
+
+    ck_assert(
+        de__hmac_keyring_parse("old:abcdefghijklmnopqrstuvwxyz0123456789,k1:"
+                               "0123456789abcdef0123456789abcdef",
+                               &kr, why, sizeof why));
+    ck_assert_uint_eq(kr.n, 2);
+    de__record_mac(&kr.keys[1], "D-1", 3, hs, 5, value, strlen(value), d);
+    ck_assert_str_eq(
+        hex_of(d),
+        "cbdbe26e9c40a8e871232a4bbcd17390e6859f8005eb2b3ef506731ad448c205");
+    snprintf(sig, sizeof sig, "k1:%s", hex_of(d));
+    hs[5].value = sig;
+    hs[5].size = strlen(sig);
+    r.nheaders = 6;
+    ck_assert_msg(de__raw_verify(&r, &kr, why, sizeof why), "%s", why);
+    hs[2].value = "changed";
+    ck_assert(de__raw_verify(&r, &kr, why, sizeof why));
+    /* A signed header, the key, the value: each change is caught. */
+    hs[4].value = "8";
+    ck_assert(!de__raw_verify(&r, &kr, why, sizeof why));
+    ck_assert_ptr_nonnull(strstr(why, "does not match"));
+    hs[4].value = "7";
+    r.key = "D-2";
+    ck_assert(!de__raw_verify(&r, &kr, why, sizeof why));
+    r.key = "D-1";
+    r.value = "{\"rider_id\":\"R-8\"}";
+    ck_assert(!de__raw_verify(&r, &kr, why, sizeof why));
+    r.value = value;
+    /* A signed header added after signing is caught too. */
+    r.nheaders = 5;
+    ck_assert(!de__raw_verify(&r, &kr, why, sizeof why));
+    ck_assert_ptr_nonnull(strstr(why, "no de_hmac"));
+    r.nheaders = 6;
+    sig[0] = 'x';
+    ck_assert(!de__raw_verify(&r, &kr, why, sizeof why));
+    ck_assert_ptr_nonnull(strstr(why, "'x1'"));
+    de__hmac_keyring_free(&kr);
+    /* Keys that are not keys: named, never quoted. */
+    ck_assert(!de__hmac_keyring_parse("k1:tooshort", &kr, why, sizeof why));
+    ck_assert_ptr_null(strstr(why, "tooshort"));
+    ck_assert(!de__hmac_keyring_parse("k1:0123456789abcdef0123456789abcdef,k1:"
+                                      "0123456789abcdef0123456789abcdeX",
+                                      &kr, why, sizeof why));
+    ck_assert_ptr_nonnull(strstr(why, "repeats"));
+    ck_assert(!de__hmac_keyring_parse("nocolon0123456789abcdef0123456789abcdef",
+                                      &kr, why, sizeof why));
+}
+END_TEST
+
+/* A message for de__raw_decode: ours, with one header replaced. */
+static bool decode_with(de__decoded *d, const char *name, const char *value,
+                        size_t value_len, const char *payload, char *why,
+                        size_t why_size)
+{
+    de__header hs[] = {
+        {"ce_specversion", "1.0", 3},
+        {"ce_id", "e-1", 3},
+        {"ce_source", "/s", 2},
+        {"ce_type", "delivery.assigned", 17},
+        {"ce_subjectseq", "1", 1},
+        {"ce_subject", "D-1", 3},
+        {"traceparent",
+         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", 55},
+        {"tracestate", "rojo=00f067aa0ba902b7", 21},
+    };
+    de__raw r = {
+        "delivery.events", 0, 0, "D-1", 3, payload, strlen(payload), -1, hs,
+        DE__ARRAY_LEN(hs)};
+
+    for (size_t i = 0; name && i < DE__ARRAY_LEN(hs); i++)
+        if (strcmp(hs[i].name, name) == 0) {
+            hs[i].value = value;
+            hs[i].size = value_len;
+        }
+    return de__raw_decode(&r, "{subject_type}.events", d, why, why_size);
+}
+
+/* What de_record refuses to write, decoding refuses to read; and a buffer
+ * an outlier grew is given back. */
+START_TEST(decoding_holds_records_to_recording_rules)
+{
+    de__decoded d;
+    char why[400];
+    char *big = malloc(4 << 20);
+
+    memset(&d, 0, sizeof d);
+    ck_assert_msg(decode_with(&d, NULL, NULL, 0, "{}", why, sizeof why), "%s",
+                  why);
+    ck_assert_str_eq(d.view.traceparent,
+                     "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+    ck_assert(!decode_with(&d, "traceparent", "00-\x1b]0;owned\x07", 13, "{}",
+                           why, sizeof why));
+    ck_assert_ptr_nonnull(strstr(why, "traceparent '00-\\x1b]0;owned\\x07'"));
+    ck_assert(
+        !decode_with(&d, "traceparent",
+                     "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"
+                     "-01\0x",
+                     57, "{}", why, sizeof why));
+    ck_assert(
+        !decode_with(&d, "tracestate", "a=\x7f", 3, "{}", why, sizeof why));
+    ck_assert_ptr_nonnull(strstr(why, "tracestate"));
+    ck_assert(!decode_with(&d, "ce_id", "e\0-1", 4, "{}", why, sizeof why));
+    ck_assert(!decode_with(&d, "ce_type", "a\nb", 3, "{}", why, sizeof why));
+    /* A right-to-left override in the subject, as de_record refuses it. */
+    ck_assert(!decode_with(&d, "ce_subject",
+                           "D-\xe2\x80\xae"
+                           "1",
+                           6, "{}", why, sizeof why));
+    ck_assert_ptr_nonnull(strstr(why, "'D-\\xe2\\x80\\xae1'"));
+    /* One 4 MiB payload, then small ones: the buffers shrink back. */
+    memset(big, ' ', 4 << 20);
+    big[0] = '{';
+    big[(4 << 20) - 1] = '\0';
+    big[(4 << 20) - 2] = '}';
+    ck_assert(decode_with(&d, NULL, NULL, 0, big, why, sizeof why));
+    ck_assert_uint_gt(de__decoded_capacity(&d), 4 << 20);
+    ck_assert(decode_with(&d, NULL, NULL, 0, "{}", why, sizeof why));
+    ck_assert_uint_le(de__decoded_capacity(&d), 2 * 256 * 1024);
+    ck_assert_str_eq(d.view.payload, "{}");
+    de__decoded_free(&d);
+    free(big);
+}
+END_TEST
+
 static Suite *envelope_suite(void)
 {
     Suite *s = suite_create("envelope");
@@ -425,6 +673,10 @@ static Suite *envelope_suite(void)
     tcase_add_test(tc, headers_are_built_exactly);
     tcase_add_test(tc, json_validator_agrees_with_jansson);
     tcase_add_test(tc, uuid_text_round_trips_exactly);
+    tcase_add_test(tc, sha256_matches_fips_180_4);
+    tcase_add_test(tc, hmac_matches_rfc_4231);
+    tcase_add_test(tc, records_are_signed_and_verified);
+    tcase_add_test(tc, decoding_holds_records_to_recording_rules);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -265,6 +265,10 @@ MUTATOR(sid_c1, ev->subject_id = "D-\xc2\x85")
 MUTATOR(sid_bad_utf8, ev->subject_id = "D-\xff\xfe")
 MUTATOR(sid_overlong, ev->subject_id = "D-\xc0\xaf")
 MUTATOR(sid_surrogate, ev->subject_id = "D-\xed\xa0\x80")
+MUTATOR(sid_rlo, ev->subject_id = "D-\xe2\x80\xae"
+                                  "1")
+MUTATOR(sid_isolate, ev->subject_id = "D-\xe2\x81\xa6"
+                                      "1")
 MUTATOR(sid_long, ev->subject_id = long_subject)
 MUTATOR(pl_array, ev->payload = "[1,2]")
 MUTATOR(pl_string, ev->payload = "\"assigned\"")
@@ -331,6 +335,10 @@ static const struct bad_case bad_cases[] = {
     {"subject_id bad UTF-8", sid_bad_utf8, DE_ERR_ARG, "'D-\\xff\\xfe'"},
     {"subject_id overlong", sid_overlong, DE_ERR_ARG, "'D-\\xc0\\xaf'"},
     {"subject_id surrogate", sid_surrogate, DE_ERR_ARG, "'D-\\xed\\xa0\\x80'"},
+    {"subject_id right-to-left override", sid_rlo, DE_ERR_ARG,
+     "'D-\\xe2\\x80\\xae1'"},
+    {"subject_id bidi isolate", sid_isolate, DE_ERR_ARG,
+     "'D-\\xe2\\x81\\xa61'"},
     {"subject_id long", sid_long, DE_ERR_ARG, "at most 256 bytes"},
     {"payload array", pl_array, DE_ERR_PAYLOAD,
      "payload for delivery.assigned is not a JSON object: '[1,2]'"},
@@ -460,9 +468,10 @@ START_TEST(oversized_events_are_refused)
     tu_exec(db, "BEGIN");
     tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_PAYLOAD,
                   "over event.max.bytes 990000");
-    /* Just under the limit (with the maximal headers) is fine. */
-    big[989000 - 8] = '\0';
-    memcpy(big + 989000 - 15, "\"a\":1}", 7);
+    /* Just under the limit (with the maximal headers, a signature among
+     * them) is fine. */
+    big[988900 - 8] = '\0';
+    memcpy(big + 988900 - 15, "\"a\":1}", 7);
     tu_ok(de_record(ob, &ev, NULL));
     tu_exec(db, "COMMIT");
     ck_assert_int_eq(outbox_count(db), 1);

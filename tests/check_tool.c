@@ -707,6 +707,12 @@ START_TEST(secrets_never_reach_an_output_or_the_process_list)
                      2);
     assert_has(p->err, "cannot read sasl.password's value from "
                        "/nonexistent/pw");
+    /* The library's own secret: a bad one named, never shown. */
+    ck_assert_int_eq(run(p, "relay", "relay", "--db", db, "-b", c.bootstrap,
+                         "-X", "event.hmac.key=k1:" PLANTED "short", "--once"),
+                     2);
+    assert_has(p->err, "event.hmac.key (a secret: its value is never shown)");
+    assert_no_secret(p);
 
     /* Accepted ones: from a file, the environment and the command line. */
     ck_assert_ptr_nonnull(f = fopen(pw, "w"));
@@ -718,7 +724,8 @@ START_TEST(secrets_never_reach_an_output_or_the_process_list)
         snprintf(x1, sizeof x1, "sasl.password=@%s", pw);
         p = start("relay", "relay", "--db", db, "-b", c.bootstrap, "-X", x1,
                   "-X", "ssl.key.password=" PLANTED "7", "-X",
-                  "topic.template=s.events", "--stats-ms", "50",
+                  "event.hmac.key=k1:" PLANTED "8-0123456789abcdef0123456789",
+                  "-X", "topic.template=s.events", "--stats-ms", "50",
                   (const char *)NULL);
     }
     unsetenv("DELIVERYEVENTS_X_SASL_USERNAME");
@@ -1673,6 +1680,11 @@ static bool polled(de_consumer *con)
     ck_assert_msg(tu_wait_for(polled(con) && (cond), 60000),                   \
                   "the consumer never got there")
 
+/* Replays republish events as they were -- ids, numbers, partitions --
+ * and signed (event.hmac.key, here from the environment) like the relay's
+ * records: a consumer that checks signatures takes them for duplicates. */
+#define REPLAY_KEY "k1:0123456789abcdef0123456789abcdef"
+
 START_TEST(replay_republishes_with_the_original_numbers)
 {
     cluster c = mock_start("delivery.events:2", NULL);
@@ -1688,6 +1700,8 @@ START_TEST(replay_republishes_with_the_original_numbers)
     record(db, 3, "delivery", "D-1");
     record(db, 2, "delivery", "D-2");
     record(db, 2, "delivery", "D-1"); /* positions 6 and 7 */
+    /* Signed, relay and replays alike (the consumer checks them all). */
+    setenv("DELIVERYEVENTS_X_EVENT_HMAC_KEY", REPLAY_KEY, 1);
     ck_assert_int_eq(run(p, "relay", "relay", "--db", db, "-b", c.bootstrap,
                          "-X", "outbox.retention.ms=3600000", "--once"),
                      0);
@@ -1699,6 +1713,7 @@ START_TEST(replay_republishes_with_the_original_numbers)
     tu_exec(cdb, "CREATE TABLE applied(x)");
     tu_ok(de_conf_set(conf, "bootstrap.servers", c.bootstrap));
     tu_ok(de_conf_set(conf, "group.id", "replay-test"));
+    tu_ok(de_conf_set(conf, "event.hmac.key", REPLAY_KEY));
     tu_ok(de_conf_set(conf, "auto.offset.reset", "earliest"));
     de_conf_set_log_cb(conf, quiet, NULL);
     tu_ok(de_consumer_open(cdb, conf, &con));
@@ -1733,6 +1748,7 @@ START_TEST(replay_republishes_with_the_original_numbers)
     ck_assert_uint_eq(cs.duplicates, 16);
     ck_assert_uint_eq(cs.applied, 7);
     ck_assert_uint_eq(cs.conflicts, 0);
+    ck_assert_uint_eq(cs.foreign, 0);
     ck_assert_int_eq(applied_count, 7);
     ck_assert_int_eq(tu_query_int(cdb, "SELECT count(*) FROM applied"), 7);
 
@@ -1749,6 +1765,7 @@ START_TEST(replay_republishes_with_the_original_numbers)
     assert_has(p->out, "1 not published yet, left to the relay");
     read_back(&c, "delivery.events", &again);
     ck_assert_int_eq(again.n, now.n + 1);
+    unsetenv("DELIVERYEVENTS_X_EVENT_HMAC_KEY");
     tu_ok(de_consumer_close(con));
     ck_assert_int_eq(sqlite3_close(cdb), SQLITE_OK);
     mock_stop(&c);
