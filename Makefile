@@ -53,6 +53,9 @@ PKG_CFLAGS   = $(shell pkg-config --cflags sqlite3 rdkafka jansson)
 PKG_LIBS     = $(shell pkg-config --libs sqlite3 rdkafka jansson)
 # The tool's HTTP server for relay --metrics (the library does not link it).
 HTTPD_LIBS   = $(shell pkg-config --libs libmicrohttpd)
+# What the tool links beyond the library's own dependencies (fuzz_tool
+# compiles the tool's source in, so it links them too).
+TOOL_LIBS    = $(HTTPD_LIBS)
 CHECK_CFLAGS = $(shell pkg-config --cflags check)
 CHECK_LIBS   = $(shell pkg-config --libs check)
 
@@ -167,7 +170,7 @@ $(BUILD)/bench/%: bench/%.c $(wildcard bench/*.h) $(STLIB) $(PCUNINST)
 # BINDIR alike, and sanitizer builds cover it too.
 $(TOOL): tools/deliveryevents.c $(STLIB)
 	$(CC) $(DE_CFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(SAN_EXTRA) $(STLIB) \
-	    $(PKG_LIBS) $(HTTPD_LIBS) -pthread
+	    $(PKG_LIBS) $(TOOL_LIBS) -pthread
 
 examples: $(EXAMPLE_BINS)
 
@@ -215,7 +218,7 @@ check-suites: $(TEST_BINS) stage $(EXAMPLE_BINS) $(FUZZ_REPLAY)
 $(BUILD)/fuzz/replay_%: fuzz/fuzz_%.c fuzz/driver.c $(STLIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(DE_CFLAGS) -Ilib $(CFLAGS) $(LDFLAGS) -o $@ $< fuzz/driver.c \
-	    $(SAN_EXTRA) $(STLIB) $(PKG_LIBS) -pthread
+	    $(SAN_EXTRA) $(STLIB) $(PKG_LIBS) $(TOOL_LIBS) -pthread
 
 # libFuzzer, each target for FUZZ_SECONDS (default 60) from its seed corpus
 # (copied: new inputs go to build-fuzz/corpus, not into the repository);
@@ -235,7 +238,7 @@ fuzz: deps
 	  cp -n fuzz/corpus/$$f/* build-fuzz/corpus/$$f/ 2>/dev/null || true; \
 	  clang $(DE_CFLAGS) -Ilib -g -O1 $(FUZZ_SAN) -fsanitize=fuzzer \
 	      -o build-fuzz/fuzz_$$f fuzz/fuzz_$$f.c build-fuzz/libdeliveryevents.a \
-	      $(PKG_LIBS) -pthread || exit 1; \
+	      $(PKG_LIBS) $(TOOL_LIBS) -pthread || exit 1; \
 	  echo "== fuzz_$$f ($(FUZZ_SECONDS) s)"; \
 	  build-fuzz/fuzz_$$f -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
 	      -artifact_prefix=build-fuzz/crashes/$$f/ build-fuzz/corpus/$$f \
