@@ -43,9 +43,9 @@ PCFILE   := $(BUILD)/deliveryevents.pc
 PCUNINST := $(BUILD)/pc-uninstalled/deliveryevents.pc
 
 # Debian package for each pkg-config module (make deps).
-DEPS_MODULES := sqlite3 rdkafka jansson check libmicrohttpd
+DEPS_MODULES := sqlite3 rdkafka jansson check libmicrohttpd zlib
 DEPS_DEBS    := librdkafka-dev libjansson-dev libsqlite3-dev check pkg-config \
-                libmicrohttpd-dev curl
+                libmicrohttpd-dev curl zlib1g-dev
 
 # Recursively expanded on purpose: read only when a recipe runs, which is
 # after `deps` has installed pkg-config and the libraries.
@@ -53,6 +53,8 @@ PKG_CFLAGS   = $(shell pkg-config --cflags sqlite3 rdkafka jansson)
 PKG_LIBS     = $(shell pkg-config --libs sqlite3 rdkafka jansson)
 # The tool's HTTP server for relay --metrics (the library does not link it).
 HTTPD_LIBS   = $(shell pkg-config --libs libmicrohttpd)
+# gzip for the tool's archive command (the library does not link it).
+ZLIB_LIBS    = $(shell pkg-config --libs zlib)
 CHECK_CFLAGS = $(shell pkg-config --cflags check)
 CHECK_LIBS   = $(shell pkg-config --libs check)
 
@@ -90,7 +92,7 @@ BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 .PHONY: all deps check check-all check-suites stage check-header check-exports \
         demo-run \
         check-install check-remote check-asan check-tsan demo bench examples install \
-        soak soak-short soak-powerloss \
+        soak soak-short soak-powerloss soak-archive \
         uninstall clean format format-check mock-reorder-experiment
 
 TOOL := $(BUILD)/deliveryevents
@@ -165,9 +167,13 @@ $(BUILD)/bench/%: bench/%.c $(wildcard bench/*.h) $(STLIB) $(PCUNINST)
 
 # The tool links the static library: it runs from the build tree and from
 # BINDIR alike, and sanitizer builds cover it too.
-$(TOOL): tools/deliveryevents.c $(STLIB)
-	$(CC) $(DE_CFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(SAN_EXTRA) $(STLIB) \
-	    $(PKG_LIBS) $(HTTPD_LIBS) -pthread
+# archive.c decodes records with the library's own de__envelope_decode
+# (lib/internal.h), hence -Ilib.
+TOOL_SRCS := $(sort $(wildcard tools/*.c))
+$(TOOL): $(TOOL_SRCS) $(wildcard tools/*.h) lib/internal.h $(STLIB)
+	$(CC) $(DE_CFLAGS) -Ilib $(shell pkg-config --cflags zlib) $(CFLAGS) \
+	    $(LDFLAGS) -o $@ $(TOOL_SRCS) $(SAN_EXTRA) $(STLIB) \
+	    $(PKG_LIBS) $(HTTPD_LIBS) $(ZLIB_LIBS) -pthread
 
 examples: $(EXAMPLE_BINS)
 
@@ -193,7 +199,7 @@ $(BUILD)/tests/%: tests/%.c $(TEST_UTIL_SRCS) $(wildcard tests/util/*.h) $(STLIB
 	@mkdir -p $(dir $@)
 	$(CC) $(DE_CFLAGS) -Ilib -Itests/util $(CHECK_CFLAGS) $(CFLAGS) \
 	    $(LDFLAGS) -o $@ $< $(TEST_UTIL_SRCS) $(SAN_EXTRA) $(STLIB) \
-	    $(PKG_LIBS) $(CHECK_LIBS) -pthread
+	    $(PKG_LIBS) $(CHECK_LIBS) $(ZLIB_LIBS) -pthread
 
 # The suites run the tool as installed (`make install` into a scratch
 # DESTDIR), the copy a user would run, not the one in the build tree.
@@ -308,6 +314,11 @@ soak-short: $(BUILD)/tests/soak $(TOOL)
 # `make check` (about 7 minutes).
 soak-powerloss: $(BUILD)/tests/check_durability
 	DE_PL_CUTS=1000 CK_RUN_CASE=power-loss $(BUILD)/tests/check_durability
+
+# The archiver SIGKILLed 100 times instead of the 10 of `make check`.
+soak-archive: $(BUILD)/tests/check_archive stage
+	$(RUN_ENV) DE_TOOL=$(STAGED_TOOL) DE_ARCHIVE_KILLS=100 CK_RUN_CASE=kills \
+	    $(BUILD)/tests/check_archive
 
 # Sanitizer runs cut the power 30 times instead of 100 (they are slower).
 check-asan:

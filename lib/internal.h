@@ -258,6 +258,9 @@ bool de__parse_rfc3339_ms(const char *s, size_t n, int64_t *out);
 bool de__is_ident(const char *s);
 /* Non-empty valid UTF-8 without C0, DEL or C1 controls, <= max bytes. */
 bool de__is_clean_utf8(const char *s, size_t len);
+/* Length of the UTF-8 sequence starting at s (at most avail bytes), or 0
+ * when it is not a valid, shortest-form encoding of a scalar value. */
+size_t de__utf8_seq_len(const unsigned char *s, size_t avail);
 /* 1..36 printable ASCII characters without spaces. */
 bool de__is_event_id(const char *s);
 /* A W3C trace-context traceparent header value. */
