@@ -41,6 +41,8 @@ typedef struct proc {
 
 static proc procs[16];
 static int nprocs;
+/* The topic archived: tu_topic(c, "delivery") unless set. */
+static const char *topic_override;
 
 /* Starts the tool: archive, the cluster, DIR, group, then the
  * NULL-terminated extra arguments; fsize > 0 limits the size of any file
@@ -65,7 +67,8 @@ static proc *archiver(tu_cluster *c, const char *dir, const char *group,
     args[n++] = strdup("-b");
     args[n++] = strdup(c->bootstrap);
     args[n++] = strdup("--topic");
-    args[n++] = strdup(tu_topic(c, "delivery"));
+    args[n++] =
+        strdup(topic_override ? topic_override : tu_topic(c, "delivery"));
     args[n++] = strdup("--dir");
     args[n++] = strdup(dir);
     args[n++] = strdup("--group");
@@ -157,6 +160,7 @@ static void setup(void)
 {
     tu_service_setup();
     nprocs = 0;
+    topic_override = NULL;
 }
 
 static void teardown(void)
@@ -180,7 +184,8 @@ typedef struct scan {
     int64_t high[MAX_PARTS]; /* the topic's end offsets (against) */
 } scan;
 
-static scan *S; /* nftw has no context pointer */
+static scan *S;            /* nftw has no context pointer */
+static sqlite3_stmt *SINK; /* when set, every event line is inserted */
 
 #define PROBLEM(...)                                                           \
     do {                                                                       \
@@ -222,6 +227,11 @@ static void scan_line(const char *path, const char *line, int64_t *expect)
         json_array_append(S->unparsed_lines, j);
     } else {
         S->events++;
+        if (SINK != NULL) {
+            sqlite3_bind_text(SINK, 1, line, -1, SQLITE_TRANSIENT);
+            ck_assert_int_eq(sqlite3_step(SINK), SQLITE_DONE);
+            sqlite3_reset(SINK);
+        }
         t = json_string_value(json_object_get(j, "time"));
         hive = strstr(path, "/dt=");
         if (t == NULL || strlen(t) < 13 ||
@@ -357,7 +367,8 @@ static scan *assert_exactly_once(tu_cluster *c, const char *dir)
     v.s = s;
     ck_assert_msg(s->problems == 0, "%ld problems in the archive; first: %s",
                   s->problems, s->first_problem);
-    tu_read_topic(c, tu_topic(c, "delivery"), against, &v);
+    tu_read_topic(c, topic_override ? topic_override : tu_topic(c, "delivery"),
+                  against, &v);
     ck_assert_msg(v.missing == 0 && v.repeated == 0 && v.wrong == 0,
                   "of %ld records: %ld missing, %ld repeated, %ld wrong; %s",
                   v.records, v.missing, v.repeated, v.wrong, v.first);
@@ -652,6 +663,149 @@ START_TEST(files_beyond_the_committed_offset_are_not_archived_again)
 }
 END_TEST
 
+/* An example program (DE_EXAMPLES) with its stdout in tu_dir. */
+static pid_t example(const char *prog, const char *a1, const char *a2,
+                     const char *a3, const char *a4, const char *a5,
+                     const char *a6)
+{
+    const char *exdir = getenv("DE_EXAMPLES");
+    char path[4200], out[4300];
+    pid_t pid;
+
+    ck_assert_msg(exdir != NULL, "DE_EXAMPLES (the examples' directory) "
+                                 "unset");
+    snprintf(path, sizeof path, "%s/%s", exdir, prog);
+    snprintf(out, sizeof out, "%s/%s.out", tu_dir, prog);
+    pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        if (!freopen(out, "w", stdout))
+            _exit(126);
+        execl(path, prog, a1, a2, a3, a4, a5, a6, (char *)NULL);
+        _exit(127);
+    }
+    return pid;
+}
+
+static void example_done(pid_t pid, const char *what)
+{
+    int status;
+
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                  "%s exited with status %d", what, status);
+}
+
+/* Batch over the archive = the stream: live_stats' per-minute windows,
+ * computed from the archive files alone with SQLite's JSON functions,
+ * equal what live_stats computed from the stream -- while the archiver
+ * was SIGKILLed three times mid-stream. */
+START_TEST(live_stats_from_the_archive_equals_the_stream)
+{
+    tu_cluster *c = tu_cluster_new(0, 3);
+    const char *dir = archive_dir();
+    pid_t svc, ls;
+    sqlite3 *db;
+    scan *s;
+    proc *p;
+    char sql[4096];
+    int kills = 0;
+    static const char stream[] =
+        "SELECT window_start_ms, region, created, delivered, canceled, "
+        "delivery_ms_sum, delivery_ms_n FROM ls.window_stats";
+    /* Each event once (by id), its time in ms; a delivery's region from
+     * its created event; a delivery's time from the last assignment
+     * before it in the subject's order (as live_stats keeps it). */
+    static const char batch[] =
+        "WITH e AS (SELECT json_extract(line, '$.id') AS id,"
+        "    json_extract(line, '$.subject') AS d,"
+        "    json_extract(line, '$.action') AS a,"
+        "    json_extract(line, '$.subjectseq') AS seq,"
+        "    json_extract(line, '$.data.region') AS region,"
+        "    CAST(strftime('%s', substr(json_extract(line, '$.time'), 1, 19))"
+        "      AS INTEGER) * 1000 + CAST(substr(json_extract(line, '$.time'),"
+        "      21, 3) AS INTEGER) AS t"
+        "  FROM lines WHERE json_extract(line, '$.subjecttype') = 'delivery'"
+        "  GROUP BY 1),"
+        " r AS (SELECT d, region FROM e WHERE a = 'created'),"
+        " ev AS ("
+        "  SELECT r.region, e.t, 1 AS c, 0 AS x, 0 AS y, 0 AS ms, 0 AS n"
+        "    FROM e JOIN r USING (d) WHERE a = 'created'"
+        "  UNION ALL SELECT r.region, e.t, 0, 1, 0, coalesce(e.t - (SELECT"
+        "    g.t FROM e g WHERE g.d = e.d AND g.a = 'assigned' AND g.seq <"
+        "    e.seq ORDER BY g.seq DESC LIMIT 1), 0), (SELECT count(*) > 0"
+        "    FROM e g WHERE g.d = e.d AND g.a = 'assigned' AND g.seq < e.seq)"
+        "    FROM e JOIN r USING (d) WHERE a = 'delivered'"
+        "  UNION ALL SELECT r.region, e.t, 0, 0, 1, 0, 0"
+        "    FROM e JOIN r USING (d) WHERE a = 'canceled')"
+        "SELECT t - t % 60000, region, sum(c), sum(x), sum(y), sum(ms),"
+        "       sum(n) FROM ev GROUP BY 1, 2";
+
+    ck_assert_int_eq(
+        rd_kafka_mock_topic_create(c->mock, "delivery.events", 6, 1), 0);
+    topic_override = "delivery.events";
+    ls = example("live_stats", "--bootstrap", c->bootstrap, "--db",
+                 tu_path(tu_dir, "ls.db"), "--until-idle", "2500");
+    svc = example("delivery_service", "--db", tu_path(tu_dir, "svc.db"),
+                  "--deliveries", "300", "--bootstrap", c->bootstrap);
+    /* The archiver, killed at random moments while the service runs. */
+    while (kills < 3) {
+        int before = files_in(dir);
+        nprocs = 0;
+        p = archiver(c, dir, "g-stats", 0, "--roll-ms", "100", "--roll-bytes",
+                     "4000", (const char *)NULL);
+        ck_assert_msg(tu_wait_for(files_in(dir) != before || exited(p), 30000),
+                      "the archiver wrote nothing: %s", slurp(p->err));
+        usleep((useconds_t)(rand() % 400) * 1000);
+        kill(p->pid, SIGKILL);
+        waitpid(p->pid, &p->status, 0);
+        p->exited = 1;
+        kills++;
+    }
+    example_done(svc, "delivery_service");
+    nprocs = 0;
+    p = archiver(c, dir, "g-stats", 0, "--until-idle", "2000",
+                 (const char *)NULL);
+    ck_assert_int_eq(finish(p, 60000), 0);
+    example_done(ls, "live_stats");
+
+    db = tu_open(tu_path(tu_dir, "batch.db"));
+    tu_exec(db, "CREATE TABLE lines(line TEXT NOT NULL)");
+    tu_exec(db, "BEGIN");
+    ck_assert_int_eq(sqlite3_prepare_v2(db, "INSERT INTO lines VALUES (?1)", -1,
+                                        &SINK, NULL),
+                     SQLITE_OK);
+    s = assert_exactly_once(c, dir);
+    sqlite3_finalize(SINK);
+    SINK = NULL;
+    tu_exec(db, "COMMIT");
+    snprintf(sql, sizeof sql, "ATTACH '%s' AS ls", tu_path(tu_dir, "ls.db"));
+    tu_exec(db, sql);
+    ck_assert_int_gt(tu_query_int(db, "SELECT count(*) FROM ls.window_stats"),
+                     0);
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM (SELECT * FROM (%s) EXCEPT SELECT * FROM "
+             "(%s))",
+             stream, batch);
+    ck_assert_msg(tu_query_int(db, sql) == 0,
+                  "windows of the stream not in the batch over the archive");
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM (SELECT * FROM (%s) EXCEPT SELECT * FROM "
+             "(%s))",
+             batch, stream);
+    ck_assert_msg(tu_query_int(db, sql) == 0,
+                  "windows of the batch over the archive not in the stream");
+    fprintf(stderr,
+            "archive = stream: %lld windows from %ld archived events (%d "
+            "SIGKILLs)\n",
+            (long long)tu_query_int(db, "SELECT count(*) FROM ls.window_stats"),
+            s->events, kills);
+    scan_free(s);
+    sqlite3_close(db);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* Raw records on the topic, as another producer writes them. */
 static void produce(tu_cluster *c, const char *key, size_t key_len,
                     const char *value, size_t len, const char *const *hdrs)
@@ -896,6 +1050,7 @@ static Suite *archive_suite(void)
     tcase_add_checked_fixture(kills, setup, teardown);
     tcase_set_timeout(kills, 1800);
     tcase_add_test(kills, every_event_once_across_random_sigkills);
+    tcase_add_test(kills, live_stats_from_the_archive_equals_the_stream);
     suite_add_tcase(s, kills);
     return s;
 }
