@@ -663,39 +663,6 @@ START_TEST(files_beyond_the_committed_offset_are_not_archived_again)
 }
 END_TEST
 
-/* An example program (DE_EXAMPLES) with its stdout in tu_dir. */
-static pid_t example(const char *prog, const char *a1, const char *a2,
-                     const char *a3, const char *a4, const char *a5,
-                     const char *a6)
-{
-    const char *exdir = getenv("DE_EXAMPLES");
-    char path[4200], out[4300];
-    pid_t pid;
-
-    ck_assert_msg(exdir != NULL, "DE_EXAMPLES (the examples' directory) "
-                                 "unset");
-    snprintf(path, sizeof path, "%s/%s", exdir, prog);
-    snprintf(out, sizeof out, "%s/%s.out", tu_dir, prog);
-    pid = fork();
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) {
-        if (!freopen(out, "w", stdout))
-            _exit(126);
-        execl(path, prog, a1, a2, a3, a4, a5, a6, (char *)NULL);
-        _exit(127);
-    }
-    return pid;
-}
-
-static void example_done(pid_t pid, const char *what)
-{
-    int status;
-
-    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
-    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
-                  "%s exited with status %d", what, status);
-}
-
 /* Batch over the archive = the stream: live_stats' per-minute windows,
  * computed from the archive files alone with SQLite's JSON functions,
  * equal what live_stats computed from the stream -- while the archiver
@@ -744,10 +711,10 @@ START_TEST(live_stats_from_the_archive_equals_the_stream)
     ck_assert_int_eq(
         rd_kafka_mock_topic_create(c->mock, "delivery.events", 6, 1), 0);
     topic_override = "delivery.events";
-    ls = example("live_stats", "--bootstrap", c->bootstrap, "--db",
-                 tu_path(tu_dir, "ls.db"), "--until-idle", "2500");
-    svc = example("delivery_service", "--db", tu_path(tu_dir, "svc.db"),
-                  "--deliveries", "300", "--bootstrap", c->bootstrap);
+    ls = tu_example("live_stats", "--bootstrap", c->bootstrap, "--db",
+                    tu_path(tu_dir, "ls.db"), "--until-idle", "2500");
+    svc = tu_example("delivery_service", "--db", tu_path(tu_dir, "svc.db"),
+                     "--deliveries", "300", "--bootstrap", c->bootstrap);
     /* The archiver, killed at random moments while the service runs. */
     while (kills < 3) {
         int before = files_in(dir);
@@ -762,12 +729,12 @@ START_TEST(live_stats_from_the_archive_equals_the_stream)
         p->exited = 1;
         kills++;
     }
-    example_done(svc, "delivery_service");
+    tu_example_wait(svc, "delivery_service");
     nprocs = 0;
     p = archiver(c, dir, "g-stats", 0, "--until-idle", "2000",
                  (const char *)NULL);
     ck_assert_int_eq(finish(p, 60000), 0);
-    example_done(ls, "live_stats");
+    tu_example_wait(ls, "live_stats");
 
     db = tu_open(tu_path(tu_dir, "batch.db"));
     tu_exec(db, "CREATE TABLE lines(line TEXT NOT NULL)");
