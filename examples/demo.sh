@@ -87,7 +87,7 @@ if command -v sqlite3 >/dev/null 2>&1; then
         -exec gzip -dc {} + | sed -e '1s/^/[/' -e '$!s/$/,/' -e '$s/$/]/' \
         > "$work/archive.json"
     sqlite3 -header -column :memory: <<SQL
-SELECT substr(json_extract(e.value, '\$.time'), 12, 5) AS minute,
+SELECT substr(json_extract(e.value, '\$.time'), 1, 16) AS minute,
        json_extract(e.value, '\$.action') AS status, count(*) AS deliveries
   FROM json_each(CAST(readfile('$work/archive.json') AS TEXT)) AS e
  WHERE json_extract(e.value, '\$.subjecttype') = 'delivery'

@@ -53,6 +53,9 @@
 #define ZOUT_SIZE (256 * 1024)
 #define REPORT_EXAMPLES 20
 #define SUBJECT_BUCKETS 65536
+/* Subjects the report follows (about 150 bytes each): beyond, new
+ * subjects are counted as untracked, so memory stays bounded. */
+#define SUBJECT_MAX 100000
 
 const char usage_archive[] =
     "usage: deliveryevents archive -b SERVERS --topic NAME [--topic NAME]...\n"
@@ -128,7 +131,8 @@ typedef struct archiver {
     de__decoded dec;
     subj **subjects;
     long events, unparsed, files, gaps, dups, conflicts, skipped;
-    json_t *examples; /* the first REPORT_EXAMPLES findings */
+    long subjects_n, untracked; /* subjects followed; events not */
+    json_t *examples;           /* the first REPORT_EXAMPLES findings */
     int64_t started_ms;
 } archiver;
 
@@ -802,8 +806,12 @@ static void track(archiver *A, const de_event_view *v)
         if (strcmp(s->key, key) == 0)
             break;
     if (s == NULL) {
-        if ((s = calloc(1, sizeof *s + strlen(key) + 1)) == NULL)
+        if (A->subjects_n >= SUBJECT_MAX ||
+            (s = calloc(1, sizeof *s + strlen(key) + 1)) == NULL) {
+            A->untracked++;
             return;
+        }
+        A->subjects_n++;
         strcpy(s->key, key);
         s->next_s = A->subjects[h % SUBJECT_BUCKETS];
         A->subjects[h % SUBJECT_BUCKETS] = s;
@@ -843,12 +851,14 @@ static void write_report(archiver *A)
     pathf(dir, "%s/_reports", A->dir);
     pathf(path, "%s/%s-%d.json", dir, stamp, (int)getpid());
     pathf(tmp, "%s/.%s-%d.json.tmp", dir, stamp, (int)getpid());
-    r = json_pack("{s:I, s:I, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:b, s:O}",
+    r = json_pack("{s:I, s:I, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, "
+                  "s:b, s:O}",
                   "started_ms", (json_int_t)A->started_ms, "ended_ms",
                   (json_int_t)now_ms(), "events", (int)A->events, "unparsed",
                   (int)A->unparsed, "files", (int)A->files, "skipped",
                   (int)A->skipped, "gaps", (int)A->gaps, "duplicates",
-                  (int)A->dups, "conflicts", (int)A->conflicts, "failed",
+                  (int)A->dups, "conflicts", (int)A->conflicts, "subjects",
+                  (int)A->subjects_n, "untracked", (int)A->untracked, "failed",
                   A->failed, "examples", A->examples);
     if (r == NULL || make_dirs(dir) != 0 ||
         json_dump_file(r, tmp, JSON_INDENT(2)) != 0 || rename(tmp, path) != 0)
