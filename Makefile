@@ -163,7 +163,7 @@ $(BUILD)/examples/%: examples/%.c examples/example.h $(SHLIB) $(PCUNINST)
 $(BUILD)/bench/%: bench/%.c $(wildcard bench/*.h) $(STLIB) $(PCUNINST)
 	@mkdir -p $(dir $@)
 	$(CC) $(USER_CFLAGS) -Iinclude $(CFLAGS) $(PKG_CFLAGS) $(LDFLAGS) -o $@ $< \
-	    $(STLIB) $(PKG_LIBS) -pthread -lm
+	    $(STLIB) $(PKG_LIBS) $(ZLIB_LIBS) -pthread -lm
 
 # The tool links the static library: it runs from the build tree and from
 # BINDIR alike, and sanitizer builds cover it too.

@@ -134,6 +134,9 @@ typedef struct archiver {
     long subjects_n, untracked; /* subjects followed; events not */
     json_t *examples;           /* the first REPORT_EXAMPLES findings */
     int64_t started_ms;
+    /* For throughput: when the first and the last record were read, the
+     * last file finished, and how long the final close took (0: none). */
+    int64_t first_read_ms, last_read_ms, last_durable_ms, final_close_ms;
 } archiver;
 
 /* ---- lines ------------------------------------------------------------ */
@@ -539,6 +542,7 @@ static void part_roll(archiver *A, apart *ap)
     }
     ap->durable = f->last + 1;
     A->files++;
+    A->last_durable_ms = now_ms();
     file_free(f);
 }
 
@@ -852,14 +856,18 @@ static void write_report(archiver *A)
     pathf(path, "%s/%s-%d.json", dir, stamp, (int)getpid());
     pathf(tmp, "%s/.%s-%d.json.tmp", dir, stamp, (int)getpid());
     r = json_pack("{s:I, s:I, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, "
-                  "s:b, s:O}",
+                  "s:I, s:I, s:I, s:I, s:b, s:O}",
                   "started_ms", (json_int_t)A->started_ms, "ended_ms",
                   (json_int_t)now_ms(), "events", (int)A->events, "unparsed",
                   (int)A->unparsed, "files", (int)A->files, "skipped",
                   (int)A->skipped, "gaps", (int)A->gaps, "duplicates",
                   (int)A->dups, "conflicts", (int)A->conflicts, "subjects",
-                  (int)A->subjects_n, "untracked", (int)A->untracked, "failed",
-                  A->failed, "examples", A->examples);
+                  (int)A->subjects_n, "untracked", (int)A->untracked,
+                  "first_read_ms", (json_int_t)A->first_read_ms, "last_read_ms",
+                  (json_int_t)A->last_read_ms, "last_durable_ms",
+                  (json_int_t)A->last_durable_ms, "final_close_ms",
+                  (json_int_t)A->final_close_ms, "failed", A->failed,
+                  "examples", A->examples);
     if (r == NULL || make_dirs(dir) != 0 ||
         json_dump_file(r, tmp, JSON_INDENT(2)) != 0 || rename(tmp, path) != 0)
         say("cannot write the report %s: %s", path, strerror(errno));
@@ -886,6 +894,9 @@ static void archive_record(archiver *A, rd_kafka_message_t *m)
         return;
     }
     ap->eof = false;
+    A->last_read_ms = now_ms();
+    if (A->first_read_ms == 0)
+        A->first_read_ms = A->last_read_ms;
     if (de__envelope_decode(m, A->tmpl, &A->dec, why, sizeof why)) {
         int64_t t = A->dec.view.occurred_at_ms;
         bucket = t >= 0 ? t / HOUR_MS : -((-t + HOUR_MS - 1) / HOUR_MS);
@@ -971,10 +982,12 @@ static int archive_run(archiver *A, long until_idle)
         }
     }
     /* A clean stop: everything read is made durable and committed. */
+    idle_since = mono_ms();
     for (apart *ap = A->parts; ap != NULL; ap = ap->next_ap)
         part_roll(A, ap);
     if (!A->failed)
         commit_durable(A, NULL);
+    A->final_close_ms = mono_ms() - idle_since;
     return A->failed ? 1 : 0;
 }
 
