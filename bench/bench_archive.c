@@ -126,7 +126,7 @@ static double archive_round(const char *dir, int round, long n)
     pid = fork();
     BENCH_CHECK(pid >= 0, "fork");
     if (pid == 0) {
-        execl(tool, "deliveryevents", "archive", "-b", bootstrap, "--topic",
+        execl(tool, tool, "archive", "-b", bootstrap, "--topic",
               TOPIC, "--dir", dir, "--group", group, "--until-idle", "1000",
               "-X", "log_level=0", (char *)NULL);
         _exit(127);

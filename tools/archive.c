@@ -180,7 +180,13 @@ static void buf_str(buf *b, const char *s, size_t n)
 
     buf_put(b, "\"", 1);
     while (i < n) {
-        size_t len = de__utf8_seq_len(p + i, n - i);
+        size_t len;
+        if (p[i] >= 0x20 && p[i] < 0x80 && p[i] != '"' && p[i] != '\\') {
+            i++; /* the common case, without a call */
+            run++;
+            continue;
+        }
+        len = de__utf8_seq_len(p + i, n - i);
         if (len > 0 && p[i] >= 0x20 && p[i] != '"' && p[i] != '\\') {
             i += len;
             run += len;
@@ -551,8 +557,15 @@ static void part_roll(archiver *A, apart *ap)
 static void commit_durable(archiver *A,
                            const rd_kafka_topic_partition_list_t *only)
 {
-    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(4);
+    rd_kafka_topic_partition_list_t *l;
     rd_kafka_resp_err_t e;
+    bool any = false;
+
+    for (apart *ap = A->parts; ap != NULL && !any; ap = ap->next_ap)
+        any = ap->durable > ap->committed;
+    if (!any)
+        return; /* the usual case, checked after every record */
+    l = rd_kafka_topic_partition_list_new(4);
 
     for (apart *ap = A->parts; ap != NULL; ap = ap->next_ap)
         if (ap->durable > ap->committed &&
