@@ -721,6 +721,26 @@ static int64_t part_recover(archiver *A, const apart *ap)
     return end;
 }
 
+/* Takes (assign) or gives up partitions, eagerly or, with the
+ * cooperative-sticky assignor (-X partition.assignment.strategy), only
+ * those named. */
+static void change_assignment(rd_kafka_t *rk,
+                              const rd_kafka_topic_partition_list_t *parts,
+                              bool assign)
+{
+    rd_kafka_error_t *e = NULL;
+
+    if (strcmp(rd_kafka_rebalance_protocol(rk), "COOPERATIVE") == 0)
+        e = assign ? rd_kafka_incremental_assign(rk, parts)
+                   : rd_kafka_incremental_unassign(rk, parts);
+    else
+        rd_kafka_assign(rk, assign ? parts : NULL);
+    if (e != NULL) {
+        say("%s%s", rd_kafka_error_string(e), "");
+        rd_kafka_error_destroy(e);
+    }
+}
+
 static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
                          rd_kafka_topic_partition_list_t *parts, void *opaque)
 {
@@ -757,10 +777,8 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
         }
         if (!A->failed) {
             commit_durable(A, parts); /* files found: committed now */
-            rd_kafka_assign(rk, parts);
-        } else {
-            rd_kafka_assign(rk, NULL);
-        }
+            change_assignment(rk, parts, true);
+        } /* else the loop stops, taking nothing */
     } else {
         /* Revoked: what is open is made durable and committed before the
          * partitions go to another member. */
@@ -780,7 +798,7 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
                 pp = &ap->next_ap;
             }
         }
-        rd_kafka_assign(rk, NULL);
+        change_assignment(rk, parts, false);
     }
 }
 
