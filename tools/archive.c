@@ -51,6 +51,9 @@
 #define DEFAULT_ROLL_MS 60000
 #define DEFAULT_ROLL_BYTES (64L << 20)
 #define ZOUT_SIZE (256 * 1024)
+/* Lines are gathered and handed to deflate this many bytes at a time:
+ * one deflate call per line costs more than the compressing itself. */
+#define STAGE_SIZE (64 * 1024)
 #define REPORT_EXAMPLES 20
 #define SUBJECT_BUCKETS 65536
 /* Subjects the report follows (about 150 bytes each): beyond, new
@@ -94,7 +97,8 @@ typedef struct afile {
     char final[PATH_MAX], tmp[PATH_MAX], dir[PATH_MAX];
     int fd;
     z_stream z;
-    unsigned char *zout;
+    unsigned char *zout, *stage; /* deflate's output; lines not yet fed */
+    size_t staged;
     int64_t first, last, bucket, opened_ms;
     uint64_t raw_bytes;
     long lines;
@@ -411,8 +415,9 @@ static int write_all(int fd, const unsigned char *p, size_t n)
     return 0;
 }
 
-/* Feeds deflate with flush, writing what it produces. */
-static int deflate_out(afile *f, int flush)
+/* Runs deflate over what next_in holds with flush, writing what it
+ * produces (deflate takes all the input once it has room to spare). */
+static int deflate_more(afile *f, int flush)
 {
     int zr;
 
@@ -428,6 +433,15 @@ static int deflate_out(afile *f, int flush)
     return 0;
 }
 
+/* Feeds deflate the staged lines with flush. */
+static int deflate_out(afile *f, int flush)
+{
+    f->z.next_in = f->stage;
+    f->z.avail_in = (unsigned)f->staged;
+    f->staged = 0;
+    return deflate_more(f, flush);
+}
+
 static void file_free(afile *f)
 {
     if (f == NULL)
@@ -436,6 +450,7 @@ static void file_free(afile *f)
         close(f->fd);
     deflateEnd(&f->z);
     free(f->zout);
+    free(f->stage);
     free(f);
 }
 
@@ -487,7 +502,8 @@ static afile *file_open(archiver *A, const apart *ap, int64_t bucket,
         free(f);
         return NULL;
     }
-    if ((f->zout = malloc(ZOUT_SIZE)) == NULL || make_dirs(f->dir) != 0 ||
+    if ((f->zout = malloc(ZOUT_SIZE)) == NULL ||
+        (f->stage = malloc(STAGE_SIZE)) == NULL || make_dirs(f->dir) != 0 ||
         (f->fd = open(f->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644)) <
             0) {
         say("cannot create %s: %s", f->tmp, strerror(errno));
@@ -913,6 +929,22 @@ static void write_report(archiver *A)
 
 /* ---- the loop ------------------------------------------------------------ */
 
+/* Appends a line to f's staged bytes, compressing them when full (a line
+ * longer than the stage goes to deflate on its own). */
+static bool stage_line(afile *f, const char *p, size_t n)
+{
+    if (f->staged + n > STAGE_SIZE && deflate_out(f, Z_NO_FLUSH) != 0)
+        return false;
+    if (n > STAGE_SIZE) {
+        f->z.next_in = (unsigned char *)(uintptr_t)p;
+        f->z.avail_in = (unsigned)n;
+        return deflate_more(f, Z_NO_FLUSH) == 0;
+    }
+    memcpy(f->stage + f->staged, p, n);
+    f->staged += n;
+    return true;
+}
+
 static void archive_record(archiver *A, rd_kafka_message_t *m)
 {
     const char *topic = rd_kafka_topic_name(m->rkt);
@@ -951,9 +983,7 @@ static void archive_record(archiver *A, rd_kafka_message_t *m)
         A->failed = true;
     if (A->failed)
         return;
-    ap->f->z.next_in = (unsigned char *)A->line.p;
-    ap->f->z.avail_in = (unsigned)A->line.n;
-    if (deflate_out(ap->f, Z_NO_FLUSH) != 0) {
+    if (!stage_line(ap->f, A->line.p, A->line.n)) {
         say("cannot write %s: %s", ap->f->tmp, strerror(errno));
         A->failed = true;
         return;
