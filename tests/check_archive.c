@@ -476,6 +476,10 @@ START_TEST(every_event_once_across_random_sigkills)
         tu_topic_create(c, "delivery", 3);
         r = relay_for(c);
         written = 0;
+        /* The topic exists before the archiver looks (a cluster that
+         * creates topics on first use). */
+        write_events(1, NULL);
+        tu_ok(de_relay_flush(r, 30000));
         for (int l = 0; l < 2; l++) {
             snprintf(dir[l], sizeof dir[l], "%s/%d-%d", archive_dir(), w, l);
             snprintf(group[l], sizeof group[l], "g-kill-%d", l);
@@ -565,6 +569,8 @@ START_TEST(a_rebalance_between_two_archivers)
         r = relay_for(c);
         written = 0;
         nprocs = 0;
+        write_events(1, NULL);
+        tu_ok(de_relay_flush(r, 30000));
         a = archiver(c, dir, "g-rebal", 0, "--roll-ms", "200",
                      (const char *)NULL);
         for (int64_t dl = tu_now_ms() + 20000;
