@@ -126,9 +126,9 @@ static double archive_round(const char *dir, int round, long n)
     pid = fork();
     BENCH_CHECK(pid >= 0, "fork");
     if (pid == 0) {
-        execl(tool, tool, "archive", "-b", bootstrap, "--topic",
-              TOPIC, "--dir", dir, "--group", group, "--until-idle", "1000",
-              "-X", "log_level=0", (char *)NULL);
+        execl(tool, tool, "archive", "-b", bootstrap, "--topic", TOPIC, "--dir",
+              dir, "--group", group, "--until-idle", "1000", "-X",
+              "log_level=0", (char *)NULL);
         _exit(127);
     }
     BENCH_CHECK(wait4(pid, &status, 0, &ru) == pid && WIFEXITED(status) &&
