@@ -43,9 +43,9 @@ PCFILE   := $(BUILD)/deliveryevents.pc
 PCUNINST := $(BUILD)/pc-uninstalled/deliveryevents.pc
 
 # Debian package for each pkg-config module (make deps).
-DEPS_MODULES := sqlite3 rdkafka jansson check libmicrohttpd
+DEPS_MODULES := sqlite3 rdkafka jansson check libmicrohttpd zlib
 DEPS_DEBS    := librdkafka-dev libjansson-dev libsqlite3-dev check pkg-config \
-                libmicrohttpd-dev curl
+                libmicrohttpd-dev curl zlib1g-dev
 
 # Recursively expanded on purpose: read only when a recipe runs, which is
 # after `deps` has installed pkg-config and the libraries.
@@ -53,9 +53,11 @@ PKG_CFLAGS   = $(shell pkg-config --cflags sqlite3 rdkafka jansson)
 PKG_LIBS     = $(shell pkg-config --libs sqlite3 rdkafka jansson)
 # The tool's HTTP server for relay --metrics (the library does not link it).
 HTTPD_LIBS   = $(shell pkg-config --libs libmicrohttpd)
+# gzip for the tool's archive command (the library does not link it).
+ZLIB_LIBS    = $(shell pkg-config --libs zlib)
 # What the tool links beyond the library's own dependencies (fuzz_tool
 # compiles the tool's source in, so it links them too).
-TOOL_LIBS    = $(HTTPD_LIBS)
+TOOL_LIBS    = $(HTTPD_LIBS) $(ZLIB_LIBS)
 CHECK_CFLAGS = $(shell pkg-config --cflags check)
 CHECK_LIBS   = $(shell pkg-config --libs check)
 
@@ -93,7 +95,7 @@ BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 .PHONY: all deps check check-all check-suites stage check-header check-exports \
         demo-run \
         check-install check-remote check-asan check-tsan demo bench examples install \
-        soak soak-short soak-powerloss \
+        soak soak-short soak-powerloss soak-archive \
         uninstall clean format format-check mock-reorder-experiment
 
 TOOL := $(BUILD)/deliveryevents
@@ -164,12 +166,16 @@ $(BUILD)/examples/%: examples/%.c examples/example.h $(SHLIB) $(PCUNINST)
 $(BUILD)/bench/%: bench/%.c $(wildcard bench/*.h) $(STLIB) $(PCUNINST)
 	@mkdir -p $(dir $@)
 	$(CC) $(USER_CFLAGS) -Iinclude $(CFLAGS) $(PKG_CFLAGS) $(LDFLAGS) -o $@ $< \
-	    $(STLIB) $(PKG_LIBS) -pthread -lm
+	    $(STLIB) $(PKG_LIBS) $(ZLIB_LIBS) -pthread -lm
 
 # The tool links the static library: it runs from the build tree and from
 # BINDIR alike, and sanitizer builds cover it too.
-$(TOOL): tools/deliveryevents.c $(STLIB)
-	$(CC) $(DE_CFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(SAN_EXTRA) $(STLIB) \
+# archive.c decodes records with the library's own de__envelope_decode
+# (lib/internal.h), hence -Ilib.
+TOOL_SRCS := $(sort $(wildcard tools/*.c))
+$(TOOL): $(TOOL_SRCS) $(wildcard tools/*.h) lib/internal.h $(STLIB)
+	$(CC) $(DE_CFLAGS) -Ilib $(shell pkg-config --cflags zlib) $(CFLAGS) \
+	    $(LDFLAGS) -o $@ $(TOOL_SRCS) $(SAN_EXTRA) $(STLIB) \
 	    $(PKG_LIBS) $(TOOL_LIBS) -pthread
 
 examples: $(EXAMPLE_BINS)
@@ -196,7 +202,7 @@ $(BUILD)/tests/%: tests/%.c $(TEST_UTIL_SRCS) $(wildcard tests/util/*.h) $(STLIB
 	@mkdir -p $(dir $@)
 	$(CC) $(DE_CFLAGS) -Ilib -Itests/util $(CHECK_CFLAGS) $(CFLAGS) \
 	    $(LDFLAGS) -o $@ $< $(TEST_UTIL_SRCS) $(SAN_EXTRA) $(STLIB) \
-	    $(PKG_LIBS) $(CHECK_LIBS) -pthread
+	    $(PKG_LIBS) $(CHECK_LIBS) $(ZLIB_LIBS) -pthread
 
 # The suites run the tool as installed (`make install` into a scratch
 # DESTDIR), the copy a user would run, not the one in the build tree.
@@ -215,10 +221,15 @@ check-suites: $(TEST_BINS) stage $(EXAMPLE_BINS) $(FUZZ_REPLAY)
 	  $(BUILD)/fuzz/replay_$$f fuzz/corpus/$$f fuzz/regressions/$$f || fail=1; \
 	done; exit $$fail
 
+# fuzz_tool compiles tools/deliveryevents.c in; the tool's other sources
+# are linked beside it.
+FUZZ_EXTRA_tool := $(filter-out tools/deliveryevents.c,$(TOOL_SRCS))
+$(BUILD)/fuzz/replay_tool: $(TOOL_SRCS) $(wildcard tools/*.h)
 $(BUILD)/fuzz/replay_%: fuzz/fuzz_%.c fuzz/driver.c $(STLIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(DE_CFLAGS) -Ilib $(CFLAGS) $(LDFLAGS) -o $@ $< fuzz/driver.c \
-	    $(SAN_EXTRA) $(STLIB) $(PKG_LIBS) $(TOOL_LIBS) -pthread
+	$(CC) $(DE_CFLAGS) -Ilib $(CFLAGS) $(LDFLAGS) -o $@ $< \
+	    $(FUZZ_EXTRA_$*) fuzz/driver.c $(SAN_EXTRA) $(STLIB) $(PKG_LIBS) \
+	    $(TOOL_LIBS) -pthread
 
 # libFuzzer, each target for FUZZ_SECONDS (default 60) from its seed corpus
 # (copied: new inputs go to build-fuzz/corpus, not into the repository);
@@ -236,9 +247,11 @@ fuzz: deps
 	@fail=0; for f in $(FUZZ_NAMES); do \
 	  mkdir -p build-fuzz/corpus/$$f build-fuzz/crashes/$$f; \
 	  cp -n fuzz/corpus/$$f/* build-fuzz/corpus/$$f/ 2>/dev/null || true; \
+	  extra=; [ $$f != tool ] || extra="$(FUZZ_EXTRA_tool)"; \
 	  clang $(DE_CFLAGS) -Ilib -g -O1 $(FUZZ_SAN) -fsanitize=fuzzer \
-	      -o build-fuzz/fuzz_$$f fuzz/fuzz_$$f.c build-fuzz/libdeliveryevents.a \
-	      $(PKG_LIBS) $(TOOL_LIBS) -pthread || exit 1; \
+	      -o build-fuzz/fuzz_$$f fuzz/fuzz_$$f.c $$extra \
+	      build-fuzz/libdeliveryevents.a $(PKG_LIBS) $(TOOL_LIBS) -pthread \
+	      || exit 1; \
 	  echo "== fuzz_$$f ($(FUZZ_SECONDS) s)"; \
 	  build-fuzz/fuzz_$$f -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
 	      -artifact_prefix=build-fuzz/crashes/$$f/ build-fuzz/corpus/$$f \
@@ -311,6 +324,11 @@ soak-short: $(BUILD)/tests/soak $(TOOL)
 # `make check` (about 7 minutes).
 soak-powerloss: $(BUILD)/tests/check_durability
 	DE_PL_CUTS=1000 CK_RUN_CASE=power-loss $(BUILD)/tests/check_durability
+
+# The archiver SIGKILLed 100 times instead of the 10 of `make check`.
+soak-archive: $(BUILD)/tests/check_archive stage
+	$(RUN_ENV) DE_TOOL=$(STAGED_TOOL) DE_ARCHIVE_KILLS=100 CK_RUN_CASE=kills \
+	    $(BUILD)/tests/check_archive
 
 # Sanitizer runs cut the power 30 times instead of 100 (they are slower).
 check-asan:

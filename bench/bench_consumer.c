@@ -36,44 +36,6 @@
  */
 #include "bench_kafka.h"
 
-static double bare_round(const char *topic, long n, int round)
-{
-    rd_kafka_conf_t *c = rd_kafka_conf_new();
-    rd_kafka_topic_partition_list_t *l;
-    char err[512], group[64];
-    double t0 = 0, t1 = 0;
-    long got = 0;
-    rd_kafka_t *rk;
-
-    snprintf(group, sizeof group, "bench-bare-%s-%d", topic, round);
-    rd_kafka_conf_set(c, "bootstrap.servers", bootstrap, err, sizeof err);
-    rd_kafka_conf_set(c, "group.id", group, err, sizeof err);
-    rd_kafka_conf_set(c, "auto.offset.reset", "earliest", err, sizeof err);
-    rd_kafka_conf_set(c, "enable.auto.commit", "false", err, sizeof err);
-    rd_kafka_conf_set_log_cb(c, quiet_rk);
-    rk = rd_kafka_new(RD_KAFKA_CONSUMER, c, err, sizeof err);
-    BENCH_CHECK(rk != NULL, "%s", err);
-    rd_kafka_poll_set_consumer(rk);
-    l = rd_kafka_topic_partition_list_new(1);
-    rd_kafka_topic_partition_list_add(l, topic, RD_KAFKA_PARTITION_UA);
-    rd_kafka_subscribe(rk, l);
-    rd_kafka_topic_partition_list_destroy(l);
-    while (got < n) {
-        rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 1000);
-        if (m == NULL)
-            continue;
-        if (m->err == 0) {
-            if (got++ == 0)
-                t0 = bench_now();
-            t1 = bench_now();
-        }
-        rd_kafka_message_destroy(m);
-    }
-    rd_kafka_consumer_close(rk);
-    rd_kafka_destroy(rk);
-    return (double)(n - 1) / (t1 - t0);
-}
-
 /* The order in which the last de_consumer round applied its events
  * (subject number and ce_subjectseq), for the floor to write the same
  * rows in the same order. */
@@ -257,36 +219,25 @@ static void scenario(const char *dir, long n, long subjects, int partitions,
 {
     char db[4200], spec[64];
     const char *topics[] = {spec, NULL};
-    de_conf *conf = de_conf_new();
-    de_relay *r = NULL;
     double *bare = calloc((size_t)rounds, sizeof(double));
     double *de = calloc((size_t)rounds, sizeof(double));
     double *ratio = calloc((size_t)rounds, sizeof(double));
 
-    BENCH_CHECK(conf && bare && de && ratio, "out of memory");
+    BENCH_CHECK(bare && de && ratio, "out of memory");
     snprintf(spec, sizeof spec, "bench.delivery.events:%d", partitions);
-    start_mock(topics);
     snprintf(db, sizeof db, "%s/service-%ld.db", dir, subjects);
-    make_backlog(db, n, subjects);
-    BENCH_SET(conf, "bootstrap.servers", bootstrap);
-    BENCH_SET(conf, "topic.template", "bench.{subject_type}.events");
-    BENCH_SET_HMAC(conf);
-    de_conf_set_log_cb(conf, quiet, NULL);
-    BENCH_CHECK(de_relay_start_path(db, conf, &r) == DE_OK, "%s", de_errmsg());
-    BENCH_CHECK(de_relay_flush(r, -1) == DE_OK, "%s", de_errmsg());
-    de_relay_stop(r, 10000);
-    de_conf_destroy(conf);
+    publish_backlog(topics, db, n, subjects);
 
     printf("consume: %ld events over %ld subjects, %d partitions, mock "
            "cluster in its own process; clocks start at the first event\n",
            n, subjects, partitions);
     for (long i = 0; i < rounds; i++) {
         if (i % 2 == 0) {
-            bare[i] = bare_round("bench.delivery.events", n, (int)i);
+            bare[i] = bench_bare_round("bench.delivery.events", n, (int)i);
             de[i] = de_round(dir, n, subjects, (int)i);
         } else {
             de[i] = de_round(dir, n, subjects, (int)i);
-            bare[i] = bare_round("bench.delivery.events", n, (int)i);
+            bare[i] = bench_bare_round("bench.delivery.events", n, (int)i);
         }
         ratio[i] = de[i] / bare[i];
         printf("  round %ld: bare %8.0f msg/s, de_consumer %8.0f events/s, "

@@ -102,6 +102,47 @@ static void exec_sql(sqlite3 *db, const char *sql)
                 sql, err ? err : "?");
 }
 
+/* A bare librdkafka consumer (a fresh group per round) reading n records
+ * of topic, without decoding them: records per second from the first to
+ * the last (the group join left out). */
+static inline double bench_bare_round(const char *topic, long n, int round)
+{
+    rd_kafka_conf_t *c = rd_kafka_conf_new();
+    rd_kafka_topic_partition_list_t *l;
+    char err[512], group[64];
+    double t0 = 0, t1 = 0;
+    long got = 0;
+    rd_kafka_t *rk;
+
+    snprintf(group, sizeof group, "bench-bare-%s-%d", topic, round);
+    rd_kafka_conf_set(c, "bootstrap.servers", bootstrap, err, sizeof err);
+    rd_kafka_conf_set(c, "group.id", group, err, sizeof err);
+    rd_kafka_conf_set(c, "auto.offset.reset", "earliest", err, sizeof err);
+    rd_kafka_conf_set(c, "enable.auto.commit", "false", err, sizeof err);
+    rd_kafka_conf_set_log_cb(c, quiet_rk);
+    rk = rd_kafka_new(RD_KAFKA_CONSUMER, c, err, sizeof err);
+    BENCH_CHECK(rk != NULL, "%s", err);
+    rd_kafka_poll_set_consumer(rk);
+    l = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(l, topic, RD_KAFKA_PARTITION_UA);
+    rd_kafka_subscribe(rk, l);
+    rd_kafka_topic_partition_list_destroy(l);
+    while (got < n) {
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 1000);
+        if (m == NULL)
+            continue;
+        if (m->err == 0) {
+            if (got++ == 0)
+                t0 = bench_now();
+            t1 = bench_now();
+        }
+        rd_kafka_message_destroy(m);
+    }
+    rd_kafka_consumer_close(rk);
+    rd_kafka_destroy(rk);
+    return (double)(n - 1) / (t1 - t0);
+}
+
 /* A database whose outbox holds n events over `subjects` subjects (event
  * x belongs to subject x mod subjects). */
 static void make_backlog(const char *path, long n, long subjects)
@@ -124,6 +165,29 @@ static void make_backlog(const char *path, long n, long subjects)
     exec_sql(db, sql);
     de_outbox_close(ob);
     sqlite3_close(db);
+}
+
+/* The mock cluster with topics, and n events over `subjects` subjects
+ * published to it by a relay (topic.template bench.{subject_type}.events)
+ * from a backlog in db_path. */
+static inline void publish_backlog(const char *const *topics,
+                                   const char *db_path, long n, long subjects)
+{
+    de_conf *conf = de_conf_new();
+    de_relay *r = NULL;
+
+    BENCH_CHECK(conf != NULL, "out of memory");
+    start_mock(topics);
+    make_backlog(db_path, n, subjects);
+    BENCH_SET(conf, "bootstrap.servers", bootstrap);
+    BENCH_SET(conf, "topic.template", "bench.{subject_type}.events");
+    BENCH_SET_HMAC(conf); /* signed when the consumer checks signatures */
+    de_conf_set_log_cb(conf, quiet, NULL);
+    BENCH_CHECK(de_relay_start_path(db_path, conf, &r) == DE_OK, "%s",
+                de_errmsg());
+    BENCH_CHECK(de_relay_flush(r, -1) == DE_OK, "%s", de_errmsg());
+    de_relay_stop(r, 10000);
+    de_conf_destroy(conf);
 }
 
 #endif

@@ -7,8 +7,10 @@
 #        relay (a thread in the service, woken by each commit) --> Kafka
 #   query_model, notifier, live_stats  <-- consume, each into its own SQLite
 #
-# and finally `deliveryevents tail` reads the topic back and checks every
-# delivery's events are there, in order.
+# then `deliveryevents tail` reads the topic back and checks every
+# delivery's events are there, in order, and finally `deliveryevents
+# archive` writes the events to gzip'd NDJSON files partitioned by event
+# hour, and sqlite3 (when installed) answers one question from them alone.
 # Usage: demo.sh BUILD_DIR
 set -eu
 build=${1:?usage: demo.sh BUILD_DIR}
@@ -73,5 +75,31 @@ echo
 echo "== reading delivery.events back from Kafka (first 6 records, then the order check)"
 "$tool" tail --bootstrap "$bootstrap" --topic delivery.events --from-beginning \
     --exit-at-end --print 6
+echo
+echo "== the analytics history: deliveryevents archive writes every event once, by event hour"
+"$tool" archive --bootstrap "$bootstrap" --topic delivery.events \
+    --dir "$work/archive" --until-idle 2000 2> "$work/archive.err" ||
+    { cat "$work/archive.err" >&2; exit 1; }
+tail -n 1 "$work/archive.err"
+(cd "$work/archive" && find delivery.events -name '*.ndjson.gz' | sort | head -4)
+echo "   ... $(find "$work/archive" -name '*.ndjson.gz' | wc -l) files"
+if command -v sqlite3 >/dev/null 2>&1; then
+    echo
+    echo "== one query over the archive alone (sqlite3 with its JSON functions):"
+    echo "   deliveries reaching each status, per minute of event time"
+    # One JSON array of every event line, read with readfile().
+    find "$work/archive/delivery.events" -path '*/dt=*' -name '*.ndjson.gz' \
+        -exec gzip -dc {} + | sed -e '1s/^/[/' -e '$!s/$/,/' -e '$s/$/]/' \
+        > "$work/archive.json"
+    sqlite3 -header -column :memory: <<SQL
+SELECT substr(json_extract(e.value, '\$.time'), 1, 16) AS minute,
+       json_extract(e.value, '\$.action') AS status, count(*) AS deliveries
+  FROM json_each(CAST(readfile('$work/archive.json') AS TEXT)) AS e
+ WHERE json_extract(e.value, '\$.subjecttype') = 'delivery'
+ GROUP BY 1, 2 ORDER BY 1, 2 LIMIT 12;
+SQL
+else
+    echo "(install sqlite3 to see a query over the archive: apt-get install sqlite3)"
+fi
 echo
 echo "demo finished in $(( $(date +%s) - start )) s"

@@ -685,7 +685,7 @@ static uint32_t utf8_decode(const char *s, size_t n, size_t *len)
     *len = 1;
     if (u[0] < 0x80)
         return u[0];
-    *len = de__utf8_seq_len(s, n);
+    *len = de__utf8_seq_len(u, n);
     if (*len == 0) {
         *len = 1;
         return RX_NOT_A_CHAR; /* jansson's strings are valid UTF-8 */

@@ -266,9 +266,9 @@ bool de__is_ident(const char *s);
  * bidirectional formatting controls (U+061C, U+200E, U+200F,
  * U+202A..U+202E, U+2066..U+2069). */
 bool de__is_clean_utf8(const char *s, size_t len);
-/* Length in bytes of the UTF-8 sequence at s (at most len bytes), or 0
+/* Length of the UTF-8 sequence starting at s (at most avail bytes), or 0
  * when it is not a valid, shortest-form encoding of a scalar value. */
-size_t de__utf8_seq_len(const char *s, size_t len);
+size_t de__utf8_seq_len(const unsigned char *s, size_t avail);
 /* 1..36 printable ASCII characters without spaces. */
 bool de__is_event_id(const char *s);
 /* A W3C trace-context traceparent header value. */

@@ -13,9 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Length of the UTF-8 sequence starting at s (at most avail bytes), or 0
- * when it is not a valid, shortest-form encoding of a scalar value. */
-static size_t utf8_seq_len(const unsigned char *s, size_t avail)
+size_t de__utf8_seq_len(const unsigned char *s, size_t avail)
 {
     unsigned char c = s[0];
     size_t n, i;
@@ -46,11 +44,6 @@ static size_t utf8_seq_len(const unsigned char *s, size_t avail)
         (cp >= 0xd800 && cp <= 0xdfff))
         return 0;
     return n;
-}
-
-size_t de__utf8_seq_len(const char *s, size_t len)
-{
-    return len == 0 ? 0 : utf8_seq_len((const unsigned char *)s, len);
 }
 
 /* Whether the n-byte sequence at s is one of Unicode's bidirectional
@@ -88,7 +81,7 @@ char *de__quote(char *buf, size_t bufsize, const char *s, size_t len)
         len = strlen(s);
     buf[o++] = '\'';
     while (i < len) {
-        n = utf8_seq_len(p + i, len - i);
+        n = de__utf8_seq_len(p + i, len - i);
         if (n == 1 && (p[i] < 0x20 || p[i] == 0x7f))
             n = 0;
         if (n == 2 && p[i] == 0xc2 && p[i + 1] < 0xa0)
@@ -147,7 +140,7 @@ bool de__is_clean_utf8(const char *s, size_t len)
             i++;
             continue;
         }
-        n = utf8_seq_len(p + i, len - i);
+        n = de__utf8_seq_len(p + i, len - i);
         if (n == 0)
             return false;
         if (n == 1 && (p[i] < 0x20 || p[i] == 0x7f))
@@ -356,7 +349,7 @@ static bool jv_string(struct jv *j, const unsigned char **body, size_t *n,
             }
             continue;
         }
-        k = utf8_seq_len(j->p, (size_t)(j->end - j->p));
+        k = de__utf8_seq_len(j->p, (size_t)(j->end - j->p));
         if (k == 0)
             return jv_fail(j, "invalid UTF-8");
         j->p += k;
@@ -372,7 +365,7 @@ static const unsigned char *next_cp(const unsigned char *p, uint32_t *cp)
     size_t n;
 
     if (*p != '\\') {
-        n = utf8_seq_len(p, 4);
+        n = de__utf8_seq_len(p, 4);
         *cp = n == 1 ? p[0] : (uint32_t)(p[0] & (0xff >> (n + 1)));
         for (size_t i = 1; i < n; i++)
             *cp = (*cp << 6) | (p[i] & 0x3f);

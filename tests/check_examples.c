@@ -23,37 +23,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-static pid_t run(const char *prog, const char *a1, const char *a2,
-                 const char *a3, const char *a4, const char *a5, const char *a6)
-{
-    const char *exdir = getenv("DE_EXAMPLES");
-    char path[4200], out[4300];
-    pid_t pid;
-
-    ck_assert_msg(exdir != NULL, "DE_EXAMPLES (the examples' directory) "
-                                 "unset");
-    snprintf(path, sizeof path, "%s/%s", exdir, prog);
-    snprintf(out, sizeof out, "%s/%s.out", tu_dir, prog);
-    pid = fork();
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) {
-        if (!freopen(out, "w", stdout))
-            _exit(126);
-        execl(path, prog, a1, a2, a3, a4, a5, a6, (char *)NULL);
-        _exit(127);
-    }
-    return pid;
-}
-
-static void finish(pid_t pid, const char *what)
-{
-    int status;
-
-    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
-    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
-                  "%s exited with status %d", what, status);
-}
-
 /* Rows of `a` not in `b`, both queries over the attached databases. */
 static int64_t differ(sqlite3 *db, const char *a, const char *b)
 {
@@ -92,24 +61,24 @@ START_TEST(examples_agree_with_the_service)
     ck_assert_int_eq(
         rd_kafka_mock_topic_create(c->mock, "delivery.events", 6, 1), 0);
     (void)topic;
-    q = run("query_model", "--bootstrap", c->bootstrap, "--db",
-            tu_path(tu_dir, "q.db"), "--until-idle", "2500");
-    n = run("notifier", "--bootstrap", c->bootstrap, "--db",
-            tu_path(tu_dir, "n.db"), "--until-idle", "2500");
-    s = run("live_stats", "--bootstrap", c->bootstrap, "--db",
-            tu_path(tu_dir, "s.db"), "--until-idle", "2500");
-    b = run("dispatch_board", "--bootstrap", c->bootstrap, "--db",
-            tu_path(tu_dir, "b.db"), "--until-idle", "2500");
-    courier = run("courier_app", "--bootstrap", c->bootstrap, "--riders", "10",
-                  "--pings", "5");
-    svc = run("delivery_service", "--db", tu_path(tu_dir, "svc.db"),
-              "--deliveries", "150", "--bootstrap", c->bootstrap);
-    finish(courier, "courier_app");
-    finish(svc, "delivery_service");
-    finish(b, "dispatch_board");
-    finish(q, "query_model");
-    finish(n, "notifier");
-    finish(s, "live_stats");
+    q = tu_example("query_model", "--bootstrap", c->bootstrap, "--db",
+                   tu_path(tu_dir, "q.db"), "--until-idle", "2500");
+    n = tu_example("notifier", "--bootstrap", c->bootstrap, "--db",
+                   tu_path(tu_dir, "n.db"), "--until-idle", "2500");
+    s = tu_example("live_stats", "--bootstrap", c->bootstrap, "--db",
+                   tu_path(tu_dir, "s.db"), "--until-idle", "2500");
+    b = tu_example("dispatch_board", "--bootstrap", c->bootstrap, "--db",
+                   tu_path(tu_dir, "b.db"), "--until-idle", "2500");
+    courier = tu_example("courier_app", "--bootstrap", c->bootstrap, "--riders",
+                         "10", "--pings", "5");
+    svc = tu_example("delivery_service", "--db", tu_path(tu_dir, "svc.db"),
+                     "--deliveries", "150", "--bootstrap", c->bootstrap);
+    tu_example_wait(courier, "courier_app");
+    tu_example_wait(svc, "delivery_service");
+    tu_example_wait(b, "dispatch_board");
+    tu_example_wait(q, "query_model");
+    tu_example_wait(n, "notifier");
+    tu_example_wait(s, "live_stats");
 
     db = tu_open(tu_path(tu_dir, "svc.db"));
     snprintf(sql, sizeof sql,

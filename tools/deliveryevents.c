@@ -91,6 +91,13 @@
  *       at the end of the topic and prints a summary; --print limits how
  *       many events are printed.  --bootstrap is an alias of -b.
  *
+ *   deliveryevents archive -b SERVERS --topic NAME [--topic NAME]...
+ *                          --dir DIR [--group G] [--roll-ms N]
+ *                          [--roll-bytes N] [--until-idle MS]
+ *       Writes every event of the topics, exactly once across crashes and
+ *       rebalances, to gzip'd NDJSON files (CloudEvents JSON format) in
+ *       Hive-style partitions by event time (tools/archive.c).
+ *
  *   Every command takes --help (-h).
  *
  * Exit status: 0 on success; 1 on a runtime failure (including a relay
@@ -100,6 +107,8 @@
  * message names the bad argument or value); 3 when tail found a subject out of
  * order or with a gap.
  */
+#include "tool.h"
+
 #include <deliveryevents.h>
 #include <jansson.h>
 #include <librdkafka/rdkafka.h>
@@ -123,7 +132,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static volatile sig_atomic_t stop_signal, signals_seen;
+volatile sig_atomic_t stop_signal, signals_seen;
 
 static void on_signal(int sig)
 {
@@ -131,7 +140,7 @@ static void on_signal(int sig)
     signals_seen++;
 }
 
-static void catch_signals(void)
+void catch_signals(void)
 {
     struct sigaction sa;
 
@@ -141,7 +150,7 @@ static void catch_signals(void)
     sigaction(SIGTERM, &sa, NULL);
 }
 
-static int64_t now_ms(void)
+int64_t now_ms(void)
 {
     struct timespec ts;
 
@@ -149,7 +158,7 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static int64_t mono_ms(void)
+int64_t mono_ms(void)
 {
     struct timespec ts;
 
@@ -293,6 +302,12 @@ static void usage(FILE *out)
         "  asyncapi --db PATH\n"
         "                 an AsyncAPI 3.0 document of those contracts "
         "(read-only)\n"
+        "  archive -b SERVERS --topic NAME [--topic NAME]... --dir DIR\n"
+        "        [--group G] [--roll-ms N] [--roll-bytes N] [--until-idle MS]\n"
+        "        [-X key=value]... [--config FILE]\n"
+        "                 write the topics' events, exactly once, to "
+        "gzip'd NDJSON\n"
+        "                 files partitioned by event time\n"
         "  mock-cluster [--brokers N] [--topic NAME[:PARTITIONS]]... "
         "[--until-stdin-eof]\n"
         "                 run a mock Kafka cluster on loopback\n"
@@ -303,7 +318,7 @@ static void usage(FILE *out)
         "subject out of order\n");
 }
 
-static int bad_usage(const char *cmd, const char *fmt, const char *arg)
+int bad_usage(const char *cmd, const char *fmt, const char *arg)
 {
     fprintf(stderr, "deliveryevents: %s: ", cmd);
     fprintf(stderr, fmt, arg);
@@ -318,7 +333,7 @@ static int is_help(const char *a)
 
 /* Whether a command's arguments ask for its help (--help or -h, wherever
  * they are); the usage is then printed on stdout. */
-static int wants_help(int argc, char **argv, const char *usage_text)
+int wants_help(int argc, char **argv, const char *usage_text)
 {
     for (int i = 0; i < argc; i++)
         if (is_help(argv[i])) {
@@ -337,7 +352,7 @@ static int split_subject(const char *s, const char **colon)
 
 /* The value of the option at argv[*i], or NULL (said on stderr) when it is
  * the last argument. */
-static const char *opt_value(const char *cmd, int argc, char **argv, int *i)
+const char *opt_value(const char *cmd, int argc, char **argv, int *i)
 {
     if (*i + 1 >= argc) {
         bad_usage(cmd, "%s needs a value", argv[*i]);
@@ -348,8 +363,8 @@ static const char *opt_value(const char *cmd, int argc, char **argv, int *i)
 
 /* Parses a whole decimal number in [min, max]; says why not on stderr
  * (unless cmd is NULL). */
-static int parse_num(const char *cmd, const char *opt, const char *s, long min,
-                     long max, long *out)
+int parse_num(const char *cmd, const char *opt, const char *s, long min,
+              long max, long *out)
 {
     char *end;
     long v;
@@ -369,22 +384,7 @@ static int parse_num(const char *cmd, const char *opt, const char *s, long min,
     return 0;
 }
 
-/*
- * Properties of relay, replay and tail, from (later ones winning) the
- * environment -- DELIVERYEVENTS_X_SASL_PASSWORD=... sets sasl.password --,
- * --config FILE (key=value lines, # comments), -b SERVERS and -X
- * key=value.  A value written @FILE is read from FILE (its first line;
- * @@ for a value that starts with @).  So secrets need not be on the
- * command line, where /proc/<pid>/cmdline shows them to every local user;
- * -X values that are there are wiped from argv once parsed.  Messages name
- * keys and files, never values.
- */
-typedef struct props {
-    const char *cmd;
-    de_conf *conf;       /* every property, validated by the library */
-    rd_kafka_conf_t *rk; /* tail's consumer: librdkafka's, set here too */
-} props;
-
+/* Properties (see tool.h for where they come from). */
 #define ENV_PREFIX "DELIVERYEVENTS_X_"
 
 /* The value raw stands for: itself, or FILE's first line for @FILE; NULL
@@ -465,7 +465,7 @@ static int split_kv(const char *s, char *key, size_t size, const char **value)
 }
 
 /* The environment's DELIVERYEVENTS_X_* variables. */
-static int props_from_env(props *p)
+int props_from_env(props *p)
 {
     extern char **environ;
     char key[256], where[300];
@@ -529,7 +529,7 @@ static int props_from_file(props *p, const char *path)
 }
 
 /* -b SERVERS, -X key=value or --config FILE (option a, value v). */
-static int props_option(props *p, const char *a, const char *v)
+int props_option(props *p, const char *a, const char *v)
 {
     char key[256];
     const char *value;
@@ -548,7 +548,7 @@ static int props_option(props *p, const char *a, const char *v)
 }
 
 /* Whether a is one of the options props_option takes. */
-static int is_props_option(const char *a)
+int is_props_option(const char *a)
 {
     return strcmp(a, "-b") == 0 || strcmp(a, "--bootstrap") == 0 ||
            strcmp(a, "-X") == 0 || strcmp(a, "--config") == 0;
@@ -556,7 +556,7 @@ static int is_props_option(const char *a)
 
 /* Wipes the values of -X arguments from argv (what ps and
  * /proc/<pid>/cmdline show), once they are parsed and copied. */
-static void wipe_x_values(int argc, char **argv)
+void wipe_x_values(int argc, char **argv)
 {
     for (int i = 0; i + 1 < argc; i++) {
         char *eq;
@@ -1595,7 +1595,7 @@ static void put_escaped_str(FILE *out, const char *s)
 
 /* A JSON string of s[0, n), valid whatever the bytes: what is not UTF-8
  * is written \xNN (as text). */
-static json_t *json_text(const char *s, size_t n)
+json_t *json_text(const char *s, size_t n)
 {
     char *buf;
     FILE *f;
@@ -3671,6 +3671,8 @@ int main(int argc, char **argv)
         return cmd_mock_cluster(argc - 2, argv + 2);
     if (strcmp(argv[1], "tail") == 0)
         return cmd_tail(argc - 2, argv + 2);
+    if (strcmp(argv[1], "archive") == 0)
+        return cmd_archive(argc - 2, argv + 2);
     if (strcmp(argv[1], "--version") == 0) {
         printf("deliveryevents %s (librdkafka %s, SQLite %s)\n", de_version(),
                rd_kafka_version_str(), sqlite3_libversion());

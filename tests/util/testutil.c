@@ -5,6 +5,7 @@
 #include "testutil.h"
 
 #include <ftw.h>
+#include <sys/wait.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -142,4 +143,35 @@ void tu_check_err(de_err got, de_err want, const char *substr, const char *expr,
         ck_assert_msg(strstr(de_errmsg(), substr) != NULL,
                       "%s:%d: message of %s lacks '%s': %s", file, line, expr,
                       substr, de_errmsg());
+}
+
+pid_t tu_example(const char *prog, const char *a1, const char *a2,
+                 const char *a3, const char *a4, const char *a5, const char *a6)
+{
+    const char *exdir = getenv("DE_EXAMPLES");
+    char path[4200], out[4300];
+    pid_t pid;
+
+    ck_assert_msg(exdir != NULL, "DE_EXAMPLES (the examples' directory) "
+                                 "unset");
+    snprintf(path, sizeof path, "%s/%s", exdir, prog);
+    snprintf(out, sizeof out, "%s/%s.out", tu_dir, prog);
+    pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        if (!freopen(out, "w", stdout))
+            _exit(126);
+        execl(path, prog, a1, a2, a3, a4, a5, a6, (char *)NULL);
+        _exit(127);
+    }
+    return pid;
+}
+
+void tu_example_wait(pid_t pid, const char *what)
+{
+    int status;
+
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                  "%s exited with status %d", what, status);
 }

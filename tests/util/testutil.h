@@ -11,6 +11,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/types.h>
 #include <time.h>
 
 #include "deliveryevents.h"
@@ -50,6 +51,14 @@ void tu_check_err(de_err got, de_err want, const char *substr, const char *expr,
     tu_check_err((call), (code), (substr), #call, __FILE__, __LINE__)
 
 #define tu_ok(call) tu_assert_err(call, DE_OK, NULL)
+
+/* Starts example program prog (from $DE_EXAMPLES) with up to six
+ * arguments (NULL ends them), its stdout in "<tu_dir>/<prog>.out". */
+pid_t tu_example(const char *prog, const char *a1, const char *a2,
+                 const char *a3, const char *a4, const char *a5,
+                 const char *a6);
+/* Waits for it; fails the test unless it exited 0 (what names it). */
+void tu_example_wait(pid_t pid, const char *what);
 
 /* Runs a suite with Check's default runner; returns the number failed. */
 int tu_run(Suite *s);
