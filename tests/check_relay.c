@@ -1451,7 +1451,9 @@ static Suite *relay_suite(void)
     TCase *tc = tcase_create("publish");
 
     tcase_add_checked_fixture(tc, setup, teardown);
-    tcase_set_timeout(tc, 120);
+    /* A guard against a hang, not a measure: the bounded-outbox test
+     * writes for a while, and other suites share the cores. */
+    tcase_set_timeout(tc, 300);
     tcase_add_loop_test(tc, publishes_committed_events_in_order,
                         tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, woken_by_the_commit, tu_cluster_first(),

@@ -2093,6 +2093,9 @@ static Suite *tool_suite(void)
     TCase *status = tcase_create("status"), *tc;
 
     tcase_add_checked_fixture(usage, setup, teardown);
+    /* Each test runs the tool dozens of times: Check's default of 4 s is
+     * too short on a busy machine. */
+    tcase_set_timeout(usage, 60);
     tcase_add_test(usage, help_for_the_tool_and_every_command);
     tcase_add_test(usage, an_option_without_its_value_is_named);
     tcase_add_test(usage, bad_numbers_are_named);
