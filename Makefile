@@ -212,11 +212,14 @@ STAGED_TOOL := $(STAGE)$(BINDIR)/deliveryevents
 stage: all
 	@$(MAKE) --no-print-directory -s install DESTDIR=$(STAGE) >/dev/null
 
+# The suites' test cases run CHECK_JOBS at a time (tests/run_suites.sh
+# says why); CHECK_JOBS=1 runs them one after the other.
+CHECK_JOBS ?= 4
 check-suites: $(TEST_BINS) stage $(EXAMPLE_BINS) $(FUZZ_REPLAY)
-	@fail=0; for t in $(TEST_BINS); do \
-	  echo "== $$t"; $(RUN_ENV) DE_TOOL=$(STAGED_TOOL) \
-	    DE_EXAMPLES=$(abspath $(BUILD)/examples) $$t || fail=1; \
-	done; \
+	@fail=0; $(RUN_ENV) DE_TOOL=$(STAGED_TOOL) \
+	  DE_EXAMPLES=$(abspath $(BUILD)/examples) \
+	  sh tests/run_suites.sh $(CHECK_JOBS) $(BUILD)/test-logs $(TEST_BINS) \
+	  || fail=1; \
 	for f in $(FUZZ_NAMES); do \
 	  $(BUILD)/fuzz/replay_$$f fuzz/corpus/$$f fuzz/regressions/$$f || fail=1; \
 	done; exit $$fail
