@@ -44,10 +44,10 @@ if [ -z "$bootstrap" ]; then
 fi
 echo "check-remote: cluster in process $mock at $bootstrap"
 
+# The suites' test cases share the one cluster, as they would a real one.
 fail=0
-for t in "$@"; do
-    echo "== $t (KAFKA_BOOTSTRAP_SERVERS=$bootstrap)"
-    KAFKA_BOOTSTRAP_SERVERS=$bootstrap KAFKA_TEST_AUTOCREATE_TOPICS=1 \
-        KAFKA_TEST_REAL_ONLY=1 CK_EXCLUDE_TAGS=mock-only "$t" || fail=1
-done
+KAFKA_BOOTSTRAP_SERVERS=$bootstrap KAFKA_TEST_AUTOCREATE_TOPICS=1 \
+    KAFKA_TEST_REAL_ONLY=1 CK_EXCLUDE_TAGS=mock-only \
+    sh "$(dirname "$0")/run_suites.sh" "${CHECK_JOBS:-4}" "$dir/logs" "$@" ||
+    fail=1
 exit $fail
