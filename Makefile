@@ -204,7 +204,7 @@ $(PG_PCFILE): pkgconfig/deliveryevents-pg.pc.in $(HEADER)
 $(BUILD)/tests/check_pg_%: tests/check_pg_%.c $(PG_TEST_SRCS) tests/pg/pgserver.h \
                            $(TEST_UTIL_SRCS) $(wildcard tests/util/*.h) $(PG_STLIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(DE_CFLAGS) $(PQ_CFLAGS) -Ilib -Itests/util -Itests/pg \
+	$(CC) $(DE_CFLAGS) $(PQ_CFLAGS) -Ilib -Ilib/pg -Itests/util -Itests/pg \
 	    $(CHECK_CFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(PG_TEST_SRCS) \
 	    $(TEST_UTIL_SRCS) $(SAN_EXTRA) $(PG_STLIB) $(PKG_LIBS) $(PQ_LIBS) \
 	    $(CHECK_LIBS) $(ZLIB_LIBS) -pthread

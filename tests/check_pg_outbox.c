@@ -10,9 +10,11 @@
  * runs with track_commit_timestamp, and the commit timestamps of the
  * transactions must not go down in position order; a reader polling
  * "position > last" while the writers run must end up with every
- * committed event (no skip).
+ * committed event (no skip).  That reader is the relay's own: the source
+ * seam (lib/pg/source_pg.c), tested here too.
  */
 #include "deliveryevents_pg.h"
+#include "pg_int.h"
 #include "pgserver.h"
 #include "testutil.h"
 
@@ -364,6 +366,229 @@ START_TEST(test_sequence_behind_data)
 }
 END_TEST
 
+/* What a read through the source collects. */
+typedef struct collected {
+    int64_t last;      /* the position of the last row taken */
+    long long n, cap;  /* rows taken, room in ids */
+    char (*ids)[37];   /* their event ids */
+    long long stop_at; /* DE__AGAIN once n reaches it (0: never) */
+} collected;
+
+/* A de__row_fn: positions must come in increasing order. */
+static de_err collect(void *ctx, const de__row *row)
+{
+    collected *c = ctx;
+
+    if (c->stop_at > 0 && c->n >= c->stop_at)
+        return DE__AGAIN;
+    ck_assert_int_gt(row->position, c->last);
+    ck_assert_int_lt(c->n, c->cap);
+    ck_assert_uint_le(strlen(row->event_id), 36);
+    c->last = row->position;
+    memcpy(c->ids[c->n++], row->event_id, strlen(row->event_id) + 1);
+    return DE_OK;
+}
+
+/* Reads everything after c->last, in batches of 50, like a relay. */
+static void read_all(de__source *src, collected *c)
+{
+    int64_t n;
+
+    do
+        tu_ok(src->ops->read(src, c->last, 50, collect, c, &n));
+    while (n == 50);
+}
+
+/* ---- the relay's source ------------------------------------------------ */
+
+/* Commits one event of subject_id on conn. */
+static void commit_one(const char *subject_id)
+{
+    de_event ev = event(subject_id);
+
+    tpg_exec(conn, "BEGIN");
+    tu_ok(de_record(ob, &ev, NULL));
+    tpg_exec(conn, "COMMIT");
+}
+
+START_TEST(test_source_reads_in_commit_order)
+{
+    static char ids[8][37];
+    collected c = {.ids = ids, .cap = 8, .stop_at = 1};
+    PGconn *c2 = tpg_connect(conninfo);
+    de_outbox *ob2 = NULL;
+    de__source *src = NULL;
+    char outbox_id[37], buf[DE__EVENT_ID_MAX + 1];
+    int64_t n, max;
+    bool found;
+
+    tu_ok(de_outbox_open_pg(c2, NULL, &ob2));
+    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
+    ck_assert_int_eq(strlen(outbox_id), 36);
+    overtake(c2, ob2, "BEGIN"); /* D-second commits first */
+    commit_one("D-third");
+    /* DE__AGAIN stops before the row, which the next read gets. */
+    tu_ok(src->ops->read(src, 0, 10, collect, &c, &n));
+    ck_assert_int_eq(n, 1);
+    c.stop_at = 0;
+    tu_ok(src->ops->read(src, c.last, 10, collect, &c, &n));
+    ck_assert_int_eq(n, 2);
+    ck_assert_int_eq(c.n, 3);
+    tu_ok(src->ops->max_position(src, &max));
+    ck_assert_int_eq(max, c.last);
+    ck_assert_int_eq(position_of("D-second"), max - 2);
+    ck_assert_int_eq(position_of("D-first"), max - 1);
+    ck_assert_str_eq(src->ops->event_id_at(src, max, buf), ids[2]);
+    ck_assert_ptr_null(src->ops->event_id_at(src, max + 1, buf));
+    c.last = max - 1;
+    c.n = 0;
+    tu_ok(src->ops->read_one(src, max, collect, &c, &found));
+    ck_assert(found);
+    ck_assert_str_eq(ids[0], ids[2]);
+    tu_ok(src->ops->read_one(src, max + 1, collect, &c, &found));
+    ck_assert(!found);
+    src->ops->close(src);
+    de_outbox_close(ob2);
+    PQfinish(c2);
+}
+END_TEST
+
+/* A row with every field: what the relay reads is what was recorded. */
+static de_err check_fields(void *ctx, const de__row *row)
+{
+    const de_recorded *rec = ctx;
+
+    ck_assert_str_eq(row->event_id, rec->event_id);
+    ck_assert_str_eq(row->subject_type, "delivery");
+    ck_assert_str_eq(row->subject_id, "D-\xc3\xa9");
+    ck_assert_uint_eq(row->subject_id_len, 4);
+    ck_assert_str_eq(row->action, "assigned");
+    ck_assert_int_eq(row->occurred_at_ms, 1700000000123);
+    ck_assert_int_ge(row->recorded_at_ms, 1700000000123);
+    ck_assert_str_eq(row->payload, "{\"courier\":\"C-7\"}");
+    ck_assert_uint_eq(row->payload_len, 17);
+    ck_assert_str_eq(row->traceparent,
+                     "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    ck_assert_str_eq(row->tracestate, "k=v");
+    ck_assert_ptr_null(row->dataschema);
+    return DE_OK;
+}
+
+START_TEST(test_source_row_fields)
+{
+    de_event ev = event("D-\xc3\xa9");
+    de__source *src = NULL;
+    char outbox_id[37];
+    de_recorded rec;
+    int64_t n;
+
+    ev.occurred_at_ms = 1700000000123;
+    ev.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    ev.tracestate = "k=v";
+    tpg_exec(conn, "BEGIN");
+    tu_ok(de_record(ob, &ev, &rec));
+    tpg_exec(conn, "COMMIT");
+    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
+    tu_ok(src->ops->read(src, 0, 10, check_fields, &rec, &n));
+    ck_assert_int_eq(n, 1);
+    src->ops->close(src);
+}
+END_TEST
+
+START_TEST(test_source_delete_range)
+{
+    de__source *src = NULL;
+    char outbox_id[37];
+    int64_t upto, floor_, max;
+    int deleted, i;
+
+    for (i = 0; i < 4; i++)
+        commit_one("D-1");
+    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
+    tu_ok(src->ops->max_position(src, &max));
+    ck_assert_int_eq(max, 4);
+    /* Retention: rows recorded after the cut-off stay. */
+    tu_ok(src->ops->delete_range(src, 1, 2, 1000, &upto, &deleted));
+    ck_assert_int_eq(upto, 0);
+    ck_assert_int_eq(deleted, 0);
+    tu_ok(src->ops->delete_range(src, 1, 2, 0, &upto, &deleted));
+    ck_assert_int_eq(upto, 2);
+    ck_assert_int_eq(deleted, 2);
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 2);
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox_order"), 2);
+    tu_ok(src->ops->deleted_upto(src, &floor_));
+    ck_assert_int_eq(floor_, 2);
+    /* The floor never goes down. */
+    tu_ok(src->ops->delete_range(src, 1, 1, 0, &upto, &deleted));
+    ck_assert_int_eq(deleted, 0);
+    tu_ok(src->ops->deleted_upto(src, &floor_));
+    ck_assert_int_eq(floor_, 2);
+    /* A row locked elsewhere: not now, rather than a wait. */
+    tpg_exec(conn, "BEGIN");
+    tpg_exec(conn, "SELECT * FROM deliveryevents.outbox_order WHERE "
+                   "position = 3 FOR UPDATE");
+    tu_assert_err(src->ops->delete_range(src, 3, 4, 0, &upto, &deleted),
+                  DE__AGAIN, NULL);
+    tpg_exec(conn, "ROLLBACK");
+    tu_ok(src->ops->delete_range(src, 3, 4, 0, &upto, &deleted));
+    ck_assert_int_eq(upto, 4);
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 0);
+    src->ops->close(src);
+}
+END_TEST
+
+/* The relay's connection hears the commit; a lost connection comes back
+ * at the next operation. */
+START_TEST(test_source_changed_and_reconnect)
+{
+    static char ids[4][37];
+    collected c = {.ids = ids, .cap = 4};
+    de__source *src = NULL;
+    char outbox_id[37];
+    bool changed = false;
+    int i;
+
+    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
+    ck_assert(!src->ops->changed(src));
+    commit_one("D-1");
+    for (i = 0; i < 1000 && !changed; i++) {
+        changed = src->ops->changed(src);
+        if (!changed)
+            usleep(10000);
+    }
+    ck_assert_msg(changed, "no notification within 10 s of the commit");
+    ck_assert(!src->ops->changed(src)); /* consumed */
+    read_all(src, &c);
+    ck_assert_int_eq(c.n, 1);
+    /* The server drops the relay's connection. */
+    ck_assert_int_eq(tpg_int(conn, "SELECT count(pg_terminate_backend(pid)) "
+                                   "FROM pg_stat_activity WHERE datname = "
+                                   "current_database() AND application_name "
+                                   "= 'deliveryevents-relay'"),
+                     1);
+    commit_one("D-2");
+    /* The first operation may fail (libpq learns of it then); the next
+     * reconnects and reads. */
+    for (i = 0; i < 2 && c.n < 2; i++) {
+        int64_t n;
+        (void)src->ops->read(src, c.last, 10, collect, &c, &n);
+    }
+    ck_assert_int_eq(c.n, 2);
+    src->ops->close(src);
+}
+END_TEST
+
+START_TEST(test_source_no_outbox)
+{
+    de__source *src = NULL;
+    char outbox_id[37];
+
+    tu_assert_err(de__source_open_pg(tpg_fresh_db(), false, &src, outbox_id),
+                  DE_ERR_STATE, "no outbox");
+    ck_assert_ptr_null(src);
+}
+END_TEST
+
 /* ---- many writers ------------------------------------------------------ */
 
 #define WRITERS 24
@@ -445,43 +670,19 @@ done:
     return NULL;
 }
 
-/* Reads "position > last" like a relay; returns the rows read and
- * advances *last.  Positions must come in increasing order. */
-static long long read_after(PGconn *c, long long *last, long long *ids,
-                            long long cap, long long have)
-{
-    char sql[160];
-    PGresult *r;
-    int i, n;
-
-    snprintf(sql, sizeof sql,
-             "SELECT position, id FROM deliveryevents.outbox_order WHERE "
-             "position > %lld ORDER BY position",
-             *last);
-    r = PQexec(c, sql);
-    ck_assert_msg(PQresultStatus(r) == PGRES_TUPLES_OK, "%s",
-                  PQresultErrorMessage(r));
-    n = PQntuples(r);
-    for (i = 0; i < n; i++) {
-        long long pos = atoll(PQgetvalue(r, i, 0));
-        ck_assert_int_gt(pos, *last);
-        *last = pos;
-        ck_assert_int_lt(have, cap);
-        ids[have++] = atoll(PQgetvalue(r, i, 1));
-    }
-    PQclear(r);
-    return have;
-}
-
 START_TEST(test_many_writers_commit_order)
 {
     static writer ws[WRITERS];
-    static long long ids[WRITERS * TXNS * 3];
+    static char ids[WRITERS * TXNS * 3][37];
+    collected seen = {.ids = ids, .cap = WRITERS * TXNS * 3};
     pthread_t th[WRITERS];
     PGconn *reader = tpg_connect(conninfo);
-    long long last = 0, have = 0, committed = 0, i;
+    de__source *src = NULL;
+    char outbox_id[37];
+    long long committed = 0, i;
     int left;
 
+    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
     writers_left = WRITERS;
     for (i = 0; i < WRITERS; i++) {
         ws[i].n = (int)i;
@@ -492,14 +693,15 @@ START_TEST(test_many_writers_commit_order)
         pthread_mutex_lock(&left_mu);
         left = writers_left;
         pthread_mutex_unlock(&left_mu);
-        have = read_after(reader, &last, ids, WRITERS * TXNS * 3, have);
+        read_all(src, &seen);
     } while (left > 0);
     for (i = 0; i < WRITERS; i++) {
         pthread_join(th[i], NULL);
         ck_assert_msg(ws[i].error[0] == '\0', "%s", ws[i].error);
         committed += ws[i].committed;
     }
-    have = read_after(reader, &last, ids, WRITERS * TXNS * 3, have);
+    read_all(src, &seen);
+    src->ops->close(src);
     ck_assert_int_gt(committed, WRITERS * TXNS / 2);
     /* Exactly the committed events got positions... */
     ck_assert_int_eq(count(reader, "deliveryevents.outbox"), committed);
@@ -509,16 +711,17 @@ START_TEST(test_many_writers_commit_order)
                      0);
     /* ...the polling reader saw every one of them, each once (nothing
      * skipped past)... */
-    ck_assert_int_eq(have, committed);
-    tpg_exec(reader, "CREATE TEMP TABLE seen (id bigint PRIMARY KEY)");
-    for (i = 0; i < have; i++) {
-        char sql[80];
-        snprintf(sql, sizeof sql, "INSERT INTO seen VALUES (%lld)", ids[i]);
+    ck_assert_int_eq(seen.n, committed);
+    tpg_exec(reader, "CREATE TEMP TABLE seen (event_id text PRIMARY KEY)");
+    for (i = 0; i < seen.n; i++) {
+        char sql[100];
+        snprintf(sql, sizeof sql, "INSERT INTO seen VALUES ('%s')", ids[i]);
         tpg_exec(reader, sql);
     }
     ck_assert_int_eq(tpg_int(reader, "SELECT count(*) FROM "
                                      "deliveryevents.outbox e LEFT JOIN seen "
-                                     "s USING (id) WHERE s.id IS NULL"),
+                                     "s USING (event_id) WHERE s.event_id "
+                                     "IS NULL"),
                      0);
     /* ...and in position order the commit timestamps (the server's own
      * record, independent of our positions) never go down. */
@@ -560,6 +763,11 @@ static Suite *pg_outbox_suite(void)
     tcase_add_test(tc, test_notify_at_commit);
     tcase_add_test(tc, test_contracts_not_yet);
     tcase_add_test(tc, test_sequence_behind_data);
+    tcase_add_test(tc, test_source_reads_in_commit_order);
+    tcase_add_test(tc, test_source_row_fields);
+    tcase_add_test(tc, test_source_delete_range);
+    tcase_add_test(tc, test_source_changed_and_reconnect);
+    tcase_add_test(tc, test_source_no_outbox);
     tcase_add_test(tc, test_many_writers_commit_order);
     suite_add_tcase(s, tc);
     return s;

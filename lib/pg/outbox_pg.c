@@ -24,7 +24,7 @@
  */
 /* internal.h first: it marks the build (DE_BUILDING_LIBRARY) so that
  * DE_EXTERN exports what deliveryevents_pg.h declares. */
-#include "internal.h"
+#include "pg_int.h"
 
 #include "deliveryevents_pg.h"
 
@@ -82,7 +82,7 @@ static const char *const migrations[PG_SCHEMA_VERSION] = {
     ", " PG_LOCK_ORDER ");\n"
     "  INSERT INTO deliveryevents.outbox_order(position, id) VALUES "
     "(pg_catalog.nextval('deliveryevents.outbox_position'), NEW.id);\n"
-    "  PERFORM pg_catalog.pg_notify('deliveryevents_outbox', '');\n"
+    "  PERFORM pg_catalog.pg_notify('" DE__PG_CHANNEL "', '');\n"
     "  RETURN NULL;\n"
     "END\n$$;"
     "CREATE CONSTRAINT TRIGGER outbox_commit AFTER INSERT ON "
@@ -108,9 +108,7 @@ static const char *pg_message(const char *msg, char *buf, size_t size)
     return buf[0] ? buf : "no message from libpq";
 }
 
-/* DE_ERR_DB: "<what>: <the server's text>"; clears r (may be NULL: the
- * connection's message then). */
-static de_err pg_fail(PGconn *conn, PGresult *r, const char *what)
+de_err de__pg_fail(PGconn *conn, PGresult *r, const char *what)
 {
     char msg[512];
     de_err err =
@@ -122,16 +120,13 @@ static de_err pg_fail(PGconn *conn, PGresult *r, const char *what)
     return err;
 }
 
-/* Runs sql (no parameters) expecting `want`; *res receives the result
- * when res is not NULL (the caller clears it).  DE_ERR_DB with what
- * ("cannot ...") and the server's text on failure. */
-static de_err pg_exec(PGconn *conn, const char *sql, ExecStatusType want,
-                      PGresult **res, const char *what)
+de_err de__pg_exec(PGconn *conn, const char *sql, ExecStatusType want,
+                   PGresult **res, const char *what)
 {
     PGresult *r = PQexec(conn, sql);
 
     if (r == NULL || PQresultStatus(r) != want)
-        return pg_fail(conn, r, what);
+        return de__pg_fail(conn, r, what);
     if (res != NULL)
         *res = r;
     else
@@ -146,11 +141,11 @@ static de_err schema_version(PGconn *conn, int *out)
     de_err err;
 
     *out = 0;
-    if ((err = pg_exec(conn,
-                       "SELECT value FROM deliveryevents.meta "
-                       "WHERE key = 'schema_version'",
-                       PGRES_TUPLES_OK, &r,
-                       "cannot read the outbox's schema version")) != DE_OK)
+    if ((err = de__pg_exec(conn,
+                           "SELECT value FROM deliveryevents.meta "
+                           "WHERE key = 'schema_version'",
+                           PGRES_TUPLES_OK, &r,
+                           "cannot read the outbox's schema version")) != DE_OK)
         return err;
     if (PQntuples(r) == 1)
         *out = atoi(PQgetvalue(r, 0, 0));
@@ -167,7 +162,7 @@ static de_err schema_version(PGconn *conn, int *out)
  * never be handed out twice.  That step holds the commit-order lock, so
  * no recorder draws a position meanwhile.
  */
-static de_err schema_ensure(PGconn *conn)
+de_err de__pg_schema_ensure(PGconn *conn, char outbox_id[37])
 {
     char sql[160], uuid[37];
     const char *params[1];
@@ -175,24 +170,26 @@ static de_err schema_ensure(PGconn *conn)
     int version = 0, i;
     de_err err;
 
-    if ((err = pg_exec(conn, "BEGIN", PGRES_COMMAND_OK, NULL,
-                       "cannot begin the outbox's migration")) != DE_OK)
+    if ((err = de__pg_exec(conn, "BEGIN", PGRES_COMMAND_OK, NULL,
+                           "cannot begin the outbox's migration")) != DE_OK)
         return err;
     /* SET LOCAL: no "already exists, skipping" notices on the host's
      * connection, and the host's own setting back at COMMIT. */
-    if ((err = pg_exec(conn,
-                       "SET LOCAL client_min_messages = warning;"
-                       "SELECT pg_catalog.pg_advisory_xact_lock(" PG_LOCK_CLASS
-                       ", " PG_LOCK_MIGRATE ")",
-                       PGRES_TUPLES_OK, NULL,
-                       "cannot lock the outbox's schema")) != DE_OK ||
-        (err = pg_exec(conn,
-                       "CREATE SCHEMA IF NOT EXISTS deliveryevents;"
-                       "CREATE TABLE IF NOT EXISTS deliveryevents.meta ("
-                       "  key text PRIMARY KEY, value text NOT NULL)",
-                       PGRES_COMMAND_OK, NULL,
-                       "cannot create schema deliveryevents (the role needs "
-                       "CREATE on the database once)")) != DE_OK ||
+    if ((err = de__pg_exec(
+             conn,
+             "SET LOCAL client_min_messages = warning;"
+             "SELECT pg_catalog.pg_advisory_xact_lock(" PG_LOCK_CLASS
+             ", " PG_LOCK_MIGRATE ")",
+             PGRES_TUPLES_OK, NULL, "cannot lock the outbox's schema")) !=
+            DE_OK ||
+        (err =
+             de__pg_exec(conn,
+                         "CREATE SCHEMA IF NOT EXISTS deliveryevents;"
+                         "CREATE TABLE IF NOT EXISTS deliveryevents.meta ("
+                         "  key text PRIMARY KEY, value text NOT NULL)",
+                         PGRES_COMMAND_OK, NULL,
+                         "cannot create schema deliveryevents (the role needs "
+                         "CREATE on the database once)")) != DE_OK ||
         (err = schema_version(conn, &version)) != DE_OK)
         goto fail;
     if (version > PG_SCHEMA_VERSION) {
@@ -206,16 +203,17 @@ static de_err schema_ensure(PGconn *conn)
         snprintf(sql, sizeof sql,
                  "cannot migrate the outbox's schema from version %d to %d", i,
                  i + 1);
-        if ((err = pg_exec(conn, migrations[i], PGRES_COMMAND_OK, NULL, sql)) !=
-            DE_OK)
+        if ((err = de__pg_exec(conn, migrations[i], PGRES_COMMAND_OK, NULL,
+                               sql)) != DE_OK)
             goto fail;
     }
     snprintf(sql, sizeof sql,
              "INSERT INTO deliveryevents.meta VALUES ('schema_version', "
              "'%d') ON CONFLICT (key) DO UPDATE SET value = excluded.value",
              PG_SCHEMA_VERSION);
-    if ((err = pg_exec(conn, sql, PGRES_COMMAND_OK, NULL,
-                       "cannot store the outbox's schema version")) != DE_OK)
+    if ((err = de__pg_exec(conn, sql, PGRES_COMMAND_OK, NULL,
+                           "cannot store the outbox's schema version")) !=
+        DE_OK)
         goto fail;
     /* The outbox's identity, as on SQLite (schema.c): a relay that finds
      * its marks written for another outbox refuses them. */
@@ -226,11 +224,11 @@ static de_err schema_ensure(PGconn *conn)
                      "ON CONFLICT (key) DO NOTHING",
                      1, NULL, params, NULL, NULL, 0);
     if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK) {
-        err = pg_fail(conn, r, "cannot store the outbox id");
+        err = de__pg_fail(conn, r, "cannot store the outbox id");
         goto fail;
     }
     PQclear(r);
-    if ((err = pg_exec(
+    if ((err = de__pg_exec(
              conn,
              "SELECT pg_catalog.pg_advisory_xact_lock(" PG_LOCK_CLASS
              ", " PG_LOCK_ORDER ");"
@@ -241,9 +239,25 @@ static de_err schema_ensure(PGconn *conn)
              "            FROM deliveryevents.outbox_position)",
              PGRES_TUPLES_OK, NULL,
              "cannot check the outbox's position sequence")) != DE_OK ||
-        (err = pg_exec(conn, "COMMIT", PGRES_COMMAND_OK, NULL,
-                       "cannot commit the outbox's migration")) != DE_OK)
+        (err = de__pg_exec(conn, "COMMIT", PGRES_COMMAND_OK, NULL,
+                           "cannot commit the outbox's migration")) != DE_OK)
         goto fail;
+    if (outbox_id != NULL) {
+        if ((err = de__pg_exec(conn,
+                               "SELECT value FROM deliveryevents.meta WHERE "
+                               "key = 'outbox_id'",
+                               PGRES_TUPLES_OK, &r,
+                               "cannot read the outbox id")) != DE_OK)
+            goto fail;
+        if (PQntuples(r) != 1 || PQgetlength(r, 0, 0) != 36) {
+            PQclear(r);
+            err = de__fail(DE_ERR_STATE, "the outbox id in deliveryevents.meta "
+                                         "is missing or malformed");
+            goto fail;
+        }
+        memcpy(outbox_id, PQgetvalue(r, 0, 0), 37);
+        PQclear(r);
+    }
     return DE_OK;
 fail:
     if (PQtransactionStatus(conn) != PQTRANS_IDLE)
@@ -267,8 +281,8 @@ static de_err ensure_prepared(pg_outbox *pg)
     r = PQexec(pg->conn, "SELECT 1 FROM pg_catalog.pg_prepared_statements "
                          "WHERE name = '" PG_RECORD_STMT "'");
     if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK)
-        return pg_fail(pg->conn, r,
-                       "cannot look for the outbox's prepared INSERT");
+        return de__pg_fail(pg->conn, r,
+                           "cannot look for the outbox's prepared INSERT");
     if (PQntuples(r) == 1) {
         PQclear(r);
         pg->prepared_pid = pid;
@@ -277,7 +291,7 @@ static de_err ensure_prepared(pg_outbox *pg)
     PQclear(r);
     r = PQprepare(pg->conn, PG_RECORD_STMT, insert_sql, 11, NULL);
     if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK)
-        return pg_fail(pg->conn, r, "cannot prepare the outbox's INSERT");
+        return de__pg_fail(pg->conn, r, "cannot prepare the outbox's INSERT");
     PQclear(r);
     pg->prepared_pid = pid;
     return DE_OK;
@@ -357,7 +371,7 @@ static de_err pg_insert(void *ctx, const de__outbox_row *row, int64_t *position)
                  "recording %s.%s failed and PostgreSQL aborted the host's "
                  "transaction (roll it back)",
                  row->subject_type, row->action);
-        return pg_fail(pg->conn, r, what);
+        return de__pg_fail(pg->conn, r, what);
     }
     PQclear(r);
     *position = 0; /* assigned at commit (docs/PG-WORK-IN-PROGRESS.md) */
@@ -398,7 +412,7 @@ de_err de_outbox_open_pg(PGconn *conn, const de_conf *conf, de_outbox **out)
                         "de_outbox_open_pg was called inside a transaction; "
                         "open the outbox outside one (at startup): its "
                         "migration commits on its own");
-    if ((err = schema_ensure(conn)) != DE_OK)
+    if ((err = de__pg_schema_ensure(conn, NULL)) != DE_OK)
         return err;
     if ((pg = calloc(1, sizeof *pg)) == NULL)
         return de__fail(DE_ERR_NOMEM, "out of memory opening the outbox");
