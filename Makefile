@@ -97,7 +97,7 @@ FUZZ_REPLAY := $(FUZZ_NAMES:%=$(BUILD)/fuzz/replay_%)
 BENCH_SRCS := $(sort $(wildcard bench/bench_*.c))
 BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: pg check-pg all deps check check-all check-suites stage check-header check-exports \
+.PHONY: pg check-pg bench-pg all deps check check-all check-suites stage check-header check-exports \
         demo-run \
         check-install check-remote check-asan check-tsan demo bench examples install \
         soak soak-short soak-powerloss soak-archive \
@@ -208,6 +208,18 @@ $(BUILD)/tests/check_pg_%: tests/check_pg_%.c $(PG_TEST_SRCS) tests/pg/pgserver.
 	    $(CHECK_CFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(PG_TEST_SRCS) \
 	    $(TEST_UTIL_SRCS) $(SAN_EXTRA) $(PG_STLIB) $(PKG_LIBS) $(PQ_LIBS) \
 	    $(CHECK_LIBS) $(ZLIB_LIBS) -pthread
+
+# The cost of de_record on PostgreSQL against a bare INSERT (one writer
+# and sixteen; synchronous_commit on and off): numbers only, no targets.
+$(BUILD)/bench/bench_pg_record: bench/pg/bench_pg_record.c $(PG_TEST_SRCS) \
+                                tests/pg/pgserver.h $(PG_STLIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(DE_CFLAGS) $(PQ_CFLAGS) -Itests/pg $(CHECK_CFLAGS) $(CFLAGS) \
+	    $(LDFLAGS) -o $@ $< $(PG_TEST_SRCS) $(PG_STLIB) $(PKG_LIBS) \
+	    $(PQ_LIBS) $(CHECK_LIBS) -pthread
+
+bench-pg: pg $(BUILD)/bench/bench_pg_record
+	$(BUILD)/bench/bench_pg_record
 
 check-pg: pg $(SHLIB) $(PG_TEST_BINS)
 	@bad=$$(nm -D --defined-only $(PG_SHLIB) | awk '{print $$NF}' | \
@@ -446,7 +458,7 @@ uninstall:
 FORMAT_SRCS = $(wildcard include/*.h lib/*.c lib/*.h lib/pg/*.c tests/*.c \
               tests/util/*.[ch] tests/pg/*.[ch] \
               tests/experiments/*.c \
-              examples/*.c bench/*.[ch] tools/*.c fuzz/*.c)
+              examples/*.c bench/*.[ch] bench/pg/*.c tools/*.c fuzz/*.c)
 
 format:
 	clang-format -i $(FORMAT_SRCS)
