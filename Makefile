@@ -97,7 +97,7 @@ FUZZ_REPLAY := $(FUZZ_NAMES:%=$(BUILD)/fuzz/replay_%)
 BENCH_SRCS := $(sort $(wildcard bench/bench_*.c))
 BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: pg check-pg bench-pg all deps check check-all check-suites stage check-header check-exports \
+.PHONY: pg check-pg check-header-pg bench-pg all deps check check-all check-suites stage check-header check-exports \
         demo-run \
         check-install check-remote check-asan check-tsan demo bench examples install \
         soak soak-short soak-powerloss soak-archive \
@@ -221,7 +221,18 @@ $(BUILD)/bench/bench_pg_record: bench/pg/bench_pg_record.c $(PG_TEST_SRCS) \
 bench-pg: pg $(BUILD)/bench/bench_pg_record
 	$(BUILD)/bench/bench_pg_record
 
-check-pg: pg $(SHLIB) $(PG_TEST_BINS)
+# deliveryevents_pg.h compiles alone, as C11 and as C++, pedantically.
+check-header-pg:
+	$(CC) -std=c11 -pedantic -Wall -Wextra -Werror -fsyntax-only \
+	    $$(pkg-config --cflags sqlite3 libpq) -Iinclude tests/header_pg_test.c
+	@if command -v c++ >/dev/null 2>&1; then \
+	  echo "c++ -std=c++11 -pedantic ... tests/header_pg_test.c"; \
+	  c++ -std=c++11 -pedantic -Wall -Wextra -Werror -fsyntax-only \
+	    $$(pkg-config --cflags sqlite3 libpq) -Iinclude -x c++ \
+	    tests/header_pg_test.c; \
+	fi
+
+check-pg: pg $(SHLIB) check-header-pg $(PG_TEST_BINS)
 	@bad=$$(nm -D --defined-only $(PG_SHLIB) | awk '{print $$NF}' | \
 	    grep -v '^de_' || true); \
 	if [ -n "$$bad" ]; then \

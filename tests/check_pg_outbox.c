@@ -399,8 +399,6 @@ static void read_all(de__source *src, collected *c)
     while (n == 50);
 }
 
-/* ---- the relay's source ------------------------------------------------ */
-
 /* Commits one event of subject_id on conn. */
 static void commit_one(const char *subject_id)
 {
@@ -410,6 +408,54 @@ static void commit_one(const char *subject_id)
     tu_ok(de_record(ob, &ev, NULL));
     tpg_exec(conn, "COMMIT");
 }
+
+/* A dump restored into another database: the restored events keep
+ * their positions (pg_dump creates triggers after the data), and new
+ * ones continue above them. */
+START_TEST(test_dump_restore)
+{
+    char cmd[2048], dump[256];
+    const char *restored;
+    PGconn *c2;
+    de_outbox *ob2 = NULL;
+    int i;
+
+    for (i = 0; i < 3; i++)
+        commit_one("D-1");
+    snprintf(dump, sizeof dump, "/tmp/de-pg-dump-%d.sql", (int)getpid());
+    snprintf(cmd, sizeof cmd, TPG_BIN "/pg_dump -d '%s' -f %s", conninfo, dump);
+    ck_assert_int_eq(system(cmd), 0);
+    restored = tpg_fresh_db();
+    snprintf(cmd, sizeof cmd,
+             TPG_BIN "/psql -q -v ON_ERROR_STOP=1 -d '%s' -f %s >/dev/null",
+             restored, dump);
+    ck_assert_int_eq(system(cmd), 0);
+    unlink(dump);
+    c2 = tpg_connect(restored);
+    ck_assert_int_eq(tpg_int(c2, "SELECT count(*) FROM "
+                                 "deliveryevents.outbox_order"),
+                     3);
+    tu_ok(de_outbox_open_pg(c2, NULL, &ob2));
+    {
+        de_event ev = event("D-after");
+        tpg_exec(c2, "BEGIN");
+        tu_ok(de_record(ob2, &ev, NULL));
+        tpg_exec(c2, "COMMIT");
+    }
+    ck_assert_int_eq(tpg_int(c2, "SELECT o.position FROM "
+                                 "deliveryevents.outbox_order o JOIN "
+                                 "deliveryevents.outbox e USING (id) WHERE "
+                                 "e.subject_id = 'D-after'"),
+                     4);
+    ck_assert_int_eq(tpg_int(c2, "SELECT count(*) FROM "
+                                 "deliveryevents.outbox_order"),
+                     4);
+    de_outbox_close(ob2);
+    PQfinish(c2);
+}
+END_TEST
+
+/* ---- the relay's source ------------------------------------------------ */
 
 START_TEST(test_source_reads_in_commit_order)
 {
@@ -763,6 +809,7 @@ static Suite *pg_outbox_suite(void)
     tcase_add_test(tc, test_notify_at_commit);
     tcase_add_test(tc, test_contracts_not_yet);
     tcase_add_test(tc, test_sequence_behind_data);
+    tcase_add_test(tc, test_dump_restore);
     tcase_add_test(tc, test_source_reads_in_commit_order);
     tcase_add_test(tc, test_source_row_fields);
     tcase_add_test(tc, test_source_delete_range);

@@ -14,7 +14,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define PG_BIN "/usr/lib/postgresql/15/bin"
 #define PG_PORT 54329
 
 static char dir[256];
@@ -57,8 +56,8 @@ bool tpg_start(void)
         snprintf(as_user, sizeof as_user, "runuser -u postgres -- ");
     }
     snprintf(cmd, sizeof cmd,
-             PG_BIN "/initdb -D %s/data -A trust -U postgres -E UTF8 "
-                    "--locale=C --no-sync >%s/initdb.log 2>&1",
+             TPG_BIN "/initdb -D %s/data -A trust -U postgres -E UTF8 "
+                     "--locale=C --no-sync >%s/initdb.log 2>&1",
              dir, dir);
     if (run(cmd) != 0) {
         fprintf(stderr, "tpg_start: initdb failed, see %s/initdb.log\n", dir);
@@ -67,10 +66,10 @@ bool tpg_start(void)
     /* TCP off, the socket in the cluster's directory; -w waits until the
      * server accepts connections. */
     snprintf(cmd, sizeof cmd,
-             PG_BIN "/pg_ctl -D %s/data -w -t 120 -l %s/server.log -o "
-                    "\"-c listen_addresses='' -k %s -p %d "
-                    "-c max_connections=200 -c track_commit_timestamp=on\" "
-                    "start >/dev/null",
+             TPG_BIN "/pg_ctl -D %s/data -w -t 120 -l %s/server.log -o "
+                     "\"-c listen_addresses='' -k %s -p %d "
+                     "-c max_connections=200 -c track_commit_timestamp=on\" "
+                     "start >/dev/null",
              dir, dir, dir, PG_PORT);
     if (run(cmd) != 0) {
         fprintf(stderr, "tpg_start: pg_ctl start failed, see %s/server.log\n",
@@ -89,7 +88,7 @@ void tpg_stop(void)
     if (external || dir[0] == '\0')
         return;
     snprintf(cmd, sizeof cmd,
-             PG_BIN "/pg_ctl -D %s/data -m immediate -w stop >/dev/null 2>&1",
+             TPG_BIN "/pg_ctl -D %s/data -m immediate -w stop >/dev/null 2>&1",
              dir);
     if (run(cmd) != 0)
         fprintf(stderr, "tpg_stop: pg_ctl stop failed in %s\n", dir);

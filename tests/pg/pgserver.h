@@ -12,6 +12,9 @@
 #include <libpq-fe.h>
 #include <stdbool.h>
 
+/* Where Debian's PostgreSQL 15 programs are. */
+#define TPG_BIN "/usr/lib/postgresql/15/bin"
+
 /* Starts the suite's server (once per process; call from an unchecked
  * fixture, i.e. in the parent).  Returns false with a reason on stderr. */
 bool tpg_start(void);
