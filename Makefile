@@ -97,7 +97,7 @@ FUZZ_REPLAY := $(FUZZ_NAMES:%=$(BUILD)/fuzz/replay_%)
 BENCH_SRCS := $(sort $(wildcard bench/bench_*.c))
 BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: pg check-pg check-header-pg bench-pg all deps check check-all check-suites stage check-header check-exports \
+.PHONY: pg check-pg check-header-pg bench-pg install-pg uninstall-pg all deps check check-all check-suites stage check-header check-exports \
         demo-run \
         check-install check-remote check-asan check-tsan demo bench examples install \
         soak soak-short soak-powerloss soak-archive \
@@ -220,6 +220,30 @@ $(BUILD)/bench/bench_pg_record: bench/pg/bench_pg_record.c $(PG_TEST_SRCS) \
 
 bench-pg: pg $(BUILD)/bench/bench_pg_record
 	$(BUILD)/bench/bench_pg_record
+
+# The PostgreSQL module beside an installed libdeliveryevents (same
+# PREFIX, DESTDIR, LIBDIR, INCLUDEDIR as install).
+install-pg: pg
+	install -d $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR)
+	install -m 644 $(PG_HEADER) $(DESTDIR)$(INCLUDEDIR)/deliveryevents_pg.h
+	install -m 644 $(HEADER) $(DESTDIR)$(INCLUDEDIR)/deliveryevents.h
+	install -m 755 $(PG_SHLIB) $(DESTDIR)$(LIBDIR)/
+	ln -sf $(notdir $(PG_SHLIB)) $(DESTDIR)$(LIBDIR)/$(PG_SONAME)
+	ln -sf $(notdir $(PG_SHLIB)) $(DESTDIR)$(LIBDIR)/libdeliveryevents-pg.so
+	install -m 644 $(PG_STLIB) $(DESTDIR)$(LIBDIR)/
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' \
+	    -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' -e 's|@VERSION@|$(VERSION)|' \
+	    pkgconfig/deliveryevents-pg.pc.in \
+	    > $(DESTDIR)$(LIBDIR)/pkgconfig/deliveryevents-pg.pc
+
+# Leaves deliveryevents.h: `make uninstall` removes it with the core.
+uninstall-pg:
+	rm -f $(DESTDIR)$(INCLUDEDIR)/deliveryevents_pg.h
+	rm -f $(DESTDIR)$(LIBDIR)/$(notdir $(PG_SHLIB))
+	rm -f $(DESTDIR)$(LIBDIR)/$(PG_SONAME)
+	rm -f $(DESTDIR)$(LIBDIR)/libdeliveryevents-pg.so
+	rm -f $(DESTDIR)$(LIBDIR)/libdeliveryevents-pg.a
+	rm -f $(DESTDIR)$(LIBDIR)/pkgconfig/deliveryevents-pg.pc
 
 # deliveryevents_pg.h compiles alone, as C11 and as C++, pedantically.
 check-header-pg:
