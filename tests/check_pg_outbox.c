@@ -455,6 +455,38 @@ START_TEST(test_dump_restore)
 }
 END_TEST
 
+/* The wire settings a writer sets are stored for every relay; a later
+ * writer's setting replaces them, unset ones are kept. */
+START_TEST(test_wire_settings_stored)
+{
+    de_conf *conf = de_conf_new();
+    de_outbox *o = NULL;
+    de__source *src = NULL;
+    char outbox_id[37], *v = NULL;
+
+    tu_ok(de_conf_set(conf, "event.source", "urn:a"));
+    tu_ok(de_conf_set(conf, "topic.template", "{subject_type}.x"));
+    tu_ok(de_outbox_open_pg(conn, conf, &o));
+    de_outbox_close(o);
+    de_conf_destroy(conf);
+    conf = de_conf_new();
+    tu_ok(de_conf_set(conf, "event.source", "urn:b"));
+    tu_ok(de_outbox_open_pg(conn, conf, &o));
+    de_outbox_close(o);
+    de_conf_destroy(conf);
+    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
+    tu_ok(src->ops->stored_setting(src, "event.source", &v));
+    ck_assert_str_eq(v, "urn:b");
+    free(v);
+    tu_ok(src->ops->stored_setting(src, "topic.template", &v));
+    ck_assert_str_eq(v, "{subject_type}.x");
+    free(v);
+    tu_ok(src->ops->stored_setting(src, "event.type.prefix", &v));
+    ck_assert_ptr_null(v);
+    src->ops->close(src);
+}
+END_TEST
+
 /* ---- the relay's source ------------------------------------------------ */
 
 START_TEST(test_source_reads_in_commit_order)
@@ -810,6 +842,7 @@ static Suite *pg_outbox_suite(void)
     tcase_add_test(tc, test_contracts_not_yet);
     tcase_add_test(tc, test_sequence_behind_data);
     tcase_add_test(tc, test_dump_restore);
+    tcase_add_test(tc, test_wire_settings_stored);
     tcase_add_test(tc, test_source_reads_in_commit_order);
     tcase_add_test(tc, test_source_row_fields);
     tcase_add_test(tc, test_source_delete_range);

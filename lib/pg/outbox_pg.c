@@ -378,6 +378,54 @@ static de_err pg_insert(void *ctx, const de__outbox_row *row, int64_t *position)
     return DE_OK;
 }
 
+/*
+ * Stores the wire settings (DE__WIRE_KEYS) that conf sets explicitly, as
+ * on SQLite (schema.c, de__outbox_store_settings): every relay of the
+ * database publishes with them.  One transaction; a changed value is
+ * logged.
+ */
+static de_err store_settings(PGconn *conn, const de_conf *conf)
+{
+    static const de__key wire[] = DE__WIRE_KEYS;
+    char name[96];
+    de_err err;
+
+    if ((err = de__pg_exec(conn, "BEGIN", PGRES_COMMAND_OK, NULL,
+                           "cannot store the outbox's settings")) != DE_OK)
+        return err;
+    for (size_t i = 0; i < DE__ARRAY_LEN(wire); i++) {
+        const char *values[2] = {name, de__conf_str(conf, wire[i])};
+        PGresult *r;
+
+        if (!de__conf_is_set(conf, wire[i]))
+            continue;
+        snprintf(name, sizeof name, "setting.%s", de__conf_key_name(wire[i]));
+        /* The CTE reads the value from before the statement. */
+        r = PQexecParams(conn,
+                         "WITH old AS (SELECT value FROM deliveryevents.meta "
+                         "WHERE key = $1) INSERT INTO deliveryevents.meta "
+                         "VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET "
+                         "value = excluded.value RETURNING (SELECT value "
+                         "FROM old)",
+                         2, NULL, values, NULL, NULL, 0);
+        if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK) {
+            err = de__pg_fail(conn, r, "cannot store the outbox's settings");
+            PQclear(PQexec(conn, "ROLLBACK"));
+            return err;
+        }
+        if (!PQgetisnull(r, 0, 0) && strcmp(PQgetvalue(r, 0, 0), values[1]))
+            de__log(conf, DE_LOG_NOTICE,
+                    "outbox in PostgreSQL database '%s': %s changed from "
+                    "'%s' to '%s'; every relay started from now on "
+                    "publishes with it",
+                    PQdb(conn), de__conf_key_name(wire[i]), PQgetvalue(r, 0, 0),
+                    values[1]);
+        PQclear(r);
+    }
+    return de__pg_exec(conn, "COMMIT", PGRES_COMMAND_OK, NULL,
+                       "cannot store the outbox's settings");
+}
+
 static void pg_close(void *ctx)
 {
     free(ctx);
@@ -412,7 +460,8 @@ de_err de_outbox_open_pg(PGconn *conn, const de_conf *conf, de_outbox **out)
                         "de_outbox_open_pg was called inside a transaction; "
                         "open the outbox outside one (at startup): its "
                         "migration commits on its own");
-    if ((err = de__pg_schema_ensure(conn, NULL)) != DE_OK)
+    if ((err = de__pg_schema_ensure(conn, NULL)) != DE_OK ||
+        (conf != NULL && (err = store_settings(conn, conf)) != DE_OK))
         return err;
     if ((pg = calloc(1, sizeof *pg)) == NULL)
         return de__fail(DE_ERR_NOMEM, "out of memory opening the outbox");
