@@ -200,6 +200,31 @@ START_TEST(test_failed_transaction)
 }
 END_TEST
 
+/* A failure on the server aborts the host's transaction, as any failed
+ * statement does in PostgreSQL: DE_ERR_DB says so, with the server's
+ * text, and nothing is written. */
+START_TEST(test_server_failure)
+{
+    PGconn *locker = tpg_connect(conninfo);
+    de_event ev = event("D-1");
+
+    tpg_exec(locker, "BEGIN");
+    tpg_exec(locker, "LOCK TABLE deliveryevents.outbox IN ACCESS EXCLUSIVE "
+                     "MODE");
+    tpg_exec(conn, "BEGIN");
+    tpg_exec(conn, "SET LOCAL lock_timeout = '50ms'");
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_DB,
+                  "aborted the host's transaction");
+    ck_assert_msg(strstr(de_errmsg(), "lock timeout") != NULL, "%s",
+                  de_errmsg());
+    ck_assert_int_eq(PQtransactionStatus(conn), PQTRANS_INERROR);
+    tpg_exec(conn, "ROLLBACK");
+    tpg_exec(locker, "ROLLBACK");
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 0);
+    PQfinish(locker);
+}
+END_TEST
+
 /* What a rolled-back savepoint recorded is gone; the rest commits in the
  * order it was recorded. */
 START_TEST(test_savepoint)
@@ -836,6 +861,7 @@ static Suite *pg_outbox_suite(void)
     tcase_add_test(tc, test_outside_transaction);
     tcase_add_test(tc, test_refused_input_keeps_transaction);
     tcase_add_test(tc, test_failed_transaction);
+    tcase_add_test(tc, test_server_failure);
     tcase_add_test(tc, test_savepoint);
     tcase_add_test(tc, test_commit_order_not_record_order);
     tcase_add_test(tc, test_notify_at_commit);
