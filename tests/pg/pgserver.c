@@ -20,6 +20,15 @@ static char dir[256];
 static char base_conninfo[512];
 static char as_user[64]; /* "runuser -u postgres -- " as root, else "" */
 static bool external;
+static pid_t owner; /* the process that started the server */
+
+/* At exit of the process that started it (not of Check's forked tests,
+ * which inherit the handler). */
+static void stop_at_exit(void)
+{
+    if (getpid() == owner)
+        tpg_stop();
+}
 
 /* Runs cmd through the shell, as the server's user. */
 static int run(const char *cmd)
@@ -42,6 +51,11 @@ bool tpg_start(void)
         return true;
     }
     snprintf(dir, sizeof dir, "%s/de-pg-XXXXXX", tmp ? tmp : "/tmp");
+    /* A program that exits without tpg_stop (a failed assertion outside
+     * a test) still stops its server; only abort() or a signal leaves it
+     * running (pg_ctl -D <dir>/data stop, then remove <dir>). */
+    owner = getpid();
+    atexit(stop_at_exit);
     if (mkdtemp(dir) == NULL) {
         perror("tpg_start: mkdtemp");
         return false;
