@@ -138,6 +138,10 @@ typedef struct archiver {
     long subjects_n, untracked; /* subjects followed; events not */
     json_t *examples;           /* the first REPORT_EXAMPLES findings */
     int64_t started_ms;
+    /* After a failed commit (a rebalance in progress, say), the loop
+     * tries again no sooner than this (mono_ms), not after every record:
+     * one message a second, not hundreds. */
+    int64_t commit_retry_ms;
     /* For throughput: when the first and the last record were read, the
      * last file finished, and how long the final close took (0: none). */
     int64_t first_read_ms, last_read_ms, last_durable_ms, final_close_ms;
@@ -597,7 +601,9 @@ static void commit_durable(archiver *A,
             say("committing offsets failed (the files are in place and "
                 "will be recognised): %s%s",
                 rd_kafka_err2str(e), "");
+            A->commit_retry_ms = mono_ms() + 1000;
         } else {
+            A->commit_retry_ms = 0;
             for (int i = 0; i < l->cnt; i++) {
                 apart *ap =
                     part_find(A, l->elems[i].topic, l->elems[i].partition);
@@ -1031,7 +1037,7 @@ static int archive_run(archiver *A, long until_idle)
         for (apart *ap = A->parts; ap != NULL; ap = ap->next_ap)
             if (ap->f != NULL && now - ap->f->opened_ms >= A->roll_ms)
                 part_roll(A, ap);
-        if (!A->failed)
+        if (!A->failed && now >= A->commit_retry_ms)
             commit_durable(A, NULL);
         if (until_idle >= 0) {
             if (!caught_up(A))
