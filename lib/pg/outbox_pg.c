@@ -32,10 +32,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* The advisory lock class every lock of the library takes ("dlev"), and
- * its keys: migrations, and the commit-order lock. */
-#define PG_LOCK_CLASS "1684826486"
-#define PG_LOCK_MIGRATE "0"
+/* The advisory lock keys (pg_int.h): the commit-order lock. */
+#define PG_LOCK_CLASS DE__PG_LOCK_CLASS
+#define PG_LOCK_MIGRATE DE__PG_LOCK_MIGRATE
 #define PG_LOCK_ORDER "1"
 
 #define PG_SCHEMA_VERSION 1

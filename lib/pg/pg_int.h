@@ -8,6 +8,7 @@
 #ifndef DE_PG_INT_H
 #define DE_PG_INT_H
 
+#include "inbox.h"
 #include "internal.h"
 #include "source.h"
 
@@ -27,6 +28,16 @@ de_err de__pg_exec(PGconn *conn, const char *sql, ExecStatusType want,
  * (the migration is a transaction of its own); *outbox_id (may be NULL)
  * receives the outbox's id. */
 de_err de__pg_schema_ensure(PGconn *conn, char outbox_id[37]);
+
+/* The advisory lock class every lock of the library takes ("dlev"), and
+ * the key of migrations (the outbox's and the consumer's). */
+#define DE__PG_LOCK_CLASS "1684826486"
+#define DE__PG_LOCK_MIGRATE "0"
+
+/* Creates or migrates the consumer's tables on conn (idle: the migration
+ * is a transaction of its own) and prepares its statements (inbox_pg.c);
+ * conn is borrowed. */
+de_err de__inbox_open_pg(PGconn *conn, de__inbox **out);
 
 /* The channel the commit trigger notifies. */
 #define DE__PG_CHANNEL "deliveryevents_outbox"

@@ -20,13 +20,3 @@ de_err de_relay_start_pg(const char *conninfo, const de_conf *conf,
     return de__fail(DE_ERR_STATE, "de_relay_start_pg is not implemented yet "
                                   "(docs/PG-WORK-IN-PROGRESS.md)");
 }
-
-de_err de_consumer_open_pg(PGconn *conn, const de_conf *conf, de_consumer **out)
-{
-    (void)conn;
-    (void)conf;
-    if (out != NULL)
-        *out = NULL;
-    return de__fail(DE_ERR_STATE, "de_consumer_open_pg is not implemented yet "
-                                  "(docs/PG-WORK-IN-PROGRESS.md)");
-}
