@@ -218,8 +218,20 @@ $(BUILD)/bench/bench_pg_record: bench/pg/bench_pg_record.c $(PG_TEST_SRCS) \
 	    $(LDFLAGS) -o $@ $< $(PG_TEST_SRCS) $(PG_STLIB) $(PKG_LIBS) \
 	    $(PQ_LIBS) $(CHECK_LIBS) -pthread
 
-bench-pg: pg $(BUILD)/bench/bench_pg_record
+# The consumer on PostgreSQL against plain libpq writing the same rows
+# in the same order (the mock cluster runs in the tool's process).
+$(BUILD)/bench/bench_pg_consumer: bench/pg/bench_pg_consumer.c bench/bench.h \
+                                  bench/bench_kafka.h $(PG_TEST_SRCS) \
+                                  tests/pg/pgserver.h $(PG_STLIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(USER_CFLAGS) -Iinclude $(PQ_CFLAGS) -Ibench -Itests/pg \
+	    $(CHECK_CFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(PG_TEST_SRCS) \
+	    $(PG_STLIB) $(PKG_LIBS) $(PQ_LIBS) $(CHECK_LIBS) -pthread -lm
+
+bench-pg: pg $(BUILD)/bench/bench_pg_record $(BUILD)/bench/bench_pg_consumer \
+          $(TOOL)
 	$(BUILD)/bench/bench_pg_record
+	DE_TOOL=$(abspath $(TOOL)) $(BUILD)/bench/bench_pg_consumer
 
 # The PostgreSQL module beside an installed libdeliveryevents (same
 # PREFIX, DESTDIR, LIBDIR, INCLUDEDIR as install).
