@@ -122,15 +122,23 @@ static de_conf *consumer_conf(const char *bootstrap, const char *prefix,
     return conf;
 }
 
-static de_err open_consumer(PGconn *c, const char *bootstrap,
-                            const char *prefix, const char *group,
-                            struct behaviour *b, de_consumer **out)
+/* With the extra settings kv (key, value, ..., NULL; may be NULL). */
+static de_err open_consumer_kv(PGconn *c, const char *bootstrap,
+                               const char *prefix, const char *group,
+                               const char *const *kv, struct behaviour *b,
+                               de_consumer **out)
 {
     de_conf *conf = consumer_conf(bootstrap, prefix, group);
-    de_err err;
+    de_err err = DE_OK;
 
     if (conf == NULL)
         return DE_ERR_CONFIG;
+    for (int i = 0; kv && kv[i] && err == DE_OK; i += 2)
+        err = de_conf_set(conf, kv[i], kv[i + 1]);
+    if (err != DE_OK) {
+        de_conf_destroy(conf);
+        return err;
+    }
     err = de_consumer_open_pg(c, conf, out);
     de_conf_destroy(conf);
     if (err == DE_OK &&
@@ -139,6 +147,13 @@ static de_err open_consumer(PGconn *c, const char *bootstrap,
         *out = NULL;
     }
     return err;
+}
+
+static de_err open_consumer(PGconn *c, const char *bootstrap,
+                            const char *prefix, const char *group,
+                            struct behaviour *b, de_consumer **out)
+{
+    return open_consumer_kv(c, bootstrap, prefix, group, NULL, b, out);
 }
 
 static long long q(const char *sql)
@@ -434,6 +449,53 @@ START_TEST(test_handler_failure_rolls_back_only_its_event)
 }
 END_TEST
 
+/* The housekeeping statements: idle subjects forgotten (never a parked
+ * one), a release asked from outside the process (a row of
+ * inbox_request) served by the running consumer, and dead letters that
+ * park nothing any more deleted after consumer.dead.letter.retention.ms. */
+START_TEST(test_forget_and_requests)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    const char *kv[] = {"consumer.subject.forget.ms", "1",
+                        "consumer.dead.letter.retention.ms", "1", NULL};
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+
+    tu_topic_create(c, "delivery", 1);
+    produce(c, "D-1", 1);
+    produce(c, "D-1", 2);
+    produce(c, "G-1", 1);
+    produce(c, "G-1", 3);
+    tu_ok(open_consumer_kv(conn, c->bootstrap, c->prefix, "g", kv, NULL, &con));
+    ck_assert(tu_wait_for(
+        (poll_stats(con, &st),
+         st.gaps == 1 && q("SELECT count(*) FROM deliveryevents.inbox WHERE "
+                           "subject_id = 'D-1'") == 0),
+        30000));
+    ck_assert_uint_ge(st.forgotten, 1);
+    ck_assert_int_eq(q("SELECT count(*) FROM deliveryevents.inbox WHERE "
+                       "subject_id = 'G-1' AND parked"),
+                     1);
+    tpg_exec(conn, "INSERT INTO deliveryevents.inbox_request(subject_type, "
+                   "subject_id, action, requested_at_ms) VALUES ('delivery', "
+                   "'G-1', 'release', 0)");
+    ck_assert(
+        tu_wait_for((poll_stats(con, &st),
+                     q("SELECT count(*) FROM deliveryevents.inbox_request "
+                       "WHERE done_at_ms IS NOT NULL AND result <> ''") == 1),
+                    30000));
+    ck_assert_str_eq(text_of("SELECT string_agg(event_id, ',' ORDER BY n) "
+                             "FROM applied WHERE subject_id = 'G-1'"),
+                     "G-1-1,G-1-3");
+    ck_assert(tu_wait_for(
+        (poll_stats(con, &st),
+         q("SELECT count(*) FROM deliveryevents.inbox_dead_letter") == 0),
+        30000));
+    tu_ok(de_consumer_close(con));
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* Every subject's events applied exactly once, in order: the read
  * model's rows against what was produced. */
 static void assert_exactly_once(int subjects, int per)
@@ -601,6 +663,7 @@ static Suite *pg_consumer_suite(void)
     /* Run twice on the mock: a failed statement, then a returned error. */
     tcase_add_loop_test(tc, test_handler_failure_rolls_back_only_its_event, 0,
                         2);
+    tcase_add_loop_test(tc, test_forget_and_requests, first, n);
     tcase_add_loop_test(tc, test_connection_terminated, first, n);
     tcase_add_loop_test(tc, test_sigkill_restart, first, n);
     suite_add_tcase(s, tc);
