@@ -9,6 +9,9 @@
 #   make install / uninstall   honour PREFIX, DESTDIR, LIBDIR, INCLUDEDIR,
 #                              BINDIR, MANDIR
 #   make deps       install the build dependencies (Debian/Ubuntu, as root)
+#   make pg         the PostgreSQL module (libdeliveryevents-pg, its .pc),
+#                   where libpq is installed; make check-pg runs its suites
+#                   (work in progress: not part of make check yet)
 #
 # The project's own flags sit beside CFLAGS/LDFLAGS, never replace them.
 
@@ -75,7 +78,9 @@ TEST_UTIL_SRCS := $(filter-out tests/util/tsan_c11.c,$(sort $(wildcard tests/uti
 # ThreadSanitizer builds route librdkafka's C11 threads and locks through
 # pthreads so that TSan sees them (see tests/util/tsan_c11.c).
 SAN_EXTRA ?=
-TEST_SRCS  := $(sort $(wildcard tests/check_*.c))
+# The PostgreSQL suites (tests/check_pg_*.c) link the PostgreSQL module
+# and run under check-pg only.
+TEST_SRCS  := $(filter-out tests/check_pg_%.c,$(sort $(wildcard tests/check_*.c)))
 TEST_BINS  := $(TEST_SRCS:tests/%.c=$(BUILD)/tests/%)
 
 EXAMPLES := delivery_service query_model notifier live_stats dispatch_board \
@@ -92,7 +97,7 @@ FUZZ_REPLAY := $(FUZZ_NAMES:%=$(BUILD)/fuzz/replay_%)
 BENCH_SRCS := $(sort $(wildcard bench/bench_*.c))
 BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: all deps check check-all check-suites stage check-header check-exports \
+.PHONY: pg check-pg check-header-pg bench-pg install-pg uninstall-pg all deps check check-all check-suites stage check-header check-exports \
         demo-run \
         check-install check-remote check-asan check-tsan demo bench examples install \
         soak soak-short soak-powerloss soak-archive \
@@ -149,6 +154,132 @@ $(PCFILE): pkgconfig/deliveryevents.pc.in $(HEADER)
 
 $(PCUNINST): pkgconfig/deliveryevents.pc.in $(HEADER)
 	$(call make_pc,$(CURDIR),$(abspath $(BUILD)),$(CURDIR)/include)
+
+# ---- the PostgreSQL module ---------------------------------------------------
+#
+# libdeliveryevents-pg holds every object of libdeliveryevents plus
+# lib/pg/*.o, linked with libpq: a PostgreSQL program links it instead of
+# libdeliveryevents (include/deliveryevents_pg.h says why), and
+# libdeliveryevents itself never needs libpq.  Built only by `make pg`,
+# and only where pkg-config knows libpq.
+
+PG_HEADER := include/deliveryevents_pg.h
+PG_SRCS   := $(sort $(wildcard lib/pg/*.c))
+PG_OBJS   := $(PG_SRCS:lib/pg/%.c=$(BUILD)/lib/pg/%.o)
+PG_SONAME := libdeliveryevents-pg.so.$(MAJOR)
+PG_SHLIB  := $(BUILD)/libdeliveryevents-pg.so.$(VERSION)
+PG_STLIB  := $(BUILD)/libdeliveryevents-pg.a
+PG_PCFILE := $(BUILD)/deliveryevents-pg.pc
+PQ_CFLAGS  = $(shell pkg-config --cflags libpq)
+PQ_LIBS    = $(shell pkg-config --libs libpq)
+PG_TEST_BINS := $(patsubst tests/%.c,$(BUILD)/tests/%,$(sort $(wildcard tests/check_pg_*.c)))
+PG_TEST_SRCS := $(sort $(wildcard tests/pg/*.c))
+
+pg:
+	@pkg-config --exists libpq || { echo "make pg: libpq not found" \
+	    "(apt-get install -y libpq-dev)" >&2; exit 1; }
+	@$(MAKE) --no-print-directory $(PG_SHLIB) $(PG_STLIB) $(PG_PCFILE)
+
+$(BUILD)/lib/pg/%.o: lib/pg/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(LIB_CFLAGS) $(PQ_CFLAGS) $(CFLAGS) -MMD -MP -c -o $@ $<
+
+-include $(PG_OBJS:.o=.d)
+
+$(PG_SHLIB): $(LIB_OBJS) $(PG_OBJS)
+	$(CC) -shared -pthread $(SAN) -Wl,-soname,$(PG_SONAME) $(LDFLAGS) \
+	    -o $@ $(LIB_OBJS) $(PG_OBJS) $(PKG_LIBS) $(PQ_LIBS)
+	ln -sf $(notdir $(PG_SHLIB)) $(BUILD)/$(PG_SONAME)
+	ln -sf $(notdir $(PG_SHLIB)) $(BUILD)/libdeliveryevents-pg.so
+
+$(PG_STLIB): $(LIB_OBJS) $(PG_OBJS)
+	rm -f $@
+	$(AR) rcs $@ $(LIB_OBJS) $(PG_OBJS)
+
+$(PG_PCFILE): pkgconfig/deliveryevents-pg.pc.in $(HEADER)
+	$(call make_pc,$(PREFIX),$(LIBDIR),$(INCLUDEDIR))
+
+# Each suite starts its own throwaway server (tests/pg/pgserver.c), or
+# uses the one DE_PG_CONNINFO names.
+$(BUILD)/tests/check_pg_%: tests/check_pg_%.c $(PG_TEST_SRCS) tests/pg/pgserver.h \
+                           $(TEST_UTIL_SRCS) $(wildcard tests/util/*.h) $(PG_STLIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(DE_CFLAGS) $(PQ_CFLAGS) -Ilib -Ilib/pg -Itests/util -Itests/pg \
+	    $(CHECK_CFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(PG_TEST_SRCS) \
+	    $(TEST_UTIL_SRCS) $(SAN_EXTRA) $(PG_STLIB) $(PKG_LIBS) $(PQ_LIBS) \
+	    $(CHECK_LIBS) $(ZLIB_LIBS) -pthread
+
+# The cost of de_record on PostgreSQL against a bare INSERT (one writer
+# and sixteen; synchronous_commit on and off): numbers only, no targets.
+$(BUILD)/bench/bench_pg_record: bench/pg/bench_pg_record.c $(PG_TEST_SRCS) \
+                                tests/pg/pgserver.h $(PG_STLIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(DE_CFLAGS) $(PQ_CFLAGS) -Itests/pg $(CHECK_CFLAGS) $(CFLAGS) \
+	    $(LDFLAGS) -o $@ $< $(PG_TEST_SRCS) $(PG_STLIB) $(PKG_LIBS) \
+	    $(PQ_LIBS) $(CHECK_LIBS) -pthread
+
+# The consumer on PostgreSQL against plain libpq writing the same rows
+# in the same order (the mock cluster runs in the tool's process).
+$(BUILD)/bench/bench_pg_consumer: bench/pg/bench_pg_consumer.c bench/bench.h \
+                                  bench/bench_kafka.h $(PG_TEST_SRCS) \
+                                  tests/pg/pgserver.h $(PG_STLIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(USER_CFLAGS) -Iinclude $(PQ_CFLAGS) -Ibench -Itests/pg \
+	    $(CHECK_CFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(PG_TEST_SRCS) \
+	    $(PG_STLIB) $(PKG_LIBS) $(PQ_LIBS) $(CHECK_LIBS) -pthread -lm
+
+bench-pg: pg $(BUILD)/bench/bench_pg_record $(BUILD)/bench/bench_pg_consumer \
+          $(TOOL)
+	$(BUILD)/bench/bench_pg_record
+	DE_TOOL=$(abspath $(TOOL)) $(BUILD)/bench/bench_pg_consumer
+
+# The PostgreSQL module beside an installed libdeliveryevents (same
+# PREFIX, DESTDIR, LIBDIR, INCLUDEDIR as install).
+install-pg: pg
+	install -d $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR)
+	install -m 644 $(PG_HEADER) $(DESTDIR)$(INCLUDEDIR)/deliveryevents_pg.h
+	install -m 644 $(HEADER) $(DESTDIR)$(INCLUDEDIR)/deliveryevents.h
+	install -m 755 $(PG_SHLIB) $(DESTDIR)$(LIBDIR)/
+	ln -sf $(notdir $(PG_SHLIB)) $(DESTDIR)$(LIBDIR)/$(PG_SONAME)
+	ln -sf $(notdir $(PG_SHLIB)) $(DESTDIR)$(LIBDIR)/libdeliveryevents-pg.so
+	install -m 644 $(PG_STLIB) $(DESTDIR)$(LIBDIR)/
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' \
+	    -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' -e 's|@VERSION@|$(VERSION)|' \
+	    pkgconfig/deliveryevents-pg.pc.in \
+	    > $(DESTDIR)$(LIBDIR)/pkgconfig/deliveryevents-pg.pc
+
+# Leaves deliveryevents.h: `make uninstall` removes it with the core.
+uninstall-pg:
+	rm -f $(DESTDIR)$(INCLUDEDIR)/deliveryevents_pg.h
+	rm -f $(DESTDIR)$(LIBDIR)/$(notdir $(PG_SHLIB))
+	rm -f $(DESTDIR)$(LIBDIR)/$(PG_SONAME)
+	rm -f $(DESTDIR)$(LIBDIR)/libdeliveryevents-pg.so
+	rm -f $(DESTDIR)$(LIBDIR)/libdeliveryevents-pg.a
+	rm -f $(DESTDIR)$(LIBDIR)/pkgconfig/deliveryevents-pg.pc
+
+# deliveryevents_pg.h compiles alone, as C11 and as C++, pedantically.
+check-header-pg:
+	$(CC) -std=c11 -pedantic -Wall -Wextra -Werror -fsyntax-only \
+	    $$(pkg-config --cflags sqlite3 libpq) -Iinclude tests/header_pg_test.c
+	@if command -v c++ >/dev/null 2>&1; then \
+	  echo "c++ -std=c++11 -pedantic ... tests/header_pg_test.c"; \
+	  c++ -std=c++11 -pedantic -Wall -Wextra -Werror -fsyntax-only \
+	    $$(pkg-config --cflags sqlite3 libpq) -Iinclude -x c++ \
+	    tests/header_pg_test.c; \
+	fi
+
+check-pg: pg $(SHLIB) check-header-pg $(PG_TEST_BINS)
+	@bad=$$(nm -D --defined-only $(PG_SHLIB) | awk '{print $$NF}' | \
+	    grep -v '^de_' || true); \
+	if [ -n "$$bad" ]; then \
+	  echo "check-pg: symbols exported without the de_ prefix:"; \
+	  echo "$$bad"; exit 1; \
+	fi
+	@if ldd $(SHLIB) 2>/dev/null | grep -q libpq; then \
+	  echo "check-pg: libdeliveryevents links libpq"; exit 1; fi
+	@fail=0; for t in $(PG_TEST_BINS); do \
+	  echo "== $$t"; $(RUN_ENV) $$t || fail=1; \
+	done; exit $$fail
 
 # ---- examples and benchmarks: built like a user's program -------------------
 
@@ -374,9 +505,10 @@ uninstall:
 
 # ---- housekeeping ----------------------------------------------------------
 
-FORMAT_SRCS = $(wildcard include/*.h lib/*.c lib/*.h tests/*.c tests/util/*.[ch] \
+FORMAT_SRCS = $(wildcard include/*.h lib/*.c lib/*.h lib/pg/*.c tests/*.c \
+              tests/util/*.[ch] tests/pg/*.[ch] \
               tests/experiments/*.c \
-              examples/*.c bench/*.[ch] tools/*.c fuzz/*.c)
+              examples/*.c bench/*.[ch] bench/pg/*.c tools/*.c fuzz/*.c)
 
 format:
 	clang-format -i $(FORMAT_SRCS)

@@ -846,7 +846,9 @@ DE_EXTERN DE_WARN_UNUSED de_err de_consumer_open(sqlite3 *db,
  * @param fn            the handler; required.
  * @param ctx           passed to fn as is; may be NULL.
  * @return DE_OK; DE_ERR_ARG (a bad name, NULL fn, a second handler for
- *         the same pair; the message names the value); DE_ERR_STATE
+ *         the same pair; the message names the value; a consumer opened
+ *         with de_consumer_open_pg, whose handlers are registered with
+ *         de_consumer_on_pg); DE_ERR_STATE
  *         (after the first poll); DE_ERR_NOMEM.  On failure nothing is
  *         registered and the consumer is usable.
  */
@@ -868,7 +870,9 @@ DE_EXTERN DE_WARN_UNUSED de_err de_consumer_on(de_consumer *c,
  * @param fn       the handler; required.
  * @param ctx      passed to fn as is; may be NULL.
  * @return DE_OK; DE_ERR_ARG (NULL or bad ce_type, NULL fn, a second
- *         handler for the same ce_type; the message names the value);
+ *         handler for the same ce_type; the message names the value; a
+ *         consumer opened with de_consumer_open_pg: not available there
+ *         yet);
  *         DE_ERR_STATE (after the first poll); DE_ERR_NOMEM.  On failure
  *         nothing is registered and the consumer is usable.
  */

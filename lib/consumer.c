@@ -1,6 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * consumer.c -- effectively-once consumption into the consumer's SQLite.
+ * consumer.c -- effectively-once consumption into the consumer's database:
+ * SQLite (inbox_sqlite.c), or PostgreSQL through the same seam
+ * (de__consumer_kind and lib/pg/inbox_pg.c).
  *
  * A librdkafka consumer-group member reads our CloudEvents records and
  * applies each, through the handler registered for its subject type and
@@ -49,7 +51,7 @@ typedef struct handler {
     char *ce_type;      /* non-NULL: a handler by ce_type */
     char *subject_type; /* else by subject type ... */
     char *action;       /* ... and action (NULL: any) */
-    de_handler_fn fn;
+    de__fnptr fn;       /* called through kind->call, which knows its type */
     void *ctx;
 } handler;
 
@@ -75,7 +77,8 @@ typedef struct progress {
 enum gap_policy { GAP_PARK, GAP_APPLY };
 
 struct de_consumer {
-    sqlite3 *db;
+    void *conn; /* the database handlers write to: sqlite3 *, PGconn * */
+    const de__consumer_kind *kind;
     de_conf *conf;
     rd_kafka_t *rk;
     de__inbox *ib; /* the inbox and dead letters in db */
@@ -245,10 +248,29 @@ static de_err read_hmac_keys(de_consumer *c)
     return DE_OK;
 }
 
+/* SQLite's half of the consumer: its inbox (inbox_sqlite.c) and its
+ * handlers' type. */
+static de_err open_sqlite_inbox(void *conn, const de_conf *conf,
+                                de__inbox **out)
+{
+    return de__inbox_open_sqlite(
+        conn, de__conf_int(conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS), out);
+}
+
+static de_err call_sqlite(de__fnptr fn, void *conn, const de_event_view *v,
+                          void *ctx)
+{
+    return ((de_handler_fn)fn)(conn, v, ctx);
+}
+
+static const de__consumer_kind sqlite_kind = {
+    .on_fn = "de_consumer_on",
+    .open_inbox = open_sqlite_inbox,
+    .call = call_sqlite,
+};
+
 de_err de_consumer_open(sqlite3 *db, const de_conf *conf, de_consumer **out)
 {
-    de_consumer *c = NULL;
-    const char *gap;
     de_err err;
 
     if (out != NULL)
@@ -257,10 +279,22 @@ de_err de_consumer_open(sqlite3 *db, const de_conf *conf, de_consumer **out)
                                     "its inbox must survive a "
                                     "restart")) != DE_OK)
         return err;
+    return de__consumer_open(db, &sqlite_kind, conf, out);
+}
+
+de_err de__consumer_open(void *conn, const de__consumer_kind *kind,
+                         const de_conf *conf, de_consumer **out)
+{
+    de_consumer *c = NULL;
+    const char *gap;
+    de_err err;
+
+    *out = NULL;
     c = calloc(1, sizeof *c);
     if (c == NULL)
         return de__fail(DE_ERR_NOMEM, "out of memory opening the consumer");
-    c->db = db;
+    c->conn = conn;
+    c->kind = kind;
     c->conf = de__conf_dup(conf);
     if (c->conf == NULL) {
         err = de__fail(DE_ERR_NOMEM, "out of memory copying the configuration");
@@ -282,9 +316,7 @@ de_err de_consumer_open(sqlite3 *db, const de_conf *conf, de_consumer **out)
         de__conf_int(c->conf, DE__K_CONSUMER_DEAD_LETTER_RETENTION_MS);
     if ((err = read_sources(c)) != DE_OK || (err = read_hmac_keys(c)) != DE_OK)
         goto fail;
-    if ((err = de__inbox_open_sqlite(
-             db, de__conf_int(c->conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS),
-             &c->ib)) != DE_OK)
+    if ((err = kind->open_inbox(conn, c->conf, &c->ib)) != DE_OK)
         goto fail;
     if ((err = make_kafka(c)) != DE_OK)
         goto fail;
@@ -299,7 +331,7 @@ fail:
  * ce_type, or the same subject type and action. */
 static de_err add_handler(de_consumer *c, const char *ce_type,
                           const char *subject_type, const char *action,
-                          de_handler_fn fn, void *ctx)
+                          de__fnptr fn, void *ctx)
 {
     handler h = {NULL, NULL, NULL, fn, ctx};
 
@@ -340,16 +372,28 @@ static de_err add_handler(de_consumer *c, const char *ce_type,
     return DE_OK;
 }
 
-de_err de_consumer_on(de_consumer *c, const char *subject_type,
-                      const char *action, de_handler_fn fn, void *ctx)
+/* A consumer whose handlers are registered with another function
+ * (another database's handler type). */
+static de_err wrong_kind(const de_consumer *c, const char *who)
+{
+    return de__fail(DE_ERR_ARG,
+                    "%s cannot register a handler on this consumer: its "
+                    "handlers write to another kind of database; use %s",
+                    who, c->kind->on_fn);
+}
+
+de_err de__consumer_on(de_consumer *c, const char *who,
+                       const char *subject_type, const char *action,
+                       de__fnptr fn, void *ctx)
 {
     char q[DE__QUOTE_MAX];
 
     if (c == NULL || fn == NULL)
         return de__fail(DE_ERR_ARG,
-                        "de_consumer_on needs a consumer and a "
-                        "handler (got NULL %s)",
+                        "%s needs a consumer and a handler (got NULL %s)", who,
                         c == NULL ? "consumer" : "fn");
+    if (strcmp(c->kind->on_fn, who) != 0)
+        return wrong_kind(c, who);
     if (subject_type == NULL ||
         !de__is_type_name(subject_type, strlen(subject_type)))
         return de__fail(
@@ -364,6 +408,13 @@ de_err de_consumer_on(de_consumer *c, const char *subject_type,
     return add_handler(c, NULL, subject_type, action, fn, ctx);
 }
 
+de_err de_consumer_on(de_consumer *c, const char *subject_type,
+                      const char *action, de_handler_fn fn, void *ctx)
+{
+    return de__consumer_on(c, "de_consumer_on", subject_type, action,
+                           (de__fnptr)fn, ctx);
+}
+
 de_err de_consumer_on_type(de_consumer *c, const char *ce_type,
                            de_handler_fn fn, void *ctx)
 {
@@ -374,6 +425,9 @@ de_err de_consumer_on_type(de_consumer *c, const char *ce_type,
                         "de_consumer_on_type needs a consumer and a "
                         "handler (got NULL %s)",
                         c == NULL ? "consumer" : "fn");
+    /* By ce_type: SQLite only for now. */
+    if (c->kind != &sqlite_kind)
+        return wrong_kind(c, "de_consumer_on_type");
     if (ce_type == NULL || ce_type[0] == '\0' ||
         strlen(ce_type) > DE__CE_TEXT_MAX ||
         !de__is_clean_utf8(ce_type, strlen(ce_type)))
@@ -382,7 +436,7 @@ de_err de_consumer_on_type(de_consumer *c, const char *ce_type,
                         "control characters",
                         de__quote(q, sizeof q, ce_type, (size_t)-1),
                         DE__CE_TEXT_MAX);
-    return add_handler(c, ce_type, NULL, NULL, fn, ctx);
+    return add_handler(c, ce_type, NULL, NULL, (de__fnptr)fn, ctx);
 }
 
 /* The handler for an event: by its ce_type, else by its subject type and
@@ -720,7 +774,7 @@ static de_err run_handler(de_consumer *c, const de_event_view *v,
     if (h != NULL) {
         if (c->careful && (rc = IB0(c, savepoint)) != DE_OK)
             return rc;
-        rc = h->fn(c->db, v, h->ctx);
+        rc = c->kind->call(h->fn, c->conn, v, h->ctx);
         if (rc != DE_OK) {
             if (!c->careful)
                 return IB0(c, in_txn) ? DE__REDO

@@ -143,4 +143,28 @@ struct de__inbox {
  * tables and prepares their statements. */
 de_err de__inbox_open_sqlite(sqlite3 *db, int64_t busy_ms, de__inbox **out);
 
+/* Any function pointer, as a handler is kept whatever its type. */
+typedef void (*de__fnptr)(void);
+
+/* What a consumer needs from the database its handlers write to: how to
+ * open its inbox on the connection, and how to call a handler registered
+ * with on_fn (fn cast back to the type that function takes, so that the
+ * core never sees the database's types). */
+typedef struct de__consumer_kind {
+    const char *on_fn; /* "de_consumer_on", "de_consumer_on_pg" */
+    de_err (*open_inbox)(void *conn, const de_conf *conf, de__inbox **out);
+    de_err (*call)(de__fnptr fn, void *conn, const de_event_view *v, void *ctx);
+} de__consumer_kind;
+
+/* Opens a consumer whose handlers write through conn (borrowed, checked
+ * by the caller); *out is set to NULL on failure. */
+de_err de__consumer_open(void *conn, const de__consumer_kind *kind,
+                         const de_conf *conf, de_consumer **out);
+
+/* Registers a handler by subject type and action; who names the public
+ * function, which must be c's kind's on_fn (else DE_ERR_ARG). */
+de_err de__consumer_on(de_consumer *c, const char *who,
+                       const char *subject_type, const char *action,
+                       de__fnptr fn, void *ctx);
+
 #endif

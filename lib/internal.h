@@ -592,8 +592,47 @@ de_err de__outbox_store_settings(sqlite3 *db, const de_conf *conf);
  * copy the caller frees, or NULL when none is stored. */
 de_err de__outbox_stored_setting(sqlite3 *db, const char *key, char **out);
 
+/* ---- outbox backends other than SQLite (outbox.c) -------------------- */
+
+/* One event as de_record hands it to a backend: validated, every pointer
+ * borrowed for the call only. */
+typedef struct de__outbox_row {
+    const char *event_id, *subject_type, *subject_id, *action;
+    int version;
+    int64_t occurred_at_ms, recorded_at_ms;
+    const char *payload;
+    size_t payload_len;
+    const char *traceparent, *tracestate, *dataschema; /* may be NULL */
+} de__outbox_row;
+
+/*
+ * An outbox kept in another database than SQLite (lib/pg/outbox_pg.c).
+ * The core library calls it only through these pointers, so it never
+ * links that database's client library.  Every operation runs on the
+ * host's thread and sets the thread's message on failure.
+ */
+typedef struct de__outbox_backend {
+    const char *name; /* "PostgreSQL": for messages */
+    /* DE_OK when the host's connection is inside an open transaction
+     * (DE_ERR_NO_TXN outside one, DE_ERR_STATE when it cannot take a
+     * statement); ev names the event in the message. */
+    de_err (*check_txn)(void *ctx, const de_event *ev);
+    /* Writes row inside the host's transaction; *position receives its
+     * place in commit order, or 0 when it is known only at commit. */
+    de_err (*insert)(void *ctx, const de__outbox_row *row, int64_t *position);
+    void (*close)(void *ctx);
+} de__outbox_backend;
+
+/* An outbox on backend be (ctx its state, owned by the outbox from now
+ * on, even on failure: be->close(ctx) runs then). */
+de_err de__outbox_new_backend(const de_conf *conf, const de__outbox_backend *be,
+                              void *ctx, de_outbox **out);
+/* The backend's state, or NULL for a SQLite outbox. */
+void *de__outbox_backend_ctx(const de_outbox *ob);
+
 /* ---- outbox internals the relay uses (outbox.c) ---------------------- */
 
+/* NULL for an outbox on another backend. */
 sqlite3 *de__outbox_db(const de_outbox *ob);
 const de_conf *de__outbox_conf(const de_outbox *ob);
 

@@ -16,11 +16,18 @@
  * data_version, plus the new definitions when another connection
  * committed since the last look.
  *
+ * An outbox on another database (PostgreSQL, lib/pg/) has no SQLite
+ * connection (db NULL) and a backend instead: the same checks run here,
+ * then the backend writes the row.  The core never links that database's
+ * client library; it calls the backend through pointers only.
+ *
  * Invariants: an outbox is used on its connection's thread only; every
- * statement it holds is reset and unbound when a call returns.
+ * statement it holds is reset and unbound when a call returns; exactly
+ * one of db and backend is set.
  */
 #include "contract.h"
 
+#include <assert.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -49,6 +56,8 @@ struct de_outbox {
     int ckpt_threshold; /* the host's wal_autocheckpoint, in pages */
     bool recorded;      /* de_record ran since the last commit */
     de__link *links;    /* in-process relays to wake */
+    const de__outbox_backend *backend; /* NULL: SQLite (db) */
+    void *backend_ctx;
 };
 
 static const char insert_sql[] =
@@ -218,10 +227,44 @@ fail:
     return err;
 }
 
+de_err de__outbox_new_backend(const de_conf *conf, const de__outbox_backend *be,
+                              void *ctx, de_outbox **out)
+{
+    de_outbox *ob = calloc(1, sizeof *ob);
+    de_err err;
+
+    if (ob == NULL) {
+        be->close(ctx);
+        return de__fail(DE_ERR_NOMEM, "out of memory opening the outbox");
+    }
+    ob->backend = be;
+    ob->backend_ctx = ctx;
+    if ((ob->conf = de__conf_dup(conf)) == NULL ||
+        (ob->contracts = de__contract_set_new()) == NULL) {
+        err = de__fail(DE_ERR_NOMEM, "out of memory opening the outbox");
+        goto fail;
+    }
+    ob->max_bytes = de__conf_int(ob->conf, DE__K_EVENT_MAX_BYTES);
+    ob->strict = de__conf_bool(ob->conf, DE__K_OUTBOX_STRICT);
+    *out = ob;
+    return DE_OK;
+fail:
+    de_outbox_close(ob);
+    return err;
+}
+
+void *de__outbox_backend_ctx(const de_outbox *ob)
+{
+    return ob->backend_ctx;
+}
+
 void de_outbox_close(de_outbox *ob)
 {
     if (ob == NULL)
         return;
+    assert((ob->db == NULL) != (ob->backend == NULL));
+    if (ob->backend != NULL)
+        ob->backend->close(ob->backend_ctx);
     if (ob->insert != NULL) {
         /* Give the connection SQLite's own auto-checkpoint back. */
         sqlite3_wal_autocheckpoint(ob->db, ob->ckpt_threshold);
@@ -382,6 +425,9 @@ static de_err refresh_contracts(de_outbox *ob)
     de_err err;
     int rc;
 
+    if (ob->db ==
+        NULL) /* another backend: contracts are not stored there yet */
+        return DE_OK;
     if (sqlite3_txn_state(ob->db, "main") == SQLITE_TXN_NONE)
         return DE_OK;
     rc = sqlite3_step(ob->data_version);
@@ -490,6 +536,11 @@ de_err de_outbox_define(de_outbox *ob, const char *subject_type,
                         "de_outbox_define for %s.%s v%d needs a schema (got "
                         "NULL)",
                         subject_type, action, version);
+    if (ob->backend != NULL)
+        return de__fail(DE_ERR_STATE,
+                        "de_outbox_define for %s.%s v%d: contracts are not "
+                        "supported on a %s outbox yet",
+                        subject_type, action, version, ob->backend->name);
     if (!sqlite3_get_autocommit(ob->db))
         return de__fail(DE_ERR_STATE,
                         "de_outbox_define for %s.%s v%d was called inside a "
@@ -498,6 +549,38 @@ de_err de_outbox_define(de_outbox *ob, const char *subject_type,
                         subject_type, action, version);
     return de__contract_define(ob->contracts, ob->db, subject_type, action,
                                version, schema_json);
+}
+
+/* The end of de_record on another backend: everything is checked. */
+static de_err record_backend(de_outbox *ob, const de_event *ev,
+                             const de__contract_def *def, const char *event_id,
+                             int64_t occurred, int64_t now, const char *payload,
+                             size_t payload_len, de_recorded *out)
+{
+    de__outbox_row row = {
+        .event_id = event_id,
+        .subject_type = ev->subject_type,
+        .subject_id = ev->subject_id,
+        .action = ev->action,
+        .version = def ? def->version : ev->version,
+        .occurred_at_ms = occurred,
+        .recorded_at_ms = now,
+        .payload = payload,
+        .payload_len = payload_len,
+        .traceparent = ev->traceparent,
+        .tracestate = ev->tracestate,
+        .dataschema = def ? def->dataschema : NULL,
+    };
+    int64_t position = 0;
+    de_err err;
+
+    if ((err = ob->backend->insert(ob->backend_ctx, &row, &position)) != DE_OK)
+        return err;
+    if (out != NULL) {
+        memcpy(out->event_id, event_id, sizeof out->event_id);
+        out->position = position;
+    }
+    return DE_OK;
 }
 
 de_err de_record(de_outbox *ob, const de_event *ev, de_recorded *out)
@@ -519,7 +602,10 @@ de_err de_record(de_outbox *ob, const de_event *ev, de_recorded *out)
     if ((err = de__event_check(ev, ob->max_bytes, &payload, &payload_len)) !=
         DE_OK)
         return err;
-    if (sqlite3_get_autocommit(ob->db))
+    if (ob->backend != NULL) {
+        if ((err = ob->backend->check_txn(ob->backend_ctx, ev)) != DE_OK)
+            return err;
+    } else if (sqlite3_get_autocommit(ob->db))
         return de__fail(DE_ERR_NO_TXN,
                         "de_record for %s.%s was called outside a "
                         "transaction; record inside the BEGIN ... COMMIT "
@@ -535,6 +621,9 @@ de_err de_record(de_outbox *ob, const de_event *ev, de_recorded *out)
     now = de__now_ms();
     occurred = ev->occurred_at_ms ? ev->occurred_at_ms : now;
 
+    if (ob->backend != NULL)
+        return record_backend(ob, ev, def, event_id, occurred, now, payload,
+                              payload_len, out);
     st = ob->insert;
     sqlite3_bind_text(st, 1, event_id, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 2, ev->subject_type, -1, SQLITE_STATIC);

@@ -759,6 +759,11 @@ de_err de_relay_start(de_outbox *ob, const de_conf *conf, de_relay **out)
                         "de_relay_start needs an outbox and an "
                         "out pointer (got NULL %s)",
                         ob == NULL ? "outbox" : "out");
+    if (de__outbox_db(ob) == NULL)
+        return de__fail(DE_ERR_STATE,
+                        "de_relay_start: this outbox is not on SQLite, and "
+                        "its relay is not written yet (docs/"
+                        "PG-WORK-IN-PROGRESS.md)");
     merged = de__conf_dup(de__outbox_conf(ob));
     if (merged == NULL)
         return de__fail(DE_ERR_NOMEM, "out of memory starting the relay");

@@ -709,31 +709,6 @@ END_TEST
 
 /* ---- records that are not ours ---------------------------------------- */
 
-static void produce_raw(tu_cluster *c, const char *topic, const char *key,
-                        const char *value, const char *const *headers)
-{
-    rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    rd_kafka_headers_t *h = rd_kafka_headers_new(8);
-    char err[256];
-    rd_kafka_t *p;
-
-    rd_kafka_conf_set(conf, "bootstrap.servers", c->bootstrap, err, sizeof err);
-    p = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof err);
-    ck_assert_ptr_nonnull(p);
-    for (int i = 0; headers && headers[i]; i += 2)
-        rd_kafka_header_add(h, headers[i], -1, headers[i + 1], -1);
-    ck_assert_int_eq(
-        rd_kafka_producev(p, RD_KAFKA_V_TOPIC(topic),
-                          RD_KAFKA_V_KEY(key, key ? strlen(key) : 0),
-                          RD_KAFKA_V_VALUE((void *)(uintptr_t)value,
-                                           value ? strlen(value) : 0),
-                          RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
-                          RD_KAFKA_V_HEADERS(h), RD_KAFKA_V_END),
-        0);
-    ck_assert_int_eq(rd_kafka_flush(p, 10000), 0);
-    rd_kafka_destroy(p);
-}
-
 #define OURS(seq, id)                                                          \
     "ce_specversion", "1.0", "ce_id", id, "ce_source", "/test", "ce_type",     \
         "delivery.assigned", "ce_subjectseq", seq, "ce_subjecttype",           \
@@ -755,11 +730,11 @@ START_TEST(foreign_and_garbage_records_are_parked)
 
     tu_topic_create(c, "delivery", 1);
     topic = tu_topic(c, "delivery");
-    produce_raw(c, topic, "X-1", "{\"plain\":\"kafka\"}", NULL);
-    produce_raw(c, topic, "X-2", "{not json", bad_json);
-    produce_raw(c, topic, "X-3", "{}", bad_seq);
-    produce_raw(c, topic, "X-4", "{}", no_action);
-    produce_raw(c, topic, NULL, "{}", NULL);
+    tu_produce_raw(c, topic, "X-1", "{\"plain\":\"kafka\"}", NULL);
+    tu_produce_raw(c, topic, "X-2", "{not json", bad_json);
+    tu_produce_raw(c, topic, "X-3", "{}", bad_seq);
+    tu_produce_raw(c, topic, "X-4", "{}", no_action);
+    tu_produce_raw(c, topic, NULL, "{}", NULL);
     r = start_relay(c);
     write_events(5, 3, "delivery");
     tu_ok(de_relay_flush(r, 30000));
@@ -984,9 +959,9 @@ START_TEST(gaps_are_parked_or_applied)
 
     tu_topic_create(c, "delivery", 1);
     topic = tu_topic(c, "delivery");
-    produce_raw(c, topic, "G-1", "{}", h1);
-    produce_raw(c, topic, "G-1", "{}", h2);
-    produce_raw(c, topic, "G-1", "{}", h4);
+    tu_produce_raw(c, topic, "G-1", "{}", h1);
+    tu_produce_raw(c, topic, "G-1", "{}", h2);
+    tu_produce_raw(c, topic, "G-1", "{}", h4);
     tu_ok(open_consumer(cdb, c->bootstrap, c->prefix, "g-park", NULL, NULL,
                         NULL, &con));
     tu_wait_for((poll_stats(con, &st), st.gaps >= 1), 30000);
@@ -1035,10 +1010,10 @@ START_TEST(uuid_ids_are_compared_exactly)
 
     tu_topic_create(c, "delivery", 1);
     topic = tu_topic(c, "delivery");
-    produce_raw(c, topic, "U-1", "{}", h1);
-    produce_raw(c, topic, "U-1", "{}", h2);
-    produce_raw(c, topic, "U-1", "{}", h2); /* a true copy */
-    produce_raw(c, topic, "U-1", "{}", h2upper);
+    tu_produce_raw(c, topic, "U-1", "{}", h1);
+    tu_produce_raw(c, topic, "U-1", "{}", h2);
+    tu_produce_raw(c, topic, "U-1", "{}", h2); /* a true copy */
+    tu_produce_raw(c, topic, "U-1", "{}", h2upper);
     tu_ok(open_consumer(cdb, c->bootstrap, c->prefix, "g-uuid", NULL, NULL,
                         NULL, &con));
     ck_assert(
@@ -1078,11 +1053,11 @@ START_TEST(reused_numbers_are_conflicts_not_duplicates)
 
     tu_topic_create(c, "delivery", 1);
     topic = tu_topic(c, "delivery");
-    produce_raw(c, topic, "C-1", "{}", h1);
-    produce_raw(c, topic, "C-1", "{}", h2);
-    produce_raw(c, topic, "C-1", "{}", h2copy);
-    produce_raw(c, topic, "C-1", "{}", h2other);
-    produce_raw(c, topic, "C-1", "{}", h3);
+    tu_produce_raw(c, topic, "C-1", "{}", h1);
+    tu_produce_raw(c, topic, "C-1", "{}", h2);
+    tu_produce_raw(c, topic, "C-1", "{}", h2copy);
+    tu_produce_raw(c, topic, "C-1", "{}", h2other);
+    tu_produce_raw(c, topic, "C-1", "{}", h3);
     tu_ok(open_consumer(cdb, c->bootstrap, c->prefix, "g-conflict", NULL, NULL,
                         NULL, &con));
     ck_assert(

@@ -715,3 +715,28 @@ void tu_assert_check(const tu_check *k)
                   "subject",
                   k->ahead);
 }
+
+void tu_produce_raw(tu_cluster *c, const char *topic, const char *key,
+                    const char *value, const char *const *headers)
+{
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    rd_kafka_headers_t *h = rd_kafka_headers_new(8);
+    char err[256];
+    rd_kafka_t *p;
+
+    rd_kafka_conf_set(conf, "bootstrap.servers", c->bootstrap, err, sizeof err);
+    p = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof err);
+    ck_assert_ptr_nonnull(p);
+    for (int i = 0; headers && headers[i]; i += 2)
+        rd_kafka_header_add(h, headers[i], -1, headers[i + 1], -1);
+    ck_assert_int_eq(
+        rd_kafka_producev(p, RD_KAFKA_V_TOPIC(topic),
+                          RD_KAFKA_V_KEY(key, key ? strlen(key) : 0),
+                          RD_KAFKA_V_VALUE((void *)(uintptr_t)value,
+                                           value ? strlen(value) : 0),
+                          RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+                          RD_KAFKA_V_HEADERS(h), RD_KAFKA_V_END),
+        0);
+    ck_assert_int_eq(rd_kafka_flush(p, 10000), 0);
+    rd_kafka_destroy(p);
+}

@@ -123,6 +123,12 @@ void tu_read_topic(tu_cluster *c, const char *topic, tu_record_fn fn,
 /* A header's value as a string (rotating static buffers), NULL if absent. */
 const char *tu_header(const rd_kafka_message_t *m, const char *name);
 
+/* Produces one record with plain librdkafka (a producer of its own,
+ * flushed before it returns): key (NULL: none), value, and headers as
+ * name/value pairs, NULL-terminated (NULL: none). */
+void tu_produce_raw(tu_cluster *c, const char *topic, const char *key,
+                    const char *value, const char *const *headers);
+
 /* Java-compatible murmur2 partition of a key. */
 int32_t tu_murmur2_partition(const char *key, size_t len, int32_t partitions);
 

@@ -1,0 +1,203 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * deliveryevents_pg.h -- libdeliveryevents for services whose state lives
+ * in PostgreSQL: the same outbox, relay and consumer, kept in the host's
+ * PostgreSQL database.
+ *
+ * Build and link with `pkg-config --cflags --libs deliveryevents-pg`
+ * (library libdeliveryevents-pg).  That library contains the whole of
+ * libdeliveryevents as well, so a program links it *instead of*
+ * libdeliveryevents, never beside it (two copies of the API in one
+ * process would each keep their own de_errmsg()).  Programs that use
+ * only SQLite keep linking libdeliveryevents and never need libpq.
+ *
+ * Everything declared in deliveryevents.h works on an outbox opened here
+ * unless its documentation says otherwise; the differences are stated
+ * below, per function.
+ *
+ * STATUS: work in progress (docs/PG-WORK-IN-PROGRESS.md).
+ * de_outbox_open_pg, de_record, de_consumer_open_pg and de_consumer_on_pg
+ * are implemented; de_relay_start_pg, de_relay_start on a PostgreSQL
+ * outbox and de_outbox_define on one return DE_ERR_STATE.
+ */
+#ifndef DELIVERYEVENTS_PG_H
+#define DELIVERYEVENTS_PG_H
+
+#include <libpq-fe.h>
+
+#include "deliveryevents.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/**
+ * Attaches an outbox to the host's own PostgreSQL connection.
+ *
+ * Must be called outside a transaction: it creates or migrates the
+ * library's schema `deliveryevents` (its tables, a sequence and a
+ * deferred trigger) in a transaction of its own, under an advisory lock so
+ * that instances starting together migrate one at a time; the role needs
+ * CREATE on the database the first time.  It then prepares one statement
+ * on the connection, named "deliveryevents_record".
+ *
+ * de_record on the outbox writes one row with one statement inside the
+ * host's open transaction.  Every check that can refuse an event runs
+ * before the server sees anything, so a refused event (DE_ERR_ARG,
+ * DE_ERR_PAYLOAD, DE_ERR_CONTRACT, DE_ERR_NO_TXN) leaves the host's
+ * transaction as it was.  A failure on the server (DE_ERR_DB: disk full,
+ * statement_timeout, cancellation, a serialization failure) aborts the
+ * host's transaction, as any failed statement does in PostgreSQL; the
+ * message says so.  de_record returns DE_ERR_STATE when the host's
+ * transaction has already failed, when a command is in progress, or in
+ * pipeline mode.
+ *
+ * The event's place in commit order is assigned when the host's
+ * transaction commits, not before (so that it is commit order whatever
+ * the writers, savepoints and rollbacks): on this outbox
+ * de_recorded.position is 0.  Recording transactions commit one at a time
+ * (a lock held from the position's assignment to the end of the commit);
+ * transactions that record nothing are not affected.  PREPARE TRANSACTION
+ * after de_record is not supported: the prepared transaction would hold
+ * that lock until COMMIT PREPARED.
+ *
+ * Threads: the outbox uses conn on the calling thread only, like conn
+ * itself (libpq connections are not shared between threads).
+ *
+ * @param conn  the host's open connection; borrowed: it must stay open
+ *              until de_outbox_close().  A PQreset() connection is
+ *              prepared again on the next de_record.
+ * @param conf  configuration, or NULL for defaults; copied.
+ * @param out   receives the outbox; set to NULL on failure.  Freed with
+ *              de_outbox_close().
+ * @return DE_OK; DE_ERR_ARG (NULL argument, connection not open);
+ *         DE_ERR_STATE (called inside a transaction, or the schema was
+ *         written by a newer library); DE_ERR_DB (the server's text in the
+ *         message); DE_ERR_NOMEM.
+ */
+DE_EXTERN DE_WARN_UNUSED de_err de_outbox_open_pg(PGconn *conn,
+                                                  const de_conf *conf,
+                                                  de_outbox **out);
+
+/**
+ * Starts a relay beside the service for the outbox in the PostgreSQL
+ * database that conninfo names, on connections of its own.
+ *
+ * NOT IMPLEMENTED YET: returns DE_ERR_STATE (docs/PG-WORK-IN-PROGRESS.md).
+ *
+ * @param conninfo  a libpq connection string or URI; copied.
+ * @param conf      configuration, or NULL for defaults; copied.
+ * @param out       receives the relay; set to NULL on failure.  Freed
+ *                  with de_relay_stop().
+ * @return DE_OK; DE_ERR_ARG; DE_ERR_STATE.
+ */
+DE_EXTERN DE_WARN_UNUSED de_err de_relay_start_pg(const char *conninfo,
+                                                  const de_conf *conf,
+                                                  de_relay **out);
+
+/**
+ * Opens a consumer that applies events into PostgreSQL through conn, with
+ * the same effectively-once inbox as on SQLite (docs/CONSUMER.md): per
+ * subject, ce_subjectseq last + 1 is applied, a number already applied is
+ * dropped as a duplicate (the same number with another ce_id parks the
+ * subject as a conflict), a gap is handled by consumer.on.gap; each
+ * handler's writes and the inbox's update commit in one transaction on
+ * conn, and the Kafka offsets are committed only after it.
+ *
+ * Must be called outside a transaction: it creates or migrates the
+ * consumer's tables (deliveryevents.inbox, inbox_source, inbox_id,
+ * inbox_dead_letter, inbox_request; the role needs CREATE on the
+ * database the first time) in a transaction of its own, under the
+ * advisory lock the outbox's migration takes, and prepares statements
+ * named "deliveryevents_inbox_<n>" on the connection.
+ *
+ * Transactions: de_consumer_poll (and de_consumer_release / _skip) runs
+ * BEGIN ISOLATION LEVEL READ COMMITTED ... COMMIT on conn around a batch
+ * (READ COMMITTED whatever the session's default: consumers of one group
+ * sharing the database then wait for each other on a subject's inbox row
+ * instead of failing to serialize).  conn must be idle (no transaction
+ * open, no command in progress) whenever a consumer function is called.
+ *
+ * A broken connection (server restart, pg_terminate_backend, network):
+ * de_consumer_poll returns DE_ERR_DB, nothing of the batch is counted as
+ * done and its records are read again from Kafka -- as on SQLite, where a
+ * failed database makes poll return DE_ERR_DB and the next poll retries.
+ * The consumer does not reconnect a connection it borrows (the host's
+ * session settings would be lost behind its back): the host checks
+ * PQstatus(conn) == CONNECTION_BAD, calls PQreset(conn) and polls again;
+ * the statements are prepared again on the new backend.  A batch whose
+ * COMMIT was cut off may or may not have committed; either way the inbox
+ * drops what was applied when it is read again, so nothing is applied
+ * twice or lost.
+ *
+ * Threads: the consumer is used from one thread at a time, and conn only
+ * on that thread (libpq connections are not shared between threads).
+ *
+ * @param conn  the consumer's connection; borrowed: the host keeps
+ *              ownership and must keep it open until de_consumer_close().
+ *              Between polls the host may use it for its own work if it
+ *              leaves it idle.
+ * @param conf  configuration (group.id required), or NULL; copied.
+ * @param out   receives the consumer; set to NULL on failure.  Freed with
+ *              de_consumer_close().
+ * @return DE_OK; DE_ERR_ARG (NULL argument, connection not open);
+ *         DE_ERR_STATE (called inside a transaction, or the tables were
+ *         written by a newer library); DE_ERR_CONFIG (no group.id, a bad
+ *         librdkafka setting); DE_ERR_DB (the server's text in the
+ *         message); DE_ERR_NOMEM.
+ */
+DE_EXTERN DE_WARN_UNUSED de_err de_consumer_open_pg(PGconn *conn,
+                                                    const de_conf *conf,
+                                                    de_consumer **out);
+
+/**
+ * A handler of a PostgreSQL consumer: applies one event through conn,
+ * inside the consumer's open transaction (the inbox's update commits with
+ * it).  The same rules as de_handler_fn: it must not BEGIN, COMMIT or
+ * ROLLBACK (a SAVEPOINT of its own is fine) and must not call back into
+ * the consumer; ev and the strings it points to are valid only during
+ * the call.  A statement that fails on the server aborts the transaction:
+ * the handler must then return an error (not DE_OK), and the consumer
+ * rolls back this event's writes only and retries it with backoff, then
+ * dead-letters it after consumer.max.attempts.
+ *
+ * @param conn  the consumer's connection (the one given to
+ *              de_consumer_open_pg), in a transaction.
+ * @param ev    the event; never NULL.
+ * @param ctx   the pointer given at registration.
+ * @return DE_OK to apply; any other value rolls the event's effects back.
+ */
+typedef de_err (*de_handler_pg_fn)(PGconn *conn, const de_event_view *ev,
+                                   void *ctx);
+
+/**
+ * Registers the handler for a subject type and action on a consumer
+ * opened with de_consumer_open_pg, as de_consumer_on does on SQLite (same
+ * rules: action NULL takes every action of the type not registered
+ * alone; register before the first de_consumer_poll).  de_consumer_on on
+ * a PostgreSQL consumer, and this function on a SQLite one, return
+ * DE_ERR_ARG and name the function to use; de_consumer_on_type is not
+ * available on a PostgreSQL consumer yet (DE_ERR_ARG).
+ *
+ * Threads: the consumer's thread.
+ *
+ * @param c             the consumer; not NULL.
+ * @param subject_type  1..249 of [A-Za-z0-9._-]; copied.
+ * @param action        the action, or NULL for any; copied.
+ * @param fn            the handler; not NULL.
+ * @param ctx           passed to fn as is; may be NULL; not owned.
+ * @return DE_OK; DE_ERR_ARG (NULL consumer or fn, a bad name, a SQLite
+ *         consumer, a handler already registered for the pair);
+ *         DE_ERR_STATE (after the first de_consumer_poll); DE_ERR_NOMEM.
+ */
+DE_EXTERN DE_WARN_UNUSED de_err de_consumer_on_pg(de_consumer *c,
+                                                  const char *subject_type,
+                                                  const char *action,
+                                                  de_handler_pg_fn fn,
+                                                  void *ctx);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DELIVERYEVENTS_PG_H */

@@ -1,0 +1,473 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * outbox_pg.c -- the outbox in the host's PostgreSQL database: the schema
+ * and its migrations, and the backend de_record writes through
+ * (de__outbox_backend, see outbox.c for the checks that run first).
+ *
+ * Commit order (docs/PG-WORK-IN-PROGRESS.md, section 2): a row gets its
+ * position not when de_record writes it but at the host's COMMIT, from a
+ * deferred constraint trigger that takes a transaction-scoped advisory
+ * lock and draws the position from a sequence.  The lock is released only
+ * after the commit is visible, so positions increase in commit order and
+ * a reader that sees position p sees every smaller position that will
+ * ever exist.  The trigger also sends the NOTIFY that wakes the relay;
+ * PostgreSQL delivers it only if the transaction commits.
+ *
+ * de_record itself is one prepared INSERT on the host's connection and
+ * nothing else: every check that can refuse an event has run before the
+ * server sees it, so a refused event leaves the host's transaction as it
+ * was.
+ *
+ * Invariants: the outbox borrows the host's PGconn and uses it on the
+ * host's thread only; the prepared statement exists on the backend whose
+ * pid is prepared_pid (re-prepared when the host reset the connection).
+ */
+/* internal.h first: it marks the build (DE_BUILDING_LIBRARY) so that
+ * DE_EXTERN exports what deliveryevents_pg.h declares. */
+#include "pg_int.h"
+
+#include "deliveryevents_pg.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* The advisory lock keys (pg_int.h): the commit-order lock. */
+#define PG_LOCK_CLASS DE__PG_LOCK_CLASS
+#define PG_LOCK_MIGRATE DE__PG_LOCK_MIGRATE
+#define PG_LOCK_ORDER "1"
+
+#define PG_SCHEMA_VERSION 1
+#define PG_RECORD_STMT "deliveryevents_record"
+
+typedef struct pg_outbox {
+    PGconn *conn;     /* borrowed from the host */
+    int prepared_pid; /* backend holding PG_RECORD_STMT; 0: none */
+} pg_outbox;
+
+/* Migration i takes the schema from version i to i + 1. */
+static const char *const migrations[PG_SCHEMA_VERSION] = {
+    /* 0 -> 1: the outbox, its commit order and the trigger that assigns
+     * it.  outbox.id is insertion order only and never used to order
+     * anything; outbox_order is narrow on purpose: the position is not
+     * written into the (wide) outbox row, which would copy the payload
+     * into a new row version and touch an index on every event. */
+    "CREATE TABLE deliveryevents.outbox ("
+    "  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+    "  event_id text NOT NULL,"
+    "  subject_type text NOT NULL,"
+    "  subject_id text NOT NULL,"
+    "  action text NOT NULL,"
+    "  version integer NOT NULL,"
+    "  occurred_at_ms bigint NOT NULL,"
+    "  recorded_at_ms bigint NOT NULL,"
+    "  payload text NOT NULL,"
+    "  traceparent text,"
+    "  tracestate text,"
+    "  dataschema text"
+    ");"
+    "CREATE SEQUENCE deliveryevents.outbox_position AS bigint;"
+    "CREATE TABLE deliveryevents.outbox_order ("
+    "  position bigint PRIMARY KEY,"
+    "  id bigint NOT NULL"
+    ");"
+    /* Every name qualified (pg_catalog first) rather than a SET
+     * search_path clause, which would cost a GUC save and restore per
+     * row at every commit. */
+    "CREATE FUNCTION deliveryevents.outbox_commit() RETURNS trigger "
+    "LANGUAGE plpgsql AS $$\n"
+    "BEGIN\n"
+    "  PERFORM pg_catalog.pg_advisory_xact_lock(" PG_LOCK_CLASS
+    ", " PG_LOCK_ORDER ");\n"
+    "  INSERT INTO deliveryevents.outbox_order(position, id) VALUES "
+    "(pg_catalog.nextval('deliveryevents.outbox_position'), NEW.id);\n"
+    "  PERFORM pg_catalog.pg_notify('" DE__PG_CHANNEL "', '');\n"
+    "  RETURN NULL;\n"
+    "END\n$$;"
+    "CREATE CONSTRAINT TRIGGER outbox_commit AFTER INSERT ON "
+    "deliveryevents.outbox DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+    "EXECUTE FUNCTION deliveryevents.outbox_commit();",
+};
+
+static const char insert_sql[] =
+    "INSERT INTO deliveryevents.outbox(event_id, subject_type, subject_id, "
+    "action, version, occurred_at_ms, recorded_at_ms, payload, traceparent, "
+    "tracestate, dataschema) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, "
+    "$10, $11)";
+
+/* The server's message without its trailing newline, in buf. */
+static const char *pg_message(const char *msg, char *buf, size_t size)
+{
+    size_t n;
+
+    snprintf(buf, size, "%s", msg ? msg : "");
+    n = strlen(buf);
+    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' '))
+        buf[--n] = '\0';
+    return buf[0] ? buf : "no message from libpq";
+}
+
+de_err de__pg_fail(PGconn *conn, PGresult *r, const char *what)
+{
+    char msg[512];
+    de_err err =
+        de__fail(DE_ERR_DB, "%s: %s", what,
+                 pg_message(r ? PQresultErrorMessage(r) : PQerrorMessage(conn),
+                            msg, sizeof msg));
+
+    PQclear(r);
+    return err;
+}
+
+de_err de__pg_exec(PGconn *conn, const char *sql, ExecStatusType want,
+                   PGresult **res, const char *what)
+{
+    PGresult *r = PQexec(conn, sql);
+
+    if (r == NULL || PQresultStatus(r) != want)
+        return de__pg_fail(conn, r, what);
+    if (res != NULL)
+        *res = r;
+    else
+        PQclear(r);
+    return DE_OK;
+}
+
+/* The schema version stored in deliveryevents.meta (0: none yet). */
+static de_err schema_version(PGconn *conn, int *out)
+{
+    PGresult *r = NULL;
+    de_err err;
+
+    *out = 0;
+    if ((err = de__pg_exec(conn,
+                           "SELECT value FROM deliveryevents.meta "
+                           "WHERE key = 'schema_version'",
+                           PGRES_TUPLES_OK, &r,
+                           "cannot read the outbox's schema version")) != DE_OK)
+        return err;
+    if (PQntuples(r) == 1)
+        *out = atoi(PQgetvalue(r, 0, 0));
+    PQclear(r);
+    return DE_OK;
+}
+
+/*
+ * Creates or migrates the schema in one transaction of its own, under an
+ * advisory lock so that concurrent openers (several instances starting
+ * together) run it one at a time; then raises the position sequence to
+ * at least the highest position stored, in case the data came without
+ * its sequence (logical replication, a partial restore): positions must
+ * never be handed out twice.  That step holds the commit-order lock, so
+ * no recorder draws a position meanwhile.
+ */
+de_err de__pg_schema_ensure(PGconn *conn, char outbox_id[37])
+{
+    char sql[160], uuid[37];
+    const char *params[1];
+    PGresult *r;
+    int version = 0, i;
+    de_err err;
+
+    if ((err = de__pg_exec(conn, "BEGIN", PGRES_COMMAND_OK, NULL,
+                           "cannot begin the outbox's migration")) != DE_OK)
+        return err;
+    /* SET LOCAL: no "already exists, skipping" notices on the host's
+     * connection, and the host's own setting back at COMMIT. */
+    if ((err = de__pg_exec(
+             conn,
+             "SET LOCAL client_min_messages = warning;"
+             "SELECT pg_catalog.pg_advisory_xact_lock(" PG_LOCK_CLASS
+             ", " PG_LOCK_MIGRATE ")",
+             PGRES_TUPLES_OK, NULL, "cannot lock the outbox's schema")) !=
+            DE_OK ||
+        (err =
+             de__pg_exec(conn,
+                         "CREATE SCHEMA IF NOT EXISTS deliveryevents;"
+                         "CREATE TABLE IF NOT EXISTS deliveryevents.meta ("
+                         "  key text PRIMARY KEY, value text NOT NULL)",
+                         PGRES_COMMAND_OK, NULL,
+                         "cannot create schema deliveryevents (the role needs "
+                         "CREATE on the database once)")) != DE_OK ||
+        (err = schema_version(conn, &version)) != DE_OK)
+        goto fail;
+    if (version > PG_SCHEMA_VERSION) {
+        err = de__fail(DE_ERR_STATE,
+                       "the outbox's schema is version %d, newer than this "
+                       "library's %d; upgrade libdeliveryevents-pg",
+                       version, PG_SCHEMA_VERSION);
+        goto fail;
+    }
+    for (i = version; i < PG_SCHEMA_VERSION; i++) {
+        snprintf(sql, sizeof sql,
+                 "cannot migrate the outbox's schema from version %d to %d", i,
+                 i + 1);
+        if ((err = de__pg_exec(conn, migrations[i], PGRES_COMMAND_OK, NULL,
+                               sql)) != DE_OK)
+            goto fail;
+    }
+    snprintf(sql, sizeof sql,
+             "INSERT INTO deliveryevents.meta VALUES ('schema_version', "
+             "'%d') ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+             PG_SCHEMA_VERSION);
+    if ((err = de__pg_exec(conn, sql, PGRES_COMMAND_OK, NULL,
+                           "cannot store the outbox's schema version")) !=
+        DE_OK)
+        goto fail;
+    /* The outbox's identity, as on SQLite (schema.c): a relay that finds
+     * its marks written for another outbox refuses them. */
+    de__uuid7(uuid);
+    params[0] = uuid;
+    r = PQexecParams(conn,
+                     "INSERT INTO deliveryevents.meta VALUES ('outbox_id', $1) "
+                     "ON CONFLICT (key) DO NOTHING",
+                     1, NULL, params, NULL, NULL, 0);
+    if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK) {
+        err = de__pg_fail(conn, r, "cannot store the outbox id");
+        goto fail;
+    }
+    PQclear(r);
+    if ((err = de__pg_exec(
+             conn,
+             "SELECT pg_catalog.pg_advisory_xact_lock(" PG_LOCK_CLASS
+             ", " PG_LOCK_ORDER ");"
+             "SELECT pg_catalog.setval('deliveryevents.outbox_position', m) "
+             "FROM (SELECT max(position) AS m "
+             "      FROM deliveryevents.outbox_order) AS x "
+             "WHERE m >= (SELECT last_value "
+             "            FROM deliveryevents.outbox_position)",
+             PGRES_TUPLES_OK, NULL,
+             "cannot check the outbox's position sequence")) != DE_OK ||
+        (err = de__pg_exec(conn, "COMMIT", PGRES_COMMAND_OK, NULL,
+                           "cannot commit the outbox's migration")) != DE_OK)
+        goto fail;
+    if (outbox_id != NULL) {
+        if ((err = de__pg_exec(conn,
+                               "SELECT value FROM deliveryevents.meta WHERE "
+                               "key = 'outbox_id'",
+                               PGRES_TUPLES_OK, &r,
+                               "cannot read the outbox id")) != DE_OK)
+            goto fail;
+        if (PQntuples(r) != 1 || PQgetlength(r, 0, 0) != 36) {
+            PQclear(r);
+            err = de__fail(DE_ERR_STATE, "the outbox id in deliveryevents.meta "
+                                         "is missing or malformed");
+            goto fail;
+        }
+        memcpy(outbox_id, PQgetvalue(r, 0, 0), 37);
+        PQclear(r);
+    }
+    return DE_OK;
+fail:
+    if (PQtransactionStatus(conn) != PQTRANS_IDLE)
+        PQclear(PQexec(conn, "ROLLBACK"));
+    return err;
+}
+
+/* Prepares the INSERT on the connection's current backend, unless it is
+ * there already.  A host that reset its connection (PQreset) has a new
+ * backend without it; the pid tells, without a round trip. */
+static de_err ensure_prepared(pg_outbox *pg)
+{
+    int pid = PQbackendPID(pg->conn);
+    PGresult *r;
+
+    if (pid != 0 && pid == pg->prepared_pid)
+        return DE_OK;
+    /* Another outbox on this connection may have prepared it: look
+     * first, as a failed Parse inside the host's transaction would abort
+     * it.  Same name, same text (one library per process). */
+    r = PQexec(pg->conn, "SELECT 1 FROM pg_catalog.pg_prepared_statements "
+                         "WHERE name = '" PG_RECORD_STMT "'");
+    if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK)
+        return de__pg_fail(pg->conn, r,
+                           "cannot look for the outbox's prepared INSERT");
+    if (PQntuples(r) == 1) {
+        PQclear(r);
+        pg->prepared_pid = pid;
+        return DE_OK;
+    }
+    PQclear(r);
+    r = PQprepare(pg->conn, PG_RECORD_STMT, insert_sql, 11, NULL);
+    if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK)
+        return de__pg_fail(pg->conn, r, "cannot prepare the outbox's INSERT");
+    PQclear(r);
+    pg->prepared_pid = pid;
+    return DE_OK;
+}
+
+static de_err pg_check_txn(void *ctx, const de_event *ev)
+{
+    pg_outbox *pg = ctx;
+    char msg[512];
+
+    if (PQstatus(pg->conn) != CONNECTION_OK)
+        return de__fail(DE_ERR_DB,
+                        "de_record for %s.%s: the PostgreSQL connection is "
+                        "not open: %s",
+                        ev->subject_type, ev->action,
+                        pg_message(PQerrorMessage(pg->conn), msg, sizeof msg));
+    if (PQpipelineStatus(pg->conn) != PQ_PIPELINE_OFF)
+        return de__fail(DE_ERR_STATE,
+                        "de_record for %s.%s: the connection is in pipeline "
+                        "mode; record outside pipeline mode",
+                        ev->subject_type, ev->action);
+    switch (PQtransactionStatus(pg->conn)) {
+    case PQTRANS_INTRANS: return DE_OK;
+    case PQTRANS_IDLE:
+        return de__fail(DE_ERR_NO_TXN,
+                        "de_record for %s.%s was called outside a "
+                        "transaction; record inside the BEGIN ... COMMIT "
+                        "that makes the change it announces",
+                        ev->subject_type, ev->action);
+    case PQTRANS_INERROR:
+        return de__fail(DE_ERR_STATE,
+                        "de_record for %s.%s: the host's transaction has "
+                        "already failed (an earlier statement's error); roll "
+                        "it back first",
+                        ev->subject_type, ev->action);
+    case PQTRANS_ACTIVE:
+        return de__fail(DE_ERR_STATE,
+                        "de_record for %s.%s: a command is still in progress "
+                        "on the connection; read its results first",
+                        ev->subject_type, ev->action);
+    default:
+        return de__fail(DE_ERR_DB,
+                        "de_record for %s.%s: the PostgreSQL connection is "
+                        "in an unknown state",
+                        ev->subject_type, ev->action);
+    }
+}
+
+static de_err pg_insert(void *ctx, const de__outbox_row *row, int64_t *position)
+{
+    pg_outbox *pg = ctx;
+    char version[16], occurred[24], recorded[24], what[200];
+    const char *values[11];
+    PGresult *r;
+    de_err err;
+
+    if ((err = ensure_prepared(pg)) != DE_OK)
+        return err;
+    snprintf(version, sizeof version, "%d", row->version);
+    snprintf(occurred, sizeof occurred, "%lld", (long long)row->occurred_at_ms);
+    snprintf(recorded, sizeof recorded, "%lld", (long long)row->recorded_at_ms);
+    values[0] = row->event_id;
+    values[1] = row->subject_type;
+    values[2] = row->subject_id;
+    values[3] = row->action;
+    values[4] = version;
+    values[5] = occurred;
+    values[6] = recorded;
+    values[7] = row->payload; /* NUL-terminated: payload_len is its strlen */
+    values[8] = row->traceparent;
+    values[9] = row->tracestate;
+    values[10] = row->dataschema;
+    r = PQexecPrepared(pg->conn, PG_RECORD_STMT, 11, values, NULL, NULL, 0);
+    if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK) {
+        /* A failed statement aborts a PostgreSQL transaction: say so. */
+        snprintf(what, sizeof what,
+                 "recording %s.%s failed and PostgreSQL aborted the host's "
+                 "transaction (roll it back)",
+                 row->subject_type, row->action);
+        return de__pg_fail(pg->conn, r, what);
+    }
+    PQclear(r);
+    *position = 0; /* assigned at commit (docs/PG-WORK-IN-PROGRESS.md) */
+    return DE_OK;
+}
+
+/*
+ * Stores the wire settings (DE__WIRE_KEYS) that conf sets explicitly, as
+ * on SQLite (schema.c, de__outbox_store_settings): every relay of the
+ * database publishes with them.  One transaction; a changed value is
+ * logged.
+ */
+static de_err store_settings(PGconn *conn, const de_conf *conf)
+{
+    static const de__key wire[] = DE__WIRE_KEYS;
+    char name[96];
+    de_err err;
+
+    if ((err = de__pg_exec(conn, "BEGIN", PGRES_COMMAND_OK, NULL,
+                           "cannot store the outbox's settings")) != DE_OK)
+        return err;
+    for (size_t i = 0; i < DE__ARRAY_LEN(wire); i++) {
+        const char *values[2] = {name, de__conf_str(conf, wire[i])};
+        PGresult *r;
+
+        if (!de__conf_is_set(conf, wire[i]))
+            continue;
+        snprintf(name, sizeof name, "setting.%s", de__conf_key_name(wire[i]));
+        /* The CTE reads the value from before the statement. */
+        r = PQexecParams(conn,
+                         "WITH old AS (SELECT value FROM deliveryevents.meta "
+                         "WHERE key = $1) INSERT INTO deliveryevents.meta "
+                         "VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET "
+                         "value = excluded.value RETURNING (SELECT value "
+                         "FROM old)",
+                         2, NULL, values, NULL, NULL, 0);
+        if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK) {
+            err = de__pg_fail(conn, r, "cannot store the outbox's settings");
+            PQclear(PQexec(conn, "ROLLBACK"));
+            return err;
+        }
+        if (!PQgetisnull(r, 0, 0) && strcmp(PQgetvalue(r, 0, 0), values[1]))
+            de__log(conf, DE_LOG_NOTICE,
+                    "outbox in PostgreSQL database '%s': %s changed from "
+                    "'%s' to '%s'; every relay started from now on "
+                    "publishes with it",
+                    PQdb(conn), de__conf_key_name(wire[i]), PQgetvalue(r, 0, 0),
+                    values[1]);
+        PQclear(r);
+    }
+    return de__pg_exec(conn, "COMMIT", PGRES_COMMAND_OK, NULL,
+                       "cannot store the outbox's settings");
+}
+
+static void pg_close(void *ctx)
+{
+    free(ctx);
+}
+
+static const de__outbox_backend pg_backend = {
+    .name = "PostgreSQL",
+    .check_txn = pg_check_txn,
+    .insert = pg_insert,
+    .close = pg_close,
+};
+
+de_err de_outbox_open_pg(PGconn *conn, const de_conf *conf, de_outbox **out)
+{
+    pg_outbox *pg;
+    de_err err;
+
+    if (out != NULL)
+        *out = NULL;
+    if (conn == NULL || out == NULL)
+        return de__fail(DE_ERR_ARG,
+                        "de_outbox_open_pg needs a connection and an out "
+                        "pointer (got NULL %s)",
+                        conn == NULL ? "connection" : "out");
+    if (PQstatus(conn) != CONNECTION_OK)
+        return de__fail(DE_ERR_ARG,
+                        "de_outbox_open_pg needs an open connection (its "
+                        "status is %d, not CONNECTION_OK)",
+                        (int)PQstatus(conn));
+    if (PQtransactionStatus(conn) != PQTRANS_IDLE)
+        return de__fail(DE_ERR_STATE,
+                        "de_outbox_open_pg was called inside a transaction; "
+                        "open the outbox outside one (at startup): its "
+                        "migration commits on its own");
+    if ((err = de__pg_schema_ensure(conn, NULL)) != DE_OK ||
+        (conf != NULL && (err = store_settings(conn, conf)) != DE_OK))
+        return err;
+    if ((pg = calloc(1, sizeof *pg)) == NULL)
+        return de__fail(DE_ERR_NOMEM, "out of memory opening the outbox");
+    pg->conn = conn;
+    if ((err = ensure_prepared(pg)) != DE_OK) {
+        free(pg);
+        return err;
+    }
+    return de__outbox_new_backend(conf, &pg_backend, pg, out);
+}

@@ -1,0 +1,52 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * pg_int.h -- what the PostgreSQL module's files share (lib/pg/): the
+ * schema, libpq error translation, and the relay's source.  Only the
+ * deliveryevents-pg library compiles these files; the core library never
+ * sees libpq.
+ */
+#ifndef DE_PG_INT_H
+#define DE_PG_INT_H
+
+#include "inbox.h"
+#include "internal.h"
+#include "source.h"
+
+#include <libpq-fe.h>
+
+/* DE_ERR_DB: "<what>: <the server's text>"; clears r (may be NULL: the
+ * connection's message is used then). */
+de_err de__pg_fail(PGconn *conn, PGresult *r, const char *what);
+
+/* Runs sql (no parameters, maybe several statements) expecting `want`
+ * from the last; *res (may be NULL) receives the result, which the
+ * caller clears.  de__pg_fail with what on failure. */
+de_err de__pg_exec(PGconn *conn, const char *sql, ExecStatusType want,
+                   PGresult **res, const char *what);
+
+/* Creates or migrates schema deliveryevents on conn, which must be idle
+ * (the migration is a transaction of its own); *outbox_id (may be NULL)
+ * receives the outbox's id. */
+de_err de__pg_schema_ensure(PGconn *conn, char outbox_id[37]);
+
+/* The advisory lock class every lock of the library takes ("dlev"), and
+ * the key of migrations (the outbox's and the consumer's). */
+#define DE__PG_LOCK_CLASS "1684826486"
+#define DE__PG_LOCK_MIGRATE "0"
+
+/* Creates or migrates the consumer's tables on conn (idle: the migration
+ * is a transaction of its own) and prepares its statements (inbox_pg.c);
+ * conn is borrowed. */
+de_err de__inbox_open_pg(PGconn *conn, de__inbox **out);
+
+/* The channel the commit trigger notifies. */
+#define DE__PG_CHANNEL "deliveryevents_outbox"
+
+/* Opens the outbox in the PostgreSQL database conninfo names for a relay,
+ * on a connection of its own that LISTENs for commits; creates the
+ * schema when there is none and create is true (else DE_ERR_STATE).
+ * *outbox_id receives the outbox's id. */
+de_err de__source_open_pg(const char *conninfo, bool create, de__source **out,
+                          char outbox_id[37]);
+
+#endif

@@ -1,0 +1,429 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * source_pg.c -- the outbox in a PostgreSQL database, as a relay reads it
+ * (de__source, see source.h): a connection of its own that LISTENs on the
+ * channel the commit trigger notifies (outbox_pg.c).
+ *
+ * Positions come from deliveryevents.outbox_order, assigned in commit
+ * order at each commit under a lock held until the commit is visible:
+ * "position > after ORDER BY position" therefore never passes a position
+ * that becomes visible later, and a hole (a position drawn by a
+ * transaction that then failed) is never filled: the read does not wait
+ * on holes.
+ *
+ * Invariants:
+ *  - nothing read is handed on before it is durable: a commit made with
+ *    synchronous_commit=off is visible before its WAL is flushed, so
+ *    after a read that found rows, and before the first row reaches the
+ *    caller, the source commits a transaction of its own with
+ *    synchronous_commit=on.  Its commit record comes after every commit
+ *    the read saw, and flushing it flushes them;
+ *  - the deletion floor (relay_deleted_upto in deliveryevents.meta) only
+ *    rises;
+ *  - a dropped connection is re-established (and LISTENs again) at the
+ *    start of the next operation; changed() reports true meanwhile, so
+ *    that the relay reads and finds out.
+ */
+#include "pg_int.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* How long a deletion waits for a row lock (someone holding an outbox row
+ * locked) before it gives up until the next round. */
+#define DELETE_LOCK_WAIT "5ms"
+
+typedef struct pg_source {
+    de__source base;
+    PGconn *conn;
+    char *conninfo;
+} pg_source;
+
+static const char read_cols[] =
+    "o.position, e.event_id, e.subject_type, e.subject_id, e.action, "
+    "e.version, e.occurred_at_ms, e.recorded_at_ms, e.payload, "
+    "e.traceparent, e.tracestate, e.dataschema FROM "
+    "deliveryevents.outbox_order o JOIN deliveryevents.outbox e ON e.id = "
+    "o.id";
+
+static const char *text_or_null(const PGresult *r, int i, int col)
+{
+    return PQgetisnull(r, i, col) ? NULL : PQgetvalue(r, i, col);
+}
+
+static void row_from(const PGresult *r, int i, de__row *row)
+{
+    row->position = strtoll(PQgetvalue(r, i, 0), NULL, 10);
+    row->event_id = text_or_null(r, i, 1);
+    row->subject_type = text_or_null(r, i, 2);
+    row->subject_id = text_or_null(r, i, 3);
+    row->subject_id_len = (size_t)PQgetlength(r, i, 3);
+    row->action = text_or_null(r, i, 4);
+    row->version = atoi(PQgetvalue(r, i, 5));
+    row->occurred_at_ms = strtoll(PQgetvalue(r, i, 6), NULL, 10);
+    row->recorded_at_ms = strtoll(PQgetvalue(r, i, 7), NULL, 10);
+    row->payload = text_or_null(r, i, 8);
+    row->payload_len = (size_t)PQgetlength(r, i, 8);
+    row->traceparent = text_or_null(r, i, 9);
+    row->tracestate = text_or_null(r, i, 10);
+    row->dataschema = text_or_null(r, i, 11);
+}
+
+/* Reconnects a dropped connection and listens again. */
+static de_err ensure_conn(pg_source *s)
+{
+    if (PQstatus(s->conn) == CONNECTION_OK)
+        return DE_OK;
+    PQreset(s->conn);
+    if (PQstatus(s->conn) != CONNECTION_OK)
+        return de__pg_fail(s->conn, NULL,
+                           "relay: cannot reconnect to PostgreSQL");
+    return de__pg_exec(s->conn, "LISTEN " DE__PG_CHANNEL, PGRES_COMMAND_OK,
+                       NULL, "relay: cannot listen for commits");
+}
+
+/* Runs sql with text parameters, expecting rows (TUPLES_OK) or a command
+ * result; *res receives the result. */
+static de_err query(pg_source *s, const char *sql, int n,
+                    const char *const *values, ExecStatusType want,
+                    PGresult **res, const char *what)
+{
+    PGresult *r;
+    de_err err;
+
+    if ((err = ensure_conn(s)) != DE_OK)
+        return err;
+    r = PQexecParams(s->conn, sql, n, NULL, values, NULL, NULL, 0);
+    if (r == NULL || PQresultStatus(r) != want)
+        return de__pg_fail(s->conn, r, what);
+    *res = r;
+    return DE_OK;
+}
+
+/* Makes everything the last read saw durable (see the invariants). */
+static de_err flush_barrier(pg_source *s)
+{
+    return de__pg_exec(s->conn,
+                       "BEGIN; SET LOCAL synchronous_commit = on; "
+                       "SELECT pg_catalog.pg_current_xact_id(); COMMIT",
+                       PGRES_COMMAND_OK, NULL,
+                       "relay: cannot make the rows read durable");
+}
+
+/* Hands the rows of r to fn in order, stopping at DE__AGAIN. */
+static de_err deliver(const PGresult *r, de__row_fn fn, void *ctx, int64_t *n)
+{
+    de_err err = DE_OK;
+    de__row row;
+    int i;
+
+    for (i = 0; i < PQntuples(r); i++) {
+        row_from(r, i, &row);
+        if ((err = fn(ctx, &row)) != DE_OK)
+            break;
+        (*n)++;
+    }
+    return err == DE__AGAIN ? DE_OK : err;
+}
+
+static de_err p_read(de__source *src, int64_t after, int64_t limit,
+                     de__row_fn fn, void *ctx, int64_t *n)
+{
+    pg_source *s = (pg_source *)src;
+    char a[24], l[24], sql[600];
+    const char *values[2] = {a, l};
+    PGresult *r;
+    de_err err;
+
+    *n = 0;
+    snprintf(a, sizeof a, "%lld", (long long)after);
+    snprintf(l, sizeof l, "%lld", (long long)limit);
+    snprintf(sql, sizeof sql,
+             "SELECT %s WHERE o.position > $1 ORDER BY o.position LIMIT $2",
+             read_cols);
+    if ((err = query(s, sql, 2, values, PGRES_TUPLES_OK, &r,
+                     "relay: reading the outbox failed")) != DE_OK)
+        return err;
+    if (PQntuples(r) > 0 && (err = flush_barrier(s)) != DE_OK) {
+        PQclear(r);
+        return err;
+    }
+    err = deliver(r, fn, ctx, n);
+    PQclear(r);
+    return err;
+}
+
+/* The row at position (its result in *res, no row when there is none). */
+static de_err one(pg_source *s, int64_t position, PGresult **res)
+{
+    char p[24], sql[600];
+    const char *values[1] = {p};
+
+    snprintf(p, sizeof p, "%lld", (long long)position);
+    snprintf(sql, sizeof sql, "SELECT %s WHERE o.position = $1", read_cols);
+    return query(s, sql, 1, values, PGRES_TUPLES_OK, res,
+                 "relay: reading the outbox failed");
+}
+
+static de_err p_read_one(de__source *src, int64_t position, de__row_fn fn,
+                         void *ctx, bool *found)
+{
+    PGresult *r;
+    de_err err;
+
+    *found = false;
+    if ((err = one((pg_source *)src, position, &r)) != DE_OK)
+        return err;
+    *found = PQntuples(r) == 1;
+    if (*found) {
+        de__row row;
+        row_from(r, 0, &row);
+        err = fn(ctx, &row);
+    }
+    PQclear(r);
+    return err;
+}
+
+/* The single bigint a query returns (0 when it returns no row or NULL). */
+static de_err single_int(pg_source *s, const char *sql, int64_t *out,
+                         const char *what)
+{
+    PGresult *r;
+    de_err err;
+
+    *out = 0;
+    if ((err = query(s, sql, 0, NULL, PGRES_TUPLES_OK, &r, what)) != DE_OK)
+        return err;
+    if (PQntuples(r) == 1 && !PQgetisnull(r, 0, 0))
+        *out = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
+    PQclear(r);
+    return DE_OK;
+}
+
+static de_err p_max_position(de__source *src, int64_t *out)
+{
+    return single_int((pg_source *)src,
+                      "SELECT max(position) FROM deliveryevents.outbox_order",
+                      out, "relay: reading the outbox failed");
+}
+
+static const char *p_event_id_at(de__source *src, int64_t position,
+                                 char buf[DE__EVENT_ID_MAX + 1])
+{
+    const char *id = NULL;
+    PGresult *r;
+
+    if (one((pg_source *)src, position, &r) != DE_OK)
+        return NULL;
+    if (PQntuples(r) == 1 && !PQgetisnull(r, 0, 1) &&
+        PQgetlength(r, 0, 1) <= DE__EVENT_ID_MAX) {
+        memcpy(buf, PQgetvalue(r, 0, 1), (size_t)PQgetlength(r, 0, 1) + 1);
+        id = buf;
+    }
+    PQclear(r);
+    return id;
+}
+
+static de_err p_deleted_upto(de__source *src, int64_t *out)
+{
+    return single_int((pg_source *)src,
+                      "SELECT value::bigint FROM deliveryevents.meta WHERE "
+                      "key = 'relay_deleted_upto'",
+                      out, "relay: reading the deletion floor failed");
+}
+
+static de_err p_stored_setting(de__source *src, const char *key, char **out)
+{
+    pg_source *s = (pg_source *)src;
+    char name[96];
+    const char *values[1] = {name};
+    PGresult *r;
+    de_err err;
+
+    *out = NULL;
+    snprintf(name, sizeof name, "setting.%s", key);
+    if ((err = query(s, "SELECT value FROM deliveryevents.meta WHERE key = $1",
+                     1, values, PGRES_TUPLES_OK, &r,
+                     "cannot read the outbox's settings")) != DE_OK)
+        return err;
+    if (PQntuples(r) == 1 && (*out = strdup(PQgetvalue(r, 0, 0))) == NULL)
+        err = de__fail(DE_ERR_NOMEM, "out of memory reading the settings");
+    PQclear(r);
+    return err;
+}
+
+/*
+ * Deletes [from, hi] from both tables and raises the floor to hi, in one
+ * transaction.  hi is `to`, or with recorded_before the end of the run of
+ * rows from `from` recorded at or before it.  A row lock held elsewhere
+ * (someone locked an outbox row) makes it DE__AGAIN after
+ * DELETE_LOCK_WAIT rather than a wait.
+ */
+static de_err p_delete_range(de__source *src, int64_t from, int64_t to,
+                             int64_t recorded_before, int64_t *upto,
+                             int *deleted)
+{
+    pg_source *s = (pg_source *)src;
+    char f[24], t[24], rb[24];
+    const char *values[3] = {f, t, rb};
+    PGresult *r;
+    de_err err;
+
+    *upto = from - 1;
+    *deleted = 0;
+    snprintf(f, sizeof f, "%lld", (long long)from);
+    snprintf(t, sizeof t, "%lld", (long long)to);
+    snprintf(rb, sizeof rb, "%lld", (long long)recorded_before);
+    if ((err = ensure_conn(s)) != DE_OK)
+        return err;
+    if ((err = de__pg_exec(
+             s->conn, "BEGIN; SET LOCAL lock_timeout = '" DELETE_LOCK_WAIT "'",
+             PGRES_COMMAND_OK, NULL, "relay: cannot delete published rows")) !=
+        DE_OK)
+        return err;
+    /* hi: with recorded_before, the last position before the first row
+     * in the range recorded after it (all of them when there is none). */
+    r = PQexecParams(
+        s->conn,
+        "WITH hi AS (SELECT CASE WHEN $3::bigint <= 0 THEN $2::bigint ELSE "
+        "  coalesce((SELECT min(o.position) - 1 FROM "
+        "    deliveryevents.outbox_order o JOIN deliveryevents.outbox e "
+        "    ON e.id = o.id WHERE o.position BETWEEN $1 AND $2 AND "
+        "    e.recorded_at_ms > $3), $2::bigint) END AS v), "
+        "d AS (DELETE FROM deliveryevents.outbox_order WHERE position "
+        "  BETWEEN $1 AND (SELECT v FROM hi) RETURNING id), "
+        "e AS (DELETE FROM deliveryevents.outbox WHERE id IN "
+        "  (SELECT id FROM d) RETURNING 1), "
+        "f AS (INSERT INTO deliveryevents.meta(key, value) SELECT "
+        "  'relay_deleted_upto', v::text FROM hi WHERE v >= $1 "
+        "  ON CONFLICT (key) DO UPDATE SET value = greatest("
+        "  deliveryevents.meta.value::bigint, excluded.value::bigint)::text "
+        "  RETURNING 1) "
+        "SELECT (SELECT v FROM hi), (SELECT count(*) FROM e)",
+        3, NULL, values, NULL, NULL, 0);
+    if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK) {
+        const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+        bool busy = state != NULL && strcmp(state, "55P03") == 0;
+        err = busy ? DE__AGAIN
+                   : de__pg_fail(s->conn, r,
+                                 "relay: deleting published rows failed");
+        if (busy)
+            PQclear(r);
+        PQclear(PQexec(s->conn, "ROLLBACK"));
+        return err;
+    }
+    {
+        int64_t hi = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
+        int n = atoi(PQgetvalue(r, 0, 1));
+        PQclear(r);
+        if ((err = de__pg_exec(s->conn, "COMMIT", PGRES_COMMAND_OK, NULL,
+                               "relay: deleting published rows failed")) !=
+            DE_OK)
+            return err;
+        if (hi >= from) {
+            *upto = hi;
+            *deleted = n;
+        }
+    }
+    return DE_OK;
+}
+
+/* Whether a commit that recorded events was notified since the last call
+ * (all pending notifications are consumed); true when the connection is
+ * broken, so that the relay reads and reconnects. */
+static bool p_changed(de__source *src)
+{
+    pg_source *s = (pg_source *)src;
+    bool any = false;
+    PGnotify *n;
+
+    if (PQstatus(s->conn) != CONNECTION_OK || !PQconsumeInput(s->conn))
+        return true;
+    while ((n = PQnotifies(s->conn)) != NULL) {
+        any = true;
+        PQfreemem(n);
+    }
+    return any;
+}
+
+static void p_checkpoint_log(de__source *src)
+{
+    (void)src; /* PostgreSQL checkpoints on its own */
+}
+
+static void p_close(de__source *src)
+{
+    pg_source *s = (pg_source *)src;
+
+    if (s == NULL)
+        return;
+    PQfinish(s->conn);
+    free(s->conninfo);
+    free(s);
+}
+
+static const de__source_ops pg_ops = {
+    .read = p_read,
+    .read_one = p_read_one,
+    .max_position = p_max_position,
+    .event_id_at = p_event_id_at,
+    .delete_range = p_delete_range,
+    .deleted_upto = p_deleted_upto,
+    .changed = p_changed,
+    .stored_setting = p_stored_setting,
+    .checkpoint_log = p_checkpoint_log,
+    .close = p_close,
+};
+
+de_err de__source_open_pg(const char *conninfo, bool create, de__source **out,
+                          char outbox_id[37])
+{
+    pg_source *s = calloc(1, sizeof *s);
+    PGresult *r = NULL;
+    de_err err;
+
+    *out = NULL;
+    if (s == NULL || (s->conninfo = strdup(conninfo)) == NULL) {
+        free(s);
+        return de__fail(DE_ERR_NOMEM, "out of memory opening the outbox");
+    }
+    s->base.ops = &pg_ops;
+    {
+        /* Named, so that operators (and tests) can tell it in
+         * pg_stat_activity; the conninfo's own name wins. */
+        const char *const keys[] = {"dbname", "fallback_application_name",
+                                    NULL};
+        const char *const values[] = {conninfo, "deliveryevents-relay", NULL};
+        s->conn = PQconnectdbParams(keys, values, 1);
+    }
+    if (PQstatus(s->conn) != CONNECTION_OK) {
+        err = de__pg_fail(s->conn, NULL, "relay: cannot connect to PostgreSQL");
+        goto fail;
+    }
+    if (!create) {
+        if ((err = de__pg_exec(s->conn,
+                               "SELECT to_regclass('deliveryevents.meta') IS "
+                               "NOT NULL",
+                               PGRES_TUPLES_OK, &r,
+                               "relay: cannot look for the outbox")) != DE_OK)
+            goto fail;
+        if (strcmp(PQgetvalue(r, 0, 0), "t") != 0) {
+            err = de__fail(DE_ERR_STATE,
+                           "the PostgreSQL database has no outbox (schema "
+                           "deliveryevents)");
+            goto fail;
+        }
+    }
+    if ((err = de__pg_schema_ensure(s->conn, outbox_id)) != DE_OK ||
+        (err = de__pg_exec(s->conn, "LISTEN " DE__PG_CHANNEL, PGRES_COMMAND_OK,
+                           NULL, "relay: cannot listen for commits")) != DE_OK)
+        goto fail;
+    PQclear(r);
+    *out = &s->base;
+    return DE_OK;
+fail:
+    PQclear(r);
+    p_close(&s->base);
+    return err;
+}

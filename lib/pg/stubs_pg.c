@@ -1,0 +1,22 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * stubs_pg.c -- the parts of deliveryevents_pg.h not written yet: they
+ * exist, so that the header and the library agree, and refuse with a
+ * message that says where the work stands.
+ */
+/* internal.h first: it marks the build (DE_BUILDING_LIBRARY) so that
+ * DE_EXTERN exports what deliveryevents_pg.h declares. */
+#include "internal.h"
+
+#include "deliveryevents_pg.h"
+
+de_err de_relay_start_pg(const char *conninfo, const de_conf *conf,
+                         de_relay **out)
+{
+    (void)conninfo;
+    (void)conf;
+    if (out != NULL)
+        *out = NULL;
+    return de__fail(DE_ERR_STATE, "de_relay_start_pg is not implemented yet "
+                                  "(docs/PG-WORK-IN-PROGRESS.md)");
+}

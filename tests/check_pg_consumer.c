@@ -1,0 +1,686 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * check_pg_consumer.c -- the consumer on PostgreSQL (de_consumer_open_pg,
+ * de_consumer_on_pg): events applied exactly once, in per-subject order,
+ * into a read model in the consumer's own PostgreSQL database, with the
+ * inbox's rules (duplicates dropped, a reused number parked as a
+ * conflict, gaps parked), a failing handler undoing only its own event,
+ * and no event lost or applied twice across a consumer killed with
+ * SIGKILL or a connection terminated under it.
+ *
+ * Records are produced with plain librdkafka carrying the ce_ headers
+ * (tu_produce_raw) into librdkafka's mock cluster (or the real one
+ * KAFKA_BOOTSTRAP_SERVERS names); the server is the suite's throwaway
+ * cluster (tests/pg/pgserver.c) or DE_PG_CONNINFO's.  The handler writes
+ * one `applied` row per call, so the read model itself shows each
+ * event's effects: counted per subject and per ce_id, independently of
+ * the inbox.
+ */
+#include "deliveryevents_pg.h"
+#include "kafka.h"
+#include "pgserver.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static const char *conninfo;
+static PGconn *conn;
+
+static const char applied_sql[] =
+    "CREATE TABLE IF NOT EXISTS applied(n bigserial PRIMARY KEY, "
+    "subject_id text, seq bigint, event_id text, payload text, pid int)";
+
+static void setup(void)
+{
+    conninfo = tpg_fresh_db();
+    conn = tpg_connect(conninfo);
+    tpg_exec(conn, applied_sql);
+}
+
+static void teardown(void)
+{
+    PQfinish(conn);
+    conn = NULL;
+}
+
+/* What the handler does besides applying: fail for one subject (at one
+ * number, or every one), with a server error or by returning one after
+ * its write; or terminate its own backend at the n-th call. */
+struct behaviour {
+    const char *fail_subject;
+    int64_t fail_seq; /* 0: every event of the subject */
+    bool sql_error;   /* fail with a failing statement */
+    PGconn *killer;   /* terminates the consumer's backend ... */
+    int kill_at;      /* ... at this call (1-based; 0: never) */
+    int calls;
+    int delay_us; /* a slow downstream: so long per event */
+};
+
+static de_err apply(PGconn *c, const de_event_view *ev, void *ctx)
+{
+    struct behaviour *b = ctx;
+    char seq[24], pid[16], sql[128];
+    const char *v[5] = {ev->subject_id, seq, ev->event_id, ev->payload, pid};
+    PGresult *r;
+    bool ok;
+
+    snprintf(seq, sizeof seq, "%lld", (long long)ev->subject_seq);
+    snprintf(pid, sizeof pid, "%d", (int)getpid());
+    /* Between the inbox's claim of this event and the handler's write:
+     * only one transaction around both keeps the event. */
+    if (b != NULL && b->killer != NULL && ++b->calls == b->kill_at) {
+        snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%d, 10000)",
+                 PQbackendPID(c));
+        tpg_exec(b->killer, sql);
+    }
+    r = PQexecParams(c,
+                     "INSERT INTO applied(subject_id, seq, event_id, payload, "
+                     "pid) VALUES ($1, $2, $3, $4, $5)",
+                     5, NULL, v, NULL, NULL, 0);
+    ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+    PQclear(r);
+    if (!ok)
+        return DE_ERR_DB;
+    if (b == NULL)
+        return DE_OK;
+    if (b->delay_us > 0)
+        usleep((useconds_t)b->delay_us);
+    if (b->fail_subject && strcmp(ev->subject_id, b->fail_subject) == 0 &&
+        (b->fail_seq == 0 || b->fail_seq == ev->subject_seq)) {
+        if (!b->sql_error)
+            return DE_ERR_STATE; /* the "downstream" is unavailable */
+        r = PQexec(c, "SELECT 1/0");
+        PQclear(r);
+        return DE_ERR_DB;
+    }
+    return DE_OK;
+}
+
+static de_conf *consumer_conf(const char *bootstrap, const char *prefix,
+                              const char *group)
+{
+    de_conf *conf = de_conf_new();
+    char tmpl[128], gid[192];
+
+    snprintf(tmpl, sizeof tmpl, "%s{subject_type}.events", prefix);
+    snprintf(gid, sizeof gid, "%s%s", prefix, group);
+    de_conf_set_log_cb(conf, tu_log, NULL);
+    if (de_conf_set(conf, "bootstrap.servers", bootstrap) != DE_OK ||
+        de_conf_set(conf, "group.id", gid) != DE_OK ||
+        de_conf_set(conf, "topic.template", tmpl) != DE_OK ||
+        de_conf_set(conf, "consumer.retry.backoff.ms", "10") != DE_OK ||
+        de_conf_set(conf, "consumer.max.attempts", "3") != DE_OK ||
+        de_conf_set(conf, "consumer.batch.size", "20") != DE_OK) {
+        de_conf_destroy(conf);
+        return NULL;
+    }
+    return conf;
+}
+
+/* With the extra settings kv (key, value, ..., NULL; may be NULL). */
+static de_err open_consumer_kv(PGconn *c, const char *bootstrap,
+                               const char *prefix, const char *group,
+                               const char *const *kv, struct behaviour *b,
+                               de_consumer **out)
+{
+    de_conf *conf = consumer_conf(bootstrap, prefix, group);
+    de_err err = DE_OK;
+
+    if (conf == NULL)
+        return DE_ERR_CONFIG;
+    for (int i = 0; kv && kv[i] && err == DE_OK; i += 2)
+        err = de_conf_set(conf, kv[i], kv[i + 1]);
+    if (err != DE_OK) {
+        de_conf_destroy(conf);
+        return err;
+    }
+    err = de_consumer_open_pg(c, conf, out);
+    de_conf_destroy(conf);
+    if (err == DE_OK &&
+        (err = de_consumer_on_pg(*out, "delivery", NULL, apply, b)) != DE_OK) {
+        de_consumer_close(*out);
+        *out = NULL;
+    }
+    return err;
+}
+
+static de_err open_consumer(PGconn *c, const char *bootstrap,
+                            const char *prefix, const char *group,
+                            struct behaviour *b, de_consumer **out)
+{
+    return open_consumer_kv(c, bootstrap, prefix, group, NULL, b, out);
+}
+
+static long long q(const char *sql)
+{
+    return tpg_int(conn, sql);
+}
+
+static long long applied_count(void)
+{
+    return q("SELECT count(*) FROM applied");
+}
+
+/* One short poll, then the stats: for tu_wait_for conditions, so that
+ * tests wait for an outcome, never for a guessed number of polls. */
+static void poll_stats(de_consumer *c, de_consumer_stats *st)
+{
+    tu_ok(de_consumer_poll(c, 20, NULL));
+    tu_ok(de_consumer_stats_get(c, st));
+}
+
+static void poll_until(de_consumer *c, long long want, int timeout_ms)
+{
+    int64_t deadline = tu_now_ms() + timeout_ms;
+
+    while (applied_count() < want && tu_now_ms() < deadline)
+        tu_ok(de_consumer_poll(c, 50, NULL));
+    ck_assert_int_eq(applied_count(), want);
+}
+
+/* The text of a query's single value (static buffer). */
+static const char *text_of(const char *sql)
+{
+    static char buf[512];
+    PGresult *r = PQexec(conn, sql);
+
+    ck_assert_msg(PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1,
+                  "%s: %s", sql, PQerrorMessage(conn));
+    snprintf(buf, sizeof buf, "%s", PQgetvalue(r, 0, 0));
+    PQclear(r);
+    return buf;
+}
+
+#define OURS(seq, id)                                                          \
+    "ce_specversion", "1.0", "ce_id", id, "ce_source", "/test", "ce_type",     \
+        "delivery.assigned", "ce_subjectseq", seq, "ce_subjecttype",           \
+        "delivery", "ce_action", "assigned"
+
+/* Event number seq of subject (ce_id "<subject>-<seq>"). */
+static void produce(tu_cluster *c, const char *subject, int seq)
+{
+    char id[64], s[16], payload[64];
+    const char *h[] = {OURS(s, id), NULL};
+
+    snprintf(id, sizeof id, "%s-%d", subject, seq);
+    snprintf(s, sizeof s, "%d", seq);
+    snprintf(payload, sizeof payload, "{\"n\":%d}", seq);
+    tu_produce_raw(c, tu_topic(c, "delivery"), subject, payload, h);
+}
+
+START_TEST(test_open_and_registration)
+{
+    tu_cluster *c = tu_cluster_new(0, 1);
+    de_conf *conf = consumer_conf(c->bootstrap, c->prefix, "g");
+    de_consumer *con = NULL, *lite = NULL;
+    char *dir = tu_mkdtemp();
+    sqlite3 *db = tu_open(tu_path(dir, "c.db"));
+
+    /* Refusals write nothing. */
+    tu_assert_err(de_consumer_open_pg(NULL, conf, &con), DE_ERR_ARG,
+                  "connection");
+    tpg_exec(conn, "BEGIN");
+    tu_assert_err(de_consumer_open_pg(conn, conf, &con), DE_ERR_STATE,
+                  "inside a transaction");
+    ck_assert_ptr_null(con);
+    tpg_exec(conn, "ROLLBACK");
+    ck_assert_int_eq(q("SELECT count(*) FROM pg_namespace WHERE nspname = "
+                       "'deliveryevents'"),
+                     0);
+    tu_ok(de_consumer_open_pg(conn, conf, &con));
+    ck_assert_int_eq(q("SELECT value::int FROM deliveryevents.meta WHERE key "
+                       "= 'inbox_schema_version'"),
+                     1);
+    /* Each kind registers with its own function. */
+    tu_assert_err(de_consumer_on(con, "delivery", NULL, NULL, NULL), DE_ERR_ARG,
+                  "fn");
+    tu_assert_err(de_consumer_on(con, "delivery", NULL,
+                                 (de_handler_fn)(void (*)(void))apply, NULL),
+                  DE_ERR_ARG, "use de_consumer_on_pg");
+    tu_assert_err(de_consumer_on_type(con, "delivery.assigned",
+                                      (de_handler_fn)(void (*)(void))apply,
+                                      NULL),
+                  DE_ERR_ARG, "use de_consumer_on_pg");
+    tu_assert_err(de_consumer_on_pg(con, "bad type", NULL, apply, NULL),
+                  DE_ERR_ARG, "'bad type'");
+    tu_ok(de_consumer_on_pg(con, "delivery", NULL, apply, NULL));
+    tu_assert_err(de_consumer_on_pg(con, "delivery", NULL, apply, NULL),
+                  DE_ERR_ARG, "already registered");
+    tu_ok(de_consumer_open(db, conf, &lite));
+    tu_assert_err(de_consumer_on_pg(lite, "delivery", NULL, apply, NULL),
+                  DE_ERR_ARG, "use de_consumer_on");
+    tu_ok(de_consumer_close(lite));
+    tu_ok(de_consumer_close(con));
+    /* A second open finds the tables. */
+    tu_ok(de_consumer_open_pg(conn, conf, &con));
+    tu_ok(de_consumer_close(con));
+    sqlite3_close(db);
+    tu_rmdir(dir);
+    de_conf_destroy(conf);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* In order, each once; a true copy (same number, same ce_id) dropped. */
+START_TEST(test_in_order_and_duplicates)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+    const char *uuid[] = {OURS("1", "0190a4c2-7b1e-7c3d-8e4f-a1b2c3d4e5f6"),
+                          NULL};
+
+    tu_topic_create(c, "delivery", 2);
+    for (int i = 1; i <= 3; i++)
+        produce(c, "D-1", i);
+    produce(c, "D-1", 2); /* a resend */
+    produce(c, "D-1", 4);
+    produce(c, "D-2", 1);
+    produce(c, "D-2", 2);
+    tu_produce_raw(c, tu_topic(c, "delivery"), "U-1", "{}", uuid);
+    tu_ok(open_consumer(conn, c->bootstrap, c->prefix, "g", NULL, &con));
+    poll_until(con, 7, 30000);
+    ck_assert(tu_wait_for((poll_stats(con, &st), st.duplicates == 1), 10000));
+    ck_assert_uint_eq(st.applied, 7);
+    ck_assert_str_eq(text_of("SELECT string_agg(event_id || ':' || seq, ',' "
+                             "ORDER BY n) FROM applied WHERE subject_id = "
+                             "'D-1'"),
+                     "D-1-1:1,D-1-2:2,D-1-3:3,D-1-4:4");
+    ck_assert_str_eq(text_of("SELECT string_agg(payload, ',' ORDER BY n) FROM "
+                             "applied WHERE subject_id = 'D-2'"),
+                     "{\"n\":1},{\"n\":2}");
+    ck_assert_int_eq(q("SELECT last_seq FROM deliveryevents.inbox WHERE "
+                       "subject_id = 'D-1' AND last_event_id = 'D-1-4'"),
+                     4);
+    /* A canonical UUID is kept as one. */
+    ck_assert_int_eq(q("SELECT count(*) FROM deliveryevents.inbox WHERE "
+                       "subject_id = 'U-1' AND last_event_id IS NULL AND "
+                       "last_event_uuid = "
+                       "'0190a4c2-7b1e-7c3d-8e4f-a1b2c3d4e5f6'"),
+                     1);
+    /* Read again from the start (a new member of the group after a lost
+     * offset commit): every record is a duplicate now. */
+    tu_ok(de_consumer_close(con));
+    tpg_exec(conn, "SELECT 1"); /* the connection is idle and usable */
+    tu_ok(open_consumer(conn, c->bootstrap, c->prefix, "g-again", NULL, &con));
+    ck_assert(tu_wait_for((poll_stats(con, &st), st.duplicates == 8), 30000));
+    ck_assert_uint_eq(st.applied, 0);
+    ck_assert_int_eq(applied_count(), 7);
+    tu_ok(de_consumer_close(con));
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* Two events with one number: the second is a conflict, its subject
+ * parked, never dropped as a duplicate; release applies it. */
+START_TEST(test_conflict_parks)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+    const char *topic;
+    const char *h1[] = {OURS("1", "c-1"), NULL};
+    const char *h2[] = {OURS("2", "c-2"), NULL};
+    const char *h2other[] = {OURS("2", "c-2b"), NULL};
+    const char *h3[] = {OURS("3", "c-3"), NULL};
+
+    tu_topic_create(c, "delivery", 1);
+    topic = tu_topic(c, "delivery");
+    tu_produce_raw(c, topic, "C-1", "{}", h1);
+    tu_produce_raw(c, topic, "C-1", "{}", h2);
+    tu_produce_raw(c, topic, "C-1", "{}", h2);
+    tu_produce_raw(c, topic, "C-1", "{}", h2other);
+    tu_produce_raw(c, topic, "C-1", "{}", h3);
+    tu_ok(open_consumer(conn, c->bootstrap, c->prefix, "g", NULL, &con));
+    ck_assert(tu_wait_for(
+        (poll_stats(con, &st),
+         q("SELECT count(*) FROM deliveryevents.inbox_dead_letter WHERE kind "
+           "= 'waiting' AND event_id = 'c-3'") == 1),
+        30000));
+    ck_assert_uint_eq(st.applied, 2);
+    ck_assert_uint_eq(st.duplicates, 1);
+    ck_assert_uint_eq(st.parked_subjects, 1);
+    ck_assert_int_eq(q("SELECT count(*) FROM deliveryevents.inbox_dead_letter "
+                       "WHERE kind = 'conflict' AND seq = 2 AND event_id = "
+                       "'c-2b' AND error LIKE '%applied as event c-2,%'"),
+                     1);
+    ck_assert_int_eq(applied_count(), 2);
+    tu_ok(de_consumer_release(con, "delivery", "C-1"));
+    ck_assert_str_eq(
+        text_of("SELECT string_agg(event_id, ',' ORDER BY n) FROM applied"),
+        "c-1,c-2,c-2b,c-3");
+    ck_assert_int_eq(q("SELECT count(*) FROM deliveryevents.inbox WHERE "
+                       "parked"),
+                     0);
+    tu_ok(de_consumer_close(con));
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* A gap parks the subject (consumer.on.gap = park); the missing event,
+ * arriving later, fills it and both apply in order. */
+START_TEST(test_gap)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+
+    tu_topic_create(c, "delivery", 1);
+    produce(c, "G-1", 1);
+    produce(c, "G-1", 2);
+    produce(c, "G-1", 4);
+    tu_ok(open_consumer(conn, c->bootstrap, c->prefix, "g", NULL, &con));
+    ck_assert(tu_wait_for((poll_stats(con, &st), st.gaps == 1), 30000));
+    ck_assert_int_eq(applied_count(), 2);
+    ck_assert_int_eq(q("SELECT count(*) FROM deliveryevents.inbox_dead_letter "
+                       "WHERE kind = 'gap' AND seq = 4 AND state = 'parked'"),
+                     1);
+    ck_assert_int_eq(q("SELECT count(*) FROM deliveryevents.inbox WHERE "
+                       "subject_id = 'G-1' AND parked AND last_seq = 2"),
+                     1);
+    produce(c, "G-1", 3);
+    poll_until(con, 4, 30000);
+    ck_assert_str_eq(
+        text_of("SELECT string_agg(seq::text, ',' ORDER BY n) FROM applied"),
+        "1,2,3,4");
+    ck_assert(tu_wait_for(
+        (poll_stats(con, &st), q("SELECT count(*) FROM deliveryevents.inbox "
+                                 "WHERE parked") == 0),
+        10000));
+    tu_ok(de_consumer_close(con));
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* A failing handler (a failed statement, which aborts PostgreSQL's
+ * transaction, or an error returned after its write) undoes only its own
+ * event: its write and the inbox stay as before, the other events of the
+ * batch are applied; after consumer.max.attempts it is dead-lettered and
+ * its subject parked, behind it its later events. */
+START_TEST(test_handler_failure_rolls_back_only_its_event)
+{
+    tu_cluster *c = tu_cluster_new(tu_cluster_first(), 1);
+    struct behaviour b = {"F-1", 2, _i == 0, NULL, 0, 0, 0};
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+
+    tu_topic_create(c, "delivery", 1);
+    /* One partition: one batch holds them all, interleaved. */
+    for (int i = 1; i <= 3; i++) {
+        produce(c, "OK-1", i);
+        produce(c, "F-1", i);
+    }
+    tu_ok(open_consumer(conn, c->bootstrap, c->prefix, "g", &b, &con));
+    ck_assert(tu_wait_for(
+        (poll_stats(con, &st),
+         st.parked_subjects == 1 && q("SELECT count(*) FROM "
+                                      "deliveryevents.inbox_dead_letter WHERE "
+                                      "event_id = 'F-1-3'") == 1),
+        30000));
+    ck_assert_str_eq(text_of("SELECT string_agg(event_id, ',' ORDER BY n) "
+                             "FROM applied"),
+                     "OK-1-1,F-1-1,OK-1-2,OK-1-3");
+    ck_assert_int_eq(q("SELECT last_seq FROM deliveryevents.inbox WHERE "
+                       "subject_id = 'F-1'"),
+                     1);
+    ck_assert_int_eq(q("SELECT last_seq FROM deliveryevents.inbox WHERE "
+                       "subject_id = 'OK-1'"),
+                     3);
+    ck_assert_int_eq(q("SELECT count(*) FROM deliveryevents.inbox_dead_letter "
+                       "WHERE event_id = 'F-1-2' AND kind = 'failed' AND "
+                       "attempts >= 3 AND state = 'parked'"),
+                     1);
+    ck_assert_int_eq(q("SELECT count(*) FROM deliveryevents.inbox_dead_letter "
+                       "WHERE event_id = 'F-1-3' AND kind = 'waiting'"),
+                     1);
+    /* The downstream is back: release applies both, in order. */
+    b.fail_subject = NULL;
+    tu_ok(de_consumer_release(con, "delivery", "F-1"));
+    ck_assert_str_eq(text_of("SELECT string_agg(event_id, ',' ORDER BY n) "
+                             "FROM applied WHERE subject_id = 'F-1'"),
+                     "F-1-1,F-1-2,F-1-3");
+    tu_ok(de_consumer_close(con));
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* The housekeeping statements: idle subjects forgotten (never a parked
+ * one), a release asked from outside the process (a row of
+ * inbox_request) served by the running consumer, and dead letters that
+ * park nothing any more deleted after consumer.dead.letter.retention.ms. */
+START_TEST(test_forget_and_requests)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    const char *kv[] = {"consumer.subject.forget.ms", "1",
+                        "consumer.dead.letter.retention.ms", "1", NULL};
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+
+    tu_topic_create(c, "delivery", 1);
+    produce(c, "D-1", 1);
+    produce(c, "D-1", 2);
+    produce(c, "G-1", 1);
+    produce(c, "G-1", 3);
+    tu_ok(open_consumer_kv(conn, c->bootstrap, c->prefix, "g", kv, NULL, &con));
+    ck_assert(tu_wait_for(
+        (poll_stats(con, &st),
+         st.gaps == 1 && q("SELECT count(*) FROM deliveryevents.inbox WHERE "
+                           "subject_id = 'D-1'") == 0),
+        30000));
+    ck_assert_uint_ge(st.forgotten, 1);
+    ck_assert_int_eq(q("SELECT count(*) FROM deliveryevents.inbox WHERE "
+                       "subject_id = 'G-1' AND parked"),
+                     1);
+    tpg_exec(conn, "INSERT INTO deliveryevents.inbox_request(subject_type, "
+                   "subject_id, action, requested_at_ms) VALUES ('delivery', "
+                   "'G-1', 'release', 0)");
+    ck_assert(
+        tu_wait_for((poll_stats(con, &st),
+                     q("SELECT count(*) FROM deliveryevents.inbox_request "
+                       "WHERE done_at_ms IS NOT NULL AND result <> ''") == 1),
+                    30000));
+    ck_assert_str_eq(text_of("SELECT string_agg(event_id, ',' ORDER BY n) "
+                             "FROM applied WHERE subject_id = 'G-1'"),
+                     "G-1-1,G-1-3");
+    ck_assert(tu_wait_for(
+        (poll_stats(con, &st),
+         q("SELECT count(*) FROM deliveryevents.inbox_dead_letter") == 0),
+        30000));
+    tu_ok(de_consumer_close(con));
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* Every subject's events applied exactly once, in order: the read
+ * model's rows against what was produced. */
+static void assert_exactly_once(int subjects, int per)
+{
+    ck_assert_int_eq(applied_count(), (long long)subjects * per);
+    ck_assert_int_eq(q("SELECT count(DISTINCT event_id) FROM applied"),
+                     (long long)subjects * per);
+    ck_assert_int_eq(q("SELECT count(*) FROM (SELECT subject_id, count(*) AS "
+                       "k, max(seq) AS m FROM applied GROUP BY subject_id) x "
+                       "WHERE k = m"),
+                     subjects);
+    /* In order: each row's number is one more than the subject's row
+     * before it. */
+    ck_assert_int_eq(q("SELECT count(*) FROM (SELECT seq, lag(seq) OVER "
+                       "(PARTITION BY subject_id ORDER BY n) AS prev FROM "
+                       "applied) x WHERE seq <> coalesce(prev, 0) + 1"),
+                     0);
+}
+
+static void produce_many(tu_cluster *c, int subjects, int per)
+{
+    char subject[16];
+
+    for (int i = 1; i <= per; i++)
+        for (int s = 0; s < subjects; s++) {
+            snprintf(subject, sizeof subject, "S-%02d", s);
+            produce(c, subject, i);
+        }
+}
+
+/* The consumer's backend terminated in the middle of a batch (by its
+ * handler, from another connection): poll returns DE_ERR_DB, the host
+ * resets the connection, and the batch is read again -- nothing applied
+ * twice, nothing lost. */
+START_TEST(test_connection_terminated)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    struct behaviour b = {NULL, 0, false, NULL, 30, 0, 0};
+    de_consumer *con = NULL;
+    int64_t deadline;
+    int db_errors = 0;
+
+    b.killer = tpg_connect(conninfo);
+    tu_topic_create(c, "delivery", 2);
+    produce_many(c, 8, 10);
+    tu_ok(open_consumer(conn, c->bootstrap, c->prefix, "g", &b, &con));
+    deadline = tu_now_ms() + 60000;
+    while (applied_count() < 80 && tu_now_ms() < deadline) {
+        de_err err = de_consumer_poll(con, 50, NULL);
+        if (err == DE_OK)
+            continue;
+        ck_assert_msg(err == DE_ERR_DB, "%s", de_errmsg());
+        db_errors++;
+        ck_assert_int_eq(PQstatus(conn), CONNECTION_BAD);
+        PQreset(conn);
+        ck_assert_int_eq(PQstatus(conn), CONNECTION_OK);
+    }
+    ck_assert_int_ge(db_errors, 1);
+    ck_assert_int_eq(b.calls >= 30, 1);
+    assert_exactly_once(8, 10);
+    tu_ok(de_consumer_close(con));
+    PQfinish(b.killer);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* A consumer process (this program, --consume) applying into the
+ * database; polls until killed. */
+static int consume_main(const char *ci, const char *bootstrap,
+                        const char *prefix, const char *group)
+{
+    static struct behaviour slow = {NULL, 0, false, NULL, 0, 0, 5000};
+    PGconn *c = PQconnectdb(ci);
+    de_consumer *con = NULL;
+
+    if (PQstatus(c) != CONNECTION_OK ||
+        open_consumer(c, bootstrap, prefix, group, &slow, &con) != DE_OK)
+        return 2;
+    for (;;)
+        if (de_consumer_poll(con, 100, NULL) != DE_OK)
+            return 3;
+}
+
+static pid_t spawn_consumer(tu_cluster *c, const char *group)
+{
+    const char *args[] = {"/proc/self/exe", "--consume", conninfo, c->bootstrap,
+                          c->prefix,        group,       NULL};
+    bool quiet = getenv("DE_TEST_LOG") == NULL;
+    char *argv[8];
+    pid_t pid;
+
+    /* Ready before fork: the child may only exec. */
+    for (int i = 0; i < 7; i++)
+        argv[i] = (char *)(uintptr_t)args[i];
+    pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        int devnull = open("/dev/null", O_WRONLY);
+        if (quiet && devnull >= 0) {
+            dup2(devnull, 1);
+            dup2(devnull, 2);
+        }
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+/* A consumer killed with SIGKILL in the middle of the stream, then
+ * another started in its place: every event applied exactly once.  The
+ * new one reads in a group of its own, from the beginning: the worst
+ * case of a crash between the database's commit and the offsets' (which
+ * a kill at a random moment hits only rarely), so every event the killed
+ * one applied comes again and must be dropped by the inbox. */
+START_TEST(test_sigkill_restart)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+    char sql[96];
+    pid_t child;
+    long long before;
+    int status;
+
+    tu_topic_create(c, "delivery", 2);
+    produce_many(c, 10, 20);
+    child = spawn_consumer(c, "g");
+    /* Mid-stream: some applied, not all. */
+    ck_assert(tu_wait_for(applied_count() >= 40, 60000));
+    kill(child, SIGKILL);
+    ck_assert_int_eq(waitpid(child, &status, 0), child);
+    ck_assert(WIFSIGNALED(status));
+    before = applied_count();
+    ck_assert_int_lt(before, 200);
+    /* Its session ends with it; the server rolls back what it had open. */
+    tu_ok(open_consumer(conn, c->bootstrap, c->prefix, "g-restarted", NULL,
+                        &con));
+    poll_until(con, 200, 90000);
+    /* What the killed one applied (its commits all done by now) came
+     * again, each a duplicate. */
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM applied WHERE pid = %d",
+             (int)child);
+    ck_assert(tu_wait_for(
+        (poll_stats(con, &st), st.duplicates == (uint64_t)q(sql)), 30000));
+    ck_assert_uint_eq(st.applied + st.duplicates, 200);
+    assert_exactly_once(10, 20);
+    ck_assert_int_gt(q("SELECT count(DISTINCT pid) FROM applied"), 1);
+    tu_ok(de_consumer_close(con));
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+static Suite *pg_consumer_suite(void)
+{
+    Suite *s = suite_create("pg_consumer");
+    TCase *tc = tcase_create("consumer");
+    int first = tu_cluster_first(), n = tu_cluster_count();
+
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 180);
+    tcase_add_test(tc, test_open_and_registration);
+    tcase_add_loop_test(tc, test_in_order_and_duplicates, first, n);
+    tcase_add_loop_test(tc, test_conflict_parks, first, n);
+    tcase_add_loop_test(tc, test_gap, first, n);
+    /* Run twice on the mock: a failed statement, then a returned error. */
+    tcase_add_loop_test(tc, test_handler_failure_rolls_back_only_its_event, 0,
+                        2);
+    tcase_add_loop_test(tc, test_forget_and_requests, first, n);
+    tcase_add_loop_test(tc, test_connection_terminated, first, n);
+    tcase_add_loop_test(tc, test_sigkill_restart, first, n);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(int argc, char **argv)
+{
+    int failed;
+
+    if (argc == 6 && strcmp(argv[1], "--consume") == 0)
+        return consume_main(argv[2], argv[3], argv[4], argv[5]);
+    if (!tpg_start()) {
+        tpg_stop();
+        return EXIT_FAILURE;
+    }
+    failed = tu_run(pg_consumer_suite());
+    tpg_stop();
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

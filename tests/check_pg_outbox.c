@@ -1,0 +1,893 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * check_pg_outbox.c -- the outbox in PostgreSQL (deliveryevents_pg.h):
+ * recording is atomic with the host's transaction, refused input writes
+ * nothing and leaves the transaction usable, and positions follow commit
+ * order -- checked against a real server this suite starts itself
+ * (tests/pg/pgserver.c) or the one DE_PG_CONNINFO names.
+ *
+ * Commit order is checked independently of our positions: the server
+ * runs with track_commit_timestamp, and the commit timestamps of the
+ * transactions must not go down in position order; a reader polling
+ * "position > last" while the writers run must end up with every
+ * committed event (no skip).  That reader is the relay's own: the source
+ * seam (lib/pg/source_pg.c), tested here too.
+ */
+#include "deliveryevents_pg.h"
+#include "pg_int.h"
+#include "pgserver.h"
+#include "testutil.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/select.h>
+#include <unistd.h>
+
+static const char *conninfo;
+static PGconn *conn;
+static de_outbox *ob;
+
+static void setup(void)
+{
+    conninfo = tpg_fresh_db();
+    conn = tpg_connect(conninfo);
+    tu_ok(de_outbox_open_pg(conn, NULL, &ob));
+}
+
+static void teardown(void)
+{
+    de_outbox_close(ob);
+    ob = NULL;
+    PQfinish(conn);
+    conn = NULL;
+}
+
+static de_event event(const char *subject_id)
+{
+    de_event ev = {0};
+
+    ev.subject_type = "delivery";
+    ev.subject_id = subject_id;
+    ev.action = "assigned";
+    ev.payload = "{\"courier\":\"C-7\"}";
+    return ev;
+}
+
+static long long count(PGconn *c, const char *table)
+{
+    char sql[128];
+
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM %s", table);
+    return tpg_int(c, sql);
+}
+
+START_TEST(test_open_creates_schema)
+{
+    PGconn *other = tpg_connect(conninfo);
+    de_outbox *ob2 = NULL;
+
+    ck_assert_int_eq(tpg_int(conn, "SELECT value::int FROM deliveryevents.meta "
+                                   "WHERE key = 'schema_version'"),
+                     1);
+    ck_assert_int_eq(tpg_int(conn, "SELECT length(value) FROM "
+                                   "deliveryevents.meta WHERE key = "
+                                   "'outbox_id'"),
+                     36);
+    /* A second instance opens the same outbox; its id stays. */
+    tu_ok(de_outbox_open_pg(other, NULL, &ob2));
+    ck_assert_int_eq(count(other, "deliveryevents.meta WHERE key = "
+                                  "'outbox_id'"),
+                     1);
+    de_outbox_close(ob2);
+    /* Inside a transaction: refused, the transaction untouched. */
+    tpg_exec(other, "BEGIN");
+    tu_assert_err(de_outbox_open_pg(other, NULL, &ob2), DE_ERR_STATE,
+                  "inside a transaction");
+    ck_assert_ptr_null(ob2);
+    ck_assert_int_eq(PQtransactionStatus(other), PQTRANS_INTRANS);
+    tpg_exec(other, "ROLLBACK");
+    tu_assert_err(de_outbox_open_pg(NULL, NULL, &ob2), DE_ERR_ARG,
+                  "connection");
+    PQfinish(other);
+}
+END_TEST
+
+START_TEST(test_commit_records)
+{
+    de_event ev = event("D-1");
+    de_recorded rec;
+    char sql[300];
+
+    tpg_exec(conn, "BEGIN");
+    tu_ok(de_record(ob, &ev, &rec));
+    ck_assert_int_eq(rec.position, 0); /* known only at commit */
+    ck_assert_int_eq(strlen(rec.event_id), 36);
+    /* Not visible, and no position, before the commit. */
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox_order"), 0);
+    tpg_exec(conn, "COMMIT");
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM deliveryevents.outbox e JOIN "
+             "deliveryevents.outbox_order o USING (id) WHERE e.event_id = "
+             "'%s' AND e.payload = '{\"courier\":\"C-7\"}' AND o.position > 0",
+             rec.event_id);
+    ck_assert_int_eq(tpg_int(conn, sql), 1);
+}
+END_TEST
+
+START_TEST(test_rollback_records_nothing)
+{
+    de_event ev = event("D-1");
+
+    tpg_exec(conn, "BEGIN");
+    tu_ok(de_record(ob, &ev, NULL));
+    tu_ok(de_record(ob, &ev, NULL));
+    tpg_exec(conn, "ROLLBACK");
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 0);
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox_order"), 0);
+}
+END_TEST
+
+START_TEST(test_outside_transaction)
+{
+    de_event ev = event("D-1");
+
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_NO_TXN,
+                  "outside a transaction");
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 0);
+}
+END_TEST
+
+/* Every refusal leaves the host's transaction usable: the host's own row
+ * and a valid event after them still commit, and only they. */
+START_TEST(test_refused_input_keeps_transaction)
+{
+    de_event ev = event("D-1");
+    de_conf *conf = de_conf_new();
+    de_outbox *small = NULL;
+    char big[1200];
+
+    tu_ok(de_conf_set(conf, "event.max.bytes", "1024"));
+    tu_ok(de_outbox_open_pg(conn, conf, &small));
+    de_conf_destroy(conf);
+    tpg_exec(conn, "CREATE TABLE deliveries (id text PRIMARY KEY)");
+    tpg_exec(conn, "BEGIN");
+    tpg_exec(conn, "INSERT INTO deliveries VALUES ('D-1')");
+    ev.subject_type = "Delivery";
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_ARG, "'Delivery'");
+    ev = event("D-1");
+    ev.payload = "[1,2]";
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_PAYLOAD,
+                  "not a JSON object: '[1,2]'");
+    ev.payload = "{\"a\":";
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_PAYLOAD, "not valid JSON");
+    ev = event("D-1");
+    ev.traceparent = "00-zz";
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_ARG, "traceparent");
+    ev = event("");
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_ARG, "subject_id");
+    ev = event("D-1");
+    memset(big, 'x', sizeof big);
+    memcpy(big, "{\"x\":\"", 6);
+    memcpy(big + sizeof big - 3, "\"}", 3);
+    ev.payload = big;
+    tu_assert_err(de_record(small, &ev, NULL), DE_ERR_PAYLOAD,
+                  "event.max.bytes 1024");
+    tu_assert_err(de_record(NULL, &ev, NULL), DE_ERR_ARG, "outbox");
+    ck_assert_int_eq(PQtransactionStatus(conn), PQTRANS_INTRANS);
+    ev = event("D-1");
+    tu_ok(de_record(ob, &ev, NULL));
+    tpg_exec(conn, "COMMIT");
+    ck_assert_int_eq(count(conn, "deliveries"), 1);
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 1);
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox_order"), 1);
+    de_outbox_close(small);
+}
+END_TEST
+
+START_TEST(test_failed_transaction)
+{
+    de_event ev = event("D-1");
+    PGresult *r;
+
+    tpg_exec(conn, "BEGIN");
+    r = PQexec(conn, "SELECT no_such_column");
+    PQclear(r);
+    ck_assert_int_eq(PQtransactionStatus(conn), PQTRANS_INERROR);
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_STATE, "already failed");
+    tpg_exec(conn, "ROLLBACK");
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 0);
+}
+END_TEST
+
+/* A failure on the server aborts the host's transaction, as any failed
+ * statement does in PostgreSQL: DE_ERR_DB says so, with the server's
+ * text, and nothing is written. */
+START_TEST(test_server_failure)
+{
+    PGconn *locker = tpg_connect(conninfo);
+    de_event ev = event("D-1");
+
+    tpg_exec(locker, "BEGIN");
+    tpg_exec(locker, "LOCK TABLE deliveryevents.outbox IN ACCESS EXCLUSIVE "
+                     "MODE");
+    tpg_exec(conn, "BEGIN");
+    tpg_exec(conn, "SET LOCAL lock_timeout = '50ms'");
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_DB,
+                  "aborted the host's transaction");
+    ck_assert_msg(strstr(de_errmsg(), "lock timeout") != NULL, "%s",
+                  de_errmsg());
+    ck_assert_int_eq(PQtransactionStatus(conn), PQTRANS_INERROR);
+    tpg_exec(conn, "ROLLBACK");
+    tpg_exec(locker, "ROLLBACK");
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 0);
+    PQfinish(locker);
+}
+END_TEST
+
+/* What a rolled-back savepoint recorded is gone; the rest commits in the
+ * order it was recorded. */
+START_TEST(test_savepoint)
+{
+    de_event a = event("D-a"), b = event("D-b"), c = event("D-c");
+
+    tpg_exec(conn, "BEGIN");
+    tu_ok(de_record(ob, &a, NULL));
+    tpg_exec(conn, "SAVEPOINT s");
+    tu_ok(de_record(ob, &b, NULL));
+    tpg_exec(conn, "ROLLBACK TO SAVEPOINT s");
+    tu_ok(de_record(ob, &c, NULL));
+    tpg_exec(conn, "COMMIT");
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 2);
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox_order"), 2);
+    ck_assert_int_eq(
+        tpg_int(conn, "SELECT count(*) FROM (SELECT e.subject_id, "
+                      "lag(e.subject_id) OVER (ORDER BY o.position) AS prev "
+                      "FROM deliveryevents.outbox_order o JOIN "
+                      "deliveryevents.outbox e USING (id)) x WHERE "
+                      "subject_id = 'D-c' AND prev = 'D-a'"),
+        1);
+}
+END_TEST
+
+/* The position of the one event of subject_id. */
+static long long position_of(const char *subject_id)
+{
+    char sql[200];
+
+    snprintf(sql, sizeof sql,
+             "SELECT o.position FROM deliveryevents.outbox_order o JOIN "
+             "deliveryevents.outbox e USING (id) WHERE e.subject_id = '%s'",
+             subject_id);
+    return tpg_int(conn, sql);
+}
+
+/* Records "D-first" on conn, then "D-second" on c2, each in a
+ * transaction begun with begin; commits c2's first. */
+static void overtake(PGconn *c2, de_outbox *ob2, const char *begin)
+{
+    de_event first = event("D-first"), second = event("D-second");
+
+    tpg_exec(conn, begin);
+    tu_ok(de_record(ob, &first, NULL));
+    tpg_exec(c2, begin);
+    tu_ok(de_record(ob2, &second, NULL));
+    tpg_exec(c2, "COMMIT");
+    tpg_exec(conn, "COMMIT");
+}
+
+/* The transaction that records first but commits last comes last. */
+START_TEST(test_commit_order_not_record_order)
+{
+    PGconn *c2 = tpg_connect(conninfo);
+    de_outbox *ob2 = NULL;
+
+    tu_ok(de_outbox_open_pg(c2, NULL, &ob2));
+    overtake(c2, ob2, "BEGIN");
+    ck_assert_int_gt(position_of("D-first"), position_of("D-second"));
+    /* And under REPEATABLE READ, where a counter row would fail with a
+     * serialization error, both commit. */
+    overtake(c2, ob2, "BEGIN ISOLATION LEVEL REPEATABLE READ");
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox_order"), 4);
+    de_outbox_close(ob2);
+    PQfinish(c2);
+}
+END_TEST
+
+/* Waits up to 10 s for a notification on c; true when one came. */
+static bool wait_notify(PGconn *c)
+{
+    PGnotify *n;
+    int i;
+
+    for (i = 0; i < 100; i++) {
+        fd_set fds;
+        struct timeval tv = {0, 100000};
+
+        ck_assert_int_eq(PQconsumeInput(c), 1);
+        if ((n = PQnotifies(c)) != NULL) {
+            ck_assert_str_eq(n->relname, "deliveryevents_outbox");
+            PQfreemem(n);
+            return true;
+        }
+        FD_ZERO(&fds);
+        FD_SET(PQsocket(c), &fds);
+        select(PQsocket(c) + 1, &fds, NULL, NULL, &tv);
+    }
+    return false;
+}
+
+/* The commit wakes a listener; a rolled-back transaction does not. */
+START_TEST(test_notify_at_commit)
+{
+    PGconn *listener = tpg_connect(conninfo);
+    de_event ev = event("D-1");
+    PGnotify *n;
+
+    tpg_exec(listener, "LISTEN deliveryevents_outbox");
+    tpg_exec(conn, "BEGIN");
+    tu_ok(de_record(ob, &ev, NULL));
+    tpg_exec(conn, "ROLLBACK");
+    tpg_exec(conn, "BEGIN");
+    tu_ok(de_record(ob, &ev, NULL));
+    /* Still open: a round trip on the listener brings nothing. */
+    tpg_exec(listener, "SELECT 1");
+    ck_assert_ptr_null(PQnotifies(listener));
+    tpg_exec(conn, "COMMIT");
+    ck_assert(wait_notify(listener));
+    /* One notification for that commit, none for the rollback. */
+    tpg_exec(listener, "SELECT 1");
+    n = PQnotifies(listener);
+    ck_assert_ptr_null(n);
+    PQfinish(listener);
+}
+END_TEST
+
+START_TEST(test_contracts_not_yet)
+{
+    de_conf *conf = de_conf_new();
+    de_outbox *strict = NULL;
+    de_event ev = event("D-1");
+
+    tu_assert_err(de_outbox_define(ob, "delivery", "assigned", 1,
+                                   "{\"type\":\"object\"}"),
+                  DE_ERR_STATE, "PostgreSQL");
+    tu_ok(de_conf_set(conf, "outbox.strict", "true"));
+    tu_ok(de_outbox_open_pg(conn, conf, &strict));
+    de_conf_destroy(conf);
+    tpg_exec(conn, "BEGIN");
+    tu_assert_err(de_record(strict, &ev, NULL), DE_ERR_CONTRACT,
+                  "outbox.strict");
+    tu_ok(de_record(ob, &ev, NULL));
+    tpg_exec(conn, "COMMIT");
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 1);
+    de_outbox_close(strict);
+}
+END_TEST
+
+/* Data restored without its sequence (or replicated logically): the next
+ * open raises the sequence above every stored position. */
+START_TEST(test_sequence_behind_data)
+{
+    de_event ev = event("D-1");
+    de_outbox *again = NULL;
+    int i;
+
+    for (i = 0; i < 3; i++) {
+        tpg_exec(conn, "BEGIN");
+        tu_ok(de_record(ob, &ev, NULL));
+        tpg_exec(conn, "COMMIT");
+    }
+    tpg_exec(conn, "SELECT setval('deliveryevents.outbox_position', 1, false)");
+    tu_ok(de_outbox_open_pg(conn, NULL, &again));
+    tpg_exec(conn, "BEGIN");
+    tu_ok(de_record(again, &ev, NULL));
+    tpg_exec(conn, "COMMIT");
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox_order"), 4);
+    ck_assert_int_eq(tpg_int(conn, "SELECT max(position) FROM "
+                                   "deliveryevents.outbox_order"),
+                     4);
+    de_outbox_close(again);
+}
+END_TEST
+
+/* What a read through the source collects. */
+typedef struct collected {
+    int64_t last;      /* the position of the last row taken */
+    long long n, cap;  /* rows taken, room in ids */
+    char (*ids)[37];   /* their event ids */
+    long long stop_at; /* DE__AGAIN once n reaches it (0: never) */
+} collected;
+
+/* A de__row_fn: positions must come in increasing order. */
+static de_err collect(void *ctx, const de__row *row)
+{
+    collected *c = ctx;
+
+    if (c->stop_at > 0 && c->n >= c->stop_at)
+        return DE__AGAIN;
+    ck_assert_int_gt(row->position, c->last);
+    ck_assert_int_lt(c->n, c->cap);
+    ck_assert_uint_le(strlen(row->event_id), 36);
+    c->last = row->position;
+    memcpy(c->ids[c->n++], row->event_id, strlen(row->event_id) + 1);
+    return DE_OK;
+}
+
+/* Reads everything after c->last, in batches of 50, like a relay. */
+static void read_all(de__source *src, collected *c)
+{
+    int64_t n;
+
+    do
+        tu_ok(src->ops->read(src, c->last, 50, collect, c, &n));
+    while (n == 50);
+}
+
+/* Commits one event of subject_id on conn. */
+static void commit_one(const char *subject_id)
+{
+    de_event ev = event(subject_id);
+
+    tpg_exec(conn, "BEGIN");
+    tu_ok(de_record(ob, &ev, NULL));
+    tpg_exec(conn, "COMMIT");
+}
+
+/* A dump restored into another database: the restored events keep
+ * their positions (pg_dump creates triggers after the data), and new
+ * ones continue above them. */
+START_TEST(test_dump_restore)
+{
+    char cmd[2048], dump[256];
+    const char *restored;
+    PGconn *c2;
+    de_outbox *ob2 = NULL;
+    int i;
+
+    for (i = 0; i < 3; i++)
+        commit_one("D-1");
+    snprintf(dump, sizeof dump, "/tmp/de-pg-dump-%d.sql", (int)getpid());
+    snprintf(cmd, sizeof cmd, TPG_BIN "/pg_dump -d '%s' -f %s", conninfo, dump);
+    ck_assert_int_eq(system(cmd), 0);
+    restored = tpg_fresh_db();
+    snprintf(cmd, sizeof cmd,
+             TPG_BIN "/psql -q -v ON_ERROR_STOP=1 -d '%s' -f %s >/dev/null",
+             restored, dump);
+    ck_assert_int_eq(system(cmd), 0);
+    unlink(dump);
+    c2 = tpg_connect(restored);
+    ck_assert_int_eq(tpg_int(c2, "SELECT count(*) FROM "
+                                 "deliveryevents.outbox_order"),
+                     3);
+    tu_ok(de_outbox_open_pg(c2, NULL, &ob2));
+    {
+        de_event ev = event("D-after");
+        tpg_exec(c2, "BEGIN");
+        tu_ok(de_record(ob2, &ev, NULL));
+        tpg_exec(c2, "COMMIT");
+    }
+    ck_assert_int_eq(tpg_int(c2, "SELECT o.position FROM "
+                                 "deliveryevents.outbox_order o JOIN "
+                                 "deliveryevents.outbox e USING (id) WHERE "
+                                 "e.subject_id = 'D-after'"),
+                     4);
+    ck_assert_int_eq(tpg_int(c2, "SELECT count(*) FROM "
+                                 "deliveryevents.outbox_order"),
+                     4);
+    de_outbox_close(ob2);
+    PQfinish(c2);
+}
+END_TEST
+
+/* The wire settings a writer sets are stored for every relay; a later
+ * writer's setting replaces them, unset ones are kept. */
+START_TEST(test_wire_settings_stored)
+{
+    de_conf *conf = de_conf_new();
+    de_outbox *o = NULL;
+    de__source *src = NULL;
+    char outbox_id[37], *v = NULL;
+
+    tu_ok(de_conf_set(conf, "event.source", "urn:a"));
+    tu_ok(de_conf_set(conf, "topic.template", "{subject_type}.x"));
+    tu_ok(de_outbox_open_pg(conn, conf, &o));
+    de_outbox_close(o);
+    de_conf_destroy(conf);
+    conf = de_conf_new();
+    tu_ok(de_conf_set(conf, "event.source", "urn:b"));
+    tu_ok(de_outbox_open_pg(conn, conf, &o));
+    de_outbox_close(o);
+    de_conf_destroy(conf);
+    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
+    tu_ok(src->ops->stored_setting(src, "event.source", &v));
+    ck_assert_str_eq(v, "urn:b");
+    free(v);
+    tu_ok(src->ops->stored_setting(src, "topic.template", &v));
+    ck_assert_str_eq(v, "{subject_type}.x");
+    free(v);
+    tu_ok(src->ops->stored_setting(src, "event.type.prefix", &v));
+    ck_assert_ptr_null(v);
+    src->ops->close(src);
+}
+END_TEST
+
+/* ---- the relay's source ------------------------------------------------ */
+
+START_TEST(test_source_reads_in_commit_order)
+{
+    static char ids[8][37];
+    collected c = {.ids = ids, .cap = 8, .stop_at = 1};
+    PGconn *c2 = tpg_connect(conninfo);
+    de_outbox *ob2 = NULL;
+    de__source *src = NULL;
+    char outbox_id[37], buf[DE__EVENT_ID_MAX + 1];
+    int64_t n, max;
+    bool found;
+
+    tu_ok(de_outbox_open_pg(c2, NULL, &ob2));
+    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
+    ck_assert_int_eq(strlen(outbox_id), 36);
+    overtake(c2, ob2, "BEGIN"); /* D-second commits first */
+    commit_one("D-third");
+    /* DE__AGAIN stops before the row, which the next read gets. */
+    tu_ok(src->ops->read(src, 0, 10, collect, &c, &n));
+    ck_assert_int_eq(n, 1);
+    c.stop_at = 0;
+    tu_ok(src->ops->read(src, c.last, 10, collect, &c, &n));
+    ck_assert_int_eq(n, 2);
+    ck_assert_int_eq(c.n, 3);
+    tu_ok(src->ops->max_position(src, &max));
+    ck_assert_int_eq(max, c.last);
+    ck_assert_int_eq(position_of("D-second"), max - 2);
+    ck_assert_int_eq(position_of("D-first"), max - 1);
+    ck_assert_str_eq(src->ops->event_id_at(src, max, buf), ids[2]);
+    ck_assert_ptr_null(src->ops->event_id_at(src, max + 1, buf));
+    c.last = max - 1;
+    c.n = 0;
+    tu_ok(src->ops->read_one(src, max, collect, &c, &found));
+    ck_assert(found);
+    ck_assert_str_eq(ids[0], ids[2]);
+    tu_ok(src->ops->read_one(src, max + 1, collect, &c, &found));
+    ck_assert(!found);
+    src->ops->close(src);
+    de_outbox_close(ob2);
+    PQfinish(c2);
+}
+END_TEST
+
+/* A row with every field: what the relay reads is what was recorded. */
+static de_err check_fields(void *ctx, const de__row *row)
+{
+    const de_recorded *rec = ctx;
+
+    ck_assert_str_eq(row->event_id, rec->event_id);
+    ck_assert_str_eq(row->subject_type, "delivery");
+    ck_assert_str_eq(row->subject_id, "D-\xc3\xa9");
+    ck_assert_uint_eq(row->subject_id_len, 4);
+    ck_assert_str_eq(row->action, "assigned");
+    ck_assert_int_eq(row->occurred_at_ms, 1700000000123);
+    ck_assert_int_ge(row->recorded_at_ms, 1700000000123);
+    ck_assert_str_eq(row->payload, "{\"courier\":\"C-7\"}");
+    ck_assert_uint_eq(row->payload_len, 17);
+    ck_assert_str_eq(row->traceparent,
+                     "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    ck_assert_str_eq(row->tracestate, "k=v");
+    ck_assert_ptr_null(row->dataschema);
+    return DE_OK;
+}
+
+START_TEST(test_source_row_fields)
+{
+    de_event ev = event("D-\xc3\xa9");
+    de__source *src = NULL;
+    char outbox_id[37];
+    de_recorded rec;
+    int64_t n;
+
+    ev.occurred_at_ms = 1700000000123;
+    ev.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    ev.tracestate = "k=v";
+    tpg_exec(conn, "BEGIN");
+    tu_ok(de_record(ob, &ev, &rec));
+    tpg_exec(conn, "COMMIT");
+    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
+    tu_ok(src->ops->read(src, 0, 10, check_fields, &rec, &n));
+    ck_assert_int_eq(n, 1);
+    src->ops->close(src);
+}
+END_TEST
+
+START_TEST(test_source_delete_range)
+{
+    de__source *src = NULL;
+    char outbox_id[37];
+    int64_t upto, floor_, max;
+    int deleted, i;
+
+    for (i = 0; i < 4; i++)
+        commit_one("D-1");
+    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
+    tu_ok(src->ops->max_position(src, &max));
+    ck_assert_int_eq(max, 4);
+    /* Retention: rows recorded after the cut-off stay. */
+    tu_ok(src->ops->delete_range(src, 1, 2, 1000, &upto, &deleted));
+    ck_assert_int_eq(upto, 0);
+    ck_assert_int_eq(deleted, 0);
+    tu_ok(src->ops->delete_range(src, 1, 2, 0, &upto, &deleted));
+    ck_assert_int_eq(upto, 2);
+    ck_assert_int_eq(deleted, 2);
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 2);
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox_order"), 2);
+    tu_ok(src->ops->deleted_upto(src, &floor_));
+    ck_assert_int_eq(floor_, 2);
+    /* The floor never goes down. */
+    tu_ok(src->ops->delete_range(src, 1, 1, 0, &upto, &deleted));
+    ck_assert_int_eq(deleted, 0);
+    tu_ok(src->ops->deleted_upto(src, &floor_));
+    ck_assert_int_eq(floor_, 2);
+    /* A row locked elsewhere: not now, rather than a wait. */
+    tpg_exec(conn, "BEGIN");
+    tpg_exec(conn, "SELECT * FROM deliveryevents.outbox_order WHERE "
+                   "position = 3 FOR UPDATE");
+    tu_assert_err(src->ops->delete_range(src, 3, 4, 0, &upto, &deleted),
+                  DE__AGAIN, NULL);
+    tpg_exec(conn, "ROLLBACK");
+    tu_ok(src->ops->delete_range(src, 3, 4, 0, &upto, &deleted));
+    ck_assert_int_eq(upto, 4);
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 0);
+    src->ops->close(src);
+}
+END_TEST
+
+/* The relay's connection hears the commit; a lost connection comes back
+ * at the next operation. */
+START_TEST(test_source_changed_and_reconnect)
+{
+    static char ids[4][37];
+    collected c = {.ids = ids, .cap = 4};
+    de__source *src = NULL;
+    char outbox_id[37];
+    bool changed = false;
+    int i;
+
+    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
+    ck_assert(!src->ops->changed(src));
+    commit_one("D-1");
+    for (i = 0; i < 1000 && !changed; i++) {
+        changed = src->ops->changed(src);
+        if (!changed)
+            usleep(10000);
+    }
+    ck_assert_msg(changed, "no notification within 10 s of the commit");
+    ck_assert(!src->ops->changed(src)); /* consumed */
+    read_all(src, &c);
+    ck_assert_int_eq(c.n, 1);
+    /* The server drops the relay's connection. */
+    ck_assert_int_eq(tpg_int(conn, "SELECT count(pg_terminate_backend(pid)) "
+                                   "FROM pg_stat_activity WHERE datname = "
+                                   "current_database() AND application_name "
+                                   "= 'deliveryevents-relay'"),
+                     1);
+    commit_one("D-2");
+    /* The first operation may fail (libpq learns of it then); the next
+     * reconnects and reads. */
+    for (i = 0; i < 2 && c.n < 2; i++) {
+        int64_t n;
+        (void)src->ops->read(src, c.last, 10, collect, &c, &n);
+    }
+    ck_assert_int_eq(c.n, 2);
+    src->ops->close(src);
+}
+END_TEST
+
+START_TEST(test_source_no_outbox)
+{
+    de__source *src = NULL;
+    char outbox_id[37];
+
+    tu_assert_err(de__source_open_pg(tpg_fresh_db(), false, &src, outbox_id),
+                  DE_ERR_STATE, "no outbox");
+    ck_assert_ptr_null(src);
+}
+END_TEST
+
+/* ---- many writers ------------------------------------------------------ */
+
+#define WRITERS 24
+#define TXNS 40
+
+typedef struct writer {
+    int n;
+    long long committed; /* events in committed transactions */
+    char error[256];
+} writer;
+
+static volatile int writers_left;
+static pthread_mutex_t left_mu = PTHREAD_MUTEX_INITIALIZER;
+
+/* Transactions of one to three events, a random pause between recording
+ * and committing (so that commits overtake each other), one in six
+ * rolled back, one in five with a rolled-back savepoint. */
+static void *write_loop(void *arg)
+{
+    writer *w = arg;
+    PGconn *c = PQconnectdb(conninfo);
+    de_outbox *o = NULL;
+    unsigned seed = (unsigned)w->n * 7919u + 1;
+    char subject[32];
+    int t, i, k;
+
+    if (PQstatus(c) != CONNECTION_OK ||
+        de_outbox_open_pg(c, NULL, &o) != DE_OK) {
+        snprintf(w->error, sizeof w->error, "writer %d cannot open: %s", w->n,
+                 de_errmsg());
+        goto done;
+    }
+    for (t = 0; t < TXNS; t++) {
+        int events = 1 + (int)(rand_r(&seed) % 3);
+        bool rollback = rand_r(&seed) % 6 == 0;
+        bool savepoint = rand_r(&seed) % 5 == 0;
+        de_event ev;
+        PGresult *r;
+
+        PQclear(PQexec(c, "BEGIN"));
+        for (i = 0; i < events; i++) {
+            k = (int)(rand_r(&seed) % 8);
+            snprintf(subject, sizeof subject, "D-%d", k);
+            ev = event(subject);
+            if (de_record(o, &ev, NULL) != DE_OK) {
+                snprintf(w->error, sizeof w->error, "writer %d: %s", w->n,
+                         de_errmsg());
+                goto done;
+            }
+        }
+        if (savepoint) {
+            PQclear(PQexec(c, "SAVEPOINT s"));
+            ev = event("D-undone");
+            if (de_record(o, &ev, NULL) != DE_OK) {
+                snprintf(w->error, sizeof w->error, "writer %d: %s", w->n,
+                         de_errmsg());
+                goto done;
+            }
+            PQclear(PQexec(c, "ROLLBACK TO SAVEPOINT s"));
+        }
+        usleep((useconds_t)(rand_r(&seed) % 4000));
+        r = PQexec(c, rollback ? "ROLLBACK" : "COMMIT");
+        if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+            snprintf(w->error, sizeof w->error, "writer %d: commit: %s", w->n,
+                     PQresultErrorMessage(r));
+            PQclear(r);
+            goto done;
+        }
+        PQclear(r);
+        if (!rollback)
+            w->committed += events;
+    }
+done:
+    de_outbox_close(o);
+    PQfinish(c);
+    pthread_mutex_lock(&left_mu);
+    writers_left--;
+    pthread_mutex_unlock(&left_mu);
+    return NULL;
+}
+
+START_TEST(test_many_writers_commit_order)
+{
+    static writer ws[WRITERS];
+    static char ids[WRITERS * TXNS * 3][37];
+    collected seen = {.ids = ids, .cap = WRITERS * TXNS * 3};
+    pthread_t th[WRITERS];
+    PGconn *reader = tpg_connect(conninfo);
+    de__source *src = NULL;
+    char outbox_id[37];
+    long long committed = 0, i;
+    int left;
+
+    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
+    writers_left = WRITERS;
+    for (i = 0; i < WRITERS; i++) {
+        ws[i].n = (int)i;
+        ck_assert_int_eq(pthread_create(&th[i], NULL, write_loop, &ws[i]), 0);
+    }
+    /* Read like a relay while they write. */
+    do {
+        pthread_mutex_lock(&left_mu);
+        left = writers_left;
+        pthread_mutex_unlock(&left_mu);
+        read_all(src, &seen);
+    } while (left > 0);
+    for (i = 0; i < WRITERS; i++) {
+        pthread_join(th[i], NULL);
+        ck_assert_msg(ws[i].error[0] == '\0', "%s", ws[i].error);
+        committed += ws[i].committed;
+    }
+    read_all(src, &seen);
+    src->ops->close(src);
+    ck_assert_int_gt(committed, WRITERS * TXNS / 2);
+    /* Exactly the committed events got positions... */
+    ck_assert_int_eq(count(reader, "deliveryevents.outbox"), committed);
+    ck_assert_int_eq(count(reader, "deliveryevents.outbox_order"), committed);
+    ck_assert_int_eq(count(reader, "deliveryevents.outbox WHERE subject_id "
+                                   "= 'D-undone'"),
+                     0);
+    /* ...the polling reader saw every one of them, each once (nothing
+     * skipped past)... */
+    ck_assert_int_eq(seen.n, committed);
+    tpg_exec(reader, "CREATE TEMP TABLE seen (event_id text PRIMARY KEY)");
+    for (i = 0; i < seen.n; i++) {
+        char sql[100];
+        snprintf(sql, sizeof sql, "INSERT INTO seen VALUES ('%s')", ids[i]);
+        tpg_exec(reader, sql);
+    }
+    ck_assert_int_eq(tpg_int(reader, "SELECT count(*) FROM "
+                                     "deliveryevents.outbox e LEFT JOIN seen "
+                                     "s USING (event_id) WHERE s.event_id "
+                                     "IS NULL"),
+                     0);
+    /* ...and in position order the commit timestamps (the server's own
+     * record, independent of our positions) never go down. */
+    ck_assert_int_eq(
+        tpg_int(reader,
+                "SELECT count(*) FROM (SELECT "
+                "pg_xact_commit_timestamp(xmin) AS ts, lag("
+                "pg_xact_commit_timestamp(xmin)) OVER (ORDER BY position) "
+                "AS prev FROM deliveryevents.outbox_order) x "
+                "WHERE ts < prev OR ts IS NULL"),
+        0);
+    /* Commit order is not record order here (else the test proves
+     * nothing): some event recorded earlier (lower id) got a higher
+     * position than one recorded later. */
+    ck_assert_int_gt(tpg_int(reader,
+                             "SELECT count(*) FROM (SELECT id, lag(id) OVER "
+                             "(ORDER BY position) AS prev FROM "
+                             "deliveryevents.outbox_order) x WHERE id < prev"),
+                     0);
+    PQfinish(reader);
+}
+END_TEST
+
+static Suite *pg_outbox_suite(void)
+{
+    Suite *s = suite_create("pg_outbox");
+    TCase *tc = tcase_create("outbox");
+
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, test_open_creates_schema);
+    tcase_add_test(tc, test_commit_records);
+    tcase_add_test(tc, test_rollback_records_nothing);
+    tcase_add_test(tc, test_outside_transaction);
+    tcase_add_test(tc, test_refused_input_keeps_transaction);
+    tcase_add_test(tc, test_failed_transaction);
+    tcase_add_test(tc, test_server_failure);
+    tcase_add_test(tc, test_savepoint);
+    tcase_add_test(tc, test_commit_order_not_record_order);
+    tcase_add_test(tc, test_notify_at_commit);
+    tcase_add_test(tc, test_contracts_not_yet);
+    tcase_add_test(tc, test_sequence_behind_data);
+    tcase_add_test(tc, test_dump_restore);
+    tcase_add_test(tc, test_wire_settings_stored);
+    tcase_add_test(tc, test_source_reads_in_commit_order);
+    tcase_add_test(tc, test_source_row_fields);
+    tcase_add_test(tc, test_source_delete_range);
+    tcase_add_test(tc, test_source_changed_and_reconnect);
+    tcase_add_test(tc, test_source_no_outbox);
+    tcase_add_test(tc, test_many_writers_commit_order);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    int failed;
+
+    if (!tpg_start()) {
+        tpg_stop();
+        return EXIT_FAILURE;
+    }
+    failed = tu_run(pg_outbox_suite());
+    tpg_stop();
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

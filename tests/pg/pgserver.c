@@ -1,0 +1,163 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * pgserver.c -- see pgserver.h.  pg_ctl -w waits until the server accepts
+ * connections (no guessed sleeps); the socket lives in the cluster's own
+ * directory, so the port number cannot clash with another server.
+ */
+#include "pgserver.h"
+
+#include <check.h>
+#include <pwd.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define PG_PORT 54329
+
+static char dir[256];
+static char base_conninfo[512];
+static char as_user[64]; /* "runuser -u postgres -- " as root, else "" */
+static bool external;
+static pid_t owner; /* the process that started the server */
+
+/* At exit of the process that started it (not of Check's forked tests,
+ * which inherit the handler). */
+static void stop_at_exit(void)
+{
+    if (getpid() == owner)
+        tpg_stop();
+}
+
+/* Runs cmd through the shell, as the server's user. */
+static int run(const char *cmd)
+{
+    char full[2200];
+
+    snprintf(full, sizeof full, "%s%s", as_user, cmd);
+    return system(full);
+}
+
+bool tpg_start(void)
+{
+    const char *ext = getenv("DE_PG_CONNINFO");
+    const char *tmp = getenv("TMPDIR");
+    char cmd[1024];
+
+    if (ext != NULL && *ext != '\0') {
+        external = true;
+        snprintf(base_conninfo, sizeof base_conninfo, "%s", ext);
+        return true;
+    }
+    snprintf(dir, sizeof dir, "%s/de-pg-XXXXXX", tmp ? tmp : "/tmp");
+    /* A program that exits without tpg_stop (a failed assertion outside
+     * a test) still stops its server; only abort() or a signal leaves it
+     * running (pg_ctl -D <dir>/data stop, then remove <dir>). */
+    owner = getpid();
+    atexit(stop_at_exit);
+    if (mkdtemp(dir) == NULL) {
+        perror("tpg_start: mkdtemp");
+        return false;
+    }
+    if (geteuid() == 0) {
+        struct passwd *pw = getpwnam("postgres");
+        if (pw == NULL || chown(dir, pw->pw_uid, pw->pw_gid) != 0) {
+            fprintf(stderr, "tpg_start: running as root needs the OS user "
+                            "'postgres' to run the server\n");
+            return false;
+        }
+        snprintf(as_user, sizeof as_user, "runuser -u postgres -- ");
+    }
+    snprintf(cmd, sizeof cmd,
+             TPG_BIN "/initdb -D %s/data -A trust -U postgres -E UTF8 "
+                     "--locale=C --no-sync >%s/initdb.log 2>&1",
+             dir, dir);
+    if (run(cmd) != 0) {
+        fprintf(stderr, "tpg_start: initdb failed, see %s/initdb.log\n", dir);
+        return false;
+    }
+    /* TCP off, the socket in the cluster's directory; -w waits until the
+     * server accepts connections. */
+    snprintf(cmd, sizeof cmd,
+             TPG_BIN "/pg_ctl -D %s/data -w -t 120 -l %s/server.log -o "
+                     "\"-c listen_addresses='' -k %s -p %d "
+                     "-c max_connections=200 -c track_commit_timestamp=on\" "
+                     "start >/dev/null",
+             dir, dir, dir, PG_PORT);
+    if (run(cmd) != 0) {
+        fprintf(stderr, "tpg_start: pg_ctl start failed, see %s/server.log\n",
+                dir);
+        return false;
+    }
+    snprintf(base_conninfo, sizeof base_conninfo,
+             "host=%s port=%d user=postgres", dir, PG_PORT);
+    return true;
+}
+
+void tpg_stop(void)
+{
+    char cmd[600];
+
+    if (external || dir[0] == '\0')
+        return;
+    snprintf(cmd, sizeof cmd,
+             TPG_BIN "/pg_ctl -D %s/data -m immediate -w stop >/dev/null 2>&1",
+             dir);
+    if (run(cmd) != 0)
+        fprintf(stderr, "tpg_stop: pg_ctl stop failed in %s\n", dir);
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    if (system(cmd) != 0)
+        fprintf(stderr, "tpg_stop: cannot remove %s\n", dir);
+    dir[0] = '\0';
+}
+
+PGconn *tpg_connect(const char *conninfo)
+{
+    PGconn *c = PQconnectdb(conninfo);
+
+    /* ck_abort_msg only on failure: the benchmark calls this outside
+     * any test, where Check's passing assertions cannot report. */
+    if (PQstatus(c) != CONNECTION_OK)
+        ck_abort_msg("cannot connect to %s: %s", conninfo, PQerrorMessage(c));
+    return c;
+}
+
+void tpg_exec(PGconn *c, const char *sql)
+{
+    PGresult *r = PQexec(c, sql);
+    ExecStatusType st = PQresultStatus(r);
+
+    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK)
+        ck_abort_msg("%s: %s", sql, PQresultErrorMessage(r));
+    PQclear(r);
+}
+
+long long tpg_int(PGconn *c, const char *sql)
+{
+    PGresult *r = PQexec(c, sql);
+    long long v;
+
+    if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1)
+        ck_abort_msg("%s: %s", sql, PQresultErrorMessage(r));
+    v = PQgetisnull(r, 0, 0) ? 0 : atoll(PQgetvalue(r, 0, 0));
+    PQclear(r);
+    return v;
+}
+
+const char *tpg_fresh_db(void)
+{
+    static char conninfo[700];
+    static int n;
+    char name[64], sql[128], admin[600];
+    PGconn *c;
+
+    snprintf(name, sizeof name, "de_t%d_%d", (int)getpid(), ++n);
+    snprintf(admin, sizeof admin, "%s dbname=postgres", base_conninfo);
+    c = tpg_connect(admin);
+    snprintf(sql, sizeof sql, "CREATE DATABASE %s", name);
+    tpg_exec(c, sql);
+    PQfinish(c);
+    snprintf(conninfo, sizeof conninfo, "%s dbname=%s", base_conninfo, name);
+    return conninfo;
+}

@@ -1,0 +1,36 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * pgserver.h -- a real PostgreSQL server for the PostgreSQL suites: a
+ * throwaway cluster of the suite's own (initdb into a temp dir, pg_ctl on
+ * a unix socket inside that dir, TCP off), or the external server that
+ * DE_PG_CONNINFO names.  As root the cluster runs as the `postgres` OS
+ * user (PostgreSQL refuses to run as root).
+ */
+#ifndef DE_PGSERVER_H
+#define DE_PGSERVER_H
+
+#include <libpq-fe.h>
+#include <stdbool.h>
+
+/* Where Debian's PostgreSQL 15 programs are. */
+#define TPG_BIN "/usr/lib/postgresql/15/bin"
+
+/* Starts the suite's server (once per process; call from an unchecked
+ * fixture, i.e. in the parent).  Returns false with a reason on stderr. */
+bool tpg_start(void);
+/* Stops and removes the cluster (nothing for an external server). */
+void tpg_stop(void);
+
+/* A fresh database for the calling test ("de_t<pid>_<n>"), created on the
+ * server; its conninfo in a static buffer. */
+const char *tpg_fresh_db(void);
+
+/* Connects to conninfo, failing the test on error. */
+PGconn *tpg_connect(const char *conninfo);
+
+/* Runs sql, failing the test unless it succeeds. */
+void tpg_exec(PGconn *c, const char *sql);
+/* The single integer result of sql; fails the test on error. */
+long long tpg_int(PGconn *c, const char *sql);
+
+#endif
