@@ -835,7 +835,7 @@ START_TEST(test_barrier_read_waits_for_commit_in_flight)
     /* While the relay's exclusive request waits (a long wait, to see it),
      * a recorder queues behind it -- and commits once the relay gives up,
      * while conn is still open. */
-    de__source_pg_barrier_wait(src, 1500);
+    de__source_pg_barrier_wait(src, 3000);
     b.src = src;
     ck_assert_int_eq(pthread_create(&th, NULL, read_in_background, &b), 0);
     await_waiting(mon, 1);
@@ -843,6 +843,7 @@ START_TEST(test_barrier_read_waits_for_commit_in_flight)
     ev = event("D-queued");
     tu_ok(de_record(ob3, &ev, NULL));
     ck_assert_int_eq(PQsendQuery(c3, "COMMIT"), 1);
+    await_waiting(mon, 2); /* c3's shared request, behind the relay's */
     pthread_join(th, NULL);
     ck_assert_int_eq(b.err, DE__AGAIN);
     ck_assert_int_eq(b.n, 0);
