@@ -52,14 +52,20 @@ extern "C" {
  * transaction has already failed, when a command is in progress, or in
  * pipeline mode.
  *
- * The event's place in commit order is assigned when the host's
- * transaction commits, not before (so that it is commit order whatever
- * the writers, savepoints and rollbacks): on this outbox
- * de_recorded.position is 0.  Recording transactions commit one at a time
- * (a lock held from the position's assignment to the end of the commit);
- * transactions that record nothing are not affected.  PREPARE TRANSACTION
- * after de_record is not supported: the prepared transaction would hold
- * that lock until COMMIT PREPARED.
+ * The event's position is assigned when the host's transaction commits,
+ * not before, so on this outbox de_recorded.position is 0.  Positions
+ * follow the order in which recording transactions reached their commit;
+ * for transactions that wrote a common row (the normal case for two
+ * changes to one subject) this is their commit order; two transactions
+ * that touched no common data and overlapped in their commit may appear
+ * in either order.  For per-subject order, update the subject's row in
+ * the transaction that records its event (or lock it: SELECT ... FOR
+ * UPDATE).  Recording transactions commit concurrently.
+ *
+ * SET CONSTRAINTS ALL IMMEDIATE assigns the position at that statement
+ * (update the subject's row before it), and until the transaction ends
+ * the relay publishes nothing recorded after it.  PREPARE TRANSACTION
+ * after de_record is not supported: the same holds until COMMIT PREPARED.
  *
  * Threads: the outbox uses conn on the calling thread only, like conn
  * itself (libpq connections are not shared between threads).

@@ -37,8 +37,10 @@
  *  Promptness.  The thread sleeps in poll(2) on one eventfd, written by
  *  the host's WAL hook when a transaction that recorded events commits,
  *  by librdkafka when delivery reports, errors or log lines arrive, and by
- *  the API; it wakes every relay.poll.interval.ms to notice writers in
- *  other processes.
+ *  the API -- and on the source's descriptor when it has one (PostgreSQL:
+ *  the connection that LISTENs for commits, which notify only while the
+ *  relay announced its sleep, read_rows); it wakes every
+ *  relay.poll.interval.ms to notice writers in other processes.
  *
  * The state machine (de_relay_state, changed only by
  * de__relay_set_state, which logs each change):
@@ -276,17 +278,58 @@ void de__relay_publish_stats(de_relay *r)
 
 /* ---- the thread ------------------------------------------------------- */
 
+/* Sleeps until the eventfd fires, the source's descriptor (PostgreSQL:
+ * the LISTEN connection) has something, or timeout_ms pass.  Waking ends
+ * an announced sleep (read_rows). */
 static void wait_for_work(de_relay *r, int timeout_ms)
 {
-    struct pollfd p = {r->wake_fd, POLLIN, 0};
+    struct pollfd p[2] = {{r->wake_fd, POLLIN, 0}, {-1, POLLIN, 0}};
+    nfds_t n = 1;
     uint64_t v;
 
-    if (timeout_ms > 0 && poll(&p, 1, timeout_ms) > 0 && (p.revents & POLLIN)) {
-        (void)!read(r->wake_fd, &v, sizeof v); /* reset the counter */
-        r->woken = true;
+    if ((p[1].fd = r->src->ops->wait_fd(r->src)) >= 0)
+        n = 2;
+    if (timeout_ms > 0 && poll(p, n, timeout_ms) > 0) {
+        if (p[0].revents & POLLIN) {
+            (void)!read(r->wake_fd, &v, sizeof v); /* reset the counter */
+            r->woken = true;
+        }
+        /* Drained here (changed() consumes what arrived), or the
+         * descriptor would stay readable and the next poll spin. */
+        if (n == 2 && p[1].revents != 0 && r->src->ops->changed(r->src))
+            r->woken = true;
     } else if (timeout_ms <= 0 && read(r->wake_fd, &v, sizeof v) > 0) {
         r->woken = true;
     }
+    if (r->sleep_announced) {
+        r->sleep_announced = false;
+        r->src->ops->awake(r->src);
+    }
+}
+
+/* Reads the next rows.  A read that finds nothing means the relay is about
+ * to sleep: a source whose writers wake it only while it says so
+ * (PostgreSQL's conditional NOTIFY) hears it now, and the read is made
+ * once more after that, so that a commit that came before the
+ * announcement is not left for the poll interval.  DE__AGAIN (nothing
+ * could be proven complete yet) is no error: the source's changed()
+ * brings the next round. */
+static de_err read_rows(de_relay *r)
+{
+    de_err err = de__relay_read(r);
+
+    if (err == DE_OK && r->last_read == 0 && r->count < r->cap &&
+        !r->need_restart && !r->sleep_announced &&
+        r->src->ops->sleep_begin(r->src)) {
+        r->sleep_announced = true;
+        err = de__relay_read(r);
+        if (r->last_read > 0) {
+            /* Busy after all: writers need not wake it. */
+            r->sleep_announced = false;
+            r->src->ops->awake(r->src);
+        }
+    }
+    return err == DE__AGAIN ? DE_OK : err;
 }
 
 /* What a relay that does not hold the lease does in one turn of the loop:
@@ -451,7 +494,7 @@ static void *relay_main(void *arg)
          * committed.  Otherwise the poll interval costs one cheap check. */
         if (r->woken || r->more_rows || r->src->ops->changed(r->src)) {
             r->woken = false;
-            if ((err = de__relay_read(r)) != DE_OK) {
+            if ((err = read_rows(r)) != DE_OK) {
                 de__rlog(r, DE_LOG_WARNING, "%s (retrying)", de_errmsg());
                 wait_for_work(r, 200);
                 continue;

@@ -184,6 +184,7 @@ struct de_relay {
     bool lease_lost;       /* another relay holds the lease now          */
     bool oom;              /* bookkeeping could not grow: start over     */
     bool woken;            /* the eventfd fired, or state was reset      */
+    bool sleep_announced;  /* source told: wake me (ops->sleep_begin)    */
     bool register_pending; /* read again when register_retry_us passes   */
     int64_t last_beat_ms;  /* wall clock of the last renewed lease */
     int64_t next_beat_us;  /* monotonic */

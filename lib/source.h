@@ -24,7 +24,10 @@ typedef struct de__source_ops {
     /* Calls fn for the rows after position `after`, in position (commit)
      * order, at most limit of them; *n receives how many fn took.  Before
      * the first row reaches fn, everything the read can see is made
-     * durable (the relay never publishes what a power loss could undo). */
+     * durable (the relay never publishes what a power loss could undo).
+     * DE__AGAIN with *n == 0: nothing could be proven complete yet (a
+     * writer is still in its commit, PostgreSQL); changed() reports true
+     * on the next round, so that the caller reads again then. */
     de_err (*read)(de__source *s, int64_t after, int64_t limit, de__row_fn fn,
                    void *ctx, int64_t *n);
     /* The row at position, if there is one. */
@@ -47,6 +50,21 @@ typedef struct de__source_ops {
     de_err (*deleted_upto)(de__source *s, int64_t *out);
     /* Whether another connection committed since the last call. */
     bool (*changed)(de__source *s);
+    /* The file descriptor that becomes readable when a writer's commit
+     * wants the relay (PostgreSQL: the LISTEN connection's socket), for
+     * the relay to poll beside its own; -1 when there is none (SQLite).
+     * It may change after a reconnection: ask before each wait. */
+    int (*wait_fd)(de__source *s);
+    /* The relay has read everything and is about to sleep: a source whose
+     * writers wake the relay only while it says so (PostgreSQL's
+     * conditional NOTIFY) tells them now.  true: the caller must read
+     * once more before it sleeps (a commit that came before the
+     * announcement sent no wake-up); false: nothing to do (SQLite). */
+    bool (*sleep_begin)(de__source *s);
+    /* The relay woke (any cause) after sleep_begin: writers stop waking
+     * it, and changed() reports true on its next call, because commits
+     * from now on may send no wake-up. */
+    void (*awake)(de__source *s);
     /* The wire setting `key` its writer stored with the outbox (*out: a
      * copy the caller frees, NULL when none is stored). */
     de_err (*stored_setting)(de__source *s, const char *key, char **out);

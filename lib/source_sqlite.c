@@ -281,6 +281,26 @@ static void s_checkpoint_log(de__source *src)
     sqlite3_busy_timeout(s->db, s->busy_ms);
 }
 
+/* SQLite has nothing to poll and no wake-up to ask for: the host's WAL
+ * hook (in this process) and changed() on the poll interval (others)
+ * wake the relay whether it sleeps or not. */
+static int s_wait_fd(de__source *src)
+{
+    (void)src;
+    return -1;
+}
+
+static bool s_sleep_begin(de__source *src)
+{
+    (void)src;
+    return false;
+}
+
+static void s_awake(de__source *src)
+{
+    (void)src;
+}
+
 static void s_close(de__source *src)
 {
     sqlite_source *s = (sqlite_source *)src;
@@ -304,6 +324,9 @@ static const de__source_ops sqlite_ops = {
     .delete_range = s_delete_range,
     .deleted_upto = s_deleted_upto,
     .changed = s_changed,
+    .wait_fd = s_wait_fd,
+    .sleep_begin = s_sleep_begin,
+    .awake = s_awake,
     .stored_setting = s_stored_setting,
     .checkpoint_log = s_checkpoint_log,
     .close = s_close,

@@ -6,12 +6,24 @@
  *
  * Commit order (docs/PG-WORK-IN-PROGRESS.md, section 2): a row gets its
  * position not when de_record writes it but at the host's COMMIT, from a
- * deferred constraint trigger that takes a transaction-scoped advisory
- * lock and draws the position from a sequence.  The lock is released only
- * after the commit is visible, so positions increase in commit order and
- * a reader that sees position p sees every smaller position that will
- * ever exist.  The trigger also sends the NOTIFY that wakes the relay;
- * PostgreSQL delivers it only if the transaction commits.
+ * deferred constraint trigger that takes the commit-order advisory lock
+ * SHARED (transaction-scoped: released only after the commit is visible
+ * or aborted) and then draws the position from a sequence.  Recorders
+ * commit concurrently; the relay's barrier read (source_pg.c) takes the
+ * same lock exclusive for an instant, which waits out exactly the
+ * recorders that had drawn a position, so it never passes a position
+ * that becomes visible later.  Positions therefore follow the order in
+ * which recording transactions reached their commit.
+ *
+ * Wake-up: the trigger sends the NOTIFY that wakes the relay only while
+ * the relay says it sleeps (sequence relay_sleeping, read with last_value:
+ * sequences ignore the transaction's snapshot, so every isolation level
+ * sees the relay's latest word).  It reads the flag after drawing its
+ * position: a recorder whose position the relay's last read did not cover
+ * drew it after that read, hence after the relay raised the flag, and
+ * notifies.  PostgreSQL delivers the NOTIFY only if the transaction
+ * commits; a NOTIFY in every commit would serialise recording commits
+ * (PreCommit_Notify takes one cluster-wide lock until the commit ends).
  *
  * de_record itself is one prepared INSERT on the host's connection and
  * nothing else: every check that can refuse an event has run before the
@@ -31,11 +43,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-/* The advisory lock keys (pg_int.h): the commit-order lock. */
-#define PG_LOCK_CLASS DE__PG_LOCK_CLASS
-#define PG_LOCK_MIGRATE DE__PG_LOCK_MIGRATE
-#define PG_LOCK_ORDER "1"
 
 #define PG_SCHEMA_VERSION 1
 #define PG_RECORD_STMT "deliveryevents_record"
@@ -67,6 +74,11 @@ static const char *const migrations[PG_SCHEMA_VERSION] = {
     "  dataschema text"
     ");"
     "CREATE SEQUENCE deliveryevents.outbox_position AS bigint;"
+    /* The relay's "I am going to sleep" flag (1) or not (0): a sequence,
+     * set with setval, because a table row would be read with the host's
+     * snapshot (a REPEATABLE READ host would not see the relay's word). */
+    "CREATE SEQUENCE deliveryevents.relay_sleeping AS bigint MINVALUE 0 "
+    "MAXVALUE 1 START 0;"
     "CREATE TABLE deliveryevents.outbox_order ("
     "  position bigint PRIMARY KEY,"
     "  id bigint NOT NULL"
@@ -74,14 +86,19 @@ static const char *const migrations[PG_SCHEMA_VERSION] = {
     /* Every name qualified (pg_catalog first) rather than a SET
      * search_path clause, which would cost a GUC save and restore per
      * row at every commit. */
+    /* The order of the steps is the argument (see the top of this file
+     * and source_pg.c): lock, then position, then the flag. */
     "CREATE FUNCTION deliveryevents.outbox_commit() RETURNS trigger "
     "LANGUAGE plpgsql AS $$\n"
     "BEGIN\n"
-    "  PERFORM pg_catalog.pg_advisory_xact_lock(" PG_LOCK_CLASS
-    ", " PG_LOCK_ORDER ");\n"
+    "  PERFORM pg_catalog.pg_advisory_xact_lock_shared(" DE__PG_LOCK_CLASS
+    ", " DE__PG_LOCK_ORDER ");\n"
     "  INSERT INTO deliveryevents.outbox_order(position, id) VALUES "
     "(pg_catalog.nextval('deliveryevents.outbox_position'), NEW.id);\n"
-    "  PERFORM pg_catalog.pg_notify('" DE__PG_CHANNEL "', '');\n"
+    "  IF (SELECT last_value FROM deliveryevents.relay_sleeping) <> 0 "
+    "THEN\n"
+    "    PERFORM pg_catalog.pg_notify('" DE__PG_CHANNEL "', '');\n"
+    "  END IF;\n"
     "  RETURN NULL;\n"
     "END\n$$;"
     "CREATE CONSTRAINT TRIGGER outbox_commit AFTER INSERT ON "
@@ -177,8 +194,8 @@ de_err de__pg_schema_ensure(PGconn *conn, char outbox_id[37])
     if ((err = de__pg_exec(
              conn,
              "SET LOCAL client_min_messages = warning;"
-             "SELECT pg_catalog.pg_advisory_xact_lock(" PG_LOCK_CLASS
-             ", " PG_LOCK_MIGRATE ")",
+             "SELECT pg_catalog.pg_advisory_xact_lock(" DE__PG_LOCK_CLASS
+             ", " DE__PG_LOCK_MIGRATE ")",
              PGRES_TUPLES_OK, NULL, "cannot lock the outbox's schema")) !=
             DE_OK ||
         (err =
@@ -229,8 +246,8 @@ de_err de__pg_schema_ensure(PGconn *conn, char outbox_id[37])
     PQclear(r);
     if ((err = de__pg_exec(
              conn,
-             "SELECT pg_catalog.pg_advisory_xact_lock(" PG_LOCK_CLASS
-             ", " PG_LOCK_ORDER ");"
+             "SELECT pg_catalog.pg_advisory_xact_lock(" DE__PG_LOCK_CLASS
+             ", " DE__PG_LOCK_ORDER ");"
              "SELECT pg_catalog.setval('deliveryevents.outbox_position', m) "
              "FROM (SELECT max(position) AS m "
              "      FROM deliveryevents.outbox_order) AS x "

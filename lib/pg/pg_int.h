@@ -29,11 +29,6 @@ de_err de__pg_exec(PGconn *conn, const char *sql, ExecStatusType want,
  * receives the outbox's id. */
 de_err de__pg_schema_ensure(PGconn *conn, char outbox_id[37]);
 
-/* The advisory lock class every lock of the library takes ("dlev"), and
- * the key of migrations (the outbox's and the consumer's). */
-#define DE__PG_LOCK_CLASS "1684826486"
-#define DE__PG_LOCK_MIGRATE "0"
-
 /* Creates or migrates the consumer's tables on conn (idle: the migration
  * is a transaction of its own) and prepares its statements (inbox_pg.c);
  * conn is borrowed. */
@@ -42,11 +37,27 @@ de_err de__inbox_open_pg(PGconn *conn, de__inbox **out);
 /* The channel the commit trigger notifies. */
 #define DE__PG_CHANNEL "deliveryevents_outbox"
 
+/* The advisory lock class every lock of the library takes ("dlev"), and
+ * its keys: migrations (the outbox's and the consumer's), and the
+ * commit-order lock (shared by recorders in
+ * their commit, exclusive for an instant in the relay's barrier read and
+ * while the sequence is raised at open). */
+#define DE__PG_LOCK_CLASS "1684826486"
+#define DE__PG_LOCK_MIGRATE "0"
+#define DE__PG_LOCK_ORDER "1"
+
 /* Opens the outbox in the PostgreSQL database conninfo names for a relay,
  * on a connection of its own that LISTENs for commits; creates the
  * schema when there is none and create is true (else DE_ERR_STATE).
  * *outbox_id receives the outbox's id. */
 de_err de__source_open_pg(const char *conninfo, bool create, de__source **out,
                           char outbox_id[37]);
+
+/* How long the source's barrier read waits for recorders in their commit
+ * before it gives up until the next round (DE__PG_BARRIER_WAIT_MS unless
+ * set); tests lengthen it to watch the wait.  src must come from
+ * de__source_open_pg. */
+#define DE__PG_BARRIER_WAIT_MS 100
+void de__source_pg_barrier_wait(de__source *src, int ms);
 
 #endif

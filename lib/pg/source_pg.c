@@ -4,12 +4,29 @@
  * (de__source, see source.h): a connection of its own that LISTENs on the
  * channel the commit trigger notifies (outbox_pg.c).
  *
- * Positions come from deliveryevents.outbox_order, assigned in commit
- * order at each commit under a lock held until the commit is visible:
- * "position > after ORDER BY position" therefore never passes a position
- * that becomes visible later, and a hole (a position drawn by a
- * transaction that then failed) is never filled: the read does not wait
- * on holes.
+ * Positions come from deliveryevents.outbox_order, drawn at each commit
+ * by the trigger (outbox_pg.c) while it holds the commit-order advisory
+ * lock SHARED until its commit is visible or aborted.  Recorders commit
+ * concurrently, so a read of "position > after" alone could pass a
+ * position still in its commit.  The read is therefore a barrier read:
+ *  (1) v = last_value of the position sequence: every position <= v was
+ *      drawn by a recorder that held the shared lock at that moment;
+ *  (2) the same lock exclusive, taken and released at once: it waits
+ *      exactly for those recorders (and for no later one for long:
+ *      bounded by lock_timeout, barrier_ms; on timeout the read returns
+ *      DE__AGAIN, nothing read, and changed() asks for another round --
+ *      a waiting exclusive request queues new recorders behind it);
+ *  (3) the rows with after < position <= v, in position order, with a
+ *      snapshot taken after (2): each is visible or its transaction has
+ *      aborted (a hole, never filled, never waited on).
+ *
+ * Wake-up: the trigger notifies only while the relay's flag
+ * (deliveryevents.relay_sleeping) is up.  sleep_begin raises it before
+ * the relay's last read; a recorder whose position that read did not
+ * cover (> v) drew it after (1), hence after the flag went up, and reads
+ * the flag after drawing: it notifies.  awake lowers it and makes the
+ * next changed() true, so that the relay reads once more.  A commit is
+ * never left waiting longer than one poll interval.
  *
  * Invariants:
  *  - nothing read is handed on before it is durable: a commit made with
@@ -38,6 +55,9 @@ typedef struct pg_source {
     de__source base;
     PGconn *conn;
     char *conninfo;
+    int barrier_ms; /* lock_timeout of the barrier's exclusive request */
+    bool sleeping;  /* this source raised the relay_sleeping flag */
+    bool recheck;   /* changed() is true: a round may have gone unheard */
 } pg_source;
 
 static const char read_cols[] =
@@ -127,22 +147,77 @@ static de_err deliver(const PGresult *r, de__row_fn fn, void *ctx, int64_t *n)
     return err == DE__AGAIN ? DE_OK : err;
 }
 
+/* Steps (1) and (2) of the barrier read (see the top of this file): *v
+ * receives the highest position whose recorders are all out of their
+ * commit; DE__AGAIN when they are not yet after barrier_ms. */
+static de_err barrier(pg_source *s, int64_t after, int64_t *v)
+{
+    char sql[240];
+    PGresult *r;
+    const char *state;
+    de_err err;
+
+    *v = 0;
+    if ((err = query(s,
+                     "SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
+                     "FROM deliveryevents.outbox_position",
+                     0, NULL, PGRES_TUPLES_OK, &r,
+                     "relay: reading the outbox failed")) != DE_OK)
+        return err;
+    *v = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
+    PQclear(r);
+    if (*v <= after)
+        return DE_OK; /* nothing drawn since: no recorder to wait for */
+    /* Transaction-scoped, so COMMIT releases it; SET LOCAL, so the wait
+     * bound goes with it.  One round trip. */
+    snprintf(sql, sizeof sql,
+             "BEGIN; SET LOCAL lock_timeout = %d; "
+             "SELECT pg_catalog.pg_advisory_xact_lock(" DE__PG_LOCK_CLASS
+             ", " DE__PG_LOCK_ORDER "); COMMIT",
+             s->barrier_ms);
+    r = PQexec(s->conn, sql);
+    if (r != NULL && PQresultStatus(r) == PGRES_COMMAND_OK) {
+        PQclear(r);
+        return DE_OK;
+    }
+    state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+    if (state != NULL && strcmp(state, "55P03") == 0) {
+        /* A recorder is still in its commit (SET CONSTRAINTS ALL
+         * IMMEDIATE, PREPARE TRANSACTION, a slow commit): read nothing
+         * now, and ask for another round. */
+        PQclear(r);
+        PQclear(PQexec(s->conn, "ROLLBACK"));
+        s->recheck = true;
+        return DE__AGAIN;
+    }
+    err =
+        de__pg_fail(s->conn, r, "relay: waiting for commits in flight failed");
+    if (PQtransactionStatus(s->conn) == PQTRANS_INERROR)
+        PQclear(PQexec(s->conn, "ROLLBACK"));
+    return err;
+}
+
 static de_err p_read(de__source *src, int64_t after, int64_t limit,
                      de__row_fn fn, void *ctx, int64_t *n)
 {
     pg_source *s = (pg_source *)src;
-    char a[24], l[24], sql[600];
-    const char *values[2] = {a, l};
+    char a[24], l[24], u[24], sql[600];
+    const char *values[3] = {a, l, u};
+    int64_t v;
     PGresult *r;
     de_err err;
 
     *n = 0;
+    if ((err = barrier(s, after, &v)) != DE_OK || v <= after)
+        return err;
     snprintf(a, sizeof a, "%lld", (long long)after);
     snprintf(l, sizeof l, "%lld", (long long)limit);
+    snprintf(u, sizeof u, "%lld", (long long)v);
     snprintf(sql, sizeof sql,
-             "SELECT %s WHERE o.position > $1 ORDER BY o.position LIMIT $2",
+             "SELECT %s WHERE o.position > $1 AND o.position <= $3 "
+             "ORDER BY o.position LIMIT $2",
              read_cols);
-    if ((err = query(s, sql, 2, values, PGRES_TUPLES_OK, &r,
+    if ((err = query(s, sql, 3, values, PGRES_TUPLES_OK, &r,
                      "relay: reading the outbox failed")) != DE_OK)
         return err;
     if (PQntuples(r) > 0 && (err = flush_barrier(s)) != DE_OK) {
@@ -331,13 +406,15 @@ static de_err p_delete_range(de__source *src, int64_t from, int64_t to,
 
 /* Whether a commit that recorded events was notified since the last call
  * (all pending notifications are consumed); true when the connection is
- * broken, so that the relay reads and reconnects. */
+ * broken, so that the relay reads and reconnects, and after awake or a
+ * barrier that timed out (a round that may have gone unheard). */
 static bool p_changed(de__source *src)
 {
     pg_source *s = (pg_source *)src;
-    bool any = false;
+    bool any = s->recheck;
     PGnotify *n;
 
+    s->recheck = false;
     if (PQstatus(s->conn) != CONNECTION_OK || !PQconsumeInput(s->conn))
         return true;
     while ((n = PQnotifies(s->conn)) != NULL) {
@@ -347,9 +424,64 @@ static bool p_changed(de__source *src)
     return any;
 }
 
+static int p_wait_fd(de__source *src)
+{
+    pg_source *s = (pg_source *)src;
+
+    /* A broken connection's socket may stay readable (EOF): polling it
+     * would spin; the poll interval covers until it is back. */
+    return PQstatus(s->conn) == CONNECTION_OK ? PQsocket(s->conn) : -1;
+}
+
+/* Raises or lowers the relay_sleeping flag: setval is not
+ * transactional, so recorders see it at once whatever their snapshot. */
+static de_err set_sleeping(pg_source *s, bool up)
+{
+    PGresult *r;
+    de_err err;
+
+    if ((err = query(s,
+                     up ? "SELECT pg_catalog.setval("
+                          "'deliveryevents.relay_sleeping', 1)"
+                        : "SELECT pg_catalog.setval("
+                          "'deliveryevents.relay_sleeping', 0)",
+                     0, NULL, PGRES_TUPLES_OK, &r,
+                     "relay: cannot set its sleeping flag")) != DE_OK)
+        return err;
+    PQclear(r);
+    s->sleeping = up;
+    return DE_OK;
+}
+
+static bool p_sleep_begin(de__source *src)
+{
+    pg_source *s = (pg_source *)src;
+
+    /* Failing, the flag may be down: the poll interval covers, and the
+     * read the caller makes now reports the connection's trouble. */
+    (void)set_sleeping(s, true);
+    return true;
+}
+
+static void p_awake(de__source *src)
+{
+    pg_source *s = (pg_source *)src;
+
+    /* Commits from now on may send no NOTIFY: the relay reads once more
+     * (and raises the flag again before it next sleeps). */
+    s->recheck = true;
+    if (s->sleeping)
+        (void)set_sleeping(s, false);
+}
+
 static void p_checkpoint_log(de__source *src)
 {
     (void)src; /* PostgreSQL checkpoints on its own */
+}
+
+void de__source_pg_barrier_wait(de__source *src, int ms)
+{
+    ((pg_source *)src)->barrier_ms = ms;
 }
 
 static void p_close(de__source *src)
@@ -358,6 +490,9 @@ static void p_close(de__source *src)
 
     if (s == NULL)
         return;
+    /* Left up, the flag would make every recorder notify for nothing. */
+    if (s->sleeping && PQstatus(s->conn) == CONNECTION_OK)
+        (void)set_sleeping(s, false);
     PQfinish(s->conn);
     free(s->conninfo);
     free(s);
@@ -371,6 +506,9 @@ static const de__source_ops pg_ops = {
     .delete_range = p_delete_range,
     .deleted_upto = p_deleted_upto,
     .changed = p_changed,
+    .wait_fd = p_wait_fd,
+    .sleep_begin = p_sleep_begin,
+    .awake = p_awake,
     .stored_setting = p_stored_setting,
     .checkpoint_log = p_checkpoint_log,
     .close = p_close,
@@ -389,6 +527,7 @@ de_err de__source_open_pg(const char *conninfo, bool create, de__source **out,
         return de__fail(DE_ERR_NOMEM, "out of memory opening the outbox");
     }
     s->base.ops = &pg_ops;
+    s->barrier_ms = DE__PG_BARRIER_WAIT_MS;
     {
         /* Named, so that operators (and tests) can tell it in
          * pg_stat_activity; the conninfo's own name wins. */
