@@ -9,9 +9,8 @@
 #   make install / uninstall   honour PREFIX, DESTDIR, LIBDIR, INCLUDEDIR,
 #                              BINDIR, MANDIR
 #   make deps       install the build dependencies (Debian/Ubuntu, as root)
-#   make pg         the PostgreSQL module (libdeliveryevents-pg, its .pc),
-#                   where libpq is installed; make check-pg runs its suites
-#                   (work in progress: not part of make check yet)
+#   make pg         the PostgreSQL module (libdeliveryevents-pg, its .pc);
+#                   make check runs its suites too, make check-pg only them
 #
 # The project's own flags sit beside CFLAGS/LDFLAGS, never replace them.
 
@@ -46,9 +45,11 @@ PCFILE   := $(BUILD)/deliveryevents.pc
 PCUNINST := $(BUILD)/pc-uninstalled/deliveryevents.pc
 
 # Debian package for each pkg-config module (make deps).
-DEPS_MODULES := sqlite3 rdkafka jansson check libmicrohttpd zlib
+# libpq and the postgresql server are for the PostgreSQL module and its
+# suites, which start throwaway servers of their own.
+DEPS_MODULES := sqlite3 rdkafka jansson check libmicrohttpd zlib libpq
 DEPS_DEBS    := librdkafka-dev libjansson-dev libsqlite3-dev check pkg-config \
-                libmicrohttpd-dev curl zlib1g-dev
+                libmicrohttpd-dev curl zlib1g-dev libpq-dev postgresql
 
 # Recursively expanded on purpose: read only when a recipe runs, which is
 # after `deps` has installed pkg-config and the libraries.
@@ -79,7 +80,7 @@ TEST_UTIL_SRCS := $(filter-out tests/util/tsan_c11.c,$(sort $(wildcard tests/uti
 # pthreads so that TSan sees them (see tests/util/tsan_c11.c).
 SAN_EXTRA ?=
 # The PostgreSQL suites (tests/check_pg_*.c) link the PostgreSQL module
-# and run under check-pg only.
+# (PG_TEST_BINS below).
 TEST_SRCS  := $(filter-out tests/check_pg_%.c,$(sort $(wildcard tests/check_*.c)))
 TEST_BINS  := $(TEST_SRCS:tests/%.c=$(BUILD)/tests/%)
 
@@ -97,7 +98,7 @@ FUZZ_REPLAY := $(FUZZ_NAMES:%=$(BUILD)/fuzz/replay_%)
 BENCH_SRCS := $(sort $(wildcard bench/bench_*.c))
 BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: pg check-pg check-header-pg bench-pg install-pg uninstall-pg all deps check check-all check-suites stage check-header check-exports \
+.PHONY: pg check-pg check-pg-module check-header-pg bench-pg install-pg uninstall-pg all deps check check-all check-suites stage check-header check-exports \
         demo-run \
         check-install check-remote check-asan check-tsan demo bench examples install \
         soak soak-short soak-powerloss soak-archive \
@@ -111,7 +112,8 @@ all: $(SHLIB) $(STLIB) $(PCFILE) $(TOOL)
 
 deps:
 	@if command -v pkg-config >/dev/null 2>&1 && \
-	    pkg-config --exists $(DEPS_MODULES); then exit 0; fi; \
+	    pkg-config --exists $(DEPS_MODULES) && \
+	    [ -x "$$(pg_config --bindir 2>/dev/null)/initdb" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  echo "make deps: installing $(DEPS_DEBS)"; \
 	  apt-get update && \
@@ -172,6 +174,8 @@ PG_STLIB  := $(BUILD)/libdeliveryevents-pg.a
 PG_PCFILE := $(BUILD)/deliveryevents-pg.pc
 PQ_CFLAGS  = $(shell pkg-config --cflags libpq)
 PQ_LIBS    = $(shell pkg-config --libs libpq)
+# Where initdb and pg_ctl are, for the suites' throwaway servers.
+PG_BINDIR  = $(shell pg_config --bindir)
 PG_TEST_BINS := $(patsubst tests/%.c,$(BUILD)/tests/%,$(sort $(wildcard tests/check_pg_*.c)))
 PG_TEST_SRCS := $(sort $(wildcard tests/pg/*.c))
 
@@ -205,6 +209,7 @@ $(BUILD)/tests/check_pg_%: tests/check_pg_%.c $(PG_TEST_SRCS) tests/pg/pgserver.
                            $(TEST_UTIL_SRCS) $(wildcard tests/util/*.h) $(PG_STLIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(DE_CFLAGS) $(PQ_CFLAGS) -Ilib -Ilib/pg -Itests/util -Itests/pg \
+	    -DTPG_BIN='"$(PG_BINDIR)"' \
 	    $(CHECK_CFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(PG_TEST_SRCS) \
 	    $(TEST_UTIL_SRCS) $(SAN_EXTRA) $(PG_STLIB) $(PKG_LIBS) $(PQ_LIBS) \
 	    $(CHECK_LIBS) $(ZLIB_LIBS) -pthread
@@ -268,7 +273,12 @@ check-header-pg:
 	    tests/header_pg_test.c; \
 	fi
 
-check-pg: pg $(SHLIB) check-header-pg $(PG_TEST_BINS)
+# The PostgreSQL module alone: its header, exports and suites.
+check-pg: check-pg-module $(PG_TEST_BINS)
+	@$(RUN_ENV) sh tests/run_suites.sh $(CHECK_JOBS) $(BUILD)/test-logs-pg \
+	    $(PG_TEST_BINS)
+
+check-pg-module: pg $(SHLIB) check-header-pg
 	@bad=$$(nm -D --defined-only $(PG_SHLIB) | awk '{print $$NF}' | \
 	    grep -v '^de_' || true); \
 	if [ -n "$$bad" ]; then \
@@ -277,9 +287,8 @@ check-pg: pg $(SHLIB) check-header-pg $(PG_TEST_BINS)
 	fi
 	@if ldd $(SHLIB) 2>/dev/null | grep -q libpq; then \
 	  echo "check-pg: libdeliveryevents links libpq"; exit 1; fi
-	@fail=0; for t in $(PG_TEST_BINS); do \
-	  echo "== $$t"; $(RUN_ENV) $$t || fail=1; \
-	done; exit $$fail
+	@echo "check-pg-module: $$(nm -D --defined-only $(PG_SHLIB) | wc -l)" \
+	    "symbols, all de_*; libdeliveryevents does not link libpq"
 
 # ---- examples and benchmarks: built like a user's program -------------------
 
@@ -345,12 +354,13 @@ stage: all
 
 # The suites' test cases run CHECK_JOBS at a time (tests/run_suites.sh
 # says why); CHECK_JOBS=1 runs them one after the other.
+# The PostgreSQL suites (tests/check_pg_*.c) run among them.
 CHECK_JOBS ?= 4
-check-suites: $(TEST_BINS) stage $(EXAMPLE_BINS) $(FUZZ_REPLAY)
+check-suites: $(TEST_BINS) $(PG_TEST_BINS) stage $(EXAMPLE_BINS) $(FUZZ_REPLAY)
 	@fail=0; $(RUN_ENV) DE_TOOL=$(STAGED_TOOL) \
 	  DE_EXAMPLES=$(abspath $(BUILD)/examples) \
 	  sh tests/run_suites.sh $(CHECK_JOBS) $(BUILD)/test-logs $(TEST_BINS) \
-	  || fail=1; \
+	  $(PG_TEST_BINS) || fail=1; \
 	for f in $(FUZZ_NAMES); do \
 	  $(BUILD)/fuzz/replay_$$f fuzz/corpus/$$f fuzz/regressions/$$f || fail=1; \
 	done; exit $$fail
@@ -425,7 +435,8 @@ check-install: all
 check: deps
 	@$(MAKE) --no-print-directory check-all
 
-check-all: check-header check-exports check-suites check-install
+check-all: check-header check-exports check-pg-module check-suites \
+           check-install
 
 # The real-cluster variants of the Kafka suites, against a cluster in
 # another process (the mock, started by the tool); see docs/TESTING.md.

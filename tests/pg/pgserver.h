@@ -12,8 +12,11 @@
 #include <libpq-fe.h>
 #include <stdbool.h>
 
-/* Where Debian's PostgreSQL 15 programs are. */
+/* Where initdb and pg_ctl are: the Makefile passes `pg_config --bindir`;
+ * Debian 12's PostgreSQL 15 otherwise. */
+#ifndef TPG_BIN
 #define TPG_BIN "/usr/lib/postgresql/15/bin"
+#endif
 
 /* Starts the suite's server (once per process; call from an unchecked
  * fixture, i.e. in the parent).  Returns false with a reason on stderr. */
