@@ -9,6 +9,7 @@
 #define DE_PG_INT_H
 
 #include "internal.h"
+#include "relay_state.h"
 #include "source.h"
 
 #include <libpq-fe.h>
@@ -37,5 +38,20 @@ de_err de__pg_schema_ensure(PGconn *conn, char outbox_id[37]);
  * *outbox_id receives the outbox's id. */
 de_err de__source_open_pg(const char *conninfo, bool create, de__source **out,
                           char outbox_id[37]);
+
+/* Opens the relay's state in the PostgreSQL database conninfo names, on
+ * a connection of its own, creating its tables (deliveryevents.relay_*)
+ * when missing; the same refusals as de__rstate_open (another outbox's
+ * state, a state older than the outbox's deletions up to
+ * host_deleted_upto).  *cursor receives the durable cursor. */
+de_err de__rstate_open_pg(const char *conninfo, const char *outbox_id,
+                          int64_t host_deleted_upto, de__rstate **out,
+                          int64_t *cursor);
+
+/* de_relay_start on an outbox opened with de_outbox_open_pg on host:
+ * the relay connects where pg.conninfo says, else where host is
+ * connected.  conf is owned by the relay from now on, even on failure. */
+de_err de__relay_start_pg_host(PGconn *host, de_outbox *ob, de_conf *conf,
+                               de_relay **out);
 
 #endif
