@@ -10,17 +10,6 @@
 
 #include "deliveryevents_pg.h"
 
-de_err de_relay_start_pg(const char *conninfo, const de_conf *conf,
-                         de_relay **out)
-{
-    (void)conninfo;
-    (void)conf;
-    if (out != NULL)
-        *out = NULL;
-    return de__fail(DE_ERR_STATE, "de_relay_start_pg is not implemented yet "
-                                  "(docs/PG-WORK-IN-PROGRESS.md)");
-}
-
 de_err de_consumer_open_pg(PGconn *conn, const de_conf *conf, de_consumer **out)
 {
     (void)conn;
