@@ -120,7 +120,9 @@ static inline de_err de__rstate_cursor(de__rstate *st, int64_t *cursor,
 }
 
 /* Takes the lease when it is free, expired (no heartbeat for timeout_ms),
- * or already owner's.  holder describes the current holder otherwise. */
+ * or already owner's.  holder describes the current holder otherwise.
+ * now_ms is the caller's clock; a store shared by several hosts
+ * (PostgreSQL) uses its server's instead, here and in begin. */
 static inline de_err de__rstate_lease_acquire(de__rstate *st, const char *owner,
                                               int64_t now_ms,
                                               int64_t timeout_ms, bool *held,

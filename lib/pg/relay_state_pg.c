@@ -75,6 +75,13 @@ enum {
     S_COUNT
 };
 
+/* The lease's times are the server's clock, not the relays': relays on
+ * several hosts compare heartbeats written by each other, and a host
+ * whose clock ran ahead would take a live relay's lease (one behind would
+ * wait too long for a dead one's). */
+#define SERVER_MS                                                              \
+    "(extract(epoch FROM pg_catalog.clock_timestamp()) * 1000)::bigint"
+
 /* Raises (epoch, seq) of row t to excluded's when that is higher. */
 #define NUMBER_HIGHER(t)                                                       \
     "(excluded.epoch > " t ".epoch OR (excluded.epoch = " t ".epoch AND "      \
@@ -91,19 +98,21 @@ static const char *const sql[S_COUNT] = {
     [S_META_PUT] = "INSERT INTO deliveryevents.relay_state(key, value) "
                    "VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = "
                    "excluded.value",
-    [S_LEASE_GET] = "SELECT owner, heartbeat_ms, pid, host FROM "
-                    "deliveryevents.relay_lease WHERE id = 1 FOR UPDATE",
+    [S_LEASE_GET] = "SELECT owner, heartbeat_ms, pid, host, " SERVER_MS
+                    " FROM deliveryevents.relay_lease WHERE id = 1 FOR "
+                    "UPDATE",
     /* A new owner starts a new epoch. */
     [S_LEASE_PUT] = "INSERT INTO deliveryevents.relay_lease AS l (id, owner, "
                     "epoch, pid, host, acquired_ms, heartbeat_ms) VALUES (1, "
-                    "$1, 1, $2::bigint, $3, $4::bigint, $4::bigint) ON "
-                    "CONFLICT (id) DO UPDATE SET owner = excluded.owner, "
+                    "$1, 1, $2::bigint, $3, " SERVER_MS ", " SERVER_MS
+                    ") ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, "
                     "epoch = l.epoch + CASE WHEN l.owner = excluded.owner "
                     "THEN 0 ELSE 1 END, pid = excluded.pid, host = "
                     "excluded.host, acquired_ms = excluded.acquired_ms, "
                     "heartbeat_ms = excluded.heartbeat_ms",
-    [S_LEASE_BEAT] = "UPDATE deliveryevents.relay_lease SET heartbeat_ms = "
-                     "$2 WHERE id = 1 AND owner = $1",
+    [S_LEASE_BEAT] =
+        "UPDATE deliveryevents.relay_lease SET heartbeat_ms = " SERVER_MS
+        " WHERE id = 1 AND owner = $1",
     [S_LEASE_RELEASE] = "UPDATE deliveryevents.relay_lease SET heartbeat_ms "
                         "= 0 WHERE id = 1 AND owner = $1",
     [S_SEQ_GET] = "SELECT seq, epoch, last_ms FROM "
@@ -509,12 +518,13 @@ static de_err p_lease_acquire(de__rstate *base, const char *owner,
                               char *holder, size_t holder_size)
 {
     pg_state *st = (pg_state *)base;
-    char pid[24], now[24], host[256] = "";
-    const char *v[4] = {owner, pid, host, now};
+    char pid[24], host[256] = "";
+    const char *v[3] = {owner, pid, host};
     PGresult *r = NULL;
     bool take = true;
     de_err err;
 
+    (void)now_ms; /* the server's clock (SERVER_MS) */
     *held = false;
     if (holder_size)
         holder[0] = '\0';
@@ -532,8 +542,8 @@ static de_err p_lease_acquire(de__rstate *base, const char *owner,
         goto fail;
     if (PQntuples(r) == 1) {
         const char *o = PQgetvalue(r, 0, 0);
-        int64_t beat = col64(r, 0, 1);
-        if (strcmp(o, owner) != 0 && now_ms - beat <= timeout_ms) {
+        int64_t beat = col64(r, 0, 1), server_now = col64(r, 0, 4);
+        if (strcmp(o, owner) != 0 && server_now - beat <= timeout_ms) {
             take = false;
             if (holder_size)
                 snprintf(holder, holder_size, "pid %s on %s",
@@ -545,8 +555,7 @@ static de_err p_lease_acquire(de__rstate *base, const char *owner,
     if (take) {
         gethostname(host, sizeof host - 1);
         i64(pid, (int64_t)getpid());
-        i64(now, now_ms);
-        if ((err = run(st, S_LEASE_PUT, 4, v, NULL, "cannot take the lease")) !=
+        if ((err = run(st, S_LEASE_PUT, 3, v, NULL, "cannot take the lease")) !=
             DE_OK)
             goto fail;
     }
@@ -583,17 +592,17 @@ static de_err p_begin(de__rstate *base, const char *owner, int64_t now_ms,
                       bool *held)
 {
     pg_state *st = (pg_state *)base;
-    char now[24];
-    const char *v[2] = {owner, i64(now, now_ms)};
+    const char *v[1] = {owner};
     int64_t n = 0;
     de_err err;
 
+    (void)now_ms; /* the server's clock (SERVER_MS) */
     *held = false;
     if ((err = ensure_conn(st)) != DE_OK ||
         (err = simple(st, "BEGIN", "relay state: cannot begin a checkpoint")) !=
             DE_OK)
         return err;
-    if ((err = change(st, S_LEASE_BEAT, 2, v, &n, "cannot renew the lease")) !=
+    if ((err = change(st, S_LEASE_BEAT, 1, v, &n, "cannot renew the lease")) !=
         DE_OK) {
         p_rollback(base);
         return err;
