@@ -323,6 +323,29 @@ static bool relay_tables_exist(void)
                          "'relay_lease'") == 1;
 }
 
+/* The relays' connections to this database opened since the last kill
+ * (their count), or, with kill, all of them terminated (how many). */
+static long long relay_backends(bool kill)
+{
+    static const char relays[] =
+        " FROM pg_catalog.pg_stat_activity WHERE application_name = "
+        "'deliveryevents-relay' AND datname = pg_catalog.current_database() "
+        "AND backend_start %s coalesce(nullif(pg_catalog.current_setting("
+        "'de_test.killed_at', true), ''), '-infinity')::timestamptz";
+    char where[400], sql[600];
+
+    if (kill) /* later connections count as new */
+        tpg_exec(conn, "SELECT pg_catalog.set_config('de_test.killed_at', "
+                       "pg_catalog.clock_timestamp()::text, false)");
+    snprintf(where, sizeof where, relays, kill ? "<=" : ">");
+    snprintf(sql, sizeof sql, "%s%s",
+             kill ? "SELECT count(*) FILTER (WHERE "
+                    "pg_catalog.pg_terminate_backend(pid))"
+                  : "SELECT count(*)",
+             where);
+    return tpg_int(conn, sql);
+}
+
 static long long lease_epoch(void)
 {
     return relay_tables_exist()
@@ -437,43 +460,45 @@ START_TEST(standby_takes_over_after_sigkill)
 }
 END_TEST
 
-/* The lease fences: once another relay took it over, the old holder's
- * checkpoint renews nothing and writes nothing. */
+/* The lease fences: once another relay took it over (the first one
+ * stopped renewing it for relay.lease.timeout.ms, by the server's clock),
+ * the old holder's checkpoint renews nothing and writes nothing. */
 START_TEST(old_relay_checkpoint_refused_after_takeover)
 {
-    char outbox_id[37];
+    char outbox_id[37], holder[300];
     de__source *src = NULL;
     de__rstate *old = NULL, *now = NULL;
-    int64_t cursor, t = 1000000;
-    bool held;
-    char holder[300];
+    int64_t cursor;
+    bool held = false;
 
     tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
     tu_ok(de__rstate_open_pg(conninfo, outbox_id, 0, &old, &cursor));
     tu_ok(de__rstate_open_pg(conninfo, outbox_id, 0, &now, &cursor));
     ck_assert_int_eq(cursor, 0);
-    tu_ok(de__rstate_lease_acquire(old, "old", t, 1500, &held, holder,
+    tu_ok(de__rstate_lease_acquire(old, "old", 0, 1500, &held, holder,
                                    sizeof holder));
     ck_assert(held);
     /* Fresh: the other one is refused and told who holds it. */
-    tu_ok(de__rstate_lease_acquire(now, "new", t + 100, 1500, &held, holder,
+    tu_ok(de__rstate_lease_acquire(now, "new", 0, 1500, &held, holder,
                                    sizeof holder));
     ck_assert(!held);
     ck_assert_ptr_nonnull(strstr(holder, "pid "));
-    tu_ok(de__rstate_begin(old, "old", t + 200, &held));
+    tu_ok(de__rstate_begin(old, "old", 0, &held));
     ck_assert(held);
     tu_ok(de__rstate_put_cursor(old, 5, "e5"));
     tu_ok(de__rstate_commit(old));
-    /* Expired: taken over. */
-    tu_ok(de__rstate_lease_acquire(now, "new", t + 5000, 1500, &held, holder,
-                                   sizeof holder));
-    ck_assert(held);
+    /* The old one stops renewing: taken over once the lease expires. */
+    ck_assert(
+        tu_wait_for((tu_ok(de__rstate_lease_acquire(now, "new", 0, 1500, &held,
+                                                    holder, sizeof holder)),
+                     held),
+                    10000));
     ck_assert_int_eq(lease_epoch(), 2);
     /* The old relay's checkpoint: refused, nothing written. */
-    tu_ok(de__rstate_begin(old, "old", t + 5100, &held));
+    tu_ok(de__rstate_begin(old, "old", 0, &held));
     ck_assert(!held);
     ck_assert_int_eq(published_cursor(), 5);
-    tu_ok(de__rstate_begin(now, "new", t + 5200, &held));
+    tu_ok(de__rstate_begin(now, "new", 0, &held));
     ck_assert(held);
     tu_ok(de__rstate_put_cursor(now, 7, "e7"));
     tu_ok(de__rstate_commit(now));
@@ -530,14 +555,13 @@ START_TEST(connection_loss_loses_nothing)
     fork_writers(3, 40, 2000, pids);
     for (int round = 0; round < 3; round++) {
         long long seen = published_cursor();
+        /* Something new to publish, whether or not the writers are
+         * still at it. */
+        ck_assert_int_ge(write_txns(conninfo, (unsigned)round, 5, 0), 0);
         ck_assert(tu_wait_for(published_cursor() > seen, 60000));
-        ck_assert_int_ge(
-            tpg_int(conn,
-                    "SELECT count(pg_catalog.pg_terminate_backend(pid)) FROM "
-                    "pg_catalog.pg_stat_activity WHERE application_name = "
-                    "'deliveryevents-relay' AND datname = "
-                    "pg_catalog.current_database()"),
-            1);
+        /* Both of its connections (back), then both terminated. */
+        ck_assert(tu_wait_for(relay_backends(false) == 2, 60000));
+        ck_assert_int_eq(relay_backends(true), 2);
     }
     wait_writers(3, pids);
     tu_ok(de_relay_flush(r, 120000));
