@@ -550,7 +550,6 @@ static de_err sq_lease_acquire(de__rstate *base, const char *owner,
                                char *holder, size_t holder_size)
 {
     sq_state *st = (sq_state *)base;
-
     sqlite3_stmt *q = st->st[S_LEASE_GET];
     char host[256] = "";
     bool take = true;
@@ -610,7 +609,6 @@ static de_err sq_lease_release(de__rstate *base, const char *owner)
 static de_err sq_read_begin(de__rstate *base)
 {
     sq_state *st = (sq_state *)base;
-
     de_err err;
 
     if (st->reading || !sqlite3_get_autocommit(st->db))
@@ -636,7 +634,6 @@ static de_err sq_begin(de__rstate *base, const char *owner, int64_t now_ms,
                        bool *held)
 {
     sq_state *st = (sq_state *)base;
-
     de_err err;
 
     *held = false;
@@ -661,7 +658,6 @@ static de_err sq_begin(de__rstate *base, const char *owner, int64_t now_ms,
 static de_err sq_commit(de__rstate *base)
 {
     sq_state *st = (sq_state *)base;
-
     de_err err;
 
     assert(!sqlite3_get_autocommit(st->db));
@@ -685,7 +681,6 @@ static de_err sq_put_cursor(de__rstate *base, int64_t position,
                             const char *event_id)
 {
     sq_state *st = (sq_state *)base;
-
     de_err err;
 
     assert(!sqlite3_get_autocommit(st->db)); /* inside begin ... commit */
@@ -702,7 +697,6 @@ static de_err sq_put_seq(de__rstate *base, const char *type, const char *id,
                          const de__counter *c)
 {
     sq_state *st = (sq_state *)base;
-
     sqlite3_stmt *q = st->st[S_SEQ_PUT];
 
     assert(!sqlite3_get_autocommit(st->db));
@@ -719,7 +713,6 @@ static de_err sq_get_seq(de__rstate *base, const char *type, const char *id,
                          de__counter *c)
 {
     sq_state *st = (sq_state *)base;
-
     sqlite3_stmt *q = st->st[S_SEQ_GET];
     de_err err = DE_OK;
 
@@ -745,7 +738,6 @@ static de_err sq_park(de__rstate *base, int64_t position, const char *type,
                       const char *error, int64_t since_ms)
 {
     sq_state *st = (sq_state *)base;
-
     sqlite3_stmt *q = st->st[S_PARK];
 
     assert(!sqlite3_get_autocommit(st->db));
@@ -772,7 +764,6 @@ static de_err sq_parked_subjects(de__rstate *base, de__rstate_subject_fn fn,
                                  void *ctx)
 {
     sq_state *st = (sq_state *)base;
-
     sqlite3_stmt *q = st->st[S_PARKED_SUBJECTS];
     de_err err = DE_OK;
     int rc;
@@ -794,7 +785,6 @@ static de_err sq_parked_rows(de__rstate *base, const char *type, const char *id,
                              de__rstate_row_fn fn, void *ctx)
 {
     sq_state *st = (sq_state *)base;
-
     sqlite3_stmt *q = st->st[S_PARKED_ROWS];
     de_err err = DE_OK;
     int rc;
@@ -815,7 +805,6 @@ static de_err sq_parked_min(de__rstate *base, int64_t *min_position,
                             int64_t *count)
 {
     sq_state *st = (sq_state *)base;
-
     sqlite3_stmt *q = st->st[S_PARKED_MIN];
     de_err err = DE_OK;
 
@@ -835,7 +824,6 @@ static de_err sq_cursor(de__rstate *base, int64_t *cursor, char *event_id,
                         size_t event_id_size)
 {
     sq_state *st = (sq_state *)base;
-
     char buf[32];
     bool found;
     de_err err = meta_get(st, "cursor", buf, sizeof buf, &found);
@@ -850,7 +838,6 @@ static de_err sq_forget(de__rstate *base, int64_t before_ms, int limit,
                         int64_t *scanned, int64_t *forgotten)
 {
     sq_state *st = (sq_state *)base;
-
     sqlite3_stmt *scan = st->st[S_FORGET_SCAN], *del = st->st[S_FORGET];
     char last_type[DE__IDENT_MAX + 1], last_id[DE__SUBJECT_ID_MAX + 1];
     int64_t stale = 0;
@@ -898,7 +885,6 @@ static de_err sq_put_mark(de__rstate *base, const char *topic,
                           int32_t partition, int64_t next_offset)
 {
     sq_state *st = (sq_state *)base;
-
     sqlite3_stmt *q = st->st[S_MARK_PUT];
 
     assert(!sqlite3_get_autocommit(st->db));
@@ -912,7 +898,6 @@ static de_err sq_put_mark(de__rstate *base, const char *topic,
 static de_err sq_has_marks(de__rstate *base, const char *topic, bool *has)
 {
     sq_state *st = (sq_state *)base;
-
     sqlite3_stmt *q = st->st[S_HAS_MARKS];
     int rc;
 
@@ -929,7 +914,6 @@ static de_err sq_has_marks(de__rstate *base, const char *topic, bool *has)
 static de_err sq_marks(de__rstate *base, de__rstate_mark_fn fn, void *ctx)
 {
     sq_state *st = (sq_state *)base;
-
     sqlite3_stmt *q = st->st[S_MARKS];
     de_err err = DE_OK;
     int rc;
@@ -950,7 +934,6 @@ static de_err sq_put_published(de__rstate *base, int64_t position,
                                int32_t partition, int64_t offset)
 {
     sq_state *st = (sq_state *)base;
-
     sqlite3_stmt *q = st->st[S_PUBLISHED_PUT];
 
     assert(!sqlite3_get_autocommit(st->db));
@@ -971,7 +954,6 @@ static de_err sq_forget_published(de__rstate *base, int64_t upto,
                                   int64_t *forgotten)
 {
     sq_state *st = (sq_state *)base;
-
     de_err err;
 
     assert(!sqlite3_get_autocommit(st->db));
@@ -987,7 +969,6 @@ static de_err sq_published_get(de__rstate *base, int64_t position, bool *found,
                                int64_t *epoch, int64_t *seq)
 {
     sq_state *st = (sq_state *)base;
-
     sqlite3_stmt *q = st->st[S_PUBLISHED_GET];
     de_err err = DE_OK;
 
@@ -1012,7 +993,6 @@ static de_err sq_published_get(de__rstate *base, int64_t position, bool *found,
 static de_err sq_parked_at(de__rstate *base, int64_t position, bool *parked)
 {
     sq_state *st = (sq_state *)base;
-
     sqlite3_stmt *q = st->st[S_PARKED_AT];
     int rc;
 
@@ -1042,7 +1022,6 @@ static de_err sq_found_add(de__rstate *base, const char *event_id,
                            int64_t offset)
 {
     sq_state *st = (sq_state *)base;
-
     sqlite3_stmt *q = st->st[S_FOUND_LANDED];
     de_err err;
 
@@ -1075,7 +1054,6 @@ static de_err sq_found_count(de__rstate *base, int64_t *landed,
                              int64_t *subjects)
 {
     sq_state *st = (sq_state *)base;
-
     sqlite3_stmt *q = st->st[S_FOUND_COUNT];
     de_err err = DE_OK;
 
@@ -1096,7 +1074,6 @@ static de_err sq_landed_get(de__rstate *base, const char *event_id, bool *found,
                             int64_t *offset)
 {
     sq_state *st = (sq_state *)base;
-
     sqlite3_stmt *q = st->st[S_LANDED_GET];
     de_err err = DE_OK;
 
