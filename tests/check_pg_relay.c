@@ -509,6 +509,52 @@ START_TEST(old_relay_checkpoint_refused_after_takeover)
 }
 END_TEST
 
+/* A state connection lost inside a checkpoint: nothing of the
+ * checkpoint is written -- not even by a later statement on a new
+ * connection, where the lease would not be checked -- and the commit
+ * fails; the next checkpoint reconnects. */
+START_TEST(connection_lost_inside_a_checkpoint_writes_nothing)
+{
+    char outbox_id[37], holder[300];
+    de__source *src = NULL;
+    de__rstate *st = NULL;
+    int64_t cursor;
+    bool held = false, has = true;
+
+    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
+    tu_ok(de__rstate_open_pg(conninfo, outbox_id, 0, &st, &cursor));
+    tu_ok(de__rstate_lease_acquire(st, "me", 0, 1500, &held, holder,
+                                   sizeof holder));
+    ck_assert(held);
+    tu_ok(de__rstate_begin(st, "me", 0, &held));
+    ck_assert(held);
+    tu_ok(de__rstate_put_cursor(st, 3, "e3"));
+    /* pg_terminate_backend with a timeout: gone when it returns. */
+    ck_assert_int_eq(
+        tpg_int(conn, "SELECT count(*) FILTER (WHERE "
+                      "pg_catalog.pg_terminate_backend(pid, 10000)) FROM "
+                      "pg_catalog.pg_stat_activity WHERE application_name = "
+                      "'deliveryevents-relay' AND datname = "
+                      "pg_catalog.current_database()"),
+        2);
+    ck_assert_int_ne(de__rstate_put_mark(st, "t", 0, 10), DE_OK);
+    ck_assert_int_ne(de__rstate_put_mark(st, "t", 1, 10), DE_OK);
+    ck_assert_int_ne(de__rstate_commit(st), DE_OK);
+    ck_assert_int_eq(published_cursor(), 0);
+    ck_assert_int_eq(
+        tpg_int(conn, "SELECT count(*) FROM deliveryevents.relay_marks"), 0);
+    /* The next checkpoint: on a new connection, and it counts. */
+    tu_ok(de__rstate_begin(st, "me", 0, &held));
+    ck_assert(held);
+    tu_ok(de__rstate_put_mark(st, "t", 1, 10));
+    tu_ok(de__rstate_commit(st));
+    tu_ok(de__rstate_has_marks(st, "t", &has));
+    ck_assert(has);
+    de__rstate_close(st);
+    src->ops->close(src);
+}
+END_TEST
+
 /* The brokers go down while events are committed, and come back: nothing
  * is lost. */
 START_TEST(broker_outage_loses_nothing)
@@ -586,6 +632,7 @@ static Suite *pg_relay_suite(void)
     tcase_add_loop_test(tc, standby_takes_over_after_sigkill,
                         tu_cluster_first(), tu_cluster_count());
     tcase_add_test(tc, old_relay_checkpoint_refused_after_takeover);
+    tcase_add_test(tc, connection_lost_inside_a_checkpoint_writes_nothing);
     tcase_add_loop_test(tc, broker_outage_loses_nothing, tu_cluster_first(),
                         tu_cluster_count());
     tcase_add_loop_test(tc, connection_loss_loses_nothing, tu_cluster_first(),

@@ -243,6 +243,10 @@ static const char temp_sql[] =
 typedef struct pg_state {
     de__rstate base;
     PGconn *conn;
+    /* inside a transaction begin_txn began: a connection lost meanwhile
+     * is not re-established until it ends, so that no statement of it
+     * runs outside it (unchecked by the lease) on a new connection */
+    bool in_txn;
     /* where forgetting stopped: the last key it looked at */
     char forget_type[DE__IDENT_MAX + 1];
     char forget_id[DE__SUBJECT_ID_MAX + 1];
@@ -307,10 +311,8 @@ static de_err run(pg_state *st, int which, int n, const char *const *values,
     PGresult *r;
     de_err err;
 
-    if (PQtransactionStatus(st->conn) == PQTRANS_IDLE ||
-        PQstatus(st->conn) != CONNECTION_OK)
-        if ((err = ensure_conn(st)) != DE_OK)
-            return err;
+    if (!st->in_txn && (err = ensure_conn(st)) != DE_OK)
+        return err;
     snprintf(name, sizeof name, "deliveryevents_rs_%d", which);
     r = PQexecPrepared(st->conn, name, n, values, NULL, NULL, 0);
     if (r == NULL || (PQresultStatus(r) != PGRES_COMMAND_OK &&
@@ -375,10 +377,23 @@ static de_err meta_put(pg_state *st, const char *key, const char *value)
     return run(st, S_META_PUT, 2, v, NULL, "cannot write its metadata");
 }
 
+/* BEGIN, on a connection re-established first if it was lost. */
+static de_err begin_txn(pg_state *st, const char *what)
+{
+    de_err err;
+
+    if ((err = ensure_conn(st)) != DE_OK ||
+        (err = simple(st, "BEGIN", what)) != DE_OK)
+        return err;
+    st->in_txn = true;
+    return DE_OK;
+}
+
 static void p_rollback(de__rstate *base)
 {
     pg_state *st = (pg_state *)base;
 
+    st->in_txn = false;
     if (PQtransactionStatus(st->conn) != PQTRANS_IDLE)
         PQclear(PQexec(st->conn, "ROLLBACK"));
 }
@@ -393,7 +408,7 @@ static de_err adopt(pg_state *st, const char *outbox_id,
     bool found, has_cursor;
     de_err err;
 
-    if ((err = simple(st, "BEGIN", "relay state: cannot begin")) != DE_OK)
+    if ((err = begin_txn(st, "relay state: cannot begin")) != DE_OK)
         return err;
     if ((err = de__pg_exec(st->conn,
                            "SELECT pg_catalog.pg_advisory_xact_lock(" LOCK_CLASS
@@ -497,9 +512,16 @@ static de_err p_cursor(de__rstate *base, int64_t *cursor, char *event_id,
 static de_err p_commit_checked(pg_state *st, const char *what)
 {
     char msg[120];
-    PGresult *r = PQexec(st->conn, "COMMIT");
+    PGresult *r;
 
     snprintf(msg, sizeof msg, "relay state: %s", what);
+    st->in_txn = false;
+    /* A COMMIT outside a transaction only warns: never let it pass. */
+    if (PQtransactionStatus(st->conn) != PQTRANS_INTRANS &&
+        PQtransactionStatus(st->conn) != PQTRANS_INERROR)
+        return de__fail(
+            DE_ERR_DB, "%s: the transaction was lost with its connection", msg);
+    r = PQexec(st->conn, "COMMIT");
     if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK)
         return de__pg_fail(st->conn, r, msg);
     if (strcmp(PQcmdStatus(r), "COMMIT") != 0) {
@@ -528,8 +550,7 @@ static de_err p_lease_acquire(de__rstate *base, const char *owner,
     *held = false;
     if (holder_size)
         holder[0] = '\0';
-    if ((err = ensure_conn(st)) != DE_OK ||
-        (err = simple(st, "BEGIN", "relay state: cannot begin")) != DE_OK)
+    if ((err = begin_txn(st, "relay state: cannot begin")) != DE_OK)
         return err;
     /* Two relays finding no lease row at once would both insert one. */
     if ((err = de__pg_exec(st->conn,
@@ -598,9 +619,8 @@ static de_err p_begin(de__rstate *base, const char *owner, int64_t now_ms,
 
     (void)now_ms; /* the server's clock (SERVER_MS) */
     *held = false;
-    if ((err = ensure_conn(st)) != DE_OK ||
-        (err = simple(st, "BEGIN", "relay state: cannot begin a checkpoint")) !=
-            DE_OK)
+    if ((err = begin_txn(st, "relay state: cannot begin a checkpoint")) !=
+        DE_OK)
         return err;
     if ((err = change(st, S_LEASE_BEAT, 1, v, &n, "cannot renew the lease")) !=
         DE_OK) {
@@ -965,12 +985,7 @@ static de_err p_landed_get(de__rstate *base, const char *event_id, bool *found,
 /* One transaction per batch of found events rather than one per event. */
 static de_err p_batch_begin(de__rstate *base)
 {
-    pg_state *st = (pg_state *)base;
-    de_err err;
-
-    if ((err = ensure_conn(st)) != DE_OK)
-        return err;
-    return simple(st, "BEGIN", "relay state: cannot begin");
+    return begin_txn((pg_state *)base, "relay state: cannot begin");
 }
 
 static de_err p_batch_commit(de__rstate *base)
