@@ -555,6 +555,50 @@ START_TEST(connection_lost_inside_a_checkpoint_writes_nothing)
 }
 END_TEST
 
+/* What the relay found on Kafka when it took the lease outlives a lost
+ * connection: events already there keep their numbers rather than being
+ * numbered again after a reconnect. */
+START_TEST(found_on_kafka_outlives_a_lost_connection)
+{
+    char outbox_id[37], topic[64];
+    de__source *src = NULL;
+    de__rstate *st = NULL;
+    int64_t cursor, epoch = 0, seq = 0, offset = 0, landed, subjects;
+    int32_t partition = -1;
+    bool found = false;
+
+    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
+    tu_ok(de__rstate_open_pg(conninfo, outbox_id, 0, &st, &cursor));
+    tu_ok(de__rstate_found_clear(st));
+    tu_ok(de__rstate_batch_begin(st));
+    tu_ok(
+        de__rstate_found_add(st, "ev-1", "delivery", "D-1", 7, 3, "t", 2, 41));
+    tu_ok(de__rstate_batch_commit(st));
+    ck_assert_int_eq(
+        tpg_int(conn, "SELECT count(*) FILTER (WHERE "
+                      "pg_catalog.pg_terminate_backend(pid, 10000)) FROM "
+                      "pg_catalog.pg_stat_activity WHERE application_name = "
+                      "'deliveryevents-relay' AND datname = "
+                      "pg_catalog.current_database()"),
+        2);
+    /* The first statement finds the connection gone; the next reconnects. */
+    (void)de__rstate_found_count(st, &landed, &subjects);
+    tu_ok(de__rstate_landed_get(st, "ev-1", &found, &epoch, &seq, topic,
+                                sizeof topic, &partition, &offset));
+    ck_assert(found);
+    ck_assert_int_eq(epoch, 7);
+    ck_assert_int_eq(seq, 3);
+    ck_assert_str_eq(topic, "t");
+    ck_assert_int_eq(partition, 2);
+    ck_assert_int_eq(offset, 41);
+    tu_ok(de__rstate_found_count(st, &landed, &subjects));
+    ck_assert_int_eq(landed, 1);
+    ck_assert_int_eq(subjects, 1);
+    de__rstate_close(st);
+    src->ops->close(src);
+}
+END_TEST
+
 /* The brokers go down while events are committed, and come back: nothing
  * is lost. */
 START_TEST(broker_outage_loses_nothing)
@@ -633,6 +677,7 @@ static Suite *pg_relay_suite(void)
                         tu_cluster_first(), tu_cluster_count());
     tcase_add_test(tc, old_relay_checkpoint_refused_after_takeover);
     tcase_add_test(tc, connection_lost_inside_a_checkpoint_writes_nothing);
+    tcase_add_test(tc, found_on_kafka_outlives_a_lost_connection);
     tcase_add_loop_test(tc, broker_outage_loses_nothing, tu_cluster_first(),
                         tu_cluster_count());
     tcase_add_loop_test(tc, connection_loss_loses_nothing, tu_cluster_first(),

@@ -6,8 +6,8 @@
  * relay_subjects (counters), relay_parked (held-back events),
  * relay_marks (partition marks), relay_published (the numbers events
  * went out with) and relay_lease (the one active relay), on a connection
- * of the relay's own.  What the relay found on Kafka at activation lives
- * in temporary tables of that connection.
+ * of the relay's own.  What the active relay found on Kafka when it took
+ * the lease is kept in relay_landed and relay_found.
  *
  * The same rules as the SQLite state (relay_state.c), with PostgreSQL's
  * means:
@@ -161,24 +161,26 @@ static const char *const sql[S_COUNT] = {
                 "deliveryevents.relay_marks ORDER BY topic, partition",
     [S_HAS_MARKS] = "SELECT 1 FROM deliveryevents.relay_marks WHERE topic = "
                     "$1 LIMIT 1",
-    [S_FOUND_LANDED] = "INSERT INTO pg_temp.relay_landed(event_id, seq, "
+    [S_FOUND_LANDED] = "INSERT INTO deliveryevents.relay_landed(event_id, seq, "
                        "topic, partition, \"offset\", epoch) VALUES ($1, $2, "
                        "$3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
     [S_FOUND_SUBJECT] =
-        "INSERT INTO pg_temp.relay_found AS f (subject_type, subject_id, seq, "
+        "INSERT INTO deliveryevents.relay_found AS f (subject_type, "
+        "subject_id, seq, "
         "epoch) VALUES ($1, $2, $3, $4) ON CONFLICT (subject_type, "
         "subject_id) DO UPDATE SET " NUMBER_MAX_SET("f"),
     /* A subject found on Kafka counts as numbered now (relay_state.c). */
     [S_FOUND_RAISE] =
         "INSERT INTO deliveryevents.relay_subjects AS s (subject_type, "
         "subject_id, seq, epoch, last_ms) SELECT subject_type, subject_id, "
-        "seq, epoch, $1::bigint FROM pg_temp.relay_found ON CONFLICT "
+        "seq, epoch, $1::bigint FROM deliveryevents.relay_found ON CONFLICT "
         "(subject_type, subject_id) DO UPDATE SET " NUMBER_MAX_SET(
             "s") ", last_ms = greatest(s.last_ms, excluded.last_ms)",
     [S_LANDED_GET] = "SELECT seq, topic, partition, \"offset\", epoch FROM "
-                     "pg_temp.relay_landed WHERE event_id = $1",
-    [S_FOUND_COUNT] = "SELECT (SELECT count(*) FROM pg_temp.relay_landed), "
-                      "(SELECT count(*) FROM pg_temp.relay_found)",
+                     "deliveryevents.relay_landed WHERE event_id = $1",
+    [S_FOUND_COUNT] =
+        "SELECT (SELECT count(*) FROM deliveryevents.relay_landed), "
+        "(SELECT count(*) FROM deliveryevents.relay_found)",
     [S_PUBLISHED_PUT] =
         "INSERT INTO deliveryevents.relay_published(position, epoch, seq, "
         "topic, partition, \"offset\") VALUES ($1, $2, $3, $4, $5, $6) ON "
@@ -223,22 +225,23 @@ static const char tables_sql[] =
     "CREATE TABLE IF NOT EXISTS deliveryevents.relay_published ("
     "  position bigint PRIMARY KEY, epoch bigint NOT NULL,"
     "  seq bigint NOT NULL, topic text, partition integer,"
-    "  \"offset\" bigint)";
-
-/* Per connection: what the relay found on Kafka at activation. */
-static const char temp_sql[] =
-    "SET client_min_messages = warning;"
-    "CREATE TEMP TABLE IF NOT EXISTS relay_landed ("
+    "  \"offset\" bigint);"
+    /* What the active relay found on Kafka when it took the lease (read
+     * while it publishes the rows that existed then).  Ordinary tables,
+     * not temporary or unlogged ones: they must outlive a lost connection
+     * and a server crash, or the relay would number again events that
+     * are on Kafka already. */
+    "CREATE TABLE IF NOT EXISTS deliveryevents.relay_landed ("
     "  event_id text PRIMARY KEY, seq bigint NOT NULL, topic text NOT NULL,"
     "  partition integer NOT NULL, \"offset\" bigint NOT NULL,"
     "  epoch bigint NOT NULL);"
-    "CREATE TEMP TABLE IF NOT EXISTS relay_found ("
+    "CREATE TABLE IF NOT EXISTS deliveryevents.relay_found ("
     "  subject_type text COLLATE \"C\" NOT NULL,"
     "  subject_id text COLLATE \"C\" NOT NULL, seq bigint NOT NULL,"
-    "  epoch bigint NOT NULL, PRIMARY KEY (subject_type, subject_id));"
-    "RESET client_min_messages;"
-    /* Checkpoints are durable whatever the database's default. */
-    "SET synchronous_commit = on";
+    "  epoch bigint NOT NULL, PRIMARY KEY (subject_type, subject_id))";
+
+/* Checkpoints are durable whatever the database's default. */
+static const char session_sql[] = "SET synchronous_commit = on";
 
 typedef struct pg_state {
     de__rstate base;
@@ -265,14 +268,14 @@ static int64_t col64(const PGresult *r, int row, int col)
     return strtoll(PQgetvalue(r, row, col), NULL, 10);
 }
 
-/* Prepares every statement on the connection's backend and creates the
- * temporary tables (a new connection has neither). */
+/* Prepares every statement on the connection's backend and sets its
+ * session (a new connection has neither). */
 static de_err setup(pg_state *st)
 {
     char name[40];
     de_err err;
 
-    if ((err = de__pg_exec(st->conn, temp_sql, PGRES_COMMAND_OK, NULL,
+    if ((err = de__pg_exec(st->conn, session_sql, PGRES_COMMAND_OK, NULL,
                            "relay state: cannot set up its connection")) !=
         DE_OK)
         return err;
@@ -898,7 +901,9 @@ static de_err p_parked_at(de__rstate *base, int64_t position, bool *parked)
     return DE_OK;
 }
 
-/* ---- what the relay found on Kafka ------------------------------------ */
+/* ---- what the relay found on Kafka ------------------------------------ *
+ * Only the lease holder writes these (at activation, before it publishes),
+ * and it empties them first. */
 
 static de_err p_found_clear(de__rstate *base)
 {
@@ -908,8 +913,8 @@ static de_err p_found_clear(de__rstate *base)
     if ((err = ensure_conn(st)) != DE_OK)
         return err;
     return simple(st,
-                  "DELETE FROM pg_temp.relay_landed; "
-                  "DELETE FROM pg_temp.relay_found",
+                  "TRUNCATE deliveryevents.relay_landed, "
+                  "deliveryevents.relay_found",
                   "relay state: cannot clear what was found on Kafka");
 }
 
