@@ -380,11 +380,18 @@ static de_err meta_put(pg_state *st, const char *key, const char *value)
     return run(st, S_META_PUT, 2, v, NULL, "cannot write its metadata");
 }
 
-/* BEGIN, on a connection re-established first if it was lost. */
+static void p_rollback(de__rstate *base);
+
+/* BEGIN, on a connection re-established first if it was lost.  A
+ * transaction a caller's failure path left open (a recovery whose last
+ * write failed) is rolled back first: it would otherwise pin the
+ * connection, lost or not, for good. */
 static de_err begin_txn(pg_state *st, const char *what)
 {
     de_err err;
 
+    if (st->in_txn)
+        p_rollback(&st->base);
     if ((err = ensure_conn(st)) != DE_OK ||
         (err = simple(st, "BEGIN", what)) != DE_OK)
         return err;
