@@ -599,6 +599,66 @@ START_TEST(found_on_kafka_outlives_a_lost_connection)
 }
 END_TEST
 
+/* One transaction on the host's connection recording one event for
+ * subject D-<i>. */
+static void commit_one(int i)
+{
+    unsigned seed = (unsigned)i;
+
+    tpg_exec(conn, "BEGIN");
+    ck_assert(record_one(conn, ob, i, &seed));
+    tpg_exec(conn, "COMMIT");
+}
+
+/* The relay's state connection dies while it is idle, and the next
+ * commit's read fails on it: the relay reads again (rather than wait for
+ * a commit that may never come) and publishes. */
+START_TEST(failed_read_is_retried)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_conf *conf;
+    de_relay *r = NULL;
+
+    tu_topic_create(c, "delivery", 1);
+    /* No heartbeat or cleanup round soon: the read after the kill is the
+     * first to use the dead connection. */
+    conf = tu_relay_conf(c, "relay.poll.interval.ms", "10",
+                         "relay.lease.timeout.ms", "60000",
+                         "relay.cleanup.interval.ms", "86400000", NULL);
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    commit_one(1);
+    tu_ok(de_relay_flush(r, 60000));
+    ck_assert(tu_wait_for(published_cursor() ==
+                              tpg_int(conn, "SELECT max(position) FROM "
+                                            "deliveryevents.outbox_order"),
+                          60000));
+    /* The state connection only: the relay opens it after the source's. */
+    ck_assert_int_eq(
+        tpg_int(conn, "SELECT count(*) FILTER (WHERE "
+                      "pg_catalog.pg_terminate_backend(pid, 10000)) FROM "
+                      "(SELECT pid FROM pg_catalog.pg_stat_activity WHERE "
+                      "application_name = 'deliveryevents-relay' AND datname "
+                      "= pg_catalog.current_database() ORDER BY backend_start "
+                      "DESC LIMIT 1) AS last"),
+        1);
+    /* One commit (one wake-up) for a new subject: its counter is read
+     * from the dead connection.  No de_relay_flush before it is
+     * published: that would wake the relay, which must retry on its
+     * own. */
+    commit_one(2);
+    ck_assert(tu_wait_for(published_cursor() ==
+                              tpg_int(conn, "SELECT max(position) FROM "
+                                            "deliveryevents.outbox_order"),
+                          60000));
+    tu_ok(de_relay_flush(r, 60000));
+    tu_ok(de_relay_stop(r, 10000));
+    tu_check k = check(c);
+    tu_assert_check(&k);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* The brokers go down while events are committed, and come back: nothing
  * is lost. */
 START_TEST(broker_outage_loses_nothing)
@@ -678,6 +738,8 @@ static Suite *pg_relay_suite(void)
     tcase_add_test(tc, old_relay_checkpoint_refused_after_takeover);
     tcase_add_test(tc, connection_lost_inside_a_checkpoint_writes_nothing);
     tcase_add_test(tc, found_on_kafka_outlives_a_lost_connection);
+    tcase_add_loop_test(tc, failed_read_is_retried, tu_cluster_first(),
+                        tu_cluster_count());
     tcase_add_loop_test(tc, broker_outage_loses_nothing, tu_cluster_first(),
                         tu_cluster_count());
     tcase_add_loop_test(tc, connection_loss_loses_nothing, tu_cluster_first(),
