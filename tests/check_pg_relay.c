@@ -354,6 +354,17 @@ static long long lease_epoch(void)
                : 0;
 }
 
+/* Terminates every relay connection to this database and waits until
+ * they are gone (pg_terminate_backend with a timeout); how many. */
+static long long terminate_relays_now(void)
+{
+    return tpg_int(conn, "SELECT count(*) FILTER (WHERE "
+                         "pg_catalog.pg_terminate_backend(pid, 10000)) FROM "
+                         "pg_catalog.pg_stat_activity WHERE application_name "
+                         "= 'deliveryevents-relay' AND datname = "
+                         "pg_catalog.current_database()");
+}
+
 /* ---- tests ------------------------------------------------------------ */
 
 /* Twelve writer processes, random commit delays, rollbacks and rolled-back
@@ -530,13 +541,7 @@ START_TEST(connection_lost_inside_a_checkpoint_writes_nothing)
     ck_assert(held);
     tu_ok(de__rstate_put_cursor(st, 3, "e3"));
     /* pg_terminate_backend with a timeout: gone when it returns. */
-    ck_assert_int_eq(
-        tpg_int(conn, "SELECT count(*) FILTER (WHERE "
-                      "pg_catalog.pg_terminate_backend(pid, 10000)) FROM "
-                      "pg_catalog.pg_stat_activity WHERE application_name = "
-                      "'deliveryevents-relay' AND datname = "
-                      "pg_catalog.current_database()"),
-        2);
+    ck_assert_int_eq(terminate_relays_now(), 2);
     ck_assert_int_ne(de__rstate_put_mark(st, "t", 0, 10), DE_OK);
     ck_assert_int_ne(de__rstate_put_mark(st, "t", 1, 10), DE_OK);
     ck_assert_int_ne(de__rstate_commit(st), DE_OK);
@@ -574,13 +579,7 @@ START_TEST(found_on_kafka_outlives_a_lost_connection)
     tu_ok(
         de__rstate_found_add(st, "ev-1", "delivery", "D-1", 7, 3, "t", 2, 41));
     tu_ok(de__rstate_batch_commit(st));
-    ck_assert_int_eq(
-        tpg_int(conn, "SELECT count(*) FILTER (WHERE "
-                      "pg_catalog.pg_terminate_backend(pid, 10000)) FROM "
-                      "pg_catalog.pg_stat_activity WHERE application_name = "
-                      "'deliveryevents-relay' AND datname = "
-                      "pg_catalog.current_database()"),
-        2);
+    ck_assert_int_eq(terminate_relays_now(), 2);
     /* The first statement finds the connection gone; the next reconnects. */
     (void)de__rstate_found_count(st, &landed, &subjects);
     tu_ok(de__rstate_landed_get(st, "ev-1", &found, &epoch, &seq, topic,
