@@ -16,9 +16,19 @@
  * below, per function.
  *
  * STATUS: work in progress (docs/PG-WORK-IN-PROGRESS.md).
- * de_outbox_open_pg, de_record, de_consumer_open_pg and de_consumer_on_pg
- * are implemented; de_relay_start_pg, de_relay_start on a PostgreSQL
- * outbox and de_outbox_define on one return DE_ERR_STATE.
+ * de_outbox_open_pg, de_record, de_relay_start on a PostgreSQL outbox,
+ * de_relay_start_pg, de_consumer_open_pg and de_consumer_on_pg are
+ * implemented; de_outbox_define on a PostgreSQL outbox returns
+ * DE_ERR_STATE.
+ *
+ * The relay of a PostgreSQL outbox opens two connections of its own (one
+ * reads the outbox and LISTENs for commits, one keeps its state in the
+ * deliveryevents.relay_* tables); the host's connection is never used by
+ * it.  de_relay_start on an outbox opened here connects where the
+ * pg.conninfo key says, else to the host connection's database, host,
+ * port, user and password.  One relay per database publishes at a time;
+ * others stand by and take over when its lease
+ * (relay.lease.timeout.ms) expires, as on SQLite.
  */
 #ifndef DELIVERYEVENTS_PG_H
 #define DELIVERYEVENTS_PG_H
@@ -87,15 +97,21 @@ DE_EXTERN DE_WARN_UNUSED de_err de_outbox_open_pg(PGconn *conn,
 
 /**
  * Starts a relay beside the service for the outbox in the PostgreSQL
- * database that conninfo names, on connections of its own.
- *
- * NOT IMPLEMENTED YET: returns DE_ERR_STATE (docs/PG-WORK-IN-PROGRESS.md).
+ * database that conninfo names, on connections of its own (the outbox's
+ * schema is created when missing).  The relay's thread starts at once;
+ * it waits as a standby while another relay of the database holds the
+ * lease.  New commits are picked up at relay.poll.interval.ms.
  *
  * @param conninfo  a libpq connection string or URI; copied.
  * @param conf      configuration, or NULL for defaults; copied.
  * @param out       receives the relay; set to NULL on failure.  Freed
  *                  with de_relay_stop().
- * @return DE_OK; DE_ERR_ARG; DE_ERR_STATE.
+ * @return DE_OK; DE_ERR_ARG (NULL argument); DE_ERR_CONFIG (bad
+ *         configuration, or a wire setting that differs from the one the
+ *         writer stored); DE_ERR_DB (cannot connect, or the server
+ *         refused; the server's text in the message); DE_ERR_STATE (the
+ *         relay's tables belong to another outbox or are older than the
+ *         outbox's deletions); DE_ERR_NOMEM.
  */
 DE_EXTERN DE_WARN_UNUSED de_err de_relay_start_pg(const char *conninfo,
                                                   const de_conf *conf,

@@ -116,6 +116,9 @@ static const struct keydef {
     [DE__K_CONSUMER_DEAD_LETTER_RETENTION_MS] =
         {"consumer.dead.letter.retention.ms", "0", T_INT, 0,
          INT64_C(315360000000), NULL},
+    /* Empty: the relay of a PostgreSQL outbox connects where the host's
+     * connection did (deliveryevents_pg.h). */
+    [DE__K_PG_CONNINFO] = {"pg.conninfo", "", T_STR, 0, 0, NULL},
 };
 
 struct rk_prop {

@@ -103,6 +103,7 @@ typedef enum {
     DE__K_CONSUMER_RECORD_MAX_BYTES,
     DE__K_EVENT_HMAC_KEY,
     DE__K_CONSUMER_DEAD_LETTER_RETENTION_MS,
+    DE__K_PG_CONNINFO,
     DE__K_COUNT
 } de__key;
 
@@ -620,6 +621,11 @@ typedef struct de__outbox_backend {
     /* Writes row inside the host's transaction; *position receives its
      * place in commit order, or 0 when it is known only at commit. */
     de_err (*insert)(void *ctx, const de__outbox_row *row, int64_t *position);
+    /* Starts a relay for this outbox (de_relay_start): conf is the
+     * outbox's configuration merged with the caller's, owned by the
+     * relay from now on, even on failure. */
+    de_err (*relay_start)(void *ctx, de_outbox *ob, de_conf *conf,
+                          de_relay **out);
     void (*close)(void *ctx);
 } de__outbox_backend;
 
@@ -629,6 +635,8 @@ de_err de__outbox_new_backend(const de_conf *conf, const de__outbox_backend *be,
                               void *ctx, de_outbox **out);
 /* The backend's state, or NULL for a SQLite outbox. */
 void *de__outbox_backend_ctx(const de_outbox *ob);
+/* be->relay_start for an outbox on another backend; conf as there. */
+de_err de__outbox_relay_start(de_outbox *ob, de_conf *conf, de_relay **out);
 
 /* ---- outbox internals the relay uses (outbox.c) ---------------------- */
 

@@ -258,6 +258,12 @@ void *de__outbox_backend_ctx(const de_outbox *ob)
     return ob->backend_ctx;
 }
 
+de_err de__outbox_relay_start(de_outbox *ob, de_conf *conf, de_relay **out)
+{
+    assert(ob->backend != NULL);
+    return ob->backend->relay_start(ob->backend_ctx, ob, conf, out);
+}
+
 void de_outbox_close(de_outbox *ob)
 {
     if (ob == NULL)

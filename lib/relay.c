@@ -710,12 +710,33 @@ const char *de__relay_state_path(const de_conf *conf, const char *db_path,
     return buf;
 }
 
-static de_err relay_new(const char *db_path, de_conf *conf, de_outbox *ob,
-                        de_relay **out)
+/* The SQLite store: the database file at where, and the state file
+ * beside it (relay.state.path). */
+static de_err sqlite_open_source(const char *where, de_relay *r, bool linked)
+{
+    return de__source_open_sqlite(where, r->busy_ms, linked, true, &r->src,
+                                  r->outbox_id);
+}
+
+static de_err sqlite_open_state(const char *where, de_relay *r, int64_t floor,
+                                int64_t *cursor)
+{
+    return de__rstate_open(r->state_path, db_mode(where), r->outbox_id, floor,
+                           &r->st, cursor);
+}
+
+static const de__relay_store sqlite_store = {
+    sqlite_open_source,
+    sqlite_open_state,
+    true,
+};
+
+de_err de__relay_new(const char *name, const char *where, const char *state,
+                     de_conf *conf, de_outbox *ob, const de__relay_store *store,
+                     de_relay **out)
 {
     de_relay *r;
-    char resolved[PATH_MAX], state[PATH_MAX + 16], cid[DE__EVENT_ID_MAX + 1];
-    const char *sp;
+    char cid[DE__EVENT_ID_MAX + 1];
     int64_t cursor, floor;
     de_err err;
     int rc;
@@ -730,14 +751,8 @@ static de_err relay_new(const char *db_path, de_conf *conf, de_outbox *ob,
         return de__fail(DE_ERR_NOMEM, "out of memory starting the relay");
     }
     read_conf(r);
-    if (realpath(db_path, resolved) == NULL) {
-        err = de__fail(DE_ERR_ARG, "database '%s' cannot be opened: %s",
-                       db_path, strerror(errno));
-        goto fail;
-    }
-    r->db_path = strdup(resolved);
-    sp = de__relay_state_path(conf, resolved, state, sizeof state);
-    r->state_path = strdup(sp);
+    r->db_path = strdup(name);
+    r->state_path = strdup(state);
     if (r->db_path == NULL || r->state_path == NULL) {
         err = de__fail(DE_ERR_NOMEM, "out of memory starting the relay");
         goto fail;
@@ -752,13 +767,12 @@ static de_err relay_new(const char *db_path, de_conf *conf, de_outbox *ob,
     r->stats_fn = de__conf_stats_cb(conf, &r->stats_ctx);
     r->stats_interval_ms = de__rk_stats_interval(conf);
     de__uuid7(r->owner);
-    if ((err = de__source_open_sqlite(r->db_path, r->busy_ms, ob != NULL, true,
-                                      &r->src, r->outbox_id)) != DE_OK ||
+    if ((err = store->open_source(where, r, ob != NULL && store->link)) !=
+            DE_OK ||
         (err = de__adopt_settings(r->src, conf, r->db_path, r->log_prefix)) !=
             DE_OK ||
         (err = r->src->ops->deleted_upto(r->src, &floor)) != DE_OK ||
-        (err = de__rstate_open(r->state_path, db_mode(r->db_path), r->outbox_id,
-                               floor, &r->st, &cursor)) != DE_OK ||
+        (err = store->open_state(where, r, floor, &cursor)) != DE_OK ||
         (err = de__rstate_cursor(r->st, &cursor, cid, sizeof cid)) != DE_OK ||
         /* Refused at once, not only when the thread becomes active. */
         (err = de__relay_check_cursor(r, cursor, cid)) != DE_OK)
@@ -774,7 +788,8 @@ static de_err relay_new(const char *db_path, de_conf *conf, de_outbox *ob,
     }
     if ((err = de__relay_producer_new(r)) != DE_OK)
         goto fail;
-    if (ob != NULL && (r->link = de__outbox_attach(ob, r->wake_fd)) == NULL) {
+    if (ob != NULL && store->link &&
+        (r->link = de__outbox_attach(ob, r->wake_fd)) == NULL) {
         err = de__fail(DE_ERR_NOMEM, "out of memory starting the relay");
         goto fail;
     }
@@ -790,6 +805,23 @@ fail:
     return err;
 }
 
+static de_err relay_new(const char *db_path, de_conf *conf, de_outbox *ob,
+                        de_relay **out)
+{
+    char resolved[PATH_MAX], state[PATH_MAX + 16];
+
+    if (realpath(db_path, resolved) == NULL) {
+        de_err err = de__fail(DE_ERR_ARG, "database '%s' cannot be opened: %s",
+                              db_path, strerror(errno));
+        de_conf_destroy(conf);
+        return err;
+    }
+    return de__relay_new(
+        resolved, resolved,
+        de__relay_state_path(conf, resolved, state, sizeof state), conf, ob,
+        &sqlite_store, out);
+}
+
 de_err de_relay_start(de_outbox *ob, const de_conf *conf, de_relay **out)
 {
     de_conf *merged;
@@ -802,11 +834,6 @@ de_err de_relay_start(de_outbox *ob, const de_conf *conf, de_relay **out)
                         "de_relay_start needs an outbox and an "
                         "out pointer (got NULL %s)",
                         ob == NULL ? "outbox" : "out");
-    if (de__outbox_db(ob) == NULL)
-        return de__fail(DE_ERR_STATE,
-                        "de_relay_start: this outbox is not on SQLite, and "
-                        "its relay is not written yet (docs/"
-                        "PG-WORK-IN-PROGRESS.md)");
     merged = de__conf_dup(de__outbox_conf(ob));
     if (merged == NULL)
         return de__fail(DE_ERR_NOMEM, "out of memory starting the relay");
@@ -814,6 +841,9 @@ de_err de_relay_start(de_outbox *ob, const de_conf *conf, de_relay **out)
         de_conf_destroy(merged);
         return err;
     }
+    /* Another database: its module opens the relay's connections. */
+    if (de__outbox_db(ob) == NULL)
+        return de__outbox_relay_start(ob, merged, out);
     return relay_new(sqlite3_db_filename(de__outbox_db(ob), "main"), merged, ob,
                      out);
 }

@@ -261,6 +261,27 @@ bool de__relay_stop_due(de_relay *r);
  * unless relay.settings.override; log_prefix names the caller. */
 de_err de__adopt_settings(de__source *src, de_conf *conf, const char *db_path,
                           const char *log_prefix);
+/* Where a relay reads its outbox and keeps its state: SQLite (relay.c)
+ * or another database (lib/pg/relay_pg.c).  open_source sets r->src and
+ * r->outbox_id (linked: the outbox is in this process and hands the
+ * relay its checkpoints); open_state sets r->st and *cursor, given the
+ * outbox's deletion floor.  link: whether an in-process outbox links to
+ * the relay (de__outbox_attach). */
+typedef struct de__relay_store {
+    de_err (*open_source)(const char *where, de_relay *r, bool linked);
+    de_err (*open_state)(const char *where, de_relay *r, int64_t floor,
+                         int64_t *cursor);
+    bool link;
+} de__relay_store;
+
+/* Starts a relay on store: name is what logs and messages call the
+ * database, where what store opens, state what they call the state;
+ * conf (the relay's own copy) is owned by the relay from now on, even on
+ * failure; ob (may be NULL) is the in-process outbox. */
+de_err de__relay_new(const char *name, const char *where, const char *state,
+                     de_conf *conf, de_outbox *ob, const de__relay_store *store,
+                     de_relay **out);
+
 /* relay.state.path, or "<db_path>-relay" in buf. */
 const char *de__relay_state_path(const de_conf *conf, const char *db_path,
                                  char *buf, size_t size);

@@ -311,7 +311,7 @@ static de_err batch_commit(struct ctx *c)
         return DE_OK;
     c->in_batch = false;
     c->batch_n = 0;
-    return de__exec(de__rstate_db(c->st), "COMMIT");
+    return de__rstate_batch_commit(c->st);
 }
 
 /* Renews the lease while reading (a long read must not let a standby take
@@ -386,7 +386,7 @@ static de_err note(struct ctx *c, const rd_kafka_message_t *m,
     if (strlen(key) != m->key_len)
         return DE_OK; /* a NUL inside: not a subject id we recorded */
     if (!c->in_batch) {
-        if ((err = de__exec(de__rstate_db(c->st), "BEGIN")) != DE_OK)
+        if ((err = de__rstate_batch_begin(c->st)) != DE_OK)
             return err;
         c->in_batch = true;
     }

@@ -351,6 +351,11 @@ de_err de__relay_read(de_relay *r)
     de__rstate_read_end(r->st);
     r->more_rows = n == limit;
     r->last_read = n;
+    /* The rows not taken are still there, and nothing else may wake the
+     * relay for them (every commit may be over): read again after the
+     * caller's pause. */
+    if (err != DE_OK)
+        r->woken = true;
     return err;
 }
 

@@ -30,6 +30,10 @@
  *    state file that is missing or older than the outbox's deletions is
  *    refused rather than guessed at: restarting numbering from scratch
  *    would make consumers drop real events as duplicates.
+ *
+ * These are the SQLite store's operations of the seam in relay_state.h
+ * (sq_*, listed in sq_ops); de__rstate_open and de__rstate_open_reader
+ * make the handles.
  */
 #include "relay_state.h"
 
@@ -178,7 +182,8 @@ static const char *const sql[S_COUNT] = {
     [S_ROLLBACK] = "ROLLBACK",
 };
 
-struct de__rstate {
+typedef struct sq_state {
+    de__rstate base; /* first: ops */
     sqlite3 *db;
     char *path;
     sqlite3_stmt *st[S_COUNT];
@@ -188,7 +193,7 @@ struct de__rstate {
     /* where forgetting stopped: the last key it looked at */
     char forget_type[DE__IDENT_MAX + 1];
     char forget_id[DE__SUBJECT_ID_MAX + 1];
-};
+} sq_state;
 
 static const char *const migrations[STATE_SCHEMA_VERSION] = {
     /* 0 -> 1: cursor and counters, the lease, held-back events. */
@@ -246,13 +251,13 @@ static const char temp_sql[] =
     "  seq INTEGER NOT NULL, epoch INTEGER NOT NULL,"
     "  PRIMARY KEY(subject_type, subject_id)) WITHOUT ROWID;";
 
-static de_err fail_st(de__rstate *st, const char *what)
+static de_err fail_st(sq_state *st, const char *what)
 {
     return de__fail_db(st->db, "relay state '%s': %s", st->path, what);
 }
 
 /* Reads meta key `key` as text into buf (empty if absent). */
-static de_err meta_get(de__rstate *st, const char *key, char *buf, size_t size,
+static de_err meta_get(sq_state *st, const char *key, char *buf, size_t size,
                        bool *found)
 {
     sqlite3_stmt *q = NULL;
@@ -279,7 +284,7 @@ static de_err meta_get(de__rstate *st, const char *key, char *buf, size_t size,
     return err;
 }
 
-static de_err meta_put(de__rstate *st, const char *key, const char *value)
+static de_err meta_put(sq_state *st, const char *key, const char *value)
 {
     sqlite3_stmt *q = NULL;
     int rc;
@@ -301,7 +306,7 @@ static de_err meta_put(de__rstate *st, const char *key, const char *value)
  * when it is new), inside one IMMEDIATE transaction so that two relays
  * starting at once agree.
  */
-static de_err adopt(de__rstate *st, const char *outbox_id,
+static de_err adopt(sq_state *st, const char *outbox_id,
                     int64_t host_deleted_upto, int64_t *cursor)
 {
     char buf[64];
@@ -385,14 +390,20 @@ static de_err create_file(const char *path, unsigned mode)
                     path, strerror(errno));
 }
 
+static const de__rstate_ops sq_ops;
+static void sq_free(sq_state *st);
+static void sq_rollback(de__rstate *base);
+
 /* A state handle on the file at path, opened with flags (read-write:
  * a WAL file is read through its -shm); *out is set also on failure, for
- * de__rstate_close. */
-static de_err state_new(const char *path, int flags, de__rstate **out)
+ * sq_free. */
+static de_err state_new(const char *path, int flags, sq_state **out)
 {
-    de__rstate *st = calloc(1, sizeof *st);
+    sq_state *st = calloc(1, sizeof *st);
 
     *out = st;
+    if (st != NULL)
+        st->base.ops = &sq_ops;
     if (st == NULL || (st->path = strdup(path)) == NULL)
         return de__fail(DE_ERR_NOMEM, "out of memory opening relay state");
     if (sqlite3_open_v2(path, &st->db,
@@ -404,7 +415,7 @@ static de_err state_new(const char *path, int flags, de__rstate **out)
 }
 
 /* Prepares the statements which[0..n-1]. */
-static de_err prepare(de__rstate *st, const int *which, size_t n)
+static de_err prepare(sq_state *st, const int *which, size_t n)
 {
     for (size_t i = 0; i < n; i++)
         if (sqlite3_prepare_v3(st->db, sql[which[i]], -1,
@@ -419,7 +430,7 @@ de_err de__rstate_open(const char *path, unsigned mode, const char *outbox_id,
                        int64_t *cursor)
 {
     int all[S_COUNT];
-    de__rstate *st;
+    sq_state *st;
     de_err err;
 
     *out = NULL;
@@ -442,10 +453,10 @@ de_err de__rstate_open(const char *path, unsigned mode, const char *outbox_id,
         (err = de__exec(st->db, temp_sql)) != DE_OK ||
         (err = prepare(st, all, S_COUNT)) != DE_OK)
         goto fail;
-    *out = st;
+    *out = &st->base;
     return DE_OK;
 fail:
-    de__rstate_close(st);
+    sq_free(st);
     return err;
 }
 
@@ -457,7 +468,7 @@ static const int reader_statements[] = {S_PARKED_AT, S_READ_BEGIN, S_COMMIT,
 de_err de__rstate_open_reader(const char *path, const char *outbox_id,
                               de__rstate **out)
 {
-    de__rstate *st;
+    sq_state *st;
     char buf[64];
     int64_t version = 0;
     bool found = false;
@@ -498,14 +509,14 @@ de_err de__rstate_open_reader(const char *path, const char *outbox_id,
                        DE__ARRAY_LEN(reader_statements) -
                            (st->no_published ? 1 : 0))) != DE_OK)
         goto fail;
-    *out = st;
+    *out = &st->base;
     return DE_OK;
 fail:
-    de__rstate_close(st);
+    sq_free(st);
     return err;
 }
 
-void de__rstate_close(de__rstate *st)
+static void sq_free(sq_state *st)
 {
     if (st == NULL)
         return;
@@ -516,8 +527,13 @@ void de__rstate_close(de__rstate *st)
     free(st);
 }
 
+static void sq_close(de__rstate *base)
+{
+    sq_free((sq_state *)base);
+}
+
 /* Steps a write statement to completion and resets it. */
-static de_err run(de__rstate *st, int which, const char *what)
+static de_err run(sq_state *st, int which, const char *what)
 {
     sqlite3_stmt *q = st->st[which];
     int rc = sqlite3_step(q);
@@ -529,10 +545,11 @@ static de_err run(de__rstate *st, int which, const char *what)
     return DE_OK;
 }
 
-de_err de__rstate_lease_acquire(de__rstate *st, const char *owner,
-                                int64_t now_ms, int64_t timeout_ms, bool *held,
-                                char *holder, size_t holder_size)
+static de_err sq_lease_acquire(de__rstate *base, const char *owner,
+                               int64_t now_ms, int64_t timeout_ms, bool *held,
+                               char *holder, size_t holder_size)
 {
+    sq_state *st = (sq_state *)base;
     sqlite3_stmt *q = st->st[S_LEASE_GET];
     char host[256] = "";
     bool take = true;
@@ -581,14 +598,17 @@ de_err de__rstate_lease_acquire(de__rstate *st, const char *owner,
     return DE_OK;
 }
 
-de_err de__rstate_lease_release(de__rstate *st, const char *owner)
+static de_err sq_lease_release(de__rstate *base, const char *owner)
 {
+    sq_state *st = (sq_state *)base;
+
     sqlite3_bind_text(st->st[S_LEASE_RELEASE], 1, owner, -1, SQLITE_STATIC);
     return run(st, S_LEASE_RELEASE, "cannot release the lease");
 }
 
-de_err de__rstate_read_begin(de__rstate *st)
+static de_err sq_read_begin(de__rstate *base)
 {
+    sq_state *st = (sq_state *)base;
     de_err err;
 
     if (st->reading || !sqlite3_get_autocommit(st->db))
@@ -598,24 +618,27 @@ de_err de__rstate_read_begin(de__rstate *st)
     return err;
 }
 
-void de__rstate_read_end(de__rstate *st)
+static void sq_read_end(de__rstate *base)
 {
+    sq_state *st = (sq_state *)base;
+
     if (!st->reading)
         return;
     st->reading = false;
     /* A read transaction: nothing to lose if its end fails. */
     if (run(st, S_COMMIT, "end of a read") != DE_OK)
-        de__rstate_rollback(st);
+        sq_rollback(&st->base);
 }
 
-de_err de__rstate_begin(de__rstate *st, const char *owner, int64_t now_ms,
-                        bool *held)
+static de_err sq_begin(de__rstate *base, const char *owner, int64_t now_ms,
+                       bool *held)
 {
+    sq_state *st = (sq_state *)base;
     de_err err;
 
     *held = false;
     assert(!st->reader);
-    de__rstate_read_end(st); /* a write needs the latest snapshot */
+    sq_read_end(&st->base); /* a write needs the latest snapshot */
     if ((err = run(st, S_BEGIN, "cannot begin a checkpoint")) != DE_OK)
         return err;
     sqlite3_bind_text(st->st[S_LEASE_BEAT], 1, owner, -1, SQLITE_STATIC);
@@ -632,28 +655,32 @@ de_err de__rstate_begin(de__rstate *st, const char *owner, int64_t now_ms,
     return DE_OK;
 }
 
-de_err de__rstate_commit(de__rstate *st)
+static de_err sq_commit(de__rstate *base)
 {
+    sq_state *st = (sq_state *)base;
     de_err err;
 
     assert(!sqlite3_get_autocommit(st->db));
     err = run(st, S_COMMIT, "cannot commit a checkpoint");
     if (err != DE_OK)
-        de__rstate_rollback(st);
+        sq_rollback(&st->base);
     return err;
 }
 
-void de__rstate_rollback(de__rstate *st)
+static void sq_rollback(de__rstate *base)
 {
+    sq_state *st = (sq_state *)base;
+
     /* A failed ROLLBACK leaves nothing to do: SQLite has then rolled back
      * already. */
     if (!sqlite3_get_autocommit(st->db))
         (void)run(st, S_ROLLBACK, "rollback");
 }
 
-de_err de__rstate_put_cursor(de__rstate *st, int64_t position,
-                             const char *event_id)
+static de_err sq_put_cursor(de__rstate *base, int64_t position,
+                            const char *event_id)
 {
+    sq_state *st = (sq_state *)base;
     de_err err;
 
     assert(!sqlite3_get_autocommit(st->db)); /* inside begin ... commit */
@@ -666,9 +693,10 @@ de_err de__rstate_put_cursor(de__rstate *st, int64_t position,
     return run(st, S_CURSOR_ID_PUT, "cannot write the cursor");
 }
 
-de_err de__rstate_put_seq(de__rstate *st, const char *type, const char *id,
-                          const de__counter *c)
+static de_err sq_put_seq(de__rstate *base, const char *type, const char *id,
+                         const de__counter *c)
 {
+    sq_state *st = (sq_state *)base;
     sqlite3_stmt *q = st->st[S_SEQ_PUT];
 
     assert(!sqlite3_get_autocommit(st->db));
@@ -681,9 +709,10 @@ de_err de__rstate_put_seq(de__rstate *st, const char *type, const char *id,
     return run(st, S_SEQ_PUT, "cannot write a sequence counter");
 }
 
-de_err de__rstate_get_seq(de__rstate *st, const char *type, const char *id,
-                          de__counter *c)
+static de_err sq_get_seq(de__rstate *base, const char *type, const char *id,
+                         de__counter *c)
 {
+    sq_state *st = (sq_state *)base;
     sqlite3_stmt *q = st->st[S_SEQ_GET];
     de_err err = DE_OK;
 
@@ -704,10 +733,11 @@ de_err de__rstate_get_seq(de__rstate *st, const char *type, const char *id,
     return err;
 }
 
-de_err de__rstate_park(de__rstate *st, int64_t position, const char *type,
-                       const char *id, int64_t epoch, int64_t seq,
-                       const char *error, int64_t since_ms)
+static de_err sq_park(de__rstate *base, int64_t position, const char *type,
+                      const char *id, int64_t epoch, int64_t seq,
+                      const char *error, int64_t since_ms)
 {
+    sq_state *st = (sq_state *)base;
     sqlite3_stmt *q = st->st[S_PARK];
 
     assert(!sqlite3_get_autocommit(st->db));
@@ -721,16 +751,19 @@ de_err de__rstate_park(de__rstate *st, int64_t position, const char *type,
     return run(st, S_PARK, "cannot hold an event back");
 }
 
-de_err de__rstate_unpark(de__rstate *st, int64_t position)
+static de_err sq_unpark(de__rstate *base, int64_t position)
 {
+    sq_state *st = (sq_state *)base;
+
     assert(!sqlite3_get_autocommit(st->db));
     sqlite3_bind_int64(st->st[S_UNPARK], 1, position);
     return run(st, S_UNPARK, "cannot release a held-back event");
 }
 
-de_err de__rstate_parked_subjects(de__rstate *st, de__rstate_subject_fn fn,
-                                  void *ctx)
+static de_err sq_parked_subjects(de__rstate *base, de__rstate_subject_fn fn,
+                                 void *ctx)
 {
+    sq_state *st = (sq_state *)base;
     sqlite3_stmt *q = st->st[S_PARKED_SUBJECTS];
     de_err err = DE_OK;
     int rc;
@@ -748,9 +781,10 @@ de_err de__rstate_parked_subjects(de__rstate *st, de__rstate_subject_fn fn,
     return err;
 }
 
-de_err de__rstate_parked_rows(de__rstate *st, const char *type, const char *id,
-                              de__rstate_row_fn fn, void *ctx)
+static de_err sq_parked_rows(de__rstate *base, const char *type, const char *id,
+                             de__rstate_row_fn fn, void *ctx)
 {
+    sq_state *st = (sq_state *)base;
     sqlite3_stmt *q = st->st[S_PARKED_ROWS];
     de_err err = DE_OK;
     int rc;
@@ -767,9 +801,10 @@ de_err de__rstate_parked_rows(de__rstate *st, const char *type, const char *id,
     return err;
 }
 
-de_err de__rstate_parked_min(de__rstate *st, int64_t *min_position,
-                             int64_t *count)
+static de_err sq_parked_min(de__rstate *base, int64_t *min_position,
+                            int64_t *count)
 {
+    sq_state *st = (sq_state *)base;
     sqlite3_stmt *q = st->st[S_PARKED_MIN];
     de_err err = DE_OK;
 
@@ -785,9 +820,10 @@ de_err de__rstate_parked_min(de__rstate *st, int64_t *min_position,
     return err;
 }
 
-de_err de__rstate_cursor(de__rstate *st, int64_t *cursor, char *event_id,
-                         size_t event_id_size)
+static de_err sq_cursor(de__rstate *base, int64_t *cursor, char *event_id,
+                        size_t event_id_size)
 {
+    sq_state *st = (sq_state *)base;
     char buf[32];
     bool found;
     de_err err = meta_get(st, "cursor", buf, sizeof buf, &found);
@@ -798,9 +834,10 @@ de_err de__rstate_cursor(de__rstate *st, int64_t *cursor, char *event_id,
     return err;
 }
 
-de_err de__rstate_forget(de__rstate *st, int64_t before_ms, int limit,
-                         int64_t *scanned, int64_t *forgotten)
+static de_err sq_forget(de__rstate *base, int64_t before_ms, int limit,
+                        int64_t *scanned, int64_t *forgotten)
 {
+    sq_state *st = (sq_state *)base;
     sqlite3_stmt *scan = st->st[S_FORGET_SCAN], *del = st->st[S_FORGET];
     char last_type[DE__IDENT_MAX + 1], last_id[DE__SUBJECT_ID_MAX + 1];
     int64_t stale = 0;
@@ -844,9 +881,10 @@ de_err de__rstate_forget(de__rstate *st, int64_t before_ms, int limit,
     return DE_OK;
 }
 
-de_err de__rstate_put_mark(de__rstate *st, const char *topic, int32_t partition,
-                           int64_t next_offset)
+static de_err sq_put_mark(de__rstate *base, const char *topic,
+                          int32_t partition, int64_t next_offset)
 {
+    sq_state *st = (sq_state *)base;
     sqlite3_stmt *q = st->st[S_MARK_PUT];
 
     assert(!sqlite3_get_autocommit(st->db));
@@ -857,8 +895,9 @@ de_err de__rstate_put_mark(de__rstate *st, const char *topic, int32_t partition,
     return run(st, S_MARK_PUT, "cannot write a partition mark");
 }
 
-de_err de__rstate_has_marks(de__rstate *st, const char *topic, bool *has)
+static de_err sq_has_marks(de__rstate *base, const char *topic, bool *has)
 {
+    sq_state *st = (sq_state *)base;
     sqlite3_stmt *q = st->st[S_HAS_MARKS];
     int rc;
 
@@ -872,8 +911,9 @@ de_err de__rstate_has_marks(de__rstate *st, const char *topic, bool *has)
     return DE_OK;
 }
 
-de_err de__rstate_marks(de__rstate *st, de__rstate_mark_fn fn, void *ctx)
+static de_err sq_marks(de__rstate *base, de__rstate_mark_fn fn, void *ctx)
 {
+    sq_state *st = (sq_state *)base;
     sqlite3_stmt *q = st->st[S_MARKS];
     de_err err = DE_OK;
     int rc;
@@ -889,10 +929,11 @@ de_err de__rstate_marks(de__rstate *st, de__rstate_mark_fn fn, void *ctx)
 
 /* ---- the numbers of published events, for replays --------------------- */
 
-de_err de__rstate_put_published(de__rstate *st, int64_t position, int64_t epoch,
-                                int64_t seq, const char *topic,
-                                int32_t partition, int64_t offset)
+static de_err sq_put_published(de__rstate *base, int64_t position,
+                               int64_t epoch, int64_t seq, const char *topic,
+                               int32_t partition, int64_t offset)
 {
+    sq_state *st = (sq_state *)base;
     sqlite3_stmt *q = st->st[S_PUBLISHED_PUT];
 
     assert(!sqlite3_get_autocommit(st->db));
@@ -909,9 +950,10 @@ de_err de__rstate_put_published(de__rstate *st, int64_t position, int64_t epoch,
     return run(st, S_PUBLISHED_PUT, "cannot record a published event");
 }
 
-de_err de__rstate_forget_published(de__rstate *st, int64_t upto,
-                                   int64_t *forgotten)
+static de_err sq_forget_published(de__rstate *base, int64_t upto,
+                                  int64_t *forgotten)
 {
+    sq_state *st = (sq_state *)base;
     de_err err;
 
     assert(!sqlite3_get_autocommit(st->db));
@@ -923,9 +965,10 @@ de_err de__rstate_forget_published(de__rstate *st, int64_t upto,
     return err;
 }
 
-de_err de__rstate_published_get(de__rstate *st, int64_t position, bool *found,
-                                int64_t *epoch, int64_t *seq)
+static de_err sq_published_get(de__rstate *base, int64_t position, bool *found,
+                               int64_t *epoch, int64_t *seq)
 {
+    sq_state *st = (sq_state *)base;
     sqlite3_stmt *q = st->st[S_PUBLISHED_GET];
     de_err err = DE_OK;
 
@@ -947,8 +990,9 @@ de_err de__rstate_published_get(de__rstate *st, int64_t position, bool *found,
     return err;
 }
 
-de_err de__rstate_parked_at(de__rstate *st, int64_t position, bool *parked)
+static de_err sq_parked_at(de__rstate *base, int64_t position, bool *parked)
 {
+    sq_state *st = (sq_state *)base;
     sqlite3_stmt *q = st->st[S_PARKED_AT];
     int rc;
 
@@ -964,17 +1008,20 @@ de_err de__rstate_parked_at(de__rstate *st, int64_t position, bool *parked)
 
 /* ---- what the relay found on Kafka ------------------------------------ */
 
-de_err de__rstate_found_clear(de__rstate *st)
+static de_err sq_found_clear(de__rstate *base)
 {
+    sq_state *st = (sq_state *)base;
+
     return de__exec(st->db, "DELETE FROM temp.de_landed;"
                             "DELETE FROM temp.de_found");
 }
 
-de_err de__rstate_found_add(de__rstate *st, const char *event_id,
-                            const char *type, const char *id, int64_t epoch,
-                            int64_t seq, const char *topic, int32_t partition,
-                            int64_t offset)
+static de_err sq_found_add(de__rstate *base, const char *event_id,
+                           const char *type, const char *id, int64_t epoch,
+                           int64_t seq, const char *topic, int32_t partition,
+                           int64_t offset)
 {
+    sq_state *st = (sq_state *)base;
     sqlite3_stmt *q = st->st[S_FOUND_LANDED];
     de_err err;
 
@@ -994,16 +1041,19 @@ de_err de__rstate_found_add(de__rstate *st, const char *event_id,
     return run(st, S_FOUND_SUBJECT, "cannot note a found subject");
 }
 
-de_err de__rstate_found_raise(de__rstate *st, int64_t now_ms)
+static de_err sq_found_raise(de__rstate *base, int64_t now_ms)
 {
+    sq_state *st = (sq_state *)base;
+
     assert(!sqlite3_get_autocommit(st->db));
     sqlite3_bind_int64(st->st[S_FOUND_RAISE], 1, now_ms);
     return run(st, S_FOUND_RAISE, "cannot raise the counters to Kafka's");
 }
 
-de_err de__rstate_found_count(de__rstate *st, int64_t *landed,
-                              int64_t *subjects)
+static de_err sq_found_count(de__rstate *base, int64_t *landed,
+                             int64_t *subjects)
 {
+    sq_state *st = (sq_state *)base;
     sqlite3_stmt *q = st->st[S_FOUND_COUNT];
     de_err err = DE_OK;
 
@@ -1018,11 +1068,12 @@ de_err de__rstate_found_count(de__rstate *st, int64_t *landed,
     return err;
 }
 
-de_err de__rstate_landed_get(de__rstate *st, const char *event_id, bool *found,
-                             int64_t *epoch, int64_t *seq, char *topic,
-                             size_t topic_size, int32_t *partition,
-                             int64_t *offset)
+static de_err sq_landed_get(de__rstate *base, const char *event_id, bool *found,
+                            int64_t *epoch, int64_t *seq, char *topic,
+                            size_t topic_size, int32_t *partition,
+                            int64_t *offset)
 {
+    sq_state *st = (sq_state *)base;
     sqlite3_stmt *q = st->st[S_LANDED_GET];
     de_err err = DE_OK;
 
@@ -1046,7 +1097,49 @@ de_err de__rstate_landed_get(de__rstate *st, const char *event_id, bool *found,
     return err;
 }
 
-sqlite3 *de__rstate_db(de__rstate *st)
+/* Noting what Kafka holds one event at a time, each in its own commit,
+ * would cost an fsync per event. */
+static de_err sq_batch_begin(de__rstate *base)
 {
-    return st->db;
+    return de__exec(((sq_state *)base)->db, "BEGIN");
 }
+
+static de_err sq_batch_commit(de__rstate *base)
+{
+    return de__exec(((sq_state *)base)->db, "COMMIT");
+}
+
+static const de__rstate_ops sq_ops = {
+    .close = sq_close,
+    .cursor = sq_cursor,
+    .lease_acquire = sq_lease_acquire,
+    .lease_release = sq_lease_release,
+    .read_begin = sq_read_begin,
+    .read_end = sq_read_end,
+    .begin = sq_begin,
+    .put_cursor = sq_put_cursor,
+    .put_seq = sq_put_seq,
+    .park = sq_park,
+    .unpark = sq_unpark,
+    .commit = sq_commit,
+    .rollback = sq_rollback,
+    .forget = sq_forget,
+    .put_mark = sq_put_mark,
+    .has_marks = sq_has_marks,
+    .marks = sq_marks,
+    .get_seq = sq_get_seq,
+    .parked_subjects = sq_parked_subjects,
+    .parked_rows = sq_parked_rows,
+    .parked_min = sq_parked_min,
+    .found_clear = sq_found_clear,
+    .found_add = sq_found_add,
+    .found_raise = sq_found_raise,
+    .found_count = sq_found_count,
+    .landed_get = sq_landed_get,
+    .put_published = sq_put_published,
+    .forget_published = sq_forget_published,
+    .published_get = sq_published_get,
+    .parked_at = sq_parked_at,
+    .batch_begin = sq_batch_begin,
+    .batch_commit = sq_batch_commit,
+};

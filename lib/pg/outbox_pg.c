@@ -447,10 +447,17 @@ static void pg_close(void *ctx)
     free(ctx);
 }
 
+static de_err pg_relay_start(void *ctx, de_outbox *ob, de_conf *conf,
+                             de_relay **out)
+{
+    return de__relay_start_pg_host(((pg_outbox *)ctx)->conn, ob, conf, out);
+}
+
 static const de__outbox_backend pg_backend = {
     .name = "PostgreSQL",
     .check_txn = pg_check_txn,
     .insert = pg_insert,
+    .relay_start = pg_relay_start,
     .close = pg_close,
 };
 

@@ -10,6 +10,7 @@
 
 #include "inbox.h"
 #include "internal.h"
+#include "relay_state.h"
 #include "source.h"
 
 #include <libpq-fe.h>
@@ -59,5 +60,20 @@ de_err de__source_open_pg(const char *conninfo, bool create, de__source **out,
  * de__source_open_pg. */
 #define DE__PG_BARRIER_WAIT_MS 100
 void de__source_pg_barrier_wait(de__source *src, int ms);
+
+/* Opens the relay's state in the PostgreSQL database conninfo names, on
+ * a connection of its own, creating its tables (deliveryevents.relay_*)
+ * when missing; the same refusals as de__rstate_open (another outbox's
+ * state, a state older than the outbox's deletions up to
+ * host_deleted_upto).  *cursor receives the durable cursor. */
+de_err de__rstate_open_pg(const char *conninfo, const char *outbox_id,
+                          int64_t host_deleted_upto, de__rstate **out,
+                          int64_t *cursor);
+
+/* de_relay_start on an outbox opened with de_outbox_open_pg on host:
+ * the relay connects where pg.conninfo says, else where host is
+ * connected.  conf is owned by the relay from now on, even on failure. */
+de_err de__relay_start_pg_host(PGconn *host, de_outbox *ob, de_conf *conf,
+                               de_relay **out);
 
 #endif

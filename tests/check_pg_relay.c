@@ -1,0 +1,763 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * check_pg_relay.c -- the relay of an outbox in PostgreSQL, end to end:
+ * writers in other processes commit events through de_record on their
+ * own connections, the relay publishes them to Kafka (librdkafka's mock
+ * cluster, or KAFKA_BOOTSTRAP_SERVERS), and an independent consumer
+ * reads the topic back and checks it against what the writers committed.
+ *
+ * The expected order is not taken from the library: every event the
+ * writers record also bumps its subject's row in the host's own table
+ * (deliveries.version) and writes that number into the host's own ledger
+ * in the same transaction.  The row lock orders the transactions of one
+ * subject, so the ledger's versions are the subject's commit order, and
+ * the ledger holds exactly what committed (rolled-back transactions and
+ * savepoints take their ledger rows with them).  tu_check_topics
+ * (tests/util/kafka.c) then checks: every committed event arrived,
+ * nothing else did, each subject's ce_subjectseq runs 1, 2, 3, ... in
+ * that order, duplicates repeat the same ce_id with the same number.
+ *
+ * A relay that must be SIGKILLed runs in another process: this binary
+ * run again with --relay (exec, so that no thread of the test's process
+ * is inherited).
+ */
+#include "deliveryevents_pg.h"
+#include "kafka.h"
+#include "pg_int.h"
+#include "pgserver.h"
+#include "testutil.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define SUBJECTS 40
+
+static const char *conninfo;
+static PGconn *conn;
+static de_outbox *ob;
+
+static void setup(void)
+{
+    char sql[200];
+
+    conninfo = tpg_fresh_db();
+    conn = tpg_connect(conninfo);
+    tpg_exec(conn, "CREATE TABLE deliveries (id text PRIMARY KEY, "
+                   "version integer NOT NULL DEFAULT 0)");
+    tpg_exec(conn, "CREATE TABLE ledger (event_id text PRIMARY KEY, "
+                   "subject_type text NOT NULL, subject_id text NOT NULL, "
+                   "version integer NOT NULL, action text NOT NULL, payload "
+                   "text NOT NULL, occurred_at_ms bigint NOT NULL)");
+    snprintf(sql, sizeof sql,
+             "INSERT INTO deliveries SELECT 'D-' || i, 0 FROM "
+             "generate_series(1, %d) i",
+             SUBJECTS);
+    tpg_exec(conn, sql);
+    tu_ok(de_outbox_open_pg(conn, NULL, &ob));
+}
+
+static void teardown(void)
+{
+    de_outbox_close(ob);
+    ob = NULL;
+    PQfinish(conn);
+    conn = NULL;
+}
+
+/* ---- writers ---------------------------------------------------------- */
+
+/* Inside the open transaction on c: bumps subject i's row and records one
+ * event for it, with the row's new version in the host's ledger.  false
+ * when something failed (the transaction is then to be rolled back). */
+static bool record_one(PGconn *c, de_outbox *o, int i, unsigned *seed)
+{
+    char id[32], payload[64], ver[16], occ[24];
+    const char *v[7];
+    de_event ev = {0};
+    de_recorded rec;
+    PGresult *r;
+    bool ok;
+
+    snprintf(id, sizeof id, "D-%d", i);
+    v[0] = id;
+    r = PQexecParams(c,
+                     "UPDATE deliveries SET version = version + 1 WHERE id "
+                     "= $1 RETURNING version",
+                     1, NULL, v, NULL, NULL, 0);
+    ok = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1;
+    if (ok)
+        snprintf(ver, sizeof ver, "%s", PQgetvalue(r, 0, 0));
+    PQclear(r);
+    if (!ok)
+        return false;
+    snprintf(payload, sizeof payload, "{\"v\":%s,\"r\":%u}", ver,
+             rand_r(seed) % 1000);
+    ev.subject_type = "delivery";
+    ev.subject_id = id;
+    ev.action = "assigned";
+    ev.payload = payload;
+    ev.occurred_at_ms = 1795604400000 + tu_now_ms() % 100000000;
+    if (de_record(o, &ev, &rec) != DE_OK)
+        return false;
+    snprintf(occ, sizeof occ, "%lld", (long long)ev.occurred_at_ms);
+    v[0] = rec.event_id;
+    v[1] = "delivery";
+    v[2] = id;
+    v[3] = ver;
+    v[4] = "assigned";
+    v[5] = payload;
+    v[6] = occ;
+    r = PQexecParams(c,
+                     "INSERT INTO ledger VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                     7, NULL, v, NULL, NULL, 0);
+    ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+    PQclear(r);
+    return ok;
+}
+
+static bool cmd(PGconn *c, const char *sql)
+{
+    PGresult *r = PQexec(c, sql);
+    bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+
+    PQclear(r);
+    return ok;
+}
+
+static int cmp_int(const void *a, const void *b)
+{
+    return *(const int *)a - *(const int *)b;
+}
+
+/*
+ * ntx transactions of 1-3 events for random subjects (locked in
+ * ascending order, so that writers never deadlock), a random pause of up
+ * to max_pause_us before COMMIT, one in six rolled back, one in five
+ * with a savepoint holding an extra event that is rolled back.  Returns
+ * the number of transactions that committed, or -1 when the connection
+ * or outbox could not be opened.
+ */
+static int write_txns(const char *where, unsigned seed, int ntx,
+                      int max_pause_us)
+{
+    PGconn *c = PQconnectdb(where);
+    de_outbox *o = NULL;
+    int committed = -1;
+
+    if (PQstatus(c) != CONNECTION_OK || de_outbox_open_pg(c, NULL, &o) != DE_OK)
+        goto done;
+    committed = 0;
+    for (int t = 0; t < ntx; t++) {
+        int n = 1 + (int)(rand_r(&seed) % 3), subj[3];
+        bool rollback = rand_r(&seed) % 6 == 0;
+        bool savepoint = rand_r(&seed) % 5 == 0, ok = cmd(c, "BEGIN");
+
+        for (int i = 0; i < n; i++)
+            subj[i] = 1 + (int)(rand_r(&seed) % SUBJECTS);
+        qsort(subj, (size_t)n, sizeof subj[0], cmp_int);
+        for (int i = 0; i < n && ok; i++)
+            ok = record_one(c, o, subj[i], &seed);
+        if (ok && savepoint) {
+            /* The last subject again: already locked, no deadlock. */
+            ok = cmd(c, "SAVEPOINT s") && record_one(c, o, subj[n - 1], &seed);
+            ok = cmd(c, "ROLLBACK TO SAVEPOINT s") && ok;
+        }
+        if (max_pause_us > 0)
+            usleep((useconds_t)(rand_r(&seed) % (unsigned)max_pause_us));
+        if (ok && !rollback && cmd(c, "COMMIT")) {
+            committed++;
+        } else {
+            PQclear(PQexec(c, "ROLLBACK"));
+        }
+    }
+done:
+    de_outbox_close(o);
+    PQfinish(c);
+    return committed;
+}
+
+/* Forks n writer processes running write_txns; *pids receives them. */
+static void fork_writers(int n, int ntx, int max_pause_us, pid_t *pids)
+{
+    for (int w = 0; w < n; w++) {
+        pids[w] = fork();
+        ck_assert_int_ge(pids[w], 0);
+        if (pids[w] == 0) /* _exit: the parent's atexit handlers stay */
+            _exit(write_txns(conninfo,
+                             1000u + (unsigned)w * 7919u + (unsigned)getpid(),
+                             ntx, max_pause_us) < 0
+                      ? 1
+                      : 0);
+    }
+}
+
+static void wait_writers(int n, const pid_t *pids)
+{
+    for (int w = 0; w < n; w++) {
+        int status = 0;
+        ck_assert_int_eq(waitpid(pids[w], &status, 0), pids[w]);
+        ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                      "writer %d failed (status %d)", w, status);
+    }
+}
+
+/* ---- the independent check -------------------------------------------- */
+
+/* The host's ledger, per subject in version (= commit) order, as the
+ * SQLite ledger tu_check_topics reads. */
+static sqlite3 *ledger_copy(void)
+{
+    sqlite3 *db = NULL;
+    sqlite3_stmt *st;
+    PGresult *r = PQexec(conn, "SELECT event_id, subject_type, subject_id, "
+                               "action, payload, occurred_at_ms FROM ledger "
+                               "ORDER BY subject_type, subject_id, version");
+
+    ck_assert_int_eq(PQresultStatus(r), PGRES_TUPLES_OK);
+    ck_assert_int_eq(sqlite3_open(":memory:", &db), SQLITE_OK);
+    tu_ledger_create(db);
+    ck_assert_int_eq(sqlite3_prepare_v2(db,
+                                        "INSERT INTO ledger(event_id, "
+                                        "subject_type, subject_id, action, "
+                                        "payload, occurred_at_ms) VALUES "
+                                        "(?1, ?2, ?3, ?4, ?5, ?6)",
+                                        -1, &st, NULL),
+                     SQLITE_OK);
+    for (int i = 0; i < PQntuples(r); i++) {
+        for (int col = 0; col < 5; col++)
+            sqlite3_bind_text(st, col + 1, PQgetvalue(r, i, col), -1,
+                              SQLITE_STATIC);
+        sqlite3_bind_int64(st, 6, strtoll(PQgetvalue(r, i, 5), NULL, 10));
+        ck_assert_int_eq(sqlite3_step(st), SQLITE_DONE);
+        sqlite3_reset(st);
+    }
+    sqlite3_finalize(st);
+    PQclear(r);
+    return db;
+}
+
+static tu_check check(tu_cluster *c)
+{
+    sqlite3 *ledger = ledger_copy();
+    tu_check k = tu_check_topics(c, ledger, "/test/relay", "");
+
+    sqlite3_close(ledger);
+    if (getenv("DE_TEST_LOG"))
+        fprintf(stderr,
+                "check: %ld messages, %ld unique of %ld, %ld duplicates, "
+                "%ld ahead, %ld problems %s\n",
+                k.messages, k.unique, k.expected, k.duplicates, k.ahead,
+                k.problems, k.first_problem);
+    return k;
+}
+
+/* ---- a relay in another process --------------------------------------- */
+
+static pid_t spawn_relay(tu_cluster *c)
+{
+    char tmpl[128];
+    pid_t pid;
+
+    snprintf(tmpl, sizeof tmpl, "%s{subject_type}.events", c->prefix);
+    pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        execl("/proc/self/exe", "check_pg_relay", "--relay", conninfo,
+              c->bootstrap, tmpl, (char *)NULL);
+        _exit(127);
+    }
+    return pid;
+}
+
+/* The --relay mode: a relay on conninfo until killed. */
+static int relay_process(const char *where, const char *bootstrap,
+                         const char *tmpl)
+{
+    de_conf *conf = de_conf_new();
+    de_relay *r = NULL;
+
+    if (de_conf_set(conf, "bootstrap.servers", bootstrap) != DE_OK ||
+        de_conf_set(conf, "topic.template", tmpl) != DE_OK ||
+        de_conf_set(conf, "event.source", "/test/relay") != DE_OK ||
+        de_conf_set(conf, "relay.lease.timeout.ms", "1500") != DE_OK ||
+        de_conf_set(conf, "relay.checkpoint.interval.ms", "50") != DE_OK ||
+        de_conf_set(conf, "relay.poll.interval.ms", "10") != DE_OK ||
+        de_relay_start_pg(where, conf, &r) != DE_OK) {
+        fprintf(stderr, "relay process: %s\n", de_errmsg());
+        return 1;
+    }
+    de_conf_destroy(conf);
+    for (;;)
+        pause();
+}
+
+static void kill_relay(pid_t pid)
+{
+    int status;
+
+    kill(pid, SIGKILL);
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+}
+
+static bool relay_tables_exist(void);
+
+/* The relay's durable cursor (0 before its first checkpoint). */
+static long long published_cursor(void)
+{
+    return !relay_tables_exist()
+               ? 0
+               : tpg_int(conn,
+                         "SELECT coalesce((SELECT value::bigint FROM "
+                         "deliveryevents.relay_state WHERE key = 'cursor'), "
+                         "0)");
+}
+
+static bool relay_tables_exist(void)
+{
+    return tpg_int(conn, "SELECT count(*) FROM pg_catalog.pg_tables WHERE "
+                         "schemaname = 'deliveryevents' AND tablename = "
+                         "'relay_lease'") == 1;
+}
+
+/* The relays' connections to this database opened since the last kill
+ * (their count), or, with kill, all of them terminated (how many). */
+static long long relay_backends(bool kill)
+{
+    static const char relays[] =
+        " FROM pg_catalog.pg_stat_activity WHERE application_name = "
+        "'deliveryevents-relay' AND datname = pg_catalog.current_database() "
+        "AND backend_start %s coalesce(nullif(pg_catalog.current_setting("
+        "'de_test.killed_at', true), ''), '-infinity')::timestamptz";
+    char where[400], sql[600];
+
+    if (kill) /* later connections count as new */
+        tpg_exec(conn, "SELECT pg_catalog.set_config('de_test.killed_at', "
+                       "pg_catalog.clock_timestamp()::text, false)");
+    snprintf(where, sizeof where, relays, kill ? "<=" : ">");
+    snprintf(sql, sizeof sql, "%s%s",
+             kill ? "SELECT count(*) FILTER (WHERE "
+                    "pg_catalog.pg_terminate_backend(pid))"
+                  : "SELECT count(*)",
+             where);
+    return tpg_int(conn, sql);
+}
+
+static long long lease_epoch(void)
+{
+    return relay_tables_exist()
+               ? tpg_int(conn, "SELECT coalesce((SELECT epoch FROM "
+                               "deliveryevents.relay_lease), 0)")
+               : 0;
+}
+
+/* Terminates every relay connection to this database and waits until
+ * they are gone (pg_terminate_backend with a timeout); how many. */
+static long long terminate_relays_now(void)
+{
+    return tpg_int(conn, "SELECT count(*) FILTER (WHERE "
+                         "pg_catalog.pg_terminate_backend(pid, 10000)) FROM "
+                         "pg_catalog.pg_stat_activity WHERE application_name "
+                         "= 'deliveryevents-relay' AND datname = "
+                         "pg_catalog.current_database()");
+}
+
+/* ---- tests ------------------------------------------------------------ */
+
+/* Twelve writer processes, random commit delays, rollbacks and rolled-back
+ * savepoints, the relay running meanwhile: Kafka holds exactly what
+ * committed, each subject numbered 1, 2, 3, ... in commit order. */
+START_TEST(end_to_end_many_writer_processes)
+{
+    enum { WRITERS = 12, TXNS = 40 };
+    pid_t pids[WRITERS];
+    tu_cluster *c;
+    de_conf *conf;
+    de_relay *r = NULL;
+
+    fork_writers(WRITERS, TXNS, 3000, pids);
+    c = tu_cluster_new(_i, 3);
+    tu_topic_create(c, "delivery", 3);
+    conf = tu_relay_conf(c, "relay.poll.interval.ms", "10", NULL);
+    /* de_relay_start on the host's outbox: the relay connects where the
+     * host's connection is. */
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    wait_writers(WRITERS, pids);
+    tu_ok(de_relay_flush(r, 120000));
+    tu_ok(de_relay_stop(r, 10000));
+    ck_assert_int_gt(tpg_int(conn, "SELECT count(*) FROM ledger"), 100);
+    tu_check k = check(c);
+    tu_assert_check(&k);
+    ck_assert_int_eq(k.duplicates, 0); /* no crash, no restart */
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* A relay SIGKILLed mid-stream: the next one publishes the rest, numbers
+ * nothing twice, and repeats at most what was in flight, with the same
+ * ce_id and ce_subjectseq. */
+START_TEST(relay_killed_next_one_continues)
+{
+    enum { WRITERS = 4, TXNS = 60 };
+    pid_t pids[WRITERS], relay;
+    tu_cluster *c = tu_cluster_new(_i, 3);
+    de_conf *conf;
+    de_relay *r = NULL;
+
+    tu_topic_create(c, "delivery", 3);
+    relay = spawn_relay(c);
+    fork_writers(WRITERS, TXNS, 2000, pids);
+    /* Killed once it has published and checkpointed some. */
+    ck_assert(tu_wait_for(published_cursor() > 20, 60000));
+    kill_relay(relay);
+    conf = tu_relay_conf(c, "relay.poll.interval.ms", "10", NULL);
+    tu_ok(de_relay_start_pg(conninfo, conf, &r));
+    de_conf_destroy(conf);
+    wait_writers(WRITERS, pids);
+    tu_ok(de_relay_flush(r, 120000));
+    tu_ok(de_relay_stop(r, 10000));
+    tu_check k = check(c);
+    tu_assert_check(&k);
+    /* At most what one relay can have in flight: relay.max.inflight. */
+    ck_assert_int_le(k.duplicates, 20000);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* Two relays of one database: the second stands by; when the first is
+ * SIGKILLed it takes over after the lease expires and publishes the
+ * rest. */
+START_TEST(standby_takes_over_after_sigkill)
+{
+    pid_t relay, pids[2];
+    tu_cluster *c = tu_cluster_new(_i, 3);
+    de_conf *conf;
+    de_relay *b = NULL;
+    de_relay_stats sb;
+    long long epoch;
+
+    tu_topic_create(c, "delivery", 3);
+    relay = spawn_relay(c);
+    ck_assert(tu_wait_for(lease_epoch() > 0, 30000));
+    epoch = lease_epoch();
+    conf = tu_relay_conf(c, "relay.poll.interval.ms", "10", NULL);
+    tu_ok(de_relay_start_pg(conninfo, conf, &b));
+    de_conf_destroy(conf);
+    fork_writers(2, 20, 1000, pids);
+    wait_writers(2, pids);
+    /* The first relay publishes them; the second stays a standby. */
+    ck_assert(
+        tu_wait_for(published_cursor() ==
+                        tpg_int(conn, "SELECT coalesce(max(position), 0) FROM "
+                                      "deliveryevents.outbox_order"),
+                    60000));
+    tu_ok(de_relay_stats_get(b, &sb));
+    ck_assert_int_eq(sb.active, 0);
+    ck_assert_uint_eq(sb.published, 0);
+    kill_relay(relay);
+    ck_assert(tu_wait_for((de_relay_stats_get(b, &sb), sb.active), 30000));
+    ck_assert_int_eq(lease_epoch(), epoch + 1);
+    fork_writers(2, 20, 1000, pids);
+    wait_writers(2, pids);
+    tu_ok(de_relay_flush(b, 120000));
+    tu_ok(de_relay_stop(b, 10000));
+    tu_check k = check(c);
+    tu_assert_check(&k);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* The lease fences: once another relay took it over (the first one
+ * stopped renewing it for relay.lease.timeout.ms, by the server's clock),
+ * the old holder's checkpoint renews nothing and writes nothing. */
+START_TEST(old_relay_checkpoint_refused_after_takeover)
+{
+    char outbox_id[37], holder[300];
+    de__source *src = NULL;
+    de__rstate *old = NULL, *now = NULL;
+    int64_t cursor;
+    bool held = false;
+
+    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
+    tu_ok(de__rstate_open_pg(conninfo, outbox_id, 0, &old, &cursor));
+    tu_ok(de__rstate_open_pg(conninfo, outbox_id, 0, &now, &cursor));
+    ck_assert_int_eq(cursor, 0);
+    tu_ok(de__rstate_lease_acquire(old, "old", 0, 1500, &held, holder,
+                                   sizeof holder));
+    ck_assert(held);
+    /* Fresh: the other one is refused and told who holds it. */
+    tu_ok(de__rstate_lease_acquire(now, "new", 0, 1500, &held, holder,
+                                   sizeof holder));
+    ck_assert(!held);
+    ck_assert_ptr_nonnull(strstr(holder, "pid "));
+    tu_ok(de__rstate_begin(old, "old", 0, &held));
+    ck_assert(held);
+    tu_ok(de__rstate_put_cursor(old, 5, "e5"));
+    tu_ok(de__rstate_commit(old));
+    /* The old one stops renewing: taken over once the lease expires. */
+    ck_assert(
+        tu_wait_for((tu_ok(de__rstate_lease_acquire(now, "new", 0, 1500, &held,
+                                                    holder, sizeof holder)),
+                     held),
+                    10000));
+    ck_assert_int_eq(lease_epoch(), 2);
+    /* The old relay's checkpoint: refused, nothing written. */
+    tu_ok(de__rstate_begin(old, "old", 0, &held));
+    ck_assert(!held);
+    ck_assert_int_eq(published_cursor(), 5);
+    tu_ok(de__rstate_begin(now, "new", 0, &held));
+    ck_assert(held);
+    tu_ok(de__rstate_put_cursor(now, 7, "e7"));
+    tu_ok(de__rstate_commit(now));
+    ck_assert_int_eq(published_cursor(), 7);
+    de__rstate_close(old);
+    de__rstate_close(now);
+    src->ops->close(src);
+}
+END_TEST
+
+/* A state connection lost inside a checkpoint: nothing of the
+ * checkpoint is written -- not even by a later statement on a new
+ * connection, where the lease would not be checked -- and the commit
+ * fails; the next checkpoint reconnects. */
+START_TEST(connection_lost_inside_a_checkpoint_writes_nothing)
+{
+    char outbox_id[37], holder[300];
+    de__source *src = NULL;
+    de__rstate *st = NULL;
+    int64_t cursor;
+    bool held = false, has = true;
+
+    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
+    tu_ok(de__rstate_open_pg(conninfo, outbox_id, 0, &st, &cursor));
+    tu_ok(de__rstate_lease_acquire(st, "me", 0, 1500, &held, holder,
+                                   sizeof holder));
+    ck_assert(held);
+    tu_ok(de__rstate_begin(st, "me", 0, &held));
+    ck_assert(held);
+    tu_ok(de__rstate_put_cursor(st, 3, "e3"));
+    /* pg_terminate_backend with a timeout: gone when it returns. */
+    ck_assert_int_eq(terminate_relays_now(), 2);
+    ck_assert_int_ne(de__rstate_put_mark(st, "t", 0, 10), DE_OK);
+    ck_assert_int_ne(de__rstate_put_mark(st, "t", 1, 10), DE_OK);
+    ck_assert_int_ne(de__rstate_commit(st), DE_OK);
+    ck_assert_int_eq(published_cursor(), 0);
+    ck_assert_int_eq(
+        tpg_int(conn, "SELECT count(*) FROM deliveryevents.relay_marks"), 0);
+    /* The next checkpoint: on a new connection, and it counts. */
+    tu_ok(de__rstate_begin(st, "me", 0, &held));
+    ck_assert(held);
+    tu_ok(de__rstate_put_mark(st, "t", 1, 10));
+    tu_ok(de__rstate_commit(st));
+    tu_ok(de__rstate_has_marks(st, "t", &has));
+    ck_assert(has);
+    de__rstate_close(st);
+    src->ops->close(src);
+}
+END_TEST
+
+/* What the relay found on Kafka when it took the lease outlives a lost
+ * connection: events already there keep their numbers rather than being
+ * numbered again after a reconnect. */
+START_TEST(found_on_kafka_outlives_a_lost_connection)
+{
+    char outbox_id[37], topic[64];
+    de__source *src = NULL;
+    de__rstate *st = NULL;
+    int64_t cursor, epoch = 0, seq = 0, offset = 0, landed, subjects;
+    int32_t partition = -1;
+    bool found = false;
+
+    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
+    tu_ok(de__rstate_open_pg(conninfo, outbox_id, 0, &st, &cursor));
+    tu_ok(de__rstate_found_clear(st));
+    tu_ok(de__rstate_batch_begin(st));
+    tu_ok(
+        de__rstate_found_add(st, "ev-1", "delivery", "D-1", 7, 3, "t", 2, 41));
+    tu_ok(de__rstate_batch_commit(st));
+    ck_assert_int_eq(terminate_relays_now(), 2);
+    /* The first statement finds the connection gone; the next reconnects. */
+    (void)de__rstate_found_count(st, &landed, &subjects);
+    tu_ok(de__rstate_landed_get(st, "ev-1", &found, &epoch, &seq, topic,
+                                sizeof topic, &partition, &offset));
+    ck_assert(found);
+    ck_assert_int_eq(epoch, 7);
+    ck_assert_int_eq(seq, 3);
+    ck_assert_str_eq(topic, "t");
+    ck_assert_int_eq(partition, 2);
+    ck_assert_int_eq(offset, 41);
+    tu_ok(de__rstate_found_count(st, &landed, &subjects));
+    ck_assert_int_eq(landed, 1);
+    ck_assert_int_eq(subjects, 1);
+    de__rstate_close(st);
+    src->ops->close(src);
+}
+END_TEST
+
+/* One transaction on the host's connection recording one event for
+ * subject D-<i>. */
+static void commit_one(int i)
+{
+    unsigned seed = (unsigned)i;
+
+    tpg_exec(conn, "BEGIN");
+    ck_assert(record_one(conn, ob, i, &seed));
+    tpg_exec(conn, "COMMIT");
+}
+
+/* The relay's state connection dies while it is idle, and the next
+ * commit's read fails on it: the relay reads again (rather than wait for
+ * a commit that may never come) and publishes. */
+START_TEST(failed_read_is_retried)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_conf *conf;
+    de_relay *r = NULL;
+
+    tu_topic_create(c, "delivery", 1);
+    /* No heartbeat or cleanup round soon: the read after the kill is the
+     * first to use the dead connection. */
+    conf = tu_relay_conf(c, "relay.poll.interval.ms", "10",
+                         "relay.lease.timeout.ms", "60000",
+                         "relay.cleanup.interval.ms", "86400000", NULL);
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    commit_one(1);
+    tu_ok(de_relay_flush(r, 60000));
+    ck_assert(tu_wait_for(published_cursor() ==
+                              tpg_int(conn, "SELECT max(position) FROM "
+                                            "deliveryevents.outbox_order"),
+                          60000));
+    /* The state connection only: the relay opens it after the source's. */
+    ck_assert_int_eq(
+        tpg_int(conn, "SELECT count(*) FILTER (WHERE "
+                      "pg_catalog.pg_terminate_backend(pid, 10000)) FROM "
+                      "(SELECT pid FROM pg_catalog.pg_stat_activity WHERE "
+                      "application_name = 'deliveryevents-relay' AND datname "
+                      "= pg_catalog.current_database() ORDER BY backend_start "
+                      "DESC LIMIT 1) AS last"),
+        1);
+    /* One commit (one wake-up) for a new subject: its counter is read
+     * from the dead connection.  No de_relay_flush before it is
+     * published: that would wake the relay, which must retry on its
+     * own. */
+    commit_one(2);
+    ck_assert(tu_wait_for(published_cursor() ==
+                              tpg_int(conn, "SELECT max(position) FROM "
+                                            "deliveryevents.outbox_order"),
+                          60000));
+    tu_ok(de_relay_flush(r, 60000));
+    tu_ok(de_relay_stop(r, 10000));
+    tu_check k = check(c);
+    tu_assert_check(&k);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* The brokers go down while events are committed, and come back: nothing
+ * is lost. */
+START_TEST(broker_outage_loses_nothing)
+{
+    pid_t pids[3];
+    tu_cluster *c = tu_cluster_new(_i, 3);
+    de_conf *conf;
+    de_relay *r = NULL;
+    de_relay_stats st;
+
+    TU_MOCK_ONLY(c);
+    tu_topic_create(c, "delivery", 3);
+    conf = tu_relay_conf(c, "relay.poll.interval.ms", "10", NULL);
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    ck_assert(tu_wait_for((de_relay_stats_get(r, &st), st.active), 30000));
+    for (int b = 1; b <= 3; b++)
+        rd_kafka_mock_broker_set_down(c->mock, b);
+    fork_writers(3, 30, 1000, pids);
+    wait_writers(3, pids);
+    for (int b = 1; b <= 3; b++)
+        rd_kafka_mock_broker_set_up(c->mock, b);
+    tu_ok(de_relay_flush(r, 120000));
+    tu_ok(de_relay_stop(r, 10000));
+    tu_check k = check(c);
+    tu_assert_check_mock_reorder(&k);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* The relay's connections are terminated by the server mid-stream: it
+ * reconnects and loses nothing. */
+START_TEST(connection_loss_loses_nothing)
+{
+    pid_t pids[3];
+    tu_cluster *c = tu_cluster_new(_i, 3);
+    de_conf *conf;
+    de_relay *r = NULL;
+
+    tu_topic_create(c, "delivery", 3);
+    conf = tu_relay_conf(c, "relay.poll.interval.ms", "10", NULL);
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    fork_writers(3, 40, 2000, pids);
+    for (int round = 0; round < 3; round++) {
+        long long seen = published_cursor();
+        /* Something new to publish, whether or not the writers are
+         * still at it. */
+        ck_assert_int_ge(write_txns(conninfo, (unsigned)round, 5, 0), 0);
+        ck_assert(tu_wait_for(published_cursor() > seen, 60000));
+        /* Both of its connections (back), then both terminated. */
+        ck_assert(tu_wait_for(relay_backends(false) == 2, 60000));
+        ck_assert_int_eq(relay_backends(true), 2);
+    }
+    wait_writers(3, pids);
+    tu_ok(de_relay_flush(r, 120000));
+    tu_ok(de_relay_stop(r, 10000));
+    tu_check k = check(c);
+    tu_assert_check(&k);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+static Suite *pg_relay_suite(void)
+{
+    Suite *s = suite_create("pg_relay");
+    TCase *tc = tcase_create("relay");
+
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 300);
+    tcase_add_loop_test(tc, end_to_end_many_writer_processes,
+                        tu_cluster_first(), tu_cluster_count());
+    tcase_add_loop_test(tc, relay_killed_next_one_continues, tu_cluster_first(),
+                        tu_cluster_count());
+    tcase_add_loop_test(tc, standby_takes_over_after_sigkill,
+                        tu_cluster_first(), tu_cluster_count());
+    tcase_add_test(tc, old_relay_checkpoint_refused_after_takeover);
+    tcase_add_test(tc, connection_lost_inside_a_checkpoint_writes_nothing);
+    tcase_add_test(tc, found_on_kafka_outlives_a_lost_connection);
+    tcase_add_loop_test(tc, failed_read_is_retried, tu_cluster_first(),
+                        tu_cluster_count());
+    tcase_add_loop_test(tc, broker_outage_loses_nothing, tu_cluster_first(),
+                        tu_cluster_count());
+    tcase_add_loop_test(tc, connection_loss_loses_nothing, tu_cluster_first(),
+                        tu_cluster_count());
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(int argc, char **argv)
+{
+    int failed;
+
+    if (argc == 5 && strcmp(argv[1], "--relay") == 0)
+        return relay_process(argv[2], argv[3], argv[4]);
+    if (!tpg_start()) {
+        tpg_stop();
+        return EXIT_FAILURE;
+    }
+    failed = tu_run(pg_relay_suite());
+    tpg_stop();
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
