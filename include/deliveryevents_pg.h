@@ -100,7 +100,10 @@ DE_EXTERN DE_WARN_UNUSED de_err de_outbox_open_pg(PGconn *conn,
  * database that conninfo names, on connections of its own (the outbox's
  * schema is created when missing).  The relay's thread starts at once;
  * it waits as a standby while another relay of the database holds the
- * lease.  New commits are picked up at relay.poll.interval.ms.
+ * lease.  It is woken by the commits of recording transactions (a
+ * NOTIFY the commit trigger sends only while the relay sleeps), with
+ * relay.poll.interval.ms as the fallback (a lost connection drops
+ * notifications).
  *
  * @param conninfo  a libpq connection string or URI; copied.
  * @param conf      configuration, or NULL for defaults; copied.
