@@ -69,6 +69,35 @@ $make -s uninstall PREFIX="$prefix" >/dev/null
 left=$(find "$prefix" -type f -o -type l)
 [ -z "$left" ] || fail "uninstall left: $left"
 
+# The PostgreSQL module beside it: a program built with
+# `pkg-config deliveryevents-pg` alone links and runs (no server needed
+# to see a refusal), and uninstall-pg + uninstall leave nothing.
+$make -s install install-pg PREFIX="$prefix" >/dev/null
+[ -f "$prefix/include/deliveryevents_pg.h" ] || fail "deliveryevents_pg.h not installed"
+[ -f "$pc/deliveryevents-pg.pc" ] || fail "deliveryevents-pg.pc not installed"
+cat > "$root/user_pg.c" <<'C'
+#include <deliveryevents_pg.h>
+#include <stdio.h>
+#include <string.h>
+int main(void)
+{
+    de_outbox *ob = NULL;
+    de_err e = de_outbox_open_pg(NULL, NULL, &ob);
+    if (e != DE_ERR_ARG || ob != NULL || strstr(de_errmsg(), "NULL") == NULL)
+        return 1;
+    printf("libdeliveryevents-pg %s: %s\n", de_version(), de_errmsg());
+    return 0;
+}
+C
+# shellcheck disable=SC2046
+$cc -o "$root/user_pg" "$root/user_pg.c" $(pkg-config --cflags --libs deliveryevents-pg) ||
+    fail "cannot build against the installed PostgreSQL module with pkg-config"
+LD_LIBRARY_PATH="$prefix/lib" "$root/user_pg" >/dev/null ||
+    fail "the PostgreSQL module's program did not run"
+$make -s uninstall-pg uninstall PREFIX="$prefix" >/dev/null
+left=$(find "$prefix" -type f -o -type l)
+[ -z "$left" ] || fail "uninstall-pg + uninstall left: $left"
+
 # MANDIR moves the man page alone.
 $make -s install PREFIX="$prefix" MANDIR="$root/man" >/dev/null
 [ -f "$root/man/man1/deliveryevents.1" ] || fail "MANDIR ignored"
@@ -87,4 +116,4 @@ grep -q '^prefix=/opt/de$' "$root/stage/opt/de/lib/pkgconfig/deliveryevents.pc" 
 $make -s uninstall PREFIX=/opt/de DESTDIR="$root/stage" >/dev/null
 left=$(find "$root/stage" -type f -o -type l)
 [ -z "$left" ] || fail "uninstall with DESTDIR left: $left"
-echo "check-install: install (library, tool, man page), pkg-config build (shared and static), uninstall: ok"
+echo "check-install: install (library, tool, man page, PostgreSQL module), pkg-config build (shared and static), uninstall: ok"
