@@ -500,7 +500,7 @@ static void *relay_main(void *arg)
                 continue;
             }
         }
-        if (r->last_read > 0 && r->last_read < LOW_LOAD_ROWS && !r->more_rows)
+        if (r->last_read > 0 && r->last_read < LOW_LOAD_ROWS && !r->more_rows) {
             /* Caught up with a few rows: low load.  Send them now rather
              * than after linger.ms -- while flush() runs, librdkafka's
              * broker threads treat linger as elapsed -- and take their
@@ -508,6 +508,11 @@ static void *relay_main(void *arg)
              * reads return full batches and linger.ms batches them.  The
              * result only says whether everything left in that time. */
             (void)rd_kafka_flush(r->rk, 1);
+            /* The reports it delivered counted as published: move the
+             * watermark with them, or the statistics below would show
+             * them both published and pending. */
+            de__relay_advance(r);
+        }
         if (r->link && de__link_checkpoint_due(r->link))
             r->src->ops->checkpoint_log(r->src);
         if (r->count == 0 && !r->more_rows &&
