@@ -598,6 +598,61 @@ START_TEST(test_contract_defined_elsewhere)
 }
 END_TEST
 
+typedef struct bg_define {
+    de_outbox *o;
+    de_err err;
+    char msg[512];
+} bg_define;
+
+static void *define_in_background(void *arg)
+{
+    bg_define *b = arg;
+
+    b->err = de_outbox_define(b->o, "delivery", "assigned", 1, ASSIGNED_V1);
+    snprintf(b->msg, sizeof b->msg, "%s", de_errmsg());
+    return NULL;
+}
+
+/* Two definers of one version at once: the second waits for the first's
+ * commit (ON CONFLICT), then compares -- a different schema is refused,
+ * never stored beside the first or over it. */
+START_TEST(test_contract_concurrent_definers)
+{
+    PGconn *c2 = tpg_connect(conninfo);
+    bg_define b = {.o = ob};
+    de_event ev = assigned("{\"rider_id\":\"R-7\"}");
+    pthread_t th;
+    int i;
+
+    tpg_exec(conn, "CREATE TABLE deliveries (id serial PRIMARY KEY)");
+    /* The first definer, caught between its INSERT and its COMMIT. */
+    tpg_exec(c2, "BEGIN");
+    tpg_exec(c2, "INSERT INTO deliveryevents.contracts(subject_type, action, "
+                 "version, schema, defined_at_ms) VALUES ('delivery', "
+                 "'assigned', 1, '" ASSIGNED_V2 "', 0)");
+    ck_assert_int_eq(pthread_create(&th, NULL, define_in_background, &b), 0);
+    for (i = 0; i < 10000 && tpg_int(c2, "SELECT count(*) FROM pg_locks "
+                                         "WHERE locktype = 'transactionid' "
+                                         "AND NOT granted") != 1;
+         i++)
+        usleep(1000);
+    ck_assert_int_eq(tpg_int(c2, "SELECT count(*) FROM pg_locks WHERE "
+                                 "locktype = 'transactionid' AND NOT granted"),
+                     1);
+    tpg_exec(c2, "COMMIT");
+    tpg_exec(c2, "SELECT nextval('deliveryevents.contracts_version')");
+    pthread_join(th, NULL);
+    ck_assert_int_eq(b.err, DE_ERR_CONTRACT);
+    ck_assert_ptr_nonnull(strstr(b.msg, "delivery.assigned v1 is already "
+                                        "defined with a different schema"));
+    ck_assert_int_eq(count(conn, "deliveryevents.contracts"), 1);
+    /* The stored one is v1 for everybody, this outbox included. */
+    tu_assert_err(record_in_txn(conn, ob, &ev), DE_ERR_CONTRACT,
+                  "delivery.assigned v1: $.zone is required");
+    PQfinish(c2);
+}
+END_TEST
+
 /* A database of schema version 1 (before contracts) is migrated in place
  * by the next open: its events kept, contracts working from then on. */
 START_TEST(test_contract_upgrade_from_schema_1)
@@ -1315,6 +1370,7 @@ static Suite *pg_outbox_suite(void)
     tcase_add_test(tc, test_contract_version_zero_is_latest);
     tcase_add_test(tc, test_contract_strict);
     tcase_add_test(tc, test_contract_defined_elsewhere);
+    tcase_add_test(tc, test_contract_concurrent_definers);
     tcase_add_test(tc, test_contract_upgrade_from_schema_1);
     tcase_add_test(tc, test_sequence_behind_data);
     tcase_add_test(tc, test_dump_restore);
