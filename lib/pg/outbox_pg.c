@@ -28,11 +28,16 @@
  * de_record itself is one prepared INSERT on the host's connection and
  * nothing else: every check that can refuse an event has run before the
  * server sees it, so a refused event leaves the host's transaction as it
- * was.
+ * was.  Contracts are checked from the outbox's cache; the INSERT writes
+ * only if no definition was counted (sequence contracts_version) since
+ * the cache was checked, and otherwise writes nothing and has the cache
+ * reloaded so that de_record checks the event again (insert_sql).
  *
  * Invariants: the outbox borrows the host's PGconn and uses it on the
  * host's thread only; the prepared statement exists on the backend whose
- * pid is prepared_pid (re-prepared when the host reset the connection).
+ * pid is prepared_pid (re-prepared when the host reset the connection);
+ * the contracts cache holds every definition contracts_version counted
+ * up to pg_outbox.seen.
  */
 /* internal.h first: it marks the build (DE_BUILDING_LIBRARY) so that
  * DE_EXTERN exports what deliveryevents_pg.h declares. */
