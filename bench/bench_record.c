@@ -20,6 +20,7 @@
  * BENCH_RETAINED_ROWS (10000000; 0 skips part 2).
  */
 #include "bench.h"
+#include "contract10.h"
 
 #include <deliveryevents.h>
 #include <sqlite3.h>
@@ -28,27 +29,6 @@
 
 static const char payload[] = "{\"rider_id\":\"R-0042\",\"eta_s\":540,"
                               "\"lat\":37.5665,\"lng\":126.9780}";
-/* Ten fields, as an assignment might carry, and their contract. */
-static const char payload10[] =
-    "{\"order_id\":\"O-00042\",\"rider_id\":\"R-0042\",\"zone\":"
-    "\"mapo\",\"vehicle\":\"bike\",\"eta_s\":540,\"fee\":3500,"
-    "\"lat\":37.5665,\"lng\":126.978,\"priority\":false,"
-    "\"assigned_at\":\"2026-11-25T11:00:00.123Z\"}";
-static const char contract10[] =
-    "{\"$id\":\"https://schemas.example.com/delivery/assigned/v1.json\","
-    "\"type\":\"object\",\"properties\":{"
-    "\"order_id\":{\"type\":\"string\",\"pattern\":\"^O-[0-9]+$\"},"
-    "\"rider_id\":{\"type\":\"string\",\"pattern\":\"^R-[0-9]+$\"},"
-    "\"zone\":{\"enum\":[\"gangnam\",\"jongno\",\"mapo\",\"songpa\"]},"
-    "\"vehicle\":{\"enum\":[\"bike\",\"car\",\"foot\"]},"
-    "\"eta_s\":{\"type\":\"integer\",\"minimum\":0,\"maximum\":86400},"
-    "\"fee\":{\"type\":\"integer\",\"minimum\":0},"
-    "\"lat\":{\"type\":\"number\",\"minimum\":-90,\"maximum\":90},"
-    "\"lng\":{\"type\":\"number\",\"minimum\":-180,\"maximum\":180},"
-    "\"priority\":{\"type\":\"boolean\"},"
-    "\"assigned_at\":{\"type\":\"string\",\"format\":\"date-time\"}},"
-    "\"required\":[\"order_id\",\"rider_id\",\"zone\",\"eta_s\","
-    "\"assigned_at\"]}";
 static const char fixed_id[] = "01937a1e-8a4b-7c3d-9e2f-0123456789ab";
 
 struct host {

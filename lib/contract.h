@@ -95,6 +95,29 @@ typedef struct de__contract_def {
 de__contract_set *de__contract_set_new(void);
 void de__contract_set_free(de__contract_set *cs);
 
+/* Compiles a stored row and adds it to cs; DE_ERR_STATE naming dbname,
+ * table and row_id when the row is malformed or no longer compiles.
+ * Used by each backend's loader (the SQLite one below, lib/pg). */
+de_err de__contract_set_add_stored(de__contract_set *cs, const char *dbname,
+                                   const char *table, int64_t row_id,
+                                   const char *type, const char *act,
+                                   int version, const char *text, size_t len);
+
+/* How many definitions cs holds, every type together. */
+size_t de__contract_set_count(const de__contract_set *cs);
+
+/* Compiles a definition about to be stored and checks its $id as the
+ * relay will (DE_ERR_CONTRACT naming type.action vN); *out (caller frees)
+ * is NULL on failure.  The first half of every backend's define. */
+de_err de__contract_prepare(const char *subject_type, const char *action,
+                            int version, const char *schema_json,
+                            de__contract **out);
+
+/* DE_OK when stored (the text already stored for type.action vN) means
+ * the same as schema; DE_ERR_CONTRACT "define a new version" otherwise. */
+de_err de__contract_same(const char *type, const char *act, int version,
+                         const char *stored, const de__contract *schema);
+
 /* Loads into cs the definitions stored in db that it has not seen yet.
  * Reads only: the caller decides when reading is safe (see outbox.c). */
 de_err de__contract_set_load(de__contract_set *cs, sqlite3 *db);

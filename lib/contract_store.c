@@ -27,6 +27,7 @@ typedef struct ctype {
 struct de__contract_set {
     ctype **slots; /* open addressing, cap a power of two */
     size_t n, cap;
+    size_t ndefs;    /* definitions cached, every type together */
     int64_t last_id; /* highest de_contracts.id loaded */
 };
 
@@ -152,6 +153,7 @@ static de_err add_def(de__contract_set *cs, const char *st, const char *act,
     }
     d->version = version;
     d->schema = schema;
+    cs->ndefs++;
     d->dataschema = de__contract_id(schema);
     snprintf(d->label, sizeof d->label, "%s.%s v%d", st, act, version);
     /* Keep the versions sorted: insertion from the end. */
@@ -196,6 +198,35 @@ void de__contract_set_versions(const de__contract_set *cs,
     }
 }
 
+de_err de__contract_set_add_stored(de__contract_set *cs, const char *dbname,
+                                   const char *table, int64_t row_id,
+                                   const char *type, const char *act,
+                                   int version, const char *text, size_t len)
+{
+    de__contract *schema = NULL;
+    de_err err;
+
+    if (type == NULL || act == NULL || text == NULL || !de__is_ident(type) ||
+        !de__is_ident(act) || version < 1)
+        return de__fail(DE_ERR_STATE,
+                        "database '%s': contract row %lld of %s is malformed",
+                        dbname, (long long)row_id, table);
+    if ((err = de__contract_compile(text, len, &schema)) != DE_OK) {
+        char what[512];
+        snprintf(what, sizeof what,
+                 "database '%s': the stored contract %s.%s v%d no longer "
+                 "compiles",
+                 dbname, type, act, version);
+        return fail_wrapped(err == DE_ERR_NOMEM ? err : DE_ERR_STATE, what);
+    }
+    return add_def(cs, type, act, version, schema);
+}
+
+size_t de__contract_set_count(const de__contract_set *cs)
+{
+    return cs->ndefs;
+}
+
 de_err de__contract_set_load(de__contract_set *cs, sqlite3 *db)
 {
     sqlite3_stmt *st = NULL;
@@ -213,29 +244,11 @@ de_err de__contract_set_load(de__contract_set *cs, sqlite3 *db)
         const char *act = (const char *)sqlite3_column_text(st, 2);
         int version = sqlite3_column_int(st, 3);
         const char *text = (const char *)sqlite3_column_text(st, 4);
-        de__contract *schema = NULL;
 
-        if (type == NULL || act == NULL || text == NULL ||
-            !de__is_ident(type) || !de__is_ident(act) || version < 1) {
-            err = de__fail(DE_ERR_STATE,
-                           "database '%s': contract row %lld of de_contracts "
-                           "is malformed",
-                           sqlite3_db_filename(db, "main"),
-                           (long long)sqlite3_column_int64(st, 0));
-            break;
-        }
-        if ((err =
-                 de__contract_compile(text, (size_t)sqlite3_column_bytes(st, 4),
-                                      &schema)) != DE_OK) {
-            char what[512];
-            snprintf(what, sizeof what,
-                     "database '%s': the stored contract %s.%s v%d no longer "
-                     "compiles",
-                     sqlite3_db_filename(db, "main"), type, act, version);
-            err = fail_wrapped(err == DE_ERR_NOMEM ? err : DE_ERR_STATE, what);
-            break;
-        }
-        if ((err = add_def(cs, type, act, version, schema)) != DE_OK)
+        if ((err = de__contract_set_add_stored(
+                 cs, sqlite3_db_filename(db, "main"), "de_contracts",
+                 sqlite3_column_int64(st, 0), type, act, version, text,
+                 (size_t)sqlite3_column_bytes(st, 4))) != DE_OK)
             break;
         cs->last_id = sqlite3_column_int64(st, 0);
     }
@@ -274,31 +287,39 @@ static de_err stored_text(sqlite3 *db, const char *type, const char *act,
     return DE_OK;
 }
 
+de_err de__contract_same(const char *type, const char *act, int version,
+                         const char *stored, const de__contract *schema)
+{
+    de__contract *old = NULL;
+    de_err err = de__contract_compile(stored, strlen(stored), &old);
+
+    if (err == DE_OK &&
+        strcmp(de__contract_canonical(old), de__contract_canonical(schema)))
+        err = de__fail(DE_ERR_CONTRACT,
+                       "%s.%s v%d is already defined with a different "
+                       "schema; a contract never changes once defined: "
+                       "define the new schema as a new version",
+                       type, act, version);
+    else if (err != DE_OK && err != DE_ERR_NOMEM)
+        err = fail_wrapped(DE_ERR_STATE,
+                           "the stored contract no longer compiles");
+    de__contract_free(old);
+    return err;
+}
+
 /* Inside the IMMEDIATE transaction: stores the definition unless an
  * identical one is there; refuses a different one. */
 static de_err store(sqlite3 *db, const char *type, const char *act, int version,
                     const char *schema_json, const de__contract *schema)
 {
     sqlite3_stmt *st = NULL;
-    de__contract *old = NULL;
     char *text = NULL;
     de_err err;
 
     if ((err = stored_text(db, type, act, version, &text)) != DE_OK)
         return err;
     if (text != NULL) {
-        err = de__contract_compile(text, strlen(text), &old);
-        if (err == DE_OK &&
-            strcmp(de__contract_canonical(old), de__contract_canonical(schema)))
-            err = de__fail(DE_ERR_CONTRACT,
-                           "%s.%s v%d is already defined with a different "
-                           "schema; a contract never changes once defined: "
-                           "define the new schema as a new version",
-                           type, act, version);
-        else if (err != DE_OK && err != DE_ERR_NOMEM)
-            err = fail_wrapped(DE_ERR_STATE,
-                               "the stored contract no longer compiles");
-        de__contract_free(old);
+        err = de__contract_same(type, act, version, text, schema);
         free(text);
         return err;
     }
@@ -321,14 +342,15 @@ static de_err store(sqlite3 *db, const char *type, const char *act, int version,
     return err;
 }
 
-de_err de__contract_define(de__contract_set *cs, sqlite3 *db,
-                           const char *subject_type, const char *action,
-                           int version, const char *schema_json)
+de_err de__contract_prepare(const char *subject_type, const char *action,
+                            int version, const char *schema_json,
+                            de__contract **out)
 {
     de__contract *schema = NULL;
     const char *id;
     de_err err;
 
+    *out = NULL;
     if ((err = de__contract_compile(schema_json, strlen(schema_json),
                                     &schema)) != DE_OK) {
         char what[2 * DE__IDENT_MAX + 16];
@@ -345,8 +367,23 @@ de_err de__contract_define(de__contract_set *cs, sqlite3 *db,
                        "RFC 3986 URI reference, got %s",
                        subject_type, action, version,
                        de__quote(q, sizeof q, id, (size_t)-1));
-        goto done;
+        de__contract_free(schema);
+        return err;
     }
+    *out = schema;
+    return DE_OK;
+}
+
+de_err de__contract_define(de__contract_set *cs, sqlite3 *db,
+                           const char *subject_type, const char *action,
+                           int version, const char *schema_json)
+{
+    de__contract *schema = NULL;
+    de_err err;
+
+    if ((err = de__contract_prepare(subject_type, action, version, schema_json,
+                                    &schema)) != DE_OK)
+        return err;
     if ((err = de__exec(db, "BEGIN IMMEDIATE")) != DE_OK)
         goto done;
     if ((err = store(db, subject_type, action, version, schema_json, schema)) !=

@@ -595,6 +595,9 @@ de_err de__outbox_stored_setting(sqlite3 *db, const char *key, char **out);
 
 /* ---- outbox backends other than SQLite (outbox.c) -------------------- */
 
+/* The contracts cache of an outbox (contract.h). */
+struct de__contract_set;
+
 /* One event as de_record hands it to a backend: validated, every pointer
  * borrowed for the call only. */
 typedef struct de__outbox_row {
@@ -619,8 +622,21 @@ typedef struct de__outbox_backend {
      * statement); ev names the event in the message. */
     de_err (*check_txn)(void *ctx, const de_event *ev);
     /* Writes row inside the host's transaction; *position receives its
-     * place in commit order, or 0 when it is known only at commit. */
-    de_err (*insert)(void *ctx, const de__outbox_row *row, int64_t *position);
+     * place in commit order, or 0 when it is known only at commit.
+     * DE__AGAIN, having written nothing, when contracts were defined since
+     * cs was loaded (row was checked against a stale cache): cs is loaded
+     * again, and the caller checks the event once more and retries. */
+    de_err (*insert)(void *ctx, struct de__contract_set *cs,
+                     const de__outbox_row *row, int64_t *position);
+    /* Loads into cs the definitions it has not seen yet when any were made
+     * since the last look (a round trip: used on error paths and at open
+     * only).  *changed tells whether cs grew. */
+    de_err (*refresh)(void *ctx, struct de__contract_set *cs, bool *changed);
+    /* de_outbox_define on this backend: stores the definition (outside
+     * any transaction, DE_ERR_STATE inside one) and loads it into cs. */
+    de_err (*define)(void *ctx, struct de__contract_set *cs,
+                     const char *subject_type, const char *action, int version,
+                     const char *schema_json);
     /* Starts a relay for this outbox (de_relay_start): conf is the
      * outbox's configuration merged with the caller's, owned by the
      * relay from now on, even on failure. */

@@ -18,8 +18,10 @@
  *
  * An outbox on another database (PostgreSQL, lib/pg/) has no SQLite
  * connection (db NULL) and a backend instead: the same checks run here,
- * then the backend writes the row.  The core never links that database's
- * client library; it calls the backend through pointers only.
+ * then the backend writes the row, refusing to when contracts were
+ * defined since the cache was loaded (record_backend checks again then).
+ * The core never links that database's client library; it calls the
+ * backend through pointers only.
  *
  * Invariants: an outbox is used on its connection's thread only; every
  * statement it holds is reset and unbound when a call returns; exactly
@@ -246,6 +248,8 @@ de_err de__outbox_new_backend(const de_conf *conf, const de__outbox_backend *be,
     }
     ob->max_bytes = de__conf_int(ob->conf, DE__K_EVENT_MAX_BYTES);
     ob->strict = de__conf_bool(ob->conf, DE__K_OUTBOX_STRICT);
+    if ((err = be->refresh(ctx, ob->contracts, &(bool){false})) != DE_OK)
+        goto fail;
     *out = ob;
     return DE_OK;
 fail:
@@ -431,8 +435,7 @@ static de_err refresh_contracts(de_outbox *ob)
     de_err err;
     int rc;
 
-    if (ob->db ==
-        NULL) /* another backend: contracts are not stored there yet */
+    if (ob->db == NULL) /* another backend: its insert detects changes */
         return DE_OK;
     if (sqlite3_txn_state(ob->db, "main") == SQLITE_TXN_NONE)
         return DE_OK;
@@ -543,10 +546,8 @@ de_err de_outbox_define(de_outbox *ob, const char *subject_type,
                         "NULL)",
                         subject_type, action, version);
     if (ob->backend != NULL)
-        return de__fail(DE_ERR_STATE,
-                        "de_outbox_define for %s.%s v%d: contracts are not "
-                        "supported on a %s outbox yet",
-                        subject_type, action, version, ob->backend->name);
+        return ob->backend->define(ob->backend_ctx, ob->contracts, subject_type,
+                                   action, version, schema_json);
     if (!sqlite3_get_autocommit(ob->db))
         return de__fail(DE_ERR_STATE,
                         "de_outbox_define for %s.%s v%d was called inside a "
@@ -557,30 +558,77 @@ de_err de_outbox_define(de_outbox *ob, const char *subject_type,
                                version, schema_json);
 }
 
-/* The end of de_record on another backend: everything is checked. */
+/* How often de_record on another backend checks an event again because
+ * contracts were being defined meanwhile before it gives up. */
+#define RECHECKS_MAX 8
+
+/*
+ * The end of de_record on another backend.  The contract check runs
+ * against the cache; the backend's insert writes nothing and says
+ * DE__AGAIN when definitions were made since the cache was loaded (it
+ * reloads it), and the event is checked again -- so a refusal always
+ * comes before anything is written.  A refusal from the cache is checked
+ * once more against the stored definitions (one round trip, on the error
+ * path only): another connection may have defined the missing contract,
+ * or a later version that version 0 now means.
+ */
 static de_err record_backend(de_outbox *ob, const de_event *ev,
-                             const de__contract_def *def, const char *event_id,
-                             int64_t occurred, int64_t now, const char *payload,
-                             size_t payload_len, de_recorded *out)
+                             const char *payload, size_t payload_len,
+                             de_recorded *out)
 {
+    const de__contract_def *def = NULL;
     de__outbox_row row = {
-        .event_id = event_id,
         .subject_type = ev->subject_type,
         .subject_id = ev->subject_id,
         .action = ev->action,
-        .version = def ? def->version : ev->version,
-        .occurred_at_ms = occurred,
-        .recorded_at_ms = now,
         .payload = payload,
         .payload_len = payload_len,
         .traceparent = ev->traceparent,
         .tracestate = ev->tracestate,
-        .dataschema = def ? def->dataschema : NULL,
     };
+    char event_id[37];
     int64_t position = 0;
+    bool changed = false;
     de_err err;
+    int tries;
 
-    if ((err = ob->backend->insert(ob->backend_ctx, &row, &position)) != DE_OK)
+    if ((err = check_contract(ob, ev, payload, payload_len, &def)) ==
+        DE_ERR_CONTRACT) {
+        char why[1024];
+        snprintf(why, sizeof why, "%s", de_errmsg());
+        if ((err = ob->backend->refresh(ob->backend_ctx, ob->contracts,
+                                        &changed)) != DE_OK)
+            return err;
+        err = changed ? check_contract(ob, ev, payload, payload_len, &def)
+                      : de__fail(DE_ERR_CONTRACT, "%s", why);
+    }
+    if (err != DE_OK)
+        return err;
+    if (ev->event_id != NULL)
+        memcpy(event_id, ev->event_id, strlen(ev->event_id) + 1);
+    else
+        de__uuid7(event_id);
+    row.event_id = event_id;
+    row.recorded_at_ms = de__now_ms();
+    row.occurred_at_ms =
+        ev->occurred_at_ms ? ev->occurred_at_ms : row.recorded_at_ms;
+    for (tries = 0;; tries++) {
+        row.version = def ? def->version : ev->version;
+        row.dataschema = def ? def->dataschema : NULL;
+        err = ob->backend->insert(ob->backend_ctx, ob->contracts, &row,
+                                  &position);
+        if (err != DE__AGAIN)
+            break;
+        if (tries == RECHECKS_MAX)
+            return de__fail(DE_ERR_DB,
+                            "de_record for %s.%s: contracts were being "
+                            "defined during %d checks in a row; nothing was "
+                            "recorded, try again",
+                            ev->subject_type, ev->action, RECHECKS_MAX + 1);
+        if ((err = check_contract(ob, ev, payload, payload_len, &def)) != DE_OK)
+            return err;
+    }
+    if (err != DE_OK)
         return err;
     if (out != NULL) {
         memcpy(out->event_id, event_id, sizeof out->event_id);
@@ -611,7 +659,9 @@ de_err de_record(de_outbox *ob, const de_event *ev, de_recorded *out)
     if (ob->backend != NULL) {
         if ((err = ob->backend->check_txn(ob->backend_ctx, ev)) != DE_OK)
             return err;
-    } else if (sqlite3_get_autocommit(ob->db))
+        return record_backend(ob, ev, payload, payload_len, out);
+    }
+    if (sqlite3_get_autocommit(ob->db))
         return de__fail(DE_ERR_NO_TXN,
                         "de_record for %s.%s was called outside a "
                         "transaction; record inside the BEGIN ... COMMIT "
@@ -627,9 +677,6 @@ de_err de_record(de_outbox *ob, const de_event *ev, de_recorded *out)
     now = de__now_ms();
     occurred = ev->occurred_at_ms ? ev->occurred_at_ms : now;
 
-    if (ob->backend != NULL)
-        return record_backend(ob, ev, def, event_id, occurred, now, payload,
-                              payload_len, out);
     st = ob->insert;
     sqlite3_bind_text(st, 1, event_id, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 2, ev->subject_type, -1, SQLITE_STATIC);

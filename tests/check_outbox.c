@@ -8,6 +8,7 @@
  * the transaction usable (guarantee 7).  Every test uses a real database
  * file in a scratch directory.
  */
+#include "contract_fixture.h"
 #include "testutil.h"
 
 #include <pthread.h>
@@ -777,18 +778,6 @@ END_TEST
 
 /* ---- contracts ------------------------------------------------------- */
 
-#define ASSIGNED_V1                                                            \
-    "{\"$id\":\"https://schemas.example.com/delivery/assigned/v1.json\","      \
-    "\"type\":\"object\",\"properties\":{"                                     \
-    "\"rider_id\":{\"type\":\"string\",\"pattern\":\"^R-[0-9]+$\"},"           \
-    "\"eta_min\":{\"type\":\"integer\",\"minimum\":0}},"                       \
-    "\"required\":[\"rider_id\"]}"
-/* v2 adds a required zone: a breaking change, so a new version. */
-#define ASSIGNED_V2                                                            \
-    "{\"type\":\"object\",\"properties\":{"                                    \
-    "\"rider_id\":{\"type\":\"string\"},\"zone\":{\"type\":\"string\"}},"      \
-    "\"required\":[\"rider_id\",\"zone\"]}"
-
 static int64_t contract_count(sqlite3 *conn)
 {
     return tu_query_int(conn, "SELECT count(*) FROM de_contracts");
@@ -948,15 +937,9 @@ START_TEST(a_defined_version_never_changes)
 {
     /* The same meaning -- other spacing and member order -- is accepted
      * again, so a service can define its contracts at every start. */
-    const char *same =
-        "{ \"required\": [\"rider_id\"], \"type\": \"object\",\n"
-        "  \"$id\": \"https://schemas.example.com/delivery/assigned/v1.json\","
-        "  \"properties\": {\"eta_min\": {\"minimum\": 0, \"type\": "
-        "\"integer\"}, \"rider_id\": {\"pattern\": \"^R-[0-9]+$\", "
-        "\"type\": \"string\"}}}";
 
     tu_ok(de_outbox_define(ob, "delivery", "assigned", 1, ASSIGNED_V1));
-    tu_ok(de_outbox_define(ob, "delivery", "assigned", 1, same));
+    tu_ok(de_outbox_define(ob, "delivery", "assigned", 1, ASSIGNED_V1_SAME));
     tu_assert_err(de_outbox_define(ob, "delivery", "assigned", 1, ASSIGNED_V2),
                   DE_ERR_CONTRACT,
                   "delivery.assigned v1 is already defined with a different "

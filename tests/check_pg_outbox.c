@@ -16,6 +16,7 @@
 #include "deliveryevents_pg.h"
 #include "pg_int.h"
 #include "pgserver.h"
+#include "contract_fixture.h"
 #include "testutil.h"
 
 #include <poll.h>
@@ -70,7 +71,7 @@ START_TEST(test_open_creates_schema)
 
     ck_assert_int_eq(tpg_int(conn, "SELECT value::int FROM deliveryevents.meta "
                                    "WHERE key = 'schema_version'"),
-                     1);
+                     2);
     ck_assert_int_eq(tpg_int(conn, "SELECT length(value) FROM "
                                    "deliveryevents.meta WHERE key = "
                                    "'outbox_id'"),
@@ -387,25 +388,299 @@ START_TEST(test_notify_only_when_relay_sleeps)
 }
 END_TEST
 
-START_TEST(test_contracts_not_yet)
+/* ---- contracts (docs/CONTRACTS.md; the rules of check_outbox.c) ------ */
+
+/* Records ev on c in a transaction that first writes a host row; commits
+ * on success, rolls back otherwise (checking the transaction was still
+ * usable: a refusal must not have aborted it).  de_record's result. */
+static de_err record_in_txn(PGconn *c, de_outbox *o, const de_event *ev)
+{
+    de_err e;
+
+    tpg_exec(c, "BEGIN");
+    tpg_exec(c, "INSERT INTO deliveries VALUES (DEFAULT)");
+    e = de_record(o, ev, NULL);
+    ck_assert_int_eq(PQtransactionStatus(c), PQTRANS_INTRANS);
+    tpg_exec(c, e == DE_OK ? "COMMIT" : "ROLLBACK");
+    return e;
+}
+
+static de_event assigned(const char *payload)
+{
+    de_event ev = event("D-1");
+
+    ev.payload = payload;
+    return ev;
+}
+
+START_TEST(test_contract_refuses_bad_payload)
+{
+    de_event ev = assigned("{\"rider_id\":\"R-7\",\"eta_min\":1.5}");
+
+    tu_assert_err(de_outbox_define(ob, "delivery", "assigned", 1, "{\"type\":"),
+                  DE_ERR_CONTRACT,
+                  "delivery.assigned v1: contract schema: not valid JSON");
+    tu_assert_err(de_outbox_define(ob, "delivery", "assigned", 1,
+                                   "{\"$id\":\"https://x/a b\","
+                                   "\"type\":\"object\"}"),
+                  DE_ERR_CONTRACT, "'$id'");
+    tpg_exec(conn, "BEGIN");
+    tu_assert_err(de_outbox_define(ob, "delivery", "assigned", 1, ASSIGNED_V1),
+                  DE_ERR_STATE, "inside a transaction");
+    ck_assert_int_eq(PQtransactionStatus(conn), PQTRANS_INTRANS);
+    tpg_exec(conn, "COMMIT");
+    ck_assert_int_eq(count(conn, "deliveryevents.contracts"), 0);
+
+    tu_ok(de_outbox_define(ob, "delivery", "assigned", 1, ASSIGNED_V1));
+    tpg_exec(conn, "CREATE TABLE deliveries (id serial PRIMARY KEY)");
+    tpg_exec(conn, "BEGIN");
+    tpg_exec(conn, "INSERT INTO deliveries VALUES (DEFAULT)");
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_CONTRACT,
+                  "delivery.assigned v1: $.eta_min must be an integer, got "
+                  "1.5");
+    ev.payload = "{\"rider_id\":\"R-7\",\"phone\":\"010\"}";
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_CONTRACT,
+                  "delivery.assigned v1: $.phone is not allowed");
+    ev.payload = "{}";
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_CONTRACT,
+                  "$.rider_id is required");
+    /* Nothing written, and the host's transaction goes on. */
+    ck_assert_int_eq(PQtransactionStatus(conn), PQTRANS_INTRANS);
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 0);
+    ev.payload = "{\"rider_id\":\"R-7\",\"eta_min\":12}";
+    tu_ok(de_record(ob, &ev, NULL));
+    tpg_exec(conn, "COMMIT");
+    ck_assert_int_eq(count(conn, "deliveries"), 1);
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 1);
+    /* Checked against v1, so recorded as v1, with the contract's $id. */
+    ck_assert_int_eq(tpg_int(conn, "SELECT version FROM deliveryevents.outbox"),
+                     1);
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox WHERE dataschema = "
+                                 "'https://schemas.example.com/delivery/"
+                                 "assigned/v1.json'"),
+                     1);
+}
+END_TEST
+
+START_TEST(test_contract_never_changes)
+{
+
+    tu_ok(de_outbox_define(ob, "delivery", "assigned", 1, ASSIGNED_V1));
+    tu_ok(de_outbox_define(ob, "delivery", "assigned", 1, ASSIGNED_V1_SAME));
+    tu_assert_err(de_outbox_define(ob, "delivery", "assigned", 1, ASSIGNED_V2),
+                  DE_ERR_CONTRACT,
+                  "delivery.assigned v1 is already defined with a different "
+                  "schema; a contract never changes once defined: define the "
+                  "new schema as a new version");
+    tu_ok(de_outbox_define(ob, "delivery", "assigned", 2, ASSIGNED_V2));
+    ck_assert_int_eq(count(conn, "deliveryevents.contracts"), 2);
+    ck_assert_int_eq(count(conn, "deliveryevents.contracts WHERE version = 1 "
+                                 "AND schema LIKE '%pattern%'"),
+                     1);
+    /* Only definitions stored count: the identical one did not. */
+    ck_assert_int_eq(tpg_int(conn, "SELECT last_value FROM "
+                                   "deliveryevents.contracts_version"),
+                     2);
+}
+END_TEST
+
+START_TEST(test_contract_version_zero_is_latest)
+{
+    de_event ev = assigned("{\"rider_id\":\"R-7\"}");
+
+    tpg_exec(conn, "CREATE TABLE deliveries (id serial PRIMARY KEY)");
+    tu_ok(de_outbox_define(ob, "delivery", "assigned", 2, ASSIGNED_V2));
+    tu_ok(de_outbox_define(ob, "delivery", "assigned", 1, ASSIGNED_V1));
+    tu_assert_err(record_in_txn(conn, ob, &ev), DE_ERR_CONTRACT,
+                  "delivery.assigned v2: $.zone is required");
+    ev.payload = "{\"rider_id\":\"R-7\",\"zone\":\"mapo\"}";
+    tu_ok(record_in_txn(conn, ob, &ev));
+    ev.version = 1;
+    tu_assert_err(record_in_txn(conn, ob, &ev), DE_ERR_CONTRACT,
+                  "delivery.assigned v1: $.zone is not allowed");
+    ev.payload = "{\"rider_id\":\"R-7\"}";
+    tu_ok(record_in_txn(conn, ob, &ev));
+    ev.version = 3;
+    tu_assert_err(record_in_txn(conn, ob, &ev), DE_ERR_CONTRACT,
+                  "delivery.assigned has no contract v3 (defined: v1, v2)");
+    ck_assert_int_eq(tpg_int(conn, "SELECT string_agg(version::text, '' ORDER "
+                                   "BY id)::int FROM deliveryevents.outbox"),
+                     21);
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox WHERE dataschema IS "
+                                 "NULL AND version = 2"),
+                     1);
+}
+END_TEST
+
+START_TEST(test_contract_strict)
 {
     de_conf *conf = de_conf_new();
     de_outbox *strict = NULL;
-    de_event ev = event("D-1");
+    de_event ev = assigned("{\"rider_id\":\"R-7\"}");
 
-    tu_assert_err(de_outbox_define(ob, "delivery", "assigned", 1,
-                                   "{\"type\":\"object\"}"),
-                  DE_ERR_STATE, "PostgreSQL");
+    tpg_exec(conn, "CREATE TABLE deliveries (id serial PRIMARY KEY)");
+    ev.action = "canceled";
+    ev.version = 4;
+    tu_ok(record_in_txn(conn, ob, &ev)); /* not strict: as before */
     tu_ok(de_conf_set(conf, "outbox.strict", "true"));
     tu_ok(de_outbox_open_pg(conn, conf, &strict));
     de_conf_destroy(conf);
-    tpg_exec(conn, "BEGIN");
-    tu_assert_err(de_record(strict, &ev, NULL), DE_ERR_CONTRACT,
-                  "outbox.strict");
-    tu_ok(de_record(ob, &ev, NULL));
-    tpg_exec(conn, "COMMIT");
-    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 1);
+    tu_ok(de_outbox_define(strict, "delivery", "assigned", 1, ASSIGNED_V1));
+    ev.version = 0;
+    tu_assert_err(record_in_txn(conn, strict, &ev), DE_ERR_CONTRACT,
+                  "delivery.canceled has no contract, and outbox.strict is "
+                  "true");
+    ev.action = "assigned";
+    tu_ok(record_in_txn(conn, strict, &ev));
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 2);
     de_outbox_close(strict);
+}
+END_TEST
+
+/* A definition made on another connection is seen by an outbox opened
+ * before it, without reopening: by its next record (the INSERT finds the
+ * cache stale, writes nothing, and the event is checked again), or, for
+ * a refusal from the stale cache (strict, an unknown version), by the
+ * look the refusal takes first. */
+START_TEST(test_contract_defined_elsewhere)
+{
+    PGconn *c2 = tpg_connect(conninfo);
+    de_conf *conf = de_conf_new();
+    de_outbox *ob2 = NULL, *strict2 = NULL;
+    de_event ev = assigned("{\"rider_id\":\"x\"}");
+
+    tpg_exec(conn, "CREATE TABLE deliveries (id serial PRIMARY KEY)");
+    tu_ok(de_outbox_open_pg(c2, NULL, &ob2)); /* before any definition */
+    tu_ok(de_conf_set(conf, "outbox.strict", "true"));
+    tu_ok(de_outbox_open_pg(c2, conf, &strict2));
+    de_conf_destroy(conf);
+    tu_ok(de_outbox_define(ob, "delivery", "assigned", 1, ASSIGNED_V1));
+    tu_assert_err(record_in_txn(c2, ob2, &ev), DE_ERR_CONTRACT,
+                  "delivery.assigned v1: $.rider_id must match");
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 0);
+    ev.payload = "{\"rider_id\":\"R-7\"}";
+    tu_ok(record_in_txn(c2, ob2, &ev));
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox WHERE dataschema "
+                                 "LIKE 'https://%'"),
+                     1);
+    /* Strict, and the type defined elsewhere after it opened. */
+    tu_ok(de_outbox_define(ob, "delivery", "canceled", 1,
+                           "{\"type\":\"object\",\"properties\":{"
+                           "\"rider_id\":{\"type\":\"string\"}}}"));
+    ev.action = "canceled";
+    tu_ok(record_in_txn(c2, strict2, &ev));
+    /* A version defined elsewhere, asked for by number. */
+    tu_ok(de_outbox_define(ob, "delivery", "assigned", 2, ASSIGNED_V2));
+    ev.action = "assigned";
+    ev.version = 2;
+    tu_assert_err(record_in_txn(c2, ob2, &ev), DE_ERR_CONTRACT,
+                  "delivery.assigned v2: $.zone is required");
+
+    /* A REPEATABLE READ transaction whose snapshot predates a definition
+     * cannot read it and records as its snapshot says; the next
+     * transaction checks against it. */
+    ev.version = 0;
+    ev.action = "picked";
+    tpg_exec(c2, "BEGIN ISOLATION LEVEL REPEATABLE READ");
+    ck_assert_int_eq(count(c2, "deliveryevents.contracts"), 3);
+    tu_ok(de_outbox_define(ob, "delivery", "picked", 1,
+                           "{\"type\":\"object\",\"properties\":{"
+                           "\"rider_id\":{},\"at\":{}},"
+                           "\"required\":[\"at\"]}"));
+    tu_ok(de_record(ob2, &ev, NULL));
+    tpg_exec(c2, "COMMIT");
+    tu_assert_err(record_in_txn(c2, ob2, &ev), DE_ERR_CONTRACT,
+                  "delivery.picked v1: $.at is required");
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 3);
+    de_outbox_close(strict2);
+    de_outbox_close(ob2);
+    PQfinish(c2);
+}
+END_TEST
+
+typedef struct bg_define {
+    de_outbox *o;
+    de_err err;
+    char msg[512];
+} bg_define;
+
+static void *define_in_background(void *arg)
+{
+    bg_define *b = arg;
+
+    b->err = de_outbox_define(b->o, "delivery", "assigned", 1, ASSIGNED_V1);
+    snprintf(b->msg, sizeof b->msg, "%s", de_errmsg());
+    return NULL;
+}
+
+/* Two definers of one version at once: the second waits for the first's
+ * commit (ON CONFLICT), then compares -- a different schema is refused,
+ * never stored beside the first or over it. */
+START_TEST(test_contract_concurrent_definers)
+{
+    PGconn *c2 = tpg_connect(conninfo);
+    bg_define b = {.o = ob};
+    de_event ev = assigned("{\"rider_id\":\"R-7\"}");
+    pthread_t th;
+    int i;
+
+    tpg_exec(conn, "CREATE TABLE deliveries (id serial PRIMARY KEY)");
+    /* The first definer, caught between its INSERT and its COMMIT. */
+    tpg_exec(c2, "BEGIN");
+    tpg_exec(c2, "INSERT INTO deliveryevents.contracts(subject_type, action, "
+                 "version, schema, defined_at_ms) VALUES ('delivery', "
+                 "'assigned', 1, '" ASSIGNED_V2 "', 0)");
+    ck_assert_int_eq(pthread_create(&th, NULL, define_in_background, &b), 0);
+    for (i = 0; i < 10000 && tpg_int(c2, "SELECT count(*) FROM pg_locks "
+                                         "WHERE locktype = 'transactionid' "
+                                         "AND NOT granted") != 1;
+         i++)
+        usleep(1000);
+    ck_assert_int_eq(tpg_int(c2, "SELECT count(*) FROM pg_locks WHERE "
+                                 "locktype = 'transactionid' AND NOT granted"),
+                     1);
+    tpg_exec(c2, "COMMIT");
+    tpg_exec(c2, "SELECT nextval('deliveryevents.contracts_version')");
+    pthread_join(th, NULL);
+    ck_assert_int_eq(b.err, DE_ERR_CONTRACT);
+    ck_assert_ptr_nonnull(strstr(b.msg, "delivery.assigned v1 is already "
+                                        "defined with a different schema"));
+    ck_assert_int_eq(count(conn, "deliveryevents.contracts"), 1);
+    /* The stored one is v1 for everybody, this outbox included. */
+    tu_assert_err(record_in_txn(conn, ob, &ev), DE_ERR_CONTRACT,
+                  "delivery.assigned v1: $.zone is required");
+    PQfinish(c2);
+}
+END_TEST
+
+/* A database of schema version 1 (before contracts) is migrated in place
+ * by the next open: its events kept, contracts working from then on. */
+START_TEST(test_contract_upgrade_from_schema_1)
+{
+    de_outbox *again = NULL;
+    de_event ev = assigned("{\"rider_id\":\"x\"}");
+
+    tpg_exec(conn, "CREATE TABLE deliveries (id serial PRIMARY KEY)");
+    tu_ok(record_in_txn(conn, ob, &ev));
+    de_outbox_close(ob);
+    ob = NULL;
+    /* Exactly what version 1 created: version 2 only adds these two. */
+    tpg_exec(conn, "DROP TABLE deliveryevents.contracts;"
+                   "DROP SEQUENCE deliveryevents.contracts_version;"
+                   "UPDATE deliveryevents.meta SET value = '1' WHERE key = "
+                   "'schema_version'");
+    tu_ok(de_outbox_open_pg(conn, NULL, &again));
+    ck_assert_int_eq(tpg_int(conn, "SELECT value::int FROM deliveryevents.meta "
+                                   "WHERE key = 'schema_version'"),
+                     2);
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 1);
+    tu_ok(de_outbox_define(again, "delivery", "assigned", 1, ASSIGNED_V1));
+    tu_assert_err(record_in_txn(conn, again, &ev), DE_ERR_CONTRACT,
+                  "$.rider_id must match");
+    ev.payload = "{\"rider_id\":\"R-7\"}";
+    tu_ok(record_in_txn(conn, again, &ev));
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 2);
+    de_outbox_close(again);
 }
 END_TEST
 
@@ -1090,7 +1365,13 @@ static Suite *pg_outbox_suite(void)
     tcase_add_test(tc, test_savepoint);
     tcase_add_test(tc, test_commit_order_not_record_order);
     tcase_add_test(tc, test_notify_only_when_relay_sleeps);
-    tcase_add_test(tc, test_contracts_not_yet);
+    tcase_add_test(tc, test_contract_refuses_bad_payload);
+    tcase_add_test(tc, test_contract_never_changes);
+    tcase_add_test(tc, test_contract_version_zero_is_latest);
+    tcase_add_test(tc, test_contract_strict);
+    tcase_add_test(tc, test_contract_defined_elsewhere);
+    tcase_add_test(tc, test_contract_concurrent_definers);
+    tcase_add_test(tc, test_contract_upgrade_from_schema_1);
     tcase_add_test(tc, test_sequence_behind_data);
     tcase_add_test(tc, test_dump_restore);
     tcase_add_test(tc, test_wire_settings_stored);

@@ -28,28 +28,43 @@
  * de_record itself is one prepared INSERT on the host's connection and
  * nothing else: every check that can refuse an event has run before the
  * server sees it, so a refused event leaves the host's transaction as it
- * was.
+ * was.  Contracts are checked from the outbox's cache; the INSERT writes
+ * only if no definition was counted (sequence contracts_version) since
+ * the cache was checked, and otherwise writes nothing and has the cache
+ * reloaded so that de_record checks the event again (insert_sql).
  *
  * Invariants: the outbox borrows the host's PGconn and uses it on the
  * host's thread only; the prepared statement exists on the backend whose
- * pid is prepared_pid (re-prepared when the host reset the connection).
+ * pid is prepared_pid (re-prepared when the host reset the connection);
+ * the contracts cache holds every definition contracts_version counted
+ * up to pg_outbox.seen.
  */
 /* internal.h first: it marks the build (DE_BUILDING_LIBRARY) so that
  * DE_EXTERN exports what deliveryevents_pg.h declares. */
 #include "pg_int.h"
 
+#include "../contract.h"
 #include "deliveryevents_pg.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define PG_SCHEMA_VERSION 1
+#define PG_SCHEMA_VERSION 2
 #define PG_RECORD_STMT "deliveryevents_record"
 
 typedef struct pg_outbox {
     PGconn *conn;     /* borrowed from the host */
     int prepared_pid; /* backend holding PG_RECORD_STMT; 0: none */
+    /* contracts_version values (see insert_sql): the cache holds every
+     * definition counted up to seen; the INSERT expects expect, which is
+     * seen except right after a reload whose snapshot could not see them
+     * all (a REPEATABLE READ host transaction older than a definition). */
+    int64_t seen, expect;
+    /* Whether the cache was loaded once: the first look (at open) loads
+     * whatever the counter says, so a definition whose definer died
+     * before counting it is not missed by every later outbox. */
+    bool loaded;
 } pg_outbox;
 
 /* Migration i takes the schema from version i to i + 1. */
@@ -104,13 +119,41 @@ static const char *const migrations[PG_SCHEMA_VERSION] = {
     "CREATE CONSTRAINT TRIGGER outbox_commit AFTER INSERT ON "
     "deliveryevents.outbox DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
     "EXECUTE FUNCTION deliveryevents.outbox_commit();",
+    /* 1 -> 2: contracts (de_outbox_define), as SQLite's de_contracts.
+     * contracts_version counts the definitions stored: every define bumps
+     * it (nextval) after its row committed, and the recording INSERT
+     * reads it with last_value -- not transactional, so no snapshot hides
+     * a bump -- to learn that its cache is stale. */
+    "CREATE TABLE deliveryevents.contracts ("
+    "  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+    "  subject_type text NOT NULL,"
+    "  action text NOT NULL,"
+    "  version integer NOT NULL,"
+    "  schema text NOT NULL,"
+    "  defined_at_ms bigint NOT NULL,"
+    "  UNIQUE (subject_type, action, version)"
+    ");"
+    "CREATE SEQUENCE deliveryevents.contracts_version AS bigint;",
 };
 
+/* How many definitions were stored (0 before the first nextval). */
+#define CONTRACTS_VERSION                                                      \
+    "SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS n "              \
+    "FROM deliveryevents.contracts_version"
+
+/* The event is written only when contracts_version is still $12, the
+ * value the cache was checked against; either way the statement returns
+ * the value it read and how many rows it wrote.  One round trip: a stale
+ * cache is found out without a read before the write, and without a
+ * write that would have to be undone (a savepoint per record would cost
+ * two more round trips). */
 static const char insert_sql[] =
+    "WITH v AS (" CONTRACTS_VERSION "), ins AS ("
     "INSERT INTO deliveryevents.outbox(event_id, subject_type, subject_id, "
     "action, version, occurred_at_ms, recorded_at_ms, payload, traceparent, "
-    "tracestate, dataschema) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, "
-    "$10, $11)";
+    "tracestate, dataschema) SELECT $1, $2, $3, $4, $5::integer, $6::bigint, "
+    "$7::bigint, $8, $9, $10, $11 FROM v WHERE v.n = $12::bigint "
+    "RETURNING 1) SELECT v.n, (SELECT count(*) FROM ins) FROM v";
 
 /* The server's message without its trailing newline, in buf. */
 static const char *pg_message(const char *msg, char *buf, size_t size)
@@ -139,7 +182,18 @@ de_err de__pg_fail(PGconn *conn, PGresult *r, const char *what)
 de_err de__pg_exec(PGconn *conn, const char *sql, ExecStatusType want,
                    PGresult **res, const char *what)
 {
-    PGresult *r = PQexec(conn, sql);
+    return de__pg_params(conn, sql, 0, NULL, want, res, what);
+}
+
+de_err de__pg_params(PGconn *conn, const char *sql, int n,
+                     const char *const *values, ExecStatusType want,
+                     PGresult **res, const char *what)
+{
+    /* Without parameters: the simple protocol, which takes several
+     * statements in one string (the migrations). */
+    PGresult *r = n == 0
+                      ? PQexec(conn, sql)
+                      : PQexecParams(conn, sql, n, NULL, values, NULL, NULL, 0);
 
     if (r == NULL || PQresultStatus(r) != want)
         return de__pg_fail(conn, r, what);
@@ -305,7 +359,7 @@ static de_err ensure_prepared(pg_outbox *pg)
         return DE_OK;
     }
     PQclear(r);
-    r = PQprepare(pg->conn, PG_RECORD_STMT, insert_sql, 11, NULL);
+    r = PQprepare(pg->conn, PG_RECORD_STMT, insert_sql, 12, NULL);
     if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK)
         return de__pg_fail(pg->conn, r, "cannot prepare the outbox's INSERT");
     PQclear(r);
@@ -356,12 +410,77 @@ static de_err pg_check_txn(void *ctx, const de_event *ev)
     }
 }
 
-static de_err pg_insert(void *ctx, const de__outbox_row *row, int64_t *position)
+/*
+ * Loads into cs the stored definitions it lacks, after contracts_version
+ * read v.  Every definition is read, not only those above the highest id
+ * seen: two defines may commit in the other order than they drew their
+ * ids.  A bump follows its row's commit, so a snapshot taken after v was
+ * read sees every definition v counts -- unless the host's transaction is
+ * REPEATABLE READ or SERIALIZABLE and older: then cs holds fewer than v,
+ * seen stays, and the next record loads again.
+ */
+static de_err reload(pg_outbox *pg, de__contract_set *cs, int64_t v)
+{
+    PGresult *r =
+        PQexec(pg->conn, "SELECT id, subject_type, action, version, schema "
+                         "FROM deliveryevents.contracts ORDER BY id");
+    de_err err = DE_OK;
+    size_t n;
+
+    if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK)
+        return de__pg_fail(pg->conn, r, "cannot read the contracts");
+    for (int i = 0; i < PQntuples(r) && err == DE_OK; i++) {
+        const char *type = PQgetvalue(r, i, 1), *act = PQgetvalue(r, i, 2);
+        int version = atoi(PQgetvalue(r, i, 3));
+        const de__contract_def *d;
+
+        d = de__contract_set_find(cs, type, act, version, &n);
+        if (d != NULL && d->version == version)
+            continue;
+        err = de__contract_set_add_stored(
+            cs, PQdb(pg->conn), "deliveryevents.contracts",
+            strtoll(PQgetvalue(r, i, 0), NULL, 10), type, act, version,
+            PQgetvalue(r, i, 4), (size_t)PQgetlength(r, i, 4));
+    }
+    PQclear(r);
+    if (err != DE_OK)
+        return err;
+    if (de__contract_set_count(cs) >= (size_t)v)
+        pg->seen = v;
+    pg->expect = v;
+    pg->loaded = true;
+    return DE_OK;
+}
+
+static de_err pg_refresh(void *ctx, de__contract_set *cs, bool *changed)
 {
     pg_outbox *pg = ctx;
-    char version[16], occurred[24], recorded[24], what[200];
-    const char *values[11];
+    size_t before = de__contract_set_count(cs);
+    PGresult *r = PQexec(pg->conn, CONTRACTS_VERSION);
+    int64_t v;
+    de_err err;
+
+    *changed = false;
+    if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1)
+        return de__pg_fail(pg->conn, r, "cannot read the contracts' version");
+    v = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
+    PQclear(r);
+    if (pg->loaded && v == pg->seen && v == pg->expect)
+        return DE_OK;
+    if ((err = reload(pg, cs, v)) != DE_OK)
+        return err;
+    *changed = de__contract_set_count(cs) != before;
+    return DE_OK;
+}
+
+static de_err pg_insert(void *ctx, de__contract_set *cs,
+                        const de__outbox_row *row, int64_t *position)
+{
+    pg_outbox *pg = ctx;
+    char version[16], occurred[24], recorded[24], expect[24], what[200];
+    const char *values[12];
     PGresult *r;
+    int64_t v;
     de_err err;
 
     if ((err = ensure_prepared(pg)) != DE_OK)
@@ -369,6 +488,7 @@ static de_err pg_insert(void *ctx, const de__outbox_row *row, int64_t *position)
     snprintf(version, sizeof version, "%d", row->version);
     snprintf(occurred, sizeof occurred, "%lld", (long long)row->occurred_at_ms);
     snprintf(recorded, sizeof recorded, "%lld", (long long)row->recorded_at_ms);
+    snprintf(expect, sizeof expect, "%lld", (long long)pg->expect);
     values[0] = row->event_id;
     values[1] = row->subject_type;
     values[2] = row->subject_id;
@@ -380,8 +500,10 @@ static de_err pg_insert(void *ctx, const de__outbox_row *row, int64_t *position)
     values[8] = row->traceparent;
     values[9] = row->tracestate;
     values[10] = row->dataschema;
-    r = PQexecPrepared(pg->conn, PG_RECORD_STMT, 11, values, NULL, NULL, 0);
-    if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK) {
+    values[11] = expect;
+    r = PQexecPrepared(pg->conn, PG_RECORD_STMT, 12, values, NULL, NULL, 0);
+    if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK ||
+        PQntuples(r) != 1) {
         /* A failed statement aborts a PostgreSQL transaction: say so. */
         snprintf(what, sizeof what,
                  "recording %s.%s failed and PostgreSQL aborted the host's "
@@ -389,9 +511,98 @@ static de_err pg_insert(void *ctx, const de__outbox_row *row, int64_t *position)
                  row->subject_type, row->action);
         return de__pg_fail(pg->conn, r, what);
     }
+    v = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
+    if (strcmp(PQgetvalue(r, 0, 1), "1") != 0) {
+        /* Written nothing: contracts were defined since the cache was
+         * checked.  Load them; de_record checks the event again. */
+        PQclear(r);
+        if ((err = reload(pg, cs, v)) != DE_OK)
+            return err;
+        return DE__AGAIN;
+    }
     PQclear(r);
+    /* After a reload that could not see every definition, the next
+     * record (maybe in a newer transaction) loads again. */
+    pg->expect = pg->seen;
     *position = 0; /* assigned at commit (docs/PG-WORK-IN-PROGRESS.md) */
     return DE_OK;
+}
+
+/*
+ * de_outbox_define on PostgreSQL, on the host's connection outside a
+ * transaction, as on SQLite: the INSERT commits on its own (autocommit);
+ * a row already there for the version (ON CONFLICT waits for a concurrent
+ * definer's commit) is compared by meaning.  Then contracts_version is
+ * bumped -- after the commit, so that whoever sees the bump sees the row.
+ * A definer killed between the two leaves its definition uncounted until
+ * the next definition (or the next open) loads it.
+ */
+static de_err pg_define(void *ctx, de__contract_set *cs,
+                        const char *subject_type, const char *action,
+                        int version, const char *schema_json)
+{
+    pg_outbox *pg = ctx;
+    de__contract *schema = NULL;
+    char num[16], now[24], what[200];
+    const char *values[5] = {subject_type, action, num, schema_json, now};
+    PGresult *r = NULL;
+    bool changed;
+    de_err err;
+
+    if (PQtransactionStatus(pg->conn) != PQTRANS_IDLE)
+        return de__fail(DE_ERR_STATE,
+                        "de_outbox_define for %s.%s v%d was called inside a "
+                        "transaction; define contracts outside one (at "
+                        "startup): a definition commits on its own",
+                        subject_type, action, version);
+    if ((err = de__contract_prepare(subject_type, action, version, schema_json,
+                                    &schema)) != DE_OK)
+        return err;
+    snprintf(num, sizeof num, "%d", version);
+    snprintf(now, sizeof now, "%lld", (long long)de__now_ms());
+    snprintf(what, sizeof what, "cannot store the contract %s.%s v%d",
+             subject_type, action, version);
+    if ((err = de__pg_params(
+             pg->conn,
+             "INSERT INTO deliveryevents.contracts(subject_type, action, "
+             "version, schema, defined_at_ms) VALUES ($1, $2, $3::integer, "
+             "$4, $5::bigint) ON CONFLICT (subject_type, action, version) DO "
+             "NOTHING RETURNING id",
+             5, values, PGRES_TUPLES_OK, &r, what)) != DE_OK)
+        goto fail;
+    if (PQntuples(r) == 1) {
+        if ((err = de__pg_exec(pg->conn,
+                               "SELECT pg_catalog.nextval("
+                               "'deliveryevents.contracts_version')",
+                               PGRES_TUPLES_OK, NULL, what)) != DE_OK)
+            goto fail;
+    } else {
+        PQclear(r);
+        r = NULL;
+        if ((err = de__pg_params(pg->conn,
+                                 "SELECT schema FROM deliveryevents.contracts "
+                                 "WHERE subject_type = $1 AND action = $2 AND "
+                                 "version = $3::integer",
+                                 3, values, PGRES_TUPLES_OK, &r,
+                                 "cannot read the contracts")) != DE_OK)
+            goto fail;
+        if (PQntuples(r) != 1) {
+            err = de__fail(DE_ERR_STATE,
+                           "the contract %s.%s v%d was neither stored nor "
+                           "found (deleted meanwhile?)",
+                           subject_type, action, version);
+            goto fail;
+        }
+        if ((err = de__contract_same(subject_type, action, version,
+                                     PQgetvalue(r, 0, 0), schema)) != DE_OK)
+            goto fail;
+    }
+    /* The cache takes it (and whatever others defined) from the table. */
+    err = pg_refresh(pg, cs, &changed);
+fail:
+    PQclear(r);
+    de__contract_free(schema);
+    return err;
 }
 
 /*
@@ -458,6 +669,8 @@ static const de__outbox_backend pg_backend = {
     .check_txn = pg_check_txn,
     .insert = pg_insert,
     .relay_start = pg_relay_start,
+    .refresh = pg_refresh,
+    .define = pg_define,
     .close = pg_close,
 };
 

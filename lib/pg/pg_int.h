@@ -25,6 +25,12 @@ de_err de__pg_fail(PGconn *conn, PGresult *r, const char *what);
 de_err de__pg_exec(PGconn *conn, const char *sql, ExecStatusType want,
                    PGresult **res, const char *what);
 
+/* de__pg_exec for one statement with n text parameters (bound, never
+ * spliced into sql); n 0 is de__pg_exec. */
+de_err de__pg_params(PGconn *conn, const char *sql, int n,
+                     const char *const *values, ExecStatusType want,
+                     PGresult **res, const char *what);
+
 /* Creates or migrates schema deliveryevents on conn, which must be idle
  * (the migration is a transaction of its own); *outbox_id (may be NULL)
  * receives the outbox's id. */
