@@ -15,11 +15,9 @@
  * unless its documentation says otherwise; the differences are stated
  * below, per function.
  *
- * STATUS: work in progress (docs/PG-WORK-IN-PROGRESS.md).
- * de_outbox_open_pg, de_record, de_relay_start on a PostgreSQL outbox,
- * de_relay_start_pg, de_consumer_open_pg and de_consumer_on_pg are
- * implemented; de_outbox_define on a PostgreSQL outbox returns
- * DE_ERR_STATE.
+ * The guide is docs/POSTGRESQL.md; the design, and what is not done yet
+ * (de_consumer_on_type on a PostgreSQL consumer, the tool's commands, de_replay),
+ * docs/POSTGRESQL-DESIGN.md.
  *
  * The relay of a PostgreSQL outbox opens two connections of its own (one
  * reads the outbox and LISTENs for commits, one keeps its state in the
