@@ -296,7 +296,8 @@ USER_PKG = PKG_CONFIG_PATH=$(abspath $(dir $(PCUNINST)))$${PKG_CONFIG_PATH:+:$$P
            pkg-config
 USER_CFLAGS = -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror $(SAN)
 
-$(BUILD)/examples/%: examples/%.c examples/example.h $(SHLIB) $(PCUNINST)
+$(BUILD)/examples/%: examples/%.c examples/example.h examples/delivery.h $(SHLIB) \
+                    $(PCUNINST)
 	@mkdir -p $(dir $@)
 	$(CC) $(USER_CFLAGS) $(CFLAGS) $$($(USER_PKG) --cflags deliveryevents \
 	    $(EXAMPLE_PKGS_$*)) $(LDFLAGS) -o $@ $< $(SAN_EXTRA) \

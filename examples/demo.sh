@@ -13,6 +13,7 @@
 # hour, and sqlite3 (when installed) answers one question from them alone.
 # Usage: demo.sh BUILD_DIR
 set -eu
+. "$(dirname "$0")/mock_cluster.sh"
 build=${1:?usage: demo.sh BUILD_DIR}
 tool="$build/deliveryevents"
 ex="$build/examples"
@@ -29,17 +30,7 @@ trap cleanup EXIT INT TERM
 start=$(date +%s)
 
 echo "== embedded Kafka: librdkafka's mock cluster, 3 brokers, topic delivery.events (6 partitions)"
-mkfifo "$work/mock.in"
-"$tool" mock-cluster --brokers 3 --topic delivery.events:6 --until-stdin-eof \
-    < "$work/mock.in" > "$work/mock.out" &
-mock_pid=$!
-exec 3> "$work/mock.in"   # the cluster lives as long as this stays open
-i=0
-until grep -q '^bootstrap.servers=' "$work/mock.out" 2>/dev/null; do
-    i=$((i + 1)); [ $i -lt 100 ] || { echo "mock cluster did not start" >&2; exit 1; }
-    sleep 0.1
-done
-bootstrap=$(sed -n 's/^bootstrap.servers=//p' "$work/mock.out")
+start_mock_cluster "$tool" "$work"
 echo "   bootstrap.servers=$bootstrap"
 
 echo

@@ -42,26 +42,26 @@ struct example_handler {
 };
 
 static inline de_err example_on(de_consumer *c, const char *subject_type,
-                         const struct example_handler *h, size_t n)
+                                const struct example_handler *h, size_t n)
 {
     de_err e;
 
     for (size_t i = 0; i < n; i++)
-        if ((e = de_consumer_on(c, subject_type, h[i].action, h[i].fn,
-                                NULL)) != DE_OK)
+        if ((e = de_consumer_on(c, subject_type, h[i].action, h[i].fn, NULL)) !=
+            DE_OK)
             return e;
     return DE_OK;
 }
 
 static volatile sig_atomic_t example_stop;
 
-static void example_on_signal(int sig)
+static inline void example_on_signal(int sig)
 {
     (void)sig;
     example_stop = 1;
 }
 
-static int64_t example_now_ms(void)
+static inline int64_t example_now_ms(void)
 {
     struct timespec ts;
 
@@ -69,7 +69,7 @@ static int64_t example_now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static int example_exec(sqlite3 *db, const char *sql)
+static inline int example_exec(sqlite3 *db, const char *sql)
 {
     char *err = NULL;
 
@@ -103,7 +103,7 @@ static inline de_err example_run(sqlite3 *db, const de_event_view *ev,
 }
 
 /* Prints the rows of a query as aligned columns (at most `limit`). */
-static void example_print(sqlite3 *db, const char *sql, int limit)
+static inline void example_print(sqlite3 *db, const char *sql, int limit)
 {
     sqlite3_stmt *st;
     int n = 0, cols;
@@ -126,33 +126,31 @@ static void example_print(sqlite3 *db, const char *sql, int limit)
     sqlite3_finalize(st);
 }
 
-static void example_usage(const struct example *ex)
+static inline void example_usage(const char *name, const char *db)
 {
     fprintf(stderr,
-            "usage: %s --bootstrap SERVERS [--db PATH] [--group ID] "
+            "usage: %s --bootstrap SERVERS [--db %s] [--group ID] "
             "[--until-idle MS] [-X key=value]...\n",
-            ex->name);
+            name, db);
     exit(2);
 }
 
-static int example_main(const struct example *ex, int argc, char **argv)
+/* The command line every consumer shares.  Sets *db, *group and
+ * *idle_ms (-1: until a signal) when given, and the Kafka settings into
+ * conf; returns 0, or 2 after printing why. */
+static inline int example_args(const char *name, const char *db_word, int argc,
+                               char **argv, const char **db, const char **group,
+                               int64_t *idle_ms, de_conf *conf)
 {
-    const char *path = ex->default_db, *group = ex->default_group;
-    int64_t idle_ms = -1, last = 0;
-    de_conf *conf = de_conf_new();
-    de_consumer *c = NULL;
-    de_consumer_stats st;
-    int handled, rc = 0;
-    sqlite3 *db = NULL;
     int have_bootstrap = 0;
 
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--db") == 0 && i + 1 < argc) {
-            path = argv[++i];
+            *db = argv[++i];
         } else if (strcmp(argv[i], "--group") == 0 && i + 1 < argc) {
-            group = argv[++i];
+            *group = argv[++i];
         } else if (strcmp(argv[i], "--until-idle") == 0 && i + 1 < argc) {
-            idle_ms = strtol(argv[++i], NULL, 10);
+            *idle_ms = strtol(argv[++i], NULL, 10);
         } else if (strcmp(argv[i], "--bootstrap") == 0 && i + 1 < argc) {
             have_bootstrap = 1;
             if (de_conf_set(conf, "bootstrap.servers", argv[++i]) != DE_OK)
@@ -160,35 +158,39 @@ static int example_main(const struct example *ex, int argc, char **argv)
         } else if (strcmp(argv[i], "-X") == 0 && i + 1 < argc) {
             char *kv = argv[++i], *eq = strchr(kv, '=');
             if (eq == NULL)
-                example_usage(ex);
+                example_usage(name, db_word);
             *eq = '\0';
             if (de_conf_set(conf, kv, eq + 1) != DE_OK)
                 goto conf_fail;
         } else {
-            example_usage(ex);
+            example_usage(name, db_word);
         }
     }
     if (!have_bootstrap)
-        example_usage(ex);
-    if (de_conf_set(conf, "group.id", group) != DE_OK)
+        example_usage(name, db_word);
+    if (de_conf_set(conf, "group.id", *group) != DE_OK)
         goto conf_fail;
     signal(SIGINT, example_on_signal);
     signal(SIGTERM, example_on_signal);
-    if (sqlite3_open(path, &db) != SQLITE_OK || ex->schema(db) != 0) {
-        fprintf(stderr, "%s: cannot set up %s: %s\n", ex->name, path,
-                sqlite3_errmsg(db));
-        return 1;
-    }
-    if (de_consumer_open(db, conf, &c) != DE_OK ||
-        ex->handlers(c) != DE_OK) {
-        fprintf(stderr, "%s: %s\n", ex->name, de_errmsg());
-        return 1;
-    }
-    de_conf_destroy(conf);
-    last = example_now_ms();
+    return 0;
+conf_fail:
+    fprintf(stderr, "%s: %s\n", name, de_errmsg());
+    return 2;
+}
+
+/* Consumes until a signal, or until no event arrived for idle_ms (after
+ * at least one was applied); prints the consumer's account and closes
+ * it.  Returns 0, or 1 when closing failed. */
+static inline int example_consume(const char *name, de_consumer *c,
+                                  int64_t idle_ms)
+{
+    int64_t last = example_now_ms();
+    de_consumer_stats st;
+    int handled;
+
     while (!example_stop) {
         if (de_consumer_poll(c, 100, &handled) != DE_OK)
-            fprintf(stderr, "%s: %s\n", ex->name, de_errmsg());
+            fprintf(stderr, "%s: %s\n", name, de_errmsg());
         de_consumer_stats_get(c, &st);
         if (handled > 0)
             last = example_now_ms();
@@ -199,20 +201,43 @@ static int example_main(const struct example *ex, int argc, char **argv)
     de_consumer_stats_get(c, &st);
     printf("%s: applied %llu events in %llu transactions (%llu duplicates "
            "skipped), %llu parked subjects, %llu foreign records\n",
-           ex->name, (unsigned long long)st.applied,
-           (unsigned long long)st.batches, (unsigned long long)st.duplicates,
+           name, (unsigned long long)st.applied, (unsigned long long)st.batches,
+           (unsigned long long)st.duplicates,
            (unsigned long long)st.parked_subjects,
            (unsigned long long)st.foreign);
     if (de_consumer_close(c) != DE_OK) {
-        fprintf(stderr, "%s: %s\n", ex->name, de_errmsg());
-        rc = 1;
+        fprintf(stderr, "%s: %s\n", name, de_errmsg());
+        return 1;
     }
+    return 0;
+}
+
+static inline int example_main(const struct example *ex, int argc, char **argv)
+{
+    const char *path = ex->default_db, *group = ex->default_group;
+    int64_t idle_ms = -1;
+    de_conf *conf = de_conf_new();
+    de_consumer *c = NULL;
+    sqlite3 *db = NULL;
+    int rc;
+
+    if ((rc = example_args(ex->name, "PATH", argc, argv, &path, &group,
+                           &idle_ms, conf)) != 0)
+        return rc;
+    if (sqlite3_open(path, &db) != SQLITE_OK || ex->schema(db) != 0) {
+        fprintf(stderr, "%s: cannot set up %s: %s\n", ex->name, path,
+                sqlite3_errmsg(db));
+        return 1;
+    }
+    if (de_consumer_open(db, conf, &c) != DE_OK || ex->handlers(c) != DE_OK) {
+        fprintf(stderr, "%s: %s\n", ex->name, de_errmsg());
+        return 1;
+    }
+    de_conf_destroy(conf);
+    rc = example_consume(ex->name, c, idle_ms);
     ex->report(db);
     sqlite3_close(db);
     return rc;
-conf_fail:
-    fprintf(stderr, "%s: %s\n", ex->name, de_errmsg());
-    return 2;
 }
 
 #endif
