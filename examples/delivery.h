@@ -167,6 +167,60 @@ static inline int delivery_simulate(int n, unsigned seed,
     return rc;
 }
 
+/* The service's own tables, in SQL both databases take (times in Unix
+ * milliseconds).  Each service then adds the riders its own way. */
+#define DELIVERY_TABLES                                                        \
+    "CREATE TABLE IF NOT EXISTS orders("                                       \
+    "  id text PRIMARY KEY, region text NOT NULL,"                             \
+    "  fee integer NOT NULL);"                                                 \
+    "CREATE TABLE IF NOT EXISTS riders("                                       \
+    "  id text PRIMARY KEY, name text NOT NULL);"                              \
+    "CREATE TABLE IF NOT EXISTS deliveries("                                   \
+    "  id text PRIMARY KEY, order_id text NOT NULL"                            \
+    "    REFERENCES orders(id),"                                               \
+    "  region text NOT NULL, status text NOT NULL,"                            \
+    "  rider_id text REFERENCES riders(id),"                                   \
+    "  created_at bigint, assigned_at bigint,"                                 \
+    "  picked_up_at bigint, delivered_at bigint,"                              \
+    "  canceled_at bigint, updated_at bigint NOT NULL);"
+
+/* The domain update of each action, in SQL both databases take: $1 the
+ * delivery, $2 the time (Unix ms), $3 the rider (assigned) or the order
+ * (created), $4 the region (created).  (SQLite reads $1... as named
+ * parameters: delivery_service.c binds them by name.)  The WHERE clause
+ * refuses a change the delivery's state does not allow; created inserts
+ * the order first (DELIVERY_INSERT_ORDER: $1 id, $2 region, $3 fee). */
+#define DELIVERY_INSERT_ORDER                                                  \
+    "INSERT INTO orders(id, region, fee) VALUES ($1, $2, $3)"
+static const struct {
+    const char *action, *sql;
+} delivery_updates[] = {
+    {"created", "INSERT INTO deliveries(id, order_id, region, status, "
+                "created_at, updated_at) VALUES ($1, $3, $4, 'created', $2, "
+                "$2)"},
+    {"assigned", "UPDATE deliveries SET status = 'assigned', rider_id = $3, "
+                 "assigned_at = $2, updated_at = $2 WHERE id = $1 AND status "
+                 "= 'created'"},
+    {"picked_up", "UPDATE deliveries SET status = 'picked_up', picked_up_at "
+                  "= $2, updated_at = $2 WHERE id = $1 AND status = "
+                  "'assigned'"},
+    {"delivered", "UPDATE deliveries SET status = 'delivered', delivered_at "
+                  "= $2, updated_at = $2 WHERE id = $1 AND status = "
+                  "'picked_up'"},
+    {"canceled", "UPDATE deliveries SET status = 'canceled', canceled_at = "
+                 "$2, updated_at = $2 WHERE id = $1 AND status IN "
+                 "('created', 'assigned')"},
+};
+
+static inline const char *delivery_update_sql(const char *action)
+{
+    size_t i = 0;
+
+    while (strcmp(delivery_updates[i].action, action) != 0)
+        i++;
+    return delivery_updates[i].sql;
+}
+
 /* The contracts of the events the service records, version 1 each.
  * Defining them at every start is harmless: a stored version is only
  * ever accepted again unchanged. */

@@ -61,8 +61,8 @@ static int sql(sqlite3 *db, const char *q)
     return 0;
 }
 
-/* Runs a statement with text/integer parameters given as a format: 't'
- * text, 'i' int64.  Returns SQLite's result of the step. */
+/* Runs a statement with text/integer parameters $1, $2, ... given as a
+ * format: 't' text, 'i' int64.  Returns SQLite's result of the step. */
 static int run(sqlite3 *db, const char *q, const char *fmt, ...)
 {
     sqlite3_stmt *st = NULL;
@@ -75,11 +75,16 @@ static int run(sqlite3 *db, const char *q, const char *fmt, ...)
     }
     va_start(ap, fmt);
     for (int i = 0; fmt[i]; i++) {
+        /* $N is a named parameter to SQLite, numbered as it appears. */
+        char name[16];
+        int at;
+        snprintf(name, sizeof name, "$%d", i + 1);
+        at = sqlite3_bind_parameter_index(st, name);
         if (fmt[i] == 't')
-            sqlite3_bind_text(st, i + 1, va_arg(ap, const char *), -1,
+            sqlite3_bind_text(st, at, va_arg(ap, const char *), -1,
                               SQLITE_TRANSIENT);
         else
-            sqlite3_bind_int64(st, i + 1, va_arg(ap, int64_t));
+            sqlite3_bind_int64(st, at, va_arg(ap, int64_t));
     }
     va_end(ap);
     rc = sqlite3_step(st);
@@ -87,45 +92,18 @@ static int run(sqlite3 *db, const char *q, const char *fmt, ...)
     return rc;
 }
 
-/* The domain update of each action: ?1 the delivery, ?2 the time, ?3
- * the rider; the WHERE clause refuses a change its state does not allow.
- * (created also inserts the order, in update().) */
-static const struct {
-    const char *action, *sql;
-} updates[] = {
-    {"created", "INSERT INTO deliveries(id, order_id, region, status, "
-                "created_at, updated_at) VALUES (?1, ?3, ?4, 'created', ?2, "
-                "?2)"},
-    {"assigned", "UPDATE deliveries SET status = 'assigned', rider_id = ?3, "
-                 "assigned_at = ?2, updated_at = ?2 WHERE id = ?1 AND status "
-                 "= 'created'"},
-    {"picked_up", "UPDATE deliveries SET status = 'picked_up', picked_up_at "
-                  "= ?2, updated_at = ?2 WHERE id = ?1 AND status = "
-                  "'assigned'"},
-    {"delivered", "UPDATE deliveries SET status = 'delivered', delivered_at "
-                  "= ?2, updated_at = ?2 WHERE id = ?1 AND status = "
-                  "'picked_up'"},
-    {"canceled", "UPDATE deliveries SET status = 'canceled', canceled_at = "
-                 "?2, updated_at = ?2 WHERE id = ?1 AND status IN "
-                 "('created', 'assigned')"},
-};
-
 static int update(sqlite3 *db, const struct delivery_change *c)
 {
-    size_t i = 0;
+    const char *sql = delivery_update_sql(c->action);
 
-    while (strcmp(updates[i].action, c->action) != 0)
-        i++;
     if (strcmp(c->action, "created") == 0)
-        return run(db,
-                   "INSERT INTO orders(id, region, fee) VALUES (?1, ?2, ?3)",
-                   "tti", c->order_id, c->region,
+        return run(db, DELIVERY_INSERT_ORDER, "tti", c->order_id, c->region,
                    (int64_t)c->fee) != SQLITE_DONE ||
-                       run(db, updates[i].sql, "titt", c->id, c->at_ms,
-                           c->order_id, c->region) != SQLITE_DONE
+                       run(db, sql, "titt", c->id, c->at_ms, c->order_id,
+                           c->region) != SQLITE_DONE
                    ? -1
                    : 0;
-    return run(db, updates[i].sql, c->rider_id ? "tit" : "ti", c->id, c->at_ms,
+    return run(db, sql, c->rider_id ? "tit" : "ti", c->id, c->at_ms,
                c->rider_id) == SQLITE_DONE
                ? 0
                : -1;
@@ -179,26 +157,15 @@ static void show_a_refusal(struct service *s)
     sql(s->db, "ROLLBACK");
 }
 
+/* The service's own tables (delivery.h) and its riders. */
 static int schema(sqlite3 *db)
 {
-    return sql(db, "CREATE TABLE IF NOT EXISTS orders("
-                   "  id TEXT PRIMARY KEY, region TEXT NOT NULL,"
-                   "  fee INTEGER NOT NULL);"
-                   "CREATE TABLE IF NOT EXISTS riders("
-                   "  id TEXT PRIMARY KEY, name TEXT NOT NULL);"
-                   "CREATE TABLE IF NOT EXISTS deliveries("
-                   "  id TEXT PRIMARY KEY, order_id TEXT NOT NULL"
-                   "    REFERENCES orders(id),"
-                   "  region TEXT NOT NULL, status TEXT NOT NULL,"
-                   "  rider_id TEXT REFERENCES riders(id),"
-                   "  created_at INTEGER, assigned_at INTEGER,"
-                   "  picked_up_at INTEGER, delivered_at INTEGER,"
-                   "  canceled_at INTEGER, updated_at INTEGER NOT NULL);"
-                   "INSERT OR IGNORE INTO riders "
-                   "  WITH RECURSIVE r(n) AS (SELECT 0 UNION ALL"
-                   "    SELECT n + 1 FROM r WHERE n < 11)"
-                   "  SELECT printf('R-%02d', n), printf('rider %d', n)"
-                   "  FROM r;");
+    return sql(db, DELIVERY_TABLES
+               "INSERT OR IGNORE INTO riders "
+               "  WITH RECURSIVE r(n) AS (SELECT 0 UNION ALL"
+               "    SELECT n + 1 FROM r WHERE n < 11)"
+               "  SELECT printf('R-%02d', n), printf('rider %d', n)"
+               "  FROM r;");
 }
 
 int main(int argc, char **argv)
