@@ -5,6 +5,7 @@
 #   make check-asan the suites under AddressSanitizer + UBSan
 #   make check-tsan the suites under ThreadSanitizer
 #   make demo       the delivery service demo
+#   make demo-pg    the delivery service on PostgreSQL (a throwaway server)
 #   make bench      the benchmarks (ratios against same-run baselines)
 #   make install / uninstall   honour PREFIX, DESTDIR, LIBDIR, INCLUDEDIR,
 #                              BINDIR, MANDIR
@@ -89,6 +90,9 @@ EXAMPLES := delivery_service query_model notifier live_stats dispatch_board \
 # courier_app stands for another company's producer: librdkafka alone.
 EXAMPLE_PKGS_courier_app := rdkafka
 EXAMPLE_BINS := $(EXAMPLES:%=$(BUILD)/examples/%)
+# The examples on PostgreSQL (make demo-pg; check_pg_examples).
+PG_EXAMPLES := delivery_service_pg query_model_pg
+PG_EXAMPLE_BINS := $(PG_EXAMPLES:%=$(BUILD)/examples/%)
 
 # Fuzz targets (fuzz/fuzz_*.c): libFuzzer with clang for `make fuzz`; with
 # fuzz/driver.c instead, every build replays their corpus and regressions.
@@ -99,7 +103,7 @@ BENCH_SRCS := $(sort $(wildcard bench/bench_*.c))
 BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 
 .PHONY: pg check-pg check-pg-module check-header-pg bench-pg install-pg uninstall-pg all deps check check-all check-suites stage check-header check-exports \
-        demo-run \
+        demo-run demo-pg demo-pg-run \
         check-install check-remote check-asan check-tsan demo bench examples install \
         soak soak-short soak-powerloss soak-archive \
         uninstall clean format format-check mock-reorder-experiment
@@ -203,6 +207,12 @@ $(PG_STLIB): $(LIB_OBJS) $(PG_OBJS)
 $(PG_PCFILE): pkgconfig/deliveryevents-pg.pc.in $(HEADER)
 	$(call make_pc,$(PREFIX),$(LIBDIR),$(INCLUDEDIR))
 
+# The PostgreSQL examples are built as a user's program is, with
+# `pkg-config deliveryevents-pg`, against this tree.
+PG_PCUNINST := $(BUILD)/pc-uninstalled/deliveryevents-pg.pc
+$(PG_PCUNINST): pkgconfig/deliveryevents-pg.pc.in $(HEADER)
+	$(call make_pc,$(CURDIR),$(abspath $(BUILD)),$(CURDIR)/include)
+
 # Each suite starts its own throwaway server (tests/pg/pgserver.c), or
 # uses the one DE_PG_CONNINFO names.
 $(BUILD)/tests/check_pg_%: tests/check_pg_%.c $(PG_TEST_SRCS) tests/pg/pgserver.h \
@@ -274,8 +284,10 @@ check-header-pg:
 	fi
 
 # The PostgreSQL module alone: its header, exports and suites.
-check-pg: check-pg-module $(PG_TEST_BINS)
-	@$(RUN_ENV) sh tests/run_suites.sh $(CHECK_JOBS) $(BUILD)/test-logs-pg \
+# check_pg_examples runs the PostgreSQL examples as built for users.
+check-pg: check-pg-module $(PG_TEST_BINS) $(PG_EXAMPLE_BINS)
+	@$(RUN_ENV) DE_EXAMPLES=$(abspath $(BUILD)/examples) \
+	    sh tests/run_suites.sh $(CHECK_JOBS) $(BUILD)/test-logs-pg \
 	    $(PG_TEST_BINS)
 
 check-pg-module: pg $(SHLIB) check-header-pg
@@ -321,6 +333,15 @@ $(TOOL): $(TOOL_SRCS) $(wildcard tools/*.h) lib/internal.h $(STLIB)
 
 examples: $(EXAMPLE_BINS)
 
+# The examples on PostgreSQL, linked with libdeliveryevents-pg instead
+# of libdeliveryevents.
+$(BUILD)/examples/%_pg: examples/%_pg.c examples/example.h examples/delivery.h \
+                        $(PG_SHLIB) $(PG_PCUNINST)
+	@mkdir -p $(dir $@)
+	$(CC) $(USER_CFLAGS) $(CFLAGS) $$($(USER_PKG) --cflags deliveryevents-pg) \
+	    $(LDFLAGS) -o $@ $< $(SAN_EXTRA) \
+	    $$($(USER_PKG) --libs deliveryevents-pg) $(if $(SAN_EXTRA),-lrdkafka)
+
 # Programs built against the shared library find it in the build tree.
 RUN_ENV = LD_LIBRARY_PATH=$(abspath $(BUILD))$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}
 
@@ -331,6 +352,14 @@ demo: deps
 
 demo-run: $(EXAMPLE_BINS) $(TOOL)
 	@$(RUN_ENV) sh examples/demo.sh $(abspath $(BUILD))
+
+# The delivery service on PostgreSQL: the demo starts a throwaway server
+# of its own (initdb, pg_ctl on a private unix socket) and removes it.
+demo-pg: deps
+	@$(MAKE) --no-print-directory demo-pg-run
+
+demo-pg-run: $(PG_EXAMPLE_BINS) $(TOOL)
+	@$(RUN_ENV) sh examples/demo_pg.sh $(abspath $(BUILD)) $(PG_BINDIR)
 
 bench: $(BENCH_BINS) $(TOOL)
 	@for b in $(BENCH_BINS); do \
@@ -357,7 +386,8 @@ stage: all
 # says why); CHECK_JOBS=1 runs them one after the other.
 # The PostgreSQL suites (tests/check_pg_*.c) run among them.
 CHECK_JOBS ?= 4
-check-suites: $(TEST_BINS) $(PG_TEST_BINS) stage $(EXAMPLE_BINS) $(FUZZ_REPLAY)
+check-suites: $(TEST_BINS) $(PG_TEST_BINS) stage $(EXAMPLE_BINS) \
+              $(PG_EXAMPLE_BINS) $(FUZZ_REPLAY)
 	@fail=0; $(RUN_ENV) DE_TOOL=$(STAGED_TOOL) \
 	  DE_EXAMPLES=$(abspath $(BUILD)/examples) \
 	  sh tests/run_suites.sh $(CHECK_JOBS) $(BUILD)/test-logs $(TEST_BINS) \
