@@ -9,6 +9,10 @@
  * It consumes until SIGINT/SIGTERM, or with --until-idle until no event
  * arrived for MS milliseconds (after it has applied at least one), then
  * prints its report.
+ *
+ * A consumer on another database (query_model_pg.c, where --db takes a
+ * libpq connection string) uses example_args and example_consume, the
+ * command line and the loop, with a main of its own.
  */
 #ifndef DE_EXAMPLE_H
 #define DE_EXAMPLE_H
