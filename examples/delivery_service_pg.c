@@ -68,6 +68,8 @@ static bool exec(PGconn *conn, const char *sql)
     return ok;
 }
 
+/* The change's row (delivery.h's SQL); false unless exactly one row
+ * changed, i.e. unless the delivery's state allowed the change. */
 static bool update(PGconn *conn, const struct delivery_change *c)
 {
     char at[24], fee[16];
@@ -78,9 +80,7 @@ static bool update(PGconn *conn, const struct delivery_change *c)
         const char *order[] = {c->order_id, c->region, fee};
         const char *p[] = {c->id, at, c->order_id, c->region};
         snprintf(fee, sizeof fee, "%d", c->fee);
-        return run(conn,
-                   "INSERT INTO orders(id, region, fee) VALUES ($1, $2, $3)", 3,
-                   order, 1) &&
+        return run(conn, DELIVERY_INSERT_ORDER, 3, order, 1) &&
                run(conn, sql, 4, p, 1);
     } else {
         const char *p[] = {c->id, at, c->rider_id};
