@@ -25,8 +25,9 @@
  *    Baseline: raw librdkafka at the same rate, produce -> acknowledgement
  *    of one message at a time (the Kafka round trip alone).
  *
- * Asserts nothing but that every event arrives (timings on a shared
- * machine are not a test).
+ * BENCH_PG_RELAY_SET ("key=value,...") adds relay settings to the drain's
+ * relay, to try one.  Asserts nothing but that every event arrives (timings on
+ * a shared machine are not a test).
  */
 #define PARTITIONS 12
 
@@ -104,6 +105,18 @@ static int relay_child(const char *conninfo, const char *boot, long n)
     BENCH_SET(conf, "topic.template", "bench.{subject_type}.events");
     BENCH_SET(conf, "event.source", "/bench");
     BENCH_SET_HMAC(conf);
+    if (getenv("BENCH_PG_RELAY_SET")) { /* "key=value,key=value" */
+        char *set = strdup(getenv("BENCH_PG_RELAY_SET")), *save = NULL;
+        BENCH_CHECK(set != NULL, "out of memory");
+        for (char *kv = strtok_r(set, ",", &save); kv;
+             kv = strtok_r(NULL, ",", &save)) {
+            char *eq = strchr(kv, '=');
+            BENCH_CHECK(eq != NULL, "BENCH_PG_RELAY_SET: %s", kv);
+            *eq = '\0';
+            BENCH_SET(conf, kv, eq + 1);
+        }
+        free(set);
+    }
     de_conf_set_log_cb(conf, quiet, NULL);
     t0 = bench_now();
     BENCH_CHECK(de_relay_start_pg(conninfo, conf, &r) == DE_OK, "%s",
