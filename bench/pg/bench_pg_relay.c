@@ -42,6 +42,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 
 #define FILL_TXN 100000
@@ -134,12 +135,15 @@ static int relay_child(const char *conninfo, const char *boot, long n)
     return 0;
 }
 
-/* Runs the relay's process on conninfo; its rate, its peak RSS in KiB. */
-static double run_relay(const char *conninfo, long n, long *rss_kib)
+/* Runs the relay's process on conninfo; its rate, its peak RSS in KiB,
+ * the CPU seconds it used (user + system, all its threads). */
+static double run_relay(const char *conninfo, long n, long *rss_kib,
+                        double *cpu)
 {
     char nbuf[24], line[256];
     unsigned long long published, read;
     int out[2], status;
+    struct rusage ru;
     double t = 0;
     FILE *f;
     pid_t pid;
@@ -164,9 +168,11 @@ static double run_relay(const char *conninfo, long n, long *rss_kib)
                            rss_kib) == 4,
                 "the relay's process said nothing");
     fclose(f);
-    BENCH_CHECK(waitpid(pid, &status, 0) == pid, "waitpid");
+    BENCH_CHECK(wait4(pid, &status, 0, &ru) == pid, "wait4");
     BENCH_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0,
                 "relay process failed (status %d)", status);
+    *cpu = (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
+           (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
     return (double)n / t;
 }
 
@@ -225,6 +231,7 @@ static void bench_drain(long n, long rounds, long subjects)
            bench_now() - t0);
     for (long r = 0; r < rounds; r++) {
         long rss = 0;
+        double cpu = 0;
         snprintf(sql, sizeof sql, "CREATE DATABASE %s_r%ld TEMPLATE %s", tmpl,
                  r, tmpl);
         admin(sql);
@@ -235,7 +242,7 @@ static void bench_drain(long n, long rounds, long subjects)
                 raw[r] = raw_run("bench.delivery.events", msgs, n);
             } else {
                 snprintf(ci, sizeof ci, "%s dbname=%s_r%ld", base, tmpl, r);
-                rel[r] = run_relay(ci, n, &rss);
+                rel[r] = run_relay(ci, n, &rss, &cpu);
             }
             stop_mock();
         }
@@ -246,8 +253,10 @@ static void bench_drain(long n, long rounds, long subjects)
         if (rss > peak)
             peak = rss;
         printf("  round %ld: raw %8.0f msg/s, relay %8.0f msg/s, ratio "
-               "%.3f, relay peak RSS %.1f MiB\n",
-               r + 1, raw[r], rel[r], ratio[r], (double)rss / 1024.0);
+               "%.3f, relay peak RSS %.1f MiB, relay CPU %.1f%% of its "
+               "wall time\n",
+               r + 1, raw[r], rel[r], ratio[r], (double)rss / 1024.0,
+               100.0 * cpu * rel[r] / (double)n);
         fflush(stdout);
     }
     double mraw = bench_median(raw, (size_t)rounds);
