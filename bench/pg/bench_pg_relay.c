@@ -17,7 +17,9 @@
  *    the relay's alone.  Baseline: raw librdkafka producing the same keys,
  *    values and headers from memory, with the relay's producer settings,
  *    to a fresh cluster.  BENCH_PG_ROUNDS (3) rounds, the order of the two
- *    alternating; target: relay/raw >= 0.8, peak RSS <= 64 MiB.
+ *    alternating; target: relay/raw >= 0.8, peak RSS <= 64 MiB (the
+ *    child's VmHWM).  Each round also prints the share of one core the
+ *    relay's process used: under 100 %, it waits on the server.
  * 2. Latency: one event per transaction at a steady BENCH_RATE (1,500)
  *    events/s for BENCH_LAT_EVENTS (6,000), commit return -> Kafka
  *    acknowledgement as the relay's counters show it (as
@@ -26,8 +28,8 @@
  *    of one message at a time (the Kafka round trip alone).
  *
  * BENCH_PG_RELAY_SET ("key=value,...") adds relay settings to the drain's
- * relay, to try one.  Asserts nothing but that every event arrives (timings on
- * a shared machine are not a test).
+ * relay, to try one.  Asserts nothing but that every event arrives
+ * (timings on a shared machine are not a test).
  */
 #define PARTITIONS 12
 
