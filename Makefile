@@ -236,17 +236,30 @@ $(BUILD)/bench/bench_pg_record: bench/pg/bench_pg_record.c $(PG_TEST_SRCS) \
 # The consumer on PostgreSQL against plain libpq writing the same rows
 # in the same order (the mock cluster runs in the tool's process).
 $(BUILD)/bench/bench_pg_consumer: bench/pg/bench_pg_consumer.c bench/bench.h \
-                                  bench/bench_kafka.h $(PG_TEST_SRCS) \
+                                  bench/bench_kafka.h bench/pg/bench_pg.h \
+                                  $(PG_TEST_SRCS) \
                                   tests/pg/pgserver.h $(PG_STLIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(USER_CFLAGS) -Iinclude $(PQ_CFLAGS) -Ibench -Itests/pg \
 	    $(CHECK_CFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(PG_TEST_SRCS) \
 	    $(PG_STLIB) $(PKG_LIBS) $(PQ_LIBS) $(CHECK_LIBS) -pthread -lm
 
+# The relay on PostgreSQL: drain against raw librdkafka, commit -> ack
+# (BENCH_PG_EVENTS, default 1,000,000; BENCH_PG_ROUNDS, default 3).
+$(BUILD)/bench/bench_pg_relay: bench/pg/bench_pg_relay.c bench/bench.h \
+                               bench/bench_kafka.h bench/bench_raw.h \
+                               bench/pg/bench_pg.h $(PG_TEST_SRCS) \
+                               tests/pg/pgserver.h $(PG_STLIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(USER_CFLAGS) -Iinclude $(PQ_CFLAGS) -Ibench -Itests/pg \
+	    $(CHECK_CFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(PG_TEST_SRCS) \
+	    $(PG_STLIB) $(PKG_LIBS) $(PQ_LIBS) $(CHECK_LIBS) -pthread -lm
+
 bench-pg: pg $(BUILD)/bench/bench_pg_record $(BUILD)/bench/bench_pg_consumer \
-          $(TOOL)
+          $(BUILD)/bench/bench_pg_relay $(TOOL)
 	$(BUILD)/bench/bench_pg_record
 	DE_TOOL=$(abspath $(TOOL)) $(BUILD)/bench/bench_pg_consumer
+	DE_TOOL=$(abspath $(TOOL)) $(BUILD)/bench/bench_pg_relay
 
 # The PostgreSQL module beside an installed libdeliveryevents (same
 # PREFIX, DESTDIR, LIBDIR, INCLUDEDIR as install).
@@ -550,7 +563,7 @@ uninstall:
 FORMAT_SRCS = $(wildcard include/*.h lib/*.c lib/*.h lib/pg/*.c tests/*.c \
               tests/util/*.[ch] tests/pg/*.[ch] \
               tests/experiments/*.c \
-              examples/*.c bench/*.[ch] bench/pg/*.c tools/*.c fuzz/*.c)
+              examples/*.c bench/*.[ch] bench/pg/*.[ch] tools/*.c fuzz/*.c)
 
 format:
 	clang-format -i $(FORMAT_SRCS)

@@ -49,114 +49,9 @@
 #define PARTITIONS 12
 
 #include "bench_kafka.h"
+#include "bench_raw.h"
 
 /* ---- 1. drain throughput -------------------------------------------- */
-
-struct raw_msg {
-    char id[40];
-    char key[24];
-    int64_t ts;
-    int64_t seq;
-    int64_t epoch;
-};
-
-static long raw_acked;
-
-static void raw_dr(rd_kafka_t *rk, const rd_kafka_message_t *m, void *op)
-{
-    (void)rk;
-    (void)op;
-    if (m->err == 0)
-        raw_acked++;
-}
-
-/* The relay's producer settings (see relay.c), for a fair baseline. */
-static rd_kafka_t *raw_producer(void)
-{
-    static const char *const kv[][2] = {
-        {"enable.idempotence", "true"},
-        {"enable.gapless.guarantee", "true"},
-        {"message.timeout.ms", "2147483647"},
-        {"partitioner", "murmur2_random"},
-        {"socket.nagle.disable", "true"},
-        {"reconnect.backoff.ms", "10"},
-        {"reconnect.backoff.max.ms", "1000"},
-        {"linger.ms", "5"},
-        {"queue.buffering.max.kbytes", "32768"},
-        {"queue.buffering.max.messages", "41000"},
-    };
-    rd_kafka_conf_t *c = rd_kafka_conf_new();
-    char err[512];
-    rd_kafka_t *rk;
-
-    rd_kafka_conf_set(c, "bootstrap.servers", bootstrap, err, sizeof err);
-    for (size_t i = 0; i < sizeof kv / sizeof kv[0]; i++)
-        BENCH_CHECK(rd_kafka_conf_set(c, kv[i][0], kv[i][1], err, sizeof err) ==
-                        RD_KAFKA_CONF_OK,
-                    "%s", err);
-    rd_kafka_conf_set_dr_msg_cb(c, raw_dr);
-    rd_kafka_conf_set_log_cb(c, quiet_rk);
-    rk = rd_kafka_new(RD_KAFKA_PRODUCER, c, err, sizeof err);
-    BENCH_CHECK(rk != NULL, "%s", err);
-    return rk;
-}
-
-static void add_header(rd_kafka_headers_t *h, const char *k, const char *v)
-{
-    rd_kafka_header_add(h, k, -1, v, -1);
-}
-
-/* Raw librdkafka: the same records, built from memory. */
-static double run_raw(const char *topic, const struct raw_msg *msgs, long n)
-{
-    rd_kafka_t *rk = raw_producer();
-    rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topic, NULL);
-    double t0 = bench_now(), t;
-    char seq[24], epoch[24], time[32];
-
-    raw_acked = 0;
-    for (long i = 0; i < n; i++) {
-        const struct raw_msg *m = &msgs[i];
-        rd_kafka_headers_t *h = rd_kafka_headers_new(14);
-        rd_kafka_resp_err_t err;
-        snprintf(seq, sizeof seq, "%lld", (long long)m->seq);
-        snprintf(epoch, sizeof epoch, "%lld", (long long)m->epoch);
-        snprintf(time, sizeof time, "2026-11-25T11:00:00.%03dZ",
-                 (int)(i % 1000));
-        add_header(h, "ce_specversion", "1.0");
-        add_header(h, "ce_id", m->id);
-        add_header(h, "ce_source", "/bench");
-        add_header(h, "ce_type", "delivery.assigned");
-        add_header(h, "ce_subject", m->key);
-        add_header(h, "ce_time", time);
-        add_header(h, "content-type", "application/json");
-        add_header(h, "ce_partitionkey", m->key);
-        add_header(h, "ce_subjectseq", seq);
-        add_header(h, "ce_subjectepoch", epoch);
-        add_header(h, "ce_subjecttype", "delivery");
-        add_header(h, "ce_action", "assigned");
-        for (;;) {
-            err = rd_kafka_producev(rk, RD_KAFKA_V_RKT(rkt),
-                                    RD_KAFKA_V_KEY(m->key, strlen(m->key)),
-                                    RD_KAFKA_V_VALUE((void *)(uintptr_t)payload,
-                                                     sizeof payload - 1),
-                                    RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
-                                    RD_KAFKA_V_TIMESTAMP(m->ts),
-                                    RD_KAFKA_V_HEADERS(h), RD_KAFKA_V_END);
-            if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL)
-                break;
-            rd_kafka_poll(rk, 1);
-        }
-        BENCH_CHECK(err == 0, "produce: %s", rd_kafka_err2str(err));
-        rd_kafka_poll(rk, 0);
-    }
-    while (raw_acked < n)
-        rd_kafka_poll(rk, 10);
-    t = bench_now() - t0;
-    rd_kafka_topic_destroy(rkt);
-    rd_kafka_destroy(rk);
-    return (double)n / t;
-}
 
 /* The relay: start on the backlog, wait until all of it is acknowledged. */
 static double run_relay(const char *db_path, const char *state,
@@ -203,33 +98,17 @@ static double cpu_seconds(void)
 static void bench_drain(const char *dir, long n, long rounds, long subjects)
 {
     char db[4200], state[4300], tmpl[64];
-    struct raw_msg *msgs = calloc((size_t)n, sizeof *msgs);
-    int64_t *seqs = calloc((size_t)subjects, sizeof *seqs);
-    int64_t *first = calloc((size_t)subjects, sizeof *first);
+    struct raw_msg *msgs = raw_msgs(n, subjects);
     int good = 0;
     double *raw = calloc((size_t)rounds, sizeof(double));
     double *rel = calloc((size_t)rounds, sizeof(double));
     double *ratio = calloc((size_t)rounds, sizeof(double));
     double t0;
 
-    BENCH_CHECK(msgs && seqs && first && raw && rel && ratio, "out of memory");
+    BENCH_CHECK(raw && rel && ratio, "out of memory");
     printf("\ndrain: %ld events over %ld subjects, %d partitions, 3 brokers "
            "(mock cluster in its own process), acks=all\n",
            n, subjects, PARTITIONS);
-    for (long i = 0; i < n; i++) {
-        long x = i + 1;
-        snprintf(msgs[i].id, sizeof msgs[i].id,
-                 "01937a1e-%04lx-7%03lx-8%03lx-%012lx", x / 65536 % 65536,
-                 x % 4096, x / 4096 % 4096, x);
-        snprintf(msgs[i].key, sizeof msgs[i].key, SUBJECT_FMT, x % subjects);
-        msgs[i].ts = 1795604400000 + x;
-        msgs[i].seq = ++seqs[x % subjects];
-        /* As the relay numbers a subject it never saw: its first event's
-         * position names the numbering. */
-        if (first[x % subjects] == 0)
-            first[x % subjects] = x;
-        msgs[i].epoch = first[x % subjects];
-    }
     snprintf(db, sizeof db, "%s/drain-%ld.db", dir, subjects);
     t0 = bench_now();
     make_backlog(db, n, subjects);
@@ -245,7 +124,7 @@ static void bench_drain(const char *dir, long n, long rounds, long subjects)
             start_mock(topics);
             c0 = cpu_seconds();
             if (do_raw) {
-                raw[r] = run_raw("bench.delivery.events", msgs, n);
+                raw[r] = raw_run("bench.delivery.events", msgs, n);
                 craw = cpu_seconds() - c0;
             } else {
                 snprintf(state, sizeof state, "%s/drain-%ld-%ld.relay", dir,
@@ -274,8 +153,6 @@ static void bench_drain(const char *dir, long n, long rounds, long subjects)
     printf("  rounds at or above 0.80             : %d of %ld\n", good, rounds);
     unlink(db);
     free(msgs);
-    free(seqs);
-    free(first);
     free(raw);
     free(rel);
     free(ratio);

@@ -20,6 +20,7 @@
  * Environment: BENCH_EVENTS, DE_TOOL.
  */
 #include "bench_kafka.h"
+#include "bench_pg.h"
 #include "deliveryevents_pg.h"
 #include "pgserver.h"
 
@@ -28,24 +29,6 @@
 #include <string.h>
 
 #define PG_SUBJECTS 2000
-
-static PGconn *must_connect(const char *conninfo)
-{
-    PGconn *c = PQconnectdb(conninfo);
-
-    BENCH_CHECK(PQstatus(c) == CONNECTION_OK, "%s", PQerrorMessage(c));
-    return c;
-}
-
-static void must(PGconn *c, const char *sql)
-{
-    PGresult *r = PQexec(c, sql);
-
-    BENCH_CHECK(PQresultStatus(r) == PGRES_COMMAND_OK ||
-                    PQresultStatus(r) == PGRES_TUPLES_OK,
-                "%s: %s", sql, PQresultErrorMessage(r));
-    PQclear(r);
-}
 
 /* The order the consumer applied its events in. */
 static struct {
