@@ -17,7 +17,7 @@
  *
  * The guide is docs/POSTGRESQL.md; the design, and what is not done yet
  * (de_consumer_on_type on a PostgreSQL consumer, the tool's commands,
- * de_replay), docs/POSTGRESQL-DESIGN.md.
+ * de_replay), docs/POSTGRESQL-INTERNALS.md.
  *
  * The relay of a PostgreSQL outbox opens two connections of its own (one
  * reads the outbox and LISTENs for commits, one keeps its state in the

@@ -7,7 +7,7 @@
  *   one writer:  transactions of one event, one after the other;
  *   16 writers:  the same from 16 connections at once (recorders commit
  *                concurrently: the commit-order lock is taken shared,
- *                docs/POSTGRESQL-DESIGN.md section 2).
+ *                docs/POSTGRESQL-INTERNALS.md section 2).
  *
  * Each with synchronous_commit on and off.  Then the same with a 10-field
  * payload checked against its contract (de_outbox_define: patterns, enums,

@@ -4,7 +4,7 @@
  * and its migrations, and the backend de_record writes through
  * (de__outbox_backend, see outbox.c for the checks that run first).
  *
- * Commit order (docs/POSTGRESQL-DESIGN.md, section 2): a row gets its
+ * Commit order (docs/POSTGRESQL-INTERNALS.md, section 2): a row gets its
  * position not when de_record writes it but at the host's COMMIT, from a
  * deferred constraint trigger that takes the commit-order advisory lock
  * SHARED (transaction-scoped: released only after the commit is visible
@@ -524,7 +524,7 @@ static de_err pg_insert(void *ctx, de__contract_set *cs,
     /* After a reload that could not see every definition, the next
      * record (maybe in a newer transaction) loads again. */
     pg->expect = pg->seen;
-    *position = 0; /* assigned at commit (docs/POSTGRESQL-DESIGN.md) */
+    *position = 0; /* assigned at commit (docs/POSTGRESQL-INTERNALS.md) */
     return DE_OK;
 }
 
