@@ -1007,67 +1007,13 @@ static const de__inbox_ops pg_ops = {
  */
 static de_err ensure_schema(PGconn *conn)
 {
-    char what[160];
-    PGresult *r = NULL;
-    int version = 0;
-    de_err err;
+    de_err err = de__pg_migrate(conn, "the consumer's", "inbox_schema_version",
+                                migrations, INBOX_SCHEMA_VERSION);
 
-    if ((err = de__pg_exec(conn, "BEGIN", PGRES_COMMAND_OK, NULL,
-                           "consumer: cannot begin its migration")) != DE_OK)
-        return err;
-    if ((err = de__pg_exec(
-             conn,
-             "SET LOCAL client_min_messages = warning;"
-             "SELECT pg_catalog.pg_advisory_xact_lock(" DE__PG_LOCK_CLASS
-             ", " DE__PG_LOCK_MIGRATE ")",
-             PGRES_TUPLES_OK, NULL, "consumer: cannot lock its schema")) !=
-            DE_OK ||
-        (err = de__pg_exec(conn,
-                           "CREATE SCHEMA IF NOT EXISTS deliveryevents;"
-                           "CREATE TABLE IF NOT EXISTS deliveryevents.meta ("
-                           "  key text PRIMARY KEY, value text NOT NULL)",
-                           PGRES_COMMAND_OK, NULL,
-                           "consumer: cannot create schema deliveryevents "
-                           "(the role needs CREATE on the database once)")) !=
-            DE_OK ||
-        (err = de__pg_exec(conn,
-                           "SELECT value FROM deliveryevents.meta WHERE key = "
-                           "'inbox_schema_version'",
-                           PGRES_TUPLES_OK, &r,
-                           "consumer: cannot read its schema version")) !=
-            DE_OK)
-        goto fail;
-    if (PQntuples(r) == 1)
-        version = atoi(PQgetvalue(r, 0, 0));
-    PQclear(r);
-    if (version > INBOX_SCHEMA_VERSION) {
-        err = de__fail(DE_ERR_STATE,
-                       "the consumer's schema is version %d, newer than this "
-                       "library's %d; upgrade libdeliveryevents-pg",
-                       version, INBOX_SCHEMA_VERSION);
-        goto fail;
-    }
-    for (int i = version; i < INBOX_SCHEMA_VERSION; i++) {
-        snprintf(what, sizeof what,
-                 "consumer: cannot migrate its schema from version %d to %d", i,
-                 i + 1);
-        if ((err = de__pg_exec(conn, migrations[i], PGRES_COMMAND_OK, NULL,
-                               what)) != DE_OK)
-            goto fail;
-    }
-    snprintf(what, sizeof what,
-             "INSERT INTO deliveryevents.meta VALUES ('inbox_schema_version', "
-             "'%d') ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-             INBOX_SCHEMA_VERSION);
-    if ((err = de__pg_exec(conn, what, PGRES_COMMAND_OK, NULL,
-                           "consumer: cannot store its schema version")) !=
-            DE_OK ||
+    if (err == DE_OK &&
         (err = de__pg_exec(conn, "COMMIT", PGRES_COMMAND_OK, NULL,
-                           "consumer: cannot commit its migration")) != DE_OK)
-        goto fail;
-    return DE_OK;
-fail:
-    if (PQtransactionStatus(conn) != PQTRANS_IDLE)
+                           "consumer: cannot commit its migration")) != DE_OK &&
+        PQtransactionStatus(conn) != PQTRANS_IDLE)
         PQclear(PQexec(conn, "ROLLBACK"));
     return err;
 }

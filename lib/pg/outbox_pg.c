@@ -204,23 +204,93 @@ de_err de__pg_params(PGconn *conn, const char *sql, int n,
     return DE_OK;
 }
 
-/* The schema version stored in deliveryevents.meta (0: none yet). */
-static de_err schema_version(PGconn *conn, int *out)
+/*
+ * The migration both the outbox and the consumer run (whose: "the
+ * outbox's", "the consumer's"): BEGIN, the migration advisory lock (so
+ * that instances starting together migrate one at a time), schema
+ * deliveryevents and its meta table, then steps[version .. n-1] from the
+ * version stored under meta's version_key, which is then set to n.  A
+ * stored version above n (a newer library wrote it) is refused.  On
+ * success the transaction is left open for the caller's own steps and
+ * COMMIT; on failure it is rolled back.
+ */
+de_err de__pg_migrate(PGconn *conn, const char *whose, const char *version_key,
+                      const char *const *steps, int n)
 {
-    PGresult *r = NULL;
+    char what[160];
+    const char *params[1] = {version_key};
+    PGresult *r;
+    int version = 0;
     de_err err;
 
-    *out = 0;
-    if ((err = de__pg_exec(conn,
-                           "SELECT value FROM deliveryevents.meta "
-                           "WHERE key = 'schema_version'",
-                           PGRES_TUPLES_OK, &r,
-                           "cannot read the outbox's schema version")) != DE_OK)
+    snprintf(what, sizeof what, "cannot begin %s migration", whose);
+    if ((err = de__pg_exec(conn, "BEGIN", PGRES_COMMAND_OK, NULL, what)) !=
+        DE_OK)
         return err;
+    /* SET LOCAL: no "already exists, skipping" notices on the host's
+     * connection, and the host's own setting back at COMMIT. */
+    snprintf(what, sizeof what, "cannot lock %s schema", whose);
+    if ((err = de__pg_exec(
+             conn,
+             "SET LOCAL client_min_messages = warning;"
+             "SELECT pg_catalog.pg_advisory_xact_lock(" DE__PG_LOCK_CLASS
+             ", " DE__PG_LOCK_MIGRATE ")",
+             PGRES_TUPLES_OK, NULL, what)) != DE_OK ||
+        (err =
+             de__pg_exec(conn,
+                         "CREATE SCHEMA IF NOT EXISTS deliveryevents;"
+                         "CREATE TABLE IF NOT EXISTS deliveryevents.meta ("
+                         "  key text PRIMARY KEY, value text NOT NULL)",
+                         PGRES_COMMAND_OK, NULL,
+                         "cannot create schema deliveryevents (the role needs "
+                         "CREATE on the database once)")) != DE_OK)
+        goto fail;
+    r = PQexecParams(conn,
+                     "SELECT value FROM deliveryevents.meta WHERE key = $1", 1,
+                     NULL, params, NULL, NULL, 0);
+    if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK) {
+        snprintf(what, sizeof what, "cannot read %s schema version", whose);
+        err = de__pg_fail(conn, r, what);
+        goto fail;
+    }
     if (PQntuples(r) == 1)
-        *out = atoi(PQgetvalue(r, 0, 0));
+        version = atoi(PQgetvalue(r, 0, 0));
+    PQclear(r);
+    if (version > n) {
+        err = de__fail(DE_ERR_STATE,
+                       "%s schema is version %d, newer than this library's "
+                       "%d; upgrade libdeliveryevents-pg",
+                       whose, version, n);
+        goto fail;
+    }
+    for (int i = version; i < n; i++) {
+        snprintf(what, sizeof what,
+                 "cannot migrate %s schema from version %d to %d", whose, i,
+                 i + 1);
+        if ((err = de__pg_exec(conn, steps[i], PGRES_COMMAND_OK, NULL, what)) !=
+            DE_OK)
+            goto fail;
+    }
+    snprintf(what, sizeof what, "%d", n);
+    {
+        const char *p2[2] = {version_key, what};
+        r = PQexecParams(conn,
+                         "INSERT INTO deliveryevents.meta VALUES ($1, $2) "
+                         "ON CONFLICT (key) DO UPDATE SET value = "
+                         "excluded.value",
+                         2, NULL, p2, NULL, NULL, 0);
+    }
+    if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK) {
+        snprintf(what, sizeof what, "cannot store %s schema version", whose);
+        err = de__pg_fail(conn, r, what);
+        goto fail;
+    }
     PQclear(r);
     return DE_OK;
+fail:
+    if (PQtransactionStatus(conn) != PQTRANS_IDLE)
+        PQclear(PQexec(conn, "ROLLBACK"));
+    return err;
 }
 
 /*
@@ -234,57 +304,14 @@ static de_err schema_version(PGconn *conn, int *out)
  */
 de_err de__pg_schema_ensure(PGconn *conn, char outbox_id[37])
 {
-    char sql[160], uuid[37];
+    char uuid[37];
     const char *params[1];
     PGresult *r;
-    int version = 0, i;
     de_err err;
 
-    if ((err = de__pg_exec(conn, "BEGIN", PGRES_COMMAND_OK, NULL,
-                           "cannot begin the outbox's migration")) != DE_OK)
+    if ((err = de__pg_migrate(conn, "the outbox's", "schema_version",
+                              migrations, PG_SCHEMA_VERSION)) != DE_OK)
         return err;
-    /* SET LOCAL: no "already exists, skipping" notices on the host's
-     * connection, and the host's own setting back at COMMIT. */
-    if ((err = de__pg_exec(
-             conn,
-             "SET LOCAL client_min_messages = warning;"
-             "SELECT pg_catalog.pg_advisory_xact_lock(" DE__PG_LOCK_CLASS
-             ", " DE__PG_LOCK_MIGRATE ")",
-             PGRES_TUPLES_OK, NULL, "cannot lock the outbox's schema")) !=
-            DE_OK ||
-        (err =
-             de__pg_exec(conn,
-                         "CREATE SCHEMA IF NOT EXISTS deliveryevents;"
-                         "CREATE TABLE IF NOT EXISTS deliveryevents.meta ("
-                         "  key text PRIMARY KEY, value text NOT NULL)",
-                         PGRES_COMMAND_OK, NULL,
-                         "cannot create schema deliveryevents (the role needs "
-                         "CREATE on the database once)")) != DE_OK ||
-        (err = schema_version(conn, &version)) != DE_OK)
-        goto fail;
-    if (version > PG_SCHEMA_VERSION) {
-        err = de__fail(DE_ERR_STATE,
-                       "the outbox's schema is version %d, newer than this "
-                       "library's %d; upgrade libdeliveryevents-pg",
-                       version, PG_SCHEMA_VERSION);
-        goto fail;
-    }
-    for (i = version; i < PG_SCHEMA_VERSION; i++) {
-        snprintf(sql, sizeof sql,
-                 "cannot migrate the outbox's schema from version %d to %d", i,
-                 i + 1);
-        if ((err = de__pg_exec(conn, migrations[i], PGRES_COMMAND_OK, NULL,
-                               sql)) != DE_OK)
-            goto fail;
-    }
-    snprintf(sql, sizeof sql,
-             "INSERT INTO deliveryevents.meta VALUES ('schema_version', "
-             "'%d') ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-             PG_SCHEMA_VERSION);
-    if ((err = de__pg_exec(conn, sql, PGRES_COMMAND_OK, NULL,
-                           "cannot store the outbox's schema version")) !=
-        DE_OK)
-        goto fail;
     /* The outbox's identity, as on SQLite (schema.c): a relay that finds
      * its marks written for another outbox refuses them. */
     de__uuid7(uuid);

@@ -31,6 +31,15 @@ de_err de__pg_params(PGconn *conn, const char *sql, int n,
                      const char *const *values, ExecStatusType want,
                      PGresult **res, const char *what);
 
+/* Begins a transaction on conn, takes the migration lock, creates schema
+ * deliveryevents and its meta table, and runs steps[v..n-1] where v is
+ * the version stored under meta's version_key (then set to n; a version
+ * above n is refused).  whose names the owner in messages ("the
+ * outbox's").  The transaction stays open on success (the caller adds
+ * its steps and commits); it is rolled back on failure. */
+de_err de__pg_migrate(PGconn *conn, const char *whose, const char *version_key,
+                      const char *const *steps, int n);
+
 /* Creates or migrates schema deliveryevents on conn, which must be idle
  * (the migration is a transaction of its own); *outbox_id (may be NULL)
  * receives the outbox's id. */
