@@ -367,12 +367,12 @@ static long long terminate_relays_now(void)
 
 /* ---- tests ------------------------------------------------------------ */
 
-/* Twelve writer processes, random commit delays, rollbacks and rolled-back
+/* Thirty-two writer processes, random commit delays, rollbacks and rolled-back
  * savepoints, the relay running meanwhile: Kafka holds exactly what
  * committed, each subject numbered 1, 2, 3, ... in commit order. */
 START_TEST(end_to_end_many_writer_processes)
 {
-    enum { WRITERS = 12, TXNS = 40 };
+    enum { WRITERS = 32, TXNS = 25 };
     pid_t pids[WRITERS];
     tu_cluster *c;
     de_conf *conf;
