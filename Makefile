@@ -182,6 +182,9 @@ PQ_LIBS    = $(shell pkg-config --libs libpq)
 PG_BINDIR  = $(shell pg_config --bindir)
 PG_TEST_BINS := $(patsubst tests/%.c,$(BUILD)/tests/%,$(sort $(wildcard tests/check_pg_*.c)))
 PG_TEST_SRCS := $(sort $(wildcard tests/pg/*.c))
+# The benchmarks need only the throwaway server (the suites' other
+# helpers use the checking consumer of tests/util).
+PG_BENCH_SRCS := tests/pg/pgserver.c
 
 pg:
 	@pkg-config --exists libpq || { echo "make pg: libpq not found" \
@@ -215,7 +218,7 @@ $(PG_PCUNINST): pkgconfig/deliveryevents-pg.pc.in $(HEADER)
 
 # Each suite starts its own throwaway server (tests/pg/pgserver.c), or
 # uses the one DE_PG_CONNINFO names.
-$(BUILD)/tests/check_pg_%: tests/check_pg_%.c $(PG_TEST_SRCS) tests/pg/pgserver.h \
+$(BUILD)/tests/check_pg_%: tests/check_pg_%.c $(PG_TEST_SRCS) $(wildcard tests/pg/*.h) \
                            $(TEST_UTIL_SRCS) $(wildcard tests/util/*.h) $(PG_STLIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(DE_CFLAGS) $(PQ_CFLAGS) -Ilib -Ilib/pg -Itests/util -Itests/pg \
@@ -226,33 +229,33 @@ $(BUILD)/tests/check_pg_%: tests/check_pg_%.c $(PG_TEST_SRCS) tests/pg/pgserver.
 
 # The cost of de_record on PostgreSQL against a bare INSERT (one writer
 # and sixteen; synchronous_commit on and off): numbers only, no targets.
-$(BUILD)/bench/bench_pg_record: bench/pg/bench_pg_record.c $(PG_TEST_SRCS) \
+$(BUILD)/bench/bench_pg_record: bench/pg/bench_pg_record.c $(PG_BENCH_SRCS) \
                                 tests/pg/pgserver.h $(PG_STLIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(DE_CFLAGS) $(PQ_CFLAGS) -Itests/pg $(CHECK_CFLAGS) $(CFLAGS) \
-	    $(LDFLAGS) -o $@ $< $(PG_TEST_SRCS) $(PG_STLIB) $(PKG_LIBS) \
+	    $(LDFLAGS) -o $@ $< $(PG_BENCH_SRCS) $(PG_STLIB) $(PKG_LIBS) \
 	    $(PQ_LIBS) $(CHECK_LIBS) -pthread
 
 # The consumer on PostgreSQL against plain libpq writing the same rows
 # in the same order (the mock cluster runs in the tool's process).
 $(BUILD)/bench/bench_pg_consumer: bench/pg/bench_pg_consumer.c bench/bench.h \
                                   bench/bench_kafka.h bench/pg/bench_pg.h \
-                                  $(PG_TEST_SRCS) \
+                                  $(PG_BENCH_SRCS) \
                                   tests/pg/pgserver.h $(PG_STLIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(USER_CFLAGS) -Iinclude $(PQ_CFLAGS) -Ibench -Itests/pg \
-	    $(CHECK_CFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(PG_TEST_SRCS) \
+	    $(CHECK_CFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(PG_BENCH_SRCS) \
 	    $(PG_STLIB) $(PKG_LIBS) $(PQ_LIBS) $(CHECK_LIBS) -pthread -lm
 
 # The relay on PostgreSQL: drain against raw librdkafka, commit -> ack
 # (BENCH_PG_EVENTS, default 1,000,000; BENCH_PG_ROUNDS, default 3).
 $(BUILD)/bench/bench_pg_relay: bench/pg/bench_pg_relay.c bench/bench.h \
                                bench/bench_kafka.h bench/bench_raw.h \
-                               bench/pg/bench_pg.h $(PG_TEST_SRCS) \
+                               bench/pg/bench_pg.h $(PG_BENCH_SRCS) \
                                tests/pg/pgserver.h $(PG_STLIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(USER_CFLAGS) -Iinclude $(PQ_CFLAGS) -Ibench -Itests/pg \
-	    $(CHECK_CFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(PG_TEST_SRCS) \
+	    $(CHECK_CFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(PG_BENCH_SRCS) \
 	    $(PG_STLIB) $(PKG_LIBS) $(PQ_LIBS) $(CHECK_LIBS) -pthread -lm
 
 bench-pg: pg $(BUILD)/bench/bench_pg_record $(BUILD)/bench/bench_pg_consumer \

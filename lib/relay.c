@@ -734,6 +734,7 @@ static const de__relay_store sqlite_store = {
     sqlite_open_source,
     sqlite_open_state,
     true,
+    false,
 };
 
 de_err de__relay_new(const char *name, const char *where, const char *state,
@@ -758,6 +759,7 @@ de_err de__relay_new(const char *name, const char *where, const char *state,
     read_conf(r);
     r->db_path = strdup(name);
     r->state_path = strdup(state);
+    r->state_in_db = store->state_in_db;
     if (r->db_path == NULL || r->state_path == NULL) {
         err = de__fail(DE_ERR_NOMEM, "out of memory starting the relay");
         goto fail;

@@ -138,6 +138,7 @@ struct de_relay {
     de_conf *conf;
     char *db_path;
     char *state_path;
+    bool state_in_db; /* de__relay_store.state_in_db */
     char owner[64];
     char outbox_id[37];
     char log_prefix[300]; /* "relay <db>: " */
@@ -272,6 +273,9 @@ typedef struct de__relay_store {
     de_err (*open_state)(const char *where, de_relay *r, int64_t floor,
                          int64_t *cursor);
     bool link;
+    /* The state lives in the outbox's own database (PostgreSQL), not in
+     * a file beside it: messages about restores say so. */
+    bool state_in_db;
 } de__relay_store;
 
 /* Starts a relay on store: name is what logs and messages call the

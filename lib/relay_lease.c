@@ -29,20 +29,35 @@
 /*
  * The row at the cursor is never deleted (cleanup stops below it), so it
  * is there, with the id the state recorded, unless the database went back
- * in time -- restored from a backup, or copied, without its state file.
- * New rows then reuse positions at or below the cursor, and the relay
- * could not tell them from the ones it published: it refuses.
+ * in time -- restored from a backup, or copied, without its relay state
+ * (SQLite: the state file beside it; PostgreSQL: the relay_* tables of
+ * the same database, which a whole-database restore carries along, so
+ * only a partial restore gets here).  New rows then reuse positions at
+ * or below the cursor, and the relay could not tell them from the ones
+ * it published: it refuses, saying what to restore.
  */
 de_err de__relay_check_cursor(de_relay *r, int64_t cursor, const char *id)
 {
     char buf[DE__EVENT_ID_MAX + 1];
-    const char *there;
+    const char *there, *what;
 
     if (cursor == 0 || id[0] == '\0')
         return DE_OK;
     there = r->src->ops->event_id_at(r->src, cursor, buf);
     if (there != NULL && strcmp(there, id) == 0)
         return DE_OK;
+    what = there ? "not there any more (another event has its position)"
+                 : "not there any more";
+    if (r->state_in_db)
+        return de__fail(DE_ERR_STATE,
+                        "%s is older than its relay state (%s): the event "
+                        "%s the relay published at position %lld is %s. The "
+                        "outbox's tables were restored from a backup (or "
+                        "copied) without the relay's tables of the same "
+                        "backup; restore schema deliveryevents as a whole, "
+                        "from one dump (see docs/POSTGRESQL.md, \"Backups "
+                        "and restores\")",
+                        r->db_path, r->state_path, id, (long long)cursor, what);
     return de__fail(DE_ERR_STATE,
                     "database '%s' is older than its relay state '%s': the "
                     "event %s the relay published at position %lld is %s. "
@@ -50,10 +65,7 @@ de_err de__relay_check_cursor(de_relay *r, int64_t cursor, const char *id)
                     "without its state file; restore the state file of the "
                     "same backup beside it (see docs/OPERATIONS.md, "
                     "\"Backups and restores\")",
-                    r->db_path, r->state_path, id, (long long)cursor,
-                    there ? "not there any more (another event has its "
-                            "position)"
-                          : "not there any more");
+                    r->db_path, r->state_path, id, (long long)cursor, what);
 }
 
 /* Writes the watermark, the counters behind it and the held-back events,

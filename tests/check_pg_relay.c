@@ -6,16 +6,9 @@
  * cluster, or KAFKA_BOOTSTRAP_SERVERS), and an independent consumer
  * reads the topic back and checks it against what the writers committed.
  *
- * The expected order is not taken from the library: every event the
- * writers record also bumps its subject's row in the host's own table
- * (deliveries.version) and writes that number into the host's own ledger
- * in the same transaction.  The row lock orders the transactions of one
- * subject, so the ledger's versions are the subject's commit order, and
- * the ledger holds exactly what committed (rolled-back transactions and
- * savepoints take their ledger rows with them).  tu_check_topics
- * (tests/util/kafka.c) then checks: every committed event arrived,
- * nothing else did, each subject's ce_subjectseq runs 1, 2, 3, ... in
- * that order, duplicates repeat the same ce_id with the same number.
+ * The expected order is not taken from the library: the writers keep
+ * the host's own ledger (tests/pg/pgledger.h says how), and the check
+ * compares the topic with it.
  *
  * A relay that must be SIGKILLed runs in another process: this binary
  * run again with --relay (exec, so that no thread of the test's process
@@ -24,6 +17,7 @@
 #include "deliveryevents_pg.h"
 #include "kafka.h"
 #include "pg_int.h"
+#include "pgledger.h"
 #include "pgserver.h"
 #include "testutil.h"
 
@@ -34,225 +28,20 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define SUBJECTS 40
-
 static const char *conninfo;
 static PGconn *conn;
 static de_outbox *ob;
 
 static void setup(void)
 {
-    char sql[200];
-
-    conninfo = tpg_fresh_db();
-    conn = tpg_connect(conninfo);
-    tpg_exec(conn, "CREATE TABLE deliveries (id text PRIMARY KEY, "
-                   "version integer NOT NULL DEFAULT 0)");
-    tpg_exec(conn, "CREATE TABLE ledger (event_id text PRIMARY KEY, "
-                   "subject_type text NOT NULL, subject_id text NOT NULL, "
-                   "version integer NOT NULL, action text NOT NULL, payload "
-                   "text NOT NULL, occurred_at_ms bigint NOT NULL)");
-    snprintf(sql, sizeof sql,
-             "INSERT INTO deliveries SELECT 'D-' || i, 0 FROM "
-             "generate_series(1, %d) i",
-             SUBJECTS);
-    tpg_exec(conn, sql);
-    tu_ok(de_outbox_open_pg(conn, NULL, &ob));
+    conn = tpg_host_open(&conninfo, &ob);
 }
 
 static void teardown(void)
 {
-    de_outbox_close(ob);
+    tpg_host_close(conn, ob);
     ob = NULL;
-    PQfinish(conn);
     conn = NULL;
-}
-
-/* ---- writers ---------------------------------------------------------- */
-
-/* Inside the open transaction on c: bumps subject i's row and records one
- * event for it, with the row's new version in the host's ledger.  false
- * when something failed (the transaction is then to be rolled back). */
-static bool record_one(PGconn *c, de_outbox *o, int i, unsigned *seed)
-{
-    char id[32], payload[64], ver[16], occ[24];
-    const char *v[7];
-    de_event ev = {0};
-    de_recorded rec;
-    PGresult *r;
-    bool ok;
-
-    snprintf(id, sizeof id, "D-%d", i);
-    v[0] = id;
-    r = PQexecParams(c,
-                     "UPDATE deliveries SET version = version + 1 WHERE id "
-                     "= $1 RETURNING version",
-                     1, NULL, v, NULL, NULL, 0);
-    ok = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1;
-    if (ok)
-        snprintf(ver, sizeof ver, "%s", PQgetvalue(r, 0, 0));
-    PQclear(r);
-    if (!ok)
-        return false;
-    snprintf(payload, sizeof payload, "{\"v\":%s,\"r\":%u}", ver,
-             rand_r(seed) % 1000);
-    ev.subject_type = "delivery";
-    ev.subject_id = id;
-    ev.action = "assigned";
-    ev.payload = payload;
-    ev.occurred_at_ms = 1795604400000 + tu_now_ms() % 100000000;
-    if (de_record(o, &ev, &rec) != DE_OK)
-        return false;
-    snprintf(occ, sizeof occ, "%lld", (long long)ev.occurred_at_ms);
-    v[0] = rec.event_id;
-    v[1] = "delivery";
-    v[2] = id;
-    v[3] = ver;
-    v[4] = "assigned";
-    v[5] = payload;
-    v[6] = occ;
-    r = PQexecParams(c,
-                     "INSERT INTO ledger VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                     7, NULL, v, NULL, NULL, 0);
-    ok = PQresultStatus(r) == PGRES_COMMAND_OK;
-    PQclear(r);
-    return ok;
-}
-
-static bool cmd(PGconn *c, const char *sql)
-{
-    PGresult *r = PQexec(c, sql);
-    bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
-
-    PQclear(r);
-    return ok;
-}
-
-static int cmp_int(const void *a, const void *b)
-{
-    return *(const int *)a - *(const int *)b;
-}
-
-/*
- * ntx transactions of 1-3 events for random subjects (locked in
- * ascending order, so that writers never deadlock), a random pause of up
- * to max_pause_us before COMMIT, one in six rolled back, one in five
- * with a savepoint holding an extra event that is rolled back.  Returns
- * the number of transactions that committed, or -1 when the connection
- * or outbox could not be opened.
- */
-static int write_txns(const char *where, unsigned seed, int ntx,
-                      int max_pause_us)
-{
-    PGconn *c = PQconnectdb(where);
-    de_outbox *o = NULL;
-    int committed = -1;
-
-    if (PQstatus(c) != CONNECTION_OK || de_outbox_open_pg(c, NULL, &o) != DE_OK)
-        goto done;
-    committed = 0;
-    for (int t = 0; t < ntx; t++) {
-        int n = 1 + (int)(rand_r(&seed) % 3), subj[3];
-        bool rollback = rand_r(&seed) % 6 == 0;
-        bool savepoint = rand_r(&seed) % 5 == 0, ok = cmd(c, "BEGIN");
-
-        for (int i = 0; i < n; i++)
-            subj[i] = 1 + (int)(rand_r(&seed) % SUBJECTS);
-        qsort(subj, (size_t)n, sizeof subj[0], cmp_int);
-        for (int i = 0; i < n && ok; i++)
-            ok = record_one(c, o, subj[i], &seed);
-        if (ok && savepoint) {
-            /* The last subject again: already locked, no deadlock. */
-            ok = cmd(c, "SAVEPOINT s") && record_one(c, o, subj[n - 1], &seed);
-            ok = cmd(c, "ROLLBACK TO SAVEPOINT s") && ok;
-        }
-        if (max_pause_us > 0)
-            usleep((useconds_t)(rand_r(&seed) % (unsigned)max_pause_us));
-        if (ok && !rollback && cmd(c, "COMMIT")) {
-            committed++;
-        } else {
-            PQclear(PQexec(c, "ROLLBACK"));
-        }
-    }
-done:
-    de_outbox_close(o);
-    PQfinish(c);
-    return committed;
-}
-
-/* Forks n writer processes running write_txns; *pids receives them. */
-static void fork_writers(int n, int ntx, int max_pause_us, pid_t *pids)
-{
-    for (int w = 0; w < n; w++) {
-        pids[w] = fork();
-        ck_assert_int_ge(pids[w], 0);
-        if (pids[w] == 0) /* _exit: the parent's atexit handlers stay */
-            _exit(write_txns(conninfo,
-                             1000u + (unsigned)w * 7919u + (unsigned)getpid(),
-                             ntx, max_pause_us) < 0
-                      ? 1
-                      : 0);
-    }
-}
-
-static void wait_writers(int n, const pid_t *pids)
-{
-    for (int w = 0; w < n; w++) {
-        int status = 0;
-        ck_assert_int_eq(waitpid(pids[w], &status, 0), pids[w]);
-        ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
-                      "writer %d failed (status %d)", w, status);
-    }
-}
-
-/* ---- the independent check -------------------------------------------- */
-
-/* The host's ledger, per subject in version (= commit) order, as the
- * SQLite ledger tu_check_topics reads. */
-static sqlite3 *ledger_copy(void)
-{
-    sqlite3 *db = NULL;
-    sqlite3_stmt *st;
-    PGresult *r = PQexec(conn, "SELECT event_id, subject_type, subject_id, "
-                               "action, payload, occurred_at_ms FROM ledger "
-                               "ORDER BY subject_type, subject_id, version");
-
-    ck_assert_int_eq(PQresultStatus(r), PGRES_TUPLES_OK);
-    ck_assert_int_eq(sqlite3_open(":memory:", &db), SQLITE_OK);
-    tu_ledger_create(db);
-    ck_assert_int_eq(sqlite3_prepare_v2(db,
-                                        "INSERT INTO ledger(event_id, "
-                                        "subject_type, subject_id, action, "
-                                        "payload, occurred_at_ms) VALUES "
-                                        "(?1, ?2, ?3, ?4, ?5, ?6)",
-                                        -1, &st, NULL),
-                     SQLITE_OK);
-    for (int i = 0; i < PQntuples(r); i++) {
-        for (int col = 0; col < 5; col++)
-            sqlite3_bind_text(st, col + 1, PQgetvalue(r, i, col), -1,
-                              SQLITE_STATIC);
-        sqlite3_bind_int64(st, 6, strtoll(PQgetvalue(r, i, 5), NULL, 10));
-        ck_assert_int_eq(sqlite3_step(st), SQLITE_DONE);
-        sqlite3_reset(st);
-    }
-    sqlite3_finalize(st);
-    PQclear(r);
-    return db;
-}
-
-static tu_check check(tu_cluster *c)
-{
-    sqlite3 *ledger = ledger_copy();
-    tu_check k = tu_check_topics(c, ledger, "/test/relay", "");
-
-    sqlite3_close(ledger);
-    if (getenv("DE_TEST_LOG"))
-        fprintf(stderr,
-                "check: %ld messages, %ld unique of %ld, %ld duplicates, "
-                "%ld ahead, %ld problems %s\n",
-                k.messages, k.unique, k.expected, k.duplicates, k.ahead,
-                k.problems, k.first_problem);
-    return k;
 }
 
 /* ---- a relay in another process --------------------------------------- */
@@ -303,26 +92,6 @@ static void kill_relay(pid_t pid)
     ck_assert_int_eq(waitpid(pid, &status, 0), pid);
 }
 
-static bool relay_tables_exist(void);
-
-/* The relay's durable cursor (0 before its first checkpoint). */
-static long long published_cursor(void)
-{
-    return !relay_tables_exist()
-               ? 0
-               : tpg_int(conn,
-                         "SELECT coalesce((SELECT value::bigint FROM "
-                         "deliveryevents.relay_state WHERE key = 'cursor'), "
-                         "0)");
-}
-
-static bool relay_tables_exist(void)
-{
-    return tpg_int(conn, "SELECT count(*) FROM pg_catalog.pg_tables WHERE "
-                         "schemaname = 'deliveryevents' AND tablename = "
-                         "'relay_lease'") == 1;
-}
-
 /* The relays' connections to this database opened since the last kill
  * (their count), or, with kill, all of them terminated (how many). */
 static long long relay_backends(bool kill)
@@ -344,6 +113,13 @@ static long long relay_backends(bool kill)
                   : "SELECT count(*)",
              where);
     return tpg_int(conn, sql);
+}
+
+static bool relay_tables_exist(void)
+{
+    return tpg_int(conn, "SELECT count(*) FROM pg_catalog.pg_tables WHERE "
+                         "schemaname = 'deliveryevents' AND tablename = "
+                         "'relay_lease'") == 1;
 }
 
 static long long lease_epoch(void)
@@ -378,7 +154,7 @@ START_TEST(end_to_end_many_writer_processes)
     de_conf *conf;
     de_relay *r = NULL;
 
-    fork_writers(WRITERS, TXNS, 3000, pids);
+    tpg_fork_writers(conninfo, WRITERS, TXNS, 3000, false, pids);
     c = tu_cluster_new(_i, 3);
     tu_topic_create(c, "delivery", 3);
     conf = tu_relay_conf(c, "relay.poll.interval.ms", "10", NULL);
@@ -386,11 +162,11 @@ START_TEST(end_to_end_many_writer_processes)
      * host's connection is. */
     tu_ok(de_relay_start(ob, conf, &r));
     de_conf_destroy(conf);
-    wait_writers(WRITERS, pids);
+    tpg_wait_writers(WRITERS, pids);
     tu_ok(de_relay_flush(r, 120000));
     tu_ok(de_relay_stop(r, 10000));
     ck_assert_int_gt(tpg_int(conn, "SELECT count(*) FROM ledger"), 100);
-    tu_check k = check(c);
+    tu_check k = tpg_check(conn, c);
     tu_assert_check(&k);
     ck_assert_int_eq(k.duplicates, 0); /* no crash, no restart */
     tu_cluster_destroy(c);
@@ -410,17 +186,17 @@ START_TEST(relay_killed_next_one_continues)
 
     tu_topic_create(c, "delivery", 3);
     relay = spawn_relay(c);
-    fork_writers(WRITERS, TXNS, 2000, pids);
+    tpg_fork_writers(conninfo, WRITERS, TXNS, 2000, false, pids);
     /* Killed once it has published and checkpointed some. */
-    ck_assert(tu_wait_for(published_cursor() > 20, 60000));
+    ck_assert(tu_wait_for(tpg_published_cursor(conn) > 20, 60000));
     kill_relay(relay);
     conf = tu_relay_conf(c, "relay.poll.interval.ms", "10", NULL);
     tu_ok(de_relay_start_pg(conninfo, conf, &r));
     de_conf_destroy(conf);
-    wait_writers(WRITERS, pids);
+    tpg_wait_writers(WRITERS, pids);
     tu_ok(de_relay_flush(r, 120000));
     tu_ok(de_relay_stop(r, 10000));
-    tu_check k = check(c);
+    tu_check k = tpg_check(conn, c);
     tu_assert_check(&k);
     /* At most what one relay can have in flight: relay.max.inflight. */
     ck_assert_int_le(k.duplicates, 20000);
@@ -447,11 +223,11 @@ START_TEST(standby_takes_over_after_sigkill)
     conf = tu_relay_conf(c, "relay.poll.interval.ms", "10", NULL);
     tu_ok(de_relay_start_pg(conninfo, conf, &b));
     de_conf_destroy(conf);
-    fork_writers(2, 20, 1000, pids);
-    wait_writers(2, pids);
+    tpg_fork_writers(conninfo, 2, 20, 1000, false, pids);
+    tpg_wait_writers(2, pids);
     /* The first relay publishes them; the second stays a standby. */
     ck_assert(
-        tu_wait_for(published_cursor() ==
+        tu_wait_for(tpg_published_cursor(conn) ==
                         tpg_int(conn, "SELECT coalesce(max(position), 0) FROM "
                                       "deliveryevents.outbox_order"),
                     60000));
@@ -461,11 +237,11 @@ START_TEST(standby_takes_over_after_sigkill)
     kill_relay(relay);
     ck_assert(tu_wait_for((de_relay_stats_get(b, &sb), sb.active), 30000));
     ck_assert_int_eq(lease_epoch(), epoch + 1);
-    fork_writers(2, 20, 1000, pids);
-    wait_writers(2, pids);
+    tpg_fork_writers(conninfo, 2, 20, 1000, false, pids);
+    tpg_wait_writers(2, pids);
     tu_ok(de_relay_flush(b, 120000));
     tu_ok(de_relay_stop(b, 10000));
-    tu_check k = check(c);
+    tu_check k = tpg_check(conn, c);
     tu_assert_check(&k);
     tu_cluster_destroy(c);
 }
@@ -508,12 +284,12 @@ START_TEST(old_relay_checkpoint_refused_after_takeover)
     /* The old relay's checkpoint: refused, nothing written. */
     tu_ok(de__rstate_begin(old, "old", 0, &held));
     ck_assert(!held);
-    ck_assert_int_eq(published_cursor(), 5);
+    ck_assert_int_eq(tpg_published_cursor(conn), 5);
     tu_ok(de__rstate_begin(now, "new", 0, &held));
     ck_assert(held);
     tu_ok(de__rstate_put_cursor(now, 7, "e7"));
     tu_ok(de__rstate_commit(now));
-    ck_assert_int_eq(published_cursor(), 7);
+    ck_assert_int_eq(tpg_published_cursor(conn), 7);
     de__rstate_close(old);
     de__rstate_close(now);
     src->ops->close(src);
@@ -545,7 +321,7 @@ START_TEST(connection_lost_inside_a_checkpoint_writes_nothing)
     ck_assert_int_ne(de__rstate_put_mark(st, "t", 0, 10), DE_OK);
     ck_assert_int_ne(de__rstate_put_mark(st, "t", 1, 10), DE_OK);
     ck_assert_int_ne(de__rstate_commit(st), DE_OK);
-    ck_assert_int_eq(published_cursor(), 0);
+    ck_assert_int_eq(tpg_published_cursor(conn), 0);
     ck_assert_int_eq(
         tpg_int(conn, "SELECT count(*) FROM deliveryevents.relay_marks"), 0);
     /* The next checkpoint: on a new connection, and it counts. */
@@ -598,17 +374,6 @@ START_TEST(found_on_kafka_outlives_a_lost_connection)
 }
 END_TEST
 
-/* One transaction on the host's connection recording one event for
- * subject D-<i>. */
-static void commit_one(int i)
-{
-    unsigned seed = (unsigned)i;
-
-    tpg_exec(conn, "BEGIN");
-    ck_assert(record_one(conn, ob, i, &seed));
-    tpg_exec(conn, "COMMIT");
-}
-
 /* The relay's state connection dies while it is idle, and the next
  * commit's read fails on it: the relay reads again (rather than wait for
  * a commit that may never come) and publishes. */
@@ -626,9 +391,9 @@ START_TEST(failed_read_is_retried)
                          "relay.cleanup.interval.ms", "86400000", NULL);
     tu_ok(de_relay_start(ob, conf, &r));
     de_conf_destroy(conf);
-    commit_one(1);
+    tpg_commit_one(conn, ob, 1);
     tu_ok(de_relay_flush(r, 60000));
-    ck_assert(tu_wait_for(published_cursor() ==
+    ck_assert(tu_wait_for(tpg_published_cursor(conn) ==
                               tpg_int(conn, "SELECT max(position) FROM "
                                             "deliveryevents.outbox_order"),
                           60000));
@@ -645,14 +410,14 @@ START_TEST(failed_read_is_retried)
      * from the dead connection.  No de_relay_flush before it is
      * published: that would wake the relay, which must retry on its
      * own. */
-    commit_one(2);
-    ck_assert(tu_wait_for(published_cursor() ==
+    tpg_commit_one(conn, ob, 2);
+    ck_assert(tu_wait_for(tpg_published_cursor(conn) ==
                               tpg_int(conn, "SELECT max(position) FROM "
                                             "deliveryevents.outbox_order"),
                           60000));
     tu_ok(de_relay_flush(r, 60000));
     tu_ok(de_relay_stop(r, 10000));
-    tu_check k = check(c);
+    tu_check k = tpg_check(conn, c);
     tu_assert_check(&k);
     tu_cluster_destroy(c);
 }
@@ -676,13 +441,13 @@ START_TEST(broker_outage_loses_nothing)
     ck_assert(tu_wait_for((de_relay_stats_get(r, &st), st.active), 30000));
     for (int b = 1; b <= 3; b++)
         rd_kafka_mock_broker_set_down(c->mock, b);
-    fork_writers(3, 30, 1000, pids);
-    wait_writers(3, pids);
+    tpg_fork_writers(conninfo, 3, 30, 1000, false, pids);
+    tpg_wait_writers(3, pids);
     for (int b = 1; b <= 3; b++)
         rd_kafka_mock_broker_set_up(c->mock, b);
     tu_ok(de_relay_flush(r, 120000));
     tu_ok(de_relay_stop(r, 10000));
-    tu_check k = check(c);
+    tu_check k = tpg_check(conn, c);
     tu_assert_check_mock_reorder(&k);
     tu_cluster_destroy(c);
 }
@@ -701,21 +466,22 @@ START_TEST(connection_loss_loses_nothing)
     conf = tu_relay_conf(c, "relay.poll.interval.ms", "10", NULL);
     tu_ok(de_relay_start(ob, conf, &r));
     de_conf_destroy(conf);
-    fork_writers(3, 40, 2000, pids);
+    tpg_fork_writers(conninfo, 3, 40, 2000, false, pids);
     for (int round = 0; round < 3; round++) {
-        long long seen = published_cursor();
+        long long seen = tpg_published_cursor(conn);
         /* Something new to publish, whether or not the writers are
          * still at it. */
-        ck_assert_int_ge(write_txns(conninfo, (unsigned)round, 5, 0), 0);
-        ck_assert(tu_wait_for(published_cursor() > seen, 60000));
+        ck_assert_int_ge(
+            tpg_write_txns(conninfo, (unsigned)round, 5, 0, false, NULL), 0);
+        ck_assert(tu_wait_for(tpg_published_cursor(conn) > seen, 60000));
         /* Both of its connections (back), then both terminated. */
         ck_assert(tu_wait_for(relay_backends(false) == 2, 60000));
         ck_assert_int_eq(relay_backends(true), 2);
     }
-    wait_writers(3, pids);
+    tpg_wait_writers(3, pids);
     tu_ok(de_relay_flush(r, 120000));
     tu_ok(de_relay_stop(r, 10000));
-    tu_check k = check(c);
+    tu_check k = tpg_check(conn, c);
     tu_assert_check(&k);
     tu_cluster_destroy(c);
 }
@@ -749,15 +515,7 @@ static Suite *pg_relay_suite(void)
 
 int main(int argc, char **argv)
 {
-    int failed;
-
     if (argc == 5 && strcmp(argv[1], "--relay") == 0)
         return relay_process(argv[2], argv[3], argv[4]);
-    if (!tpg_start()) {
-        tpg_stop();
-        return EXIT_FAILURE;
-    }
-    failed = tu_run(pg_relay_suite());
-    tpg_stop();
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return tpg_run(pg_relay_suite());
 }

@@ -37,7 +37,8 @@ static de_err pg_open_state(const char *where, de_relay *r, int64_t floor,
 
 /* A PostgreSQL outbox wakes its relay through NOTIFY, not through the
  * in-process link of a SQLite outbox. */
-static const de__relay_store pg_store = {pg_open_source, pg_open_state, false};
+static const de__relay_store pg_store = {pg_open_source, pg_open_state, false,
+                                         true};
 
 /* "PostgreSQL database <db> on <host>" from conninfo, for messages;
  * never the password. */
@@ -57,11 +58,23 @@ static void display_name(const char *conninfo, char *buf, size_t size)
     PQconninfoFree(opts);
 }
 
+/* conf is the relay's own copy: owned from here on, even on failure. */
 static de_err start(const char *conninfo, de_conf *conf, de_outbox *ob,
                     de_relay **out)
 {
     char name[512];
 
+    /* Refused rather than ignored: whoever set it expects the state
+     * there, and would back up (or restore) that file in vain. */
+    if (de__conf_str(conf, DE__K_RELAY_STATE_PATH)[0] != '\0') {
+        de_conf_destroy(conf);
+        return de__fail(DE_ERR_CONFIG,
+                        "relay.state.path is set, but the relay of an "
+                        "outbox in PostgreSQL keeps its state in the same "
+                        "database (the relay_* tables in schema "
+                        "deliveryevents), never in a file: remove "
+                        "relay.state.path from its configuration");
+    }
     display_name(conninfo, name, sizeof name);
     return de__relay_new(name, conninfo,
                          "the relay_* tables in schema deliveryevents", conf,

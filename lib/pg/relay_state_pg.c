@@ -293,15 +293,18 @@ static de_err setup(pg_state *st)
 
 /* Reconnects a dropped connection, between transactions only: a
  * transaction the connection took with it is simply not there. */
-static de_err ensure_conn(pg_state *st)
+static de_err reconnect(pg_state *st)
 {
-    if (PQstatus(st->conn) == CONNECTION_OK)
-        return DE_OK;
     PQreset(st->conn);
     if (PQstatus(st->conn) != CONNECTION_OK)
         return de__pg_fail(st->conn, NULL,
                            "relay state: cannot reconnect to PostgreSQL");
     return setup(st);
+}
+
+static de_err ensure_conn(pg_state *st)
+{
+    return PQstatus(st->conn) == CONNECTION_OK ? DE_OK : reconnect(st);
 }
 
 /* Runs prepared statement `which` with n text parameters (NULL: SQL
@@ -392,8 +395,15 @@ static de_err begin_txn(pg_state *st, const char *what)
 
     if (st->in_txn)
         p_rollback(&st->base);
-    if ((err = ensure_conn(st)) != DE_OK ||
-        (err = simple(st, "BEGIN", what)) != DE_OK)
+    if ((err = ensure_conn(st)) != DE_OK)
+        return err;
+    /* A connection the server dropped while it was idle (a restart)
+     * shows only when used, and libpq may still call it CONNECTION_OK
+     * after the failure: nothing of the transaction ran yet, so
+     * reconnect and begin once more rather than fail this round. */
+    if ((err = simple(st, "BEGIN", what)) != DE_OK &&
+        ((err = reconnect(st)) != DE_OK ||
+         (err = simple(st, "BEGIN", what)) != DE_OK))
         return err;
     st->in_txn = true;
     return DE_OK;

@@ -33,7 +33,8 @@
  *    synchronous_commit=off is visible before its WAL is flushed, so
  *    after a read that found rows, and before the first row reaches the
  *    caller, the source commits a transaction of its own with
- *    synchronous_commit=on.  Its commit record comes after every commit
+ *    synchronous_commit=on that writes a WAL record (without one its
+ *    commit is not flushed).  Its commit record comes after every commit
  *    the read saw, and flushing it flushes them;
  *  - the deletion floor (relay_deleted_upto in deliveryevents.meta) only
  *    rises;
@@ -121,12 +122,18 @@ static de_err query(pg_source *s, const char *sql, int n,
     return DE_OK;
 }
 
-/* Makes everything the last read saw durable (see the invariants). */
+/* Makes everything the last read saw durable (see the invariants).  The
+ * transaction must write WAL of its own: one that only takes a
+ * transaction id (pg_current_xact_id) writes none, and PostgreSQL then
+ * commits it without a flush whatever synchronous_commit says.  A
+ * transactional logical message is the smallest record that any role
+ * may write, at any wal_level. */
 static de_err flush_barrier(pg_source *s)
 {
     return de__pg_exec(s->conn,
                        "BEGIN; SET LOCAL synchronous_commit = on; "
-                       "SELECT pg_catalog.pg_current_xact_id(); COMMIT",
+                       "SELECT pg_catalog.pg_logical_emit_message(true, "
+                       "'deliveryevents', ''); COMMIT",
                        PGRES_COMMAND_OK, NULL,
                        "relay: cannot make the rows read durable");
 }

@@ -21,6 +21,9 @@ static char base_conninfo[512];
 static char as_user[64]; /* "runuser -u postgres -- " as root, else "" */
 static bool external;
 static pid_t owner; /* the process that started the server */
+/* The server's options, for a start after a stop (pg_ctl restart reads
+ * them back from postmaster.opts by itself). */
+static char opts[600];
 
 /* At exit of the process that started it (not of Check's forked tests,
  * which inherit the handler). */
@@ -79,13 +82,11 @@ bool tpg_start(void)
     }
     /* TCP off, the socket in the cluster's directory; -w waits until the
      * server accepts connections. */
-    snprintf(cmd, sizeof cmd,
-             TPG_BIN "/pg_ctl -D %s/data -w -t 120 -l %s/server.log -o "
-                     "\"-c listen_addresses='' -k %s -p %d "
-                     "-c max_connections=200 -c track_commit_timestamp=on\" "
-                     "start >/dev/null",
-             dir, dir, dir, PG_PORT);
-    if (run(cmd) != 0) {
+    snprintf(opts, sizeof opts,
+             "-c listen_addresses='' -k %s -p %d -c max_connections=200 "
+             "-c track_commit_timestamp=on",
+             dir, PG_PORT);
+    if (!tpg_server("start")) {
         fprintf(stderr, "tpg_start: pg_ctl start failed, see %s/server.log\n",
                 dir);
         return false;
@@ -93,6 +94,28 @@ bool tpg_start(void)
     snprintf(base_conninfo, sizeof base_conninfo,
              "host=%s port=%d user=postgres", dir, PG_PORT);
     return true;
+}
+
+bool tpg_external(void)
+{
+    return external;
+}
+
+bool tpg_server(const char *action)
+{
+    char cmd[2000];
+
+    if (external || dir[0] == '\0')
+        return false;
+    /* -w: start and restart return once the server accepts connections
+     * (after crash recovery), stop once it is gone. */
+    snprintf(cmd, sizeof cmd,
+             TPG_BIN "/pg_ctl -D %s/data -w -t 120 -l %s/server.log%s%s%s %s "
+                     ">/dev/null",
+             dir, dir, strcmp(action, "start") == 0 ? " -o \"" : "",
+             strcmp(action, "start") == 0 ? opts : "",
+             strcmp(action, "start") == 0 ? "\"" : "", action);
+    return run(cmd) == 0;
 }
 
 void tpg_stop(void)
@@ -160,4 +183,9 @@ const char *tpg_fresh_db(void)
     PQfinish(c);
     snprintf(conninfo, sizeof conninfo, "%s dbname=%s", base_conninfo, name);
     return conninfo;
+}
+
+const char *tpg_base_conninfo(void)
+{
+    return base_conninfo;
 }

@@ -24,6 +24,17 @@ bool tpg_start(void);
 /* Stops and removes the cluster (nothing for an external server). */
 void tpg_stop(void);
 
+/* Whether the server is DE_PG_CONNINFO's, which the suites cannot stop
+ * or restart. */
+bool tpg_external(void);
+/* pg_ctl <action> on the suite's own server ("restart -m immediate",
+ * "stop -m immediate", "start", ...), waiting until it is done (-w);
+ * false when it failed or the server is external. */
+bool tpg_server(const char *action);
+
+/* The conninfo of the server without a database name (static). */
+const char *tpg_base_conninfo(void);
+
 /* A fresh database for the calling test ("de_t<pid>_<n>"), created on the
  * server; its conninfo in a static buffer. */
 const char *tpg_fresh_db(void);
