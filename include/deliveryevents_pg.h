@@ -16,8 +16,10 @@
  * below, per function.
  *
  * The guide is docs/POSTGRESQL.md; the design, and what is not done yet
- * (de_consumer_on_type on a PostgreSQL consumer, the tool's commands,
- * de_replay), docs/POSTGRESQL-INTERNALS.md.
+ * (de_consumer_on_type on a PostgreSQL consumer, de_replay),
+ * docs/POSTGRESQL-INTERNALS.md.  The deliveryevents tool reads a
+ * PostgreSQL service with --pg CONNINFO (docs/POSTGRESQL.md,
+ * "Operating").
  *
  * The relay of a PostgreSQL outbox opens two connections of its own (one
  * reads the outbox and LISTENs for commits, one keeps its state in the
