@@ -2,14 +2,14 @@
 /*
  * check_pg_tool.c -- the deliveryevents tool's operator commands on a
  * PostgreSQL service (--pg CONNINFO, or --db postgresql://...): status,
- * consumer-status, dead-letters, release and contracts, run as users run
- * them -- the built binary (DE_TOOL) in separate processes -- against
- * an outbox, a relay and a consumer of this process on the suite's
- * throwaway server (tests/pg/pgserver.c) or DE_PG_CONNINFO's, with
- * librdkafka's mock cluster in this process (or the real one
- * KAFKA_BOOTSTRAP_SERVERS names).  Each test asserts what an operator
- * reads: exit status, the counts and names in the output, the message
- * naming a bad value, and that a subject the tool released was applied.
+ * consumer-status, dead-letters, release, contracts and replay, run as users
+ * run them -- the built binary (DE_TOOL) in separate processes -- against an
+ * outbox, a relay and a consumer of this process on the suite's throwaway
+ * server (tests/pg/pgserver.c) or DE_PG_CONNINFO's, with librdkafka's mock
+ * cluster in this process (or the real one KAFKA_BOOTSTRAP_SERVERS names). Each
+ * test asserts what an operator reads: exit status, the counts and names in the
+ * output, the message naming a bad value, and that a subject the tool released
+ * was applied.
  */
 #include "deliveryevents_pg.h"
 #include "kafka.h"
@@ -261,6 +261,12 @@ START_TEST(test_bad_targets)
     ck_assert_int_eq(tool(&t, "release", "--pg", conninfo, "delivery:D-1"), 1);
     ck_assert_msg(strstr(text(t.err), "has no consumer tables") != NULL, "%s",
                   text(t.err));
+    ck_assert_int_eq(tool(&t, "replay", "--pg", "dbname", "--subject",
+                          "delivery:D-1", "-b", "127.0.0.1:1"),
+                     2);
+    ck_assert_msg(strstr(text(t.err), "'dbname' is not a PostgreSQL "
+                                      "connection string") != NULL,
+                  "%s", text(t.err));
     ck_assert_int_eq(tool(&t, "status", "--pg", conninfo, "--state", "x"), 2);
     ck_assert_msg(strstr(text(t.err), "--state is for SQLite") != NULL, "%s",
                   text(t.err));
@@ -447,6 +453,139 @@ START_TEST(test_contracts)
 }
 END_TEST
 
+/* ---- replay ---------------------------------------------------------------
+ */
+
+/* What a topic holds, per ce_id: how many copies, and whether every copy
+ * carries the first one's ce_subjectseq, ce_subjectepoch and key. */
+typedef struct copies {
+    struct {
+        char id[64], seq[24], epoch[24], key[64];
+        int n;
+        bool same;
+    } ev[64];
+    int n;
+} copies;
+
+static void count_copy(void *ctx, const rd_kafka_message_t *m, int32_t np)
+{
+    copies *k = ctx;
+    const char *id = tu_header(m, "ce_id"),
+               *seq = tu_header(m, "ce_subjectseq"),
+               *epoch = tu_header(m, "ce_subjectepoch");
+    char key[64];
+    int i;
+
+    (void)np;
+    snprintf(key, sizeof key, "%.*s", (int)m->key_len, (const char *)m->key);
+    for (i = 0; i < k->n && strcmp(k->ev[i].id, id ? id : "") != 0; i++)
+        ;
+    if (i == k->n) {
+        ck_assert_int_lt(k->n, 64);
+        snprintf(k->ev[i].id, sizeof k->ev[i].id, "%s", id ? id : "");
+        snprintf(k->ev[i].seq, sizeof k->ev[i].seq, "%s", seq ? seq : "");
+        snprintf(k->ev[i].epoch, sizeof k->ev[i].epoch, "%s",
+                 epoch ? epoch : "");
+        snprintf(k->ev[i].key, sizeof k->ev[i].key, "%s", key);
+        k->ev[i].same = true;
+        k->n++;
+    }
+    k->ev[i].n++;
+    k->ev[i].same &= strcmp(k->ev[i].seq, seq ? seq : "") == 0 &&
+                     strcmp(k->ev[i].epoch, epoch ? epoch : "") == 0 &&
+                     strcmp(k->ev[i].key, key) == 0;
+}
+
+/* Each event of subject `key` on Kafka `want` times, every copy with the
+ * first one's numbers; the others once.  How many events in all. */
+static int assert_copies(tu_cluster *c, const char *key, int want)
+{
+    copies k;
+
+    memset(&k, 0, sizeof k);
+    tu_read_topic(c, tu_topic(c, "delivery"), count_copy, &k);
+    for (int i = 0; i < k.n; i++) {
+        ck_assert_msg(k.ev[i].same,
+                      "a copy of %s went out with other numbers than %s/%s",
+                      k.ev[i].id, k.ev[i].epoch, k.ev[i].seq);
+        ck_assert_int_eq(k.ev[i].n, strcmp(k.ev[i].key, key) == 0 ? want : 1);
+    }
+    return k.n;
+}
+
+/* Retained events republished from the tool on PostgreSQL (de_replay_pg):
+ * the subject's events on Kafka again with their ce_id, ce_subjectseq
+ * and ce_subjectepoch, the others not; what is not published yet
+ * refused, named. */
+START_TEST(test_replay)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_conf *conf = tu_relay_conf(c, "outbox.retention.ms", "3600000", NULL);
+    de_replay_select sel = {.subject_type = "delivery", .subject_id = "D-1"};
+    de_replay_result res;
+    de_outbox *ob = NULL;
+    de_relay *r = NULL;
+    json_t *o;
+    tool_run t;
+
+    /* No outbox yet, no relay state: refused, nothing written. */
+    tu_assert_err(de_replay_pg(NULL, conf, &sel, 1000, &res), DE_ERR_ARG,
+                  "conninfo");
+    tu_assert_err(de_replay_pg(conninfo, conf, &sel, 1000, &res), DE_ERR_STATE,
+                  "has no outbox");
+    tu_topic_create(c, "delivery", 2);
+    tu_ok(de_outbox_open_pg(conn, conf, &ob));
+    tu_assert_err(de_replay_pg(conninfo, conf, &sel, 1000, &res), DE_ERR_STATE,
+                  "no relay has run");
+    tpg_exec(conn, "BEGIN");
+    record(ob, "D-1", "created");
+    record(ob, "D-2", "created");
+    record(ob, "D-1", "assigned");
+    tpg_exec(conn, "COMMIT");
+    tpg_exec(conn, "BEGIN");
+    record(ob, "D-1", "delivered");
+    tpg_exec(conn, "COMMIT");
+    tu_ok(de_relay_start_pg(conninfo, conf, &r));
+    ck_assert(tu_wait_for((o = tool_json("status", conninfo),
+                           jint(o, "pending") == 0 || (json_decref(o), false)),
+                          60000));
+    json_decref(o);
+    tu_ok(de_relay_stop(r, 10000));
+    ck_assert_int_eq(assert_copies(c, "D-1", 1), 4);
+
+    /* D-1's three events again, as they went out. */
+    ck_assert_int_eq(tool(&t, "replay", "--pg", conninfo, "--subject",
+                          "delivery:D-1", "-b", c->bootstrap),
+                     0);
+    ck_assert_msg(strstr(text(t.out), "republished 3 events") != NULL, "%s",
+                  text(t.out));
+    ck_assert_int_eq(assert_copies(c, "D-1", 2), 4);
+
+    /* Not published yet: the relay's, refused with its position. */
+    tpg_exec(conn, "BEGIN");
+    record(ob, "D-3", "created");
+    tpg_exec(conn, "COMMIT");
+    ck_assert_int_eq(tool(&t, "replay", "--pg", conninfo, "--subject",
+                          "delivery:D-3", "-b", c->bootstrap),
+                     1);
+    ck_assert_msg(strstr(text(t.err), "is not published yet") != NULL, "%s",
+                  text(t.err));
+    /* The library call, by position: D-2's event and D-1's after it. */
+    sel = (de_replay_select){
+        .from_position = tpg_int(conn, "SELECT min(position) FROM "
+                                       "deliveryevents.outbox_order o JOIN "
+                                       "deliveryevents.outbox e USING (id) "
+                                       "WHERE e.subject_id = 'D-2'")};
+    tu_ok(de_replay_pg(conninfo, conf, &sel, 30000, &res));
+    ck_assert_uint_eq(res.republished, 3);
+    ck_assert_uint_eq(res.not_published, 1);
+    ck_assert_int_eq(res.first_position, sel.from_position);
+    de_outbox_close(ob);
+    de_conf_destroy(conf);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 static Suite *pg_tool_suite(void)
 {
     Suite *s = suite_create("pg_tool");
@@ -459,6 +598,7 @@ static Suite *pg_tool_suite(void)
     tcase_add_test(tc, test_bad_targets);
     tcase_add_loop_test(tc, test_dead_letters_and_release, first, n);
     tcase_add_test(tc, test_contracts);
+    tcase_add_loop_test(tc, test_replay, first, n);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -98,11 +98,11 @@
  *       rebalances, to gzip'd NDJSON files (CloudEvents JSON format) in
  *       Hive-style partitions by event time (tools/archive.c).
  *
- *   status, consumer-status, dead-letters, release, skip and contracts
- *   read a PostgreSQL database as well: --pg CONNINFO (a libpq connection
- *   string or URI) instead of --db PATH, or --db postgresql://...; the
- *   library's tables are in its schema deliveryevents (tools/pg.c).  The
- *   output is the same, printed by the same code.
+ *   status, consumer-status, dead-letters, release, skip, contracts and
+ *   replay (de_replay_pg) work on a PostgreSQL database as well: --pg CONNINFO
+ * (a libpq connection string or URI) instead of --db PATH, or --db
+ * postgresql://...; the library's tables are in its schema deliveryevents
+ * (tools/pg.c).  The output is the same, printed by the same code.
  *
  *   Every command takes --help (-h).
  *
@@ -290,8 +290,9 @@ static void usage(FILE *out)
         "        [--limit N] [--json]\n"
         "                 a consumer's dead letters, oldest first "
         "(read-only)\n"
-        "  replay --db PATH (--subject TYPE:ID | --from POSITION | --since "
-        "TIME)\n"
+        "  replay (--db PATH | --pg CONNINFO) (--subject TYPE:ID | --from "
+        "POSITION |\n"
+        "        --since TIME)\n"
         "        [-b SERVERS] [-X key=value]... [--config FILE] [--timeout-ms "
         "N]\n"
         "                 republish retained events with their original "
@@ -1249,8 +1250,8 @@ static int cmd_relay(int argc, char **argv)
 /* ---- replay ------------------------------------------------------------ */
 
 static const char usage_replay[] =
-    "usage: deliveryevents replay --db PATH (--subject TYPE:ID | --from "
-    "POSITION |\n"
+    "usage: deliveryevents replay (--db PATH | --pg CONNINFO)\n"
+    "                             (--subject TYPE:ID | --from POSITION |\n"
     "                             --since TIME) [-b SERVERS] [-X "
     "key=value]...\n"
     "                             [--config FILE] [--timeout-ms N]\n"
@@ -1261,6 +1262,9 @@ static const char usage_replay[] =
     "  longer retained or has no recorded numbers, or when nothing selected\n"
     "  is published yet (the relay publishes it).  Takes no lease.\n"
     "  --db PATH            the service's database file (required)\n"
+    "  --pg CONNINFO        a PostgreSQL database instead (a libpq\n"
+    "                       connection string or URI; --db postgresql://...\n"
+    "                       works too): de_replay_pg\n"
     "  --subject TYPE:ID    one subject's retained events, e.g. "
     "delivery:D-7\n"
     "  --from POSITION      the retained events from this outbox position "
@@ -1371,10 +1375,11 @@ static int cmd_replay(int argc, char **argv)
 {
     static const char cmd[] = "replay";
     const char *db = NULL, *subject = NULL, *v, *colon;
-    char type[128];
+    char type[128], shown[600];
     long from = 0, timeout_ms = 60000;
     int64_t since = 0;
-    int rc = 0, chosen = 0;
+    int rc = 0, chosen = 0, pg = 0;
+    pgt *conn = NULL;
     de_replay_select sel;
     de_replay_result res;
     de_conf *conf;
@@ -1391,14 +1396,16 @@ static int cmd_replay(int argc, char **argv)
     rc = props_from_env(&p);
     for (int i = 0; i < argc && rc == 0; i++) {
         const char *a = argv[i];
-        if (strcmp(a, "--db") != 0 && strcmp(a, "--subject") != 0 &&
-            strcmp(a, "--from") != 0 && strcmp(a, "--since") != 0 &&
-            !is_props_option(a) && strcmp(a, "--timeout-ms") != 0) {
+        if (strcmp(a, "--db") != 0 && strcmp(a, "--pg") != 0 &&
+            strcmp(a, "--subject") != 0 && strcmp(a, "--from") != 0 &&
+            strcmp(a, "--since") != 0 && !is_props_option(a) &&
+            strcmp(a, "--timeout-ms") != 0) {
             rc = bad_usage(cmd, "unknown argument '%s'", a);
         } else if ((v = opt_value(cmd, argc, argv, &i)) == NULL) {
             rc = 2;
-        } else if (strcmp(a, "--db") == 0) {
+        } else if (strcmp(a, "--db") == 0 || strcmp(a, "--pg") == 0) {
             db = v;
+            pg = strcmp(a, "--pg") == 0 || is_pg_uri(v);
         } else if (is_props_option(a)) {
             rc = props_option(&p, a, v);
         } else if (strcmp(a, "--timeout-ms") == 0) {
@@ -1428,7 +1435,7 @@ static int cmd_replay(int argc, char **argv)
     }
     wipe_x_values(argc, argv);
     if (rc == 0 && db == NULL)
-        rc = bad_usage(cmd, "needs --db PATH%s", "");
+        rc = bad_usage(cmd, "needs --db PATH (or --pg CONNINFO)%s", "");
     if (rc == 0 && chosen == 0)
         rc = bad_usage(cmd,
                        "needs what to replay: --subject TYPE:ID, --from "
@@ -1437,7 +1444,14 @@ static int cmd_replay(int argc, char **argv)
     if (rc == 0 && de_conf_get(conf, "bootstrap.servers") == NULL)
         rc = bad_usage(cmd, "needs -b SERVERS (or -X bootstrap.servers=...)%s",
                        "");
-    if (rc == 0 && (!file_exists(db) || !is_file(db))) {
+    /* A PostgreSQL target: a malformed conninfo or an unreachable
+     * server said as the other commands say it. */
+    snprintf(shown, sizeof shown, "%s", db ? db : "");
+    if (rc == 0 && pg && (rc = pgt_open(cmd, db, 1, &conn)) == 0) {
+        snprintf(shown, sizeof shown, "%s", pgt_name(conn));
+        pgt_close(conn);
+    }
+    if (rc == 0 && !pg && (!file_exists(db) || !is_file(db))) {
         fprintf(stderr, "deliveryevents: %s: cannot open '%s': %s\n", cmd, db,
                 file_exists(db) ? "not a file" : strerror(errno));
         rc = 1;
@@ -1455,7 +1469,8 @@ static int cmd_replay(int argc, char **argv)
     }
     sel.from_position = from;
     sel.since_ms = since;
-    err = de_replay(db, conf, &sel, (int)timeout_ms, &res);
+    err = pg ? pgt_replay(db, conf, &sel, (int)timeout_ms, &res)
+             : de_replay(db, conf, &sel, (int)timeout_ms, &res);
     de_conf_destroy(conf);
     if (err == DE_ERR_ARG) /* the selection: the tool checked the rest */
         return bad_usage(cmd, "%s", de_errmsg());
@@ -1473,7 +1488,7 @@ static int cmd_replay(int argc, char **argv)
     }
     printf("replay: republished %llu events of %s (positions %lld..%lld) "
            "with their original ce_id and numbers",
-           (unsigned long long)res.republished, db,
+           (unsigned long long)res.republished, shown,
            (long long)res.first_position, (long long)res.last_position);
     if (res.not_published > 0)
         printf("; %llu not published yet, left to the relay",

@@ -98,8 +98,18 @@ int pgt_request_state(const char *cmd, pgt *p, int64_t req, char *buf,
     return -1;
 }
 
+de_err pgt_replay(const char *conninfo, const de_conf *conf,
+                  const de_replay_select *sel, int timeout_ms,
+                  de_replay_result *out)
+{
+    (void)conninfo, (void)conf, (void)sel, (void)timeout_ms;
+    memset(out, 0, sizeof *out);
+    return DE_ERR_STATE;
+}
+
 #else /* DE_TOOL_PG */
 
+#include <deliveryevents_pg.h>
 #include <libpq-fe.h>
 
 struct pgt {
@@ -700,6 +710,13 @@ int pgt_request_state(const char *cmd, pgt *p, int64_t req, char *buf,
              col_text(r, 0, 1) ? col_text(r, 0, 1) : "done, without a result");
     PQclear(r);
     return v;
+}
+
+de_err pgt_replay(const char *conninfo, const de_conf *conf,
+                  const de_replay_select *sel, int timeout_ms,
+                  de_replay_result *out)
+{
+    return de_replay_pg(conninfo, conf, sel, timeout_ms, out);
 }
 
 #endif /* DE_TOOL_PG */

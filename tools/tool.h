@@ -139,6 +139,11 @@ int64_t pgt_request(const char *cmd, pgt *p, const char *type, int type_len,
                     const char *id, const char *action, int64_t now);
 int pgt_request_state(const char *cmd, pgt *p, int64_t req, char *buf,
                       size_t size);
+/* de_replay_pg (the tool built without libpq: DE_ERR_STATE; pgt_open
+ * refuses first). */
+de_err pgt_replay(const char *conninfo, const de_conf *conf,
+                  const de_replay_select *sel, int timeout_ms,
+                  de_replay_result *out);
 
 /* deliveryevents archive (tools/archive.c). */
 extern const char usage_archive[];
