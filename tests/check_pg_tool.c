@@ -42,7 +42,7 @@ static void teardown(void)
     tu_dir_teardown();
 }
 
-/* ---- running the tool ---------------------------------------------------- */
+/* ---- running the tool ---------------------------------------------- */
 
 typedef struct tool_run {
     pid_t pid;
@@ -140,8 +140,24 @@ static const char *jstr(const json_t *o, const char *key)
     return json_string_value(v);
 }
 
-/* ---- status ----------------------------------------------------------------
- */
+/* ---- status -------------------------------------------------------- */
+
+/* out has exactly n lines that contain what. */
+static void assert_lines(const char *out, const char *what, int n)
+{
+    int found = 0;
+
+    for (const char *l = out; *l;) {
+        const char *nl = strchr(l, '\n');
+        size_t len = nl ? (size_t)(nl - l) : strlen(l);
+        char line[4096];
+        snprintf(line, sizeof line, "%.*s", (int)len, l);
+        found += strstr(line, what) != NULL;
+        l += len + (nl != NULL);
+    }
+    ck_assert_msg(found == n, "%d lines with '%s', not %d, in:\n%s", found,
+                  what, n, out);
+}
 
 static void record(de_outbox *ob, const char *id, const char *action)
 {
@@ -202,9 +218,16 @@ START_TEST(test_status)
     json_decref(o);
     de_outbox_close(lite_ob);
     sqlite3_close(db);
+    /* list: the three rows, pending, oldest first. */
+    ck_assert_int_eq(tool(&t, "list", "--pg", conninfo, "--pending", "--json"),
+                     0);
+    assert_lines(text(t.out), "\"status\":\"pending\"", 3);
 
     /* A relay publishes them: nothing pending, its lease. */
-    tu_ok(de_relay_start_pg(conninfo, tu_relay_conf(c, NULL), &r));
+    /* Retained once published, for list to show them so. */
+    tu_ok(de_relay_start_pg(
+        conninfo, tu_relay_conf(c, "outbox.retention.ms", "3600000", NULL),
+        &r));
     ck_assert(tu_wait_for(
         (tu_ok(de_relay_stats_get(r, &st)), st.published == 3), 60000));
     /* Published is not yet checkpointed: what status reads is the
@@ -218,6 +241,13 @@ START_TEST(test_status)
     ck_assert(json_is_false(
         json_object_get(json_object_get(o, "lease"), "released")));
     json_decref(o);
+    ck_assert_int_eq(
+        tool(&t, "list", "--pg", conninfo, "--subject", "delivery:D-1"), 0);
+    assert_lines(text(t.out), " published", 2);
+    ck_assert_int_eq(tool(&t, "list", "--pg", conninfo, "--json"), 0);
+    assert_lines(text(t.out), "\"status\":\"published\"", 3);
+    ck_assert_int_eq(tool(&t, "list", "--pg", conninfo, "--pending"), 0);
+    assert_lines(text(t.out), "pending", 0);
     /* The text. */
     ck_assert_int_eq(tool(&t, "status", "--pg", conninfo), 0);
     ck_assert_msg(strstr(text(t.out), "pending:         0 ") != NULL, "%s",
@@ -273,7 +303,7 @@ START_TEST(test_bad_targets)
 }
 END_TEST
 
-/* ---- the consumer: dead letters, release --------------------------------- */
+/* ---- the consumer: dead letters, release --------------------------- */
 
 static de_err apply(PGconn *c, const de_event_view *ev, void *ctx)
 {
@@ -412,11 +442,11 @@ START_TEST(test_dead_letters_and_release)
 }
 END_TEST
 
-/* ---- contracts
- * --------------------------------------------------------------- */
+/* ---- contracts ----------------------------------------------------- */
 
 START_TEST(test_contracts)
 {
+    char title[300];
     de_outbox *ob = NULL;
     json_t *o, *ty, *v;
     tool_run t;
@@ -449,12 +479,22 @@ START_TEST(test_contracts)
                           NULL &&
                       strstr(text(t.out), "rider_id*") != NULL,
                   "%s", text(t.out));
+    /* asyncapi: the same contracts as an AsyncAPI document. */
+    ck_assert_int_eq(tool(&t, "asyncapi", "--pg", conninfo), 0);
+    o = json_loads(text(t.out), 0, NULL);
+    ck_assert_msg(json_is_object(o), "%s", text(t.out));
+    ck_assert_str_eq(jstr(o, "asyncapi"), "3.0.0");
+    snprintf(title, sizeof title, "Events of %s", PQdb(conn));
+    ck_assert_str_eq(jstr(json_object_get(o, "info"), "title"), title);
+    ck_assert_int_eq(json_object_size(json_object_get(
+                         json_object_get(o, "components"), "messages")),
+                     2);
+    json_decref(o);
     de_outbox_close(ob);
 }
 END_TEST
 
-/* ---- replay ---------------------------------------------------------------
- */
+/* ---- replay -------------------------------------------------------- */
 
 /* What a topic holds, per ce_id: how many copies, and whether every copy
  * carries the first one's ce_subjectseq, ce_subjectepoch and key. */

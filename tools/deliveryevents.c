@@ -98,8 +98,9 @@
  *       rebalances, to gzip'd NDJSON files (CloudEvents JSON format) in
  *       Hive-style partitions by event time (tools/archive.c).
  *
- *   status, consumer-status, dead-letters, release, skip, contracts and
- *   replay (de_replay_pg) work on a PostgreSQL database as well: --pg CONNINFO
+ *   status, list, consumer-status, dead-letters, release, skip,
+ *   contracts, asyncapi and replay (de_replay_pg) work on a PostgreSQL
+ *   database as well: --pg CONNINFO
  * (a libpq connection string or URI) instead of --db PATH, or --db
  * postgresql://...; the library's tables are in its schema deliveryevents
  * (tools/pg.c).  The output is the same, printed by the same code.
@@ -215,13 +216,17 @@ static const char usage_status[] =
     "  --json          one JSON object instead of text\n";
 
 static const char usage_list[] =
-    "usage: deliveryevents list --db PATH [--state PATH] [--subject "
-    "TYPE:ID]\n"
+    "usage: deliveryevents list (--db PATH [--state PATH] | --pg CONNINFO)\n"
+    "                           [--subject TYPE:ID]\n"
     "                           [--pending | --blocked] [--limit N] "
     "[--json]\n"
     "  Read-only list of the outbox rows still retained, oldest first.\n"
     "  --db PATH          the service's database file (required)\n"
-    "  --state PATH       the relay's state file (default PATH-relay)\n"
+    "  --pg CONNINFO      a PostgreSQL database instead (a libpq "
+    "connection\n"
+    "                     string or URI; --db postgresql://... works too)\n"
+    "  --state PATH       the relay's state file (default PATH-relay; "
+    "SQLite)\n"
     "  --subject TYPE:ID  only this subject's events, e.g. delivery:D-7\n"
     "  --pending          only events not yet published (held back "
     "included)\n"
@@ -277,9 +282,9 @@ static void usage(FILE *out)
         "  status (--db PATH [--state PATH] | --pg CONNINFO) [--json]\n"
         "                 what an outbox holds and how its relay stands "
         "(read-only)\n"
-        "  list --db PATH [--state PATH] [--subject TYPE:ID] "
-        "[--pending|--blocked]\n"
-        "        [--limit N] [--json]\n"
+        "  list (--db PATH [--state PATH] | --pg CONNINFO) [--subject "
+        "TYPE:ID]\n"
+        "        [--pending|--blocked] [--limit N] [--json]\n"
         "                 the retained outbox rows (read-only)\n"
         "  consumer-status (--db PATH | --pg CONNINFO) [--json]\n"
         "                 what a consumer's database holds: parked "
@@ -312,7 +317,7 @@ static void usage(FILE *out)
         "  contracts (--db PATH | --pg CONNINFO) [--json]\n"
         "                 the event contracts defined in a database "
         "(read-only)\n"
-        "  asyncapi --db PATH\n"
+        "  asyncapi (--db PATH | --pg CONNINFO)\n"
         "                 an AsyncAPI 3.0 document of those contracts "
         "(read-only)\n"
         "  archive -b SERVERS --topic NAME [--topic NAME]... --dir DIR\n"
@@ -2180,6 +2185,7 @@ static int ro_args_parse(const ro_cmd *c, int argc, char **argv,
 }
 
 static int consumer_ro_open(const char *cmd, const char *path, ro *r);
+static void print_json_line(json_t *o);
 
 /* The skeleton of every read-only command. */
 static int ro_main(const ro_cmd *c, int argc, char **argv)
@@ -2531,10 +2537,42 @@ static int status_report(const char *cmd, const struct ro_args *a, ro *r)
     return status_print(cmd, a, &f);
 }
 
-static int list_report(const char *cmd, const struct ro_args *a, ro *r)
+/* One outbox row, as a JSON line or a text row. */
+static void ol_emit(const ol_row *o, void *ctx)
+{
+    const struct ro_args *a = ctx;
+    char t[64];
+
+    if (a->json) {
+        json_t *j = json_object();
+        put_int(j, "position", o->position);
+        put_str(j, "event_id", o->event_id);
+        put_str(j, "subject_type", o->subject_type);
+        put_str(j, "subject_id", o->subject_id);
+        put_str(j, "action", o->action);
+        put_int(j, "version", o->version);
+        put_int(j, "recorded_at_ms", o->recorded_at_ms);
+        put_str(j, "status", o->status);
+        if (o->error != NULL)
+            put_str(j, "error", o->error);
+        print_json_line(j);
+        json_decref(j);
+    } else {
+        char subject[300];
+        snprintf(subject, sizeof subject, "%s/%s", o->subject_type,
+                 o->subject_id);
+        iso_time(o->recorded_at_ms, t, sizeof t);
+        printf("%-10lld %-36s %-24s %-12s %-3d %-24s %s%s%s\n",
+               (long long)o->position, o->event_id, subject, o->action,
+               (int)o->version, t, o->status, o->error ? ": " : "",
+               o->error ? o->error : "");
+    }
+}
+
+/* The retained rows of a SQLite outbox; how many, or -1. */
+static long list_sqlite(const char *cmd, const struct ro_args *a, ro *r)
 {
     sqlite3_stmt *st = NULL;
-    char t[64];
     const char *colon;
     int64_t cursor;
     long n = 0;
@@ -2553,7 +2591,7 @@ static int list_report(const char *cmd, const struct ro_args *a, ro *r)
             "p.position IS NOT NULL) ORDER BY o.position LIMIT ?6",
             -1, &st, NULL) != SQLITE_OK) {
         fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(r->db));
-        return 1;
+        return -1;
     }
     sqlite3_bind_int64(st, 1, cursor);
     if (a->subject != NULL) {
@@ -2565,50 +2603,47 @@ static int list_report(const char *cmd, const struct ro_args *a, ro *r)
     sqlite3_bind_int(st, 4, a->pending);
     sqlite3_bind_int(st, 5, a->blocked);
     sqlite3_bind_int64(st, 6, a->limit > 0 ? a->limit : -1);
-    if (!a->json)
-        printf("%-10s %-36s %-24s %-12s %-3s %-24s %s\n", "POSITION",
-               "EVENT_ID", "SUBJECT", "ACTION", "V", "RECORDED", "STATUS");
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-        const char *err = (const char *)sqlite3_column_text(st, 8);
+        ol_row o = {
+            .position = sqlite3_column_int64(st, 0),
+            .event_id = (const char *)sqlite3_column_text(st, 1),
+            .subject_type = (const char *)sqlite3_column_text(st, 2),
+            .subject_id = (const char *)sqlite3_column_text(st, 3),
+            .action = (const char *)sqlite3_column_text(st, 4),
+            .version = sqlite3_column_int64(st, 5),
+            .recorded_at_ms = sqlite3_column_int64(st, 6),
+            .status = (const char *)sqlite3_column_text(st, 7),
+            .error = (const char *)sqlite3_column_text(st, 8),
+        };
         n++;
-        if (a->json) {
-            json_t *o = json_object();
-            char *s;
-            put_int(o, "position", sqlite3_column_int64(st, 0));
-            put_str(o, "event_id", (const char *)sqlite3_column_text(st, 1));
-            put_str(o, "subject_type",
-                    (const char *)sqlite3_column_text(st, 2));
-            put_str(o, "subject_id", (const char *)sqlite3_column_text(st, 3));
-            put_str(o, "action", (const char *)sqlite3_column_text(st, 4));
-            put_int(o, "version", sqlite3_column_int64(st, 5));
-            put_int(o, "recorded_at_ms", sqlite3_column_int64(st, 6));
-            put_str(o, "status", (const char *)sqlite3_column_text(st, 7));
-            if (err != NULL)
-                put_str(o, "error", err);
-            s = json_dumps(o, JSON_COMPACT);
-            printf("%s\n", s ? s : "{}");
-            free(s);
-            json_decref(o);
-        } else {
-            char subject[300];
-            snprintf(subject, sizeof subject, "%s/%s",
-                     (const char *)sqlite3_column_text(st, 2),
-                     (const char *)sqlite3_column_text(st, 3));
-            iso_time(sqlite3_column_int64(st, 6), t, sizeof t);
-            printf("%-10lld %-36s %-24s %-12s %-3d %-24s %s%s%s\n",
-                   (long long)sqlite3_column_int64(st, 0),
-                   (const char *)sqlite3_column_text(st, 1), subject,
-                   (const char *)sqlite3_column_text(st, 4),
-                   sqlite3_column_int(st, 5), t,
-                   (const char *)sqlite3_column_text(st, 7), err ? ": " : "",
-                   err ? err : "");
-        }
+        ol_emit(&o, (void *)(uintptr_t)a);
     }
     sqlite3_finalize(st);
     if (rc != SQLITE_DONE) {
         fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(r->db));
-        return 1;
+        return -1;
     }
+    return n;
+}
+
+static int list_report(const char *cmd, const struct ro_args *a, ro *r)
+{
+    const char *colon = NULL;
+    long n;
+
+    if (!a->json)
+        printf("%-10s %-36s %-24s %-12s %-3s %-24s %s\n", "POSITION",
+               "EVENT_ID", "SUBJECT", "ACTION", "V", "RECORDED", "STATUS");
+    if (a->subject != NULL)
+        colon = strchr(a->subject, ':');
+    n = r->pg != NULL
+            ? pgt_list(cmd, r->pg, a->subject,
+                       colon ? (int)(colon - a->subject) : 0,
+                       colon ? colon + 1 : NULL, a->pending, a->blocked,
+                       a->limit, ol_emit, (void *)(uintptr_t)a)
+            : list_sqlite(cmd, a, r);
+    if (n < 0)
+        return 1;
     if (!a->json && a->limit > 0 && n == a->limit)
         printf("(first %ld rows; --limit 0 for all)\n", n);
     return 0;
@@ -3416,12 +3451,14 @@ static const char usage_contracts[] =
     "  --json          one JSON object instead of text, with each schema\n";
 
 static const char usage_asyncapi[] =
-    "usage: deliveryevents asyncapi --db PATH\n"
+    "usage: deliveryevents asyncapi (--db PATH | --pg CONNINFO)\n"
     "  Read-only: writes an AsyncAPI 3.0 document (JSON) of the database's\n"
     "  event contracts on stdout: a channel per topic (topic.template), a\n"
     "  message per event type and version with its payload schema, the\n"
     "  CloudEvents headers and the Kafka key (the subject id).\n"
-    "  --db PATH       the service's database file (required)\n";
+    "  --db PATH       the service's database file (required)\n"
+    "  --pg CONNINFO   a PostgreSQL database instead (a libpq connection\n"
+    "                  string or URI; --db postgresql://... works too)\n";
 
 /* "2026-11-25T11:00:00.123Z" */
 static void utc_ms(int64_t ms, char *buf, size_t size)
@@ -3606,6 +3643,10 @@ static const char *stored_setting(ro *r, const char *key, const char *dflt,
 {
     char sql[200];
 
+    if (r->pg != NULL) {
+        pgt_setting(r->pg, key, buf, size);
+        return buf[0] ? buf : dflt;
+    }
     snprintf(sql, sizeof sql,
              "SELECT value FROM main.de_meta WHERE key = 'setting.%s'", key);
     q_text(r->db, sql, buf, size);
@@ -3873,7 +3914,9 @@ static int asyncapi_report(const char *cmd, const struct ro_args *a, ro *r)
 {
     json_t *all = read_contracts(cmd, r), *doc, *c;
     char tmpl[300], prefix[200], source[300], title[PATH_MAX + 64], *s;
-    const char *base = strrchr(r->db_path, '/');
+    /* The file's name, or the PostgreSQL database's. */
+    const char *name = r->pg ? pgt_dbname(r->pg) : r->db_path,
+               *base = r->pg ? NULL : strrchr(name, '/');
     int prefix_known;
     size_t i;
 
@@ -3887,7 +3930,7 @@ static int asyncapi_report(const char *cmd, const struct ro_args *a, ro *r)
     prefix_known = stored_setting(r, "event.type.prefix", NULL, prefix,
                                   sizeof prefix) != NULL;
     stored_setting(r, "event.source", "/deliveryevents", source, sizeof source);
-    snprintf(title, sizeof title, "Events of %s", base ? base + 1 : r->db_path);
+    snprintf(title, sizeof title, "Events of %s", base ? base + 1 : name);
     doc = json_pack(
         "{s:s, s:{s:s, s:s, s:s}, s:s, s:{}, s:{}, s:{s:{}, s:{}}}", "asyncapi",
         "3.0.0", "info", "title", title, "version", "1", "description",
@@ -3916,13 +3959,13 @@ static int asyncapi_report(const char *cmd, const struct ro_args *a, ro *r)
 /* The read-only commands: what each takes beyond --db and --json. */
 static const ro_cmd ro_cmds[] = {
     {"status", usage_status, RO_STATE, 0, 1, status_report},
-    {"list", usage_list, RO_STATE | RO_SUBJECT | RO_LIMIT | RO_FILTER, 0, 0,
+    {"list", usage_list, RO_STATE | RO_SUBJECT | RO_LIMIT | RO_FILTER, 0, 1,
      list_report},
     {"consumer-status", usage_consumer_status, 0, 1, 1, consumer_status_report},
     {"dead-letters", usage_dead_letters, RO_SUBJECT | RO_LIMIT | RO_PARKED, 1,
      1, dead_letters_report},
     {"contracts", usage_contracts, 0, 0, 1, contracts_report},
-    {"asyncapi", usage_asyncapi, RO_NO_JSON, 0, 0, asyncapi_report},
+    {"asyncapi", usage_asyncapi, RO_NO_JSON, 0, 1, asyncapi_report},
 };
 
 int main(int argc, char **argv)

@@ -49,6 +49,27 @@ const char *pgt_name(const pgt *p)
 }
 
 /* Never called: pgt_open refuses every target. */
+const char *pgt_dbname(const pgt *p)
+{
+    (void)p;
+    return "";
+}
+
+long pgt_list(const char *cmd, pgt *p, const char *type, int type_len,
+              const char *id, int pending, int blocked, long limit,
+              ol_emit_fn *emit, void *ctx)
+{
+    (void)cmd, (void)p, (void)type, (void)type_len, (void)id, (void)pending;
+    (void)blocked, (void)limit, (void)emit, (void)ctx;
+    return -1;
+}
+
+void pgt_setting(pgt *p, const char *key, char *buf, size_t size)
+{
+    (void)p, (void)key, (void)size;
+    buf[0] = '\0';
+}
+
 int pgt_status(const char *cmd, pgt *p, status_facts *f)
 {
     (void)cmd, (void)p, (void)f;
@@ -214,13 +235,18 @@ const char *pgt_name(const pgt *p)
     return p->name;
 }
 
-/* sql with up to four text parameters (NULL: SQL NULL); the result, or
+const char *pgt_dbname(const pgt *p)
+{
+    return PQdb(p->conn);
+}
+
+/* sql with up to five text parameters (NULL: SQL NULL); the result, or
  * NULL after saying why (what names what was read). */
 static PGresult *pq_query(const char *cmd, pgt *p, const char *what,
                           const char *sql, int n, const char *a, const char *b,
-                          const char *c, const char *d)
+                          const char *c, const char *d, const char *e)
 {
-    const char *const v[4] = {a, b, c, d};
+    const char *const v[5] = {a, b, c, d, e};
     PGresult *r = PQexecParams(p->conn, sql, n, NULL, v, NULL, NULL, 0);
     ExecStatusType st = PQresultStatus(r);
 
@@ -258,7 +284,7 @@ static void copy_text(char *dst, size_t size, PGresult *r, int j, int i)
 /* Whether the single value of sql is true; -1 after saying why. */
 static int pq_bool(const char *cmd, pgt *p, const char *what, const char *sql)
 {
-    PGresult *r = pq_query(cmd, p, what, sql, 0, NULL, NULL, NULL, NULL);
+    PGresult *r = pq_query(cmd, p, what, sql, 0, NULL, NULL, NULL, NULL, NULL);
     int v;
 
     if (r == NULL)
@@ -273,7 +299,7 @@ static int pq_bool(const char *cmd, pgt *p, const char *what, const char *sql)
 static int pq_ints(const char *cmd, pgt *p, const char *what, const char *sql,
                    int n, int64_t *out, int64_t dflt)
 {
-    PGresult *r = pq_query(cmd, p, what, sql, 0, NULL, NULL, NULL, NULL);
+    PGresult *r = pq_query(cmd, p, what, sql, 0, NULL, NULL, NULL, NULL, NULL);
 
     if (r == NULL)
         return 1;
@@ -310,7 +336,7 @@ static int relay_facts(const char *cmd, pgt *p, status_facts *f)
                                                       "FROM "
                                                       "deliveryevents.relay_"
                                                       "parked) s)",
-        0, NULL, NULL, NULL, NULL);
+        0, NULL, NULL, NULL, NULL, NULL);
     if (r == NULL)
         return 1;
     f->cursor = col_int(r, 0, 0, 0);
@@ -324,7 +350,7 @@ static int relay_facts(const char *cmd, pgt *p, status_facts *f)
     r = pq_query(cmd, p, "the relay's lease",
                  "SELECT owner, pid, host, acquired_ms, heartbeat_ms, epoch "
                  "FROM deliveryevents.relay_lease WHERE id = 1",
-                 0, NULL, NULL, NULL, NULL);
+                 0, NULL, NULL, NULL, NULL, NULL);
     if (r == NULL)
         return 1;
     if (PQntuples(r) == 1) {
@@ -343,7 +369,7 @@ static int relay_facts(const char *cmd, pgt *p, status_facts *f)
                  "p.subject_id ORDER BY position LIMIT 1), min(position) "
                  "FROM deliveryevents.relay_parked p GROUP BY subject_type, "
                  "subject_id ORDER BY min(position)",
-                 0, NULL, NULL, NULL, NULL);
+                 0, NULL, NULL, NULL, NULL, NULL);
     if (r == NULL)
         return 1;
     for (int j = 0; j < PQntuples(r); j++)
@@ -355,12 +381,108 @@ static int relay_facts(const char *cmd, pgt *p, status_facts *f)
     return 0;
 }
 
+/* 0 when p has an outbox, or 1 after saying why not. */
+static int outbox_tables(const char *cmd, pgt *p)
+{
+    int has =
+        pq_bool(cmd, p, "the schema",
+                "SELECT to_regclass('deliveryevents.outbox') IS NOT NULL AND "
+                "to_regclass('deliveryevents.outbox_order') IS NOT NULL AND "
+                "to_regclass('deliveryevents.meta') IS NOT NULL");
+
+    if (has == 0)
+        fprintf(stderr,
+                "deliveryevents: %s: '%s' has no outbox (no "
+                "deliveryevents.outbox table)\n",
+                cmd, p->name);
+    return has == 1 ? 0 : 1;
+}
+
+long pgt_list(const char *cmd, pgt *p, const char *type, int type_len,
+              const char *id, int pending, int blocked, long limit,
+              ol_emit_fn *emit, void *ctx)
+{
+    char sql[1800], t[300], lim[24];
+    PGresult *r;
+    int has_state;
+    long n;
+
+    if (outbox_tables(cmd, p) != 0 ||
+        (has_state = pq_bool(cmd, p, "the schema",
+                             "SELECT to_regclass('deliveryevents.relay_"
+                             "state') IS NOT NULL AND to_regclass("
+                             "'deliveryevents.relay_parked') IS NOT "
+                             "NULL")) < 0)
+        return -1;
+    /* Without the relay's tables (no relay has run): cursor 0, nothing
+     * held back. */
+    snprintf(
+        sql, sizeof sql,
+        "WITH c AS (SELECT %s AS cursor), h AS (%s) SELECT o.position, "
+        "e.event_id, e.subject_type, e.subject_id, e.action, e.version, "
+        "e.recorded_at_ms, CASE WHEN h.position IS NOT NULL THEN "
+        "'held-back' WHEN o.position > c.cursor THEN 'pending' ELSE "
+        "'published' END, h.error FROM deliveryevents.outbox_order o JOIN "
+        "deliveryevents.outbox e USING (id) CROSS JOIN c LEFT JOIN h ON "
+        "h.position = o.position WHERE ($1::text IS NULL OR "
+        "(e.subject_type = $1 AND e.subject_id = $2)) AND (NOT $3::boolean "
+        "OR o.position > c.cursor OR h.position IS NOT NULL) AND (NOT "
+        "$4::boolean OR h.position IS NOT NULL) ORDER BY o.position LIMIT "
+        "$5::bigint",
+        has_state ? "coalesce((SELECT value::bigint FROM "
+                    "deliveryevents.relay_state WHERE key = 'cursor'), 0)"
+                  : "0::bigint",
+        has_state ? "SELECT position, error FROM deliveryevents.relay_parked"
+                  : "SELECT NULL::bigint AS position, NULL::text AS error "
+                    "WHERE false");
+    snprintf(t, sizeof t, "%.*s", type_len, type ? type : "");
+    snprintf(lim, sizeof lim, "%ld", limit);
+    r = pq_query(cmd, p, "the outbox", sql, 5, type ? t : NULL, id,
+                 pending ? "t" : "f", blocked ? "t" : "f",
+                 limit > 0 ? lim : NULL);
+    if (r == NULL)
+        return -1;
+    n = PQntuples(r);
+    for (int j = 0; j < n; j++) {
+        ol_row o = {
+            .position = col_int(r, j, 0, 0),
+            .event_id = col_text(r, j, 1),
+            .subject_type = col_text(r, j, 2),
+            .subject_id = col_text(r, j, 3),
+            .action = col_text(r, j, 4),
+            .version = col_int(r, j, 5, 0),
+            .recorded_at_ms = col_int(r, j, 6, 0),
+            .status = col_text(r, j, 7),
+            .error = col_text(r, j, 8),
+        };
+        emit(&o, ctx);
+    }
+    PQclear(r);
+    return n;
+}
+
+void pgt_setting(pgt *p, const char *key, char *buf, size_t size)
+{
+    char name[200];
+    const char *const v[1] = {name};
+    PGresult *r;
+
+    snprintf(name, sizeof name, "setting.%s", key);
+    buf[0] = '\0';
+    r = PQexecParams(p->conn,
+                     "SELECT value FROM deliveryevents.meta WHERE key = $1", 1,
+                     NULL, v, NULL, NULL, 0);
+    if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 &&
+        !PQgetisnull(r, 0, 0))
+        snprintf(buf, size, "%s", PQgetvalue(r, 0, 0));
+    PQclear(r);
+}
+
 int pgt_status(const char *cmd, pgt *p, status_facts *f)
 {
     char sql[1200], cur[24];
     int64_t v[6];
     PGresult *r;
-    int has;
 
     memset(f, 0, sizeof *f);
     f->database = p->name;
@@ -370,18 +492,8 @@ int pgt_status(const char *cmd, pgt *p, status_facts *f)
     f->epoch = -1;
     f->sz_wal = f->sz_state = f->sz_state_wal = -1;
     f->blocked = json_array();
-    has = pq_bool(cmd, p, "the schema",
-                  "SELECT to_regclass('deliveryevents.outbox') IS NOT NULL "
-                  "AND to_regclass('deliveryevents.outbox_order') IS NOT NULL "
-                  "AND to_regclass('deliveryevents.meta') IS NOT NULL");
-    if (has <= 0) {
-        if (has == 0)
-            fprintf(stderr,
-                    "deliveryevents: %s: '%s' has no outbox (no "
-                    "deliveryevents.outbox table)\n",
-                    cmd, p->name);
+    if (outbox_tables(cmd, p) != 0)
         return 1;
-    }
     r = pq_query(
         cmd, p, "the outbox's meta",
         "SELECT to_regclass('deliveryevents.relay_state') IS NOT "
@@ -389,7 +501,7 @@ int pgt_status(const char *cmd, pgt *p, status_facts *f)
         "NULL, pg_database_size(current_database()), (extract(epoch "
         "FROM clock_timestamp()) * 1000)::bigint, " META("outbox_id") ", " META(
             "schema_version") ", " META("relay_deleted_upto"),
-        0, NULL, NULL, NULL, NULL);
+        0, NULL, NULL, NULL, NULL, NULL);
     if (r == NULL)
         return 1;
     f->has_state = strcmp(PQgetvalue(r, 0, 0), "t") == 0;
@@ -494,7 +606,7 @@ int pgt_consumer_status(const char *cmd, pgt *p, consumer_facts *f)
                  "SELECT kind, state, count(*), min(parked_ms) FROM "
                  "deliveryevents.inbox_dead_letter GROUP BY kind, state "
                  "ORDER BY kind, state",
-                 0, NULL, NULL, NULL, NULL);
+                 0, NULL, NULL, NULL, NULL, NULL);
     if (r == NULL)
         return 1;
     for (int j = 0; j < PQntuples(r); j++)
@@ -513,7 +625,7 @@ int pgt_consumer_status(const char *cmd, pgt *p, consumer_facts *f)
         "i.subject_type AND d.subject_id = i.subject_id AND d.state = "
         "'parked' WHERE i.parked GROUP BY i.subject_type, i.subject_id "
         "ORDER BY 4 NULLS FIRST, 1, 2",
-        0, NULL, NULL, NULL, NULL);
+        0, NULL, NULL, NULL, NULL, NULL);
     if (r == NULL)
         return 1;
     for (int j = 0; j < PQntuples(r); j++)
@@ -546,7 +658,7 @@ long pgt_dead_letters(const char *cmd, pgt *p, const char *type, int type_len,
                  "$3::boolean OR state = 'parked') ORDER BY id LIMIT "
                  "$4::bigint",
                  4, type ? t : NULL, id, parked ? "t" : "f",
-                 limit > 0 ? lim : NULL);
+                 limit > 0 ? lim : NULL, NULL);
     if (r == NULL)
         return -1;
     n = PQntuples(r);
@@ -585,7 +697,7 @@ json_t *pgt_contracts(const char *cmd, pgt *p)
     if ((r = pq_query(cmd, p, "the schema",
                       "SELECT to_regclass('deliveryevents.meta') IS NOT NULL, "
                       "to_regclass('deliveryevents.contracts') IS NOT NULL",
-                      0, NULL, NULL, NULL, NULL)) == NULL)
+                      0, NULL, NULL, NULL, NULL, NULL)) == NULL)
         return NULL;
     if (strcmp(PQgetvalue(r, 0, 0), "t") != 0) {
         fprintf(stderr,
@@ -606,7 +718,7 @@ json_t *pgt_contracts(const char *cmd, pgt *p)
                       "schema FROM deliveryevents.contracts ORDER BY "
                       "subject_type COLLATE \"C\", action COLLATE \"C\", "
                       "version",
-                      0, NULL, NULL, NULL, NULL)) == NULL) {
+                      0, NULL, NULL, NULL, NULL, NULL)) == NULL) {
         json_decref(all);
         return NULL;
     }
@@ -654,7 +766,7 @@ int pgt_parked(const char *cmd, pgt *p, const char *type, int type_len,
                  "EXISTS (SELECT 1 FROM deliveryevents.inbox_dead_letter "
                  "WHERE subject_type = $1 AND subject_id = $2 AND state = "
                  "'parked')",
-                 2, t, id, NULL, NULL);
+                 2, t, id, NULL, NULL, NULL);
     if (r == NULL)
         return -1;
     v = strcmp(PQgetvalue(r, 0, 0), "t") == 0;
@@ -675,7 +787,7 @@ int64_t pgt_request(const char *cmd, pgt *p, const char *type, int type_len,
                  "INSERT INTO deliveryevents.inbox_request(subject_type, "
                  "subject_id, action, requested_at_ms) VALUES ($1, $2, $3, "
                  "$4::bigint) RETURNING id",
-                 4, t, id, action, when);
+                 4, t, id, action, when, NULL);
     if (r == NULL)
         return -1;
     v = col_int(r, 0, 0, -1);
@@ -694,7 +806,7 @@ int pgt_request_state(const char *cmd, pgt *p, int64_t req, char *buf,
     r = pq_query(cmd, p, "the request",
                  "SELECT done_at_ms IS NOT NULL, result FROM "
                  "deliveryevents.inbox_request WHERE id = $1::bigint",
-                 1, num, NULL, NULL, NULL);
+                 1, num, NULL, NULL, NULL, NULL);
     if (r == NULL)
         return -1;
     if (PQntuples(r) == 0) {

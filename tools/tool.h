@@ -102,6 +102,14 @@ typedef struct dl_row {
 } dl_row;
 typedef void dl_emit_fn(const dl_row *row, void *ctx);
 
+/* One retained outbox row, as list prints it. */
+typedef struct ol_row {
+    int64_t position, version, recorded_at_ms;
+    const char *event_id, *subject_type, *subject_id, *action, *status,
+        *error;
+} ol_row;
+typedef void ol_emit_fn(const ol_row *row, void *ctx);
+
 /*
  * PostgreSQL targets (tools/pg.c): a libpq connection string or URI
  * where a command takes a database file (--pg CONNINFO, or --db with a
@@ -118,6 +126,8 @@ int pgt_open(const char *cmd, const char *conninfo, int read_only,
 void pgt_close(pgt *p);
 /* "dbname=D host=H port=P user=U": where it is connected, no password. */
 const char *pgt_name(const pgt *p);
+/* The database's name alone. */
+const char *pgt_dbname(const pgt *p);
 /* The facts; 0, or 1 after saying why not (no outbox, no consumer
  * tables, a failed query). */
 int pgt_status(const char *cmd, pgt *p, status_facts *f);
@@ -127,6 +137,16 @@ int pgt_consumer_status(const char *cmd, pgt *p, consumer_facts *f);
 long pgt_dead_letters(const char *cmd, pgt *p, const char *type,
                       int type_len, const char *id, int parked, long limit,
                       dl_emit_fn *emit, void *ctx);
+/* Calls emit for each retained outbox row (subject type NULL: all),
+ * oldest first, with its status against the relay's cursor: pending
+ * ones only (held-back included), or only held-back ones; at most limit
+ * (0: all).  The number, or -1 after saying why. */
+long pgt_list(const char *cmd, pgt *p, const char *type, int type_len,
+              const char *id, int pending, int blocked, long limit,
+              ol_emit_fn *emit, void *ctx);
+/* The wire setting the writer stored for key (setting.KEY in
+ * deliveryevents.meta) into buf; "" when none. */
+void pgt_setting(pgt *p, const char *key, char *buf, size_t size);
 /* Every contract: an array of {subject_type, action, version,
  * defined_at_ms, schema}; NULL after saying why. */
 json_t *pgt_contracts(const char *cmd, pgt *p);
