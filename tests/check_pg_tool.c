@@ -297,6 +297,13 @@ START_TEST(test_bad_targets)
     ck_assert_msg(strstr(text(t.err), "'dbname' is not a PostgreSQL "
                                       "connection string") != NULL,
                   "%s", text(t.err));
+    ck_assert_int_eq(tool(&t, "relay", "--db", "postgresql:///x", "-b",
+                          "127.0.0.1:1", "--once"),
+                     2);
+    ck_assert_msg(strstr(text(t.err), "'postgresql:///x' is a PostgreSQL "
+                                      "database: its relay runs in the "
+                                      "service") != NULL,
+                  "%s", text(t.err));
     ck_assert_int_eq(tool(&t, "status", "--pg", conninfo, "--state", "x"), 2);
     ck_assert_msg(strstr(text(t.err), "--state is for SQLite") != NULL, "%s",
                   text(t.err));

@@ -100,10 +100,10 @@
  *
  *   status, list, consumer-status, dead-letters, release, skip,
  *   contracts, asyncapi and replay (de_replay_pg) work on a PostgreSQL
- *   database as well: --pg CONNINFO
- * (a libpq connection string or URI) instead of --db PATH, or --db
- * postgresql://...; the library's tables are in its schema deliveryevents
- * (tools/pg.c).  The output is the same, printed by the same code.
+ *   database as well: --pg CONNINFO (a libpq connection string or URI)
+ *   instead of --db PATH, or --db postgresql://...; the library's tables
+ *   are in its schema deliveryevents (tools/pg.c).  The output is the
+ *   same, printed by the same code.
  *
  *   Every command takes --help (-h).
  *
@@ -1095,6 +1095,14 @@ static int cmd_relay(int argc, char **argv)
     if (db == NULL) {
         de_conf_destroy(conf);
         return bad_usage("relay", "needs --db PATH%s", "");
+    }
+    if (is_pg_uri(db)) {
+        de_conf_destroy(conf);
+        return bad_usage("relay",
+                         "'%s' is a PostgreSQL database: its relay runs in "
+                         "the service (de_relay_start, de_relay_start_pg), "
+                         "not from the tool",
+                         db);
     }
     state_path = de_conf_get(conf, "relay.state.path");
     if (state_path != NULL && state_path[0] == '\0')
