@@ -301,8 +301,10 @@ check-header-pg:
 
 # The PostgreSQL module alone: its header, exports and suites.
 # check_pg_examples runs the PostgreSQL examples as built for users.
-check-pg: check-pg-module $(PG_TEST_BINS) $(PG_EXAMPLE_BINS)
+# check_pg_tool runs the tool of the build tree (DE_TOOL).
+check-pg: check-pg-module $(PG_TEST_BINS) $(PG_EXAMPLE_BINS) $(TOOL)
 	@$(RUN_ENV) DE_EXAMPLES=$(abspath $(BUILD)/examples) \
+	    DE_TOOL=$(abspath $(TOOL)) \
 	    sh tests/run_suites.sh $(CHECK_JOBS) $(BUILD)/test-logs-pg \
 	    $(PG_TEST_BINS)
 
@@ -341,11 +343,21 @@ $(BUILD)/bench/%: bench/%.c $(wildcard bench/*.h) $(STLIB) $(PCUNINST)
 # BINDIR alike, and sanitizer builds cover it too.
 # archive.c decodes records with the library's own de__envelope_decode
 # (lib/internal.h), hence -Ilib.
+# Where pkg-config knows libpq (make deps installs it) the tool reads
+# PostgreSQL databases too (tools/pg.c, -DDE_TOOL_PG): it links
+# libdeliveryevents-pg's static library then, and so needs libpq.so at
+# run time; libdeliveryevents itself never does.  Without libpq it is
+# built as before and refuses PostgreSQL targets, saying why.
 TOOL_SRCS := $(sort $(wildcard tools/*.c))
-$(TOOL): $(TOOL_SRCS) $(wildcard tools/*.h) lib/internal.h $(STLIB)
-	$(CC) $(DE_CFLAGS) -Ilib $(shell pkg-config --cflags zlib) $(CFLAGS) \
-	    $(LDFLAGS) -o $@ $(TOOL_SRCS) $(SAN_EXTRA) $(STLIB) \
-	    $(PKG_LIBS) $(TOOL_LIBS) -pthread
+TOOL_PG   := $(shell pkg-config --exists libpq 2>/dev/null && echo yes)
+TOOL_LIB  := $(if $(TOOL_PG),$(PG_STLIB),$(STLIB))
+TOOL_PQ_CFLAGS = $(if $(TOOL_PG),-DDE_TOOL_PG $(PQ_CFLAGS))
+TOOL_PQ_LIBS   = $(if $(TOOL_PG),$(PQ_LIBS))
+$(TOOL): $(TOOL_SRCS) $(wildcard tools/*.h) lib/internal.h $(TOOL_LIB)
+	$(CC) $(DE_CFLAGS) -Ilib $(shell pkg-config --cflags zlib) \
+	    $(TOOL_PQ_CFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $(TOOL_SRCS) \
+	    $(SAN_EXTRA) $(TOOL_LIB) $(PKG_LIBS) $(TOOL_LIBS) $(TOOL_PQ_LIBS) \
+	    -pthread
 
 examples: $(EXAMPLE_BINS)
 

@@ -16,8 +16,10 @@
  * below, per function.
  *
  * The guide is docs/POSTGRESQL.md; the design, and what is not done yet
- * (de_consumer_on_type on a PostgreSQL consumer, the tool's commands,
- * de_replay), docs/POSTGRESQL-INTERNALS.md.
+ * (de_consumer_on_type on a PostgreSQL consumer),
+ * docs/POSTGRESQL-INTERNALS.md.  The deliveryevents tool reads a
+ * PostgreSQL service with --pg CONNINFO (docs/POSTGRESQL.md,
+ * "Operating").
  *
  * The relay of a PostgreSQL outbox opens two connections of its own (one
  * reads the outbox and LISTENs for commits, one keeps its state in the
@@ -218,6 +220,49 @@ DE_EXTERN DE_WARN_UNUSED de_err de_consumer_on_pg(de_consumer *c,
                                                   const char *action,
                                                   de_handler_pg_fn fn,
                                                   void *ctx);
+
+/**
+ * de_replay on a PostgreSQL outbox: republishes retained events of the
+ * outbox in the database conninfo names with their original ce_id,
+ * ce_subjectepoch and ce_subjectseq, exactly as de_replay() does for a
+ * SQLite database file -- the same selection, refusals, result and
+ * producer (its documentation in deliveryevents.h holds here, with the
+ * relay's state read from the deliveryevents.relay_* tables instead of
+ * a state file; relay.state.path does not apply).
+ *
+ * It reads the outbox and the relay's state on two connections of its
+ * own (the state in one REPEATABLE READ READ ONLY transaction, so that
+ * its check and its republishing see the same cursor and numbers); it
+ * takes no lease and writes neither the outbox nor the relay's state
+ * (an outbox schema written by an older library is migrated first, as
+ * de_relay_start_pg does).
+ * Retained: the relay keeps published rows for outbox.retention.ms and,
+ * while that is above 0, records the numbers each went out with in
+ * deliveryevents.relay_published.
+ *
+ * Blocks the calling thread; any thread may call it, also beside a relay
+ * of the same database.
+ *
+ * @param conninfo    a libpq connection string or URI; required; read
+ *                    during the call.
+ * @param conf        bootstrap.servers and any other librdkafka property,
+ *                    and the wire settings as for de_relay_start_pg();
+ *                    copied.
+ * @param select      what to republish; required; read during the call.
+ * @param timeout_ms  as de_replay().
+ * @param out         receives what was done; required; filled also on
+ *                    failure.
+ * @return as de_replay(); DE_ERR_ARG also for a conninfo that does not
+ *         parse; DE_ERR_DB when the server cannot be reached (the
+ *         server's text in the message); DE_ERR_STATE also for a
+ *         database without the outbox's schema or without the relay's
+ *         tables (no relay has run there).
+ */
+DE_EXTERN DE_WARN_UNUSED de_err de_replay_pg(const char *conninfo,
+                                             const de_conf *conf,
+                                             const de_replay_select *select,
+                                             int timeout_ms,
+                                             de_replay_result *out);
 
 #ifdef __cplusplus
 }

@@ -365,4 +365,22 @@ de_err de__relay_cleanup(de_relay *r, bool *behind);
 de_err de__relay_forget(de_relay *r);
 de_err de__relay_check_cursor(de_relay *r, int64_t cursor, const char *id);
 
+/* replay.c: de_replay on any backend.  open opens the outbox's source
+ * (not creating it) and its relay state as a reader (only cursor,
+ * read_begin/read_end, published_get and parked_at are called on it;
+ * read_begin must give both passes one snapshot) for the database where
+ * names; *src and *st are closed by de__replay_run, also on failure.  where
+ * is what messages call the database; sel and out as de_replay's. */
+typedef de_err de__replay_open_fn(void *ctx, de_conf *conf, de__source **src,
+                                  de__rstate **st);
+de_err de__replay_run(const char *where, const de_conf *conf,
+                      const de_replay_select *sel, int timeout_ms,
+                      de_replay_result *out, de__replay_open_fn *open,
+                      void *ctx);
+/* Zeroes out (when not NULL) and checks the arguments every de_replay
+ * takes: DE_ERR_ARG naming what is wrong; param is the name of the
+ * database argument ("db_path", "conninfo"), noun what it is. */
+de_err de__replay_check(const char *where, const char *param, const char *noun,
+                        const de_replay_select *sel, de_replay_result *out);
+
 #endif

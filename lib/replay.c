@@ -438,45 +438,27 @@ static de_err check_select(const de_replay_select *sel)
     return DE_OK;
 }
 
-de_err de_replay(const char *db_path, const de_conf *conf,
-                 const de_replay_select *sel, int timeout_ms,
-                 de_replay_result *out)
+de_err de__replay_run(const char *where, const de_conf *conf,
+                      const de_replay_select *sel, int timeout_ms,
+                      de_replay_result *out, de__replay_open_fn *open,
+                      void *ctx)
 {
-    char resolved[PATH_MAX], buf[PATH_MAX + 16], outbox_id[37];
     replay x;
     de_err err;
 
-    if (out != NULL)
-        memset(out, 0, sizeof *out);
-    if (db_path == NULL || sel == NULL || out == NULL)
-        return de__fail(DE_ERR_ARG,
-                        "de_replay needs a database path, a selection and "
-                        "an out pointer (got NULL %s)",
-                        db_path == NULL ? "db_path"
-                        : sel == NULL   ? "select"
-                                        : "out");
-    if ((err = check_select(sel)) != DE_OK)
-        return err;
-    if (realpath(db_path, resolved) == NULL)
-        return de__fail(DE_ERR_ARG, "database '%s' does not exist", db_path);
     memset(&x, 0, sizeof x);
     x.sel = sel;
     x.out = out;
-    x.db_path = resolved;
-    snprintf(x.log_prefix, sizeof x.log_prefix, "replay %.280s: ", resolved);
+    x.db_path = where;
+    snprintf(x.log_prefix, sizeof x.log_prefix, "replay %.280s: ", where);
     atomic_store(&x.bridge.brokers_up, -1);
     if ((x.conf = de__conf_dup(conf)) == NULL)
         return de__fail(DE_ERR_NOMEM, "out of memory starting a replay");
     if ((err = de__producer_check_conf(x.conf, "replay")) != DE_OK ||
-        (err = de__source_open_sqlite(
-             resolved, de__conf_int(x.conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS),
-             false, false, &x.src, outbox_id)) != DE_OK ||
-        (err = de__adopt_settings(x.src, x.conf, resolved, x.log_prefix)) !=
+        (err = open(ctx, x.conf, &x.src, &x.st)) != DE_OK ||
+        (err = de__adopt_settings(x.src, x.conf, where, x.log_prefix)) !=
             DE_OK ||
-        (err = de__hmac_from_conf(x.conf, &x.hmac)) != DE_OK ||
-        (err = de__rstate_open_reader(
-             de__relay_state_path(x.conf, resolved, buf, sizeof buf), outbox_id,
-             &x.st)) != DE_OK)
+        (err = de__hmac_from_conf(x.conf, &x.hmac)) != DE_OK)
         goto done;
     /* One snapshot of the state for both passes. */
     if ((err = de__rstate_read_begin(x.st)) != DE_OK ||
@@ -521,4 +503,59 @@ done:
     de__hmac_keyring_free(&x.hmac);
     de_conf_destroy(x.conf);
     return err;
+}
+
+/* de_replay's opener: the SQLite database and its relay state file. */
+typedef struct sqlite_open {
+    const char *path;
+    char state[PATH_MAX + 16];
+} sqlite_open;
+
+static de_err open_sqlite(void *ctx, de_conf *conf, de__source **src,
+                          de__rstate **st)
+{
+    sqlite_open *o = ctx;
+    char outbox_id[37];
+    de_err err;
+
+    if ((err = de__source_open_sqlite(
+             o->path, de__conf_int(conf, DE__K_OUTBOX_BUSY_TIMEOUT_MS), false,
+             false, src, outbox_id)) != DE_OK)
+        return err;
+    return de__rstate_open_reader(
+        de__relay_state_path(conf, o->path, o->state, sizeof o->state),
+        outbox_id, st);
+}
+
+de_err de__replay_check(const char *where, const char *param, const char *noun,
+                        const de_replay_select *sel, de_replay_result *out)
+{
+    if (out != NULL)
+        memset(out, 0, sizeof *out);
+    if (where == NULL || sel == NULL || out == NULL)
+        return de__fail(DE_ERR_ARG,
+                        "%s needs %s, a selection and an out pointer (got "
+                        "NULL %s)",
+                        param[0] == 'd' ? "de_replay" : "de_replay_pg", noun,
+                        where == NULL ? param
+                        : sel == NULL ? "select"
+                                      : "out");
+    return check_select(sel);
+}
+
+de_err de_replay(const char *db_path, const de_conf *conf,
+                 const de_replay_select *sel, int timeout_ms,
+                 de_replay_result *out)
+{
+    char resolved[PATH_MAX];
+    sqlite_open o = {resolved, ""};
+    de_err err;
+
+    if ((err = de__replay_check(db_path, "db_path", "a database path", sel,
+                                out)) != DE_OK)
+        return err;
+    if (realpath(db_path, resolved) == NULL)
+        return de__fail(DE_ERR_ARG, "database '%s' does not exist", db_path);
+    return de__replay_run(resolved, conf, sel, timeout_ms, out, open_sqlite,
+                          &o);
 }

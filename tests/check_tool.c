@@ -103,24 +103,7 @@ static proc *start(const char *name, ...)
     return p;
 }
 
-/* The whole of a file, NUL-terminated, in a static buffer rotated over 4
- * slots ("" when it cannot be read). */
-static const char *slurp(const char *path)
-{
-    static char bufs[4][65536];
-    static int next;
-    char *b = bufs[next++ % 4];
-    FILE *f = fopen(path, "r");
-    size_t n = 0;
-
-    b[0] = '\0';
-    if (f != NULL) {
-        n = fread(b, 1, sizeof bufs[0] - 1, f);
-        fclose(f);
-    }
-    b[n] = '\0';
-    return b;
-}
+#define slurp tu_slurp
 
 static bool exited(proc *p)
 {

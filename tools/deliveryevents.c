@@ -98,6 +98,13 @@
  *       rebalances, to gzip'd NDJSON files (CloudEvents JSON format) in
  *       Hive-style partitions by event time (tools/archive.c).
  *
+ *   status, list, consumer-status, dead-letters, release, skip,
+ *   contracts, asyncapi and replay (de_replay_pg) work on a PostgreSQL
+ *   database as well: --pg CONNINFO (a libpq connection string or URI)
+ *   instead of --db PATH, or --db postgresql://...; the library's tables
+ *   are in its schema deliveryevents (tools/pg.c).  The output is the
+ *   same, printed by the same code.
+ *
  *   Every command takes --help (-h).
  *
  * Exit status: 0 on success; 1 on a runtime failure (including a relay
@@ -196,22 +203,30 @@ static const char usage_relay[] =
     "  On exit it prints how many events stay pending in the outbox.\n";
 
 static const char usage_status[] =
-    "usage: deliveryevents status --db PATH [--state PATH] [--json]\n"
+    "usage: deliveryevents status (--db PATH [--state PATH] | --pg CONNINFO)\n"
+    "                             [--json]\n"
     "  Read-only report of an outbox and its relay state: pending events,\n"
     "  the relay's cursor, lease holder, blocked subjects, schema versions,\n"
     "  file sizes.  Creates and changes nothing.\n"
     "  --db PATH       the service's database file (required)\n"
-    "  --state PATH    the relay's state file (default PATH-relay)\n"
+    "  --pg CONNINFO   a PostgreSQL database instead (a libpq connection\n"
+    "                  string or URI; --db postgresql://... works too)\n"
+    "  --state PATH    the relay's state file (default PATH-relay; "
+    "SQLite)\n"
     "  --json          one JSON object instead of text\n";
 
 static const char usage_list[] =
-    "usage: deliveryevents list --db PATH [--state PATH] [--subject "
-    "TYPE:ID]\n"
+    "usage: deliveryevents list (--db PATH [--state PATH] | --pg CONNINFO)\n"
+    "                           [--subject TYPE:ID]\n"
     "                           [--pending | --blocked] [--limit N] "
     "[--json]\n"
     "  Read-only list of the outbox rows still retained, oldest first.\n"
     "  --db PATH          the service's database file (required)\n"
-    "  --state PATH       the relay's state file (default PATH-relay)\n"
+    "  --pg CONNINFO      a PostgreSQL database instead (a libpq "
+    "connection\n"
+    "                     string or URI; --db postgresql://... works too)\n"
+    "  --state PATH       the relay's state file (default PATH-relay; "
+    "SQLite)\n"
     "  --subject TYPE:ID  only this subject's events, e.g. delivery:D-7\n"
     "  --pending          only events not yet published (held back "
     "included)\n"
@@ -264,29 +279,32 @@ static void usage(FILE *out)
         "        [--config FILE] [--stats-ms N] [--stop-timeout-ms N]\n"
         "        [--metrics ADDR:PORT] [--stall-ms N]\n"
         "                 publish a database's outbox to Kafka\n"
-        "  status --db PATH [--state PATH] [--json]\n"
+        "  status (--db PATH [--state PATH] | --pg CONNINFO) [--json]\n"
         "                 what an outbox holds and how its relay stands "
         "(read-only)\n"
-        "  list --db PATH [--state PATH] [--subject TYPE:ID] "
-        "[--pending|--blocked]\n"
-        "        [--limit N] [--json]\n"
+        "  list (--db PATH [--state PATH] | --pg CONNINFO) [--subject "
+        "TYPE:ID]\n"
+        "        [--pending|--blocked] [--limit N] [--json]\n"
         "                 the retained outbox rows (read-only)\n"
-        "  consumer-status --db PATH [--json]\n"
+        "  consumer-status (--db PATH | --pg CONNINFO) [--json]\n"
         "                 what a consumer's database holds: parked "
         "subjects, dead\n"
         "                 letters, queued requests (read-only)\n"
-        "  dead-letters --db PATH [--subject TYPE:ID] [--parked] "
-        "[--limit N] [--json]\n"
+        "  dead-letters (--db PATH | --pg CONNINFO) [--subject TYPE:ID] "
+        "[--parked]\n"
+        "        [--limit N] [--json]\n"
         "                 a consumer's dead letters, oldest first "
         "(read-only)\n"
-        "  replay --db PATH (--subject TYPE:ID | --from POSITION | --since "
-        "TIME)\n"
+        "  replay (--db PATH | --pg CONNINFO) (--subject TYPE:ID | --from "
+        "POSITION |\n"
+        "        --since TIME)\n"
         "        [-b SERVERS] [-X key=value]... [--config FILE] [--timeout-ms "
         "N]\n"
         "                 republish retained events with their original "
         "numbers\n"
-        "  release --db PATH TYPE:ID [--wait MS] [--force]\n"
-        "  skip --db PATH TYPE:ID [--wait MS] [--force]\n"
+        "  release (--db PATH | --pg CONNINFO) TYPE:ID [--wait MS] "
+        "[--force]\n"
+        "  skip (--db PATH | --pg CONNINFO) TYPE:ID [--wait MS] [--force]\n"
         "                 ask the running consumer to release a parked "
         "subject, or\n"
         "                 to skip its first parked event, and wait for "
@@ -296,10 +314,10 @@ static void usage(FILE *out)
         "        [--exit-at-end] [--print N] [-X key=value]... [--config "
         "FILE]\n"
         "                 print a topic's events, checking their order\n"
-        "  contracts --db PATH [--json]\n"
+        "  contracts (--db PATH | --pg CONNINFO) [--json]\n"
         "                 the event contracts defined in a database "
         "(read-only)\n"
-        "  asyncapi --db PATH\n"
+        "  asyncapi (--db PATH | --pg CONNINFO)\n"
         "                 an AsyncAPI 3.0 document of those contracts "
         "(read-only)\n"
         "  archive -b SERVERS --topic NAME [--topic NAME]... --dir DIR\n"
@@ -586,6 +604,7 @@ static void log_line(void *ctx, int level, const char *message)
  */
 typedef struct ro {
     sqlite3 *db;
+    pgt *pg; /* a PostgreSQL database instead (tools/pg.c) */
     const char *db_path;
     char state_path[PATH_MAX + 16];
     int has_state;
@@ -668,6 +687,8 @@ static const char *q_text(sqlite3 *db, const char *sql, char *buf, size_t size)
 
 static void ro_close(ro *r)
 {
+    pgt_close(r->pg);
+    r->pg = NULL;
     if (r->db != NULL) {
         (void)sqlite3_exec(r->db, "COMMIT", NULL, NULL, NULL);
         sqlite3_close(r->db);
@@ -1075,6 +1096,14 @@ static int cmd_relay(int argc, char **argv)
         de_conf_destroy(conf);
         return bad_usage("relay", "needs --db PATH%s", "");
     }
+    if (is_pg_uri(db)) {
+        de_conf_destroy(conf);
+        return bad_usage("relay",
+                         "'%s' is a PostgreSQL database: its relay runs in "
+                         "the service (de_relay_start, de_relay_start_pg), "
+                         "not from the tool",
+                         db);
+    }
     state_path = de_conf_get(conf, "relay.state.path");
     if (state_path != NULL && state_path[0] == '\0')
         state_path = NULL;
@@ -1234,8 +1263,8 @@ static int cmd_relay(int argc, char **argv)
 /* ---- replay ------------------------------------------------------------ */
 
 static const char usage_replay[] =
-    "usage: deliveryevents replay --db PATH (--subject TYPE:ID | --from "
-    "POSITION |\n"
+    "usage: deliveryevents replay (--db PATH | --pg CONNINFO)\n"
+    "                             (--subject TYPE:ID | --from POSITION |\n"
     "                             --since TIME) [-b SERVERS] [-X "
     "key=value]...\n"
     "                             [--config FILE] [--timeout-ms N]\n"
@@ -1246,6 +1275,9 @@ static const char usage_replay[] =
     "  longer retained or has no recorded numbers, or when nothing selected\n"
     "  is published yet (the relay publishes it).  Takes no lease.\n"
     "  --db PATH            the service's database file (required)\n"
+    "  --pg CONNINFO        a PostgreSQL database instead (a libpq\n"
+    "                       connection string or URI; --db postgresql://...\n"
+    "                       works too): de_replay_pg\n"
     "  --subject TYPE:ID    one subject's retained events, e.g. "
     "delivery:D-7\n"
     "  --from POSITION      the retained events from this outbox position "
@@ -1356,10 +1388,11 @@ static int cmd_replay(int argc, char **argv)
 {
     static const char cmd[] = "replay";
     const char *db = NULL, *subject = NULL, *v, *colon;
-    char type[128];
+    char type[128], shown[600];
     long from = 0, timeout_ms = 60000;
     int64_t since = 0;
-    int rc = 0, chosen = 0;
+    int rc = 0, chosen = 0, pg = 0;
+    pgt *conn = NULL;
     de_replay_select sel;
     de_replay_result res;
     de_conf *conf;
@@ -1376,14 +1409,16 @@ static int cmd_replay(int argc, char **argv)
     rc = props_from_env(&p);
     for (int i = 0; i < argc && rc == 0; i++) {
         const char *a = argv[i];
-        if (strcmp(a, "--db") != 0 && strcmp(a, "--subject") != 0 &&
-            strcmp(a, "--from") != 0 && strcmp(a, "--since") != 0 &&
-            !is_props_option(a) && strcmp(a, "--timeout-ms") != 0) {
+        if (strcmp(a, "--db") != 0 && strcmp(a, "--pg") != 0 &&
+            strcmp(a, "--subject") != 0 && strcmp(a, "--from") != 0 &&
+            strcmp(a, "--since") != 0 && !is_props_option(a) &&
+            strcmp(a, "--timeout-ms") != 0) {
             rc = bad_usage(cmd, "unknown argument '%s'", a);
         } else if ((v = opt_value(cmd, argc, argv, &i)) == NULL) {
             rc = 2;
-        } else if (strcmp(a, "--db") == 0) {
+        } else if (strcmp(a, "--db") == 0 || strcmp(a, "--pg") == 0) {
             db = v;
+            pg = strcmp(a, "--pg") == 0 || is_pg_uri(v);
         } else if (is_props_option(a)) {
             rc = props_option(&p, a, v);
         } else if (strcmp(a, "--timeout-ms") == 0) {
@@ -1413,7 +1448,7 @@ static int cmd_replay(int argc, char **argv)
     }
     wipe_x_values(argc, argv);
     if (rc == 0 && db == NULL)
-        rc = bad_usage(cmd, "needs --db PATH%s", "");
+        rc = bad_usage(cmd, "needs --db PATH (or --pg CONNINFO)%s", "");
     if (rc == 0 && chosen == 0)
         rc = bad_usage(cmd,
                        "needs what to replay: --subject TYPE:ID, --from "
@@ -1422,7 +1457,14 @@ static int cmd_replay(int argc, char **argv)
     if (rc == 0 && de_conf_get(conf, "bootstrap.servers") == NULL)
         rc = bad_usage(cmd, "needs -b SERVERS (or -X bootstrap.servers=...)%s",
                        "");
-    if (rc == 0 && (!file_exists(db) || !is_file(db))) {
+    /* A PostgreSQL target: a malformed conninfo or an unreachable
+     * server said as the other commands say it. */
+    snprintf(shown, sizeof shown, "%s", db ? db : "");
+    if (rc == 0 && pg && (rc = pgt_open(cmd, db, 1, &conn)) == 0) {
+        snprintf(shown, sizeof shown, "%s", pgt_name(conn));
+        pgt_close(conn);
+    }
+    if (rc == 0 && !pg && (!file_exists(db) || !is_file(db))) {
         fprintf(stderr, "deliveryevents: %s: cannot open '%s': %s\n", cmd, db,
                 file_exists(db) ? "not a file" : strerror(errno));
         rc = 1;
@@ -1440,7 +1482,8 @@ static int cmd_replay(int argc, char **argv)
     }
     sel.from_position = from;
     sel.since_ms = since;
-    err = de_replay(db, conf, &sel, (int)timeout_ms, &res);
+    err = pg ? pgt_replay(db, conf, &sel, (int)timeout_ms, &res)
+             : de_replay(db, conf, &sel, (int)timeout_ms, &res);
     de_conf_destroy(conf);
     if (err == DE_ERR_ARG) /* the selection: the tool checked the rest */
         return bad_usage(cmd, "%s", de_errmsg());
@@ -1458,7 +1501,7 @@ static int cmd_replay(int argc, char **argv)
     }
     printf("replay: republished %llu events of %s (positions %lld..%lld) "
            "with their original ce_id and numbers",
-           (unsigned long long)res.republished, db,
+           (unsigned long long)res.republished, shown,
            (long long)res.first_position, (long long)res.last_position);
     if (res.not_published > 0)
         printf("; %llu not published yet, left to the relay",
@@ -2068,6 +2111,7 @@ enum {
 struct ro_args {
     const char *db, *state, *subject;
     int json, pending, blocked, parked;
+    int pg; /* db is a PostgreSQL conninfo (--pg, or a URI) */
     long limit;
 };
 
@@ -2076,6 +2120,7 @@ typedef struct ro_cmd {
     const char *usage;
     unsigned opts; /* RO_* */
     int consumer;  /* a consumer's database, not an outbox */
+    int pg;        /* works on PostgreSQL too */
     int (*report)(const char *cmd, const struct ro_args *a, ro *r);
 } ro_cmd;
 
@@ -2097,7 +2142,7 @@ static int ro_flag(const ro_cmd *c, const char *o, struct ro_args *a)
 /* Whether o is an option with a value that c takes. */
 static int ro_option(const ro_cmd *c, const char *o)
 {
-    return strcmp(o, "--db") == 0 ||
+    return strcmp(o, "--db") == 0 || strcmp(o, "--pg") == 0 ||
            ((c->opts & RO_STATE) && strcmp(o, "--state") == 0) ||
            ((c->opts & RO_SUBJECT) && strcmp(o, "--subject") == 0) ||
            ((c->opts & RO_LIMIT) && strcmp(o, "--limit") == 0);
@@ -2118,8 +2163,9 @@ static int ro_args_parse(const ro_cmd *c, int argc, char **argv,
             return bad_usage(cmd, "unknown argument '%s'", o);
         if ((v = opt_value(cmd, argc, argv, &i)) == NULL)
             return 2;
-        if (strcmp(o, "--db") == 0) {
+        if (strcmp(o, "--db") == 0 || strcmp(o, "--pg") == 0) {
             a->db = v;
+            a->pg = strcmp(o, "--pg") == 0 || is_pg_uri(v);
         } else if (strcmp(o, "--state") == 0) {
             a->state = v;
         } else if (strcmp(o, "--subject") == 0) {
@@ -2134,11 +2180,20 @@ static int ro_args_parse(const ro_cmd *c, int argc, char **argv,
         return bad_usage(cmd, "--pending and --blocked exclude each other%s",
                          "");
     if (a->db == NULL)
-        return bad_usage(cmd, "needs --db PATH%s", "");
+        return bad_usage(cmd, "needs --db PATH (or --pg CONNINFO)%s", "");
+    if (a->pg && a->state != NULL)
+        return bad_usage(cmd,
+                         "--state is for SQLite; on PostgreSQL the relay's "
+                         "state is in the database ('%s')",
+                         a->state);
+    if (a->pg && !c->pg)
+        return bad_usage(cmd, "does not read PostgreSQL databases yet ('%s')",
+                         a->db);
     return 0;
 }
 
 static int consumer_ro_open(const char *cmd, const char *path, ro *r);
+static void print_json_line(json_t *o);
 
 /* The skeleton of every read-only command. */
 static int ro_main(const ro_cmd *c, int argc, char **argv)
@@ -2151,9 +2206,15 @@ static int ro_main(const ro_cmd *c, int argc, char **argv)
         return 0;
     if ((rc = ro_args_parse(c, argc, argv, &a)) != 0)
         return rc;
-    if ((c->consumer ? consumer_ro_open(c->name, a.db, &r)
-                     : ro_open(c->name, a.db, a.state, &r)) != 0)
+    if (a.pg) {
+        memset(&r, 0, sizeof r);
+        if ((rc = pgt_open(c->name, a.db, 1, &r.pg)) != 0)
+            return rc;
+        r.db_path = pgt_name(r.pg);
+    } else if ((c->consumer ? consumer_ro_open(c->name, a.db, &r)
+                            : ro_open(c->name, a.db, a.state, &r)) != 0) {
         return 1;
+    }
     if (a.json) {
         rc = c->report(c->name, &a, &r);
     } else {
@@ -2212,112 +2273,89 @@ static void age(int64_t now, int64_t then, char *buf, size_t size)
         snprintf(buf, size, "%.1f s ago", (double)(now - then) / 1000.0);
 }
 
-static int status_report(const char *cmd, const struct ro_args *a, ro *r)
+json_t *blocked_entry(const char *type, const char *id, int64_t held_back,
+                      int64_t since_ms, const char *error, int64_t position)
 {
-    char path[PATH_MAX + 64], buf[300], host[256], owner[64], t1[64], t2[64];
-    int64_t now = now_ms(), cursor, pending, rows, oldest, cursor_at, last_ms,
-            deleted_upto, pid, hb, acquired, parked, nblocked;
-    int64_t sz_db, sz_wal, sz_state, sz_state_wal, v_outbox, v_state;
-    json_t *o, *lease, *files, *blocked, *schema;
-    sqlite3_stmt *st = NULL;
-    char db_id[64], state_id[64];
-    int state_matches;
+    json_t *b = json_object();
 
-    cursor = ro_cursor(r);
-    pending = ro_pending(r, cursor);
-    rows = q_int(r->db, "SELECT count(*) FROM de_outbox", 0);
+    put_str(b, "subject_type", type);
+    put_str(b, "subject_id", id);
+    put_int(b, "held_back", held_back);
+    put_int(b, "since_ms", since_ms);
+    put_str(b, "error", error);
+    put_int(b, "position", position);
+    return b;
+}
+
+/* status's facts from the SQLite files. */
+static void status_sqlite(const struct ro_args *a, ro *r, status_facts *f)
+{
+    char path[PATH_MAX + 64], buf[300];
+    sqlite3_stmt *st = NULL;
+
+    memset(f, 0, sizeof *f);
+    f->database = a->db;
+    f->relay_state = r->state_path;
+    f->has_state = r->has_state;
+    f->epoch = -1;
+    f->cursor = ro_cursor(r);
+    f->pending = ro_pending(r, f->cursor);
+    f->rows = q_int(r->db, "SELECT count(*) FROM de_outbox", 0);
     snprintf(buf, sizeof buf,
              "SELECT min(recorded_at_ms) FROM de_outbox WHERE position > "
              "%" PRId64 " OR position IN (SELECT position FROM "
              "de_relay_parked)",
-             cursor);
-    oldest = q_int(r->db, buf, 0);
+             f->cursor);
+    f->oldest = q_int(r->db, buf, 0);
     snprintf(buf, sizeof buf,
              "SELECT recorded_at_ms FROM de_outbox WHERE position = %" PRId64,
-             cursor);
-    cursor_at = q_int(r->db, buf, 0);
-    last_ms = q_int(r->db, "SELECT max(last_ms) FROM de_relay_seq", 0);
-    deleted_upto = q_int(r->db,
-                         "SELECT CAST(value AS INTEGER) FROM main.de_meta "
-                         "WHERE key = 'relay_deleted_upto'",
-                         0);
-    v_outbox = q_int(r->db,
-                     "SELECT value FROM main.de_meta WHERE key = "
-                     "'schema_version'",
-                     0);
-    v_state = q_int(r->db,
-                    "SELECT value FROM de_relay_meta WHERE key = "
-                    "'schema_version'",
-                    0);
-    pid = q_int(r->db, "SELECT pid FROM de_relay_lease WHERE id = 1", 0);
-    hb = q_int(r->db, "SELECT heartbeat_ms FROM de_relay_lease WHERE id = 1",
-               -1);
-    acquired =
+             f->cursor);
+    f->cursor_at = q_int(r->db, buf, 0);
+    f->last_ms = q_int(r->db, "SELECT max(last_ms) FROM de_relay_seq", 0);
+    f->deleted_upto = q_int(r->db,
+                            "SELECT CAST(value AS INTEGER) FROM main.de_meta "
+                            "WHERE key = 'relay_deleted_upto'",
+                            0);
+    f->v_outbox = q_int(r->db,
+                        "SELECT value FROM main.de_meta WHERE key = "
+                        "'schema_version'",
+                        0);
+    f->v_state = q_int(r->db,
+                       "SELECT value FROM de_relay_meta WHERE key = "
+                       "'schema_version'",
+                       0);
+    f->pid = q_int(r->db, "SELECT pid FROM de_relay_lease WHERE id = 1", 0);
+    f->hb = q_int(r->db, "SELECT heartbeat_ms FROM de_relay_lease WHERE id = 1",
+                  -1);
+    f->acquired =
         q_int(r->db, "SELECT acquired_ms FROM de_relay_lease WHERE id = 1", 0);
-    q_text(r->db, "SELECT host FROM de_relay_lease WHERE id = 1", host,
-           sizeof host);
-    q_text(r->db, "SELECT owner FROM de_relay_lease WHERE id = 1", owner,
-           sizeof owner);
-    parked = q_int(r->db, "SELECT count(*) FROM de_relay_parked", 0);
-    nblocked = q_int(r->db,
-                     "SELECT count(*) FROM (SELECT DISTINCT subject_type, "
-                     "subject_id FROM de_relay_parked)",
-                     0);
-    sz_db = file_size(a->db);
+    f->lease_now = now_ms();
+    q_text(r->db, "SELECT host FROM de_relay_lease WHERE id = 1", f->host,
+           sizeof f->host);
+    q_text(r->db, "SELECT owner FROM de_relay_lease WHERE id = 1", f->owner,
+           sizeof f->owner);
+    f->parked = q_int(r->db, "SELECT count(*) FROM de_relay_parked", 0);
+    f->nblocked = q_int(r->db,
+                        "SELECT count(*) FROM (SELECT DISTINCT subject_type, "
+                        "subject_id FROM de_relay_parked)",
+                        0);
+    f->min_pos = q_int(r->db, "SELECT min(position) FROM de_outbox", 0);
+    f->max_pos = q_int(r->db, "SELECT max(position) FROM de_outbox", 0);
+    f->sz_db = file_size(a->db);
     snprintf(path, sizeof path, "%s-wal", a->db);
-    sz_wal = file_size(path);
-    sz_state = file_size(r->state_path);
+    f->sz_wal = file_size(path);
+    f->sz_state = file_size(r->state_path);
     snprintf(path, sizeof path, "%s-wal", r->state_path);
-    sz_state_wal = file_size(path);
-
-    o = json_object();
-    put_str(o, "database", a->db);
-    put_str(o, "relay_state", r->state_path);
-    json_object_set_new(o, "relay_state_found", json_boolean(r->has_state));
+    f->sz_state_wal = file_size(path);
     /* The state names the outbox it belongs to (its de_meta outbox_id). */
     q_text(r->db, "SELECT value FROM main.de_meta WHERE key = 'outbox_id'",
-           db_id, sizeof db_id);
+           f->outbox_id, sizeof f->outbox_id);
     q_text(r->db, "SELECT value FROM de_relay_meta WHERE key = 'outbox_id'",
-           state_id, sizeof state_id);
-    state_matches =
-        !r->has_state || state_id[0] == '\0' || strcmp(db_id, state_id) == 0;
-    put_str(o, "outbox_id", db_id[0] ? db_id : NULL);
-    json_object_set_new(o, "relay_state_matches", json_boolean(state_matches));
-    put_int(o, "pending", pending);
-    put_int(o, "oldest_pending_recorded_at_ms", oldest);
-    put_int(o, "oldest_pending_age_ms", oldest > 0 ? now - oldest : 0);
-    put_int(o, "cursor", cursor);
-    put_str(o, "cursor_event_id",
-            q_text(r->db,
-                   "SELECT value FROM de_relay_meta WHERE key = "
-                   "'cursor_event_id'",
-                   buf, sizeof buf)[0]
-                ? buf
-                : NULL);
-    put_int(o, "cursor_recorded_at_ms", cursor_at);
-    put_int(o, "last_numbered_at_ms", last_ms);
-    put_int(o, "outbox_rows", rows);
-    put_int(o, "outbox_min_position",
-            q_int(r->db, "SELECT min(position) FROM de_outbox", 0));
-    put_int(o, "outbox_max_position",
-            q_int(r->db, "SELECT max(position) FROM de_outbox", 0));
-    put_int(o, "deleted_upto", deleted_upto);
-    lease = json_object();
-    if (hb >= 0) {
-        put_str(lease, "owner", owner);
-        put_int(lease, "pid", pid);
-        put_str(lease, "host", host);
-        put_int(lease, "acquired_at_ms", acquired);
-        put_int(lease, "heartbeat_at_ms", hb);
-        put_int(lease, "heartbeat_age_ms", hb > 0 ? now - hb : -1);
-        json_object_set_new(lease, "released", json_boolean(hb == 0));
-    }
-    json_object_set_new(o, "lease", hb >= 0 ? lease : json_null());
-    if (hb < 0)
-        json_decref(lease);
-    put_int(o, "blocked_subjects", nblocked);
-    put_int(o, "held_back", parked);
-    blocked = json_array();
+           f->state_outbox_id, sizeof f->state_outbox_id);
+    q_text(r->db,
+           "SELECT value FROM de_relay_meta WHERE key = 'cursor_event_id'",
+           f->cursor_event_id, sizeof f->cursor_event_id);
+    f->blocked = json_array();
     if (sqlite3_prepare_v2(
             r->db,
             "SELECT subject_type, subject_id, count(*), min(since_ms), "
@@ -2326,31 +2364,80 @@ static int status_report(const char *cmd, const struct ro_args *a, ro *r)
             "position LIMIT 1), min(position) FROM de_relay_parked p GROUP "
             "BY subject_type, subject_id ORDER BY min(position)",
             -1, &st, NULL) == SQLITE_OK)
-        while (sqlite3_step(st) == SQLITE_ROW) {
-            json_t *b = json_object();
-            put_str(b, "subject_type",
-                    (const char *)sqlite3_column_text(st, 0));
-            put_str(b, "subject_id", (const char *)sqlite3_column_text(st, 1));
-            put_int(b, "held_back", sqlite3_column_int64(st, 2));
-            put_int(b, "since_ms", sqlite3_column_int64(st, 3));
-            put_str(b, "error", (const char *)sqlite3_column_text(st, 4));
-            put_int(b, "position", sqlite3_column_int64(st, 5));
-            json_array_append_new(blocked, b);
-        }
+        while (sqlite3_step(st) == SQLITE_ROW)
+            json_array_append_new(
+                f->blocked,
+                blocked_entry((const char *)sqlite3_column_text(st, 0),
+                              (const char *)sqlite3_column_text(st, 1),
+                              sqlite3_column_int64(st, 2),
+                              sqlite3_column_int64(st, 3),
+                              (const char *)sqlite3_column_text(st, 4),
+                              sqlite3_column_int64(st, 5)));
     sqlite3_finalize(st);
+}
+
+/* status's output, JSON or text, whichever backend gathered f. */
+static int status_print(const char *cmd, const struct ro_args *a,
+                        status_facts *f)
+{
+    char t1[64], t2[64];
+    int64_t now = now_ms();
+    json_t *o, *lease, *files, *blocked = f->blocked, *schema;
+    int state_matches;
+
+    state_matches = !f->has_state || f->state_outbox_id[0] == '\0' ||
+                    strcmp(f->outbox_id, f->state_outbox_id) == 0;
+    o = json_object();
+    put_str(o, "database", f->database);
+    put_str(o, "backend", f->pg ? "postgresql" : "sqlite");
+    put_str(o, "relay_state", f->relay_state);
+    json_object_set_new(o, "relay_state_found", json_boolean(f->has_state));
+    put_str(o, "outbox_id", f->outbox_id[0] ? f->outbox_id : NULL);
+    json_object_set_new(o, "relay_state_matches", json_boolean(state_matches));
+    put_int(o, "pending", f->pending);
+    put_int(o, "oldest_pending_recorded_at_ms", f->oldest);
+    put_int(o, "oldest_pending_age_ms", f->oldest > 0 ? now - f->oldest : 0);
+    put_int(o, "cursor", f->cursor);
+    put_str(o, "cursor_event_id",
+            f->cursor_event_id[0] ? f->cursor_event_id : NULL);
+    put_int(o, "cursor_recorded_at_ms", f->cursor_at);
+    put_int(o, "last_numbered_at_ms", f->last_ms);
+    put_int(o, "outbox_rows", f->rows);
+    put_int(o, "outbox_min_position", f->min_pos);
+    put_int(o, "outbox_max_position", f->max_pos);
+    put_int(o, "deleted_upto", f->deleted_upto);
+    lease = json_object();
+    if (f->hb >= 0) {
+        put_str(lease, "owner", f->owner);
+        put_int(lease, "pid", f->pid);
+        put_str(lease, "host", f->host);
+        put_int(lease, "acquired_at_ms", f->acquired);
+        put_int(lease, "heartbeat_at_ms", f->hb);
+        /* On the clock the lease is kept on (PostgreSQL: the server's). */
+        put_int(lease, "heartbeat_age_ms",
+                f->hb > 0 ? f->lease_now - f->hb : -1);
+        json_object_set_new(lease, "released", json_boolean(f->hb == 0));
+        if (f->epoch >= 0)
+            put_int(lease, "epoch", f->epoch);
+    }
+    json_object_set_new(o, "lease", f->hb >= 0 ? lease : json_null());
+    if (f->hb < 0)
+        json_decref(lease);
+    put_int(o, "blocked_subjects", f->nblocked);
+    put_int(o, "held_back", f->parked);
     json_object_set_new(o, "blocked", blocked);
     schema = json_object();
-    put_int(schema, "outbox", v_outbox);
-    if (r->has_state)
-        put_int(schema, "relay_state", v_state);
+    put_int(schema, "outbox", f->v_outbox);
+    if (f->has_state)
+        put_int(schema, "relay_state", f->v_state);
     else
         json_object_set_new(schema, "relay_state", json_null());
     json_object_set_new(o, "schema_version", schema);
     files = json_object();
-    put_size(files, "database", sz_db);
-    put_size(files, "database_wal", sz_wal);
-    put_size(files, "relay_state", sz_state);
-    put_size(files, "relay_state_wal", sz_state_wal);
+    put_size(files, "database", f->sz_db);
+    put_size(files, "database_wal", f->sz_wal);
+    put_size(files, "relay_state", f->sz_state);
+    put_size(files, "relay_state_wal", f->sz_state_wal);
     json_object_set_new(o, "file_bytes", files);
 
     if (a->json) {
@@ -2365,59 +2452,65 @@ static int status_report(const char *cmd, const struct ro_args *a, ro *r)
         json_decref(o);
         return 0;
     }
-    printf("database:        %s (%" PRId64 " bytes, wal %" PRId64 " bytes)\n",
-           a->db, sz_db, sz_wal > 0 ? sz_wal : 0);
-    if (r->has_state)
-        printf("relay state:     %s (%" PRId64 " bytes, wal %" PRId64
+    if (f->pg) {
+        printf("database:        PostgreSQL %s (%" PRId64 " bytes)\n",
+               f->database, f->sz_db);
+        printf("relay state:     %s%s\n", f->relay_state,
+               f->has_state ? ""
+                            : " (none: no relay has run; every row is "
+                              "pending)");
+    } else {
+        printf("database:        %s (%" PRId64 " bytes, wal %" PRId64
                " bytes)\n",
-               r->state_path, sz_state, sz_state_wal > 0 ? sz_state_wal : 0);
-    else
-        printf("relay state:     %s (none: no relay has run; every row is "
-               "pending)\n",
-               r->state_path);
-    if (r->has_state)
+               f->database, f->sz_db, f->sz_wal > 0 ? f->sz_wal : 0);
+        if (f->has_state)
+            printf("relay state:     %s (%" PRId64 " bytes, wal %" PRId64
+                   " bytes)\n",
+                   f->relay_state, f->sz_state,
+                   f->sz_state_wal > 0 ? f->sz_state_wal : 0);
+        else
+            printf("relay state:     %s (none: no relay has run; every row "
+                   "is pending)\n",
+                   f->relay_state);
+    }
+    if (f->has_state)
         printf("schema versions: outbox %" PRId64 ", relay state %" PRId64 "\n",
-               v_outbox, v_state);
+               f->v_outbox, f->v_state);
     else
         printf("schema versions: outbox %" PRId64 ", relay state -\n",
-               v_outbox);
+               f->v_outbox);
     if (!state_matches)
         printf("WARNING:         the relay state belongs to another outbox "
                "(a copy or a predecessor of this database): a relay "
                "refuses it\n");
-    printf(
-        "outbox rows:     %" PRId64 " retained (positions %" PRId64 "..%" PRId64
-        "; deleted up to %" PRId64 ")\n",
-        rows,
-        (int64_t)json_integer_value(json_object_get(o, "outbox_min_position")),
-        (int64_t)json_integer_value(json_object_get(o, "outbox_max_position")),
-        deleted_upto);
-    age(now, oldest, t1, sizeof t1);
-    printf("pending:         %" PRId64 " (oldest recorded %s)\n", pending,
-           oldest > 0 ? t1 : "-");
-    iso_time(cursor_at, t1, sizeof t1);
-    age(now, cursor_at, t2, sizeof t2);
+    printf("outbox rows:     %" PRId64 " retained (positions %" PRId64
+           "..%" PRId64 "; deleted up to %" PRId64 ")\n",
+           f->rows, f->min_pos, f->max_pos, f->deleted_upto);
+    age(now, f->oldest, t1, sizeof t1);
+    printf("pending:         %" PRId64 " (oldest recorded %s)\n", f->pending,
+           f->oldest > 0 ? t1 : "-");
+    iso_time(f->cursor_at, t1, sizeof t1);
+    age(now, f->cursor_at, t2, sizeof t2);
     printf("cursor:          %" PRId64 " (published or held back up to "
            "here; event %s recorded %s, %s)\n",
-           cursor,
-           json_is_string(json_object_get(o, "cursor_event_id"))
-               ? json_string_value(json_object_get(o, "cursor_event_id"))
-               : "-",
-           t1, t2);
-    iso_time(last_ms, t1, sizeof t1);
+           f->cursor, f->cursor_event_id[0] ? f->cursor_event_id : "-", t1, t2);
+    iso_time(f->last_ms, t1, sizeof t1);
     printf("last numbered:   %s\n", t1);
-    if (hb < 0) {
+    if (f->hb < 0) {
         printf("lease:           none (no relay has held it)\n");
     } else {
-        age(now, hb, t1, sizeof t1);
+        age(f->lease_now, f->hb, t1, sizeof t1);
         printf("lease:           %s by pid %" PRId64 " on %s (heartbeat "
-               "%s)\n",
-               hb == 0 ? "released, last held" : "held", pid,
-               host[0] ? host : "?", hb == 0 ? "-" : t1);
+               "%s)",
+               f->hb == 0 ? "released, last held" : "held", f->pid,
+               f->host[0] ? f->host : "?", f->hb == 0 ? "-" : t1);
+        if (f->epoch >= 0)
+            printf(", epoch %" PRId64, f->epoch);
+        printf("\n");
     }
     printf("blocked:         %" PRId64 " subjects, %" PRId64
            " events held back\n",
-           nblocked, parked);
+           f->nblocked, f->parked);
     for (size_t i = 0; i < json_array_size(blocked); i++) {
         json_t *b = json_array_get(blocked, i);
         iso_time(json_integer_value(json_object_get(b, "since_ms")), t1,
@@ -2436,10 +2529,58 @@ static int status_report(const char *cmd, const struct ro_args *a, ro *r)
     return 0;
 }
 
-static int list_report(const char *cmd, const struct ro_args *a, ro *r)
+static int status_report(const char *cmd, const struct ro_args *a, ro *r)
+{
+    status_facts f;
+
+    memset(&f, 0, sizeof f);
+    if (r->pg != NULL) {
+        if (pgt_status(cmd, r->pg, &f) != 0) {
+            json_decref(f.blocked);
+            return 1;
+        }
+    } else {
+        status_sqlite(a, r, &f);
+    }
+    return status_print(cmd, a, &f);
+}
+
+/* One outbox row, as a JSON line or a text row. */
+static void ol_emit(const ol_row *o, void *ctx)
+{
+    const struct ro_args *a = ctx;
+    char t[64];
+
+    if (a->json) {
+        json_t *j = json_object();
+        put_int(j, "position", o->position);
+        put_str(j, "event_id", o->event_id);
+        put_str(j, "subject_type", o->subject_type);
+        put_str(j, "subject_id", o->subject_id);
+        put_str(j, "action", o->action);
+        put_int(j, "version", o->version);
+        put_int(j, "recorded_at_ms", o->recorded_at_ms);
+        put_str(j, "status", o->status);
+        if (o->error != NULL)
+            put_str(j, "error", o->error);
+        print_json_line(j);
+        json_decref(j);
+    } else {
+        char subject[300];
+        snprintf(subject, sizeof subject, "%s/%s", o->subject_type,
+                 o->subject_id);
+        iso_time(o->recorded_at_ms, t, sizeof t);
+        printf("%-10lld %-36s %-24s %-12s %-3d %-24s %s%s%s\n",
+               (long long)o->position, o->event_id, subject, o->action,
+               (int)o->version, t, o->status, o->error ? ": " : "",
+               o->error ? o->error : "");
+    }
+}
+
+/* The retained rows of a SQLite outbox; how many, or -1. */
+static long list_sqlite(const char *cmd, const struct ro_args *a, ro *r)
 {
     sqlite3_stmt *st = NULL;
-    char t[64];
     const char *colon;
     int64_t cursor;
     long n = 0;
@@ -2458,7 +2599,7 @@ static int list_report(const char *cmd, const struct ro_args *a, ro *r)
             "p.position IS NOT NULL) ORDER BY o.position LIMIT ?6",
             -1, &st, NULL) != SQLITE_OK) {
         fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(r->db));
-        return 1;
+        return -1;
     }
     sqlite3_bind_int64(st, 1, cursor);
     if (a->subject != NULL) {
@@ -2470,50 +2611,47 @@ static int list_report(const char *cmd, const struct ro_args *a, ro *r)
     sqlite3_bind_int(st, 4, a->pending);
     sqlite3_bind_int(st, 5, a->blocked);
     sqlite3_bind_int64(st, 6, a->limit > 0 ? a->limit : -1);
-    if (!a->json)
-        printf("%-10s %-36s %-24s %-12s %-3s %-24s %s\n", "POSITION",
-               "EVENT_ID", "SUBJECT", "ACTION", "V", "RECORDED", "STATUS");
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-        const char *err = (const char *)sqlite3_column_text(st, 8);
+        ol_row o = {
+            .position = sqlite3_column_int64(st, 0),
+            .event_id = (const char *)sqlite3_column_text(st, 1),
+            .subject_type = (const char *)sqlite3_column_text(st, 2),
+            .subject_id = (const char *)sqlite3_column_text(st, 3),
+            .action = (const char *)sqlite3_column_text(st, 4),
+            .version = sqlite3_column_int64(st, 5),
+            .recorded_at_ms = sqlite3_column_int64(st, 6),
+            .status = (const char *)sqlite3_column_text(st, 7),
+            .error = (const char *)sqlite3_column_text(st, 8),
+        };
         n++;
-        if (a->json) {
-            json_t *o = json_object();
-            char *s;
-            put_int(o, "position", sqlite3_column_int64(st, 0));
-            put_str(o, "event_id", (const char *)sqlite3_column_text(st, 1));
-            put_str(o, "subject_type",
-                    (const char *)sqlite3_column_text(st, 2));
-            put_str(o, "subject_id", (const char *)sqlite3_column_text(st, 3));
-            put_str(o, "action", (const char *)sqlite3_column_text(st, 4));
-            put_int(o, "version", sqlite3_column_int64(st, 5));
-            put_int(o, "recorded_at_ms", sqlite3_column_int64(st, 6));
-            put_str(o, "status", (const char *)sqlite3_column_text(st, 7));
-            if (err != NULL)
-                put_str(o, "error", err);
-            s = json_dumps(o, JSON_COMPACT);
-            printf("%s\n", s ? s : "{}");
-            free(s);
-            json_decref(o);
-        } else {
-            char subject[300];
-            snprintf(subject, sizeof subject, "%s/%s",
-                     (const char *)sqlite3_column_text(st, 2),
-                     (const char *)sqlite3_column_text(st, 3));
-            iso_time(sqlite3_column_int64(st, 6), t, sizeof t);
-            printf("%-10lld %-36s %-24s %-12s %-3d %-24s %s%s%s\n",
-                   (long long)sqlite3_column_int64(st, 0),
-                   (const char *)sqlite3_column_text(st, 1), subject,
-                   (const char *)sqlite3_column_text(st, 4),
-                   sqlite3_column_int(st, 5), t,
-                   (const char *)sqlite3_column_text(st, 7), err ? ": " : "",
-                   err ? err : "");
-        }
+        ol_emit(&o, (void *)(uintptr_t)a);
     }
     sqlite3_finalize(st);
     if (rc != SQLITE_DONE) {
         fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(r->db));
-        return 1;
+        return -1;
     }
+    return n;
+}
+
+static int list_report(const char *cmd, const struct ro_args *a, ro *r)
+{
+    const char *colon = NULL;
+    long n;
+
+    if (!a->json)
+        printf("%-10s %-36s %-24s %-12s %-3s %-24s %s\n", "POSITION",
+               "EVENT_ID", "SUBJECT", "ACTION", "V", "RECORDED", "STATUS");
+    if (a->subject != NULL)
+        colon = strchr(a->subject, ':');
+    n = r->pg != NULL
+            ? pgt_list(cmd, r->pg, a->subject,
+                       colon ? (int)(colon - a->subject) : 0,
+                       colon ? colon + 1 : NULL, a->pending, a->blocked,
+                       a->limit, ol_emit, (void *)(uintptr_t)a)
+            : list_sqlite(cmd, a, r);
+    if (n < 0)
+        return 1;
     if (!a->json && a->limit > 0 && n == a->limit)
         printf("(first %ld rows; --limit 0 for all)\n", n);
     return 0;
@@ -2572,22 +2710,29 @@ static const char *dl_epoch_expr(sqlite3 *db)
 }
 
 static const char usage_consumer_status[] =
-    "usage: deliveryevents consumer-status --db PATH [--json]\n"
+    "usage: deliveryevents consumer-status (--db PATH | --pg CONNINFO) "
+    "[--json]\n"
     "  Read-only report of a consumer's database: schema version, subjects\n"
     "  remembered, parked subjects, dead letters by kind and state, the\n"
     "  oldest dead letter, queued release/skip requests, file sizes.\n"
     "  Creates and changes nothing.\n"
     "  --db PATH       the consumer's database file (required)\n"
+    "  --pg CONNINFO   a PostgreSQL database instead (a libpq connection\n"
+    "                  string or URI; --db postgresql://... works too)\n"
     "  --json          one JSON object instead of text\n";
 
 static const char usage_dead_letters[] =
-    "usage: deliveryevents dead-letters --db PATH [--subject TYPE:ID] "
+    "usage: deliveryevents dead-letters (--db PATH | --pg CONNINFO)\n"
+    "                                   [--subject TYPE:ID] "
     "[--parked]\n"
     "                                   [--limit N] [--json]\n"
     "  Read-only list of a consumer's dead letters (de_dead_letter), oldest\n"
     "  first: subject, epoch/seq, ce_id, kind, state (parked, applied,\n"
     "  skipped, duplicate, foreign), when, attempts, error.\n"
     "  --db PATH          the consumer's database file (required)\n"
+    "  --pg CONNINFO      a PostgreSQL database instead (a libpq "
+    "connection\n"
+    "                     string or URI; --db postgresql://... works too)\n"
     "  --subject TYPE:ID  only this subject's dead letters, e.g. "
     "delivery:D-7\n"
     "  --parked           only those still parked (waiting for release or "
@@ -2603,79 +2748,87 @@ static void print_json_line(json_t *o)
     free(s);
 }
 
-static int consumer_status_report(const char *cmd, const struct ro_args *a,
-                                  ro *r)
+json_t *by_kind_entry(const char *kind, const char *state, int64_t count,
+                      int64_t oldest_at_ms)
 {
-    char path[PATH_MAX + 16], t1[64], t2[64];
-    int64_t now = now_ms(), version, subjects, parked, dl_total, dl_parked,
-            oldest, oldest_parked, sz_db, sz_wal, queued = -1,
-            oldest_queued = 0;
-    json_t *o, *by, *files, *plist;
+    json_t *b = json_object();
+
+    put_str(b, "kind", kind);
+    put_str(b, "state", state);
+    put_int(b, "count", count);
+    put_int(b, "oldest_at_ms", oldest_at_ms);
+    return b;
+}
+
+json_t *parked_entry(const char *type, const char *id, int64_t events,
+                     int64_t since_ms, const char *kind, const char *error)
+{
+    json_t *b = json_object();
+
+    put_str(b, "subject_type", type);
+    put_str(b, "subject_id", id);
+    put_int(b, "parked_events", events);
+    put_int(b, "since_ms", since_ms);
+    put_str(b, "kind", kind);
+    put_str(b, "error", error && error[0] ? error : NULL);
+    return b;
+}
+
+/* consumer-status's facts from a consumer's SQLite file. */
+static void consumer_sqlite(const struct ro_args *a, ro *r, consumer_facts *f)
+{
+    char path[PATH_MAX + 16];
     sqlite3_stmt *st = NULL;
-    int has_requests;
 
-    (void)cmd; /* its messages come from ro_main */
-    version = q_int(r->db,
-                    "SELECT value FROM main.de_consumer_meta WHERE key = "
-                    "'schema_version'",
-                    0);
-    subjects = q_int(r->db, "SELECT count(*) FROM de_inbox", 0);
-    parked = q_int(r->db, "SELECT count(*) FROM de_inbox WHERE parked = 1", 0);
-    dl_total = q_int(r->db, "SELECT count(*) FROM de_dead_letter", 0);
-    dl_parked = q_int(
-        r->db, "SELECT count(*) FROM de_dead_letter WHERE state = 'parked'", 0);
-    oldest = q_int(r->db, "SELECT min(parked_ms) FROM de_dead_letter", 0);
-    oldest_parked = q_int(r->db,
-                          "SELECT min(parked_ms) FROM de_dead_letter WHERE "
-                          "state = 'parked'",
-                          0);
-    has_requests = has_table(r->db, "de_consumer_request");
-    if (has_requests) {
-        queued = q_int(r->db,
-                       "SELECT count(*) FROM de_consumer_request WHERE "
-                       "done_at_ms IS NULL",
+    memset(f, 0, sizeof *f);
+    f->database = a->db;
+    f->queued = -1;
+    f->version = q_int(r->db,
+                       "SELECT value FROM main.de_consumer_meta WHERE key = "
+                       "'schema_version'",
                        0);
-        oldest_queued = q_int(r->db,
-                              "SELECT min(requested_at_ms) FROM "
-                              "de_consumer_request WHERE done_at_ms IS NULL",
-                              0);
+    f->subjects = q_int(r->db, "SELECT count(*) FROM de_inbox", 0);
+    f->parked =
+        q_int(r->db, "SELECT count(*) FROM de_inbox WHERE parked = 1", 0);
+    f->dl_total = q_int(r->db, "SELECT count(*) FROM de_dead_letter", 0);
+    f->dl_parked = q_int(
+        r->db, "SELECT count(*) FROM de_dead_letter WHERE state = 'parked'", 0);
+    f->oldest = q_int(r->db, "SELECT min(parked_ms) FROM de_dead_letter", 0);
+    f->oldest_parked = q_int(r->db,
+                             "SELECT min(parked_ms) FROM de_dead_letter WHERE "
+                             "state = 'parked'",
+                             0);
+    f->has_requests = has_table(r->db, "de_consumer_request");
+    if (f->has_requests) {
+        f->queued = q_int(r->db,
+                          "SELECT count(*) FROM de_consumer_request WHERE "
+                          "done_at_ms IS NULL",
+                          0);
+        f->oldest_queued = q_int(r->db,
+                                 "SELECT min(requested_at_ms) FROM "
+                                 "de_consumer_request WHERE done_at_ms IS NULL",
+                                 0);
     }
-    sz_db = file_size(a->db);
+    f->sz_db = file_size(a->db);
     snprintf(path, sizeof path, "%s-wal", a->db);
-    sz_wal = file_size(path);
-
-    o = json_object();
-    put_str(o, "database", a->db);
-    put_int(o, "schema_version", version);
-    put_int(o, "subjects", subjects);
-    put_int(o, "parked_subjects", parked);
-    put_int(o, "dead_letters", dl_total);
-    put_int(o, "dead_letters_parked", dl_parked);
-    put_int(o, "oldest_dead_letter_at_ms", oldest);
-    put_int(o, "oldest_dead_letter_age_ms", oldest > 0 ? now - oldest : 0);
-    put_int(o, "oldest_parked_at_ms", oldest_parked);
-    put_int(o, "oldest_parked_age_ms",
-            oldest_parked > 0 ? now - oldest_parked : 0);
-    by = json_array();
+    f->sz_wal = file_size(path);
+    f->by = json_array();
     if (sqlite3_prepare_v2(r->db,
                            "SELECT kind, state, count(*), min(parked_ms) FROM "
                            "de_dead_letter GROUP BY kind, state ORDER BY "
                            "kind, state",
                            -1, &st, NULL) == SQLITE_OK)
-        while (sqlite3_step(st) == SQLITE_ROW) {
-            json_t *b = json_object();
-            put_str(b, "kind", (const char *)sqlite3_column_text(st, 0));
-            put_str(b, "state", (const char *)sqlite3_column_text(st, 1));
-            put_int(b, "count", sqlite3_column_int64(st, 2));
-            put_int(b, "oldest_at_ms", sqlite3_column_int64(st, 3));
-            json_array_append_new(by, b);
-        }
+        while (sqlite3_step(st) == SQLITE_ROW)
+            json_array_append_new(
+                f->by, by_kind_entry((const char *)sqlite3_column_text(st, 0),
+                                     (const char *)sqlite3_column_text(st, 1),
+                                     sqlite3_column_int64(st, 2),
+                                     sqlite3_column_int64(st, 3)));
     sqlite3_finalize(st);
     st = NULL;
-    json_object_set_new(o, "dead_letters_by_kind", by);
     /* The parked subjects, first parked first: their parked events and the
      * first one's kind and error. */
-    plist = json_array();
+    f->plist = json_array();
     if (sqlite3_prepare_v2(
             r->db,
             "SELECT i.subject_type, i.subject_id, (SELECT count(*) FROM "
@@ -2689,35 +2842,53 @@ static int consumer_status_report(const char *cmd, const struct ro_args *a,
             "LIMIT 1) FROM de_inbox i WHERE i.parked = 1 ORDER BY 4, 1, 2",
             -1, &st, NULL) == SQLITE_OK)
         while (sqlite3_step(st) == SQLITE_ROW) {
-            json_t *b = json_object();
             const char *ke = (const char *)sqlite3_column_text(st, 4);
             const char *tab = ke ? strchr(ke, '\t') : NULL;
-            put_str(b, "subject_type",
-                    (const char *)sqlite3_column_text(st, 0));
-            put_str(b, "subject_id", (const char *)sqlite3_column_text(st, 1));
-            put_int(b, "parked_events", sqlite3_column_int64(st, 2));
-            put_int(b, "since_ms", sqlite3_column_int64(st, 3));
-            if (tab != NULL) {
-                json_object_set_new(b, "kind",
-                                    json_stringn(ke, (size_t)(tab - ke)));
-                put_str(b, "error", tab[1] ? tab + 1 : NULL);
-            } else {
-                put_str(b, "kind", NULL);
-                put_str(b, "error", NULL);
-            }
-            json_array_append_new(plist, b);
+            char kind[64];
+            snprintf(kind, sizeof kind, "%.*s", tab ? (int)(tab - ke) : 0,
+                     tab ? ke : "");
+            json_array_append_new(
+                f->plist,
+                parked_entry((const char *)sqlite3_column_text(st, 0),
+                             (const char *)sqlite3_column_text(st, 1),
+                             sqlite3_column_int64(st, 2),
+                             sqlite3_column_int64(st, 3), tab ? kind : NULL,
+                             tab ? tab + 1 : NULL));
         }
     sqlite3_finalize(st);
+}
+
+/* consumer-status's output, JSON or text, whichever backend gathered f. */
+static int consumer_status_print(const struct ro_args *a, consumer_facts *f)
+{
+    char t1[64], t2[64];
+    int64_t now = now_ms();
+    json_t *o, *files, *by = f->by, *plist = f->plist;
+
+    o = json_object();
+    put_str(o, "database", f->database);
+    put_int(o, "schema_version", f->version);
+    put_int(o, "subjects", f->subjects);
+    put_int(o, "parked_subjects", f->parked);
+    put_int(o, "dead_letters", f->dl_total);
+    put_int(o, "dead_letters_parked", f->dl_parked);
+    put_int(o, "oldest_dead_letter_at_ms", f->oldest);
+    put_int(o, "oldest_dead_letter_age_ms",
+            f->oldest > 0 ? now - f->oldest : 0);
+    put_int(o, "oldest_parked_at_ms", f->oldest_parked);
+    put_int(o, "oldest_parked_age_ms",
+            f->oldest_parked > 0 ? now - f->oldest_parked : 0);
+    json_object_set_new(o, "dead_letters_by_kind", by);
     json_object_set_new(o, "parked", plist);
-    if (has_requests) {
-        put_int(o, "requests_queued", queued);
-        put_int(o, "oldest_request_at_ms", oldest_queued);
+    if (f->has_requests) {
+        put_int(o, "requests_queued", f->queued);
+        put_int(o, "oldest_request_at_ms", f->oldest_queued);
     } else {
         json_object_set_new(o, "requests_queued", json_null());
     }
     files = json_object();
-    put_size(files, "database", sz_db);
-    put_size(files, "database_wal", sz_wal);
+    put_size(files, "database", f->sz_db);
+    put_size(files, "database_wal", f->sz_wal);
     json_object_set_new(o, "file_bytes", files);
 
     if (a->json) {
@@ -2725,19 +2896,24 @@ static int consumer_status_report(const char *cmd, const struct ro_args *a,
         json_decref(o);
         return 0;
     }
-    printf("database:        %s (%" PRId64 " bytes, wal %" PRId64 " bytes)\n",
-           a->db, sz_db, sz_wal > 0 ? sz_wal : 0);
-    printf("schema version:  consumer %" PRId64 "%s\n", version,
-           has_requests ? ""
-                        : " (no request table: release and skip from "
-                          "the command line need 1.0)");
+    if (f->sz_wal < 0 && a->pg)
+        printf("database:        PostgreSQL %s (%" PRId64 " bytes)\n",
+               f->database, f->sz_db);
+    else
+        printf("database:        %s (%" PRId64 " bytes, wal %" PRId64
+               " bytes)\n",
+               f->database, f->sz_db, f->sz_wal > 0 ? f->sz_wal : 0);
+    printf("schema version:  consumer %" PRId64 "%s\n", f->version,
+           f->has_requests ? ""
+                           : " (no request table: release and skip from "
+                             "the command line need 1.0)");
     printf("subjects:        %" PRId64 " remembered, %" PRId64 " parked\n",
-           subjects, parked);
-    age(now, oldest, t1, sizeof t1);
-    age(now, oldest_parked, t2, sizeof t2);
+           f->subjects, f->parked);
+    age(now, f->oldest, t1, sizeof t1);
+    age(now, f->oldest_parked, t2, sizeof t2);
     printf("dead letters:    %" PRId64 " (%" PRId64 " still parked; oldest "
            "%s, oldest parked %s)\n",
-           dl_total, dl_parked, t1, t2);
+           f->dl_total, f->dl_parked, t1, t2);
     for (size_t i = 0; i < json_array_size(by); i++) {
         json_t *b = json_array_get(by, i);
         printf("  %-10s %-8s %" PRId64 "\n",
@@ -2767,20 +2943,96 @@ static int consumer_status_report(const char *cmd, const struct ro_args *a,
                json_is_string(err) ? ": " : "",
                json_is_string(err) ? json_string_value(err) : "");
     }
-    if (has_requests) {
-        age(now, oldest_queued, t1, sizeof t1);
+    if (f->has_requests) {
+        age(now, f->oldest_queued, t1, sizeof t1);
         printf("requests:        %" PRId64 " queued for the consumer "
                "(oldest %s)\n",
-               queued, t1);
+               f->queued, t1);
     }
     json_decref(o);
     return 0;
 }
 
-static int dead_letters_report(const char *cmd, const struct ro_args *a, ro *r)
+static int consumer_status_report(const char *cmd, const struct ro_args *a,
+                                  ro *r)
+{
+    consumer_facts f;
+
+    memset(&f, 0, sizeof f);
+    if (r->pg != NULL) {
+        if (pgt_consumer_status(cmd, r->pg, &f) != 0) {
+            json_decref(f.by);
+            json_decref(f.plist);
+            return 1;
+        }
+    } else {
+        consumer_sqlite(a, r, &f);
+    }
+    return consumer_status_print(a, &f);
+}
+
+/* One dead letter, as a JSON line or a text row. */
+static void dl_emit(const dl_row *d, void *ctx)
+{
+    const struct ro_args *a = ctx;
+    char t[64];
+
+    if (a->json) {
+        json_t *o = json_object();
+        put_int(o, "id", d->id);
+        put_str(o, "kind", d->kind);
+        put_str(o, "state", d->state);
+        put_str(o, "subject_type", d->subject_type);
+        put_str(o, "subject_id", d->subject_id);
+        if (d->subject_type != NULL && d->numbered) {
+            put_int(o, "epoch", d->epoch);
+            put_int(o, "seq", d->seq);
+        } else {
+            json_object_set_new(o, "epoch", json_null());
+            json_object_set_new(o, "seq", json_null());
+        }
+        put_str(o, "event_id", d->event_id);
+        put_str(o, "action", d->action);
+        put_str(o, "type", d->type);
+        put_str(o, "topic", d->topic);
+        put_int(o, "partition", d->partition);
+        put_int(o, "offset", d->offset);
+        put_str(o, "error", d->error);
+        put_int(o, "attempts", d->attempts);
+        put_int(o, "parked_at_ms", d->parked_at_ms);
+        print_json_line(o);
+        json_decref(o);
+    } else {
+        char subject[300], num[48];
+        if (d->subject_type != NULL) {
+            snprintf(subject, sizeof subject, "%s:%s", d->subject_type,
+                     d->subject_id ? d->subject_id : "");
+            /* An event without a sequence: "-". */
+            if (d->numbered)
+                snprintf(num, sizeof num, "%lld/%lld", (long long)d->epoch,
+                         (long long)d->seq);
+            else
+                snprintf(num, sizeof num, "-");
+        } else {
+            /* A record that is not ours: where it was read. */
+            snprintf(subject, sizeof subject, "%s[%d]@%lld",
+                     d->topic ? d->topic : "?", (int)d->partition,
+                     (long long)d->offset);
+            snprintf(num, sizeof num, "-");
+        }
+        iso_time(d->parked_at_ms, t, sizeof t);
+        printf("%-6lld %-24s %-28s %-9s %-8s %-8s %-36s %s\n", (long long)d->id,
+               t, subject, num, d->kind ? d->kind : "-",
+               d->state ? d->state : "-", d->event_id ? d->event_id : "-",
+               d->error ? d->error : "");
+    }
+}
+
+/* The dead letters of a consumer's SQLite file; how many, or -1. */
+static long dead_letters_sqlite(const char *cmd, const struct ro_args *a, ro *r)
 {
     sqlite3_stmt *st = NULL;
-    char sql[1200], t[64];
+    char sql[1200];
     const char *colon = NULL;
     long n = 0;
     int rc;
@@ -2794,7 +3046,7 @@ static int dead_letters_report(const char *cmd, const struct ro_args *a, ro *r)
              dl_epoch_expr(r->db));
     if (sqlite3_prepare_v2(r->db, sql, -1, &st, NULL) != SQLITE_OK) {
         fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(r->db));
-        return 1;
+        return -1;
     }
     if (a->subject != NULL) {
         split_subject(a->subject, &colon);
@@ -2804,74 +3056,57 @@ static int dead_letters_report(const char *cmd, const struct ro_args *a, ro *r)
     }
     sqlite3_bind_int(st, 3, a->parked);
     sqlite3_bind_int64(st, 4, a->limit > 0 ? a->limit : -1);
-    if (!a->json)
-        printf("%-6s %-24s %-28s %-9s %-8s %-8s %-36s %s\n", "ID", "WHEN",
-               "SUBJECT", "EPOCH/SEQ", "KIND", "STATE", "CE_ID", "ERROR");
 #define COL_TEXT(i) ((const char *)sqlite3_column_text(st, (i)))
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-        int has_subject = sqlite3_column_type(st, 3) != SQLITE_NULL;
-        int numbered = sqlite3_column_type(st, 6) != SQLITE_NULL;
+        dl_row d = {
+            .id = sqlite3_column_int64(st, 0),
+            .kind = COL_TEXT(1),
+            .state = COL_TEXT(2),
+            .subject_type = COL_TEXT(3),
+            .subject_id = COL_TEXT(4),
+            .epoch = sqlite3_column_int64(st, 5),
+            .seq = sqlite3_column_int64(st, 6),
+            .numbered = sqlite3_column_type(st, 6) != SQLITE_NULL,
+            .event_id = COL_TEXT(7),
+            .action = COL_TEXT(8),
+            .type = COL_TEXT(9),
+            .topic = COL_TEXT(10),
+            .partition = sqlite3_column_int64(st, 11),
+            .offset = sqlite3_column_int64(st, 12),
+            .error = COL_TEXT(13),
+            .attempts = sqlite3_column_int64(st, 14),
+            .parked_at_ms = sqlite3_column_int64(st, 15),
+        };
         n++;
-        if (a->json) {
-            json_t *o = json_object();
-            put_int(o, "id", sqlite3_column_int64(st, 0));
-            put_str(o, "kind", COL_TEXT(1));
-            put_str(o, "state", COL_TEXT(2));
-            put_str(o, "subject_type", COL_TEXT(3));
-            put_str(o, "subject_id", COL_TEXT(4));
-            if (has_subject && numbered) {
-                put_int(o, "epoch", sqlite3_column_int64(st, 5));
-                put_int(o, "seq", sqlite3_column_int64(st, 6));
-            } else {
-                json_object_set_new(o, "epoch", json_null());
-                json_object_set_new(o, "seq", json_null());
-            }
-            put_str(o, "event_id", COL_TEXT(7));
-            put_str(o, "action", COL_TEXT(8));
-            put_str(o, "type", COL_TEXT(9));
-            put_str(o, "topic", COL_TEXT(10));
-            put_int(o, "partition", sqlite3_column_int64(st, 11));
-            put_int(o, "offset", sqlite3_column_int64(st, 12));
-            put_str(o, "error", COL_TEXT(13));
-            put_int(o, "attempts", sqlite3_column_int64(st, 14));
-            put_int(o, "parked_at_ms", sqlite3_column_int64(st, 15));
-            print_json_line(o);
-            json_decref(o);
-        } else {
-            char subject[300], num[48];
-            if (has_subject) {
-                snprintf(subject, sizeof subject, "%s:%s", COL_TEXT(3),
-                         COL_TEXT(4));
-                /* An event without a sequence: "-". */
-                if (numbered)
-                    snprintf(num, sizeof num, "%lld/%lld",
-                             (long long)sqlite3_column_int64(st, 5),
-                             (long long)sqlite3_column_int64(st, 6));
-                else
-                    snprintf(num, sizeof num, "-");
-            } else {
-                /* A record that is not ours: where it was read. */
-                snprintf(subject, sizeof subject, "%s[%d]@%lld",
-                         COL_TEXT(10) ? COL_TEXT(10) : "?",
-                         sqlite3_column_int(st, 11),
-                         (long long)sqlite3_column_int64(st, 12));
-                snprintf(num, sizeof num, "-");
-            }
-            iso_time(sqlite3_column_int64(st, 15), t, sizeof t);
-            printf("%-6lld %-24s %-28s %-9s %-8s %-8s %-36s %s\n",
-                   (long long)sqlite3_column_int64(st, 0), t, subject, num,
-                   COL_TEXT(1) ? COL_TEXT(1) : "-",
-                   COL_TEXT(2) ? COL_TEXT(2) : "-",
-                   COL_TEXT(7) ? COL_TEXT(7) : "-",
-                   COL_TEXT(13) ? COL_TEXT(13) : "");
-        }
+        dl_emit(&d, (void *)(uintptr_t)a);
     }
 #undef COL_TEXT
     sqlite3_finalize(st);
     if (rc != SQLITE_DONE) {
         fprintf(stderr, "deliveryevents: %s: %s\n", cmd, sqlite3_errmsg(r->db));
-        return 1;
+        return -1;
     }
+    return n;
+}
+
+static int dead_letters_report(const char *cmd, const struct ro_args *a, ro *r)
+{
+    const char *colon = NULL;
+    long n;
+
+    if (!a->json)
+        printf("%-6s %-24s %-28s %-9s %-8s %-8s %-36s %s\n", "ID", "WHEN",
+               "SUBJECT", "EPOCH/SEQ", "KIND", "STATE", "CE_ID", "ERROR");
+    if (a->subject != NULL)
+        split_subject(a->subject, &colon);
+    n = r->pg != NULL
+            ? pgt_dead_letters(cmd, r->pg, a->subject,
+                               colon ? (int)(colon - a->subject) : 0,
+                               colon ? colon + 1 : NULL, a->parked, a->limit,
+                               dl_emit, (void *)(uintptr_t)a)
+            : dead_letters_sqlite(cmd, a, r);
+    if (n < 0)
+        return 1;
     if (!a->json && a->limit > 0 && n == a->limit)
         printf("(first %ld rows; --limit 0 for all)\n", n);
     return 0;
@@ -2891,12 +3126,16 @@ static int dead_letters_report(const char *cmd, const struct ro_args *a, ro *r)
  */
 
 static const char usage_release[] =
-    "usage: deliveryevents release --db PATH TYPE:ID [--wait MS] [--force]\n"
+    "usage: deliveryevents release (--db PATH | --pg CONNINFO) TYPE:ID\n"
+    "                              [--wait MS] [--force]\n"
     "  Asks the running consumer of PATH to release a parked subject: to\n"
     "  apply its parked events again, in order, with its handlers\n"
     "  (de_consumer_release).  Needs a consumer of libdeliveryevents 1.0 or\n"
     "  later (consumer schema 4: the de_consumer_request table).\n"
     "  --db PATH     the consumer's database file (required)\n"
+    "  --pg CONNINFO a PostgreSQL database instead (a libpq connection\n"
+    "                string or URI; --db postgresql://... works too):\n"
+    "                the row goes to deliveryevents.inbox_request\n"
     "  TYPE:ID       the subject, e.g. delivery:D-7 (required)\n"
     "  --wait MS     wait up to MS ms for the consumer's result (30000;\n"
     "                0: queue the request and return at once)\n"
@@ -2906,13 +3145,17 @@ static const char usage_release[] =
     "  request in time (the request stays queued).\n";
 
 static const char usage_skip[] =
-    "usage: deliveryevents skip --db PATH TYPE:ID [--wait MS] [--force]\n"
+    "usage: deliveryevents skip (--db PATH | --pg CONNINFO) TYPE:ID\n"
+    "                           [--wait MS] [--force]\n"
     "  Asks the running consumer of PATH to skip the event that parked a\n"
     "  subject (kept in de_dead_letter, marked skipped) and apply the\n"
     "  rest, in order, with its handlers (de_consumer_skip).  Needs a\n"
     "  consumer of libdeliveryevents 1.0 or later (consumer schema 4: the\n"
     "  de_consumer_request table).\n"
     "  --db PATH     the consumer's database file (required)\n"
+    "  --pg CONNINFO a PostgreSQL database instead (a libpq connection\n"
+    "                string or URI; --db postgresql://... works too):\n"
+    "                the row goes to deliveryevents.inbox_request\n"
     "  TYPE:ID       the subject, e.g. delivery:D-7 (required)\n"
     "  --wait MS     wait up to MS ms for the consumer's result (30000;\n"
     "                0: queue the request and return at once)\n"
@@ -2955,14 +3198,157 @@ static int64_t req_exec(const char *cmd, sqlite3 *db, const char *sql,
     return v;
 }
 
+/* The SQLite side of release and skip: db opened read-write, the
+ * request row written if the subject is parked (or force); its id, or
+ * -1 after saying why. */
+static int64_t request_sqlite(const char *cmd, const char *db_path,
+                              sqlite3 **dbp, const char *subject, int type_len,
+                              const char *id_part, int force)
+{
+    sqlite3 *db = NULL;
+    int64_t id;
+
+    if (!file_exists(db_path)) {
+        fprintf(stderr, "deliveryevents: %s: cannot open '%s': %s\n", cmd,
+                db_path, strerror(errno));
+        return -1;
+    }
+    if (!is_file(db_path)) {
+        fprintf(stderr, "deliveryevents: %s: '%s' is not a file\n", cmd,
+                db_path);
+        return -1;
+    }
+    /* Read-write, never created; the consumer holds the write lock only
+     * for a batch, so 5 s of busy timeout is plenty. */
+    if (sqlite3_open_v2(db_path, &db, SQLITE_OPEN_READWRITE, NULL) !=
+            SQLITE_OK ||
+        sqlite3_busy_timeout(db, 5000) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: cannot open '%s': %s\n", cmd,
+                db_path, db ? sqlite3_errmsg(db) : "out of memory");
+        *dbp = db;
+        return -1;
+    }
+    *dbp = db;
+    if (!has_table(db, "de_inbox") || !has_table(db, "de_dead_letter")) {
+        fprintf(stderr,
+                "deliveryevents: %s: '%s' has no consumer tables (no "
+                "de_inbox or de_dead_letter table)%s%s\n",
+                cmd, db_path, sqlite3_errcode(db) ? ": " : "",
+                sqlite3_errcode(db) ? sqlite3_errmsg(db) : "");
+        return -1;
+    }
+    if (!has_table(db, "de_consumer_request")) {
+        fprintf(stderr,
+                "deliveryevents: %s: '%s': this consumer database has no "
+                "request table: its consumer runs a libdeliveryevents older "
+                "than 1.0; upgrade it, or call de_consumer_%s in the "
+                "service\n",
+                cmd, db_path, cmd);
+        return -1;
+    }
+    /* Whether it is parked and the request, in one transaction. */
+    if (sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: cannot write '%s': %s\n", cmd,
+                db_path, sqlite3_errmsg(db));
+        return -1;
+    }
+    id = req_exec(cmd, db,
+                  "SELECT EXISTS (SELECT 1 FROM de_inbox WHERE subject_type = "
+                  "?1 AND subject_id = ?2 AND parked = 1) OR EXISTS (SELECT 1 "
+                  "FROM de_dead_letter WHERE subject_type = ?1 AND subject_id "
+                  "= ?2 AND state = 'parked')",
+                  subject, type_len, id_part, NULL, 0);
+    if (id < 0)
+        goto rollback;
+    if (id == 0 && !force) {
+        fprintf(stderr,
+                "deliveryevents: %s: %s is not parked in '%s' (its inbox row "
+                "is not parked and it has no parked dead letters): nothing "
+                "to %s; --force asks the consumer anyway\n",
+                cmd, subject, db_path, cmd);
+        goto rollback;
+    }
+    if (req_exec(cmd, db,
+                 "INSERT INTO de_consumer_request(subject_type, subject_id, "
+                 "action, requested_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                 subject, type_len, id_part, cmd, now_ms()) < 0)
+        goto rollback;
+    id = sqlite3_last_insert_rowid(db);
+    if (sqlite3_exec(db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
+        fprintf(stderr, "deliveryevents: %s: cannot commit to '%s': %s\n", cmd,
+                db_path, sqlite3_errmsg(db));
+        goto rollback;
+    }
+    return id;
+rollback:
+    (void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+    return -1;
+}
+
+/* The same on PostgreSQL: the row in deliveryevents.inbox_request, which
+ * the PostgreSQL consumer serves as the SQLite one serves its table. */
+static int64_t request_pg(const char *cmd, pgt *pg, const char *subject,
+                          int type_len, const char *id_part, int force)
+{
+    int parked = pgt_parked(cmd, pg, subject, type_len, id_part);
+
+    if (parked < 0)
+        return -1;
+    if (parked == 0 && !force) {
+        fprintf(stderr,
+                "deliveryevents: %s: %s is not parked in '%s' (its inbox row "
+                "is not parked and it has no parked dead letters): nothing "
+                "to %s; --force asks the consumer anyway\n",
+                cmd, subject, pgt_name(pg), cmd);
+        return -1;
+    }
+    return pgt_request(cmd, pg, subject, type_len, id_part, cmd, now_ms());
+}
+
+/* Whether request id is done (1, its result in buf), not yet (0), or gone
+ * or unreadable (-1, said). */
+static int request_state_sqlite(const char *cmd, sqlite3 *db,
+                                const char *db_path, int64_t id, char *buf,
+                                size_t size)
+{
+    sqlite3_stmt *st = NULL;
+    int found = 0, done = 0;
+
+    if (sqlite3_prepare_v2(db,
+                           "SELECT done_at_ms IS NOT NULL, result FROM "
+                           "de_consumer_request WHERE id = ?1",
+                           -1, &st, NULL) == SQLITE_OK) {
+        sqlite3_bind_int64(st, 1, id);
+        if (sqlite3_step(st) == SQLITE_ROW) {
+            found = 1;
+            done = sqlite3_column_int(st, 0);
+            snprintf(buf, size, "%s",
+                     sqlite3_column_text(st, 1)
+                         ? (const char *)sqlite3_column_text(st, 1)
+                         : "done, without a result");
+        }
+    }
+    sqlite3_finalize(st);
+    if (!found) {
+        fprintf(stderr,
+                "deliveryevents: %s: request %" PRId64 " is gone from "
+                "'%s' before it was done%s%s\n",
+                cmd, id, db_path, sqlite3_errcode(db) ? ": " : "",
+                sqlite3_errcode(db) ? sqlite3_errmsg(db) : "");
+        return -1;
+    }
+    return done;
+}
+
 static int cmd_request(const char *cmd, int argc, char **argv)
 {
     const char *db_path = NULL, *subject = NULL, *colon, *v;
     char result[1024], shown[300];
     long wait_ms = 30000;
-    int force = 0, rc = 1, type_len;
+    int force = 0, rc = 1, type_len, pg = 0, state;
     int64_t id, deadline;
     sqlite3 *db = NULL;
+    pgt *conn = NULL;
 
     if (wants_help(argc, argv,
                    strcmp(cmd, "skip") == 0 ? usage_skip : usage_release))
@@ -2971,13 +3357,17 @@ static int cmd_request(const char *cmd, int argc, char **argv)
         const char *o = argv[i];
         if (strcmp(o, "--force") == 0) {
             force = 1;
-        } else if (strcmp(o, "--db") == 0 || strcmp(o, "--wait") == 0) {
+        } else if (strcmp(o, "--db") == 0 || strcmp(o, "--pg") == 0 ||
+                   strcmp(o, "--wait") == 0) {
             if ((v = opt_value(cmd, argc, argv, &i)) == NULL)
                 return 2;
-            if (strcmp(o, "--db") == 0)
+            if (strcmp(o, "--wait") != 0) {
                 db_path = v;
-            else if (parse_num(cmd, o, v, 0, 24L * 3600 * 1000, &wait_ms) != 0)
+                pg = strcmp(o, "--pg") == 0 || is_pg_uri(v);
+            } else if (parse_num(cmd, o, v, 0, 24L * 3600 * 1000, &wait_ms) !=
+                       0) {
                 return 2;
+            }
         } else if (o[0] == '-' && o[1] != '\0') {
             return bad_usage(cmd, "unknown argument '%s'", o);
         } else if (subject != NULL) {
@@ -2992,7 +3382,7 @@ static int cmd_request(const char *cmd, int argc, char **argv)
         }
     }
     if (db_path == NULL)
-        return bad_usage(cmd, "needs --db PATH%s", "");
+        return bad_usage(cmd, "needs --db PATH (or --pg CONNINFO)%s", "");
     if (subject == NULL)
         return bad_usage(cmd,
                          "needs the subject, TYPE:ID (e.g. "
@@ -3002,107 +3392,29 @@ static int cmd_request(const char *cmd, int argc, char **argv)
     type_len = (int)(colon - subject);
     snprintf(shown, sizeof shown, "%s", subject);
 
-    if (!file_exists(db_path)) {
-        fprintf(stderr, "deliveryevents: %s: cannot open '%s': %s\n", cmd,
-                db_path, strerror(errno));
-        return 1;
+    if (pg) {
+        if ((rc = pgt_open(cmd, db_path, 0, &conn)) != 0)
+            return rc;
+        rc = 1;
+        db_path = pgt_name(conn);
+        id = request_pg(cmd, conn, shown, type_len, colon + 1, force);
+    } else {
+        id = request_sqlite(cmd, db_path, &db, shown, type_len, colon + 1,
+                            force);
     }
-    if (!is_file(db_path)) {
-        fprintf(stderr, "deliveryevents: %s: '%s' is not a file\n", cmd,
-                db_path);
-        return 1;
-    }
-    /* Read-write, never created; the consumer holds the write lock only
-     * for a batch, so 5 s of busy timeout is plenty. */
-    if (sqlite3_open_v2(db_path, &db, SQLITE_OPEN_READWRITE, NULL) !=
-            SQLITE_OK ||
-        sqlite3_busy_timeout(db, 5000) != SQLITE_OK) {
-        fprintf(stderr, "deliveryevents: %s: cannot open '%s': %s\n", cmd,
-                db_path, db ? sqlite3_errmsg(db) : "out of memory");
-        goto done;
-    }
-    if (!has_table(db, "de_inbox") || !has_table(db, "de_dead_letter")) {
-        fprintf(stderr,
-                "deliveryevents: %s: '%s' has no consumer tables (no "
-                "de_inbox or de_dead_letter table)%s%s\n",
-                cmd, db_path, sqlite3_errcode(db) ? ": " : "",
-                sqlite3_errcode(db) ? sqlite3_errmsg(db) : "");
-        goto done;
-    }
-    if (!has_table(db, "de_consumer_request")) {
-        fprintf(stderr,
-                "deliveryevents: %s: '%s': this consumer database has no "
-                "request table: its consumer runs a libdeliveryevents older "
-                "than 1.0; upgrade it, or call de_consumer_%s in the "
-                "service\n",
-                cmd, db_path, cmd);
-        goto done;
-    }
-    /* Whether it is parked and the request, in one transaction. */
-    if (sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) {
-        fprintf(stderr, "deliveryevents: %s: cannot write '%s': %s\n", cmd,
-                db_path, sqlite3_errmsg(db));
-        goto done;
-    }
-    id = req_exec(cmd, db,
-                  "SELECT EXISTS (SELECT 1 FROM de_inbox WHERE subject_type = "
-                  "?1 AND subject_id = ?2 AND parked = 1) OR EXISTS (SELECT 1 "
-                  "FROM de_dead_letter WHERE subject_type = ?1 AND subject_id "
-                  "= ?2 AND state = 'parked')",
-                  subject, type_len, colon + 1, NULL, 0);
     if (id < 0)
-        goto rollback;
-    if (id == 0 && !force) {
-        fprintf(stderr,
-                "deliveryevents: %s: %s is not parked in '%s' (its inbox row "
-                "is not parked and it has no parked dead letters): nothing "
-                "to %s; --force asks the consumer anyway\n",
-                cmd, shown, db_path, cmd);
-        goto rollback;
-    }
-    if (req_exec(cmd, db,
-                 "INSERT INTO de_consumer_request(subject_type, subject_id, "
-                 "action, requested_at_ms) VALUES (?1, ?2, ?3, ?4)",
-                 subject, type_len, colon + 1, cmd, now_ms()) < 0)
-        goto rollback;
-    id = sqlite3_last_insert_rowid(db);
-    if (sqlite3_exec(db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
-        fprintf(stderr, "deliveryevents: %s: cannot commit to '%s': %s\n", cmd,
-                db_path, sqlite3_errmsg(db));
-        goto rollback;
-    }
+        goto done;
 
     /* Waiting for the consumer: it sets done_at_ms and result. */
     catch_signals();
     deadline = mono_ms() + wait_ms;
     while (wait_ms > 0 && !stop_signal) {
-        sqlite3_stmt *st = NULL;
-        int found = 0, done = 0;
-
-        if (sqlite3_prepare_v2(db,
-                               "SELECT done_at_ms IS NOT NULL, result FROM "
-                               "de_consumer_request WHERE id = ?1",
-                               -1, &st, NULL) == SQLITE_OK) {
-            sqlite3_bind_int64(st, 1, id);
-            if (sqlite3_step(st) == SQLITE_ROW) {
-                found = 1;
-                done = sqlite3_column_int(st, 0);
-                snprintf(result, sizeof result, "%s",
-                         sqlite3_column_text(st, 1)
-                             ? (const char *)sqlite3_column_text(st, 1)
-                             : "done, without a result");
-            }
-        }
-        sqlite3_finalize(st);
-        if (!found) {
-            fprintf(stderr,
-                    "deliveryevents: %s: request %" PRId64 " is gone from "
-                    "'%s' before it was done%s%s\n",
-                    cmd, id, db_path, sqlite3_errcode(db) ? ": " : "",
-                    sqlite3_errcode(db) ? sqlite3_errmsg(db) : "");
+        state = pg ? pgt_request_state(cmd, conn, id, result, sizeof result)
+                   : request_state_sqlite(cmd, db, db_path, id, result,
+                                          sizeof result);
+        if (state < 0)
             goto done;
-        }
-        if (done) {
+        if (state > 0) {
             printf("%s %s: %s\n", cmd, shown, result);
             /* The subject no longer parked is success; still parked, or
              * the consumer could not do it, is not. */
@@ -3128,31 +3440,33 @@ static int cmd_request(const char *cmd, int argc, char **argv)
                 ")\n",
                 cmd, db_path, id);
     }
-    goto done;
-rollback:
-    (void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
 done:
     sqlite3_close(db);
+    pgt_close(conn);
     return rc;
 }
 
 /* ---- contracts and the AsyncAPI catalog ------------------------------- */
 
 static const char usage_contracts[] =
-    "usage: deliveryevents contracts --db PATH [--json]\n"
+    "usage: deliveryevents contracts (--db PATH | --pg CONNINFO) [--json]\n"
     "  Read-only: every event contract defined in the database\n"
     "  (de_outbox_define), by event type and version, with its $id and\n"
     "  top-level properties (* = required).\n"
     "  --db PATH       the service's database file (required)\n"
+    "  --pg CONNINFO   a PostgreSQL database instead (a libpq connection\n"
+    "                  string or URI; --db postgresql://... works too)\n"
     "  --json          one JSON object instead of text, with each schema\n";
 
 static const char usage_asyncapi[] =
-    "usage: deliveryevents asyncapi --db PATH\n"
+    "usage: deliveryevents asyncapi (--db PATH | --pg CONNINFO)\n"
     "  Read-only: writes an AsyncAPI 3.0 document (JSON) of the database's\n"
     "  event contracts on stdout: a channel per topic (topic.template), a\n"
     "  message per event type and version with its payload schema, the\n"
     "  CloudEvents headers and the Kafka key (the subject id).\n"
-    "  --db PATH       the service's database file (required)\n";
+    "  --db PATH       the service's database file (required)\n"
+    "  --pg CONNINFO   a PostgreSQL database instead (a libpq connection\n"
+    "                  string or URI; --db postgresql://... works too)\n";
 
 /* "2026-11-25T11:00:00.123Z" */
 static void utc_ms(int64_t ms, char *buf, size_t size)
@@ -3182,6 +3496,10 @@ static json_t *read_contracts(const char *cmd, ro *r)
     json_error_t je;
     int rc;
 
+    if (r->pg != NULL) {
+        json_decref(all);
+        return pgt_contracts(cmd, r->pg);
+    }
     if (q_int(r->db,
               "SELECT count(*) FROM main.sqlite_master WHERE type = 'table' "
               "AND name = 'de_contracts'",
@@ -3333,6 +3651,10 @@ static const char *stored_setting(ro *r, const char *key, const char *dflt,
 {
     char sql[200];
 
+    if (r->pg != NULL) {
+        pgt_setting(r->pg, key, buf, size);
+        return buf[0] ? buf : dflt;
+    }
     snprintf(sql, sizeof sql,
              "SELECT value FROM main.de_meta WHERE key = 'setting.%s'", key);
     q_text(r->db, sql, buf, size);
@@ -3600,7 +3922,9 @@ static int asyncapi_report(const char *cmd, const struct ro_args *a, ro *r)
 {
     json_t *all = read_contracts(cmd, r), *doc, *c;
     char tmpl[300], prefix[200], source[300], title[PATH_MAX + 64], *s;
-    const char *base = strrchr(r->db_path, '/');
+    /* The file's name, or the PostgreSQL database's. */
+    const char *name = r->pg ? pgt_dbname(r->pg) : r->db_path,
+               *base = r->pg ? NULL : strrchr(name, '/');
     int prefix_known;
     size_t i;
 
@@ -3614,7 +3938,7 @@ static int asyncapi_report(const char *cmd, const struct ro_args *a, ro *r)
     prefix_known = stored_setting(r, "event.type.prefix", NULL, prefix,
                                   sizeof prefix) != NULL;
     stored_setting(r, "event.source", "/deliveryevents", source, sizeof source);
-    snprintf(title, sizeof title, "Events of %s", base ? base + 1 : r->db_path);
+    snprintf(title, sizeof title, "Events of %s", base ? base + 1 : name);
     doc = json_pack(
         "{s:s, s:{s:s, s:s, s:s}, s:s, s:{}, s:{}, s:{s:{}, s:{}}}", "asyncapi",
         "3.0.0", "info", "title", title, "version", "1", "description",
@@ -3642,14 +3966,14 @@ static int asyncapi_report(const char *cmd, const struct ro_args *a, ro *r)
 
 /* The read-only commands: what each takes beyond --db and --json. */
 static const ro_cmd ro_cmds[] = {
-    {"status", usage_status, RO_STATE, 0, status_report},
-    {"list", usage_list, RO_STATE | RO_SUBJECT | RO_LIMIT | RO_FILTER, 0,
+    {"status", usage_status, RO_STATE, 0, 1, status_report},
+    {"list", usage_list, RO_STATE | RO_SUBJECT | RO_LIMIT | RO_FILTER, 0, 1,
      list_report},
-    {"consumer-status", usage_consumer_status, 0, 1, consumer_status_report},
+    {"consumer-status", usage_consumer_status, 0, 1, 1, consumer_status_report},
     {"dead-letters", usage_dead_letters, RO_SUBJECT | RO_LIMIT | RO_PARKED, 1,
-     dead_letters_report},
-    {"contracts", usage_contracts, 0, 0, contracts_report},
-    {"asyncapi", usage_asyncapi, RO_NO_JSON, 0, asyncapi_report},
+     1, dead_letters_report},
+    {"contracts", usage_contracts, 0, 0, 1, contracts_report},
+    {"asyncapi", usage_asyncapi, RO_NO_JSON, 0, 1, asyncapi_report},
 };
 
 int main(int argc, char **argv)

@@ -65,6 +65,22 @@ const char *tu_path(const char *dir, const char *name)
     return b;
 }
 
+const char *tu_slurp(const char *path)
+{
+    static char bufs[4][65536];
+    static int next;
+    char *b = bufs[next++ % 4];
+    FILE *f = fopen(path, "r");
+    size_t n = 0;
+
+    if (f != NULL) {
+        n = fread(b, 1, sizeof bufs[0] - 1, f);
+        fclose(f);
+    }
+    b[n] = '\0';
+    return b;
+}
+
 sqlite3 *tu_open(const char *path)
 {
     sqlite3 *db = NULL;

@@ -29,6 +29,10 @@ void tu_dir_teardown(void);
 /* "<dir>/<name>" in a static buffer rotated over 8 slots. */
 const char *tu_path(const char *dir, const char *name);
 
+/* The whole of a file, NUL-terminated, in a static buffer rotated over 4
+ * slots ("" when it cannot be read). */
+const char *tu_slurp(const char *path);
+
 /* Opens (creating) a database file, failing the test on error. */
 sqlite3 *tu_open(const char *path);
 /* tu_open with a 10 s busy timeout: for a file other processes write. */
