@@ -13,6 +13,7 @@
  */
 #include "deliveryevents_pg.h"
 #include "kafka.h"
+#include "pgledger.h"
 #include "pgserver.h"
 
 #include <fcntl.h>
@@ -297,12 +298,10 @@ START_TEST(test_bad_targets)
     ck_assert_msg(strstr(text(t.err), "'dbname' is not a PostgreSQL "
                                       "connection string") != NULL,
                   "%s", text(t.err));
-    ck_assert_int_eq(tool(&t, "relay", "--db", "postgresql:///x", "-b",
-                          "127.0.0.1:1", "--once"),
-                     2);
-    ck_assert_msg(strstr(text(t.err), "'postgresql:///x' is a PostgreSQL "
-                                      "database: its relay runs in the "
-                                      "service") != NULL,
+    ck_assert_int_eq(
+        tool(&t, "relay", "--pg", "dbname", "-b", "127.0.0.1:1", "--once"), 2);
+    ck_assert_msg(strstr(text(t.err), "'dbname' is not a PostgreSQL "
+                                      "connection string") != NULL,
                   "%s", text(t.err));
     ck_assert_int_eq(tool(&t, "status", "--pg", conninfo, "--state", "x"), 2);
     ck_assert_msg(strstr(text(t.err), "--state is for SQLite") != NULL, "%s",
@@ -633,6 +632,78 @@ START_TEST(test_replay)
 }
 END_TEST
 
+/* ---- relay --------------------------------------------------------- */
+
+/* `relay --pg` as a sidecar process beside the service: writer processes
+ * record while it runs, a second one stands by naming the lease holder,
+ * SIGTERM stops it with nothing pending, and the independent check finds
+ * every committed event on Kafka in commit order, numbered without gaps. */
+START_TEST(test_relay)
+{
+    enum { WRITERS = 4, TXNS = 25 };
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    char tmpl[160], src[] = "event.source=/test/relay";
+    pid_t pids[WRITERS];
+    tool_run r1, r2;
+    de_outbox *ob = NULL;
+    json_t *o;
+
+    snprintf(tmpl, sizeof tmpl, "topic.template=%s{subject_type}.events",
+             c->prefix);
+    tu_topic_create(c, "delivery", 3);
+    tpg_ledger_setup(conn);
+    tu_ok(de_outbox_open_pg(conn, NULL, &ob));
+    tool_start(&r1, "relay", "--pg", conninfo, "-b", c->bootstrap, "-X", tmpl,
+               "-X", src, "-X", "relay.lease.timeout.ms=1500", (char *)NULL);
+    tpg_fork_writers(conninfo, WRITERS, TXNS, 2000, false, pids);
+    ck_assert_msg(tu_wait_for(strstr(text(r1.err), "active: publishing "
+                                                   "dbname=") != NULL ||
+                                  tool_exited(&r1),
+                              60000),
+                  "relay not active: %s", text(r1.err));
+    ck_assert_msg(!tool_exited(&r1), "relay exited %d: %s", r1.status,
+                  text(r1.err));
+    /* A second relay waits, and says whose lease it waits for; it names
+     * the database by a URI (the suite's conninfo is key=value): the
+     * --db form. */
+    {
+        char uri[400];
+        snprintf(uri, sizeof uri, "postgresql:///%s?host=%s&port=%s&user=%s",
+                 PQdb(conn), PQhost(conn), PQport(conn), PQuser(conn));
+        tool_start(&r2, "relay", "--db", uri, "-b", c->bootstrap, "-X", tmpl,
+                   "-X", src, (char *)NULL);
+    }
+    ck_assert_msg(tu_wait_for(strstr(text(r2.err), "standing by: the relay "
+                                                   "with pid ") != NULL ||
+                                  tool_exited(&r2),
+                              60000),
+                  "no standby: %s", text(r2.err));
+    {
+        char pid[40];
+        snprintf(pid, sizeof pid, "with pid %d on ", (int)r1.pid);
+        ck_assert_msg(strstr(text(r2.err), pid) != NULL, "%s", text(r2.err));
+    }
+    tpg_wait_writers(WRITERS, pids);
+    ck_assert(tu_wait_for((o = tool_json("status", conninfo),
+                           jint(o, "pending") == 0 || (json_decref(o), false)),
+                          60000));
+    json_decref(o);
+    kill(r2.pid, SIGTERM);
+    kill(r1.pid, SIGTERM);
+    ck_assert(tu_wait_for(tool_exited(&r1) && tool_exited(&r2), 60000));
+    ck_assert_msg(r1.status == 0, "relay exited %d: %s", r1.status,
+                  text(r1.err));
+    ck_assert_msg(strstr(text(r1.err), "stopped; 0 events pending in the "
+                                       "outbox of dbname=") != NULL,
+                  "%s", text(r1.err));
+    tu_check k = tpg_check(conn, c);
+    tu_assert_check(&k);
+    ck_assert_int_gt(k.expected, WRITERS * TXNS / 2);
+    de_outbox_close(ob);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 static Suite *pg_tool_suite(void)
 {
     Suite *s = suite_create("pg_tool");
@@ -646,6 +717,7 @@ static Suite *pg_tool_suite(void)
     tcase_add_loop_test(tc, test_dead_letters_and_release, first, n);
     tcase_add_test(tc, test_contracts);
     tcase_add_loop_test(tc, test_replay, first, n);
+    tcase_add_loop_test(tc, test_relay, first, n);
     suite_add_tcase(s, tc);
     return s;
 }

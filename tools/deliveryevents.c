@@ -176,13 +176,15 @@ int64_t mono_ms(void)
 /* ---- usage ------------------------------------------------------------ */
 
 static const char usage_relay[] =
-    "usage: deliveryevents relay --db PATH [-b SERVERS] [-X key=value]...\n"
-    "                            [--config FILE]\n"
+    "usage: deliveryevents relay (--db PATH | --pg CONNINFO) [-b SERVERS]\n"
+    "                            [-X key=value]... [--config FILE]\n"
     "                            [--once|--drain] [--stats-ms N] "
     "[--stop-timeout-ms N]\n"
     "                            [--metrics ADDR:PORT] [--stall-ms N]\n"
     "  Publishes the outbox of PATH to Kafka until SIGINT or SIGTERM.\n"
-    "  --db PATH             the service's database file (required)\n"
+    "  --db PATH             the service's database file\n"
+    "  --pg CONNINFO         or its PostgreSQL database (a libpq connection\n"
+    "                        string or URI; --db postgresql://... too)\n"
     "  -b SERVERS            Kafka bootstrap servers (= -X "
     "bootstrap.servers=SERVERS)\n"
     "  -X key=value          a relay or librdkafka property; repeatable;\n"
@@ -849,7 +851,35 @@ static void print_stats(const de_relay_stats *st)
 }
 
 /* Who holds the lease of a relay state file, for the standby line. */
-static void lease_holder(const char *db, const char *state, char *buf,
+/* A PostgreSQL relay's lease holder (pid 0: none known) and the number of
+ * events pending (the result; -1 when it cannot be read), from the facts
+ * status prints. */
+static int64_t pg_relay_facts(const char *conninfo, int64_t *pid, char *host,
+                              size_t size)
+{
+    status_facts f;
+    int64_t pending = -1;
+    pgt *p = NULL;
+
+    memset(&f, 0, sizeof f);
+    if (pid != NULL)
+        *pid = 0;
+    if (pgt_open("relay", conninfo, 1, &p) != 0)
+        return -1;
+    if (pgt_status("relay", p, &f) == 0) {
+        pending = f.pending;
+        if (pid != NULL && f.hb >= 0) {
+            *pid = f.pid;
+            snprintf(host, size, "%s", f.host);
+        }
+    }
+    json_decref(f.blocked);
+    pgt_close(p);
+    return pending;
+}
+
+/* Who holds the relay lease of db (pg: a PostgreSQL conninfo), in words. */
+static void lease_holder(const char *db, int pg, const char *state, char *buf,
                          size_t size)
 {
     char host[256];
@@ -857,6 +887,13 @@ static void lease_holder(const char *db, const char *state, char *buf,
     int64_t pid;
 
     snprintf(buf, size, "another relay");
+    if (pg) {
+        pg_relay_facts(db, &pid, host, sizeof host);
+        if (pid > 0)
+            snprintf(buf, size, "the relay with pid %" PRId64 " on %s", pid,
+                     host[0] ? host : "?");
+        return;
+    }
     if (ro_open("relay", db, state, &r) != 0)
         return;
     pid = q_int(r.db, "SELECT pid FROM de_relay_lease WHERE id = 1", 0);
@@ -1030,7 +1067,8 @@ static int cmd_relay(int argc, char **argv)
     const char *db = NULL, *state_path = NULL, *metrics = NULL, *v;
     long stats_ms = 0, stop_ms = 10000, stall_ms = 60000;
     int once = 0, flushed = 0, stopping = 0, said_standby = 0, said_active = 0;
-    int progress = 0;
+    int progress = 0, pg = 0;
+    char where[600];
     int64_t started, deadline = 0, next_stats = 0, next_progress = 0;
     health h = {PTHREAD_MUTEX_INITIALIZER, NULL, 0, 0, 0};
     struct MHD_Daemon *httpd = NULL;
@@ -1059,8 +1097,8 @@ static int cmd_relay(int argc, char **argv)
             once = 1;
             continue;
         }
-        if (strcmp(a, "--db") != 0 && !is_props_option(a) &&
-            strcmp(a, "--stats-ms") != 0 &&
+        if (strcmp(a, "--db") != 0 && strcmp(a, "--pg") != 0 &&
+            !is_props_option(a) && strcmp(a, "--stats-ms") != 0 &&
             strcmp(a, "--stop-timeout-ms") != 0 &&
             strcmp(a, "--metrics") != 0 && strcmp(a, "--stall-ms") != 0) {
             de_conf_destroy(conf);
@@ -1070,8 +1108,9 @@ static int cmd_relay(int argc, char **argv)
             de_conf_destroy(conf);
             return 2;
         }
-        if (strcmp(a, "--db") == 0) {
+        if (strcmp(a, "--db") == 0 || strcmp(a, "--pg") == 0) {
             db = v;
+            pg = strcmp(a, "--pg") == 0 || is_pg_uri(v);
         } else if (strcmp(a, "--metrics") == 0) {
             metrics = v;
         } else if (strcmp(a, "--stall-ms") == 0) {
@@ -1094,15 +1133,19 @@ static int cmd_relay(int argc, char **argv)
     wipe_x_values(argc, argv);
     if (db == NULL) {
         de_conf_destroy(conf);
-        return bad_usage("relay", "needs --db PATH%s", "");
+        return bad_usage("relay", "needs --db PATH or --pg CONNINFO%s", "");
     }
-    if (is_pg_uri(db)) {
-        de_conf_destroy(conf);
-        return bad_usage("relay",
-                         "'%s' is a PostgreSQL database: its relay runs in "
-                         "the service (de_relay_start, de_relay_start_pg), "
-                         "not from the tool",
-                         db);
+    snprintf(where, sizeof where, "%s", db);
+    if (pg) {
+        /* Reachable, and named without its password from here on; a
+         * malformed conninfo is bad usage (2). */
+        pgt *pgc = NULL;
+        if ((rc = pgt_open("relay", db, 1, &pgc)) != 0) {
+            de_conf_destroy(conf);
+            return rc;
+        }
+        snprintf(where, sizeof where, "%s", pgt_name(pgc));
+        pgt_close(pgc);
     }
     state_path = de_conf_get(conf, "relay.state.path");
     if (state_path != NULL && state_path[0] == '\0')
@@ -1118,7 +1161,8 @@ static int cmd_relay(int argc, char **argv)
         return 1;
     }
     catch_signals();
-    err = de_relay_start_path(db, conf, &r);
+    err =
+        pg ? pgt_relay_start(db, conf, &r) : de_relay_start_path(db, conf, &r);
     de_conf_destroy(conf);
     if (err != DE_OK) {
         fprintf(stderr, "deliveryevents: relay: %s: %s\n", de_err_name(err),
@@ -1188,7 +1232,7 @@ static int cmd_relay(int argc, char **argv)
             fprintf(stderr,
                     "deliveryevents: relay: refused to publish %s (see the "
                     "message above); exiting\n",
-                    db);
+                    where);
             rc = 1;
             break;
         }
@@ -1207,15 +1251,15 @@ static int cmd_relay(int argc, char **argv)
         if (st.state == DE_RELAY_STANDBY && !said_standby && !said_active &&
             now - started >= 1000) {
             char who[300];
-            lease_holder(db, state_path, who, sizeof who);
+            lease_holder(db, pg, state_path, who, sizeof who);
             fprintf(stderr,
                     "deliveryevents: relay: standing by: %s holds the lease "
                     "of %s; taking over when it stops\n",
-                    who, db);
+                    who, where);
             said_standby = 1;
         } else if (st.state == DE_RELAY_ACTIVE && !said_active) {
             fprintf(stderr, "deliveryevents: relay: active: publishing %s\n",
-                    db);
+                    where);
             said_active = 1;
         } else if (st.state == DE_RELAY_STANDBY && said_active) {
             said_active = 0; /* lost the lease; the library logged it */
@@ -1239,7 +1283,9 @@ static int cmd_relay(int argc, char **argv)
     {
         ro rs;
         int64_t pending = -1;
-        if (ro_open("relay", db, state_path, &rs) == 0) {
+        if (pg) {
+            pending = pg_relay_facts(db, NULL, NULL, 0);
+        } else if (ro_open("relay", db, state_path, &rs) == 0) {
             pending = ro_pending(&rs, ro_cursor(&rs));
             ro_close(&rs);
         }
@@ -1247,12 +1293,12 @@ static int cmd_relay(int argc, char **argv)
             fprintf(stderr,
                     "deliveryevents: relay: stopped; cannot count the events "
                     "pending in %s\n",
-                    db);
+                    where);
         else
             fprintf(stderr,
                     "deliveryevents: relay: stopped; %" PRId64
                     " events pending in the outbox of %s%s\n",
-                    pending, db,
+                    pending, where,
                     pending > 0 ? " (the next relay publishes them)" : "");
         if ((once || stopping) && !flushed)
             rc = 1;

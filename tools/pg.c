@@ -3,9 +3,9 @@
  * pg.c -- the tool's PostgreSQL backend: the queries that gather what
  * status, consumer-status, dead-letters and contracts print, and the
  * request rows of release and skip, against the library's schema
- * deliveryevents (lib/pg/).  The printing is deliveryevents.c's, the same
- * for both backends; this file only reads (and, for release and skip,
- * inserts one request row).
+ * deliveryevents (lib/pg/); and the calls of relay and replay.  The
+ * printing is deliveryevents.c's, the same for both backends; this file
+ * only reads (and, for release and skip, inserts one request row).
  *
  * Built with DE_TOOL_PG (the Makefile sets it where pkg-config knows
  * libpq); without it every PostgreSQL target is refused with a message
@@ -125,6 +125,14 @@ de_err pgt_replay(const char *conninfo, const de_conf *conf,
 {
     (void)conninfo, (void)conf, (void)sel, (void)timeout_ms;
     memset(out, 0, sizeof *out);
+    return DE_ERR_STATE;
+}
+
+de_err pgt_relay_start(const char *conninfo, const de_conf *conf,
+                       de_relay **out)
+{
+    (void)conninfo, (void)conf;
+    *out = NULL;
     return DE_ERR_STATE;
 }
 
@@ -829,6 +837,12 @@ de_err pgt_replay(const char *conninfo, const de_conf *conf,
                   de_replay_result *out)
 {
     return de_replay_pg(conninfo, conf, sel, timeout_ms, out);
+}
+
+de_err pgt_relay_start(const char *conninfo, const de_conf *conf,
+                       de_relay **out)
+{
+    return de_relay_start_pg(conninfo, conf, out);
 }
 
 #endif /* DE_TOOL_PG */

@@ -165,6 +165,11 @@ de_err pgt_replay(const char *conninfo, const de_conf *conf,
                   const de_replay_select *sel, int timeout_ms,
                   de_replay_result *out);
 
+/* de_relay_start_pg (the tool built without libpq: DE_ERR_STATE; pgt_open
+ * refuses first). */
+de_err pgt_relay_start(const char *conninfo, const de_conf *conf,
+                       de_relay **out);
+
 /* deliveryevents archive (tools/archive.c). */
 extern const char usage_archive[];
 int cmd_archive(int argc, char **argv);
