@@ -60,13 +60,6 @@ typedef struct pg_source {
     bool recheck;   /* changed() is true: a round may have gone unheard */
 } pg_source;
 
-static const char read_cols[] =
-    "o.position, e.event_id, e.subject_type, e.subject_id, e.action, "
-    "e.version, e.occurred_at_ms, e.recorded_at_ms, e.payload, "
-    "e.traceparent, e.tracestate, e.dataschema FROM "
-    "deliveryevents.outbox_order o JOIN deliveryevents.outbox e ON e.id = "
-    "o.id";
-
 static const char *text_or_null(const PGresult *r, int i, int col)
 {
     return PQgetisnull(r, i, col) ? NULL : PQgetvalue(r, i, col);
@@ -90,7 +83,48 @@ static void row_from(const PGresult *r, int i, de__row *row)
     row->dataschema = text_or_null(r, i, 11);
 }
 
-/* Reconnects a dropped connection and listens again. */
+/* The statements a read makes, prepared once per connection (setup())
+ * as deliveryevents_src_<n>: parsing and planning the read each time
+ * cost the server more than running it. */
+enum { Q_LAST, Q_READ, Q_ONE, Q_COUNT };
+
+#define READ_COLS                                                              \
+    "o.position, e.event_id, e.subject_type, e.subject_id, e.action, "         \
+    "e.version, e.occurred_at_ms, e.recorded_at_ms, e.payload, "               \
+    "e.traceparent, e.tracestate, e.dataschema FROM "                          \
+    "deliveryevents.outbox_order o JOIN deliveryevents.outbox e ON e.id = "    \
+    "o.id"
+
+static const char *const prepared_sql[Q_COUNT] = {
+    [Q_LAST] = "SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
+               "FROM deliveryevents.outbox_position",
+    [Q_READ] = "SELECT " READ_COLS " WHERE o.position > $1 AND "
+               "o.position <= $3 ORDER BY o.position LIMIT $2",
+    [Q_ONE] = "SELECT " READ_COLS " WHERE o.position = $1",
+};
+
+/* Listens and prepares the statements: what a new connection lacks. */
+static de_err setup(pg_source *s)
+{
+    char name[40];
+    de_err err;
+
+    if ((err = de__pg_exec(s->conn, "LISTEN " DE__PG_CHANNEL, PGRES_COMMAND_OK,
+                           NULL, "relay: cannot listen for commits")) != DE_OK)
+        return err;
+    for (int i = 0; i < Q_COUNT; i++) {
+        PGresult *r;
+        snprintf(name, sizeof name, "deliveryevents_src_%d", i);
+        r = PQprepare(s->conn, name, prepared_sql[i], 0, NULL);
+        if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK)
+            return de__pg_fail(s->conn, r,
+                               "relay: cannot prepare its statements");
+        PQclear(r);
+    }
+    return DE_OK;
+}
+
+/* Reconnects a dropped connection and sets it up again. */
 static de_err ensure_conn(pg_source *s)
 {
     if (PQstatus(s->conn) == CONNECTION_OK)
@@ -99,8 +133,27 @@ static de_err ensure_conn(pg_source *s)
     if (PQstatus(s->conn) != CONNECTION_OK)
         return de__pg_fail(s->conn, NULL,
                            "relay: cannot reconnect to PostgreSQL");
-    return de__pg_exec(s->conn, "LISTEN " DE__PG_CHANNEL, PGRES_COMMAND_OK,
-                       NULL, "relay: cannot listen for commits");
+    return setup(s);
+}
+
+/* Runs prepared statement q with text parameters, expecting rows; *res
+ * receives the result. */
+static de_err query_prepared(pg_source *s, int q, int n,
+                             const char *const *values, PGresult **res,
+                             const char *what)
+{
+    char name[40];
+    PGresult *r;
+    de_err err;
+
+    if ((err = ensure_conn(s)) != DE_OK)
+        return err;
+    snprintf(name, sizeof name, "deliveryevents_src_%d", q);
+    r = PQexecPrepared(s->conn, name, n, values, NULL, NULL, 0);
+    if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK)
+        return de__pg_fail(s->conn, r, what);
+    *res = r;
+    return DE_OK;
 }
 
 /* Runs sql with text parameters, expecting rows (TUPLES_OK) or a command
@@ -158,11 +211,8 @@ static de_err barrier(pg_source *s, int64_t after, int64_t *v)
     de_err err;
 
     *v = 0;
-    if ((err = query(s,
-                     "SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
-                     "FROM deliveryevents.outbox_position",
-                     0, NULL, PGRES_TUPLES_OK, &r,
-                     "relay: reading the outbox failed")) != DE_OK)
+    if ((err = query_prepared(s, Q_LAST, 0, NULL, &r,
+                              "relay: reading the outbox failed")) != DE_OK)
         return err;
     *v = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
     PQclear(r);
@@ -201,7 +251,7 @@ static de_err p_read(de__source *src, int64_t after, int64_t limit,
                      de__row_fn fn, void *ctx, int64_t *n)
 {
     pg_source *s = (pg_source *)src;
-    char a[24], l[24], u[24], sql[600];
+    char a[24], l[24], u[24];
     const char *values[3] = {a, l, u};
     int64_t v;
     PGresult *r;
@@ -213,12 +263,8 @@ static de_err p_read(de__source *src, int64_t after, int64_t limit,
     snprintf(a, sizeof a, "%lld", (long long)after);
     snprintf(l, sizeof l, "%lld", (long long)limit);
     snprintf(u, sizeof u, "%lld", (long long)v);
-    snprintf(sql, sizeof sql,
-             "SELECT %s WHERE o.position > $1 AND o.position <= $3 "
-             "ORDER BY o.position LIMIT $2",
-             read_cols);
-    if ((err = query(s, sql, 3, values, PGRES_TUPLES_OK, &r,
-                     "relay: reading the outbox failed")) != DE_OK)
+    if ((err = query_prepared(s, Q_READ, 3, values, &r,
+                              "relay: reading the outbox failed")) != DE_OK)
         return err;
     if (PQntuples(r) > 0 && (err = flush_barrier(s)) != DE_OK) {
         PQclear(r);
@@ -232,13 +278,12 @@ static de_err p_read(de__source *src, int64_t after, int64_t limit,
 /* The row at position (its result in *res, no row when there is none). */
 static de_err one(pg_source *s, int64_t position, PGresult **res)
 {
-    char p[24], sql[600];
+    char p[24];
     const char *values[1] = {p};
 
     snprintf(p, sizeof p, "%lld", (long long)position);
-    snprintf(sql, sizeof sql, "SELECT %s WHERE o.position = $1", read_cols);
-    return query(s, sql, 1, values, PGRES_TUPLES_OK, res,
-                 "relay: reading the outbox failed");
+    return query_prepared(s, Q_ONE, 1, values, res,
+                          "relay: reading the outbox failed");
 }
 
 static de_err p_read_one(de__source *src, int64_t position, de__row_fn fn,
@@ -555,8 +600,7 @@ de_err de__source_open_pg(const char *conninfo, bool create, de__source **out,
         }
     }
     if ((err = de__pg_schema_ensure(s->conn, outbox_id)) != DE_OK ||
-        (err = de__pg_exec(s->conn, "LISTEN " DE__PG_CHANNEL, PGRES_COMMAND_OK,
-                           NULL, "relay: cannot listen for commits")) != DE_OK)
+        (err = setup(s)) != DE_OK)
         goto fail;
     PQclear(r);
     *out = &s->base;
