@@ -86,7 +86,7 @@ static void row_from(const PGresult *r, int i, de__row *row)
 /* The statements a read makes, prepared once per connection (setup())
  * as deliveryevents_src_<n>: parsing and planning the read each time
  * cost the server more than running it. */
-enum { Q_LAST, Q_READ, Q_ONE, Q_COUNT };
+enum { Q_WAIT, Q_BARRIER, Q_READ, Q_ONE, Q_COUNT };
 
 #define READ_COLS                                                              \
     "o.position, e.event_id, e.subject_type, e.subject_id, e.action, "         \
@@ -96,10 +96,20 @@ enum { Q_LAST, Q_READ, Q_ONE, Q_COUNT };
     "o.id"
 
 static const char *const prepared_sql[Q_COUNT] = {
-    [Q_LAST] = "SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
-               "FROM deliveryevents.outbox_position",
-    [Q_READ] = "SELECT " READ_COLS " WHERE o.position > $1 AND "
-               "o.position <= $3 ORDER BY o.position LIMIT $2",
+    /* The barrier's wait bound, for its transaction only. */
+    [Q_WAIT] = "SELECT pg_catalog.set_config('lock_timeout', $1, true)",
+    /* Steps (1) and (2): v, then -- only when something was drawn since
+     * the cursor $1 -- the commit-order lock exclusive.  The lock is
+     * evaluated for the sequence's row, so after v is read. */
+    [Q_BARRIER] = "SELECT v, CASE WHEN v > $1 THEN "
+                  "pg_catalog.pg_advisory_xact_lock(" DE__PG_LOCK_CLASS
+                  ", " DE__PG_LOCK_ORDER ") END FROM (SELECT CASE WHEN "
+                  "is_called THEN last_value ELSE 0 END AS v FROM "
+                  "deliveryevents.outbox_position) s",
+    /* Step (3), after the barrier's COMMIT: rows above v may be visible
+     * too; the caller hands on only those <= v (they come first). */
+    [Q_READ] = "SELECT " READ_COLS " WHERE o.position > $1 "
+               "ORDER BY o.position LIMIT $2",
     [Q_ONE] = "SELECT " READ_COLS " WHERE o.position = $1",
 };
 
@@ -184,14 +194,16 @@ static de_err flush_barrier(pg_source *s)
                        "relay: cannot make the rows read durable");
 }
 
-/* Hands the rows of r to fn in order, stopping at DE__AGAIN. */
-static de_err deliver(const PGresult *r, de__row_fn fn, void *ctx, int64_t *n)
+/* Hands the first `rows` rows of r to fn in order, stopping at
+ * DE__AGAIN. */
+static de_err deliver(const PGresult *r, int rows, de__row_fn fn, void *ctx,
+                      int64_t *n)
 {
     de_err err = DE_OK;
     de__row row;
     int i;
 
-    for (i = 0; i < PQntuples(r); i++) {
+    for (i = 0; i < rows; i++) {
         row_from(r, i, &row);
         if ((err = fn(ctx, &row)) != DE_OK)
             break;
@@ -200,78 +212,116 @@ static de_err deliver(const PGresult *r, de__row_fn fn, void *ctx, int64_t *n)
     return err == DE__AGAIN ? DE_OK : err;
 }
 
-/* Steps (1) and (2) of the barrier read (see the top of this file): *v
- * receives the highest position whose recorders are all out of their
- * commit; DE__AGAIN when they are not yet after barrier_ms. */
-static de_err barrier(pg_source *s, int64_t after, int64_t *v)
-{
-    char sql[240];
-    PGresult *r;
-    const char *state;
-    de_err err;
+/* What a read sends in libpq's pipeline mode, in one round trip (see
+ * p_read): statements, and syncs that end the implicit transaction of
+ * the statements before them (committing it, or rolling it back when
+ * one failed: the server skips the rest of it). */
+enum { R_WAIT, R_BARRIER, R_SYNC1, R_READ, R_SYNC2, R_COUNT };
 
-    *v = 0;
-    if ((err = query_prepared(s, Q_LAST, 0, NULL, &r,
-                              "relay: reading the outbox failed")) != DE_OK)
-        return err;
-    *v = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
-    PQclear(r);
-    if (*v <= after)
-        return DE_OK; /* nothing drawn since: no recorder to wait for */
-    /* Transaction-scoped, so COMMIT releases it; SET LOCAL, so the wait
-     * bound goes with it.  One round trip. */
-    snprintf(sql, sizeof sql,
-             "BEGIN; SET LOCAL lock_timeout = %d; "
-             "SELECT pg_catalog.pg_advisory_xact_lock(" DE__PG_LOCK_CLASS
-             ", " DE__PG_LOCK_ORDER "); COMMIT",
-             s->barrier_ms);
-    r = PQexec(s->conn, sql);
-    if (r != NULL && PQresultStatus(r) == PGRES_COMMAND_OK) {
-        PQclear(r);
-        return DE_OK;
-    }
-    state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
-    if (state != NULL && strcmp(state, "55P03") == 0) {
-        /* A recorder is still in its commit (SET CONSTRAINTS ALL
-         * IMMEDIATE, PREPARE TRANSACTION, a slow commit): read nothing
-         * now, and ask for another round. */
-        PQclear(r);
-        PQclear(PQexec(s->conn, "ROLLBACK"));
-        s->recheck = true;
-        return DE__AGAIN;
-    }
-    err =
-        de__pg_fail(s->conn, r, "relay: waiting for commits in flight failed");
-    if (PQtransactionStatus(s->conn) == PQTRANS_INERROR)
-        PQclear(PQexec(s->conn, "ROLLBACK"));
-    return err;
+static bool send_prepared(pg_source *s, int q, int n, const char *const *values)
+{
+    char name[40];
+
+    snprintf(name, sizeof name, "deliveryevents_src_%d", q);
+    return PQsendQueryPrepared(s->conn, name, n, values, NULL, NULL, 0) == 1;
 }
 
+/* Collects the results of the n items sent since PQenterPipelineMode
+ * (sync[i]: item i is a sync) into res[i] -- NULL when it never came --
+ * and leaves pipeline mode.  False when the exchange broke off (a lost
+ * connection) or went out of step. */
+static bool pipeline_collect(pg_source *s, int n, const bool *sync,
+                             PGresult **res)
+{
+    PGresult *r;
+    bool whole = true;
+
+    for (int i = 0; i < n; i++) {
+        res[i] = whole ? PQgetResult(s->conn) : NULL;
+        if (res[i] == NULL ||
+            (PQresultStatus(res[i]) == PGRES_PIPELINE_SYNC) != sync[i]) {
+            whole = false;
+            continue;
+        }
+        /* Each statement's results end with a NULL; a sync's do not. */
+        while (!sync[i] && (r = PQgetResult(s->conn)) != NULL)
+            PQclear(r);
+    }
+    if (PQexitPipelineMode(s->conn) != 1)
+        whole = false;
+    return whole;
+}
+
+/*
+ * The barrier read (see the top of this file) in one round trip: the
+ * wait bound, (1) and (2) in an implicit transaction whose sync commits
+ * it -- releasing the lock at once -- then (3), whose snapshot is taken
+ * after that.  On lock timeout (55P03) the server skips the rest of the
+ * first transaction and rolls it back; the read then runs for nothing
+ * and the result is DE__AGAIN, nothing read, and changed() asks for
+ * another round.
+ */
 static de_err p_read(de__source *src, int64_t after, int64_t limit,
                      de__row_fn fn, void *ctx, int64_t *n)
 {
+    static const bool sync[R_COUNT] = {[R_SYNC1] = true, [R_SYNC2] = true};
     pg_source *s = (pg_source *)src;
-    char a[24], l[24], u[24];
-    const char *values[3] = {a, l, u};
+    char a[24], l[24], w[24];
+    const char *wait[1] = {w}, *barrier[1] = {a}, *read[2] = {a, l};
+    PGresult *res[R_COUNT] = {NULL};
+    const char *what = "relay: reading the outbox failed";
     int64_t v;
-    PGresult *r;
-    de_err err;
+    int rows, bad = -1;
+    de_err err = DE_OK;
 
     *n = 0;
-    if ((err = barrier(s, after, &v)) != DE_OK || v <= after)
+    if ((err = ensure_conn(s)) != DE_OK)
         return err;
     snprintf(a, sizeof a, "%lld", (long long)after);
     snprintf(l, sizeof l, "%lld", (long long)limit);
-    snprintf(u, sizeof u, "%lld", (long long)v);
-    if ((err = query_prepared(s, Q_READ, 3, values, &r,
-                              "relay: reading the outbox failed")) != DE_OK)
-        return err;
-    if (PQntuples(r) > 0 && (err = flush_barrier(s)) != DE_OK) {
-        PQclear(r);
-        return err;
+    snprintf(w, sizeof w, "%d", s->barrier_ms);
+    if (PQenterPipelineMode(s->conn) != 1)
+        return de__pg_fail(s->conn, NULL, what);
+    if (!send_prepared(s, Q_WAIT, 1, wait) ||
+        !send_prepared(s, Q_BARRIER, 1, barrier) ||
+        PQpipelineSync(s->conn) != 1 || !send_prepared(s, Q_READ, 2, read) ||
+        PQpipelineSync(s->conn) != 1)
+        err = de__pg_fail(s->conn, NULL, what);
+    if (!pipeline_collect(s, R_COUNT, sync, res) && err == DE_OK)
+        err = de__pg_fail(s->conn, NULL, what);
+    for (int i = 0; err == DE_OK && bad < 0 && i < R_COUNT; i++)
+        if (!sync[i] && PQresultStatus(res[i]) != PGRES_TUPLES_OK)
+            bad = i;
+    if (bad >= 0) {
+        const char *state = PQresultErrorField(res[bad], PG_DIAG_SQLSTATE);
+        if (bad == R_BARRIER && state != NULL && strcmp(state, "55P03") == 0) {
+            /* A recorder is still in its commit (SET CONSTRAINTS ALL
+             * IMMEDIATE, PREPARE TRANSACTION, a slow commit): read
+             * nothing now, and ask for another round. */
+            s->recheck = true;
+            err = DE__AGAIN;
+        } else {
+            err = de__pg_fail(s->conn, res[bad],
+                              bad == R_BARRIER
+                                  ? "relay: waiting for commits in flight "
+                                    "failed"
+                                  : what);
+            res[bad] = NULL; /* cleared by de__pg_fail */
+        }
     }
-    err = deliver(r, fn, ctx, n);
-    PQclear(r);
+    if (err != DE_OK)
+        goto done;
+    v = strtoll(PQgetvalue(res[R_BARRIER], 0, 0), NULL, 10);
+    for (rows = 0; rows < PQntuples(res[R_READ]) &&
+                   strtoll(PQgetvalue(res[R_READ], rows, 0), NULL, 10) <= v;
+         rows++)
+        ;
+    if (rows > 0 && (err = flush_barrier(s)) != DE_OK)
+        goto done;
+    err = deliver(res[R_READ], rows, fn, ctx, n);
+done:
+    for (int i = 0; i < R_COUNT; i++)
+        PQclear(res[i]);
     return err;
 }
 
