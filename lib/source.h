@@ -62,8 +62,9 @@ typedef struct de__source_ops {
      * announcement sent no wake-up); false: nothing to do (SQLite). */
     bool (*sleep_begin)(de__source *s);
     /* The relay woke (any cause) after sleep_begin: writers stop waking
-     * it, and changed() reports true on its next call, because commits
-     * from now on may send no wake-up. */
+     * it (PostgreSQL: once the next read has lowered the flag), and
+     * changed() reports true on its next call -- and again after that
+     * lowering -- because commits from then on may send no wake-up. */
     void (*awake)(de__source *s);
     /* The wire setting `key` its writer stored with the outbox (*out: a
      * copy the caller frees, NULL when none is stored). */

@@ -58,6 +58,7 @@ typedef struct pg_source {
     int barrier_ms; /* lock_timeout of the barrier's exclusive request */
     bool sleeping;  /* this source raised the relay_sleeping flag */
     bool recheck;   /* changed() is true: a round may have gone unheard */
+    bool lower;     /* the flag is to be lowered by the next read */
 } pg_source;
 
 static const char *text_or_null(const PGresult *r, int i, int col)
@@ -86,7 +87,16 @@ static void row_from(const PGresult *r, int i, de__row *row)
 /* The statements a read makes, prepared once per connection (setup())
  * as deliveryevents_src_<n>: parsing and planning the read each time
  * cost the server more than running it. */
-enum { Q_WAIT, Q_BARRIER, Q_READ, Q_ONE, Q_COUNT };
+enum {
+    Q_WAIT,
+    Q_BARRIER,
+    Q_WRITTEN,
+    Q_READ,
+    Q_FLUSHED,
+    Q_LOWER,
+    Q_ONE,
+    Q_COUNT
+};
 
 #define READ_COLS                                                              \
     "o.position, e.event_id, e.subject_type, e.subject_id, e.action, "         \
@@ -106,6 +116,14 @@ static const char *const prepared_sql[Q_COUNT] = {
                   ", " DE__PG_LOCK_ORDER ") END FROM (SELECT CASE WHEN "
                   "is_called THEN last_value ELSE 0 END AS v FROM "
                   "deliveryevents.outbox_position) s",
+    /* After (2): the end of the WAL written so far, hence past the
+     * commit record of every recorder of a position <= v (see
+     * durable()). */
+    [Q_WRITTEN] = "SELECT pg_catalog.pg_current_wal_insert_lsn()::text",
+    /* After (3): how far the server has flushed its WAL. */
+    [Q_FLUSHED] = "SELECT pg_catalog.pg_current_wal_flush_lsn()::text",
+    /* The sleeping flag lowered (see p_awake). */
+    [Q_LOWER] = "SELECT pg_catalog.setval('deliveryevents.relay_sleeping', 0)",
     /* Step (3), after the barrier's COMMIT: rows above v may be visible
      * too; the caller hands on only those <= v (they come first). */
     [Q_READ] = "SELECT " READ_COLS " WHERE o.position > $1 "
@@ -194,6 +212,47 @@ static de_err flush_barrier(pg_source *s)
                        "relay: cannot make the rows read durable");
 }
 
+/* An LSN as pg_lsn's text form shows it ("16/B374D848"); 0 if not. */
+static uint64_t lsn_of(const PGresult *r)
+{
+    unsigned hi, lo;
+
+    if (PQntuples(r) != 1 ||
+        sscanf(PQgetvalue(r, 0, 0), "%X/%X", &hi, &lo) != 2)
+        return 0;
+    return (uint64_t)hi << 32 | lo;
+}
+
+/*
+ * Whether the rows a read took (positions <= v) are durable already, so
+ * that the flush transaction (flush_barrier) can be skipped.  written is
+ * pg_current_wal_insert_lsn() taken after the barrier's lock was granted,
+ * flushed pg_current_wal_flush_lsn() taken after the read.
+ *
+ * Why that is enough: a recorder of a position <= v held the commit-order
+ * lock, shared, from before v was read until after its commit -- and
+ * PostgreSQL inserts a commit record into the WAL before the commit
+ * becomes visible, and releases locks after that.  The exclusive lock was
+ * granted only once all of them had released it, so each of their commit
+ * records (or abort records: nothing then to publish) ends at or before
+ * `written`.  The WAL is flushed in order: once the server's flush
+ * position reaches `written`, every one of those commit records is on
+ * disk, whether the recorder committed with synchronous_commit on or off,
+ * and no crash of the server can undo a row handed on.  Rows above v are
+ * never handed on by this read.  Anything else in the WAL before
+ * `written` (other sessions' work, the relay's own setval) can only make
+ * the answer "not yet", never a wrong "yes"; a "not yet" costs the flush
+ * transaction, as before.  A writer committing with synchronous_commit=on
+ * (the default) has flushed its commit itself, so at low load the answer
+ * is normally yes.  An unreadable LSN answers no.
+ */
+static bool durable(const PGresult *written, const PGresult *flushed)
+{
+    uint64_t w = lsn_of(written);
+
+    return w != 0 && lsn_of(flushed) >= w;
+}
+
 /* Hands the first `rows` rows of r to fn in order, stopping at
  * DE__AGAIN. */
 static de_err deliver(const PGresult *r, int rows, de__row_fn fn, void *ctx,
@@ -216,7 +275,18 @@ static de_err deliver(const PGresult *r, int rows, de__row_fn fn, void *ctx,
  * p_read): statements, and syncs that end the implicit transaction of
  * the statements before them (committing it, or rolling it back when
  * one failed: the server skips the rest of it). */
-enum { R_WAIT, R_BARRIER, R_SYNC1, R_READ, R_SYNC2, R_COUNT };
+enum {
+    R_WAIT,
+    R_BARRIER,
+    R_WRITTEN,
+    R_SYNC1,
+    R_READ,
+    R_FLUSHED,
+    R_SYNC2,
+    R_LOWER,
+    R_SYNC3,
+    R_COUNT
+};
 
 static bool send_prepared(pg_source *s, int q, int n, const char *const *values)
 {
@@ -264,14 +334,15 @@ static bool pipeline_collect(pg_source *s, int n, const bool *sync,
 static de_err p_read(de__source *src, int64_t after, int64_t limit,
                      de__row_fn fn, void *ctx, int64_t *n)
 {
-    static const bool sync[R_COUNT] = {[R_SYNC1] = true, [R_SYNC2] = true};
+    static const bool sync[R_COUNT] = {
+        [R_SYNC1] = true, [R_SYNC2] = true, [R_SYNC3] = true};
     pg_source *s = (pg_source *)src;
     char a[24], l[24], w[24];
     const char *wait[1] = {w}, *barrier[1] = {a}, *read[2] = {a, l};
     PGresult *res[R_COUNT] = {NULL};
     const char *what = "relay: reading the outbox failed";
     int64_t v;
-    int rows, bad = -1;
+    int rows, bad = -1, count = s->lower ? R_COUNT : R_LOWER;
     de_err err = DE_OK;
 
     *n = 0;
@@ -282,14 +353,26 @@ static de_err p_read(de__source *src, int64_t after, int64_t limit,
     snprintf(w, sizeof w, "%d", s->barrier_ms);
     if (PQenterPipelineMode(s->conn) != 1)
         return de__pg_fail(s->conn, NULL, what);
+    /* The flag is lowered in a transaction of its own after the read:
+     * the WAL its setval writes is not one the read must wait for. */
     if (!send_prepared(s, Q_WAIT, 1, wait) ||
         !send_prepared(s, Q_BARRIER, 1, barrier) ||
-        PQpipelineSync(s->conn) != 1 || !send_prepared(s, Q_READ, 2, read) ||
-        PQpipelineSync(s->conn) != 1)
+        !send_prepared(s, Q_WRITTEN, 0, NULL) || PQpipelineSync(s->conn) != 1 ||
+        !send_prepared(s, Q_READ, 2, read) ||
+        !send_prepared(s, Q_FLUSHED, 0, NULL) || PQpipelineSync(s->conn) != 1 ||
+        (s->lower &&
+         (!send_prepared(s, Q_LOWER, 0, NULL) || PQpipelineSync(s->conn) != 1)))
         err = de__pg_fail(s->conn, NULL, what);
-    if (!pipeline_collect(s, R_COUNT, sync, res) && err == DE_OK)
+    if (!pipeline_collect(s, count, sync, res) && err == DE_OK)
         err = de__pg_fail(s->conn, NULL, what);
-    for (int i = 0; err == DE_OK && bad < 0 && i < R_COUNT; i++)
+    if (err == DE_OK && s->lower &&
+        PQresultStatus(res[R_LOWER]) == PGRES_TUPLES_OK) {
+        /* Commits from now on may send no NOTIFY: read once more. */
+        s->lower = false;
+        s->sleeping = false;
+        s->recheck = true;
+    }
+    for (int i = 0; err == DE_OK && bad < 0 && i < R_LOWER; i++)
         if (!sync[i] && PQresultStatus(res[i]) != PGRES_TUPLES_OK)
             bad = i;
     if (bad >= 0) {
@@ -316,11 +399,12 @@ static de_err p_read(de__source *src, int64_t after, int64_t limit,
                    strtoll(PQgetvalue(res[R_READ], rows, 0), NULL, 10) <= v;
          rows++)
         ;
-    if (rows > 0 && (err = flush_barrier(s)) != DE_OK)
+    if (rows > 0 && !durable(res[R_WRITTEN], res[R_FLUSHED]) &&
+        (err = flush_barrier(s)) != DE_OK)
         goto done;
     err = deliver(res[R_READ], rows, fn, ctx, n);
 done:
-    for (int i = 0; i < R_COUNT; i++)
+    for (int i = 0; i < count; i++)
         PQclear(res[i]);
     return err;
 }
@@ -545,6 +629,7 @@ static de_err set_sleeping(pg_source *s, bool up)
         return err;
     PQclear(r);
     s->sleeping = up;
+    s->lower = false;
     return DE_OK;
 }
 
@@ -562,11 +647,15 @@ static void p_awake(de__source *src)
 {
     pg_source *s = (pg_source *)src;
 
-    /* Commits from now on may send no NOTIFY: the relay reads once more
-     * (and raises the flag again before it next sleeps). */
+    /* The relay reads once more (and raises the flag again before it
+     * next sleeps); that read lowers the flag at its end, after the WAL
+     * position it compares (durable()), so that the setval's WAL record
+     * does not make it flush; until then commits notify for nothing.
+     * Lowered, the next changed() is true again: commits from then on
+     * may send no NOTIFY, and a read after the lowering covers them. */
     s->recheck = true;
     if (s->sleeping)
-        (void)set_sleeping(s, false);
+        s->lower = true;
 }
 
 static void p_checkpoint_log(de__source *src)
