@@ -69,6 +69,9 @@ typedef struct de__source_ops {
     /* The wire setting `key` its writer stored with the outbox (*out: a
      * copy the caller frees, NULL when none is stored). */
     de_err (*stored_setting)(de__source *s, const char *key, char **out);
+    /* A warning for the relay's log, once each (NULL: none now; the
+     * relay asks after each read until NULL).  May be NULL (SQLite). */
+    const char *(*warning)(de__source *s);
     /* Checkpoints the database's log for its writers (WAL). */
     void (*checkpoint_log)(de__source *s);
     void (*close)(de__source *s);

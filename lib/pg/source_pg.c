@@ -43,6 +43,7 @@
  */
 #include "pg_int.h"
 
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,7 +60,16 @@ typedef struct pg_source {
     bool sleeping;  /* this source raised the relay_sleeping flag */
     bool recheck;   /* changed() is true: a round may have gone unheard */
     bool lower;     /* the flag is to be lowered by the next read */
+    /* back-off (see timed_out()) */
+    int timeouts;          /* barrier timeouts in a row */
+    int64_t stalled_us;    /* when the first of them happened */
+    int64_t retry_us;      /* no attempt before this (monotonic) */
+    bool warn_prepared;    /* the prepared-transactions warning is due */
+    char warning[600];     /* a warning due, "" when none */
+    char warning_out[600]; /* the one warning() handed out last */
 } pg_source;
+
+static atomic_ulong barrier_attempts;
 
 static const char *text_or_null(const PGresult *r, int i, int col)
 {
@@ -322,6 +332,51 @@ static bool pipeline_collect(pg_source *s, int n, const bool *sync,
     return whole;
 }
 
+static de_err set_sleeping(pg_source *s, bool up);
+
+/*
+ * A barrier attempt timed out (55P03): some transaction holds the
+ * commit-order lock shared and stays open -- one that recorded events
+ * and ran SET CONSTRAINTS ALL IMMEDIATE, or was prepared (PREPARE
+ * TRANSACTION) and waits for COMMIT PREPARED -- and each attempt held
+ * new recorders up for up to barrier_ms.  The first timeout is retried
+ * at the next poll, as any slow commit would be; from the second in a
+ * row the source waits DE__PG_BARRIER_BACKOFF_MS before the next
+ * attempt, doubling each time up to DE__PG_BARRIER_BACKOFF_MAX_MS, and
+ * warns (at the second timeout, then at the 4th, 8th, 16th ...: a line
+ * per doubling of the stall, not per attempt).  A barrier that succeeds
+ * ends the back-off.
+ */
+static void timed_out(pg_source *s)
+{
+    int64_t now = de__mono_us(), wait_ms;
+
+    if (s->timeouts++ == 0)
+        s->stalled_us = now;
+    if (s->timeouts < 2)
+        return;
+    wait_ms = DE__PG_BARRIER_BACKOFF_MS;
+    for (int i = 2; i < s->timeouts && wait_ms < DE__PG_BARRIER_BACKOFF_MAX_MS;
+         i++)
+        wait_ms *= 2;
+    if (wait_ms > DE__PG_BARRIER_BACKOFF_MAX_MS)
+        wait_ms = DE__PG_BARRIER_BACKOFF_MAX_MS;
+    s->retry_us = now + wait_ms * 1000;
+    if ((s->timeouts & (s->timeouts - 1)) == 0)
+        snprintf(s->warning, sizeof s->warning,
+                 "the outbox's commit-order lock is held by an open "
+                 "transaction (%d attempts in a row timed out over %.1f s): "
+                 "a transaction that recorded events and ran SET "
+                 "CONSTRAINTS ALL IMMEDIATE, or was prepared with PREPARE "
+                 "TRANSACTION and waits for COMMIT PREPARED; nothing "
+                 "recorded after it is published until it ends, and each "
+                 "attempt holds new recorders up for up to %d ms, so the "
+                 "relay now tries every %lld ms (see pg_locks and "
+                 "pg_prepared_xacts)",
+                 s->timeouts, (double)(now - s->stalled_us) / 1e6,
+                 s->barrier_ms, (long long)wait_ms);
+}
+
 /*
  * The barrier read (see the top of this file) in one round trip: the
  * wait bound, (1) and (2) in an implicit transaction whose sync commits
@@ -346,8 +401,17 @@ static de_err p_read(de__source *src, int64_t after, int64_t limit,
     de_err err = DE_OK;
 
     *n = 0;
+    if (s->timeouts >= 2 && de__mono_us() < s->retry_us) {
+        /* Backing off (timed_out()): no attempt.  A flag left up would
+         * make every commit notify (serialising them) for nothing. */
+        if (s->lower)
+            (void)set_sleeping(s, false);
+        s->recheck = true;
+        return DE__AGAIN;
+    }
     if ((err = ensure_conn(s)) != DE_OK)
         return err;
+    atomic_fetch_add(&barrier_attempts, 1);
     snprintf(a, sizeof a, "%lld", (long long)after);
     snprintf(l, sizeof l, "%lld", (long long)limit);
     snprintf(w, sizeof w, "%d", s->barrier_ms);
@@ -382,6 +446,7 @@ static de_err p_read(de__source *src, int64_t after, int64_t limit,
              * IMMEDIATE, PREPARE TRANSACTION, a slow commit): read
              * nothing now, and ask for another round. */
             s->recheck = true;
+            timed_out(s);
             err = DE__AGAIN;
         } else {
             err = de__pg_fail(s->conn, res[bad],
@@ -394,6 +459,7 @@ static de_err p_read(de__source *src, int64_t after, int64_t limit,
     }
     if (err != DE_OK)
         goto done;
+    s->timeouts = 0;
     v = strtoll(PQgetvalue(res[R_BARRIER], 0, 0), NULL, 10);
     for (rows = 0; rows < PQntuples(res[R_READ]) &&
                    strtoll(PQgetvalue(res[R_READ], rows, 0), NULL, 10) <= v;
@@ -663,6 +729,31 @@ static void p_checkpoint_log(de__source *src)
     (void)src; /* PostgreSQL checkpoints on its own */
 }
 
+static const char *p_warning(de__source *src)
+{
+    pg_source *s = (pg_source *)src;
+
+    if (s->warn_prepared) {
+        s->warn_prepared = false;
+        return "the PostgreSQL server allows prepared transactions "
+               "(max_prepared_transactions > 0): a transaction prepared "
+               "(PREPARE TRANSACTION) after recording events holds the "
+               "outbox's commit-order lock until COMMIT PREPARED or "
+               "ROLLBACK PREPARED, and the relay publishes nothing recorded "
+               "after it until then";
+    }
+    if (s->warning[0] == '\0')
+        return NULL;
+    memcpy(s->warning_out, s->warning, sizeof s->warning_out);
+    s->warning[0] = '\0';
+    return s->warning_out;
+}
+
+unsigned long de__source_pg_barrier_attempts(void)
+{
+    return atomic_load(&barrier_attempts);
+}
+
 void de__source_pg_barrier_wait(de__source *src, int ms)
 {
     ((pg_source *)src)->barrier_ms = ms;
@@ -694,6 +785,7 @@ static const de__source_ops pg_ops = {
     .sleep_begin = p_sleep_begin,
     .awake = p_awake,
     .stored_setting = p_stored_setting,
+    .warning = p_warning,
     .checkpoint_log = p_checkpoint_log,
     .close = p_close,
 };
@@ -741,6 +833,18 @@ de_err de__source_open_pg(const char *conninfo, bool create, de__source **out,
     if ((err = de__pg_schema_ensure(s->conn, outbox_id)) != DE_OK ||
         (err = setup(s)) != DE_OK)
         goto fail;
+    {
+        /* Warned once, at the relay's first read (p_warning). */
+        int64_t prepared = 0;
+        if ((err = single_int(s,
+                              "SELECT pg_catalog.current_setting("
+                              "'max_prepared_transactions')::int",
+                              &prepared,
+                              "relay: cannot read the server's settings")) !=
+            DE_OK)
+            goto fail;
+        s->warn_prepared = prepared > 0;
+    }
     PQclear(r);
     *out = &s->base;
     return DE_OK;

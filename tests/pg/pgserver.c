@@ -18,7 +18,8 @@
 
 static char dir[256];
 static char base_conninfo[512];
-static char as_user[64]; /* "runuser -u postgres -- " as root, else "" */
+static char as_user[64];        /* "runuser -u postgres -- " as root, else "" */
+static char extra_options[200]; /* tpg_server_options() */
 static bool external;
 static pid_t owner; /* the process that started the server */
 
@@ -43,7 +44,7 @@ bool tpg_start(void)
 {
     const char *ext = getenv("DE_PG_CONNINFO");
     const char *tmp = getenv("TMPDIR");
-    char cmd[1024];
+    char cmd[1400];
 
     if (ext != NULL && *ext != '\0') {
         external = true;
@@ -82,9 +83,9 @@ bool tpg_start(void)
     snprintf(cmd, sizeof cmd,
              TPG_BIN "/pg_ctl -D %s/data -w -t 120 -l %s/server.log -o "
                      "\"-c listen_addresses='' -k %s -p %d "
-                     "-c max_connections=200 -c track_commit_timestamp=on\" "
-                     "start >/dev/null",
-             dir, dir, dir, PG_PORT);
+                     "-c max_connections=200 -c track_commit_timestamp=on "
+                     "%s\" start >/dev/null",
+             dir, dir, dir, PG_PORT, extra_options);
     if (run(cmd) != 0) {
         fprintf(stderr, "tpg_start: pg_ctl start failed, see %s/server.log\n",
                 dir);
@@ -93,6 +94,11 @@ bool tpg_start(void)
     snprintf(base_conninfo, sizeof base_conninfo,
              "host=%s port=%d user=postgres", dir, PG_PORT);
     return true;
+}
+
+void tpg_server_options(const char *opts)
+{
+    snprintf(extra_options, sizeof extra_options, "%s", opts);
 }
 
 void tpg_stop(void)
