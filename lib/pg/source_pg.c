@@ -15,26 +15,33 @@
  *      exactly for those recorders (and for no later one for long:
  *      bounded by lock_timeout, barrier_ms; on timeout the read returns
  *      DE__AGAIN, nothing read, and changed() asks for another round --
- *      a waiting exclusive request queues new recorders behind it);
+ *      a waiting exclusive request queues new recorders behind it --
+ *      backing off after repeated timeouts: timed_out());
  *  (3) the rows with after < position <= v, in position order, with a
  *      snapshot taken after (2): each is visible or its transaction has
  *      aborted (a hole, never filled, never waited on).
+ * All of it is one round trip (p_read: prepared statements in libpq's
+ * pipeline mode).
  *
  * Wake-up: the trigger notifies only while the relay's flag
  * (deliveryevents.relay_sleeping) is up.  sleep_begin raises it before
  * the relay's last read; a recorder whose position that read did not
  * cover (> v) drew it after (1), hence after the flag went up, and reads
- * the flag after drawing: it notifies.  awake lowers it and makes the
- * next changed() true, so that the relay reads once more.  A commit is
- * never left waiting longer than one poll interval.
+ * the flag after drawing: it notifies.  awake has the next read lower
+ * it (after that read's WAL position, see durable()) and makes the next
+ * changed() true, and so does the lowering, so that the relay reads once
+ * more after it.  A commit is never left waiting longer than one poll
+ * interval.
  *
  * Invariants:
  *  - nothing read is handed on before it is durable: a commit made with
  *    synchronous_commit=off is visible before its WAL is flushed, so
  *    after a read that found rows, and before the first row reaches the
- *    caller, the source commits a transaction of its own with
- *    synchronous_commit=on.  Its commit record comes after every commit
- *    the read saw, and flushing it flushes them;
+ *    caller, the source checks that the server's WAL is flushed past
+ *    their commits (durable()), and when it is not, commits a
+ *    transaction of its own with synchronous_commit=on.  Its commit
+ *    record comes after every commit the read saw, and flushing it
+ *    flushes them;
  *  - the deletion floor (relay_deleted_upto in deliveryevents.meta) only
  *    rises;
  *  - a dropped connection is re-established (and LISTENs again) at the
