@@ -307,6 +307,18 @@ static void wait_for_work(de_relay *r, int timeout_ms)
     }
 }
 
+/* Logs what the source has to warn about (PostgreSQL: a barrier that
+ * keeps timing out, prepared transactions allowed). */
+static void log_source_warnings(de_relay *r)
+{
+    const char *w;
+
+    if (r->src->ops->warning == NULL)
+        return;
+    while ((w = r->src->ops->warning(r->src)) != NULL)
+        de__rlog(r, DE_LOG_WARNING, "%s", w);
+}
+
 /* Reads the next rows.  A read that finds nothing means the relay is about
  * to sleep: a source whose writers wake it only while it says so
  * (PostgreSQL's conditional NOTIFY) hears it now, and the read is made
@@ -318,11 +330,13 @@ static de_err read_rows(de_relay *r)
 {
     de_err err = de__relay_read(r);
 
+    log_source_warnings(r);
     if (err == DE_OK && r->last_read == 0 && r->count < r->cap &&
         !r->need_restart && !r->sleep_announced &&
         r->src->ops->sleep_begin(r->src)) {
         r->sleep_announced = true;
         err = de__relay_read(r);
+        log_source_warnings(r);
         if (r->last_read > 0) {
             /* Busy after all: writers need not wake it. */
             r->sleep_announced = false;

@@ -62,12 +62,16 @@ typedef struct de__source_ops {
      * announcement sent no wake-up); false: nothing to do (SQLite). */
     bool (*sleep_begin)(de__source *s);
     /* The relay woke (any cause) after sleep_begin: writers stop waking
-     * it, and changed() reports true on its next call, because commits
-     * from now on may send no wake-up. */
+     * it (PostgreSQL: once the next read has lowered the flag), and
+     * changed() reports true on its next call -- and again after that
+     * lowering -- because commits from then on may send no wake-up. */
     void (*awake)(de__source *s);
     /* The wire setting `key` its writer stored with the outbox (*out: a
      * copy the caller frees, NULL when none is stored). */
     de_err (*stored_setting)(de__source *s, const char *key, char **out);
+    /* A warning for the relay's log, once each (NULL: none now; the
+     * relay asks after each read until NULL).  May be NULL (SQLite). */
+    const char *(*warning)(de__source *s);
     /* Checkpoints the database's log for its writers (WAL). */
     void (*checkpoint_log)(de__source *s);
     void (*close)(de__source *s);

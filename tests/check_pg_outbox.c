@@ -333,10 +333,20 @@ static void record_txn(PGconn *c, de_outbox *o, const char *subject_id, int n,
     tpg_exec(c, end);
 }
 
+/* A de__row_fn that takes every row. */
+static de_err take_row(void *ctx, const de__row *row)
+{
+    (void)ctx;
+    (void)row;
+    return DE_OK;
+}
+
 /* Conditional NOTIFY: a commit notifies only while the relay said it is
  * going to sleep (sleep_begin), once however many events it recorded,
  * even when its snapshot predates the relay's word (REPEATABLE READ); a
- * rollback never notifies; after awake commits are silent again.
+ * rollback never notifies; after awake and the read that follows it
+ * (which lowers the flag, after its WAL position: source_pg.c) commits
+ * are silent again.
  * Notifications arrive in commit order, so once the marker commit's (from
  * another backend) has come, an earlier one would have come first. */
 START_TEST(test_notify_only_when_relay_sleeps)
@@ -347,6 +357,7 @@ START_TEST(test_notify_only_when_relay_sleeps)
     char outbox_id[37];
     de_event ev = event("D-2");
     PGnotify *n;
+    int64_t read;
 
     tu_ok(de_outbox_open_pg(c2, NULL, &ob2));
     tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
@@ -369,8 +380,14 @@ START_TEST(test_notify_only_when_relay_sleeps)
     ck_assert_int_eq(wait_notify(listener), PQbackendPID(c2));
     tpg_exec(listener, "SELECT 1");
     ck_assert_ptr_null(n = PQnotifies(listener));
-    /* The relay woke: silent again, until it sleeps again. */
+    /* The relay woke and read: silent again, until it sleeps again. */
     src->ops->awake(src);
+    ck_assert(src->ops->changed(src));
+    tu_ok(src->ops->read(src, 0, 100, take_row, NULL, &read));
+    ck_assert_int_eq(tpg_int(conn, "SELECT last_value FROM "
+                                   "deliveryevents.relay_sleeping"),
+                     0);
+    ck_assert(src->ops->changed(src)); /* a read after the lowering */
     record_txn(conn, ob, "D-1", 1, "COMMIT");
     ck_assert(src->ops->sleep_begin(src));
     record_txn(c2, ob2, "D-2", 1, "COMMIT");
@@ -751,6 +768,17 @@ static void read_all(de__source *src, collected *c)
     } while (n == 50);
 }
 
+/* read_all until c holds want rows: past the source's back-off after
+ * barrier timeouts (source_pg.c), bounded (10 s). */
+static void read_all_until(de__source *src, collected *c, long long want)
+{
+    for (int i = 0; i < 1000 && c->n < want; i++) {
+        read_all(src, c);
+        if (c->n < want)
+            usleep(10000);
+    }
+}
+
 /* Commits one event of subject_id on conn. */
 static void commit_one(const char *subject_id)
 {
@@ -1128,9 +1156,10 @@ START_TEST(test_barrier_read_waits_for_commit_in_flight)
     ck_assert_ptr_null(PQgetResult(c3));
     ck_assert_int_eq(PQtransactionStatus(conn), PQTRANS_INTRANS);
     ck_assert_int_eq(count(mon, "deliveryevents.outbox_order"), 2);
-    /* conn commits: the barrier passes, and 1, 2, 3 come in order. */
+    /* conn commits: the barrier passes (after the back-off the two
+     * timeouts started), and 1, 2, 3 come in order. */
     tpg_exec(conn, "COMMIT");
-    read_all(src, &c);
+    read_all_until(src, &c, 3);
     ck_assert_int_eq(c.n, 3);
     ck_assert_int_eq(c.last, 3);
     ck_assert_int_eq(position_of("D-early"), 1);

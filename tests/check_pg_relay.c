@@ -22,6 +22,7 @@
 #include "testutil.h"
 
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -75,7 +76,8 @@ static int relay_process(const char *where, const char *bootstrap,
         de_conf_set(conf, "relay.lease.timeout.ms", "1500") != DE_OK ||
         de_conf_set(conf, "relay.checkpoint.interval.ms", "50") != DE_OK ||
         de_conf_set(conf, "relay.poll.interval.ms", "10") != DE_OK ||
-        de_relay_start_pg(where, conf, &r) != DE_OK) {
+        (de_conf_set_log_cb(conf, tu_log, NULL),
+         de_relay_start_pg(where, conf, &r)) != DE_OK) {
         fprintf(stderr, "relay process: %s\n", de_errmsg());
         return 1;
     }
@@ -120,6 +122,14 @@ static bool relay_tables_exist(void)
     return tpg_int(conn, "SELECT count(*) FROM pg_catalog.pg_tables WHERE "
                          "schemaname = 'deliveryevents' AND tablename = "
                          "'relay_lease'") == 1;
+}
+
+/* Whether the relay's durable cursor is at the last position drawn. */
+static bool cursor_at_end(void)
+{
+    return tpg_published_cursor(conn) ==
+           tpg_int(conn, "SELECT coalesce(max(position), 0) FROM "
+                         "deliveryevents.outbox_order");
 }
 
 static long long lease_epoch(void)
@@ -226,11 +236,7 @@ START_TEST(standby_takes_over_after_sigkill)
     tpg_fork_writers(conninfo, 2, 20, 1000, false, pids);
     tpg_wait_writers(2, pids);
     /* The first relay publishes them; the second stays a standby. */
-    ck_assert(
-        tu_wait_for(tpg_published_cursor(conn) ==
-                        tpg_int(conn, "SELECT coalesce(max(position), 0) FROM "
-                                      "deliveryevents.outbox_order"),
-                    60000));
+    ck_assert(tu_wait_for(cursor_at_end(), 60000));
     tu_ok(de_relay_stats_get(b, &sb));
     ck_assert_int_eq(sb.active, 0);
     ck_assert_uint_eq(sb.published, 0);
@@ -318,8 +324,10 @@ START_TEST(connection_lost_inside_a_checkpoint_writes_nothing)
     tu_ok(de__rstate_put_cursor(st, 3, "e3"));
     /* pg_terminate_backend with a timeout: gone when it returns. */
     ck_assert_int_eq(terminate_relays_now(), 2);
-    ck_assert_int_ne(de__rstate_put_mark(st, "t", 0, 10), DE_OK);
-    ck_assert_int_ne(de__rstate_put_mark(st, "t", 1, 10), DE_OK);
+    /* The writes are pipelined: each may fail now, or only the commit
+     * (relay_state_pg.c, queue()); never may one run elsewhere. */
+    (void)de__rstate_put_mark(st, "t", 0, 10);
+    (void)de__rstate_put_mark(st, "t", 1, 10);
     ck_assert_int_ne(de__rstate_commit(st), DE_OK);
     ck_assert_int_eq(tpg_published_cursor(conn), 0);
     ck_assert_int_eq(
@@ -393,10 +401,7 @@ START_TEST(failed_read_is_retried)
     de_conf_destroy(conf);
     tpg_commit_one(conn, ob, 1);
     tu_ok(de_relay_flush(r, 60000));
-    ck_assert(tu_wait_for(tpg_published_cursor(conn) ==
-                              tpg_int(conn, "SELECT max(position) FROM "
-                                            "deliveryevents.outbox_order"),
-                          60000));
+    ck_assert(tu_wait_for(cursor_at_end(), 60000));
     /* The state connection only: the relay opens it after the source's. */
     ck_assert_int_eq(
         tpg_int(conn, "SELECT count(*) FILTER (WHERE "
@@ -411,11 +416,150 @@ START_TEST(failed_read_is_retried)
      * published: that would wake the relay, which must retry on its
      * own. */
     tpg_commit_one(conn, ob, 2);
-    ck_assert(tu_wait_for(tpg_published_cursor(conn) ==
-                              tpg_int(conn, "SELECT max(position) FROM "
-                                            "deliveryevents.outbox_order"),
-                          60000));
+    ck_assert(tu_wait_for(cursor_at_end(), 60000));
     tu_ok(de_relay_flush(r, 60000));
+    tu_ok(de_relay_stop(r, 10000));
+    tu_check k = tpg_check(conn, c);
+    tu_assert_check(&k);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* ---- the relay loop itself: barrier back-off, warnings, wake-up --------- */
+
+/* Warnings of the relay under test, counted by what they name. */
+static atomic_int stall_warnings, prepared_warnings;
+
+static void counting_log(void *ctx, int level, const char *message)
+{
+    if (level == DE_LOG_WARNING && strstr(message, "commit-order lock is held"))
+        atomic_fetch_add(&stall_warnings, 1);
+    if (level == DE_LOG_WARNING &&
+        strstr(message, "allows prepared transactions"))
+        atomic_fetch_add(&prepared_warnings, 1);
+    tu_log(ctx, level, message);
+}
+
+static uint64_t published(de_relay *r)
+{
+    de_relay_stats st;
+
+    de_relay_stats_get(r, &st);
+    return st.published;
+}
+
+/*
+ * A transaction holds the commit-order lock (it recorded and ran SET
+ * CONSTRAINTS ALL IMMEDIATE) and stays open: every barrier attempt
+ * times out.  The relay warns, naming the situation, and backs off: over
+ * a 3 s window once the back-off has doubled twice it makes at most 4
+ * attempts (at one per poll interval it made ~9 a second: 10 ms poll +
+ * 100 ms lock wait).  The server allows prepared transactions: the relay
+ * warned about that once, at its start, and not again.  When the
+ * transaction ends, everything is published.
+ */
+START_TEST(barrier_backs_off_and_warns_while_the_lock_is_held)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    PGconn *holder = tpg_connect(conninfo);
+    de_outbox *hob = NULL;
+    de_conf *conf;
+    de_relay *r = NULL;
+    unsigned seed = 7;
+    unsigned long before;
+
+    if (tpg_int(conn, "SELECT pg_catalog.current_setting("
+                      "'max_prepared_transactions')::int") == 0) {
+        fprintf(stderr, "SKIPPED: the server does not allow prepared "
+                        "transactions (max_prepared_transactions = 0)\n");
+        PQfinish(holder);
+        tu_cluster_destroy(c);
+        return;
+    }
+    tu_topic_create(c, "delivery", 1);
+    conf = tu_relay_conf(c, "relay.poll.interval.ms", "10", NULL);
+    de_conf_set_log_cb(conf, counting_log, NULL);
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    tpg_commit_one(conn, ob, 1);
+    tu_ok(de_relay_flush(r, 60000));
+    ck_assert_int_eq(atomic_load(&prepared_warnings), 1);
+    ck_assert_int_eq(atomic_load(&stall_warnings), 0);
+    /* The holder: a recorded event whose position is drawn now. */
+    tu_ok(de_outbox_open_pg(holder, NULL, &hob));
+    tpg_exec(holder, "BEGIN");
+    ck_assert(tpg_record_one(holder, hob, 2, &seed));
+    tpg_exec(holder, "SET CONSTRAINTS ALL IMMEDIATE");
+    tpg_commit_one(conn, ob,
+                   3); /* behind it: not publishable while it is open */
+    /* The 4th timeout in a row warns again: the wait is 800 ms now. */
+    ck_assert(tu_wait_for(atomic_load(&stall_warnings) >= 2, 60000));
+    before = de__source_pg_barrier_attempts();
+    usleep(3000000); /* the window measured, not a synchronisation */
+    ck_assert_uint_le(de__source_pg_barrier_attempts() - before, 4);
+    ck_assert_uint_eq(published(r), 1);
+    /* Ended: the next attempt (within the 5 s cap) publishes both. */
+    tpg_exec(holder, "COMMIT");
+    ck_assert(tu_wait_for(published(r) == 3, 60000));
+    tu_ok(de_relay_flush(r, 60000));
+    tu_ok(de_relay_stop(r, 10000));
+    ck_assert_int_eq(atomic_load(&prepared_warnings), 1);
+    de_outbox_close(hob);
+    PQfinish(holder);
+    tu_check k = tpg_check(conn, c);
+    tu_assert_check(&k);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* The relay asleep (its flag up, relay.poll.interval.ms 60 s): a commit
+ * in another process wakes it by NOTIFY, and the event is on Kafka long
+ * before the poll interval could have brought it. */
+START_TEST(sleeping_relay_is_woken_by_a_commit_elsewhere)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_conf *conf;
+    de_relay *r = NULL;
+    int64_t t0;
+    pid_t pid;
+    int status;
+
+    tu_topic_create(c, "delivery", 1);
+    /* Nothing else due for a minute: no poll, no heartbeat (every
+     * lease timeout / 5), no cleanup round. */
+    conf = tu_relay_conf(c, "relay.poll.interval.ms", "60000",
+                         "relay.lease.timeout.ms", "600000",
+                         "relay.cleanup.interval.ms", "86400000", NULL);
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    tpg_commit_one(conn, ob, 1);
+    tu_ok(de_relay_flush(r, 60000));
+    /* Announced: the flag is up, and its checkpoint is written -- the
+     * last timer due -- so the relay waits on its socket. */
+    ck_assert(tu_wait_for(tpg_int(conn, "SELECT last_value FROM "
+                                        "deliveryevents.relay_sleeping") == 1 &&
+                              cursor_at_end(),
+                          60000));
+    t0 = tu_now_ms();
+    pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) { /* one commit on a connection of its own */
+        PGconn *w = PQconnectdb(conninfo);
+        de_outbox *o = NULL;
+        unsigned wseed = 11;
+        bool ok = PQstatus(w) == CONNECTION_OK &&
+                  de_outbox_open_pg(w, NULL, &o) == DE_OK &&
+                  tpg_cmd(w, "BEGIN") && tpg_record_one(w, o, 2, &wseed) &&
+                  tpg_cmd(w, "COMMIT");
+        de_outbox_close(o);
+        PQfinish(w);
+        _exit(ok ? 0 : 1);
+    }
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    /* No de_relay_flush here: it would wake the relay itself. */
+    ck_assert(tu_wait_for(published(r) == 2, 10000));
+    ck_assert_int_lt(tu_now_ms() - t0, 10000);
     tu_ok(de_relay_stop(r, 10000));
     tu_check k = tpg_check(conn, c);
     tu_assert_check(&k);
@@ -505,6 +649,10 @@ static Suite *pg_relay_suite(void)
     tcase_add_test(tc, found_on_kafka_outlives_a_lost_connection);
     tcase_add_loop_test(tc, failed_read_is_retried, tu_cluster_first(),
                         tu_cluster_count());
+    tcase_add_loop_test(tc, barrier_backs_off_and_warns_while_the_lock_is_held,
+                        tu_cluster_first(), tu_cluster_count());
+    tcase_add_loop_test(tc, sleeping_relay_is_woken_by_a_commit_elsewhere,
+                        tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, broker_outage_loses_nothing, tu_cluster_first(),
                         tu_cluster_count());
     tcase_add_loop_test(tc, connection_loss_loses_nothing, tu_cluster_first(),
@@ -517,5 +665,7 @@ int main(int argc, char **argv)
 {
     if (argc == 5 && strcmp(argv[1], "--relay") == 0)
         return relay_process(argv[2], argv[3], argv[4]);
+    /* The relay warns when prepared transactions are allowed (tested). */
+    tpg_server_options("-c max_prepared_transactions=4");
     return tpg_run(pg_relay_suite());
 }

@@ -75,6 +75,15 @@ de_err de__source_open_pg(const char *conninfo, bool create, de__source **out,
  * de__source_open_pg. */
 #define DE__PG_BARRIER_WAIT_MS 100
 void de__source_pg_barrier_wait(de__source *src, int ms);
+/* How many barrier reads the PostgreSQL sources of this process sent to
+ * their server (for tests: the back-off after timeouts shows in it). */
+unsigned long de__source_pg_barrier_attempts(void);
+
+/* After the second barrier timeout in a row the source waits before it
+ * tries again: DE__PG_BARRIER_BACKOFF_MS, doubling with each further
+ * timeout up to DE__PG_BARRIER_BACKOFF_MAX_MS, until one succeeds. */
+#define DE__PG_BARRIER_BACKOFF_MS 200
+#define DE__PG_BARRIER_BACKOFF_MAX_MS 5000
 
 /* Opens the relay's state in the PostgreSQL database conninfo names, on
  * a connection of its own, creating its tables (deliveryevents.relay_*)

@@ -250,6 +250,9 @@ typedef struct pg_state {
      * is not re-established until it ends, so that no statement of it
      * runs outside it (unchecked by the lease) on a new connection */
     bool in_txn;
+    /* writes sent in pipeline mode whose results are not read yet (see
+     * queue()) */
+    int queued;
     /* where forgetting stopped: the last key it looked at */
     char forget_type[DE__IDENT_MAX + 1];
     char forget_id[DE__SUBJECT_ID_MAX + 1];
@@ -307,6 +310,53 @@ static de_err ensure_conn(pg_state *st)
     return PQstatus(st->conn) == CONNECTION_OK ? DE_OK : reconnect(st);
 }
 
+/* Reads the results of the writes queue() sent and leaves pipeline
+ * mode: the first failure among them is the result (a failed write
+ * aborts the transaction, and the rest report PIPELINE_ABORTED).  Every
+ * other statement on the connection comes after this, so that a
+ * checkpoint's writes cost one round trip together rather than one
+ * each. */
+static de_err drain(pg_state *st)
+{
+    PGresult *r;
+    de_err err = DE_OK;
+    int nulls = 0;
+
+    if (PQpipelineStatus(st->conn) == PQ_PIPELINE_OFF)
+        return DE_OK;
+    if (PQpipelineSync(st->conn) != 1)
+        err = de__pg_fail(st->conn, NULL,
+                          "relay state: cannot write the checkpoint");
+    /* Each write's results end with a NULL; the sync's result ends the
+     * lot.  A lost connection gives an error result and NULLs: bounded
+     * by the count of writes. */
+    while (err == DE_OK || PQstatus(st->conn) == CONNECTION_OK) {
+        ExecStatusType t;
+        if ((r = PQgetResult(st->conn)) == NULL) {
+            if (++nulls > st->queued + 1)
+                break;
+            continue;
+        }
+        t = PQresultStatus(r);
+        if (t == PGRES_PIPELINE_SYNC) {
+            PQclear(r);
+            break;
+        }
+        if (t != PGRES_COMMAND_OK && t != PGRES_TUPLES_OK && err == DE_OK)
+            err = de__pg_fail(st->conn, r,
+                              t == PGRES_PIPELINE_ABORTED
+                                  ? "relay state: a checkpoint write failed"
+                                  : "relay state: cannot write the checkpoint");
+        else
+            PQclear(r);
+    }
+    st->queued = 0;
+    if (PQexitPipelineMode(st->conn) != 1 && err == DE_OK)
+        err = de__pg_fail(st->conn, NULL,
+                          "relay state: cannot write the checkpoint");
+    return err;
+}
+
 /* Runs prepared statement `which` with n text parameters (NULL: SQL
  * NULL); *res (may be NULL) receives the result, which the caller
  * clears. */
@@ -317,6 +367,8 @@ static de_err run(pg_state *st, int which, int n, const char *const *values,
     PGresult *r;
     de_err err;
 
+    if ((err = drain(st)) != DE_OK)
+        return err;
     if (!st->in_txn && (err = ensure_conn(st)) != DE_OK)
         return err;
     snprintf(name, sizeof name, "deliveryevents_rs_%d", which);
@@ -330,6 +382,33 @@ static de_err run(pg_state *st, int which, int n, const char *const *values,
         *res = r;
     else
         PQclear(r);
+    return DE_OK;
+}
+
+/* Sends a write whose result nobody needs (a checkpoint's counters,
+ * marks, held-back and published events) without waiting for it, in
+ * libpq's pipeline mode; drain() reads the results before the next
+ * statement that needs one, COMMIT included, so that a failed write
+ * still fails the checkpoint.  Outside a transaction: run(). */
+static de_err queue(pg_state *st, int which, int n, const char *const *values,
+                    const char *what)
+{
+    char name[40], msg[120];
+
+    if (!st->in_txn)
+        return run(st, which, n, values, NULL, what);
+    if (PQpipelineStatus(st->conn) == PQ_PIPELINE_OFF &&
+        PQenterPipelineMode(st->conn) != 1) {
+        snprintf(msg, sizeof msg, "relay state: %s", what);
+        return de__pg_fail(st->conn, NULL, msg);
+    }
+    snprintf(name, sizeof name, "deliveryevents_rs_%d", which);
+    if (PQsendQueryPrepared(st->conn, name, n, values, NULL, NULL, 0) != 1) {
+        snprintf(msg, sizeof msg, "relay state: %s", what);
+        (void)drain(st);
+        return de__pg_fail(st->conn, NULL, msg);
+    }
+    st->queued++;
     return DE_OK;
 }
 
@@ -351,6 +430,10 @@ static de_err change(pg_state *st, int which, int n, const char *const *values,
 
 static de_err simple(pg_state *st, const char *cmd, const char *what)
 {
+    de_err err = drain(st);
+
+    if (err != DE_OK)
+        return err;
     return de__pg_exec(st->conn, cmd, PGRES_COMMAND_OK, NULL, what);
 }
 
@@ -380,7 +463,7 @@ static de_err meta_put(pg_state *st, const char *key, const char *value)
 {
     const char *v[2] = {key, value};
 
-    return run(st, S_META_PUT, 2, v, NULL, "cannot write its metadata");
+    return queue(st, S_META_PUT, 2, v, "cannot write its metadata");
 }
 
 static void p_rollback(de__rstate *base);
@@ -414,6 +497,7 @@ static void p_rollback(de__rstate *base)
     pg_state *st = (pg_state *)base;
 
     st->in_txn = false;
+    (void)drain(st); /* failed writes are what is rolled back */
     if (PQtransactionStatus(st->conn) != PQTRANS_IDLE)
         PQclear(PQexec(st->conn, "ROLLBACK"));
 }
@@ -533,8 +617,13 @@ static de_err p_commit_checked(pg_state *st, const char *what)
 {
     char msg[120];
     PGresult *r;
+    de_err err;
 
     snprintf(msg, sizeof msg, "relay state: %s", what);
+    if ((err = drain(st)) != DE_OK) {
+        st->in_txn = false;
+        return err;
+    }
     st->in_txn = false;
     /* A COMMIT outside a transaction only warns: never let it pass. */
     if (PQtransactionStatus(st->conn) != PQTRANS_INTRANS &&
@@ -684,8 +773,8 @@ static de_err p_put_seq(de__rstate *base, const char *type, const char *id,
     const char *v[5] = {type, id, i64(s, c->seq), i64(e, c->epoch),
                         i64(l, c->last_ms)};
 
-    return run((pg_state *)base, S_SEQ_PUT, 5, v, NULL,
-               "cannot write a sequence counter");
+    return queue((pg_state *)base, S_SEQ_PUT, 5, v,
+                 "cannot write a sequence counter");
 }
 
 static de_err p_get_seq(de__rstate *base, const char *type, const char *id,
@@ -716,8 +805,7 @@ static de_err p_park(de__rstate *base, int64_t position, const char *type,
     const char *v[7] = {i64(p, position), type,         id, i64(s, seq), error,
                         i64(t, since_ms), i64(e, epoch)};
 
-    return run((pg_state *)base, S_PARK, 7, v, NULL,
-               "cannot hold an event back");
+    return queue((pg_state *)base, S_PARK, 7, v, "cannot hold an event back");
 }
 
 static de_err p_unpark(de__rstate *base, int64_t position)
@@ -725,8 +813,8 @@ static de_err p_unpark(de__rstate *base, int64_t position)
     char p[24];
     const char *v[1] = {i64(p, position)};
 
-    return run((pg_state *)base, S_UNPARK, 1, v, NULL,
-               "cannot release a held-back event");
+    return queue((pg_state *)base, S_UNPARK, 1, v,
+                 "cannot release a held-back event");
 }
 
 static de_err p_parked_subjects(de__rstate *base, de__rstate_subject_fn fn,
@@ -819,8 +907,8 @@ static de_err p_put_mark(de__rstate *base, const char *topic, int32_t partition,
     char p[24], o[24];
     const char *v[3] = {topic, i64(p, partition), i64(o, next_offset)};
 
-    return run((pg_state *)base, S_MARK_PUT, 3, v, NULL,
-               "cannot write a partition mark");
+    return queue((pg_state *)base, S_MARK_PUT, 3, v,
+                 "cannot write a partition mark");
 }
 
 static de_err p_has_marks(de__rstate *base, const char *topic, bool *has)
@@ -866,8 +954,8 @@ static de_err p_put_published(de__rstate *base, int64_t position, int64_t epoch,
                         where ? i64(pa, partition) : NULL,
                         where ? i64(o, offset) : NULL};
 
-    return run((pg_state *)base, S_PUBLISHED_PUT, 6, v, NULL,
-               "cannot record a published event");
+    return queue((pg_state *)base, S_PUBLISHED_PUT, 6, v,
+                 "cannot record a published event");
 }
 
 static de_err p_forget_published(de__rstate *base, int64_t upto,
@@ -947,11 +1035,11 @@ static de_err p_found_add(de__rstate *base, const char *event_id,
     const char *subject[4] = {type, id, s, e};
     de_err err;
 
-    if ((err = run(st, S_FOUND_LANDED, 6, landed, NULL,
-                   "cannot note a found event")) != DE_OK)
+    if ((err = queue(st, S_FOUND_LANDED, 6, landed,
+                     "cannot note a found event")) != DE_OK)
         return err;
-    return run(st, S_FOUND_SUBJECT, 4, subject, NULL,
-               "cannot note a found subject");
+    return queue(st, S_FOUND_SUBJECT, 4, subject,
+                 "cannot note a found subject");
 }
 
 static de_err p_found_raise(de__rstate *base, int64_t now_ms)

@@ -15,27 +15,33 @@
  *      exactly for those recorders (and for no later one for long:
  *      bounded by lock_timeout, barrier_ms; on timeout the read returns
  *      DE__AGAIN, nothing read, and changed() asks for another round --
- *      a waiting exclusive request queues new recorders behind it);
+ *      a waiting exclusive request queues new recorders behind it --
+ *      backing off after repeated timeouts: timed_out());
  *  (3) the rows with after < position <= v, in position order, with a
  *      snapshot taken after (2): each is visible or its transaction has
  *      aborted (a hole, never filled, never waited on).
+ * All of it is one round trip (p_read: prepared statements in libpq's
+ * pipeline mode).
  *
  * Wake-up: the trigger notifies only while the relay's flag
  * (deliveryevents.relay_sleeping) is up.  sleep_begin raises it before
  * the relay's last read; a recorder whose position that read did not
  * cover (> v) drew it after (1), hence after the flag went up, and reads
- * the flag after drawing: it notifies.  awake lowers it and makes the
- * next changed() true, so that the relay reads once more.  A commit is
- * never left waiting longer than one poll interval.
+ * the flag after drawing: it notifies.  awake has the next read lower
+ * it (after that read's WAL position, see durable()) and makes the next
+ * changed() true, and so does the lowering, so that the relay reads once
+ * more after it.  A commit is never left waiting longer than one poll
+ * interval.
  *
  * Invariants:
  *  - nothing read is handed on before it is durable: a commit made with
  *    synchronous_commit=off is visible before its WAL is flushed, so
  *    after a read that found rows, and before the first row reaches the
- *    caller, the source commits a transaction of its own with
- *    synchronous_commit=on that writes a WAL record (without one its
- *    commit is not flushed).  Its commit record comes after every commit
- *    the read saw, and flushing it flushes them;
+ *    caller, the source checks that the server's WAL is flushed past
+ *    their commits (durable()), and when it is not, commits a
+ *    transaction of its own with synchronous_commit=on that writes a WAL
+ *    record (without one its commit is not flushed).  Its commit record
+ *    comes after every commit the read saw, and flushing it flushes them;
  *  - the deletion floor (relay_deleted_upto in deliveryevents.meta) only
  *    rises;
  *  - a dropped connection is re-established (and LISTENs again) at the
@@ -44,6 +50,7 @@
  */
 #include "pg_int.h"
 
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,14 +66,17 @@ typedef struct pg_source {
     int barrier_ms; /* lock_timeout of the barrier's exclusive request */
     bool sleeping;  /* this source raised the relay_sleeping flag */
     bool recheck;   /* changed() is true: a round may have gone unheard */
+    bool lower;     /* the flag is to be lowered by the next read */
+    /* back-off (see timed_out()) */
+    int timeouts;          /* barrier timeouts in a row */
+    int64_t stalled_us;    /* when the first of them happened */
+    int64_t retry_us;      /* no attempt before this (monotonic) */
+    bool warn_prepared;    /* the prepared-transactions warning is due */
+    char warning[600];     /* a warning due, "" when none */
+    char warning_out[600]; /* the one warning() handed out last */
 } pg_source;
 
-static const char read_cols[] =
-    "o.position, e.event_id, e.subject_type, e.subject_id, e.action, "
-    "e.version, e.occurred_at_ms, e.recorded_at_ms, e.payload, "
-    "e.traceparent, e.tracestate, e.dataschema FROM "
-    "deliveryevents.outbox_order o JOIN deliveryevents.outbox e ON e.id = "
-    "o.id";
+static atomic_ulong barrier_attempts;
 
 static const char *text_or_null(const PGresult *r, int i, int col)
 {
@@ -91,7 +101,75 @@ static void row_from(const PGresult *r, int i, de__row *row)
     row->dataschema = text_or_null(r, i, 11);
 }
 
-/* Reconnects a dropped connection and listens again. */
+/* The statements a read makes, prepared once per connection (setup())
+ * as deliveryevents_src_<n>: parsing and planning the read each time
+ * cost the server more than running it. */
+enum {
+    Q_WAIT,
+    Q_BARRIER,
+    Q_WRITTEN,
+    Q_READ,
+    Q_FLUSHED,
+    Q_LOWER,
+    Q_ONE,
+    Q_COUNT
+};
+
+#define READ_COLS                                                              \
+    "o.position, e.event_id, e.subject_type, e.subject_id, e.action, "         \
+    "e.version, e.occurred_at_ms, e.recorded_at_ms, e.payload, "               \
+    "e.traceparent, e.tracestate, e.dataschema FROM "                          \
+    "deliveryevents.outbox_order o JOIN deliveryevents.outbox e ON e.id = "    \
+    "o.id"
+
+static const char *const prepared_sql[Q_COUNT] = {
+    /* The barrier's wait bound, for its transaction only. */
+    [Q_WAIT] = "SELECT pg_catalog.set_config('lock_timeout', $1, true)",
+    /* Steps (1) and (2): v, then -- only when something was drawn since
+     * the cursor $1 -- the commit-order lock exclusive.  The lock is
+     * evaluated for the sequence's row, so after v is read. */
+    [Q_BARRIER] = "SELECT v, CASE WHEN v > $1 THEN "
+                  "pg_catalog.pg_advisory_xact_lock(" DE__PG_LOCK_CLASS
+                  ", " DE__PG_LOCK_ORDER ") END FROM (SELECT CASE WHEN "
+                  "is_called THEN last_value ELSE 0 END AS v FROM "
+                  "deliveryevents.outbox_position) s",
+    /* After (2): the end of the WAL written so far, hence past the
+     * commit record of every recorder of a position <= v (see
+     * durable()). */
+    [Q_WRITTEN] = "SELECT pg_catalog.pg_current_wal_insert_lsn()::text",
+    /* After (3): how far the server has flushed its WAL. */
+    [Q_FLUSHED] = "SELECT pg_catalog.pg_current_wal_flush_lsn()::text",
+    /* The sleeping flag lowered (see p_awake). */
+    [Q_LOWER] = "SELECT pg_catalog.setval('deliveryevents.relay_sleeping', 0)",
+    /* Step (3), after the barrier's COMMIT: rows above v may be visible
+     * too; the caller hands on only those <= v (they come first). */
+    [Q_READ] = "SELECT " READ_COLS " WHERE o.position > $1 "
+               "ORDER BY o.position LIMIT $2",
+    [Q_ONE] = "SELECT " READ_COLS " WHERE o.position = $1",
+};
+
+/* Listens and prepares the statements: what a new connection lacks. */
+static de_err setup(pg_source *s)
+{
+    char name[40];
+    de_err err;
+
+    if ((err = de__pg_exec(s->conn, "LISTEN " DE__PG_CHANNEL, PGRES_COMMAND_OK,
+                           NULL, "relay: cannot listen for commits")) != DE_OK)
+        return err;
+    for (int i = 0; i < Q_COUNT; i++) {
+        PGresult *r;
+        snprintf(name, sizeof name, "deliveryevents_src_%d", i);
+        r = PQprepare(s->conn, name, prepared_sql[i], 0, NULL);
+        if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK)
+            return de__pg_fail(s->conn, r,
+                               "relay: cannot prepare its statements");
+        PQclear(r);
+    }
+    return DE_OK;
+}
+
+/* Reconnects a dropped connection and sets it up again. */
 static de_err ensure_conn(pg_source *s)
 {
     if (PQstatus(s->conn) == CONNECTION_OK)
@@ -100,8 +178,27 @@ static de_err ensure_conn(pg_source *s)
     if (PQstatus(s->conn) != CONNECTION_OK)
         return de__pg_fail(s->conn, NULL,
                            "relay: cannot reconnect to PostgreSQL");
-    return de__pg_exec(s->conn, "LISTEN " DE__PG_CHANNEL, PGRES_COMMAND_OK,
-                       NULL, "relay: cannot listen for commits");
+    return setup(s);
+}
+
+/* Runs prepared statement q with text parameters, expecting rows; *res
+ * receives the result. */
+static de_err query_prepared(pg_source *s, int q, int n,
+                             const char *const *values, PGresult **res,
+                             const char *what)
+{
+    char name[40];
+    PGresult *r;
+    de_err err;
+
+    if ((err = ensure_conn(s)) != DE_OK)
+        return err;
+    snprintf(name, sizeof name, "deliveryevents_src_%d", q);
+    r = PQexecPrepared(s->conn, name, n, values, NULL, NULL, 0);
+    if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK)
+        return de__pg_fail(s->conn, r, what);
+    *res = r;
+    return DE_OK;
 }
 
 /* Runs sql with text parameters, expecting rows (TUPLES_OK) or a command
@@ -138,14 +235,57 @@ static de_err flush_barrier(pg_source *s)
                        "relay: cannot make the rows read durable");
 }
 
-/* Hands the rows of r to fn in order, stopping at DE__AGAIN. */
-static de_err deliver(const PGresult *r, de__row_fn fn, void *ctx, int64_t *n)
+/* An LSN as pg_lsn's text form shows it ("16/B374D848"); 0 if not. */
+static uint64_t lsn_of(const PGresult *r)
+{
+    unsigned hi, lo;
+
+    if (PQntuples(r) != 1 ||
+        sscanf(PQgetvalue(r, 0, 0), "%X/%X", &hi, &lo) != 2)
+        return 0;
+    return (uint64_t)hi << 32 | lo;
+}
+
+/*
+ * Whether the rows a read took (positions <= v) are durable already, so
+ * that the flush transaction (flush_barrier) can be skipped.  written is
+ * pg_current_wal_insert_lsn() taken after the barrier's lock was granted,
+ * flushed pg_current_wal_flush_lsn() taken after the read.
+ *
+ * Why that is enough: a recorder of a position <= v held the commit-order
+ * lock, shared, from before v was read until after its commit -- and
+ * PostgreSQL inserts a commit record into the WAL before the commit
+ * becomes visible, and releases locks after that.  The exclusive lock was
+ * granted only once all of them had released it, so each of their commit
+ * records (or abort records: nothing then to publish) ends at or before
+ * `written`.  The WAL is flushed in order: once the server's flush
+ * position reaches `written`, every one of those commit records is on
+ * disk, whether the recorder committed with synchronous_commit on or off,
+ * and no crash of the server can undo a row handed on.  Rows above v are
+ * never handed on by this read.  Anything else in the WAL before
+ * `written` (other sessions' work, the relay's own setval) can only make
+ * the answer "not yet", never a wrong "yes"; a "not yet" costs the flush
+ * transaction, as before.  A writer committing with synchronous_commit=on
+ * (the default) has flushed its commit itself, so at low load the answer
+ * is normally yes.  An unreadable LSN answers no.
+ */
+static bool durable(const PGresult *written, const PGresult *flushed)
+{
+    uint64_t w = lsn_of(written);
+
+    return w != 0 && lsn_of(flushed) >= w;
+}
+
+/* Hands the first `rows` rows of r to fn in order, stopping at
+ * DE__AGAIN. */
+static de_err deliver(const PGresult *r, int rows, de__row_fn fn, void *ctx,
+                      int64_t *n)
 {
     de_err err = DE_OK;
     de__row row;
     int i;
 
-    for (i = 0; i < PQntuples(r); i++) {
+    for (i = 0; i < rows; i++) {
         row_from(r, i, &row);
         if ((err = fn(ctx, &row)) != DE_OK)
             break;
@@ -154,98 +294,209 @@ static de_err deliver(const PGresult *r, de__row_fn fn, void *ctx, int64_t *n)
     return err == DE__AGAIN ? DE_OK : err;
 }
 
-/* Steps (1) and (2) of the barrier read (see the top of this file): *v
- * receives the highest position whose recorders are all out of their
- * commit; DE__AGAIN when they are not yet after barrier_ms. */
-static de_err barrier(pg_source *s, int64_t after, int64_t *v)
-{
-    char sql[240];
-    PGresult *r;
-    const char *state;
-    de_err err;
+/* What a read sends in libpq's pipeline mode, in one round trip (see
+ * p_read): statements, and syncs that end the implicit transaction of
+ * the statements before them (committing it, or rolling it back when
+ * one failed: the server skips the rest of it). */
+enum {
+    R_WAIT,
+    R_BARRIER,
+    R_WRITTEN,
+    R_SYNC1,
+    R_READ,
+    R_FLUSHED,
+    R_SYNC2,
+    R_LOWER,
+    R_SYNC3,
+    R_COUNT
+};
 
-    *v = 0;
-    if ((err = query(s,
-                     "SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
-                     "FROM deliveryevents.outbox_position",
-                     0, NULL, PGRES_TUPLES_OK, &r,
-                     "relay: reading the outbox failed")) != DE_OK)
-        return err;
-    *v = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
-    PQclear(r);
-    if (*v <= after)
-        return DE_OK; /* nothing drawn since: no recorder to wait for */
-    /* Transaction-scoped, so COMMIT releases it; SET LOCAL, so the wait
-     * bound goes with it.  One round trip. */
-    snprintf(sql, sizeof sql,
-             "BEGIN; SET LOCAL lock_timeout = %d; "
-             "SELECT pg_catalog.pg_advisory_xact_lock(" DE__PG_LOCK_CLASS
-             ", " DE__PG_LOCK_ORDER "); COMMIT",
-             s->barrier_ms);
-    r = PQexec(s->conn, sql);
-    if (r != NULL && PQresultStatus(r) == PGRES_COMMAND_OK) {
-        PQclear(r);
-        return DE_OK;
-    }
-    state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
-    if (state != NULL && strcmp(state, "55P03") == 0) {
-        /* A recorder is still in its commit (SET CONSTRAINTS ALL
-         * IMMEDIATE, PREPARE TRANSACTION, a slow commit): read nothing
-         * now, and ask for another round. */
-        PQclear(r);
-        PQclear(PQexec(s->conn, "ROLLBACK"));
-        s->recheck = true;
-        return DE__AGAIN;
-    }
-    err =
-        de__pg_fail(s->conn, r, "relay: waiting for commits in flight failed");
-    if (PQtransactionStatus(s->conn) == PQTRANS_INERROR)
-        PQclear(PQexec(s->conn, "ROLLBACK"));
-    return err;
+static bool send_prepared(pg_source *s, int q, int n, const char *const *values)
+{
+    char name[40];
+
+    snprintf(name, sizeof name, "deliveryevents_src_%d", q);
+    return PQsendQueryPrepared(s->conn, name, n, values, NULL, NULL, 0) == 1;
 }
 
+/* Collects the results of the n items sent since PQenterPipelineMode
+ * (sync[i]: item i is a sync) into res[i] -- NULL when it never came --
+ * and leaves pipeline mode.  False when the exchange broke off (a lost
+ * connection) or went out of step. */
+static bool pipeline_collect(pg_source *s, int n, const bool *sync,
+                             PGresult **res)
+{
+    PGresult *r;
+    bool whole = true;
+
+    for (int i = 0; i < n; i++) {
+        res[i] = whole ? PQgetResult(s->conn) : NULL;
+        if (res[i] == NULL ||
+            (PQresultStatus(res[i]) == PGRES_PIPELINE_SYNC) != sync[i]) {
+            whole = false;
+            continue;
+        }
+        /* Each statement's results end with a NULL; a sync's do not. */
+        while (!sync[i] && (r = PQgetResult(s->conn)) != NULL)
+            PQclear(r);
+    }
+    if (PQexitPipelineMode(s->conn) != 1)
+        whole = false;
+    return whole;
+}
+
+static de_err set_sleeping(pg_source *s, bool up);
+
+/*
+ * A barrier attempt timed out (55P03): some transaction holds the
+ * commit-order lock shared and stays open -- one that recorded events
+ * and ran SET CONSTRAINTS ALL IMMEDIATE, or was prepared (PREPARE
+ * TRANSACTION) and waits for COMMIT PREPARED -- and each attempt held
+ * new recorders up for up to barrier_ms.  The first timeout is retried
+ * at the next poll, as any slow commit would be; from the second in a
+ * row the source waits DE__PG_BARRIER_BACKOFF_MS before the next
+ * attempt, doubling each time up to DE__PG_BARRIER_BACKOFF_MAX_MS, and
+ * warns (at the second timeout, then at the 4th, 8th, 16th ...: a line
+ * per doubling of the stall, not per attempt).  A barrier that succeeds
+ * ends the back-off.
+ */
+static void timed_out(pg_source *s)
+{
+    int64_t now = de__mono_us(), wait_ms;
+
+    if (s->timeouts++ == 0)
+        s->stalled_us = now;
+    if (s->timeouts < 2)
+        return;
+    wait_ms = DE__PG_BARRIER_BACKOFF_MS;
+    for (int i = 2; i < s->timeouts && wait_ms < DE__PG_BARRIER_BACKOFF_MAX_MS;
+         i++)
+        wait_ms *= 2;
+    if (wait_ms > DE__PG_BARRIER_BACKOFF_MAX_MS)
+        wait_ms = DE__PG_BARRIER_BACKOFF_MAX_MS;
+    s->retry_us = now + wait_ms * 1000;
+    if ((s->timeouts & (s->timeouts - 1)) == 0)
+        snprintf(s->warning, sizeof s->warning,
+                 "the outbox's commit-order lock is held by an open "
+                 "transaction (%d attempts in a row timed out over %.1f s): "
+                 "a transaction that recorded events and ran SET "
+                 "CONSTRAINTS ALL IMMEDIATE, or was prepared with PREPARE "
+                 "TRANSACTION and waits for COMMIT PREPARED; nothing "
+                 "recorded after it is published until it ends, and each "
+                 "attempt holds new recorders up for up to %d ms, so the "
+                 "relay now tries every %lld ms (see pg_locks and "
+                 "pg_prepared_xacts)",
+                 s->timeouts, (double)(now - s->stalled_us) / 1e6,
+                 s->barrier_ms, (long long)wait_ms);
+}
+
+/*
+ * The barrier read (see the top of this file) in one round trip: the
+ * wait bound, (1) and (2) in an implicit transaction whose sync commits
+ * it -- releasing the lock at once -- then (3), whose snapshot is taken
+ * after that.  On lock timeout (55P03) the server skips the rest of the
+ * first transaction and rolls it back; the read then runs for nothing
+ * and the result is DE__AGAIN, nothing read, and changed() asks for
+ * another round.
+ */
 static de_err p_read(de__source *src, int64_t after, int64_t limit,
                      de__row_fn fn, void *ctx, int64_t *n)
 {
+    static const bool sync[R_COUNT] = {
+        [R_SYNC1] = true, [R_SYNC2] = true, [R_SYNC3] = true};
     pg_source *s = (pg_source *)src;
-    char a[24], l[24], u[24], sql[600];
-    const char *values[3] = {a, l, u};
+    char a[24], l[24], w[24];
+    const char *wait[1] = {w}, *barrier[1] = {a}, *read[2] = {a, l};
+    PGresult *res[R_COUNT] = {NULL};
+    const char *what = "relay: reading the outbox failed";
     int64_t v;
-    PGresult *r;
-    de_err err;
+    int rows, bad = -1, count = s->lower ? R_COUNT : R_LOWER;
+    de_err err = DE_OK;
 
     *n = 0;
-    if ((err = barrier(s, after, &v)) != DE_OK || v <= after)
+    if (s->timeouts >= 2 && de__mono_us() < s->retry_us) {
+        /* Backing off (timed_out()): no attempt.  A flag left up would
+         * make every commit notify (serialising them) for nothing. */
+        if (s->lower)
+            (void)set_sleeping(s, false);
+        s->recheck = true;
+        return DE__AGAIN;
+    }
+    if ((err = ensure_conn(s)) != DE_OK)
         return err;
+    atomic_fetch_add(&barrier_attempts, 1);
     snprintf(a, sizeof a, "%lld", (long long)after);
     snprintf(l, sizeof l, "%lld", (long long)limit);
-    snprintf(u, sizeof u, "%lld", (long long)v);
-    snprintf(sql, sizeof sql,
-             "SELECT %s WHERE o.position > $1 AND o.position <= $3 "
-             "ORDER BY o.position LIMIT $2",
-             read_cols);
-    if ((err = query(s, sql, 3, values, PGRES_TUPLES_OK, &r,
-                     "relay: reading the outbox failed")) != DE_OK)
-        return err;
-    if (PQntuples(r) > 0 && (err = flush_barrier(s)) != DE_OK) {
-        PQclear(r);
-        return err;
+    snprintf(w, sizeof w, "%d", s->barrier_ms);
+    if (PQenterPipelineMode(s->conn) != 1)
+        return de__pg_fail(s->conn, NULL, what);
+    /* The flag is lowered in a transaction of its own after the read:
+     * the WAL its setval writes is not one the read must wait for. */
+    if (!send_prepared(s, Q_WAIT, 1, wait) ||
+        !send_prepared(s, Q_BARRIER, 1, barrier) ||
+        !send_prepared(s, Q_WRITTEN, 0, NULL) || PQpipelineSync(s->conn) != 1 ||
+        !send_prepared(s, Q_READ, 2, read) ||
+        !send_prepared(s, Q_FLUSHED, 0, NULL) || PQpipelineSync(s->conn) != 1 ||
+        (s->lower &&
+         (!send_prepared(s, Q_LOWER, 0, NULL) || PQpipelineSync(s->conn) != 1)))
+        err = de__pg_fail(s->conn, NULL, what);
+    if (!pipeline_collect(s, count, sync, res) && err == DE_OK)
+        err = de__pg_fail(s->conn, NULL, what);
+    if (err == DE_OK && s->lower &&
+        PQresultStatus(res[R_LOWER]) == PGRES_TUPLES_OK) {
+        /* Commits from now on may send no NOTIFY: read once more. */
+        s->lower = false;
+        s->sleeping = false;
+        s->recheck = true;
     }
-    err = deliver(r, fn, ctx, n);
-    PQclear(r);
+    for (int i = 0; err == DE_OK && bad < 0 && i < R_LOWER; i++)
+        if (!sync[i] && PQresultStatus(res[i]) != PGRES_TUPLES_OK)
+            bad = i;
+    if (bad >= 0) {
+        const char *state = PQresultErrorField(res[bad], PG_DIAG_SQLSTATE);
+        if (bad == R_BARRIER && state != NULL && strcmp(state, "55P03") == 0) {
+            /* A recorder is still in its commit (SET CONSTRAINTS ALL
+             * IMMEDIATE, PREPARE TRANSACTION, a slow commit): read
+             * nothing now, and ask for another round. */
+            s->recheck = true;
+            timed_out(s);
+            err = DE__AGAIN;
+        } else {
+            err = de__pg_fail(s->conn, res[bad],
+                              bad == R_BARRIER
+                                  ? "relay: waiting for commits in flight "
+                                    "failed"
+                                  : what);
+            res[bad] = NULL; /* cleared by de__pg_fail */
+        }
+    }
+    if (err != DE_OK)
+        goto done;
+    s->timeouts = 0;
+    v = strtoll(PQgetvalue(res[R_BARRIER], 0, 0), NULL, 10);
+    for (rows = 0; rows < PQntuples(res[R_READ]) &&
+                   strtoll(PQgetvalue(res[R_READ], rows, 0), NULL, 10) <= v;
+         rows++)
+        ;
+    if (rows > 0 && !durable(res[R_WRITTEN], res[R_FLUSHED]) &&
+        (err = flush_barrier(s)) != DE_OK)
+        goto done;
+    err = deliver(res[R_READ], rows, fn, ctx, n);
+done:
+    for (int i = 0; i < count; i++)
+        PQclear(res[i]);
     return err;
 }
 
 /* The row at position (its result in *res, no row when there is none). */
 static de_err one(pg_source *s, int64_t position, PGresult **res)
 {
-    char p[24], sql[600];
+    char p[24];
     const char *values[1] = {p};
 
     snprintf(p, sizeof p, "%lld", (long long)position);
-    snprintf(sql, sizeof sql, "SELECT %s WHERE o.position = $1", read_cols);
-    return query(s, sql, 1, values, PGRES_TUPLES_OK, res,
-                 "relay: reading the outbox failed");
+    return query_prepared(s, Q_ONE, 1, values, res,
+                          "relay: reading the outbox failed");
 }
 
 static de_err p_read_one(de__source *src, int64_t position, de__row_fn fn,
@@ -457,6 +708,7 @@ static de_err set_sleeping(pg_source *s, bool up)
         return err;
     PQclear(r);
     s->sleeping = up;
+    s->lower = false;
     return DE_OK;
 }
 
@@ -474,16 +726,45 @@ static void p_awake(de__source *src)
 {
     pg_source *s = (pg_source *)src;
 
-    /* Commits from now on may send no NOTIFY: the relay reads once more
-     * (and raises the flag again before it next sleeps). */
+    /* The relay reads once more (and raises the flag again before it
+     * next sleeps); that read lowers the flag at its end, after the WAL
+     * position it compares (durable()), so that the setval's WAL record
+     * does not make it flush; until then commits notify for nothing.
+     * Lowered, the next changed() is true again: commits from then on
+     * may send no NOTIFY, and a read after the lowering covers them. */
     s->recheck = true;
     if (s->sleeping)
-        (void)set_sleeping(s, false);
+        s->lower = true;
 }
 
 static void p_checkpoint_log(de__source *src)
 {
     (void)src; /* PostgreSQL checkpoints on its own */
+}
+
+static const char *p_warning(de__source *src)
+{
+    pg_source *s = (pg_source *)src;
+
+    if (s->warn_prepared) {
+        s->warn_prepared = false;
+        return "the PostgreSQL server allows prepared transactions "
+               "(max_prepared_transactions > 0): a transaction prepared "
+               "(PREPARE TRANSACTION) after recording events holds the "
+               "outbox's commit-order lock until COMMIT PREPARED or "
+               "ROLLBACK PREPARED, and the relay publishes nothing recorded "
+               "after it until then";
+    }
+    if (s->warning[0] == '\0')
+        return NULL;
+    memcpy(s->warning_out, s->warning, sizeof s->warning_out);
+    s->warning[0] = '\0';
+    return s->warning_out;
+}
+
+unsigned long de__source_pg_barrier_attempts(void)
+{
+    return atomic_load(&barrier_attempts);
 }
 
 void de__source_pg_barrier_wait(de__source *src, int ms)
@@ -517,6 +798,7 @@ static const de__source_ops pg_ops = {
     .sleep_begin = p_sleep_begin,
     .awake = p_awake,
     .stored_setting = p_stored_setting,
+    .warning = p_warning,
     .checkpoint_log = p_checkpoint_log,
     .close = p_close,
 };
@@ -562,9 +844,20 @@ de_err de__source_open_pg(const char *conninfo, bool create, de__source **out,
         }
     }
     if ((err = de__pg_schema_ensure(s->conn, outbox_id)) != DE_OK ||
-        (err = de__pg_exec(s->conn, "LISTEN " DE__PG_CHANNEL, PGRES_COMMAND_OK,
-                           NULL, "relay: cannot listen for commits")) != DE_OK)
+        (err = setup(s)) != DE_OK)
         goto fail;
+    {
+        /* Warned once, at the relay's first read (p_warning). */
+        int64_t prepared = 0;
+        if ((err = single_int(s,
+                              "SELECT pg_catalog.current_setting("
+                              "'max_prepared_transactions')::int",
+                              &prepared,
+                              "relay: cannot read the server's settings")) !=
+            DE_OK)
+            goto fail;
+        s->warn_prepared = prepared > 0;
+    }
     PQclear(r);
     *out = &s->base;
     return DE_OK;

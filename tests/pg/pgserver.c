@@ -18,7 +18,8 @@
 
 static char dir[256];
 static char base_conninfo[512];
-static char as_user[64]; /* "runuser -u postgres -- " as root, else "" */
+static char as_user[64];        /* "runuser -u postgres -- " as root, else "" */
+static char extra_options[200]; /* tpg_server_options() */
 static bool external;
 static pid_t owner; /* the process that started the server */
 /* The server's options, for a start after a stop (pg_ctl restart reads
@@ -46,7 +47,7 @@ bool tpg_start(void)
 {
     const char *ext = getenv("DE_PG_CONNINFO");
     const char *tmp = getenv("TMPDIR");
-    char cmd[1024];
+    char cmd[1400];
 
     if (ext != NULL && *ext != '\0') {
         external = true;
@@ -84,8 +85,8 @@ bool tpg_start(void)
      * server accepts connections. */
     snprintf(opts, sizeof opts,
              "-c listen_addresses='' -k %s -p %d -c max_connections=200 "
-             "-c track_commit_timestamp=on",
-             dir, PG_PORT);
+             "-c track_commit_timestamp=on %s",
+             dir, PG_PORT, extra_options);
     if (!tpg_server("start")) {
         fprintf(stderr, "tpg_start: pg_ctl start failed, see %s/server.log\n",
                 dir);
@@ -116,6 +117,11 @@ bool tpg_server(const char *action)
              strcmp(action, "start") == 0 ? opts : "",
              strcmp(action, "start") == 0 ? "\"" : "", action);
     return run(cmd) == 0;
+}
+
+void tpg_server_options(const char *options)
+{
+    snprintf(extra_options, sizeof extra_options, "%s", options);
 }
 
 void tpg_stop(void)

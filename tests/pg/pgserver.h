@@ -18,6 +18,10 @@
 #define TPG_BIN "/usr/lib/postgresql/15/bin"
 #endif
 
+/* Adds server settings ("-c name=value ...") to the suite's own server;
+ * before tpg_start.  Ignored for an external server. */
+void tpg_server_options(const char *opts);
+
 /* Starts the suite's server (once per process; call from an unchecked
  * fixture, i.e. in the parent).  Returns false with a reason on stderr. */
 bool tpg_start(void);
