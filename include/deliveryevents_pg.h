@@ -16,8 +16,7 @@
  * below, per function.
  *
  * The guide is docs/POSTGRESQL.md; the design, and what is not done yet
- * (de_consumer_on_type on a PostgreSQL consumer, the tool's commands,
- * de_replay), docs/POSTGRESQL-INTERNALS.md.
+ * (the tool's commands, de_replay), docs/POSTGRESQL-INTERNALS.md.
  *
  * The relay of a PostgreSQL outbox opens two connections of its own (one
  * reads the outbox and LISTENs for commits, one keeps its state in the
@@ -199,8 +198,7 @@ typedef de_err (*de_handler_pg_fn)(PGconn *conn, const de_event_view *ev,
  * rules: action NULL takes every action of the type not registered
  * alone; register before the first de_consumer_poll).  de_consumer_on on
  * a PostgreSQL consumer, and this function on a SQLite one, return
- * DE_ERR_ARG and name the function to use; de_consumer_on_type is not
- * available on a PostgreSQL consumer yet (DE_ERR_ARG).
+ * DE_ERR_ARG and name the function to use.
  *
  * Threads: the consumer's thread.
  *
@@ -218,6 +216,34 @@ DE_EXTERN DE_WARN_UNUSED de_err de_consumer_on_pg(de_consumer *c,
                                                   const char *action,
                                                   de_handler_pg_fn fn,
                                                   void *ctx);
+
+/**
+ * Registers the handler for events whose ce_type is exactly ce_type, of
+ * any producer, on a consumer opened with de_consumer_open_pg, as
+ * de_consumer_on_type does on SQLite (same rules: it wins over handlers
+ * by subject type and action; its topics are not derived, list them in
+ * consumer.topics; register before the first de_consumer_poll).  The
+ * handler runs as one registered with de_consumer_on_pg: in the
+ * consumer's transaction on its connection.  de_consumer_on_type on a
+ * PostgreSQL consumer, and this function on a SQLite one, return
+ * DE_ERR_ARG and name the function to use.
+ *
+ * Threads: the consumer's thread.
+ *
+ * @param c        the consumer; not NULL.
+ * @param ce_type  1..1024 bytes of UTF-8 without control characters;
+ *                 copied.
+ * @param fn       the handler; not NULL.
+ * @param ctx      passed to fn as is; may be NULL; not owned.
+ * @return DE_OK; DE_ERR_ARG (NULL consumer or fn, a bad ce_type, a SQLite
+ *         consumer, a handler already registered for the ce_type);
+ *         DE_ERR_STATE (after the first de_consumer_poll); DE_ERR_NOMEM.
+ *         On failure nothing is registered and the consumer is usable.
+ */
+DE_EXTERN DE_WARN_UNUSED de_err de_consumer_on_type_pg(de_consumer *c,
+                                                       const char *ce_type,
+                                                       de_handler_pg_fn fn,
+                                                       void *ctx);
 
 #ifdef __cplusplus
 }

@@ -265,6 +265,7 @@ static de_err call_sqlite(de__fnptr fn, void *conn, const de_event_view *v,
 
 static const de__consumer_kind sqlite_kind = {
     .on_fn = "de_consumer_on",
+    .on_type_fn = "de_consumer_on_type",
     .open_inbox = open_sqlite_inbox,
     .call = call_sqlite,
 };
@@ -373,13 +374,13 @@ static de_err add_handler(de_consumer *c, const char *ce_type,
 }
 
 /* A consumer whose handlers are registered with another function
- * (another database's handler type). */
-static de_err wrong_kind(const de_consumer *c, const char *who)
+ * (another database's handler type): use instead names it. */
+static de_err wrong_kind(const char *who, const char *use)
 {
     return de__fail(DE_ERR_ARG,
                     "%s cannot register a handler on this consumer: its "
                     "handlers write to another kind of database; use %s",
-                    who, c->kind->on_fn);
+                    who, use);
 }
 
 de_err de__consumer_on(de_consumer *c, const char *who,
@@ -393,7 +394,7 @@ de_err de__consumer_on(de_consumer *c, const char *who,
                         "%s needs a consumer and a handler (got NULL %s)", who,
                         c == NULL ? "consumer" : "fn");
     if (strcmp(c->kind->on_fn, who) != 0)
-        return wrong_kind(c, who);
+        return wrong_kind(who, c->kind->on_fn);
     if (subject_type == NULL ||
         !de__is_type_name(subject_type, strlen(subject_type)))
         return de__fail(
@@ -415,19 +416,17 @@ de_err de_consumer_on(de_consumer *c, const char *subject_type,
                            (de__fnptr)fn, ctx);
 }
 
-de_err de_consumer_on_type(de_consumer *c, const char *ce_type,
-                           de_handler_fn fn, void *ctx)
+de_err de__consumer_on_type(de_consumer *c, const char *who,
+                            const char *ce_type, de__fnptr fn, void *ctx)
 {
     char q[DE__QUOTE_MAX];
 
     if (c == NULL || fn == NULL)
         return de__fail(DE_ERR_ARG,
-                        "de_consumer_on_type needs a consumer and a "
-                        "handler (got NULL %s)",
+                        "%s needs a consumer and a handler (got NULL %s)", who,
                         c == NULL ? "consumer" : "fn");
-    /* By ce_type: SQLite only for now. */
-    if (c->kind != &sqlite_kind)
-        return wrong_kind(c, "de_consumer_on_type");
+    if (strcmp(c->kind->on_type_fn, who) != 0)
+        return wrong_kind(who, c->kind->on_type_fn);
     if (ce_type == NULL || ce_type[0] == '\0' ||
         strlen(ce_type) > DE__CE_TEXT_MAX ||
         !de__is_clean_utf8(ce_type, strlen(ce_type)))
@@ -436,7 +435,14 @@ de_err de_consumer_on_type(de_consumer *c, const char *ce_type,
                         "control characters",
                         de__quote(q, sizeof q, ce_type, (size_t)-1),
                         DE__CE_TEXT_MAX);
-    return add_handler(c, ce_type, NULL, NULL, (de__fnptr)fn, ctx);
+    return add_handler(c, ce_type, NULL, NULL, fn, ctx);
+}
+
+de_err de_consumer_on_type(de_consumer *c, const char *ce_type,
+                           de_handler_fn fn, void *ctx)
+{
+    return de__consumer_on_type(c, "de_consumer_on_type", ce_type,
+                                (de__fnptr)fn, ctx);
 }
 
 /* The handler for an event: by its ce_type, else by its subject type and

@@ -61,13 +61,22 @@ struct behaviour {
     int delay_us; /* a slow downstream: so long per event */
 };
 
+/* Runs sql with n parameters v on c; whether it succeeded. */
+static bool exec_ok(PGconn *c, const char *sql, int n, const char *const *v)
+{
+    PGresult *r = PQexecParams(c, sql, n, NULL, v, NULL, NULL, 0);
+    bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+
+    PQclear(r);
+    return ok;
+}
+
 static de_err apply(PGconn *c, const de_event_view *ev, void *ctx)
 {
     struct behaviour *b = ctx;
     char seq[24], pid[16], sql[128];
     const char *v[5] = {ev->subject_id, seq, ev->event_id, ev->payload, pid};
     PGresult *r;
-    bool ok;
 
     snprintf(seq, sizeof seq, "%lld", (long long)ev->subject_seq);
     snprintf(pid, sizeof pid, "%d", (int)getpid());
@@ -78,13 +87,10 @@ static de_err apply(PGconn *c, const de_event_view *ev, void *ctx)
                  PQbackendPID(c));
         tpg_exec(b->killer, sql);
     }
-    r = PQexecParams(c,
-                     "INSERT INTO applied(subject_id, seq, event_id, payload, "
-                     "pid) VALUES ($1, $2, $3, $4, $5)",
-                     5, NULL, v, NULL, NULL, 0);
-    ok = PQresultStatus(r) == PGRES_COMMAND_OK;
-    PQclear(r);
-    if (!ok)
+    if (!exec_ok(c,
+                 "INSERT INTO applied(subject_id, seq, event_id, payload, "
+                 "pid) VALUES ($1, $2, $3, $4, $5)",
+                 5, v))
         return DE_ERR_DB;
     if (b == NULL)
         return DE_OK;
@@ -245,7 +251,16 @@ START_TEST(test_open_and_registration)
     tu_assert_err(de_consumer_on_type(con, "delivery.assigned",
                                       (de_handler_fn)(void (*)(void))apply,
                                       NULL),
-                  DE_ERR_ARG, "use de_consumer_on_pg");
+                  DE_ERR_ARG, "use de_consumer_on_type_pg");
+    tu_assert_err(de_consumer_on_type_pg(con, "delivery.assigned", NULL, NULL),
+                  DE_ERR_ARG, "fn");
+    tu_assert_err(de_consumer_on_type_pg(con, "", apply, NULL), DE_ERR_ARG,
+                  "ce_type ''");
+    tu_assert_err(de_consumer_on_type_pg(con, "x\ny", apply, NULL), DE_ERR_ARG,
+                  "ce_type");
+    tu_ok(de_consumer_on_type_pg(con, "delivery.assigned", apply, NULL));
+    tu_assert_err(de_consumer_on_type_pg(con, "delivery.assigned", apply, NULL),
+                  DE_ERR_ARG, "already registered");
     tu_assert_err(de_consumer_on_pg(con, "bad type", NULL, apply, NULL),
                   DE_ERR_ARG, "'bad type'");
     tu_ok(de_consumer_on_pg(con, "delivery", NULL, apply, NULL));
@@ -254,6 +269,10 @@ START_TEST(test_open_and_registration)
     tu_ok(de_consumer_open(db, conf, &lite));
     tu_assert_err(de_consumer_on_pg(lite, "delivery", NULL, apply, NULL),
                   DE_ERR_ARG, "use de_consumer_on");
+    tu_assert_err(
+        de_consumer_on_type_pg(lite, "delivery.assigned", apply, NULL),
+        DE_ERR_ARG, "use de_consumer_on_type");
+    ck_assert_ptr_null(strstr(de_errmsg(), "use de_consumer_on_type_pg"));
     tu_ok(de_consumer_close(lite));
     tu_ok(de_consumer_close(con));
     /* A second open finds the tables. */
@@ -397,6 +416,101 @@ START_TEST(test_gap)
 }
 END_TEST
 
+/* A handler by ce_type: writes "type:<ce_type>" as the payload, and
+ * refuses to run outside the consumer's transaction. */
+static de_err apply_typed(PGconn *c, const de_event_view *ev, void *ctx)
+{
+    int *calls = ctx;
+    char seq[24];
+    const char *v[4] = {ev->subject_id, seq, ev->event_id, ev->type};
+
+    if (PQtransactionStatus(c) != PQTRANS_INTRANS)
+        return DE_ERR_STATE;
+    (*calls)++;
+    snprintf(seq, sizeof seq, "%lld", (long long)ev->subject_seq);
+    return exec_ok(c,
+                   "INSERT INTO applied(subject_id, seq, event_id, payload) "
+                   "VALUES ($1, $2, $3, 'type:' || $4)",
+                   4, v)
+               ? DE_OK
+               : DE_ERR_DB;
+}
+
+/* Handlers by ce_type (de_consumer_on_type_pg) beside one by subject
+ * type: the one by ce_type wins for its type, in the consumer's
+ * transaction, for numbered events of ours and for another producer's
+ * events without numbers (applied once per ce_id; a type without a
+ * handler is taken and ignored). */
+START_TEST(test_on_type)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    char topics[512], rider[256];
+    const char *kv[] = {"consumer.topics", topics, NULL};
+    const char *picked[] = {
+        "ce_specversion", "1.0",   "ce_id",   "D-1-2",
+        "ce_source",      "/test", "ce_type", "delivery.picked-up",
+        "ce_subjectseq",  "2",     NULL};
+#define SHIFT(id, type)                                                        \
+    (const char *[]){"ce_specversion",                                         \
+                     "1.0",                                                    \
+                     "ce_id",                                                  \
+                     id,                                                       \
+                     "ce_source",                                              \
+                     "/rider",                                                 \
+                     "ce_type",                                                \
+                     "com.example.rider.Shift-" type,                          \
+                     NULL}
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+    int typed = 0;
+
+    tu_topic_create(c, "delivery", 1);
+    tu_topic_create(c, "rider", 1);
+    snprintf(rider, sizeof rider, "%s", tu_topic(c, "rider"));
+    snprintf(topics, sizeof topics, "%s,%s", tu_topic(c, "delivery"), rider);
+    produce(c, "D-1", 1);
+    tu_produce_raw(c, tu_topic(c, "delivery"), "D-1", "{\"n\":2}", picked);
+    produce(c, "D-1", 3);
+    tu_produce_raw(c, rider, "R-1", "{}", SHIFT("r-1", "Started"));
+    tu_produce_raw(c, rider, "R-1", "{}", SHIFT("r-2", "Started"));
+    tu_produce_raw(c, rider, "R-1", "{}", SHIFT("r-1", "Started"));
+    tu_produce_raw(c, rider, "R-1", "{}", SHIFT("r-3", "Ended"));
+#undef SHIFT
+    tu_ok(open_consumer_kv(conn, c->bootstrap, c->prefix, "g", kv, NULL, &con));
+    tu_ok(
+        de_consumer_on_type_pg(con, "delivery.assigned", apply_typed, &typed));
+    tu_ok(de_consumer_on_type_pg(con, "com.example.rider.Shift-Started",
+                                 apply_typed, &typed));
+    /* The last record read (r-3, no handler) leaves its id behind. */
+    ck_assert(tu_wait_for(
+        (poll_stats(con, &st),
+         q("SELECT count(*) FROM deliveryevents.inbox_id WHERE source = "
+           "'/rider' AND event_id = 'r-3'") == 1 &&
+             q("SELECT count(*) FROM deliveryevents.inbox WHERE subject_id = "
+               "'D-1' AND last_seq = 3") == 1),
+        30000));
+    ck_assert_uint_ge(st.duplicates, 1);
+    ck_assert_uint_eq(st.parked_subjects, 0);
+    ck_assert_int_eq(typed, 4);
+    ck_assert_int_eq(applied_count(), 5);
+    ck_assert_str_eq(text_of("SELECT string_agg(event_id || '=' || payload, "
+                             "',' ORDER BY n) FROM applied WHERE subject_id = "
+                             "'D-1'"),
+                     "D-1-1=type:delivery.assigned,D-1-2={\"n\":2},"
+                     "D-1-3=type:delivery.assigned");
+    ck_assert_str_eq(text_of("SELECT string_agg(event_id || '=' || payload, "
+                             "',' ORDER BY n) FROM applied WHERE subject_id = "
+                             "'R-1'"),
+                     "r-1=type:com.example.rider.Shift-Started,"
+                     "r-2=type:com.example.rider.Shift-Started");
+    tu_assert_err(de_consumer_on_type_pg(con, "com.example.rider.Shift-Ended",
+                                         apply_typed, &typed),
+                  DE_ERR_STATE, "after the first de_consumer_poll");
+    tu_ok(de_consumer_close(con));
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* A failing handler (a failed statement, which aborts PostgreSQL's
  * transaction, or an error returned after its write) undoes only its own
  * event: its write and the inbox stay as before, the other events of the
@@ -405,7 +519,8 @@ END_TEST
 START_TEST(test_handler_failure_rolls_back_only_its_event)
 {
     tu_cluster *c = tu_cluster_new(tu_cluster_first(), 1);
-    struct behaviour b = {"F-1", 2, _i == 0, NULL, 0, 0, 0};
+    struct behaviour b = {
+        .fail_subject = "F-1", .fail_seq = 2, .sql_error = _i == 0};
     de_consumer *con = NULL;
     de_consumer_stats st;
 
@@ -533,7 +648,7 @@ static void produce_many(tu_cluster *c, int subjects, int per)
 START_TEST(test_connection_terminated)
 {
     tu_cluster *c = tu_cluster_new(_i, 1);
-    struct behaviour b = {NULL, 0, false, NULL, 30, 0, 0};
+    struct behaviour b = {.kill_at = 30};
     de_consumer *con = NULL;
     int64_t deadline;
     int db_errors = 0;
@@ -567,7 +682,7 @@ END_TEST
 static int consume_main(const char *ci, const char *bootstrap,
                         const char *prefix, const char *group)
 {
-    static struct behaviour slow = {NULL, 0, false, NULL, 0, 0, 5000};
+    static struct behaviour slow = {.delay_us = 5000};
     PGconn *c = PQconnectdb(ci);
     de_consumer *con = NULL;
 
@@ -666,6 +781,13 @@ static Suite *pg_consumer_suite(void)
     tcase_add_loop_test(tc, test_forget_and_requests, first, n);
     tcase_add_loop_test(tc, test_connection_terminated, first, n);
     tcase_add_loop_test(tc, test_sigkill_restart, first, n);
+    suite_add_tcase(s, tc);
+    /* Each scenario below is a test case of its own: make check runs each
+     * as its own job (CK_RUN_CASE). */
+    tc = tcase_create("on_type");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 60);
+    tcase_add_loop_test(tc, test_on_type, first, n);
     suite_add_tcase(s, tc);
     return s;
 }
