@@ -760,26 +760,46 @@ enum record {
     REC_NONE, /* nothing: claimed already, or a released conflict that
                  does not move the subject on */
     REC_PUT,  /* its number, as the subject's last */
-    REC_SEEN  /* its (ce_source, ce_id): an event without a number */
+    REC_SEEN, /* its (ce_source, ce_id): an event without a number */
+    REC_CLAIM /* its number, claimed (careful mode) */
 };
 
+/* run_handler: the event was taken by another transaction (another
+ * consumer of the database) before this one could claim it. */
+#define DE__TAKEN ((de_err)110)
+
 /* Runs the handler (in a savepoint in careful mode) and records the event
- * in the inbox as rec says.  DE_OK: applied; DE__HANDLER_FAILED: the
- * handler failed (why in error), its effects undone; DE__REDO: the
- * handler failed outside careful mode -- the caller must roll the whole
- * batch back and redo it carefully; anything else: a database failure of
- * the whole transaction. */
+ * in the inbox as rec says.  REC_SEEN and REC_CLAIM take the event
+ * *before* the handler runs, inside its savepoint, so that a failing
+ * handler gives it back: a consumer sharing the database that is applying
+ * the same event holds its inbox row (or id) until it commits, the claim
+ * waits for that and then finds it taken.  A read of the inbox instead
+ * would not wait (on PostgreSQL, READ COMMITTED: it sees the state
+ * before the other's commit), and the handler would apply the event a
+ * second time.  DE_OK: applied; DE__TAKEN: taken by another transaction,
+ * nothing done; DE__HANDLER_FAILED: the handler failed (why in error),
+ * its effects undone; DE__REDO: the handler failed outside careful mode
+ * -- the caller must roll the whole batch back and redo it carefully;
+ * anything else: a database failure of the whole transaction. */
 static de_err run_handler(de_consumer *c, const de_event_view *v,
                           enum record rec, char *error, size_t error_size)
 {
     const handler *h = find_handler(c, v);
     uint64_t serial = de__errmsg_serial();
+    bool sp = c->careful && h != NULL, claimed = true;
     de_err rc = DE_OK, err;
-    bool claimed;
 
+    if (sp && (rc = IB0(c, savepoint)) != DE_OK)
+        return rc;
+    if (rec == REC_SEEN)
+        rc = IB(c, seen_claim, v, &claimed);
+    else if (rec == REC_CLAIM)
+        rc = IB(c, claim, v, &claimed);
+    if (rc != DE_OK)
+        return rc;
+    if (!claimed)
+        return sp && (rc = IB0(c, release)) != DE_OK ? rc : DE__TAKEN;
     if (h != NULL) {
-        if (c->careful && (rc = IB0(c, savepoint)) != DE_OK)
-            return rc;
         rc = c->kind->call(h->fn, c->conn, v, h->ctx);
         if (rc != DE_OK) {
             if (!c->careful)
@@ -794,14 +814,12 @@ static de_err run_handler(de_consumer *c, const de_event_view *v,
         if (!IB0(c, in_txn))
             return handler_failed(c, v, DE_ERR_STATE, serial, error,
                                   error_size);
-        if (c->careful && (rc = IB0(c, release)) != DE_OK)
+        if (sp && (rc = IB0(c, release)) != DE_OK)
             return rc;
     }
     if (rec == REC_PUT &&
         (rc = IB(c, put, v->subject_type, v->subject_id, v->subject_epoch,
                  v->subject_seq, v->event_id, v->source)) != DE_OK)
-        return rc;
-    if (rec == REC_SEEN && (rc = IB(c, seen_claim, v, &claimed)) != DE_OK)
         return rc;
     c->stats.applied++;
     c->handled++;
@@ -1003,10 +1021,15 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
         goto run;
     }
     /* In careful mode the claim must be undone with the handler's
-     * effects, so it is made inside the handler's savepoint: classify
-     * with a read instead. */
-    if (!c->careful && IB(c, claim, v, &claimed) != DE_OK)
+     * effects, so run_handler makes it inside the handler's savepoint;
+     * not taken there, the event is classified as below. */
+    if (c->careful) {
+        err = run_handler(c, v, REC_CLAIM, error, error_size);
+        if (err != DE__TAKEN)
+            goto ran;
+    } else if (IB(c, claim, v, &claimed) != DE_OK) {
         return O_DB_ERROR;
+    }
     if (claimed) {
         rec = REC_NONE;
         goto run;
@@ -1057,6 +1080,11 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
     }
 run:
     err = run_handler(c, v, rec, error, error_size);
+ran:
+    if (err == DE__TAKEN) { /* its id, by another transaction */
+        c->stats.duplicates++;
+        return O_DONE;
+    }
     if (err == DE_OK)
         return O_DONE;
     if (err == DE__REDO)

@@ -21,7 +21,9 @@
 #include "pgserver.h"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,7 +61,15 @@ struct behaviour {
     int kill_at;      /* ... at this call (1-based; 0: never) */
     int calls;
     int delay_us; /* a slow downstream: so long per event */
+    /* Stops (after its write, its transaction open) at the event with
+     * this ce_id, or at this call (1-based), until gate is GATE_OPEN. */
+    const char *gate_id;
+    int gate_call;
+    atomic_int gate;
+    int tag; /* written as the row's pid when not 0 (threads share one) */
 };
+
+enum { GATE_NONE, GATE_WAITING, GATE_OPEN };
 
 /* Runs sql with n parameters v on c; whether it succeeded. */
 static bool exec_ok(PGconn *c, const char *sql, int n, const char *const *v)
@@ -79,10 +89,13 @@ static de_err apply(PGconn *c, const de_event_view *ev, void *ctx)
     PGresult *r;
 
     snprintf(seq, sizeof seq, "%lld", (long long)ev->subject_seq);
-    snprintf(pid, sizeof pid, "%d", (int)getpid());
+    snprintf(pid, sizeof pid, "%d",
+             b != NULL && b->tag != 0 ? b->tag : (int)getpid());
+    if (b != NULL)
+        b->calls++;
     /* Between the inbox's claim of this event and the handler's write:
      * only one transaction around both keeps the event. */
-    if (b != NULL && b->killer != NULL && ++b->calls == b->kill_at) {
+    if (b != NULL && b->killer != NULL && b->calls == b->kill_at) {
         snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%d, 10000)",
                  PQbackendPID(c));
         tpg_exec(b->killer, sql);
@@ -96,6 +109,12 @@ static de_err apply(PGconn *c, const de_event_view *ev, void *ctx)
         return DE_OK;
     if (b->delay_us > 0)
         usleep((useconds_t)b->delay_us);
+    if ((b->gate_id && strcmp(ev->event_id, b->gate_id) == 0) ||
+        b->calls == b->gate_call) {
+        atomic_store(&b->gate, GATE_WAITING);
+        while (atomic_load(&b->gate) != GATE_OPEN)
+            usleep(1000);
+    }
     if (b->fail_subject && strcmp(ev->subject_id, b->fail_subject) == 0 &&
         (b->fail_seq == 0 || b->fail_seq == ev->subject_seq)) {
         if (!b->sql_error)
@@ -677,6 +696,245 @@ START_TEST(test_connection_terminated)
 }
 END_TEST
 
+/* ---- consumers sharing the database --------------------------------- */
+
+/* A consumer polling on a thread of its own, with its own connection,
+ * until told to stop.  No Check assertion runs on it: what it did is
+ * read back from the database and its counters after the join. */
+struct runner {
+    pthread_t thread;
+    PGconn *conn;
+    de_consumer *con;
+    atomic_bool stop;
+    atomic_int failed_polls; /* DE_ERR_DB and the like: polled again */
+};
+
+static void *runner_main(void *arg)
+{
+    struct runner *r = arg;
+
+    while (!atomic_load(&r->stop))
+        if (de_consumer_poll(r->con, 50, NULL) != DE_OK) {
+            atomic_fetch_add(&r->failed_polls, 1);
+            if (PQstatus(r->conn) == CONNECTION_BAD)
+                PQreset(r->conn);
+        }
+    return NULL;
+}
+
+static void runner_start(struct runner *r, tu_cluster *c, const char *group,
+                         const char *const *kv, struct behaviour *b)
+{
+    r->conn = tpg_connect(conninfo);
+    atomic_store(&r->stop, false);
+    atomic_store(&r->failed_polls, 0);
+    tu_ok(open_consumer_kv(r->conn, c->bootstrap, c->prefix, group, kv, b,
+                           &r->con));
+    ck_assert_int_eq(pthread_create(&r->thread, NULL, runner_main, r), 0);
+}
+
+/* Stops it and closes it (leaving the group). */
+static void runner_stop(struct runner *r)
+{
+    atomic_store(&r->stop, true);
+    ck_assert_int_eq(pthread_join(r->thread, NULL), 0);
+    tu_ok(de_consumer_close(r->con));
+    PQfinish(r->conn);
+    r->conn = NULL;
+}
+
+/* Opens *gate once the backend `waiter` waits for a lock held by
+ * `holder` (0: by anyone), or after 60 s; *seen says whether it did. */
+struct opener {
+    pthread_t thread;
+    int waiter, holder;
+    atomic_int *gate;
+    atomic_bool seen;
+};
+
+static void *opener_main(void *arg)
+{
+    struct opener *o = arg;
+    PGconn *c = PQconnectdb(conninfo);
+    char sql[160];
+    int64_t deadline = tu_now_ms() + 60000;
+
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM unnest(pg_blocking_pids(%d)) p WHERE %d "
+             "IN (0, p)",
+             o->waiter, o->holder);
+    while (PQstatus(c) == CONNECTION_OK && tu_now_ms() < deadline) {
+        PGresult *r = PQexec(c, sql);
+        bool waits = PQresultStatus(r) == PGRES_TUPLES_OK &&
+                     atoll(PQgetvalue(r, 0, 0)) > 0;
+        PQclear(r);
+        if (waits) {
+            atomic_store(&o->seen, true);
+            break;
+        }
+        usleep(5000);
+    }
+    PQfinish(c);
+    atomic_store(o->gate, GATE_OPEN);
+    return NULL;
+}
+
+static void opener_start(struct opener *o, int waiter, int holder,
+                         atomic_int *gate)
+{
+    o->waiter = waiter;
+    o->holder = holder;
+    o->gate = gate;
+    atomic_store(&o->seen, false);
+    ck_assert_int_eq(pthread_create(&o->thread, NULL, opener_main, o), 0);
+}
+
+/* The read model against the inbox: every subject's rows 1..n in order,
+ * each once, nothing parked, no dead letter. */
+static void assert_clean_exactly_once(long long events, int subjects)
+{
+    assert_exactly_once(subjects, (int)(events / subjects));
+    ck_assert_int_eq(q("SELECT count(*) FROM deliveryevents.inbox i JOIN "
+                       "(SELECT subject_id, max(seq) AS m FROM applied GROUP "
+                       "BY subject_id) a USING (subject_id) WHERE i.last_seq "
+                       "= a.m AND NOT i.parked"),
+                     subjects);
+    ck_assert_int_eq(q("SELECT count(*) FROM deliveryevents.inbox_dead_letter"),
+                     0);
+}
+
+/* A retry runs in careful mode (the handler in a savepoint) while a
+ * consumer of another group on the same database holds the same event
+ * claimed in its open transaction -- as two members of one group do when
+ * a partition moves while its old owner is still applying it.  The
+ * retry must wait for the other's commit and find the event taken; a
+ * classification read instead sees the subject as it was before the
+ * other's commit and applies the event a second time. */
+START_TEST(test_careful_race)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    struct behaviour ba = {.fail_subject = "R-1"};
+    struct behaviour bb = {.gate_id = "R-1-1", .tag = 2};
+    const char *kv[] = {"consumer.max.attempts", "1000", NULL};
+    struct runner rb = {0};
+    struct opener op;
+    de_consumer *a = NULL;
+    de_consumer_stats st;
+
+    tu_topic_create(c, "delivery", 1);
+    for (int i = 1; i <= 3; i++)
+        produce(c, "R-1", i);
+    /* A's handler fails for R-1: its events wait for a retry. */
+    tu_ok(open_consumer_kv(conn, c->bootstrap, c->prefix, "a", kv, &ba, &a));
+    ck_assert(tu_wait_for((poll_stats(a, &st), st.retries >= 1), 30000));
+    ck_assert_int_eq(applied_count(), 0);
+    /* B, on the same database, claims R-1-1 and stops in its handler. */
+    runner_start(&rb, c, "b", NULL, &bb);
+    ck_assert(tu_wait_for(atomic_load(&bb.gate) == GATE_WAITING, 30000));
+    /* A's retry would succeed now; B goes on once A waits for it. */
+    ba.fail_subject = NULL;
+    opener_start(&op, PQbackendPID(conn), PQbackendPID(rb.conn), &bb.gate);
+    ck_assert(tu_wait_for((poll_stats(a, &st), st.applied + st.duplicates >= 3),
+                          60000));
+    ck_assert_int_eq(pthread_join(op.thread, NULL), 0);
+    ck_assert_msg(atomic_load(&op.seen), "A never waited for B");
+    ck_assert(tu_wait_for(q("SELECT count(*) FROM deliveryevents.inbox WHERE "
+                            "subject_id = 'R-1' AND last_seq = 3") == 1,
+                          30000));
+    runner_stop(&rb);
+    /* R-1-1 was B's; what B's batch held too came to A as duplicates,
+     * the rest A applied: each once, in order. */
+    ck_assert_uint_ge(st.duplicates, 1);
+    ck_assert_uint_eq(st.applied + st.duplicates, 3);
+    ck_assert_str_eq(text_of("SELECT string_agg(event_id, ',' ORDER BY n) "
+                             "FROM applied"),
+                     "R-1-1,R-1-2,R-1-3");
+    ck_assert_int_eq(q("SELECT pid FROM applied WHERE event_id = 'R-1-1'"), 2);
+    tu_ok(de_consumer_close(a));
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* One round of events: the next number of each of n subjects. */
+static void produce_round(tu_cluster *c, int *next, int n)
+{
+    char subject[16];
+
+    for (int s = 0; s < n; s++) {
+        snprintf(subject, sizeof subject, "S-%02d", s);
+        produce(c, subject, ++next[s]);
+    }
+}
+
+/* Produces a round and waits until everything produced is applied;
+ * whether it was within 30 s. */
+static bool round_applied(tu_cluster *c, int *next, int n, long long *produced)
+{
+    produce_round(c, next, n);
+    *produced += n;
+    return tu_wait_for(applied_count() == *produced, 30000);
+}
+
+/* Members of one group sharing the database through rebalances: A stops
+ * in the middle of a batch (its transaction open) longer than
+ * max.poll.interval.ms, so the group takes its partitions from it and B
+ * reads, from their committed offsets, the events A holds claimed; B
+ * waits for A's rows (seen in pg_blocking_pids) until A is let go. A
+ * commits, rejoins, and later a third member joins while events keep
+ * coming.  Every event is applied exactly once, in order, nothing is
+ * parked. */
+START_TEST(test_rebalance)
+{
+    enum { SUBJECTS = 16, FIRST_ROUNDS = 10 };
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    const char *kv[] = {"max.poll.interval.ms", "6000", NULL};
+    struct behaviour b[3] = {{0}};
+    struct runner r[3] = {{0}};
+    struct opener op;
+    int next[SUBJECTS] = {0};
+    long long produced;
+    char sql[96];
+
+    tu_topic_create(c, "delivery", 4);
+    for (int i = 0; i < FIRST_ROUNDS; i++)
+        produce_round(c, next, SUBJECTS);
+    produced = (long long)SUBJECTS * FIRST_ROUNDS;
+    for (int i = 0; i < 3; i++) {
+        b[i].delay_us = 5000;
+        b[i].tag = i + 1;
+    }
+    b[0].gate_call = 12; /* A stops at its 12th event */
+    runner_start(&r[0], c, "g", kv, &b[0]);
+    runner_start(&r[1], c, "g", kv, &b[1]);
+    ck_assert(tu_wait_for(atomic_load(&b[0].gate) == GATE_WAITING, 60000));
+    /* Past max.poll.interval.ms A is out of the group; B takes its
+     * partitions and waits for A's claims. */
+    opener_start(&op, PQbackendPID(r[1].conn), PQbackendPID(r[0].conn),
+                 &b[0].gate);
+    ck_assert_int_eq(pthread_join(op.thread, NULL), 0);
+    ck_assert_msg(atomic_load(&op.seen), "B never waited for A's claims");
+    ck_assert(tu_wait_for(applied_count() == produced, 60000));
+    /* A is back in the group: it applies again. */
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM applied WHERE pid = 1");
+    {
+        long long before = q(sql);
+        ck_assert(tu_wait_for(round_applied(c, next, SUBJECTS, &produced) &&
+                                  q(sql) > before,
+                              60000));
+    }
+    /* A third member joins and takes a share. */
+    runner_start(&r[2], c, "g", kv, &b[2]);
+    ck_assert(
+        tu_wait_for(round_applied(c, next, SUBJECTS, &produced) &&
+                        q("SELECT count(*) FROM applied WHERE pid = 3") > 0,
+                    60000));
+    for (int i = 0; i < 3; i++)
+        runner_stop(&r[i]);
+    assert_clean_exactly_once(produced, SUBJECTS);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* A consumer process (this program, --consume) applying into the
  * database; polls until killed. */
 static int consume_main(const char *ci, const char *bootstrap,
@@ -763,6 +1021,16 @@ START_TEST(test_sigkill_restart)
 }
 END_TEST
 
+/* Adds tc: one scenario, looped over the clusters, with the fixture and
+ * a timeout of its own. */
+static void add_case(Suite *s, TCase *tc, const TTest *t, int timeout)
+{
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, timeout);
+    tcase_add_loop_test(tc, t, tu_cluster_first(), tu_cluster_count());
+    suite_add_tcase(s, tc);
+}
+
 static Suite *pg_consumer_suite(void)
 {
     Suite *s = suite_create("pg_consumer");
@@ -784,11 +1052,9 @@ static Suite *pg_consumer_suite(void)
     suite_add_tcase(s, tc);
     /* Each scenario below is a test case of its own: make check runs each
      * as its own job (CK_RUN_CASE). */
-    tc = tcase_create("on_type");
-    tcase_add_checked_fixture(tc, setup, teardown);
-    tcase_set_timeout(tc, 60);
-    tcase_add_loop_test(tc, test_on_type, first, n);
-    suite_add_tcase(s, tc);
+    add_case(s, tcase_create("on_type"), test_on_type, 60);
+    add_case(s, tcase_create("careful_race"), test_careful_race, 90);
+    add_case(s, tcase_create("rebalance"), test_rebalance, 180);
     return s;
 }
 
