@@ -27,6 +27,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -935,6 +938,293 @@ START_TEST(test_rebalance)
 }
 END_TEST
 
+/* ---- a connection cut during COMMIT ---------------------------------- */
+
+/* A proxy on a unix socket of its own between the consumer and the
+ * server (unix socket servers only: the suite's own, or an external one
+ * reached by socket).  Armed, it cuts the connection -- both sides --
+ * once the server has answered the client's next "COMMIT", without
+ * passing the answer on: the commit happened, the client cannot know. */
+struct proxy {
+    char *dir;
+    char target[108];
+    char conninfo[900]; /* the consumer's: through the proxy */
+    int lfd;
+    pthread_t thread;
+    atomic_bool armed, stop;
+    atomic_int cuts;
+};
+
+/* The client's stream cut into messages (the startup packet, then a
+ * type byte and a length each): the bytes left of the current message,
+ * its type and its first bytes. */
+struct framing {
+    bool started; /* past the startup packet */
+    char head[5];
+    int head_n;
+    long left;
+    char type;
+    char body[8];
+    int body_n;
+};
+
+/* Follows n more bytes p of the client's stream; *commit becomes true
+ * when a simple Query "COMMIT" ends in them. */
+static void frame(struct framing *f, const char *p, ssize_t n, bool *commit)
+{
+    for (ssize_t i = 0; i < n; i++) {
+        if (f->left == 0) {
+            int need = f->started ? 5 : 4;
+            f->head[f->head_n++] = p[i];
+            if (f->head_n < need)
+                continue;
+            const unsigned char *h =
+                (const unsigned char *)f->head + (f->started ? 1 : 0);
+            f->type = f->started ? f->head[0] : 0;
+            f->left = ((long)h[0] << 24 | (long)h[1] << 16 | (long)h[2] << 8 |
+                       (long)h[3]) -
+                      4;
+            f->head_n = 0;
+            f->body_n = 0;
+            f->started = true;
+            continue;
+        }
+        if (f->body_n < (int)sizeof f->body)
+            f->body[f->body_n++] = p[i];
+        if (--f->left == 0 && f->type == 'Q' && f->body_n == 7 &&
+            memcmp(f->body, "COMMIT", 7) == 0)
+            *commit = true;
+    }
+}
+
+static void *proxy_main(void *arg)
+{
+    struct proxy *px = arg;
+    char buf[8192];
+
+    while (!atomic_load(&px->stop)) {
+        struct pollfd a = {px->lfd, POLLIN, 0};
+        struct sockaddr_un sa = {0};
+        struct framing f = {0};
+        bool commit_sent = false;
+        int cfd, sfd;
+
+        if (poll(&a, 1, 50) <= 0)
+            continue;
+        if ((cfd = accept(px->lfd, NULL, NULL)) < 0)
+            continue;
+        sfd = socket(AF_UNIX, SOCK_STREAM, 0);
+        sa.sun_family = AF_UNIX;
+        snprintf(sa.sun_path, sizeof sa.sun_path, "%s", px->target);
+        if (sfd < 0 || connect(sfd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+            close(cfd);
+            if (sfd >= 0)
+                close(sfd);
+            continue;
+        }
+        for (;;) {
+            struct pollfd p[2] = {{cfd, POLLIN, 0}, {sfd, POLLIN, 0}};
+            ssize_t n;
+            if (atomic_load(&px->stop))
+                break;
+            if (poll(p, 2, 50) <= 0)
+                continue;
+            if (p[0].revents) {
+                bool commit = false;
+                if ((n = read(cfd, buf, sizeof buf)) <= 0)
+                    break;
+                frame(&f, buf, n, &commit);
+                commit_sent |= commit && atomic_load(&px->armed);
+                if (write(sfd, buf, (size_t)n) != n)
+                    break;
+            }
+            if (p[1].revents) {
+                if ((n = read(sfd, buf, sizeof buf)) <= 0)
+                    break;
+                if (commit_sent) { /* the server answered COMMIT: cut */
+                    atomic_store(&px->armed, false);
+                    atomic_fetch_add(&px->cuts, 1);
+                    break;
+                }
+                if (write(cfd, buf, (size_t)n) != n)
+                    break;
+            }
+        }
+        close(cfd);
+        close(sfd);
+    }
+    return NULL;
+}
+
+/* A proxy to the server conn is connected to (by unix socket); false
+ * when that server is not reached by one. */
+static bool proxy_start(struct proxy *px, PGconn *c, const char *ci)
+{
+    struct sockaddr_un sa = {0};
+    const char *host = PQhost(c);
+
+    if (host == NULL || host[0] != '/')
+        return false;
+    snprintf(px->target, sizeof px->target, "%s/.s.PGSQL.%s", host, PQport(c));
+    px->dir = tu_mkdtemp();
+    sa.sun_family = AF_UNIX;
+    snprintf(sa.sun_path, sizeof sa.sun_path, "%s/.s.PGSQL.%s", px->dir,
+             PQport(c));
+    px->lfd = socket(AF_UNIX, SOCK_STREAM, 0);
+    ck_assert_int_ge(px->lfd, 0);
+    ck_assert_int_eq(bind(px->lfd, (struct sockaddr *)&sa, sizeof sa), 0);
+    ck_assert_int_eq(listen(px->lfd, 4), 0);
+    /* The later host wins in a conninfo string. */
+    snprintf(px->conninfo, sizeof px->conninfo,
+             "%s host=%s gssencmode=disable sslmode=disable", ci, px->dir);
+    atomic_store(&px->armed, false);
+    atomic_store(&px->stop, false);
+    atomic_store(&px->cuts, 0);
+    ck_assert_int_eq(pthread_create(&px->thread, NULL, proxy_main, px), 0);
+    return true;
+}
+
+static void proxy_stop(struct proxy *px)
+{
+    atomic_store(&px->stop, true);
+    ck_assert_int_eq(pthread_join(px->thread, NULL), 0);
+    close(px->lfd);
+    tu_rmdir(px->dir);
+}
+
+/* What the handler does at the event that starts the cut (after its
+ * write): arms the proxy, so that the batch's COMMIT is cut after it
+ * happened. */
+struct cut_after {
+    const char *at;
+    struct proxy *px;
+};
+
+static de_err apply_then_arm(PGconn *c, const de_event_view *ev, void *ctx)
+{
+    struct cut_after *ca = ctx;
+    de_err err = apply(c, ev, NULL);
+
+    if (err == DE_OK && strcmp(ev->event_id, ca->at) == 0 &&
+        atomic_load(&ca->px->cuts) == 0)
+        atomic_store(&ca->px->armed, true);
+    return err;
+}
+
+/* Polls c (on cc) until every one of `want` events is applied, resetting
+ * the connection after each failed poll; on the first failure, checks
+ * what the cut batch left: *at_cut receives whether event `at` was
+ * committed.  Returns the number of failed polls. */
+static int poll_through_cuts(de_consumer *c, PGconn *cc, long long want,
+                             const char *at, long long *at_cut)
+{
+    int64_t deadline = tu_now_ms() + 60000;
+    char sql[128];
+    int failures = 0;
+
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM applied WHERE event_id = '%s'", at);
+    while (applied_count() < want && tu_now_ms() < deadline) {
+        de_err err = de_consumer_poll(c, 50, NULL);
+        if (err == DE_OK)
+            continue;
+        ck_assert_msg(err == DE_ERR_DB, "%s", de_errmsg());
+        ck_assert_int_eq(PQstatus(cc), CONNECTION_BAD);
+        if (failures++ == 0)
+            *at_cut = q(sql);
+        PQreset(cc);
+        ck_assert_int_eq(PQstatus(cc), CONNECTION_OK);
+    }
+    return failures;
+}
+
+/* The connection cut during the COMMIT of a batch, after the server
+ * committed it (a proxy drops the connection once the server has
+ * answered COMMIT, the answer not passed on): poll returns DE_ERR_DB,
+ * the host resets the connection, and the batch read again is all
+ * duplicates -- nothing applied twice. */
+START_TEST(test_commit_cut_after)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    struct proxy px;
+    struct cut_after ca = {"S-03-5", &px};
+    de_conf *conf;
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+    PGconn *cc;
+    long long at_cut = -1;
+
+    if (!proxy_start(&px, conn, conninfo)) {
+        fprintf(stderr, "commit_cut_after: skipped (not a unix socket)\n");
+        tu_cluster_destroy(c);
+        return;
+    }
+    cc = tpg_connect(px.conninfo);
+    tu_topic_create(c, "delivery", 2);
+    produce_many(c, 8, 10);
+    conf = consumer_conf(c->bootstrap, c->prefix, "g");
+    tu_ok(de_consumer_open_pg(cc, conf, &con));
+    de_conf_destroy(conf);
+    tu_ok(de_consumer_on_pg(con, "delivery", NULL, apply_then_arm, &ca));
+    ck_assert_int_eq(poll_through_cuts(con, cc, 80, ca.at, &at_cut), 1);
+    ck_assert_int_eq(atomic_load(&px.cuts), 1);
+    ck_assert_int_eq(at_cut, 1); /* the cut batch had committed */
+    assert_exactly_once(8, 10);
+    /* The cut batch, read again, is duplicates only: its applications
+     * are not counted (they were not known to commit), the rest are. */
+    poll_stats(con, &st);
+    ck_assert_uint_lt(st.applied, 80);
+    ck_assert_uint_ge(st.applied + st.duplicates, 80);
+    tu_ok(de_consumer_close(con));
+    PQfinish(cc);
+    proxy_stop(&px);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* The connection cut during the COMMIT of a batch, before it committed:
+ * a deferred constraint trigger on the read model's table terminates
+ * its own backend at the COMMIT of the batch that wrote one event (once:
+ * a sequence, which no rollback takes back, says it has).  Poll returns
+ * DE_ERR_DB, the host resets the connection, and the batch read again is
+ * applied once. */
+START_TEST(test_commit_cut_before)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+    long long at_cut = -1;
+
+    tpg_exec(conn, "CREATE SEQUENCE cut_once");
+    tpg_exec(conn,
+             "CREATE FUNCTION cut() RETURNS trigger LANGUAGE plpgsql AS $$ "
+             "BEGIN IF NEW.event_id = 'S-03-5' AND nextval('cut_once') = 1 "
+             "THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF; "
+             "RETURN NULL; END $$");
+    tpg_exec(conn, "CREATE CONSTRAINT TRIGGER cut AFTER INSERT ON applied "
+                   "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE "
+                   "FUNCTION cut()");
+    tu_topic_create(c, "delivery", 2);
+    produce_many(c, 8, 10);
+    tu_ok(open_consumer(conn, c->bootstrap, c->prefix, "g", NULL, &con));
+    {
+        PGconn *probe = conn; /* poll_through_cuts reads through conn */
+        conn = tpg_connect(conninfo);
+        ck_assert_int_eq(poll_through_cuts(con, probe, 80, "S-03-5", &at_cut),
+                         1);
+        PQfinish(conn);
+        conn = probe;
+    }
+    ck_assert_int_eq(at_cut, 0); /* the cut batch had not committed */
+    assert_exactly_once(8, 10);
+    /* Cut once; the event read again committed (the trigger ran again). */
+    ck_assert_int_eq(tpg_int(conn, "SELECT last_value FROM cut_once"), 2);
+    ck_assert(tu_wait_for((poll_stats(con, &st), st.applied == 80), 10000));
+    tu_ok(de_consumer_close(con));
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* A consumer process (this program, --consume) applying into the
  * database; polls until killed. */
 static int consume_main(const char *ci, const char *bootstrap,
@@ -1054,6 +1344,8 @@ static Suite *pg_consumer_suite(void)
      * as its own job (CK_RUN_CASE). */
     add_case(s, tcase_create("on_type"), test_on_type, 60);
     add_case(s, tcase_create("careful_race"), test_careful_race, 90);
+    add_case(s, tcase_create("commit_cut_after"), test_commit_cut_after, 90);
+    add_case(s, tcase_create("commit_cut_before"), test_commit_cut_before, 90);
     add_case(s, tcase_create("rebalance"), test_rebalance, 180);
     return s;
 }
