@@ -45,8 +45,11 @@ extern "C" {
  * library's schema `deliveryevents` (its tables, a sequence and a
  * deferred trigger) in a transaction of its own, under an advisory lock so
  * that instances starting together migrate one at a time; the role needs
- * CREATE on the database the first time.  It then prepares one statement
- * on the connection, named "deliveryevents_record".
+ * CREATE on the database the first time.  It keeps nothing on the
+ * connection's session: de_record sends its INSERT as the unnamed
+ * statement, so a host or a pooler that runs DEALLOCATE ALL or DISCARD
+ * ALL on the connection, or hands each transaction another backend
+ * (PgBouncer in transaction mode), does not disturb it.
  *
  * de_record on the outbox writes one row with one statement inside the
  * host's open transaction.  Every check that can refuse an event runs
@@ -131,7 +134,13 @@ DE_EXTERN DE_WARN_UNUSED de_err de_relay_start_pg(const char *conninfo,
  * inbox_dead_letter, inbox_request; the role needs CREATE on the
  * database the first time) in a transaction of its own, under the
  * advisory lock the outbox's migration takes, and prepares statements
- * named "deliveryevents_inbox_<n>" on the connection.
+ * named "deliveryevents_inbox_<n>" on the connection.  The host (or a
+ * pooler) may drop them between polls (DEALLOCATE ALL, DISCARD ALL): the
+ * BEGIN of each batch also counts them, in the same round trip, and the
+ * missing ones are prepared again; a consumer call outside a batch that
+ * finds one gone prepares them and runs again.  The consumer's
+ * connection needs a backend of its own for the whole batch (a direct
+ * connection, or session pooling).
  *
  * Transactions: de_consumer_poll (and de_consumer_release / _skip) runs
  * BEGIN ISOLATION LEVEL READ COMMITTED ... COMMIT on conn around a batch

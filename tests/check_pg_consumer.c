@@ -699,6 +699,38 @@ START_TEST(test_connection_terminated)
 }
 END_TEST
 
+/* The host (or a pooler resetting sessions) drops the consumer's
+ * prepared statements on its connection between polls -- DEALLOCATE ALL,
+ * DISCARD ALL, one of them -- and polls on: no poll fails, each applies
+ * what came, and the counters (read outside a transaction) too. */
+START_TEST(test_host_deallocates)
+{
+    static const char *const resets[] = {"DEALLOCATE ALL", "DISCARD ALL",
+                                         "DEALLOCATE deliveryevents_inbox_3"};
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+
+    tu_topic_create(c, "delivery", 1);
+    produce(c, "P-1", 1);
+    tu_ok(open_consumer(conn, c->bootstrap, c->prefix, "g", NULL, &con));
+    poll_until(con, 1, 30000); /* every poll must return DE_OK */
+    for (int i = 0; i < (int)(sizeof resets / sizeof *resets); i++) {
+        tpg_exec(conn, resets[i]);
+        produce(c, "P-1", i + 2);
+        poll_until(con, i + 2, 30000);
+    }
+    tpg_exec(conn, "DEALLOCATE ALL");
+    tu_ok(de_consumer_stats_get(con, &st));
+    ck_assert_uint_eq(st.parked_subjects, 0);
+    ck_assert_str_eq(text_of("SELECT string_agg(seq::text, ',' ORDER BY n) "
+                             "FROM applied"),
+                     "1,2,3,4");
+    tu_ok(de_consumer_close(con));
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* ---- consumers sharing the database --------------------------------- */
 
 /* A consumer polling on a thread of its own, with its own connection,
@@ -1347,6 +1379,7 @@ static Suite *pg_consumer_suite(void)
     add_case(s, tcase_create("commit_cut_after"), test_commit_cut_after, 90);
     add_case(s, tcase_create("commit_cut_before"), test_commit_cut_before, 90);
     add_case(s, tcase_create("rebalance"), test_rebalance, 180);
+    add_case(s, tcase_create("host_deallocates"), test_host_deallocates, 60);
     return s;
 }
 

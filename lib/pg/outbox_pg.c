@@ -25,18 +25,19 @@
  * commits; a NOTIFY in every commit would serialise recording commits
  * (PreCommit_Notify takes one cluster-wide lock until the commit ends).
  *
- * de_record itself is one prepared INSERT on the host's connection and
- * nothing else: every check that can refuse an event has run before the
- * server sees it, so a refused event leaves the host's transaction as it
- * was.  Contracts are checked from the outbox's cache; the INSERT writes
- * only if no definition was counted (sequence contracts_version) since
- * the cache was checked, and otherwise writes nothing and has the cache
- * reloaded so that de_record checks the event again (insert_sql).
+ * de_record itself is one INSERT on the host's connection (the unnamed
+ * statement: nothing of it is kept on the backend) and nothing else: every
+ * check that can refuse an event has run before the server sees it, so a
+ * refused event leaves the host's transaction as it was.  Contracts are checked
+ * from the outbox's cache; the INSERT writes only if no definition was counted
+ * (sequence contracts_version) since the cache was checked, and otherwise
+ * writes nothing and has the cache reloaded so that de_record checks the event
+ * again (insert_sql).
  *
  * Invariants: the outbox borrows the host's PGconn and uses it on the
- * host's thread only; the prepared statement exists on the backend whose
- * pid is prepared_pid (re-prepared when the host reset the connection);
- * the contracts cache holds every definition contracts_version counted
+ * host's thread only, and keeps no state on its backend (no prepared
+ * statement: a host or pooler may DEALLOCATE or DISCARD ALL); the
+ * contracts cache holds every definition contracts_version counted
  * up to pg_outbox.seen.
  */
 /* internal.h first: it marks the build (DE_BUILDING_LIBRARY) so that
@@ -51,11 +52,9 @@
 #include <string.h>
 
 #define PG_SCHEMA_VERSION 2
-#define PG_RECORD_STMT "deliveryevents_record"
 
 typedef struct pg_outbox {
-    PGconn *conn;     /* borrowed from the host */
-    int prepared_pid; /* backend holding PG_RECORD_STMT; 0: none */
+    PGconn *conn; /* borrowed from the host */
     /* contracts_version values (see insert_sql): the cache holds every
      * definition counted up to seen; the INSERT expects expect, which is
      * seen except right after a reload whose snapshot could not see them
@@ -362,38 +361,6 @@ fail:
     return err;
 }
 
-/* Prepares the INSERT on the connection's current backend, unless it is
- * there already.  A host that reset its connection (PQreset) has a new
- * backend without it; the pid tells, without a round trip. */
-static de_err ensure_prepared(pg_outbox *pg)
-{
-    int pid = PQbackendPID(pg->conn);
-    PGresult *r;
-
-    if (pid != 0 && pid == pg->prepared_pid)
-        return DE_OK;
-    /* Another outbox on this connection may have prepared it: look
-     * first, as a failed Parse inside the host's transaction would abort
-     * it.  Same name, same text (one library per process). */
-    r = PQexec(pg->conn, "SELECT 1 FROM pg_catalog.pg_prepared_statements "
-                         "WHERE name = '" PG_RECORD_STMT "'");
-    if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK)
-        return de__pg_fail(pg->conn, r,
-                           "cannot look for the outbox's prepared INSERT");
-    if (PQntuples(r) == 1) {
-        PQclear(r);
-        pg->prepared_pid = pid;
-        return DE_OK;
-    }
-    PQclear(r);
-    r = PQprepare(pg->conn, PG_RECORD_STMT, insert_sql, 12, NULL);
-    if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK)
-        return de__pg_fail(pg->conn, r, "cannot prepare the outbox's INSERT");
-    PQclear(r);
-    pg->prepared_pid = pid;
-    return DE_OK;
-}
-
 static de_err pg_check_txn(void *ctx, const de_event *ev)
 {
     pg_outbox *pg = ctx;
@@ -510,8 +477,6 @@ static de_err pg_insert(void *ctx, de__contract_set *cs,
     int64_t v;
     de_err err;
 
-    if ((err = ensure_prepared(pg)) != DE_OK)
-        return err;
     snprintf(version, sizeof version, "%d", row->version);
     snprintf(occurred, sizeof occurred, "%lld", (long long)row->occurred_at_ms);
     snprintf(recorded, sizeof recorded, "%lld", (long long)row->recorded_at_ms);
@@ -528,7 +493,12 @@ static de_err pg_insert(void *ctx, de__contract_set *cs,
     values[9] = row->tracestate;
     values[10] = row->dataschema;
     values[11] = expect;
-    r = PQexecPrepared(pg->conn, PG_RECORD_STMT, 12, values, NULL, NULL, 0);
+    /* The unnamed statement: parsed and planned with every call, but
+     * nothing of it lives on the backend between calls, so a host (or a
+     * pooler) running DEALLOCATE ALL or DISCARD ALL, or a reset
+     * connection, cannot make it fail -- and abort the host's
+     * transaction with it.  Still one round trip. */
+    r = PQexecParams(pg->conn, insert_sql, 12, NULL, values, NULL, NULL, 0);
     if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK ||
         PQntuples(r) != 1) {
         /* A failed statement aborts a PostgreSQL transaction: say so. */
@@ -729,9 +699,5 @@ de_err de_outbox_open_pg(PGconn *conn, const de_conf *conf, de_outbox **out)
     if ((pg = calloc(1, sizeof *pg)) == NULL)
         return de__fail(DE_ERR_NOMEM, "out of memory opening the outbox");
     pg->conn = conn;
-    if ((err = ensure_prepared(pg)) != DE_OK) {
-        free(pg);
-        return err;
-    }
     return de__outbox_new_backend(conf, &pg_backend, pg, out);
 }
