@@ -1385,15 +1385,7 @@ static Suite *pg_consumer_suite(void)
 
 int main(int argc, char **argv)
 {
-    int failed;
-
     if (argc == 6 && strcmp(argv[1], "--consume") == 0)
         return consume_main(argv[2], argv[3], argv[4], argv[5]);
-    if (!tpg_start()) {
-        tpg_stop();
-        return EXIT_FAILURE;
-    }
-    failed = tu_run(pg_consumer_suite());
-    tpg_stop();
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return tpg_main(pg_consumer_suite());
 }

@@ -1429,13 +1429,5 @@ static Suite *pg_outbox_suite(void)
 
 int main(void)
 {
-    int failed;
-
-    if (!tpg_start()) {
-        tpg_stop();
-        return EXIT_FAILURE;
-    }
-    failed = tu_run(pg_outbox_suite());
-    tpg_stop();
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return tpg_main(pg_outbox_suite());
 }

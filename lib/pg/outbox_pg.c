@@ -218,8 +218,9 @@ de_err de__pg_migrate(PGconn *conn, const char *whose, const char *version_key,
 {
     char what[160];
     const char *params[1] = {version_key};
-    PGresult *r;
+    PGresult *r = NULL;
     int version = 0;
+    bool exists;
     de_err err;
 
     snprintf(what, sizeof what, "cannot begin %s migration", whose);
@@ -237,12 +238,23 @@ de_err de__pg_migrate(PGconn *conn, const char *whose, const char *version_key,
              PGRES_TUPLES_OK, NULL, what)) != DE_OK ||
         (err =
              de__pg_exec(conn,
-                         "CREATE SCHEMA IF NOT EXISTS deliveryevents;"
-                         "CREATE TABLE IF NOT EXISTS deliveryevents.meta ("
-                         "  key text PRIMARY KEY, value text NOT NULL)",
-                         PGRES_COMMAND_OK, NULL,
-                         "cannot create schema deliveryevents (the role needs "
-                         "CREATE on the database once)")) != DE_OK)
+                         "SELECT pg_catalog.to_regclass('deliveryevents.meta') "
+                         "IS NOT NULL",
+                         PGRES_TUPLES_OK, &r, what)) != DE_OK)
+        goto fail;
+    /* CREATE ... IF NOT EXISTS checks the CREATE privilege first, even
+     * when there is nothing to create: only a missing schema is created,
+     * so that roles without it (docs/POSTGRESQL.md, "Privileges") open. */
+    exists = strcmp(PQgetvalue(r, 0, 0), "t") == 0;
+    PQclear(r);
+    if (!exists && (err = de__pg_exec(
+                        conn,
+                        "CREATE SCHEMA IF NOT EXISTS deliveryevents;"
+                        "CREATE TABLE IF NOT EXISTS deliveryevents.meta ("
+                        "  key text PRIMARY KEY, value text NOT NULL)",
+                        PGRES_COMMAND_OK, NULL,
+                        "cannot create schema deliveryevents (the role needs "
+                        "CREATE on the database once)")) != DE_OK)
         goto fail;
     r = PQexecParams(conn,
                      "SELECT value FROM deliveryevents.meta WHERE key = $1", 1,
@@ -262,6 +274,8 @@ de_err de__pg_migrate(PGconn *conn, const char *whose, const char *version_key,
                        whose, version, n);
         goto fail;
     }
+    if (version == n)
+        return DE_OK; /* current: nothing to write */
     for (int i = version; i < n; i++) {
         snprintf(what, sizeof what,
                  "cannot migrate %s schema from version %d to %d", whose, i,
@@ -305,7 +319,7 @@ de_err de__pg_schema_ensure(PGconn *conn, char outbox_id[37])
 {
     char uuid[37];
     const char *params[1];
-    PGresult *r;
+    PGresult *r = NULL;
     de_err err;
 
     if ((err = de__pg_migrate(conn, "the outbox's", "schema_version",
@@ -315,13 +329,24 @@ de_err de__pg_schema_ensure(PGconn *conn, char outbox_id[37])
      * its marks written for another outbox refuses them. */
     de__uuid7(uuid);
     params[0] = uuid;
-    r = PQexecParams(conn,
-                     "INSERT INTO deliveryevents.meta VALUES ('outbox_id', $1) "
-                     "ON CONFLICT (key) DO NOTHING",
-                     1, NULL, params, NULL, NULL, 0);
-    if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK) {
-        err = de__pg_fail(conn, r, "cannot store the outbox id");
+    /* Written once, by whoever opens first: later openers (roles without
+     * INSERT on meta) only read it. */
+    if ((err = de__pg_exec(conn,
+                           "SELECT 1 FROM deliveryevents.meta WHERE key = "
+                           "'outbox_id'",
+                           PGRES_TUPLES_OK, &r, "cannot read the outbox id")) !=
+        DE_OK)
         goto fail;
+    if (PQntuples(r) == 0) {
+        PQclear(r);
+        r = PQexecParams(conn,
+                         "INSERT INTO deliveryevents.meta VALUES ('outbox_id', "
+                         "$1) ON CONFLICT (key) DO NOTHING",
+                         1, NULL, params, NULL, NULL, 0);
+        if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK) {
+            err = de__pg_fail(conn, r, "cannot store the outbox id");
+            goto fail;
+        }
     }
     PQclear(r);
     if ((err = de__pg_exec(
@@ -331,7 +356,8 @@ de_err de__pg_schema_ensure(PGconn *conn, char outbox_id[37])
              "SELECT pg_catalog.setval('deliveryevents.outbox_position', m) "
              "FROM (SELECT max(position) AS m "
              "      FROM deliveryevents.outbox_order) AS x "
-             "WHERE m >= (SELECT last_value "
+             "WHERE m >= (SELECT CASE WHEN is_called THEN last_value + 1 "
+             "            ELSE last_value END "
              "            FROM deliveryevents.outbox_position)",
              PGRES_TUPLES_OK, NULL,
              "cannot check the outbox's position sequence")) != DE_OK ||
@@ -621,9 +647,25 @@ static de_err store_settings(PGconn *conn, const de_conf *conf)
         const char *values[2] = {name, de__conf_str(conf, wire[i])};
         PGresult *r;
 
+        bool same;
         if (!de__conf_is_set(conf, wire[i]))
             continue;
         snprintf(name, sizeof name, "setting.%s", de__conf_key_name(wire[i]));
+        /* Stored already: nothing to write (a role without write access
+         * to meta opens with the settings the owner stored). */
+        r = PQexecParams(conn,
+                         "SELECT 1 FROM deliveryevents.meta WHERE key = $1 "
+                         "AND value = $2",
+                         2, NULL, values, NULL, NULL, 0);
+        if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK) {
+            err = de__pg_fail(conn, r, "cannot read the outbox's settings");
+            PQclear(PQexec(conn, "ROLLBACK"));
+            return err;
+        }
+        same = PQntuples(r) == 1;
+        PQclear(r);
+        if (same)
+            continue;
         /* The CTE reads the value from before the statement. */
         r = PQexecParams(conn,
                          "WITH old AS (SELECT value FROM deliveryevents.meta "

@@ -161,3 +161,21 @@ const char *tpg_fresh_db(void)
     snprintf(conninfo, sizeof conninfo, "%s dbname=%s", base_conninfo, name);
     return conninfo;
 }
+
+int tpg_main(Suite *s)
+{
+    int failed;
+
+    if (!tpg_start()) {
+        tpg_stop();
+        return EXIT_FAILURE;
+    }
+    {
+        SRunner *sr = srunner_create(s);
+        srunner_run_all(sr, CK_NORMAL);
+        failed = srunner_ntests_failed(sr);
+        srunner_free(sr);
+    }
+    tpg_stop();
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

@@ -9,6 +9,7 @@
 #ifndef DE_PGSERVER_H
 #define DE_PGSERVER_H
 
+#include <check.h>
 #include <libpq-fe.h>
 #include <stdbool.h>
 
@@ -23,6 +24,10 @@
 bool tpg_start(void);
 /* Stops and removes the cluster (nothing for an external server). */
 void tpg_stop(void);
+
+/* A suite's main: starts the server, runs s with Check's default
+ * runner, stops the server; the exit status. */
+int tpg_main(Suite *s);
 
 /* A fresh database for the calling test ("de_t<pid>_<n>"), created on the
  * server; its conninfo in a static buffer. */
