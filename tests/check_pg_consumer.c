@@ -5,8 +5,11 @@
  * into a read model in the consumer's own PostgreSQL database, with the
  * inbox's rules (duplicates dropped, a reused number parked as a
  * conflict, gaps parked), a failing handler undoing only its own event,
- * and no event lost or applied twice across a consumer killed with
- * SIGKILL or a connection terminated under it.
+ * handlers by ce_type, and no event lost or applied twice across a
+ * consumer killed with SIGKILL, a connection terminated under it or cut
+ * during a batch's COMMIT (before and after the commit), consumers of
+ * one group sharing the database through rebalances, and a host
+ * dropping the consumer's prepared statements.
  *
  * Records are produced with plain librdkafka carrying the ce_ headers
  * (tu_produce_raw) into librdkafka's mock cluster (or the real one
