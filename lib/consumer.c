@@ -1737,6 +1737,10 @@ static de_err apply_parked(de_consumer *c, de__dead_letter *dl, enum record rec,
     char error[600];
     de_err err = run_handler(c, v, rec, error, sizeof error);
 
+    if (err == DE__TAKEN) { /* its id, applied meanwhile by another */
+        c->stats.duplicates++;
+        return IB(c, dl_done, dl->id, "duplicate");
+    }
     if (err == DE__HANDLER_FAILED) {
         if ((err = IB(c, dl_fail, dl->id, error)) != DE_OK ||
             (err = IB(c, park, v->subject_type, v->subject_id, true, dl->id)) !=

@@ -248,7 +248,8 @@ typedef struct pg_inbox {
     char forget_type[DE__NAME_MAX + 1];
     char forget_id[DE__SUBJECT_ID_MAX + 1];
     /* owners whose text is in inbox_source (of this transaction or
-     * committed: cleared on a rollback) */
+     * committed: cleared on a rollback, and on a rollback to the event's
+     * savepoint) */
     int64_t owners[16];
     size_t n_owners;
 } pg_inbox;
@@ -525,6 +526,9 @@ static de_err i_release(de__inbox *ib)
 
 static de_err i_rollback_to(de__inbox *ib)
 {
+    /* The event's claim may have written its owner's text: forget what
+     * the cache learnt since (it cannot tell what), as on a rollback. */
+    IB(ib)->n_owners = 0;
     return simple(IB(ib), "ROLLBACK TO SAVEPOINT de_event",
                   "consumer: rolling back an event");
 }
