@@ -871,8 +871,8 @@ DE_EXTERN DE_WARN_UNUSED de_err de_consumer_on(de_consumer *c,
  * @param ctx      passed to fn as is; may be NULL.
  * @return DE_OK; DE_ERR_ARG (NULL or bad ce_type, NULL fn, a second
  *         handler for the same ce_type; the message names the value; a
- *         consumer opened with de_consumer_open_pg: not available there
- *         yet);
+ *         consumer opened with de_consumer_open_pg, whose handlers by
+ *         ce_type are registered with de_consumer_on_type_pg);
  *         DE_ERR_STATE (after the first poll); DE_ERR_NOMEM.  On failure
  *         nothing is registered and the consumer is usable.
  */

@@ -16,10 +16,9 @@
  * below, per function.
  *
  * The guide is docs/POSTGRESQL.md; the design, and what is not done yet
- * (de_consumer_on_type on a PostgreSQL consumer),
- * docs/POSTGRESQL-INTERNALS.md.  The deliveryevents tool reads a
- * PostgreSQL service with --pg CONNINFO (docs/POSTGRESQL.md,
- * "Operating").
+ * (its section 7), docs/POSTGRESQL-INTERNALS.md.
+ * The deliveryevents tool reads a PostgreSQL service, and runs its relay,
+ * with --pg CONNINFO (docs/POSTGRESQL.md, "Operating").
  *
  * The relay of a PostgreSQL outbox opens two connections of its own (one
  * reads the outbox and LISTENs for commits, one keeps its state in the
@@ -48,8 +47,11 @@ extern "C" {
  * library's schema `deliveryevents` (its tables, a sequence and a
  * deferred trigger) in a transaction of its own, under an advisory lock so
  * that instances starting together migrate one at a time; the role needs
- * CREATE on the database the first time.  It then prepares one statement
- * on the connection, named "deliveryevents_record".
+ * CREATE on the database the first time.  It keeps nothing on the
+ * connection's session: de_record sends its INSERT as the unnamed
+ * statement, so a host or a pooler that runs DEALLOCATE ALL or DISCARD
+ * ALL on the connection, or hands each transaction another backend
+ * (PgBouncer in transaction mode), does not disturb it.
  *
  * de_record on the outbox writes one row with one statement inside the
  * host's open transaction.  Every check that can refuse an event runs
@@ -134,7 +136,13 @@ DE_EXTERN DE_WARN_UNUSED de_err de_relay_start_pg(const char *conninfo,
  * inbox_dead_letter, inbox_request; the role needs CREATE on the
  * database the first time) in a transaction of its own, under the
  * advisory lock the outbox's migration takes, and prepares statements
- * named "deliveryevents_inbox_<n>" on the connection.
+ * named "deliveryevents_inbox_<n>" on the connection.  The host (or a
+ * pooler) may drop them between polls (DEALLOCATE ALL, DISCARD ALL): the
+ * BEGIN of each batch also counts them, in the same round trip, and the
+ * missing ones are prepared again; a consumer call outside a batch that
+ * finds one gone prepares them and runs again.  The consumer's
+ * connection needs a backend of its own for the whole batch (a direct
+ * connection, or session pooling).
  *
  * Transactions: de_consumer_poll (and de_consumer_release / _skip) runs
  * BEGIN ISOLATION LEVEL READ COMMITTED ... COMMIT on conn around a batch
@@ -201,8 +209,7 @@ typedef de_err (*de_handler_pg_fn)(PGconn *conn, const de_event_view *ev,
  * rules: action NULL takes every action of the type not registered
  * alone; register before the first de_consumer_poll).  de_consumer_on on
  * a PostgreSQL consumer, and this function on a SQLite one, return
- * DE_ERR_ARG and name the function to use; de_consumer_on_type is not
- * available on a PostgreSQL consumer yet (DE_ERR_ARG).
+ * DE_ERR_ARG and name the function to use.
  *
  * Threads: the consumer's thread.
  *
@@ -263,6 +270,34 @@ DE_EXTERN DE_WARN_UNUSED de_err de_replay_pg(const char *conninfo,
                                              const de_replay_select *select,
                                              int timeout_ms,
                                              de_replay_result *out);
+
+/**
+ * Registers the handler for events whose ce_type is exactly ce_type, of
+ * any producer, on a consumer opened with de_consumer_open_pg, as
+ * de_consumer_on_type does on SQLite (same rules: it wins over handlers
+ * by subject type and action; its topics are not derived, list them in
+ * consumer.topics; register before the first de_consumer_poll).  The
+ * handler runs as one registered with de_consumer_on_pg: in the
+ * consumer's transaction on its connection.  de_consumer_on_type on a
+ * PostgreSQL consumer, and this function on a SQLite one, return
+ * DE_ERR_ARG and name the function to use.
+ *
+ * Threads: the consumer's thread.
+ *
+ * @param c        the consumer; not NULL.
+ * @param ce_type  1..1024 bytes of UTF-8 without control characters;
+ *                 copied.
+ * @param fn       the handler; not NULL.
+ * @param ctx      passed to fn as is; may be NULL; not owned.
+ * @return DE_OK; DE_ERR_ARG (NULL consumer or fn, a bad ce_type, a SQLite
+ *         consumer, a handler already registered for the ce_type);
+ *         DE_ERR_STATE (after the first de_consumer_poll); DE_ERR_NOMEM.
+ *         On failure nothing is registered and the consumer is usable.
+ */
+DE_EXTERN DE_WARN_UNUSED de_err de_consumer_on_type_pg(de_consumer *c,
+                                                       const char *ce_type,
+                                                       de_handler_pg_fn fn,
+                                                       void *ctx);
 
 #ifdef __cplusplus
 }

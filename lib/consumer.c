@@ -265,6 +265,7 @@ static de_err call_sqlite(de__fnptr fn, void *conn, const de_event_view *v,
 
 static const de__consumer_kind sqlite_kind = {
     .on_fn = "de_consumer_on",
+    .on_type_fn = "de_consumer_on_type",
     .open_inbox = open_sqlite_inbox,
     .call = call_sqlite,
 };
@@ -373,13 +374,13 @@ static de_err add_handler(de_consumer *c, const char *ce_type,
 }
 
 /* A consumer whose handlers are registered with another function
- * (another database's handler type). */
-static de_err wrong_kind(const de_consumer *c, const char *who)
+ * (another database's handler type): use instead names it. */
+static de_err wrong_kind(const char *who, const char *use)
 {
     return de__fail(DE_ERR_ARG,
                     "%s cannot register a handler on this consumer: its "
                     "handlers write to another kind of database; use %s",
-                    who, c->kind->on_fn);
+                    who, use);
 }
 
 de_err de__consumer_on(de_consumer *c, const char *who,
@@ -393,7 +394,7 @@ de_err de__consumer_on(de_consumer *c, const char *who,
                         "%s needs a consumer and a handler (got NULL %s)", who,
                         c == NULL ? "consumer" : "fn");
     if (strcmp(c->kind->on_fn, who) != 0)
-        return wrong_kind(c, who);
+        return wrong_kind(who, c->kind->on_fn);
     if (subject_type == NULL ||
         !de__is_type_name(subject_type, strlen(subject_type)))
         return de__fail(
@@ -415,19 +416,17 @@ de_err de_consumer_on(de_consumer *c, const char *subject_type,
                            (de__fnptr)fn, ctx);
 }
 
-de_err de_consumer_on_type(de_consumer *c, const char *ce_type,
-                           de_handler_fn fn, void *ctx)
+de_err de__consumer_on_type(de_consumer *c, const char *who,
+                            const char *ce_type, de__fnptr fn, void *ctx)
 {
     char q[DE__QUOTE_MAX];
 
     if (c == NULL || fn == NULL)
         return de__fail(DE_ERR_ARG,
-                        "de_consumer_on_type needs a consumer and a "
-                        "handler (got NULL %s)",
+                        "%s needs a consumer and a handler (got NULL %s)", who,
                         c == NULL ? "consumer" : "fn");
-    /* By ce_type: SQLite only for now. */
-    if (c->kind != &sqlite_kind)
-        return wrong_kind(c, "de_consumer_on_type");
+    if (strcmp(c->kind->on_type_fn, who) != 0)
+        return wrong_kind(who, c->kind->on_type_fn);
     if (ce_type == NULL || ce_type[0] == '\0' ||
         strlen(ce_type) > DE__CE_TEXT_MAX ||
         !de__is_clean_utf8(ce_type, strlen(ce_type)))
@@ -436,7 +435,14 @@ de_err de_consumer_on_type(de_consumer *c, const char *ce_type,
                         "control characters",
                         de__quote(q, sizeof q, ce_type, (size_t)-1),
                         DE__CE_TEXT_MAX);
-    return add_handler(c, ce_type, NULL, NULL, (de__fnptr)fn, ctx);
+    return add_handler(c, ce_type, NULL, NULL, fn, ctx);
+}
+
+de_err de_consumer_on_type(de_consumer *c, const char *ce_type,
+                           de_handler_fn fn, void *ctx)
+{
+    return de__consumer_on_type(c, "de_consumer_on_type", ce_type,
+                                (de__fnptr)fn, ctx);
 }
 
 /* The handler for an event: by its ce_type, else by its subject type and
@@ -754,26 +760,46 @@ enum record {
     REC_NONE, /* nothing: claimed already, or a released conflict that
                  does not move the subject on */
     REC_PUT,  /* its number, as the subject's last */
-    REC_SEEN  /* its (ce_source, ce_id): an event without a number */
+    REC_SEEN, /* its (ce_source, ce_id): an event without a number */
+    REC_CLAIM /* its number, claimed (careful mode) */
 };
 
+/* run_handler: the event was taken by another transaction (another
+ * consumer of the database) before this one could claim it. */
+#define DE__TAKEN ((de_err)110)
+
 /* Runs the handler (in a savepoint in careful mode) and records the event
- * in the inbox as rec says.  DE_OK: applied; DE__HANDLER_FAILED: the
- * handler failed (why in error), its effects undone; DE__REDO: the
- * handler failed outside careful mode -- the caller must roll the whole
- * batch back and redo it carefully; anything else: a database failure of
- * the whole transaction. */
+ * in the inbox as rec says.  REC_SEEN and REC_CLAIM take the event
+ * *before* the handler runs, inside its savepoint, so that a failing
+ * handler gives it back: a consumer sharing the database that is applying
+ * the same event holds its inbox row (or id) until it commits, the claim
+ * waits for that and then finds it taken.  A read of the inbox instead
+ * would not wait (on PostgreSQL, READ COMMITTED: it sees the state
+ * before the other's commit), and the handler would apply the event a
+ * second time.  DE_OK: applied; DE__TAKEN: taken by another transaction,
+ * nothing done; DE__HANDLER_FAILED: the handler failed (why in error),
+ * its effects undone; DE__REDO: the handler failed outside careful mode
+ * -- the caller must roll the whole batch back and redo it carefully;
+ * anything else: a database failure of the whole transaction. */
 static de_err run_handler(de_consumer *c, const de_event_view *v,
                           enum record rec, char *error, size_t error_size)
 {
     const handler *h = find_handler(c, v);
     uint64_t serial = de__errmsg_serial();
+    bool sp = c->careful && h != NULL, claimed = true;
     de_err rc = DE_OK, err;
-    bool claimed;
 
+    if (sp && (rc = IB0(c, savepoint)) != DE_OK)
+        return rc;
+    if (rec == REC_SEEN)
+        rc = IB(c, seen_claim, v, &claimed);
+    else if (rec == REC_CLAIM)
+        rc = IB(c, claim, v, &claimed);
+    if (rc != DE_OK)
+        return rc;
+    if (!claimed)
+        return sp && (rc = IB0(c, release)) != DE_OK ? rc : DE__TAKEN;
     if (h != NULL) {
-        if (c->careful && (rc = IB0(c, savepoint)) != DE_OK)
-            return rc;
         rc = c->kind->call(h->fn, c->conn, v, h->ctx);
         if (rc != DE_OK) {
             if (!c->careful)
@@ -788,14 +814,12 @@ static de_err run_handler(de_consumer *c, const de_event_view *v,
         if (!IB0(c, in_txn))
             return handler_failed(c, v, DE_ERR_STATE, serial, error,
                                   error_size);
-        if (c->careful && (rc = IB0(c, release)) != DE_OK)
+        if (sp && (rc = IB0(c, release)) != DE_OK)
             return rc;
     }
     if (rec == REC_PUT &&
         (rc = IB(c, put, v->subject_type, v->subject_id, v->subject_epoch,
                  v->subject_seq, v->event_id, v->source)) != DE_OK)
-        return rc;
-    if (rec == REC_SEEN && (rc = IB(c, seen_claim, v, &claimed)) != DE_OK)
         return rc;
     c->stats.applied++;
     c->handled++;
@@ -997,10 +1021,15 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
         goto run;
     }
     /* In careful mode the claim must be undone with the handler's
-     * effects, so it is made inside the handler's savepoint: classify
-     * with a read instead. */
-    if (!c->careful && IB(c, claim, v, &claimed) != DE_OK)
+     * effects, so run_handler makes it inside the handler's savepoint;
+     * not taken there, the event is classified as below. */
+    if (c->careful) {
+        err = run_handler(c, v, REC_CLAIM, error, error_size);
+        if (err != DE__TAKEN)
+            goto ran;
+    } else if (IB(c, claim, v, &claimed) != DE_OK) {
         return O_DB_ERROR;
+    }
     if (claimed) {
         rec = REC_NONE;
         goto run;
@@ -1051,6 +1080,11 @@ static enum outcome apply_one(de_consumer *c, const rd_kafka_message_t *m,
     }
 run:
     err = run_handler(c, v, rec, error, error_size);
+ran:
+    if (err == DE__TAKEN) { /* its id, by another transaction */
+        c->stats.duplicates++;
+        return O_DONE;
+    }
     if (err == DE_OK)
         return O_DONE;
     if (err == DE__REDO)
@@ -1703,6 +1737,10 @@ static de_err apply_parked(de_consumer *c, de__dead_letter *dl, enum record rec,
     char error[600];
     de_err err = run_handler(c, v, rec, error, sizeof error);
 
+    if (err == DE__TAKEN) { /* its id, applied meanwhile by another */
+        c->stats.duplicates++;
+        return IB(c, dl_done, dl->id, "duplicate");
+    }
     if (err == DE__HANDLER_FAILED) {
         if ((err = IB(c, dl_fail, dl->id, error)) != DE_OK ||
             (err = IB(c, park, v->subject_type, v->subject_id, true, dl->id)) !=

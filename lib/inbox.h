@@ -151,7 +151,8 @@ typedef void (*de__fnptr)(void);
  * with on_fn (fn cast back to the type that function takes, so that the
  * core never sees the database's types). */
 typedef struct de__consumer_kind {
-    const char *on_fn; /* "de_consumer_on", "de_consumer_on_pg" */
+    const char *on_fn;      /* "de_consumer_on", "de_consumer_on_pg" */
+    const char *on_type_fn; /* "de_consumer_on_type", ..._type_pg */
     de_err (*open_inbox)(void *conn, const de_conf *conf, de__inbox **out);
     de_err (*call)(de__fnptr fn, void *conn, const de_event_view *v, void *ctx);
 } de__consumer_kind;
@@ -166,5 +167,10 @@ de_err de__consumer_open(void *conn, const de__consumer_kind *kind,
 de_err de__consumer_on(de_consumer *c, const char *who,
                        const char *subject_type, const char *action,
                        de__fnptr fn, void *ctx);
+
+/* Registers a handler by ce_type; who names the public function, which
+ * must be c's kind's on_type_fn (else DE_ERR_ARG). */
+de_err de__consumer_on_type(de_consumer *c, const char *who,
+                            const char *ce_type, de__fnptr fn, void *ctx);
 
 #endif

@@ -226,7 +226,8 @@ typedef struct sqlite_inbox {
     char forget_type[DE__NAME_MAX + 1];
     char forget_id[DE__SUBJECT_ID_MAX + 1];
     /* owners whose text is in de_inbox_source (of this transaction or
-     * committed: the cache is cleared on a rollback) */
+     * committed: the cache is cleared on a rollback, and on a rollback
+     * to the event's savepoint) */
     int64_t owners[16];
     size_t n_owners;
 } sqlite_inbox;
@@ -280,6 +281,9 @@ static de_err i_release(de__inbox *ib)
 
 static de_err i_rollback_to(de__inbox *ib)
 {
+    /* The event's claim may have written its owner's text: forget what
+     * the cache learnt since (it cannot tell what), as on a rollback. */
+    IB(ib)->n_owners = 0;
     return run(IB(ib), Q_ROLLBACK_TO, "rolling back an event");
 }
 

@@ -5,8 +5,11 @@
  * into a read model in the consumer's own PostgreSQL database, with the
  * inbox's rules (duplicates dropped, a reused number parked as a
  * conflict, gaps parked), a failing handler undoing only its own event,
- * and no event lost or applied twice across a consumer killed with
- * SIGKILL or a connection terminated under it.
+ * handlers by ce_type, and no event lost or applied twice across a
+ * consumer killed with SIGKILL, a connection terminated under it or cut
+ * during a batch's COMMIT (before and after the commit), consumers of
+ * one group sharing the database through rebalances, and a host
+ * dropping the consumer's prepared statements.
  *
  * Records are produced with plain librdkafka carrying the ce_ headers
  * (tu_produce_raw) into librdkafka's mock cluster (or the real one
@@ -18,13 +21,19 @@
  */
 #include "deliveryevents_pg.h"
 #include "kafka.h"
+#include "pgledger.h"
 #include "pgserver.h"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -59,7 +68,25 @@ struct behaviour {
     int kill_at;      /* ... at this call (1-based; 0: never) */
     int calls;
     int delay_us; /* a slow downstream: so long per event */
+    /* Stops (after its write, its transaction open) at the event with
+     * this ce_id, or at this call (1-based), until gate is GATE_OPEN. */
+    const char *gate_id;
+    int gate_call;
+    atomic_int gate;
+    int tag; /* written as the row's pid when not 0 (threads share one) */
 };
+
+enum { GATE_NONE, GATE_WAITING, GATE_OPEN };
+
+/* Runs sql with n parameters v on c; whether it succeeded. */
+static bool exec_ok(PGconn *c, const char *sql, int n, const char *const *v)
+{
+    PGresult *r = PQexecParams(c, sql, n, NULL, v, NULL, NULL, 0);
+    bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+
+    PQclear(r);
+    return ok;
+}
 
 static de_err apply(PGconn *c, const de_event_view *ev, void *ctx)
 {
@@ -67,29 +94,34 @@ static de_err apply(PGconn *c, const de_event_view *ev, void *ctx)
     char seq[24], pid[16], sql[128];
     const char *v[5] = {ev->subject_id, seq, ev->event_id, ev->payload, pid};
     PGresult *r;
-    bool ok;
 
     snprintf(seq, sizeof seq, "%lld", (long long)ev->subject_seq);
-    snprintf(pid, sizeof pid, "%d", (int)getpid());
+    snprintf(pid, sizeof pid, "%d",
+             b != NULL && b->tag != 0 ? b->tag : (int)getpid());
+    if (b != NULL)
+        b->calls++;
     /* Between the inbox's claim of this event and the handler's write:
      * only one transaction around both keeps the event. */
-    if (b != NULL && b->killer != NULL && ++b->calls == b->kill_at) {
+    if (b != NULL && b->killer != NULL && b->calls == b->kill_at) {
         snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%d, 10000)",
                  PQbackendPID(c));
         tpg_exec(b->killer, sql);
     }
-    r = PQexecParams(c,
-                     "INSERT INTO applied(subject_id, seq, event_id, payload, "
-                     "pid) VALUES ($1, $2, $3, $4, $5)",
-                     5, NULL, v, NULL, NULL, 0);
-    ok = PQresultStatus(r) == PGRES_COMMAND_OK;
-    PQclear(r);
-    if (!ok)
+    if (!exec_ok(c,
+                 "INSERT INTO applied(subject_id, seq, event_id, payload, "
+                 "pid) VALUES ($1, $2, $3, $4, $5)",
+                 5, v))
         return DE_ERR_DB;
     if (b == NULL)
         return DE_OK;
     if (b->delay_us > 0)
         usleep((useconds_t)b->delay_us);
+    if ((b->gate_id && strcmp(ev->event_id, b->gate_id) == 0) ||
+        b->calls == b->gate_call) {
+        atomic_store(&b->gate, GATE_WAITING);
+        while (atomic_load(&b->gate) != GATE_OPEN)
+            usleep(1000);
+    }
     if (b->fail_subject && strcmp(ev->subject_id, b->fail_subject) == 0 &&
         (b->fail_seq == 0 || b->fail_seq == ev->subject_seq)) {
         if (!b->sql_error)
@@ -245,7 +277,16 @@ START_TEST(test_open_and_registration)
     tu_assert_err(de_consumer_on_type(con, "delivery.assigned",
                                       (de_handler_fn)(void (*)(void))apply,
                                       NULL),
-                  DE_ERR_ARG, "use de_consumer_on_pg");
+                  DE_ERR_ARG, "use de_consumer_on_type_pg");
+    tu_assert_err(de_consumer_on_type_pg(con, "delivery.assigned", NULL, NULL),
+                  DE_ERR_ARG, "fn");
+    tu_assert_err(de_consumer_on_type_pg(con, "", apply, NULL), DE_ERR_ARG,
+                  "ce_type ''");
+    tu_assert_err(de_consumer_on_type_pg(con, "x\ny", apply, NULL), DE_ERR_ARG,
+                  "ce_type");
+    tu_ok(de_consumer_on_type_pg(con, "delivery.assigned", apply, NULL));
+    tu_assert_err(de_consumer_on_type_pg(con, "delivery.assigned", apply, NULL),
+                  DE_ERR_ARG, "already registered");
     tu_assert_err(de_consumer_on_pg(con, "bad type", NULL, apply, NULL),
                   DE_ERR_ARG, "'bad type'");
     tu_ok(de_consumer_on_pg(con, "delivery", NULL, apply, NULL));
@@ -254,6 +295,10 @@ START_TEST(test_open_and_registration)
     tu_ok(de_consumer_open(db, conf, &lite));
     tu_assert_err(de_consumer_on_pg(lite, "delivery", NULL, apply, NULL),
                   DE_ERR_ARG, "use de_consumer_on");
+    tu_assert_err(
+        de_consumer_on_type_pg(lite, "delivery.assigned", apply, NULL),
+        DE_ERR_ARG, "use de_consumer_on_type");
+    ck_assert_ptr_null(strstr(de_errmsg(), "use de_consumer_on_type_pg"));
     tu_ok(de_consumer_close(lite));
     tu_ok(de_consumer_close(con));
     /* A second open finds the tables. */
@@ -397,6 +442,101 @@ START_TEST(test_gap)
 }
 END_TEST
 
+/* A handler by ce_type: writes "type:<ce_type>" as the payload, and
+ * refuses to run outside the consumer's transaction. */
+static de_err apply_typed(PGconn *c, const de_event_view *ev, void *ctx)
+{
+    int *calls = ctx;
+    char seq[24];
+    const char *v[4] = {ev->subject_id, seq, ev->event_id, ev->type};
+
+    if (PQtransactionStatus(c) != PQTRANS_INTRANS)
+        return DE_ERR_STATE;
+    (*calls)++;
+    snprintf(seq, sizeof seq, "%lld", (long long)ev->subject_seq);
+    return exec_ok(c,
+                   "INSERT INTO applied(subject_id, seq, event_id, payload) "
+                   "VALUES ($1, $2, $3, 'type:' || $4)",
+                   4, v)
+               ? DE_OK
+               : DE_ERR_DB;
+}
+
+/* Handlers by ce_type (de_consumer_on_type_pg) beside one by subject
+ * type: the one by ce_type wins for its type, in the consumer's
+ * transaction, for numbered events of ours and for another producer's
+ * events without numbers (applied once per ce_id; a type without a
+ * handler is taken and ignored). */
+START_TEST(test_on_type)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    char topics[512], rider[256];
+    const char *kv[] = {"consumer.topics", topics, NULL};
+    const char *picked[] = {
+        "ce_specversion", "1.0",   "ce_id",   "D-1-2",
+        "ce_source",      "/test", "ce_type", "delivery.picked-up",
+        "ce_subjectseq",  "2",     NULL};
+#define SHIFT(id, type)                                                        \
+    (const char *[]){"ce_specversion",                                         \
+                     "1.0",                                                    \
+                     "ce_id",                                                  \
+                     id,                                                       \
+                     "ce_source",                                              \
+                     "/rider",                                                 \
+                     "ce_type",                                                \
+                     "com.example.rider.Shift-" type,                          \
+                     NULL}
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+    int typed = 0;
+
+    tu_topic_create(c, "delivery", 1);
+    tu_topic_create(c, "rider", 1);
+    snprintf(rider, sizeof rider, "%s", tu_topic(c, "rider"));
+    snprintf(topics, sizeof topics, "%s,%s", tu_topic(c, "delivery"), rider);
+    produce(c, "D-1", 1);
+    tu_produce_raw(c, tu_topic(c, "delivery"), "D-1", "{\"n\":2}", picked);
+    produce(c, "D-1", 3);
+    tu_produce_raw(c, rider, "R-1", "{}", SHIFT("r-1", "Started"));
+    tu_produce_raw(c, rider, "R-1", "{}", SHIFT("r-2", "Started"));
+    tu_produce_raw(c, rider, "R-1", "{}", SHIFT("r-1", "Started"));
+    tu_produce_raw(c, rider, "R-1", "{}", SHIFT("r-3", "Ended"));
+#undef SHIFT
+    tu_ok(open_consumer_kv(conn, c->bootstrap, c->prefix, "g", kv, NULL, &con));
+    tu_ok(
+        de_consumer_on_type_pg(con, "delivery.assigned", apply_typed, &typed));
+    tu_ok(de_consumer_on_type_pg(con, "com.example.rider.Shift-Started",
+                                 apply_typed, &typed));
+    /* The last record read (r-3, no handler) leaves its id behind. */
+    ck_assert(tu_wait_for(
+        (poll_stats(con, &st),
+         q("SELECT count(*) FROM deliveryevents.inbox_id WHERE source = "
+           "'/rider' AND event_id = 'r-3'") == 1 &&
+             q("SELECT count(*) FROM deliveryevents.inbox WHERE subject_id = "
+               "'D-1' AND last_seq = 3") == 1),
+        30000));
+    ck_assert_uint_ge(st.duplicates, 1);
+    ck_assert_uint_eq(st.parked_subjects, 0);
+    ck_assert_int_eq(typed, 4);
+    ck_assert_int_eq(applied_count(), 5);
+    ck_assert_str_eq(text_of("SELECT string_agg(event_id || '=' || payload, "
+                             "',' ORDER BY n) FROM applied WHERE subject_id = "
+                             "'D-1'"),
+                     "D-1-1=type:delivery.assigned,D-1-2={\"n\":2},"
+                     "D-1-3=type:delivery.assigned");
+    ck_assert_str_eq(text_of("SELECT string_agg(event_id || '=' || payload, "
+                             "',' ORDER BY n) FROM applied WHERE subject_id = "
+                             "'R-1'"),
+                     "r-1=type:com.example.rider.Shift-Started,"
+                     "r-2=type:com.example.rider.Shift-Started");
+    tu_assert_err(de_consumer_on_type_pg(con, "com.example.rider.Shift-Ended",
+                                         apply_typed, &typed),
+                  DE_ERR_STATE, "after the first de_consumer_poll");
+    tu_ok(de_consumer_close(con));
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* A failing handler (a failed statement, which aborts PostgreSQL's
  * transaction, or an error returned after its write) undoes only its own
  * event: its write and the inbox stay as before, the other events of the
@@ -405,7 +545,8 @@ END_TEST
 START_TEST(test_handler_failure_rolls_back_only_its_event)
 {
     tu_cluster *c = tu_cluster_new(tu_cluster_first(), 1);
-    struct behaviour b = {"F-1", 2, _i == 0, NULL, 0, 0, 0};
+    struct behaviour b = {
+        .fail_subject = "F-1", .fail_seq = 2, .sql_error = _i == 0};
     de_consumer *con = NULL;
     de_consumer_stats st;
 
@@ -533,7 +674,7 @@ static void produce_many(tu_cluster *c, int subjects, int per)
 START_TEST(test_connection_terminated)
 {
     tu_cluster *c = tu_cluster_new(_i, 1);
-    struct behaviour b = {NULL, 0, false, NULL, 30, 0, 0};
+    struct behaviour b = {.kill_at = 30};
     de_consumer *con = NULL;
     int64_t deadline;
     int db_errors = 0;
@@ -562,12 +703,570 @@ START_TEST(test_connection_terminated)
 }
 END_TEST
 
+/* The host (or a pooler resetting sessions) drops the consumer's
+ * prepared statements on its connection between polls -- DEALLOCATE ALL,
+ * DISCARD ALL, one of them -- and polls on: no poll fails, each applies
+ * what came, and the counters (read outside a transaction) too. */
+START_TEST(test_host_deallocates)
+{
+    static const char *const resets[] = {"DEALLOCATE ALL", "DISCARD ALL",
+                                         "DEALLOCATE deliveryevents_inbox_3"};
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+
+    tu_topic_create(c, "delivery", 1);
+    produce(c, "P-1", 1);
+    tu_ok(open_consumer(conn, c->bootstrap, c->prefix, "g", NULL, &con));
+    poll_until(con, 1, 30000); /* every poll must return DE_OK */
+    for (int i = 0; i < (int)(sizeof resets / sizeof *resets); i++) {
+        tpg_exec(conn, resets[i]);
+        produce(c, "P-1", i + 2);
+        poll_until(con, i + 2, 30000);
+    }
+    tpg_exec(conn, "DEALLOCATE ALL");
+    tu_ok(de_consumer_stats_get(con, &st));
+    ck_assert_uint_eq(st.parked_subjects, 0);
+    ck_assert_str_eq(text_of("SELECT string_agg(seq::text, ',' ORDER BY n) "
+                             "FROM applied"),
+                     "1,2,3,4");
+    tu_ok(de_consumer_close(con));
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* ---- consumers sharing the database --------------------------------- */
+
+/* A consumer polling on a thread of its own, with its own connection,
+ * until told to stop.  No Check assertion runs on it: what it did is
+ * read back from the database and its counters after the join. */
+struct runner {
+    pthread_t thread;
+    PGconn *conn;
+    de_consumer *con;
+    atomic_bool stop;
+    atomic_int failed_polls; /* DE_ERR_DB and the like: polled again */
+};
+
+static void *runner_main(void *arg)
+{
+    struct runner *r = arg;
+
+    while (!atomic_load(&r->stop))
+        if (de_consumer_poll(r->con, 50, NULL) != DE_OK) {
+            atomic_fetch_add(&r->failed_polls, 1);
+            if (PQstatus(r->conn) == CONNECTION_BAD)
+                PQreset(r->conn);
+        }
+    return NULL;
+}
+
+static void runner_start(struct runner *r, tu_cluster *c, const char *group,
+                         const char *const *kv, struct behaviour *b)
+{
+    r->conn = tpg_connect(conninfo);
+    atomic_store(&r->stop, false);
+    atomic_store(&r->failed_polls, 0);
+    tu_ok(open_consumer_kv(r->conn, c->bootstrap, c->prefix, group, kv, b,
+                           &r->con));
+    ck_assert_int_eq(pthread_create(&r->thread, NULL, runner_main, r), 0);
+}
+
+/* Stops it and closes it (leaving the group). */
+static void runner_stop(struct runner *r)
+{
+    atomic_store(&r->stop, true);
+    ck_assert_int_eq(pthread_join(r->thread, NULL), 0);
+    tu_ok(de_consumer_close(r->con));
+    PQfinish(r->conn);
+    r->conn = NULL;
+}
+
+/* Opens *gate once the backend `waiter` waits for a lock held by
+ * `holder` (0: by anyone), or after 60 s; *seen says whether it did. */
+struct opener {
+    pthread_t thread;
+    int waiter, holder;
+    atomic_int *gate;
+    atomic_bool seen;
+};
+
+static void *opener_main(void *arg)
+{
+    struct opener *o = arg;
+    PGconn *c = PQconnectdb(conninfo);
+    char sql[160];
+    int64_t deadline = tu_now_ms() + 60000;
+
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM unnest(pg_blocking_pids(%d)) p WHERE %d "
+             "IN (0, p)",
+             o->waiter, o->holder);
+    while (PQstatus(c) == CONNECTION_OK && tu_now_ms() < deadline) {
+        PGresult *r = PQexec(c, sql);
+        bool waits = PQresultStatus(r) == PGRES_TUPLES_OK &&
+                     atoll(PQgetvalue(r, 0, 0)) > 0;
+        PQclear(r);
+        if (waits) {
+            atomic_store(&o->seen, true);
+            break;
+        }
+        usleep(5000);
+    }
+    PQfinish(c);
+    atomic_store(o->gate, GATE_OPEN);
+    return NULL;
+}
+
+static void opener_start(struct opener *o, int waiter, int holder,
+                         atomic_int *gate)
+{
+    o->waiter = waiter;
+    o->holder = holder;
+    o->gate = gate;
+    atomic_store(&o->seen, false);
+    ck_assert_int_eq(pthread_create(&o->thread, NULL, opener_main, o), 0);
+}
+
+/* The read model against the inbox: every subject's rows 1..n in order,
+ * each once, nothing parked, no dead letter. */
+static void assert_clean_exactly_once(long long events, int subjects)
+{
+    assert_exactly_once(subjects, (int)(events / subjects));
+    ck_assert_int_eq(q("SELECT count(*) FROM deliveryevents.inbox i JOIN "
+                       "(SELECT subject_id, max(seq) AS m FROM applied GROUP "
+                       "BY subject_id) a USING (subject_id) WHERE i.last_seq "
+                       "= a.m AND NOT i.parked"),
+                     subjects);
+    ck_assert_int_eq(q("SELECT count(*) FROM deliveryevents.inbox_dead_letter"),
+                     0);
+}
+
+/* A retry runs in careful mode (the handler in a savepoint) while a
+ * consumer of another group on the same database holds the same event
+ * claimed in its open transaction -- as two members of one group do when
+ * a partition moves while its old owner is still applying it.  The
+ * retry must wait for the other's commit and find the event taken; a
+ * classification read instead sees the subject as it was before the
+ * other's commit and applies the event a second time. */
+START_TEST(test_careful_race)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    struct behaviour ba = {.fail_subject = "R-1"};
+    struct behaviour bb = {.gate_id = "R-1-1", .tag = 2};
+    const char *kv[] = {"consumer.max.attempts", "1000", NULL};
+    struct runner rb = {0};
+    struct opener op;
+    de_consumer *a = NULL;
+    de_consumer_stats st;
+
+    tu_topic_create(c, "delivery", 1);
+    for (int i = 1; i <= 3; i++)
+        produce(c, "R-1", i);
+    /* A's handler fails for R-1: its events wait for a retry. */
+    tu_ok(open_consumer_kv(conn, c->bootstrap, c->prefix, "a", kv, &ba, &a));
+    ck_assert(tu_wait_for((poll_stats(a, &st), st.retries >= 1), 30000));
+    ck_assert_int_eq(applied_count(), 0);
+    /* B, on the same database, claims R-1-1 and stops in its handler. */
+    runner_start(&rb, c, "b", NULL, &bb);
+    ck_assert(tu_wait_for(atomic_load(&bb.gate) == GATE_WAITING, 30000));
+    /* A's retry would succeed now; B goes on once A waits for it. */
+    ba.fail_subject = NULL;
+    opener_start(&op, PQbackendPID(conn), PQbackendPID(rb.conn), &bb.gate);
+    ck_assert(tu_wait_for((poll_stats(a, &st), st.applied + st.duplicates >= 3),
+                          60000));
+    ck_assert_int_eq(pthread_join(op.thread, NULL), 0);
+    ck_assert_msg(atomic_load(&op.seen), "A never waited for B");
+    ck_assert(tu_wait_for(q("SELECT count(*) FROM deliveryevents.inbox WHERE "
+                            "subject_id = 'R-1' AND last_seq = 3") == 1,
+                          30000));
+    runner_stop(&rb);
+    /* R-1-1 was B's; what B's batch held too came to A as duplicates,
+     * the rest A applied: each once, in order. */
+    ck_assert_uint_ge(st.duplicates, 1);
+    ck_assert_uint_eq(st.applied + st.duplicates, 3);
+    ck_assert_str_eq(text_of("SELECT string_agg(event_id, ',' ORDER BY n) "
+                             "FROM applied"),
+                     "R-1-1,R-1-2,R-1-3");
+    ck_assert_int_eq(q("SELECT pid FROM applied WHERE event_id = 'R-1-1'"), 2);
+    tu_ok(de_consumer_close(a));
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* One round of events: the next number of each of n subjects. */
+static void produce_round(tu_cluster *c, int *next, int n)
+{
+    char subject[16];
+
+    for (int s = 0; s < n; s++) {
+        snprintf(subject, sizeof subject, "S-%02d", s);
+        produce(c, subject, ++next[s]);
+    }
+}
+
+/* Produces a round and waits until everything produced is applied;
+ * whether it was within 30 s. */
+static bool round_applied(tu_cluster *c, int *next, int n, long long *produced)
+{
+    produce_round(c, next, n);
+    *produced += n;
+    return tu_wait_for(applied_count() == *produced, 30000);
+}
+
+/* Members of one group sharing the database through rebalances: A stops
+ * in the middle of a batch (its transaction open) longer than
+ * max.poll.interval.ms, so the group takes its partitions from it and B
+ * reads, from their committed offsets, the events A holds claimed; B
+ * waits for A's rows (seen in pg_blocking_pids) until A is let go. A
+ * commits, rejoins, and later a third member joins while events keep
+ * coming.  Every event is applied exactly once, in order, nothing is
+ * parked. */
+START_TEST(test_rebalance)
+{
+    enum { SUBJECTS = 16, FIRST_ROUNDS = 10 };
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    const char *kv[] = {"max.poll.interval.ms", "6000", NULL};
+    struct behaviour b[3] = {{0}};
+    struct runner r[3] = {{0}};
+    struct opener op;
+    int next[SUBJECTS] = {0};
+    long long produced;
+    char sql[96];
+
+    tu_topic_create(c, "delivery", 4);
+    for (int i = 0; i < FIRST_ROUNDS; i++)
+        produce_round(c, next, SUBJECTS);
+    produced = (long long)SUBJECTS * FIRST_ROUNDS;
+    for (int i = 0; i < 3; i++) {
+        b[i].delay_us = 5000;
+        b[i].tag = i + 1;
+    }
+    b[0].gate_call = 12; /* A stops at its 12th event */
+    runner_start(&r[0], c, "g", kv, &b[0]);
+    runner_start(&r[1], c, "g", kv, &b[1]);
+    ck_assert(tu_wait_for(atomic_load(&b[0].gate) == GATE_WAITING, 60000));
+    /* Past max.poll.interval.ms A is out of the group; B takes its
+     * partitions and waits for A's claims. */
+    opener_start(&op, PQbackendPID(r[1].conn), PQbackendPID(r[0].conn),
+                 &b[0].gate);
+    ck_assert_int_eq(pthread_join(op.thread, NULL), 0);
+    ck_assert_msg(atomic_load(&op.seen), "B never waited for A's claims");
+    ck_assert(tu_wait_for(applied_count() == produced, 60000));
+    /* A is back in the group: it applies again. */
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM applied WHERE pid = 1");
+    {
+        long long before = q(sql);
+        ck_assert(tu_wait_for(round_applied(c, next, SUBJECTS, &produced) &&
+                                  q(sql) > before,
+                              60000));
+    }
+    /* A third member joins and takes a share. */
+    runner_start(&r[2], c, "g", kv, &b[2]);
+    ck_assert(
+        tu_wait_for(round_applied(c, next, SUBJECTS, &produced) &&
+                        q("SELECT count(*) FROM applied WHERE pid = 3") > 0,
+                    60000));
+    for (int i = 0; i < 3; i++)
+        runner_stop(&r[i]);
+    assert_clean_exactly_once(produced, SUBJECTS);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* ---- a connection cut during COMMIT ---------------------------------- */
+
+/* A proxy on a unix socket of its own between the consumer and the
+ * server (unix socket servers only: the suite's own, or an external one
+ * reached by socket).  Armed, it cuts the connection -- both sides --
+ * once the server has answered the client's next "COMMIT", without
+ * passing the answer on: the commit happened, the client cannot know. */
+struct proxy {
+    char *dir;
+    char target[108];
+    char conninfo[900]; /* the consumer's: through the proxy */
+    int lfd;
+    pthread_t thread;
+    atomic_bool armed, stop;
+    atomic_int cuts;
+};
+
+/* The client's stream cut into messages (the startup packet, then a
+ * type byte and a length each): the bytes left of the current message,
+ * its type and its first bytes. */
+struct framing {
+    bool started; /* past the startup packet */
+    char head[5];
+    int head_n;
+    long left;
+    char type;
+    char body[8];
+    int body_n;
+};
+
+/* Follows n more bytes p of the client's stream; *commit becomes true
+ * when a simple Query "COMMIT" ends in them. */
+static void frame(struct framing *f, const char *p, ssize_t n, bool *commit)
+{
+    for (ssize_t i = 0; i < n; i++) {
+        if (f->left == 0) {
+            int need = f->started ? 5 : 4;
+            f->head[f->head_n++] = p[i];
+            if (f->head_n < need)
+                continue;
+            const unsigned char *h =
+                (const unsigned char *)f->head + (f->started ? 1 : 0);
+            f->type = f->started ? f->head[0] : 0;
+            f->left = ((long)h[0] << 24 | (long)h[1] << 16 | (long)h[2] << 8 |
+                       (long)h[3]) -
+                      4;
+            f->head_n = 0;
+            f->body_n = 0;
+            f->started = true;
+            continue;
+        }
+        if (f->body_n < (int)sizeof f->body)
+            f->body[f->body_n++] = p[i];
+        if (--f->left == 0 && f->type == 'Q' && f->body_n == 7 &&
+            memcmp(f->body, "COMMIT", 7) == 0)
+            *commit = true;
+    }
+}
+
+static void *proxy_main(void *arg)
+{
+    struct proxy *px = arg;
+    char buf[8192];
+
+    while (!atomic_load(&px->stop)) {
+        struct pollfd a = {px->lfd, POLLIN, 0};
+        struct sockaddr_un sa = {0};
+        struct framing f = {0};
+        bool commit_sent = false;
+        int cfd, sfd;
+
+        if (poll(&a, 1, 50) <= 0)
+            continue;
+        if ((cfd = accept(px->lfd, NULL, NULL)) < 0)
+            continue;
+        sfd = socket(AF_UNIX, SOCK_STREAM, 0);
+        sa.sun_family = AF_UNIX;
+        snprintf(sa.sun_path, sizeof sa.sun_path, "%s", px->target);
+        if (sfd < 0 || connect(sfd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+            close(cfd);
+            if (sfd >= 0)
+                close(sfd);
+            continue;
+        }
+        for (;;) {
+            struct pollfd p[2] = {{cfd, POLLIN, 0}, {sfd, POLLIN, 0}};
+            ssize_t n;
+            if (atomic_load(&px->stop))
+                break;
+            if (poll(p, 2, 50) <= 0)
+                continue;
+            if (p[0].revents) {
+                bool commit = false;
+                if ((n = read(cfd, buf, sizeof buf)) <= 0)
+                    break;
+                frame(&f, buf, n, &commit);
+                commit_sent |= commit && atomic_load(&px->armed);
+                if (write(sfd, buf, (size_t)n) != n)
+                    break;
+            }
+            if (p[1].revents) {
+                if ((n = read(sfd, buf, sizeof buf)) <= 0)
+                    break;
+                if (commit_sent) { /* the server answered COMMIT: cut */
+                    atomic_store(&px->armed, false);
+                    atomic_fetch_add(&px->cuts, 1);
+                    break;
+                }
+                if (write(cfd, buf, (size_t)n) != n)
+                    break;
+            }
+        }
+        close(cfd);
+        close(sfd);
+    }
+    return NULL;
+}
+
+/* A proxy to the server conn is connected to (by unix socket); false
+ * when that server is not reached by one. */
+static bool proxy_start(struct proxy *px, PGconn *c, const char *ci)
+{
+    struct sockaddr_un sa = {0};
+    const char *host = PQhost(c);
+
+    if (host == NULL || host[0] != '/')
+        return false;
+    snprintf(px->target, sizeof px->target, "%s/.s.PGSQL.%s", host, PQport(c));
+    px->dir = tu_mkdtemp();
+    sa.sun_family = AF_UNIX;
+    snprintf(sa.sun_path, sizeof sa.sun_path, "%s/.s.PGSQL.%s", px->dir,
+             PQport(c));
+    px->lfd = socket(AF_UNIX, SOCK_STREAM, 0);
+    ck_assert_int_ge(px->lfd, 0);
+    ck_assert_int_eq(bind(px->lfd, (struct sockaddr *)&sa, sizeof sa), 0);
+    ck_assert_int_eq(listen(px->lfd, 4), 0);
+    /* The later host wins in a conninfo string. */
+    snprintf(px->conninfo, sizeof px->conninfo,
+             "%s host=%s gssencmode=disable sslmode=disable", ci, px->dir);
+    atomic_store(&px->armed, false);
+    atomic_store(&px->stop, false);
+    atomic_store(&px->cuts, 0);
+    ck_assert_int_eq(pthread_create(&px->thread, NULL, proxy_main, px), 0);
+    return true;
+}
+
+static void proxy_stop(struct proxy *px)
+{
+    atomic_store(&px->stop, true);
+    ck_assert_int_eq(pthread_join(px->thread, NULL), 0);
+    close(px->lfd);
+    tu_rmdir(px->dir);
+}
+
+/* What the handler does at the event that starts the cut (after its
+ * write): arms the proxy, so that the batch's COMMIT is cut after it
+ * happened. */
+struct cut_after {
+    const char *at;
+    struct proxy *px;
+};
+
+static de_err apply_then_arm(PGconn *c, const de_event_view *ev, void *ctx)
+{
+    struct cut_after *ca = ctx;
+    de_err err = apply(c, ev, NULL);
+
+    if (err == DE_OK && strcmp(ev->event_id, ca->at) == 0 &&
+        atomic_load(&ca->px->cuts) == 0)
+        atomic_store(&ca->px->armed, true);
+    return err;
+}
+
+/* Polls c (on cc) until every one of `want` events is applied, resetting
+ * the connection after each failed poll; on the first failure, checks
+ * what the cut batch left: *at_cut receives whether event `at` was
+ * committed.  Returns the number of failed polls. */
+static int poll_through_cuts(de_consumer *c, PGconn *cc, long long want,
+                             const char *at, long long *at_cut)
+{
+    int64_t deadline = tu_now_ms() + 60000;
+    char sql[128];
+    int failures = 0;
+
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM applied WHERE event_id = '%s'", at);
+    while (applied_count() < want && tu_now_ms() < deadline) {
+        de_err err = de_consumer_poll(c, 50, NULL);
+        if (err == DE_OK)
+            continue;
+        ck_assert_msg(err == DE_ERR_DB, "%s", de_errmsg());
+        ck_assert_int_eq(PQstatus(cc), CONNECTION_BAD);
+        if (failures++ == 0)
+            *at_cut = q(sql);
+        PQreset(cc);
+        ck_assert_int_eq(PQstatus(cc), CONNECTION_OK);
+    }
+    return failures;
+}
+
+/* The connection cut during the COMMIT of a batch, after the server
+ * committed it (a proxy drops the connection once the server has
+ * answered COMMIT, the answer not passed on): poll returns DE_ERR_DB,
+ * the host resets the connection, and the batch read again is all
+ * duplicates -- nothing applied twice. */
+START_TEST(test_commit_cut_after)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    struct proxy px;
+    struct cut_after ca = {"S-03-5", &px};
+    de_conf *conf;
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+    PGconn *cc;
+    long long at_cut = -1;
+
+    if (!proxy_start(&px, conn, conninfo)) {
+        fprintf(stderr, "commit_cut_after: skipped (not a unix socket)\n");
+        tu_cluster_destroy(c);
+        return;
+    }
+    cc = tpg_connect(px.conninfo);
+    tu_topic_create(c, "delivery", 2);
+    produce_many(c, 8, 10);
+    conf = consumer_conf(c->bootstrap, c->prefix, "g");
+    tu_ok(de_consumer_open_pg(cc, conf, &con));
+    de_conf_destroy(conf);
+    tu_ok(de_consumer_on_pg(con, "delivery", NULL, apply_then_arm, &ca));
+    ck_assert_int_eq(poll_through_cuts(con, cc, 80, ca.at, &at_cut), 1);
+    ck_assert_int_eq(atomic_load(&px.cuts), 1);
+    ck_assert_int_eq(at_cut, 1); /* the cut batch had committed */
+    assert_exactly_once(8, 10);
+    /* The cut batch, read again, is duplicates only: its applications
+     * are not counted (they were not known to commit), the rest are. */
+    poll_stats(con, &st);
+    ck_assert_uint_lt(st.applied, 80);
+    ck_assert_uint_ge(st.applied + st.duplicates, 80);
+    tu_ok(de_consumer_close(con));
+    PQfinish(cc);
+    proxy_stop(&px);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* The connection cut during the COMMIT of a batch, before it committed:
+ * a deferred constraint trigger on the read model's table terminates
+ * its own backend at the COMMIT of the batch that wrote one event (once:
+ * a sequence, which no rollback takes back, says it has).  Poll returns
+ * DE_ERR_DB, the host resets the connection, and the batch read again is
+ * applied once. */
+START_TEST(test_commit_cut_before)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_consumer *con = NULL;
+    de_consumer_stats st;
+    long long at_cut = -1;
+
+    tpg_exec(conn, "CREATE SEQUENCE cut_once");
+    tpg_exec(conn,
+             "CREATE FUNCTION cut() RETURNS trigger LANGUAGE plpgsql AS $$ "
+             "BEGIN IF NEW.event_id = 'S-03-5' AND nextval('cut_once') = 1 "
+             "THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF; "
+             "RETURN NULL; END $$");
+    tpg_exec(conn, "CREATE CONSTRAINT TRIGGER cut AFTER INSERT ON applied "
+                   "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE "
+                   "FUNCTION cut()");
+    tu_topic_create(c, "delivery", 2);
+    produce_many(c, 8, 10);
+    tu_ok(open_consumer(conn, c->bootstrap, c->prefix, "g", NULL, &con));
+    {
+        PGconn *probe = conn; /* poll_through_cuts reads through conn */
+        conn = tpg_connect(conninfo);
+        ck_assert_int_eq(poll_through_cuts(con, probe, 80, "S-03-5", &at_cut),
+                         1);
+        PQfinish(conn);
+        conn = probe;
+    }
+    ck_assert_int_eq(at_cut, 0); /* the cut batch had not committed */
+    assert_exactly_once(8, 10);
+    /* Cut once; the event read again committed (the trigger ran again). */
+    ck_assert_int_eq(tpg_int(conn, "SELECT last_value FROM cut_once"), 2);
+    ck_assert(tu_wait_for((poll_stats(con, &st), st.applied == 80), 10000));
+    tu_ok(de_consumer_close(con));
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* A consumer process (this program, --consume) applying into the
  * database; polls until killed. */
 static int consume_main(const char *ci, const char *bootstrap,
                         const char *prefix, const char *group)
 {
-    static struct behaviour slow = {NULL, 0, false, NULL, 0, 0, 5000};
+    static struct behaviour slow = {.delay_us = 5000};
     PGconn *c = PQconnectdb(ci);
     de_consumer *con = NULL;
 
@@ -648,6 +1347,16 @@ START_TEST(test_sigkill_restart)
 }
 END_TEST
 
+/* Adds tc: one scenario, looped over the clusters, with the fixture and
+ * a timeout of its own. */
+static void add_case(Suite *s, TCase *tc, const TTest *t, int timeout)
+{
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, timeout);
+    tcase_add_loop_test(tc, t, tu_cluster_first(), tu_cluster_count());
+    suite_add_tcase(s, tc);
+}
+
 static Suite *pg_consumer_suite(void)
 {
     Suite *s = suite_create("pg_consumer");
@@ -667,20 +1376,20 @@ static Suite *pg_consumer_suite(void)
     tcase_add_loop_test(tc, test_connection_terminated, first, n);
     tcase_add_loop_test(tc, test_sigkill_restart, first, n);
     suite_add_tcase(s, tc);
+    /* Each scenario below is a test case of its own: make check runs each
+     * as its own job (CK_RUN_CASE). */
+    add_case(s, tcase_create("on_type"), test_on_type, 60);
+    add_case(s, tcase_create("careful_race"), test_careful_race, 90);
+    add_case(s, tcase_create("commit_cut_after"), test_commit_cut_after, 90);
+    add_case(s, tcase_create("commit_cut_before"), test_commit_cut_before, 90);
+    add_case(s, tcase_create("rebalance"), test_rebalance, 180);
+    add_case(s, tcase_create("host_deallocates"), test_host_deallocates, 60);
     return s;
 }
 
 int main(int argc, char **argv)
 {
-    int failed;
-
     if (argc == 6 && strcmp(argv[1], "--consume") == 0)
         return consume_main(argv[2], argv[3], argv[4], argv[5]);
-    if (!tpg_start()) {
-        tpg_stop();
-        return EXIT_FAILURE;
-    }
-    failed = tu_run(pg_consumer_suite());
-    tpg_stop();
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return tpg_run(pg_consumer_suite());
 }

@@ -15,6 +15,7 @@
  */
 #include "deliveryevents_pg.h"
 #include "pg_int.h"
+#include "pgledger.h"
 #include "pgserver.h"
 #include "contract_fixture.h"
 #include "testutil.h"
@@ -253,6 +254,42 @@ START_TEST(test_savepoint)
 END_TEST
 
 /* The position of the one event of subject_id. */
+/* A host (or a pooler resetting sessions) that drops every prepared
+ * statement on the connection -- DEALLOCATE ALL inside or outside its
+ * transaction, DISCARD ALL between transactions -- and records on: each
+ * de_record succeeds, the host's transaction stays usable, its own row
+ * and the events commit. */
+START_TEST(test_host_deallocates)
+{
+    static const char *const resets[][2] = {
+        {"DEALLOCATE ALL", NULL},
+        {NULL, "DEALLOCATE ALL"}, /* inside the transaction */
+        {"DISCARD ALL", NULL},
+        {"DEALLOCATE ALL", "DEALLOCATE ALL"},
+    };
+    char sql[96];
+
+    tpg_exec(conn, "CREATE TABLE host_rows(n int)");
+    for (int i = 0; i < (int)DE__ARRAY_LEN(resets); i++) {
+        de_event ev = event("D-1");
+        if (resets[i][0] != NULL)
+            tpg_exec(conn, resets[i][0]);
+        tpg_exec(conn, "BEGIN");
+        if (resets[i][1] != NULL)
+            tpg_exec(conn, resets[i][1]);
+        tu_ok(de_record(ob, &ev, NULL));
+        ck_assert_int_eq(PQtransactionStatus(conn), PQTRANS_INTRANS);
+        snprintf(sql, sizeof sql, "INSERT INTO host_rows VALUES (%d)", i);
+        tpg_exec(conn, sql);
+        tu_ok(de_record(ob, &ev, NULL));
+        tpg_exec(conn, "COMMIT");
+    }
+    ck_assert_int_eq(count(conn, "host_rows"), 4);
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 8);
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox_order"), 8);
+}
+END_TEST
+
 static long long position_of(const char *subject_id)
 {
     char sql[200];
@@ -1425,18 +1462,15 @@ static Suite *pg_outbox_suite(void)
     tcase_add_test(tc, test_barrier_read_waits_for_commit_in_flight);
     tcase_add_test(tc, test_many_writers_commit_order);
     suite_add_tcase(s, tc);
+    tc = tcase_create("host_deallocates");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 30);
+    tcase_add_test(tc, test_host_deallocates);
+    suite_add_tcase(s, tc);
     return s;
 }
 
 int main(void)
 {
-    int failed;
-
-    if (!tpg_start()) {
-        tpg_stop();
-        return EXIT_FAILURE;
-    }
-    failed = tu_run(pg_outbox_suite());
-    tpg_stop();
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return tpg_run(pg_outbox_suite());
 }

@@ -11,6 +11,8 @@ int main(void)
         de_relay_start_pg;
     de_err (*consumer_pg)(PGconn *, const de_conf *, de_consumer **) =
         de_consumer_open_pg;
+    de_err (*on_type_pg)(de_consumer *, const char *, de_handler_pg_fn,
+                         void *) = de_consumer_on_type_pg;
 
-    return open_pg == 0 || relay_pg == 0 || consumer_pg == 0;
+    return open_pg == 0 || relay_pg == 0 || consumer_pg == 0 || on_type_pg == 0;
 }

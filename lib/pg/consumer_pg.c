@@ -30,6 +30,7 @@ static de_err call_pg(de__fnptr fn, void *conn, const de_event_view *v,
 
 static const de__consumer_kind pg_kind = {
     .on_fn = "de_consumer_on_pg",
+    .on_type_fn = "de_consumer_on_type_pg",
     .open_inbox = open_pg_inbox,
     .call = call_pg,
 };
@@ -61,4 +62,11 @@ de_err de_consumer_on_pg(de_consumer *c, const char *subject_type,
 {
     return de__consumer_on(c, "de_consumer_on_pg", subject_type, action,
                            (de__fnptr)fn, ctx);
+}
+
+de_err de_consumer_on_type_pg(de_consumer *c, const char *ce_type,
+                              de_handler_pg_fn fn, void *ctx)
+{
+    return de__consumer_on_type(c, "de_consumer_on_type_pg", ce_type,
+                                (de__fnptr)fn, ctx);
 }

@@ -248,7 +248,8 @@ typedef struct pg_inbox {
     char forget_type[DE__NAME_MAX + 1];
     char forget_id[DE__SUBJECT_ID_MAX + 1];
     /* owners whose text is in inbox_source (of this transaction or
-     * committed: cleared on a rollback) */
+     * committed: cleared on a rollback, and on a rollback to the event's
+     * savepoint) */
     int64_t owners[16];
     size_t n_owners;
 } pg_inbox;
@@ -393,13 +394,28 @@ static de_err run(pg_inbox *s, int which, const params *p, ExecStatusType want,
 
     if (res != NULL)
         *res = NULL;
-    if ((err = check_conn(s)) != DE_OK || (err = ensure_prepared(s)) != DE_OK)
-        return err;
     snprintf(name, sizeof name, STMT_PREFIX "%d", which);
-    r = PQexecPrepared(s->conn, name, p->n, p->v + 1, p->len + 1, p->fmt + 1,
-                       0);
-    if (r == NULL || PQresultStatus(r) != want)
-        return de__pg_fail(s->conn, r, what_of(which));
+    for (int tries = 0;; tries++) {
+        bool idle = PQtransactionStatus(s->conn) == PQTRANS_IDLE;
+        const char *state;
+        if ((err = check_conn(s)) != DE_OK ||
+            (err = ensure_prepared(s)) != DE_OK)
+            return err;
+        r = PQexecPrepared(s->conn, name, p->n, p->v + 1, p->len + 1,
+                           p->fmt + 1, 0);
+        if (r != NULL && PQresultStatus(r) == want)
+            break;
+        /* 26000: the statement is gone (the host ran DEALLOCATE or
+         * DISCARD ALL since i_begin looked): prepare them again; outside
+         * a transaction nothing was aborted, so try once more. */
+        state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+        if (state == NULL || strcmp(state, "26000") != 0)
+            return de__pg_fail(s->conn, r, what_of(which));
+        s->prepared_pid = 0;
+        if (!idle || tries > 0)
+            return de__pg_fail(s->conn, r, what_of(which));
+        PQclear(r);
+    }
     if (res != NULL)
         *res = r;
     else
@@ -434,7 +450,9 @@ static de_err simple(pg_inbox *s, const char *cmd, const char *what)
 static de_err i_begin(de__inbox *ib)
 {
     pg_inbox *s = IB(ib);
+    PGresult *r;
     de_err err;
+    int have;
 
     if ((err = check_conn(s)) != DE_OK || (err = ensure_prepared(s)) != DE_OK)
         return err;
@@ -443,8 +461,25 @@ static de_err i_begin(de__inbox *ib)
                         "consumer: its PostgreSQL connection is inside a "
                         "transaction; the host must leave it idle between "
                         "polls");
-    return simple(s, "BEGIN ISOLATION LEVEL READ COMMITTED",
-                  "consumer: cannot begin a transaction");
+    /* In the same round trip, whether the statements are all still
+     * there: the host (or a pooler) may have run DEALLOCATE ALL or
+     * DISCARD ALL on the connection since the last batch, and a missing
+     * statement would fail this batch and every one after it.  Prepared
+     * statements are not transactional: made in this transaction, they
+     * outlive its rollback. */
+    if ((err = de__pg_exec(s->conn,
+                           "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT "
+                           "count(*) FROM pg_catalog.pg_prepared_statements "
+                           "WHERE name LIKE 'deliveryevents\\_inbox\\_%'",
+                           PGRES_TUPLES_OK, &r,
+                           "consumer: cannot begin a transaction")) != DE_OK)
+        return err;
+    have = atoi(PQgetvalue(r, 0, 0));
+    PQclear(r);
+    if (have >= Q_COUNT)
+        return DE_OK;
+    s->prepared_pid = 0;
+    return ensure_prepared(s);
 }
 
 static de_err i_commit(de__inbox *ib)
@@ -491,6 +526,9 @@ static de_err i_release(de__inbox *ib)
 
 static de_err i_rollback_to(de__inbox *ib)
 {
+    /* The event's claim may have written its owner's text: forget what
+     * the cache learnt since (it cannot tell what), as on a rollback. */
+    IB(ib)->n_owners = 0;
     return simple(IB(ib), "ROLLBACK TO SAVEPOINT de_event",
                   "consumer: rolling back an event");
 }

@@ -25,18 +25,19 @@
  * commits; a NOTIFY in every commit would serialise recording commits
  * (PreCommit_Notify takes one cluster-wide lock until the commit ends).
  *
- * de_record itself is one prepared INSERT on the host's connection and
- * nothing else: every check that can refuse an event has run before the
- * server sees it, so a refused event leaves the host's transaction as it
- * was.  Contracts are checked from the outbox's cache; the INSERT writes
- * only if no definition was counted (sequence contracts_version) since
- * the cache was checked, and otherwise writes nothing and has the cache
- * reloaded so that de_record checks the event again (insert_sql).
+ * de_record itself is one INSERT on the host's connection (the unnamed
+ * statement: nothing of it is kept on the backend) and nothing else: every
+ * check that can refuse an event has run before the server sees it, so a
+ * refused event leaves the host's transaction as it was.  Contracts are checked
+ * from the outbox's cache; the INSERT writes only if no definition was counted
+ * (sequence contracts_version) since the cache was checked, and otherwise
+ * writes nothing and has the cache reloaded so that de_record checks the event
+ * again (insert_sql).
  *
  * Invariants: the outbox borrows the host's PGconn and uses it on the
- * host's thread only; the prepared statement exists on the backend whose
- * pid is prepared_pid (re-prepared when the host reset the connection);
- * the contracts cache holds every definition contracts_version counted
+ * host's thread only, and keeps no state on its backend (no prepared
+ * statement: a host or pooler may DEALLOCATE or DISCARD ALL); the
+ * contracts cache holds every definition contracts_version counted
  * up to pg_outbox.seen.
  */
 /* internal.h first: it marks the build (DE_BUILDING_LIBRARY) so that
@@ -51,11 +52,9 @@
 #include <string.h>
 
 #define PG_SCHEMA_VERSION 2
-#define PG_RECORD_STMT "deliveryevents_record"
 
 typedef struct pg_outbox {
-    PGconn *conn;     /* borrowed from the host */
-    int prepared_pid; /* backend holding PG_RECORD_STMT; 0: none */
+    PGconn *conn; /* borrowed from the host */
     /* contracts_version values (see insert_sql): the cache holds every
      * definition counted up to seen; the INSERT expects expect, which is
      * seen except right after a reload whose snapshot could not see them
@@ -219,8 +218,9 @@ de_err de__pg_migrate(PGconn *conn, const char *whose, const char *version_key,
 {
     char what[160];
     const char *params[1] = {version_key};
-    PGresult *r;
+    PGresult *r = NULL;
     int version = 0;
+    bool exists;
     de_err err;
 
     snprintf(what, sizeof what, "cannot begin %s migration", whose);
@@ -238,12 +238,23 @@ de_err de__pg_migrate(PGconn *conn, const char *whose, const char *version_key,
              PGRES_TUPLES_OK, NULL, what)) != DE_OK ||
         (err =
              de__pg_exec(conn,
-                         "CREATE SCHEMA IF NOT EXISTS deliveryevents;"
-                         "CREATE TABLE IF NOT EXISTS deliveryevents.meta ("
-                         "  key text PRIMARY KEY, value text NOT NULL)",
-                         PGRES_COMMAND_OK, NULL,
-                         "cannot create schema deliveryevents (the role needs "
-                         "CREATE on the database once)")) != DE_OK)
+                         "SELECT pg_catalog.to_regclass('deliveryevents.meta') "
+                         "IS NOT NULL",
+                         PGRES_TUPLES_OK, &r, what)) != DE_OK)
+        goto fail;
+    /* CREATE ... IF NOT EXISTS checks the CREATE privilege first, even
+     * when there is nothing to create: only a missing schema is created,
+     * so that roles without it (docs/POSTGRESQL.md, "Privileges") open. */
+    exists = strcmp(PQgetvalue(r, 0, 0), "t") == 0;
+    PQclear(r);
+    if (!exists && (err = de__pg_exec(
+                        conn,
+                        "CREATE SCHEMA IF NOT EXISTS deliveryevents;"
+                        "CREATE TABLE IF NOT EXISTS deliveryevents.meta ("
+                        "  key text PRIMARY KEY, value text NOT NULL)",
+                        PGRES_COMMAND_OK, NULL,
+                        "cannot create schema deliveryevents (the role needs "
+                        "CREATE on the database once)")) != DE_OK)
         goto fail;
     r = PQexecParams(conn,
                      "SELECT value FROM deliveryevents.meta WHERE key = $1", 1,
@@ -263,6 +274,8 @@ de_err de__pg_migrate(PGconn *conn, const char *whose, const char *version_key,
                        whose, version, n);
         goto fail;
     }
+    if (version == n)
+        return DE_OK; /* current: nothing to write */
     for (int i = version; i < n; i++) {
         snprintf(what, sizeof what,
                  "cannot migrate %s schema from version %d to %d", whose, i,
@@ -306,7 +319,7 @@ de_err de__pg_schema_ensure(PGconn *conn, char outbox_id[37])
 {
     char uuid[37];
     const char *params[1];
-    PGresult *r;
+    PGresult *r = NULL;
     de_err err;
 
     if ((err = de__pg_migrate(conn, "the outbox's", "schema_version",
@@ -316,13 +329,24 @@ de_err de__pg_schema_ensure(PGconn *conn, char outbox_id[37])
      * its marks written for another outbox refuses them. */
     de__uuid7(uuid);
     params[0] = uuid;
-    r = PQexecParams(conn,
-                     "INSERT INTO deliveryevents.meta VALUES ('outbox_id', $1) "
-                     "ON CONFLICT (key) DO NOTHING",
-                     1, NULL, params, NULL, NULL, 0);
-    if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK) {
-        err = de__pg_fail(conn, r, "cannot store the outbox id");
+    /* Written once, by whoever opens first: later openers (roles without
+     * INSERT on meta) only read it. */
+    if ((err = de__pg_exec(conn,
+                           "SELECT 1 FROM deliveryevents.meta WHERE key = "
+                           "'outbox_id'",
+                           PGRES_TUPLES_OK, &r, "cannot read the outbox id")) !=
+        DE_OK)
         goto fail;
+    if (PQntuples(r) == 0) {
+        PQclear(r);
+        r = PQexecParams(conn,
+                         "INSERT INTO deliveryevents.meta VALUES ('outbox_id', "
+                         "$1) ON CONFLICT (key) DO NOTHING",
+                         1, NULL, params, NULL, NULL, 0);
+        if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK) {
+            err = de__pg_fail(conn, r, "cannot store the outbox id");
+            goto fail;
+        }
     }
     PQclear(r);
     if ((err = de__pg_exec(
@@ -332,7 +356,8 @@ de_err de__pg_schema_ensure(PGconn *conn, char outbox_id[37])
              "SELECT pg_catalog.setval('deliveryevents.outbox_position', m) "
              "FROM (SELECT max(position) AS m "
              "      FROM deliveryevents.outbox_order) AS x "
-             "WHERE m >= (SELECT last_value "
+             "WHERE m >= (SELECT CASE WHEN is_called THEN last_value + 1 "
+             "            ELSE last_value END "
              "            FROM deliveryevents.outbox_position)",
              PGRES_TUPLES_OK, NULL,
              "cannot check the outbox's position sequence")) != DE_OK ||
@@ -360,38 +385,6 @@ fail:
     if (PQtransactionStatus(conn) != PQTRANS_IDLE)
         PQclear(PQexec(conn, "ROLLBACK"));
     return err;
-}
-
-/* Prepares the INSERT on the connection's current backend, unless it is
- * there already.  A host that reset its connection (PQreset) has a new
- * backend without it; the pid tells, without a round trip. */
-static de_err ensure_prepared(pg_outbox *pg)
-{
-    int pid = PQbackendPID(pg->conn);
-    PGresult *r;
-
-    if (pid != 0 && pid == pg->prepared_pid)
-        return DE_OK;
-    /* Another outbox on this connection may have prepared it: look
-     * first, as a failed Parse inside the host's transaction would abort
-     * it.  Same name, same text (one library per process). */
-    r = PQexec(pg->conn, "SELECT 1 FROM pg_catalog.pg_prepared_statements "
-                         "WHERE name = '" PG_RECORD_STMT "'");
-    if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK)
-        return de__pg_fail(pg->conn, r,
-                           "cannot look for the outbox's prepared INSERT");
-    if (PQntuples(r) == 1) {
-        PQclear(r);
-        pg->prepared_pid = pid;
-        return DE_OK;
-    }
-    PQclear(r);
-    r = PQprepare(pg->conn, PG_RECORD_STMT, insert_sql, 12, NULL);
-    if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK)
-        return de__pg_fail(pg->conn, r, "cannot prepare the outbox's INSERT");
-    PQclear(r);
-    pg->prepared_pid = pid;
-    return DE_OK;
 }
 
 static de_err pg_check_txn(void *ctx, const de_event *ev)
@@ -510,8 +503,6 @@ static de_err pg_insert(void *ctx, de__contract_set *cs,
     int64_t v;
     de_err err;
 
-    if ((err = ensure_prepared(pg)) != DE_OK)
-        return err;
     snprintf(version, sizeof version, "%d", row->version);
     snprintf(occurred, sizeof occurred, "%lld", (long long)row->occurred_at_ms);
     snprintf(recorded, sizeof recorded, "%lld", (long long)row->recorded_at_ms);
@@ -528,7 +519,12 @@ static de_err pg_insert(void *ctx, de__contract_set *cs,
     values[9] = row->tracestate;
     values[10] = row->dataschema;
     values[11] = expect;
-    r = PQexecPrepared(pg->conn, PG_RECORD_STMT, 12, values, NULL, NULL, 0);
+    /* The unnamed statement: parsed and planned with every call, but
+     * nothing of it lives on the backend between calls, so a host (or a
+     * pooler) running DEALLOCATE ALL or DISCARD ALL, or a reset
+     * connection, cannot make it fail -- and abort the host's
+     * transaction with it.  Still one round trip. */
+    r = PQexecParams(pg->conn, insert_sql, 12, NULL, values, NULL, NULL, 0);
     if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK ||
         PQntuples(r) != 1) {
         /* A failed statement aborts a PostgreSQL transaction: say so. */
@@ -651,9 +647,25 @@ static de_err store_settings(PGconn *conn, const de_conf *conf)
         const char *values[2] = {name, de__conf_str(conf, wire[i])};
         PGresult *r;
 
+        bool same;
         if (!de__conf_is_set(conf, wire[i]))
             continue;
         snprintf(name, sizeof name, "setting.%s", de__conf_key_name(wire[i]));
+        /* Stored already: nothing to write (a role without write access
+         * to meta opens with the settings the owner stored). */
+        r = PQexecParams(conn,
+                         "SELECT 1 FROM deliveryevents.meta WHERE key = $1 "
+                         "AND value = $2",
+                         2, NULL, values, NULL, NULL, 0);
+        if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK) {
+            err = de__pg_fail(conn, r, "cannot read the outbox's settings");
+            PQclear(PQexec(conn, "ROLLBACK"));
+            return err;
+        }
+        same = PQntuples(r) == 1;
+        PQclear(r);
+        if (same)
+            continue;
         /* The CTE reads the value from before the statement. */
         r = PQexecParams(conn,
                          "WITH old AS (SELECT value FROM deliveryevents.meta "
@@ -729,9 +741,5 @@ de_err de_outbox_open_pg(PGconn *conn, const de_conf *conf, de_outbox **out)
     if ((pg = calloc(1, sizeof *pg)) == NULL)
         return de__fail(DE_ERR_NOMEM, "out of memory opening the outbox");
     pg->conn = conn;
-    if ((err = ensure_prepared(pg)) != DE_OK) {
-        free(pg);
-        return err;
-    }
     return de__outbox_new_backend(conf, &pg_backend, pg, out);
 }

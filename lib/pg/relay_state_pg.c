@@ -502,6 +502,29 @@ static void p_rollback(de__rstate *base)
         PQclear(PQexec(st->conn, "ROLLBACK"));
 }
 
+/* Creates the tables when one is missing (CREATE ... IF NOT EXISTS
+ * checks the CREATE privilege even when there is nothing to create: a
+ * relay role without it starts on tables its owner created). */
+static de_err create_tables(pg_state *st)
+{
+    PGresult *r;
+    bool all;
+    de_err err;
+
+    if ((err = de__pg_exec(st->conn,
+                           "SELECT pg_catalog.to_regclass("
+                           "'deliveryevents.relay_found') IS NOT NULL",
+                           PGRES_TUPLES_OK, &r,
+                           "relay state: cannot look for its tables")) != DE_OK)
+        return err;
+    all = strcmp(PQgetvalue(r, 0, 0), "t") == 0;
+    PQclear(r);
+    return all ? DE_OK
+               : simple(st, tables_sql,
+                        "relay state: cannot create its tables in schema "
+                        "deliveryevents");
+}
+
 /* Creates the tables when missing and checks, in one transaction under
  * an advisory lock, that the state belongs to this outbox (recording
  * that it does when new) and is not older than the outbox's deletions. */
@@ -519,10 +542,7 @@ static de_err adopt(pg_state *st, const char *outbox_id,
                            ", " LOCK_TABLES ")",
                            PGRES_TUPLES_OK, NULL,
                            "relay state: cannot lock its tables")) != DE_OK ||
-        (err = simple(st, tables_sql,
-                      "relay state: cannot create its tables in schema "
-                      "deliveryevents")) != DE_OK ||
-        (err = setup(st)) != DE_OK ||
+        (err = create_tables(st)) != DE_OK || (err = setup(st)) != DE_OK ||
         (err = meta_get(st, "outbox_id", buf, sizeof buf, &found)) != DE_OK ||
         (err = meta_get(st, "cursor", cur, sizeof cur, &has_cursor)) != DE_OK)
         goto fail;

@@ -9,6 +9,7 @@
 #ifndef DE_PGSERVER_H
 #define DE_PGSERVER_H
 
+#include <check.h>
 #include <libpq-fe.h>
 #include <stdbool.h>
 
