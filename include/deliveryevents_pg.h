@@ -47,11 +47,17 @@ extern "C" {
  * library's schema `deliveryevents` (its tables, a sequence and a
  * deferred trigger) in a transaction of its own, under an advisory lock so
  * that instances starting together migrate one at a time; the role needs
- * CREATE on the database the first time.  It keeps nothing on the
- * connection's session: de_record sends its INSERT as the unnamed
- * statement, so a host or a pooler that runs DEALLOCATE ALL or DISCARD
- * ALL on the connection, or hands each transaction another backend
- * (PgBouncer in transaction mode), does not disturb it.
+ * CREATE on the database the first time.  It prepares de_record's INSERT
+ * on the connection's session (a statement named deliveryevents_record,
+ * prepared again after the host resets the connection): parsing and
+ * planning it at every call costs a CPU-bound server up to about half
+ * the cost of the transaction.  A host or pooler that drops it (DEALLOCATE
+ * ALL, DISCARD ALL, PgBouncer in transaction mode handing the next
+ * transaction another backend) makes the next de_record fail with
+ * DE_ERR_DB, a message that says so, and the host's transaction aborted;
+ * the de_record after that prepares it again.  With pg.record.prepared set
+ * to false in conf, de_record sends the unnamed statement instead and keeps
+ * nothing on the session, so none of that can disturb it.
  *
  * de_record on the outbox writes one row with one statement inside the
  * host's open transaction.  Every check that can refuse an event runs

@@ -119,6 +119,11 @@ static const struct keydef {
     /* Empty: the relay of a PostgreSQL outbox connects where the host's
      * connection did (deliveryevents_pg.h). */
     [DE__K_PG_CONNINFO] = {"pg.conninfo", "", T_STR, 0, 0, NULL},
+    /* A named prepared statement: parsed and planned once per backend.
+     * false: the unnamed statement, for hosts or poolers that DEALLOCATE
+     * (deliveryevents_pg.h). */
+    [DE__K_PG_RECORD_PREPARED] = {"pg.record.prepared", "true", T_BOOL, 0, 1,
+                                  NULL},
 };
 
 struct rk_prop {

@@ -104,6 +104,7 @@ typedef enum {
     DE__K_EVENT_HMAC_KEY,
     DE__K_CONSUMER_DEAD_LETTER_RETENTION_MS,
     DE__K_PG_CONNINFO,
+    DE__K_PG_RECORD_PREPARED,
     DE__K_COUNT
 } de__key;
 

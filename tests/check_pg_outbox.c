@@ -259,6 +259,11 @@ END_TEST
  * transaction, DISCARD ALL between transactions -- and records on: each
  * de_record succeeds, the host's transaction stays usable, its own row
  * and the events commit. */
+/* With pg.record.prepared=false a host (or a pooler) that drops every
+ * prepared statement -- outside or inside the transaction -- cannot make
+ * de_record fail.  With the default (prepared) it fails with a message
+ * that says what happened and what to do, and the next transaction
+ * records again. */
 START_TEST(test_host_deallocates)
 {
     static const char *const resets[][2] = {
@@ -267,26 +272,53 @@ START_TEST(test_host_deallocates)
         {"DISCARD ALL", NULL},
         {"DEALLOCATE ALL", "DEALLOCATE ALL"},
     };
+    de_conf *conf = de_conf_new();
+    de_outbox *unnamed = NULL;
+    de_event ev = event("D-1");
     char sql[96];
 
+    /* The default (prepared): the dropped statement is named, with the
+     * way out, and the rolled-back transaction recorded nothing... */
+    tpg_exec(conn, "BEGIN");
+    tu_ok(de_record(ob, &ev, NULL));
+    tpg_exec(conn, "COMMIT");
+    tpg_exec(conn, "DEALLOCATE ALL");
+    tpg_exec(conn, "BEGIN");
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_DB,
+                  "prepared statement deliveryevents_record was dropped");
+    ck_assert_msg(strstr(de_errmsg(), "pg.record.prepared=false") != NULL, "%s",
+                  de_errmsg());
+    tpg_exec(conn, "ROLLBACK");
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 1);
+    /* ...and the next transaction records again. */
+    tpg_exec(conn, "BEGIN");
+    tu_ok(de_record(ob, &ev, NULL));
+    tu_ok(de_record(ob, &ev, NULL));
+    tpg_exec(conn, "COMMIT");
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 3);
+
+    /* pg.record.prepared=false: nothing to drop. */
+    tu_ok(de_conf_set(conf, "pg.record.prepared", "false"));
+    tu_ok(de_outbox_open_pg(conn, conf, &unnamed));
+    de_conf_destroy(conf);
     tpg_exec(conn, "CREATE TABLE host_rows(n int)");
     for (int i = 0; i < (int)DE__ARRAY_LEN(resets); i++) {
-        de_event ev = event("D-1");
         if (resets[i][0] != NULL)
             tpg_exec(conn, resets[i][0]);
         tpg_exec(conn, "BEGIN");
         if (resets[i][1] != NULL)
             tpg_exec(conn, resets[i][1]);
-        tu_ok(de_record(ob, &ev, NULL));
+        tu_ok(de_record(unnamed, &ev, NULL));
         ck_assert_int_eq(PQtransactionStatus(conn), PQTRANS_INTRANS);
         snprintf(sql, sizeof sql, "INSERT INTO host_rows VALUES (%d)", i);
         tpg_exec(conn, sql);
-        tu_ok(de_record(ob, &ev, NULL));
+        tu_ok(de_record(unnamed, &ev, NULL));
         tpg_exec(conn, "COMMIT");
     }
+    de_outbox_close(unnamed);
     ck_assert_int_eq(count(conn, "host_rows"), 4);
-    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 8);
-    ck_assert_int_eq(count(conn, "deliveryevents.outbox_order"), 8);
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 11);
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox_order"), 11);
 }
 END_TEST
 

@@ -25,8 +25,10 @@
  * commits; a NOTIFY in every commit would serialise recording commits
  * (PreCommit_Notify takes one cluster-wide lock until the commit ends).
  *
- * de_record itself is one INSERT on the host's connection (the unnamed
- * statement: nothing of it is kept on the backend) and nothing else: every
+ * de_record itself is one INSERT on the host's connection -- a named
+ * prepared statement (pg.record.prepared, the default), or the unnamed
+ * statement, of which nothing is kept on the backend -- and nothing
+ * else: every
  * check that can refuse an event has run before the server sees it, so a
  * refused event leaves the host's transaction as it was.  Contracts are checked
  * from the outbox's cache; the INSERT writes only if no definition was counted
@@ -35,8 +37,11 @@
  * again (insert_sql).
  *
  * Invariants: the outbox borrows the host's PGconn and uses it on the
- * host's thread only, and keeps no state on its backend (no prepared
- * statement: a host or pooler may DEALLOCATE or DISCARD ALL); the
+ * host's thread only; with pg.record.prepared its statement exists on the
+ * backend whose pid is prepared_pid (prepared again after the host reset
+ * the connection, or after the INSERT found it dropped: a host or pooler
+ * running DEALLOCATE or DISCARD ALL), and without it the outbox keeps no
+ * state on the backend; the
  * contracts cache holds every definition contracts_version counted
  * up to pg_outbox.seen.
  */
@@ -52,9 +57,12 @@
 #include <string.h>
 
 #define PG_SCHEMA_VERSION 2
+#define PG_RECORD_STMT "deliveryevents_record"
 
 typedef struct pg_outbox {
-    PGconn *conn; /* borrowed from the host */
+    PGconn *conn;     /* borrowed from the host */
+    bool prepared;    /* pg.record.prepared */
+    int prepared_pid; /* backend holding PG_RECORD_STMT; 0: none */
     /* contracts_version values (see insert_sql): the cache holds every
      * definition counted up to seen; the INSERT expects expect, which is
      * seen except right after a reload whose snapshot could not see them
@@ -387,6 +395,38 @@ fail:
     return err;
 }
 
+/* Prepares the INSERT on the connection's current backend, unless it is
+ * there already.  A host that reset its connection (PQreset) has a new
+ * backend without it; the pid tells, without a round trip. */
+static de_err ensure_prepared(pg_outbox *pg)
+{
+    int pid = PQbackendPID(pg->conn);
+    PGresult *r;
+
+    if (pid != 0 && pid == pg->prepared_pid)
+        return DE_OK;
+    /* Another outbox on this connection may have prepared it: look
+     * first, as a failed Parse inside the host's transaction would abort
+     * it.  Same name, same text (one library per process). */
+    r = PQexec(pg->conn, "SELECT 1 FROM pg_catalog.pg_prepared_statements "
+                         "WHERE name = '" PG_RECORD_STMT "'");
+    if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK)
+        return de__pg_fail(pg->conn, r,
+                           "cannot look for the outbox's prepared INSERT");
+    if (PQntuples(r) == 1) {
+        PQclear(r);
+        pg->prepared_pid = pid;
+        return DE_OK;
+    }
+    PQclear(r);
+    r = PQprepare(pg->conn, PG_RECORD_STMT, insert_sql, 12, NULL);
+    if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK)
+        return de__pg_fail(pg->conn, r, "cannot prepare the outbox's INSERT");
+    PQclear(r);
+    pg->prepared_pid = pid;
+    return DE_OK;
+}
+
 static de_err pg_check_txn(void *ctx, const de_event *ev)
 {
     pg_outbox *pg = ctx;
@@ -497,7 +537,7 @@ static de_err pg_insert(void *ctx, de__contract_set *cs,
                         const de__outbox_row *row, int64_t *position)
 {
     pg_outbox *pg = ctx;
-    char version[16], occurred[24], recorded[24], expect[24], what[200];
+    char version[16], occurred[24], recorded[24], expect[24], what[512];
     const char *values[12];
     PGresult *r;
     int64_t v;
@@ -519,19 +559,42 @@ static de_err pg_insert(void *ctx, de__contract_set *cs,
     values[9] = row->tracestate;
     values[10] = row->dataschema;
     values[11] = expect;
-    /* The unnamed statement: parsed and planned with every call, but
-     * nothing of it lives on the backend between calls, so a host (or a
-     * pooler) running DEALLOCATE ALL or DISCARD ALL, or a reset
-     * connection, cannot make it fail -- and abort the host's
-     * transaction with it.  Still one round trip. */
-    r = PQexecParams(pg->conn, insert_sql, 12, NULL, values, NULL, NULL, 0);
+    if (pg->prepared) {
+        /* Parsed and planned once per backend; a host (or pooler) that
+         * drops it makes this INSERT fail, which aborts the host's
+         * transaction: said below, and prepared again next time. */
+        if ((err = ensure_prepared(pg)) != DE_OK)
+            return err;
+        r = PQexecPrepared(pg->conn, PG_RECORD_STMT, 12, values, NULL, NULL, 0);
+    } else {
+        /* The unnamed statement: parsed and planned with every call, but
+         * nothing of it lives on the backend between calls, so a host
+         * (or a pooler) running DEALLOCATE ALL or DISCARD ALL cannot make
+         * it fail.  Still one round trip. */
+        r = PQexecParams(pg->conn, insert_sql, 12, NULL, values, NULL, NULL, 0);
+    }
     if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK ||
         PQntuples(r) != 1) {
+        const char *state =
+            r != NULL ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
         /* A failed statement aborts a PostgreSQL transaction: say so. */
-        snprintf(what, sizeof what,
-                 "recording %s.%s failed and PostgreSQL aborted the host's "
-                 "transaction (roll it back)",
-                 row->subject_type, row->action);
+        if (pg->prepared && state != NULL && strcmp(state, "26000") == 0) {
+            pg->prepared_pid = 0; /* gone: prepared again next time */
+            snprintf(what, sizeof what,
+                     "recording %s.%s failed: the outbox's prepared "
+                     "statement " PG_RECORD_STMT " was dropped on this "
+                     "connection (DEALLOCATE or DISCARD ALL, e.g. by a "
+                     "pooler), and PostgreSQL aborted the host's "
+                     "transaction (roll it back; the next de_record "
+                     "prepares it again; with pg.record.prepared=false "
+                     "nothing is kept on the connection)",
+                     row->subject_type, row->action);
+        } else {
+            snprintf(what, sizeof what,
+                     "recording %s.%s failed and PostgreSQL aborted the "
+                     "host's transaction (roll it back)",
+                     row->subject_type, row->action);
+        }
         return de__pg_fail(pg->conn, r, what);
     }
     v = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
@@ -741,5 +804,11 @@ de_err de_outbox_open_pg(PGconn *conn, const de_conf *conf, de_outbox **out)
     if ((pg = calloc(1, sizeof *pg)) == NULL)
         return de__fail(DE_ERR_NOMEM, "out of memory opening the outbox");
     pg->conn = conn;
+    pg->prepared = de__conf_bool(conf, DE__K_PG_RECORD_PREPARED);
+    /* Prepared now, outside the host's transactions. */
+    if (pg->prepared && (err = ensure_prepared(pg)) != DE_OK) {
+        free(pg);
+        return err;
+    }
     return de__outbox_new_backend(conf, &pg_backend, pg, out);
 }
