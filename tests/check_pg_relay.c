@@ -517,13 +517,41 @@ END_TEST
  * before the poll interval could have brought it. */
 START_TEST(sleeping_relay_is_woken_by_a_commit_elsewhere)
 {
-    tu_cluster *c = tu_cluster_new(_i, 1);
+    tu_cluster *c;
     de_conf *conf;
     de_relay *r = NULL;
     int64_t t0;
     pid_t pid;
-    int status;
+    int status, go[2];
 
+    /* The committing process is forked now, before this process has
+     * threads (the mock's, the relay's): a fork of a threaded process
+     * may inherit a lock one of them held (the allocator's) and hang.  It
+     * commits when told through the pipe (or exits when this process
+     * dies and the pipe closes). */
+    ck_assert_int_eq(pipe(go), 0);
+    pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) { /* one commit on a connection of its own */
+        PGconn *w;
+        de_outbox *o = NULL;
+        unsigned wseed = 11;
+        char b;
+        bool ok;
+
+        close(go[1]);
+        if (read(go[0], &b, 1) != 1)
+            _exit(2);
+        w = PQconnectdb(conninfo);
+        ok = PQstatus(w) == CONNECTION_OK &&
+             de_outbox_open_pg(w, NULL, &o) == DE_OK && tpg_cmd(w, "BEGIN") &&
+             tpg_record_one(w, o, 2, &wseed) && tpg_cmd(w, "COMMIT");
+        de_outbox_close(o);
+        PQfinish(w);
+        _exit(ok ? 0 : 1);
+    }
+    close(go[0]);
+    c = tu_cluster_new(_i, 1);
     tu_topic_create(c, "delivery", 1);
     /* Nothing else due for a minute: no poll, no heartbeat (every
      * lease timeout / 5), no cleanup round. */
@@ -541,20 +569,8 @@ START_TEST(sleeping_relay_is_woken_by_a_commit_elsewhere)
                               cursor_at_end(),
                           60000));
     t0 = tu_now_ms();
-    pid = fork();
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) { /* one commit on a connection of its own */
-        PGconn *w = PQconnectdb(conninfo);
-        de_outbox *o = NULL;
-        unsigned wseed = 11;
-        bool ok = PQstatus(w) == CONNECTION_OK &&
-                  de_outbox_open_pg(w, NULL, &o) == DE_OK &&
-                  tpg_cmd(w, "BEGIN") && tpg_record_one(w, o, 2, &wseed) &&
-                  tpg_cmd(w, "COMMIT");
-        de_outbox_close(o);
-        PQfinish(w);
-        _exit(ok ? 0 : 1);
-    }
+    ck_assert_int_eq(write(go[1], "c", 1), 1);
+    close(go[1]);
     ck_assert_int_eq(waitpid(pid, &status, 0), pid);
     ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
     /* No de_relay_flush here: it would wake the relay itself. */

@@ -177,6 +177,7 @@ START_TEST(test_status)
 {
     tu_cluster *c = tu_cluster_new(_i, 1);
     de_outbox *ob = NULL, *lite_ob = NULL;
+    de_conf *conf;
     de_relay *r = NULL;
     de_relay_stats st;
     json_t *o, *lite, *v;
@@ -226,9 +227,9 @@ START_TEST(test_status)
 
     /* A relay publishes them: nothing pending, its lease. */
     /* Retained once published, for list to show them so. */
-    tu_ok(de_relay_start_pg(
-        conninfo, tu_relay_conf(c, "outbox.retention.ms", "3600000", NULL),
-        &r));
+    conf = tu_relay_conf(c, "outbox.retention.ms", "3600000", NULL);
+    tu_ok(de_relay_start_pg(conninfo, conf, &r));
+    de_conf_destroy(conf);
     ck_assert(tu_wait_for(
         (tu_ok(de_relay_stats_get(r, &st)), st.published == 3), 60000));
     /* Published is not yet checkpointed: what status reads is the
@@ -724,13 +725,5 @@ static Suite *pg_tool_suite(void)
 
 int main(void)
 {
-    int failed;
-
-    if (!tpg_start()) {
-        tpg_stop();
-        return EXIT_FAILURE;
-    }
-    failed = tu_run(pg_tool_suite());
-    tpg_stop();
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return tpg_run(pg_tool_suite());
 }

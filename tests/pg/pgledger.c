@@ -46,9 +46,17 @@ void tpg_host_close(PGconn *c, de_outbox *o)
     PQfinish(c);
 }
 
+static int writer_main(const char *spec);
+
 int tpg_run(Suite *s)
 {
+    const char *writer = getenv("TPG_WRITER");
     int failed;
+
+    if (writer != NULL) { /* a writer process (tpg_fork_writers) */
+        srunner_free(srunner_create(s)); /* frees s: nothing leaks */
+        return writer_main(writer);
+    }
 
     if (!tpg_start()) {
         tpg_stop();
@@ -189,19 +197,54 @@ done:
     return committed;
 }
 
+/* The writer processes are the suite's binary executed again (not a bare
+ * fork: the test process has threads -- the relay's, the mock cluster's
+ * -- and a fork of it may inherit a lock one of them held, e.g. in the
+ * allocator, and hang); tpg_run sees TPG_WRITER and runs the writer. */
 void tpg_fork_writers(const char *where, int n, int ntx, int max_pause_us,
                       bool reconnect, pid_t *pids)
 {
+    extern char **environ;
+    size_t envc = 0;
+    char **envp, spec[1100];
+    char *const argv[] = {"tpg-writer", NULL};
+
+    /* The environment plus TPG_WRITER, built before fork: the child only
+     * calls execve (setenv here would race the threads' getenv). */
+    while (environ[envc] != NULL)
+        envc++;
+    envp = calloc(envc + 2, sizeof *envp);
+    ck_assert_ptr_nonnull(envp);
+    memcpy(envp, environ, envc * sizeof *envp);
+    envp[envc] = spec;
     for (int w = 0; w < n; w++) {
+        snprintf(spec, sizeof spec, "TPG_WRITER=%u %d %d %d %s",
+                 1000u + (unsigned)w * 7919u + (unsigned)getpid(), ntx,
+                 max_pause_us, reconnect ? 1 : 0, where);
         pids[w] = fork();
         ck_assert_int_ge(pids[w], 0);
-        if (pids[w] == 0) /* _exit: the parent's atexit handlers stay */
-            _exit(tpg_write_txns(
-                      where, 1000u + (unsigned)w * 7919u + (unsigned)getpid(),
-                      ntx, max_pause_us, reconnect, NULL) < 0
-                      ? 1
-                      : 0);
+        if (pids[w] == 0) {
+            execve("/proc/self/exe", argv, envp);
+            _exit(127);
+        }
     }
+    free(envp);
+}
+
+/* The writer process tpg_fork_writers started: its exit status. */
+static int writer_main(const char *spec)
+{
+    unsigned seed;
+    int ntx, pause_us, reconnect, at = 0;
+
+    if (sscanf(spec, "%u %d %d %d %n", &seed, &ntx, &pause_us, &reconnect,
+               &at) != 4 ||
+        at == 0)
+        return 2;
+    return tpg_write_txns(spec + at, seed, ntx, pause_us, reconnect != 0,
+                          NULL) < 0
+               ? 1
+               : 0;
 }
 
 void tpg_wait_writers(int n, const pid_t *pids)

@@ -36,7 +36,9 @@ PGconn *tpg_host_open(const char **where, de_outbox **o);
 void tpg_host_close(PGconn *c, de_outbox *o);
 
 /* A PostgreSQL suite's main: starts the server (tpg_start), runs s,
- * stops the server; the exit status. */
+ * stops the server; the exit status.  In a writer process that
+ * tpg_fork_writers started (the suite's binary again), it runs the
+ * writer instead. */
 int tpg_run(Suite *s);
 
 /* Inside the open transaction on c: bumps subject i's row and records one
