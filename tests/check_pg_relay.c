@@ -647,6 +647,124 @@ START_TEST(connection_loss_loses_nothing)
 }
 END_TEST
 
+/* Rows a source read handed on (their positions), taking at most
+ * take_max of them. */
+static int64_t got[64];
+static int ngot, take_max;
+
+static de_err take_row(void *ctx, const de__row *row)
+{
+    (void)ctx;
+    if (ngot >= take_max)
+        return DE__AGAIN;
+    got[ngot++] = row->position;
+    return DE_OK;
+}
+
+/* A read of the rows after `after`, at most limit, of which the caller
+ * takes `take`: exactly positions first, first + 1, ..., count of them. */
+static void read_expect(de__source *src, int64_t after, int64_t limit, int take,
+                        int64_t first, int64_t count)
+{
+    int64_t n = -1;
+
+    ngot = 0;
+    take_max = take;
+    tu_ok(src->ops->read(src, after, limit, take_row, NULL, &n));
+    ck_assert_int_eq(n, count);
+    ck_assert_int_eq(ngot, count);
+    for (int i = 0; i < ngot; i++)
+        ck_assert_int_eq(got[i], first + i);
+}
+
+/*
+ * The source reads the next batch ahead after a full one, before its
+ * rows are handed on; whatever the next read asks for -- the rows after
+ * another position (the caller took fewer), fewer rows, more rows -- it
+ * gets exactly those, and a query of another kind meanwhile answers as
+ * without it (and drops it: a read-ahead is never older than the read
+ * before).
+ */
+START_TEST(source_read_ahead_answers_only_what_is_asked)
+{
+    unsigned long used0, dropped0, used, dropped;
+    char outbox_id[37];
+    de__source *src = NULL;
+    int64_t max = 0;
+
+    for (int i = 1; i <= 30; i++)
+        tpg_commit_one(conn, ob, i);
+    ck_assert_int_eq(tpg_max_position(conn), 30);
+    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
+    de__source_pg_read_aheads(&used0, &dropped0);
+    read_expect(src, 0, 5, 5, 1, 5);          /* full: reads 6..10 ahead */
+    read_expect(src, 2, 5, 5, 3, 5);          /* other rows: dropped */
+    read_expect(src, 7, 3, 3, 8, 3);          /* fewer rows: used (1) */
+    read_expect(src, 10, 5, 2, 11, 2);        /* full, 2 taken: reads ahead */
+    tu_ok(src->ops->max_position(src, &max)); /* another query: dropped */
+    ck_assert_int_eq(max, 30);
+    read_expect(src, 12, 5, 5, 13, 5); /* reads 18..22 ahead */
+    /* More rows: the read-ahead (2), then its own read-ahead (3). */
+    read_expect(src, 17, 10, 10, 18, 10);
+    ck_assert(src->ops->changed(src));   /* a read-ahead waits */
+    read_expect(src, 27, 10, 10, 28, 3); /* used (4): the end */
+    read_expect(src, 30, 10, 10, 0, 0);
+    de__source_pg_read_aheads(&used, &dropped);
+    ck_assert_uint_eq(used - used0, 4);
+    ck_assert_uint_eq(dropped - dropped0, 2);
+    src->ops->close(src);
+}
+END_TEST
+
+/*
+ * Read-ahead: batches of 7 with at most 16 events in flight, so that
+ * most reads come back full and send the next read before their rows
+ * are produced, and the room left in the relay often asks for fewer or
+ * more rows than were read ahead (used in part, or dropped).  Writer
+ * processes commit meanwhile, and the relay's connections are
+ * terminated mid-stream, a read-ahead possibly on its way.  Kafka holds
+ * exactly what committed, each subject in commit order, without a gap.
+ */
+START_TEST(read_ahead_keeps_order_and_loses_nothing)
+{
+    pid_t pids[4];
+    tu_cluster *c = tu_cluster_new(_i, 3);
+    unsigned long used0, dropped0, used, dropped;
+    de_conf *conf;
+    de_relay *r = NULL;
+
+    tu_topic_create(c, "delivery", 3);
+    /* A backlog first: the first reads are full. */
+    ck_assert_int_gt(tpg_write_txns(conninfo, 11, 200, 0, false, NULL), 0);
+    de__source_pg_read_aheads(&used0, &dropped0);
+    conf = tu_relay_conf(c, "relay.batch.size", "7", "relay.max.inflight", "16",
+                         "relay.poll.interval.ms", "10", NULL);
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    tpg_fork_writers(conninfo, 4, 60, 2000, false, pids);
+    for (int round = 0; round < 3; round++) {
+        long long seen = tpg_published_cursor(conn);
+        ck_assert_int_ge(tpg_write_txns(conninfo, 100u + (unsigned)round, 40, 0,
+                                        false, NULL),
+                         0);
+        ck_assert(tu_wait_for(tpg_published_cursor(conn) > seen, 60000));
+        ck_assert(tu_wait_for(relay_backends(false) == 2, 60000));
+        ck_assert_int_eq(relay_backends(true), 2);
+    }
+    tpg_wait_writers(4, pids);
+    tu_ok(de_relay_flush(r, 120000));
+    tu_ok(de_relay_stop(r, 10000));
+    de__source_pg_read_aheads(&used, &dropped);
+    fprintf(stderr, "read_ahead: %lu read-aheads used, %lu dropped\n",
+            used - used0, dropped - dropped0);
+    /* The path under test was taken. */
+    ck_assert_uint_gt(used - used0, 10);
+    tu_check k = tpg_check(conn, c);
+    tu_assert_check(&k);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 static Suite *pg_relay_suite(void)
 {
     Suite *s = suite_create("pg_relay");
@@ -671,6 +789,9 @@ static Suite *pg_relay_suite(void)
                         tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, broker_outage_loses_nothing, tu_cluster_first(),
                         tu_cluster_count());
+    tcase_add_test(tc, source_read_ahead_answers_only_what_is_asked);
+    tcase_add_loop_test(tc, read_ahead_keeps_order_and_loses_nothing,
+                        tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, connection_loss_loses_nothing, tu_cluster_first(),
                         tu_cluster_count());
     suite_add_tcase(s, tc);

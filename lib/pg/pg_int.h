@@ -78,6 +78,11 @@ void de__source_pg_barrier_wait(de__source *src, int ms);
 /* How many barrier reads the PostgreSQL sources of this process sent to
  * their server (for tests: the back-off after timeouts shows in it). */
 unsigned long de__source_pg_barrier_attempts(void);
+/* How many reads the PostgreSQL sources of this process read ahead
+ * (sent after a full batch, before its rows were handed on) and then
+ * handed on (*used) or dropped because the next read asked for other
+ * rows (*dropped); for tests. */
+void de__source_pg_read_aheads(unsigned long *used, unsigned long *dropped);
 
 /* After the second barrier timeout in a row the source waits before it
  * tries again: DE__PG_BARRIER_BACKOFF_MS, doubling with each further

@@ -59,6 +59,27 @@
  * locked) before it gives up until the next round. */
 #define DELETE_LOCK_WAIT "5ms"
 
+/* The smallest full read that reads ahead: a read of one row (de_replay
+ * looks at the oldest row) is a probe, not a batch. */
+#define AHEAD_MIN 2
+
+/* What a read sends in libpq's pipeline mode, in one round trip (see
+ * p_read): statements, and syncs that end the implicit transaction of
+ * the statements before them (committing it, or rolling it back when
+ * one failed: the server skips the rest of it). */
+enum {
+    R_WAIT,
+    R_BARRIER,
+    R_WRITTEN,
+    R_SYNC1,
+    R_READ,
+    R_FLUSHED,
+    R_SYNC2,
+    R_LOWER,
+    R_SYNC3,
+    R_COUNT
+};
+
 typedef struct pg_source {
     de__source base;
     PGconn *conn;
@@ -68,15 +89,24 @@ typedef struct pg_source {
     bool recheck;   /* changed() is true: a round may have gone unheard */
     bool lower;     /* the flag is to be lowered by the next read */
     /* back-off (see timed_out()) */
-    int timeouts;          /* barrier timeouts in a row */
-    int64_t stalled_us;    /* when the first of them happened */
-    int64_t retry_us;      /* no attempt before this (monotonic) */
-    bool warn_prepared;    /* the prepared-transactions warning is due */
+    int timeouts;       /* barrier timeouts in a row */
+    int64_t stalled_us; /* when the first of them happened */
+    int64_t retry_us;   /* no attempt before this (monotonic) */
+    bool warn_prepared; /* the prepared-transactions warning is due */
+    /* read-ahead (see p_read): a read sent but not yet collected
+     * (ahead_sent), or collected and kept (ahead_kept, in ahead_res) */
+    bool ahead_sent, ahead_kept, ahead_whole;
+    int ahead_count; /* its items (send_read) */
+    int64_t ahead_after, ahead_limit;
+    int64_t handed_upto; /* the last row a read handed on */
+    PGresult *ahead_res[R_COUNT];
     char warning[600];     /* a warning due, "" when none */
     char warning_out[600]; /* the one warning() handed out last */
 } pg_source;
 
-static atomic_ulong barrier_attempts;
+static atomic_ulong barrier_attempts, aheads_used, aheads_dropped;
+
+static void settle(pg_source *s, bool keep);
 
 static const char *text_or_null(const PGresult *r, int i, int col)
 {
@@ -172,6 +202,7 @@ static de_err setup(pg_source *s)
 /* Reconnects a dropped connection and sets it up again. */
 static de_err ensure_conn(pg_source *s)
 {
+    settle(s, false);
     if (PQstatus(s->conn) == CONNECTION_OK)
         return DE_OK;
     PQreset(s->conn);
@@ -277,15 +308,19 @@ static bool durable(const PGresult *written, const PGresult *flushed)
 }
 
 /* Hands the first `rows` rows of r to fn in order, stopping at
- * DE__AGAIN. */
-static de_err deliver(const PGresult *r, int rows, de__row_fn fn, void *ctx,
-                      int64_t *n)
+ * DE__AGAIN.  While a read-ahead is on its way, the results arriving are
+ * taken off the socket as the rows go (PQconsumeInput only buffers them):
+ * a server whose socket buffer fills would stop producing them. */
+static de_err deliver(pg_source *s, const PGresult *r, int rows, de__row_fn fn,
+                      void *ctx, int64_t *n)
 {
     de_err err = DE_OK;
     de__row row;
     int i;
 
     for (i = 0; i < rows; i++) {
+        if (s->ahead_sent && (i & 63) == 63)
+            (void)PQconsumeInput(s->conn);
         row_from(r, i, &row);
         if ((err = fn(ctx, &row)) != DE_OK)
             break;
@@ -293,23 +328,6 @@ static de_err deliver(const PGresult *r, int rows, de__row_fn fn, void *ctx,
     }
     return err == DE__AGAIN ? DE_OK : err;
 }
-
-/* What a read sends in libpq's pipeline mode, in one round trip (see
- * p_read): statements, and syncs that end the implicit transaction of
- * the statements before them (committing it, or rolling it back when
- * one failed: the server skips the rest of it). */
-enum {
-    R_WAIT,
-    R_BARRIER,
-    R_WRITTEN,
-    R_SYNC1,
-    R_READ,
-    R_FLUSHED,
-    R_SYNC2,
-    R_LOWER,
-    R_SYNC3,
-    R_COUNT
-};
 
 static bool send_prepared(pg_source *s, int q, int n, const char *const *values)
 {
@@ -319,10 +337,16 @@ static bool send_prepared(pg_source *s, int q, int n, const char *const *values)
     return PQsendQueryPrepared(s->conn, name, n, values, NULL, NULL, 0) == 1;
 }
 
+static de_err setup(pg_source *s);
+
 /* Collects the results of the n items sent since PQenterPipelineMode
  * (sync[i]: item i is a sync) into res[i] -- NULL when it never came --
  * and leaves pipeline mode.  False when the exchange broke off (a lost
- * connection) or went out of step. */
+ * connection) or went out of step; a connection left out of step (still
+ * up, results unread, perhaps still in pipeline mode) is reset and set
+ * up again, since nothing sent on it later could be told from what is
+ * left, and changed() then asks for another round (notifications may be
+ * lost with it). */
 static bool pipeline_collect(pg_source *s, int n, const bool *sync,
                              PGresult **res)
 {
@@ -342,6 +366,12 @@ static bool pipeline_collect(pg_source *s, int n, const bool *sync,
     }
     if (PQexitPipelineMode(s->conn) != 1)
         whole = false;
+    if (!whole && PQstatus(s->conn) == CONNECTION_OK) {
+        PQreset(s->conn);
+        if (PQstatus(s->conn) == CONNECTION_OK)
+            (void)setup(s); /* failing, the next operation finds out */
+        s->recheck = true;
+    }
     return whole;
 }
 
@@ -390,67 +420,116 @@ static void timed_out(pg_source *s)
                  s->barrier_ms, (long long)wait_ms);
 }
 
+/* Which items of a read are syncs (see R_*). */
+static const bool read_sync[R_COUNT] = {
+    [R_SYNC1] = true, [R_SYNC2] = true, [R_SYNC3] = true};
+
 /*
- * The barrier read (see the top of this file) in one round trip: the
- * wait bound, (1) and (2) in an implicit transaction whose sync commits
- * it -- releasing the lock at once -- then (3), whose snapshot is taken
- * after that.  On lock timeout (55P03) the server skips the rest of the
- * first transaction and rolls it back; the read then runs for nothing
- * and the result is DE__AGAIN, nothing read, and changed() asks for
- * another round.
+ * Sends the barrier read (see the top of this file) of the rows after
+ * `after`, at most limit of them, in one round trip without waiting for
+ * its results: the wait bound, (1) and (2) in an implicit transaction
+ * whose sync commits it -- releasing the lock at once -- then (3), whose
+ * snapshot is taken after that, and the flag's lowering when it is due
+ * (in a transaction of its own after the read: the WAL its setval
+ * writes is not one the read must wait for).  *count receives how many
+ * items pipeline_collect is to collect, also on failure.
  */
-static de_err p_read(de__source *src, int64_t after, int64_t limit,
-                     de__row_fn fn, void *ctx, int64_t *n)
+static de_err send_read(pg_source *s, int64_t after, int64_t limit, int *count)
 {
-    static const bool sync[R_COUNT] = {
-        [R_SYNC1] = true, [R_SYNC2] = true, [R_SYNC3] = true};
-    pg_source *s = (pg_source *)src;
     char a[24], l[24], w[24];
     const char *wait[1] = {w}, *barrier[1] = {a}, *read[2] = {a, l};
-    PGresult *res[R_COUNT] = {NULL};
     const char *what = "relay: reading the outbox failed";
-    int64_t v;
-    int rows, bad = -1, count = s->lower ? R_COUNT : R_LOWER;
-    de_err err = DE_OK;
 
-    *n = 0;
-    if (s->timeouts >= 2 && de__mono_us() < s->retry_us) {
-        /* Backing off (timed_out()): no attempt.  A flag left up would
-         * make every commit notify (serialising them) for nothing. */
-        if (s->lower)
-            (void)set_sleeping(s, false);
-        s->recheck = true;
-        return DE__AGAIN;
-    }
-    if ((err = ensure_conn(s)) != DE_OK)
-        return err;
+    *count = 0;
     atomic_fetch_add(&barrier_attempts, 1);
     snprintf(a, sizeof a, "%lld", (long long)after);
     snprintf(l, sizeof l, "%lld", (long long)limit);
     snprintf(w, sizeof w, "%d", s->barrier_ms);
     if (PQenterPipelineMode(s->conn) != 1)
         return de__pg_fail(s->conn, NULL, what);
-    /* The flag is lowered in a transaction of its own after the read:
-     * the WAL its setval writes is not one the read must wait for. */
+    *count = s->lower ? R_COUNT : R_LOWER;
     if (!send_prepared(s, Q_WAIT, 1, wait) ||
         !send_prepared(s, Q_BARRIER, 1, barrier) ||
         !send_prepared(s, Q_WRITTEN, 0, NULL) || PQpipelineSync(s->conn) != 1 ||
         !send_prepared(s, Q_READ, 2, read) ||
         !send_prepared(s, Q_FLUSHED, 0, NULL) || PQpipelineSync(s->conn) != 1 ||
-        (s->lower &&
-         (!send_prepared(s, Q_LOWER, 0, NULL) || PQpipelineSync(s->conn) != 1)))
-        err = de__pg_fail(s->conn, NULL, what);
-    if (!pipeline_collect(s, count, sync, res) && err == DE_OK)
-        err = de__pg_fail(s->conn, NULL, what);
-    if (err == DE_OK && s->lower &&
+        (s->lower && (!send_prepared(s, Q_LOWER, 0, NULL) ||
+                      PQpipelineSync(s->conn) != 1))) {
+        /* Whatever went is flushed and ends, so that collecting it
+         * cannot wait for ever; it comes back out of step. */
+        (void)PQpipelineSync(s->conn);
+        return de__pg_fail(s->conn, NULL, what);
+    }
+    return DE_OK;
+}
+
+static void clear_results(PGresult **res, int count)
+{
+    for (int i = 0; i < count; i++) {
+        PQclear(res[i]);
+        res[i] = NULL;
+    }
+}
+
+static de_err finish_read(pg_source *s, PGresult **res, int count,
+                          int64_t sent_limit, int64_t limit, de__row_fn fn,
+                          void *ctx, int64_t *n);
+
+/* Collects a read-ahead on its way (see p_read): every other use of the
+ * connection comes after it.  keep: its results wait for the next read
+ * (p_read, changed()); else they are dropped -- a query of another kind
+ * came between, and a read-ahead is used only by the read right after
+ * the one that sent it, so that it is never older than that.  A dropped
+ * one's flag lowering (Q_LOWER) still counts. */
+static void settle(pg_source *s, bool keep)
+{
+    int64_t none;
+
+    if (s->ahead_sent) {
+        s->ahead_sent = false;
+        s->ahead_whole =
+            pipeline_collect(s, s->ahead_count, read_sync, s->ahead_res);
+        s->ahead_kept = true;
+    }
+    if (keep || !s->ahead_kept)
+        return;
+    s->ahead_kept = false;
+    atomic_fetch_add(&aheads_dropped, 1);
+    if (s->ahead_whole)
+        (void)finish_read(s, s->ahead_res, s->ahead_count, s->ahead_limit, 0,
+                          NULL, NULL, &none);
+    clear_results(s->ahead_res, R_COUNT);
+}
+
+/*
+ * Hands on what a read (res, its `count` items, asked with sent_limit)
+ * found: at most limit rows (0: none, the read is dropped), to fn.
+ * Before the first row: the flag's bookkeeping, the barrier's timeout
+ * (55P03: a recorder is still in its commit; DE__AGAIN, nothing read),
+ * the durability flush when the WAL is not flushed past the rows.  A
+ * read that came back full, every row at or below v, sends the next
+ * read at once (read-ahead), before the rows go to fn: the server reads
+ * the next batch while the relay produces this one.  fn NULL: a
+ * read-ahead dropped, only the flag's bookkeeping counts.  Clears res.
+ */
+static de_err finish_read(pg_source *s, PGresult **res, int count,
+                          int64_t sent_limit, int64_t limit, de__row_fn fn,
+                          void *ctx, int64_t *n)
+{
+    const char *what = "relay: reading the outbox failed";
+    int64_t v;
+    int rows, found, bad = -1;
+    de_err err = DE_OK;
+
+    if (s->lower && count == R_COUNT &&
         PQresultStatus(res[R_LOWER]) == PGRES_TUPLES_OK) {
         /* Commits from now on may send no NOTIFY: read once more. */
         s->lower = false;
         s->sleeping = false;
         s->recheck = true;
     }
-    for (int i = 0; err == DE_OK && bad < 0 && i < R_LOWER; i++)
-        if (!sync[i] && PQresultStatus(res[i]) != PGRES_TUPLES_OK)
+    for (int i = 0; bad < 0 && i < R_LOWER; i++)
+        if (!read_sync[i] && PQresultStatus(res[i]) != PGRES_TUPLES_OK)
             bad = i;
     if (bad >= 0) {
         const char *state = PQresultErrorField(res[bad], PG_DIAG_SQLSTATE);
@@ -459,7 +538,8 @@ static de_err p_read(de__source *src, int64_t after, int64_t limit,
              * IMMEDIATE, PREPARE TRANSACTION, a slow commit): read
              * nothing now, and ask for another round. */
             s->recheck = true;
-            timed_out(s);
+            if (fn != NULL) /* not for a read nobody asked for */
+                timed_out(s);
             err = DE__AGAIN;
         } else {
             err = de__pg_fail(s->conn, res[bad],
@@ -469,22 +549,110 @@ static de_err p_read(de__source *src, int64_t after, int64_t limit,
                                   : what);
             res[bad] = NULL; /* cleared by de__pg_fail */
         }
-    }
-    if (err != DE_OK)
         goto done;
+    }
     s->timeouts = 0;
     v = strtoll(PQgetvalue(res[R_BARRIER], 0, 0), NULL, 10);
-    for (rows = 0; rows < PQntuples(res[R_READ]) &&
+    found = PQntuples(res[R_READ]);
+    for (rows = 0; rows < found && rows < limit &&
                    strtoll(PQgetvalue(res[R_READ], rows, 0), NULL, 10) <= v;
          rows++)
         ;
-    if (rows > 0 && !durable(res[R_WRITTEN], res[R_FLUSHED]) &&
+    if (rows == 0)
+        goto done;
+    if (!durable(res[R_WRITTEN], res[R_FLUSHED]) &&
         (err = flush_barrier(s)) != DE_OK)
         goto done;
-    err = deliver(res[R_READ], rows, fn, ctx, n);
+    if (rows == sent_limit && sent_limit >= AHEAD_MIN) {
+        /* Full: more rows are likely.  A failure to send is the next
+         * read's to find (it reconnects). */
+        int64_t last = strtoll(PQgetvalue(res[R_READ], rows - 1, 0), NULL, 10);
+        if (send_read(s, last, sent_limit, &s->ahead_count) == DE_OK) {
+            s->ahead_sent = true;
+            s->ahead_after = last;
+            s->ahead_limit = sent_limit;
+        } else {
+            (void)pipeline_collect(s, s->ahead_count, read_sync, s->ahead_res);
+            clear_results(s->ahead_res, s->ahead_count);
+        }
+    }
+    err = deliver(s, res[R_READ], rows, fn, ctx, n);
+    if (*n > 0)
+        s->handed_upto =
+            strtoll(PQgetvalue(res[R_READ], (int)*n - 1, 0), NULL, 10);
 done:
-    for (int i = 0; i < count; i++)
-        PQclear(res[i]);
+    clear_results(res, count);
+    return err;
+}
+
+/*
+ * The barrier read (see the top of this file), in one round trip: the
+ * read-ahead the last read sent (finish_read), when it is of the rows
+ * after `after`, else a read sent now.  A read-ahead of other rows (the
+ * caller took fewer than were read) is dropped.  One that asked for
+ * fewer rows than limit is handed on whole, and the rest read after it
+ * (a short read means "no more" to the caller).  Rows are handed on
+ * only up to v; nothing read (DE__AGAIN) when the barrier timed out,
+ * and changed() asks for another round.
+ */
+static de_err p_read(de__source *src, int64_t after, int64_t limit,
+                     de__row_fn fn, void *ctx, int64_t *n)
+{
+    pg_source *s = (pg_source *)src;
+    PGresult *res[R_COUNT] = {NULL};
+    int64_t got;
+    int count = 0;
+    de_err err;
+
+    *n = 0;
+    settle(s, true);
+    while (s->ahead_kept) {
+        bool use = s->ahead_whole && s->ahead_after == after;
+        /* Its results move here: finish_read may send the next one. */
+        s->ahead_kept = false;
+        count = s->ahead_count;
+        memcpy(res, s->ahead_res, sizeof res);
+        memset(s->ahead_res, 0, sizeof s->ahead_res);
+        if (!use) {
+            /* Dropped, the flag's bookkeeping kept. */
+            atomic_fetch_add(&aheads_dropped, 1);
+            if (s->ahead_whole)
+                (void)finish_read(s, res, count, s->ahead_limit, 0, NULL, NULL,
+                                  &got);
+            clear_results(res, count);
+            break;
+        }
+        atomic_fetch_add(&aheads_used, 1);
+        got = 0;
+        err = finish_read(s, res, count, s->ahead_limit, limit - *n, fn, ctx,
+                          &got);
+        *n += got;
+        if (err != DE_OK || got < s->ahead_limit || *n == limit)
+            return err;
+        /* All of it taken, and more asked for: the rows after it. */
+        after = s->handed_upto;
+        settle(s, true);
+    }
+    if (s->timeouts >= 2 && de__mono_us() < s->retry_us) {
+        /* Backing off (timed_out()): no attempt.  A flag left up would
+         * make every commit notify (serialising them) for nothing. */
+        if (s->lower)
+            (void)set_sleeping(s, false);
+        s->recheck = true;
+        return *n > 0 ? DE_OK : DE__AGAIN;
+    }
+    if ((err = ensure_conn(s)) != DE_OK)
+        return err;
+    err = send_read(s, after, limit - *n, &count);
+    if (!pipeline_collect(s, count, read_sync, res) && err == DE_OK)
+        err = de__pg_fail(s->conn, NULL, "relay: reading the outbox failed");
+    if (err != DE_OK) {
+        clear_results(res, count);
+        return err;
+    }
+    got = 0;
+    err = finish_read(s, res, count, limit - *n, limit - *n, fn, ctx, &got);
+    *n += got;
     return err;
 }
 
@@ -673,6 +841,9 @@ static bool p_changed(de__source *src)
     PGnotify *n;
 
     s->recheck = false;
+    settle(s, true);
+    if (s->ahead_kept)
+        any = true; /* a read-ahead waits to be handed on */
     if (PQstatus(s->conn) != CONNECTION_OK || !PQconsumeInput(s->conn))
         return true;
     while ((n = PQnotifies(s->conn)) != NULL) {
@@ -767,6 +938,12 @@ unsigned long de__source_pg_barrier_attempts(void)
     return atomic_load(&barrier_attempts);
 }
 
+void de__source_pg_read_aheads(unsigned long *used, unsigned long *dropped)
+{
+    *used = atomic_load(&aheads_used);
+    *dropped = atomic_load(&aheads_dropped);
+}
+
 void de__source_pg_barrier_wait(de__source *src, int ms)
 {
     ((pg_source *)src)->barrier_ms = ms;
@@ -778,9 +955,11 @@ static void p_close(de__source *src)
 
     if (s == NULL)
         return;
-    /* Left up, the flag would make every recorder notify for nothing. */
+    /* Left up, the flag would make every recorder notify for nothing.
+     * A read-ahead on its way is discarded with the connection. */
     if (s->sleeping && PQstatus(s->conn) == CONNECTION_OK)
         (void)set_sleeping(s, false);
+    clear_results(s->ahead_res, R_COUNT);
     PQfinish(s->conn);
     free(s->conninfo);
     free(s);
