@@ -19,7 +19,10 @@
  *    to a fresh cluster.  BENCH_PG_ROUNDS (3) rounds, the order of the two
  *    alternating; target: relay/raw >= 0.8, peak RSS <= 64 MiB (the
  *    child's VmHWM).  Each round also prints the share of one core the
- *    relay's process used: under 100 %, it waits on the server.
+ *    relay's process used (under 100 %, it waits on the server or on
+ *    the CPU), and how busy the whole machine was in each half (near
+ *    100 %: bound by CPU, the server's backends, the mock cluster and
+ *    the relay competing for the same cores).
  * 2. Latency: one event per transaction at a steady BENCH_RATE (1,500)
  *    events/s for BENCH_LAT_EVENTS (6,000), commit return -> Kafka
  *    acknowledgement as the relay's counters show it (as
@@ -92,6 +95,40 @@ static long hwm_kib(void)
             break;
     fclose(f);
     return kib;
+}
+
+/* The whole machine's CPU time so far (all CPUs, clock ticks): busy
+ * (everything but idle and iowait) and in all, from /proc/stat.  A
+ * phase that keeps the machine near 100 % busy is bound by CPU, and then
+ * every process in it (the server's backends, the mock cluster, the
+ * relay) competes for the same cores. */
+static void machine_cpu(unsigned long long *busy, unsigned long long *total)
+{
+    unsigned long long v[8] = {0};
+    FILE *f = fopen("/proc/stat", "r");
+
+    BENCH_CHECK(f != NULL, "/proc/stat: %s", strerror(errno));
+    BENCH_CHECK(fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0],
+                       &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7]) == 8,
+                "/proc/stat: unexpected format");
+    fclose(f);
+    *total = 0;
+    for (int i = 0; i < 8; i++)
+        *total += v[i];
+    *busy = *total - v[3] - v[4];
+}
+
+/* The share of the machine busy since busy0, total0 (machine_cpu);
+ * *cpu_s receives the busy CPU seconds (all processes, all cores). */
+static double busy_since(unsigned long long busy0, unsigned long long total0,
+                         double *cpu_s)
+{
+    unsigned long long busy, total;
+
+    machine_cpu(&busy, &total);
+    *cpu_s = (double)(busy - busy0) / (double)sysconf(_SC_CLK_TCK);
+    return total > total0 ? (double)(busy - busy0) / (double)(total - total0)
+                          : 0;
 }
 
 /* The relay's process ("--relay conninfo bootstrap n"): drains and says
@@ -215,13 +252,15 @@ static void bench_drain(long n, long rounds, long subjects)
     double *raw = calloc((size_t)rounds, sizeof(double));
     double *rel = calloc((size_t)rounds, sizeof(double));
     double *ratio = calloc((size_t)rounds, sizeof(double));
+    double *raw_us = calloc((size_t)rounds, sizeof(double));
+    double *rel_us = calloc((size_t)rounds, sizeof(double));
     const char *topics[2] = {"bench.delivery.events:12", NULL};
     char tmpl[64], sql[256], ci[800];
     long peak = 0;
     int good = 0;
     double t0;
 
-    BENCH_CHECK(raw && rel && ratio, "out of memory");
+    BENCH_CHECK(raw && rel && ratio && raw_us && rel_us, "out of memory");
     printf("drain: %ld events over %ld subjects, %d partitions, 3 brokers "
            "(mock cluster in its own process), acks=all\n",
            n, subjects, PARTITIONS);
@@ -233,18 +272,24 @@ static void bench_drain(long n, long rounds, long subjects)
            bench_now() - t0);
     for (long r = 0; r < rounds; r++) {
         long rss = 0;
-        double cpu = 0;
+        double cpu = 0, busy_raw = 0, busy_rel = 0, cpu_s = 0;
+        unsigned long long b0, t0m;
         snprintf(sql, sizeof sql, "CREATE DATABASE %s_r%ld TEMPLATE %s", tmpl,
                  r, tmpl);
         admin(sql);
         for (int k = 0; k < 2; k++) {
             bool do_raw = (k == 0) == (r % 2 == 0);
             start_mock(topics);
+            machine_cpu(&b0, &t0m);
             if (do_raw) {
                 raw[r] = raw_run("bench.delivery.events", msgs, n);
+                busy_raw = busy_since(b0, t0m, &cpu_s);
+                raw_us[r] = 1e6 * cpu_s / (double)n;
             } else {
                 snprintf(ci, sizeof ci, "%s dbname=%s_r%ld", base, tmpl, r);
                 rel[r] = run_relay(ci, n, &rss, &cpu);
+                busy_rel = busy_since(b0, t0m, &cpu_s);
+                rel_us[r] = 1e6 * cpu_s / (double)n;
             }
             stop_mock();
         }
@@ -256,9 +301,11 @@ static void bench_drain(long n, long rounds, long subjects)
             peak = rss;
         printf("  round %ld: raw %8.0f msg/s, relay %8.0f msg/s, ratio "
                "%.3f, relay peak RSS %.1f MiB, relay CPU %.1f%% of its "
-               "wall time\n",
+               "wall time, machine busy %.0f%% (raw) / %.0f%% (relay), "
+               "machine CPU per event %.1f us (raw) / %.1f us (relay)\n",
                r + 1, raw[r], rel[r], ratio[r], (double)rss / 1024.0,
-               100.0 * cpu * rel[r] / (double)n);
+               100.0 * cpu * rel[r] / (double)n, 100.0 * busy_raw,
+               100.0 * busy_rel, raw_us[r], rel_us[r]);
         fflush(stdout);
     }
     double mraw = bench_median(raw, (size_t)rounds);
@@ -270,6 +317,17 @@ static void bench_drain(long n, long rounds, long subjects)
            "target >= 0.80) %s\n",
            mq, mq >= 0.8 ? "OK" : "UNDER TARGET");
     printf("  rounds at or above 0.80             : %d of %ld\n", good, rounds);
+    {
+        /* Where the machine is the limit (busy near 100 % in both
+         * halves), the ratio cannot exceed raw's CPU per event over the
+         * relay's: every process of each half is counted (the relay, the
+         * server's backends, the mock cluster, librdkafka). */
+        double ru = bench_median(raw_us, (size_t)rounds);
+        double lu = bench_median(rel_us, (size_t)rounds);
+        printf("  machine CPU per event (medians)     : raw %.1f us, relay "
+               "%.1f us; bound on a CPU-bound machine: ratio <= %.2f\n",
+               ru, lu, lu > 0 ? ru / lu : 0);
+    }
     printf("  relay peak RSS (largest round)      : %8.1f MiB  (target <= 64 "
            "MiB) %s\n",
            (double)peak / 1024.0, peak <= 64 * 1024 ? "OK" : "OVER TARGET");
@@ -277,6 +335,8 @@ static void bench_drain(long n, long rounds, long subjects)
     free(raw);
     free(rel);
     free(ratio);
+    free(raw_us);
+    free(rel_us);
 }
 
 /* ---- 2. commit -> ack latency ----------------------------------------- */
