@@ -297,6 +297,8 @@ void de__relay_free(de_relay *r);
 /* relay_subjects.c */
 de__subj *de__subj_get(de_relay *r, const char *type, const char *id,
                        size_t id_len);
+de_err de__subj_prefetch(de_relay *r, int n, const char *const *types,
+                         const char *const *ids);
 void de__subj_sweep(de_relay *r, bool all);
 /* Frees the entries' slabs (after de__subj_sweep(r, true)). */
 void de__subj_pool_free(de_relay *r);

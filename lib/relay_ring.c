@@ -331,6 +331,14 @@ take:
     return DE_OK;
 }
 
+/* The subjects of a batch about to be produced (de__batch_fn): their
+ * counters loaded in one query. */
+static de_err prefetch_subjects(void *ctx, int n, const char *const *types,
+                                const char *const *ids)
+{
+    return de__subj_prefetch(ctx, n, types, ids);
+}
+
 /* Reads the next rows in position order and produces them, as many as the
  * ring has room for. */
 de_err de__relay_read(de_relay *r)
@@ -347,7 +355,10 @@ de_err de__relay_read(de_relay *r)
     /* The counters of the rows' subjects are read in one transaction. */
     if ((err = de__rstate_read_begin(r->st)) != DE_OK)
         return err;
+    r->src->batch = prefetch_subjects;
+    r->src->batch_ctx = r;
     err = r->src->ops->read(r->src, r->read_pos, limit, produce_row, r, &n);
+    r->src->batch = NULL;
     de__rstate_read_end(r->st);
     r->more_rows = n == limit;
     r->last_read = n;

@@ -65,6 +65,10 @@ typedef struct de__rstate_ops {
     de_err (*marks)(de__rstate *st, de__rstate_mark_fn fn, void *ctx);
     de_err (*get_seq)(de__rstate *st, const char *type, const char *id,
                       de__counter *c);
+    /* get_seq for n subjects at once, into c[0..n-1] (may be NULL: one
+     * get_seq each). */
+    de_err (*get_seqs)(de__rstate *st, int n, const char *const *types,
+                       const char *const *ids, de__counter *c);
     de_err (*parked_subjects)(de__rstate *st, de__rstate_subject_fn fn,
                               void *ctx);
     de_err (*parked_rows)(de__rstate *st, const char *type, const char *id,
@@ -227,6 +231,20 @@ static inline de_err de__rstate_get_seq(de__rstate *st, const char *type,
                                         const char *id, de__counter *c)
 {
     return st->ops->get_seq(st, type, id, c);
+}
+
+/* de__rstate_get_seq for n subjects, in one query where the store can. */
+static inline de_err de__rstate_get_seqs(de__rstate *st, int n,
+                                         const char *const *types,
+                                         const char *const *ids, de__counter *c)
+{
+    de_err err = DE_OK;
+
+    if (st->ops->get_seqs != NULL)
+        return st->ops->get_seqs(st, n, types, ids, c);
+    for (int i = 0; i < n && err == DE_OK; i++)
+        err = st->ops->get_seq(st, types[i], ids[i], &c[i]);
+    return err;
 }
 
 /* Every subject with held-back events. */

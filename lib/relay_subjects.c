@@ -172,24 +172,33 @@ static void subj_evict(de_relay *r)
     }
 }
 
-/* Finds or loads a subject's entry; NULL with the message set on error. */
-de__subj *de__subj_get(de_relay *r, const char *type, const char *id,
-                       size_t id_len)
+/* The entry of a subject, NULL when the table has none. */
+static de__subj *subj_find(de_relay *r, uint64_t h, const char *type,
+                           size_t type_len, const char *id, size_t id_len)
 {
-    size_t type_len = strlen(type);
-    uint64_t h = hash_key(type, type_len, id, id_len);
     de__subj *s;
-    de__counter c;
+
+    if (r->nbuckets == 0)
+        return NULL;
+    for (s = r->buckets[h & (r->nbuckets - 1)]; s; s = s->hnext)
+        if (s->hash == h && s->id_len == id_len && s->type_len == type_len &&
+            memcmp(DE__SUBJ_ID(s), id, id_len) == 0 &&
+            memcmp(DE__SUBJ_TYPE(s), type, type_len) == 0)
+            return s;
+    return NULL;
+}
+
+/* A new entry for a subject the table does not hold, with its counter
+ * from the state (c; NULL: read it now); NULL with the message set on
+ * error. */
+static de__subj *subj_add(de_relay *r, uint64_t h, const char *type,
+                          size_t type_len, const char *id, size_t id_len,
+                          const de__counter *c)
+{
+    de__counter read;
+    de__subj *s;
     int cls;
 
-    if (r->nbuckets) {
-        for (s = r->buckets[h & (r->nbuckets - 1)]; s; s = s->hnext)
-            if (s->hash == h && s->id_len == id_len &&
-                s->type_len == type_len &&
-                memcmp(DE__SUBJ_ID(s), id, id_len) == 0 &&
-                memcmp(DE__SUBJ_TYPE(s), type, type_len) == 0)
-                return s;
-    }
     if (r->nsubj >= (size_t)r->subject_cache)
         subj_evict(r);
     if (r->nsubj >= r->nbuckets / 2 && !subj_grow(r)) {
@@ -208,18 +217,80 @@ de__subj *de__subj_get(de_relay *r, const char *type, const char *id,
     memcpy(s->key, type, type_len + 1);
     memcpy(s->key + type_len + 1, id, id_len);
     s->key[type_len + 1 + id_len] = '\0';
-    if (de__rstate_get_seq(r->st, DE__SUBJ_TYPE(s), DE__SUBJ_ID(s), &c) !=
-        DE_OK) {
-        subj_free(r, s); /* from the pool: never free() */
-        return NULL;
+    if (c == NULL) {
+        if (de__rstate_get_seq(r->st, DE__SUBJ_TYPE(s), DE__SUBJ_ID(s),
+                               &read) != DE_OK) {
+            subj_free(r, s); /* from the pool: never free() */
+            return NULL;
+        }
+        c = &read;
     }
-    s->assigned = s->acked = s->persisted = c.seq;
-    s->epoch = s->acked_epoch = s->persisted_epoch = c.epoch;
-    s->last_ms = s->acked_ms = c.last_ms;
+    s->assigned = s->acked = s->persisted = c->seq;
+    s->epoch = s->acked_epoch = s->persisted_epoch = c->epoch;
+    s->last_ms = s->acked_ms = c->last_ms;
     s->hnext = r->buckets[h & (r->nbuckets - 1)];
     r->buckets[h & (r->nbuckets - 1)] = s;
     r->nsubj++;
     return s;
+}
+
+/* Finds or loads a subject's entry; NULL with the message set on error. */
+de__subj *de__subj_get(de_relay *r, const char *type, const char *id,
+                       size_t id_len)
+{
+    size_t type_len = strlen(type);
+    uint64_t h = hash_key(type, type_len, id, id_len);
+    de__subj *s = subj_find(r, h, type, type_len, id, id_len);
+
+    return s != NULL ? s : subj_add(r, h, type, type_len, id, id_len, NULL);
+}
+
+/*
+ * Loads the entries of the subjects among types/ids (n of them, the
+ * rows a read is about to hand on) that the table does not hold, their
+ * counters read in one query (de__rstate_get_seqs) rather than one per
+ * subject as de__subj_get would.  The same entries as de__subj_get would
+ * make, only earlier in the same read; a subject named twice is loaded
+ * once.  As many as the cache takes (no more than relay.subject.cache
+ * minus what is busy): the rest load one at a time.
+ */
+de_err de__subj_prefetch(de_relay *r, int n, const char *const *types,
+                         const char *const *ids)
+{
+    const char **mt = malloc((size_t)n * sizeof *mt);
+    const char **mi = malloc((size_t)n * sizeof *mi);
+    de__counter *c = malloc((size_t)n * sizeof *c);
+    int m = 0;
+    de_err err = DE_OK;
+
+    if (mt == NULL || mi == NULL || c == NULL) {
+        err = de__fail(DE_ERR_NOMEM, "out of memory in the subject table");
+        goto done;
+    }
+    for (int i = 0; i < n; i++) {
+        size_t tl = strlen(types[i]), il = strlen(ids[i]);
+        if (subj_find(r, hash_key(types[i], tl, ids[i], il), types[i], tl,
+                      ids[i], il) == NULL) {
+            mt[m] = types[i];
+            mi[m++] = ids[i];
+        }
+    }
+    if (m == 0 || (err = de__rstate_get_seqs(r->st, m, mt, mi, c)) != DE_OK)
+        goto done;
+    for (int i = 0; i < m; i++) {
+        size_t tl = strlen(mt[i]), il = strlen(mi[i]);
+        uint64_t h = hash_key(mt[i], tl, mi[i], il);
+        if (subj_find(r, h, mt[i], tl, mi[i], il) == NULL &&
+            subj_add(r, h, mt[i], tl, mi[i], il, &c[i]) == NULL) {
+            err = DE_ERR_NOMEM; /* the only failure with a counter */
+            break;
+        }
+    }
+done:
+    free(mt);
+    free(mi);
+    free(c);
+    return err;
 }
 
 static bool subj_idle(const de__subj *s)

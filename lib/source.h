@@ -20,6 +20,14 @@ typedef struct de__source de__source;
  * returned. */
 typedef de_err (*de__row_fn)(void *ctx, const de__row *row);
 
+/* Called, where a source can, once with the subjects of the n rows a read
+ * is about to hand on (types[i], ids[i]: row i's, valid during the call
+ * only), before the first of them: the relay loads their counters in one
+ * query instead of one per row.  An error stops the read before any row
+ * and is returned. */
+typedef de_err (*de__batch_fn)(void *ctx, int n, const char *const *types,
+                               const char *const *ids);
+
 typedef struct de__source_ops {
     /* Calls fn for the rows after position `after`, in position (commit)
      * order, at most limit of them; *n receives how many fn took.  Before
@@ -79,6 +87,11 @@ typedef struct de__source_ops {
 
 struct de__source {
     const de__source_ops *ops;
+    /* The caller's batch hook (NULL: none) and its context, set around a
+     * read that wants it; sources that hand rows on one at a time as
+     * they step through them (SQLite) never call it. */
+    de__batch_fn batch;
+    void *batch_ctx;
 };
 
 /* Opens the outbox in the SQLite database at path for a relay (its own

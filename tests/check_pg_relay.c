@@ -647,6 +647,47 @@ START_TEST(connection_loss_loses_nothing)
 }
 END_TEST
 
+/*
+ * Subject ids that need quoting in a text array literal: after a
+ * restart the relay loads the counters of a batch's subjects in one
+ * query (arrays of their types and ids), and each subject's numbering
+ * continues (2 after 1) rather than starting again.
+ */
+START_TEST(odd_subject_ids_keep_their_numbering_across_a_restart)
+{
+    static const char *const ids[] = {"a\"b", "c\\d", "e,f",      "{g}",  "h i",
+                                      "NULL", "\"\"", "\u00fc-1", "j\\\""};
+    const int n = (int)(sizeof ids / sizeof ids[0]);
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    unsigned seed = 5;
+
+    tu_topic_create(c, "delivery", 2);
+    for (int i = 0; i < n; i++) {
+        const char *v[1] = {ids[i]};
+        PQclear(PQexecParams(conn, "INSERT INTO deliveries VALUES ($1, 0)", 1,
+                             NULL, v, NULL, NULL, 0));
+    }
+    for (int round = 0; round < 3; round++) {
+        de_conf *conf = tu_relay_conf(c, NULL);
+        de_relay *r = NULL;
+        for (int i = 0; i < n; i++) {
+            tpg_exec(conn, "BEGIN");
+            ck_assert_msg(tpg_record_subject(conn, ob, ids[i], &seed), "%s",
+                          ids[i]);
+            tpg_exec(conn, "COMMIT");
+        }
+        tu_ok(de_relay_start(ob, conf, &r));
+        de_conf_destroy(conf);
+        tu_ok(de_relay_flush(r, 60000));
+        tu_ok(de_relay_stop(r, 10000));
+    }
+    tu_check k = tpg_check(conn, c);
+    tu_assert_check(&k);
+    ck_assert_int_eq(k.expected, 3 * n);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* Rows a source read handed on (their positions), taking at most
  * take_max of them. */
 static int64_t got[64];
@@ -790,6 +831,9 @@ static Suite *pg_relay_suite(void)
     tcase_add_loop_test(tc, broker_outage_loses_nothing, tu_cluster_first(),
                         tu_cluster_count());
     tcase_add_test(tc, source_read_ahead_answers_only_what_is_asked);
+    tcase_add_loop_test(tc,
+                        odd_subject_ids_keep_their_numbering_across_a_restart,
+                        tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, read_ahead_keeps_order_and_loses_nothing,
                         tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, connection_loss_loses_nothing, tu_cluster_first(),

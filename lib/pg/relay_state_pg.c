@@ -52,6 +52,7 @@ enum {
     S_LEASE_BEAT,
     S_LEASE_RELEASE,
     S_SEQ_GET,
+    S_SEQ_GETS,
     S_SEQ_PUT,
     S_PARK,
     S_UNPARK,
@@ -118,6 +119,13 @@ static const char *const sql[S_COUNT] = {
     [S_SEQ_GET] = "SELECT seq, epoch, last_ms FROM "
                   "deliveryevents.relay_subjects WHERE subject_type = $1 AND "
                   "subject_id = $2",
+    /* Counters of many subjects at once: $1, $2 text arrays of their
+     * types and ids; each counter found comes with its index (1-based). */
+    [S_SEQ_GETS] = "SELECT k.i, s.seq, s.epoch, s.last_ms FROM "
+                   "unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(t, "
+                   "id, i) JOIN deliveryevents.relay_subjects s ON "
+                   "s.subject_type = k.t COLLATE \"C\" AND s.subject_id = "
+                   "k.id COLLATE \"C\"",
     [S_SEQ_PUT] = "INSERT INTO deliveryevents.relay_subjects(subject_type, "
                   "subject_id, seq, epoch, last_ms) VALUES ($1, $2, $3, $4, "
                   "$5) ON CONFLICT (subject_type, subject_id) DO UPDATE SET "
@@ -817,6 +825,64 @@ static de_err p_get_seq(de__rstate *base, const char *type, const char *id,
     return DE_OK;
 }
 
+/* The text array literal of strs[0..n-1] ({"a","b\\"c"}), malloc'ed; NULL
+ * when out of memory. */
+static char *text_array(int n, const char *const *strs)
+{
+    size_t len = 3;
+    char *out, *o;
+
+    for (int i = 0; i < n; i++)
+        len += 2 * strlen(strs[i]) + 3;
+    if ((out = o = malloc(len)) == NULL)
+        return NULL;
+    *o++ = '{';
+    for (int i = 0; i < n; i++) {
+        if (i > 0)
+            *o++ = ',';
+        *o++ = '"';
+        for (const char *c = strs[i]; *c; c++) {
+            if (*c == '"' || *c == '\\')
+                *o++ = '\\';
+            *o++ = *c;
+        }
+        *o++ = '"';
+    }
+    *o++ = '}';
+    *o = '\0';
+    return out;
+}
+
+static de_err p_get_seqs(de__rstate *base, int n, const char *const *types,
+                         const char *const *ids, de__counter *c)
+{
+    char *t = text_array(n, types), *d = text_array(n, ids);
+    const char *v[2] = {t, d};
+    PGresult *r = NULL;
+    de_err err;
+
+    memset(c, 0, (size_t)n * sizeof *c);
+    if (t == NULL || d == NULL)
+        err = de__fail(DE_ERR_NOMEM, "out of memory reading counters");
+    else
+        err = run((pg_state *)base, S_SEQ_GETS, 2, v, &r,
+                  "cannot read sequence counters");
+    free(t);
+    free(d);
+    if (err != DE_OK)
+        return err;
+    for (int row = 0; row < PQntuples(r); row++) {
+        int64_t i = col64(r, row, 0) - 1;
+        if (i >= 0 && i < n) {
+            c[i].seq = col64(r, row, 1);
+            c[i].epoch = col64(r, row, 2);
+            c[i].last_ms = col64(r, row, 3);
+        }
+    }
+    PQclear(r);
+    return DE_OK;
+}
+
 static de_err p_park(de__rstate *base, int64_t position, const char *type,
                      const char *id, int64_t epoch, int64_t seq,
                      const char *error, int64_t since_ms)
@@ -1142,6 +1208,7 @@ static const de__rstate_ops pg_ops = {
     .has_marks = p_has_marks,
     .marks = p_marks,
     .get_seq = p_get_seq,
+    .get_seqs = p_get_seqs,
     .parked_subjects = p_parked_subjects,
     .parked_rows = p_parked_rows,
     .parked_min = p_parked_min,

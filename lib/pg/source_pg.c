@@ -329,6 +329,27 @@ static de_err deliver(pg_source *s, const PGresult *r, int rows, de__row_fn fn,
     return err == DE__AGAIN ? DE_OK : err;
 }
 
+/* The caller's batch hook (source.h) on the first `rows` rows of r. */
+static de_err batch_hook(pg_source *s, const PGresult *r, int rows)
+{
+    const char **types = malloc((size_t)rows * sizeof *types);
+    const char **ids = malloc((size_t)rows * sizeof *ids);
+    de_err err;
+
+    if (types == NULL || ids == NULL) {
+        err = de__fail(DE_ERR_NOMEM, "relay: out of memory reading");
+    } else {
+        for (int i = 0; i < rows; i++) {
+            types[i] = PQgetvalue(r, i, 2);
+            ids[i] = PQgetvalue(r, i, 3);
+        }
+        err = s->base.batch(s->base.batch_ctx, rows, types, ids);
+    }
+    free(types);
+    free(ids);
+    return err;
+}
+
 static bool send_prepared(pg_source *s, int q, int n, const char *const *values)
 {
     char name[40];
@@ -576,6 +597,9 @@ static de_err finish_read(pg_source *s, PGresult **res, int count,
             clear_results(s->ahead_res, s->ahead_count);
         }
     }
+    if (s->base.batch != NULL && fn != NULL &&
+        (err = batch_hook(s, res[R_READ], rows)) != DE_OK)
+        goto done;
     err = deliver(s, res[R_READ], rows, fn, ctx, n);
     if (*n > 0)
         s->handed_upto =

@@ -69,14 +69,21 @@ int tpg_run(Suite *s)
 
 bool tpg_record_one(PGconn *c, de_outbox *o, int i, unsigned *seed)
 {
-    char id[32], payload[64], ver[16], occ[24];
+    char id[32];
+
+    snprintf(id, sizeof id, "D-%d", i);
+    return tpg_record_subject(c, o, id, seed);
+}
+
+bool tpg_record_subject(PGconn *c, de_outbox *o, const char *id, unsigned *seed)
+{
+    char payload[64], ver[16], occ[24];
     const char *v[7];
     de_event ev = {0};
     de_recorded rec;
     PGresult *r;
     bool ok;
 
-    snprintf(id, sizeof id, "D-%d", i);
     v[0] = id;
     r = PQexecParams(c,
                      "UPDATE deliveries SET version = version + 1 WHERE id "

@@ -45,6 +45,10 @@ int tpg_run(Suite *s);
  * event for it, with the row's new version in the host's ledger.  false
  * when something failed (the transaction is then to be rolled back). */
 bool tpg_record_one(PGconn *c, de_outbox *o, int i, unsigned *seed);
+/* tpg_record_one for the subject id (a row of deliveries with that id
+ * must exist). */
+bool tpg_record_subject(PGconn *c, de_outbox *o, const char *id,
+                        unsigned *seed);
 
 /* One transaction on c recording one event for subject D-<i>; fails the
  * test unless it commits. */
