@@ -516,9 +516,17 @@ DE_EXTERN DE_WARN_UNUSED de_err de_relay_flush(de_relay *r, int timeout_ms);
  * what was committed before the call, while its time lasts; a negative
  * timeout never waits on a holder that is gone (its lease expires).
  *
- * @return DE_OK when everything committed before the call was published;
- *         DE_ERR_TIMEOUT otherwise; DE_ERR_STATE when the relay refused
- *         to publish (see de_relay_flush()).
+ * @return DE_OK when everything committed before the call was published
+ *         (and its state says so); DE_ERR_TIMEOUT when events committed
+ *         before the call were still pending at the deadline;
+ *         DE_ERR_DB when all of them were published but the final
+ *         checkpoint -- writing the relay's state at stop -- failed (the
+ *         message says why, and whether the lease was released): nothing
+ *         is pending or lost, but the state does not record the last
+ *         events as published, so their rows stay in the outbox and the
+ *         next relay to take over finds them on Kafka instead of sending
+ *         them again; DE_ERR_STATE when the relay refused to publish (see
+ *         de_relay_flush()).
  */
 DE_EXTERN de_err de_relay_stop(de_relay *r, int timeout_ms);
 

@@ -417,24 +417,35 @@ static int next_timeout(de_relay *r, bool stop, int64_t now_us)
 }
 
 /* The shutdown of a publishing relay: record what is done, hand the lease
- * over. */
+ * over.  When everything the stop asked for is published but that record
+ * cannot be written, remember why: de_relay_stop reports it rather than
+ * a timeout (the state file alone would say the events are pending). */
 static void finish(de_relay *r)
 {
+    bool published;
     de_err err;
 
     if (!de__relay_publishing(r))
         return;
     de__relay_advance(r);
-    if ((err = de__relay_checkpoint(r)) != DE_OK)
-        de__rlog(r, DE_LOG_WARNING, "final checkpoint failed: %s", de_errmsg());
+    published =
+        r->stop_target_set && de__relay_published_through(r, r->stop_target);
+    if ((err = de__relay_checkpoint(r)) != DE_OK) {
+        snprintf(r->ckpt_fail_msg, sizeof r->ckpt_fail_msg, "%s", de_errmsg());
+        r->ckpt_failed = published;
+        de__rlog(r, DE_LOG_WARNING, "final checkpoint failed: %s",
+                 r->ckpt_fail_msg);
+    }
     if (r->rk)
         de__relay_purge(r);
     if (!r->lease_lost &&
-        (err = de__rstate_lease_release(r->st, r->owner)) != DE_OK)
+        (err = de__rstate_lease_release(r->st, r->owner)) != DE_OK) {
         de__rlog(r, DE_LOG_WARNING,
                  "cannot release the lease (a standby takes over when it "
                  "expires): %s",
                  de_errmsg());
+        r->release_failed = true;
+    }
 }
 
 static void *relay_main(void *arg)
@@ -552,11 +563,13 @@ static void *relay_main(void *arg)
     pthread_mutex_lock(&r->mu);
     if (r->state == DE_RELAY_REFUSED)
         r->stop_result = DE_ERR_STATE;
+    else if (r->stop_target_set &&
+             de__relay_published_through(r, r->stop_target))
+        r->stop_result = DE_OK; /* as its state says: durably */
+    else if (r->ckpt_failed)
+        r->stop_result = DE_ERR_DB; /* published; not recorded as such */
     else
-        r->stop_result = (r->stop_target_set &&
-                          de__relay_published_through(r, r->stop_target))
-                             ? DE_OK
-                             : DE_ERR_TIMEOUT;
+        r->stop_result = DE_ERR_TIMEOUT;
     r->finished = true;
     pthread_cond_broadcast(&r->cond);
     pthread_mutex_unlock(&r->mu);
@@ -955,6 +968,19 @@ de_err de_relay_stop(de_relay *r, int timeout_ms)
     err = r->stop_result;
     if (err == DE_ERR_STATE)
         de__fail(DE_ERR_STATE, "de_relay_stop: %s", r->fail_msg);
+    else if (err == DE_ERR_DB)
+        de__fail(DE_ERR_DB,
+                 "de_relay_stop: everything committed before the stop was "
+                 "published, but the final checkpoint failed: %s; the "
+                 "relay's state does not record the last of them as "
+                 "published, so they stay in the outbox and the next relay "
+                 "to take over finds them on Kafka rather than sending them "
+                 "again%s",
+                 r->ckpt_fail_msg,
+                 r->release_failed
+                     ? "; the lease was not released either: a standby "
+                       "takes over when it expires (relay.lease.timeout.ms)"
+                     : "");
     else if (err == DE_ERR_TIMEOUT)
         de__fail(DE_ERR_TIMEOUT,
                  "de_relay_stop: not everything committed was acknowledged "

@@ -170,6 +170,11 @@ struct de_relay {
     bool finished; /* the thread has ended */
     de_err stop_result;
     char fail_msg[600]; /* why it refused to publish (DE_RELAY_REFUSED) */
+    /* Everything the stop asked for was published, but the final
+     * checkpoint failed (why: ckpt_fail_msg); and whether the lease could
+     * not be released either.  Written by the thread before it ends. */
+    bool ckpt_failed, release_failed;
+    char ckpt_fail_msg[600];
     de_relay_stats stats;
     de_relay_state shared_state; /* r->state, as the API sees it */
 

@@ -806,6 +806,56 @@ START_TEST(read_ahead_keeps_order_and_loses_nothing)
 }
 END_TEST
 
+/* Everything was published, but the final checkpoint cannot be written
+ * (a trigger refuses the relay's lease renewal, as a server could refuse
+ * any state write): de_relay_stop says so with DE_ERR_DB -- not
+ * DE_ERR_TIMEOUT with nothing pending -- and the next relay finds the
+ * events on Kafka instead of sending them again. */
+START_TEST(stop_says_when_only_the_final_checkpoint_failed)
+{
+    tu_cluster *c = tu_cluster_new(0, 1);
+    /* No checkpoint or lease beat of its own once the trigger is there. */
+    de_conf *conf =
+        tu_relay_conf(c, "relay.lease.timeout.ms", "60000",
+                      "relay.checkpoint.interval.ms", "60000", NULL);
+    de_relay *r = NULL;
+    de_relay_stats st;
+    const char *msg;
+
+    tu_topic_create(c, "delivery", 1);
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    tpg_commit_one(conn, ob, 1); /* registers the topic: a state write */
+    tu_ok(de_relay_flush(r, 30000));
+    tpg_exec(conn, "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE "
+                   "plpgsql AS $$BEGIN RAISE EXCEPTION 'state write refused "
+                   "by the test'; END$$");
+    tpg_exec(conn, "CREATE TRIGGER refuse BEFORE UPDATE ON "
+                   "deliveryevents.relay_lease FOR EACH ROW EXECUTE "
+                   "FUNCTION refuse()");
+    for (int i = 2; i <= 4; i++)
+        tpg_commit_one(conn, ob, i);
+    tu_ok(de_relay_flush(r, 30000));
+    tu_ok(de_relay_stats_get(r, &st));
+    ck_assert_uint_eq(st.pending, 0);
+    tu_assert_err(de_relay_stop(r, 10000), DE_ERR_DB, NULL);
+    msg = de_errmsg();
+    ck_assert_msg(strncmp(msg, TU_STOP_CKPT_FAILED "relay state: ",
+                          strlen(TU_STOP_CKPT_FAILED "relay state: ")) == 0 &&
+                      strstr(msg, "state write refused by the test") != NULL &&
+                      strstr(msg, TU_STOP_CKPT_FAILED_THEN) != NULL,
+                  "%s", msg);
+    tpg_exec(conn, "DROP TRIGGER refuse ON deliveryevents.relay_lease");
+    ck_assert_int_ge(
+        tpg_int(conn, "SELECT count(*) FROM deliveryevents.outbox"), 3);
+    tu_relay_takes_over(c, ob, 3);
+    tu_check k = tpg_check(conn, c);
+    tu_assert_check(&k);
+    ck_assert_int_eq(k.duplicates, 0);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 static Suite *pg_relay_suite(void)
 {
     Suite *s = suite_create("pg_relay");
@@ -838,6 +888,11 @@ static Suite *pg_relay_suite(void)
                         tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, connection_loss_loses_nothing, tu_cluster_first(),
                         tu_cluster_count());
+    suite_add_tcase(s, tc);
+    tc = tcase_create("final_checkpoint");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, stop_says_when_only_the_final_checkpoint_failed);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -85,22 +85,6 @@ static void assert_denied(PGconn *c, const char *sql)
     PQclear(r);
 }
 
-static de_err apply(PGconn *c, const de_event_view *ev, void *ctx)
-{
-    const char *v[2] = {ev->subject_id, ev->event_id};
-    PGresult *r;
-    bool ok;
-
-    (void)ctx;
-    r = PQexecParams(c,
-                     "INSERT INTO model.applied(subject_id, event_id) VALUES "
-                     "($1, $2)",
-                     2, NULL, v, NULL, NULL, 0);
-    ok = PQresultStatus(r) == PGRES_COMMAND_OK;
-    PQclear(r);
-    return ok ? DE_OK : DE_ERR_DB;
-}
-
 /* The three roles at work on what the owner created and granted, then
  * what they must not do. */
 START_TEST(test_least_privilege)
@@ -182,7 +166,7 @@ START_TEST(test_least_privilege)
     /* The consumer applies. */
     cc = tpg_connect(ci[3]);
     tu_ok(de_consumer_open_pg(cc, cconf, &con));
-    tu_ok(de_consumer_on_pg(con, "delivery", NULL, apply, NULL));
+    tu_ok(de_consumer_on_pg(con, "delivery", NULL, tpg_apply, "model.applied"));
     deadline = tu_now_ms() + 60000;
     while (tpg_int(oc, "SELECT count(*) FROM model.applied") < EVENTS &&
            tu_now_ms() < deadline)

@@ -312,22 +312,6 @@ END_TEST
 
 /* ---- the consumer: dead letters, release --------------------------- */
 
-static de_err apply(PGconn *c, const de_event_view *ev, void *ctx)
-{
-    const char *v[2] = {ev->subject_id, ev->event_id};
-    PGresult *r;
-    bool ok;
-
-    (void)ctx;
-    r = PQexecParams(c,
-                     "INSERT INTO applied(subject_id, event_id) VALUES ($1, "
-                     "$2)",
-                     2, NULL, v, NULL, NULL, 0);
-    ok = PQresultStatus(r) == PGRES_COMMAND_OK;
-    PQclear(r);
-    return ok ? DE_OK : DE_ERR_DB;
-}
-
 #define OURS(seq, id)                                                          \
     "ce_specversion", "1.0", "ce_id", id, "ce_source", "/test", "ce_type",     \
         "delivery.assigned", "ce_subjectseq", seq, "ce_subjecttype",           \
@@ -388,7 +372,7 @@ START_TEST(test_dead_letters_and_release)
     tu_ok(de_conf_set(conf, "topic.template", tmpl));
     tu_ok(de_consumer_open_pg(conn, conf, &con));
     de_conf_destroy(conf);
-    tu_ok(de_consumer_on_pg(con, "delivery", NULL, apply, NULL));
+    tu_ok(de_consumer_on_pg(con, "delivery", NULL, tpg_apply, "applied"));
     ck_assert(tu_wait_for((tu_ok(de_consumer_poll(con, 50, NULL)),
                            tu_ok(de_consumer_stats_get(con, &st)),
                            st.gaps == 1 && st.applied == 2),

@@ -60,6 +60,31 @@ static tu_check check(tu_cluster *c)
     return k;
 }
 
+/* A relay started on conf (destroyed) that published three events to
+ * topic "delivery" (one partition, created here). */
+static de_relay *publish_three(tu_cluster *c, de_conf *conf)
+{
+    de_relay *r = NULL;
+
+    tu_topic_create(c, "delivery", 1);
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    write_many(3, 1, "delivery");
+    tu_ok(de_relay_flush(r, 30000));
+    return r;
+}
+
+/* The relay's state file, opened beside it (its path in path). */
+static sqlite3 *open_state(char *path, size_t size, int busy_ms)
+{
+    sqlite3 *state;
+
+    snprintf(path, size, "%s-relay", tu_path(dir, "service.db"));
+    state = tu_open(path);
+    sqlite3_busy_timeout(state, busy_ms);
+    return state;
+}
+
 /* Guarantees 1 and 2: committed events arrive, in commit order per
  * subject, numbered 1, 2, 3, ...; rolled-back ones never. */
 START_TEST(publishes_committed_events_in_order)
@@ -490,6 +515,48 @@ START_TEST(stop_keeps_unpublished_events)
     tu_ok(de_relay_stop(r, 5000));
     tu_check k = check(c);
     tu_assert_check(&k);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* Everything was published, but the final checkpoint cannot be written
+ * (another connection holds the state file's write lock): de_relay_stop
+ * says so with DE_ERR_DB -- not DE_ERR_TIMEOUT with nothing pending --
+ * and the next relay finds the events on Kafka instead of sending them
+ * again. */
+START_TEST(stop_says_when_only_the_final_checkpoint_failed)
+{
+    tu_cluster *c = tu_cluster_new(0, 1);
+    /* No checkpoint or lease beat of its own while the lock is held. */
+    de_conf *conf =
+        tu_relay_conf(c, "relay.lease.timeout.ms", "60000",
+                      "relay.checkpoint.interval.ms", "60000", NULL);
+    de_relay *r = NULL;
+    de_relay_stats st;
+    sqlite3 *state;
+    char path[4200], want[5000];
+
+    r = publish_three(c, conf);
+    state = open_state(path, sizeof path, 5000);
+    tu_exec(state, "BEGIN IMMEDIATE");
+    write_many(3, 1, "delivery");
+    tu_ok(de_relay_flush(r, 30000));
+    tu_ok(de_relay_stats_get(r, &st));
+    ck_assert_uint_eq(st.pending, 0);
+    tu_assert_err(de_relay_stop(r, 10000), DE_ERR_DB, NULL);
+    snprintf(want, sizeof want,
+             TU_STOP_CKPT_FAILED "relay state '%s': cannot begin a checkpoint: "
+                                 "database is locked (database is "
+                                 "locked)" TU_STOP_CKPT_FAILED_THEN,
+             path);
+    ck_assert_str_eq(de_errmsg(), want);
+    tu_exec(state, "ROLLBACK");
+    sqlite3_close(state);
+    ck_assert_int_ge(tu_query_int(db, "SELECT count(*) FROM de_outbox"), 3);
+    tu_relay_takes_over(c, ob, 3);
+    tu_check k = check(c);
+    tu_assert_check(&k);
+    ck_assert_int_eq(k.duplicates, 0);
     tu_cluster_destroy(c);
 }
 END_TEST
@@ -1193,14 +1260,8 @@ START_TEST(lost_lease_stops_publishing)
     char path[4200];
     uint64_t before;
 
-    tu_topic_create(c, "delivery", 1);
-    tu_ok(de_relay_start(ob, conf, &r));
-    de_conf_destroy(conf);
-    write_many(3, 1, "delivery");
-    tu_ok(de_relay_flush(r, 30000));
-    snprintf(path, sizeof path, "%s-relay", tu_path(dir, "service.db"));
-    state = tu_open(path);
-    sqlite3_busy_timeout(state, 2000);
+    r = publish_three(c, conf);
+    state = open_state(path, sizeof path, 2000);
     /* Another owner takes the lease and keeps it fresh for 1.2 s. */
     for (int i = 0; i < 12; i++) {
         char sql[200];
@@ -1500,6 +1561,7 @@ static Suite *relay_suite(void)
     tcase_add_test(tc, replaces_the_producer_after_a_fatal_error);
     tcase_add_test(tc, blocked_subjects_wait_and_others_flow);
     tcase_add_test(tc, stop_keeps_unpublished_events);
+    tcase_add_test(tc, stop_says_when_only_the_final_checkpoint_failed);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("processes");

@@ -822,6 +822,45 @@ START_TEST(relay_second_signal_stops_at_once)
 }
 END_TEST
 
+/* Everything published, but the final checkpoint cannot be written (the
+ * state file's write lock is held here from before the last events): the
+ * relay prints why and exits 1, and does not count what it published as
+ * pending. */
+START_TEST(relay_says_when_its_final_checkpoint_failed)
+{
+    cluster c = mock_start("delivery.events", NULL);
+    const char *db = tu_path(tu_dir, "svc.db");
+    char path[4200];
+    sqlite3 *state;
+    proc *p;
+
+    /* The first event registers the topic: a state write of its own. */
+    record(db, 1, "delivery", "D-1");
+    p = start("relay", "relay", "--db", db, "-b", c.bootstrap, "--stats-ms",
+              "50", "-X", "relay.lease.timeout.ms=60000", (const char *)NULL);
+    ck_assert_msg(
+        tu_wait_for(file_has(p->out, "published=1") || exited(p), 20000),
+        "not published: %s", slurp(p->err));
+    snprintf(path, sizeof path, "%s-relay", db);
+    state = tu_open(path);
+    sqlite3_busy_timeout(state, 5000);
+    tu_exec(state, "BEGIN IMMEDIATE");
+    record(db, 3, "delivery", "D-1");
+    ck_assert_msg(
+        tu_wait_for(file_has(p->out, "published=4") || exited(p), 20000),
+        "not published: %s", slurp(p->err));
+    kill(p->pid, SIGTERM);
+    ck_assert_int_eq(finish(p, 30000), 1);
+    tu_exec(state, "ROLLBACK");
+    sqlite3_close(state);
+    assert_has(p->err, "deliveryevents: relay: de_relay_stop: everything "
+                       "committed before the stop was published, but the "
+                       "final checkpoint failed: relay state '");
+    ck_assert_msg(!file_has(p->err, "events pending"), "%s", slurp(p->err));
+    mock_stop(&c);
+}
+END_TEST
+
 START_TEST(relay_standby_says_so_and_when_it_takes_over)
 {
     cluster c = mock_start("delivery.events", NULL);
@@ -2100,6 +2139,7 @@ static Suite *tool_suite(void)
     tcase_set_timeout(relay, 60);
     tcase_add_test(relay, relay_once_stops_on_sigterm_within_its_timeout);
     tcase_add_test(relay, relay_second_signal_stops_at_once);
+    tcase_add_test(relay, relay_says_when_its_final_checkpoint_failed);
     tcase_add_test(relay, relay_standby_says_so_and_when_it_takes_over);
     tcase_add_test(relay, relay_metrics_scraped_during_a_drain);
     tcase_add_test(relay, replay_republishes_with_the_original_numbers);

@@ -138,6 +138,22 @@ bool tpg_cmd(PGconn *c, const char *sql)
     return ok;
 }
 
+de_err tpg_apply(PGconn *c, const de_event_view *ev, void *table)
+{
+    const char *v[2] = {ev->subject_id, ev->event_id};
+    char sql[200];
+    PGresult *r;
+    bool ok;
+
+    snprintf(sql, sizeof sql,
+             "INSERT INTO %s(subject_id, event_id) VALUES ($1, $2)",
+             (const char *)table);
+    r = PQexecParams(c, sql, 2, NULL, v, NULL, NULL, 0);
+    ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+    PQclear(r);
+    return ok ? DE_OK : DE_ERR_DB;
+}
+
 static int cmp_int(const void *a, const void *b)
 {
     return *(const int *)a - *(const int *)b;

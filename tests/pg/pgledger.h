@@ -57,6 +57,13 @@ void tpg_commit_one(PGconn *c, de_outbox *o, int i);
 /* A command's success (no test assertion: for helper processes). */
 bool tpg_cmd(PGconn *c, const char *sql);
 
+/* A consumer's handler (de_consumer_on_pg) that inserts the event's
+ * (subject_id, event_id) into the table named by table (a const char *,
+ * schema-qualified if need be, with those two text columns), in the
+ * consumer's transaction; DE_ERR_DB when the INSERT fails (e.g. a
+ * unique violation, or a privilege the role lacks). */
+de_err tpg_apply(PGconn *c, const de_event_view *ev, void *table);
+
 /*
  * ntx transactions of 1-3 events for random subjects (locked in
  * ascending order, so that writers never deadlock), a random pause of up

@@ -184,6 +184,20 @@ de_conf *tu_relay_conf(tu_cluster *c, ...)
     return conf;
 }
 
+void tu_relay_takes_over(tu_cluster *c, de_outbox *ob, uint64_t found)
+{
+    de_conf *conf = tu_relay_conf(c, "relay.lease.timeout.ms", "300", NULL);
+    de_relay *r = NULL;
+    de_relay_stats st;
+
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    tu_ok(de_relay_flush(r, 30000));
+    tu_ok(de_relay_stats_get(r, &st));
+    ck_assert_uint_ge(st.skipped, found);
+    tu_ok(de_relay_stop(r, 10000));
+}
+
 sqlite3 *tu_db;
 de_outbox *tu_ob;
 

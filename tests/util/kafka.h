@@ -51,6 +51,23 @@ void tu_topic_create(tu_cluster *c, const char *subject_type, int partitions);
  * key/value pairs (NULL-terminated) override. */
 de_conf *tu_relay_conf(tu_cluster *c, ...);
 
+/* de_relay_stop's message when everything was published but the final
+ * checkpoint failed: what precedes the failure's own message, and what
+ * follows it when the lease could not be released either. */
+#define TU_STOP_CKPT_FAILED                                                    \
+    "de_relay_stop: everything committed before the stop was published, "      \
+    "but the final checkpoint failed: "
+#define TU_STOP_CKPT_FAILED_THEN                                               \
+    "; the relay's state does not record the last of them as published, "      \
+    "so they stay in the outbox and the next relay to take over finds them "   \
+    "on Kafka rather than sending them again; the lease was not released "     \
+    "either: a standby takes over when it expires (relay.lease.timeout.ms)"
+
+/* After such a stop: a relay on ob with a short lease timeout (it takes
+ * the lease left to expire) publishes what is committed, finding at least
+ * `found` events already on Kafka (de_relay_stats.skipped), and stops. */
+void tu_relay_takes_over(tu_cluster *c, de_outbox *ob, uint64_t found);
+
 /* Log callback for handles in tests: quiet unless DE_TEST_LOG is set. */
 void tu_log(void *ctx, int level, const char *message);
 
