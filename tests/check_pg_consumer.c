@@ -1616,6 +1616,44 @@ START_TEST(test_conflict_persists)
 }
 END_TEST
 
+/* A serialization failure (40001) at COMMIT -- a deferred trigger of the
+ * host's raises it, twice -- is not a handler's failure and not a
+ * statement of the inbox: the batch's COMMIT fails, and the batch is
+ * run again inside the same poll, its events applied once. */
+START_TEST(test_commit_conflict_retried)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    struct conflict_log log = {0};
+    de_consumer *con;
+    de_consumer_stats st;
+
+    tpg_exec(conn, "CREATE SEQUENCE refuse_twice");
+    tpg_exec(conn,
+             "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ "
+             "BEGIN IF nextval('refuse_twice') <= 2 THEN RAISE EXCEPTION "
+             "'could not serialize' USING ERRCODE = '40001'; END IF; "
+             "RETURN NULL; END $$");
+    tpg_exec(conn, "CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON applied "
+                   "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE "
+                   "FUNCTION refuse()");
+    tu_topic_create(c, "delivery", 1);
+    produce(c, "C-1", 1);
+    con = open_typed(conn, c, "g", "delivery", apply, NULL, &log);
+    /* Every poll DE_OK (poll_until asserts it) until the event is in. */
+    poll_until(con, 1, 30000);
+    tu_ok(de_consumer_stats_get(con, &st));
+    ck_assert_uint_eq(st.txn_retries, 2);
+    ck_assert_uint_eq(st.applied, 1);
+    ck_assert_uint_eq(st.retries, 0);
+    ck_assert_int_eq(q("SELECT last_value FROM refuse_twice"), 3);
+    ck_assert_int_eq(q("SELECT count(*) FROM deliveryevents.inbox WHERE "
+                       "last_seq = 1"),
+                     1);
+    tu_ok(de_consumer_close(con));
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* Adds tc: one scenario, looped over the clusters, with the fixture and
  * a timeout of its own. */
 static void add_case(Suite *s, TCase *tc, const TTest *t, int timeout)
@@ -1655,6 +1693,8 @@ static Suite *pg_consumer_suite(void)
     add_case(s, tcase_create("host_deallocates"), test_host_deallocates, 60);
     add_case(s, tcase_create("deadlock_retried"), test_deadlock_retried, 90);
     add_case(s, tcase_create("conflict_persists"), test_conflict_persists, 60);
+    add_case(s, tcase_create("commit_conflict"), test_commit_conflict_retried,
+             60);
     return s;
 }
 
