@@ -902,6 +902,11 @@ DE_EXTERN DE_WARN_UNUSED de_err de_consumer_on_type(de_consumer *c,
  * @param timeout_ms  how long to wait for the first event.
  * @param handled     receives the number of events applied (duplicates
  *                    and parked events not counted); may be NULL.
+ * On PostgreSQL a transaction the server aborts for a conflict with
+ * another (a deadlock, SQLSTATE 40P01, or a serialization failure,
+ * 40001) is rolled back and run again inside the call, up to 5 runs in
+ * all (deliveryevents_pg.h, de_consumer_open_pg).
+ *
  * @return DE_OK (also when nothing arrived); DE_ERR_DB when the database
  *         failed (nothing of the batch was applied; it is read again);
  *         DE_ERR_KAFKA for a fatal consumer error.
@@ -957,7 +962,14 @@ typedef struct de_consumer_stats {
                                  (consumer.subject.forget.ms)              */
     uint64_t ids_forgotten;   /* ids of events without a sequence forgotten
                                  (consumer.id.forget.ms)                   */
-    uint64_t reserved_[29];   /* room for later fields; zero                */
+    uint64_t txn_retries;     /* transactions (a batch, a retry, a release)
+                                 rolled back and run again inside the call
+                                 after the database aborted them for a
+                                 conflict with another transaction: a
+                                 deadlock or a serialization failure
+                                 (PostgreSQL, SQLSTATE 40P01 or 40001);
+                                 always 0 on SQLite                        */
+    uint64_t reserved_[28];   /* room for later fields; zero                */
 } de_consumer_stats;
 
 /**

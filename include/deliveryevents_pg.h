@@ -157,6 +157,25 @@ DE_EXTERN DE_WARN_UNUSED de_err de_relay_start_pg(const char *conninfo,
  * instead of failing to serialize).  conn must be idle (no transaction
  * open, no command in progress) whenever a consumer function is called.
  *
+ * Conflicts with other transactions: when the server aborts the
+ * consumer's transaction for a deadlock (SQLSTATE 40P01) or a
+ * serialization failure (40001) -- two members, or a member and any other
+ * transaction, taking rows in opposite orders, in a handler's statements
+ * (seen through a libpq event procedure the consumer registers on conn
+ * once; it stays with the connection) or in the inbox's --
+ * de_consumer_poll (and de_consumer_release / _skip) rolls the whole
+ * transaction back and runs it again with the same events in a new one,
+ * after a random pause of 1 to 50 ms, up to 5 runs in all.  The
+ * handlers' writes of a run rolled back go with it, and so does whatever
+ * the consumer counted in memory during it, so an event is still applied
+ * once.  Each run again is counted in de_consumer_stats.txn_retries and
+ * logged (DE_LOG_INFO); a handler that fails with such a SQLSTATE is not
+ * a failure of its event (no consumer.max.attempts, no dead letter).
+ * When the 5th run fails the same way, the call returns DE_ERR_DB with a
+ * message naming the SQLSTATE and how many times it was retried (logged
+ * at DE_LOG_WARNING); nothing of the batch is applied and it is read
+ * again at the next poll.
+ *
  * A broken connection (server restart, pg_terminate_backend, network):
  * de_consumer_poll returns DE_ERR_DB, nothing of the batch is counted as
  * done and its records are read again from Kafka -- as on SQLite, where a

@@ -33,6 +33,12 @@
  * or de_consumer_skip.  Records that are not ours are dead-lettered as
  * 'foreign' and never stop anything.
  *
+ * A transaction the database aborts for a conflict with another one (on
+ * PostgreSQL a deadlock or a serialization failure: the inbox's conflict
+ * op) is not any event's failure: it is rolled back, what it changed in
+ * memory undone, and run again with the same events (run_again), a few
+ * times before the call gives up with DE_ERR_DB.
+ *
  * Invariant: every message read is, when its offset is committed, either
  * applied, a duplicate, or stored in de_dead_letter -- in the same
  * transaction that precedes the commit.
@@ -801,6 +807,15 @@ static de_err run_handler(de_consumer *c, const de_event_view *v,
         return sp && (rc = IB0(c, release)) != DE_OK ? rc : DE__TAKEN;
     if (h != NULL) {
         rc = c->kind->call(h->fn, c->conn, v, h->ctx);
+        if (rc != DE_OK && IB0(c, conflict) != NULL)
+            /* Not the event's failure: the server aborted the whole
+             * transaction for a conflict with another one, which
+             * run_again answers by running it again. */
+            return de__fail(DE_ERR_DB,
+                            "consumer: the handler for %s (%s.%s) failed "
+                            "with SQLSTATE %s",
+                            v->type, v->subject_type, v->action,
+                            IB0(c, conflict));
         if (rc != DE_OK) {
             if (!c->careful)
                 return IB0(c, in_txn) ? DE__REDO
@@ -1209,6 +1224,101 @@ static bool hold(de_consumer *c, rd_kafka_message_t *m, const char *type,
     return DE__VEC_PUSH(r->msgs, m);
 }
 
+/* What a transaction changes in the consumer's memory as it runs, taken
+ * before it: a run that is rolled back leaves none of it changed (the
+ * inbox's caches are cleared by its rollback).  Offsets and the retry
+ * lists change only after a commit. */
+typedef struct run_mark {
+    de_consumer_stats stats;
+    int handled;
+    size_t refilled;
+} run_mark;
+
+static void mark_run(const de_consumer *c, run_mark *m)
+{
+    m->stats = c->stats;
+    m->handled = c->handled;
+    m->refilled = c->refilled.n;
+}
+
+/* Undoes in memory what a rolled-back run did -- but the count of
+ * transactions run again, which counts runs, not what they did. */
+static void undo_run(de_consumer *c, const run_mark *m)
+{
+    uint64_t txn_retries = c->stats.txn_retries;
+
+    c->stats = m->stats;
+    c->stats.txn_retries = txn_retries;
+    c->handled = m->handled;
+    while (c->refilled.n > m->refilled)
+        free(c->refilled.v[--c->refilled.n]);
+}
+
+/* A transaction the database aborted for a conflict with another (a
+ * deadlock, a serialization failure: the inbox's conflict op) is run
+ * again inside the call, CONFLICT_RUNS times in all at most, each time
+ * after a random pause of 1 ms up to a bound that doubles from 8 ms to
+ * CONFLICT_PAUSE_MAX_MS: the other transaction finishes meanwhile, and
+ * two that deadlocked each other do not meet again in step. */
+#define CONFLICT_RUNS 5
+#define CONFLICT_PAUSE_MAX_MS 50
+
+static void pause_ms(int64_t ms)
+{
+    struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000};
+
+    while (nanosleep(&ts, &ts) != 0)
+        ;
+}
+
+/*
+ * Called when a transaction failed with *err, before it is rolled back;
+ * what names the transaction for the log ("a batch of 12 records").
+ * true: it failed for a conflict and may run again -- it is rolled back,
+ * memory undone to m, counted (txn_retries), paused for; the caller
+ * resets its own scratch and runs it again.  false: anything else, or
+ * the conflict met CONFLICT_RUNS times, when *err becomes DE_ERR_DB
+ * naming the SQLSTATE and the retries; the caller fails as before.
+ * *runs counts the runs a conflict ended (0 before the first).
+ */
+static bool run_again(de_consumer *c, const run_mark *m, int *runs,
+                      const char *what, de_err *err)
+{
+    const char *conflict = *err == DE_ERR_DB ? IB0(c, conflict) : NULL;
+    char state[6], why[600];
+    int64_t bound, pause;
+
+    if (conflict == NULL)
+        return false;
+    snprintf(state, sizeof state, "%s", conflict);
+    snprintf(why, sizeof why, "%s", de_errmsg());
+    IB0(c, rollback); /* its locks go: the other transaction goes on */
+    undo_run(c, m);
+    if (++*runs >= CONFLICT_RUNS) {
+        *err = de__fail(DE_ERR_DB,
+                        "consumer: %s failed with SQLSTATE %s (%s) and was "
+                        "retried %d times, failing the same way each time; "
+                        "rolled back, its records are read again: %s",
+                        what, state,
+                        strcmp(state, "40P01") == 0 ? "a deadlock"
+                                                    : "a serialization failure",
+                        *runs - 1, why);
+        clog_(c, DE_LOG_WARNING, "%s", de_errmsg());
+        return false;
+    }
+    bound = (int64_t)8 << (*runs - 1);
+    if (bound > CONFLICT_PAUSE_MAX_MS)
+        bound = CONFLICT_PAUSE_MAX_MS;
+    pause = 1 + (int64_t)(de__random64() % (uint64_t)bound);
+    c->stats.txn_retries++;
+    clog_(c, DE_LOG_INFO,
+          "%s rolled back: SQLSTATE %s, a conflict with another transaction; "
+          "running it again in %lld ms (retry %d of %d): %s",
+          what, state, (long long)pause, *runs, CONFLICT_RUNS - 1, why);
+    pause_ms(pause);
+    return true;
+}
+
 /*
  * Applies a batch in one transaction.  Messages that must wait for a
  * retry are moved to the retry lists (after the commit); the rest are
@@ -1283,14 +1393,15 @@ static de_err apply_batch(de_consumer *c)
     size_t n = c->batch.n;
     rd_kafka_message_t **msgs = c->batch.v;
     uint8_t *fate;
-    char error[600], **ftype;
+    char error[600], **ftype, what[64];
     de_err err = DE_OK;
-    de_consumer_stats saved = c->stats;
-    int saved_handled = c->handled;
+    run_mark mark;
+    int conflicts = 0;
     bool any_retry = false;
 
     if (n == 0)
         return DE_OK;
+    mark_run(c, &mark);
     if (n > c->fate_cap) {
         uint8_t *nf = realloc(c->fate, n);
         char **nt = nf ? realloc(c->ftype, n * sizeof *nt) : NULL;
@@ -1308,9 +1419,15 @@ static de_err apply_batch(de_consumer *c)
     }
     fate = c->fate;
     ftype = c->ftype;
-    memset(fate, 0, n);
     memset(ftype, 0, n * sizeof *ftype);
-redo:
+again:
+    /* A run again (rolled back: O_REDO, or a conflict) starts afresh. */
+    memset(fate, 0, n);
+    for (size_t j = 0; j < n; j++) {
+        free(ftype[j]);
+        ftype[j] = NULL;
+    }
+    any_retry = false;
     if ((err = IB0(c, begin)) != DE_OK)
         goto rewind;
     for (size_t i = 0; i < n; i++) {
@@ -1341,16 +1458,9 @@ redo:
             /* A handler failed with no savepoint around it: undo the
              * batch and apply it again, carefully. */
             IB0(c, rollback);
-            c->stats = saved;
-            c->handled = saved_handled;
-            memset(fate, 0, n);
-            for (size_t j = 0; j < n; j++) {
-                free(ftype[j]);
-                ftype[j] = NULL;
-            }
-            any_retry = false;
+            undo_run(c, &mark);
             c->careful = true;
-            goto redo;
+            goto again;
         }
         fate[i] = (uint8_t)o;
         if (o == O_RETRY && (ftype[i] = subject_key(&c->dec.view)) == NULL)
@@ -1395,12 +1505,15 @@ fail:
     /* The failing operation set the message. */
     err = DE_ERR_DB;
 fail_rolled:
+    snprintf(what, sizeof what, "a batch of %zu record%s", n,
+             n == 1 ? "" : "s");
+    if (run_again(c, &mark, &conflicts, what, &err))
+        goto again; /* in the same mode: careful if it was */
     IB0(c, rollback);
 rewind:
     c->careful = false;
     /* Read the batch again from its first message in each partition. */
-    c->stats = saved;
-    c->handled = saved_handled;
+    undo_run(c, &mark);
     for (size_t i = n; i-- > 0;) {
         rd_kafka_message_t *m = msgs[i];
         rd_kafka_topic_partition_list_t *l =
@@ -1434,7 +1547,9 @@ done:
 static de_err run_retries(de_consumer *c)
 {
     int64_t now = de__mono_ms();
-    char error[600];
+    char error[600], what[DE__QUOTE_MAX * 2 + 32];
+    int conflicts = 0; /* runs of retry k a conflict ended */
+    run_mark mark;
     de_err err;
 
     c->careful = true; /* retries are where handlers fail */
@@ -1448,6 +1563,7 @@ static de_err run_retries(de_consumer *c)
             k++;
             continue;
         }
+        mark_run(c, &mark);
         if ((err = IB0(c, begin)) != DE_OK) {
             c->careful = false;
             return err;
@@ -1461,21 +1577,25 @@ static de_err run_retries(de_consumer *c)
              * ones behind it have not failed yet. */
             o = apply_one(c, m, &c->dec.view, done == 0 ? r->attempts : 0,
                           error, sizeof error);
-            if (o == O_DB_ERROR) {
-                IB0(c, rollback);
-                c->careful = false;
-                return DE_ERR_DB; /* the failing operation said why */
-            }
+            if (o == O_DB_ERROR)
+                break; /* the failing operation said why */
             if (o == O_RETRY) {
                 again = true;
                 break;
             }
         }
-        if ((err = IB0(c, commit)) != DE_OK) {
+        err = done < r->msgs.n && !again ? DE_ERR_DB : IB0(c, commit);
+        if (err != DE_OK) {
+            snprintf(what, sizeof what, "the retry of %s %s", r->subject_type,
+                     r->subject_id);
+            if (run_again(c, &mark, &conflicts, what, &err))
+                continue; /* the same subject's retry, afresh */
             IB0(c, rollback);
+            undo_run(c, &mark);
             c->careful = false;
             return err;
         }
+        conflicts = 0;
         c->stats.batches++;
         for (size_t i = 0; i < done; i++) {
             note_processed(c, r->msgs.v[i]);
@@ -1854,15 +1974,21 @@ enum unpark_how {
 static de_err unpark(de_consumer *c, const char *type, const char *id,
                      enum unpark_how how)
 {
-    char q1[DE__QUOTE_MAX], q2[DE__QUOTE_MAX];
-    bool first = true, stuck = false;
+    char q1[DE__QUOTE_MAX], q2[DE__QUOTE_MAX], what[DE__QUOTE_MAX * 2 + 32];
+    bool first, stuck;
     de__inbox_entry e;
     int64_t first_id;
+    int conflicts = 0;
+    run_mark mark;
     de_err err;
 
     if (c == NULL || type == NULL || id == NULL)
         return de__fail(DE_ERR_ARG, "release/skip needs a consumer, a "
                                     "subject type and a subject id");
+    mark_run(c, &mark);
+again:
+    first = true;
+    stuck = false;
     if ((err = IB0(c, begin)) != DE_OK)
         return err;
     c->careful = true;
@@ -1910,7 +2036,14 @@ static de_err unpark(de_consumer *c, const char *type, const char *id,
     return DE_OK;
 fail:
     /* The failing operation set the message; nothing of it is kept. */
+    snprintf(what, sizeof what, "the %s of %s %s",
+             how == UNPARK_SKIP ? "skip" : "release",
+             de__quote(q1, sizeof q1, type, -1),
+             de__quote(q2, sizeof q2, id, -1));
+    if (run_again(c, &mark, &conflicts, what, &err))
+        goto again;
     IB0(c, rollback);
+    undo_run(c, &mark);
     c->careful = false;
     return err;
 }

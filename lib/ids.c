@@ -89,6 +89,13 @@ static void seed(struct uuid_state *st)
     st->last_ms = 0;
 }
 
+uint64_t de__random64(void)
+{
+    if (us.pid != getpid())
+        seed(&us);
+    return next_random(&us);
+}
+
 void de__uuid7(char out[37])
 {
     struct uuid_state *st = &us;

@@ -71,6 +71,16 @@ typedef struct de__inbox_ops {
     de_err (*rollback_to)(de__inbox *ib);
     /* Whether the transaction is still open (a handler must not end it). */
     bool (*in_txn)(de__inbox *ib);
+    /* Called right after an operation, a handler or the commit failed:
+     * the SQLSTATE of that failure ("40P01", "40001") when it was a
+     * conflict with another transaction -- a deadlock or a serialization
+     * failure, which the server ends by aborting one of them, and which
+     * the same work run again in a new transaction normally does not
+     * meet -- else NULL.  SQLite's is always NULL: BEGIN IMMEDIATE takes
+     * the write lock before anything is read or written, so two
+     * transactions never deadlock, and its SQLITE_BUSY comes only after
+     * the busy timeout has already waited for the other writer. */
+    const char *(*conflict)(de__inbox *ib);
     /* Takes v as its subject's next event in one step: true when it is
      * the next number of the subject's numbering, or number 1 of a
      * subject never seen or of a newer numbering, and the subject is not

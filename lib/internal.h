@@ -231,6 +231,9 @@ void de__rk_error(rd_kafka_t *rk, int err, const char *reason, void *opaque);
 int64_t de__now_ms(void);  /* wall clock, Unix ms UTC */
 int64_t de__mono_us(void); /* monotonic microseconds */
 int64_t de__mono_ms(void); /* monotonic milliseconds */
+/* 64 random bits from the thread's generator (the one de__uuid7 draws
+ * from; seeded from getrandom(2)): for jitter, not for secrets. */
+uint64_t de__random64(void);
 
 /* Writes a new UUIDv7 (RFC 9562; time-ordered within this thread) as 36
  * lowercase characters plus NUL. */

@@ -100,6 +100,8 @@ static const metric consumer_metrics[] = {
       true),
     C(batches, "consumer_batches_total", "Database transactions committed",
       true),
+    C(txn_retries, "consumer_txn_retries_total",
+      "Transactions run again after a deadlock or serialization failure", true),
     C(parked_subjects, "consumer_parked_subjects",
       "Subjects waiting behind a dead letter", false),
 };

@@ -1347,6 +1347,313 @@ START_TEST(test_sigkill_restart)
 }
 END_TEST
 
+/* Event number seq of a subject of subject type `type` (ce_id
+ * "<subject>-<seq>", ce_source "/test/<type>"), on that type's topic. */
+static void produce_typed(tu_cluster *c, const char *type, const char *subject,
+                          int seq)
+{
+    char id[64], s[16], ce_type[64], source[64];
+    const char *h[] = {"ce_specversion",
+                       "1.0",
+                       "ce_id",
+                       id,
+                       "ce_source",
+                       source,
+                       "ce_type",
+                       ce_type,
+                       "ce_subjectseq",
+                       s,
+                       "ce_subjecttype",
+                       type,
+                       "ce_action",
+                       "assigned",
+                       NULL};
+
+    snprintf(id, sizeof id, "%s-%d", subject, seq);
+    snprintf(s, sizeof s, "%d", seq);
+    snprintf(ce_type, sizeof ce_type, "%s.assigned", type);
+    /* A source per type: the first event of a source writes its row of
+     * inbox_source, which a second transaction recording the same one
+     * would wait for. */
+    snprintf(source, sizeof source, "/test/%s", type);
+    tu_produce_raw(c, tu_topic(c, type), subject, "{}", h);
+}
+
+/* Counts the consumer's log lines that say a transaction is run again
+ * after a conflict, and those that give up. */
+struct conflict_log {
+    atomic_int retried, gave_up;
+};
+
+static void count_conflicts(void *ctx, int level, const char *message)
+{
+    struct conflict_log *l = ctx;
+
+    tu_log(NULL, level, message);
+    if (strstr(message, "SQLSTATE 40P01") && strstr(message, "running it "
+                                                             "again"))
+        atomic_fetch_add(&l->retried, 1);
+    if (strstr(message, "SQLSTATE 40P01") && strstr(message, "retried"))
+        atomic_fetch_add(&l->gave_up, 1);
+}
+
+/* A consumer with one handler, for subject type `type`, logging into l. */
+static de_consumer *open_typed(PGconn *pc, tu_cluster *c, const char *group,
+                               const char *type, de_handler_pg_fn fn, void *ctx,
+                               struct conflict_log *l)
+{
+    de_conf *conf = consumer_conf(c->bootstrap, c->prefix, group);
+    de_consumer *con = NULL;
+
+    ck_assert_ptr_nonnull(conf);
+    de_conf_set_log_cb(conf, count_conflicts, l);
+    tu_ok(de_consumer_open_pg(pc, conf, &con));
+    de_conf_destroy(conf);
+    tu_ok(de_consumer_on_pg(con, type, NULL, fn, ctx));
+    return con;
+}
+
+/* One of two consumers whose handlers deadlock: each locks its own row
+ * of `locks`, waits until the other holds its own (the barrier, once),
+ * then locks the other's. */
+struct locker {
+    const char *type, *subject, *mine, *other;
+    pthread_barrier_t *both;
+    bool met;
+    PGconn *conn;
+    de_consumer *con;
+    pthread_t thread;
+    int failed_polls;
+    char failure[512];
+    bool done;
+};
+
+static de_err lock_both(PGconn *c, const de_event_view *ev, void *ctx)
+{
+    struct locker *l = ctx;
+    const char *sql = "UPDATE locks SET n = n + 1 WHERE id = $1";
+
+    if (!exec_ok(c, sql, 1, &l->mine))
+        return DE_ERR_DB;
+    if (!l->met) {
+        l->met = true;
+        pthread_barrier_wait(l->both);
+    }
+    /* One of the two waits here for the other, which waits for it: the
+     * server's deadlock detector aborts one of them. */
+    if (!exec_ok(c, sql, 1, &l->other))
+        return DE_ERR_DB;
+    return apply(c, ev, NULL);
+}
+
+static long long count_on(PGconn *c, const char *sql, const char *arg)
+{
+    PGresult *r = PQexecParams(c, sql, 1, NULL, &arg, NULL, NULL, 0);
+    long long n = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1
+                      ? atoll(PQgetvalue(r, 0, 0))
+                      : -1;
+
+    PQclear(r);
+    return n;
+}
+
+/* Polls until the subject's 3 events are applied (or 60 s), noting every
+ * poll that did not return DE_OK. */
+static void *locker_main(void *arg)
+{
+    struct locker *l = arg;
+    int64_t deadline = tu_now_ms() + 60000;
+
+    while (tu_now_ms() < deadline) {
+        if (de_consumer_poll(l->con, 50, NULL) != DE_OK &&
+            l->failed_polls++ == 0)
+            snprintf(l->failure, sizeof l->failure, "%s", de_errmsg());
+        if (count_on(l->conn,
+                     "SELECT count(*) FROM applied WHERE subject_id = $1",
+                     l->subject) >= 3) {
+            l->done = true;
+            break;
+        }
+    }
+    return NULL;
+}
+
+/* Two consumers applying into one database deadlock in their handlers
+ * (each holds a row of the host's table the other's handler then
+ * locks); the server aborts one transaction with 40P01.  The aborted
+ * batch must be rolled back and applied again inside the same poll: no
+ * poll fails, every event is applied once (the host's counters and the
+ * read model say so, not the inbox), and the retry is counted and
+ * logged.  The two consumers read a topic each (in groups of their own:
+ * what meets is their transactions, not their group). */
+START_TEST(test_deadlock_retried)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    pthread_barrier_t both;
+    struct conflict_log log = {0};
+    struct locker l[2] = {
+        {.type = "alpha", .subject = "A-1", .mine = "a", .other = "b"},
+        {.type = "beta", .subject = "B-1", .mine = "b", .other = "a"},
+    };
+    de_consumer_stats st[2];
+
+    tpg_exec(conn, "CREATE TABLE locks(id text PRIMARY KEY, n int NOT NULL);"
+                   "INSERT INTO locks VALUES ('a', 0), ('b', 0)");
+    ck_assert_int_eq(pthread_barrier_init(&both, NULL, 2), 0);
+    for (int i = 0; i < 2; i++) {
+        tu_topic_create(c, l[i].type, 1);
+        for (int seq = 1; seq <= 3; seq++)
+            produce_typed(c, l[i].type, l[i].subject, seq);
+        l[i].both = &both;
+        l[i].conn = tpg_connect(conninfo);
+        /* A shorter wait before the deadlock check (1 s by default);
+         * only a superuser may set it, and the test holds without. */
+        PQclear(PQexec(l[i].conn, "SET deadlock_timeout = '20ms'"));
+        l[i].con = open_typed(l[i].conn, c, l[i].type, l[i].type, lock_both,
+                              &l[i], &log);
+    }
+    for (int i = 0; i < 2; i++)
+        ck_assert_int_eq(pthread_create(&l[i].thread, NULL, locker_main, &l[i]),
+                         0);
+    for (int i = 0; i < 2; i++) {
+        ck_assert_int_eq(pthread_join(l[i].thread, NULL), 0);
+        ck_assert_msg(l[i].failed_polls == 0, "%s: %d polls failed: %s",
+                      l[i].type, l[i].failed_polls, l[i].failure);
+        ck_assert(l[i].done);
+        tu_ok(de_consumer_stats_get(l[i].con, &st[i]));
+        ck_assert_uint_eq(st[i].applied, 3);
+        ck_assert_uint_eq(st[i].retries, 0); /* no handler failure */
+        ck_assert_uint_eq(st[i].dead_lettered, 0);
+        tu_ok(de_consumer_close(l[i].con));
+        PQfinish(l[i].conn);
+    }
+    /* One of them was aborted, once, and ran again. */
+    ck_assert_uint_eq(st[0].txn_retries + st[1].txn_retries, 1);
+    ck_assert_int_ge(atomic_load(&log.retried), 1);
+    ck_assert_int_eq(atomic_load(&log.gave_up), 0);
+    /* Every event once: 6 rows, 6 ids, and each of the 6 handler runs
+     * that committed counted once on both rows (the aborted run's
+     * updates rolled back). */
+    ck_assert_int_eq(applied_count(), 6);
+    ck_assert_int_eq(q("SELECT count(DISTINCT event_id) FROM applied"), 6);
+    ck_assert_int_eq(q("SELECT count(*) FROM locks WHERE n = 6"), 2);
+    ck_assert_int_eq(q("SELECT count(*) FROM deliveryevents.inbox WHERE "
+                       "last_seq = 3 AND NOT parked"),
+                     2);
+    ck_assert_int_eq(q("SELECT count(*) FROM deliveryevents.inbox_dead_letter"),
+                     0);
+    pthread_barrier_destroy(&both);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* A handler whose statement fails with a deadlock's SQLSTATE every time
+ * it runs (until told otherwise). */
+struct always_conflict {
+    atomic_bool fail;
+    int calls;
+};
+
+static de_err raise_conflict(PGconn *c, const de_event_view *ev, void *ctx)
+{
+    struct always_conflict *a = ctx;
+
+    a->calls++;
+    if (atomic_load(&a->fail)) {
+        PQclear(PQexec(c, "DO $$BEGIN RAISE EXCEPTION 'a deadlock, always' "
+                          "USING ERRCODE = '40P01'; END$$"));
+        return DE_ERR_DB;
+    }
+    return apply(c, ev, NULL);
+}
+
+/* A conflict that does not go away: the batch is run CONFLICT_RUNS (5)
+ * times, then the poll returns DE_ERR_DB naming the SQLSTATE and the
+ * retries, nothing of the batch applied, nothing dead-lettered (it is
+ * not the event's failure); the consumer goes on once it goes away. */
+START_TEST(test_conflict_persists)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    struct always_conflict a = {.fail = true};
+    struct conflict_log log = {0};
+    de_consumer *con;
+    de_consumer_stats st;
+    int64_t deadline = tu_now_ms() + 30000;
+    de_err err = DE_OK;
+
+    tu_topic_create(c, "delivery", 1);
+    produce(c, "P-1", 1);
+    produce(c, "P-1", 2);
+    produce(c, "Q-1", 1);
+    con = open_typed(conn, c, "g", "delivery", raise_conflict, &a, &log);
+    while (err == DE_OK && tu_now_ms() < deadline)
+        err = de_consumer_poll(con, 50, NULL);
+    tu_assert_err(err, DE_ERR_DB, "SQLSTATE 40P01");
+    ck_assert_msg(strstr(de_errmsg(), "retried 4 times"), "%s", de_errmsg());
+    /* P-1-1 heads the batch: 5 runs, 5 calls, nothing applied. */
+    ck_assert_int_eq(a.calls, 5);
+    ck_assert_int_eq(applied_count(), 0);
+    ck_assert_int_eq(q("SELECT count(*) FROM deliveryevents.inbox"), 0);
+    ck_assert_int_eq(q("SELECT count(*) FROM deliveryevents.inbox_dead_letter"),
+                     0);
+    tu_ok(de_consumer_stats_get(con, &st));
+    ck_assert_uint_eq(st.txn_retries, 4);
+    ck_assert_uint_eq(st.applied, 0);
+    ck_assert_uint_eq(st.retries, 0);
+    ck_assert_uint_eq(st.dead_lettered, 0);
+    ck_assert_int_eq(atomic_load(&log.retried), 4);
+    ck_assert_int_eq(atomic_load(&log.gave_up), 1);
+    /* Usable afterwards: the batch is read again and applied, once. */
+    atomic_store(&a.fail, false);
+    poll_until(con, 3, 30000);
+    ck_assert_int_eq(q("SELECT count(DISTINCT event_id) FROM applied"), 3);
+    tu_ok(de_consumer_stats_get(con, &st));
+    ck_assert_uint_eq(st.applied, 3);
+    ck_assert_uint_eq(st.txn_retries, 4);
+    ck_assert_uint_eq(st.dead_lettered, 0);
+    tu_ok(de_consumer_close(con));
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* A serialization failure (40001) at COMMIT -- a deferred trigger of the
+ * host's raises it, twice -- is not a handler's failure and not a
+ * statement of the inbox: the batch's COMMIT fails, and the batch is
+ * run again inside the same poll, its events applied once. */
+START_TEST(test_commit_conflict_retried)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    struct conflict_log log = {0};
+    de_consumer *con;
+    de_consumer_stats st;
+
+    tpg_exec(conn, "CREATE SEQUENCE refuse_twice");
+    tpg_exec(conn,
+             "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ "
+             "BEGIN IF nextval('refuse_twice') <= 2 THEN RAISE EXCEPTION "
+             "'could not serialize' USING ERRCODE = '40001'; END IF; "
+             "RETURN NULL; END $$");
+    tpg_exec(conn, "CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON applied "
+                   "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE "
+                   "FUNCTION refuse()");
+    tu_topic_create(c, "delivery", 1);
+    produce(c, "C-1", 1);
+    con = open_typed(conn, c, "g", "delivery", apply, NULL, &log);
+    /* Every poll DE_OK (poll_until asserts it) until the event is in. */
+    poll_until(con, 1, 30000);
+    tu_ok(de_consumer_stats_get(con, &st));
+    ck_assert_uint_eq(st.txn_retries, 2);
+    ck_assert_uint_eq(st.applied, 1);
+    ck_assert_uint_eq(st.retries, 0);
+    ck_assert_int_eq(q("SELECT last_value FROM refuse_twice"), 3);
+    ck_assert_int_eq(q("SELECT count(*) FROM deliveryevents.inbox WHERE "
+                       "last_seq = 1"),
+                     1);
+    tu_ok(de_consumer_close(con));
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* Adds tc: one scenario, looped over the clusters, with the fixture and
  * a timeout of its own. */
 static void add_case(Suite *s, TCase *tc, const TTest *t, int timeout)
@@ -1384,6 +1691,10 @@ static Suite *pg_consumer_suite(void)
     add_case(s, tcase_create("commit_cut_before"), test_commit_cut_before, 90);
     add_case(s, tcase_create("rebalance"), test_rebalance, 180);
     add_case(s, tcase_create("host_deallocates"), test_host_deallocates, 60);
+    add_case(s, tcase_create("deadlock_retried"), test_deadlock_retried, 90);
+    add_case(s, tcase_create("conflict_persists"), test_conflict_persists, 60);
+    add_case(s, tcase_create("commit_conflict"), test_commit_conflict_retried,
+             60);
     return s;
 }
 

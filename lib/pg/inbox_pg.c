@@ -17,12 +17,16 @@
  * connection: the backend pid tells) and every value is a bind
  * parameter.  A broken connection fails the operation with DE_ERR_DB;
  * the consumer rolls its batch back and reads it again, and the host
- * resets the connection (deliveryevents_pg.h).
+ * resets the connection (deliveryevents_pg.h).  A deadlock or
+ * serialization failure, in the inbox's statements or a handler's, is
+ * told apart by its SQLSTATE (i_conflict), and the consumer runs the
+ * transaction again.
  */
 #include "inbox.h"
 #include "pg_int.h"
 
 #include <assert.h>
+#include <libpq-events.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -533,6 +537,66 @@ static de_err i_rollback_to(de__inbox *ib)
                   "consumer: rolling back an event");
 }
 
+/*
+ * The SQLSTATE of the last failed statement on the consumer's connection,
+ * kept by a libpq event procedure: it sees every result made on the
+ * connection, the handlers' too, which the consumer never gets -- and a
+ * handler's statement is where a deadlock between two members' read
+ * models is found.  A successful result clears it; 25P02 (a statement
+ * refused because the transaction had already failed) keeps the error
+ * that failed it.  Registered once per connection and kept with it
+ * (libpq cannot unregister a procedure; it costs a status check per
+ * result): its data is freed with the connection, so a closed consumer
+ * leaves nothing dangling.
+ */
+typedef struct last_error {
+    char state[6];
+} last_error;
+
+static int track_errors(PGEventId id, void *info, void *pass)
+{
+    (void)pass;
+    if (id == PGEVT_REGISTER) {
+        PGconn *conn = ((PGEventRegister *)info)->conn;
+        last_error *le = calloc(1, sizeof *le);
+        return le != NULL && PQsetInstanceData(conn, track_errors, le);
+    }
+    if (id == PGEVT_CONNDESTROY) {
+        free(PQinstanceData(((PGEventConnDestroy *)info)->conn, track_errors));
+        return 1;
+    }
+    if (id == PGEVT_RESULTCREATE) {
+        PGEventResultCreate *e = info;
+        last_error *le = PQinstanceData(e->conn, track_errors);
+        const char *state;
+        if (le == NULL)
+            return 1;
+        if (PQresultStatus(e->result) != PGRES_FATAL_ERROR) {
+            le->state[0] = '\0';
+            return 1;
+        }
+        state = PQresultErrorField(e->result, PG_DIAG_SQLSTATE);
+        if (state == NULL)
+            le->state[0] = '\0';
+        else if (strcmp(state, "25P02") != 0 || le->state[0] == '\0')
+            snprintf(le->state, sizeof le->state, "%s", state);
+    }
+    return 1;
+}
+
+/* Deadlocks and serialization failures: the server aborted this
+ * transaction to let another go on (inbox.h). */
+static const char *i_conflict(de__inbox *ib)
+{
+    last_error *le = PQinstanceData(IB(ib)->conn, track_errors);
+
+    if (le == NULL)
+        return NULL;
+    return strcmp(le->state, "40P01") == 0 || strcmp(le->state, "40001") == 0
+               ? le->state
+               : NULL;
+}
+
 /* A failed transaction is still open (ROLLBACK ends it), and so is one
  * on a broken connection as far as the consumer can tell: its next
  * statement fails and the batch is rolled back. */
@@ -1016,6 +1080,7 @@ static const de__inbox_ops pg_ops = {
     .release = i_release,
     .rollback_to = i_rollback_to,
     .in_txn = i_in_txn,
+    .conflict = i_conflict,
     .claim = i_claim,
     .get = i_get,
     .put = i_put,
@@ -1068,6 +1133,15 @@ de_err de__inbox_open_pg(PGconn *conn, de__inbox **out)
         return de__fail(DE_ERR_NOMEM, "out of memory opening the consumer");
     s->base.ops = &pg_ops;
     s->conn = conn;
+    /* Once per connection: a second consumer on it, or one opened again,
+     * finds the procedure there. */
+    if (!PQregisterEventProc(conn, track_errors, "deliveryevents-consumer",
+                             NULL) &&
+        PQinstanceData(conn, track_errors) == NULL) {
+        free(s);
+        return de__fail(DE_ERR_NOMEM, "consumer: cannot register its libpq "
+                                      "event procedure (out of memory)");
+    }
     if ((err = ensure_prepared(s)) != DE_OK) {
         free(s);
         return err;
