@@ -344,6 +344,78 @@ START_TEST(connection_lost_inside_a_checkpoint_writes_nothing)
 }
 END_TEST
 
+/*
+ * A checkpoint's counters are written together (a statement per
+ * thousand): 2,500 subjects, one of them written twice with the later
+ * value winning, odd ids among them, a rolled-back checkpoint that writes
+ * nothing, and each counter read back as written, one by one and in one
+ * query.
+ */
+START_TEST(checkpoint_counters_written_together)
+{
+    static const char *const odd[] = {"a\"b", "c\\d", "{e,f}", "NULL"};
+    char outbox_id[37], holder[300], id[32];
+    const char *types[3] = {"delivery", "delivery", "delivery"};
+    const char *ids[3];
+    de__counter c, got[3];
+    de__source *src = NULL;
+    de__rstate *st = NULL;
+    int64_t cursor;
+    bool held = false;
+
+    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
+    tu_ok(de__rstate_open_pg(conninfo, outbox_id, 0, &st, &cursor));
+    tu_ok(de__rstate_lease_acquire(st, "me", 0, 60000, &held, holder,
+                                   sizeof holder));
+    ck_assert(held);
+    /* Rolled back: nothing of it is written. */
+    tu_ok(de__rstate_begin(st, "me", 0, &held));
+    c = (de__counter){1, 99, 99};
+    tu_ok(de__rstate_put_seq(st, "delivery", "R-1", &c));
+    de__rstate_rollback(st);
+    tu_ok(de__rstate_begin(st, "me", 0, &held));
+    ck_assert(held);
+    for (int i = 1; i <= 2500; i++) {
+        snprintf(id, sizeof id, "S-%d", i);
+        c = (de__counter){1, i, 1000 + i};
+        tu_ok(de__rstate_put_seq(st, "delivery", id, &c));
+        if (i == 1500) { /* S-7 again, in another batch than its first */
+            c = (de__counter){2, 7000, 7};
+            tu_ok(de__rstate_put_seq(st, "delivery", "S-7", &c));
+        }
+        if (i == 2000) { /* S-2000 twice in one batch: the later wins */
+            c = (de__counter){3, 2001, 2};
+            tu_ok(de__rstate_put_seq(st, "delivery", id, &c));
+        }
+    }
+    for (int i = 0; i < 4; i++) {
+        c = (de__counter){1, 10 + i, 0};
+        tu_ok(de__rstate_put_seq(st, "delivery", odd[i], &c));
+    }
+    tu_ok(de__rstate_commit(st));
+    ck_assert_int_eq(
+        tpg_int(conn, "SELECT count(*) FROM deliveryevents.relay_subjects"),
+        2504);
+    tu_ok(de__rstate_get_seq(st, "delivery", "R-1", &c));
+    ck_assert_int_eq(c.seq, 0);
+    tu_ok(de__rstate_get_seq(st, "delivery", "S-2500", &c));
+    ck_assert(c.epoch == 1 && c.seq == 2500 && c.last_ms == 3500);
+    ids[0] = "S-7";
+    ids[1] = "S-2000";
+    ids[2] = odd[1];
+    tu_ok(de__rstate_get_seqs(st, 3, types, ids, got));
+    ck_assert(got[0].epoch == 2 && got[0].seq == 7000 && got[0].last_ms == 7);
+    ck_assert(got[1].epoch == 3 && got[1].seq == 2001 && got[1].last_ms == 2);
+    ck_assert(got[2].epoch == 1 && got[2].seq == 11);
+    for (int i = 0; i < 4; i++) {
+        tu_ok(de__rstate_get_seq(st, "delivery", odd[i], &c));
+        ck_assert_int_eq(c.seq, 10 + i);
+    }
+    de__rstate_close(st);
+    src->ops->close(src);
+}
+END_TEST
+
 /* What the relay found on Kafka when it took the lease outlives a lost
  * connection: events already there keep their numbers rather than being
  * numbered again after a reconnect. */
@@ -881,6 +953,7 @@ static Suite *pg_relay_suite(void)
     tcase_add_loop_test(tc, broker_outage_loses_nothing, tu_cluster_first(),
                         tu_cluster_count());
     tcase_add_test(tc, source_read_ahead_answers_only_what_is_asked);
+    tcase_add_test(tc, checkpoint_counters_written_together);
     tcase_add_loop_test(tc,
                         odd_subject_ids_keep_their_numbering_across_a_restart,
                         tu_cluster_first(), tu_cluster_count());

@@ -54,6 +54,7 @@ enum {
     S_SEQ_GET,
     S_SEQ_GETS,
     S_SEQ_PUT,
+    S_SEQ_PUTS,
     S_PARK,
     S_UNPARK,
     S_PARKED_SUBJECTS,
@@ -131,6 +132,16 @@ static const char *const sql[S_COUNT] = {
                   "$5) ON CONFLICT (subject_type, subject_id) DO UPDATE SET "
                   "seq = excluded.seq, epoch = excluded.epoch, last_ms = "
                   "excluded.last_ms",
+    /* Counters of many subjects at once ($1..$5: arrays of types, ids,
+     * seqs, epochs, last_ms); a subject named twice takes its last. */
+    [S_SEQ_PUTS] =
+        "INSERT INTO deliveryevents.relay_subjects(subject_type, subject_id, "
+        "seq, epoch, last_ms) SELECT DISTINCT ON (t, id) t, id, s, e, l FROM "
+        "unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], "
+        "$5::bigint[]) WITH ORDINALITY AS k(t, id, s, e, l, i) ORDER BY t, "
+        "id, i DESC ON CONFLICT (subject_type, subject_id) DO UPDATE SET "
+        "seq = excluded.seq, epoch = excluded.epoch, last_ms = "
+        "excluded.last_ms",
     [S_PARK] = "INSERT INTO deliveryevents.relay_parked(position, "
                "subject_type, subject_id, seq, error, since_ms, epoch) "
                "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (position) "
@@ -251,6 +262,70 @@ static const char tables_sql[] =
 /* Checkpoints are durable whatever the database's default. */
 static const char session_sql[] = "SET synchronous_commit = on";
 
+/* A PostgreSQL array literal being built: {"a","b\\"c"} or {1,2}. */
+typedef struct pg_arr {
+    char *p;
+    size_t len, cap;
+} pg_arr;
+
+/* Appends v (text: quoted and escaped; else as it is); false when out of
+ * memory. */
+static bool arr_add(pg_arr *a, const char *v, bool text)
+{
+    size_t need = a->len + 2 * strlen(v) + 5;
+    char sep;
+
+    if (need > a->cap) {
+        size_t cap = a->cap ? a->cap : 256;
+        char *p;
+        while (cap < need)
+            cap *= 2;
+        if ((p = realloc(a->p, cap)) == NULL)
+            return false;
+        a->p = p;
+        a->cap = cap;
+    }
+    sep = a->len == 0 ? '{' : ',';
+    a->p[a->len++] = sep;
+    if (!text) {
+        size_t n = strlen(v);
+        memcpy(a->p + a->len, v, n);
+        a->len += n;
+        return true;
+    }
+    a->p[a->len++] = '"';
+    for (const char *c = v; *c; c++) {
+        if (*c == '"' || *c == '\\')
+            a->p[a->len++] = '\\';
+        a->p[a->len++] = *c;
+    }
+    a->p[a->len++] = '"';
+    return true;
+}
+
+/* The literal, closed ("{}" when nothing was added; NULL when out of
+ * memory); a->len is reset for the next one (the buffer is kept). */
+static const char *arr_end(pg_arr *a)
+{
+    if (a->cap < 3) {
+        char *p = realloc(a->p, 256);
+        if (p == NULL)
+            return NULL;
+        a->p = p;
+        a->cap = 256;
+    }
+    if (a->len == 0)
+        a->p[a->len++] = '{';
+    a->p[a->len] = '}';
+    a->p[a->len + 1] = '\0';
+    a->len = 0;
+    return a->p;
+}
+
+/* Counters a checkpoint wrote, not sent yet (p_put_seq): sent together
+ * as one statement (S_SEQ_PUTS) of up to SEQ_BATCH of them. */
+#define SEQ_BATCH 1000
+
 typedef struct pg_state {
     de__rstate base;
     PGconn *conn;
@@ -261,6 +336,9 @@ typedef struct pg_state {
     /* writes sent in pipeline mode whose results are not read yet (see
      * queue()) */
     int queued;
+    /* counters to write (p_put_seq): types, ids, seqs, epochs, last_ms */
+    pg_arr seqs[5];
+    int nseqs;
     /* where forgetting stopped: the last key it looked at */
     char forget_type[DE__IDENT_MAX + 1];
     char forget_id[DE__SUBJECT_ID_MAX + 1];
@@ -324,15 +402,19 @@ static de_err ensure_conn(pg_state *st)
  * other statement on the connection comes after this, so that a
  * checkpoint's writes cost one round trip together rather than one
  * each. */
+static de_err flush_seqs(pg_state *st);
+
 static de_err drain(pg_state *st)
 {
     PGresult *r;
     de_err err = DE_OK;
     int nulls = 0;
 
+    if (st->in_txn)
+        err = flush_seqs(st);
     if (PQpipelineStatus(st->conn) == PQ_PIPELINE_OFF)
-        return DE_OK;
-    if (PQpipelineSync(st->conn) != 1)
+        return err;
+    if (PQpipelineSync(st->conn) != 1 && err == DE_OK)
         err = de__pg_fail(st->conn, NULL,
                           "relay state: cannot write the checkpoint");
     /* Each write's results end with a NULL; the sync's result ends the
@@ -398,13 +480,12 @@ static de_err run(pg_state *st, int which, int n, const char *const *values,
  * libpq's pipeline mode; drain() reads the results before the next
  * statement that needs one, COMMIT included, so that a failed write
  * still fails the checkpoint.  Outside a transaction: run(). */
-static de_err queue(pg_state *st, int which, int n, const char *const *values,
-                    const char *what)
+/* queue() inside a transaction: the write sent in pipeline mode. */
+static de_err send_queued(pg_state *st, int which, int n,
+                          const char *const *values, const char *what)
 {
     char name[40], msg[120];
 
-    if (!st->in_txn)
-        return run(st, which, n, values, NULL, what);
     if (PQpipelineStatus(st->conn) == PQ_PIPELINE_OFF &&
         PQenterPipelineMode(st->conn) != 1) {
         snprintf(msg, sizeof msg, "relay state: %s", what);
@@ -418,6 +499,35 @@ static de_err queue(pg_state *st, int which, int n, const char *const *values,
     }
     st->queued++;
     return DE_OK;
+}
+
+static de_err queue(pg_state *st, int which, int n, const char *const *values,
+                    const char *what)
+{
+    de_err err;
+
+    if (!st->in_txn)
+        return run(st, which, n, values, NULL, what);
+    /* Counters waiting to be sent go first: the writes keep their
+     * order. */
+    if ((err = flush_seqs(st)) != DE_OK)
+        return err;
+    return send_queued(st, which, n, values, what);
+}
+
+/* Sends the counters p_put_seq gathered, as one statement. */
+static de_err flush_seqs(pg_state *st)
+{
+    const char *v[5];
+
+    if (st->nseqs == 0)
+        return DE_OK;
+    st->nseqs = 0;
+    for (int i = 0; i < 5; i++)
+        if ((v[i] = arr_end(&st->seqs[i])) == NULL)
+            return de__fail(DE_ERR_NOMEM,
+                            "relay state: out of memory writing counters");
+    return send_queued(st, S_SEQ_PUTS, 5, v, "cannot write sequence counters");
 }
 
 /* Runs a statement that changes rows; *changed (may be NULL) receives
@@ -505,6 +615,9 @@ static void p_rollback(de__rstate *base)
     pg_state *st = (pg_state *)base;
 
     st->in_txn = false;
+    st->nseqs = 0; /* never sent: nothing to roll back */
+    for (int i = 0; i < 5; i++)
+        st->seqs[i].len = 0;
     (void)drain(st); /* failed writes are what is rolled back */
     if (PQtransactionStatus(st->conn) != PQTRANS_IDLE)
         PQclear(PQexec(st->conn, "ROLLBACK"));
@@ -594,6 +707,8 @@ static void p_close(de__rstate *base)
     if (st == NULL)
         return;
     PQfinish(st->conn);
+    for (int i = 0; i < 5; i++)
+        free(st->seqs[i].p);
     free(st);
 }
 
@@ -797,12 +912,25 @@ static de_err p_put_cursor(de__rstate *base, int64_t position,
 static de_err p_put_seq(de__rstate *base, const char *type, const char *id,
                         const de__counter *c)
 {
+    pg_state *st = (pg_state *)base;
     char s[24], e[24], l[24];
     const char *v[5] = {type, id, i64(s, c->seq), i64(e, c->epoch),
                         i64(l, c->last_ms)};
 
-    return queue((pg_state *)base, S_SEQ_PUT, 5, v,
-                 "cannot write a sequence counter");
+    if (!st->in_txn)
+        return queue(st, S_SEQ_PUT, 5, v, "cannot write a sequence counter");
+    /* Gathered, and sent SEQ_BATCH at a time (or before the next other
+     * statement): one upsert of a thousand rows costs the server a
+     * fraction of a thousand upserts. */
+    for (int i = 0; i < 5; i++)
+        if (!arr_add(&st->seqs[i], v[i], i < 2)) {
+            st->nseqs = 0;
+            for (int j = 0; j < 5; j++)
+                st->seqs[j].len = 0;
+            return de__fail(DE_ERR_NOMEM,
+                            "relay state: out of memory writing counters");
+        }
+    return ++st->nseqs >= SEQ_BATCH ? flush_seqs(st) : DE_OK;
 }
 
 static de_err p_get_seq(de__rstate *base, const char *type, const char *id,
@@ -825,50 +953,25 @@ static de_err p_get_seq(de__rstate *base, const char *type, const char *id,
     return DE_OK;
 }
 
-/* The text array literal of strs[0..n-1] ({"a","b\\"c"}), malloc'ed; NULL
- * when out of memory. */
-static char *text_array(int n, const char *const *strs)
-{
-    size_t len = 3;
-    char *out, *o;
-
-    for (int i = 0; i < n; i++)
-        len += 2 * strlen(strs[i]) + 3;
-    if ((out = o = malloc(len)) == NULL)
-        return NULL;
-    *o++ = '{';
-    for (int i = 0; i < n; i++) {
-        if (i > 0)
-            *o++ = ',';
-        *o++ = '"';
-        for (const char *c = strs[i]; *c; c++) {
-            if (*c == '"' || *c == '\\')
-                *o++ = '\\';
-            *o++ = *c;
-        }
-        *o++ = '"';
-    }
-    *o++ = '}';
-    *o = '\0';
-    return out;
-}
-
 static de_err p_get_seqs(de__rstate *base, int n, const char *const *types,
                          const char *const *ids, de__counter *c)
 {
-    char *t = text_array(n, types), *d = text_array(n, ids);
-    const char *v[2] = {t, d};
+    pg_arr t = {0}, d = {0};
+    const char *v[2];
     PGresult *r = NULL;
+    bool ok = true;
     de_err err;
 
     memset(c, 0, (size_t)n * sizeof *c);
-    if (t == NULL || d == NULL)
+    for (int i = 0; i < n && ok; i++)
+        ok = arr_add(&t, types[i], true) && arr_add(&d, ids[i], true);
+    if (!ok || (v[0] = arr_end(&t)) == NULL || (v[1] = arr_end(&d)) == NULL)
         err = de__fail(DE_ERR_NOMEM, "out of memory reading counters");
     else
         err = run((pg_state *)base, S_SEQ_GETS, 2, v, &r,
                   "cannot read sequence counters");
-    free(t);
-    free(d);
+    free(t.p);
+    free(d.p);
     if (err != DE_OK)
         return err;
     for (int row = 0; row < PQntuples(r); row++) {
