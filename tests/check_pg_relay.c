@@ -302,23 +302,34 @@ START_TEST(old_relay_checkpoint_refused_after_takeover)
 }
 END_TEST
 
+/* The relay's seam on this database: its source and its state, the
+ * lease taken for "me" (lease_ms) unless lease_ms is 0. */
+static void open_seam(de__source **src, de__rstate **st, int64_t lease_ms)
+{
+    char outbox_id[37], holder[300];
+    int64_t cursor;
+    bool held = false;
+
+    tu_ok(de__source_open_pg(conninfo, false, src, outbox_id));
+    tu_ok(de__rstate_open_pg(conninfo, outbox_id, 0, st, &cursor));
+    if (lease_ms > 0) {
+        tu_ok(de__rstate_lease_acquire(*st, "me", 0, lease_ms, &held, holder,
+                                       sizeof holder));
+        ck_assert(held);
+    }
+}
+
 /* A state connection lost inside a checkpoint: nothing of the
  * checkpoint is written -- not even by a later statement on a new
  * connection, where the lease would not be checked -- and the commit
  * fails; the next checkpoint reconnects. */
 START_TEST(connection_lost_inside_a_checkpoint_writes_nothing)
 {
-    char outbox_id[37], holder[300];
     de__source *src = NULL;
     de__rstate *st = NULL;
-    int64_t cursor;
     bool held = false, has = true;
 
-    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
-    tu_ok(de__rstate_open_pg(conninfo, outbox_id, 0, &st, &cursor));
-    tu_ok(de__rstate_lease_acquire(st, "me", 0, 1500, &held, holder,
-                                   sizeof holder));
-    ck_assert(held);
+    open_seam(&src, &st, 1500);
     tu_ok(de__rstate_begin(st, "me", 0, &held));
     ck_assert(held);
     tu_ok(de__rstate_put_cursor(st, 3, "e3"));
@@ -354,20 +365,15 @@ END_TEST
 START_TEST(checkpoint_counters_written_together)
 {
     static const char *const odd[] = {"a\"b", "c\\d", "{e,f}", "NULL"};
-    char outbox_id[37], holder[300], id[32];
+    char id[32];
     const char *types[3] = {"delivery", "delivery", "delivery"};
     const char *ids[3];
     de__counter c, got[3];
     de__source *src = NULL;
     de__rstate *st = NULL;
-    int64_t cursor;
     bool held = false;
 
-    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
-    tu_ok(de__rstate_open_pg(conninfo, outbox_id, 0, &st, &cursor));
-    tu_ok(de__rstate_lease_acquire(st, "me", 0, 60000, &held, holder,
-                                   sizeof holder));
-    ck_assert(held);
+    open_seam(&src, &st, 60000);
     /* Rolled back: nothing of it is written. */
     tu_ok(de__rstate_begin(st, "me", 0, &held));
     c = (de__counter){1, 99, 99};
@@ -421,15 +427,14 @@ END_TEST
  * numbered again after a reconnect. */
 START_TEST(found_on_kafka_outlives_a_lost_connection)
 {
-    char outbox_id[37], topic[64];
+    char topic[64];
     de__source *src = NULL;
     de__rstate *st = NULL;
-    int64_t cursor, epoch = 0, seq = 0, offset = 0, landed, subjects;
+    int64_t epoch = 0, seq = 0, offset = 0, landed, subjects;
     int32_t partition = -1;
     bool found = false;
 
-    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
-    tu_ok(de__rstate_open_pg(conninfo, outbox_id, 0, &st, &cursor));
+    open_seam(&src, &st, 0);
     tu_ok(de__rstate_found_clear(st));
     tu_ok(de__rstate_batch_begin(st));
     tu_ok(
