@@ -1433,12 +1433,20 @@ static de_err lock_both(PGconn *c, const de_event_view *ev, void *ctx)
     struct locker *l = ctx;
     const char *sql = "UPDATE locks SET n = n + 1 WHERE id = $1";
 
+    const char *first = strcmp(l->mine, l->other) < 0 ? l->mine : l->other;
+    const char *second = first == l->mine ? l->other : l->mine;
+
+    if (l->met) {
+        /* Every later run (the aborted one's included) locks in one
+         * order: exactly one deadlock, whatever the timing. */
+        if (!exec_ok(c, sql, 1, &first) || !exec_ok(c, sql, 1, &second))
+            return DE_ERR_DB;
+        return apply(c, ev, NULL);
+    }
     if (!exec_ok(c, sql, 1, &l->mine))
         return DE_ERR_DB;
-    if (!l->met) {
-        l->met = true;
-        pthread_barrier_wait(l->both);
-    }
+    l->met = true;
+    pthread_barrier_wait(l->both);
     /* One of the two waits here for the other, which waits for it: the
      * server's deadlock detector aborts one of them. */
     if (!exec_ok(c, sql, 1, &l->other))
