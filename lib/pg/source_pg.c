@@ -631,21 +631,15 @@ static de_err p_read(de__source *src, int64_t after, int64_t limit,
     *n = 0;
     settle(s, true);
     while (s->ahead_kept) {
-        bool use = s->ahead_whole && s->ahead_after == after;
+        if (!s->ahead_whole || s->ahead_after != after) {
+            settle(s, false); /* dropped, the flag's bookkeeping kept */
+            break;
+        }
         /* Its results move here: finish_read may send the next one. */
         s->ahead_kept = false;
         count = s->ahead_count;
         memcpy(res, s->ahead_res, sizeof res);
         memset(s->ahead_res, 0, sizeof s->ahead_res);
-        if (!use) {
-            /* Dropped, the flag's bookkeeping kept. */
-            atomic_fetch_add(&aheads_dropped, 1);
-            if (s->ahead_whole)
-                (void)finish_read(s, res, count, s->ahead_limit, 0, NULL, NULL,
-                                  &got);
-            clear_results(res, count);
-            break;
-        }
         atomic_fetch_add(&aheads_used, 1);
         got = 0;
         err = finish_read(s, res, count, s->ahead_limit, limit - *n, fn, ctx,
