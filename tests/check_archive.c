@@ -379,22 +379,37 @@ static scan *assert_exactly_once(tu_cluster *c, const char *dir)
     return s;
 }
 
-/* Files (finished or not) under dir: a sign of the archiver at work. */
+/* Files under dir: all of them (finished or not: a sign of the archiver
+ * at work), or only the finished ones (not temporary, not reports). */
 static int nfiles;
+static bool finished_only;
 static int count_file(const char *path, const struct stat *st, int flag,
                       struct FTW *ftw)
 {
-    (void)path, (void)st, (void)ftw;
-    if (flag == FTW_F)
+    (void)st;
+    if (flag == FTW_F &&
+        (!finished_only ||
+         (path[ftw->base] != '.' && strstr(path, "/_reports/") == NULL)))
         nfiles++;
     return 0;
 }
 
-static int files_in(const char *dir)
+static int count_files(const char *dir, bool finished)
 {
     nfiles = 0;
+    finished_only = finished;
     nftw(dir, count_file, 16, FTW_PHYS);
     return nfiles;
+}
+
+static int files_in(const char *dir)
+{
+    return count_files(dir, false);
+}
+
+static int finished_in(const char *dir)
+{
+    return count_files(dir, true);
 }
 
 /* The group's committed offsets of the topic's partitions (-1: none). */
@@ -672,7 +687,14 @@ END_TEST
 /* Batch over the archive = the stream: live_stats' per-minute windows,
  * computed from the archive files alone with SQLite's JSON functions,
  * equal what live_stats computed from the stream -- while the archiver
- * was SIGKILLed three times mid-stream. */
+ * was SIGKILLed three times in the middle of its work.
+ *
+ * The service publishes its whole stream first, and each archiver is
+ * killed once it has finished a random 1..8 files of it: an archiver
+ * killed a random time after it started writing could, on a fast disk,
+ * archive everything before the last kill (and the next one would then
+ * have nothing to write).  The stream is some 300 files long, so three
+ * kills never reach its end. */
 START_TEST(live_stats_from_the_archive_equals_the_stream)
 {
     tu_cluster *c = tu_cluster_new(0, 3);
@@ -683,6 +705,7 @@ START_TEST(live_stats_from_the_archive_equals_the_stream)
     proc *p;
     char sql[4096];
     int kills = 0;
+    unsigned seed = (unsigned)time(NULL);
     static const char stream[] =
         "SELECT window_start_ms, region, created, delivered, canceled, "
         "delivery_ms_sum, delivery_ms_n FROM ls.window_stats";
@@ -721,21 +744,24 @@ START_TEST(live_stats_from_the_archive_equals_the_stream)
                     tu_path(tu_dir, "ls.db"), "--until-idle", "2500");
     svc = tu_example("delivery_service", "--db", tu_path(tu_dir, "svc.db"),
                      "--deliveries", "300", "--bootstrap", c->bootstrap);
-    /* The archiver, killed at random moments while the service runs. */
+    tu_example_wait(svc, "delivery_service");
+    /* The archiver, killed at random points of its catch-up. */
+    srand(seed);
     while (kills < 3) {
-        int before = files_in(dir);
+        int before = finished_in(dir), files = 1 + rand() % 8;
         nprocs = 0;
         p = archiver(c, dir, "g-stats", 0, "--roll-ms", "100", "--roll-bytes",
-                     "4000", (const char *)NULL);
-        ck_assert_msg(tu_wait_for(files_in(dir) != before || exited(p), 30000),
-                      "the archiver wrote nothing: %s", slurp(p->err));
-        usleep((useconds_t)(rand() % 400) * 1000);
+                     "2000", (const char *)NULL);
+        ck_assert_msg(
+            tu_wait_for(finished_in(dir) >= before + files || exited(p), 30000),
+            "the archiver finished %d of %d files in 30 s (seed %u): %s",
+            finished_in(dir) - before, files, seed, slurp(p->err));
+        ck_assert_msg(!exited(p), "the archiver exited: %s", slurp(p->err));
         kill(p->pid, SIGKILL);
         waitpid(p->pid, &p->status, 0);
         p->exited = 1;
         kills++;
     }
-    tu_example_wait(svc, "delivery_service");
     nprocs = 0;
     p = archiver(c, dir, "g-stats", 0, "--until-idle", "2000",
                  (const char *)NULL);
@@ -769,10 +795,10 @@ START_TEST(live_stats_from_the_archive_equals_the_stream)
     ck_assert_msg(tu_query_int(db, sql) == 0,
                   "windows of the batch over the archive not in the stream");
     fprintf(stderr,
-            "archive = stream: %lld windows from %ld archived events (%d "
-            "SIGKILLs)\n",
+            "archive = stream: %lld windows from %ld archived events in %ld "
+            "files (%d SIGKILLs, seed %u)\n",
             (long long)tu_query_int(db, "SELECT count(*) FROM ls.window_stats"),
-            s->events, kills);
+            s->events, s->files, kills, seed);
     scan_free(s);
     sqlite3_close(db);
     tu_cluster_destroy(c);
