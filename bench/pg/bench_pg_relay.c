@@ -36,8 +36,10 @@
  * costs it a look-up of its counter in the relay's state.
  *
  * BENCH_PG_RELAY_SET ("key=value,...") adds relay settings to the drain's
- * relay, to try one.  Asserts nothing but that every event arrives
- * (timings on a shared machine are not a test).
+ * relay, to try one; BENCH_PG_SERVER_OPTIONS ("-c name=value ...") starts
+ * the throwaway server with settings of its own (not with
+ * DE_PG_CONNINFO), to try a server configuration.  Asserts nothing but that
+ * every event arrives (timings on a shared machine are not a test).
  */
 #define PARTITIONS 12
 
@@ -477,6 +479,8 @@ int main(int argc, char **argv)
     BENCH_CHECK(n > 0 && rounds > 0 && rate > 0 && lat_n > 10,
                 "BENCH_PG_EVENTS, BENCH_PG_ROUNDS, BENCH_RATE, "
                 "BENCH_LAT_EVENTS must be positive");
+    if (getenv("BENCH_PG_SERVER_OPTIONS") != NULL)
+        tpg_server_options(getenv("BENCH_PG_SERVER_OPTIONS"));
     if (!tpg_start())
         return 1;
     set_base(tpg_fresh_db());
