@@ -835,6 +835,55 @@ START_TEST(source_read_ahead_answers_only_what_is_asked)
 END_TEST
 
 /*
+ * A database configured the way that makes parallel plans most likely --
+ * generic plans forced (some pooler set-ups do), parallelism free -- as a
+ * DBA would set it, for every session: the relay's read of the outbox is
+ * still planned without parallel workers.  A parallel read (a Gather
+ * Merge over two workers) costs 60-70 ms a batch instead of 1-6 ms.
+ */
+START_TEST(outbox_read_never_plans_parallel_workers)
+{
+    char outbox_id[37];
+    de__source *src = NULL;
+    PGresult *r;
+    int64_t max = 0;
+    char plan[4096] = "";
+
+    for (int i = 0; i < 200; i++)
+        tpg_commit_one(conn, ob, 1 + i % 10);
+    tpg_exec(conn,
+             "ANALYZE deliveryevents.outbox, deliveryevents.outbox_order");
+    tpg_exec(conn,
+             "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET "
+             "plan_cache_mode = force_generic_plan', current_database()); "
+             "EXECUTE format('ALTER DATABASE %I SET parallel_setup_cost = 0', "
+             "current_database()); EXECUTE format('ALTER DATABASE %I SET "
+             "parallel_tuple_cost = 0', current_database()); EXECUTE "
+             "format('ALTER DATABASE %I SET min_parallel_index_scan_size = "
+             "0', current_database()); EXECUTE format('ALTER DATABASE %I SET "
+             "min_parallel_table_scan_size = 0', current_database()); END $$");
+    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
+    tu_ok(src->ops->max_position(src, &max)); /* set up, as a relay's */
+    ck_assert_int_eq(max, 200);
+    /* The read the relay prepares (Q_READ), as the server plans it. */
+    r = PQexec(de__source_pg_conn(src),
+               "EXPLAIN EXECUTE deliveryevents_src_3('0', '1000')");
+    ck_assert_int_eq(PQresultStatus(r), PGRES_TUPLES_OK);
+    for (int i = 0; i < PQntuples(r); i++) {
+        strncat(plan, PQgetvalue(r, i, 0), sizeof plan - strlen(plan) - 2);
+        strcat(plan, "\n");
+    }
+    PQclear(r);
+    ck_assert_msg(strstr(plan, "outbox_order") != NULL, "not the read: %s",
+                  plan);
+    ck_assert_msg(strstr(plan, "Gather") == NULL &&
+                      strstr(plan, "Parallel") == NULL,
+                  "the outbox read plans parallel workers:\n%s", plan);
+    src->ops->close(src);
+}
+END_TEST
+
+/*
  * Read-ahead: batches of 7 with at most 16 events in flight, so that
  * most reads come back full and send the next read before their rows
  * are produced, and the room left in the relay often asks for fewer or
@@ -958,6 +1007,7 @@ static Suite *pg_relay_suite(void)
     tcase_add_loop_test(tc, broker_outage_loses_nothing, tu_cluster_first(),
                         tu_cluster_count());
     tcase_add_test(tc, source_read_ahead_answers_only_what_is_asked);
+    tcase_add_test(tc, outbox_read_never_plans_parallel_workers);
     tcase_add_test(tc, checkpoint_counters_written_together);
     tcase_add_loop_test(tc,
                         odd_subject_ids_keep_their_numbering_across_a_restart,

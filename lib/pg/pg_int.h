@@ -19,6 +19,15 @@
  * connection's message is used then). */
 de_err de__pg_fail(PGconn *conn, PGresult *r, const char *what);
 
+/* What the relay sets on each of its own connections (never on a
+ * host's): no parallel plans.  Its statements are short index reads and
+ * small writes, which a parallel plan only slows down -- and a server
+ * that forces generic plans (plan_cache_mode = force_generic_plan, as
+ * some pooler set-ups do) plans the outbox read, whose LIMIT it cannot
+ * see, as a Gather Merge over two workers: 60-70 ms a batch instead of
+ * 1-6 ms, a drain six times slower (docs/POSTGRESQL-INTERNALS.md). */
+#define DE__PG_RELAY_SESSION_SQL "SET max_parallel_workers_per_gather = 0"
+
 /* Runs sql (no parameters, maybe several statements) expecting `want`
  * from the last; *res (may be NULL) receives the result, which the
  * caller clears.  de__pg_fail with what on failure. */
@@ -83,6 +92,9 @@ unsigned long de__source_pg_barrier_attempts(void);
  * handed on (*used) or dropped because the next read asked for other
  * rows (*dropped); for tests. */
 void de__source_pg_read_aheads(unsigned long *used, unsigned long *dropped);
+/* The source's connection (for tests: to look at how the server plans
+ * its statements). */
+PGconn *de__source_pg_conn(de__source *src);
 
 /* After the second barrier timeout in a row the source waits before it
  * tries again: DE__PG_BARRIER_BACKOFF_MS, doubling with each further

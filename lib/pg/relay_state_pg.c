@@ -260,7 +260,8 @@ static const char tables_sql[] =
     "  epoch bigint NOT NULL, PRIMARY KEY (subject_type, subject_id))";
 
 /* Checkpoints are durable whatever the database's default. */
-static const char session_sql[] = "SET synchronous_commit = on";
+static const char session_sql[] =
+    "SET synchronous_commit = on; " DE__PG_RELAY_SESSION_SQL;
 
 /* A PostgreSQL array literal being built: {"a","b\\"c"} or {1,2}. */
 typedef struct pg_arr {

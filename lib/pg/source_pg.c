@@ -184,7 +184,10 @@ static de_err setup(pg_source *s)
     char name[40];
     de_err err;
 
-    if ((err = de__pg_exec(s->conn, "LISTEN " DE__PG_CHANNEL, PGRES_COMMAND_OK,
+    if ((err = de__pg_exec(s->conn, DE__PG_RELAY_SESSION_SQL, PGRES_COMMAND_OK,
+                           NULL, "relay: cannot set up its connection")) !=
+            DE_OK ||
+        (err = de__pg_exec(s->conn, "LISTEN " DE__PG_CHANNEL, PGRES_COMMAND_OK,
                            NULL, "relay: cannot listen for commits")) != DE_OK)
         return err;
     for (int i = 0; i < Q_COUNT; i++) {
@@ -960,6 +963,11 @@ void de__source_pg_read_aheads(unsigned long *used, unsigned long *dropped)
 {
     *used = atomic_load(&aheads_used);
     *dropped = atomic_load(&aheads_dropped);
+}
+
+PGconn *de__source_pg_conn(de__source *src)
+{
+    return ((pg_source *)src)->conn;
 }
 
 void de__source_pg_barrier_wait(de__source *src, int ms)
