@@ -518,7 +518,10 @@ DE_EXTERN DE_WARN_UNUSED de_err de_relay_flush(de_relay *r, int timeout_ms);
  *
  * @return DE_OK when everything committed before the call was published
  *         (and its state says so); DE_ERR_TIMEOUT when events committed
- *         before the call were still pending at the deadline;
+ *         before the call were still pending at the deadline (when this
+ *         relay did not hold the lease at the end -- another relay holds
+ *         it, or it could not be checked -- the message says so: the
+ *         events are the holder's to publish);
  *         DE_ERR_DB when all of them were published but the final
  *         checkpoint -- writing the relay's state at stop -- failed (the
  *         message says why, and whether the lease was released): nothing

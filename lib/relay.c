@@ -555,6 +555,7 @@ static void *relay_main(void *arg)
             rd_kafka_poll(r->rk, 0);
     }
 
+    r->ended_standby = r->state != DE_RELAY_REFUSED && !de__relay_publishing(r);
     finish(r);
     handle_flush(r);
     if (r->state != DE_RELAY_REFUSED)
@@ -981,6 +982,14 @@ de_err de_relay_stop(de_relay *r, int timeout_ms)
                      ? "; the lease was not released either: a standby "
                        "takes over when it expires (relay.lease.timeout.ms)"
                      : "");
+    else if (err == DE_ERR_TIMEOUT && r->ended_standby)
+        de__fail(DE_ERR_TIMEOUT,
+                 "de_relay_stop: events committed before the stop were not "
+                 "all published within %d ms, and this relay did not hold "
+                 "the lease at the end (another relay holds it, or it could "
+                 "not be checked: see the log); they stay in the outbox for "
+                 "the relay that holds the lease",
+                 timeout_ms);
     else if (err == DE_ERR_TIMEOUT)
         de__fail(DE_ERR_TIMEOUT,
                  "de_relay_stop: not everything committed was acknowledged "

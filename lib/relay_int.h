@@ -174,6 +174,9 @@ struct de_relay {
      * checkpoint failed (why: ckpt_fail_msg); and whether the lease could
      * not be released either.  Written by the thread before it ends. */
     bool ckpt_failed, release_failed;
+    /* The loop ended without the lease (another relay held it, or it
+     * could not be checked): de_relay_stop says so. */
+    bool ended_standby;
     char ckpt_fail_msg[600];
     de_relay_stats stats;
     de_relay_state shared_state; /* r->state, as the API sees it */

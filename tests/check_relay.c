@@ -519,6 +519,34 @@ START_TEST(stop_keeps_unpublished_events)
 }
 END_TEST
 
+/* A relay that ends its stop without the lease -- another relay holds
+ * it -- says so, rather than counting what it never held ("0 pending"):
+ * the events stay for the holder, which publishes them. */
+START_TEST(stop_without_the_lease_says_another_relay_holds_it)
+{
+    tu_cluster *c = tu_cluster_new(0, 1);
+    de_conf *conf = tu_relay_conf(c, NULL);
+    de_relay *a, *b = NULL;
+
+    a = publish_three(c, tu_relay_conf(c, NULL));
+    rd_kafka_mock_broker_set_down(c->mock, 1); /* a cannot publish */
+    write_many(3, 1, "delivery");
+    tu_ok(de_relay_start(ob, conf, &b)); /* a holds the lease: b waits */
+    tu_assert_err(de_relay_stop(b, 300), DE_ERR_TIMEOUT,
+                  "did not hold the lease at the end (another relay holds "
+                  "it, or it could not be checked: see the log); they stay "
+                  "in the outbox for the relay that holds the lease");
+    rd_kafka_mock_broker_set_up(c->mock, 1);
+    tu_ok(de_relay_flush(a, 60000)); /* the holder publishes them */
+    tu_ok(de_relay_stop(a, 5000));
+    de_conf_destroy(conf);
+    tu_check k = check(c);
+    tu_assert_check(&k);
+    ck_assert_int_eq(k.expected, 6);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* Everything was published, but the final checkpoint cannot be written
  * (another connection holds the state file's write lock): de_relay_stop
  * says so with DE_ERR_DB -- not DE_ERR_TIMEOUT with nothing pending --
@@ -1561,6 +1589,7 @@ static Suite *relay_suite(void)
     tcase_add_test(tc, replaces_the_producer_after_a_fatal_error);
     tcase_add_test(tc, blocked_subjects_wait_and_others_flow);
     tcase_add_test(tc, stop_keeps_unpublished_events);
+    tcase_add_test(tc, stop_without_the_lease_says_another_relay_holds_it);
     tcase_add_test(tc, stop_says_when_only_the_final_checkpoint_failed);
     suite_add_tcase(s, tc);
 
