@@ -476,11 +476,6 @@ static de_err run(pg_state *st, int which, int n, const char *const *values,
     return DE_OK;
 }
 
-/* Sends a write whose result nobody needs (a checkpoint's counters,
- * marks, held-back and published events) without waiting for it, in
- * libpq's pipeline mode; drain() reads the results before the next
- * statement that needs one, COMMIT included, so that a failed write
- * still fails the checkpoint.  Outside a transaction: run(). */
 /* queue() inside a transaction: the write sent in pipeline mode. */
 static de_err send_queued(pg_state *st, int which, int n,
                           const char *const *values, const char *what)
@@ -502,6 +497,11 @@ static de_err send_queued(pg_state *st, int which, int n,
     return DE_OK;
 }
 
+/* Sends a write whose result nobody needs (a checkpoint's counters,
+ * marks, held-back and published events) without waiting for it, in
+ * libpq's pipeline mode; drain() reads the results before the next
+ * statement that needs one, COMMIT included, so that a failed write
+ * still fails the checkpoint.  Outside a transaction: run(). */
 static de_err queue(pg_state *st, int which, int n, const char *const *values,
                     const char *what)
 {
