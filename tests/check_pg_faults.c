@@ -3,7 +3,8 @@
  * check_pg_faults.c -- the relay of an outbox in PostgreSQL through what
  * happens to the server itself: restarts (crash-like and clean) with the
  * relay running, a crash right after the relay published events that a
- * host on synchronous_commit=off committed, dumps restored into another
+ * host on synchronous_commit=off committed, a synchronous standby that
+ * must hold whatever is published, dumps restored into another
  * database (the latest dump, and an older one behind what Kafka holds),
  * and the two refusals that name what to fix (relay.state.path set, the
  * outbox restored without the relay's tables).
@@ -197,6 +198,18 @@ static bool answers(PGconn *c)
  * server's shared memory only when a backend flushes it itself -- a
  * synchronous commit -- as it would be lost in a power cut until the
  * WAL writer's next round.  Returns its pid. */
+/* A relay that commits nothing of its own for minutes once it has
+ * published: its checkpoints, lease heartbeats and cleanup rounds ten
+ * minutes apart (each would flush the WAL, and wait for a synchronous
+ * standby). */
+static de_conf *quiet_relay_conf(tu_cluster *c)
+{
+    return tu_relay_conf(c, "relay.poll.interval.ms", "10",
+                         "relay.checkpoint.interval.ms", "600000",
+                         "relay.lease.timeout.ms", "600000",
+                         "relay.cleanup.interval.ms", "600000", NULL);
+}
+
 static pid_t stop_wal_writer(PGconn *c)
 {
     pid_t pid = (pid_t)tpg_int(c, "SELECT pid FROM pg_catalog.pg_stat_activity "
@@ -265,10 +278,7 @@ START_TEST(crash_after_publish_loses_nothing_published)
     reconnect(conn);
     c = tu_cluster_new(_i, 1);
     tu_topic_create(c, "delivery", 3);
-    conf = tu_relay_conf(c, "relay.poll.interval.ms", "10",
-                         "relay.checkpoint.interval.ms", "600000",
-                         "relay.lease.timeout.ms", "600000",
-                         "relay.cleanup.interval.ms", "600000", NULL);
+    conf = quiet_relay_conf(c);
     for (int round = 0; round < ROUNDS; round++) {
         unsigned seed = 100u + (unsigned)round;
         tpg_exec(conn, "CHECKPOINT");
@@ -308,6 +318,150 @@ START_TEST(crash_after_publish_loses_nothing_published)
     tu_ok(de_relay_stop(r, 10000));
     tpg_exec(conn, "ALTER SYSTEM RESET ALL");
     tpg_exec(conn, "SELECT pg_catalog.pg_reload_conf()");
+    tu_check k = tpg_check(conn, c);
+    tu_assert_check(&k);
+    ck_assert_int_eq(k.duplicates, 0);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
+/* ---- 2b. a synchronous standby (guarantee 4a through a failover) ----- */
+
+static void count_record(void *ctx, const rd_kafka_message_t *m,
+                         int32_t partitions)
+{
+    (void)m;
+    (void)partitions;
+    ++*(long *)ctx;
+}
+
+/* The records on the topic of subject type "delivery". */
+static long records(tu_cluster *c)
+{
+    long n = 0;
+
+    tu_read_topic(c, tu_topic(c, "delivery"), count_record, &n);
+    return n;
+}
+
+/* What the relay's connections wait for, and run, into buf. */
+static void relay_backends(PGconn *c, char *buf, size_t size)
+{
+    PGresult *r = PQexec(
+        c, "SELECT coalesce(string_agg(coalesce(wait_event, '-') || ': ' || "
+           "left(query, 60), '; '), 'none') FROM pg_catalog.pg_stat_activity "
+           "WHERE application_name = 'deliveryevents-relay'");
+
+    snprintf(buf, size, "%s",
+             PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1
+                 ? PQgetvalue(r, 0, 0)
+                 : PQresultErrorMessage(r));
+    PQclear(r);
+}
+
+/* The server without its synchronous standby again, and the standby
+ * stopped: the suite's other cases share the server. */
+static void no_sync_standby(void)
+{
+    tpg_exec(conn, "ALTER SYSTEM RESET synchronous_standby_names");
+    tpg_exec(conn, "SELECT pg_catalog.pg_reload_conf()");
+    tpg_standby_stop();
+}
+
+/* The relay's flush transaction (flush_barrier in source_pg.c) waiting
+ * for the synchronous standby. */
+static bool relay_waits_for_standby(PGconn *c)
+{
+    return tpg_int(c, "SELECT count(*) FROM pg_catalog.pg_stat_activity "
+                      "WHERE application_name = 'deliveryevents-relay' AND "
+                      "wait_event = 'SyncRep' AND query LIKE "
+                      "'%pg_logical_emit_message%'") > 0;
+}
+
+/*
+ * Guarantee 4a where the server has a synchronous standby to fail over
+ * to: Kafka never holds an event that the standby does not hold, or the
+ * failover would undo a published event.  A host committing with
+ * synchronous_commit=local -- visible once on the server's own disk,
+ * without waiting for the standby -- records an event while the
+ * standby's WAL receiver is stopped (SIGSTOP): the relay reads it and
+ * must wait for the standby (its flush transaction waits in SyncRep)
+ * with nothing of it on Kafka; the standby resumed, it is published.
+ * Before the fix the relay published it at once, the server's own flush
+ * being enough for it.
+ *
+ * The relay's sleeping flag is made UNLOGGED here, as in the crash case
+ * above: a logged sequence's setval takes a transaction id, so the relay
+ * going idle would itself wait for the standby -- before reading the
+ * event, and publishing nothing either way.
+ */
+START_TEST(sync_standby_holds_what_is_published)
+{
+    const char *sb_info;
+    char sb_db[600];
+    tu_cluster *c;
+    de_conf *conf;
+    de_relay *r = NULL;
+    PGconn *sb;
+    pid_t receiver;
+    bool sync, early, waited;
+    char doing[1000];
+
+    if (!server_is_ours("add a standby to"))
+        return;
+    tpg_exec(conn, "ALTER SEQUENCE deliveryevents.relay_sleeping SET "
+                   "UNLOGGED");
+    sb_info = tpg_standby_start("de_standby");
+    ck_assert_msg(sb_info != NULL, "cannot start a standby (see stderr)");
+    tpg_exec(conn, "ALTER SYSTEM SET synchronous_standby_names = "
+                   "'de_standby'");
+    tpg_exec(conn, "SELECT pg_catalog.pg_reload_conf()");
+    sync = tu_wait_for(tpg_int(conn, "SELECT count(*) FROM "
+                                     "pg_catalog.pg_stat_replication WHERE "
+                                     "application_name = 'de_standby' AND "
+                                     "sync_state = 'sync'") == 1,
+                       30000);
+    if (!sync) /* the server's other cases must not wait for it */
+        no_sync_standby();
+    ck_assert_msg(sync, "the standby did not become synchronous");
+    c = tu_cluster_new(_i, 1);
+    tu_topic_create(c, "delivery", 3);
+    /* Nothing else of the relay's commits (each waits for the standby
+     * too) while the standby is stopped. */
+    conf = quiet_relay_conf(c);
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    tpg_commit_one(conn, ob, 1);
+    tu_ok(de_relay_flush(r, 60000));
+    ck_assert_int_eq(records(c), 1);
+
+    snprintf(sb_db, sizeof sb_db, "%s dbname=postgres", sb_info);
+    sb = tpg_connect(sb_db);
+    receiver = (pid_t)tpg_int(sb, "SELECT pid FROM "
+                                  "pg_catalog.pg_stat_wal_receiver");
+    PQfinish(sb);
+    ck_assert_int_gt(receiver, 0);
+    ck_assert_int_eq(kill(receiver, SIGSTOP), 0);
+    tpg_exec(conn, "SET synchronous_commit = local");
+    tpg_commit_one(conn, ob, 2);
+    /* Either outcome ends the wait: the relay waiting for the standby
+     * (right), or the event on Kafka (wrong). */
+    (void)tu_wait_for(relay_waits_for_standby(conn) || records(c) > 1, 30000);
+    early = records(c) > 1;
+    waited = relay_waits_for_standby(conn);
+    relay_backends(conn, doing, sizeof doing);
+    ck_assert_int_eq(kill(receiver, SIGCONT), 0);
+    tu_ok(de_relay_flush(r, 60000));
+    tu_ok(de_relay_stop(r, 10000));
+    tpg_exec(conn, "SET synchronous_commit = on");
+    no_sync_standby();
+    ck_assert_msg(!early, "the relay published an event the synchronous "
+                          "standby did not hold");
+    ck_assert_msg(waited,
+                  "the relay neither published nor waited for the standby "
+                  "within 30 s; its connections: %s",
+                  doing);
+    ck_assert_int_eq(records(c), 2);
     tu_check k = tpg_check(conn, c);
     tu_assert_check(&k);
     ck_assert_int_eq(k.duplicates, 0);
@@ -538,6 +692,8 @@ static Suite *pg_faults_suite(void)
     tc = add(s, tcase_create("durability"), 90);
     tcase_add_loop_test(tc, crash_after_publish_loses_nothing_published, first,
                         n);
+    tc = add(s, tcase_create("sync_standby"), 120);
+    tcase_add_loop_test(tc, sync_standby_holds_what_is_published, first, n);
     tc = add(s, tcase_create("dump_restore"), 90);
     tcase_add_loop_test(tc, dump_restored_into_new_database_continues, first,
                         n);

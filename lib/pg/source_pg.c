@@ -34,14 +34,19 @@
  * interval.
  *
  * Invariants:
- *  - nothing read is handed on before it is durable: a commit made with
- *    synchronous_commit=off is visible before its WAL is flushed, so
- *    after a read that found rows, and before the first row reaches the
- *    caller, the source checks that the server's WAL is flushed past
- *    their commits (durable()), and when it is not, commits a
+ *  - nothing read is handed on before it is durable -- as durable as a
+ *    commit with synchronous_commit=on is on this server: flushed to its
+ *    disk, and to its synchronous standbys' when it has any
+ *    (synchronous_standby_names), so that a failover to one of them
+ *    keeps it.  A commit made with synchronous_commit=off (or local) is
+ *    visible before that, so after a read that found rows, and before the
+ *    first row reaches the caller, the source checks that the server's
+ *    WAL is flushed past their commits (durable()), and when it is not
+ *    -- always, on a server with synchronous standbys -- commits a
  *    transaction of its own with synchronous_commit=on that writes a WAL
  *    record (without one its commit is not flushed).  Its commit record
- *    comes after every commit the read saw, and flushing it flushes them;
+ *    comes after every commit the read saw, and flushing it (and waiting
+ *    for the synchronous standbys to flush it) makes them durable;
  *  - the deletion floor (relay_deleted_upto in deliveryevents.meta) only
  *    rises;
  *  - a dropped connection is re-established (and LISTENs again) at the
@@ -167,8 +172,11 @@ static const char *const prepared_sql[Q_COUNT] = {
      * commit record of every recorder of a position <= v (see
      * durable()). */
     [Q_WRITTEN] = "SELECT pg_catalog.pg_current_wal_insert_lsn()::text",
-    /* After (3): how far the server has flushed its WAL. */
-    [Q_FLUSHED] = "SELECT pg_catalog.pg_current_wal_flush_lsn()::text",
+    /* After (3): how far the server has flushed its WAL, and whether it
+     * has synchronous standbys (see durable()). */
+    [Q_FLUSHED] = "SELECT pg_catalog.pg_current_wal_flush_lsn()::text, "
+                  "pg_catalog.current_setting('synchronous_standby_names') "
+                  "<> ''",
     /* The sleeping flag lowered (see p_awake). */
     [Q_LOWER] = "SELECT pg_catalog.setval('deliveryevents.relay_sleeping', 0)",
     /* Step (3), after the barrier's COMMIT: rows above v may be visible
@@ -302,11 +310,23 @@ static uint64_t lsn_of(const PGresult *r)
  * transaction, as before.  A writer committing with synchronous_commit=on
  * (the default) has flushed its commit itself, so at low load the answer
  * is normally yes.  An unreadable LSN answers no.
+ *
+ * A server with synchronous standbys always answers no: a recorder that
+ * committed with synchronous_commit=local or off is visible before the
+ * standbys hold its commit, and a failover would undo it.  The flush
+ * transaction's commit waits for them as the server's settings require
+ * (FIRST n, ANY n), which no comparison of positions here could know;
+ * it costs one round trip per read that found rows, on such servers
+ * only.  The setting is read with every read, so a reload that adds
+ * standbys counts from the next read on.
  */
 static bool durable(const PGresult *written, const PGresult *flushed)
 {
     uint64_t w = lsn_of(written);
 
+    if (PQntuples(flushed) != 1 || PQnfields(flushed) < 2 ||
+        strcmp(PQgetvalue(flushed, 0, 1), "f") != 0)
+        return false;
     return w != 0 && lsn_of(flushed) >= w;
 }
 

@@ -130,6 +130,7 @@ void tpg_stop(void)
 
     if (external || dir[0] == '\0')
         return;
+    tpg_standby_stop();
     snprintf(cmd, sizeof cmd,
              TPG_BIN "/pg_ctl -D %s/data -m immediate -w stop >/dev/null 2>&1",
              dir);
@@ -139,6 +140,70 @@ void tpg_stop(void)
     if (system(cmd) != 0)
         fprintf(stderr, "tpg_stop: cannot remove %s\n", dir);
     dir[0] = '\0';
+}
+
+const char *tpg_standby_start(const char *name)
+{
+    static char conninfo[512];
+    char cmd[2000];
+
+    if (external || dir[0] == '\0')
+        return NULL;
+    tpg_standby_stop();
+    snprintf(cmd, sizeof cmd, "rm -rf '%s/standby'", dir);
+    (void)run(cmd);
+    /* -R: standby.signal and primary_conninfo written; -X stream: the
+     * WAL of the copy itself comes with it. */
+    snprintf(cmd, sizeof cmd,
+             TPG_BIN
+             "/pg_basebackup -h %s -p %d -U postgres -D %s/standby "
+             "-X stream -R --checkpoint=fast --no-sync >%s/basebackup.log 2>&1",
+             dir, PG_PORT, dir, dir);
+    if (run(cmd) != 0) {
+        fprintf(stderr,
+                "tpg_standby_start: pg_basebackup failed, see "
+                "%s/basebackup.log\n",
+                dir);
+        return NULL;
+    }
+    /* max_connections as the server's (a hot standby needs at least as
+     * many); -w: until it accepts read-only connections. */
+    snprintf(cmd, sizeof cmd,
+             TPG_BIN "/pg_ctl -D %s/standby -w -t 120 -l %s/standby.log -o "
+                     "\"-c listen_addresses='' -k %s -p %d "
+                     "-c max_connections=200 -c cluster_name=%s\" start "
+                     ">/dev/null",
+             dir, dir, dir, PG_PORT + 1, name);
+    if (run(cmd) != 0) {
+        fprintf(stderr,
+                "tpg_standby_start: pg_ctl start failed, see "
+                "%s/standby.log\n",
+                dir);
+        return NULL;
+    }
+    snprintf(conninfo, sizeof conninfo, "host=%s port=%d user=postgres", dir,
+             PG_PORT + 1);
+    return conninfo;
+}
+
+/* By its pid file, not by a flag: the standby is started in a test's
+ * process, and the suite's process stops it with the server when the
+ * test could not. */
+void tpg_standby_stop(void)
+{
+    char cmd[600];
+
+    if (external || dir[0] == '\0')
+        return;
+    snprintf(cmd, sizeof cmd, "%s/standby/postmaster.pid", dir);
+    if (access(cmd, F_OK) != 0)
+        return;
+    snprintf(cmd, sizeof cmd,
+             TPG_BIN "/pg_ctl -D %s/standby -m immediate -w stop >/dev/null "
+                     "2>&1",
+             dir);
+    if (run(cmd) != 0)
+        fprintf(stderr, "tpg_standby_stop: pg_ctl stop failed in %s\n", dir);
 }
 
 PGconn *tpg_connect(const char *conninfo)

@@ -37,6 +37,16 @@ bool tpg_external(void);
  * false when it failed or the server is external. */
 bool tpg_server(const char *action);
 
+/* A streaming standby of the suite's own server (pg_basebackup of the
+ * running server, started on the next port in the same directory) with
+ * cluster_name `name` -- the application_name its WAL receiver shows the
+ * server, for synchronous_standby_names.  Returns its conninfo without a
+ * database name (static), NULL when it cannot be had (external server,
+ * or a failure said on stderr).  Stopped by tpg_standby_stop, or with
+ * the server by tpg_stop. */
+const char *tpg_standby_start(const char *name);
+void tpg_standby_stop(void);
+
 /* The conninfo of the server without a database name (static). */
 const char *tpg_base_conninfo(void);
 
