@@ -194,10 +194,6 @@ static bool answers(PGconn *c)
     return ok;
 }
 
-/* The server's WAL writer, stopped (SIGSTOP): from now on WAL leaves the
- * server's shared memory only when a backend flushes it itself -- a
- * synchronous commit -- as it would be lost in a power cut until the
- * WAL writer's next round.  Returns its pid. */
 /* A relay that commits nothing of its own for minutes once it has
  * published: its checkpoints, lease heartbeats and cleanup rounds ten
  * minutes apart (each would flush the WAL, and wait for a synchronous
@@ -210,6 +206,10 @@ static de_conf *quiet_relay_conf(tu_cluster *c)
                          "relay.cleanup.interval.ms", "600000", NULL);
 }
 
+/* The server's WAL writer, stopped (SIGSTOP): from now on WAL leaves the
+ * server's shared memory only when a backend flushes it itself -- a
+ * synchronous commit -- as it would be lost in a power cut until the
+ * WAL writer's next round.  Returns its pid. */
 static pid_t stop_wal_writer(PGconn *c)
 {
     pid_t pid = (pid_t)tpg_int(c, "SELECT pid FROM pg_catalog.pg_stat_activity "
