@@ -368,14 +368,36 @@ static void no_sync_standby(void)
     tpg_standby_stop();
 }
 
-/* The relay's flush transaction (flush_barrier in source_pg.c) waiting
- * for the synchronous standby. */
-static bool relay_waits_for_standby(PGconn *c)
+/* After the case, in the suite's process, whether or not it passed: a
+ * failed test runs no checked teardown, and a server left waiting for a
+ * stopped standby would hang every later case. */
+static void standby_cleanup(void)
 {
-    return tpg_int(c, "SELECT count(*) FROM pg_catalog.pg_stat_activity "
-                      "WHERE application_name = 'deliveryevents-relay' AND "
-                      "wait_event = 'SyncRep' AND query LIKE "
-                      "'%pg_logical_emit_message%'") > 0;
+    char admin[800];
+    PGconn *c;
+
+    if (tpg_external())
+        return;
+    snprintf(admin, sizeof admin, "%s dbname=postgres", tpg_base_conninfo());
+    c = PQconnectdb(admin);
+    PQclear(PQexec(c, "ALTER SYSTEM RESET synchronous_standby_names"));
+    PQclear(PQexec(c, "SELECT pg_catalog.pg_reload_conf()"));
+    PQfinish(c);
+    tpg_standby_stop();
+}
+
+#define FLUSH_WAITING                                                          \
+    " FROM pg_catalog.pg_stat_activity WHERE application_name = "              \
+    "'deliveryevents-relay' AND wait_event = 'SyncRep' AND query LIKE "        \
+    "'%pg_logical_emit_message%'"
+
+/* When the relay's flush transaction (flush_barrier in source_pg.c) now
+ * waiting for the synchronous standby began (µs since the epoch), 0
+ * when none waits. */
+static long long flush_wait_began(PGconn *c)
+{
+    return tpg_int(c, "SELECT coalesce(max((extract(epoch FROM "
+                      "query_start) * 1000000)::bigint), 0)" FLUSH_WAITING);
 }
 
 /*
@@ -388,7 +410,10 @@ static bool relay_waits_for_standby(PGconn *c)
  * must wait for the standby (its flush transaction waits in SyncRep)
  * with nothing of it on Kafka; the standby resumed, it is published.
  * Before the fix the relay published it at once, the server's own flush
- * being enough for it.
+ * being enough for it.  Then the wait is cancelled (pg_cancel_backend):
+ * the server stops waiting with a WARNING and the COMMIT succeeds, the
+ * standby still holding nothing -- the relay must flush again, not
+ * publish (before that fix, it published).
  *
  * The relay's sleeping flag is made UNLOGGED here, as in the crash case
  * above: a logged sequence's setval takes a transaction id, so the relay
@@ -404,7 +429,8 @@ START_TEST(sync_standby_holds_what_is_published)
     de_relay *r = NULL;
     PGconn *sb;
     pid_t receiver;
-    bool sync, early, waited;
+    bool sync, early, waited, rewaited = false;
+    long long began;
     char doing[1000];
 
     if (!server_is_ours("add a standby to"))
@@ -446,10 +472,19 @@ START_TEST(sync_standby_holds_what_is_published)
     tpg_commit_one(conn, ob, 2);
     /* Either outcome ends the wait: the relay waiting for the standby
      * (right), or the event on Kafka (wrong). */
-    (void)tu_wait_for(relay_waits_for_standby(conn) || records(c) > 1, 30000);
+    (void)tu_wait_for(flush_wait_began(conn) > 0 || records(c) > 1, 30000);
     early = records(c) > 1;
-    waited = relay_waits_for_standby(conn);
+    began = flush_wait_began(conn);
+    waited = began > 0;
     relay_backends(conn, doing, sizeof doing);
+    if (waited && !early) {
+        tpg_exec(conn,
+                 "SELECT pg_catalog.pg_cancel_backend(pid)" FLUSH_WAITING);
+        (void)tu_wait_for(flush_wait_began(conn) > began || records(c) > 1,
+                          30000);
+        early = records(c) > 1;
+        rewaited = flush_wait_began(conn) > began;
+    }
     ck_assert_int_eq(kill(receiver, SIGCONT), 0);
     tu_ok(de_relay_flush(r, 60000));
     tu_ok(de_relay_stop(r, 10000));
@@ -461,6 +496,8 @@ START_TEST(sync_standby_holds_what_is_published)
                   "the relay neither published nor waited for the standby "
                   "within 30 s; its connections: %s",
                   doing);
+    ck_assert_msg(rewaited, "the relay did not wait for the standby again "
+                            "after its wait was cancelled");
     ck_assert_int_eq(records(c), 2);
     tu_check k = tpg_check(conn, c);
     tu_assert_check(&k);
@@ -693,6 +730,7 @@ static Suite *pg_faults_suite(void)
     tcase_add_loop_test(tc, crash_after_publish_loses_nothing_published, first,
                         n);
     tc = add(s, tcase_create("sync_standby"), 120);
+    tcase_add_unchecked_fixture(tc, NULL, standby_cleanup);
     tcase_add_loop_test(tc, sync_standby_holds_what_is_published, first, n);
     tc = add(s, tcase_create("dump_restore"), 90);
     tcase_add_loop_test(tc, dump_restored_into_new_database_continues, first,

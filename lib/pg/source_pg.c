@@ -36,17 +36,19 @@
  * Invariants:
  *  - nothing read is handed on before it is durable -- as durable as a
  *    commit with synchronous_commit=on is on this server: flushed to its
- *    disk, and to its synchronous standbys' when it has any
- *    (synchronous_standby_names), so that a failover to one of them
- *    keeps it.  A commit made with synchronous_commit=off (or local) is
- *    visible before that, so after a read that found rows, and before the
- *    first row reaches the caller, the source checks that the server's
- *    WAL is flushed past their commits (durable()), and when it is not
- *    -- always, on a server with synchronous standbys -- commits a
- *    transaction of its own with synchronous_commit=on that writes a WAL
- *    record (without one its commit is not flushed).  Its commit record
- *    comes after every commit the read saw, and flushing it (and waiting
- *    for the synchronous standbys to flush it) makes them durable;
+ *    disk, and to its synchronous standbys (synchronous_standby_names)
+ *    as its rule requires, so that a failover to a standby holding every
+ *    acknowledged commit keeps it (a cancelled wait for them fails the
+ *    flush: on_notice).  A commit made with synchronous_commit=off (or
+ *    local) is visible before that, so after a read that found rows, and
+ *    before the first row reaches the caller, the source checks that the
+ *    server's WAL is flushed past their commits (durable()), and when it
+ *    is not -- always, on a server with synchronous standbys -- commits
+ *    a transaction of its own with synchronous_commit=on that writes a
+ *    WAL record (without one its commit is not flushed).  Its commit
+ *    record comes after every commit the read saw, and flushing it (and
+ *    waiting for the synchronous standbys to flush it) makes them
+ *    durable;
  *  - the deletion floor (relay_deleted_upto in deliveryevents.meta) only
  *    rises;
  *  - a dropped connection is re-established (and LISTENs again) at the
@@ -98,6 +100,10 @@ typedef struct pg_source {
     int64_t stalled_us; /* when the first of them happened */
     int64_t retry_us;   /* no attempt before this (monotonic) */
     bool warn_prepared; /* the prepared-transactions warning is due */
+    /* flush_barrier's watch for WARNINGs (on_notice) */
+    bool in_flush;
+    char flush_warning[300];
+    PQnoticeReceiver prev_notice;
     /* read-ahead (see p_read): a read sent but not yet collected
      * (ahead_sent), or collected and kept (ahead_kept, in ahead_res) */
     bool ahead_sent, ahead_kept, ahead_whole;
@@ -269,12 +275,45 @@ static de_err query(pg_source *s, const char *sql, int n,
  * may write, at any wal_level. */
 static de_err flush_barrier(pg_source *s)
 {
-    return de__pg_exec(s->conn,
-                       "BEGIN; SET LOCAL synchronous_commit = on; "
-                       "SELECT pg_catalog.pg_logical_emit_message(true, "
-                       "'deliveryevents', ''); COMMIT",
-                       PGRES_COMMAND_OK, NULL,
-                       "relay: cannot make the rows read durable");
+    de_err err;
+
+    s->flush_warning[0] = '\0';
+    s->in_flush = true;
+    err = de__pg_exec(s->conn,
+                      "BEGIN; SET LOCAL synchronous_commit = on; "
+                      "SELECT pg_catalog.pg_logical_emit_message(true, "
+                      "'deliveryevents', ''); COMMIT",
+                      PGRES_COMMAND_OK, NULL,
+                      "relay: cannot make the rows read durable");
+    s->in_flush = false;
+    if (err == DE_OK && s->flush_warning[0] != '\0')
+        err = de__fail(DE_ERR_DB,
+                       "relay: the commit that makes the rows read durable "
+                       "was not confirmed (%s); reading them again",
+                       s->flush_warning);
+    return err;
+}
+
+/*
+ * The source connection's notices.  A commit waiting for synchronous
+ * standbys that is cancelled (pg_cancel_backend, a signal) stops waiting
+ * with only a WARNING ("canceling wait for synchronous replication"),
+ * and the COMMIT still succeeds: durable on this server, perhaps on no
+ * standby.  A WARNING during flush_barrier therefore fails it, and the
+ * rows are read and flushed again.  Every notice then goes on to the
+ * receiver the connection had (libpq's: stderr).
+ */
+static void on_notice(void *arg, const PGresult *r)
+{
+    pg_source *s = arg;
+    const char *severity = PQresultErrorField(r, PG_DIAG_SEVERITY_NONLOCALIZED);
+    const char *msg = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
+
+    if (s->in_flush && severity != NULL && strcmp(severity, "WARNING") == 0)
+        snprintf(s->flush_warning, sizeof s->flush_warning, "%s",
+                 msg != NULL ? msg : "a WARNING");
+    if (s->prev_notice != NULL)
+        s->prev_notice(NULL, r);
 }
 
 /* An LSN as pg_lsn's text form shows it ("16/B374D848"); 0 if not. */
@@ -1049,6 +1088,9 @@ de_err de__source_open_pg(const char *conninfo, bool create, de__source **out,
                                     NULL};
         const char *const values[] = {conninfo, "deliveryevents-relay", NULL};
         s->conn = PQconnectdbParams(keys, values, 1);
+        /* Kept across PQreset: it belongs to the PGconn.  The one it
+         * replaces is libpq's default, which ignores its argument. */
+        s->prev_notice = PQsetNoticeReceiver(s->conn, on_notice, s);
     }
     if (PQstatus(s->conn) != CONNECTION_OK) {
         err = de__pg_fail(s->conn, NULL, "relay: cannot connect to PostgreSQL");

@@ -150,6 +150,11 @@ const char *tpg_standby_start(const char *name)
     if (external || dir[0] == '\0')
         return NULL;
     tpg_standby_stop();
+    snprintf(cmd, sizeof cmd, "%s/standby/postmaster.pid", dir);
+    if (access(cmd, F_OK) == 0) {
+        fprintf(stderr, "tpg_standby_start: a standby still runs in %s\n", dir);
+        return NULL;
+    }
     snprintf(cmd, sizeof cmd, "rm -rf '%s/standby'", dir);
     (void)run(cmd);
     /* -R: standby.signal and primary_conninfo written; -X stream: the
@@ -166,14 +171,15 @@ const char *tpg_standby_start(const char *name)
                 dir);
         return NULL;
     }
-    /* max_connections as the server's (a hot standby needs at least as
-     * many); -w: until it accepts read-only connections. */
+    /* The server's settings (a hot standby needs max_connections,
+     * max_prepared_transactions ... at least as high); -w: until it
+     * accepts read-only connections. */
     snprintf(cmd, sizeof cmd,
              TPG_BIN "/pg_ctl -D %s/standby -w -t 120 -l %s/standby.log -o "
                      "\"-c listen_addresses='' -k %s -p %d "
-                     "-c max_connections=200 -c cluster_name=%s\" start "
-                     ">/dev/null",
-             dir, dir, dir, PG_PORT + 1, name);
+                     "-c max_connections=200 %s -c cluster_name=%s\" "
+                     "start >/dev/null",
+             dir, dir, dir, PG_PORT + 1, extra_options, name);
     if (run(cmd) != 0) {
         fprintf(stderr,
                 "tpg_standby_start: pg_ctl start failed, see "
