@@ -43,6 +43,17 @@ static int run(const char *cmd)
     return system(full);
 }
 
+/* A server's options: TCP off, the socket in the cluster's directory,
+ * the suite's settings (a standby gets them too: a hot standby needs
+ * max_connections, max_prepared_transactions ... at least as high). */
+static void server_options(char *buf, size_t size, int port)
+{
+    snprintf(buf, size,
+             "-c listen_addresses='' -k %s -p %d -c max_connections=200 "
+             "-c track_commit_timestamp=on %s",
+             dir, port, extra_options);
+}
+
 bool tpg_start(void)
 {
     const char *ext = getenv("DE_PG_CONNINFO");
@@ -81,12 +92,7 @@ bool tpg_start(void)
         fprintf(stderr, "tpg_start: initdb failed, see %s/initdb.log\n", dir);
         return false;
     }
-    /* TCP off, the socket in the cluster's directory; -w waits until the
-     * server accepts connections. */
-    snprintf(opts, sizeof opts,
-             "-c listen_addresses='' -k %s -p %d -c max_connections=200 "
-             "-c track_commit_timestamp=on %s",
-             dir, PG_PORT, extra_options);
+    server_options(opts, sizeof opts, PG_PORT);
     if (!tpg_server("start")) {
         fprintf(stderr, "tpg_start: pg_ctl start failed, see %s/server.log\n",
                 dir);
@@ -145,13 +151,11 @@ void tpg_stop(void)
 const char *tpg_standby_start(const char *name)
 {
     static char conninfo[512];
-    char cmd[2000];
+    char cmd[2000], options[800];
 
     if (external || dir[0] == '\0')
         return NULL;
-    tpg_standby_stop();
-    snprintf(cmd, sizeof cmd, "%s/standby/postmaster.pid", dir);
-    if (access(cmd, F_OK) == 0) {
+    if (!tpg_standby_stop()) {
         fprintf(stderr, "tpg_standby_start: a standby still runs in %s\n", dir);
         return NULL;
     }
@@ -171,15 +175,12 @@ const char *tpg_standby_start(const char *name)
                 dir);
         return NULL;
     }
-    /* The server's settings (a hot standby needs max_connections,
-     * max_prepared_transactions ... at least as high); -w: until it
-     * accepts read-only connections. */
+    /* -w: until it accepts read-only connections. */
+    server_options(options, sizeof options, PG_PORT + 1);
     snprintf(cmd, sizeof cmd,
              TPG_BIN "/pg_ctl -D %s/standby -w -t 120 -l %s/standby.log -o "
-                     "\"-c listen_addresses='' -k %s -p %d "
-                     "-c max_connections=200 %s -c cluster_name=%s\" "
-                     "start >/dev/null",
-             dir, dir, dir, PG_PORT + 1, extra_options, name);
+                     "\"%s -c cluster_name=%s\" start >/dev/null",
+             dir, dir, options, name);
     if (run(cmd) != 0) {
         fprintf(stderr,
                 "tpg_standby_start: pg_ctl start failed, see "
@@ -195,21 +196,22 @@ const char *tpg_standby_start(const char *name)
 /* By its pid file, not by a flag: the standby is started in a test's
  * process, and the suite's process stops it with the server when the
  * test could not. */
-void tpg_standby_stop(void)
+bool tpg_standby_stop(void)
 {
-    char cmd[600];
+    char pid_file[300], cmd[600];
 
     if (external || dir[0] == '\0')
-        return;
-    snprintf(cmd, sizeof cmd, "%s/standby/postmaster.pid", dir);
-    if (access(cmd, F_OK) != 0)
-        return;
+        return true;
+    snprintf(pid_file, sizeof pid_file, "%s/standby/postmaster.pid", dir);
+    if (access(pid_file, F_OK) != 0)
+        return true;
     snprintf(cmd, sizeof cmd,
              TPG_BIN "/pg_ctl -D %s/standby -m immediate -w stop >/dev/null "
                      "2>&1",
              dir);
     if (run(cmd) != 0)
         fprintf(stderr, "tpg_standby_stop: pg_ctl stop failed in %s\n", dir);
+    return access(pid_file, F_OK) != 0;
 }
 
 PGconn *tpg_connect(const char *conninfo)

@@ -45,7 +45,8 @@ bool tpg_server(const char *action);
  * or a failure said on stderr).  Stopped by tpg_standby_stop, or with
  * the server by tpg_stop. */
 const char *tpg_standby_start(const char *name);
-void tpg_standby_stop(void);
+/* True when no standby runs (any more). */
+bool tpg_standby_stop(void);
 
 /* The conninfo of the server without a database name (static). */
 const char *tpg_base_conninfo(void);
