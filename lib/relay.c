@@ -332,7 +332,7 @@ static de_err read_rows(de_relay *r)
 
     log_source_warnings(r);
     if (err == DE_OK && r->last_read == 0 && r->count < r->cap &&
-        !r->need_restart && !r->sleep_announced &&
+        !r->need_restart && !r->sleep_announced && !r->lease_lost &&
         r->src->ops->sleep_begin(r->src)) {
         r->sleep_announced = true;
         err = de__relay_read(r);
@@ -499,10 +499,8 @@ static void *relay_main(void *arg)
         else if (r->blocked.n)
             de__relay_retry_blocked(r, false);
         de__relay_maybe_checkpoint(r, now_us);
-        if (!r->lease_lost && r->last_beat_ms &&
-            de__now_ms() - r->last_beat_ms > r->lease_ms)
-            r->lease_lost = true; /* could not renew in time: fence */
-        if (r->lease_lost || r->oom) {
+        /* Not renewed in time: fence. */
+        if (de__relay_lease_expired(r) || r->oom) {
             de__relay_demote(r, r->oom ? "out of memory in its bookkeeping: "
                                          "starting over from the cursor"
                                        : "the lease was lost or could not be "

@@ -370,6 +370,11 @@ extern const size_t de__relay_nowned;
 de_err de__relay_checkpoint(de_relay *r);
 void de__relay_maybe_checkpoint(de_relay *r, int64_t now_us);
 void de__relay_try_activate(de_relay *r);
+/* Whether this relay may no longer hold the lease: lost, or not renewed
+ * for relay.lease.timeout.ms by its clock -- a standby takes over once
+ * the last heartbeat is that old.  Sets lease_lost (the fence: nothing
+ * more is produced until the lease is taken again). */
+bool de__relay_lease_expired(de_relay *r);
 void de__relay_demote(de_relay *r, const char *why);
 de_err de__relay_cleanup(de_relay *r, bool *behind);
 de_err de__relay_forget(de_relay *r);

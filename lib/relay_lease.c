@@ -441,6 +441,14 @@ static de_err activate(de_relay *r, bool *lost)
     return DE_OK;
 }
 
+bool de__relay_lease_expired(de_relay *r)
+{
+    if (!r->lease_lost && r->last_beat_ms &&
+        de__now_ms() - r->last_beat_ms > r->lease_ms)
+        r->lease_lost = true;
+    return r->lease_lost;
+}
+
 /* Gives up publishing at once: purges the producer and forgets what was
  * in flight (the next holder replays it from the durable cursor). */
 void de__relay_demote(de_relay *r, const char *why)

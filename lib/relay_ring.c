@@ -267,7 +267,7 @@ static de_err refuse_row(de_relay *r, const de__row *row, de__subj *s)
 
 /* Produces (or holds back) one row at the tail of the ring.  DE__AGAIN:
  * not now (the producer's queue is full, its topic is not registered
- * yet); the row is read again. */
+ * yet, the lease may have passed); the row is read again. */
 static de_err produce_row(void *ctx, const de__row *row)
 {
     de_relay *r = ctx;
@@ -281,6 +281,13 @@ static de_err produce_row(void *ctx, const de__row *row)
     de_err err;
     bool found;
 
+    /* The lease is checked before each read, and again here: a read
+     * that stalled past relay.lease.timeout.ms (a table lock, a server
+     * that stopped answering, a flush waiting for synchronous standbys)
+     * may have let a standby take over, and it publishes these rows
+     * itself. */
+    if (de__relay_lease_expired(r))
+        return DE__AGAIN;
     if (row->position > r->max_pos)
         r->max_pos = row->position;
     if (s == NULL)
@@ -438,6 +445,8 @@ static de_err replay_one(void *arg, const de__row *row)
     de__topic *t;
     de_err err;
 
+    if (de__relay_lease_expired(r)) /* as in produce_row */
+        return DE__AGAIN;
     rp.tag = DE__REPLAY_TAG | r->next_replay_tag++;
     rp.position = row->position;
     rp.epoch = c->epoch;

@@ -302,6 +302,95 @@ START_TEST(old_relay_checkpoint_refused_after_takeover)
 }
 END_TEST
 
+/* Relay connections of this database waiting for a lock in a statement
+ * whose text contains `text`. */
+static long long relay_lock_waits(const char *text)
+{
+    char sql[600];
+
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE "
+             "application_name = 'deliveryevents-relay' AND datname = "
+             "pg_catalog.current_database() AND wait_event_type = 'Lock' AND "
+             "strpos(query, '%s') > 0",
+             text);
+    return tpg_int(conn, sql);
+}
+
+/*
+ * Guarantee 6 when a read stalls: a relay whose read of committed rows
+ * outlasts its lease publishes none of them; the standby that took over
+ * does.  An operator's ACCESS EXCLUSIVE lock on the outbox (VACUUM FULL,
+ * ALTER TABLE) is requested while a host transaction holds the table, so
+ * that the active relay's read of that commit queues behind it.  The
+ * relay's thread renews nothing while it waits, and the standby takes
+ * the lease, reads Kafka (nothing of the event there) and waits for the
+ * lock too, to check its cursor.  The lock released, both have the
+ * event: before the relay checked its lease again before producing, the
+ * old one published it as well -- a duplicate without any crash.
+ */
+START_TEST(read_stalled_past_the_lease_publishes_nothing)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_conf *conf;
+    de_relay *a = NULL, *b = NULL;
+    de_relay_stats st;
+    PGconn *lock;
+    PGresult *res;
+    unsigned seed = 7;
+    long long epoch;
+    bool a_waits, b_waits, taken;
+
+    tu_topic_create(c, "delivery", 3);
+    conf = tu_relay_conf(c, "relay.poll.interval.ms", "10",
+                         "relay.lease.timeout.ms", "1000", NULL);
+    tu_ok(de_relay_start(ob, conf, &a));
+    tpg_commit_one(conn, ob, 1);
+    tu_ok(de_relay_flush(a, 30000));
+    epoch = lease_epoch();
+    ck_assert_int_gt(epoch, 0);
+    tu_ok(de_relay_start_pg(conninfo, conf, &b));
+    de_conf_destroy(conf);
+
+    tpg_exec(conn, "BEGIN");
+    ck_assert(tpg_record_one(conn, ob, 2, &seed));
+    lock = tpg_connect(conninfo);
+    ck_assert_int_eq(PQsendQuery(lock, "BEGIN; LOCK TABLE "
+                                       "deliveryevents.outbox IN ACCESS "
+                                       "EXCLUSIVE MODE"),
+                     1);
+    ck_assert(tu_wait_for(
+        tpg_int(conn, "SELECT count(*) FROM pg_catalog.pg_locks WHERE "
+                      "relation = 'deliveryevents.outbox'::regclass AND "
+                      "mode = 'AccessExclusiveLock' AND NOT granted") == 1,
+        30000));
+    tpg_exec(conn, "COMMIT");
+    /* The relay's read of it (the batch read), then the standby's
+     * cursor check (the read of one position), wait for the lock. */
+    a_waits = tu_wait_for(relay_lock_waits("ORDER BY o.position") == 1, 30000);
+    taken = a_waits && tu_wait_for(lease_epoch() == epoch + 1, 30000);
+    b_waits =
+        taken && tu_wait_for(relay_lock_waits("o.position = $1") == 1, 30000);
+    while ((res = PQgetResult(lock)) != NULL)
+        PQclear(res);
+    PQfinish(lock); /* the lock goes with its transaction */
+    ck_assert_msg(a_waits, "the relay's read did not wait for the lock");
+    ck_assert_msg(taken, "the standby did not take the lease");
+    ck_assert_msg(b_waits, "the standby did not wait for the lock");
+
+    tu_ok(de_relay_flush(b, 30000));
+    ck_assert(
+        tu_wait_for((tu_ok(de_relay_stats_get(a, &st)), !st.active), 30000));
+    tu_ok(de_relay_stop(b, 10000));
+    tu_ok(de_relay_stop(a, 10000));
+    tu_check k = tpg_check(conn, c);
+    tu_assert_check(&k);
+    ck_assert_int_eq(k.unique, 2);
+    ck_assert_int_eq(k.duplicates, 0);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* The relay's seam on this database: its source and its state, the
  * lease taken for "me" (lease_ms) unless lease_ms is 0. */
 static void open_seam(de__source **src, de__rstate **st, int64_t lease_ms)
@@ -1016,6 +1105,12 @@ static Suite *pg_relay_suite(void)
                         tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, connection_loss_loses_nothing, tu_cluster_first(),
                         tu_cluster_count());
+    suite_add_tcase(s, tc);
+    tc = tcase_create("stalled_read");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 120);
+    tcase_add_loop_test(tc, read_stalled_past_the_lease_publishes_nothing,
+                        tu_cluster_first(), tu_cluster_count());
     suite_add_tcase(s, tc);
     tc = tcase_create("final_checkpoint");
     tcase_add_checked_fixture(tc, setup, teardown);
