@@ -195,7 +195,7 @@ struct de_relay {
     bool woken;            /* the eventfd fired, or state was reset      */
     bool sleep_announced;  /* source told: wake me (ops->sleep_begin)    */
     bool register_pending; /* read again when register_retry_us passes   */
-    int64_t last_beat_ms;  /* wall clock of the last renewed lease */
+    int64_t last_beat_ms;  /* monotonic ms: start of the last renewal */
     int64_t next_beat_us;  /* monotonic */
     int64_t next_ckpt_us;
     int64_t next_cleanup_us;
@@ -370,10 +370,13 @@ extern const size_t de__relay_nowned;
 de_err de__relay_checkpoint(de_relay *r);
 void de__relay_maybe_checkpoint(de_relay *r, int64_t now_us);
 void de__relay_try_activate(de_relay *r);
-/* Whether this relay may no longer hold the lease: lost, or not renewed
- * for relay.lease.timeout.ms by its clock -- a standby takes over once
- * the last heartbeat is that old.  Sets lease_lost (the fence: nothing
- * more is produced until the lease is taken again). */
+/* Whether this relay may no longer hold the lease: lost, or its last
+ * renewal began nine tenths of relay.lease.timeout.ms ago or more (by
+ * the monotonic clock) -- a standby takes over once the heartbeat, which
+ * that renewal wrote after it began, is a whole timeout old; the tenth
+ * left covers what was handed to the producer just before (linger.ms,
+ * a round trip).  Sets lease_lost: the fence -- nothing more goes to
+ * the producer until the lease is taken again. */
 bool de__relay_lease_expired(de_relay *r);
 void de__relay_demote(de_relay *r, const char *why);
 de_err de__relay_cleanup(de_relay *r, bool *behind);

@@ -88,7 +88,7 @@ static void counter_written(de__subj *s)
 
 de_err de__relay_checkpoint(de_relay *r)
 {
-    int64_t now = de__now_ms();
+    int64_t now = de__now_ms(), began = de__mono_ms();
     char id[DE__EVENT_ID_MAX + 1];
     bool held;
     de_err err;
@@ -170,7 +170,7 @@ de_err de__relay_checkpoint(de_relay *r)
     assert(r->done_pos >= r->durable_pos || !r->dirty_pos);
     r->durable_pos = r->done_pos;
     r->dirty_pos = false;
-    r->last_beat_ms = now;
+    r->last_beat_ms = began;
     r->next_beat_us = de__mono_us() + r->lease_ms * 1000 / 5;
     r->next_ckpt_us = de__mono_us() + r->ckpt_ms * 1000;
     return DE_OK;
@@ -256,7 +256,8 @@ de_err de__relay_cleanup(de_relay *r, bool *behind)
  * rows with the counter still in memory would not start. */
 de_err de__relay_forget(de_relay *r)
 {
-    int64_t now = de__now_ms(), horizon = now, scanned, forgotten, dropped;
+    int64_t now = de__now_ms(), began = de__mono_ms(), horizon = now;
+    int64_t scanned, forgotten, dropped;
     bool numbers = r->deleted_upto > r->sent_forgotten_upto &&
                    (r->retention_ms > 0 || r->sent_forgotten_upto == 0);
     bool held;
@@ -285,7 +286,7 @@ de_err de__relay_forget(de_relay *r)
     r->forgotten += (uint64_t)forgotten;
     if (numbers)
         r->sent_forgotten_upto = r->deleted_upto;
-    r->last_beat_ms = now;
+    r->last_beat_ms = began;
     return DE_OK;
 }
 
@@ -444,7 +445,7 @@ static de_err activate(de_relay *r, bool *lost)
 bool de__relay_lease_expired(de_relay *r)
 {
     if (!r->lease_lost && r->last_beat_ms &&
-        de__now_ms() - r->last_beat_ms > r->lease_ms)
+        de__mono_ms() - r->last_beat_ms >= r->lease_ms - r->lease_ms / 10)
         r->lease_lost = true;
     return r->lease_lost;
 }
@@ -482,11 +483,13 @@ void de__relay_try_activate(de_relay *r)
 {
     char holder[300];
     bool held = false, lost = false;
+    int64_t began;
     de_err err;
 
     if (de__mono_us() < r->next_standby_us)
         return;
     r->next_standby_us = de__mono_us() + r->lease_ms * 1000 / 5;
+    began = de__mono_ms(); /* the heartbeat is written after this */
     if (de__rstate_lease_acquire(r->st, r->owner, de__now_ms(), r->lease_ms,
                                  &held, holder, sizeof holder) != DE_OK) {
         de__rlog(r, DE_LOG_WARNING, "cannot check the lease: %s", de_errmsg());
@@ -494,7 +497,7 @@ void de__relay_try_activate(de_relay *r)
     }
     if (!held)
         return;
-    r->last_beat_ms = de__now_ms();
+    r->last_beat_ms = began;
     r->next_beat_us = de__mono_us() + r->lease_ms * 1000 / 5;
     de__relay_set_state(r, DE_RELAY_RECOVERING, "lease taken");
     if ((err = activate(r, &lost)) != DE_OK || lost) {

@@ -318,7 +318,7 @@ static de_err batch_commit(struct ctx *c)
  * over underneath); false when the lease is someone else's now. */
 static de_err beat(struct ctx *c, bool *held)
 {
-    int64_t now = de__now_ms();
+    int64_t now = de__now_ms(), began = de__mono_ms();
     de_err err;
 
     *held = true;
@@ -331,7 +331,7 @@ static de_err beat(struct ctx *c, bool *held)
         return DE_OK;
     if ((err = de__rstate_commit(c->st)) != DE_OK)
         return err;
-    c->res->beat_ms = now;
+    c->res->beat_ms = began;
     c->next_beat_ms = now + c->o->lease_ms / 5;
     return DE_OK;
 }
@@ -488,7 +488,7 @@ de_err de__relay_recover(de__rstate *st, const de__recover_opts *o,
     struct ctx c;
     rd_kafka_topic_t **rkts = NULL;
     size_t nrkts = 0;
-    int64_t t0 = de__mono_us();
+    int64_t t0 = de__mono_us(), began;
     de_err err;
     bool held;
 
@@ -519,8 +519,8 @@ de_err de__relay_recover(de__rstate *st, const de__recover_opts *o,
         goto done;
     /* Raise the counters to what Kafka holds, checking (and renewing) the
      * lease. */
-    res->beat_ms = de__now_ms();
-    if ((err = de__rstate_begin(st, o->owner, res->beat_ms, &held)) != DE_OK)
+    began = de__mono_ms();
+    if ((err = de__rstate_begin(st, o->owner, de__now_ms(), &held)) != DE_OK)
         goto done;
     if (!held) {
         res->lease_lost = true;
@@ -529,6 +529,7 @@ de_err de__relay_recover(de__rstate *st, const de__recover_opts *o,
     if ((err = de__rstate_found_raise(st, de__now_ms())) != DE_OK ||
         (err = de__rstate_commit(st)) != DE_OK)
         goto done;
+    res->beat_ms = began;
     err = de__rstate_found_count(st, &res->landed, &res->subjects);
 done:
     if (c.in_batch)

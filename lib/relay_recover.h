@@ -25,7 +25,7 @@ typedef struct de__recover_result {
     int64_t subjects;   /* subjects whose numbers were noted        */
     int64_t unverified; /* partitions read from what was left       */
     int64_t elapsed_ms;
-    int64_t beat_ms; /* wall clock of the last lease renewal; 0: none */
+    int64_t beat_ms; /* monotonic ms: start of the last renewal; 0: none */
     int partitions;  /* partitions read                          */
     bool lease_lost; /* the lease went to another relay meanwhile */
 } de__recover_result;

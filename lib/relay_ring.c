@@ -281,13 +281,6 @@ static de_err produce_row(void *ctx, const de__row *row)
     de_err err;
     bool found;
 
-    /* The lease is checked before each read, and again here: a read
-     * that stalled past relay.lease.timeout.ms (a table lock, a server
-     * that stopped answering, a flush waiting for synchronous standbys)
-     * may have let a standby take over, and it publishes these rows
-     * itself. */
-    if (de__relay_lease_expired(r))
-        return DE__AGAIN;
     if (row->position > r->max_pos)
         r->max_pos = row->position;
     if (s == NULL)
@@ -311,6 +304,13 @@ static de_err produce_row(void *ctx, const de__row *row)
             return err;
         goto take;
     }
+    /* The lease is checked before each read, and again here, right
+     * before the row goes to the producer: a read (or the lookups above)
+     * that stalled past the lease -- a table lock, a server that stopped
+     * answering, a flush waiting for synchronous standbys -- may have
+     * let a standby take over, which publishes these rows itself. */
+    if (de__relay_lease_expired(r))
+        return DE__AGAIN;
     err = de__relay_send(r, row, sl->epoch, sl->seq, sl->tag, t, &kerr);
     if (err == DE_OK) {
         sl->state = DE__SLOT_INFLIGHT;
@@ -445,8 +445,6 @@ static de_err replay_one(void *arg, const de__row *row)
     de__topic *t;
     de_err err;
 
-    if (de__relay_lease_expired(r)) /* as in produce_row */
-        return DE__AGAIN;
     rp.tag = DE__REPLAY_TAG | r->next_replay_tag++;
     rp.position = row->position;
     rp.epoch = c->epoch;
@@ -467,6 +465,8 @@ static de_err replay_one(void *arg, const de__row *row)
     rp.topic = tidx;
     if (!t->registered && (err = de__relay_register_topic(r, t)) != DE_OK)
         return err;
+    if (de__relay_lease_expired(r)) /* as in produce_row */
+        return DE__AGAIN;
     if ((err = de__relay_send(r, row, c->epoch, c->seq, rp.tag, t, &kerr)) !=
         DE_OK) {
         if (err == DE__AGAIN)
@@ -527,7 +527,7 @@ void de__relay_retry_blocked(de_relay *r, bool all)
     for (size_t i = 0; i < r->blocked.n; i++)
         if (all || r->blocked.v[i]->retry_at_ms <= now)
             any = true;
-    if (!any)
+    if (!any || de__relay_lease_expired(r))
         return;
     /* Held-back events must be on disk before they are read back. */
     if (r->parks.n && (err = de__relay_checkpoint(r)) != DE_OK) {
