@@ -279,8 +279,14 @@ void de__relay_publish_stats(de_relay *r)
 /* ---- the thread ------------------------------------------------------- */
 
 /* Sleeps until the eventfd fires, the source's descriptor (PostgreSQL:
- * the LISTEN connection) has something, or timeout_ms pass.  Waking ends
- * an announced sleep (read_rows). */
+ * the LISTEN connection) has something, or timeout_ms pass.  Woken for
+ * work, it ends an announced sleep (read_rows).  A timer that ran out
+ * (the poll interval, a heartbeat) does not: raising and lowering
+ * PostgreSQL's sleeping flag are writes -- two synchronous commits per
+ * poll interval on an idle database -- so the flag stays up and the
+ * relay reads once, as the fallback for a wake-up that could not come
+ * (a LISTEN connection dropped without a word); a read that finds rows
+ * ends the sleep then. */
 static void wait_for_work(de_relay *r, int timeout_ms)
 {
     struct pollfd p[2] = {{r->wake_fd, POLLIN, 0}, {-1, POLLIN, 0}};
@@ -301,9 +307,11 @@ static void wait_for_work(de_relay *r, int timeout_ms)
     } else if (timeout_ms <= 0 && read(r->wake_fd, &v, sizeof v) > 0) {
         r->woken = true;
     }
-    if (r->sleep_announced) {
+    if (r->sleep_announced && r->woken) {
         r->sleep_announced = false;
         r->src->ops->awake(r->src);
+    } else if (r->sleep_announced) {
+        r->woken = true; /* the fallback read, the flag still up */
     }
 }
 
@@ -331,9 +339,13 @@ static de_err read_rows(de_relay *r)
     de_err err = de__relay_read(r);
 
     log_source_warnings(r);
-    if (err == DE_OK && r->last_read == 0 && r->count < r->cap &&
-        !r->need_restart && !r->sleep_announced && !r->lease_lost &&
-        r->src->ops->sleep_begin(r->src)) {
+    if (r->sleep_announced && r->last_read > 0) {
+        /* The fallback read (wait_for_work) found rows: busy. */
+        r->sleep_announced = false;
+        r->src->ops->awake(r->src);
+    } else if (err == DE_OK && r->last_read == 0 && r->count < r->cap &&
+               !r->need_restart && !r->sleep_announced && !r->lease_lost &&
+               r->src->ops->sleep_begin(r->src)) {
         r->sleep_announced = true;
         err = de__relay_read(r);
         log_source_warnings(r);

@@ -69,8 +69,10 @@ typedef struct de__source_ops {
      * once more before it sleeps (a commit that came before the
      * announcement sent no wake-up); false: nothing to do (SQLite). */
     bool (*sleep_begin)(de__source *s);
-    /* The relay woke (any cause) after sleep_begin: writers stop waking
-     * it (PostgreSQL: once the next read has lowered the flag), and
+    /* The relay woke for work after sleep_begin (a wake-up, or a read
+     * that found rows; a timer that ran out does not end the sleep):
+     * writers stop waking it (PostgreSQL: once the next read has lowered
+     * the flag), and
      * changed() reports true on its next call -- and again after that
      * lowering -- because commits from then on may send no wake-up. */
     void (*awake)(de__source *s);

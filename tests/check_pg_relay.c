@@ -762,6 +762,86 @@ START_TEST(sleeping_relay_is_woken_by_a_commit_elsewhere)
 }
 END_TEST
 
+/* The server's clock, in ms since the epoch. */
+static long long server_ms(void)
+{
+    return tpg_int(conn, "SELECT (extract(epoch FROM "
+                         "pg_catalog.clock_timestamp()) * 1000)::bigint");
+}
+
+/* The next transaction id the server will assign (taking none). */
+static long long next_xid(void)
+{
+    return tpg_int(conn, "SELECT pg_catalog.pg_snapshot_xmax("
+                         "pg_catalog.pg_current_snapshot())::text::bigint");
+}
+
+/*
+ * An idle relay writes nothing.  Asleep (its flag up), it still reads
+ * every poll interval -- the fallback for a wake-up that cannot come, a
+ * LISTEN connection dropped without a word -- but leaves the flag up:
+ * lowering and raising it at each of those reads (as it did) were two
+ * transactions with a synchronous commit per interval, about 40 a
+ * second at the default 50 ms, on a database with nothing to publish.
+ * Then the fallback itself: the flag lowered behind the relay's back, a
+ * commit sends no NOTIFY, and the next poll publishes it.
+ */
+START_TEST(idle_relay_writes_nothing_and_still_polls)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    de_conf *conf;
+    de_relay *r = NULL;
+    long long t0, xid0, xids;
+    char later[400];
+    bool polled;
+
+    tu_topic_create(c, "delivery", 1);
+    /* No heartbeat (lease timeout / 5) or cleanup round in the window:
+     * those write, on purpose. */
+    conf = tu_relay_conf(c, "relay.poll.interval.ms", "20",
+                         "relay.lease.timeout.ms", "600000",
+                         "relay.cleanup.interval.ms", "86400000", NULL);
+    tu_ok(de_relay_start(ob, conf, &r));
+    de_conf_destroy(conf);
+    tpg_commit_one(conn, ob, 1);
+    tu_ok(de_relay_flush(r, 60000));
+    ck_assert(tu_wait_for(tpg_int(conn, "SELECT last_value FROM "
+                                        "deliveryevents.relay_sleeping") == 1 &&
+                              cursor_at_end(),
+                          60000));
+    xid0 = next_xid();
+    t0 = server_ms();
+    /* The window: until the relay ran a statement a second later (it
+     * polls every 20 ms, about fifty reads). */
+    snprintf(later, sizeof later,
+             "SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE "
+             "application_name = 'deliveryevents-relay' AND datname = "
+             "pg_catalog.current_database() AND extract(epoch FROM "
+             "query_start) * 1000 > %lld",
+             t0 + 1000);
+    polled = tu_wait_for(tpg_int(conn, later) > 0, 30000);
+    xids = next_xid() - xid0;
+    ck_assert_msg(polled, "the relay did not read within 30 s");
+    ck_assert_msg(xids == 0,
+                  "an idle relay took %lld transaction ids in a second "
+                  "(writes)",
+                  xids);
+    ck_assert_int_eq(tpg_int(conn, "SELECT last_value FROM "
+                                   "deliveryevents.relay_sleeping"),
+                     1);
+
+    tpg_exec(conn, "SELECT pg_catalog.setval('deliveryevents.relay_sleeping', "
+                   "0)");
+    tpg_commit_one(conn, ob, 2);
+    ck_assert(tu_wait_for(published(r) == 2, 30000));
+    tu_ok(de_relay_stop(r, 10000));
+    tu_check k = tpg_check(conn, c);
+    tu_assert_check(&k);
+    ck_assert_int_eq(k.duplicates, 0);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* The brokers go down while events are committed, and come back: nothing
  * is lost. */
 START_TEST(broker_outage_loses_nothing)
@@ -1118,6 +1198,12 @@ static Suite *pg_relay_suite(void)
                         tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, connection_loss_loses_nothing, tu_cluster_first(),
                         tu_cluster_count());
+    suite_add_tcase(s, tc);
+    tc = tcase_create("idle");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 120);
+    tcase_add_loop_test(tc, idle_relay_writes_nothing_and_still_polls,
+                        tu_cluster_first(), tu_cluster_count());
     suite_add_tcase(s, tc);
     tc = tcase_create("stalled_read");
     tcase_add_checked_fixture(tc, setup, teardown);
