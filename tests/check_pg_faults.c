@@ -4,7 +4,8 @@
  * happens to the server itself: restarts (crash-like and clean) with the
  * relay running, a crash right after the relay published events that a
  * host on synchronous_commit=off committed, a synchronous standby that
- * must hold whatever is published, dumps restored into another
+ * must hold whatever is published, a failover to it under load (the
+ * server crashed, the standby promoted), dumps restored into another
  * database (the latest dump, and an older one behind what Kafka holds),
  * and the two refusals that name what to fix (relay.state.path set, the
  * outbox restored without the relay's tables).
@@ -116,7 +117,6 @@ static void restart_under_relay(int which, const char *action, bool listen_only)
     de_conf *conf;
     de_relay *r = NULL;
     long long epoch, before;
-    int running = 0;
 
     if (!server_is_ours("restart"))
         return;
@@ -136,9 +136,7 @@ static void restart_under_relay(int which, const char *action, bool listen_only)
     before = tpg_max_position(conn);
     ck_assert_msg(tpg_server(action), "pg_ctl %s failed", action);
     /* The writers were cut off mid-stream and go on. */
-    for (int w = 0; w < WRITERS; w++)
-        running += waitpid(pids[w], NULL, WNOHANG) == 0;
-    ck_assert_int_gt(running, 0);
+    ck_assert_int_gt(tpg_writers_running(WRITERS, pids), 0);
     reconnect(conn);
     tpg_wait_writers(WRITERS, pids);
     ck_assert_int_gt(tpg_max_position(conn), before);
@@ -380,6 +378,11 @@ static void standby_cleanup(void)
         return;
     snprintf(admin, sizeof admin, "%s dbname=postgres", tpg_base_conninfo());
     c = PQconnectdb(admin);
+    if (PQstatus(c) != CONNECTION_OK) { /* a failover case left it down */
+        PQfinish(c);
+        (void)tpg_server("start");
+        c = PQconnectdb(admin);
+    }
     PQclear(PQexec(c, "ALTER SYSTEM RESET synchronous_standby_names"));
     PQclear(PQexec(c, "SELECT pg_catalog.pg_reload_conf()"));
     PQfinish(c);
@@ -398,6 +401,26 @@ static long long flush_wait_began(PGconn *c)
 {
     return tpg_int(c, "SELECT coalesce(max((extract(epoch FROM "
                       "query_start) * 1000000)::bigint), 0)" FLUSH_WAITING);
+}
+
+/* Makes the standby started by tpg_standby_start("de_standby")
+ * synchronous; false (and the server without it again) when it did not
+ * become so within 30 s. */
+static bool make_sync_standby(void)
+{
+    bool sync;
+
+    tpg_exec(conn, "ALTER SYSTEM SET synchronous_standby_names = "
+                   "'de_standby'");
+    tpg_exec(conn, "SELECT pg_catalog.pg_reload_conf()");
+    sync = tu_wait_for(tpg_int(conn, "SELECT count(*) FROM "
+                                     "pg_catalog.pg_stat_replication WHERE "
+                                     "application_name = 'de_standby' AND "
+                                     "sync_state = 'sync'") == 1,
+                       30000);
+    if (!sync) /* the server's other cases must not wait for it */
+        no_sync_standby();
+    return sync;
 }
 
 /*
@@ -439,16 +462,7 @@ START_TEST(sync_standby_holds_what_is_published)
                    "UNLOGGED");
     sb_info = tpg_standby_start("de_standby");
     ck_assert_msg(sb_info != NULL, "cannot start a standby (see stderr)");
-    tpg_exec(conn, "ALTER SYSTEM SET synchronous_standby_names = "
-                   "'de_standby'");
-    tpg_exec(conn, "SELECT pg_catalog.pg_reload_conf()");
-    sync = tu_wait_for(tpg_int(conn, "SELECT count(*) FROM "
-                                     "pg_catalog.pg_stat_replication WHERE "
-                                     "application_name = 'de_standby' AND "
-                                     "sync_state = 'sync'") == 1,
-                       30000);
-    if (!sync) /* the server's other cases must not wait for it */
-        no_sync_standby();
+    sync = make_sync_standby();
     ck_assert_msg(sync, "the standby did not become synchronous");
     c = tu_cluster_new(_i, 1);
     tu_topic_create(c, "delivery", 3);
@@ -503,6 +517,79 @@ START_TEST(sync_standby_holds_what_is_published)
     tu_assert_check(&k);
     ck_assert_int_eq(k.duplicates, 0);
     tu_cluster_destroy(c);
+}
+END_TEST
+
+/*
+ * A failover under load: writers in other processes and the relay all
+ * connect through one conninfo naming the server and its synchronous
+ * standby (target_session_attrs=read-write).  The server crashes
+ * (pg_ctl stop -m immediate) in the middle of it and the standby is
+ * promoted; the writers and the relay reconnect to it by themselves and
+ * go on.  The check runs against the promoted server's ledger: every
+ * event it holds is on Kafka, in order, numbered without gaps -- and
+ * nothing is on Kafka that the failover undid (an event published
+ * before the standby held it would be on Kafka but in no ledger).
+ * Afterwards the old server is started again (crash recovery) for the
+ * suite's other cases, without the standby.
+ */
+START_TEST(failover_to_sync_standby_keeps_order_and_loses_nothing)
+{
+    enum { WRITERS = 3, TXNS = 150 };
+    const char *both;
+    char where[800];
+    pid_t pids[WRITERS];
+    tu_cluster *c;
+    de_conf *conf;
+    de_relay *r = NULL;
+    PGconn *now;
+    de_outbox *nob = NULL;
+    bool promoted;
+    int running;
+
+    if (!server_is_ours("fail over"))
+        return;
+    ck_assert_msg(tpg_standby_start("de_standby") != NULL,
+                  "cannot start a standby (see stderr)");
+    ck_assert_msg(make_sync_standby(), "the standby did not become "
+                                       "synchronous");
+    snprintf(where, sizeof where, "%s", tpg_failover_conninfo(PQdb(conn)));
+    both = where;
+    c = tu_cluster_new(_i, 3);
+    tu_topic_create(c, "delivery", 3);
+    conf = tu_relay_conf(c, "relay.poll.interval.ms", "10", NULL);
+    tu_ok(de_relay_start_pg(both, conf, &r));
+    de_conf_destroy(conf);
+    tpg_fork_writers(both, WRITERS, TXNS, 20000, true, pids);
+    ck_assert(tu_wait_for(tpg_published_cursor(conn) > 20, 60000));
+    ck_assert_msg(tpg_server("stop -m immediate"), "pg_ctl stop failed");
+    promoted = tpg_standby_promote();
+    /* The writers were cut off mid-stream and go on there. */
+    running = tpg_writers_running(WRITERS, pids);
+    ck_assert_msg(promoted, "pg_ctl promote failed");
+    ck_assert_int_gt(running, 0);
+    tpg_wait_writers(WRITERS, pids);
+
+    now = tpg_connect(both);
+    tu_ok(de_outbox_open_pg(now, NULL, &nob));
+    /* One commit on the promoted server with nothing else going on: the
+     * relay must have found it (no de_relay_flush before, which would
+     * wake it). */
+    tpg_commit_one(now, nob, 1);
+    ck_assert_msg(
+        tu_wait_for(tpg_published_cursor(now) >= tpg_max_position(now), 60000),
+        "the relay did not publish on the promoted server: "
+        "cursor %lld, last position %lld",
+        tpg_published_cursor(now), tpg_max_position(now));
+    tu_ok(de_relay_flush(r, 60000));
+    tu_ok(de_relay_stop(r, 10000));
+    tu_check k = tpg_check(now, c);
+    de_outbox_close(nob);
+    PQfinish(now);
+    tu_assert_check(&k);
+    ck_assert_int_le(k.duplicates, 20000); /* relay.max.inflight */
+    tu_cluster_destroy(c);
+    standby_cleanup(); /* the old server back, for the next case */
 }
 END_TEST
 
@@ -732,6 +819,10 @@ static Suite *pg_faults_suite(void)
     tc = add(s, tcase_create("sync_standby"), 120);
     tcase_add_unchecked_fixture(tc, NULL, standby_cleanup);
     tcase_add_loop_test(tc, sync_standby_holds_what_is_published, first, n);
+    tc = add(s, tcase_create("failover"), 180);
+    tcase_add_unchecked_fixture(tc, NULL, standby_cleanup);
+    tcase_add_loop_test(
+        tc, failover_to_sync_standby_keeps_order_and_loses_nothing, first, n);
     tc = add(s, tcase_create("dump_restore"), 90);
     tcase_add_loop_test(tc, dump_restored_into_new_database_continues, first,
                         n);

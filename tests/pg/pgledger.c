@@ -6,6 +6,7 @@
 #include "pgserver.h"
 #include "testutil.h"
 
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -268,6 +269,21 @@ static int writer_main(const char *spec)
                           NULL) < 0
                ? 1
                : 0;
+}
+
+int tpg_writers_running(int n, const pid_t *pids)
+{
+    int running = 0;
+
+    for (int w = 0; w < n; w++) {
+        siginfo_t si;
+        memset(&si, 0, sizeof si);
+        /* WNOWAIT: an exited writer stays for tpg_wait_writers. */
+        running += waitid(P_PID, (id_t)pids[w], &si,
+                          WEXITED | WNOHANG | WNOWAIT) == 0 &&
+                   si.si_pid == 0;
+    }
+    return running;
 }
 
 void tpg_wait_writers(int n, const pid_t *pids)

@@ -81,6 +81,9 @@ int tpg_write_txns(const char *where, unsigned seed, int ntx, int max_pause_us,
 /* Forks n writer processes running tpg_write_txns; *pids receives them. */
 void tpg_fork_writers(const char *where, int n, int ntx, int max_pause_us,
                       bool reconnect, pid_t *pids);
+/* How many of the n writers have not exited yet (none is collected:
+ * tpg_wait_writers still is to be called). */
+int tpg_writers_running(int n, const pid_t *pids);
 /* Waits for them; fails the test unless each exited 0. */
 void tpg_wait_writers(int n, const pid_t *pids);
 

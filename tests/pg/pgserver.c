@@ -214,6 +214,28 @@ bool tpg_standby_stop(void)
     return access(pid_file, F_OK) != 0;
 }
 
+bool tpg_standby_promote(void)
+{
+    char cmd[600];
+
+    if (external || dir[0] == '\0')
+        return false;
+    snprintf(cmd, sizeof cmd,
+             TPG_BIN "/pg_ctl -D %s/standby -w -t 120 promote >/dev/null", dir);
+    return run(cmd) == 0;
+}
+
+const char *tpg_failover_conninfo(const char *dbname)
+{
+    static char conninfo[700];
+
+    snprintf(conninfo, sizeof conninfo,
+             "host=%s,%s port=%d,%d user=postgres dbname=%s "
+             "target_session_attrs=read-write",
+             dir, dir, PG_PORT, PG_PORT + 1, dbname);
+    return conninfo;
+}
+
 PGconn *tpg_connect(const char *conninfo)
 {
     PGconn *c = PQconnectdb(conninfo);

@@ -47,6 +47,14 @@ bool tpg_server(const char *action);
 const char *tpg_standby_start(const char *name);
 /* True when no standby runs (any more). */
 bool tpg_standby_stop(void);
+/* Promotes the standby (pg_ctl promote, waiting until it accepts
+ * writes): a failover.  false when it failed. */
+bool tpg_standby_promote(void);
+/* A conninfo naming the server, then its standby, with
+ * target_session_attrs=read-write -- libpq connects to whichever of them
+ * accepts writes, the promoted standby after a failover -- and dbname
+ * (static). */
+const char *tpg_failover_conninfo(const char *dbname);
 
 /* The conninfo of the server without a database name (static). */
 const char *tpg_base_conninfo(void);
