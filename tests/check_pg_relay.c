@@ -1069,6 +1069,37 @@ START_TEST(source_read_ahead_answers_only_what_is_asked)
 END_TEST
 
 /*
+ * A sleeping flag left up by a relay killed (or demoted) while it slept:
+ * the next relay, busy, lowers it -- else every recording commit would
+ * notify, serialising them, until that relay itself slept and woke,
+ * which a busy relay may not do for long.  Its first read that finds
+ * rows takes the flag as its own; the read after lowers it.
+ */
+START_TEST(flag_left_up_is_lowered_by_a_busy_relay)
+{
+    char outbox_id[37];
+    de__source *src = NULL;
+
+    for (int i = 1; i <= 4; i++)
+        tpg_commit_one(conn, ob, i);
+    tpg_exec(conn,
+             "SELECT pg_catalog.setval('deliveryevents.relay_sleeping', 1)");
+    tu_ok(de__source_open_pg(conninfo, false, &src, outbox_id));
+    read_expect(src, 0, 1, 1, 1, 1);
+    read_expect(src, 1, 1, 1, 2, 1);
+    ck_assert_int_eq(tpg_int(conn, "SELECT last_value FROM "
+                                   "deliveryevents.relay_sleeping"),
+                     0);
+    read_expect(src, 2, 10, 10, 3, 2);
+    src->ops->close(src);
+    /* Nothing left up by it either. */
+    ck_assert_int_eq(tpg_int(conn, "SELECT last_value FROM "
+                                   "deliveryevents.relay_sleeping"),
+                     0);
+}
+END_TEST
+
+/*
  * A database configured the way that makes parallel plans most likely --
  * generic plans forced (some pooler set-ups do), parallelism free -- as a
  * DBA would set it, for every session: the relay's read of the outbox is
@@ -1241,6 +1272,7 @@ static Suite *pg_relay_suite(void)
     tcase_add_loop_test(tc, broker_outage_loses_nothing, tu_cluster_first(),
                         tu_cluster_count());
     tcase_add_test(tc, source_read_ahead_answers_only_what_is_asked);
+    tcase_add_test(tc, flag_left_up_is_lowered_by_a_busy_relay);
     tcase_add_test(tc, outbox_read_never_plans_parallel_workers);
     tcase_add_test(tc, checkpoint_counters_written_together);
     tcase_add_loop_test(tc,

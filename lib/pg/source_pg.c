@@ -178,11 +178,13 @@ static const char *const prepared_sql[Q_COUNT] = {
      * commit record of every recorder of a position <= v (see
      * durable()). */
     [Q_WRITTEN] = "SELECT pg_catalog.pg_current_wal_insert_lsn()::text",
-    /* After (3): how far the server has flushed its WAL, and whether it
-     * has synchronous standbys (see durable()). */
+    /* After (3): how far the server has flushed its WAL, whether it has
+     * synchronous standbys (see durable()), and whether the sleeping
+     * flag is up (see finish_read). */
     [Q_FLUSHED] = "SELECT pg_catalog.pg_current_wal_flush_lsn()::text, "
                   "pg_catalog.current_setting('synchronous_standby_names') "
-                  "<> ''",
+                  "<> '', (SELECT last_value FROM "
+                  "deliveryevents.relay_sleeping) <> 0",
     /* The sleeping flag lowered (see p_awake). */
     [Q_LOWER] = "SELECT pg_catalog.setval('deliveryevents.relay_sleeping', 0)",
     /* Step (3), after the barrier's COMMIT: rows above v may be visible
@@ -643,6 +645,18 @@ static de_err finish_read(pg_source *s, PGresult **res, int count,
         ;
     if (rows == 0)
         goto done;
+    if (!s->sleeping && PQntuples(res[R_FLUSHED]) == 1 &&
+        PQnfields(res[R_FLUSHED]) >= 3 &&
+        strcmp(PQgetvalue(res[R_FLUSHED], 0, 2), "t") == 0) {
+        /* Busy, and the flag is up though this source did not raise it:
+         * a relay killed (or demoted) while it slept left it so.  Every
+         * recording commit would notify -- serialising them -- until
+         * this relay next slept and woke, which a relay kept busy may
+         * not do for long.  Taken as this source's own: the next read
+         * lowers it, and reads once more after that. */
+        s->sleeping = true;
+        s->lower = true;
+    }
     if (!durable(res[R_WRITTEN], res[R_FLUSHED]) &&
         (err = flush_barrier(s)) != DE_OK)
         goto done;
