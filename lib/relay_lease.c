@@ -286,7 +286,11 @@ de_err de__relay_forget(de_relay *r)
     r->forgotten += (uint64_t)forgotten;
     if (numbers)
         r->sent_forgotten_upto = r->deleted_upto;
+    /* It renewed the lease: the next heartbeat is due a fifth of the
+     * lease from now, not as well (an idle relay commits once per round,
+     * not twice). */
     r->last_beat_ms = began;
+    r->next_beat_us = de__mono_us() + r->lease_ms * 1000 / 5;
     return DE_OK;
 }
 
