@@ -531,7 +531,9 @@ END_TEST
  * nothing is on Kafka that the failover undid (an event published
  * before the standby held it would be on Kafka but in no ledger).
  * Afterwards the old server is started again (crash recovery) for the
- * suite's other cases, without the standby.
+ * suite's other cases, without the standby; each run of the case starts
+ * by doing the same (failover_setup), so that one that failed half-way
+ * leaves nothing to the next.
  */
 START_TEST(failover_to_sync_standby_keeps_order_and_loses_nothing)
 {
@@ -544,6 +546,7 @@ START_TEST(failover_to_sync_standby_keeps_order_and_loses_nothing)
     de_relay *r = NULL;
     PGconn *now;
     de_outbox *nob = NULL;
+    long long before;
     bool promoted;
     int running;
 
@@ -560,8 +563,10 @@ START_TEST(failover_to_sync_standby_keeps_order_and_loses_nothing)
     conf = tu_relay_conf(c, "relay.poll.interval.ms", "10", NULL);
     tu_ok(de_relay_start_pg(both, conf, &r));
     de_conf_destroy(conf);
+    ck_assert(tu_wait_for(relay_active(r), 30000));
     tpg_fork_writers(both, WRITERS, TXNS, 20000, true, pids);
     ck_assert(tu_wait_for(tpg_published_cursor(conn) > 20, 60000));
+    before = tpg_max_position(conn);
     ck_assert_msg(tpg_server("stop -m immediate"), "pg_ctl stop failed");
     promoted = tpg_standby_promote();
     /* The writers were cut off mid-stream and go on there. */
@@ -571,6 +576,7 @@ START_TEST(failover_to_sync_standby_keeps_order_and_loses_nothing)
     tpg_wait_writers(WRITERS, pids);
 
     now = tpg_connect(both);
+    ck_assert_int_gt(tpg_max_position(now), before);
     tu_ok(de_outbox_open_pg(now, NULL, &nob));
     /* One commit on the promoted server with nothing else going on: the
      * relay must have found it (no de_relay_flush before, which would
@@ -592,6 +598,15 @@ START_TEST(failover_to_sync_standby_keeps_order_and_loses_nothing)
     standby_cleanup(); /* the old server back, for the next case */
 }
 END_TEST
+
+/* The failover case's fixture: the suite's server back as it should be
+ * (a run that failed half-way may have left it down, the standby
+ * promoted), then the usual fresh database. */
+static void failover_setup(void)
+{
+    standby_cleanup();
+    setup();
+}
 
 /* ---- 3. dump and restore with a relay (guarantee 4b) ------------------ */
 
@@ -819,7 +834,10 @@ static Suite *pg_faults_suite(void)
     tc = add(s, tcase_create("sync_standby"), 120);
     tcase_add_unchecked_fixture(tc, NULL, standby_cleanup);
     tcase_add_loop_test(tc, sync_standby_holds_what_is_published, first, n);
-    tc = add(s, tcase_create("failover"), 180);
+    tc = tcase_create("failover");
+    tcase_add_checked_fixture(tc, failover_setup, teardown);
+    tcase_set_timeout(tc, 180);
+    suite_add_tcase(s, tc);
     tcase_add_unchecked_fixture(tc, NULL, standby_cleanup);
     tcase_add_loop_test(
         tc, failover_to_sync_standby_keeps_order_and_loses_nothing, first, n);

@@ -84,6 +84,11 @@ de_err de__source_open_pg(const char *conninfo, bool create, de__source **out,
  * de__source_open_pg. */
 #define DE__PG_BARRIER_WAIT_MS 100
 void de__source_pg_barrier_wait(de__source *src, int ms);
+/* Marks src as a relay's (relay_pg.c): only a relay's source keeps the
+ * sleeping flag -- takes over one another relay left up, raises it
+ * again when it finds it lowered behind its back.  Another reader (a
+ * replay, a test) never touches it. */
+void de__source_pg_relay(de__source *src);
 /* How many barrier reads the PostgreSQL sources of this process sent to
  * their server (for tests: the back-off after timeouts shows in it). */
 unsigned long de__source_pg_barrier_attempts(void);

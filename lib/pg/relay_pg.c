@@ -26,7 +26,11 @@
 static de_err pg_open_source(const char *where, de_relay *r, bool linked)
 {
     (void)linked; /* no checkpoints of the host's log to hand over */
-    return de__source_open_pg(where, true, &r->src, r->outbox_id);
+    de_err err = de__source_open_pg(where, true, &r->src, r->outbox_id);
+
+    if (err == DE_OK)
+        de__source_pg_relay(r->src);
+    return err;
 }
 
 static de_err pg_open_state(const char *where, de_relay *r, int64_t floor,

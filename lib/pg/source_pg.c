@@ -92,6 +92,7 @@ typedef struct pg_source {
     PGconn *conn;
     char *conninfo;
     int barrier_ms; /* lock_timeout of the barrier's exclusive request */
+    bool relay;     /* a relay's source: it keeps the flag */
     bool sleeping;  /* this source raised the relay_sleeping flag */
     bool recheck;   /* changed() is true: a round may have gone unheard */
     bool lower;     /* the flag is to be lowered by the next read */
@@ -371,6 +372,41 @@ static bool durable(const PGresult *written, const PGresult *flushed)
     return w != 0 && lsn_of(flushed) >= w;
 }
 
+static de_err set_sleeping(pg_source *s, bool up);
+
+/*
+ * A relay's source keeps the sleeping flag as it should be, by what the
+ * read's last statement says of it (flushed, its third column), unless
+ * this read lowered it itself (lowered):
+ *  - busy (rows found) with the flag up though this source did not raise
+ *    it: a relay killed or demoted while it slept left it so, and every
+ *    recording commit would notify -- serialising them -- until this
+ *    relay next slept and woke, which a relay kept busy may not do for
+ *    long.  Taken as this source's own: the next read lowers it;
+ *  - asleep (this source raised it, and no lowering is due) with the
+ *    flag down: lowered behind its back (another source closing, a
+ *    setval that failed).  Commits would send no NOTIFY until the relay
+ *    woke for work; it is raised again, and changed() asks for a read
+ *    after that, which covers the commits in between.
+ */
+static void keep_flag(pg_source *s, const PGresult *flushed, bool lowered,
+                      bool busy)
+{
+    bool up;
+
+    if (!s->relay || lowered || PQntuples(flushed) != 1 ||
+        PQnfields(flushed) < 3)
+        return;
+    up = strcmp(PQgetvalue(flushed, 0, 2), "t") == 0;
+    if (busy && up && !s->sleeping) {
+        s->sleeping = true;
+        s->lower = true;
+    } else if (!up && s->sleeping && !s->lower) {
+        (void)set_sleeping(s, true); /* failing, the next read retries */
+        s->recheck = true;
+    }
+}
+
 /* Hands the first `rows` rows of r to fn in order, stopping at
  * DE__AGAIN.  While a read-ahead is on its way, the results arriving are
  * taken off the socket as the rows go (PQconsumeInput only buffers them):
@@ -459,8 +495,6 @@ static bool pipeline_collect(pg_source *s, int n, const bool *sync,
     }
     return whole;
 }
-
-static de_err set_sleeping(pg_source *s, bool up);
 
 /*
  * A barrier attempt timed out (55P03): some transaction holds the
@@ -643,20 +677,9 @@ static de_err finish_read(pg_source *s, PGresult **res, int count,
                    strtoll(PQgetvalue(res[R_READ], rows, 0), NULL, 10) <= v;
          rows++)
         ;
+    keep_flag(s, res[R_FLUSHED], count == R_COUNT, rows > 0);
     if (rows == 0)
         goto done;
-    if (!s->sleeping && PQntuples(res[R_FLUSHED]) == 1 &&
-        PQnfields(res[R_FLUSHED]) >= 3 &&
-        strcmp(PQgetvalue(res[R_FLUSHED], 0, 2), "t") == 0) {
-        /* Busy, and the flag is up though this source did not raise it:
-         * a relay killed (or demoted) while it slept left it so.  Every
-         * recording commit would notify -- serialising them -- until
-         * this relay next slept and woke, which a relay kept busy may
-         * not do for long.  Taken as this source's own: the next read
-         * lowers it, and reads once more after that. */
-        s->sleeping = true;
-        s->lower = true;
-    }
     if (!durable(res[R_WRITTEN], res[R_FLUSHED]) &&
         (err = flush_barrier(s)) != DE_OK)
         goto done;
@@ -1041,6 +1064,11 @@ void de__source_pg_read_aheads(unsigned long *used, unsigned long *dropped)
 PGconn *de__source_pg_conn(de__source *src)
 {
     return ((pg_source *)src)->conn;
+}
+
+void de__source_pg_relay(de__source *src)
+{
+    ((pg_source *)src)->relay = true;
 }
 
 void de__source_pg_barrier_wait(de__source *src, int ms)
