@@ -529,7 +529,10 @@ END_TEST
  * go on.  The check runs against the promoted server's ledger: every
  * event it holds is on Kafka, in order, numbered without gaps -- and
  * nothing is on Kafka that the failover undid (an event published
- * before the standby held it would be on Kafka but in no ledger).
+ * before the standby held it would be on Kafka but in no ledger).  The
+ * relay's timers are all ten minutes, so the last commit, made when
+ * everything else is quiet, is found by its NOTIFY on the promoted
+ * server: the relay LISTENs again there and keeps its flag up.
  * Afterwards the old server is started again (crash recovery) for the
  * suite's other cases, without the standby; each run of the case starts
  * by doing the same (failover_setup), so that one that failed half-way
@@ -560,7 +563,12 @@ START_TEST(failover_to_sync_standby_keeps_order_and_loses_nothing)
     both = where;
     c = tu_cluster_new(_i, 3);
     tu_topic_create(c, "delivery", 3);
-    conf = tu_relay_conf(c, "relay.poll.interval.ms", "10", NULL);
+    /* Every timer ten minutes, as in restart_under_relay's listen_only:
+     * only a NOTIFY on the promoted server can wake it for the last
+     * commit. */
+    conf = tu_relay_conf(c, "relay.poll.interval.ms", "600000",
+                         "relay.lease.timeout.ms", "600000",
+                         "relay.cleanup.interval.ms", "600000", NULL);
     tu_ok(de_relay_start_pg(both, conf, &r));
     de_conf_destroy(conf);
     ck_assert(tu_wait_for(relay_active(r), 30000));
@@ -579,8 +587,9 @@ START_TEST(failover_to_sync_standby_keeps_order_and_loses_nothing)
     ck_assert_int_gt(tpg_max_position(now), before);
     tu_ok(de_outbox_open_pg(now, NULL, &nob));
     /* One commit on the promoted server with nothing else going on: the
-     * relay must have found it (no de_relay_flush before, which would
-     * wake it). */
+     * relay must have been woken by it -- its LISTEN and its sleeping
+     * flag on the new server -- and not by a timer, all ten minutes
+     * (no de_relay_flush before, which would wake it). */
     tpg_commit_one(now, nob, 1);
     ck_assert_msg(
         tu_wait_for(tpg_published_cursor(now) >= tpg_max_position(now), 60000),
