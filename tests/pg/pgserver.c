@@ -269,11 +269,39 @@ long long tpg_int(PGconn *c, const char *sql)
     return v;
 }
 
+/* The databases this process made on an external server, dropped when
+ * it exits (drop_at_exit): the suite's own server goes with its
+ * directory, an external one would keep a database per test. */
+static char made[64][32];
+static int made_n;
+static pid_t made_by;
+
+static void drop_at_exit(void)
+{
+    char admin[600], sql[128];
+    PGconn *c;
+
+    /* Not in a child forked by a test (writers): it inherits the list
+     * while its parent still uses the databases. */
+    if (getpid() != made_by || made_n == 0)
+        return;
+    snprintf(admin, sizeof admin, "%s dbname=postgres", base_conninfo);
+    c = PQconnectdb(admin);
+    for (int i = 0; PQstatus(c) == CONNECTION_OK && i < made_n; i++) {
+        /* FORCE: a relay or consumer the test left running. */
+        snprintf(sql, sizeof sql, "DROP DATABASE IF EXISTS %s WITH (FORCE)",
+                 made[i]);
+        PQclear(PQexec(c, sql));
+    }
+    PQfinish(c);
+    made_n = 0;
+}
+
 const char *tpg_fresh_db(void)
 {
     static char conninfo[700];
     static int n;
-    char name[64], sql[128], admin[600];
+    char name[32], sql[128], admin[600];
     PGconn *c;
 
     snprintf(name, sizeof name, "de_t%d_%d", (int)getpid(), ++n);
@@ -282,6 +310,15 @@ const char *tpg_fresh_db(void)
     snprintf(sql, sizeof sql, "CREATE DATABASE %s", name);
     tpg_exec(c, sql);
     PQfinish(c);
+    if (external) {
+        if (made_by != getpid()) { /* a new process (Check forks one) */
+            made_by = getpid();
+            made_n = 0;
+            atexit(drop_at_exit);
+        }
+        if (made_n < (int)(sizeof made / sizeof made[0]))
+            snprintf(made[made_n++], sizeof made[0], "%s", name);
+    }
     snprintf(conninfo, sizeof conninfo, "%s dbname=%s", base_conninfo, name);
     return conninfo;
 }

@@ -60,7 +60,8 @@ const char *tpg_failover_conninfo(const char *dbname);
 const char *tpg_base_conninfo(void);
 
 /* A fresh database for the calling test ("de_t<pid>_<n>"), created on the
- * server; its conninfo in a static buffer. */
+ * server; its conninfo in a static buffer.  On an external server
+ * (DE_PG_CONNINFO) the process that made it drops it when it exits. */
 const char *tpg_fresh_db(void);
 
 /* Connects to conninfo, failing the test on error. */
