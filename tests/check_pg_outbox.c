@@ -72,7 +72,7 @@ START_TEST(test_open_creates_schema)
 
     ck_assert_int_eq(tpg_int(conn, "SELECT value::int FROM deliveryevents.meta "
                                    "WHERE key = 'schema_version'"),
-                     3);
+                     2);
     ck_assert_int_eq(tpg_int(conn, "SELECT length(value) FROM "
                                    "deliveryevents.meta WHERE key = "
                                    "'outbox_id'"),
@@ -418,7 +418,7 @@ static de_err take_row(void *ctx, const de__row *row)
  * are silent again.
  * Notifications arrive in commit order, so once the marker commit's (from
  * another backend) has come, an earlier one would have come first. */
-static void notify_rule(void)
+START_TEST(test_notify_only_when_relay_sleeps)
 {
     PGconn *listener = tpg_connect(conninfo), *c2 = tpg_connect(conninfo);
     de_outbox *ob2 = NULL;
@@ -471,48 +471,6 @@ static void notify_rule(void)
     de_outbox_close(ob2);
     PQfinish(c2);
     PQfinish(listener);
-}
-
-START_TEST(test_notify_only_when_relay_sleeps)
-{
-    notify_rule();
-}
-END_TEST
-
-/* A database of schema version 2, whose commit trigger read the flag
- * with a subquery, is migrated in place by the next open (the function
- * replaced), and the same rule holds. */
-START_TEST(test_trigger_upgrade_from_schema_2)
-{
-    de_outbox *again = NULL;
-
-    de_outbox_close(ob);
-    ob = NULL;
-    /* Exactly what version 2 had. */
-    tpg_exec(conn,
-             "CREATE OR REPLACE FUNCTION deliveryevents.outbox_commit() "
-             "RETURNS trigger LANGUAGE plpgsql AS $$\n"
-             "BEGIN\n"
-             "  PERFORM pg_catalog.pg_advisory_xact_lock_shared(1684826486, "
-             "1);\n"
-             "  INSERT INTO deliveryevents.outbox_order(position, id) VALUES "
-             "(pg_catalog.nextval('deliveryevents.outbox_position'), "
-             "NEW.id);\n"
-             "  IF (SELECT last_value FROM deliveryevents.relay_sleeping) <> 0 "
-             "THEN\n"
-             "    PERFORM pg_catalog.pg_notify('deliveryevents_outbox', '');\n"
-             "  END IF;\n"
-             "  RETURN NULL;\n"
-             "END\n$$;"
-             "UPDATE deliveryevents.meta SET value = '2' WHERE key = "
-             "'schema_version'");
-    tu_ok(de_outbox_open_pg(conn, NULL, &again));
-    ck_assert_int_eq(tpg_int(conn, "SELECT value::int FROM deliveryevents.meta "
-                                   "WHERE key = 'schema_version'"),
-                     3);
-    ob = again;
-    notify_rule();
-    ck_assert_int_eq(count(conn, "deliveryevents.outbox_order"), 5);
 }
 END_TEST
 
@@ -800,7 +758,7 @@ START_TEST(test_contract_upgrade_from_schema_1)
     tu_ok(de_outbox_open_pg(conn, NULL, &again));
     ck_assert_int_eq(tpg_int(conn, "SELECT value::int FROM deliveryevents.meta "
                                    "WHERE key = 'schema_version'"),
-                     3);
+                     2);
     ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 1);
     tu_ok(de_outbox_define(again, "delivery", "assigned", 1, ASSIGNED_V1));
     tu_assert_err(record_in_txn(conn, again, &ev), DE_ERR_CONTRACT,
@@ -1525,7 +1483,6 @@ static Suite *pg_outbox_suite(void)
     tcase_add_test(tc, test_contract_defined_elsewhere);
     tcase_add_test(tc, test_contract_concurrent_definers);
     tcase_add_test(tc, test_contract_upgrade_from_schema_1);
-    tcase_add_test(tc, test_trigger_upgrade_from_schema_2);
     tcase_add_test(tc, test_sequence_behind_data);
     tcase_add_test(tc, test_dump_restore);
     tcase_add_test(tc, test_wire_settings_stored);

@@ -56,7 +56,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define PG_SCHEMA_VERSION 3
+#define PG_SCHEMA_VERSION 2
 #define PG_RECORD_STMT "deliveryevents_record"
 
 typedef struct pg_outbox {
@@ -73,34 +73,6 @@ typedef struct pg_outbox {
      * before counting it is not missed by every later outbox. */
     bool loaded;
 } pg_outbox;
-
-/*
- * The commit trigger's function.  Every name qualified (pg_catalog
- * first) rather than a SET search_path clause, which would cost a GUC
- * save and restore per row at every commit.  The order of the steps is
- * the argument (see the top of this file and source_pg.c): lock, then
- * position, then the flag.  The flag is read with
- * pg_sequence_last_value, a plain expression that PL/pgSQL evaluates
- * without starting the executor, where a subquery on the sequence ran a
- * plan per event (recording 3-7 % slower, pgbench, version 2's
- * function); both read the sequence's current value, not a snapshot's,
- * with SELECT (or USAGE) on it.  NULL before the first setval: no
- * notify, as 0.
- */
-#define OUTBOX_COMMIT_FN                                                       \
-    "CREATE OR REPLACE FUNCTION deliveryevents.outbox_commit() RETURNS "       \
-    "trigger LANGUAGE plpgsql AS $$\n"                                         \
-    "BEGIN\n"                                                                  \
-    "  PERFORM pg_catalog.pg_advisory_xact_lock_shared(" DE__PG_LOCK_CLASS     \
-    ", " DE__PG_LOCK_ORDER ");\n"                                              \
-    "  INSERT INTO deliveryevents.outbox_order(position, id) VALUES "          \
-    "(pg_catalog.nextval('deliveryevents.outbox_position'), NEW.id);\n"        \
-    "  IF pg_catalog.pg_sequence_last_value("                                  \
-    "'deliveryevents.relay_sleeping'::pg_catalog.regclass) <> 0 THEN\n"        \
-    "    PERFORM pg_catalog.pg_notify('" DE__PG_CHANNEL "', '');\n"            \
-    "  END IF;\n"                                                              \
-    "  RETURN NULL;\n"                                                         \
-    "END\n$$;"
 
 /* Migration i takes the schema from version i to i + 1. */
 static const char *const migrations[PG_SCHEMA_VERSION] = {
@@ -133,9 +105,25 @@ static const char *const migrations[PG_SCHEMA_VERSION] = {
     "  position bigint PRIMARY KEY,"
     "  id bigint NOT NULL"
     ");"
-    /* (Version 1 read the flag with a subquery; 2 -> 3 replaces the
-     * function, and a new schema gets the current one at once.) */
-    OUTBOX_COMMIT_FN "CREATE CONSTRAINT TRIGGER outbox_commit AFTER INSERT ON "
+    /* Every name qualified (pg_catalog first) rather than a SET
+     * search_path clause, which would cost a GUC save and restore per
+     * row at every commit. */
+    /* The order of the steps is the argument (see the top of this file
+     * and source_pg.c): lock, then position, then the flag. */
+    "CREATE FUNCTION deliveryevents.outbox_commit() RETURNS trigger "
+    "LANGUAGE plpgsql AS $$\n"
+    "BEGIN\n"
+    "  PERFORM pg_catalog.pg_advisory_xact_lock_shared(" DE__PG_LOCK_CLASS
+    ", " DE__PG_LOCK_ORDER ");\n"
+    "  INSERT INTO deliveryevents.outbox_order(position, id) VALUES "
+    "(pg_catalog.nextval('deliveryevents.outbox_position'), NEW.id);\n"
+    "  IF (SELECT last_value FROM deliveryevents.relay_sleeping) <> 0 "
+    "THEN\n"
+    "    PERFORM pg_catalog.pg_notify('" DE__PG_CHANNEL "', '');\n"
+    "  END IF;\n"
+    "  RETURN NULL;\n"
+    "END\n$$;"
+    "CREATE CONSTRAINT TRIGGER outbox_commit AFTER INSERT ON "
     "deliveryevents.outbox DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
     "EXECUTE FUNCTION deliveryevents.outbox_commit();",
     /* 1 -> 2: contracts (de_outbox_define), as SQLite's de_contracts.
@@ -153,14 +141,12 @@ static const char *const migrations[PG_SCHEMA_VERSION] = {
     "  UNIQUE (subject_type, action, version)"
     ");"
     "CREATE SEQUENCE deliveryevents.contracts_version AS bigint;",
-    /* 2 -> 3: the commit trigger reads the flag without a subquery. */
-    OUTBOX_COMMIT_FN,
 };
 
 /* How many definitions were stored (0 before the first nextval). */
 #define CONTRACTS_VERSION                                                      \
-    "SELECT COALESCE(pg_catalog.pg_sequence_last_value("                       \
-    "'deliveryevents.contracts_version'::pg_catalog.regclass), 0) AS n"
+    "SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS n "              \
+    "FROM deliveryevents.contracts_version"
 
 /* The event is written only when contracts_version is still $12, the
  * value the cache was checked against; either way the statement returns
