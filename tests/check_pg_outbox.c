@@ -96,6 +96,74 @@ START_TEST(test_open_creates_schema)
 }
 END_TEST
 
+/* An instance opening the outbox on its own connection (a thread). */
+typedef struct opener {
+    const char *conninfo;
+    de_err err;
+    char msg[300];
+} opener;
+
+static void *open_in_background(void *arg)
+{
+    opener *o = arg;
+    PGconn *c = PQconnectdb(o->conninfo);
+    de_outbox *x = NULL;
+
+    o->err = de_outbox_open_pg(c, NULL, &x);
+    snprintf(o->msg, sizeof o->msg, "%s", o->err ? de_errmsg() : "");
+    de_outbox_close(x);
+    PQfinish(c);
+    return NULL;
+}
+
+/* Instances starting together on a database whose default isolation is
+ * SERIALIZABLE (a setting some services use): the first creates the
+ * schema, the second waits for it and finds it done -- its migration
+ * must see what was committed while it waited, not a snapshot taken
+ * before, or it tries to create the schema again and fails.  The
+ * migration lock is held until both wait for it. */
+START_TEST(test_openers_together_under_serializable)
+{
+    char ci[800], sql[200];
+    const char *fresh = tpg_fresh_db();
+    PGconn *holder;
+    opener o[2];
+    pthread_t th[2];
+
+    snprintf(ci, sizeof ci, "%s", fresh);
+    snprintf(sql, sizeof sql,
+             "ALTER DATABASE %s SET default_transaction_isolation = "
+             "'serializable'",
+             strrchr(ci, '=') + 1);
+    tpg_exec(conn, sql);
+    holder = tpg_connect(ci);
+    tpg_exec(holder, "BEGIN; SELECT pg_catalog.pg_advisory_xact_lock("
+                     "1684826486, 0)");
+    for (int i = 0; i < 2; i++) {
+        o[i].conninfo = ci;
+        ck_assert_int_eq(
+            pthread_create(&th[i], NULL, open_in_background, &o[i]), 0);
+    }
+    ck_assert(
+        tu_wait_for(tpg_int(holder, "SELECT count(*) FROM pg_catalog.pg_locks "
+                                    "WHERE locktype = 'advisory' AND NOT "
+                                    "granted AND classid = 1684826486 AND "
+                                    "objid = 0") == 2,
+                    30000));
+    tpg_exec(holder, "COMMIT");
+    for (int i = 0; i < 2; i++) {
+        pthread_join(th[i], NULL);
+        ck_assert_msg(o[i].err == DE_OK, "opener %d: %s: %s", i,
+                      de_err_name(o[i].err), o[i].msg);
+    }
+    ck_assert_int_eq(tpg_int(holder, "SELECT count(*) FROM "
+                                     "deliveryevents.meta WHERE key = "
+                                     "'outbox_id'"),
+                     1);
+    PQfinish(holder);
+}
+END_TEST
+
 START_TEST(test_commit_records)
 {
     de_event ev = event("D-1");
@@ -1467,6 +1535,7 @@ static Suite *pg_outbox_suite(void)
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_open_creates_schema);
+    tcase_add_test(tc, test_openers_together_under_serializable);
     tcase_add_test(tc, test_commit_records);
     tcase_add_test(tc, test_rollback_records_nothing);
     tcase_add_test(tc, test_outside_transaction);

@@ -232,8 +232,12 @@ de_err de__pg_migrate(PGconn *conn, const char *whose, const char *version_key,
     de_err err;
 
     snprintf(what, sizeof what, "cannot begin %s migration", whose);
-    if ((err = de__pg_exec(conn, "BEGIN", PGRES_COMMAND_OK, NULL, what)) !=
-        DE_OK)
+    /* READ COMMITTED whatever the session's default: under REPEATABLE
+     * READ or SERIALIZABLE the snapshot would be taken by the statement
+     * that waits for the lock, before the instance holding it committed
+     * its migration, and this one would run it again and fail. */
+    if ((err = de__pg_exec(conn, "BEGIN ISOLATION LEVEL READ COMMITTED",
+                           PGRES_COMMAND_OK, NULL, what)) != DE_OK)
         return err;
     /* SET LOCAL: no "already exists, skipping" notices on the host's
      * connection, and the host's own setting back at COMMIT. */
