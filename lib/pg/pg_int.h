@@ -20,13 +20,20 @@
 de_err de__pg_fail(PGconn *conn, PGresult *r, const char *what);
 
 /* What the relay sets on each of its own connections (never on a
- * host's): no parallel plans.  Its statements are short index reads and
- * small writes, which a parallel plan only slows down -- and a server
- * that forces generic plans (plan_cache_mode = force_generic_plan, as
- * some pooler set-ups do) plans the outbox read, whose LIMIT it cannot
- * see, as a Gather Merge over two workers: 60-70 ms a batch instead of
- * 1-6 ms, a drain six times slower (docs/POSTGRESQL-INTERNALS.md). */
-#define DE__PG_RELAY_SESSION_SQL "SET max_parallel_workers_per_gather = 0"
+ * host's):
+ *  - no parallel plans.  Its statements are short index reads and small
+ *    writes, which a parallel plan only slows down -- and a server that
+ *    forces generic plans (plan_cache_mode = force_generic_plan, as some
+ *    pooler set-ups do) plans the outbox read, whose LIMIT it cannot
+ *    see, as a Gather Merge over two workers: 60-70 ms a batch instead
+ *    of 1-6 ms, a drain six times slower (docs/POSTGRESQL-INTERNALS.md);
+ *  - READ COMMITTED, whatever the database's default: every argument of
+ *    the relay (barrier, lease, checkpoints) is made for it, and under
+ *    SERIALIZABLE its reads and deletions of the outbox would take part
+ *    in the hosts' serialization conflicts, failing host commits. */
+#define DE__PG_RELAY_SESSION_SQL                                               \
+    "SET max_parallel_workers_per_gather = 0; "                                \
+    "SET default_transaction_isolation = 'read committed'"
 
 /* Runs sql (no parameters, maybe several statements) expecting `want`
  * from the last; *res (may be NULL) receives the result, which the

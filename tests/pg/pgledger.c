@@ -351,6 +351,15 @@ tu_check tpg_check(PGconn *c, tu_cluster *k)
     return res;
 }
 
+void tpg_stop_and_check(de_relay *r, PGconn *c, tu_cluster *k)
+{
+    tu_ok(de_relay_flush(r, 120000));
+    tu_ok(de_relay_stop(r, 10000));
+    tu_check res = tpg_check(c, k);
+    tu_assert_check(&res);
+    ck_assert_int_le(res.duplicates, 20000); /* relay.max.inflight */
+}
+
 long long tpg_published_cursor(PGconn *c)
 {
     if (tpg_int(c, "SELECT count(*) FROM pg_catalog.pg_tables WHERE "

@@ -99,6 +99,10 @@ void tpg_ledger_append(PGconn *c, sqlite3 *db);
 tu_check tpg_check_ledger(tu_cluster *k, sqlite3 *ledger);
 /* The same against the ledger of c's database alone. */
 tu_check tpg_check(PGconn *c, tu_cluster *k);
+/* Flushes and stops relay r, then checks the topics against c's ledger
+ * with at most what one relay has in flight (relay.max.inflight) as
+ * duplicates: the end of a test where relays crashed or restarted. */
+void tpg_stop_and_check(de_relay *r, PGconn *c, tu_cluster *k);
 
 /* The relay's durable cursor in c's database (0 before its first
  * checkpoint). */
