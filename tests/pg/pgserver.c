@@ -289,9 +289,13 @@ static void drop_at_exit(void)
     c = PQconnectdb(admin);
     for (int i = 0; PQstatus(c) == CONNECTION_OK && i < made_n; i++) {
         /* FORCE: a relay or consumer the test left running. */
+        PGresult *r;
         snprintf(sql, sizeof sql, "DROP DATABASE IF EXISTS %s WITH (FORCE)",
                  made[i]);
-        PQclear(PQexec(c, sql));
+        r = PQexec(c, sql);
+        if (PQresultStatus(r) != PGRES_COMMAND_OK)
+            fprintf(stderr, "pgserver: %s: %s", sql, PQresultErrorMessage(r));
+        PQclear(r);
     }
     PQfinish(c);
     made_n = 0;
