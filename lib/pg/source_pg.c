@@ -383,9 +383,10 @@ static de_err set_sleeping(pg_source *s, bool up);
  *    recording commit would notify -- serialising them -- until this
  *    relay next slept and woke, which a relay kept busy may not do for
  *    long.  Taken as this source's own: the next read lowers it;
- *  - asleep (this source raised it, and no lowering is due) with the
- *    flag down: lowered behind its back (another source closing, a
- *    setval that failed).  Commits would send no NOTIFY until the relay
+ *  - asleep (this source raised it, or tried to: p_sleep_begin, and no
+ *    lowering is due) with the flag down: lowered behind its back
+ *    (another source closing), or never raised (a setval that failed,
+ *    the connection lost).  Commits would send no NOTIFY until the relay
  *    woke for work; it is raised again, and changed() asks for a read
  *    after that, which covers the commits in between.
  */
@@ -402,8 +403,11 @@ static void keep_flag(pg_source *s, const PGresult *flushed, bool lowered,
         s->sleeping = true;
         s->lower = true;
     } else if (!up && s->sleeping && !s->lower) {
-        (void)set_sleeping(s, true); /* failing, the next read retries */
-        s->recheck = true;
+        /* Failing (a lost connection, which asks for a read by itself),
+         * the next read retries: no round of its own, which a setval
+         * that always fails would turn into a loop. */
+        if (set_sleeping(s, true) == DE_OK)
+            s->recheck = true;
     }
 }
 
@@ -1004,9 +1008,15 @@ static bool p_sleep_begin(de__source *src)
 {
     pg_source *s = (pg_source *)src;
 
-    /* Failing, the flag may be down: the poll interval covers, and the
-     * read the caller makes now reports the connection's trouble. */
-    (void)set_sleeping(s, true);
+    /* Failing -- a connection lost, the server failing over -- the flag
+     * may be down, and the relay sleeps on as announced: it is wanted up
+     * all the same, so that the first read that finds it down raises it
+     * (keep_flag).  Else commits would send no NOTIFY until a timer woke
+     * the relay: its poll interval, or a fifth of its lease. */
+    if (set_sleeping(s, true) != DE_OK) {
+        s->sleeping = true;
+        s->lower = false;
+    }
     return true;
 }
 
