@@ -108,9 +108,14 @@ static void *open_in_background(void *arg)
     opener *o = arg;
     PGconn *c = PQconnectdb(o->conninfo);
     de_outbox *x = NULL;
+    de_conf *conf = de_conf_new();
 
-    o->err = de_outbox_open_pg(c, NULL, &x);
+    /* A wire setting: both store it (store_settings) after migrating. */
+    o->err = de_conf_set(conf, "event.source", "/test/openers");
+    if (o->err == DE_OK)
+        o->err = de_outbox_open_pg(c, conf, &x);
     snprintf(o->msg, sizeof o->msg, "%s", o->err ? de_errmsg() : "");
+    de_conf_destroy(conf);
     de_outbox_close(x);
     PQfinish(c);
     return NULL;
@@ -120,8 +125,9 @@ static void *open_in_background(void *arg)
  * SERIALIZABLE (a setting some services use): the first creates the
  * schema, the second waits for it and finds it done -- its migration
  * must see what was committed while it waited, not a snapshot taken
- * before, or it tries to create the schema again and fails.  The
- * migration lock is held until both wait for it. */
+ * before, or it tries to create the schema again and fails; then both
+ * store the same new wire setting.  The migration lock is held until
+ * both wait for it. */
 START_TEST(test_openers_together_under_serializable)
 {
     char ci[800], sql[200];
@@ -148,7 +154,10 @@ START_TEST(test_openers_together_under_serializable)
         tu_wait_for(tpg_int(holder, "SELECT count(*) FROM pg_catalog.pg_locks "
                                     "WHERE locktype = 'advisory' AND NOT "
                                     "granted AND classid = 1684826486 AND "
-                                    "objid = 0") == 2,
+                                    "objid = 0 AND database = (SELECT oid "
+                                    "FROM pg_catalog.pg_database WHERE "
+                                    "datname = "
+                                    "pg_catalog.current_database())") == 2,
                     30000));
     tpg_exec(holder, "COMMIT");
     for (int i = 0; i < 2; i++) {

@@ -21,6 +21,7 @@
 #include "pgserver.h"
 #include "testutil.h"
 
+#include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -1324,6 +1325,76 @@ START_TEST(serializable_database)
 }
 END_TEST
 
+typedef struct starter {
+    de_conf *conf;
+    de_relay *r;
+    de_err err;
+    char msg[300];
+} starter;
+
+static void *start_in_background(void *arg)
+{
+    starter *st = arg;
+
+    st->err = de_relay_start_pg(conninfo, st->conf, &st->r);
+    snprintf(st->msg, sizeof st->msg, "%s", st->err ? de_errmsg() : "");
+    return NULL;
+}
+
+/* Two relays starting together on a database whose default isolation is
+ * SERIALIZABLE, before any relay made its tables: the first creates
+ * them, the second waits for their lock and must then see them and
+ * their rows (its snapshot taken after the wait), not fail on them.
+ * The lock is held until both wait for it. */
+START_TEST(relays_start_together_under_serializable)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    char sql[200];
+    starter st[2];
+    pthread_t th[2];
+    PGconn *holder;
+
+    snprintf(sql, sizeof sql,
+             "ALTER DATABASE %s SET default_transaction_isolation = "
+             "'serializable'",
+             PQdb(conn));
+    tpg_exec(conn, sql);
+    tu_topic_create(c, "delivery", 1);
+    holder = tpg_connect(conninfo);
+    tpg_exec(holder, "BEGIN; SELECT pg_catalog.pg_advisory_xact_lock("
+                     "1684826486, 2)");
+    for (int i = 0; i < 2; i++) {
+        st[i].conf = tu_relay_conf(c, "relay.poll.interval.ms", "10", NULL);
+        st[i].r = NULL;
+        ck_assert_int_eq(
+            pthread_create(&th[i], NULL, start_in_background, &st[i]), 0);
+    }
+    ck_assert(tu_wait_for(
+        tpg_int(holder, "SELECT count(*) FROM pg_catalog.pg_locks WHERE "
+                        "locktype = 'advisory' AND NOT granted AND classid "
+                        "= 1684826486 AND objid = 2 AND database = (SELECT "
+                        "oid FROM pg_catalog.pg_database WHERE datname = "
+                        "pg_catalog.current_database())") == 2,
+        30000));
+    tpg_exec(holder, "COMMIT");
+    PQfinish(holder);
+    for (int i = 0; i < 2; i++) {
+        pthread_join(th[i], NULL);
+        de_conf_destroy(st[i].conf);
+        ck_assert_msg(st[i].err == DE_OK, "relay %d: %s: %s", i,
+                      de_err_name(st[i].err), st[i].msg);
+    }
+    tpg_commit_one(conn, ob, 1);
+    tu_ok(de_relay_flush(st[0].r, 60000));
+    tu_ok(de_relay_flush(st[1].r, 60000));
+    tu_ok(de_relay_stop(st[0].r, 10000));
+    tu_ok(de_relay_stop(st[1].r, 10000));
+    tu_check k = tpg_check(conn, c);
+    tu_assert_check(&k);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 static Suite *pg_relay_suite(void)
 {
     Suite *s = suite_create("pg_relay");
@@ -1339,6 +1410,8 @@ static Suite *pg_relay_suite(void)
                         tu_cluster_first(), tu_cluster_count());
     tcase_add_loop_test(tc, serializable_database, tu_cluster_first(),
                         tu_cluster_count());
+    tcase_add_loop_test(tc, relays_start_together_under_serializable,
+                        tu_cluster_first(), tu_cluster_count());
     tcase_add_test(tc, old_relay_checkpoint_refused_after_takeover);
     tcase_add_test(tc, connection_lost_inside_a_checkpoint_writes_nothing);
     tcase_add_test(tc, found_on_kafka_outlives_a_lost_connection);

@@ -707,7 +707,10 @@ static de_err store_settings(PGconn *conn, const de_conf *conf)
     char name[96];
     de_err err;
 
-    if ((err = de__pg_exec(conn, "BEGIN", PGRES_COMMAND_OK, NULL,
+    /* READ COMMITTED: see de__pg_migrate (two instances storing the
+     * same new setting at once). */
+    if ((err = de__pg_exec(conn, "BEGIN ISOLATION LEVEL READ COMMITTED",
+                           PGRES_COMMAND_OK, NULL,
                            "cannot store the outbox's settings")) != DE_OK)
         return err;
     for (size_t i = 0; i < DE__ARRAY_LEN(wire); i++) {
