@@ -1013,7 +1013,9 @@ static bool p_sleep_begin(de__source *src)
      * all the same, so that the first read that finds it down raises it
      * (keep_flag).  Else commits would send no NOTIFY until a timer woke
      * the relay: its poll interval, or a fifth of its lease. */
-    if (set_sleeping(s, true) != DE_OK) {
+    if (set_sleeping(s, true) != DE_OK && PQstatus(s->conn) != CONNECTION_OK) {
+        /* Only for a lost connection: a setval refused on a live one
+         * (a privilege missing) would fail again at every read. */
         s->sleeping = true;
         s->lower = false;
     }
