@@ -287,6 +287,11 @@ static void drop_at_exit(void)
         return;
     snprintf(admin, sizeof admin, "%s dbname=postgres", base_conninfo);
     c = PQconnectdb(admin);
+    if (PQstatus(c) != CONNECTION_OK)
+        fprintf(stderr,
+                "pgserver: cannot drop this process's %d test "
+                "database(s): %s",
+                made_n, PQerrorMessage(c));
     for (int i = 0; PQstatus(c) == CONNECTION_OK && i < made_n; i++) {
         /* FORCE: a relay or consumer the test left running. */
         PGresult *r;
