@@ -472,7 +472,8 @@ static de_err i_begin(de__inbox *ib)
      * statements are not transactional: made in this transaction, they
      * outlive its rollback. */
     if ((err = de__pg_exec(s->conn,
-                           "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT "
+                           DE__PG_BEGIN_RC
+                           "; SELECT "
                            "count(*) FROM pg_catalog.pg_prepared_statements "
                            "WHERE name LIKE 'deliveryevents\\_inbox\\_%'",
                            PGRES_TUPLES_OK, &r,

@@ -236,8 +236,8 @@ de_err de__pg_migrate(PGconn *conn, const char *whose, const char *version_key,
      * READ or SERIALIZABLE the snapshot would be taken by the statement
      * that waits for the lock, before the instance holding it committed
      * its migration, and this one would run it again and fail. */
-    if ((err = de__pg_exec(conn, "BEGIN ISOLATION LEVEL READ COMMITTED",
-                           PGRES_COMMAND_OK, NULL, what)) != DE_OK)
+    if ((err = de__pg_exec(conn, DE__PG_BEGIN_RC, PGRES_COMMAND_OK, NULL,
+                           what)) != DE_OK)
         return err;
     /* SET LOCAL: no "already exists, skipping" notices on the host's
      * connection, and the host's own setting back at COMMIT. */
@@ -709,8 +709,7 @@ static de_err store_settings(PGconn *conn, const de_conf *conf)
 
     /* READ COMMITTED: see de__pg_migrate (two instances storing the
      * same new setting at once). */
-    if ((err = de__pg_exec(conn, "BEGIN ISOLATION LEVEL READ COMMITTED",
-                           PGRES_COMMAND_OK, NULL,
+    if ((err = de__pg_exec(conn, DE__PG_BEGIN_RC, PGRES_COMMAND_OK, NULL,
                            "cannot store the outbox's settings")) != DE_OK)
         return err;
     for (size_t i = 0; i < DE__ARRAY_LEN(wire); i++) {

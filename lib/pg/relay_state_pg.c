@@ -590,13 +590,10 @@ static void p_rollback(de__rstate *base);
 /* BEGIN, on a connection re-established first if it was lost.  A
  * transaction a caller's failure path left open (a recovery whose last
  * write failed) is rolled back first: it would otherwise pin the
- * connection, lost or not, for good. */
-/* READ COMMITTED whatever the database's default, also before the
- * session's settings are made (adopt runs first): under REPEATABLE READ
- * a relay creating or adopting the tables beside another would take its
- * snapshot while waiting for their lock, and fail on the other's rows. */
-#define BEGIN_RC "BEGIN ISOLATION LEVEL READ COMMITTED"
-
+ * connection, lost or not, for good.  READ COMMITTED (DE__PG_BEGIN_RC)
+ * also before the session's settings are made: adopt runs first, and a
+ * relay creating or adopting the tables beside another must not fail on
+ * the other's rows. */
 static de_err begin_txn(pg_state *st, const char *what)
 {
     de_err err;
@@ -609,9 +606,9 @@ static de_err begin_txn(pg_state *st, const char *what)
      * shows only when used, and libpq may still call it CONNECTION_OK
      * after the failure: nothing of the transaction ran yet, so
      * reconnect and begin once more rather than fail this round. */
-    if ((err = simple(st, BEGIN_RC, what)) != DE_OK &&
+    if ((err = simple(st, DE__PG_BEGIN_RC, what)) != DE_OK &&
         ((err = reconnect(st)) != DE_OK ||
-         (err = simple(st, BEGIN_RC, what)) != DE_OK))
+         (err = simple(st, DE__PG_BEGIN_RC, what)) != DE_OK))
         return err;
     st->in_txn = true;
     return DE_OK;
