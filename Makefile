@@ -182,9 +182,10 @@ PQ_LIBS    = $(shell pkg-config --libs libpq)
 PG_BINDIR  = $(shell pg_config --bindir)
 PG_TEST_BINS := $(patsubst tests/%.c,$(BUILD)/tests/%,$(sort $(wildcard tests/check_pg_*.c)))
 PG_TEST_SRCS := $(sort $(wildcard tests/pg/*.c))
-# The benchmarks need only the throwaway server (the suites' other
-# helpers use the checking consumer of tests/util).
-PG_BENCH_SRCS := tests/pg/pgserver.c
+# The benchmarks need only the throwaway server, with the power cut it
+# offers (the suites' other helpers use the checking consumer of
+# tests/util).
+PG_BENCH_SRCS := tests/pg/pgserver.c tests/pg/powercut.c
 
 pg:
 	@pkg-config --exists libpq || { echo "make pg: libpq not found" \
@@ -216,9 +217,19 @@ PG_PCUNINST := $(BUILD)/pc-uninstalled/deliveryevents-pg.pc
 $(PG_PCUNINST): pkgconfig/deliveryevents-pg.pc.in $(HEADER)
 	$(call make_pc,$(CURDIR),$(abspath $(BUILD)),$(CURDIR)/include)
 
+# The power-cut shim, preloaded into a suite's own server, never linked
+# into a program (tests/pg/shim/powercut.c); built without the
+# sanitizers and the user's CFLAGS, which the server could not load.
+PG_SHIM := $(BUILD)/tests/libtpg_powercut.so
+$(PG_SHIM): tests/pg/shim/powercut.c tests/pg/shim/powercut_journal.h
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -fPIC -shared \
+	    -o $@ $< -ldl
+
 # Each suite starts its own throwaway server (tests/pg/pgserver.c), or
 # uses the one DE_PG_CONNINFO names.
 $(BUILD)/tests/check_pg_%: tests/check_pg_%.c $(PG_TEST_SRCS) $(wildcard tests/pg/*.h) \
+                           $(wildcard tests/pg/shim/*.h) $(PG_SHIM) \
                            $(TEST_UTIL_SRCS) $(wildcard tests/util/*.h) $(PG_STLIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(DE_CFLAGS) $(PQ_CFLAGS) -Ilib -Ilib/pg -Itests/util -Itests/pg \
@@ -576,7 +587,7 @@ uninstall:
 # ---- housekeeping ----------------------------------------------------------
 
 FORMAT_SRCS = $(wildcard include/*.h lib/*.c lib/*.h lib/pg/*.c tests/*.c \
-              tests/util/*.[ch] tests/pg/*.[ch] \
+              tests/util/*.[ch] tests/pg/*.[ch] tests/pg/shim/*.[ch] \
               tests/experiments/*.c \
               examples/*.c bench/*.[ch] bench/pg/*.[ch] tools/*.c fuzz/*.c)
 

@@ -3,7 +3,9 @@
  * check_pg_faults.c -- the relay of an outbox in PostgreSQL through what
  * happens to the server itself: restarts (crash-like and clean) with the
  * relay running, a crash right after the relay published events that a
- * host on synchronous_commit=off committed, a synchronous standby that
+ * host on synchronous_commit=off committed, power cuts (what the server
+ * wrote without an fsync taken back: tests/pg/shim/powercut.c) while it
+ * publishes them, a synchronous standby that
  * must hold whatever is published, a failover to it under load (the
  * server crashed, the standby promoted), dumps restored into another
  * database (the latest dump, and an older one behind what Kafka holds),
@@ -226,6 +228,33 @@ static void crash(PGconn *c, pid_t wal_writer)
     reconnect(c);
 }
 
+/* The server made to flush nothing by itself (see the case below):
+ * the sleeping flag unlogged, the background writer and autovacuum
+ * off, from the next restart on. */
+static void quiet_server(void)
+{
+    tpg_exec(conn, "ALTER SEQUENCE deliveryevents.relay_sleeping SET "
+                   "UNLOGGED");
+    tpg_exec(conn, "ALTER SYSTEM SET bgwriter_lru_maxpages = 0");
+    tpg_exec(conn, "ALTER SYSTEM SET autovacuum = off");
+}
+
+/* The end of a durability case: one event committed durably after the
+ * last crash, which the relay publishes; the relay stopped, the
+ * server's settings reset, and the independent check. */
+static void end_durability_case(de_relay *r, tu_cluster *c)
+{
+    tpg_commit_one(conn, ob, 2);
+    tu_ok(de_relay_flush(r, 60000));
+    tu_ok(de_relay_stop(r, 10000));
+    tpg_exec(conn, "ALTER SYSTEM RESET ALL");
+    tpg_exec(conn, "SELECT pg_catalog.pg_reload_conf()");
+    tu_check k = tpg_check(conn, c);
+    tu_assert_check(&k);
+    ck_assert_int_eq(k.duplicates, 0);
+    tu_cluster_destroy(c);
+}
+
 /*
  * Guarantee 4a on PostgreSQL: the host commits with
  * synchronous_commit=off, so its commits are visible before their WAL
@@ -264,10 +293,7 @@ START_TEST(crash_after_publish_loses_nothing_published)
 
     if (!server_is_ours("crash"))
         return;
-    tpg_exec(conn, "ALTER SEQUENCE deliveryevents.relay_sleeping SET "
-                   "UNLOGGED");
-    tpg_exec(conn, "ALTER SYSTEM SET bgwriter_lru_maxpages = 0");
-    tpg_exec(conn, "ALTER SYSTEM SET autovacuum = off");
+    quiet_server();
     ck_assert(tpg_server("restart -m fast"));
     reconnect(conn);
     c = tu_cluster_new(_i, 1);
@@ -306,16 +332,116 @@ START_TEST(crash_after_publish_loses_nothing_published)
         crash(conn, wal_writer);
     }
     de_conf_destroy(conf);
-    /* Committed after the last crash, durably: the relay publishes it. */
-    tpg_commit_one(conn, ob, 2);
-    tu_ok(de_relay_flush(r, 60000));
-    tu_ok(de_relay_stop(r, 10000));
-    tpg_exec(conn, "ALTER SYSTEM RESET ALL");
-    tpg_exec(conn, "SELECT pg_catalog.pg_reload_conf()");
-    tu_check k = tpg_check(conn, c);
-    tu_assert_check(&k);
-    ck_assert_int_eq(k.duplicates, 0);
-    tu_cluster_destroy(c);
+    end_durability_case(r, c);
+}
+END_TEST
+
+/* Events Kafka acknowledged so far. */
+static uint64_t published(de_relay *r)
+{
+    de_relay_stats st;
+
+    tu_ok(de_relay_stats_get(r, &st));
+    return st.published;
+}
+
+/*
+ * Guarantee 4a against a power cut.  A crash of the server's processes
+ * (above) keeps what the server wrote to the kernel, fsynced or not; a
+ * power cut loses what was not fsynced.  The server runs with the
+ * power-cut shim (tests/pg/shim/powercut.c), which can take back every
+ * write to its data directory that no fsync covered, and a small
+ * wal_buffers, so that a backend writes WAL out of a full buffer
+ * without flushing it -- WAL a crash would keep and a cut takes back.
+ * As above, the host commits with synchronous_commit=off, the WAL
+ * writer is stopped, and nothing of the relay's own commits for
+ * minutes.  Each of three rounds keeps committing while the relay
+ * publishes, until Kafka acknowledged half a burst's worth of this
+ * round's events, writes a large transaction (its WAL written out, not
+ * flushed), and cuts the power -- the first time once the relay has
+ * caught up, which shows what the cut takes back (below), the others
+ * mid-stream: every server process stopped at one instant and killed,
+ * every unsynced write undone.  The server then starts
+ * (crash recovery from what was on disk) and the same relay goes on.  Whatever
+ * is on Kafka must be in the database: the check finds every event on Kafka in
+ * the host's ledger (written in the same transactions), in order, without a
+ * gap, and no number reused.  Without the relay's flush of what it read, events
+ * on Kafka are gone from the database and the check fails.
+ */
+START_TEST(power_cut_mid_stream_loses_nothing_published)
+{
+    enum { ROUNDS = 3, TXNS = 40, MAX_TXNS = 20000 };
+    tu_cluster *c;
+    de_conf *conf;
+    de_relay *r = NULL;
+    long long undone, wal;
+
+    if (!server_is_ours("cut the power of"))
+        return;
+    quiet_server();
+    tpg_exec(conn, "ALTER SYSTEM SET wal_buffers = '64kB'");
+    ck_assert(tpg_power_cut_arm());
+    reconnect(conn);
+    tpg_exec(conn, "CREATE TABLE bulk (b text)");
+    c = tu_cluster_new(_i, 1);
+    tu_topic_create(c, "delivery", 3);
+    conf = quiet_relay_conf(c);
+    for (int round = 0; round < ROUNDS; round++) {
+        unsigned seed = 200u + (unsigned)round;
+        uint64_t base;
+        int t;
+        tpg_exec(conn, "CHECKPOINT");
+        tpg_exec(conn, "SET synchronous_commit = off");
+        (void)stop_wal_writer(conn); /* killed with the rest by the cut */
+        if (round == 0) {
+            tu_ok(de_relay_start_pg(conninfo, conf, &r));
+            ck_assert(tu_wait_for(relay_active(r), 30000));
+        }
+        base = published(r);
+        for (t = 0;
+             t < MAX_TXNS && (t < TXNS || published(r) < base + TXNS / 2);
+             t++) {
+            tpg_exec(conn, "BEGIN");
+            ck_assert(tpg_record_one(
+                conn, ob, 1 + (int)(rand_r(&seed) % TPG_SUBJECTS), &seed));
+            tpg_exec(conn, "COMMIT");
+        }
+        ck_assert_msg(t < MAX_TXNS, "the relay published nothing");
+        if (round == 0) {
+            /* The premise, with the relay caught up and idle (nothing
+             * flushes the WAL): a transaction committed with
+             * synchronous_commit=off whose commit record the server then
+             * wrote out of a full buffer, without a flush -- a crash
+             * would keep it, a power cut must not. */
+            long long end;
+            tu_ok(de_relay_flush(r, 60000));
+            tpg_exec(conn, "INSERT INTO bulk VALUES ('marker')");
+            end = wal_lsn(conn, "pg_current_wal_insert_lsn");
+            tpg_exec(conn, "BEGIN");
+            tpg_exec(conn, "INSERT INTO bulk SELECT repeat('x', 1000) FROM "
+                           "generate_series(1, 1000)");
+            ck_assert_int_ge(wal_lsn(conn, "pg_current_wal_lsn"), end);
+            ck_assert_int_lt(wal_lsn(conn, "pg_current_wal_flush_lsn"), end);
+        } else {
+            /* Mid-stream, with more WAL written out than flushed. */
+            tpg_exec(conn, "INSERT INTO bulk SELECT repeat('x', 1000) FROM "
+                           "generate_series(1, 1000)");
+        }
+        ck_assert(tpg_power_cut(&undone, &wal));
+        if (getenv("DE_TEST_LOG"))
+            fprintf(stderr,
+                    "round %d: %d commits, the cut took back %lld bytes "
+                    "(%lld of WAL)\n",
+                    round, t, undone, wal);
+        ck_assert(tpg_server("start"));
+        reconnect(conn);
+        if (round == 0) {
+            ck_assert_int_gt(wal, 0);
+            ck_assert_int_eq(tpg_int(conn, "SELECT count(*) FROM bulk"), 0);
+        }
+    }
+    de_conf_destroy(conf);
+    end_durability_case(r, c);
 }
 END_TEST
 
@@ -836,6 +962,9 @@ static Suite *pg_faults_suite(void)
     tcase_add_loop_test(tc, restart_fast_relay_recovers, first, n);
     tc = add(s, tcase_create("durability"), 90);
     tcase_add_loop_test(tc, crash_after_publish_loses_nothing_published, first,
+                        n);
+    tc = add(s, tcase_create("power_cut"), 120);
+    tcase_add_loop_test(tc, power_cut_mid_stream_loses_nothing_published, first,
                         n);
     tc = add(s, tcase_create("sync_standby"), 120);
     tcase_add_unchecked_fixture(tc, NULL, standby_cleanup);

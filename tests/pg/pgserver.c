@@ -25,6 +25,8 @@ static pid_t owner; /* the process that started the server */
 /* The server's options, for a start after a stop (pg_ctl restart reads
  * them back from postmaster.opts by itself). */
 static char opts[600];
+/* "env LD_PRELOAD=... " before pg_ctl once tpg_power_cut_arm ran. */
+static char preload[1200];
 
 /* At exit of the process that started it (not of Check's forked tests,
  * which inherit the handler). */
@@ -37,7 +39,7 @@ static void stop_at_exit(void)
 /* Runs cmd through the shell, as the server's user. */
 static int run(const char *cmd)
 {
-    char full[2200];
+    char full[4200];
 
     snprintf(full, sizeof full, "%s%s", as_user, cmd);
     return system(full);
@@ -110,19 +112,88 @@ bool tpg_external(void)
 
 bool tpg_server(const char *action)
 {
-    char cmd[2000];
+    char cmd[4000];
 
     if (external || dir[0] == '\0')
         return false;
     /* -w: start and restart return once the server accepts connections
      * (after crash recovery), stop once it is gone. */
     snprintf(cmd, sizeof cmd,
-             TPG_BIN "/pg_ctl -D %s/data -w -t 120 -l %s/server.log%s%s%s %s "
-                     ">/dev/null",
-             dir, dir, strcmp(action, "start") == 0 ? " -o \"" : "",
+             "%s" TPG_BIN "/pg_ctl -D %s/data -w -t 120 -l %s/server.log%s%s%s "
+             "%s >/dev/null",
+             preload, dir, dir, strcmp(action, "start") == 0 ? " -o \"" : "",
              strcmp(action, "start") == 0 ? opts : "",
              strcmp(action, "start") == 0 ? "\"" : "", action);
-    return run(cmd) == 0;
+    if (run(cmd) == 0)
+        return true;
+    /* What the server said, for the failing test's log. */
+    snprintf(cmd, sizeof cmd, "tail -n 20 '%s/server.log' >&2", dir);
+    (void)system(cmd);
+    return false;
+}
+
+bool tpg_power_cut_arm(void)
+{
+    char self[600], cmd[800], *slash;
+    ssize_t n;
+
+    if (external || dir[0] == '\0')
+        return false;
+    /* The shim is built beside the test programs. */
+    n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n <= 0)
+        return false;
+    self[n] = '\0';
+    if ((slash = strrchr(self, '/')) == NULL)
+        return false;
+    snprintf(slash, sizeof self - (size_t)(slash - self),
+             "/libtpg_powercut.so");
+    if (access(self, R_OK) != 0) {
+        fprintf(stderr, "tpg_power_cut_arm: no %s\n", self);
+        return false;
+    }
+    snprintf(cmd, sizeof cmd, "mkdir -p '%s/journal'", dir);
+    if (run(cmd) != 0)
+        return false;
+    snprintf(preload, sizeof preload,
+             "env LD_PRELOAD=%s DE_PC_DATA=%s/data DE_PC_JOURNAL=%s/journal ",
+             self, dir, dir);
+    return tpg_server("restart -m fast");
+}
+
+bool tpg_power_cut(long long *undone, long long *wal)
+{
+    char path[300];
+    long pid = 0;
+    FILE *f;
+
+    *undone = -1;
+    if (preload[0] == '\0')
+        return false;
+    snprintf(path, sizeof path, "%s/data/postmaster.pid", dir);
+    if ((f = fopen(path, "r")) == NULL)
+        return false;
+    if (fscanf(f, "%ld", &pid) != 1 || pid <= 0) {
+        fclose(f);
+        return false;
+    }
+    fclose(f);
+    if (!tpc_kill_server((pid_t)pid))
+        return false;
+    /* After a real cut no process has the pid its lock files name;
+     * here the postmaster may linger as a zombie until reaped, which a
+     * new one would take for a running server. */
+    if (unlink(path) != 0)
+        return false;
+    snprintf(path, sizeof path, "%s/.s.PGSQL.%d.lock", dir, PG_PORT);
+    (void)unlink(path);
+    snprintf(path, sizeof path, "%s/journal", dir);
+    {
+        char data[300];
+        snprintf(data, sizeof data, "%s/data", dir);
+        *undone = tpc_restore(data, path, wal);
+    }
+    return *undone >= 0;
 }
 
 void tpg_server_options(const char *options)

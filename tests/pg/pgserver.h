@@ -12,6 +12,7 @@
 #include <check.h>
 #include <libpq-fe.h>
 #include <stdbool.h>
+#include <sys/types.h>
 
 /* Where initdb and pg_ctl are: the Makefile passes `pg_config --bindir`;
  * Debian 12's PostgreSQL 15 otherwise. */
@@ -36,6 +37,28 @@ bool tpg_external(void);
  * "stop -m immediate", "start", ...), waiting until it is done (-w);
  * false when it failed or the server is external. */
 bool tpg_server(const char *action);
+
+/* Restarts the suite's own server with the power-cut shim preloaded
+ * (tests/pg/shim/powercut.c, built beside the test programs as
+ * libtpg_powercut.so): from then on the server's writes to its data
+ * directory that no fsync has made durable can be taken back.  false on
+ * an external server or when the shim or the restart failed. */
+bool tpg_power_cut_arm(void);
+/* A power cut of the armed server: every server process stopped at one
+ * instant and killed, then every write no fsync covered taken back, as
+ * a machine losing power loses its page cache (not metadata: files
+ * created, renamed or unlinked stay so).  The server is left down; start
+ * it with tpg_server("start"), which runs crash recovery.  *undone
+ * receives the bytes taken back, *wal those of them in pg_wal.  false
+ * when it could not be done. */
+bool tpg_power_cut(long long *undone, long long *wal);
+/* The cut's two halves (tests/pg/powercut.c): the server's processes
+ * stopped then killed, waiting until none runs; and the journals in
+ * journal_dir applied to data_dir (bytes taken back, -1 on error; *wal:
+ * those in pg_wal). */
+bool tpc_kill_server(pid_t postmaster);
+long long tpc_restore(const char *data_dir, const char *journal_dir,
+                      long long *wal);
 
 /* A streaming standby of the suite's own server (pg_basebackup of the
  * running server, started on the next port in the same directory) with
