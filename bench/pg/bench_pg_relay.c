@@ -38,8 +38,14 @@
  * BENCH_PG_RELAY_SET ("key=value,...") adds relay settings to the drain's
  * relay, to try one; BENCH_PG_SERVER_OPTIONS ("-c name=value ...") starts
  * the throwaway server with settings of its own (not with
- * DE_PG_CONNINFO), to try a server configuration.  Asserts nothing but that
- * every event arrives (timings on a shared machine are not a test).
+ * DE_PG_CONNINFO), to try a server configuration.  BENCH_PG_PREWARM=1
+ * loads each round's copy of the backlog (the outbox, outbox_order and
+ * their keys) into shared_buffers with pg_prewarm before its relay half:
+ * the backlog as a server whose shared_buffers hold it has it (with
+ * BENCH_PG_SERVER_OPTIONS="-c shared_buffers=..." large enough), rather
+ * than read from the OS page cache, as a fresh copy is.  Asserts nothing
+ * but that every event arrives (timings on a shared machine are not a
+ * test).
  */
 #define PARTITIONS 12
 
@@ -222,6 +228,26 @@ static double run_relay(const char *conninfo, long n, long *rss_kib,
     return (double)n / t;
 }
 
+/* Loads the outbox of the database at conninfo into shared_buffers
+ * (BENCH_PG_PREWARM); prints how many blocks it loaded. */
+static void prewarm(const char *conninfo)
+{
+    PGconn *c = must_connect(conninfo);
+    PGresult *r;
+
+    must(c, "CREATE EXTENSION IF NOT EXISTS pg_prewarm");
+    r = PQexec(c, "SELECT sum(pg_prewarm(t)) FROM unnest(ARRAY["
+                  "'deliveryevents.outbox', 'deliveryevents.outbox_pkey', "
+                  "'deliveryevents.outbox_order', "
+                  "'deliveryevents.outbox_order_pkey']::regclass[]) t");
+    BENCH_CHECK(PQresultStatus(r) == PGRES_TUPLES_OK, "pg_prewarm: %s",
+                PQerrorMessage(c));
+    printf("  (prewarmed %s blocks into shared_buffers)\n",
+           PQgetvalue(r, 0, 0));
+    PQclear(r);
+    PQfinish(c);
+}
+
 /* The template database: n events over `subjects` subjects (event x of
  * subject x mod subjects, as bench_kafka.h's make_backlog), recorded in
  * transactions of FILL_TXN. */
@@ -294,6 +320,10 @@ static void bench_drain(long n, long rounds, long subjects)
                 raw_us[r] = 1e6 * cpu_s / (double)n;
             } else {
                 snprintf(ci, sizeof ci, "%s dbname=%s_r%ld", base, tmpl, r);
+                if (bench_env_long("BENCH_PG_PREWARM", 0) != 0) {
+                    prewarm(ci);
+                    machine_cpu(&b0, &t0m);
+                }
                 rel[r] = run_relay(ci, n, &rss, &cpu);
                 busy_rel = busy_since(b0, t0m, &cpu_s);
                 rel_us[r] = 1e6 * cpu_s / (double)n;
