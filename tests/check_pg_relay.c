@@ -1279,7 +1279,12 @@ END_TEST
  * killed, the other taking over) publishing and deleting beside them.
  * Every host commit succeeds -- the relays take part in no
  * serialization conflict, their connections being READ COMMITTED --
- * and Kafka holds exactly what committed, in order.
+ * and Kafka holds exactly what committed, in order.  The relay's
+ * backends hold no SIRead lock: a serializable transaction left open
+ * throughout keeps those of every serializable transaction that
+ * overlapped it, so a relay reading at the database's default would
+ * show them (its outbox checks at start did, until they came after its
+ * session settings).
  */
 START_TEST(serializable_database)
 {
@@ -1287,7 +1292,7 @@ START_TEST(serializable_database)
     char sql[200];
     de_conf *conf;
     de_relay *b = NULL;
-    PGconn *hc;
+    PGconn *hc, *open_txn;
     de_outbox *hob = NULL;
     pid_t relay;
     int i;
@@ -1303,6 +1308,9 @@ START_TEST(serializable_database)
                                  "'serializable')::int"),
                      1);
     tu_ok(de_outbox_open_pg(hc, NULL, &hob));
+    open_txn = tpg_connect(conninfo);
+    tpg_exec(open_txn, "BEGIN");
+    tpg_exec(open_txn, "CREATE TEMP TABLE t AS SELECT 1 AS x");
     tu_topic_create(c, "delivery", 3);
     relay = spawn_relay(c);
     ck_assert(tu_wait_for(lease_epoch() > 0, 30000));
@@ -1318,6 +1326,18 @@ START_TEST(serializable_database)
         }
         tpg_commit_one(hc, hob, 1 + i % 20);
     }
+    ck_assert_int_eq(
+        tpg_int(conn, "SELECT count(*) FROM pg_catalog.pg_locks l JOIN "
+                      "pg_catalog.pg_stat_activity a ON a.pid = l.pid "
+                      "WHERE l.mode = 'SIReadLock' AND a.application_name "
+                      "= 'deliveryevents-relay'"),
+        0);
+    ck_assert_int_gt(
+        tpg_int(conn, "SELECT count(*) FROM pg_catalog.pg_locks WHERE mode "
+                      "= 'SIReadLock'"),
+        0); /* the premise: the hosts' are kept */
+    tpg_exec(open_txn, "COMMIT");
+    PQfinish(open_txn);
     tpg_stop_and_check(b, conn, c);
     de_outbox_close(hob);
     PQfinish(hc);

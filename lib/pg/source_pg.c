@@ -1150,6 +1150,14 @@ de_err de__source_open_pg(const char *conninfo, bool create, de__source **out,
         err = de__pg_fail(s->conn, NULL, "relay: cannot connect to PostgreSQL");
         goto fail;
     }
+    /* The session's settings before anything runs (setup() makes them
+     * again, for a reset connection): the outbox's checks below would
+     * otherwise read at a SERIALIZABLE default, and their SIRead locks
+     * outlive them while serializable hosts run. */
+    if ((err = de__pg_exec(s->conn, DE__PG_RELAY_SESSION_SQL, PGRES_COMMAND_OK,
+                           NULL, "relay: cannot set up its connection")) !=
+        DE_OK)
+        goto fail;
     if (!create) {
         if ((err = de__pg_exec(s->conn,
                                "SELECT to_regclass('deliveryevents.meta') IS "
