@@ -5,13 +5,18 @@
  * directory, so the port number cannot clash with another server.
  */
 #include "pgserver.h"
+#include "powercut.h"
 
 #include <check.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <pwd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #define PG_PORT 54329
@@ -134,7 +139,7 @@ bool tpg_server(const char *action)
 
 bool tpg_power_cut_arm(void)
 {
-    char self[600], cmd[800], *slash;
+    char self[600], cmd[800], lock[300], *slash;
     ssize_t n;
 
     if (external || dir[0] == '\0')
@@ -148,30 +153,76 @@ bool tpg_power_cut_arm(void)
         return false;
     snprintf(slash, sizeof self - (size_t)(slash - self),
              "/libtpg_powercut.so");
-    if (access(self, R_OK) != 0) {
-        fprintf(stderr, "tpg_power_cut_arm: no %s\n", self);
-        return false;
-    }
     snprintf(cmd, sizeof cmd, "mkdir -p '%s/journal'", dir);
     if (run(cmd) != 0)
         return false;
+    snprintf(lock, sizeof lock, "%s/journal/lock", dir);
+    (void)unlink(lock);
     snprintf(preload, sizeof preload,
-             "env LD_PRELOAD=%s DE_PC_DATA=%s/data DE_PC_JOURNAL=%s/journal ",
+             "env 'LD_PRELOAD=%s' 'DE_PC_DATA=%s/data' "
+             "'DE_PC_JOURNAL=%s/journal' ",
              self, dir, dir);
+    if (!tpg_server("restart -m fast"))
+        return false;
+    /* The postmaster writes its pid file through the shim, which makes
+     * the lock: without it the loader ignored the shim (say, a path the
+     * server's user cannot read) and a cut would be a mere crash. */
+    if (access(lock, F_OK) != 0) {
+        fprintf(stderr, "tpg_power_cut_arm: the server did not load %s\n",
+                self);
+        return false;
+    }
+    return true;
+}
+
+bool tpg_power_cut_disarm(void)
+{
+    if (preload[0] == '\0')
+        return true;
+    preload[0] = '\0';
     return tpg_server("restart -m fast");
+}
+
+bool tpg_stop_server_process(pid_t pid)
+{
+    char lock[300];
+
+    if (preload[0] == '\0')
+        return tpc_stop_process(pid);
+    snprintf(lock, sizeof lock, "%s/journal/lock", dir);
+    /* Stopped holding the shim's lock, it would stop every other
+     * process at its next write: stopped again at another moment. */
+    for (int tries = 0; tries < 10000; tries++) {
+        struct timespec ms = {0, 1000000};
+        bool free_lock;
+        int fd;
+        if (!tpc_stop_process(pid))
+            return false;
+        fd = open(lock, O_RDWR | O_CLOEXEC);
+        free_lock = fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) == 0;
+        if (fd >= 0)
+            close(fd); /* releases it */
+        if (free_lock)
+            return true;
+        (void)kill(pid, SIGCONT);
+        nanosleep(&ms, NULL);
+    }
+    fprintf(stderr, "tpg_stop_server_process: %d always held the lock\n",
+            (int)pid);
+    return false;
 }
 
 bool tpg_power_cut(long long *undone, long long *wal)
 {
-    char path[300];
+    char pid_file[300], path[300];
     long pid = 0;
     FILE *f;
 
     *undone = -1;
     if (preload[0] == '\0')
         return false;
-    snprintf(path, sizeof path, "%s/data/postmaster.pid", dir);
-    if ((f = fopen(path, "r")) == NULL)
+    snprintf(pid_file, sizeof pid_file, "%s/data/postmaster.pid", dir);
+    if ((f = fopen(pid_file, "r")) == NULL)
         return false;
     if (fscanf(f, "%ld", &pid) != 1 || pid <= 0) {
         fclose(f);
@@ -183,16 +234,13 @@ bool tpg_power_cut(long long *undone, long long *wal)
     /* After a real cut no process has the pid its lock files name;
      * here the postmaster may linger as a zombie until reaped, which a
      * new one would take for a running server. */
-    if (unlink(path) != 0)
+    if (unlink(pid_file) != 0)
         return false;
     snprintf(path, sizeof path, "%s/.s.PGSQL.%d.lock", dir, PG_PORT);
     (void)unlink(path);
     snprintf(path, sizeof path, "%s/journal", dir);
-    {
-        char data[300];
-        snprintf(data, sizeof data, "%s/data", dir);
-        *undone = tpc_restore(data, path, wal);
-    }
+    snprintf(pid_file, sizeof pid_file, "%s/data", dir);
+    *undone = tpc_restore(pid_file, path, wal);
     return *undone >= 0;
 }
 

@@ -44,21 +44,22 @@ bool tpg_server(const char *action);
  * directory that no fsync has made durable can be taken back.  false on
  * an external server or when the shim or the restart failed. */
 bool tpg_power_cut_arm(void);
+/* Restarts the server without the shim (the settings a case changed
+ * are its own to reset). */
+bool tpg_power_cut_disarm(void);
 /* A power cut of the armed server: every server process stopped at one
  * instant and killed, then every write no fsync covered taken back, as
- * a machine losing power loses its page cache (not metadata: files
- * created, renamed or unlinked stay so).  The server is left down; start
+ * a machine losing power loses its page cache (what the shim does not
+ * take back: tests/pg/shim/powercut.c).  The server is left down; start
  * it with tpg_server("start"), which runs crash recovery.  *undone
  * receives the bytes taken back, *wal those of them in pg_wal.  false
  * when it could not be done. */
 bool tpg_power_cut(long long *undone, long long *wal);
-/* The cut's two halves (tests/pg/powercut.c): the server's processes
- * stopped then killed, waiting until none runs; and the journals in
- * journal_dir applied to data_dir (bytes taken back, -1 on error; *wal:
- * those in pg_wal). */
-bool tpc_kill_server(pid_t postmaster);
-long long tpc_restore(const char *data_dir, const char *journal_dir,
-                      long long *wal);
+/* Stops one of the server's processes (SIGSTOP) and waits until it is
+ * stopped; with the shim armed, at a moment it holds none of the shim's
+ * lock, which would stop every other server process at its next
+ * write.  false when it could not be done. */
+bool tpg_stop_server_process(pid_t pid);
 
 /* A streaming standby of the suite's own server (pg_basebackup of the
  * running server, started on the next port in the same directory) with

@@ -1,13 +1,13 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * powercut.c -- see pgserver.h (tpg_power_cut).  The cut itself: every
- * process of the server stopped (SIGSTOP, the postmaster first, so that
- * it forks no new one), then killed, so that the data directory holds
- * one instant's writes; then the undo journals of the shim
- * (tests/pg/shim/powercut.c) applied, newest record first, and each file
- * truncated to its size at its last fsync.
+ * powercut.c -- see powercut.h.  The cut itself: every process of the
+ * server stopped (SIGSTOP, the postmaster first, so that it forks no new
+ * one), then killed, so that the data directory holds one instant's
+ * writes; then the undo journals of the shim (tests/pg/shim/powercut.c)
+ * applied, newest record first, and each file truncated to its size at
+ * its last fsync.
  */
-#include "pgserver.h"
+#include "powercut.h"
 #include "shim/powercut_journal.h"
 
 #include <dirent.h>
@@ -22,6 +22,26 @@
 #include <time.h>
 #include <unistd.h>
 
+/* A process's state letter and parent from /proc/<pid>/stat ("pid (comm)
+ * state ppid ...": comm may hold spaces and ')'); 'X' when it is gone. */
+static char state_of(pid_t pid, pid_t *parent)
+{
+    char path[64], buf[512], *p, state = 'X';
+    int pp = 0;
+    FILE *f;
+
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    if ((f = fopen(path, "r")) == NULL)
+        return 'X';
+    if (fgets(buf, sizeof buf, f) != NULL && (p = strrchr(buf, ')')) != NULL &&
+        sscanf(p + 1, " %c %d", &state, &pp) != 2)
+        state = 'X';
+    fclose(f);
+    if (parent != NULL)
+        *parent = (pid_t)pp;
+    return state;
+}
+
 /* The pids whose parent is ppid (at most max) into pids; their count. */
 static int children(pid_t ppid, pid_t *pids, int max)
 {
@@ -32,20 +52,12 @@ static int children(pid_t ppid, pid_t *pids, int max)
     if (d == NULL)
         return 0;
     while ((e = readdir(d)) != NULL && n < max) {
-        char path[300], buf[512], *p;
-        FILE *f;
-        int parent = 0;
+        pid_t pid, parent = 0;
         if (e->d_name[0] < '0' || e->d_name[0] > '9')
             continue;
-        snprintf(path, sizeof path, "/proc/%s/stat", e->d_name);
-        if ((f = fopen(path, "r")) == NULL)
-            continue;
-        /* "pid (comm) state ppid ...": comm may hold spaces and ')'. */
-        if (fgets(buf, sizeof buf, f) != NULL &&
-            (p = strrchr(buf, ')')) != NULL &&
-            sscanf(p + 1, " %*c %d", &parent) == 1 && parent == ppid)
-            pids[n++] = (pid_t)atoi(e->d_name);
-        fclose(f);
+        pid = (pid_t)atoi(e->d_name);
+        if (state_of(pid, &parent) != 'X' && parent == ppid)
+            pids[n++] = pid;
     }
     closedir(d);
     return n;
@@ -54,50 +66,71 @@ static int children(pid_t ppid, pid_t *pids, int max)
 /* Gone, or a zombie: it writes nothing any more. */
 static bool dead(pid_t pid)
 {
-    char path[64], buf[512], *p, state = 'X';
-    FILE *f;
+    char s = state_of(pid, NULL);
 
-    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-    if ((f = fopen(path, "r")) == NULL)
-        return true;
-    if (fgets(buf, sizeof buf, f) != NULL && (p = strrchr(buf, ')')) != NULL)
-        (void)sscanf(p + 1, " %c", &state);
-    fclose(f);
-    return state == 'Z' || state == 'X';
+    return s == 'Z' || s == 'X';
+}
+
+/* Stopped by a signal, or dead: it writes nothing until it goes on. */
+static bool stopped(pid_t pid)
+{
+    return state_of(pid, NULL) == 'T' || dead(pid);
+}
+
+/* Waits until done(pid) holds, up to the deadline (an outcome, checked
+ * every millisecond). */
+static bool wait_until(bool (*done)(pid_t), pid_t pid, time_t deadline)
+{
+    struct timespec ms = {0, 1000000};
+
+    while (!done(pid)) {
+        if (time(NULL) > deadline) {
+            fprintf(stderr, "powercut: process %d does not stop\n", (int)pid);
+            return false;
+        }
+        nanosleep(&ms, NULL);
+    }
+    return true;
+}
+
+bool tpc_stop_process(pid_t pid)
+{
+    return kill(pid, SIGSTOP) == 0 && wait_until(stopped, pid, time(NULL) + 30);
 }
 
 bool tpc_kill_server(pid_t postmaster)
 {
     enum { MAX = 512 };
     pid_t pids[MAX];
-    int n;
+    int n = 0, before;
     time_t deadline = time(NULL) + 30;
 
-    if (kill(postmaster, SIGSTOP) != 0)
+    /* The postmaster first, and until it has stopped: then it forks no
+     * more.  A child it was forking as it stopped may show in a later
+     * scan only: scan until one finds no new child. */
+    if (!tpc_stop_process(postmaster))
         return false;
-    n = children(postmaster, pids, MAX);
-    for (int i = 0; i < n; i++)
-        (void)kill(pids[i], SIGSTOP);
-    /* Every one stopped: now none of them writes again. */
+    do {
+        before = n;
+        n = children(postmaster, pids, MAX);
+        for (int i = 0; i < n; i++)
+            (void)kill(pids[i], SIGSTOP);
+        for (int i = 0; i < n; i++)
+            if (!wait_until(stopped, pids[i], deadline))
+                return false;
+    } while (n != before);
+    /* Every one stopped at once: now none of them writes again. */
     for (int i = 0; i < n; i++)
         (void)kill(pids[i], SIGKILL);
     (void)kill(postmaster, SIGKILL);
-    for (int i = 0; i <= n; i++) {
-        pid_t p = i < n ? pids[i] : postmaster;
-        while (!dead(p)) {
-            struct timespec ms = {0, 1000000};
-            if (time(NULL) > deadline) {
-                fprintf(stderr, "tpc_kill_server: %d still runs\n", (int)p);
-                return false;
-            }
-            nanosleep(&ms, NULL); /* until an outcome: the process gone */
-        }
-    }
+    for (int i = 0; i <= n; i++)
+        if (!wait_until(dead, i < n ? pids[i] : postmaster, deadline))
+            return false;
     return true;
 }
 
 /* The data files by inode, for the journals (named by inode). */
-static struct {
+static struct file {
     dev_t dev;
     ino_t ino;
     char *path;
@@ -111,16 +144,28 @@ static int collect(const char *path, const struct stat *st, int type,
     if (type != FTW_F || !S_ISREG(st->st_mode))
         return 0;
     if (nfiles == capfiles) {
-        capfiles = capfiles ? 2 * capfiles : 1024;
-        files = realloc(files, capfiles * sizeof *files);
-        if (files == NULL)
+        size_t cap = capfiles ? 2 * capfiles : 1024;
+        struct file *more = realloc(files, cap * sizeof *files);
+        if (more == NULL)
             return -1;
+        files = more;
+        capfiles = cap;
     }
     files[nfiles].dev = st->st_dev;
     files[nfiles].ino = st->st_ino;
-    files[nfiles].path = strdup(path);
+    if ((files[nfiles].path = strdup(path)) == NULL)
+        return -1;
     nfiles++;
     return 0;
+}
+
+static void forget_files(void)
+{
+    for (size_t i = 0; i < nfiles; i++)
+        free(files[i].path);
+    free(files);
+    files = NULL;
+    nfiles = capfiles = 0;
 }
 
 static const char *path_of(unsigned long long dev, unsigned long long ino)
@@ -132,7 +177,8 @@ static const char *path_of(unsigned long long dev, unsigned long long ino)
     return NULL;
 }
 
-/* Applies one journal to path; the bytes it took back, -1 on error. */
+/* Applies one journal to path; the bytes it took back, -1 on error
+ * (said on stderr). */
 static long long undo(const char *journal, const char *path)
 {
     struct tpc_header h;
@@ -142,67 +188,76 @@ static long long undo(const char *journal, const char *path)
         long where;
     } *recs = NULL;
     size_t n = 0, cap = 0;
-    long long undone = 0;
+    long long undone = -1;
     char *buf = NULL;
+    const char *why = NULL;
     FILE *j = fopen(journal, "rb");
     int fd = open(path, O_RDWR);
-    struct stat st;
+    struct stat st, js;
 
-    if (j == NULL || fd < 0 || fread(&h, sizeof h, 1, j) != 1 ||
-        h.magic != TPC_MAGIC || fstat(fd, &st) != 0)
-        goto fail;
-    /* A record cut short was never followed by its write (the shim
-     * writes only after its record is whole): ignored. */
-    while (fread(&rec, sizeof rec, 1, j) == 1 && rec.len >= 0) {
-        long where = ftell(j);
-        if (fseek(j, (long)rec.len, SEEK_CUR) != 0 ||
-            ftell(j) - where != (long)rec.len)
-            break;
+    if (j == NULL || fd < 0 || fstat(fd, &st) != 0 ||
+        fstat(fileno(j), &js) != 0)
+        goto done;
+    /* A journal without its whole header: its creator was killed before
+     * it, and so before its write. */
+    if (fread(&h, sizeof h, 1, j) != 1) {
+        undone = 0;
+        goto done;
+    }
+    if (h.magic != TPC_MAGIC) {
+        why = "not a journal";
+        goto done;
+    }
+    /* Records in order; one cut short (the last: its write never came,
+     * the shim writes only after its record is whole) is left out. */
+    while (fread(&rec, sizeof rec, 1, j) == 1 && rec.len >= 0 &&
+           ftell(j) + rec.len <= js.st_size) {
         if (n == cap) {
-            cap = cap ? 2 * cap : 256;
-            if ((recs = realloc(recs, cap * sizeof *recs)) == NULL)
-                goto fail;
+            size_t c2 = cap ? 2 * cap : 256;
+            void *more = realloc(recs, c2 * sizeof *recs);
+            if (more == NULL)
+                goto done;
+            recs = more;
+            cap = c2;
         }
         recs[n].off = rec.off;
         recs[n].len = rec.len;
-        recs[n].where = where;
+        recs[n].where = ftell(j);
         n++;
+        if (fseek(j, (long)rec.len, SEEK_CUR) != 0)
+            goto done;
     }
-    {
-        struct stat js;
-        /* The last record may end past the file's end: check by size. */
-        if (fstat(fileno(j), &js) != 0)
-            goto fail;
-        while (n > 0 && recs[n - 1].where + recs[n - 1].len > js.st_size)
-            n--;
-    }
+    undone = 0;
     for (size_t i = n; i-- > 0;) {
-        if ((buf = realloc(buf, (size_t)recs[i].len + 1)) == NULL ||
-            fseek(j, recs[i].where, SEEK_SET) != 0 ||
+        void *more = realloc(buf, (size_t)recs[i].len + 1);
+        if (more == NULL) {
+            undone = -1;
+            goto done;
+        }
+        buf = more;
+        if (fseek(j, recs[i].where, SEEK_SET) != 0 ||
             fread(buf, 1, (size_t)recs[i].len, j) != (size_t)recs[i].len ||
-            pwrite(fd, buf, (size_t)recs[i].len, recs[i].off) != recs[i].len)
-            goto fail;
+            pwrite(fd, buf, (size_t)recs[i].len, recs[i].off) != recs[i].len) {
+            undone = -1;
+            goto done;
+        }
         undone += recs[i].len;
     }
     if (st.st_size > h.size)
         undone += st.st_size - h.size;
     if (ftruncate(fd, h.size) != 0 || fsync(fd) != 0)
-        goto fail;
-    free(buf);
-    free(recs);
-    fclose(j);
-    close(fd);
-    return undone;
-fail:
-    fprintf(stderr, "tpc_restore: cannot undo %s on %s: %s\n", journal, path,
-            strerror(errno));
+        undone = -1;
+done:
+    if (undone < 0)
+        fprintf(stderr, "powercut: cannot undo %s on %s: %s\n", journal, path,
+                why != NULL ? why : strerror(errno));
     free(buf);
     free(recs);
     if (j != NULL)
         fclose(j);
     if (fd >= 0)
         close(fd);
-    return -1;
+    return undone;
 }
 
 long long tpc_restore(const char *data_dir, const char *journal_dir,
@@ -214,8 +269,11 @@ long long tpc_restore(const char *data_dir, const char *journal_dir,
 
     *wal = 0;
     if (d == NULL || nftw(data_dir, collect, 32, FTW_PHYS) != 0) {
+        fprintf(stderr, "powercut: cannot list %s or %s\n", journal_dir,
+                data_dir);
         if (d != NULL)
             closedir(d);
+        forget_files();
         return -1;
     }
     while (undone >= 0 && (e = readdir(d)) != NULL) {
@@ -226,8 +284,8 @@ long long tpc_restore(const char *data_dir, const char *journal_dir,
         if (sscanf(e->d_name, "%llu-%llu", &dev, &ino) != 2)
             continue;
         snprintf(journal, sizeof journal, "%s/%s", journal_dir, e->d_name);
-        /* A file unlinked since: nothing to take back (the shim treats
-         * unlinking as durable at once). */
+        /* A journal whose file is gone (unlinked with the shim not
+         * seeing it): nothing to take back. */
         if ((path = path_of(dev, ino)) != NULL) {
             u = undo(journal, path);
             undone = u < 0 ? -1 : undone + u;
@@ -238,10 +296,6 @@ long long tpc_restore(const char *data_dir, const char *journal_dir,
             (void)unlink(journal);
     }
     closedir(d);
-    for (size_t i = 0; i < nfiles; i++)
-        free(files[i].path);
-    free(files);
-    files = NULL;
-    nfiles = capfiles = 0;
+    forget_files();
     return undone;
 }
