@@ -212,7 +212,7 @@ static pid_t stop_wal_writer(PGconn *c)
                                   "WHERE backend_type = 'walwriter'");
 
     ck_assert_int_gt(pid, 0);
-    ck_assert(tpg_stop_server_process(pid));
+    ck_assert(tpg_stop_server_process(c, pid));
     return pid;
 }
 
@@ -230,9 +230,11 @@ static void crash(PGconn *c, pid_t wal_writer)
 
 /* The server made to flush nothing by itself (see the case below):
  * the sleeping flag unlogged, the background writer and autovacuum
- * off, from the next restart on. */
+ * off, no timed checkpoint, from the next restart on. */
 static void quiet_server(void)
 {
+    /* No timed checkpoint within a case (one would flush the WAL). */
+    tpg_exec(conn, "ALTER SYSTEM SET checkpoint_timeout = '1h'");
     tpg_exec(conn, "ALTER SEQUENCE deliveryevents.relay_sleeping SET "
                    "UNLOGGED");
     tpg_exec(conn, "ALTER SYSTEM SET bgwriter_lru_maxpages = 0");

@@ -14,7 +14,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -137,9 +136,22 @@ bool tpg_server(const char *action)
     return false;
 }
 
+/* An empty journal directory for the shim. */
+static bool clear_journals(void)
+{
+    char cmd[800];
+
+    /* Two commands: run() makes only the first the server's user's. */
+    snprintf(cmd, sizeof cmd, "rm -rf '%s/journal'", dir);
+    if (run(cmd) != 0)
+        return false;
+    snprintf(cmd, sizeof cmd, "mkdir '%s/journal'", dir);
+    return run(cmd) == 0;
+}
+
 bool tpg_power_cut_arm(void)
 {
-    char self[600], cmd[800], lock[300], *slash;
+    char self[600], lock[300], *slash;
     ssize_t n;
 
     if (external || dir[0] == '\0')
@@ -153,16 +165,17 @@ bool tpg_power_cut_arm(void)
         return false;
     snprintf(slash, sizeof self - (size_t)(slash - self),
              "/libtpg_powercut.so");
-    snprintf(cmd, sizeof cmd, "mkdir -p '%s/journal'", dir);
-    if (run(cmd) != 0)
+    /* Stopped, then started with no journal left from before: the
+     * server without the shim may have given their inodes to other
+     * files since. */
+    if (!tpg_server("stop -m fast") || !clear_journals())
         return false;
     snprintf(lock, sizeof lock, "%s/journal/lock", dir);
-    (void)unlink(lock);
     snprintf(preload, sizeof preload,
              "env 'LD_PRELOAD=%s' 'DE_PC_DATA=%s/data' "
              "'DE_PC_JOURNAL=%s/journal' ",
              self, dir, dir);
-    if (!tpg_server("restart -m fast"))
+    if (!tpg_server("start"))
         return false;
     /* The postmaster writes its pid file through the shim, which makes
      * the lock: without it the loader ignored the shim (say, a path the
@@ -180,34 +193,34 @@ bool tpg_power_cut_disarm(void)
     if (preload[0] == '\0')
         return true;
     preload[0] = '\0';
-    return tpg_server("restart -m fast");
+    return tpg_server("restart -m fast") && clear_journals();
 }
 
-bool tpg_stop_server_process(pid_t pid)
+bool tpg_stop_server_process(PGconn *c, pid_t pid)
 {
-    char lock[300];
+    char sql[200];
 
-    if (preload[0] == '\0')
-        return tpc_stop_process(pid);
-    snprintf(lock, sizeof lock, "%s/journal/lock", dir);
-    /* Stopped holding the shim's lock, it would stop every other
-     * process at its next write: stopped again at another moment. */
+    /* Stopped holding a lock -- PostgreSQL's WALWriteLock between its
+     * write and its fsync, the shim's -- it would stop every process
+     * that needs it: stopped only while it waits in its main loop
+     * (wait_event_type Activity), where it holds none, else let go
+     * and stopped again a moment later. */
+    snprintf(sql, sizeof sql,
+             "SELECT (wait_event_type IS NOT DISTINCT FROM 'Activity')::int "
+             "FROM pg_catalog.pg_stat_activity WHERE pid = %d",
+             (int)pid);
     for (int tries = 0; tries < 10000; tries++) {
         struct timespec ms = {0, 1000000};
-        bool free_lock;
-        int fd;
         if (!tpc_stop_process(pid))
             return false;
-        fd = open(lock, O_RDWR | O_CLOEXEC);
-        free_lock = fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) == 0;
-        if (fd >= 0)
-            close(fd); /* releases it */
-        if (free_lock)
+        if (tpg_int(c, sql) == 1)
             return true;
         (void)kill(pid, SIGCONT);
         nanosleep(&ms, NULL);
     }
-    fprintf(stderr, "tpg_stop_server_process: %d always held the lock\n",
+    fprintf(stderr,
+            "tpg_stop_server_process: %d never waited in its main "
+            "loop\n",
             (int)pid);
     return false;
 }

@@ -55,11 +55,12 @@ bool tpg_power_cut_disarm(void);
  * receives the bytes taken back, *wal those of them in pg_wal.  false
  * when it could not be done. */
 bool tpg_power_cut(long long *undone, long long *wal);
-/* Stops one of the server's processes (SIGSTOP) and waits until it is
- * stopped; with the shim armed, at a moment it holds none of the shim's
- * lock, which would stop every other server process at its next
- * write.  false when it could not be done. */
-bool tpg_stop_server_process(pid_t pid);
+/* Stops one of the server's auxiliary processes (SIGSTOP; the WAL
+ * writer, say) at a moment it waits in its main loop, as c's
+ * pg_stat_activity shows, so that it holds no lock other processes
+ * need (PostgreSQL's, or the power-cut shim's); waits until it is
+ * stopped.  false when it could not be done. */
+bool tpg_stop_server_process(PGconn *c, pid_t pid);
 
 /* A streaming standby of the suite's own server (pg_basebackup of the
  * running server, started on the next port in the same directory) with

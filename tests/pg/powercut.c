@@ -98,35 +98,58 @@ bool tpc_stop_process(pid_t pid)
     return kill(pid, SIGSTOP) == 0 && wait_until(stopped, pid, time(NULL) + 30);
 }
 
-bool tpc_kill_server(pid_t postmaster)
+/* Kills the n pids and the postmaster, and waits until none runs. */
+static bool kill_all(pid_t postmaster, const pid_t *pids, int n,
+                     time_t deadline)
 {
-    enum { MAX = 512 };
-    pid_t pids[MAX];
-    int n = 0, before;
-    time_t deadline = time(NULL) + 30;
+    bool ok = true;
 
-    /* The postmaster first, and until it has stopped: then it forks no
-     * more.  A child it was forking as it stopped may show in a later
-     * scan only: scan until one finds no new child. */
-    if (!tpc_stop_process(postmaster))
-        return false;
-    do {
-        before = n;
-        n = children(postmaster, pids, MAX);
-        for (int i = 0; i < n; i++)
-            (void)kill(pids[i], SIGSTOP);
-        for (int i = 0; i < n; i++)
-            if (!wait_until(stopped, pids[i], deadline))
-                return false;
-    } while (n != before);
-    /* Every one stopped at once: now none of them writes again. */
     for (int i = 0; i < n; i++)
         (void)kill(pids[i], SIGKILL);
     (void)kill(postmaster, SIGKILL);
     for (int i = 0; i <= n; i++)
-        if (!wait_until(dead, i < n ? pids[i] : postmaster, deadline))
-            return false;
-    return true;
+        ok = wait_until(dead, i < n ? pids[i] : postmaster, deadline) && ok;
+    return ok;
+}
+
+bool tpc_kill_server(pid_t postmaster)
+{
+    enum { MAX = 512 };
+    pid_t pids[MAX] = {0}, found[MAX];
+    int n = 0, before, k;
+    time_t deadline = time(NULL) + 30;
+    bool ok = true;
+
+    /* The postmaster first, and until it has stopped: then it forks no
+     * more.  A child it was forking as it stopped may show in a later
+     * scan only: scan until one finds no new child.  Every pid seen is
+     * kept (its children are never reaped while the postmaster is
+     * stopped, so none of them leaves the list). */
+    if (!tpc_stop_process(postmaster)) {
+        (void)kill_all(postmaster, pids, 0, deadline);
+        return false;
+    }
+    do {
+        before = n;
+        k = children(postmaster, found, MAX);
+        for (int i = 0; i < k; i++) {
+            int j = 0;
+            while (j < n && pids[j] != found[i])
+                j++;
+            if (j == n && n < MAX)
+                pids[n++] = found[i];
+        }
+        for (int i = 0; i < n; i++)
+            (void)kill(pids[i], SIGSTOP);
+        for (int i = 0; ok && i < n; i++)
+            ok = wait_until(stopped, pids[i], deadline);
+    } while (ok && n != before);
+    if (n == MAX) {
+        fprintf(stderr, "powercut: more than %d server processes\n", MAX);
+        ok = false;
+    }
+    /* Every one stopped at once: now none of them writes again. */
+    return kill_all(postmaster, pids, n, deadline) && ok;
 }
 
 /* The data files by inode, for the journals (named by inode). */

@@ -211,6 +211,8 @@ static void must_write(int fd, const void *buf, size_t len)
  * before the end of the file; off -1: at the end), starting the journal
  * with the file's size if it has none.  Called with the lock held: the
  * size is read under it, another process may have just grown the file. */
+enum { CHUNK = 1 << 20 };
+
 static void record(int fd, off_t off, size_t len)
 {
     char path[PATH_MAX + 64], self[64];
@@ -222,6 +224,11 @@ static void record(int fd, off_t off, size_t len)
 
     if (fstat(fd, &st) != 0)
         die("cannot stat a data file");
+    /* Unlinked (its journal went with its last link): nothing of it
+     * survives a cut, and a journal made now would be the next file's
+     * given this inode. */
+    if (st.st_nlink == 0)
+        return;
     if (off < 0)
         off = st.st_size;
     journal_path(path, sizeof path, st.st_dev, st.st_ino);
@@ -243,16 +250,22 @@ static void record(int fd, off_t off, size_t len)
         /* The descriptor may be write-only: read through a new one. */
         snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
         r = open(self, O_RDONLY | O_CLOEXEC);
-        old = malloc(sizeof rec + want);
-        if (r < 0 || old == NULL ||
-            pread(r, old + sizeof rec, want, off) != (ssize_t)want)
+        old = malloc(sizeof rec + (want < CHUNK ? want : CHUNK));
+        if (r < 0 || old == NULL)
             die("cannot read what a write overwrites");
+        /* In pieces of at most CHUNK (a truncation may cut off a whole
+         * segment), each one record, appended whole. */
+        for (size_t done = 0; done < want;) {
+            size_t n = want - done < CHUNK ? want - done : CHUNK;
+            if (pread(r, old + sizeof rec, n, off + (off_t)done) != (ssize_t)n)
+                die("cannot read what a write overwrites");
+            rec.off = (int64_t)(off + (off_t)done);
+            rec.len = (int64_t)n;
+            memcpy(old, &rec, sizeof rec);
+            must_write(j, old, sizeof rec + n);
+            done += n;
+        }
         close(r);
-        rec.off = (int64_t)off;
-        rec.len = (int64_t)want;
-        memcpy(old, &rec, sizeof rec);
-        /* One append: a record is whole or (killed mid-way) last. */
-        must_write(j, old, sizeof rec + want);
         free(old);
     }
     close(j);
@@ -262,8 +275,11 @@ static void record(int fd, off_t off, size_t len)
  * (milder than the kernel) everything before it too. */
 static void after_sync_write(const struct stat *st, bool sync)
 {
+    int saved = errno; /* the write's, for its caller */
+
     if (sync)
         forget(st->st_dev, st->st_ino);
+    errno = saved;
 }
 
 static size_t iov_len(const struct iovec *iov, int n)
@@ -353,7 +369,7 @@ int truncate(const char *path, off_t len)
     int fd, rc;
 
     init();
-    fd = open(path, O_WRONLY | O_CLOEXEC);
+    fd = open(path, O_WRONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
     if (fd < 0)
         return real_truncate(path, len);
     rc = ftruncate(fd, len);
