@@ -169,6 +169,13 @@ static de_err reader_open(const char *conninfo, const char *outbox_id,
             de__pg_fail(st->conn, NULL, "replay: cannot connect to PostgreSQL");
         goto fail;
     }
+    /* The relay's session settings (pg_int.h): its reads outside the
+     * REPEATABLE READ snapshot below must not run at a SERIALIZABLE
+     * default either, whose SIRead locks outlive them. */
+    if ((err = de__pg_exec(st->conn, DE__PG_RELAY_SESSION_SQL, PGRES_COMMAND_OK,
+                           NULL, "replay: cannot set up its connection")) !=
+        DE_OK)
+        goto fail;
     if ((err = r_value(st,
                        "SELECT to_regclass('deliveryevents.relay_state') IS "
                        "NOT NULL AND to_regclass('deliveryevents.relay_"
