@@ -95,6 +95,7 @@ typedef struct pg_source {
     bool relay;     /* a relay's source: it keeps the flag */
     bool sleeping;  /* this source raised the relay_sleeping flag */
     bool recheck;   /* changed() is true: a round may have gone unheard */
+    bool unset;     /* setup() failed on a reset connection: reset again */
     bool lower;     /* the flag is to be lowered by the next read */
     /* back-off (see timed_out()) */
     int timeouts;       /* barrier timeouts in a row */
@@ -219,17 +220,29 @@ static de_err setup(pg_source *s)
     return DE_OK;
 }
 
-/* Reconnects a dropped connection and sets it up again. */
+/* setup() on a connection just reset, remembering a failure: half set
+ * up (some statements prepared, its session settings perhaps not), the
+ * connection is reset again before its next use rather than used. */
+static de_err set_up_reset(pg_source *s)
+{
+    de_err err = setup(s);
+
+    s->unset = err != DE_OK;
+    return err;
+}
+
+/* Reconnects a dropped connection, or one left half set up, and sets it
+ * up again. */
 static de_err ensure_conn(pg_source *s)
 {
     settle(s, false);
-    if (PQstatus(s->conn) == CONNECTION_OK)
+    if (PQstatus(s->conn) == CONNECTION_OK && !s->unset)
         return DE_OK;
     PQreset(s->conn);
     if (PQstatus(s->conn) != CONNECTION_OK)
         return de__pg_fail(s->conn, NULL,
                            "relay: cannot reconnect to PostgreSQL");
-    return setup(s);
+    return set_up_reset(s);
 }
 
 /* Runs prepared statement q with text parameters, expecting rows; *res
@@ -494,7 +507,7 @@ static bool pipeline_collect(pg_source *s, int n, const bool *sync,
     if (!whole && PQstatus(s->conn) == CONNECTION_OK) {
         PQreset(s->conn);
         if (PQstatus(s->conn) == CONNECTION_OK)
-            (void)setup(s); /* failing, the next operation finds out */
+            (void)set_up_reset(s); /* failing: reset again at next use */
         s->recheck = true;
     }
     return whole;
