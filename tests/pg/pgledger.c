@@ -183,10 +183,22 @@ int tpg_write_txns(const char *where, unsigned seed, int ntx, int max_pause_us,
     de_outbox *o = NULL;
     int committed = -1;
 
-    if (PQstatus(c) != CONNECTION_OK ||
-        (session_sql != NULL && !tpg_cmd(c, session_sql)) ||
-        de_outbox_open_pg(c, NULL, &o) != DE_OK)
-        goto done;
+    /* A writer that survives restarts survives one during its own start
+     * too: a slow start (a sanitizer build on a busy machine) can meet
+     * the restart the test makes once the other writers are going. */
+    for (;;) {
+        if (reconnect && !back(c, NULL))
+            goto done;
+        if (PQstatus(c) == CONNECTION_OK &&
+            (session_sql == NULL || tpg_cmd(c, session_sql)) &&
+            de_outbox_open_pg(c, NULL, &o) == DE_OK)
+            break;
+        if (!reconnect || PQstatus(c) == CONNECTION_OK) {
+            fprintf(stderr, "writer: cannot start: %s / %s\n",
+                    PQerrorMessage(c), de_errmsg());
+            goto done;
+        }
+    }
     committed = 0;
     for (int t = 0; t < ntx; t++) {
         int n = 1 + (int)(rand_r(&seed) % 3), subj[3];
