@@ -271,14 +271,36 @@ static void record(int fd, off_t off, size_t len)
     close(j);
 }
 
-/* After a write to a file opened for synchronous writes: durable, and
- * (milder than the kernel) everything before it too. */
-static void after_sync_write(const struct stat *st, bool sync)
+/* The offset of a write() (not a pwrite): the descriptor's own. */
+#define AT_FD_OFFSET ((off_t)-2)
+
+/* A file write, step one: false when fd does not concern the cut (then
+ * write it plainly); else the lock is taken, the bytes [off, off + len)
+ * hold now are recorded (off AT_FD_OFFSET: where write() will write),
+ * and after_write must follow the write. */
+static bool before_write(int fd, off_t off, size_t len, struct stat *st,
+                         bool *sync)
 {
-    int saved = errno; /* the write's, for its caller */
+    if (!tracked(fd, st, sync))
+        return false;
+    lock();
+    if (off == AT_FD_OFFSET)
+        off = (fcntl(fd, F_GETFL) & O_APPEND) ? -1 : lseek(fd, 0, SEEK_CUR);
+    /* A file opened for synchronous writes is durable at each write,
+     * here (milder than the kernel) with everything before it. */
+    if (!*sync)
+        record(fd, off, len);
+    return true;
+}
+
+/* Step two, after the write: the lock let go; errno is the write's. */
+static void after_write(const struct stat *st, bool sync)
+{
+    int saved = errno;
 
     if (sync)
         forget(st->st_dev, st->st_ino);
+    unlock();
     errno = saved;
 }
 
@@ -296,17 +318,11 @@ ssize_t write(int fd, const void *buf, size_t len)
     struct stat st;
     bool sync = false;
     ssize_t n;
-    int flags;
 
-    if (!tracked(fd, &st, &sync))
+    if (!before_write(fd, AT_FD_OFFSET, len, &st, &sync))
         return real_write(fd, buf, len);
-    lock();
-    flags = fcntl(fd, F_GETFL);
-    if (!sync)
-        record(fd, (flags & O_APPEND) ? -1 : lseek(fd, 0, SEEK_CUR), len);
     n = real_write(fd, buf, len);
-    after_sync_write(&st, sync);
-    unlock();
+    after_write(&st, sync);
     return n;
 }
 
@@ -316,14 +332,10 @@ ssize_t pwrite(int fd, const void *buf, size_t len, off_t off)
     bool sync = false;
     ssize_t n;
 
-    if (!tracked(fd, &st, &sync))
+    if (!before_write(fd, off, len, &st, &sync))
         return real_pwrite(fd, buf, len, off);
-    lock();
-    if (!sync)
-        record(fd, off, len);
     n = real_pwrite(fd, buf, len, off);
-    after_sync_write(&st, sync);
-    unlock();
+    after_write(&st, sync);
     return n;
 }
 
@@ -333,14 +345,10 @@ ssize_t pwritev(int fd, const struct iovec *iov, int cnt, off_t off)
     bool sync = false;
     ssize_t n;
 
-    if (!tracked(fd, &st, &sync))
+    if (!before_write(fd, off, iov_len(iov, cnt), &st, &sync))
         return real_pwritev(fd, iov, cnt, off);
-    lock();
-    if (!sync)
-        record(fd, off, iov_len(iov, cnt));
     n = real_pwritev(fd, iov, cnt, off);
-    after_sync_write(&st, sync);
-    unlock();
+    after_write(&st, sync);
     return n;
 }
 
