@@ -338,15 +338,6 @@ START_TEST(crash_after_publish_loses_nothing_published)
 }
 END_TEST
 
-/* Events Kafka acknowledged so far. */
-static uint64_t published(de_relay *r)
-{
-    de_relay_stats st;
-
-    tu_ok(de_relay_stats_get(r, &st));
-    return st.published;
-}
-
 /*
  * Guarantee 4a against a power cut.  A crash of the server's processes
  * (above) keeps what the server wrote to the kernel, fsynced or not; a
@@ -399,9 +390,9 @@ START_TEST(power_cut_mid_stream_loses_nothing_published)
             tu_ok(de_relay_start_pg(conninfo, conf, &r));
             ck_assert(tu_wait_for(relay_active(r), 30000));
         }
-        base = published(r);
-        for (t = 0;
-             t < MAX_TXNS && (t < TXNS || published(r) < base + TXNS / 2);
+        base = tu_relay_published(r);
+        for (t = 0; t < MAX_TXNS &&
+                    (t < TXNS || tu_relay_published(r) < base + TXNS / 2);
              t++) {
             tpg_exec(conn, "BEGIN");
             ck_assert(tpg_record_one(

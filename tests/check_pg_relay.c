@@ -615,14 +615,6 @@ static void counting_log(void *ctx, int level, const char *message)
     tu_log(ctx, level, message);
 }
 
-static uint64_t published(de_relay *r)
-{
-    de_relay_stats st;
-
-    de_relay_stats_get(r, &st);
-    return st.published;
-}
-
 /*
  * A transaction holds the commit-order lock (it recorded and ran SET
  * CONSTRAINTS ALL IMMEDIATE) and stays open: every barrier attempt
@@ -672,10 +664,10 @@ START_TEST(barrier_backs_off_and_warns_while_the_lock_is_held)
     before = de__source_pg_barrier_attempts();
     usleep(3000000); /* the window measured, not a synchronisation */
     ck_assert_uint_le(de__source_pg_barrier_attempts() - before, 4);
-    ck_assert_uint_eq(published(r), 1);
+    ck_assert_uint_eq(tu_relay_published(r), 1);
     /* Ended: the next attempt (within the 5 s cap) publishes both. */
     tpg_exec(holder, "COMMIT");
-    ck_assert(tu_wait_for(published(r) == 3, 60000));
+    ck_assert(tu_wait_for(tu_relay_published(r) == 3, 60000));
     tu_ok(de_relay_flush(r, 60000));
     tu_ok(de_relay_stop(r, 10000));
     ck_assert_int_eq(atomic_load(&prepared_warnings), 1);
@@ -757,7 +749,7 @@ START_TEST(sleeping_relay_is_woken_by_a_commit_elsewhere)
     ck_assert_int_eq(waitpid(pid, &status, 0), pid);
     ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
     /* No de_relay_flush here: it would wake the relay itself. */
-    ck_assert(tu_wait_for(published(r) == 2, 10000));
+    ck_assert(tu_wait_for(tu_relay_published(r) == 2, 10000));
     ck_assert_int_lt(tu_now_ms() - t0, 10000);
     tu_ok(de_relay_stop(r, 10000));
     tu_check k = tpg_check(conn, c);
@@ -889,7 +881,7 @@ START_TEST(idle_relay_writes_nothing_and_still_polls)
     tpg_exec(conn, "SELECT pg_catalog.setval('deliveryevents.relay_sleeping', "
                    "0)");
     tpg_commit_one(conn, ob, 2);
-    ck_assert(tu_wait_for(published(r) == 2, 30000));
+    ck_assert(tu_wait_for(tu_relay_published(r) == 2, 30000));
     tu_ok(de_relay_stop(r, 10000));
     tu_check k = tpg_check(conn, c);
     tu_assert_check(&k);

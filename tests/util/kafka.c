@@ -160,6 +160,14 @@ void tu_topic_create(tu_cluster *c, const char *subject_type, int partitions)
     rd_kafka_destroy(rk);
 }
 
+uint64_t tu_relay_published(de_relay *r)
+{
+    de_relay_stats st;
+
+    tu_ok(de_relay_stats_get(r, &st));
+    return st.published;
+}
+
 de_conf *tu_relay_conf(tu_cluster *c, ...)
 {
     de_conf *conf = de_conf_new();

@@ -51,6 +51,10 @@ void tu_topic_create(tu_cluster *c, const char *subject_type, int partitions);
  * key/value pairs (NULL-terminated) override. */
 de_conf *tu_relay_conf(tu_cluster *c, ...);
 
+/* The events Kafka acknowledged so far to r (its stats; fails the test
+ * when they cannot be read). */
+uint64_t tu_relay_published(de_relay *r);
+
 /* de_relay_stop's message when everything was published but the final
  * checkpoint failed: what precedes the failure's own message, and what
  * follows it when the lease could not be released either. */
