@@ -19,6 +19,16 @@
  * connection's message is used then). */
 de_err de__pg_fail(PGconn *conn, PGresult *r, const char *what);
 
+/* How the library begins each transaction of its own on a connection
+ * it shares with others or whose default it does not set (migrations,
+ * stored settings, the relay's state, the consumer's batches): READ
+ * COMMITTED whatever the database's default.  Under REPEATABLE READ or
+ * SERIALIZABLE a statement that waits for a lock another instance holds
+ * takes its snapshot before that instance commits, and the transaction
+ * then fails on what it could not see (a schema already made, a row
+ * already stored: "already exists", "could not serialize access"). */
+#define DE__PG_BEGIN_RC "BEGIN ISOLATION LEVEL READ COMMITTED"
+
 /* What the relay sets on each of its own connections (never on a
  * host's):
  *  - no parallel plans.  Its statements are short index reads and small
@@ -31,16 +41,6 @@ de_err de__pg_fail(PGconn *conn, PGresult *r, const char *what);
  *    the relay (barrier, lease, checkpoints) is made for it, and under
  *    SERIALIZABLE its reads and deletions of the outbox would take part
  *    in the hosts' serialization conflicts, failing host commits. */
-/* How the library begins each transaction of its own on a connection
- * it shares with others or whose default it does not set (migrations,
- * stored settings, the relay's state, the consumer's batches): READ
- * COMMITTED whatever the database's default.  Under REPEATABLE READ or
- * SERIALIZABLE a statement that waits for a lock another instance holds
- * takes its snapshot before that instance commits, and the transaction
- * then fails on what it could not see (a schema already made, a row
- * already stored: "already exists", "could not serialize access"). */
-#define DE__PG_BEGIN_RC "BEGIN ISOLATION LEVEL READ COMMITTED"
-
 #define DE__PG_RELAY_SESSION_SQL                                               \
     "SET max_parallel_workers_per_gather = 0; "                                \
     "SET default_transaction_isolation = 'read committed'"
