@@ -1783,6 +1783,22 @@ static de_err subscribe(de_consumer *c)
     return DE_OK;
 }
 
+/* What a poll makes of its upkeep's result (forgetting, release
+ * requests; err from the step called `what`): a failure is logged and
+ * retried at the next poll -- unless the connection is gone, which only
+ * the host can mend: then the poll fails with it, as a batch would, so
+ * that a consumer with nothing to apply still tells its host to reset
+ * the connection. */
+static de_err upkeep_failed(de_consumer *c, de_err err, const char *what)
+{
+    if (err == DE_OK)
+        return DE_OK;
+    if (c->ib->ops->lost != NULL && c->ib->ops->lost(c->ib))
+        return err;
+    clog_(c, DE_LOG_WARNING, "%s failed: %s (retrying)", what, de_errmsg());
+    return DE_OK;
+}
+
 de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled)
 {
     rd_kafka_message_t *m;
@@ -1832,14 +1848,10 @@ de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled)
     (void)commit_offsets(c, false); /* asynchronous: fails only later */
     if (err == DE_OK)
         err = release_refilled(c);
-    if (err == DE_OK && forget_idle(c) != DE_OK)
-        clog_(c, DE_LOG_WARNING,
-              "forgetting idle subjects failed: %s "
-              "(retrying)",
-              de_errmsg());
-    if (err == DE_OK && serve_requests(c) != DE_OK)
-        clog_(c, DE_LOG_WARNING, "release requests failed: %s (retrying)",
-              de_errmsg());
+    if (err == DE_OK)
+        err = upkeep_failed(c, forget_idle(c), "forgetting idle subjects");
+    if (err == DE_OK)
+        err = upkeep_failed(c, serve_requests(c), "release requests");
     if (handled)
         *handled = c->handled;
     return err;

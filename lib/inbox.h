@@ -81,6 +81,11 @@ typedef struct de__inbox_ops {
      * transactions never deadlock, and its SQLITE_BUSY comes only after
      * the busy timeout has already waited for the other writer. */
     const char *(*conflict)(de__inbox *ib);
+    /* Whether the connection is gone, so that nothing will work until
+     * the host resets it (a PostgreSQL connection the server dropped:
+     * the consumer never reconnects the host's connection itself).  NULL
+     * when that cannot happen (SQLite). */
+    bool (*lost)(de__inbox *ib);
     /* Takes v as its subject's next event in one step: true when it is
      * the next number of the subject's numbering, or number 1 of a
      * subject never seen or of a newer numbering, and the subject is not

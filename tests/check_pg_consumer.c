@@ -703,6 +703,48 @@ START_TEST(test_connection_terminated)
 }
 END_TEST
 
+/* The consumer's backend terminated while it has nothing to apply: a
+ * poll still says so (DE_ERR_DB), as with a batch, so
+ * that the host resets the connection now -- not only when the next event
+ * comes, with the consumer's upkeep (release requests, forgetting)
+ * failing on the dead connection meanwhile.  After the reset, what comes
+ * is applied. */
+START_TEST(test_connection_terminated_while_idle)
+{
+    tu_cluster *c = tu_cluster_new(_i, 1);
+    PGconn *killer = tpg_connect(conninfo);
+    de_consumer *con = NULL;
+    de_err err = DE_OK;
+    char sql[100];
+
+    tu_topic_create(c, "delivery", 1);
+    produce(c, "I-1", 1);
+    tu_ok(open_consumer(conn, c->bootstrap, c->prefix, "g", NULL, &con));
+    ck_assert(tu_wait_for(de_consumer_poll(con, 50, NULL) == DE_OK &&
+                              applied_count() == 1,
+                          60000));
+    snprintf(sql, sizeof sql,
+             "SELECT count(pg_catalog.pg_terminate_backend(%d))",
+             PQbackendPID(conn));
+    ck_assert_int_eq(tpg_int(killer, sql), 1);
+    err = DE_OK;
+    ck_assert_msg(
+        tu_wait_for((err = de_consumer_poll(con, 50, NULL)) != DE_OK, 20000),
+        "polls on a terminated connection went on returning DE_OK");
+    ck_assert_msg(err == DE_ERR_DB, "%s: %s", de_err_name(err), de_errmsg());
+    ck_assert_int_eq(PQstatus(conn), CONNECTION_BAD);
+    PQreset(conn);
+    ck_assert_int_eq(PQstatus(conn), CONNECTION_OK);
+    produce(c, "I-1", 2);
+    ck_assert(tu_wait_for(de_consumer_poll(con, 50, NULL) == DE_OK &&
+                              applied_count() == 2,
+                          60000));
+    tu_ok(de_consumer_close(con));
+    PQfinish(killer);
+    tu_cluster_destroy(c);
+}
+END_TEST
+
 /* The host (or a pooler resetting sessions) drops the consumer's
  * prepared statements on its connection between polls -- DEALLOCATE ALL,
  * DISCARD ALL, one of them -- and polls on: no poll fails, each applies
@@ -1689,6 +1731,7 @@ static Suite *pg_consumer_suite(void)
                         2);
     tcase_add_loop_test(tc, test_forget_and_requests, first, n);
     tcase_add_loop_test(tc, test_connection_terminated, first, n);
+    tcase_add_loop_test(tc, test_connection_terminated_while_idle, first, n);
     tcase_add_loop_test(tc, test_sigkill_restart, first, n);
     suite_add_tcase(s, tc);
     /* Each scenario below is a test case of its own: make check runs each

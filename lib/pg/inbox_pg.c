@@ -606,6 +606,11 @@ static bool i_in_txn(de__inbox *ib)
     return PQtransactionStatus(IB(ib)->conn) != PQTRANS_IDLE;
 }
 
+static bool i_lost(de__inbox *ib)
+{
+    return PQstatus(IB(ib)->conn) != CONNECTION_OK;
+}
+
 static void p_subject(params *p, const char *type, const char *id)
 {
     p_text(p, 1, type);
@@ -1081,6 +1086,7 @@ static const de__inbox_ops pg_ops = {
     .release = i_release,
     .rollback_to = i_rollback_to,
     .in_txn = i_in_txn,
+    .lost = i_lost,
     .conflict = i_conflict,
     .claim = i_claim,
     .get = i_get,
