@@ -19,14 +19,12 @@
  * are deleted from the ledger and the consumer's table, so that the
  * files measure the library's state, not the test's.
  *
- * A metric "keeps growing" when the median of the second half of the
- * samples after warm-up exceeds the median of the first half by more than
- * 25 % and by more than the metric's slack (noise: a few pages, a few
- * descriptors).
+ * What "keeps growing" means is in tests/util/soakutil.h; tests/soak_pg.c
+ * is the same run on PostgreSQL, with dozens of writer processes.
  */
 #include "kafka.h"
+#include "soakutil.h"
 
-#include <dirent.h>
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
@@ -38,184 +36,46 @@
 
 static const char *self_exe = "/proc/self/exe";
 
-/* The run's shape, scaled from its length. */
-typedef struct plan {
-    int seconds, sample_s, warmup_s;
-    int rate;           /* events per second */
-    int forget_s;       /* relay.subject.forget.ms, in s */
-    int return_after_s; /* a delivery returns this long after it ended */
-    int outage_every_s, outage_s, kill_every_s, restart_every_s;
-} plan;
-
-static plan make_plan(int seconds)
-{
-    plan p;
-
-    p.seconds = seconds;
-    p.rate = 100;
-    if (seconds >= 900) {
-        p.sample_s = 60;
-        p.warmup_s = seconds / 3;
-        p.forget_s = 60;
-        p.outage_every_s = 150;
-        p.outage_s = 5;
-        p.kill_every_s = 120;
-        p.restart_every_s = 200;
-    } else {
-        p.sample_s = 10;
-        p.warmup_s = seconds * 2 / 5;
-        p.forget_s = 10;
-        p.outage_every_s = 45;
-        p.outage_s = 3;
-        p.kill_every_s = 40;
-        p.restart_every_s = 50;
-    }
-    p.return_after_s = p.forget_s * 3 / 2;
-    return p;
-}
-
-/* Keys every relay of the run shares. */
-static void relay_keys(const plan *p, const char *bootstrap, const char *prefix,
-                       const char *kv[][2], int *n)
-{
-    static char tmpl[128], forget[32];
-
-    snprintf(tmpl, sizeof tmpl, "%s{subject_type}.events", prefix);
-    snprintf(forget, sizeof forget, "%d", p->forget_s * 1000);
-    *n = 0;
-    kv[(*n)][0] = "bootstrap.servers", kv[(*n)++][1] = bootstrap;
-    kv[(*n)][0] = "topic.template", kv[(*n)++][1] = tmpl;
-    kv[(*n)][0] = "event.source", kv[(*n)++][1] = "/soak";
-    kv[(*n)][0] = "relay.subject.forget.ms", kv[(*n)++][1] = forget;
-    kv[(*n)][0] = "relay.subject.cache", kv[(*n)++][1] = "1000";
-    kv[(*n)][0] = "relay.lease.timeout.ms", kv[(*n)++][1] = "3000";
-    kv[(*n)][0] = "relay.cleanup.interval.ms", kv[(*n)++][1] = "200";
-}
+/* Events per second the service writes. */
+#define SOAK_RATE 100
 
 /* ---- the service process ------------------------------------------------ */
-
-static volatile sig_atomic_t got_term, got_usr1;
-
-static void on_signal(int sig)
-{
-    if (sig == SIGUSR1)
-        got_usr1 = 1;
-    else
-        got_term = 1;
-}
-
-static void catch_signals(void)
-{
-    struct sigaction sa;
-
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGUSR1, &sa, NULL);
-}
-
-static de_relay *start_inproc(const plan *p, de_outbox *ob,
-                              const char *bootstrap, const char *prefix)
-{
-    const char *kv[16][2];
-    de_conf *conf = de_conf_new();
-    de_relay *r = NULL;
-    int n;
-
-    relay_keys(p, bootstrap, prefix, kv, &n);
-    for (int i = 0; i < n; i++)
-        if (de_conf_set(conf, kv[i][0], kv[i][1]) != DE_OK)
-            fprintf(stderr, "service: %s\n", de_errmsg());
-    if (de_relay_start(ob, conf, &r) != DE_OK)
-        fprintf(stderr, "service: relay: %s\n", de_errmsg());
-    de_conf_destroy(conf);
-    return r;
-}
-
-/* A delivery waiting for its next step. */
-typedef struct pending {
-    long id;
-    int step;
-    int64_t due_ms;
-} pending;
-
-/* A FIFO of pending steps (all of one delay, so due times are ordered). */
-typedef struct fifo {
-    pending *v;
-    size_t head, n, cap;
-} fifo;
-
-static void fifo_push(fifo *f, pending p)
-{
-    if (f->n == f->cap) {
-        size_t cap = f->cap ? f->cap * 2 : 1024;
-        pending *v = malloc(cap * sizeof *v);
-        for (size_t i = 0; i < f->n; i++)
-            v[i] = f->v[(f->head + i) % f->cap];
-        free(f->v);
-        f->v = v;
-        f->head = 0;
-        f->cap = cap;
-    }
-    f->v[(f->head + f->n++) % f->cap] = p;
-}
-
-static bool fifo_due(fifo *f, int64_t now, pending *out)
-{
-    if (f->n == 0 || f->v[f->head].due_ms > now)
-        return false;
-    *out = f->v[f->head];
-    f->head = (f->head + 1) % f->cap;
-    f->n--;
-    return true;
-}
-
-static const char *const steps[] = {"created", "assigned", "picked_up",
-                                    "delivered"};
 
 /* --service DIR BOOTSTRAP PREFIX SECONDS: writes deliveries until SIGTERM,
  * with an in-process relay restarted on SIGUSR1. */
 static int service_main(char **a)
 {
-    plan p = make_plan(atoi(a[3]));
+    tsk_plan p = tsk_make_plan(atoi(a[3]), SOAK_RATE);
     sqlite3 *db = NULL;
     de_outbox *ob = NULL;
     de_relay *r;
-    fifo next = {0}, returns = {0};
-    long ids = 0, n = 0;
+    tsk_deliveries ds = {0};
+    long n = 0;
     int64_t t0 = tu_now_ms();
     char path[4200], id[32];
 
-    catch_signals();
+    tsk_catch_signals();
     snprintf(path, sizeof path, "%s/service.db", a[0]);
     if (sqlite3_open(path, &db) != SQLITE_OK ||
         de_outbox_open(db, NULL, &ob) != DE_OK)
         return 2;
-    r = start_inproc(&p, ob, a[1], a[2]);
-    while (!got_term) {
+    r = tsk_start_relay(&p, ob, a[1], a[2]);
+    while (!tsk_got_term) {
         int64_t now = tu_now_ms();
-        pending d;
+        tsk_pending d;
         const char *action;
 
-        if (got_usr1) {
-            got_usr1 = 0;
+        if (tsk_got_usr1) {
+            tsk_got_usr1 = 0;
             de_relay_stop(r, 5000);
-            r = start_inproc(&p, ob, a[1], a[2]);
+            r = tsk_start_relay(&p, ob, a[1], a[2]);
         }
         /* Pace: n events by now. */
         if (n >= (now - t0) * p.rate / 1000) {
             usleep(2000);
             continue;
         }
-        if (fifo_due(&returns, now, &d)) {
-            action = "returned";
-        } else if (fifo_due(&next, now, &d)) {
-            action = steps[d.step];
-        } else {
-            d.id = ++ids;
-            d.step = 0;
-            action = steps[0];
-        }
+        action = tsk_next(&ds, now, &d);
         snprintf(id, sizeof id, "S%ld", d.id);
         if (tu_write_raw(db, ob, "delivery", id, action, "{\"soak\":1}", 0) <
             0) {
@@ -225,21 +85,12 @@ static int service_main(char **a)
             continue;
         }
         n++;
-        if (strcmp(action, "returned") == 0)
-            continue;
-        if (d.step + 1 < (int)(sizeof steps / sizeof *steps)) {
-            fifo_push(&next, (pending){d.id, d.step + 1, now + 2000});
-        } else if (d.id % 20 == 0) {
-            /* One in twenty comes back after the relay forgot it. */
-            fifo_push(&returns,
-                      (pending){d.id, 0, now + p.return_after_s * 1000});
-        }
+        tsk_written(&ds, &p, &d, action, now);
     }
     de_relay_stop(r, 20000);
     de_outbox_close(ob);
     sqlite3_close(db);
-    free(next.v);
-    free(returns.v);
+    tsk_deliveries_free(&ds);
     return 0;
 }
 
@@ -271,14 +122,14 @@ static de_err apply(sqlite3 *db, const de_event_view *ev, void *ctx)
 /* --consumer DIR BOOTSTRAP PREFIX SECONDS: applies until SIGTERM. */
 static int consumer_main(char **a)
 {
-    plan p = make_plan(atoi(a[3]));
+    tsk_plan p = tsk_make_plan(atoi(a[3]), SOAK_RATE);
     char path[4200], tmpl[128], gid[128], forget[32];
     sqlite3 *db = NULL;
     sqlite3_stmt *st = NULL;
     de_conf *conf = de_conf_new();
     de_consumer *c = NULL;
 
-    catch_signals();
+    tsk_catch_signals();
     snprintf(path, sizeof path, "%s/consumer.db", a[0]);
     snprintf(tmpl, sizeof tmpl, "%s{subject_type}.events", a[2]);
     snprintf(gid, sizeof gid, "%ssoak", a[2]);
@@ -309,7 +160,7 @@ static int consumer_main(char **a)
         return 3;
     }
     de_conf_destroy(conf);
-    while (!got_term)
+    while (!tsk_got_term)
         if (de_consumer_poll(c, 200, NULL) != DE_OK)
             fprintf(stderr, "consumer: %s\n", de_errmsg());
     sqlite3_finalize(st);
@@ -320,51 +171,18 @@ static int consumer_main(char **a)
 
 /* ---- the parent: faults, samples, checks -------------------------------- */
 
-static pid_t spawn(const char *const argv[])
-{
-    pid_t pid = fork();
-
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) {
-        /* execv takes char *const[] for history's sake; it writes
-         * nothing. */
-        execv(argv[0], (char *const *)(uintptr_t)argv);
-        _exit(127);
-    }
-    return pid;
-}
-
 static pid_t spawn_self(const char *mode, const char *dir, tu_cluster *c,
                         const char *secs)
 {
     const char *argv[] = {self_exe,  mode, dir, c->bootstrap,
                           c->prefix, secs, NULL};
 
-    return spawn(argv);
+    return tsk_spawn(argv);
 }
 
-static pid_t spawn_sidecar(const plan *p, const char *dir, tu_cluster *c)
+static pid_t sidecar(const tsk_plan *p, tu_cluster *c)
 {
-    const char *kv[16][2];
-    const char *argv[48];
-    char xs[16][300], db[4200];
-    const char *tool = getenv("DE_TOOL");
-    int n, a = 0;
-
-    ck_assert_msg(tool != NULL, "DE_TOOL must name the deliveryevents tool");
-    relay_keys(p, c->bootstrap, c->prefix, kv, &n);
-    snprintf(db, sizeof db, "%s/service.db", dir);
-    argv[a++] = tool;
-    argv[a++] = "relay";
-    argv[a++] = "--db";
-    argv[a++] = db;
-    for (int i = 0; i < n; i++) {
-        snprintf(xs[i], sizeof xs[i], "%s=%s", kv[i][0], kv[i][1]);
-        argv[a++] = "-X";
-        argv[a++] = xs[i];
-    }
-    argv[a] = NULL;
-    return spawn(argv);
+    return tsk_spawn_sidecar(p, "--db", tu_path(tu_dir, "service.db"), c);
 }
 
 static int64_t file_size(const char *dir, const char *name)
@@ -372,39 +190,6 @@ static int64_t file_size(const char *dir, const char *name)
     struct stat sb;
 
     return stat(tu_path(dir, name), &sb) == 0 ? (int64_t)sb.st_size : 0;
-}
-
-/* A number from /proc/<pid>/status ("VmRSS:", "Threads:"). */
-static int64_t proc_status(pid_t pid, const char *key)
-{
-    char path[64], line[256];
-    int64_t v = 0;
-    FILE *f;
-
-    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
-    if ((f = fopen(path, "r")) == NULL)
-        return 0;
-    while (fgets(line, sizeof line, f))
-        if (strncmp(line, key, strlen(key)) == 0)
-            v = strtoll(line + strlen(key), NULL, 10);
-    fclose(f);
-    return v;
-}
-
-static int64_t open_fds(pid_t pid)
-{
-    char path[64];
-    struct dirent *e;
-    int64_t n = 0;
-    DIR *d;
-
-    snprintf(path, sizeof path, "/proc/%d/fd", (int)pid);
-    if ((d = opendir(path)) == NULL)
-        return 0;
-    while ((e = readdir(d)) != NULL)
-        n += e->d_name[0] != '.';
-    closedir(d);
-    return n;
 }
 
 enum {
@@ -424,10 +209,7 @@ enum {
     M_COUNT
 };
 
-static const struct metric {
-    const char *name, *unit;
-    double slack; /* growth below this is noise */
-} metrics[M_COUNT] = {
+static const tsk_metric metrics[M_COUNT] = {
     [M_SVC_RSS] = {"service RSS", "KiB", 4096},
     [M_SVC_FDS] = {"service fds", "", 4},
     [M_SVC_THREADS] = {"service threads", "", 2},
@@ -513,32 +295,6 @@ static int64_t check_applied(checks *k)
     return left;
 }
 
-struct find_ctx {
-    const char *id; /* the subject */
-};
-
-static void print_subject(void *arg, const rd_kafka_message_t *m, int32_t np)
-{
-    struct find_ctx *f = arg;
-    const char *s = tu_header(m, "ce_subject");
-
-    (void)np;
-    if (s != NULL && strcmp(s, f->id) == 0) {
-        char id[64], seq[32], ep[32];
-        snprintf(id, sizeof id, "%s",
-                 tu_header(m, "ce_id") ? tu_header(m, "ce_id") : "?");
-        snprintf(seq, sizeof seq, "%s",
-                 tu_header(m, "ce_subjectseq") ? tu_header(m, "ce_subjectseq")
-                                               : "?");
-        snprintf(ep, sizeof ep, "%s",
-                 tu_header(m, "ce_subjectepoch")
-                     ? tu_header(m, "ce_subjectepoch")
-                     : "0");
-        fprintf(stderr, "  kafka [%d] @%lld: %s epoch %s seq %s\n",
-                (int)m->partition, (long long)m->offset, id, ep, seq);
-    }
-}
-
 static void dump(sqlite3 *db, const char *sql)
 {
     sqlite3_stmt *st;
@@ -563,7 +319,6 @@ static void dump(sqlite3 *db, const char *sql)
 static void explain_unapplied(checks *k, tu_cluster *c)
 {
     char sql[512], sid[128];
-    struct find_ctx f = {sid};
 
     snprintf(sid, sizeof sid, "%s",
              tu_query_text(k->v, "SELECT coalesce((SELECT subject_id FROM "
@@ -587,39 +342,25 @@ static void explain_unapplied(checks *k, tu_cluster *c)
              "de_dead_letter WHERE subject_id = '%s'",
              sid);
     dump(k->v, sql);
-    fprintf(stderr, "soak: its records on Kafka:\n");
-    tu_read_topic(c, tu_topic(c, "delivery"), print_subject, &f);
-}
-
-static double median(double *v, int n)
-{
-    for (int i = 1; i < n; i++)
-        for (int j = i; j > 0 && v[j - 1] > v[j]; j--) {
-            double t = v[j];
-            v[j] = v[j - 1];
-            v[j - 1] = t;
-        }
-    return n == 0 ? 0 : n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+    tsk_print_kafka_subject(c, "delivery", sid);
 }
 
 START_TEST(soak)
 {
     const char *env = getenv("DE_SOAK_SECONDS");
-    plan p = make_plan(env ? atoi(env) : 150);
+    tsk_plan p = tsk_make_plan(env ? atoi(env) : 150, SOAK_RATE);
     tu_cluster *c = tu_cluster_new(0, 3);
     char secs[16];
     pid_t svc, con, side;
-    int64_t t0, next_sample, next_outage, next_kill, next_restart;
-    int64_t outage_end = 0;
-    int down = 0, nsamples = 0, max_samples = p.seconds / p.sample_s + 2;
-    double(*s)[M_COUNT] = calloc((size_t)max_samples, sizeof *s);
-    int64_t *at = calloc((size_t)max_samples, sizeof *at);
+    int64_t t0, next_sample;
+    tsk_faults f;
+    tsk_samples s;
     checks k = {0};
     sqlite3 *svcdb;
-    int status, growing = 0;
+    int status;
     char sql[4300];
 
-    ck_assert(s && at);
+    tsk_samples_init(&s, metrics, M_COUNT, &p);
     snprintf(secs, sizeof secs, "%d", p.seconds);
     tu_topic_create(c, "delivery", 4);
     svcdb = tu_open(tu_path(tu_dir, "service.db"));
@@ -627,7 +368,7 @@ START_TEST(soak)
     sqlite3_close(svcdb);
     svc = spawn_self("--service", tu_dir, c, secs);
     con = spawn_self("--consumer", tu_dir, c, secs);
-    side = spawn_sidecar(&p, tu_dir, c);
+    side = sidecar(&p, c);
     ck_assert(tu_wait_for(file_size(tu_dir, "consumer.db") > 0, 30000));
     k.v = tu_open(tu_path(tu_dir, "consumer.db"));
     sqlite3_busy_timeout(k.v, 30000);
@@ -644,18 +385,15 @@ START_TEST(soak)
             "%d s\n",
             p.seconds, p.rate, p.sample_s, p.warmup_s, p.forget_s, p.outage_s,
             p.outage_every_s, p.kill_every_s, p.restart_every_s);
-    fprintf(stderr, "%6s", "t(s)");
-    for (int m = 0; m < M_COUNT; m++)
-        fprintf(stderr, " %12.12s", metrics[m].name);
-    fprintf(stderr, " %9s\n", "checked");
+    tsk_print_header(&s);
     t0 = tu_now_ms();
     next_sample = t0 + p.sample_s * 1000;
-    next_outage = t0 + p.outage_every_s * 1000;
-    next_kill = t0 + p.kill_every_s * 1000;
-    next_restart = t0 + p.restart_every_s * 1000;
+    tsk_faults_start(&f, &p, t0);
     while (tu_now_ms() < t0 + p.seconds * 1000LL) {
         int64_t now = tu_now_ms();
+        double *v;
         pid_t dead;
+        int due;
 
         /* Any child dying on its own is a failure (the sidecar only when
          * this loop killed it). */
@@ -665,36 +403,23 @@ START_TEST(soak)
                          : dead == con ? "the consumer"
                                        : "the sidecar",
                          status);
-        if (outage_end && now >= outage_end) {
-            rd_kafka_mock_broker_set_up(c->mock, down);
-            outage_end = 0;
-        }
-        if (now >= next_outage) {
-            down = 1 + (int)((now / 1000) % 3);
-            rd_kafka_mock_broker_set_down(c->mock, down);
-            outage_end = now + p.outage_s * 1000;
-            next_outage += p.outage_every_s * 1000;
-        }
-        if (now >= next_kill) {
+        due = tsk_faults_due(&f, &p, c, now);
+        if (due & TSK_KILL_SIDECAR) {
             kill(side, SIGKILL);
             ck_assert_int_eq(waitpid(side, &status, 0), side);
-            side = spawn_sidecar(&p, tu_dir, c);
-            next_kill += p.kill_every_s * 1000;
+            side = sidecar(&p, c);
         }
-        if (now >= next_restart) {
+        if (due & TSK_RESTART_RELAY)
             kill(svc, SIGUSR1);
-            next_restart += p.restart_every_s * 1000;
-        }
-        if (now >= next_sample && nsamples < max_samples) {
-            double *v = s[nsamples];
-            at[nsamples] = (now - t0) / 1000;
+        v = now >= next_sample ? tsk_sample_row(&s, (now - t0) / 1000) : NULL;
+        if (v != NULL) {
             check_applied(&k);
-            v[M_SVC_RSS] = (double)proc_status(svc, "VmRSS:");
-            v[M_SVC_FDS] = (double)open_fds(svc);
-            v[M_SVC_THREADS] = (double)proc_status(svc, "Threads:");
-            v[M_CON_RSS] = (double)proc_status(con, "VmRSS:");
-            v[M_CON_FDS] = (double)open_fds(con);
-            v[M_SIDE_RSS] = (double)proc_status(side, "VmRSS:");
+            v[M_SVC_RSS] = (double)tsk_proc_status(svc, "VmRSS:");
+            v[M_SVC_FDS] = (double)tsk_open_fds(svc);
+            v[M_SVC_THREADS] = (double)tsk_proc_status(svc, "Threads:");
+            v[M_CON_RSS] = (double)tsk_proc_status(con, "VmRSS:");
+            v[M_CON_FDS] = (double)tsk_open_fds(con);
+            v[M_SIDE_RSS] = (double)tsk_proc_status(side, "VmRSS:");
             v[M_DB] = (double)file_size(tu_dir, "service.db") / 1024;
             v[M_WAL] = (double)file_size(tu_dir, "service.db-wal") / 1024;
             v[M_STATE] = (double)(file_size(tu_dir, "service.db-relay") +
@@ -713,17 +438,12 @@ START_TEST(soak)
                     (double)q_int(st, "SELECT count(*) FROM de_relay_seq");
                 sqlite3_close(st);
             }
-            fprintf(stderr, "%6lld", (long long)at[nsamples]);
-            for (int m = 0; m < M_COUNT; m++)
-                fprintf(stderr, " %12.0f", v[m]);
-            fprintf(stderr, " %9ld\n", k.checked);
-            nsamples++;
+            tsk_print_last(&s, k.checked);
             next_sample += p.sample_s * 1000;
         }
         usleep(50000);
     }
-    if (outage_end)
-        rd_kafka_mock_broker_set_up(c->mock, down);
+    tsk_faults_end(&f, c);
     /* Stop writing; everything written must be applied and check out. */
     kill(svc, SIGTERM);
     ck_assert_int_eq(waitpid(svc, &status, 0), svc);
@@ -743,34 +463,9 @@ START_TEST(soak)
             "once, in order, numbered right\n",
             k.checked, k.windows);
     /* Nothing keeps growing after warm-up. */
-    {
-        int first = 0, half;
-        while (first < nsamples && at[first] < p.warmup_s)
-            first++;
-        half = (nsamples - first) / 2;
-        ck_assert_msg(half >= 2, "too few samples after warm-up (%d)",
-                      nsamples - first);
-        for (int m = 0; m < M_COUNT; m++) {
-            double a[256], b[256], ma, mb;
-            int na = 0, nb = 0;
-            for (int i = first; i < first + half && na < 256; i++)
-                a[na++] = s[i][m];
-            for (int i = first + half; i < nsamples && nb < 256; i++)
-                b[nb++] = s[i][m];
-            ma = median(a, na);
-            mb = median(b, nb);
-            bool grows = mb > ma * 1.25 && mb - ma > metrics[m].slack;
-            fprintf(stderr, "soak: %-16s %10.0f -> %10.0f %-3s %s\n",
-                    metrics[m].name, ma, mb, metrics[m].unit,
-                    grows ? "KEEPS GROWING" : "flat");
-            growing += grows;
-        }
-    }
-    ck_assert_msg(growing == 0, "%d metrics keep growing after warm-up",
-                  growing);
+    tsk_assert_flat(&s, p.warmup_s);
     sqlite3_close(k.v);
-    free(s);
-    free(at);
+    tsk_samples_free(&s);
     tu_cluster_destroy(c);
 }
 END_TEST
