@@ -105,7 +105,7 @@ BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 .PHONY: pg check-pg check-pg-module check-header-pg bench-pg install-pg uninstall-pg all deps check check-all check-suites stage check-header check-exports \
         demo-run demo-pg demo-pg-run \
         check-install check-remote check-asan check-tsan demo bench examples install \
-        soak soak-short soak-powerloss soak-archive \
+        soak soak-short soak-pg soak-pg-short soak-powerloss soak-archive \
         uninstall clean format format-check mock-reorder-experiment
 
 TOOL := $(BUILD)/deliveryevents
@@ -227,8 +227,9 @@ $(PG_SHIM): tests/pg/shim/powercut.c tests/pg/shim/powercut_journal.h
 	    -o $@ $< -ldl
 
 # Each suite starts its own throwaway server (tests/pg/pgserver.c), or
-# uses the one DE_PG_CONNINFO names.
-$(BUILD)/tests/check_pg_%: tests/check_pg_%.c $(PG_TEST_SRCS) $(wildcard tests/pg/*.h) \
+# uses the one DE_PG_CONNINFO names; so does the soak on PostgreSQL.
+PG_SOAK := $(BUILD)/tests/soak_pg
+$(PG_TEST_BINS) $(PG_SOAK): $(BUILD)/tests/%: tests/%.c $(PG_TEST_SRCS) $(wildcard tests/pg/*.h) \
                            $(wildcard tests/pg/shim/*.h) $(PG_SHIM) \
                            $(TEST_UTIL_SRCS) $(wildcard tests/util/*.h) $(PG_STLIB)
 	@mkdir -p $(dir $@)
@@ -534,6 +535,15 @@ soak: $(BUILD)/tests/soak $(TOOL)
 
 soak-short: $(BUILD)/tests/soak $(TOOL)
 	@$(RUN_ENV) DE_TOOL=$(abspath $(TOOL)) DE_SOAK_SECONDS=150 $(BUILD)/tests/soak
+
+# The same on PostgreSQL (tests/soak_pg.c): dozens of writer processes, a
+# server of its own, connections cut and the server restarted as well.
+soak-pg: $(PG_SOAK) $(TOOL)
+	@$(RUN_ENV) DE_TOOL=$(abspath $(TOOL)) DE_SOAK_SECONDS=$${DE_SOAK_SECONDS:-1800} \
+	    $(PG_SOAK)
+
+soak-pg-short: $(PG_SOAK) $(TOOL)
+	@$(RUN_ENV) DE_TOOL=$(abspath $(TOOL)) DE_SOAK_SECONDS=150 $(PG_SOAK)
 
 # The power-loss campaign: 1,000 random cuts instead of the 100 of
 # `make check` (about 7 minutes).

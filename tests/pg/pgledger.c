@@ -160,10 +160,7 @@ static int cmp_int(const void *a, const void *b)
     return *(const int *)a - *(const int *)b;
 }
 
-/* Resets a connection the server dropped, until it is back (120 s at
- * most: the server is restarting, or in crash recovery); then runs
- * session_sql. */
-static bool back(PGconn *c, const char *session_sql)
+bool tpg_reconnect(PGconn *c, const char *session_sql)
 {
     int64_t deadline = tu_now_ms() + 120000;
 
@@ -187,7 +184,7 @@ int tpg_write_txns(const char *where, unsigned seed, int ntx, int max_pause_us,
      * too: a slow start (a sanitizer build on a busy machine) can meet
      * the restart the test makes once the other writers are going. */
     for (;;) {
-        if (reconnect && !back(c, NULL))
+        if (reconnect && !tpg_reconnect(c, NULL))
             goto done;
         if (PQstatus(c) == CONNECTION_OK &&
             (session_sql == NULL || tpg_cmd(c, session_sql)) &&
@@ -205,7 +202,8 @@ int tpg_write_txns(const char *where, unsigned seed, int ntx, int max_pause_us,
         bool rollback = rand_r(&seed) % 6 == 0;
         bool savepoint = rand_r(&seed) % 5 == 0, ok;
 
-        if (reconnect && PQstatus(c) != CONNECTION_OK && !back(c, session_sql))
+        if (reconnect && PQstatus(c) != CONNECTION_OK &&
+            !tpg_reconnect(c, session_sql))
             break;
         ok = tpg_cmd(c, "BEGIN");
         for (int i = 0; i < n; i++)

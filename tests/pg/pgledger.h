@@ -57,6 +57,12 @@ void tpg_commit_one(PGconn *c, de_outbox *o, int i);
 /* A command's success (no test assertion: for helper processes). */
 bool tpg_cmd(PGconn *c, const char *sql);
 
+/* In a helper process: resets a connection the server dropped, until it
+ * is back (120 s at most: the server is restarting, or in crash
+ * recovery); then runs session_sql (NULL: none).  false when it gave
+ * up. */
+bool tpg_reconnect(PGconn *c, const char *session_sql);
+
 /* A consumer's handler (de_consumer_on_pg) that inserts the event's
  * (subject_id, event_id) into the table named by table (a const char *,
  * schema-qualified if need be, with those two text columns), in the
