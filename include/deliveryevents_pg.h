@@ -180,6 +180,10 @@ DE_EXTERN DE_WARN_UNUSED de_err de_relay_start_pg(const char *conninfo,
  * de_consumer_poll returns DE_ERR_DB, nothing of the batch is counted as
  * done and its records are read again from Kafka -- as on SQLite, where a
  * failed database makes poll return DE_ERR_DB and the next poll retries.
+ * A consumer with nothing to apply finds it too, within half a second
+ * (its upkeep: release requests, forgetting); a poll that committed its
+ * batch before the connection broke returns DE_OK, and the next poll
+ * fails before it reads anything.
  * The consumer does not reconnect a connection it borrows (the host's
  * session settings would be lost behind its back): the host checks
  * PQstatus(conn) == CONNECTION_BAD, calls PQreset(conn) and polls again;

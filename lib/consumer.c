@@ -1783,18 +1783,28 @@ static de_err subscribe(de_consumer *c)
     return DE_OK;
 }
 
+/* Whether the inbox's connection is gone, which only the host can mend
+ * (a PostgreSQL connection the server dropped; see inbox.h). */
+static bool connection_lost(de_consumer *c)
+{
+    return c->ib->ops->lost != NULL && c->ib->ops->lost(c->ib);
+}
+
 /* What a poll makes of its upkeep's result (forgetting, release
- * requests; err from the step called `what`): a failure is logged and
- * retried at the next poll -- unless the connection is gone, which only
- * the host can mend: then the poll fails with it, as a batch would, so
- * that a consumer with nothing to apply still tells its host to reset
- * the connection. */
-static de_err upkeep_failed(de_consumer *c, de_err err, const char *what)
+ * requests; err from the step called `what`; batch: whether this poll
+ * committed a batch before it): a failure is logged and
+ * retried at the next poll.  A lost connection fails the poll -- so that
+ * a consumer with nothing to apply still tells its host to reset it --
+ * unless this poll committed a batch: DE_ERR_DB says nothing of the
+ * batch was applied, so that poll returns DE_OK and the next one fails
+ * before it reads anything. */
+static de_err upkeep_failed(de_consumer *c, bool batch, de_err err,
+                            const char *what)
 {
     if (err == DE_OK)
         return DE_OK;
-    if (c->ib->ops->lost != NULL && c->ib->ops->lost(c->ib))
-        return err;
+    if (connection_lost(c))
+        return batch ? DE_OK : err;
     clog_(c, DE_LOG_WARNING, "%s failed: %s (retrying)", what, de_errmsg());
     return DE_OK;
 }
@@ -1804,6 +1814,7 @@ de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled)
     rd_kafka_message_t *m;
     de_err err = DE_OK;
     int64_t first_wait = timeout_ms;
+    bool batch;
 
     if (handled)
         *handled = 0;
@@ -1811,6 +1822,10 @@ de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled)
         return de__fail(DE_ERR_ARG, "de_consumer_poll needs a consumer "
                                     "(got NULL)");
     c->handled = 0;
+    if (connection_lost(c))
+        return de__fail(DE_ERR_DB, "consumer: the connection to the database "
+                                   "is lost: reset it (PQreset) and poll "
+                                   "again; nothing was read");
     if (!c->subscribed && (err = subscribe(c)) != DE_OK)
         return err;
     if (c->fatal)
@@ -1841,6 +1856,7 @@ de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled)
             break;
         m = rd_kafka_consumer_poll(c->rk, 0);
     }
+    batch = c->batch.n > 0;
     if (err == DE_OK)
         err = apply_batch(c);
     else
@@ -1849,9 +1865,10 @@ de_err de_consumer_poll(de_consumer *c, int timeout_ms, int *handled)
     if (err == DE_OK)
         err = release_refilled(c);
     if (err == DE_OK)
-        err = upkeep_failed(c, forget_idle(c), "forgetting idle subjects");
+        err =
+            upkeep_failed(c, batch, forget_idle(c), "forgetting idle subjects");
     if (err == DE_OK)
-        err = upkeep_failed(c, serve_requests(c), "release requests");
+        err = upkeep_failed(c, batch, serve_requests(c), "release requests");
     if (handled)
         *handled = c->handled;
     return err;

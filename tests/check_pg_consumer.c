@@ -723,8 +723,7 @@ START_TEST(test_connection_terminated_while_idle)
     ck_assert(tu_wait_for(de_consumer_poll(con, 50, NULL) == DE_OK &&
                               applied_count() == 1,
                           60000));
-    snprintf(sql, sizeof sql,
-             "SELECT count(pg_catalog.pg_terminate_backend(%d))",
+    snprintf(sql, sizeof sql, "SELECT pg_catalog.pg_terminate_backend(%d)::int",
              PQbackendPID(conn));
     ck_assert_int_eq(tpg_int(killer, sql), 1);
     err = DE_OK;
