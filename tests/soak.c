@@ -489,5 +489,11 @@ int main(int argc, char **argv)
         return service_main(argv + 2);
     if (argc == 6 && strcmp(argv[1], "--consumer") == 0)
         return consumer_main(argv + 2);
+    /* A helper process given the wrong arguments must not run the soak
+     * (which would start helpers of its own). */
+    if (argc > 1) {
+        fprintf(stderr, "usage: %s (no arguments)\n", argv[0]);
+        return 2;
+    }
     return tu_run(soak_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
 }
