@@ -96,8 +96,8 @@ void tsk_faults_end(tsk_faults *f, tu_cluster *c);
 extern volatile sig_atomic_t tsk_got_term, tsk_got_usr1;
 void tsk_catch_signals(void);
 
-/* Starts argv[0] with argv in a child process; fails the test when it
- * cannot fork. */
+/* Starts argv[0] with argv in a child process, killed when the calling
+ * process ends; fails the test when it cannot fork. */
 pid_t tsk_spawn(const char *const argv[]);
 /* A number from /proc/<pid>/status ("VmRSS:", "Threads:"); 0 when the
  * process is gone. */
