@@ -121,6 +121,16 @@ static void relay_keys(const tsk_plan *p, const char *bootstrap,
     kv[(*n)][0] = "relay.cleanup.interval.ms", kv[(*n)++][1] = "200";
 }
 
+/* The in-process relay's notable changes (lease taken, recovery, a
+ * producer replaced) on stderr, as the sidecar tool prints its own: what
+ * a lag or a stall in the samples is read against. */
+static void relay_log(void *ctx, int level, const char *message)
+{
+    (void)ctx;
+    if (level <= DE_LOG_NOTICE)
+        fprintf(stderr, "in-process relay: %s\n", message);
+}
+
 de_relay *tsk_start_relay(const tsk_plan *p, de_outbox *ob,
                           const char *bootstrap, const char *prefix)
 {
@@ -133,6 +143,7 @@ de_relay *tsk_start_relay(const tsk_plan *p, de_outbox *ob,
     for (int i = 0; i < n; i++)
         if (de_conf_set(conf, kv[i][0], kv[i][1]) != DE_OK)
             fprintf(stderr, "soak: relay: %s\n", de_errmsg());
+    de_conf_set_log_cb(conf, relay_log, NULL);
     if (de_relay_start(ob, conf, &r) != DE_OK)
         fprintf(stderr, "soak: relay: %s\n", de_errmsg());
     de_conf_destroy(conf);
