@@ -68,7 +68,10 @@ extern "C" {
  * host's transaction, as any failed statement does in PostgreSQL; the
  * message says so.  de_record returns DE_ERR_STATE when the host's
  * transaction has already failed, when a command is in progress, or in
- * pipeline mode.
+ * pipeline mode; and, without writing anything and with the transaction
+ * still usable, in a session with session_replication_role = replica,
+ * where the outbox's commit trigger does not fire and the event would
+ * never be published.
  *
  * The event's position is assigned when the host's transaction commits,
  * not before, so on this outbox de_recorded.position is 0.  Positions
@@ -95,8 +98,11 @@ extern "C" {
  * @param out   receives the outbox; set to NULL on failure.  Freed with
  *              de_outbox_close().
  * @return DE_OK; DE_ERR_ARG (NULL argument, connection not open);
- *         DE_ERR_STATE (called inside a transaction, or the schema was
- *         written by a newer library); DE_ERR_DB (the server's text in the
+ *         DE_ERR_STATE (called inside a transaction, the schema was
+ *         written by a newer library, or the outbox's commit trigger
+ *         outbox_commit is disabled or enabled for replica sessions only
+ *         -- events recorded would never be published; the message says
+ *         how to enable it); DE_ERR_DB (the server's text in the
  *         message); DE_ERR_NOMEM.
  */
 DE_EXTERN DE_WARN_UNUSED de_err de_outbox_open_pg(PGconn *conn,

@@ -280,6 +280,78 @@ START_TEST(test_failed_transaction)
 }
 END_TEST
 
+/* In a replica session (session_replication_role = replica: logical
+ * replication's apply workers, some bulk loaders) the commit trigger does
+ * not fire, so an event recorded there would never get a position, never
+ * be published: de_record refuses it, writes nothing, and the host's
+ * transaction goes on; back in an origin session the same transaction
+ * records and commits. */
+START_TEST(test_replica_session_refused)
+{
+    de_event ev = event("D-1");
+    PGresult *r;
+
+    tpg_exec(conn, "CREATE TABLE deliveries (id text PRIMARY KEY)");
+    tpg_exec(conn, "BEGIN");
+    tpg_exec(conn, "INSERT INTO deliveries VALUES ('D-1')");
+    r = PQexec(conn, "SET LOCAL session_replication_role = replica");
+    if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+        /* Superusers only: an external server's role may not be one. */
+        printf("replica_session_refused: skipped, %s", PQresultErrorMessage(r));
+        PQclear(r);
+        tpg_exec(conn, "ROLLBACK");
+        return;
+    }
+    PQclear(r);
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_STATE,
+                  "session_replication_role is 'replica'");
+    ck_assert_int_eq(PQtransactionStatus(conn), PQTRANS_INTRANS);
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 0);
+    tpg_exec(conn, "SET LOCAL session_replication_role = origin");
+    ev = event("D-2");
+    tu_ok(de_record(ob, &ev, NULL));
+    tpg_exec(conn, "COMMIT");
+    ck_assert_int_eq(count(conn, "deliveries"), 1);
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox"), 1);
+    ck_assert_int_eq(tpg_int(conn, "SELECT count(*) FROM "
+                                   "deliveryevents.outbox e JOIN "
+                                   "deliveryevents.outbox_order o USING (id) "
+                                   "WHERE e.subject_id = 'D-2'"),
+                     1);
+}
+END_TEST
+
+/* An outbox whose commit trigger would not fire -- disabled, as an
+ * interrupted pg_restore --disable-triggers leaves it, or enabled for
+ * replica sessions only -- is refused at open, naming the fix; enabled
+ * (also ALWAYS) it opens. */
+START_TEST(test_trigger_not_firing_refused)
+{
+    de_outbox *other = NULL;
+
+    tpg_exec(conn, "ALTER TABLE deliveryevents.outbox DISABLE TRIGGER "
+                   "outbox_commit");
+    tu_assert_err(de_outbox_open_pg(conn, NULL, &other), DE_ERR_STATE,
+                  "is disabled (pg_trigger.tgenabled 'D')");
+    ck_assert_ptr_null(other);
+    ck_assert_msg(strstr(de_errmsg(), "ENABLE TRIGGER outbox_commit") != NULL,
+                  "%s", de_errmsg());
+    tpg_exec(conn, "ALTER TABLE deliveryevents.outbox ENABLE REPLICA TRIGGER "
+                   "outbox_commit");
+    tu_assert_err(de_outbox_open_pg(conn, NULL, &other), DE_ERR_STATE,
+                  "enabled for replica sessions only");
+    ck_assert_int_eq(PQtransactionStatus(conn), PQTRANS_IDLE);
+    tpg_exec(conn, "ALTER TABLE deliveryevents.outbox ENABLE ALWAYS TRIGGER "
+                   "outbox_commit");
+    tu_ok(de_outbox_open_pg(conn, NULL, &other));
+    de_outbox_close(other);
+    tpg_exec(conn, "ALTER TABLE deliveryevents.outbox ENABLE TRIGGER "
+                   "outbox_commit");
+    tu_ok(de_outbox_open_pg(conn, NULL, &other));
+    de_outbox_close(other);
+}
+END_TEST
+
 /* A failure on the server aborts the host's transaction, as any failed
  * statement does in PostgreSQL: DE_ERR_DB says so, with the server's
  * text, and nothing is written. */
@@ -1550,6 +1622,8 @@ static Suite *pg_outbox_suite(void)
     tcase_add_test(tc, test_outside_transaction);
     tcase_add_test(tc, test_refused_input_keeps_transaction);
     tcase_add_test(tc, test_failed_transaction);
+    tcase_add_test(tc, test_replica_session_refused);
+    tcase_add_test(tc, test_trigger_not_firing_refused);
     tcase_add_test(tc, test_server_failure);
     tcase_add_test(tc, test_savepoint);
     tcase_add_test(tc, test_commit_order_not_record_order);

@@ -149,18 +149,24 @@ static const char *const migrations[PG_SCHEMA_VERSION] = {
     "FROM deliveryevents.contracts_version"
 
 /* The event is written only when contracts_version is still $12, the
- * value the cache was checked against; either way the statement returns
- * the value it read and how many rows it wrote.  One round trip: a stale
- * cache is found out without a read before the write, and without a
- * write that would have to be undone (a savepoint per record would cost
- * two more round trips). */
+ * value the cache was checked against, and the session is not a replica
+ * session (session_replication_role = replica, where the commit trigger
+ * does not fire: the event would get no position and never be
+ * published); either way the statement returns the value it read, how
+ * many rows it wrote and whether the session is one.  One round trip: a
+ * stale cache is found out without a read before the write, and without
+ * a write that would have to be undone (a savepoint per record would
+ * cost two more round trips). */
 static const char insert_sql[] =
-    "WITH v AS (" CONTRACTS_VERSION "), ins AS ("
+    "WITH v AS (SELECT c.n, pg_catalog.current_setting("
+    "'session_replication_role') = 'replica' AS replica FROM "
+    "(" CONTRACTS_VERSION ") c), ins AS ("
     "INSERT INTO deliveryevents.outbox(event_id, subject_type, subject_id, "
     "action, version, occurred_at_ms, recorded_at_ms, payload, traceparent, "
     "tracestate, dataschema) SELECT $1, $2, $3, $4, $5::integer, $6::bigint, "
-    "$7::bigint, $8, $9, $10, $11 FROM v WHERE v.n = $12::bigint "
-    "RETURNING 1) SELECT v.n, (SELECT count(*) FROM ins) FROM v";
+    "$7::bigint, $8, $9, $10, $11 FROM v WHERE v.n = $12::bigint AND NOT "
+    "v.replica RETURNING 1) SELECT v.n, (SELECT count(*) FROM ins), "
+    "v.replica FROM v";
 
 /* The server's message without its trailing newline, in buf. */
 static const char *pg_message(const char *msg, char *buf, size_t size)
@@ -601,6 +607,17 @@ static de_err pg_insert(void *ctx, de__contract_set *cs,
         }
         return de__pg_fail(pg->conn, r, what);
     }
+    if (strcmp(PQgetvalue(r, 0, 2), "t") == 0) {
+        PQclear(r);
+        return de__fail(DE_ERR_STATE,
+                        "recording %s.%s refused: session_replication_role "
+                        "is 'replica' on this connection, where the outbox's "
+                        "commit trigger does not fire and the event would "
+                        "never be published; record with "
+                        "session_replication_role = 'origin' (nothing was "
+                        "written; the transaction is still usable)",
+                        row->subject_type, row->action);
+    }
     v = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
     if (strcmp(PQgetvalue(r, 0, 1), "1") != 0) {
         /* Written nothing: contracts were defined since the cache was
@@ -782,6 +799,45 @@ static const de__outbox_backend pg_backend = {
     .close = pg_close,
 };
 
+/* Refuses an outbox whose commit trigger would not fire in this
+ * session: disabled (ALTER TABLE ... DISABLE TRIGGER, left so by an
+ * interrupted pg_restore --disable-triggers) or enabled for replica
+ * sessions only.  Events recorded then would get no position and never
+ * be published.  (Replica sessions are refused per event: insert_sql.) */
+static de_err check_trigger(PGconn *conn)
+{
+    PGresult *r = NULL;
+    de_err err;
+    char state;
+
+    if ((err = de__pg_exec(conn,
+                           "SELECT tgenabled FROM pg_catalog.pg_trigger WHERE "
+                           "tgrelid = 'deliveryevents.outbox'::regclass AND "
+                           "tgname = 'outbox_commit'",
+                           PGRES_TUPLES_OK, &r,
+                           "cannot check the outbox's commit trigger")) !=
+        DE_OK)
+        return err;
+    state = PQntuples(r) == 1 ? PQgetvalue(r, 0, 0)[0] : '-';
+    PQclear(r);
+    if (state == 'O' || state == 'A')
+        return DE_OK;
+    if (state == '-')
+        return de__fail(
+            DE_ERR_STATE,
+            "the outbox's commit trigger outbox_commit on "
+            "deliveryevents.outbox is missing: events recorded "
+            "would never be published; restore schema "
+            "deliveryevents whole (pg_dump --schema=deliveryevents)");
+    return de__fail(
+        DE_ERR_STATE,
+        "the outbox's commit trigger outbox_commit on "
+        "deliveryevents.outbox is %s (pg_trigger.tgenabled '%c'): "
+        "events recorded would never be published; run ALTER "
+        "TABLE deliveryevents.outbox ENABLE TRIGGER outbox_commit",
+        state == 'D' ? "disabled" : "enabled for replica sessions only", state);
+}
+
 de_err de_outbox_open_pg(PGconn *conn, const de_conf *conf, de_outbox **out)
 {
     pg_outbox *pg;
@@ -805,6 +861,7 @@ de_err de_outbox_open_pg(PGconn *conn, const de_conf *conf, de_outbox **out)
                         "open the outbox outside one (at startup): its "
                         "migration commits on its own");
     if ((err = de__pg_schema_ensure(conn, NULL)) != DE_OK ||
+        (err = check_trigger(conn)) != DE_OK ||
         (conf != NULL && (err = store_settings(conn, conf)) != DE_OK))
         return err;
     if ((pg = calloc(1, sizeof *pg)) == NULL)
