@@ -337,10 +337,17 @@ static const char *what_of(int which)
     }
 }
 
+/* The connection is broken: every statement on it would fail until the
+ * host resets it (PQreset). */
+static bool i_lost(de__inbox *ib)
+{
+    return PQstatus(IB(ib)->conn) != CONNECTION_OK;
+}
+
 /* The connection usable for the consumer's statements, or why not. */
 static de_err check_conn(pg_inbox *s)
 {
-    if (PQstatus(s->conn) != CONNECTION_OK)
+    if (i_lost(&s->base))
         return de__pg_fail(s->conn, NULL,
                            "consumer: the PostgreSQL connection is broken "
                            "(PQreset it; the batch is read again)");
@@ -604,11 +611,6 @@ static const char *i_conflict(de__inbox *ib)
 static bool i_in_txn(de__inbox *ib)
 {
     return PQtransactionStatus(IB(ib)->conn) != PQTRANS_IDLE;
-}
-
-static bool i_lost(de__inbox *ib)
-{
-    return PQstatus(IB(ib)->conn) != CONNECTION_OK;
 }
 
 static void p_subject(params *p, const char *type, const char *id)
