@@ -46,6 +46,15 @@
  * than read from the OS page cache, as a fresh copy is.  Asserts nothing
  * but that every event arrives (timings on a shared machine are not a
  * test).
+ *
+ * BENCH_PG_PIN=1 runs the drain as a deployment whose database server and
+ * Kafka brokers are machines of their own: the producing side -- raw
+ * librdkafka's process, or the relay's -- on CPU 0 only, and everything
+ * else (the server and its backends, the mock cluster, this program's
+ * own work between halves) on CPU 1 only.  Both halves get the same one
+ * core for the producer; the relay's half also loads the other core with
+ * the server's read.  Needs two CPUs; the latency half then runs
+ * unpinned on a server still on CPU 1.
  */
 #define PARTITIONS 12
 
@@ -56,6 +65,7 @@
 #include "pgserver.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -91,6 +101,27 @@ static void admin(const char *sql)
 }
 
 /* ---- 1. drain throughput -------------------------------------------- */
+
+static bool pinned; /* BENCH_PG_PIN */
+
+/* The calling thread, and the threads and processes it starts from now
+ * on, on CPU cpu only (BENCH_PG_PIN), or on every CPU (cpu < 0). */
+static void pin(int cpu)
+{
+    cpu_set_t set;
+
+    if (!pinned)
+        return;
+    CPU_ZERO(&set);
+    if (cpu >= 0) {
+        CPU_SET(cpu, &set);
+    } else {
+        for (int i = 0; i < CPU_SETSIZE; i++)
+            CPU_SET(i, &set);
+    }
+    BENCH_CHECK(sched_setaffinity(0, sizeof set, &set) == 0,
+                "sched_setaffinity(CPU %d): %s", cpu, strerror(errno));
+}
 
 /* This process's peak RSS in KiB: VmHWM, the high-water mark of its own
  * address space.  (Not the parent's wait4 ru_maxrss: Linux carries the
@@ -205,6 +236,7 @@ static double run_relay(const char *conninfo, long n, long *rss_kib,
     pid = fork();
     BENCH_CHECK(pid >= 0, "fork");
     if (pid == 0) {
+        pin(0);
         dup2(out[1], 1);
         close(out[0]);
         close(out[1]);
@@ -295,8 +327,11 @@ static void bench_drain(long n, long rounds, long subjects)
 
     BENCH_CHECK(raw && rel && ratio && raw_us && rel_us, "out of memory");
     printf("drain: %ld events over %ld subjects, %d partitions, 3 brokers "
-           "(mock cluster in its own process), acks=all\n",
-           n, subjects, PARTITIONS);
+           "(mock cluster in its own process), acks=all%s\n",
+           n, subjects, PARTITIONS,
+           pinned ? "; pinned (BENCH_PG_PIN): producer on CPU 0, server "
+                    "and mock cluster on CPU 1"
+                  : "");
     snprintf(tmpl, sizeof tmpl, "%s", strstr(tpg_fresh_db(), " dbname=") + 8);
     snprintf(ci, sizeof ci, "%s dbname=%s", base, tmpl);
     t0 = bench_now();
@@ -315,7 +350,9 @@ static void bench_drain(long n, long rounds, long subjects)
             start_mock(topics);
             machine_cpu(&b0, &t0m);
             if (do_raw) {
+                pin(0);
                 raw[r] = raw_run("bench.delivery.events", msgs, n);
+                pin(1);
                 busy_raw = busy_since(b0, t0m, &cpu_s);
                 raw_us[r] = 1e6 * cpu_s / (double)n;
             } else {
@@ -511,6 +548,14 @@ int main(int argc, char **argv)
                 "BENCH_LAT_EVENTS must be positive");
     if (getenv("BENCH_PG_SERVER_OPTIONS") != NULL)
         tpg_server_options(getenv("BENCH_PG_SERVER_OPTIONS"));
+    if (bench_env_long("BENCH_PG_PIN", 0) != 0) {
+        cpu_set_t set;
+        BENCH_CHECK(sched_getaffinity(0, sizeof set, &set) == 0 &&
+                        CPU_ISSET(0, &set) && CPU_ISSET(1, &set),
+                    "BENCH_PG_PIN needs CPUs 0 and 1");
+        pinned = true;
+        pin(1); /* the server and the mock cluster start from here */
+    }
     if (!tpg_start())
         return 1;
     set_base(tpg_fresh_db());
@@ -519,6 +564,7 @@ int main(int argc, char **argv)
                     getenv("BENCH_PG_SUBJECTS")
                         ? strtol(getenv("BENCH_PG_SUBJECTS"), NULL, 10)
                         : SUBJECTS);
+    pin(-1);
     if (lat_n > 0)
         bench_latency(lat_n, rate);
     tpg_stop();
