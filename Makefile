@@ -106,7 +106,8 @@ BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
         demo-run demo-pg demo-pg-run \
         check-install check-remote check-asan check-tsan demo bench examples install \
         soak soak-short soak-pg soak-pg-short soak-powerloss soak-archive \
-        uninstall clean format format-check mock-reorder-experiment
+        uninstall clean format format-check mock-reorder-experiment \
+        pg-read-shapes-experiment
 
 TOOL := $(BUILD)/deliveryevents
 
@@ -525,6 +526,16 @@ mock-reorder-experiment:
 	    $$(pkg-config --cflags --libs rdkafka)
 	$(BUILD)/experiments/mock_reorder 10
 	$(BUILD)/experiments/mock_reorder 10 leader
+
+# Evidence for docs/PERFORMANCE.md: what the relay's read of the
+# PostgreSQL outbox costs the server per row, against other query shapes.
+pg-read-shapes-experiment: pg $(PG_BENCH_SRCS) tests/pg/pgserver.h
+	@mkdir -p $(BUILD)/experiments
+	$(CC) $(USER_CFLAGS) -Iinclude $(PQ_CFLAGS) -Itests/pg $(CHECK_CFLAGS) \
+	    $(CFLAGS) $(LDFLAGS) -o $(BUILD)/experiments/pg_read_shapes \
+	    tests/experiments/pg_read_shapes.c $(PG_BENCH_SRCS) $(PG_STLIB) \
+	    $(PKG_LIBS) $(PQ_LIBS) $(CHECK_LIBS) -pthread
+	$(BUILD)/experiments/pg_read_shapes
 
 # Long running: mixed load, faults and relay kills, sampling every resource
 # (tests/soak.c); fails if any keeps growing after warm-up.  soak-short is

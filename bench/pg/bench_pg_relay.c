@@ -47,14 +47,16 @@
  * but that every event arrives (timings on a shared machine are not a
  * test).
  *
- * BENCH_PG_PIN=1 runs the drain as a deployment whose database server and
- * Kafka brokers are machines of their own: the producing side -- raw
- * librdkafka's process, or the relay's -- on CPU 0 only, and everything
- * else (the server and its backends, the mock cluster, this program's
- * own work between halves) on CPU 1 only.  Both halves get the same one
- * core for the producer; the relay's half also loads the other core with
- * the server's read.  Needs two CPUs; the latency half then runs
- * unpinned on a server still on CPU 1.
+ * BENCH_PG_PIN=1 keeps the producing side off the cores of the server and
+ * the brokers, as in a deployment where those are machines of their own
+ * -- approximately: two cores only, so the server and the mock cluster
+ * share one.  The producer (raw librdkafka, in this process, or the
+ * relay's process) runs on CPU 0 only; everything else (the server and
+ * its backends, the mock cluster, this program's own work between
+ * halves) on CPU 1 only, and each round prints how busy each CPU was.
+ * Needs CPUs 0 and 1 and the throwaway server (not DE_PG_CONNINFO); the
+ * latency half then runs on the CPUs the benchmark was given, on a
+ * server still on CPU 1.
  */
 #define PARTITIONS 12
 
@@ -102,22 +104,21 @@ static void admin(const char *sql)
 
 /* ---- 1. drain throughput -------------------------------------------- */
 
-static bool pinned; /* BENCH_PG_PIN */
+static bool pinned;        /* BENCH_PG_PIN */
+static cpu_set_t unpinned; /* the CPUs the benchmark was given */
 
 /* The calling thread, and the threads and processes it starts from now
- * on, on CPU cpu only (BENCH_PG_PIN), or on every CPU (cpu < 0). */
+ * on, on CPU cpu only (BENCH_PG_PIN), or back on the CPUs it was given
+ * (cpu < 0). */
 static void pin(int cpu)
 {
-    cpu_set_t set;
+    cpu_set_t set = unpinned;
 
     if (!pinned)
         return;
-    CPU_ZERO(&set);
     if (cpu >= 0) {
+        CPU_ZERO(&set);
         CPU_SET(cpu, &set);
-    } else {
-        for (int i = 0; i < CPU_SETSIZE; i++)
-            CPU_SET(i, &set);
     }
     BENCH_CHECK(sched_setaffinity(0, sizeof set, &set) == 0,
                 "sched_setaffinity(CPU %d): %s", cpu, strerror(errno));
@@ -141,25 +142,62 @@ static long hwm_kib(void)
     return kib;
 }
 
-/* The whole machine's CPU time so far (all CPUs, clock ticks): busy
- * (everything but idle and iowait) and in all, from /proc/stat.  A
- * phase that keeps the machine near 100 % busy is bound by CPU, and then
- * every process in it (the server's backends, the mock cluster, the
- * relay) competes for the same cores. */
-static void machine_cpu(unsigned long long *busy, unsigned long long *total)
+/* CPU time so far (clock ticks) of the /proc/stat line `which` ("cpu"
+ * for all CPUs, "cpu1" for one): busy (everything but idle and iowait)
+ * and in all. */
+static void cpu_ticks(const char *which, unsigned long long *busy,
+                      unsigned long long *total)
 {
     unsigned long long v[8] = {0};
+    char name[16], line[512];
     FILE *f = fopen("/proc/stat", "r");
+    bool found = false;
 
     BENCH_CHECK(f != NULL, "/proc/stat: %s", strerror(errno));
-    BENCH_CHECK(fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0],
-                       &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7]) == 8,
-                "/proc/stat: unexpected format");
+    while (!found && fgets(line, sizeof line, f))
+        found = sscanf(line, "%15s %llu %llu %llu %llu %llu %llu %llu %llu",
+                       name, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6],
+                       &v[7]) == 9 &&
+                strcmp(name, which) == 0;
     fclose(f);
+    BENCH_CHECK(found, "/proc/stat: no line %s", which);
     *total = 0;
     for (int i = 0; i < 8; i++)
         *total += v[i];
     *busy = *total - v[3] - v[4];
+}
+
+/* The whole machine's CPU time so far (cpu_ticks).  A phase that keeps
+ * the machine near 100 % busy is bound by CPU, and then every process in
+ * it (the server's backends, the mock cluster, the relay) competes for
+ * the same cores. */
+static void machine_cpu(unsigned long long *busy, unsigned long long *total)
+{
+    cpu_ticks("cpu", busy, total);
+}
+
+/* With BENCH_PG_PIN: how busy CPU 0 and CPU 1 were in a half. */
+typedef struct per_cpu {
+    unsigned long long busy[2], total[2];
+} per_cpu;
+
+static void per_cpu_start(per_cpu *p)
+{
+    cpu_ticks("cpu0", &p->busy[0], &p->total[0]);
+    cpu_ticks("cpu1", &p->busy[1], &p->total[1]);
+}
+
+static void per_cpu_end(const per_cpu *p, double share[2])
+{
+    static const char *const names[2] = {"cpu0", "cpu1"};
+
+    for (int i = 0; i < 2; i++) {
+        unsigned long long b, t;
+        cpu_ticks(names[i], &b, &t);
+        share[i] = t > p->total[i]
+                       ? (double)(b - p->busy[i]) / (double)(t - p->total[i])
+                       : 0;
+    }
 }
 
 /* The share of the machine busy since busy0, total0 (machine_cpu);
@@ -341,7 +379,9 @@ static void bench_drain(long n, long rounds, long subjects)
     for (long r = 0; r < rounds; r++) {
         long rss = 0;
         double cpu = 0, busy_raw = 0, busy_rel = 0, cpu_s = 0;
+        double cpus_raw[2] = {0}, cpus_rel[2] = {0};
         unsigned long long b0, t0m;
+        per_cpu pc;
         snprintf(sql, sizeof sql, "CREATE DATABASE %s_r%ld TEMPLATE %s", tmpl,
                  r, tmpl);
         admin(sql);
@@ -349,10 +389,12 @@ static void bench_drain(long n, long rounds, long subjects)
             bool do_raw = (k == 0) == (r % 2 == 0);
             start_mock(topics);
             machine_cpu(&b0, &t0m);
+            per_cpu_start(&pc);
             if (do_raw) {
                 pin(0);
                 raw[r] = raw_run("bench.delivery.events", msgs, n);
                 pin(1);
+                per_cpu_end(&pc, cpus_raw);
                 busy_raw = busy_since(b0, t0m, &cpu_s);
                 raw_us[r] = 1e6 * cpu_s / (double)n;
             } else {
@@ -360,8 +402,10 @@ static void bench_drain(long n, long rounds, long subjects)
                 if (bench_env_long("BENCH_PG_PREWARM", 0) != 0) {
                     prewarm(ci);
                     machine_cpu(&b0, &t0m);
+                    per_cpu_start(&pc);
                 }
                 rel[r] = run_relay(ci, n, &rss, &cpu);
+                per_cpu_end(&pc, cpus_rel);
                 busy_rel = busy_since(b0, t0m, &cpu_s);
                 rel_us[r] = 1e6 * cpu_s / (double)n;
             }
@@ -380,6 +424,12 @@ static void bench_drain(long n, long rounds, long subjects)
                r + 1, raw[r], rel[r], ratio[r], (double)rss / 1024.0,
                100.0 * cpu * rel[r] / (double)n, 100.0 * busy_raw,
                100.0 * busy_rel, raw_us[r], rel_us[r]);
+        if (pinned)
+            printf("    busy: CPU 0 (producer) %.0f%% (raw) / %.0f%% (relay), "
+                   "CPU 1 (server, mock cluster) %.0f%% (raw) / %.0f%% "
+                   "(relay)\n",
+                   100.0 * cpus_raw[0], 100.0 * cpus_rel[0],
+                   100.0 * cpus_raw[1], 100.0 * cpus_rel[1]);
         fflush(stdout);
     }
     double mraw = bench_median(raw, (size_t)rounds);
@@ -549,10 +599,12 @@ int main(int argc, char **argv)
     if (getenv("BENCH_PG_SERVER_OPTIONS") != NULL)
         tpg_server_options(getenv("BENCH_PG_SERVER_OPTIONS"));
     if (bench_env_long("BENCH_PG_PIN", 0) != 0) {
-        cpu_set_t set;
-        BENCH_CHECK(sched_getaffinity(0, sizeof set, &set) == 0 &&
-                        CPU_ISSET(0, &set) && CPU_ISSET(1, &set),
+        BENCH_CHECK(sched_getaffinity(0, sizeof unpinned, &unpinned) == 0 &&
+                        CPU_ISSET(0, &unpinned) && CPU_ISSET(1, &unpinned),
                     "BENCH_PG_PIN needs CPUs 0 and 1");
+        BENCH_CHECK(getenv("DE_PG_CONNINFO") == NULL,
+                    "BENCH_PG_PIN places the benchmark's own server; with "
+                    "DE_PG_CONNINFO there is none to place");
         pinned = true;
         pin(1); /* the server and the mock cluster start from here */
     }
