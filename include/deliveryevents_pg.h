@@ -48,8 +48,9 @@ extern "C" {
  * deferred trigger) in a transaction of its own, under an advisory lock so
  * that instances starting together migrate one at a time; the role needs
  * CREATE on the database the first time.  It prepares de_record's INSERT
- * on the connection's session (a statement named deliveryevents_record,
- * prepared again after the host resets the connection): parsing and
+ * on the connection's session (a statement named deliveryevents_record_2,
+ * the number changing with its text, prepared again after the host resets
+ * the connection): parsing and
  * planning it at every call costs a CPU-bound server up to about half
  * the cost of the transaction.  A host or pooler that drops it (DEALLOCATE
  * ALL, DISCARD ALL, PgBouncer in transaction mode handing the next
@@ -99,11 +100,10 @@ extern "C" {
  *              de_outbox_close().
  * @return DE_OK; DE_ERR_ARG (NULL argument, connection not open);
  *         DE_ERR_STATE (called inside a transaction, the schema was
- *         written by a newer library, or the outbox's commit trigger
- *         outbox_commit is disabled or enabled for replica sessions only
- *         -- events recorded would never be published; the message says
- *         how to enable it); DE_ERR_DB (the server's text in the
- *         message); DE_ERR_NOMEM.
+ *         written by a newer library, or the commit trigger outbox_commit
+ *         is disabled, ENABLE REPLICA or missing: the message says what
+ *         to run); DE_ERR_DB (the server's text in the message);
+ *         DE_ERR_NOMEM.
  */
 DE_EXTERN DE_WARN_UNUSED de_err de_outbox_open_pg(PGconn *conn,
                                                   const de_conf *conf,

@@ -349,6 +349,36 @@ START_TEST(test_trigger_not_firing_refused)
                    "outbox_commit");
     tu_ok(de_outbox_open_pg(conn, NULL, &other));
     de_outbox_close(other);
+    tpg_exec(conn, "DROP TRIGGER outbox_commit ON deliveryevents.outbox");
+    tu_assert_err(de_outbox_open_pg(conn, NULL, &other), DE_ERR_STATE,
+                  "outbox_commit on deliveryevents.outbox is missing");
+    ck_assert_ptr_null(other);
+}
+END_TEST
+
+/* A statement of the recording INSERT's name that is not the library's
+ * (another program prepared the name on the session) is named, not
+ * read past the end of its result. */
+START_TEST(test_foreign_statement_refused)
+{
+    de_event ev = event("D-1");
+
+    tpg_exec(conn, "DEALLOCATE deliveryevents_record_2");
+    tpg_exec(conn, "PREPARE deliveryevents_record_2(text, text, text, text, "
+                   "text, text, text, text, text, text, text, text) AS "
+                   "SELECT 1, 2");
+    tpg_exec(conn, "BEGIN");
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_STATE,
+                  "is not this library's (it returned 2 columns, not 3)");
+    tpg_exec(conn, "ROLLBACK");
+    tpg_exec(conn, "DEALLOCATE deliveryevents_record_2");
+    tpg_exec(conn, "BEGIN");
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_DB, "was dropped");
+    tpg_exec(conn, "ROLLBACK");
+    tpg_exec(conn, "BEGIN");
+    tu_ok(de_record(ob, &ev, NULL));
+    tpg_exec(conn, "COMMIT");
+    ck_assert_int_eq(count(conn, "deliveryevents.outbox_order"), 1);
 }
 END_TEST
 
@@ -434,7 +464,7 @@ START_TEST(test_host_deallocates)
     tpg_exec(conn, "DEALLOCATE ALL");
     tpg_exec(conn, "BEGIN");
     tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_DB,
-                  "prepared statement deliveryevents_record was dropped");
+                  "prepared statement deliveryevents_record_2 was dropped");
     ck_assert_msg(strstr(de_errmsg(), "pg.record.prepared=false") != NULL, "%s",
                   de_errmsg());
     tpg_exec(conn, "ROLLBACK");
@@ -1624,6 +1654,7 @@ static Suite *pg_outbox_suite(void)
     tcase_add_test(tc, test_failed_transaction);
     tcase_add_test(tc, test_replica_session_refused);
     tcase_add_test(tc, test_trigger_not_firing_refused);
+    tcase_add_test(tc, test_foreign_statement_refused);
     tcase_add_test(tc, test_server_failure);
     tcase_add_test(tc, test_savepoint);
     tcase_add_test(tc, test_commit_order_not_record_order);

@@ -34,7 +34,8 @@
  * from the outbox's cache; the INSERT writes only if no definition was counted
  * (sequence contracts_version) since the cache was checked, and otherwise
  * writes nothing and has the cache reloaded so that de_record checks the event
- * again (insert_sql).
+ * again (insert_sql).  The one refusal the server makes, the INSERT itself
+ * writing nothing, is of a replica session (session_replication_role).
  *
  * Invariants: the outbox borrows the host's PGconn and uses it on the
  * host's thread only; with pg.record.prepared its statement exists on the
@@ -57,7 +58,12 @@
 #include <string.h>
 
 #define PG_SCHEMA_VERSION 2
-#define PG_RECORD_STMT "deliveryevents_record"
+/* The recording INSERT's name on the host's session.  Its number
+ * changes with insert_sql's text (or its result's shape): a backend may
+ * still hold another library version's statement -- a session pooler
+ * hands backends from process to process -- and the two must not meet
+ * under one name. */
+#define PG_RECORD_STMT "deliveryevents_record_2"
 
 typedef struct pg_outbox {
     PGconn *conn;     /* borrowed from the host */
@@ -417,7 +423,7 @@ static de_err ensure_prepared(pg_outbox *pg)
         return DE_OK;
     /* Another outbox on this connection may have prepared it: look
      * first, as a failed Parse inside the host's transaction would abort
-     * it.  Same name, same text (one library per process). */
+     * it.  Same name, same text (PG_RECORD_STMT). */
     r = PQexec(pg->conn, "SELECT 1 FROM pg_catalog.pg_prepared_statements "
                          "WHERE name = '" PG_RECORD_STMT "'");
     if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK)
@@ -582,6 +588,19 @@ static de_err pg_insert(void *ctx, de__contract_set *cs,
          * (or a pooler) running DEALLOCATE ALL or DISCARD ALL cannot make
          * it fail.  Still one round trip. */
         r = PQexecParams(pg->conn, insert_sql, 12, NULL, values, NULL, NULL, 0);
+    }
+    if (r != NULL && PQresultStatus(r) == PGRES_TUPLES_OK &&
+        PQnfields(r) != 3) {
+        /* Not ours: another program prepared the name on this session. */
+        int fields = PQnfields(r);
+        PQclear(r);
+        return de__fail(DE_ERR_STATE,
+                        "recording %s.%s: the statement " PG_RECORD_STMT
+                        " prepared on this connection is not this "
+                        "library's (it returned %d columns, not 3); roll "
+                        "the transaction back, as it may have written, and "
+                        "DEALLOCATE " PG_RECORD_STMT,
+                        row->subject_type, row->action, fields);
     }
     if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK ||
         PQntuples(r) != 1) {
@@ -801,9 +820,9 @@ static const de__outbox_backend pg_backend = {
 
 /* Refuses an outbox whose commit trigger would not fire in this
  * session: disabled (ALTER TABLE ... DISABLE TRIGGER, left so by an
- * interrupted pg_restore --disable-triggers) or enabled for replica
- * sessions only.  Events recorded then would get no position and never
- * be published.  (Replica sessions are refused per event: insert_sql.) */
+ * interrupted pg_restore --disable-triggers), enabled for replica
+ * sessions only, or missing.  Events recorded then would get no position and
+ * never be published.  (Replica sessions are refused per event: insert_sql.) */
 static de_err check_trigger(PGconn *conn)
 {
     PGresult *r = NULL;
@@ -827,8 +846,10 @@ static de_err check_trigger(PGconn *conn)
             DE_ERR_STATE,
             "the outbox's commit trigger outbox_commit on "
             "deliveryevents.outbox is missing: events recorded "
-            "would never be published; restore schema "
-            "deliveryevents whole (pg_dump --schema=deliveryevents)");
+            "would never be published; the schema deliveryevents is "
+            "incomplete: restore it whole, from a dump that holds its "
+            "triggers (pg_restore of a full or --schema=deliveryevents "
+            "dump, not --data-only)");
     return de__fail(
         DE_ERR_STATE,
         "the outbox's commit trigger outbox_commit on "
