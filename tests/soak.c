@@ -153,7 +153,7 @@ static int consumer_main(char **a)
                      "INDEX IF NOT EXISTS applied_id ON applied(event_id)",
                      NULL, NULL, NULL) != SQLITE_OK)
         return 2;
-    de_conf_set_log_cb(conf, tu_log, NULL);
+    de_conf_set_log_cb(conf, tsk_log, (void *)"consumer");
     if (de_conf_set(conf, "bootstrap.servers", a[1]) != DE_OK ||
         de_conf_set(conf, "group.id", gid) != DE_OK ||
         de_conf_set(conf, "topic.template", tmpl) != DE_OK ||
@@ -313,8 +313,13 @@ static int64_t check_applied(checks *k)
                  (long long)upto,
                  pass == 0 ? "count(*)"
                            : "subject_id, n, an, epoch, seq, pan, pe, ps");
-        if (pass == 0 && q_int(k->v, sql) == 0)
-            break;
+        if (pass == 0) {
+            int64_t bad = q_int(k->v, sql);
+            ck_assert_msg(bad >= 0, "soak: the order check failed: %s",
+                          sqlite3_errmsg(k->v));
+            if (bad == 0)
+                break;
+        }
         if (pass == 1) {
             fprintf(stderr, "soak: applied out of order or misnumbered "
                             "(n = 0: the last one checked in an earlier "

@@ -262,7 +262,7 @@ static int consumer_main(char **a)
     /* Past the relay's forget time plus the consumer's worst lag, as in
      * tests/soak.c (the rule in docs/OVERVIEW.md). */
     snprintf(forget, sizeof forget, "%d", (p.forget_s + 60) * 1000);
-    de_conf_set_log_cb(conf, tu_log, NULL);
+    de_conf_set_log_cb(conf, tsk_log, (void *)"consumer");
     if (!tpg_reconnect(conn, NULL) ||
         de_conf_set(conf, "bootstrap.servers", a[1]) != DE_OK ||
         de_conf_set(conf, "group.id", gid) != DE_OK ||
@@ -482,6 +482,33 @@ static void explain_unapplied(checks *k, tu_cluster *c)
     tsk_print_kafka_subject(c, "delivery", sid);
 }
 
+/* No event checked since the last sample: says, stamped, which event
+ * holds the check up and where it is -- still in the outbox (and
+ * whether it has a position yet), or published, and its subject's
+ * inbox row -- to read against the faults' and the relays' lines. */
+static void note_stall(checks *k)
+{
+    PGresult *r = PQexec(
+        k->c,
+        "SELECT l.n, l.subject_id, coalesce((SELECT coalesce(o.position::text, "
+        "'none yet') FROM deliveryevents.outbox e LEFT JOIN "
+        "deliveryevents.outbox_order o USING (id) WHERE e.event_id = "
+        "l.event_id), 'gone from the outbox (published)'), coalesce((SELECT "
+        "format('epoch %s, last_seq %s, parked %s, updated %s ms ago', "
+        "i.epoch, i.last_seq, i.parked, (extract(epoch FROM now()) * 1000 - "
+        "i.updated_ms)::bigint) FROM deliveryevents.inbox i WHERE "
+        "i.subject_id = l.subject_id), 'no inbox row') FROM ledger l WHERE "
+        "NOT EXISTS (SELECT 1 FROM applied a WHERE a.event_id = l.event_id) "
+        "ORDER BY n LIMIT 1");
+
+    if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1)
+        tsk_note("nothing checked since the last sample: first unapplied "
+                 "ledger row %s (subject %s): outbox position %s; inbox: %s",
+                 PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 1), PQgetvalue(r, 0, 2),
+                 PQgetvalue(r, 0, 3));
+    PQclear(r);
+}
+
 /* The integer result of sql, or 0 when the table is not there yet. */
 static double q_num(PGconn *c, const char *sql)
 {
@@ -621,6 +648,7 @@ START_TEST(soak_pg)
         if (now >= next_cut && now >= quiet_until) {
             /* Every other connection to the database, mid-whatever. */
             alive(k.c);
+            tsk_note("terminating every client connection");
             tpg_int(k.c, "SELECT count(pg_catalog.pg_terminate_backend(pid)) "
                          "FROM pg_catalog.pg_stat_activity WHERE datname = "
                          "current_database() AND backend_type = 'client "
@@ -629,15 +657,21 @@ START_TEST(soak_pg)
             next_cut += cut_every_s(&p) * 1000;
         }
         if (now >= next_server && now >= quiet_until && !tpg_external()) {
+            tsk_note("server: pg_ctl %s",
+                     restarts % 2 ? "restart -m immediate" : "restart -m fast");
             ck_assert(tpg_server(restarts % 2 ? "restart -m immediate"
                                               : "restart -m fast"));
+            tsk_note("server: back");
             restarts++;
             alive(k.c);
             next_server += server_restart_every_s(&p) * 1000;
         }
         v = now >= next_sample ? tsk_sample_row(&s, (now - t0) / 1000) : NULL;
         if (v != NULL) {
+            long before = k.checked;
             check_applied(&k);
+            if (k.checked == before)
+                note_stall(&k);
             sample(v, k.c, w[0], w[1], con, side);
             tsk_print_last(&s, k.checked);
             next_sample += p.sample_s * 1000;

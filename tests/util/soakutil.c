@@ -6,11 +6,14 @@
 
 #include <check.h>
 #include <dirent.h>
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/time.h>
+#include <time.h>
 #include <unistd.h>
 
 tsk_plan tsk_make_plan(int seconds, int rate)
@@ -121,14 +124,40 @@ static void relay_keys(const tsk_plan *p, const char *bootstrap,
     kv[(*n)][0] = "relay.cleanup.interval.ms", kv[(*n)++][1] = "200";
 }
 
-/* The in-process relay's notable changes (lease taken, recovery, a
- * producer replaced) on stderr, as the sidecar tool prints its own: what
- * a lag or a stall in the samples is read against. */
-static void relay_log(void *ctx, int level, const char *message)
+/* "[HH:MM:SS.mmm] " of the wall clock (UTC), shared by every process of
+ * a run, so that the lines of the soak, its helpers and the relays can
+ * be read against each other and against the samples. */
+static void stamp(char out[16])
 {
-    (void)ctx;
-    if (level <= DE_LOG_NOTICE)
-        fprintf(stderr, "in-process relay: %s\n", message);
+    struct timeval tv;
+    struct tm tm;
+
+    gettimeofday(&tv, NULL);
+    gmtime_r(&tv.tv_sec, &tm);
+    snprintf(out, 16, "%02d:%02d:%02d.%03d", tm.tm_hour, tm.tm_min, tm.tm_sec,
+             (int)(tv.tv_usec / 1000));
+}
+
+void tsk_note(const char *fmt, ...)
+{
+    char t[16], line[600];
+    va_list ap;
+
+    stamp(t);
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "[%s] soak: %s\n", t, line);
+}
+
+void tsk_log(void *ctx, int level, const char *message)
+{
+    char t[16];
+
+    if (level <= DE_LOG_NOTICE) {
+        stamp(t);
+        fprintf(stderr, "[%s] %s: %s\n", t, (const char *)ctx, message);
+    }
 }
 
 de_relay *tsk_start_relay(const tsk_plan *p, de_outbox *ob,
@@ -143,7 +172,7 @@ de_relay *tsk_start_relay(const tsk_plan *p, de_outbox *ob,
     for (int i = 0; i < n; i++)
         if (de_conf_set(conf, kv[i][0], kv[i][1]) != DE_OK)
             fprintf(stderr, "soak: relay: %s\n", de_errmsg());
-    de_conf_set_log_cb(conf, relay_log, NULL);
+    de_conf_set_log_cb(conf, tsk_log, (void *)"in-process relay");
     if (de_relay_start(ob, conf, &r) != DE_OK)
         fprintf(stderr, "soak: relay: %s\n", de_errmsg());
     de_conf_destroy(conf);
@@ -177,6 +206,7 @@ pid_t tsk_spawn_sidecar(const tsk_plan *p, const char *where_flag,
 void tsk_faults_start(tsk_faults *f, const tsk_plan *p, int64_t t0)
 {
     memset(f, 0, sizeof *f);
+    tsk_note("t(s) = 0: the samples' clock starts");
     f->next_outage = t0 + p->outage_every_s * 1000;
     f->next_kill = t0 + p->kill_every_s * 1000;
     f->next_restart = t0 + p->restart_every_s * 1000;
@@ -190,15 +220,18 @@ int tsk_faults_due(tsk_faults *f, const tsk_plan *p, tu_cluster *c, int64_t now)
         tsk_faults_end(f, c);
     if (now >= f->next_outage) {
         f->down = 1 + (int)((now / 1000) % 3);
+        tsk_note("broker %d down for %d s", f->down, p->outage_s);
         rd_kafka_mock_broker_set_down(c->mock, f->down);
         f->outage_end = now + p->outage_s * 1000;
         f->next_outage += p->outage_every_s * 1000;
     }
     if (now >= f->next_kill) {
+        tsk_note("killing the sidecar relay");
         due |= TSK_KILL_SIDECAR;
         f->next_kill += p->kill_every_s * 1000;
     }
     if (now >= f->next_restart) {
+        tsk_note("restarting the in-process relay");
         due |= TSK_RESTART_RELAY;
         f->next_restart += p->restart_every_s * 1000;
     }
@@ -208,6 +241,7 @@ int tsk_faults_due(tsk_faults *f, const tsk_plan *p, tu_cluster *c, int64_t now)
 void tsk_faults_end(tsk_faults *f, tu_cluster *c)
 {
     if (f->outage_end) {
+        tsk_note("broker %d up", f->down);
         rd_kafka_mock_broker_set_up(c->mock, f->down);
         f->outage_end = 0;
     }

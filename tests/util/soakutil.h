@@ -96,6 +96,16 @@ void tsk_faults_end(tsk_faults *f, tu_cluster *c);
 extern volatile sig_atomic_t tsk_got_term, tsk_got_usr1;
 void tsk_catch_signals(void);
 
+/* A line on stderr, "[HH:MM:SS.mmm] soak: ...", stamped with the wall
+ * clock as the in-process relay's lines are: what the faults and the
+ * relays did, and when, to read the samples against. */
+void tsk_note(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* A de_log_fn: the library's notable changes (notices and worse: a
+ * relay's lease and recovery, a consumer's rebalance or parked subject)
+ * on stderr, stamped as tsk_note's, after ctx (a string naming who). */
+void tsk_log(void *ctx, int level, const char *message);
+
 /* Starts argv[0] with argv in a child process, killed when the calling
  * process ends; fails the test when it cannot fork. */
 pid_t tsk_spawn(const char *const argv[]);
