@@ -72,7 +72,11 @@ extern "C" {
  * pipeline mode; and, without writing anything and with the transaction
  * still usable, in a session with session_replication_role = replica,
  * where the outbox's commit trigger does not fire and the event would
- * never be published.
+ * never be published.  It also returns DE_ERR_STATE when a statement of
+ * the outbox's name on the session is not the library's: before running
+ * it when the outbox looks (at open, after a reset: nothing written), or
+ * after it ran, when the host replaced it since -- then roll the
+ * transaction back, as it may have written; the message says which.
  *
  * The event's position is assigned when the host's transaction commits,
  * not before, so on this outbox de_recorded.position is 0.  Positions

@@ -357,11 +357,14 @@ START_TEST(test_trigger_not_firing_refused)
 END_TEST
 
 /* A statement of the recording INSERT's name that is not the library's
- * (another program prepared the name on the session) is named, not
- * read past the end of its result. */
+ * (the host prepared the name on the session) is never taken for it:
+ * found when it answers in another shape (it ran: roll back), found by
+ * its text before it runs once the outbox looks again, and at open;
+ * after DEALLOCATE the outbox prepares its own and records. */
 START_TEST(test_foreign_statement_refused)
 {
     de_event ev = event("D-1");
+    de_outbox *other = NULL;
 
     tpg_exec(conn, "DEALLOCATE deliveryevents_record_2");
     tpg_exec(conn, "PREPARE deliveryevents_record_2(text, text, text, text, "
@@ -369,12 +372,19 @@ START_TEST(test_foreign_statement_refused)
                    "SELECT 1, 2");
     tpg_exec(conn, "BEGIN");
     tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_STATE,
-                  "is not this library's (it returned 2 columns, not 3)");
+                  "is not this library's (it returned 1 rows of 2 columns, "
+                  "not 1 of 3)");
+    ck_assert_int_eq(PQtransactionStatus(conn), PQTRANS_INTRANS);
     tpg_exec(conn, "ROLLBACK");
-    tpg_exec(conn, "DEALLOCATE deliveryevents_record_2");
     tpg_exec(conn, "BEGIN");
-    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_DB, "was dropped");
+    tu_assert_err(de_record(ob, &ev, NULL), DE_ERR_STATE,
+                  "with a text that is not this library's");
+    ck_assert_int_eq(PQtransactionStatus(conn), PQTRANS_INTRANS);
     tpg_exec(conn, "ROLLBACK");
+    tu_assert_err(de_outbox_open_pg(conn, NULL, &other), DE_ERR_STATE,
+                  "DEALLOCATE deliveryevents_record_2");
+    ck_assert_ptr_null(other);
+    tpg_exec(conn, "DEALLOCATE deliveryevents_record_2");
     tpg_exec(conn, "BEGIN");
     tu_ok(de_record(ob, &ev, NULL));
     tpg_exec(conn, "COMMIT");

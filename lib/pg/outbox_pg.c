@@ -36,6 +36,9 @@
  * writes nothing and has the cache reloaded so that de_record checks the event
  * again (insert_sql).  The one refusal the server makes, the INSERT itself
  * writing nothing, is of a replica session (session_replication_role).
+ * A statement of the INSERT's name that is not ours is refused by its
+ * text before it runs (ensure_prepared), or by its result's shape after
+ * it ran (pg_insert: the host replaced it since).
  *
  * Invariants: the outbox borrows the host's PGconn and uses it on the
  * host's thread only; with pg.record.prepared its statement exists on the
@@ -423,14 +426,28 @@ static de_err ensure_prepared(pg_outbox *pg)
         return DE_OK;
     /* Another outbox on this connection may have prepared it: look
      * first, as a failed Parse inside the host's transaction would abort
-     * it.  Same name, same text (PG_RECORD_STMT). */
-    r = PQexec(pg->conn, "SELECT 1 FROM pg_catalog.pg_prepared_statements "
-                         "WHERE name = '" PG_RECORD_STMT "'");
+     * it.  Same name, same text (PG_RECORD_STMT); a statement of this
+     * name with another text is not run. */
+    {
+        const char *text[1] = {insert_sql};
+        r = PQexecParams(pg->conn,
+                         "SELECT statement = $1 FROM "
+                         "pg_catalog.pg_prepared_statements WHERE name = "
+                         "'" PG_RECORD_STMT "'",
+                         1, NULL, text, NULL, NULL, 0);
+    }
     if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK)
         return de__pg_fail(pg->conn, r,
                            "cannot look for the outbox's prepared INSERT");
     if (PQntuples(r) == 1) {
+        bool ours = strcmp(PQgetvalue(r, 0, 0), "t") == 0;
         PQclear(r);
+        if (!ours)
+            return de__fail(DE_ERR_STATE,
+                            "a statement named " PG_RECORD_STMT " is "
+                            "prepared on this connection with a text that "
+                            "is not this library's; DEALLOCATE " PG_RECORD_STMT
+                            " (nothing was written)");
         pg->prepared_pid = pid;
         return DE_OK;
     }
@@ -589,18 +606,23 @@ static de_err pg_insert(void *ctx, de__contract_set *cs,
          * it fail.  Still one round trip. */
         r = PQexecParams(pg->conn, insert_sql, 12, NULL, values, NULL, NULL, 0);
     }
-    if (r != NULL && PQresultStatus(r) == PGRES_TUPLES_OK &&
-        PQnfields(r) != 3) {
-        /* Not ours: another program prepared the name on this session. */
-        int fields = PQnfields(r);
+    if (r != NULL &&
+        (PQresultStatus(r) == PGRES_COMMAND_OK ||
+         PQresultStatus(r) == PGRES_TUPLES_OK) &&
+        (PQnfields(r) != 3 || PQntuples(r) != 1)) {
+        /* Not ours: the host replaced the statement of this name on the
+         * session after the outbox prepared it.  It ran, so it may have
+         * written; it is looked for again next time (ensure_prepared). */
+        int rows = PQntuples(r), fields = PQnfields(r);
         PQclear(r);
+        pg->prepared_pid = 0;
         return de__fail(DE_ERR_STATE,
                         "recording %s.%s: the statement " PG_RECORD_STMT
                         " prepared on this connection is not this "
-                        "library's (it returned %d columns, not 3); roll "
-                        "the transaction back, as it may have written, and "
-                        "DEALLOCATE " PG_RECORD_STMT,
-                        row->subject_type, row->action, fields);
+                        "library's (it returned %d rows of %d columns, not "
+                        "1 of 3); roll the transaction back, as it may "
+                        "have written, and DEALLOCATE " PG_RECORD_STMT,
+                        row->subject_type, row->action, rows, fields);
     }
     if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK ||
         PQntuples(r) != 1) {
