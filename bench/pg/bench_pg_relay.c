@@ -53,7 +53,9 @@
  * share one.  The producer (raw librdkafka, in this process, or the
  * relay's process) runs on CPU 0 only; everything else (the server and
  * its backends, the mock cluster, this program's own work between
- * halves) on CPU 1 only, and each round prints how busy each CPU was.
+ * halves) on CPU 1 only, and each round prints how busy each CPU was
+ * (over the whole half: for the relay, its process's start and stop
+ * included, which the rate leaves out).
  * Needs CPUs 0 and 1 and the throwaway server (not DE_PG_CONNINFO); the
  * latency half then runs on the CPUs the benchmark was given, on a
  * server still on CPU 1.
@@ -183,6 +185,8 @@ typedef struct per_cpu {
 
 static void per_cpu_start(per_cpu *p)
 {
+    if (!pinned)
+        return;
     cpu_ticks("cpu0", &p->busy[0], &p->total[0]);
     cpu_ticks("cpu1", &p->busy[1], &p->total[1]);
 }
@@ -191,7 +195,7 @@ static void per_cpu_end(const per_cpu *p, double share[2])
 {
     static const char *const names[2] = {"cpu0", "cpu1"};
 
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; pinned && i < 2; i++) {
         unsigned long long b, t;
         cpu_ticks(names[i], &b, &t);
         share[i] = t > p->total[i]

@@ -124,9 +124,10 @@ static void relay_keys(const tsk_plan *p, const char *bootstrap,
     kv[(*n)][0] = "relay.cleanup.interval.ms", kv[(*n)++][1] = "200";
 }
 
-/* "[HH:MM:SS.mmm] " of the wall clock (UTC), shared by every process of
- * a run, so that the lines of the soak, its helpers and the relays can
- * be read against each other and against the samples. */
+/* "[HH:MM:SS.mmm]" of the wall clock (UTC), the same in every process of
+ * a run, so that the soak's lines and its helpers' (the in-process relay,
+ * the consumer) can be read against each other and against the samples.
+ * The sidecar tool's own lines carry no stamp. */
 static void stamp(char out[16])
 {
     struct timeval tv;
