@@ -266,6 +266,29 @@ static void dump(sqlite3 *db, const char *sql)
     sqlite3_finalize(st);
 }
 
+/* The events up to ledger row upto that break their subject's order or
+ * numbering -- applied before the one before them, or not numbered next
+ * to it -- where the one before the first of a window is the subject's
+ * last checked in an earlier window (temp.checked_last, n = 0): their
+ * `select` (a count, or the rows), at most 20. */
+static void order_query(char *sql, size_t size, int64_t upto,
+                        const char *select)
+{
+    snprintf(sql, size,
+             "WITH w AS (SELECT l.subject_id, l.n, a.an, a.epoch, a.seq "
+             "FROM svc.ledger l JOIN applied a USING (event_id) WHERE "
+             "l.n <= %lld), x AS (SELECT * FROM w UNION ALL SELECT "
+             "c.subject_id, 0, c.an, c.epoch, c.seq FROM "
+             "temp.checked_last c WHERE c.subject_id IN (SELECT "
+             "subject_id FROM w)) SELECT %s FROM (SELECT subject_id, n, "
+             "an, epoch, seq, lag(an) OVER o AS pan, lag(epoch) OVER o AS "
+             "pe, lag(seq) OVER o AS ps FROM x WINDOW o AS (PARTITION BY "
+             "subject_id ORDER BY n)) WHERE pan IS NOT NULL AND (pan > an "
+             "OR NOT ((epoch = pe AND seq = ps + 1) OR (epoch > pe AND "
+             "seq = 1))) LIMIT 20",
+             (long long)upto, select);
+}
+
 /*
  * Checks the events applied so far, in commit order up to the first one
  * not applied yet: each applied exactly once, each subject's in commit
@@ -277,7 +300,7 @@ static void dump(sqlite3 *db, const char *sql)
  */
 static int64_t check_applied(checks *k)
 {
-    int64_t upto, n, left;
+    int64_t upto, n, left, bad;
     char sql[2048];
 
     tu_exec(k->v, "BEGIN IMMEDIATE");
@@ -297,38 +320,19 @@ static int64_t check_applied(checks *k)
     /* Per subject, in commit order: applied in that order, and numbered
      * (epoch, seq) next to the previous one -- the first of the window
      * next to the last one checked in an earlier window (n = 0). */
-    for (int pass = 0; pass < 2; pass++) {
-        snprintf(sql, sizeof sql,
-                 "WITH w AS (SELECT l.subject_id, l.n, a.an, a.epoch, a.seq "
-                 "FROM svc.ledger l JOIN applied a USING (event_id) WHERE "
-                 "l.n <= %lld), x AS (SELECT * FROM w UNION ALL SELECT "
-                 "c.subject_id, 0, c.an, c.epoch, c.seq FROM "
-                 "temp.checked_last c WHERE c.subject_id IN (SELECT "
-                 "subject_id FROM w)) SELECT %s FROM (SELECT subject_id, n, "
-                 "an, epoch, seq, lag(an) OVER o AS pan, lag(epoch) OVER o AS "
-                 "pe, lag(seq) OVER o AS ps FROM x WINDOW o AS (PARTITION BY "
-                 "subject_id ORDER BY n)) WHERE pan IS NOT NULL AND (pan > an "
-                 "OR NOT ((epoch = pe AND seq = ps + 1) OR (epoch > pe AND "
-                 "seq = 1))) LIMIT 20",
-                 (long long)upto,
-                 pass == 0 ? "count(*)"
-                           : "subject_id, n, an, epoch, seq, pan, pe, ps");
-        if (pass == 0) {
-            int64_t bad = q_int(k->v, sql);
-            ck_assert_msg(bad >= 0, "soak: the order check failed: %s",
-                          sqlite3_errmsg(k->v));
-            if (bad == 0)
-                break;
-        }
-        if (pass == 1) {
-            fprintf(stderr, "soak: applied out of order or misnumbered "
-                            "(n = 0: the last one checked in an earlier "
-                            "window; pan, pe, ps: the one before):\n");
-            dump(k->v, sql);
-            ck_abort_msg("events up to %lld applied out of order or "
-                         "misnumbered",
-                         (long long)upto);
-        }
+    order_query(sql, sizeof sql, upto, "count(*)");
+    bad = q_int(k->v, sql);
+    ck_assert_msg(bad >= 0, "soak: the order check failed: %s",
+                  sqlite3_errmsg(k->v));
+    if (bad > 0) {
+        order_query(sql, sizeof sql, upto,
+                    "subject_id, n, an, epoch, seq, pan, pe, ps");
+        fprintf(stderr, "soak: applied out of order or misnumbered (n = 0: "
+                        "the last one checked in an earlier window; pan, pe, "
+                        "ps: the one before):\n");
+        dump(k->v, sql);
+        ck_abort_msg("events up to %lld applied out of order or misnumbered",
+                     (long long)upto);
     }
     snprintf(sql, sizeof sql,
              "INSERT OR REPLACE INTO temp.checked_last SELECT subject_id, an, "
